@@ -19,7 +19,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def load_model(
     where = placement or default_placement()
     tokenizer = load_tokenizer(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model: Any = AutoModelForCausalLM.from_pretrained(
             str(path),
             local_files_only=True,
             trust_remote_code=False,
@@ -159,7 +159,9 @@ def load_model(
     model.to(where.device)
     model.eval()
     count = sum(p.numel() for p in model.parameters())
-    logger.info("loaded %s (%.2fM parameters) on %s/%s", path, count / 1e6, where.device, where.dtype)
+    logger.info(
+        "loaded %s (%.2fM parameters) on %s/%s", path, count / 1e6, where.device, where.dtype
+    )
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

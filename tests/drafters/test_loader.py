@@ -90,7 +90,7 @@ def test_refuses_missing_and_non_model_directories(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         safetensors_files(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
         safetensors_files(tmp_path / "empty")
 
 

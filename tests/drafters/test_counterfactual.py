@@ -1,0 +1,52 @@
+"""Teacher-forced greedy acceptance, checked on hand-written matches and a tiny model."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from drafters.counterfactual import (
+    accepted_per_step_from_matches,
+    score_model_counterfactual,
+    teacher_forced_matches,
+)
+
+
+def test_replays_steps_over_matches() -> None:
+    t, f = True, False
+    # k=4: step 1 accepts 2 (mismatch at index 2, which the target emits); step 2 starts
+    # at index 3 and accepts all 4; step 3 starts at index 8 (one token left) and accepts 1.
+    matches = [t, t, f, t, t, t, t, t, t]
+    assert accepted_per_step_from_matches(matches, 4) == [2, 4, 1]
+    assert accepted_per_step_from_matches(matches, 1) == [1, 0, 1, 1, 1]
+    assert accepted_per_step_from_matches([f, f], 3) == [0, 0]
+    assert accepted_per_step_from_matches([], 3) == []
+    # k = 0 is plain decoding: one step per token, nothing accepted.
+    assert accepted_per_step_from_matches([t, t, t], 0) == [0, 0, 0]
+
+
+def test_a_model_scores_itself_as_always_accepted() -> None:
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    prompt = [1, 2, 3, 4]
+    output = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )[0, len(prompt) :].tolist()
+    assert teacher_forced_matches(model, prompt, output) == [True] * 12
+    # 12 tokens, k = 3: every step accepts 3 and adds a bonus token.
+    assert score_model_counterfactual(model, prompt, output, 3) == [3, 3, 3]
+    wrong = [(tok + 1) % 50 for tok in output]
+    assert score_model_counterfactual(model, prompt, wrong, 3) == [0] * 12
