@@ -1,0 +1,448 @@
+"""The built-in world's multitask corpus: seven tasks as Qwen2.5 chat (messages, response) pairs.
+
+Each task has its own generator (``TASK_GENERATORS``, a registry keyed by task name) that
+turns real text (see ``sources``) or a seeded procedure into examples. Tasks differ the way
+real ones do: copy-heavy (summarization, rag), deterministic mapping (translation, qa, math),
+high entropy (chat), long structured output (code); and in prompt/response lengths.
+
+Splits: ``train`` and ``validation`` use the training templates, ``test`` uses a disjoint set
+of templates (held-out wording) and, where the task has independent items (conversations,
+documents, code problems, label lists), items never seen in training. QA is closed-book over
+a fact base the target memorises in training, so its test split re-asks the same facts in
+words never used in training.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from benchmarks.world import sources
+
+TASKS: tuple[str, ...] = ("chat", "translation", "summarization", "qa", "math", "rag", "code")
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt (Qwen chat turns, the last one the user's) and its reference response."""
+
+    id: str
+    task: str
+    split: str
+    messages: tuple[dict[str, str], ...]
+    response: str
+
+    def to_json(self) -> str:
+        """One JSON line."""
+        return json.dumps(
+            {
+                "id": self.id,
+                "task": self.task,
+                "split": self.split,
+                "messages": list(self.messages),
+                "response": self.response,
+            },
+            ensure_ascii=False,
+        )
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> Example:
+        """Inverse of ``to_json`` (after ``json.loads``)."""
+        return cls(
+            id=str(row["id"]),
+            task=str(row["task"]),
+            split=str(row["split"]),
+            messages=tuple({"role": m["role"], "content": m["content"]} for m in row["messages"]),
+            response=str(row["response"]),
+        )
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Train, validation and test examples of every task."""
+
+    seed: int
+    scale: str
+    train: list[Example] = field(default_factory=list)
+    validation: list[Example] = field(default_factory=list)
+    test: list[Example] = field(default_factory=list)
+
+    def split(self, name: str) -> list[Example]:
+        """Examples of one split by name."""
+        return {"train": self.train, "validation": self.validation, "test": self.test}[name]
+
+    def by_task(self, split: str, task: str) -> list[Example]:
+        """Examples of one task in one split."""
+        return [e for e in self.split(split) if e.task == task]
+
+
+@dataclass(frozen=True)
+class SplitSizes:
+    """Examples per task in each split."""
+
+    train: int
+    validation: int
+    test: int
+
+
+SCALES: dict[str, SplitSizes] = {
+    "tiny": SplitSizes(train=48, validation=8, test=8),
+    "default": SplitSizes(train=1400, validation=40, test=50),
+}
+
+
+def prompt_text(example: Example) -> str:
+    """What a classifier sees: the system prompt (if any) and the last user turn."""
+    system = [m["content"] for m in example.messages if m["role"] == "system"]
+    user = [m["content"] for m in example.messages if m["role"] == "user"]
+    return "\n".join([*system[:1], *user[-1:]])
+
+
+# One generator per task: (rng, split, count) -> list of (messages, response).
+Pair = tuple[tuple[dict[str, str], ...], str]
+TaskGenerator = Callable[[random.Random, str, int], list[Pair]]
+
+
+def _turns(system: str | None, *user_and_assistant: str) -> tuple[dict[str, str], ...]:
+    """Chat turns alternating user/assistant, optionally after a system prompt."""
+    roles = ("user", "assistant")
+    turns = [{"role": roles[i % 2], "content": t} for i, t in enumerate(user_and_assistant)]
+    head = [{"role": "system", "content": system}] if system else []
+    return tuple(head + turns)
+
+
+def _partition(items: Sequence[Any], split: str, rng: random.Random) -> list[Any]:
+    """Disjoint item pools: ~80% train, ~5% validation, ~15% test (shuffled by ``rng``)."""
+    order = list(items)
+    rng.shuffle(order)
+    n = len(order)
+    cut_train, cut_validation = int(n * 0.80), int(n * 0.85)
+    pools = {
+        "train": order[:cut_train],
+        "validation": order[cut_train:cut_validation],
+        "test": order[cut_validation:],
+    }
+    return pools[split]
+
+
+def _template_set(split: str, train: Sequence[T], test: Sequence[T]) -> Sequence[T]:
+    """Test prompts use held-out wording; train and validation share the training wording."""
+    return test if split == "test" else train
+
+
+# --- chat: real human-human conversations (high entropy) --------------------------------
+
+CHAT_SYSTEM_TRAIN: tuple[str | None, ...] = ("You are a friendly conversational partner.", None)
+CHAT_SYSTEM_TEST: tuple[str | None, ...] = ("Chat casually with the user and keep replies short.",)
+
+
+def generate_chat(rng: random.Random, split: str, count: int) -> list[Pair]:
+    """Next turn of a real chitchat conversation, given up to five previous turns."""
+    conversations = _partition(sources.chitchat_conversations(), split, random.Random(11))
+    systems = _template_set(split, CHAT_SYSTEM_TRAIN, CHAT_SYSTEM_TEST)
+    pairs: list[Pair] = []
+    while len(pairs) < count:
+        turns = [_clip_words(t, 40) for t in rng.choice(conversations)]
+        # The assistant speaks at odd positions so the history starts with the user.
+        end = rng.choice(range(1, len(turns), 2))
+        start = max(0, end - 5)
+        pairs.append((_turns(rng.choice(systems), *turns[start:end]), turns[end]))
+    return pairs
+
+
+def _clip_words(text: str, limit: int) -> str:
+    words = text.split()
+    return " ".join(words[:limit])
+
+
+# --- translation: real Django UI strings, English -> French (deterministic mapping) ------
+
+TRANSLATION_TRAIN = (
+    "Translate these interface labels into French: {labels}",
+    "French translation of the following UI strings, keep the separators: {labels}",
+    "Localize for a French admin site: {labels}",
+)
+TRANSLATION_TEST = (
+    "How would you say the following menu items in French? {labels}",
+    "Please render this toolbar in French: {labels}",
+)
+
+
+def generate_translation(rng: random.Random, split: str, count: int) -> list[Pair]:
+    """A toolbar of 2-4 real Django labels and their human French translations.
+
+    The lexicon is shared by all splits (a deterministic word mapping the target learns);
+    a label list used in a test prompt never occurs in train (enforced by the caller's
+    prompt-level disjointness and by the held-out wording).
+    """
+    lexicon = sources.django_ui_strings("fr")
+    templates = _template_set(split, TRANSLATION_TRAIN, TRANSLATION_TEST)
+    pairs: list[Pair] = []
+    for _ in range(count):
+        chosen = rng.sample(lexicon, rng.randint(2, 4))
+        english = " | ".join(e for e, _ in chosen)
+        french = " | ".join(f for _, f in chosen)
+        prompt = rng.choice(templates).format(labels=english)
+        pairs.append((_turns(None, prompt), french))
+    return pairs
+
+
+# --- summarization: real government help sections, lead-sentence summary (copy-heavy) ----
+
+SUMMARY_TRAIN = (
+    "Summarize the following text in one sentence.\n\n{text}",
+    "Give a one-sentence summary of this passage:\n{text}",
+    "TL;DR of the section below?\n\n{text}",
+)
+SUMMARY_TEST = (
+    "Condense this help page into a single sentence.\n{text}",
+    "What is the gist of the following? Answer in one sentence.\n\n{text}",
+)
+
+
+def generate_summarization(rng: random.Random, split: str, count: int) -> list[Pair]:
+    """A titled doc2dial section (up to 4 sentences); the reference is its lead sentence."""
+    sections = _partition(sources.document_sections(), split, random.Random(12))
+    templates = _template_set(split, SUMMARY_TRAIN, SUMMARY_TEST)
+    pairs: list[Pair] = []
+    for _ in range(count):
+        section = rng.choice(sections)
+        body = " ".join(section.sentences[:4])
+        text = f"{section.title}\n{body}"
+        pairs.append((_turns(None, rng.choice(templates).format(text=text)), section.sentences[0]))
+    return pairs
+
+
+# --- qa: closed-book questions over Django's language metadata (memorised facts) --------
+
+QA_TRAIN = {
+    "code": ("What is the language code for {name}?", "Which code does Django use for {name}?"),
+    "name": ("Which language has the code {code}?", "What language is {code}?"),
+    "local": ("What do speakers of {name} call their language?",),
+}
+QA_TEST = {
+    "code": ("Tell me the locale code of the {name} language.",),
+    "name": ("The locale code {code} stands for which language?",),
+    "local": ("How is {name} written by its own speakers?",),
+}
+QA_ANSWERS = {
+    "code": "The language code for {name} is {code}.",
+    "name": "{code} is the code for {name}.",
+    "local": "Speakers of {name} call it {local}.",
+}
+
+
+def qa_fact_answer(relation: str, language: sources.Language) -> str:
+    """The short answer a QA example about ``relation`` checks for (metric: contained)."""
+    return {"code": language.code, "name": language.name, "local": language.name_local}[relation]
+
+
+def generate_qa(rng: random.Random, split: str, count: int) -> list[Pair]:
+    """Questions about a language's code, name or native name; answers are full sentences."""
+    languages = sources.django_languages()
+    questions = QA_TEST if split == "test" else QA_TRAIN
+    pairs: list[Pair] = []
+    for _ in range(count):
+        language = rng.choice(languages)
+        relation = rng.choice(sorted(questions))
+        fields = {"name": language.name, "code": language.code, "local": language.name_local}
+        prompt = rng.choice(questions[relation]).format(**fields)
+        pairs.append((_turns(None, prompt), QA_ANSWERS[relation].format(**fields)))
+    return pairs
+
+
+# --- math: procedural small-number word problems with one worked step -------------------
+
+MATH_PEOPLE = ("Ana", "Ben", "Chloe", "David", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jon")
+MATH_ITEMS = ("apples", "books", "coins", "stamps", "marbles", "pencils", "cards", "shells")
+MATH_TRAIN = {
+    "+": (
+        "{p} has {a} {i} and gets {b} more. How many {i} does {p} have now?",
+        "{p} had {a} {i}. A friend gave {p} {b} {i}. How many {i} in total?",
+    ),
+    "-": (
+        "{p} has {a} {i} and gives away {b}. How many {i} are left?",
+        "There were {a} {i}. {p} lost {b} of them. How many {i} remain?",
+    ),
+    "*": ("{p} buys {a} boxes with {b} {i} in each box. How many {i} is that?",),
+}
+MATH_TEST = {
+    "+": ("After getting {b} extra {i}, how many does {p} own if {p} started with {a}?",),
+    "-": ("If {p} starts with {a} {i} and uses up {b}, what is left?",),
+    "*": ("{a} bags each hold {b} {i}. Find the total number of {i}.",),
+}
+
+
+def _math_operands(rng: random.Random, operation: str) -> tuple[int, int, int]:
+    """Small operands so a tiny model can learn the tables: (a, b, result)."""
+    if operation == "+":
+        a, b = rng.randint(2, 20), rng.randint(2, 20)
+        return a, b, a + b
+    if operation == "-":
+        a = rng.randint(5, 30)
+        b = rng.randint(1, a - 1)
+        return a, b, a - b
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    return a, b, a * b
+
+
+def math_answer(response: str) -> str:
+    """The final number of a math response ("... The answer is N.")."""
+    tail = response.rsplit("The answer is", 1)[-1]
+    digits = "".join(ch for ch in tail if ch.isdigit() or ch == "-")
+    return digits.strip("-") if digits.count("-") > 1 else digits
+
+
+def generate_math(rng: random.Random, split: str, count: int) -> list[Pair]:
+    """Word problems with one worked step; train also mixes in real CHAMP solutions.
+
+    Procedurally generated (seeded). In train only, about one example in twelve is a real
+    competition problem from CHAMP with its real step-by-step solution (too hard to be
+    scored; it gives the math task realistic wording and longer responses).
+    """
+    questions = MATH_TEST if split == "test" else MATH_TRAIN
+    champ = _partition(sources.champ_problems(), "train", random.Random(13))
+    pairs: list[Pair] = []
+    for _ in range(count):
+        if split == "train" and rng.random() < 1 / 12:
+            problem = rng.choice(champ)
+            pairs.append((_turns(None, problem.problem), " ".join(problem.solution_steps[:4])))
+            continue
+        operation = rng.choice(sorted(questions))
+        a, b, result = _math_operands(rng, operation)
+        fields = {"p": rng.choice(MATH_PEOPLE), "i": rng.choice(MATH_ITEMS), "a": a, "b": b}
+        prompt = rng.choice(questions[operation]).format(**fields)
+        pairs.append(
+            (_turns(None, prompt), f"{a} {operation} {b} = {result}. The answer is {result}.")
+        )
+    return pairs
+
+
+# --- rag: retrieved government passages + question (copy the right passage) -------------
+
+RAG_SYSTEM = "Answer the question using only the retrieved passages."
+RAG_TRAIN = (
+    '{context}\n\nQuestion: What does the passage titled "{title}" say?',
+    "{context}\n\nQuestion: According to the documents, what applies to {title}?",
+)
+RAG_TEST = ('{context}\n\nBased on the retrieved text, explain "{title}".',)
+
+
+def generate_rag(rng: random.Random, split: str, count: int) -> list[Pair]:
+    """Three retrieved doc2dial sections (two sentences each); the answer is the asked one's.
+
+    The reference answer is the asked section's first sentence, copied from the context
+    (metric: token F1 / containment).
+    """
+    short = [s for s in sources.document_sections() if len(s.sentences[0].split()) <= 24]
+    sections = _partition(short, split, random.Random(14))
+    templates = _template_set(split, RAG_TRAIN, RAG_TEST)
+    pairs: list[Pair] = []
+    for _ in range(count):
+        retrieved = rng.sample(sections, 3)
+        asked = rng.choice(retrieved)
+        context = "\n".join(
+            f"[{i}] {s.title}: {s.sentences[0]} {_clip_words(s.sentences[1], 12)}"
+            for i, s in enumerate(retrieved, 1)
+        )
+        prompt = rng.choice(templates).format(context=context, title=asked.title)
+        pairs.append((_turns(RAG_SYSTEM, prompt), asked.sentences[0]))
+    return pairs
+
+
+# --- code: real HumanEval prompts + bodies, and simple procedural functions -------------
+
+CODE_TRAIN = (
+    "Complete the following Python function:\n```python\n{prompt}```",
+    "Write the body of this function.\n\n{prompt}",
+)
+CODE_TEST = ("Finish implementing this Python code:\n{prompt}",)
+CODE_SIMPLE = (
+    ("add", "the sum of a and b", "return a + b"),
+    ("difference", "a minus b", "return a - b"),
+    ("product", "a times b", "return a * b"),
+    ("maximum", "the larger of a and b", "return max(a, b)"),
+    ("minimum", "the smaller of a and b", "return min(a, b)"),
+    ("is_even", "True if a is even", "return a % 2 == 0"),
+    ("square", "a squared", "return a * a"),
+    ("average", "the mean of a and b", "return (a + b) / 2"),
+    ("absolute", "the absolute value of a", "return abs(a)"),
+    ("is_divisible", "True if a is divisible by b", "return a % b == 0"),
+)
+MAX_CODE_CHARS = 700
+
+
+def generate_code(rng: random.Random, split: str, count: int) -> list[Pair]:
+    """Half real HumanEval (prompt -> canonical body), half simple procedural functions."""
+    problems = [
+        p for p in sources.humaneval_problems() if len(p.prompt) + len(p.solution) <= MAX_CODE_CHARS
+    ]
+    pool = _partition(problems, split, random.Random(15))
+    templates = _template_set(split, CODE_TRAIN, CODE_TEST)
+    pairs: list[Pair] = []
+    for _ in range(count):
+        if rng.random() < 0.5:
+            problem = rng.choice(pool)
+            prompt, body = problem.prompt, problem.solution
+        else:
+            name, description, statement = rng.choice(CODE_SIMPLE)
+            suffix = rng.choice(("", "_of", "_value", "_numbers"))
+            prompt = f'def {name}{suffix}(a, b):\n    """Return {description}."""\n'
+            body = f"    {statement}\n"
+        pairs.append((_turns(None, rng.choice(templates).format(prompt=prompt)), body))
+    return pairs
+
+
+TASK_GENERATORS: dict[str, TaskGenerator] = {
+    "chat": generate_chat,
+    "translation": generate_translation,
+    "summarization": generate_summarization,
+    "qa": generate_qa,
+    "math": generate_math,
+    "rag": generate_rag,
+    "code": generate_code,
+}
+
+
+def _examples_for(task: str, split: str, count: int, seed: int) -> list[Example]:
+    """``count`` distinct examples of one task and split, seeded by (seed, task, split)."""
+    rng = random.Random(f"{seed}:{task}:{split}")
+    generate = TASK_GENERATORS[task]
+    seen: set[str] = set()
+    examples: list[Example] = []
+    attempts = 0
+    while len(examples) < count and attempts < 20:
+        attempts += 1
+        for messages, response in generate(rng, split, count - len(examples)):
+            key = json.dumps(messages, ensure_ascii=False)
+            if key in seen:
+                continue
+            seen.add(key)
+            index = len(examples)
+            examples.append(Example(f"{task}-{split}-{index:05d}", task, split, messages, response))
+    return examples
+
+
+def build_corpus(seed: int = 0, scale: str = "default") -> Corpus:
+    """Every task's train, validation and test examples, reproducible from ``seed``.
+
+    A test prompt never equals a train prompt (checked here; train duplicates of a test
+    prompt are dropped, which only matters for tiny label lists).
+    """
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose from {sorted(SCALES)}")
+    sizes = SCALES[scale]
+    splits: dict[str, list[Example]] = {}
+    for split in SPLITS:
+        count = getattr(sizes, split)
+        splits[split] = [e for t in TASKS for e in _examples_for(t, split, count, seed)]
+    held_out = {prompt_text(e) for e in splits["test"]} | {
+        prompt_text(e) for e in splits["validation"]
+    }
+    splits["train"] = [e for e in splits["train"] if prompt_text(e) not in held_out]
+    return Corpus(seed, scale, splits["train"], splits["validation"], splits["test"])
