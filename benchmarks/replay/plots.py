@@ -1,0 +1,202 @@
+"""PNG plots of a replay (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from benchmarks.replay.calibration import Calibration
+from benchmarks.replay.metrics import cumulative_regret
+from benchmarks.replay.replay import BASELINE_POLICY, PolicyRun
+
+LEARNING_POLICIES: tuple[str, ...] = ("thompson", "ucb")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def grouped_bars(
+    groups: Sequence[str],
+    series: Mapping[str, Sequence[float | None]],
+    *,
+    title: str,
+    ylabel: str,
+    path: Path,
+    reference: float | None = 1.0,
+) -> Path:
+    """Bars per group, one colour per series (missing values drawn as 0)."""
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) + 2), 4.0))
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(groups))
+    for i, (name, values) in enumerate(series.items()):
+        ax.bar(x + i * width - 0.4 + width / 2, [v or 0.0 for v in values], width, label=name)
+    if reference is not None:
+        ax.axhline(reference, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(x, list(groups), rotation=20)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def speedup_bars(report: Mapping[str, Any], out_dir: Path) -> Path:
+    """Per-task speed-up by policy."""
+    tasks = list(report["trace"]["tasks"])
+    series = {
+        label: [section["per_task"].get(t, {}).get("speedup") for t in tasks]
+        for label, section in report["policies"].items()
+        if label != BASELINE_POLICY
+    }
+    return grouped_bars(
+        tasks,
+        series,
+        title=f"Speed-up over plain decoding ({report['trace']['name']})",
+        ylabel="speed-up (x)",
+        path=out_dir / "speedup_by_task.png",
+    )
+
+
+def acceptance_heatmap(
+    acceptance: Mapping[str, Mapping[str, float]], tasks: Sequence[str], path: Path, title: str
+) -> Path:
+    """Drafter x task per-token acceptance."""
+    drafters = list(acceptance)
+    grid = np.array([[acceptance[d].get(t, np.nan) for t in tasks] for d in drafters])
+    fig, ax = plt.subplots(figsize=(1.0 * len(tasks) + 3, 0.5 * len(drafters) + 2))
+    image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(tasks)), list(tasks), rotation=30)
+    ax.set_yticks(range(len(drafters)), drafters)
+    for i in range(len(drafters)):
+        for j in range(len(tasks)):
+            if np.isfinite(grid[i, j]):
+                ax.text(
+                    j,
+                    i,
+                    f"{grid[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if grid[i, j] < 0.5 else "black",
+                )
+    ax.set_xlabel("task")
+    ax.set_ylabel("drafter")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="per-token acceptance")
+    return _save(fig, path)
+
+
+def regret_curves(runs: Mapping[str, PolicyRun], path: Path, events: Sequence[int] = ()) -> Path:
+    """Cumulative regret (seconds lost against the oracle) over requests, per policy."""
+    oracle = runs["oracle"].results
+    fig, ax = plt.subplots(figsize=(7.0, 4.0))
+    for label, run in runs.items():
+        if label != "oracle":
+            ax.plot(cumulative_regret(run.results, oracle), label=label)
+    for index in events:
+        ax.axvline(index, color="grey", linestyle=":", linewidth=1)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("request")
+    ax.set_ylabel("cumulative regret vs oracle (s)")
+    ax.set_title("Cumulative regret against the oracle")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def length_bars(report: Mapping[str, Any], out_dir: Path) -> Path:
+    """Speed-up by output-length bucket, per policy."""
+    sections = {k: v for k, v in report["policies"].items() if k != BASELINE_POLICY}
+    buckets = list(dict.fromkeys(b for s in sections.values() for b in s["speedup_by_length"]))
+    series = {
+        label: [s["speedup_by_length"].get(b) for b in buckets] for label, s in sections.items()
+    }
+    return grouped_bars(
+        buckets,
+        series,
+        title="Speed-up by output length (tokens)",
+        ylabel="speed-up (x)",
+        path=out_dir / "speedup_by_length.png",
+    )
+
+
+def arms_over_time(run: PolicyRun, path: Path, events: Sequence[int] = ()) -> Path:
+    """The chosen (drafter, k) per cluster over the requests of one policy's replay."""
+    by_cluster: dict[str, list[tuple[int, str]]] = {}
+    for result in run.results:
+        by_cluster.setdefault(result.cluster, []).append((result.index, result.arm))
+    arms = sorted({arm for points in by_cluster.values() for _, arm in points})
+    row = {arm: i for i, arm in enumerate(arms)}
+    clusters = sorted(by_cluster)
+    fig, axes = plt.subplots(
+        len(clusters), 1, sharex=True, squeeze=False, figsize=(8.0, 1.1 * len(clusters) + 1.2)
+    )
+    for ax, cluster in zip(axes[:, 0], clusters, strict=True):
+        points = by_cluster[cluster]
+        ax.scatter([i for i, _ in points], [row[a] for _, a in points], s=8)
+        ax.set_yticks(range(len(arms)), arms, fontsize=6)
+        ax.set_ylabel(cluster, rotation=0, ha="right", fontsize=8)
+        for index in events:
+            ax.axvline(index, color="grey", linestyle=":", linewidth=1)
+    axes[-1, 0].set_xlabel("request")
+    fig.suptitle(f"Chosen drafter:k per cluster over time ({run.setting.label})")
+    return _save(fig, path)
+
+
+def event_indices(report: Mapping[str, Any]) -> list[int]:
+    """Request indices where the trace's events happened (for vertical markers)."""
+    return list(report["trace"].get("event_request_indices", []))
+
+
+def replay_plots(
+    report: Mapping[str, Any],
+    runs: Mapping[str, PolicyRun],
+    calibration: Calibration | None,
+    out_dir: Path,
+) -> list[Path]:
+    """All plots of a replay report; returns their paths."""
+    events = event_indices(report)
+    paths = [speedup_bars(report, out_dir), length_bars(report, out_dir)]
+    if calibration is not None and calibration.acceptance:
+        paths.append(
+            acceptance_heatmap(
+                calibration.acceptance,
+                list(report["trace"]["tasks"]),
+                out_dir / "acceptance_heatmap.png",
+                f"Per-token acceptance at k={calibration.probe_k} (calibration)",
+            )
+        )
+    else:
+        observed = {
+            label: {t: s.get("acceptance") or 0.0 for t, s in section["per_task"].items()}
+            for label, section in report["policies"].items()
+            if label != BASELINE_POLICY
+        }
+        if observed:
+            paths.append(
+                acceptance_heatmap(
+                    observed,
+                    list(report["trace"]["tasks"]),
+                    out_dir / "acceptance_heatmap.png",
+                    "Per-token acceptance by policy (replay)",
+                )
+            )
+    if "oracle" in runs:
+        paths.append(regret_curves(runs, out_dir / "regret.png", events))
+    for label in LEARNING_POLICIES:
+        if label in runs:
+            paths.append(arms_over_time(runs[label], out_dir / f"arms_{label}.png", events))
+    if not any(label in runs for label in LEARNING_POLICIES):
+        others = [label for label in runs if label != BASELINE_POLICY]
+        if others:
+            paths.append(arms_over_time(runs[others[0]], out_dir / f"arms_{others[0]}.png", events))
+    return paths

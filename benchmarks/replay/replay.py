@@ -1,0 +1,186 @@
+"""Replay a trace through a live sidecar under each policy, over gRPC ``Generate``.
+
+For each policy the sidecar is switched with ``SetPolicy`` and the whole trace is replayed,
+one request at a time (closed loop; arrival offsets only order the requests). ``none``
+(plain decoding) always runs first: it is the baseline of every speed-up and the reference
+of the lossless check (greedy outputs of every policy must equal it token for token).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from benchmarks.replay.calibration import GENERIC_DRAFTER, Calibration
+from benchmarks.replay.client import DrafterEntry, ReplayClient
+from benchmarks.replay.metrics import RequestResult
+from benchmarks.replay.trace import Trace, TraceEvent, TraceRequest
+
+logger = logging.getLogger(__name__)
+
+BASELINE_POLICY = "none"
+DEFAULT_POLICIES: tuple[str, ...] = ("none", "generic", "static", "ucb", "thompson", "oracle")
+
+
+class DrafterSource(Protocol):
+    """Where registration events find drafter directories (``benchmarks.world.layout.World``)."""
+
+    @property
+    def drafter_dirs(self) -> Mapping[str, Path]: ...
+
+
+@dataclass(frozen=True)
+class PolicySetting:
+    """How one benchmark policy maps onto the sidecar's ``SetPolicy``."""
+
+    label: str
+    policy: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+    reset_state: bool = True
+
+
+def _table(choices: Mapping[str, Any]) -> dict[str, list[object]]:
+    return {task: [choice.drafter, choice.k] for task, choice in choices.items()}
+
+
+# Benchmark policy name -> its sidecar policy and config, given the calibration.
+POLICY_SETTINGS: dict[str, Callable[[Calibration], PolicySetting]] = {
+    "none": lambda cal: PolicySetting("none", "none"),
+    "generic": lambda cal: PolicySetting(
+        "generic", "fixed", {"drafter": GENERIC_DRAFTER, "k": cal.generic_k}
+    ),
+    "static": lambda cal: PolicySetting("static", "static", {"table": _table(cal.static)}),
+    "ucb": lambda cal: PolicySetting("ucb", "ucb"),
+    "thompson": lambda cal: PolicySetting("thompson", "thompson"),
+    "oracle": lambda cal: PolicySetting("oracle", "oracle", {"table": _table(cal.oracle)}),
+}
+
+
+def policy_settings(labels: Sequence[str], calibration: Calibration) -> list[PolicySetting]:
+    """Settings for the requested policies, the ``none`` baseline first."""
+    unknown = [label for label in labels if label not in POLICY_SETTINGS]
+    if unknown:
+        raise KeyError(f"unknown policies {unknown}; known: {', '.join(POLICY_SETTINGS)}")
+    ordered = [BASELINE_POLICY, *(label for label in labels if label != BASELINE_POLICY)]
+    return [POLICY_SETTINGS[label](calibration) for label in dict.fromkeys(ordered)]
+
+
+@dataclass
+class PolicyRun:
+    """One policy's replay of the trace."""
+
+    setting: PolicySetting
+    results: list[RequestResult]
+    seconds: float
+
+
+def read_finetune_sample(drafter_dir: Path, limit: int = 64) -> list[str]:
+    """Texts of a drafter's ``finetune_sample.jsonl`` (a JSON string or {"text": ...} a line)."""
+    path = drafter_dir / "finetune_sample.jsonl"
+    if not path.is_file():
+        return []
+    texts: list[str] = []
+    for line in path.read_text(encoding="utf-8").splitlines()[:limit]:
+        if line.strip():
+            value = json.loads(line)
+            texts.append(value if isinstance(value, str) else str(value.get("text", "")))
+    return [t for t in texts if t]
+
+
+class EventApplier:
+    """Applies a trace's drafter events and undoes them after the run."""
+
+    def __init__(self, client: ReplayClient, world: DrafterSource | None) -> None:
+        self._client = client
+        self._world = world
+        self._registered: list[str] = []
+        self._removed: list[DrafterEntry] = []
+
+    def _source_dir(self, name: str) -> Path:
+        if self._world is None or name not in self._world.drafter_dirs:
+            raise KeyError(
+                f"drafter {name!r}: no path in the event and no world drafter of that name"
+            )
+        return Path(self._world.drafter_dirs[name])
+
+    def apply(self, event: TraceEvent) -> None:
+        if event.kind == "remove_drafter":
+            entry = next((d for d in self._client.list_drafters() if d.name == event.drafter), None)
+            self._client.remove_drafter(event.drafter)
+            if entry is not None:
+                self._removed.append(entry)
+            return
+        path = Path(event.path) if event.path else self._source_dir(event.source or event.drafter)
+        sample = list(event.finetune_sample) or read_finetune_sample(path)
+        kind = event.drafter_kind
+        self._client.register_drafter(event.drafter, kind, str(path), event.tasks, sample)
+        self._registered.append(event.drafter)
+
+    def undo(self) -> None:
+        for name in reversed(self._registered):
+            self._client.remove_drafter(name)
+        for entry in reversed(self._removed):
+            sample = read_finetune_sample(Path(entry.path)) if entry.path else []
+            self._client.register_drafter(entry.name, entry.kind, entry.path, entry.tasks, sample)
+        self._registered.clear()
+        self._removed.clear()
+
+
+def replay_policy(
+    client: ReplayClient,
+    trace: Trace,
+    setting: PolicySetting,
+    *,
+    world: DrafterSource | None = None,
+    progress: bool = True,
+    task_hints: bool = False,
+) -> PolicyRun:
+    """Switch the sidecar to ``setting`` and replay the whole trace."""
+    client.set_policy(setting.policy, setting.config, reset_state=setting.reset_state)
+    events = EventApplier(client, world)
+    results: list[RequestResult] = []
+    started = time.perf_counter()
+    bar = tqdm(
+        total=len(trace.requests),
+        desc=f"replay {trace.name} [{setting.label}]",
+        disable=not progress,
+    )
+    try:
+        for record in trace.records:
+            if isinstance(record, TraceRequest):
+                results.append(client.generate(record, index=len(results), task_hint=task_hints))
+                bar.update(1)
+            else:
+                logger.info(
+                    "event before request %d: %s %s", len(results), record.kind, record.drafter
+                )
+                events.apply(record)
+    finally:
+        bar.close()
+        events.undo()
+    return PolicyRun(setting, results, time.perf_counter() - started)
+
+
+def replay_policies(
+    client: ReplayClient,
+    trace: Trace,
+    settings: Sequence[PolicySetting],
+    *,
+    world: DrafterSource | None = None,
+    progress: bool = True,
+    task_hints: bool = False,
+) -> dict[str, PolicyRun]:
+    """Replay the trace under every setting, in order (``none`` first)."""
+    return {
+        s.label: replay_policy(
+            client, trace, s, world=world, progress=progress, task_hints=task_hints
+        )
+        for s in settings
+    }

@@ -1,0 +1,312 @@
+"""The replay report: ``report.json`` (fixed keys), ``report.md``, per-request JSONL and plots.
+
+``report.json`` holds, under ``policies``, per policy: ``per_task`` (task -> ``speedup``,
+``tokens_per_s``, ``acceptance``, plus ``mean_accepted_length``, ``requests``, ``arms``),
+``mean_speedup`` (traffic-weighted), ``min_speedup``, ``max_speedup``, ``max_over_min``,
+``cv``, ``jain``, ``lossless``, and with an oracle run ``fraction_of_oracle`` and
+``regret_s``. Infinite values are written as ``null`` (JSON has no infinity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks.replay.calibration import Calibration
+from benchmarks.replay.metrics import (
+    RequestResult,
+    aggregate,
+    cumulative_regret,
+    evenness,
+    lossless_mismatches,
+    per_task_speedup,
+    speedup_by_length,
+    task_stats,
+)
+from benchmarks.replay.replay import BASELINE_POLICY, PolicyRun
+from benchmarks.replay.trace import Trace, TraceRequest
+
+ORACLE_POLICY = "oracle"
+REPORT_SCHEMA = 1
+
+
+def machine_description() -> dict[str, Any]:
+    """Where the replay ran (for the README's date-and-machine line)."""
+    cpu = platform.processor() or ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "sched_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    }
+
+
+def event_request_indices(trace: Trace) -> list[int]:
+    """For each event, how many requests were replayed before it."""
+    indices: list[int] = []
+    seen = 0
+    for record in trace.records:
+        if isinstance(record, TraceRequest):
+            seen += 1
+        else:
+            indices.append(seen)
+    return indices
+
+
+def finite(value: float | None) -> float | None:
+    """``None`` for NaN/inf (JSON cannot hold them), else the value rounded to 6 digits."""
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, 6)
+
+
+def policy_section(
+    results: Sequence[RequestResult],
+    baseline: Sequence[RequestResult],
+    traffic: Mapping[str, float],
+) -> dict[str, Any]:
+    """Per-task figures and evenness of one policy against the baseline."""
+    stats = task_stats(results)
+    speedups = per_task_speedup(results, baseline)
+    spread = evenness(speedups, traffic)
+    mismatches = lossless_mismatches(results, baseline)
+    return {
+        "per_task": {
+            task: {
+                "speedup": finite(speedups[task]),
+                "tokens_per_s": finite(s.tokens_per_s),
+                "acceptance": finite(s.acceptance),
+                "mean_accepted_length": finite(s.mean_accepted_length),
+                "requests": s.requests,
+                "arms": dict(s.arms),
+            }
+            for task, s in stats.items()
+        },
+        "mean_speedup": finite(spread.mean),
+        "min_speedup": finite(spread.minimum),
+        "max_speedup": finite(spread.maximum),
+        "max_over_min": finite(spread.max_over_min),
+        "cv": finite(spread.cv),
+        "jain": finite(spread.jain),
+        "tokens_per_s": finite(aggregate(results).tokens_per_s),
+        "lossless": not mismatches,
+        "lossless_mismatches": mismatches,
+        "greedy_requests": sum(r.greedy for r in results),
+        "speedup_by_length": {
+            k: finite(v) for k, v in speedup_by_length(results, baseline).items()
+        },
+    }
+
+
+def build_report(
+    trace: Trace,
+    runs: Mapping[str, PolicyRun],
+    calibration: Calibration | None,
+    *,
+    address: str = "",
+    world: str | None = None,
+) -> dict[str, Any]:
+    """The report as JSON-ready data (see the module docstring for the keys)."""
+    if BASELINE_POLICY not in runs:
+        raise ValueError("the 'none' baseline run is required for speed-ups")
+    baseline = runs[BASELINE_POLICY].results
+    traffic = {task: float(s.requests) for task, s in task_stats(baseline).items()}
+    policies = {
+        label: {
+            "sidecar_policy": run.setting.policy,
+            "config": dict(run.setting.config),
+            "replay_seconds": round(run.seconds, 3),
+            **policy_section(run.results, baseline, traffic),
+        }
+        for label, run in runs.items()
+    }
+    if ORACLE_POLICY in runs:
+        oracle_mean = policies[ORACLE_POLICY]["mean_speedup"] or 0.0
+        for label, run in runs.items():
+            section = policies[label]
+            mean = section["mean_speedup"] or 0.0
+            section["fraction_of_oracle"] = finite(mean / oracle_mean) if oracle_mean else None
+            curve = cumulative_regret(run.results, runs[ORACLE_POLICY].results)
+            section["regret_s"] = finite(curve[-1] if curve else 0.0)
+    return {
+        "schema": REPORT_SCHEMA,
+        "created_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine_description(),
+        "address": address,
+        "world": world,
+        "trace": {
+            "name": trace.name,
+            "requests": len(trace.requests),
+            "tasks": {task: int(n) for task, n in traffic.items()},
+            "events": [e.model_dump(mode="json", exclude_defaults=True) for e in trace.events],
+            "event_request_indices": event_request_indices(trace),
+        },
+        "baseline": BASELINE_POLICY,
+        "speedup_definition": (
+            "tokens/s (sum generated tokens / sum generation wall time, per task) over the "
+            "'none' replay's tokens/s on the same prompts"
+        ),
+        "oracle_method": calibration.method if calibration else None,
+        "calibration": calibration.to_json() if calibration else None,
+        "policies": policies,
+    }
+
+
+def write_requests(runs: Mapping[str, PolicyRun], out_dir: Path) -> None:
+    """Every request's result, one JSONL file per policy (``requests/<policy>.jsonl``)."""
+    folder = out_dir / "requests"
+    folder.mkdir(parents=True, exist_ok=True)
+    for label, run in runs.items():
+        lines = (json.dumps(dataclasses.asdict(r)) for r in run.results)
+        (folder / f"{label}.jsonl").write_text("".join(f"{ln}\n" for ln in lines))
+
+
+def read_requests(path: Path) -> list[RequestResult]:
+    """Read back one ``requests/<policy>.jsonl`` file."""
+    results = []
+    for line in path.read_text().splitlines():
+        data = json.loads(line)
+        data["accepted_per_position"] = tuple(data["accepted_per_position"])
+        data["output_ids"] = tuple(data["output_ids"])
+        results.append(RequestResult(**data))
+    return results
+
+
+def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def task_table_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-task speed-up table (tasks x policies, then evenness)."""
+    policies = report["policies"]
+    labels = list(policies)
+    tasks = list(report["trace"]["tasks"])
+    header = ["task", "requests", *labels]
+    rows = [
+        [task, str(report["trace"]["tasks"][task])]
+        + [_fmt(policies[p]["per_task"].get(task, {}).get("speedup"), 2, "x") for p in labels]
+        for task in tasks
+    ]
+    for key, name in (
+        ("mean_speedup", "mean (traffic-weighted)"),
+        ("min_speedup", "min"),
+        ("max_over_min", "max/min"),
+        ("cv", "CV"),
+        ("jain", "Jain"),
+    ):
+        rows.append([name, ""] + [_fmt(policies[p].get(key), 3) for p in labels])
+    if any("fraction_of_oracle" in policies[p] for p in labels):
+        rows.append(
+            ["fraction of oracle", ""]
+            + [_fmt(policies[p].get("fraction_of_oracle"), 3) for p in labels]
+        )
+    rows.append(["lossless", ""] + ["yes" if policies[p]["lossless"] else "NO" for p in labels])
+    return header, rows
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report_markdown(report: Mapping[str, Any], plots: Sequence[Path]) -> str:
+    """``report.md``: what ran where, the per-task table, per-task detail and the plots."""
+    machine = report["machine"]
+    trace = report["trace"]
+    parts = [
+        f"# Replay of `{trace['name']}`",
+        "",
+        f"{report['created_utc']} on {machine['cpu']} ({machine['cpu_count']} CPUs), "
+        f"{machine['platform']}; {trace['requests']} requests, world `{report['world']}`.",
+        "",
+        f"Speed-up: {report['speedup_definition']}.",
+        "",
+        "## Per-task speed-up by policy",
+        "",
+        markdown_table(*task_table_rows(report)),
+        "",
+    ]
+    if report.get("oracle_method"):
+        cal = report["calibration"]
+        parts += [
+            f"Oracle: {report['oracle_method']}.",
+            "",
+            markdown_table(
+                ["task", "oracle drafter", "k", "calibrated speed-up"],
+                [
+                    [t, c["drafter"], str(c["k"]), _fmt(c["speedup"], 2, "x")]
+                    for t, c in cal["oracle"].items()
+                ],
+            ),
+            "",
+            f"Generic drafter's fixed k: {cal['generic_k']}.",
+            "",
+        ]
+    parts += ["## Per task and policy", ""]
+    detail_rows = [
+        [
+            label,
+            task,
+            _fmt(row["tokens_per_s"], 1),
+            _fmt(row["speedup"], 2, "x"),
+            _fmt(row["acceptance"], 3),
+            _fmt(row["mean_accepted_length"], 2),
+            ", ".join(f"{arm} ({n})" for arm, n in list(row["arms"].items())[:3]),
+        ]
+        for label, section in report["policies"].items()
+        for task, row in section["per_task"].items()
+    ]
+    parts += [
+        markdown_table(
+            [
+                "policy",
+                "task",
+                "tokens/s",
+                "speed-up",
+                "acceptance",
+                "mean accepted length",
+                "chosen (drafter:k, requests)",
+            ],
+            detail_rows,
+        ),
+        "",
+    ]
+    parts += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(
+    report: Mapping[str, Any],
+    runs: Mapping[str, PolicyRun],
+    calibration: Calibration | None,
+    out_dir: Path,
+    *,
+    plots: bool = True,
+) -> Path:
+    """Write report.json, report.md, requests/*.jsonl and the PNG plots; returns report.json."""
+    from benchmarks.replay.plots import replay_plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_requests(runs, out_dir)
+    pngs = replay_plots(report, runs, calibration, out_dir) if plots else []
+    path = out_dir / "report.json"
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    (out_dir / "report.md").write_text(report_markdown(report, pngs))
+    return path
