@@ -1,0 +1,142 @@
+"""Beta posteriors over per-token acceptance, one per (context, drafter).
+
+Likelihood: a step drafting k tokens that accepts n of them has probability
+a^n (1 - a) when n < k and a^k when n = k (a geometric law truncated at k), so a
+Beta(alpha, beta) prior stays conjugate:
+
+    alpha <- alpha + n,   beta <- beta + [n < k].
+
+Discounting (drift): before an arm's update its evidence shrinks toward its prior,
+
+    alpha <- alpha0 + gamma * (alpha - alpha0),   beta <- beta0 + gamma * (beta - beta0),
+
+so the posterior weighs roughly the last 1 / (1 - gamma) updates of that arm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+def counts_from_steps(accepted_per_step: Sequence[int], draft_length: int) -> tuple[int, int]:
+    """(successes, failures) of steps that all drafted ``draft_length`` tokens."""
+    successes = 0
+    failures = 0
+    for accepted in accepted_per_step:
+        n = min(int(accepted), draft_length)
+        successes += n
+        failures += n < draft_length
+    return successes, failures
+
+
+def cap_evidence(successes: float, failures: float, cap: float | None) -> tuple[float, float]:
+    """Scale one request's counts down to at most ``cap`` pseudo-observations.
+
+    Acceptance varies between requests more than a single Beta allows (over-dispersion),
+    so one long request should not count as thousands of independent tokens.
+    """
+    total = successes + failures
+    if cap is None or total <= cap:
+        return float(successes), float(failures)
+    scale = cap / total
+    return successes * scale, failures * scale
+
+
+@dataclass(frozen=True)
+class PriorSettings:
+    """How priors are formed: neutral Beta, and the similarity-based cold start."""
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    similarity_weight: float = 8.0
+    similarity_low: float = 0.2
+    similarity_high: float = 0.9
+
+    def neutral(self) -> tuple[float, float]:
+        return self.alpha, self.beta
+
+    def from_similarity(self, similarity: Mapping[str, float], cluster: str) -> tuple[float, float]:
+        """Prior for ``cluster`` from a drafter's sample-to-cluster similarities.
+
+        Similarities are rescaled over the clusters given, r = (s - min) / (max - min),
+        and the prior mean is ``low + (high - low) * r`` with weight ``similarity_weight``:
+        the best-matching cluster expects a strong drafter, the others a weak one.
+        Unknown clusters (or flat similarities) get the neutral prior.
+        """
+        if cluster not in similarity or len(similarity) < 2:
+            return self.neutral()
+        values = list(similarity.values())
+        spread = max(values) - min(values)
+        if spread <= 1e-9:
+            return self.neutral()
+        relative = (similarity[cluster] - min(values)) / spread
+        mean = self.similarity_low + (self.similarity_high - self.similarity_low) * relative
+        return mean * self.similarity_weight, (1.0 - mean) * self.similarity_weight
+
+
+class ContextArms:
+    """Posterior arrays of one context, indexed like the policy's drafter list."""
+
+    def __init__(self, alpha0: np.ndarray, beta0: np.ndarray) -> None:
+        self.alpha0 = np.asarray(alpha0, dtype=np.float64).copy()
+        self.beta0 = np.asarray(beta0, dtype=np.float64).copy()
+        self.alpha = self.alpha0.copy()
+        self.beta = self.beta0.copy()
+        self.decisions: np.ndarray = np.zeros(self.alpha.shape, dtype=np.int64)
+        self.none_decisions = 0
+        self.requests = 0
+
+    def mean(self) -> np.ndarray:
+        return self.alpha / (self.alpha + self.beta)
+
+    def observe(self, index: int, successes: float, failures: float, gamma: float) -> None:
+        """Discount arm ``index`` toward its prior, then add the new counts."""
+        self.alpha[index] = self.alpha0[index] + gamma * (self.alpha[index] - self.alpha0[index])
+        self.beta[index] = self.beta0[index] + gamma * (self.beta[index] - self.beta0[index])
+        self.alpha[index] += successes
+        self.beta[index] += failures
+
+    def append(self, alpha0: float, beta0: float) -> None:
+        """Add a drafter column with its prior."""
+        self.alpha0 = np.append(self.alpha0, alpha0)
+        self.beta0 = np.append(self.beta0, beta0)
+        self.alpha = np.append(self.alpha, alpha0)
+        self.beta = np.append(self.beta, beta0)
+        self.decisions = np.append(self.decisions, 0)
+
+    def delete(self, index: int) -> None:
+        """Drop a drafter column."""
+        for name in ("alpha0", "beta0", "alpha", "beta", "decisions"):
+            setattr(self, name, np.delete(getattr(self, name), index))
+
+    def to_dict(self, drafters: Sequence[str]) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "none_decisions": self.none_decisions,
+            "arms": {
+                name: [
+                    float(self.alpha[i]),
+                    float(self.beta[i]),
+                    float(self.alpha0[i]),
+                    float(self.beta0[i]),
+                    int(self.decisions[i]),
+                ]
+                for i, name in enumerate(drafters)
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], drafters: Sequence[str]) -> ContextArms:
+        arms = data["arms"]
+        rows = np.array([arms[name] for name in drafters], dtype=np.float64).reshape(-1, 5)
+        context = cls(rows[:, 2], rows[:, 3])
+        context.alpha = rows[:, 0].copy()
+        context.beta = rows[:, 1].copy()
+        context.decisions = rows[:, 4].astype(np.int64)
+        context.requests = int(data["requests"])
+        context.none_decisions = int(data["none_decisions"])
+        return context

@@ -1,0 +1,288 @@
+"""The policy's domain types: context, decision, outcome, summaries and the ``Policy`` protocol.
+
+A policy maps a context (task cluster, prompt-length bucket) to a decision (drafter,
+draft length k) and learns from the outcome of each routed request. Everything here is
+pure Python (no NumPy, no torch) so the sidecar can import it cheaply.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+#: The drafter name of the no-speculation arm (k = 0).
+NONE_DRAFTER = "none"
+
+#: Format version of every policy's ``state_dict()``; bumped on incompatible changes.
+STATE_VERSION = 1
+
+#: Prompt-token edges of the length buckets: bucket i holds prompts with
+#: ``LENGTH_BUCKET_EDGES[i-1] <= tokens < LENGTH_BUCKET_EDGES[i]``.
+LENGTH_BUCKET_EDGES: tuple[int, ...] = (64, 256, 1024)
+
+
+class IncompatibleStateError(ValueError):
+    """A saved policy state cannot be loaded by this policy (wrong version or policy)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """What the policy conditions on: the task cluster and the prompt-length bucket."""
+
+    cluster: str
+    length_bucket: int = 0
+
+
+def length_bucket(prompt_tokens: int) -> int:
+    """Bucket index of a prompt length: 0 (< 64), 1 (< 256), 2 (< 1024), 3 (>= 1024)."""
+    return bisect.bisect_right(LENGTH_BUCKET_EDGES, max(0, int(prompt_tokens)))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The arm chosen for one request: drafter ``"none"`` exactly when ``k == 0``."""
+
+    drafter: str
+    k: int
+    expected_speedup: float = 1.0
+    explored: bool = False
+
+    def __post_init__(self) -> None:
+        if self.k < 0:
+            raise ValueError(f"draft length must be >= 0, got {self.k}")
+        if (self.drafter == NONE_DRAFTER) != (self.k == 0):
+            raise ValueError(
+                f"drafter {NONE_DRAFTER!r} goes with k = 0 and only with it "
+                f"(got drafter={self.drafter!r}, k={self.k})"
+            )
+
+
+def _steps_from_positions(
+    steps: int, draft_length: int, accepted_per_position: Sequence[int]
+) -> list[int]:
+    """Per-step accepted counts from per-position counts at a constant draft length.
+
+    ``accepted_per_position[i]`` counts the steps whose draft token i was accepted, so
+    the number of steps accepting exactly n tokens is ``app[n-1] - app[n]`` (n >= 1)
+    and ``steps - app[0]`` for n = 0.
+    """
+    app = [int(x) for x in accepted_per_position[:draft_length]]
+    app += [0] * (draft_length - len(app))
+    accepted: list[int] = []
+    previous = steps
+    for n in range(draft_length + 1):
+        reaching = app[n] if n < draft_length else 0
+        count = max(0, min(previous, steps) - reaching)
+        accepted.extend([n] * count)
+        previous = reaching
+    # Pad (inconsistent inputs) so the list has one entry per step.
+    accepted.extend([0] * (steps - len(accepted)))
+    return accepted[:steps]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened on one routed request, as measured by whoever ran it.
+
+    ``drafted_per_step[i]`` is the k used at step i, ``accepted_per_step[i]`` the draft
+    tokens accepted there (bonus token excluded). Times are totals in seconds; for a
+    k = 0 request the target's decoding time counts as verify time.
+    ``plain_token_time_s`` is the target's time per token without speculation when the
+    caller measured it; otherwise the cost model estimates it (see ``costs.py``).
+    """
+
+    drafted_per_step: tuple[int, ...]
+    accepted_per_step: tuple[int, ...]
+    draft_time_s: float
+    verify_time_s: float
+    wall_time_s: float
+    generated_tokens: int
+    plain_token_time_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.drafted_per_step) != len(self.accepted_per_step):
+            raise ValueError(
+                f"drafted_per_step has {len(self.drafted_per_step)} entries but "
+                f"accepted_per_step has {len(self.accepted_per_step)}"
+            )
+        for i, (drafted, accepted) in enumerate(
+            zip(self.drafted_per_step, self.accepted_per_step, strict=True)
+        ):
+            if not 0 <= accepted <= drafted:
+                raise ValueError(f"step {i}: accepted {accepted} outside 0..drafted ({drafted})")
+        if min(self.draft_time_s, self.verify_time_s, self.wall_time_s) < 0:
+            raise ValueError("times must be >= 0")
+        if self.plain_token_time_s is not None and self.plain_token_time_s <= 0:
+            raise ValueError("plain_token_time_s must be > 0 when given")
+
+    @classmethod
+    def from_steps(
+        cls,
+        drafted_per_step: Sequence[int],
+        accepted_per_step: Sequence[int],
+        *,
+        draft_time_s: float,
+        verify_time_s: float,
+        wall_time_s: float = 0.0,
+        generated_tokens: int | None = None,
+        plain_token_time_s: float | None = None,
+    ) -> Outcome:
+        """Build from per-step lists; ``generated_tokens`` defaults to sum(accepted + 1)."""
+        drafted = tuple(int(x) for x in drafted_per_step)
+        accepted = tuple(int(x) for x in accepted_per_step)
+        tokens = sum(accepted) + len(accepted) if generated_tokens is None else generated_tokens
+        return cls(
+            drafted,
+            accepted,
+            float(draft_time_s),
+            float(verify_time_s),
+            float(wall_time_s) or float(draft_time_s) + float(verify_time_s),
+            int(tokens),
+            plain_token_time_s or None,
+        )
+
+    @classmethod
+    def from_totals(
+        cls,
+        *,
+        steps: int,
+        drafted_tokens: int,
+        accepted_tokens: int,
+        accepted_per_position: Sequence[int] = (),
+        draft_time_s: float,
+        verify_time_s: float,
+        wall_time_s: float = 0.0,
+        generated_tokens: int = 0,
+        plain_token_time_s: float | None = None,
+    ) -> Outcome:
+        """Build from totals and per-position accepts (the Report RPC's compact form).
+
+        The draft length is taken as ``round(drafted_tokens / steps)``. With per-position
+        counts the per-step accepts are reconstructed exactly (for a constant k);
+        without them the accepted total is spread as evenly as possible over the steps,
+        which may undercount failures (a documented approximation).
+        """
+        if steps < 0 or drafted_tokens < 0 or accepted_tokens < 0:
+            raise ValueError("steps and token counts must be >= 0")
+        k = round(drafted_tokens / steps) if steps else 0
+        if k == 0:
+            accepted = [0] * steps
+        elif accepted_per_position:
+            accepted = _steps_from_positions(steps, k, accepted_per_position)
+        else:
+            base, extra = divmod(min(accepted_tokens, k * steps), steps)
+            accepted = [base + 1] * extra + [base] * (steps - extra)
+        tokens = generated_tokens or sum(accepted) + steps
+        return cls.from_steps(
+            [k] * steps,
+            accepted,
+            draft_time_s=draft_time_s,
+            verify_time_s=verify_time_s,
+            wall_time_s=wall_time_s,
+            generated_tokens=tokens,
+            plain_token_time_s=plain_token_time_s,
+        )
+
+    @property
+    def steps(self) -> int:
+        """Number of speculative steps (target forwards)."""
+        return len(self.drafted_per_step)
+
+    @property
+    def drafted_tokens(self) -> int:
+        return sum(self.drafted_per_step)
+
+    @property
+    def accepted_tokens(self) -> int:
+        return sum(self.accepted_per_step)
+
+    def acceptance_counts(self) -> tuple[int, int]:
+        """(successes, failures) under the truncated-geometric likelihood.
+
+        A step drafting k and accepting n adds n successes and, if n < k, one failure.
+        """
+        successes = 0
+        failures = 0
+        for drafted, accepted in zip(self.drafted_per_step, self.accepted_per_step, strict=True):
+            successes += accepted
+            failures += accepted < drafted
+        return successes, failures
+
+
+@dataclass(frozen=True, slots=True)
+class ArmSummary:
+    """One drafter in one context, for GetPolicyState (mirrors the proto's ArmState)."""
+
+    drafter: str
+    acceptance_mean: float
+    alpha: float
+    beta: float
+    best_k: int
+    expected_speedup: float
+    decisions: int
+
+
+@dataclass(frozen=True, slots=True)
+class ContextSummary:
+    """One context's state, for GetPolicyState (mirrors the proto's ContextState)."""
+
+    cluster: str
+    length_bucket: int
+    arms: tuple[ArmSummary, ...]
+    chosen_drafter: str
+    chosen_k: int
+    requests: int
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """An online routing policy: pick (drafter, k) per context and learn from outcomes.
+
+    ``version`` increases with every update (the RouteDecision's ``policy_version``);
+    the state format version is ``STATE_VERSION`` inside ``state_dict()``.
+    ``select`` never changes learned state (only the injected random generator).
+    """
+
+    name: str
+
+    @property
+    def version(self) -> int: ...
+
+    def select(self, context: Context, eligible: Sequence[str]) -> Decision: ...
+
+    def update(self, context: Context, decision: Decision, outcome: Outcome) -> None: ...
+
+    def update_counterfactual(
+        self,
+        context: Context,
+        drafter: str,
+        accepted_per_step: Sequence[int],
+        draft_length: int,
+    ) -> None: ...
+
+    def add_drafter(self, name: str, similarity: Mapping[str, float] | None = None) -> None: ...
+
+    def remove_drafter(self, name: str) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+    def describe(self) -> list[ContextSummary]: ...
+
+
+def check_state(state: Mapping[str, Any], policy_name: str) -> None:
+    """Refuse a saved state of another format version or of another policy."""
+    version = state.get("version")
+    if version != STATE_VERSION:
+        raise IncompatibleStateError(
+            f"policy state has format version {version!r}, this build reads version "
+            f"{STATE_VERSION}; reset the policy state (SetPolicy reset_state=true)"
+        )
+    saved = state.get("policy")
+    if saved != policy_name:
+        raise IncompatibleStateError(
+            f"policy state was saved by policy {saved!r}, cannot load it into {policy_name!r}"
+        )

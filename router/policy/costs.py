@@ -1,0 +1,143 @@
+"""Measured cost model: drafter time per drafted token, target verify time per step, t_ar.
+
+Costs are learned from every outcome, never assumed:
+
+- ``t_draft[d]``: EWMA of draft_time / drafted tokens, per drafter;
+- ``t_verify(k) = t0 + k * t1``: discounted least squares of verify_time / steps on the
+  mean k of each request, with a ridge penalty ``lam * (t1 - rho * t0)^2`` that keeps the
+  slope near ``rho * t0`` until k varies enough to identify it;
+- ``t_ar``: EWMA of ``plain_token_time_s`` when callers measure it. Otherwise it is the
+  intercept t0: a verify step of k = 0 scores one position, which is a plain decoding
+  step (k = 0 requests measure it directly, small-k steps pin it through the line).
+
+Before anything is measured, costs are in units of t_ar = 1 and a drafter costs
+``draft_cost_ratio`` (a per-drafter hint, else ``default_draft_cost_ratio``) per token.
+Only ratios enter S(a, k), so the switch from units to seconds is harmless.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from router.policy.base import Outcome
+
+
+class CostModel:
+    """Online estimates of t_draft per drafter, t_verify(k) and t_ar (see module doc)."""
+
+    def __init__(
+        self,
+        *,
+        ewma: float = 0.05,
+        verify_slope_ratio: float = 0.05,
+        slope_prior_weight: float = 1.0,
+        default_draft_cost_ratio: float = 0.1,
+        draft_cost_ratio: Mapping[str, float] | None = None,
+    ) -> None:
+        self.ewma = ewma
+        self.verify_slope_ratio = verify_slope_ratio
+        self.slope_prior_weight = slope_prior_weight
+        self.default_draft_cost_ratio = default_draft_cost_ratio
+        self.draft_cost_ratio = dict(draft_cost_ratio or {})
+        self.draft_token_time_: dict[str, float] = {}
+        self.plain_token_time_: float | None = None
+        # Discounted normal equations of verify_time/step = t0 + kbar * t1.
+        self.verify_xtx_ = np.zeros((2, 2))
+        self.verify_xty_ = np.zeros(2)
+        self.observations_ = 0
+        self.revision_ = 0
+
+    def _blend(self, old: float | None, new: float) -> float:
+        return new if old is None else (1.0 - self.ewma) * old + self.ewma * new
+
+    def observe(self, drafter: str, outcome: Outcome) -> None:
+        """Fold one request's measured times into the estimates."""
+        if outcome.plain_token_time_s:
+            self.plain_token_time_ = self._blend(self.plain_token_time_, outcome.plain_token_time_s)
+        drafted = outcome.drafted_tokens
+        if drafted > 0 and outcome.draft_time_s > 0:
+            per_token = outcome.draft_time_s / drafted
+            self.draft_token_time_[drafter] = self._blend(
+                self.draft_token_time_.get(drafter), per_token
+            )
+        # A k = 0 request may come without steps: each generated token was one step.
+        steps = outcome.steps or (outcome.generated_tokens if drafted == 0 else 0)
+        target_time = outcome.verify_time_s
+        if target_time <= 0 and drafted == 0:
+            target_time = outcome.wall_time_s - outcome.draft_time_s
+        if steps > 0 and target_time > 0:
+            x = np.array([1.0, drafted / steps])
+            keep = 1.0 - self.ewma if self.observations_ else 0.0
+            self.verify_xtx_ = keep * self.verify_xtx_ + np.outer(x, x)
+            self.verify_xty_ = keep * self.verify_xty_ + x * (target_time / steps)
+            self.observations_ += 1
+        self.revision_ += 1
+
+    def verify_line(self) -> tuple[float, float] | None:
+        """(t0, t1) of t_verify(k) = t0 + k * t1, or None before any measurement."""
+        if not self.observations_:
+            return None
+        rho = self.verify_slope_ratio
+        penalty = self.slope_prior_weight * np.outer([-rho, 1.0], [-rho, 1.0])
+        xtx = self.verify_xtx_ + penalty
+        t0, t1 = np.linalg.solve(xtx, self.verify_xty_)
+        if t0 <= 0 or t1 < 0:
+            # Noise gave a line with no physical meaning: keep the mean and the prior slope.
+            mean_k = self.verify_xtx_[0, 1] / self.verify_xtx_[0, 0]
+            mean_y = self.verify_xty_[0] / self.verify_xtx_[0, 0]
+            t0 = mean_y / (1.0 + rho * mean_k)
+            t1 = rho * t0
+        return float(t0), float(t1)
+
+    def plain_token_time(self) -> float:
+        """t_ar: measured plain time per token, else the verify intercept, else 1 (units)."""
+        if self.plain_token_time_ is not None:
+            return self.plain_token_time_
+        line = self.verify_line()
+        return line[0] if line is not None else 1.0
+
+    def verify_times(self, k_max: int) -> np.ndarray:
+        """t_verify(k) for k = 0..k_max."""
+        line = self.verify_line()
+        if line is None:
+            t0 = self.plain_token_time()
+            line = (t0, self.verify_slope_ratio * t0)
+        return line[0] + line[1] * np.arange(k_max + 1)
+
+    def draft_times(self, drafters: Iterable[str]) -> np.ndarray:
+        """t_draft per drafted token for each drafter (measured, else ratio * t_ar)."""
+        t_ar = self.plain_token_time()
+        return np.array(
+            [
+                self.draft_token_time_.get(
+                    name, self.draft_cost_ratio.get(name, self.default_draft_cost_ratio) * t_ar
+                )
+                for name in drafters
+            ],
+            dtype=np.float64,
+        )
+
+    def forget_drafter(self, drafter: str) -> None:
+        self.draft_token_time_.pop(drafter, None)
+        self.revision_ += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "draft_token_time": dict(self.draft_token_time_),
+            "plain_token_time": self.plain_token_time_,
+            "verify_xtx": self.verify_xtx_.tolist(),
+            "verify_xty": self.verify_xty_.tolist(),
+            "observations": self.observations_,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.draft_token_time_ = {str(k): float(v) for k, v in state["draft_token_time"].items()}
+        plain = state["plain_token_time"]
+        self.plain_token_time_ = None if plain is None else float(plain)
+        self.verify_xtx_ = np.asarray(state["verify_xtx"], dtype=np.float64).reshape(2, 2)
+        self.verify_xty_ = np.asarray(state["verify_xty"], dtype=np.float64).reshape(2)
+        self.observations_ = int(state["observations"])
+        self.revision_ += 1

@@ -1,0 +1,49 @@
+"""Policies by name (a dict, RouteLLM-style) and ``make_policy`` to build one from JSON config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from router.policy.base import Policy
+from router.policy.fixed import FixedPolicy
+from router.policy.none import NonePolicy
+from router.policy.oracle import OraclePolicy
+from router.policy.static import StaticPolicy
+from router.policy.thompson import ThompsonPolicy
+from router.policy.ucb import UcbPolicy
+
+#: Builds a policy from the known drafter names and a JSON-able configuration.
+PolicyFactory = Callable[[Sequence[str], Mapping[str, Any] | None], Policy]
+
+POLICIES: dict[str, PolicyFactory] = {
+    "thompson": ThompsonPolicy.from_config,
+    "ucb": UcbPolicy.from_config,
+    "fixed": FixedPolicy.from_config,
+    "static": StaticPolicy.from_config,
+    "oracle": OraclePolicy.from_config,
+    "none": NonePolicy.from_config,
+}
+
+
+class UnknownPolicyError(KeyError):
+    """No policy is registered under the requested name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown policy"
+
+
+def make_policy(
+    name: str, drafters: Sequence[str], config: Mapping[str, Any] | None = None
+) -> Policy:
+    """Build the policy ``name`` over ``drafters``; bad config raises ``ValueError``.
+
+    ``drafters`` are the selectable drafter names ("none", the k = 0 arm, is implicit
+    and ignored if listed); ``config`` is the policy's JSON object (see each module).
+    """
+    factory = POLICIES.get(name)
+    if factory is None:
+        raise UnknownPolicyError(
+            f"unknown policy {name!r}; registered: {', '.join(sorted(POLICIES))}"
+        )
+    return factory([d for d in drafters if d != "none"], config)

@@ -1,0 +1,355 @@
+"""Thompson sampling over drafters, with the draft length derived from the sampled acceptance.
+
+Per (context, drafter) the per-token acceptance a has a Beta(alpha, beta) posterior
+(truncated-geometric likelihood, discounted by gamma per update; see ``acceptance.py``).
+Costs are measured (``costs.py``). For a request in context c:
+
+    for each eligible drafter d:   a_d ~ Beta(alpha_cd, beta_cd)
+                                   k_d = argmax_{k in 0..k_max} S(a_d, k)
+    choose d* = argmax_d S(a_d, k_d)          (k = 0, i.e. drafter "none", when S <= 1)
+
+with S(a, k) = [(1 - a^(k+1)) / (1 - a)] * t_ar / (k * t_draft + t_verify(k)) and
+S(a, 0) = 1. The decision is "explored" when it differs from the same rule applied to
+the posterior means, and its ``expected_speedup`` is S at the posterior mean.
+
+Cold start: a drafter added with ``similarity`` (cluster -> similarity of its fine-tuning
+sample to the cluster) gets a prior whose mean grows with the similarity (weight
+``similarity_weight``); without it, the neutral Beta(prior_alpha, prior_beta). A new
+(cluster, length bucket) context starts from its cluster's other buckets, scaled to at
+most ``transfer_weight`` pseudo-observations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from router.policy.acceptance import (
+    ContextArms,
+    PriorSettings,
+    cap_evidence,
+    counts_from_steps,
+)
+from router.policy.base import (
+    NONE_DRAFTER,
+    STATE_VERSION,
+    ArmSummary,
+    Context,
+    ContextSummary,
+    Decision,
+    Outcome,
+    check_state,
+)
+from router.policy.costs import CostModel
+from router.policy.speedup import best_draft_length, cost_gain, speedup_table
+
+logger = logging.getLogger(__name__)
+
+
+class ThompsonConfig(BaseModel):
+    """JSON configuration of ``thompson`` (SetPolicy ``config_json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gamma: float = Field(0.99, gt=0.0, le=1.0)
+    k_max: int = Field(8, ge=1, le=32)
+    seed: int | None = 0
+    prior_alpha: float = Field(1.0, gt=0.0)
+    prior_beta: float = Field(1.0, gt=0.0)
+    similarity_weight: float = Field(8.0, gt=0.0)
+    similarity_low: float = Field(0.2, gt=0.0, lt=1.0)
+    similarity_high: float = Field(0.9, gt=0.0, lt=1.0)
+    evidence_cap: float | None = Field(None, gt=0.0)
+    transfer_weight: float = Field(16.0, ge=0.0)
+    cost_ewma: float = Field(0.05, gt=0.0, le=1.0)
+    verify_slope_ratio: float = Field(0.05, ge=0.0)
+    default_draft_cost_ratio: float = Field(0.1, ge=0.0)
+    draft_cost_ratio: dict[str, float] = Field(default_factory=dict)
+    similarity: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+
+class ThompsonPolicy:
+    """Thompson sampling with a shared acceptance posterior per drafter (module doc)."""
+
+    name = "thompson"
+
+    def __init__(
+        self,
+        drafters: Sequence[str] = (),
+        *,
+        gamma: float = 0.99,
+        k_max: int = 8,
+        rng: np.random.Generator | None = None,
+        priors: PriorSettings | None = None,
+        evidence_cap: float | None = None,
+        transfer_weight: float = 16.0,
+        costs: CostModel | None = None,
+        similarity: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> None:
+        self.gamma = gamma
+        self.k_max = k_max
+        self.priors = priors or PriorSettings()
+        self.evidence_cap = evidence_cap
+        self.transfer_weight = transfer_weight
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self.costs_ = costs if costs is not None else CostModel()
+        self.drafters_: list[str] = []
+        self.index_: dict[str, int] = {}
+        self.similarity_: dict[str, dict[str, float]] = {}
+        self.contexts_: dict[Context, ContextArms] = {}
+        self.updates_ = 0
+        self._eligible_cache: dict[tuple[str, ...], np.ndarray] = {}
+        self._gain_cache: tuple[tuple[int, int], np.ndarray] | None = None
+        self._layout_revision = 0
+        for name in drafters:
+            self.add_drafter(name, (similarity or {}).get(name))
+
+    @classmethod
+    def from_config(
+        cls, drafters: Sequence[str], config: Mapping[str, Any] | None = None
+    ) -> ThompsonPolicy:
+        cfg = ThompsonConfig.model_validate(dict(config or {}))
+        return cls(
+            drafters,
+            gamma=cfg.gamma,
+            k_max=cfg.k_max,
+            rng=np.random.default_rng(cfg.seed),
+            priors=PriorSettings(
+                cfg.prior_alpha,
+                cfg.prior_beta,
+                cfg.similarity_weight,
+                cfg.similarity_low,
+                cfg.similarity_high,
+            ),
+            evidence_cap=cfg.evidence_cap,
+            transfer_weight=cfg.transfer_weight,
+            costs=CostModel(
+                ewma=cfg.cost_ewma,
+                verify_slope_ratio=cfg.verify_slope_ratio,
+                default_draft_cost_ratio=cfg.default_draft_cost_ratio,
+                draft_cost_ratio=cfg.draft_cost_ratio,
+            ),
+            similarity=cfg.similarity,
+        )
+
+    @property
+    def version(self) -> int:
+        return self.updates_
+
+    # -- derived quantities (caches, not learned state) ---------------------------------
+
+    def _gain(self) -> np.ndarray:
+        """t_ar / (k t_draft + t_verify(k)) per drafter and k, cached per cost revision."""
+        key = (self.costs_.revision_, self._layout_revision)
+        if self._gain_cache is None or self._gain_cache[0] != key:
+            gain = cost_gain(
+                self.costs_.plain_token_time(),
+                self.costs_.draft_times(self.drafters_),
+                self.costs_.verify_times(self.k_max),
+            )
+            self._gain_cache = (key, gain)
+        return self._gain_cache[1]
+
+    def _eligible_index(self, eligible: Sequence[str]) -> np.ndarray:
+        key = tuple(eligible)
+        index = self._eligible_cache.get(key)
+        if index is None:
+            known = sorted({self.index_[name] for name in key if name in self.index_})
+            index = np.array(known, dtype=np.intp)
+            self._eligible_cache[key] = index
+        return index
+
+    def _prior(self, drafter: str, cluster: str) -> tuple[float, float]:
+        similarity = self.similarity_.get(drafter)
+        return (
+            self.priors.from_similarity(similarity, cluster)
+            if similarity
+            else self.priors.neutral()
+        )
+
+    def _fresh_context(self, context: Context) -> ContextArms:
+        """Priors for a context never updated, plus evidence moved from its cluster's buckets."""
+        priors = np.array([self._prior(name, context.cluster) for name in self.drafters_])
+        priors = priors.reshape(-1, 2)
+        arms = ContextArms(priors[:, 0], priors[:, 1])
+        siblings = [a for c, a in self.contexts_.items() if c.cluster == context.cluster]
+        if siblings and self.transfer_weight > 0:
+            wins = sum(np.maximum(a.alpha - a.alpha0, 0.0) for a in siblings)
+            losses = sum(np.maximum(a.beta - a.beta0, 0.0) for a in siblings)
+            total = np.asarray(wins + losses)
+            scale = np.minimum(1.0, self.transfer_weight / np.maximum(total, 1e-12))
+            arms.alpha = arms.alpha + wins * scale
+            arms.beta = arms.beta + losses * scale
+        return arms
+
+    def _context(self, context: Context) -> ContextArms:
+        arms = self.contexts_.get(context)
+        if arms is None:
+            arms = self._fresh_context(context)
+            self.contexts_[context] = arms
+        return arms
+
+    # -- the policy ---------------------------------------------------------------------
+
+    def select(self, context: Context, eligible: Sequence[str]) -> Decision:
+        """Thompson draw over the eligible drafters; k from the sampled acceptance."""
+        index = self._eligible_index(eligible)
+        if index.size == 0:
+            return Decision(NONE_DRAFTER, 0, 1.0, False)
+        arms = self.contexts_.get(context) or self._fresh_context(context)
+        alpha = arms.alpha[index]
+        beta = arms.beta[index]
+        acceptance = np.empty((2, index.size))
+        acceptance[0] = self._rng.beta(alpha, beta)  # the Thompson sample
+        acceptance[1] = alpha / (alpha + beta)  # the posterior mean (greedy rule)
+        table = speedup_table(acceptance, self._gain()[index])  # [2, drafters, k_max + 1]
+        width = self.k_max + 1
+        sampled, greedy = table.reshape(2, -1).argmax(axis=1)
+        drafter, k = divmod(int(sampled), width)
+        greedy_drafter, greedy_k = divmod(int(greedy), width)
+        explored = (k, drafter if k else 0) != (greedy_k, greedy_drafter if greedy_k else 0)
+        if k == 0:
+            return Decision(NONE_DRAFTER, 0, 1.0, explored)
+        expected = float(table[1, drafter, k])
+        return Decision(self.drafters_[int(index[drafter])], k, expected, explored)
+
+    def update(self, context: Context, decision: Decision, outcome: Outcome) -> None:
+        """Learn costs from the outcome and the chosen drafter's acceptance."""
+        arms = self._context(context)
+        self.costs_.observe(decision.drafter, outcome)
+        arms.requests += 1
+        i = self.index_.get(decision.drafter)
+        if decision.k == 0 or i is None:
+            arms.none_decisions += decision.k == 0
+        else:
+            successes, failures = cap_evidence(*outcome.acceptance_counts(), self.evidence_cap)
+            arms.observe(i, successes, failures, self.gamma)
+            arms.decisions[i] += 1
+        self.updates_ += 1
+
+    def update_counterfactual(
+        self,
+        context: Context,
+        drafter: str,
+        accepted_per_step: Sequence[int],
+        draft_length: int,
+    ) -> None:
+        """Full-information update: what ``drafter`` would have had accepted, no exploration."""
+        i = self.index_.get(drafter)
+        if i is None or draft_length <= 0 or not accepted_per_step:
+            logger.debug("counterfactual for %r ignored (unknown drafter or empty)", drafter)
+            return
+        counts = counts_from_steps(accepted_per_step, draft_length)
+        successes, failures = cap_evidence(*counts, self.evidence_cap)
+        self._context(context).observe(i, successes, failures, self.gamma)
+        self.updates_ += 1
+
+    def add_drafter(self, name: str, similarity: Mapping[str, float] | None = None) -> None:
+        """Make ``name`` selectable; its prior per cluster comes from ``similarity``."""
+        if name == NONE_DRAFTER:
+            raise ValueError(f"{NONE_DRAFTER!r} is the k = 0 arm, not a drafter")
+        if similarity:
+            self.similarity_[name] = {str(c): float(s) for c, s in similarity.items()}
+        if name in self.index_:
+            return
+        self.index_[name] = len(self.drafters_)
+        self.drafters_.append(name)
+        for context, arms in self.contexts_.items():
+            arms.append(*self._prior(name, context.cluster))
+        self._layout_changed()
+
+    def remove_drafter(self, name: str) -> None:
+        """Forget ``name``: it is never selected again (re-adding starts from its prior)."""
+        i = self.index_.get(name)
+        if i is None:
+            return
+        for arms in self.contexts_.values():
+            arms.delete(i)
+        self.drafters_.pop(i)
+        self.index_ = {drafter: j for j, drafter in enumerate(self.drafters_)}
+        self.similarity_.pop(name, None)
+        self.costs_.forget_drafter(name)
+        self._layout_changed()
+
+    def _layout_changed(self) -> None:
+        self._eligible_cache.clear()
+        self._layout_revision += 1
+
+    # -- persistence and introspection ---------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "policy": self.name,
+            "updates": self.updates_,
+            "drafters": list(self.drafters_),
+            "similarity": {k: dict(v) for k, v in self.similarity_.items()},
+            "contexts": [
+                {
+                    "cluster": c.cluster,
+                    "length_bucket": c.length_bucket,
+                    **a.to_dict(self.drafters_),
+                }
+                for c, a in self.contexts_.items()
+            ],
+            "costs": self.costs_.state_dict(),
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        check_state(state, self.name)
+        drafters = [str(name) for name in state["drafters"]]
+        self.drafters_ = drafters
+        self.index_ = {name: i for i, name in enumerate(drafters)}
+        self.similarity_ = {k: dict(v) for k, v in state["similarity"].items()}
+        self.contexts_ = {
+            Context(str(c["cluster"]), int(c["length_bucket"])): ContextArms.from_dict(c, drafters)
+            for c in state["contexts"]
+        }
+        self.costs_.load_state_dict(state["costs"])
+        self.updates_ = int(state["updates"])
+        if state.get("rng"):
+            self._rng.bit_generator.state = state["rng"]
+        self._layout_changed()
+
+    def describe(self) -> list[ContextSummary]:
+        """Per context: posterior per drafter, its best k and S at the posterior mean."""
+        gain = self._gain()
+        summaries = []
+        for context, arms in sorted(
+            self.contexts_.items(), key=lambda item: (item[0].cluster, item[0].length_bucket)
+        ):
+            mean = arms.mean()
+            best_k, best_s = best_draft_length(speedup_table(mean, gain))
+            summary_arms = tuple(
+                ArmSummary(
+                    name,
+                    float(mean[i]),
+                    float(arms.alpha[i]),
+                    float(arms.beta[i]),
+                    int(best_k[i]),
+                    float(best_s[i]),
+                    int(arms.decisions[i]),
+                )
+                for i, name in enumerate(self.drafters_)
+            )
+            chosen = int(np.argmax(best_s)) if len(self.drafters_) else -1
+            if chosen < 0 or best_k[chosen] == 0:
+                chosen_drafter, chosen_k = NONE_DRAFTER, 0
+            else:
+                chosen_drafter, chosen_k = self.drafters_[chosen], int(best_k[chosen])
+            summaries.append(
+                ContextSummary(
+                    context.cluster,
+                    context.length_bucket,
+                    summary_arms,
+                    chosen_drafter,
+                    chosen_k,
+                    arms.requests,
+                )
+            )
+        return summaries

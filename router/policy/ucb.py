@@ -1,0 +1,265 @@
+"""``ucb``: UCB1 over independent (drafter, k) arms with the measured speed-up as reward.
+
+The BanditSpec-style baseline. Per context, every (drafter, k) with k in 1..k_max and
+the shared no-speculation arm ("none", 0) are separate arms. Untried eligible arms are
+played first (in random order), then
+
+    choose argmax_arm  mean_reward(arm) + c * sqrt(2 ln N / n(arm))
+
+with N the plays in the context and the reward of a request the measured speed-up
+t_ar * generated_tokens / (draft_time + verify_time) (t_ar as in ``costs.py``).
+With ``gamma < 1`` counts and sums are discounted per update (discounted UCB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from router.policy.base import (
+    NONE_DRAFTER,
+    STATE_VERSION,
+    ArmSummary,
+    Context,
+    ContextSummary,
+    Decision,
+    Outcome,
+    check_state,
+)
+from router.policy.costs import CostModel
+
+
+class UcbConfig(BaseModel):
+    """JSON configuration of ``ucb``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k_max: int = Field(8, ge=1, le=32)
+    exploration: float = Field(1.0, ge=0.0)
+    gamma: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = 0
+
+
+class _UcbArms:
+    """Plays and reward sums of one context: row per drafter, column per k (0 = none)."""
+
+    def __init__(self, drafters: int, k_max: int) -> None:
+        self.plays = np.zeros((drafters, k_max + 1))
+        self.rewards = np.zeros((drafters, k_max + 1))
+        self.none_plays = 0.0
+        self.none_rewards = 0.0
+        self.acceptance = np.zeros((drafters, 2))  # accepted tokens, failed steps
+        self.requests = 0
+
+
+def measured_speedup(outcome: Outcome, t_ar: float) -> float:
+    """Reward: plain-decoding time of the generated tokens over the time actually spent."""
+    spent = outcome.draft_time_s + outcome.verify_time_s or outcome.wall_time_s
+    if spent <= 0 or outcome.generated_tokens <= 0:
+        return 1.0
+    return t_ar * outcome.generated_tokens / spent
+
+
+class UcbPolicy:
+    """UCB1 over (drafter, k) arms (module doc)."""
+
+    name = "ucb"
+
+    def __init__(
+        self,
+        drafters: Sequence[str] = (),
+        *,
+        k_max: int = 8,
+        exploration: float = 1.0,
+        gamma: float = 1.0,
+        rng: np.random.Generator | None = None,
+        costs: CostModel | None = None,
+    ) -> None:
+        self.k_max = k_max
+        self.exploration = exploration
+        self.gamma = gamma
+        self._rng = rng if rng is not None else np.random.default_rng()
+        self.costs_ = costs if costs is not None else CostModel()
+        self.drafters_: list[str] = [d for d in drafters if d != NONE_DRAFTER]
+        self.contexts_: dict[Context, _UcbArms] = {}
+        self.updates_ = 0
+
+    @classmethod
+    def from_config(
+        cls, drafters: Sequence[str], config: Mapping[str, Any] | None = None
+    ) -> UcbPolicy:
+        cfg = UcbConfig.model_validate(dict(config or {}))
+        return cls(
+            drafters,
+            k_max=cfg.k_max,
+            exploration=cfg.exploration,
+            gamma=cfg.gamma,
+            rng=np.random.default_rng(cfg.seed),
+        )
+
+    @property
+    def version(self) -> int:
+        return self.updates_
+
+    def _context(self, context: Context) -> _UcbArms:
+        arms = self.contexts_.get(context)
+        if arms is None:
+            arms = self.contexts_[context] = _UcbArms(len(self.drafters_), self.k_max)
+        return arms
+
+    def select(self, context: Context, eligible: Sequence[str]) -> Decision:
+        """Untried arms first, then the highest upper confidence bound."""
+        index = [i for i, d in enumerate(self.drafters_) if d in eligible]
+        arms = self.contexts_.get(context) or _UcbArms(len(self.drafters_), self.k_max)
+        # Flat candidate list: the none arm first, then (drafter, k >= 1).
+        plays = np.concatenate([[arms.none_plays], arms.plays[index, 1:].ravel()])
+        rewards = np.concatenate([[arms.none_rewards], arms.rewards[index, 1:].ravel()])
+        untried = np.flatnonzero(plays <= 0)
+        means = rewards / np.maximum(plays, 1e-12)
+        greedy = int(np.argmax(np.where(plays > 0, means, -np.inf)))
+        if untried.size:
+            chosen = int(self._rng.choice(untried))
+        else:
+            bonus = self.exploration * np.sqrt(2.0 * np.log(plays.sum()) / plays)
+            chosen = int(np.argmax(means + bonus))
+        explored = chosen != greedy
+        if chosen == 0:
+            return Decision(NONE_DRAFTER, 0, 1.0, explored)
+        row, column = divmod(chosen - 1, self.k_max)
+        expected = float(means[chosen]) if plays[chosen] > 0 else 1.0
+        return Decision(self.drafters_[index[row]], column + 1, expected, explored)
+
+    def update(self, context: Context, decision: Decision, outcome: Outcome) -> None:
+        """Add the measured speed-up to the played arm (discounting all arms first)."""
+        self.costs_.observe(decision.drafter, outcome)
+        t_ar = outcome.plain_token_time_s or self.costs_.plain_token_time()
+        reward = measured_speedup(outcome, t_ar)
+        arms = self._context(context)
+        arms.requests += 1
+        if self.gamma < 1.0:
+            arms.plays *= self.gamma
+            arms.rewards *= self.gamma
+            arms.none_plays *= self.gamma
+            arms.none_rewards *= self.gamma
+        if decision.k == 0:
+            arms.none_plays += 1.0
+            arms.none_rewards += reward
+        elif decision.drafter in self.drafters_ and decision.k <= self.k_max:
+            i = self.drafters_.index(decision.drafter)
+            arms.plays[i, decision.k] += 1.0
+            arms.rewards[i, decision.k] += reward
+            arms.acceptance[i] += outcome.acceptance_counts()
+        self.updates_ += 1
+
+    def update_counterfactual(
+        self,
+        context: Context,
+        drafter: str,
+        accepted_per_step: Sequence[int],
+        draft_length: int,
+    ) -> None:
+        """UCB learns from measured rewards only; counterfactual scores are ignored."""
+
+    def add_drafter(self, name: str, similarity: Mapping[str, float] | None = None) -> None:
+        if name == NONE_DRAFTER:
+            raise ValueError(f"{NONE_DRAFTER!r} is the k = 0 arm, not a drafter")
+        if name in self.drafters_:
+            return
+        self.drafters_.append(name)
+        for arms in self.contexts_.values():
+            arms.plays = np.vstack([arms.plays, np.zeros(self.k_max + 1)])
+            arms.rewards = np.vstack([arms.rewards, np.zeros(self.k_max + 1)])
+            arms.acceptance = np.vstack([arms.acceptance, np.zeros(2)])
+
+    def remove_drafter(self, name: str) -> None:
+        if name not in self.drafters_:
+            return
+        i = self.drafters_.index(name)
+        self.drafters_.pop(i)
+        for arms in self.contexts_.values():
+            arms.plays = np.delete(arms.plays, i, axis=0)
+            arms.rewards = np.delete(arms.rewards, i, axis=0)
+            arms.acceptance = np.delete(arms.acceptance, i, axis=0)
+        self.costs_.forget_drafter(name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "policy": self.name,
+            "updates": self.updates_,
+            "k_max": self.k_max,
+            "drafters": list(self.drafters_),
+            "contexts": [
+                {
+                    "cluster": c.cluster,
+                    "length_bucket": c.length_bucket,
+                    "requests": a.requests,
+                    "none": [a.none_plays, a.none_rewards],
+                    "plays": a.plays.tolist(),
+                    "rewards": a.rewards.tolist(),
+                    "acceptance": a.acceptance.tolist(),
+                }
+                for c, a in self.contexts_.items()
+            ],
+            "costs": self.costs_.state_dict(),
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        check_state(state, self.name)
+        if int(state["k_max"]) != self.k_max:
+            raise ValueError(f"saved ucb state has k_max {state['k_max']}, policy has {self.k_max}")
+        self.drafters_ = [str(d) for d in state["drafters"]]
+        shape = (len(self.drafters_), self.k_max + 1)
+        self.contexts_ = {}
+        for row in state["contexts"]:
+            arms = _UcbArms(*shape)
+            arms.requests = int(row["requests"])
+            arms.none_plays, arms.none_rewards = (float(x) for x in row["none"])
+            arms.plays = np.asarray(row["plays"], dtype=np.float64).reshape(shape)
+            arms.rewards = np.asarray(row["rewards"], dtype=np.float64).reshape(shape)
+            arms.acceptance = np.asarray(row["acceptance"], dtype=np.float64).reshape(-1, 2)
+            self.contexts_[Context(str(row["cluster"]), int(row["length_bucket"]))] = arms
+        self.costs_.load_state_dict(state["costs"])
+        self.updates_ = int(state["updates"])
+        if state.get("rng"):
+            self._rng.bit_generator.state = state["rng"]
+
+    def describe(self) -> list[ContextSummary]:
+        """Per context: observed acceptance, the best-mean k per drafter, the greedy arm."""
+        summaries = []
+        for context in sorted(self.contexts_, key=lambda c: (c.cluster, c.length_bucket)):
+            arms = self.contexts_[context]
+            means = np.where(arms.plays > 0, arms.rewards / np.maximum(arms.plays, 1e-12), 0.0)
+            means[:, 0] = -np.inf
+            rows = []
+            for i, drafter in enumerate(self.drafters_):
+                k = int(np.argmax(means[i]))
+                alpha, beta = 1.0 + arms.acceptance[i, 0], 1.0 + arms.acceptance[i, 1]
+                rows.append(
+                    ArmSummary(
+                        drafter,
+                        alpha / (alpha + beta),
+                        alpha,
+                        beta,
+                        k,
+                        float(max(means[i, k], 0.0)),
+                        int(arms.plays[i].sum()),
+                    )
+                )
+            none_mean = arms.none_rewards / arms.none_plays if arms.none_plays > 0 else -np.inf
+            best = max(rows, key=lambda r: r.expected_speedup, default=None)
+            chosen = (
+                (best.drafter, best.best_k)
+                if best and best.expected_speedup > none_mean and best.expected_speedup > 0
+                else (NONE_DRAFTER, 0)
+            )
+            summaries.append(
+                ContextSummary(
+                    context.cluster, context.length_bucket, tuple(rows), *chosen, arms.requests
+                )
+            )
+        return summaries
