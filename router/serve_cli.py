@@ -1,9 +1,268 @@
-"""Commands contributed to the ``specroute`` CLI (filled in by this package's owner)."""
+"""``specroute serve``, and CLI clients of a running sidecar: route, generate, drafters, policy.
+
+Client commands talk gRPC to ``--address`` (``$SPECROUTE_ADDRESS``, default
+127.0.0.1:50051); admin commands send ``--token`` (``$SPECROUTE_ADMIN_TOKEN``).
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+ADDRESS_OPTION = typer.Option(envvar="SPECROUTE_ADDRESS", help="host:port.")
+TOKEN_OPTION = typer.Option(envvar="SPECROUTE_ADMIN_TOKEN", help="Bearer token.")
+
+
+def _group(app: typer.Typer, name: str, help_text: str) -> typer.Typer:
+    """The root app's sub-group ``name`` (another package may have created it), else a new one."""
+    for group in app.registered_groups:
+        if group.name == name and group.typer_instance is not None:
+            return group.typer_instance
+    created = typer.Typer(help=help_text, no_args_is_help=True)
+    app.add_typer(created, name=name)
+    return created
+
+
+def _stub(address: str) -> Any:
+    import grpc
+
+    from router.pb import router_pb2_grpc
+
+    return router_pb2_grpc.RouterStub(grpc.insecure_channel(address))
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _print_message(message: Any) -> None:
+    from google.protobuf.json_format import MessageToDict
+
+    typer.echo(json.dumps(MessageToDict(message, preserving_proto_field_name=True), indent=2))
+
+
+def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a gRPC call; a refused call exits 1 with its status instead of a traceback."""
+    import grpc
+
+    try:
+        return function(*args, **kwargs)
+    except grpc.RpcError as error:
+        typer.echo(f"error: {error.code().name}: {error.details()}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _port(value: int | None) -> int | None:
+    return None if value is not None and value < 0 else value
+
+
+def serve_command(
+    config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
+    world: Annotated[Path | None, typer.Option("--world", help="World directory.")] = None,
+    host: Annotated[str | None, typer.Option("--host")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="gRPC port (default 50051).")] = None,
+    http_port: Annotated[int | None, typer.Option("--http-port", help="TGI port; -1: off.")] = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="-1: off.")] = None,
+    policy: Annotated[str | None, typer.Option("--policy", help="Policy name (thompson).")] = None,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="Show settings, exit.")
+    ] = False,
+    ports_file: Annotated[Path | None, typer.Option("--ports-file", hidden=True)] = None,
+) -> None:
+    """Run the sidecar: gRPC Router, TGI-compatible HTTP front and Prometheus metrics."""
+    import asyncio
+
+    from router.server import RunningSidecar, serve
+    from router.settings import load_settings
+
+    overrides: dict[str, Any] = {"world_dir": world, "host": host, "port": port, "policy": policy}
+    explicit = {"http_port": http_port, "metrics_port": metrics_port}
+    settings = load_settings(config, **overrides)
+    updates = {key: _port(value) for key, value in explicit.items() if value is not None}
+    if updates:
+        settings = settings.model_copy(update=updates)
+    if print_config:
+        typer.echo(json.dumps(settings.printable(), indent=2))
+        return
+
+    def announce(running: RunningSidecar) -> None:
+        ports = {
+            "host": settings.host,
+            "grpc": running.grpc_port,
+            "http": running.http_port,
+            "metrics": running.metrics_port,
+        }
+        typer.echo(f"specroute serving {json.dumps(ports)}")
+        if ports_file is not None:
+            temporary = ports_file.with_suffix(".tmp")
+            temporary.write_text(json.dumps(ports) + "\n")
+            temporary.replace(ports_file)
+
+    asyncio.run(serve(settings, on_ready=announce))
+
+
+def route_command(
+    text: Annotated[str, typer.Argument(help="Prompt text.")],
+    address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
+    task_hint: Annotated[str, typer.Option("--task", help="Task cluster hint.")] = "",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 0,
+    token: Annotated[str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN")] = None,
+) -> None:
+    """Ask a running sidecar for (cluster, drafter, k) for TEXT."""
+    from router.pb import router_pb2 as pb
+
+    request = pb.RouteRequest(text=text, task_hint=task_hint, max_new_tokens=max_new_tokens)
+    _print_message(_call(_stub(address).Route, request, metadata=_metadata(token)))
+
+
+def generate_command(
+    text: Annotated[str, typer.Argument(help="Prompt text.")],
+    address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+    drafter: Annotated[str, typer.Option("--drafter", help="Force a drafter.")] = "",
+    draft_length: Annotated[int | None, typer.Option("--k", help="Force a draft length.")] = None,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy.")] = False,
+    temperature: Annotated[float, typer.Option("--temperature")] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    token: Annotated[str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN")] = None,
+) -> None:
+    """Generate with speculative decoding in a running sidecar; streams the text."""
+    from router.pb import router_pb2 as pb
+
+    request = pb.GenerateRequest(
+        text=text,
+        max_new_tokens=max_new_tokens,
+        sampling=pb.SamplingParams(do_sample=sample, temperature=temperature, seed=seed),
+        force_drafter=drafter,
+        force_draft_length=draft_length,
+    )
+    import grpc
+
+    try:
+        for chunk in _stub(address).Generate(request, metadata=_metadata(token)):
+            if chunk.HasField("decision"):
+                d = chunk.decision
+                typer.echo(
+                    f"[{d.task_cluster} p={d.confidence:.2f} -> {d.drafter} k={d.draft_length}]",
+                    err=True,
+                )
+            typer.echo(chunk.text, nl=False)
+            if chunk.HasField("stats"):
+                s = chunk.stats
+                typer.echo("")
+                typer.echo(
+                    f"[{s.generated_tokens} tokens, {s.tokens_per_s:.1f} tok/s, "
+                    f"{s.mean_accepted_length:.2f} tokens/step, {s.finish_reason}]",
+                    err=True,
+                )
+    except grpc.RpcError as error:
+        typer.echo(f"error: {error.code().name}: {error.details()}", err=True)
+        raise typer.Exit(1) from None
+
+
+def drafters_list_command(address: str = ADDRESS_OPTION) -> None:
+    """List the drafters a running sidecar serves."""
+    from router.pb import router_pb2 as pb
+
+    reply = _call(_stub(address).ListDrafters, pb.ListDraftersRequest())
+    for info in reply.drafters:
+        origin = "builtin" if info.builtin else "registered"
+        tasks = ",".join(info.tasks) or "-"
+        params = f"{info.parameter_count / 1e6:.2f}M" if info.parameter_count else "-"
+        typer.echo(f"{info.name:<16} {info.kind:<6} {origin:<10} {params:>8} {tasks}  {info.path}")
+
+
+def drafters_register_command(
+    name: Annotated[str, typer.Argument()],
+    path: Annotated[
+        str, typer.Argument(help="Model directory (under a configured model root).")
+    ] = "",
+    kind: Annotated[str, typer.Option("--kind")] = "model",
+    tasks: Annotated[
+        list[str] | None, typer.Option("--task", help="Task it was fine-tuned for.")
+    ] = None,
+    sample_file: Annotated[
+        Path | None, typer.Option("--sample", help="Fine-tuning sample (lines).")
+    ] = None,
+    address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
+    token: Annotated[str | None, TOKEN_OPTION] = None,
+) -> None:
+    """Register a drafter with a running sidecar (hot: eligible for the next request)."""
+    from router.pb import router_pb2 as pb
+
+    sample = sample_file.read_text().splitlines() if sample_file is not None else []
+    request = pb.RegisterDrafterRequest(
+        name=name, kind=kind, path=path, tasks=tasks or [], finetune_sample=[s for s in sample if s]
+    )
+    stub = _stub(address)
+    _print_message(_call(stub.RegisterDrafter, request, metadata=_metadata(token)))
+
+
+def drafters_remove_command(
+    name: Annotated[str, typer.Argument()],
+    address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
+    token: Annotated[str | None, TOKEN_OPTION] = None,
+) -> None:
+    """Remove a registered drafter from a running sidecar."""
+    from router.pb import router_pb2 as pb
+
+    stub = _stub(address)
+    reply = _call(stub.RemoveDrafter, pb.RemoveDrafterRequest(name=name), metadata=_metadata(token))
+    _print_message(reply)
+
+
+def policy_show_command(address: str = ADDRESS_OPTION) -> None:
+    """Show a running sidecar's policy state per context."""
+    from router.pb import router_pb2 as pb
+
+    state = _call(_stub(address).GetPolicyState, pb.GetPolicyStateRequest())
+    typer.echo(f"policy {state.policy} version {state.version}")
+    for context in state.contexts:
+        typer.echo(
+            f"  {context.task_cluster:<14} bucket {context.length_bucket}: "
+            f"{context.chosen_drafter} k={context.chosen_k} ({context.requests} requests)"
+        )
+        for arm in context.arms:
+            typer.echo(
+                f"      {arm.drafter:<14} a={arm.acceptance_mean:.3f} best_k={arm.best_k} "
+                f"S={arm.expected_speedup:.2f} chosen {arm.decisions}x"
+            )
+
+
+def bench_load_command(
+    address: Annotated[str, typer.Option("--address", help="Sidecar gRPC host:port.")],
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    requests: Annotated[int, typer.Option("--requests", "-n")] = 10_000,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c")] = 64,
+    pid: Annotated[
+        int | None, typer.Option("--pid", help="Sidecar pid (found from the port).")
+    ] = None,
+    token: Annotated[str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN")] = None,
+) -> None:
+    """Load a running sidecar with Route calls; compare with an echo servicer (the ceiling)."""
+    from router.load_bench import format_result, run_load_bench
+
+    result = run_load_bench(
+        address, requests=requests, concurrency=concurrency, pid=pid, token=token
+    )
+    typer.echo(format_result(result))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this package's commands to the root app and the ``bench`` group."""
+    app.command("serve")(serve_command)
+    app.command("route")(route_command)
+    app.command("generate")(generate_command)
+    drafters = _group(app, "drafters", "Drafters: list, register and remove on a sidecar.")
+    drafters.command("list")(drafters_list_command)
+    drafters.command("register")(drafters_register_command)
+    drafters.command("remove")(drafters_remove_command)
+    policy = _group(app, "policy", "The serving policy.")
+    policy.command("show")(policy_show_command)
+    bench.command("load")(bench_load_command)

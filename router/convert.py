@@ -1,0 +1,196 @@
+"""Protobuf <-> domain conversions: the only place that knows both sides."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from router.domain import DrafterSpec, GenerateInput, OutcomeInput, Prompt, RouteInput, Sampling
+from router.pb import router_pb2 as pb
+from router.registry import DrafterRecord
+from router.service import ClassifierView, GenerationResult, PolicyView, RoutedRequest, TokenChunk
+
+
+def sampling_from_pb(message: pb.SamplingParams) -> Sampling:
+    return Sampling(
+        do_sample=message.do_sample,
+        # Proto3 scalars cannot be unset: 0 means the default (1.0) for both.
+        temperature=message.temperature if message.temperature != 0 else 1.0,
+        top_k=message.top_k,
+        top_p=message.top_p if message.top_p != 0 else 1.0,
+        seed=message.seed if message.HasField("seed") else None,
+        stop=tuple(message.stop),
+    )
+
+
+def prompt_from_pb(message: pb.RouteRequest | pb.GenerateRequest) -> Prompt:
+    if message.WhichOneof("prompt") == "conversation":
+        turns = tuple({"role": m.role, "content": m.content} for m in message.conversation.messages)
+        return Prompt(messages=turns)
+    return Prompt(text=message.text)
+
+
+def route_from_pb(message: pb.RouteRequest | pb.GenerateRequest) -> RouteInput:
+    return RouteInput(
+        prompt=prompt_from_pb(message),
+        request_id=message.request_id,
+        task_hint=message.task_hint,
+        max_new_tokens=message.max_new_tokens,
+        sampling=sampling_from_pb(message.sampling),
+    )
+
+
+def generate_from_pb(message: pb.GenerateRequest) -> GenerateInput:
+    return GenerateInput(
+        route=route_from_pb(message),
+        force_drafter=message.force_drafter,
+        force_draft_length=(
+            message.force_draft_length if message.HasField("force_draft_length") else None
+        ),
+        no_update=message.no_update,
+    )
+
+
+def outcome_from_pb(message: pb.RouteOutcome) -> OutcomeInput:
+    return OutcomeInput(
+        request_id=message.request_id,
+        steps=message.steps or len(message.accepted_per_step),
+        drafted_per_step=tuple(message.drafted_per_step),
+        accepted_per_step=tuple(message.accepted_per_step),
+        drafted_tokens=message.drafted_tokens,
+        accepted_tokens=message.accepted_tokens,
+        accepted_per_position=tuple(message.accepted_per_position),
+        draft_time_s=message.draft_time_s,
+        verify_time_s=message.verify_time_s,
+        wall_time_s=message.wall_time_s,
+        generated_tokens=message.generated_tokens,
+        plain_token_time_s=message.plain_token_time_s or None,
+    )
+
+
+def drafter_spec_from_pb(message: pb.RegisterDrafterRequest) -> DrafterSpec:
+    return DrafterSpec(
+        name=message.name,
+        kind=message.kind,
+        path=message.path,
+        tasks=tuple(message.tasks),
+        finetune_sample=tuple(message.finetune_sample),
+        options=dict(message.options),
+    )
+
+
+def _finite(value: float) -> float:
+    return float(value) if math.isfinite(value) else 0.0
+
+
+def decision_to_pb(routed: RoutedRequest) -> pb.RouteDecision:
+    decision = routed.decision
+    return pb.RouteDecision(
+        request_id=routed.request_id,
+        task_cluster=routed.task_cluster,
+        confidence=routed.confidence,
+        out_of_distribution=routed.out_of_distribution,
+        drafter=decision.drafter,
+        draft_length=decision.k,
+        expected_speedup=_finite(decision.expected_speedup),
+        explored=decision.explored,
+        policy=routed.policy,
+        policy_version=routed.policy_version,
+        prompt_tokens=routed.prompt_tokens,
+        length_bucket=routed.length_bucket,
+    )
+
+
+def chunk_to_pb(chunk: TokenChunk) -> pb.GenerateChunk:
+    tokens = [
+        pb.Token(id=token_id, text=text, special=special)
+        for token_id, text, special in zip(
+            chunk.token_ids, chunk.token_texts, chunk.special, strict=True
+        )
+    ]
+    return pb.GenerateChunk(tokens=tokens, text="".join(chunk.token_texts))
+
+
+def stats_to_pb(result: GenerationResult) -> pb.GenerationStats:
+    stats = result.stats
+    return pb.GenerationStats(
+        generated_tokens=stats.generated_tokens,
+        steps=stats.steps,
+        drafted_tokens=stats.drafted,
+        accepted_tokens=stats.accepted,
+        drafted_per_step=list(stats.drafted_per_step),
+        accepted_per_step=list(stats.accepted_per_step),
+        accepted_per_position=list(stats.accepted_per_position),
+        draft_time_s=stats.draft_time_s,
+        verify_time_s=stats.verify_time_s,
+        wall_time_s=stats.wall_time_s,
+        tokens_per_s=_finite(stats.tokens_per_s),
+        mean_accepted_length=_finite(stats.mean_accepted_length),
+        finish_reason=str(stats.finish_reason),
+        generated_text=result.generated_text,
+        prompt_tokens=stats.prompt_tokens,
+    )
+
+
+def generation_item_to_pb(item: Any) -> pb.GenerateChunk:
+    """One streamed item of RouterService.generate as a GenerateChunk."""
+    if isinstance(item, RoutedRequest):
+        return pb.GenerateChunk(decision=decision_to_pb(item))
+    if isinstance(item, TokenChunk):
+        return chunk_to_pb(item)
+    return pb.GenerateChunk(stats=stats_to_pb(item))
+
+
+def drafter_to_pb(record: DrafterRecord) -> pb.DrafterInfo:
+    return pb.DrafterInfo(
+        name=record.name,
+        kind=record.kind,
+        path=record.path,
+        tasks=list(record.tasks),
+        parameter_count=record.parameter_count,
+        weights_digest=record.weights_digest,
+        created_unix=record.created_unix,
+        builtin=record.builtin,
+        finetune_sample_size=len(record.finetune_sample),
+    )
+
+
+def classifier_to_pb(view: ClassifierView) -> pb.ClassifierInfo:
+    return pb.ClassifierInfo(
+        path=view.path,
+        version=view.version,
+        labels=list(view.labels),
+        training_data_hash=view.training_data_hash,
+        created_unix=view.created_unix,
+    )
+
+
+def _arm_to_pb(arm: Any) -> pb.ArmState:
+    return pb.ArmState(
+        drafter=str(getattr(arm, "drafter", "")),
+        acceptance_mean=_finite(getattr(arm, "acceptance_mean", 0.0)),
+        alpha=_finite(getattr(arm, "alpha", 0.0)),
+        beta=_finite(getattr(arm, "beta", 0.0)),
+        best_k=int(getattr(arm, "best_k", 0)),
+        expected_speedup=_finite(getattr(arm, "expected_speedup", 0.0)),
+        decisions=int(getattr(arm, "decisions", 0)),
+    )
+
+
+def _context_to_pb(summary: Any) -> pb.ContextState:
+    return pb.ContextState(
+        task_cluster=str(getattr(summary, "task_cluster", getattr(summary, "cluster", ""))),
+        length_bucket=int(getattr(summary, "length_bucket", 0)),
+        arms=[_arm_to_pb(arm) for arm in getattr(summary, "arms", ())],
+        chosen_drafter=str(getattr(summary, "chosen_drafter", "")),
+        chosen_k=int(getattr(summary, "chosen_k", 0)),
+        requests=int(getattr(summary, "requests", 0)),
+    )
+
+
+def policy_to_pb(view: PolicyView) -> pb.PolicyState:
+    return pb.PolicyState(
+        policy=view.policy,
+        version=view.version,
+        contexts=[_context_to_pb(summary) for summary in view.contexts],
+    )

@@ -1,0 +1,204 @@
+"""Live drafters: the built-in ones plus the registry's, validated before they serve.
+
+Registration checks everything before anything changes: the name is free, the kind is
+known, the path is under a model root, the weights are safetensors, the tokenizer
+matches the target's, and the drafter loads and drafts on a probe prompt. Only then is
+the record committed to SQLite and the drafter made eligible for the next request.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from router.domain import DrafterSpec
+from router.errors import (
+    AlreadyExistsError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    PreconditionError,
+)
+from router.registry import DrafterRecord, SidecarStore
+
+logger = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+PROBE_PROMPT = "<|im_start|>user\nHello, how are you?<|im_end|>\n<|im_start|>assistant\n"
+PROBE_TOKENS = 4
+PROBE_DRAFT_LENGTH = 2
+NO_DRAFTER = "none"
+
+
+@dataclass(frozen=True)
+class LiveDrafter:
+    """A drafter ready to serve, with its record."""
+
+    record: DrafterRecord
+    drafter: Any  # drafters.Drafter
+
+
+class DrafterPool:
+    """Name -> live drafter; reads are lock-free snapshots, writes take a lock."""
+
+    def __init__(
+        self, target: Any, engine: Any, store: SidecarStore, roots: Sequence[Path]
+    ) -> None:
+        self._target = target
+        self._engine = engine
+        self._store = store
+        self._roots = list(roots)
+        self._write_lock = threading.Lock()
+        self._live: dict[str, LiveDrafter] = {}
+
+    # -- reads ------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._live)
+
+    def eligible(self) -> list[str]:
+        """Drafters the policy may choose (``none`` is k = 0, always available to it)."""
+        return [name for name in self._live if name != NO_DRAFTER]
+
+    def get(self, name: str) -> LiveDrafter:
+        live = self._live.get(name)
+        if live is None:
+            raise NotFoundError(f"no drafter named {name!r}; registered: {sorted(self._live)}")
+        return live
+
+    def records(self) -> list[DrafterRecord]:
+        return [live.record for live in self._live.values()]
+
+    # -- start-up ---------------------------------------------------------------------
+    def add_builtin(self, record: DrafterRecord) -> None:
+        """Load a built-in drafter (the world's, ngram, none); not stored in SQLite."""
+        drafter = self._create(record.kind, record.name, record.path or None, record.options)
+        self._publish(LiveDrafter(replace(record, builtin=True), drafter))
+
+    def restore(self) -> list[str]:
+        """Load every stored drafter; a broken one is logged and skipped, not deleted."""
+        restored = []
+        for record in self._store.drafters():
+            if record.name in self._live:
+                logger.warning("stored drafter %s shadows a built-in; skipped", record.name)
+                continue
+            try:
+                drafter = self._create(
+                    record.kind, record.name, record.path or None, record.options
+                )
+            except Exception:
+                logger.exception("cannot restore drafter %s from %s", record.name, record.path)
+                continue
+            self._publish(LiveDrafter(record, drafter))
+            restored.append(record.name)
+        return restored
+
+    # -- writes -----------------------------------------------------------------------
+    def register(self, spec: DrafterSpec) -> DrafterRecord:
+        """Validate, load, probe, persist, then publish ``spec`` (blocking: call in a thread)."""
+        with self._write_lock:
+            self._check_name(spec.name)
+            kind = self._check_kind(spec.kind)
+            path = self._check_path(spec.path) if kind == "model" else None
+            drafter = self._create(kind, spec.name, path, spec.options)
+            self._probe(spec.name, drafter)
+            record = DrafterRecord(
+                name=spec.name,
+                kind=kind,
+                path=str(path) if path else "",
+                tasks=tuple(spec.tasks),
+                finetune_sample=tuple(spec.finetune_sample),
+                options=dict(spec.options),
+                parameter_count=int(getattr(drafter, "parameter_count", 0) or 0),
+                weights_digest=str(getattr(drafter, "weights_digest", "") or ""),
+            )
+            stored = self._store.add_drafter(record)
+            self._publish(LiveDrafter(stored, drafter))
+            logger.info("registered drafter %s (%s, %s)", stored.name, kind, stored.path)
+            return stored
+
+    def remove(self, name: str) -> DrafterRecord:
+        """Unpublish and delete a registered drafter; built-ins cannot be removed."""
+        with self._write_lock:
+            live = self.get(name)
+            if live.record.builtin:
+                raise PreconditionError(f"{name!r} is a built-in drafter and cannot be removed")
+            record = self._store.remove_drafter(name)
+            live_now = dict(self._live)
+            live_now.pop(name, None)
+            self._live = live_now
+            return record
+
+    # -- helpers ----------------------------------------------------------------------
+    def _publish(self, live: LiveDrafter) -> None:
+        # Copy-on-write: readers on the event loop never see a dict mid-update.
+        self._live = {**self._live, live.record.name: live}
+
+    def _check_name(self, name: str) -> None:
+        if not NAME_PATTERN.match(name):
+            raise InvalidRequestError(
+                f"drafter name {name!r} must match {NAME_PATTERN.pattern} (letters, digits, _.-)"
+            )
+        if name in self._live or name in {r.name for r in self._store.drafters()}:
+            raise AlreadyExistsError(f"a drafter named {name!r} already exists")
+
+    def _check_kind(self, kind: str) -> str:
+        from drafters import DRAFTER_KINDS
+
+        registrable = sorted(k for k in DRAFTER_KINDS if k != NO_DRAFTER)
+        if kind not in registrable:
+            raise InvalidRequestError(f"drafter kind must be one of {registrable}, got {kind!r}")
+        return kind
+
+    def _check_path(self, path: str) -> Path:
+        from drafters.loader import (
+            ModelLoadError,
+            PathOutsideRootsError,
+            resolve_under_roots,
+            safetensors_files,
+        )
+
+        if not path:
+            raise InvalidRequestError("a model drafter needs a path")
+        try:
+            resolved = resolve_under_roots(path, self._roots)
+        except PathOutsideRootsError as exc:
+            raise PermissionDeniedError(str(exc)) from exc
+        try:
+            safetensors_files(resolved)
+        except ModelLoadError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        return resolved
+
+    def _create(
+        self, kind: str, name: str, path: str | Path | None, options: Mapping[str, str]
+    ) -> Any:
+        from drafters import TokenizerMismatchError, create_drafter
+        from drafters.loader import ModelLoadError
+
+        try:
+            return create_drafter(
+                kind, name=name, target=self._target, path=path, options=dict(options) or None
+            )
+        except TokenizerMismatchError as exc:
+            raise PreconditionError(f"tokenizer does not match the target's: {exc}") from exc
+        except ModelLoadError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequestError(f"cannot create {kind} drafter {name!r}: {exc}") from exc
+
+    def _probe(self, name: str, drafter: Any) -> None:
+        """Draft a few tokens on a probe prompt; any failure refuses the drafter."""
+        ids = self._target.tokenizer(PROBE_PROMPT, add_special_tokens=False)["input_ids"]
+        try:
+            run = self._engine.generate(
+                ids, drafter, PROBE_DRAFT_LENGTH, max_new_tokens=PROBE_TOKENS
+            )
+            for _ in run:
+                pass
+        except Exception as exc:
+            raise PreconditionError(f"drafter {name!r} failed its probe generation: {exc}") from exc

@@ -1,0 +1,79 @@
+"""Typed domain errors of the sidecar, and the one table mapping them to status codes.
+
+Domain code raises these; the gRPC interceptor and the HTTP front translate them at the
+edge (gRPC status code, HTTP status + TGI ``error_type``). Nothing else knows about codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+
+class SidecarError(Exception):
+    """Base of every error the sidecar reports to a caller."""
+
+
+class InvalidRequestError(SidecarError):
+    """The request itself is malformed or outside the limits."""
+
+
+class NotFoundError(SidecarError):
+    """A named drafter or request id does not exist."""
+
+
+class AlreadyExistsError(SidecarError):
+    """A drafter name is taken, or a request was already reported."""
+
+
+class PreconditionError(SidecarError):
+    """The request is well-formed but the system state refuses it (e.g. tokenizer mismatch)."""
+
+
+class PermissionDeniedError(SidecarError):
+    """The caller may not do this (e.g. a model path outside the configured roots)."""
+
+
+class OverloadedError(SidecarError):
+    """The bounded generation queue is full."""
+
+
+class UnauthenticatedError(SidecarError):
+    """No valid bearer token for a call that needs one."""
+
+
+class GenerationFailedError(SidecarError):
+    """The engine failed while generating."""
+
+
+@dataclass(frozen=True)
+class ErrorStatus:
+    """How one error type appears on each wire."""
+
+    grpc_code: grpc.StatusCode
+    http_status: int
+    tgi_error_type: str
+
+
+ERROR_STATUSES: dict[type[SidecarError], ErrorStatus] = {
+    InvalidRequestError: ErrorStatus(grpc.StatusCode.INVALID_ARGUMENT, 422, "validation"),
+    NotFoundError: ErrorStatus(grpc.StatusCode.NOT_FOUND, 404, "not_found"),
+    AlreadyExistsError: ErrorStatus(grpc.StatusCode.ALREADY_EXISTS, 409, "already_exists"),
+    PreconditionError: ErrorStatus(grpc.StatusCode.FAILED_PRECONDITION, 422, "validation"),
+    PermissionDeniedError: ErrorStatus(grpc.StatusCode.PERMISSION_DENIED, 403, "forbidden"),
+    OverloadedError: ErrorStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "overloaded"),
+    UnauthenticatedError: ErrorStatus(grpc.StatusCode.UNAUTHENTICATED, 401, "unauthenticated"),
+    GenerationFailedError: ErrorStatus(grpc.StatusCode.INTERNAL, 424, "generation"),
+}
+
+UNEXPECTED = ErrorStatus(grpc.StatusCode.INTERNAL, 500, "incomplete_generation")
+
+
+def status_of(error: BaseException) -> ErrorStatus:
+    """The wire status for ``error``: its nearest mapped class, else INTERNAL."""
+    for cls in type(error).__mro__:
+        status = ERROR_STATUSES.get(cls)  # type: ignore[arg-type]
+        if status is not None:
+            return status
+    return UNEXPECTED

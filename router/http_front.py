@@ -1,0 +1,354 @@
+"""A text-generation-inference compatible HTTP front, served in the sidecar's event loop.
+
+Follows TGI's routes and JSON so the official ``text-generation`` ``Client`` and
+``AsyncClient`` work unchanged: they POST to ``/`` with ``"stream": true|false``
+(a JSON list with one object, or server-sent events); ``/generate``,
+``/generate_stream``, ``/info`` and ``/health`` are served as well. Errors are
+``{"error", "error_type"}`` with TGI's status codes (422 validation, 429 overloaded,
+424 generation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from router.domain import GenerateInput, Prompt, RouteInput, Sampling
+from router.errors import InvalidRequestError, SidecarError, UnauthenticatedError, status_of
+from router.service import GenerationResult, RoutedRequest, RouterService, TokenChunk
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 20  # the text-generation client's default
+FINISH_REASONS = ("length", "eos_token", "stop_sequence")
+SERVICE_KEY = web.AppKey("service", RouterService)
+TOKEN_KEY = web.AppKey("data_token", str)
+
+
+class TgiParameters(BaseModel):
+    """TGI's ``parameters`` object; unsupported features must be null/default."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    do_sample: bool = False
+    max_new_tokens: int | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    return_full_text: bool | None = False
+    stop: list[str] = []
+    seed: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    truncate: int | None = None
+    typical_p: float | None = None
+    best_of: int | None = None
+    watermark: bool = False
+    details: bool = False
+    decoder_input_details: bool = False
+    top_n_tokens: int | None = None
+    grammar: Any = None
+
+
+class TgiRequest(BaseModel):
+    """TGI's request body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: str
+    parameters: TgiParameters | None = None
+    stream: bool = False
+
+
+def _unsupported(params: TgiParameters) -> list[str]:
+    """Parameters set to something this sidecar does not implement."""
+    problems = []
+    if params.repetition_penalty not in (None, 1.0):
+        problems.append("repetition_penalty")
+    if params.frequency_penalty not in (None, 0.0):
+        problems.append("frequency_penalty")
+    if params.typical_p not in (None, 1.0):
+        problems.append("typical_p")
+    if params.best_of not in (None, 1):
+        problems.append("best_of")
+    if params.watermark:
+        problems.append("watermark")
+    if params.top_n_tokens:
+        problems.append("top_n_tokens")
+    if params.grammar is not None:
+        problems.append("grammar")
+    if params.truncate is not None:
+        problems.append("truncate")
+    return problems
+
+
+def sampling_from_tgi(params: TgiParameters) -> Sampling:
+    """TGI semantics: any warper (temperature != 1, top_k, top_p < 1) turns sampling on."""
+    if params.temperature is not None and params.temperature <= 0:
+        raise InvalidRequestError("`temperature` must be strictly positive")
+    if params.top_p is not None and not 0 < params.top_p <= 1:
+        raise InvalidRequestError("`top_p` must be > 0.0 and <= 1.0")
+    if params.top_k is not None and params.top_k <= 0:
+        raise InvalidRequestError("`top_k` must be strictly positive")
+    warped = (
+        (params.temperature is not None and params.temperature != 1.0)
+        or bool(params.top_k)
+        or (params.top_p is not None and params.top_p < 1.0)
+    )
+    return Sampling(
+        do_sample=params.do_sample or warped,
+        temperature=params.temperature or 1.0,
+        top_k=params.top_k or 0,
+        top_p=params.top_p or 1.0,
+        seed=params.seed,
+        stop=tuple(params.stop),
+    )
+
+
+def generate_input_from_tgi(body: TgiRequest) -> GenerateInput:
+    # TGI: without a parameters object, sampling is on by default.
+    params = body.parameters or TgiParameters(do_sample=True)
+    problems = _unsupported(params)
+    if problems:
+        raise InvalidRequestError(f"unsupported parameters: {', '.join(problems)}")
+    max_new = params.max_new_tokens if params.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
+    if max_new <= 0:
+        raise InvalidRequestError("`max_new_tokens` must be strictly positive")
+    route = RouteInput(
+        prompt=Prompt(text=body.inputs),
+        max_new_tokens=max_new,
+        sampling=sampling_from_tgi(params),
+    )
+    return GenerateInput(route=route)
+
+
+def error_response(error: BaseException) -> web.Response:
+    status = status_of(error)
+    return web.json_response(
+        {"error": str(error), "error_type": status.tgi_error_type}, status=status.http_status
+    )
+
+
+def _token_json(token_id: int, text: str, special: bool) -> dict[str, Any]:
+    return {"id": token_id, "text": text, "logprob": None, "special": special}
+
+
+def _finish_reason(stats: Any) -> str:
+    reason = str(getattr(stats, "finish_reason", "length"))
+    return reason if reason in FINISH_REASONS else "length"
+
+
+def _specroute_details(routed: RoutedRequest, result: GenerationResult) -> dict[str, Any]:
+    """Extra (ignored by TGI clients): the routing decision and speculation statistics."""
+    stats = result.stats
+    return {
+        "request_id": routed.request_id,
+        "task_cluster": routed.task_cluster,
+        "drafter": routed.decision.drafter,
+        "draft_length": routed.decision.k,
+        "steps": stats.steps,
+        "accepted_per_step": list(stats.accepted_per_step),
+        "tokens_per_s": stats.tokens_per_s,
+        "mean_accepted_length": stats.mean_accepted_length,
+    }
+
+
+async def _parse(request: web.Request) -> TgiRequest:
+    _check_token(request)
+    try:
+        raw = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"the body is not JSON: {exc}") from exc
+    try:
+        return TgiRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidRequestError(f"invalid request: {exc.errors()[0]['msg']}") from exc
+
+
+def _check_token(request: web.Request) -> None:
+    expected = request.app[TOKEN_KEY]
+    if not expected:
+        return
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise UnauthenticatedError("missing or invalid bearer token")
+
+
+def _generation(service: RouterService, body: TgiRequest) -> AsyncGenerator[Any, None]:
+    return service.generate(generate_input_from_tgi(body))  # type: ignore[return-value]
+
+
+async def _first(items: AsyncIterator[Any]) -> RoutedRequest:
+    routed = await anext(items)
+    assert isinstance(routed, RoutedRequest)
+    return routed
+
+
+async def _collect(service: RouterService, body: TgiRequest) -> dict[str, Any]:
+    """Run a whole generation; the TGI response object."""
+    params = body.parameters or TgiParameters()
+    tokens: list[dict[str, Any]] = []
+    async with contextlib.aclosing(_generation(service, body)) as items:
+        routed = await _first(items)
+        result: GenerationResult | None = None
+        async for item in items:
+            if isinstance(item, TokenChunk):
+                tokens.extend(
+                    _token_json(i, t, s)
+                    for i, t, s in zip(item.token_ids, item.token_texts, item.special, strict=True)
+                )
+            elif isinstance(item, GenerationResult):
+                result = item
+    if result is None:
+        raise InvalidRequestError("generation ended without a result")
+    text = (body.inputs if params.return_full_text else "") + result.generated_text
+    response: dict[str, Any] = {"generated_text": text}
+    if params.details:
+        response["details"] = {
+            "finish_reason": _finish_reason(result.stats),
+            "generated_tokens": len(tokens),
+            "seed": result.seed,
+            "prefill": [],
+            "tokens": tokens,
+            "top_tokens": None,
+            "best_of_sequences": None,
+            "specroute": _specroute_details(routed, result),
+        }
+    return response
+
+
+async def _sse(
+    service: RouterService, request: web.Request, body: TgiRequest
+) -> web.StreamResponse:
+    """Stream one ``data:{json}`` event per token; the last carries text and details."""
+    params = body.parameters or TgiParameters()
+    async with contextlib.aclosing(_generation(service, body)) as items:
+        await _first(items)  # errors before the first event become plain HTTP errors
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        held: dict[str, Any] | None = None  # the last token waits for the final details
+        index = 0
+        try:
+            async for item in items:
+                if isinstance(item, TokenChunk):
+                    for token_id, text, special in zip(
+                        item.token_ids, item.token_texts, item.special, strict=True
+                    ):
+                        if held is not None:
+                            await _event(response, held)
+                        index += 1
+                        held = _stream_event(index, _token_json(token_id, text, special))
+                elif isinstance(item, GenerationResult) and held is not None:
+                    held["generated_text"] = (
+                        body.inputs if params.return_full_text else ""
+                    ) + item.generated_text
+                    held["details"] = {
+                        "finish_reason": _finish_reason(item.stats),
+                        "generated_tokens": index,
+                        "seed": item.seed,
+                    }
+                    await _event(response, held)
+                    held = None
+        except SidecarError as error:
+            await _event(
+                response, {"error": str(error), "error_type": status_of(error).tgi_error_type}
+            )
+        await response.write_eof()
+        return response
+
+
+def _stream_event(index: int, token: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "index": index,
+        "token": token,
+        "top_tokens": None,
+        "generated_text": None,
+        "details": None,
+    }
+
+
+async def _event(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    await response.write(b"data:" + json.dumps(payload).encode() + b"\n\n")
+
+
+async def compat_route(request: web.Request) -> web.StreamResponse:
+    """``POST /``: TGI's compatibility route, the one the text-generation client uses."""
+    service = request.app[SERVICE_KEY]
+    try:
+        body = await _parse(request)
+        if body.stream:
+            return await _sse(service, request, body)
+        return web.json_response([await _collect(service, body)])
+    except SidecarError as error:
+        return error_response(error)
+
+
+async def generate_route(request: web.Request) -> web.StreamResponse:
+    """``POST /generate``: one JSON object."""
+    service = request.app[SERVICE_KEY]
+    try:
+        body = await _parse(request)
+        return web.json_response(await _collect(service, body))
+    except SidecarError as error:
+        return error_response(error)
+
+
+async def generate_stream_route(request: web.Request) -> web.StreamResponse:
+    """``POST /generate_stream``: server-sent events."""
+    service = request.app[SERVICE_KEY]
+    try:
+        body = await _parse(request)
+        return await _sse(service, request, body)
+    except SidecarError as error:
+        return error_response(error)
+
+
+async def info_route(request: web.Request) -> web.Response:
+    """``GET /info``: TGI's model info, plus the routing setup."""
+    service = request.app[SERVICE_KEY]
+    target = service.components.target
+    limits = service.limits
+    return web.json_response(
+        {
+            "model_id": str(target.path),
+            "model_sha": target.weights_digest[:16],
+            "model_dtype": str(target.dtype).removeprefix("torch."),
+            "model_device_type": target.device.type,
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": service.queue.capacity,
+            "max_best_of": 1,
+            "max_stop_sequences": 8,
+            "max_input_tokens": limits.max_prompt_tokens,
+            "max_total_tokens": limits.max_prompt_tokens + limits.max_new_tokens,
+            "validation_workers": 1,
+            "max_client_batch_size": 1,
+            "router": "specroute",
+            "version": "0.1.0",
+            "policy": service.policy.name,
+            "drafters": service.drafters.names(),
+        }
+    )
+
+
+async def health_route(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+def build_http_app(service: RouterService, data_token: str | None = None) -> web.Application:
+    """The TGI-compatible aiohttp application."""
+    app = web.Application(client_max_size=service.limits.max_request_bytes)
+    app[SERVICE_KEY] = service
+    app[TOKEN_KEY] = data_token or ""
+    app.router.add_post("/", compat_route)
+    app.router.add_post("/generate", generate_route)
+    app.router.add_post("/generate_stream", generate_stream_route)
+    app.router.add_get("/info", info_route)
+    app.router.add_get("/health", health_route)
+    return app

@@ -1,0 +1,125 @@
+"""The serving policy behind a lock, swappable at run time, snapshotted to the store.
+
+Route runs on the event loop while generations update the policy from worker threads;
+every policy call goes through one lock (each call is tens of microseconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from router.errors import InvalidRequestError
+from router.registry import PolicySnapshot, SidecarStore
+
+logger = logging.getLogger(__name__)
+
+
+class PolicyHolder:
+    """The current policy, its name, and persistence of its state."""
+
+    def __init__(
+        self,
+        store: SidecarStore,
+        drafters: Callable[[], Sequence[str]],
+        similarity: Callable[[str], Mapping[str, float] | None],
+    ) -> None:
+        self._store = store
+        self._drafters = drafters
+        self._similarity = similarity
+        self._lock = threading.Lock()
+        self._policy: Any = None
+        self.name = ""
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(
+        self, name: str, config: Mapping[str, Any] | None = None, *, restore: bool = True
+    ) -> PolicySnapshot | None:
+        """Make policy ``name`` (restoring its last snapshot unless told not to) and serve it."""
+        from router.policy.base import IncompatibleStateError
+        from router.policy.registry import POLICIES, make_policy
+
+        if name not in POLICIES:
+            raise InvalidRequestError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
+        try:
+            policy = make_policy(name, list(self._drafters()), dict(config or {}) or None)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise InvalidRequestError(f"bad configuration for policy {name!r}: {exc}") from exc
+        self._sync_drafters(policy)  # similarity priors for the built-in drafters
+        snapshot = self._store.latest_policy(name) if restore else None
+        if snapshot is not None:
+            try:
+                policy.load_state_dict(snapshot.state)
+                logger.info("restored policy %s at version %d", name, snapshot.version)
+            except IncompatibleStateError as exc:
+                logger.warning("not restoring policy %s: %s", name, exc)
+                snapshot = None
+            self._sync_drafters(policy)
+        with self._lock:
+            previous, previous_name = self._policy, self.name
+            self._policy, self.name = policy, name
+        if previous is not None:
+            self._save(previous, previous_name)
+        return snapshot
+
+    def _sync_drafters(self, policy: Any) -> None:
+        """Make the policy's drafters the live ones (a snapshot may predate (un)registrations)."""
+        live = list(self._drafters())
+        for drafter in live:
+            with contextlib.suppress(ValueError, KeyError):  # already known to it
+                policy.add_drafter(drafter, self._similarity(drafter))
+        for drafter in list(getattr(policy, "drafters_", ()) or ()):
+            if drafter not in live:
+                policy.remove_drafter(drafter)
+
+    # -- per request ------------------------------------------------------------------
+    def select(self, context: Any, eligible: Sequence[str]) -> tuple[Any, int]:
+        with self._lock:
+            return self._policy.select(context, eligible), int(self._policy.version)
+
+    def update(self, context: Any, decision: Any, outcome: Any) -> int:
+        with self._lock:
+            self._policy.update(context, decision, outcome)
+            return int(self._policy.version)
+
+    def update_counterfactual(
+        self, context: Any, drafter: str, accepted_per_step: Sequence[int], draft_length: int
+    ) -> None:
+        with self._lock:
+            self._policy.update_counterfactual(
+                context, drafter, list(accepted_per_step), draft_length
+            )
+
+    def add_drafter(self, name: str, similarity: Mapping[str, float] | None) -> None:
+        with self._lock:
+            self._policy.add_drafter(name, similarity)
+
+    def remove_drafter(self, name: str) -> None:
+        with self._lock:
+            self._policy.remove_drafter(name)
+
+    # -- inspection and persistence ---------------------------------------------------
+    @property
+    def version(self) -> int:
+        return int(self._policy.version)
+
+    def describe(self) -> tuple[str, int, list[Any]]:
+        with self._lock:
+            return self.name, int(self._policy.version), list(self._policy.describe())
+
+    def state(self) -> tuple[str, int, dict[str, Any]]:
+        with self._lock:
+            return self.name, int(self._policy.version), dict(self._policy.state_dict())
+
+    def snapshot(self) -> PolicySnapshot:
+        """Save the current policy's state to the store."""
+        name, version, state = self.state()
+        return self._store.save_policy(name, version, state)
+
+    def _save(self, policy: Any, name: str) -> None:
+        with self._lock:
+            state = dict(policy.state_dict())
+        self._store.save_policy(name, int(policy.version), state)

@@ -1,0 +1,186 @@
+"""Durable sidecar state: the drafter registry and policy snapshots, SQLite in WAL mode.
+
+Every write commits before it returns (``synchronous=FULL``), so a drafter registered
+just before the process is killed is present after a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from router.errors import AlreadyExistsError, NotFoundError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS drafters (
+    name TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    path TEXT NOT NULL DEFAULT '',
+    tasks TEXT NOT NULL DEFAULT '[]',
+    finetune_sample TEXT NOT NULL DEFAULT '[]',
+    options TEXT NOT NULL DEFAULT '{}',
+    parameter_count INTEGER NOT NULL DEFAULT 0,
+    weights_digest TEXT NOT NULL DEFAULT '',
+    created_unix REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS policy_snapshots (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    policy TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_unix REAL NOT NULL
+);
+"""
+
+DATABASE_NAME = "sidecar.sqlite3"
+SNAPSHOTS_KEPT = 20
+
+
+@dataclass(frozen=True)
+class DrafterRecord:
+    """One registered drafter, as stored."""
+
+    name: str
+    kind: str
+    path: str = ""
+    tasks: tuple[str, ...] = ()
+    finetune_sample: tuple[str, ...] = ()
+    options: Mapping[str, str] = field(default_factory=dict)
+    parameter_count: int = 0
+    weights_digest: str = ""
+    created_unix: float = 0.0
+    builtin: bool = False
+
+
+@dataclass(frozen=True)
+class PolicySnapshot:
+    """A saved policy state."""
+
+    policy: str
+    version: int
+    state: dict[str, Any]
+    created_unix: float
+
+
+def _record_from_row(row: sqlite3.Row) -> DrafterRecord:
+    return DrafterRecord(
+        name=row["name"],
+        kind=row["kind"],
+        path=row["path"],
+        tasks=tuple(json.loads(row["tasks"])),
+        finetune_sample=tuple(json.loads(row["finetune_sample"])),
+        options=dict(json.loads(row["options"])),
+        parameter_count=int(row["parameter_count"]),
+        weights_digest=row["weights_digest"],
+        created_unix=float(row["created_unix"]),
+    )
+
+
+class SidecarStore:
+    """The state directory's SQLite database; thread-safe (one connection, one lock)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / DATABASE_NAME
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- drafters ---------------------------------------------------------------------
+    def add_drafter(self, record: DrafterRecord) -> DrafterRecord:
+        """Insert ``record``; ALREADY_EXISTS when the name is taken."""
+        stored = record if record.created_unix else _with_time(record)
+        try:
+            with self._lock:
+                self._db.execute(
+                    "INSERT INTO drafters (name, kind, path, tasks, finetune_sample, options,"
+                    " parameter_count, weights_digest, created_unix)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        stored.name,
+                        stored.kind,
+                        stored.path,
+                        json.dumps(list(stored.tasks)),
+                        json.dumps(list(stored.finetune_sample)),
+                        json.dumps(dict(stored.options)),
+                        stored.parameter_count,
+                        stored.weights_digest,
+                        stored.created_unix,
+                    ),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExistsError(f"a drafter named {record.name!r} already exists") from exc
+        return stored
+
+    def remove_drafter(self, name: str) -> DrafterRecord:
+        """Delete and return the named drafter; NOT_FOUND when absent."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM drafters WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no registered drafter named {name!r}")
+            self._db.execute("DELETE FROM drafters WHERE name = ?", (name,))
+        return _record_from_row(row)
+
+    def drafters(self) -> list[DrafterRecord]:
+        """Registered drafters, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM drafters ORDER BY created_unix, name").fetchall()
+        return [_record_from_row(row) for row in rows]
+
+    # -- policy snapshots -------------------------------------------------------------
+    def save_policy(self, policy: str, version: int, state: Mapping[str, Any]) -> PolicySnapshot:
+        """Store a policy snapshot (JSON) and prune old ones."""
+        snapshot = PolicySnapshot(policy, int(version), dict(state), time.time())
+        text = json.dumps(snapshot.state, sort_keys=True)
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO policy_snapshots (policy, version, state, created_unix)"
+                " VALUES (?, ?, ?, ?)",
+                (policy, snapshot.version, text, snapshot.created_unix),
+            )
+            self._db.execute(
+                "DELETE FROM policy_snapshots WHERE policy = ? AND id NOT IN (SELECT id FROM"
+                " policy_snapshots WHERE policy = ? ORDER BY id DESC LIMIT ?)",
+                (policy, policy, SNAPSHOTS_KEPT),
+            )
+        return snapshot
+
+    def latest_policy(self, policy: str) -> PolicySnapshot | None:
+        """The most recent snapshot of ``policy``, if any."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM policy_snapshots WHERE policy = ? ORDER BY id DESC LIMIT 1",
+                (policy,),
+            ).fetchone()
+        if row is None:
+            return None
+        return PolicySnapshot(
+            policy=row["policy"],
+            version=int(row["version"]),
+            state=json.loads(row["state"]),
+            created_unix=float(row["created_unix"]),
+        )
+
+
+def _with_time(record: DrafterRecord) -> DrafterRecord:
+    from dataclasses import replace
+
+    return replace(record, created_unix=time.time())
+
+
+def names(records: Sequence[DrafterRecord]) -> list[str]:
+    """The names of ``records``, in order."""
+    return [record.name for record in records]

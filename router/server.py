@@ -1,0 +1,183 @@
+"""The sidecar process: gRPC (+ health, reflection), TGI HTTP front, metrics, snapshots.
+
+``serve(settings)`` is the whole bootstrap; ``start_sidecar`` / ``RunningSidecar.stop``
+are its two halves, used in-process by tests (ports 0 give free ports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from aiohttp import web
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from router.http_front import build_http_app
+from router.interceptors import AuthInterceptor, ErrorInterceptor
+from router.metrics import SidecarMetrics, create_metrics
+from router.pb import router_pb2, router_pb2_grpc
+from router.registry import SidecarStore
+from router.service import Components, RouterService
+from router.servicer import ADMIN_METHODS, RouterServicer
+from router.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+
+
+@dataclass
+class RunningSidecar:
+    """A started sidecar: its bound ports and the pieces needed to stop it."""
+
+    settings: Settings
+    service: RouterService
+    server: aio.Server
+    health: Any
+    grpc_port: int
+    http_port: int | None = None
+    metrics_port: int | None = None
+    runners: list[web.AppRunner] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{self.settings.host}:{self.grpc_port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuse new work, drain for ``grace`` seconds, then take the final snapshot."""
+        await self.health.enter_graceful_shutdown()
+        for task in self.tasks:
+            task.cancel()
+        await self.server.stop(self.settings.grace_s if grace is None else grace)
+        for runner in self.runners:
+            await runner.cleanup()
+        await asyncio.to_thread(self.service.close)
+        self.service.store.close()
+        logger.info("sidecar stopped; policy state saved")
+
+
+def _grpc_options(settings: Settings) -> list[tuple[str, Any]]:
+    size = settings.limits.max_request_bytes
+    return [("grpc.max_receive_message_length", size), ("grpc.so_reuseport", 0)]
+
+
+def _bind(server: aio.Server, settings: Settings) -> int:
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls.enabled:
+        assert settings.tls.key_file is not None and settings.tls.cert_file is not None
+        credentials = grpc.ssl_server_credentials(
+            [(settings.tls.key_file.read_bytes(), settings.tls.cert_file.read_bytes())]
+        )
+        return server.add_secure_port(address, credentials)
+    return server.add_insecure_port(address)
+
+
+async def _start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    server: Any = site._server
+    sockets = server.sockets if server is not None else []
+    return runner, int(sockets[0].getsockname()[1]) if sockets else port
+
+
+def _metrics_app(metrics: SidecarMetrics) -> web.Application:
+    async def scrape(request: web.Request) -> web.Response:
+        body = generate_latest(metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    return app
+
+
+async def _snapshot_loop(service: RouterService, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(service.snapshot)
+        except Exception:
+            logger.exception("policy snapshot failed")
+
+
+async def start_sidecar(settings: Settings, components: Components | None = None) -> RunningSidecar:
+    """Build components (unless given), start every server, and return the running sidecar."""
+    if components is None:
+        from router.components import build_components
+
+        components = await asyncio.to_thread(build_components, settings)
+    metrics = create_metrics()
+    store = SidecarStore(settings.state_dir)
+    service = RouterService(settings, components, store, metrics)
+    await asyncio.to_thread(service.start)
+
+    admin = settings.admin_token.get_secret_value() if settings.admin_token else None
+    data = settings.data_token.get_secret_value() if settings.data_token else None
+    server = aio.server(
+        interceptors=[
+            AuthInterceptor(ADMIN_METHODS, admin, data, metrics),
+            ErrorInterceptor(metrics),
+        ],
+        options=_grpc_options(settings),
+    )
+    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = _bind(server, settings)
+    await server.start()
+    running = RunningSidecar(settings, service, server, health_servicer, port)
+    if settings.http_port is not None:
+        runner, running.http_port = await _start_site(
+            build_http_app(service, data), settings.host, settings.http_port
+        )
+        running.runners.append(runner)
+    if settings.metrics_port is not None:
+        runner, running.metrics_port = await _start_site(
+            _metrics_app(metrics), settings.host, settings.metrics_port
+        )
+        running.runners.append(runner)
+    running.tasks.append(asyncio.create_task(_snapshot_loop(service, settings.snapshot_interval_s)))
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info(
+        "specroute serving: grpc %s:%d, http %s, metrics %s",
+        settings.host,
+        port,
+        running.http_port,
+        running.metrics_port,
+    )
+    return running
+
+
+async def serve(
+    settings: Settings, on_ready: Callable[[RunningSidecar], None] | None = None
+) -> None:
+    """Run the sidecar until SIGTERM or SIGINT, then stop gracefully (final snapshot)."""
+    running = await start_sidecar(settings)
+    if on_ready is not None:
+        on_ready(running)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        await stopping.wait()
+    finally:
+        with contextlib.suppress(Exception):
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+        await running.stop()

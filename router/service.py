@@ -1,0 +1,527 @@
+"""The sidecar's domain service: route, report, generate, and drafter/classifier/policy admin.
+
+Protocol-free: the gRPC servicer and the TGI HTTP front both call this with domain
+objects (router.domain) and convert the results at their edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from router.domain import (
+    DrafterSpec,
+    GenerateInput,
+    OutcomeInput,
+    Prompt,
+    RouteInput,
+    Sampling,
+    check_max_new_tokens,
+    check_prompt,
+    check_prompt_tokens,
+    check_sampling,
+    qwen_chat_text,
+)
+from router.drafter_pool import NO_DRAFTER, DrafterPool
+from router.errors import (
+    AlreadyExistsError,
+    InvalidRequestError,
+    NotFoundError,
+    PreconditionError,
+)
+from router.generation import Finished, GenerationQueue
+from router.metrics import SidecarMetrics
+from router.policy_holder import PolicyHolder
+from router.registry import DrafterRecord, SidecarStore
+from router.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_COUNTERFACTUAL_K = 4
+
+
+@dataclass(frozen=True)
+class Components:
+    """What the service needs from the other packages, built once at start."""
+
+    target: Any  # drafters.loader.LoadedModel
+    engine: Any  # drafters.SpeculativeEngine
+    classifiers: Any  # classifiers.ClassifierHolder
+    builtin_drafters: tuple[DrafterRecord, ...] = ()
+    model_roots: tuple[Path, ...] = ()
+    tasks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RoutedRequest:
+    """A routing decision with everything needed to generate for it or learn from it."""
+
+    request_id: str
+    task_cluster: str
+    confidence: float
+    out_of_distribution: bool
+    decision: Any  # router.policy.Decision
+    context: Any  # router.policy.Context
+    policy: str
+    policy_version: int
+    prompt_tokens: int
+    length_bucket: int
+    prompt_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenChunk:
+    """Tokens accepted in one speculative step, with their per-token texts."""
+
+    token_ids: tuple[int, ...]
+    token_texts: tuple[str, ...]
+    special: tuple[bool, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The end of a generation: output and statistics."""
+
+    routed: RoutedRequest
+    output_ids: tuple[int, ...]
+    generated_text: str
+    stats: Any  # drafters.GenerationStats
+    policy_version: int
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ClassifierView:
+    path: str
+    version: str
+    labels: tuple[str, ...]
+    training_data_hash: str
+    created_unix: float
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    policy: str
+    version: int
+    contexts: list[Any] = field(default_factory=list)
+
+
+class IncrementalDecoder:
+    """Per-token text whose concatenation is the decoded output (TGI's prefix/read offsets)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+        self._special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        self._ids.append(token_id)
+        before = self._tokenizer.decode(self._ids[self._prefix : self._read])
+        after = self._tokenizer.decode(self._ids[self._prefix :])
+        special = token_id in self._special
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self._ids)
+            return after[len(before) :], special
+        return "", special
+
+
+class RouterService:
+    """Routes prompts, learns from outcomes, generates, and manages drafters."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        components: Components,
+        store: SidecarStore,
+        metrics: SidecarMetrics,
+    ) -> None:
+        self.settings = settings
+        self.limits = settings.limits
+        self.components = components
+        self.store = store
+        self.metrics = metrics
+        self.tokenizer = components.target.tokenizer
+        self._fast_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None)
+        self.drafters = DrafterPool(
+            components.target, components.engine, store, components.model_roots
+        )
+        self.policy = PolicyHolder(store, self.drafters.eligible, self._similarity_of)
+        self.queue = GenerationQueue(
+            self.limits.generation_workers,
+            self.limits.generation_queue_size,
+            on_depth=metrics.queue_depth.set,
+        )
+        self._pending: OrderedDict[str, RoutedRequest] = OrderedDict()
+        self._reported: OrderedDict[str, None] = OrderedDict()
+        self._bucket: Any = None
+        self._context: Any = None
+
+    # -- start / stop -----------------------------------------------------------------
+    def start(self) -> None:
+        """Load built-in and stored drafters, then the policy (restored from its snapshot)."""
+        from router.policy.base import Context, length_bucket
+
+        self._bucket, self._context = length_bucket, Context
+        for record in self.components.builtin_drafters:
+            self.drafters.add_builtin(record)
+        restored = self.drafters.restore()
+        logger.info("drafters: %s (restored %s)", self.drafters.names(), restored)
+        self.policy.start(self.settings.policy, self.settings.policy_config)
+        self.metrics.drafters.set(len(self.drafters.names()))
+        self.metrics.policy_version.set(self.policy.version)
+
+    def close(self) -> None:
+        """Final policy snapshot; stop the workers."""
+        try:
+            self.policy.snapshot()
+        finally:
+            self.queue.shutdown()
+
+    # -- routing ----------------------------------------------------------------------
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        text = prompt.text if prompt.text is not None else self._chat_text(prompt.messages)
+        if self._fast_tokenizer is not None:
+            return list(self._fast_tokenizer.encode(text, add_special_tokens=False).ids)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _chat_text(self, messages: Sequence[Mapping[str, str]]) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            return str(
+                self.tokenizer.apply_chat_template(
+                    list(messages), add_generation_prompt=True, tokenize=False
+                )
+            )
+        return qwen_chat_text(tuple(dict(m) for m in messages))
+
+    def _classify(self, prompt: Prompt, task_hint: str) -> tuple[str, float, bool]:
+        classifier = self.components.classifiers.current
+        if task_hint:
+            if task_hint not in classifier.labels:
+                raise InvalidRequestError(
+                    f"unknown task hint {task_hint!r}; clusters: {list(classifier.labels)}"
+                )
+            return task_hint, 1.0, False
+        if prompt.text is not None:
+            result = classifier.classify(prompt.text)
+        else:
+            result = classifier.classify_messages(list(prompt.messages))
+        return result.cluster, float(result.probability), bool(result.out_of_distribution)
+
+    def route(self, request: RouteInput, *, generating: bool = False) -> RoutedRequest:
+        """Classify, then ask the policy for (drafter, k); remembered for a later Report."""
+        started = time.perf_counter()
+        routed = self._route(request, generating=generating)
+        if not generating:
+            self._remember(routed)
+        self.metrics.route_latency.observe(time.perf_counter() - started)
+        decision = routed.decision
+        self.metrics.decisions.labels(
+            cluster=routed.task_cluster, drafter=decision.drafter, k=str(decision.k)
+        ).inc()
+        return routed
+
+    def _route(
+        self,
+        request: RouteInput,
+        *,
+        generating: bool,
+        force_drafter: str = "",
+        force_k: int | None = None,
+    ) -> RoutedRequest:
+        prompt = check_prompt(request.prompt)
+        check_sampling(request.sampling)
+        check_max_new_tokens(request.max_new_tokens, self.limits, required=generating)
+        ids = self.prompt_ids(prompt)
+        check_prompt_tokens(len(ids), self.limits)
+        cluster, confidence, ood = self._classify(prompt, request.task_hint)
+        bucket = int(self._bucket(len(ids)))
+        context = self._context(cluster, bucket)
+        decision, version = self._decide(context, force_drafter, force_k)
+        return RoutedRequest(
+            request_id=request.request_id or uuid.uuid4().hex,
+            task_cluster=cluster,
+            confidence=confidence,
+            out_of_distribution=ood,
+            decision=decision,
+            context=context,
+            policy=self.policy.name,
+            policy_version=version,
+            prompt_tokens=len(ids),
+            length_bucket=bucket,
+            prompt_ids=tuple(ids) if generating else (),
+        )
+
+    def _decide(self, context: Any, force_drafter: str, force_k: int | None) -> tuple[Any, int]:
+        from router.policy.base import Decision
+
+        if not force_drafter:
+            decision, version = self.policy.select(context, self.drafters.eligible())
+            if force_k is None:
+                return decision, version
+            force_drafter = decision.drafter if force_k > 0 else NO_DRAFTER
+        self.drafters.get(force_drafter)  # NOT_FOUND for an unknown drafter
+        k = 0 if force_drafter == NO_DRAFTER else (force_k if force_k is not None else 4)
+        if k == 0 and force_drafter != NO_DRAFTER:
+            force_drafter = NO_DRAFTER
+        decision = Decision(drafter=force_drafter, k=k, expected_speedup=math.nan, explored=False)
+        return decision, self.policy.version
+
+    def _remember(self, routed: RoutedRequest) -> None:
+        self._pending[routed.request_id] = routed
+        while len(self._pending) > self.limits.pending_reports:
+            self._pending.popitem(last=False)
+
+    # -- reports ----------------------------------------------------------------------
+    def report(self, outcome: OutcomeInput) -> int:
+        """Feed a reported outcome to the policy; returns the new policy version."""
+        routed = self._pending.pop(outcome.request_id, None)
+        if routed is None:
+            if outcome.request_id in self._reported:
+                raise AlreadyExistsError(f"request {outcome.request_id!r} was already reported")
+            raise NotFoundError(f"no routed request with id {outcome.request_id!r}")
+        try:
+            policy_outcome = outcome_from_report(outcome, routed.decision.k)
+        except InvalidRequestError:
+            self._pending[routed.request_id] = routed  # a fixed report may follow
+            raise
+        self._reported[outcome.request_id] = None
+        while len(self._reported) > self.limits.pending_reports:
+            self._reported.popitem(last=False)
+        version = self.policy.update(routed.context, routed.decision, policy_outcome)
+        self._count_outcome(routed, policy_outcome, "report")
+        return version
+
+    def _count_outcome(self, routed: RoutedRequest, outcome: Any, source: str) -> None:
+        labels = {"cluster": routed.task_cluster, "drafter": routed.decision.drafter}
+        self.metrics.drafted_tokens.labels(**labels).inc(sum(outcome.drafted_per_step))
+        self.metrics.accepted_tokens.labels(**labels).inc(sum(outcome.accepted_per_step))
+        self.metrics.reports.labels(source=source).inc()
+        self.metrics.policy_version.set(self.policy.version)
+
+    # -- generation -------------------------------------------------------------------
+    async def generate(self, request: GenerateInput) -> AsyncIterator[Any]:
+        """Yield the :class:`RoutedRequest`, then :class:`TokenChunk` s, then the result."""
+        slot = self.queue.admit()
+        try:
+            routed = self._route(
+                request.route,
+                generating=True,
+                force_drafter=request.force_drafter,
+                force_k=request.force_draft_length,
+            )
+            self.metrics.decisions.labels(
+                cluster=routed.task_cluster,
+                drafter=routed.decision.drafter,
+                k=str(routed.decision.k),
+            ).inc()
+            yield routed
+            job = self._generation_job(routed, request)
+            async for item in self.queue.stream(slot, job):
+                yield item.result if isinstance(item, Finished) else item
+        finally:
+            slot.release_unless_handed_off()
+
+    def _generation_job(self, routed: RoutedRequest, request: GenerateInput) -> Any:
+        sampling = request.route.sampling
+        max_new_tokens = request.route.max_new_tokens
+
+        def job(emit: Any, should_stop: Any) -> GenerationResult:
+            result = self._run_engine(routed, sampling, max_new_tokens, emit, should_stop)
+            cancelled = should_stop()  # a cancelled run's partial outcome would bias the policy
+            emit(Finished(result))
+            if not request.no_update and not cancelled:
+                self._learn(result, sampling)
+            return result
+
+        return job
+
+    def _run_engine(
+        self,
+        routed: RoutedRequest,
+        sampling: Sampling,
+        max_new_tokens: int,
+        emit: Any,
+        should_stop: Any,
+    ) -> GenerationResult:
+        from drafters import SamplingConfig
+
+        drafter = self.drafters.get(routed.decision.drafter).drafter
+        config = SamplingConfig(
+            do_sample=sampling.do_sample,
+            temperature=sampling.temperature or 1.0,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+        )
+        run = self.components.engine.generate(
+            list(routed.prompt_ids),
+            drafter,
+            routed.decision.k,
+            max_new_tokens=max_new_tokens,
+            sampling=config,
+            stop_sequences=sampling.stop,
+            should_stop=should_stop,
+        )
+        decoder = IncrementalDecoder(self.tokenizer)
+        for event in run:
+            pieces = [decoder.push(int(token)) for token in event.token_ids]
+            emit(
+                TokenChunk(
+                    token_ids=tuple(int(t) for t in event.token_ids),
+                    token_texts=tuple(text for text, _ in pieces),
+                    special=tuple(special for _, special in pieces),
+                    text=event.text,
+                )
+            )
+        output = tuple(int(t) for t in run.output_ids)
+        text = self.tokenizer.decode(list(output), skip_special_tokens=True)
+        stats = run.stats
+        self.metrics.generated_tokens.inc(stats.generated_tokens)
+        self.metrics.generation_tokens_per_s.observe(stats.tokens_per_s)
+        return GenerationResult(routed, output, text, stats, self.policy.version, sampling.seed)
+
+    def _learn(self, result: GenerationResult, sampling: Sampling) -> None:
+        """Update the policy from the run, and score other drafters when greedy."""
+        from router.policy.base import Outcome
+
+        stats = result.stats
+        routed = result.routed
+        outcome = Outcome.from_steps(
+            stats.drafted_per_step,
+            stats.accepted_per_step,
+            draft_time_s=stats.draft_time_s,
+            verify_time_s=stats.verify_time_s,
+            wall_time_s=stats.wall_time_s,
+            generated_tokens=stats.generated_tokens,
+        )
+        self.policy.update(routed.context, routed.decision, outcome)
+        self._count_outcome(routed, outcome, "generate")
+        if sampling.greedy and result.output_ids:
+            self._score_counterfactuals(result)
+
+    def _score_counterfactuals(self, result: GenerationResult) -> None:
+        """Full-information updates (HedgeSpec-style) for other drafters, within a budget."""
+        from drafters import score_counterfactual
+
+        routed = result.routed
+        k = routed.decision.k or DEFAULT_COUNTERFACTUAL_K
+        deadline = time.perf_counter() + self.limits.counterfactual_budget_s
+        for name in self.drafters.eligible():
+            if name == routed.decision.drafter:
+                continue
+            if time.perf_counter() >= deadline:
+                break
+            try:
+                live = self.drafters.get(name)
+                accepted = score_counterfactual(
+                    live.drafter, list(routed.prompt_ids), list(result.output_ids), k
+                )
+            except NotFoundError:
+                continue  # removed meanwhile
+            except Exception:
+                logger.exception("counterfactual scoring failed for %s", name)
+                continue
+            self.policy.update_counterfactual(routed.context, name, accepted, k)
+            self.metrics.reports.labels(source="counterfactual").inc()
+
+    # -- admin ------------------------------------------------------------------------
+    async def register_drafter(self, spec: DrafterSpec) -> DrafterRecord:
+        """Validate, persist and publish a drafter; it is eligible for the next request."""
+        record = await asyncio.to_thread(self.drafters.register, spec)
+        self.policy.add_drafter(record.name, self._similarity_of(record.name))
+        self.metrics.drafters.set(len(self.drafters.names()))
+        return record
+
+    async def remove_drafter(self, name: str) -> DrafterRecord:
+        record = self.drafters.remove(name)
+        self.policy.remove_drafter(name)
+        self.metrics.drafters.set(len(self.drafters.names()))
+        return record
+
+    def list_drafters(self) -> list[DrafterRecord]:
+        return self.drafters.records()
+
+    def _similarity_of(self, name: str) -> Mapping[str, float] | None:
+        try:
+            sample = self.drafters.get(name).record.finetune_sample
+        except NotFoundError:
+            return None
+        if not sample:
+            return None
+        return dict(self.components.classifiers.current.similarity(list(sample)))
+
+    async def reload_classifier(self, path: str) -> ClassifierView:
+        from classifiers import ClassifierLoadError
+
+        if not path:
+            raise InvalidRequestError("a classifier directory path is required")
+        try:
+            await asyncio.to_thread(self.components.classifiers.reload, Path(path))
+        except ClassifierLoadError as exc:
+            raise PreconditionError(str(exc)) from exc
+        return self.classifier_view(path)
+
+    def classifier_view(self, path: str = "") -> ClassifierView:
+        classifier = self.components.classifiers.current
+        meta = dict(getattr(classifier, "metadata", {}) or {})
+        return ClassifierView(
+            path=str(meta.get("path", path)),
+            version=str(meta.get("version", "")),
+            labels=tuple(classifier.labels),
+            training_data_hash=str(meta.get("training_data_hash", "")),
+            created_unix=float(meta.get("created_unix", 0.0) or 0.0),
+        )
+
+    async def set_policy(self, name: str, config: Mapping[str, Any], reset: bool) -> PolicyView:
+        await asyncio.to_thread(self.policy.start, name, config, restore=not reset)
+        self.metrics.policy_version.set(self.policy.version)
+        return self.policy_view()
+
+    def policy_view(self) -> PolicyView:
+        name, version, contexts = self.policy.describe()
+        return PolicyView(name, version, contexts)
+
+    def snapshot(self) -> None:
+        self.policy.snapshot()
+
+
+def outcome_from_report(report: OutcomeInput, k: int) -> Any:
+    """A policy Outcome from per-step lists, or from totals + per-position counts."""
+    from router.policy.base import Outcome
+
+    try:
+        if report.accepted_per_step or report.drafted_per_step:
+            drafted = report.drafted_per_step or (k,) * len(report.accepted_per_step)
+            return Outcome.from_steps(
+                drafted,
+                report.accepted_per_step,
+                draft_time_s=report.draft_time_s,
+                verify_time_s=report.verify_time_s,
+                wall_time_s=report.wall_time_s,
+                generated_tokens=report.generated_tokens or None,
+                plain_token_time_s=report.plain_token_time_s,
+            )
+        return Outcome.from_totals(
+            steps=report.steps,
+            drafted_tokens=report.drafted_tokens,
+            accepted_tokens=report.accepted_tokens,
+            accepted_per_position=report.accepted_per_position,
+            draft_time_s=report.draft_time_s,
+            verify_time_s=report.verify_time_s,
+            wall_time_s=report.wall_time_s,
+            generated_tokens=report.generated_tokens,
+            plain_token_time_s=report.plain_token_time_s,
+        )
+    except ValueError as exc:
+        raise InvalidRequestError(f"invalid outcome: {exc}") from exc

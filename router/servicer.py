@@ -1,0 +1,87 @@
+"""The gRPC servicer: protobuf in, domain call, protobuf out; nothing else."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from router import convert
+from router.errors import InvalidRequestError
+from router.pb import router_pb2 as pb
+from router.pb import router_pb2_grpc
+from router.service import RouterService
+
+ADMIN_METHODS = tuple(
+    f"/specroute.v1.Router/{name}"
+    for name in ("RegisterDrafter", "RemoveDrafter", "ReloadClassifier", "SetPolicy")
+)
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    """specroute.v1.Router over :class:`RouterService`."""
+
+    def __init__(self, service: RouterService) -> None:
+        self._service = service
+
+    async def Route(
+        self, request: pb.RouteRequest, context: aio.ServicerContext
+    ) -> pb.RouteDecision:
+        return convert.decision_to_pb(self._service.route(convert.route_from_pb(request)))
+
+    async def Report(self, request: pb.RouteOutcome, context: aio.ServicerContext) -> pb.ReportAck:
+        version = self._service.report(convert.outcome_from_pb(request))
+        return pb.ReportAck(request_id=request.request_id, policy_version=version)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        async for item in self._service.generate(convert.generate_from_pb(request)):
+            yield convert.generation_item_to_pb(item)
+
+    async def RegisterDrafter(
+        self, request: pb.RegisterDrafterRequest, context: aio.ServicerContext
+    ) -> pb.DrafterInfo:
+        spec = convert.drafter_spec_from_pb(request)
+        return convert.drafter_to_pb(await self._service.register_drafter(spec))
+
+    async def RemoveDrafter(
+        self, request: pb.RemoveDrafterRequest, context: aio.ServicerContext
+    ) -> pb.DrafterInfo:
+        return convert.drafter_to_pb(await self._service.remove_drafter(request.name))
+
+    async def ListDrafters(
+        self, request: pb.ListDraftersRequest, context: aio.ServicerContext
+    ) -> pb.ListDraftersResponse:
+        records = self._service.list_drafters()
+        return pb.ListDraftersResponse(drafters=[convert.drafter_to_pb(r) for r in records])
+
+    async def ReloadClassifier(
+        self, request: pb.ReloadClassifierRequest, context: aio.ServicerContext
+    ) -> pb.ClassifierInfo:
+        return convert.classifier_to_pb(await self._service.reload_classifier(request.path))
+
+    async def SetPolicy(
+        self, request: pb.SetPolicyRequest, context: aio.ServicerContext
+    ) -> pb.PolicyState:
+        config = _json_object(request.config_json)
+        view = await self._service.set_policy(request.policy, config, request.reset_state)
+        return convert.policy_to_pb(view)
+
+    async def GetPolicyState(
+        self, request: pb.GetPolicyStateRequest, context: aio.ServicerContext
+    ) -> pb.PolicyState:
+        return convert.policy_to_pb(self._service.policy_view())
+
+
+def _json_object(text: str) -> dict[str, object]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"config_json is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InvalidRequestError("config_json must be a JSON object")
+    return value

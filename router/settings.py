@@ -1,0 +1,127 @@
+"""Sidecar settings: defaults, then a TOML file, then ``SPECROUTE_*`` environment variables.
+
+Nested groups use ``__`` in environment names (``SPECROUTE_LIMITS__MAX_NEW_TOKENS=64``);
+list values are JSON (``SPECROUTE_MODEL_ROOTS='["/models"]'``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_FILE_ENV = "SPECROUTE_CONFIG"
+
+
+def specroute_home() -> Path:
+    """``$SPECROUTE_HOME``, defaulting to ``~/.cache/specroute``."""
+    return Path(os.environ.get("SPECROUTE_HOME", "~/.cache/specroute")).expanduser()
+
+
+class Limits(BaseModel):
+    """Per-request and capacity limits; requests beyond them are refused, never queued."""
+
+    max_prompt_tokens: int = Field(default=1024, gt=0)
+    max_new_tokens: int = Field(default=512, gt=0)
+    max_request_bytes: int = Field(default=1 << 20, gt=0)
+    # Generations run one at a time per worker on the shared target.
+    generation_workers: int = Field(default=1, gt=0)
+    # Generations waiting for a worker; one more is RESOURCE_EXHAUSTED.
+    generation_queue_size: int = Field(default=8, ge=0)
+    # Outstanding routed requests kept for Report (oldest forgotten first).
+    pending_reports: int = Field(default=100_000, gt=0)
+    # Seconds of full-information scoring of other drafters per greedy generation.
+    counterfactual_budget_s: float = Field(default=0.5, ge=0.0)
+
+
+class TlsSettings(BaseModel):
+    """Optional server TLS: both files or neither."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None and self.key_file is not None
+
+
+class Settings(BaseSettings):
+    """Everything ``specroute serve`` needs; ``--print-config`` shows the merged result."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SPECROUTE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        toml_file=None,
+    )
+
+    world_dir: Path | None = None  # None: the built-in default world
+    world_scale: str = "default"
+    target_dir: Path | None = None  # None: the world's target
+    classifier_dir: Path | None = None  # None: the world's classifier (trained if missing)
+    model_roots: list[Path] = Field(default_factory=list)  # the world dir is always a root
+    state_dir: Path = Field(default_factory=lambda: specroute_home() / "state")
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    http_port: int | None = Field(default=8080, ge=0, le=65535)  # None: no TGI front
+    metrics_port: int | None = Field(default=9090, ge=0, le=65535)  # None: no metrics server
+    admin_token: SecretStr | None = None
+    data_token: SecretStr | None = None  # when set, Route/Report/Generate need it too
+    tls: TlsSettings = Field(default_factory=lambda: TlsSettings())
+    limits: Limits = Field(default_factory=lambda: Limits())
+    policy: str = "thompson"
+    policy_config: dict[str, Any] = Field(default_factory=dict)
+    builtin_drafters: bool = True  # register the world's drafters + ngram + none at start
+    snapshot_interval_s: float = Field(default=30.0, gt=0)
+    grace_s: float = Field(default=5.0, ge=0)
+    device: str | None = None  # None: CUDA when present, else CPU
+    seed: int = 0
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Highest priority first: explicit arguments (CLI flags), env, then the TOML file.
+        toml_path = os.environ.get(CONFIG_FILE_ENV)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
+        return tuple(sources)
+
+    def printable(self) -> dict[str, Any]:
+        """The merged settings as JSON-ready data, secrets masked."""
+        data = self.model_dump(mode="json")
+        for key in ("admin_token", "data_token"):
+            if data.get(key):
+                data[key] = "**********"
+        return data
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Defaults, then ``config_file`` (TOML), then ``SPECROUTE_*`` env, then ``overrides``."""
+    previous = os.environ.get(CONFIG_FILE_ENV)
+    if config_file is not None:
+        if not Path(config_file).is_file():
+            raise FileNotFoundError(f"config file {config_file} does not exist")
+        os.environ[CONFIG_FILE_ENV] = str(config_file)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        if config_file is not None:
+            if previous is None:
+                os.environ.pop(CONFIG_FILE_ENV, None)
+            else:
+                os.environ[CONFIG_FILE_ENV] = previous
