@@ -62,14 +62,14 @@ class TraceOptions:
     max_new_tokens_cap: int = 128
     # Chars per token of the world's byte-level BPE, roughly; sets max_new_tokens from the
     # reference response so tasks keep their different output lengths.
-    chars_per_token: float = 3.0
+    chars_per_token: float = 2.5
     arrival_rate_per_s: float = 1.0
 
 
 def max_new_tokens_for(response: str, options: TraceOptions) -> int:
     """A per-request budget: the reference response's length in tokens, plus slack, capped."""
-    estimate = round(len(response) / options.chars_per_token) + 8
-    return max(16, min(options.max_new_tokens_cap, estimate))
+    estimate = round(len(response) / options.chars_per_token) + 16
+    return max(24, min(options.max_new_tokens_cap, estimate))
 
 
 def _by_task(examples: Sequence[ExampleLike]) -> dict[str, list[ExampleLike]]:
@@ -99,7 +99,7 @@ def _take(pool: list[ExampleLike], start: int, count: int) -> list[tuple[Example
     return [(pool[(start + i) % len(pool)], (start + i) // len(pool)) for i in range(count)]
 
 
-def _request(example: ExampleLike, repeat: int, options: TraceOptions) -> TraceRequest:
+def request_from_example(example: ExampleLike, repeat: int, options: TraceOptions) -> TraceRequest:
     return TraceRequest(
         id=example.id if repeat == 0 else f"{example.id}#{repeat}",
         task=example.task,
@@ -119,7 +119,7 @@ def _mixed(
     requests: list[TraceRequest] = []
     for task, count in counts.items():
         for example, repeat in _take(grouped[task], offsets.get(task, 0), count):
-            requests.append(_request(example, repeat, options))
+            requests.append(request_from_example(example, repeat, options))
         offsets[task] = offsets.get(task, 0) + count
     order = rng.permutation(len(requests))
     return [requests[i] for i in order]
@@ -190,7 +190,7 @@ def _new_drafter(grouped: dict[str, list[ExampleLike]], options: TraceOptions) -
 def _single(task: str) -> TraceBuilder:
     def build(grouped: dict[str, list[ExampleLike]], options: TraceOptions) -> list[TraceRecord]:
         return [
-            _request(example, repeat, options)
+            request_from_example(example, repeat, options)
             for example, repeat in _take(grouped[task], 0, options.per_task)
         ]
 

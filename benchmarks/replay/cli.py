@@ -1,9 +1,124 @@
-"""Commands contributed to the ``specroute`` CLI (filled in by this package's owner)."""
+"""``specroute replay`` and ``specroute study``: benchmark replays through the live gRPC API."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from benchmarks.replay.replay import DEFAULT_POLICIES
+
+DEFAULT_REPORTS_DIR = Path("reports")
+
+
+def _policies(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def replay_command(
+    trace: str = typer.Option(
+        ...,
+        "--trace",
+        help="A built-in trace (uniform, chat-heavy, drift, new-drafter, "
+        "single-<task>) or a JSONL trace file.",
+    ),
+    address: str | None = typer.Option(
+        None, "--address", help="host:port of a running sidecar; default: start one on the world."
+    ),
+    policies: str = typer.Option(
+        ",".join(DEFAULT_POLICIES), "--policies", help="Comma-separated; 'none' always runs first."
+    ),
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Report folder (default: reports/replay-<trace>).")
+    ] = None,
+    world: Annotated[
+        Path | None, typer.Option("--world", help="World directory (default: the default world).")
+    ] = None,
+    token: str | None = typer.Option(
+        None, "--token", envvar="SPECROUTE_ADMIN_TOKEN", help="Admin bearer token (SetPolicy)."
+    ),
+    per_task: int = typer.Option(40, "--per-task", min=1, help="Requests per task (built-in)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Cap per request."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the built-in trace."),
+    calibration_prompts: int = typer.Option(
+        3, "--calibration-prompts", min=1, help="Validation prompts per task for calibration."
+    ),
+    generic_k: int | None = typer.Option(
+        None, "--generic-k", min=1, help="k of the generic policy (default: the calibrated best)."
+    ),
+    task_hints: bool = typer.Option(
+        False, "--task-hints", help="Send trace task labels as task_hint (skips the classifier)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    plots: bool = typer.Option(True, "--plots/--no-plots"),
+) -> None:
+    """Replay a trace under each policy through Generate; write report.json, report.md, plots."""
+    from benchmarks.replay.builtin import TraceOptions
+    from benchmarks.replay.calibration import CalibrationOptions
+    from benchmarks.replay.runner import ReplayConfig, format_task_table, run_replay
+
+    name = Path(trace).stem if trace.endswith(".jsonl") else trace
+    config = ReplayConfig(
+        trace=trace,
+        out_dir=out or DEFAULT_REPORTS_DIR / f"replay-{name}",
+        policies=_policies(policies),
+        address=address,
+        world_dir=world,
+        admin_token=token,
+        trace_options=TraceOptions(per_task=per_task, seed=seed, max_new_tokens_cap=max_new_tokens),
+        calibration=CalibrationOptions(prompts_per_task=calibration_prompts, progress=progress),
+        generic_k=generic_k,
+        task_hints=task_hints,
+        progress=progress,
+        plots=plots,
+    )
+    outcome = run_replay(config)
+    typer.echo(format_task_table(outcome.report))
+
+
+def study_command(
+    out: Annotated[Path, typer.Option("--out", help="Study folder.")] = DEFAULT_REPORTS_DIR
+    / "study",
+    world: Annotated[
+        Path | None, typer.Option("--world", help="World directory (default: the default world).")
+    ] = None,
+    address: str | None = typer.Option(
+        None, "--address", help="Running sidecar (default: start one)."
+    ),
+    token: str | None = typer.Option(None, "--token", envvar="SPECROUTE_ADMIN_TOKEN"),
+    mixed_per_task: int = typer.Option(40, "--mixed-per-task", min=1),
+    single_per_task: int = typer.Option(10, "--single-per-task", min=1),
+    chat_heavy_per_task: int = typer.Option(10, "--chat-heavy-per-task", min=1),
+    rq1_per_task: int = typer.Option(4, "--rq1-per-task", min=1),
+    calibration_prompts: int = typer.Option(3, "--calibration-prompts", min=1),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+    reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="Reuse finished replays in --out."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Answer the four research questions with measured replays; write study.json and study.md."""
+    from benchmarks.replay.calibration import CalibrationOptions
+    from benchmarks.replay.study import StudyConfig, run_study
+
+    config = StudyConfig(
+        out_dir=out,
+        world_dir=world,
+        address=address,
+        admin_token=token,
+        mixed_per_task=mixed_per_task,
+        single_per_task=single_per_task,
+        chat_heavy_per_task=chat_heavy_per_task,
+        rq1_per_task=rq1_per_task,
+        calibration=CalibrationOptions(prompts_per_task=calibration_prompts, progress=progress),
+        max_new_tokens_cap=max_new_tokens,
+        progress=progress,
+        reuse=reuse,
+    )
+    path = run_study(config)
+    typer.echo(f"study: {path.with_name('study.md')} (and study.json, plots)")
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add this package's commands to the root app and the ``bench`` group."""
+    """Add ``replay`` and ``study`` to the root app."""
+    app.command("replay")(replay_command)
+    app.command("study")(study_command)

@@ -30,7 +30,7 @@ from benchmarks.replay.metrics import (
     speedup_by_length,
     task_stats,
 )
-from benchmarks.replay.replay import BASELINE_POLICY, PolicyRun
+from benchmarks.replay.replay import BASELINE_POLICY, PolicyRun, PolicySetting
 from benchmarks.replay.trace import Trace, TraceRequest
 
 ORACLE_POLICY = "oracle"
@@ -310,3 +310,17 @@ def write_report(
     path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     (out_dir / "report.md").write_text(report_markdown(report, pngs))
     return path
+
+
+def load_runs(out_dir: Path) -> tuple[dict[str, Any], dict[str, PolicyRun]]:
+    """Read a written report back: (report.json data, runs rebuilt from requests/*.jsonl)."""
+    report = json.loads((out_dir / "report.json").read_text())
+    runs = {
+        label: PolicyRun(
+            PolicySetting(label, section["sidecar_policy"], section.get("config", {})),
+            read_requests(out_dir / "requests" / f"{label}.jsonl"),
+            float(section.get("replay_seconds", 0.0)),
+        )
+        for label, section in report["policies"].items()
+    }
+    return report, runs

@@ -113,8 +113,8 @@ def test_new_drafter_trace_removes_then_registers_halfway() -> None:
 
 def test_max_new_tokens_follows_the_reference_length_within_bounds() -> None:
     options = TraceOptions(max_new_tokens_cap=64)
-    assert max_new_tokens_for("", options) == 16
-    assert max_new_tokens_for("x" * 90, options) == 38
+    assert max_new_tokens_for("", options) == 24
+    assert max_new_tokens_for("x" * 90, options) == 52
     assert max_new_tokens_for("x" * 10_000, options) == 64
 
 

@@ -133,3 +133,18 @@ def test_task_table_has_a_row_per_task_and_the_evenness_rows(runs: dict[str, Pol
     names = [row[0] for row in rows]
     assert names[:2] == ["a", "b"] and "Jain" in names and names[-1] == "lossless"
     assert rows[-1][2:] == ["yes", "yes", "NO", "yes"]
+
+
+def test_format_task_table_prints_rows_and_where_the_report_is(
+    runs: dict[str, PolicyRun], tmp_path: Path
+) -> None:
+    from benchmarks.replay.runner import format_task_table
+
+    report = build_report(make_trace(), runs, None)
+    report["out_dir"] = str(tmp_path)
+    text = format_task_table(report)
+    lines = text.splitlines()
+    assert lines[0].startswith("Replay of 'toy' (4 requests)")
+    assert lines[1].split() == ["task", "requests", "none", "generic", "thompson", "oracle"]
+    assert lines[3].split()[:4] == ["a", "2", "1.00x", "2.00x"]
+    assert f"{tmp_path}/report.md" in lines[-1]

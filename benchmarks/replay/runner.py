@@ -1,0 +1,222 @@
+"""One replay end to end: resolve the trace, reach (or start) a sidecar, calibrate, replay, report.
+
+Used by ``specroute replay``, ``specroute study`` and ``specroute demo``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from benchmarks.replay.builtin import ExampleLike, TraceOptions, builtin_trace, request_from_example
+from benchmarks.replay.calibration import Calibration, CalibrationOptions, calibrate
+from benchmarks.replay.client import ReplayClient
+from benchmarks.replay.replay import (
+    DEFAULT_POLICIES,
+    DrafterSource,
+    PolicyRun,
+    PolicySetting,
+    policy_settings,
+    replay_policies,
+)
+from benchmarks.replay.report import build_report, write_report
+from benchmarks.replay.trace import Trace, TraceRequest, read_trace
+
+logger = logging.getLogger(__name__)
+
+ADMIN_TOKEN_ENV = "SPECROUTE_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """Everything one ``specroute replay`` needs."""
+
+    trace: str  # a built-in trace name or a JSONL file
+    out_dir: Path
+    policies: tuple[str, ...] = DEFAULT_POLICIES
+    address: str | None = None  # None: start a sidecar on the world
+    world_dir: Path | None = None  # None: the default world
+    admin_token: str | None = None
+    trace_options: TraceOptions = field(default_factory=TraceOptions)
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    generic_k: int | None = None  # None: the calibrated best k of the generic drafter
+    task_hints: bool = False  # send the trace's task label as task_hint (skips the classifier)
+    progress: bool = True
+    plots: bool = True
+
+
+@dataclass
+class ReplayOutcome:
+    """What a replay produced."""
+
+    report: dict[str, Any]
+    report_path: Path
+    trace: Trace
+    runs: dict[str, PolicyRun]
+    calibration: Calibration
+
+
+class WorldLike(DrafterSource, Protocol):
+    """What replays need of ``benchmarks.world.layout.World``."""
+
+    @property
+    def root(self) -> Path: ...
+    @property
+    def tasks(self) -> Sequence[str]: ...
+    def examples(self, split: str) -> list[Any]: ...
+
+
+def load_world(world_dir: Path | None) -> WorldLike:
+    """The built-in world at ``world_dir`` (default: the default-scale world), built if missing."""
+    from benchmarks.world.build import build_world
+    from benchmarks.world.layout import default_world_dir
+
+    world: WorldLike = build_world(world_dir or default_world_dir("default"), progress=True)
+    return world
+
+
+def resolve_trace(spec: str, world: WorldLike | None, options: TraceOptions) -> Trace:
+    """A trace file if ``spec`` is a path that exists, else a built-in trace of the world."""
+    path = Path(spec)
+    if path.suffix == ".jsonl" or path.is_file():
+        return read_trace(path)
+    if world is None:
+        raise ValueError(f"{spec!r} is not a trace file, and built-in traces need a world")
+    return builtin_trace(spec, world.examples("test"), options)
+
+
+def calibration_requests(
+    world: WorldLike | None, trace: Trace, options: TraceOptions, per_task: int
+) -> dict[str, list[TraceRequest]]:
+    """Prompts per task to calibrate on: the world's validation split, else the trace's own."""
+    grouped: dict[str, list[TraceRequest]] = {}
+    if world is not None:
+        examples: list[ExampleLike] = world.examples("validation")
+        for example in examples:
+            if len(grouped.setdefault(example.task, [])) < per_task:
+                grouped[example.task].append(request_from_example(example, 0, options))
+        return grouped
+    for request in trace.requests:
+        if request.task and len(grouped.setdefault(request.task, [])) < per_task:
+            grouped[request.task].append(request)
+    return grouped
+
+
+@contextlib.contextmanager
+def sidecar(
+    address: str | None, world_dir: Path | None, admin_token: str | None
+) -> Iterator[tuple[str, str | None]]:
+    """Yield (address, admin token): the given sidecar, or one started on the world."""
+    if address is not None:
+        yield address, admin_token or os.environ.get(ADMIN_TOKEN_ENV)
+        return
+    from router.launch import launch_sidecar
+
+    # A fresh sidecar with a one-off admin token: SetPolicy and drafter events need it.
+    token = admin_token or secrets.token_urlsafe(24)
+    with launch_sidecar(world_dir, admin_token=token, http=False, metrics=False) as launched:
+        yield launched.grpc_address, token
+
+
+def replay_on_client(
+    client: ReplayClient,
+    trace: Trace,
+    config: ReplayConfig,
+    world: WorldLike | None,
+    calibration: Calibration | None = None,
+    settings: Sequence[PolicySetting] | None = None,
+) -> ReplayOutcome:
+    """Calibrate (unless given), replay every policy (or the given settings), write the report."""
+    if calibration is None:
+        requests = calibration_requests(
+            world, trace, config.trace_options, config.calibration.prompts_per_task
+        )
+        calibration = calibrate(client, requests, client.list_drafters(), config.calibration)
+    if config.generic_k is not None:
+        calibration.generic_k = config.generic_k
+    settings = list(settings or policy_settings(config.policies, calibration))
+    runs = replay_policies(
+        client,
+        trace,
+        settings,
+        world=world,
+        progress=config.progress,
+        task_hints=config.task_hints,
+    )
+    report = build_report(
+        trace,
+        runs,
+        calibration,
+        address=client.address,
+        world=str(world.root) if world is not None else None,
+    )
+    report["out_dir"] = str(config.out_dir)
+    path = write_report(report, runs, calibration, config.out_dir, plots=config.plots)
+    logger.info("report written to %s", path)
+    return ReplayOutcome(report, path, trace, runs, calibration)
+
+
+def run_replay(config: ReplayConfig) -> ReplayOutcome:
+    """Replay ``config.trace`` under every policy and write the report to ``config.out_dir``."""
+    needs_world = config.address is None or not Path(config.trace).is_file()
+    world = load_world(config.world_dir) if needs_world or config.world_dir else None
+    trace = resolve_trace(config.trace, world, config.trace_options)
+    world_dir = Path(world.root) if world is not None else None
+    with (
+        sidecar(config.address, world_dir, config.admin_token) as (address, token),
+        ReplayClient(address, token) as client,
+    ):
+        client.wait_ready()
+        return replay_on_client(client, trace, config, world)
+
+
+def run_demo_replay(
+    world_dir: Path | None,
+    out_dir: Path,
+    *,
+    per_task: int = 10,
+    policies: Sequence[str] = DEFAULT_POLICIES,
+    address: str | None = None,
+    admin_token: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The demo's replay: the uniform mixed trace on the world; returns the report (JSON data).
+
+    ``report["out_dir"]`` says where report.json, report.md and the plots are.
+    """
+    config = ReplayConfig(
+        trace="uniform",
+        out_dir=out_dir,
+        policies=tuple(policies),
+        address=address,
+        world_dir=world_dir,
+        admin_token=admin_token,
+        trace_options=TraceOptions(per_task=per_task),
+        calibration=CalibrationOptions(progress=progress),
+        progress=progress,
+    )
+    return run_replay(config).report
+
+
+def format_task_table(report: Mapping[str, Any]) -> str:
+    """The per-task speed-up table (tasks x policies, then evenness rows) as aligned text."""
+    from benchmarks.replay.report import task_table_rows
+
+    header, rows = task_table_rows(report)
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    title = f"Replay of '{report['trace']['name']}' ({report['trace']['requests']} requests)"
+    footer = (
+        f"report: {report['out_dir']}/report.md (and report.json, plots)"
+        if report.get("out_dir")
+        else ""
+    )
+    return "\n".join([title, *lines, footer]).rstrip() + "\n"

@@ -1,0 +1,186 @@
+"""``specroute study``: the four research questions of the design, measured through the API.
+
+One sidecar, one calibration, then these replays (each a normal replay report in its own
+folder, reused when already there with the same size and policies):
+
+- ``uniform``: the uniform mix under every policy (RQ2, RQ3);
+- ``single-<task>``: each task alone, and ``chat-heavy``: the LMSYS-like mix (RQ4);
+- ``rq1-single`` / ``rq1-mixed``: every drafter forced at k0 (``fixed`` policy) on the same
+  prompts, grouped by task vs shuffled (RQ1), against the TF-IDF similarity of each
+  drafter's fine-tuning sample to each task's training text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.replay.builtin import TraceOptions, builtin_trace
+from benchmarks.replay.calibration import Calibration, CalibrationOptions, calibrate
+from benchmarks.replay.client import ReplayClient
+from benchmarks.replay.replay import PolicySetting, read_finetune_sample
+from benchmarks.replay.report import load_runs
+from benchmarks.replay.runner import (
+    ReplayConfig,
+    WorldLike,
+    calibration_requests,
+    load_world,
+    replay_on_client,
+    sidecar,
+)
+from benchmarks.replay.study_report import write_study
+from benchmarks.replay.trace import Trace
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Sizes and policies of the study's replays."""
+
+    out_dir: Path
+    world_dir: Path | None = None
+    address: str | None = None
+    admin_token: str | None = None
+    mixed_per_task: int = 40
+    single_per_task: int = 10
+    chat_heavy_per_task: int = 10
+    rq1_per_task: int = 4
+    mixed_policies: tuple[str, ...] = ("none", "generic", "static", "ucb", "thompson", "oracle")
+    single_policies: tuple[str, ...] = ("none", "generic", "static", "thompson")
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    max_new_tokens_cap: int = 128
+    seed: int = 0
+    progress: bool = True
+    reuse: bool = True
+
+
+@dataclass
+class StudyRuns:
+    """The reports and runs the analyses read (report data, runs) per trace name."""
+
+    calibration: Calibration
+    replays: dict[str, tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=dict)
+
+
+def _matches(out_dir: Path, trace: Trace, labels: Sequence[str]) -> bool:
+    path = out_dir / "report.json"
+    if not path.is_file():
+        return False
+    report = json.loads(path.read_text())
+    return report["trace"]["requests"] == len(trace.requests) and list(report["policies"]) == list(
+        labels
+    )
+
+
+def _replay(
+    client: ReplayClient,
+    trace: Trace,
+    settings: list[PolicySetting] | None,
+    labels: Sequence[str],
+    config: StudyConfig,
+    world: WorldLike,
+    calibration: Calibration,
+    runs: StudyRuns,
+) -> None:
+    """Replay (or reuse) one trace into ``<out>/<trace name>``."""
+    out_dir = config.out_dir / trace.name
+    if config.reuse and _matches(out_dir, trace, labels):
+        logger.info("reusing %s", out_dir)
+        runs.replays[trace.name] = load_runs(out_dir)
+        return
+    replay_config = ReplayConfig(
+        trace=trace.name, out_dir=out_dir, policies=tuple(labels), progress=config.progress
+    )
+    outcome = replay_on_client(client, trace, replay_config, world, calibration, settings)
+    runs.replays[trace.name] = (outcome.report, outcome.runs)
+
+
+def rq1_settings(calibration: Calibration, drafters: Sequence[str]) -> list[PolicySetting]:
+    """``none`` plus every drafter pinned at the probe length (``fixed`` policy)."""
+    fixed = [
+        PolicySetting(f"fixed-{d}", "fixed", {"drafter": d, "k": calibration.probe_k})
+        for d in drafters
+    ]
+    return [PolicySetting("none", "none"), *fixed]
+
+
+def _grouped_by_task(trace: Trace, name: str) -> Trace:
+    """The same requests, task after task (a sequence of single-task traces)."""
+    ordered = sorted(trace.requests, key=lambda r: (r.task or "", r.arrival_s))
+    return Trace(name=name, records=tuple(ordered))
+
+
+def run_study_replays(client: ReplayClient, config: StudyConfig, world: WorldLike) -> StudyRuns:
+    """Calibrate once, then every replay the four questions need."""
+    options = TraceOptions(seed=config.seed, max_new_tokens_cap=config.max_new_tokens_cap)
+    test = world.examples("test")
+    calibration_path = config.out_dir / "calibration.json"
+    probe = builtin_trace("uniform", test, replace(options, per_task=1))
+    requests = calibration_requests(world, probe, options, config.calibration.prompts_per_task)
+    calibration = calibrate(client, requests, client.list_drafters(), config.calibration)
+    calibration_path.parent.mkdir(parents=True, exist_ok=True)
+    calibration_path.write_text(json.dumps(calibration.to_json(), indent=2) + "\n")
+    runs = StudyRuns(calibration)
+
+    def replay(trace: Trace, labels: Sequence[str], settings: list[PolicySetting] | None) -> None:
+        _replay(client, trace, settings, labels, config, world, calibration, runs)
+
+    mixed = builtin_trace("uniform", test, replace(options, per_task=config.mixed_per_task))
+    replay(mixed, config.mixed_policies, None)
+    chat = builtin_trace("chat-heavy", test, replace(options, per_task=config.chat_heavy_per_task))
+    replay(chat, config.single_policies, None)
+    for task in world.tasks:
+        single = replace(options, per_task=config.single_per_task)
+        replay(builtin_trace(f"single-{task}", test, single), config.single_policies, None)
+
+    drafters = [d.name for d in client.list_drafters() if d.name != "none"]
+    settings = rq1_settings(calibration, drafters)
+    labels = [s.label for s in settings]
+    rq1 = builtin_trace("uniform", test, replace(options, per_task=config.rq1_per_task))
+    replay(Trace("rq1-mixed", rq1.records), labels, settings)
+    replay(_grouped_by_task(rq1, "rq1-single"), labels, settings)
+    return runs
+
+
+def finetune_samples(world: WorldLike) -> dict[str, list[str]]:
+    """Each world drafter's fine-tuning sample (drafters without one are left out)."""
+    samples = {
+        name: read_finetune_sample(Path(path), limit=400)
+        for name, path in world.drafter_dirs.items()
+    }
+    return {name: texts for name, texts in samples.items() if texts}
+
+
+def task_texts(world: WorldLike, per_task: int = 300) -> dict[str, list[str]]:
+    """Training text per task (prompt and response), as a drafter would have seen it."""
+    texts: dict[str, list[str]] = {}
+    for example in world.examples("train"):
+        bucket = texts.setdefault(example.task, [])
+        if len(bucket) < per_task:
+            turns = " ".join(m["content"] for m in example.messages)
+            bucket.append(f"{turns} {example.response}")
+    return texts
+
+
+def run_study(config: StudyConfig) -> Path:
+    """Run (or reuse) every replay, analyse, write study.json / study.md / plots."""
+    world = load_world(config.world_dir)
+    with (
+        sidecar(config.address, Path(world.root), config.admin_token) as (address, token),
+        ReplayClient(address, token) as client,
+    ):
+        client.wait_ready()
+        runs = run_study_replays(client, config, world)
+    return write_study(
+        runs.calibration,
+        runs.replays,
+        finetune_samples(world),
+        task_texts(world),
+        list(world.tasks),
+        config.out_dir,
+    )
