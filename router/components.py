@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from router.drafter_pool import NO_DRAFTER
 from router.registry import DrafterRecord
@@ -46,46 +46,78 @@ def read_finetune_sample(drafter_dir: Path, limit: int = FINETUNE_SAMPLE_SIZE) -
     return tuple(texts)
 
 
-def builtin_drafter_records(world: Any) -> tuple[DrafterRecord, ...]:
-    """The world's drafters (generic + one per task), then ngram and none."""
-    records = [
+def model_drafter_records(
+    drafter_dirs: Mapping[str, Path], tasks: Sequence[str]
+) -> list[DrafterRecord]:
+    """Built-in model drafters: a name that is a task is that task's fine-tuned drafter."""
+    return [
         DrafterRecord(
             name=name,
             kind="model",
             path=str(directory),
-            tasks=(name,) if name in world.tasks else tuple(world.tasks),
+            tasks=(name,) if name in tasks else tuple(tasks),
             finetune_sample=read_finetune_sample(Path(directory)),
             builtin=True,
         )
-        for name, directory in world.drafter_dirs.items()
+        for name, directory in drafter_dirs.items()
     ]
-    records.append(DrafterRecord(name=NGRAM_DRAFTER, kind="ngram", builtin=True))
-    records.append(DrafterRecord(name=NO_DRAFTER, kind="none", builtin=True))
-    return tuple(records)
+
+
+def model_free_records() -> list[DrafterRecord]:
+    return [
+        DrafterRecord(name=NGRAM_DRAFTER, kind="ngram", builtin=True),
+        DrafterRecord(name=NO_DRAFTER, kind="none", builtin=True),
+    ]
+
+
+def _uses_world(settings: Settings) -> bool:
+    explicit = settings.target_dir is not None and settings.classifier_dir is not None
+    return settings.world_dir is not None or not explicit
 
 
 def build_components(settings: Settings) -> Components:
-    """Load the world's target, engine, classifier and built-in drafters (blocking)."""
-    from benchmarks.world.layout import World
+    """Load the target, engine, classifier and built-in drafters (blocking).
 
-    from classifiers import ClassifierHolder, OnnxTaskClassifier, ensure_world_classifier
+    From the world (the configured one or the built-in default), with ``target_dir``,
+    ``classifier_dir`` and ``drafter_dirs`` overriding or adding to it.
+    """
+    from classifiers.holder import ClassifierHolder
+    from classifiers.runtime import OnnxTaskClassifier
     from drafters import SpeculativeEngine
     from drafters.loader import default_placement, load_model
 
-    world_dir = resolve_world_dir(settings)
-    world = World.load(world_dir)
+    drafter_dirs: dict[str, Path] = {}
+    roots = [Path(r).expanduser() for r in settings.model_roots]
+    tasks: tuple[str, ...] = ()
+    classifier_dir = settings.classifier_dir
+    target_dir = settings.target_dir
+    if _uses_world(settings):
+        from benchmarks.world.layout import World
+
+        world = World.load(resolve_world_dir(settings))
+        drafter_dirs.update(world.drafter_dirs)
+        roots.insert(0, Path(world.root))
+        tasks = tuple(world.tasks)
+        target_dir = target_dir or world.target_dir
+        if classifier_dir is None:
+            from classifiers import ensure_world_classifier
+
+            classifier_dir = ensure_world_classifier(world.root, settings.seed)
+    assert target_dir is not None and classifier_dir is not None
+    drafter_dirs.update(settings.drafter_dirs)
     placement = default_placement(settings.device)
-    target = load_model(settings.target_dir or world.target_dir, placement=placement)
-    classifier_dir = settings.classifier_dir or ensure_world_classifier(world.root, settings.seed)
+    target = load_model(target_dir, placement=placement)
     classifier = OnnxTaskClassifier.load(classifier_dir)
-    roots = (Path(world.root), *(Path(r) for r in settings.model_roots))
-    drafters = builtin_drafter_records(world) if settings.builtin_drafters else ()
-    logger.info("world %s: target %s, classifier %s", world.root, target.path, classifier_dir)
+    tasks = tasks or tuple(classifier.labels)
+    records: list[DrafterRecord] = []
+    if settings.builtin_drafters:
+        records = model_drafter_records(drafter_dirs, tasks) + model_free_records()
+    logger.info("target %s, classifier %s, drafters %s", target.path, classifier_dir, drafter_dirs)
     return Components(
         target=target,
         engine=SpeculativeEngine(target),
         classifiers=ClassifierHolder(classifier),
-        builtin_drafters=drafters,
-        model_roots=roots,
-        tasks=tuple(world.tasks),
+        builtin_drafters=tuple(records),
+        model_roots=tuple(roots),
+        tasks=tasks,
     )

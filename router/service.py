@@ -462,7 +462,7 @@ class RouterService:
         return dict(self.components.classifiers.current.similarity(list(sample)))
 
     async def reload_classifier(self, path: str) -> ClassifierView:
-        from classifiers import ClassifierLoadError
+        from classifiers.api import ClassifierLoadError
 
         if not path:
             raise InvalidRequestError("a classifier directory path is required")

@@ -63,10 +63,13 @@ class Settings(BaseSettings):
         toml_file=None,
     )
 
-    world_dir: Path | None = None  # None: the built-in default world
+    # None: the built-in default world, unless target_dir and classifier_dir are both set.
+    world_dir: Path | None = None
     world_scale: str = "default"
     target_dir: Path | None = None  # None: the world's target
     classifier_dir: Path | None = None  # None: the world's classifier (trained if missing)
+    # Built-in model drafters by name, besides the world's (e.g. real Qwen2.5 checkpoints).
+    drafter_dirs: dict[str, Path] = Field(default_factory=dict)
     model_roots: list[Path] = Field(default_factory=list)  # the world dir is always a root
     state_dir: Path = Field(default_factory=lambda: specroute_home() / "state")
     host: str = "127.0.0.1"

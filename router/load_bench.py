@@ -1,0 +1,283 @@
+"""``specroute bench load``: Route throughput and latency of a running sidecar.
+
+N Route calls at concurrency C from this (client) process, then N at concurrency 1,
+with the sidecar's resident memory before and after. In the same run a trivial echo
+servicer (the same Router service returning a canned reply of the same size, in its own
+process) is loaded the same way: its throughput is the ceiling for a Python gRPC server
+on this machine, and the sidecar's throughput is reported as a fraction of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from router.pb import router_pb2 as pb
+from router.pb import router_pb2_grpc
+
+# One short prompt per task of the built-in world: the request sizes of the load.
+PROMPTS = (
+    "<|im_start|>user\nHow was your weekend? Did you do anything fun?<|im_end|>\n",
+    "<|im_start|>user\nTranslate to French: The library opens at nine.<|im_end|>\n",
+    "<|im_start|>user\nSummarize: The committee met on Monday and agreed to delay the "
+    "vote on the new budget until the auditors finish their review.<|im_end|>\n",
+    "<|im_start|>user\nWhat is the capital of Australia?<|im_end|>\n",
+    "<|im_start|>user\nWhat is 17 * 23 + 4? Think step by step.<|im_end|>\n",
+    "<|im_start|>system\nAnswer from the document.<|im_end|>\n<|im_start|>user\nDocument: "
+    "Returns are accepted within 30 days.\nQuestion: How long do I have?<|im_end|>\n",
+    "<|im_start|>user\nWrite a Python function that reverses a string.<|im_end|>\n",
+)
+WARMUP_CALLS = 300
+CALL_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class LoadRun:
+    """Latencies (seconds) of the successful calls, the error count and the wall time."""
+
+    latencies: list[float]
+    errors: int
+    elapsed_s: float
+
+    @property
+    def rps(self) -> float:
+        return (len(self.latencies) + self.errors) / self.elapsed_s if self.elapsed_s else 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
+        return ordered[index] * 1000.0
+
+
+def route_requests(count: int) -> list[pb.RouteRequest]:
+    return [
+        pb.RouteRequest(text=PROMPTS[i % len(PROMPTS)], max_new_tokens=64) for i in range(count)
+    ]
+
+
+async def _drive_async(
+    address: str, requests: Sequence[pb.RouteRequest], concurrency: int, metadata: Any
+) -> LoadRun:
+    """``concurrency`` tasks on one channel, each sending its share of ``requests``."""
+    latencies: list[float] = []
+    errors = 0
+    async with aio.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        await channel.channel_ready()
+        shares = [requests[i::concurrency] for i in range(concurrency)]
+
+        async def worker(share: Sequence[pb.RouteRequest]) -> None:
+            nonlocal errors
+            for request in share:
+                started = time.perf_counter()
+                try:
+                    await stub.Route(request, timeout=CALL_TIMEOUT_S, metadata=metadata)
+                except grpc.RpcError:
+                    errors += 1
+                    continue
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(share) for share in shares))
+        elapsed = time.perf_counter() - started
+    return LoadRun(latencies, errors, elapsed)
+
+
+def drive(address: str, count: int, concurrency: int, token: str | None = None) -> LoadRun:
+    """Send ``count`` Route calls at ``concurrency``; sequential calls use the sync stub."""
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    requests = route_requests(count)
+    if concurrency > 1:
+        return asyncio.run(_drive_async(address, requests, concurrency, metadata))
+    latencies: list[float] = []
+    errors = 0
+    with grpc.insecure_channel(address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT_S)
+        started = time.perf_counter()
+        for request in requests:
+            begin = time.perf_counter()
+            try:
+                stub.Route(request, timeout=CALL_TIMEOUT_S, metadata=metadata)
+            except grpc.RpcError:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - begin)
+        elapsed = time.perf_counter() - started
+    return LoadRun(latencies, errors, elapsed)
+
+
+# -- the sidecar's memory --------------------------------------------------------------
+def rss_mb(pid: int) -> float:
+    """Resident set size of ``pid`` in MiB, from /proc/<pid>/status."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(inode)
+    return inodes
+
+
+def pid_listening_on(port: int) -> int | None:
+    """The pid of the process listening on TCP ``port`` (same user), if any."""
+    targets = {f"socket:[{inode}]" for inode in _listening_inodes(port)}
+    if not targets:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) in targets:
+                    return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+# -- the echo servicer (ceiling) -------------------------------------------------------
+class EchoServicer(router_pb2_grpc.RouterServicer):
+    """Route returns a canned decision of the sidecar's reply size; nothing else."""
+
+    def __init__(self, reply: pb.RouteDecision) -> None:
+        self._reply = reply
+
+    async def Route(self, request: pb.RouteRequest, context: aio.ServicerContext) -> Any:
+        return self._reply
+
+
+async def serve_echo(reply: pb.RouteDecision, host: str = "127.0.0.1") -> None:
+    """Serve the echo servicer on a free port; print the port; run until killed."""
+    server = aio.server()
+    router_pb2_grpc.add_RouterServicer_to_server(EchoServicer(reply), server)
+    port = server.add_insecure_port(f"{host}:0")
+    await server.start()
+    print(port, flush=True)  # the parent reads the port from our stdout
+    await server.wait_for_termination()
+
+
+def start_echo_server(reply: pb.RouteDecision) -> tuple[subprocess.Popen[str], str]:
+    """Start the echo servicer in its own process; returns it and its address."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "router.load_bench", "echo", reply.SerializeToString().hex()],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    port = int(process.stdout.readline().strip())
+    return process, f"127.0.0.1:{port}"
+
+
+# -- the benchmark ---------------------------------------------------------------------
+def run_load_bench(
+    address: str,
+    *,
+    requests: int = 10_000,
+    concurrency: int = 64,
+    pid: int | None = None,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """Load the sidecar at ``address`` and the echo ceiling; the JSON-ready result."""
+    port = int(address.rsplit(":", 1)[1])
+    sidecar_pid = pid or pid_listening_on(port)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(address) as channel:
+        sample = router_pb2_grpc.RouterStub(channel).Route(
+            route_requests(1)[0], timeout=CALL_TIMEOUT_S, metadata=metadata
+        )
+    drive(address, WARMUP_CALLS, concurrency, token)  # lazy allocations before "before"
+    before = rss_mb(sidecar_pid) if sidecar_pid else float("nan")
+    loaded = drive(address, requests, concurrency, token)
+    sequential = drive(address, requests, 1, token)
+    after = rss_mb(sidecar_pid) if sidecar_pid else float("nan")
+
+    echo_process, echo_address = start_echo_server(sample)
+    try:
+        drive(echo_address, WARMUP_CALLS, concurrency)
+        echo = drive(echo_address, requests, concurrency)
+        echo_sequential = drive(echo_address, requests, 1)
+    finally:
+        echo_process.kill()
+        echo_process.wait()
+    return {
+        "requests": requests,
+        "errors": loaded.errors + sequential.errors,
+        "rps": round(loaded.rps, 1),
+        "echo_rps": round(echo.rps, 1),
+        "latency_ms": {"p50": loaded.percentile_ms(50), "p99": loaded.percentile_ms(99)},
+        "latency_c1_ms": {"p50": sequential.percentile_ms(50), "p99": sequential.percentile_ms(99)},
+        "rss_mb": {"before": round(before, 1), "after": round(after, 1)},
+        "concurrency": concurrency,
+        "ratio_to_echo": round(loaded.rps / echo.rps, 3) if echo.rps else None,
+        "echo_latency_c1_ms": {
+            "p50": echo_sequential.percentile_ms(50),
+            "p99": echo_sequential.percentile_ms(99),
+        },
+        "sidecar_pid": sidecar_pid,
+        "loadavg": list(os.getloadavg()),
+        "cpus": os.cpu_count(),
+    }
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The result as a few lines, each figure beside its reference."""
+    rss = result["rss_mb"]
+    growth = (rss["after"] - rss["before"]) / rss["before"] * 100 if rss["before"] else 0.0
+    c1, c = result["latency_c1_ms"], result["latency_ms"]
+    echo_c1 = result["echo_latency_c1_ms"]
+    return "\n".join(
+        [
+            f"Route x{result['requests']} at concurrency {result['concurrency']}: "
+            f"{result['rps']:.0f} req/s vs echo ceiling {result['echo_rps']:.0f} req/s "
+            f"= {100 * (result['ratio_to_echo'] or 0):.0f}% (target >= 70%), "
+            f"errors {result['errors']} (target 0)",
+            f"  latency at concurrency {result['concurrency']}: "
+            f"p50 {c['p50']:.2f} ms, p99 {c['p99']:.2f} ms",
+            f"  latency at concurrency 1: p50 {c1['p50']:.3f} ms (target <= 1), "
+            f"p99 {c1['p99']:.3f} ms (target <= 2); echo p50 {echo_c1['p50']:.3f} ms, "
+            f"p99 {echo_c1['p99']:.3f} ms",
+            f"  sidecar rss: {rss['before']:.1f} -> {rss['after']:.1f} MiB "
+            f"({growth:+.1f}%, target < 10%)",
+            f"  machine: {result['cpus']} cpus, load average {result['loadavg'][0]:.2f}",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m router.load_bench echo HEX``: run the echo servicer (used by the bench)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("mode", choices=["echo"])
+    parser.add_argument("reply_hex")
+    args = parser.parse_args(argv)
+    reply = pb.RouteDecision.FromString(bytes.fromhex(args.reply_hex))
+    asyncio.run(serve_echo(reply))
+
+
+if __name__ == "__main__":
+    main()
