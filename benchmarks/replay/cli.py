@@ -50,6 +50,12 @@ def replay_command(
     task_hints: bool = typer.Option(
         False, "--task-hints", help="Send trace task labels as task_hint (skips the classifier)."
     ),
+    schedule: str = typer.Option(
+        "interleaved",
+        "--schedule",
+        help="interleaved: each request under every policy back to back (paired timings); "
+        "sequential: the whole trace per policy.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     plots: bool = typer.Option(True, "--plots/--no-plots"),
 ) -> None:
@@ -70,6 +76,7 @@ def replay_command(
         calibration=CalibrationOptions(prompts_per_task=calibration_prompts, progress=progress),
         generic_k=generic_k,
         task_hints=task_hints,
+        schedule=schedule,
         progress=progress,
         plots=plots,
     )

@@ -72,8 +72,8 @@ class ReplayClient:
 
     def set_policy(
         self, policy: str, config: Mapping[str, Any] | None = None, *, reset_state: bool = False
-    ) -> str:
-        """Switch the serving policy; returns the policy name the sidecar reports."""
+    ) -> int:
+        """Switch the serving policy; returns its version (restored state keeps counting)."""
         reply = self._stub.SetPolicy(
             router_pb2.SetPolicyRequest(
                 policy=policy, config_json=json.dumps(dict(config or {})), reset_state=reset_state
@@ -81,7 +81,7 @@ class ReplayClient:
             metadata=self._metadata,
             timeout=ADMIN_TIMEOUT_S,
         )
-        return str(reply.policy)
+        return int(reply.version)
 
     def policy_state(self) -> Any:
         """The raw ``PolicyState`` message (contexts with their chosen arm)."""

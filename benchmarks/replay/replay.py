@@ -44,6 +44,9 @@ class PolicySetting:
     policy: str
     config: Mapping[str, Any] = field(default_factory=dict)
     reset_state: bool = True
+    # Only learning policies get updates; the others replay with no_update (which also
+    # spares the sidecar's full-information scoring after every request).
+    learns: bool = False
 
 
 def _table(choices: Mapping[str, Any]) -> dict[str, list[object]]:
@@ -57,8 +60,8 @@ POLICY_SETTINGS: dict[str, Callable[[Calibration], PolicySetting]] = {
         "generic", "fixed", {"drafter": GENERIC_DRAFTER, "k": cal.generic_k}
     ),
     "static": lambda cal: PolicySetting("static", "static", {"table": _table(cal.static)}),
-    "ucb": lambda cal: PolicySetting("ucb", "ucb"),
-    "thompson": lambda cal: PolicySetting("thompson", "thompson"),
+    "ucb": lambda cal: PolicySetting("ucb", "ucb", learns=True),
+    "thompson": lambda cal: PolicySetting("thompson", "thompson", learns=True),
     "oracle": lambda cal: PolicySetting("oracle", "oracle", {"table": _table(cal.oracle)}),
 }
 
@@ -94,6 +97,17 @@ def read_finetune_sample(drafter_dir: Path, limit: int = 64) -> list[str]:
     return [t for t in texts if t]
 
 
+def withheld_drafters(trace: Trace) -> tuple[str, ...]:
+    """Drafters the trace removes before its first request (a sidecar can start without them)."""
+    withheld: list[str] = []
+    for record in trace.records:
+        if isinstance(record, TraceRequest):
+            break
+        if record.kind == "remove_drafter":
+            withheld.append(record.drafter)
+    return tuple(withheld)
+
+
 class EventApplier:
     """Applies a trace's drafter events and undoes them after the run."""
 
@@ -113,9 +127,19 @@ class EventApplier:
     def apply(self, event: TraceEvent) -> None:
         if event.kind == "remove_drafter":
             entry = next((d for d in self._client.list_drafters() if d.name == event.drafter), None)
+            if entry is None:
+                logger.info(
+                    "drafter %s is not served (withheld at start); nothing to remove", event.drafter
+                )
+                return
+            if entry.builtin:
+                raise ValueError(
+                    f"drafter {event.drafter!r} is built into this sidecar and cannot be removed; "
+                    "replay this trace without --address (the replay then starts a sidecar "
+                    "without it)"
+                )
             self._client.remove_drafter(event.drafter)
-            if entry is not None:
-                self._removed.append(entry)
+            self._removed.append(entry)
             return
         path = Path(event.path) if event.path else self._source_dir(event.source or event.drafter)
         sample = list(event.finetune_sample) or read_finetune_sample(path)
@@ -133,6 +157,10 @@ class EventApplier:
         self._removed.clear()
 
 
+def _bar(trace: Trace, label: str, total: int, progress: bool) -> tqdm:
+    return tqdm(total=total, desc=f"replay {trace.name} [{label}]", disable=not progress)
+
+
 def replay_policy(
     client: ReplayClient,
     trace: Trace,
@@ -142,25 +170,24 @@ def replay_policy(
     progress: bool = True,
     task_hints: bool = False,
 ) -> PolicyRun:
-    """Switch the sidecar to ``setting`` and replay the whole trace."""
+    """Switch the sidecar to ``setting`` and replay the whole trace (events undone after)."""
     client.set_policy(setting.policy, setting.config, reset_state=setting.reset_state)
     events = EventApplier(client, world)
     results: list[RequestResult] = []
     started = time.perf_counter()
-    bar = tqdm(
-        total=len(trace.requests),
-        desc=f"replay {trace.name} [{setting.label}]",
-        disable=not progress,
-    )
+    bar = _bar(trace, setting.label, len(trace.requests), progress)
     try:
         for record in trace.records:
             if isinstance(record, TraceRequest):
-                results.append(client.generate(record, index=len(results), task_hint=task_hints))
+                no_update = not setting.learns
+                results.append(
+                    client.generate(
+                        record, index=len(results), no_update=no_update, task_hint=task_hints
+                    )
+                )
                 bar.update(1)
             else:
-                logger.info(
-                    "event before request %d: %s %s", len(results), record.kind, record.drafter
-                )
+                logger.info("event before request %d: %s", len(results), record.kind)
                 events.apply(record)
     finally:
         bar.close()
@@ -168,7 +195,7 @@ def replay_policy(
     return PolicyRun(setting, results, time.perf_counter() - started)
 
 
-def replay_policies(
+def replay_sequential(
     client: ReplayClient,
     trace: Trace,
     settings: Sequence[PolicySetting],
@@ -177,10 +204,85 @@ def replay_policies(
     progress: bool = True,
     task_hints: bool = False,
 ) -> dict[str, PolicyRun]:
-    """Replay the trace under every setting, in order (``none`` first)."""
+    """The whole trace under one policy, then the next (``none`` first)."""
     return {
         s.label: replay_policy(
             client, trace, s, world=world, progress=progress, task_hints=task_hints
         )
         for s in settings
     }
+
+
+def replay_interleaved(
+    client: ReplayClient,
+    trace: Trace,
+    settings: Sequence[PolicySetting],
+    *,
+    world: DrafterSource | None = None,
+    progress: bool = True,
+    task_hints: bool = False,
+) -> dict[str, PolicyRun]:
+    """Each request under every policy back to back (order rotated per request).
+
+    Paired measurements: a change in machine load hits every policy alike, which a shared
+    CPU needs. Learning policies keep their state across the switches: the sidecar saves a
+    policy's state when switching away and ``SetPolicy(reset_state=False)`` restores it; a
+    restored version lower than the last one seen is logged as a lost state.
+    """
+    results: dict[str, list[RequestResult]] = {s.label: [] for s in settings}
+    seconds = dict.fromkeys(results, 0.0)
+    versions: dict[str, int] = {}
+    events = EventApplier(client, world)
+    bar = _bar(trace, "all policies", len(trace.requests) * len(settings), progress)
+    index = 0
+    try:
+        for record in trace.records:
+            if not isinstance(record, TraceRequest):
+                logger.info("event before request %d: %s", index, record.kind)
+                events.apply(record)
+                continue
+            for offset in range(len(settings)):
+                setting = settings[(index + offset) % len(settings)]
+                restore = setting.learns and setting.label in versions
+                version = client.set_policy(setting.policy, setting.config, reset_state=not restore)
+                if restore and version < versions[setting.label]:
+                    logger.warning(
+                        "policy %s lost its state (version %d < %d)",
+                        setting.label,
+                        version,
+                        versions[setting.label],
+                    )
+                started = time.perf_counter()
+                result = client.generate(
+                    record, index=index, no_update=not setting.learns, task_hint=task_hints
+                )
+                seconds[setting.label] += time.perf_counter() - started
+                results[setting.label].append(result)
+                versions[setting.label] = max(version, result.policy_version)
+                bar.update(1)
+            index += 1
+    finally:
+        bar.close()
+        events.undo()
+    return {s.label: PolicyRun(s, results[s.label], seconds[s.label]) for s in settings}
+
+
+SCHEDULES = {"interleaved": replay_interleaved, "sequential": replay_sequential}
+
+
+def replay_policies(
+    client: ReplayClient,
+    trace: Trace,
+    settings: Sequence[PolicySetting],
+    *,
+    schedule: str = "interleaved",
+    world: DrafterSource | None = None,
+    progress: bool = True,
+    task_hints: bool = False,
+) -> dict[str, PolicyRun]:
+    """Replay the trace under every setting with the named schedule."""
+    if schedule not in SCHEDULES:
+        raise KeyError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    return SCHEDULES[schedule](
+        client, trace, settings, world=world, progress=progress, task_hints=task_hints
+    )

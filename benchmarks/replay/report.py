@@ -130,6 +130,7 @@ def build_report(
     policies = {
         label: {
             "sidecar_policy": run.setting.policy,
+            "learns": run.setting.learns,
             "config": dict(run.setting.config),
             "replay_seconds": round(run.seconds, 3),
             **policy_section(run.results, baseline, traffic),
@@ -317,7 +318,12 @@ def load_runs(out_dir: Path) -> tuple[dict[str, Any], dict[str, PolicyRun]]:
     report = json.loads((out_dir / "report.json").read_text())
     runs = {
         label: PolicyRun(
-            PolicySetting(label, section["sidecar_policy"], section.get("config", {})),
+            PolicySetting(
+                label,
+                section["sidecar_policy"],
+                section.get("config", {}),
+                learns=bool(section.get("learns", False)),
+            ),
             read_requests(out_dir / "requests" / f"{label}.jsonl"),
             float(section.get("replay_seconds", 0.0)),
         )

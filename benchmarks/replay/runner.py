@@ -6,6 +6,8 @@ Used by ``specroute replay``, ``specroute study`` and ``specroute demo``.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import json
 import logging
 import os
 import secrets
@@ -24,6 +26,7 @@ from benchmarks.replay.replay import (
     PolicySetting,
     policy_settings,
     replay_policies,
+    withheld_drafters,
 )
 from benchmarks.replay.report import build_report, write_report
 from benchmarks.replay.trace import Trace, TraceRequest, read_trace
@@ -47,6 +50,7 @@ class ReplayConfig:
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     generic_k: int | None = None  # None: the calibrated best k of the generic drafter
     task_hints: bool = False  # send the trace's task label as task_hint (skips the classifier)
+    schedule: str = "interleaved"  # or "sequential": the whole trace per policy
     progress: bool = True
     plots: bool = True
 
@@ -73,12 +77,16 @@ class WorldLike(DrafterSource, Protocol):
 
 
 def load_world(world_dir: Path | None) -> WorldLike:
-    """The built-in world at ``world_dir`` (default: the default-scale world), built if missing."""
-    from benchmarks.world.build import build_world
-    from benchmarks.world.layout import default_world_dir
+    """The world at ``world_dir``; without one, the default-scale world (built if missing)."""
+    from benchmarks.world.layout import World
 
-    world: WorldLike = build_world(world_dir or default_world_dir("default"), progress=True)
-    return world
+    if world_dir is not None:
+        loaded: WorldLike = World.load(world_dir)
+        return loaded
+    from benchmarks.world.build import build_world
+
+    built: WorldLike = build_world(scale="default", progress=True)
+    return built
 
 
 def resolve_trace(spec: str, world: WorldLike | None, options: TraceOptions) -> Trace:
@@ -108,9 +116,33 @@ def calibration_requests(
     return grouped
 
 
+def world_env_without(world_dir: Path | None, withheld: Sequence[str]) -> dict[str, str]:
+    """Sidecar settings (environment) serving the world minus the ``withheld`` drafters.
+
+    Built-in drafters cannot be removed over the API, so a trace that starts without one
+    gets a sidecar configured from explicit directories instead of ``--world``.
+    """
+    from benchmarks.world.layout import World, default_world_dir
+
+    # The classifier package's interface (TEAM.md); looked up at run time.
+    ensure_world_classifier = importlib.import_module("classifiers").ensure_world_classifier
+
+    world = World.load(world_dir or default_world_dir("default"))
+    drafters = {n: str(p) for n, p in world.drafter_dirs.items() if n not in withheld}
+    return {
+        "SPECROUTE_TARGET_DIR": str(world.target_dir),
+        "SPECROUTE_CLASSIFIER_DIR": str(ensure_world_classifier(world.root)),
+        "SPECROUTE_DRAFTER_DIRS": json.dumps(drafters),
+        "SPECROUTE_MODEL_ROOTS": json.dumps([str(world.root)]),
+    }
+
+
 @contextlib.contextmanager
 def sidecar(
-    address: str | None, world_dir: Path | None, admin_token: str | None
+    address: str | None,
+    world_dir: Path | None,
+    admin_token: str | None,
+    withheld: Sequence[str] = (),
 ) -> Iterator[tuple[str, str | None]]:
     """Yield (address, admin token): the given sidecar, or one started on the world."""
     if address is not None:
@@ -120,7 +152,10 @@ def sidecar(
 
     # A fresh sidecar with a one-off admin token: SetPolicy and drafter events need it.
     token = admin_token or secrets.token_urlsafe(24)
-    with launch_sidecar(world_dir, admin_token=token, http=False, metrics=False) as launched:
+    env = world_env_without(world_dir, withheld) if withheld else None
+    with launch_sidecar(
+        None if withheld else world_dir, admin_token=token, http=False, metrics=False, env=env
+    ) as launched:
         yield launched.grpc_address, token
 
 
@@ -145,6 +180,7 @@ def replay_on_client(
         client,
         trace,
         settings,
+        schedule=config.schedule,
         world=world,
         progress=config.progress,
         task_hints=config.task_hints,
@@ -169,7 +205,10 @@ def run_replay(config: ReplayConfig) -> ReplayOutcome:
     trace = resolve_trace(config.trace, world, config.trace_options)
     world_dir = Path(world.root) if world is not None else None
     with (
-        sidecar(config.address, world_dir, config.admin_token) as (address, token),
+        sidecar(config.address, world_dir, config.admin_token, withheld_drafters(trace)) as (
+            address,
+            token,
+        ),
         ReplayClient(address, token) as client,
     ):
         client.wait_ready()

@@ -1,0 +1,121 @@
+"""A small replay end to end: the tiny world, a real sidecar (``specroute serve`` subprocess),
+every policy through gRPC Generate, lossless outputs and the report's keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.replay.builtin import TraceOptions
+from benchmarks.replay.calibration import CalibrationOptions
+from benchmarks.replay.runner import ReplayConfig, ReplayOutcome, format_task_table, run_replay
+
+POLICIES = ("none", "generic", "static", "thompson", "oracle")
+SMALL_TRACE = TraceOptions(per_task=2, max_new_tokens_cap=24)
+SMALL_CALIBRATION = CalibrationOptions(
+    prompts_per_task=1, k_grid=(2, 4), top_drafters=1, warmup_requests=1, progress=False
+)
+
+
+@pytest.fixture(scope="module")
+def outcome(tiny_world: Any, tmp_path_factory: pytest.TempPathFactory) -> ReplayOutcome:
+    config = ReplayConfig(
+        trace="uniform",
+        out_dir=tmp_path_factory.mktemp("replay") / "uniform",
+        policies=POLICIES,
+        world_dir=Path(tiny_world.root),
+        trace_options=SMALL_TRACE,
+        calibration=SMALL_CALIBRATION,
+        progress=False,
+    )
+    return run_replay(config)
+
+
+def test_every_policy_is_lossless_and_reported(outcome: ReplayOutcome, tiny_world: Any) -> None:
+    report = json.loads(outcome.report_path.read_text())
+    assert list(report["policies"]) == list(POLICIES)
+    tasks = set(tiny_world.tasks)
+    for label, section in report["policies"].items():
+        assert section["lossless"] is True, (label, section["lossless_mismatches"])
+        assert set(section["per_task"]) == tasks
+        for row in section["per_task"].values():
+            assert row["speedup"] > 0 and row["tokens_per_s"] > 0
+        for key in (
+            "mean_speedup",
+            "min_speedup",
+            "max_over_min",
+            "cv",
+            "jain",
+            "fraction_of_oracle",
+        ):
+            assert key in section
+    assert report["policies"]["none"]["mean_speedup"] == pytest.approx(1.0)
+    assert report["policies"]["oracle"]["fraction_of_oracle"] == pytest.approx(1.0)
+    folder = outcome.report_path.parent
+    for name in (
+        "report.md",
+        "speedup_by_task.png",
+        "acceptance_heatmap.png",
+        "regret.png",
+        "arms_thompson.png",
+        "requests/thompson.jsonl",
+    ):
+        assert (folder / name).is_file(), name
+
+
+def test_outputs_are_real_generations_identical_across_policies(outcome: ReplayOutcome) -> None:
+    baseline = {r.request_id: r for r in outcome.runs["none"].results}
+    assert len(baseline) == len(outcome.trace.requests)
+    assert any(r.generated_tokens > 1 for r in baseline.values())
+    for label, run in outcome.runs.items():
+        for result in run.results:
+            assert result.output_ids == baseline[result.request_id].output_ids, label
+            assert len(result.output_ids) == result.generated_tokens
+
+
+def test_policies_played_the_arms_they_were_set_to(outcome: ReplayOutcome) -> None:
+    assert {(r.drafter, r.draft_length) for r in outcome.runs["none"].results} == {("none", 0)}
+    assert all(r.drafted == 0 for r in outcome.runs["none"].results)
+    generic_k = outcome.calibration.generic_k
+    assert {(r.drafter, r.draft_length) for r in outcome.runs["generic"].results} == {
+        ("generic", generic_k)
+    }
+    oracle = outcome.calibration.oracle
+    for result in outcome.runs["oracle"].results:
+        if result.cluster in oracle:
+            choice = oracle[result.cluster]
+            expected = ("none", 0) if choice.k == 0 else (choice.drafter, choice.k)
+            assert (result.drafter, result.draft_length) == expected
+    versions = [r.policy_version for r in outcome.runs["thompson"].results]
+    assert versions[-1] > versions[0]  # the learning policy was updated by the replay
+
+
+def test_task_table_lists_every_task(outcome: ReplayOutcome, tiny_world: Any) -> None:
+    text = format_task_table(outcome.report)
+    for task in tiny_world.tasks:
+        assert any(line.split()[:1] == [task] for line in text.splitlines())
+    assert "report.md" in text
+
+
+def test_new_drafter_trace_withholds_then_registers_it(tiny_world: Any, tmp_path: Path) -> None:
+    config = ReplayConfig(
+        trace="new-drafter",
+        out_dir=tmp_path / "new-drafter",
+        policies=("none", "thompson"),
+        world_dir=Path(tiny_world.root),
+        trace_options=TraceOptions(per_task=1, max_new_tokens_cap=16),
+        calibration=SMALL_CALIBRATION,
+        progress=False,
+        plots=False,
+    )
+    outcome = run_replay(config)
+    removed, registered = outcome.trace.events
+    assert (removed.kind, registered.kind) == ("remove_drafter", "register_drafter")
+    assert removed.drafter not in outcome.calibration.probe_speedup  # not served at start
+    for run in outcome.runs.values():
+        assert all(r.drafter != removed.drafter for r in run.results)
+    assert all(section["lossless"] for section in outcome.report["policies"].values())
+    assert outcome.report["trace"]["event_request_indices"] == [0, len(outcome.trace.requests) // 2]
