@@ -77,7 +77,8 @@ class DrafterPool:
     def add_builtin(self, record: DrafterRecord) -> None:
         """Load a built-in drafter (the world's, ngram, none); not stored in SQLite."""
         drafter = self._create(record.kind, record.name, record.path or None, record.options)
-        self._publish(LiveDrafter(replace(record, builtin=True), drafter))
+        described = _with_weights(replace(record, builtin=True), drafter)
+        self._publish(LiveDrafter(described, drafter))
 
     def restore(self) -> list[str]:
         """Load every stored drafter; a broken one is logged and skipped, not deleted."""
@@ -113,9 +114,8 @@ class DrafterPool:
                 tasks=tuple(spec.tasks),
                 finetune_sample=tuple(spec.finetune_sample),
                 options=dict(spec.options),
-                parameter_count=int(getattr(drafter, "parameter_count", 0) or 0),
-                weights_digest=str(getattr(drafter, "weights_digest", "") or ""),
             )
+            record = _with_weights(record, drafter)
             stored = self._store.add_drafter(record)
             self._publish(LiveDrafter(stored, drafter))
             logger.info("registered drafter %s (%s, %s)", stored.name, kind, stored.path)
@@ -202,3 +202,15 @@ class DrafterPool:
                 pass
         except Exception as exc:
             raise PreconditionError(f"drafter {name!r} failed its probe generation: {exc}") from exc
+
+
+def _with_weights(record: DrafterRecord, drafter: Any) -> DrafterRecord:
+    """``record`` with the drafter's parameter count and weights digest filled in."""
+    if record.kind != "model" or not record.path:
+        return record
+    from drafters.loader import safetensors_files, weights_digest
+
+    model = getattr(drafter, "model", None)
+    count = sum(p.numel() for p in model.parameters()) if model is not None else 0
+    digest = record.weights_digest or weights_digest(safetensors_files(record.path))
+    return replace(record, parameter_count=int(count), weights_digest=digest)

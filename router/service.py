@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from router.settings import Settings
 logger = logging.getLogger(__name__)
 
 DEFAULT_COUNTERFACTUAL_K = 4
+MAX_COUNTERFACTUAL_BACKLOG = 4
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,9 @@ class RouterService:
             self.limits.generation_queue_size,
             on_depth=metrics.queue_depth.set,
         )
+        self._learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="counterfactual")
+        self._learning_lock = threading.Lock()
+        self._learning_backlog = 0
         self._pending: OrderedDict[str, RoutedRequest] = OrderedDict()
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._bucket: Any = None
@@ -184,9 +190,10 @@ class RouterService:
     def close(self) -> None:
         """Final policy snapshot; stop the workers."""
         try:
-            self.policy.snapshot()
-        finally:
             self.queue.shutdown()
+            self._learner.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self.policy.snapshot()
 
     # -- routing ----------------------------------------------------------------------
     def prompt_ids(self, prompt: Prompt) -> list[int]:
@@ -408,7 +415,24 @@ class RouterService:
         self.policy.update(routed.context, routed.decision, outcome)
         self._count_outcome(routed, outcome, "generate")
         if sampling.greedy and result.output_ids:
-            self._score_counterfactuals(result)
+            self._offload_counterfactuals(result)
+
+    def _offload_counterfactuals(self, result: GenerationResult) -> None:
+        """Score off the generation worker; dropped (not queued) when scoring lags behind."""
+        with self._learning_lock:
+            if self._learning_backlog >= MAX_COUNTERFACTUAL_BACKLOG:
+                logger.debug("counterfactual scoring skipped: %d pending", self._learning_backlog)
+                return
+            self._learning_backlog += 1
+
+        def score() -> None:
+            try:
+                self._score_counterfactuals(result)
+            finally:
+                with self._learning_lock:
+                    self._learning_backlog -= 1
+
+        self._learner.submit(score)
 
     def _score_counterfactuals(self, result: GenerationResult) -> None:
         """Full-information updates (HedgeSpec-style) for other drafters, within a budget."""

@@ -1,0 +1,269 @@
+"""Every Router RPC through the generated client against a real in-process sidecar."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from router.domain import Prompt
+from router.pb import router_pb2 as pb
+from tests.router.conftest import ADMIN, TASK_WORDS, SidecarThread, TinyServingWorld
+
+PROMPT = "solve equation w3 w9 integer w12 sum"
+
+
+def greedy_reference(
+    sidecar: SidecarThread, text: str, max_new_tokens: int
+) -> tuple[list[int], str]:
+    """The engine's greedy output for ``text`` without speculation (the target alone)."""
+    service = sidecar.service
+    none = service.drafters.get("none").drafter
+    run = service.components.engine.generate(
+        service.prompt_ids(Prompt(text=text)), none, 0, max_new_tokens=max_new_tokens
+    )
+    for _ in run:
+        pass
+    ids = [int(t) for t in run.output_ids]
+    return ids, service.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def generate(sidecar: SidecarThread, **fields: object) -> list[pb.GenerateChunk]:
+    return list(sidecar.stub.Generate(pb.GenerateRequest(**fields), timeout=120))
+
+
+def test_route_classifies_and_picks_an_eligible_arm(sidecar: SidecarThread) -> None:
+    text = TASK_WORDS["translate"] + " w4 w5"
+    decision = sidecar.stub.Route(pb.RouteRequest(text=text, max_new_tokens=32))
+    expected = sidecar.service.components.classifiers.current.classify(text)
+    assert decision.task_cluster == expected.cluster
+    assert decision.confidence == pytest.approx(expected.probability, rel=1e-5)
+    assert decision.request_id  # assigned by the server
+    assert decision.policy == "thompson"
+    assert decision.prompt_tokens == len(text.split())
+    assert decision.drafter in {"generic", "close", "ngram", "none"}
+    assert (decision.drafter == "none") == (decision.draft_length == 0)
+
+
+def test_route_with_conversation_and_task_hint(sidecar: SidecarThread) -> None:
+    conversation = pb.Conversation(
+        messages=[
+            pb.ChatMessage(role="system", content="w1 w2"),
+            pb.ChatMessage(role="user", content=TASK_WORDS["code"]),
+        ]
+    )
+    decision = sidecar.stub.Route(
+        pb.RouteRequest(request_id="chat-1", conversation=conversation, task_hint="math")
+    )
+    assert decision.request_id == "chat-1"
+    assert decision.task_cluster == "math" and decision.confidence == pytest.approx(1.0)
+
+
+def test_report_updates_the_policy_once(sidecar: SidecarThread) -> None:
+    decision = sidecar.stub.Route(pb.RouteRequest(text=PROMPT, task_hint="math"))
+    k = decision.draft_length
+    steps = 5
+    outcome = pb.RouteOutcome(
+        request_id=decision.request_id,
+        steps=steps,
+        drafted_per_step=[k] * steps,
+        accepted_per_step=[min(1, k)] * steps,
+        draft_time_s=0.01,
+        verify_time_s=0.05,
+        wall_time_s=0.07,
+        generated_tokens=steps * (1 + min(1, k)),
+    )
+    ack = sidecar.stub.Report(outcome)
+    assert ack.request_id == decision.request_id
+    assert ack.policy_version > decision.policy_version
+    with pytest.raises(grpc.RpcError) as again:
+        sidecar.stub.Report(outcome)
+    assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_report_from_totals_and_positions(sidecar: SidecarThread) -> None:
+    decision = sidecar.stub.Route(pb.RouteRequest(text=PROMPT, task_hint="code"))
+    outcome = pb.RouteOutcome(
+        request_id=decision.request_id,
+        steps=4,
+        drafted_tokens=4 * 3,
+        accepted_tokens=5,
+        accepted_per_position=[3, 2, 0],
+        draft_time_s=0.01,
+        verify_time_s=0.04,
+    )
+    assert sidecar.stub.Report(outcome).policy_version > decision.policy_version
+
+
+def test_generate_over_grpc_is_exactly_the_greedy_output(sidecar: SidecarThread) -> None:
+    expected_ids, expected_text = greedy_reference(sidecar, PROMPT, 40)
+    chunks = generate(sidecar, text=PROMPT, max_new_tokens=40)
+    assert chunks[0].HasField("decision") and chunks[0].decision.task_cluster
+    ids = [token.id for chunk in chunks for token in chunk.tokens]
+    assert ids == expected_ids
+    stats = chunks[-1].stats
+    assert stats.generated_text == expected_text
+    assert stats.generated_tokens == len(expected_ids)
+    assert stats.steps == len(stats.accepted_per_step) > 0
+    assert stats.tokens_per_s > 0
+
+
+@pytest.mark.parametrize(("drafter", "k"), [("close", 4), ("ngram", 3), ("none", 0)])
+def test_generate_with_a_forced_arm_keeps_the_greedy_output(
+    sidecar: SidecarThread, drafter: str, k: int
+) -> None:
+    expected_ids, _ = greedy_reference(sidecar, PROMPT, 30)
+    chunks = generate(
+        sidecar, text=PROMPT, max_new_tokens=30, force_drafter=drafter, force_draft_length=k
+    )
+    assert chunks[0].decision.drafter == drafter and chunks[0].decision.draft_length == k
+    assert [t.id for c in chunks for t in c.tokens] == expected_ids
+    if k:
+        assert max(chunks[-1].stats.drafted_per_step) <= k
+
+
+def test_generate_updates_policy_and_scores_other_drafters(sidecar: SidecarThread) -> None:
+    before = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
+    generate(sidecar, text=PROMPT, max_new_tokens=20, task_hint="math")
+    after = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
+    assert after.version > before.version
+    math_contexts = [c for c in after.contexts if c.task_cluster == "math"]
+    assert math_contexts and math_contexts[0].requests >= 1
+    deadline = time.monotonic() + 60
+    scraped = ""
+    while 'reports_total{source="counterfactual"}' not in scraped and time.monotonic() < deadline:
+        time.sleep(0.05)
+        scraped = urllib.request.urlopen(sidecar.metrics_url, timeout=10).read().decode()
+    assert 'specroute_reports_total{source="counterfactual"}' in scraped
+
+
+def test_generate_with_no_update_leaves_the_policy(sidecar: SidecarThread) -> None:
+    before = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).version
+    generate(sidecar, text=PROMPT, max_new_tokens=8, no_update=True)
+    assert sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).version == before
+
+
+def test_drafter_registration_is_hot_and_removable(
+    sidecar: SidecarThread, serving_world: TinyServingWorld
+) -> None:
+    request = pb.RegisterDrafterRequest(
+        name="spare",
+        kind="model",
+        path=str(serving_world.spare_dir),
+        tasks=["code"],
+        finetune_sample=[TASK_WORDS["code"]],
+    )
+    info = sidecar.stub.RegisterDrafter(request, metadata=ADMIN)
+    assert info.name == "spare" and not info.builtin
+    assert info.parameter_count > 0 and len(info.weights_digest) == 64
+    assert info.finetune_sample_size == 1
+    listed = {d.name: d for d in sidecar.stub.ListDrafters(pb.ListDraftersRequest()).drafters}
+    assert "spare" in listed and listed["generic"].builtin
+    # Eligible for the very next request, no restart.
+    expected_ids, _ = greedy_reference(sidecar, PROMPT, 12)
+    chunks = generate(
+        sidecar, text=PROMPT, max_new_tokens=12, force_drafter="spare", force_draft_length=2
+    )
+    assert [t.id for c in chunks for t in c.tokens] == expected_ids
+
+    removed = sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="spare"), metadata=ADMIN)
+    assert removed.name == "spare"
+    names = {d.name for d in sidecar.stub.ListDrafters(pb.ListDraftersRequest()).drafters}
+    assert "spare" not in names
+    with pytest.raises(grpc.RpcError) as gone:
+        sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="spare"), metadata=ADMIN)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_ngram_registration_with_options(sidecar: SidecarThread) -> None:
+    request = pb.RegisterDrafterRequest(name="ngram-4", kind="ngram", options={"max_n": "4"})
+    assert sidecar.stub.RegisterDrafter(request, metadata=ADMIN).kind == "ngram"
+    sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="ngram-4"), metadata=ADMIN)
+
+
+def test_reload_classifier_swaps_and_refuses_a_broken_one(
+    sidecar: SidecarThread, serving_world: TinyServingWorld, tmp_path: object
+) -> None:
+    info = sidecar.stub.ReloadClassifier(
+        pb.ReloadClassifierRequest(path=str(serving_world.classifier_v2_dir)), metadata=ADMIN
+    )
+    assert set(info.labels) == set(TASK_WORDS) and info.version
+    current = sidecar.service.components.classifiers.current
+    assert current.metadata.version == info.version
+    with pytest.raises(grpc.RpcError) as broken:
+        sidecar.stub.ReloadClassifier(
+            pb.ReloadClassifierRequest(path=str(serving_world.target_dir)), metadata=ADMIN
+        )
+    assert broken.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert sidecar.service.components.classifiers.current.metadata.version == info.version
+    sidecar.stub.ReloadClassifier(
+        pb.ReloadClassifierRequest(path=str(serving_world.classifier_dir)), metadata=ADMIN
+    )
+
+
+def test_policy_state_and_switching(sidecar: SidecarThread) -> None:
+    sidecar.stub.Route(pb.RouteRequest(text=PROMPT, task_hint="summarize"))
+    state = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
+    assert state.policy == "thompson"
+    ucb = sidecar.stub.SetPolicy(
+        pb.SetPolicyRequest(policy="ucb", reset_state=True), metadata=ADMIN
+    )
+    assert ucb.policy == "ucb"
+    assert sidecar.stub.Route(pb.RouteRequest(text=PROMPT)).policy == "ucb"
+    with pytest.raises(grpc.RpcError) as unknown:
+        sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="nope"), metadata=ADMIN)
+    assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    back = sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson"), metadata=ADMIN)
+    assert back.policy == "thompson" and back.version == state.version
+
+
+def test_health_and_reflection(sidecar: SidecarThread) -> None:
+    health = health_pb2_grpc.HealthStub(sidecar.channel)
+    for service in ("", "specroute.v1.Router"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(sidecar.channel)
+    responses = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+    )
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"specroute.v1.Router", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_endpoint(sidecar: SidecarThread) -> None:
+    sidecar.stub.Route(pb.RouteRequest(text=PROMPT))
+    text = urllib.request.urlopen(sidecar.metrics_url, timeout=10).read().decode()
+    for name in (
+        "specroute_route_latency_seconds_count",
+        "specroute_decisions_total",
+        "specroute_spec_decode_num_draft_tokens_total",
+        "specroute_spec_decode_num_accepted_tokens_total",
+        "specroute_generation_tokens_per_second",
+        "specroute_generation_queue_depth",
+        "specroute_errors_total",
+    ):
+        assert name in text
+
+
+def test_queue_full_then_cancelled_generation_frees_its_slot(sidecar: SidecarThread) -> None:
+    # Capacity is one generation (one worker, queue size 0).
+    generated = sidecar.service.metrics.generated_tokens
+    tokens_before = generated._value.get()
+    first = sidecar.stub.Generate(
+        pb.GenerateRequest(text=PROMPT, max_new_tokens=200, force_drafter="none"), timeout=120
+    )
+    assert next(first).HasField("decision")
+    with pytest.raises(grpc.RpcError) as full:
+        list(sidecar.stub.Generate(pb.GenerateRequest(text=PROMPT, max_new_tokens=4)))
+    assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    first.cancel()
+    deadline = time.monotonic() + 60
+    while sidecar.service.queue.depth and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sidecar.service.queue.depth == 0
+    assert generated._value.get() - tokens_before < 200  # the engine stopped early
+    assert generate(sidecar, text=PROMPT, max_new_tokens=4)[-1].stats.generated_tokens == 4
