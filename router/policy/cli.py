@@ -1,9 +1,55 @@
-"""Commands contributed to the ``specroute`` CLI (filled in by this package's owner)."""
+"""``specroute bench policy``: the policy simulator (thompson vs ucb, oracle and baselines)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add this package's commands to the root app and the ``bench`` group."""
+    """Add ``bench policy`` to the ``bench`` group."""
+
+    @bench.command("policy")
+    def bench_policy(
+        json_path: Annotated[
+            Path | None, typer.Option("--json", help="Write the results here.")
+        ] = None,
+        requests: Annotated[
+            int, typer.Option("--requests", min=100, help="Requests per scenario.")
+        ] = 5000,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of streams, noise, policies.")] = 0,
+        world: Annotated[
+            Path | None,
+            typer.Option("--world", help="World dir with eval.json (default: the built-in's)."),
+        ] = None,
+        scenario: Annotated[
+            list[str] | None, typer.Option("--scenario", help="Only these scenarios.")
+        ] = None,
+    ) -> None:
+        """Simulate every policy on every scenario; print regret, oracle share, latency."""
+        from benchmarks.policy_sim.report import format_table, run_all
+
+        world_dir = world if world is not None else _default_world_dir()
+        report = run_all(world_dir, requests=requests, seed=seed, only=tuple(scenario or ()))
+        typer.echo(f"{report['date']} | {report['machine']} | world: {report['world']}")
+        typer.echo(
+            "regret: expected target seconds lost vs the oracle; oracle%: last-half share on the "
+            "oracle's (drafter, k); k0%: k = 0 share where k = 0 is best; switch / new use: "
+            "requests of the affected cluster"
+        )
+        typer.echo(format_table(report))
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report, indent=2) + "\n")
+            typer.echo(f"wrote {json_path}")
+
+
+def _default_world_dir() -> Path:
+    """``$SPECROUTE_HOME/worlds/default`` (the built-in world's eval.json lives there)."""
+    import os
+
+    home = Path(os.environ.get("SPECROUTE_HOME", Path.home() / ".cache" / "specroute"))
+    return home / "worlds" / "default"

@@ -2,13 +2,15 @@
 
 Costs are learned from every outcome, never assumed:
 
-- ``t_draft[d]``: EWMA of draft_time / drafted tokens, per drafter;
+- ``t_draft[d]``: running mean of draft_time / drafted tokens per drafter, turning into an
+  EWMA (weight ``max(1/n, ewma)`` for the n-th observation) so it follows slow changes;
 - ``t_verify(k) = t0 + k * t1``: discounted least squares of verify_time / steps on the
   mean k of each request, with a ridge penalty ``lam * (t1 - rho * t0)^2`` that keeps the
   slope near ``rho * t0`` until k varies enough to identify it;
-- ``t_ar``: EWMA of ``plain_token_time_s`` when callers measure it. Otherwise it is the
-  intercept t0: a verify step of k = 0 scores one position, which is a plain decoding
-  step (k = 0 requests measure it directly, small-k steps pin it through the line).
+- ``t_ar``: the same running mean / EWMA of ``plain_token_time_s`` when callers measure
+  it. Otherwise it is the intercept t0: a verify step of k = 0 scores one position,
+  which is a plain decoding step (k = 0 requests measure it directly, small-k steps pin
+  it through the line).
 
 Before anything is measured, costs are in units of t_ar = 1 and a drafter costs
 ``draft_cost_ratio`` (a per-drafter hint, else ``default_draft_cost_ratio``) per token.
@@ -31,7 +33,7 @@ class CostModel:
     def __init__(
         self,
         *,
-        ewma: float = 0.05,
+        ewma: float = 0.01,
         verify_slope_ratio: float = 0.05,
         slope_prior_weight: float = 1.0,
         default_draft_cost_ratio: float = 0.1,
@@ -43,25 +45,34 @@ class CostModel:
         self.default_draft_cost_ratio = default_draft_cost_ratio
         self.draft_cost_ratio = dict(draft_cost_ratio or {})
         self.draft_token_time_: dict[str, float] = {}
+        self.draft_observations_: dict[str, int] = {}
         self.plain_token_time_: float | None = None
+        self.plain_observations_ = 0
         # Discounted normal equations of verify_time/step = t0 + kbar * t1.
         self.verify_xtx_ = np.zeros((2, 2))
         self.verify_xty_ = np.zeros(2)
         self.observations_ = 0
         self.revision_ = 0
 
-    def _blend(self, old: float | None, new: float) -> float:
-        return new if old is None else (1.0 - self.ewma) * old + self.ewma * new
+    def _blend(self, old: float | None, new: float, n: int) -> float:
+        """Fold the n-th observation in with weight max(1/n, ewma)."""
+        if old is None:
+            return new
+        weight = max(1.0 / n, self.ewma)
+        return (1.0 - weight) * old + weight * new
 
     def observe(self, drafter: str, outcome: Outcome) -> None:
         """Fold one request's measured times into the estimates."""
         if outcome.plain_token_time_s:
-            self.plain_token_time_ = self._blend(self.plain_token_time_, outcome.plain_token_time_s)
+            self.plain_observations_ += 1
+            self.plain_token_time_ = self._blend(
+                self.plain_token_time_, outcome.plain_token_time_s, self.plain_observations_
+            )
         drafted = outcome.drafted_tokens
         if drafted > 0 and outcome.draft_time_s > 0:
-            per_token = outcome.draft_time_s / drafted
+            n = self.draft_observations_[drafter] = self.draft_observations_.get(drafter, 0) + 1
             self.draft_token_time_[drafter] = self._blend(
-                self.draft_token_time_.get(drafter), per_token
+                self.draft_token_time_.get(drafter), outcome.draft_time_s / drafted, n
             )
         # A k = 0 request may come without steps: each generated token was one step.
         steps = outcome.steps or (outcome.generated_tokens if drafted == 0 else 0)
@@ -122,12 +133,15 @@ class CostModel:
 
     def forget_drafter(self, drafter: str) -> None:
         self.draft_token_time_.pop(drafter, None)
+        self.draft_observations_.pop(drafter, None)
         self.revision_ += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "draft_token_time": dict(self.draft_token_time_),
+            "draft_observations": dict(self.draft_observations_),
             "plain_token_time": self.plain_token_time_,
+            "plain_observations": self.plain_observations_,
             "verify_xtx": self.verify_xtx_.tolist(),
             "verify_xty": self.verify_xty_.tolist(),
             "observations": self.observations_,
@@ -135,6 +149,8 @@ class CostModel:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.draft_token_time_ = {str(k): float(v) for k, v in state["draft_token_time"].items()}
+        self.draft_observations_ = {str(k): int(v) for k, v in state["draft_observations"].items()}
+        self.plain_observations_ = int(state["plain_observations"])
         plain = state["plain_token_time"]
         self.plain_token_time_ = None if plain is None else float(plain)
         self.verify_xtx_ = np.asarray(state["verify_xtx"], dtype=np.float64).reshape(2, 2)

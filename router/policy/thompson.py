@@ -55,7 +55,7 @@ class ThompsonConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    gamma: float = Field(0.99, gt=0.0, le=1.0)
+    gamma: float = Field(0.98, gt=0.0, le=1.0)
     k_max: int = Field(8, ge=1, le=32)
     seed: int | None = 0
     prior_alpha: float = Field(1.0, gt=0.0)
@@ -65,7 +65,7 @@ class ThompsonConfig(BaseModel):
     similarity_high: float = Field(0.9, gt=0.0, lt=1.0)
     evidence_cap: float | None = Field(None, gt=0.0)
     transfer_weight: float = Field(16.0, ge=0.0)
-    cost_ewma: float = Field(0.05, gt=0.0, le=1.0)
+    cost_ewma: float = Field(0.01, gt=0.0, le=1.0)
     verify_slope_ratio: float = Field(0.05, ge=0.0)
     default_draft_cost_ratio: float = Field(0.1, ge=0.0)
     draft_cost_ratio: dict[str, float] = Field(default_factory=dict)
@@ -81,7 +81,7 @@ class ThompsonPolicy:
         self,
         drafters: Sequence[str] = (),
         *,
-        gamma: float = 0.99,
+        gamma: float = 0.98,
         k_max: int = 8,
         rng: np.random.Generator | None = None,
         priors: PriorSettings | None = None,

@@ -1,0 +1,317 @@
+"""Run one policy through a simulated request stream and measure it against the oracle.
+
+Each request has a cluster (from the world's mix), a prompt length (hence a length
+bucket) and a number of tokens to generate. The chosen (drafter, k) is simulated step by
+step: the request's acceptance is the true one plus N(0, 0.04) noise, each step accepts
+min(k, G) tokens with G geometric (truncated-geometric acceptance), and draft and verify
+times are the true costs times log-normal noise (sigma 0.1). The policy sees only this
+outcome; ``plain_token_time_s`` is not reported, so it must estimate t_ar itself.
+
+Regret is in saved target time, in expectation: a request of N tokens on an arm with true
+speed-up S takes N * t_ar / S, so its regret against the oracle's S* is
+N * t_ar * (1 / S - 1 / S*) seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from benchmarks.policy_sim.world import K_MAX, SimWorld
+from router.policy.base import Context, Outcome, Policy, length_bucket
+from router.policy.registry import make_policy
+from router.policy.static import StaticPolicy, table_key
+
+ACCEPTANCE_NOISE = 0.04
+COST_NOISE = 0.1
+SWITCH_RUN = 10  # consecutive requests off the old arm that count as "switched"
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happens mid-stream: acceptance drift, or a drafter registered."""
+
+    at: int
+    kind: str  # "drift" | "add"
+    cluster: str = ""
+    drafter: str = ""
+    delta: float = 0.0
+    with_similarity: bool = False
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A world, the drafters registered at the start, and the events of the stream."""
+
+    name: str
+    description: str
+    world: SimWorld
+    initial_drafters: tuple[str, ...]
+    events: tuple[Event, ...] = ()
+    requests: int = 5000
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy to simulate: registry name and config; ``full_information`` scores all drafters."""
+
+    label: str
+    policy: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+    full_information: bool = False
+
+
+@dataclass(frozen=True)
+class RequestStream:
+    """The requests of one scenario (shared by every policy): cluster, prompt and output length."""
+
+    cluster: np.ndarray
+    prompt_tokens: np.ndarray
+    tokens: np.ndarray
+
+    @classmethod
+    def sample(cls, world: SimWorld, n: int, seed: int) -> RequestStream:
+        rng = np.random.default_rng(seed)
+        cluster = rng.choice(len(world.clusters), size=n, p=world.cluster_weights)
+        long = rng.random(n) < world.long_prompt_share[cluster]
+        prompt = np.where(long, rng.integers(64, 256, size=n), rng.integers(8, 64, size=n))
+        mean = world.mean_tokens[cluster]
+        tokens = np.clip(np.round(mean * rng.lognormal(-0.08, 0.4, size=n)), 8, 512)
+        return cls(cluster, prompt, tokens.astype(np.int64))
+
+
+def accepted_steps(rng: np.random.Generator, acceptance: float, k: int, tokens: int) -> np.ndarray:
+    """Accepted draft tokens per step until ``tokens`` are generated (bonus included)."""
+    # Successes before the first failure: G - 1 with G ~ Geometric(1 - a); truncated at k.
+    accepted = np.minimum(rng.geometric(1.0 - acceptance, size=tokens) - 1, k)
+    emitted = np.cumsum(accepted + 1)
+    steps = int(np.searchsorted(emitted, tokens)) + 1
+    return accepted[:steps]
+
+
+def simulate_outcome(
+    rng: np.random.Generator,
+    world: SimWorld,
+    cell: tuple[int, int],
+    drafter: str,
+    k: int,
+    tokens: int,
+) -> Outcome:
+    """Run one request on (drafter, k) in the simulated world."""
+    noise = rng.lognormal(0.0, COST_NOISE, size=2)
+    if k == 0:
+        return Outcome(
+            (0,) * tokens,
+            (0,) * tokens,
+            0.0,
+            tokens * world.t_ar * noise[1],
+            tokens * world.t_ar * noise[1],
+            tokens,
+        )
+    d = world.drafters.index(drafter)
+    mean = world.acceptance[cell[0], cell[1], d]
+    acceptance = float(np.clip(mean + rng.normal(0.0, ACCEPTANCE_NOISE), 0.01, 0.95))
+    accepted = accepted_steps(rng, acceptance, k, tokens)
+    steps = len(accepted)
+    draft = steps * k * world.draft_cost[d] * world.t_ar * noise[0]
+    verify = steps * (1.0 + world.verify_slope * k) * world.t_ar * noise[1]
+    return Outcome(
+        (k,) * steps,
+        tuple(accepted.tolist()),
+        draft,
+        verify,
+        draft + verify,
+        int(accepted.sum()) + steps,
+    )
+
+
+@dataclass
+class _Phase:
+    """What holds between two events: the world, the present drafters, the oracle."""
+
+    world: SimWorld
+    present: list[str]
+    speedups: np.ndarray
+    oracle: dict[tuple[int, int], tuple[str, int]]
+
+    @classmethod
+    def of(cls, world: SimWorld, present: list[str]) -> _Phase:
+        return cls(world, present, world.speedups(), world.oracle_arms(present))
+
+    def speedup(self, cell: tuple[int, int], drafter: str, k: int) -> float:
+        if k == 0:
+            return 1.0
+        return float(self.speedups[cell[0], cell[1], self.world.drafters.index(drafter), k])
+
+
+def oracle_table(phase: _Phase) -> dict[str, tuple[str, int]]:
+    """The oracle policy's config table: ``"<cluster>/<bucket>" -> (drafter, k)``."""
+    return {
+        table_key(Context(phase.world.clusters[c], b)): arm for (c, b), arm in phase.oracle.items()
+    }
+
+
+def _apply(event: Event, phase: _Phase, policy: Policy) -> _Phase:
+    if event.kind == "drift":
+        return _Phase.of(
+            phase.world.with_acceptance(event.cluster, event.drafter, event.delta), phase.present
+        )
+    similarity = phase.world.similarity.get(event.drafter) if event.with_similarity else None
+    policy.add_drafter(event.drafter, similarity)
+    return _Phase.of(phase.world, [*phase.present, event.drafter])
+
+
+def _first_run(flags: list[bool], run: int) -> int | None:
+    """1-based index where the first run of ``run`` consecutive True flags starts."""
+    streak = 0
+    for i, flag in enumerate(flags):
+        streak = streak + 1 if flag else 0
+        if streak == run:
+            return i - run + 2
+    return None
+
+
+def run_policy(
+    scenario: Scenario, spec: PolicySpec, stream: RequestStream, seed: int
+) -> dict[str, Any]:
+    """Simulate ``spec`` on ``scenario``; returns the metrics of one policy (JSON-able)."""
+    rng = np.random.default_rng(seed)
+    phase = _Phase.of(scenario.world, list(scenario.initial_drafters))
+    config = dict(spec.config)
+    if spec.policy == "oracle":
+        config["table"] = oracle_table(phase)
+    policy = make_policy(spec.policy, phase.present, config)
+    events = sorted(scenario.events, key=lambda e: e.at)
+    n = len(stream.cluster)
+    regret = 0.0
+    curve: list[float] = []
+    on_oracle = np.zeros(n, dtype=bool)
+    k0_chosen: list[bool] = []
+    latencies = np.zeros(n)
+    drift_flags: list[bool] = []
+    added_flags: list[bool] = []
+    drift = next((e for e in events if e.kind == "drift"), None)
+    added = next((e for e in events if e.kind == "add"), None)
+    for i in range(n):
+        while events and events[0].at == i:
+            phase = _apply(events.pop(0), phase, policy)
+            if isinstance(policy, StaticPolicy) and spec.policy == "oracle":
+                policy.table = oracle_table(phase)
+        c = int(stream.cluster[i])
+        cluster = phase.world.clusters[c]
+        context = Context(cluster, length_bucket(int(stream.prompt_tokens[i])))
+        cell = (c, context.length_bucket)
+        started = time.perf_counter_ns()
+        decision = policy.select(context, phase.present)
+        latencies[i] = (time.perf_counter_ns() - started) / 1000.0
+        tokens = int(stream.tokens[i])
+        best = phase.oracle[cell]
+        regret += (
+            tokens
+            * phase.world.t_ar
+            * (
+                1.0 / phase.speedup(cell, decision.drafter, decision.k)
+                - 1.0 / phase.speedup(cell, *best)
+            )
+        )
+        on_oracle[i] = (decision.drafter, decision.k) == best
+        if i >= n // 2 and best[1] == 0:
+            k0_chosen.append(decision.k == 0)
+        if drift is not None and i >= drift.at and cluster == drift.cluster:
+            drift_flags.append(decision.drafter != drift.drafter)
+        if added is not None and i >= added.at and cluster == added.cluster:
+            added_flags.append(decision.drafter == added.drafter)
+        outcome = simulate_outcome(rng, phase.world, cell, decision.drafter, decision.k, tokens)
+        policy.update(context, decision, outcome)
+        if spec.full_information:
+            _score_others(rng, policy, phase, context, cell, decision.drafter, decision.k, tokens)
+        if (i + 1) % 500 == 0:
+            curve.append(round(regret, 4))
+    loop = select_latency_us(policy, _contexts(stream, phase.world), phase.present)
+    result: dict[str, Any] = {
+        "regret": regret,
+        "oracle_fraction_last_half": float(on_oracle[n // 2 :].mean()),
+        "select_us_p50": float(np.median(loop)),
+        "select_us_p99": float(np.percentile(loop, 99)),
+        "select_us_p50_in_stream": float(np.median(latencies)),
+        "k0_fraction_on_k0_contexts_last_half": float(np.mean(k0_chosen)) if k0_chosen else None,
+        "regret_curve": curve,
+    }
+    if drift is not None:
+        result["switch_after_drift"] = _first_run(drift_flags, SWITCH_RUN)
+    if added is not None:
+        result["new_drafter_first_use"] = _first_run(added_flags, 1)
+        result["new_drafter_share_after_add"] = float(np.mean(added_flags)) if added_flags else 0.0
+    return result
+
+
+def _contexts(stream: RequestStream, world: SimWorld) -> list[Context]:
+    pairs = {
+        (int(c), length_bucket(int(p)))
+        for c, p in zip(stream.cluster, stream.prompt_tokens, strict=True)
+    }
+    return [Context(world.clusters[c], b) for c, b in sorted(pairs)]
+
+
+def select_latency_us(
+    policy: Policy, contexts: list[Context], eligible: list[str], rounds: int = 250
+) -> np.ndarray:
+    """select() wall time in microseconds, cycling over ``contexts`` in a tight loop.
+
+    Measured apart from the simulation so the figure is the call's own cost, not the
+    simulator's cache pollution (the in-stream figure is reported beside it).
+    """
+    timings = np.zeros(rounds * len(contexts))
+    clock = time.perf_counter_ns
+    for i in range(len(timings)):
+        context = contexts[i % len(contexts)]
+        started = clock()
+        policy.select(context, eligible)
+        timings[i] = (clock() - started) / 1000.0
+    return timings
+
+
+def _score_others(
+    rng: np.random.Generator,
+    policy: Policy,
+    phase: _Phase,
+    context: Context,
+    cell: tuple[int, int],
+    chosen: str,
+    k: int,
+    tokens: int,
+) -> None:
+    """Full information: every other drafter's teacher-forced accepts on this output."""
+    draft_length = k or 4
+    for drafter in phase.present:
+        if drafter == chosen:
+            continue
+        mean = phase.world.acceptance[cell[0], cell[1], phase.world.drafters.index(drafter)]
+        acceptance = float(np.clip(mean + rng.normal(0.0, ACCEPTANCE_NOISE), 0.01, 0.95))
+        accepted = accepted_steps(rng, acceptance, draft_length, tokens)
+        policy.update_counterfactual(context, drafter, accepted.tolist(), draft_length)
+
+
+def run_scenario(
+    scenario: Scenario, specs: list[PolicySpec], seed: int
+) -> dict[str, dict[str, Any]]:
+    """Every policy on the same request stream; per policy the metrics of ``run_policy``."""
+    stream = RequestStream.sample(scenario.world, scenario.requests, seed)
+    return {
+        spec.label: run_policy(scenario, spec, stream, seed + 1 + j) for j, spec in enumerate(specs)
+    }
+
+
+__all__ = [
+    "K_MAX",
+    "Event",
+    "PolicySpec",
+    "RequestStream",
+    "Scenario",
+    "run_policy",
+    "run_scenario",
+]
