@@ -1,0 +1,154 @@
+"""The TGI-compatible HTTP front, driven by the official text-generation client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+from text_generation import AsyncClient, Client
+from text_generation.errors import ValidationError
+
+from router.domain import Prompt
+from tests.router.conftest import SidecarThread
+
+PROMPT = "summarize article w7 w8 main points w9"
+
+
+def greedy_reference(
+    sidecar: SidecarThread, text: str, max_new_tokens: int
+) -> tuple[list[int], str]:
+    service = sidecar.service
+    none = service.drafters.get("none").drafter
+    run = service.components.engine.generate(
+        service.prompt_ids(Prompt(text=text)), none, 0, max_new_tokens=max_new_tokens
+    )
+    for _ in run:
+        pass
+    ids = [int(t) for t in run.output_ids]
+    return ids, service.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def post(url: str, body: dict[str, Any]) -> tuple[int, str, bytes]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read()
+
+
+def test_client_generate_is_exactly_the_greedy_output(sidecar: SidecarThread) -> None:
+    expected_ids, expected_text = greedy_reference(sidecar, PROMPT, 24)
+    response = Client(sidecar.http_url, timeout=60).generate(PROMPT, max_new_tokens=24)
+    assert response.generated_text == expected_text
+    assert [token.id for token in response.details.tokens] == expected_ids
+    assert response.details.generated_tokens == len(expected_ids)
+    assert response.details.finish_reason.value in {"length", "eos_token"}
+    assert response.details.prefill == []
+
+
+def test_client_generate_stream_is_exactly_the_greedy_output(sidecar: SidecarThread) -> None:
+    expected_ids, expected_text = greedy_reference(sidecar, PROMPT, 24)
+    events = list(Client(sidecar.http_url, timeout=60).generate_stream(PROMPT, max_new_tokens=24))
+    assert [event.token.id for event in events] == expected_ids
+    assert all(event.generated_text is None for event in events[:-1])
+    assert events[-1].generated_text == expected_text
+    assert events[-1].details is not None
+    assert events[-1].details.generated_tokens == len(expected_ids)
+    text = "".join(event.token.text for event in events if not event.token.special)
+    assert text.split() == expected_text.split()
+
+
+def test_async_client_generate_and_stream(sidecar: SidecarThread) -> None:
+    expected_ids, expected_text = greedy_reference(sidecar, PROMPT, 16)
+
+    async def run() -> tuple[Any, list[Any]]:
+        client = AsyncClient(sidecar.http_url, timeout=60)
+        response = await client.generate(PROMPT, max_new_tokens=16)
+        events = [event async for event in client.generate_stream(PROMPT, max_new_tokens=16)]
+        return response, events
+
+    response, events = asyncio.run(run())
+    assert response.generated_text == expected_text
+    assert [t.id for t in response.details.tokens] == expected_ids
+    assert [event.token.id for event in events] == expected_ids
+    assert events[-1].generated_text == expected_text
+
+
+def test_client_sampling_with_a_seed_runs(sidecar: SidecarThread) -> None:
+    client = Client(sidecar.http_url, timeout=60)
+    response = client.generate(
+        PROMPT, max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, seed=7
+    )
+    assert response.details.generated_tokens == len(response.details.tokens) > 0
+    assert response.details.seed == 7
+
+
+def test_generate_and_generate_stream_routes(sidecar: SidecarThread) -> None:
+    expected_ids, expected_text = greedy_reference(sidecar, PROMPT, 10)
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 10, "details": True}}
+    status, content_type, raw = post(f"{sidecar.http_url}/generate", body)
+    assert status == 200 and content_type.startswith("application/json")
+    reply = json.loads(raw)
+    assert reply["generated_text"] == expected_text
+    assert [t["id"] for t in reply["details"]["tokens"]] == expected_ids
+    assert reply["details"]["specroute"]["task_cluster"]
+
+    status, content_type, raw = post(f"{sidecar.http_url}/generate_stream", body)
+    assert status == 200 and content_type.startswith("text/event-stream")
+    events = [
+        json.loads(line[5:]) for line in raw.decode().split("\n\n") if line.startswith("data:")
+    ]
+    assert [e["token"]["id"] for e in events] == expected_ids
+    assert events[-1]["generated_text"] == expected_text
+    assert events[-1]["details"]["finish_reason"] in {"length", "eos_token"}
+
+
+def test_return_full_text(sidecar: SidecarThread) -> None:
+    _, expected_text = greedy_reference(sidecar, PROMPT, 6)
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "return_full_text": True}}
+    status, _, raw = post(f"{sidecar.http_url}/generate", body)
+    assert status == 200 and json.loads(raw)["generated_text"] == PROMPT + expected_text
+
+
+def test_info_and_health(sidecar: SidecarThread) -> None:
+    info = json.loads(urllib.request.urlopen(f"{sidecar.http_url}/info", timeout=10).read())
+    assert info["max_input_tokens"] == 48 and info["max_total_tokens"] == 248
+    assert info["router"] == "specroute" and "generic" in info["drafters"]
+    assert urllib.request.urlopen(f"{sidecar.http_url}/health", timeout=10).status == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"inputs": "", "parameters": {"max_new_tokens": 4}}, "empty"),
+        ({"inputs": PROMPT, "parameters": {"max_new_tokens": 0}}, "max_new_tokens"),
+        ({"inputs": PROMPT, "parameters": {"max_new_tokens": 999}}, "over the limit"),
+        ({"inputs": PROMPT, "parameters": {"temperature": -1.0}}, "temperature"),
+        ({"inputs": PROMPT, "parameters": {"top_p": 1.5}}, "top_p"),
+        ({"inputs": PROMPT, "parameters": {"repetition_penalty": 1.2}}, "repetition_penalty"),
+        ({"inputs": " ".join(["w1"] * 60), "parameters": {}}, "over the limit"),
+        ({"parameters": {}}, "invalid request"),
+    ],
+)
+def test_http_validation_errors_are_tgi_shaped(
+    sidecar: SidecarThread, body: dict[str, Any], fragment: str
+) -> None:
+    for route in ("/", "/generate", "/generate_stream"):
+        status, content_type, raw = post(sidecar.http_url + route, body)
+        assert status == 422 and content_type.startswith("application/json")
+        error = json.loads(raw)
+        assert error["error_type"] == "validation" and fragment in error["error"]
+    assert Client(sidecar.http_url, timeout=60).generate(PROMPT, max_new_tokens=2).generated_text
+
+
+def test_client_raises_its_own_error_types(sidecar: SidecarThread) -> None:
+    client = Client(sidecar.http_url, timeout=60)
+    with pytest.raises(ValidationError):
+        client.generate(" ".join(["w2"] * 60), max_new_tokens=4)
