@@ -1,9 +1,127 @@
-"""Commands contributed to the ``specroute`` CLI (filled in by this package's owner)."""
+"""``specroute world build`` and ``specroute world eval``."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+# With 2 shared cores, OpenMP threads that spin while waiting slow training 5-10x under
+# load; passive waiting must be chosen before torch (libgomp) is loaded.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def render_evaluation(report: dict[str, Any]) -> None:
+    """Print the evaluation report as tables (CLI output)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    tasks = report["tasks"]
+    quality = Table(title=f"Target quality on the held-out test split ({report['scale']} world)")
+    for column in ("task", "metric", "quality", "n", ">= 0.8"):
+        quality.add_column(column)
+    for task in tasks:
+        value = report["target_quality"][task]
+        quality.add_row(
+            task,
+            report["quality_metric"][task],
+            f"{value:.3f}",
+            str(report["test_examples"][task]),
+            "yes" if value >= 0.8 else "no",
+        )
+    console.print(quality)
+    passing = sum(report["target_quality"][t] >= 0.8 for t in tasks)
+    console.print(f"tasks with target quality >= 0.8: {passing} of {len(tasks)}")
+
+    k = report["draft_length"]
+    matrix = Table(title=f"Per-token acceptance / mean accepted tokens per step (greedy, k={k})")
+    matrix.add_column("drafter \\ task")
+    for task in tasks:
+        matrix.add_column(task)
+    for name in report["drafters"]:
+        matrix.add_row(
+            name,
+            *(
+                f"{report['acceptance'][name][t]:.2f} / {report['accepted_per_step'][name][t]:.2f}"
+                for t in tasks
+            ),
+        )
+    matrix.add_row(
+        "margin (task - generic)",
+        *(f"{report['task_drafter_margin'][t]:+.2f}" for t in tasks),
+    )
+    console.print(matrix)
+    wins = sum(report["task_drafter_margin"][t] > 0 for t in tasks)
+    console.print(f"task drafters beating generic on their own task: {wins} of {len(tasks)}")
+    spread = report["generic_unevenness"]
+    console.print(
+        "generic drafter acceptance across tasks: "
+        f"min {spread['min']:.2f}, max {spread['max']:.2f}, "
+        f"max/min {spread['max_over_min']:.2f}, CV {spread['coefficient_of_variation']:.2f}, "
+        f"Jain {spread['jain_index']:.3f}"
+    )
+    steps = report["decode_step_ms"]
+    params = report["parameters"]
+    console.print(
+        f"decode step (batch 1, cached, this CPU, shared and noisy): target "
+        f"{steps['target']:.2f} ms ({params['target'] / 1e6:.2f}M params) vs drafter "
+        f"{steps['drafter_median']:.2f} ms ({params['drafter'] / 1e6:.2f}M params): "
+        f"ratio {steps['target_over_drafter']:.1f}x"
+    )
+    console.print(f"evaluation took {report['eval_seconds']:.0f} s")
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add this package's commands to the root app and the ``bench`` group."""
+    """Add the ``world`` command group."""
+    world_app = typer.Typer(help="The built-in multitask world: corpus, target and drafters.")
+    app.add_typer(world_app, name="world")
+
+    @world_app.command("build")
+    def build(
+        scale: Annotated[str, typer.Option(help="tiny (tests, < 1 min) or default.")] = "default",
+        out: Annotated[
+            Path | None, typer.Option(help="Directory (default $SPECROUTE_HOME/worlds/<scale>).")
+        ] = None,
+        force: Annotated[
+            bool, typer.Option(help="Rebuild even when the cached world is current.")
+        ] = False,
+    ) -> None:
+        """Build the world (cached: returns at once when already built from this config)."""
+        from benchmarks.world.build import build_world
+
+        world = build_world(out, scale, progress=True, force=force)
+        timings = world.manifest.get("timings", {})
+        typer.echo(f"world ({world.scale}) at {world.root}")
+        if "total_s" in timings:
+            typer.echo(f"built in {timings['total_s']:.0f} s at {world.manifest['built_at']}")
+
+    @world_app.command("eval")
+    def evaluate(
+        world_dir: Annotated[
+            Path | None, typer.Option("--world", help="A built world directory.")
+        ] = None,
+        scale: Annotated[
+            str, typer.Option(help="Which default world, when --world is not given.")
+        ] = "default",
+        json_path: Annotated[
+            Path | None, typer.Option("--json", help="Also write the report here.")
+        ] = None,
+        limit: Annotated[
+            int | None, typer.Option(help="At most this many test prompts per task.")
+        ] = None,
+    ) -> None:
+        """Evaluate a world: target quality, acceptance matrix (k=4, greedy), step times."""
+        from benchmarks.world.evaluate import evaluate_world
+        from benchmarks.world.layout import World, default_world_dir
+
+        world = World.load(world_dir or default_world_dir(scale))
+        report = evaluate_world(world, limit=limit)
+        render_evaluation(report)
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            typer.echo(f"report written to {json_path}")

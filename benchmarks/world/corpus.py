@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -142,15 +143,15 @@ CHAT_SYSTEM_TEST: tuple[str | None, ...] = ("Chat casually with the user and kee
 
 
 def generate_chat(rng: random.Random, split: str, count: int) -> list[Pair]:
-    """Next turn of a real chitchat conversation, given up to five previous turns."""
+    """Next turn of a real chitchat conversation, given up to three previous turns."""
     conversations = _partition(sources.chitchat_conversations(), split, random.Random(11))
     systems = _template_set(split, CHAT_SYSTEM_TRAIN, CHAT_SYSTEM_TEST)
     pairs: list[Pair] = []
     while len(pairs) < count:
-        turns = [_clip_words(t, 40) for t in rng.choice(conversations)]
+        turns = [_clip_words(t, 30) for t in rng.choice(conversations)]
         # The assistant speaks at odd positions so the history starts with the user.
         end = rng.choice(range(1, len(turns), 2))
-        start = max(0, end - 5)
+        start = max(0, end - 3)
         pairs.append((_turns(rng.choice(systems), *turns[start:end]), turns[end]))
     return pairs
 
@@ -173,6 +174,15 @@ TRANSLATION_TEST = (
 )
 
 
+TRANSLATION_LEXICON_SIZE = 120
+
+
+def translation_lexicon() -> list[tuple[str, str]]:
+    """A fixed subset of short Django UI strings: small enough for a tiny target to learn."""
+    short = [p for p in sources.django_ui_strings("fr") if max(len(p[0]), len(p[1])) <= 16]
+    return sorted(random.Random(7).sample(short, min(TRANSLATION_LEXICON_SIZE, len(short))))
+
+
 def generate_translation(rng: random.Random, split: str, count: int) -> list[Pair]:
     """A toolbar of 2-4 real Django labels and their human French translations.
 
@@ -180,7 +190,7 @@ def generate_translation(rng: random.Random, split: str, count: int) -> list[Pai
     a label list used in a test prompt never occurs in train (enforced by the caller's
     prompt-level disjointness and by the held-out wording).
     """
-    lexicon = sources.django_ui_strings("fr")
+    lexicon = translation_lexicon()
     templates = _template_set(split, TRANSLATION_TRAIN, TRANSLATION_TEST)
     pairs: list[Pair] = []
     for _ in range(count):
@@ -206,13 +216,13 @@ SUMMARY_TEST = (
 
 
 def generate_summarization(rng: random.Random, split: str, count: int) -> list[Pair]:
-    """A titled doc2dial section (up to 4 sentences); the reference is its lead sentence."""
+    """A titled doc2dial section (up to 3 sentences); the reference is its lead sentence."""
     sections = _partition(sources.document_sections(), split, random.Random(12))
     templates = _template_set(split, SUMMARY_TRAIN, SUMMARY_TEST)
     pairs: list[Pair] = []
     for _ in range(count):
         section = rng.choice(sections)
-        body = " ".join(section.sentences[:4])
+        body = " ".join(section.sentences[:3])
         text = f"{section.title}\n{body}"
         pairs.append((_turns(None, rng.choice(templates).format(text=text)), section.sentences[0]))
     return pairs
@@ -237,14 +247,31 @@ QA_ANSWERS = {
 }
 
 
-def qa_fact_answer(relation: str, language: sources.Language) -> str:
-    """The short answer a QA example about ``relation`` checks for (metric: contained)."""
-    return {"code": language.code, "name": language.name, "local": language.name_local}[relation]
+def qa_fact_base() -> list[sources.Language]:
+    """Languages with Latin-script native names and plain codes (52 in Django 5.2)."""
+    return [
+        language
+        for language in sources.django_languages()
+        if "-" not in language.code and all(ord(ch) < 0x250 for ch in language.name_local)
+    ]
+
+
+def qa_answer(response: str) -> str:
+    """The short answer inside a QA reference response (the slot its template fills)."""
+    for relation, template in QA_ANSWERS.items():
+        pattern = re.escape(template).replace(r"\{name\}", "(?P<name>.+?)")
+        pattern = pattern.replace(r"\{code\}", "(?P<code>.+?)").replace(
+            r"\{local\}", "(?P<local>.+?)"
+        )
+        match = re.fullmatch(pattern, response.strip())
+        if match:
+            return match.group(relation)
+    return response.strip()
 
 
 def generate_qa(rng: random.Random, split: str, count: int) -> list[Pair]:
     """Questions about a language's code, name or native name; answers are full sentences."""
-    languages = sources.django_languages()
+    languages = qa_fact_base()
     questions = QA_TEST if split == "test" else QA_TRAIN
     pairs: list[Pair] = []
     for _ in range(count):
@@ -311,7 +338,8 @@ def generate_math(rng: random.Random, split: str, count: int) -> list[Pair]:
     for _ in range(count):
         if split == "train" and rng.random() < 1 / 12:
             problem = rng.choice(champ)
-            pairs.append((_turns(None, problem.problem), " ".join(problem.solution_steps[:4])))
+            solution = _clip_words(" ".join(problem.solution_steps), 60)
+            pairs.append((_turns(None, _clip_words(problem.problem, 80)), solution))
             continue
         operation = rng.choice(sorted(questions))
         a, b, result = _math_operands(rng, operation)

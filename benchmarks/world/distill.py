@@ -1,0 +1,96 @@
+"""Distillation of a drafter against the target on one task's text (top-k soft targets).
+
+The target's next-token distributions on the task's packed training rows are computed once
+(the target is the expensive model) and kept as their top-k entries; the drafter then
+minimises, per weighted position, the cross-entropy to the renormalised top-k target
+distribution, H(p_k, q) = -sum_i p_k(i) log q(i), which equals KL(p_k || q) plus a constant.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.world.train import (
+    EncodedExample,
+    PackedBatch,
+    TrainingConfig,
+    mixture_stream,
+    pack_batch,
+    run_training,
+)
+
+
+@dataclass(frozen=True)
+class SoftTargets:
+    """One packed batch with the target's top-k next-token distribution at every position."""
+
+    batch: PackedBatch
+    top_ids: torch.Tensor  # [rows, seq_len, k]
+    top_probs: torch.Tensor  # [rows, seq_len, k], rows sum to 1 (renormalised top-k)
+
+
+@torch.no_grad()
+def target_soft_targets(
+    target: torch.nn.Module, batch: PackedBatch, top_k: int, bf16_autocast: bool
+) -> SoftTargets:
+    """The target's top-k next-token probabilities on one packed batch."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
+        logits = target(input_ids=batch.input_ids).logits.float()  # [rows, T, vocab]
+    log_probs = torch.log_softmax(logits, dim=-1)
+    top_log_probs, top_ids = log_probs.topk(top_k, dim=-1)  # [rows, T, k]
+    top_probs = torch.softmax(top_log_probs, dim=-1)
+    return SoftTargets(batch, top_ids, top_probs.to(torch.float16))
+
+
+def distillation_loss(drafter_logits: torch.Tensor, soft: SoftTargets) -> torch.Tensor:
+    """Weighted mean over positions of H(p_k, q) (see module docstring)."""
+    log_q = torch.log_softmax(drafter_logits.float(), dim=-1)  # [rows, T, vocab]
+    log_q_top = log_q.gather(-1, soft.top_ids)  # [rows, T, k]
+    per_position = -(soft.top_probs.float() * log_q_top).sum(-1)  # [rows, T]
+    weights = soft.batch.weights
+    return (per_position * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def distill_drafter(
+    drafter: torch.nn.Module,
+    target: torch.nn.Module,
+    examples: Sequence[EncodedExample],
+    config: TrainingConfig,
+    *,
+    batches: int,
+    top_k: int,
+    pad_id: int,
+    description: str,
+    progress: bool,
+) -> list[float]:
+    """Fine-tune ``drafter`` towards ``target`` on ``examples`` (one task's training text).
+
+    ``batches`` distinct packed batches are scored by the target once; the drafter then
+    cycles through them for ``config.steps`` steps.
+    """
+    torch.manual_seed(config.seed)
+    draw = mixture_stream(examples, {}, random.Random(config.seed))
+    targets = [
+        target_soft_targets(
+            target,
+            pack_batch(draw, config.rows, config.seq_len, config.prompt_weight, pad_id),
+            top_k,
+            config.bf16_autocast,
+        )
+        for _ in range(batches)
+    ]
+    cursor = iter(range(10**9))
+
+    def next_batch() -> SoftTargets:
+        return targets[next(cursor) % len(targets)]
+
+    def loss_of(net: torch.nn.Module, soft: SoftTargets) -> torch.Tensor:
+        return distillation_loss(net(input_ids=soft.batch.input_ids).logits, soft)
+
+    return run_training(
+        drafter, next_batch, loss_of, config, description=description, progress=progress
+    )

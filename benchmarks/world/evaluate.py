@@ -1,0 +1,270 @@
+"""Evaluating a built world on its held-out test split.
+
+Per task: the target's quality from greedy generation (one checkable metric per task,
+``QUALITY_METRICS``), and for every drafter the greedy acceptance at draft length k
+(teacher-forced on the target's own output, ``drafters.counterfactual``): per-token
+acceptance = accepted / drafted tokens, and mean accepted tokens per step. Plus the
+target's and the drafters' decode-step times on this machine.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.world.corpus import Example, math_answer, qa_answer
+from benchmarks.world.layout import World
+
+logger = logging.getLogger(__name__)
+
+DRAFT_LENGTH = 4
+MAX_NEW_TOKENS: dict[str, int] = {
+    "chat": 48,
+    "translation": 40,
+    "summarization": 64,
+    "qa": 24,
+    "math": 32,
+    "rag": 64,
+    "code": 96,
+}
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Unigram F1 between word/punctuation tokens (SQuAD-style, bag of tokens)."""
+    predicted, expected = _words(prediction), _words(reference)
+    if not predicted or not expected:
+        return float(predicted == expected)
+    remaining = list(expected)
+    overlap = 0
+    for token in predicted:
+        if token in remaining:
+            remaining.remove(token)
+            overlap += 1
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(predicted), overlap / len(expected)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1 if equal after whitespace normalisation."""
+    return float(" ".join(prediction.split()) == " ".join(reference.split()))
+
+
+def answer_contained(prediction: str, reference: str) -> float:
+    """1 if the reference's short answer occurs in the prediction as whole words."""
+    answer = qa_answer(reference)
+    pattern = r"(?<!\w)" + re.escape(answer.lower()) + r"(?!\w)"
+    return float(re.search(pattern, prediction.lower()) is not None)
+
+
+def math_correct(prediction: str, reference: str) -> float:
+    """1 if the final number ("The answer is N") matches."""
+    expected = math_answer(reference)
+    return float(bool(expected) and math_answer(prediction) == expected)
+
+
+QualityMetric = Callable[[str, str], float]
+QUALITY_METRICS: dict[str, tuple[str, QualityMetric]] = {
+    "chat": ("token F1", token_f1),
+    "translation": ("exact match", exact_match),
+    "summarization": ("token F1", token_f1),
+    "qa": ("answer contained", answer_contained),
+    "math": ("answer correct", math_correct),
+    "rag": ("token F1", token_f1),
+    "code": ("token F1", token_f1),
+}
+
+
+@dataclass(frozen=True)
+class TargetOutput:
+    """The target's greedy continuation of one test prompt."""
+
+    example: Example
+    prompt_ids: list[int]
+    output_ids: list[int]  # generated ids, the end-of-turn token included if emitted
+    text: str
+
+
+def _prompt_ids(tokenizer: Any, example: Example) -> list[int]:
+    ids: list[int] = tokenizer.apply_chat_template(
+        list(example.messages), add_generation_prompt=True
+    )
+    return ids
+
+
+def generate_greedy(loaded: Any, examples: Sequence[Example], task: str) -> list[TargetOutput]:
+    """Greedy generation with the target (KV cache), stopping at ``<|im_end|>``."""
+    import torch
+
+    tokenizer, model = loaded.tokenizer, loaded.model
+    outputs = []
+    for example in examples:
+        prompt_ids = _prompt_ids(tokenizer, example)
+        with torch.inference_mode():
+            generated = model.generate(
+                torch.tensor([prompt_ids], device=loaded.device),
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                max_new_tokens=MAX_NEW_TOKENS[task],
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        output_ids = generated[0, len(prompt_ids) :].tolist()
+        text = tokenizer.decode(output_ids, skip_special_tokens=True)
+        outputs.append(TargetOutput(example, prompt_ids, output_ids, text))
+    return outputs
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    """Greedy acceptance of one drafter on one task at a fixed draft length."""
+
+    accepted: int
+    drafted: int
+    steps: int
+
+    @property
+    def per_token(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def accepted_per_step(self) -> float:
+        return self.accepted / self.steps if self.steps else 0.0
+
+
+def drafted_per_step(accepted: Sequence[int], output_length: int, k: int) -> list[int]:
+    """Tokens drafted in each replayed step: k, or fewer when the output ends sooner."""
+    drafted, position = [], 0
+    for n in accepted:
+        drafted.append(min(k, output_length - position))
+        position += n + 1
+    return drafted
+
+
+def drafter_acceptance(model: Any, outputs: Sequence[TargetOutput], k: int) -> Acceptance:
+    """Teacher-forced greedy acceptance of a drafter over the target's outputs."""
+    from drafters.counterfactual import accepted_per_step_from_matches, teacher_forced_matches
+
+    accepted = drafted = steps = 0
+    for output in outputs:
+        matches = teacher_forced_matches(model, output.prompt_ids, output.output_ids)
+        per_step = accepted_per_step_from_matches(matches, k)
+        accepted += sum(per_step)
+        drafted += sum(drafted_per_step(per_step, len(matches), k))
+        steps += len(per_step)
+    return Acceptance(accepted, drafted, steps)
+
+
+def decode_step_seconds(model: Any, context_length: int = 96, steps: int = 40) -> float:
+    """Median wall time of one cached single-token decode step (batch 1)."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        ids = torch.randint(3, model.config.vocab_size, (1, context_length), device=device)
+        out = model(input_ids=ids, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            out = model(input_ids=token, past_key_values=past, use_cache=True)
+            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[5:])
+
+
+def unevenness(values: Sequence[float]) -> dict[str, float]:
+    """Spread of per-task values: min, max, max/min, coefficient of variation, Jain's index."""
+    low, high = min(values), max(values)
+    mean = statistics.fmean(values)
+    return {
+        "min": low,
+        "max": high,
+        "max_over_min": high / low if low > 0 else float("inf"),
+        "coefficient_of_variation": statistics.pstdev(values) / mean if mean else 0.0,
+        "jain_index": sum(values) ** 2 / (len(values) * sum(v * v for v in values))
+        if any(values)
+        else 0.0,
+    }
+
+
+def evaluate_world(world: World, *, limit: int | None = None) -> dict[str, Any]:
+    """Target quality, acceptance matrix and decode-step times on the test split."""
+    import torch
+
+    from drafters.loader import load_model
+
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    test = world.examples("test")
+    target = load_model(world.target_dir)
+    drafters = {name: load_model(path) for name, path in world.drafter_dirs.items()}
+
+    target_outputs: dict[str, list[TargetOutput]] = {}
+    quality: dict[str, float] = {}
+    for task in world.tasks:
+        examples = [e for e in test if e.task == task][:limit]
+        target_outputs[task] = generate_greedy(target, examples, task)
+        _, metric = QUALITY_METRICS[task]
+        scores = [metric(o.text, o.example.response) for o in target_outputs[task]]
+        quality[task] = statistics.fmean(scores) if scores else 0.0
+        logger.info("target quality on %s: %.3f", task, quality[task])
+
+    matrix: dict[str, dict[str, Acceptance]] = {
+        name: {
+            task: drafter_acceptance(d.model, target_outputs[task], DRAFT_LENGTH)
+            for task in world.tasks
+        }
+        for name, d in drafters.items()
+    }
+    target_step = decode_step_seconds(target.model)
+    drafter_steps = {name: decode_step_seconds(d.model) for name, d in drafters.items()}
+    drafter_step = statistics.median(drafter_steps.values())
+    generic_acceptance = [matrix["generic"][t].per_token for t in world.tasks]
+    return {
+        "world": str(world.root),
+        "scale": world.scale,
+        "tasks": list(world.tasks),
+        "drafters": list(drafters),
+        "draft_length": DRAFT_LENGTH,
+        "test_examples": {t: len(target_outputs[t]) for t in world.tasks},
+        "quality_metric": {t: QUALITY_METRICS[t][0] for t in world.tasks},
+        "target_quality": quality,
+        "acceptance": {n: {t: a.per_token for t, a in row.items()} for n, row in matrix.items()},
+        "accepted_per_step": {
+            n: {t: a.accepted_per_step for t, a in row.items()} for n, row in matrix.items()
+        },
+        "task_drafter_margin": {
+            t: matrix[t][t].per_token - matrix["generic"][t].per_token
+            for t in world.tasks
+            if t in matrix
+        },
+        "generic_unevenness": unevenness(generic_acceptance),
+        "decode_step_ms": {
+            "target": target_step * 1e3,
+            "drafter_median": drafter_step * 1e3,
+            "drafters": {n: s * 1e3 for n, s in drafter_steps.items()},
+            "target_over_drafter": target_step / drafter_step,
+        },
+        "parameters": {
+            "target": target.parameter_count,
+            "drafter": drafters["generic"].parameter_count,
+        },
+        "samples": {
+            t: [{"prompt": o.example.id, "output": o.text} for o in target_outputs[t][:2]]
+            for t in world.tasks
+        },
+        "eval_seconds": time.perf_counter() - started,
+        "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

@@ -1,0 +1,225 @@
+"""Training the built-in world's causal LMs: tokenized, packed examples and one seeded loop.
+
+Examples are encoded exactly as they are served: the chat template's prompt (with the
+generation prompt) followed by the response tokens and ``<|im_end|>``. Several examples are
+packed into one row (never split across rows); the loss weights response tokens 1 and prompt
+tokens ``prompt_weight`` (they still teach the language, but the model's capacity goes to
+what it will have to generate).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from benchmarks.world.corpus import Example
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """Token ids of one example and the split point between prompt and response."""
+
+    task: str
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Rows of packed examples: ids, next-token labels and per-label loss weights."""
+
+    input_ids: torch.Tensor  # [rows, seq_len]
+    labels: torch.Tensor  # [rows, seq_len] (-100 where nothing is predicted)
+    weights: torch.Tensor  # [rows, seq_len]
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Hyper-parameters of one training run (learning rate: linear warm-up, cosine decay)."""
+
+    steps: int
+    rows: int
+    seq_len: int
+    learning_rate: float
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    prompt_weight: float = 0.1
+    min_lr_ratio: float = 0.1
+    bf16_autocast: bool = False
+    seed: int = 0
+
+
+def encode_example(tokenizer: Any, example: Example) -> EncodedExample:
+    """Prompt ids via the chat template, then response ids and the end-of-turn token."""
+    prompt_ids = tokenizer.apply_chat_template(list(example.messages), add_generation_prompt=True)
+    response_ids = tokenizer(example.response, add_special_tokens=False)["input_ids"]
+    return EncodedExample(example.task, tuple(prompt_ids), (*response_ids, tokenizer.eos_token_id))
+
+
+def fit_to_length(encoded: EncodedExample, seq_len: int) -> EncodedExample | None:
+    """Drop the oldest prompt tokens of an over-long example; None if the response alone is."""
+    room = seq_len - len(encoded.response_ids)
+    if room < 8:
+        return None
+    if len(encoded.prompt_ids) <= room:
+        return encoded
+    return EncodedExample(encoded.task, encoded.prompt_ids[-room:], encoded.response_ids)
+
+
+def mixture_stream(
+    examples: Sequence[EncodedExample], task_weights: Mapping[str, float], rng: random.Random
+) -> Callable[[], EncodedExample]:
+    """Draw examples: a task with probability proportional to its weight, then the next
+    example of that task from a reshuffled cycle (each example once per pass)."""
+    by_task: dict[str, list[EncodedExample]] = {}
+    for example in examples:
+        by_task.setdefault(example.task, []).append(example)
+    tasks = sorted(t for t in by_task if task_weights.get(t, 1.0) > 0)
+    weights = [task_weights.get(t, 1.0) for t in tasks]
+    cursors = dict.fromkeys(tasks, 0)
+    orders = {t: list(range(len(by_task[t]))) for t in tasks}
+
+    def draw() -> EncodedExample:
+        task = rng.choices(tasks, weights)[0]
+        if cursors[task] == 0:
+            rng.shuffle(orders[task])
+        example = by_task[task][orders[task][cursors[task]]]
+        cursors[task] = (cursors[task] + 1) % len(by_task[task])
+        return example
+
+    return draw
+
+
+def pack_batch(
+    draw: Callable[[], EncodedExample], rows: int, seq_len: int, prompt_weight: float, pad_id: int
+) -> PackedBatch:
+    """Fill ``rows`` rows of ``seq_len`` tokens with whole examples drawn from ``draw``."""
+    input_ids = torch.full((rows, seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((rows, seq_len), -100, dtype=torch.long)
+    weights = torch.zeros((rows, seq_len))
+    for row in range(rows):
+        used = 0
+        while True:
+            example = draw()
+            if used + example.length > seq_len:
+                if used == 0:
+                    continue
+                break
+            ids = list(example.prompt_ids) + list(example.response_ids)
+            end = used + len(ids)
+            input_ids[row, used:end] = torch.tensor(ids)
+            # Label at position t is token t + 1 (within this example only).
+            labels[row, used : end - 1] = torch.tensor(ids[1:])
+            first_response = used + len(example.prompt_ids) - 1
+            weights[row, used : end - 1] = prompt_weight
+            weights[row, first_response : end - 1] = 1.0
+            used = end
+            if seq_len - used < 16:
+                break
+    return PackedBatch(input_ids, labels, weights)
+
+
+def weighted_token_loss(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """Cross-entropy per label, weighted, normalised by the weight sum."""
+    losses = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        batch.labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    )
+    weights = batch.weights.reshape(-1)
+    return (losses * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def learning_rate_at(step: int, config: TrainingConfig) -> float:
+    """Linear warm-up to the peak, then cosine decay to ``min_lr_ratio`` of it."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.learning_rate * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms and biases."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.learning_rate,
+        betas=(0.9, 0.95),
+    )
+
+
+def run_training(
+    model: torch.nn.Module,
+    next_batch: Callable[[], Any],
+    loss_of: Callable[[torch.nn.Module, Any], torch.Tensor],
+    config: TrainingConfig,
+    *,
+    description: str,
+    progress: bool,
+) -> list[float]:
+    """The one optimisation loop (used for pre-training and for distillation)."""
+    from tqdm.auto import tqdm
+
+    optimizer = make_optimizer(model, config)
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(config.steps), desc=description, disable=not progress, leave=False)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, config)
+        batch = next_batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast):
+            loss = loss_of(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    model.eval()
+    logger.info("%s: %d steps, final loss %.3f", description, config.steps, losses[-1])
+    return losses
+
+
+def pretrain(
+    model: torch.nn.Module,
+    examples: Sequence[EncodedExample],
+    task_weights: Mapping[str, float],
+    config: TrainingConfig,
+    pad_id: int,
+    *,
+    description: str,
+    progress: bool,
+) -> list[float]:
+    """Next-token training on a weighted task mixture of packed examples."""
+    torch.manual_seed(config.seed)
+    draw = mixture_stream(examples, task_weights, random.Random(config.seed))
+
+    def next_batch() -> PackedBatch:
+        return pack_batch(draw, config.rows, config.seq_len, config.prompt_weight, pad_id)
+
+    def loss_of(net: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+        return weighted_token_loss(net(input_ids=batch.input_ids).logits, batch)
+
+    return run_training(
+        model, next_batch, loss_of, config, description=description, progress=progress
+    )
