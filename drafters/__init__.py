@@ -1,0 +1,36 @@
+"""Model loading, drafter kinds and the speculative decoding engine.
+
+Names are imported lazily (PEP 562) so that importing ``drafters.cli`` stays light.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "SamplingConfig": "drafters.sampling",
+    "GenerationStats": "drafters.stats",
+    "Drafter": "drafters.base",
+    "DraftSession": "drafters.base",
+    "Proposal": "drafters.base",
+    "DRAFTER_KINDS": "drafters.registry",
+    "create_drafter": "drafters.registry",
+    "TokenizerMismatchError": "drafters.registry",
+    "SpeculativeEngine": "drafters.engine",
+    "GenerationRun": "drafters.engine",
+    "TokenEvent": "drafters.engine",
+    "DraftLengthSchedule": "drafters.engine",
+    "Verification": "drafters.verify",
+    "verify": "drafters.verify",
+    "score_counterfactual": "drafters.counterfactual",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'drafters' has no attribute {name!r}")
+    return getattr(import_module(module), name)

@@ -10,9 +10,12 @@ have proposed the verified token; speculative steps are then replayed on those m
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from drafters.base import Drafter
 
 
 def accepted_per_step_from_matches(matches: Sequence[bool], draft_length: int) -> list[int]:
@@ -61,3 +64,14 @@ def score_model_counterfactual(
     """Accepted draft tokens per step a model drafter would have had on a verified output."""
     matches = teacher_forced_matches(model, prompt_ids, output_ids)
     return accepted_per_step_from_matches(matches, draft_length)
+
+
+def score_counterfactual(
+    drafter: Drafter, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
+) -> list[int]:
+    """Accepted drafts per step ``drafter`` would have had on a verified greedy output.
+
+    Any drafter kind: a model drafter scores by one teacher-forced forward pass, the n-gram
+    drafter by replaying its lookups, "none" accepts nothing.
+    """
+    return drafter.score_counterfactual(prompt_ids, output_ids, draft_length)

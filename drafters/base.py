@@ -1,0 +1,76 @@
+"""The drafter interface: a drafter starts one session per request; a session proposes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from drafters.sampling import SamplingConfig
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """Draft tokens for one step.
+
+    ``token_ids`` [d] on the target's device, d <= the requested k (an n-gram drafter may
+    find fewer, or none); ``probs`` [d, vocab] the distributions they were drawn from, or
+    None for point masses (q = 1 on the proposed token; always so for greedy drafts).
+    """
+
+    token_ids: torch.Tensor
+    probs: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+class DraftSession(Protocol):
+    """A drafter's per-request state (e.g. its KV cache)."""
+
+    def propose(
+        self,
+        history: Sequence[int],
+        k: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> Proposal:
+        """Up to ``k`` draft tokens continuing ``history`` (prompt + verified output)."""
+        ...
+
+    def observe_accepted(self, accepted: int) -> None:
+        """The verifier kept the first ``accepted`` tokens of the last proposal."""
+        ...
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    """A named source of draft tokens; ``kind`` is its key in ``DRAFTER_KINDS``."""
+
+    @property
+    def name(self) -> str:
+        """The drafter's registered name (e.g. ``"generic"``, ``"code"``, ``"ngram"``)."""
+        ...
+
+    @property
+    def kind(self) -> str:
+        """Its key in ``DRAFTER_KINDS``."""
+        ...
+
+    def start(self, prompt_ids: Sequence[int]) -> DraftSession:
+        """A fresh session for one request."""
+        ...
+
+    def score_counterfactual(
+        self, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
+    ) -> list[int]:
+        """Accepted drafts per step this drafter would have had on a verified greedy output."""
+        ...
+
+
+def empty_proposal(device: torch.device) -> Proposal:
+    """No drafts: the step is a plain decoding step."""
+    return Proposal(token_ids=torch.empty(0, dtype=torch.long, device=device))

@@ -1,0 +1,59 @@
+"""Streaming detokenization and text stop sequences over a growing list of token ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class IncrementalDetokenizer:
+    """Turns appended token ids into newly completed text (TGI's prefix/read offsets).
+
+    Text is released only when it no longer ends in an incomplete UTF-8 sequence, and only
+    a short window of ids is re-decoded per call.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self.text = ""
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
+
+    def push(self, token_ids: Sequence[int]) -> str:
+        """Append ids; return the text they complete (possibly empty)."""
+        self._ids.extend(token_ids)
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        released = new_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        self.text += released
+        return released
+
+    def flush(self) -> str:
+        """Release whatever text is pending (at the end of a generation)."""
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        released = new_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset = len(self._ids)
+        self.text += released
+        return released
+
+
+def find_stop(text: str, stop_sequences: Sequence[str], searched_up_to: int) -> int | None:
+    """End offset of the earliest stop sequence in ``text`` that ends after
+    ``searched_up_to`` (text before it was already checked), or None."""
+    best: int | None = None
+    for stop in stop_sequences:
+        if not stop:
+            continue
+        found = text.find(stop, max(0, searched_up_to - len(stop) + 1))
+        if found >= 0 and (best is None or found + len(stop) < best):
+            best = found + len(stop)
+    return best

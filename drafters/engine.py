@@ -1,0 +1,268 @@
+"""The speculative decoding loop: prefill, then propose -> verify -> roll back, streaming.
+
+Invariant between steps: ``history`` (prompt + verified output) has length L and the
+target's KV cache holds its first L - 1 tokens. A step feeds the last verified token and
+d <= k drafts (d + 1 positions) in one target forward, verifies, and crops the cache to
+L + accepted entries, which restores the invariant for the L + accepted + 1 tokens now
+verified. With d = 0 a step is one plain decoding step, so "none" runs the same loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from drafters.base import Drafter, DraftSession, Proposal, empty_proposal
+from drafters.detokenize import IncrementalDetokenizer, find_stop
+from drafters.loader import LoadedModel
+from drafters.sampling import SamplingConfig, make_generator
+from drafters.stats import GenerationStats
+from drafters.verify import verify
+
+logger = logging.getLogger(__name__)
+
+GREEDY = SamplingConfig()
+
+DraftLengthSchedule = Callable[[int, GenerationStats], int]
+"""``(step_index, stats_so_far) -> k`` for the next step; 0 disables speculation."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """Tokens verified in one step, and the text they complete."""
+
+    token_ids: list[int]
+    text: str
+
+
+class GenerationRun:
+    """An iterator of :class:`TokenEvent`; ``stats`` and ``output_ids`` are complete once
+    iteration ends (or the run is closed early, which counts as cancelled)."""
+
+    def __init__(self, events: Iterator[TokenEvent], stats: GenerationStats, output_ids: list[int]):
+        self._events = events
+        self.stats = stats
+        self.output_ids = output_ids
+
+    def __iter__(self) -> GenerationRun:
+        return self
+
+    def __next__(self) -> TokenEvent:
+        return next(self._events)
+
+    def close(self) -> None:
+        """Stop generating now."""
+        close = getattr(self._events, "close", None)
+        if close is not None:
+            close()
+
+    def collect(self) -> list[int]:
+        """Run to the end and return the output ids."""
+        for _ in self:
+            pass
+        return self.output_ids
+
+
+def stop_token_ids(target: LoadedModel) -> frozenset[int]:
+    """Token ids that end a generation: the tokenizer's EOS, ``<|im_end|>`` and the
+    generation config's EOS ids."""
+    ids: set[int] = set()
+    tokenizer = target.tokenizer
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    im_end = tokenizer.get_vocab().get("<|im_end|>")
+    if im_end is not None:
+        ids.add(int(im_end))
+    config_eos = getattr(getattr(target.model, "generation_config", None), "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif config_eos is not None:
+        ids.update(int(i) for i in config_eos)
+    return frozenset(ids)
+
+
+@dataclass(frozen=True)
+class _Request:
+    prompt_ids: list[int]
+    drafter: Drafter
+    draft_length: int | DraftLengthSchedule
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop_sequences: tuple[str, ...]
+    should_stop: Callable[[], bool] | None
+
+
+class SpeculativeEngine:
+    """Runs speculative decoding against one target model, one request at a time."""
+
+    def __init__(self, target: LoadedModel) -> None:
+        self.target = target
+        self.stop_token_ids = stop_token_ids(target)
+        config = target.model.config
+        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        self._synchronize = target.device.type == "cuda"
+        self._empty = empty_proposal(target.device)
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        drafter: Drafter,
+        draft_length: int | DraftLengthSchedule,
+        *,
+        max_new_tokens: int,
+        sampling: SamplingConfig = GREEDY,
+        stop_sequences: Sequence[str] = (),
+        should_stop: Callable[[], bool] | None = None,
+    ) -> GenerationRun:
+        """Stream the target's continuation of ``prompt_ids``, drafted by ``drafter``."""
+        if not prompt_ids:
+            raise ValueError("prompt_ids must not be empty")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        request = _Request(
+            prompt_ids=[int(t) for t in prompt_ids],
+            drafter=drafter,
+            draft_length=draft_length,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            stop_sequences=tuple(stop_sequences),
+            should_stop=should_stop,
+        )
+        stats = GenerationStats(prompt_tokens=len(request.prompt_ids))
+        output_ids: list[int] = []
+        return GenerationRun(self._events(request, stats, output_ids), stats, output_ids)
+
+    def _events(
+        self, request: _Request, stats: GenerationStats, output: list[int]
+    ) -> Iterator[TokenEvent]:
+        began = time.perf_counter()
+        history = list(request.prompt_ids)
+        cache = DynamicCache()
+        self._prefill(cache, history)
+        stats.prefill_time_s = time.perf_counter() - began
+        session = request.drafter.start(request.prompt_ids)
+        generator = make_generator(request.sampling, self.target.device)
+        detokenizer = IncrementalDetokenizer(self.target.tokenizer)
+        elapsed = time.perf_counter() - began
+        finish_reason = "cancelled"
+        try:
+            while True:
+                resumed = time.perf_counter()
+                stopped = self._reason_to_stop_before_step(request, history, len(output))
+                if stopped is not None:
+                    finish_reason = stopped
+                    break
+                k = self._draft_length(request, stats, history, len(output))
+                tokens = self._speculative_step(
+                    cache, session, history, k, request.sampling, generator, stats
+                )
+                tokens, text, stopped = self._apply_stops(tokens, request, detokenizer)
+                output.extend(tokens)
+                history.extend(tokens)
+                if stopped is not None:
+                    text += detokenizer.flush()
+                elapsed += time.perf_counter() - resumed
+                yield TokenEvent(token_ids=tokens, text=text)
+                if stopped is not None:
+                    finish_reason = stopped
+                    break
+        finally:
+            stats.finish_reason = finish_reason
+            stats.generated_tokens = len(output)
+            stats.wall_time_s = elapsed
+
+    @torch.inference_mode()
+    def _prefill(self, cache: DynamicCache, history: list[int]) -> None:
+        """Fill the cache with all prompt tokens but the last (the first step feeds it)."""
+        if len(history) < 2:
+            return
+        ids = torch.tensor([history[:-1]], dtype=torch.long, device=self.target.device)
+        self.target.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+    def _reason_to_stop_before_step(
+        self, request: _Request, history: list[int], generated: int
+    ) -> str | None:
+        if generated >= request.max_new_tokens:
+            return "length"
+        if self.max_positions is not None and len(history) >= self.max_positions:
+            return "length"
+        if request.should_stop is not None and request.should_stop():
+            return "cancelled"
+        return None
+
+    def _draft_length(
+        self, request: _Request, stats: GenerationStats, history: list[int], generated: int
+    ) -> int:
+        """The schedule's k, capped so a step never emits past max_new_tokens or the
+        model's context (a step emits at most k + 1 tokens)."""
+        wanted = request.draft_length
+        k = wanted if isinstance(wanted, int) else int(wanted(stats.steps, stats))
+        k = min(max(k, 0), request.max_new_tokens - generated - 1)
+        if self.max_positions is not None:
+            k = min(k, self.max_positions - len(history))
+        return max(k, 0)
+
+    @torch.inference_mode()
+    def _speculative_step(
+        self,
+        cache: DynamicCache,
+        session: DraftSession,
+        history: list[int],
+        k: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+        stats: GenerationStats,
+    ) -> list[int]:
+        """Propose k, verify all d + 1 positions in one target forward, roll back."""
+        started = time.perf_counter()
+        proposal: Proposal = (
+            session.propose(history, k, sampling, generator) if k > 0 else self._empty
+        )
+        if self._synchronize and proposal.length:
+            torch.cuda.synchronize(self.target.device)
+        drafted = time.perf_counter()
+        last = torch.tensor([history[-1]], dtype=torch.long, device=self.target.device)
+        inputs = torch.cat([last, proposal.token_ids]).unsqueeze(0)  # [1, d + 1]
+        logits = self.target.model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[
+            0
+        ]  # [d + 1, vocab]
+        verdict = verify(proposal.token_ids, proposal.probs, logits, sampling, generator)
+        # Keep the L - 1 cached prefix, the last verified token and the accepted drafts.
+        cache.crop(len(history) + verdict.accepted)
+        if proposal.length:
+            session.observe_accepted(verdict.accepted)
+        tokens = [*proposal.token_ids[: verdict.accepted].tolist(), verdict.next_token]
+        stats.observe_step(
+            requested=k,
+            drafted=proposal.length,
+            accepted=verdict.accepted,
+            draft_time_s=drafted - started,
+            verify_time_s=time.perf_counter() - drafted,
+        )
+        return tokens
+
+    def _apply_stops(
+        self, tokens: list[int], request: _Request, detokenizer: IncrementalDetokenizer
+    ) -> tuple[list[int], str, str | None]:
+        """Cut the step's tokens after the first EOS or completed stop sequence."""
+        for index, token in enumerate(tokens):
+            if token in self.stop_token_ids:
+                tokens = tokens[: index + 1]
+                return tokens, detokenizer.push(tokens), "eos_token"
+        if not request.stop_sequences:
+            return tokens, detokenizer.push(tokens), None
+        text = ""
+        for index, token in enumerate(tokens):
+            checked = len(detokenizer.text)
+            released = detokenizer.push([token])
+            end = find_stop(detokenizer.text, request.stop_sequences, checked)
+            if end is not None:
+                keep = end - checked  # characters of this release up to the stop's end
+                return tokens[: index + 1], text + released[:keep], "stop_sequence"
+            text += released
+        return tokens, text, None

@@ -1,0 +1,85 @@
+"""The model drafter: a small causal LM sharing the target's tokenizer, with its own KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from drafters.base import Proposal
+from drafters.counterfactual import score_model_counterfactual
+from drafters.sampling import SamplingConfig, sample_from, sampling_probs
+
+
+class ModelDraftSession:
+    """Drafts autoregressively from the small model; its cache is cropped, never rebuilt.
+
+    Invariant: the first ``_verified`` cache entries hold tokens of the verified history.
+    After proposing k tokens from a history of length L the cache holds L + k - 1 entries
+    (the last draft is never fed back), of which L + min(accepted, k - 1) stay valid.
+    """
+
+    def __init__(self, model: Any, device: torch.device) -> None:
+        self._model = model
+        self._device = device
+        self._cache = DynamicCache()
+        self._verified = 0
+        self._last_history = 0
+        self._last_k = 0
+
+    @torch.inference_mode()
+    def propose(
+        self,
+        history: Sequence[int],
+        k: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> Proposal:
+        self._cache.crop(self._verified)
+        # Catch up on every verified token the cache lacks (1 or 2 after a normal step).
+        feed = torch.tensor([history[self._verified :]], dtype=torch.long, device=self._device)
+        tokens: list[torch.Tensor] = []
+        probs: list[torch.Tensor] = []
+        for _ in range(k):
+            logits = self._model(
+                input_ids=feed, past_key_values=self._cache, use_cache=True, logits_to_keep=1
+            ).logits[0]  # [1, vocab]
+            if sampling.do_sample:
+                q = sampling_probs(logits, sampling)[0]  # [vocab]
+                token = sample_from(q, generator)  # [1]
+                probs.append(q)
+            else:
+                token = logits[0].argmax(dim=-1, keepdim=True)  # [1], stays on the device
+            tokens.append(token)
+            feed = token.view(1, 1)
+        self._last_history = len(history)
+        self._last_k = k
+        return Proposal(
+            token_ids=torch.cat(tokens),  # [k]
+            probs=torch.stack(probs) if probs else None,  # [k, vocab]
+        )
+
+    def observe_accepted(self, accepted: int) -> None:
+        self._verified = self._last_history + min(accepted, max(self._last_k - 1, 0))
+
+
+@dataclass(frozen=True)
+class ModelDrafter:
+    """A loaded small causal LM used as a drafter."""
+
+    name: str
+    model: Any  # transformers.PreTrainedModel
+    device: torch.device
+    path: str = ""
+    kind: str = "model"
+
+    def start(self, prompt_ids: Sequence[int]) -> ModelDraftSession:
+        return ModelDraftSession(self.model, self.device)
+
+    def score_counterfactual(
+        self, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
+    ) -> list[int]:
+        return score_model_counterfactual(self.model, prompt_ids, output_ids, draft_length)

@@ -1,0 +1,110 @@
+"""The n-gram (prompt-lookup) drafter: copy what followed the last match of the suffix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from drafters.base import Proposal
+from drafters.sampling import SamplingConfig
+
+
+class NgramIndex:
+    """Where each n-gram of a growing token sequence last occurred, for min_n <= n <= max_n.
+
+    Maps an n-gram to the position right after its latest occurrence that is followed by
+    at least one token, so the sequence's own suffix never matches itself. Indexing is
+    incremental: each appended token costs (max_n - min_n + 1) dictionary writes.
+    """
+
+    def __init__(self, min_n: int = 1, max_n: int = 3) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        self.min_n = min_n
+        self.max_n = max_n
+        self._continuations: dict[tuple[int, ...], int] = {}
+        self._next_start = 1  # the next continuation position to index
+
+    def extend(self, history: Sequence[int]) -> None:
+        """Index the n-grams ending before each new position of ``history`` but the last."""
+        for start in range(self._next_start, len(history)):
+            for n in range(self.min_n, min(self.max_n, start) + 1):
+                self._continuations[tuple(history[start - n : start])] = start
+        self._next_start = max(self._next_start, len(history))
+
+    def propose(self, history: Sequence[int], k: int) -> list[int]:
+        """Up to ``k`` tokens: the continuation of the longest suffix n-gram seen before.
+
+        Past the end of ``history`` the copy continues into its own proposal, so a
+        repeating cycle of any period yields a full draft.
+        """
+        self.extend(history)
+        length = len(history)
+        for n in range(min(self.max_n, length), self.min_n - 1, -1):
+            start = self._continuations.get(tuple(history[length - n :]))
+            if start is None:
+                continue
+            draft: list[int] = []
+            for i in range(k):
+                source = start + i
+                draft.append(history[source] if source < length else draft[source - length])
+            return draft
+        return []
+
+
+class NgramDraftSession:
+    """One request's n-gram index over prompt + verified output."""
+
+    def __init__(self, index: NgramIndex, device: torch.device) -> None:
+        self._index = index
+        self._device = device
+
+    def propose(
+        self,
+        history: Sequence[int],
+        k: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> Proposal:
+        draft = self._index.propose(history, k)
+        return Proposal(token_ids=torch.tensor(draft, dtype=torch.long, device=self._device))
+
+    def observe_accepted(self, accepted: int) -> None:
+        """Nothing to roll back: the index only ever holds verified tokens."""
+
+
+@dataclass(frozen=True)
+class NgramDrafter:
+    """Prompt lookup with point-mass drafts (no model, no KV cache)."""
+
+    name: str
+    device: torch.device
+    min_n: int = 1
+    max_n: int = 3
+    kind: str = "ngram"
+
+    def start(self, prompt_ids: Sequence[int]) -> NgramDraftSession:
+        return NgramDraftSession(NgramIndex(self.min_n, self.max_n), self.device)
+
+    def score_counterfactual(
+        self, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
+    ) -> list[int]:
+        """Replay greedy steps: a step at output position i accepts the leading drafts that
+        equal the verified tokens, then emits the verified token after them."""
+        index = NgramIndex(self.min_n, self.max_n)
+        history = list(prompt_ids)
+        accepted_per_step: list[int] = []
+        position = 0
+        while position < len(output_ids):
+            history.extend(output_ids[len(history) - len(prompt_ids) : position])
+            draft = index.propose(history, draft_length) if draft_length > 0 else []
+            accepted = 0
+            for drafted, verified in zip(draft, output_ids[position:], strict=False):
+                if drafted != verified:
+                    break
+                accepted += 1
+            accepted_per_step.append(accepted)
+            position += accepted + 1
+        return accepted_per_step

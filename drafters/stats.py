@@ -1,0 +1,86 @@
+"""Per-request statistics of speculative decoding, in one dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationStats:
+    """What one request did: steps, drafted and accepted tokens, where time went.
+
+    A step is one target forward over the last verified token plus the step's drafts.
+    ``drafted_per_step`` counts tokens the drafter actually proposed (an n-gram drafter may
+    propose fewer than asked, or none); ``requested_per_step`` the draft length asked for.
+    ``wall_time_s`` is time spent inside the engine (prefill included), not time the
+    consumer of the stream spends between tokens.
+    """
+
+    steps: int = 0
+    drafted_per_step: list[int] = field(default_factory=list)
+    accepted_per_step: list[int] = field(default_factory=list)
+    requested_per_step: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    prefill_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finish_reason: str = ""
+
+    def observe_step(
+        self,
+        *,
+        requested: int,
+        drafted: int,
+        accepted: int,
+        draft_time_s: float,
+        verify_time_s: float,
+    ) -> None:
+        """Record one step: ``accepted`` leading drafts of ``drafted`` were accepted."""
+        self.steps += 1
+        self.requested_per_step.append(requested)
+        self.drafted_per_step.append(drafted)
+        self.accepted_per_step.append(accepted)
+        if len(self.accepted_per_position) < accepted:
+            self.accepted_per_position.extend([0] * (accepted - len(self.accepted_per_position)))
+        for position in range(accepted):
+            self.accepted_per_position[position] += 1
+        self.draft_time_s += draft_time_s
+        self.verify_time_s += verify_time_s
+
+    @property
+    def drafted(self) -> int:
+        return sum(self.drafted_per_step)
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.accepted_per_step)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per step: accepted drafts plus the one target token (the bonus or
+        correction). This is the one definition; it is 1.0 for plain decoding."""
+        return 1.0 + self.accepted / self.steps if self.steps else 0.0
+
+    @property
+    def per_token_acceptance(self) -> float:
+        """Estimate of the i.i.d. per-token acceptance a at the requested draft lengths.
+
+        Each step tries its requested positions in order until the first rejection; a
+        position the drafter left empty counts as rejected. The maximum-likelihood a of
+        that truncated geometric model is accepted / (accepted + steps that stopped early).
+        """
+        accepted = 0
+        tried = 0
+        for requested, taken in zip(self.requested_per_step, self.accepted_per_step, strict=True):
+            if requested == 0:
+                continue
+            accepted += taken
+            tried += taken + (1 if taken < requested else 0)
+        return accepted / tried if tried else 0.0

@@ -1,0 +1,104 @@
+"""Tiny random Qwen2 targets and drafters saved as model directories, built once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from drafters.loader import LoadedModel, load_model
+
+# Tiny models run fastest on one thread, and far more predictably on a shared machine.
+torch.set_num_threads(1)
+
+VOCAB = 64
+EOS_ID = 1  # <|im_end|>
+
+
+def tiny_tokenizer(extra_token: str | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: specials 0-2, then words w0..w60 (ids 3..63)."""
+    vocab = {"<|endoftext|>": 0, "<|im_end|>": 1, "<|im_start|>": 2}
+    vocab.update({f"w{i}": i + 3 for i in range(VOCAB - 3)})
+    if extra_token is not None:
+        vocab[extra_token] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>")
+
+
+def tiny_config(layers: int = 2) -> Qwen2Config:
+    # A wide init spreads the logits, so greedy decoding rarely meets float near-ties.
+    return Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.25,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=EOS_ID,
+    )
+
+
+def save_model(model: Qwen2ForCausalLM, directory: Path, extra_token: str | None = None) -> Path:
+    model.save_pretrained(directory, safe_serialization=True)
+    tiny_tokenizer(extra_token).save_pretrained(directory)
+    return directory
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    """Directories of a target and drafters that agree with it to different degrees."""
+
+    target_dir: Path
+    close_dir: Path  # the target with small weight noise: accepts often
+    far_dir: Path  # an unrelated random model: rarely accepted
+    mismatched_dir: Path  # like close_dir, but its tokenizer has one more token
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    root = tmp_path_factory.mktemp("tiny-models")
+    torch.manual_seed(0)
+    target = Qwen2ForCausalLM(tiny_config()).eval()
+    with torch.no_grad():
+        # Damp the special tokens' (tied) embeddings: EOS ends some outputs, not most.
+        target.get_input_embeddings().weight[:3].mul_(0.2)
+    close = Qwen2ForCausalLM(tiny_config()).eval()
+    close.load_state_dict(target.state_dict())
+    with torch.no_grad():
+        for parameter in close.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))
+    torch.manual_seed(1)
+    far = Qwen2ForCausalLM(tiny_config(layers=1)).eval()
+    return TinyModels(
+        target_dir=save_model(target, root / "target"),
+        close_dir=save_model(close, root / "close"),
+        far_dir=save_model(far, root / "far"),
+        mismatched_dir=save_model(close, root / "mismatched", extra_token="zz"),
+    )
+
+
+@pytest.fixture(scope="session")
+def target(tiny_models: TinyModels) -> LoadedModel:
+    return load_model(tiny_models.target_dir)
+
+
+def make_prompts(count: int, seed: int = 0) -> list[list[int]]:
+    """Random prompts of words, some with a repeated stretch so n-gram drafts can match."""
+    generator = torch.Generator().manual_seed(seed)
+    prompts: list[list[int]] = []
+    for index in range(count):
+        length = int(torch.randint(3, 24, (1,), generator=generator))
+        prompt = torch.randint(3, VOCAB, (length,), generator=generator).tolist()
+        if index % 2:
+            prompt = prompt + prompt[: length // 2]
+        prompts.append(prompt)
+    return prompts

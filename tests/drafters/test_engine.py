@@ -1,0 +1,301 @@
+"""The speculative decoding loop on tiny random Qwen2 models: lossless, stoppable, adaptive."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from drafters.base import Drafter
+from drafters.engine import SpeculativeEngine
+from drafters.loader import LoadedModel, load_model
+from drafters.registry import create_drafter
+from drafters.sampling import SamplingConfig
+from drafters.stats import GenerationStats
+
+from .conftest import EOS_ID, TinyModels, make_prompts
+
+MAX_NEW = 32
+
+
+@pytest.fixture(scope="module")
+def engine(target: LoadedModel) -> SpeculativeEngine:
+    return SpeculativeEngine(target)
+
+
+@pytest.fixture(scope="module")
+def drafters(target: LoadedModel, tiny_models: TinyModels) -> dict[str, Drafter]:
+    return {
+        "none": create_drafter("none", name="none", target=target),
+        "ngram": create_drafter("ngram", name="ngram", target=target),
+        "close": create_drafter("model", name="close", target=target, path=tiny_models.close_dir),
+        "far": create_drafter("model", name="far", target=target, path=tiny_models.far_dir),
+    }
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    return make_prompts(12)
+
+
+def reference_greedy(
+    target: LoadedModel, engine: SpeculativeEngine, prompt: Sequence[int], max_new: int
+) -> list[int]:
+    """The target's own greedy output (transformers' generate), stopping at our stop ids."""
+    with torch.inference_mode():
+        out = target.model.generate(
+            torch.tensor([list(prompt)]),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=sorted(engine.stop_token_ids),
+            pad_token_id=0,
+        )
+    return [int(t) for t in out[0, len(prompt) :]]
+
+
+@pytest.fixture(scope="module")
+def references(
+    target: LoadedModel, engine: SpeculativeEngine, prompts: list[list[int]]
+) -> list[list[int]]:
+    return [reference_greedy(target, engine, p, MAX_NEW) for p in prompts]
+
+
+def assert_same_or_near_tie(
+    target: LoadedModel, prompt: list[int], ours: list[int], reference: list[int]
+) -> None:
+    """Token-for-token equality; a difference is tolerated only at a float near-tie
+    (the target's top-two logits within 1e-4 at the first differing position)."""
+    if ours == reference:
+        return
+    first = next(
+        (i for i, (a, b) in enumerate(zip(ours, reference, strict=False)) if a != b),
+        min(len(ours), len(reference)),
+    )
+    with torch.inference_mode():
+        logits = target.model(torch.tensor([prompt + reference[:first]])).logits[0, -1]
+    top_two = logits.topk(2).values
+    gap = float(top_two[0] - top_two[1])
+    assert gap < 1e-4, (
+        f"outputs differ at {first} without a near-tie (gap {gap}): {ours} vs {reference}"
+    )
+
+
+@pytest.mark.parametrize("kind", ["none", "ngram", "close", "far"])
+def test_greedy_is_the_targets_own_output_for_every_k(
+    kind: str,
+    engine: SpeculativeEngine,
+    drafters: dict[str, Drafter],
+    target: LoadedModel,
+    prompts: list[list[int]],
+    references: list[list[int]],
+) -> None:
+    accepted = 0
+    for k in range(1, 9):
+        for prompt, reference in zip(prompts, references, strict=True):
+            run = engine.generate(prompt, drafters[kind], k, max_new_tokens=MAX_NEW)
+            assert_same_or_near_tie(target, prompt, run.collect(), reference)
+            assert run.stats.generated_tokens == len(run.output_ids)
+            assert run.stats.steps == len(run.stats.accepted_per_step)
+            assert sum(run.stats.accepted_per_step) + run.stats.steps >= len(run.output_ids)
+            accepted += run.stats.accepted
+    # The comparison is only meaningful if drafts were actually accepted.
+    assert (accepted > 0) == (kind != "none")
+
+
+def test_streamed_events_are_the_output(
+    engine: SpeculativeEngine, drafters: dict[str, Drafter], prompts: list[list[int]]
+) -> None:
+    run = engine.generate(prompts[1], drafters["close"], 4, max_new_tokens=MAX_NEW)
+    events = list(run)
+    assert [t for e in events for t in e.token_ids] == run.output_ids
+    assert len(events) == run.stats.steps
+    text = "".join(e.text for e in events)
+    assert text == engine.target.tokenizer.decode(run.output_ids, skip_special_tokens=True)
+    assert run.stats.mean_accepted_length == pytest.approx(len(run.output_ids) / len(events))
+
+
+def test_target_cache_after_a_rejection_equals_a_fresh_prefill(
+    engine: SpeculativeEngine, drafters: dict[str, Drafter], target: LoadedModel
+) -> None:
+    history = make_prompts(3, seed=5)[2]
+    cache = DynamicCache()
+    engine._prefill(cache, history)
+    session = drafters["far"].start(history)
+    stats = GenerationStats()
+    rejected = False
+    for _ in range(6):
+        history += engine._speculative_step(
+            cache, session, history, 5, SamplingConfig(), None, stats
+        )
+        rejected = rejected or stats.accepted_per_step[-1] < 5
+    assert rejected and cache.get_seq_length() == len(history) - 1
+    with torch.inference_mode():
+        stepped = target.model(
+            torch.tensor([history[-1:]]), past_key_values=cache, use_cache=True
+        ).logits[0, -1]
+        fresh = target.model(torch.tensor([history])).logits[0, -1]
+    torch.testing.assert_close(stepped, fresh, rtol=1e-4, atol=1e-5)
+
+
+def test_model_drafter_cache_after_rollback_drafts_like_a_fresh_session(
+    engine: SpeculativeEngine, drafters: dict[str, Drafter], prompts: list[list[int]]
+) -> None:
+    run = engine.generate(prompts[0], drafters["close"], 5, max_new_tokens=20)
+    run.collect()
+    assert any(n < 5 for n in run.stats.accepted_per_step)  # some step was rolled back
+    history = prompts[0] + run.output_ids
+    rolled = drafters["close"].start(prompts[0])
+    greedy = SamplingConfig()
+    # Drive a session through the same steps, then compare with a fresh one.
+    position = len(prompts[0])
+    for accepted in run.stats.accepted_per_step:
+        rolled.propose(history[:position], 5, greedy, None)
+        rolled.observe_accepted(accepted)
+        position += accepted + 1
+    fresh = drafters["close"].start(history)
+    again = rolled.propose(history, 5, greedy, None).token_ids.tolist()
+    assert again == fresh.propose(history, 5, greedy, None).token_ids.tolist()
+
+
+def test_max_new_tokens_is_exact_and_never_overdrafted(
+    engine: SpeculativeEngine,
+    drafters: dict[str, Drafter],
+    prompts: list[list[int]],
+    references: list[list[int]],
+) -> None:
+    index = next(i for i, r in enumerate(references) if len(r) == MAX_NEW and EOS_ID not in r)
+    run = engine.generate(prompts[index], drafters["close"], 8, max_new_tokens=7)
+    assert run.collect() == references[index][:7]
+    assert run.stats.finish_reason == "length"
+    assert all(r <= 7 - 1 for r in run.stats.requested_per_step)
+    assert engine.generate(prompts[index], drafters["close"], 8, max_new_tokens=0).collect() == []
+
+
+def test_stops_at_eos(
+    tiny_models: TinyModels,
+    drafters: dict[str, Drafter],
+    prompts: list[list[int]],
+    references: list[list[int]],
+) -> None:
+    # A target whose generation config adds an EOS id that its greedy output reaches.
+    target = load_model(tiny_models.target_dir)
+    index = next(i for i, r in enumerate(references) if EOS_ID not in r[:12])
+    extra_eos = references[index][9]
+    target.model.generation_config.eos_token_id = [EOS_ID, extra_eos]
+    engine = SpeculativeEngine(target)
+    assert engine.stop_token_ids == {EOS_ID, extra_eos}
+    reference = reference_greedy(target, engine, prompts[index], MAX_NEW)
+    assert reference[-1] == extra_eos and len(reference) <= 10
+    for kind in ("ngram", "close"):
+        for k in (1, 6):
+            run = engine.generate(prompts[index], drafters[kind], k, max_new_tokens=MAX_NEW)
+            assert run.collect() == reference
+            assert run.stats.finish_reason == "eos_token"
+
+
+def test_stops_after_a_stop_sequence(
+    engine: SpeculativeEngine,
+    drafters: dict[str, Drafter],
+    target: LoadedModel,
+    prompts: list[list[int]],
+    references: list[list[int]],
+) -> None:
+    tokenizer = target.tokenizer
+    reference = references[3]
+    stop = tokenizer.decode(reference[5:7])  # two words, e.g. "w12 w40"
+    end = next(j for j in range(len(reference)) if stop in tokenizer.decode(reference[: j + 1]))
+    run = engine.generate(
+        prompts[3], drafters["close"], 6, max_new_tokens=MAX_NEW, stop_sequences=["zzz", stop]
+    )
+    text = "".join(event.text for event in run)
+    assert run.output_ids == reference[: end + 1]
+    assert run.stats.finish_reason == "stop_sequence"
+    assert text.endswith(stop) and text.count(stop) == 1
+
+
+def test_draft_length_may_change_between_steps(
+    engine: SpeculativeEngine,
+    drafters: dict[str, Drafter],
+    target: LoadedModel,
+    prompts: list[list[int]],
+    references: list[list[int]],
+) -> None:
+    plan = [3, 0, 8, 1, 0, 5, 2]
+    seen: list[int] = []
+
+    def schedule(step: int, stats: GenerationStats) -> int:
+        assert stats.steps == step
+        seen.append(step)
+        return plan[step % len(plan)]
+
+    for kind in ("close", "ngram"):
+        for prompt, reference in zip(prompts[:6], references[:6], strict=True):
+            seen.clear()
+            run = engine.generate(prompt, drafters[kind], schedule, max_new_tokens=MAX_NEW)
+            assert_same_or_near_tie(target, prompt, run.collect(), reference)
+            requested = run.stats.requested_per_step
+            assert seen == list(range(run.stats.steps))
+            assert all(r <= plan[i % len(plan)] for i, r in enumerate(requested))
+            assert all(
+                d == 0 for r, d in zip(requested, run.stats.drafted_per_step, strict=True) if r == 0
+            )
+
+
+def test_cancellation_stops_between_steps(
+    engine: SpeculativeEngine,
+    drafters: dict[str, Drafter],
+    prompts: list[list[int]],
+    references: list[list[int]],
+) -> None:
+    calls = 0
+
+    def should_stop() -> bool:
+        nonlocal calls
+        calls += 1
+        return calls > 3
+
+    run = engine.generate(
+        prompts[2], drafters["close"], 3, max_new_tokens=MAX_NEW, should_stop=should_stop
+    )
+    output = run.collect()
+    assert run.stats.steps == 3 and run.stats.finish_reason == "cancelled"
+    assert output == references[2][: len(output)]
+
+    early = engine.generate(prompts[2], drafters["close"], 3, max_new_tokens=MAX_NEW)
+    next(early)
+    early.close()
+    assert early.stats.finish_reason == "cancelled" and early.stats.steps == 1
+
+
+def test_a_seed_reproduces_a_sampled_generation(
+    engine: SpeculativeEngine, drafters: dict[str, Drafter], prompts: list[list[int]]
+) -> None:
+    def sampled(seed: int, kind: str) -> list[int]:
+        config = SamplingConfig(do_sample=True, temperature=1.5, top_p=0.95, seed=seed)
+        run = engine.generate(prompts[4], drafters[kind], 4, max_new_tokens=24, sampling=config)
+        return run.collect()
+
+    for kind in ("close", "ngram"):
+        assert sampled(11, kind) == sampled(11, kind)
+        assert sampled(11, kind) != sampled(12, kind)
+
+
+def test_sampled_first_tokens_follow_the_target_distribution(
+    engine: SpeculativeEngine, drafters: dict[str, Drafter], target: LoadedModel
+) -> None:
+    prompt = [5, 9, 17, 33]
+    config = SamplingConfig(do_sample=True, temperature=2.0)
+    with torch.inference_mode():
+        logits = target.model(torch.tensor([prompt])).logits[0, -1]
+    expected = torch.softmax(logits / 2.0, dim=-1)
+    counts = torch.zeros_like(expected)
+    runs = 800
+    for seed in range(runs):
+        sampling = SamplingConfig(do_sample=True, temperature=2.0, seed=seed)
+        run = engine.generate(prompt, drafters["far"], 3, max_new_tokens=4, sampling=sampling)
+        counts[next(run).token_ids[0]] += 1
+    assert config.temperature == 2.0
+    empirical = counts / runs
+    assert 0.5 * float((empirical - expected).abs().sum()) < 0.12
