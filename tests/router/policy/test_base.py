@@ -1,0 +1,111 @@
+"""Domain types: length buckets, decisions, outcomes built from steps or from totals."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.policy.base import (
+    LENGTH_BUCKET_EDGES,
+    Context,
+    Decision,
+    IncompatibleStateError,
+    Outcome,
+    check_state,
+    length_bucket,
+)
+
+
+def test_length_buckets_follow_the_edges() -> None:
+    assert LENGTH_BUCKET_EDGES == (64, 256, 1024)
+    assert [length_bucket(n) for n in (0, 63, 64, 255, 256, 1023, 1024, 10**6)] == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+    ]
+    assert length_bucket(-5) == 0
+
+
+def test_context_is_hashable_and_compares_by_value() -> None:
+    assert Context("code", 1) == Context("code", 1)
+    assert len({Context("code", 1), Context("code", 1), Context("code", 2)}) == 2
+
+
+def test_decision_ties_none_to_k_zero() -> None:
+    Decision("none", 0)
+    Decision("generic", 4, 1.5, True)
+    with pytest.raises(ValueError, match="k = 0"):
+        Decision("none", 3)
+    with pytest.raises(ValueError, match="k = 0"):
+        Decision("generic", 0)
+    with pytest.raises(ValueError, match=">= 0"):
+        Decision("generic", -1)
+
+
+def test_outcome_counts_follow_the_truncated_geometric_likelihood() -> None:
+    outcome = Outcome.from_steps([4, 4, 4, 2], [4, 1, 0, 2], draft_time_s=0.1, verify_time_s=0.4)
+    # Successes: 4 + 1 + 0 + 2; failures: steps that stopped short of k (the 2nd and 3rd).
+    assert outcome.acceptance_counts() == (7, 2)
+    assert outcome.generated_tokens == 7 + 4
+    assert outcome.wall_time_s == pytest.approx(0.5)
+    assert outcome.plain_token_time_s is None
+
+
+def test_outcome_rejects_inconsistent_steps() -> None:
+    with pytest.raises(ValueError, match="entries"):
+        Outcome.from_steps([4, 4], [1], draft_time_s=0, verify_time_s=0)
+    with pytest.raises(ValueError, match="outside"):
+        Outcome.from_steps([2], [3], draft_time_s=0, verify_time_s=0)
+    with pytest.raises(ValueError, match="times"):
+        Outcome.from_steps([2], [1], draft_time_s=-1, verify_time_s=0)
+
+
+def test_outcome_from_totals_reconstructs_steps_from_positions() -> None:
+    steps = [4, 1, 0, 2, 4, 3]
+    # Position i counts the steps whose draft token i was accepted.
+    per_position = [sum(n > i for n in steps) for i in range(4)]
+    outcome = Outcome.from_totals(
+        steps=len(steps),
+        drafted_tokens=4 * len(steps),
+        accepted_tokens=sum(steps),
+        accepted_per_position=per_position,
+        draft_time_s=0.2,
+        verify_time_s=0.6,
+        plain_token_time_s=0.0,
+    )
+    assert sorted(outcome.accepted_per_step) == sorted(steps)
+    assert outcome.drafted_per_step == (4,) * 6
+    assert outcome.acceptance_counts() == (14, 4)
+    assert outcome.plain_token_time_s is None  # 0 on the wire means "not measured"
+
+
+def test_outcome_from_totals_without_positions_spreads_the_total() -> None:
+    outcome = Outcome.from_totals(
+        steps=4, drafted_tokens=16, accepted_tokens=10, draft_time_s=0.1, verify_time_s=0.2
+    )
+    assert sorted(outcome.accepted_per_step) == [2, 2, 3, 3]
+    assert outcome.accepted_tokens == 10
+
+
+def test_outcome_from_totals_for_plain_decoding() -> None:
+    outcome = Outcome.from_totals(
+        steps=0,
+        drafted_tokens=0,
+        accepted_tokens=0,
+        draft_time_s=0.0,
+        verify_time_s=0.5,
+        generated_tokens=50,
+    )
+    assert outcome.steps == 0 and outcome.generated_tokens == 50
+
+
+def test_check_state_refuses_other_versions_and_policies() -> None:
+    check_state({"version": 1, "policy": "ucb"}, "ucb")
+    with pytest.raises(IncompatibleStateError, match="format version 99"):
+        check_state({"version": 99, "policy": "ucb"}, "ucb")
+    with pytest.raises(IncompatibleStateError, match="saved by policy 'ucb'"):
+        check_state({"version": 1, "policy": "ucb"}, "thompson")

@@ -1,0 +1,89 @@
+"""The measured cost model: per-drafter draft time, the verify line, t_ar with and without plain times."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from router.policy.base import Outcome
+from router.policy.costs import CostModel
+
+
+def _outcome(
+    k: int,
+    steps: int,
+    *,
+    t_ar: float = 0.01,
+    draft: float = 0.002,
+    slope: float = 0.1,
+    plain: float | None = None,
+) -> Outcome:
+    return Outcome.from_steps(
+        [k] * steps,
+        [0] * steps,
+        draft_time_s=steps * k * draft,
+        verify_time_s=steps * (t_ar + slope * t_ar * k),
+        plain_token_time_s=plain,
+    )
+
+
+def test_units_before_any_measurement() -> None:
+    costs = CostModel(default_draft_cost_ratio=0.2, draft_cost_ratio={"ngram": 0.01})
+    assert costs.plain_token_time() == 1.0
+    assert list(costs.draft_times(["model", "ngram"])) == [0.2, 0.01]
+    assert costs.verify_times(2) == pytest.approx([1.0, 1.05, 1.1])
+
+
+def test_learns_the_verify_line_and_t_ar_without_plain_times() -> None:
+    costs = CostModel()
+    for k in (1, 2, 4, 6, 8) * 4:
+        costs.observe("generic", _outcome(k, 20))
+    t0, t1 = costs.verify_line() or (0, 0)
+    # Exact data: t_verify(k) = 0.01 + 0.001 k; the intercept is the plain step time.
+    assert t0 == pytest.approx(0.01, rel=0.05)
+    assert t1 == pytest.approx(0.001, rel=0.1)
+    assert costs.plain_token_time() == pytest.approx(0.01, rel=0.05)
+    assert costs.draft_times(["generic"])[0] == pytest.approx(0.002)
+    # An unmeasured drafter costs the default ratio times the estimated t_ar.
+    assert costs.draft_times(["new"])[0] == pytest.approx(0.1 * 0.01, rel=0.05)
+
+
+def test_one_k_only_uses_the_prior_slope() -> None:
+    costs = CostModel(verify_slope_ratio=0.05)
+    costs.observe("generic", _outcome(4, 10, slope=0.05))
+    t0, t1 = costs.verify_line() or (0, 0)
+    assert t0 == pytest.approx(0.01, rel=0.02)
+    assert t1 == pytest.approx(0.05 * t0, rel=0.05)
+
+
+def test_plain_decoding_outcomes_pin_t_ar() -> None:
+    costs = CostModel()
+    plain = Outcome.from_totals(
+        steps=0,
+        drafted_tokens=0,
+        accepted_tokens=0,
+        draft_time_s=0.0,
+        verify_time_s=0.0,
+        wall_time_s=0.5,
+        generated_tokens=50,
+    )
+    costs.observe("none", plain)
+    assert costs.plain_token_time() == pytest.approx(0.01)
+
+
+def test_measured_plain_time_wins_and_averages() -> None:
+    costs = CostModel(ewma=0.01)
+    costs.observe("generic", _outcome(4, 10, plain=0.02))
+    costs.observe("generic", _outcome(4, 10, plain=0.04))
+    assert costs.plain_token_time() == pytest.approx(0.03)  # running mean while n < 1/ewma
+
+
+def test_state_round_trip_through_json() -> None:
+    costs = CostModel()
+    for k in (1, 3, 5):
+        costs.observe("generic", _outcome(k, 10))
+    restored = CostModel()
+    restored.load_state_dict(json.loads(json.dumps(costs.state_dict())))
+    assert restored.verify_line() == pytest.approx(costs.verify_line())
+    assert restored.draft_times(["generic"]) == pytest.approx(costs.draft_times(["generic"]))

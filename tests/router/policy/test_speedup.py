@@ -1,0 +1,78 @@
+"""S(a, k) against the formula of DESIGN.md, and k* for known acceptance and costs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from router.policy.speedup import (
+    best_draft_length,
+    cost_gain,
+    expected_tokens_per_step,
+    speedup,
+    speedup_table,
+)
+
+# a = 0.5, t_ar = 1, t_draft = 0.1, t_verify(k) = 1 + 0.05 k, by hand:
+#   k=1: 1.5   / 1.15 = 1.304348    k=2: 1.75 / 1.30 = 1.346154    k=3: 1.875 / 1.45 = 1.293103
+HAND_TABLE = {1: 1.5 / 1.15, 2: 1.75 / 1.30, 3: 1.875 / 1.45}
+
+
+def _gain(draft_cost: float, k_max: int = 8) -> np.ndarray:
+    return cost_gain(1.0, [draft_cost], 1.0 + 0.05 * np.arange(k_max + 1))
+
+
+def test_expected_tokens_per_step_is_the_geometric_sum() -> None:
+    table = expected_tokens_per_step([0.5, 0.0, 1.0], 3)
+    np.testing.assert_allclose(table[0], [1.0, 1.5, 1.75, 1.875])
+    np.testing.assert_allclose(table[1], [1.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(table[2], [1.0, 2.0, 3.0, 4.0])  # a = 1: no division by zero
+    a, k = 0.7, 5
+    assert table.shape == (3, 4)
+    assert expected_tokens_per_step(a, k)[k] == pytest.approx((1 - a ** (k + 1)) / (1 - a))
+
+
+def test_speedup_matches_the_hand_table() -> None:
+    table = speedup_table([0.5], _gain(0.1))[0]
+    assert table[0] == 1.0  # k = 0 means no speculation
+    for k, expected in HAND_TABLE.items():
+        assert table[k] == pytest.approx(expected)
+        assert speedup(0.5, k, t_ar=1.0, t_draft=0.1, t_verify=1 + 0.05 * k) == pytest.approx(
+            expected
+        )
+    assert speedup(0.5, 0, t_ar=1.0, t_draft=0.1, t_verify=1.0) == 1.0
+
+
+def test_speedup_scales_with_measured_seconds_not_units() -> None:
+    # Same ratios in seconds give the same speed-up.
+    seconds = cost_gain(0.02, [0.002], 0.02 * (1.0 + 0.05 * np.arange(9)))
+    np.testing.assert_allclose(seconds, _gain(0.1))
+
+
+@pytest.mark.parametrize(
+    ("acceptance", "draft_cost", "best_k", "best_s"),
+    [
+        (0.5, 0.1, 2, 1.75 / 1.30),
+        # a = 0.8: k=4 -> 3.3616/1.6 = 2.1010, k=5 -> 3.68928/1.75 = 2.1082, k=6 -> 2.0797
+        (0.8, 0.1, 5, 3.68928 / 1.75),
+        # a = 0.05 is below the cost ratio: 1.05 / 1.15 < 1, so no speculation
+        (0.05, 0.1, 0, 1.0),
+        # free drafting and near-perfect acceptance: draft as far as allowed
+        (0.99, 0.0, 8, None),
+    ],
+)
+def test_best_draft_length_for_known_acceptance_and_cost(
+    acceptance: float, draft_cost: float, best_k: int, best_s: float | None
+) -> None:
+    k, s = best_draft_length(speedup_table([acceptance], _gain(draft_cost)))
+    assert int(k[0]) == best_k
+    if best_s is not None:
+        assert float(s[0]) == pytest.approx(best_s)
+
+
+def test_table_is_vectorised_over_samples_and_drafters() -> None:
+    gain = cost_gain(1.0, [0.1, 0.01], 1.0 + 0.05 * np.arange(5))
+    table = speedup_table(np.array([[0.5, 0.2], [0.9, 0.6]]), gain)
+    assert table.shape == (2, 2, 5)
+    assert table[0, 0, 2] == pytest.approx(1.75 / 1.30)
+    assert table[1, 1, 1] == pytest.approx(1.6 / (0.01 + 1.05))

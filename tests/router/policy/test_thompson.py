@@ -1,0 +1,240 @@
+"""Thompson sampling: k = 0 when nothing pays, convergence, drift, priors, persistence, invariants."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from router.policy.base import Context, Decision, IncompatibleStateError, Outcome
+from router.policy.registry import make_policy
+from router.policy.thompson import ThompsonPolicy
+
+from .helpers import geometric_outcome
+
+CODE = Context("code", 1)
+
+
+def _train(
+    policy: ThompsonPolicy,
+    context: Context,
+    acceptance: dict[str, float],
+    requests: int,
+    seed: int = 0,
+) -> list[Decision]:
+    rng = np.random.default_rng(seed)
+    decisions = []
+    for _ in range(requests):
+        decision = policy.select(context, list(acceptance))
+        policy.update(
+            context,
+            decision,
+            geometric_outcome(rng, decision, acceptance.get(decision.drafter, 0.0)),
+        )
+        decisions.append(decision)
+    return decisions
+
+
+def test_picks_k_zero_when_every_drafter_is_below_its_cost_ratio() -> None:
+    # Cost ratio 0.1 plus verify slope 0.05: a drafter needs a > ~0.15 to pay at k = 1.
+    policy = ThompsonPolicy(["generic", "code"], rng=np.random.default_rng(0))
+    decisions = _train(policy, Context("creative"), {"generic": 0.05, "code": 0.08}, 150)
+    last = decisions[-50:]
+    assert sum(d.k == 0 for d in last) >= 48
+    assert all(d.drafter == "none" for d in last if d.k == 0)
+    assert policy.describe()[0].chosen_drafter == "none"
+
+
+def test_converges_to_the_best_drafter_and_its_best_k() -> None:
+    policy = ThompsonPolicy(["weak", "strong"], rng=np.random.default_rng(1))
+    decisions = _train(policy, CODE, {"weak": 0.5, "strong": 0.8}, 200)
+    # With a = 0.8, t_draft = 0.1 t_ar and t_verify(k) = (1 + 0.05 k) t_ar, k* = 5.
+    counts = Counter((d.drafter, d.k) for d in decisions[-100:])
+    assert counts[("strong", 5)] >= 80
+    summary = policy.describe()[0]
+    assert (summary.chosen_drafter, summary.chosen_k) == ("strong", 5)
+    strong = next(a for a in summary.arms if a.drafter == "strong")
+    assert strong.acceptance_mean == pytest.approx(0.8, abs=0.03)
+    assert strong.expected_speedup == pytest.approx(3.68928 / 1.75, rel=0.05)
+    assert strong.decisions == sum(d.drafter == "strong" for d in decisions)
+    assert summary.requests == 200
+    # Costs were estimated without plain_token_time_s: t_ar is the verify intercept.
+    assert policy.costs_.plain_token_time() == pytest.approx(0.01, rel=0.05)
+
+
+def test_follows_drift_to_the_new_best_drafter() -> None:
+    policy = ThompsonPolicy(["a", "b"], gamma=0.98, rng=np.random.default_rng(2))
+    _train(policy, CODE, {"a": 0.8, "b": 0.55}, 150)
+    after = _train(policy, CODE, {"a": 0.2, "b": 0.55}, 150, seed=3)
+    first_b_run = next(
+        i for i in range(len(after)) if all(d.drafter == "b" for d in after[i : i + 10])
+    )
+    assert first_b_run < 100
+
+
+def test_select_changes_no_learned_state() -> None:
+    policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(4))
+    _train(policy, CODE, {"a": 0.6, "b": 0.4}, 20)
+    before = policy.state_dict()
+    before.pop("rng")
+    for _ in range(50):
+        policy.select(CODE, ["a", "b"])
+        policy.select(Context("unseen", 0), ["a", "b"])
+    after = policy.state_dict()
+    after.pop("rng")
+    assert after == before
+
+
+def test_state_round_trip_gives_equal_decisions() -> None:
+    policy = make_policy("thompson", ["generic", "code", "ngram"], {"seed": 5})
+    assert isinstance(policy, ThompsonPolicy)
+    _train(policy, CODE, {"generic": 0.5, "code": 0.7, "ngram": 0.3}, 60)
+    _train(policy, Context("math", 0), {"generic": 0.6, "code": 0.4, "ngram": 0.1}, 30)
+    saved = json.loads(json.dumps(policy.state_dict()))  # JSON-serialisable
+    restored = make_policy("thompson", [], {"seed": 123})
+    restored.load_state_dict(saved)
+    assert restored.version == policy.version == 90
+    assert restored.describe() == policy.describe()
+    contexts = [CODE, Context("math", 0), Context("chat", 2)]
+    eligible = ["generic", "code", "ngram"]
+    assert [restored.select(c, eligible) for c in contexts * 30] == [
+        policy.select(c, eligible) for c in contexts * 30
+    ]
+
+
+def test_refuses_incompatible_state() -> None:
+    policy = make_policy("thompson", ["a"])
+    state = policy.state_dict()
+    with pytest.raises(IncompatibleStateError, match="format version 2"):
+        policy.load_state_dict({**state, "version": 2})
+    with pytest.raises(IncompatibleStateError, match="policy 'ucb'"):
+        policy.load_state_dict(make_policy("ucb", ["a"]).state_dict())
+
+
+def test_removed_drafter_is_never_selected_and_re_adding_starts_fresh() -> None:
+    policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(6))
+    _train(policy, CODE, {"a": 0.9, "b": 0.3}, 40)
+    policy.remove_drafter("a")
+    assert "a" not in policy.drafters_
+    assert all(policy.select(CODE, ["a", "b"]).drafter in {"b", "none"} for _ in range(200))
+    policy.add_drafter("a")
+    arm = next(x for x in policy.describe()[0].arms if x.drafter == "a")
+    assert (arm.alpha, arm.beta, arm.decisions) == (1.0, 1.0, 0)
+    policy.remove_drafter("missing")  # no-op
+
+
+def test_only_eligible_known_drafters_are_chosen() -> None:
+    policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(7))
+    assert all(policy.select(CODE, ["b", "stranger"]).drafter in {"b", "none"} for _ in range(100))
+    assert policy.select(CODE, []) == Decision("none", 0, 1.0, False)
+    assert policy.select(CODE, ["stranger"]).k == 0
+    with pytest.raises(ValueError, match="k = 0 arm"):
+        policy.add_drafter("none")
+
+
+def test_similarity_prior_brings_a_new_drafter_in_for_its_cluster_only() -> None:
+    policy = ThompsonPolicy(["generic"], rng=np.random.default_rng(8))
+    translation, chat = Context("translation", 0), Context("chat", 0)
+    _train(policy, translation, {"generic": 0.3}, 40)
+    _train(policy, chat, {"generic": 0.45}, 40)
+    policy.add_drafter("translator", {"translation": 0.85, "chat": 0.35, "code": 0.3})
+    truth = {"generic": 0.3, "translator": 0.65}
+    decisions = _train(policy, translation, truth, 20, seed=9)
+    first_use = next(i for i, d in enumerate(decisions) if d.drafter == "translator")
+    assert first_use < 5
+    assert sum(d.drafter == "translator" for d in decisions[-10:]) >= 9
+    # Low similarity: its prior mean on chat is low, so chat keeps the generic drafter.
+    chat_arm = next(
+        a
+        for s in policy.describe()
+        if s.cluster == "chat"
+        for a in s.arms
+        if a.drafter == "translator"
+    )
+    assert chat_arm.acceptance_mean < 0.3
+
+
+def test_counterfactual_updates_teach_without_exploring() -> None:
+    policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(10))
+    _train(policy, CODE, {"a": 0.5}, 30)  # only "a" was eligible so far
+    for _ in range(20):
+        policy.update_counterfactual(CODE, "b", [4, 4, 3, 4, 4, 2, 4], 4)
+    arm = next(x for x in policy.describe()[0].arms if x.drafter == "b")
+    assert arm.acceptance_mean > 0.85
+    assert arm.decisions == 0
+    assert Counter(policy.select(CODE, ["a", "b"]).drafter for _ in range(50))["b"] >= 45
+    before = policy.version
+    policy.update_counterfactual(CODE, "unknown", [1, 2], 4)  # ignored
+    assert policy.version == before
+
+
+def test_new_length_bucket_starts_from_its_cluster() -> None:
+    policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(11), transfer_weight=16)
+    _train(policy, Context("code", 0), {"a": 0.2, "b": 0.8}, 30)
+    policy.update(
+        Context("code", 3),
+        Decision("none", 0),
+        Outcome.from_steps([0] * 10, [0] * 10, draft_time_s=0, verify_time_s=0.1),
+    )
+    fresh = {a.drafter: a for s in policy.describe() if s.length_bucket == 3 for a in s.arms}
+    assert fresh["b"].acceptance_mean > 0.7
+    assert fresh["b"].alpha + fresh["b"].beta == pytest.approx(2 + 16, rel=0.01)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["select", "update", "counterfactual", "add", "remove"]),
+            st.sampled_from(["a", "b", "c", "d"]),
+            st.integers(0, 3),
+            st.lists(st.integers(0, 8), min_size=0, max_size=12),
+            st.floats(0.0, 1.0),
+        ),
+        max_size=60,
+    )
+)
+def test_invariants_under_random_operations(operations: list) -> None:
+    policy = ThompsonPolicy(["a", "b"], k_max=6, rng=np.random.default_rng(0))
+    removed: set[str] = set()
+    everyone = ["a", "b", "c", "d"]
+    for op, drafter, bucket, accepted, fraction in operations:
+        context = Context("code" if bucket % 2 else "chat", bucket)
+        if op == "select":
+            decision = policy.select(context, everyone)
+            assert 0 <= decision.k <= 6
+            assert decision.drafter not in removed
+            assert decision.drafter == "none" or decision.drafter in policy.drafters_
+            assert np.isfinite(decision.expected_speedup) and decision.expected_speedup > 0
+        elif op == "update":
+            decision = policy.select(context, everyone)
+            k = decision.k
+            steps = [min(x, k) for x in accepted]
+            outcome = Outcome.from_steps(
+                [k] * len(steps),
+                steps,
+                draft_time_s=fraction * 0.01,
+                verify_time_s=0.01 * len(steps) + fraction,
+            )
+            policy.update(context, decision, outcome)
+        elif op == "counterfactual":
+            policy.update_counterfactual(context, drafter, accepted, max(1, bucket * 2))
+        elif op == "add":
+            policy.add_drafter(
+                drafter, {"code": fraction, "chat": 1 - fraction} if bucket else None
+            )
+            removed.discard(drafter)
+        else:
+            policy.remove_drafter(drafter)
+            removed.add(drafter)
+        for arms in policy.contexts_.values():
+            assert len(arms.alpha) == len(policy.drafters_)
+            assert np.all(np.isfinite(arms.alpha)) and np.all(np.isfinite(arms.beta))
+            assert np.all(arms.alpha >= arms.alpha0 * (1 - 1e-9)) and np.all(arms.alpha > 0)
+            assert np.all(arms.beta >= arms.beta0 * (1 - 1e-9)) and np.all(arms.beta > 0)
+            assert np.all((arms.mean() > 0) & (arms.mean() < 1))
+    json.dumps(policy.state_dict())
