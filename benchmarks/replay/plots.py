@@ -130,26 +130,46 @@ def length_bars(report: Mapping[str, Any], out_dir: Path) -> Path:
 
 
 def arms_over_time(run: PolicyRun, path: Path, events: Sequence[int] = ()) -> Path:
-    """The chosen (drafter, k) per cluster over the requests of one policy's replay."""
-    by_cluster: dict[str, list[tuple[int, str]]] = {}
+    """The chosen drafter (rows) and k (colour) per cluster over one policy's requests."""
+    by_cluster: dict[str, list[tuple[int, str, int]]] = {}
     for result in run.results:
-        by_cluster.setdefault(result.cluster, []).append((result.index, result.arm))
-    arms = sorted({arm for points in by_cluster.values() for _, arm in points})
-    row = {arm: i for i, arm in enumerate(arms)}
+        point = (result.index, result.drafter, result.draft_length)
+        by_cluster.setdefault(result.cluster, []).append(point)
+    drafters = sorted({d for points in by_cluster.values() for _, d, _ in points})
+    row = {d: i for i, d in enumerate(drafters)}
+    k_max = max([k for points in by_cluster.values() for _, _, k in points] + [1])
     clusters = sorted(by_cluster)
     fig, axes = plt.subplots(
-        len(clusters), 1, sharex=True, squeeze=False, figsize=(8.0, 1.1 * len(clusters) + 1.2)
+        len(clusters),
+        1,
+        sharex=True,
+        squeeze=False,
+        figsize=(8.0, (0.16 * len(drafters) + 0.45) * len(clusters) + 1.0),
     )
+    image = None
     for ax, cluster in zip(axes[:, 0], clusters, strict=True):
         points = by_cluster[cluster]
-        ax.scatter([i for i, _ in points], [row[a] for _, a in points], s=8)
-        ax.set_yticks(range(len(arms)), arms, fontsize=6)
-        ax.set_ylabel(cluster, rotation=0, ha="right", fontsize=8)
+        image = ax.scatter(
+            [i for i, _, _ in points],
+            [row[d] for _, d, _ in points],
+            c=[k for _, _, k in points],
+            cmap="viridis",
+            vmin=0,
+            vmax=k_max,
+            s=10,
+        )
+        ax.set_yticks(range(len(drafters)), drafters, fontsize=6)
+        ax.set_ylim(-0.5, len(drafters) - 0.5)
+        ax.set_title(f"cluster {cluster}", fontsize=8, loc="left")
         for index in events:
             ax.axvline(index, color="grey", linestyle=":", linewidth=1)
     axes[-1, 0].set_xlabel("request")
-    fig.suptitle(f"Chosen drafter:k per cluster over time ({run.setting.label})")
-    return _save(fig, path)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes[:, 0]), label="draft length k", shrink=0.6)
+    fig.suptitle(f"Chosen drafter (row) and k (colour) per cluster ({run.setting.label})")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def event_indices(report: Mapping[str, Any]) -> list[int]:

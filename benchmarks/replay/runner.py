@@ -124,14 +124,16 @@ def world_env_without(world_dir: Path | None, withheld: Sequence[str]) -> dict[s
     """
     from benchmarks.world.layout import World, default_world_dir
 
-    # The classifier package's interface (TEAM.md); looked up at run time.
-    ensure_world_classifier = importlib.import_module("classifiers").ensure_world_classifier
-
     world = World.load(world_dir or default_world_dir("default"))
     drafters = {n: str(p) for n, p in world.drafter_dirs.items() if n not in withheld}
+    classifier_dir = os.environ.get("SPECROUTE_CLASSIFIER_DIR")
+    if not classifier_dir:
+        # The classifier package's interface (TEAM.md): trains <world>/classifier if missing.
+        ensure = importlib.import_module("classifiers").ensure_world_classifier
+        classifier_dir = str(ensure(world.root))
     return {
         "SPECROUTE_TARGET_DIR": str(world.target_dir),
-        "SPECROUTE_CLASSIFIER_DIR": str(ensure_world_classifier(world.root)),
+        "SPECROUTE_CLASSIFIER_DIR": classifier_dir,
         "SPECROUTE_DRAFTER_DIRS": json.dumps(drafters),
         "SPECROUTE_MODEL_ROOTS": json.dumps([str(world.root)]),
     }
