@@ -12,7 +12,7 @@ Added on top of either source, so every scenario can show each behaviour:
 - a ``creative`` cluster where no drafter pays for itself (Spec-Bench's creative writing
   slows down to 0.88x): the best arm there is k = 0;
 - a second length bucket (prompts of 64..255 tokens): n-gram +0.06 (more to copy),
-  model drafters -0.02.
+  model drafters -0.02 (except on ``creative``, which has nothing to copy).
 
 True costs, in units of the target's plain time per token t_ar = 10 ms: a model drafter
 costs ``MODEL_DRAFT_COST`` (0.15) per drafted token, ``ngram`` 0.01, and a verify step of
@@ -70,7 +70,7 @@ _NGRAM = {
     "code": 0.25,
 }
 #: Creative writing: every drafter is below its cost ratio.
-_CREATIVE = {"generic": 0.10, NGRAM: 0.03}
+_CREATIVE = {"generic": 0.10, NGRAM: 0.02}
 _CREATIVE_TASK_DRAFTER = 0.07
 
 
@@ -157,7 +157,8 @@ def world_from_matrix(matrix: Mapping[str, Mapping[str, float]], source: str) ->
             base[i, j] = float(row.get(c, _NGRAM.get(c, 0.1) if d == NGRAM else 0.1))
         base[-1, j] = _CREATIVE.get(d, _CREATIVE_TASK_DRAFTER)
     is_ngram = np.array([d == NGRAM for d in drafters])
-    long_delta = np.where(is_ngram, 0.06, -0.02)
+    long_delta = np.where(is_ngram, 0.06, -0.02)[None, :] * np.ones((len(clusters), 1))
+    long_delta[-1] = 0.0
     acceptance = np.clip(np.stack([base, base + long_delta], axis=1), 0.01, 0.95)
     weights = np.full(len(clusters), 1.0 / len(clusters))
     share = {"rag": 0.8, "summarization": 0.8, "qa": 0.4, "code": 0.5, "chat": 0.3}

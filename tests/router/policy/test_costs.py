@@ -1,4 +1,4 @@
-"""The measured cost model: per-drafter draft time, the verify line, t_ar with and without plain times."""
+"""The measured cost model: draft time per drafter, the verify line, t_ar (measured or not)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Thompson sampling: k = 0 when nothing pays, convergence, drift, priors, persistence, invariants."""
+"""Thompson sampling: k = 0 when nothing pays, convergence, drift, priors, state, invariants."""
 
 from __future__ import annotations
 

@@ -1,0 +1,28 @@
+"""``static``: a cluster -> (drafter, k) table, with per-context keys and a default."""
+
+from __future__ import annotations
+
+import pytest
+
+from router.policy.base import Context, Decision
+from router.policy.registry import make_policy
+
+
+def test_static_looks_up_context_then_cluster_then_default() -> None:
+    table = {"code": ["code", 5], "code/2": ["ngram", 3], "chat": ["none", 0]}
+    policy = make_policy(
+        "static", ["code", "ngram", "generic"], {"table": table, "default": ["generic", 2]}
+    )
+    everyone = ["code", "ngram", "generic"]
+    assert policy.select(Context("code", 0), everyone) == Decision("code", 5)
+    assert policy.select(Context("code", 2), everyone) == Decision("ngram", 3)
+    assert policy.select(Context("chat", 0), everyone) == Decision("none", 0)
+    assert policy.select(Context("math", 0), everyone) == Decision("generic", 2)
+    assert policy.select(Context("code", 0), ["generic"]) == Decision("none", 0)
+
+
+def test_static_rejects_malformed_config() -> None:
+    with pytest.raises(ValueError):
+        make_policy("static", [], {"table": {"code": ["code"]}})
+    with pytest.raises(ValueError):
+        make_policy("static", [], {"tabel": {}})
