@@ -1,0 +1,112 @@
+"""The simulator's mechanics and the policy's done-when properties (not timings)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from benchmarks.policy_sim.scenarios import build_scenarios
+from benchmarks.policy_sim.simulate import (
+    PolicySpec,
+    RequestStream,
+    accepted_steps,
+    run_scenario,
+    simulate_outcome,
+)
+from benchmarks.policy_sim.world import default_world
+from router.cli import build_app
+from router.policy.speedup import expected_tokens_per_step
+
+SPECS = [
+    PolicySpec("ucb", "ucb", {"seed": 0}),
+    PolicySpec("thompson", "thompson", {"seed": 0}),
+    PolicySpec("oracle", "oracle"),
+]
+
+
+@pytest.fixture(scope="module")
+def scenarios() -> dict:
+    return {s.name: s for s in build_scenarios(default_world(None), 5000, 0)}
+
+
+def test_accepted_steps_follow_the_truncated_geometric_law() -> None:
+    rng = np.random.default_rng(0)
+    steps = np.concatenate([accepted_steps(rng, 0.6, 3, 400) for _ in range(50)])
+    assert steps.max() <= 3
+    # Mean tokens per step (bonus included) is L(a, k) = 1 + a + a^2 + a^3.
+    assert steps.mean() + 1 == pytest.approx(expected_tokens_per_step(0.6, 3)[3], rel=0.03)
+    one = accepted_steps(rng, 0.6, 3, 100)
+    assert (one + 1).sum() >= 100 > (one[:-1] + 1).sum()
+
+
+def test_simulated_outcome_carries_costs_and_tokens() -> None:
+    world = default_world(None)
+    rng = np.random.default_rng(1)
+    outcome = simulate_outcome(rng, world, (0, 0), "generic", 4, 120)
+    assert outcome.generated_tokens >= 120 and set(outcome.drafted_per_step) == {4}
+    assert outcome.draft_time_s > 0 and outcome.plain_token_time_s is None
+    plain = simulate_outcome(rng, world, (0, 0), "none", 0, 50)
+    assert plain.generated_tokens == 50 and plain.draft_time_s == 0
+
+
+def test_request_stream_is_reproducible_and_covers_16_contexts() -> None:
+    world = default_world(None)
+    a, b = RequestStream.sample(world, 2000, 3), RequestStream.sample(world, 2000, 3)
+    assert np.array_equal(a.tokens, b.tokens)
+    assert len(set(zip(a.cluster.tolist(), (a.prompt_tokens >= 64).tolist(), strict=True))) == 16
+
+
+def test_stationary_thompson_beats_ucb_and_plays_the_oracle(scenarios: dict) -> None:
+    result = run_scenario(scenarios["stationary"], SPECS, 0)
+    assert result["oracle"]["regret"] == 0.0
+    assert result["thompson"]["regret"] <= 0.5 * result["ucb"]["regret"]
+    assert result["thompson"]["oracle_fraction_last_half"] >= 0.9
+    # The creative cluster, where no drafter pays for itself, gets k = 0.
+    assert result["thompson"]["k0_fraction_on_k0_contexts_last_half"] >= 0.9
+
+
+def test_drift_thompson_switches_within_300_requests(scenarios: dict) -> None:
+    result = run_scenario(scenarios["drift"], SPECS[1:], 0)
+    switch = result["thompson"]["switch_after_drift"]
+    assert switch is not None and switch <= 300
+
+
+def test_new_drafter_with_prior_is_used_within_50_requests(scenarios: dict) -> None:
+    result = run_scenario(scenarios["new_drafter_prior"], SPECS[1:2], 0)
+    first = result["thompson"]["new_drafter_first_use"]
+    assert first is not None and first <= 50
+    assert result["thompson"]["new_drafter_share_after_add"] >= 0.8
+
+
+def test_bench_policy_command_writes_the_json_keys(tmp_path: Path) -> None:
+    out = tmp_path / "policy.json"
+    result = CliRunner().invoke(
+        build_app(),
+        [
+            "bench",
+            "policy",
+            "--requests",
+            "400",
+            "--world",
+            str(tmp_path),
+            "--json",
+            str(out),
+            "--scenario",
+            "drift",
+            "--scenario",
+            "many_drafters",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "thompson" in result.output and "oracle" in result.output
+    report = json.loads(out.read_text())
+    assert set(report["scenarios"]) == {"drift", "many_drafters"}
+    for policies in report["scenarios"].values():
+        assert {"none", "fixed", "static", "ucb", "thompson", "oracle"} <= set(policies)
+        for metrics in policies.values():
+            assert {"regret", "oracle_fraction_last_half", "select_us_p50"} <= set(metrics)
+    assert "switch_after_drift" in report["scenarios"]["drift"]["thompson"]
