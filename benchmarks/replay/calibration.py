@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tqdm import tqdm
 
@@ -89,6 +90,29 @@ class Calibration:
             "static": table(self.static),
             "generic_k": self.generic_k,
         }
+
+
+def calibration_from_json(data: Mapping[str, Any]) -> Calibration:
+    """Rebuild a calibration written by ``Calibration.to_json``."""
+
+    def table(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, ArmChoice]:
+        return {
+            t: ArmChoice(str(r["drafter"]), int(r["k"]), float(r["speedup"]))
+            for t, r in rows.items()
+        }
+
+    return Calibration(
+        method=str(data["method"]),
+        prompts_per_task=int(data["prompts_per_task"]),
+        probe_k=int(data["probe_k"]),
+        baseline_tokens_per_s=dict(data["baseline_tokens_per_s"]),
+        acceptance={d: dict(row) for d, row in data["acceptance"].items()},
+        probe_speedup={d: dict(row) for d, row in data["probe_speedup"].items()},
+        arms={t: dict(row) for t, row in data["arms"].items()},
+        oracle=table(data["oracle"]),
+        static=table(data["static"]),
+        generic_k=int(data["generic_k"]),
+    )
 
 
 def task_drafter(task: str, drafters: Sequence[DrafterEntry]) -> str | None:

@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.replay.builtin import TraceOptions, builtin_trace
-from benchmarks.replay.calibration import Calibration, CalibrationOptions, calibrate
+from benchmarks.replay.calibration import (
+    Calibration,
+    CalibrationOptions,
+    calibrate,
+    calibration_from_json,
+)
 from benchmarks.replay.client import ReplayClient
 from benchmarks.replay.replay import PolicySetting, read_finetune_sample
 from benchmarks.replay.report import load_runs
@@ -120,11 +125,14 @@ def run_study_replays(client: ReplayClient, config: StudyConfig, world: WorldLik
     options = TraceOptions(seed=config.seed, max_new_tokens_cap=config.max_new_tokens_cap)
     test = world.examples("test")
     calibration_path = config.out_dir / "calibration.json"
-    probe = builtin_trace("uniform", test, replace(options, per_task=1))
-    requests = calibration_requests(world, probe, options, config.calibration.prompts_per_task)
-    calibration = calibrate(client, requests, client.list_drafters(), config.calibration)
-    calibration_path.parent.mkdir(parents=True, exist_ok=True)
-    calibration_path.write_text(json.dumps(calibration.to_json(), indent=2) + "\n")
+    if config.reuse and calibration_path.is_file():
+        calibration = calibration_from_json(json.loads(calibration_path.read_text()))
+    else:
+        probe = builtin_trace("uniform", test, replace(options, per_task=1))
+        requests = calibration_requests(world, probe, options, config.calibration.prompts_per_task)
+        calibration = calibrate(client, requests, client.list_drafters(), config.calibration)
+        calibration_path.parent.mkdir(parents=True, exist_ok=True)
+        calibration_path.write_text(json.dumps(calibration.to_json(), indent=2) + "\n")
     runs = StudyRuns(calibration)
 
     def replay(trace: Trace, labels: Sequence[str], settings: list[PolicySetting] | None) -> None:

@@ -148,3 +148,12 @@ def test_format_task_table_prints_rows_and_where_the_report_is(
     assert lines[1].split() == ["task", "requests", "none", "generic", "thompson", "oracle"]
     assert lines[3].split()[:4] == ["a", "2", "1.00x", "2.00x"]
     assert f"{tmp_path}/report.md" in lines[-1]
+
+
+def test_calibration_round_trips_through_json() -> None:
+    from benchmarks.replay.calibration import calibration_from_json
+
+    cal = calibration()
+    cal.arms = {"a": {"d:4": 2.0, "none:0": 1.0}}
+    again = calibration_from_json(json.loads(json.dumps(cal.to_json())))
+    assert again == cal
