@@ -1,9 +1,185 @@
-"""Commands contributed to the ``specroute`` CLI (filled in by this package's owner)."""
+"""Commands: ``specroute classifier train|eval`` and ``specroute bench classifier``."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from classifiers.text import LabeledPrompt
+
+
+def _parse_clusters(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError as error:
+        raise typer.BadParameter("--clusters takes 'auto' or a number") from error
+
+
+def _with_discovered_labels(
+    prompts: list[LabeledPrompt], clusters: int | str, seed: int
+) -> tuple[list[LabeledPrompt], dict[str, object], dict[str, list[str]]]:
+    """Replace tasks by discovered cluster names; ARI against the tasks when all had one."""
+    from classifiers.discovery import discover_clusters
+
+    found = discover_clusters([p.text for p in prompts], clusters, seed=seed)
+    summary: dict[str, object] = {
+        "clusters": found.k,
+        "silhouette_by_k": {str(k): v for k, v in found.silhouette_by_k.items()},
+    }
+    if all(p.task is not None for p in prompts):
+        summary["adjusted_rand_index"] = found.adjusted_rand_index([str(p.task) for p in prompts])
+    relabeled = [
+        LabeledPrompt(p.text, label) for p, label in zip(prompts, found.labels(), strict=True)
+    ]
+    terms = {name: list(t) for name, t in zip(found.names, found.top_terms, strict=True)}
+    return relabeled, summary, terms
+
+
+def train_command(
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data", exists=True, dir_okay=False, help="JSONL of {text, task?} or corpus Examples."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", file_okay=False, help="Output directory.")],
+    validation: Annotated[
+        Path | None,
+        typer.Option(
+            "--validation",
+            exists=True,
+            dir_okay=False,
+            help="Validation JSONL (default: 15% of --data).",
+        ),
+    ] = None,
+    clusters: Annotated[
+        str | None,
+        typer.Option("--clusters", help="'auto' or N: discover clusters instead of using 'task'."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    false_flag_rate: Annotated[
+        float, typer.Option("--false-flag-rate", help="Share of known-task prompts flagged OOD.")
+    ] = 0.05,
+) -> None:
+    """Train the task classifier and export classifier.onnx + classifier.json to --out."""
+    from classifiers.text import read_labeled_jsonl
+    from classifiers.train import split_validation, train_classifier
+
+    train = read_labeled_jsonl(data)
+    held = read_labeled_jsonl(validation) if validation else []
+    unlabeled = any(p.task is None for p in [*train, *held])
+    mode = _parse_clusters(clusters) or ("auto" if unlabeled else None)
+    discovery, terms = None, None
+    if mode is not None:
+        relabeled, discovery, terms = _with_discovered_labels([*train, *held], mode, seed)
+        train, held = relabeled[: len(train)], relabeled[len(train) :]
+        typer.echo(f"discovered {discovery['clusters']} clusters: {', '.join(terms)}")
+        if "adjusted_rand_index" in discovery:
+            typer.echo(f"adjusted Rand index vs 'task': {discovery['adjusted_rand_index']:.3f}")
+    if not held:
+        train, held = split_validation(train, 0.15, seed)
+    trained = train_classifier(
+        train,
+        held,
+        seed=seed,
+        false_flag_rate=false_flag_rate,
+        cluster_terms=terms,
+        discovery=discovery,
+    )
+    trained.save(out)
+    meta = trained.metadata
+    typer.echo(f"labels: {', '.join(meta.labels)}")
+    typer.echo(f"validation accuracy {meta.validation.accuracy:.4f} on {meta.validation.examples}")
+    typer.echo(
+        f"OOD: top probability < {meta.ood.min_probability:.4f} "
+        f"({meta.ood.validation_false_flags:.1%} of validation prompts flagged)"
+    )
+    typer.echo(f"wrote {out} (version {meta.version})")
+
+
+def eval_command(
+    model: Annotated[Path, typer.Option("--model", exists=True, file_okay=False)],
+    data: Annotated[Path, typer.Option("--data", exists=True, dir_okay=False)],
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write JSON here.")] = None,
+) -> None:
+    """Accuracy per task, confusion, OOD recall (tasks the model lacks) and ONNX latency."""
+    from classifiers.evaluate import compare_latency, evaluate_classifier
+    from classifiers.runtime import OnnxTaskClassifier
+    from classifiers.text import read_labeled_jsonl
+
+    classifier = OnnxTaskClassifier.load(model)
+    prompts = read_labeled_jsonl(data)
+    report = evaluate_classifier(classifier, prompts)
+    latency = compare_latency({"onnx": classifier.classify}, [p.text for p in prompts], rounds=1)
+    payload = {**report.as_json(), "latency_us": latency["onnx"].as_json()}
+    _print_report(payload)
+    if json_path:
+        json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def _print_report(payload: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"accuracy {payload['accuracy']:.4f}")
+    table.add_column("task")
+    table.add_column("accuracy", justify="right")
+    for task, value in payload["per_task"].items():
+        table.add_row(task, f"{value:.3f}")
+    console = Console()
+    console.print(table)
+    if payload.get("ood_recall") is not None:
+        console.print(f"OOD recall {payload['ood_recall']:.3f}")
+    lat = payload["latency_us"]
+    line = f"latency p50 {lat['p50']:.1f} us, p99 {lat['p99']:.1f} us"
+    if "sklearn_latency_us" in payload:
+        ref = payload["sklearn_latency_us"]
+        line += f"   (scikit-learn predict_proba: p50 {ref['p50']:.1f} us, p99 {ref['p99']:.1f} us)"
+    console.print(line)
+
+
+def bench_command(
+    world: Annotated[
+        Path | None,
+        typer.Option(
+            "--world",
+            exists=True,
+            file_okay=False,
+            help="A built world (default: the default-scale corpus, built in memory).",
+        ),
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write JSON here.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Classifier accuracy, OOD recall, discovery ARI and latency beside scikit-learn."""
+    from classifiers.bench import run_classifier_bench
+
+    payload: dict[str, Any] = run_classifier_bench(world, seed=seed)
+    _print_report(payload)
+    typer.echo(
+        f"test false flags {payload['test_false_flags']:.3f}; OOD false flags on test "
+        f"(held-out runs) {payload['ood_false_flags_test_mean']:.3f}"
+    )
+    discovery = payload["discovery"]
+    typer.echo(f"discovery: {discovery['clusters_found']} clusters, ARI {discovery['ari']:.3f}")
+    typer.echo(
+        f"ONNX vs scikit-learn max |dp| {payload['onnx_sklearn_max_abs_diff']:.2e}; "
+        f"load average {payload['machine']['load_average_1m']:.2f} "
+        f"on {payload['machine']['cpus']} CPUs"
+    )
+    if json_path:
+        json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add this package's commands to the root app and the ``bench`` group."""
+    """Add ``classifier train|eval`` and ``bench classifier``."""
+    group = typer.Typer(help="Task classifier: train (or discover clusters), evaluate.")
+    group.command("train")(train_command)
+    group.command("eval")(eval_command)
+    app.add_typer(group, name="classifier")
+    bench.command("classifier")(bench_command)

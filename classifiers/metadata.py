@@ -1,0 +1,87 @@
+"""``classifier.json``: what a trained classifier directory says about itself (pydantic)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_VERSION = 1
+MODEL_FILE = "classifier.onnx"
+METADATA_FILE = "classifier.json"
+CENTROIDS_FILE = "centroids.npy"
+
+
+class OodThresholds(BaseModel):
+    """Out-of-distribution rule: flag a prompt whose top probability is below a threshold,
+    or which shares no feature with any cluster (nearest-centroid cosine below a floor).
+
+    ``min_probability`` is the ``false_flag_rate`` quantile of the top probability over the
+    calibration prompts: the validation split's word-dropout copies by default (a stand-in
+    for rewording; plain validation prompts share the training wording and would put the
+    threshold far too high for reworded traffic).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    min_probability: float
+    min_centroid_cosine: float = 1e-6
+    false_flag_rate: float
+    calibration: str
+    calibration_false_flags: float
+    validation_false_flags: float
+
+
+class ProbePrompt(BaseModel):
+    """A prompt and the probabilities scikit-learn gave it: checked again on every load."""
+
+    model_config = ConfigDict(frozen=True)
+
+    text: str
+    probabilities: list[float]
+
+
+class ValidationMetrics(BaseModel):
+    """Accuracy of the chosen model on the validation split."""
+
+    model_config = ConfigDict(frozen=True)
+
+    accuracy: float
+    per_task: dict[str, float]
+    examples: int
+
+
+class ClassifierMetadata(BaseModel):
+    """Everything ``classifier.json`` holds next to ``classifier.onnx``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    format_version: int = FORMAT_VERSION
+    version: str = Field(description="short id of this model: the ONNX file's digest prefix")
+    labels: list[str]
+    cluster_terms: dict[str, list[str]] = Field(default_factory=dict)
+    training_data_hash: str
+    model_sha256: str
+    seed: int
+    hyperparameters: dict[str, str | int | float | None]
+    vocabulary_size: int
+    validation: ValidationMetrics
+    ood: OodThresholds
+    centroids_file: str = CENTROIDS_FILE
+    centroids_in_graph_output: str = "centroid_cosine"
+    probes: list[ProbePrompt]
+    probe_tolerance: float = 1e-5
+    train_examples: int
+    created_at: str
+    discovery: dict[str, object] | None = None
+
+    def write(self, directory: Path) -> Path:
+        """Write ``classifier.json`` into ``directory``."""
+        path = directory / METADATA_FILE
+        path.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def read(cls, directory: Path) -> ClassifierMetadata:
+        """Parse ``classifier.json`` (raises pydantic's ValidationError or OSError)."""
+        return cls.model_validate_json((directory / METADATA_FILE).read_text(encoding="utf-8"))

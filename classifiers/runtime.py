@@ -1,0 +1,188 @@
+"""Serve a trained classifier with onnxruntime: prompt -> (cluster, probability, OOD flag)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import ValidationError
+
+from classifiers.api import Classification, ClassifierLoadError
+from classifiers.export import CENTROID_COSINE, INPUT_NAME, PROBABILITIES, open_session
+from classifiers.metadata import FORMAT_VERSION, MODEL_FILE, ClassifierMetadata
+from classifiers.text import prompt_from_messages
+
+logger = logging.getLogger(__name__)
+
+_OUTPUTS = [PROBABILITIES, CENTROID_COSINE]
+
+
+@dataclass(frozen=True)
+class RawScores:
+    """The graph's outputs for a batch: probabilities and nearest-centroid cosines, [N, K]."""
+
+    probabilities: np.ndarray
+    centroid_cosine: np.ndarray
+
+
+class OnnxTaskClassifier:
+    """The task classifier as an onnxruntime session plus its ``classifier.json``.
+
+    Build it with :meth:`load` (from a directory) or :meth:`from_bytes`; both check the
+    graph against the metadata (labels, output shapes, probe probabilities) first.
+    """
+
+    def __init__(
+        self, session: ort.InferenceSession, metadata: ClassifierMetadata, source: str
+    ) -> None:
+        self._session = session
+        self._metadata = metadata
+        self._labels = tuple(metadata.labels)
+        self._source = source
+        self._min_cosine = metadata.ood.min_centroid_cosine
+        self._min_probability = metadata.ood.min_probability
+
+    @classmethod
+    def load(cls, directory: Path | str) -> OnnxTaskClassifier:
+        """Open ``directory/classifier.onnx`` + ``classifier.json``; raise ClassifierLoadError."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ClassifierLoadError(f"{directory}: not a classifier directory")
+        try:
+            metadata = ClassifierMetadata.read(directory)
+        except FileNotFoundError as error:
+            raise ClassifierLoadError(f"{directory}: classifier.json is missing") from error
+        except (ValidationError, ValueError, OSError) as error:
+            raise ClassifierLoadError(
+                f"{directory}: classifier.json is invalid: {error}"
+            ) from error
+        try:
+            model_bytes = (directory / MODEL_FILE).read_bytes()
+        except OSError as error:
+            raise ClassifierLoadError(f"{directory}: cannot read {MODEL_FILE}: {error}") from error
+        return cls.from_bytes(model_bytes, metadata, source=str(directory))
+
+    @classmethod
+    def from_bytes(
+        cls, model_bytes: bytes, metadata: ClassifierMetadata, source: str = "<memory>"
+    ) -> OnnxTaskClassifier:
+        """Open a serialized graph with its metadata, validating one against the other."""
+        if metadata.format_version != FORMAT_VERSION:
+            raise ClassifierLoadError(
+                f"{source}: classifier format {metadata.format_version}, "
+                f"this build reads {FORMAT_VERSION}"
+            )
+        digest = hashlib.sha256(model_bytes).hexdigest()
+        if digest != metadata.model_sha256:
+            raise ClassifierLoadError(
+                f"{source}: {MODEL_FILE} digest {digest[:12]} does not match "
+                f"classifier.json ({metadata.model_sha256[:12]}): file corrupt or mismatched"
+            )
+        try:
+            session = open_session(model_bytes)
+        except Exception as error:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ClassifierLoadError(
+                f"{source}: onnxruntime cannot open the graph: {error}"
+            ) from error
+        classifier = cls(session, metadata, source)
+        classifier._validate()
+        return classifier
+
+    def _validate(self) -> None:
+        """Labels present, output shapes match, probes reproduce the stored probabilities."""
+        if len(self._labels) < 2 or len(set(self._labels)) != len(self._labels):
+            raise ClassifierLoadError(f"{self._source}: labels must be >= 2 distinct names")
+        output_names = {output.name for output in self._session.get_outputs()}
+        if not set(_OUTPUTS) <= output_names:
+            raise ClassifierLoadError(f"{self._source}: graph lacks outputs {_OUTPUTS}")
+        if not self._metadata.probes:
+            raise ClassifierLoadError(f"{self._source}: classifier.json has no probe prompts")
+        try:
+            scores = self.scores([probe.text for probe in self._metadata.probes])
+        except Exception as error:
+            raise ClassifierLoadError(
+                f"{self._source}: graph fails on probe prompts: {error}"
+            ) from error
+        expected = np.array([probe.probabilities for probe in self._metadata.probes])
+        if scores.probabilities.shape[1] != len(self._labels) or (
+            scores.probabilities.shape != expected.shape
+        ):
+            raise ClassifierLoadError(
+                f"{self._source}: graph gives {scores.probabilities.shape[1]} probabilities, "
+                f"classifier.json lists {len(self._labels)} labels"
+            )
+        gap = float(np.abs(scores.probabilities - expected).max())
+        if gap > self._metadata.probe_tolerance:
+            raise ClassifierLoadError(
+                f"{self._source}: probe probabilities differ from classifier.json by {gap:.2e}"
+            )
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self._labels
+
+    @property
+    def metadata(self) -> ClassifierMetadata:
+        return self._metadata
+
+    @property
+    def source(self) -> str:
+        """Where this classifier was loaded from."""
+        return self._source
+
+    def scores(self, texts: Sequence[str]) -> RawScores:
+        """Run the graph on a batch of texts."""
+        if isinstance(texts, str):
+            raise TypeError("scores() takes a sequence of texts, not one string")
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"prompt text must be str, got {type(text).__name__}")
+        batch = np.array(texts, dtype=object).reshape(-1, 1)
+        if batch.shape[0] == 0:
+            empty = np.zeros((0, len(self._labels)), dtype=np.float32)
+            return RawScores(empty, empty)
+        probabilities, cosine = self._session.run(_OUTPUTS, {INPUT_NAME: batch})
+        return RawScores(probabilities=probabilities, centroid_cosine=cosine)
+
+    def _decide(self, probabilities: np.ndarray, cosine: np.ndarray) -> Classification:
+        best = int(probabilities.argmax())
+        probability = float(probabilities[best])
+        out_of_distribution = (
+            probability < self._min_probability or float(cosine.max()) < self._min_cosine
+        )
+        return Classification(self._labels[best], probability, out_of_distribution)
+
+    def classify(self, text: str) -> Classification:
+        if not isinstance(text, str):
+            raise TypeError(f"prompt text must be str, got {type(text).__name__}")
+        probabilities, cosine = self._session.run(
+            _OUTPUTS, {INPUT_NAME: np.array([[text]], dtype=object)}
+        )
+        return self._decide(probabilities[0], cosine[0])
+
+    def classify_batch(self, texts: Sequence[str]) -> list[Classification]:
+        scores = self.scores(texts)
+        return [
+            self._decide(p, c)
+            for p, c in zip(scores.probabilities, scores.centroid_cosine, strict=True)
+        ]
+
+    def classify_messages(self, messages: Sequence[Mapping[str, str]]) -> Classification:
+        return self.classify(prompt_from_messages(messages))
+
+    def similarity(self, texts: Sequence[str]) -> dict[str, float]:
+        """Mean cosine between each text and each cluster centroid (empty sample: zeros).
+
+        Cosines are in the classifier's own TF-IDF space (the graph's ``centroid_cosine``),
+        so a drafter's fine-tuning sample is compared with clusters exactly as prompts are.
+        """
+        scores = self.scores(list(texts))
+        if scores.centroid_cosine.shape[0] == 0:
+            return dict.fromkeys(self._labels, 0.0)
+        means = scores.centroid_cosine.astype(np.float64).mean(axis=0)
+        return {label: float(value) for label, value in zip(self._labels, means, strict=True)}

@@ -1,0 +1,75 @@
+"""Prompt text: the tokenisation shared by training and ONNX, chat flattening, labeled data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+# One explicit pattern for scikit-learn and for the ONNX Tokenizer: with sklearn's default
+# (?u)\b\w\w+\b the converted graph tokenises differently and probabilities drift.
+# ASCII words plus single ASCII punctuation marks ("|", "?", "=", "(" carry task signal:
+# toolbars, questions, equations, code). Nothing outside ASCII ever forms a token, so
+# Python's Unicode lower() and ONNX's C-locale lower-casing cannot disagree on a token.
+TOKEN_PATTERN = r"[a-zA-Z0-9_]+|[!-/:-@\[-`{-~]"
+
+
+@dataclass(frozen=True)
+class LabeledPrompt:
+    """A prompt text and its task (``None`` when unlabeled)."""
+
+    text: str
+    task: str | None
+
+
+def prompt_from_messages(messages: Sequence[Mapping[str, str]]) -> str:
+    """The text the classifier sees for a chat: the system prompt plus the last user turn."""
+    system = [m.get("content", "") for m in messages if m.get("role") == "system"]
+    users = [m.get("content", "") for m in messages if m.get("role") == "user"]
+    # Same rule as benchmarks.world.corpus.prompt_text: first system prompt, last user turn.
+    return "\n".join([*system[:1], *users[-1:]])
+
+
+def labeled_prompt_from_record(record: Mapping[str, object]) -> LabeledPrompt:
+    """Read one JSON record: ``{"text", "task"?}`` or a corpus Example ``{"messages", "task"}``."""
+    task = record.get("task")
+    if "text" in record:
+        text = record["text"]
+    elif "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list):
+            raise ValueError("'messages' must be a list of {role, content} objects")
+        text = prompt_from_messages(messages)
+    else:
+        raise ValueError("each record needs 'text' or 'messages'")
+    if not isinstance(text, str):
+        raise ValueError("'text' must be a string")
+    if task is not None and not isinstance(task, str):
+        raise ValueError("'task' must be a string when present")
+    return LabeledPrompt(text=text, task=task)
+
+
+def read_labeled_jsonl(path: Path) -> list[LabeledPrompt]:
+    """Load labeled (or unlabeled) prompts from a JSON-lines file."""
+    prompts: list[LabeledPrompt] = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                prompts.append(labeled_prompt_from_record(json.loads(line)))
+            except (ValueError, json.JSONDecodeError) as error:
+                raise ValueError(f"{path}:{line_number}: {error}") from error
+    return prompts
+
+
+def training_data_hash(prompts: Iterable[LabeledPrompt], *extra: object) -> str:
+    """SHA-256 over the prompts (text and task, in order) and any extra settings."""
+    digest = hashlib.sha256()
+    for prompt in prompts:
+        digest.update(json.dumps([prompt.text, prompt.task], ensure_ascii=False).encode())
+        digest.update(b"\n")
+    digest.update(json.dumps([str(item) for item in extra]).encode())
+    return digest.hexdigest()

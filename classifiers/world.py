@@ -1,0 +1,94 @@
+"""The built-in world's classifier: trained from the world's corpus on first use, then cached."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from classifiers.api import ClassifierLoadError
+from classifiers.metadata import ClassifierMetadata
+from classifiers.runtime import OnnxTaskClassifier
+from classifiers.text import LabeledPrompt, read_labeled_jsonl, training_data_hash
+from classifiers.train import TRAINER_VERSION, train_classifier
+
+logger = logging.getLogger(__name__)
+
+CLASSIFIER_DIRNAME = "classifier"
+
+
+def world_corpus_dir(world_dir: Path) -> Path:
+    """The world's corpus folder: ``World.load(dir).corpus_dir``, else ``<dir>/corpus``."""
+    fallback = world_dir / "corpus"
+    try:
+        from benchmarks.world.layout import World
+    except ImportError:
+        return fallback
+    try:
+        return Path(World.load(world_dir).corpus_dir)
+    except (OSError, ValueError, KeyError):
+        # A bare corpus folder (no world manifest) is still a usable training source.
+        if fallback.is_dir():
+            return fallback
+        raise
+
+
+def read_world_split(world_dir: Path, split: str) -> list[LabeledPrompt]:
+    """One split of the world's corpus as labeled prompts (system prompt + last user turn)."""
+    path = world_corpus_dir(world_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the world has no {split} split; build the world first")
+    return read_labeled_jsonl(path)
+
+
+def _cached_is_current(directory: Path, data_hash: str) -> bool:
+    try:
+        metadata = ClassifierMetadata.read(directory)
+    except (OSError, ValueError):
+        return False
+    if metadata.training_data_hash != data_hash:
+        return False
+    try:
+        OnnxTaskClassifier.load(directory)
+    except ClassifierLoadError as error:
+        logger.warning("cached classifier %s is unusable (%s); retraining", directory, error)
+        return False
+    return True
+
+
+def _install(staging: Path, target: Path) -> None:
+    """Move a finished classifier directory into place (old one moved aside, then removed)."""
+    retired = target.with_name(f"{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, retired)
+    os.replace(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def ensure_world_classifier(world_dir: Path, seed: int = 0) -> Path:
+    """Return ``<world_dir>/classifier``, training it from the world's corpus if missing or stale.
+
+    The cache key is the hash of the training and validation prompts, the seed and the
+    trainer version (``training_data_hash`` in classifier.json). A file lock serialises
+    concurrent callers; the new directory is built aside and moved into place.
+    """
+    world_dir = Path(world_dir)
+    target = world_dir / CLASSIFIER_DIRNAME
+    train = read_world_split(world_dir, "train")
+    validation = read_world_split(world_dir, "validation")
+    data_hash = training_data_hash([*train, *validation], seed, TRAINER_VERSION)
+    if _cached_is_current(target, data_hash):
+        return target
+    with (world_dir / ".classifier.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _cached_is_current(target, data_hash):
+            return target
+        logger.info("training the world classifier into %s", target)
+        trained = train_classifier(train, validation, seed=seed)
+        staging = world_dir / f"{CLASSIFIER_DIRNAME}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        trained.save(staging)
+        _install(staging, target)
+    return target

@@ -1,0 +1,96 @@
+"""The onnxruntime path: odd inputs, chat messages, OOD flag, similarity, load errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from classifiers import ClassifierLoadError, OnnxTaskClassifier, TaskClassifier
+from classifiers.text import LabeledPrompt
+from tests.classifiers.synthetic import UNRELATED_TEXTS, synthetic_prompts
+
+
+def test_satisfies_the_protocol(classifier: OnnxTaskClassifier) -> None:
+    assert isinstance(classifier, TaskClassifier)
+    assert classifier.labels == ("code", "math", "summarize", "translate")
+
+
+def test_empty_text_is_a_clear_out_of_distribution_result(classifier: OnnxTaskClassifier) -> None:
+    result = classifier.classify("")
+    assert result.out_of_distribution
+    assert result.cluster in classifier.labels
+    assert 0.0 < result.probability < 1.0
+
+
+def test_very_long_text_is_classified(classifier: OnnxTaskClassifier) -> None:
+    text = ("please translate this french sentence into german " * 2100)[:100_000]
+    assert len(text) == 100_000
+    result = classifier.classify(text)
+    assert result.cluster == "translate"
+    assert not result.out_of_distribution
+
+
+def test_non_ascii_and_emoji(classifier: OnnxTaskClassifier) -> None:
+    assert classifier.classify("😀🚀 東京 ñandú ÉÉÉ").out_of_distribution
+    mixed = classifier.classify("😀 Solve the équation: prime number 🚀 sum divisible remainder")
+    assert mixed.cluster == "math"
+    assert not mixed.out_of_distribution
+
+
+def test_non_string_input_is_a_clear_error(classifier: OnnxTaskClassifier) -> None:
+    with pytest.raises(TypeError, match="must be str"):
+        classifier.classify(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be str"):
+        classifier.classify_batch(["ok", 3])  # type: ignore[list-item]
+
+
+def test_unrelated_text_is_flagged(classifier: OnnxTaskClassifier) -> None:
+    assert all(r.out_of_distribution for r in classifier.classify_batch(list(UNRELATED_TEXTS)))
+
+
+def test_batch_equals_single(
+    classifier: OnnxTaskClassifier, test_prompts: list[LabeledPrompt]
+) -> None:
+    texts = [p.text for p in test_prompts[:20]]
+    batch = classifier.classify_batch(texts)
+    for text, result in zip(texts, batch, strict=True):
+        single = classifier.classify(text)
+        assert single.cluster == result.cluster
+        assert single.probability == pytest.approx(result.probability, abs=1e-6)
+    assert classifier.classify_batch([]) == []
+
+
+def test_messages_use_system_prompt_and_last_user_turn(classifier: OnnxTaskClassifier) -> None:
+    messages = [
+        {"role": "system", "content": "You help with language questions."},
+        {"role": "user", "content": "solve the equation prime number sum remainder"},
+        {"role": "assistant", "content": "42"},
+        {"role": "user", "content": "translate this sentence into french and german"},
+    ]
+    assert classifier.classify_messages(messages).cluster == "translate"
+
+
+def test_similarity_ranks_the_source_cluster_first(classifier: OnnxTaskClassifier) -> None:
+    for task in classifier.labels:
+        sample = [p.text for p in synthetic_prompts(20, seed=7, tasks=(task,))]
+        similarity = classifier.similarity(sample)
+        assert set(similarity) == set(classifier.labels)
+        assert max(similarity, key=similarity.__getitem__) == task
+        assert similarity[task] > 0.3
+    assert classifier.similarity([]) == dict.fromkeys(classifier.labels, 0.0)
+
+
+def test_load_errors_are_clear(tmp_path: Path, classifier_dir: Path) -> None:
+    with pytest.raises(ClassifierLoadError, match="not a classifier directory"):
+        OnnxTaskClassifier.load(tmp_path / "missing")
+    copy = tmp_path / "copy"
+    shutil.copytree(classifier_dir, copy)
+    (copy / "classifier.json").unlink()
+    with pytest.raises(ClassifierLoadError, match=r"classifier\.json is missing"):
+        OnnxTaskClassifier.load(copy)
+    shutil.copy(classifier_dir / "classifier.json", copy / "classifier.json")
+    (copy / "classifier.onnx").unlink()
+    with pytest.raises(ClassifierLoadError, match=r"cannot read classifier\.onnx"):
+        OnnxTaskClassifier.load(copy)
