@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from drafters.attention import cached_causal_mask
 from drafters.base import Drafter, DraftSession, Proposal, empty_proposal
 from drafters.detokenize import IncrementalDetokenizer, find_stop
 from drafters.loader import LoadedModel
@@ -228,9 +229,12 @@ class SpeculativeEngine:
         drafted = time.perf_counter()
         last = torch.tensor([history[-1]], dtype=torch.long, device=self.target.device)
         inputs = torch.cat([last, proposal.token_ids]).unsqueeze(0)  # [1, d + 1]
-        logits = self.target.model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[
-            0
-        ]  # [d + 1, vocab]
+        mask = cached_causal_mask(
+            self.target.model, inputs.shape[1], len(history) - 1, self.target.device
+        )
+        logits = self.target.model(
+            input_ids=inputs, attention_mask=mask, past_key_values=cache, use_cache=True
+        ).logits[0]  # [d + 1, vocab]
         verdict = verify(proposal.token_ids, proposal.probs, logits, sampling, generator)
         # Keep the L - 1 cached prefix, the last verified token and the accepted drafts.
         cache.crop(len(history) + verdict.accepted)

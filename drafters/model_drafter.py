@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from drafters.attention import cached_causal_mask
 from drafters.base import Proposal
 from drafters.counterfactual import score_model_counterfactual
 from drafters.sampling import SamplingConfig, sample_from, sampling_probs
@@ -43,10 +44,16 @@ class ModelDraftSession:
         feed = torch.tensor([history[self._verified :]], dtype=torch.long, device=self._device)
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
+        mask = cached_causal_mask(self._model, feed.shape[1], self._verified, self._device)
         for _ in range(k):
             logits = self._model(
-                input_ids=feed, past_key_values=self._cache, use_cache=True, logits_to_keep=1
+                input_ids=feed,
+                attention_mask=mask,
+                past_key_values=self._cache,
+                use_cache=True,
+                logits_to_keep=1,
             ).logits[0]  # [1, vocab]
+            mask = None  # later forwards feed one token
             if sampling.do_sample:
                 q = sampling_probs(logits, sampling)[0]  # [vocab]
                 token = sample_from(q, generator)  # [1]

@@ -76,6 +76,11 @@ class GenerationStats:
         position the drafter left empty counts as rejected. The maximum-likelihood a of
         that truncated geometric model is accepted / (accepted + steps that stopped early).
         """
+        accepted, tried = self.acceptance_trials()
+        return accepted / tried if tried else 0.0
+
+    def acceptance_trials(self) -> tuple[int, int]:
+        """(accepted, tried) positions behind ``per_token_acceptance``, for pooling runs."""
         accepted = 0
         tried = 0
         for requested, taken in zip(self.requested_per_step, self.accepted_per_step, strict=True):
@@ -83,4 +88,4 @@ class GenerationStats:
                 continue
             accepted += taken
             tried += taken + (1 if taken < requested else 0)
-        return accepted / tried if tried else 0.0
+        return accepted, tried

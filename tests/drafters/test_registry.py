@@ -1,0 +1,63 @@
+"""Drafter kinds by name, tokenizer checks, and counterfactual scores against real runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from drafters.base import Drafter
+from drafters.counterfactual import score_counterfactual
+from drafters.engine import SpeculativeEngine
+from drafters.loader import LoadedModel, ModelLoadError
+from drafters.registry import DRAFTER_KINDS, TokenizerMismatchError, create_drafter
+
+from .conftest import TinyModels, make_prompts
+
+
+def test_every_kind_is_registered_by_name(target: LoadedModel, tiny_models: TinyModels) -> None:
+    assert set(DRAFTER_KINDS) >= {"model", "ngram", "none"}
+    for kind in DRAFTER_KINDS:
+        path = tiny_models.close_dir if kind == "model" else None
+        drafter = create_drafter(kind, name=f"my-{kind}", target=target, path=path)
+        assert isinstance(drafter, Drafter)
+        assert drafter.kind == kind and drafter.name == f"my-{kind}"
+    with pytest.raises(ValueError, match="unknown drafter kind 'eagle'"):
+        create_drafter("eagle", name="x", target=target)
+    with pytest.raises(ModelLoadError, match="needs a path"):
+        create_drafter("model", name="x", target=target)
+
+
+def test_a_different_tokenizer_is_refused_with_the_difference(
+    target: LoadedModel, tiny_models: TinyModels
+) -> None:
+    with pytest.raises(
+        TokenizerMismatchError, match="vocabulary sizes differ: target 64, drafter 65"
+    ):
+        create_drafter("model", name="odd", target=target, path=tiny_models.mismatched_dir)
+
+
+def test_model_drafter_loads_on_the_targets_placement(
+    target: LoadedModel, tiny_models: TinyModels
+) -> None:
+    drafter = create_drafter("model", name="close", target=target, path=tiny_models.close_dir)
+    parameter = next(drafter.model.parameters())  # type: ignore[attr-defined]
+    assert parameter.device == target.device and parameter.dtype == target.dtype
+
+
+@pytest.mark.parametrize("kind", ["model", "ngram", "none"])
+def test_counterfactual_matches_what_the_engine_accepted(
+    kind: str, target: LoadedModel, tiny_models: TinyModels
+) -> None:
+    engine = SpeculativeEngine(target)
+    path = tiny_models.close_dir if kind == "model" else None
+    drafter = create_drafter(kind, name=kind, target=target, path=path)
+    k = 4
+    for prompt in make_prompts(6, seed=9):
+        run = engine.generate(prompt, drafter, k, max_new_tokens=40)
+        output = run.collect()
+        predicted = score_counterfactual(drafter, prompt, output, k)
+        # The engine shortens k only in its last steps, to stay within max_new_tokens.
+        full = [r == k or kind == "none" for r in run.stats.requested_per_step]
+        steps = full.index(False) if False in full else len(full)
+        assert predicted[:steps] == run.stats.accepted_per_step[:steps]
+        if run.stats.finish_reason == "eos_token" and steps == len(full):
+            assert predicted == run.stats.accepted_per_step
