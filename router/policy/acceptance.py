@@ -11,6 +11,12 @@ Discounting (drift): before an arm's update its evidence shrinks toward its prio
     alpha <- alpha0 + gamma * (alpha - alpha0),   beta <- beta0 + gamma * (beta - beta0),
 
 so the posterior weighs roughly the last 1 / (1 - gamma) updates of that arm.
+
+Change detection: a request whose acceptance a_hat = n_s / (n_s + n_f) is far from the
+posterior mean m, z = |a_hat - m| / sqrt(max(v, m (1 - m) / (n_s + n_f))) > z0, with v an
+EWMA of past squared residuals of that arm (between-request spread), is discounted with
+the faster ``gamma_drift`` instead: after a real change the old evidence fades in a few
+requests, while ordinary request-to-request spread keeps the slow gamma.
 """
 
 from __future__ import annotations
@@ -20,6 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+#: Starting between-request variance of acceptance (a spread of 0.1) before any residual.
+INITIAL_RESIDUAL_VAR = 0.01
+#: EWMA weight of a new squared residual in the between-request variance.
+RESIDUAL_WEIGHT = 0.05
 
 
 def counts_from_steps(accepted_per_step: Sequence[int], draft_length: int) -> tuple[int, int]:
@@ -87,6 +98,7 @@ class ContextArms:
         self.alpha = self.alpha0.copy()
         self.beta = self.beta0.copy()
         self.decisions: np.ndarray = np.zeros(self.alpha.shape, dtype=np.int64)
+        self.residual_var: np.ndarray = np.full(self.alpha.shape, INITIAL_RESIDUAL_VAR)
         self.none_decisions = 0
         self.requests = 0
 
@@ -100,6 +112,22 @@ class ContextArms:
         self.alpha[index] += successes
         self.beta[index] += failures
 
+    def surprise(self, index: int, successes: float, failures: float, clip_z: float = 3.0) -> float:
+        """z-score of this request's acceptance against the posterior mean; tracks the spread.
+
+        Residuals beyond ``clip_z`` spreads are outliers and leave the spread alone, so a
+        persistent change stays surprising until the posterior mean has caught up.
+        """
+        n = successes + failures
+        if n <= 0:
+            return 0.0
+        mean = self.alpha[index] / (self.alpha[index] + self.beta[index])
+        squared = (successes / n - mean) ** 2
+        variance = max(float(self.residual_var[index]), mean * (1.0 - mean) / n)
+        if squared <= clip_z**2 * variance:
+            self.residual_var[index] += RESIDUAL_WEIGHT * (squared - self.residual_var[index])
+        return float(np.sqrt(squared / variance))
+
     def append(self, alpha0: float, beta0: float) -> None:
         """Add a drafter column with its prior."""
         self.alpha0 = np.append(self.alpha0, alpha0)
@@ -107,10 +135,11 @@ class ContextArms:
         self.alpha = np.append(self.alpha, alpha0)
         self.beta = np.append(self.beta, beta0)
         self.decisions = np.append(self.decisions, 0)
+        self.residual_var = np.append(self.residual_var, INITIAL_RESIDUAL_VAR)
 
     def delete(self, index: int) -> None:
         """Drop a drafter column."""
-        for name in ("alpha0", "beta0", "alpha", "beta", "decisions"):
+        for name in ("alpha0", "beta0", "alpha", "beta", "decisions", "residual_var"):
             setattr(self, name, np.delete(getattr(self, name), index))
 
     def to_dict(self, drafters: Sequence[str]) -> dict[str, Any]:
@@ -124,6 +153,7 @@ class ContextArms:
                     float(self.alpha0[i]),
                     float(self.beta0[i]),
                     int(self.decisions[i]),
+                    float(self.residual_var[i]),
                 ]
                 for i, name in enumerate(drafters)
             },
@@ -132,11 +162,12 @@ class ContextArms:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], drafters: Sequence[str]) -> ContextArms:
         arms = data["arms"]
-        rows = np.array([arms[name] for name in drafters], dtype=np.float64).reshape(-1, 5)
+        rows = np.array([arms[name] for name in drafters], dtype=np.float64).reshape(-1, 6)
         context = cls(rows[:, 2], rows[:, 3])
         context.alpha = rows[:, 0].copy()
         context.beta = rows[:, 1].copy()
         context.decisions = rows[:, 4].astype(np.int64)
+        context.residual_var = rows[:, 5].copy()
         context.requests = int(data["requests"])
         context.none_decisions = int(data["none_decisions"])
         return context

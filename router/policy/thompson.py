@@ -1,7 +1,9 @@
 """Thompson sampling over drafters, with the draft length derived from the sampled acceptance.
 
 Per (context, drafter) the per-token acceptance a has a Beta(alpha, beta) posterior
-(truncated-geometric likelihood, discounted by gamma per update; see ``acceptance.py``).
+(truncated-geometric likelihood, discounted by gamma per update of the arm, by
+gamma_drift when the request's acceptance is more than drift_z spreads away from the
+posterior mean; see ``acceptance.py``).
 Costs are measured (``costs.py``). For a request in context c:
 
     for each eligible drafter d:   a_d ~ Beta(alpha_cd, beta_cd)
@@ -55,7 +57,9 @@ class ThompsonConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    gamma: float = Field(0.98, gt=0.0, le=1.0)
+    gamma: float = Field(0.99, gt=0.0, le=1.0)
+    gamma_drift: float = Field(0.8, gt=0.0, le=1.0)
+    drift_z: float | None = Field(3.0, gt=0.0)
     k_max: int = Field(8, ge=1, le=32)
     seed: int | None = 0
     prior_alpha: float = Field(1.0, gt=0.0)
@@ -81,7 +85,9 @@ class ThompsonPolicy:
         self,
         drafters: Sequence[str] = (),
         *,
-        gamma: float = 0.98,
+        gamma: float = 0.99,
+        gamma_drift: float = 0.8,
+        drift_z: float | None = 3.0,
         k_max: int = 8,
         rng: np.random.Generator | None = None,
         priors: PriorSettings | None = None,
@@ -91,6 +97,8 @@ class ThompsonPolicy:
         similarity: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         self.gamma = gamma
+        self.gamma_drift = gamma_drift
+        self.drift_z = drift_z
         self.k_max = k_max
         self.priors = priors or PriorSettings()
         self.evidence_cap = evidence_cap
@@ -116,6 +124,8 @@ class ThompsonPolicy:
         return cls(
             drafters,
             gamma=cfg.gamma,
+            gamma_drift=cfg.gamma_drift,
+            drift_z=cfg.drift_z,
             k_max=cfg.k_max,
             rng=np.random.default_rng(cfg.seed),
             priors=PriorSettings(
@@ -226,8 +236,7 @@ class ThompsonPolicy:
         if decision.k == 0 or i is None:
             arms.none_decisions += decision.k == 0
         else:
-            successes, failures = cap_evidence(*outcome.acceptance_counts(), self.evidence_cap)
-            arms.observe(i, successes, failures, self.gamma)
+            self._learn(arms, i, *outcome.acceptance_counts())
             arms.decisions[i] += 1
         self.updates_ += 1
 
@@ -243,10 +252,15 @@ class ThompsonPolicy:
         if i is None or draft_length <= 0 or not accepted_per_step:
             logger.debug("counterfactual for %r ignored (unknown drafter or empty)", drafter)
             return
-        counts = counts_from_steps(accepted_per_step, draft_length)
-        successes, failures = cap_evidence(*counts, self.evidence_cap)
-        self._context(context).observe(i, successes, failures, self.gamma)
+        self._learn(self._context(context), i, *counts_from_steps(accepted_per_step, draft_length))
         self.updates_ += 1
+
+    def _learn(self, arms: ContextArms, index: int, successes: float, failures: float) -> None:
+        """Posterior update of one arm, discounted faster when the request is surprising."""
+        successes, failures = cap_evidence(successes, failures, self.evidence_cap)
+        surprise = arms.surprise(index, successes, failures, self.drift_z or 3.0)
+        drifted = self.drift_z is not None and surprise > self.drift_z
+        arms.observe(index, successes, failures, self.gamma_drift if drifted else self.gamma)
 
     def add_drafter(self, name: str, similarity: Mapping[str, float] | None = None) -> None:
         """Make ``name`` selectable; its prior per cluster comes from ``similarity``."""

@@ -78,3 +78,14 @@ def test_context_arms_round_trip_and_columns() -> None:
     np.testing.assert_array_equal(restored.alpha0, [2.0, 5.0])
     np.testing.assert_array_equal(restored.decisions, [7, 0])
     assert restored.requests == 9
+
+
+def test_surprise_by_hand_and_outliers_leave_the_spread_alone() -> None:
+    arms = ContextArms(np.array([80.0]), np.array([20.0]))  # mean 0.8, spread 0.1
+    # a_hat = 0.3: z = |0.3 - 0.8| / sqrt(max(0.01, 0.8 * 0.2 / 100)) = 5, an outlier.
+    assert arms.surprise(0, 30, 70) == pytest.approx(5.0)
+    assert arms.residual_var[0] == pytest.approx(0.01)
+    # a_hat = 0.75: z = 0.05 / 0.1 = 0.5; the spread moves 5% toward 0.0025.
+    assert arms.surprise(0, 75, 25) == pytest.approx(0.5)
+    assert arms.residual_var[0] == pytest.approx(0.01 + 0.05 * (0.0025 - 0.01))
+    assert arms.surprise(0, 0, 0) == 0.0

@@ -76,6 +76,21 @@ def test_follows_drift_to_the_new_best_drafter() -> None:
     assert first_b_run < 100
 
 
+def test_change_detection_speeds_up_the_switch() -> None:
+    switches = {}
+    for drift_z in (None, 3.0):
+        policy = ThompsonPolicy(
+            ["a", "b"], gamma=0.995, drift_z=drift_z, rng=np.random.default_rng(12)
+        )
+        _train(policy, CODE, {"a": 0.8, "b": 0.55}, 100)
+        after = _train(policy, CODE, {"a": 0.25, "b": 0.55}, 300, seed=13)
+        switches[drift_z] = next(
+            i for i in range(len(after)) if all(d.drafter == "b" for d in after[i : i + 10])
+        )
+    assert switches[3.0] <= 15
+    assert switches[3.0] < switches[None]
+
+
 def test_select_changes_no_learned_state() -> None:
     policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(4))
     _train(policy, CODE, {"a": 0.6, "b": 0.4}, 20)
