@@ -7,6 +7,7 @@ sum of generation wall time (per request, as the sidecar measured it).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -187,6 +188,37 @@ def cumulative_regret(
             total += result.wall_time_s - oracle_time[result.request_id]
         curve.append(total)
     return curve
+
+
+def regret_per_window(curve: Sequence[float], windows: int) -> list[float]:
+    """Mean regret per request in ``windows`` consecutive slices of a cumulative curve.
+
+    A learning policy's slope falls as it learns; after a drift it rises, then falls again.
+    """
+    n = len(curve)
+    if n == 0 or windows <= 0:
+        return []
+    edges = [round(i * n / windows) for i in range(windows + 1)]
+    slopes: list[float] = []
+    for start, end in itertools.pairwise(edges):
+        if end > start:
+            before = curve[start - 1] if start > 0 else 0.0
+            slopes.append((curve[end - 1] - before) / (end - start))
+    return slopes
+
+
+def dominant_arms(
+    results: Sequence[RequestResult], boundaries: Sequence[int]
+) -> list[dict[str, str]]:
+    """Per phase (split at the request indices in ``boundaries``): cluster -> most chosen arm."""
+    cuts = [0, *sorted(b for b in boundaries if 0 < b < len(results)), len(results)]
+    phases: list[dict[str, str]] = []
+    for start, end in itertools.pairwise(cuts):
+        counts: dict[str, Counter[str]] = {}
+        for result in results[start:end]:
+            counts.setdefault(result.cluster, Counter())[result.arm] += 1
+        phases.append({c: counter.most_common(1)[0][0] for c, counter in sorted(counts.items())})
+    return phases
 
 
 def length_bucket_name(tokens: int) -> str:

@@ -3,8 +3,10 @@
 ``report.json`` holds, under ``policies``, per policy: ``per_task`` (task -> ``speedup``,
 ``tokens_per_s``, ``acceptance``, plus ``mean_accepted_length``, ``requests``, ``arms``),
 ``mean_speedup`` (traffic-weighted), ``min_speedup``, ``max_speedup``, ``max_over_min``,
-``cv``, ``jain``, ``lossless``, and with an oracle run ``fraction_of_oracle`` and
-``regret_s``. Infinite values are written as ``null`` (JSON has no infinity).
+``cv``, ``jain``, ``lossless``, ``dominant_arms_by_phase`` (cluster -> most chosen arm in
+each phase: before/after the trace's events, else its halves), and with an oracle run
+``fraction_of_oracle``, ``regret_s`` and ``regret_per_request_windows`` (8 slices).
+Infinite values are written as ``null`` (JSON has no infinity).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from benchmarks.replay.metrics import (
     RequestResult,
     aggregate,
     cumulative_regret,
+    dominant_arms,
     evenness,
     lossless_mismatches,
     per_task_speedup,
+    regret_per_window,
     speedup_by_length,
     task_stats,
 )
@@ -34,6 +38,7 @@ from benchmarks.replay.replay import BASELINE_POLICY, PolicyRun, PolicySetting
 from benchmarks.replay.trace import Trace, TraceRequest
 
 ORACLE_POLICY = "oracle"
+REGRET_WINDOWS = 8
 REPORT_SCHEMA = 1
 
 
@@ -67,6 +72,12 @@ def event_request_indices(trace: Trace) -> list[int]:
         else:
             indices.append(seen)
     return indices
+
+
+def phase_boundaries(trace: Trace) -> list[int]:
+    """Where a trace's phases start: its events, else (drift) the half-way request."""
+    indices = [i for i in event_request_indices(trace) if i > 0]
+    return indices or [len(trace.requests) // 2]
 
 
 def finite(value: float | None) -> float | None:
@@ -145,6 +156,12 @@ def build_report(
             section["fraction_of_oracle"] = finite(mean / oracle_mean) if oracle_mean else None
             curve = cumulative_regret(run.results, runs[ORACLE_POLICY].results)
             section["regret_s"] = finite(curve[-1] if curve else 0.0)
+            section["regret_per_request_windows"] = [
+                finite(x) for x in regret_per_window(curve, REGRET_WINDOWS)
+            ]
+    phase_bounds = phase_boundaries(trace)
+    for label, run in runs.items():
+        policies[label]["dominant_arms_by_phase"] = dominant_arms(run.results, phase_bounds)
     return {
         "schema": REPORT_SCHEMA,
         "created_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -227,6 +244,44 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def phase_markdown(report: Mapping[str, Any]) -> list[str]:
+    """Learning over time: regret slope per slice and each phase's dominant arm per cluster."""
+    parts = ["## Over time", ""]
+    windows = {
+        label: section["regret_per_request_windows"]
+        for label, section in report["policies"].items()
+        if section.get("regret_per_request_windows")
+    }
+    if windows:
+        count = max(len(w) for w in windows.values())
+        parts += ["Regret per request against the oracle (s), in consecutive slices:", ""]
+        parts += [
+            markdown_table(
+                ["policy", *(f"slice {i + 1}" for i in range(count))],
+                [[label, *(_fmt(x, 4) for x in w)] for label, w in windows.items()],
+            ),
+            "",
+        ]
+    bounds = report["trace"].get("event_request_indices") or []
+    parts += [
+        f"Most chosen drafter:k per cluster in each phase (phases split at requests "
+        f"{[b for b in bounds if b > 0] or 'half-way'}):",
+        "",
+    ]
+    rows = [
+        [label, cluster, *(phase.get(cluster, "—") for phase in section["dominant_arms_by_phase"])]
+        for label, section in report["policies"].items()
+        if label != BASELINE_POLICY
+        for cluster in sorted({c for p in section["dominant_arms_by_phase"] for c in p})
+    ]
+    phases = max((len(s["dominant_arms_by_phase"]) for s in report["policies"].values()), default=0)
+    parts += [
+        markdown_table(["policy", "cluster", *(f"phase {i + 1}" for i in range(phases))], rows),
+        "",
+    ]
+    return parts
+
+
 def report_markdown(report: Mapping[str, Any], plots: Sequence[Path]) -> str:
     """``report.md``: what ran where, the per-task table, per-task detail and the plots."""
     machine = report["machine"]
@@ -289,6 +344,7 @@ def report_markdown(report: Mapping[str, Any], plots: Sequence[Path]) -> str:
         ),
         "",
     ]
+    parts += phase_markdown(report)
     parts += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(parts) + "\n"
 

@@ -154,7 +154,10 @@ def sidecar(
 
     # A fresh sidecar with a one-off admin token: SetPolicy and drafter events need it.
     token = admin_token or secrets.token_urlsafe(24)
-    env = world_env_without(world_dir, withheld) if withheld else None
+    # Passive OpenMP waits: spinning workers slow torch several-fold on shared cores.
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    if withheld:
+        env.update(world_env_without(world_dir, withheld))
     with launch_sidecar(
         None if withheld else world_dir, admin_token=token, http=False, metrics=False, env=env
     ) as launched:

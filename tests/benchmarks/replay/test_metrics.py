@@ -101,3 +101,25 @@ def test_lossless_mismatches_only_compare_greedy_requests() -> None:
         result(2, "a", 1.0, output=(6,), greedy=False),
     ]
     assert lossless_mismatches(policy, baseline) == ["r1"]
+
+
+def test_regret_per_window_is_the_slope_of_each_slice() -> None:
+    from benchmarks.replay.metrics import regret_per_window
+
+    curve = [1.0, 2.0, 3.0, 4.0, 4.0, 4.0, 4.5, 5.0]  # slope 1, then 0, then 0.5
+    assert regret_per_window(curve, 4) == pytest.approx([1.0, 1.0, 0.0, 0.5])
+    assert regret_per_window([], 4) == []
+
+
+def test_dominant_arms_per_phase() -> None:
+    from benchmarks.replay.metrics import dominant_arms
+
+    results = [
+        result(0, "a", 1.0, drafter="x", k=2),
+        result(1, "a", 1.0, drafter="x", k=2),
+        result(2, "a", 1.0, drafter="y", k=4),
+        result(3, "b", 1.0, drafter="z", k=1),
+        result(4, "a", 1.0, drafter="y", k=4),
+    ]
+    assert dominant_arms(results, [3]) == [{"a": "x:2"}, {"a": "y:4", "b": "z:1"}]
+    assert dominant_arms(results, []) == [{"a": "x:2", "b": "z:1"}]
