@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from benchmarks.replay.replay import DEFAULT_POLICIES
-
 DEFAULT_REPORTS_DIR = Path("reports")
+# Kept here (not imported from replay.py) so that `specroute --help` stays light.
+DEFAULT_POLICIES = ("none", "generic", "static", "ucb", "thompson", "oracle")
 
 
 def _policies(text: str) -> tuple[str, ...]:
@@ -63,6 +63,7 @@ def replay_command(
     from benchmarks.replay.builtin import TraceOptions
     from benchmarks.replay.calibration import CalibrationOptions
     from benchmarks.replay.runner import ReplayConfig, format_task_table, run_replay
+    from benchmarks.replay.trace import TraceFormatError
 
     name = Path(trace).stem if trace.endswith(".jsonl") else trace
     config = ReplayConfig(
@@ -80,7 +81,11 @@ def replay_command(
         progress=progress,
         plots=plots,
     )
-    outcome = run_replay(config)
+    try:
+        outcome = run_replay(config)
+    except (TraceFormatError, KeyError, FileNotFoundError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from error
     typer.echo(format_task_table(outcome.report))
 
 

@@ -1,0 +1,37 @@
+"""The replay CLI: commands registered, defaults in step with the policies, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from benchmarks.replay.cli import DEFAULT_POLICIES
+from benchmarks.replay.replay import POLICY_SETTINGS
+from router.cli import build_app
+
+
+def test_default_policies_are_the_known_ones_in_order() -> None:
+    assert tuple(POLICY_SETTINGS) == DEFAULT_POLICIES
+
+
+def test_replay_and_study_are_registered() -> None:
+    runner = CliRunner()
+    app = build_app()
+    replay = runner.invoke(app, ["replay", "--help"])
+    assert replay.exit_code == 0 and "--trace" in replay.output and "--policies" in replay.output
+    study = runner.invoke(app, ["study", "--help"])
+    assert study.exit_code == 0 and "--out" in study.output
+
+
+def test_a_bad_trace_file_fails_with_line_and_field(tmp_path: Path) -> None:
+    trace = tmp_path / "bad.jsonl"
+    trace.write_text(
+        '{"id": "a", "prompt": "hi", "max_new_tokens": 8}\n'
+        '{"id": "b", "prompt": "hi", "max_new_tokens": -1}\n'
+    )
+    result = CliRunner().invoke(
+        build_app(), ["replay", "--trace", str(trace), "--address", "127.0.0.1:9", "--no-progress"]
+    )
+    assert result.exit_code == 2
+    assert f"{trace}:2: field 'max_new_tokens'" in result.output
