@@ -100,7 +100,9 @@ def test_task_table_lists_every_task(outcome: ReplayOutcome, tiny_world: Any) ->
     assert "report.md" in text
 
 
-def test_new_drafter_trace_withholds_then_registers_it(tiny_world: Any, tmp_path: Path) -> None:
+def test_new_drafter_trace_withholds_then_registers_it_sequentially(
+    tiny_world: Any, tmp_path: Path
+) -> None:
     config = ReplayConfig(
         trace="new-drafter",
         out_dir=tmp_path / "new-drafter",
@@ -108,6 +110,7 @@ def test_new_drafter_trace_withholds_then_registers_it(tiny_world: Any, tmp_path
         world_dir=Path(tiny_world.root),
         trace_options=TraceOptions(per_task=1, max_new_tokens_cap=16),
         calibration=SMALL_CALIBRATION,
+        schedule="sequential",  # each run registers code-new half-way, then removes it
         progress=False,
         plots=False,
     )
