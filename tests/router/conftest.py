@@ -4,6 +4,7 @@ real sidecar running in-process on free ports, in a background event-loop thread
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,13 +109,12 @@ class TinyServingWorld:
 
     def toml(self, path: Path, **extra: Any) -> Path:
         """The same world as a TOML settings file (for ``specroute serve`` subprocesses)."""
+        scalars = {"snapshot_interval_s": 3600.0, "grace_s": 1.0, **extra}
         lines = [
             f'target_dir = "{self.target_dir}"',
             f'classifier_dir = "{self.classifier_dir}"',
             f'model_roots = ["{self.root}"]',
-            "snapshot_interval_s = 3600.0",
-            "grace_s = 1.0",
-            *(f"{key} = {value!r}".replace("'", '"') for key, value in extra.items()),
+            *(f"{key} = {json.dumps(value)}" for key, value in scalars.items()),
             "[drafter_dirs]",
             *(f'{name} = "{directory}"' for name, directory in self.drafter_dirs.items()),
             "[limits]",

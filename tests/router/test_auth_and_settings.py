@@ -1,0 +1,127 @@
+"""Data-plane tokens (gRPC and HTTP), settings precedence, the SQLite registry, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from text_generation import Client
+from text_generation.errors import UnknownError
+
+from router.errors import AlreadyExistsError, NotFoundError
+from router.pb import router_pb2 as pb
+from router.registry import DrafterRecord, SidecarStore
+from router.service import Components
+from router.settings import load_settings
+from tests.router.conftest import ADMIN, SidecarThread, TinyServingWorld
+
+DATA_TOKEN = "data-secret"
+PROMPT = "python function w5 w6 return"
+
+
+@pytest.fixture(scope="module")
+def guarded(
+    serving_world: TinyServingWorld,
+    components: Components,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SidecarThread]:
+    settings = serving_world.settings(tmp_path_factory.mktemp("guarded"), data_token=DATA_TOKEN)
+    running = SidecarThread(settings, components)
+    yield running
+    running.stop()
+
+
+def test_data_token_guards_route_report_generate(guarded: SidecarThread) -> None:
+    with pytest.raises(grpc.RpcError) as missing:
+        guarded.stub.Route(pb.RouteRequest(text=PROMPT))
+    assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as wrong:
+        list(
+            guarded.stub.Generate(
+                pb.GenerateRequest(text=PROMPT, max_new_tokens=2),
+                metadata=(("authorization", "Bearer nope"),),
+            )
+        )
+    assert wrong.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    data = (("authorization", f"Bearer {DATA_TOKEN}"),)
+    assert guarded.stub.Route(pb.RouteRequest(text=PROMPT), metadata=data).task_cluster
+    assert guarded.stub.Route(pb.RouteRequest(text=PROMPT), metadata=ADMIN).task_cluster
+
+
+def test_data_token_cannot_call_admin_rpcs(guarded: SidecarThread) -> None:
+    with pytest.raises(grpc.RpcError) as denied:
+        guarded.stub.RegisterDrafter(
+            pb.RegisterDrafterRequest(name="x", kind="ngram"),
+            metadata=(("authorization", f"Bearer {DATA_TOKEN}"),),
+        )
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_http_front_needs_the_data_token(guarded: SidecarThread) -> None:
+    with pytest.raises(UnknownError):  # 401 is not one of TGI's codes
+        Client(guarded.http_url, timeout=60).generate(PROMPT, max_new_tokens=2)
+    client = Client(guarded.http_url, headers={"Authorization": f"Bearer {DATA_TOKEN}"})
+    assert client.generate(PROMPT, max_new_tokens=2).details.generated_tokens == 2
+
+
+def test_settings_precedence_defaults_toml_env_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "sidecar.toml"
+    config.write_text('port = 1234\npolicy = "ucb"\n[limits]\nmax_new_tokens = 99\n')
+    monkeypatch.setenv("SPECROUTE_PORT", "5555")
+    monkeypatch.setenv("SPECROUTE_LIMITS__MAX_PROMPT_TOKENS", "77")
+    monkeypatch.setenv("SPECROUTE_DRAFTER_DIRS", '{"a": "/models/a"}')
+    settings = load_settings(config, host="0.0.0.0")
+    assert settings.port == 5555  # env over TOML
+    assert settings.policy == "ucb"  # TOML over defaults
+    assert settings.limits.max_new_tokens == 99 and settings.limits.max_prompt_tokens == 77
+    assert settings.limits.generation_workers == 1  # default kept inside a nested group
+    assert settings.drafter_dirs == {"a": Path("/models/a")}
+    assert settings.host == "0.0.0.0"  # explicit (CLI) over everything
+    assert load_settings(config, port=7).port == 7
+
+
+def test_print_config_masks_tokens(tmp_path: Path) -> None:
+    env = {"SPECROUTE_ADMIN_TOKEN": "very-secret", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-m", "router.cli", "serve", "--print-config", "--port", "4321"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    printed = json.loads(out)
+    assert printed["port"] == 4321 and printed["admin_token"] == "**********"
+    assert "very-secret" not in out
+
+
+def test_registry_round_trip_and_refusals(tmp_path: Path) -> None:
+    store = SidecarStore(tmp_path)
+    record = DrafterRecord(
+        name="d1", kind="model", path="/m/d1", tasks=("code",), finetune_sample=("def f",)
+    )
+    stored = store.add_drafter(record)
+    assert stored.created_unix > 0
+    with pytest.raises(AlreadyExistsError):
+        store.add_drafter(record)
+    store.save_policy("thompson", 3, {"a": [1, 2]})
+    store.save_policy("thompson", 5, {"a": [3]})
+    store.close()
+
+    reopened = SidecarStore(tmp_path)
+    assert reopened.drafters() == [stored]
+    latest = reopened.latest_policy("thompson")
+    assert latest is not None and latest.version == 5 and latest.state == {"a": [3]}
+    assert reopened.latest_policy("ucb") is None
+    assert reopened.remove_drafter("d1") == stored
+    with pytest.raises(NotFoundError):
+        reopened.remove_drafter("d1")
+    journal = reopened._db.execute("PRAGMA journal_mode").fetchone()[0]
+    assert journal == "wal"
+    reopened.close()

@@ -1,0 +1,101 @@
+"""Durability: ``specroute serve`` subprocesses killed with SIGKILL or stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+
+from router.launch import LaunchedSidecar, launch_sidecar
+from router.pb import router_pb2 as pb
+from router.pb import router_pb2_grpc
+from router.registry import SidecarStore
+from tests.router.conftest import ADMIN, ADMIN_TOKEN, TinyServingWorld
+
+PROMPT = "translate french sentence w3 w4 w5"
+
+
+def _stub(sidecar: LaunchedSidecar) -> router_pb2_grpc.RouterStub:
+    return router_pb2_grpc.RouterStub(grpc.insecure_channel(sidecar.grpc_address))
+
+
+def _launch(world: TinyServingWorld, state_dir: Path, config: Path) -> object:
+    return launch_sidecar(
+        state_dir=state_dir, config_file=config, admin_token=ADMIN_TOKEN, http=False
+    )
+
+
+def _latest_snapshot_version(state_dir: Path) -> int:
+    store = SidecarStore(state_dir)
+    try:
+        snapshot = store.latest_policy("thompson")
+        return snapshot.version if snapshot is not None else -1
+    finally:
+        store.close()
+
+
+def test_drafter_and_policy_survive_sigkill_and_sigterm(
+    serving_world: TinyServingWorld, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "state"
+    config = serving_world.toml(tmp_path / "sidecar.toml", snapshot_interval_s=0.3)
+
+    with _launch(serving_world, state_dir, config) as first:  # type: ignore[attr-defined]
+        stub = _stub(first)
+        registered = stub.RegisterDrafter(
+            pb.RegisterDrafterRequest(
+                name="spare", kind="model", path=str(serving_world.spare_dir)
+            ),
+            metadata=ADMIN,
+        )
+        for _ in range(3):
+            list(stub.Generate(pb.GenerateRequest(text=PROMPT, max_new_tokens=12), timeout=120))
+        # Counterfactual updates land after each stream ends: wait until a periodic
+        # snapshot has caught up with the live state, then kill.
+        deadline = time.monotonic() + 60
+        while True:
+            state_before_kill = stub.GetPolicyState(pb.GetPolicyStateRequest())
+            if _latest_snapshot_version(state_dir) == state_before_kill.version:
+                break
+            assert time.monotonic() < deadline, "no periodic snapshot of the last update"
+            time.sleep(0.1)
+        assert state_before_kill.version > 0
+        first.kill()  # SIGKILL right after the registration and the snapshot: no cleanup
+
+    with _launch(serving_world, state_dir, config) as second:  # type: ignore[attr-defined]
+        stub = _stub(second)
+        drafters = {d.name: d for d in stub.ListDrafters(pb.ListDraftersRequest()).drafters}
+        assert "spare" in drafters
+        assert drafters["spare"].weights_digest == registered.weights_digest
+        assert drafters["spare"].created_unix == registered.created_unix
+        # The restored policy equals the last snapshot taken before the kill.
+        assert stub.GetPolicyState(pb.GetPolicyStateRequest()) == state_before_kill
+        chunks = list(
+            stub.Generate(
+                pb.GenerateRequest(
+                    text=PROMPT,
+                    max_new_tokens=6,
+                    force_drafter="spare",
+                    force_draft_length=2,
+                    no_update=True,  # keeps the state below stable (no late updates)
+                ),
+                timeout=120,
+            )
+        )
+        assert chunks[-1].stats.generated_tokens == 6
+        report = stub.Route(pb.RouteRequest(text=PROMPT))
+        stub.Report(
+            pb.RouteOutcome(
+                request_id=report.request_id,
+                drafted_per_step=[2, 2],
+                accepted_per_step=[1, 2],
+                verify_time_s=0.01,
+            )
+        )
+        state_before_stop = stub.GetPolicyState(pb.GetPolicyStateRequest())
+        assert second.stop() == 0  # SIGTERM: graceful, final snapshot
+    assert _latest_snapshot_version(state_dir) == state_before_stop.version
+
+    with _launch(serving_world, state_dir, config) as third:  # type: ignore[attr-defined]
+        assert _stub(third).GetPolicyState(pb.GetPolicyStateRequest()) == state_before_stop
