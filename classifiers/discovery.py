@@ -1,8 +1,18 @@
 """Discover task clusters in unlabeled prompts: TF-IDF -> SVD -> k-means, named by top terms.
 
-With ``k="auto"`` the number of clusters is the one with the highest silhouette score
-(cosine, on the SVD rows) over ``k_range``; the silhouette is computed on a fixed
-random subsample since it costs O(n^2).
+Prompts of one task come in a few wordings (templates), and plain k-means on TF-IDF
+finds the wordings rather than the tasks. So discovery runs in two stages:
+
+1. over-cluster: k-means with ``micro_clusters`` clusters on unit SVD rows of TF-IDF
+   (each micro-cluster is then nearly one wording of one task);
+2. merge: average-linkage agglomeration of the micro-clusters on the similarity
+   ``S = w * cos(content profiles) + (1 - w) * cos(mean profiles)``, where a content
+   profile is the mean TF-IDF row with the terms present in at least ``content_df`` of
+   the micro-cluster's prompts zeroed (those terms are its template), so wordings of
+   one task meet through what they talk about.
+
+With ``k="auto"`` the number of clusters maximises the silhouette of that merge (on the
+precomputed distances ``1 - S`` between micro-clusters) over ``k_range``.
 """
 
 from __future__ import annotations
@@ -13,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.cluster import KMeans
+from scipy import sparse
+from sklearn.cluster import AgglomerativeClustering, KMeans
 from sklearn.decomposition import TruncatedSVD
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics import adjusted_rand_score, silhouette_score
@@ -22,8 +33,6 @@ from sklearn.preprocessing import normalize
 from classifiers.text import TOKEN_PATTERN
 
 logger = logging.getLogger(__name__)
-
-SILHOUETTE_SAMPLE = 2000
 
 
 @dataclass(frozen=True)
@@ -68,17 +77,38 @@ def _embed(
     return rows, vectorizer, svd
 
 
-def _cluster(rows: np.ndarray, k: int, seed: int) -> np.ndarray:
-    return np.asarray(KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(rows))
+def _micro_clusters(rows: np.ndarray, count: int, seed: int) -> np.ndarray:
+    return np.asarray(KMeans(n_clusters=count, n_init=4, random_state=seed).fit_predict(rows))
 
 
-def _silhouette(rows: np.ndarray, assignments: np.ndarray, seed: int) -> float:
-    if len(set(assignments.tolist())) < 2:
+def _profile_similarity(
+    features: sparse.csr_matrix, micro: np.ndarray, count: int, content_df: float, weight: float
+) -> np.ndarray:
+    """Similarity between micro-clusters from their content and mean TF-IDF profiles."""
+    present = (features > 0).astype(np.float32)
+    content, mean = [], []
+    for cluster in range(count):
+        inside = micro == cluster
+        document_frequency = np.asarray(present[inside].mean(axis=0)).ravel()
+        profile = np.asarray(features[inside].mean(axis=0)).ravel()
+        template_free = np.where(document_frequency < content_df, profile, 0.0)
+        content.append(template_free / (np.linalg.norm(template_free) + 1e-12))
+        mean.append(profile / (np.linalg.norm(profile) + 1e-12))
+    content_rows, mean_rows = np.vstack(content), np.vstack(mean)
+    similarity = weight * (content_rows @ content_rows.T) + (1 - weight) * (mean_rows @ mean_rows.T)
+    np.fill_diagonal(similarity, 1.0)
+    return np.clip(similarity, 0.0, 1.0)
+
+
+def _merge(similarity: np.ndarray, k: int) -> np.ndarray:
+    agglomeration = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average")
+    return np.asarray(agglomeration.fit_predict(1.0 - similarity))
+
+
+def _silhouette(similarity: np.ndarray, merged: np.ndarray) -> float:
+    if not 2 <= len(set(merged.tolist())) < len(merged):
         return -1.0
-    sample = min(SILHOUETTE_SAMPLE, rows.shape[0])
-    return float(
-        silhouette_score(rows, assignments, metric="cosine", sample_size=sample, random_state=seed)
-    )
+    return float(silhouette_score(1.0 - similarity, merged, metric="precomputed"))
 
 
 def _slug(term: str) -> str:
@@ -95,8 +125,10 @@ def _top_terms(
     for cluster in range(k):
         inside = np.asarray(features[assignments == cluster].mean(axis=0)).ravel()
         outside = np.asarray(features[assignments != cluster].mean(axis=0)).ravel()
-        order = np.argsort(-(inside - outside), kind="stable")[:count]
-        terms.append(tuple(str(term) for term in vocabulary[order]))
+        order = np.argsort(-(inside - outside), kind="stable")
+        # Name clusters by words: punctuation tokens ("[", "|") make unreadable names.
+        words = [str(term) for term in vocabulary[order] if re.search(r"[a-z0-9]", str(term))]
+        terms.append(tuple(words[:count]))
     return terms
 
 
@@ -107,32 +139,32 @@ def discover_clusters(
     seed: int = 0,
     k_range: range = range(2, 13),
     components: int = 100,
+    micro_clusters: int = 20,
+    content_df: float = 0.3,
+    content_weight: float = 0.6,
     term_count: int = 5,
 ) -> DiscoveredClusters:
     """Cluster prompts without labels; ``k`` is an int or ``"auto"`` (best silhouette)."""
     if len(texts) < 3:
         raise ValueError("cluster discovery needs at least 3 prompts")
     rows, vectorizer, _ = _embed(texts, components, seed)
-    silhouettes: dict[int, float] = {}
-    if k == "auto":
-        best: tuple[float, int, np.ndarray] | None = None
-        for candidate in k_range:
-            if candidate >= rows.shape[0]:
-                break
-            assignments = _cluster(rows, candidate, seed)
-            silhouettes[candidate] = _silhouette(rows, assignments, seed)
-            logger.info("k=%d silhouette %.4f", candidate, silhouettes[candidate])
-            if best is None or silhouettes[candidate] > best[0]:
-                best = (silhouettes[candidate], candidate, assignments)
-        if best is None:
-            raise ValueError("no k in k_range fits this many prompts")
-        _, chosen_k, chosen = best
-    else:
-        chosen_k = int(k)
-        if not 2 <= chosen_k < rows.shape[0]:
-            raise ValueError(f"--clusters must be in [2, {rows.shape[0] - 1}], got {chosen_k}")
-        chosen = _cluster(rows, chosen_k, seed)
-        silhouettes[chosen_k] = _silhouette(rows, chosen, seed)
+    features = vectorizer.transform(list(texts))
+    fixed_k = None if k == "auto" else int(k)
+    if fixed_k is not None and not 2 <= fixed_k < len(texts):
+        raise ValueError(f"--clusters must be in [2, {len(texts) - 1}], got {fixed_k}")
+    count = min(len(texts) - 1, max(micro_clusters, 2 * (fixed_k or 0)))
+    micro = _micro_clusters(rows, count, seed)
+    count = int(micro.max()) + 1
+    similarity = _profile_similarity(features, micro, count, content_df, content_weight)
+    candidates = [fixed_k] if fixed_k is not None else [c for c in k_range if c < count]
+    if not candidates:
+        raise ValueError("no k in k_range fits this many prompts")
+    merges = {candidate: _merge(similarity, candidate) for candidate in candidates}
+    silhouettes = {c: _silhouette(similarity, merged) for c, merged in merges.items()}
+    for candidate, value in silhouettes.items():
+        logger.info("k=%d silhouette %.4f", candidate, value)
+    chosen_k = max(candidates, key=lambda c: (silhouettes[c], -c))
+    chosen = merges[chosen_k][micro]
     top_terms = _top_terms(texts, chosen, chosen_k, vectorizer, term_count)
     names = tuple(
         f"c{cluster}-" + "-".join(_slug(term) for term in terms[:2])
