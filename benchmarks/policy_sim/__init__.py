@@ -1,0 +1,1 @@
+"""The policy simulator behind ``specroute bench policy``: worlds, scenarios, regret report."""
