@@ -6,7 +6,6 @@ Used by ``specroute replay``, ``specroute study`` and ``specroute demo``.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -128,9 +127,9 @@ def world_env_without(world_dir: Path | None, withheld: Sequence[str]) -> dict[s
     drafters = {n: str(p) for n, p in world.drafter_dirs.items() if n not in withheld}
     classifier_dir = os.environ.get("SPECROUTE_CLASSIFIER_DIR")
     if not classifier_dir:
-        # The classifier package's interface (TEAM.md): trains <world>/classifier if missing.
-        ensure = importlib.import_module("classifiers").ensure_world_classifier
-        classifier_dir = str(ensure(world.root))
+        from classifiers import ensure_world_classifier
+
+        classifier_dir = str(ensure_world_classifier(world.root))  # trained once, then cached
     return {
         "SPECROUTE_TARGET_DIR": str(world.target_dir),
         "SPECROUTE_CLASSIFIER_DIR": classifier_dir,
