@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-DEFAULT_REPORTS_DIR = Path("reports")
+DEFAULT_REPORTS_DIR = Path("out")  # git-ignored
 # Kept here (not imported from replay.py) so that `specroute --help` stays light.
 DEFAULT_POLICIES = ("none", "generic", "static", "ucb", "thompson", "oracle")
 
@@ -30,7 +30,7 @@ def replay_command(
         ",".join(DEFAULT_POLICIES), "--policies", help="Comma-separated; 'none' always runs first."
     ),
     out: Annotated[
-        Path | None, typer.Option("--out", help="Report folder (default: reports/replay-<trace>).")
+        Path | None, typer.Option("--out", help="Report folder (default: out/replay-<trace>).")
     ] = None,
     world: Annotated[
         Path | None, typer.Option("--world", help="World directory (default: the default world).")

@@ -125,6 +125,12 @@ def run_study_replays(client: ReplayClient, config: StudyConfig, world: WorldLik
     options = TraceOptions(seed=config.seed, max_new_tokens_cap=config.max_new_tokens_cap)
     test = world.examples("test")
     calibration_path = config.out_dir / "calibration.json"
+    uniform_report = config.out_dir / "uniform" / "report.json"
+    if config.reuse and not calibration_path.is_file() and uniform_report.is_file():
+        # A uniform replay run into the study's folder beforehand carries its calibration.
+        saved = json.loads(uniform_report.read_text()).get("calibration")
+        if saved:
+            calibration_path.write_text(json.dumps(saved, indent=2) + "\n")
     if config.reuse and calibration_path.is_file():
         calibration = calibration_from_json(json.loads(calibration_path.read_text()))
     else:
