@@ -14,9 +14,10 @@ Added on top of either source, so every scenario can show each behaviour:
 - a second length bucket (prompts of 64..255 tokens): n-gram +0.06 (more to copy),
   model drafters -0.02 (except on ``creative``, which has nothing to copy).
 
-True costs, in units of the target's plain time per token t_ar = 10 ms: a model drafter
-costs ``MODEL_DRAFT_COST`` (0.15) per drafted token, ``ngram`` 0.01, and a verify step of
-k tokens costs ``1 + VERIFY_SLOPE * k`` (0.08: on a CPU, scoring k + 1 positions is not free).
+True costs, in units of the target's plain time per token t_ar: a model drafter costs
+its decode step over the target's (``decode_step_ms`` in eval.json) per drafted token,
+else ``MODEL_DRAFT_COST`` (0.15, t_ar = 10 ms); ``ngram`` 0.01; a verify step of k tokens
+costs ``1 + VERIFY_SLOPE * k`` (0.08: on a CPU, scoring k + 1 positions is not free).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -145,8 +147,16 @@ def _similarities(
     }
 
 
-def world_from_matrix(matrix: Mapping[str, Mapping[str, float]], source: str) -> SimWorld:
-    """Build the simulated world from a drafter -> task -> acceptance matrix."""
+def world_from_matrix(
+    matrix: Mapping[str, Mapping[str, float]],
+    source: str,
+    step_ms: Mapping[str, Any] | None = None,
+) -> SimWorld:
+    """Build the simulated world from a drafter -> task -> acceptance matrix.
+
+    ``step_ms`` is eval.json's ``decode_step_ms`` (``target`` and ``drafters``: name -> ms);
+    when given, each model drafter's cost ratio is its step time over the target's.
+    """
     tasks = sorted({t for row in matrix.values() for t in row}, key=_task_order)
     drafters = [d for d in matrix if d != NGRAM] + [NGRAM]
     clusters = (*tasks, CREATIVE)
@@ -164,16 +174,28 @@ def world_from_matrix(matrix: Mapping[str, Mapping[str, float]], source: str) ->
     share = {"rag": 0.8, "summarization": 0.8, "qa": 0.4, "code": 0.5, "chat": 0.3}
     tokens = {"chat": 120, "translation": 60, "summarization": 90, "qa": 40, "math": 150}
     tokens |= {"rag": 80, "code": 160, CREATIVE: 200}
+    draft_cost = np.where(is_ngram, NGRAM_DRAFT_COST, MODEL_DRAFT_COST)
+    t_ar = T_AR
+    if step_ms and float(step_ms.get("target") or 0) > 0:
+        t_ar = float(step_ms["target"]) / 1000.0
+        measured = step_ms.get("drafters") or {}
+        draft_cost = np.array(
+            [
+                float(measured[d]) / float(step_ms["target"]) if d in measured else cost
+                for d, cost in zip(drafters, draft_cost, strict=True)
+            ]
+        )
     return SimWorld(
         clusters=clusters,
         drafters=tuple(drafters),
         acceptance=acceptance,
-        draft_cost=np.where(is_ngram, NGRAM_DRAFT_COST, MODEL_DRAFT_COST),
+        draft_cost=draft_cost,
         cluster_weights=weights,
         long_prompt_share=np.array([share.get(c, 0.2) for c in clusters]),
         mean_tokens=np.array([float(tokens.get(c, 100)) for c in clusters]),
         similarity=_similarities(drafters, clusters, np.random.default_rng(7)),
         source=source,
+        t_ar=t_ar,
     )
 
 
@@ -186,8 +208,10 @@ def default_world(world_dir: Path | None) -> SimWorld:
     path = world_dir / "eval.json" if world_dir is not None else None
     if path is not None and path.is_file():
         try:
-            matrix = json.loads(path.read_text())["acceptance"]
-            return world_from_matrix(matrix, f"measured ({path})")
+            evaluation = json.loads(path.read_text())
+            return world_from_matrix(
+                evaluation["acceptance"], f"measured ({path})", evaluation.get("decode_step_ms")
+            )
         except (KeyError, TypeError, ValueError) as error:
             logger.warning("ignoring %s (%s); using the built-in table", path, error)
     return world_from_matrix(BUILTIN_ACCEPTANCE, "built-in table")

@@ -43,6 +43,12 @@ def test_world_reads_the_measured_matrix(tmp_path: Path) -> None:
     assert world.drafters == ("generic", "code", NGRAM)
     assert world.acceptance[1, 0, 1] == 0.8  # code drafter on code, short prompts
     assert world.acceptance[1, 1, 1] == np.float64(0.78)  # long prompts: -0.02
+    assert world.draft_cost[0] == 0.15  # no decode times: the built-in ratio
+    timed = {"acceptance": matrix, "decode_step_ms": {"target": 8.0, "drafters": {"code": 2.0}}}
+    (tmp_path / "eval.json").write_text(json.dumps(timed))
+    world = default_world(tmp_path)
+    assert world.t_ar == 0.008
+    assert list(world.draft_cost) == [0.15, 0.25, 0.01]  # code: 2 ms / 8 ms
     (tmp_path / "eval.json").write_text("{not json")
     assert default_world(tmp_path).source == "built-in table"
 
