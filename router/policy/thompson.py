@@ -257,6 +257,8 @@ class ThompsonPolicy:
 
     def _learn(self, arms: ContextArms, index: int, successes: float, failures: float) -> None:
         """Posterior update of one arm, discounted faster when the request is surprising."""
+        if successes + failures <= 0:
+            return  # nothing drafted (e.g. the request ended at once): no evidence to weigh
         successes, failures = cap_evidence(successes, failures, self.evidence_cap)
         surprise = arms.surprise(index, successes, failures, self.drift_z or 3.0)
         drifted = self.drift_z is not None and surprise > self.drift_z

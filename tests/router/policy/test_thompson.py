@@ -91,6 +91,17 @@ def test_change_detection_speeds_up_the_switch() -> None:
     assert switches[3.0] < switches[None]
 
 
+def test_an_empty_outcome_keeps_the_posterior() -> None:
+    policy = ThompsonPolicy(["a"], rng=np.random.default_rng(14))
+    _train(policy, CODE, {"a": 0.7}, 10)
+    before = policy.describe()[0].arms[0]
+    empty = Outcome.from_steps([], [], draft_time_s=0.0, verify_time_s=0.0)
+    policy.update(CODE, Decision("a", 4), empty)
+    after = policy.describe()[0].arms[0]
+    assert (after.alpha, after.beta) == (before.alpha, before.beta)
+    assert after.decisions == before.decisions + 1
+
+
 def test_select_changes_no_learned_state() -> None:
     policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(4))
     _train(policy, CODE, {"a": 0.6, "b": 0.4}, 20)
