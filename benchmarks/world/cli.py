@@ -38,23 +38,22 @@ def render_evaluation(report: dict[str, Any]) -> None:
     console.print(f"tasks with target quality >= 0.8: {passing} of {len(tasks)}")
 
     k = report["draft_length"]
-    matrix = Table(title=f"Per-token acceptance / mean accepted tokens per step (greedy, k={k})")
-    matrix.add_column("drafter \\ task")
+    for key, title in (
+        ("acceptance", f"Per-token acceptance (greedy, k={k}), drafter x task"),
+        ("accepted_per_step", f"Mean accepted draft tokens per step (greedy, k={k})"),
+    ):
+        matrix = Table(title=title)
+        matrix.add_column("drafter")
+        for task in tasks:
+            matrix.add_column(task[:5])
+        for name in report["drafters"]:
+            matrix.add_row(name, *(f"{report[key][name][t]:.2f}" for t in tasks))
+        console.print(matrix)
+    margins = Table(title="Task drafter minus generic drafter on its own task (acceptance)")
     for task in tasks:
-        matrix.add_column(task)
-    for name in report["drafters"]:
-        matrix.add_row(
-            name,
-            *(
-                f"{report['acceptance'][name][t]:.2f} / {report['accepted_per_step'][name][t]:.2f}"
-                for t in tasks
-            ),
-        )
-    matrix.add_row(
-        "margin (task - generic)",
-        *(f"{report['task_drafter_margin'][t]:+.2f}" for t in tasks),
-    )
-    console.print(matrix)
+        margins.add_column(task[:5])
+    margins.add_row(*(f"{report['task_drafter_margin'][t]:+.2f}" for t in tasks))
+    console.print(margins)
     wins = sum(report["task_drafter_margin"][t] > 0 for t in tasks)
     console.print(f"task drafters beating generic on their own task: {wins} of {len(tasks)}")
     spread = report["generic_unevenness"]

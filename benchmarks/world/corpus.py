@@ -174,7 +174,7 @@ TRANSLATION_TEST = (
 )
 
 
-TRANSLATION_LEXICON_SIZE = 120
+TRANSLATION_LEXICON_SIZE = 48
 
 
 def translation_lexicon() -> list[tuple[str, str]]:
@@ -184,7 +184,7 @@ def translation_lexicon() -> list[tuple[str, str]]:
 
 
 def generate_translation(rng: random.Random, split: str, count: int) -> list[Pair]:
-    """A toolbar of 2-4 real Django labels and their human French translations.
+    """A toolbar of 2-3 real Django labels and their human French translations.
 
     The lexicon is shared by all splits (a deterministic word mapping the target learns);
     a label list used in a test prompt never occurs in train (enforced by the caller's
@@ -194,7 +194,7 @@ def generate_translation(rng: random.Random, split: str, count: int) -> list[Pai
     templates = _template_set(split, TRANSLATION_TRAIN, TRANSLATION_TEST)
     pairs: list[Pair] = []
     for _ in range(count):
-        chosen = rng.sample(lexicon, rng.randint(2, 4))
+        chosen = rng.sample(lexicon, rng.randint(2, 3))
         english = " | ".join(e for e, _ in chosen)
         french = " | ".join(f for _, f in chosen)
         prompt = rng.choice(templates).format(labels=english)
@@ -247,13 +247,17 @@ QA_ANSWERS = {
 }
 
 
+QA_FACT_BASE_SIZE = 24
+
+
 def qa_fact_base() -> list[sources.Language]:
-    """Languages with Latin-script native names and plain codes (52 in Django 5.2)."""
-    return [
+    """A fixed sample of languages with Latin-script native names (a small fact base)."""
+    latin = [
         language
         for language in sources.django_languages()
         if "-" not in language.code and all(ord(ch) < 0x250 for ch in language.name_local)
     ]
+    return sorted(random.Random(8).sample(latin, min(QA_FACT_BASE_SIZE, len(latin))), key=str)
 
 
 def qa_answer(response: str) -> str:
@@ -308,13 +312,13 @@ MATH_TEST = {
 def _math_operands(rng: random.Random, operation: str) -> tuple[int, int, int]:
     """Small operands so a tiny model can learn the tables: (a, b, result)."""
     if operation == "+":
-        a, b = rng.randint(2, 20), rng.randint(2, 20)
+        a, b = rng.randint(1, 12), rng.randint(1, 12)
         return a, b, a + b
     if operation == "-":
-        a = rng.randint(5, 30)
+        a = rng.randint(3, 15)
         b = rng.randint(1, a - 1)
         return a, b, a - b
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    a, b = rng.randint(2, 5), rng.randint(2, 5)
     return a, b, a * b
 
 

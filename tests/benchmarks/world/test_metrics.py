@@ -1,0 +1,52 @@
+"""Quality metrics and acceptance bookkeeping of the world evaluation."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.world.evaluate import (
+    answer_contained,
+    drafted_per_step,
+    exact_match,
+    math_correct,
+    token_f1,
+    unevenness,
+)
+
+
+def test_token_f1() -> None:
+    assert token_f1("the cat sat", "the cat sat") == 1.0
+    assert token_f1("dog", "the cat sat") == 0.0
+    assert token_f1("the cat", "the cat sat") == pytest.approx(0.8)
+
+
+def test_exact_match_ignores_whitespace_only() -> None:
+    assert exact_match(" Enregistrer |  Supprimer", "Enregistrer | Supprimer") == 1.0
+    assert exact_match("Enregistrer", "enregistrer") == 0.0
+
+
+def test_answer_contained_checks_the_short_answer_as_whole_words() -> None:
+    reference = "The language code for German is de."
+    assert answer_contained("It is de.", reference) == 1.0
+    assert answer_contained("It is dev.", reference) == 0.0
+    assert answer_contained("Speakers of Welsh call it Cymraeg.", "cy is the code for Welsh.")
+
+
+def test_math_correct_compares_final_numbers() -> None:
+    assert math_correct("3 + 4 = 7. The answer is 7.", "3 + 4 = 7. The answer is 7.") == 1.0
+    assert math_correct("3 + 4 = 8. The answer is 8.", "3 + 4 = 7. The answer is 7.") == 0.0
+
+
+def test_drafted_per_step_caps_at_the_remaining_output() -> None:
+    # 6 output tokens, k=4: a step accepting 4 covers 5 tokens, the last step drafts 1.
+    assert drafted_per_step([4, 0], 6, 4) == [4, 1]
+    assert drafted_per_step([0, 0, 0], 3, 4) == [3, 2, 1]
+
+
+def test_unevenness() -> None:
+    even = unevenness([0.5, 0.5])
+    assert even["jain_index"] == pytest.approx(1.0)
+    assert even["coefficient_of_variation"] == 0.0
+    spread = unevenness([0.2, 0.8])
+    assert spread["max_over_min"] == pytest.approx(4.0)
+    assert spread["jain_index"] < 1.0

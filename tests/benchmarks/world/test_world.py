@@ -1,0 +1,135 @@
+"""The tiny built world: layout, shared tokenizer, caching, and its evaluation report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.world.build import BUILD_CONFIGS, build_world
+from benchmarks.world.corpus import TASKS, prompt_text
+from benchmarks.world.layout import World, WorldNotBuiltError, default_world_dir
+
+
+def test_world_has_a_target_and_one_drafter_per_task(tiny_world: World) -> None:
+    assert tiny_world.scale == "tiny"
+    assert tiny_world.tasks == TASKS
+    assert list(tiny_world.drafter_dirs) == ["generic", *TASKS]
+    for directory in [tiny_world.target_dir, *tiny_world.drafter_dirs.values()]:
+        assert (directory / "config.json").is_file()
+        assert list(directory.glob("*.safetensors"))
+        assert not list(directory.glob("*.bin"))
+    assert tiny_world.manifest["config_hash"] == BUILD_CONFIGS["tiny"].digest()
+
+
+def test_drafters_share_the_targets_tokenizer_and_vocabulary(tiny_world: World) -> None:
+    from drafters.loader import load_model
+
+    target = load_model(tiny_world.target_dir)
+    assert type(target.model).__name__ == "Qwen2ForCausalLM"
+    target_vocab = target.tokenizer.get_vocab()
+    for directory in tiny_world.drafter_dirs.values():
+        drafter = load_model(directory)
+        assert type(drafter.model).__name__ == "Qwen2ForCausalLM"
+        assert drafter.tokenizer.get_vocab() == target_vocab
+        assert drafter.model.config.vocab_size == target.model.config.vocab_size
+        assert drafter.parameter_count < target.parameter_count
+
+
+def test_task_drafters_differ_from_the_generic_one(tiny_world: World) -> None:
+    from safetensors.torch import load_file
+
+    generic = load_file(str(tiny_world.drafter_dirs["generic"] / "model.safetensors"))
+    tuned = load_file(str(tiny_world.drafter_dirs["qa"] / "model.safetensors"))
+    assert generic.keys() == tuned.keys()
+    assert any(not generic[k].equal(tuned[k]) for k in generic)
+
+
+def test_drafters_carry_a_sample_of_their_finetuning_data(tiny_world: World) -> None:
+    train_prompts = {prompt_text(e) for e in tiny_world.examples("train") if e.task == "math"}
+    path = tiny_world.drafter_dirs["math"] / "finetune_sample.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows
+    assert all(row["task"] == "math" and row["text"] in train_prompts for row in rows)
+
+
+def test_corpus_files_hold_the_splits(tiny_world: World) -> None:
+    train, test = tiny_world.examples("train"), tiny_world.examples("test")
+    assert {e.split for e in train} == {"train"}
+    assert {e.task for e in test} == set(TASKS)
+    assert not {prompt_text(e) for e in train} & {prompt_text(e) for e in test}
+    with pytest.raises(ValueError, match="unknown split"):
+        tiny_world.examples("dev")
+
+
+def test_second_build_is_cached(tiny_world: World) -> None:
+    weights = tiny_world.target_dir / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    start = time.perf_counter()
+    again = build_world(tiny_world.root, "tiny", progress=False)
+    assert time.perf_counter() - start < 5
+    assert again.root == tiny_world.root
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_stale_config_hash_triggers_a_rebuild(tmp_path: Path) -> None:
+    root = tmp_path / "world"
+    root.mkdir()
+    (root / "manifest.json").write_text(json.dumps({"config_hash": "old"}))
+    world = build_world(root, "tiny", progress=False)
+    assert world.manifest["config_hash"] == BUILD_CONFIGS["tiny"].digest()
+    assert not list(tmp_path.glob(".world.*")), "no staging or stale directory left behind"
+
+
+def test_loading_an_empty_directory_says_how_to_build(tmp_path: Path) -> None:
+    with pytest.raises(WorldNotBuiltError, match="specroute world build"):
+        World.load(tmp_path)
+
+
+def test_default_world_dir_honours_specroute_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SPECROUTE_HOME", str(tmp_path))
+    assert default_world_dir("tiny") == tmp_path / "worlds" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def report(tiny_world: World) -> dict[str, Any]:
+    from benchmarks.world.evaluate import evaluate_world
+
+    return evaluate_world(tiny_world, limit=3)
+
+
+def test_eval_report_has_the_documented_keys_and_ranges(report: dict[str, Any]) -> None:
+    assert report["tasks"] == list(TASKS)
+    assert report["drafters"] == ["generic", *TASKS]
+    assert set(report["target_quality"]) == set(TASKS)
+    assert all(0.0 <= q <= 1.0 for q in report["target_quality"].values())
+    assert set(report["acceptance"]) == set(report["drafters"])
+    for row in report["acceptance"].values():
+        assert set(row) == set(TASKS)
+        assert all(0.0 <= a <= 1.0 for a in row.values())
+    for row in report["accepted_per_step"].values():
+        assert all(0.0 <= a <= 4.0 for a in row.values())
+    assert report["decode_step_ms"]["target"] > 0
+    assert report["decode_step_ms"]["drafter_median"] > 0
+    json.dumps(report)
+
+
+def test_eval_cli_writes_the_json_report(tiny_world: World, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from router.cli import build_app
+
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(
+        build_app(),
+        ["world", "eval", "--world", str(tiny_world.root), "--json", str(out), "--limit", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Target quality" in result.output
+    saved = json.loads(out.read_text())
+    assert {"tasks", "target_quality", "acceptance", "drafters"} <= set(saved)
