@@ -10,6 +10,12 @@ in the same run:
 
 with t_ar the plain time per token, t_draft the draft time per requested draft position
 and t_verify(k) the verify time per step; efficiency = measured / analytical speed-up.
+The per-token acceptance a is the one whose i.i.d. expectation of tokens per step,
+(1 - a^(k+1)) / (1 - a), equals the observed mean accepted length, so S(a, k) is the
+speed-up the observed acceptance allows at the measured draft and verify costs, and the
+efficiency shows what the engine loses outside drafting and verifying. (The
+maximum-likelihood a of the same model is reported too, as ``acceptance_mle``; pooled
+over prompts of unequal acceptance it overstates the tokens per step.)
 """
 
 from __future__ import annotations
@@ -66,8 +72,14 @@ class Tally:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     @property
-    def acceptance(self) -> float:
+    def acceptance_mle(self) -> float:
+        """Maximum-likelihood per-token acceptance (``GenerationStats.per_token_acceptance``)."""
         return self.accepted / self.tried if self.tried else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per step, the bonus/correction token included."""
+        return 1.0 + self.accepted / self.steps if self.steps else 0.0
 
 
 def analytical_speedup(a: float, k: int, t_ar: float, t_draft: float, t_verify: float) -> float:
@@ -75,6 +87,21 @@ def analytical_speedup(a: float, k: int, t_ar: float, t_draft: float, t_verify: 
     expected_tokens = float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
     step_cost = k * t_draft + t_verify
     return expected_tokens * t_ar / step_cost if step_cost > 0 else 0.0
+
+
+def acceptance_from_mean_length(mean_tokens_per_step: float, k: int) -> float:
+    """The per-token acceptance a whose i.i.d. expectation 1 + a + ... + a^k equals the
+    observed tokens per step (bisection; the expectation is increasing in a)."""
+    if k <= 0 or mean_tokens_per_step <= 1.0:
+        return 0.0
+    if mean_tokens_per_step >= k + 1:
+        return 1.0
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        expected = sum(middle**i for i in range(k + 1))
+        low, high = (middle, high) if expected < mean_tokens_per_step else (low, middle)
+    return (low + high) / 2
 
 
 def chat_prompt_ids(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[int]:
@@ -139,11 +166,13 @@ class TaskSetup:
     drafters: dict[str, Drafter]  # by name: "generic", the task's own, "ngram", "none"
 
 
-def configurations(setup: TaskSetup, k_max: int, with_transformers: bool) -> list[Configuration]:
-    """Plain decoding (both systems) and every (drafter, k) for k = 1..k_max."""
-    configs = [Configuration("ours", PLAIN, 0)]
-    if with_transformers:
-        configs.append(Configuration("transformers", PLAIN, 0))
+def configurations(
+    setup: TaskSetup, k_max: int, transformers_everywhere: bool
+) -> list[Configuration]:
+    """Plain decoding (both systems; transformers' output is the reference) and every
+    (drafter, k) for k = 1..k_max, with transformers at each too if asked."""
+    configs = [Configuration("ours", PLAIN, 0), Configuration("transformers", PLAIN, 0)]
+    with_transformers = transformers_everywhere
     for name in setup.drafters:
         if name == PLAIN:
             continue
@@ -188,9 +217,6 @@ def measure_task(
                 tally.accepted += accepted
                 tally.tried += tried
             advance()
-        reference = tallies[configs[0]].outputs[-1]
-        for tally in tallies.values():
-            tally.mismatches += int(tally.outputs[-1] != reference)
     return tallies
 
 
@@ -213,9 +239,39 @@ def _measure_one(
     return output, seconds, None
 
 
-def summarize_task(tallies: dict[Configuration, Tally]) -> dict[str, Any]:
+def count_mismatches(
+    target: LoadedModel,
+    prompts: Sequence[list[int]],
+    tallies: dict[Configuration, Tally],
+    reference: Configuration,
+) -> list[float]:
+    """Compare every output with the reference's for the same prompt; return, for each
+    difference, the target's top-two logit gap at the first differing position (a gap
+    under 1e-4 is a floating-point near-tie, anything larger a real defect)."""
+    gaps: list[float] = []
+    expected = tallies[reference].outputs
+    for tally in tallies.values():
+        for prompt, wanted, got in zip(prompts, expected, tally.outputs, strict=False):
+            if got == wanted:
+                continue
+            tally.mismatches += 1
+            first = next(
+                (i for i, (a, b) in enumerate(zip(got, wanted, strict=False)) if a != b),
+                min(len(got), len(wanted)),
+            )
+            ids = torch.tensor([prompt + wanted[:first]], device=target.device)
+            with torch.inference_mode():
+                top = target.model(input_ids=ids).logits[0, -1].float().topk(2).values
+            gaps.append(float(top[0] - top[1]))
+    return gaps
+
+
+def summarize_task(
+    tallies: dict[Configuration, Tally], head_to_head: dict[Configuration, Tally] | None
+) -> dict[str, Any]:
     """Best (drafter, k) by measured speed-up, with its analytical speed-up and the
-    comparison with transformers at the same (drafter, k)."""
+    comparison with transformers at the same (drafter, k) (from ``head_to_head``, the
+    interleaved rerun of both at the best setting, when given)."""
     plain = tallies[Configuration("ours", PLAIN, 0)]
     ar_tps = plain.tokens_per_s
     t_ar = plain.seconds / plain.tokens if plain.tokens else 0.0
@@ -225,7 +281,8 @@ def summarize_task(tallies: dict[Configuration, Tally]) -> dict[str, Any]:
             continue
         t_draft = tally.draft_s / tally.slots if tally.slots else 0.0
         t_verify = tally.verify_s / tally.steps if tally.steps else 0.0
-        analytical = analytical_speedup(tally.acceptance, config.k, t_ar, t_draft, t_verify)
+        acceptance = acceptance_from_mean_length(tally.mean_accepted_length, config.k)
+        analytical = analytical_speedup(acceptance, config.k, t_ar, t_draft, t_verify)
         speedup = tally.tokens_per_s / ar_tps if ar_tps else 0.0
         theirs = tallies.get(Configuration("transformers", config.drafter, config.k))
         rows.append(
@@ -234,8 +291,9 @@ def summarize_task(tallies: dict[Configuration, Tally]) -> dict[str, Any]:
                 "k": config.k,
                 "tokens_per_s": tally.tokens_per_s,
                 "speedup": speedup,
-                "acceptance": tally.acceptance,
-                "mean_accepted_length": 1.0 + tally.accepted / tally.steps if tally.steps else 0.0,
+                "acceptance": acceptance,
+                "acceptance_mle": tally.acceptance_mle,
+                "mean_accepted_length": tally.mean_accepted_length,
                 "analytical_speedup": analytical,
                 "efficiency": speedup / analytical if analytical else 0.0,
                 "t_draft_s": t_draft,
@@ -250,6 +308,11 @@ def summarize_task(tallies: dict[Configuration, Tally]) -> dict[str, Any]:
             }
         )
     best = max(rows, key=lambda row: row["speedup"])
+    if head_to_head is not None:
+        ours = head_to_head[Configuration("ours", best["drafter"], best["k"])]
+        theirs_best = head_to_head[Configuration("transformers", best["drafter"], best["k"])]
+        best["transformers_tokens_per_s"] = theirs_best.tokens_per_s
+        best["vs_transformers"] = ours.tokens_per_s / theirs_best.tokens_per_s
     transformers_plain = tallies.get(Configuration("transformers", PLAIN, 0))
     ratios = [row["vs_transformers"] for row in rows if row["vs_transformers"] is not None]
     return {
@@ -266,6 +329,7 @@ def summarize_task(tallies: dict[Configuration, Tally]) -> dict[str, Any]:
         "min_vs_transformers": min(ratios) if ratios else None,
         "prompts": plain.runs,
         "generated_tokens": plain.tokens,
+        "transformers_tokens_per_s_at_best": best["transformers_tokens_per_s"],
         "mismatches": sum(t.mismatches for t in tallies.values()),
         "configurations": rows,
     }
@@ -318,18 +382,27 @@ def bench_engine(
     k_max: int = 8,
     prompts_per_task: int = 8,
     max_new_tokens: int = 96,
-    with_transformers: bool = True,
+    transformers_everywhere: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Measure and summarise; returns the JSON report."""
-    from tqdm import tqdm
+    """Measure and summarise; returns the JSON report.
 
+    Per task, pass 1 runs plain decoding (ours and transformers') and our engine at every
+    (drafter, k), interleaved per prompt; pass 2 reruns our best (drafter, k) and
+    transformers' assisted generation at the same (drafter, k), interleaved. With
+    ``transformers_everywhere`` pass 1 also runs transformers at every (drafter, k).
+    """
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # assisted generation warns on every call
     target = load_model(world.target_dir)
     engine = SpeculativeEngine(target)
     chosen = list(tasks or world.tasks)
     setups = load_task_setups(world, target, chosen, prompts_per_task)
-    plans = [(s, configurations(s, k_max, with_transformers)) for s in setups]
-    total = sum(len(c) * (len(s.prompts) + 1) for s, c in plans)
+    plans = [(s, configurations(s, k_max, transformers_everywhere)) for s in setups]
+    head_to_head_runs = 0 if transformers_everywhere else 2
+    total = sum((len(c) + head_to_head_runs) * (len(s.prompts) + 1) for s, c in plans)
     began = time.perf_counter()
     report: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -340,14 +413,44 @@ def bench_engine(
             "prompts_per_task": prompts_per_task,
             "max_new_tokens": max_new_tokens,
             "greedy": True,
+            "transformers_everywhere": transformers_everywhere,
         },
         "tasks": {},
     }
+    all_gaps: list[float] = []
     with tqdm(total=total, desc="bench engine", unit="run", disable=not progress) as bar:
         for setup, configs in plans:
             bar.set_postfix_str(setup.task)
             tallies = measure_task(engine, setup, configs, max_new_tokens, lambda: bar.update(1))
-            report["tasks"][setup.task] = summarize_task(tallies)
             bar.update(len(configs))  # the warm-up pass
+            gaps = count_mismatches(
+                target, setup.prompts, tallies, Configuration("transformers", PLAIN, 0)
+            )
+            head_to_head = None
+            if not transformers_everywhere:
+                best = max(
+                    (c for c in configs if c.system == "ours" and c.drafter != PLAIN),
+                    key=lambda c: tallies[c].tokens_per_s,
+                )
+                pair = [best, Configuration("transformers", best.drafter, best.k)]
+                head_to_head = measure_task(
+                    engine, setup, pair, max_new_tokens, lambda: bar.update(1)
+                )
+                bar.update(len(pair))
+                gaps += count_mismatches(target, setup.prompts, head_to_head, pair[0])
+            summary = summarize_task(tallies, head_to_head)
+            summary["near_tie_gaps"] = gaps
+            report["tasks"][setup.task] = summary
+            all_gaps += gaps
+    compared = sum(
+        len(s.prompts) * len([c for c in configs if c.system == "ours"]) for s, configs in plans
+    )
+    report["lossless"] = {
+        "reference": "transformers generate(do_sample=False) on the target",
+        "outputs_compared": compared,
+        "prompts": sum(len(s.prompts) for s in setups),
+        "mismatches": len(all_gaps),
+        "max_top2_logit_gap_at_mismatch": max(all_gaps) if all_gaps else None,
+    }
     report["wall_time_s"] = time.perf_counter() - began
     return report

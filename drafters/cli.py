@@ -57,9 +57,21 @@ def render_engine_report(report: dict[str, Any]) -> None:
             fmt(row["min_vs_transformers"]),
             str(row["mismatches"]),
         )
-    Console().print(table)
+    console = Console(width=200)
+    console.print(table)
     settings = report["settings"]
-    Console().print(
+    lossless = report["lossless"]
+    console.print(
+        f"lossless: {lossless['outputs_compared']} greedy outputs on {lossless['prompts']} "
+        f"prompts compared with the target's own generate(): {lossless['mismatches']} differ"
+        + (
+            f" (largest top-2 logit gap at a difference: "
+            f"{lossless['max_top2_logit_gap_at_mismatch']:.2e})"
+            if lossless["mismatches"]
+            else ""
+        )
+    )
+    console.print(
         f"{settings['prompts_per_task']} held-out prompts per task, greedy, "
         f"max_new_tokens={settings['max_new_tokens']}, k=1..{settings['k_max']}; "
         f"wall time {report['wall_time_s']:.0f} s"
@@ -83,9 +95,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         threads: Annotated[
             int, typer.Option(help="torch CPU threads (1 is fastest for the built-in models)")
         ] = 1,
-        transformers: Annotated[
-            bool, typer.Option(help="Also measure transformers' assisted generation")
-        ] = True,
+        transformers_everywhere: Annotated[
+            bool,
+            typer.Option(
+                help="Run transformers at every (drafter, k), not only at our best (slow)"
+            ),
+        ] = False,
         json_path: Annotated[
             Path | None, typer.Option("--json", help="Write the report here")
         ] = None,
@@ -105,7 +120,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             k_max=k_max,
             prompts_per_task=prompts,
             max_new_tokens=max_new_tokens,
-            with_transformers=transformers,
+            transformers_everywhere=transformers_everywhere,
         )
         render_engine_report(report)
         if json_path is not None:

@@ -1,0 +1,24 @@
+"""The engine benchmark's formulas: the analytical speed-up and the acceptance it uses."""
+
+from __future__ import annotations
+
+import pytest
+
+from drafters.bench import acceptance_from_mean_length, analytical_speedup
+
+
+def test_analytical_speedup_follows_the_formula() -> None:
+    # a = 0.5, k = 3: (1 - 0.5^4) / 0.5 = 1.875 tokens per step at the cost of one token.
+    assert analytical_speedup(0.5, 3, t_ar=1.0, t_draft=0.0, t_verify=1.0) == pytest.approx(1.875)
+    # Drafting costs 0.1 per position and verification 1.2: 1.875 / 1.5.
+    assert analytical_speedup(0.5, 3, 1.0, 0.1, 1.2) == pytest.approx(1.25)
+    assert analytical_speedup(1.0, 4, 1.0, 0.0, 1.0) == pytest.approx(5.0)
+
+
+def test_acceptance_inverts_the_expected_tokens_per_step() -> None:
+    for a in (0.1, 0.5, 0.8, 0.95):
+        for k in (1, 3, 8):
+            mean_length = sum(a**i for i in range(k + 1))
+            assert acceptance_from_mean_length(mean_length, k) == pytest.approx(a, abs=1e-9)
+    assert acceptance_from_mean_length(1.0, 4) == 0.0
+    assert acceptance_from_mean_length(5.0, 4) == 1.0
