@@ -381,7 +381,7 @@ def bench_engine(
     tasks: Sequence[str] | None = None,
     k_max: int = 8,
     prompts_per_task: int = 8,
-    max_new_tokens: int = 96,
+    max_new_tokens: int = 64,
     transformers_everywhere: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:

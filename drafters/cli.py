@@ -91,7 +91,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ] = None,
         k_max: Annotated[int, typer.Option(help="Draft lengths 1..k_max")] = 8,
         prompts: Annotated[int, typer.Option(help="Held-out prompts per task")] = 8,
-        max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt")] = 96,
+        max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt")] = 64,
         threads: Annotated[
             int, typer.Option(help="torch CPU threads (1 is fastest for the built-in models)")
         ] = 1,
