@@ -227,8 +227,10 @@ class SpeculativeEngine:
         if self._synchronize and proposal.length:
             torch.cuda.synchronize(self.target.device)
         drafted = time.perf_counter()
-        last = torch.tensor([history[-1]], dtype=torch.long, device=self.target.device)
-        inputs = torch.cat([last, proposal.token_ids]).unsqueeze(0)  # [1, d + 1]
+        last = torch.tensor([[history[-1]]], dtype=torch.long, device=self.target.device)
+        inputs = (
+            torch.cat([last, proposal.token_ids.unsqueeze(0)], dim=1) if proposal.length else last
+        )  # [1, d + 1]
         mask = cached_causal_mask(
             self.target.model, inputs.shape[1], len(history) - 1, self.target.device
         )
