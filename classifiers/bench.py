@@ -21,6 +21,7 @@ from classifiers.evaluate import compare_latency, evaluate_classifier
 from classifiers.runtime import OnnxTaskClassifier
 from classifiers.text import LabeledPrompt
 from classifiers.train import (
+    DEFAULT_GRID,
     VALIDATION_DROPOUT_COPIES,
     VALIDATION_KEEP_PROBABILITY,
     CandidateConfig,
@@ -115,12 +116,15 @@ def _discovery(splits: CorpusSplits, seed: int) -> dict[str, object]:
 
 
 def run_classifier_bench(
-    world_dir: Path | None = None, seed: int = 0, false_flag_rate: float = 0.05
+    world_dir: Path | None = None,
+    seed: int = 0,
+    false_flag_rate: float = 0.05,
+    grid: Sequence[CandidateConfig] = DEFAULT_GRID,
 ) -> dict[str, object]:
     """Everything ``bench classifier`` prints, as one JSON-ready dict."""
     splits = load_splits(world_dir, seed)
     trained = train_classifier(
-        splits.train, splits.validation, seed=seed, false_flag_rate=false_flag_rate
+        splits.train, splits.validation, seed=seed, false_flag_rate=false_flag_rate, grid=grid
     )
     classifier = OnnxTaskClassifier.from_bytes(trained.onnx_bytes, trained.metadata)
     test_texts = [p.text for p in splits.test]

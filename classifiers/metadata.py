@@ -73,6 +73,7 @@ class ClassifierMetadata(BaseModel):
     probe_tolerance: float = 1e-5
     train_examples: int
     created_at: str
+    created_unix: float = 0.0
     discovery: dict[str, object] | None = None
 
     def write(self, directory: Path) -> Path:

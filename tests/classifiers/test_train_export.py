@@ -94,3 +94,26 @@ def test_training_refuses_unlabeled_or_single_task_data() -> None:
         train_classifier([LabeledPrompt("a b", None), LabeledPrompt("c d", "x")])
     with pytest.raises(ValueError, match="two tasks"):
         train_classifier([LabeledPrompt(f"text {i}", "only") for i in range(10)])
+
+
+def test_parity_when_max_features_cuts_words_out_of_bigrams() -> None:
+    from classifiers.train import CandidateConfig, _vectorizer
+
+    # Every n-gram of a phrase is equally frequent, so the max_features cut falls on ties
+    # and keeps bigrams without their words; onnxruntime would then never count them.
+    phrases = {"x": "inspection sticker renew office", "y": "ocean wave surf board"}
+    prompts = [
+        LabeledPrompt(f"{phrase} {i % 3}", task)
+        for i in range(30)
+        for task, phrase in phrases.items()
+    ]
+    small = CandidateConfig(max_features=9, dropout_copies=0)
+    raw = _vectorizer(small).fit([p.text for p in prompts]).vocabulary_
+    assert any(w not in raw for term in raw for w in term.split(" ") if " " in term)
+    trained = train_classifier(prompts, None, seed=0, grid=[small])
+    vocabulary = trained.pipeline.vectorizer.vocabulary_
+    assert all(w in vocabulary for term in vocabulary for w in term.split(" "))
+    classifier = OnnxTaskClassifier.from_bytes(trained.onnx_bytes, trained.metadata)
+    texts = ["inspection sticker", "the ocean wave", "renew office board", "surf inspection"]
+    gap = np.abs(classifier.scores(texts).probabilities - trained.pipeline.predict_proba(texts))
+    assert float(gap.max()) < 1e-5

@@ -1,0 +1,132 @@
+"""The world classifier cache, the CLI commands and the bench on a tiny real corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from classifiers import OnnxTaskClassifier, ensure_world_classifier
+from classifiers.bench import run_classifier_bench
+from classifiers.metadata import ClassifierMetadata
+from classifiers.text import LabeledPrompt
+from router.cli import build_app
+from tests.classifiers.conftest import FAST_GRID
+from tests.classifiers.synthetic import synthetic_prompts
+
+BENCH_KEYS = {"accuracy", "per_task", "ood_recall", "latency_us", "sklearn_latency_us"}
+
+
+@pytest.fixture(scope="module")
+def corpus_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding only the tiny world corpus (``corpus/<split>.jsonl``)."""
+    from benchmarks.world.corpus import build_corpus
+
+    root = tmp_path_factory.mktemp("corpus_world")
+    corpus = build_corpus(0, "tiny")
+    (root / "corpus").mkdir()
+    for split in ("train", "validation", "test"):
+        lines = [
+            json.dumps({"task": e.task, "messages": list(e.messages)}) for e in corpus.split(split)
+        ]
+        (root / "corpus" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_world_classifier_is_trained_once_then_cached(corpus_world: Path) -> None:
+    directory = ensure_world_classifier(corpus_world, seed=0)
+    assert directory == corpus_world / "classifier"
+    classifier = OnnxTaskClassifier.load(directory)
+    assert set(classifier.labels) == {
+        "chat",
+        "translation",
+        "summarization",
+        "qa",
+        "math",
+        "rag",
+        "code",
+    }
+    stamp = (directory / "classifier.onnx").stat().st_mtime_ns
+    assert ensure_world_classifier(corpus_world, seed=0) == directory
+    assert (directory / "classifier.onnx").stat().st_mtime_ns == stamp
+    (directory / "classifier.onnx").write_bytes(b"corrupt")
+    ensure_world_classifier(corpus_world, seed=0)
+    OnnxTaskClassifier.load(directory)  # retrained: a corrupt cache is not served
+
+
+def _write_jsonl(path: Path, prompts: list[LabeledPrompt], with_task: bool = True) -> Path:
+    rows = [{"text": p.text, **({"task": p.task} if with_task else {})} for p in prompts]
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return path
+
+
+def test_cli_train_and_eval(tmp_path: Path) -> None:
+    runner = CliRunner()
+    app = build_app()
+    data = _write_jsonl(tmp_path / "train.jsonl", synthetic_prompts(200, seed=0))
+    held_out = [
+        *synthetic_prompts(40, seed=5),
+        LabeledPrompt("zebra giraffe savanna crocodile", "animals"),
+    ]
+    test_data = _write_jsonl(tmp_path / "test.jsonl", held_out)
+    out = tmp_path / "model"
+    result = runner.invoke(app, ["classifier", "train", "--data", str(data), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "validation accuracy" in result.output
+    report_path = tmp_path / "report.json"
+    result = runner.invoke(
+        app,
+        [
+            "classifier",
+            "eval",
+            "--model",
+            str(out),
+            "--data",
+            str(test_data),
+            "--json",
+            str(report_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["accuracy"] >= 0.95
+    assert report["unseen_tasks"] == ["animals"]
+    assert report["ood_recall"] == 1.0
+    assert set(report["latency_us"]) >= {"p50", "p99"}
+
+
+def test_cli_discovers_clusters_without_labels(tmp_path: Path) -> None:
+    prompts = synthetic_prompts(240, seed=0)
+    data = _write_jsonl(tmp_path / "unlabeled.jsonl", prompts, with_task=False)
+    out = tmp_path / "discovered"
+    result = CliRunner().invoke(
+        build_app(),
+        ["classifier", "train", "--data", str(data), "--out", str(out), "--clusters", "auto"],
+    )
+    assert result.exit_code == 0, result.output
+    metadata = ClassifierMetadata.read(out)
+    assert len(metadata.labels) == 4
+    assert all(label in metadata.cluster_terms for label in metadata.labels)
+    assert metadata.discovery is not None and metadata.discovery["clusters"] == 4
+
+
+def test_bench_reports_the_agreed_keys(corpus_world: Path) -> None:
+    payload: dict[str, Any] = run_classifier_bench(corpus_world, seed=0, grid=FAST_GRID[:1])
+    assert set(payload) >= BENCH_KEYS
+    assert set(payload["latency_us"]) == {"p50", "p99"}
+    assert set(payload["sklearn_latency_us"]) == {"p50", "p99"}
+    assert set(payload["per_task"]) == {
+        "chat",
+        "translation",
+        "summarization",
+        "qa",
+        "math",
+        "rag",
+        "code",
+    }
+    assert 0.0 <= payload["ood_recall"] <= 1.0
+    assert payload["onnx_sklearn_max_abs_diff"] < 1e-5
+    assert payload["accuracy"] > 0.5
