@@ -58,6 +58,7 @@ class Tally:
     runs: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    prefill_s: float = 0.0  # the target's prefill (our engine only)
     draft_s: float = 0.0
     verify_s: float = 0.0
     steps: int = 0
@@ -70,6 +71,12 @@ class Tally:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def decode_seconds_per_token(self) -> float:
+        """Time per output token after the target's prefill (the drafter's prefill, a cost
+        of speculation, stays in)."""
+        return (self.seconds - self.prefill_s) / self.tokens if self.tokens else 0.0
 
     @property
     def acceptance_mle(self) -> float:
@@ -209,6 +216,7 @@ def measure_task(
             tally.seconds += seconds
             tally.outputs.append(output)
             if stats is not None:
+                tally.prefill_s += stats.prefill_time_s
                 tally.draft_s += stats.draft_time_s
                 tally.verify_s += stats.verify_time_s
                 tally.steps += stats.steps
@@ -244,6 +252,7 @@ def count_mismatches(
     prompts: Sequence[list[int]],
     tallies: dict[Configuration, Tally],
     reference: Configuration,
+    max_new_tokens: int,
 ) -> list[float]:
     """Compare every output with the reference's for the same prompt; return, for each
     difference, the target's top-two logit gap at the first differing position (a gap
@@ -251,7 +260,9 @@ def count_mismatches(
     gaps: list[float] = []
     expected = tallies[reference].outputs
     for tally in tallies.values():
-        for prompt, wanted, got in zip(prompts, expected, tally.outputs, strict=False):
+        for prompt, wanted, full in zip(prompts, expected, tally.outputs, strict=False):
+            # transformers' prompt lookup can emit one token past max_new_tokens.
+            got = full[:max_new_tokens]
             if got == wanted:
                 continue
             tally.mismatches += 1
@@ -262,7 +273,9 @@ def count_mismatches(
             ids = torch.tensor([prompt + wanted[:first]], device=target.device)
             with torch.inference_mode():
                 top = target.model(input_ids=ids).logits[0, -1].float().topk(2).values
-            gaps.append(float(top[0] - top[1]))
+            # A length-only difference (one output a prefix of the other) is marked -1.
+            prefix_only = first == min(len(got), len(wanted))
+            gaps.append(-1.0 if prefix_only else float(top[0] - top[1]))
     return gaps
 
 
@@ -274,7 +287,9 @@ def summarize_task(
     interleaved rerun of both at the best setting, when given)."""
     plain = tallies[Configuration("ours", PLAIN, 0)]
     ar_tps = plain.tokens_per_s
-    t_ar = plain.seconds / plain.tokens if plain.tokens else 0.0
+    # Speed-ups are per output token in the decode phase: the target's prefill is the
+    # same with and without speculation and is left out of both sides.
+    t_ar = plain.decode_seconds_per_token
     rows: list[dict[str, Any]] = []
     for config, tally in tallies.items():
         if config.system != "ours" or config.drafter == PLAIN:
@@ -283,7 +298,8 @@ def summarize_task(
         t_verify = tally.verify_s / tally.steps if tally.steps else 0.0
         acceptance = acceptance_from_mean_length(tally.mean_accepted_length, config.k)
         analytical = analytical_speedup(acceptance, config.k, t_ar, t_draft, t_verify)
-        speedup = tally.tokens_per_s / ar_tps if ar_tps else 0.0
+        spec_time = tally.decode_seconds_per_token
+        speedup = t_ar / spec_time if spec_time else 0.0
         theirs = tallies.get(Configuration("transformers", config.drafter, config.k))
         rows.append(
             {
@@ -291,6 +307,7 @@ def summarize_task(
                 "k": config.k,
                 "tokens_per_s": tally.tokens_per_s,
                 "speedup": speedup,
+                "speedup_end_to_end": tally.tokens_per_s / ar_tps if ar_tps else 0.0,
                 "acceptance": acceptance,
                 "acceptance_mle": tally.acceptance_mle,
                 "mean_accepted_length": tally.mean_accepted_length,
@@ -317,13 +334,22 @@ def summarize_task(
     ratios = [row["vs_transformers"] for row in rows if row["vs_transformers"] is not None]
     return {
         "ar_tokens_per_s": ar_tps,
+        "ar_decode_tokens_per_s": 1.0 / t_ar if t_ar else 0.0,
         "transformers_ar_tokens_per_s": transformers_plain.tokens_per_s
         if transformers_plain
         else None,
         "t_ar_s": t_ar,
         "best": {
             key: best[key]
-            for key in ("drafter", "k", "speedup", "acceptance", "analytical_speedup", "efficiency")
+            for key in (
+                "drafter",
+                "k",
+                "speedup",
+                "speedup_end_to_end",
+                "acceptance",
+                "analytical_speedup",
+                "efficiency",
+            )
         },
         "vs_transformers": best["vs_transformers"],
         "min_vs_transformers": min(ratios) if ratios else None,
@@ -424,20 +450,26 @@ def bench_engine(
             tallies = measure_task(engine, setup, configs, max_new_tokens, lambda: bar.update(1))
             bar.update(len(configs))  # the warm-up pass
             gaps = count_mismatches(
-                target, setup.prompts, tallies, Configuration("transformers", PLAIN, 0)
+                target,
+                setup.prompts,
+                tallies,
+                Configuration("transformers", PLAIN, 0),
+                max_new_tokens,
             )
             head_to_head = None
             if not transformers_everywhere:
                 best = max(
                     (c for c in configs if c.system == "ours" and c.drafter != PLAIN),
-                    key=lambda c: tallies[c].tokens_per_s,
+                    key=lambda c: -tallies[c].decode_seconds_per_token,
                 )
                 pair = [best, Configuration("transformers", best.drafter, best.k)]
                 head_to_head = measure_task(
                     engine, setup, pair, max_new_tokens, lambda: bar.update(1)
                 )
                 bar.update(len(pair))
-                gaps += count_mismatches(target, setup.prompts, head_to_head, pair[0])
+                gaps += count_mismatches(
+                    target, setup.prompts, head_to_head, pair[0], max_new_tokens
+                )
             summary = summarize_task(tallies, head_to_head)
             summary["near_tie_gaps"] = gaps
             report["tasks"][setup.task] = summary

@@ -21,6 +21,7 @@ def render_engine_report(report: dict[str, Any]) -> None:
         "hf plain tok/s",
         "best (drafter, k)",
         "speed-up",
+        "e2e",
         "a",
         "S(a,k)",
         "efficiency",
@@ -49,6 +50,7 @@ def render_engine_report(report: dict[str, Any]) -> None:
             fmt(row["transformers_ar_tokens_per_s"], "{:.1f}"),
             f"{best['drafter']}, {best['k']}",
             fmt(best["speedup"]) + "x",
+            fmt(best["speedup_end_to_end"]) + "x",
             fmt(best["acceptance"]),
             fmt(best["analytical_speedup"]) + "x",
             fmt(best["efficiency"]),
@@ -73,7 +75,8 @@ def render_engine_report(report: dict[str, Any]) -> None:
     )
     console.print(
         f"{settings['prompts_per_task']} held-out prompts per task, greedy, "
-        f"max_new_tokens={settings['max_new_tokens']}, k=1..{settings['k_max']}; "
+        f"max_new_tokens={settings['max_new_tokens']}, k=1..{settings['k_max']}; speed-up: per "
+        "output token after the target's prefill (e2e: tokens/s including it); "
         f"wall time {report['wall_time_s']:.0f} s"
     )
 
