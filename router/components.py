@@ -81,8 +81,7 @@ def build_components(settings: Settings) -> Components:
     From the world (the configured one or the built-in default), with ``target_dir``,
     ``classifier_dir`` and ``drafter_dirs`` overriding or adding to it.
     """
-    from classifiers.holder import ClassifierHolder
-    from classifiers.runtime import OnnxTaskClassifier
+    from classifiers import ClassifierHolder, OnnxTaskClassifier
     from drafters import SpeculativeEngine
     from drafters.loader import default_placement, load_model
 

@@ -121,9 +121,13 @@ class GenerationQueue:
                 item = await items.get()
                 if isinstance(item, _Failed):
                     raise _as_sidecar_error(item.error)
-                yield item
                 if isinstance(item, Finished):
+                    # The engine is done: the slot is free before the caller hears so,
+                    # so a back-to-back request is admitted.
+                    slot.release()
+                    yield item
                     return
+                yield item
         finally:
             stop.set()
 

@@ -119,12 +119,13 @@ class AuthInterceptor(aio.ServerInterceptor):
         self._data_token = data_token
         self._metrics = metrics
 
+    def _needs_token(self, method: str) -> bool:
+        if method in self._admin_methods:
+            return self._admin_token is not None
+        return self._data_token is not None
+
     def _verdict(self, method: str, token: str | None) -> tuple[grpc.StatusCode, str] | None:
         admin = method in self._admin_methods
-        if not admin and self._data_token is None:
-            return None
-        if admin and self._admin_token is None:
-            return None
         if token is None:
             return grpc.StatusCode.UNAUTHENTICATED, "missing bearer token (authorization metadata)"
         if self._admin_token is not None and _same(token, self._admin_token):
@@ -139,6 +140,8 @@ class AuthInterceptor(aio.ServerInterceptor):
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
+        if not self._needs_token(method):  # the open data plane: no metadata parsing
+            return await continuation(handler_call_details)
         verdict = self._verdict(method, _bearer(handler_call_details.invocation_metadata))
         handler = await continuation(handler_call_details)
         if verdict is None or handler is None:

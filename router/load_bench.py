@@ -1,6 +1,7 @@
 """``specroute bench load``: Route throughput and latency of a running sidecar.
 
 N Route calls at concurrency C from this (client) process, then N at concurrency 1,
+in rounds alternating with the echo servicer (below),
 with the sidecar's resident memory before and after. In the same run a trivial echo
 servicer (the same Router service returning a canned reply of the same size, in its own
 process) is loaded the same way: its throughput is the ceiling for a Python gRPC server
@@ -39,6 +40,7 @@ PROMPTS = (
     "<|im_start|>user\nWrite a Python function that reverses a string.<|im_end|>\n",
 )
 WARMUP_CALLS = 300
+ROUNDS = 4
 CALL_TIMEOUT_S = 30.0
 
 
@@ -60,6 +62,20 @@ class LoadRun:
         ordered = sorted(self.latencies)
         index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
         return ordered[index] * 1000.0
+
+
+def merge(runs: Sequence[LoadRun]) -> LoadRun:
+    """Several runs as one: latencies pooled, errors and wall times summed."""
+    return LoadRun(
+        [latency for run in runs for latency in run.latencies],
+        sum(run.errors for run in runs),
+        sum(run.elapsed_s for run in runs),
+    )
+
+
+def _rounds(total: int, rounds: int) -> list[int]:
+    base, extra = divmod(total, rounds)
+    return [base + (1 if i < extra else 0) for i in range(rounds) if base or i < extra]
 
 
 def route_requests(count: int) -> list[pb.RouteRequest]:
@@ -211,20 +227,26 @@ def run_load_bench(
         sample = router_pb2_grpc.RouterStub(channel).Route(
             route_requests(1)[0], timeout=CALL_TIMEOUT_S, metadata=metadata
         )
-    drive(address, WARMUP_CALLS, concurrency, token)  # lazy allocations before "before"
-    before = rss_mb(sidecar_pid) if sidecar_pid else float("nan")
-    loaded = drive(address, requests, concurrency, token)
-    sequential = drive(address, requests, 1, token)
-    after = rss_mb(sidecar_pid) if sidecar_pid else float("nan")
-
     echo_process, echo_address = start_echo_server(sample)
     try:
+        drive(address, WARMUP_CALLS, concurrency, token)  # lazy allocations before "before"
         drive(echo_address, WARMUP_CALLS, concurrency)
-        echo = drive(echo_address, requests, concurrency)
-        echo_sequential = drive(echo_address, requests, 1)
+        before = rss_mb(sidecar_pid) if sidecar_pid else float("nan")
+        # Alternate sidecar and echo rounds so that the machine's other load (it is
+        # shared) weighs on both alike.
+        runs: dict[str, list[LoadRun]] = {"c": [], "echo": [], "c1": [], "echo_c1": []}
+        for share in _rounds(requests, ROUNDS):
+            runs["c"].append(drive(address, share, concurrency, token))
+            runs["echo"].append(drive(echo_address, share, concurrency))
+        for share in _rounds(requests, ROUNDS):
+            runs["c1"].append(drive(address, share, 1, token))
+            runs["echo_c1"].append(drive(echo_address, share, 1))
+        after = rss_mb(sidecar_pid) if sidecar_pid else float("nan")
     finally:
         echo_process.kill()
         echo_process.wait()
+    loaded, echo = merge(runs["c"]), merge(runs["echo"])
+    sequential, echo_sequential = merge(runs["c1"]), merge(runs["echo_c1"])
     return {
         "requests": requests,
         "errors": loaded.errors + sequential.errors,

@@ -7,6 +7,7 @@ objects (router.domain) and convert the results at their edge.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import threading
@@ -168,6 +169,10 @@ class RouterService:
         self._learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="counterfactual")
         self._learning_lock = threading.Lock()
         self._learning_backlog = 0
+        # Server-assigned request ids: unique per process start, cheaper than uuid4.
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self._ids = itertools.count(1)
+        self._decision_counters: dict[tuple[str, str, int], Any] = {}
         self._pending: OrderedDict[str, RoutedRequest] = OrderedDict()
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._bucket: Any = None
@@ -232,11 +237,16 @@ class RouterService:
         if not generating:
             self._remember(routed)
         self.metrics.route_latency.observe(time.perf_counter() - started)
-        decision = routed.decision
-        self.metrics.decisions.labels(
-            cluster=routed.task_cluster, drafter=decision.drafter, k=str(decision.k)
-        ).inc()
+        self._count_decision(routed)
         return routed
+
+    def _count_decision(self, routed: RoutedRequest) -> None:
+        key = (routed.task_cluster, routed.decision.drafter, int(routed.decision.k))
+        counter = self._decision_counters.get(key)
+        if counter is None:  # labelled children are cached: labels() costs microseconds
+            counter = self.metrics.decisions.labels(cluster=key[0], drafter=key[1], k=str(key[2]))
+            self._decision_counters[key] = counter
+        counter.inc()
 
     def _route(
         self,
@@ -256,7 +266,7 @@ class RouterService:
         context = self._context(cluster, bucket)
         decision, version = self._decide(context, force_drafter, force_k)
         return RoutedRequest(
-            request_id=request.request_id or uuid.uuid4().hex,
+            request_id=request.request_id or f"{self._id_prefix}-{next(self._ids)}",
             task_cluster=cluster,
             confidence=confidence,
             out_of_distribution=ood,
@@ -327,11 +337,7 @@ class RouterService:
                 force_drafter=request.force_drafter,
                 force_k=request.force_draft_length,
             )
-            self.metrics.decisions.labels(
-                cluster=routed.task_cluster,
-                drafter=routed.decision.drafter,
-                k=str(routed.decision.k),
-            ).inc()
+            self._count_decision(routed)
             yield routed
             job = self._generation_job(routed, request)
             async for item in self.queue.stream(slot, job):
@@ -345,9 +351,9 @@ class RouterService:
 
         def job(emit: Any, should_stop: Any) -> GenerationResult:
             result = self._run_engine(routed, sampling, max_new_tokens, emit, should_stop)
-            cancelled = should_stop()  # a cancelled run's partial outcome would bias the policy
-            emit(Finished(result))
-            if not request.no_update and not cancelled:
+            # A cancelled run's partial outcome would bias the policy. The update is cheap
+            # and lands before the caller sees the last chunk; scoring is offloaded.
+            if not request.no_update and not should_stop():
                 self._learn(result, sampling)
             return result
 
@@ -395,6 +401,7 @@ class RouterService:
         text = self.tokenizer.decode(list(output), skip_special_tokens=True)
         stats = run.stats
         self.metrics.generated_tokens.inc(stats.generated_tokens)
+        self.metrics.generations.labels(finish_reason=str(stats.finish_reason)).inc()
         self.metrics.generation_tokens_per_s.observe(stats.tokens_per_s)
         return GenerationResult(routed, output, text, stats, self.policy.version, sampling.seed)
 
@@ -486,7 +493,7 @@ class RouterService:
         return dict(self.components.classifiers.current.similarity(list(sample)))
 
     async def reload_classifier(self, path: str) -> ClassifierView:
-        from classifiers.api import ClassifierLoadError
+        from classifiers import ClassifierLoadError
 
         if not path:
             raise InvalidRequestError("a classifier directory path is required")

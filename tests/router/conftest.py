@@ -1,102 +1,67 @@
-"""A tiny serving world (random Qwen2 target + drafters, a trained ONNX classifier) and a
-real sidecar running in-process on free ports, in a background event-loop thread."""
+"""The sidecar on the built-in tiny world (real target, drafters, classifier, policy),
+running in-process on free ports in a background event-loop thread, plus model
+directories that registration must accept or refuse."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from router.pb import router_pb2_grpc
 from router.server import RunningSidecar, start_sidecar
 from router.service import Components
 from router.settings import Limits, Settings
 
+if TYPE_CHECKING:
+    from benchmarks.world.layout import World
+
 ADMIN_TOKEN = "admin-secret"
-VOCAB_WORDS = 61
-# Words the synthetic classifier knows, so routes spread over its clusters.
-TASK_WORDS = {
-    "translate": "translate french sentence into german word",
-    "math": "solve equation integer sum prime number",
-    "code": "python function return list string implement",
-    "summarize": "summarize article paragraph summary main points",
-}
-
-
-def tiny_tokenizer(extra_token: str | None = None) -> PreTrainedTokenizerFast:
-    """Word-level: specials 0-2, words w0..w60, then the classifier's task words."""
-    vocab = {"<|endoftext|>": 0, "<|im_end|>": 1, "<|im_start|>": 2}
-    vocab.update({f"w{i}": i + 3 for i in range(VOCAB_WORDS)})
-    for words in TASK_WORDS.values():
-        for word in words.split():
-            vocab.setdefault(word, len(vocab))
-    if extra_token is not None:
-        vocab[extra_token] = len(vocab)
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>")
-
-
-def tiny_config(vocab: int, layers: int = 2) -> Qwen2Config:
-    return Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.25,
-        tie_word_embeddings=True,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-
-
-def _save(model: Qwen2ForCausalLM, directory: Path, extra_token: str | None = None) -> Path:
-    model.save_pretrained(directory, safe_serialization=True)
-    tiny_tokenizer(extra_token).save_pretrained(directory)
-    return directory
+ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+MAX_PROMPT_TOKENS = 512
+MAX_NEW_TOKENS = 200
+# The tiny world's target is barely trained: after a chat template it mostly emits EOS
+# at once, while plain completion prompts like this one run to the token limit.
+COMPLETION_PROMPT = "The capital of France is"
 
 
 @dataclass(frozen=True)
-class TinyServingWorld:
-    """Model directories under ``root`` (the model root) and two classifier versions."""
+class ServingWorld:
+    """The tiny world, an extra model root with drafters to register, and bad directories."""
 
-    root: Path
-    target_dir: Path
-    drafter_dirs: dict[str, Path]
-    spare_dir: Path  # a valid drafter not loaded at start (for RegisterDrafter)
-    mismatched_dir: Path  # tokenizer with one more token
+    world: World
+    extra_root: Path  # a second model root
+    spare_dir: Path  # a valid drafter not loaded at start (a copy of the world's math one)
+    mismatched_dir: Path  # the generic drafter with one more tokenizer token
     pickle_dir: Path  # pytorch_model.bin only
-    outside_dir: Path  # a valid drafter outside the model root
-    classifier_dir: Path
-    classifier_v2_dir: Path
+    outside_dir: Path  # a valid drafter outside every model root
+    classifier_v2_dir: Path  # another valid classifier (other seed)
+    prompts: dict[str, str]  # task -> the user text of one test example
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.world.tasks)
 
     def settings(self, state_dir: Path, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "target_dir": self.target_dir,
-            "classifier_dir": self.classifier_dir,
-            "drafter_dirs": self.drafter_dirs,
-            "model_roots": [self.root],
+            "world_dir": self.world.root,
+            "model_roots": [self.extra_root],
             "state_dir": state_dir,
             "port": 0,
             "http_port": 0,
             "metrics_port": 0,
             "admin_token": ADMIN_TOKEN,
             "limits": Limits(
-                max_prompt_tokens=48,
-                max_new_tokens=200,
+                max_prompt_tokens=MAX_PROMPT_TOKENS,
+                max_new_tokens=MAX_NEW_TOKENS,
                 generation_workers=1,
                 generation_queue_size=0,
                 counterfactual_budget_s=5.0,
@@ -108,91 +73,81 @@ class TinyServingWorld:
         return Settings(**values)
 
     def toml(self, path: Path, **extra: Any) -> Path:
-        """The same world as a TOML settings file (for ``specroute serve`` subprocesses)."""
+        """The same settings as a TOML file (for ``specroute serve`` subprocesses)."""
         scalars = {"snapshot_interval_s": 3600.0, "grace_s": 1.0, **extra}
         lines = [
-            f'target_dir = "{self.target_dir}"',
-            f'classifier_dir = "{self.classifier_dir}"',
-            f'model_roots = ["{self.root}"]',
+            f"world_dir = {json.dumps(str(self.world.root))}",
+            f"model_roots = [{json.dumps(str(self.extra_root))}]",
             *(f"{key} = {json.dumps(value)}" for key, value in scalars.items()),
-            "[drafter_dirs]",
-            *(f'{name} = "{directory}"' for name, directory in self.drafter_dirs.items()),
             "[limits]",
-            "max_prompt_tokens = 48",
-            "max_new_tokens = 200",
+            f"max_prompt_tokens = {MAX_PROMPT_TOKENS}",
+            f"max_new_tokens = {MAX_NEW_TOKENS}",
         ]
         path.write_text("\n".join(lines) + "\n")
         return path
 
 
-def labeled_prompts(count: int, seed: int) -> list[Any]:
-    """Prompts mixing each task's words with filler words, labeled with the task."""
-    import random
+def _mismatched_copy(source: Path, destination: Path) -> Path:
+    """``source`` with one token added to its tokenizer (and embeddings resized)."""
+    from drafters.loader import load_model
 
-    from classifiers.text import LabeledPrompt
-
-    rng = random.Random(seed)
-    tasks = sorted(TASK_WORDS)
-    prompts = []
-    for index in range(count):
-        task = tasks[index % len(tasks)]
-        vocabulary = TASK_WORDS[task].split()
-        words = [
-            rng.choice(vocabulary) if rng.random() < 0.6 else f"w{rng.randrange(VOCAB_WORDS)}"
-            for _ in range(rng.randint(5, 20))
-        ]
-        prompts.append(LabeledPrompt(text=" ".join(words), task=task))
-    return prompts
+    loaded = load_model(source)
+    loaded.tokenizer.add_tokens(["<|not-in-the-target|>"])
+    loaded.model.resize_token_embeddings(len(loaded.tokenizer))
+    loaded.model.save_pretrained(destination, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(destination)
+    return destination
 
 
-def _train_classifier(directory: Path, seed: int) -> Path:
-    from classifiers.train import train_classifier
+def _pickle_copy(source: Path, destination: Path) -> Path:
+    from drafters.loader import load_model
 
-    return Path(train_classifier(labeled_prompts(160, seed), seed=seed).save(directory))
+    loaded = load_model(source)
+    loaded.model.save_pretrained(destination, safe_serialization=False)
+    loaded.tokenizer.save_pretrained(destination)
+    assert not list(destination.glob("*.safetensors"))
+    return destination
+
+
+def _other_classifier(world: World, destination: Path) -> Path:
+    from classifiers import train_classifier
+    from classifiers.world import read_world_split
+
+    train = read_world_split(world.root, "train")
+    validation = read_world_split(world.root, "validation")
+    return Path(train_classifier(train, validation, seed=1).save(destination))
 
 
 @pytest.fixture(scope="session")
-def serving_world(tmp_path_factory: pytest.TempPathFactory) -> TinyServingWorld:
-    base = tmp_path_factory.mktemp("serving-world")
-    root = base / "models"
-    vocab = len(tiny_tokenizer().get_vocab())
-    torch.manual_seed(0)
-    target = Qwen2ForCausalLM(tiny_config(vocab)).eval()
-    with torch.no_grad():
-        target.get_input_embeddings().weight[:3].mul_(0.2)  # EOS ends few outputs early
-    close = Qwen2ForCausalLM(tiny_config(vocab)).eval()
-    close.load_state_dict(target.state_dict())
-    with torch.no_grad():
-        for parameter in close.parameters():
-            parameter.add_(0.01 * torch.randn_like(parameter))
-    torch.manual_seed(1)
-    generic = Qwen2ForCausalLM(tiny_config(vocab, layers=1)).eval()
-    torch.manual_seed(2)
-    spare = Qwen2ForCausalLM(tiny_config(vocab, layers=1)).eval()
-    mismatched = Qwen2ForCausalLM(tiny_config(vocab + 1, layers=1)).eval()
-    pickle_dir = root / "pickled"
-    spare.save_pretrained(pickle_dir, safe_serialization=False)
-    tiny_tokenizer().save_pretrained(pickle_dir)
-    return TinyServingWorld(
-        root=root,
-        target_dir=_save(target, root / "target"),
-        drafter_dirs={
-            "generic": _save(generic, root / "generic"),
-            "close": _save(close, root / "close"),
-        },
-        spare_dir=_save(spare, root / "spare"),
-        mismatched_dir=_save(mismatched, root / "mismatched", extra_token="extra"),
-        pickle_dir=pickle_dir,
-        outside_dir=_save(spare, base / "outside" / "spare"),
-        classifier_dir=_train_classifier(base / "classifier", seed=0),
-        classifier_v2_dir=_train_classifier(base / "classifier-v2", seed=1),
+def serving_world(tiny_world: World, tmp_path_factory: pytest.TempPathFactory) -> ServingWorld:
+    from classifiers import ensure_world_classifier
+
+    ensure_world_classifier(tiny_world.root)
+    base = tmp_path_factory.mktemp("serving")
+    extra_root = base / "models"
+    extra_root.mkdir()
+    spare = extra_root / "spare"
+    shutil.copytree(tiny_world.drafter_dirs["math"], spare)
+    outside = base / "outside" / "spare"
+    shutil.copytree(tiny_world.drafter_dirs["math"], outside)
+    prompts: dict[str, str] = {}
+    for example in tiny_world.examples("test"):
+        prompts.setdefault(example.task, example.messages[-1]["content"])
+    generic = tiny_world.drafter_dirs["generic"]
+    return ServingWorld(
+        world=tiny_world,
+        extra_root=extra_root,
+        spare_dir=spare,
+        mismatched_dir=_mismatched_copy(generic, extra_root / "mismatched"),
+        pickle_dir=_pickle_copy(generic, extra_root / "pickled"),
+        outside_dir=outside,
+        classifier_v2_dir=_other_classifier(tiny_world, base / "classifier-v2"),
+        prompts=prompts,
     )
 
 
 @pytest.fixture(scope="session")
-def components(
-    serving_world: TinyServingWorld, tmp_path_factory: pytest.TempPathFactory
-) -> Components:
+def components(serving_world: ServingWorld, tmp_path_factory: pytest.TempPathFactory) -> Components:
     from router.components import build_components
 
     return build_components(serving_world.settings(tmp_path_factory.mktemp("unused")))
@@ -206,7 +161,7 @@ class SidecarThread:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(start_sidecar(settings, components), self.loop)
-        self.running: RunningSidecar = future.result(timeout=120)
+        self.running: RunningSidecar = future.result(timeout=300)
         self.channel = grpc.insecure_channel(self.running.address)
         self.stub = router_pb2_grpc.RouterStub(self.channel)
 
@@ -231,7 +186,7 @@ class SidecarThread:
 
 @pytest.fixture(scope="module")
 def sidecar(
-    serving_world: TinyServingWorld,
+    serving_world: ServingWorld,
     components: Components,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[SidecarThread]:
@@ -240,4 +195,18 @@ def sidecar(
     running.stop()
 
 
-ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+def greedy_reference(
+    sidecar: SidecarThread, text: str, max_new_tokens: int
+) -> tuple[list[int], str]:
+    """The engine's greedy output for ``text`` without speculation (the target alone)."""
+    from router.domain import Prompt
+
+    service = sidecar.service
+    none = service.drafters.get("none").drafter
+    run = service.components.engine.generate(
+        service.prompt_ids(Prompt(text=text)), none, 0, max_new_tokens=max_new_tokens
+    )
+    for _ in run:
+        pass
+    ids = [int(t) for t in run.output_ids]
+    return ids, service.tokenizer.decode(ids, skip_special_tokens=True)

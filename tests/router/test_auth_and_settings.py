@@ -18,15 +18,15 @@ from router.pb import router_pb2 as pb
 from router.registry import DrafterRecord, SidecarStore
 from router.service import Components
 from router.settings import load_settings
-from tests.router.conftest import ADMIN, SidecarThread, TinyServingWorld
+from tests.router.conftest import ADMIN, ServingWorld, SidecarThread
 
 DATA_TOKEN = "data-secret"
-PROMPT = "python function w5 w6 return"
+PROMPT = "def add(a, b):\n    return"
 
 
 @pytest.fixture(scope="module")
 def guarded(
-    serving_world: TinyServingWorld,
+    serving_world: ServingWorld,
     components: Components,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[SidecarThread]:

@@ -8,16 +8,16 @@ import grpc
 import pytest
 
 from router.pb import router_pb2 as pb
-from tests.router.conftest import ADMIN, SidecarThread, TinyServingWorld
+from tests.router.conftest import ADMIN, ServingWorld, SidecarThread
 
-PROMPT = "python function w5 w6 return"
-LONG_PROMPT = " ".join(f"w{i % 50}" for i in range(60))  # 60 tokens > the limit of 48
+PROMPT = "def add(a, b):\n    return"
+LONG_PROMPT = "word " * 600  # over the limit of 512 tokens
 
-Call = Callable[[SidecarThread, TinyServingWorld], object]
+Call = Callable[[SidecarThread, ServingWorld], object]
 
 
 def _generate(**fields: object) -> Call:
-    def call(sidecar: SidecarThread, world: TinyServingWorld) -> object:
+    def call(sidecar: SidecarThread, world: ServingWorld) -> object:
         return list(sidecar.stub.Generate(pb.GenerateRequest(**fields), timeout=60))
 
     return call
@@ -27,8 +27,8 @@ def _route(**fields: object) -> Call:
     return lambda sidecar, world: sidecar.stub.Route(pb.RouteRequest(**fields))
 
 
-def _register(kind: str, path_of: Callable[[TinyServingWorld], str], name: str = "new") -> Call:
-    def call(sidecar: SidecarThread, world: TinyServingWorld) -> object:
+def _register(kind: str, path_of: Callable[[ServingWorld], str], name: str = "new") -> Call:
+    def call(sidecar: SidecarThread, world: ServingWorld) -> object:
         request = pb.RegisterDrafterRequest(name=name, kind=kind, path=path_of(world))
         return sidecar.stub.RegisterDrafter(request, metadata=ADMIN)
 
@@ -98,7 +98,7 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         "outside the configured model roots",
     ),
     "path escaping the root with ..": (
-        _register("model", lambda w: f"{w.root}/../outside/spare"),
+        _register("model", lambda w: f"{w.extra_root}/../outside/spare"),
         grpc.StatusCode.PERMISSION_DENIED,
         "outside",
     ),
@@ -136,7 +136,7 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_refused_and_the_server_keeps_serving(
-    sidecar: SidecarThread, serving_world: TinyServingWorld, case: str
+    sidecar: SidecarThread, serving_world: ServingWorld, case: str
 ) -> None:
     call, code, fragment = CASES[case]
     drafters_before = {d.name for d in sidecar.stub.ListDrafters(pb.ListDraftersRequest()).drafters}

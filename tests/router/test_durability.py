@@ -11,16 +11,16 @@ from router.launch import LaunchedSidecar, launch_sidecar
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
 from router.registry import SidecarStore
-from tests.router.conftest import ADMIN, ADMIN_TOKEN, TinyServingWorld
+from tests.router.conftest import ADMIN, ADMIN_TOKEN, COMPLETION_PROMPT, ServingWorld
 
-PROMPT = "translate french sentence w3 w4 w5"
+PROMPT = COMPLETION_PROMPT
 
 
 def _stub(sidecar: LaunchedSidecar) -> router_pb2_grpc.RouterStub:
     return router_pb2_grpc.RouterStub(grpc.insecure_channel(sidecar.grpc_address))
 
 
-def _launch(world: TinyServingWorld, state_dir: Path, config: Path) -> object:
+def _launch(world: ServingWorld, state_dir: Path, config: Path) -> object:
     return launch_sidecar(
         state_dir=state_dir, config_file=config, admin_token=ADMIN_TOKEN, http=False
     )
@@ -36,7 +36,7 @@ def _latest_snapshot_version(state_dir: Path) -> int:
 
 
 def test_drafter_and_policy_survive_sigkill_and_sigterm(
-    serving_world: TinyServingWorld, tmp_path: Path
+    serving_world: ServingWorld, tmp_path: Path
 ) -> None:
     state_dir = tmp_path / "state"
     config = serving_world.toml(tmp_path / "sidecar.toml", snapshot_interval_s=0.3)

@@ -10,50 +10,53 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from router.domain import Prompt
 from router.pb import router_pb2 as pb
-from tests.router.conftest import ADMIN, TASK_WORDS, SidecarThread, TinyServingWorld
+from tests.router.conftest import (
+    ADMIN,
+    COMPLETION_PROMPT,
+    ServingWorld,
+    SidecarThread,
+    greedy_reference,
+)
 
-PROMPT = "solve equation w3 w9 integer w12 sum"
+
+@pytest.fixture(scope="module")
+def prompts(serving_world: ServingWorld) -> dict[str, str]:
+    return serving_world.prompts
 
 
-def greedy_reference(
-    sidecar: SidecarThread, text: str, max_new_tokens: int
-) -> tuple[list[int], str]:
-    """The engine's greedy output for ``text`` without speculation (the target alone)."""
-    service = sidecar.service
-    none = service.drafters.get("none").drafter
-    run = service.components.engine.generate(
-        service.prompt_ids(Prompt(text=text)), none, 0, max_new_tokens=max_new_tokens
-    )
-    for _ in run:
-        pass
-    ids = [int(t) for t in run.output_ids]
-    return ids, service.tokenizer.decode(ids, skip_special_tokens=True)
+@pytest.fixture(scope="module")
+def PROMPT() -> str:
+    """A completion prompt on which the (barely trained) tiny target does not stop at once."""
+    return COMPLETION_PROMPT
 
 
 def generate(sidecar: SidecarThread, **fields: object) -> list[pb.GenerateChunk]:
     return list(sidecar.stub.Generate(pb.GenerateRequest(**fields), timeout=120))
 
 
-def test_route_classifies_and_picks_an_eligible_arm(sidecar: SidecarThread) -> None:
-    text = TASK_WORDS["translate"] + " w4 w5"
+def test_route_classifies_and_picks_an_eligible_arm(
+    sidecar: SidecarThread, prompts: dict[str, str]
+) -> None:
+    text = prompts["translation"]
     decision = sidecar.stub.Route(pb.RouteRequest(text=text, max_new_tokens=32))
     expected = sidecar.service.components.classifiers.current.classify(text)
     assert decision.task_cluster == expected.cluster
     assert decision.confidence == pytest.approx(expected.probability, rel=1e-5)
     assert decision.request_id  # assigned by the server
     assert decision.policy == "thompson"
-    assert decision.prompt_tokens == len(text.split())
-    assert decision.drafter in {"generic", "close", "ngram", "none"}
+    assert decision.prompt_tokens == len(sidecar.service.tokenizer(text)["input_ids"])
+    assert decision.drafter in set(sidecar.service.drafters.names())
     assert (decision.drafter == "none") == (decision.draft_length == 0)
 
 
-def test_route_with_conversation_and_task_hint(sidecar: SidecarThread) -> None:
+def test_route_with_conversation_and_task_hint(
+    sidecar: SidecarThread, prompts: dict[str, str]
+) -> None:
     conversation = pb.Conversation(
         messages=[
-            pb.ChatMessage(role="system", content="w1 w2"),
-            pb.ChatMessage(role="user", content=TASK_WORDS["code"]),
+            pb.ChatMessage(role="system", content="You are a helpful assistant."),
+            pb.ChatMessage(role="user", content=prompts["code"]),
         ]
     )
     decision = sidecar.stub.Route(
@@ -63,7 +66,7 @@ def test_route_with_conversation_and_task_hint(sidecar: SidecarThread) -> None:
     assert decision.task_cluster == "math" and decision.confidence == pytest.approx(1.0)
 
 
-def test_report_updates_the_policy_once(sidecar: SidecarThread) -> None:
+def test_report_updates_the_policy_once(sidecar: SidecarThread, PROMPT: str) -> None:
     decision = sidecar.stub.Route(pb.RouteRequest(text=PROMPT, task_hint="math"))
     k = decision.draft_length
     steps = 5
@@ -85,7 +88,7 @@ def test_report_updates_the_policy_once(sidecar: SidecarThread) -> None:
     assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
-def test_report_from_totals_and_positions(sidecar: SidecarThread) -> None:
+def test_report_from_totals_and_positions(sidecar: SidecarThread, PROMPT: str) -> None:
     decision = sidecar.stub.Route(pb.RouteRequest(text=PROMPT, task_hint="code"))
     outcome = pb.RouteOutcome(
         request_id=decision.request_id,
@@ -99,8 +102,11 @@ def test_report_from_totals_and_positions(sidecar: SidecarThread) -> None:
     assert sidecar.stub.Report(outcome).policy_version > decision.policy_version
 
 
-def test_generate_over_grpc_is_exactly_the_greedy_output(sidecar: SidecarThread) -> None:
+def test_generate_over_grpc_is_exactly_the_greedy_output(
+    sidecar: SidecarThread, PROMPT: str
+) -> None:
     expected_ids, expected_text = greedy_reference(sidecar, PROMPT, 40)
+    assert len(expected_ids) == 40  # a real comparison, not a lone EOS
     chunks = generate(sidecar, text=PROMPT, max_new_tokens=40)
     assert chunks[0].HasField("decision") and chunks[0].decision.task_cluster
     ids = [token.id for chunk in chunks for token in chunk.tokens]
@@ -112,9 +118,9 @@ def test_generate_over_grpc_is_exactly_the_greedy_output(sidecar: SidecarThread)
     assert stats.tokens_per_s > 0
 
 
-@pytest.mark.parametrize(("drafter", "k"), [("close", 4), ("ngram", 3), ("none", 0)])
+@pytest.mark.parametrize(("drafter", "k"), [("math", 4), ("generic", 2), ("ngram", 3), ("none", 0)])
 def test_generate_with_a_forced_arm_keeps_the_greedy_output(
-    sidecar: SidecarThread, drafter: str, k: int
+    sidecar: SidecarThread, PROMPT: str, drafter: str, k: int
 ) -> None:
     expected_ids, _ = greedy_reference(sidecar, PROMPT, 30)
     chunks = generate(
@@ -126,7 +132,9 @@ def test_generate_with_a_forced_arm_keeps_the_greedy_output(
         assert max(chunks[-1].stats.drafted_per_step) <= k
 
 
-def test_generate_updates_policy_and_scores_other_drafters(sidecar: SidecarThread) -> None:
+def test_generate_updates_policy_and_scores_other_drafters(
+    sidecar: SidecarThread, PROMPT: str
+) -> None:
     before = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
     generate(sidecar, text=PROMPT, max_new_tokens=20, task_hint="math")
     after = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
@@ -141,21 +149,21 @@ def test_generate_updates_policy_and_scores_other_drafters(sidecar: SidecarThrea
     assert 'specroute_reports_total{source="counterfactual"}' in scraped
 
 
-def test_generate_with_no_update_leaves_the_policy(sidecar: SidecarThread) -> None:
+def test_generate_with_no_update_leaves_the_policy(sidecar: SidecarThread, PROMPT: str) -> None:
     before = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).version
     generate(sidecar, text=PROMPT, max_new_tokens=8, no_update=True)
     assert sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).version == before
 
 
 def test_drafter_registration_is_hot_and_removable(
-    sidecar: SidecarThread, serving_world: TinyServingWorld
+    sidecar: SidecarThread, PROMPT: str, serving_world: ServingWorld, prompts: dict[str, str]
 ) -> None:
     request = pb.RegisterDrafterRequest(
         name="spare",
         kind="model",
         path=str(serving_world.spare_dir),
         tasks=["code"],
-        finetune_sample=[TASK_WORDS["code"]],
+        finetune_sample=[prompts["math"]],
     )
     info = sidecar.stub.RegisterDrafter(request, metadata=ADMIN)
     assert info.name == "spare" and not info.builtin
@@ -186,27 +194,28 @@ def test_ngram_registration_with_options(sidecar: SidecarThread) -> None:
 
 
 def test_reload_classifier_swaps_and_refuses_a_broken_one(
-    sidecar: SidecarThread, serving_world: TinyServingWorld, tmp_path: object
+    sidecar: SidecarThread, serving_world: ServingWorld, tmp_path: object
 ) -> None:
     info = sidecar.stub.ReloadClassifier(
         pb.ReloadClassifierRequest(path=str(serving_world.classifier_v2_dir)), metadata=ADMIN
     )
-    assert set(info.labels) == set(TASK_WORDS) and info.version
+    assert set(info.labels) == set(serving_world.tasks) and info.version
     current = sidecar.service.components.classifiers.current
     assert current.metadata.version == info.version
     with pytest.raises(grpc.RpcError) as broken:
         sidecar.stub.ReloadClassifier(
-            pb.ReloadClassifierRequest(path=str(serving_world.target_dir)), metadata=ADMIN
+            pb.ReloadClassifierRequest(path=str(serving_world.world.target_dir)), metadata=ADMIN
         )
     assert broken.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert sidecar.service.components.classifiers.current.metadata.version == info.version
     sidecar.stub.ReloadClassifier(
-        pb.ReloadClassifierRequest(path=str(serving_world.classifier_dir)), metadata=ADMIN
+        pb.ReloadClassifierRequest(path=str(serving_world.world.root / "classifier")),
+        metadata=ADMIN,
     )
 
 
-def test_policy_state_and_switching(sidecar: SidecarThread) -> None:
-    sidecar.stub.Route(pb.RouteRequest(text=PROMPT, task_hint="summarize"))
+def test_policy_state_and_switching(sidecar: SidecarThread, PROMPT: str) -> None:
+    sidecar.stub.Route(pb.RouteRequest(text=PROMPT, task_hint="summarization"))
     state = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
     assert state.policy == "thompson"
     ucb = sidecar.stub.SetPolicy(
@@ -234,7 +243,7 @@ def test_health_and_reflection(sidecar: SidecarThread) -> None:
     assert {"specroute.v1.Router", "grpc.health.v1.Health"} <= names
 
 
-def test_metrics_endpoint(sidecar: SidecarThread) -> None:
+def test_metrics_endpoint(sidecar: SidecarThread, PROMPT: str) -> None:
     sidecar.stub.Route(pb.RouteRequest(text=PROMPT))
     text = urllib.request.urlopen(sidecar.metrics_url, timeout=10).read().decode()
     for name in (
@@ -249,12 +258,21 @@ def test_metrics_endpoint(sidecar: SidecarThread) -> None:
         assert name in text
 
 
-def test_queue_full_then_cancelled_generation_frees_its_slot(sidecar: SidecarThread) -> None:
+def test_queue_full_then_cancelled_generation_frees_its_slot(
+    sidecar: SidecarThread, PROMPT: str
+) -> None:
     # Capacity is one generation (one worker, queue size 0).
     generated = sidecar.service.metrics.generated_tokens
     tokens_before = generated._value.get()
     first = sidecar.stub.Generate(
-        pb.GenerateRequest(text=PROMPT, max_new_tokens=200, force_drafter="none"), timeout=120
+        pb.GenerateRequest(
+            text=PROMPT,
+            max_new_tokens=200,
+            force_drafter="none",
+            # Hot sampling, seeded: a long run that does not stop early at EOS.
+            sampling=pb.SamplingParams(do_sample=True, temperature=5.0, seed=3),
+        ),
+        timeout=120,
     )
     assert next(first).HasField("decision")
     with pytest.raises(grpc.RpcError) as full:
@@ -266,4 +284,7 @@ def test_queue_full_then_cancelled_generation_frees_its_slot(sidecar: SidecarThr
         time.sleep(0.05)
     assert sidecar.service.queue.depth == 0
     assert generated._value.get() - tokens_before < 200  # the engine stopped early
-    assert generate(sidecar, text=PROMPT, max_new_tokens=4)[-1].stats.generated_tokens == 4
+    generations = sidecar.service.metrics.generations
+    assert generations.labels(finish_reason="cancelled")._value.get() == 1
+    after = generate(sidecar, text=PROMPT, max_new_tokens=4)[-1].stats
+    assert after.finish_reason in {"length", "eos_token"} and after.generated_tokens >= 1

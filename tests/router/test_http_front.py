@@ -12,24 +12,9 @@ import pytest
 from text_generation import AsyncClient, Client
 from text_generation.errors import ValidationError
 
-from router.domain import Prompt
-from tests.router.conftest import SidecarThread
+from tests.router.conftest import COMPLETION_PROMPT, SidecarThread, greedy_reference
 
-PROMPT = "summarize article w7 w8 main points w9"
-
-
-def greedy_reference(
-    sidecar: SidecarThread, text: str, max_new_tokens: int
-) -> tuple[list[int], str]:
-    service = sidecar.service
-    none = service.drafters.get("none").drafter
-    run = service.components.engine.generate(
-        service.prompt_ids(Prompt(text=text)), none, 0, max_new_tokens=max_new_tokens
-    )
-    for _ in run:
-        pass
-    ids = [int(t) for t in run.output_ids]
-    return ids, service.tokenizer.decode(ids, skip_special_tokens=True)
+PROMPT = COMPLETION_PROMPT
 
 
 def post(url: str, body: dict[str, Any]) -> tuple[int, str, bytes]:
@@ -45,6 +30,7 @@ def post(url: str, body: dict[str, Any]) -> tuple[int, str, bytes]:
 
 def test_client_generate_is_exactly_the_greedy_output(sidecar: SidecarThread) -> None:
     expected_ids, expected_text = greedy_reference(sidecar, PROMPT, 24)
+    assert len(expected_ids) == 24  # a real comparison, not a lone EOS
     response = Client(sidecar.http_url, timeout=60).generate(PROMPT, max_new_tokens=24)
     assert response.generated_text == expected_text
     assert [token.id for token in response.details.tokens] == expected_ids
@@ -119,7 +105,7 @@ def test_return_full_text(sidecar: SidecarThread) -> None:
 
 def test_info_and_health(sidecar: SidecarThread) -> None:
     info = json.loads(urllib.request.urlopen(f"{sidecar.http_url}/info", timeout=10).read())
-    assert info["max_input_tokens"] == 48 and info["max_total_tokens"] == 248
+    assert info["max_input_tokens"] == 512 and info["max_total_tokens"] == 712
     assert info["router"] == "specroute" and "generic" in info["drafters"]
     assert urllib.request.urlopen(f"{sidecar.http_url}/health", timeout=10).status == 200
 
@@ -133,7 +119,7 @@ def test_info_and_health(sidecar: SidecarThread) -> None:
         ({"inputs": PROMPT, "parameters": {"temperature": -1.0}}, "temperature"),
         ({"inputs": PROMPT, "parameters": {"top_p": 1.5}}, "top_p"),
         ({"inputs": PROMPT, "parameters": {"repetition_penalty": 1.2}}, "repetition_penalty"),
-        ({"inputs": " ".join(["w1"] * 60), "parameters": {}}, "over the limit"),
+        ({"inputs": "word " * 600, "parameters": {}}, "over the limit"),
         ({"parameters": {}}, "invalid request"),
     ],
 )
@@ -151,4 +137,4 @@ def test_http_validation_errors_are_tgi_shaped(
 def test_client_raises_its_own_error_types(sidecar: SidecarThread) -> None:
     client = Client(sidecar.http_url, timeout=60)
     with pytest.raises(ValidationError):
-        client.generate(" ".join(["w2"] * 60), max_new_tokens=4)
+        client.generate("word " * 600, max_new_tokens=4)
