@@ -129,6 +129,24 @@ def per_task_speedup(
     return {task: speedup(group, by_id) for task, group in group_by_task(results).items()}
 
 
+def paired_speedup(
+    results: Sequence[RequestResult], baseline: Sequence[RequestResult]
+) -> dict[str, float]:
+    """Per task, the geometric mean of per-request speed-ups t_baseline(i) / t_policy(i).
+
+    A robustness check beside the aggregate tokens/s ratio: with lossless decoding both runs
+    produce the same tokens, so each request's time ratio is its speed-up, and the geometric
+    mean is not dominated by a few long or preempted requests on a shared machine.
+    """
+    by_id = {r.request_id: r for r in baseline}
+    logs: dict[str, list[float]] = {}
+    for result in results:
+        base = by_id.get(result.request_id)
+        if base is not None and base.wall_time_s > 0 and result.wall_time_s > 0:
+            logs.setdefault(result.task, []).append(math.log(base.wall_time_s / result.wall_time_s))
+    return {task: math.exp(sum(v) / len(v)) for task, v in logs.items()}
+
+
 def weighted_mean(values: Mapping[str, float], weights: Mapping[str, float]) -> float:
     """sum_t w_t x_t / sum_t w_t over the keys of ``values``."""
     total = sum(weights.get(k, 0.0) for k in values)

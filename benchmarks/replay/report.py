@@ -29,6 +29,7 @@ from benchmarks.replay.metrics import (
     dominant_arms,
     evenness,
     lossless_mismatches,
+    paired_speedup,
     per_task_speedup,
     regret_per_window,
     speedup_by_length,
@@ -95,12 +96,14 @@ def policy_section(
     """Per-task figures and evenness of one policy against the baseline."""
     stats = task_stats(results)
     speedups = per_task_speedup(results, baseline)
+    paired = paired_speedup(results, baseline)
     spread = evenness(speedups, traffic)
     mismatches = lossless_mismatches(results, baseline)
     return {
         "per_task": {
             task: {
                 "speedup": finite(speedups[task]),
+                "paired_speedup": finite(paired.get(task)),
                 "tokens_per_s": finite(s.tokens_per_s),
                 "acceptance": finite(s.acceptance),
                 "mean_accepted_length": finite(s.mean_accepted_length),
@@ -322,6 +325,7 @@ def report_markdown(report: Mapping[str, Any], plots: Sequence[Path]) -> str:
             task,
             _fmt(row["tokens_per_s"], 1),
             _fmt(row["speedup"], 2, "x"),
+            _fmt(row.get("paired_speedup"), 2, "x"),
             _fmt(row["acceptance"], 3),
             _fmt(row["mean_accepted_length"], 2),
             ", ".join(f"{arm} ({n})" for arm, n in list(row["arms"].items())[:3]),
@@ -336,6 +340,7 @@ def report_markdown(report: Mapping[str, Any], plots: Sequence[Path]) -> str:
                 "task",
                 "tokens/s",
                 "speed-up",
+                "paired speed-up (geo. mean)",
                 "acceptance",
                 "mean accepted length",
                 "chosen (drafter:k, requests)",
@@ -386,3 +391,32 @@ def load_runs(out_dir: Path) -> tuple[dict[str, Any], dict[str, PolicyRun]]:
         for label, section in report["policies"].items()
     }
     return report, runs
+
+
+def rebuild_report(out_dir: Path, *, plots: bool = True) -> dict[str, Any]:
+    """Recompute report.json / report.md / plots of a finished replay from its request files."""
+    from benchmarks.replay.calibration import calibration_from_json
+    from benchmarks.replay.trace import TraceEvent, TraceRecord
+
+    old, runs = load_runs(out_dir)
+    calibration = calibration_from_json(old["calibration"]) if old.get("calibration") else None
+    first = next(iter(runs.values())).results
+    events = [TraceEvent.model_validate(e) for e in old["trace"].get("events", [])]
+    requests: list[TraceRecord] = [
+        TraceRequest(id=r.request_id, task=r.task, prompt="-", max_new_tokens=1) for r in first
+    ]
+    records = list(requests)
+    for index, event in sorted(
+        zip(old["trace"].get("event_request_indices", []), events, strict=False),
+        key=lambda x: -x[0],
+    ):
+        records.insert(index, event)
+    trace = Trace(old["trace"]["name"], tuple(records))
+    report = build_report(
+        trace, runs, calibration, address=old.get("address", ""), world=old.get("world")
+    )
+    report["created_utc"] = old["created_utc"]
+    report["machine"] = old["machine"]
+    report["out_dir"] = str(out_dir)
+    write_report(report, runs, calibration, out_dir, plots=plots)
+    return report

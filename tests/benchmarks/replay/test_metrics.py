@@ -123,3 +123,12 @@ def test_dominant_arms_per_phase() -> None:
     ]
     assert dominant_arms(results, [3]) == [{"a": "x:2"}, {"a": "y:4", "b": "z:1"}]
     assert dominant_arms(results, []) == [{"a": "x:2", "b": "z:1"}]
+
+
+def test_paired_speedup_is_the_geometric_mean_of_per_request_ratios() -> None:
+    from benchmarks.replay.metrics import paired_speedup
+
+    baseline = [result(0, "a", 1.0), result(1, "a", 1.0), result(2, "b", 2.0)]
+    policy = [result(0, "a", 0.25), result(1, "a", 1.0), result(2, "b", 1.0)]
+    # a: sqrt(4 * 1) = 2; b: 2
+    assert paired_speedup(policy, baseline) == pytest.approx({"a": 2.0, "b": 2.0})

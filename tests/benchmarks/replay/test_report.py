@@ -157,3 +157,17 @@ def test_calibration_round_trips_through_json() -> None:
     cal.arms = {"a": {"d:4": 2.0, "none:0": 1.0}}
     again = calibration_from_json(json.loads(json.dumps(cal.to_json())))
     assert again == cal
+
+
+def test_rebuild_report_recomputes_the_same_figures(
+    runs: dict[str, PolicyRun], tmp_path: Path
+) -> None:
+    from benchmarks.replay.report import rebuild_report
+
+    cal = calibration()
+    original = build_report(make_trace(), runs, cal)
+    write_report(original, runs, cal, tmp_path, plots=False)
+    rebuilt = rebuild_report(tmp_path, plots=False)
+    assert rebuilt["policies"]["generic"]["per_task"] == original["policies"]["generic"]["per_task"]
+    assert rebuilt["trace"]["event_request_indices"] == [2]
+    assert rebuilt["policies"]["thompson"]["lossless"] is False
