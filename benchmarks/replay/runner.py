@@ -241,7 +241,10 @@ def run_demo_replay(
         world_dir=world_dir,
         admin_token=admin_token,
         trace_options=TraceOptions(per_task=per_task),
-        calibration=CalibrationOptions(progress=progress),
+        # A lighter calibration than the benchmark's: the demo should take minutes.
+        calibration=CalibrationOptions(
+            prompts_per_task=2, k_grid=(1, 2, 3, 4, 6), top_drafters=1, progress=progress
+        ),
         progress=progress,
     )
     return run_replay(config).report
