@@ -1,0 +1,57 @@
+"""CLI clients of a running sidecar, and ``bench load`` on a small load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from router.cli import build_app
+from router.load_bench import format_result, run_load_bench
+from tests.router.conftest import ADMIN_TOKEN, COMPLETION_PROMPT, ServingWorld, SidecarThread
+
+
+def test_cli_route_generate_drafters_policy(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    runner = CliRunner()
+    app = build_app()
+    address = ["--address", sidecar.running.address]
+
+    routed = runner.invoke(app, ["route", serving_world.prompts["math"], *address])
+    assert routed.exit_code == 0, routed.output
+    assert json.loads(routed.output)["task_cluster"] in serving_world.tasks
+
+    generated = runner.invoke(
+        app, ["generate", COMPLETION_PROMPT, "--max-new-tokens", "5", "--drafter", "none", *address]
+    )
+    assert generated.exit_code == 0, generated.output
+    assert "5 tokens" in generated.output
+
+    env = {"SPECROUTE_ADMIN_TOKEN": ADMIN_TOKEN}
+    register = ["drafters", "register", "cli-spare", str(serving_world.spare_dir), *address]
+    assert runner.invoke(app, register, env=env).exit_code == 0
+    listed = runner.invoke(app, ["drafters", "list", *address])
+    assert "cli-spare" in listed.output and "generic" in listed.output
+    refused = runner.invoke(app, ["drafters", "remove", "cli-spare", *address], env={})
+    assert refused.exit_code == 1 and "UNAUTHENTICATED" in refused.output
+    removed = runner.invoke(app, ["drafters", "remove", "cli-spare", *address], env=env)
+    assert removed.exit_code == 0
+    assert "cli-spare" not in runner.invoke(app, ["drafters", "list", *address]).output
+
+    shown = runner.invoke(app, ["policy", "show", *address])
+    assert shown.exit_code == 0 and shown.output.startswith("policy thompson")
+
+
+def test_bench_load_reports_every_key(sidecar: SidecarThread, tmp_path: Path) -> None:
+    result = run_load_bench(sidecar.running.address, requests=120, concurrency=8)
+    for key in ("requests", "errors", "rps", "echo_rps", "latency_ms", "latency_c1_ms", "rss_mb"):
+        assert key in result
+    assert result["requests"] == 120 and result["errors"] == 0
+    assert result["rps"] > 0 and result["echo_rps"] > 0
+    assert set(result["latency_ms"]) == {"p50", "p99"} == set(result["latency_c1_ms"])
+    assert result["latency_c1_ms"]["p50"] <= result["latency_c1_ms"]["p99"]
+    assert result["rss_mb"]["before"] > 0  # the sidecar's pid was found from its port
+    assert "echo ceiling" in format_result(result)
+    json.dumps(result)  # JSON-ready
