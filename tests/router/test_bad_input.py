@@ -47,6 +47,11 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "over the limit",
     ),
+    "request over the size limit": (
+        _route(text="x" * (1 << 20)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "larger than max",
+    ),
     "max_new_tokens 0": (
         _generate(text=PROMPT, max_new_tokens=0),
         grpc.StatusCode.INVALID_ARGUMENT,
