@@ -12,21 +12,46 @@ from transformers import DynamicCache
 from drafters.attention import cached_causal_mask
 from drafters.base import Proposal
 from drafters.counterfactual import score_model_counterfactual
+from drafters.lean_decoder import LeanDecoder, lean_decoder_supports
 from drafters.sampling import SamplingConfig, sample_from, sampling_probs
 
 
-class ModelDraftSession:
-    """Drafts autoregressively from the small model; its cache is cropped, never rebuilt.
-
-    Invariant: the first ``_verified`` cache entries hold tokens of the verified history.
-    After proposing k tokens from a history of length L the cache holds L + k - 1 entries
-    (the last draft is never fed back), of which L + min(accepted, k - 1) stay valid.
-    """
+class _TransformersForward:
+    """Logits through transformers' forward and a ``DynamicCache`` cropped by position."""
 
     def __init__(self, model: Any, device: torch.device) -> None:
         self._model = model
         self._device = device
         self._cache = DynamicCache()
+
+    def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        self._cache.crop(start)
+        mask = cached_causal_mask(self._model, ids.shape[0], start, self._device)
+        return self._model(
+            input_ids=ids.unsqueeze(0),
+            attention_mask=mask,
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[0, -1]  # [vocab]
+
+
+class ModelDraftSession:
+    """Drafts autoregressively from the small model; its cache is rolled back by position,
+    never rebuilt.
+
+    Invariant: the first ``_verified`` cache positions hold tokens of the verified history.
+    After proposing k tokens from a history of length L the cache holds L + k - 1 positions
+    (the last draft is never fed back), of which L + min(accepted, k - 1) stay valid.
+    """
+
+    def __init__(self, model: Any, device: torch.device, prompt_length: int) -> None:
+        self._device = device
+        self._forward = (
+            LeanDecoder(model, capacity=prompt_length + 256).forward
+            if lean_decoder_supports(model)
+            else _TransformersForward(model, device).forward
+        )
         self._verified = 0
         self._last_history = 0
         self._last_k = 0
@@ -39,29 +64,22 @@ class ModelDraftSession:
         sampling: SamplingConfig,
         generator: torch.Generator | None,
     ) -> Proposal:
-        self._cache.crop(self._verified)
         # Catch up on every verified token the cache lacks (1 or 2 after a normal step).
-        feed = torch.tensor([history[self._verified :]], dtype=torch.long, device=self._device)
+        feed = torch.tensor(history[self._verified :], dtype=torch.long, device=self._device)
+        position = self._verified
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
-        mask = cached_causal_mask(self._model, feed.shape[1], self._verified, self._device)
         for _ in range(k):
-            logits = self._model(
-                input_ids=feed,
-                attention_mask=mask,
-                past_key_values=self._cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[0]  # [1, vocab]
-            mask = None  # later forwards feed one token
+            logits = self._forward(feed, position)  # [vocab]
+            position += feed.shape[0]
             if sampling.do_sample:
-                q = sampling_probs(logits, sampling)[0]  # [vocab]
+                q = sampling_probs(logits.unsqueeze(0), sampling)[0]  # [vocab]
                 token = sample_from(q, generator)  # [1]
                 probs.append(q)
             else:
-                token = logits[0].argmax(dim=-1, keepdim=True)  # [1], stays on the device
+                token = logits.argmax(dim=-1, keepdim=True)  # [1], stays on the device
             tokens.append(token)
-            feed = token.view(1, 1)
+            feed = token
         self._last_history = len(history)
         self._last_k = k
         return Proposal(
@@ -84,7 +102,7 @@ class ModelDrafter:
     kind: str = "model"
 
     def start(self, prompt_ids: Sequence[int]) -> ModelDraftSession:
-        return ModelDraftSession(self.model, self.device)
+        return ModelDraftSession(self.model, self.device, len(prompt_ids))
 
     def score_counterfactual(
         self, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
