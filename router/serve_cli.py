@@ -102,7 +102,14 @@ def serve_command(
             temporary.write_text(json.dumps(ports) + "\n")
             temporary.replace(ports_file)
 
-    asyncio.run(serve(settings, on_ready=announce))
+    from classifiers import ClassifierLoadError
+
+    try:
+        asyncio.run(serve(settings, on_ready=announce))
+    except (FileNotFoundError, ValueError, ClassifierLoadError) as error:
+        # Start-up refusals (no world built, a model that does not load): a clear line.
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
 
 
 def route_command(
