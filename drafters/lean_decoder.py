@@ -67,6 +67,10 @@ class LeanDecoder:
         self._inv_freq = rotary.inv_freq.float()
         self._scaling = float(getattr(rotary, "attention_scaling", 1.0))
         self._capacity = 0
+        self.keys = torch.empty(0)
+        self.values = torch.empty(0)
+        self._cos = torch.empty(0)
+        self._sin = torch.empty(0)
         self._grow(capacity)
 
     def _grow(self, needed: int) -> None:
