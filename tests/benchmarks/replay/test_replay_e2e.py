@@ -36,7 +36,7 @@ def outcome(tiny_world: Any, tmp_path_factory: pytest.TempPathFactory) -> Replay
 
 def test_every_policy_is_lossless_and_reported(outcome: ReplayOutcome, tiny_world: Any) -> None:
     report = json.loads(outcome.report_path.read_text())
-    assert list(report["policies"]) == list(POLICIES)
+    assert list(report["policies"]) == [*POLICIES, "oracle-hindsight"]
     tasks = set(tiny_world.tasks)
     for label, section in report["policies"].items():
         assert section["lossless"] is True, (label, section["lossless_mismatches"])
@@ -53,7 +53,13 @@ def test_every_policy_is_lossless_and_reported(outcome: ReplayOutcome, tiny_worl
         ):
             assert key in section
     assert report["policies"]["none"]["mean_speedup"] == pytest.approx(1.0)
-    assert report["policies"]["oracle"]["fraction_of_oracle"] == pytest.approx(1.0)
+    reference = report["oracle_reference"]
+    assert reference in ("oracle", "oracle-hindsight")
+    assert report["policies"][reference]["fraction_of_oracle"] == pytest.approx(1.0)
+    assert (
+        report["policies"]["oracle-hindsight"]["mean_speedup"]
+        >= max(report["policies"][p]["mean_speedup"] for p in ("none", "generic", "static")) - 1e-6
+    )
     folder = outcome.report_path.parent
     for name in (
         "report.md",
