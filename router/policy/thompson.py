@@ -112,6 +112,9 @@ class ThompsonPolicy:
         self.updates_ = 0
         self._eligible_cache: dict[tuple[str, ...], np.ndarray] = {}
         self._gain_cache: tuple[tuple[int, int], np.ndarray] | None = None
+        # Priors of contexts never updated, valid while (layout, updates) is unchanged:
+        # Route traffic without reports must not rebuild them on every select().
+        self._fresh_cache: dict[Context, tuple[tuple[int, int], ContextArms]] = {}
         self._layout_revision = 0
         for name in drafters:
             self.add_drafter(name, (similarity or {}).get(name))
@@ -196,6 +199,18 @@ class ThompsonPolicy:
             arms.beta = arms.beta + losses * scale
         return arms
 
+    def _cached_fresh_context(self, context: Context) -> ContextArms:
+        """:meth:`_fresh_context`, memoised until the drafters or any posterior change."""
+        key = (self._layout_revision, self.updates_)
+        cached = self._fresh_cache.get(context)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if len(self._fresh_cache) > 4096:  # bounded: contexts are (cluster, bucket) pairs
+            self._fresh_cache.clear()
+        arms = self._fresh_context(context)
+        self._fresh_cache[context] = (key, arms)
+        return arms
+
     def _context(self, context: Context) -> ContextArms:
         arms = self.contexts_.get(context)
         if arms is None:
@@ -210,7 +225,7 @@ class ThompsonPolicy:
         index = self._eligible_index(eligible)
         if index.size == 0:
             return Decision(NONE_DRAFTER, 0, 1.0, False)
-        arms = self.contexts_.get(context) or self._fresh_context(context)
+        arms = self.contexts_.get(context) or self._cached_fresh_context(context)
         alpha = arms.alpha[index]
         beta = arms.beta[index]
         acceptance = np.empty((2, index.size))

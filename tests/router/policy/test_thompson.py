@@ -211,6 +211,19 @@ def test_new_length_bucket_starts_from_its_cluster() -> None:
     assert fresh["b"].alpha + fresh["b"].beta == pytest.approx(2 + 16, rel=0.01)
 
 
+def test_select_on_an_unseen_context_follows_learning_in_its_cluster() -> None:
+    # select() memoises the priors of never-updated contexts; an update elsewhere in the
+    # cluster must still reach them (the memo is keyed on the policy's update count).
+    policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(3), transfer_weight=16)
+    unseen = Context("code", 2)
+    before = Counter(policy.select(unseen, ["a", "b"]).drafter for _ in range(200))
+    assert before["a"] > 20 and before["b"] > 20  # neutral priors: both are drawn
+    _train(policy, Context("code", 0), {"a": 0.05, "b": 0.9}, 40)
+    after = Counter(policy.select(unseen, ["a", "b"]).drafter for _ in range(200))
+    assert after["b"] > 180
+    assert unseen not in policy.contexts_  # selecting never creates learned state
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
