@@ -21,6 +21,11 @@ def corpus() -> Corpus:
     return build_corpus(seed=0, scale="tiny")
 
 
+@pytest.fixture(scope="module")
+def big() -> Corpus:
+    return build_corpus(seed=0, scale="default")
+
+
 def test_same_seed_gives_the_same_corpus(corpus: Corpus) -> None:
     again = build_corpus(seed=0, scale="tiny")
     assert again.train == corpus.train
@@ -43,8 +48,7 @@ def test_test_prompts_never_occur_in_training(corpus: Corpus) -> None:
     assert not {e.id for e in corpus.train} & {e.id for e in corpus.test}
 
 
-def test_test_split_uses_held_out_wording() -> None:
-    big = build_corpus(seed=0, scale="default")
+def test_test_split_uses_held_out_wording(big: Corpus) -> None:
     for task in ("translation", "summarization", "math", "code"):
         first_lines = {prompt_text(e).split("\n")[0][:25] for e in big.by_task("train", task)}
         test_lines = {prompt_text(e).split("\n")[0][:25] for e in big.by_task("test", task)}
@@ -59,8 +63,7 @@ def test_messages_are_qwen_turns_ending_with_the_user(corpus: Corpus) -> None:
         assert example.response.strip()
 
 
-def test_chat_is_multi_turn_and_prompt_text_has_system_and_last_user_turn() -> None:
-    big = build_corpus(seed=0, scale="default")
+def test_chat_is_multi_turn_and_prompt_text_has_system_and_last_user_turn(big: Corpus) -> None:
     chats = big.by_task("train", "chat")
     assert any(sum(m["role"] == "user" for m in e.messages) >= 2 for e in chats)
     rag = big.by_task("test", "rag")[0]
@@ -74,9 +77,7 @@ def test_example_round_trips_through_json(corpus: Corpus) -> None:
     assert Example.from_dict(json.loads(example.to_json())) == example
 
 
-def test_tasks_differ_in_prompt_length() -> None:
-    big = build_corpus(seed=0, scale="default")
-
+def test_tasks_differ_in_prompt_length(big: Corpus) -> None:
     def mean_prompt(task: str) -> float:
         rows = big.by_task("train", task)
         return sum(len(prompt_text(e)) for e in rows) / len(rows)

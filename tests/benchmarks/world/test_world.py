@@ -133,3 +133,11 @@ def test_eval_cli_writes_the_json_report(tiny_world: World, tmp_path: Path) -> N
     assert "Target quality" in result.output
     saved = json.loads(out.read_text())
     assert {"tasks", "target_quality", "acceptance", "drafters"} <= set(saved)
+
+
+def test_same_seed_builds_identical_weights(tiny_world: World, tmp_path: Path) -> None:
+    again = build_world(tmp_path / "again", "tiny", progress=False)
+    for name in ("target", "drafters/generic", "drafters/rag"):
+        first = (tiny_world.root / name / "model.safetensors").read_bytes()
+        second = (again.root / name / "model.safetensors").read_bytes()
+        assert first == second, name
