@@ -81,7 +81,7 @@ class NgramDrafter:
 
     name: str
     device: torch.device
-    min_n: int = 1
+    min_n: int = 2
     max_n: int = 3
     kind: str = "ngram"
 

@@ -99,7 +99,7 @@ def _create_ngram_drafter(
     return NgramDrafter(
         name=name,
         device=target.device,
-        min_n=int(options.get("min_n", 1)),
+        min_n=int(options.get("min_n", 2)),
         max_n=int(options.get("max_n", 3)),
     )
 
