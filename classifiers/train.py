@@ -35,7 +35,7 @@ from classifiers.text import TOKEN_PATTERN, LabeledPrompt, training_data_hash
 
 logger = logging.getLogger(__name__)
 
-TRAINER_VERSION = "2"
+TRAINER_VERSION = "3"
 # Probes checked on every load: odd inputs as well as ordinary ones.
 EDGE_PROBES: tuple[str, ...] = ("", "Ünïcödé ✓ 😀 naïve café", "print(x) 42 + 17 = ?")
 
@@ -62,10 +62,13 @@ class CandidateConfig:
     class_weight: str | None = "balanced"
 
 
+# Ordered from the strongest regularisation: ties in the validation score go to the smaller
+# vocabulary, then to the earlier (simpler) candidate.
 DEFAULT_GRID: tuple[CandidateConfig, ...] = (
-    CandidateConfig(max_ngram=2, max_features=8000),
-    CandidateConfig(max_ngram=1, max_features=8000),
-    CandidateConfig(max_ngram=2, max_features=20000),
+    CandidateConfig(max_ngram=2, max_features=8000, inverse_regularization=1.0),
+    CandidateConfig(max_ngram=1, max_features=8000, inverse_regularization=1.0),
+    CandidateConfig(max_ngram=2, max_features=8000, inverse_regularization=3.0),
+    CandidateConfig(max_ngram=2, max_features=8000, inverse_regularization=10.0),
 )
 # Perturbed validation: this many word-dropout copies of each validation prompt.
 OOD_CALIBRATIONS: tuple[str, ...] = ("validation-word-dropout", "validation")
@@ -275,7 +278,8 @@ def _select(
     """Fit every candidate; keep the best mean of plain and perturbed validation accuracy.
 
     The validation split shares the training wording, so plain accuracy saturates; its
-    word-dropout copies stand in for rewording. Ties go to the smaller vocabulary (faster).
+    word-dropout copies stand in for rewording. Ties go to the smaller vocabulary (faster),
+    then to the earlier candidate in the grid.
     """
     perturbed = word_dropout(
         validation, VALIDATION_DROPOUT_COPIES, VALIDATION_KEEP_PROBABILITY, seed + 1
