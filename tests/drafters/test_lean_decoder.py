@@ -6,6 +6,7 @@ import torch
 
 from drafters.lean_decoder import LeanDecoder, lean_decoder_supports
 from drafters.loader import load_model
+from drafters.model_drafter import _TransformersForward
 
 from .conftest import TinyModels
 
@@ -34,3 +35,18 @@ def test_matches_transformers_logits_through_prefill_steps_and_rollback(
         torch.testing.assert_close(got, reference(other), rtol=1e-4, atol=1e-4)
         got = decoder.forward(torch.tensor(sequence[6:]), 6)
         torch.testing.assert_close(got, reference(sequence), rtol=1e-4, atol=1e-4)
+
+
+def test_the_transformers_fallback_rolls_back_like_the_lean_decoder(
+    tiny_models: TinyModels,
+) -> None:
+    model = load_model(tiny_models.close_dir).model
+    lean = LeanDecoder(model)
+    fallback = _TransformersForward(model, torch.device("cpu"))
+    feeds = [([5, 9, 17, 33], 0), ([40], 4), ([41, 12, 7], 5), ([3, 4], 6), ([8], 8)]
+    with torch.inference_mode():
+        for ids, start in feeds:
+            tokens = torch.tensor(ids)
+            torch.testing.assert_close(
+                fallback.forward(tokens, start), lean.forward(tokens, start), rtol=1e-4, atol=1e-4
+            )
