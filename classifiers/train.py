@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -62,11 +63,11 @@ class CandidateConfig:
     class_weight: str | None = "balanced"
 
 
-# Ordered from the strongest regularisation: ties in the validation score go to the smaller
-# vocabulary, then to the earlier (simpler) candidate.
+# Simplest first (strongest regularisation, then fewer n-grams): selection takes the
+# first candidate within one standard error of the best validation score.
 DEFAULT_GRID: tuple[CandidateConfig, ...] = (
-    CandidateConfig(max_ngram=2, max_features=8000, inverse_regularization=1.0),
     CandidateConfig(max_ngram=1, max_features=8000, inverse_regularization=1.0),
+    CandidateConfig(max_ngram=2, max_features=8000, inverse_regularization=1.0),
     CandidateConfig(max_ngram=2, max_features=8000, inverse_regularization=3.0),
     CandidateConfig(max_ngram=2, max_features=8000, inverse_regularization=10.0),
 )
@@ -275,26 +276,29 @@ def _select(
     validation: Sequence[LabeledPrompt],
     seed: int,
 ) -> tuple[FittedPipeline, dict[str, float]]:
-    """Fit every candidate; keep the best mean of plain and perturbed validation accuracy.
+    """Fit every candidate; keep the simplest one within one standard error of the best.
 
-    The validation split shares the training wording, so plain accuracy saturates; its
-    word-dropout copies stand in for rewording. Ties go to the smaller vocabulary (faster),
-    then to the earlier candidate in the grid.
+    The score is the mean of plain and perturbed validation accuracy: the validation split
+    shares the training wording, so plain accuracy saturates, and its word-dropout copies
+    stand in for rewording. Candidates come simplest first (strongest regularisation);
+    the one-standard-error rule (Hastie et al., ESL 7.10) takes the first whose score is
+    within sqrt(p (1 - p) / n) of the best score p, n being the prompts scored.
     """
     perturbed = word_dropout(
         validation, VALIDATION_DROPOUT_COPIES, VALIDATION_KEEP_PROBABILITY, seed + 1
     )
-    scored: list[tuple[float, int, int, FittedPipeline]] = []
+    fitted: list[tuple[float, FittedPipeline]] = []
     report: dict[str, float] = {}
-    for index, config in enumerate(grid):
+    for config in grid:
         pipeline = fit_pipeline(config, train, seed)
         score = (_accuracy(pipeline, validation) + _accuracy(pipeline, perturbed)) / 2
         report[str(asdict(config))] = score
         logger.info("candidate %s: validation score %.4f", asdict(config), score)
-        # Rounded to 3 decimals so a negligible gain never buys a slower graph.
-        scored.append((-round(score, 3), len(pipeline.vectorizer.vocabulary_), index, pipeline))
-    best = min(scored, key=lambda item: item[:3])
-    return best[3], report
+        fitted.append((score, pipeline))
+    best = max(score for score, _ in fitted)
+    standard_error = math.sqrt(best * (1 - best) / (len(validation) + len(perturbed)))
+    chosen = next(p for score, p in fitted if score >= best - standard_error - 1e-12)
+    return chosen, report
 
 
 def train_classifier(
