@@ -75,6 +75,15 @@ def _uses_world(settings: Settings) -> bool:
     return settings.world_dir is not None or not explicit
 
 
+def apply_torch_threads(threads: int) -> None:
+    """Set torch's intra-op thread count for this process (0 keeps torch's default)."""
+    import torch
+
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        logger.info("torch intra-op threads: %d", threads)
+
+
 def build_components(settings: Settings) -> Components:
     """Load the target, engine, classifier and built-in drafters (blocking).
 
@@ -104,6 +113,7 @@ def build_components(settings: Settings) -> Components:
             classifier_dir = ensure_world_classifier(world.root, settings.seed)
     assert target_dir is not None and classifier_dir is not None
     drafter_dirs.update(settings.drafter_dirs)
+    apply_torch_threads(settings.torch_threads)
     placement = default_placement(settings.device)
     target = load_model(target_dir, placement=placement)
     classifier = OnnxTaskClassifier.load(classifier_dir)

@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     snapshot_interval_s: float = Field(default=30.0, gt=0)
     grace_s: float = Field(default=5.0, ge=0)
     device: str | None = None  # None: CUDA when present, else CPU
+    # torch intra-op threads (0: torch's default). Tiny models decode fastest on one thread,
+    # and generation and counterfactual scoring run side by side: more threads than cores
+    # made a tiny forward 10x slower here. Raise it for a real checkpoint on CPU.
+    torch_threads: int = Field(default=1, ge=0)
     seed: int = 0
 
     @classmethod

@@ -87,6 +87,26 @@ def test_settings_precedence_defaults_toml_env_flags(
     assert load_settings(config, port=7).port == 7
 
 
+def test_torch_threads_setting_is_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from router.components import apply_torch_threads
+
+    assert load_settings(None).torch_threads == 1  # tiny models: one intra-op thread
+    monkeypatch.setenv("SPECROUTE_TORCH_THREADS", "0")
+    assert load_settings(None).torch_threads == 0
+    before = torch.get_num_threads()
+    try:
+        apply_torch_threads(2)
+        assert torch.get_num_threads() == 2
+        apply_torch_threads(0)  # 0 keeps whatever torch has
+        assert torch.get_num_threads() == 2
+        apply_torch_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_print_config_masks_tokens(tmp_path: Path) -> None:
     env = {"SPECROUTE_ADMIN_TOKEN": "very-secret", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
