@@ -122,13 +122,13 @@ BUILD_CONFIGS: dict[str, BuildConfig] = {
             steps=500,
             rows=6,
             seq_len=256,
-            learning_rate=5e-3,
+            learning_rate=2e-3,
             warmup_steps=30,
             bf16_autocast=True,
         ),
         target_task_weights=TARGET_TASK_WEIGHTS,
         generic_training=TrainingConfig(
-            steps=200, rows=6, seq_len=256, learning_rate=5e-3, warmup_steps=20
+            steps=200, rows=6, seq_len=256, learning_rate=3e-3, warmup_steps=20
         ),
         distill=DistillConfig(
             TrainingConfig(
