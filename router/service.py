@@ -507,7 +507,7 @@ class RouterService:
         classifier = self.components.classifiers.current
         meta = dict(getattr(classifier, "metadata", {}) or {})
         return ClassifierView(
-            path=str(meta.get("path", path)),
+            path=str(getattr(classifier, "source", "") or path),
             version=str(meta.get("version", "")),
             labels=tuple(classifier.labels),
             training_data_hash=str(meta.get("training_data_hash", "")),

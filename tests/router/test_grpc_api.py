@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -200,6 +201,7 @@ def test_reload_classifier_swaps_and_refuses_a_broken_one(
         pb.ReloadClassifierRequest(path=str(serving_world.classifier_v2_dir)), metadata=ADMIN
     )
     assert set(info.labels) == set(serving_world.tasks) and info.version
+    assert Path(info.path).resolve() == Path(serving_world.classifier_v2_dir).resolve()
     current = sidecar.service.components.classifiers.current
     assert current.metadata.version == info.version
     with pytest.raises(grpc.RpcError) as broken:
