@@ -9,7 +9,13 @@ finds the wordings rather than the tasks. So discovery runs in two stages:
    ``S = w * cos(content profiles) + (1 - w) * cos(mean profiles)``, where a content
    profile is the mean TF-IDF row with the terms present in at least ``content_df`` of
    the micro-cluster's prompts zeroed (those terms are its template), so wordings of
-   one task meet through what they talk about.
+   one task meet through what they talk about;
+3. ...but two tasks can talk about the same things in different formats (retrieval QA
+   and summarisation over the same documents), so ``S`` is multiplied by a format
+   kernel ``exp(-(d / s)^2)``, where ``d`` is the distance between the micro-clusters'
+   mean format vectors (standardised log counts of lines, digits and each ASCII
+   punctuation mark) and ``s`` the root mean within-micro-cluster spread of those
+   vectors: wordings of one task differ in format by less than a prompt's own spread.
 
 With ``k="auto"`` the number of clusters maximises the silhouette of that merge (on the
 precomputed distances ``1 - S`` between micro-clusters) over ``k_range``.
@@ -18,6 +24,7 @@ precomputed distances ``1 - S`` between micro-clusters) over ``k_range``.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,6 +107,28 @@ def _profile_similarity(
     return np.clip(similarity, 0.0, 1.0)
 
 
+_PUNCTUATION = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+
+
+def _format_vector(text: str) -> list[float]:
+    """Log counts of lines, digits and each ASCII punctuation mark."""
+    counts = [text.count("\n") + 1, sum(ch.isdigit() for ch in text)]
+    counts += [text.count(mark) for mark in _PUNCTUATION]
+    return [math.log1p(count) for count in counts]
+
+
+def _format_kernel(texts: Sequence[str], micro: np.ndarray, count: int) -> np.ndarray:
+    """``exp(-(d / s)^2)`` between micro-clusters' mean standardised format vectors."""
+    vectors = np.array([_format_vector(text) for text in texts])
+    vectors = (vectors - vectors.mean(axis=0)) / (vectors.std(axis=0) + 1e-9)
+    means = np.vstack([vectors[micro == cluster].mean(axis=0) for cluster in range(count)])
+    spread = math.sqrt(
+        float(np.mean([vectors[micro == c].var(axis=0).sum() for c in range(count)]))
+    )
+    distance = np.sqrt(((means[:, None, :] - means[None, :, :]) ** 2).sum(axis=-1))
+    return np.asarray(np.exp(-((distance / max(spread, 1e-9)) ** 2)))
+
+
 def _merge(similarity: np.ndarray, k: int) -> np.ndarray:
     agglomeration = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage="average")
     return np.asarray(agglomeration.fit_predict(1.0 - similarity))
@@ -143,6 +172,7 @@ def discover_clusters(
     content_df: float = 0.3,
     content_weight: float = 0.6,
     term_count: int = 5,
+    use_format: bool = True,
 ) -> DiscoveredClusters:
     """Cluster prompts without labels; ``k`` is an int or ``"auto"`` (best silhouette)."""
     if len(texts) < 3:
@@ -156,6 +186,9 @@ def discover_clusters(
     micro = _micro_clusters(rows, count, seed)
     count = int(micro.max()) + 1
     similarity = _profile_similarity(features, micro, count, content_df, content_weight)
+    if use_format:
+        similarity = similarity * _format_kernel(texts, micro, count)
+        np.fill_diagonal(similarity, 1.0)
     candidates = [fixed_k] if fixed_k is not None else [c for c in k_range if c < count]
     if not candidates:
         raise ValueError("no k in k_range fits this many prompts")
