@@ -36,7 +36,7 @@ from benchmarks.world.train import EncodedExample, TrainingConfig
 logger = logging.getLogger(__name__)
 
 # Bump when the build code changes what it produces for the same config.
-BUILD_CODE_VERSION = 1
+BUILD_CODE_VERSION = 2
 FINETUNE_SAMPLE_SIZE = 36
 
 
@@ -119,20 +119,27 @@ BUILD_CONFIGS: dict[str, BuildConfig] = {
         target=ModelShape(320, 864, 6, 8, 2),
         drafter=ModelShape(128, 352, 2, 4, 2),
         target_training=TrainingConfig(
-            steps=500,
-            rows=6,
+            steps=800,
+            rows=8,
             seq_len=256,
             learning_rate=2e-3,
             warmup_steps=30,
+            prompt_weight=0.0,
             bf16_autocast=True,
         ),
         target_task_weights=TARGET_TASK_WEIGHTS,
         generic_training=TrainingConfig(
-            steps=200, rows=6, seq_len=256, learning_rate=3e-3, warmup_steps=20
+            steps=200, rows=6, seq_len=256, learning_rate=3e-3, warmup_steps=20, bf16_autocast=True
         ),
         distill=DistillConfig(
             TrainingConfig(
-                steps=60, rows=8, seq_len=256, learning_rate=1e-3, warmup_steps=5, prompt_weight=0.0
+                steps=60,
+                rows=8,
+                seq_len=256,
+                learning_rate=1e-3,
+                warmup_steps=5,
+                prompt_weight=0.0,
+                bf16_autocast=True,
             ),
             batches=12,
             top_k=16,
@@ -213,7 +220,7 @@ def _build_into(directory: Path, config: BuildConfig, progress: bool) -> dict[st
 
     from benchmarks.world.distill import distill_drafter
     from benchmarks.world.tokenizer import render_chat, train_tokenizer
-    from benchmarks.world.train import pretrain
+    from benchmarks.world.train import cpu_has_bf16, pretrain
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     timings: dict[str, float] = {}
@@ -310,6 +317,7 @@ def _build_into(directory: Path, config: BuildConfig, progress: bool) -> dict[st
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "bf16_autocast": cpu_has_bf16(),
         },
     }
 

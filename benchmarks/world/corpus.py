@@ -167,6 +167,14 @@ TRANSLATION_TRAIN = (
     "Translate these interface labels into French: {labels}",
     "French translation of the following UI strings, keep the separators: {labels}",
     "Localize for a French admin site: {labels}",
+    "Translate into French: {labels}",
+    "What are these labels in French? {labels}",
+    "French for the following button text: {labels}",
+    "Give the French version of these menu entries: {labels}",
+    "Translate the admin labels below to French.\n{labels}",
+    "In French, please: {labels}",
+    "Convert these English UI strings to French: {labels}",
+    "How do you write these in French? {labels}",
 )
 TRANSLATION_TEST = (
     "How would you say the following menu items in French? {labels}",
@@ -208,6 +216,13 @@ SUMMARY_TRAIN = (
     "Summarize the following text in one sentence.\n\n{text}",
     "Give a one-sentence summary of this passage:\n{text}",
     "TL;DR of the section below?\n\n{text}",
+    "Write a one-line summary of the text below.\n\n{text}",
+    "In one sentence, what does this section say?\n{text}",
+    "Sum up the following passage briefly.\n\n{text}",
+    "Give me the main point of this text in a sentence.\n{text}",
+    "Shorten this to one sentence:\n\n{text}",
+    "Read the section and summarize it in a single line.\n{text}",
+    "Briefly summarize:\n{text}",
 )
 SUMMARY_TEST = (
     "Condense this help page into a single sentence.\n{text}",
@@ -231,8 +246,26 @@ def generate_summarization(rng: random.Random, split: str, count: int) -> list[P
 # --- qa: closed-book questions over Django's language metadata (memorised facts) --------
 
 QA_TRAIN = {
-    "code": ("What is the language code for {name}?", "Which code does Django use for {name}?"),
-    "name": ("Which language has the code {code}?", "What language is {code}?"),
+    "code": (
+        "What is the language code for {name}?",
+        "Which code does Django use for {name}?",
+        "What's the code for the {name} language?",
+        "Give the language code of {name}.",
+        "{name}: what is its language code?",
+        "What is the locale identifier for {name}?",
+        "How is {name} written as a language code?",
+        "Name the code Django uses for the {name} language.",
+    ),
+    "name": (
+        "Which language has the code {code}?",
+        "What language is {code}?",
+        "Which language does the code {code} refer to?",
+        "What is the language with code {code}?",
+        "Code {code}: which language is that?",
+        "Tell me which language uses the code {code}.",
+        "Which language is identified by {code}?",
+        "{code} is the code of which language?",
+    ),
 }
 QA_TEST = {
     "code": ("Tell me the locale code of the {name} language.",),
@@ -293,12 +326,29 @@ MATH_TRAIN = {
     "+": (
         "{p} has {a} {i} and gets {b} more. How many {i} does {p} have now?",
         "{p} had {a} {i}. A friend gave {p} {b} {i}. How many {i} in total?",
+        "{p} had {a} {i} and then found {b} more. How many {i} now?",
+        "{p} collects {a} {i}, then receives {b} extra. How many {i} altogether?",
+        "Start with {a} {i}. Add {b} {i}. How many {i} are there?",
+        "{p} was given {b} {i} and already had {a}. What is the total?",
+        "How many {i} does {p} have after adding {b} to {a}?",
     ),
     "-": (
         "{p} has {a} {i} and gives away {b}. How many {i} are left?",
         "There were {a} {i}. {p} lost {b} of them. How many {i} remain?",
+        "{p} had {a} {i} and spent {b}. How many are left?",
+        "{p} sells {b} of {p}'s {a} {i}. How many {i} remain?",
+        "From {a} {i}, {p} removes {b}. How many {i} stay?",
+        "{p} has {a} {i} but loses {b}. What remains?",
+        "Take {b} {i} away from {a} {i}. How many are left?",
     ),
-    "*": ("{p} buys {a} boxes with {b} {i} in each box. How many {i} is that?",),
+    "*": (
+        "{p} buys {a} boxes with {b} {i} in each box. How many {i} is that?",
+        "There are {a} rows of {b} {i}. How many {i} are there?",
+        "{p} makes {a} piles of {b} {i}. How many {i} in total?",
+        "{a} friends each have {b} {i}. How many {i} do they have together?",
+        "Each of {p}'s {a} boxes contains {b} {i}. How many {i} altogether?",
+        "What is {a} groups of {b} {i}?",
+    ),
 }
 MATH_TEST = {
     "+": ("After getting {b} extra {i}, how many does {p} own if {p} started with {a}?",),
@@ -359,6 +409,12 @@ RAG_SYSTEM = "Answer the question using only the retrieved passages."
 RAG_TRAIN = (
     '{context}\n\nQuestion: What does the passage titled "{title}" say?',
     "{context}\n\nQuestion: According to the documents, what applies to {title}?",
+    '{context}\n\nQuestion: What is said about "{title}"?',
+    "{context}\n\nUsing the passages above, what does the text say about {title}?",
+    '{context}\n\nSummarize what the passages say under "{title}".',
+    '{context}\n\nWhat information is given for "{title}"?',
+    "{context}\n\nQuestion: {title} - what do the documents say?",
+    '{context}\n\nReport the passage about "{title}".',
 )
 RAG_TEST = ('{context}\n\nBased on the retrieved text, explain "{title}".',)
 
@@ -390,6 +446,10 @@ def generate_rag(rng: random.Random, split: str, count: int) -> list[Pair]:
 CODE_TRAIN = (
     "Complete the following Python function:\n```python\n{prompt}```",
     "Write the body of this function.\n\n{prompt}",
+    "Implement this function in Python:\n{prompt}",
+    "Fill in the missing code:\n```python\n{prompt}```",
+    "Here is a function signature and docstring. Write the implementation.\n{prompt}",
+    "Complete the code below.\n{prompt}",
 )
 CODE_TEST = ("Finish implementing this Python code:\n{prompt}",)
 CODE_SIMPLE = (

@@ -21,6 +21,7 @@ from benchmarks.world.train import (
     mixture_stream,
     pack_batch,
     run_training,
+    use_bf16,
 )
 
 
@@ -79,7 +80,7 @@ def distill_drafter(
             target,
             pack_batch(draw, config.rows, config.seq_len, config.prompt_weight, pad_id),
             top_k,
-            config.bf16_autocast,
+            use_bf16(config),
         )
         for _ in range(batches)
     ]

@@ -14,6 +14,7 @@ import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,8 +58,25 @@ class TrainingConfig:
     weight_decay: float = 0.01
     prompt_weight: float = 0.1
     min_lr_ratio: float = 0.1
-    bf16_autocast: bool = False
+    bf16_autocast: bool = False  # used only where the CPU has native bf16 (cpu_has_bf16)
     seed: int = 0
+
+
+def cpu_has_bf16() -> bool:
+    """True if this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo).
+
+    Without it, autocast emulates bf16 and is slower than fp32, so training stays fp32.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(config: TrainingConfig) -> bool:
+    """Whether a run with ``config`` autocasts to bf16 on this machine."""
+    return config.bf16_autocast and cpu_has_bf16()
 
 
 def encode_example(tokenizer: Any, example: Example) -> EncodedExample:
@@ -143,6 +161,20 @@ def weighted_token_loss(logits: torch.Tensor, batch: PackedBatch) -> torch.Tenso
     return (losses * weights).sum() / weights.sum().clamp_min(1.0)
 
 
+def weighted_lm_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """``weighted_token_loss`` of a causal LM, its output head applied only at positions
+    with a positive weight (the same value; with prompt weight 0 the vocabulary projection
+    and softmax run on the response tokens only, a large share of a small model's cost)."""
+    hidden = model.base_model(input_ids=batch.input_ids)[0]  # type: ignore[operator]
+    selected = batch.weights > 0
+    logits = model.get_output_embeddings()(hidden[selected])  # type: ignore[operator]
+    losses = torch.nn.functional.cross_entropy(
+        logits.float(), batch.labels[selected], ignore_index=-100, reduction="none"
+    )
+    weights = batch.weights[selected]
+    return (losses * weights).sum() / weights.sum().clamp_min(1.0)
+
+
 def learning_rate_at(step: int, config: TrainingConfig) -> float:
     """Linear warm-up to the peak, then cosine decay to ``min_lr_ratio`` of it."""
     if step < config.warmup_steps:
@@ -181,12 +213,13 @@ def run_training(
     optimizer = make_optimizer(model, config)
     model.train()
     losses: list[float] = []
+    autocast = use_bf16(config)
     bar = tqdm(range(config.steps), desc=description, disable=not progress, leave=False)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config)
         batch = next_batch()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = loss_of(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -217,9 +250,6 @@ def pretrain(
     def next_batch() -> PackedBatch:
         return pack_batch(draw, config.rows, config.seq_len, config.prompt_weight, pad_id)
 
-    def loss_of(net: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
-        return weighted_token_loss(net(input_ids=batch.input_ids).logits, batch)
-
     return run_training(
-        model, next_batch, loss_of, config, description=description, progress=progress
+        model, next_batch, weighted_lm_loss, config, description=description, progress=progress
     )

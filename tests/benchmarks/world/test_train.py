@@ -1,0 +1,74 @@
+"""The training loss of the world's models: the response-only output head, bf16 gating."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from benchmarks.world.train import (
+    EncodedExample,
+    TrainingConfig,
+    cpu_has_bf16,
+    mixture_stream,
+    pack_batch,
+    use_bf16,
+    weighted_lm_loss,
+    weighted_token_loss,
+)
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+def _examples() -> list[EncodedExample]:
+    rng = random.Random(0)
+    return [
+        EncodedExample(
+            "qa",
+            tuple(rng.randrange(3, 64) for _ in range(rng.randint(4, 12))),
+            tuple(rng.randrange(3, 64) for _ in range(rng.randint(2, 6))),
+        )
+        for _ in range(20)
+    ]
+
+
+@pytest.mark.parametrize("prompt_weight", [0.0, 0.1])
+def test_response_only_head_gives_the_full_loss(
+    model: torch.nn.Module, prompt_weight: float
+) -> None:
+    draw = mixture_stream(_examples(), {}, random.Random(1))
+    batch = pack_batch(draw, rows=2, seq_len=48, prompt_weight=prompt_weight, pad_id=0)
+    with torch.no_grad():
+        full = weighted_token_loss(model(input_ids=batch.input_ids).logits, batch)
+        selected = weighted_lm_loss(model, batch)
+    assert selected.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_prompt_weight_zero_scores_only_response_tokens() -> None:
+    draw = mixture_stream(_examples(), {}, random.Random(2))
+    batch = pack_batch(draw, rows=2, seq_len=48, prompt_weight=0.0, pad_id=0)
+    assert set(batch.weights.unique().tolist()) == {0.0, 1.0}
+    assert batch.labels[batch.weights > 0].ge(0).all()
+
+
+def test_bf16_is_used_only_when_asked_for() -> None:
+    config = TrainingConfig(steps=1, rows=1, seq_len=8, learning_rate=1e-3)
+    assert not use_bf16(config)
+    assert use_bf16(dataclasses.replace(config, bf16_autocast=True)) == cpu_has_bf16()
