@@ -1,7 +1,7 @@
 """Discover task clusters in unlabeled prompts: TF-IDF -> SVD -> k-means, named by top terms.
 
 Prompts of one task come in a few wordings (templates), and plain k-means on TF-IDF
-finds the wordings rather than the tasks. So discovery runs in two stages:
+finds the wordings rather than the tasks. So discovery runs in stages:
 
 1. over-cluster: k-means with ``micro_clusters`` clusters on unit SVD rows of TF-IDF
    (each micro-cluster is then nearly one wording of one task);
@@ -37,6 +37,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 from sklearn.preprocessing import normalize
 
+from classifiers.formats import format_matrix
 from classifiers.text import TOKEN_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -107,19 +108,9 @@ def _profile_similarity(
     return np.clip(similarity, 0.0, 1.0)
 
 
-_PUNCTUATION = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
-
-
-def _format_vector(text: str) -> list[float]:
-    """Log counts of lines, digits and each ASCII punctuation mark."""
-    counts = [text.count("\n") + 1, sum(ch.isdigit() for ch in text)]
-    counts += [text.count(mark) for mark in _PUNCTUATION]
-    return [math.log1p(count) for count in counts]
-
-
 def _format_kernel(texts: Sequence[str], micro: np.ndarray, count: int) -> np.ndarray:
     """``exp(-(d / s)^2)`` between micro-clusters' mean standardised format vectors."""
-    vectors = np.array([_format_vector(text) for text in texts])
+    vectors = format_matrix(texts)
     vectors = (vectors - vectors.mean(axis=0)) / (vectors.std(axis=0) + 1e-9)
     means = np.vstack([vectors[micro == cluster].mean(axis=0) for cluster in range(count)])
     spread = math.sqrt(

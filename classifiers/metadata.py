@@ -6,6 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from classifiers.formats import FormatProfile
+
 FORMAT_VERSION = 1
 MODEL_FILE = "classifier.onnx"
 METADATA_FILE = "classifier.json"
@@ -20,6 +22,12 @@ class OodThresholds(BaseModel):
     calibration prompts: the validation split's word-dropout copies by default (a stand-in
     for rewording; plain validation prompts share the training wording and would put the
     threshold far too high for reworded traffic).
+
+    With a ``format_profile``, a prompt is also flagged when its format distance to the
+    cluster it was assigned exceeds ``max_format_distance`` (a task unseen in training can
+    share a known task's words but not its format). The false-flag budget is then split:
+    ``probability_share`` of it to the probability rule, the rest to the format rule, each
+    a quantile of the same calibration prompts.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -30,6 +38,9 @@ class OodThresholds(BaseModel):
     calibration: str
     calibration_false_flags: float
     validation_false_flags: float
+    probability_share: float = 1.0
+    max_format_distance: float | None = None
+    format_profile: FormatProfile | None = None
 
 
 class ProbePrompt(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,8 @@ from pydantic import ValidationError
 
 from classifiers.api import Classification, ClassifierLoadError
 from classifiers.export import CENTROID_COSINE, INPUT_NAME, PROBABILITIES, open_session
-from classifiers.metadata import FORMAT_VERSION, MODEL_FILE, ClassifierMetadata
+from classifiers.formats import format_counts
+from classifiers.metadata import FORMAT_VERSION, MODEL_FILE, ClassifierMetadata, OodThresholds
 from classifiers.text import prompt_from_messages
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,31 @@ class RawScores:
 
     probabilities: np.ndarray
     centroid_cosine: np.ndarray
+
+
+@dataclass(frozen=True)
+class _FormatRule:
+    """Flag a prompt whose format distance to its assigned cluster exceeds the threshold."""
+
+    center: np.ndarray
+    scale: np.ndarray
+    means: np.ndarray
+    spreads: np.ndarray
+    max_distance: float
+
+    @classmethod
+    def from_thresholds(cls, ood: OodThresholds) -> _FormatRule | None:
+        if ood.format_profile is None or ood.max_format_distance is None:
+            return None
+        center, scale, means, spreads = ood.format_profile.arrays()
+        return cls(center, scale, means, spreads, ood.max_format_distance)
+
+    def unlike(self, text: str, cluster: int) -> bool:
+        standard = (np.log1p(np.array(format_counts(text), dtype=np.float64)) - self.center) / (
+            self.scale
+        )
+        gap = (standard - self.means[cluster]) / self.spreads[cluster]
+        return math.sqrt(float(gap @ gap)) > self.max_distance
 
 
 class OnnxTaskClassifier:
@@ -46,6 +73,7 @@ class OnnxTaskClassifier:
         self._source = source
         self._min_cosine = metadata.ood.min_centroid_cosine
         self._min_probability = metadata.ood.min_probability
+        self._format = _FormatRule.from_thresholds(metadata.ood)
 
     @classmethod
     def load(cls, directory: Path | str) -> OnnxTaskClassifier:
@@ -149,11 +177,13 @@ class OnnxTaskClassifier:
         probabilities, cosine = self._session.run(_OUTPUTS, {INPUT_NAME: batch})
         return RawScores(probabilities=probabilities, centroid_cosine=cosine)
 
-    def _decide(self, probabilities: np.ndarray, cosine: np.ndarray) -> Classification:
+    def _decide(self, text: str, probabilities: np.ndarray, cosine: np.ndarray) -> Classification:
         best = int(probabilities.argmax())
         probability = float(probabilities[best])
         out_of_distribution = (
-            probability < self._min_probability or float(cosine.max()) < self._min_cosine
+            probability < self._min_probability
+            or float(cosine.max()) < self._min_cosine
+            or (self._format is not None and self._format.unlike(text, best))
         )
         return Classification(self._labels[best], probability, out_of_distribution)
 
@@ -163,13 +193,13 @@ class OnnxTaskClassifier:
         probabilities, cosine = self._session.run(
             _OUTPUTS, {INPUT_NAME: np.array([[text]], dtype=object)}
         )
-        return self._decide(probabilities[0], cosine[0])
+        return self._decide(text, probabilities[0], cosine[0])
 
     def classify_batch(self, texts: Sequence[str]) -> list[Classification]:
         scores = self.scores(texts)
         return [
-            self._decide(p, c)
-            for p, c in zip(scores.probabilities, scores.centroid_cosine, strict=True)
+            self._decide(t, p, c)
+            for t, p, c in zip(texts, scores.probabilities, scores.centroid_cosine, strict=True)
         ]
 
     def classify_messages(self, messages: Sequence[Mapping[str, str]]) -> Classification:

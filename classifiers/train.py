@@ -23,6 +23,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from classifiers.export import build_classifier_graph
+from classifiers.formats import FormatProfile
 from classifiers.metadata import (
     CENTROIDS_FILE,
     METADATA_FILE,
@@ -36,7 +37,7 @@ from classifiers.text import TOKEN_PATTERN, LabeledPrompt, training_data_hash
 
 logger = logging.getLogger(__name__)
 
-TRAINER_VERSION = "3"
+TRAINER_VERSION = "4"  # 4: format-distance OOD rule
 # Probes checked on every load: odd inputs as well as ordinary ones.
 EDGE_PROBES: tuple[str, ...] = ("", "Ünïcödé ✓ 😀 naïve café", "print(x) 42 + 17 = ?")
 
@@ -74,6 +75,9 @@ DEFAULT_GRID: tuple[CandidateConfig, ...] = (
 # Perturbed validation: this many word-dropout copies of each validation prompt.
 OOD_CALIBRATIONS: tuple[str, ...] = ("validation-word-dropout", "validation")
 VALIDATION_DROPOUT_COPIES = 3
+# Share of the OOD false-flag budget given to the low-probability rule (the rest goes to
+# the format-distance rule); chosen with the leave-one-task-out protocol of bench.py.
+OOD_PROBABILITY_SHARE = 0.2
 VALIDATION_KEEP_PROBABILITY = 0.5
 
 
@@ -221,19 +225,43 @@ def accuracy_by_task(
 
 
 def calibrate_ood(
-    calibration_probability: np.ndarray,
-    validation_probability: np.ndarray,
+    calibration_probabilities: np.ndarray,
+    calibration_format_distance: np.ndarray,
+    validation_probabilities: np.ndarray,
+    validation_format_distance: np.ndarray,
     false_flag_rate: float,
     calibration: str,
+    profile: FormatProfile,
+    probability_share: float = OOD_PROBABILITY_SHARE,
 ) -> OodThresholds:
-    """Threshold = the ``false_flag_rate`` quantile of in-distribution top probabilities."""
-    threshold = float(np.quantile(calibration_probability, false_flag_rate, method="lower"))
+    """Thresholds from in-distribution prompts: the budget split between the two rules.
+
+    ``min_probability`` is the ``share * rate`` quantile of the top probability and
+    ``max_format_distance`` the ``1 - (1 - share) * rate`` quantile of the format distance
+    to the predicted cluster, so at most ``rate`` of the calibration prompts are flagged.
+    """
+    probability_rate = false_flag_rate * probability_share
+    threshold = float(
+        np.quantile(calibration_probabilities.max(axis=1), probability_rate, method="lower")
+    )
+    max_distance = float(
+        np.quantile(
+            calibration_format_distance, 1 - (false_flag_rate - probability_rate), method="higher"
+        )
+    )
+
+    def flagged(probabilities: np.ndarray, distance: np.ndarray) -> float:
+        return float(np.mean((probabilities.max(axis=1) < threshold) | (distance > max_distance)))
+
     return OodThresholds(
         min_probability=threshold,
         false_flag_rate=false_flag_rate,
         calibration=calibration,
-        calibration_false_flags=float(np.mean(calibration_probability < threshold)),
-        validation_false_flags=float(np.mean(validation_probability < threshold)),
+        calibration_false_flags=flagged(calibration_probabilities, calibration_format_distance),
+        validation_false_flags=flagged(validation_probabilities, validation_format_distance),
+        probability_share=probability_share,
+        max_format_distance=max_distance,
+        format_profile=profile,
     )
 
 
@@ -337,11 +365,17 @@ def train_classifier(
     perturbed = word_dropout(
         validation, VALIDATION_DROPOUT_COPIES, VALIDATION_KEEP_PROBABILITY, seed + 1
     )
-    validation_top = pipeline.predict_proba(validation_texts).max(axis=1)
+    profile = FormatProfile.fit(train_texts, [str(p.task) for p in train], pipeline.labels)
+    validation_probabilities = pipeline.predict_proba(validation_texts)
+    validation_distance = profile.distances(
+        validation_texts, validation_probabilities.argmax(axis=1)
+    )
     calibration_prompts = {"validation": validation, "validation-word-dropout": perturbed}
-    calibration_top = pipeline.predict_proba(
-        [p.text for p in calibration_prompts[ood_calibration]]
-    ).max(axis=1)
+    calibration_texts = [p.text for p in calibration_prompts[ood_calibration]]
+    calibration_probabilities = pipeline.predict_proba(calibration_texts)
+    calibration_distance = profile.distances(
+        calibration_texts, calibration_probabilities.argmax(axis=1)
+    )
     model_sha256 = hashlib.sha256(onnx_bytes).hexdigest()
     created = datetime.now(UTC).replace(microsecond=0)
     metadata = ClassifierMetadata(
@@ -356,7 +390,15 @@ def train_classifier(
         validation=ValidationMetrics(
             accuracy=accuracy, per_task=per_task, examples=len(validation)
         ),
-        ood=calibrate_ood(calibration_top, validation_top, false_flag_rate, ood_calibration),
+        ood=calibrate_ood(
+            calibration_probabilities,
+            calibration_distance,
+            validation_probabilities,
+            validation_distance,
+            false_flag_rate,
+            ood_calibration,
+            profile,
+        ),
         probes=_probes(pipeline, validation_texts),
         train_examples=len(train),
         created_at=created.isoformat(timespec="seconds"),

@@ -34,7 +34,8 @@ def test_very_long_text_is_classified(classifier: OnnxTaskClassifier) -> None:
 
 def test_non_ascii_and_emoji(classifier: OnnxTaskClassifier) -> None:
     assert classifier.classify("😀🚀 東京 ñandú ÉÉÉ").out_of_distribution
-    mixed = classifier.classify("😀 Solve the équation: prime number 🚀 sum divisible remainder")
+    # In the training prompts' format (one line ending in "?"; see the format-rule test).
+    mixed = classifier.classify("😀 Solve the équation prime number 🚀 sum divisible remainder?")
     assert mixed.cluster == "math"
     assert not mixed.out_of_distribution
 
@@ -94,3 +95,22 @@ def test_load_errors_are_clear(tmp_path: Path, classifier_dir: Path) -> None:
     (copy / "classifier.onnx").unlink()
     with pytest.raises(ClassifierLoadError, match=r"cannot read classifier\.onnx"):
         OnnxTaskClassifier.load(copy)
+
+
+def test_known_words_in_an_unseen_format_are_flagged(classifier: OnnxTaskClassifier) -> None:
+    # Synthetic training prompts are one line ending in "?"; the same math words laid out
+    # as numbered retrieved passages share the vocabulary but not the format.
+    words = "solve the equation prime number sum divisible remainder"
+    assert not classifier.classify(words.capitalize() + "?").out_of_distribution
+    passages = "\n".join(f"[{n}] {words} ({n}); {words}: {n * 17}." for n in range(1, 4))
+    unseen = classifier.classify(f"{passages}\n\nQuestion: what does [2] say?")
+    assert unseen.cluster == "math"
+    assert unseen.probability >= classifier.metadata.ood.min_probability
+    assert unseen.out_of_distribution
+
+
+def test_format_rule_is_calibrated_and_stored(classifier: OnnxTaskClassifier) -> None:
+    ood = classifier.metadata.ood
+    assert ood.format_profile is not None and ood.max_format_distance is not None
+    assert len(ood.format_profile.means) == len(classifier.labels)
+    assert ood.calibration_false_flags <= ood.false_flag_rate + 1e-9
