@@ -341,6 +341,7 @@ def build_world(
     config = BUILD_CONFIGS[scale]
     out = Path(out).expanduser().resolve() if out is not None else default_world_dir(scale)
     manifest = read_manifest(out)
+    refuse_foreign_directory(out, manifest)
     if not force and manifest is not None and manifest.get("config_hash") == config.digest():
         logger.info("world at %s is up to date (config %s)", out, config.digest()[:12])
         return World.load(out)
@@ -353,6 +354,22 @@ def build_world(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return World.load(out)
+
+
+class NotAWorldDirectoryError(ValueError):
+    """The output directory exists, holds files, and is not a specroute world."""
+
+
+def refuse_foreign_directory(out: Path, manifest: dict[str, Any] | None) -> None:
+    """Refuse to build into a non-empty directory that is not a world: a rebuild replaces
+    the whole directory, and it must never delete an operator's own files."""
+    if manifest is None and out.is_dir() and any(out.iterdir()):
+        raise NotAWorldDirectoryError(
+            f"refusing to build into {out}: it is not empty and holds no specroute world "
+            "(no manifest.json); choose a new or empty directory"
+        )
+    if out.exists() and not out.is_dir():
+        raise NotAWorldDirectoryError(f"refusing to build into {out}: it is not a directory")
 
 
 def _replace_directory(new: Path, out: Path) -> None:

@@ -90,9 +90,13 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Build the world (cached: returns at once when already built from this config)."""
-        from benchmarks.world.build import build_world
+        from benchmarks.world.build import NotAWorldDirectoryError, build_world
 
-        world = build_world(out, scale, progress=True, force=force)
+        try:
+            world = build_world(out, scale, progress=True, force=force)
+        except NotAWorldDirectoryError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=2) from exc
         timings = world.manifest.get("timings", {})
         typer.echo(f"world ({world.scale}) at {world.root}")
         if "total_s" in timings:

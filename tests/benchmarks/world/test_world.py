@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.world.build import BUILD_CONFIGS, build_world
+from benchmarks.world.build import BUILD_CONFIGS, NotAWorldDirectoryError, build_world
 from benchmarks.world.corpus import TASKS, prompt_text
 from benchmarks.world.layout import World, WorldNotBuiltError, default_world_dir
 
@@ -82,6 +82,19 @@ def test_stale_config_hash_triggers_a_rebuild(tmp_path: Path) -> None:
     world = build_world(root, "tiny", progress=False)
     assert world.manifest["config_hash"] == BUILD_CONFIGS["tiny"].digest()
     assert not list(tmp_path.glob(".world.*")), "no staging or stale directory left behind"
+
+
+def test_never_builds_over_a_directory_that_is_not_a_world(tmp_path: Path) -> None:
+    precious = tmp_path / "models"
+    precious.mkdir()
+    (precious / "weights.safetensors").write_bytes(b"operator data")
+    with pytest.raises(NotAWorldDirectoryError, match="not empty"):
+        build_world(precious, "tiny", progress=False)
+    assert (precious / "weights.safetensors").read_bytes() == b"operator data"
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(NotAWorldDirectoryError, match="not a directory"):
+        build_world(a_file, "tiny", progress=False)
 
 
 def test_loading_an_empty_directory_says_how_to_build(tmp_path: Path) -> None:
