@@ -90,10 +90,13 @@ class Tally:
 
 
 def analytical_speedup(a: float, k: int, t_ar: float, t_draft: float, t_verify: float) -> float:
-    """S(a, k) = [(1 - a^(k+1)) / (1 - a)] * t_ar / (k * t_draft + t_verify(k))."""
-    expected_tokens = float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
-    step_cost = k * t_draft + t_verify
-    return expected_tokens * t_ar / step_cost if step_cost > 0 else 0.0
+    """S(a, k) with the measured costs: the policy's formula (router.policy.speedup), 0 when
+    no step cost was measured."""
+    from router.policy.speedup import speedup
+
+    if k * t_draft + t_verify <= 0:
+        return 0.0
+    return speedup(a, k, t_ar=t_ar, t_draft=t_draft, t_verify=t_verify)
 
 
 def acceptance_from_mean_length(mean_tokens_per_step: float, k: int) -> float:

@@ -186,16 +186,14 @@ def decode_step_seconds(model: Any, context_length: int = 96, steps: int = 40) -
 
 def unevenness(values: Sequence[float]) -> dict[str, float]:
     """Spread of per-task values: min, max, max/min, coefficient of variation, Jain's index."""
-    low, high = min(values), max(values)
-    mean = statistics.fmean(values)
+    from benchmarks.replay.metrics import coefficient_of_variation, jain_index, max_over_min
+
     return {
-        "min": low,
-        "max": high,
-        "max_over_min": high / low if low > 0 else float("inf"),
-        "coefficient_of_variation": statistics.pstdev(values) / mean if mean else 0.0,
-        "jain_index": sum(values) ** 2 / (len(values) * sum(v * v for v in values))
-        if any(values)
-        else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "max_over_min": max_over_min(values),
+        "coefficient_of_variation": coefficient_of_variation(values),
+        "jain_index": jain_index(values),
     }
 
 
