@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -163,11 +164,25 @@ async def start_sidecar(settings: Settings, components: Components | None = None
     return running
 
 
+def freeze_startup_heap() -> None:
+    """Move everything allocated at start-up (models, tokenizers, sessions: hundreds of
+    thousands of objects) out of the garbage collector's generations.
+
+    Objects that live as long as the process never become garbage, but every full
+    collection scans them; on the route path those scans showed up as stalls. Measured with
+    ``specroute bench load`` on the default world: about +10% Route throughput.
+    """
+    gc.collect()
+    gc.freeze()
+    logger.info("froze %d start-up objects out of the collector's reach", gc.get_freeze_count())
+
+
 async def serve(
     settings: Settings, on_ready: Callable[[RunningSidecar], None] | None = None
 ) -> None:
     """Run the sidecar until SIGTERM or SIGINT, then stop gracefully (final snapshot)."""
     running = await start_sidecar(settings)
+    freeze_startup_heap()
     if on_ready is not None:
         on_ready(running)
     stopping = asyncio.Event()

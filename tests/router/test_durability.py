@@ -109,6 +109,8 @@ def test_drafter_and_policy_survive_sigkill_and_sigterm(
             )
         )
         state_before_stop = stub.GetPolicyState(pb.GetPolicyStateRequest())
+        # The process bootstrap took its start-up heap out of the collector's reach.
+        assert "froze" in second.log_tail(200_000)
         assert second.stop() == 0  # SIGTERM: graceful, final snapshot
     # The final snapshot at SIGTERM holds the last update (restoring a snapshot is
     # covered by the restart above).
