@@ -19,6 +19,7 @@ from benchmarks.replay.plots import grouped_bars
 from benchmarks.replay.replay import BASELINE_POLICY, PolicyRun
 from benchmarks.replay.report import finite, machine_description, markdown_table
 from benchmarks.replay.study_maths import (
+    SPREAD_KEYS,
     centroid_similarity,
     correlation,
     length_distribution,
@@ -284,17 +285,7 @@ def study_markdown(answers: Mapping[str, Any], plots: Sequence[Path]) -> str:
             [
                 [
                     p,
-                    *(
-                        _f(v.get(k))
-                        for k in (
-                            "mean_speedup",
-                            "min_speedup",
-                            "max_speedup",
-                            "max_over_min",
-                            "cv",
-                            "jain",
-                        )
-                    ),
+                    *(_f(v.get(k)) for k in SPREAD_KEYS),
                 ]
                 for p, v in spread.items()
             ],

@@ -273,6 +273,12 @@ class Policy(Protocol):
     def describe(self) -> list[ContextSummary]: ...
 
 
+def check_drafter_name(name: str) -> None:
+    """Refuse to add ``"none"`` as a drafter: it names the k = 0 arm."""
+    if name == NONE_DRAFTER:
+        raise ValueError(f"{NONE_DRAFTER!r} is the k = 0 arm, not a drafter")
+
+
 def check_state(state: Mapping[str, Any], policy_name: str) -> None:
     """Refuse a saved state of another format version or of another policy."""
     version = state.get("version")

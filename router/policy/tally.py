@@ -18,6 +18,7 @@ from router.policy.base import (
     ContextSummary,
     Decision,
     Outcome,
+    check_drafter_name,
     check_state,
 )
 
@@ -128,8 +129,7 @@ class TablePolicy:
         """Baselines do not learn; counterfactual scores are ignored."""
 
     def add_drafter(self, name: str, similarity: Mapping[str, float] | None = None) -> None:
-        if name == NONE_DRAFTER:
-            raise ValueError(f"{NONE_DRAFTER!r} is the k = 0 arm, not a drafter")
+        check_drafter_name(name)
         if name not in self.drafters_:
             self.drafters_.append(name)
 

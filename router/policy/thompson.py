@@ -44,6 +44,7 @@ from router.policy.base import (
     ContextSummary,
     Decision,
     Outcome,
+    check_drafter_name,
     check_state,
 )
 from router.policy.costs import CostModel
@@ -281,8 +282,7 @@ class ThompsonPolicy:
 
     def add_drafter(self, name: str, similarity: Mapping[str, float] | None = None) -> None:
         """Make ``name`` selectable; its prior per cluster comes from ``similarity``."""
-        if name == NONE_DRAFTER:
-            raise ValueError(f"{NONE_DRAFTER!r} is the k = 0 arm, not a drafter")
+        check_drafter_name(name)
         if similarity:
             self.similarity_[name] = {str(c): float(s) for c, s in similarity.items()}
         if name in self.index_:

@@ -27,6 +27,7 @@ from router.policy.base import (
     ContextSummary,
     Decision,
     Outcome,
+    check_drafter_name,
     check_state,
 )
 from router.policy.costs import CostModel
@@ -164,8 +165,7 @@ class UcbPolicy:
         """UCB learns from measured rewards only; counterfactual scores are ignored."""
 
     def add_drafter(self, name: str, similarity: Mapping[str, float] | None = None) -> None:
-        if name == NONE_DRAFTER:
-            raise ValueError(f"{NONE_DRAFTER!r} is the k = 0 arm, not a drafter")
+        check_drafter_name(name)
         if name in self.drafters_:
             return
         self.drafters_.append(name)
