@@ -19,12 +19,12 @@ Only ratios enter S(a, k), so the switch from units to seconds is harmless.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from router.policy.base import Outcome
+from router.policy.base import NONE_DRAFTER, Context, Outcome
 
 
 class CostModel:
@@ -156,4 +156,96 @@ class CostModel:
         self.verify_xtx_ = np.asarray(state["verify_xtx"], dtype=np.float64).reshape(2, 2)
         self.verify_xty_ = np.asarray(state["verify_xty"], dtype=np.float64).reshape(2)
         self.observations_ = int(state["observations"])
+        self.revision_ += 1
+
+
+class RequestOverheads:
+    """Per context: each arm's fixed time per request and the mean output length.
+
+    The fixed time of a request is what its measured wall time leaves after the
+    per-step costs the ``CostModel`` predicts for its actual steps: for a plain request
+    ``wall - tokens * t_ar``, for one drafted by d
+    ``wall - drafted * t_draft[d] - steps * t_verify(mean k)``. It holds the target's
+    prefill, the drafter's start-up and the engine's bookkeeping, which a short output
+    cannot amortise. Both are running means that turn into EWMAs (weight
+    ``max(1/n, ewma)``) and enter ``speedup.request_speedup``.
+    """
+
+    def __init__(self, *, ewma: float = 0.05) -> None:
+        self.ewma = ewma
+        self.fixed_: dict[tuple[Context, str], tuple[float, int]] = {}
+        self.length_: dict[Context, tuple[float, int]] = {}
+        self.revision_ = 0
+
+    def _blend(self, old: tuple[float, int] | None, new: float) -> tuple[float, int]:
+        if old is None:
+            return new, 1
+        n = old[1] + 1
+        weight = max(1.0 / n, self.ewma)
+        return (1.0 - weight) * old[0] + weight * new, n
+
+    def observe(self, context: Context, drafter: str, outcome: Outcome, costs: CostModel) -> None:
+        """Fold one request in (call after ``costs.observe`` so its costs are current)."""
+        tokens = outcome.generated_tokens
+        if tokens <= 0 or outcome.wall_time_s <= 0:
+            return
+        drafted = outcome.drafted_tokens
+        if drafted == 0:
+            arm, predicted = NONE_DRAFTER, tokens * costs.plain_token_time()
+        else:
+            steps = outcome.steps
+            verify = costs.verify_line() or (costs.plain_token_time(), 0.0)
+            draft = float(costs.draft_times([drafter])[0])
+            predicted = drafted * draft + steps * (verify[0] + verify[1] * drafted / steps)
+            arm = drafter
+        key = (context, arm)
+        self.fixed_[key] = self._blend(self.fixed_.get(key), outcome.wall_time_s - predicted)
+        self.length_[context] = self._blend(self.length_.get(context), float(tokens))
+        self.revision_ += 1
+
+    def output_tokens(self, context: Context) -> float | None:
+        """Mean generated tokens of the context's requests, None before any."""
+        entry = self.length_.get(context)
+        return entry[0] if entry else None
+
+    def fixed_times(self, context: Context, drafters: Sequence[str]) -> tuple[float, np.ndarray]:
+        """(F_0, F_d per drafter), clamped at 0.
+
+        Unmeasured arms are priced so that drafting is never overrated: an unmeasured plain
+        arm costs 0 (all fixed time counts against drafting, so where that makes drafting
+        lose, plain decoding is tried once and measured); an unmeasured drafter costs the
+        cheapest measured drafter here, else the plain arm.
+        """
+        measured = {
+            name: max(0.0, self.fixed_[(context, name)][0])
+            for name in (NONE_DRAFTER, *drafters)
+            if (context, name) in self.fixed_
+        }
+        fixed_none = measured.pop(NONE_DRAFTER, 0.0)
+        default = min(measured.values(), default=fixed_none)
+        return fixed_none, np.array([measured.get(name, default) for name in drafters])
+
+    def forget_drafter(self, drafter: str) -> None:
+        self.fixed_ = {key: v for key, v in self.fixed_.items() if key[1] != drafter}
+        self.revision_ += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "fixed": [
+                [c.cluster, c.length_bucket, arm, value, n]
+                for (c, arm), (value, n) in self.fixed_.items()
+            ],
+            "length": [
+                [c.cluster, c.length_bucket, value, n] for c, (value, n) in self.length_.items()
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.fixed_ = {
+            (Context(str(c), int(b)), str(arm)): (float(v), int(n))
+            for c, b, arm, v, n in state.get("fixed", [])
+        }
+        self.length_ = {
+            Context(str(c), int(b)): (float(v), int(n)) for c, b, v, n in state.get("length", [])
+        }
         self.revision_ += 1

@@ -10,6 +10,14 @@ per token without speculation (Leviathan et al. 2023, arXiv 2211.17192), so
 
     S(a, k) = L(a, k) * t_ar / (k * t_draft + t_verify(k)),   S(a, 0) = 1.
 
+Per-request fixed time (target prefill, drafter start, bookkeeping) is not in S: it is
+paid once per request, so it matters against short outputs. With L expected output
+tokens, F_0 the fixed time of a plain request and F_d that of a request drafted by d,
+
+    S_req(a, k) = (F_0 + L * t_ar) / (F_d + (L / L(a, k)) * (k * t_draft + t_verify(k)))
+
+which is S(a, k) when F_0 = F_d = 0 (``request_speedup``).
+
 Everything is vectorised over acceptances (any leading shape) and draft lengths.
 """
 
@@ -50,6 +58,27 @@ def cost_gain(t_ar: float, t_draft: npt.ArrayLike, t_verify: npt.ArrayLike) -> F
 def speedup_table(acceptance: npt.ArrayLike, gain: FloatArray) -> FloatArray:
     """S(a, k) for acceptances of shape (..., D) and a gain of shape (D, K + 1)."""
     return expected_tokens_per_step(acceptance, gain.shape[-1] - 1) * gain
+
+
+def request_speedup(
+    acceptance: npt.ArrayLike,
+    gain: FloatArray,
+    *,
+    t_ar: float,
+    output_tokens: float,
+    fixed_none: float,
+    fixed_drafters: npt.ArrayLike,
+) -> FloatArray:
+    """S_req(a, k) (module doc) for acceptances (..., D), ``gain`` (D, K + 1) and the
+    fixed times per request: ``fixed_none`` (plain) and ``fixed_drafters`` (D,).
+    Column 0 stays 1 (no speculation)."""
+    tokens = expected_tokens_per_step(acceptance, gain.shape[-1] - 1)
+    step_cost = t_ar / gain  # k * t_draft + t_verify(k); t_ar at k = 0
+    fixed = np.asarray(fixed_drafters, dtype=np.float64).reshape(-1, 1)
+    spent = fixed + output_tokens * step_cost / tokens
+    table = (fixed_none + output_tokens * t_ar) / np.maximum(spent, 1e-12)
+    table[..., 0] = 1.0
+    return np.asarray(table, dtype=np.float64)
 
 
 def speedup(acceptance: float, k: int, *, t_ar: float, t_draft: float, t_verify: float) -> float:

@@ -11,7 +11,10 @@ Costs are measured (``costs.py``). For a request in context c:
     choose d* = argmax_d S(a_d, k_d)          (k = 0, i.e. drafter "none", when S <= 1)
 
 with S(a, k) = [(1 - a^(k+1)) / (1 - a)] * t_ar / (k * t_draft + t_verify(k)) and
-S(a, 0) = 1. The decision is "explored" when it differs from the same rule applied to
+S(a, 0) = 1. Once the context has served requests, S is priced per request instead
+(``speedup.request_speedup``): the context's mean output length and each arm's measured
+fixed time per request (``costs.RequestOverheads``) decide whether drafting pays for
+short outputs at all. The decision is "explored" when it differs from the same rule applied to
 the posterior means, and its ``expected_speedup`` is S at the posterior mean.
 
 Cold start: a drafter added with ``similarity`` (cluster -> similarity of its fine-tuning
@@ -47,8 +50,13 @@ from router.policy.base import (
     check_drafter_name,
     check_state,
 )
-from router.policy.costs import CostModel
-from router.policy.speedup import best_draft_length, cost_gain, speedup_table
+from router.policy.costs import CostModel, RequestOverheads
+from router.policy.speedup import (
+    best_draft_length,
+    cost_gain,
+    request_speedup,
+    speedup_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +79,8 @@ class ThompsonConfig(BaseModel):
     evidence_cap: float | None = Field(None, gt=0.0)
     transfer_weight: float = Field(16.0, ge=0.0)
     cost_ewma: float = Field(0.01, gt=0.0, le=1.0)
+    per_request: bool = True
+    overhead_ewma: float = Field(0.05, gt=0.0, le=1.0)
     verify_slope_ratio: float = Field(0.05, ge=0.0)
     default_draft_cost_ratio: float = Field(0.1, ge=0.0)
     draft_cost_ratio: dict[str, float] = Field(default_factory=dict)
@@ -96,6 +106,8 @@ class ThompsonPolicy:
         transfer_weight: float = 16.0,
         costs: CostModel | None = None,
         similarity: Mapping[str, Mapping[str, float]] | None = None,
+        per_request: bool = True,
+        overhead_ewma: float = 0.05,
     ) -> None:
         self.gamma = gamma
         self.gamma_drift = gamma_drift
@@ -106,6 +118,8 @@ class ThompsonPolicy:
         self.transfer_weight = transfer_weight
         self._rng = rng if rng is not None else np.random.default_rng()
         self.costs_ = costs if costs is not None else CostModel()
+        # None: price per step only (the plain S(a, k)).
+        self.overheads_ = RequestOverheads(ewma=overhead_ewma) if per_request else None
         self.drafters_: list[str] = []
         self.index_: dict[str, int] = {}
         self.similarity_: dict[str, dict[str, float]] = {}
@@ -148,6 +162,8 @@ class ThompsonPolicy:
                 draft_cost_ratio=cfg.draft_cost_ratio,
             ),
             similarity=cfg.similarity,
+            per_request=cfg.per_request,
+            overhead_ewma=cfg.overhead_ewma,
         )
 
     @property
@@ -167,6 +183,24 @@ class ThompsonPolicy:
             )
             self._gain_cache = (key, gain)
         return self._gain_cache[1]
+
+    def _speedups(self, context: Context, acceptance: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """S of every (drafter in ``index``, k): per request once the context has a
+        measured output length, else per step."""
+        gain = self._gain()[index]
+        tokens = self.overheads_.output_tokens(context) if self.overheads_ else None
+        if self.overheads_ is None or tokens is None:
+            return speedup_table(acceptance, gain)
+        names = [self.drafters_[int(i)] for i in index]
+        fixed_none, fixed = self.overheads_.fixed_times(context, names)
+        return request_speedup(
+            acceptance,
+            gain,
+            t_ar=self.costs_.plain_token_time(),
+            output_tokens=tokens,
+            fixed_none=fixed_none,
+            fixed_drafters=fixed,
+        )
 
     def _eligible_index(self, eligible: Sequence[str]) -> np.ndarray:
         key = tuple(eligible)
@@ -232,7 +266,7 @@ class ThompsonPolicy:
         acceptance = np.empty((2, index.size))
         acceptance[0] = self._rng.beta(alpha, beta)  # the Thompson sample
         acceptance[1] = alpha / (alpha + beta)  # the posterior mean (greedy rule)
-        table = speedup_table(acceptance, self._gain()[index])  # [2, drafters, k_max + 1]
+        table = self._speedups(context, acceptance, index)  # [2, drafters, k_max + 1]
         width = self.k_max + 1
         sampled, greedy = table.reshape(2, -1).argmax(axis=1)
         drafter, k = divmod(int(sampled), width)
@@ -247,6 +281,8 @@ class ThompsonPolicy:
         """Learn costs from the outcome and the chosen drafter's acceptance."""
         arms = self._context(context)
         self.costs_.observe(decision.drafter, outcome)
+        if self.overheads_ is not None:
+            self.overheads_.observe(context, decision.drafter, outcome, self.costs_)
         arms.requests += 1
         i = self.index_.get(decision.drafter)
         if decision.k == 0 or i is None:
@@ -304,6 +340,8 @@ class ThompsonPolicy:
         self.index_ = {drafter: j for j, drafter in enumerate(self.drafters_)}
         self.similarity_.pop(name, None)
         self.costs_.forget_drafter(name)
+        if self.overheads_ is not None:
+            self.overheads_.forget_drafter(name)
         self._layout_changed()
 
     def _layout_changed(self) -> None:
@@ -328,6 +366,7 @@ class ThompsonPolicy:
                 for c, a in self.contexts_.items()
             ],
             "costs": self.costs_.state_dict(),
+            "overheads": self.overheads_.state_dict() if self.overheads_ else None,
             "rng": self._rng.bit_generator.state,
         }
 
@@ -342,6 +381,9 @@ class ThompsonPolicy:
             for c in state["contexts"]
         }
         self.costs_.load_state_dict(state["costs"])
+        if self.overheads_ is not None:
+            # States saved before per-request pricing have no "overheads": start empty.
+            self.overheads_.load_state_dict(state.get("overheads") or {})
         self.updates_ = int(state["updates"])
         if state.get("rng"):
             self._rng.bit_generator.state = state["rng"]
@@ -349,13 +391,13 @@ class ThompsonPolicy:
 
     def describe(self) -> list[ContextSummary]:
         """Per context: posterior per drafter, its best k and S at the posterior mean."""
-        gain = self._gain()
+        everyone = np.arange(len(self.drafters_), dtype=np.intp)
         summaries = []
         for context, arms in sorted(
             self.contexts_.items(), key=lambda item: (item[0].cluster, item[0].length_bucket)
         ):
             mean = arms.mean()
-            best_k, best_s = best_draft_length(speedup_table(mean, gain))
+            best_k, best_s = best_draft_length(self._speedups(context, mean, everyone))
             summary_arms = tuple(
                 ArmSummary(
                     name,

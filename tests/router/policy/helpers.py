@@ -17,12 +17,18 @@ def geometric_outcome(
     draft_cost: float = 0.1,
     verify_slope: float = 0.05,
     tokens: int = 100,
+    fixed_time: float = 0.0,
+    plain_fixed_time: float = 0.0,
 ) -> Outcome:
     """One request: each step accepts min(k, G - 1) tokens, G ~ Geometric(1 - a)."""
     k = decision.k
     if k == 0:
         return Outcome.from_steps(
-            [0] * tokens, [0] * tokens, draft_time_s=0.0, verify_time_s=tokens * T_AR
+            [0] * tokens,
+            [0] * tokens,
+            draft_time_s=0.0,
+            verify_time_s=tokens * T_AR,
+            wall_time_s=tokens * T_AR + plain_fixed_time,
         )
     accepted: list[int] = []
     while sum(accepted) + len(accepted) < tokens:
@@ -33,4 +39,5 @@ def geometric_outcome(
         accepted,
         draft_time_s=steps * k * draft_cost * T_AR,
         verify_time_s=steps * (1.0 + verify_slope * k) * T_AR,
+        wall_time_s=steps * (k * draft_cost + 1.0 + verify_slope * k) * T_AR + fixed_time,
     )

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from router.policy.base import Outcome
-from router.policy.costs import CostModel
+from router.policy.base import Context, Outcome
+from router.policy.costs import CostModel, RequestOverheads
 
 
 def _outcome(
@@ -87,3 +87,45 @@ def test_state_round_trip_through_json() -> None:
     restored.load_state_dict(json.loads(json.dumps(costs.state_dict())))
     assert restored.verify_line() == pytest.approx(costs.verify_line())
     assert restored.draft_times(["generic"]) == pytest.approx(costs.draft_times(["generic"]))
+
+
+def _with_fixed_time(outcome: Outcome, fixed: float) -> Outcome:
+    return Outcome.from_steps(
+        outcome.drafted_per_step,
+        outcome.accepted_per_step,
+        draft_time_s=outcome.draft_time_s,
+        verify_time_s=outcome.verify_time_s,
+        wall_time_s=outcome.draft_time_s + outcome.verify_time_s + fixed,
+    )
+
+
+def test_request_overheads_measure_each_arms_fixed_time_and_the_output_length() -> None:
+    costs, overheads = CostModel(), RequestOverheads()
+    math, chat = Context("math"), Context("chat")
+    for _ in range(20):
+        for k, arm, fixed in ((0, "none", 0.02), (3, "generic", 0.05)):
+            outcome = _with_fixed_time(_outcome(k, 10), fixed)
+            costs.observe(arm, outcome)
+            overheads.observe(math, arm, outcome, costs)
+    fixed_none, fixed = overheads.fixed_times(math, ["generic", "code"])
+    assert fixed_none == pytest.approx(0.02, rel=0.05)
+    # "code" was never measured here: priced like the cheapest measured drafter.
+    assert fixed == pytest.approx([0.05, 0.05], rel=0.05)
+    assert overheads.output_tokens(math) == pytest.approx(10.0)
+    assert overheads.output_tokens(chat) is None
+    restored = RequestOverheads()
+    restored.load_state_dict(json.loads(json.dumps(overheads.state_dict())))
+    assert restored.fixed_times(math, ["generic"])[1] == pytest.approx(fixed[:1])
+    restored.forget_drafter("generic")
+    assert restored.fixed_times(math, ["generic"])[1] == pytest.approx([fixed_none])
+
+
+def test_an_unmeasured_plain_arm_is_priced_so_drafting_is_not_overrated() -> None:
+    costs, overheads = CostModel(), RequestOverheads()
+    for arm, fixed in (("generic", 0.05), ("code", 0.03)):
+        outcome = _with_fixed_time(_outcome(2, 10), fixed)
+        costs.observe(arm, outcome)
+        overheads.observe(Context("qa"), arm, outcome, costs)
+    fixed_none, fixed = overheads.fixed_times(Context("qa"), ["generic", "code", "new"])
+    assert fixed_none == 0.0
+    assert fixed == pytest.approx([0.05, 0.03, 0.03], abs=0.005)

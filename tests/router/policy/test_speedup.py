@@ -9,6 +9,7 @@ from router.policy.speedup import (
     best_draft_length,
     cost_gain,
     expected_tokens_per_step,
+    request_speedup,
     speedup,
     speedup_table,
 )
@@ -76,3 +77,28 @@ def test_table_is_vectorised_over_samples_and_drafters() -> None:
     assert table.shape == (2, 2, 5)
     assert table[0, 0, 2] == pytest.approx(1.75 / 1.30)
     assert table[1, 1, 1] == pytest.approx(1.6 / (0.01 + 1.05))
+
+
+def test_request_speedup_without_fixed_time_is_the_step_speedup() -> None:
+    gain = _gain(0.1, k_max=3)
+    per_request = request_speedup(
+        [0.5], gain, t_ar=1.0, output_tokens=40.0, fixed_none=0.0, fixed_drafters=[0.0]
+    )
+    assert per_request == pytest.approx(speedup_table([0.5], gain))
+
+
+def test_request_speedup_prices_fixed_time_against_the_output_length() -> None:
+    # a = 0.5, k = 2: 1.75 tokens per step at 1.30 t_ar. Plain pays 2 t_ar of fixed time,
+    # the drafter 10: over 10 tokens (2 + 10) / (10 + 10 / 1.75 * 1.30) = 0.6885,
+    # over 200 tokens (2 + 200) / (10 + 200 / 1.75 * 1.30) = 1.2737.
+    gain = _gain(0.1, k_max=3)
+    short, long = (
+        request_speedup(
+            [0.5], gain, t_ar=1.0, output_tokens=n, fixed_none=2.0, fixed_drafters=[10.0]
+        )
+        for n in (10.0, 200.0)
+    )
+    assert short[0, 2] == pytest.approx(12.0 / (10.0 + 10.0 / 1.75 * 1.30))
+    assert long[0, 2] == pytest.approx(202.0 / (10.0 + 200.0 / 1.75 * 1.30))
+    assert short[0, 0] == long[0, 0] == 1.0
+    assert short[0, 1:].max() < 1.0 < long[0, 1:].max()

@@ -66,6 +66,32 @@ def test_converges_to_the_best_drafter_and_its_best_k() -> None:
     assert policy.costs_.plain_token_time() == pytest.approx(0.01, rel=0.05)
 
 
+def test_prices_fixed_time_per_request_against_the_output_length() -> None:
+    # Same acceptance (0.5) in both clusters; the drafter's start-up costs 10 t_ar per
+    # request and plain decoding's 2 t_ar. Over 10 tokens drafting loses (S = 0.69 at
+    # k = 2), over 200 it wins (1.27), which the per-step S (1.35) cannot tell apart.
+    chosen = {}
+    for cluster, tokens in (("short", 10), ("long", 200)):
+        policy = ThompsonPolicy(["d"], rng=np.random.default_rng(21))
+        rng = np.random.default_rng(22)
+        decisions = []
+        for _ in range(150):
+            decision = policy.select(Context(cluster), ["d"])
+            outcome = geometric_outcome(
+                rng, decision, 0.5, tokens=tokens, fixed_time=0.1, plain_fixed_time=0.02
+            )
+            policy.update(Context(cluster), decision, outcome)
+            decisions.append(decision)
+        chosen[cluster] = Counter(d.drafter for d in decisions[-50:])
+        summary = policy.describe()[0]
+        assert summary.chosen_drafter == ("none" if cluster == "short" else "d")
+    assert chosen["short"]["none"] >= 45
+    assert chosen["long"]["d"] >= 45
+    per_step = ThompsonPolicy(["d"], per_request=False, rng=np.random.default_rng(21))
+    _train(per_step, Context("short"), {"d": 0.5}, 50)
+    assert per_step.describe()[0].chosen_drafter == "d"
+
+
 def test_follows_drift_to_the_new_best_drafter() -> None:
     policy = ThompsonPolicy(["a", "b"], gamma=0.98, rng=np.random.default_rng(2))
     _train(policy, CODE, {"a": 0.8, "b": 0.55}, 150)
