@@ -104,7 +104,9 @@ class AuthInterceptor(aio.ServerInterceptor):
     """Bearer tokens: admin methods need the admin token; data methods the data token, if set.
 
     No token or a wrong one is UNAUTHENTICATED; the data token on an admin method is
-    PERMISSION_DENIED. The admin token is accepted on data methods too.
+    PERMISSION_DENIED. The admin token is accepted on data methods too. Without a
+    configured admin token, admin methods are closed (UNAUTHENTICATED for every caller),
+    never open.
     """
 
     def __init__(
@@ -120,12 +122,16 @@ class AuthInterceptor(aio.ServerInterceptor):
         self._metrics = metrics
 
     def _needs_token(self, method: str) -> bool:
-        if method in self._admin_methods:
-            return self._admin_token is not None
-        return self._data_token is not None
+        return method in self._admin_methods or self._data_token is not None
 
     def _verdict(self, method: str, token: str | None) -> tuple[grpc.StatusCode, str] | None:
         admin = method in self._admin_methods
+        if admin and self._admin_token is None:
+            return (
+                grpc.StatusCode.UNAUTHENTICATED,
+                "admin RPCs are disabled: the sidecar has no admin_token "
+                "(set SPECROUTE_ADMIN_TOKEN or admin_token in the config file)",
+            )
         if token is None:
             return grpc.StatusCode.UNAUTHENTICATED, "missing bearer token (authorization metadata)"
         if self._admin_token is not None and _same(token, self._admin_token):

@@ -124,6 +124,11 @@ async def start_sidecar(settings: Settings, components: Components | None = None
     await asyncio.to_thread(service.start)
 
     admin = settings.admin_token.get_secret_value() if settings.admin_token else None
+    if admin is None:
+        logger.warning(
+            "no admin_token set: RegisterDrafter, RemoveDrafter, ReloadClassifier and "
+            "SetPolicy are refused (UNAUTHENTICATED) until one is configured"
+        )
     data = settings.data_token.get_secret_value() if settings.data_token else None
     server = aio.server(
         interceptors=[

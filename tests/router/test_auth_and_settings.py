@@ -145,3 +145,27 @@ def test_registry_round_trip_and_refusals(tmp_path: Path) -> None:
     journal = reopened._db.execute("PRAGMA journal_mode").fetchone()[0]
     assert journal == "wal"
     reopened.close()
+
+
+def test_without_an_admin_token_admin_rpcs_are_closed(
+    serving_world: ServingWorld,
+    components: Components,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    settings = serving_world.settings(tmp_path_factory.mktemp("no-admin"), admin_token=None)
+    running = SidecarThread(settings, components)
+    try:
+        for metadata in ((), ADMIN):
+            with pytest.raises(grpc.RpcError) as refused:
+                running.stub.RegisterDrafter(
+                    pb.RegisterDrafterRequest(name="x", kind="ngram"), metadata=metadata
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "no admin_token" in str(refused.value.details())
+        # The data plane stays open and the server keeps serving.
+        assert running.stub.Route(pb.RouteRequest(text=PROMPT)).task_cluster
+        assert "x" not in [
+            d.name for d in running.stub.ListDrafters(pb.ListDraftersRequest()).drafters
+        ]
+    finally:
+        running.stop()
