@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Route is ~tens of microseconds of work: buckets from 50 µs to 1 s.
 ROUTE_BUCKETS = (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2, 0.1, 1.0)
+ROUTE_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKENS_PER_S_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
@@ -17,6 +18,7 @@ class SidecarMetrics:
 
     registry: CollectorRegistry
     route_latency: Histogram
+    route_batch_size: Histogram
     decisions: Counter
     drafted_tokens: Counter
     accepted_tokens: Counter
@@ -37,9 +39,16 @@ def create_metrics(registry: CollectorRegistry | None = None) -> SidecarMetrics:
         registry=reg,
         route_latency=Histogram(
             "specroute_route_latency_seconds",
-            "Time to classify a prompt and pick (drafter, k), in the sidecar.",
+            "Time to tokenize, classify and pick (drafter, k) for the batch a Route call "
+            "was in, in the sidecar.",
             registry=reg,
             buckets=ROUTE_BUCKETS,
+        ),
+        route_batch_size=Histogram(
+            "specroute_route_batch_size",
+            "Route calls tokenized and classified together (arrived in one event-loop turn).",
+            registry=reg,
+            buckets=ROUTE_BATCH_BUCKETS,
         ),
         decisions=Counter(
             "specroute_decisions_total",

@@ -39,6 +39,7 @@ from router.errors import (
     InvalidRequestError,
     NotFoundError,
     PreconditionError,
+    SidecarError,
 )
 from router.generation import Finished, GenerationQueue
 from router.metrics import SidecarMetrics
@@ -202,7 +203,7 @@ class RouterService:
 
     # -- routing ----------------------------------------------------------------------
     def prompt_ids(self, prompt: Prompt) -> list[int]:
-        text = prompt.text if prompt.text is not None else self._chat_text(prompt.messages)
+        text = self._model_text(prompt)
         if self._fast_tokenizer is not None:
             return list(self._fast_tokenizer.encode(text, add_special_tokens=False).ids)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -248,6 +249,69 @@ class RouterService:
             self._decision_counters[key] = counter
         counter.inc()
 
+    def route_batch(self, requests: Sequence[RouteInput]) -> list[RoutedRequest | SidecarError]:
+        """``route`` for many requests at once: one tokenizer call and one classifier run
+        for the batch, then a policy decision per request. A refused request gets its
+        error in its slot; the others are routed."""
+        started = time.perf_counter()
+        results: list[RoutedRequest | SidecarError | None] = [None] * len(requests)
+        valid: list[tuple[int, Prompt]] = []
+        for index, request in enumerate(requests):
+            try:
+                valid.append((index, self._checked_prompt(request, generating=False)))
+            except SidecarError as error:
+                results[index] = error
+        counts = self._token_counts([self._model_text(prompt) for _, prompt in valid])
+        unhinted = [(i, p) for i, p in valid if not requests[i].task_hint]
+        classifier = self.components.classifiers.current
+        classified = dict(
+            zip(
+                (i for i, _ in unhinted),
+                classifier.classify_batch([_classifier_text(p) for _, p in unhinted]),
+                strict=True,
+            )
+        )
+        for (index, prompt), tokens in zip(valid, counts, strict=True):
+            request = requests[index]
+            try:
+                check_prompt_tokens(tokens, self.limits)
+                found = classified.get(index)
+                classification = (
+                    (found.cluster, float(found.probability), bool(found.out_of_distribution))
+                    if found is not None
+                    else self._classify(prompt, request.task_hint)
+                )
+                routed = self._routed(request, classification, tokens, ())
+            except SidecarError as error:
+                results[index] = error
+                continue
+            self._remember(routed)
+            self._count_decision(routed)
+            results[index] = routed
+        elapsed = time.perf_counter() - started
+        for _ in requests:
+            self.metrics.route_latency.observe(elapsed)
+        return [r for r in results if r is not None]
+
+    def _checked_prompt(self, request: RouteInput, *, generating: bool) -> Prompt:
+        prompt = check_prompt(request.prompt)
+        check_sampling(request.sampling)
+        check_max_new_tokens(request.max_new_tokens, self.limits, required=generating)
+        return prompt
+
+    def _model_text(self, prompt: Prompt) -> str:
+        return prompt.text if prompt.text is not None else self._chat_text(prompt.messages)
+
+    def _token_counts(self, texts: Sequence[str]) -> list[int]:
+        if not texts:
+            return []
+        if self._fast_tokenizer is not None:
+            encoded = self._fast_tokenizer.encode_batch(list(texts), add_special_tokens=False)
+            return [len(e.ids) for e in encoded]
+        return [
+            len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        ]
+
     def _route(
         self,
         request: RouteInput,
@@ -256,13 +320,32 @@ class RouterService:
         force_drafter: str = "",
         force_k: int | None = None,
     ) -> RoutedRequest:
-        prompt = check_prompt(request.prompt)
-        check_sampling(request.sampling)
-        check_max_new_tokens(request.max_new_tokens, self.limits, required=generating)
+        prompt = self._checked_prompt(request, generating=generating)
         ids = self.prompt_ids(prompt)
         check_prompt_tokens(len(ids), self.limits)
-        cluster, confidence, ood = self._classify(prompt, request.task_hint)
-        bucket = int(self._bucket(len(ids)))
+        classification = self._classify(prompt, request.task_hint)
+        return self._routed(
+            request,
+            classification,
+            len(ids),
+            tuple(ids) if generating else (),
+            force_drafter=force_drafter,
+            force_k=force_k,
+        )
+
+    def _routed(
+        self,
+        request: RouteInput,
+        classification: tuple[str, float, bool],
+        prompt_tokens: int,
+        prompt_ids: tuple[int, ...],
+        *,
+        force_drafter: str = "",
+        force_k: int | None = None,
+    ) -> RoutedRequest:
+        """The policy's decision for a checked, tokenized and classified request."""
+        cluster, confidence, ood = classification
+        bucket = int(self._bucket(prompt_tokens))
         context = self._context(cluster, bucket)
         decision, version = self._decide(context, force_drafter, force_k)
         return RoutedRequest(
@@ -274,9 +357,9 @@ class RouterService:
             context=context,
             policy=self.policy.name,
             policy_version=version,
-            prompt_tokens=len(ids),
+            prompt_tokens=prompt_tokens,
             length_bucket=bucket,
-            prompt_ids=tuple(ids) if generating else (),
+            prompt_ids=prompt_ids,
         )
 
     def _decide(self, context: Any, force_drafter: str, force_k: int | None) -> tuple[Any, int]:
@@ -525,6 +608,13 @@ class RouterService:
 
     def snapshot(self) -> None:
         self.policy.snapshot()
+
+
+def _classifier_text(prompt: Prompt) -> str:
+    """What the classifier reads: the text, or the system prompt and last user turn."""
+    from classifiers.text import prompt_from_messages
+
+    return prompt.text if prompt.text is not None else prompt_from_messages(prompt.messages)
 
 
 def outcome_from_report(report: OutcomeInput, k: int) -> Any:

@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from grpc import aio
 
 from router import convert
+from router.coalescer import Coalescer
+from router.domain import RouteInput
 from router.errors import InvalidRequestError
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
-from router.service import RouterService
+from router.service import RoutedRequest, RouterService
 
 ADMIN_METHODS = tuple(
     f"/specroute.v1.Router/{name}"
@@ -24,11 +26,15 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def __init__(self, service: RouterService) -> None:
         self._service = service
+        self._routes: Coalescer[RouteInput, RoutedRequest] = Coalescer(
+            service.route_batch, on_batch=service.metrics.route_batch_size.observe
+        )
 
     async def Route(
         self, request: pb.RouteRequest, context: aio.ServicerContext
     ) -> pb.RouteDecision:
-        return convert.decision_to_pb(self._service.route(convert.route_from_pb(request)))
+        routed = await self._routes.submit(convert.route_from_pb(request))
+        return convert.decision_to_pb(routed)
 
     async def Report(self, request: pb.RouteOutcome, context: aio.ServicerContext) -> pb.ReportAck:
         version = self._service.report(convert.outcome_from_pb(request))

@@ -67,6 +67,41 @@ def test_route_with_conversation_and_task_hint(
     assert decision.task_cluster == "math" and decision.confidence == pytest.approx(1.0)
 
 
+def test_concurrent_routes_are_batched_and_a_bad_one_fails_alone(
+    sidecar: SidecarThread, prompts: dict[str, str]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [prompts[task] for task in sorted(prompts)] * 4
+    calls = [pb.RouteRequest(text=t, max_new_tokens=16) for t in texts]
+    calls.insert(5, pb.RouteRequest(text="   "))  # empty prompt: INVALID_ARGUMENT
+    calls.insert(9, pb.RouteRequest(text=texts[0], task_hint="no-such-task"))
+
+    def route(request: pb.RouteRequest) -> pb.RouteDecision | grpc.RpcError:
+        try:
+            return sidecar.stub.Route(request, timeout=30)
+        except grpc.RpcError as error:
+            return error
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(route, calls))
+    classifier = sidecar.service.components.classifiers.current
+    tokenizer = sidecar.service.tokenizer
+    for request, result in zip(calls, results, strict=True):
+        if request.text.strip() and not request.task_hint:
+            assert isinstance(result, pb.RouteDecision)
+            assert result.task_cluster == classifier.classify(request.text).cluster
+            assert result.prompt_tokens == len(tokenizer(request.text)["input_ids"])
+        else:
+            assert isinstance(result, grpc.RpcError)
+            assert result.code() == grpc.StatusCode.INVALID_ARGUMENT
+    batches = sidecar.service.metrics.route_batch_size.collect()[0].samples
+    count = next(s.value for s in batches if s.name.endswith("_count"))
+    total = next(s.value for s in batches if s.name.endswith("_sum"))
+    assert total >= len(calls) and count >= 1
+    assert sidecar.stub.Route(pb.RouteRequest(text=texts[0])).task_cluster  # still serving
+
+
 def test_report_updates_the_policy_once(sidecar: SidecarThread, PROMPT: str) -> None:
     decision = sidecar.stub.Route(pb.RouteRequest(text=PROMPT, task_hint="math"))
     k = decision.draft_length
