@@ -1,8 +1,11 @@
-"""Coalescing calls that arrive in the same event-loop turn into one batch.
+"""Coalescing concurrent calls into one batch.
 
-Under concurrent load many Route calls are ready at once; tokenizing and classifying them
-in one call each (one Rust and one onnxruntime entry, one GIL hand-off) costs far less
-than doing it per request. A lone call waits one loop turn (``call_soon``), nothing more.
+Tokenizing and classifying many Route calls in one call each (one Rust and one
+onnxruntime entry, one GIL hand-off) costs far less than doing it per request. grpc.aio
+hands calls to the event loop one at a time, so calls only meet if one waits: when calls
+arrive back to back (the EWMA of the gap between them is below ``busy_gap_s``) a call
+waits up to ``wait_turns`` event-loop turns for others to join; under light load it is
+flushed on the next turn, so a lone call's latency does not change.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ Out = TypeVar("Out")
 
 
 class Coalescer(Generic[In, Out]):
-    """``await submit(item)`` runs ``run_batch`` on every item submitted in the same turn.
+    """``await submit(item)`` runs ``run_batch`` on the items gathered with it (module doc).
 
     ``run_batch`` returns one result per item, in order; an exception in a slot is raised
     to that item's caller only. If ``run_batch`` itself raises, every caller of the batch
@@ -31,26 +34,48 @@ class Coalescer(Generic[In, Out]):
         run_batch: Callable[[Sequence[In]], Sequence[Out | BaseException]],
         *,
         max_batch: int = 256,
+        wait_turns: int = 0,
+        busy_gap_s: float = 5e-4,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self._run_batch = run_batch
         self._max_batch = max_batch
+        self._wait_turns = wait_turns
         self._on_batch = on_batch
         self._pending: list[tuple[In, asyncio.Future[Out]]] = []
         self._scheduled = False
+        self._busy_gap_s = busy_gap_s
+        self._gap_s = float("inf")  # EWMA of the time between submit() calls
+        self._last_submit: float | None = None
+        self._flusher: asyncio.Task[None] | None = None
 
     async def submit(self, item: In) -> Out:
         loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._last_submit is not None:
+            # Clipped, so a long idle spell is forgotten within a few dozen busy calls.
+            gap = min(now - self._last_submit, 10 * self._busy_gap_s)
+            self._gap_s = gap if self._gap_s == float("inf") else 0.9 * self._gap_s + 0.1 * gap
+        self._last_submit = now
         future: asyncio.Future[Out] = loop.create_future()
         self._pending.append((item, future))
         if len(self._pending) >= self._max_batch:
             self._flush()
         elif not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self._flush)
+            if self._wait_turns and self._gap_s < self._busy_gap_s:
+                # Calls arrive back to back: hold this one a few turns so others join.
+                self._flusher = loop.create_task(self._flush_later())
+            else:
+                loop.call_soon(self._flush)  # light load: a call is not held back
         return await future
+
+    async def _flush_later(self) -> None:
+        for _ in range(self._wait_turns):
+            await asyncio.sleep(0)
+        self._flush()
 
     def _flush(self) -> None:
         self._scheduled = False

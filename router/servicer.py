@@ -27,7 +27,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, service: RouterService) -> None:
         self._service = service
         self._routes: Coalescer[RouteInput, RoutedRequest] = Coalescer(
-            service.route_batch, on_batch=service.metrics.route_batch_size.observe
+            service.route_batch,
+            max_batch=service.limits.route_batch_max,
+            wait_turns=service.limits.route_batch_wait_turns,
+            busy_gap_s=service.limits.route_batch_busy_gap_s,
+            on_batch=service.metrics.route_batch_size.observe,
         )
 
     async def Route(

@@ -52,3 +52,36 @@ def test_max_batch_splits_and_a_failing_batch_fails_only_its_callers() -> None:
     assert all(isinstance(r, RuntimeError) for r in results[4:])
     with pytest.raises(ValueError):
         Coalescer(run, max_batch=0)
+
+
+def test_back_to_back_calls_wait_for_each_other_and_lone_calls_do_not() -> None:
+    sizes: list[int] = []
+
+    async def staggered(coalescer: Coalescer[int, int], count: int) -> None:
+        async def late(i: int) -> int:
+            for _ in range(i):  # each call arrives one event-loop turn after the previous
+                await asyncio.sleep(0)
+            return await coalescer.submit(i)
+
+        await asyncio.gather(*(late(i) for i in range(count)))
+
+    async def main() -> None:
+        busy: Coalescer[int, int] = Coalescer(
+            _double_or_refuse_even, wait_turns=20, busy_gap_s=1.0, on_batch=sizes.append
+        )
+        await busy.submit(0)  # the first call has no gap yet: flushed at once
+        await staggered(busy, 8)
+        idle: Coalescer[int, int] = Coalescer(
+            _double_or_refuse_even, wait_turns=20, busy_gap_s=0.0, on_batch=sizes.append
+        )
+        await staggered(idle, 8)
+
+    asyncio.run(main())
+    assert sizes[0] == 1
+    busy_sizes, idle_sizes = sizes[1 : len(sizes) - 8], sizes[len(sizes) - 8 :]
+    assert max(busy_sizes) >= 4  # staggered arrivals met in a batch
+    assert idle_sizes == [1] * 8  # light load: never held back
+
+
+def _double_or_refuse_even(items: Sequence[int]) -> list[int | BaseException]:
+    return [2 * i for i in items]
