@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import random
 import shutil
 import tempfile
 import time
@@ -36,7 +37,7 @@ from benchmarks.world.train import EncodedExample, TrainingConfig
 logger = logging.getLogger(__name__)
 
 # Bump when the build code changes what it produces for the same config.
-BUILD_CODE_VERSION = 2
+BUILD_CODE_VERSION = 4
 FINETUNE_SAMPLE_SIZE = 36
 
 
@@ -58,6 +59,7 @@ class DistillConfig:
     training: TrainingConfig
     batches: int
     top_k: int
+    prompts: int = 256  # training prompts per task the target answers (distillation text)
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ TARGET_TASK_WEIGHTS = {
     "qa": 2.0,
     "math": 2.0,
     "rag": 1.5,
-    "code": 0.25,
+    "code": 0.5,
 }
 
 BUILD_CONFIGS: dict[str, BuildConfig] = {
@@ -122,7 +124,7 @@ BUILD_CONFIGS: dict[str, BuildConfig] = {
             steps=800,
             rows=8,
             seq_len=256,
-            learning_rate=2e-3,
+            learning_rate=1e-3,
             warmup_steps=30,
             prompt_weight=0.0,
             bf16_autocast=True,
@@ -218,9 +220,10 @@ def _build_into(directory: Path, config: BuildConfig, progress: bool) -> dict[st
     """Build every artefact of the world into ``directory``; returns the manifest."""
     import torch
 
-    from benchmarks.world.distill import distill_drafter
+    from benchmarks.world.distill import distill_drafter, target_responses
+    from benchmarks.world.evaluate import MAX_NEW_TOKENS
     from benchmarks.world.tokenizer import render_chat, train_tokenizer
-    from benchmarks.world.train import cpu_has_bf16, pretrain
+    from benchmarks.world.train import cpu_has_bf16, fit_to_length, pretrain
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     timings: dict[str, float] = {}
@@ -273,10 +276,23 @@ def _build_into(directory: Path, config: BuildConfig, progress: bool) -> dict[st
         mark = time.perf_counter()
         drafter = copy.deepcopy(generic)
         task_examples = [e for e in encoded if e.task == task]
+        prompts = random.Random(f"{config.seed}:{task}").sample(
+            task_examples, min(config.distill.prompts, len(task_examples))
+        )
+        generated = target_responses(
+            target,
+            prompts,
+            max_new_tokens=MAX_NEW_TOKENS[task],
+            pad_id=pad_id,
+            eos_id=int(tokenizer.eos_token_id),
+        )
+        # The target's own responses (what the drafter is scored on) plus the task's human
+        # text (breadth: the target answers only a sample of the prompts).
+        as_written = [f for e in generated if (f := fit_to_length(e, seq_len)) is not None]
         distill_losses[task] = distill_drafter(
             drafter,
             target,
-            task_examples,
+            as_written + task_examples,
             config.distill.training,
             batches=config.distill.batches,
             top_k=config.distill.top_k,

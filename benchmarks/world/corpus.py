@@ -380,15 +380,16 @@ def math_answer(response: str) -> str:
 def generate_math(rng: random.Random, split: str, count: int) -> list[Pair]:
     """Word problems with one worked step; train also mixes in real CHAMP solutions.
 
-    Procedurally generated (seeded). In train only, about one example in twelve is a real
+    Procedurally generated (seeded). In train only, about one example in forty is a real
     competition problem from CHAMP with its real step-by-step solution (too hard to be
-    scored; it gives the math task realistic wording and longer responses).
+    scored; it gives the math task realistic wording and longer responses without taking
+    most of the task's response tokens).
     """
     questions = MATH_TEST if split == "test" else MATH_TRAIN
     champ = _partition(sources.champ_problems(), "train", random.Random(13))
     pairs: list[Pair] = []
     for _ in range(count):
-        if split == "train" and rng.random() < 1 / 12:
+        if split == "train" and rng.random() < 1 / 40:
             problem = rng.choice(champ)
             solution = _clip_words(" ".join(problem.solution_steps), 60)
             pairs.append((_turns(None, _clip_words(problem.problem, 80)), solution))
@@ -433,8 +434,7 @@ def generate_rag(rng: random.Random, split: str, count: int) -> list[Pair]:
         retrieved = rng.sample(sections, 3)
         asked = rng.choice(retrieved)
         context = "\n".join(
-            f"[{i}] {s.title}: {s.sentences[0]}"
-            for i, s in enumerate(retrieved, 1)
+            f"[{i}] {s.title}: {s.sentences[0]}" for i, s in enumerate(retrieved, 1)
         )
         prompt = rng.choice(templates).format(context=context, title=asked.title)
         pairs.append((_turns(RAG_SYSTEM, prompt), asked.sentences[0]))

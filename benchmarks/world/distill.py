@@ -1,6 +1,9 @@
 """Distillation of a drafter against the target on one task's text (top-k soft targets).
 
-The target's next-token distributions on the task's packed training rows are computed once
+The text is the target's own: its greedy responses to the task's training prompts
+(``target_responses``), since a drafter is scored on how well it predicts what the target
+generates, not what a human wrote. The target's next-token distributions on the task's
+packed rows are computed once
 (the target is the expensive model) and kept as their top-k entries; the drafter then
 minimises, per weighted position, the cross-entropy to the renormalised top-k target
 distribution, H(p_k, q) = -sum_i p_k(i) log q(i), which equals KL(p_k || q) plus a constant.
@@ -25,6 +28,45 @@ from benchmarks.world.train import (
 )
 
 
+@torch.no_grad()
+def target_responses(
+    target: torch.nn.Module,
+    examples: Sequence[EncodedExample],
+    *,
+    max_new_tokens: int,
+    pad_id: int,
+    eos_id: int,
+    batch_size: int = 32,
+) -> list[EncodedExample]:
+    """The same prompts with the target's greedy responses (ending in ``eos_id``).
+
+    Batched generation with left padding; an empty response is dropped.
+    """
+    out: list[EncodedExample] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        width = max(len(e.prompt_ids) for e in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, example in enumerate(chunk):
+            ids[row, width - len(example.prompt_ids) :] = torch.tensor(example.prompt_ids)
+            mask[row, width - len(example.prompt_ids) :] = 1
+        generated = target.generate(  # type: ignore[operator]
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+        )[:, width:]
+        for example, row in zip(chunk, generated.tolist(), strict=True):
+            response = row[: row.index(eos_id)] if eos_id in row else row
+            response = [t for t in response if t != pad_id]
+            if response:
+                out.append(EncodedExample(example.task, example.prompt_ids, (*response, eos_id)))
+    return out
+
+
 @dataclass(frozen=True)
 class SoftTargets:
     """One packed batch with the target's top-k next-token distribution at every position."""
@@ -40,7 +82,7 @@ def target_soft_targets(
 ) -> SoftTargets:
     """The target's top-k next-token probabilities on one packed batch."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_autocast):
-        logits = target(input_ids=batch.input_ids).logits.float()  # [rows, T, vocab]
+        logits = target(**batch.model_inputs()).logits.float()  # [rows, T, vocab]
     log_probs = torch.log_softmax(logits, dim=-1)
     top_log_probs, top_ids = log_probs.topk(top_k, dim=-1)  # [rows, T, k]
     top_probs = torch.softmax(top_log_probs, dim=-1)
@@ -90,7 +132,7 @@ def distill_drafter(
         return targets[next(cursor) % len(targets)]
 
     def loss_of(net: torch.nn.Module, soft: SoftTargets) -> torch.Tensor:
-        return distillation_loss(net(input_ids=soft.batch.input_ids).logits, soft)
+        return distillation_loss(net(**soft.batch.model_inputs()).logits, soft)
 
     return run_training(
         drafter, next_batch, loss_of, config, description=description, progress=progress

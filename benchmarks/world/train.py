@@ -2,9 +2,11 @@
 
 Examples are encoded exactly as they are served: the chat template's prompt (with the
 generation prompt) followed by the response tokens and ``<|im_end|>``. Several examples are
-packed into one row (never split across rows); the loss weights response tokens 1 and prompt
-tokens ``prompt_weight`` (they still teach the language, but the model's capacity goes to
-what it will have to generate).
+packed into one row (never split across rows) and see only themselves: a block-diagonal
+causal mask and positions restarting at 0 per example make a packed example's logits
+equal to those of the same example alone, as at serving time. The loss weights response
+tokens 1 and prompt tokens ``prompt_weight`` (they still teach the language, but the
+model's capacity goes to what it will have to generate).
 """
 
 from __future__ import annotations
@@ -44,6 +46,22 @@ class PackedBatch:
     input_ids: torch.Tensor  # [rows, seq_len]
     labels: torch.Tensor  # [rows, seq_len] (-100 where nothing is predicted)
     weights: torch.Tensor  # [rows, seq_len]
+    position_ids: torch.Tensor  # [rows, seq_len], 0 at each example's first token
+    segments: torch.Tensor  # [rows, seq_len], example index within the row, -1 for padding
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments of a causal LM's forward: ids, per-example positions and a
+        4D additive mask letting each token attend causally within its own example."""
+        seq_len = self.input_ids.shape[1]
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
+        same = self.segments[:, :, None] == self.segments[:, None, :]
+        allowed = same & causal | torch.eye(seq_len, dtype=torch.bool)  # padding sees itself
+        mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        return {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "attention_mask": mask[:, None],
+        }
 
 
 @dataclass(frozen=True)
@@ -127,6 +145,8 @@ def pack_batch(
     input_ids = torch.full((rows, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((rows, seq_len), -100, dtype=torch.long)
     weights = torch.zeros((rows, seq_len))
+    position_ids = torch.zeros((rows, seq_len), dtype=torch.long)
+    segments = torch.full((rows, seq_len), -1, dtype=torch.long)
     for row in range(rows):
         used = 0
         while True:
@@ -143,10 +163,12 @@ def pack_batch(
             first_response = used + len(example.prompt_ids) - 1
             weights[row, used : end - 1] = prompt_weight
             weights[row, first_response : end - 1] = 1.0
+            position_ids[row, used:end] = torch.arange(len(ids))
+            segments[row, used:end] = int(segments[row].max()) + 1
             used = end
             if seq_len - used < 16:
                 break
-    return PackedBatch(input_ids, labels, weights)
+    return PackedBatch(input_ids, labels, weights, position_ids, segments)
 
 
 def weighted_token_loss(logits: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -165,7 +187,7 @@ def weighted_lm_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor
     """``weighted_token_loss`` of a causal LM, its output head applied only at positions
     with a positive weight (the same value; with prompt weight 0 the vocabulary projection
     and softmax run on the response tokens only, a large share of a small model's cost)."""
-    hidden = model.base_model(input_ids=batch.input_ids)[0]  # type: ignore[operator]
+    hidden = model.base_model(**batch.model_inputs())[0]  # type: ignore[operator]
     selected = batch.weights > 0
     logits = model.get_output_embeddings()(hidden[selected])  # type: ignore[operator]
     losses = torch.nn.functional.cross_entropy(

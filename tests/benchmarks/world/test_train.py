@@ -56,9 +56,23 @@ def test_response_only_head_gives_the_full_loss(
     draw = mixture_stream(_examples(), {}, random.Random(1))
     batch = pack_batch(draw, rows=2, seq_len=48, prompt_weight=prompt_weight, pad_id=0)
     with torch.no_grad():
-        full = weighted_token_loss(model(input_ids=batch.input_ids).logits, batch)
+        full = weighted_token_loss(model(**batch.model_inputs()).logits, batch)
         selected = weighted_lm_loss(model, batch)
     assert selected.item() == pytest.approx(full.item(), rel=1e-5)
+
+
+def test_a_packed_example_sees_only_itself(model: torch.nn.Module) -> None:
+    examples = _examples()
+    draw = mixture_stream(examples, {}, random.Random(3))
+    batch = pack_batch(draw, rows=1, seq_len=48, prompt_weight=0.0, pad_id=0)
+    starts = (batch.position_ids[0] == 0).nonzero().flatten().tolist()
+    assert len(starts) >= 3  # several examples share the row
+    with torch.no_grad():
+        packed = model(**batch.model_inputs()).logits[0]
+        for start in starts[1:]:
+            length = int((batch.segments[0] == batch.segments[0, start]).sum())
+            alone = model(input_ids=batch.input_ids[:, start : start + length]).logits[0]
+            torch.testing.assert_close(packed[start : start + length], alone, atol=1e-5, rtol=1e-4)
 
 
 def test_prompt_weight_zero_scores_only_response_tokens() -> None:
