@@ -168,12 +168,16 @@ class RequestOverheads:
     ``wall - drafted * t_draft[d] - steps * t_verify(mean k)``. It holds the target's
     prefill, the drafter's start-up and the engine's bookkeeping, which a short output
     cannot amortise. Both are running means that turn into EWMAs (weight
-    ``max(1/n, ewma)``) and enter ``speedup.request_speedup``.
+    ``max(1/n, ewma)``) and enter ``speedup.request_speedup``. A fixed time is used net
+    of ``z`` standard errors (EWMA variance over min(n, 1/ewma) requests) and never below
+    0, so cost-model noise, where there is no fixed time, does not move decisions.
     """
 
-    def __init__(self, *, ewma: float = 0.05) -> None:
+    def __init__(self, *, ewma: float = 0.05, z: float = 2.0) -> None:
         self.ewma = ewma
+        self.z = z
         self.fixed_: dict[tuple[Context, str], tuple[float, int]] = {}
+        self.fixed_var_: dict[tuple[Context, str], float] = {}
         self.length_: dict[Context, tuple[float, int]] = {}
         self.revision_ = 0
 
@@ -199,7 +203,13 @@ class RequestOverheads:
             predicted = drafted * draft + steps * (verify[0] + verify[1] * drafted / steps)
             arm = drafter
         key = (context, arm)
-        self.fixed_[key] = self._blend(self.fixed_.get(key), outcome.wall_time_s - predicted)
+        residual = outcome.wall_time_s - predicted
+        old = self.fixed_.get(key)
+        self.fixed_[key] = self._blend(old, residual)
+        if old is not None:
+            weight = max(1.0 / self.fixed_[key][1], self.ewma)
+            variance = self.fixed_var_.get(key, 0.0)
+            self.fixed_var_[key] = (1.0 - weight) * variance + weight * (residual - old[0]) ** 2
         self.length_[context] = self._blend(self.length_.get(context), float(tokens))
         self.revision_ += 1
 
@@ -217,7 +227,7 @@ class RequestOverheads:
         cheapest measured drafter here, else the plain arm.
         """
         measured = {
-            name: max(0.0, self.fixed_[(context, name)][0])
+            name: self._net_fixed(context, name)
             for name in (NONE_DRAFTER, *drafters)
             if (context, name) in self.fixed_
         }
@@ -225,14 +235,21 @@ class RequestOverheads:
         default = min(measured.values(), default=fixed_none)
         return fixed_none, np.array([measured.get(name, default) for name in drafters])
 
+    def _net_fixed(self, context: Context, arm: str) -> float:
+        mean, n = self.fixed_[(context, arm)]
+        effective = min(float(n), 1.0 / self.ewma)
+        error = (self.fixed_var_.get((context, arm), 0.0) / effective) ** 0.5
+        return max(0.0, mean - self.z * error)
+
     def forget_drafter(self, drafter: str) -> None:
         self.fixed_ = {key: v for key, v in self.fixed_.items() if key[1] != drafter}
+        self.fixed_var_ = {key: v for key, v in self.fixed_var_.items() if key[1] != drafter}
         self.revision_ += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "fixed": [
-                [c.cluster, c.length_bucket, arm, value, n]
+                [c.cluster, c.length_bucket, arm, value, n, self.fixed_var_.get((c, arm), 0.0)]
                 for (c, arm), (value, n) in self.fixed_.items()
             ],
             "length": [
@@ -241,10 +258,9 @@ class RequestOverheads:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.fixed_ = {
-            (Context(str(c), int(b)), str(arm)): (float(v), int(n))
-            for c, b, arm, v, n in state.get("fixed", [])
-        }
+        rows = [(Context(str(r[0]), int(r[1])), str(r[2]), r[3:]) for r in state.get("fixed", [])]
+        self.fixed_ = {(c, arm): (float(rest[0]), int(rest[1])) for c, arm, rest in rows}
+        self.fixed_var_ = {(c, arm): float(rest[2]) for c, arm, rest in rows if len(rest) > 2}
         self.length_ = {
             Context(str(c), int(b)): (float(v), int(n)) for c, b, v, n in state.get("length", [])
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from router.policy.base import Context, Outcome
@@ -129,3 +130,19 @@ def test_an_unmeasured_plain_arm_is_priced_so_drafting_is_not_overrated() -> Non
     fixed_none, fixed = overheads.fixed_times(Context("qa"), ["generic", "code", "new"])
     assert fixed_none == 0.0
     assert fixed == pytest.approx([0.05, 0.03, 0.03], abs=0.005)
+
+
+def test_fixed_time_from_noise_alone_is_not_used() -> None:
+    # Residuals of +-20 ms around 0 (cost-model noise) net to 0; a real 50 ms start-up
+    # measured with the same noise survives.
+    rng = np.random.default_rng(0)
+    costs, overheads = CostModel(), RequestOverheads()
+    base = _outcome(2, 10)
+    costs.observe("generic", base)
+    for _ in range(60):
+        for arm, fixed in (("generic", 0.0), ("code", 0.05)):
+            noisy = _with_fixed_time(base, max(-0.01, fixed + rng.normal(0.0, 0.02)))
+            overheads.observe(Context("qa"), arm, noisy, costs)
+    _, fixed_times = overheads.fixed_times(Context("qa"), ["generic", "code"])
+    assert fixed_times[0] == 0.0
+    assert 0.02 < fixed_times[1] < 0.08
