@@ -169,11 +169,11 @@ class RequestOverheads:
     prefill, the drafter's start-up and the engine's bookkeeping, which a short output
     cannot amortise. Both are running means that turn into EWMAs (weight
     ``max(1/n, ewma)``) and enter ``speedup.request_speedup``. A fixed time is used net
-    of ``z`` standard errors (EWMA variance over min(n, 1/ewma) requests) and never below
+    of ``z`` (1) standard errors (EWMA variance over min(n, 1/ewma) requests), never below
     0, so cost-model noise, where there is no fixed time, does not move decisions.
     """
 
-    def __init__(self, *, ewma: float = 0.05, z: float = 2.0) -> None:
+    def __init__(self, *, ewma: float = 0.05, z: float = 1.0) -> None:
         self.ewma = ewma
         self.z = z
         self.fixed_: dict[tuple[Context, str], tuple[float, int]] = {}
