@@ -179,6 +179,9 @@ class RequestOverheads:
         self.fixed_: dict[tuple[Context, str], tuple[float, int]] = {}
         self.fixed_var_: dict[tuple[Context, str], float] = {}
         self.length_: dict[Context, tuple[float, int]] = {}
+        # Change counters for callers' caches: per context (observe), and global
+        # (forgetting a drafter, loading a state).
+        self.context_revision_: dict[Context, int] = {}
         self.revision_ = 0
 
     def _blend(self, old: tuple[float, int] | None, new: float) -> tuple[float, int]:
@@ -211,7 +214,7 @@ class RequestOverheads:
             variance = self.fixed_var_.get(key, 0.0)
             self.fixed_var_[key] = (1.0 - weight) * variance + weight * (residual - old[0]) ** 2
         self.length_[context] = self._blend(self.length_.get(context), float(tokens))
-        self.revision_ += 1
+        self.context_revision_[context] = self.context_revision_.get(context, 0) + 1
 
     def output_tokens(self, context: Context) -> float | None:
         """Mean generated tokens of the context's requests, None before any."""

@@ -130,6 +130,9 @@ class ThompsonPolicy:
         # Priors of contexts never updated, valid while (layout, updates) is unchanged:
         # Route traffic without reports must not rebuild them on every select().
         self._fresh_cache: dict[Context, tuple[tuple[int, int], ContextArms]] = {}
+        self._request_cache: dict[
+            Context, tuple[tuple[int, int, int], tuple[float, float, np.ndarray]]
+        ] = {}
         self._layout_revision = 0
         for name in drafters:
             self.add_drafter(name, (similarity or {}).get(name))
@@ -188,19 +191,42 @@ class ThompsonPolicy:
         """S of every (drafter in ``index``, k): per request once the context has a
         measured output length, else per step."""
         gain = self._gain()[index]
-        tokens = self.overheads_.output_tokens(context) if self.overheads_ else None
-        if self.overheads_ is None or tokens is None:
+        terms = self._request_terms(context)
+        if terms is None:
             return speedup_table(acceptance, gain)
-        names = [self.drafters_[int(i)] for i in index]
-        fixed_none, fixed = self.overheads_.fixed_times(context, names)
+        tokens, fixed_none, fixed = terms
         return request_speedup(
             acceptance,
             gain,
             t_ar=self.costs_.plain_token_time(),
             output_tokens=tokens,
             fixed_none=fixed_none,
-            fixed_drafters=fixed,
+            fixed_drafters=fixed[index],
         )
+
+    def _request_terms(self, context: Context) -> tuple[float, float, np.ndarray] | None:
+        """(output tokens, F_none, F per drafter) of a context, cached until it changes;
+        None while per-request pricing is off or the context has no measured length."""
+        overheads = self.overheads_
+        if overheads is None:
+            return None
+        tokens = overheads.output_tokens(context)
+        if tokens is None:
+            return None
+        key = (
+            overheads.revision_,
+            overheads.context_revision_.get(context, 0),
+            self._layout_revision,
+        )
+        cached = self._request_cache.get(context)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if len(self._request_cache) > 4096:  # bounded: contexts are (cluster, bucket) pairs
+            self._request_cache.clear()
+        fixed_none, fixed = overheads.fixed_times(context, self.drafters_)
+        terms = (tokens, fixed_none, fixed)
+        self._request_cache[context] = (key, terms)
+        return terms
 
     def _eligible_index(self, eligible: Sequence[str]) -> np.ndarray:
         key = tuple(eligible)
