@@ -231,16 +231,6 @@ class RouterService:
             result = classifier.classify_messages(list(prompt.messages))
         return result.cluster, float(result.probability), bool(result.out_of_distribution)
 
-    def route(self, request: RouteInput, *, generating: bool = False) -> RoutedRequest:
-        """Classify, then ask the policy for (drafter, k); remembered for a later Report."""
-        started = time.perf_counter()
-        routed = self._route(request, generating=generating)
-        if not generating:
-            self._remember(routed)
-        self.metrics.route_latency.observe(time.perf_counter() - started)
-        self._count_decision(routed)
-        return routed
-
     def _count_decision(self, routed: RoutedRequest) -> None:
         key = (routed.task_cluster, routed.decision.drafter, int(routed.decision.k))
         counter = self._decision_counters.get(key)
@@ -250,9 +240,9 @@ class RouterService:
         counter.inc()
 
     def route_batch(self, requests: Sequence[RouteInput]) -> list[RoutedRequest | SidecarError]:
-        """``route`` for many requests at once: one tokenizer call and one classifier run
-        for the batch, then a policy decision per request. A refused request gets its
-        error in its slot; the others are routed."""
+        """The Route RPC for a batch of requests: one tokenizer call and one classifier run
+        for the batch, then a policy decision per request, each remembered for a later
+        Report. A refused request gets its error in its slot; the others are routed."""
         started = time.perf_counter()
         results: list[RoutedRequest | SidecarError | None] = [None] * len(requests)
         valid: list[tuple[int, Prompt]] = []
