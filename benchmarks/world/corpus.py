@@ -175,6 +175,28 @@ TRANSLATION_TRAIN = (
     "In French, please: {labels}",
     "Convert these English UI strings to French: {labels}",
     "How do you write these in French? {labels}",
+    "French, please: {labels}",
+    "Translate to French and keep the order: {labels}",
+    "I need these strings in French: {labels}",
+    "Can you translate {labels} into French?",
+    "What is the French for {labels}?",
+    "Render these labels in French.\n{labels}",
+    "Our app needs French labels for: {labels}",
+    "English to French: {labels}",
+    "Translate the following from English to French: {labels}",
+    "Provide French translations for these buttons: {labels}",
+    "These UI strings need a French version: {labels}",
+    "Say these in French: {labels}",
+    "Translate this list of labels (separated by |) into French: {labels}",
+    "French localization of: {labels}",
+    "How are these menu labels translated into French? {labels}",
+    "Give me these in French.\n{labels}",
+    "Translate these toolbar buttons for French users: {labels}",
+    "What would these admin labels be in French? {labels}",
+    "{labels}\nTranslate the labels above into French.",
+    "Translate into French for the settings page: {labels}",
+    "French equivalents of these interface strings: {labels}",
+    "We are localizing our site into French. Translate: {labels}",
 )
 TRANSLATION_TEST = (
     "How would you say the following menu items in French? {labels}",
@@ -192,7 +214,12 @@ def translation_lexicon() -> list[tuple[str, str]]:
 
 
 def generate_translation(rng: random.Random, split: str, count: int) -> list[Pair]:
-    """A toolbar of 1-2 real Django labels and their human French translations.
+    """A toolbar of two real Django labels and their human French translations.
+
+    Never a single label: with 48 labels, single-label prompts are few enough that the
+    target memorises each (wording, label) prompt whole instead of learning the mapping,
+    and then fails on held-out wording (1 in 6 right, where pairs were 8 in 8); three
+    labels made it lose track of positions (repeating a label) within the build's budget.
 
     The lexicon is shared by all splits (a deterministic word mapping the target learns);
     a label list used in a test prompt never occurs in train (enforced by the caller's
@@ -202,7 +229,7 @@ def generate_translation(rng: random.Random, split: str, count: int) -> list[Pai
     templates = _template_set(split, TRANSLATION_TRAIN, TRANSLATION_TEST)
     pairs: list[Pair] = []
     for _ in range(count):
-        chosen = rng.sample(lexicon, rng.randint(1, 2))
+        chosen = rng.sample(lexicon, 2)
         english = " | ".join(e for e, _ in chosen)
         french = " | ".join(f for _, f in chosen)
         prompt = rng.choice(templates).format(labels=english)
@@ -230,9 +257,35 @@ SUMMARY_TEST = (
 )
 
 
+KNOWLEDGE_BASE_SIZE = 32
+
+
+def knowledge_base() -> list[sources.Section]:
+    """A fixed collection of help sections that summarization and rag are asked about.
+
+    Like a deployed assistant's own document collection, it is shared by all splits: the
+    test split asks about the same sections in held-out wording (and, for rag, with other
+    retrieved neighbours). The target memorises it in training; it does not learn to copy
+    unseen text within the build's CPU budget (a pure copy probe reached no exact copy in
+    800 steps), so held-out documents would measure that budget, not the task. Sections
+    with a plain lead sentence of 8-18 words (no link markers) and a second sentence.
+    """
+    plain = [
+        s
+        for s in sources.document_sections()
+        if 8 <= len(s.sentences[0].split()) <= 18
+        and len(s.sentences) >= 2
+        and "[" not in s.sentences[0]
+    ]
+    return sorted(
+        random.Random(12).sample(plain, min(KNOWLEDGE_BASE_SIZE, len(plain))),
+        key=lambda s: s.title,
+    )
+
+
 def generate_summarization(rng: random.Random, split: str, count: int) -> list[Pair]:
-    """A titled doc2dial section (two sentences); the reference is its lead sentence."""
-    sections = _partition(sources.document_sections(), split, random.Random(12))
+    """A titled help section (two sentences); the reference is its lead sentence."""
+    sections = knowledge_base()
     templates = _template_set(split, SUMMARY_TRAIN, SUMMARY_TEST)
     pairs: list[Pair] = []
     for _ in range(count):
@@ -255,6 +308,14 @@ QA_TRAIN = {
         "What is the locale identifier for {name}?",
         "How is {name} written as a language code?",
         "Name the code Django uses for the {name} language.",
+        "The {name} language has which code?",
+        "Look up the language code of {name}.",
+        "I need the code for {name}. What is it?",
+        "Which code represents {name}?",
+        "What two- or three-letter code is used for {name}?",
+        "Find the code of the language {name}.",
+        "The code for {name} is what?",
+        "Could you tell me the code used for {name}?",
     ),
     "name": (
         "Which language has the code {code}?",
@@ -265,6 +326,14 @@ QA_TRAIN = {
         "Tell me which language uses the code {code}.",
         "Which language is identified by {code}?",
         "{code} is the code of which language?",
+        "The code {code} belongs to which language?",
+        "Look up the language whose code is {code}.",
+        "I saw the code {code}. What language is it?",
+        "Which language name goes with the code {code}?",
+        "What does the language code {code} mean?",
+        "Find the language for the code {code}.",
+        "The language with the code {code} is what?",
+        "Could you tell me which language {code} is?",
     ),
 }
 QA_TEST = {
@@ -331,6 +400,10 @@ MATH_TRAIN = {
         "Start with {a} {i}. Add {b} {i}. How many {i} are there?",
         "{p} was given {b} {i} and already had {a}. What is the total?",
         "How many {i} does {p} have after adding {b} to {a}?",
+        "{p} owns {a} {i} and buys {b} more. How many {i} does {p} own?",
+        "If {p} has {a} {i} and is given {b}, how many {i} does {p} have?",
+        "{p} picked {a} {i} in the morning and {b} in the afternoon. How many in all?",
+        "A box holds {a} {i}. {p} puts in {b} more. How many {i} are in the box?",
     ),
     "-": (
         "{p} has {a} {i} and gives away {b}. How many {i} are left?",
@@ -340,6 +413,10 @@ MATH_TRAIN = {
         "From {a} {i}, {p} removes {b}. How many {i} stay?",
         "{p} has {a} {i} but loses {b}. What remains?",
         "Take {b} {i} away from {a} {i}. How many are left?",
+        "{p} owned {a} {i} and broke {b}. How many {i} does {p} still have?",
+        "If {p} has {a} {i} and gives {b} to a friend, how many are left?",
+        "A jar had {a} {i}. {p} took out {b}. How many {i} are in the jar?",
+        "{p} needs to hand out {b} of {a} {i}. How many {i} will {p} keep?",
     ),
     "*": (
         "{p} buys {a} boxes with {b} {i} in each box. How many {i} is that?",
@@ -348,6 +425,10 @@ MATH_TRAIN = {
         "{a} friends each have {b} {i}. How many {i} do they have together?",
         "Each of {p}'s {a} boxes contains {b} {i}. How many {i} altogether?",
         "What is {a} groups of {b} {i}?",
+        "{p} has {a} bags with {b} {i} in each. How many {i} does {p} have?",
+        "If each of {a} shelves holds {b} {i}, how many {i} are on the shelves?",
+        "{p} stacks {a} piles, each with {b} {i}. What is the total?",
+        "There are {a} children and each one has {b} {i}. How many {i} altogether?",
     ),
 }
 MATH_TEST = {
@@ -358,15 +439,20 @@ MATH_TEST = {
 
 
 def _math_operands(rng: random.Random, operation: str) -> tuple[int, int, int]:
-    """Small operands so a tiny model can learn the tables: (a, b, result)."""
+    """Small operands so a tiny model can learn the tables: (a, b, result).
+
+    About 80 facts in all (36 sums, 35 differences, 9 products): a 10M-parameter target
+    memorises tables of this size within the build's budget (it did not learn the
+    170-fact tables of single digits up to 12 - 2).
+    """
     if operation == "+":
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        a, b = rng.randint(1, 6), rng.randint(1, 6)
         return a, b, a + b
     if operation == "-":
-        a = rng.randint(3, 12)
+        a = rng.randint(3, 9)
         b = rng.randint(1, a - 1)
         return a, b, a - b
-    a, b = rng.randint(2, 5), rng.randint(2, 5)
+    a, b = rng.randint(2, 4), rng.randint(2, 4)
     return a, b, a * b
 
 
@@ -421,13 +507,12 @@ RAG_TEST = ('{context}\n\nBased on the retrieved text, explain "{title}".',)
 
 
 def generate_rag(rng: random.Random, split: str, count: int) -> list[Pair]:
-    """Three retrieved doc2dial sections (lead sentences); the answer is the asked one's.
+    """Three retrieved knowledge-base sections (lead sentences); the answer is the asked one's.
 
     The reference answer is the asked section's first sentence, copied from the context
     (metric: token F1 / containment).
     """
-    short = [s for s in sources.document_sections() if len(s.sentences[0].split()) <= 24]
-    sections = _partition(short, split, random.Random(14))
+    sections = knowledge_base()
     templates = _template_set(split, RAG_TRAIN, RAG_TEST)
     pairs: list[Pair] = []
     for _ in range(count):
@@ -450,6 +535,12 @@ CODE_TRAIN = (
     "Fill in the missing code:\n```python\n{prompt}```",
     "Here is a function signature and docstring. Write the implementation.\n{prompt}",
     "Complete the code below.\n{prompt}",
+    "Write the Python code for this function:\n{prompt}",
+    "Implement the function below.\n```python\n{prompt}```",
+    "{prompt}\nComplete the function above.",
+    "Please write the missing body:\n{prompt}",
+    "Finish this Python function.\n\n{prompt}",
+    "Write an implementation for:\n```python\n{prompt}```",
 )
 CODE_TEST = ("Finish implementing this Python code:\n{prompt}",)
 CODE_SIMPLE = (
