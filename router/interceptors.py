@@ -1,6 +1,7 @@
-"""gRPC server interceptors: typed errors -> status codes, and bearer-token auth.
+"""The gRPC server interceptor: bearer-token auth, and typed errors -> status codes.
 
-Wrapped handlers are cached per method, so the per-call cost is one dict lookup.
+One interceptor, not a chain: grpc.aio awaits every interceptor on every call. Wrapped
+handlers are cached per method, so the per-call cost is one dict lookup.
 """
 
 from __future__ import annotations
@@ -38,55 +39,6 @@ def _rebuild(handler: grpc.RpcMethodHandler, unary: Any = None, stream: Any = No
     return handler
 
 
-class ErrorInterceptor(aio.ServerInterceptor):
-    """Maps :class:`SidecarError` subclasses to gRPC status codes; counts errors by code."""
-
-    def __init__(self, metrics: SidecarMetrics | None = None) -> None:
-        self._metrics = metrics
-        self._cache: dict[str, grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(
-        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        cached = self._cache.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        wrapped = self._wrap(handler)
-        self._cache[method] = wrapped
-        return wrapped
-
-    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        abort = self._abort
-        inner_unary = handler.unary_unary
-        inner_stream = handler.unary_stream
-
-        async def unary(request: Any, context: aio.ServicerContext) -> Any:
-            try:
-                return await inner_unary(request, context)
-            except SidecarError as error:
-                await abort(context, error)
-
-        async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                async for response in inner_stream(request, context):
-                    yield response
-            except SidecarError as error:
-                await abort(context, error)
-
-        return _rebuild(handler, unary, stream)  # type: ignore[no-any-return]
-
-    async def _abort(self, context: aio.ServicerContext, error: SidecarError) -> None:
-        code = status_of(error).grpc_code
-        if self._metrics is not None:
-            self._metrics.errors.labels(code=code.name).inc()
-        logger.debug("request refused with %s: %s", code.name, error)
-        await context.abort(code, str(error))
-
-
 def _bearer(metadata: Any) -> str | None:
     for key, value in metadata or ():
         if key == "authorization":
@@ -100,7 +52,7 @@ def _same(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-class AuthInterceptor(aio.ServerInterceptor):
+class BearerAuth:
     """Bearer tokens: admin methods need the admin token; data methods the data token, if set.
 
     No token or a wrong one is UNAUTHENTICATED; the data token on an admin method is
@@ -114,17 +66,17 @@ class AuthInterceptor(aio.ServerInterceptor):
         admin_methods: Collection[str],
         admin_token: str | None,
         data_token: str | None = None,
-        metrics: SidecarMetrics | None = None,
     ) -> None:
         self._admin_methods = frozenset(admin_methods)
         self._admin_token = admin_token
         self._data_token = data_token
-        self._metrics = metrics
 
-    def _needs_token(self, method: str) -> bool:
+    def needs_token(self, method: str) -> bool:
+        """Whether calls to ``method`` are checked at all (the open data plane is not)."""
         return method in self._admin_methods or self._data_token is not None
 
-    def _verdict(self, method: str, token: str | None) -> tuple[grpc.StatusCode, str] | None:
+    def verdict(self, method: str, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
+        """None when the call may proceed, else the status code and message to refuse with."""
         admin = method in self._admin_methods
         if admin and self._admin_token is None:
             return (
@@ -132,6 +84,7 @@ class AuthInterceptor(aio.ServerInterceptor):
                 "admin RPCs are disabled: the sidecar has no admin_token "
                 "(set SPECROUTE_ADMIN_TOKEN or admin_token in the config file)",
             )
+        token = _bearer(metadata)
         if token is None:
             return grpc.StatusCode.UNAUTHENTICATED, "missing bearer token (authorization metadata)"
         if self._admin_token is not None and _same(token, self._admin_token):
@@ -142,25 +95,69 @@ class AuthInterceptor(aio.ServerInterceptor):
             return grpc.StatusCode.PERMISSION_DENIED, "the data-plane token cannot call admin RPCs"
         return grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token"
 
+
+class EdgeInterceptor(aio.ServerInterceptor):
+    """The server's one interceptor: bearer-token auth, then typed errors -> status codes.
+
+    Each method's wrapped handler is built once and cached, so a call costs one dict
+    lookup here; token checks run inside the wrapper only for methods that need a token.
+    :class:`SidecarError` subclasses become their status code; refusals and errors are
+    counted by code.
+    """
+
+    def __init__(self, auth: BearerAuth, metrics: SidecarMetrics | None = None) -> None:
+        self._auth = auth
+        self._metrics = metrics
+        self._cache: dict[str, grpc.RpcMethodHandler] = {}
+
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        if not self._needs_token(method):  # the open data plane: no metadata parsing
-            return await continuation(handler_call_details)
-        verdict = self._verdict(method, _bearer(handler_call_details.invocation_metadata))
+        cached = self._cache.get(method)
+        if cached is not None:
+            return cached
         handler = await continuation(handler_call_details)
-        if verdict is None or handler is None:
+        if handler is None:
             return handler
-        code, message = verdict
+        wrapped = self._wrap(method, handler)
+        self._cache[method] = wrapped
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        fail = self._fail
+        inner_unary = handler.unary_unary
+        inner_stream = handler.unary_stream
+        check = self._check if self._auth.needs_token(method) else None
+
+        async def unary(request: Any, context: aio.ServicerContext) -> Any:
+            if check is not None:
+                await check(method, context)
+            try:
+                return await inner_unary(request, context)
+            except SidecarError as error:
+                await fail(context, status_of(error).grpc_code, str(error))
+
+        async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            if check is not None:
+                await check(method, context)
+            try:
+                async for response in inner_stream(request, context):
+                    yield response
+            except SidecarError as error:
+                await fail(context, status_of(error).grpc_code, str(error))
+
+        return _rebuild(handler, unary, stream)  # type: ignore[no-any-return]
+
+    async def _check(self, method: str, context: aio.ServicerContext) -> None:
+        verdict = self._auth.verdict(method, context.invocation_metadata())
+        if verdict is not None:
+            await self._fail(context, *verdict)
+
+    async def _fail(
+        self, context: aio.ServicerContext, code: grpc.StatusCode, message: str
+    ) -> None:
         if self._metrics is not None:
             self._metrics.errors.labels(code=code.name).inc()
-
-        async def refuse_unary(request: Any, context: aio.ServicerContext) -> Any:
-            await context.abort(code, message)
-
-        async def refuse_stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-            await context.abort(code, message)
-            yield None  # pragma: no cover - abort raises
-
-        return _rebuild(handler, refuse_unary, refuse_stream)  # type: ignore[no-any-return]
+        logger.debug("request refused with %s: %s", code.name, message)
+        await context.abort(code, message)

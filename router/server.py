@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.http_front import build_http_app
-from router.interceptors import AuthInterceptor, ErrorInterceptor
+from router.interceptors import BearerAuth, EdgeInterceptor
 from router.metrics import SidecarMetrics, create_metrics
 from router.pb import router_pb2, router_pb2_grpc
 from router.registry import SidecarStore
@@ -131,10 +131,7 @@ async def start_sidecar(settings: Settings, components: Components | None = None
         )
     data = settings.data_token.get_secret_value() if settings.data_token else None
     server = aio.server(
-        interceptors=[
-            AuthInterceptor(ADMIN_METHODS, admin, data, metrics),
-            ErrorInterceptor(metrics),
-        ],
+        interceptors=[EdgeInterceptor(BearerAuth(ADMIN_METHODS, admin, data), metrics)],
         options=_grpc_options(settings),
     )
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(service), server)

@@ -66,7 +66,8 @@ def test_http_front_needs_the_data_token(guarded: SidecarThread) -> None:
     with pytest.raises(UnknownError):  # 401 is not one of TGI's codes
         Client(guarded.http_url, timeout=60).generate(PROMPT, max_new_tokens=2)
     client = Client(guarded.http_url, headers={"Authorization": f"Bearer {DATA_TOKEN}"})
-    assert client.generate(PROMPT, max_new_tokens=2).details.generated_tokens == 2
+    # Served: one or two tokens (the tiny target may end its turn after the first).
+    assert 1 <= client.generate(PROMPT, max_new_tokens=2).details.generated_tokens <= 2
 
 
 def test_settings_precedence_defaults_toml_env_flags(
