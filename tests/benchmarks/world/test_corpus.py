@@ -7,10 +7,12 @@ import json
 import pytest
 
 from benchmarks.world.corpus import (
+    KNOWLEDGE_BASE_SIZE,
     TASKS,
     Corpus,
     Example,
     build_corpus,
+    knowledge_base,
     math_answer,
     prompt_text,
 )
@@ -94,3 +96,25 @@ def test_math_answer_reads_the_final_number() -> None:
 def test_unknown_scale_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown scale"):
         build_corpus(scale="huge")
+
+
+def test_summarization_and_rag_answer_from_the_fixed_knowledge_base(big: Corpus) -> None:
+    leads = {section.sentences[0] for section in knowledge_base()}
+    assert len(leads) == KNOWLEDGE_BASE_SIZE
+    for split in ("train", "test"):
+        for task in ("summarization", "rag"):
+            examples = big.by_task(split, task)
+            assert examples and all(e.response in leads for e in examples)
+            # The answer is in the prompt: the copy-heavy property the drafters see.
+            assert all(e.response in e.messages[-1]["content"] for e in examples)
+
+
+def test_translation_asks_for_two_labels_and_math_stays_in_the_small_tables(big: Corpus) -> None:
+    for example in big.by_task("test", "translation") + big.by_task("train", "translation"):
+        assert example.response.count(" | ") == 1
+    for example in big.by_task("train", "math"):
+        if "The answer is" not in example.response or "=" not in example.response:
+            continue  # a real CHAMP solution
+        a, operation, b = example.response.split(" = ")[0].split()
+        limit = 4 if operation == "*" else 9
+        assert int(a) <= limit and int(b) <= limit
