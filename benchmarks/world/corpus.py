@@ -7,9 +7,10 @@ high entropy (chat), long structured output (code); and in prompt/response lengt
 
 Splits: ``train`` and ``validation`` use the training templates, ``test`` uses a disjoint set
 of templates (held-out wording) and, where the task has independent items (conversations,
-documents, code problems, label lists), items never seen in training. QA is closed-book over
-a fact base the target memorises in training, so its test split re-asks the same facts in
-words never used in training.
+code problems, label lists), items never seen in training. QA is closed-book over a fact
+base the target memorises in training, so its test split re-asks the same facts in words
+never used in training; summarization and rag likewise ask about a fixed knowledge base of
+help sections (``knowledge_base``) in held-out wording.
 """
 
 from __future__ import annotations
@@ -443,7 +444,8 @@ def _math_operands(rng: random.Random, operation: str) -> tuple[int, int, int]:
 
     About 80 facts in all (36 sums, 35 differences, 9 products): a 10M-parameter target
     memorises tables of this size within the build's budget (it did not learn the
-    170-fact tables of single digits up to 12 - 2).
+    ~170 facts of the earlier ranges: sums of digits, differences from up to 12, products
+    up to 5 x 5).
     """
     if operation == "+":
         a, b = rng.randint(1, 6), rng.randint(1, 6)
