@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from pydantic import ValidationError
 
 from classifiers.api import Classification, ClassifierLoadError
 from classifiers.export import CENTROID_COSINE, INPUT_NAME, PROBABILITIES, open_session
-from classifiers.formats import format_counts
+from classifiers.formats import FormatDistance, format_matrix
 from classifiers.metadata import FORMAT_VERSION, MODEL_FILE, ClassifierMetadata, OodThresholds
 from classifiers.text import prompt_from_messages
 
@@ -36,25 +35,18 @@ class RawScores:
 class _FormatRule:
     """Flag a prompt whose format distance to its assigned cluster exceeds the threshold."""
 
-    center: np.ndarray
-    scale: np.ndarray
-    means: np.ndarray
-    spreads: np.ndarray
+    distance: FormatDistance
     max_distance: float
 
     @classmethod
     def from_thresholds(cls, ood: OodThresholds) -> _FormatRule | None:
         if ood.format_profile is None or ood.max_format_distance is None:
             return None
-        center, scale, means, spreads = ood.format_profile.arrays()
-        return cls(center, scale, means, spreads, ood.max_format_distance)
+        return cls(FormatDistance(ood.format_profile.arrays()), ood.max_format_distance)
 
-    def unlike(self, text: str, cluster: int) -> bool:
-        standard = (np.log1p(np.array(format_counts(text), dtype=np.float64)) - self.center) / (
-            self.scale
-        )
-        gap = (standard - self.means[cluster]) / self.spreads[cluster]
-        return math.sqrt(float(gap @ gap)) > self.max_distance
+    def unlike(self, texts: Sequence[str], clusters: np.ndarray) -> np.ndarray:
+        """Per text, whether it is too far in format from its cluster, [N] bool."""
+        return np.asarray(self.distance(format_matrix(texts), clusters) > self.max_distance)
 
 
 class OnnxTaskClassifier:
@@ -177,30 +169,31 @@ class OnnxTaskClassifier:
         probabilities, cosine = self._session.run(_OUTPUTS, {INPUT_NAME: batch})
         return RawScores(probabilities=probabilities, centroid_cosine=cosine)
 
-    def _decide(self, text: str, probabilities: np.ndarray, cosine: np.ndarray) -> Classification:
-        best = int(probabilities.argmax())
-        probability = float(probabilities[best])
-        out_of_distribution = (
-            probability < self._min_probability
-            or float(cosine.max()) < self._min_cosine
-            or (self._format is not None and self._format.unlike(text, best))
-        )
-        return Classification(self._labels[best], probability, out_of_distribution)
+    def _decide(self, texts: Sequence[str], scores: RawScores) -> list[Classification]:
+        """Label, probability and out-of-distribution flag of each scored text."""
+        if not len(texts):
+            return []
+        best = scores.probabilities.argmax(axis=1)
+        # float64 before comparing, as the thresholds are (float32 would round them).
+        probability = scores.probabilities.max(axis=1).astype(np.float64)
+        cosine = scores.centroid_cosine.max(axis=1).astype(np.float64)
+        out_of_distribution = (probability < self._min_probability) | (cosine < self._min_cosine)
+        if self._format is not None:
+            out_of_distribution |= self._format.unlike(texts, best)
+        return [
+            Classification(self._labels[label], p, ood)
+            for label, p, ood in zip(
+                best.tolist(), probability.tolist(), out_of_distribution.tolist(), strict=True
+            )
+        ]
 
     def classify(self, text: str) -> Classification:
         if not isinstance(text, str):
             raise TypeError(f"prompt text must be str, got {type(text).__name__}")
-        probabilities, cosine = self._session.run(
-            _OUTPUTS, {INPUT_NAME: np.array([[text]], dtype=object)}
-        )
-        return self._decide(text, probabilities[0], cosine[0])
+        return self.classify_batch([text])[0]
 
     def classify_batch(self, texts: Sequence[str]) -> list[Classification]:
-        scores = self.scores(texts)
-        return [
-            self._decide(t, p, c)
-            for t, p, c in zip(texts, scores.probabilities, scores.centroid_cosine, strict=True)
-        ]
+        return self._decide(texts, self.scores(texts))
 
     def classify_messages(self, messages: Sequence[Mapping[str, str]]) -> Classification:
         return self.classify(prompt_from_messages(messages))

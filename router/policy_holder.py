@@ -80,6 +80,13 @@ class PolicyHolder:
         with self._lock:
             return self._policy.select(context, eligible), int(self._policy.version)
 
+    def select_many(
+        self, contexts: Sequence[Any], eligible: Sequence[str]
+    ) -> tuple[list[Any], int]:
+        """Decisions for a batch of contexts under one lock, and the policy version."""
+        with self._lock:
+            return self._policy.select_many(contexts, eligible), int(self._policy.version)
+
     def update(self, context: Any, decision: Any, outcome: Any) -> int:
         with self._lock:
             self._policy.update(context, decision, outcome)

@@ -141,6 +141,17 @@ class IncrementalDecoder:
         return "", special
 
 
+@dataclass
+class _PreparedRoutes:
+    """A Route batch checked, tokenized and classified, before the policy decides:
+    per slot an error or nothing yet, and (slot, classification, prompt tokens) of each
+    request to decide."""
+
+    started: float
+    results: list[RoutedRequest | SidecarError | None]
+    placed: list[tuple[int, tuple[str, float, bool], int]] = field(default_factory=list)
+
+
 class RouterService:
     """Routes prompts, learns from outcomes, generates, and manages drafters."""
 
@@ -243,14 +254,18 @@ class RouterService:
         """The Route RPC for a batch of requests: one tokenizer call and one classifier run
         for the batch, then a policy decision per request, each remembered for a later
         Report. A refused request gets its error in its slot; the others are routed."""
-        started = time.perf_counter()
-        results: list[RoutedRequest | SidecarError | None] = [None] * len(requests)
+        return self._finish_routes(requests, self._prepare_routes(requests))
+
+    def _prepare_routes(self, requests: Sequence[RouteInput]) -> _PreparedRoutes:
+        """Check, tokenize and classify a batch (no policy yet). Refused requests get their
+        error in their slot."""
+        prepared = _PreparedRoutes(time.perf_counter(), [None] * len(requests))
         valid: list[tuple[int, Prompt]] = []
         for index, request in enumerate(requests):
             try:
                 valid.append((index, self._checked_prompt(request, generating=False)))
             except SidecarError as error:
-                results[index] = error
+                prepared.results[index] = error
         counts = self._token_counts([self._model_text(prompt) for _, prompt in valid])
         unhinted = [(i, p) for i, p in valid if not requests[i].task_hint]
         classifier = self.components.classifiers.current
@@ -262,23 +277,41 @@ class RouterService:
             )
         )
         for (index, prompt), tokens in zip(valid, counts, strict=True):
-            request = requests[index]
             try:
                 check_prompt_tokens(tokens, self.limits)
                 found = classified.get(index)
                 classification = (
                     (found.cluster, float(found.probability), bool(found.out_of_distribution))
                     if found is not None
-                    else self._classify(prompt, request.task_hint)
+                    else self._classify(prompt, requests[index].task_hint)
                 )
-                routed = self._routed(request, classification, tokens, ())
             except SidecarError as error:
-                results[index] = error
+                prepared.results[index] = error
                 continue
+            prepared.placed.append((index, classification, tokens))
+        return prepared
+
+    def _finish_routes(
+        self, requests: Sequence[RouteInput], prepared: _PreparedRoutes
+    ) -> list[RoutedRequest | SidecarError]:
+        """Policy decisions for a prepared batch, each remembered for a later Report."""
+        results = prepared.results
+        buckets = [int(self._bucket(tokens)) for _, _, tokens in prepared.placed]
+        contexts = [
+            self._context(classification[0], bucket)
+            for (_, classification, _), bucket in zip(prepared.placed, buckets, strict=True)
+        ]
+        decisions, version = self.policy.select_many(contexts, self.drafters.eligible())
+        for (index, classification, tokens), bucket, context, decision in zip(
+            prepared.placed, buckets, contexts, decisions, strict=True
+        ):
+            routed = self._routed_request(
+                requests[index], classification, tokens, (), (bucket, context, decision, version)
+            )
             self._remember(routed)
             self._count_decision(routed)
             results[index] = routed
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - prepared.started
         for _ in requests:
             self.metrics.route_latency.observe(elapsed)
         return [r for r in results if r is not None]
@@ -296,7 +329,10 @@ class RouterService:
         if not texts:
             return []
         if self._fast_tokenizer is not None:
-            encoded = self._fast_tokenizer.encode_batch(list(texts), add_special_tokens=False)
+            # Counts only: the _fast variant skips the character offsets.
+            encode = getattr(self._fast_tokenizer, "encode_batch_fast", None)
+            encode = encode or self._fast_tokenizer.encode_batch
+            encoded = encode(list(texts), add_special_tokens=False)
             return [len(e.ids) for e in encoded]
         return [
             len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
@@ -334,10 +370,25 @@ class RouterService:
         force_k: int | None = None,
     ) -> RoutedRequest:
         """The policy's decision for a checked, tokenized and classified request."""
-        cluster, confidence, ood = classification
         bucket = int(self._bucket(prompt_tokens))
-        context = self._context(cluster, bucket)
+        context = self._context(classification[0], bucket)
         decision, version = self._decide(context, force_drafter, force_k)
+        return self._routed_request(
+            request, classification, prompt_tokens, prompt_ids, (bucket, context, decision, version)
+        )
+
+    def _routed_request(
+        self,
+        request: RouteInput,
+        classification: tuple[str, float, bool],
+        prompt_tokens: int,
+        prompt_ids: tuple[int, ...],
+        placement: tuple[int, Any, Any, int],
+    ) -> RoutedRequest:
+        """The RoutedRequest of a classified request placed at (bucket, context) and
+        decided (decision, policy version)."""
+        cluster, confidence, ood = classification
+        bucket, context, decision, version = placement
         return RoutedRequest(
             request_id=request.request_id or f"{self._id_prefix}-{next(self._ids)}",
             task_cluster=cluster,

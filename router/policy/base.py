@@ -252,6 +252,10 @@ class Policy(Protocol):
 
     def select(self, context: Context, eligible: Sequence[str]) -> Decision: ...
 
+    def select_many(self, contexts: Sequence[Context], eligible: Sequence[str]) -> list[Decision]:
+        """``select`` for each context of a batch (one decision per context, in order)."""
+        ...
+
     def update(self, context: Context, decision: Decision, outcome: Outcome) -> None: ...
 
     def update_counterfactual(

@@ -115,6 +115,9 @@ class TablePolicy:
             return Decision(NONE_DRAFTER, 0, 1.0, False)
         return Decision(drafter, k, 1.0, False)
 
+    def select_many(self, contexts: Sequence[Context], eligible: Sequence[str]) -> list[Decision]:
+        return [self.select(context, eligible) for context in contexts]
+
     def update(self, context: Context, decision: Decision, outcome: Outcome) -> None:
         self.tally_.observe(context, decision, outcome)
         self.updates_ += 1

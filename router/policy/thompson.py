@@ -283,25 +283,43 @@ class ThompsonPolicy:
 
     def select(self, context: Context, eligible: Sequence[str]) -> Decision:
         """Thompson draw over the eligible drafters; k from the sampled acceptance."""
+        return self.select_many([context], eligible)[0]
+
+    def select_many(self, contexts: Sequence[Context], eligible: Sequence[str]) -> list[Decision]:
+        """:meth:`select` for each context, with one draw and one speed-up table per
+        distinct context (requests of a batch share their context's posterior)."""
         index = self._eligible_index(eligible)
         if index.size == 0:
-            return Decision(NONE_DRAFTER, 0, 1.0, False)
+            return [Decision(NONE_DRAFTER, 0, 1.0, False) for _ in contexts]
+        decisions: list[Decision | None] = [None] * len(contexts)
+        for context, slots in _group_by_context(contexts).items():
+            for slot, decision in zip(slots, self._draw(context, index, len(slots)), strict=True):
+                decisions[slot] = decision
+        return [d for d in decisions if d is not None]
+
+    def _draw(self, context: Context, index: np.ndarray, count: int) -> list[Decision]:
+        """``count`` independent Thompson decisions in one context."""
         arms = self.contexts_.get(context) or self._cached_fresh_context(context)
         alpha = arms.alpha[index]
         beta = arms.beta[index]
-        acceptance = np.empty((2, index.size))
-        acceptance[0] = self._rng.beta(alpha, beta)  # the Thompson sample
-        acceptance[1] = alpha / (alpha + beta)  # the posterior mean (greedy rule)
-        table = self._speedups(context, acceptance, index)  # [2, drafters, k_max + 1]
+        acceptance = np.empty((count + 1, index.size))
+        acceptance[:count] = self._rng.beta(alpha, beta, size=(count, index.size))  # samples
+        acceptance[count] = alpha / (alpha + beta)  # the posterior mean (greedy rule)
+        table = self._speedups(context, acceptance, index)  # [count + 1, drafters, k_max + 1]
         width = self.k_max + 1
-        sampled, greedy = table.reshape(2, -1).argmax(axis=1)
-        drafter, k = divmod(int(sampled), width)
-        greedy_drafter, greedy_k = divmod(int(greedy), width)
-        explored = (k, drafter if k else 0) != (greedy_k, greedy_drafter if greedy_k else 0)
-        if k == 0:
-            return Decision(NONE_DRAFTER, 0, 1.0, explored)
-        expected = float(table[1, drafter, k])
-        return Decision(self.drafters_[int(index[drafter])], k, expected, explored)
+        best = table.reshape(count + 1, -1).argmax(axis=1)
+        greedy_drafter, greedy_k = divmod(int(best[count]), width)
+        greedy_arm = (greedy_k, greedy_drafter if greedy_k else 0)
+        decisions = []
+        for flat in best[:count].tolist():
+            drafter, k = divmod(flat, width)
+            explored = (k, drafter if k else 0) != greedy_arm
+            if k == 0:
+                decisions.append(Decision(NONE_DRAFTER, 0, 1.0, explored))
+                continue
+            expected = float(table[count, drafter, k])
+            decisions.append(Decision(self.drafters_[int(index[drafter])], k, expected, explored))
+        return decisions
 
     def update(self, context: Context, decision: Decision, outcome: Outcome) -> None:
         """Learn costs from the outcome and the chosen drafter's acceptance."""
@@ -452,3 +470,11 @@ class ThompsonPolicy:
                 )
             )
         return summaries
+
+
+def _group_by_context(contexts: Sequence[Context]) -> dict[Context, list[int]]:
+    """Positions of each distinct context, in first-seen order."""
+    groups: dict[Context, list[int]] = {}
+    for slot, context in enumerate(contexts):
+        groups.setdefault(context, []).append(slot)
+    return groups

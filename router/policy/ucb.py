@@ -133,6 +133,9 @@ class UcbPolicy:
         expected = float(means[chosen]) if plays[chosen] > 0 else 1.0
         return Decision(self.drafters_[index[row]], column + 1, expected, explored)
 
+    def select_many(self, contexts: Sequence[Context], eligible: Sequence[str]) -> list[Decision]:
+        return [self.select(context, eligible) for context in contexts]
+
     def update(self, context: Context, decision: Decision, outcome: Outcome) -> None:
         """Add the measured speed-up to the played arm (discounting all arms first)."""
         self.costs_.observe(decision.drafter, outcome)

@@ -60,6 +60,7 @@ def test_batch_equals_single(
         single = classifier.classify(text)
         assert single.cluster == result.cluster
         assert single.probability == pytest.approx(result.probability, abs=1e-6)
+        assert single.out_of_distribution == result.out_of_distribution
     assert classifier.classify_batch([]) == []
 
 

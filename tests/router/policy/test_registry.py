@@ -38,6 +38,8 @@ def test_every_policy_honours_the_protocol(name: str) -> None:
         policy.update(context, decision, geometric_outcome(rng, decision, 0.6))
         policy.update_counterfactual(context, "generic", [1, 2, 0], 4)
     assert policy.version >= 5
+    batch = policy.select_many([context, Context("math", 1), context], ["generic"])
+    assert len(batch) == 3 and all(d.drafter in ("generic", "none") for d in batch)
     state = json.loads(json.dumps(policy.state_dict()))
     assert state["version"] == STATE_VERSION and state["policy"] == name
     fresh = make_policy(name, [], CONFIGS[name])
