@@ -48,6 +48,17 @@ def test_task_drafters_differ_from_the_generic_one(tiny_world: World) -> None:
     assert any(not generic[k].equal(tuned[k]) for k in generic)
 
 
+def test_longer_distillation_applies_to_its_tasks_only() -> None:
+    distill = BUILD_CONFIGS["default"].distill
+    assert set(distill.longer) <= set(BUILD_CONFIGS["default"].target_task_weights)
+    for task, (steps, batches) in distill.longer.items():
+        training, task_batches = distill.for_task(task)
+        assert (training.steps, task_batches) == (steps, batches)
+        assert training.learning_rate == distill.training.learning_rate
+    assert distill.for_task("chat") == (distill.training, distill.batches)
+    assert BUILD_CONFIGS["tiny"].distill.longer == {}
+
+
 def test_drafters_carry_a_sample_of_their_finetuning_data(tiny_world: World) -> None:
     train_prompts = {prompt_text(e) for e in tiny_world.examples("train") if e.task == "math"}
     path = tiny_world.drafter_dirs["math"] / "finetune_sample.jsonl"
