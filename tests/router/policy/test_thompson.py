@@ -151,10 +151,9 @@ def test_a_batch_draws_like_calls_one_by_one_grouped_by_context() -> None:
         _train(policy, CODE, {"a": 0.6, "b": 0.5}, 30)
         _train(policy, math, {"a": 0.3, "b": 0.55}, 30)
     decisions = batched.select_many([CODE, math, CODE, CODE, math], eligible)
-    code_1, code_2, code_3, math_1, math_2 = (
-        [single.select(CODE, eligible) for _ in range(3)]
-        + [single.select(math, eligible) for _ in range(2)]
-    )
+    code_1, code_2, code_3, math_1, math_2 = [single.select(CODE, eligible) for _ in range(3)] + [
+        single.select(math, eligible) for _ in range(2)
+    ]
     assert decisions == [code_1, math_1, code_2, code_3, math_2]
     assert len({(d.drafter, d.k) for d in batched.select_many([CODE] * 200, eligible)}) > 1
     assert batched.select_many([], eligible) == []
