@@ -31,6 +31,11 @@ class Proposal:
 class DraftSession(Protocol):
     """A drafter's per-request state (e.g. its KV cache)."""
 
+    def prefill(self, prompt_ids: Sequence[int]) -> None:
+        """Take in the prompt before the first ``propose`` (the engine runs this beside
+        the target's own prefill); ``propose`` must give the same drafts either way."""
+        ...
+
     def propose(
         self,
         history: Sequence[int],
@@ -60,8 +65,11 @@ class Drafter(Protocol):
         """Its key in ``DRAFTER_KINDS``."""
         ...
 
-    def start(self, prompt_ids: Sequence[int]) -> DraftSession:
-        """A fresh session for one request."""
+    def start(
+        self, prompt_ids: Sequence[int], stop_ids: frozenset[int] = frozenset()
+    ) -> DraftSession:
+        """A fresh session for one request. A draft may end at a token of ``stop_ids``
+        (the target's end-of-turn tokens): nothing after it can be emitted."""
         ...
 
     def score_counterfactual(
@@ -69,6 +77,14 @@ class Drafter(Protocol):
     ) -> list[int]:
         """Accepted drafts per step this drafter would have had on a verified greedy output."""
         ...
+
+
+def first_stop(tokens: Sequence[int], stop_ids: frozenset[int]) -> int | None:
+    """Index of the first token of ``tokens`` in ``stop_ids``, or None."""
+    for index, token in enumerate(tokens):
+        if token in stop_ids:
+            return index
+    return None
 
 
 def empty_proposal(device: torch.device) -> Proposal:

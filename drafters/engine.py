@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from drafters.attention import cached_causal_mask
-from drafters.base import Drafter, DraftSession, Proposal, empty_proposal
+from drafters.base import Drafter, DraftSession, Proposal, empty_proposal, first_stop
 from drafters.detokenize import IncrementalDetokenizer, find_stop
 from drafters.loader import LoadedModel
 from drafters.sampling import SamplingConfig, make_generator
@@ -108,6 +109,7 @@ class SpeculativeEngine:
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
         self._synchronize = target.device.type == "cuda"
         self._empty = empty_proposal(target.device)
+        self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter-prefill")
 
     def generate(
         self,
@@ -144,9 +146,13 @@ class SpeculativeEngine:
         began = time.perf_counter()
         history = list(request.prompt_ids)
         cache = DynamicCache()
+        session = request.drafter.start(request.prompt_ids, self.stop_token_ids)
+        # The drafter takes in the prompt on another thread while the target prefills
+        # (both release the GIL inside torch): its prefill costs no decode time.
+        drafter_prefill = self._beside.submit(session.prefill, request.prompt_ids)
         self._prefill(cache, history)
+        drafter_prefill.result()
         stats.prefill_time_s = time.perf_counter() - began
-        session = request.drafter.start(request.prompt_ids)
         generator = make_generator(request.sampling, self.target.device)
         detokenizer = IncrementalDetokenizer(self.target.tokenizer)
         elapsed = time.perf_counter() - began
@@ -256,10 +262,10 @@ class SpeculativeEngine:
         self, tokens: list[int], request: _Request, detokenizer: IncrementalDetokenizer
     ) -> tuple[list[int], str, str | None]:
         """Cut the step's tokens after the first EOS or completed stop sequence."""
-        for index, token in enumerate(tokens):
-            if token in self.stop_token_ids:
-                tokens = tokens[: index + 1]
-                return tokens, detokenizer.push(tokens), "eos_token"
+        stop = first_stop(tokens, self.stop_token_ids)
+        if stop is not None:
+            tokens = tokens[: stop + 1]
+            return tokens, detokenizer.push(tokens), "eos_token"
         if not request.stop_sequences:
             return tokens, detokenizer.push(tokens), None
         text = ""

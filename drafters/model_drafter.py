@@ -41,12 +41,20 @@ class ModelDraftSession:
     never rebuilt.
 
     Invariant: the first ``_verified`` cache positions hold tokens of the verified history.
-    After proposing k tokens from a history of length L the cache holds L + k - 1 positions
-    (the last draft is never fed back), of which L + min(accepted, k - 1) stay valid.
+    After proposing d tokens from a history of length L the cache holds L + d - 1 positions
+    (the last draft is never fed back), of which L + min(accepted, d - 1) stay valid. A
+    draft stops early (d < k) at a stop token: nothing after the end of the turn is used.
     """
 
-    def __init__(self, model: Any, device: torch.device, prompt_length: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        device: torch.device,
+        prompt_length: int,
+        stop_ids: frozenset[int] = frozenset(),
+    ) -> None:
         self._device = device
+        self._stop_ids = stop_ids
         self._forward = (
             LeanDecoder(model, capacity=prompt_length + 256).forward
             if lean_decoder_supports(model)
@@ -55,6 +63,15 @@ class ModelDraftSession:
         self._verified = 0
         self._last_history = 0
         self._last_k = 0
+
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: Sequence[int]) -> None:
+        """Feed all prompt tokens but the last (the first ``propose`` feeds it and drafts)."""
+        if self._verified or len(prompt_ids) < 2:
+            return
+        feed = torch.tensor(list(prompt_ids[:-1]), dtype=torch.long, device=self._device)
+        self._forward(feed, 0)
+        self._verified = feed.shape[0]
 
     @torch.inference_mode()
     def propose(
@@ -79,9 +96,11 @@ class ModelDraftSession:
             else:
                 token = logits.argmax(dim=-1, keepdim=True)  # [1], stays on the device
             tokens.append(token)
+            if self._stop_ids and int(token) in self._stop_ids:
+                break  # the turn ends here if accepted: later drafts could never be used
             feed = token
         self._last_history = len(history)
-        self._last_k = k
+        self._last_k = len(tokens)
         return Proposal(
             token_ids=torch.cat(tokens),  # [k]
             probs=torch.stack(probs) if probs else None,  # [k, vocab]
@@ -101,8 +120,10 @@ class ModelDrafter:
     path: str = ""
     kind: str = "model"
 
-    def start(self, prompt_ids: Sequence[int]) -> ModelDraftSession:
-        return ModelDraftSession(self.model, self.device, len(prompt_ids))
+    def start(
+        self, prompt_ids: Sequence[int], stop_ids: frozenset[int] = frozenset()
+    ) -> ModelDraftSession:
+        return ModelDraftSession(self.model, self.device, len(prompt_ids), stop_ids)
 
     def score_counterfactual(
         self, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from drafters.base import Proposal
+from drafters.base import Proposal, first_stop
 from drafters.sampling import SamplingConfig
 
 
@@ -57,9 +57,12 @@ class NgramIndex:
 class NgramDraftSession:
     """One request's n-gram index over prompt + verified output."""
 
-    def __init__(self, index: NgramIndex, device: torch.device) -> None:
+    def __init__(
+        self, index: NgramIndex, device: torch.device, stop_ids: frozenset[int] = frozenset()
+    ) -> None:
         self._index = index
         self._device = device
+        self._stop_ids = stop_ids
 
     def propose(
         self,
@@ -69,7 +72,14 @@ class NgramDraftSession:
         generator: torch.Generator | None,
     ) -> Proposal:
         draft = self._index.propose(history, k)
+        stop = first_stop(draft, self._stop_ids)
+        if stop is not None:
+            draft = draft[: stop + 1]  # nothing after the end of the turn can be used
         return Proposal(token_ids=torch.tensor(draft, dtype=torch.long, device=self._device))
+
+    def prefill(self, prompt_ids: Sequence[int]) -> None:
+        """Index the prompt's n-grams ahead of the first proposal."""
+        self._index.extend(prompt_ids)
 
     def observe_accepted(self, accepted: int) -> None:
         """Nothing to roll back: the index only ever holds verified tokens."""
@@ -85,8 +95,10 @@ class NgramDrafter:
     max_n: int = 3
     kind: str = "ngram"
 
-    def start(self, prompt_ids: Sequence[int]) -> NgramDraftSession:
-        return NgramDraftSession(NgramIndex(self.min_n, self.max_n), self.device)
+    def start(
+        self, prompt_ids: Sequence[int], stop_ids: frozenset[int] = frozenset()
+    ) -> NgramDraftSession:
+        return NgramDraftSession(NgramIndex(self.min_n, self.max_n), self.device, stop_ids)
 
     def score_counterfactual(
         self, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int

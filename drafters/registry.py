@@ -37,6 +37,9 @@ class _NoDraftSession:
     ) -> Proposal:
         return empty_proposal(self._device)
 
+    def prefill(self, prompt_ids: Sequence[int]) -> None:
+        """Nothing to take in."""
+
     def observe_accepted(self, accepted: int) -> None:
         """Nothing drafted, nothing to roll back."""
 
@@ -49,7 +52,9 @@ class NoDrafter:
     device: torch.device
     kind: str = "none"
 
-    def start(self, prompt_ids: Sequence[int]) -> DraftSession:
+    def start(
+        self, prompt_ids: Sequence[int], stop_ids: frozenset[int] = frozenset()
+    ) -> DraftSession:
         return _NoDraftSession(self.device)
 
     def score_counterfactual(

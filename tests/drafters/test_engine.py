@@ -159,6 +159,53 @@ def test_model_drafter_cache_after_rollback_drafts_like_a_fresh_session(
     assert again == fresh.propose(history, 5, greedy, None).token_ids.tolist()
 
 
+@pytest.mark.parametrize("kind", ["close", "ngram"])
+def test_a_draft_ends_at_a_stop_token_and_the_session_stays_consistent(
+    drafters: dict[str, Drafter], kind: str
+) -> None:
+    greedy = SamplingConfig()
+    # A history that repeats itself, so the n-gram drafter has a full draft too.
+    history = [5, 9, 13, 17, 21, 25, 5, 9, 13, 17, 21, 25, 5, 9]
+    full = drafters[kind].start(history).propose(history, 5, greedy, None).token_ids.tolist()
+    assert len(full) == 5
+    stop = full[2]
+    cut = full[: full.index(stop) + 1]  # up to and including the first occurrence
+    session = drafters[kind].start(history, frozenset({stop}))
+    assert session.propose(history, 5, greedy, None).token_ids.tolist() == cut
+    # The verifier keeps the whole short draft and emits one more token: the next draft
+    # must be what a fresh session drafts from the same verified history.
+    session.observe_accepted(len(cut))
+    verified = [*history, *cut, 7]
+    sampled = SamplingConfig(do_sample=True)
+    again = session.propose(verified, 5, sampled, torch.Generator().manual_seed(3))
+    fresh = drafters[kind].start(verified, frozenset({stop}))
+    expected = fresh.propose(verified, 5, sampled, torch.Generator().manual_seed(3))
+    assert again.token_ids.tolist() == expected.token_ids.tolist()
+    if expected.probs is not None:  # the model drafter: its cache is exactly the fresh one
+        assert again.probs is not None
+        torch.testing.assert_close(again.probs, expected.probs, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["close", "ngram", "none"])
+def test_a_prefilled_session_drafts_exactly_like_one_that_was_not(
+    drafters: dict[str, Drafter], prompts: list[list[int]], kind: str
+) -> None:
+    sampled = SamplingConfig(do_sample=True)
+    prompt = prompts[3]
+    cold = drafters[kind].start(prompt)
+    warm = drafters[kind].start(prompt)
+    warm.prefill(prompt)
+    for history in (prompt, [*prompt, 11, 12]):  # the first step, then after 1 accepted + 1
+        expected = cold.propose(history, 4, sampled, torch.Generator().manual_seed(1))
+        got = warm.propose(history, 4, sampled, torch.Generator().manual_seed(1))
+        assert got.token_ids.tolist() == expected.token_ids.tolist()
+        if expected.probs is not None:
+            assert got.probs is not None
+            torch.testing.assert_close(got.probs, expected.probs, rtol=1e-4, atol=1e-6)
+        cold.observe_accepted(1)
+        warm.observe_accepted(1)
+
+
 def test_max_new_tokens_is_exact_and_never_overdrafted(
     engine: SpeculativeEngine,
     drafters: dict[str, Drafter],
