@@ -146,12 +146,11 @@ class SpeculativeEngine:
         began = time.perf_counter()
         history = list(request.prompt_ids)
         cache = DynamicCache()
-        session = request.drafter.start(request.prompt_ids, self.stop_token_ids)
-        # The drafter takes in the prompt on another thread while the target prefills
-        # (both release the GIL inside torch): its prefill costs no decode time.
-        drafter_prefill = self._beside.submit(session.prefill, request.prompt_ids)
+        # The drafter's session starts and takes in the prompt on another thread while the
+        # target prefills (both release the GIL inside torch): neither adds to the latency.
+        starting = self._beside.submit(self._start_session, request)
         self._prefill(cache, history)
-        drafter_prefill.result()
+        session = starting.result()
         stats.prefill_time_s = time.perf_counter() - began
         generator = make_generator(request.sampling, self.target.device)
         detokenizer = IncrementalDetokenizer(self.target.tokenizer)
@@ -182,6 +181,11 @@ class SpeculativeEngine:
             stats.finish_reason = finish_reason
             stats.generated_tokens = len(output)
             stats.wall_time_s = elapsed
+
+    def _start_session(self, request: _Request) -> DraftSession:
+        session = request.drafter.start(request.prompt_ids, self.stop_token_ids)
+        session.prefill(request.prompt_ids)
+        return session
 
     @torch.inference_mode()
     def _prefill(self, cache: DynamicCache, history: list[int]) -> None:
