@@ -333,7 +333,7 @@ class RouterService:
             encode = getattr(self._fast_tokenizer, "encode_batch_fast", None)
             encode = encode or self._fast_tokenizer.encode_batch
             encoded = encode(list(texts), add_special_tokens=False)
-            return [len(e.ids) for e in encoded]
+            return [len(e) for e in encoded]  # len(): no list of ids is built
         return [
             len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
         ]
