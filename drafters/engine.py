@@ -147,7 +147,7 @@ class SpeculativeEngine:
         history = list(request.prompt_ids)
         cache = DynamicCache()
         # The drafter's session starts and takes in the prompt on another thread while the
-        # target prefills (both release the GIL inside torch): neither adds to the latency.
+        # target prefills (both release the GIL inside torch), off the serial path.
         starting = self._beside.submit(self._start_session, request)
         self._prefill(cache, history)
         session = starting.result()

@@ -102,8 +102,8 @@ class ModelDraftSession:
         self._last_history = len(history)
         self._last_k = len(tokens)
         return Proposal(
-            token_ids=torch.cat(tokens),  # [k]
-            probs=torch.stack(probs) if probs else None,  # [k, vocab]
+            token_ids=torch.cat(tokens),  # [d], d <= k
+            probs=torch.stack(probs) if probs else None,  # [d, vocab]
         )
 
     def observe_accepted(self, accepted: int) -> None:

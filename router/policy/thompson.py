@@ -291,11 +291,10 @@ class ThompsonPolicy:
         index = self._eligible_index(eligible)
         if index.size == 0:
             return [Decision(NONE_DRAFTER, 0, 1.0, False) for _ in contexts]
-        decisions: list[Decision | None] = [None] * len(contexts)
+        decisions: dict[int, Decision] = {}
         for context, slots in _group_by_context(contexts).items():
-            for slot, decision in zip(slots, self._draw(context, index, len(slots)), strict=True):
-                decisions[slot] = decision
-        return [d for d in decisions if d is not None]
+            decisions.update(zip(slots, self._draw(context, index, len(slots)), strict=True))
+        return [decisions[slot] for slot in range(len(contexts))]
 
     def _draw(self, context: Context, index: np.ndarray, count: int) -> list[Decision]:
         """``count`` independent Thompson decisions in one context."""
