@@ -1,100 +1,122 @@
-"""Coalescing concurrent calls into one batch.
+"""Coalescing concurrent calls into batches, worked on one at a time off the event loop.
 
-Tokenizing and classifying many Route calls in one call each (one Rust and one
-onnxruntime entry, one GIL hand-off) costs far less than doing it per request. grpc.aio
-hands calls to the event loop one at a time, so calls only meet if one waits: when calls
-arrive back to back (the EWMA of the gap between them is below ``busy_gap_s``) a call
-waits up to ``wait_turns`` event-loop turns for others to join; under light load it is
-flushed on the next turn, so a lone call's latency does not change.
+Tokenizing and classifying many Route calls with one call each (one Rust and one
+onnxruntime entry) costs far less per call than doing it call by call, and both release
+the GIL. So a batch is worked on by a worker thread while the event loop goes on
+receiving calls; the calls that arrive meanwhile wait and form the next batch, which
+starts as soon as the worker is free. Batches grow with the load by themselves: a lone
+call starts at once, calls that arrive faster than a batch is worked on are worked on
+together. There are no timers to tune, and the loop never spins waiting for a batch.
+
+The work has two stages: ``work`` runs on the worker thread and must be thread-safe;
+``commit`` runs on the event loop with what ``work`` returned (for state that only the
+loop touches) and gives one result per item.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
 In = TypeVar("In")
+Mid = TypeVar("Mid")
 Out = TypeVar("Out")
 
 
-class Coalescer(Generic[In, Out]):
-    """``await submit(item)`` runs ``run_batch`` on the items gathered with it (module doc).
+class Coalescer(Generic[In, Mid, Out]):
+    """``await submit(item)`` gives ``item``'s result from the batch it joined (module doc).
 
-    ``run_batch`` returns one result per item, in order; an exception in a slot is raised
-    to that item's caller only. If ``run_batch`` itself raises, every caller of the batch
-    gets the exception. ``on_batch`` (optional) is told each batch's size.
+    ``commit`` returns one result per item, in order; an exception in a slot is raised to
+    that item's caller only. If ``work`` or ``commit`` raises, every caller of the batch
+    gets the exception. ``on_batch`` (optional) is told each batch's size. The executor
+    should have one thread: batches are worked on one at a time anyway.
     """
 
     def __init__(
         self,
-        run_batch: Callable[[Sequence[In]], Sequence[Out | BaseException]],
+        work: Callable[[Sequence[In]], Mid],
+        commit: Callable[[Sequence[In], Mid], Sequence[Out | BaseException]],
         *,
+        executor: Executor,
         max_batch: int = 256,
-        wait_turns: int = 0,
-        busy_gap_s: float = 5e-4,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self._run_batch = run_batch
+        self._work = work
+        self._commit = commit
+        self._executor = executor
         self._max_batch = max_batch
-        self._wait_turns = wait_turns
         self._on_batch = on_batch
         self._pending: list[tuple[In, asyncio.Future[Out]]] = []
-        self._scheduled = False
-        self._busy_gap_s = busy_gap_s
-        self._gap_s = float("inf")  # EWMA of the time between submit() calls
-        self._last_submit: float | None = None
-        self._flusher: asyncio.Task[None] | None = None
+        self._scheduled = False  # a start is queued on the loop
+        self._working = False  # a batch is on the worker
 
     async def submit(self, item: In) -> Out:
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        if self._last_submit is not None:
-            # Clipped, so a long idle spell is forgotten within a few dozen busy calls.
-            gap = min(now - self._last_submit, 10 * self._busy_gap_s)
-            self._gap_s = gap if self._gap_s == float("inf") else 0.9 * self._gap_s + 0.1 * gap
-        self._last_submit = now
         future: asyncio.Future[Out] = loop.create_future()
         self._pending.append((item, future))
-        if len(self._pending) >= self._max_batch:
-            self._flush()
-        elif not self._scheduled:
+        if not self._working and not self._scheduled:
             self._scheduled = True
-            if self._wait_turns and self._gap_s < self._busy_gap_s:
-                # Calls arrive back to back: hold this one a few turns so others join.
-                self._flusher = loop.create_task(self._flush_later())
-            else:
-                loop.call_soon(self._flush)  # light load: a call is not held back
+            loop.call_soon(self._start)  # calls arriving in this loop turn join the batch
         return await future
 
-    async def _flush_later(self) -> None:
-        for _ in range(self._wait_turns):
-            await asyncio.sleep(0)
-        self._flush()
-
-    def _flush(self) -> None:
+    def _start(self) -> None:
         self._scheduled = False
-        batch, self._pending = self._pending, []
-        if not batch:
+        if self._working or not self._pending:
             return
+        batch = self._pending[: self._max_batch]
+        self._pending = self._pending[self._max_batch :]
         if self._on_batch is not None:
             self._on_batch(len(batch))
+        items = [item for item, _ in batch]
+        loop = asyncio.get_running_loop()
         try:
-            results: Sequence[Out | BaseException] = self._run_batch([item for item, _ in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
-        except Exception as error:  # the whole batch failed: every caller hears why
-            logger.exception("batch of %d failed", len(batch))
-            results = [error] * len(batch)
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():  # the caller was cancelled meanwhile
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+            done = loop.run_in_executor(self._executor, self._work, items)
+        except RuntimeError as error:  # the executor is shut down: the server is stopping
+            _deliver(batch, [error] * len(batch))
+            return
+        self._working = True
+        done.add_done_callback(functools.partial(self._finish, batch, items))
+
+    def _finish(
+        self,
+        batch: list[tuple[In, asyncio.Future[Out]]],
+        items: list[In],
+        done: asyncio.Future[Mid],
+    ) -> None:
+        self._working = False
+        results: Sequence[Out | BaseException]
+        if done.cancelled():  # the loop is closing
+            results = [asyncio.CancelledError()] * len(batch)
+        else:
+            try:
+                results = self._commit(items, done.result())
+                if len(results) != len(batch):
+                    raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
+            except Exception as error:  # the whole batch failed: every caller hears why
+                logger.exception("batch of %d failed", len(batch))
+                results = [error] * len(batch)
+        _deliver(batch, results)
+        if self._pending:
+            self._start()  # the calls that arrived meanwhile
+
+
+def _deliver(
+    batch: Sequence[tuple[object, asyncio.Future[Out]]], results: Sequence[Out | BaseException]
+) -> None:
+    for (_, future), result in zip(batch, results, strict=True):
+        if future.done():  # the caller was cancelled meanwhile
+            continue
+        if isinstance(result, asyncio.CancelledError):
+            future.cancel()
+        elif isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)

@@ -143,9 +143,8 @@ class IncrementalDecoder:
 
 @dataclass
 class _PreparedRoutes:
-    """A Route batch checked, tokenized and classified, before the policy decides:
-    per slot an error or nothing yet, and (slot, classification, prompt tokens) of each
-    request to decide."""
+    """A Route batch on its way: per slot an error, a routed request once decided, or
+    nothing yet; and (slot, classification, prompt tokens) of each request to decide."""
 
     started: float
     results: list[RoutedRequest | SidecarError | None]
@@ -179,6 +178,8 @@ class RouterService:
             on_depth=metrics.queue_depth.set,
         )
         self._learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="counterfactual")
+        # Route batches are decided here, off the event loop (router.coalescer).
+        self.route_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="route-batch")
         self._learning_lock = threading.Lock()
         self._learning_backlog = 0
         # Server-assigned request ids: unique per process start, cheaper than uuid4.
@@ -208,6 +209,7 @@ class RouterService:
         """Final policy snapshot; stop the workers."""
         try:
             self.queue.shutdown()
+            self.route_worker.shutdown(wait=True, cancel_futures=True)
             self._learner.shutdown(wait=True, cancel_futures=True)
         finally:
             self.policy.snapshot()
@@ -254,7 +256,29 @@ class RouterService:
         """The Route RPC for a batch of requests: one tokenizer call and one classifier run
         for the batch, then a policy decision per request, each remembered for a later
         Report. A refused request gets its error in its slot; the others are routed."""
-        return self._finish_routes(requests, self._prepare_routes(requests))
+        return self.commit_routes(requests, self.decide_routes(requests))
+
+    def decide_routes(self, requests: Sequence[RouteInput]) -> _PreparedRoutes:
+        """The thread-safe part of :meth:`route_batch` (the Route worker thread runs it):
+        check, tokenize, classify and decide. Nothing is remembered yet."""
+        return self._decide_routes(requests, self._prepare_routes(requests))
+
+    def commit_routes(
+        self, requests: Sequence[RouteInput], decided: _PreparedRoutes
+    ) -> list[RoutedRequest | SidecarError]:
+        """The event-loop part of :meth:`route_batch`: remember each routed request for
+        its Report, count the decisions, and observe the route latency."""
+        results: list[RoutedRequest | SidecarError] = []
+        for result in decided.results:
+            if isinstance(result, RoutedRequest):
+                self._remember(result)
+                self._count_decision(result)
+            if result is not None:
+                results.append(result)
+        elapsed = time.perf_counter() - decided.started
+        for _ in requests:
+            self.metrics.route_latency.observe(elapsed)
+        return results
 
     def _prepare_routes(self, requests: Sequence[RouteInput]) -> _PreparedRoutes:
         """Check, tokenize and classify a batch (no policy yet). Refused requests get their
@@ -291,10 +315,10 @@ class RouterService:
             prepared.placed.append((index, classification, tokens))
         return prepared
 
-    def _finish_routes(
+    def _decide_routes(
         self, requests: Sequence[RouteInput], prepared: _PreparedRoutes
-    ) -> list[RoutedRequest | SidecarError]:
-        """Policy decisions for a prepared batch, each remembered for a later Report."""
+    ) -> _PreparedRoutes:
+        """Policy decisions for a prepared batch, in its result slots."""
         results = prepared.results
         buckets = [int(self._bucket(tokens)) for _, _, tokens in prepared.placed]
         contexts = [
@@ -305,16 +329,10 @@ class RouterService:
         for (index, classification, tokens), bucket, context, decision in zip(
             prepared.placed, buckets, contexts, decisions, strict=True
         ):
-            routed = self._routed_request(
+            results[index] = self._routed_request(
                 requests[index], classification, tokens, (), (bucket, context, decision, version)
             )
-            self._remember(routed)
-            self._count_decision(routed)
-            results[index] = routed
-        elapsed = time.perf_counter() - prepared.started
-        for _ in requests:
-            self.metrics.route_latency.observe(elapsed)
-        return [r for r in results if r is not None]
+        return prepared
 
     def _checked_prompt(self, request: RouteInput, *, generating: bool) -> Prompt:
         prompt = check_prompt(request.prompt)

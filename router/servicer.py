@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from grpc import aio
 
@@ -26,11 +27,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def __init__(self, service: RouterService) -> None:
         self._service = service
-        self._routes: Coalescer[RouteInput, RoutedRequest] = Coalescer(
-            service.route_batch,
+        self._routes: Coalescer[RouteInput, Any, RoutedRequest] = Coalescer(
+            service.decide_routes,
+            service.commit_routes,
+            executor=service.route_worker,
             max_batch=service.limits.route_batch_max,
-            wait_turns=service.limits.route_batch_wait_turns,
-            busy_gap_s=service.limits.route_batch_busy_gap_s,
             on_batch=service.metrics.route_batch_size.observe,
         )
 

@@ -40,11 +40,8 @@ class Limits(BaseModel):
     pending_reports: int = Field(default=100_000, gt=0)
     # Seconds of full-information scoring of other drafters per greedy generation.
     counterfactual_budget_s: float = Field(default=0.5, ge=0.0)
-    # Route batching: when calls arrive less than route_batch_busy_gap_s apart (EWMA), a
-    # call waits up to route_batch_wait_turns event-loop turns for others to join its
-    # batch (one tokenizer and one classifier call); under light load it is not held.
-    route_batch_wait_turns: int = Field(default=96, ge=0)
-    route_batch_busy_gap_s: float = Field(default=5e-4, ge=0.0)
+    # Route calls that arrive while a batch is being decided form the next batch (one
+    # tokenizer and one classifier call each), at most this many.
     route_batch_max: int = Field(default=256, gt=0)
 
 

@@ -1,22 +1,40 @@
-"""The event-loop-turn coalescer behind Route: batching, per-slot errors, whole-batch errors."""
+"""The Route coalescer: batches form while the worker is busy, per-slot and whole-batch
+errors, and which thread runs which stage."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from router.coalescer import Coalescer
 
 
+@pytest.fixture()
+def worker() -> Iterator[ThreadPoolExecutor]:
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-worker")
+    yield executor
+    executor.shutdown(wait=True)
+
+
 def _double_or_refuse(items: Sequence[int]) -> list[int | BaseException]:
     return [ValueError(f"odd {i}") if i % 2 else 2 * i for i in items]
 
 
-def test_calls_in_one_turn_share_a_batch_and_errors_stay_in_their_slot() -> None:
+def _as_is(items: Sequence[int], results: list[int | BaseException]) -> list[int | BaseException]:
+    return results
+
+
+def test_calls_in_one_turn_share_a_batch_and_errors_stay_in_their_slot(
+    worker: ThreadPoolExecutor,
+) -> None:
     sizes: list[int] = []
-    coalescer: Coalescer[int, int] = Coalescer(_double_or_refuse, on_batch=sizes.append)
+    coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(
+        _double_or_refuse, _as_is, executor=worker, on_batch=sizes.append
+    )
 
     async def main() -> list[int | BaseException]:
         together = await asyncio.gather(
@@ -31,7 +49,55 @@ def test_calls_in_one_turn_share_a_batch_and_errors_stay_in_their_slot() -> None
     assert [str(r) for r in results[1:6:2]] == ["odd 1", "odd 3", "odd 5"]
 
 
-def test_max_batch_splits_and_a_failing_batch_fails_only_its_callers() -> None:
+def test_calls_arriving_while_a_batch_is_worked_on_form_the_next_batch(
+    worker: ThreadPoolExecutor,
+) -> None:
+    started, release = threading.Event(), threading.Event()
+    sizes: list[int] = []
+
+    def slow(items: Sequence[int]) -> list[int | BaseException]:
+        started.set()
+        release.wait(timeout=10)
+        return [2 * i for i in items]
+
+    coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(
+        slow, _as_is, executor=worker, on_batch=sizes.append
+    )
+
+    async def main() -> list[int]:
+        first = asyncio.ensure_future(coalescer.submit(1))
+        await asyncio.to_thread(started.wait, 10)  # the first batch is on the worker
+        later = [asyncio.ensure_future(coalescer.submit(i)) for i in range(2, 7)]
+        for _ in range(5):
+            await asyncio.sleep(0)  # plenty of loop turns: nothing starts while busy
+        assert sizes == [1]
+        release.set()
+        return await asyncio.gather(first, *later)
+
+    assert asyncio.run(main()) == [2, 4, 6, 8, 10, 12]
+    assert sizes == [1, 5]
+
+
+def test_work_runs_on_the_worker_and_commit_on_the_loop(worker: ThreadPoolExecutor) -> None:
+    threads: dict[str, str] = {}
+
+    def work(items: Sequence[int]) -> list[int]:
+        threads["work"] = threading.current_thread().name
+        return list(items)
+
+    def commit(items: Sequence[int], done: list[int]) -> list[int | BaseException]:
+        threads["commit"] = threading.current_thread().name
+        return [i + 1 for i in done]
+
+    coalescer: Coalescer[int, list[int], int] = Coalescer(work, commit, executor=worker)
+    assert asyncio.run(coalescer.submit(41)) == 42
+    assert threads["work"].startswith("test-worker")
+    assert threads["commit"] == threading.main_thread().name
+
+
+def test_max_batch_splits_and_a_failing_batch_fails_only_its_callers(
+    worker: ThreadPoolExecutor,
+) -> None:
     sizes: list[int] = []
 
     def run(items: Sequence[int]) -> list[int | BaseException]:
@@ -39,7 +105,9 @@ def test_max_batch_splits_and_a_failing_batch_fails_only_its_callers() -> None:
             raise RuntimeError("boom")
         return list(items)
 
-    coalescer: Coalescer[int, int] = Coalescer(run, max_batch=4, on_batch=sizes.append)
+    coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(
+        run, _as_is, executor=worker, max_batch=4, on_batch=sizes.append
+    )
 
     async def main() -> list[int | BaseException]:
         return await asyncio.gather(
@@ -51,37 +119,18 @@ def test_max_batch_splits_and_a_failing_batch_fails_only_its_callers() -> None:
     assert results[:4] == [1, 2, 3, 4]
     assert all(isinstance(r, RuntimeError) for r in results[4:])
     with pytest.raises(ValueError):
-        Coalescer(run, max_batch=0)
+        Coalescer(run, _as_is, executor=worker, max_batch=0)
 
 
-def test_back_to_back_calls_wait_for_each_other_and_lone_calls_do_not() -> None:
-    sizes: list[int] = []
-
-    async def staggered(coalescer: Coalescer[int, int], count: int) -> None:
-        async def late(i: int) -> int:
-            for _ in range(i):  # each call arrives one event-loop turn after the previous
-                await asyncio.sleep(0)
-            return await coalescer.submit(i)
-
-        await asyncio.gather(*(late(i) for i in range(count)))
+def test_a_shut_down_worker_fails_calls_instead_of_hanging() -> None:
+    executor = ThreadPoolExecutor(max_workers=1)
+    executor.shutdown()
+    coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(
+        _double_or_refuse, _as_is, executor=executor
+    )
 
     async def main() -> None:
-        busy: Coalescer[int, int] = Coalescer(
-            _double_or_refuse_even, wait_turns=20, busy_gap_s=1.0, on_batch=sizes.append
-        )
-        await busy.submit(0)  # the first call has no gap yet: flushed at once
-        await staggered(busy, 8)
-        idle: Coalescer[int, int] = Coalescer(
-            _double_or_refuse_even, wait_turns=20, busy_gap_s=0.0, on_batch=sizes.append
-        )
-        await staggered(idle, 8)
+        await asyncio.wait_for(coalescer.submit(2), timeout=5)
 
-    asyncio.run(main())
-    assert sizes[0] == 1
-    busy_sizes, idle_sizes = sizes[1 : len(sizes) - 8], sizes[len(sizes) - 8 :]
-    assert max(busy_sizes) >= 4  # staggered arrivals met in a batch
-    assert idle_sizes == [1] * 8  # light load: never held back
-
-
-def _double_or_refuse_even(items: Sequence[int]) -> list[int | BaseException]:
-    return [2 * i for i in items]
+    with pytest.raises(RuntimeError, match="shutdown"):
+        asyncio.run(main())
