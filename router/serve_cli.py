@@ -76,12 +76,18 @@ def serve_command(
     """Run the sidecar: gRPC Router, TGI-compatible HTTP front and Prometheus metrics."""
     import asyncio
 
+    from pydantic import ValidationError
+
     from router.server import RunningSidecar, serve
     from router.settings import load_settings
 
     overrides: dict[str, Any] = {"world_dir": world, "host": host, "port": port, "policy": policy}
     explicit = {"http_port": http_port, "metrics_port": metrics_port}
-    settings = load_settings(config, **overrides)
+    try:
+        settings = load_settings(config, **overrides)
+    except ValidationError as error:  # a typo in the TOML file or a SPECROUTE_* variable
+        typer.echo(f"invalid settings: {error}", err=True)
+        raise typer.Exit(2) from None
     updates = {key: _port(value) for key, value in explicit.items() if value is not None}
     if updates:
         settings = settings.model_copy(update=updates)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -28,6 +28,8 @@ def specroute_home() -> Path:
 
 class Limits(BaseModel):
     """Per-request and capacity limits; requests beyond them are refused, never queued."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt limit is an error, not ignored
 
     max_prompt_tokens: int = Field(default=1024, gt=0)
     max_new_tokens: int = Field(default=512, gt=0)
@@ -47,6 +49,8 @@ class Limits(BaseModel):
 
 class TlsSettings(BaseModel):
     """Optional server TLS: both files or neither."""
+
+    model_config = ConfigDict(extra="forbid")
 
     cert_file: Path | None = None
     key_file: Path | None = None

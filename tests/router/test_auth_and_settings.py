@@ -122,6 +122,20 @@ def test_print_config_masks_tokens(tmp_path: Path) -> None:
     assert "very-secret" not in out
 
 
+def test_a_misspelt_limit_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.toml"
+    config.write_text("[limits]\nmax_new_token = 99\n")  # "max_new_tokens" misspelt
+    done = subprocess.run(
+        [sys.executable, "-m", "router.cli", "serve", "--config", str(config), "--print-config"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 2
+    assert "invalid settings" in done.stderr and "limits.max_new_token" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_registry_round_trip_and_refusals(tmp_path: Path) -> None:
     store = SidecarStore(tmp_path)
     record = DrafterRecord(
