@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -265,6 +266,69 @@ def run_load_bench(
         "loadavg": list(os.getloadavg()),
         "cpus": os.cpu_count(),
     }
+
+
+def compare_sidecars(
+    addresses: Sequence[str],
+    *,
+    rounds: int = 6,
+    requests: int = 3_000,
+    concurrency: int = 64,
+    token: str | None = None,
+) -> dict[str, Any]:
+    """Several sidecars side by side: in each round every sidecar gets ``requests`` Route
+    calls at ``concurrency``, each followed by the same on one echo servicer; the order
+    alternates between rounds. Per sidecar: Route/s per round and the ratio to the echo
+    round right after it (the machine's other load weighs on both alike)."""
+    if not addresses:
+        raise ValueError("compare_sidecars needs at least one address")
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(addresses[0]) as channel:
+        sample = router_pb2_grpc.RouterStub(channel).Route(
+            route_requests(1)[0], timeout=CALL_TIMEOUT_S, metadata=metadata
+        )
+    echo_process, echo_address = start_echo_server(sample)
+    per: dict[str, dict[str, list[float]]] = {
+        a: {"rps": [], "echo_rps": [], "ratio": [], "errors": []} for a in addresses
+    }
+    try:
+        for address in addresses:
+            drive(address, WARMUP_CALLS, concurrency, token)
+        drive(echo_address, WARMUP_CALLS, concurrency)
+        for index in range(rounds):
+            for address in addresses if index % 2 == 0 else addresses[::-1]:
+                run = drive(address, requests, concurrency, token)
+                echo = drive(echo_address, requests, concurrency)
+                per[address]["rps"].append(round(run.rps, 1))
+                per[address]["echo_rps"].append(round(echo.rps, 1))
+                per[address]["ratio"].append(round(run.rps / echo.rps, 3) if echo.rps else 0.0)
+                per[address]["errors"].append(run.errors)
+    finally:
+        echo_process.kill()
+        echo_process.wait()
+    return {
+        "rounds": rounds,
+        "requests": requests,
+        "concurrency": concurrency,
+        "sidecars": {
+            a: {**runs, "median_ratio": statistics.median(runs["ratio"])} for a, runs in per.items()
+        },
+    }
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """One line per sidecar: Route/s per round and the median ratio to echo."""
+    lines = [
+        f"{result['rounds']} interleaved rounds of {result['requests']} Route calls at "
+        f"concurrency {result['concurrency']}, each beside an echo round:"
+    ]
+    for address, runs in result["sidecars"].items():
+        rps = ", ".join(f"{r:.0f}" for r in runs["rps"])
+        lines.append(
+            f"  {address}: Route/s {rps}; median Route/echo {runs['median_ratio']:.3f}; "
+            f"errors {sum(runs['errors'])}"
+        )
+    return "\n".join(lines)
 
 
 def format_result(result: dict[str, Any]) -> str:

@@ -267,6 +267,27 @@ def bench_load_command(
         json_path.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def bench_load_compare_command(
+    address: Annotated[
+        list[str], typer.Option("--address", help="Sidecar gRPC host:port (repeat: 1 or more).")
+    ],
+    rounds: Annotated[int, typer.Option("--rounds")] = 6,
+    requests: Annotated[int, typer.Option("--requests", "-n", help="Calls per round.")] = 3_000,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c")] = 64,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    token: Annotated[str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN")] = None,
+) -> None:
+    """Sidecars side by side (say, two builds): interleaved rounds, each beside an echo round."""
+    from router.load_bench import compare_sidecars, format_comparison
+
+    result = compare_sidecars(
+        address, rounds=rounds, requests=requests, concurrency=concurrency, token=token
+    )
+    typer.echo(format_comparison(result))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this package's commands to the root app and the ``bench`` group."""
     app.command("serve")(serve_command)
@@ -279,3 +300,4 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     policy = _group(app, "policy", "The serving policy.")
     policy.command("show")(policy_show_command)
     bench.command("load")(bench_load_command)
+    bench.command("load-compare")(bench_load_compare_command)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from router.cli import build_app
-from router.load_bench import format_result, run_load_bench
+from router.load_bench import compare_sidecars, format_comparison, format_result, run_load_bench
 from router.server import freeze_startup_heap
 from tests.router.conftest import ADMIN_TOKEN, COMPLETION_PROMPT, ServingWorld, SidecarThread
 
@@ -57,6 +57,17 @@ def test_bench_load_reports_every_key(sidecar: SidecarThread, tmp_path: Path) ->
     assert result["rss_mb"]["before"] > 0  # the sidecar's pid was found from its port
     assert "echo ceiling" in format_result(result)
     json.dumps(result)  # JSON-ready
+
+
+def test_bench_load_compare_interleaves_rounds_beside_echo(sidecar: SidecarThread) -> None:
+    address = sidecar.running.address
+    result = compare_sidecars([address], rounds=2, requests=40, concurrency=4)
+    runs = result["sidecars"][address]
+    assert len(runs["rps"]) == len(runs["echo_rps"]) == len(runs["ratio"]) == 2
+    assert all(r > 0 for r in runs["rps"]) and sum(runs["errors"]) == 0
+    for ratio, rps, echo in zip(runs["ratio"], runs["rps"], runs["echo_rps"], strict=True):
+        assert abs(ratio - rps / echo) < 0.01
+    assert address in format_comparison(result)
 
 
 def test_freeze_startup_heap_moves_live_objects_out_of_the_collector() -> None:
