@@ -246,15 +246,20 @@ def policy_show_command(address: str = ADDRESS_OPTION) -> None:
             )
 
 
+# Options shared by the load commands.
+JsonOption = Annotated[Path | None, typer.Option("--json", help="Write the result here.")]
+TokenOption = Annotated[str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN")]
+
+
 def bench_load_command(
     address: Annotated[str, typer.Option("--address", help="Sidecar gRPC host:port.")],
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    json_path: JsonOption = None,
     requests: Annotated[int, typer.Option("--requests", "-n")] = 10_000,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c")] = 64,
     pid: Annotated[
         int | None, typer.Option("--pid", help="Sidecar pid (found from the port).")
     ] = None,
-    token: Annotated[str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN")] = None,
+    token: TokenOption = None,
 ) -> None:
     """Load a running sidecar with Route calls; compare with an echo servicer (the ceiling)."""
     from router.load_bench import format_result, run_load_bench
@@ -262,7 +267,12 @@ def bench_load_command(
     result = run_load_bench(
         address, requests=requests, concurrency=concurrency, pid=pid, token=token
     )
-    typer.echo(format_result(result))
+    _report(format_result(result), result, json_path)
+
+
+def _report(text: str, result: dict[str, Any], json_path: Path | None) -> None:
+    """Print a benchmark's lines; write its JSON too when asked."""
+    typer.echo(text)
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -274,8 +284,8 @@ def bench_load_compare_command(
     rounds: Annotated[int, typer.Option("--rounds")] = 6,
     requests: Annotated[int, typer.Option("--requests", "-n", help="Calls per round.")] = 3_000,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c")] = 64,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
-    token: Annotated[str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN")] = None,
+    json_path: JsonOption = None,
+    token: TokenOption = None,
 ) -> None:
     """Sidecars side by side (say, two builds): interleaved rounds, each beside an echo round."""
     from router.load_bench import compare_sidecars, format_comparison
@@ -283,9 +293,7 @@ def bench_load_compare_command(
     result = compare_sidecars(
         address, rounds=rounds, requests=requests, concurrency=concurrency, token=token
     )
-    typer.echo(format_comparison(result))
-    if json_path is not None:
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    _report(format_comparison(result), result, json_path)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:

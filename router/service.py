@@ -142,7 +142,7 @@ class IncrementalDecoder:
 
 
 @dataclass
-class _PreparedRoutes:
+class RouteBatch:
     """A Route batch on its way: per slot an error, a routed request once decided, or
     nothing yet; and (slot, classification, prompt tokens) of each request to decide."""
 
@@ -258,13 +258,13 @@ class RouterService:
         Report. A refused request gets its error in its slot; the others are routed."""
         return self.commit_routes(requests, self.decide_routes(requests))
 
-    def decide_routes(self, requests: Sequence[RouteInput]) -> _PreparedRoutes:
+    def decide_routes(self, requests: Sequence[RouteInput]) -> RouteBatch:
         """The thread-safe part of :meth:`route_batch` (the Route worker thread runs it):
         check, tokenize, classify and decide. Nothing is remembered yet."""
         return self._decide_routes(requests, self._prepare_routes(requests))
 
     def commit_routes(
-        self, requests: Sequence[RouteInput], decided: _PreparedRoutes
+        self, requests: Sequence[RouteInput], decided: RouteBatch
     ) -> list[RoutedRequest | SidecarError]:
         """The event-loop part of :meth:`route_batch`: remember each routed request for
         its Report, count the decisions, and observe the route latency."""
@@ -280,10 +280,10 @@ class RouterService:
             self.metrics.route_latency.observe(elapsed)
         return results
 
-    def _prepare_routes(self, requests: Sequence[RouteInput]) -> _PreparedRoutes:
+    def _prepare_routes(self, requests: Sequence[RouteInput]) -> RouteBatch:
         """Check, tokenize and classify a batch (no policy yet). Refused requests get their
         error in their slot."""
-        prepared = _PreparedRoutes(time.perf_counter(), [None] * len(requests))
+        prepared = RouteBatch(time.perf_counter(), [None] * len(requests))
         valid: list[tuple[int, Prompt]] = []
         for index, request in enumerate(requests):
             try:
@@ -315,9 +315,7 @@ class RouterService:
             prepared.placed.append((index, classification, tokens))
         return prepared
 
-    def _decide_routes(
-        self, requests: Sequence[RouteInput], prepared: _PreparedRoutes
-    ) -> _PreparedRoutes:
+    def _decide_routes(self, requests: Sequence[RouteInput], prepared: RouteBatch) -> RouteBatch:
         """Policy decisions for a prepared batch, in its result slots."""
         results = prepared.results
         buckets = [int(self._bucket(tokens)) for _, _, tokens in prepared.placed]

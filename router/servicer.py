@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 from grpc import aio
 
@@ -14,7 +13,7 @@ from router.domain import RouteInput
 from router.errors import InvalidRequestError
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
-from router.service import RoutedRequest, RouterService
+from router.service import RouteBatch, RoutedRequest, RouterService
 
 ADMIN_METHODS = tuple(
     f"/specroute.v1.Router/{name}"
@@ -27,7 +26,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def __init__(self, service: RouterService) -> None:
         self._service = service
-        self._routes: Coalescer[RouteInput, Any, RoutedRequest] = Coalescer(
+        self._routes: Coalescer[RouteInput, RouteBatch, RoutedRequest] = Coalescer(
             service.decide_routes,
             service.commit_routes,
             executor=service.route_worker,
