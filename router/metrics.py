@@ -39,8 +39,8 @@ def create_metrics(registry: CollectorRegistry | None = None) -> SidecarMetrics:
         registry=reg,
         route_latency=Histogram(
             "specroute_route_latency_seconds",
-            "Time to tokenize, classify and pick (drafter, k) for the batch a Route call "
-            "was in, in the sidecar.",
+            "Time a Route call spends in the sidecar's handler: waiting for the batch in "
+            "progress, then tokenizing, classifying and picking (drafter, k) with its own.",
             registry=reg,
             buckets=ROUTE_BUCKETS,
         ),

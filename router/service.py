@@ -146,7 +146,6 @@ class RouteBatch:
     """A Route batch on its way: per slot an error, a routed request once decided, or
     nothing yet; and (slot, classification, prompt tokens) of each request to decide."""
 
-    started: float
     results: list[RoutedRequest | SidecarError | None]
     placed: list[tuple[int, tuple[str, float, bool], int]] = field(default_factory=list)
 
@@ -267,7 +266,7 @@ class RouterService:
         self, requests: Sequence[RouteInput], decided: RouteBatch
     ) -> list[RoutedRequest | SidecarError]:
         """The event-loop part of :meth:`route_batch`: remember each routed request for
-        its Report, count the decisions, and observe the route latency."""
+        its Report and count the decisions."""
         results: list[RoutedRequest | SidecarError] = []
         for result in decided.results:
             if isinstance(result, RoutedRequest):
@@ -275,15 +274,12 @@ class RouterService:
                 self._count_decision(result)
             if result is not None:
                 results.append(result)
-        elapsed = time.perf_counter() - decided.started
-        for _ in requests:
-            self.metrics.route_latency.observe(elapsed)
         return results
 
     def _prepare_routes(self, requests: Sequence[RouteInput]) -> RouteBatch:
         """Check, tokenize and classify a batch (no policy yet). Refused requests get their
         error in their slot."""
-        prepared = RouteBatch(time.perf_counter(), [None] * len(requests))
+        prepared = RouteBatch([None] * len(requests))
         valid: list[tuple[int, Prompt]] = []
         for index, request in enumerate(requests):
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 
 from grpc import aio
@@ -37,7 +38,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Route(
         self, request: pb.RouteRequest, context: aio.ServicerContext
     ) -> pb.RouteDecision:
-        routed = await self._routes.submit(convert.route_from_pb(request))
+        started = time.perf_counter()
+        try:
+            routed = await self._routes.submit(convert.route_from_pb(request))
+        finally:  # refused calls too: the time a caller waited for its answer
+            self._service.metrics.route_latency.observe(time.perf_counter() - started)
         return convert.decision_to_pb(routed)
 
     async def Report(self, request: pb.RouteOutcome, context: aio.ServicerContext) -> pb.ReportAck:

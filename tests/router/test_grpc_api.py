@@ -280,6 +280,26 @@ def test_health_and_reflection(sidecar: SidecarThread) -> None:
     assert {"specroute.v1.Router", "grpc.health.v1.Health"} <= names
 
 
+def _route_latency_count(sidecar: SidecarThread) -> float:
+    text = urllib.request.urlopen(sidecar.metrics_url, timeout=10).read().decode()
+    line = next(
+        x for x in text.splitlines() if x.startswith("specroute_route_latency_seconds_count")
+    )
+    return float(line.split()[-1])
+
+
+def test_route_latency_counts_every_route_call_refused_ones_too(
+    sidecar: SidecarThread, PROMPT: str
+) -> None:
+    before = _route_latency_count(sidecar)
+    sidecar.stub.Route(pb.RouteRequest(text=PROMPT))
+    sidecar.stub.Route(pb.RouteRequest(text=PROMPT, max_new_tokens=8))
+    with pytest.raises(grpc.RpcError) as refused:
+        sidecar.stub.Route(pb.RouteRequest(text=""))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert _route_latency_count(sidecar) == before + 3
+
+
 def test_metrics_endpoint(sidecar: SidecarThread, PROMPT: str) -> None:
     sidecar.stub.Route(pb.RouteRequest(text=PROMPT))
     text = urllib.request.urlopen(sidecar.metrics_url, timeout=10).read().decode()
