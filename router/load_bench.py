@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,23 @@ def start_echo_server(reply: pb.RouteDecision) -> tuple[subprocess.Popen[str], s
     return process, f"127.0.0.1:{port}"
 
 
+@contextlib.contextmanager
+def echo_beside(address: str, token: str | None = None) -> Iterator[str]:
+    """An echo servicer answering with the reply of the sidecar at ``address`` (same
+    message sizes), in its own process for the ``with`` block; yields its address."""
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(address) as channel:
+        sample = router_pb2_grpc.RouterStub(channel).Route(
+            route_requests(1)[0], timeout=CALL_TIMEOUT_S, metadata=metadata
+        )
+    echo_process, echo_address = start_echo_server(sample)
+    try:
+        yield echo_address
+    finally:
+        echo_process.kill()
+        echo_process.wait()
+
+
 # -- the benchmark ---------------------------------------------------------------------
 def run_load_bench(
     address: str,
@@ -223,13 +241,7 @@ def run_load_bench(
     """Load the sidecar at ``address`` and the echo ceiling; the JSON-ready result."""
     port = int(address.rsplit(":", 1)[1])
     sidecar_pid = pid or pid_listening_on(port)
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with grpc.insecure_channel(address) as channel:
-        sample = router_pb2_grpc.RouterStub(channel).Route(
-            route_requests(1)[0], timeout=CALL_TIMEOUT_S, metadata=metadata
-        )
-    echo_process, echo_address = start_echo_server(sample)
-    try:
+    with echo_beside(address, token) as echo_address:
         drive(address, WARMUP_CALLS, concurrency, token)  # lazy allocations before "before"
         drive(echo_address, WARMUP_CALLS, concurrency)
         before = rss_mb(sidecar_pid) if sidecar_pid else float("nan")
@@ -243,9 +255,6 @@ def run_load_bench(
             runs["c1"].append(drive(address, share, 1, token))
             runs["echo_c1"].append(drive(echo_address, share, 1))
         after = rss_mb(sidecar_pid) if sidecar_pid else float("nan")
-    finally:
-        echo_process.kill()
-        echo_process.wait()
     loaded, echo = merge(runs["c"]), merge(runs["echo"])
     sequential, echo_sequential = merge(runs["c1"]), merge(runs["echo_c1"])
     return {
@@ -282,16 +291,10 @@ def compare_sidecars(
     round right after it (the machine's other load weighs on both alike)."""
     if not addresses:
         raise ValueError("compare_sidecars needs at least one address")
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with grpc.insecure_channel(addresses[0]) as channel:
-        sample = router_pb2_grpc.RouterStub(channel).Route(
-            route_requests(1)[0], timeout=CALL_TIMEOUT_S, metadata=metadata
-        )
-    echo_process, echo_address = start_echo_server(sample)
     per: dict[str, dict[str, list[float]]] = {
         a: {"rps": [], "echo_rps": [], "ratio": [], "errors": []} for a in addresses
     }
-    try:
+    with echo_beside(addresses[0], token) as echo_address:
         for address in addresses:
             drive(address, WARMUP_CALLS, concurrency, token)
         drive(echo_address, WARMUP_CALLS, concurrency)
@@ -303,9 +306,6 @@ def compare_sidecars(
                 per[address]["echo_rps"].append(round(echo.rps, 1))
                 per[address]["ratio"].append(round(run.rps / echo.rps, 3) if echo.rps else 0.0)
                 per[address]["errors"].append(run.errors)
-    finally:
-        echo_process.kill()
-        echo_process.wait()
     return {
         "rounds": rounds,
         "requests": requests,
