@@ -251,22 +251,19 @@ class RouterService:
             self._decision_counters[key] = counter
         counter.inc()
 
-    def route_batch(self, requests: Sequence[RouteInput]) -> list[RoutedRequest | SidecarError]:
-        """The Route RPC for a batch of requests: one tokenizer call and one classifier run
-        for the batch, then a policy decision per request, each remembered for a later
-        Report. A refused request gets its error in its slot; the others are routed."""
-        return self.commit_routes(requests, self.decide_routes(requests))
-
     def decide_routes(self, requests: Sequence[RouteInput]) -> RouteBatch:
-        """The thread-safe part of :meth:`route_batch` (the Route worker thread runs it):
-        check, tokenize, classify and decide. Nothing is remembered yet."""
+        """The Route RPC for a batch of requests, its thread-safe part (the Route worker
+        thread runs it): one tokenizer call and one classifier run for the batch, then a
+        policy decision per request. A refused request gets its error in its slot.
+        Nothing is remembered yet: :meth:`commit_routes` does that."""
         return self._decide_routes(requests, self._prepare_routes(requests))
 
     def commit_routes(
         self, requests: Sequence[RouteInput], decided: RouteBatch
     ) -> list[RoutedRequest | SidecarError]:
-        """The event-loop part of :meth:`route_batch`: remember each routed request for
-        its Report and count the decisions."""
+        """The event-loop part of a Route batch (after :meth:`decide_routes`): remember
+        each routed request for a later Report and count the decisions; one result per
+        request, in order."""
         results: list[RoutedRequest | SidecarError] = []
         for result in decided.results:
             if isinstance(result, RoutedRequest):
