@@ -1,14 +1,15 @@
 """Coalescing concurrent calls into batches, worked on one at a time off the event loop.
 
 Tokenizing and classifying many Route calls with one call each (one Rust and one
-onnxruntime entry) costs far less per call than doing it call by call, and both release
-the GIL. So a batch is worked on by a worker thread while the event loop goes on
+onnxruntime entry) costs far less per call than doing it call by call. So a batch is
+worked on elsewhere (a child process, or a worker thread) while the event loop goes on
 receiving calls; the calls that arrive meanwhile wait and form the next batch, which
-starts as soon as the worker is free. Batches grow with the load by themselves: a lone
+starts as soon as the work is done. Batches grow with the load by themselves: a lone
 call starts at once, calls that arrive faster than a batch is worked on are worked on
 together. There are no timers to tune, and the loop never spins waiting for a batch.
 
-The work has two stages: ``work`` runs on the worker thread and must be thread-safe;
+The work has two stages: ``work`` is a coroutine function awaited on the loop, which
+hands the batch off (:func:`on_executor` runs a plain function on an executor);
 ``commit`` runs on the event loop with what ``work`` returned (for state that only the
 loop touches) and gives one result per item.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
@@ -34,16 +35,15 @@ class Coalescer(Generic[In, Mid, Out]):
 
     ``commit`` returns one result per item, in order; an exception in a slot is raised to
     that item's caller only. If ``work`` or ``commit`` raises, every caller of the batch
-    gets the exception. ``on_batch`` (optional) is told each batch's size. The executor
-    should have one thread: batches are worked on one at a time anyway.
+    gets the exception. ``on_batch`` (optional) is told each batch's size. Batches are
+    worked on one at a time.
     """
 
     def __init__(
         self,
-        work: Callable[[Sequence[In]], Mid],
+        work: Callable[[list[In]], Awaitable[Mid]],
         commit: Callable[[Sequence[In], Mid], Sequence[Out | BaseException]],
         *,
-        executor: Executor,
         max_batch: int = 256,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
@@ -51,7 +51,6 @@ class Coalescer(Generic[In, Mid, Out]):
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self._work = work
         self._commit = commit
-        self._executor = executor
         self._max_batch = max_batch
         self._on_batch = on_batch
         self._pending: list[tuple[In, asyncio.Future[Out]]] = []
@@ -76,12 +75,7 @@ class Coalescer(Generic[In, Mid, Out]):
         if self._on_batch is not None:
             self._on_batch(len(batch))
         items = [item for item, _ in batch]
-        loop = asyncio.get_running_loop()
-        try:
-            done = loop.run_in_executor(self._executor, self._work, items)
-        except RuntimeError as error:  # the executor is shut down: the server is stopping
-            _deliver(batch, [error] * len(batch))
-            return
+        done = asyncio.ensure_future(self._work(items))
         self._working = True
         done.add_done_callback(functools.partial(self._finish, batch, items))
 
@@ -106,6 +100,18 @@ class Coalescer(Generic[In, Mid, Out]):
         _deliver(batch, results)
         if self._pending:
             self._start()  # the calls that arrived meanwhile
+
+
+def on_executor(
+    executor: Executor, function: Callable[[list[In]], Mid]
+) -> Callable[[list[In]], Awaitable[Mid]]:
+    """``work`` for a :class:`Coalescer` that runs ``function`` on ``executor`` (it must
+    be thread-safe). A shut-down executor fails the batch rather than hanging it."""
+
+    async def work(items: list[In]) -> Mid:
+        return await asyncio.get_running_loop().run_in_executor(executor, function, items)
+
+    return work
 
 
 def _deliver(

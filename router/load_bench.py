@@ -139,12 +139,27 @@ def drive(address: str, count: int, concurrency: int, token: str | None = None) 
 
 
 # -- the sidecar's memory --------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
 def rss_mb(pid: int) -> float:
-    """Resident set size of ``pid`` in MiB, from /proc/<pid>/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """Resident set size of ``pid`` and its child processes (the route process) in MiB,
+    from /proc/<pid>/status."""
+    total = 0.0
+    for each in (pid, *_children(pid)):
+        try:
+            lines = Path(f"/proc/{each}/status").read_text().splitlines()
+        except OSError:  # a child that just exited
+            continue
+        total += sum(int(line.split()[1]) for line in lines if line.startswith("VmRSS:")) / 1024
+    if not total:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return total
 
 
 def _listening_inodes(port: int) -> set[str]:
@@ -348,8 +363,8 @@ def format_result(result: dict[str, Any]) -> str:
             f"  latency at concurrency 1: p50 {c1['p50']:.3f} ms (target <= 1), "
             f"p99 {c1['p99']:.3f} ms (target <= 2); echo p50 {echo_c1['p50']:.3f} ms, "
             f"p99 {echo_c1['p99']:.3f} ms",
-            f"  sidecar rss: {rss['before']:.1f} -> {rss['after']:.1f} MiB "
-            f"({growth:+.1f}%, target < 10%)",
+            f"  sidecar rss (with its route process): {rss['before']:.1f} -> "
+            f"{rss['after']:.1f} MiB ({growth:+.1f}%, target < 10%)",
             f"  machine: {result['cpus']} cpus, load average {result['loadavg'][0]:.2f}",
         ]
     )

@@ -45,6 +45,7 @@ from router.generation import Finished, GenerationQueue
 from router.metrics import SidecarMetrics
 from router.policy_holder import PolicyHolder
 from router.registry import DrafterRecord, SidecarStore
+from router.route_process import RouteProcess, RouteProcessError
 from router.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -177,8 +178,11 @@ class RouterService:
             on_depth=metrics.queue_depth.set,
         )
         self._learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="counterfactual")
-        # Route batches are decided here, off the event loop (router.coalescer).
+        # Route batches are tokenized and classified in a child process (own GIL), or
+        # on this thread when there is none (router.coalescer, router.route_process).
         self.route_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="route-batch")
+        self.route_process: RouteProcess | None = None
+        self._classifier_key: tuple[Any, tuple[str, str] | None] | None = None
         self._learning_lock = threading.Lock()
         self._learning_backlog = 0
         # Server-assigned request ids: unique per process start, cheaper than uuid4.
@@ -203,10 +207,17 @@ class RouterService:
         self.policy.start(self.settings.policy, self.settings.policy_config)
         self.metrics.drafters.set(len(self.drafters.names()))
         self.metrics.policy_version.set(self.policy.version)
+        if self.limits.route_process and self._fast_tokenizer is not None:
+            self.route_process = RouteProcess(
+                self._fast_tokenizer.to_str(), spin_s=self.limits.route_process_spin_ms / 1000
+            )
+            self.route_process.start_in_background()
 
     def close(self) -> None:
         """Final policy snapshot; stop the workers."""
         try:
+            if self.route_process is not None:
+                self.route_process.close()
             self.queue.shutdown()
             self.route_worker.shutdown(wait=True, cancel_futures=True)
             self._learner.shutdown(wait=True, cancel_futures=True)
@@ -251,21 +262,37 @@ class RouterService:
             self._decision_counters[key] = counter
         counter.inc()
 
-    def decide_routes(self, requests: Sequence[RouteInput]) -> RouteBatch:
-        """The Route RPC for a batch of requests, its thread-safe part (the Route worker
-        thread runs it): one tokenizer call and one classifier run for the batch, then a
-        policy decision per request. A refused request gets its error in its slot.
-        Nothing is remembered yet: :meth:`commit_routes` does that."""
-        return self._decide_routes(requests, self._prepare_routes(requests))
+    async def prepare_routes(self, requests: list[RouteInput]) -> RouteBatch:
+        """The Route RPC for a batch of requests, up to the policy (on the event loop):
+        check each request, then count tokens and classify the whole batch in the route
+        process (:mod:`router.route_process`), or on the Route worker thread when there is
+        none or it fails. A refused request gets its error in its slot. Nothing is decided
+        or remembered yet: :meth:`commit_routes` does that."""
+        process, key = self.route_process, self._process_classifier_key()
+        if process is not None and key is not None:
+            if process.ready:
+                results, valid = self._checked_batch(requests)
+                texts = self._batch_texts(requests, valid)
+                try:
+                    done = await process.run(texts[0], texts[2], key)
+                except RouteProcessError as error:
+                    logger.warning("%s; this Route batch is worked on in-process", error)
+                else:
+                    classes = dict(zip(texts[1], done.classes, strict=True))
+                    return self._placed(requests, results, valid, done.counts, classes)
+            else:
+                process.start_in_background()  # rate-limited; meanwhile the thread works
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.route_worker, self._prepare_routes, requests)
 
     def commit_routes(
-        self, requests: Sequence[RouteInput], decided: RouteBatch
+        self, requests: Sequence[RouteInput], prepared: RouteBatch
     ) -> list[RoutedRequest | SidecarError]:
-        """The event-loop part of a Route batch (after :meth:`decide_routes`): remember
-        each routed request for a later Report and count the decisions; one result per
-        request, in order."""
+        """The rest of a Route batch, on the event loop (after :meth:`prepare_routes`):
+        the policy's decisions, then remember each routed request for a later Report and
+        count the decisions; one result per request, in order."""
         results: list[RoutedRequest | SidecarError] = []
-        for result in decided.results:
+        for result in self._decide_routes(requests, prepared).results:
             if isinstance(result, RoutedRequest):
                 self._remember(result)
                 self._count_decision(result)
@@ -274,39 +301,81 @@ class RouterService:
         return results
 
     def _prepare_routes(self, requests: Sequence[RouteInput]) -> RouteBatch:
-        """Check, tokenize and classify a batch (no policy yet). Refused requests get their
-        error in their slot."""
-        prepared = RouteBatch([None] * len(requests))
+        """:meth:`prepare_routes` in this process (thread-safe): check, tokenize and
+        classify a batch."""
+        results, valid = self._checked_batch(requests)
+        texts, unhinted, classifier_texts = self._batch_texts(requests, valid)
+        classifier = self.components.classifiers.current
+        classes = {
+            index: (found.cluster, float(found.probability), bool(found.out_of_distribution))
+            for index, found in zip(
+                unhinted, classifier.classify_batch(classifier_texts), strict=True
+            )
+        }
+        return self._placed(requests, results, valid, self._token_counts(texts), classes)
+
+    def _checked_batch(
+        self, requests: Sequence[RouteInput]
+    ) -> tuple[list[RoutedRequest | SidecarError | None], list[tuple[int, Prompt]]]:
+        """Per slot the error of a refused request, and (slot, prompt) of the others."""
+        results: list[RoutedRequest | SidecarError | None] = [None] * len(requests)
         valid: list[tuple[int, Prompt]] = []
         for index, request in enumerate(requests):
             try:
                 valid.append((index, self._checked_prompt(request, generating=False)))
             except SidecarError as error:
-                prepared.results[index] = error
-        counts = self._token_counts([self._model_text(prompt) for _, prompt in valid])
+                results[index] = error
+        return results, valid
+
+    def _batch_texts(
+        self, requests: Sequence[RouteInput], valid: Sequence[tuple[int, Prompt]]
+    ) -> tuple[list[str], list[int], list[str]]:
+        """What to count (the model text of each valid request), which slots to classify
+        (no task hint) and what the classifier reads for them."""
         unhinted = [(i, p) for i, p in valid if not requests[i].task_hint]
-        classifier = self.components.classifiers.current
-        classified = dict(
-            zip(
-                (i for i, _ in unhinted),
-                classifier.classify_batch([_classifier_text(p) for _, p in unhinted]),
-                strict=True,
-            )
+        return (
+            [self._model_text(prompt) for _, prompt in valid],
+            [i for i, _ in unhinted],
+            [_classifier_text(p) for _, p in unhinted],
         )
+
+    def _placed(
+        self,
+        requests: Sequence[RouteInput],
+        results: list[RoutedRequest | SidecarError | None],
+        valid: Sequence[tuple[int, Prompt]],
+        counts: Sequence[int],
+        classes: Mapping[int, tuple[str, float, bool]],
+    ) -> RouteBatch:
+        """A RouteBatch from a checked batch's token counts and classes (slot -> class;
+        a hinted slot takes its hint)."""
+        prepared = RouteBatch(results)
         for (index, prompt), tokens in zip(valid, counts, strict=True):
             try:
                 check_prompt_tokens(tokens, self.limits)
-                found = classified.get(index)
-                classification = (
-                    (found.cluster, float(found.probability), bool(found.out_of_distribution))
-                    if found is not None
-                    else self._classify(prompt, requests[index].task_hint)
-                )
+                found = classes.get(index)
+                hint = requests[index].task_hint
+                classification = found if found is not None else self._classify(prompt, hint)
             except SidecarError as error:
                 prepared.results[index] = error
                 continue
             prepared.placed.append((index, classification, tokens))
         return prepared
+
+    def _process_classifier_key(self) -> tuple[str, str] | None:
+        """(directory, sha256) of the current classifier if the route process can load
+        it (an ONNX classifier read from a directory), else None."""
+        classifier = self.components.classifiers.current
+        cached = self._classifier_key
+        if cached is not None and cached[0] is classifier:
+            return cached[1]
+        from classifiers.runtime import OnnxTaskClassifier
+
+        key = None
+        if isinstance(classifier, OnnxTaskClassifier) and Path(classifier.source).is_dir():
+            key = (classifier.source, classifier.metadata.model_sha256)
+        self._classifier_key = (classifier, key)
+        return key
 
     def _decide_routes(self, requests: Sequence[RouteInput], prepared: RouteBatch) -> RouteBatch:
         """Policy decisions for a prepared batch, in its result slots."""

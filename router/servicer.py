@@ -28,9 +28,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, service: RouterService) -> None:
         self._service = service
         self._routes: Coalescer[RouteInput, RouteBatch, RoutedRequest] = Coalescer(
-            service.decide_routes,
+            service.prepare_routes,
             service.commit_routes,
-            executor=service.route_worker,
             max_batch=service.limits.route_batch_max,
             on_batch=service.metrics.route_batch_size.observe,
         )

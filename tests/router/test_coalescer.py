@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from router.coalescer import Coalescer
+from router.coalescer import Coalescer, on_executor
 
 
 @pytest.fixture()
@@ -33,7 +33,7 @@ def test_calls_in_one_turn_share_a_batch_and_errors_stay_in_their_slot(
 ) -> None:
     sizes: list[int] = []
     coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(
-        _double_or_refuse, _as_is, executor=worker, on_batch=sizes.append
+        on_executor(worker, _double_or_refuse), _as_is, on_batch=sizes.append
     )
 
     async def main() -> list[int | BaseException]:
@@ -61,7 +61,7 @@ def test_calls_arriving_while_a_batch_is_worked_on_form_the_next_batch(
         return [2 * i for i in items]
 
     coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(
-        slow, _as_is, executor=worker, on_batch=sizes.append
+        on_executor(worker, slow), _as_is, on_batch=sizes.append
     )
 
     async def main() -> list[int]:
@@ -89,7 +89,7 @@ def test_work_runs_on_the_worker_and_commit_on_the_loop(worker: ThreadPoolExecut
         threads["commit"] = threading.current_thread().name
         return [i + 1 for i in done]
 
-    coalescer: Coalescer[int, list[int], int] = Coalescer(work, commit, executor=worker)
+    coalescer: Coalescer[int, list[int], int] = Coalescer(on_executor(worker, work), commit)
     assert asyncio.run(coalescer.submit(41)) == 42
     assert threads["work"].startswith("test-worker")
     assert threads["commit"] == threading.main_thread().name
@@ -106,7 +106,7 @@ def test_max_batch_splits_and_a_failing_batch_fails_only_its_callers(
         return list(items)
 
     coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(
-        run, _as_is, executor=worker, max_batch=4, on_batch=sizes.append
+        on_executor(worker, run), _as_is, max_batch=4, on_batch=sizes.append
     )
 
     async def main() -> list[int | BaseException]:
@@ -119,14 +119,14 @@ def test_max_batch_splits_and_a_failing_batch_fails_only_its_callers(
     assert results[:4] == [1, 2, 3, 4]
     assert all(isinstance(r, RuntimeError) for r in results[4:])
     with pytest.raises(ValueError):
-        Coalescer(run, _as_is, executor=worker, max_batch=0)
+        Coalescer(on_executor(worker, run), _as_is, max_batch=0)
 
 
 def test_a_shut_down_worker_fails_calls_instead_of_hanging() -> None:
     executor = ThreadPoolExecutor(max_workers=1)
     executor.shutdown()
     coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(
-        _double_or_refuse, _as_is, executor=executor
+        on_executor(executor, _double_or_refuse), _as_is
     )
 
     async def main() -> None:
