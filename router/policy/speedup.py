@@ -65,18 +65,22 @@ def request_speedup(
     gain: FloatArray,
     *,
     t_ar: float,
-    output_tokens: float,
-    fixed_none: float,
+    output_tokens: npt.ArrayLike,
+    fixed_none: npt.ArrayLike,
     fixed_drafters: npt.ArrayLike,
 ) -> FloatArray:
     """S_req(a, k) (module doc) for acceptances (..., D), ``gain`` (D, K + 1) and the
     fixed times per request: ``fixed_none`` (plain) and ``fixed_drafters`` (D,).
-    Column 0 stays 1 (no speculation)."""
+    Column 0 stays 1 (no speculation). Rows of different contexts are priced at once
+    by giving ``output_tokens`` and ``fixed_none`` shape (R,) and ``fixed_drafters``
+    (R, D) for acceptances (R, D)."""
     tokens = expected_tokens_per_step(acceptance, gain.shape[-1] - 1)
     step_cost = t_ar / gain  # k * t_draft + t_verify(k); t_ar at k = 0
-    fixed = np.asarray(fixed_drafters, dtype=np.float64).reshape(-1, 1)
-    spent = fixed + output_tokens * step_cost / tokens
-    table = (fixed_none + output_tokens * t_ar) / np.maximum(spent, 1e-12)
+    fixed = np.asarray(fixed_drafters, dtype=np.float64)[..., None]
+    length = np.asarray(output_tokens, dtype=np.float64)[..., None, None]
+    plain = np.asarray(fixed_none, dtype=np.float64)[..., None, None]
+    spent = fixed + length * step_cost / tokens
+    table = (plain + length * t_ar) / np.maximum(spent, 1e-12)
     table[..., 0] = 1.0
     return np.asarray(table, dtype=np.float64)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -286,39 +286,83 @@ class ThompsonPolicy:
         return self.select_many([context], eligible)[0]
 
     def select_many(self, contexts: Sequence[Context], eligible: Sequence[str]) -> list[Decision]:
-        """:meth:`select` for each context, with one draw and one speed-up table per
-        distinct context (requests of a batch share their context's posterior)."""
+        """:meth:`select` for each context: one posterior sample per request, drawn and
+        priced for the whole batch at once (one beta draw and one speed-up table), and
+        each distinct context's greedy arm from its posterior mean."""
         index = self._eligible_index(eligible)
         if index.size == 0:
             return [Decision(NONE_DRAFTER, 0, 1.0, False) for _ in contexts]
-        decisions: dict[int, Decision] = {}
-        for context, slots in _group_by_context(contexts).items():
-            decisions.update(zip(slots, self._draw(context, index, len(slots)), strict=True))
-        return [decisions[slot] for slot in range(len(contexts))]
-
-    def _draw(self, context: Context, index: np.ndarray, count: int) -> list[Decision]:
-        """``count`` independent Thompson decisions in one context."""
-        arms = self.contexts_.get(context) or self._cached_fresh_context(context)
-        alpha = arms.alpha[index]
-        beta = arms.beta[index]
-        acceptance = np.empty((count + 1, index.size))
-        acceptance[:count] = self._rng.beta(alpha, beta, size=(count, index.size))  # samples
-        acceptance[count] = alpha / (alpha + beta)  # the posterior mean (greedy rule)
-        table = self._speedups(context, acceptance, index)  # [count + 1, drafters, k_max + 1]
+        if not contexts:
+            return []
+        groups = _group_by_context(contexts)
+        arms = [self.contexts_.get(c) or self._cached_fresh_context(c) for c in groups]
+        if len(arms) == 1:  # one context (a lone call): no stacking
+            alpha, beta = arms[0].alpha[index][None], arms[0].beta[index][None]
+            of_sample = np.zeros(len(contexts), dtype=np.intp)
+            samples = self._rng.beta(alpha[0], beta[0], size=(len(contexts), index.size))
+        else:
+            alpha = np.stack([a.alpha[index] for a in arms])  # [groups, drafters]
+            beta = np.stack([a.beta[index] for a in arms])
+            of_sample = np.repeat(np.arange(len(arms)), [len(s) for s in groups.values()])
+            samples = self._rng.beta(alpha[of_sample], beta[of_sample])  # a row per request
+        acceptance = np.concatenate([samples, alpha / (alpha + beta)])  # then the means
+        of_row = np.concatenate([of_sample, np.arange(len(arms))])
+        table = self._row_speedups(list(groups), of_row, acceptance, index)
         width = self.k_max + 1
-        best = table.reshape(count + 1, -1).argmax(axis=1)
-        greedy_drafter, greedy_k = divmod(int(best[count]), width)
-        greedy_arm = (greedy_k, greedy_drafter if greedy_k else 0)
-        decisions = []
-        for flat in best[:count].tolist():
-            drafter, k = divmod(flat, width)
-            explored = (k, drafter if k else 0) != greedy_arm
-            if k == 0:
-                decisions.append(Decision(NONE_DRAFTER, 0, 1.0, explored))
-                continue
-            expected = float(table[count, drafter, k])
-            decisions.append(Decision(self.drafters_[int(index[drafter])], k, expected, explored))
-        return decisions
+        best = table.reshape(len(of_row), -1).argmax(axis=1).tolist()
+        decisions: list[Decision | None] = [None] * len(contexts)
+        row = 0
+        for group, slots in enumerate(groups.values()):
+            mean = len(of_sample) + group
+            greedy_drafter, greedy_k = divmod(best[mean], width)
+            greedy_arm = (greedy_k, greedy_drafter if greedy_k else 0)
+            for slot in slots:
+                drafter, k = divmod(best[row], width)
+                row += 1
+                explored = (k, drafter if k else 0) != greedy_arm
+                if k == 0:
+                    decisions[slot] = Decision(NONE_DRAFTER, 0, 1.0, explored)
+                    continue
+                expected = float(table[mean, drafter, k])
+                name = self.drafters_[int(index[drafter])]
+                decisions[slot] = Decision(name, k, expected, explored)
+        return cast(list[Decision], decisions)  # every slot is in a group
+
+    def _row_speedups(
+        self,
+        contexts: Sequence[Context],
+        of_row: np.ndarray,
+        acceptance: np.ndarray,
+        index: np.ndarray,
+    ) -> np.ndarray:
+        """:meth:`_speedups` of each acceptance row, row r in ``contexts[of_row[r]]``: per
+        request where the context has a measured output length, else per step."""
+        if len(contexts) == 1:
+            return self._speedups(contexts[0], acceptance, index)
+        gain = self._gain()[index]
+        terms = [self._request_terms(context) for context in contexts]
+        priced = [group for group, found in enumerate(terms) if found is not None]
+        if not priced:
+            return speedup_table(acceptance, gain)
+        rows = np.flatnonzero(np.isin(of_row, priced)) if len(priced) < len(terms) else None
+        chosen = of_row if rows is None else of_row[rows]
+        width = index.size
+        tokens = np.array([t[0] if t is not None else 0.0 for t in terms])[chosen]
+        fixed_none = np.array([t[1] if t is not None else 0.0 for t in terms])[chosen]
+        fixed = np.stack([t[2][index] if t is not None else np.zeros(width) for t in terms])[chosen]
+        priced_table = request_speedup(
+            acceptance if rows is None else acceptance[rows],
+            gain,
+            t_ar=self.costs_.plain_token_time(),
+            output_tokens=tokens,
+            fixed_none=fixed_none,
+            fixed_drafters=fixed,
+        )
+        if rows is None:
+            return priced_table
+        table = speedup_table(acceptance, gain)
+        table[rows] = priced_table
+        return table
 
     def update(self, context: Context, decision: Decision, outcome: Outcome) -> None:
         """Learn costs from the outcome and the chosen drafter's acceptance."""

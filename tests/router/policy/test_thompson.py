@@ -142,19 +142,22 @@ def test_select_changes_no_learned_state() -> None:
 
 
 def test_a_batch_draws_like_calls_one_by_one_grouped_by_context() -> None:
-    """select_many shares one draw per distinct context; each request still gets its own
-    sample, in the order one select() per request would have drawn them."""
+    """select_many draws and prices a whole batch at once (contexts priced per request
+    and per step mixed); each request still gets its own sample, in the order one
+    select() per request, grouped by context, would have drawn them."""
     math = Context("math", 0)
     eligible = ["a", "b"]
     batched, single = (ThompsonPolicy(eligible, rng=np.random.default_rng(6)) for _ in "ab")
     for policy in (batched, single):
         _train(policy, CODE, {"a": 0.6, "b": 0.5}, 30)
         _train(policy, math, {"a": 0.3, "b": 0.55}, 30)
-    decisions = batched.select_many([CODE, math, CODE, CODE, math], eligible)
+    fresh = Context("unseen", 1)  # no measured output length: priced per step
+    assert batched._request_terms(CODE) is not None and batched._request_terms(fresh) is None
+    decisions = batched.select_many([CODE, math, fresh, CODE, CODE, math], eligible)
     code_1, code_2, code_3, math_1, math_2 = [single.select(CODE, eligible) for _ in range(3)] + [
         single.select(math, eligible) for _ in range(2)
     ]
-    assert decisions == [code_1, math_1, code_2, code_3, math_2]
+    assert decisions == [code_1, math_1, single.select(fresh, eligible), code_2, code_3, math_2]
     assert len({(d.drafter, d.k) for d in batched.select_many([CODE] * 200, eligible)}) > 1
     assert batched.select_many([], eligible) == []
     assert batched.select_many([CODE, math], []) == [Decision("none", 0, 1.0, False)] * 2
