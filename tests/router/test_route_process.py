@@ -164,3 +164,17 @@ def test_routing_goes_on_when_the_child_is_killed_and_the_child_comes_back(
 
     assert decisions and all(d.task_cluster == expected for d in decisions)  # no call failed
     assert process.starts >= 2 and process.batches > before  # the new child serves
+
+
+def test_without_a_route_process_the_sidecar_routes_on_its_thread(
+    serving_world: ServingWorld, components: Components, tmp_path: Path
+) -> None:
+    limits = serving_world.settings(tmp_path).limits.model_copy(update={"route_process": False})
+    running = SidecarThread(serving_world.settings(tmp_path, limits=limits), components)
+    try:
+        text = serving_world.prompts["code"]
+        expected = OnnxTaskClassifier.load(serving_world.world.root / "classifier").classify(text)
+        assert running.service.route_process is None
+        assert _route(running, text).task_cluster == expected.cluster
+    finally:
+        running.stop()
