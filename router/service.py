@@ -272,13 +272,13 @@ class RouterService:
         if process is not None and key is not None:
             if process.ready:
                 results, valid = self._checked_batch(requests)
-                texts = self._batch_texts(requests, valid)
+                texts, unhinted, classifier_texts = self._batch_texts(requests, valid)
                 try:
-                    done = await process.run(texts[0], texts[2], key)
+                    done = await process.run(texts, classifier_texts, key)
                 except RouteProcessError as error:
                     logger.warning("%s; this Route batch is worked on in-process", error)
                 else:
-                    classes = dict(zip(texts[1], done.classes, strict=True))
+                    classes = dict(zip(unhinted, done.classes, strict=True))
                     return self._placed(requests, results, valid, done.counts, classes)
             else:
                 process.start_in_background()  # rate-limited; meanwhile the thread works
