@@ -18,9 +18,9 @@ length-prefixed pickles over the child's stdin and stdout, one batch at a time:
                      ("error", message)
 
 The parent reads replies on the event loop (``add_reader``), so no thread of the
-sidecar waits on the child. If the child fails or dies, the caller falls back to doing
-the work itself (:class:`RouteProcessError`) and the child is restarted in the
-background.
+sidecar waits on the child, and writes batches without blocking. If the child fails,
+dies or is silent for ``reply_timeout_s``, the caller falls back to doing the work itself
+(:class:`RouteProcessError`) and the child is killed and restarted in the background.
 
 After a batch of one (light load) the child busy-waits, yielding the CPU, for up to
 ``spin_s`` (``limits.route_process_spin_ms``, 2 ms) before it blocks on its pipe: the
@@ -36,6 +36,7 @@ import contextlib
 import logging
 import os
 import pickle
+import select
 import struct
 import subprocess
 import sys
@@ -48,7 +49,8 @@ from typing import IO, Any
 logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<I")
-READY_TIMEOUT_S = 120.0
+READY_TIMEOUT_S = 120.0  # the child's start-up (imports, tokenizer)
+REPLY_TIMEOUT_S = 10.0  # a batch; a child silent for longer is killed and restarted
 RESTART_AFTER_S = 5.0  # at most one start per this many seconds after a failure
 
 Classification = tuple[str, float, bool]
@@ -102,8 +104,10 @@ class _Child:
         assert process.stdin is not None and process.stdout is not None
         self.stdin = process.stdin
         self.stdout = process.stdout
-        self.buffer = bytearray()
+        self.buffer = bytearray()  # bytes read from the child, not yet a whole message
+        self.outbox = bytearray()  # bytes for the child, not yet written
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop reading its replies
+        self.writing = False  # the loop waits to write the rest of the outbox
 
     def send(self, message: Any) -> None:
         _write_all(self.stdin, _frame(message))
@@ -146,10 +150,16 @@ class RouteProcess:
     is awaited on the event loop, one batch at a time."""
 
     def __init__(
-        self, tokenizer_json: str, *, spin_s: float = 0.0, python: str = sys.executable
+        self,
+        tokenizer_json: str,
+        *,
+        spin_s: float = 0.0,
+        reply_timeout_s: float = REPLY_TIMEOUT_S,
+        python: str = sys.executable,
     ) -> None:
         self._tokenizer_json = tokenizer_json
         self._spin_s = spin_s
+        self._reply_timeout_s = reply_timeout_s
         self._python = python
         self._child: _Child | None = None
         self._waiting: asyncio.Future[Classified] | None = None
@@ -189,6 +199,8 @@ class RouteProcess:
         child = _Child(process)
         try:
             child.send(("init", self._tokenizer_json, self._spin_s))
+            if not select.select([child.stdout], [], [], READY_TIMEOUT_S)[0]:
+                raise OSError(f"no answer within {READY_TIMEOUT_S:g} s")
             reply = read_message(child.stdout)
         except (OSError, EOFError) as error:
             child.stop()
@@ -248,16 +260,41 @@ class RouteProcess:
             raise RouteProcessError("route process is busy (one batch at a time)")
         loop = asyncio.get_running_loop()
         if child.loop is not loop:  # the first batch (on this loop)
-            os.set_blocking(child.stdout.fileno(), False)  # the loop never waits on a read
+            for stream in (child.stdin, child.stdout):  # the loop never waits on the pipes
+                os.set_blocking(stream.fileno(), False)
             loop.add_reader(child.stdout.fileno(), self._readable, child)
             child.loop = loop
         waiting: asyncio.Future[Classified] = loop.create_future()
         self._waiting = waiting
+        child.outbox += _frame(("batch", list(model_texts), list(classifier_texts), key))
+        self._flush(child)
+        expiry = loop.call_later(self._reply_timeout_s, self._expire, child, waiting)
         try:
-            child.send(("batch", list(model_texts), list(classifier_texts), key))
+            return await waiting
+        finally:
+            expiry.cancel()
+
+    def _flush(self, child: _Child) -> None:
+        """Write what the pipe takes now; the loop writes the rest when it can."""
+        assert child.loop is not None
+        try:
+            written = os.write(child.stdin.fileno(), child.outbox)
+        except BlockingIOError:
+            written = 0
         except OSError as error:
             self._lost(child, f"cannot write to it: {error}")
-        return await waiting
+            return
+        del child.outbox[:written]
+        if child.outbox and not child.writing:
+            child.loop.add_writer(child.stdin.fileno(), self._flush, child)
+            child.writing = True
+        elif not child.outbox and child.writing:
+            child.loop.remove_writer(child.stdin.fileno())
+            child.writing = False
+
+    def _expire(self, child: _Child, waiting: asyncio.Future[Classified]) -> None:
+        if not waiting.done():
+            self._lost(child, f"no reply within {self._reply_timeout_s:g} s")
 
     def _readable(self, child: _Child) -> None:
         try:
@@ -288,6 +325,9 @@ class RouteProcess:
         """On the event loop: the child ended or broke; fail its batch, restart it."""
         if child.loop is not None:
             child.loop.remove_reader(child.stdout.fileno())
+            if child.writing:
+                child.loop.remove_writer(child.stdin.fileno())
+                child.writing = False
             child.loop = None
         with self._lock:
             if self._child is child:
@@ -297,7 +337,8 @@ class RouteProcess:
         self._fail(RouteProcessError(f"route process lost: {why}"))
         if not closed:
             logger.error("route process %d lost (%s); restarting it", child.process.pid, why)
-            self.start_in_background()
+            delay = max(0.0, self._last_start + RESTART_AFTER_S - time.monotonic())
+            asyncio.get_running_loop().call_later(delay, self.start_in_background)
 
     def _fail(self, error: RouteProcessError) -> None:
         waiting, self._waiting = self._waiting, None
@@ -372,8 +413,6 @@ def _await_input(stdin: IO[bytes], spin_s: float) -> None:
     """Busy-wait up to ``spin_s`` for the next message, yielding the CPU to any other
     runnable task between looks: a message that comes meanwhile is taken without the
     wake-up of a sleeping process (about 0.1-0.3 ms on a VM)."""
-    import select
-
     deadline = time.monotonic() + spin_s
     while time.monotonic() < deadline:
         if select.select([stdin], [], [], 0)[0]:

@@ -16,7 +16,7 @@ import pytest
 
 from classifiers.runtime import OnnxTaskClassifier
 from router.pb import router_pb2 as pb
-from router.route_process import RouteProcess, RouteProcessError
+from router.route_process import Classified, RouteProcess, RouteProcessError
 from router.service import Components
 from tests.router.conftest import ADMIN, ServingWorld, SidecarThread
 
@@ -61,6 +61,17 @@ def test_child_counts_and_classes_equal_the_sidecars_own(
         (c.cluster, float(c.probability), bool(c.out_of_distribution)) for c in in_process
     ]
     assert child.batches == 1
+
+
+def test_a_batch_larger_than_the_pipe_goes_through_in_parts(
+    child: RouteProcess, components: Components
+) -> None:
+    texts = [f"prompt {i}: " + "lorem ipsum dolor " * 150 for i in range(100)]  # ~280 KB
+    tokenizer = components.target.tokenizer
+
+    done = asyncio.run(child.run(texts, [], ("", "")))
+
+    assert done.counts == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
 def test_child_refuses_a_classifier_that_is_not_the_one_served(
@@ -178,3 +189,26 @@ def test_without_a_route_process_the_sidecar_routes_on_its_thread(
         assert _route(running, text).task_cluster == expected.cluster
     finally:
         running.stop()
+
+
+def test_a_child_that_stops_answering_is_killed_and_replaced(components: Components) -> None:
+    process = RouteProcess(_tokenizer_json(components), reply_timeout_s=0.5)
+    process.start()
+    hung = process.pid
+    assert hung is not None
+
+    async def scenario() -> Classified:
+        with pytest.raises(RouteProcessError, match=r"no reply within 0\.5 s"):
+            await process.run(["a"], [], ("", ""))
+        with pytest.raises(ProcessLookupError):
+            os.kill(hung, 0)  # killed and reaped
+        while not process.ready:  # started again in the background, the loop going on
+            await asyncio.sleep(0.05)
+        return await process.run(["a b"], [], ("", ""))
+
+    os.kill(hung, signal.SIGSTOP)  # alive, but never answers
+    try:
+        assert asyncio.run(asyncio.wait_for(scenario(), timeout=60)).counts == [2]
+        assert process.pid != hung and process.starts == 2
+    finally:
+        process.close()
