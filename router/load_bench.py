@@ -183,15 +183,23 @@ def pid_listening_on(port: int) -> int | None:
     if not targets:
         return None
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            for fd in (proc / "fd").iterdir():
-                if os.readlink(fd) in targets:
-                    return int(proc.name)
-        except OSError:
-            continue
+        if proc.name.isdigit() and targets & _socket_links(proc):
+            return int(proc.name)
     return None
+
+
+def _socket_links(proc: Path) -> set[str]:
+    """What the open files of a /proc/<pid> entry link to (an fd closed meanwhile, or a
+    process of another user, is skipped, not the whole process)."""
+    links: set[str] = set()
+    try:
+        fds = list((proc / "fd").iterdir())
+    except OSError:
+        return links
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            links.add(os.readlink(fd))
+    return links
 
 
 # -- the echo servicer (ceiling) -------------------------------------------------------

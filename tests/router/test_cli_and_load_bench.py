@@ -77,3 +77,18 @@ def test_freeze_startup_heap_moves_live_objects_out_of_the_collector() -> None:
         assert gc.get_freeze_count() >= len(kept)
     finally:
         gc.unfreeze()
+
+
+def test_an_unreadable_fd_skips_that_fd_not_the_whole_process(tmp_path: Path) -> None:
+    """An fd closed between listing /proc/<pid>/fd and reading its link (here: an entry
+    that is no link) must not hide the process's other fds: the bench once lost the
+    sidecar's pid that way (rss "nan")."""
+    from router.load_bench import _socket_links
+
+    fds = tmp_path / "4242" / "fd"
+    fds.mkdir(parents=True)
+    (fds / "3").write_text("")  # os.readlink raises OSError on it
+    (fds / "7").symlink_to("socket:[123456]")
+
+    assert _socket_links(tmp_path / "4242") == {"socket:[123456]"}
+    assert _socket_links(tmp_path / "missing") == set()
