@@ -110,6 +110,7 @@ class _Child:
         self.writing = False  # the loop waits to write the rest of the outbox
 
     def send(self, message: Any) -> None:
+        """Write a message, blocking (before the event loop takes the pipes over)."""
         _write_all(self.stdin, _frame(message))
 
     def take_messages(self) -> list[Any]:
@@ -189,13 +190,16 @@ class RouteProcess:
                 raise RouteProcessError("route process is closed")
             self._last_start = time.monotonic()
             self.starts += 1
-        process = subprocess.Popen(
-            [self._python, "-m", "router.route_process"],
-            bufsize=0,  # unbuffered: the event loop reads replies from the pipe itself
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-        )
+        try:
+            process = subprocess.Popen(
+                [self._python, "-m", "router.route_process"],
+                bufsize=0,  # unbuffered: the event loop reads replies from the pipe itself
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+            )
+        except OSError as error:
+            raise RouteProcessError(f"cannot start the route process: {error}") from error
         child = _Child(process)
         try:
             child.send(("init", self._tokenizer_json, self._spin_s))

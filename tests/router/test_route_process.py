@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,3 +213,13 @@ def test_a_child_that_stops_answering_is_killed_and_replaced(components: Compone
         assert process.pid != hung and process.starts == 2
     finally:
         process.close()
+
+
+def test_a_route_process_that_cannot_start_says_why(components: Components, tmp_path: Path) -> None:
+    missing = RouteProcess(_tokenizer_json(components), python=str(tmp_path / "no-python"))
+    with pytest.raises(RouteProcessError, match="cannot start the route process"):
+        missing.start()
+    broken = RouteProcess("{not a tokenizer", python=sys.executable)
+    with pytest.raises(RouteProcessError, match="did not start"):
+        broken.start()
+    assert not missing.ready and not broken.ready
