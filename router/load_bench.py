@@ -139,7 +139,8 @@ def drive(address: str, count: int, concurrency: int, token: str | None = None) 
 
 
 # -- the sidecar's memory --------------------------------------------------------------
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
+    """The pids of ``pid``'s child processes (from /proc/<pid>/task/*/children)."""
     children: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
@@ -151,7 +152,7 @@ def rss_mb(pid: int) -> float:
     """Resident set size of ``pid`` and its child processes (the route process) in MiB,
     from /proc/<pid>/status."""
     total = 0.0
-    for each in (pid, *_children(pid)):
+    for each in (pid, *child_pids(pid)):
         try:
             lines = Path(f"/proc/{each}/status").read_text().splitlines()
         except OSError:  # a child that just exited

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 
 from router.launch import LaunchedSidecar, launch_sidecar
+from router.load_bench import child_pids
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
 from router.registry import SidecarStore
@@ -33,6 +34,13 @@ def _latest_snapshot_version(state_dir: Path) -> int:
         return snapshot.version if snapshot is not None else -1
     finally:
         store.close()
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        assert time.monotonic() < deadline, f"processes {pids} outlived the sidecar"
+        time.sleep(0.1)
 
 
 def without_drafter(state: pb.PolicyState, drafter: str) -> pb.PolicyState:
@@ -74,7 +82,10 @@ def test_drafter_and_policy_survive_sigkill_and_sigterm(
         assert state_before_kill.version > 0
         # A registration just before SIGKILL (no cleanup at all) must survive.
         stub.RegisterDrafter(pb.RegisterDrafterRequest(name="last", kind="ngram"), metadata=ADMIN)
+        children = child_pids(first.pid)  # the route process
+        assert children
         first.kill()
+        _wait_gone(children)  # it sees its stdin close and exits: no orphan
 
     with _launch(serving_world, state_dir, config) as second:  # type: ignore[attr-defined]
         stub = _stub(second)
