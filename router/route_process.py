@@ -258,7 +258,7 @@ class RouteProcess:
         """Token counts of ``model_texts`` and classes of ``classifier_texts`` by the
         classifier at ``key`` (directory, sha256). RouteProcessError if the child cannot."""
         child = self._child
-        if child is None or child.process.poll() is not None:
+        if child is None:  # a child that died since is seen by the write or the reader
             raise RouteProcessError("route process is not running")
         if self._waiting is not None:
             raise RouteProcessError("route process is busy (one batch at a time)")
