@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import statistics
 import subprocess
@@ -26,8 +27,10 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from router.coalescer import Coalescer
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
+from router.route_process import Classified, ClassifierKey, RouteProcess
 
 # One short prompt per task of the built-in world: the request sizes of the load.
 PROMPTS = (
@@ -203,7 +206,7 @@ def _socket_links(proc: Path) -> set[str]:
     return links
 
 
-# -- the echo servicer (ceiling) -------------------------------------------------------
+# -- the echo servicer (ceiling) and the floor servicer ---------------------------------
 class EchoServicer(router_pb2_grpc.RouterServicer):
     """Route returns a canned decision of the sidecar's reply size; nothing else."""
 
@@ -214,43 +217,105 @@ class EchoServicer(router_pb2_grpc.RouterServicer):
         return self._reply
 
 
-async def serve_echo(reply: pb.RouteDecision, host: str = "127.0.0.1") -> None:
-    """Serve the echo servicer on a free port; print the port; run until killed."""
+class FloorServicer(EchoServicer):
+    """The echo servicer plus the Route work no sidecar can skip: each prompt is
+    token-counted and classified in a route process, in batches formed by the Coalescer,
+    as the sidecar does. No checks, policy, metrics or interceptor: what the sidecar's
+    Route costs beyond this is its own overhead; what this costs beyond echo is the
+    tokenizer, the classifier and the hand-off to the child."""
+
+    def __init__(self, reply: pb.RouteDecision, process: RouteProcess, key: ClassifierKey):
+        super().__init__(reply)
+        self._process = process
+        self._key = key
+        self._batches: Coalescer[str, Classified, pb.RouteDecision] = Coalescer(
+            self._work, self._commit
+        )
+
+    async def _work(self, texts: list[str]) -> Classified:
+        return await self._process.run(texts, texts, self._key)
+
+    def _commit(self, texts: Sequence[str], done: Classified) -> list[pb.RouteDecision]:
+        return [self._reply] * len(texts)
+
+    async def Route(self, request: pb.RouteRequest, context: aio.ServicerContext) -> Any:
+        return await self._batches.submit(request.text)
+
+
+def floor_route_process(world_dir: Path) -> tuple[RouteProcess, ClassifierKey]:
+    """A started route process with the tokenizer and classifier a sidecar serves on the
+    world at ``world_dir`` (its default spin), and the classifier's key."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.world.layout import World
+    from classifiers import ensure_world_classifier
+    from classifiers.runtime import OnnxTaskClassifier
+    from router.settings import Limits
+
+    world = World.load(world_dir)
+    classifier_dir = ensure_world_classifier(world.root)
+    digest = OnnxTaskClassifier.load(classifier_dir).metadata.model_sha256
+    tokenizer = AutoTokenizer.from_pretrained(world.target_dir, local_files_only=True)
+    process = RouteProcess(
+        tokenizer.backend_tokenizer.to_str(), spin_s=Limits().route_process_spin_ms / 1000
+    )
+    process.start()
+    return process, (str(classifier_dir), digest)
+
+
+async def serve_servicer(servicer: EchoServicer, host: str = "127.0.0.1") -> None:
+    """Serve ``servicer`` on a free port; print the port; run until killed."""
     server = aio.server()
-    router_pb2_grpc.add_RouterServicer_to_server(EchoServicer(reply), server)
+    router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
     port = server.add_insecure_port(f"{host}:0")
     await server.start()
     print(port, flush=True)  # the parent reads the port from our stdout
     await server.wait_for_termination()
 
 
-def start_echo_server(reply: pb.RouteDecision) -> tuple[subprocess.Popen[str], str]:
-    """Start the echo servicer in its own process; returns it and its address."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "router.load_bench", "echo", reply.SerializeToString().hex()],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def start_servicer(
+    reply: pb.RouteDecision, world_dir: Path | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """Start the echo servicer, or with ``world_dir`` the floor servicer on that world,
+    in its own process; returns it and its address."""
+    mode = "echo" if world_dir is None else "floor"
+    command = [sys.executable, "-m", "router.load_bench", mode, reply.SerializeToString().hex()]
+    if world_dir is not None:
+        command += ["--world", str(world_dir)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
-    port = int(process.stdout.readline().strip())
-    return process, f"127.0.0.1:{port}"
+    line = process.stdout.readline().strip()
+    if not line.isdigit():
+        process.kill()
+        process.wait()
+        raise RuntimeError(
+            f"the {mode} servicer did not start (exit {process.returncode}; its error is above)"
+        )
+    return process, f"127.0.0.1:{line}"
+
+
+def sample_reply(address: str, token: str | None = None) -> pb.RouteDecision:
+    """One Route answer of the sidecar at ``address``: the reply the servicers send."""
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(address) as channel:
+        return router_pb2_grpc.RouterStub(channel).Route(  # type: ignore[no-any-return]
+            route_requests(1)[0], timeout=CALL_TIMEOUT_S, metadata=metadata
+        )
 
 
 @contextlib.contextmanager
-def echo_beside(address: str, token: str | None = None) -> Iterator[str]:
-    """An echo servicer answering with the reply of the sidecar at ``address`` (same
-    message sizes), in its own process for the ``with`` block; yields its address."""
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with grpc.insecure_channel(address) as channel:
-        sample = router_pb2_grpc.RouterStub(channel).Route(
-            route_requests(1)[0], timeout=CALL_TIMEOUT_S, metadata=metadata
-        )
-    echo_process, echo_address = start_echo_server(sample)
+def servicer_beside(
+    address: str, token: str | None = None, world_dir: Path | None = None
+) -> Iterator[str]:
+    """An echo servicer (or, with ``world_dir``, a floor servicer) answering with the
+    reply of the sidecar at ``address`` (same message sizes), in its own process for the
+    ``with`` block; yields its address."""
+    process, servicer_address = start_servicer(sample_reply(address, token), world_dir)
     try:
-        yield echo_address
+        yield servicer_address
     finally:
-        echo_process.kill()
-        echo_process.wait()
+        process.kill()
+        process.wait()
 
 
 # -- the benchmark ---------------------------------------------------------------------
@@ -265,7 +330,7 @@ def run_load_bench(
     """Load the sidecar at ``address`` and the echo ceiling; the JSON-ready result."""
     port = int(address.rsplit(":", 1)[1])
     sidecar_pid = pid or pid_listening_on(port)
-    with echo_beside(address, token) as echo_address:
+    with servicer_beside(address, token) as echo_address:
         drive(address, WARMUP_CALLS, concurrency, token)  # lazy allocations before "before"
         drive(echo_address, WARMUP_CALLS, concurrency)
         before = rss_mb(sidecar_pid) if sidecar_pid else float("nan")
@@ -308,48 +373,80 @@ def compare_sidecars(
     requests: int = 3_000,
     concurrency: int = 64,
     token: str | None = None,
+    floor_world: Path | None = None,
 ) -> dict[str, Any]:
     """Several sidecars side by side: in each round every sidecar gets ``requests`` Route
     calls at ``concurrency``, each followed by the same on one echo servicer; the order
-    alternates between rounds. Per sidecar: Route/s per round and the ratio to the echo
-    round right after it (the machine's other load weighs on both alike)."""
+    alternates between rounds. Per sidecar: Route/s and p50 latency per round and the
+    ratio to the echo round right after it (the machine's other load weighs on both
+    alike). With ``floor_world``, a floor servicer on that world (:class:`FloorServicer`)
+    takes part as one more server, labelled ``floor``."""
     if not addresses:
         raise ValueError("compare_sidecars needs at least one address")
-    per: dict[str, dict[str, list[float]]] = {
-        a: {"rps": [], "echo_rps": [], "ratio": [], "errors": []} for a in addresses
-    }
-    with echo_beside(addresses[0], token) as echo_address:
-        for address in addresses:
-            drive(address, WARMUP_CALLS, concurrency, token)
-        drive(echo_address, WARMUP_CALLS, concurrency)
-        for index in range(rounds):
-            for address in addresses if index % 2 == 0 else addresses[::-1]:
-                run = drive(address, requests, concurrency, token)
-                echo = drive(echo_address, requests, concurrency)
-                per[address]["rps"].append(round(run.rps, 1))
-                per[address]["echo_rps"].append(round(echo.rps, 1))
-                per[address]["ratio"].append(round(run.rps / echo.rps, 3) if echo.rps else 0.0)
-                per[address]["errors"].append(run.errors)
+    with contextlib.ExitStack() as stack:
+        echo_address = stack.enter_context(servicer_beside(addresses[0], token))
+        servers: dict[str, tuple[str, str | None]] = {a: (a, token) for a in addresses}
+        if floor_world is not None:
+            floor = stack.enter_context(servicer_beside(addresses[0], token, floor_world))
+            servers["floor"] = (floor, None)
+        per = _interleaved_rounds(servers, echo_address, rounds, requests, concurrency)
     return {
         "rounds": rounds,
         "requests": requests,
         "concurrency": concurrency,
         "sidecars": {
-            a: {**runs, "median_ratio": statistics.median(runs["ratio"])} for a, runs in per.items()
+            label: {
+                **runs,
+                "median_ratio": statistics.median(runs["ratio"]),
+                "median_p50_ms": statistics.median(runs["p50_ms"]),
+                "median_echo_p50_ms": statistics.median(runs["echo_p50_ms"]),
+            }
+            for label, runs in per.items()
         },
     }
 
 
+def _interleaved_rounds(
+    servers: dict[str, tuple[str, str | None]],
+    echo_address: str,
+    rounds: int,
+    requests: int,
+    concurrency: int,
+) -> dict[str, dict[str, list[float]]]:
+    """:func:`compare_sidecars`' rounds: per server label, each round's figures."""
+    keys = ("rps", "echo_rps", "ratio", "errors", "p50_ms", "echo_p50_ms")
+    per: dict[str, dict[str, list[float]]] = {label: {k: [] for k in keys} for label in servers}
+    for address, token in servers.values():
+        drive(address, WARMUP_CALLS, concurrency, token)
+    drive(echo_address, WARMUP_CALLS, concurrency)
+    labels = list(servers)
+    for index in range(rounds):
+        for label in labels if index % 2 == 0 else labels[::-1]:
+            address, token = servers[label]
+            run = drive(address, requests, concurrency, token)
+            echo = drive(echo_address, requests, concurrency)
+            figures = per[label]
+            figures["rps"].append(round(run.rps, 1))
+            figures["echo_rps"].append(round(echo.rps, 1))
+            figures["ratio"].append(round(run.rps / echo.rps, 3) if echo.rps else 0.0)
+            figures["errors"].append(run.errors)
+            figures["p50_ms"].append(round(run.percentile_ms(50), 3))
+            figures["echo_p50_ms"].append(round(echo.percentile_ms(50), 3))
+    return per
+
+
 def format_comparison(result: dict[str, Any]) -> str:
-    """One line per sidecar: Route/s per round and the median ratio to echo."""
+    """One line per sidecar: Route/s per round, the median ratio to echo and the median
+    p50 latency beside echo's."""
     lines = [
         f"{result['rounds']} interleaved rounds of {result['requests']} Route calls at "
         f"concurrency {result['concurrency']}, each beside an echo round:"
     ]
-    for address, runs in result["sidecars"].items():
+    for label, runs in result["sidecars"].items():
         rps = ", ".join(f"{r:.0f}" for r in runs["rps"])
         lines.append(
-            f"  {address}: Route/s {rps}; median Route/echo {runs['median_ratio']:.3f}; "
+            f"  {label}: Route/s {rps}; median Route/echo {runs['median_ratio']:.3f}; "
+            f"median p50 {runs['median_p50_ms']:.3f} ms (echo {runs['median_echo_p50_ms']:.3f}); "
             f"errors {sum(runs['errors'])}"
         )
     return "\n".join(lines)
@@ -380,13 +477,25 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m router.load_bench echo HEX``: run the echo servicer (used by the bench)."""
+    """``python -m router.load_bench echo HEX`` (or ``floor HEX --world DIR``): run the
+    echo (or floor) servicer, as the bench does."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("mode", choices=["echo"])
+    parser.add_argument("mode", choices=["echo", "floor"])
     parser.add_argument("reply_hex")
+    parser.add_argument("--world", type=Path, help="the world of the floor servicer")
     args = parser.parse_args(argv)
     reply = pb.RouteDecision.FromString(bytes.fromhex(args.reply_hex))
-    asyncio.run(serve_echo(reply))
+    if args.mode == "echo":
+        asyncio.run(serve_servicer(EchoServicer(reply)))
+        return
+    if args.world is None:
+        parser.error("floor needs --world DIR")
+    logging.basicConfig(level=logging.WARNING)
+    process, key = floor_route_process(args.world)
+    try:
+        asyncio.run(serve_servicer(FloorServicer(reply, process, key)))
+    finally:
+        process.close()
 
 
 if __name__ == "__main__":

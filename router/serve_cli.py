@@ -286,12 +286,34 @@ def bench_load_compare_command(
     concurrency: Annotated[int, typer.Option("--concurrency", "-c")] = 64,
     json_path: JsonOption = None,
     token: TokenOption = None,
+    floor: Annotated[
+        bool,
+        typer.Option(
+            "--floor",
+            help="Also load a floor servicer: echo plus the tokenizer and classifier work "
+            "in a route process, nothing else.",
+        ),
+    ] = False,
+    world: Annotated[
+        Path | None,
+        typer.Option("--world", help="The floor servicer's world (default: the built-in one)."),
+    ] = None,
 ) -> None:
     """Sidecars side by side (say, two builds): interleaved rounds, each beside an echo round."""
     from router.load_bench import compare_sidecars, format_comparison
 
+    floor_world = None
+    if floor:
+        from benchmarks.world.layout import default_world_dir
+
+        floor_world = world or default_world_dir()
     result = compare_sidecars(
-        address, rounds=rounds, requests=requests, concurrency=concurrency, token=token
+        address,
+        rounds=rounds,
+        requests=requests,
+        concurrency=concurrency,
+        token=token,
+        floor_world=floor_world,
     )
     _report(format_comparison(result), result, json_path)
 

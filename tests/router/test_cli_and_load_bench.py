@@ -6,6 +6,7 @@ import gc
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from router.cli import build_app
@@ -68,6 +69,33 @@ def test_bench_load_compare_interleaves_rounds_beside_echo(sidecar: SidecarThrea
     for ratio, rps, echo in zip(runs["ratio"], runs["rps"], runs["echo_rps"], strict=True):
         assert abs(ratio - rps / echo) < 0.01
     assert address in format_comparison(result)
+
+
+def test_bench_load_compare_with_the_floor_servicer(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    """The floor servicer (echo + the route process's tokenizer and classifier work)
+    answers every call at concurrency 1 and above, beside the sidecar."""
+    address = sidecar.running.address
+    for concurrency in (1, 4):
+        result = compare_sidecars(
+            [address],
+            rounds=1,
+            requests=30,
+            concurrency=concurrency,
+            floor_world=serving_world.world.root,
+        )
+        floor = result["sidecars"]["floor"]
+        assert floor["errors"] == [0] and floor["rps"][0] > 0
+        assert floor["median_p50_ms"] > 0 and floor["median_echo_p50_ms"] > 0
+        assert "floor: Route/s" in format_comparison(result)
+
+
+def test_floor_servicer_without_a_world_fails_clearly(
+    sidecar: SidecarThread, tmp_path: Path
+) -> None:
+    with pytest.raises(RuntimeError, match="floor servicer did not start"):
+        compare_sidecars([sidecar.running.address], rounds=1, requests=5, floor_world=tmp_path)
 
 
 def test_freeze_startup_heap_moves_live_objects_out_of_the_collector() -> None:
