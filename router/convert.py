@@ -10,6 +10,8 @@ from router.pb import router_pb2 as pb
 from router.registry import DrafterRecord
 from router.service import ClassifierView, GenerationResult, PolicyView, RoutedRequest, TokenChunk
 
+GREEDY = Sampling()  # an unset SamplingParams (immutable, shared)
+
 
 def sampling_from_pb(message: pb.SamplingParams) -> Sampling:
     return Sampling(
@@ -36,7 +38,8 @@ def route_from_pb(message: pb.RouteRequest | pb.GenerateRequest) -> RouteInput:
         request_id=message.request_id,
         task_hint=message.task_hint,
         max_new_tokens=message.max_new_tokens,
-        sampling=sampling_from_pb(message.sampling),
+        # Most Route calls send no sampling parameters: skip building them (hot path).
+        sampling=sampling_from_pb(message.sampling) if message.HasField("sampling") else GREEDY,
     )
 
 
