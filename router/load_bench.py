@@ -1,4 +1,4 @@
-"""``specroute bench load``: Route throughput and latency of a running sidecar.
+"""``specroute bench load`` and ``bench load-compare``: Route throughput and latency.
 
 N Route calls at concurrency C from this (client) process, then N at concurrency 1,
 in rounds alternating with the echo servicer (below),
@@ -6,6 +6,8 @@ with the sidecar's resident memory before and after. In the same run a trivial e
 servicer (the same Router service returning a canned reply of the same size, in its own
 process) is loaded the same way: its throughput is the ceiling for a Python gRPC server
 on this machine, and the sidecar's throughput is reported as a fraction of it.
+``load-compare`` loads several servers in interleaved rounds, optionally with the floor
+servicer (:class:`FloorServicer`: echo plus the tokenizer and classifier work).
 """
 
 from __future__ import annotations

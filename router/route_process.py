@@ -6,7 +6,8 @@ classifier's NumPy post-processing) competes for that one lock, and each hand-of
 wake-ups. On a 2-vCPU VM, handing a batch to a thread that does nothing already cost an
 echo servicer about 30% of its throughput, while a child process that tokenized and
 classified kept it at 0.95; the sidecar with this child is at 0.66-0.76 of echo against
-0.49-0.54 with the worker thread, side by side (README, "Route work in a child process").
+0.49-0.54 with the worker thread, side by side (benchmarks/load/HISTORY.md, "Route work in
+a child process").
 
 The child (``python -m router.route_process``) holds the target's tokenizer (sent by the
 parent, so counts are exactly the parent's) and the current classifier, loaded from its
