@@ -302,20 +302,36 @@ def bench_load_compare_command(
     """Sidecars side by side (say, two builds): interleaved rounds, each beside an echo round."""
     from router.load_bench import compare_sidecars, format_comparison
 
-    floor_world = None
-    if floor:
-        from benchmarks.world.layout import default_world_dir
-
-        floor_world = world or default_world_dir()
-    result = compare_sidecars(
-        address,
-        rounds=rounds,
-        requests=requests,
-        concurrency=concurrency,
-        token=token,
-        floor_world=floor_world,
-    )
+    floor_world = _floor_world(world) if floor else None
+    try:
+        result = _call(
+            compare_sidecars,
+            address,
+            rounds=rounds,
+            requests=requests,
+            concurrency=concurrency,
+            token=token,
+            floor_world=floor_world,
+        )
+    except typer.Exit:  # a refused call, already reported (click's Exit is a RuntimeError)
+        raise
+    except RuntimeError as error:  # a servicer that did not start
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
     _report(format_comparison(result), result, json_path)
+
+
+def _floor_world(world: Path | None) -> Path:
+    """The floor servicer's world: ``world`` or the built-in one; exit 2 if not built."""
+    from benchmarks.world.layout import World, WorldNotBuiltError, default_world_dir
+
+    chosen = world or default_world_dir()
+    try:
+        World.load(chosen)
+    except WorldNotBuiltError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    return chosen
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:

@@ -98,6 +98,18 @@ def test_floor_servicer_without_a_world_fails_clearly(
         compare_sidecars([sidecar.running.address], rounds=1, requests=5, floor_world=tmp_path)
 
 
+def test_bench_load_compare_refuses_clearly(tmp_path: Path) -> None:
+    """No world for the floor: exit 2 naming it; no sidecar at the address: exit 1 with
+    the gRPC status, not a traceback."""
+    runner = CliRunner()
+    app = build_app()
+    compare = ["bench", "load-compare", "--address", "127.0.0.1:1", "--rounds", "1", "-n", "5"]
+    no_world = runner.invoke(app, [*compare, "--floor", "--world", str(tmp_path)])
+    assert no_world.exit_code == 2 and "no world at" in no_world.output
+    unreachable = runner.invoke(app, compare)
+    assert unreachable.exit_code == 1 and "UNAVAILABLE" in unreachable.output
+
+
 def test_freeze_startup_heap_moves_live_objects_out_of_the_collector() -> None:
     kept = [[index] for index in range(1000)]  # lists: objects the collector tracks
     try:
