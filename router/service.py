@@ -731,9 +731,11 @@ class RouterService:
 
 def _classifier_text(prompt: Prompt) -> str:
     """What the classifier reads: the text, or the system prompt and last user turn."""
+    if prompt.text is not None:  # the hot path: no import statement per call
+        return prompt.text
     from classifiers.text import prompt_from_messages
 
-    return prompt.text if prompt.text is not None else prompt_from_messages(prompt.messages)
+    return prompt_from_messages(prompt.messages)
 
 
 def outcome_from_report(report: OutcomeInput, k: int) -> Any:
