@@ -17,6 +17,14 @@ fixed time per request (``costs.RequestOverheads``) decide whether drafting pays
 short outputs at all. The decision is "explored" when it differs from the same rule applied to
 the posterior means, and its ``expected_speedup`` is S at the posterior mean.
 
+Draw-ahead: when a context's next draw is needed while nothing that the decision
+depends on has changed since its last one (no update, no cost or layout change, the
+same eligible drafters), more rows are drawn at once and their decisions kept for the
+following requests of that context: 1, then 2, 4, ... up to ``draw_ahead`` rows per draw.
+Each row is still an independent sample of the current posterior, used once; any change
+discards the rows kept. A policy updated between every two selections draws exactly as
+without it (one row per request), so learning runs consume the generator identically.
+
 Cold start: a drafter added with ``similarity`` (cluster -> similarity of its fine-tuning
 sample to the cluster) gets a prior whose mean grows with the similarity (weight
 ``similarity_weight``); without it, the neutral Beta(prior_alpha, prior_beta). A new
@@ -81,6 +89,7 @@ class ThompsonConfig(BaseModel):
     cost_ewma: float = Field(0.01, gt=0.0, le=1.0)
     per_request: bool = True
     overhead_ewma: float = Field(0.05, gt=0.0, le=1.0)
+    draw_ahead: int = Field(64, ge=1, le=4096)
     verify_slope_ratio: float = Field(0.05, ge=0.0)
     default_draft_cost_ratio: float = Field(0.1, ge=0.0)
     draft_cost_ratio: dict[str, float] = Field(default_factory=dict)
@@ -108,7 +117,10 @@ class ThompsonPolicy:
         similarity: Mapping[str, Mapping[str, float]] | None = None,
         per_request: bool = True,
         overhead_ewma: float = 0.05,
+        draw_ahead: int = 64,
     ) -> None:
+        if draw_ahead < 1:
+            raise ValueError(f"draw_ahead must be >= 1, got {draw_ahead}")
         self.gamma = gamma
         self.gamma_drift = gamma_drift
         self.drift_z = drift_z
@@ -116,6 +128,7 @@ class ThompsonPolicy:
         self.priors = priors or PriorSettings()
         self.evidence_cap = evidence_cap
         self.transfer_weight = transfer_weight
+        self.draw_ahead = draw_ahead
         self._rng = rng if rng is not None else np.random.default_rng()
         self.costs_ = costs if costs is not None else CostModel()
         # None: price per step only (the plain S(a, k)).
@@ -134,6 +147,8 @@ class ThompsonPolicy:
             Context, tuple[tuple[int, int, int], tuple[float, float, np.ndarray]]
         ] = {}
         self._layout_revision = 0
+        # Decisions drawn ahead per context (module doc), valid while their key holds.
+        self._stocks: dict[Context, _Stock] = {}
         for name in drafters:
             self.add_drafter(name, (similarity or {}).get(name))
 
@@ -167,6 +182,7 @@ class ThompsonPolicy:
             similarity=cfg.similarity,
             per_request=cfg.per_request,
             overhead_ewma=cfg.overhead_ewma,
+            draw_ahead=cfg.draw_ahead,
         )
 
     @property
@@ -286,47 +302,96 @@ class ThompsonPolicy:
         return self.select_many([context], eligible)[0]
 
     def select_many(self, contexts: Sequence[Context], eligible: Sequence[str]) -> list[Decision]:
-        """:meth:`select` for each context: one posterior sample per request, drawn and
-        priced for the whole batch at once (one beta draw and one speed-up table), and
-        each distinct context's greedy arm from its posterior mean."""
+        """:meth:`select` for each context: one posterior sample per request, in the order
+        one ``select`` per request, grouped by context, would use them. The rows that
+        the batch lacks are drawn and priced at once (one beta draw and one speed-up
+        table), each distinct context's greedy arm from its posterior mean; rows drawn
+        ahead (module doc) are used first."""
         index = self._eligible_index(eligible)
         if index.size == 0:
             return [Decision(NONE_DRAFTER, 0, 1.0, False) for _ in contexts]
         if not contexts:
             return []
         groups = _group_by_context(contexts)
-        arms = [self.contexts_.get(c) or self._cached_fresh_context(c) for c in groups]
-        if len(arms) == 1:  # one context (a lone call): no stacking
+        key = self._stock_key(eligible)
+        if len(self._stocks) > 4096:  # bounded: contexts are (cluster, bucket) pairs
+            self._stocks.clear()
+        stocks = [self._stock(context, key) for context in groups]
+        short = [
+            (context, stock.rows_to_draw(len(slots), self.draw_ahead))
+            for (context, slots), stock in zip(groups.items(), stocks, strict=True)
+            if stock.available < len(slots)
+        ]
+        if short:
+            drawn = self._draw([c for c, _ in short], [n for _, n in short], index)
+            for (context, _), decisions in zip(short, drawn, strict=True):
+                self._stocks[context].decisions.extend(decisions)
+        chosen: list[Decision | None] = [None] * len(contexts)
+        for slots, stock in zip(groups.values(), stocks, strict=True):
+            for slot, decision in zip(slots, stock.take(len(slots)), strict=True):
+                chosen[slot] = decision
+        return cast(list[Decision], chosen)  # every slot is in a group
+
+    def _stock_key(self, eligible: Sequence[str]) -> tuple[Any, ...]:
+        """What a drawn decision depends on besides its sample: the posteriors (updates),
+        the costs, the per-request overheads, the drafters and the eligible ones."""
+        overheads = self.overheads_.revision_ if self.overheads_ is not None else None
+        return (
+            self.updates_,
+            self.costs_.revision_,
+            overheads,
+            self._layout_revision,
+            tuple(eligible),
+        )
+
+    def _stock(self, context: Context, key: tuple[Any, ...]) -> _Stock:
+        """The context's decisions drawn ahead under ``key``; a new, empty stock when
+        the key changed (what was drawn before is discarded)."""
+        stock = self._stocks.get(context)
+        if stock is None or stock.key != key:
+            stock = _Stock(key)
+            self._stocks[context] = stock
+        return stock
+
+    def _draw(
+        self, contexts: Sequence[Context], counts: Sequence[int], index: np.ndarray
+    ) -> list[list[Decision]]:
+        """``counts[g]`` fresh decisions for each context ``contexts[g]``: one posterior
+        sample per decision, drawn and priced for all at once."""
+        arms = [self.contexts_.get(c) or self._cached_fresh_context(c) for c in contexts]
+        if len(arms) == 1:  # one context: no stacking
             alpha, beta = arms[0].alpha[index][None], arms[0].beta[index][None]
-            of_sample = np.zeros(len(contexts), dtype=np.intp)
-            samples = self._rng.beta(alpha[0], beta[0], size=(len(contexts), index.size))
+            of_sample = np.zeros(counts[0], dtype=np.intp)
+            samples = self._rng.beta(alpha[0], beta[0], size=(counts[0], index.size))
         else:
             alpha = np.stack([a.alpha[index] for a in arms])  # [groups, drafters]
             beta = np.stack([a.beta[index] for a in arms])
-            of_sample = np.repeat(np.arange(len(arms)), [len(s) for s in groups.values()])
-            samples = self._rng.beta(alpha[of_sample], beta[of_sample])  # a row per request
+            of_sample = np.repeat(np.arange(len(arms)), counts)
+            samples = self._rng.beta(alpha[of_sample], beta[of_sample])  # a row per decision
         acceptance = np.concatenate([samples, alpha / (alpha + beta)])  # then the means
         of_row = np.concatenate([of_sample, np.arange(len(arms))])
-        table = self._row_speedups(list(groups), of_row, acceptance, index)
+        table = self._row_speedups(list(contexts), of_row, acceptance, index)
         width = self.k_max + 1
         best = table.reshape(len(of_row), -1).argmax(axis=1).tolist()
-        decisions: list[Decision | None] = [None] * len(contexts)
+        drawn: list[list[Decision]] = []
         row = 0
-        for group, slots in enumerate(groups.values()):
+        for group, count in enumerate(counts):
             mean = len(of_sample) + group
             greedy_drafter, greedy_k = divmod(best[mean], width)
             greedy_arm = (greedy_k, greedy_drafter if greedy_k else 0)
-            for slot in slots:
+            decisions = []
+            for _ in range(count):
                 drafter, k = divmod(best[row], width)
                 row += 1
                 explored = (k, drafter if k else 0) != greedy_arm
                 if k == 0:
-                    decisions[slot] = Decision(NONE_DRAFTER, 0, 1.0, explored)
+                    decisions.append(Decision(NONE_DRAFTER, 0, 1.0, explored))
                     continue
                 expected = float(table[mean, drafter, k])
                 name = self.drafters_[int(index[drafter])]
-                decisions[slot] = Decision(name, k, expected, explored)
-        return cast(list[Decision], decisions)  # every slot is in a group
+                decisions.append(Decision(name, k, expected, explored))
+            drawn.append(decisions)
+        return drawn
 
     def _row_speedups(
         self,
@@ -513,6 +578,38 @@ class ThompsonPolicy:
                 )
             )
         return summaries
+
+
+class _Stock:
+    """Decisions drawn ahead for one context under one key, taken in order."""
+
+    __slots__ = ("decisions", "key", "size", "taken")
+
+    def __init__(self, key: tuple[Any, ...]) -> None:
+        self.key = key
+        self.decisions: list[Decision] = []
+        self.taken = 0
+        self.size = 0  # rows of the last draw under this key
+
+    @property
+    def available(self) -> int:
+        return len(self.decisions) - self.taken
+
+    def rows_to_draw(self, wanted: int, limit: int) -> int:
+        """Rows to draw for ``wanted`` decisions: what is missing, and after a first draw
+        under this key (the key held), twice the last draw's rows, up to ``limit``."""
+        missing = wanted - self.available
+        self.size = max(missing, min(2 * self.size, limit))
+        return self.size
+
+    def take(self, count: int) -> list[Decision]:
+        """The next ``count`` decisions (available ones only)."""
+        taken = self.decisions[self.taken : self.taken + count]
+        self.taken += count
+        if self.taken >= len(self.decisions):  # all used: start the list again
+            self.decisions.clear()
+            self.taken = 0
+        return taken
 
 
 def _group_by_context(contexts: Sequence[Context]) -> dict[Context, list[int]]:

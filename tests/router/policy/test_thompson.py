@@ -147,7 +147,9 @@ def test_a_batch_draws_like_calls_one_by_one_grouped_by_context() -> None:
     select() per request, grouped by context, would have drawn them."""
     math = Context("math", 0)
     eligible = ["a", "b"]
-    batched, single = (ThompsonPolicy(eligible, rng=np.random.default_rng(6)) for _ in "ab")
+    batched, single = (  # no draw-ahead: the one-by-one calls would draw ahead differently
+        ThompsonPolicy(eligible, rng=np.random.default_rng(6), draw_ahead=1) for _ in "ab"
+    )
     for policy in (batched, single):
         _train(policy, CODE, {"a": 0.6, "b": 0.5}, 30)
         _train(policy, math, {"a": 0.3, "b": 0.55}, 30)
@@ -161,6 +163,40 @@ def test_a_batch_draws_like_calls_one_by_one_grouped_by_context() -> None:
     assert len({(d.drafter, d.k) for d in batched.select_many([CODE] * 200, eligible)}) > 1
     assert batched.select_many([], eligible) == []
     assert batched.select_many([CODE, math], []) == [Decision("none", 0, 1.0, False)] * 2
+
+
+def test_drawing_ahead_changes_no_decision_of_one_context_or_of_a_learning_run() -> None:
+    """Rows drawn ahead are the rows later calls would have drawn: the same decisions
+    for one context without updates, and for selections alternating with updates."""
+    eligible = ["a", "b"]
+    ahead, plain = (
+        ThompsonPolicy(eligible, rng=np.random.default_rng(8), draw_ahead=draw_ahead)
+        for draw_ahead in (16, 1)
+    )
+    assert [ahead.select(CODE, eligible) for _ in range(40)] == [
+        plain.select(CODE, eligible) for _ in range(40)
+    ]
+    assert ahead._stocks[CODE].available > 0  # it did draw ahead (1, 2, 4, 8, 16, 16 rows)
+    ahead, plain = (
+        ThompsonPolicy(eligible, rng=np.random.default_rng(8), draw_ahead=draw_ahead)
+        for draw_ahead in (16, 1)
+    )
+    acceptance = {"a": 0.7, "b": 0.4}
+    assert _train(ahead, CODE, acceptance, 50) == _train(plain, CODE, acceptance, 50)
+
+
+def test_rows_drawn_ahead_are_dropped_when_the_posterior_or_the_eligible_set_changes() -> None:
+    policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(9), draw_ahead=64)
+    for _ in range(40):  # neutral priors: a, b and none all come up; rows are kept ahead
+        policy.select(CODE, ["a", "b"])
+    assert policy._stocks[CODE].available > 0
+    # Counterfactual updates change the posteriors only (not the costs): b accepts
+    # every drafted token, a none.
+    for _ in range(30):
+        policy.update_counterfactual(CODE, "b", [6] * 20, 6)
+        policy.update_counterfactual(CODE, "a", [0] * 20, 6)
+    assert {policy.select(CODE, ["a", "b"]).drafter for _ in range(30)} == {"b"}
+    assert {policy.select(CODE, ["a"]).drafter for _ in range(30)} <= {"a", "none"}
 
 
 def test_state_round_trip_gives_equal_decisions() -> None:
