@@ -89,7 +89,7 @@ class ThompsonConfig(BaseModel):
     cost_ewma: float = Field(0.01, gt=0.0, le=1.0)
     per_request: bool = True
     overhead_ewma: float = Field(0.05, gt=0.0, le=1.0)
-    draw_ahead: int = Field(64, ge=1, le=4096)
+    draw_ahead: int = Field(16, ge=1, le=4096)
     verify_slope_ratio: float = Field(0.05, ge=0.0)
     default_draft_cost_ratio: float = Field(0.1, ge=0.0)
     draft_cost_ratio: dict[str, float] = Field(default_factory=dict)
@@ -117,7 +117,7 @@ class ThompsonPolicy:
         similarity: Mapping[str, Mapping[str, float]] | None = None,
         per_request: bool = True,
         overhead_ewma: float = 0.05,
-        draw_ahead: int = 64,
+        draw_ahead: int = 16,
     ) -> None:
         if draw_ahead < 1:
             raise ValueError(f"draw_ahead must be >= 1, got {draw_ahead}")
@@ -373,23 +373,29 @@ class ThompsonPolicy:
         table = self._row_speedups(list(contexts), of_row, acceptance, index)
         width = self.k_max + 1
         best = table.reshape(len(of_row), -1).argmax(axis=1).tolist()
+        names = [self.drafters_[i] for i in index.tolist()]
         drawn: list[list[Decision]] = []
         row = 0
         for group, count in enumerate(counts):
             mean = len(of_sample) + group
+            at_mean = table[mean].tolist()  # S at the posterior mean, per drafter and k
             greedy_drafter, greedy_k = divmod(best[mean], width)
             greedy_arm = (greedy_k, greedy_drafter if greedy_k else 0)
+            # A group's rows share its posterior mean, so one Decision per (drafter, k).
+            made: dict[int, Decision] = {}
             decisions = []
-            for _ in range(count):
-                drafter, k = divmod(best[row], width)
-                row += 1
-                explored = (k, drafter if k else 0) != greedy_arm
-                if k == 0:
-                    decisions.append(Decision(NONE_DRAFTER, 0, 1.0, explored))
-                    continue
-                expected = float(table[mean, drafter, k])
-                name = self.drafters_[int(index[drafter])]
-                decisions.append(Decision(name, k, expected, explored))
+            for arm in best[row : row + count]:
+                decision = made.get(arm)
+                if decision is None:
+                    drafter, k = divmod(arm, width)
+                    explored = (k, drafter if k else 0) != greedy_arm
+                    if k == 0:
+                        decision = Decision(NONE_DRAFTER, 0, 1.0, explored)
+                    else:
+                        decision = Decision(names[drafter], k, at_mean[drafter][k], explored)
+                    made[arm] = decision
+                decisions.append(decision)
+            row += count
             drawn.append(decisions)
         return drawn
 
