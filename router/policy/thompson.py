@@ -477,9 +477,13 @@ class ThompsonPolicy:
     def add_drafter(self, name: str, similarity: Mapping[str, float] | None = None) -> None:
         """Make ``name`` selectable; its prior per cluster comes from ``similarity``."""
         check_drafter_name(name)
-        if similarity:
-            self.similarity_[name] = {str(c): float(s) for c, s in similarity.items()}
+        new_similarity = {str(c): float(s) for c, s in (similarity or {}).items()}
+        changed = bool(new_similarity) and self.similarity_.get(name) != new_similarity
+        if changed:
+            self.similarity_[name] = new_similarity
         if name in self.index_:
+            if changed:  # the priors of contexts never updated change: drop cached ones
+                self._layout_changed()
             return
         self.index_[name] = len(self.drafters_)
         self.drafters_.append(name)

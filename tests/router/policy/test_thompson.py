@@ -199,6 +199,20 @@ def test_rows_drawn_ahead_are_dropped_when_the_posterior_or_the_eligible_set_cha
     assert {policy.select(CODE, ["a"]).drafter for _ in range(30)} <= {"a", "none"}
 
 
+def test_new_similarity_for_a_known_drafter_reaches_contexts_never_updated() -> None:
+    """The priors of never-updated contexts, and rows drawn ahead from them, are cached;
+    a new fine-tuning similarity for a drafter already known must replace them."""
+    policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(3))
+    fresh = Context("math", 0)
+    for _ in range(10):
+        policy.select(fresh, ["a", "b"])
+    before = policy._cached_fresh_context(fresh).alpha.copy()
+    policy.add_drafter("a", {"math": 0.95, "code": 0.05})
+    after = policy._cached_fresh_context(fresh)
+    assert after.alpha[0] > before[0] and after.alpha[1] == before[1]
+    assert policy._stocks[fresh].key != policy._stock_key(["a", "b"])  # rows dropped
+
+
 def test_state_round_trip_gives_equal_decisions() -> None:
     policy = make_policy("thompson", ["generic", "code", "ngram"], {"seed": 5})
     assert isinstance(policy, ThompsonPolicy)
