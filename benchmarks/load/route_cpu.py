@@ -30,8 +30,6 @@ from router.pb import router_pb2 as pb
 from router.service import RouterService
 from router.servicer import RouterServicer
 
-logger = logging.getLogger(__name__)
-
 SIZES = (7, 1)  # about the mean batch at concurrency 64 on 2 vCPUs, and a lone call
 WARMUP_BATCHES = 200
 
