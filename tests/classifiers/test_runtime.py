@@ -54,8 +54,12 @@ def test_unrelated_text_is_flagged(classifier: OnnxTaskClassifier) -> None:
 def test_batch_equals_single(
     classifier: OnnxTaskClassifier, test_prompts: list[LabeledPrompt]
 ) -> None:
-    texts = [p.text for p in test_prompts[:20]]
+    # A single text is decided in plain Python, a batch with NumPy: the same results,
+    # flagged texts included (unrelated words; known words in an unseen format).
+    passages = "\n".join(f"[{n}] solve the prime number sum ({n}); {n * 17}." for n in (1, 2))
+    texts = [p.text for p in test_prompts[:20]] + list(UNRELATED_TEXTS) + [passages, ""]
     batch = classifier.classify_batch(texts)
+    assert {r.out_of_distribution for r in batch} == {True, False}
     for text, result in zip(texts, batch, strict=True):
         single = classifier.classify(text)
         assert single.cluster == result.cluster
