@@ -17,7 +17,6 @@ loop touches) and gives one result per item.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
@@ -56,6 +55,7 @@ class Coalescer(Generic[In, Mid, Out]):
         self._pending: list[tuple[In, asyncio.Future[Out]]] = []
         self._scheduled = False  # a start is queued on the loop
         self._working = False  # a batch is on the worker
+        self._task: asyncio.Future[None] | None = None
 
     async def submit(self, item: In) -> Out:
         loop = asyncio.get_running_loop()
@@ -74,29 +74,26 @@ class Coalescer(Generic[In, Mid, Out]):
         self._pending = self._pending[self._max_batch :]
         if self._on_batch is not None:
             self._on_batch(len(batch))
-        items = [item for item, _ in batch]
-        done = asyncio.ensure_future(self._work(items))
         self._working = True
-        done.add_done_callback(functools.partial(self._finish, batch, items))
+        self._task = asyncio.ensure_future(self._run(batch))  # referenced while it runs
 
-    def _finish(
-        self,
-        batch: list[tuple[In, asyncio.Future[Out]]],
-        items: list[In],
-        done: asyncio.Future[Mid],
-    ) -> None:
-        self._working = False
+    async def _run(self, batch: list[tuple[In, asyncio.Future[Out]]]) -> None:
+        """Work on a batch, commit it and deliver its results, in one task (the commit
+        follows the work in the same loop turn)."""
+        items = [item for item, _ in batch]
         results: Sequence[Out | BaseException]
-        if done.cancelled():  # the loop is closing
+        try:
+            mid = await self._work(items)
+            results = self._commit(items, mid)
+            if len(results) != len(batch):
+                raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
+        except asyncio.CancelledError:  # the loop is closing
             results = [asyncio.CancelledError()] * len(batch)
-        else:
-            try:
-                results = self._commit(items, done.result())
-                if len(results) != len(batch):
-                    raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
-            except Exception as error:  # the whole batch failed: every caller hears why
-                logger.exception("batch of %d failed", len(batch))
-                results = [error] * len(batch)
+        except Exception as error:  # the whole batch failed: every caller hears why
+            logger.exception("batch of %d failed", len(batch))
+            results = [error] * len(batch)
+        finally:
+            self._working = False
         _deliver(batch, results)
         if self._pending:
             self._start()  # the calls that arrived meanwhile

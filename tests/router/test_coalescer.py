@@ -134,3 +134,25 @@ def test_a_shut_down_worker_fails_calls_instead_of_hanging() -> None:
 
     with pytest.raises(RuntimeError, match="shutdown"):
         asyncio.run(main())
+
+
+def test_a_cancelled_batch_cancels_its_callers_and_the_next_batch_is_worked_on() -> None:
+    # A batch's work cancelled (the loop closing, say) cancels its callers' calls; the
+    # coalescer is not left busy, so calls that come later are still worked on.
+    cancel_next = [True]
+
+    async def work(items: list[int]) -> list[int | BaseException]:
+        await asyncio.sleep(0)
+        if cancel_next.pop() if cancel_next else False:
+            raise asyncio.CancelledError
+        return _double_or_refuse(items)
+
+    coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(work, _as_is)
+
+    async def main() -> tuple[list[int | BaseException], int]:
+        first = await asyncio.gather(*(coalescer.submit(i) for i in (2, 4)), return_exceptions=True)
+        return first, await asyncio.wait_for(coalescer.submit(6), timeout=5)
+
+    first, later = asyncio.run(main())
+    assert all(isinstance(r, asyncio.CancelledError) for r in first)
+    assert later == 12
