@@ -179,6 +179,13 @@ class RouteProcess:
         return child is not None and child.process.poll() is None
 
     @property
+    def started(self) -> bool:
+        """A child answered its start-up and has not been found lost since. Unlike
+        :attr:`ready`, no system call (the Route path asks per batch): a child that died
+        unnoticed fails its next batch, which is then worked on in-process."""
+        return self._child is not None
+
+    @property
     def pid(self) -> int | None:
         child = self._child
         return child.process.pid if child is not None else None

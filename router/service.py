@@ -270,7 +270,7 @@ class RouterService:
         or remembered yet: :meth:`commit_routes` does that."""
         process, key = self.route_process, self._process_classifier_key()
         if process is not None and key is not None:
-            if process.ready:
+            if process.started:
                 results, valid = self._checked_batch(requests)
                 texts, unhinted, classifier_texts = self._batch_texts(requests, valid)
                 try:
