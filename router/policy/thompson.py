@@ -307,6 +307,10 @@ class ThompsonPolicy:
         the batch lacks are drawn and priced at once (one beta draw and one speed-up
         table), each distinct context's greedy arm from its posterior mean; rows drawn
         ahead (module doc) are used first."""
+        if len(contexts) == 1:  # a lone call (light load): its next decision drawn ahead
+            stock = self._stocks.get(contexts[0])
+            if stock is not None and stock.available and stock.key == self._stock_key(eligible):
+                return stock.take(1)
         index = self._eligible_index(eligible)
         if index.size == 0:
             return [Decision(NONE_DRAFTER, 0, 1.0, False) for _ in contexts]
