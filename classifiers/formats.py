@@ -85,7 +85,6 @@ class FormatDistance:
         center, scale, means, spreads = arrays
         self._slope = 1.0 / (scale * spreads)
         self._offset = (center / scale + means) / spreads
-
         self._rows = list(zip(self._slope.tolist(), self._offset.tolist(), strict=True))
 
     def __call__(self, vectors: np.ndarray, clusters: np.ndarray) -> np.ndarray:

@@ -139,11 +139,12 @@ def test_a_shut_down_worker_fails_calls_instead_of_hanging() -> None:
 def test_a_cancelled_batch_cancels_its_callers_and_the_next_batch_is_worked_on() -> None:
     # A batch's work cancelled (the loop closing, say) cancels its callers' calls; the
     # coalescer is not left busy, so calls that come later are still worked on.
-    cancel_next = [True]
+    cancelled: list[list[int]] = []
 
     async def work(items: list[int]) -> list[int | BaseException]:
         await asyncio.sleep(0)
-        if cancel_next.pop() if cancel_next else False:
+        if not cancelled:  # the first batch only
+            cancelled.append(items)
             raise asyncio.CancelledError
         return _double_or_refuse(items)
 
@@ -154,5 +155,6 @@ def test_a_cancelled_batch_cancels_its_callers_and_the_next_batch_is_worked_on()
         return first, await asyncio.wait_for(coalescer.submit(6), timeout=5)
 
     first, later = asyncio.run(main())
+    assert cancelled == [[2, 4]]
     assert all(isinstance(r, asyncio.CancelledError) for r in first)
     assert later == 12
