@@ -246,7 +246,7 @@ class FloorServicer(EchoServicer):
 
 def floor_route_process(world_dir: Path) -> tuple[RouteProcess, ClassifierKey]:
     """A started route process with the tokenizer and classifier a sidecar serves on the
-    world at ``world_dir`` (its default spin), and the classifier's key."""
+    world at ``world_dir`` (its default spins), and the classifier's key."""
     from transformers import AutoTokenizer
 
     from benchmarks.world.layout import World
@@ -258,8 +258,11 @@ def floor_route_process(world_dir: Path) -> tuple[RouteProcess, ClassifierKey]:
     classifier_dir = ensure_world_classifier(world.root)
     digest = OnnxTaskClassifier.load(classifier_dir).metadata.model_sha256
     tokenizer = AutoTokenizer.from_pretrained(world.target_dir, local_files_only=True)
+    limits = Limits()
     process = RouteProcess(
-        tokenizer.backend_tokenizer.to_str(), spin_s=Limits().route_process_spin_ms / 1000
+        tokenizer.backend_tokenizer.to_str(),
+        spin_s=limits.route_process_spin_ms / 1000,
+        reply_spin_s=limits.route_reply_spin_ms / 1000,
     )
     process.start()
     return process, (str(classifier_dir), digest)
