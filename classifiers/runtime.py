@@ -16,7 +16,7 @@ from classifiers.api import Classification, ClassifierLoadError
 from classifiers.export import CENTROID_COSINE, INPUT_NAME, PROBABILITIES, open_session
 from classifiers.formats import FormatDistance, format_matrix, format_vector
 from classifiers.metadata import FORMAT_VERSION, MODEL_FILE, ClassifierMetadata, OodThresholds
-from classifiers.text import prompt_from_messages
+from classifiers.text import classifier_text, prompt_from_messages
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,10 @@ class OnnxTaskClassifier:
         return self.classify_batch([text])[0]
 
     def classify_batch(self, texts: Sequence[str]) -> list[Classification]:
-        return self._decide(texts, self.scores(texts))
+        """Classify prompt texts as the classifier reads them (:func:`classifier_text`: a
+        text in Qwen's chat format by its messages)."""
+        read = _readable(texts)
+        return self._decide(read, self.scores(read))
 
     def classify_messages(self, messages: Sequence[Mapping[str, str]]) -> Classification:
         return self.classify(prompt_from_messages(messages))
@@ -223,8 +226,15 @@ class OnnxTaskClassifier:
         Cosines are in the classifier's own TF-IDF space (the graph's ``centroid_cosine``),
         so a drafter's fine-tuning sample is compared with clusters exactly as prompts are.
         """
-        scores = self.scores(list(texts))
+        scores = self.scores(_readable(texts))
         if scores.centroid_cosine.shape[0] == 0:
             return dict.fromkeys(self._labels, 0.0)
         means = scores.centroid_cosine.astype(np.float64).mean(axis=0)
         return {label: float(value) for label, value in zip(self._labels, means, strict=True)}
+
+
+def _readable(texts: Sequence[str]) -> list[str]:
+    """The texts as the classifier reads them; a non-string is left for scores() to refuse."""
+    if isinstance(texts, str):
+        raise TypeError("expected a sequence of texts, not one string")
+    return [classifier_text(t) if isinstance(t, str) else t for t in texts]

@@ -1,4 +1,5 @@
-"""Prompt text: the tokenisation shared by training and ONNX, chat flattening, labeled data."""
+"""Prompt text: the tokenisation shared by training and ONNX, chat flattening (messages, or
+a text in Qwen's chat format), labeled data."""
 
 from __future__ import annotations
 
@@ -32,8 +33,45 @@ def prompt_from_messages(messages: Sequence[Mapping[str, str]]) -> str:
     return "\n".join([*system[:1], *users[-1:]])
 
 
+# Qwen2.5's chat format (ChatML), as serving stacks render a conversation into one text.
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+# The system prompt Qwen2.5's chat template adds to a conversation that has none.
+QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+
+def chat_messages_from_text(text: str) -> list[dict[str, str]]:
+    """The turns of a text in Qwen's chat format, in order (``<|im_start|>role\ncontent
+    <|im_end|>``; text before the first turn is not part of any). Empty when there are
+    none."""
+    messages = []
+    for turn in text.split(IM_START)[1:]:
+        role, _, content = turn.partition("\n")
+        messages.append({"role": role.strip(), "content": content.split(IM_END, 1)[0]})
+    return messages
+
+
+def classifier_text(text: str) -> str:
+    """What the classifier reads for a prompt given as one text. A conversation rendered
+    in Qwen's chat format (how a serving stack sends a templated prompt) is read as its
+    messages, like a chat given as messages (:func:`prompt_from_messages`; the default
+    system prompt that the template adds is left out, as it is not one of the messages).
+    Any other text, or one without a user turn, is read as it is."""
+    if IM_START not in text:
+        return text
+    messages = [
+        m
+        for m in chat_messages_from_text(text)
+        if not (m["role"] == "system" and m["content"] == QWEN_DEFAULT_SYSTEM)
+    ]
+    if not any(m["role"] == "user" for m in messages):
+        return text
+    return prompt_from_messages(messages)
+
+
 def labeled_prompt_from_record(record: Mapping[str, object]) -> LabeledPrompt:
-    """Read one JSON record: ``{"text", "task"?}`` or a corpus Example ``{"messages", "task"}``."""
+    """Read one JSON record: ``{"text", "task"?}`` or a corpus Example ``{"messages", "task"}``
+    (the text as the classifier reads it: :func:`classifier_text`)."""
     task = record.get("task")
     if "text" in record:
         text = record["text"]
@@ -46,6 +84,7 @@ def labeled_prompt_from_record(record: Mapping[str, object]) -> LabeledPrompt:
         raise ValueError("each record needs 'text' or 'messages'")
     if not isinstance(text, str):
         raise ValueError("'text' must be a string")
+    text = classifier_text(text)  # as the classifier will read it when serving
     if task is not None and not isinstance(task, str):
         raise ValueError("'task' must be a string when present")
     return LabeledPrompt(text=text, task=task)

@@ -78,6 +78,21 @@ def test_messages_use_system_prompt_and_last_user_turn(classifier: OnnxTaskClass
     assert classifier.classify_messages(messages).cluster == "translate"
 
 
+def test_a_text_in_qwens_chat_format_is_classified_by_its_messages(
+    classifier: OnnxTaskClassifier,
+) -> None:
+    from tests.classifiers.test_text import rendered
+
+    texts = [p.text for p in synthetic_prompts(8, seed=3)]
+    chats = [[{"role": "user", "content": text}] for text in texts]
+    as_sent = [rendered(chat) for chat in chats]
+    assert classifier.classify_batch(as_sent) == classifier.classify_batch(texts)
+    for text, chat, sent in zip(texts, chats, as_sent, strict=True):  # a lone text too
+        assert classifier.classify(sent) == classifier.classify_messages(chat)
+        assert classifier.classify(sent) == classifier.classify(text)
+    assert classifier.similarity(as_sent) == classifier.similarity(texts)
+
+
 def test_similarity_ranks_the_source_cluster_first(classifier: OnnxTaskClassifier) -> None:
     for task in classifier.labels:
         sample = [p.text for p in synthetic_prompts(20, seed=7, tasks=(task,))]

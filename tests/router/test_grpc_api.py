@@ -67,6 +67,26 @@ def test_route_with_conversation_and_task_hint(
     assert decision.task_cluster == "math" and decision.confidence == pytest.approx(1.0)
 
 
+def test_a_prompt_in_qwens_chat_format_routes_as_its_conversation(
+    sidecar: SidecarThread, prompts: dict[str, str]
+) -> None:
+    classifier = sidecar.service.components.classifiers.current
+    for task in ("code", "translation"):
+        messages = [{"role": "user", "content": prompts[task]}]
+        text = sidecar.service.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        conversation = pb.Conversation(messages=[pb.ChatMessage(**m) for m in messages])
+        as_text = sidecar.stub.Route(pb.RouteRequest(text=text))
+        as_chat = sidecar.stub.Route(pb.RouteRequest(conversation=conversation))
+        expected = classifier.classify(prompts[task])
+        for decision in (as_text, as_chat):
+            assert decision.task_cluster == expected.cluster
+            assert decision.confidence == pytest.approx(expected.probability, rel=1e-5)
+            assert decision.out_of_distribution == expected.out_of_distribution
+        assert as_text.prompt_tokens == as_chat.prompt_tokens  # the same model text
+
+
 def test_concurrent_routes_are_batched_and_a_bad_one_fails_alone(
     sidecar: SidecarThread, prompts: dict[str, str]
 ) -> None:

@@ -1,0 +1,69 @@
+"""Prompt text as the classifier reads it: a conversation that a serving stack rendered in
+Qwen2.5's chat format reads as its messages; any other text as it is."""
+
+from __future__ import annotations
+
+import jinja2
+import pytest
+
+from benchmarks.world.tokenizer import QWEN25_CHAT_TEMPLATE
+from classifiers.text import (
+    QWEN_DEFAULT_SYSTEM,
+    chat_messages_from_text,
+    classifier_text,
+    labeled_prompt_from_record,
+    prompt_from_messages,
+)
+
+CHATS = [
+    [{"role": "user", "content": "Translate to French: The library opens at nine."}],
+    [
+        {"role": "system", "content": "Answer from the document."},
+        {"role": "user", "content": "Document: Returns within 30 days.\nQuestion: How long?"},
+    ],
+    [
+        {"role": "user", "content": "first question"},
+        {"role": "assistant", "content": "an answer"},
+        {"role": "user", "content": "What is 17 * 23 + 4?\n\nThink step by step."},
+    ],
+]
+
+
+def rendered(messages: list[dict[str, str]]) -> str:
+    """The text a serving stack sends: Qwen2.5's template with the generation prompt."""
+    return jinja2.Template(QWEN25_CHAT_TEMPLATE).render(
+        messages=messages, add_generation_prompt=True
+    )
+
+
+@pytest.mark.parametrize("messages", CHATS)
+def test_a_rendered_conversation_reads_as_its_messages(messages: list[dict[str, str]]) -> None:
+    assert classifier_text(rendered(messages)) == prompt_from_messages(messages)
+
+
+def test_the_turns_of_a_rendered_conversation() -> None:
+    turns = chat_messages_from_text(rendered(CHATS[2]))
+    # The template's default system prompt first, the generation prompt's empty turn last.
+    assert turns == [
+        {"role": "system", "content": QWEN_DEFAULT_SYSTEM},
+        *CHATS[2],
+        {"role": "assistant", "content": ""},
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Translate to French: The library opens at nine.",
+        "",
+        "<|im_start|>assistant\nno user turn here<|im_end|>\n",
+        "a text about the <|im_end|> marker",
+    ],
+)
+def test_other_texts_are_read_as_they_are(text: str) -> None:
+    assert classifier_text(text) == text
+
+
+def test_a_labeled_text_record_is_read_as_served_prompts_are() -> None:
+    record = {"text": rendered(CHATS[1]), "task": "rag"}
+    assert labeled_prompt_from_record(record).text == prompt_from_messages(CHATS[1])
