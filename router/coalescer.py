@@ -4,9 +4,13 @@ Tokenizing and classifying many Route calls with one call each (one Rust and one
 onnxruntime entry) costs far less per call than doing it call by call. So a batch is
 worked on elsewhere (a child process, or a worker thread) while the event loop goes on
 receiving calls; the calls that arrive meanwhile wait and form the next batch, which
-starts as soon as the work is done. Batches grow with the load by themselves: a lone
-call starts at once, calls that arrive faster than a batch is worked on are worked on
-together. There are no timers to tune, and the loop never spins waiting for a batch.
+starts as soon as the work is done, in the next turn of the loop, so that calls whose
+tasks are ready in this one join it too (under load, grpc.aio wakes several handlers per
+turn: side by side at concurrency 64 this raised the mean batch from 5.5 to 6.5 calls
+and Route from 0.71-0.73 to 0.77-0.78 of echo). Batches grow with the load by themselves:
+a lone call starts at once, calls that arrive faster than a batch is worked on are
+worked on together. There are no timers to tune, and the loop never spins waiting for a
+batch.
 
 The work has two stages: ``work`` is a coroutine function awaited on the loop, which
 hands the batch off (:func:`on_executor` runs a plain function on an executor);
@@ -95,8 +99,11 @@ class Coalescer(Generic[In, Mid, Out]):
         finally:
             self._working = False
         _deliver(batch, results)
-        if self._pending:
-            self._start()  # the calls that arrived meanwhile
+        if self._pending and not self._scheduled:
+            # The calls that arrived meanwhile, and those whose tasks are ready on the
+            # loop in this turn: they submit before the next batch starts.
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start)
 
 
 def on_executor(

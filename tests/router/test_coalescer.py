@@ -49,6 +49,35 @@ def test_calls_in_one_turn_share_a_batch_and_errors_stay_in_their_slot(
     assert [str(r) for r in results[1:6:2]] == ["odd 1", "odd 3", "odd 5"]
 
 
+def test_calls_ready_when_a_batch_ends_join_the_next_one() -> None:
+    batches: list[list[int]] = []
+    release: asyncio.Event | None = None
+
+    async def work(items: list[int]) -> list[int | BaseException]:
+        batches.append(list(items))
+        if items == [1]:
+            assert release is not None
+            await release.wait()
+        return list(items)
+
+    coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(work, _as_is)
+
+    async def main() -> list[int]:
+        nonlocal release
+        release = asyncio.Event()
+        first = asyncio.ensure_future(coalescer.submit(1))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the first batch waits for its release
+        waiting = asyncio.ensure_future(coalescer.submit(2))
+        await asyncio.sleep(0)  # 2 is pending
+        release.set()  # the first batch ends in the next turn, where 3's task is ready too
+        ready = asyncio.ensure_future(coalescer.submit(3))
+        return await asyncio.gather(first, waiting, ready)
+
+    assert asyncio.run(main()) == [1, 2, 3]
+    assert batches == [[1], [2, 3]]
+
+
 def test_calls_arriving_while_a_batch_is_worked_on_form_the_next_batch(
     worker: ThreadPoolExecutor,
 ) -> None:
