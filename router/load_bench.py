@@ -244,9 +244,12 @@ class FloorServicer(EchoServicer):
         return await self._batches.submit(request.text)
 
 
-def floor_route_process(world_dir: Path) -> tuple[RouteProcess, ClassifierKey]:
+def floor_route_process(
+    world_dir: Path, *, reply_spin: bool = True
+) -> tuple[RouteProcess, ClassifierKey]:
     """A started route process with the tokenizer and classifier a sidecar serves on the
-    world at ``world_dir`` (its default spins), and the classifier's key."""
+    world at ``world_dir`` (its default spins; ``reply_spin=False``: the event loop
+    sleeps while a lone batch is out), and the classifier's key."""
     from transformers import AutoTokenizer
 
     from benchmarks.world.layout import World
@@ -262,7 +265,7 @@ def floor_route_process(world_dir: Path) -> tuple[RouteProcess, ClassifierKey]:
     process = RouteProcess(
         tokenizer.backend_tokenizer.to_str(),
         spin_s=limits.route_process_spin_ms / 1000,
-        reply_spin_s=limits.route_reply_spin_ms / 1000,
+        reply_spin_s=limits.route_reply_spin_ms / 1000 if reply_spin else 0.0,
     )
     process.start()
     return process, (str(classifier_dir), digest)
