@@ -244,12 +244,9 @@ class FloorServicer(EchoServicer):
         return await self._batches.submit(request.text)
 
 
-def floor_route_process(
-    world_dir: Path, *, reply_spin: bool = True
-) -> tuple[RouteProcess, ClassifierKey]:
+def floor_route_process(world_dir: Path) -> tuple[RouteProcess, ClassifierKey]:
     """A started route process with the tokenizer and classifier a sidecar serves on the
-    world at ``world_dir`` (its default spins; ``reply_spin=False``: the event loop
-    sleeps while a lone batch is out), and the classifier's key."""
+    world at ``world_dir`` (its default spin), and the classifier's key."""
     from transformers import AutoTokenizer
 
     from benchmarks.world.layout import World
@@ -261,11 +258,8 @@ def floor_route_process(
     classifier_dir = ensure_world_classifier(world.root)
     digest = OnnxTaskClassifier.load(classifier_dir).metadata.model_sha256
     tokenizer = AutoTokenizer.from_pretrained(world.target_dir, local_files_only=True)
-    limits = Limits()
     process = RouteProcess(
-        tokenizer.backend_tokenizer.to_str(),
-        spin_s=limits.route_process_spin_ms / 1000,
-        reply_spin_s=limits.route_reply_spin_ms / 1000 if reply_spin else 0.0,
+        tokenizer.backend_tokenizer.to_str(), spin_s=Limits().route_process_spin_ms / 1000
     )
     process.start()
     return process, (str(classifier_dir), digest)

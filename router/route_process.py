@@ -28,14 +28,6 @@ After a batch of one (light load) the child busy-waits, yielding the CPU, for up
 next call is then taken without waking a sleeping process. Measured side by side, this
 raised Route from 0.60 to 0.72 of echo at concurrency 64 and cut the concurrency-1
 p50 from about 1.53 to 1.25 ms; spinning after every batch cost throughput (0.53 vs 0.70).
-
-The parent's side of the same wake-up: while a batch of one is in the child, the event
-loop is kept awake for up to ``reply_spin_s`` (``limits.route_reply_spin_ms``, 1 ms) by a
-callback that stays ready on it, so that its turns poll the selector (timeout 0) instead
-of sleeping in it. The reply is then read without waking an idle CPU, which on a VM
-whose idle vCPUs halt costs tens of microseconds, and the loop goes on receiving calls
-meanwhile (they form the next batch). Polling the pipe *instead of* running the loop
-starved the callers at concurrency 64 (benchmarks/load/HISTORY.md, "Lone calls").
 """
 
 from __future__ import annotations
@@ -164,13 +156,11 @@ class RouteProcess:
         tokenizer_json: str,
         *,
         spin_s: float = 0.0,
-        reply_spin_s: float = 0.0,
         reply_timeout_s: float = REPLY_TIMEOUT_S,
         python: str = sys.executable,
     ) -> None:
         self._tokenizer_json = tokenizer_json
         self._spin_s = spin_s
-        self._reply_spin_s = reply_spin_s
         self._reply_timeout_s = reply_timeout_s
         self._python = python
         self._child: _Child | None = None
@@ -291,8 +281,6 @@ class RouteProcess:
         child.outbox += _frame(("batch", list(model_texts), list(classifier_texts), key))
         self._flush(child)
         expiry = loop.call_later(self._reply_timeout_s, self._expire, child, waiting)
-        if self._reply_spin_s and len(model_texts) == 1:
-            _keep_awake(loop, waiting, self._reply_spin_s)
         try:
             return await waiting
         finally:
@@ -368,21 +356,6 @@ class RouteProcess:
         waiting, self._waiting = self._waiting, None
         if waiting is not None and not waiting.done():
             waiting.set_exception(error)
-
-
-def _keep_awake(
-    loop: asyncio.AbstractEventLoop, until: asyncio.Future[Any], budget_s: float
-) -> None:
-    """Keep a callback ready on ``loop`` until ``until`` is done or ``budget_s`` has passed:
-    meanwhile each turn of the loop polls its selector instead of sleeping in it (module
-    doc). Other callbacks and I/O run as usual."""
-    deadline = loop.time() + budget_s
-
-    def again() -> None:
-        if not until.done() and loop.time() < deadline:
-            loop.call_soon(again)
-
-    loop.call_soon(again)
 
 
 # -- the child ---------------------------------------------------------------------------

@@ -209,9 +209,7 @@ class RouterService:
         self.metrics.policy_version.set(self.policy.version)
         if self.limits.route_process and self._fast_tokenizer is not None:
             self.route_process = RouteProcess(
-                self._fast_tokenizer.to_str(),
-                spin_s=self.limits.route_process_spin_ms / 1000,
-                reply_spin_s=self.limits.route_reply_spin_ms / 1000,
+                self._fast_tokenizer.to_str(), spin_s=self.limits.route_process_spin_ms / 1000
             )
             self.route_process.start_in_background()
 

@@ -52,10 +52,6 @@ class Limits(BaseModel):
     # one, yielding the CPU, instead of sleeping: about 0.25 ms less per call at
     # concurrency 1, for up to this much CPU time per lone call. 0 turns it off.
     route_process_spin_ms: float = Field(default=2.0, ge=0.0, le=100.0)
-    # While a lone Route is in the route process, the sidecar's event loop polls for up to
-    # this long instead of sleeping until the reply (it goes on serving meanwhile): no
-    # wake-up of an idle CPU on the way back. 0 turns it off.
-    route_reply_spin_ms: float = Field(default=1.0, ge=0.0, le=100.0)
 
 
 class TlsSettings(BaseModel):

@@ -10,16 +10,13 @@ calls. The route processes' own CPU is not counted. The floor servicer
 in its route process, so the difference is the sidecar's own per-call Python on the
 event loop: checks, conversions, the policy decision, bookkeeping, metrics, the reply.
 The policy's ``select_many`` is timed separately. Hot caches: under load and at
-concurrency 1 each of these costs more (README, "Load benchmark"). Both route processes
-run without ``route_reply_spin_ms``: the loop's polling while a lone batch is out is
-waiting, not work, and would be counted as CPU here.
+concurrency 1 each of these costs more (README, "Load benchmark").
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import logging
 import tempfile
@@ -95,9 +92,7 @@ async def measure(
     timed = TimedPolicy(service.policy)
     service.policy = timed  # type: ignore[assignment]
     sidecar = RouterServicer(service)
-    process, key = await asyncio.to_thread(
-        functools.partial(floor_route_process, world_dir, reply_spin=False)
-    )
+    process, key = await asyncio.to_thread(floor_route_process, world_dir)
     try:
         floor = FloorServicer(pb.RouteDecision(), process, key)
         await _wait_ready(service)
@@ -132,11 +127,9 @@ def build_service(world_dir: Path, state_dir: Path) -> RouterService:
     from router.components import build_components
     from router.metrics import create_metrics
     from router.registry import SidecarStore
-    from router.settings import Limits, Settings
+    from router.settings import Settings
 
-    settings = Settings(
-        world_dir=world_dir, state_dir=state_dir, limits=Limits(route_reply_spin_ms=0)
-    )
+    settings = Settings(world_dir=world_dir, state_dir=state_dir)
     components = build_components(settings)
     service = RouterService(settings, components, SidecarStore(state_dir), create_metrics())
     service.start()

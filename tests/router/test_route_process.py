@@ -1,13 +1,11 @@
 """The route process: the same counts and classes as the sidecar's own tokenizer and
 classifier, a refused classifier that changed on disk, and a sidecar that keeps routing
-(and restarts the child) when the child is killed; the event loop polls rather than
-sleeps while a lone batch is in the child."""
+(and restarts the child) when the child is killed."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import selectors
 import signal
 import sys
 import time
@@ -19,7 +17,7 @@ import pytest
 
 from classifiers.runtime import OnnxTaskClassifier
 from router.pb import router_pb2 as pb
-from router.route_process import REPLY_TIMEOUT_S, Classified, RouteProcess, RouteProcessError
+from router.route_process import Classified, RouteProcess, RouteProcessError
 from router.service import Components
 from tests.router.conftest import ADMIN, ServingWorld, SidecarThread
 
@@ -88,59 +86,6 @@ def test_child_refuses_a_classifier_that_is_not_the_one_served(
     # The child stays up and serves the next batch.
     assert asyncio.run(child.run(["a"], ["a"], _key(directory))).classes
     assert child.ready and child.starts == 1
-
-
-class _RecordingSelector(selectors.DefaultSelector):
-    """The default selector, recording each select's timeout (0: the loop only polled)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.timeouts: list[float | None] = []
-
-    def select(self, timeout: float | None = None) -> Any:
-        self.timeouts.append(timeout)
-        return super().select(timeout)
-
-
-def _select_timeouts(process: RouteProcess, batches: list[list[str]]) -> list[list[float | None]]:
-    """Per batch (after a first one), the timeouts of the loop's selects while it was out."""
-    selector = _RecordingSelector()
-    loop = asyncio.SelectorEventLoop(selector)
-
-    async def scenario() -> list[list[float | None]]:
-        await process.run(["warm"], [], ("", ""))  # the loop takes the pipes over
-        seen = []
-        for texts in batches:
-            start = len(selector.timeouts)
-            assert len((await process.run(texts, [], ("", ""))).counts) == len(texts)
-            seen.append(selector.timeouts[start:])
-        return seen
-
-    try:
-        return loop.run_until_complete(scenario())
-    finally:
-        loop.close()
-
-
-def test_the_loop_polls_while_a_lone_batch_is_in_the_child(components: Components) -> None:
-    process = RouteProcess(_tokenizer_json(components), reply_spin_s=REPLY_TIMEOUT_S)
-    process.start()
-    try:
-        lone, pair = _select_timeouts(process, [["one prompt"], ["one prompt", "and another"]])
-    finally:
-        process.close()
-    assert lone and all(timeout == 0 for timeout in lone)  # never slept in the selector
-    assert any(timeout is None or timeout > 0 for timeout in pair)  # a batch of two: it sleeps
-
-
-def test_the_loop_stops_polling_after_the_reply_spin(components: Components) -> None:
-    process = RouteProcess(_tokenizer_json(components), reply_spin_s=1e-9)
-    process.start()
-    try:
-        (lone,) = _select_timeouts(process, [["one prompt"]])
-    finally:
-        process.close()
-    assert any(timeout is None or timeout > 0 for timeout in lone)
 
 
 def test_closing_stops_the_child(components: Components) -> None:
