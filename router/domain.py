@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from classifiers.text import IM_END, IM_START
 from router.errors import InvalidRequestError
 from router.settings import Limits
 
@@ -148,5 +149,5 @@ def check_prompt_tokens(count: int, limits: Limits) -> None:
 
 def qwen_chat_text(messages: tuple[dict[str, Any], ...]) -> str:
     """Qwen2.5's chat format with a generation prompt (when a tokenizer has no template)."""
-    turns = [f"<|im_start|>{m['role']}\n{m.get('content', '')}<|im_end|>\n" for m in messages]
-    return "".join(turns) + "<|im_start|>assistant\n"
+    turns = [f"{IM_START}{m['role']}\n{m.get('content', '')}{IM_END}\n" for m in messages]
+    return "".join(turns) + f"{IM_START}assistant\n"
