@@ -3,13 +3,14 @@
 Under greedy decoding a drafter's j-th proposal in a step equals the target's token only if
 all earlier proposals in that step matched, so its proposals are exactly its argmax
 predictions on the verified sequence (teacher forcing). One forward pass of the drafter
-over prompt + output therefore gives, for every output position, whether the drafter would
-have proposed the verified token; speculative steps are then replayed on those matches.
+over prompt + output therefore gives, for every output position, the token the drafter
+would have proposed; speculative steps are then replayed on those drafts by
+:func:`replay_greedy_steps`, the replay the n-gram drafter's lookups go through as well.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,32 +19,53 @@ if TYPE_CHECKING:
     from drafters.base import Drafter
 
 
-def accepted_per_step_from_matches(matches: Sequence[bool], draft_length: int) -> list[int]:
-    """Replay greedy speculation with a fixed ``draft_length`` over per-token matches.
+DraftsAt = Callable[[int, int], Sequence[int]]
+"""``(position, k) -> drafts``: what a drafter proposes, at most k tokens, for the output
+tokens from ``position`` on, given the prompt and the verified output before it."""
 
-    ``matches[i]`` says whether the drafter's greedy prediction for output token i (given
-    the verified prefix) equals that token. A step starting at i accepts the leading run
-    of matches in ``matches[i:i+k]`` (n tokens) and emits n + 1 tokens (the target's
-    correction or bonus token), so the next step starts at i + n + 1.
+
+def replay_greedy_steps(
+    output_ids: Sequence[Any], draft_length: int, drafts_at: DraftsAt
+) -> list[int]:
+    """Accepted drafts per step of greedy speculation with a fixed ``draft_length``, replayed
+    on an already verified output. The one replay behind every counterfactual score.
+
+    A step starting at output position i asks for drafts d_1..d_m (m <= k), accepts the
+    leading run n of d_j == output[i + j - 1] and emits n + 1 tokens (the target's
+    correction or bonus token), so the next step starts at i + n + 1. k = 0 is plain
+    decoding: one step per token, nothing accepted.
     """
     if draft_length < 0:
         raise ValueError(f"draft_length must be >= 0, got {draft_length}")
     accepted: list[int] = []
     position = 0
-    while position < len(matches):
+    while position < len(output_ids):
+        drafts = drafts_at(position, draft_length) if draft_length > 0 else ()
         run = 0
-        while run < draft_length and position + run < len(matches) and matches[position + run]:
+        for drafted, verified in zip(drafts[:draft_length], output_ids[position:], strict=False):
+            if drafted != verified:
+                break
             run += 1
         accepted.append(run)
         position += run + 1
     return accepted
 
 
+def accepted_per_step_from_matches(matches: Sequence[bool], draft_length: int) -> list[int]:
+    """:func:`replay_greedy_steps` over per-token matches.
+
+    ``matches[i]`` says whether the drafter's greedy prediction for output token i (given
+    the verified prefix) equals that token. Replaying on the matches themselves, with
+    drafts that all say "match", accepts exactly the leading run of matches of each step.
+    """
+    return replay_greedy_steps(matches, draft_length, lambda _position, k: [True] * k)
+
+
 @torch.inference_mode()
-def teacher_forced_matches(
+def teacher_forced_predictions(
     model: Any, prompt_ids: Sequence[int], output_ids: Sequence[int]
-) -> list[bool]:
-    """For each output token, whether ``model``'s argmax on the verified prefix predicts it."""
+) -> list[int]:
+    """For each output token, ``model``'s argmax on the verified prefix before it."""
     if not output_ids:
         return []
     if not prompt_ids:
@@ -53,17 +75,30 @@ def teacher_forced_matches(
     logits = model(input_ids=ids).logits[0]  # [P + N, vocab]
     # Position P - 1 + i predicts output token i.
     start = len(prompt_ids) - 1
-    predicted = logits[start : start + len(output_ids)].argmax(dim=-1)  # [N]
-    target = torch.tensor(list(output_ids), device=device)
-    return [bool(x) for x in (predicted == target).tolist()]
+    return [int(x) for x in logits[start : start + len(output_ids)].argmax(dim=-1).tolist()]
+
+
+def teacher_forced_matches(
+    model: Any, prompt_ids: Sequence[int], output_ids: Sequence[int]
+) -> list[bool]:
+    """For each output token, whether ``model``'s argmax on the verified prefix predicts it."""
+    predicted = teacher_forced_predictions(model, prompt_ids, output_ids)
+    return [p == int(o) for p, o in zip(predicted, output_ids, strict=True)]
 
 
 def score_model_counterfactual(
     model: Any, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
 ) -> list[int]:
-    """Accepted draft tokens per step a model drafter would have had on a verified output."""
-    matches = teacher_forced_matches(model, prompt_ids, output_ids)
-    return accepted_per_step_from_matches(matches, draft_length)
+    """Accepted draft tokens per step a model drafter would have had on a verified output.
+
+    Its drafts from position i are its teacher-forced predictions there: its j-th greedy
+    draft equals prediction i + j - 1 whenever the drafts before it matched, and only those
+    are ever accepted.
+    """
+    predicted = teacher_forced_predictions(model, prompt_ids, output_ids)
+    return replay_greedy_steps(
+        output_ids, draft_length, lambda position, k: predicted[position : position + k]
+    )
 
 
 def score_counterfactual(

@@ -109,7 +109,9 @@ class SpeculativeEngine:
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
         self._synchronize = target.device.type == "cuda"
         self._empty = empty_proposal(target.device)
-        self._beside = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drafter-prefill")
+        self._drafter_prefill_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="drafter-prefill"
+        )
 
     def generate(
         self,
@@ -148,7 +150,7 @@ class SpeculativeEngine:
         cache = DynamicCache()
         # The drafter's session starts and takes in the prompt on another thread while the
         # target prefills (both release the GIL inside torch), off the serial path.
-        starting = self._beside.submit(self._start_session, request)
+        starting = self._drafter_prefill_thread.submit(self._start_session, request)
         self._prefill(cache, history)
         session = starting.result()
         stats.prefill_time_s = time.perf_counter() - began

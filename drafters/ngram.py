@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from drafters.base import Proposal, first_stop
+from drafters.counterfactual import replay_greedy_steps
 from drafters.sampling import SamplingConfig
 
 
@@ -103,20 +104,13 @@ class NgramDrafter:
     def score_counterfactual(
         self, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
     ) -> list[int]:
-        """Replay greedy steps: a step at output position i accepts the leading drafts that
-        equal the verified tokens, then emits the verified token after them."""
+        """Replay greedy steps (:func:`replay_greedy_steps`) with the drafts this drafter's
+        lookups give on the verified prefix of each step."""
         index = NgramIndex(self.min_n, self.max_n)
         history = list(prompt_ids)
-        accepted_per_step: list[int] = []
-        position = 0
-        while position < len(output_ids):
+
+        def drafts_at(position: int, k: int) -> list[int]:
             history.extend(output_ids[len(history) - len(prompt_ids) : position])
-            draft = index.propose(history, draft_length) if draft_length > 0 else []
-            accepted = 0
-            for drafted, verified in zip(draft, output_ids[position:], strict=False):
-                if drafted != verified:
-                    break
-                accepted += 1
-            accepted_per_step.append(accepted)
-            position += accepted + 1
-        return accepted_per_step
+            return index.propose(history, k)
+
+        return replay_greedy_steps(output_ids, draft_length, drafts_at)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from drafters.base import Drafter, DraftSession, Proposal, empty_proposal
-from drafters.counterfactual import accepted_per_step_from_matches
+from drafters.counterfactual import replay_greedy_steps
 from drafters.loader import LoadedModel, ModelLoadError, load_model
 from drafters.model_drafter import ModelDrafter
 from drafters.ngram import NgramDrafter
@@ -60,7 +60,7 @@ class NoDrafter:
     def score_counterfactual(
         self, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
     ) -> list[int]:
-        return accepted_per_step_from_matches([False] * len(output_ids), 0)
+        return replay_greedy_steps(output_ids, 0, lambda _position, _k: ())
 
 
 def tokenizer_difference(target: Any, drafter: Any) -> str | None:

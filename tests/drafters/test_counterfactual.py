@@ -7,8 +7,10 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from drafters.counterfactual import (
     accepted_per_step_from_matches,
+    replay_greedy_steps,
     score_model_counterfactual,
     teacher_forced_matches,
+    teacher_forced_predictions,
 )
 
 
@@ -23,6 +25,25 @@ def test_replays_steps_over_matches() -> None:
     assert accepted_per_step_from_matches([], 3) == []
     # k = 0 is plain decoding: one step per token, nothing accepted.
     assert accepted_per_step_from_matches([t, t, t], 0) == [0, 0, 0]
+
+
+def test_replays_steps_over_drafts_of_any_length() -> None:
+    output = [10, 11, 12, 13, 14, 15, 16]
+    asked: list[tuple[int, int]] = []
+
+    def drafts_at(position: int, k: int) -> list[int]:
+        asked.append((position, k))
+        # From 0: two right, then wrong. From 3: one right only (a short draft, as an
+        # n-gram lookup may give). From 5: longer than k and past the output's end.
+        return {0: [10, 11, 99], 3: [13], 5: [15, 16, 17, 18, 19]}.get(position, [])
+
+    assert replay_greedy_steps(output, 3, drafts_at) == [2, 1, 2]
+    assert asked == [(0, 3), (3, 3), (5, 3)]
+    # k = 0 never asks for drafts: plain decoding.
+    asked.clear()
+    assert replay_greedy_steps(output, 0, drafts_at) == [0] * 7 and asked == []
+    # Drafts longer than k are cut at k.
+    assert replay_greedy_steps(output, 1, lambda position, k: output[position:]) == [1] * 4
 
 
 def test_a_model_scores_itself_as_always_accepted() -> None:
@@ -46,6 +67,7 @@ def test_a_model_scores_itself_as_always_accepted() -> None:
         eos_token_id=None,
     )[0, len(prompt) :].tolist()
     assert teacher_forced_matches(model, prompt, output) == [True] * 12
+    assert teacher_forced_predictions(model, prompt, output) == output
     # 12 tokens, k = 3: every step accepts 3 and adds a bonus token.
     assert score_model_counterfactual(model, prompt, output, 3) == [3, 3, 3]
     wrong = [(tok + 1) % 50 for tok in output]
