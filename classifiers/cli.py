@@ -1,4 +1,4 @@
-"""Commands: ``specroute classifier train|eval`` and ``specroute bench classifier``."""
+"""Commands: ``specroute classifier train|eval``."""
 
 from __future__ import annotations
 
@@ -117,12 +117,13 @@ def eval_command(
     report = evaluate_classifier(classifier, prompts)
     latency = compare_latency({"onnx": classifier.classify}, [p.text for p in prompts], rounds=1)
     payload = {**report.as_json(), "latency_us": latency["onnx"].as_json()}
-    _print_report(payload)
+    print_evaluation(payload)
     if json_path:
         json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
-def _print_report(payload: dict[str, Any]) -> None:
+def print_evaluation(payload: dict[str, Any]) -> None:
+    """Print an evaluation: accuracy per task, OOD recall, latency (and scikit-learn's)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -143,43 +144,9 @@ def _print_report(payload: dict[str, Any]) -> None:
     console.print(line)
 
 
-def bench_command(
-    world: Annotated[
-        Path | None,
-        typer.Option(
-            "--world",
-            exists=True,
-            file_okay=False,
-            help="A built world (default: the default-scale corpus, built in memory).",
-        ),
-    ] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write JSON here.")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-) -> None:
-    """Classifier accuracy, OOD recall, discovery ARI and latency beside scikit-learn."""
-    from classifiers.bench import run_classifier_bench
-
-    payload: dict[str, Any] = run_classifier_bench(world, seed=seed)
-    _print_report(payload)
-    typer.echo(
-        f"test false flags {payload['test_false_flags']:.3f}; OOD false flags on test "
-        f"(held-out runs) {payload['ood_false_flags_test_mean']:.3f}"
-    )
-    discovery = payload["discovery"]
-    typer.echo(f"discovery: {discovery['clusters_found']} clusters, ARI {discovery['ari']:.3f}")
-    typer.echo(
-        f"ONNX vs scikit-learn max |dp| {payload['onnx_sklearn_max_abs_diff']:.2e}; "
-        f"load average {payload['machine']['load_average_1m']:.2f} "
-        f"on {payload['machine']['cpus']} CPUs"
-    )
-    if json_path:
-        json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-
-
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add ``classifier train|eval`` and ``bench classifier``."""
+    """Add ``classifier train|eval``."""
     group = typer.Typer(help="Task classifier: train (or discover clusters), evaluate.")
     group.command("train")(train_command)
     group.command("eval")(eval_command)
     app.add_typer(group, name="classifier")
-    bench.command("classifier")(bench_command)

@@ -1,6 +1,6 @@
 """Model loading, drafter kinds and the speculative decoding engine.
 
-Names are imported lazily (PEP 562) so that importing ``drafters.cli`` stays light.
+Names are imported lazily (PEP 562) so that importing one submodule stays light.
 """
 
 from __future__ import annotations

@@ -20,12 +20,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Modules that contribute commands, in the order they appear in --help.
 CLI_MODULES: tuple[str, ...] = (
     "benchmarks.world.cli",
-    "drafters.cli",
+    "benchmarks.engine.cli",
     "classifiers.cli",
-    "router.policy.cli",
+    "benchmarks.classifier.cli",
+    "benchmarks.policy_sim.cli",
     "router.serve_cli",
     "benchmarks.replay.cli",
-    "router.demo",
+    "benchmarks.load.cli",
+    "benchmarks.demo",
 )
 
 

@@ -6,7 +6,7 @@ Both run in this one process on one event loop, without gRPC: batches of ``size`
 are awaited on each servicer's ``Route`` together (so that they form one batch in its
 ``Coalescer``), and the loop thread's CPU time (``time.thread_time``) is divided by the
 calls. The route processes' own CPU is not counted. The floor servicer
-(:class:`router.load_bench.FloorServicer`) does only the token count and classification
+(:class:`benchmarks.load.load_bench.FloorServicer`) does only the token count and classification
 in its route process, so the difference is the sidecar's own per-call Python on the
 event loop: checks, conversions, the policy decision, bookkeeping, metrics, the reply.
 The policy's ``select_many`` is timed separately. Hot caches: under load and at
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from router.load_bench import FloorServicer, floor_route_process, route_requests
+from benchmarks.load.load_bench import FloorServicer, floor_route_process, route_requests
 from router.pb import router_pb2 as pb
 from router.service import RouterService
 from router.servicer import RouterServicer

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from benchmarks.classifier.bench import run_classifier_bench
 from classifiers import OnnxTaskClassifier, ensure_world_classifier
-from classifiers.bench import run_classifier_bench
 from classifiers.metadata import ClassifierMetadata
 from classifiers.text import LabeledPrompt
 from router.cli import build_app

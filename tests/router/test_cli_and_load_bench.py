@@ -9,8 +9,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from benchmarks.load.load_bench import (
+    compare_sidecars,
+    format_comparison,
+    format_result,
+    run_load_bench,
+)
 from router.cli import build_app
-from router.load_bench import compare_sidecars, format_comparison, format_result, run_load_bench
 from router.server import freeze_startup_heap
 from tests.router.conftest import ADMIN_TOKEN, COMPLETION_PROMPT, ServingWorld, SidecarThread
 
@@ -123,7 +128,7 @@ def test_an_unreadable_fd_skips_that_fd_not_the_whole_process(tmp_path: Path) ->
     """An fd closed between listing /proc/<pid>/fd and reading its link (here: an entry
     that is no link) must not hide the process's other fds: the bench once lost the
     sidecar's pid that way (rss "nan")."""
-    from router.load_bench import _socket_links
+    from benchmarks.load.load_bench import _socket_links
 
     fds = tmp_path / "4242" / "fd"
     fds.mkdir(parents=True)

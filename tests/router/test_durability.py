@@ -7,8 +7,8 @@ from pathlib import Path
 
 import grpc
 
+from benchmarks.load.load_bench import child_pids
 from router.launch import LaunchedSidecar, launch_sidecar
-from router.load_bench import child_pids
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
 from router.registry import SidecarStore

@@ -8,8 +8,8 @@ from typing import Any
 
 from typer.testing import CliRunner
 
+from benchmarks.demo import EVAL_FILE, cached_evaluation, open_or_build_world
 from router.cli import build_app
-from router.demo import EVAL_FILE, cached_evaluation, open_or_build_world
 
 
 def test_evaluation_is_measured_once_and_cached(tiny_world: Any, tmp_path: Path) -> None:

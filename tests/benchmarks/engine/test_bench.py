@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from drafters.bench import acceptance_from_mean_length, analytical_speedup
+from benchmarks.engine.bench import acceptance_from_mean_length, analytical_speedup
 
 
 def test_analytical_speedup_follows_the_formula() -> None:

@@ -111,8 +111,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Our engine vs plain decoding vs transformers' assisted generation, per task."""
         import torch
 
+        from benchmarks.engine.bench import bench_engine
         from benchmarks.world.layout import World, default_world_dir
-        from drafters.bench import bench_engine
 
         torch.set_num_threads(threads)
         loaded = World.load(world or default_world_dir("default"))

@@ -281,7 +281,13 @@ def start_servicer(
     """Start the echo servicer, or with ``world_dir`` the floor servicer on that world,
     in its own process; returns it and its address."""
     mode = "echo" if world_dir is None else "floor"
-    command = [sys.executable, "-m", "router.load_bench", mode, reply.SerializeToString().hex()]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.load.load_bench",
+        mode,
+        reply.SerializeToString().hex(),
+    ]
     if world_dir is not None:
         command += ["--world", str(world_dir)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -479,7 +485,7 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m router.load_bench echo HEX`` (or ``floor HEX --world DIR``): run the
+    """``python -m benchmarks.load.load_bench echo HEX`` (or ``floor HEX --world DIR``): run the
     echo (or floor) servicer, as the bench does."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("mode", choices=["echo", "floor"])

@@ -1,0 +1,1 @@
+"""``specroute bench classifier``: the task classifier on the built-in world's corpus."""

@@ -1,0 +1,1 @@
+"""``specroute bench engine``: the speculative engine against plain decoding and transformers."""
