@@ -1,8 +1,9 @@
 """Real, human-written text shipped offline inside installed Python packages.
 
-Each loader reads one package's data file (see ../shared/DATA.md for the list) and returns
-plain records; nothing is downloaded. Package directories are located with
-``importlib.util.find_spec`` so heavy packages (``lm_eval``, ``django``) are never imported.
+Each loader reads one package's data file (the packages are pinned in requirements-data.txt;
+docs/world.md lists each with its licence) and returns plain records; nothing is
+downloaded. Package directories are located with ``importlib.util.find_spec`` so heavy
+packages (``lm_eval``, ``django``) are never imported.
 """
 
 from __future__ import annotations

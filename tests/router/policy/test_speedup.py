@@ -1,4 +1,5 @@
-"""S(a, k) against the formula of DESIGN.md, and k* for known acceptance and costs."""
+"""S(a, k) against its closed form (docs/policy.md, "Expected speed-up"), and k* for known
+acceptance and costs."""
 
 from __future__ import annotations
 
