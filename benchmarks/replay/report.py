@@ -50,7 +50,7 @@ REPORT_SCHEMA = 1
 
 
 def machine_description() -> dict[str, Any]:
-    """Where the replay ran (for the README's date-and-machine line)."""
+    """Where the replay ran (the report's date-and-machine line)."""
     cpu = platform.processor() or ""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
