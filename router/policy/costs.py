@@ -20,6 +20,7 @@ Only ratios enter S(a, k), so the switch from units to seconds is harmless.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -52,7 +53,6 @@ class CostModel:
         self.verify_xtx_ = np.zeros((2, 2))
         self.verify_xty_ = np.zeros(2)
         self.observations_ = 0
-        self.revision_ = 0
 
     def _blend(self, old: float | None, new: float, n: int) -> float:
         """Fold the n-th observation in with weight max(1/n, ewma)."""
@@ -85,16 +85,20 @@ class CostModel:
             self.verify_xtx_ = keep * self.verify_xtx_ + np.outer(x, x)
             self.verify_xty_ = keep * self.verify_xty_ + x * (target_time / steps)
             self.observations_ += 1
-        self.revision_ += 1
 
     def verify_line(self) -> tuple[float, float] | None:
         """(t0, t1) of t_verify(k) = t0 + k * t1, or None before any measurement."""
         if not self.observations_:
             return None
-        rho = self.verify_slope_ratio
-        penalty = self.slope_prior_weight * np.outer([-rho, 1.0], [-rho, 1.0])
-        xtx = self.verify_xtx_ + penalty
-        t0, t1 = np.linalg.solve(xtx, self.verify_xty_)
+        rho, weight = self.verify_slope_ratio, self.slope_prior_weight
+        # The normal equations plus the ridge penalty weight * (t1 - rho * t0)^2, a 2 x 2
+        # system solved by Cramer's rule (in floats: this runs on every select).
+        (xx00, xx01), (_, xx11) = self.verify_xtx_.tolist()
+        xy0, xy1 = self.verify_xty_.tolist()
+        xx00, xx01, xx11 = xx00 + weight * rho * rho, xx01 - weight * rho, xx11 + weight
+        determinant = xx00 * xx11 - xx01 * xx01
+        t0 = (xx11 * xy0 - xx01 * xy1) / determinant
+        t1 = (xx00 * xy1 - xx01 * xy0) / determinant
         if t0 <= 0 or t1 < 0:
             # Noise gave a line with no physical meaning: keep the mean and the prior slope.
             mean_k = self.verify_xtx_[0, 1] / self.verify_xtx_[0, 0]
@@ -134,7 +138,6 @@ class CostModel:
     def forget_drafter(self, drafter: str) -> None:
         self.draft_token_time_.pop(drafter, None)
         self.draft_observations_.pop(drafter, None)
-        self.revision_ += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -156,7 +159,6 @@ class CostModel:
         self.verify_xtx_ = np.asarray(state["verify_xtx"], dtype=np.float64).reshape(2, 2)
         self.verify_xty_ = np.asarray(state["verify_xty"], dtype=np.float64).reshape(2)
         self.observations_ = int(state["observations"])
-        self.revision_ += 1
 
 
 class RequestOverheads:
@@ -176,20 +178,12 @@ class RequestOverheads:
     def __init__(self, *, ewma: float = 0.05, z: float = 1.0) -> None:
         self.ewma = ewma
         self.z = z
-        self.fixed_: dict[tuple[Context, str], tuple[float, int]] = {}
-        self.fixed_var_: dict[tuple[Context, str], float] = {}
+        self.fixed_: dict[Context, dict[str, FixedTime]] = {}  # context -> arm -> estimate
         self.length_: dict[Context, tuple[float, int]] = {}
-        # Change counters for callers' caches: per context (observe), and global
-        # (forgetting a drafter, loading a state).
-        self.context_revision_: dict[Context, int] = {}
-        self.revision_ = 0
 
-    def _blend(self, old: tuple[float, int] | None, new: float) -> tuple[float, int]:
-        if old is None:
-            return new, 1
-        n = old[1] + 1
-        weight = max(1.0 / n, self.ewma)
-        return (1.0 - weight) * old[0] + weight * new, n
+    def _weight(self, n: int) -> float:
+        """Weight of the n-th observation: a running mean, then an EWMA."""
+        return max(1.0 / n, self.ewma)
 
     def observe(self, context: Context, drafter: str, outcome: Outcome, costs: CostModel) -> None:
         """Fold one request in (call after ``costs.observe`` so its costs are current)."""
@@ -205,16 +199,22 @@ class RequestOverheads:
             draft = float(costs.draft_times([drafter])[0])
             predicted = drafted * draft + steps * (verify[0] + verify[1] * drafted / steps)
             arm = drafter
-        key = (context, arm)
         residual = outcome.wall_time_s - predicted
-        old = self.fixed_.get(key)
-        self.fixed_[key] = self._blend(old, residual)
-        if old is not None:
-            weight = max(1.0 / self.fixed_[key][1], self.ewma)
-            variance = self.fixed_var_.get(key, 0.0)
-            self.fixed_var_[key] = (1.0 - weight) * variance + weight * (residual - old[0]) ** 2
-        self.length_[context] = self._blend(self.length_.get(context), float(tokens))
-        self.context_revision_[context] = self.context_revision_.get(context, 0) + 1
+        arms = self.fixed_.setdefault(context, {})
+        fixed = arms.get(arm)
+        if fixed is None:
+            arms[arm] = FixedTime(residual, 1)
+        else:
+            fixed.requests += 1
+            weight = self._weight(fixed.requests)
+            fixed.variance = (1.0 - weight) * fixed.variance + weight * (residual - fixed.mean) ** 2
+            fixed.mean = (1.0 - weight) * fixed.mean + weight * residual
+        length = self.length_.get(context)
+        if length is None:
+            self.length_[context] = (float(tokens), 1)
+        else:
+            weight = self._weight(length[1] + 1)
+            self.length_[context] = ((1.0 - weight) * length[0] + weight * tokens, length[1] + 1)
 
     def output_tokens(self, context: Context) -> float | None:
         """Mean generated tokens of the context's requests, None before any."""
@@ -229,31 +229,27 @@ class RequestOverheads:
         lose, plain decoding is tried once and measured); an unmeasured drafter costs the
         cheapest measured drafter here, else the plain arm.
         """
-        measured = {
-            name: self._net_fixed(context, name)
-            for name in (NONE_DRAFTER, *drafters)
-            if (context, name) in self.fixed_
-        }
-        fixed_none = measured.pop(NONE_DRAFTER, 0.0)
-        default = min(measured.values(), default=fixed_none)
-        return fixed_none, np.array([measured.get(name, default) for name in drafters])
+        arms = self.fixed_.get(context, {})
+        net = {arm: self._net(fixed) for arm, fixed in arms.items()}
+        fixed_none = net.get(NONE_DRAFTER, 0.0)
+        default = min((net[name] for name in drafters if name in net), default=fixed_none)
+        return fixed_none, np.array([net.get(name, default) for name in drafters])
 
-    def _net_fixed(self, context: Context, arm: str) -> float:
-        mean, n = self.fixed_[(context, arm)]
-        effective = min(float(n), 1.0 / self.ewma)
-        error = (self.fixed_var_.get((context, arm), 0.0) / effective) ** 0.5
-        return max(0.0, mean - self.z * error)
+    def _net(self, fixed: FixedTime) -> float:
+        """The mean less ``z`` standard errors over min(n, 1 / ewma) requests, at least 0."""
+        effective = min(float(fixed.requests), 1.0 / self.ewma)
+        return max(0.0, fixed.mean - self.z * (fixed.variance / effective) ** 0.5)
 
     def forget_drafter(self, drafter: str) -> None:
-        self.fixed_ = {key: v for key, v in self.fixed_.items() if key[1] != drafter}
-        self.fixed_var_ = {key: v for key, v in self.fixed_var_.items() if key[1] != drafter}
-        self.revision_ += 1
+        for arms in self.fixed_.values():
+            arms.pop(drafter, None)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "fixed": [
-                [c.cluster, c.length_bucket, arm, value, n, self.fixed_var_.get((c, arm), 0.0)]
-                for (c, arm), (value, n) in self.fixed_.items()
+                [c.cluster, c.length_bucket, arm, f.mean, f.requests, f.variance]
+                for c, arms in self.fixed_.items()
+                for arm, f in arms.items()
             ],
             "length": [
                 [c.cluster, c.length_bucket, value, n] for c, (value, n) in self.length_.items()
@@ -261,10 +257,20 @@ class RequestOverheads:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        rows = [(Context(str(r[0]), int(r[1])), str(r[2]), r[3:]) for r in state.get("fixed", [])]
-        self.fixed_ = {(c, arm): (float(rest[0]), int(rest[1])) for c, arm, rest in rows}
-        self.fixed_var_ = {(c, arm): float(rest[2]) for c, arm, rest in rows if len(rest) > 2}
+        self.fixed_ = {}
+        for row in state.get("fixed", []):
+            variance = float(row[5]) if len(row) > 5 else 0.0
+            arms = self.fixed_.setdefault(Context(str(row[0]), int(row[1])), {})
+            arms[str(row[2])] = FixedTime(float(row[3]), int(row[4]), variance)
         self.length_ = {
             Context(str(c), int(b)): (float(v), int(n)) for c, b, v, n in state.get("length", [])
         }
-        self.revision_ += 1
+
+
+@dataclass(slots=True)
+class FixedTime:
+    """One arm's fixed time per request in one context: mean and EWMA variance."""
+
+    mean: float
+    requests: int
+    variance: float = 0.0

@@ -3,27 +3,26 @@
 Per (context, drafter) the per-token acceptance a has a Beta(alpha, beta) posterior
 (truncated-geometric likelihood, discounted by gamma per update of the arm, by
 gamma_drift when the request's acceptance is more than drift_z spreads away from the
-posterior mean; see ``acceptance.py``).
-Costs are measured (``costs.py``). For a request in context c:
+posterior mean; see ``acceptance.py``). Costs are measured (``costs.py``). A request in
+context c is decided by ``thompson_decisions`` over the eligible drafters d:
 
-    for each eligible drafter d:   a_d ~ Beta(alpha_cd, beta_cd)
-                                   k_d = argmax_{k in 0..k_max} S(a_d, k)
-    choose d* = argmax_d S(a_d, k_d)          (k = 0, i.e. drafter "none", when S <= 1)
+    a_d ~ Beta(alpha_cd, beta_cd)                            posterior draw
+    S[d, k] = S_req(a_d, k),  k = 0..k_max                   expected speed-up
+    (d*, k*) = argmax_{d, k} S[d, k]                         k* = 0 (drafter "none")
+                                                             unless some S > 1
 
-with S(a, k) = [(1 - a^(k+1)) / (1 - a)] * t_ar / (k * t_draft + t_verify(k)) and
-S(a, 0) = 1. Once the context has served requests, S is priced per request instead
-(``speedup.request_speedup``): the context's mean output length and each arm's measured
-fixed time per request (``costs.RequestOverheads``) decide whether drafting pays for
-short outputs at all. The decision is "explored" when it differs from the same rule applied to
-the posterior means, and its ``expected_speedup`` is S at the posterior mean.
+with (``speedup.py``) L(a, k) = (1 - a^(k+1)) / (1 - a) tokens per step and
 
-Draw-ahead: when a context's next draw is needed while nothing that the decision
-depends on has changed since its last one (no update, no cost or layout change, the
-same eligible drafters), more rows are drawn at once and their decisions kept for the
-following requests of that context: 1, then 2, 4, ... up to ``draw_ahead`` rows per draw.
-Each row is still an independent sample of the current posterior, used once; any change
-discards the rows kept. A policy updated between every two selections draws exactly as
-without it (one row per request), so learning runs consume the generator identically.
+    S_req(a, k) = (F_0 + N t_ar) / (F_d + (N / L(a, k)) (k t_draft + t_verify(k))),
+    S_req(a, 0) = 1,
+
+N the context's mean output length and F_0, F_d the measured fixed time per request of
+plain decoding and of drafter d (``costs.RequestOverheads``): they decide whether drafting
+pays for short outputs at all. Until a context has a measured output length (or with
+``per_request`` off), F_0 = F_d = 0, where S_req is the per-step
+S(a, k) = L(a, k) t_ar / (k t_draft + t_verify(k)). The decision is "explored" when
+(d*, k*) differs from the same rule applied to the posterior means, and its
+``expected_speedup`` is S at the posterior mean.
 
 Cold start: a drafter added with ``similarity`` (cluster -> similarity of its fine-tuning
 sample to the cluster) gets a prior whose mean grows with the similarity (weight
@@ -36,7 +35,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,12 +59,7 @@ from router.policy.base import (
     check_state,
 )
 from router.policy.costs import CostModel, RequestOverheads
-from router.policy.speedup import (
-    best_draft_length,
-    cost_gain,
-    request_speedup,
-    speedup_table,
-)
+from router.policy.speedup import FloatArray, best_draft_length, cost_gain, request_speedup
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +84,69 @@ class ThompsonConfig(BaseModel):
     cost_ewma: float = Field(0.01, gt=0.0, le=1.0)
     per_request: bool = True
     overhead_ewma: float = Field(0.05, gt=0.0, le=1.0)
-    draw_ahead: int = Field(16, ge=1, le=4096)
     verify_slope_ratio: float = Field(0.05, ge=0.0)
     default_draft_cost_ratio: float = Field(0.1, ge=0.0)
     draft_cost_ratio: dict[str, float] = Field(default_factory=dict)
     similarity: dict[str, dict[str, float]] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPrices:
+    """What S_req needs besides the acceptance, for R requests over D drafters."""
+
+    t_ar: float
+    gain: FloatArray  # [D, K + 1]: t_ar / (k t_draft + t_verify(k)), 1 at k = 0
+    output_tokens: FloatArray  # [R]: N
+    fixed_none: FloatArray  # [R]: F_0
+    fixed_drafters: FloatArray  # [R, D]: F_d
+
+    def speedups(self, acceptance: FloatArray) -> FloatArray:
+        """S_req(a, k) for acceptances [..., R, D]: [..., R, D, K + 1]."""
+        return request_speedup(
+            acceptance,
+            self.gain,
+            t_ar=self.t_ar,
+            output_tokens=self.output_tokens,
+            fixed_none=self.fixed_none,
+            fixed_drafters=self.fixed_drafters,
+        )
+
+
+def thompson_decisions(
+    drafters: Sequence[str],
+    alpha: FloatArray,
+    beta: FloatArray,
+    prices: RequestPrices,
+    rng: np.random.Generator,
+) -> list[Decision]:
+    """One Thompson decision per request r over the D ``drafters`` (module doc):
+
+        a[r, d] ~ Beta(alpha[r, d], beta[r, d])
+        S[r, d, k] = S_req(a[r, d], k)
+        (d*, k*) = argmax_{d, k} S[r, d, k]
+
+    ``alpha`` and ``beta`` are [R, D]: the posterior of request r's context. Only ``rng``
+    changes: its draws, in row order, are the whole randomness of the decisions.
+    """
+    rows = alpha.shape[0]
+    if not drafters:
+        return [Decision(NONE_DRAFTER, 0, 1.0, False)] * rows
+    acceptance = np.stack([rng.beta(alpha, beta), alpha / (alpha + beta)])  # [2, R, D]
+    sampled, at_mean = prices.speedups(acceptance)  # each [R, D, K + 1]
+    # Flat argmax over (d, k); ties go to the first arm, so when nothing beats S = 1 it is
+    # (0, 0), the one no-speculation arm, whichever drafter's column 0 that is.
+    chosen = sampled.reshape(rows, -1).argmax(axis=1).tolist()
+    greedy = at_mean.reshape(rows, -1).argmax(axis=1).tolist()
+    width = at_mean.shape[-1]
+    decisions = []
+    for r, (arm, greedy_arm) in enumerate(zip(chosen, greedy, strict=True)):
+        d, k = divmod(arm, width)
+        explored = arm != greedy_arm
+        if k == 0:
+            decisions.append(Decision(NONE_DRAFTER, 0, 1.0, explored))
+        else:
+            decisions.append(Decision(drafters[d], k, float(at_mean[r, d, k]), explored))
+    return decisions
 
 
 class ThompsonPolicy:
@@ -117,10 +170,7 @@ class ThompsonPolicy:
         similarity: Mapping[str, Mapping[str, float]] | None = None,
         per_request: bool = True,
         overhead_ewma: float = 0.05,
-        draw_ahead: int = 16,
     ) -> None:
-        if draw_ahead < 1:
-            raise ValueError(f"draw_ahead must be >= 1, got {draw_ahead}")
         self.gamma = gamma
         self.gamma_drift = gamma_drift
         self.drift_z = drift_z
@@ -128,27 +178,15 @@ class ThompsonPolicy:
         self.priors = priors or PriorSettings()
         self.evidence_cap = evidence_cap
         self.transfer_weight = transfer_weight
-        self.draw_ahead = draw_ahead
         self._rng = rng if rng is not None else np.random.default_rng()
         self.costs_ = costs if costs is not None else CostModel()
-        # None: price per step only (the plain S(a, k)).
+        # None: price per step only (F_0 = F_d = 0).
         self.overheads_ = RequestOverheads(ewma=overhead_ewma) if per_request else None
         self.drafters_: list[str] = []
         self.index_: dict[str, int] = {}
         self.similarity_: dict[str, dict[str, float]] = {}
         self.contexts_: dict[Context, ContextArms] = {}
         self.updates_ = 0
-        self._eligible_cache: dict[tuple[str, ...], np.ndarray] = {}
-        self._gain_cache: tuple[tuple[int, int], np.ndarray] | None = None
-        # Priors of contexts never updated, valid while (layout, updates) is unchanged:
-        # Route traffic without reports must not rebuild them on every select().
-        self._fresh_cache: dict[Context, tuple[tuple[int, int], ContextArms]] = {}
-        self._request_cache: dict[
-            Context, tuple[tuple[int, int, int], tuple[float, float, np.ndarray]]
-        ] = {}
-        self._layout_revision = 0
-        # Decisions drawn ahead per context (module doc), valid while their key holds.
-        self._stocks: dict[Context, _Stock] = {}
         for name in drafters:
             self.add_drafter(name, (similarity or {}).get(name))
 
@@ -182,76 +220,61 @@ class ThompsonPolicy:
             similarity=cfg.similarity,
             per_request=cfg.per_request,
             overhead_ewma=cfg.overhead_ewma,
-            draw_ahead=cfg.draw_ahead,
         )
 
     @property
     def version(self) -> int:
         return self.updates_
 
-    # -- derived quantities (caches, not learned state) ---------------------------------
+    # -- selection: gather the posteriors and prices, then ``thompson_decisions`` ----------
 
-    def _gain(self) -> np.ndarray:
-        """t_ar / (k t_draft + t_verify(k)) per drafter and k, cached per cost revision."""
-        key = (self.costs_.revision_, self._layout_revision)
-        if self._gain_cache is None or self._gain_cache[0] != key:
-            gain = cost_gain(
-                self.costs_.plain_token_time(),
-                self.costs_.draft_times(self.drafters_),
-                self.costs_.verify_times(self.k_max),
-            )
-            self._gain_cache = (key, gain)
-        return self._gain_cache[1]
+    def select(self, context: Context, eligible: Sequence[str]) -> Decision:
+        """Thompson draw over the eligible drafters; k from the sampled acceptance."""
+        return self.select_many([context], eligible)[0]
 
-    def _speedups(self, context: Context, acceptance: np.ndarray, index: np.ndarray) -> np.ndarray:
-        """S of every (drafter in ``index``, k): per request once the context has a
-        measured output length, else per step."""
-        gain = self._gain()[index]
-        terms = self._request_terms(context)
-        if terms is None:
-            return speedup_table(acceptance, gain)
-        tokens, fixed_none, fixed = terms
-        return request_speedup(
-            acceptance,
+    def select_many(self, contexts: Sequence[Context], eligible: Sequence[str]) -> list[Decision]:
+        """:meth:`select` for each context, drawn and priced at once: the same decisions,
+        from the same draws, as one ``select`` per context in order."""
+        if not contexts:
+            return []
+        index = np.array(
+            sorted({self.index_[name] for name in eligible if name in self.index_}), dtype=np.intp
+        )
+        posteriors = {context: self._posterior(context) for context in dict.fromkeys(contexts)}
+        alpha = np.stack([posteriors[context].alpha[index] for context in contexts])
+        beta = np.stack([posteriors[context].beta[index] for context in contexts])
+        names = [self.drafters_[i] for i in index.tolist()]
+        return thompson_decisions(names, alpha, beta, self._prices(contexts, index), self._rng)
+
+    def _prices(self, contexts: Sequence[Context], index: np.ndarray) -> RequestPrices:
+        """The cost model's S_req terms for each request, over the drafters in ``index``."""
+        t_ar = self.costs_.plain_token_time()
+        gain = cost_gain(
+            t_ar,
+            self.costs_.draft_times([self.drafters_[i] for i in index.tolist()]),
+            self.costs_.verify_times(self.k_max),
+        )
+        terms = {context: self._request_terms(context) for context in dict.fromkeys(contexts)}
+        return RequestPrices(
+            t_ar,
             gain,
-            t_ar=self.costs_.plain_token_time(),
-            output_tokens=tokens,
-            fixed_none=fixed_none,
-            fixed_drafters=fixed[index],
+            np.array([terms[context][0] for context in contexts]),
+            np.array([terms[context][1] for context in contexts]),
+            np.stack([terms[context][2][index] for context in contexts]),
         )
 
-    def _request_terms(self, context: Context) -> tuple[float, float, np.ndarray] | None:
-        """(output tokens, F_none, F per drafter) of a context, cached until it changes;
-        None while per-request pricing is off or the context has no measured length."""
-        overheads = self.overheads_
-        if overheads is None:
-            return None
-        tokens = overheads.output_tokens(context)
-        if tokens is None:
-            return None
-        key = (
-            overheads.revision_,
-            overheads.context_revision_.get(context, 0),
-            self._layout_revision,
-        )
-        cached = self._request_cache.get(context)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        if len(self._request_cache) > 4096:  # bounded: contexts are (cluster, bucket) pairs
-            self._request_cache.clear()
-        fixed_none, fixed = overheads.fixed_times(context, self.drafters_)
-        terms = (tokens, fixed_none, fixed)
-        self._request_cache[context] = (key, terms)
-        return terms
+    def _request_terms(self, context: Context) -> tuple[float, float, np.ndarray]:
+        """(N, F_0, F_d per drafter) of ``context``; (1, 0, 0) prices it per step."""
+        tokens = self.overheads_.output_tokens(context) if self.overheads_ is not None else None
+        if self.overheads_ is None or tokens is None:
+            return 1.0, 0.0, np.zeros(len(self.drafters_))
+        fixed_none, fixed = self.overheads_.fixed_times(context, self.drafters_)
+        return tokens, fixed_none, fixed
 
-    def _eligible_index(self, eligible: Sequence[str]) -> np.ndarray:
-        key = tuple(eligible)
-        index = self._eligible_cache.get(key)
-        if index is None:
-            known = sorted({self.index_[name] for name in key if name in self.index_})
-            index = np.array(known, dtype=np.intp)
-            self._eligible_cache[key] = index
-        return index
+    def _posterior(self, context: Context) -> ContextArms:
+        """The context's posterior; for one never updated, the prior it would start from."""
+        arms = self.contexts_.get(context)
+        return arms if arms is not None else self._fresh_context(context)
 
     def _prior(self, drafter: str, cluster: str) -> tuple[float, float]:
         similarity = self.similarity_.get(drafter)
@@ -276,168 +299,14 @@ class ThompsonPolicy:
             arms.beta = arms.beta + losses * scale
         return arms
 
-    def _cached_fresh_context(self, context: Context) -> ContextArms:
-        """:meth:`_fresh_context`, memoised until the drafters or any posterior change."""
-        key = (self._layout_revision, self.updates_)
-        cached = self._fresh_cache.get(context)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        if len(self._fresh_cache) > 4096:  # bounded: contexts are (cluster, bucket) pairs
-            self._fresh_cache.clear()
-        arms = self._fresh_context(context)
-        self._fresh_cache[context] = (key, arms)
-        return arms
+    # -- learning -------------------------------------------------------------------------
 
     def _context(self, context: Context) -> ContextArms:
+        """The context's posterior, created from its fresh prior on its first update."""
         arms = self.contexts_.get(context)
         if arms is None:
-            arms = self._fresh_context(context)
-            self.contexts_[context] = arms
+            arms = self.contexts_[context] = self._fresh_context(context)
         return arms
-
-    # -- the policy ---------------------------------------------------------------------
-
-    def select(self, context: Context, eligible: Sequence[str]) -> Decision:
-        """Thompson draw over the eligible drafters; k from the sampled acceptance."""
-        return self.select_many([context], eligible)[0]
-
-    def select_many(self, contexts: Sequence[Context], eligible: Sequence[str]) -> list[Decision]:
-        """:meth:`select` for each context: one posterior sample per request, in the order
-        one ``select`` per request, grouped by context, would use them. The rows that
-        the batch lacks are drawn and priced at once (one beta draw and one speed-up
-        table), each distinct context's greedy arm from its posterior mean; rows drawn
-        ahead (module doc) are used first."""
-        if len(contexts) == 1:  # a lone call (light load): its next decision drawn ahead
-            stock = self._stocks.get(contexts[0])
-            if stock is not None and stock.available and stock.key == self._stock_key(eligible):
-                return stock.take(1)
-        index = self._eligible_index(eligible)
-        if index.size == 0:
-            return [Decision(NONE_DRAFTER, 0, 1.0, False) for _ in contexts]
-        if not contexts:
-            return []
-        groups = _group_by_context(contexts)
-        key = self._stock_key(eligible)
-        if len(self._stocks) > 4096:  # bounded: contexts are (cluster, bucket) pairs
-            self._stocks.clear()
-        stocks = [self._stock(context, key) for context in groups]
-        short = [
-            (context, stock.rows_to_draw(len(slots), self.draw_ahead))
-            for (context, slots), stock in zip(groups.items(), stocks, strict=True)
-            if stock.available < len(slots)
-        ]
-        if short:
-            drawn = self._draw([c for c, _ in short], [n for _, n in short], index)
-            for (context, _), decisions in zip(short, drawn, strict=True):
-                self._stocks[context].decisions.extend(decisions)
-        chosen: list[Decision | None] = [None] * len(contexts)
-        for slots, stock in zip(groups.values(), stocks, strict=True):
-            for slot, decision in zip(slots, stock.take(len(slots)), strict=True):
-                chosen[slot] = decision
-        return cast(list[Decision], chosen)  # every slot is in a group
-
-    def _stock_key(self, eligible: Sequence[str]) -> tuple[Any, ...]:
-        """What a drawn decision depends on besides its sample: the posteriors (updates),
-        the costs, the per-request overheads, the drafters and the eligible ones."""
-        overheads = self.overheads_.revision_ if self.overheads_ is not None else None
-        return (
-            self.updates_,
-            self.costs_.revision_,
-            overheads,
-            self._layout_revision,
-            tuple(eligible),
-        )
-
-    def _stock(self, context: Context, key: tuple[Any, ...]) -> _Stock:
-        """The context's decisions drawn ahead under ``key``; a new, empty stock when
-        the key changed (what was drawn before is discarded)."""
-        stock = self._stocks.get(context)
-        if stock is None or stock.key != key:
-            stock = _Stock(key)
-            self._stocks[context] = stock
-        return stock
-
-    def _draw(
-        self, contexts: Sequence[Context], counts: Sequence[int], index: np.ndarray
-    ) -> list[list[Decision]]:
-        """``counts[g]`` fresh decisions for each context ``contexts[g]``: one posterior
-        sample per decision, drawn and priced for all at once."""
-        arms = [self.contexts_.get(c) or self._cached_fresh_context(c) for c in contexts]
-        if len(arms) == 1:  # one context: no stacking
-            alpha, beta = arms[0].alpha[index][None], arms[0].beta[index][None]
-            of_sample = np.zeros(counts[0], dtype=np.intp)
-            samples = self._rng.beta(alpha[0], beta[0], size=(counts[0], index.size))
-        else:
-            alpha = np.stack([a.alpha[index] for a in arms])  # [groups, drafters]
-            beta = np.stack([a.beta[index] for a in arms])
-            of_sample = np.repeat(np.arange(len(arms)), counts)
-            samples = self._rng.beta(alpha[of_sample], beta[of_sample])  # a row per decision
-        acceptance = np.concatenate([samples, alpha / (alpha + beta)])  # then the means
-        of_row = np.concatenate([of_sample, np.arange(len(arms))])
-        table = self._row_speedups(list(contexts), of_row, acceptance, index)
-        width = self.k_max + 1
-        best = table.reshape(len(of_row), -1).argmax(axis=1).tolist()
-        names = [self.drafters_[i] for i in index.tolist()]
-        drawn: list[list[Decision]] = []
-        row = 0
-        for group, count in enumerate(counts):
-            mean = len(of_sample) + group
-            at_mean = table[mean].tolist()  # S at the posterior mean, per drafter and k
-            greedy_drafter, greedy_k = divmod(best[mean], width)
-            greedy_arm = (greedy_k, greedy_drafter if greedy_k else 0)
-            # A group's rows share its posterior mean, so one Decision per (drafter, k).
-            made: dict[int, Decision] = {}
-            decisions = []
-            for arm in best[row : row + count]:
-                decision = made.get(arm)
-                if decision is None:
-                    drafter, k = divmod(arm, width)
-                    explored = (k, drafter if k else 0) != greedy_arm
-                    if k == 0:
-                        decision = Decision(NONE_DRAFTER, 0, 1.0, explored)
-                    else:
-                        decision = Decision(names[drafter], k, at_mean[drafter][k], explored)
-                    made[arm] = decision
-                decisions.append(decision)
-            row += count
-            drawn.append(decisions)
-        return drawn
-
-    def _row_speedups(
-        self,
-        contexts: Sequence[Context],
-        of_row: np.ndarray,
-        acceptance: np.ndarray,
-        index: np.ndarray,
-    ) -> np.ndarray:
-        """:meth:`_speedups` of each acceptance row, row r in ``contexts[of_row[r]]``: per
-        request where the context has a measured output length, else per step."""
-        if len(contexts) == 1:
-            return self._speedups(contexts[0], acceptance, index)
-        gain = self._gain()[index]
-        terms = [self._request_terms(context) for context in contexts]
-        priced = [group for group, found in enumerate(terms) if found is not None]
-        if not priced:
-            return speedup_table(acceptance, gain)
-        rows = np.flatnonzero(np.isin(of_row, priced)) if len(priced) < len(terms) else None
-        chosen = of_row if rows is None else of_row[rows]
-        width = index.size
-        tokens = np.array([t[0] if t is not None else 0.0 for t in terms])[chosen]
-        fixed_none = np.array([t[1] if t is not None else 0.0 for t in terms])[chosen]
-        fixed = np.stack([t[2][index] if t is not None else np.zeros(width) for t in terms])[chosen]
-        priced_table = request_speedup(
-            acceptance if rows is None else acceptance[rows],
-            gain,
-            t_ar=self.costs_.plain_token_time(),
-            output_tokens=tokens,
-            fixed_none=fixed_none,
-            fixed_drafters=fixed,
-        )
-        if rows is None:
-            return priced_table
-        table = speedup_table(acceptance, gain)
-        table[rows] = priced_table
-        return table
 
     def update(self, context: Context, decision: Decision, outcome: Outcome) -> None:
         """Learn costs from the outcome and the chosen drafter's acceptance."""
@@ -481,19 +350,14 @@ class ThompsonPolicy:
     def add_drafter(self, name: str, similarity: Mapping[str, float] | None = None) -> None:
         """Make ``name`` selectable; its prior per cluster comes from ``similarity``."""
         check_drafter_name(name)
-        new_similarity = {str(c): float(s) for c, s in (similarity or {}).items()}
-        changed = bool(new_similarity) and self.similarity_.get(name) != new_similarity
-        if changed:
-            self.similarity_[name] = new_similarity
+        if similarity:
+            self.similarity_[name] = {str(c): float(s) for c, s in similarity.items()}
         if name in self.index_:
-            if changed:  # the priors of contexts never updated change: drop cached ones
-                self._layout_changed()
             return
         self.index_[name] = len(self.drafters_)
         self.drafters_.append(name)
         for context, arms in self.contexts_.items():
             arms.append(*self._prior(name, context.cluster))
-        self._layout_changed()
 
     def remove_drafter(self, name: str) -> None:
         """Forget ``name``: it is never selected again (re-adding starts from its prior)."""
@@ -508,13 +372,8 @@ class ThompsonPolicy:
         self.costs_.forget_drafter(name)
         if self.overheads_ is not None:
             self.overheads_.forget_drafter(name)
-        self._layout_changed()
 
-    def _layout_changed(self) -> None:
-        self._eligible_cache.clear()
-        self._layout_revision += 1
-
-    # -- persistence and introspection ---------------------------------------------------
+    # -- persistence and introspection ----------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -553,7 +412,6 @@ class ThompsonPolicy:
         self.updates_ = int(state["updates"])
         if state.get("rng"):
             self._rng.bit_generator.state = state["rng"]
-        self._layout_changed()
 
     def describe(self) -> list[ContextSummary]:
         """Per context: posterior per drafter, its best k and S at the posterior mean."""
@@ -563,7 +421,8 @@ class ThompsonPolicy:
             self.contexts_.items(), key=lambda item: (item[0].cluster, item[0].length_bucket)
         ):
             mean = arms.mean()
-            best_k, best_s = best_draft_length(self._speedups(context, mean, everyone))
+            table = self._prices([context], everyone).speedups(mean[None])[0]
+            best_k, best_s = best_draft_length(table)
             summary_arms = tuple(
                 ArmSummary(
                     name,
@@ -592,43 +451,3 @@ class ThompsonPolicy:
                 )
             )
         return summaries
-
-
-class _Stock:
-    """Decisions drawn ahead for one context under one key, taken in order."""
-
-    __slots__ = ("decisions", "key", "size", "taken")
-
-    def __init__(self, key: tuple[Any, ...]) -> None:
-        self.key = key
-        self.decisions: list[Decision] = []
-        self.taken = 0
-        self.size = 0  # rows of the last draw under this key
-
-    @property
-    def available(self) -> int:
-        return len(self.decisions) - self.taken
-
-    def rows_to_draw(self, wanted: int, limit: int) -> int:
-        """Rows to draw for ``wanted`` decisions: what is missing, and after a first draw
-        under this key (the key held), twice the last draw's rows, up to ``limit``."""
-        missing = wanted - self.available
-        self.size = max(missing, min(2 * self.size, limit))
-        return self.size
-
-    def take(self, count: int) -> list[Decision]:
-        """The next ``count`` decisions (available ones only)."""
-        taken = self.decisions[self.taken : self.taken + count]
-        self.taken += count
-        if self.taken >= len(self.decisions):  # all used: start the list again
-            self.decisions.clear()
-            self.taken = 0
-        return taken
-
-
-def _group_by_context(contexts: Sequence[Context]) -> dict[Context, list[int]]:
-    """Positions of each distinct context, in first-seen order."""
-    groups: dict[Context, list[int]] = {}
-    for slot, context in enumerate(contexts):
-        groups.setdefault(context, []).append(slot)
-    return groups

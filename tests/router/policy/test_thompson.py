@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from router.policy.base import Context, Decision, IncompatibleStateError, Outcome
 from router.policy.registry import make_policy
-from router.policy.thompson import ThompsonPolicy
+from router.policy.speedup import cost_gain
+from router.policy.thompson import RequestPrices, ThompsonPolicy, thompson_decisions
 
 from .helpers import geometric_outcome
 
@@ -141,55 +142,93 @@ def test_select_changes_no_learned_state() -> None:
     assert after == before
 
 
-def test_a_batch_draws_like_calls_one_by_one_grouped_by_context() -> None:
+def test_a_batch_draws_like_calls_one_by_one() -> None:
     """select_many draws and prices a whole batch at once (contexts priced per request
-    and per step mixed); each request still gets its own sample, in the order one
-    select() per request, grouped by context, would have drawn them."""
+    and per step mixed); each request gets its own sample, in request order, as one
+    select() per request would have drawn them."""
     math = Context("math", 0)
     eligible = ["a", "b"]
-    batched, single = (  # no draw-ahead: the one-by-one calls would draw ahead differently
-        ThompsonPolicy(eligible, rng=np.random.default_rng(6), draw_ahead=1) for _ in "ab"
-    )
+    batched, single = (ThompsonPolicy(eligible, rng=np.random.default_rng(6)) for _ in "ab")
     for policy in (batched, single):
         _train(policy, CODE, {"a": 0.6, "b": 0.5}, 30)
         _train(policy, math, {"a": 0.3, "b": 0.55}, 30)
     fresh = Context("unseen", 1)  # no measured output length: priced per step
-    assert batched._request_terms(CODE) is not None and batched._request_terms(fresh) is None
-    decisions = batched.select_many([CODE, math, fresh, CODE, CODE, math], eligible)
-    code_1, code_2, code_3, math_1, math_2 = [single.select(CODE, eligible) for _ in range(3)] + [
-        single.select(math, eligible) for _ in range(2)
-    ]
-    assert decisions == [code_1, math_1, single.select(fresh, eligible), code_2, code_3, math_2]
+    assert batched.overheads_ is not None and batched.overheads_.output_tokens(fresh) is None
+    contexts = [CODE, math, fresh, CODE, CODE, math]
+    assert batched.select_many(contexts, eligible) == [single.select(c, eligible) for c in contexts]
     assert len({(d.drafter, d.k) for d in batched.select_many([CODE] * 200, eligible)}) > 1
     assert batched.select_many([], eligible) == []
     assert batched.select_many([CODE, math], []) == [Decision("none", 0, 1.0, False)] * 2
 
 
-def test_drawing_ahead_changes_no_decision_of_one_context_or_of_a_learning_run() -> None:
-    """Rows drawn ahead are the rows later calls would have drawn: the same decisions
-    for one context without updates, and for selections alternating with updates."""
-    eligible = ["a", "b"]
-    ahead, plain = (
-        ThompsonPolicy(eligible, rng=np.random.default_rng(8), draw_ahead=draw_ahead)
-        for draw_ahead in (16, 1)
-    )
-    assert [ahead.select(CODE, eligible) for _ in range(40)] == [
-        plain.select(CODE, eligible) for _ in range(40)
-    ]
-    assert ahead._stocks[CODE].available > 0  # it did draw ahead (1, 2, 4, 8, 16, 16 rows)
-    ahead, plain = (
-        ThompsonPolicy(eligible, rng=np.random.default_rng(8), draw_ahead=draw_ahead)
-        for draw_ahead in (16, 1)
-    )
-    acceptance = {"a": 0.7, "b": 0.4}
-    assert _train(ahead, CODE, acceptance, 50) == _train(plain, CODE, acceptance, 50)
+def test_seeded_policies_make_the_same_decisions() -> None:
+    """Selection's only randomness is the injected generator: equal seeds, equal runs."""
+    runs = []
+    for _ in range(2):
+        policy = make_policy("thompson", ["a", "b", "c"], {"seed": 17})
+        assert isinstance(policy, ThompsonPolicy)
+        decisions = _train(policy, CODE, {"a": 0.6, "b": 0.5, "c": 0.3}, 40)
+        decisions += policy.select_many([CODE, Context("math", 0)] * 20, ["a", "b", "c"])
+        runs.append(decisions)
+    assert runs[0] == runs[1]
+    other = ThompsonPolicy.from_config(["a", "b", "c"], {"seed": 18})
+    assert _train(other, CODE, {"a": 0.6, "b": 0.5, "c": 0.3}, 40) != runs[0][:40]
 
 
-def test_rows_drawn_ahead_are_dropped_when_the_posterior_or_the_eligible_set_changes() -> None:
-    policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(9), draw_ahead=64)
-    for _ in range(40):  # neutral priors: a, b and none all come up; rows are kept ahead
-        policy.select(CODE, ["a", "b"])
-    assert policy._stocks[CODE].available > 0
+def _per_step_prices(rows: int, drafters: int, draft_cost: float = 0.1) -> RequestPrices:
+    """t_ar = 1, t_draft = ``draft_cost``, t_verify(k) = 1 + 0.05 k; no fixed time."""
+    gain = cost_gain(1.0, [draft_cost] * drafters, 1.0 + 0.05 * np.arange(9))
+    return RequestPrices(1.0, gain, np.ones(rows), np.zeros(rows), np.zeros((rows, drafters)))
+
+
+def test_thompson_decisions_choose_each_drafter_with_its_posterior_probability_of_being_best() -> (
+    None
+):
+    """With equal costs the drafter with the higher sampled acceptance wins (max_k S grows
+    with a), so drafter 0 is chosen with probability P(a_0 > a_1) under the posterior."""
+    alpha, beta = np.array([[30.0, 26.0]]), np.array([[20.0, 20.0]])
+    rng = np.random.default_rng(0)
+    n = 4000
+    decisions = thompson_decisions(
+        ["x", "y"], np.repeat(alpha, n, 0), np.repeat(beta, n, 0), _per_step_prices(n, 2), rng
+    )
+    assert {d.drafter for d in decisions} == {"x", "y"}  # a = 0.5 always pays at k >= 1
+    reference = np.random.default_rng(1)
+    a_x, a_y = (reference.beta(alpha[0, i], beta[0, i], size=200_000) for i in range(2))
+    p_x = float(np.mean(a_x > a_y))
+    share_x = sum(d.drafter == "x" for d in decisions) / n
+    # Binomial sd at n = 4000 is at most 0.0079: 5 sd.
+    assert share_x == pytest.approx(p_x, abs=0.04)
+    # The greedy rule picks x (higher mean): every y is explored; x is explored only
+    # at another k than the posterior mean's (a = 0.6: S = 1.39, 1.51, 1.50 at k = 1, 2, 3).
+    assert all(d.explored for d in decisions if d.drafter == "y")
+    assert {d.k for d in decisions if d.drafter == "x" and not d.explored} == {2}
+
+
+def test_thompson_decisions_follow_a_clearly_better_posterior() -> None:
+    alpha = np.array([[20.0, 80.0, 10.0]] * 500)
+    beta = np.array([[80.0, 20.0, 90.0]] * 500)
+    inputs = (alpha.copy(), beta.copy())
+    decisions = thompson_decisions(
+        ["weak", "strong", "poor"], alpha, beta, _per_step_prices(500, 3), np.random.default_rng(2)
+    )
+    assert sum(d.drafter == "strong" for d in decisions) >= 495
+    # a = 0.8 with the hand costs: k* = 5 and S = 3.68928 / 1.75 at the posterior mean.
+    strong = next(d for d in decisions if d.drafter == "strong" and d.k == 5)
+    assert strong.expected_speedup == pytest.approx(3.68928 / 1.75) and not strong.explored
+    assert np.array_equal(alpha, inputs[0]) and np.array_equal(beta, inputs[1])  # pure
+    # Nobody pays when drafting costs as much as the target: always "none", k = 0.
+    costly = _per_step_prices(500, 3, draft_cost=1.0)
+    rows = thompson_decisions(
+        ["weak", "strong", "poor"], alpha, beta, costly, np.random.default_rng(3)
+    )
+    assert set(rows) == {Decision("none", 0, 1.0, False)}
+
+
+def test_choices_follow_the_posterior_and_the_eligible_set() -> None:
+    policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(9))
+    drawn = Counter(policy.select(CODE, ["a", "b"]).drafter for _ in range(100))
+    assert drawn["a"] > 10 and drawn["b"] > 10  # neutral priors: both come up
     # Counterfactual updates change the posteriors only (not the costs): b accepts
     # every drafted token, a none.
     for _ in range(30):
@@ -200,17 +239,15 @@ def test_rows_drawn_ahead_are_dropped_when_the_posterior_or_the_eligible_set_cha
 
 
 def test_new_similarity_for_a_known_drafter_reaches_contexts_never_updated() -> None:
-    """The priors of never-updated contexts, and rows drawn ahead from them, are cached;
-    a new fine-tuning similarity for a drafter already known must replace them."""
+    """A new fine-tuning similarity for a drafter already known must change the prior
+    of contexts never updated (cached priors once missed it)."""
     policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(3))
     fresh = Context("math", 0)
-    for _ in range(10):
-        policy.select(fresh, ["a", "b"])
-    before = policy._cached_fresh_context(fresh).alpha.copy()
-    policy.add_drafter("a", {"math": 0.95, "code": 0.05})
-    after = policy._cached_fresh_context(fresh)
-    assert after.alpha[0] > before[0] and after.alpha[1] == before[1]
-    assert policy._stocks[fresh].key != policy._stock_key(["a", "b"])  # rows dropped
+    before = Counter(policy.select(fresh, ["a", "b"]).drafter for _ in range(200))
+    assert before["b"] > 60  # neutral priors: about half each
+    policy.add_drafter("a", {"math": 0.95, "code": 0.05})  # prior mean 0.9 on math
+    after = Counter(policy.select(fresh, ["a", "b"]).drafter for _ in range(200))
+    assert after["a"] > 160  # P(a wins) = 0.9 or so
 
 
 def test_state_round_trip_gives_equal_decisions() -> None:
@@ -310,8 +347,8 @@ def test_new_length_bucket_starts_from_its_cluster() -> None:
 
 
 def test_select_on_an_unseen_context_follows_learning_in_its_cluster() -> None:
-    # select() memoises the priors of never-updated contexts; an update elsewhere in the
-    # cluster must still reach them (the memo is keyed on the policy's update count).
+    # An unseen context starts from its cluster's other buckets: an update there must
+    # reach its selections at once.
     policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(3), transfer_weight=16)
     unseen = Context("code", 2)
     before = Counter(policy.select(unseen, ["a", "b"]).drafter for _ in range(200))
