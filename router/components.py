@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from router.drafter_pool import NO_DRAFTER
+from router.policy.base import NONE_DRAFTER
 from router.registry import DrafterRecord
 from router.service import Components
 from router.settings import Settings
@@ -66,7 +66,7 @@ def model_drafter_records(
 def model_free_records() -> list[DrafterRecord]:
     return [
         DrafterRecord(name=NGRAM_DRAFTER, kind="ngram", builtin=True),
-        DrafterRecord(name=NO_DRAFTER, kind="none", builtin=True),
+        DrafterRecord(name=NONE_DRAFTER, kind="none", builtin=True),
     ]
 
 

@@ -24,6 +24,7 @@ from router.errors import (
     PermissionDeniedError,
     PreconditionError,
 )
+from router.policy.base import NONE_DRAFTER
 from router.registry import DrafterRecord, SidecarStore
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 PROBE_PROMPT = "<|im_start|>user\nHello, how are you?<|im_end|>\n<|im_start|>assistant\n"
 PROBE_TOKENS = 4
 PROBE_DRAFT_LENGTH = 2
-NO_DRAFTER = "none"
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class DrafterPool:
 
     def eligible(self) -> list[str]:
         """Drafters the policy may choose (``none`` is k = 0, always available to it)."""
-        return [name for name in self._live if name != NO_DRAFTER]
+        return [name for name in self._live if name != NONE_DRAFTER]
 
     def get(self, name: str) -> LiveDrafter:
         live = self._live.get(name)
@@ -149,7 +149,7 @@ class DrafterPool:
     def _check_kind(self, kind: str) -> str:
         from drafters import DRAFTER_KINDS
 
-        registrable = sorted(k for k in DRAFTER_KINDS if k != NO_DRAFTER)
+        registrable = sorted(k for k in DRAFTER_KINDS if k != NONE_DRAFTER)
         if kind not in registrable:
             raise InvalidRequestError(f"drafter kind must be one of {registrable}, got {kind!r}")
         return kind

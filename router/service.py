@@ -33,7 +33,7 @@ from router.domain import (
     check_sampling,
     qwen_chat_text,
 )
-from router.drafter_pool import NO_DRAFTER, DrafterPool
+from router.drafter_pool import DrafterPool
 from router.errors import (
     AlreadyExistsError,
     InvalidRequestError,
@@ -43,6 +43,7 @@ from router.errors import (
 )
 from router.generation import Finished, GenerationQueue
 from router.metrics import SidecarMetrics
+from router.policy.base import NONE_DRAFTER
 from router.policy_holder import PolicyHolder
 from router.registry import DrafterRecord, SidecarStore
 from router.route_process import RouteProcess, RouteProcessError
@@ -488,11 +489,11 @@ class RouterService:
             decision, version = self.policy.select(context, self.drafters.eligible())
             if force_k is None:
                 return decision, version
-            force_drafter = decision.drafter if force_k > 0 else NO_DRAFTER
+            force_drafter = decision.drafter if force_k > 0 else NONE_DRAFTER
         self.drafters.get(force_drafter)  # NOT_FOUND for an unknown drafter
-        k = 0 if force_drafter == NO_DRAFTER else (force_k if force_k is not None else 4)
-        if k == 0 and force_drafter != NO_DRAFTER:
-            force_drafter = NO_DRAFTER
+        k = 0 if force_drafter == NONE_DRAFTER else (force_k if force_k is not None else 4)
+        if k == 0 and force_drafter != NONE_DRAFTER:
+            force_drafter = NONE_DRAFTER
         decision = Decision(drafter=force_drafter, k=k, expected_speedup=math.nan, explored=False)
         return decision, self.policy.version
 

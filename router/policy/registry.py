@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from router.policy.base import Policy
+from router.policy.base import NONE_DRAFTER, Policy
 from router.policy.fixed import FixedPolicy
 from router.policy.none import NonePolicy
 from router.policy.oracle import OraclePolicy
@@ -46,4 +46,4 @@ def make_policy(
         raise UnknownPolicyError(
             f"unknown policy {name!r}; registered: {', '.join(sorted(POLICIES))}"
         )
-    return factory([d for d in drafters if d != "none"], config)
+    return factory([d for d in drafters if d != NONE_DRAFTER], config)
