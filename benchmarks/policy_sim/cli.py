@@ -1,4 +1,5 @@
-"""``specroute bench policy``: the policy simulator (thompson vs ucb, oracle and baselines)."""
+"""``specroute bench policy`` (the policy simulator: thompson vs ucb, oracle and baselines)
+and ``specroute bench select`` (thompson's select latency, ``select_bench.py``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import typer
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add ``bench policy`` to the ``bench`` group."""
+    """Add ``bench policy`` and ``bench select`` to the ``bench`` group."""
 
     @bench.command("policy")
     def bench_policy(
@@ -44,6 +45,26 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(report, indent=2) + "\n")
+            typer.echo(f"wrote {json_path}")
+
+    @bench.command("select")
+    def bench_select(
+        json_path: Annotated[
+            Path | None, typer.Option("--json", help="Write the results here.")
+        ] = None,
+        selects: Annotated[
+            int, typer.Option("--selects", min=100, help="Timed calls of each kind.")
+        ] = 20_000,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of world, stream, policy.")] = 0,
+    ) -> None:
+        """Time thompson's select (8 drafters x k 0..8) beside its 100 us budget."""
+        from benchmarks.policy_sim.select_bench import format_result, measure
+
+        result = measure(selects, seed)
+        typer.echo(format_result(result))
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(result, indent=2) + "\n")
             typer.echo(f"wrote {json_path}")
 
 
