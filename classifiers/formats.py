@@ -11,7 +11,6 @@ prompts' standardised vectors; a prompt's format distance to a cluster is the no
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,9 +40,6 @@ def _feature_of_byte() -> np.ndarray:
 
 
 _FEATURE_OF_BYTE = _feature_of_byte()
-_NEWLINE = ord("\n")
-_DIGITS = tuple(b"0123456789")
-_MARKS = tuple(PUNCTUATION.encode("ascii"))
 
 
 def format_count_matrix(texts: Sequence[str]) -> np.ndarray:
@@ -68,15 +64,6 @@ def format_matrix(texts: Sequence[str]) -> np.ndarray:
     return np.log1p(format_count_matrix(texts), dtype=np.float64)
 
 
-def format_vector(text: str) -> list[float]:
-    """``format_matrix([text])[0]`` as a list, counted with ``bytes.count``: for a single
-    prompt (a lone Route call) this skips NumPy's per-call overhead."""
-    data = text.encode("utf-8", "surrogatepass")
-    digits = sum(data.count(digit) for digit in _DIGITS)
-    counts = [data.count(_NEWLINE) + 1, digits, *(data.count(mark) for mark in _MARKS)]
-    return [math.log1p(count) for count in counts]
-
-
 class FormatDistance:
     """Distance of format vectors to their clusters, with the standardisation folded in:
     ``(((v - center) / scale) - mean_c) / spread_c = v * slope_c - offset_c``."""
@@ -85,18 +72,11 @@ class FormatDistance:
         center, scale, means, spreads = arrays
         self._slope = 1.0 / (scale * spreads)
         self._offset = (center / scale + means) / spreads
-        self._rows = list(zip(self._slope.tolist(), self._offset.tolist(), strict=True))
 
     def __call__(self, vectors: np.ndarray, clusters: np.ndarray) -> np.ndarray:
         """Distance of each row of ``vectors`` to its cluster, [N]."""
         gap = vectors * self._slope[clusters] - self._offset[clusters]
         return np.asarray(np.sqrt(np.einsum("ij,ij->i", gap, gap)))
-
-    def one(self, vector: Sequence[float], cluster: int) -> float:
-        """The distance of one format vector (:func:`format_vector`) to ``cluster``."""
-        slope, offset = self._rows[cluster]
-        gaps = (v * a - b for v, a, b in zip(vector, slope, offset, strict=True))
-        return math.sqrt(sum(gap * gap for gap in gaps))
 
 
 class FormatProfile(BaseModel):

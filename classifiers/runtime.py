@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from classifiers.api import Classification, ClassifierLoadError
 from classifiers.export import CENTROID_COSINE, INPUT_NAME, PROBABILITIES, open_session
-from classifiers.formats import FormatDistance, format_matrix, format_vector
+from classifiers.formats import FormatDistance, format_matrix
 from classifiers.metadata import FORMAT_VERSION, MODEL_FILE, ClassifierMetadata, OodThresholds
 from classifiers.text import classifier_text, prompt_from_messages
 
@@ -47,10 +47,6 @@ class _FormatRule:
     def unlike(self, texts: Sequence[str], clusters: np.ndarray) -> np.ndarray:
         """Per text, whether it is too far in format from its cluster, [N] bool."""
         return np.asarray(self.distance(format_matrix(texts), clusters) > self.max_distance)
-
-    def unlike_one(self, text: str, cluster: int) -> bool:
-        """:meth:`unlike` of one text, without NumPy."""
-        return self.distance.one(format_vector(text), cluster) > self.max_distance
 
 
 class OnnxTaskClassifier:
@@ -174,11 +170,8 @@ class OnnxTaskClassifier:
         return RawScores(probabilities=probabilities, centroid_cosine=cosine)
 
     def _decide(self, texts: Sequence[str], scores: RawScores) -> list[Classification]:
-        """Label, probability and out-of-distribution flag of each scored text."""
-        if not len(texts):
-            return []
-        if len(texts) == 1:
-            return [self._decide_one(texts[0], scores)]
+        """Label, probability and out-of-distribution flag of each scored text (a lone
+        prompt is a batch of one)."""
         best = scores.probabilities.argmax(axis=1)
         # float64 before comparing, as the thresholds are (float32 would round them).
         probability = scores.probabilities.max(axis=1).astype(np.float64)
@@ -192,19 +185,6 @@ class OnnxTaskClassifier:
                 best.tolist(), probability.tolist(), out_of_distribution.tolist(), strict=True
             )
         ]
-
-    def _decide_one(self, text: str, scores: RawScores) -> Classification:
-        """:meth:`_decide` of a single text in plain Python (a lone Route call): the same
-        label, probability and flag, without NumPy's per-call overhead on 1-row arrays."""
-        row = scores.probabilities[0].tolist()
-        best = max(range(len(row)), key=row.__getitem__)  # the first maximum, as argmax
-        probability = row[best]  # float32 widened to float64, as astype() does
-        out_of_distribution = (
-            probability < self._min_probability
-            or max(scores.centroid_cosine[0].tolist()) < self._min_cosine
-            or (self._format is not None and self._format.unlike_one(text, best))
-        )
-        return Classification(self._labels[best], probability, out_of_distribution)
 
     def classify(self, text: str) -> Classification:
         if not isinstance(text, str):

@@ -6,14 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from classifiers.formats import (
-    PUNCTUATION,
-    FormatDistance,
-    FormatProfile,
-    format_count_matrix,
-    format_matrix,
-    format_vector,
-)
+from classifiers.formats import PUNCTUATION, FormatProfile, format_count_matrix, format_matrix
 
 
 def _reference_counts(text: str) -> list[int]:
@@ -51,20 +44,3 @@ def test_distances_are_zero_at_a_cluster_mean_and_grow_away_from_it() -> None:
     assert distances[2] == 0.0  # alone in its cluster: it is the mean
     assert np.all(profile.distances(texts[2:], [0]) > distances[:2].max())
     assert np.allclose(np.log1p(format_count_matrix(texts)), format_matrix(texts))
-
-
-@given(st.one_of(st.text(max_size=80), st.text(PUNCTUATION + "0123456789\n aé😀", max_size=80)))
-def test_one_text_equals_the_batch(text: str) -> None:
-    # format_vector (plain Python, for a lone call) is format_matrix's row.
-    assert np.allclose(format_vector(text), format_matrix([text])[0], rtol=1e-15, atol=0)
-
-
-def test_one_distance_equals_the_batch() -> None:
-    texts = ["x = 1, y = 2.", "a = 3; b = [4].", "no marks at all", "1\n2\n3?"]
-    profile = FormatProfile.fit(texts, ["eq", "eq", "plain", "plain"], ["eq", "plain"])
-    distance = FormatDistance(profile.arrays())
-    for cluster in (0, 1):
-        batch = distance(format_matrix(texts), np.full(len(texts), cluster))
-        one = [distance.one(format_vector(text), cluster) for text in texts]
-        assert np.allclose(one, batch, rtol=1e-12, atol=1e-12)
-        assert max(one) > 0.0

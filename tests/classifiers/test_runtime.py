@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from classifiers import ClassifierLoadError, OnnxTaskClassifier, TaskClassifier
@@ -51,11 +52,11 @@ def test_unrelated_text_is_flagged(classifier: OnnxTaskClassifier) -> None:
     assert all(r.out_of_distribution for r in classifier.classify_batch(list(UNRELATED_TEXTS)))
 
 
-def test_batch_equals_single(
+def test_a_text_is_decided_alike_alone_and_in_a_batch(
     classifier: OnnxTaskClassifier, test_prompts: list[LabeledPrompt]
 ) -> None:
-    # A single text is decided in plain Python, a batch with NumPy: the same results,
-    # flagged texts included (unrelated words; known words in an unseen format).
+    # Each row's decision reads only its own scores and format, flagged texts included
+    # (unrelated words; known words in an unseen format); an empty batch decides nothing.
     passages = "\n".join(f"[{n}] solve the prime number sum ({n}); {n * 17}." for n in (1, 2))
     texts = [p.text for p in test_prompts[:20]] + list(UNRELATED_TEXTS) + [passages, ""]
     batch = classifier.classify_batch(texts)
@@ -66,6 +67,32 @@ def test_batch_equals_single(
         assert single.probability == pytest.approx(result.probability, abs=1e-6)
         assert single.out_of_distribution == result.out_of_distribution
     assert classifier.classify_batch([]) == []
+
+
+def test_decisions_follow_the_scores_and_thresholds(
+    classifier: OnnxTaskClassifier, test_prompts: list[LabeledPrompt]
+) -> None:
+    # The rule, row by row: the most probable cluster; out of distribution when its
+    # probability, the best centroid cosine or the format distance misses its threshold.
+    ood = classifier.metadata.ood
+    assert ood.format_profile is not None and ood.max_format_distance is not None
+    passages = "\n".join(f"[{n}] solve the prime number sum ({n}); {n * 17}." for n in (1, 2))
+    texts = [p.text for p in test_prompts[:20]] + list(UNRELATED_TEXTS) + [passages, "", "?"]
+    scores = classifier.scores(texts)
+    results = classifier.classify_batch(texts)
+    for text, probabilities, cosines, result in zip(
+        texts, scores.probabilities, scores.centroid_cosine, results, strict=True
+    ):
+        best = int(np.argmax(probabilities))
+        assert result.cluster == classifier.labels[best]
+        assert result.probability == float(probabilities[best])
+        distance = float(ood.format_profile.distances([text], [best])[0])
+        assert result.out_of_distribution == (
+            result.probability < ood.min_probability
+            or float(cosines.max()) < ood.min_centroid_cosine
+            or distance > ood.max_format_distance
+        )
+    assert {r.out_of_distribution for r in results} == {True, False}
 
 
 def test_messages_use_system_prompt_and_last_user_turn(classifier: OnnxTaskClassifier) -> None:
