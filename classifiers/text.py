@@ -1,5 +1,5 @@
 """Prompt text: the tokenisation shared by training and ONNX, chat flattening (messages, or
-a text in Qwen's chat format), labeled data."""
+a text in Qwen's chat format, :mod:`classifiers.chat`), labeled data."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from classifiers.chat import IM_START, QWEN_DEFAULT_SYSTEM, parse_chat
 
 # One explicit pattern for scikit-learn and for the ONNX Tokenizer: with sklearn's default
 # (?u)\b\w\w+\b the converted graph tokenises differently and probabilities drift.
@@ -29,26 +31,7 @@ def prompt_from_messages(messages: Sequence[Mapping[str, str]]) -> str:
     """The text the classifier sees for a chat: the system prompt plus the last user turn."""
     system = [m.get("content", "") for m in messages if m.get("role") == "system"]
     users = [m.get("content", "") for m in messages if m.get("role") == "user"]
-    # Same rule as benchmarks.world.corpus.prompt_text: first system prompt, last user turn.
     return "\n".join([*system[:1], *users[-1:]])
-
-
-# Qwen2.5's chat format (ChatML), as serving stacks render a conversation into one text.
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-# The system prompt Qwen2.5's chat template adds to a conversation that has none.
-QWEN_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-
-
-def chat_messages_from_text(text: str) -> list[dict[str, str]]:
-    """The turns of a text in Qwen's chat format, in order (``<|im_start|>role\ncontent
-    <|im_end|>``; text before the first turn is not part of any). Empty when there are
-    none."""
-    messages = []
-    for turn in text.split(IM_START)[1:]:
-        role, _, content = turn.partition("\n")
-        messages.append({"role": role.strip(), "content": content.split(IM_END, 1)[0]})
-    return messages
 
 
 def classifier_text(text: str) -> str:
@@ -61,7 +44,7 @@ def classifier_text(text: str) -> str:
         return text
     messages = [
         m
-        for m in chat_messages_from_text(text)
+        for m in parse_chat(text)
         if not (m["role"] == "system" and m["content"] == QWEN_DEFAULT_SYSTEM)
     ]
     if not any(m["role"] == "user" for m in messages):

@@ -7,9 +7,7 @@ service only ever sees validated domain objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-from classifiers.text import IM_END, IM_START
 from router.errors import InvalidRequestError
 from router.settings import Limits
 
@@ -145,9 +143,3 @@ def check_prompt_tokens(count: int, limits: Limits) -> None:
         raise InvalidRequestError(
             f"the prompt has {count} tokens, over the limit of {limits.max_prompt_tokens}"
         )
-
-
-def qwen_chat_text(messages: tuple[dict[str, Any], ...]) -> str:
-    """Qwen2.5's chat format with a generation prompt (when a tokenizer has no template)."""
-    turns = [f"{IM_START}{m['role']}\n{m.get('content', '')}{IM_END}\n" for m in messages]
-    return "".join(turns) + f"{IM_START}assistant\n"

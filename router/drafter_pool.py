@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from classifiers.chat import render_chat
 from router.domain import DrafterSpec
 from router.errors import (
     AlreadyExistsError,
@@ -30,7 +31,7 @@ from router.registry import DrafterRecord, SidecarStore
 logger = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-PROBE_PROMPT = "<|im_start|>user\nHello, how are you?<|im_end|>\n<|im_start|>assistant\n"
+PROBE_PROMPT = render_chat([{"role": "user", "content": "Hello, how are you?"}])
 PROBE_TOKENS = 4
 PROBE_DRAFT_LENGTH = 2
 

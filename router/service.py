@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from classifiers.chat import render_chat
 from router.domain import (
     DrafterSpec,
     GenerateInput,
@@ -31,7 +32,6 @@ from router.domain import (
     check_prompt,
     check_prompt_tokens,
     check_sampling,
-    qwen_chat_text,
 )
 from router.drafter_pool import DrafterPool
 from router.errors import (
@@ -239,7 +239,7 @@ class RouterService:
                     list(messages), add_generation_prompt=True, tokenize=False
                 )
             )
-        return qwen_chat_text(tuple(dict(m) for m in messages))
+        return render_chat(messages)
 
     def _classify(self, prompt: Prompt, task_hint: str) -> tuple[str, float, bool]:
         classifier = self.components.classifiers.current

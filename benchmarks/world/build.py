@@ -239,8 +239,9 @@ def _build_into(directory: Path, config: BuildConfig, progress: bool) -> dict[st
 
     from benchmarks.world.distill import distill_drafter, target_responses
     from benchmarks.world.evaluate import MAX_NEW_TOKENS
-    from benchmarks.world.tokenizer import render_chat, train_tokenizer
+    from benchmarks.world.tokenizer import train_tokenizer
     from benchmarks.world.train import cpu_has_bf16, fit_to_length, pretrain
+    from classifiers.chat import render_chat
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     timings: dict[str, float] = {}

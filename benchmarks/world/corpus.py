@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from benchmarks.world import sources
+from classifiers.text import prompt_from_messages
 
 TASKS: tuple[str, ...] = ("chat", "translation", "summarization", "qa", "math", "rag", "code")
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -100,9 +101,7 @@ SCALES: dict[str, SplitSizes] = {
 
 def prompt_text(example: Example) -> str:
     """What a classifier sees: the system prompt (if any) and the last user turn."""
-    system = [m["content"] for m in example.messages if m["role"] == "system"]
-    user = [m["content"] for m in example.messages if m["role"] == "user"]
-    return "\n".join([*system[:1], *user[-1:]])
+    return prompt_from_messages(example.messages)
 
 
 # One generator per task: (rng, split, count) -> list of (messages, response).

@@ -8,13 +8,12 @@ rendered exactly as a real Qwen2.5 instruct model would see them. Saved with
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
+from classifiers.chat import ENDOFTEXT, IM_END, IM_START
+
 SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END)
 
 # Qwen2's pre-tokenizer split pattern (tokenizer.json of Qwen2.5 models).
@@ -87,25 +86,6 @@ QWEN25_CHAT_TEMPLATE = (
     "    {{- '<|im_start|>assistant\\n' }}\n"
     "{%- endif %}\n"
 )
-
-
-def render_chat(messages: Sequence[dict[str, str]], response: str | None = None) -> str:
-    """Render turns (and optionally the assistant's reply) the way the chat template does.
-
-    Used only to feed the BPE trainer before a tokenizer exists; everything else calls
-    ``tokenizer.apply_chat_template``.
-    """
-    parts = []
-    if messages[0]["role"] != "system":
-        parts.append(
-            f"{IM_START}system\nYou are Qwen, created by Alibaba Cloud. "
-            f"You are a helpful assistant.{IM_END}\n"
-        )
-    parts += [f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages]
-    parts.append(f"{IM_START}assistant\n")
-    if response is not None:
-        parts.append(f"{response}{IM_END}\n")
-    return "".join(parts)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:

@@ -7,13 +7,7 @@ import jinja2
 import pytest
 
 from benchmarks.world.tokenizer import QWEN25_CHAT_TEMPLATE
-from classifiers.text import (
-    QWEN_DEFAULT_SYSTEM,
-    chat_messages_from_text,
-    classifier_text,
-    labeled_prompt_from_record,
-    prompt_from_messages,
-)
+from classifiers.text import classifier_text, labeled_prompt_from_record, prompt_from_messages
 
 CHATS = [
     [{"role": "user", "content": "Translate to French: The library opens at nine."}],
@@ -39,16 +33,6 @@ def rendered(messages: list[dict[str, str]]) -> str:
 @pytest.mark.parametrize("messages", CHATS)
 def test_a_rendered_conversation_reads_as_its_messages(messages: list[dict[str, str]]) -> None:
     assert classifier_text(rendered(messages)) == prompt_from_messages(messages)
-
-
-def test_the_turns_of_a_rendered_conversation() -> None:
-    turns = chat_messages_from_text(rendered(CHATS[2]))
-    # The template's default system prompt first, the generation prompt's empty turn last.
-    assert turns == [
-        {"role": "system", "content": QWEN_DEFAULT_SYSTEM},
-        *CHATS[2],
-        {"role": "assistant", "content": ""},
-    ]
 
 
 @pytest.mark.parametrize(

@@ -8,14 +8,8 @@ from typing import Any
 import pytest
 
 from benchmarks.world.corpus import build_corpus
-from benchmarks.world.tokenizer import (
-    IM_END,
-    IM_START,
-    SPECIAL_TOKENS,
-    render_chat,
-    save_tokenizer,
-    train_tokenizer,
-)
+from benchmarks.world.tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
+from classifiers.chat import IM_END, IM_START, render_chat
 
 
 @pytest.fixture(scope="module")
