@@ -71,15 +71,13 @@ class GenerationRun:
 
 
 def stop_token_ids(target: LoadedModel) -> frozenset[int]:
-    """Token ids that end a generation: the tokenizer's EOS, ``<|im_end|>`` and the
-    generation config's EOS ids."""
+    """Token ids that end a generation, as the model declares them: the tokenizer's EOS and
+    the generation config's EOS ids (a Qwen2.5 instruct checkpoint lists both its
+    end-of-turn and end-of-text tokens there)."""
     ids: set[int] = set()
     tokenizer = target.tokenizer
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    im_end = tokenizer.get_vocab().get("<|im_end|>")
-    if im_end is not None:
-        ids.add(int(im_end))
     config_eos = getattr(getattr(target.model, "generation_config", None), "eos_token_id", None)
     if isinstance(config_eos, int):
         ids.add(config_eos)

@@ -242,6 +242,19 @@ def test_stops_at_eos(
             assert run.stats.finish_reason == "eos_token"
 
 
+def test_stop_ids_are_the_eos_ids_the_model_declares(tiny_models: TinyModels) -> None:
+    # The engine knows no chat format: "<|im_end|>" (id 1) is in the vocabulary, but a
+    # model that declares only "<|endoftext|>" (id 0) stops only there...
+    target = load_model(tiny_models.target_dir)
+    target.tokenizer.eos_token = "<|endoftext|>"
+    target.model.generation_config.eos_token_id = 0
+    assert SpeculativeEngine(target).stop_token_ids == {0}
+    # ...and one declared as a Qwen2.5 instruct checkpoint is (end of turn, end of text).
+    target.tokenizer.eos_token = "<|im_end|>"
+    target.model.generation_config.eos_token_id = [EOS_ID, 0]
+    assert SpeculativeEngine(target).stop_token_ids == {EOS_ID, 0}
+
+
 def test_stops_after_a_stop_sequence(
     engine: SpeculativeEngine,
     drafters: dict[str, Drafter],
