@@ -203,12 +203,13 @@ class RequestOverheads:
         arms = self.fixed_.setdefault(context, {})
         fixed = arms.get(arm)
         if fixed is None:
-            arms[arm] = FixedTime(residual, 1)
+            fixed = arms[arm] = FixedTime(residual, 1)
         else:
             fixed.requests += 1
             weight = self._weight(fixed.requests)
             fixed.variance = (1.0 - weight) * fixed.variance + weight * (residual - fixed.mean) ** 2
             fixed.mean = (1.0 - weight) * fixed.mean + weight * residual
+        fixed.net = self._net(fixed)
         length = self.length_.get(context)
         if length is None:
             self.length_[context] = (float(tokens), 1)
@@ -230,10 +231,9 @@ class RequestOverheads:
         cheapest measured drafter here, else the plain arm.
         """
         arms = self.fixed_.get(context, {})
-        net = {arm: self._net(fixed) for arm, fixed in arms.items()}
-        fixed_none = net.get(NONE_DRAFTER, 0.0)
-        default = min((net[name] for name in drafters if name in net), default=fixed_none)
-        return fixed_none, np.array([net.get(name, default) for name in drafters])
+        fixed_none = arms[NONE_DRAFTER].net if NONE_DRAFTER in arms else 0.0
+        default = min((arms[name].net for name in drafters if name in arms), default=fixed_none)
+        return fixed_none, np.array([arms[d].net if d in arms else default for d in drafters])
 
     def _net(self, fixed: FixedTime) -> float:
         """The mean less ``z`` standard errors over min(n, 1 / ewma) requests, at least 0."""
@@ -261,7 +261,8 @@ class RequestOverheads:
         for row in state.get("fixed", []):
             variance = float(row[5]) if len(row) > 5 else 0.0
             arms = self.fixed_.setdefault(Context(str(row[0]), int(row[1])), {})
-            arms[str(row[2])] = FixedTime(float(row[3]), int(row[4]), variance)
+            fixed = arms[str(row[2])] = FixedTime(float(row[3]), int(row[4]), variance)
+            fixed.net = self._net(fixed)
         self.length_ = {
             Context(str(c), int(b)): (float(v), int(n)) for c, b, v, n in state.get("length", [])
         }
@@ -269,8 +270,11 @@ class RequestOverheads:
 
 @dataclass(slots=True)
 class FixedTime:
-    """One arm's fixed time per request in one context: mean and EWMA variance."""
+    """One arm's fixed time per request in one context: mean and EWMA variance, and the
+    mean net of their standard error that prices requests (``RequestOverheads._net``),
+    set whenever they change."""
 
     mean: float
     requests: int
     variance: float = 0.0
+    net: float = 0.0

@@ -240,27 +240,27 @@ class ThompsonPolicy:
         index = np.array(
             sorted({self.index_[name] for name in eligible if name in self.index_}), dtype=np.intp
         )
-        posteriors = {context: self._posterior(context) for context in dict.fromkeys(contexts)}
-        alpha = np.stack([posteriors[context].alpha[index] for context in contexts])
-        beta = np.stack([posteriors[context].beta[index] for context in contexts])
+        known = {c: (self._posterior(c), self._request_terms(c)) for c in dict.fromkeys(contexts)}
+        posteriors, terms = zip(*(known[context] for context in contexts), strict=True)
+        alpha = np.array([arms.alpha for arms in posteriors])[:, index]  # [R, D]
+        beta = np.array([arms.beta for arms in posteriors])[:, index]
         names = [self.drafters_[i] for i in index.tolist()]
-        return thompson_decisions(names, alpha, beta, self._prices(contexts, index), self._rng)
+        return thompson_decisions(names, alpha, beta, self._prices(terms, index), self._rng)
 
-    def _prices(self, contexts: Sequence[Context], index: np.ndarray) -> RequestPrices:
-        """The cost model's S_req terms for each request, over the drafters in ``index``."""
+    def _prices(
+        self, terms: Sequence[tuple[float, float, np.ndarray]], index: np.ndarray
+    ) -> RequestPrices:
+        """The cost model's S_req terms for requests whose contexts' (N, F_0, F_d) are
+        ``terms``, over the drafters in ``index``."""
         t_ar = self.costs_.plain_token_time()
         gain = cost_gain(
             t_ar,
             self.costs_.draft_times([self.drafters_[i] for i in index.tolist()]),
             self.costs_.verify_times(self.k_max),
         )
-        terms = {context: self._request_terms(context) for context in dict.fromkeys(contexts)}
+        tokens, fixed_none, fixed = zip(*terms, strict=True)
         return RequestPrices(
-            t_ar,
-            gain,
-            np.array([terms[context][0] for context in contexts]),
-            np.array([terms[context][1] for context in contexts]),
-            np.stack([terms[context][2][index] for context in contexts]),
+            t_ar, gain, np.array(tokens), np.array(fixed_none), np.array(fixed)[:, index]
         )
 
     def _request_terms(self, context: Context) -> tuple[float, float, np.ndarray]:
@@ -421,7 +421,8 @@ class ThompsonPolicy:
             self.contexts_.items(), key=lambda item: (item[0].cluster, item[0].length_bucket)
         ):
             mean = arms.mean()
-            table = self._prices([context], everyone).speedups(mean[None])[0]
+            prices = self._prices([self._request_terms(context)], everyone)
+            table = prices.speedups(mean[None])[0]
             best_k, best_s = best_draft_length(table)
             summary_arms = tuple(
                 ArmSummary(
