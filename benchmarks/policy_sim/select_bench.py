@@ -7,6 +7,8 @@ A ``thompson`` policy (k_max 8) over the 8 random drafters of the simulator's
 contexts (cluster x length bucket), then is timed, wall clock per call, three ways:
 
 - ``select``: calls in a tight loop over the contexts, nothing changing in between;
+- ``select, unseen context``: the same in contexts never updated (a length bucket the
+  stream lacks), whose priors are built from their cluster's other buckets on each call;
 - ``select after update``: each call follows one update (a learning sidecar);
 - ``select_many of 8``: one call per batch of 8 contexts (a Route batch under load).
 """
@@ -31,6 +33,7 @@ BUDGET_US = 100.0
 DRAFTERS = 8
 K_MAX = 8
 BATCH = 8
+UNSEEN_BUCKET = 3  # prompts of 1024+ tokens: never in the stream (at most 255)
 
 
 def warmed_policy(world: SimWorld, requests: int, seed: int) -> tuple[Policy, list[Context]]:
@@ -87,12 +90,18 @@ def measure(selects: int = 20_000, seed: int = 0, warmup: int = 2_000) -> dict[s
     def select(i: int) -> object:
         return policy.select(contexts[i % len(contexts)], eligible)
 
+    unseen = [Context(cluster, UNSEEN_BUCKET) for cluster in world.clusters]
+
+    def select_unseen(i: int) -> object:
+        return policy.select(unseen[i % len(unseen)], eligible)
+
     def select_many(i: int) -> object:
         batch = [contexts[(i * BATCH + j) % len(contexts)] for j in range(BATCH)]
         return policy.select_many(batch, eligible)
 
     timings = {
         "select": time_calls(select, selects),
+        "select, unseen context": time_calls(select_unseen, selects),
         "select after update": selects_after_updates(policy, world, contexts, selects, seed),
         f"select_many of {BATCH}": time_calls(select_many, max(1, selects // BATCH)),
     }

@@ -26,8 +26,13 @@ def test_measure_reports_p50_and_p99_of_each_kind_of_call_beside_the_budget() ->
     result = measure(selects=200, seed=1, warmup=200)
     assert result["budget_us"] == 100.0 and result["drafters"] == 8 and result["k_max"] == 8
     calls = result["calls"]
-    assert list(calls) == ["select", "select after update", "select_many of 8"]
-    assert [c["calls"] for c in calls.values()] == [200, 200, 25]
+    assert list(calls) == [
+        "select",
+        "select, unseen context",
+        "select after update",
+        "select_many of 8",
+    ]
+    assert [c["calls"] for c in calls.values()] == [200, 200, 200, 25]
     assert all(0 < c["p50_us"] <= c["p99_us"] for c in calls.values())
     table = format_result(result)
     assert "select p50 <= 100 us" in table and "select after update" in table
