@@ -5,7 +5,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from router.domain import DrafterSpec, GenerateInput, OutcomeInput, Prompt, RouteInput, Sampling
+from router.domain import (
+    DrafterSpec,
+    GenerateInput,
+    OutcomeInput,
+    Prompt,
+    RouteInput,
+    Sampling,
+    check_finite,
+    check_forced_draft_length,
+    check_outcome,
+)
+from router.errors import InvalidFieldError
 from router.pb import router_pb2 as pb
 from router.registry import DrafterRecord
 from router.service import ClassifierView, GenerationResult, PolicyView, RoutedRequest, TokenChunk
@@ -14,12 +25,23 @@ GREEDY = Sampling()  # an unset SamplingParams (immutable, shared)
 
 
 def sampling_from_pb(message: pb.SamplingParams) -> Sampling:
+    """Proto3 scalars cannot be unset, so 0 means the default (1.0) for temperature and
+    top_p; NaN, infinities and values outside their range are refused, naming the field."""
+    temperature = check_finite("sampling.temperature", message.temperature)
+    if temperature < 0:
+        raise InvalidFieldError(
+            "sampling.temperature", f"must be > 0, or 0 for the default 1.0; got {temperature:g}"
+        )
+    top_p = check_finite("sampling.top_p", message.top_p)
+    if not 0 <= top_p <= 1:
+        raise InvalidFieldError(
+            "sampling.top_p", f"must be in (0, 1], or 0 for 1.0 (off); got {top_p:g}"
+        )
     return Sampling(
         do_sample=message.do_sample,
-        # Proto3 scalars cannot be unset: 0 means the default (1.0) for both.
-        temperature=message.temperature if message.temperature != 0 else 1.0,
+        temperature=temperature if temperature != 0 else 1.0,
         top_k=message.top_k,
-        top_p=message.top_p if message.top_p != 0 else 1.0,
+        top_p=top_p if top_p != 0 else 1.0,
         seed=message.seed if message.HasField("seed") else None,
         stop=tuple(message.stop),
     )
@@ -44,17 +66,22 @@ def route_from_pb(message: pb.RouteRequest | pb.GenerateRequest) -> RouteInput:
 
 
 def generate_from_pb(message: pb.GenerateRequest) -> GenerateInput:
+    forced_k = message.force_draft_length if message.HasField("force_draft_length") else None
     return GenerateInput(
         route=route_from_pb(message),
         force_drafter=message.force_drafter,
-        force_draft_length=(
-            message.force_draft_length if message.HasField("force_draft_length") else None
-        ),
+        force_draft_length=check_forced_draft_length(forced_k),
         no_update=message.no_update,
     )
 
 
 def outcome_from_pb(message: pb.RouteOutcome) -> OutcomeInput:
+    """A checked outcome (:func:`router.domain.check_outcome`): a contradictory report is
+    refused here, before it can touch the pending request or the policy."""
+    return check_outcome(_outcome_from_pb(message))
+
+
+def _outcome_from_pb(message: pb.RouteOutcome) -> OutcomeInput:
     return OutcomeInput(
         request_id=message.request_id,
         steps=message.steps or len(message.accepted_per_step),
@@ -67,6 +94,7 @@ def outcome_from_pb(message: pb.RouteOutcome) -> OutcomeInput:
         verify_time_s=message.verify_time_s,
         wall_time_s=message.wall_time_s,
         generated_tokens=message.generated_tokens,
+        # 0 means "not measured"; NaN is truthy, so it is kept and refused.
         plain_token_time_s=message.plain_token_time_s or None,
     )
 

@@ -6,9 +6,11 @@ service only ever sees validated domain objects.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from router.errors import InvalidRequestError
+from router.errors import InvalidFieldError, InvalidRequestError
+from router.policy.base import MAX_DRAFT_LENGTH
 from router.settings import Limits
 
 ROLES = ("system", "user", "assistant")
@@ -93,19 +95,105 @@ class DrafterSpec:
     options: dict[str, str] = field(default_factory=dict)
 
 
+def check_finite(name: str, value: float) -> float:
+    """``value`` if it is a number; NaN and infinities are refused, naming the field."""
+    if not math.isfinite(value):
+        raise InvalidFieldError(name, f"must be a finite number, got {value}")
+    return value
+
+
 def check_sampling(sampling: Sampling) -> Sampling:
     """Refuse impossible decoding parameters (INVALID_ARGUMENT)."""
+    check_finite("temperature", sampling.temperature)
+    check_finite("top_p", sampling.top_p)
     if sampling.temperature < 0:
-        raise InvalidRequestError(f"temperature must be >= 0, got {sampling.temperature}")
+        raise InvalidFieldError("temperature", f"must be >= 0, got {sampling.temperature}")
     if sampling.do_sample and sampling.temperature == 0:
-        raise InvalidRequestError("temperature must be > 0 when sampling")
+        raise InvalidFieldError("temperature", "must be > 0 when sampling")
     if not 0 < sampling.top_p <= 1:
-        raise InvalidRequestError(f"top_p must be in (0, 1], got {sampling.top_p}")
+        raise InvalidFieldError("top_p", f"must be in (0, 1], got {sampling.top_p}")
     if sampling.top_k < 0:
         raise InvalidRequestError(f"top_k must be >= 0, got {sampling.top_k}")
     if any(not stop for stop in sampling.stop):
         raise InvalidRequestError("stop sequences must not be empty strings")
     return sampling
+
+
+def check_forced_draft_length(k: int | None) -> int | None:
+    """A forced draft length must be one a policy can model and learn from: at most
+    MAX_DRAFT_LENGTH (a larger one would be clamped by the engine, unlike its echo)."""
+    if k is not None and k > MAX_DRAFT_LENGTH:
+        raise InvalidFieldError(
+            "force_draft_length", f"must be at most {MAX_DRAFT_LENGTH}, got {k}"
+        )
+    return k
+
+
+def check_outcome(outcome: OutcomeInput) -> OutcomeInput:
+    """Refuse a report whose numbers contradict each other, before the policy sees it:
+    times must be finite and >= 0; per-step lists must pair up; in totals form at most
+    as many tokens are accepted as drafted, and ``accepted_per_position[i]`` counts the
+    steps whose draft token i was accepted, so it is at most ``steps``, non-increasing
+    in i (token i + 1 is accepted only after token i), and sums to ``accepted_tokens``."""
+    for name in ("draft_time_s", "verify_time_s", "wall_time_s"):
+        if check_finite(name, getattr(outcome, name)) < 0:
+            raise InvalidFieldError(name, f"must be >= 0, got {getattr(outcome, name)}")
+    plain = outcome.plain_token_time_s
+    if plain is not None and check_finite("plain_token_time_s", plain) <= 0:
+        raise InvalidFieldError("plain_token_time_s", f"must be > 0 when given, got {plain}")
+    if outcome.drafted_per_step or outcome.accepted_per_step:
+        _check_per_step_lists(outcome)
+    else:
+        _check_totals(outcome)
+    return outcome
+
+
+def _check_per_step_lists(outcome: OutcomeInput) -> None:
+    drafted, accepted = outcome.drafted_per_step, outcome.accepted_per_step
+    if drafted and len(drafted) != len(accepted):
+        raise InvalidFieldError(
+            "accepted_per_step",
+            f"has {len(accepted)} entries but drafted_per_step has {len(drafted)}",
+        )
+    if outcome.steps and outcome.steps != len(accepted):
+        raise InvalidFieldError(
+            "steps", f"is {outcome.steps} but accepted_per_step has {len(accepted)} entries"
+        )
+    for i, (k, n) in enumerate(zip(drafted, accepted, strict=False)):
+        if n > k:
+            raise InvalidFieldError(
+                f"accepted_per_step[{i}]", f"{n} accepted is more than the {k} drafted"
+            )
+
+
+def _check_totals(outcome: OutcomeInput) -> None:
+    steps, drafted, accepted = outcome.steps, outcome.drafted_tokens, outcome.accepted_tokens
+    if accepted > drafted:
+        raise InvalidFieldError(
+            "accepted_tokens", f"{accepted} is more than drafted_tokens ({drafted})"
+        )
+    if drafted > 0 and steps == 0:
+        raise InvalidFieldError("steps", f"must be > 0 when drafted_tokens is {drafted}")
+    positions = outcome.accepted_per_position
+    if not positions:
+        return
+    previous = steps
+    for i, count in enumerate(positions):
+        if count > steps:
+            raise InvalidFieldError(
+                f"accepted_per_position[{i}]", f"{count} is more than steps ({steps})"
+            )
+        if count > previous:
+            raise InvalidFieldError(
+                f"accepted_per_position[{i}]",
+                f"{count} is more than accepted_per_position[{i - 1}] ({previous}): "
+                "a draft token is accepted only after the one before it",
+            )
+        previous = count
+    if sum(positions) != accepted:
+        raise InvalidFieldError(
+            "accepted_per_position", f"sums to {sum(positions)}, not accepted_tokens ({accepted})"
+        )
 
 
 def check_prompt(prompt: Prompt) -> Prompt:

@@ -19,6 +19,15 @@ class InvalidRequestError(SidecarError):
     """The request itself is malformed or outside the limits."""
 
 
+class InvalidFieldError(InvalidRequestError):
+    """One named field of the request holds a value the API refuses (NaN, out of range,
+    inconsistent with another field); the message starts with the field's name."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
 class NotFoundError(SidecarError):
     """A named drafter or request id does not exist."""
 

@@ -33,9 +33,10 @@ TOKEN_KEY = web.AppKey("data_token", str)
 
 
 class TgiParameters(BaseModel):
-    """TGI's ``parameters`` object; unsupported features must be null/default."""
+    """TGI's ``parameters`` object; unsupported features must be null/default. NaN and
+    infinities (which Python's JSON parser accepts) are refused in every float."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     do_sample: bool = False
     max_new_tokens: int | None = None
@@ -169,7 +170,9 @@ async def _parse(request: web.Request) -> TgiRequest:
     try:
         return TgiRequest.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidRequestError(f"invalid request: {exc.errors()[0]['msg']}") from exc
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidRequestError(f"invalid request: {where}: {first['msg']}") from exc
 
 
 def _check_token(request: web.Request) -> None:

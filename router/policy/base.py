@@ -15,6 +15,10 @@ from typing import Any, Protocol, runtime_checkable
 #: The drafter name of the no-speculation arm (k = 0).
 NONE_DRAFTER = "none"
 
+#: The largest draft length k any policy models (its ``k_max`` or fixed ``k``), and so
+#: the largest a request may force.
+MAX_DRAFT_LENGTH = 32
+
 #: Format version of every policy's ``state_dict()``; bumped on incompatible changes.
 STATE_VERSION = 1
 

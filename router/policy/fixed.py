@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.policy.base import Context
+from router.policy.base import MAX_DRAFT_LENGTH, Context
 from router.policy.tally import TablePolicy
 
 
@@ -22,7 +22,7 @@ class FixedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     drafter: str = "generic"
-    k: int = Field(4, ge=0, le=32)
+    k: int = Field(4, ge=0, le=MAX_DRAFT_LENGTH)
 
 
 class FixedPolicy(TablePolicy):

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from router.policy.base import (
+    MAX_DRAFT_LENGTH,
     NONE_DRAFTER,
     STATE_VERSION,
     ArmSummary,
@@ -38,7 +39,7 @@ class UcbConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    k_max: int = Field(8, ge=1, le=32)
+    k_max: int = Field(8, ge=1, le=MAX_DRAFT_LENGTH)
     exploration: float = Field(1.0, ge=0.0)
     gamma: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = 0

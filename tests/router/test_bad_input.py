@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
 
 from router.pb import router_pb2 as pb
-from tests.router.conftest import ADMIN, ServingWorld, SidecarThread
+from router.policy.base import MAX_DRAFT_LENGTH
+from tests.router.conftest import ADMIN, COMPLETION_PROMPT, ServingWorld, SidecarThread
 
 PROMPT = "def add(a, b):\n    return"
 LONG_PROMPT = "word " * 600  # over the limit of 512 tokens
+NAN, INF = math.nan, math.inf
 
 Call = Callable[[SidecarThread, ServingWorld], object]
 
@@ -76,6 +80,60 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         _route(text=PROMPT, sampling=pb.SamplingParams(do_sample=True, top_p=-0.1)),
         grpc.StatusCode.INVALID_ARGUMENT,
         "top_p",
+    ),
+    # Without the check, a NaN temperature failed inside the engine with INTERNAL
+    # ("probability tensor contains either inf, nan or element < 0").
+    "NaN temperature on a sampled Generate": (
+        _generate(
+            text=COMPLETION_PROMPT,
+            max_new_tokens=4,
+            sampling=pb.SamplingParams(do_sample=True, temperature=NAN, seed=1),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.temperature",
+    ),
+    "infinite temperature on a sampled Generate": (
+        _generate(
+            text=COMPLETION_PROMPT,
+            max_new_tokens=4,
+            sampling=pb.SamplingParams(do_sample=True, temperature=INF, seed=1),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.temperature",
+    ),
+    "NaN temperature on a Route": (
+        _route(text=PROMPT, sampling=pb.SamplingParams(temperature=NAN)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.temperature",
+    ),
+    "NaN top_p on a Route": (
+        _route(text=PROMPT, sampling=pb.SamplingParams(do_sample=True, top_p=NAN)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.top_p",
+    ),
+    "NaN top_p on a sampled Generate": (
+        _generate(
+            text=COMPLETION_PROMPT,
+            max_new_tokens=4,
+            sampling=pb.SamplingParams(do_sample=True, top_p=NAN, seed=1),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.top_p",
+    ),
+    "infinite top_p on a Generate": (
+        _generate(text=PROMPT, max_new_tokens=4, sampling=pb.SamplingParams(top_p=-INF)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.top_p",
+    ),
+    "force_draft_length far above the largest k": (
+        _generate(
+            text=COMPLETION_PROMPT,
+            max_new_tokens=8,
+            force_drafter="generic",
+            force_draft_length=1000,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"force_draft_length: must be at most {MAX_DRAFT_LENGTH}",
     ),
     "unknown task hint": (
         _route(text=PROMPT, task_hint="poetry"),
@@ -145,6 +203,7 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(
 ) -> None:
     call, code, fragment = CASES[case]
     drafters_before = {d.name for d in sidecar.stub.ListDrafters(pb.ListDraftersRequest()).drafters}
+    policy_before = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
     with pytest.raises(grpc.RpcError) as refused:
         call(sidecar, serving_world)
     assert refused.value.code() == code, refused.value.details()
@@ -152,6 +211,7 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(
     # Nothing changed, and the server still serves.
     drafters_after = {d.name for d in sidecar.stub.ListDrafters(pb.ListDraftersRequest()).drafters}
     assert drafters_after == drafters_before
+    assert sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).version == policy_before.version
     assert sidecar.stub.Route(pb.RouteRequest(text=PROMPT)).task_cluster
 
 
@@ -172,6 +232,153 @@ def test_report_with_inconsistent_steps_is_invalid_and_can_be_retried(
         verify_time_s=0.01,
     )
     assert sidecar.stub.Report(good).request_id == decision.request_id
+
+
+# Reports whose numbers contradict each other (or are not numbers): field -> (outcome
+# fields besides request_id, the field the refusal must name). Each was accepted and
+# silently clamped or passed to the policy before the check.
+GOOD_TIMES: dict[str, Any] = {"draft_time_s": 0.01, "verify_time_s": 0.04}
+BAD_REPORTS: dict[str, tuple[dict[str, Any], str]] = {
+    "totals: more accepted than drafted": (
+        {"steps": 4, "drafted_tokens": 8, "accepted_tokens": 9, **GOOD_TIMES},
+        "accepted_tokens",
+    ),
+    "totals: a position accepted in more steps than there were": (
+        {
+            "steps": 2,
+            "drafted_tokens": 8,
+            "accepted_tokens": 5,
+            "accepted_per_position": [3, 2],
+            **GOOD_TIMES,
+        },
+        "accepted_per_position[0]",
+    ),
+    "totals: a later position accepted more often than an earlier one": (
+        {
+            "steps": 4,
+            "drafted_tokens": 12,
+            "accepted_tokens": 5,
+            "accepted_per_position": [1, 3, 1],
+            **GOOD_TIMES,
+        },
+        "accepted_per_position[1]",
+    ),
+    "totals: positions that do not sum to the accepted total": (
+        {
+            "steps": 4,
+            "drafted_tokens": 12,
+            "accepted_tokens": 9,
+            "accepted_per_position": [3, 2, 0],
+            **GOOD_TIMES,
+        },
+        "accepted_per_position",
+    ),
+    "totals: tokens drafted in no steps": (
+        {"steps": 0, "drafted_tokens": 8, "accepted_tokens": 2, **GOOD_TIMES},
+        "steps",
+    ),
+    "per step: more accepted than drafted": (
+        {"drafted_per_step": [2, 2], "accepted_per_step": [1, 3], **GOOD_TIMES},
+        "accepted_per_step[1]",
+    ),
+    "per step: steps that disagree with the lists": (
+        {"steps": 5, "drafted_per_step": [2, 2], "accepted_per_step": [1, 2], **GOOD_TIMES},
+        "steps",
+    ),
+    "NaN draft time": (
+        {"drafted_per_step": [2], "accepted_per_step": [1], "draft_time_s": NAN},
+        "draft_time_s",
+    ),
+    "infinite verify time": (
+        {"drafted_per_step": [2], "accepted_per_step": [1], "verify_time_s": INF},
+        "verify_time_s",
+    ),
+    "NaN wall time": (
+        {"drafted_per_step": [2], "accepted_per_step": [1], "wall_time_s": NAN, **GOOD_TIMES},
+        "wall_time_s",
+    ),
+    "NaN plain token time": (
+        {
+            "drafted_per_step": [2],
+            "accepted_per_step": [1],
+            "plain_token_time_s": NAN,
+            **GOOD_TIMES,
+        },
+        "plain_token_time_s",
+    ),
+    "negative draft time": (
+        {"drafted_per_step": [2], "accepted_per_step": [1], "draft_time_s": -0.5},
+        "draft_time_s",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REPORTS))
+def test_a_contradictory_report_is_invalid_and_never_reaches_the_policy(
+    sidecar: SidecarThread, case: str
+) -> None:
+    fields, named = BAD_REPORTS[case]
+    decision = sidecar.stub.Route(pb.RouteRequest(text=PROMPT, task_hint="code"))
+    state_before = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
+    with pytest.raises(grpc.RpcError) as refused:
+        sidecar.stub.Report(pb.RouteOutcome(request_id=decision.request_id, **fields))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+    assert (refused.value.details() or "").startswith(f"{named}: ")
+    # The policy saw nothing: same version, same state in every context.
+    assert sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()) == state_before
+    # The routed request is still pending: a consistent report for it is accepted.
+    good = pb.RouteOutcome(
+        request_id=decision.request_id,
+        steps=4,
+        drafted_tokens=12,
+        accepted_tokens=5,
+        accepted_per_position=[3, 2, 0],
+        **GOOD_TIMES,
+    )
+    assert sidecar.stub.Report(good).policy_version == state_before.version + 1
+
+
+def test_the_largest_forced_draft_length_is_the_one_the_engine_uses(
+    sidecar: SidecarThread,
+) -> None:
+    """force_draft_length up to MAX_DRAFT_LENGTH is served as asked: the decision echoes
+    the k the engine drafted with (anything larger is refused, see CASES)."""
+    chunks = list(
+        sidecar.stub.Generate(
+            pb.GenerateRequest(
+                text=COMPLETION_PROMPT,
+                max_new_tokens=MAX_DRAFT_LENGTH + 2,  # room for one full step
+                force_drafter="generic",
+                force_draft_length=MAX_DRAFT_LENGTH,
+                no_update=True,
+            ),
+            timeout=120,
+        )
+    )
+    assert chunks[0].decision.draft_length == MAX_DRAFT_LENGTH
+    assert chunks[-1].stats.drafted_per_step[0] == MAX_DRAFT_LENGTH
+
+
+def _sampled_ids(sidecar: SidecarThread, top_p: float) -> list[int]:
+    request = pb.GenerateRequest(
+        text=COMPLETION_PROMPT,
+        max_new_tokens=12,
+        force_drafter="none",
+        force_draft_length=0,
+        sampling=pb.SamplingParams(do_sample=True, temperature=1.5, top_p=top_p, seed=11),
+        no_update=True,
+    )
+    chunks = sidecar.stub.Generate(request, timeout=120)
+    return [token.id for chunk in chunks for token in chunk.tokens]
+
+
+def test_top_p_zero_means_off_on_the_wire(sidecar: SidecarThread) -> None:
+    """Proto3 cannot tell an unset top_p from 0, so 0 means 1.0 (off): the same seeded
+    sample as top_p 1; a top_p that cuts the tail samples differently."""
+    off = _sampled_ids(sidecar, 1.0)
+    assert len(off) == 12
+    assert _sampled_ids(sidecar, 0.0) == off
+    assert _sampled_ids(sidecar, 0.05) != off
 
 
 ADMIN_CALLS: dict[str, Callable[[SidecarThread, object], object]] = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import urllib.error
 import urllib.request
 from typing import Any
@@ -118,6 +119,24 @@ def test_info_and_health(sidecar: SidecarThread) -> None:
         ({"inputs": PROMPT, "parameters": {"max_new_tokens": 999}}, "over the limit"),
         ({"inputs": PROMPT, "parameters": {"temperature": -1.0}}, "temperature"),
         ({"inputs": PROMPT, "parameters": {"top_p": 1.5}}, "top_p"),
+        # NaN and infinities (JSON as Python writes and reads it) are refused by name;
+        # a NaN temperature failed inside the engine before (HTTP 424).
+        (
+            {"inputs": PROMPT, "parameters": {"do_sample": True, "temperature": math.nan}},
+            "parameters.temperature: Input should be a finite number",
+        ),
+        (
+            {"inputs": PROMPT, "parameters": {"temperature": math.inf}},
+            "parameters.temperature: Input should be a finite number",
+        ),
+        (
+            {"inputs": PROMPT, "parameters": {"top_p": math.nan}},
+            "parameters.top_p: Input should be a finite number",
+        ),
+        (
+            {"inputs": PROMPT, "parameters": {"repetition_penalty": -math.inf}},
+            "parameters.repetition_penalty: Input should be a finite number",
+        ),
         ({"inputs": PROMPT, "parameters": {"repetition_penalty": 1.2}}, "repetition_penalty"),
         ({"inputs": "word " * 600, "parameters": {}}, "over the limit"),
         ({"parameters": {}}, "invalid request"),
