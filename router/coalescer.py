@@ -1,21 +1,20 @@
-"""Coalescing concurrent calls into batches, worked on one at a time off the event loop.
+"""Coalescing concurrent calls into batches, worked on one at a time.
 
 Tokenizing and classifying many Route calls with one call each (one Rust and one
-onnxruntime entry) costs far less per call than doing it call by call. So a batch is
-worked on elsewhere (a child process, or a worker thread) while the event loop goes on
-receiving calls; the calls that arrive meanwhile wait and form the next batch, which
-starts as soon as the work is done, in the next turn of the loop, so that calls whose
-tasks are ready in this one join it too (under load, grpc.aio wakes several handlers per
+onnxruntime entry) costs far less per call than doing it call by call. So calls are
+worked on in batches: while a batch is out (in the prompt reader's child process, say:
+:mod:`router.prompt_reader`) the event loop goes on receiving calls; the calls that
+arrive meanwhile wait and form the next batch, which starts as soon as the work is done,
+in the next turn of the loop, so that calls whose tasks are ready in this one join it too (under load, grpc.aio wakes several handlers per
 turn: side by side at concurrency 64 this raised the mean batch from 5.5 to 6.5 calls
 and Route from 0.71-0.73 to 0.77-0.78 of echo). Batches grow with the load by themselves:
 a lone call starts at once, calls that arrive faster than a batch is worked on are
 worked on together. There are no timers to tune, and the loop never spins waiting for a
 batch.
 
-The work has two stages: ``work`` is a coroutine function awaited on the loop, which
-hands the batch off (:func:`on_executor` runs a plain function on an executor);
-``commit`` runs on the event loop with what ``work`` returned (for state that only the
-loop touches) and gives one result per item.
+The work has two stages: ``work`` is a coroutine function awaited on the loop (it may
+hand the batch off, or do it in the call); ``commit`` runs on the event loop with what
+``work`` returned (for state that only the loop touches) and gives one result per item.
 """
 
 from __future__ import annotations
@@ -23,17 +22,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
-In = TypeVar("In")
-Mid = TypeVar("Mid")
-Out = TypeVar("Out")
+In = TypeVar("In")  # one call's item
+Worked = TypeVar("Worked")  # what ``work`` makes of a batch, for ``commit``
+Out = TypeVar("Out")  # one call's result
 
 
-class Coalescer(Generic[In, Mid, Out]):
+class Coalescer(Generic[In, Worked, Out]):
     """``await submit(item)`` gives ``item``'s result from the batch it joined (module doc).
 
     ``commit`` returns one result per item, in order; an exception in a slot is raised to
@@ -44,8 +42,8 @@ class Coalescer(Generic[In, Mid, Out]):
 
     def __init__(
         self,
-        work: Callable[[list[In]], Awaitable[Mid]],
-        commit: Callable[[Sequence[In], Mid], Sequence[Out | BaseException]],
+        work: Callable[[list[In]], Awaitable[Worked]],
+        commit: Callable[[Sequence[In], Worked], Sequence[Out | BaseException]],
         *,
         max_batch: int = 256,
         on_batch: Callable[[int], None] | None = None,
@@ -58,7 +56,7 @@ class Coalescer(Generic[In, Mid, Out]):
         self._on_batch = on_batch
         self._pending: list[tuple[In, asyncio.Future[Out]]] = []
         self._scheduled = False  # a start is queued on the loop
-        self._working = False  # a batch is on the worker
+        self._working = False  # a batch is being worked on
         self._task: asyncio.Future[None] | None = None
 
     async def submit(self, item: In) -> Out:
@@ -87,8 +85,8 @@ class Coalescer(Generic[In, Mid, Out]):
         items = [item for item, _ in batch]
         results: Sequence[Out | BaseException]
         try:
-            mid = await self._work(items)
-            results = self._commit(items, mid)
+            worked = await self._work(items)
+            results = self._commit(items, worked)
             if len(results) != len(batch):
                 raise RuntimeError(f"batch of {len(batch)} gave {len(results)} results")
         except asyncio.CancelledError:  # the loop is closing
@@ -104,18 +102,6 @@ class Coalescer(Generic[In, Mid, Out]):
             # loop in this turn: they submit before the next batch starts.
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._start)
-
-
-def on_executor(
-    executor: Executor, function: Callable[[list[In]], Mid]
-) -> Callable[[list[In]], Awaitable[Mid]]:
-    """``work`` for a :class:`Coalescer` that runs ``function`` on ``executor`` (it must
-    be thread-safe). A shut-down executor fails the batch rather than hanging it."""
-
-    async def work(items: list[In]) -> Mid:
-        return await asyncio.get_running_loop().run_in_executor(executor, function, items)
-
-    return work
 
 
 def _deliver(

@@ -1,33 +1,22 @@
-"""Route batches' tokenizer and classifier work in a child process, with its own GIL.
-
-A Python gRPC server spends most of its time holding the GIL in grpc.aio's own call
-handling; Python work on another thread of the same process (the tokenizer's and the
-classifier's NumPy post-processing) competes for that one lock, and each hand-off costs
-wake-ups. On a 2-vCPU VM, handing a batch to a thread that does nothing already cost an
-echo servicer about 30% of its throughput, while a child process that tokenized and
-classified kept it at 0.95; the sidecar with this child is at 0.66-0.76 of echo against
-0.49-0.54 with the worker thread, side by side (benchmarks/load/HISTORY.md, "Route work in
-a child process").
+"""The child-process :class:`~router.prompt_reader.PromptReader`: token counts and
+classifications worked out in a child process, with its own GIL (why: the
+:mod:`router.prompt_reader` module doc).
 
 The child (``python -m router.route_process``) holds the target's tokenizer (sent by the
 parent, so counts are exactly the parent's) and the current classifier, loaded from its
 directory and checked against the digest the parent expects. Parent and child exchange
 length-prefixed pickles over the child's stdin and stdout, one batch at a time:
 
-    parent -> child: ("batch", model_texts, classifier_texts, (directory, sha256))
-    child -> parent: ("ok", token_counts, [(cluster, probability, ood), ...])
+    parent -> child: ("init", tokenizer_json)            once; the child answers ("ready",)
+                     ("batch", model_texts, classifier_texts, (directory, sha256))
+    child -> parent: ("ok", token_counts, classifications)
                      ("error", message)
 
 The parent reads replies on the event loop (``add_reader``), so no thread of the
 sidecar waits on the child, and writes batches without blocking. If the child fails,
-dies or is silent for ``reply_timeout_s``, the caller falls back to doing the work itself
-(:class:`RouteProcessError`) and the child is killed and restarted in the background.
-
-After a batch of one (light load) the child busy-waits, yielding the CPU, for up to
-``spin_s`` (``limits.route_process_spin_ms``, 2 ms) before it blocks on its pipe: the
-next call is then taken without waking a sleeping process. Measured side by side, this
-raised Route from 0.60 to 0.72 of echo at concurrency 64 and cut the concurrency-1
-p50 from about 1.53 to 1.25 ms; spinning after every batch cost throughput (0.53 vs 0.70).
+dies or is silent for ``reply_timeout_s``, :class:`ChildProcessReader` reads that batch
+in-process (:class:`~router.prompt_reader.InProcessReader`) and the child is killed and
+restarted in the background.
 """
 
 from __future__ import annotations
@@ -44,8 +33,13 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+from router.prompt_reader import InProcessReader, PromptsRead
+
+if TYPE_CHECKING:
+    from classifiers.api import Classification
+    from classifiers.holder import ClassifierHolder
 
 logger = logging.getLogger(__name__)
 
@@ -54,20 +48,11 @@ READY_TIMEOUT_S = 120.0  # the child's start-up (imports, tokenizer)
 REPLY_TIMEOUT_S = 10.0  # a batch; a child silent for longer is killed and restarted
 RESTART_AFTER_S = 5.0  # at most one start per this many seconds after a failure
 
-Classification = tuple[str, float, bool]
 ClassifierKey = tuple[str, str]  # (directory, model sha256)
 
 
 class RouteProcessError(RuntimeError):
     """The child could not do a batch (it failed, is gone or not ready)."""
-
-
-@dataclass(frozen=True)
-class Classified:
-    """A batch's prompt token counts and (cluster, probability, OOD) of the classified."""
-
-    counts: list[int]
-    classes: list[Classification]
 
 
 def _frame(message: Any) -> bytes:
@@ -155,16 +140,14 @@ class RouteProcess:
         self,
         tokenizer_json: str,
         *,
-        spin_s: float = 0.0,
         reply_timeout_s: float = REPLY_TIMEOUT_S,
         python: str = sys.executable,
     ) -> None:
         self._tokenizer_json = tokenizer_json
-        self._spin_s = spin_s
         self._reply_timeout_s = reply_timeout_s
         self._python = python
         self._child: _Child | None = None
-        self._waiting: asyncio.Future[Classified] | None = None
+        self._waiting: asyncio.Future[PromptsRead] | None = None
         self._lock = threading.Lock()  # starts vs close
         self._closed = False
         self._starting = False
@@ -210,7 +193,7 @@ class RouteProcess:
             raise RouteProcessError(f"cannot start the route process: {error}") from error
         child = _Child(process)
         try:
-            child.send(("init", self._tokenizer_json, self._spin_s))
+            child.send(("init", self._tokenizer_json))
             if not select.select([child.stdout], [], [], READY_TIMEOUT_S)[0]:
                 raise OSError(f"no answer within {READY_TIMEOUT_S:g} s")
             reply = read_message(child.stdout)
@@ -262,9 +245,11 @@ class RouteProcess:
     # -- batches (event loop) ---------------------------------------------------------
     async def run(
         self, model_texts: Sequence[str], classifier_texts: Sequence[str], key: ClassifierKey
-    ) -> Classified:
-        """Token counts of ``model_texts`` and classes of ``classifier_texts`` by the
-        classifier at ``key`` (directory, sha256). RouteProcessError if the child cannot."""
+    ) -> PromptsRead:
+        """Token counts of ``model_texts`` and classifications of ``classifier_texts`` by
+        the classifier at ``key`` (directory, sha256). RouteProcessError if the child
+        cannot, or is given a batch while it works on one (:class:`ChildProcessReader`
+        waits for its turn)."""
         child = self._child
         if child is None:  # a child that died since is seen by the write or the reader
             raise RouteProcessError("route process is not running")
@@ -276,7 +261,7 @@ class RouteProcess:
                 os.set_blocking(stream.fileno(), False)
             loop.add_reader(child.stdout.fileno(), self._readable, child)
             child.loop = loop
-        waiting: asyncio.Future[Classified] = loop.create_future()
+        waiting: asyncio.Future[PromptsRead] = loop.create_future()
         self._waiting = waiting
         child.outbox += _frame(("batch", list(model_texts), list(classifier_texts), key))
         self._flush(child)
@@ -304,7 +289,7 @@ class RouteProcess:
             child.loop.remove_writer(child.stdin.fileno())
             child.writing = False
 
-    def _expire(self, child: _Child, waiting: asyncio.Future[Classified]) -> None:
+    def _expire(self, child: _Child, waiting: asyncio.Future[PromptsRead]) -> None:
         if not waiting.done():
             self._lost(child, f"no reply within {self._reply_timeout_s:g} s")
 
@@ -329,7 +314,7 @@ class RouteProcess:
             return
         if message[0] == "ok":
             self.batches += 1
-            waiting.set_result(Classified(message[1], message[2]))
+            waiting.set_result(PromptsRead(message[1], message[2]))
         else:
             waiting.set_exception(RouteProcessError(str(message[1])))
 
@@ -356,6 +341,71 @@ class RouteProcess:
         waiting, self._waiting = self._waiting, None
         if waiting is not None and not waiting.done():
             waiting.set_exception(error)
+
+
+class ChildProcessReader:
+    """:class:`~router.prompt_reader.PromptReader` through a :class:`RouteProcess` (its
+    ``process``).
+
+    A batch the child cannot read is read in-process, so that no call fails for the
+    child's sake: before the child has started (or while it restarts, which a batch
+    starts in the background, at most once per RESTART_AFTER_S), when the child fails the
+    batch or is lost, and when the current classifier was not loaded from a directory (the
+    child loads it from there). Batches go to the child one at a time: a caller that
+    comes while one is out (a Generate beside a Route batch) waits for its turn."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        classifiers: ClassifierHolder,
+        *,
+        reply_timeout_s: float = REPLY_TIMEOUT_S,
+        python: str = sys.executable,
+    ) -> None:
+        self.process = RouteProcess(
+            tokenizer.backend_tokenizer.to_str(), reply_timeout_s=reply_timeout_s, python=python
+        )
+        self._in_process = InProcessReader(tokenizer, classifiers)
+        self._classifiers = classifiers
+        # The last classifier served and its key (None: the child cannot load it).
+        self._classifier_key: tuple[object, ClassifierKey | None] | None = None
+        self._turn = asyncio.Lock()
+
+    def start(self, *, wait: bool = False) -> None:
+        """Start the child: in the background, or with ``wait`` before returning (raises
+        RouteProcessError if it cannot start)."""
+        if wait:
+            self.process.start()
+        else:
+            self.process.start_in_background()
+
+    async def read(
+        self, model_texts: Sequence[str], classifier_texts: Sequence[str]
+    ) -> PromptsRead:
+        key = self._current_classifier_key()
+        if key is not None:
+            if self.process.started:
+                try:
+                    async with self._turn:
+                        return await self.process.run(model_texts, classifier_texts, key)
+                except RouteProcessError as error:
+                    logger.warning("%s; this batch is read in-process", error)
+            else:
+                self.process.start_in_background()
+        return self._in_process.read_now(model_texts, classifier_texts)
+
+    def _current_classifier_key(self) -> ClassifierKey | None:
+        """(directory, sha256) of the classifier served now, if the child can load it."""
+        classifier = self._classifiers.current
+        cached = self._classifier_key
+        if cached is None or cached[0] is not classifier:
+            source = str(classifier.source)
+            key = (source, classifier.metadata.model_sha256) if os.path.isdir(source) else None
+            cached = self._classifier_key = (classifier, key)
+        return cached[1]
+
+    def close(self) -> None:
+        self.process.close()
 
 
 # -- the child ---------------------------------------------------------------------------
@@ -385,24 +435,21 @@ class _ChildState:
 
     def batch(
         self, model_texts: list[str], classifier_texts: list[str], key: ClassifierKey
-    ) -> tuple[Any, ...]:
-        counts = (
-            [len(e) for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-            if (texts := model_texts)
+    ) -> tuple[str, list[int], list[Classification]]:
+        encoded = (
+            self.tokenizer.encode_batch_fast(model_texts, add_special_tokens=False)
+            if model_texts
             else []
         )
-        classes: list[Classification] = []
-        if classifier_texts:
-            found = self.classifier_for(key).classify_batch(classifier_texts)
-            classes = [
-                (c.cluster, float(c.probability), bool(c.out_of_distribution)) for c in found
-            ]
-        return ("ok", counts, classes)
+        classifications: list[Classification] = (
+            self.classifier_for(key).classify_batch(classifier_texts) if classifier_texts else []
+        )
+        return ("ok", [len(encoding) for encoding in encoded], classifications)
 
 
 def child_main(stdin: IO[bytes], stdout: IO[bytes]) -> None:
     """Serve batches from ``stdin`` until it closes (module doc)."""
-    kind, tokenizer_json, spin_s = read_message(stdin)
+    kind, tokenizer_json = read_message(stdin)
     if kind != "init":
         raise SystemExit(f"route process: expected init, got {kind!r}")
     state = _ChildState(tokenizer_json)
@@ -412,24 +459,12 @@ def child_main(stdin: IO[bytes], stdout: IO[bytes]) -> None:
             message = read_message(stdin)
         except EOFError:
             return
+        reply: tuple[Any, ...]
         try:
             reply = state.batch(*message[1:])
-        except Exception as error:  # reported to the parent, which does the batch itself
+        except Exception as error:  # reported to the parent, which reads the batch itself
             reply = ("error", f"{type(error).__name__}: {error}")
         _write_all(stdout, _frame(reply))
-        if spin_s and len(message[1]) == 1:  # light load: the next call comes alone too
-            _await_input(stdin, spin_s)
-
-
-def _await_input(stdin: IO[bytes], spin_s: float) -> None:
-    """Busy-wait up to ``spin_s`` for the next message, yielding the CPU to any other
-    runnable task between looks: a message that comes meanwhile is taken without the
-    wake-up of a sleeping process (about 0.1-0.3 ms on a VM)."""
-    deadline = time.monotonic() + spin_s
-    while time.monotonic() < deadline:
-        if select.select([stdin], [], [], 0)[0]:
-            return
-        os.sched_yield()
 
 
 def _main() -> None:

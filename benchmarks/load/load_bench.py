@@ -32,7 +32,8 @@ from grpc import aio
 from router.coalescer import Coalescer
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
-from router.route_process import Classified, ClassifierKey, RouteProcess
+from router.prompt_reader import PromptReader, PromptsRead
+from router.route_process import ChildProcessReader
 
 # One short prompt per task of the built-in world: the request sizes of the load.
 PROMPTS = (
@@ -221,48 +222,45 @@ class EchoServicer(router_pb2_grpc.RouterServicer):
 
 class FloorServicer(EchoServicer):
     """The echo servicer plus the Route work no sidecar can skip: each prompt is
-    token-counted and classified in a route process, in batches formed by the Coalescer,
-    as the sidecar does. No checks, policy, metrics or interceptor: what the sidecar's
-    Route costs beyond this is its own overhead; what this costs beyond echo is the
-    tokenizer, the classifier and the hand-off to the child."""
+    token-counted and classified by a prompt reader (the sidecar's, :func:`floor_reader`),
+    in batches formed by the Coalescer, as the sidecar does. No checks, policy, metrics or
+    interceptor: what the sidecar's Route costs beyond this is its own overhead; what this
+    costs beyond echo is the tokenizer, the classifier and the hand-off to the child."""
 
-    def __init__(self, reply: pb.RouteDecision, process: RouteProcess, key: ClassifierKey):
+    def __init__(self, reply: pb.RouteDecision, reader: PromptReader):
         super().__init__(reply)
-        self._process = process
-        self._key = key
-        self._batches: Coalescer[str, Classified, pb.RouteDecision] = Coalescer(
+        self._reader = reader
+        self._batches: Coalescer[str, PromptsRead, pb.RouteDecision] = Coalescer(
             self._work, self._commit
         )
 
-    async def _work(self, texts: list[str]) -> Classified:
-        return await self._process.run(texts, texts, self._key)
+    async def _work(self, texts: list[str]) -> PromptsRead:
+        return await self._reader.read(texts, texts)
 
-    def _commit(self, texts: Sequence[str], done: Classified) -> list[pb.RouteDecision]:
+    def _commit(self, texts: Sequence[str], done: PromptsRead) -> list[pb.RouteDecision]:
         return [self._reply] * len(texts)
 
     async def Route(self, request: pb.RouteRequest, context: aio.ServicerContext) -> Any:
         return await self._batches.submit(request.text)
 
 
-def floor_route_process(world_dir: Path) -> tuple[RouteProcess, ClassifierKey]:
-    """A started route process with the tokenizer and classifier a sidecar serves on the
-    world at ``world_dir`` (its default spin), and the classifier's key."""
+def floor_reader(world_dir: Path) -> ChildProcessReader:
+    """The sidecar's default prompt reader (a child process), started, with the tokenizer
+    and classifier a sidecar serves on the world at ``world_dir``."""
     from transformers import AutoTokenizer
 
     from benchmarks.world.layout import World
     from classifiers import ensure_world_classifier
+    from classifiers.holder import ClassifierHolder
     from classifiers.runtime import OnnxTaskClassifier
-    from router.settings import Limits
 
     world = World.load(world_dir)
     classifier_dir = ensure_world_classifier(world.root)
-    digest = OnnxTaskClassifier.load(classifier_dir).metadata.model_sha256
+    classifiers = ClassifierHolder(OnnxTaskClassifier.load(classifier_dir))
     tokenizer = AutoTokenizer.from_pretrained(world.target_dir, local_files_only=True)
-    process = RouteProcess(
-        tokenizer.backend_tokenizer.to_str(), spin_s=Limits().route_process_spin_ms / 1000
-    )
-    process.start()
-    return process, (str(classifier_dir), digest)
+    reader = ChildProcessReader(tokenizer, classifiers)
+    reader.start(wait=True)
+    return reader
 
 
 async def serve_servicer(servicer: EchoServicer, host: str = "127.0.0.1") -> None:
@@ -499,11 +497,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.world is None:
         parser.error("floor needs --world DIR")
     logging.basicConfig(level=logging.WARNING)
-    process, key = floor_route_process(args.world)
+    reader = floor_reader(args.world)
     try:
-        asyncio.run(serve_servicer(FloorServicer(reply, process, key)))
+        asyncio.run(serve_servicer(FloorServicer(reply, reader)))
     finally:
-        process.close()
+        reader.close()
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@
 Both run in this one process on one event loop, without gRPC: batches of ``size`` calls
 are awaited on each servicer's ``Route`` together (so that they form one batch in its
 ``Coalescer``), and the loop thread's CPU time (``time.thread_time``) is divided by the
-calls. The route processes' own CPU is not counted. The floor servicer
-(:class:`benchmarks.load.load_bench.FloorServicer`) does only the token count and classification
-in its route process, so the difference is the sidecar's own per-call Python on the
-event loop: checks, conversions, the policy decision, bookkeeping, metrics, the reply.
+calls. The prompt readers' child processes are not counted. The floor servicer
+(:class:`benchmarks.load.load_bench.FloorServicer`) does only the token count and
+classification, with the sidecar's prompt reader, so the difference is the sidecar's own
+per-call Python on the event loop: checks, conversions, the policy decision,
+bookkeeping, metrics, the reply.
 The policy's ``select_many`` is timed separately. Hot caches: under load and at
 concurrency 1 each of these costs more (README, "Load benchmark").
 """
@@ -25,8 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.load.load_bench import FloorServicer, floor_route_process, route_requests
+from benchmarks.load.load_bench import FloorServicer, floor_reader, route_requests
 from router.pb import router_pb2 as pb
+from router.route_process import ChildProcessReader
 from router.service import RouterService
 from router.servicer import RouterServicer
 
@@ -76,11 +78,12 @@ async def loop_cpu_per_call(
 
 
 async def _wait_ready(service: RouterService, timeout_s: float = 120.0) -> None:
-    """Until the sidecar's route process answers (it starts in the background)."""
+    """Until the sidecar's prompt reader's child answers (it starts in the background)."""
+    reader = service.prompt_reader
     deadline = time.monotonic() + timeout_s
-    while service.route_process is not None and not service.route_process.ready:
+    while isinstance(reader, ChildProcessReader) and not reader.process.ready:
         if time.monotonic() > deadline:
-            raise RuntimeError("the route process did not start")
+            raise RuntimeError("the prompt reader's child did not start")
         await asyncio.sleep(0.05)
 
 
@@ -88,13 +91,13 @@ async def measure(
     service: RouterService, world_dir: Path, *, batches: int, sizes: Sequence[int] = SIZES
 ) -> dict[str, Any]:
     """Per batch size: loop CPU per call of the sidecar, of the floor, and of the
-    sidecar's policy decisions (service started; its route process is awaited)."""
+    sidecar's policy decisions (service started; its prompt reader's child is awaited)."""
     timed = TimedPolicy(service.policy)
     service.policy = timed  # type: ignore[assignment]
     sidecar = RouterServicer(service)
-    process, key = await asyncio.to_thread(floor_route_process, world_dir)
+    reader = await asyncio.to_thread(floor_reader, world_dir)
     try:
-        floor = FloorServicer(pb.RouteDecision(), process, key)
+        floor = FloorServicer(pb.RouteDecision(), reader)
         await _wait_ready(service)
         result: dict[str, Any] = {"batches": batches, "sizes": {}}
         for size in sizes:
@@ -108,7 +111,7 @@ async def measure(
         return result
     finally:
         service.policy = timed._holder
-        process.close()
+        reader.close()
 
 
 def format_measurement(result: dict[str, Any]) -> str:

@@ -1,26 +1,18 @@
-"""The Route coalescer: batches form while the worker is busy, per-slot and whole-batch
-errors, and which thread runs which stage."""
+"""The Route coalescer: batches form while a batch is out, per-slot and whole-batch
+errors, work done in the call or handed off."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 
 import pytest
 
-from router.coalescer import Coalescer, on_executor
+from router.coalescer import Coalescer
 
 
-@pytest.fixture()
-def worker() -> Iterator[ThreadPoolExecutor]:
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-worker")
-    yield executor
-    executor.shutdown(wait=True)
-
-
-def _double_or_refuse(items: Sequence[int]) -> list[int | BaseException]:
+async def _double_or_refuse(items: list[int]) -> list[int | BaseException]:
+    """Work done in the call (as the in-process prompt reader does): no await."""
     return [ValueError(f"odd {i}") if i % 2 else 2 * i for i in items]
 
 
@@ -28,12 +20,10 @@ def _as_is(items: Sequence[int], results: list[int | BaseException]) -> list[int
     return results
 
 
-def test_calls_in_one_turn_share_a_batch_and_errors_stay_in_their_slot(
-    worker: ThreadPoolExecutor,
-) -> None:
+def test_calls_in_one_turn_share_a_batch_and_errors_stay_in_their_slot() -> None:
     sizes: list[int] = []
     coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(
-        on_executor(worker, _double_or_refuse), _as_is, on_batch=sizes.append
+        _double_or_refuse, _as_is, on_batch=sizes.append
     )
 
     async def main() -> list[int | BaseException]:
@@ -72,30 +62,33 @@ def test_calls_ready_when_a_batch_ends_join_the_next_one() -> None:
         await asyncio.sleep(0)  # 2 is pending
         release.set()  # the first batch ends in the next turn, where 3's task is ready too
         ready = asyncio.ensure_future(coalescer.submit(3))
-        return await asyncio.gather(first, waiting, ready)
+        return list(await asyncio.gather(first, waiting, ready))
 
     assert asyncio.run(main()) == [1, 2, 3]
     assert batches == [[1], [2, 3]]
 
 
-def test_calls_arriving_while_a_batch_is_worked_on_form_the_next_batch(
-    worker: ThreadPoolExecutor,
-) -> None:
-    started, release = threading.Event(), threading.Event()
+def test_calls_arriving_while_a_batch_is_out_form_the_next_batch() -> None:
     sizes: list[int] = []
+    started: asyncio.Event | None = None
+    release: asyncio.Event | None = None
 
-    def slow(items: Sequence[int]) -> list[int | BaseException]:
+    async def handed_off(items: list[int]) -> list[int | BaseException]:
+        # Work handed off (as to the prompt reader's child): the loop runs meanwhile.
+        assert started is not None and release is not None
         started.set()
-        release.wait(timeout=10)
+        await release.wait()
         return [2 * i for i in items]
 
     coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(
-        on_executor(worker, slow), _as_is, on_batch=sizes.append
+        handed_off, _as_is, on_batch=sizes.append
     )
 
     async def main() -> list[int]:
+        nonlocal started, release
+        started, release = asyncio.Event(), asyncio.Event()
         first = asyncio.ensure_future(coalescer.submit(1))
-        await asyncio.to_thread(started.wait, 10)  # the first batch is on the worker
+        await started.wait()  # the first batch is out
         later = [asyncio.ensure_future(coalescer.submit(i)) for i in range(2, 7)]
         for _ in range(5):
             await asyncio.sleep(0)  # plenty of loop turns: nothing starts while busy
@@ -107,35 +100,31 @@ def test_calls_arriving_while_a_batch_is_worked_on_form_the_next_batch(
     assert sizes == [1, 5]
 
 
-def test_work_runs_on_the_worker_and_commit_on_the_loop(worker: ThreadPoolExecutor) -> None:
-    threads: dict[str, str] = {}
+def test_commit_gets_what_work_made_of_the_batch() -> None:
+    async def work(items: list[int]) -> list[int]:
+        return [10 * i for i in items]
 
-    def work(items: Sequence[int]) -> list[int]:
-        threads["work"] = threading.current_thread().name
-        return list(items)
+    def commit(items: Sequence[int], worked: list[int]) -> list[int | BaseException]:
+        return [item + value for item, value in zip(items, worked, strict=True)]
 
-    def commit(items: Sequence[int], done: list[int]) -> list[int | BaseException]:
-        threads["commit"] = threading.current_thread().name
-        return [i + 1 for i in done]
+    coalescer: Coalescer[int, list[int], int] = Coalescer(work, commit)
 
-    coalescer: Coalescer[int, list[int], int] = Coalescer(on_executor(worker, work), commit)
-    assert asyncio.run(coalescer.submit(41)) == 42
-    assert threads["work"].startswith("test-worker")
-    assert threads["commit"] == threading.main_thread().name
+    async def main() -> list[int]:
+        return await asyncio.gather(*(coalescer.submit(i) for i in (1, 2)))
+
+    assert asyncio.run(main()) == [11, 22]
 
 
-def test_max_batch_splits_and_a_failing_batch_fails_only_its_callers(
-    worker: ThreadPoolExecutor,
-) -> None:
+def test_max_batch_splits_and_a_failing_batch_fails_only_its_callers() -> None:
     sizes: list[int] = []
 
-    def run(items: Sequence[int]) -> list[int | BaseException]:
+    async def run(items: list[int]) -> list[int | BaseException]:
         if 99 in items:
             raise RuntimeError("boom")
         return list(items)
 
     coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(
-        on_executor(worker, run), _as_is, max_batch=4, on_batch=sizes.append
+        run, _as_is, max_batch=4, on_batch=sizes.append
     )
 
     async def main() -> list[int | BaseException]:
@@ -148,21 +137,20 @@ def test_max_batch_splits_and_a_failing_batch_fails_only_its_callers(
     assert results[:4] == [1, 2, 3, 4]
     assert all(isinstance(r, RuntimeError) for r in results[4:])
     with pytest.raises(ValueError):
-        Coalescer(on_executor(worker, run), _as_is, max_batch=0)
+        Coalescer(run, _as_is, max_batch=0)
 
 
-def test_a_shut_down_worker_fails_calls_instead_of_hanging() -> None:
-    executor = ThreadPoolExecutor(max_workers=1)
-    executor.shutdown()
-    coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(
-        on_executor(executor, _double_or_refuse), _as_is
-    )
+def test_a_result_count_that_does_not_match_the_batch_fails_it() -> None:
+    def commit(items: Sequence[int], worked: list[int | BaseException]) -> list[int]:
+        return [1]  # one result for a batch of two
 
-    async def main() -> None:
-        await asyncio.wait_for(coalescer.submit(2), timeout=5)
+    coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(_double_or_refuse, commit)
 
-    with pytest.raises(RuntimeError, match="shutdown"):
-        asyncio.run(main())
+    async def main() -> list[int | BaseException]:
+        return await asyncio.gather(*(coalescer.submit(i) for i in (2, 4)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) and "gave 1 results" in str(r) for r in results)
 
 
 def test_a_cancelled_batch_cancels_its_callers_and_the_next_batch_is_worked_on() -> None:
@@ -175,7 +163,7 @@ def test_a_cancelled_batch_cancels_its_callers_and_the_next_batch_is_worked_on()
         if not cancelled:  # the first batch only
             cancelled.append(items)
             raise asyncio.CancelledError
-        return _double_or_refuse(items)
+        return await _double_or_refuse(items)
 
     coalescer: Coalescer[int, list[int | BaseException], int] = Coalescer(work, _as_is)
 

@@ -1,6 +1,7 @@
-"""The route process: the same counts and classes as the sidecar's own tokenizer and
-classifier, a refused classifier that changed on disk, and a sidecar that keeps routing
-(and restarts the child) when the child is killed."""
+"""The child-process prompt reader: the same counts and classifications as the sidecar's
+own tokenizer and classifier, a refused classifier that changed on disk, batches that
+take turns, and a sidecar that keeps routing (and restarts the child) when the child is
+killed."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from typing import Any
 
 import pytest
 
+from classifiers.holder import ClassifierHolder
 from classifiers.runtime import OnnxTaskClassifier
 from router.pb import router_pb2 as pb
-from router.route_process import Classified, RouteProcess, RouteProcessError
+from router.prompt_reader import PromptsRead
+from router.route_process import ChildProcessReader, RouteProcess, RouteProcessError
 from router.service import Components
 from tests.router.conftest import ADMIN, ServingWorld, SidecarThread
 
@@ -57,10 +60,9 @@ def test_child_counts_and_classes_equal_the_sidecars_own(
 
     done = asyncio.run(child.run(texts, texts, _key(classifier_dir)))
 
-    assert done.counts == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    assert done.classes == [
-        (c.cluster, float(c.probability), bool(c.out_of_distribution)) for c in in_process
-    ]
+    counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert done.token_counts == counts
+    assert done.classifications == in_process
     assert child.batches == 1
 
 
@@ -72,7 +74,8 @@ def test_a_batch_larger_than_the_pipe_goes_through_in_parts(
 
     done = asyncio.run(child.run(texts, [], ("", "")))
 
-    assert done.counts == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    counts = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert done.token_counts == counts
 
 
 def test_child_refuses_a_classifier_that_is_not_the_one_served(
@@ -84,7 +87,7 @@ def test_child_refuses_a_classifier_that_is_not_the_one_served(
     with pytest.raises(RouteProcessError, match="the sidecar serves"):
         asyncio.run(child.run(["a"], ["a"], (str(directory), served)))
     # The child stays up and serves the next batch.
-    assert asyncio.run(child.run(["a"], ["a"], _key(directory))).classes
+    assert asyncio.run(child.run(["a"], ["a"], _key(directory))).classifications
     assert child.ready and child.starts == 1
 
 
@@ -99,6 +102,52 @@ def test_closing_stops_the_child(components: Components) -> None:
         os.kill(pid, 0)  # reaped: no zombie, no orphan
 
 
+@pytest.fixture()
+def holder(serving_world: ServingWorld) -> ClassifierHolder:
+    return ClassifierHolder(OnnxTaskClassifier.load(serving_world.world.root / "classifier"))
+
+
+def test_reads_that_come_while_a_batch_is_out_wait_for_the_child(
+    components: Components, holder: ClassifierHolder, serving_world: ServingWorld
+) -> None:
+    # A Generate's read beside a Route batch: both go to the child, one after the other
+    # (the child takes one batch at a time; without the turn, the second is read
+    # in-process).
+    reader = ChildProcessReader(components.target.tokenizer, holder)
+    reader.start(wait=True)
+    texts = list(serving_world.prompts.values())
+
+    async def together() -> tuple[PromptsRead, PromptsRead]:
+        return await asyncio.gather(reader.read(texts, texts), reader.read(texts[:1], []))
+
+    try:
+        batch, lone = asyncio.run(together())
+        assert reader.process.batches == 2
+    finally:
+        reader.close()
+    assert batch.classifications == holder.current.classify_batch(texts)
+    assert lone.token_counts == batch.token_counts[:1] and lone.classifications == []
+
+
+def test_a_reader_whose_child_is_not_up_reads_in_process_and_starts_it(
+    components: Components, holder: ClassifierHolder, serving_world: ServingWorld
+) -> None:
+    reader = ChildProcessReader(components.target.tokenizer, holder)
+    text = serving_world.prompts["math"]
+    try:
+        read = asyncio.run(reader.read([text], [text]))
+        assert read.classifications == [holder.current.classify(text)]
+        assert read.token_counts == [
+            len(components.target.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ]
+        assert reader.process.batches == 0
+        _wait_until(lambda: reader.process.ready)  # the read started it, in the background
+        assert asyncio.run(reader.read([text], [text])) == read
+        assert reader.process.batches == 1
+    finally:
+        reader.close()
+
+
 @pytest.fixture(scope="module")
 def sidecar_with_child(
     serving_world: ServingWorld, components: Components, tmp_path_factory: pytest.TempPathFactory
@@ -106,8 +155,7 @@ def sidecar_with_child(
     running = SidecarThread(
         serving_world.settings(tmp_path_factory.mktemp("state-child")), components
     )
-    process = running.service.route_process
-    assert process is not None
+    process = running.service.prompt_reader.process
     _wait_until(lambda: process.ready)
     yield running
     running.stop()
@@ -121,7 +169,7 @@ def _route(sidecar: SidecarThread, text: str) -> pb.RouteDecision:
 def test_route_batches_go_through_the_child(
     sidecar_with_child: SidecarThread, serving_world: ServingWorld
 ) -> None:
-    process = sidecar_with_child.service.route_process
+    process = sidecar_with_child.service.prompt_reader.process
     before = process.batches
     text = serving_world.prompts["math"]
     expected = OnnxTaskClassifier.load(serving_world.world.root / "classifier").classify(text)
@@ -136,7 +184,7 @@ def test_route_batches_go_through_the_child(
 def test_a_reloaded_classifier_reaches_the_child(
     sidecar_with_child: SidecarThread, serving_world: ServingWorld
 ) -> None:
-    process = sidecar_with_child.service.route_process
+    process = sidecar_with_child.service.prompt_reader.process
     texts = list(serving_world.prompts.values())
     v2 = OnnxTaskClassifier.load(serving_world.classifier_v2_dir).classify_batch(texts)
     sidecar_with_child.stub.ReloadClassifier(
@@ -159,7 +207,7 @@ def test_a_reloaded_classifier_reaches_the_child(
 def test_routing_goes_on_when_the_child_is_killed_and_the_child_comes_back(
     sidecar_with_child: SidecarThread, serving_world: ServingWorld
 ) -> None:
-    process = sidecar_with_child.service.route_process
+    process = sidecar_with_child.service.prompt_reader.process
     text = serving_world.prompts["qa"]
     expected = _route(sidecar_with_child, text).task_cluster
     killed = process.pid
@@ -178,27 +226,13 @@ def test_routing_goes_on_when_the_child_is_killed_and_the_child_comes_back(
     assert process.starts >= 2 and process.batches > before  # the new child serves
 
 
-def test_without_a_route_process_the_sidecar_routes_on_its_thread(
-    serving_world: ServingWorld, components: Components, tmp_path: Path
-) -> None:
-    limits = serving_world.settings(tmp_path).limits.model_copy(update={"route_process": False})
-    running = SidecarThread(serving_world.settings(tmp_path, limits=limits), components)
-    try:
-        text = serving_world.prompts["code"]
-        expected = OnnxTaskClassifier.load(serving_world.world.root / "classifier").classify(text)
-        assert running.service.route_process is None
-        assert _route(running, text).task_cluster == expected.cluster
-    finally:
-        running.stop()
-
-
 def test_a_child_that_stops_answering_is_killed_and_replaced(components: Components) -> None:
     process = RouteProcess(_tokenizer_json(components), reply_timeout_s=0.5)
     process.start()
     hung = process.pid
     assert hung is not None
 
-    async def scenario() -> Classified:
+    async def scenario() -> PromptsRead:
         with pytest.raises(RouteProcessError, match=r"no reply within 0\.5 s"):
             await process.run(["a"], [], ("", ""))
         with pytest.raises(ProcessLookupError):
@@ -209,7 +243,7 @@ def test_a_child_that_stops_answering_is_killed_and_replaced(components: Compone
 
     os.kill(hung, signal.SIGSTOP)  # alive, but never answers
     try:
-        assert asyncio.run(asyncio.wait_for(scenario(), timeout=60)).counts == [2]
+        assert asyncio.run(asyncio.wait_for(scenario(), timeout=60)).token_counts == [2]
         assert process.pid != hung and process.starts == 2
     finally:
         process.close()
