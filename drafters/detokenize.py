@@ -6,17 +6,29 @@ from collections.abc import Sequence
 from typing import Any
 
 
-class IncrementalDetokenizer:
-    """Turns appended token ids into newly completed text (TGI's prefix/read offsets).
+def special_token_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids that decoding with ``skip_special_tokens`` leaves out: the tokenizer's special
+    tokens and the added tokens marked special (Qwen2.5's ``<|im_end|>`` and the like)."""
+    ids = {int(i) for i in getattr(tokenizer, "all_special_ids", ()) or ()}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(int(i) for i, token in added.items() if getattr(token, "special", False))
+    return frozenset(ids)
 
+
+class IncrementalDetokenizer:
+    """Each appended token's newly completed text (TGI's prefix/read offsets).
+
+    The texts of the tokens pushed, plus :meth:`flush`, concatenate to the decoded output.
     Text is released only when it no longer ends in an incomplete UTF-8 sequence, and only
-    a short window of ids is re-decoded per call.
+    a short window of ids is re-decoded per token. Special tokens decode to nothing: their
+    text is never emitted, :meth:`is_special` says which they are.
     """
 
     def __init__(self, tokenizer: Any) -> None:
         # The Rust tokenizer decodes several times faster than the Python wrapper.
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self._tokenizer = tokenizer
+        self._special_ids = special_token_ids(tokenizer)
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
@@ -27,9 +39,12 @@ class IncrementalDetokenizer:
             return str(self._backend.decode(list(ids), skip_special_tokens=True))
         return str(self._tokenizer.decode(ids, skip_special_tokens=True))
 
-    def push(self, token_ids: Sequence[int]) -> str:
-        """Append ids; return the text they complete (possibly empty)."""
-        self._ids.extend(token_ids)
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def push(self, token_id: int) -> str:
+        """Append one id; return the text it completes (possibly empty)."""
+        self._ids.append(token_id)
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):

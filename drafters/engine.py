@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from drafters.attention import cached_causal_mask
-from drafters.base import Drafter, DraftSession, Proposal, empty_proposal, first_stop
+from drafters.base import Drafter, DraftSession, Proposal, empty_proposal
 from drafters.detokenize import IncrementalDetokenizer, find_stop
 from drafters.loader import LoadedModel
 from drafters.sampling import SamplingConfig, make_generator
@@ -36,20 +36,42 @@ DraftLengthSchedule = Callable[[int, GenerationStats], int]
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """Tokens verified in one step, and the text they complete."""
+    """Tokens verified in one step, each with the text it completes.
+
+    This is the one detokenization of the output: ``token_texts[i]`` is what token i adds
+    to the text ("" for a special token, which is never emitted as text, or while a
+    character is still incomplete); ``special[i]`` marks the special tokens.
+    """
 
     token_ids: list[int]
-    text: str
+    token_texts: list[str]
+    special: list[bool]
+
+    @property
+    def text(self) -> str:
+        return "".join(self.token_texts)
 
 
 class GenerationRun:
-    """An iterator of :class:`TokenEvent`; ``stats`` and ``output_ids`` are complete once
-    iteration ends (or the run is closed early, which counts as cancelled)."""
+    """An iterator of :class:`TokenEvent`; ``stats``, ``output_ids`` and ``text`` are
+    complete once iteration ends (or the run is closed early, which counts as cancelled)."""
 
-    def __init__(self, events: Iterator[TokenEvent], stats: GenerationStats, output_ids: list[int]):
+    def __init__(
+        self,
+        events: Iterator[TokenEvent],
+        stats: GenerationStats,
+        output_ids: list[int],
+        output_texts: list[str],
+    ):
         self._events = events
         self.stats = stats
         self.output_ids = output_ids
+        self._output_texts = output_texts
+
+    @property
+    def text(self) -> str:
+        """The text emitted so far: the events' texts, concatenated."""
+        return "".join(self._output_texts)
 
     def __iter__(self) -> GenerationRun:
         return self
@@ -138,10 +160,12 @@ class SpeculativeEngine:
         )
         stats = GenerationStats(prompt_tokens=len(request.prompt_ids))
         output_ids: list[int] = []
-        return GenerationRun(self._events(request, stats, output_ids), stats, output_ids)
+        output_texts: list[str] = []
+        events = self._events(request, stats, output_ids, output_texts)
+        return GenerationRun(events, stats, output_ids, output_texts)
 
     def _events(
-        self, request: _Request, stats: GenerationStats, output: list[int]
+        self, request: _Request, stats: GenerationStats, output: list[int], texts: list[str]
     ) -> Iterator[TokenEvent]:
         began = time.perf_counter()
         history = list(request.prompt_ids)
@@ -167,13 +191,22 @@ class SpeculativeEngine:
                 tokens = self._speculative_step(
                     cache, session, history, k, request.sampling, generator, stats
                 )
-                tokens, text, stopped = self._apply_stops(tokens, request, detokenizer)
+                tokens, token_texts, stopped = self._detokenize(tokens, request, detokenizer)
                 output.extend(tokens)
                 history.extend(tokens)
-                if stopped is not None:
-                    text += detokenizer.flush()
+                if stopped is None:
+                    stopped = self._length_reached(request, history, len(output))
+                if stopped in ("eos_token", "length"):
+                    # The last token: release a character it left incomplete (a stop
+                    # sequence's text ends at the stop, so nothing is added after it).
+                    token_texts[-1] += detokenizer.flush()
+                texts.extend(token_texts)
                 elapsed += time.perf_counter() - resumed
-                yield TokenEvent(token_ids=tokens, text=text)
+                yield TokenEvent(
+                    token_ids=tokens,
+                    token_texts=token_texts,
+                    special=[detokenizer.is_special(t) for t in tokens],
+                )
                 if stopped is not None:
                     finish_reason = stopped
                     break
@@ -198,12 +231,18 @@ class SpeculativeEngine:
     def _reason_to_stop_before_step(
         self, request: _Request, history: list[int], generated: int
     ) -> str | None:
+        length = self._length_reached(request, history, generated)
+        if length is not None:
+            return length
+        if request.should_stop is not None and request.should_stop():
+            return "cancelled"
+        return None
+
+    def _length_reached(self, request: _Request, history: list[int], generated: int) -> str | None:
         if generated >= request.max_new_tokens:
             return "length"
         if self.max_positions is not None and len(history) >= self.max_positions:
             return "length"
-        if request.should_stop is not None and request.should_stop():
-            return "cancelled"
         return None
 
     def _draft_length(
@@ -262,23 +301,21 @@ class SpeculativeEngine:
         )
         return tokens
 
-    def _apply_stops(
+    def _detokenize(
         self, tokens: list[int], request: _Request, detokenizer: IncrementalDetokenizer
-    ) -> tuple[list[int], str, str | None]:
-        """Cut the step's tokens after the first EOS or completed stop sequence."""
-        stop = first_stop(tokens, self.stop_token_ids)
-        if stop is not None:
-            tokens = tokens[: stop + 1]
-            return tokens, detokenizer.push(tokens), "eos_token"
-        if not request.stop_sequences:
-            return tokens, detokenizer.push(tokens), None
-        text = ""
+    ) -> tuple[list[int], list[str], str | None]:
+        """Each token's text, the step cut after its first EOS or completed stop sequence
+        (the last text then ends at the stop sequence's end)."""
+        texts: list[str] = []
         for index, token in enumerate(tokens):
             checked = len(detokenizer.text)
-            released = detokenizer.push([token])
-            end = find_stop(detokenizer.text, request.stop_sequences, checked)
-            if end is not None:
-                keep = end - checked  # characters of this release up to the stop's end
-                return tokens[: index + 1], text + released[:keep], "stop_sequence"
-            text += released
-        return tokens, text, None
+            released = detokenizer.push(token)
+            if token in self.stop_token_ids:
+                return tokens[: index + 1], [*texts, released], "eos_token"
+            if request.stop_sequences:
+                end = find_stop(detokenizer.text, request.stop_sequences, checked)
+                if end is not None:
+                    # Characters of this release up to the stop's end.
+                    return tokens[: index + 1], [*texts, released[: end - checked]], "stop_sequence"
+            texts.append(released)
+        return tokens, texts, None

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from classifiers.api import Classification
 from classifiers.chat import render_chat
 from router.domain import (
     DrafterSpec,
@@ -46,10 +45,9 @@ from router.generation import Finished, GenerationQueue
 from router.metrics import SidecarMetrics
 from router.policy.base import NONE_DRAFTER
 from router.policy_holder import PolicyHolder
-from router.prompt_reader import InProcessReader, PromptReader
 from router.registry import DrafterRecord, SidecarStore
-from router.route_process import ChildProcessReader
-from router.settings import Limits, Settings
+from router.route_process import RouteProcess, RouteProcessError
+from router.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -124,44 +122,13 @@ class PolicyView:
     contexts: list[Any] = field(default_factory=list)
 
 
-class IncrementalDecoder:
-    """Per-token text whose concatenation is the decoded output (TGI's prefix/read offsets)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self._ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-        self._special = set(getattr(tokenizer, "all_special_ids", ()) or ())
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        self._ids.append(token_id)
-        before = self._tokenizer.decode(self._ids[self._prefix : self._read])
-        after = self._tokenizer.decode(self._ids[self._prefix :])
-        special = token_id in self._special
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self._ids)
-            return after[len(before) :], special
-        return "", special
-
-
 @dataclass
 class RouteBatch:
     """A Route batch on its way: per slot an error, a routed request once decided, or
     nothing yet; and (slot, classification, prompt tokens) of each request to decide."""
 
     results: list[RoutedRequest | SidecarError | None]
-    placed: list[tuple[int, Classification, int]] = field(default_factory=list)
-
-
-def prompt_reader_for(limits: Limits, tokenizer: Any, classifiers: Any) -> PromptReader:
-    """The prompt reader ``limits.prompt_reader`` names (router.prompt_reader), not started.
-    A child process needs a fast tokenizer (it is sent as JSON): without one, in-process."""
-    if limits.prompt_reader == "child_process":
-        if getattr(tokenizer, "backend_tokenizer", None) is not None:
-            return ChildProcessReader(tokenizer, classifiers)
-        logger.warning("the target's tokenizer is not a fast one: prompts are read in-process")
-    return InProcessReader(tokenizer, classifiers)
+    placed: list[tuple[int, tuple[str, float, bool], int]] = field(default_factory=list)
 
 
 class RouterService:
@@ -191,8 +158,11 @@ class RouterService:
             on_depth=metrics.queue_depth.set,
         )
         self._learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="counterfactual")
-        # Counts prompts' tokens and classifies them, for Route and Generate alike.
-        self.prompt_reader = prompt_reader_for(self.limits, self.tokenizer, components.classifiers)
+        # Route batches are tokenized and classified in a child process (own GIL), or
+        # on this thread when there is none (router.coalescer, router.route_process).
+        self.route_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="route-batch")
+        self.route_process: RouteProcess | None = None
+        self._classifier_key: tuple[Any, tuple[str, str] | None] | None = None
         self._learning_lock = threading.Lock()
         self._learning_backlog = 0
         # Server-assigned request ids: unique per process start, cheaper than uuid4.
@@ -217,22 +187,26 @@ class RouterService:
         self.policy.start(self.settings.policy, self.settings.policy_config)
         self.metrics.drafters.set(len(self.drafters.names()))
         self.metrics.policy_version.set(self.policy.version)
-        self.prompt_reader.start()
+        if self.limits.route_process and self._fast_tokenizer is not None:
+            self.route_process = RouteProcess(
+                self._fast_tokenizer.to_str(), spin_s=self.limits.route_process_spin_ms / 1000
+            )
+            self.route_process.start_in_background()
 
     def close(self) -> None:
         """Final policy snapshot; stop the workers."""
         try:
-            self.prompt_reader.close()
+            if self.route_process is not None:
+                self.route_process.close()
             self.queue.shutdown()
+            self.route_worker.shutdown(wait=True, cancel_futures=True)
             self._learner.shutdown(wait=True, cancel_futures=True)
         finally:
             self.policy.snapshot()
 
     # -- routing ----------------------------------------------------------------------
     def prompt_ids(self, prompt: Prompt) -> list[int]:
-        return self._ids_of(self._model_text(prompt))
-
-    def _ids_of(self, text: str) -> list[int]:
+        text = self._model_text(prompt)
         if self._fast_tokenizer is not None:
             return list(self._fast_tokenizer.encode(text, add_special_tokens=False).ids)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -246,12 +220,19 @@ class RouterService:
             )
         return render_chat(messages)
 
-    def _hinted(self, task_hint: str) -> Classification:
-        """The classification a task hint stands for (certain, in distribution)."""
-        labels = self.components.classifiers.current.labels
-        if task_hint not in labels:
-            raise InvalidRequestError(f"unknown task hint {task_hint!r}; clusters: {list(labels)}")
-        return Classification(task_hint, 1.0, False)
+    def _classify(self, prompt: Prompt, task_hint: str) -> tuple[str, float, bool]:
+        classifier = self.components.classifiers.current
+        if task_hint:
+            if task_hint not in classifier.labels:
+                raise InvalidRequestError(
+                    f"unknown task hint {task_hint!r}; clusters: {list(classifier.labels)}"
+                )
+            return task_hint, 1.0, False
+        if prompt.text is not None:
+            result = classifier.classify(prompt.text)
+        else:
+            result = classifier.classify_messages(list(prompt.messages))
+        return result.cluster, float(result.probability), bool(result.out_of_distribution)
 
     def _count_decision(self, routed: RoutedRequest) -> None:
         key = (routed.task_cluster, routed.decision.drafter, int(routed.decision.k))
@@ -263,14 +244,26 @@ class RouterService:
 
     async def prepare_routes(self, requests: list[RouteInput]) -> RouteBatch:
         """The Route RPC for a batch of requests, up to the policy (on the event loop):
-        check each request, then count tokens and classify the whole batch with the
-        prompt reader. A refused request gets its error in its slot. Nothing is decided
+        check each request, then count tokens and classify the whole batch in the route
+        process (:mod:`router.route_process`), or on the Route worker thread when there is
+        none or it fails. A refused request gets its error in its slot. Nothing is decided
         or remembered yet: :meth:`commit_routes` does that."""
-        results, valid = self._checked_batch(requests)
-        texts, unhinted, classifier_texts = self._batch_texts(requests, valid)
-        read = await self.prompt_reader.read(texts, classifier_texts)
-        classifications = dict(zip(unhinted, read.classifications, strict=True))
-        return self._placed(requests, results, valid, read.token_counts, classifications)
+        process, key = self.route_process, self._process_classifier_key()
+        if process is not None and key is not None:
+            if process.started:
+                results, valid = self._checked_batch(requests)
+                texts, unhinted, classifier_texts = self._batch_texts(requests, valid)
+                try:
+                    done = await process.run(texts, classifier_texts, key)
+                except RouteProcessError as error:
+                    logger.warning("%s; this Route batch is worked on in-process", error)
+                else:
+                    classes = dict(zip(unhinted, done.classes, strict=True))
+                    return self._placed(requests, results, valid, done.counts, classes)
+            else:
+                process.start_in_background()  # rate-limited; meanwhile the thread works
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.route_worker, self._prepare_routes, requests)
 
     def commit_routes(
         self, requests: Sequence[RouteInput], prepared: RouteBatch
@@ -286,6 +279,20 @@ class RouterService:
             if result is not None:
                 results.append(result)
         return results
+
+    def _prepare_routes(self, requests: Sequence[RouteInput]) -> RouteBatch:
+        """:meth:`prepare_routes` in this process (thread-safe): check, tokenize and
+        classify a batch."""
+        results, valid = self._checked_batch(requests)
+        texts, unhinted, classifier_texts = self._batch_texts(requests, valid)
+        classifier = self.components.classifiers.current
+        classes = {
+            index: (found.cluster, float(found.probability), bool(found.out_of_distribution))
+            for index, found in zip(
+                unhinted, classifier.classify_batch(classifier_texts), strict=True
+            )
+        }
+        return self._placed(requests, results, valid, self._token_counts(texts), classes)
 
     def _checked_batch(
         self, requests: Sequence[RouteInput]
@@ -318,29 +325,44 @@ class RouterService:
         results: list[RoutedRequest | SidecarError | None],
         valid: Sequence[tuple[int, Prompt]],
         counts: Sequence[int],
-        classifications: Mapping[int, Classification],
+        classes: Mapping[int, tuple[str, float, bool]],
     ) -> RouteBatch:
-        """A RouteBatch from a checked batch's token counts and classifications (by slot;
+        """A RouteBatch from a checked batch's token counts and classes (slot -> class;
         a hinted slot takes its hint)."""
         prepared = RouteBatch(results)
-        for (index, _), tokens in zip(valid, counts, strict=True):
+        for (index, prompt), tokens in zip(valid, counts, strict=True):
             try:
                 check_prompt_tokens(tokens, self.limits)
-                found = classifications.get(index)
+                found = classes.get(index)
                 hint = requests[index].task_hint
-                classification = found if found is not None else self._hinted(hint)
+                classification = found if found is not None else self._classify(prompt, hint)
             except SidecarError as error:
                 prepared.results[index] = error
                 continue
             prepared.placed.append((index, classification, tokens))
         return prepared
 
+    def _process_classifier_key(self) -> tuple[str, str] | None:
+        """(directory, sha256) of the current classifier if the route process can load
+        it (an ONNX classifier read from a directory), else None."""
+        classifier = self.components.classifiers.current
+        cached = self._classifier_key
+        if cached is not None and cached[0] is classifier:
+            return cached[1]
+        from classifiers.runtime import OnnxTaskClassifier
+
+        key = None
+        if isinstance(classifier, OnnxTaskClassifier) and Path(classifier.source).is_dir():
+            key = (classifier.source, classifier.metadata.model_sha256)
+        self._classifier_key = (classifier, key)
+        return key
+
     def _decide_routes(self, requests: Sequence[RouteInput], prepared: RouteBatch) -> RouteBatch:
         """Policy decisions for a prepared batch, in its result slots."""
         results = prepared.results
         buckets = [int(self._bucket(tokens)) for _, _, tokens in prepared.placed]
         contexts = [
-            self._context(classification.cluster, bucket)
+            self._context(classification[0], bucket)
             for (_, classification, _), bucket in zip(prepared.placed, buckets, strict=True)
         ]
         decisions, version = self.policy.select_many(contexts, self.drafters.eligible())
@@ -361,7 +383,20 @@ class RouterService:
     def _model_text(self, prompt: Prompt) -> str:
         return prompt.text if prompt.text is not None else self._chat_text(prompt.messages)
 
-    async def _route(
+    def _token_counts(self, texts: Sequence[str]) -> list[int]:
+        if not texts:
+            return []
+        if self._fast_tokenizer is not None:
+            # Counts only: the _fast variant skips the character offsets.
+            encode = getattr(self._fast_tokenizer, "encode_batch_fast", None)
+            encode = encode or self._fast_tokenizer.encode_batch
+            encoded = encode(list(texts), add_special_tokens=False)
+            return [len(e) for e in encoded]  # len(): no list of ids is built
+        return [
+            len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        ]
+
+    def _route(
         self,
         request: RouteInput,
         *,
@@ -369,22 +404,15 @@ class RouterService:
         force_drafter: str = "",
         force_k: int | None = None,
     ) -> RoutedRequest:
-        """One request routed: checked, read by the prompt reader (as a Route batch of
-        one), decided; with its prompt's token ids when ``generating``."""
         prompt = self._checked_prompt(request, generating=generating)
-        model_text = self._model_text(prompt)
-        hint = request.task_hint
-        read = await self.prompt_reader.read(
-            [model_text], [] if hint else [_classifier_text(prompt)]
-        )
-        (tokens,) = read.token_counts
-        check_prompt_tokens(tokens, self.limits)
-        classification = read.classifications[0] if read.classifications else self._hinted(hint)
+        ids = self.prompt_ids(prompt)
+        check_prompt_tokens(len(ids), self.limits)
+        classification = self._classify(prompt, request.task_hint)
         return self._routed(
             request,
             classification,
-            tokens,
-            tuple(self._ids_of(model_text)) if generating else (),
+            len(ids),
+            tuple(ids) if generating else (),
             force_drafter=force_drafter,
             force_k=force_k,
         )
@@ -392,7 +420,7 @@ class RouterService:
     def _routed(
         self,
         request: RouteInput,
-        classification: Classification,
+        classification: tuple[str, float, bool],
         prompt_tokens: int,
         prompt_ids: tuple[int, ...],
         *,
@@ -401,7 +429,7 @@ class RouterService:
     ) -> RoutedRequest:
         """The policy's decision for a checked, tokenized and classified request."""
         bucket = int(self._bucket(prompt_tokens))
-        context = self._context(classification.cluster, bucket)
+        context = self._context(classification[0], bucket)
         decision, version = self._decide(context, force_drafter, force_k)
         return self._routed_request(
             request, classification, prompt_tokens, prompt_ids, (bucket, context, decision, version)
@@ -410,19 +438,20 @@ class RouterService:
     def _routed_request(
         self,
         request: RouteInput,
-        classification: Classification,
+        classification: tuple[str, float, bool],
         prompt_tokens: int,
         prompt_ids: tuple[int, ...],
         placement: tuple[int, Any, Any, int],
     ) -> RoutedRequest:
         """The RoutedRequest of a classified request placed at (bucket, context) and
         decided (decision, policy version)."""
+        cluster, confidence, ood = classification
         bucket, context, decision, version = placement
         return RoutedRequest(
             request_id=request.request_id or f"{self._id_prefix}-{next(self._ids)}",
-            task_cluster=classification.cluster,
-            confidence=classification.probability,
-            out_of_distribution=classification.out_of_distribution,
+            task_cluster=cluster,
+            confidence=confidence,
+            out_of_distribution=ood,
             decision=decision,
             context=context,
             policy=self.policy.name,
@@ -484,7 +513,7 @@ class RouterService:
         """Yield the :class:`RoutedRequest`, then :class:`TokenChunk` s, then the result."""
         slot = self.queue.admit()
         try:
-            routed = await self._route(
+            routed = self._route(
                 request.route,
                 generating=True,
                 force_drafter=request.force_drafter,
@@ -539,19 +568,18 @@ class RouterService:
             stop_sequences=sampling.stop,
             should_stop=should_stop,
         )
-        decoder = IncrementalDecoder(self.tokenizer)
+        # The engine detokenizes each token once; its texts are passed on as they are.
         for event in run:
-            pieces = [decoder.push(int(token)) for token in event.token_ids]
             emit(
                 TokenChunk(
-                    token_ids=tuple(int(t) for t in event.token_ids),
-                    token_texts=tuple(text for text, _ in pieces),
-                    special=tuple(special for _, special in pieces),
+                    token_ids=tuple(event.token_ids),
+                    token_texts=tuple(event.token_texts),
+                    special=tuple(event.special),
                     text=event.text,
                 )
             )
         output = tuple(int(t) for t in run.output_ids)
-        text = self.tokenizer.decode(list(output), skip_special_tokens=True)
+        text = run.text
         stats = run.stats
         self.metrics.generated_tokens.inc(stats.generated_tokens)
         self.metrics.generations.labels(finish_reason=str(stats.finish_reason)).inc()

@@ -111,9 +111,40 @@ def test_streamed_events_are_the_output(
     events = list(run)
     assert [t for e in events for t in e.token_ids] == run.output_ids
     assert len(events) == run.stats.steps
-    text = "".join(e.text for e in events)
+    assert all(len(e.token_texts) == len(e.special) == len(e.token_ids) for e in events)
+    text = "".join(t for e in events for t in e.token_texts)
     assert text == engine.target.tokenizer.decode(run.output_ids, skip_special_tokens=True)
+    assert text == run.text == "".join(e.text for e in events)
     assert run.stats.mean_accepted_length == pytest.approx(len(run.output_ids) / len(events))
+
+
+def test_an_end_of_turn_token_is_marked_special_and_never_emitted_as_text(
+    tiny_models: TinyModels, drafters: dict[str, Drafter], prompts: list[list[int]]
+) -> None:
+    # The tiny target's damped special tokens never win greedily; a larger (tied) <|im_end|>
+    # row makes it end most of these prompts within a few tokens.
+    target = load_model(tiny_models.target_dir)
+    with torch.no_grad():
+        target.model.get_input_embeddings().weight[EOS_ID].mul_(15.0)
+    engine = SpeculativeEngine(target)
+    ended = 0
+    for prompt in prompts[:6]:
+        run = engine.generate(prompt, drafters["close"], 4, max_new_tokens=MAX_NEW)
+        tokens = [
+            (token, text, special)
+            for event in run
+            for token, text, special in zip(
+                event.token_ids, event.token_texts, event.special, strict=True
+            )
+        ]
+        assert [t for t, _, _ in tokens] == reference_greedy(target, engine, prompt, MAX_NEW)
+        assert "<|im_end|>" not in run.text
+        assert run.text == target.tokenizer.decode(run.output_ids, skip_special_tokens=True)
+        assert [special for t, _, special in tokens] == [t == EOS_ID for t, _, _ in tokens]
+        if run.stats.finish_reason == "eos_token":
+            ended += 1
+            assert tokens[-1] == (EOS_ID, "", True)
+    assert ended >= 3
 
 
 def test_target_cache_after_a_rejection_equals_a_fresh_prefill(

@@ -174,6 +174,27 @@ def test_generate_over_grpc_is_exactly_the_greedy_output(
     assert stats.tokens_per_s > 0
 
 
+def test_generated_tokens_carry_the_engines_text_and_special_tokens_none(
+    sidecar: SidecarThread,
+) -> None:
+    tokenizer = sidecar.service.tokenizer
+    ended = 0
+    for answer in ("Sure.", "The answer is 391.", "I am fine, thank you."):
+        messages = [{"role": "user", "content": "What is 17 * 23?"}]
+        chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # After an answer the tiny target ends its turn: it emits <|im_end|>.
+        chunks = generate(sidecar, text=chat + answer, max_new_tokens=8)
+        tokens = [token for chunk in chunks for token in chunk.tokens]
+        text = "".join(chunk.text for chunk in chunks)
+        assert text == "".join(token.text for token in tokens) == chunks[-1].stats.generated_text
+        assert "<|im_end|>" not in text
+        if chunks[-1].stats.finish_reason == "eos_token":
+            ended += 1
+            assert tokens[-1].special and tokens[-1].text == ""
+            assert tokenizer.convert_ids_to_tokens(tokens[-1].id) == "<|im_end|>"
+    assert ended
+
+
 @pytest.mark.parametrize(("drafter", "k"), [("math", 4), ("generic", 2), ("ngram", 3), ("none", 0)])
 def test_generate_with_a_forced_arm_keeps_the_greedy_output(
     sidecar: SidecarThread, PROMPT: str, drafter: str, k: int
