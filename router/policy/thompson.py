@@ -48,6 +48,7 @@ from router.policy.acceptance import (
     counts_from_steps,
 )
 from router.policy.base import (
+    MAX_DRAFT_LENGTH,
     NONE_DRAFTER,
     STATE_VERSION,
     ArmSummary,
@@ -72,7 +73,7 @@ class ThompsonConfig(BaseModel):
     gamma: float = Field(0.99, gt=0.0, le=1.0)
     gamma_drift: float = Field(0.8, gt=0.0, le=1.0)
     drift_z: float | None = Field(3.0, gt=0.0)
-    k_max: int = Field(8, ge=1, le=32)
+    k_max: int = Field(8, ge=1, le=MAX_DRAFT_LENGTH)
     seed: int | None = 0
     prior_alpha: float = Field(1.0, gt=0.0)
     prior_beta: float = Field(1.0, gt=0.0)
