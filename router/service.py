@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from classifiers.api import Classification
 from classifiers.chat import render_chat
 from router.domain import (
     DrafterSpec,
@@ -45,9 +46,10 @@ from router.generation import Finished, GenerationQueue
 from router.metrics import SidecarMetrics
 from router.policy.base import NONE_DRAFTER
 from router.policy_holder import PolicyHolder
+from router.prompt_reader import InProcessReader, PromptReader
 from router.registry import DrafterRecord, SidecarStore
-from router.route_process import RouteProcess, RouteProcessError
-from router.settings import Settings
+from router.route_process import ChildProcessReader
+from router.settings import Limits, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +130,17 @@ class RouteBatch:
     nothing yet; and (slot, classification, prompt tokens) of each request to decide."""
 
     results: list[RoutedRequest | SidecarError | None]
-    placed: list[tuple[int, tuple[str, float, bool], int]] = field(default_factory=list)
+    placed: list[tuple[int, Classification, int]] = field(default_factory=list)
+
+
+def prompt_reader_for(limits: Limits, tokenizer: Any, classifiers: Any) -> PromptReader:
+    """The prompt reader ``limits.prompt_reader`` names (router.prompt_reader), not started.
+    A child process needs a fast tokenizer (it is sent as JSON): without one, in-process."""
+    if limits.prompt_reader == "child_process":
+        if getattr(tokenizer, "backend_tokenizer", None) is not None:
+            return ChildProcessReader(tokenizer, classifiers)
+        logger.warning("the target's tokenizer is not a fast one: prompts are read in-process")
+    return InProcessReader(tokenizer, classifiers)
 
 
 class RouterService:
@@ -158,11 +170,8 @@ class RouterService:
             on_depth=metrics.queue_depth.set,
         )
         self._learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="counterfactual")
-        # Route batches are tokenized and classified in a child process (own GIL), or
-        # on this thread when there is none (router.coalescer, router.route_process).
-        self.route_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="route-batch")
-        self.route_process: RouteProcess | None = None
-        self._classifier_key: tuple[Any, tuple[str, str] | None] | None = None
+        # Counts prompts' tokens and classifies them, for Route and Generate alike.
+        self.prompt_reader = prompt_reader_for(self.limits, self.tokenizer, components.classifiers)
         self._learning_lock = threading.Lock()
         self._learning_backlog = 0
         # Server-assigned request ids: unique per process start, cheaper than uuid4.
@@ -187,26 +196,22 @@ class RouterService:
         self.policy.start(self.settings.policy, self.settings.policy_config)
         self.metrics.drafters.set(len(self.drafters.names()))
         self.metrics.policy_version.set(self.policy.version)
-        if self.limits.route_process and self._fast_tokenizer is not None:
-            self.route_process = RouteProcess(
-                self._fast_tokenizer.to_str(), spin_s=self.limits.route_process_spin_ms / 1000
-            )
-            self.route_process.start_in_background()
+        self.prompt_reader.start()
 
     def close(self) -> None:
         """Final policy snapshot; stop the workers."""
         try:
-            if self.route_process is not None:
-                self.route_process.close()
+            self.prompt_reader.close()
             self.queue.shutdown()
-            self.route_worker.shutdown(wait=True, cancel_futures=True)
             self._learner.shutdown(wait=True, cancel_futures=True)
         finally:
             self.policy.snapshot()
 
     # -- routing ----------------------------------------------------------------------
     def prompt_ids(self, prompt: Prompt) -> list[int]:
-        text = self._model_text(prompt)
+        return self._ids_of(self._model_text(prompt))
+
+    def _ids_of(self, text: str) -> list[int]:
         if self._fast_tokenizer is not None:
             return list(self._fast_tokenizer.encode(text, add_special_tokens=False).ids)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -220,19 +225,12 @@ class RouterService:
             )
         return render_chat(messages)
 
-    def _classify(self, prompt: Prompt, task_hint: str) -> tuple[str, float, bool]:
-        classifier = self.components.classifiers.current
-        if task_hint:
-            if task_hint not in classifier.labels:
-                raise InvalidRequestError(
-                    f"unknown task hint {task_hint!r}; clusters: {list(classifier.labels)}"
-                )
-            return task_hint, 1.0, False
-        if prompt.text is not None:
-            result = classifier.classify(prompt.text)
-        else:
-            result = classifier.classify_messages(list(prompt.messages))
-        return result.cluster, float(result.probability), bool(result.out_of_distribution)
+    def _hinted(self, task_hint: str) -> Classification:
+        """The classification a task hint stands for (certain, in distribution)."""
+        labels = self.components.classifiers.current.labels
+        if task_hint not in labels:
+            raise InvalidRequestError(f"unknown task hint {task_hint!r}; clusters: {list(labels)}")
+        return Classification(task_hint, 1.0, False)
 
     def _count_decision(self, routed: RoutedRequest) -> None:
         key = (routed.task_cluster, routed.decision.drafter, int(routed.decision.k))
@@ -244,26 +242,14 @@ class RouterService:
 
     async def prepare_routes(self, requests: list[RouteInput]) -> RouteBatch:
         """The Route RPC for a batch of requests, up to the policy (on the event loop):
-        check each request, then count tokens and classify the whole batch in the route
-        process (:mod:`router.route_process`), or on the Route worker thread when there is
-        none or it fails. A refused request gets its error in its slot. Nothing is decided
+        check each request, then count tokens and classify the whole batch with the
+        prompt reader. A refused request gets its error in its slot. Nothing is decided
         or remembered yet: :meth:`commit_routes` does that."""
-        process, key = self.route_process, self._process_classifier_key()
-        if process is not None and key is not None:
-            if process.started:
-                results, valid = self._checked_batch(requests)
-                texts, unhinted, classifier_texts = self._batch_texts(requests, valid)
-                try:
-                    done = await process.run(texts, classifier_texts, key)
-                except RouteProcessError as error:
-                    logger.warning("%s; this Route batch is worked on in-process", error)
-                else:
-                    classes = dict(zip(unhinted, done.classes, strict=True))
-                    return self._placed(requests, results, valid, done.counts, classes)
-            else:
-                process.start_in_background()  # rate-limited; meanwhile the thread works
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.route_worker, self._prepare_routes, requests)
+        results, valid = self._checked_batch(requests)
+        texts, unhinted, classifier_texts = self._batch_texts(requests, valid)
+        read = await self.prompt_reader.read(texts, classifier_texts)
+        classifications = dict(zip(unhinted, read.classifications, strict=True))
+        return self._placed(requests, results, valid, read.token_counts, classifications)
 
     def commit_routes(
         self, requests: Sequence[RouteInput], prepared: RouteBatch
@@ -279,20 +265,6 @@ class RouterService:
             if result is not None:
                 results.append(result)
         return results
-
-    def _prepare_routes(self, requests: Sequence[RouteInput]) -> RouteBatch:
-        """:meth:`prepare_routes` in this process (thread-safe): check, tokenize and
-        classify a batch."""
-        results, valid = self._checked_batch(requests)
-        texts, unhinted, classifier_texts = self._batch_texts(requests, valid)
-        classifier = self.components.classifiers.current
-        classes = {
-            index: (found.cluster, float(found.probability), bool(found.out_of_distribution))
-            for index, found in zip(
-                unhinted, classifier.classify_batch(classifier_texts), strict=True
-            )
-        }
-        return self._placed(requests, results, valid, self._token_counts(texts), classes)
 
     def _checked_batch(
         self, requests: Sequence[RouteInput]
@@ -325,44 +297,29 @@ class RouterService:
         results: list[RoutedRequest | SidecarError | None],
         valid: Sequence[tuple[int, Prompt]],
         counts: Sequence[int],
-        classes: Mapping[int, tuple[str, float, bool]],
+        classifications: Mapping[int, Classification],
     ) -> RouteBatch:
-        """A RouteBatch from a checked batch's token counts and classes (slot -> class;
+        """A RouteBatch from a checked batch's token counts and classifications (by slot;
         a hinted slot takes its hint)."""
         prepared = RouteBatch(results)
-        for (index, prompt), tokens in zip(valid, counts, strict=True):
+        for (index, _), tokens in zip(valid, counts, strict=True):
             try:
                 check_prompt_tokens(tokens, self.limits)
-                found = classes.get(index)
+                found = classifications.get(index)
                 hint = requests[index].task_hint
-                classification = found if found is not None else self._classify(prompt, hint)
+                classification = found if found is not None else self._hinted(hint)
             except SidecarError as error:
                 prepared.results[index] = error
                 continue
             prepared.placed.append((index, classification, tokens))
         return prepared
 
-    def _process_classifier_key(self) -> tuple[str, str] | None:
-        """(directory, sha256) of the current classifier if the route process can load
-        it (an ONNX classifier read from a directory), else None."""
-        classifier = self.components.classifiers.current
-        cached = self._classifier_key
-        if cached is not None and cached[0] is classifier:
-            return cached[1]
-        from classifiers.runtime import OnnxTaskClassifier
-
-        key = None
-        if isinstance(classifier, OnnxTaskClassifier) and Path(classifier.source).is_dir():
-            key = (classifier.source, classifier.metadata.model_sha256)
-        self._classifier_key = (classifier, key)
-        return key
-
     def _decide_routes(self, requests: Sequence[RouteInput], prepared: RouteBatch) -> RouteBatch:
         """Policy decisions for a prepared batch, in its result slots."""
         results = prepared.results
         buckets = [int(self._bucket(tokens)) for _, _, tokens in prepared.placed]
         contexts = [
-            self._context(classification[0], bucket)
+            self._context(classification.cluster, bucket)
             for (_, classification, _), bucket in zip(prepared.placed, buckets, strict=True)
         ]
         decisions, version = self.policy.select_many(contexts, self.drafters.eligible())
@@ -383,20 +340,7 @@ class RouterService:
     def _model_text(self, prompt: Prompt) -> str:
         return prompt.text if prompt.text is not None else self._chat_text(prompt.messages)
 
-    def _token_counts(self, texts: Sequence[str]) -> list[int]:
-        if not texts:
-            return []
-        if self._fast_tokenizer is not None:
-            # Counts only: the _fast variant skips the character offsets.
-            encode = getattr(self._fast_tokenizer, "encode_batch_fast", None)
-            encode = encode or self._fast_tokenizer.encode_batch
-            encoded = encode(list(texts), add_special_tokens=False)
-            return [len(e) for e in encoded]  # len(): no list of ids is built
-        return [
-            len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        ]
-
-    def _route(
+    async def _route(
         self,
         request: RouteInput,
         *,
@@ -404,15 +348,22 @@ class RouterService:
         force_drafter: str = "",
         force_k: int | None = None,
     ) -> RoutedRequest:
+        """One request routed: checked, read by the prompt reader (as a Route batch of
+        one), decided; with its prompt's token ids when ``generating``."""
         prompt = self._checked_prompt(request, generating=generating)
-        ids = self.prompt_ids(prompt)
-        check_prompt_tokens(len(ids), self.limits)
-        classification = self._classify(prompt, request.task_hint)
+        model_text = self._model_text(prompt)
+        hint = request.task_hint
+        read = await self.prompt_reader.read(
+            [model_text], [] if hint else [_classifier_text(prompt)]
+        )
+        (tokens,) = read.token_counts
+        check_prompt_tokens(tokens, self.limits)
+        classification = read.classifications[0] if read.classifications else self._hinted(hint)
         return self._routed(
             request,
             classification,
-            len(ids),
-            tuple(ids) if generating else (),
+            tokens,
+            tuple(self._ids_of(model_text)) if generating else (),
             force_drafter=force_drafter,
             force_k=force_k,
         )
@@ -420,7 +371,7 @@ class RouterService:
     def _routed(
         self,
         request: RouteInput,
-        classification: tuple[str, float, bool],
+        classification: Classification,
         prompt_tokens: int,
         prompt_ids: tuple[int, ...],
         *,
@@ -429,7 +380,7 @@ class RouterService:
     ) -> RoutedRequest:
         """The policy's decision for a checked, tokenized and classified request."""
         bucket = int(self._bucket(prompt_tokens))
-        context = self._context(classification[0], bucket)
+        context = self._context(classification.cluster, bucket)
         decision, version = self._decide(context, force_drafter, force_k)
         return self._routed_request(
             request, classification, prompt_tokens, prompt_ids, (bucket, context, decision, version)
@@ -438,20 +389,19 @@ class RouterService:
     def _routed_request(
         self,
         request: RouteInput,
-        classification: tuple[str, float, bool],
+        classification: Classification,
         prompt_tokens: int,
         prompt_ids: tuple[int, ...],
         placement: tuple[int, Any, Any, int],
     ) -> RoutedRequest:
         """The RoutedRequest of a classified request placed at (bucket, context) and
         decided (decision, policy version)."""
-        cluster, confidence, ood = classification
         bucket, context, decision, version = placement
         return RoutedRequest(
             request_id=request.request_id or f"{self._id_prefix}-{next(self._ids)}",
-            task_cluster=cluster,
-            confidence=confidence,
-            out_of_distribution=ood,
+            task_cluster=classification.cluster,
+            confidence=classification.probability,
+            out_of_distribution=classification.out_of_distribution,
             decision=decision,
             context=context,
             policy=self.policy.name,
@@ -513,7 +463,7 @@ class RouterService:
         """Yield the :class:`RoutedRequest`, then :class:`TokenChunk` s, then the result."""
         slot = self.queue.admit()
         try:
-            routed = self._route(
+            routed = await self._route(
                 request.route,
                 generating=True,
                 force_drafter=request.force_drafter,
