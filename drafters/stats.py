@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def mean_accepted_length(accepted: int, steps: int) -> float:
+    """Tokens emitted per target step: the accepted drafts plus the one target token (the
+    bonus or correction) of every step, 1 + accepted / steps; 1.0 for plain decoding, 0.0
+    before any step. The one definition, for one request and for tallies pooled over many.
+    """
+    return 1.0 + accepted / steps if steps else 0.0
+
+
 @dataclass
 class GenerationStats:
     """What one request did: steps, drafted and accepted tokens, where time went.
@@ -64,9 +72,8 @@ class GenerationStats:
 
     @property
     def mean_accepted_length(self) -> float:
-        """Tokens emitted per step: accepted drafts plus the one target token (the bonus or
-        correction). This is the one definition; it is 1.0 for plain decoding."""
-        return 1.0 + self.accepted / self.steps if self.steps else 0.0
+        """Tokens emitted per step (:func:`mean_accepted_length`)."""
+        return mean_accepted_length(self.accepted, self.steps)
 
     @property
     def per_token_acceptance(self) -> float:

@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from drafters.stats import mean_accepted_length
+
 # Output-length buckets (generated tokens of the baseline run), upper bounds inclusive.
 LENGTH_BUCKET_EDGES: tuple[int, ...] = (16, 32, 64, 128)
 
@@ -72,7 +74,7 @@ class TaskStats:
     @property
     def mean_accepted_length(self) -> float:
         """Tokens per target step, the bonus token included (1.0 for plain decoding)."""
-        return self.generated_tokens / self.steps if self.steps else 0.0
+        return mean_accepted_length(self.accepted, self.steps)
 
 
 @dataclass(frozen=True)

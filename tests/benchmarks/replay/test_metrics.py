@@ -132,3 +132,16 @@ def test_paired_speedup_is_the_geometric_mean_of_per_request_ratios() -> None:
     policy = [result(0, "a", 0.25), result(1, "a", 1.0), result(2, "b", 1.0)]
     # a: sqrt(4 * 1) = 2; b: 2
     assert paired_speedup(policy, baseline) == pytest.approx({"a": 2.0, "b": 2.0})
+
+
+def test_mean_accepted_length_is_the_engines_when_a_stop_cuts_a_step() -> None:
+    from drafters.stats import GenerationStats
+
+    # Three steps accept 2 drafts each; the last step's first accepted draft is EOS, so it
+    # keeps 1 of its 3 tokens: 7 tokens generated, 1 + 6 / 3 = 3 tokens per step as the
+    # engine reports it (not 7 / 3).
+    engine = GenerationStats(generated_tokens=7)
+    for _ in range(3):
+        engine.observe_step(requested=2, drafted=2, accepted=2, draft_time_s=0, verify_time_s=0)
+    replayed = result(0, "a", 1.0, tokens=7, drafter="d", k=2, steps=3, drafted=6, accepted=6)
+    assert task_stats([replayed])["a"].mean_accepted_length == engine.mean_accepted_length == 3.0
