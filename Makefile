@@ -42,9 +42,11 @@ world: install
 demo: install
 	$(SPECROUTE) demo
 
+# lint-imports: the package layering in pyproject.toml ([tool.importlinter]).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 test: lint
 	$(VENV)/bin/pytest -q

@@ -55,10 +55,10 @@ def open_or_build_world(world_dir: Path | None, scale: str) -> Any:
     """An existing world directory as it is (whatever its scale), else the cached or newly
     built world of ``scale``."""
     from benchmarks.world.build import build_world
-    from benchmarks.world.layout import World, read_manifest
+    from router.bundle import ModelBundle, read_manifest
 
     if world_dir is not None and read_manifest(Path(world_dir)) is not None:
-        return World.load(Path(world_dir))
+        return ModelBundle.load(Path(world_dir))
     return build_world(world_dir, scale, progress=True)
 
 

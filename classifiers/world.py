@@ -1,4 +1,4 @@
-"""The built-in world's classifier: trained from the world's corpus on first use, then cached."""
+"""A model bundle's classifier: trained from the bundle's corpus on first use, then cached."""
 
 from __future__ import annotations
 
@@ -19,27 +19,12 @@ logger = logging.getLogger(__name__)
 CLASSIFIER_DIRNAME = "classifier"
 
 
-def world_corpus_dir(world_dir: Path) -> Path:
-    """The world's corpus folder: ``World.load(dir).corpus_dir``, else ``<dir>/corpus``."""
-    fallback = world_dir / "corpus"
-    try:
-        from benchmarks.world.layout import World
-    except ImportError:
-        return fallback
-    try:
-        return Path(World.load(world_dir).corpus_dir)
-    except (OSError, ValueError, KeyError):
-        # A bare corpus folder (no world manifest) is still a usable training source.
-        if fallback.is_dir():
-            return fallback
-        raise
-
-
-def read_world_split(world_dir: Path, split: str) -> list[LabeledPrompt]:
-    """One split of the world's corpus as labeled prompts (system prompt + last user turn)."""
-    path = world_corpus_dir(world_dir) / f"{split}.jsonl"
+def read_corpus_split(corpus_dir: Path, split: str) -> list[LabeledPrompt]:
+    """One split (``<corpus_dir>/<split>.jsonl``) as labeled prompts (system prompt + last
+    user turn)."""
+    path = Path(corpus_dir) / f"{split}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the world has no {split} split; build the world first")
+        raise FileNotFoundError(f"{path}: the corpus has no {split} split; build the world first")
     return read_labeled_jsonl(path)
 
 
@@ -67,8 +52,9 @@ def _install(staging: Path, target: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def ensure_world_classifier(world_dir: Path, seed: int = 0) -> Path:
-    """Return ``<world_dir>/classifier``, training it from the world's corpus if missing or stale.
+def ensure_world_classifier(world_dir: Path, corpus_dir: Path, seed: int = 0) -> Path:
+    """Return ``<world_dir>/classifier``, training it from the train and validation splits in
+    ``corpus_dir`` (a bundle's ``corpus_dir``) if missing or stale.
 
     The cache key is the hash of the training and validation prompts, the seed and the
     trainer version (``training_data_hash`` in classifier.json). A file lock serialises
@@ -76,8 +62,8 @@ def ensure_world_classifier(world_dir: Path, seed: int = 0) -> Path:
     """
     world_dir = Path(world_dir)
     target = world_dir / CLASSIFIER_DIRNAME
-    train = read_world_split(world_dir, "train")
-    validation = read_world_split(world_dir, "validation")
+    train = read_corpus_split(corpus_dir, "train")
+    validation = read_corpus_split(corpus_dir, "validation")
     data_hash = training_data_hash([*train, *validation], seed, TRAINER_VERSION)
     if _cached_is_current(target, data_hash):
         return target

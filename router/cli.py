@@ -1,14 +1,17 @@
 """The ``specroute`` command line: one Typer app, with commands contributed by each package.
 
-Each package owns a CLI module with ``register(app, bench)``; this file only mounts
-them, so adding a command never means editing another package's code.
+The sidecar's own commands (:mod:`router.serve_cli`) come first; every other package adds
+its commands through a ``register(app, bench)`` function declared in the ``specroute.cli``
+entry-point group (pyproject.toml), mounted in the order of the entry points' names. So
+adding a command never means editing this file, and the runtime never names the benchmarks.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
+from collections.abc import Callable
+from importlib.metadata import entry_points
 
 import typer
 
@@ -17,22 +20,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Modules that contribute commands, in the order they appear in --help.
-CLI_MODULES: tuple[str, ...] = (
-    "benchmarks.world.cli",
-    "benchmarks.engine.cli",
-    "classifiers.cli",
-    "benchmarks.classifier.cli",
-    "benchmarks.policy_sim.cli",
-    "router.serve_cli",
-    "benchmarks.replay.cli",
-    "benchmarks.load.cli",
-    "benchmarks.demo",
-)
+CLI_ENTRY_POINTS = "specroute.cli"
+
+Registrar = Callable[[typer.Typer, typer.Typer], None]
+
+
+def plugin_registrars() -> list[Registrar]:
+    """The installed ``specroute.cli`` entry points' ``register`` functions, by entry name.
+
+    None when specroute is imported from a source tree that was never installed: then only
+    the sidecar's own commands are there (``pip install -e .`` adds the rest).
+    """
+    found = sorted(entry_points(group=CLI_ENTRY_POINTS), key=lambda entry: entry.name)
+    return [entry.load() for entry in found]
 
 
 def build_app() -> typer.Typer:
-    """Assemble the root app and the ``bench`` group from every package's CLI module."""
+    """Assemble the root app and the ``bench`` group: the sidecar's commands, then the
+    plug-ins'."""
     app = typer.Typer(
         name="specroute",
         help="Adaptive router for speculative decoding in multitask LLM serving.",
@@ -51,8 +56,10 @@ def build_app() -> typer.Typer:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
 
-    for module_name in CLI_MODULES:
-        importlib.import_module(module_name).register(app, bench)
+    from router import serve_cli
+
+    for register in [serve_cli.register, *plugin_registrars()]:
+        register(app, bench)
     return app
 
 

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from router.bundle import ModelBundle, default_bundle_dir
 from router.policy.base import NONE_DRAFTER
 from router.registry import DrafterRecord
 from router.service import Components
@@ -23,9 +24,7 @@ def resolve_world_dir(settings: Settings) -> Path:
     """The configured world directory, or the built-in default world's."""
     if settings.world_dir is not None:
         return Path(settings.world_dir).expanduser()
-    from benchmarks.world.layout import default_world_dir
-
-    return default_world_dir(settings.world_scale)
+    return default_bundle_dir(settings.world_scale)
 
 
 def read_finetune_sample(drafter_dir: Path, limit: int = FINETUNE_SAMPLE_SIZE) -> tuple[str, ...]:
@@ -100,9 +99,7 @@ def build_components(settings: Settings) -> Components:
     classifier_dir = settings.classifier_dir
     target_dir = settings.target_dir
     if _uses_world(settings):
-        from benchmarks.world.layout import World
-
-        world = World.load(resolve_world_dir(settings))
+        world = ModelBundle.load(resolve_world_dir(settings))
         drafter_dirs.update(world.drafter_dirs)
         roots.insert(0, Path(world.root))
         tasks = tuple(world.tasks)
@@ -110,7 +107,7 @@ def build_components(settings: Settings) -> Components:
         if classifier_dir is None:
             from classifiers import ensure_world_classifier
 
-            classifier_dir = ensure_world_classifier(world.root, settings.seed)
+            classifier_dir = ensure_world_classifier(world.root, world.corpus_dir, settings.seed)
     assert target_dir is not None and classifier_dir is not None
     drafter_dirs.update(settings.drafter_dirs)
     apply_torch_threads(settings.torch_threads)

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from benchmarks.world.layout import World
+    from router.bundle import ModelBundle
 
 
 @pytest.fixture(scope="session")
-def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> World:
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
     """The built-in world at tiny scale (corpus, tokenizer, target, 8 drafters), built once."""
     from benchmarks.world.build import build_world
 

@@ -42,13 +42,13 @@ class CorpusSplits:
     test: list[LabeledPrompt]
 
 
-def load_splits(world_dir: Path | None, seed: int) -> CorpusSplits:
-    """The world's corpus from ``world_dir``, or the default-scale corpus built in memory."""
-    if world_dir is not None:
-        from classifiers.world import read_world_split
+def load_splits(corpus_dir: Path | None, seed: int) -> CorpusSplits:
+    """A bundle's corpus from ``corpus_dir``, or the default-scale corpus built in memory."""
+    if corpus_dir is not None:
+        from classifiers.world import read_corpus_split
 
         return CorpusSplits(
-            *(read_world_split(world_dir, s) for s in ("train", "validation", "test"))
+            *(read_corpus_split(corpus_dir, s) for s in ("train", "validation", "test"))
         )
     from benchmarks.world.corpus import build_corpus, prompt_text
 
@@ -116,13 +116,14 @@ def _discovery(splits: CorpusSplits, seed: int) -> dict[str, object]:
 
 
 def run_classifier_bench(
-    world_dir: Path | None = None,
+    corpus_dir: Path | None = None,
     seed: int = 0,
     false_flag_rate: float = 0.05,
     grid: Sequence[CandidateConfig] = DEFAULT_GRID,
 ) -> dict[str, object]:
-    """Everything ``bench classifier`` prints, as one JSON-ready dict."""
-    splits = load_splits(world_dir, seed)
+    """Everything ``bench classifier`` prints, as one JSON-ready dict, for the corpus in
+    ``corpus_dir`` (default: the default-scale corpus, built in memory)."""
+    splits = load_splits(corpus_dir, seed)
     trained = train_classifier(
         splits.train, splits.validation, seed=seed, false_flag_rate=false_flag_rate, grid=grid
     )

@@ -26,8 +26,10 @@ def bench_command(
 ) -> None:
     """Classifier accuracy, OOD recall, discovery ARI and latency beside scikit-learn."""
     from benchmarks.classifier.bench import run_classifier_bench
+    from router.bundle import ModelBundle
 
-    payload: dict[str, Any] = run_classifier_bench(world, seed=seed)
+    corpus_dir = ModelBundle.load(world).corpus_dir if world is not None else None
+    payload: dict[str, Any] = run_classifier_bench(corpus_dir, seed=seed)
     print_evaluation(payload)
     typer.echo(
         f"test false flags {payload['test_false_flags']:.3f}; OOD false flags on test "

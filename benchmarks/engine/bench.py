@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
+from benchmarks.world.layout import read_examples
 from drafters.base import Drafter
 from drafters.engine import SpeculativeEngine
 from drafters.loader import LoadedModel, load_model
 from drafters.registry import create_drafter
-from drafters.stats import mean_accepted_length
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Configuration:
 
 
 @dataclass
-class Tally:
+class ConfigurationTotals:
     """Totals of one configuration over a task's prompts."""
 
     runs: int = 0
@@ -86,8 +86,8 @@ class Tally:
 
     @property
     def mean_accepted_length(self) -> float:
-        """Tokens per step, the bonus/correction token included, over all runs."""
-        return mean_accepted_length(self.accepted, self.steps)
+        """Tokens per step, the bonus/correction token included."""
+        return 1.0 + self.accepted / self.steps if self.steps else 0.0
 
 
 def analytical_speedup(a: float, k: int, t_ar: float, t_draft: float, t_verify: float) -> float:
@@ -200,11 +200,11 @@ def measure_task(
     configs: list[Configuration],
     max_new_tokens: int,
     advance: Callable[[], None],
-) -> dict[Configuration, Tally]:
+) -> dict[Configuration, ConfigurationTotals]:
     """Run every configuration on every prompt, interleaved, after one warm-up pass."""
     target = engine.target
     stop_ids = sorted(engine.stop_token_ids)
-    tallies = {config: Tally() for config in configs}
+    totals = {config: ConfigurationTotals() for config in configs}
     for round_index, prompt in enumerate(setup.prompts):
         order = configs[round_index % len(configs) :] + configs[: round_index % len(configs)]
         if round_index == 0:  # warm-up: first calls pay one-off allocation costs
@@ -214,22 +214,22 @@ def measure_task(
             output, seconds, stats = _measure_one(
                 engine, target, setup, config, prompt, max_new_tokens, stop_ids
             )
-            tally = tallies[config]
-            tally.runs += 1
-            tally.tokens += len(output)
-            tally.seconds += seconds
-            tally.outputs.append(output)
+            config_totals = totals[config]
+            config_totals.runs += 1
+            config_totals.tokens += len(output)
+            config_totals.seconds += seconds
+            config_totals.outputs.append(output)
             if stats is not None:
-                tally.prefill_s += stats.prefill_time_s
-                tally.draft_s += stats.draft_time_s
-                tally.verify_s += stats.verify_time_s
-                tally.steps += stats.steps
-                tally.slots += sum(stats.requested_per_step)
+                config_totals.prefill_s += stats.prefill_time_s
+                config_totals.draft_s += stats.draft_time_s
+                config_totals.verify_s += stats.verify_time_s
+                config_totals.steps += stats.steps
+                config_totals.slots += sum(stats.requested_per_step)
                 accepted, tried = stats.acceptance_trials()
-                tally.accepted += accepted
-                tally.tried += tried
+                config_totals.accepted += accepted
+                config_totals.tried += tried
             advance()
-    return tallies
+    return totals
 
 
 def _measure_one(
@@ -254,7 +254,7 @@ def _measure_one(
 def count_mismatches(
     target: LoadedModel,
     prompts: Sequence[list[int]],
-    tallies: dict[Configuration, Tally],
+    totals: dict[Configuration, ConfigurationTotals],
     reference: Configuration,
     max_new_tokens: int,
 ) -> list[float]:
@@ -262,14 +262,14 @@ def count_mismatches(
     difference, the target's top-two logit gap at the first differing position (a gap
     under 1e-4 is a floating-point near-tie, anything larger a real defect)."""
     gaps: list[float] = []
-    expected = tallies[reference].outputs
-    for tally in tallies.values():
-        for prompt, wanted, full in zip(prompts, expected, tally.outputs, strict=False):
+    expected = totals[reference].outputs
+    for config_totals in totals.values():
+        for prompt, wanted, full in zip(prompts, expected, config_totals.outputs, strict=False):
             # transformers' prompt lookup can emit one token past max_new_tokens.
             got = full[:max_new_tokens]
             if got == wanted:
                 continue
-            tally.mismatches += 1
+            config_totals.mismatches += 1
             first = next(
                 (i for i, (a, b) in enumerate(zip(got, wanted, strict=False)) if a != b),
                 min(len(got), len(wanted)),
@@ -284,48 +284,49 @@ def count_mismatches(
 
 
 def summarize_task(
-    tallies: dict[Configuration, Tally], head_to_head: dict[Configuration, Tally] | None
+    totals: dict[Configuration, ConfigurationTotals],
+    head_to_head: dict[Configuration, ConfigurationTotals] | None,
 ) -> dict[str, Any]:
     """Best (drafter, k) by measured speed-up, with its analytical speed-up and the
     comparison with transformers at the same (drafter, k) (from ``head_to_head``, the
     interleaved rerun of both at the best setting, when given)."""
-    plain = tallies[Configuration("ours", PLAIN, 0)]
+    plain = totals[Configuration("ours", PLAIN, 0)]
     ar_tps = plain.tokens_per_s
     # Speed-ups are per output token in the decode phase: the target's prefill is the
     # same with and without speculation and is left out of both sides.
     t_ar = plain.decode_seconds_per_token
     rows: list[dict[str, Any]] = []
-    for config, tally in tallies.items():
+    for config, config_totals in totals.items():
         if config.system != "ours" or config.drafter == PLAIN:
             continue
-        t_draft = tally.draft_s / tally.slots if tally.slots else 0.0
-        t_verify = tally.verify_s / tally.steps if tally.steps else 0.0
-        acceptance = acceptance_from_mean_length(tally.mean_accepted_length, config.k)
+        t_draft = config_totals.draft_s / config_totals.slots if config_totals.slots else 0.0
+        t_verify = config_totals.verify_s / config_totals.steps if config_totals.steps else 0.0
+        acceptance = acceptance_from_mean_length(config_totals.mean_accepted_length, config.k)
         analytical = analytical_speedup(acceptance, config.k, t_ar, t_draft, t_verify)
-        spec_time = tally.decode_seconds_per_token
+        spec_time = config_totals.decode_seconds_per_token
         speedup = t_ar / spec_time if spec_time else 0.0
-        theirs = tallies.get(Configuration("transformers", config.drafter, config.k))
+        theirs = totals.get(Configuration("transformers", config.drafter, config.k))
         rows.append(
             {
                 "drafter": config.drafter,
                 "k": config.k,
-                "tokens_per_s": tally.tokens_per_s,
+                "tokens_per_s": config_totals.tokens_per_s,
                 "speedup": speedup,
-                "speedup_end_to_end": tally.tokens_per_s / ar_tps if ar_tps else 0.0,
+                "speedup_end_to_end": config_totals.tokens_per_s / ar_tps if ar_tps else 0.0,
                 "acceptance": acceptance,
-                "acceptance_mle": tally.acceptance_mle,
-                "mean_accepted_length": tally.mean_accepted_length,
+                "acceptance_mle": config_totals.acceptance_mle,
+                "mean_accepted_length": config_totals.mean_accepted_length,
                 "analytical_speedup": analytical,
                 "efficiency": speedup / analytical if analytical else 0.0,
                 "t_draft_s": t_draft,
                 "t_verify_s": t_verify,
                 "transformers_tokens_per_s": theirs.tokens_per_s if theirs else None,
                 "vs_transformers": (
-                    tally.tokens_per_s / theirs.tokens_per_s
+                    config_totals.tokens_per_s / theirs.tokens_per_s
                     if theirs and theirs.tokens_per_s
                     else None
                 ),
-                "mismatches": tally.mismatches,
+                "mismatches": config_totals.mismatches,
             }
         )
     best = max(rows, key=lambda row: row["speedup"])
@@ -334,7 +335,7 @@ def summarize_task(
         theirs_best = head_to_head[Configuration("transformers", best["drafter"], best["k"])]
         best["transformers_tokens_per_s"] = theirs_best.tokens_per_s
         best["vs_transformers"] = ours.tokens_per_s / theirs_best.tokens_per_s
-    transformers_plain = tallies.get(Configuration("transformers", PLAIN, 0))
+    transformers_plain = totals.get(Configuration("transformers", PLAIN, 0))
     ratios = [row["vs_transformers"] for row in rows if row["vs_transformers"] is not None]
     return {
         "ar_tokens_per_s": ar_tps,
@@ -360,7 +361,7 @@ def summarize_task(
         "prompts": plain.runs,
         "generated_tokens": plain.tokens,
         "transformers_tokens_per_s_at_best": best["transformers_tokens_per_s"],
-        "mismatches": sum(t.mismatches for t in tallies.values()),
+        "mismatches": sum(t.mismatches for t in totals.values()),
         "configurations": rows,
     }
 
@@ -386,7 +387,7 @@ def load_task_setups(
     world: Any, target: LoadedModel, tasks: Sequence[str], prompts_per_task: int
 ) -> list[TaskSetup]:
     """Each task's first held-out prompts and its drafters: generic, its own, n-gram."""
-    test = world.examples("test")
+    test = read_examples(world.corpus_dir, "test")
     shared = {
         PLAIN: create_drafter(PLAIN, name=PLAIN, target=target),
         NGRAM: create_drafter(NGRAM, name=NGRAM, target=target),
@@ -451,12 +452,12 @@ def bench_engine(
     with tqdm(total=total, desc="bench engine", unit="run", disable=not progress) as bar:
         for setup, configs in plans:
             bar.set_postfix_str(setup.task)
-            tallies = measure_task(engine, setup, configs, max_new_tokens, lambda: bar.update(1))
+            totals = measure_task(engine, setup, configs, max_new_tokens, lambda: bar.update(1))
             bar.update(len(configs))  # the warm-up pass
             gaps = count_mismatches(
                 target,
                 setup.prompts,
-                tallies,
+                totals,
                 Configuration("transformers", PLAIN, 0),
                 max_new_tokens,
             )
@@ -464,7 +465,7 @@ def bench_engine(
             if not transformers_everywhere:
                 best = max(
                     (c for c in configs if c.system == "ours" and c.drafter != PLAIN),
-                    key=lambda c: -tallies[c].decode_seconds_per_token,
+                    key=lambda c: -totals[c].decode_seconds_per_token,
                 )
                 pair = [best, Configuration("transformers", best.drafter, best.k)]
                 head_to_head = measure_task(
@@ -474,7 +475,7 @@ def bench_engine(
                 gaps += count_mismatches(
                     target, setup.prompts, head_to_head, pair[0], max_new_tokens
                 )
-            summary = summarize_task(tallies, head_to_head)
+            summary = summarize_task(totals, head_to_head)
             summary["near_tie_gaps"] = gaps
             report["tasks"][setup.task] = summary
             all_gaps += gaps

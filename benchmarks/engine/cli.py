@@ -112,10 +112,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         import torch
 
         from benchmarks.engine.bench import bench_engine
-        from benchmarks.world.layout import World, default_world_dir
+        from router.bundle import ModelBundle, default_bundle_dir
 
         torch.set_num_threads(threads)
-        loaded = World.load(world or default_world_dir("default"))
+        loaded = ModelBundle.load(world or default_bundle_dir())
         chosen = [t for item in tasks or [] for t in item.split(",") if t] or None
         report = bench_engine(
             loaded,
@@ -130,3 +130,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(report, indent=2) + "\n")
             typer.echo(f"wrote {json_path}")
+
+
+def main() -> None:
+    """``python -m benchmarks.engine.cli [OPTIONS]``: ``bench engine`` alone, from a source
+    tree that was never installed (the device check runs it so)."""
+    app = typer.Typer(add_completion=False)
+    register(app, app)
+    app()
+
+
+if __name__ == "__main__":
+    main()

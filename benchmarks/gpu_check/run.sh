@@ -12,7 +12,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
   python3 -c 'import sys,torch,transformers,tokenizers,huggingface_hub,pydantic,typer; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-", "transformers", transformers.__version__, "tokenizers", tokenizers.__version__, "hub", huggingface_hub.__version__, "pydantic", pydantic.__version__, "typer", typer.__version__)'
   du -sh .gpu/world
   start=$(date +%s)
-  python3 -m router.cli bench engine --world .gpu/world --prompts 4 --max-new-tokens 64 --json "$OUT/engine_cuda.json"
+  python3 -m benchmarks.engine.cli --world .gpu/world --prompts 4 --max-new-tokens 64 --json "$OUT/engine_cuda.json"
   echo "bench rc=$? wall=$(( $(date +%s) - start ))s"
   date -u
 } 2>&1 | tee "$OUT/log.txt"

@@ -88,12 +88,12 @@ def bench_load_compare_command(
 
 def _floor_world(world: Path | None) -> Path:
     """The floor servicer's world: ``world`` or the built-in one; exit 2 if not built."""
-    from benchmarks.world.layout import World, WorldNotBuiltError, default_world_dir
+    from router.bundle import BundleNotFoundError, ModelBundle, default_bundle_dir
 
-    chosen = world or default_world_dir()
+    chosen = world or default_bundle_dir()
     try:
-        World.load(chosen)
-    except WorldNotBuiltError as error:
+        ModelBundle.load(chosen)
+    except BundleNotFoundError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     return chosen

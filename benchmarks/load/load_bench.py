@@ -249,13 +249,13 @@ def floor_reader(world_dir: Path) -> ChildProcessReader:
     and classifier a sidecar serves on the world at ``world_dir``."""
     from transformers import AutoTokenizer
 
-    from benchmarks.world.layout import World
     from classifiers import ensure_world_classifier
     from classifiers.holder import ClassifierHolder
     from classifiers.runtime import OnnxTaskClassifier
+    from router.bundle import ModelBundle
 
-    world = World.load(world_dir)
-    classifier_dir = ensure_world_classifier(world.root)
+    world = ModelBundle.load(world_dir)
+    classifier_dir = ensure_world_classifier(world.root, world.corpus_dir)
     classifiers = ClassifierHolder(OnnxTaskClassifier.load(classifier_dir))
     tokenizer = AutoTokenizer.from_pretrained(world.target_dir, local_files_only=True)
     reader = ChildProcessReader(tokenizer, classifiers)
@@ -310,7 +310,7 @@ def sample_reply(address: str, token: str | None = None) -> pb.RouteDecision:
 
 
 @contextlib.contextmanager
-def servicer_beside(
+def running_reference_servicer(
     address: str, token: str | None = None, world_dir: Path | None = None
 ) -> Iterator[str]:
     """An echo servicer (or, with ``world_dir``, a floor servicer) answering with the
@@ -336,7 +336,7 @@ def run_load_bench(
     """Load the sidecar at ``address`` and the echo ceiling; the JSON-ready result."""
     port = int(address.rsplit(":", 1)[1])
     sidecar_pid = pid or pid_listening_on(port)
-    with servicer_beside(address, token) as echo_address:
+    with running_reference_servicer(address, token) as echo_address:
         drive(address, WARMUP_CALLS, concurrency, token)  # lazy allocations before "before"
         drive(echo_address, WARMUP_CALLS, concurrency)
         before = rss_mb(sidecar_pid) if sidecar_pid else float("nan")
@@ -390,10 +390,12 @@ def compare_sidecars(
     if not addresses:
         raise ValueError("compare_sidecars needs at least one address")
     with contextlib.ExitStack() as stack:
-        echo_address = stack.enter_context(servicer_beside(addresses[0], token))
+        echo_address = stack.enter_context(running_reference_servicer(addresses[0], token))
         servers: dict[str, tuple[str, str | None]] = {a: (a, token) for a in addresses}
         if floor_world is not None:
-            floor = stack.enter_context(servicer_beside(addresses[0], token, floor_world))
+            floor = stack.enter_context(
+                running_reference_servicer(addresses[0], token, floor_world)
+            )
             servers["floor"] = (floor, None)
         per = _interleaved_rounds(servers, echo_address, rounds, requests, concurrency)
     return {

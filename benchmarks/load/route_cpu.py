@@ -140,7 +140,7 @@ def build_service(world_dir: Path, state_dir: Path) -> RouterService:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from benchmarks.world.layout import default_world_dir
+    from router.bundle import default_bundle_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", type=Path, default=None, help="default: the built-in one")
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    world_dir = args.world or default_world_dir()
+    world_dir = args.world or default_bundle_dir()
     with tempfile.TemporaryDirectory(prefix="route-cpu-") as state_dir:
         service = build_service(world_dir, Path(state_dir))
         try:

@@ -32,8 +32,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Simulate every policy on every scenario; print regret, oracle share, latency."""
         from benchmarks.policy_sim.report import format_table, run_all
+        from router.bundle import default_bundle_dir
 
-        world_dir = world if world is not None else _default_world_dir()
+        world_dir = world if world is not None else default_bundle_dir()
         report = run_all(world_dir, requests=requests, seed=seed, only=tuple(scenario or ()))
         typer.echo(f"{report['date']} | {report['machine']} | world: {report['world']}")
         typer.echo(
@@ -66,11 +67,3 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(result, indent=2) + "\n")
             typer.echo(f"wrote {json_path}")
-
-
-def _default_world_dir() -> Path:
-    """``$SPECROUTE_HOME/worlds/default`` (the built-in world's eval.json lives there)."""
-    import os
-
-    home = Path(os.environ.get("SPECROUTE_HOME", Path.home() / ".cache" / "specroute"))
-    return home / "worlds" / "default"

@@ -30,7 +30,7 @@ DEFAULT_POLICIES: tuple[str, ...] = ("none", "generic", "static", "ucb", "thomps
 
 
 class DrafterSource(Protocol):
-    """Where registration events find drafter directories (``benchmarks.world.layout.World``)."""
+    """Where registration events find drafter directories (``router.bundle.ModelBundle``)."""
 
     @property
     def drafter_dirs(self) -> Mapping[str, Path]: ...

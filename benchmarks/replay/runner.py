@@ -29,6 +29,7 @@ from benchmarks.replay.replay import (
 )
 from benchmarks.replay.report import build_report, write_report
 from benchmarks.replay.trace import Trace, TraceRequest, read_trace
+from benchmarks.world.layout import read_examples
 
 logger = logging.getLogger(__name__)
 
@@ -66,21 +67,22 @@ class ReplayOutcome:
 
 
 class WorldLike(DrafterSource, Protocol):
-    """What replays need of ``benchmarks.world.layout.World``."""
+    """What replays need of a model bundle (:class:`router.bundle.ModelBundle`)."""
 
     @property
     def root(self) -> Path: ...
     @property
     def tasks(self) -> Sequence[str]: ...
-    def examples(self, split: str) -> list[Any]: ...
+    @property
+    def corpus_dir(self) -> Path: ...
 
 
 def load_world(world_dir: Path | None) -> WorldLike:
     """The world at ``world_dir``; without one, the default-scale world (built if missing)."""
-    from benchmarks.world.layout import World
+    from router.bundle import ModelBundle
 
     if world_dir is not None:
-        loaded: WorldLike = World.load(world_dir)
+        loaded: WorldLike = ModelBundle.load(world_dir)
         return loaded
     from benchmarks.world.build import build_world
 
@@ -95,7 +97,7 @@ def resolve_trace(spec: str, world: WorldLike | None, options: TraceOptions) -> 
         return read_trace(path)
     if world is None:
         raise ValueError(f"{spec!r} is not a trace file, and built-in traces need a world")
-    return builtin_trace(spec, world.examples("test"), options)
+    return builtin_trace(spec, read_examples(world.corpus_dir, "test"), options)
 
 
 def calibration_requests(
@@ -104,7 +106,7 @@ def calibration_requests(
     """Prompts per task to calibrate on: the world's validation split, else the trace's own."""
     grouped: dict[str, list[TraceRequest]] = {}
     if world is not None:
-        examples: list[ExampleLike] = world.examples("validation")
+        examples: Sequence[ExampleLike] = read_examples(world.corpus_dir, "validation")
         for example in examples:
             if len(grouped.setdefault(example.task, [])) < per_task:
                 grouped[example.task].append(request_from_example(example, 0, options))
@@ -121,15 +123,16 @@ def world_env_without(world_dir: Path | None, withheld: Sequence[str]) -> dict[s
     Built-in drafters cannot be removed over the API, so a trace that starts without one
     gets a sidecar configured from explicit directories instead of ``--world``.
     """
-    from benchmarks.world.layout import World, default_world_dir
+    from router.bundle import ModelBundle, default_bundle_dir
 
-    world = World.load(world_dir or default_world_dir("default"))
+    world = ModelBundle.load(world_dir or default_bundle_dir())
     drafters = {n: str(p) for n, p in world.drafter_dirs.items() if n not in withheld}
     classifier_dir = os.environ.get("SPECROUTE_CLASSIFIER_DIR")
     if not classifier_dir:
         from classifiers import ensure_world_classifier
 
-        classifier_dir = str(ensure_world_classifier(world.root))  # trained once, then cached
+        # Trained once, then cached in the bundle.
+        classifier_dir = str(ensure_world_classifier(world.root, world.corpus_dir))
     return {
         "SPECROUTE_TARGET_DIR": str(world.target_dir),
         "SPECROUTE_CLASSIFIER_DIR": classifier_dir,

@@ -39,6 +39,7 @@ from benchmarks.replay.runner import (
 )
 from benchmarks.replay.study_report import write_study
 from benchmarks.replay.trace import Trace
+from benchmarks.world.layout import read_examples
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def _grouped_by_task(trace: Trace, name: str) -> Trace:
 def run_study_replays(client: ReplayClient, config: StudyConfig, world: WorldLike) -> StudyRuns:
     """Calibrate once, then every replay the four questions need."""
     options = TraceOptions(seed=config.seed, max_new_tokens_cap=config.max_new_tokens_cap)
-    test = world.examples("test")
+    test = read_examples(world.corpus_dir, "test")
     calibration_path = config.out_dir / "calibration.json"
     uniform_report = config.out_dir / "uniform" / "report.json"
     if config.reuse and not calibration_path.is_file() and uniform_report.is_file():
@@ -172,7 +173,7 @@ def finetune_samples(world: WorldLike) -> dict[str, list[str]]:
 def task_texts(world: WorldLike, per_task: int = 300) -> dict[str, list[str]]:
     """Training text per task (prompt and response), as a drafter would have seen it."""
     texts: dict[str, list[str]] = {}
-    for example in world.examples("train"):
+    for example in read_examples(world.corpus_dir, "train"):
         bucket = texts.setdefault(example.task, [])
         if len(bucket) < per_task:
             turns = " ".join(m["content"] for m in example.messages)

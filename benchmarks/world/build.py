@@ -26,13 +26,11 @@ from typing import Any
 from benchmarks.world.corpus import TASKS, Corpus, Example, build_corpus, prompt_text
 from benchmarks.world.layout import (
     FORMAT_VERSION,
-    World,
-    default_world_dir,
-    read_manifest,
     write_examples,
     write_manifest,
 )
 from benchmarks.world.train import EncodedExample, TrainingConfig
+from router.bundle import ModelBundle, default_bundle_dir, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -368,18 +366,18 @@ def build_world(
     *,
     progress: bool = True,
     force: bool = False,
-) -> World:
-    """Build the world into ``out`` (default ``default_world_dir(scale)``), or open it if the
+) -> ModelBundle:
+    """Build the world into ``out`` (default ``default_bundle_dir(scale)``), or open it if the
     directory already holds a world built from the same config."""
     if scale not in BUILD_CONFIGS:
         raise ValueError(f"unknown scale {scale!r}; choose from {sorted(BUILD_CONFIGS)}")
     config = BUILD_CONFIGS[scale]
-    out = Path(out).expanduser().resolve() if out is not None else default_world_dir(scale)
+    out = Path(out).expanduser().resolve() if out is not None else default_bundle_dir(scale)
     manifest = read_manifest(out)
     refuse_foreign_directory(out, manifest)
     if not force and manifest is not None and manifest.get("config_hash") == config.digest():
         logger.info("world at %s is up to date (config %s)", out, config.digest()[:12])
-        return World.load(out)
+        return ModelBundle.load(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
     try:
@@ -388,7 +386,7 @@ def build_world(
         _replace_directory(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return World.load(out)
+    return ModelBundle.load(out)
 
 
 class NotAWorldDirectoryError(ValueError):

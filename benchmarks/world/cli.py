@@ -119,9 +119,9 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Evaluate a world: target quality, acceptance matrix (k=4, greedy), step times."""
         from benchmarks.world.evaluate import evaluate_world
-        from benchmarks.world.layout import World, default_world_dir
+        from router.bundle import ModelBundle, default_bundle_dir
 
-        world = World.load(world_dir or default_world_dir(scale))
+        world = ModelBundle.load(world_dir or default_bundle_dir(scale))
         report = evaluate_world(world, limit=limit)
         render_evaluation(report)
         if json_path is not None:

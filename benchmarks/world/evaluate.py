@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.world.corpus import Example, math_answer, qa_answer
-from benchmarks.world.layout import World
+from benchmarks.world.layout import read_examples
+from router.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def unevenness(values: Sequence[float]) -> dict[str, float]:
     }
 
 
-def evaluate_world(world: World, *, limit: int | None = None) -> dict[str, Any]:
+def evaluate_world(world: ModelBundle, *, limit: int | None = None) -> dict[str, Any]:
     """Target quality, acceptance matrix and decode-step times on the test split."""
     import torch
 
@@ -205,7 +206,7 @@ def evaluate_world(world: World, *, limit: int | None = None) -> dict[str, Any]:
 
     torch.set_num_threads(2)
     started = time.perf_counter()
-    test = world.examples("test")
+    test = read_examples(world.corpus_dir, "test")
     target = load_model(world.target_dir)
     drafters = {name: load_model(path) for name, path in world.drafter_dirs.items()}
 

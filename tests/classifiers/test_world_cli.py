@@ -37,7 +37,7 @@ def corpus_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_world_classifier_is_trained_once_then_cached(corpus_world: Path) -> None:
-    directory = ensure_world_classifier(corpus_world, seed=0)
+    directory = ensure_world_classifier(corpus_world, corpus_world / "corpus", seed=0)
     assert directory == corpus_world / "classifier"
     classifier = OnnxTaskClassifier.load(directory)
     assert set(classifier.labels) == {
@@ -50,10 +50,10 @@ def test_world_classifier_is_trained_once_then_cached(corpus_world: Path) -> Non
         "code",
     }
     stamp = (directory / "classifier.onnx").stat().st_mtime_ns
-    assert ensure_world_classifier(corpus_world, seed=0) == directory
+    assert ensure_world_classifier(corpus_world, corpus_world / "corpus", seed=0) == directory
     assert (directory / "classifier.onnx").stat().st_mtime_ns == stamp
     (directory / "classifier.onnx").write_bytes(b"corrupt")
-    ensure_world_classifier(corpus_world, seed=0)
+    ensure_world_classifier(corpus_world, corpus_world / "corpus", seed=0)
     OnnxTaskClassifier.load(directory)  # retrained: a corrupt cache is not served
 
 
@@ -114,7 +114,9 @@ def test_cli_discovers_clusters_without_labels(tmp_path: Path) -> None:
 
 
 def test_bench_reports_the_agreed_keys(corpus_world: Path) -> None:
-    payload: dict[str, Any] = run_classifier_bench(corpus_world, seed=0, grid=FAST_GRID[:1])
+    payload: dict[str, Any] = run_classifier_bench(
+        corpus_world / "corpus", seed=0, grid=FAST_GRID[:1]
+    )
     assert set(payload) >= BENCH_KEYS
     assert set(payload["latency_us"]) == {"p50", "p99"}
     assert set(payload["sklearn_latency_us"]) == {"p50", "p99"}

@@ -22,7 +22,7 @@ from router.service import Components
 from router.settings import Limits, Settings
 
 if TYPE_CHECKING:
-    from benchmarks.world.layout import World
+    from router.bundle import ModelBundle
 
 ADMIN_TOKEN = "admin-secret"
 ADMIN = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
@@ -37,7 +37,7 @@ COMPLETION_PROMPT = "The capital of France is"
 class ServingWorld:
     """The tiny world, an extra model root with drafters to register, and bad directories."""
 
-    world: World
+    world: ModelBundle
     extra_root: Path  # a second model root
     spare_dir: Path  # a valid drafter not loaded at start (a copy of the world's math one)
     mismatched_dir: Path  # the generic drafter with one more tokenizer token
@@ -109,20 +109,22 @@ def _pickle_copy(source: Path, destination: Path) -> Path:
     return destination
 
 
-def _other_classifier(world: World, destination: Path) -> Path:
+def _other_classifier(world: ModelBundle, destination: Path) -> Path:
     from classifiers import train_classifier
-    from classifiers.world import read_world_split
+    from classifiers.world import read_corpus_split
 
-    train = read_world_split(world.root, "train")
-    validation = read_world_split(world.root, "validation")
+    train = read_corpus_split(world.corpus_dir, "train")
+    validation = read_corpus_split(world.corpus_dir, "validation")
     return Path(train_classifier(train, validation, seed=1).save(destination))
 
 
 @pytest.fixture(scope="session")
-def serving_world(tiny_world: World, tmp_path_factory: pytest.TempPathFactory) -> ServingWorld:
+def serving_world(
+    tiny_world: ModelBundle, tmp_path_factory: pytest.TempPathFactory
+) -> ServingWorld:
     from classifiers import ensure_world_classifier
 
-    ensure_world_classifier(tiny_world.root)
+    ensure_world_classifier(tiny_world.root, tiny_world.corpus_dir)
     base = tmp_path_factory.mktemp("serving")
     extra_root = base / "models"
     extra_root.mkdir()
@@ -131,7 +133,9 @@ def serving_world(tiny_world: World, tmp_path_factory: pytest.TempPathFactory) -
     outside = base / "outside" / "spare"
     shutil.copytree(tiny_world.drafter_dirs["math"], outside)
     prompts: dict[str, str] = {}
-    for example in tiny_world.examples("test"):
+    from benchmarks.world.layout import read_examples
+
+    for example in read_examples(tiny_world.corpus_dir, "test"):
         prompts.setdefault(example.task, example.messages[-1]["content"])
     generic = tiny_world.drafter_dirs["generic"]
     return ServingWorld(

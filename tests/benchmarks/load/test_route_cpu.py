@@ -6,15 +6,15 @@ import asyncio
 from pathlib import Path
 
 from benchmarks.load.route_cpu import build_service, format_measurement, measure
-from benchmarks.world.layout import World
+from router.bundle import ModelBundle
 
 
 def test_route_cpu_measures_the_sidecar_the_floor_and_the_policy(
-    tiny_world: World, tmp_path: Path
+    tiny_world: ModelBundle, tmp_path: Path
 ) -> None:
     from classifiers import ensure_world_classifier
 
-    ensure_world_classifier(tiny_world.root)
+    ensure_world_classifier(tiny_world.root, tiny_world.corpus_dir)
     service = build_service(tiny_world.root, tmp_path)
     holder = service.policy
     try:

@@ -11,10 +11,11 @@ import pytest
 
 from benchmarks.world.build import BUILD_CONFIGS, NotAWorldDirectoryError, build_world
 from benchmarks.world.corpus import TASKS, prompt_text
-from benchmarks.world.layout import World, WorldNotBuiltError, default_world_dir
+from benchmarks.world.layout import read_examples
+from router.bundle import ModelBundle
 
 
-def test_world_has_a_target_and_one_drafter_per_task(tiny_world: World) -> None:
+def test_world_has_a_target_and_one_drafter_per_task(tiny_world: ModelBundle) -> None:
     assert tiny_world.scale == "tiny"
     assert tiny_world.tasks == TASKS
     assert list(tiny_world.drafter_dirs) == ["generic", *TASKS]
@@ -25,7 +26,7 @@ def test_world_has_a_target_and_one_drafter_per_task(tiny_world: World) -> None:
     assert tiny_world.manifest["config_hash"] == BUILD_CONFIGS["tiny"].digest()
 
 
-def test_drafters_share_the_targets_tokenizer_and_vocabulary(tiny_world: World) -> None:
+def test_drafters_share_the_targets_tokenizer_and_vocabulary(tiny_world: ModelBundle) -> None:
     from drafters.loader import load_model
 
     target = load_model(tiny_world.target_dir)
@@ -39,7 +40,7 @@ def test_drafters_share_the_targets_tokenizer_and_vocabulary(tiny_world: World) 
         assert drafter.parameter_count < target.parameter_count
 
 
-def test_task_drafters_differ_from_the_generic_one(tiny_world: World) -> None:
+def test_task_drafters_differ_from_the_generic_one(tiny_world: ModelBundle) -> None:
     from safetensors.torch import load_file
 
     generic = load_file(str(tiny_world.drafter_dirs["generic"] / "model.safetensors"))
@@ -59,24 +60,29 @@ def test_longer_distillation_applies_to_its_tasks_only() -> None:
     assert BUILD_CONFIGS["tiny"].distill.longer == {}
 
 
-def test_drafters_carry_a_sample_of_their_finetuning_data(tiny_world: World) -> None:
-    train_prompts = {prompt_text(e) for e in tiny_world.examples("train") if e.task == "math"}
+def test_drafters_carry_a_sample_of_their_finetuning_data(tiny_world: ModelBundle) -> None:
+    train_prompts = {
+        prompt_text(e) for e in read_examples(tiny_world.corpus_dir, "train") if e.task == "math"
+    }
     path = tiny_world.drafter_dirs["math"] / "finetune_sample.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows
     assert all(row["task"] == "math" and row["text"] in train_prompts for row in rows)
 
 
-def test_corpus_files_hold_the_splits(tiny_world: World) -> None:
-    train, test = tiny_world.examples("train"), tiny_world.examples("test")
+def test_corpus_files_hold_the_splits(tiny_world: ModelBundle) -> None:
+    train, test = (
+        read_examples(tiny_world.corpus_dir, "train"),
+        read_examples(tiny_world.corpus_dir, "test"),
+    )
     assert {e.split for e in train} == {"train"}
     assert {e.task for e in test} == set(TASKS)
     assert not {prompt_text(e) for e in train} & {prompt_text(e) for e in test}
     with pytest.raises(ValueError, match="unknown split"):
-        tiny_world.examples("dev")
+        read_examples(tiny_world.corpus_dir, "dev")
 
 
-def test_second_build_is_cached(tiny_world: World) -> None:
+def test_second_build_is_cached(tiny_world: ModelBundle) -> None:
     weights = tiny_world.target_dir / "model.safetensors"
     before = weights.stat().st_mtime_ns
     start = time.perf_counter()
@@ -108,20 +114,8 @@ def test_never_builds_over_a_directory_that_is_not_a_world(tmp_path: Path) -> No
         build_world(a_file, "tiny", progress=False)
 
 
-def test_loading_an_empty_directory_says_how_to_build(tmp_path: Path) -> None:
-    with pytest.raises(WorldNotBuiltError, match="specroute world build"):
-        World.load(tmp_path)
-
-
-def test_default_world_dir_honours_specroute_home(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("SPECROUTE_HOME", str(tmp_path))
-    assert default_world_dir("tiny") == tmp_path / "worlds" / "tiny"
-
-
 @pytest.fixture(scope="module")
-def report(tiny_world: World) -> dict[str, Any]:
+def report(tiny_world: ModelBundle) -> dict[str, Any]:
     from benchmarks.world.evaluate import evaluate_world
 
     return evaluate_world(tiny_world, limit=3)
@@ -143,7 +137,7 @@ def test_eval_report_has_the_documented_keys_and_ranges(report: dict[str, Any]) 
     json.dumps(report)
 
 
-def test_eval_cli_writes_the_json_report(tiny_world: World, tmp_path: Path) -> None:
+def test_eval_cli_writes_the_json_report(tiny_world: ModelBundle, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from router.cli import build_app
@@ -159,7 +153,7 @@ def test_eval_cli_writes_the_json_report(tiny_world: World, tmp_path: Path) -> N
     assert {"tasks", "target_quality", "acceptance", "drafters"} <= set(saved)
 
 
-def test_same_seed_builds_identical_weights(tiny_world: World, tmp_path: Path) -> None:
+def test_same_seed_builds_identical_weights(tiny_world: ModelBundle, tmp_path: Path) -> None:
     again = build_world(tmp_path / "again", "tiny", progress=False)
     for name in ("target", "drafters/generic", "drafters/rag"):
         first = (tiny_world.root / name / "model.safetensors").read_bytes()

@@ -1,0 +1,91 @@
+"""A model bundle on disk: the target, its drafters and the corpus their classifier learns from.
+
+This is what ``specroute serve`` opens (``world_dir`` in the settings); the built-in world
+that ``specroute world build`` writes is one bundle. Layout, every path relative to ``root``
+and named in the manifest (written last, so a bundle without one is incomplete)::
+
+    <root>/manifest.json          scale, seed, build-config hash, tasks, relative paths, stats
+    <root>/corpus/                {train,validation,test}.jsonl (the classifier's training data)
+    <root>/target/                Qwen2ForCausalLM (safetensors) + tokenizer
+    <root>/drafters/generic/      generic drafter + tokenizer + finetune_sample.jsonl
+    <root>/drafters/<task>/       one distilled drafter per task (same files)
+
+Reading a bundle needs none of the code that builds one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+GENERIC_DRAFTER = "generic"
+
+
+class BundleNotFoundError(FileNotFoundError):
+    """The directory holds no (complete) model bundle: it has no manifest."""
+
+
+def specroute_home() -> Path:
+    """``$SPECROUTE_HOME``, default ``~/.cache/specroute``: state and built worlds live here."""
+    return Path(os.environ.get("SPECROUTE_HOME", "~/.cache/specroute")).expanduser()
+
+
+def default_bundle_dir(scale: str = "default") -> Path:
+    """Where the built-in world of ``scale`` lives: ``$SPECROUTE_HOME/worlds/<scale>``."""
+    return specroute_home() / "worlds" / scale
+
+
+def read_manifest(root: Path) -> dict[str, Any] | None:
+    """The manifest of a bundle directory, or None when there is none."""
+    path = root / MANIFEST
+    if not path.is_file():
+        return None
+    manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return manifest
+
+
+def _drafter_order(tasks: Sequence[str]) -> Callable[[str], tuple[int, str]]:
+    """Sort key: the generic drafter first, then the task drafters in task order."""
+    rank = {name: i for i, name in enumerate([GENERIC_DRAFTER, *tasks])}
+    return lambda name: (rank.get(name, len(rank)), name)
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A built bundle: target, drafters and corpus, all under ``root``."""
+
+    root: Path
+    scale: str
+    tasks: tuple[str, ...]
+    target_dir: Path
+    drafter_dirs: dict[str, Path]
+    corpus_dir: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def load(cls, root: Path | str) -> ModelBundle:
+        """Open a built bundle (raises ``BundleNotFoundError`` if ``root`` holds none)."""
+        root = Path(root).expanduser().resolve()
+        manifest = read_manifest(root)
+        if manifest is None:
+            raise BundleNotFoundError(
+                f"no world at {root} (no {MANIFEST}); build one with `specroute world build`"
+            )
+        tasks = tuple(str(task) for task in manifest["tasks"])
+        return cls(
+            root=root,
+            scale=str(manifest["scale"]),
+            tasks=tasks,
+            target_dir=root / manifest["target"],
+            drafter_dirs={
+                name: root / manifest["drafters"][name]
+                for name in sorted(manifest["drafters"], key=_drafter_order(tasks))
+            },
+            corpus_dir=root / manifest["corpus"],
+            manifest=manifest,
+        )
