@@ -1,1 +1,1 @@
-"""The policy simulator behind ``specroute bench policy``: worlds, scenarios, regret report."""
+"""The policy simulator behind ``specroute bench policy``: ground truth, scenarios, regret."""

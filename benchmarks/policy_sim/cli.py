@@ -56,7 +56,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         selects: Annotated[
             int, typer.Option("--selects", min=100, help="Timed calls of each kind.")
         ] = 20_000,
-        seed: Annotated[int, typer.Option("--seed", help="Seed of world, stream, policy.")] = 0,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of truth, stream, policy.")] = 0,
     ) -> None:
         """Time thompson's select (8 drafters x k 0..8) beside its 100 us budget."""
         from benchmarks.policy_sim.select_bench import format_result, measure

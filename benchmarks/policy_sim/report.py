@@ -8,9 +8,9 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from benchmarks.policy_sim.ground_truth import default_ground_truth
 from benchmarks.policy_sim.scenarios import build_scenarios, policy_specs
 from benchmarks.policy_sim.simulate import run_scenario
-from benchmarks.policy_sim.world import default_world
 
 
 def machine() -> str:
@@ -32,20 +32,20 @@ def run_all(
     only: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Simulate every policy on every scenario (or those named in ``only``)."""
-    world = default_world(world_dir)
+    truth = default_ground_truth(world_dir)
     report: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
-        "world": world.source,
+        "world": truth.source,
         "requests": requests,
         "seed": seed,
         "descriptions": {},
         "scenarios": {},
     }
-    for scenario in build_scenarios(world, requests, seed):
+    for scenario in build_scenarios(truth, requests, seed):
         if only and scenario.name not in only:
             continue
-        specs = policy_specs(scenario.world, scenario.initial_drafters, seed)
+        specs = policy_specs(scenario.truth, scenario.initial_drafters, seed)
         report["descriptions"][scenario.name] = scenario.description
         report["scenarios"][scenario.name] = run_scenario(scenario, specs, seed)
     return report

@@ -1,6 +1,6 @@
 """The simulator's scenarios and the policies compared in each.
 
-- ``stationary``: the world as built (generic, one drafter per task, n-gram), fixed mix.
+- ``stationary``: the built-in world's drafters (generic, one per task, n-gram), fixed mix.
 - ``drift``: at 40% of the stream, the ``code`` drafter's acceptance on ``code`` drops by
   0.35 (its domain moved); the best arm for that cluster changes.
 - ``new_drafter_prior`` / ``new_drafter_no_prior``: the ``translation`` drafter is missing
@@ -12,17 +12,17 @@
 
 from __future__ import annotations
 
+from benchmarks.policy_sim.ground_truth import NGRAM, GroundTruth, random_ground_truth
 from benchmarks.policy_sim.simulate import Event, PolicySpec, Scenario
-from benchmarks.policy_sim.world import NGRAM, SimWorld, random_world
 
 DRIFT_CLUSTER = "code"
 NEW_DRAFTER = "translation"
 
 
-def policy_specs(world: SimWorld, drafters: tuple[str, ...], seed: int) -> list[PolicySpec]:
+def policy_specs(truth: GroundTruth, drafters: tuple[str, ...], seed: int) -> list[PolicySpec]:
     """The policies compared: baselines, the references (ucb, oracle) and thompson."""
     generic = "generic" if "generic" in drafters else drafters[0]
-    static = {c: (c if c in drafters else generic, 4) for c in world.clusters}
+    static = {c: (c if c in drafters else generic, 4) for c in truth.clusters}
     return [
         PolicySpec("none", "none"),
         PolicySpec("fixed", "fixed", {"drafter": generic, "k": 4}),
@@ -34,18 +34,18 @@ def policy_specs(world: SimWorld, drafters: tuple[str, ...], seed: int) -> list[
     ]
 
 
-def build_scenarios(world: SimWorld, requests: int, seed: int) -> list[Scenario]:
-    """The five scenarios over ``world`` (see the module docstring)."""
-    everyone = world.drafters
+def build_scenarios(truth: GroundTruth, requests: int, seed: int) -> list[Scenario]:
+    """The five scenarios over ``truth`` (see the module docstring)."""
+    everyone = truth.drafters
     at = int(requests * 0.4)
     without_new = tuple(d for d in everyone if d != NEW_DRAFTER)
-    many = random_world(8, world.clusters, seed)
+    many = random_ground_truth(8, truth.clusters, seed)
     scenarios = [
-        Scenario("stationary", "all drafters, fixed acceptance", world, everyone, (), requests),
+        Scenario("stationary", "all drafters, fixed acceptance", truth, everyone, (), requests),
         Scenario(
             "drift",
             f"{DRIFT_CLUSTER} drafter loses 0.35 acceptance on {DRIFT_CLUSTER} at {at}",
-            world,
+            truth,
             everyone,
             (Event(at, "drift", DRIFT_CLUSTER, DRIFT_CLUSTER, -0.35),),
             requests,
@@ -58,7 +58,7 @@ def build_scenarios(world: SimWorld, requests: int, seed: int) -> list[Scenario]
                     "new_drafter_prior" if with_prior else "new_drafter_no_prior",
                     f"{NEW_DRAFTER} drafter registered at {at}"
                     + (" with its similarity prior" if with_prior else " with a neutral prior"),
-                    world,
+                    truth,
                     without_new,
                     (Event(at, "add", NEW_DRAFTER, NEW_DRAFTER, with_similarity=with_prior),),
                     requests,

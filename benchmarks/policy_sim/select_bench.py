@@ -3,7 +3,7 @@
     python -m benchmarks.policy_sim.select_bench [--selects 20000] [--seed 0] [--json PATH]
 
 A ``thompson`` policy (k_max 8) over the 8 random drafters of the simulator's
-``many_drafters`` world first learns from ``warmup`` simulated requests on its 16
+``many_drafters`` ground truth first learns from ``warmup`` simulated requests on its 16
 contexts (cluster x length bucket), then is timed, wall clock per call, three ways:
 
 - ``select``: calls in a tight loop over the contexts, nothing changing in between;
@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.policy_sim.ground_truth import CREATIVE, TASKS, GroundTruth, random_ground_truth
 from benchmarks.policy_sim.simulate import RequestStream, simulate_outcome
-from benchmarks.policy_sim.world import CREATIVE, TASKS, SimWorld, random_world
 from router.policy.base import Context, Policy, length_bucket
 from router.policy.registry import make_policy
 
@@ -36,18 +36,18 @@ BATCH = 8
 UNSEEN_BUCKET = 3  # prompts of 1024+ tokens: never in the stream (at most 255)
 
 
-def warmed_policy(world: SimWorld, requests: int, seed: int) -> tuple[Policy, list[Context]]:
+def warmed_policy(truth: GroundTruth, requests: int, seed: int) -> tuple[Policy, list[Context]]:
     """A ``thompson`` policy that has learnt from ``requests`` simulated requests, and the
     contexts of its stream."""
-    policy = make_policy("thompson", world.drafters, {"k_max": K_MAX, "seed": seed})
-    stream = RequestStream.sample(world, requests, seed)
+    policy = make_policy("thompson", truth.drafters, {"k_max": K_MAX, "seed": seed})
+    stream = RequestStream.sample(truth, requests, seed)
     rng = np.random.default_rng(seed + 1)
     contexts = []
     for c, prompt, tokens in zip(stream.cluster, stream.prompt_tokens, stream.tokens, strict=True):
-        context = Context(world.clusters[int(c)], length_bucket(int(prompt)))
-        decision = policy.select(context, world.drafters)
+        context = Context(truth.clusters[int(c)], length_bucket(int(prompt)))
+        decision = policy.select(context, truth.drafters)
         cell = (int(c), context.length_bucket)
-        outcome = simulate_outcome(rng, world, cell, decision.drafter, decision.k, int(tokens))
+        outcome = simulate_outcome(rng, truth, cell, decision.drafter, decision.k, int(tokens))
         policy.update(context, decision, outcome)
         contexts.append(context)
     return policy, sorted(set(contexts), key=lambda c: (c.cluster, c.length_bucket))
@@ -65,7 +65,7 @@ def time_calls(call: Callable[[int], object], calls: int) -> np.ndarray:
 
 
 def selects_after_updates(
-    policy: Policy, world: SimWorld, contexts: Sequence[Context], calls: int, seed: int
+    policy: Policy, truth: GroundTruth, contexts: Sequence[Context], calls: int, seed: int
 ) -> np.ndarray:
     """Wall time of ``select`` in microseconds when each call follows an update."""
     rng = np.random.default_rng(seed + 2)
@@ -73,24 +73,24 @@ def selects_after_updates(
     for i in range(calls):
         context = contexts[i % len(contexts)]
         started = time.perf_counter_ns()
-        decision = policy.select(context, world.drafters)
+        decision = policy.select(context, truth.drafters)
         timings[i] = (time.perf_counter_ns() - started) / 1000.0
-        cell = (world.clusters.index(context.cluster), context.length_bucket)
-        outcome = simulate_outcome(rng, world, cell, decision.drafter, decision.k, 100)
+        cell = (truth.clusters.index(context.cluster), context.length_bucket)
+        outcome = simulate_outcome(rng, truth, cell, decision.drafter, decision.k, 100)
         policy.update(context, decision, outcome)
     return timings
 
 
 def measure(selects: int = 20_000, seed: int = 0, warmup: int = 2_000) -> dict[str, Any]:
     """p50 and p99 of each way of timing (module doc), in microseconds."""
-    world = random_world(DRAFTERS, (*TASKS, CREATIVE), seed)
-    policy, contexts = warmed_policy(world, warmup, seed)
-    eligible = list(world.drafters)
+    truth = random_ground_truth(DRAFTERS, (*TASKS, CREATIVE), seed)
+    policy, contexts = warmed_policy(truth, warmup, seed)
+    eligible = list(truth.drafters)
 
     def select(i: int) -> object:
         return policy.select(contexts[i % len(contexts)], eligible)
 
-    unseen = [Context(cluster, UNSEEN_BUCKET) for cluster in world.clusters]
+    unseen = [Context(cluster, UNSEEN_BUCKET) for cluster in truth.clusters]
 
     def select_unseen(i: int) -> object:
         return policy.select(unseen[i % len(unseen)], eligible)
@@ -102,7 +102,7 @@ def measure(selects: int = 20_000, seed: int = 0, warmup: int = 2_000) -> dict[s
     timings = {
         "select": time_calls(select, selects),
         "select, unseen context": time_calls(select_unseen, selects),
-        "select after update": selects_after_updates(policy, world, contexts, selects, seed),
+        "select after update": selects_after_updates(policy, truth, contexts, selects, seed),
         f"select_many of {BATCH}": time_calls(select_many, max(1, selects // BATCH)),
     }
     return {

@@ -1,6 +1,6 @@
 """Run one policy through a simulated request stream and measure it against the oracle.
 
-Each request has a cluster (from the world's mix), a prompt length (hence a length
+Each request has a cluster (from the ground truth's mix), a prompt length (hence a length
 bucket) and a number of tokens to generate. The chosen (drafter, k) is simulated step by
 step: the request's acceptance is the true one plus N(0, 0.04) noise, each step accepts
 min(k, G) tokens with G geometric (truncated-geometric acceptance), and draft and verify
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.policy_sim.world import K_MAX, SimWorld
+from benchmarks.policy_sim.ground_truth import K_MAX, GroundTruth
 from router.policy.base import Context, Outcome, Policy, length_bucket
 from router.policy.registry import make_policy
 from router.policy.static import StaticPolicy, table_key
@@ -45,11 +45,11 @@ class Event:
 
 @dataclass(frozen=True)
 class Scenario:
-    """A world, the drafters registered at the start, and the events of the stream."""
+    """A ground truth, the drafters registered at the start, and the events of the stream."""
 
     name: str
     description: str
-    world: SimWorld
+    truth: GroundTruth
     initial_drafters: tuple[str, ...]
     events: tuple[Event, ...] = ()
     requests: int = 5000
@@ -74,12 +74,12 @@ class RequestStream:
     tokens: np.ndarray
 
     @classmethod
-    def sample(cls, world: SimWorld, n: int, seed: int) -> RequestStream:
+    def sample(cls, truth: GroundTruth, n: int, seed: int) -> RequestStream:
         rng = np.random.default_rng(seed)
-        cluster = rng.choice(len(world.clusters), size=n, p=world.cluster_weights)
-        long = rng.random(n) < world.long_prompt_share[cluster]
+        cluster = rng.choice(len(truth.clusters), size=n, p=truth.cluster_weights)
+        long = rng.random(n) < truth.long_prompt_share[cluster]
         prompt = np.where(long, rng.integers(64, 256, size=n), rng.integers(8, 64, size=n))
-        mean = world.mean_tokens[cluster]
+        mean = truth.mean_tokens[cluster]
         tokens = np.clip(np.round(mean * rng.lognormal(-0.08, 0.4, size=n)), 8, 512)
         return cls(cluster, prompt, tokens.astype(np.int64))
 
@@ -95,30 +95,30 @@ def accepted_steps(rng: np.random.Generator, acceptance: float, k: int, tokens: 
 
 def simulate_outcome(
     rng: np.random.Generator,
-    world: SimWorld,
+    truth: GroundTruth,
     cell: tuple[int, int],
     drafter: str,
     k: int,
     tokens: int,
 ) -> Outcome:
-    """Run one request on (drafter, k) in the simulated world."""
+    """Run one request on (drafter, k) under the ground truth."""
     noise = rng.lognormal(0.0, COST_NOISE, size=2)
     if k == 0:
         return Outcome(
             (0,) * tokens,
             (0,) * tokens,
             0.0,
-            tokens * world.t_ar * noise[1],
-            tokens * world.t_ar * noise[1],
+            tokens * truth.t_ar * noise[1],
+            tokens * truth.t_ar * noise[1],
             tokens,
         )
-    d = world.drafters.index(drafter)
-    mean = world.acceptance[cell[0], cell[1], d]
+    d = truth.drafters.index(drafter)
+    mean = truth.acceptance[cell[0], cell[1], d]
     acceptance = float(np.clip(mean + rng.normal(0.0, ACCEPTANCE_NOISE), 0.01, 0.95))
     accepted = accepted_steps(rng, acceptance, k, tokens)
     steps = len(accepted)
-    draft = steps * k * world.draft_cost[d] * world.t_ar * noise[0]
-    verify = steps * (1.0 + world.verify_slope * k) * world.t_ar * noise[1]
+    draft = steps * k * truth.draft_cost[d] * truth.t_ar * noise[0]
+    verify = steps * (1.0 + truth.verify_slope * k) * truth.t_ar * noise[1]
     return Outcome(
         (k,) * steps,
         tuple(accepted.tolist()),
@@ -131,38 +131,38 @@ def simulate_outcome(
 
 @dataclass
 class _Phase:
-    """What holds between two events: the world, the present drafters, the oracle."""
+    """What holds between two events: the ground truth, the present drafters, the oracle."""
 
-    world: SimWorld
+    truth: GroundTruth
     present: list[str]
     speedups: np.ndarray
     oracle: dict[tuple[int, int], tuple[str, int]]
 
     @classmethod
-    def of(cls, world: SimWorld, present: list[str]) -> _Phase:
-        return cls(world, present, world.speedups(), world.oracle_arms(present))
+    def of(cls, truth: GroundTruth, present: list[str]) -> _Phase:
+        return cls(truth, present, truth.speedups(), truth.oracle_arms(present))
 
     def speedup(self, cell: tuple[int, int], drafter: str, k: int) -> float:
         if k == 0:
             return 1.0
-        return float(self.speedups[cell[0], cell[1], self.world.drafters.index(drafter), k])
+        return float(self.speedups[cell[0], cell[1], self.truth.drafters.index(drafter), k])
 
 
 def oracle_table(phase: _Phase) -> dict[str, tuple[str, int]]:
     """The oracle policy's config table: ``"<cluster>/<bucket>" -> (drafter, k)``."""
     return {
-        table_key(Context(phase.world.clusters[c], b)): arm for (c, b), arm in phase.oracle.items()
+        table_key(Context(phase.truth.clusters[c], b)): arm for (c, b), arm in phase.oracle.items()
     }
 
 
 def _apply(event: Event, phase: _Phase, policy: Policy) -> _Phase:
     if event.kind == "drift":
         return _Phase.of(
-            phase.world.with_acceptance(event.cluster, event.drafter, event.delta), phase.present
+            phase.truth.with_acceptance(event.cluster, event.drafter, event.delta), phase.present
         )
-    similarity = phase.world.similarity.get(event.drafter) if event.with_similarity else None
+    similarity = phase.truth.similarity.get(event.drafter) if event.with_similarity else None
     policy.add_drafter(event.drafter, similarity)
-    return _Phase.of(phase.world, [*phase.present, event.drafter])
+    return _Phase.of(phase.truth, [*phase.present, event.drafter])
 
 
 def _first_run(flags: list[bool], run: int) -> int | None:
@@ -180,7 +180,7 @@ def run_policy(
 ) -> dict[str, Any]:
     """Simulate ``spec`` on ``scenario``; returns the metrics of one policy (JSON-able)."""
     rng = np.random.default_rng(seed)
-    phase = _Phase.of(scenario.world, list(scenario.initial_drafters))
+    phase = _Phase.of(scenario.truth, list(scenario.initial_drafters))
     config = dict(spec.config)
     if spec.policy == "oracle":
         config["table"] = oracle_table(phase)
@@ -202,7 +202,7 @@ def run_policy(
             if isinstance(policy, StaticPolicy) and spec.policy == "oracle":
                 policy.table = oracle_table(phase)
         c = int(stream.cluster[i])
-        cluster = phase.world.clusters[c]
+        cluster = phase.truth.clusters[c]
         context = Context(cluster, length_bucket(int(stream.prompt_tokens[i])))
         cell = (c, context.length_bucket)
         started = time.perf_counter_ns()
@@ -212,7 +212,7 @@ def run_policy(
         best = phase.oracle[cell]
         regret += (
             tokens
-            * phase.world.t_ar
+            * phase.truth.t_ar
             * (
                 1.0 / phase.speedup(cell, decision.drafter, decision.k)
                 - 1.0 / phase.speedup(cell, *best)
@@ -225,13 +225,13 @@ def run_policy(
             drift_flags.append(decision.drafter != drift.drafter)
         if added is not None and i >= added.at and cluster == added.cluster:
             added_flags.append(decision.drafter == added.drafter)
-        outcome = simulate_outcome(rng, phase.world, cell, decision.drafter, decision.k, tokens)
+        outcome = simulate_outcome(rng, phase.truth, cell, decision.drafter, decision.k, tokens)
         policy.update(context, decision, outcome)
         if spec.full_information:
             _score_others(rng, policy, phase, context, cell, decision.drafter, decision.k, tokens)
         if (i + 1) % 500 == 0:
             curve.append(round(regret, 4))
-    loop = select_latency_us(policy, _contexts(stream, phase.world), phase.present)
+    loop = select_latency_us(policy, _contexts(stream, phase.truth), phase.present)
     result: dict[str, Any] = {
         "regret": regret,
         "oracle_fraction_last_half": float(on_oracle[n // 2 :].mean()),
@@ -249,12 +249,12 @@ def run_policy(
     return result
 
 
-def _contexts(stream: RequestStream, world: SimWorld) -> list[Context]:
+def _contexts(stream: RequestStream, truth: GroundTruth) -> list[Context]:
     pairs = {
         (int(c), length_bucket(int(p)))
         for c, p in zip(stream.cluster, stream.prompt_tokens, strict=True)
     }
-    return [Context(world.clusters[c], b) for c, b in sorted(pairs)]
+    return [Context(truth.clusters[c], b) for c, b in sorted(pairs)]
 
 
 def select_latency_us(
@@ -290,7 +290,7 @@ def _score_others(
     for drafter in phase.present:
         if drafter == chosen:
             continue
-        mean = phase.world.acceptance[cell[0], cell[1], phase.world.drafters.index(drafter)]
+        mean = phase.truth.acceptance[cell[0], cell[1], phase.truth.drafters.index(drafter)]
         acceptance = float(np.clip(mean + rng.normal(0.0, ACCEPTANCE_NOISE), 0.01, 0.95))
         accepted = accepted_steps(rng, acceptance, draft_length, tokens)
         policy.update_counterfactual(context, drafter, accepted.tolist(), draft_length)
@@ -300,7 +300,7 @@ def run_scenario(
     scenario: Scenario, specs: list[PolicySpec], seed: int
 ) -> dict[str, dict[str, Any]]:
     """Every policy on the same request stream; per policy the metrics of ``run_policy``."""
-    stream = RequestStream.sample(scenario.world, scenario.requests, seed)
+    stream = RequestStream.sample(scenario.truth, scenario.requests, seed)
     return {
         spec.label: run_policy(scenario, spec, stream, seed + 1 + j) for j, spec in enumerate(specs)
     }

@@ -9,14 +9,14 @@ import typer
 from typer.testing import CliRunner
 
 from benchmarks.policy_sim.cli import register
+from benchmarks.policy_sim.ground_truth import TASKS, random_ground_truth
 from benchmarks.policy_sim.select_bench import format_result, measure, warmed_policy
-from benchmarks.policy_sim.world import TASKS, random_world
 from router.policy.thompson import ThompsonPolicy
 
 
 def test_the_warmed_policy_is_thompson_over_8_drafters_and_k_up_to_8_that_has_learnt() -> None:
-    world = random_world(8, TASKS, 0)
-    policy, contexts = warmed_policy(world, 300, 0)
+    truth = random_ground_truth(8, TASKS, 0)
+    policy, contexts = warmed_policy(truth, 300, 0)
     assert isinstance(policy, ThompsonPolicy)
     assert len(policy.drafters_) == 8 and policy.k_max == 8
     assert policy.version == 300 and set(contexts) == set(policy.contexts_)

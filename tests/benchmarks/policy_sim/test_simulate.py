@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from benchmarks.policy_sim.ground_truth import default_ground_truth
 from benchmarks.policy_sim.scenarios import build_scenarios
 from benchmarks.policy_sim.simulate import (
     PolicySpec,
@@ -17,7 +18,6 @@ from benchmarks.policy_sim.simulate import (
     run_scenario,
     simulate_outcome,
 )
-from benchmarks.policy_sim.world import default_world
 from router.cli import build_app
 from router.policy.speedup import expected_tokens_per_step
 
@@ -30,7 +30,7 @@ SPECS = [
 
 @pytest.fixture(scope="module")
 def scenarios() -> dict:
-    return {s.name: s for s in build_scenarios(default_world(None), 5000, 0)}
+    return {s.name: s for s in build_scenarios(default_ground_truth(None), 5000, 0)}
 
 
 def test_accepted_steps_follow_the_truncated_geometric_law() -> None:
@@ -44,18 +44,18 @@ def test_accepted_steps_follow_the_truncated_geometric_law() -> None:
 
 
 def test_simulated_outcome_carries_costs_and_tokens() -> None:
-    world = default_world(None)
+    truth = default_ground_truth(None)
     rng = np.random.default_rng(1)
-    outcome = simulate_outcome(rng, world, (0, 0), "generic", 4, 120)
+    outcome = simulate_outcome(rng, truth, (0, 0), "generic", 4, 120)
     assert outcome.generated_tokens >= 120 and set(outcome.drafted_per_step) == {4}
     assert outcome.draft_time_s > 0 and outcome.plain_token_time_s is None
-    plain = simulate_outcome(rng, world, (0, 0), "none", 0, 50)
+    plain = simulate_outcome(rng, truth, (0, 0), "none", 0, 50)
     assert plain.generated_tokens == 50 and plain.draft_time_s == 0
 
 
 def test_request_stream_is_reproducible_and_covers_16_contexts() -> None:
-    world = default_world(None)
-    a, b = RequestStream.sample(world, 2000, 3), RequestStream.sample(world, 2000, 3)
+    truth = default_ground_truth(None)
+    a, b = RequestStream.sample(truth, 2000, 3), RequestStream.sample(truth, 2000, 3)
     assert np.array_equal(a.tokens, b.tokens)
     assert len(set(zip(a.cluster.tolist(), (a.prompt_tokens >= 64).tolist(), strict=True))) == 16
 

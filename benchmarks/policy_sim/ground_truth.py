@@ -1,4 +1,4 @@
-"""The simulated world: true acceptance per (cluster, length bucket, drafter) and true costs.
+"""The simulator's ground truth: true acceptance per (cluster, length bucket, drafter), true costs.
 
 Defaults come from the built-in world's measured acceptance matrix when
 ``<world>/eval.json`` exists (``acceptance``: drafter -> task -> per-token acceptance at
@@ -91,7 +91,7 @@ BUILTIN_ACCEPTANCE: Mapping[str, Mapping[str, float]] = _builtin_acceptance()
 
 
 @dataclass(frozen=True)
-class SimWorld:
+class GroundTruth:
     """True parameters of a simulated deployment (arrays indexed [cluster, bucket, drafter])."""
 
     clusters: tuple[str, ...]
@@ -128,7 +128,7 @@ class SimWorld:
                 arms[(c, b)] = ("none", 0) if k == 0 else (self.drafters[d], k)
         return arms
 
-    def with_acceptance(self, cluster: str, drafter: str, delta: float) -> SimWorld:
+    def with_acceptance(self, cluster: str, drafter: str, delta: float) -> GroundTruth:
         """A copy where ``drafter``'s acceptance on ``cluster`` moved by ``delta`` (drift)."""
         acceptance = self.acceptance.copy()
         c, d = self.clusters.index(cluster), self.drafters.index(drafter)
@@ -147,12 +147,12 @@ def _similarities(
     }
 
 
-def world_from_matrix(
+def ground_truth_from_matrix(
     matrix: Mapping[str, Mapping[str, float]],
     source: str,
     step_ms: Mapping[str, Any] | None = None,
-) -> SimWorld:
-    """Build the simulated world from a drafter -> task -> acceptance matrix.
+) -> GroundTruth:
+    """Build the ground truth from a drafter -> task -> acceptance matrix.
 
     ``step_ms`` is eval.json's ``decode_step_ms`` (``target`` and ``drafters``: name -> ms);
     when given, each model drafter's cost ratio is its step time over the target's.
@@ -185,7 +185,7 @@ def world_from_matrix(
                 for d, cost in zip(drafters, draft_cost, strict=True)
             ]
         )
-    return SimWorld(
+    return GroundTruth(
         clusters=clusters,
         drafters=tuple(drafters),
         acceptance=acceptance,
@@ -203,28 +203,28 @@ def _task_order(task: str) -> tuple[int, str]:
     return (TASKS.index(task) if task in TASKS else len(TASKS), task)
 
 
-def default_world(world_dir: Path | None) -> SimWorld:
+def default_ground_truth(world_dir: Path | None) -> GroundTruth:
     """The world's measured matrix from ``<world_dir>/eval.json`` if present, else built-in."""
     path = world_dir / "eval.json" if world_dir is not None else None
     if path is not None and path.is_file():
         try:
             evaluation = json.loads(path.read_text())
-            return world_from_matrix(
+            return ground_truth_from_matrix(
                 evaluation["acceptance"], f"measured ({path})", evaluation.get("decode_step_ms")
             )
         except (KeyError, TypeError, ValueError) as error:
             logger.warning("ignoring %s (%s); using the built-in table", path, error)
-    return world_from_matrix(BUILTIN_ACCEPTANCE, "built-in table")
+    return ground_truth_from_matrix(BUILTIN_ACCEPTANCE, "built-in table")
 
 
-def random_world(n_drafters: int, clusters: Sequence[str], seed: int) -> SimWorld:
+def random_ground_truth(n_drafters: int, clusters: Sequence[str], seed: int) -> GroundTruth:
     """Many drafters: acceptance U(0.15, 0.8) per (cluster, drafter), cost U(0.03, 0.2)."""
     rng = np.random.default_rng(seed)
     drafters = tuple(f"drafter{i}" for i in range(n_drafters))
     base = rng.uniform(0.15, 0.80, size=(len(clusters), n_drafters))
     long_delta = rng.uniform(-0.05, 0.05, size=(len(clusters), n_drafters))
     acceptance = np.clip(np.stack([base, base + long_delta], axis=1), 0.01, 0.95)
-    return SimWorld(
+    return GroundTruth(
         clusters=tuple(clusters),
         drafters=drafters,
         acceptance=acceptance,
