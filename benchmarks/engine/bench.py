@@ -36,6 +36,7 @@ from drafters.base import Drafter
 from drafters.engine import SpeculativeEngine
 from drafters.loader import LoadedModel, load_model
 from drafters.registry import create_drafter
+from drafters.stats import mean_accepted_length
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,8 @@ class ConfigurationTotals:
 
     @property
     def mean_accepted_length(self) -> float:
-        """Tokens per step, the bonus/correction token included."""
-        return 1.0 + self.accepted / self.steps if self.steps else 0.0
+        """Tokens per step, the bonus/correction token included, over all runs."""
+        return mean_accepted_length(self.accepted, self.steps)
 
 
 def analytical_speedup(a: float, k: int, t_ar: float, t_draft: float, t_verify: float) -> float:
