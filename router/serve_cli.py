@@ -15,6 +15,9 @@ import typer
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 ADDRESS_OPTION = typer.Option(envvar="SPECROUTE_ADDRESS", help="host:port.")
 TOKEN_OPTION = typer.Option(envvar="SPECROUTE_ADMIN_TOKEN", help="Bearer token.")
+RAW_OPTION = typer.Option(
+    "--raw", help="Send TEXT as is (already templated), not as a user message."
+)
 
 
 def _group(app: typer.Typer, name: str, help_text: str) -> typer.Typer:
@@ -118,22 +121,36 @@ def serve_command(
         raise typer.Exit(1) from None
 
 
+def _prompt(text: str, raw: bool) -> dict[str, Any]:
+    """The request's prompt field: TEXT as the one user message of a conversation (the
+    sidecar applies the target's chat template), or with ``--raw`` the text as is."""
+    from router.pb import router_pb2 as pb
+
+    if raw:
+        return {"text": text}
+    user = pb.ChatMessage(role="user", content=text)
+    return {"conversation": pb.Conversation(messages=[user])}
+
+
 def route_command(
-    text: Annotated[str, typer.Argument(help="Prompt text.")],
+    text: Annotated[str, typer.Argument(help="Prompt: a user message (see --raw).")],
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     task_hint: Annotated[str, typer.Option("--task", help="Task cluster hint.")] = "",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 0,
+    raw: Annotated[bool, RAW_OPTION] = False,
     token: Annotated[str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN")] = None,
 ) -> None:
     """Ask a running sidecar for (cluster, drafter, k) for TEXT."""
     from router.pb import router_pb2 as pb
 
-    request = pb.RouteRequest(text=text, task_hint=task_hint, max_new_tokens=max_new_tokens)
+    request = pb.RouteRequest(
+        **_prompt(text, raw), task_hint=task_hint, max_new_tokens=max_new_tokens
+    )
     _print_message(_call(_stub(address).Route, request, metadata=_metadata(token)))
 
 
 def generate_command(
-    text: Annotated[str, typer.Argument(help="Prompt text.")],
+    text: Annotated[str, typer.Argument(help="Prompt: a user message (see --raw).")],
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
     drafter: Annotated[str, typer.Option("--drafter", help="Force a drafter.")] = "",
@@ -141,13 +158,15 @@ def generate_command(
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy.")] = False,
     temperature: Annotated[float, typer.Option("--temperature")] = 1.0,
     seed: Annotated[int | None, typer.Option("--seed")] = None,
+    raw: Annotated[bool, RAW_OPTION] = False,
     token: Annotated[str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN")] = None,
 ) -> None:
-    """Generate with speculative decoding in a running sidecar; streams the text."""
+    """Generate with speculative decoding in a running sidecar; streams the reply's text
+    (special tokens such as the end of turn are never printed)."""
     from router.pb import router_pb2 as pb
 
     request = pb.GenerateRequest(
-        text=text,
+        **_prompt(text, raw),
         max_new_tokens=max_new_tokens,
         sampling=pb.SamplingParams(do_sample=sample, temperature=temperature, seed=seed),
         force_drafter=drafter,
@@ -160,7 +179,8 @@ def generate_command(
             if chunk.HasField("decision"):
                 d = chunk.decision
                 typer.echo(
-                    f"[{d.task_cluster} p={d.confidence:.2f} -> {d.drafter} k={d.draft_length}]",
+                    f"[{d.task_cluster} p={d.confidence:.2f} -> {d.drafter} k={d.draft_length},"
+                    f" {d.prompt_tokens} prompt tokens]",
                     err=True,
                 )
             typer.echo(chunk.text, nl=False)

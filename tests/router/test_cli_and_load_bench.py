@@ -31,9 +31,8 @@ def test_cli_route_generate_drafters_policy(
     assert routed.exit_code == 0, routed.output
     assert json.loads(routed.output)["task_cluster"] in serving_world.tasks
 
-    generated = runner.invoke(
-        app, ["generate", COMPLETION_PROMPT, "--max-new-tokens", "5", "--drafter", "none", *address]
-    )
+    completion = ["generate", COMPLETION_PROMPT, "--raw", "--max-new-tokens", "5"]
+    generated = runner.invoke(app, [*completion, "--drafter", "none", *address])
     assert generated.exit_code == 0, generated.output
     assert "5 tokens" in generated.output
 
