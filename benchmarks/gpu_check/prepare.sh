@@ -9,7 +9,7 @@
 #   carry=[".whl", ".gpu"], timeout_s=420), and give_back.
 set -euo pipefail
 VENV=${VENV:-.venv}
-WORLD=${WORLD:-$HOME/.cache/specroute/worlds/default}
+WORLD=${WORLD:-$("$VENV/bin/python" -c 'from router.bundle import default_bundle_dir; print(default_bundle_dir())')}
 for path in /.whl/ /.gpu/; do
   grep -qxF "$path" .git/info/exclude || echo "$path" >> .git/info/exclude
 done
