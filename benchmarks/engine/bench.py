@@ -3,7 +3,7 @@ generation on the built-in world's held-out prompts, per task, greedy, interleav
 
 For each prompt every configuration runs once, in an order rotated per prompt, so load
 drift on a shared machine spreads over all of them. Tokens/s are end-to-end (prefill
-included) for both systems. The analytical speed-up of DESIGN.md uses the costs measured
+included) for both systems. The analytical speed-up (docs/policy.md) uses the costs measured
 in the same run:
 
     S(a, k) = [(1 - a^(k+1)) / (1 - a)] * t_ar / (k * t_draft + t_verify(k))
@@ -146,8 +146,10 @@ def run_transformers(
     if drafter_kind == NGRAM:
         options = {"prompt_lookup_num_tokens": k, "max_matching_ngram_size": 3}
     elif assistant is not None:
-        # ECOSYSTEM.md: the draft length is read from the assistant's generation config;
-        # a constant schedule and no confidence threshold give a fixed k.
+        # transformers reads the draft length from the assistant model's generation config
+        # (generate's kwargs do not reach it), and its confidence threshold (0.4 by
+        # default) ends drafts early; a constant schedule and no threshold give a fixed k,
+        # the work our engine does.
         config = assistant.generation_config
         config.num_assistant_tokens = k
         config.num_assistant_tokens_schedule = "constant"
@@ -368,7 +370,7 @@ def summarize_task(
 
 
 def machine_description(device: torch.device) -> str:
-    """CPU model (or GPU name), core count and torch threads, for the README table."""
+    """CPU model (or GPU name), core count and torch threads, for the table's title."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA, bf16)"
     model = platform.processor() or "cpu"

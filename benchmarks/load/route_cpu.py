@@ -11,7 +11,7 @@ classification, with the sidecar's prompt reader, so the difference is the sidec
 per-call Python on the event loop: checks, conversions, the policy decision,
 bookkeeping, metrics, the reply.
 The policy's ``select_many`` is timed separately. Hot caches: under load and at
-concurrency 1 each of these costs more (README, "Load benchmark").
+concurrency 1 each of these costs more (benchmarks/load/HISTORY.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``specroute study``: the four research questions of the design, measured through the API.
+"""``specroute study``: four research questions (docs/benchmarks.md), measured through the API.
 
 One sidecar, one calibration, then these replays (each a normal replay report in its own
 folder, reused when already there with the same size and policies):
