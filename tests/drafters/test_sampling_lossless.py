@@ -1,0 +1,227 @@
+"""Sampled speculative decoding is lossless beyond the first token, checked statistically.
+
+The engine's first three tokens are sampled thousands of times, speculatively (k = 2, so
+the second and third tokens come from the resample after a partial accept and from the
+bonus token) and plainly (no drafter), and each empirical joint distribution of
+(t1, t2, t3) is compared with the exact one of plain sampling, computed from the target's
+own processed probabilities, by Pearson's chi-square goodness-of-fit test. A correct engine
+fails a check with probability 1e-4 (``FALSE_FAILURE``); the seeds are fixed, so a run is
+deterministic.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from drafters.base import Drafter
+from drafters.engine import SpeculativeEngine
+from drafters.loader import LoadedModel, load_model
+from drafters.registry import create_drafter
+from drafters.sampling import SamplingConfig, sampling_probs
+
+VOCAB = 8  # few outcomes, so thousands of samples estimate the joint distribution well
+LENGTH = 3  # tokens per sample: t1, t2, t3
+SAMPLES = 2000
+FALSE_FAILURE = 1e-4
+MIN_EXPECTED = 5.0  # cells are pooled until each expects this many (chi-square's rule)
+PROMPT = [1, 2, 3, 4, 5]
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """Words w0..w7, and no EOS: every sample has all three tokens."""
+    core = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core)
+
+
+def small_model() -> Qwen2ForCausalLM:
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        initializer_range=0.3,  # spread logits: several likely tokens per position
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def save(model: Qwen2ForCausalLM, directory: Path) -> Path:
+    model.save_pretrained(directory, safe_serialization=True)
+    word_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@dataclass(frozen=True)
+class Setup:
+    target: LoadedModel
+    engine: SpeculativeEngine
+    drafters: dict[str, Drafter]
+    prompts: dict[str, list[int]]  # per drafter kind
+
+
+@torch.inference_mode()
+def likely_ngram_prompt(model: torch.nn.Module, sampling: SamplingConfig) -> list[int]:
+    """[a, b, c, a, b] for the a, b, c under which the target accepts exactly one and both
+    of the n-gram drafter's drafts, [c, a], most often (the less frequent of the two).
+
+    A point-mass draft x is accepted with probability p(x), so with p1 = p(c) and
+    p2 = p(a | c): one accepted with p1 (1 - p2), both with p1 p2."""
+    words = torch.arange(VOCAB)
+    abc = torch.cartesian_prod(words, words, words)  # [V^3, 3]
+    prompts = torch.cat([abc, abc[:, :2]], dim=1)  # [V^3, 5]
+    rows = torch.arange(abc.shape[0])
+    first = sampling_probs(model(prompts).logits[:, -1], sampling)[rows, abc[:, 2]]
+    drafted = torch.cat([prompts, abc[:, 2:3]], dim=1)  # [V^3, 6]
+    second = sampling_probs(model(drafted).logits[:, -1], sampling)[rows, abc[:, 0]]
+    both_outcomes = torch.minimum(first * second, first * (1 - second))
+    return [int(t) for t in prompts[int(both_outcomes.argmax())]]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    root = tmp_path_factory.mktemp("sampling")
+    torch.manual_seed(0)
+    target_model = small_model()
+    drafter_model = small_model()
+    drafter_model.load_state_dict(target_model.state_dict())
+    with torch.no_grad():  # close to the target, not equal: accepts, partial and full
+        for parameter in drafter_model.parameters():
+            parameter.add_(0.15 * torch.randn_like(parameter))
+    target = load_model(save(target_model, root / "target"))
+    engine = SpeculativeEngine(target)
+    assert not engine.stop_token_ids
+    drafter_dir = save(drafter_model, root / "drafter")
+    ngram_prompt = likely_ngram_prompt(target.model, TOP_P)
+    return Setup(
+        target=target,
+        engine=engine,
+        prompts={"model": PROMPT, "ngram": ngram_prompt, "none": PROMPT},
+        drafters={
+            kind: create_drafter(kind, name=kind, target=target, path=path)
+            for kind, path in (("model", drafter_dir), ("ngram", None), ("none", None))
+        },
+    )
+
+
+@torch.inference_mode()
+def exact_joint(
+    model: torch.nn.Module, prompt: Sequence[int], sampling: SamplingConfig
+) -> dict[tuple[int, ...], float]:
+    """P(t1..t_LENGTH) of plain sampling: the product of the target's processed
+    next-token probabilities along each prefix."""
+    joint: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(LENGTH):
+        extended: dict[tuple[int, ...], float] = {}
+        for prefix, mass in joint.items():
+            logits = model(torch.tensor([[*prompt, *prefix]])).logits[0, -1:]
+            probs = sampling_probs(logits, sampling)[0].double()
+            for token in probs.nonzero().flatten().tolist():
+                extended[(*prefix, token)] = mass * float(probs[token])
+        joint = extended
+    return joint
+
+
+def pooled_cells(
+    expected: dict[tuple[int, ...], float], samples: int
+) -> list[list[tuple[int, ...]]]:
+    """Outcomes grouped, rarest first, until each group expects MIN_EXPECTED samples."""
+    groups: list[list[tuple[int, ...]]] = [[]]
+    mass = 0.0
+    for cell in sorted(expected, key=lambda c: expected[c]):
+        groups[-1].append(cell)
+        mass += expected[cell]
+        if mass * samples >= MIN_EXPECTED:
+            groups.append([])
+            mass = 0.0
+    if not groups[-1]:
+        groups.pop()
+    elif len(groups) > 1:  # a short last group joins the one before
+        groups[-2].extend(groups.pop())
+    return groups
+
+
+def chi_square_p_value(
+    observed: Counter[tuple[int, ...]], expected: dict[tuple[int, ...], float]
+) -> float:
+    samples = sum(observed.values())
+    outside = {cell: n for cell, n in observed.items() if cell not in expected}
+    assert not outside, f"outcomes plain sampling never gives: {outside}"
+    groups = pooled_cells(expected, samples)
+    total = sum(expected.values())
+    counts = [sum(observed[c] for c in group) for group in groups]
+    means = [samples * sum(expected[c] for c in group) / total for group in groups]
+    return float(chisquare(counts, means).pvalue)
+
+
+def sample_joint(
+    engine: SpeculativeEngine,
+    prompt: Sequence[int],
+    drafter: Drafter,
+    k: int,
+    sampling: SamplingConfig,
+) -> tuple[Counter[tuple[int, ...]], Counter[int]]:
+    """SAMPLES outputs of LENGTH tokens (seeds 0..SAMPLES-1), and how many steps accepted
+    0, 1, ... drafts."""
+    outputs: Counter[tuple[int, ...]] = Counter()
+    accepted: Counter[int] = Counter()
+    for seed in range(SAMPLES):
+        config = SamplingConfig(
+            do_sample=True,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            seed=seed,
+        )
+        run = engine.generate(prompt, drafter, k, max_new_tokens=LENGTH, sampling=config)
+        outputs[tuple(run.collect())] += 1
+        accepted.update(run.stats.accepted_per_step)
+    return outputs, accepted
+
+
+TOP_K = SamplingConfig(do_sample=True, temperature=1.0, top_k=4)
+TOP_P = SamplingConfig(do_sample=True, temperature=0.9, top_p=0.85)
+
+
+@pytest.mark.parametrize(
+    ("drafter", "sampling"),
+    [("model", TOP_K), ("model", TOP_P), ("ngram", TOP_P)],
+    ids=["model-top_k", "model-top_p", "ngram-top_p"],
+)
+def test_speculative_samples_follow_plain_sampling_beyond_the_first_token(
+    setup: Setup, drafter: str, sampling: SamplingConfig
+) -> None:
+    prompt = setup.prompts[drafter]
+    expected = exact_joint(setup.target.model, prompt, sampling)
+    speculative, accepted = sample_joint(setup.engine, prompt, setup.drafters[drafter], 2, sampling)
+    # The draws that make tokens 2 and 3 happen often: a resample after one accepted draft
+    # (t2) and the bonus token after two (t3).
+    assert accepted[1] >= SAMPLES // 10 and accepted[2] >= SAMPLES // 10, accepted
+    assert chi_square_p_value(speculative, expected) > FALSE_FAILURE
+
+
+def test_plain_sampling_follows_the_exact_joint(setup: Setup) -> None:
+    """The reference is what the engine samples without a drafter (k = 0); top-k and
+    top-p together here, one after the other as in ``sampling_probs``."""
+    sampling = SamplingConfig(do_sample=True, temperature=0.9, top_k=4, top_p=0.85)
+    prompt = setup.prompts["none"]
+    plain, accepted = sample_joint(setup.engine, prompt, setup.drafters["none"], 0, sampling)
+    assert set(accepted) == {0}
+    expected = exact_joint(setup.target.model, prompt, sampling)
+    assert chi_square_p_value(plain, expected) > FALSE_FAILURE
