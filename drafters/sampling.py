@@ -30,8 +30,15 @@ class SamplingConfig:
 
 
 def sampling_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """Probabilities [n, vocab] after temperature, then top-k, then top-p (HF's order)."""
-    scores = logits.float() / sampling.temperature  # [n, vocab]
+    """Probabilities [n, vocab] after temperature, then top-k, then top-p (HF's order).
+
+    Each row's maximum is subtracted before dividing by the temperature: the softmax is
+    the same, and a tiny temperature (down to the smallest positive float) sends the other
+    scores to -inf, where dividing the raw logits overflowed the top ones to +inf and
+    made the row NaN.
+    """
+    scores = logits.float()
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / sampling.temperature  # [n, vocab]
     if 0 < sampling.top_k < scores.shape[-1]:
         kth = torch.topk(scores, sampling.top_k, dim=-1).values[..., -1:]  # [n, 1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -11,7 +11,13 @@ import pytest
 
 from router.pb import router_pb2 as pb
 from router.policy.base import MAX_DRAFT_LENGTH
-from tests.router.conftest import ADMIN, COMPLETION_PROMPT, ServingWorld, SidecarThread
+from tests.router.conftest import (
+    ADMIN,
+    COMPLETION_PROMPT,
+    ServingWorld,
+    SidecarThread,
+    greedy_reference,
+)
 
 PROMPT = "def add(a, b):\n    return"
 LONG_PROMPT = "word " * 600  # over the limit of 512 tokens
@@ -357,6 +363,21 @@ def test_the_largest_forced_draft_length_is_the_one_the_engine_uses(
     )
     assert chunks[0].decision.draft_length == MAX_DRAFT_LENGTH
     assert chunks[-1].stats.drafted_per_step[0] == MAX_DRAFT_LENGTH
+
+
+def test_a_tiny_temperature_samples_the_greedy_output(sidecar: SidecarThread) -> None:
+    """The smallest positive float32 temperature is a valid, near-greedy request: it used
+    to overflow the scaled logits to inf and fail inside the engine with INTERNAL."""
+    expected_ids, _ = greedy_reference(sidecar, COMPLETION_PROMPT, 8)
+    request = pb.GenerateRequest(
+        text=COMPLETION_PROMPT,
+        max_new_tokens=8,
+        force_drafter="none",
+        sampling=pb.SamplingParams(do_sample=True, temperature=1e-45, seed=3),
+        no_update=True,
+    )
+    chunks = list(sidecar.stub.Generate(request, timeout=120))
+    assert [token.id for chunk in chunks for token in chunk.tokens] == expected_ids
 
 
 def _sampled_ids(sidecar: SidecarThread, top_p: float) -> list[int]:
