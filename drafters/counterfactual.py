@@ -63,9 +63,13 @@ def accepted_per_step_from_matches(matches: Sequence[bool], draft_length: int) -
 
 @torch.inference_mode()
 def teacher_forced_predictions(
-    model: Any, prompt_ids: Sequence[int], output_ids: Sequence[int]
+    model: Any,
+    prompt_ids: Sequence[int],
+    output_ids: Sequence[int],
+    vocabulary_size: int | None = None,
 ) -> list[int]:
-    """For each output token, ``model``'s argmax on the verified prefix before it."""
+    """For each output token, ``model``'s argmax on the verified prefix before it, over the
+    ids below ``vocabulary_size`` when given (those a model drafter drafts)."""
     if not output_ids:
         return []
     if not prompt_ids:
@@ -75,7 +79,8 @@ def teacher_forced_predictions(
     logits = model(input_ids=ids).logits[0]  # [P + N, vocab]
     # Position P - 1 + i predicts output token i.
     start = len(prompt_ids) - 1
-    return [int(x) for x in logits[start : start + len(output_ids)].argmax(dim=-1).tolist()]
+    rows = logits[start : start + len(output_ids), :vocabulary_size]  # [N, drafted ids]
+    return [int(x) for x in rows.argmax(dim=-1).tolist()]
 
 
 def teacher_forced_matches(
@@ -87,7 +92,11 @@ def teacher_forced_matches(
 
 
 def score_model_counterfactual(
-    model: Any, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
+    model: Any,
+    prompt_ids: Sequence[int],
+    output_ids: Sequence[int],
+    draft_length: int,
+    vocabulary_size: int | None = None,
 ) -> list[int]:
     """Accepted draft tokens per step a model drafter would have had on a verified output.
 
@@ -95,7 +104,7 @@ def score_model_counterfactual(
     draft equals prediction i + j - 1 whenever the drafts before it matched, and only those
     are ever accepted.
     """
-    predicted = teacher_forced_predictions(model, prompt_ids, output_ids)
+    predicted = teacher_forced_predictions(model, prompt_ids, output_ids, vocabulary_size)
     return replay_greedy_steps(
         output_ids, draft_length, lambda position, k: predicted[position : position + k]
     )

@@ -16,6 +16,14 @@ from drafters.lean_decoder import LeanDecoder, lean_decoder_supports
 from drafters.sampling import SamplingConfig, sample_from, sampling_probs
 
 
+def exclude_padding(logits: torch.Tensor, vocabulary_size: int | None) -> torch.Tensor:
+    """``logits`` [..., rows] with the rows from ``vocabulary_size`` on (the padding of a
+    padded vocabulary, which no tokenizer id names) at -inf, in place; as given when None."""
+    if vocabulary_size is not None and vocabulary_size < logits.shape[-1]:
+        logits[..., vocabulary_size:] = float("-inf")
+    return logits
+
+
 class _TransformersForward:
     """Logits through transformers' forward and a ``DynamicCache`` cropped by position."""
 
@@ -44,6 +52,8 @@ class ModelDraftSession:
     After proposing d tokens from a history of length L the cache holds L + d - 1 positions
     (the last draft is never fed back), of which L + min(accepted, d - 1) stay valid. A
     draft stops early (d < k) at a stop token: nothing after the end of the turn is used.
+    Ids from ``vocabulary_size`` on (the padding past the tokenizer's vocabulary) are never
+    drafted.
     """
 
     def __init__(
@@ -52,9 +62,11 @@ class ModelDraftSession:
         device: torch.device,
         prompt_length: int,
         stop_ids: frozenset[int] = frozenset(),
+        vocabulary_size: int | None = None,
     ) -> None:
         self._device = device
         self._stop_ids = stop_ids
+        self._vocabulary_size = vocabulary_size
         self._forward = (
             LeanDecoder(model, capacity=prompt_length + 256).forward
             if lean_decoder_supports(model)
@@ -87,7 +99,7 @@ class ModelDraftSession:
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
         for _ in range(k):
-            logits = self._forward(feed, position)  # [vocab]
+            logits = exclude_padding(self._forward(feed, position), self._vocabulary_size)
             position += feed.shape[0]
             if sampling.do_sample:
                 q = sampling_probs(logits.unsqueeze(0), sampling)[0]  # [vocab]
@@ -119,13 +131,18 @@ class ModelDrafter:
     device: torch.device
     path: str = ""
     kind: str = "model"
+    vocabulary_size: int | None = None  # the tokenizer's; model rows past it are padding
 
     def start(
         self, prompt_ids: Sequence[int], stop_ids: frozenset[int] = frozenset()
     ) -> ModelDraftSession:
-        return ModelDraftSession(self.model, self.device, len(prompt_ids), stop_ids)
+        return ModelDraftSession(
+            self.model, self.device, len(prompt_ids), stop_ids, self.vocabulary_size
+        )
 
     def score_counterfactual(
         self, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
     ) -> list[int]:
-        return score_model_counterfactual(self.model, prompt_ids, output_ids, draft_length)
+        return score_model_counterfactual(
+            self.model, prompt_ids, output_ids, draft_length, self.vocabulary_size
+        )

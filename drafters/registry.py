@@ -94,8 +94,28 @@ def _create_model_drafter(
     if loaded.model.get_output_embeddings().weight.shape[0] != target_rows:
         # Same tokenizer, differently padded vocabulary (Qwen2.5 sizes differ): align rows
         # so draft distributions and token ids index the target's vocabulary.
-        loaded.model.resize_token_embeddings(target_rows, mean_resizing=False)
-    return ModelDrafter(name=name, model=loaded.model, device=target.device, path=str(loaded.path))
+        resize_vocabulary_rows(loaded.model, target_rows)
+    return ModelDrafter(
+        name=name,
+        model=loaded.model,
+        device=target.device,
+        path=str(loaded.path),
+        vocabulary_size=len(loaded.tokenizer),
+    )
+
+
+def resize_vocabulary_rows(model: Any, rows: int) -> None:
+    """Give ``model`` ``rows`` embedding and output rows, keeping its existing ones: the rows
+    it gains are zero (not random, so loading twice gives the same model), the rows it loses
+    are padding. Ids past the tokenizer's vocabulary are never drafted either way."""
+    embeddings = (model.get_input_embeddings(), model.get_output_embeddings())
+    kept = [layer.weight.shape[0] for layer in embeddings]
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        for layer, before in zip(
+            (model.get_input_embeddings(), model.get_output_embeddings()), kept, strict=True
+        ):
+            layer.weight[before:].zero_()
 
 
 def _create_ngram_drafter(
