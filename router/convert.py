@@ -20,6 +20,7 @@ from router.errors import InvalidFieldError
 from router.pb import router_pb2 as pb
 from router.registry import DrafterRecord
 from router.service import ClassifierView, GenerationResult, PolicyView, RoutedRequest, TokenChunk
+from router.settings import Limits
 
 GREEDY = Sampling()  # an unset SamplingParams (immutable, shared)
 
@@ -75,10 +76,10 @@ def generate_from_pb(message: pb.GenerateRequest) -> GenerateInput:
     )
 
 
-def outcome_from_pb(message: pb.RouteOutcome) -> OutcomeInput:
+def outcome_from_pb(message: pb.RouteOutcome, limits: Limits) -> OutcomeInput:
     """A checked outcome (:func:`router.domain.check_outcome`): a contradictory report is
     refused here, before it can touch the pending request or the policy."""
-    return check_outcome(_outcome_from_pb(message))
+    return check_outcome(_outcome_from_pb(message), limits)
 
 
 def _outcome_from_pb(message: pb.RouteOutcome) -> OutcomeInput:

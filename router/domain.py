@@ -129,12 +129,22 @@ def check_forced_draft_length(k: int | None) -> int | None:
     return k
 
 
-def check_outcome(outcome: OutcomeInput) -> OutcomeInput:
+def check_outcome(outcome: OutcomeInput, limits: Limits) -> OutcomeInput:
     """Refuse a report whose numbers contradict each other, before the policy sees it:
     times must be finite and >= 0; per-step lists must pair up; in totals form at most
     as many tokens are accepted as drafted, and ``accepted_per_position[i]`` counts the
     steps whose draft token i was accepted, so it is at most ``steps``, non-increasing
-    in i (token i + 1 is accepted only after token i), and sums to ``accepted_tokens``."""
+    in i (token i + 1 is accepted only after token i), and sums to ``accepted_tokens``.
+    A step emits at least one token, so there are at most ``limits.max_new_tokens``
+    steps (the policy expands totals into one entry per step: an unchecked uint32 count
+    would cost minutes and gigabytes)."""
+    steps = len(outcome.accepted_per_step) or outcome.steps
+    if steps > limits.max_new_tokens:
+        raise InvalidFieldError(
+            "steps",
+            f"{steps} is over the limit of {limits.max_new_tokens} "
+            "(max_new_tokens: a step emits at least one token)",
+        )
     for name in ("draft_time_s", "verify_time_s", "wall_time_s"):
         if check_finite(name, getattr(outcome, name)) < 0:
             raise InvalidFieldError(name, f"must be >= 0, got {getattr(outcome, name)}")

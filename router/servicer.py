@@ -45,7 +45,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return convert.decision_to_pb(routed)
 
     async def Report(self, request: pb.RouteOutcome, context: aio.ServicerContext) -> pb.ReportAck:
-        version = self._service.report(convert.outcome_from_pb(request))
+        outcome = convert.outcome_from_pb(request, self._service.limits)
+        version = self._service.report(outcome)
         return pb.ReportAck(request_id=request.request_id, policy_version=version)
 
     async def Generate(

@@ -14,6 +14,7 @@ from router.policy.base import MAX_DRAFT_LENGTH
 from tests.router.conftest import (
     ADMIN,
     COMPLETION_PROMPT,
+    MAX_NEW_TOKENS,
     ServingWorld,
     SidecarThread,
     greedy_reference,
@@ -281,6 +282,10 @@ BAD_REPORTS: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "totals: tokens drafted in no steps": (
         {"steps": 0, "drafted_tokens": 8, "accepted_tokens": 2, **GOOD_TIMES},
+        "steps",
+    ),
+    "totals: more steps than a request may have tokens": (
+        {"steps": MAX_NEW_TOKENS + 1, "generated_tokens": MAX_NEW_TOKENS + 1, **GOOD_TIMES},
         "steps",
     ),
     "per step: more accepted than drafted": (
