@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+from drafters.engine import SpeculativeEngine
 from drafters.loader import LoadedModel, load_model
 
 # Tiny models run fastest on one thread, and far more predictably on a shared machine.
@@ -102,3 +104,38 @@ def make_prompts(count: int, seed: int = 0) -> list[list[int]]:
             prompt = prompt + prompt[: length // 2]
         prompts.append(prompt)
     return prompts
+
+
+def reference_greedy(
+    target: LoadedModel, engine: SpeculativeEngine, prompt: Sequence[int], max_new: int
+) -> list[int]:
+    """The target's own greedy output (transformers' generate), stopping at our stop ids."""
+    with torch.inference_mode():
+        out = target.model.generate(
+            torch.tensor([list(prompt)]),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=sorted(engine.stop_token_ids),
+            pad_token_id=0,
+        )
+    return [int(t) for t in out[0, len(prompt) :]]
+
+
+def assert_same_or_near_tie(
+    target: LoadedModel, prompt: list[int], ours: list[int], reference: list[int]
+) -> None:
+    """Token-for-token equality; a difference is tolerated only at a float near-tie
+    (the target's top-two logits within 1e-4 at the first differing position)."""
+    if ours == reference:
+        return
+    first = next(
+        (i for i, (a, b) in enumerate(zip(ours, reference, strict=False)) if a != b),
+        min(len(ours), len(reference)),
+    )
+    with torch.inference_mode():
+        logits = target.model(torch.tensor([prompt + reference[:first]])).logits[0, -1]
+    top_two = logits.topk(2).values
+    gap = float(top_two[0] - top_two[1])
+    assert gap < 1e-4, (
+        f"outputs differ at {first} without a near-tie (gap {gap}): {ours} vs {reference}"
+    )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 import torch
 from transformers import DynamicCache
@@ -15,7 +13,13 @@ from drafters.registry import create_drafter
 from drafters.sampling import SamplingConfig
 from drafters.stats import GenerationStats
 
-from .conftest import EOS_ID, TinyModels, make_prompts
+from .conftest import (
+    EOS_ID,
+    TinyModels,
+    assert_same_or_near_tie,
+    make_prompts,
+    reference_greedy,
+)
 
 MAX_NEW = 32
 
@@ -40,46 +44,11 @@ def prompts() -> list[list[int]]:
     return make_prompts(12)
 
 
-def reference_greedy(
-    target: LoadedModel, engine: SpeculativeEngine, prompt: Sequence[int], max_new: int
-) -> list[int]:
-    """The target's own greedy output (transformers' generate), stopping at our stop ids."""
-    with torch.inference_mode():
-        out = target.model.generate(
-            torch.tensor([list(prompt)]),
-            max_new_tokens=max_new,
-            do_sample=False,
-            eos_token_id=sorted(engine.stop_token_ids),
-            pad_token_id=0,
-        )
-    return [int(t) for t in out[0, len(prompt) :]]
-
-
 @pytest.fixture(scope="module")
 def references(
     target: LoadedModel, engine: SpeculativeEngine, prompts: list[list[int]]
 ) -> list[list[int]]:
     return [reference_greedy(target, engine, p, MAX_NEW) for p in prompts]
-
-
-def assert_same_or_near_tie(
-    target: LoadedModel, prompt: list[int], ours: list[int], reference: list[int]
-) -> None:
-    """Token-for-token equality; a difference is tolerated only at a float near-tie
-    (the target's top-two logits within 1e-4 at the first differing position)."""
-    if ours == reference:
-        return
-    first = next(
-        (i for i, (a, b) in enumerate(zip(ours, reference, strict=False)) if a != b),
-        min(len(ours), len(reference)),
-    )
-    with torch.inference_mode():
-        logits = target.model(torch.tensor([prompt + reference[:first]])).logits[0, -1]
-    top_two = logits.topk(2).values
-    gap = float(top_two[0] - top_two[1])
-    assert gap < 1e-4, (
-        f"outputs differ at {first} without a near-tie (gap {gap}): {ours} vs {reference}"
-    )
 
 
 @pytest.mark.parametrize("kind", ["none", "ngram", "close", "far"])
