@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -98,6 +99,29 @@ def _outcome_from_pb(message: pb.RouteOutcome) -> OutcomeInput:
         # 0 means "not measured"; NaN is truthy, so it is kept and refused.
         plain_token_time_s=message.plain_token_time_s or None,
     )
+
+
+def policy_config_from_pb(message: pb.SetPolicyRequest) -> dict[str, Any]:
+    """config_json as a JSON object whose numbers are all finite: Python's parser takes
+    NaN, Infinity and overflowing literals (1e999), which some policy settings would
+    otherwise accept (a NaN similarity, an infinite prior)."""
+    if not message.config_json:
+        return {}
+    try:
+        value = json.loads(
+            message.config_json,
+            parse_constant=_refuse_non_finite,
+            parse_float=lambda text: check_finite("config_json", float(text)),
+        )
+    except json.JSONDecodeError as exc:
+        raise InvalidFieldError("config_json", f"is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InvalidFieldError("config_json", "must be a JSON object")
+    return value
+
+
+def _refuse_non_finite(literal: str) -> float:
+    raise InvalidFieldError("config_json", f"must hold finite numbers only, got {literal}")
 
 
 def drafter_spec_from_pb(message: pb.RegisterDrafterRequest) -> DrafterSpec:

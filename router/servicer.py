@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 
@@ -11,7 +10,6 @@ from grpc import aio
 from router import convert
 from router.coalescer import Coalescer
 from router.domain import RouteInput
-from router.errors import InvalidRequestError
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
 from router.service import RouteBatch, RoutedRequest, RouterService
@@ -80,7 +78,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def SetPolicy(
         self, request: pb.SetPolicyRequest, context: aio.ServicerContext
     ) -> pb.PolicyState:
-        config = _json_object(request.config_json)
+        config = convert.policy_config_from_pb(request)
         view = await self._service.set_policy(request.policy, config, request.reset_state)
         return convert.policy_to_pb(view)
 
@@ -88,15 +86,3 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: pb.GetPolicyStateRequest, context: aio.ServicerContext
     ) -> pb.PolicyState:
         return convert.policy_to_pb(self._service.policy_view())
-
-
-def _json_object(text: str) -> dict[str, object]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequestError(f"config_json is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise InvalidRequestError("config_json must be a JSON object")
-    return value

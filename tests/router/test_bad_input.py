@@ -201,6 +201,33 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "JSON",
     ),
+    # Accepted before (an infinite prior, a NaN similarity): JSON as Python parses it.
+    "infinite number in the policy config": (
+        lambda sidecar, world: sidecar.stub.SetPolicy(
+            pb.SetPolicyRequest(policy="thompson", config_json='{"prior_alpha": Infinity}'),
+            metadata=ADMIN,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "config_json: must hold finite numbers only",
+    ),
+    "NaN in the policy config": (
+        lambda sidecar, world: sidecar.stub.SetPolicy(
+            pb.SetPolicyRequest(
+                policy="thompson", config_json='{"similarity": {"generic": {"math": NaN}}}'
+            ),
+            metadata=ADMIN,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "config_json: must hold finite numbers only",
+    ),
+    "overflowing number in the policy config": (
+        lambda sidecar, world: sidecar.stub.SetPolicy(
+            pb.SetPolicyRequest(policy="thompson", config_json='{"evidence_cap": 1e999}'),
+            metadata=ADMIN,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "config_json: must be a finite number",
+    ),
 }
 
 
