@@ -197,7 +197,7 @@ def generate_command(
         raise typer.Exit(1) from None
 
 
-def drafters_list_command(address: str = ADDRESS_OPTION) -> None:
+def drafters_list_command(address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS) -> None:
     """List the drafters a running sidecar serves."""
     from router.pb import router_pb2 as pb
 
@@ -248,7 +248,7 @@ def drafters_remove_command(
     _print_message(reply)
 
 
-def policy_show_command(address: str = ADDRESS_OPTION) -> None:
+def policy_show_command(address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS) -> None:
     """Show a running sidecar's policy state per context."""
     from router.pb import router_pb2 as pb
 
