@@ -19,6 +19,31 @@ if TYPE_CHECKING:
     from router.bundle import ModelBundle
 
 
+# End-to-end tests build a world or stand on one: every sidecar, served servicer and
+# `specroute serve` process in these tests runs on the tiny world, so a test is end-to-end
+# when it uses the world fixture (directly or through another) or lies in a module that
+# builds worlds itself. They carry the `e2e` marker: `pytest -m "not e2e"` runs the unit
+# tests alone, `make test` both.
+END_TO_END_FIXTURES = frozenset({"tiny_world"})
+END_TO_END_MODULES = frozenset({"tests/benchmarks/world/test_world.py"})
+# The per-test timeout (pyproject) covers fixture setup, and the first end-to-end test of a
+# session builds the tiny world there (with the sidecar fixtures, up to about 2 minutes
+# measured on 2 busy cores): these tests get room for a build plus their own run, unless
+# they set a timeout themselves.
+END_TO_END_TIMEOUT_S = 300
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.relative_to(config.rootpath).as_posix()
+        uses_world = END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if not uses_world and module not in END_TO_END_MODULES:
+            continue
+        item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(END_TO_END_TIMEOUT_S))
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
     """The built-in world at tiny scale (corpus, tokenizer, target, 8 drafters), built once."""
