@@ -10,11 +10,15 @@ each classifier text. There are two implementations, chosen once at start by
   the work in a child process with its own GIL. A Python gRPC server spends most of its
   time holding the GIL in grpc.aio's call handling; the tokenizer and the classifier
   compete for that lock when they run in the sidecar's process. Side by side on 2 vCPUs
-  the child kept Route at concurrency 64 at 0.66-0.76 of an echo servicer against
-  0.49-0.54 with the work on a worker thread, and a lone call on the event loop took
-  1.16 ms against 0.97 ms through the child (benchmarks/load/HISTORY.md).
+  (benchmarks/load/HISTORY.md, 2026-12-02) the child kept Route at concurrency 64 at
+  0.60 of an echo servicer against 0.25 in-process (0.43 against 0.36 on a loaded
+  machine); but a lone call (concurrency 1) took 1.45 ms against 1.23 ms in-process
+  (1.34 against 1.15 loaded): the cost of waking the child.
+  For hosts where waking an idle vCPU is that slow, ``limits.prompt_reader_spin_ms``
+  (off by default) has the child busy-wait after a lone batch (:mod:`router.route_process`).
 - ``"in_process"``: :class:`InProcessReader`, the work in the call, on the event loop:
-  no process to start or watch (and the child-process reader's fallback).
+  no process to start or watch, the lower latency at light load (and the child-process
+  reader's fallback).
 """
 
 from __future__ import annotations

@@ -138,7 +138,8 @@ def prompt_reader_for(limits: Limits, tokenizer: Any, classifiers: Any) -> Promp
     A child process needs a fast tokenizer (it is sent as JSON): without one, in-process."""
     if limits.prompt_reader == "child_process":
         if getattr(tokenizer, "backend_tokenizer", None) is not None:
-            return ChildProcessReader(tokenizer, classifiers)
+            spin_s = limits.prompt_reader_spin_ms / 1000
+            return ChildProcessReader(tokenizer, classifiers, spin_s=spin_s)
         logger.warning("the target's tokenizer is not a fast one: prompts are read in-process")
     return InProcessReader(tokenizer, classifiers)
 

@@ -44,11 +44,17 @@ class Limits(BaseModel):
     route_batch_max: int = Field(default=256, gt=0)
     # Where Route and Generate count prompts' tokens and classify them (router.
     # prompt_reader). "child_process" (default): in a child with its own GIL (in-process
-    # while it starts or restarts); on 2 vCPUs it kept Route at concurrency 64 at
-    # 0.66-0.76 of an echo servicer against 0.49-0.54 on a thread of the sidecar, and a
-    # lone call at 0.97 ms against 1.16 ms in the call. "in_process": in the call, on the
-    # event loop, with no process to start or watch.
+    # while it starts or restarts), for throughput: on 2 vCPUs Route at concurrency 64
+    # ran at 0.60 of an echo servicer against 0.25 in-process. "in_process": in the call,
+    # on the event loop, with no process to start or watch; a lone call there took 1.23
+    # against 1.45 ms through the child.
     prompt_reader: Literal["child_process", "in_process"] = "child_process"
+    # Off (0) by default. For hosts where waking an idle vCPU is slow (a KVM guest with
+    # guest_halt_poll_ns 0): after a lone batch, the child_process reader's child
+    # busy-waits this long for the next one, yielding the CPU, instead of sleeping. There,
+    # 2 ms measured +0.2 of echo at concurrency 64 and -0.2 ms p50 at concurrency 1
+    # (router.route_process); it costs up to this much CPU per lone call.
+    prompt_reader_spin_ms: float = Field(default=0.0, ge=0.0, le=100.0)
 
 
 class TlsSettings(BaseModel):

@@ -21,7 +21,8 @@ from classifiers.runtime import OnnxTaskClassifier
 from router.pb import router_pb2 as pb
 from router.prompt_reader import PromptsRead
 from router.route_process import ChildProcessReader, RouteProcess, RouteProcessError
-from router.service import Components
+from router.service import Components, prompt_reader_for
+from router.settings import Limits
 from tests.router.conftest import ADMIN, ServingWorld, SidecarThread
 
 
@@ -146,6 +147,40 @@ def test_a_reader_whose_child_is_not_up_reads_in_process_and_starts_it(
         assert reader.process.batches == 1
     finally:
         reader.close()
+
+
+def _states(pid: int, seconds: float) -> list[str]:
+    """The scheduler state of process ``pid`` (/proc/PID/stat: R runnable, S sleeping),
+    sampled every millisecond for ``seconds``."""
+    states = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        states.append(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+        time.sleep(0.001)
+    return states
+
+
+@pytest.mark.parametrize("spin_ms", [0.0, 100.0])
+def test_the_child_busy_waits_after_a_lone_batch_only_when_the_setting_asks(
+    components: Components, holder: ClassifierHolder, spin_ms: float
+) -> None:
+    reader = prompt_reader_for(
+        Limits(prompt_reader_spin_ms=spin_ms), components.target.tokenizer, holder
+    )
+    assert isinstance(reader, ChildProcessReader)
+    reader.start(wait=True)
+    try:
+        asyncio.run(reader.read(["a lone prompt"], []))
+        pid = reader.process.pid
+        assert pid is not None
+        time.sleep(0.005)  # the child has written its reply and looks for the next batch
+        states = _states(pid, 0.05)  # no next batch comes: it spins, or sleeps on its pipe
+    finally:
+        reader.close()
+    if spin_ms:
+        assert states.count("R") > len(states) // 2
+    else:
+        assert "R" not in states
 
 
 @pytest.fixture(scope="module")
