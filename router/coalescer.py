@@ -5,12 +5,12 @@ onnxruntime entry) costs far less per call than doing it call by call. So calls 
 worked on in batches: while a batch is out (in the prompt reader's child process, say:
 :mod:`router.prompt_reader`) the event loop goes on receiving calls; the calls that
 arrive meanwhile wait and form the next batch, which starts as soon as the work is done,
-in the next turn of the loop, so that calls whose tasks are ready in this one join it too (under load, grpc.aio wakes several handlers per
-turn: side by side at concurrency 64 this raised the mean batch from 5.5 to 6.5 calls
-and Route from 0.71-0.73 to 0.77-0.78 of echo). Batches grow with the load by themselves:
-a lone call starts at once, calls that arrive faster than a batch is worked on are
-worked on together. There are no timers to tune, and the loop never spins waiting for a
-batch.
+in the next turn of the loop, so that calls whose tasks are ready in this one join it
+too (under load, grpc.aio wakes several handlers per turn: side by side at concurrency
+64 this raised the mean batch from 5.5 to 6.5 calls and Route from 0.71-0.73 to
+0.77-0.78 of echo). Batches grow with the load by themselves: a lone call starts at
+once, calls that arrive faster than a batch is worked on are worked on together. There
+are no timers to tune, and the loop never spins waiting for a batch.
 
 The work has two stages: ``work`` is a coroutine function awaited on the loop (it may
 hand the batch off, or do it in the call); ``commit`` runs on the event loop with what
