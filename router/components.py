@@ -9,9 +9,9 @@ from pathlib import Path
 
 from router.bundle import ModelBundle, default_bundle_dir
 from router.policy.base import NONE_DRAFTER
-from router.registry import DrafterRecord
 from router.service import Components
 from router.settings import Settings
+from router.store import DrafterRecord
 
 logger = logging.getLogger(__name__)
 

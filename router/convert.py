@@ -19,9 +19,9 @@ from router.domain import (
 )
 from router.errors import InvalidFieldError
 from router.pb import router_pb2 as pb
-from router.registry import DrafterRecord
 from router.service import ClassifierView, GenerationResult, PolicyView, RoutedRequest, TokenChunk
 from router.settings import Limits
+from router.store import DrafterRecord
 
 GREEDY = Sampling()  # an unset SamplingParams (immutable, shared)
 

@@ -1,4 +1,4 @@
-"""Live drafters: the built-in ones plus the registry's, validated before they serve.
+"""Live drafters: the built-in ones plus the store's registered ones, validated before they serve.
 
 Registration checks everything before anything changes: the name is free, the kind is
 known, the path is under a model root, the weights are safetensors, the tokenizer
@@ -26,7 +26,7 @@ from router.errors import (
     PreconditionError,
 )
 from router.policy.base import NONE_DRAFTER
-from router.registry import DrafterRecord, SidecarStore
+from router.store import DrafterRecord, SidecarStore
 
 logger = logging.getLogger(__name__)
 

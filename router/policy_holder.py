@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from router.errors import InvalidRequestError
-from router.registry import PolicySnapshot, SidecarStore
+from router.store import PolicySnapshot, SidecarStore
 
 logger = logging.getLogger(__name__)
 

@@ -26,10 +26,10 @@ from router.http_front import build_http_app
 from router.interceptors import BearerAuth, EdgeInterceptor
 from router.metrics import SidecarMetrics, create_metrics
 from router.pb import router_pb2, router_pb2_grpc
-from router.registry import SidecarStore
 from router.service import Components, RouterService
 from router.servicer import ADMIN_METHODS, RouterServicer
 from router.settings import Settings
+from router.store import SidecarStore
 
 logger = logging.getLogger(__name__)
 

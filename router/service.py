@@ -47,9 +47,9 @@ from router.metrics import SidecarMetrics
 from router.policy.base import NONE_DRAFTER
 from router.policy_holder import PolicyHolder
 from router.prompt_reader import InProcessReader, PromptReader
-from router.registry import DrafterRecord, SidecarStore
 from router.route_process import ChildProcessReader
 from router.settings import Limits, Settings
+from router.store import DrafterRecord, SidecarStore
 
 logger = logging.getLogger(__name__)
 

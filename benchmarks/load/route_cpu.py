@@ -129,8 +129,8 @@ def format_measurement(result: dict[str, Any]) -> str:
 def build_service(world_dir: Path, state_dir: Path) -> RouterService:
     from router.components import build_components
     from router.metrics import create_metrics
-    from router.registry import SidecarStore
     from router.settings import Settings
+    from router.store import SidecarStore
 
     settings = Settings(world_dir=world_dir, state_dir=state_dir)
     components = build_components(settings)

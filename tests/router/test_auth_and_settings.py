@@ -1,4 +1,4 @@
-"""Data-plane tokens (gRPC and HTTP), settings precedence, the SQLite registry, the CLI."""
+"""Data-plane tokens (gRPC and HTTP), settings precedence, the SQLite store, the CLI."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from text_generation.errors import UnknownError
 
 from router.errors import AlreadyExistsError, NotFoundError
 from router.pb import router_pb2 as pb
-from router.registry import DrafterRecord, SidecarStore
 from router.service import Components
 from router.settings import load_settings
+from router.store import DrafterRecord, SidecarStore
 from tests.router.conftest import ADMIN, ServingWorld, SidecarThread
 
 DATA_TOKEN = "data-secret"

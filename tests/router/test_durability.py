@@ -11,7 +11,7 @@ from benchmarks.load.load_bench import child_pids
 from router.launch import LaunchedSidecar, launch_sidecar
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
-from router.registry import SidecarStore
+from router.store import SidecarStore
 from tests.router.conftest import ADMIN, ADMIN_TOKEN, COMPLETION_PROMPT, ServingWorld
 
 PROMPT = COMPLETION_PROMPT

@@ -1,4 +1,4 @@
-"""Durable sidecar state: the drafter registry and policy snapshots, SQLite in WAL mode.
+"""Durable sidecar state: registered drafters and policy snapshots, SQLite in WAL mode.
 
 Every write commits before it returns (``synchronous=FULL``), so a drafter registered
 just before the process is killed is present after a restart.
