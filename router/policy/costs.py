@@ -111,28 +111,52 @@ class CostModel:
         """t_ar: measured plain time per token, else the verify intercept, else 1 (units)."""
         if self.plain_token_time_ is not None:
             return self.plain_token_time_
-        line = self.verify_line()
+        return self._plain_token_time(self.verify_line())
+
+    def _plain_token_time(self, line: tuple[float, float] | None) -> float:
+        """t_ar given the solved verify ``line``."""
+        if self.plain_token_time_ is not None:
+            return self.plain_token_time_
         return line[0] if line is not None else 1.0
 
     def verify_times(self, k_max: int) -> np.ndarray:
         """t_verify(k) for k = 0..k_max."""
         line = self.verify_line()
-        if line is None:
-            t0 = self.plain_token_time()
-            line = (t0, self.verify_slope_ratio * t0)
-        return line[0] + line[1] * np.arange(k_max + 1)
+        return self._verify_times(line, self._plain_token_time(line), k_max)
+
+    def _verify_times(
+        self, line: tuple[float, float] | None, t_ar: float, k_max: int
+    ) -> np.ndarray:
+        """t_verify(k) = t0 + k * t1 for k = 0..k_max; before any measurement t0 = t_ar and
+        t1 = rho * t0."""
+        t0, t1 = line if line is not None else (t_ar, self.verify_slope_ratio * t_ar)
+        return t0 + t1 * np.arange(k_max + 1)
 
     def draft_times(self, drafters: Iterable[str]) -> np.ndarray:
         """t_draft per drafted token for each drafter (measured, else ratio * t_ar)."""
-        t_ar = self.plain_token_time()
+        return self._draft_times(drafters, self.plain_token_time())
+
+    def _draft_times(self, drafters: Iterable[str], t_ar: float) -> np.ndarray:
+        measured, ratio, default = (
+            self.draft_token_time_,
+            self.draft_cost_ratio,
+            self.default_draft_cost_ratio,
+        )
         return np.array(
             [
-                self.draft_token_time_.get(
-                    name, self.draft_cost_ratio.get(name, self.default_draft_cost_ratio) * t_ar
-                )
+                measured[name] if name in measured else ratio.get(name, default) * t_ar
                 for name in drafters
             ],
             dtype=np.float64,
+        )
+
+    def step_costs(self, drafters: Sequence[str], k_max: int) -> StepCosts:
+        """t_ar, t_draft per drafter and t_verify(k) for k = 0..k_max at once: the verify
+        line is solved once (``select`` prices every call)."""
+        line = self.verify_line()
+        t_ar = self._plain_token_time(line)
+        return StepCosts(
+            t_ar, self._draft_times(drafters, t_ar), self._verify_times(line, t_ar, k_max)
         )
 
     def forget_drafter(self, drafter: str) -> None:
@@ -159,6 +183,15 @@ class CostModel:
         self.verify_xtx_ = np.asarray(state["verify_xtx"], dtype=np.float64).reshape(2, 2)
         self.verify_xty_ = np.asarray(state["verify_xty"], dtype=np.float64).reshape(2)
         self.observations_ = int(state["observations"])
+
+
+@dataclass(frozen=True, slots=True)
+class StepCosts:
+    """The cost model's per-step costs for D drafters and k = 0..K."""
+
+    t_ar: float  # plain decoding time per token
+    t_draft: np.ndarray  # [D]: time per drafted token
+    t_verify: np.ndarray  # [K + 1]: time of a verify step scoring k drafted tokens
 
 
 class RequestOverheads:

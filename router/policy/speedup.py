@@ -47,10 +47,9 @@ def cost_gain(t_ar: float, t_draft: npt.ArrayLike, t_verify: npt.ArrayLike) -> F
     for k = 0..k_max, shape (k_max + 1,). Returns shape (D, k_max + 1). Column 0 is
     set to 1 so that S(a, 0) = L(a, 0) * 1 = 1 exactly (no speculation).
     """
-    draft = np.asarray(t_draft, dtype=np.float64).reshape(-1, 1)
-    verify = np.asarray(t_verify, dtype=np.float64).reshape(1, -1)
-    k = np.arange(verify.shape[1]).reshape(1, -1)
-    gain = t_ar / (k * draft + verify)
+    draft = np.asarray(t_draft, dtype=np.float64)
+    verify = np.asarray(t_verify, dtype=np.float64)
+    gain = t_ar / (np.arange(len(verify)) * draft[:, None] + verify)
     gain[:, 0] = 1.0
     return gain
 
@@ -76,13 +75,13 @@ def request_speedup(
     (R, D) for acceptances (R, D)."""
     tokens = expected_tokens_per_step(acceptance, gain.shape[-1] - 1)
     step_cost = t_ar / gain  # k * t_draft + t_verify(k); t_ar at k = 0
-    fixed = np.asarray(fixed_drafters, dtype=np.float64)[..., None]
     length = np.asarray(output_tokens, dtype=np.float64)[..., None, None]
     plain = np.asarray(fixed_none, dtype=np.float64)[..., None, None]
-    spent = fixed + length * step_cost / tokens
-    table = (plain + length * t_ar) / np.maximum(spent, 1e-12)
+    spent = length * step_cost / tokens  # F_d + (N / L) (k t_draft + t_verify(k)), in place
+    spent += np.asarray(fixed_drafters, dtype=np.float64)[..., None]
+    table = np.divide(plain + length * t_ar, np.maximum(spent, 1e-12, out=spent), out=spent)
     table[..., 0] = 1.0
-    return np.asarray(table, dtype=np.float64)
+    return table
 
 
 def speedup(acceptance: float, k: int, *, t_ar: float, t_draft: float, t_verify: float) -> float:

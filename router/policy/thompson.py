@@ -132,13 +132,12 @@ def thompson_decisions(
     rows = alpha.shape[0]
     if not drafters:
         return [Decision(NONE_DRAFTER, 0, 1.0, False)] * rows
-    acceptance = np.stack([rng.beta(alpha, beta), alpha / (alpha + beta)])  # [2, R, D]
-    sampled, at_mean = prices.speedups(acceptance)  # each [R, D, K + 1]
+    acceptance = np.array([rng.beta(alpha, beta), alpha / (alpha + beta)])  # [2, R, D]
+    table = prices.speedups(acceptance)  # [2, R, D, K + 1]: S at the draw, S at the mean
     # Flat argmax over (d, k); ties go to the first arm, so when nothing beats S = 1 it is
     # (0, 0), the one no-speculation arm, whichever drafter's column 0 that is.
-    chosen = sampled.reshape(rows, -1).argmax(axis=1).tolist()
-    greedy = at_mean.reshape(rows, -1).argmax(axis=1).tolist()
-    width = at_mean.shape[-1]
+    chosen, greedy = table.reshape(2, rows, -1).argmax(axis=2).tolist()
+    width = table.shape[-1]
     decisions = []
     for r, (arm, greedy_arm) in enumerate(zip(chosen, greedy, strict=True)):
         d, k = divmod(arm, width)
@@ -146,7 +145,7 @@ def thompson_decisions(
         if k == 0:
             decisions.append(Decision(NONE_DRAFTER, 0, 1.0, explored))
         else:
-            decisions.append(Decision(drafters[d], k, float(at_mean[r, d, k]), explored))
+            decisions.append(Decision(drafters[d], k, float(table[1, r, d, k]), explored))
     return decisions
 
 
@@ -241,27 +240,33 @@ class ThompsonPolicy:
         index = np.array(
             sorted({self.index_[name] for name in eligible if name in self.index_}), dtype=np.intp
         )
-        known = {c: (self._posterior(c), self._request_terms(c)) for c in dict.fromkeys(contexts)}
-        posteriors, terms = zip(*(known[context] for context in contexts), strict=True)
-        alpha = np.array([arms.alpha for arms in posteriors])[:, index]  # [R, D]
-        beta = np.array([arms.beta for arms in posteriors])[:, index]
         names = [self.drafters_[i] for i in index.tolist()]
-        return thompson_decisions(names, alpha, beta, self._prices(terms, index), self._rng)
-
-    def _prices(
-        self, terms: Sequence[tuple[float, float, np.ndarray]], index: np.ndarray
-    ) -> RequestPrices:
-        """The cost model's S_req terms for requests whose contexts' (N, F_0, F_d) are
-        ``terms``, over the drafters in ``index``."""
-        t_ar = self.costs_.plain_token_time()
-        gain = cost_gain(
-            t_ar,
-            self.costs_.draft_times([self.drafters_[i] for i in index.tolist()]),
-            self.costs_.verify_times(self.k_max),
+        rows = [(self._posterior(c), *self._request_terms(c)) for c in contexts]
+        # [3, R, D]: each request's posterior (alpha, beta) and fixed times F_d, gathered in
+        # one array and narrowed to the eligible drafters at once.
+        alpha, beta, fixed = np.array(
+            [(arms.alpha, arms.beta, fixed) for arms, _, _, fixed in rows]
+        ).transpose(1, 0, 2)[:, :, index]
+        step = self.costs_.step_costs(names, self.k_max)
+        prices = RequestPrices(
+            step.t_ar,
+            cost_gain(step.t_ar, step.t_draft, step.t_verify),
+            np.array([tokens for _, tokens, _, _ in rows]),
+            np.array([fixed_none for _, _, fixed_none, _ in rows]),
+            fixed,
         )
-        tokens, fixed_none, fixed = zip(*terms, strict=True)
+        return thompson_decisions(names, alpha, beta, prices, self._rng)
+
+    def _prices(self, context: Context) -> RequestPrices:
+        """The cost model's S_req terms for one request in ``context``, over all drafters."""
+        step = self.costs_.step_costs(self.drafters_, self.k_max)
+        tokens, fixed_none, fixed = self._request_terms(context)
         return RequestPrices(
-            t_ar, gain, np.array(tokens), np.array(fixed_none), np.array(fixed)[:, index]
+            step.t_ar,
+            cost_gain(step.t_ar, step.t_draft, step.t_verify),
+            np.array([tokens]),
+            np.array([fixed_none]),
+            fixed[None],
         )
 
     def _request_terms(self, context: Context) -> tuple[float, float, np.ndarray]:
@@ -416,13 +421,12 @@ class ThompsonPolicy:
 
     def describe(self) -> list[ContextSummary]:
         """Per context: posterior per drafter, its best k and S at the posterior mean."""
-        everyone = np.arange(len(self.drafters_), dtype=np.intp)
         summaries = []
         for context, arms in sorted(
             self.contexts_.items(), key=lambda item: (item[0].cluster, item[0].length_bucket)
         ):
             mean = arms.mean()
-            prices = self._prices([self._request_terms(context)], everyone)
+            prices = self._prices(context)
             table = prices.speedups(mean[None])[0]
             best_k, best_s = best_draft_length(table)
             summary_arms = tuple(
