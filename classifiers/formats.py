@@ -17,46 +17,51 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 PUNCTUATION = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
-# Byte values counted, in format-vector order after the line count: ASCII digits are
-# summed into one column, then each punctuation mark.
-_DIGIT_BYTES = np.frombuffer(b"0123456789", dtype=np.uint8).astype(np.intp)
-_MARK_BYTES = np.frombuffer(PUNCTUATION.encode("ascii"), dtype=np.uint8).astype(np.intp)
 # A mark constant within a cluster (every retrieval prompt has exactly three "[") would
 # otherwise make any deviation infinitely far; 0.5 standard deviations is the floor.
 SPREAD_FLOOR = 0.5
 # Standardisation divides by the corpus-wide standard deviation plus this (log-count
 # units): a mark every training prompt carries once would otherwise have a zero scale.
 SCALE_FLOOR = 0.25
+_FEATURES = len(PUNCTUATION) + 2  # lines, ASCII digits, each mark
 
 
-def _feature_of_byte() -> np.ndarray:
-    """For each byte value, the format feature it counts towards (F: none)."""
-    features = len(PUNCTUATION) + 2
-    table = np.full(256, features, dtype=np.intp)
+def _feature_of_byte() -> tuple[bytes, bytes]:
+    """A ``bytes.translate`` table from each counted byte to its format feature (newline:
+    0, an ASCII digit: 1, then each mark in order), and the bytes that count for none."""
+    table = bytearray(range(256))
     table[ord("\n")] = 0
-    table[_DIGIT_BYTES] = 1
-    table[_MARK_BYTES] = np.arange(2, features)
-    return table
+    for digit in b"0123456789":
+        table[digit] = 1
+    for feature, mark in enumerate(PUNCTUATION.encode("ascii"), start=2):
+        table[mark] = feature
+    counted = b"\n0123456789" + PUNCTUATION.encode("ascii")
+    return bytes(table), bytes(sorted(set(range(256)) - set(counted)))
 
 
-_FEATURE_OF_BYTE = _feature_of_byte()
+_FEATURE_OF_BYTE, _UNCOUNTED_BYTES = _feature_of_byte()
 
 
 def format_count_matrix(texts: Sequence[str]) -> np.ndarray:
     """Lines, ASCII digits, then each ASCII punctuation mark, per text: int64 [N, F].
 
-    Counted with one ``bincount`` over the batch's UTF-8 bytes, each byte mapped to its
-    feature: every counted character is ASCII, and no byte of a multi-byte UTF-8
-    character is below 0x80, so byte counts equal character counts.
+    Each text's UTF-8 bytes, after a newline (so its newlines are its lines), become one
+    feature index per counted byte by ``bytes.translate``; one ``bincount`` over the
+    batch, offset by F per row, counts them. Every counted character is ASCII, and no
+    byte of a multi-byte UTF-8 character is below 0x80, so byte counts equal character
+    counts.
     """
-    width = len(PUNCTUATION) + 3  # the F features and a bin for every other byte
-    encoded = [text.encode("utf-8", "surrogatepass") for text in texts]
-    rows = np.repeat(np.arange(len(encoded)) * width, [len(b) for b in encoded])
-    features = _FEATURE_OF_BYTE[np.frombuffer(b"".join(encoded), dtype=np.uint8)]
-    counts = np.bincount(rows + features, minlength=len(encoded) * width).reshape(-1, width)
-    counts = counts[:, :-1]
-    counts[:, 0] += 1  # n newlines make n + 1 lines
-    return counts
+    features = [
+        (b"\n" + text.encode("utf-8", "surrogatepass")).translate(
+            _FEATURE_OF_BYTE, _UNCOUNTED_BYTES
+        )
+        for text in texts
+    ]
+    row_offsets = np.arange(0, len(features) * _FEATURES, _FEATURES).repeat(
+        [len(row) for row in features]
+    )
+    bins = row_offsets + np.frombuffer(b"".join(features), dtype=np.uint8)
+    return np.bincount(bins, minlength=len(features) * _FEATURES).reshape(-1, _FEATURES)
 
 
 def format_matrix(texts: Sequence[str]) -> np.ndarray:
@@ -75,8 +80,10 @@ class FormatDistance:
 
     def __call__(self, vectors: np.ndarray, clusters: np.ndarray) -> np.ndarray:
         """Distance of each row of ``vectors`` to its cluster, [N]."""
-        gap = vectors * self._slope[clusters] - self._offset[clusters]
-        return np.asarray(np.sqrt(np.einsum("ij,ij->i", gap, gap)))
+        gap = vectors * self._slope.take(clusters, axis=0)
+        gap -= self._offset.take(clusters, axis=0)
+        distance: np.ndarray = np.sqrt(np.einsum("ij,ij->i", gap, gap))
+        return distance
 
 
 class FormatProfile(BaseModel):

@@ -46,7 +46,18 @@ class _FormatRule:
 
     def unlike(self, texts: Sequence[str], clusters: np.ndarray) -> np.ndarray:
         """Per text, whether it is too far in format from its cluster, [N] bool."""
-        return np.asarray(self.distance(format_matrix(texts), clusters) > self.max_distance)
+        too_far: np.ndarray = self.distance(format_matrix(texts), clusters) > self.max_distance
+        return too_far
+
+
+def _float32_threshold(threshold: float) -> np.float32:
+    """The float32 ``t`` for which ``x < t`` equals ``x < threshold`` for every float32
+    ``x``: the least float32 not below ``threshold`` (no float32 lies in between), so the
+    graph's float32 scores are compared exactly without a cast to float64 per call."""
+    rounded = np.float32(threshold)
+    if float(rounded) < threshold:
+        rounded = np.nextafter(rounded, np.float32(np.inf))
+    return rounded
 
 
 class OnnxTaskClassifier:
@@ -63,8 +74,8 @@ class OnnxTaskClassifier:
         self._metadata = metadata
         self._labels = tuple(metadata.labels)
         self._source = source
-        self._min_cosine = metadata.ood.min_centroid_cosine
-        self._min_probability = metadata.ood.min_probability
+        self._min_cosine = _float32_threshold(metadata.ood.min_centroid_cosine)
+        self._min_probability = _float32_threshold(metadata.ood.min_probability)
         self._format = _FormatRule.from_thresholds(metadata.ood)
 
     @classmethod
@@ -128,6 +139,8 @@ class OnnxTaskClassifier:
             raise ClassifierLoadError(
                 f"{self._source}: graph fails on probe prompts: {error}"
             ) from error
+        if scores.probabilities.dtype != np.float32 or scores.centroid_cosine.dtype != np.float32:
+            raise ClassifierLoadError(f"{self._source}: graph outputs must be float32")
         expected = np.array([probe.probabilities for probe in self._metadata.probes])
         if scores.probabilities.shape[1] != len(self._labels) or (
             scores.probabilities.shape != expected.shape
@@ -173,9 +186,9 @@ class OnnxTaskClassifier:
         """Label, probability and out-of-distribution flag of each scored text (a lone
         prompt is a batch of one)."""
         best = scores.probabilities.argmax(axis=1)
-        # float64 before comparing, as the thresholds are (float32 would round them).
-        probability = scores.probabilities.max(axis=1).astype(np.float64)
-        cosine = scores.centroid_cosine.max(axis=1).astype(np.float64)
+        # float32, as the graph gives them; the thresholds are their exact float32 forms.
+        probability = scores.probabilities.max(axis=1)
+        cosine = scores.centroid_cosine.max(axis=1)
         out_of_distribution = (probability < self._min_probability) | (cosine < self._min_cosine)
         if self._format is not None:
             out_of_distribution |= self._format.unlike(texts, best)
