@@ -241,18 +241,23 @@ class ThompsonPolicy:
             sorted({self.index_[name] for name in eligible if name in self.index_}), dtype=np.intp
         )
         names = [self.drafters_[i] for i in index.tolist()]
-        rows = [(self._posterior(c), *self._request_terms(c)) for c in contexts]
+        posteriors = [self._posterior(context) for context in contexts]
+        tokens, fixed_none, fixed_drafters = zip(*map(self._request_terms, contexts), strict=True)
         # [3, R, D]: each request's posterior (alpha, beta) and fixed times F_d, gathered in
         # one array and narrowed to the eligible drafters at once.
         alpha, beta, fixed = np.array(
-            [(arms.alpha, arms.beta, fixed) for arms, _, _, fixed in rows]
-        ).transpose(1, 0, 2)[:, :, index]
+            [
+                [arms.alpha for arms in posteriors],
+                [arms.beta for arms in posteriors],
+                fixed_drafters,
+            ]
+        )[:, :, index]
         step = self.costs_.step_costs(names, self.k_max)
         prices = RequestPrices(
             step.t_ar,
             cost_gain(step.t_ar, step.t_draft, step.t_verify),
-            np.array([tokens for _, tokens, _, _ in rows]),
-            np.array([fixed_none for _, _, fixed_none, _ in rows]),
+            np.array(tokens),
+            np.array(fixed_none),
             fixed,
         )
         return thompson_decisions(names, alpha, beta, prices, self._rng)
