@@ -237,10 +237,9 @@ class ThompsonPolicy:
         from the same draws, as one ``select`` per context in order."""
         if not contexts:
             return []
-        index = np.array(
-            sorted({self.index_[name] for name in eligible if name in self.index_}), dtype=np.intp
-        )
-        names = [self.drafters_[i] for i in index.tolist()]
+        wanted = set(eligible)
+        index = [i for i, name in enumerate(self.drafters_) if name in wanted]
+        names = [self.drafters_[i] for i in index]
         posteriors = [self._posterior(context) for context in contexts]
         tokens, fixed_none, fixed_drafters = zip(*map(self._request_terms, contexts), strict=True)
         # [3, R, D]: each request's posterior (alpha, beta) and fixed times F_d, gathered in
