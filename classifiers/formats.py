@@ -66,7 +66,7 @@ def format_count_matrix(texts: Sequence[str]) -> np.ndarray:
 
 def format_matrix(texts: Sequence[str]) -> np.ndarray:
     """Format vectors (``log(1 + count)``) of ``texts`` as rows, [N, F]."""
-    return np.log1p(format_count_matrix(texts), dtype=np.float64)
+    return np.log1p(format_count_matrix(texts))  # int64 counts: float64 logs
 
 
 class FormatDistance:
@@ -80,8 +80,7 @@ class FormatDistance:
 
     def __call__(self, vectors: np.ndarray, clusters: np.ndarray) -> np.ndarray:
         """Distance of each row of ``vectors`` to its cluster, [N]."""
-        gap = vectors * self._slope.take(clusters, axis=0)
-        gap -= self._offset.take(clusters, axis=0)
+        gap = vectors * self._slope.take(clusters, axis=0) - self._offset.take(clusters, axis=0)
         distance: np.ndarray = np.sqrt(np.einsum("ij,ij->i", gap, gap))
         return distance
 

@@ -44,20 +44,11 @@ class _FormatRule:
             return None
         return cls(FormatDistance(ood.format_profile.arrays()), ood.max_format_distance)
 
-    def unlike(self, texts: Sequence[str], clusters: np.ndarray) -> np.ndarray:
-        """Per text, whether it is too far in format from its cluster, [N] bool."""
-        too_far: np.ndarray = self.distance(format_matrix(texts), clusters) > self.max_distance
+    def unlike(self, texts: Sequence[str], clusters: np.ndarray) -> list[bool]:
+        """Per text, whether it is too far in format from its cluster."""
+        distance = self.distance(format_matrix(texts), clusters)
+        too_far: list[bool] = (distance > self.max_distance).tolist()
         return too_far
-
-
-def _float32_threshold(threshold: float) -> np.float32:
-    """The float32 ``t`` for which ``x < t`` equals ``x < threshold`` for every float32
-    ``x``: the least float32 not below ``threshold`` (no float32 lies in between), so the
-    graph's float32 scores are compared exactly without a cast to float64 per call."""
-    rounded = np.float32(threshold)
-    if float(rounded) < threshold:
-        rounded = np.nextafter(rounded, np.float32(np.inf))
-    return rounded
 
 
 class OnnxTaskClassifier:
@@ -74,8 +65,8 @@ class OnnxTaskClassifier:
         self._metadata = metadata
         self._labels = tuple(metadata.labels)
         self._source = source
-        self._min_cosine = _float32_threshold(metadata.ood.min_centroid_cosine)
-        self._min_probability = _float32_threshold(metadata.ood.min_probability)
+        self._min_cosine = metadata.ood.min_centroid_cosine
+        self._min_probability = metadata.ood.min_probability
         self._format = _FormatRule.from_thresholds(metadata.ood)
 
     @classmethod
@@ -139,8 +130,6 @@ class OnnxTaskClassifier:
             raise ClassifierLoadError(
                 f"{self._source}: graph fails on probe prompts: {error}"
             ) from error
-        if scores.probabilities.dtype != np.float32 or scores.centroid_cosine.dtype != np.float32:
-            raise ClassifierLoadError(f"{self._source}: graph outputs must be float32")
         expected = np.array([probe.probabilities for probe in self._metadata.probes])
         if scores.probabilities.shape[1] != len(self._labels) or (
             scores.probabilities.shape != expected.shape
@@ -186,17 +175,21 @@ class OnnxTaskClassifier:
         """Label, probability and out-of-distribution flag of each scored text (a lone
         prompt is a batch of one)."""
         best = scores.probabilities.argmax(axis=1)
-        # float32, as the graph gives them; the thresholds are their exact float32 forms.
-        probability = scores.probabilities.max(axis=1)
-        cosine = scores.centroid_cosine.max(axis=1)
-        out_of_distribution = (probability < self._min_probability) | (cosine < self._min_cosine)
-        if self._format is not None:
-            out_of_distribution |= self._format.unlike(texts, best)
+        # The maxima as Python floats (float64, as the thresholds are) are compared as each
+        # Classification is built: on a batch of one, a NumPy comparison costs more than
+        # the Python one and the floats are needed for the Classification anyway.
+        probability = scores.probabilities.max(axis=1).tolist()
+        cosine = scores.centroid_cosine.max(axis=1).tolist()
+        unlike = (
+            self._format.unlike(texts, best) if self._format is not None else [False] * len(texts)
+        )
         return [
-            Classification(self._labels[label], p, ood)
-            for label, p, ood in zip(
-                best.tolist(), probability.tolist(), out_of_distribution.tolist(), strict=True
+            Classification(
+                self._labels[label],
+                p,
+                p < self._min_probability or c < self._min_cosine or far,
             )
+            for label, p, c, far in zip(best.tolist(), probability, cosine, unlike, strict=True)
         ]
 
     def classify(self, text: str) -> Classification:
