@@ -1,15 +1,19 @@
 """The one model loader: a local Hugging Face directory in, (model, tokenizer) out.
 
 Used for the built-in world's tiny models and for real Qwen2.5 checkpoints alike:
-offline only, safetensors only, ``trust_remote_code`` off, CUDA + bf16 when present,
-else CPU + fp32.
+offline only, safetensors only, ``trust_remote_code`` off. Precision is the caller's
+choice (:func:`default_placement`): by default CUDA + bf16 when present, else CPU + fp32;
+the sidecar's ``dtype`` setting picks ``auto``, ``bfloat16`` or ``float32``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +29,13 @@ logger = logging.getLogger(__name__)
 
 SAFETENSORS_PATTERNS = ("*.safetensors",)
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+AUTO_DTYPE = "auto"
+# CPU feature flags (Linux /proc/cpuinfo) that mean native bf16 arithmetic: x86's
+# AVX512-BF16 and AMX-BF16 ("flags" line), aarch64's BF16 ("Features" line). torch's
+# get_cpu_capability() only says "AVX512", which many CPUs without bf16 also report.
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+CPUINFO = Path("/proc/cpuinfo")
 
 
 class ModelLoadError(ValueError):
@@ -53,6 +64,8 @@ class LoadedModel:
     placement: DevicePlacement
     parameter_count: int
     weights_digest: str
+    # Where this model's weight digests are cached; drafters loaded for it use it too.
+    digest_cache: WeightsDigestCache | None = None
 
     @property
     def device(self) -> torch.device:
@@ -63,12 +76,43 @@ class LoadedModel:
         return self.placement.dtype
 
 
-def default_placement(device: str | None = None) -> DevicePlacement:
-    """CUDA + bf16 when available (or asked for), else CPU + fp32."""
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them; empty where there is no cpuinfo."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, aarch64
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_supports_bf16(flags: Iterable[str]) -> bool:
+    """Whether a CPU with these feature flags computes in bf16 natively."""
+    return not CPU_BF16_FLAGS.isdisjoint(flags)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The precision a ``dtype`` setting names on ``device``: ``bfloat16``, ``float32``, or
+    ``auto`` = bf16 on CUDA and on CPUs with native bf16 (:data:`CPU_BF16_FLAGS`), else fp32."""
+    if name == AUTO_DTYPE:
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16(cpu_flags()))
+        return torch.bfloat16 if native else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {[AUTO_DTYPE, *DTYPES]}, got {name!r}")
+    return DTYPES[name]
+
+
+def default_placement(device: str | None = None, dtype: str | None = None) -> DevicePlacement:
+    """``device`` (default CUDA when available, else CPU) in precision ``dtype`` (see
+    :func:`resolve_dtype`); without one, bf16 on CUDA and fp32 on CPU."""
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return DevicePlacement(device=dev, dtype=dtype)
+    if dtype is None:
+        return DevicePlacement(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    return DevicePlacement(device=dev, dtype=resolve_dtype(dtype, dev))
 
 
 def resolve_under_roots(path: str | Path, roots: Sequence[str | Path]) -> Path:
@@ -117,6 +161,76 @@ def weights_digest(files: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
+FileStamp = tuple[str, int, int]  # (resolved path, size in bytes, mtime in ns)
+
+
+def file_stamps(files: Sequence[Path]) -> list[FileStamp]:
+    """Each file's (resolved path, size, mtime_ns), sorted by path."""
+    stamps = []
+    for file in files:
+        resolved = Path(file).resolve()
+        status = resolved.stat()
+        stamps.append((str(resolved), status.st_size, status.st_mtime_ns))
+    return sorted(stamps)
+
+
+class WeightsDigestCache:
+    """:func:`weights_digest` of a set of weight files, remembered in a small JSON file
+    under the key of their paths and valid while every file keeps its (size, mtime_ns).
+
+    Hashing reads every byte (about 155 MB/s here: ~100 s for a 15 GB checkpoint) at each
+    start; a stat per file does not. A file rewritten in place changes its mtime, so it is
+    hashed again. The file is replaced atomically; an unreadable one counts as empty.
+    """
+
+    FORMAT = 1
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+
+    def digest(self, files: Sequence[Path]) -> str:
+        stamps = file_stamps(files)  # before hashing: a file changed meanwhile misses later
+        key = "\n".join(path for path, _, _ in stamps)
+        with self._lock:
+            cached = self._entries().get(key)
+        if cached is not None and [tuple(s) for s in cached["files"]] == stamps:
+            return str(cached["digest"])
+        digest = weights_digest(files)
+        with self._lock:
+            entries = self._entries()
+            entries[key] = {"files": [list(s) for s in stamps], "digest": digest}
+            self._write(entries)
+        return digest
+
+    def _entries(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict) or data.get("format") != self.FORMAT:
+            return {}
+        entries = data.get("entries")
+        return entries if isinstance(entries, dict) else {}
+
+    def _write(self, entries: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"format": self.FORMAT, "entries": entries}, indent=1)
+        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                out.write(text)
+            os.replace(temporary, self.path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+
+def digest_weights(files: Sequence[Path], cache: WeightsDigestCache | None) -> str:
+    """:func:`weights_digest` of ``files``, through ``cache`` when there is one."""
+    return cache.digest(files) if cache is not None else weights_digest(files)
+
+
 def load_tokenizer(directory: str | Path) -> Any:
     """Load a tokenizer from a local directory only."""
     from transformers import AutoTokenizer
@@ -134,10 +248,12 @@ def load_model(
     *,
     placement: DevicePlacement | None = None,
     roots: Sequence[str | Path] | None = None,
+    digest_cache: WeightsDigestCache | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local safetensors directory.
 
-    ``roots``, when given, restricts loading to directories under those paths.
+    ``roots``, when given, restricts loading to directories under those paths;
+    ``digest_cache``, when given, spares re-hashing weights that have not changed.
     Raises :class:`ModelLoadError` with a clear message for anything it refuses.
     """
     from transformers import AutoModelForCausalLM
@@ -168,5 +284,6 @@ def load_model(
         path=path,
         placement=where,
         parameter_count=count,
-        weights_digest=weights_digest(files),
+        weights_digest=digest_weights(files, digest_cache),
+        digest_cache=digest_cache,
     )

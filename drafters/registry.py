@@ -12,7 +12,7 @@ import torch
 
 from drafters.base import Drafter, DraftSession, Proposal, empty_proposal
 from drafters.counterfactual import replay_greedy_steps
-from drafters.loader import LoadedModel, ModelLoadError, load_model
+from drafters.loader import LoadedModel, ModelLoadError, load_model, load_tokenizer
 from drafters.model_drafter import ModelDrafter
 from drafters.ngram import NgramDrafter
 from drafters.sampling import SamplingConfig
@@ -63,20 +63,75 @@ class NoDrafter:
         return replay_greedy_steps(output_ids, 0, lambda _position, _k: ())
 
 
+def _tokens_by_id(tokenizer: Any) -> dict[int, str]:
+    return {int(index): str(token) for token, index in tokenizer.get_vocab().items()}
+
+
+def special_token_ids(tokenizer: Any) -> dict[int, str]:
+    """The tokens a tokenizer treats as special, by id: its added special tokens and the
+    named ones (eos, pad, ..., additional). Which of them is the EOS is a role, not part of
+    the vocabulary: a Qwen2.5 base model ends on <|endoftext|>, its Instruct model on
+    <|im_end|>, with the same ids and the same special tokens."""
+    special = {
+        int(index): str(token.content)
+        for index, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
+        if getattr(token, "special", False)
+    }
+    for index in tokenizer.all_special_ids:
+        special.setdefault(int(index), str(tokenizer.convert_ids_to_tokens(int(index))))
+    return special
+
+
+def _first_different_id(target: dict[int, str], drafter: dict[int, str]) -> int | None:
+    return next(
+        (i for i in sorted(target.keys() | drafter.keys()) if target.get(i) != drafter.get(i)), None
+    )
+
+
+def _describe(token: str | None) -> str:
+    return repr(token) if token is not None else "absent"
+
+
 def tokenizer_difference(target: Any, drafter: Any) -> str | None:
-    """A sentence naming how two tokenizers differ, or None when they encode alike."""
-    target_vocab, drafter_vocab = target.get_vocab(), drafter.get_vocab()
-    if len(target_vocab) != len(drafter_vocab):
-        return f"vocabulary sizes differ: target {len(target_vocab)}, drafter {len(drafter_vocab)}"
-    for token, index in target_vocab.items():
-        other = drafter_vocab.get(token)
-        if other != index:
-            return f"token {token!r} has id {index} in the target, {other} in the drafter"
-    for attribute in ("eos_token", "bos_token", "pad_token"):
-        mine, theirs = getattr(target, attribute, None), getattr(drafter, attribute, None)
-        if mine != theirs:
-            return f"{attribute} differs: target {mine!r}, drafter {theirs!r}"
+    """How two tokenizers differ, in one line naming the first difference, or None when a
+    drafter with ``drafter``'s tokenizer may draft for ``target``: the same token at every
+    id, and the same ids special. EOS names are not compared (see :func:`special_token_ids`)."""
+    target_tokens, drafter_tokens = _tokens_by_id(target), _tokens_by_id(drafter)
+    index = _first_different_id(target_tokens, drafter_tokens)
+    if index is not None:
+        first = (
+            f"first difference at id {index}: target {_describe(target_tokens.get(index))},"
+            f" drafter {_describe(drafter_tokens.get(index))}"
+        )
+        if len(target_tokens) != len(drafter_tokens):
+            sizes = f"target {len(target_tokens)}, drafter {len(drafter_tokens)}"
+            return f"vocabulary sizes differ: {sizes}; {first}"
+        return first
+    target_special, drafter_special = special_token_ids(target), special_token_ids(drafter)
+    index = _first_different_id(target_special, drafter_special)
+    if index is not None:
+        token = target_tokens.get(index)
+        special_in = "the target" if index in target_special else "the drafter"
+        plain_in = "the drafter" if index in target_special else "the target"
+        return (
+            f"special tokens differ: id {index} ({token!r}) is special in {special_in},"
+            f" not in {plain_in}"
+        )
     return None
+
+
+def mismatch_message(
+    name: str, drafter_dir: Path | str, target_dir: Path | str, difference: str
+) -> str:
+    """The one-line refusal of drafter ``name`` whose tokenizer differs from its target's."""
+    target = f"the target at {target_dir}"
+    return f"drafter {name!r} at {drafter_dir} cannot draft for {target}: {difference}"
+
+
+def drafter_tokenizer_difference(target_tokenizer: Any, drafter_dir: Path | str) -> str | None:
+    """:func:`tokenizer_difference` against the tokenizer saved in ``drafter_dir``, without
+    loading its weights (a check before anything large is loaded)."""
+    return tokenizer_difference(target_tokenizer, load_tokenizer(drafter_dir))
 
 
 def _create_model_drafter(
@@ -84,12 +139,15 @@ def _create_model_drafter(
 ) -> Drafter:
     if path is None:
         raise ModelLoadError(f"model drafter {name!r} needs a path")
-    loaded = load_model(path, placement=target.placement, roots=options.get("roots"))
+    loaded = load_model(
+        path,
+        placement=target.placement,
+        roots=options.get("roots"),
+        digest_cache=target.digest_cache,
+    )
     difference = tokenizer_difference(target.tokenizer, loaded.tokenizer)
     if difference is not None:
-        raise TokenizerMismatchError(
-            f"drafter {name!r} at {loaded.path} cannot draft for {target.path}: {difference}"
-        )
+        raise TokenizerMismatchError(mismatch_message(name, loaded.path, target.path, difference))
     target_rows = target.model.get_output_embeddings().weight.shape[0]
     if loaded.model.get_output_embeddings().weight.shape[0] != target_rows:
         # Same tokenizer, differently padded vocabulary (Qwen2.5 sizes differ): align rows

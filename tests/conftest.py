@@ -9,6 +9,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Spinning OpenMP workers make torch 5-10x slower on shared cores; must precede torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The suite's tiny models serve in fp32 ("auto" is bf16 on CPUs with bf16 instructions);
+# tests of the dtype setting pass it explicitly.
+os.environ.setdefault("SPECROUTE_DTYPE", "float32")
 
 from pathlib import Path
 from typing import TYPE_CHECKING
