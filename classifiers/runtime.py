@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 from classifiers.api import Classification, ClassifierLoadError
 from classifiers.export import CENTROID_COSINE, INPUT_NAME, PROBABILITIES, open_session
 from classifiers.formats import FormatDistance, format_matrix
-from classifiers.metadata import FORMAT_VERSION, MODEL_FILE, ClassifierMetadata, OodThresholds
+from classifiers.metadata import FORMAT_VERSION, MODEL_FILE, ClassifierMetadata
 from classifiers.text import classifier_text, prompt_from_messages
 
 logger = logging.getLogger(__name__)
@@ -29,26 +30,6 @@ class RawScores:
 
     probabilities: np.ndarray
     centroid_cosine: np.ndarray
-
-
-@dataclass(frozen=True)
-class _FormatRule:
-    """Flag a prompt whose format distance to its assigned cluster exceeds the threshold."""
-
-    distance: FormatDistance
-    max_distance: float
-
-    @classmethod
-    def from_thresholds(cls, ood: OodThresholds) -> _FormatRule | None:
-        if ood.format_profile is None or ood.max_format_distance is None:
-            return None
-        return cls(FormatDistance(ood.format_profile.arrays()), ood.max_format_distance)
-
-    def unlike(self, texts: Sequence[str], clusters: np.ndarray) -> list[bool]:
-        """Per text, whether it is too far in format from its cluster."""
-        distance = self.distance(format_matrix(texts), clusters)
-        too_far: list[bool] = (distance > self.max_distance).tolist()
-        return too_far
 
 
 class OnnxTaskClassifier:
@@ -65,9 +46,15 @@ class OnnxTaskClassifier:
         self._metadata = metadata
         self._labels = tuple(metadata.labels)
         self._source = source
-        self._min_cosine = metadata.ood.min_centroid_cosine
-        self._min_probability = metadata.ood.min_probability
-        self._format = _FormatRule.from_thresholds(metadata.ood)
+        ood = metadata.ood
+        self._min_cosine = ood.min_centroid_cosine
+        self._min_probability = ood.min_probability
+        # Without a format profile, no format distance is too far.
+        self._format_distance: FormatDistance | None = None
+        self._max_format_distance = math.inf
+        if ood.format_profile is not None and ood.max_format_distance is not None:
+            self._format_distance = FormatDistance(ood.format_profile.arrays())
+            self._max_format_distance = ood.max_format_distance
 
     @classmethod
     def load(cls, directory: Path | str) -> OnnxTaskClassifier:
@@ -175,22 +162,27 @@ class OnnxTaskClassifier:
         """Label, probability and out-of-distribution flag of each scored text (a lone
         prompt is a batch of one)."""
         best = scores.probabilities.argmax(axis=1)
-        # The maxima as Python floats (float64, as the thresholds are) are compared as each
-        # Classification is built: on a batch of one, a NumPy comparison costs more than
-        # the Python one and the floats are needed for the Classification anyway.
+        # The per-text values come back as Python floats (float64, as the thresholds are)
+        # and are compared as each Classification is built: on a batch of one, a NumPy
+        # comparison costs more than the Python one, and the floats are needed anyway.
         probability = scores.probabilities.max(axis=1).tolist()
         cosine = scores.centroid_cosine.max(axis=1).tolist()
-        unlike = (
-            self._format.unlike(texts, best) if self._format is not None else [False] * len(texts)
-        )
+        distance = self._format_distances(texts, best)
         return [
             Classification(
                 self._labels[label],
                 p,
-                p < self._min_probability or c < self._min_cosine or far,
+                p < self._min_probability or c < self._min_cosine or d > self._max_format_distance,
             )
-            for label, p, c, far in zip(best.tolist(), probability, cosine, unlike, strict=True)
+            for label, p, c, d in zip(best.tolist(), probability, cosine, distance, strict=True)
         ]
+
+    def _format_distances(self, texts: Sequence[str], clusters: np.ndarray) -> list[float]:
+        """Each text's format distance to its cluster (0 without a format profile)."""
+        if self._format_distance is None:
+            return [0.0] * len(texts)
+        distances: list[float] = self._format_distance(format_matrix(texts), clusters).tolist()
+        return distances
 
     def classify(self, text: str) -> Classification:
         if not isinstance(text, str):
