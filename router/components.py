@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from router.bundle import ModelBundle, default_bundle_dir
 from router.policy.base import NONE_DRAFTER
@@ -18,6 +19,7 @@ logger = logging.getLogger(__name__)
 NGRAM_DRAFTER = "ngram"
 FINETUNE_SAMPLE_FILE = "finetune_sample.jsonl"
 FINETUNE_SAMPLE_SIZE = 64
+WEIGHTS_DIGEST_CACHE = "weights_digests.json"  # in the state dir
 
 
 def resolve_world_dir(settings: Settings) -> Path:
@@ -83,24 +85,64 @@ def apply_torch_threads(threads: int) -> None:
         logger.info("torch intra-op threads: %d", threads)
 
 
+def fitting_bundle_drafters(
+    drafter_dirs: Mapping[str, Path], target_tokenizer: Any, target_dir: Path
+) -> dict[str, Path]:
+    """The bundle's drafters whose tokenizer fits the target; each other one is left out
+    with a warning naming it and the first difference (a bundle used with your own
+    ``target_dir`` may hold drafters for another vocabulary)."""
+    from drafters.registry import drafter_tokenizer_difference, mismatch_message
+
+    fitting = {}
+    for name, directory in drafter_dirs.items():
+        difference = drafter_tokenizer_difference(target_tokenizer, directory)
+        if difference is None:
+            fitting[name] = directory
+        else:
+            message = mismatch_message(name, directory, target_dir, difference)
+            logger.warning("bundle drafter left out: %s", message)
+    return fitting
+
+
+def check_configured_drafters(
+    drafter_dirs: Mapping[str, Path], target_tokenizer: Any, target_dir: Path
+) -> None:
+    """Refuse the first configured drafter (``drafter_dirs``) whose tokenizer does not fit
+    the target: :class:`drafters.TokenizerMismatchError` names it and the difference."""
+    from drafters.registry import (
+        TokenizerMismatchError,
+        drafter_tokenizer_difference,
+        mismatch_message,
+    )
+
+    for name, directory in drafter_dirs.items():
+        difference = drafter_tokenizer_difference(target_tokenizer, directory)
+        if difference is not None:
+            raise TokenizerMismatchError(mismatch_message(name, directory, target_dir, difference))
+
+
 def build_components(settings: Settings) -> Components:
     """Load the target, engine, classifier and built-in drafters (blocking).
 
     From the world (the configured one or the built-in default), with ``target_dir``,
-    ``classifier_dir`` and ``drafter_dirs`` overriding or adding to it.
+    ``classifier_dir`` and ``drafter_dirs`` overriding or adding to it. Drafter
+    tokenizers are checked against the target's before any weights load: a configured
+    drafter that does not fit stops the start (``TokenizerMismatchError``), a bundle
+    drafter that does not fit is left out with a warning.
     """
     from classifiers import ClassifierHolder, OnnxTaskClassifier
     from drafters import SpeculativeEngine
-    from drafters.loader import default_placement, load_model
+    from drafters.loader import WeightsDigestCache, default_placement, load_model, load_tokenizer
 
-    drafter_dirs: dict[str, Path] = {}
+    bundle_dirs: dict[str, Path] = {}
     roots = [Path(r).expanduser() for r in settings.model_roots]
     tasks: tuple[str, ...] = ()
     classifier_dir = settings.classifier_dir
     target_dir = settings.target_dir
     if _uses_world(settings):
         world = ModelBundle.load(resolve_world_dir(settings))
-        drafter_dirs.update(world.drafter_dirs)
+        if settings.bundle_drafters:
+            bundle_dirs.update(world.drafter_dirs)
         roots.insert(0, Path(world.root))
         tasks = tuple(world.tasks)
         target_dir = target_dir or world.target_dir
@@ -109,16 +151,29 @@ def build_components(settings: Settings) -> Components:
 
             classifier_dir = ensure_world_classifier(world.root, world.corpus_dir, settings.seed)
     assert target_dir is not None and classifier_dir is not None
-    drafter_dirs.update(settings.drafter_dirs)
+    configured = {name: Path(d).expanduser() for name, d in settings.drafter_dirs.items()}
+    target_tokenizer = load_tokenizer(target_dir)
+    check_configured_drafters(configured, target_tokenizer, Path(target_dir))
+    bundle_dirs = {name: d for name, d in bundle_dirs.items() if name not in configured}
+    drafter_dirs = {
+        **fitting_bundle_drafters(bundle_dirs, target_tokenizer, Path(target_dir)),
+        **configured,
+    }
     apply_torch_threads(settings.torch_threads)
-    placement = default_placement(settings.device)
-    target = load_model(target_dir, placement=placement)
+    placement = default_placement(settings.device, settings.dtype)
+    digest_cache = WeightsDigestCache(Path(settings.state_dir).expanduser() / WEIGHTS_DIGEST_CACHE)
+    target = load_model(target_dir, placement=placement, digest_cache=digest_cache)
     classifier = OnnxTaskClassifier.load(classifier_dir)
     tasks = tasks or tuple(classifier.labels)
-    records: list[DrafterRecord] = []
-    if settings.builtin_drafters:
-        records = model_drafter_records(drafter_dirs, tasks) + model_free_records()
-    logger.info("target %s, classifier %s, drafters %s", target.path, classifier_dir, drafter_dirs)
+    records = model_drafter_records(drafter_dirs, tasks) + model_free_records()
+    logger.info(
+        "target %s (%s on %s), classifier %s, drafters %s",
+        target.path,
+        placement.dtype,
+        placement.device,
+        classifier_dir,
+        drafter_dirs,
+    )
     return Components(
         target=target,
         engine=SpeculativeEngine(target),

@@ -78,7 +78,7 @@ class DrafterPool:
     def add_builtin(self, record: DrafterRecord) -> None:
         """Load a built-in drafter (the world's, ngram, none); not stored in SQLite."""
         drafter = self._create(record.kind, record.name, record.path or None, record.options)
-        described = _with_weights(replace(record, builtin=True), drafter)
+        described = _with_weights(replace(record, builtin=True), drafter, self._target)
         self._publish(LiveDrafter(described, drafter))
 
     def restore(self) -> list[str]:
@@ -116,7 +116,7 @@ class DrafterPool:
                 finetune_sample=tuple(spec.finetune_sample),
                 options=dict(spec.options),
             )
-            record = _with_weights(record, drafter)
+            record = _with_weights(record, drafter, self._target)
             stored = self._store.add_drafter(record)
             self._publish(LiveDrafter(stored, drafter))
             logger.info("registered drafter %s (%s, %s)", stored.name, kind, stored.path)
@@ -205,13 +205,15 @@ class DrafterPool:
             raise PreconditionError(f"drafter {name!r} failed its probe generation: {exc}") from exc
 
 
-def _with_weights(record: DrafterRecord, drafter: Any) -> DrafterRecord:
-    """``record`` with the drafter's parameter count and weights digest filled in."""
+def _with_weights(record: DrafterRecord, drafter: Any, target: Any) -> DrafterRecord:
+    """``record`` with the drafter's parameter count and weights digest filled in (through
+    the target's digest cache: loading the drafter has just hashed the same files)."""
     if record.kind != "model" or not record.path:
         return record
-    from drafters.loader import safetensors_files, weights_digest
+    from drafters.loader import digest_weights, safetensors_files
 
     model = getattr(drafter, "model", None)
     count = sum(p.numel() for p in model.parameters()) if model is not None else 0
-    digest = record.weights_digest or weights_digest(safetensors_files(record.path))
+    cache = getattr(target, "digest_cache", None)
+    digest = record.weights_digest or digest_weights(safetensors_files(record.path), cache)
     return replace(record, parameter_count=int(count), weights_digest=digest)

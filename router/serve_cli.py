@@ -112,10 +112,16 @@ def serve_command(
             temporary.replace(ports_file)
 
     from classifiers import ClassifierLoadError
+    from drafters import TokenizerMismatchError
+    from router.errors import SidecarError
 
     try:
         asyncio.run(serve(settings, on_ready=announce))
-    except (FileNotFoundError, ValueError, ClassifierLoadError) as error:
+    except TokenizerMismatchError as error:
+        # A configured drafter for another vocabulary: the settings are wrong, like a typo.
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    except (FileNotFoundError, ValueError, ClassifierLoadError, SidecarError) as error:
         # Start-up refusals (no world built, a model that does not load): a clear line.
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -99,15 +99,34 @@ class Settings(BaseSettings):
     limits: Limits = Field(default_factory=lambda: Limits())
     policy: str = "thompson"
     policy_config: dict[str, Any] = Field(default_factory=dict)
-    builtin_drafters: bool = True  # register the world's drafters + ngram + none at start
+    # The bundle's (world's) model drafters at start; false leaves them out. The n-gram and
+    # no-drafter arms always serve, and so do the drafter_dirs.
+    bundle_drafters: bool = True
     snapshot_interval_s: float = Field(default=30.0, gt=0)
     grace_s: float = Field(default=5.0, ge=0)
     device: str | None = None  # None: CUDA when present, else CPU
+    # Precision of the target and model drafters: "auto" is bfloat16 on CUDA and on CPUs
+    # with native bf16 (/proc/cpuinfo flags avx512_bf16 or amx_bf16; aarch64 bf16), else
+    # float32 (drafters.loader.resolve_dtype).
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     # torch intra-op threads (0: torch's default). Tiny models decode fastest on one thread,
     # and generation and counterfactual scoring run side by side: more threads than cores
     # made a tiny forward 10x slower here. Raise it for a real checkpoint on CPU.
     torch_threads: int = Field(default=1, ge=0)
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_settings(cls, data: Any) -> Any:
+        # builtin_drafters = false also dropped ngram and none; its successor does not, so
+        # an old file is refused with what to write instead of silently meaning more.
+        in_env = f"{cls.model_config.get('env_prefix', '')}BUILTIN_DRAFTERS" in os.environ
+        if in_env or (isinstance(data, dict) and "builtin_drafters" in data):
+            raise ValueError(
+                "builtin_drafters was renamed: bundle_drafters = false leaves out the "
+                "bundle's model drafters (ngram and none always serve)"
+            )
+        return data
 
     @classmethod
     def settings_customise_sources(
