@@ -16,9 +16,7 @@ The parent reads replies on the event loop (``add_reader``), so no thread of the
 sidecar waits on the child, and writes batches without blocking. If the child fails,
 dies or is silent for ``reply_timeout_s``, :class:`ChildProcessReader` reads that batch
 in-process (:class:`~router.prompt_reader.InProcessReader`) and the child is killed and
-restarted in the background. A lone prompt with no batch out is read in-process unless
-the child spins (below): waking a sleeping child and then the loop for one prompt costs
-more than the work (``ChildProcessReader._reads_alone_in_process``).
+restarted in the background.
 
 With ``spin_s`` (``limits.prompt_reader_spin_ms``; off by default), after a batch of one
 the child busy-waits, yielding the CPU, for up to that long before it blocks on its pipe,
@@ -167,11 +165,6 @@ class RouteProcess:
         self._last_start = 0.0
         self.starts = 0  # how many children were started (restarts included)
         self.batches = 0  # how many batches a child answered
-
-    @property
-    def spins(self) -> bool:
-        """The child busy-waits after a lone batch (``spin_s`` > 0)."""
-        return self._spin_s > 0
 
     @property
     def ready(self) -> bool:
@@ -404,8 +397,6 @@ class ChildProcessReader:
     async def read(
         self, model_texts: Sequence[str], classifier_texts: Sequence[str]
     ) -> PromptsRead:
-        if self._reads_alone_in_process(model_texts, classifier_texts):
-            return self._in_process.read_now(model_texts, classifier_texts)
         key = self._current_classifier_key()
         if key is not None:
             if self.process.started:
@@ -417,19 +408,6 @@ class ChildProcessReader:
             else:
                 self.process.start_in_background()
         return self._in_process.read_now(model_texts, classifier_texts)
-
-    def _reads_alone_in_process(
-        self, model_texts: Sequence[str], classifier_texts: Sequence[str]
-    ) -> bool:
-        """A lone prompt, with no batch out, is read in the call unless the child spins.
-
-        The child sleeps on its pipe between batches; waking it and then the event loop
-        for one prompt costs more than the work itself (at concurrency 1 on 2 vCPUs: lone
-        Route p50 1.18 ms in-process against 1.42 ms through a sleeping child, 0.84-0.97 ms
-        through a spinning one; benchmarks/load/HISTORY.md). Batches of two or more, which
-        come under load, go to the child, where the work does not hold the loop's GIL."""
-        lone = len(model_texts) <= 1 and len(classifier_texts) <= 1
-        return lone and not self.process.spins and not self._turn.locked()
 
     def _current_classifier_key(self) -> ClassifierKey | None:
         """(directory, sha256) of the classifier served now, if the child can load it."""

@@ -28,10 +28,8 @@ def sidecar_reading(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[SidecarThread]:
     state_dir = tmp_path_factory.mktemp(f"state-{request.param}")
-    # The child spins, so that it takes lone prompts too (else they are read in-process).
-    spin_ms = 0.5 if request.param == "child_process" else 0.0
     limits = serving_world.settings(state_dir).limits.model_copy(
-        update={"prompt_reader": request.param, "prompt_reader_spin_ms": spin_ms}
+        update={"prompt_reader": request.param}
     )
     running = SidecarThread(serving_world.settings(state_dir, limits=limits), components)
     reader = running.service.prompt_reader

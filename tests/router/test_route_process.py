@@ -134,41 +134,19 @@ def test_a_reader_whose_child_is_not_up_reads_in_process_and_starts_it(
     components: Components, holder: ClassifierHolder, serving_world: ServingWorld
 ) -> None:
     reader = ChildProcessReader(components.target.tokenizer, holder)
-    texts = [serving_world.prompts["math"], serving_world.prompts["chat"]]
+    text = serving_world.prompts["math"]
     try:
-        read = asyncio.run(reader.read(texts, texts))
-        assert read.classifications == holder.current.classify_batch(texts)
+        read = asyncio.run(reader.read([text], [text]))
+        assert read.classifications == [holder.current.classify(text)]
         assert read.token_counts == [
             len(components.target.tokenizer(text, add_special_tokens=False)["input_ids"])
-            for text in texts
         ]
         assert reader.process.batches == 0
         _wait_until(lambda: reader.process.ready)  # the read started it, in the background
-        assert asyncio.run(reader.read(texts, texts)) == read
+        assert asyncio.run(reader.read([text], [text])) == read
         assert reader.process.batches == 1
     finally:
         reader.close()
-
-
-@pytest.mark.parametrize("spin_ms", [0.0, 100.0])
-def test_a_lone_prompt_goes_to_the_child_only_when_it_spins(
-    components: Components, holder: ClassifierHolder, serving_world: ServingWorld, spin_ms: float
-) -> None:
-    reader = prompt_reader_for(
-        Limits(prompt_reader_spin_ms=spin_ms), components.target.tokenizer, holder
-    )
-    assert isinstance(reader, ChildProcessReader)
-    text = serving_world.prompts["math"]
-    reader.start(wait=True)
-    try:
-        lone = asyncio.run(reader.read([text], [text]))
-        assert reader.process.batches == (1 if spin_ms else 0)
-        pair = asyncio.run(reader.read([text, text], [text, text]))
-        assert reader.process.batches == (2 if spin_ms else 1)  # a batch always goes
-    finally:
-        reader.close()
-    assert lone.classifications == [holder.current.classify(text)]
-    assert pair.token_counts == lone.token_counts * 2
 
 
 def _states(pid: int, seconds: float) -> list[str]:
@@ -192,11 +170,7 @@ def test_the_child_busy_waits_after_a_lone_batch_only_when_the_setting_asks(
     assert isinstance(reader, ChildProcessReader)
     reader.start(wait=True)
     try:
-        # A lone prompt reaches the child only when it spins; then the child spins after
-        # it. Without spinning, the child's last batch (of two) leaves it asleep.
-        prompts = ["a lone prompt"] if spin_ms else ["a batch", "of two"]
-        asyncio.run(reader.read(prompts, []))
-        assert reader.process.batches == 1
+        asyncio.run(reader.read(["a lone prompt"], []))
         pid = reader.process.pid
         assert pid is not None
         time.sleep(0.005)  # the child has written its reply and looks for the next batch
@@ -213,13 +187,9 @@ def test_the_child_busy_waits_after_a_lone_batch_only_when_the_setting_asks(
 def sidecar_with_child(
     serving_world: ServingWorld, components: Components, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SidecarThread]:
-    # A spinning child takes lone prompts too (without spinning they are read in-process),
-    # so each Route below reaches it.
-    settings = serving_world.settings(tmp_path_factory.mktemp("state-child"))
-    settings = settings.model_copy(
-        update={"limits": settings.limits.model_copy(update={"prompt_reader_spin_ms": 0.5})}
+    running = SidecarThread(
+        serving_world.settings(tmp_path_factory.mktemp("state-child")), components
     )
-    running = SidecarThread(settings, components)
     process = running.service.prompt_reader.process
     _wait_until(lambda: process.ready)
     yield running
