@@ -4,9 +4,10 @@ the TGI front, each token for token against transformers' ``generate``.
 The model has the real Qwen2.5-0.5B configuration values (24 layers, hidden 896, 14 query
 and 2 KV heads of 64, MLP 4864, RoPE base 1e6, tied embeddings, the padded 151,936-row
 vocabulary: 494M parameters) with random weights, in fp32. Measured on the 2 shared cores
-of the machine this was written on: the module took 70 s, of which ~14 s is the tiny
-world's fixtures (shared with the other sidecar tests) and 47 s the setup (building and
-saving the model, 2 GB, and loading it into the sidecar); with 2 layers it took 25 s. The
+of the machine this was written on: the module took 30-70 s across runs, of which ~14 s
+is the tiny world's fixtures (shared with the other sidecar tests) and 12-47 s the setup
+(building and saving the model, 2 GB, and loading it into the sidecar); with 2 layers
+it took 25 s. The
 cost stayed under a minute on top of the shared fixtures, so the layer count is the real one; set
 LAYERS lower if the suite outgrows its time. The tokenizer is the tiny world's (its ids
 are a prefix of the rows; the rest are padding, zero as untrained rows are), so the
