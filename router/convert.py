@@ -28,17 +28,8 @@ GREEDY = Sampling()  # an unset SamplingParams (immutable, shared)
 
 def sampling_from_pb(message: pb.SamplingParams) -> Sampling:
     """Proto3 scalars cannot be unset, so 0 means the default (1.0) for temperature and
-    top_p; NaN, infinities and values outside their range are refused, naming the field."""
-    temperature = check_finite("sampling.temperature", message.temperature)
-    if temperature < 0:
-        raise InvalidFieldError(
-            "sampling.temperature", f"must be > 0, or 0 for the default 1.0; got {temperature:g}"
-        )
-    top_p = check_finite("sampling.top_p", message.top_p)
-    if not 0 <= top_p <= 1:
-        raise InvalidFieldError(
-            "sampling.top_p", f"must be in (0, 1], or 0 for 1.0 (off); got {top_p:g}"
-        )
+    top_p; every other value is checked with the request (:func:`router.domain.check_sampling`)."""
+    temperature, top_p = message.temperature, message.top_p
     return Sampling(
         do_sample=message.do_sample,
         temperature=temperature if temperature != 0 else 1.0,

@@ -104,14 +104,16 @@ def check_finite(name: str, value: float) -> float:
 
 def check_sampling(sampling: Sampling) -> Sampling:
     """Refuse impossible decoding parameters (INVALID_ARGUMENT)."""
-    check_finite("temperature", sampling.temperature)
-    check_finite("top_p", sampling.top_p)
+    check_finite("sampling.temperature", sampling.temperature)
+    check_finite("sampling.top_p", sampling.top_p)
     if sampling.temperature < 0:
-        raise InvalidFieldError("temperature", f"must be >= 0, got {sampling.temperature}")
+        raise InvalidFieldError(
+            "sampling.temperature", f"must be >= 0, got {sampling.temperature:g}"
+        )
     if sampling.do_sample and sampling.temperature == 0:
-        raise InvalidFieldError("temperature", "must be > 0 when sampling")
+        raise InvalidFieldError("sampling.temperature", "must be > 0 when sampling")
     if not 0 < sampling.top_p <= 1:
-        raise InvalidFieldError("top_p", f"must be in (0, 1], got {sampling.top_p}")
+        raise InvalidFieldError("sampling.top_p", f"must be in (0, 1], got {sampling.top_p:g}")
     if sampling.top_k < 0:
         raise InvalidRequestError(f"top_k must be >= 0, got {sampling.top_k}")
     if any(not stop for stop in sampling.stop):

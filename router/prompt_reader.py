@@ -1,9 +1,10 @@
 """Reading prompts: each one's token count and its classification, behind one interface.
 
-Route (a batch of calls formed by :mod:`router.coalescer`), Generate (one call) and the
-load benchmark's floor servicer ask a :class:`PromptReader` for the number of tokens of
-each prompt's model text (the text the target reads) and the :class:`Classification` of
-each classifier text. There are two implementations, chosen once at start by
+Route (a batch of calls formed by :mod:`router.coalescer`) and the load benchmark's floor
+servicer ask a :class:`PromptReader` for the number of tokens of each prompt's model text
+(the text the target reads) and the :class:`Classification` of each classifier text;
+Generate (one call) asks it for the classification only, since it tokenizes its prompt
+for the engine anyway. There are two implementations, chosen once at start by
 ``limits.prompt_reader``:
 
 - ``"child_process"`` (the default): :class:`router.route_process.ChildProcessReader`,

@@ -345,26 +345,25 @@ class RouterService:
         self,
         request: RouteInput,
         *,
-        generating: bool,
         force_drafter: str = "",
         force_k: int | None = None,
     ) -> RoutedRequest:
-        """One request routed: checked, read by the prompt reader (as a Route batch of
-        one), decided; with its prompt's token ids when ``generating``."""
-        prompt = self._checked_prompt(request, generating=generating)
-        model_text = self._model_text(prompt)
-        hint = request.task_hint
-        read = await self.prompt_reader.read(
-            [model_text], [] if hint else [_classifier_text(prompt)]
-        )
-        (tokens,) = read.token_counts
-        check_prompt_tokens(tokens, self.limits)
-        classification = read.classifications[0] if read.classifications else self._hinted(hint)
+        """A Generate request routed: checked, its prompt tokenized (the ids the engine
+        reads, whose number is the prompt's token count), classified by the prompt reader
+        (as a batch of one), decided."""
+        prompt = self._checked_prompt(request, generating=True)
+        ids = self._ids_of(self._model_text(prompt))
+        check_prompt_tokens(len(ids), self.limits)
+        if request.task_hint:
+            classification = self._hinted(request.task_hint)
+        else:
+            read = await self.prompt_reader.read([], [_classifier_text(prompt)])
+            (classification,) = read.classifications
         return self._routed(
             request,
             classification,
-            tokens,
-            tuple(self._ids_of(model_text)) if generating else (),
+            len(ids),
+            tuple(ids),
             force_drafter=force_drafter,
             force_k=force_k,
         )
@@ -466,7 +465,6 @@ class RouterService:
         try:
             routed = await self._route(
                 request.route,
-                generating=True,
                 force_drafter=request.force_drafter,
                 force_k=request.force_draft_length,
             )
