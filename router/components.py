@@ -85,40 +85,19 @@ def apply_torch_threads(threads: int) -> None:
         logger.info("torch intra-op threads: %d", threads)
 
 
-def fitting_bundle_drafters(
+def tokenizer_misfits(
     drafter_dirs: Mapping[str, Path], target_tokenizer: Any, target_dir: Path
-) -> dict[str, Path]:
-    """The bundle's drafters whose tokenizer fits the target; each other one is left out
-    with a warning naming it and the first difference (a bundle used with your own
-    ``target_dir`` may hold drafters for another vocabulary)."""
+) -> dict[str, str]:
+    """Drafter name -> a one-line message naming it and the first difference, for each
+    drafter whose tokenizer does not fit the target (read before any weights load)."""
     from drafters.registry import drafter_tokenizer_difference, mismatch_message
 
-    fitting = {}
-    for name, directory in drafter_dirs.items():
-        difference = drafter_tokenizer_difference(target_tokenizer, directory)
-        if difference is None:
-            fitting[name] = directory
-        else:
-            message = mismatch_message(name, directory, target_dir, difference)
-            logger.warning("bundle drafter left out: %s", message)
-    return fitting
-
-
-def check_configured_drafters(
-    drafter_dirs: Mapping[str, Path], target_tokenizer: Any, target_dir: Path
-) -> None:
-    """Refuse the first configured drafter (``drafter_dirs``) whose tokenizer does not fit
-    the target: :class:`drafters.TokenizerMismatchError` names it and the difference."""
-    from drafters.registry import (
-        TokenizerMismatchError,
-        drafter_tokenizer_difference,
-        mismatch_message,
-    )
-
+    misfits = {}
     for name, directory in drafter_dirs.items():
         difference = drafter_tokenizer_difference(target_tokenizer, directory)
         if difference is not None:
-            raise TokenizerMismatchError(mismatch_message(name, directory, target_dir, difference))
+            misfits[name] = mismatch_message(name, directory, target_dir, difference)
+    return misfits
 
 
 def build_components(settings: Settings) -> Components:
@@ -131,7 +110,7 @@ def build_components(settings: Settings) -> Components:
     drafter that does not fit is left out with a warning.
     """
     from classifiers import ClassifierHolder, OnnxTaskClassifier
-    from drafters import SpeculativeEngine
+    from drafters import SpeculativeEngine, TokenizerMismatchError
     from drafters.loader import WeightsDigestCache, default_placement, load_model, load_tokenizer
 
     bundle_dirs: dict[str, Path] = {}
@@ -153,10 +132,17 @@ def build_components(settings: Settings) -> Components:
     assert target_dir is not None and classifier_dir is not None
     configured = {name: Path(d).expanduser() for name, d in settings.drafter_dirs.items()}
     target_tokenizer = load_tokenizer(target_dir)
-    check_configured_drafters(configured, target_tokenizer, Path(target_dir))
+    # A configured drafter that does not fit stops the start; a bundle drafter (a bundle
+    # used with your own target_dir may hold drafters for another vocabulary) is left out.
+    refused = tokenizer_misfits(configured, target_tokenizer, Path(target_dir))
+    if refused:
+        raise TokenizerMismatchError(next(iter(refused.values())))
     bundle_dirs = {name: d for name, d in bundle_dirs.items() if name not in configured}
+    left_out = tokenizer_misfits(bundle_dirs, target_tokenizer, Path(target_dir))
+    for message in left_out.values():
+        logger.warning("bundle drafter left out: %s", message)
     drafter_dirs = {
-        **fitting_bundle_drafters(bundle_dirs, target_tokenizer, Path(target_dir)),
+        **{name: d for name, d in bundle_dirs.items() if name not in left_out},
         **configured,
     }
     apply_torch_threads(settings.torch_threads)
