@@ -22,6 +22,8 @@ from typing import Any
 
 from classifiers.api import Classification
 from classifiers.chat import render_chat
+from router.capture import open_capture
+from router.clusters import ClusterCollector
 from router.domain import (
     DrafterSpec,
     GenerateInput,
@@ -171,6 +173,8 @@ class RouterService:
             on_depth=metrics.queue_depth.set,
         )
         self._learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="counterfactual")
+        # Served prompts and verified outputs for distillation; None unless [capture] is on.
+        self.capture = open_capture(settings.state_dir, settings.capture)
         # Counts prompts' tokens and classifies them, for Route and Generate alike.
         self.prompt_reader = prompt_reader_for(self.limits, self.tokenizer, components.classifiers)
         self._learning_lock = threading.Lock()
@@ -197,6 +201,7 @@ class RouterService:
         self.policy.start(self.settings.policy, self.settings.policy_config)
         self.metrics.drafters.set(len(self.drafters.names()))
         self.metrics.policy_version.set(self.policy.version)
+        self.metrics.registry.register(ClusterCollector(self._contexts, self.capture))
         self.prompt_reader.start()
 
     def close(self) -> None:
@@ -207,6 +212,8 @@ class RouterService:
             self._learner.shutdown(wait=True, cancel_futures=True)
         finally:
             self.policy.snapshot()
+            if self.capture is not None:
+                self.capture.close()
 
     # -- routing ----------------------------------------------------------------------
     def prompt_ids(self, prompt: Prompt) -> list[int]:
@@ -486,6 +493,8 @@ class RouterService:
             # and lands before the caller sees the last chunk; scoring is offloaded.
             if not request.no_update and not should_stop():
                 self._learn(result, sampling)
+            if not should_stop():
+                self._capture(result)
             return result
 
         return job
@@ -534,6 +543,17 @@ class RouterService:
         self.metrics.generations.labels(finish_reason=str(stats.finish_reason)).inc()
         self.metrics.generation_tokens_per_s.observe(stats.tokens_per_s)
         return GenerationResult(routed, output, text, stats, self.policy.version, sampling.seed)
+
+    def _capture(self, result: GenerationResult) -> None:
+        """Keep the run's prompt and verified output when capture is on (router.capture);
+        a failure to store is logged, never the request's."""
+        if self.capture is None:
+            return
+        routed = result.routed
+        try:
+            self.capture.record(routed.task_cluster, routed.prompt_ids, result.output_ids)
+        except Exception:
+            logger.exception("capturing a %s request failed", routed.task_cluster)
 
     def _learn(self, result: GenerationResult, sampling: Sampling) -> None:
         """Update the policy from the run, and score other drafters when greedy."""
@@ -648,6 +668,9 @@ class RouterService:
         await asyncio.to_thread(self.policy.start, name, config, restore=not reset)
         self.metrics.policy_version.set(self.policy.version)
         return self.policy_view()
+
+    def _contexts(self) -> list[Any]:
+        return self.policy.describe()[2]
 
     def policy_view(self) -> PolicyView:
         name, version, contexts = self.policy.describe()

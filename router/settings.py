@@ -19,6 +19,7 @@ from pydantic_settings import (
 )
 
 from router.bundle import specroute_home
+from router.capture import CaptureSettings
 
 CONFIG_FILE_ENV = "SPECROUTE_CONFIG"
 
@@ -96,6 +97,7 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
     data_token: SecretStr | None = None  # when set, Route/Report/Generate need it too
     tls: TlsSettings = Field(default_factory=lambda: TlsSettings())
+    capture: CaptureSettings = Field(default_factory=lambda: CaptureSettings())
     limits: Limits = Field(default_factory=lambda: Limits())
     policy: str = "thompson"
     policy_config: dict[str, Any] = Field(default_factory=dict)

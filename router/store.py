@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from router.errors import AlreadyExistsError, NotFoundError
 
@@ -82,6 +82,22 @@ def _record_from_row(row: sqlite3.Row) -> DrafterRecord:
     )
 
 
+def open_database(
+    path: Path, schema: str, synchronous: Literal["FULL", "NORMAL"] = "FULL"
+) -> sqlite3.Connection:
+    """A connection to the SQLite file at ``path`` in WAL mode, autocommit (each statement
+    outside an explicit transaction commits at once), usable from any thread under the
+    caller's lock, with ``schema`` applied. In WAL mode a committed transaction survives
+    the process being killed with either ``synchronous`` level; FULL also survives a power
+    loss, at one fsync per commit."""
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    db.executescript(schema)
+    return db
+
+
 class SidecarStore:
     """The state directory's SQLite database; thread-safe (one connection, one lock)."""
 
@@ -89,11 +105,7 @@ class SidecarStore:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / DATABASE_NAME
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._db = open_database(self.path, SCHEMA)
 
     def close(self) -> None:
         with self._lock:

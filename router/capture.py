@@ -1,0 +1,289 @@
+"""Opt-in capture of served traffic: each captured request's prompt ids and the target's
+verified output ids, per task cluster, for distilling drafters from it (docs/capture.md).
+
+Off by default (``[capture] enabled = false``): nothing is stored unless an operator turns
+it on. The sidecar calls :meth:`CaptureStore.record` at the end of each Generate; anything
+else that has a verified output (a serving engine that generates elsewhere) calls the
+same method. It knows nothing of the engine: a cluster name and two lists of token ids.
+
+Storage is ``<state_dir>/capture.sqlite3``, SQLite in WAL mode (``router.store``'s
+connection helper) with ``synchronous=NORMAL``: a capture committed before the process is
+killed (SIGKILL included) is there after a restart, without an fsync on the request path.
+Each record enforces the caps in the same transaction: samples older than the retention
+go, then the oldest of its cluster beyond ``samples_per_cluster``, then the oldest overall
+while the stored ids exceed ``max_bytes``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from router.store import open_database
+
+logger = logging.getLogger(__name__)
+
+DATABASE_NAME = "capture.sqlite3"
+SECONDS_PER_DAY = 86_400.0
+# Token ids are stored as native 32-bit ints (Qwen2.5's 151,936 ids fit).
+ID_TYPECODE = "i"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS captured (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT NOT NULL,
+    prompt_ids BLOB NOT NULL,
+    output_ids BLOB NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_unix REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS captured_by_cluster ON captured (cluster, id);
+CREATE INDEX IF NOT EXISTS captured_by_time ON captured (created_unix);
+CREATE TABLE IF NOT EXISTS distillation_runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    cluster TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    seconds REAL NOT NULL,
+    created_unix REAL NOT NULL
+);
+"""
+
+# What became of a distillation run (specroute_distillation_runs_total{outcome}).
+DISTILLATION_OUTCOMES = ("registered", "refused", "written", "failed")
+
+
+class CaptureSettings(BaseModel):
+    """``[capture]``: which clusters' traffic to keep for distillation, and how much."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Off unless enabled: captured prompts are user data.
+    enabled: bool = False
+    # Task clusters to capture; empty captures every cluster.
+    clusters: list[str] = Field(default_factory=list)
+    # Samples kept per cluster (the newest; the oldest are evicted first).
+    samples_per_cluster: int = Field(default=2000, gt=0)
+    # Bytes of stored token ids, all clusters together (4 per id; the oldest evicted first).
+    max_bytes: int = Field(default=64 << 20, gt=0)
+    # Samples older than this are deleted.
+    retention_days: float = Field(default=30.0, gt=0)
+
+    def captures(self, cluster: str) -> bool:
+        """Whether a request of ``cluster`` is captured."""
+        return self.enabled and (not self.clusters or cluster in self.clusters)
+
+
+@dataclass(frozen=True)
+class CapturedPair:
+    """One captured request: its prompt ids and the target's verified output ids."""
+
+    cluster: str
+    prompt_ids: tuple[int, ...]
+    output_ids: tuple[int, ...]
+    created_unix: float
+
+
+@dataclass(frozen=True)
+class ClusterCapture:
+    """What is stored for one cluster."""
+
+    cluster: str
+    samples: int
+    bytes: int
+    oldest_unix: float
+    newest_unix: float
+
+
+def _packed(ids: Sequence[int]) -> bytes:
+    return array(ID_TYPECODE, ids).tobytes()
+
+
+def _unpacked(blob: bytes) -> tuple[int, ...]:
+    ids = array(ID_TYPECODE)
+    ids.frombytes(blob)
+    return tuple(ids)
+
+
+class CaptureStore:
+    """The capture database of a state directory; thread-safe (one connection, one lock).
+
+    Opening it creates the file. Readers (``specroute capture stats``, distillation) and
+    the serving sidecar may have it open at once (WAL).
+    """
+
+    def __init__(self, state_dir: Path, settings: CaptureSettings | None = None) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / DATABASE_NAME
+        self.settings = settings or CaptureSettings()
+        self._lock = threading.Lock()
+        self._db = open_database(self.path, SCHEMA, synchronous="NORMAL")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- capture ----------------------------------------------------------------------
+    def record(
+        self,
+        cluster: str,
+        prompt_ids: Sequence[int],
+        output_ids: Sequence[int],
+        *,
+        now: float | None = None,
+    ) -> bool:
+        """Store one served request if the settings capture ``cluster``; True if stored.
+
+        A request with no output, or larger alone than ``max_bytes``, is not stored.
+        """
+        settings = self.settings
+        if not settings.captures(cluster) or not prompt_ids or not output_ids:
+            return False
+        prompt, output = _packed(prompt_ids), _packed(output_ids)
+        size = len(prompt) + len(output)
+        if size > settings.max_bytes:
+            return False
+        created = time.time() if now is None else now
+        with self._lock, self._transaction():
+            self._db.execute(
+                "INSERT INTO captured (cluster, prompt_ids, output_ids, bytes, created_unix)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (cluster, prompt, output, size, created),
+            )
+            self._evict(cluster, created)
+        return True
+
+    def _evict(self, cluster: str, now: float) -> None:
+        """Retention, then the cluster's sample cap, then the byte cap (oldest first)."""
+        settings = self.settings
+        cutoff = now - settings.retention_days * SECONDS_PER_DAY
+        self._db.execute("DELETE FROM captured WHERE created_unix < ?", (cutoff,))
+        self._db.execute(
+            "DELETE FROM captured WHERE cluster = ? AND id NOT IN (SELECT id FROM captured"
+            " WHERE cluster = ? ORDER BY id DESC LIMIT ?)",
+            (cluster, cluster, settings.samples_per_cluster),
+        )
+        # Keep the newest rows whose running total of bytes stays within the cap.
+        self._db.execute(
+            "DELETE FROM captured WHERE id IN (SELECT id FROM (SELECT id, SUM(bytes) OVER"
+            " (ORDER BY id DESC) AS running FROM captured) WHERE running > ?)",
+            (settings.max_bytes,),
+        )
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    # -- reading ----------------------------------------------------------------------
+    def stats(self) -> list[ClusterCapture]:
+        """Per cluster: samples, bytes, oldest and newest capture time; by cluster name."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT cluster, COUNT(*) AS samples, SUM(bytes) AS bytes,"
+                " MIN(created_unix) AS oldest, MAX(created_unix) AS newest"
+                " FROM captured GROUP BY cluster ORDER BY cluster"
+            ).fetchall()
+        return [
+            ClusterCapture(
+                row["cluster"],
+                int(row["samples"]),
+                int(row["bytes"]),
+                float(row["oldest"]),
+                float(row["newest"]),
+            )
+            for row in rows
+        ]
+
+    def samples(self, cluster: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM captured WHERE cluster = ?", (cluster,)
+            ).fetchone()
+        return int(row[0])
+
+    def pairs(self, cluster: str, limit: int | None = None) -> list[CapturedPair]:
+        """The cluster's captured pairs, oldest first (the newest ``limit`` when given)."""
+        query = (
+            "SELECT * FROM (SELECT cluster, prompt_ids, output_ids, created_unix, id FROM"
+            " captured WHERE cluster = ? ORDER BY id DESC LIMIT ?) ORDER BY id"
+        )
+        with self._lock:
+            rows = self._db.execute(query, (cluster, -1 if limit is None else limit)).fetchall()
+        return [
+            CapturedPair(
+                row["cluster"],
+                _unpacked(row["prompt_ids"]),
+                _unpacked(row["output_ids"]),
+                float(row["created_unix"]),
+            )
+            for row in rows
+        ]
+
+    def purge(self, cluster: str | None = None) -> int:
+        """Delete the captured samples of ``cluster`` (every cluster when None); how many."""
+        with self._lock:
+            if cluster is None:
+                cursor = self._db.execute("DELETE FROM captured")
+            else:
+                cursor = self._db.execute("DELETE FROM captured WHERE cluster = ?", (cluster,))
+            # Give the freed pages back, so purged user data leaves the file too.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("VACUUM")
+        return int(cursor.rowcount)
+
+    # -- distillation runs ------------------------------------------------------------
+    def record_distillation(self, cluster: str, outcome: str, seconds: float, detail: str) -> None:
+        """Remember one distillation run (``specroute_distillation_runs_total``)."""
+        if outcome not in DISTILLATION_OUTCOMES:
+            raise ValueError(f"outcome must be one of {DISTILLATION_OUTCOMES}, got {outcome!r}")
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO distillation_runs (cluster, outcome, detail, seconds, created_unix)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (cluster, outcome, detail, float(seconds), time.time()),
+            )
+
+    def distillation_counts(self) -> dict[str, int]:
+        """Distillation runs by outcome (every outcome, 0 included)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT outcome, COUNT(*) FROM distillation_runs GROUP BY outcome"
+            ).fetchall()
+        counts = dict.fromkeys(DISTILLATION_OUTCOMES, 0)
+        counts.update({str(outcome): int(count) for outcome, count in rows})
+        return counts
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on an error) on an autocommit connection."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, error: object, trace: object) -> None:
+        self._db.execute("COMMIT" if error is None else "ROLLBACK")
+
+
+def open_capture(state_dir: Path, settings: CaptureSettings) -> CaptureStore | None:
+    """The sidecar's capture store when capture is enabled; None (no file) otherwise."""
+    if not settings.enabled:
+        return None
+    store = CaptureStore(Path(state_dir).expanduser(), settings)
+    logger.info(
+        "capture on: clusters %s, %d samples per cluster, %d bytes, %g days",
+        settings.clusters or "all",
+        settings.samples_per_cluster,
+        settings.max_bytes,
+        settings.retention_days,
+    )
+    return store

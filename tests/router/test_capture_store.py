@@ -1,0 +1,83 @@
+"""The capture store alone: off unless enabled, caps (oldest evicted first), retention, purge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from router.capture import CaptureSettings, CaptureStore, open_capture
+
+PROMPT = (1, 2, 3, 4)
+OUTPUT = (5, 6, 7)
+PAIR_BYTES = 4 * (len(PROMPT) + len(OUTPUT))
+
+
+def _store(tmp_path: Path, **settings: object) -> CaptureStore:
+    return CaptureStore(tmp_path, CaptureSettings(enabled=True, **settings))  # type: ignore[arg-type]
+
+
+def test_nothing_is_captured_unless_enabled(tmp_path: Path) -> None:
+    assert open_capture(tmp_path, CaptureSettings()) is None
+    assert not (tmp_path / "capture.sqlite3").exists()
+    store = CaptureStore(tmp_path, CaptureSettings())  # a reader's handle, capture off
+    assert not store.record("math", PROMPT, OUTPUT)
+    assert store.stats() == []
+
+
+def test_only_the_configured_clusters_and_non_empty_outputs(tmp_path: Path) -> None:
+    store = _store(tmp_path, clusters=["math"])
+    assert store.record("math", PROMPT, OUTPUT)
+    assert not store.record("chat", PROMPT, OUTPUT)
+    assert not store.record("math", PROMPT, ())
+    (pair,) = store.pairs("math")
+    assert (pair.prompt_ids, pair.output_ids) == (PROMPT, OUTPUT)
+    assert [(s.cluster, s.samples, s.bytes) for s in store.stats()] == [("math", 1, PAIR_BYTES)]
+
+
+def test_samples_per_cluster_keeps_the_newest(tmp_path: Path) -> None:
+    store = _store(tmp_path, samples_per_cluster=3)
+    for i in range(5):
+        store.record("math", (*PROMPT, i), OUTPUT)
+        store.record("code", PROMPT, (*OUTPUT, i))
+    assert [p.prompt_ids[-1] for p in store.pairs("math")] == [2, 3, 4]
+    assert [p.output_ids[-1] for p in store.pairs("code")] == [2, 3, 4]
+
+
+def test_byte_cap_evicts_the_oldest_of_any_cluster(tmp_path: Path) -> None:
+    store = _store(tmp_path, max_bytes=3 * PAIR_BYTES)
+    store.record("math", PROMPT, OUTPUT, now=1e9)
+    store.record("code", PROMPT, OUTPUT, now=1e9 + 1)
+    store.record("math", PROMPT, OUTPUT, now=1e9 + 2)
+    store.record("chat", PROMPT, OUTPUT, now=1e9 + 3)
+    assert sum(s.bytes for s in store.stats()) == 3 * PAIR_BYTES
+    assert {s.cluster: s.samples for s in store.stats()} == {"code": 1, "math": 1, "chat": 1}
+    assert store.pairs("math")[0].created_unix == 1e9 + 2
+    too_big = tuple(range(3 * PAIR_BYTES))
+    assert not store.record("math", too_big, OUTPUT)
+
+
+def test_retention_deletes_old_samples(tmp_path: Path) -> None:
+    store = _store(tmp_path, retention_days=1.0)
+    store.record("math", PROMPT, OUTPUT, now=1_000_000.0)
+    store.record("math", PROMPT, OUTPUT, now=1_000_000.0 + 86_400.0 + 1)
+    assert store.samples("math") == 1
+
+
+def test_purge_per_cluster_and_all(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    for cluster in ("math", "math", "code", "chat"):
+        store.record(cluster, PROMPT, OUTPUT)
+    assert store.purge("math") == 2
+    assert {s.cluster for s in store.stats()} == {"code", "chat"}
+    assert store.purge() == 2
+    assert store.stats() == []
+    store.close()
+    reopened = CaptureStore(tmp_path)
+    assert reopened.stats() == []
+
+
+def test_distillation_runs_are_counted_by_outcome(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.record_distillation("math", "refused", 1.5, "did not beat ngram")
+    store.record_distillation("math", "registered", 2.0, "math-distilled")
+    counts = store.distillation_counts()
+    assert counts == {"registered": 1, "refused": 1, "written": 0, "failed": 0}
