@@ -1,0 +1,105 @@
+"""Run-time distillation: batches, held-out split, acceptance before and after, saving."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from drafters.distill import (
+    DistillConfig,
+    TrainingPair,
+    acceptance_of,
+    distill,
+    model_scorer,
+    pad_batch,
+    save_drafter,
+    split_held_out,
+)
+from drafters.engine import SpeculativeEngine
+from drafters.loader import LoadedModel, load_model
+from tests.drafters.conftest import TinyModels, make_prompts, reference_greedy
+
+DRAFT_LENGTH = 4
+
+
+@pytest.fixture(scope="module")
+def verified_pairs(target: LoadedModel) -> list[TrainingPair]:
+    """The target's greedy outputs on 40 prompts (what the sidecar would capture)."""
+    engine = SpeculativeEngine(target)
+    pairs = []
+    for prompt in make_prompts(40, seed=3):
+        output = reference_greedy(target, engine, prompt, 24)
+        if output:
+            pairs.append(TrainingPair(tuple(prompt), tuple(output)))
+    return pairs
+
+
+def test_pad_batch_weighs_output_predictions_one_and_prompt_ones_less() -> None:
+    pairs = [TrainingPair((3, 4, 5), (6, 7)), TrainingPair((8,), (9,))]
+    batch = pad_batch(pairs, max_length=16, prompt_weight=0.1, pad_id=0)
+    assert batch.input_ids.tolist() == [[3, 4, 5, 6, 7], [8, 9, 0, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert batch.labels.tolist() == [[4, 5, 6, 7, -100], [9, -100, -100, -100, -100]]
+    weights = [[round(w, 3) for w in row] for row in batch.weights.tolist()]
+    assert weights == [[0.1, 0.1, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]]
+    long = pad_batch([TrainingPair((1, 2, 3, 4, 5), (6, 7))], 4, 0.1, 0)
+    assert long.input_ids.tolist() == [[4, 5, 6, 7]]  # the oldest prompt tokens go
+
+
+def test_split_held_out_is_seeded_and_disjoint(verified_pairs: list[TrainingPair]) -> None:
+    train, held = split_held_out(verified_pairs, 0.25, seed=1)
+    assert len(held) == round(0.25 * len(verified_pairs))
+    assert sorted(map(id, train + held)) == sorted(map(id, verified_pairs))
+    assert split_held_out(verified_pairs, 0.25, seed=1) == (train, held)
+    with pytest.raises(ValueError):
+        split_held_out(verified_pairs[:1], 0.25)
+
+
+@pytest.mark.parametrize("soft", [True, False], ids=["soft-labels", "hard-labels"])
+def test_distillation_raises_acceptance_on_what_it_learns_from(
+    soft: bool, tiny_models: TinyModels, target: LoadedModel, verified_pairs: list[TrainingPair]
+) -> None:
+    """On the pairs it trains on: a random target has nothing a held-out prompt could
+    generalise from (held-out gains are measured on the tiny world, tests/router)."""
+    train, _ = split_held_out(verified_pairs, 0.25)
+    drafter = load_model(tiny_models.far_dir)
+    before = acceptance_of(model_scorer(drafter.model), train, DRAFT_LENGTH)
+    losses = distill(
+        drafter.model,
+        train,
+        DistillConfig(steps=60, batch_rows=8, learning_rate=3e-3, warmup_steps=5),
+        pad_id=0,
+        target=target.model if soft else None,
+    )
+    after = acceptance_of(model_scorer(drafter.model), train, DRAFT_LENGTH)
+    assert len(losses) == 60 and losses[-1] < losses[0]
+    assert after.samples == before.samples == len(train)
+    assert after.rate > before.rate + 0.1, (before, after)
+    assert not drafter.model.training
+
+
+def test_saved_drafter_loads_with_its_sample(
+    tiny_models: TinyModels, tmp_path: Path, verified_pairs: list[TrainingPair]
+) -> None:
+    drafter = load_model(tiny_models.far_dir)
+    out = save_drafter(
+        drafter.model,
+        drafter.tokenizer,
+        tmp_path / "distilled",
+        ["w3 w4", "w5"],
+        "math",
+        report={"steps": 0},
+    )
+    loaded = load_model(out)
+    assert list(out.glob("*.safetensors"))
+    for name, value in drafter.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value)
+    lines = (out / "finetune_sample.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"task": "math", "text": "w3 w4"},
+        {"task": "math", "text": "w5"},
+    ]
+    assert json.loads((out / "distill.json").read_text()) == {"steps": 0}
