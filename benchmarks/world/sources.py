@@ -20,6 +20,9 @@ from pathlib import Path
 # One sentence ends at . ! or ? followed by whitespace and an upper-case letter or digit.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 _SPACES = re.compile(r"\s+")
+# doc2dial's link markers ("[15]", "[4 ]") and a stray footnote number before a sentence.
+_LINK_MARKER = re.compile(r"\s*\[\s*\d+\s*\]")
+_LEADING_FOOTNOTE = re.compile(r"^\d+ (?=[A-Z][a-z])")
 
 
 class SourceMissingError(RuntimeError):
@@ -42,6 +45,7 @@ class Section:
     domain: str
     title: str
     sentences: tuple[str, ...]
+    document: str = ""  # "<domain>:<passage index>": sections of one passage share it
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,12 @@ def chitchat_conversations() -> tuple[tuple[str, ...], ...]:
     return tuple(c for c in conversations if len(c) >= 2)
 
 
-def _sections_of_passage(domain: str, passage: str) -> list[Section]:
+def clean_sentence(sentence: str) -> str:
+    """A doc2dial sentence without link markers or a leading footnote number."""
+    return _LEADING_FOOTNOTE.sub("", normalize_space(_LINK_MARKER.sub("", sentence)))
+
+
+def _sections_of_passage(domain: str, passage: str, document: str = "") -> list[Section]:
     """Split a doc2dial passage ("Heading \\nBody.  Next heading \\nBody") into sections."""
     parts = passage.split("\n")
     sections = []
@@ -118,9 +127,10 @@ def _sections_of_passage(domain: str, passage: str) -> list[Section]:
         body, next_heading = part, ""
         if index < len(parts) - 1 and "  " in part:
             body, next_heading = part.rsplit("  ", 1)
-        sentences = tuple(s for s in split_sentences(body) if 4 <= len(s.split()) <= 40)
+        cleaned = (clean_sentence(s) for s in split_sentences(body))
+        sentences = tuple(s for s in cleaned if 4 <= len(s.split()) <= 40)
         if heading and len(sentences) >= 2:
-            sections.append(Section(domain, heading, sentences))
+            sections.append(Section(domain, heading, sentences, document))
         heading = normalize_space(next_heading)
     return sections
 
@@ -133,8 +143,8 @@ def document_sections() -> tuple[Section, ...]:
     seen: set[str] = set()
     sections = []
     for domain in sorted(documents):
-        for passage in documents[domain]:
-            for section in _sections_of_passage(domain, passage):
+        for index, passage in enumerate(documents[domain]):
+            for section in _sections_of_passage(domain, passage, f"{domain}:{index}"):
                 if section.sentences[0] not in seen and 2 <= len(section.title.split()) <= 14:
                     seen.add(section.sentences[0])
                     sections.append(section)
@@ -177,6 +187,55 @@ def django_ui_strings(language: str = "fr") -> tuple[tuple[str, str], ...]:
             if len(text.split()) <= 2 and len(translated.split()) <= 3 and text[:1].isupper():
                 pairs.setdefault(text, translated)
     return tuple(sorted(pairs.items()))
+
+
+@dataclass(frozen=True)
+class TranslatedString:
+    """One English Django message and its human translations, keyed by locale."""
+
+    english: str
+    translations: tuple[tuple[str, str], ...]  # (locale, text), sorted by locale
+
+    def into(self, locale: str) -> str | None:
+        """The translation into ``locale``, or None if the catalogue lacks it."""
+        return dict(self.translations).get(locale)
+
+
+@cache
+def django_catalogue(locale: str) -> dict[str, str]:
+    """Every translated, non-plural, non-fuzzy message of one locale (English -> translation)."""
+    import polib
+
+    catalogue: dict[str, str] = {}
+    for path in sorted(package_dir("django").glob(f"**/locale/{locale}/LC_MESSAGES/django*.po")):
+        for entry in polib.pofile(str(path)):
+            if entry.msgstr and not entry.msgid_plural and "fuzzy" not in entry.flags:
+                catalogue.setdefault(entry.msgid, entry.msgstr)
+    return catalogue
+
+
+@cache
+def django_sentences(locales: tuple[str, ...], min_words: int = 3) -> tuple[TranslatedString, ...]:
+    """Django messages of at least ``min_words`` English words (sentences and phrases, not
+    single labels) with their translations into every one of ``locales``; BSD-3.
+
+    Messages with markup, line breaks or brace placeholders are left out; ``%(name)s``
+    placeholders stay (a translation keeps them verbatim).
+    """
+    catalogues = [django_catalogue(locale) for locale in locales]
+    strings = []
+    for english in sorted(catalogues[0]):
+        if len(english.split()) < min_words or any(m in english for m in ("<", "\n", "{", "|")):
+            continue
+        texts = [catalogue.get(english) for catalogue in catalogues]
+        if all(texts) and all("\n" not in t and "<" not in t for t in texts if t):
+            pairs = tuple(
+                sorted(
+                    (loc, normalize_space(t)) for loc, t in zip(locales, texts, strict=True) if t
+                )
+            )
+            strings.append(TranslatedString(normalize_space(english), pairs))
+    return tuple(strings)
 
 
 @cache

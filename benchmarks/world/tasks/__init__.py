@@ -1,0 +1,1 @@
+"""The built-in world's task generators, one module per kind of source."""

@@ -1,0 +1,93 @@
+"""What every task generator shares: chat turns, item partitions, held-out wording, n-grams.
+
+Leakage is ruled out at the level of source items (documents, conversations, problems,
+messages), not only of examples: ``partition`` gives each split its own items, and
+``clean_partition`` also drops validation and test items that share a ``WINDOW``-word
+run with any training item (doc2dial passages repeat boilerplate sentences).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+Pair = tuple[tuple[dict[str, str], ...], str]
+# (rng, split, count) -> list of (messages, response).
+TaskGenerator = Callable[[random.Random, str, int], list[Pair]]
+
+WINDOW = 12  # words: a shared run this long counts as text seen in training
+_WORD = re.compile(r"\w+")
+
+
+def turns(system: str | None, *user_and_assistant: str) -> tuple[dict[str, str], ...]:
+    """Chat turns alternating user/assistant, optionally after a system prompt."""
+    roles = ("user", "assistant")
+    body = [{"role": roles[i % 2], "content": t} for i, t in enumerate(user_and_assistant)]
+    head = [{"role": "system", "content": system}] if system else []
+    return tuple(head + body)
+
+
+def clip_words(text: str, limit: int) -> str:
+    """The first ``limit`` whitespace-separated words of ``text``."""
+    return " ".join(text.split()[:limit])
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens (letters, digits, underscore; punctuation dropped)."""
+    return _WORD.findall(text.lower())
+
+
+def windows(text: str, size: int = WINDOW) -> set[tuple[str, ...]]:
+    """Every run of ``size`` consecutive words; a shorter text is one run of all its words."""
+    tokens = words(text)
+    if len(tokens) < size:
+        return {tuple(tokens)} if tokens else set()
+    return {tuple(tokens[i : i + size]) for i in range(len(tokens) - size + 1)}
+
+
+def long_windows(text: str, size: int = WINDOW) -> set[tuple[str, ...]]:
+    """Runs of exactly ``size`` words (none for a shorter text)."""
+    tokens = words(text)
+    return {tuple(tokens[i : i + size]) for i in range(len(tokens) - size + 1)}
+
+
+def partition(items: Sequence[T], seed: int) -> dict[str, list[T]]:
+    """Disjoint item pools: ~80% train, ~5% validation, ~15% test (shuffled by ``seed``)."""
+    order = list(items)
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    cut_train, cut_validation = int(n * 0.80), int(n * 0.85)
+    return {
+        "train": order[:cut_train],
+        "validation": order[cut_train:cut_validation],
+        "test": order[cut_validation:],
+    }
+
+
+def clean_partition(
+    items: Sequence[T], seed: int, text_of: Callable[[T], str]
+) -> dict[str, list[T]]:
+    """``partition``, then validation and test items sharing a ``WINDOW``-word run with a
+    training item's text are dropped (and test items sharing one with validation)."""
+    pools = partition(items, seed)
+    seen: set[tuple[str, ...]] = set()
+    for item in pools["train"]:
+        seen |= long_windows(text_of(item))
+    pools["validation"] = [i for i in pools["validation"] if not long_windows(text_of(i)) & seen]
+    for item in pools["validation"]:
+        seen |= long_windows(text_of(item))
+    pools["test"] = [i for i in pools["test"] if not long_windows(text_of(i)) & seen]
+    return pools
+
+
+def template_set(split: str, train: Sequence[T], test: Sequence[T]) -> Sequence[T]:
+    """Test prompts use held-out wording; train and validation share the training wording."""
+    return test if split == "test" else train
+
+
+def pick(rng: random.Random, options: Iterable[T]) -> T:
+    """One of ``options`` (any iterable), chosen by ``rng``."""
+    return rng.choice(list(options))
