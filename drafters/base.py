@@ -9,6 +9,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from drafters.sampling import SamplingConfig
+from drafters.stopping import DraftStopRule
 
 
 @dataclass(frozen=True)
@@ -18,10 +19,12 @@ class Proposal:
     ``token_ids`` [d] on the target's device, d <= the requested k (an n-gram drafter may
     find fewer, or none); ``probs`` [d, vocab] the distributions they were drawn from, or
     None for point masses (q = 1 on the proposed token; always so for greedy drafts).
+    ``stopped``: a stop rule (:class:`DraftStopRule`) ended the draft before k.
     """
 
     token_ids: torch.Tensor
     probs: torch.Tensor | None = None
+    stopped: bool = False
 
     @property
     def length(self) -> int:
@@ -42,8 +45,11 @@ class DraftSession(Protocol):
         k: int,
         sampling: SamplingConfig,
         generator: torch.Generator | None,
+        stop_rule: DraftStopRule | None = None,
     ) -> Proposal:
-        """Up to ``k`` draft tokens continuing ``history`` (prompt + verified output)."""
+        """Up to ``k`` draft tokens continuing ``history`` (prompt + verified output);
+        ``stop_rule`` may end the draft sooner (a drafter without a distribution ignores
+        it)."""
         ...
 
     def observe_accepted(self, accepted: int) -> None:

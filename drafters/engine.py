@@ -24,6 +24,7 @@ from drafters.detokenize import IncrementalDetokenizer, find_stop
 from drafters.loader import LoadedModel
 from drafters.sampling import SamplingConfig, make_generator
 from drafters.stats import GenerationStats
+from drafters.stopping import DraftStopRule
 from drafters.verify import verify
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ class _Request:
     sampling: SamplingConfig
     stop_sequences: tuple[str, ...]
     should_stop: Callable[[], bool] | None
+    stop_rule: DraftStopRule | None
 
 
 class SpeculativeEngine:
@@ -143,8 +145,13 @@ class SpeculativeEngine:
         sampling: SamplingConfig = GREEDY,
         stop_sequences: Sequence[str] = (),
         should_stop: Callable[[], bool] | None = None,
+        stop_rule: DraftStopRule | None = None,
     ) -> GenerationRun:
-        """Stream the target's continuation of ``prompt_ids``, drafted by ``drafter``."""
+        """Stream the target's continuation of ``prompt_ids``, drafted by ``drafter``.
+
+        ``stop_rule`` lets a model drafter end a step's draft before k when its own
+        next-token distribution says the draft will probably be rejected
+        (``drafters/stopping.py``); the output is the same either way (lossless)."""
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
         if max_new_tokens < 0:
@@ -157,6 +164,7 @@ class SpeculativeEngine:
             sampling=sampling,
             stop_sequences=tuple(stop_sequences),
             should_stop=should_stop,
+            stop_rule=stop_rule if stop_rule is not None and stop_rule.active else None,
         )
         stats = GenerationStats(prompt_tokens=len(request.prompt_ids))
         output_ids: list[int] = []
@@ -189,7 +197,14 @@ class SpeculativeEngine:
                     break
                 k = self._draft_length(request, stats, history, len(output))
                 tokens = self._speculative_step(
-                    cache, session, history, k, request.sampling, generator, stats
+                    cache,
+                    session,
+                    history,
+                    k,
+                    request.sampling,
+                    generator,
+                    stats,
+                    stop_rule=request.stop_rule,
                 )
                 tokens, token_texts, stopped = self._detokenize(tokens, request, detokenizer)
                 output.extend(tokens)
@@ -267,11 +282,13 @@ class SpeculativeEngine:
         sampling: SamplingConfig,
         generator: torch.Generator | None,
         stats: GenerationStats,
+        *,
+        stop_rule: DraftStopRule | None = None,
     ) -> list[int]:
-        """Propose k, verify all d + 1 positions in one target forward, roll back."""
+        """Propose up to k, verify all d + 1 positions in one target forward, roll back."""
         started = time.perf_counter()
         proposal: Proposal = (
-            session.propose(history, k, sampling, generator) if k > 0 else self._empty
+            session.propose(history, k, sampling, generator, stop_rule) if k > 0 else self._empty
         )
         if self._synchronize and proposal.length:
             torch.cuda.synchronize(self.target.device)
@@ -296,6 +313,7 @@ class SpeculativeEngine:
             requested=k,
             drafted=proposal.length,
             accepted=verdict.accepted,
+            stopped=proposal.stopped,
             draft_time_s=drafted - started,
             verify_time_s=time.perf_counter() - drafted,
         )

@@ -14,6 +14,7 @@ from drafters.base import Proposal
 from drafters.counterfactual import score_model_counterfactual
 from drafters.lean_decoder import LeanDecoder, lean_decoder_supports
 from drafters.sampling import SamplingConfig, sample_from, sampling_probs
+from drafters.stopping import DraftStopRule
 
 
 def exclude_padding(logits: torch.Tensor, vocabulary_size: int | None) -> torch.Tensor:
@@ -49,9 +50,11 @@ class ModelDraftSession:
     never rebuilt.
 
     Invariant: the first ``_verified`` cache positions hold tokens of the verified history.
-    After proposing d tokens from a history of length L the cache holds L + d - 1 positions
-    (the last draft is never fed back), of which L + min(accepted, d - 1) stay valid. A
-    draft stops early (d < k) at a stop token: nothing after the end of the turn is used.
+    After proposing d tokens from a history of length L the cache holds L + f positions,
+    f the drafts fed back: d - 1 (the last draft is never fed back), or d when a stop rule
+    ended the draft (the forward that gave the rejected q_{d+1} fed x_d); L + min(accepted,
+    f) of them stay valid. A draft stops early (d < k) at a stop token (nothing after the
+    end of the turn is used) or when the stop rule says so (``drafters/stopping.py``).
     Ids from ``vocabulary_size`` on (the padding past the tokenizer's vocabulary) are never
     drafted.
     """
@@ -74,7 +77,7 @@ class ModelDraftSession:
         )
         self._verified = 0
         self._last_history = 0
-        self._last_k = 0
+        self._last_fed = 0
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: Sequence[int]) -> None:
@@ -92,17 +95,26 @@ class ModelDraftSession:
         k: int,
         sampling: SamplingConfig,
         generator: torch.Generator | None,
+        stop_rule: DraftStopRule | None = None,
     ) -> Proposal:
         # Catch up on every verified token the cache lacks (1 or 2 after a normal step).
         feed = torch.tensor(history[self._verified :], dtype=torch.long, device=self._device)
         position = self._verified
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
+        rule = stop_rule if stop_rule is not None and stop_rule.active else None
+        stopped = False
         for _ in range(k):
             logits = exclude_padding(self._forward(feed, position), self._vocabulary_size)
             position += feed.shape[0]
             if sampling.do_sample:
                 q = sampling_probs(logits.unsqueeze(0), sampling)[0]  # [vocab]
+            elif rule is not None and tokens:
+                q = logits.float().softmax(dim=-1)  # greedy drafts: the drafter's own q
+            if rule is not None and tokens and rule.stops(q):
+                stopped = True  # the first draft is always made (drafters/stopping.py)
+                break
+            if sampling.do_sample:
                 token = sample_from(q, generator)  # [1]
                 probs.append(q)
             else:
@@ -112,14 +124,15 @@ class ModelDraftSession:
                 break  # the turn ends here if accepted: later drafts could never be used
             feed = token
         self._last_history = len(history)
-        self._last_k = len(tokens)
+        self._last_fed = position - len(history)  # drafts whose keys the cache now holds
         return Proposal(
             token_ids=torch.cat(tokens),  # [d], d <= k
             probs=torch.stack(probs) if probs else None,  # [d, vocab]
+            stopped=stopped,
         )
 
     def observe_accepted(self, accepted: int) -> None:
-        self._verified = self._last_history + min(accepted, max(self._last_k - 1, 0))
+        self._verified = self._last_history + min(accepted, max(self._last_fed, 0))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import torch
 from drafters.base import Proposal, first_stop
 from drafters.counterfactual import replay_greedy_steps
 from drafters.sampling import SamplingConfig
+from drafters.stopping import DraftStopRule
 
 
 class NgramIndex:
@@ -71,7 +72,10 @@ class NgramDraftSession:
         k: int,
         sampling: SamplingConfig,
         generator: torch.Generator | None,
+        stop_rule: DraftStopRule | None = None,
     ) -> Proposal:
+        """The lookup's continuation; point masses carry no confidence, so ``stop_rule``
+        does not apply."""
         draft = self._index.propose(history, k)
         stop = first_stop(draft, self._stop_ids)
         if stop is not None:

@@ -16,6 +16,7 @@ from drafters.loader import LoadedModel, ModelLoadError, load_model, load_tokeni
 from drafters.model_drafter import ModelDrafter
 from drafters.ngram import NgramDrafter
 from drafters.sampling import SamplingConfig
+from drafters.stopping import DraftStopRule
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class _NoDraftSession:
         k: int,
         sampling: SamplingConfig,
         generator: torch.Generator | None,
+        stop_rule: DraftStopRule | None = None,
     ) -> Proposal:
         return empty_proposal(self._device)
 

@@ -19,7 +19,9 @@ class GenerationStats:
 
     A step is one target forward over the last verified token plus the step's drafts.
     ``drafted_per_step`` counts tokens the drafter actually proposed (an n-gram drafter may
-    propose fewer than asked, or none); ``requested_per_step`` the draft length asked for.
+    propose fewer than asked, or none; a stop rule may end a model drafter's draft sooner);
+    ``requested_per_step`` the draft length asked for; ``stopped_steps`` the steps whose
+    draft a stop rule ended before the requested length (``drafters/stopping.py``).
     ``wall_time_s`` is time spent inside the engine (prefill included), not time the
     consumer of the stream spends between tokens.
     """
@@ -29,6 +31,7 @@ class GenerationStats:
     accepted_per_step: list[int] = field(default_factory=list)
     requested_per_step: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
+    stopped_steps: int = 0
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     prefill_time_s: float = 0.0
@@ -45,9 +48,12 @@ class GenerationStats:
         accepted: int,
         draft_time_s: float,
         verify_time_s: float,
+        stopped: bool = False,
     ) -> None:
-        """Record one step: ``accepted`` leading drafts of ``drafted`` were accepted."""
+        """Record one step: ``accepted`` leading drafts of ``drafted`` were accepted;
+        ``stopped``: a stop rule ended the draft before ``requested``."""
         self.steps += 1
+        self.stopped_steps += stopped
         self.requested_per_step.append(requested)
         self.drafted_per_step.append(drafted)
         self.accepted_per_step.append(accepted)
