@@ -35,19 +35,46 @@ from router.bundle import ModelBundle, default_bundle_dir, read_manifest
 logger = logging.getLogger(__name__)
 
 # Bump when the build code changes what it produces for the same config.
-BUILD_CODE_VERSION = 5
+BUILD_CODE_VERSION = 6
 FINETUNE_SAMPLE_SIZE = 36
+
+
+# Every model of the world has attention heads of 64 dimensions: serving engines support a
+# fixed set of head sizes (vLLM's CPU backend refuses 40 and 32, the world's first shapes),
+# and 64 is Qwen2.5's own (0.5B-7B).
+HEAD_DIM = 64
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The Qwen2Config fields that differ between the world's models."""
+    """The Qwen2Config fields that differ between the world's models.
+
+    The head size is ``hidden_size / num_attention_heads`` (Qwen2Config has no field of its
+    own for it); grouped-query attention shares each key/value head between
+    ``num_attention_heads / num_key_value_heads`` query heads.
+    """
 
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
 
 
 @dataclass(frozen=True)
@@ -62,6 +89,7 @@ class DistillConfig:
     batches: int
     top_k: int
     prompts: int = 256  # training prompts per task the target answers (distillation text)
+    answer_batch: int = 64  # prompts the target answers at once (left-padded, batched generate)
     longer: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
 
     def for_task(self, task: str) -> tuple[TrainingConfig, int]:
@@ -109,45 +137,55 @@ BUILD_CONFIGS: dict[str, BuildConfig] = {
         scale="tiny",
         seed=0,
         vocab_size=512,
-        target=ModelShape(64, 176, 2, 4, 2),
-        drafter=ModelShape(32, 88, 1, 2, 1),
+        target=ModelShape(128, 256, 2, 2, 1),
+        drafter=ModelShape(128, 128, 1, 2, 1),
         target_training=TrainingConfig(
-            steps=12, rows=4, seq_len=256, learning_rate=3e-3, warmup_steps=3
+            steps=12, rows=2, seq_len=512, learning_rate=3e-3, warmup_steps=3
         ),
         target_task_weights=TARGET_TASK_WEIGHTS,
         generic_training=TrainingConfig(
-            steps=8, rows=4, seq_len=256, learning_rate=3e-3, warmup_steps=2
+            steps=8, rows=2, seq_len=512, learning_rate=3e-3, warmup_steps=2
         ),
         distill=DistillConfig(
-            TrainingConfig(steps=3, rows=2, seq_len=256, learning_rate=1e-3, warmup_steps=1),
+            TrainingConfig(steps=3, rows=2, seq_len=512, learning_rate=1e-3, warmup_steps=1),
             batches=2,
             top_k=8,
+            prompts=16,
         ),
     ),
+    # Sizes and steps fit a 10-minute build on 2 CPU cores (docs/world.md, "Build time"):
+    # the target is 6 layers of 6 heads of 64 (2 KV heads), ~4.4x a drafter's decode step
+    # (2 layers of 2 heads of 64, 1 KV head) at batch 1; rows of 512 tokens hold whole
+    # examples with 128-token answers.
     "default": BuildConfig(
         scale="default",
         seed=0,
         vocab_size=4096,
-        target=ModelShape(320, 864, 6, 8, 2),
-        drafter=ModelShape(128, 352, 2, 4, 2),
+        target=ModelShape(384, 1024, 6, 6, 2),
+        drafter=ModelShape(128, 384, 2, 2, 1),
         target_training=TrainingConfig(
-            steps=900,
-            rows=8,
-            seq_len=256,
-            learning_rate=1e-3,
-            warmup_steps=30,
+            steps=500,
+            rows=4,
+            seq_len=512,
+            learning_rate=2e-3,
+            warmup_steps=25,
             prompt_weight=0.0,
             bf16_autocast=True,
         ),
         target_task_weights=TARGET_TASK_WEIGHTS,
         generic_training=TrainingConfig(
-            steps=200, rows=6, seq_len=256, learning_rate=3e-3, warmup_steps=20, bf16_autocast=True
+            steps=250,
+            rows=4,
+            seq_len=512,
+            learning_rate=3e-3,
+            warmup_steps=20,
+            bf16_autocast=True,
         ),
         distill=DistillConfig(
             TrainingConfig(
                 steps=60,
-                rows=8,
-                seq_len=256,
+                rows=4,
+                seq_len=512,
                 learning_rate=1e-3,
                 warmup_steps=5,
                 prompt_weight=0.0,
@@ -155,11 +193,7 @@ BUILD_CONFIGS: dict[str, BuildConfig] = {
             ),
             batches=12,
             top_k=16,
-            # At 60 steps the translation and math drafters end far from the target
-            # (validation acceptance at k=4: 0.63 and 0.59); 150 steps over 30 batches
-            # reach 0.98 and 0.79 for ~30 s of build time. Code (0.60 -> 0.66), chat
-            # (0.48 -> 0.50) and qa (0.93 -> 0.99) gain less for the same time.
-            longer={"translation": (150, 30), "math": (150, 30)},
+            prompts=128,
         ),
     ),
 }
@@ -298,10 +332,14 @@ def _build_into(directory: Path, config: BuildConfig, progress: bool) -> dict[st
         generated = target_responses(
             target,
             prompts,
-            max_new_tokens=MAX_NEW_TOKENS[task],
+            max_new_tokens=MAX_NEW_TOKENS,
             pad_id=pad_id,
             eos_id=int(tokenizer.eos_token_id),
+            batch_size=config.distill.answer_batch,
+            description=f"target answers {task}",
+            progress=progress,
         )
+        timings[f"answers_{task}_s"] = time.perf_counter() - mark
         # The target's own responses (what the drafter is scored on) plus the task's human
         # text (breadth: the target answers only a sample of the prompts).
         as_written = [f for e in generated if (f := fit_to_length(e, seq_len)) is not None]
@@ -324,6 +362,7 @@ def _build_into(directory: Path, config: BuildConfig, progress: bool) -> dict[st
 
     return {
         "format": FORMAT_VERSION,
+        "build_seconds": round(timings["total_s"], 1),
         "scale": config.scale,
         "seed": config.seed,
         "config_hash": config.digest(),
@@ -336,6 +375,7 @@ def _build_into(directory: Path, config: BuildConfig, progress: bool) -> dict[st
             "target": _parameter_count(target),
             "drafter": _parameter_count(generic),
         },
+        "head_dim": {"target": config.target.head_dim, "drafter": config.drafter.head_dim},
         "vocab_size": len(tokenizer),
         "examples": {s: len(corpus.split(s)) for s in ("train", "validation", "test")},
         "final_loss": {

@@ -36,15 +36,24 @@ def target_responses(
     max_new_tokens: int,
     pad_id: int,
     eos_id: int,
-    batch_size: int = 32,
+    batch_size: int = 64,
+    description: str = "target answers",
+    progress: bool = False,
 ) -> list[EncodedExample]:
-    """The same prompts with the target's greedy responses (ending in ``eos_id``).
+    """The same prompts with the target's greedy responses (ending in ``eos_id`` unless cut
+    at ``max_new_tokens``).
 
-    Batched generation with left padding; an empty response is dropped.
+    Batched generation with left padding, prompts of similar length batched together (they
+    are ordered by length first, so little of a batch is padding); an empty response is
+    dropped. The order of the result is the length order, not the order of ``examples``.
     """
+    from tqdm.auto import tqdm
+
+    ordered = sorted(examples, key=lambda e: (len(e.prompt_ids), e.prompt_ids))
     out: list[EncodedExample] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
+    starts = range(0, len(ordered), batch_size)
+    for start in tqdm(starts, desc=description, disable=not progress, leave=False):
+        chunk = ordered[start : start + batch_size]
         width = max(len(e.prompt_ids) for e in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -60,10 +69,13 @@ def target_responses(
             pad_token_id=pad_id,
         )[:, width:]
         for example, row in zip(chunk, generated.tolist(), strict=True):
-            response = row[: row.index(eos_id)] if eos_id in row else row
-            response = [t for t in response if t != pad_id]
+            # A response cut at max_new_tokens keeps no end-of-turn token: the target did
+            # not write one there, so the drafter must not learn to predict it.
+            ended = eos_id in row
+            response = [t for t in (row[: row.index(eos_id)] if ended else row) if t != pad_id]
             if response:
-                out.append(EncodedExample(example.task, example.prompt_ids, (*response, eos_id)))
+                end = (eos_id,) if ended else ()
+                out.append(EncodedExample(example.task, example.prompt_ids, (*response, *end)))
     return out
 
 

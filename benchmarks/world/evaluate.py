@@ -24,15 +24,10 @@ from router.bundle import ModelBundle
 logger = logging.getLogger(__name__)
 
 DRAFT_LENGTH = 4
-MAX_NEW_TOKENS: dict[str, int] = {
-    "chat": 48,
-    "translation": 40,
-    "summarization": 64,
-    "qa": 24,
-    "math": 32,
-    "rag": 64,
-    "code": 96,
-}
+# Every task is generated with the same cap, as a serving front would set it: answers end
+# at the target's own end-of-turn token, so output lengths (``output_tokens``) are the
+# target's, not the cap's.
+MAX_NEW_TOKENS = 128
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -134,6 +129,14 @@ class TargetOutput:
     prompt_ids: list[int]
     output_ids: list[int]  # generated ids, the end-of-turn token included if emitted
     text: str
+    eos_id: int
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens of the answer itself: the end-of-turn token is not counted."""
+        return len(self.output_ids) - int(
+            bool(self.output_ids) and self.output_ids[-1] == self.eos_id
+        )
 
 
 def _prompt_ids(tokenizer: Any, example: Example) -> list[int]:
@@ -143,8 +146,9 @@ def _prompt_ids(tokenizer: Any, example: Example) -> list[int]:
     return ids
 
 
-def generate_greedy(loaded: Any, examples: Sequence[Example], task: str) -> list[TargetOutput]:
-    """Greedy generation with the target (KV cache), stopping at ``<|im_end|>``."""
+def generate_greedy(loaded: Any, examples: Sequence[Example]) -> list[TargetOutput]:
+    """Greedy generation with the target (KV cache, batch 1 as served), stopping at
+    ``<|im_end|>`` or after ``MAX_NEW_TOKENS``."""
     import torch
 
     tokenizer, model = loaded.tokenizer, loaded.model
@@ -155,14 +159,16 @@ def generate_greedy(loaded: Any, examples: Sequence[Example], task: str) -> list
             generated = model.generate(
                 torch.tensor([prompt_ids], device=loaded.device),
                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                max_new_tokens=MAX_NEW_TOKENS[task],
+                max_new_tokens=MAX_NEW_TOKENS,
                 do_sample=False,
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
             )
         output_ids = generated[0, len(prompt_ids) :].tolist()
         text = tokenizer.decode(output_ids, skip_special_tokens=True)
-        outputs.append(TargetOutput(example, prompt_ids, output_ids, text))
+        outputs.append(
+            TargetOutput(example, prompt_ids, output_ids, text, int(tokenizer.eos_token_id))
+        )
     return outputs
 
 
@@ -224,6 +230,13 @@ def decode_step_seconds(model: Any, context_length: int = 96, steps: int = 40) -
     return statistics.median(times[5:])
 
 
+def head_dim(config: Any) -> int:
+    """Attention head size of a model config: its ``head_dim`` if set, else hidden / heads
+    (Qwen2Config's rule)."""
+    explicit = getattr(config, "head_dim", None)
+    return int(explicit or config.hidden_size // config.num_attention_heads)
+
+
 def unevenness(values: Sequence[float]) -> dict[str, float]:
     """Spread of per-task values: min, max, max/min, coefficient of variation, Jain's index."""
     from benchmarks.replay.metrics import coefficient_of_variation, jain_index, max_over_min
@@ -253,7 +266,7 @@ def evaluate_world(world: ModelBundle, *, limit: int | None = None) -> dict[str,
     quality: dict[str, float] = {}
     for task in world.tasks:
         examples = [e for e in test if e.task == task][:limit]
-        target_outputs[task] = generate_greedy(target, examples, task)
+        target_outputs[task] = generate_greedy(target, examples)
         _, metric = QUALITY_METRICS[task]
         scores = [metric(o.text, o.example.response) for o in target_outputs[task]]
         quality[task] = statistics.fmean(scores) if scores else 0.0
@@ -299,6 +312,18 @@ def evaluate_world(world: ModelBundle, *, limit: int | None = None) -> dict[str,
             "target": target.parameter_count,
             "drafter": drafters["generic"].parameter_count,
         },
+        "head_dim": {
+            "target": head_dim(target.model.config),
+            "drafters": {name: head_dim(d.model.config) for name, d in drafters.items()},
+        },
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "output_tokens": {
+            t: statistics.fmean(o.generated_tokens for o in target_outputs[t])
+            if target_outputs[t]
+            else 0.0
+            for t in world.tasks
+        },
+        "build_seconds": world.manifest.get("build_seconds"),
         "samples": {
             t: [{"prompt": o.example.id, "output": o.text} for o in target_outputs[t][:2]]
             for t in world.tasks

@@ -86,3 +86,23 @@ def test_bf16_is_used_only_when_asked_for() -> None:
     config = TrainingConfig(steps=1, rows=1, seq_len=8, learning_rate=1e-3)
     assert not use_bf16(config)
     assert use_bf16(dataclasses.replace(config, bf16_autocast=True)) == cpu_has_bf16()
+
+
+def test_an_answer_cut_at_max_new_tokens_gets_no_end_of_turn(model: torch.nn.Module) -> None:
+    from benchmarks.world.distill import target_responses
+
+    prompts = _examples()[:6]
+    # An end-of-turn id the model does not write within 3 tokens of any prompt, so every
+    # answer is cut at the cap.
+    unused = set(range(3, 64))
+    for example in prompts:
+        row = torch.tensor([list(example.prompt_ids)])
+        out = model.generate(row, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        unused -= set(out[0, row.shape[1] :].tolist())
+    assert unused
+    eos_id = min(unused)
+    answers = target_responses(
+        model, prompts, max_new_tokens=3, pad_id=0, eos_id=eos_id, batch_size=4
+    )
+    assert sorted(a.prompt_ids for a in answers) == sorted(e.prompt_ids for e in prompts)
+    assert all(len(a.response_ids) == 3 and eos_id not in a.response_ids for a in answers)

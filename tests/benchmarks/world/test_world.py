@@ -9,7 +9,13 @@ from typing import Any
 
 import pytest
 
-from benchmarks.world.build import BUILD_CONFIGS, NotAWorldDirectoryError, build_world
+from benchmarks.world.build import (
+    BUILD_CONFIGS,
+    HEAD_DIM,
+    ModelShape,
+    NotAWorldDirectoryError,
+    build_world,
+)
 from benchmarks.world.corpus import TASKS, prompt_text
 from benchmarks.world.layout import read_examples
 from router.bundle import ModelBundle
@@ -38,6 +44,32 @@ def test_drafters_share_the_targets_tokenizer_and_vocabulary(tiny_world: ModelBu
         assert drafter.tokenizer.get_vocab() == target_vocab
         assert drafter.model.config.vocab_size == target.model.config.vocab_size
         assert drafter.parameter_count < target.parameter_count
+
+
+def test_every_model_has_heads_of_64_with_grouped_query_attention(
+    tiny_world: ModelBundle,
+) -> None:
+    for directory in [tiny_world.target_dir, *tiny_world.drafter_dirs.values()]:
+        config = json.loads((directory / "config.json").read_text())
+        assert config["hidden_size"] // config["num_attention_heads"] == HEAD_DIM == 64
+        assert config["num_key_value_heads"] < config["num_attention_heads"], directory.name
+    for scale, config in BUILD_CONFIGS.items():
+        for shape in (config.target, config.drafter):
+            assert shape.head_dim == HEAD_DIM, scale
+            assert shape.num_key_value_heads < shape.num_attention_heads, scale
+    assert tiny_world.manifest["head_dim"] == {"target": 64, "drafter": 64}
+
+
+def test_a_shape_whose_heads_do_not_divide_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a multiple of num_attention_heads"):
+        ModelShape(100, 256, 2, 3, 1)
+    with pytest.raises(ValueError, match="not a multiple of num_key_value_heads"):
+        ModelShape(384, 256, 2, 6, 4)
+
+
+def test_the_manifest_records_the_build_time(tiny_world: ModelBundle) -> None:
+    seconds = tiny_world.manifest["build_seconds"]
+    assert 0 < seconds == round(tiny_world.manifest["timings"]["total_s"], 1)
 
 
 def test_task_drafters_differ_from_the_generic_one(tiny_world: ModelBundle) -> None:
@@ -137,6 +169,21 @@ def test_eval_report_has_the_documented_keys_and_ranges(report: dict[str, Any]) 
     json.dumps(report)
 
 
+def test_eval_report_has_output_lengths_head_sizes_and_build_time(
+    report: dict[str, Any], tiny_world: ModelBundle
+) -> None:
+    from benchmarks.world.evaluate import MAX_NEW_TOKENS
+
+    assert report["max_new_tokens"] == MAX_NEW_TOKENS == 128
+    assert set(report["output_tokens"]) == set(TASKS)
+    assert all(0 <= n <= MAX_NEW_TOKENS for n in report["output_tokens"].values())
+    assert report["head_dim"] == {
+        "target": 64,
+        "drafters": dict.fromkeys(["generic", *TASKS], 64),
+    }
+    assert report["build_seconds"] == tiny_world.manifest["build_seconds"] > 0
+
+
 def test_eval_cli_writes_the_json_report(tiny_world: ModelBundle, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
@@ -151,6 +198,8 @@ def test_eval_cli_writes_the_json_report(tiny_world: ModelBundle, tmp_path: Path
     assert "Target quality" in result.output
     saved = json.loads(out.read_text())
     assert {"tasks", "target_quality", "acceptance", "drafters"} <= set(saved)
+    assert {"output_tokens", "head_dim", "build_seconds"} <= set(saved)
+    assert "output tokens" in result.output and "head_dim: target 64" in result.output
 
 
 def test_same_seed_builds_identical_weights(tiny_world: ModelBundle, tmp_path: Path) -> None:
