@@ -28,6 +28,7 @@ DRAFT_LENGTH = 4
 # at the target's own end-of-turn token, so output lengths (``output_tokens``) are the
 # target's, not the cap's.
 MAX_NEW_TOKENS = 128
+GENERATION_BATCH = 16
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -146,30 +147,47 @@ def _prompt_ids(tokenizer: Any, example: Example) -> list[int]:
     return ids
 
 
-def generate_greedy(loaded: Any, examples: Sequence[Example]) -> list[TargetOutput]:
-    """Greedy generation with the target (KV cache, batch 1 as served), stopping at
-    ``<|im_end|>`` or after ``MAX_NEW_TOKENS``."""
+def generate_greedy(
+    loaded: Any, examples: Sequence[Example], batch_size: int = GENERATION_BATCH
+) -> list[TargetOutput]:
+    """Greedy generation with the target (KV cache), stopping at ``<|im_end|>`` or after
+    ``MAX_NEW_TOKENS``; outputs in the order of ``examples``.
+
+    Prompts of similar length are generated together, left-padded (positions follow the
+    attention mask, so each row is its prompt alone up to float rounding; batch 1 takes
+    about ``batch_size`` times as long on a 2-core CPU).
+    """
     import torch
 
     tokenizer, model = loaded.tokenizer, loaded.model
-    outputs = []
-    for example in examples:
-        prompt_ids = _prompt_ids(tokenizer, example)
+    eos_id, pad_id = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
+    prompts = [_prompt_ids(tokenizer, example) for example in examples]
+    order = sorted(range(len(examples)), key=lambda i: (len(prompts[i]), i))
+    outputs: dict[int, TargetOutput] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
         with torch.inference_mode():
             generated = model.generate(
-                torch.tensor([prompt_ids], device=loaded.device),
-                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                ids.to(loaded.device),
+                attention_mask=mask.to(loaded.device),
                 max_new_tokens=MAX_NEW_TOKENS,
                 do_sample=False,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos_id,
+                pad_token_id=pad_id,
             )
-        output_ids = generated[0, len(prompt_ids) :].tolist()
-        text = tokenizer.decode(output_ids, skip_special_tokens=True)
-        outputs.append(
-            TargetOutput(example, prompt_ids, output_ids, text, int(tokenizer.eos_token_id))
-        )
-    return outputs
+        for row, i in enumerate(chunk):
+            output_ids = generated[row, width:].tolist()
+            if eos_id in output_ids:  # what follows the end of turn is the batch's padding
+                output_ids = output_ids[: output_ids.index(eos_id) + 1]
+            text = tokenizer.decode(output_ids, skip_special_tokens=True)
+            outputs[i] = TargetOutput(examples[i], prompts[i], output_ids, text, eos_id)
+    return [outputs[i] for i in range(len(examples))]
 
 
 @dataclass(frozen=True)

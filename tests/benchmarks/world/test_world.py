@@ -208,3 +208,17 @@ def test_same_seed_builds_identical_weights(tiny_world: ModelBundle, tmp_path: P
         first = (tiny_world.root / name / "model.safetensors").read_bytes()
         second = (again.root / name / "model.safetensors").read_bytes()
         assert first == second, name
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny_world: ModelBundle) -> None:
+    from benchmarks.world.evaluate import generate_greedy
+    from drafters.loader import load_model
+
+    target = load_model(tiny_world.target_dir)
+    test = read_examples(tiny_world.corpus_dir, "test")
+    examples = [next(e for e in test if e.task == task) for task in TASKS]  # mixed lengths
+    batched = generate_greedy(target, examples, batch_size=len(examples))
+    alone = generate_greedy(target, examples, batch_size=1)
+    assert [o.example for o in batched] == examples
+    assert [o.output_ids for o in batched] == [o.output_ids for o in alone]
+    assert all(o.output_ids.count(o.eos_id) <= 1 for o in batched)
