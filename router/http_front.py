@@ -184,6 +184,11 @@ def _check_token(request: web.Request) -> None:
         raise UnauthenticatedError("missing or invalid bearer token")
 
 
+def check_bearer(request: web.Request) -> None:
+    """The data token check, for the other fronts mounted on this application."""
+    _check_token(request)
+
+
 def _generation(service: RouterService, body: TgiRequest) -> AsyncGenerator[Any, None]:
     return service.generate(generate_input_from_tgi(body))  # type: ignore[return-value]
 
@@ -345,7 +350,7 @@ async def health_route(request: web.Request) -> web.Response:
 
 
 def build_http_app(service: RouterService, data_token: str | None = None) -> web.Application:
-    """The TGI-compatible aiohttp application."""
+    """The TGI-compatible aiohttp application, with the OpenAI-compatible routes."""
     app = web.Application(client_max_size=service.limits.max_request_bytes)
     app[SERVICE_KEY] = service
     app[TOKEN_KEY] = data_token or ""
@@ -354,4 +359,7 @@ def build_http_app(service: RouterService, data_token: str | None = None) -> web
     app.router.add_post("/generate_stream", generate_stream_route)
     app.router.add_get("/info", info_route)
     app.router.add_get("/health", health_route)
+    from router.openai_front import add_openai_routes
+
+    add_openai_routes(app)
     return app

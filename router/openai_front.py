@@ -1,0 +1,490 @@
+"""An OpenAI-compatible HTTP front beside the TGI one, on the same aiohttp application.
+
+``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``"stream": true`` as
+server-sent events ending with ``data: [DONE]``) and ``GET /v1/models``, with OpenAI's
+JSON, so the official ``openai`` client works unchanged against the sidecar (the
+in-process engine, or a vLLM fleet behind it). Errors are
+``{"error": {"message", "type", "param", "code"}}`` with 400 / 401 / 404 / 429 / 500.
+
+A request the sidecar cannot honour (``n`` > 1, log-probabilities, penalties, tools,
+``echo``, ``best_of``, ...) is refused with 400 naming the parameter, never ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from router.domain import GenerateInput, Prompt, RouteInput, Sampling
+from router.errors import (
+    GenerationFailedError,
+    InvalidFieldError,
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+    PermissionDeniedError,
+    PreconditionError,
+    SidecarError,
+    UnauthenticatedError,
+)
+from router.service import GenerationResult, RoutedRequest, RouterService, TokenChunk
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+
+# HTTP status, OpenAI error type, code: the OpenAI wire's view of the sidecar's errors.
+OPENAI_ERRORS: dict[type[SidecarError], tuple[int, str, str | None]] = {
+    InvalidRequestError: (400, "invalid_request_error", None),
+    PreconditionError: (400, "invalid_request_error", None),
+    NotFoundError: (404, "invalid_request_error", "not_found"),
+    PermissionDeniedError: (403, "permission_error", None),
+    OverloadedError: (429, "rate_limit_error", "rate_limit_exceeded"),
+    UnauthenticatedError: (401, "authentication_error", "invalid_api_key"),
+    GenerationFailedError: (500, "server_error", None),
+}
+UNEXPECTED_ERROR = (500, "server_error", None)
+
+
+class ModelNotFoundError(NotFoundError):
+    """The request names a model this sidecar does not serve."""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class OpenAIParameters(BaseModel):
+    """What completions and chat completions share. Unsupported features must be left at
+    their defaults; NaN and infinities are refused in every float."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # vLLM's extension, accepted by the sidecar as well
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+    top_logprobs: int | None = None
+    user: str | None = None
+
+
+class CompletionRequest(OpenAIParameters):
+    prompt: str | list[str]
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(OpenAIParameters):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One generation route: its request model, OpenAI object names, how it reads the prompt."""
+
+    request_type: type[OpenAIParameters]
+    object_name: Literal["text_completion", "chat.completion"]
+    chunk_name: Literal["text_completion", "chat.completion.chunk"]
+    prompt_of: Callable[[Any], Prompt]
+    max_tokens_of: Callable[[Any], int | None]
+
+    @property
+    def is_chat(self) -> bool:
+        return self.object_name == "chat.completion"
+
+
+def _unsupported(body: OpenAIParameters) -> list[str]:
+    """Parameters set to something this sidecar does not implement."""
+    problems = []
+    if body.n not in (None, 1):
+        problems.append("n")
+    if body.presence_penalty not in (None, 0.0):
+        problems.append("presence_penalty")
+    if body.frequency_penalty not in (None, 0.0):
+        problems.append("frequency_penalty")
+    if body.logit_bias:
+        problems.append("logit_bias")
+    if body.logprobs not in (None, False, 0):
+        problems.append("logprobs")
+    if body.top_logprobs:
+        problems.append("top_logprobs")
+    if isinstance(body, CompletionRequest):
+        if body.echo:
+            problems.append("echo")
+        if body.best_of not in (None, 1):
+            problems.append("best_of")
+        if body.suffix:
+            problems.append("suffix")
+    if isinstance(body, ChatRequest):
+        if body.tools:
+            problems.append("tools")
+        if body.response_format and body.response_format.get("type") != "text":
+            problems.append("response_format")
+    return problems
+
+
+def sampling_from_openai(body: OpenAIParameters) -> Sampling:
+    """OpenAI semantics: temperature 0 is greedy, and the default temperature is 1
+    (sampling); top_p and top_k narrow the sampled distribution."""
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if temperature < 0 or temperature > 2:
+        raise InvalidFieldError("temperature", f"must be in [0, 2], got {temperature:g}")
+    top_p = 1.0 if body.top_p is None else body.top_p
+    if not 0 < top_p <= 1:
+        raise InvalidFieldError("top_p", f"must be in (0, 1], got {top_p:g}")
+    top_k = body.top_k or 0
+    if top_k < -1:
+        raise InvalidFieldError("top_k", f"must be -1 (off) or > 0, got {top_k}")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if any(not stop for stop in stops):
+        raise InvalidFieldError("stop", "stop sequences must not be empty strings")
+    greedy = temperature == 0
+    return Sampling(
+        do_sample=not greedy,
+        temperature=1.0 if greedy else temperature,
+        top_k=max(top_k, 0),
+        top_p=top_p,
+        seed=body.seed,
+        stop=tuple(stops),
+    )
+
+
+def _completion_prompt(body: CompletionRequest) -> Prompt:
+    if isinstance(body.prompt, list):
+        if len(body.prompt) != 1:
+            raise InvalidFieldError("prompt", "exactly one prompt per request is served")
+        return Prompt(text=body.prompt[0])
+    return Prompt(text=body.prompt)
+
+
+def _message_text(message: ChatMessage, index: int) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    texts = []
+    for part in message.content:
+        if part.get("type") != "text":
+            raise InvalidFieldError(
+                f"messages[{index}].content", f"only text parts are served, got {part.get('type')}"
+            )
+        texts.append(str(part.get("text", "")))
+    return "".join(texts)
+
+
+def _chat_prompt(body: ChatRequest) -> Prompt:
+    messages = tuple(
+        {"role": message.role, "content": _message_text(message, i)}
+        for i, message in enumerate(body.messages)
+    )
+    return Prompt(messages=messages)
+
+
+COMPLETIONS = Endpoint(
+    CompletionRequest,
+    "text_completion",
+    "text_completion",
+    _completion_prompt,
+    lambda body: DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
+)
+CHAT = Endpoint(
+    ChatRequest,
+    "chat.completion",
+    "chat.completion.chunk",
+    _chat_prompt,
+    lambda body: body.max_completion_tokens or body.max_tokens,
+)
+
+
+def served_model_names(service: RouterService) -> list[str]:
+    """The model ids this sidecar answers to: its configured names (a fleet's replicas'
+    model), else the target directory's name."""
+    names = getattr(service, "model_names", None)
+    if names:
+        return list(names)
+    return [Path(str(service.components.target.path)).name]
+
+
+def generate_input(service: RouterService, endpoint: Endpoint, body: Any) -> GenerateInput:
+    """The domain request for an OpenAI body (checked against what the sidecar serves)."""
+    problems = _unsupported(body)
+    if problems:
+        raise InvalidFieldError(problems[0], f"unsupported parameters: {', '.join(problems)}")
+    if body.model not in served_model_names(service):
+        raise ModelNotFoundError(
+            f"the model {body.model!r} does not exist; served: {served_model_names(service)}"
+        )
+    max_tokens = endpoint.max_tokens_of(body)
+    if max_tokens is None:
+        # Chat completions default to what is left of the context: the sidecar's limit.
+        max_tokens = service.limits.max_new_tokens
+    if max_tokens <= 0:
+        raise InvalidFieldError("max_tokens", f"must be > 0, got {max_tokens}")
+    route = RouteInput(
+        prompt=endpoint.prompt_of(body),
+        max_new_tokens=max_tokens,
+        sampling=sampling_from_openai(body),
+    )
+    return GenerateInput(route=route)
+
+
+def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
+    """HTTP status and OpenAI error object for ``error``."""
+    status, kind, code = UNEXPECTED_ERROR
+    for cls in type(error).__mro__:
+        if cls in OPENAI_ERRORS:
+            status, kind, code = OPENAI_ERRORS[cls]  # type: ignore[index]
+            break
+    if isinstance(error, ModelNotFoundError):
+        code = "model_not_found"
+    param = getattr(error, "field", None)
+    return status, {"error": {"message": str(error), "type": kind, "param": param, "code": code}}
+
+
+def error_response(error: BaseException) -> web.Response:
+    status, body = error_body(error)
+    return web.json_response(body, status=status)
+
+
+async def _parse(request: web.Request, endpoint: Endpoint) -> Any:
+    from router.http_front import check_bearer
+
+    check_bearer(request)
+    try:
+        raw = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"the body is not JSON: {exc}") from exc
+    try:
+        return endpoint.request_type.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise InvalidFieldError(where, str(first["msg"])) from exc
+
+
+def _usage(routed: RoutedRequest, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": routed.prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": routed.prompt_tokens + completion_tokens,
+    }
+
+
+def specroute_extra(routed: RoutedRequest, result: GenerationResult | None) -> dict[str, Any]:
+    """Extra (ignored by OpenAI clients): the routing decision and speculation statistics."""
+    extra: dict[str, Any] = {
+        "request_id": routed.request_id,
+        "task_cluster": routed.task_cluster,
+        "drafter": routed.decision.drafter,
+        "draft_length": routed.decision.k,
+    }
+    replica = getattr(routed, "replica", "")
+    if replica:
+        extra["replica"] = replica
+    if result is not None:
+        stats = result.stats
+        extra.update(
+            steps=stats.steps,
+            accepted_per_step=list(stats.accepted_per_step),
+            tokens_per_s=stats.tokens_per_s,
+            mean_accepted_length=stats.mean_accepted_length,
+        )
+    return extra
+
+
+def _finish_reason(result: GenerationResult) -> str:
+    return FINISH_REASONS.get(str(result.stats.finish_reason), "length")
+
+
+class _Reply:
+    """Builds one response's OpenAI objects (one id and creation time for all chunks)."""
+
+    def __init__(self, endpoint: Endpoint, model: str) -> None:
+        prefix = "chatcmpl" if endpoint.is_chat else "cmpl"
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.endpoint = endpoint
+        self.model = model
+
+    def _object(self, name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": name,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def complete(self, routed: RoutedRequest, result: GenerationResult) -> dict[str, Any]:
+        finish = _finish_reason(result)
+        choice: dict[str, Any]
+        if self.endpoint.is_chat:
+            message = {"role": "assistant", "content": result.generated_text}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {
+                "index": 0,
+                "text": result.generated_text,
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        body = self._object(self.endpoint.object_name, [choice])
+        body["usage"] = _usage(routed, len(result.output_ids))
+        body["specroute"] = specroute_extra(routed, result)
+        return body
+
+    def chunk(self, text: str | None, finish: str | None, *, role: bool = False) -> dict[str, Any]:
+        choice: dict[str, Any]
+        if self.endpoint.is_chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return self._object(self.endpoint.chunk_name, [choice])
+
+    def usage_chunk(self, routed: RoutedRequest, result: GenerationResult) -> dict[str, Any]:
+        body = self._object(self.endpoint.chunk_name, [])
+        body["usage"] = _usage(routed, len(result.output_ids))
+        body["specroute"] = specroute_extra(routed, result)
+        return body
+
+
+def _generation(service: RouterService, request: GenerateInput) -> AsyncGenerator[Any, None]:
+    return service.generate(request)  # type: ignore[return-value]
+
+
+async def _first(items: AsyncIterator[Any]) -> RoutedRequest:
+    routed = await anext(items)
+    assert isinstance(routed, RoutedRequest)
+    return routed
+
+
+async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dict[str, Any]:
+    reply = _Reply(endpoint, body.model)
+    async with contextlib.aclosing(
+        _generation(service, generate_input(service, endpoint, body))
+    ) as it:
+        routed = await _first(it)
+        result: GenerationResult | None = None
+        async for item in it:
+            if isinstance(item, GenerationResult):
+                result = item
+    if result is None:
+        raise GenerationFailedError("generation ended without a result")
+    return reply.complete(routed, result)
+
+
+async def _sse_event(response: web.StreamResponse, payload: dict[str, Any] | str) -> None:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    await response.write(f"data: {data}\n\n".encode())
+
+
+async def _stream(
+    service: RouterService, request: web.Request, endpoint: Endpoint, body: Any
+) -> web.StreamResponse:
+    """Server-sent events: one chunk per speculative step's text, a last chunk with the
+    finish reason, the usage chunk when asked (``stream_options.include_usage``), then
+    ``data: [DONE]``. An error after the first event is sent as an error event."""
+    reply = _Reply(endpoint, body.model)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    generation = _generation(service, generate_input(service, endpoint, body))
+    async with contextlib.aclosing(generation) as items:
+        routed = await _first(items)  # errors before the first event are plain HTTP errors
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        if endpoint.is_chat:
+            await _sse_event(response, reply.chunk("", None, role=True))
+        try:
+            async for item in items:
+                if isinstance(item, TokenChunk) and item.text:
+                    await _sse_event(response, reply.chunk(item.text, None))
+                elif isinstance(item, GenerationResult):
+                    finish = _finish_reason(item)
+                    text: str | None = None if endpoint.is_chat else ""
+                    await _sse_event(response, reply.chunk(text, finish))
+                    if include_usage:
+                        await _sse_event(response, reply.usage_chunk(routed, item))
+        except SidecarError as error:
+            await _sse_event(response, error_body(error)[1])
+        await _sse_event(response, "[DONE]")
+        await response.write_eof()
+        return response
+
+
+def _generation_handler(endpoint: Endpoint) -> Callable[[web.Request], Any]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        from router.http_front import SERVICE_KEY
+
+        service = request.app[SERVICE_KEY]
+        try:
+            body = await _parse(request, endpoint)
+            if body.stream:
+                return await _stream(service, request, endpoint, body)
+            return web.json_response(await _collect(service, endpoint, body))
+        except SidecarError as error:
+            return error_response(error)
+
+    return handle
+
+
+async def models_route(request: web.Request) -> web.Response:
+    """``GET /v1/models``: the served model ids."""
+    from router.http_front import SERVICE_KEY, check_bearer
+
+    try:
+        check_bearer(request)
+    except SidecarError as error:
+        return error_response(error)
+    service = request.app[SERVICE_KEY]
+    models = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "specroute"}
+        for name in served_model_names(service)
+    ]
+    return web.json_response({"object": "list", "data": models})
+
+
+async def not_found_route(request: web.Request) -> web.Response:
+    return error_response(NotFoundError(f"no route {request.method} {request.path}"))
+
+
+def add_openai_routes(app: web.Application) -> None:
+    """Mount the OpenAI-compatible routes on the sidecar's HTTP application."""
+    app.router.add_post("/v1/completions", _generation_handler(COMPLETIONS))
+    app.router.add_post("/v1/chat/completions", _generation_handler(CHAT))
+    app.router.add_get("/v1/models", models_route)
+    app.router.add_route("*", "/v1/{tail:.*}", not_found_route)
