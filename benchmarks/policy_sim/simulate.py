@@ -7,6 +7,12 @@ min(k, G) tokens with G geometric (truncated-geometric acceptance), and draft an
 times are the true costs times log-normal noise (sigma 0.1). The policy sees only this
 outcome; ``plain_token_time_s`` is not reported, so it must estimate t_ar itself.
 
+A scenario may add a machine load (``LoadModel``): each request runs at a slowdown that
+multiplies all its times (a busy or an idle spell of other work, lasting a geometric
+number of requests), and a few requests stall (x10) in one of their two phases (draft or
+verify). Regret stays in idle-machine target seconds: the load changes what the policy
+measures, not which arm is best.
+
 Regret is in saved target time, in expectation: a request of N tokens on an arm with true
 speed-up S takes N * t_ar / S, so its regret against the oracle's S* is
 N * t_ar * (1 / S - 1 / S*) seconds.
@@ -44,6 +50,38 @@ class Event:
 
 
 @dataclass(frozen=True)
+class LoadModel:
+    """Other work on the machine, per request: busy spells slow every time of a request by
+    a factor drawn from ``busy_slowdown``, idle spells by one from ``idle_slowdown``; a
+    spell lasts a geometric number of requests (mean ``mean_spell``); a share
+    ``stall_share`` of requests also stall, x ``stall_factor``, in one phase."""
+
+    busy_slowdown: tuple[float, float] = (1.5, 3.0)
+    idle_slowdown: tuple[float, float] = (1.0, 1.1)
+    mean_spell: float = 5.0
+    stall_share: float = 0.03
+    stall_factor: float = 10.0
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        """[n, 2]: the slowdown of each request's draft and verify times."""
+        rng = np.random.default_rng(seed)
+        busy = np.zeros(n, dtype=bool)
+        state, i = bool(rng.random() < 0.5), 0
+        while i < n:
+            spell = int(rng.geometric(1.0 / self.mean_spell))
+            busy[i : i + spell] = state
+            state, i = not state, i + spell
+        level = np.where(
+            busy, rng.uniform(*self.busy_slowdown, size=n), rng.uniform(*self.idle_slowdown, size=n)
+        )
+        factors = np.repeat(level[:, None], 2, axis=1)
+        stalled = rng.random(n) < self.stall_share
+        phase = rng.integers(0, 2, size=n)
+        factors[stalled, phase[stalled]] *= self.stall_factor
+        return factors
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A ground truth, the drafters registered at the start, and the events of the stream."""
 
@@ -53,6 +91,7 @@ class Scenario:
     initial_drafters: tuple[str, ...]
     events: tuple[Event, ...] = ()
     requests: int = 5000
+    load: LoadModel | None = None
 
 
 @dataclass(frozen=True)
@@ -72,16 +111,20 @@ class RequestStream:
     cluster: np.ndarray
     prompt_tokens: np.ndarray
     tokens: np.ndarray
+    slowdown: np.ndarray | None = None  # [n, 2]: draft and verify slowdown (a LoadModel)
 
     @classmethod
-    def sample(cls, truth: GroundTruth, n: int, seed: int) -> RequestStream:
+    def sample(
+        cls, truth: GroundTruth, n: int, seed: int, load: LoadModel | None = None
+    ) -> RequestStream:
         rng = np.random.default_rng(seed)
         cluster = rng.choice(len(truth.clusters), size=n, p=truth.cluster_weights)
         long = rng.random(n) < truth.long_prompt_share[cluster]
         prompt = np.where(long, rng.integers(64, 256, size=n), rng.integers(8, 64, size=n))
         mean = truth.mean_tokens[cluster]
         tokens = np.clip(np.round(mean * rng.lognormal(-0.08, 0.4, size=n)), 8, 512)
-        return cls(cluster, prompt, tokens.astype(np.int64))
+        slowdown = load.sample(n, seed + 7919) if load is not None else None
+        return cls(cluster, prompt, tokens.astype(np.int64), slowdown)
 
 
 def accepted_steps(rng: np.random.Generator, acceptance: float, k: int, tokens: int) -> np.ndarray:
@@ -100,9 +143,13 @@ def simulate_outcome(
     drafter: str,
     k: int,
     tokens: int,
+    slowdown: np.ndarray | None = None,
 ) -> Outcome:
-    """Run one request on (drafter, k) under the ground truth."""
+    """Run one request on (drafter, k) under the ground truth; ``slowdown`` (draft,
+    verify) multiplies its measured times (a ``LoadModel``)."""
     noise = rng.lognormal(0.0, COST_NOISE, size=2)
+    if slowdown is not None:
+        noise = noise * slowdown
     if k == 0:
         return Outcome(
             (0,) * tokens,
@@ -225,7 +272,10 @@ def run_policy(
             drift_flags.append(decision.drafter != drift.drafter)
         if added is not None and i >= added.at and cluster == added.cluster:
             added_flags.append(decision.drafter == added.drafter)
-        outcome = simulate_outcome(rng, phase.truth, cell, decision.drafter, decision.k, tokens)
+        slowdown = stream.slowdown[i] if stream.slowdown is not None else None
+        outcome = simulate_outcome(
+            rng, phase.truth, cell, decision.drafter, decision.k, tokens, slowdown
+        )
         policy.update(context, decision, outcome)
         if spec.full_information:
             _score_others(rng, policy, phase, context, cell, decision.drafter, decision.k, tokens)
@@ -300,7 +350,7 @@ def run_scenario(
     scenario: Scenario, specs: list[PolicySpec], seed: int
 ) -> dict[str, dict[str, Any]]:
     """Every policy on the same request stream; per policy the metrics of ``run_policy``."""
-    stream = RequestStream.sample(scenario.truth, scenario.requests, seed)
+    stream = RequestStream.sample(scenario.truth, scenario.requests, seed, scenario.load)
     return {
         spec.label: run_policy(scenario, spec, stream, seed + 1 + j) for j, spec in enumerate(specs)
     }
@@ -309,6 +359,7 @@ def run_scenario(
 __all__ = [
     "K_MAX",
     "Event",
+    "LoadModel",
     "PolicySpec",
     "RequestStream",
     "Scenario",

@@ -56,15 +56,30 @@ def replay_command(
         help="interleaved: each request under every policy back to back (paired timings); "
         "sequential: the whole trace per policy.",
     ),
+    background_load: str = typer.Option(
+        "none",
+        "--background-load",
+        help="Other work beside the sidecar while the policies are replayed: none, steady "
+        "(busy loops) or bursty (busy and idle spells of random 0.2-2 s).",
+    ),
+    load_procs: int = typer.Option(2, "--load-procs", min=1, help="Background load processes."),
+    load_seed: int = typer.Option(0, "--load-seed", help="Seed of the bursty spells."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     plots: bool = typer.Option(True, "--plots/--no-plots"),
 ) -> None:
     """Replay a trace under each policy through Generate; write report.json, report.md, plots."""
+    from benchmarks.replay.background import LOAD_MODES, BackgroundLoadConfig
     from benchmarks.replay.builtin import TraceOptions
     from benchmarks.replay.calibration import CalibrationOptions
     from benchmarks.replay.runner import ReplayConfig, format_task_table, run_replay
     from benchmarks.replay.trace import TraceFormatError
 
+    if background_load not in LOAD_MODES:
+        typer.echo(
+            f"error: unknown --background-load {background_load!r}; known: {', '.join(LOAD_MODES)}",
+            err=True,
+        )
+        raise typer.Exit(2)
     name = Path(trace).stem if trace.endswith(".jsonl") else trace
     config = ReplayConfig(
         trace=trace,
@@ -80,6 +95,7 @@ def replay_command(
         schedule=schedule,
         progress=progress,
         plots=plots,
+        background=BackgroundLoadConfig(background_load, load_procs, load_seed),
     )
     try:
         outcome = run_replay(config)

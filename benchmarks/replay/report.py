@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.replay.background import describe_load
 from benchmarks.replay.calibration import Calibration
 from benchmarks.replay.metrics import (
     RequestResult,
@@ -362,6 +363,8 @@ def report_markdown(report: Mapping[str, Any], plots: Sequence[Path]) -> str:
         f"{machine['platform']}; {trace['requests']} requests, world `{report['world']}`.",
         "",
         f"Speed-up: {report['speedup_definition']}.",
+        "",
+        describe_load(report.get("background_load")) + " (during the replay, not the calibration).",
         "",
         "## Per-task speed-up by policy",
         "",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from benchmarks.replay.background import BackgroundLoadConfig, background_load, describe_load
 from benchmarks.replay.builtin import ExampleLike, TraceOptions, builtin_trace, request_from_example
 from benchmarks.replay.calibration import Calibration, CalibrationOptions, calibrate
 from benchmarks.replay.client import ReplayClient
@@ -53,6 +54,8 @@ class ReplayConfig:
     schedule: str = "interleaved"  # or "sequential": the whole trace per policy
     progress: bool = True
     plots: bool = True
+    # Other work run beside the sidecar while the policies are replayed (not while calibrating).
+    background: BackgroundLoadConfig = field(default_factory=BackgroundLoadConfig)
 
 
 @dataclass
@@ -183,15 +186,16 @@ def replay_on_client(
     if config.generic_k is not None:
         calibration.generic_k = config.generic_k
     settings = list(settings or policy_settings(config.policies, calibration))
-    runs = replay_policies(
-        client,
-        trace,
-        settings,
-        schedule=config.schedule,
-        world=world,
-        progress=config.progress,
-        task_hints=config.task_hints,
-    )
+    with background_load(config.background) as load:
+        runs = replay_policies(
+            client,
+            trace,
+            settings,
+            schedule=config.schedule,
+            world=world,
+            progress=config.progress,
+            task_hints=config.task_hints,
+        )
     report = build_report(
         trace,
         runs,
@@ -199,6 +203,7 @@ def replay_on_client(
         address=client.address,
         world=str(world.root) if world is not None else None,
     )
+    report["background_load"] = load.summary()
     report["out_dir"] = str(config.out_dir)
     path = write_report(report, runs, calibration, config.out_dir, plots=config.plots)
     logger.info("report written to %s", path)
@@ -262,7 +267,10 @@ def format_task_table(report: Mapping[str, Any]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    title = f"Replay of '{report['trace']['name']}' ({report['trace']['requests']} requests)"
+    title = (
+        f"Replay of '{report['trace']['name']}' ({report['trace']['requests']} requests); "
+        + describe_load(report.get("background_load"))
+    )
     footer = (
         f"report: {report['out_dir']}/report.md (and report.json, plots)"
         if report.get("out_dir")

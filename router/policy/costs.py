@@ -1,24 +1,40 @@
-"""Measured cost model: drafter time per drafted token, target verify time per step, t_ar.
+"""Measured cost models: what a drafted token, a verify step and a plain token cost.
 
-Costs are learned from every outcome, never assumed:
+Two models share this module:
 
-- ``t_draft[d]``: running mean of draft_time / drafted tokens per drafter, turning into an
-  EWMA (weight ``max(1/n, ewma)`` for the n-th observation) so it follows slow changes;
-- ``t_verify(k) = t0 + k * t1``: discounted least squares of verify_time / steps on the
-  mean k of each request, with a ridge penalty ``lam * (t1 - rho * t0)^2`` that keeps the
-  slope near ``rho * t0`` until k varies enough to identify it;
-- ``t_ar``: the same running mean / EWMA of ``plain_token_time_s`` when callers measure
-  it. Otherwise it is the intercept t0: a verify step of k = 0 scores one position,
-  which is a plain decoding step (k = 0 requests measure it directly, small-k steps pin
-  it through the line).
+- ``StepRatios`` (``thompson``): costs as **ratios measured within each request**, in
+  units of the target's plain step at that request's own load. A request reports its
+  draft time, verify time and steps together, so other work on the machine (a busy
+  neighbour, a batch, a stall) stretches them alike and the ratios stay put, where
+  absolute times measured minutes apart would not. Each ratio is the **median** of a
+  bounded window of recent requests, which one stalled request cannot move:
 
-Before anything is measured, costs are in units of t_ar = 1 and a drafter costs
-``draft_cost_ratio`` (a per-drafter hint, else ``default_draft_cost_ratio``) per token.
-Only ratios enter S(a, k), so the switch from units to seconds is harmless.
+  - the request's unit ``u = (verify_time / steps) / (1 + s * kbar)``: its target step
+    time with the draft positions taken off (kbar = drafted / steps, s the slope below);
+  - ``c[d]``: draft_time / drafted / u per drafter d (its draft cost ratio);
+  - ``q``: plain_token_time_s / u when callers measure it, else t_ar = 1 unit;
+  - the verify step ``t_verify(k) = 1 + s * k`` units, where the slope s, which no
+    single request measures (its k is one), comes from two consecutive requests of
+    different mean k (``slope_between``), as close together in time as requests get.
+
+- ``CostModel`` (``ucb``): the same quantities in seconds, as running means turning into
+  EWMAs (weight ``max(1/n, ewma)``).
+
+``CostModel`` fits the verify line ``t_verify(k) = t0 + k * t1`` (``VerifyLine``): discounted least
+squares of verify_time / steps on each request's mean k, with a ridge penalty
+``lam * (t1 - rho * t0)^2`` that keeps the slope near ``rho * t0`` until k varies enough to
+identify it. Without ``plain_token_time_s``, t_ar is the intercept t0: a verify step of
+k = 0 scores one position, which is a plain decoding step.
+
+Before anything is measured a drafter costs ``draft_cost_ratio`` (a per-drafter hint,
+else ``default_draft_cost_ratio``) times t_ar. Only ratios enter S(a, k).
 """
 
 from __future__ import annotations
 
+import bisect
+import statistics
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,8 +44,245 @@ import numpy as np
 from router.policy.base import NONE_DRAFTER, Context, Outcome
 
 
+def target_steps_and_time(outcome: Outcome) -> tuple[int, float]:
+    """(target steps, target time) of a request; a k = 0 request may come without steps
+    (each generated token was one step) and without a verify time (its wall time less
+    draft time is the target's)."""
+    drafted = outcome.drafted_tokens
+    steps = outcome.steps or (outcome.generated_tokens if drafted == 0 else 0)
+    target_time = outcome.verify_time_s
+    if target_time <= 0 and drafted == 0:
+        target_time = outcome.wall_time_s - outcome.draft_time_s
+    return steps, target_time
+
+
+class VerifyLine:
+    """t_verify(k) = t0 + k * t1 by discounted, ridge-shrunk least squares (module doc)."""
+
+    def __init__(
+        self, *, ewma: float = 0.01, slope_ratio: float = 0.05, slope_prior_weight: float = 1.0
+    ) -> None:
+        self.ewma = ewma
+        self.slope_ratio = slope_ratio
+        self.slope_prior_weight = slope_prior_weight
+        # Discounted normal equations of verify_time/step = t0 + kbar * t1.
+        self.xtx_ = np.zeros((2, 2))
+        self.xty_ = np.zeros(2)
+        self.observations_ = 0
+        self.solved_: tuple[float, float] | None = None
+
+    def observe(self, mean_k: float, step_time: float) -> None:
+        """Fold in one request: its mean draft length and target time per step."""
+        x = np.array([1.0, mean_k])
+        keep = 1.0 - self.ewma if self.observations_ else 0.0
+        self.xtx_ = keep * self.xtx_ + np.outer(x, x)
+        self.xty_ = keep * self.xty_ + x * step_time
+        self.observations_ += 1
+        self.solved_ = self._solve()
+
+    def line(self) -> tuple[float, float] | None:
+        """(t0, t1), or None before any measurement."""
+        return self.solved_
+
+    def slope(self) -> float:
+        """s = t1 / t0: what each drafted position adds to a verify step, in steps."""
+        line = self.solved_
+        return line[1] / line[0] if line is not None else self.slope_ratio
+
+    def _solve(self) -> tuple[float, float] | None:
+        if not self.observations_:
+            return None
+        rho, weight = self.slope_ratio, self.slope_prior_weight
+        # The normal equations plus the ridge penalty weight * (t1 - rho * t0)^2, a 2 x 2
+        # system solved by Cramer's rule.
+        (xx00, xx01), (_, xx11) = self.xtx_.tolist()
+        xy0, xy1 = self.xty_.tolist()
+        xx00, xx01, xx11 = xx00 + weight * rho * rho, xx01 - weight * rho, xx11 + weight
+        determinant = xx00 * xx11 - xx01 * xx01
+        t0 = (xx11 * xy0 - xx01 * xy1) / determinant
+        t1 = (xx00 * xy1 - xx01 * xy0) / determinant
+        if t0 <= 0 or t1 < 0:
+            # Noise gave a line with no physical meaning: keep the mean and the prior slope.
+            mean_k = self.xtx_[0, 1] / self.xtx_[0, 0]
+            mean_y = self.xty_[0] / self.xtx_[0, 0]
+            t0 = mean_y / (1.0 + rho * mean_k)
+            t1 = rho * t0
+        return float(t0), float(t1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "verify_xtx": self.xtx_.tolist(),
+            "verify_xty": self.xty_.tolist(),
+            "observations": self.observations_,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.xtx_ = np.asarray(state["verify_xtx"], dtype=np.float64).reshape(2, 2)
+        self.xty_ = np.asarray(state["verify_xty"], dtype=np.float64).reshape(2)
+        self.observations_ = int(state["observations"])
+        self.solved_ = self._solve()
+
+
+class RobustWindow:
+    """The last ``size`` samples and a robust location of them, kept current as samples
+    arrive (reading it costs nothing on the select path): the mean of the middle
+    ``1 - 2 * trim`` share of the sorted samples, so stalls and spikes in the outer
+    ``trim`` share on either side do not move it (``trim`` 0.25: the interquartile mean;
+    0.5: the median)."""
+
+    def __init__(self, size: int, samples: Iterable[float] = (), *, trim: float = 0.25) -> None:
+        self.trim = trim
+        self.samples: deque[float] = deque(maxlen=size)
+        self.sorted_: list[float] = []
+        self.value: float | None = None
+        for sample in samples:
+            self.add(sample)
+
+    def add(self, sample: float) -> None:
+        sample = float(sample)
+        if len(self.samples) == self.samples.maxlen:
+            del self.sorted_[bisect.bisect_left(self.sorted_, self.samples[0])]
+        self.samples.append(sample)
+        bisect.insort(self.sorted_, sample)
+        self.value = self._location()
+
+    def _location(self) -> float:
+        n = len(self.sorted_)
+        if self.trim >= 0.5 or n < 3:
+            return statistics.median(self.sorted_)
+        cut = int(n * self.trim)
+        middle = self.sorted_[cut : n - cut]
+        return sum(middle) / len(middle)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+class StepRatios:
+    """``thompson``'s cost model: per-step costs in units of the target's plain step, as
+    medians of ratios measured within each request, or between two consecutive requests
+    for the verify slope (module doc)."""
+
+    def __init__(
+        self,
+        *,
+        window: int = 512,
+        trim: float = 0.25,
+        verify_slope_ratio: float = 0.05,
+        slope_prior_weight: int = 4,
+        default_draft_cost_ratio: float = 0.1,
+        draft_cost_ratio: Mapping[str, float] | None = None,
+    ) -> None:
+        self.window = window
+        self.trim = trim
+        self.verify_slope_ratio = verify_slope_ratio
+        self.default_draft_cost_ratio = default_draft_cost_ratio
+        self.draft_cost_ratio = dict(draft_cost_ratio or {})
+        self.draft_: dict[str, RobustWindow] = {}  # drafter -> draft time per token / unit
+        self.plain_ = RobustWindow(window, trim=trim)  # plain_token_time_s / unit
+        # The prior slope as pseudo-samples: measured slopes outvote it, then push it out.
+        # A median: clipping the slopes of two requests under different loads keeps it.
+        self.slope_ = RobustWindow(window, [verify_slope_ratio] * slope_prior_weight, trim=0.5)
+        self.last_step_: tuple[float, float] | None = None  # (kbar, seconds per step)
+
+    def observe(self, drafter: str, outcome: Outcome) -> float | None:
+        """Fold one request in; returns its unit u (its own plain step time, seconds), or
+        None when it measured no target step."""
+        steps, target_time = target_steps_and_time(outcome)
+        if steps <= 0 or target_time <= 0:
+            return None
+        step = (outcome.drafted_tokens / steps, target_time / steps)
+        if self.last_step_ is not None:
+            slope = slope_between(self.last_step_, step)
+            if slope is not None:
+                self.slope_.add(slope)
+        self.last_step_ = step
+        unit = step[1] / (1.0 + self.slope() * step[0])
+        if outcome.drafted_tokens > 0 and outcome.draft_time_s > 0:
+            ratio = outcome.draft_time_s / outcome.drafted_tokens / unit
+            self.draft_.setdefault(drafter, RobustWindow(self.window, trim=self.trim)).add(ratio)
+        if outcome.plain_token_time_s:
+            self.plain_.add(outcome.plain_token_time_s / unit)
+        return unit
+
+    def plain_token_time(self) -> float:
+        """t_ar in units: the measured plain time per token over the unit, else 1."""
+        return self.plain_.value if self.plain_.value is not None else 1.0
+
+    def slope(self) -> float:
+        """s: the verify step's added cost per drafted position, in units."""
+        return self.slope_.value if self.slope_.value is not None else self.verify_slope_ratio
+
+    def step_costs(self, drafters: Sequence[str], k_max: int) -> StepCosts:
+        """t_ar, t_draft per drafter and t_verify(k) for k = 0..k_max, in units."""
+        t_ar = self.plain_token_time()
+        measured, hints, default = self.draft_, self.draft_cost_ratio, self.default_draft_cost_ratio
+        t_draft = [
+            window.value
+            if (window := measured.get(name)) is not None and window.value is not None
+            else hints.get(name, default) * t_ar
+            for name in drafters
+        ]
+        return StepCosts(
+            t_ar,
+            np.array(t_draft, dtype=np.float64),
+            1.0 + self.slope() * np.arange(k_max + 1),
+        )
+
+    def forget_drafter(self, drafter: str) -> None:
+        self.draft_.pop(drafter, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "draft_ratios": {name: list(w.samples) for name, w in self.draft_.items()},
+            "plain_ratios": list(self.plain_.samples),
+            "slopes": list(self.slope_.samples),
+            "last_step": list(self.last_step_) if self.last_step_ is not None else None,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore; a state saved by the seconds-based model before (no ratio windows)
+        starts the ratios afresh."""
+        self.draft_ = {
+            str(name): RobustWindow(self.window, samples, trim=self.trim)
+            for name, samples in state.get("draft_ratios", {}).items()
+        }
+        self.plain_ = RobustWindow(self.window, state.get("plain_ratios", []), trim=self.trim)
+        if "slopes" in state:
+            self.slope_ = RobustWindow(self.window, state["slopes"], trim=0.5)
+        last = state.get("last_step")
+        self.last_step_ = (float(last[0]), float(last[1])) if last else None
+
+
+#: Slopes measured between two requests are clipped to [0, MAX_SLOPE] (a verify position
+#: costing more than a whole step means the two requests' loads differed).
+MAX_SLOPE = 1.0
+#: Two requests measure the slope when their mean k differ by at least this much (closer
+#: ones divide their timing noise by too small a difference).
+MIN_K_SPREAD = 1.0
+
+
+def slope_between(first: tuple[float, float], second: tuple[float, float]) -> float | None:
+    """s from two consecutive requests' (kbar, seconds per step), None unless their kbar
+    differ by at least MIN_K_SPREAD. With the same load on both, y = u (1 + s kbar) gives, for the
+    one of larger kbar (hi) over the other (lo), r = y_hi / y_lo and
+
+        s = (r - 1) / (kbar_hi - r kbar_lo),
+
+    increasing in r, so clipping to [0, MAX_SLOPE] keeps the median of many such s."""
+    (k_lo, y_lo), (k_hi, y_hi) = sorted((first, second))
+    if k_hi - k_lo < MIN_K_SPREAD or y_lo <= 0:
+        return None
+    r = y_hi / y_lo
+    denominator = k_hi - r * k_lo
+    if denominator <= 0:
+        return MAX_SLOPE
+    return min(MAX_SLOPE, max(0.0, (r - 1.0) / denominator))
+
+
 class CostModel:
-    """Online estimates of t_draft per drafter, t_verify(k) and t_ar (see module doc)."""
+    """``ucb``'s cost model: t_draft per drafter, t_verify(k) and t_ar in seconds, as
+    running means turning into EWMAs (module doc)."""
 
     def __init__(
         self,
@@ -42,17 +295,15 @@ class CostModel:
     ) -> None:
         self.ewma = ewma
         self.verify_slope_ratio = verify_slope_ratio
-        self.slope_prior_weight = slope_prior_weight
         self.default_draft_cost_ratio = default_draft_cost_ratio
         self.draft_cost_ratio = dict(draft_cost_ratio or {})
         self.draft_token_time_: dict[str, float] = {}
         self.draft_observations_: dict[str, int] = {}
         self.plain_token_time_: float | None = None
         self.plain_observations_ = 0
-        # Discounted normal equations of verify_time/step = t0 + kbar * t1.
-        self.verify_xtx_ = np.zeros((2, 2))
-        self.verify_xty_ = np.zeros(2)
-        self.observations_ = 0
+        self.verify_ = VerifyLine(
+            ewma=ewma, slope_ratio=verify_slope_ratio, slope_prior_weight=slope_prior_weight
+        )
 
     def _blend(self, old: float | None, new: float, n: int) -> float:
         """Fold the n-th observation in with weight max(1/n, ewma)."""
@@ -74,69 +325,32 @@ class CostModel:
             self.draft_token_time_[drafter] = self._blend(
                 self.draft_token_time_.get(drafter), outcome.draft_time_s / drafted, n
             )
-        # A k = 0 request may come without steps: each generated token was one step.
-        steps = outcome.steps or (outcome.generated_tokens if drafted == 0 else 0)
-        target_time = outcome.verify_time_s
-        if target_time <= 0 and drafted == 0:
-            target_time = outcome.wall_time_s - outcome.draft_time_s
+        steps, target_time = target_steps_and_time(outcome)
         if steps > 0 and target_time > 0:
-            x = np.array([1.0, drafted / steps])
-            keep = 1.0 - self.ewma if self.observations_ else 0.0
-            self.verify_xtx_ = keep * self.verify_xtx_ + np.outer(x, x)
-            self.verify_xty_ = keep * self.verify_xty_ + x * (target_time / steps)
-            self.observations_ += 1
+            self.verify_.observe(drafted / steps, target_time / steps)
 
     def verify_line(self) -> tuple[float, float] | None:
         """(t0, t1) of t_verify(k) = t0 + k * t1, or None before any measurement."""
-        if not self.observations_:
-            return None
-        rho, weight = self.verify_slope_ratio, self.slope_prior_weight
-        # The normal equations plus the ridge penalty weight * (t1 - rho * t0)^2, a 2 x 2
-        # system solved by Cramer's rule (in floats: this runs on every select).
-        (xx00, xx01), (_, xx11) = self.verify_xtx_.tolist()
-        xy0, xy1 = self.verify_xty_.tolist()
-        xx00, xx01, xx11 = xx00 + weight * rho * rho, xx01 - weight * rho, xx11 + weight
-        determinant = xx00 * xx11 - xx01 * xx01
-        t0 = (xx11 * xy0 - xx01 * xy1) / determinant
-        t1 = (xx00 * xy1 - xx01 * xy0) / determinant
-        if t0 <= 0 or t1 < 0:
-            # Noise gave a line with no physical meaning: keep the mean and the prior slope.
-            mean_k = self.verify_xtx_[0, 1] / self.verify_xtx_[0, 0]
-            mean_y = self.verify_xty_[0] / self.verify_xtx_[0, 0]
-            t0 = mean_y / (1.0 + rho * mean_k)
-            t1 = rho * t0
-        return float(t0), float(t1)
+        return self.verify_.line()
 
     def plain_token_time(self) -> float:
         """t_ar: measured plain time per token, else the verify intercept, else 1 (units)."""
         if self.plain_token_time_ is not None:
             return self.plain_token_time_
-        return self._plain_token_time(self.verify_line())
-
-    def _plain_token_time(self, line: tuple[float, float] | None) -> float:
-        """t_ar given the solved verify ``line``."""
-        if self.plain_token_time_ is not None:
-            return self.plain_token_time_
+        line = self.verify_.line()
         return line[0] if line is not None else 1.0
 
     def verify_times(self, k_max: int) -> np.ndarray:
-        """t_verify(k) for k = 0..k_max."""
-        line = self.verify_line()
-        return self._verify_times(line, self._plain_token_time(line), k_max)
-
-    def _verify_times(
-        self, line: tuple[float, float] | None, t_ar: float, k_max: int
-    ) -> np.ndarray:
-        """t_verify(k) = t0 + k * t1 for k = 0..k_max; before any measurement t0 = t_ar and
+        """t_verify(k) = t0 + t1 k for k = 0..k_max; before any measurement t0 = t_ar and
         t1 = rho * t0."""
+        line = self.verify_.line()
+        t_ar = self.plain_token_time()
         t0, t1 = line if line is not None else (t_ar, self.verify_slope_ratio * t_ar)
         return t0 + t1 * np.arange(k_max + 1)
 
     def draft_times(self, drafters: Iterable[str]) -> np.ndarray:
         """t_draft per drafted token for each drafter (measured, else ratio * t_ar)."""
-        return self._draft_times(drafters, self.plain_token_time())
-
-    def _draft_times(self, drafters: Iterable[str], t_ar: float) -> np.ndarray:
+        t_ar = self.plain_token_time()
         measured, ratio, default = (
             self.draft_token_time_,
             self.draft_cost_ratio,
@@ -150,15 +364,6 @@ class CostModel:
             dtype=np.float64,
         )
 
-    def step_costs(self, drafters: Sequence[str], k_max: int) -> StepCosts:
-        """t_ar, t_draft per drafter and t_verify(k) for k = 0..k_max at once: the verify
-        line is solved once (``select`` prices every call)."""
-        line = self.verify_line()
-        t_ar = self._plain_token_time(line)
-        return StepCosts(
-            t_ar, self._draft_times(drafters, t_ar), self._verify_times(line, t_ar, k_max)
-        )
-
     def forget_drafter(self, drafter: str) -> None:
         self.draft_token_time_.pop(drafter, None)
         self.draft_observations_.pop(drafter, None)
@@ -169,9 +374,7 @@ class CostModel:
             "draft_observations": dict(self.draft_observations_),
             "plain_token_time": self.plain_token_time_,
             "plain_observations": self.plain_observations_,
-            "verify_xtx": self.verify_xtx_.tolist(),
-            "verify_xty": self.verify_xty_.tolist(),
-            "observations": self.observations_,
+            **self.verify_.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -180,9 +383,7 @@ class CostModel:
         self.plain_observations_ = int(state["plain_observations"])
         plain = state["plain_token_time"]
         self.plain_token_time_ = None if plain is None else float(plain)
-        self.verify_xtx_ = np.asarray(state["verify_xtx"], dtype=np.float64).reshape(2, 2)
-        self.verify_xty_ = np.asarray(state["verify_xty"], dtype=np.float64).reshape(2)
-        self.observations_ = int(state["observations"])
+        self.verify_.load_state_dict(state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,57 +398,37 @@ class StepCosts:
 class RequestOverheads:
     """Per context: each arm's fixed time per request and the mean output length.
 
-    The fixed time of a request is what its measured wall time leaves after the
-    per-step costs the ``CostModel`` predicts for its actual steps: for a plain request
-    ``wall - tokens * t_ar``, for one drafted by d
-    ``wall - drafted * t_draft[d] - steps * t_verify(mean k)``. It holds the target's
-    prefill, the drafter's start-up and the engine's bookkeeping, which a short output
-    cannot amortise. Both are running means that turn into EWMAs (weight
-    ``max(1/n, ewma)``) and enter ``speedup.request_speedup``. A fixed time is used net
-    of ``z`` (1) standard errors (EWMA variance over min(n, 1/ewma) requests), never below
-    0, so cost-model noise, where there is no fixed time, does not move decisions.
+    A request's fixed time is what its wall time leaves after its measured steps,
+    ``wall - draft_time - verify_time``: the target's prefill, the drafter's start-up and
+    the engine's bookkeeping, which a short output cannot amortise. It is kept in the
+    request's own unit (``StepRatios.observe``), so a request slowed by other work gives
+    the same figure as an unhurried one, and priced as the median of the arm's last
+    ``window`` requests in the context. The output length is a running mean turning
+    into an EWMA (weight ``max(1/n, ewma)``). Both enter ``speedup.request_speedup``.
     """
 
-    def __init__(self, *, ewma: float = 0.05, z: float = 1.0) -> None:
+    def __init__(self, *, window: int = 16, trim: float = 0.25, ewma: float = 0.05) -> None:
+        self.window = window
+        self.trim = trim
         self.ewma = ewma
-        self.z = z
-        self.fixed_: dict[Context, dict[str, FixedTime]] = {}  # context -> arm -> estimate
+        self.fixed_: dict[Context, dict[str, RobustWindow]] = {}  # context -> arm -> units
         self.length_: dict[Context, tuple[float, int]] = {}
 
-    def _weight(self, n: int) -> float:
-        """Weight of the n-th observation: a running mean, then an EWMA."""
-        return max(1.0 / n, self.ewma)
-
-    def observe(self, context: Context, drafter: str, outcome: Outcome, costs: CostModel) -> None:
-        """Fold one request in (call after ``costs.observe`` so its costs are current)."""
+    def observe(self, context: Context, drafter: str, outcome: Outcome, unit: float | None) -> None:
+        """Fold one request in; ``unit`` is its own plain step time (``StepRatios.observe``)."""
         tokens = outcome.generated_tokens
-        if tokens <= 0 or outcome.wall_time_s <= 0:
+        if tokens <= 0 or outcome.wall_time_s <= 0 or unit is None:
             return
-        drafted = outcome.drafted_tokens
-        if drafted == 0:
-            arm, predicted = NONE_DRAFTER, tokens * costs.plain_token_time()
-        else:
-            steps = outcome.steps
-            verify = costs.verify_line() or (costs.plain_token_time(), 0.0)
-            draft = float(costs.draft_times([drafter])[0])
-            predicted = drafted * draft + steps * (verify[0] + verify[1] * drafted / steps)
-            arm = drafter
-        residual = outcome.wall_time_s - predicted
+        arm = drafter if outcome.drafted_tokens > 0 else NONE_DRAFTER
+        _, target_time = target_steps_and_time(outcome)
+        fixed = max(0.0, outcome.wall_time_s - outcome.draft_time_s - target_time) / unit
         arms = self.fixed_.setdefault(context, {})
-        fixed = arms.get(arm)
-        if fixed is None:
-            fixed = arms[arm] = FixedTime(residual, 1)
-        else:
-            fixed.requests += 1
-            weight = self._weight(fixed.requests)
-            fixed.variance = (1.0 - weight) * fixed.variance + weight * (residual - fixed.mean) ** 2
-            fixed.mean = (1.0 - weight) * fixed.mean + weight * residual
-        fixed.net = self._net(fixed)
+        arms.setdefault(arm, RobustWindow(self.window, trim=self.trim)).add(fixed)
         length = self.length_.get(context)
         if length is None:
             self.length_[context] = (float(tokens), 1)
         else:
-            weight = self._weight(length[1] + 1)
+            weight = max(1.0 / (length[1] + 1), self.ewma)
             self.length_[context] = ((1.0 - weight) * length[0] + weight * tokens, length[1] + 1)
 
     def output_tokens(self, context: Context) -> float | None:
@@ -256,7 +437,7 @@ class RequestOverheads:
         return entry[0] if entry else None
 
     def fixed_times(self, context: Context, drafters: Sequence[str]) -> tuple[float, np.ndarray]:
-        """(F_0, F_d per drafter), clamped at 0.
+        """(F_0, F_d per drafter) in units.
 
         Unmeasured arms are priced so that drafting is never overrated: an unmeasured plain
         arm costs 0 (all fixed time counts against drafting, so where that makes drafting
@@ -264,14 +445,13 @@ class RequestOverheads:
         cheapest measured drafter here, else the plain arm.
         """
         arms = self.fixed_.get(context, {})
-        fixed_none = arms[NONE_DRAFTER].net if NONE_DRAFTER in arms else 0.0
-        default = min((arms[name].net for name in drafters if name in arms), default=fixed_none)
-        return fixed_none, np.array([arms[d].net if d in arms else default for d in drafters])
-
-    def _net(self, fixed: FixedTime) -> float:
-        """The mean less ``z`` standard errors over min(n, 1 / ewma) requests, at least 0."""
-        effective = min(float(fixed.requests), 1.0 / self.ewma)
-        return max(0.0, fixed.mean - self.z * (fixed.variance / effective) ** 0.5)
+        plain = arms.get(NONE_DRAFTER)
+        fixed_none = plain.value if plain is not None and plain.value is not None else 0.0
+        measured = {d: arms[d].value for d in drafters if d in arms}
+        default = min((m for m in measured.values() if m is not None), default=fixed_none)
+        return fixed_none, np.array(
+            [m if (m := measured.get(d)) is not None else default for d in drafters]
+        )
 
     def forget_drafter(self, drafter: str) -> None:
         for arms in self.fixed_.values():
@@ -279,10 +459,10 @@ class RequestOverheads:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "fixed": [
-                [c.cluster, c.length_bucket, arm, f.mean, f.requests, f.variance]
+            "fixed_units": [
+                [c.cluster, c.length_bucket, arm, list(w.samples)]
                 for c, arms in self.fixed_.items()
-                for arm, f in arms.items()
+                for arm, w in arms.items()
             ],
             "length": [
                 [c.cluster, c.length_bucket, value, n] for c, (value, n) in self.length_.items()
@@ -290,24 +470,12 @@ class RequestOverheads:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore; fixed times saved in seconds by the model before (``fixed``) are not
+        in units and are measured afresh."""
         self.fixed_ = {}
-        for row in state.get("fixed", []):
-            variance = float(row[5]) if len(row) > 5 else 0.0
-            arms = self.fixed_.setdefault(Context(str(row[0]), int(row[1])), {})
-            fixed = arms[str(row[2])] = FixedTime(float(row[3]), int(row[4]), variance)
-            fixed.net = self._net(fixed)
+        for cluster, bucket, arm, samples in state.get("fixed_units", []):
+            arms = self.fixed_.setdefault(Context(str(cluster), int(bucket)), {})
+            arms[str(arm)] = RobustWindow(self.window, samples, trim=self.trim)
         self.length_ = {
             Context(str(c), int(b)): (float(v), int(n)) for c, b, v, n in state.get("length", [])
         }
-
-
-@dataclass(slots=True)
-class FixedTime:
-    """One arm's fixed time per request in one context: mean and EWMA variance, and the
-    mean net of their standard error that prices requests (``RequestOverheads._net``),
-    set whenever they change."""
-
-    mean: float
-    requests: int
-    variance: float = 0.0
-    net: float = 0.0

@@ -3,7 +3,9 @@
 Per (context, drafter) the per-token acceptance a has a Beta(alpha, beta) posterior
 (truncated-geometric likelihood, discounted by gamma per update of the arm, by
 gamma_drift when the request's acceptance is more than drift_z spreads away from the
-posterior mean; see ``acceptance.py``). Costs are measured (``costs.py``). A request in
+posterior mean; see ``acceptance.py``). Costs are measured (``costs.StepRatios``), as
+medians of ratios taken within each request, in units of the target's plain step: other
+work on the machine stretches a request's times alike and leaves them be. A request in
 context c is decided by ``thompson_decisions`` over the eligible drafters d:
 
     a_d ~ Beta(alpha_cd, beta_cd)                            posterior draw
@@ -59,7 +61,7 @@ from router.policy.base import (
     check_drafter_name,
     check_state,
 )
-from router.policy.costs import CostModel, RequestOverheads
+from router.policy.costs import RequestOverheads, StepRatios
 from router.policy.speedup import FloatArray, best_draft_length, cost_gain, request_speedup
 
 logger = logging.getLogger(__name__)
@@ -82,9 +84,10 @@ class ThompsonConfig(BaseModel):
     similarity_high: float = Field(0.9, gt=0.0, lt=1.0)
     evidence_cap: float | None = Field(None, gt=0.0)
     transfer_weight: float = Field(16.0, ge=0.0)
-    cost_ewma: float = Field(0.01, gt=0.0, le=1.0)
+    cost_window: int = Field(512, ge=1)
     per_request: bool = True
     overhead_ewma: float = Field(0.05, gt=0.0, le=1.0)
+    overhead_window: int = Field(16, ge=1)
     verify_slope_ratio: float = Field(0.05, ge=0.0)
     default_draft_cost_ratio: float = Field(0.1, ge=0.0)
     draft_cost_ratio: dict[str, float] = Field(default_factory=dict)
@@ -166,10 +169,11 @@ class ThompsonPolicy:
         priors: PriorSettings | None = None,
         evidence_cap: float | None = None,
         transfer_weight: float = 16.0,
-        costs: CostModel | None = None,
+        costs: StepRatios | None = None,
         similarity: Mapping[str, Mapping[str, float]] | None = None,
         per_request: bool = True,
         overhead_ewma: float = 0.05,
+        overhead_window: int = 16,
     ) -> None:
         self.gamma = gamma
         self.gamma_drift = gamma_drift
@@ -179,9 +183,11 @@ class ThompsonPolicy:
         self.evidence_cap = evidence_cap
         self.transfer_weight = transfer_weight
         self._rng = rng if rng is not None else np.random.default_rng()
-        self.costs_ = costs if costs is not None else CostModel()
+        self.costs_ = costs if costs is not None else StepRatios()
         # None: price per step only (F_0 = F_d = 0).
-        self.overheads_ = RequestOverheads(ewma=overhead_ewma) if per_request else None
+        self.overheads_ = (
+            RequestOverheads(window=overhead_window, ewma=overhead_ewma) if per_request else None
+        )
         self.drafters_: list[str] = []
         self.index_: dict[str, int] = {}
         self.similarity_: dict[str, dict[str, float]] = {}
@@ -211,8 +217,8 @@ class ThompsonPolicy:
             ),
             evidence_cap=cfg.evidence_cap,
             transfer_weight=cfg.transfer_weight,
-            costs=CostModel(
-                ewma=cfg.cost_ewma,
+            costs=StepRatios(
+                window=cfg.cost_window,
                 verify_slope_ratio=cfg.verify_slope_ratio,
                 default_draft_cost_ratio=cfg.default_draft_cost_ratio,
                 draft_cost_ratio=cfg.draft_cost_ratio,
@@ -220,6 +226,7 @@ class ThompsonPolicy:
             similarity=cfg.similarity,
             per_request=cfg.per_request,
             overhead_ewma=cfg.overhead_ewma,
+            overhead_window=cfg.overhead_window,
         )
 
     @property
@@ -321,9 +328,9 @@ class ThompsonPolicy:
     def update(self, context: Context, decision: Decision, outcome: Outcome) -> None:
         """Learn costs from the outcome and the chosen drafter's acceptance."""
         arms = self._context(context)
-        self.costs_.observe(decision.drafter, outcome)
+        unit = self.costs_.observe(decision.drafter, outcome)
         if self.overheads_ is not None:
-            self.overheads_.observe(context, decision.drafter, outcome, self.costs_)
+            self.overheads_.observe(context, decision.drafter, outcome, unit)
         arms.requests += 1
         i = self.index_.get(decision.drafter)
         if decision.k == 0 or i is None:

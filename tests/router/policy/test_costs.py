@@ -1,14 +1,16 @@
-"""The measured cost model: draft time per drafter, the verify line, t_ar (measured or not)."""
+"""The measured cost models: ucb's seconds (draft time per drafter, the verify line, t_ar
+measured or not) and thompson's ratios within each request, and per-request fixed times."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from router.policy.base import Context, Outcome
-from router.policy.costs import CostModel, RequestOverheads
+from router.policy.costs import CostModel, RequestOverheads, StepRatios
+
+CODE = Context("code")
 
 
 def _outcome(
@@ -101,17 +103,17 @@ def _with_fixed_time(outcome: Outcome, fixed: float) -> Outcome:
 
 
 def test_request_overheads_measure_each_arms_fixed_time_and_the_output_length() -> None:
-    costs, overheads = CostModel(), RequestOverheads()
+    costs, overheads = StepRatios(), RequestOverheads()
     math, chat = Context("math"), Context("chat")
     for _ in range(20):
         for k, arm, fixed in ((0, "none", 0.02), (3, "generic", 0.05)):
             outcome = _with_fixed_time(_outcome(k, 10), fixed)
-            costs.observe(arm, outcome)
-            overheads.observe(math, arm, outcome, costs)
+            overheads.observe(math, arm, outcome, costs.observe(arm, outcome))
     fixed_none, fixed = overheads.fixed_times(math, ["generic", "code"])
-    assert fixed_none == pytest.approx(0.02, rel=0.05)
+    # In units of the plain step (0.01 s): 2 and 5.
+    assert fixed_none == pytest.approx(2.0, rel=0.05)
     # "code" was never measured here: priced like the cheapest measured drafter.
-    assert fixed == pytest.approx([0.05, 0.05], rel=0.05)
+    assert fixed == pytest.approx([5.0, 5.0], rel=0.05)
     assert overheads.output_tokens(math) == pytest.approx(10.0)
     assert overheads.output_tokens(chat) is None
     restored = RequestOverheads()
@@ -122,27 +124,82 @@ def test_request_overheads_measure_each_arms_fixed_time_and_the_output_length() 
 
 
 def test_an_unmeasured_plain_arm_is_priced_so_drafting_is_not_overrated() -> None:
-    costs, overheads = CostModel(), RequestOverheads()
+    costs, overheads = StepRatios(), RequestOverheads()
     for arm, fixed in (("generic", 0.05), ("code", 0.03)):
-        outcome = _with_fixed_time(_outcome(2, 10), fixed)
-        costs.observe(arm, outcome)
-        overheads.observe(Context("qa"), arm, outcome, costs)
+        outcome = _with_fixed_time(_outcome(2, 10, slope=0.05), fixed)
+        overheads.observe(Context("qa"), arm, outcome, costs.observe(arm, outcome))
     fixed_none, fixed = overheads.fixed_times(Context("qa"), ["generic", "code", "new"])
     assert fixed_none == 0.0
-    assert fixed == pytest.approx([0.05, 0.03, 0.03], abs=0.005)
+    assert fixed == pytest.approx([5.0, 3.0, 3.0], rel=0.05)
 
 
-def test_fixed_time_from_noise_alone_is_not_used() -> None:
-    # Residuals of +-20 ms around 0 (cost-model noise) net to ~0; a real 50 ms start-up
-    # measured with the same noise survives.
-    rng = np.random.default_rng(0)
-    costs, overheads = CostModel(), RequestOverheads()
-    base = _outcome(2, 10)
-    costs.observe("generic", base)
-    for _ in range(60):
-        for arm, fixed in (("generic", 0.0), ("code", 0.05)):
-            noisy = _with_fixed_time(base, max(-0.01, fixed + rng.normal(0.0, 0.02)))
-            overheads.observe(Context("qa"), arm, noisy, costs)
-    _, fixed_times = overheads.fixed_times(Context("qa"), ["generic", "code"])
-    assert fixed_times[0] < 0.005  # a tenth of the real start-up below
-    assert 0.02 < fixed_times[1] < 0.08
+def _slowed(outcome: Outcome, draft: float, verify: float, fixed: float = 1.0) -> Outcome:
+    """``outcome`` with its draft and verify times and its fixed time (wall time outside
+    the steps) multiplied by the given factors."""
+    outside = outcome.wall_time_s - outcome.draft_time_s - outcome.verify_time_s
+    return Outcome.from_steps(
+        outcome.drafted_per_step,
+        outcome.accepted_per_step,
+        draft_time_s=outcome.draft_time_s * draft,
+        verify_time_s=outcome.verify_time_s * verify,
+        wall_time_s=outcome.draft_time_s * draft + outcome.verify_time_s * verify + outside * fixed,
+    )
+
+
+def test_a_request_slowed_as_a_whole_measures_the_same_ratios() -> None:
+    calm, loaded = StepRatios(), StepRatios()
+    calm_fixed, loaded_fixed = RequestOverheads(), RequestOverheads()
+    for i, k in enumerate((1, 2, 4, 6, 8) * 6):
+        outcome = _with_fixed_time(_outcome(k, 10), 0.05)
+        slow = 1.0 + 3.0 * (i // 5 % 3)  # spells of 5 requests at 1x, 4x, 7x: other work
+        calm_fixed.observe(CODE, "generic", outcome, calm.observe("generic", outcome))
+        stretched = _slowed(outcome, slow, slow, slow)
+        loaded_fixed.observe(CODE, "generic", stretched, loaded.observe("generic", stretched))
+    assert loaded.step_costs(["generic"], 8).t_draft == pytest.approx(
+        calm.step_costs(["generic"], 8).t_draft
+    )
+    assert loaded_fixed.fixed_times(CODE, ["generic"])[1] == pytest.approx(
+        calm_fixed.fixed_times(CODE, ["generic"])[1]
+    )
+    assert calm.step_costs(["generic"], 8).t_draft[0] == pytest.approx(0.2)  # 2 ms / 10 ms
+    # The verify slope (0.1) comes from consecutive requests, which share a spell.
+    assert loaded.slope() == pytest.approx(0.1) and calm.slope() == pytest.approx(0.1)
+
+
+def test_stalls_in_one_phase_do_not_move_the_medians() -> None:
+    # A tenth of the requests stall x10 in their draft phase or outside their steps (a
+    # pause between two steps): means would move 90%, medians hardly.
+    costs, overheads = StepRatios(), RequestOverheads()
+    for i in range(40):
+        outcome = _with_fixed_time(_outcome(4, 10, slope=0.05), 0.05)
+        if i % 10 == 3:
+            outcome = _slowed(outcome, 10.0, 1.0)
+        if i % 10 == 7:
+            outcome = _slowed(outcome, 1.0, 1.0, 10.0)
+        overheads.observe(CODE, "generic", outcome, costs.observe("generic", outcome))
+    assert costs.step_costs(["generic"], 4).t_draft[0] == pytest.approx(0.2, rel=0.01)
+    assert overheads.fixed_times(CODE, ["generic"])[1][0] == pytest.approx(5.0, rel=0.01)
+
+
+def test_step_ratios_state_round_trip_and_the_seconds_state_before() -> None:
+    costs = StepRatios(default_draft_cost_ratio=0.3)
+    for k in (1, 3, 5):
+        costs.observe("generic", _outcome(k, 10, slope=0.05, plain=0.012))
+    restored = StepRatios(default_draft_cost_ratio=0.3)
+    restored.load_state_dict(json.loads(json.dumps(costs.state_dict())))
+    before, after = (
+        costs.step_costs(["generic", "new"], 8),
+        restored.step_costs(["generic", "new"], 8),
+    )
+    assert after.t_ar == before.t_ar and list(after.t_draft) == list(before.t_draft)
+    assert list(after.t_verify) == list(before.t_verify)
+    # 12 ms measured plain against a 10 ms verify intercept.
+    assert restored.plain_token_time() == pytest.approx(1.2, rel=0.05)
+    # A state saved by the seconds-based model before starts the ratios afresh.
+    seconds = CostModel()
+    for k in (1, 3, 5):
+        seconds.observe("generic", _outcome(k, 10))
+    from_seconds = StepRatios(default_draft_cost_ratio=0.3)
+    from_seconds.load_state_dict(json.loads(json.dumps(seconds.state_dict())))
+    assert from_seconds.slope() == 0.05
+    assert from_seconds.step_costs(["generic"], 1).t_draft[0] == pytest.approx(0.3)

@@ -63,8 +63,12 @@ def test_converges_to_the_best_drafter_and_its_best_k() -> None:
     assert strong.expected_speedup == pytest.approx(3.68928 / 1.75, rel=0.05)
     assert strong.decisions == sum(d.drafter == "strong" for d in decisions)
     assert summary.requests == 200
-    # Costs were estimated without plain_token_time_s: t_ar is the verify intercept.
-    assert policy.costs_.plain_token_time() == pytest.approx(0.01, rel=0.05)
+    # Costs are ratios to the request's own plain step: t_ar is 1 unit without
+    # plain_token_time_s, the drafter 0.1 of it, a drafted position 0.05 of a verify step.
+    step = policy.costs_.step_costs(["strong"], 2)
+    assert step.t_ar == 1.0
+    assert step.t_draft[0] == pytest.approx(0.1, rel=0.02)
+    assert step.t_verify == pytest.approx([1.0, 1.05, 1.1], rel=0.01)
 
 
 def test_prices_fixed_time_per_request_against_the_output_length() -> None:
