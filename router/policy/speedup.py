@@ -18,6 +18,10 @@ tokens, F_0 the fixed time of a plain request and F_d that of a request drafted 
 
 which is S(a, k) when F_0 = F_d = 0 (``request_speedup``).
 
+Drafts a stop rule may end before k are priced by their expected length
+(``stopped_draft_expectations``, ``stopped_speedup_table``; the model is stated above
+them).
+
 Everything is vectorised over acceptances (any leading shape) and draft lengths.
 """
 
@@ -96,3 +100,83 @@ def best_draft_length(table: FloatArray) -> tuple[npt.NDArray[np.intp], FloatArr
     """k* = argmax_k S and its S along the last axis (ties go to the smaller k)."""
     best_k = np.argmax(table, axis=-1)
     return best_k, np.take_along_axis(table, best_k[..., None], axis=-1)[..., 0]
+
+
+# -- drafts stopped early (drafters/stopping.py) ---------------------------------------
+#
+# With a stop rule a step asks for k drafts but the drafter may end the draft sooner, so
+# the price of an arm (drafter, k, threshold) is that of its expected draft, not of k.
+# Model, per position i = 1..k (arrays over positions, any leading shape):
+#
+#   c_i  the probability that the drafter goes on to draft position i, given it drafted
+#        i - 1 (the rule's continuation; c_1 = 1: the first draft is always made), taken
+#        independent of whether the earlier drafts will be accepted (the rule reads only
+#        the drafter's own distribution);
+#   a_i  the probability that a drafted token i is accepted, given tokens 1..i-1 were.
+#
+# Position i is drafted with probability C_i = c_1 ... c_i and emitted with probability
+# C_i A_i, A_i = a_1 ... a_i, so for a step asking for k drafts
+#
+#   E[tokens](k)  = 1 + sum_{i<=k} C_i A_i          (bonus or correction token included)
+#   E[drafted](k) = sum_{i<=k} C_i
+#   P(stop)(k)    = 1 - C_k                         (the rule ended the draft before k)
+#
+# and the step costs E[drafted] t_draft + P(stop) t_draft + t_verify(E[drafted]): a
+# stopped draft has paid one more drafter forward, the one whose distribution stopped it,
+# and the target verifies the drafts actually made (t_verify is a line in d, so its mean
+# is its value at the mean). Constant a_i = a, c_i = 1 give L(a, k), k and 0, i.e. S(a, k).
+
+
+def stopped_draft_expectations(
+    acceptance: npt.ArrayLike, continuation: npt.ArrayLike
+) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """(E[tokens], E[drafted], P(stop)) per step for k = 0..K (model above).
+
+    ``acceptance`` a_i and ``continuation`` c_i have shape (..., K), position i = 1..K
+    in the last axis (``continuation[..., 0]`` is ignored: the first draft is always
+    made). Each result has shape (..., K + 1); k = 0 is plain decoding (1, 0, 0).
+    """
+    a = np.asarray(acceptance, dtype=np.float64)
+    c = np.array(np.broadcast_to(continuation, a.shape), dtype=np.float64)
+    c[..., :1] = 1.0
+    drafted_prob = np.cumprod(c, axis=-1)  # C_i
+    emitted_prob = drafted_prob * np.cumprod(a, axis=-1)  # C_i A_i
+    zero = np.zeros((*a.shape[:-1], 1))
+    tokens = 1.0 + np.concatenate([zero, np.cumsum(emitted_prob, axis=-1)], axis=-1)
+    drafted = np.concatenate([zero, np.cumsum(drafted_prob, axis=-1)], axis=-1)
+    stopped = np.concatenate([zero, 1.0 - drafted_prob], axis=-1)
+    return tokens, drafted, stopped
+
+
+def constant_positions(value: npt.ArrayLike, k_max: int) -> FloatArray:
+    """A per-arm constant (..., ) repeated over positions 1..k_max: (..., k_max)."""
+    v = np.asarray(value, dtype=np.float64)
+    return np.repeat(v[..., None], k_max, axis=-1)
+
+
+def stopped_speedup_table(
+    acceptance: npt.ArrayLike,
+    continuation: npt.ArrayLike,
+    *,
+    t_ar: float,
+    t_draft: npt.ArrayLike,
+    t_verify: npt.ArrayLike,
+) -> FloatArray:
+    """S for drafts stopped early, k = 0..K:
+
+        S(k) = E[tokens](k) t_ar / ((E[drafted](k) + P(stop)(k)) t_draft
+                                    + t_verify(E[drafted](k))),     S(0) = 1.
+
+    ``acceptance`` and ``continuation``: (..., D, K) per drafter and position;
+    ``t_draft`` (D,) per drafter forward; ``t_verify`` (K + 1,) the verify time of a step
+    of d = 0..K drafts (a line, interpolated at the fractional E[drafted]). Returns
+    (..., D, K + 1). With every c_i = 1 and constant a it equals ``speedup_table``.
+    """
+    tokens, drafted, stopped = stopped_draft_expectations(acceptance, continuation)
+    verify = np.asarray(t_verify, dtype=np.float64)
+    draft = np.asarray(t_draft, dtype=np.float64)[:, None]  # [D, 1]
+    lengths = np.arange(len(verify), dtype=np.float64)
+    cost = (drafted + stopped) * draft + np.interp(drafted, lengths, verify)
+    table = tokens * t_ar / np.maximum(cost, 1e-12)
+    table[..., 0] = 1.0
+    return table
