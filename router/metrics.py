@@ -30,6 +30,15 @@ class SidecarMetrics:
     reports: Counter
     drafters: Gauge
     policy_version: Gauge
+    # Pooling through Redis (router.pooling): outcomes this replica published, outcomes of
+    # other replicas it applied, its own dropped from a full buffer, entries refused.
+    pooled_published: Counter
+    pooled_applied: Counter
+    pooled_dropped: Counter
+    pooled_buffered: Gauge
+    pooled_rejected: Counter
+    pooling_connected: Gauge
+    shared_drafters_unavailable: Gauge
 
 
 def create_metrics(registry: CollectorRegistry | None = None) -> SidecarMetrics:
@@ -110,6 +119,44 @@ def create_metrics(registry: CollectorRegistry | None = None) -> SidecarMetrics:
         policy_version=Gauge(
             "specroute_policy_version",
             "Version of the serving policy (increases with every update).",
+            registry=reg,
+        ),
+        pooled_published=Counter(
+            "specroute_pooled_outcomes_published_total",
+            "Outcomes this replica learned from and published to the shared stream.",
+            registry=reg,
+        ),
+        pooled_applied=Counter(
+            "specroute_pooled_outcomes_applied_total",
+            "Outcomes of other replicas applied to this replica's policy (each once).",
+            registry=reg,
+        ),
+        pooled_dropped=Counter(
+            "specroute_pooled_outcomes_dropped_total",
+            "Outcomes of this replica dropped unpublished: the buffer was full while Redis "
+            "was unreachable.",
+            registry=reg,
+        ),
+        pooled_buffered=Gauge(
+            "specroute_pooled_outcomes_buffered",
+            "Outcomes of this replica waiting to be published.",
+            registry=reg,
+        ),
+        pooled_rejected=Counter(
+            "specroute_pooled_entries_rejected_total",
+            "Shared entries dropped before reaching the policy or the drafters, by reason "
+            "(unsigned, bad_signature, malformed).",
+            ["reason"],
+            registry=reg,
+        ),
+        pooling_connected=Gauge(
+            "specroute_pooling_connected",
+            "1 while this replica reaches Redis, else 0.",
+            registry=reg,
+        ),
+        shared_drafters_unavailable=Gauge(
+            "specroute_shared_drafters_unavailable",
+            "Drafters registered on another replica that this one could not load.",
             registry=reg,
         ),
     )

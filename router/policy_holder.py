@@ -10,12 +10,34 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from router.errors import InvalidRequestError
 from router.store import PolicySnapshot, SidecarStore
 
 logger = logging.getLogger(__name__)
+
+#: Key of a snapshot's learning-log cursor (which shared outcomes its state holds); kept
+#: beside the policy's own state and never handed to the policy.
+LOG_CURSOR_KEY = "learning_log_cursor"
+
+
+class LearningLog(Protocol):
+    """Where every outcome the policy learns from is recorded (``router.pooling``).
+
+    Called under the holder's lock, so the order of records is the order of updates and a
+    snapshot's cursor matches the state it is saved with; implementations only enqueue.
+    """
+
+    def outcome(self, context: Any, decision: Any, outcome: Any) -> None: ...
+
+    def counterfactual(
+        self, context: Any, drafter: str, accepted_per_step: Sequence[int], draft_length: int
+    ) -> None: ...
+
+    def cursor(self) -> dict[str, Any]: ...
+
+    def restore(self, cursor: Mapping[str, Any] | None) -> None: ...
 
 
 class PolicyHolder:
@@ -33,6 +55,8 @@ class PolicyHolder:
         self._lock = threading.Lock()
         self._policy: Any = None
         self.name = ""
+        self._log: LearningLog | None = None
+        self._restored_cursor: Mapping[str, Any] | None = None
 
     # -- lifecycle --------------------------------------------------------------------
     def start(
@@ -51,8 +75,10 @@ class PolicyHolder:
         self._sync_drafters(policy)  # similarity priors for the built-in drafters
         snapshot = self._store.latest_policy(name) if restore else None
         if snapshot is not None:
+            state = dict(snapshot.state)
+            self._restored_cursor = state.pop(LOG_CURSOR_KEY, None)
             try:
-                policy.load_state_dict(snapshot.state)
+                policy.load_state_dict(state)
                 logger.info("restored policy %s at version %d", name, snapshot.version)
             except IncompatibleStateError as exc:
                 logger.warning("not restoring policy %s: %s", name, exc)
@@ -88,8 +114,11 @@ class PolicyHolder:
             return self._policy.select_many(contexts, eligible), int(self._policy.version)
 
     def update(self, context: Any, decision: Any, outcome: Any) -> int:
+        """Every outcome this process learns from (Report, Generate) comes here."""
         with self._lock:
             self._policy.update(context, decision, outcome)
+            if self._log is not None:
+                self._log.outcome(context, decision, outcome)
             return int(self._policy.version)
 
     def update_counterfactual(
@@ -99,6 +128,25 @@ class PolicyHolder:
             self._policy.update_counterfactual(
                 context, drafter, list(accepted_per_step), draft_length
             )
+            if self._log is not None:
+                self._log.counterfactual(context, drafter, accepted_per_step, draft_length)
+
+    # -- learning shared with other processes (router.pooling) ---------------------------
+    def attach_log(self, log: LearningLog) -> None:
+        """Record every later update in ``log``; it resumes from the restored snapshot's
+        cursor (what the restored state already holds)."""
+        with self._lock:
+            log.restore(self._restored_cursor)
+            self._log = log
+
+    def apply_shared(self, admit: Callable[[], bool], learn: Callable[[Any], None]) -> bool:
+        """Apply an outcome learned elsewhere: under the lock, ``admit()`` (deduplication,
+        advancing the log's cursor) and then ``learn(policy)``; not recorded again."""
+        with self._lock:
+            if not admit():
+                return False
+            learn(self._policy)
+            return True
 
     def add_drafter(self, name: str, similarity: Mapping[str, float] | None) -> None:
         with self._lock:
@@ -119,7 +167,14 @@ class PolicyHolder:
 
     def state(self) -> tuple[str, int, dict[str, Any]]:
         with self._lock:
-            return self.name, int(self._policy.version), dict(self._policy.state_dict())
+            return self.name, int(self._policy.version), self._state_of(self._policy)
+
+    def _state_of(self, policy: Any) -> dict[str, Any]:
+        """The policy's state, with the log's cursor when there is a log (call locked)."""
+        state = dict(policy.state_dict())
+        if self._log is not None:
+            state[LOG_CURSOR_KEY] = self._log.cursor()
+        return state
 
     def snapshot(self) -> PolicySnapshot:
         """Save the current policy's state to the store."""
@@ -128,5 +183,5 @@ class PolicyHolder:
 
     def _save(self, policy: Any, name: str) -> None:
         with self._lock:
-            state = dict(policy.state_dict())
+            state = self._state_of(policy)
         self._store.save_policy(name, int(policy.version), state)

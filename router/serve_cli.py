@@ -97,6 +97,12 @@ def serve_command(
     if print_config:
         typer.echo(json.dumps(settings.printable(), indent=2))
         return
+    from router.pooling import pooling_refusal
+
+    refusal = pooling_refusal(settings)
+    if refusal is not None:  # never pool unsigned: a writer without the secret could steer
+        typer.echo(f"error: {refusal}", err=True)
+        raise typer.Exit(2)
 
     def announce(running: RunningSidecar) -> None:
         ports = {
@@ -213,6 +219,8 @@ def drafters_list_command(address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDR
         tasks = ",".join(info.tasks) or "-"
         params = f"{info.parameter_count / 1e6:.2f}M" if info.parameter_count else "-"
         typer.echo(f"{info.name:<16} {info.kind:<6} {origin:<10} {params:>8} {tasks}  {info.path}")
+    for missing in reply.unavailable:  # registered on another replica, not loadable here
+        typer.echo(f"{missing.name:<16} {missing.kind:<6} unavailable: {missing.error}")
 
 
 def drafters_register_command(

@@ -26,6 +26,7 @@ from router.http_front import build_http_app
 from router.interceptors import BearerAuth, EdgeInterceptor
 from router.metrics import SidecarMetrics, create_metrics
 from router.pb import router_pb2, router_pb2_grpc
+from router.pooling import start_pooling
 from router.service import Components, RouterService
 from router.servicer import ADMIN_METHODS, RouterServicer
 from router.settings import Settings
@@ -122,6 +123,8 @@ async def start_sidecar(settings: Settings, components: Components | None = None
     store = SidecarStore(settings.state_dir)
     service = RouterService(settings, components, store, metrics)
     await asyncio.to_thread(service.start)
+    # Pooled learning: the shared history is replayed here, before anything is served.
+    pooling = await start_pooling(settings, service, metrics)
 
     admin = settings.admin_token.get_secret_value() if settings.admin_token else None
     if admin is None:
@@ -134,7 +137,7 @@ async def start_sidecar(settings: Settings, components: Components | None = None
         interceptors=[EdgeInterceptor(BearerAuth(ADMIN_METHODS, admin, data), metrics)],
         options=_grpc_options(settings),
     )
-    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(service), server)
+    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(service, pooling), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -154,6 +157,8 @@ async def start_sidecar(settings: Settings, components: Components | None = None
         )
         running.runners.append(runner)
     running.tasks.append(asyncio.create_task(_snapshot_loop(service, settings.snapshot_interval_s)))
+    if pooling is not None:
+        running.tasks.append(asyncio.create_task(pooling.run()))
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info(

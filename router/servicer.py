@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from grpc import aio
 
@@ -14,6 +15,9 @@ from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
 from router.service import RouteBatch, RoutedRequest, RouterService
 
+if TYPE_CHECKING:
+    from router.pooling import Pooling
+
 ADMIN_METHODS = tuple(
     f"/specroute.v1.Router/{name}"
     for name in ("RegisterDrafter", "RemoveDrafter", "ReloadClassifier", "SetPolicy")
@@ -23,8 +27,9 @@ ADMIN_METHODS = tuple(
 class RouterServicer(router_pb2_grpc.RouterServicer):
     """specroute.v1.Router over :class:`RouterService`."""
 
-    def __init__(self, service: RouterService) -> None:
+    def __init__(self, service: RouterService, pooling: Pooling | None = None) -> None:
         self._service = service
+        self._pooling = pooling  # registrations reach the fleet's other replicas
         self._routes: Coalescer[RouteInput, RouteBatch, RoutedRequest] = Coalescer(
             service.prepare_routes,
             service.commit_routes,
@@ -57,18 +62,31 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: pb.RegisterDrafterRequest, context: aio.ServicerContext
     ) -> pb.DrafterInfo:
         spec = convert.drafter_spec_from_pb(request)
-        return convert.drafter_to_pb(await self._service.register_drafter(spec))
+        record = await self._service.register_drafter(spec)
+        if self._pooling is not None:
+            self._pooling.drafter_registered(spec)
+        return convert.drafter_to_pb(record)
 
     async def RemoveDrafter(
         self, request: pb.RemoveDrafterRequest, context: aio.ServicerContext
     ) -> pb.DrafterInfo:
-        return convert.drafter_to_pb(await self._service.remove_drafter(request.name))
+        record = await self._service.remove_drafter(request.name)
+        if self._pooling is not None:
+            self._pooling.drafter_removed(request.name)
+        return convert.drafter_to_pb(record)
 
     async def ListDrafters(
         self, request: pb.ListDraftersRequest, context: aio.ServicerContext
     ) -> pb.ListDraftersResponse:
         records = self._service.list_drafters()
-        return pb.ListDraftersResponse(drafters=[convert.drafter_to_pb(r) for r in records])
+        unavailable = self._pooling.unavailable_drafters() if self._pooling is not None else []
+        return pb.ListDraftersResponse(
+            drafters=[convert.drafter_to_pb(r) for r in records],
+            unavailable=[
+                pb.UnavailableDrafter(name=d.name, kind=d.kind, path=d.path, error=d.error)
+                for d in unavailable
+            ],
+        )
 
     async def ReloadClassifier(
         self, request: pb.ReloadClassifierRequest, context: aio.ServicerContext

@@ -71,6 +71,33 @@ class TlsSettings(BaseModel):
         return self.cert_file is not None and self.key_file is not None
 
 
+class PoolingSettings(BaseModel):
+    """Replicas that pool what they learn through Redis (router.pooling, docs/pooling.md).
+
+    Off by default. On, every entry is HMAC-signed with ``secret``: a sidecar with pooling
+    on and no secret refuses to start rather than accept or write unsigned entries.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    # redis://[:password@]host:port/db, or rediss:// for TLS; a secret (it may hold one).
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    tls_ca_file: Path | None = None  # rediss://: a CA bundle besides the system's
+    secret: SecretStr | None = None  # the fleet's shared HMAC key
+    outcome_stream: str = Field(default="specroute:outcomes", min_length=1)
+    registry_stream: str = Field(default="specroute:drafters", min_length=1)
+    # Entries kept per stream (XADD MAXLEN ~): what a new or restarted replica replays.
+    retention: int = Field(default=100_000, gt=0)
+    # Shown in logs and entries; each start adds its own suffix (a new identity for dedupe).
+    replica_id: str = ""
+    # Outcomes kept while Redis is unreachable; beyond it the oldest are dropped (counted).
+    buffer_size: int = Field(default=10_000, gt=0)
+    reconnect_max_s: float = Field(default=5.0, gt=0)
+    # How long a start waits for Redis to replay history before serving without it.
+    replay_timeout_s: float = Field(default=10.0, ge=0)
+
+
 class Settings(BaseSettings):
     """Everything ``specroute serve`` needs; ``--print-config`` shows the merged result."""
 
@@ -99,6 +126,7 @@ class Settings(BaseSettings):
     tls: TlsSettings = Field(default_factory=lambda: TlsSettings())
     capture: CaptureSettings = Field(default_factory=lambda: CaptureSettings())
     limits: Limits = Field(default_factory=lambda: Limits())
+    pooling: PoolingSettings = Field(default_factory=lambda: PoolingSettings())
     policy: str = "thompson"
     policy_config: dict[str, Any] = Field(default_factory=dict)
     # The bundle's (world's) model drafters at start; false leaves them out. The n-gram and

@@ -1,0 +1,1 @@
+"""specroute bench replicas: sidecars that pool what they learn through Redis."""

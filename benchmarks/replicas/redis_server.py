@@ -1,0 +1,134 @@
+"""A real ``redis-server`` on a free port in a scratch directory: for the replicas
+benchmark and the pooling tests (never for production: operators run their own Redis).
+
+``persist=False`` runs it with no snapshots and no append-only file (``--save ""
+--appendonly no``): a restart loses the streams, the harshest case for the replicas.
+``persist=True`` keeps an append-only file fsynced every second, as a production Redis
+would, so a restart keeps the retained history.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+REDIS_BINARY = "redis-server"
+START_TIMEOUT_S = 10.0
+
+
+class RedisUnavailableError(RuntimeError):
+    """No redis-server binary on this machine, or it did not start."""
+
+
+def redis_binary() -> str | None:
+    """The redis-server executable on PATH (or /usr/bin, /usr/sbin), else None."""
+    found = shutil.which(REDIS_BINARY)
+    if found:
+        return found
+    for directory in ("/usr/bin", "/usr/sbin", "/usr/local/bin"):
+        candidate = Path(directory) / REDIS_BINARY
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class RedisServer:
+    """``redis-server`` as a child process; ``stop`` / ``start`` keep the same port."""
+
+    def __init__(
+        self, directory: Path, *, persist: bool = False, password: str | None = None
+    ) -> None:
+        binary = redis_binary()
+        if binary is None:
+            raise RedisUnavailableError(
+                "redis-server is not installed (Debian: apt-get install redis-server)"
+            )
+        self.binary = binary
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.persist = persist
+        self.password = password
+        self.port = free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def command(self) -> list[str]:
+        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--dir", str(self.directory), "--save", ""]
+        command += ["--logfile", str(self.directory / "redis.log"), "--daemonize", "no"]
+        if self.persist:
+            command += ["--appendonly", "yes", "--appendfsync", "everysec"]
+        else:
+            command += ["--appendonly", "no"]
+        if self.password:
+            command += ["--requirepass", self.password]
+        return command
+
+    def start(self) -> RedisServer:
+        self._process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        try:
+            while time.monotonic() < deadline:
+                if not self.running:
+                    raise RedisUnavailableError(f"redis-server exited: {self.log_tail()}")
+                try:
+                    if client.ping():
+                        return
+                except redis.RedisError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        raise RedisUnavailableError(f"redis-server did not answer in {START_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        """SIGTERM (with persist, the append-only file is fsynced on the way out)."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_tail(self, characters: int = 2000) -> str:
+        path = self.directory / "redis.log"
+        return path.read_text(errors="replace")[-characters:] if path.is_file() else ""
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

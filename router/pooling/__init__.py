@@ -1,0 +1,178 @@
+"""Replicas that pool what they learn, and their drafter registry, through Redis.
+
+``start_pooling(settings, service, metrics)`` (``router.server``) returns None when
+``pooling.enabled`` is false; otherwise it attaches the outcome log to the policy holder,
+replays the retained history (drafters first, then outcomes) and returns the
+:class:`Pooling` whose ``run()`` task keeps both streams flowing. The design and the
+ordering effects of discounting: docs/pooling.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from router.domain import DrafterSpec
+from router.metrics import SidecarMetrics
+from router.pooling.entries import EntrySigner
+from router.pooling.link import RedisLink, redis_errors
+from router.pooling.outcomes import OutcomePool
+from router.pooling.registry import SharedRegistry, UnavailableDrafter
+from router.pooling.streams import StreamReader, StreamWriter
+from router.settings import PoolingSettings, Settings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Pooling", "UnavailableDrafter", "pooling_refusal", "replica_identity", "start_pooling"]
+
+
+def pooling_refusal(settings: Settings) -> str | None:
+    """Why these settings must not start (one line), or None."""
+    pooling = settings.pooling
+    if pooling.enabled and (pooling.secret is None or not pooling.secret.get_secret_value()):
+        return (
+            "pooling.enabled is true but pooling.secret is not set: every shared entry is "
+            "signed with it (set SPECROUTE_POOLING__SECRET or [pooling] secret)"
+        )
+    return None
+
+
+def replica_identity(pooling: PoolingSettings) -> str:
+    """This process start's identity: the configured name (default: the host name), the
+    pid and a random suffix. A restart is a new writer for deduplication; what the
+    restored snapshot already holds is in its saved cursor, not in the name."""
+    name = pooling.replica_id or socket.gethostname()
+    return f"{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Pooling:
+    """A replica's two shared streams: outcomes and drafter registrations."""
+
+    identity: str
+    link: RedisLink
+    outcomes: OutcomePool
+    registry: SharedRegistry
+
+    def drafter_registered(self, spec: DrafterSpec) -> None:
+        self.registry.registered(spec)
+
+    def drafter_removed(self, name: str) -> None:
+        self.registry.removed(name)
+
+    def unavailable_drafters(self) -> list[UnavailableDrafter]:
+        return self.registry.unavailable()
+
+    async def catch_up(self) -> None:
+        """Apply the retained history: registrations first (outcomes name drafters)."""
+        drafters = await self.registry.catch_up()
+        outcomes = await self.outcomes.catch_up()
+        logger.info(
+            "pooling: replayed %d registry and %d outcome entries (%d applied)",
+            drafters,
+            outcomes,
+            self.outcomes.applied,
+        )
+
+    async def run(self) -> None:
+        """Publish and read both streams until cancelled (then flush once, and close)."""
+        loops = [
+            self.outcomes.run_writer(),
+            self.outcomes.run_reader(),
+            self.registry.run_writer(),
+            self.registry.run_reader(),
+        ]
+        tasks = [asyncio.create_task(loop) for loop in loops]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(*redis_errors()):
+                await self.link.close()
+
+
+def build_pooling(settings: Settings, service: Any, metrics: SidecarMetrics) -> Pooling:
+    """The pooling parts of one replica, not yet attached or running."""
+    config = settings.pooling
+    assert config.secret is not None
+    signer = EntrySigner(config.secret.get_secret_value().encode())
+    link = RedisLink(config, metrics)
+    identity = replica_identity(config)
+    outcome_writer = StreamWriter(
+        link,
+        signer,
+        config.outcome_stream,
+        config.retention,
+        config.buffer_size,
+        on_published=metrics.pooled_published.inc,
+        on_dropped=metrics.pooled_dropped.inc,
+        on_depth=metrics.pooled_buffered.set,
+    )
+    outcomes = OutcomePool(
+        identity,
+        service.policy,
+        outcome_writer,
+        StreamReader(link, config.outcome_stream),
+        signer,
+        metrics,
+    )
+    registry_writer = StreamWriter(
+        link, signer, config.registry_stream, config.retention, config.buffer_size
+    )
+    registry = SharedRegistry(
+        identity,
+        service,
+        registry_writer,
+        StreamReader(link, config.registry_stream),
+        signer,
+        metrics,
+    )
+    return Pooling(identity, link, outcomes, registry)
+
+
+async def start_pooling(
+    settings: Settings, service: Any, metrics: SidecarMetrics
+) -> Pooling | None:
+    """None when pooling is off; else a replica caught up with the retained history (or,
+    when Redis does not answer within ``replay_timeout_s``, one that serves at once and
+    catches up when Redis returns: its readers start from the first retained entry)."""
+    if not settings.pooling.enabled:
+        return None
+    refusal = pooling_refusal(settings)
+    if refusal is not None:
+        raise ValueError(refusal)
+    pooling = build_pooling(settings, service, metrics)
+    service.policy.attach_log(pooling.outcomes)
+    logger.info("pooling through %s as replica %s", pooling.link.where, pooling.identity)
+    try:
+        await asyncio.wait_for(_catch_up_retrying(pooling), settings.pooling.replay_timeout_s)
+    except TimeoutError:
+        logger.warning(
+            "pooling: Redis at %s did not answer in %.1f s; serving on local state and "
+            "catching up when it returns",
+            pooling.link.where,
+            settings.pooling.replay_timeout_s,
+        )
+    return pooling
+
+
+async def _catch_up_retrying(pooling: Pooling) -> None:
+    from router.pooling.link import Backoff
+
+    backoff = Backoff(pooling.link.reconnect_max_s)
+    while True:
+        try:
+            await pooling.catch_up()
+            return
+        except redis_errors() as error:
+            pooling.link.failed(error)
+            await asyncio.sleep(backoff.next_delay())

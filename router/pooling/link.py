@@ -1,0 +1,99 @@
+"""The connection to Redis, shared by a replica's stream writers and readers.
+
+redis-py's own retries are off: a call that fails returns at once, and each loop that
+uses the link waits out its own exponential backoff (with jitter) before trying again,
+so an unreachable Redis never stalls a request, only the pooling loops.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+from urllib.parse import urlsplit
+
+from router.metrics import SidecarMetrics
+from router.settings import PoolingSettings
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 1.0
+# A blocking XREAD waits up to READ_BLOCK_MS inside Redis; the socket timeout is longer.
+READ_BLOCK_MS = 1000
+SOCKET_TIMEOUT_S = 5.0
+FIRST_BACKOFF_S = 0.05
+
+
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """What a call to an unreachable or restarting Redis raises."""
+    from redis.exceptions import RedisError
+
+    return (RedisError, OSError)
+
+
+def make_client(settings: PoolingSettings) -> Any:
+    """A ``redis.asyncio.Redis`` for ``settings.redis_url`` (rediss:// is TLS, with
+    ``tls_ca_file`` as its CA bundle when set), without client-side retries."""
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    url = settings.redis_url.get_secret_value()
+    options: dict[str, Any] = {
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if urlsplit(url).scheme == "rediss" and settings.tls_ca_file is not None:
+        options["ssl_ca_certs"] = str(settings.tls_ca_file)
+    return Redis.from_url(url, **options)
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for logs."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+class Backoff:
+    """Exponential backoff with jitter, from FIRST_BACKOFF_S up to ``cap_s``."""
+
+    def __init__(self, cap_s: float) -> None:
+        self._cap_s = cap_s
+        self._delay_s = FIRST_BACKOFF_S
+
+    def next_delay(self) -> float:
+        delay = self._delay_s
+        self._delay_s = min(self._cap_s, self._delay_s * 2)
+        return delay * (0.5 + random.random() / 2)
+
+    def reset(self) -> None:
+        self._delay_s = FIRST_BACKOFF_S
+
+
+class RedisLink:
+    """One client (a connection pool) and whether Redis answered last time."""
+
+    def __init__(self, settings: PoolingSettings, metrics: SidecarMetrics) -> None:
+        self.client = make_client(settings)
+        self.where = redacted(settings.redis_url.get_secret_value())
+        self.reconnect_max_s = settings.reconnect_max_s
+        self._metrics = metrics
+        self.connected = False
+
+    def succeeded(self) -> None:
+        if not self.connected:
+            logger.info("pooling: Redis at %s reachable", self.where)
+        self.connected = True
+        self._metrics.pooling_connected.set(1)
+
+    def failed(self, error: BaseException) -> None:
+        if self.connected:
+            logger.warning("pooling: Redis at %s unreachable (%s); retrying", self.where, error)
+        self.connected = False
+        self._metrics.pooling_connected.set(0)
+
+    async def close(self) -> None:
+        await self.client.aclose()

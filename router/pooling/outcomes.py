@@ -1,0 +1,189 @@
+"""The outcome stream: what every replica learns from, applied by every other replica.
+
+:class:`OutcomePool` is the policy holder's learning log (``PolicyHolder.attach_log``):
+each update the holder makes (Report, the sidecar's own Generate, counterfactual scores)
+is recorded under the holder's lock with the next sequence number of this replica and
+queued for the stream. Entries of other replicas are read back, checked (signature, then
+shape) and applied through ``PolicyHolder.apply_shared``: once per (replica, seq), with
+the times left out, so each replica's cost model stays its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from router.metrics import SidecarMetrics
+from router.policy.base import MAX_DRAFT_LENGTH, Context, Decision, Outcome
+from router.policy_holder import PolicyHolder
+from router.pooling.entries import (
+    EntryRejected,
+    EntrySigner,
+    Origin,
+    SharedOutcome,
+    outcome_from_payload,
+    outcome_payload,
+)
+from router.pooling.streams import StreamReader, StreamWriter
+
+logger = logging.getLogger(__name__)
+
+# Policies whose reward is a measured time (UCB's speed-up): a pooled outcome carries no
+# times, so they cannot learn from it, and it is consumed without reaching them.
+TIME_REWARD_POLICIES = frozenset({"ucb"})
+
+
+def apply_to_policy(policy: Any, shared: SharedOutcome) -> None:
+    """Feed ``shared`` to ``policy`` through its normal update, acceptance only.
+
+    The outcome's times are 0: the cost model (``CostModel.observe``) and the fixed-time
+    estimates (``RequestOverheads.observe``) skip outcomes without times, while the
+    acceptance posterior and the decision counts take the drafted and accepted tokens.
+    """
+    if getattr(policy, "name", "") in TIME_REWARD_POLICIES:
+        return
+    context = Context(shared.cluster, shared.length_bucket)
+    if shared.kind == "counterfactual":
+        policy.update_counterfactual(context, shared.drafter, list(shared.accepted), shared.k)
+        return
+    outcome = Outcome(shared.drafted, shared.accepted, 0.0, 0.0, 0.0, shared.generated_tokens)
+    policy.update(context, Decision(shared.drafter, shared.k), outcome)
+
+
+class OutcomePool:
+    """The learning log of one replica's policy holder, shared through a Redis stream."""
+
+    def __init__(
+        self,
+        identity: str,
+        holder: PolicyHolder,
+        writer: StreamWriter,
+        reader: StreamReader,
+        signer: EntrySigner,
+        metrics: SidecarMetrics,
+    ) -> None:
+        self.identity = identity
+        self._holder = holder
+        self._writer = writer
+        self._reader = reader
+        self._signer = signer
+        self._metrics = metrics
+        self._seq = 0
+        # Highest seq applied per writer (this replica's own included): the cursor saved
+        # with every policy snapshot. Changed only under the holder's lock.
+        self._applied: dict[str, int] = {}
+        self.applied = 0
+        self.rejected = 0
+
+    # -- LearningLog (called under the holder's lock) -------------------------------------
+    def outcome(self, context: Any, decision: Any, outcome: Any) -> None:
+        self._record(
+            "outcome",
+            context,
+            decision.drafter,
+            int(decision.k),
+            tuple(outcome.drafted_per_step),
+            tuple(outcome.accepted_per_step),
+            int(outcome.generated_tokens),
+        )
+
+    def counterfactual(
+        self, context: Any, drafter: str, accepted_per_step: Sequence[int], draft_length: int
+    ) -> None:
+        accepted = tuple(int(a) for a in accepted_per_step)
+        self._record("counterfactual", context, drafter, int(draft_length), (), accepted, 0)
+
+    def cursor(self) -> dict[str, Any]:
+        return {"applied": dict(self._applied)}
+
+    def restore(self, cursor: Mapping[str, Any] | None) -> None:
+        applied = (cursor or {}).get("applied") or {}
+        self._applied = {
+            str(replica): int(seq) for replica, seq in applied.items() if isinstance(seq, int)
+        }
+
+    def _record(
+        self,
+        kind: str,
+        context: Any,
+        drafter: str,
+        k: int,
+        drafted: tuple[int, ...],
+        accepted: tuple[int, ...],
+        tokens: int,
+    ) -> None:
+        self._seq += 1
+        self._applied[self.identity] = self._seq
+        shared = SharedOutcome(
+            Origin(self.identity, self._seq),
+            kind,
+            str(context.cluster),
+            int(context.length_bucket),
+            drafter,
+            k,
+            drafted,
+            accepted,
+            tokens,
+        )
+        self._writer.append(outcome_payload(shared))
+
+    # -- entries of other replicas --------------------------------------------------------
+    def handle(self, entries: Sequence[tuple[str, Mapping[Any, Any]]]) -> None:
+        """Check and apply a batch of stream entries (in stream order)."""
+        for entry_id, fields in entries:
+            try:
+                payload = self._signer.verified(fields)
+                shared = outcome_from_payload(payload, MAX_DRAFT_LENGTH)
+            except EntryRejected as rejected:
+                self.reject(entry_id, rejected.reason, str(rejected))
+                continue
+            if shared.origin.replica == self.identity:
+                continue  # learned here first
+            try:
+                done = self._holder.apply_shared(
+                    lambda origin=shared.origin: self._admit(origin),  # type: ignore[misc]
+                    lambda policy, shared=shared: apply_to_policy(policy, shared),  # type: ignore[misc]
+                )
+            except (ValueError, KeyError, TypeError) as error:
+                self.reject(entry_id, "malformed", f"the policy refused it: {error}")
+                continue
+            if done:
+                self.applied += 1
+                self._metrics.pooled_applied.inc()
+        self._metrics.policy_version.set(self._holder.version)
+
+    def reject(self, entry_id: str, reason: str, detail: str) -> None:
+        self.rejected += 1
+        self._metrics.pooled_rejected.labels(reason=reason).inc()
+        logger.warning("pooling: dropped outcome entry %s (%s)", entry_id, detail)
+
+    def _admit(self, origin: Origin) -> bool:
+        """True the first time (replica, seq) comes: writers publish in seq order, so
+        anything at or below the highest applied seq was applied already."""
+        if origin.seq <= self._applied.get(origin.replica, 0):
+            return False
+        self._applied[origin.replica] = origin.seq
+        return True
+
+    # -- loops ----------------------------------------------------------------------------
+    async def catch_up(self) -> int:
+        return await self._reader.catch_up(self.handle)
+
+    async def run_reader(self) -> None:
+        await self._reader.run(self.handle)
+
+    async def run_writer(self) -> None:
+        await self._writer.run()
+
+    @property
+    def published(self) -> int:
+        return self._writer.published
+
+    @property
+    def dropped(self) -> int:
+        return self._writer.dropped
+
+    @property
+    def pending(self) -> int:
+        return self._writer.pending

@@ -1,0 +1,197 @@
+"""The shared drafter registry: RegisterDrafter / RemoveDrafter on one replica reach all.
+
+The replica that took the call has validated, loaded and stored the drafter already; it
+then appends a signed registration entry to the registry stream. Every other replica
+reads it and registers the drafter itself, through the same validation (model roots,
+safetensors, a tokenizer that fits, a probe generation) and its own SQLite store, the
+local durable copy. A replica that cannot (the path missing on that node, say) keeps
+serving and lists the drafter as unavailable, with the reason, in ListDrafters.
+
+At start the retained entries are folded by drafter name first (the last entry of each
+name wins), so a drafter registered and removed before this replica started is never
+loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from router.domain import DrafterSpec
+from router.errors import AlreadyExistsError, NotFoundError, SidecarError
+from router.metrics import SidecarMetrics
+from router.pooling.entries import (
+    EntryRejected,
+    EntrySigner,
+    Origin,
+    SharedRegistration,
+    registration_from_payload,
+    registration_payload,
+)
+from router.pooling.streams import StreamReader, StreamWriter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UnavailableDrafter:
+    """A drafter registered elsewhere in the fleet that this replica could not load."""
+
+    name: str
+    kind: str
+    path: str
+    error: str
+
+
+class SharedRegistry:
+    """Publishes this replica's registrations and applies the others'."""
+
+    def __init__(
+        self,
+        identity: str,
+        service: Any,  # router.service.RouterService
+        writer: StreamWriter,
+        reader: StreamReader,
+        signer: EntrySigner,
+        metrics: SidecarMetrics,
+    ) -> None:
+        self.identity = identity
+        self._service = service
+        self._writer = writer
+        self._reader = reader
+        self._signer = signer
+        self._metrics = metrics
+        self._seq = 0
+        self._unavailable: dict[str, UnavailableDrafter] = {}
+        self.rejected = 0
+
+    # -- this replica's calls ---------------------------------------------------------------
+    def registered(self, spec: DrafterSpec) -> None:
+        self._seq += 1
+        event = SharedRegistration(
+            Origin(self.identity, self._seq),
+            "register",
+            spec.name,
+            spec.kind,
+            spec.path,
+            tuple(spec.tasks),
+            tuple(spec.finetune_sample),
+            dict(spec.options),
+        )
+        self._writer.append(registration_payload(event))
+
+    def removed(self, name: str) -> None:
+        self._seq += 1
+        self._unavailable.pop(name, None)
+        self._writer.append(
+            registration_payload(
+                SharedRegistration(Origin(self.identity, self._seq), "remove", name)
+            )
+        )
+
+    def unavailable(self) -> list[UnavailableDrafter]:
+        return list(self._unavailable.values())
+
+    # -- the others' ----------------------------------------------------------------------
+    def _checked(
+        self, entries: Sequence[tuple[str, Mapping[Any, Any]]]
+    ) -> list[SharedRegistration]:
+        events = []
+        for entry_id, fields in entries:
+            try:
+                event = registration_from_payload(self._signer.verified(fields))
+            except EntryRejected as rejected:
+                self.rejected += 1
+                self._metrics.pooled_rejected.labels(reason=rejected.reason).inc()
+                logger.warning("pooling: dropped registry entry %s (%s)", entry_id, rejected)
+                continue
+            if event.origin.replica != self.identity:
+                events.append(event)
+        return events
+
+    async def handle(self, entries: Sequence[tuple[str, Mapping[Any, Any]]]) -> None:
+        for event in self._checked(entries):
+            await self._apply(event)
+
+    async def handle_history(self, entries: Sequence[tuple[str, Mapping[Any, Any]]]) -> None:
+        """Retained entries at start: only the last one of each drafter name counts."""
+        last: dict[str, SharedRegistration] = {}
+        for event in self._checked(entries):
+            last.pop(event.name, None)
+            last[event.name] = event
+        for event in last.values():
+            await self._apply(event)
+
+    async def _apply(self, event: SharedRegistration) -> None:
+        if event.kind == "remove":
+            await self._remove(event.name)
+        else:
+            await self._register(event)
+        self._metrics.shared_drafters_unavailable.set(len(self._unavailable))
+
+    async def _register(self, event: SharedRegistration) -> None:
+        live = self._service.drafters.names()
+        if event.name in live:
+            logger.debug("pooling: drafter %s is already served here", event.name)
+            return
+        spec = DrafterSpec(
+            name=event.name,
+            kind=event.drafter_kind,
+            path=event.path,
+            tasks=event.tasks,
+            finetune_sample=event.finetune_sample,
+            options=dict(event.options or {}),
+        )
+        try:
+            await self._service.register_drafter(spec)
+        except AlreadyExistsError:
+            return
+        except Exception as error:  # SidecarError, or a model that fails to load here
+            self._unavailable[event.name] = UnavailableDrafter(
+                event.name, event.drafter_kind, event.path, str(error)
+            )
+            logger.warning(
+                "pooling: drafter %s registered by %s is unavailable here: %s",
+                event.name,
+                event.origin.replica,
+                error,
+            )
+            return
+        self._unavailable.pop(event.name, None)
+        logger.info("pooling: drafter %s registered by %s", event.name, event.origin.replica)
+
+    async def _remove(self, name: str) -> None:
+        self._unavailable.pop(name, None)
+        try:
+            record = self._service.drafters.get(name).record
+        except NotFoundError:
+            return
+        if record.builtin:
+            logger.warning("pooling: another replica removed %s, built in here; kept", name)
+            return
+        try:
+            await self._service.remove_drafter(name)
+        except (NotFoundError, SidecarError) as error:
+            logger.warning("pooling: cannot remove drafter %s: %s", name, error)
+            return
+        logger.info("pooling: drafter %s removed by another replica", name)
+
+    # -- loops ----------------------------------------------------------------------------
+    async def catch_up(self) -> int:
+        history: list[tuple[str, Mapping[Any, Any]]] = []
+        start = self._reader.last_id
+        try:
+            count = await self._reader.catch_up(history.extend)
+            await self.handle_history(history)
+        except BaseException:
+            self._reader.last_id = start  # the live loop reads them again
+            raise
+        return count
+
+    async def run_reader(self) -> None:
+        await self._reader.run(self.handle)
+
+    async def run_writer(self) -> None:
+        await self._writer.run()

@@ -1,0 +1,179 @@
+"""A stream writer (bounded buffer, publish loop) and a stream reader (catch-up, then a
+blocking read loop): the two halves every shared stream of a replica uses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from router.pooling.entries import EntrySigner
+from router.pooling.link import READ_BLOCK_MS, Backoff, RedisLink, redis_errors
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_BATCH = 256
+READ_BATCH = 1000
+
+
+class StreamWriter:
+    """Payloads appended from any thread, published in order by one asyncio task.
+
+    While Redis is unreachable payloads wait in a buffer of ``capacity``; when it is full
+    the oldest is dropped (``on_dropped``). A batch that fails is published again whole,
+    so an entry may reach the stream twice: readers apply each (replica, seq) once.
+    """
+
+    def __init__(
+        self,
+        link: RedisLink,
+        signer: EntrySigner,
+        stream: str,
+        retention: int,
+        capacity: int,
+        *,
+        on_published: Callable[[int], None] = lambda count: None,
+        on_dropped: Callable[[], None] = lambda: None,
+        on_depth: Callable[[int], None] = lambda depth: None,
+    ) -> None:
+        self._link = link
+        self._signer = signer
+        self._stream = stream
+        self._retention = retention
+        self._capacity = capacity
+        self._on_published = on_published
+        self._on_dropped = on_dropped
+        self._on_depth = on_depth
+        self._lock = threading.Lock()
+        self._buffer: deque[Mapping[str, Any]] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self.published = 0
+        self.dropped = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    def append(self, payload: Mapping[str, Any]) -> None:
+        """Queue ``payload`` (any thread; never blocks on Redis)."""
+        with self._lock:
+            if len(self._buffer) >= self._capacity:
+                self._buffer.popleft()
+                self.dropped += 1
+                self._on_dropped()
+            self._buffer.append(payload)
+            depth = len(self._buffer)
+        self._on_depth(depth)
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    async def run(self) -> None:
+        """Publish until cancelled; a cancel first tries one last flush."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        backoff = Backoff(self._link.reconnect_max_s)
+        try:
+            while True:
+                self._wake.clear()
+                if not self._buffer:
+                    await self._wake.wait()
+                    continue
+                if await self.publish_once():
+                    backoff.reset()
+                else:
+                    await asyncio.sleep(backoff.next_delay())
+        except asyncio.CancelledError:
+            if self._buffer:
+                await asyncio.wait_for(self.flush(), timeout=1.0)
+            raise
+
+    async def flush(self) -> None:
+        while self._buffer and await self.publish_once():
+            pass
+
+    async def publish_once(self) -> bool:
+        """Publish the oldest batch; False when Redis refused (the batch stays)."""
+        with self._lock:
+            batch = [self._buffer[i] for i in range(min(PUBLISH_BATCH, len(self._buffer)))]
+        try:
+            async with self._link.client.pipeline(transaction=False) as pipe:
+                for payload in batch:
+                    pipe.xadd(
+                        self._stream,
+                        self._signer.fields(payload),  # type: ignore[arg-type]
+                        maxlen=self._retention,
+                        approximate=True,
+                    )
+                await pipe.execute()
+        except redis_errors() as error:
+            self._link.failed(error)
+            return False
+        self._link.succeeded()
+        with self._lock:
+            for _ in batch:
+                self._buffer.popleft()
+            depth = len(self._buffer)
+        self.published += len(batch)
+        self._on_published(len(batch))
+        self._on_depth(depth)
+        return True
+
+
+EntryHandler = Callable[[str, Mapping[Any, Any]], None]
+
+
+class StreamReader:
+    """Reads a stream from its first retained entry on: ``catch_up`` until the end, then
+    ``run`` blocks for new entries. ``last_id`` is the last entry handed on."""
+
+    def __init__(self, link: RedisLink, stream: str) -> None:
+        self._link = link
+        self._stream = stream
+        self.last_id = "0-0"
+
+    async def read_batch(self, block_ms: int | None) -> list[tuple[str, Mapping[Any, Any]]]:
+        reply = await self._link.client.xread(
+            {self._stream: self.last_id}, count=READ_BATCH, block=block_ms
+        )
+        self._link.succeeded()
+        entries: list[tuple[str, Mapping[Any, Any]]] = []
+        for _, items in reply or ():
+            for entry_id, fields in items:
+                key = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                entries.append((key, fields))
+        return entries
+
+    async def catch_up(self, handle: Callable[[list[tuple[str, Mapping[Any, Any]]]], Any]) -> int:
+        """Hand on every retained entry after ``last_id`` (batches), until none is left."""
+        seen = 0
+        while True:
+            entries = await self.read_batch(None)
+            if not entries:
+                return seen
+            await _maybe_await(handle(entries))
+            self.last_id = entries[-1][0]
+            seen += len(entries)
+
+    async def run(self, handle: Callable[[list[tuple[str, Mapping[Any, Any]]]], Any]) -> None:
+        """Block for new entries and hand them on, until cancelled; reconnect with backoff."""
+        backoff = Backoff(self._link.reconnect_max_s)
+        while True:
+            try:
+                entries = await self.read_batch(READ_BLOCK_MS)
+            except redis_errors() as error:
+                self._link.failed(error)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            if entries:
+                await _maybe_await(handle(entries))
+                self.last_id = entries[-1][0]
+
+
+async def _maybe_await(value: Any) -> None:
+    if asyncio.iscoroutine(value):
+        await value

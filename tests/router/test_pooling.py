@@ -1,0 +1,306 @@
+"""Replicas that pool what they learn through a real Redis (router.pooling), end to end:
+two or three in-process sidecars on the tiny world, real gRPC on free ports, one
+``redis-server`` for the module (each test on its own stream names)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router.pb import router_pb2 as pb
+from router.pooling.entries import EntrySigner
+from router.settings import PoolingSettings
+from tests.router.conftest import ADMIN, ServingWorld, SidecarThread
+
+SECRET = "fleet-secret"
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from benchmarks.replicas.redis_server import RedisServer, redis_binary
+
+    if redis_binary() is None:
+        pytest.skip("redis-server is not installed (make install installs it as root)")
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+class Fleet:
+    """Sidecars of one test, sharing the module's Redis on this test's own streams."""
+
+    def __init__(
+        self, serving_world: ServingWorld, components: Any, redis_url: str, tmp: Path
+    ) -> None:
+        self.serving_world = serving_world
+        self.components = components
+        self.tmp = tmp
+        prefix = f"test-{uuid.uuid4().hex[:8]}"
+        self.pooling = PoolingSettings(
+            enabled=True,
+            redis_url=redis_url,
+            secret=SECRET,
+            outcome_stream=f"{prefix}:outcomes",
+            registry_stream=f"{prefix}:drafters",
+            replay_timeout_s=2.0,
+            reconnect_max_s=0.2,
+        )
+        self.sidecars: list[SidecarThread] = []
+
+    def start(self, name: str, components: Any = None, **overrides: Any) -> SidecarThread:
+        pooling = overrides.pop("pooling", self.pooling)
+        settings = self.serving_world.settings(self.tmp / name, pooling=pooling, **overrides)
+        sidecar = SidecarThread(settings, components or self.components)
+        self.sidecars.append(sidecar)
+        return sidecar
+
+    def stop(self) -> None:
+        for sidecar in self.sidecars:
+            sidecar.stop()
+
+
+@pytest.fixture
+def fleet(
+    serving_world: ServingWorld, components: Any, redis_server: Any, tmp_path: Path
+) -> Iterator[Fleet]:
+    started = Fleet(serving_world, components, redis_server.url, tmp_path)
+    yield started
+    started.stop()
+
+
+def metric(sidecar: SidecarThread, name: str, **labels: str) -> float:
+    value = sidecar.service.metrics.registry.get_sample_value(name, labels or None)
+    return float(value or 0.0)
+
+
+def published(sidecar: SidecarThread) -> float:
+    return metric(sidecar, "specroute_pooled_outcomes_published_total")
+
+
+def applied(sidecar: SidecarThread) -> float:
+    return metric(sidecar, "specroute_pooled_outcomes_applied_total")
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.05)
+
+
+def context_requests(sidecar: SidecarThread, cluster: str) -> int:
+    state = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
+    return sum(c.requests for c in state.contexts if c.task_cluster == cluster)
+
+
+def route_and_report(sidecar: SidecarThread, task: str, steps: int = 6) -> pb.RouteDecision:
+    """Route a prompt with a task hint and report a run where every draft was accepted."""
+    decision = sidecar.stub.Route(pb.RouteRequest(text=f"{task} prompt", task_hint=task))
+    k = decision.draft_length
+    sidecar.stub.Report(
+        pb.RouteOutcome(
+            request_id=decision.request_id,
+            drafted_per_step=[k] * steps,
+            accepted_per_step=[k] * steps,
+            draft_time_s=0.001 * steps,
+            verify_time_s=0.01 * steps,
+        )
+    )
+    return decision
+
+
+def test_report_on_one_replica_changes_the_others_policy(fleet: Fleet) -> None:
+    a, b = fleet.start("a"), fleet.start("b")
+    assert context_requests(b, "math") == 0
+    for _ in range(3):
+        route_and_report(a, "math")
+    wait_until(lambda: context_requests(b, "math") == 3)
+    assert published(a) == 3 and applied(b) == 3
+    # B's own outcomes flow back to A, which never applies its own twice.
+    route_and_report(b, "code")
+    wait_until(lambda: context_requests(a, "code") == 1)
+    assert applied(a) == 1 and context_requests(a, "math") == 3
+
+
+def test_generate_and_counterfactuals_are_pooled(fleet: Fleet, serving_world: ServingWorld) -> None:
+    from tests.router.conftest import COMPLETION_PROMPT
+
+    a, b = fleet.start("a"), fleet.start("b")
+    request = pb.GenerateRequest(
+        text=COMPLETION_PROMPT, task_hint="qa", max_new_tokens=24, force_drafter="generic"
+    )
+    request.force_draft_length = 3
+    list(a.stub.Generate(request))
+    # The run itself, then a counterfactual score per other drafter (greedy request).
+    wait_until(lambda: published(a) >= 2 and applied(b) == published(a))
+    arms = {
+        arm.drafter: arm
+        for context in b.stub.GetPolicyState(pb.GetPolicyStateRequest()).contexts
+        if context.task_cluster == "qa"
+        for arm in context.arms
+    }
+    assert arms["generic"].decisions == 1
+    assert arms["ngram"].alpha + arms["ngram"].beta > 2.0  # scored on the output
+
+
+def test_forged_entries_are_dropped_and_counted(fleet: Fleet, redis_server: Any) -> None:
+    import redis
+
+    b = fleet.start("b")
+    version = b.stub.GetPolicyState(pb.GetPolicyStateRequest()).version
+    payload = {
+        "format": 1,
+        "replica": "intruder",
+        "seq": 1,
+        "kind": "outcome",
+        "cluster": "forged",
+        "bucket": 0,
+        "drafter": "generic",
+        "k": 8,
+        "drafted": [8] * 50,
+        "accepted": [8] * 50,
+        "tokens": 450,
+    }
+    data = json.dumps(payload).encode()
+    right = EntrySigner(SECRET.encode())
+    wrong = EntrySigner(b"not-the-secret")
+    client = redis.Redis.from_url(redis_server.url)
+    stream = fleet.pooling.outcome_stream
+    client.xadd(stream, {"payload": data})  # unsigned
+    client.xadd(stream, {"payload": data, "sig": wrong.signature(data)})
+    client.xadd(stream, {"payload": data + b" ", "sig": right.signature(data)})
+    malformed = {**payload, "accepted": [9] * 50}  # more accepted than drafted
+    client.xadd(stream, right.fields(malformed))  # type: ignore[arg-type]
+    client.xadd(stream, right.fields({**payload, "seq": "1"}))  # type: ignore[arg-type]
+    client.xadd(stream, {"payload": b"{not json", "sig": right.signature(b"{not json")})
+    client.xadd(b"%b" % fleet.pooling.registry_stream.encode(), {"payload": b"{}", "sig": b"00"})
+    client.close()
+
+    def rejected(reason: str) -> float:
+        return metric(b, "specroute_pooled_entries_rejected_total", reason=reason)
+
+    wait_until(lambda: rejected("malformed") == 3 and rejected("bad_signature") == 3)
+    assert rejected("unsigned") == 1
+    state = b.stub.GetPolicyState(pb.GetPolicyStateRequest())
+    assert state.version == version
+    assert not [c for c in state.contexts if c.task_cluster == "forged"]
+    assert applied(b) == 0
+    # A signed entry of another replica is applied: the reader lived through the forgeries.
+    good = fleet.pooling.outcome_stream
+    client = redis.Redis.from_url(redis_server.url)
+    client.xadd(good, right.fields({**payload, "cluster": "math"}))  # type: ignore[arg-type]
+    client.close()
+    wait_until(lambda: applied(b) == 1)
+
+
+def names(sidecar: SidecarThread) -> set[str]:
+    return {d.name for d in sidecar.stub.ListDrafters(pb.ListDraftersRequest()).drafters}
+
+
+def test_drafter_registered_on_one_replica_is_used_by_the_others(
+    fleet: Fleet, serving_world: ServingWorld
+) -> None:
+    a, b = fleet.start("a"), fleet.start("b")
+    # C cannot load it: its model roots lack the directory (as if missing on that node).
+    world_only = dataclasses.replace(fleet.components, model_roots=(serving_world.world.root,))
+    c = fleet.start("c", components=world_only)
+    a.stub.RegisterDrafter(
+        pb.RegisterDrafterRequest(
+            name="shared-spare", kind="model", path=str(serving_world.spare_dir), tasks=["math"]
+        ),
+        metadata=ADMIN,
+    )
+    wait_until(lambda: "shared-spare" in names(b), timeout_s=60)
+    request = pb.GenerateRequest(
+        text="2 + 2 =", task_hint="math", max_new_tokens=8, force_drafter="shared-spare"
+    )
+    request.force_draft_length = 2
+    chunks = list(b.stub.Generate(request))
+    assert chunks[0].decision.drafter == "shared-spare"
+    wait_until(
+        lambda: (
+            [u.name for u in c.stub.ListDrafters(pb.ListDraftersRequest()).unavailable]
+            == ["shared-spare"]
+        ),
+        timeout_s=60,
+    )
+    missing = c.stub.ListDrafters(pb.ListDraftersRequest()).unavailable[0]
+    assert "root" in missing.error and missing.path == str(serving_world.spare_dir)
+    assert metric(c, "specroute_shared_drafters_unavailable") == 1
+    assert "shared-spare" not in names(c)
+    c.stub.Route(pb.RouteRequest(text="still serving", task_hint="math"))
+    # Removal reaches every replica too, and clears C's unavailable entry.
+    a.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="shared-spare"), metadata=ADMIN)
+    wait_until(lambda: "shared-spare" not in names(b))
+    wait_until(lambda: not c.stub.ListDrafters(pb.ListDraftersRequest()).unavailable)
+
+
+def test_redis_down_mid_run_buffers_and_publishes_when_it_returns(
+    fleet: Fleet, redis_server: Any
+) -> None:
+    a, b = fleet.start("a"), fleet.start("b")
+    route_and_report(a, "chat")
+    wait_until(lambda: applied(b) == 1)
+    redis_server.stop()
+    try:
+        for _ in range(5):  # every request still succeeds, A keeps learning locally
+            route_and_report(a, "chat")
+        assert context_requests(a, "chat") == 6
+        wait_until(lambda: metric(a, "specroute_pooling_connected") == 0)
+        assert metric(a, "specroute_pooled_outcomes_buffered") == 5
+    finally:
+        redis_server.start()  # the same port; no persistence: the streams start empty
+    wait_until(lambda: published(a) == 6 and applied(b) == 6, timeout_s=30)
+    assert context_requests(b, "chat") == 6
+    assert metric(a, "specroute_pooled_outcomes_dropped_total") == 0
+    assert metric(a, "specroute_pooled_outcomes_buffered") == 0
+
+
+def test_new_replica_replays_history_before_serving(fleet: Fleet) -> None:
+    a = fleet.start("a")
+    for task in ("math", "math", "code", "rag"):
+        route_and_report(a, task)
+    wait_until(lambda: published(a) == 4)
+    c = fleet.start("c")  # returns once health says SERVING
+    assert applied(c) == 4
+    assert context_requests(c, "math") == 2 and context_requests(c, "rag") == 1
+
+
+def test_restart_applies_only_what_the_snapshot_lacks(fleet: Fleet) -> None:
+    """A restarted replica restores its snapshot and replays the stream beyond the
+    snapshot's cursor: nothing twice, nothing it learned from the others lost."""
+    a, b = fleet.start("a"), fleet.start("b")
+    for _ in range(2):
+        route_and_report(b, "qa")
+    wait_until(lambda: applied(a) == 2)
+    a.stop()  # final snapshot: holds B's two outcomes and the cursor past them
+    fleet.sidecars.remove(a)
+    route_and_report(b, "qa")  # learned while A is down
+    wait_until(lambda: published(b) == 3)
+    again = fleet.start("a")  # same state dir
+    assert context_requests(again, "qa") == 3
+    assert applied(again) == 1
+
+
+def test_unreachable_redis_at_start_still_serves(fleet: Fleet, serving_world: ServingWorld) -> None:
+    from benchmarks.replicas.redis_server import free_port
+
+    nowhere = PoolingSettings.model_validate(
+        {
+            **fleet.pooling.model_dump(),
+            "redis_url": f"redis://127.0.0.1:{free_port()}/0",
+            "replay_timeout_s": 0.5,
+        }
+    )
+    lone = fleet.start("lone", pooling=nowhere)
+    route_and_report(lone, "math")
+    assert context_requests(lone, "math") == 1
+    wait_until(lambda: metric(lone, "specroute_pooled_outcomes_buffered") == 1)
