@@ -123,6 +123,9 @@ class SplitSizes:
 
 SCALES: dict[str, SplitSizes] = {
     "tiny": SplitSizes(train=48, validation=8, test=8),
+    # Corpus only (no world is built at this scale): quick checks of the whole task mix,
+    # such as the classifier's routing of the handwritten prompts (tests).
+    "small": SplitSizes(train=240, validation=16, test=16),
     "default": SplitSizes(train=1400, validation=40, test=50),
 }
 

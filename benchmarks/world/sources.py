@@ -59,6 +59,15 @@ class Language:
 
 
 @dataclass(frozen=True)
+class LocaleFormats:
+    """Django's formatting conventions of one locale (``django/conf/locale/<code>/formats.py``)."""
+
+    code: str
+    first_day_of_week: int | None  # 0 = Sunday, 1 = Monday, ...
+    decimal_separator: str | None
+
+
+@dataclass(frozen=True)
 class MathProblem:
     """A competition problem with its worked solution (CHAMP)."""
 
@@ -187,6 +196,30 @@ def django_ui_strings(language: str = "fr") -> tuple[tuple[str, str], ...]:
             if len(text.split()) <= 2 and len(translated.split()) <= 3 and text[:1].isupper():
                 pairs.setdefault(text, translated)
     return tuple(sorted(pairs.items()))
+
+
+@cache
+def django_locale_formats() -> tuple[LocaleFormats, ...]:
+    """Each locale's first day of the week and decimal separator, read as literals; BSD-3."""
+    formats = []
+    for path in sorted((package_dir("django") / "conf" / "locale").glob("*/formats.py")):
+        values: dict[str, object] = {}
+        for node in ast.parse(path.read_text("utf-8")).body:
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+                try:
+                    values[node.targets[0].id] = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+        first_day = values.get("FIRST_DAY_OF_WEEK")
+        separator = values.get("DECIMAL_SEPARATOR")
+        formats.append(
+            LocaleFormats(
+                path.parent.name,
+                first_day if isinstance(first_day, int) else None,
+                separator if isinstance(separator, str) else None,
+            )
+        )
+    return tuple(formats)
 
 
 @dataclass(frozen=True)

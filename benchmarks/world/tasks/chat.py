@@ -35,7 +35,7 @@ HISTORY_WORDS = 40  # each earlier turn is clipped to this many words
 @cache
 def conversation_pools() -> dict[str, list[tuple[str, ...]]]:
     """Conversations split by conversation (never a test conversation in training)."""
-    return clean_partition(sources.chitchat_conversations(), 11, " ".join)
+    return clean_partition(sources.chitchat_conversations(), 11, lambda c: [" ".join(c)])
 
 
 def _reply_positions(conversation: tuple[str, ...]) -> list[int]:

@@ -175,7 +175,7 @@ def humaneval_pools() -> dict[str, list[sources.CodeProblem]]:
         for p in sources.humaneval_problems()
         if len(p.prompt) + len(p.solution) <= MAX_HUMANEVAL_CHARS
     ]
-    return clean_partition(problems, 15, lambda p: p.prompt + p.solution)
+    return clean_partition(problems, 15, lambda p: [p.prompt + p.solution])
 
 
 def _example_call(

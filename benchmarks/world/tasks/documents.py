@@ -37,7 +37,10 @@ def section_pools() -> dict[str, list[sources.Section]]:
     for section in sources.document_sections():
         by_document[section.document].append(section)
     documents = [tuple(by_document[d]) for d in sorted(by_document)]
-    pools = clean_partition(documents, 12, lambda doc: " ".join(" ".join(s.sentences) for s in doc))
+    # Titles count as text: one passage's heading can be another's first words.
+    pools = clean_partition(
+        documents, 12, lambda doc: [" ".join(" ".join((s.title, *s.sentences)) for s in doc)]
+    )
     return {split: [s for doc in docs for s in doc] for split, docs in pools.items()}
 
 
@@ -262,9 +265,63 @@ def qa_answer(response: str) -> str:
     return response.strip()
 
 
+WEEKDAYS = ("Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
+SEPARATOR_NAMES = {",": "a comma", ".": "a full stop", "\u00a0": "a space", " ": "a space"}
+QA_CONVENTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    "week": (
+        (
+            "On which day does the week start in {name}?",
+            "Which day is the first day of the week for {name} speakers?",
+            "When does the calendar week begin in {name}?",
+        ),
+        "In {name}, the week starts on {day}.",
+    ),
+    "decimal": (
+        (
+            "What is the decimal separator in {name}?",
+            "Which character separates decimals in {name} numbers?",
+            "How are decimals written in {name}: with a comma or a point?",
+        ),
+        "{name} writes decimals with {separator}.",
+    ),
+    "bidi": (
+        (
+            "Is {name} written from right to left?",
+            "Which direction is {name} written in?",
+            "Does {name} read left to right?",
+        ),
+        "{name} is written from {direction}.",
+    ),
+}
+
+
 def _closed_book(rng: random.Random) -> Pair:
-    language = rng.choice(sources.django_languages())
-    relation = rng.choice(sorted(QA_CLOSED_BOOK))
+    """A closed-book question about a language: its code, native name, script direction or
+    (where Django records them) its week start and decimal separator."""
+    languages = {language.code: language for language in sources.django_languages()}
+    relation = rng.choice(sorted(QA_CLOSED_BOOK) + sorted(QA_CONVENTIONS))
+    if relation in QA_CONVENTIONS:
+        questions, answer = QA_CONVENTIONS[relation]
+        formats = [
+            f
+            for f in sources.django_locale_formats()
+            if f.code in languages
+            and f.first_day_of_week is not None
+            and f.decimal_separator in SEPARATOR_NAMES
+        ]
+        locale = rng.choice(formats)
+        language = languages[locale.code]
+        day = WEEKDAYS[locale.first_day_of_week or 0]
+        separator = SEPARATOR_NAMES[locale.decimal_separator or "."]
+        direction = "right to left" if language.bidi else "left to right"
+        fields = {
+            "name": language.name,
+            "day": day,
+            "separator": separator,
+            "direction": direction,
+        }
+        return turns(None, rng.choice(questions).format(**fields)), answer.format(**fields)
+    language = rng.choice(sorted(languages.values(), key=lambda item: item.code))
     fields = {"name": language.name, "code": language.code, "local": language.name_local}
     prompt = rng.choice(QA_CLOSED_BOOK[relation]).format(**fields)
     return turns(None, prompt), QA_ANSWERS[relation].format(**fields)

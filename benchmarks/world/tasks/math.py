@@ -1,8 +1,9 @@
 """math: procedurally generated problems with rule-based, step-by-step worked solutions.
 
-Four kinds, all seeded: word problems of two or three steps, arithmetic asked in words,
-linear equations, and change from a purchase. Every number the solution writes (operands,
-intermediate and final results) stays between 0 and 10, so a tiny target can learn the
+Six kinds, all seeded: word problems of two or three steps, arithmetic asked in words,
+linear equations, change from a purchase, percentages and rates (so much a day, for n
+days). Every number the solution writes (operands, intermediate and final results) stays
+between 0 and 10, so a tiny target can learn the
 arithmetic table (~100 facts); the solution restates each step, so answers are several
 sentences long. In training only, about one example in forty is a real competition
 problem from CHAMP with its real solution (too hard to be scored; it adds real wording).
@@ -229,13 +230,59 @@ def _change(rng: random.Random, split: str) -> Pair:
     return turns(None, prompt), "\n".join(steps)
 
 
+PERCENT_TRAIN = (
+    "What is {percent}% of {n}?",
+    "Calculate {percent} percent of {n}.",
+    "How much is {percent}% of {n}?",
+    "Find {percent}% of {n}.",
+    "{p} has {n} {i} and gives away {percent}% of them. How many is that?",
+)
+PERCENT_TEST = ("Work out {percent} percent of {n}, please.",)
+RATE_TRAIN = (
+    "{p} earns {m} dollars a day. How much does {p} earn in {n} days?",
+    "A ticket costs {m} dollars a week. How much do {n} weeks cost?",
+    "{p} reads {m} pages every day. How many pages in {n} days?",
+    "The rent for a locker is {m} dollars a month. What does it cost for {n} months?",
+    "{p} saves {m} dollars each week. How much is saved after {n} weeks?",
+)
+RATE_TEST = ("At {m} dollars per day, what do {n} days cost {p}?",)
+
+
+def _percent(rng: random.Random, split: str) -> Pair:
+    percent, parts = rng.choice(((50, 2), (25, 4), (20, 5), (10, 10)))
+    result = rng.randint(1, MAX_VALUE // parts)  # n = result * parts stays within 0..10
+    n = result * parts
+    fields = {"p": rng.choice(PEOPLE), "i": rng.choice(ITEMS), "percent": percent, "n": n}
+    prompt = rng.choice(template_set(split, PERCENT_TRAIN, PERCENT_TEST)).format(**fields)
+    steps = [
+        f"{percent}% means 1 part in {parts}.",
+        f"{percent}% of {n} is {n} / {parts} = {result}.",
+        f"The answer is {result}.",
+    ]
+    return turns(None, prompt), "\n".join(steps)
+
+
+def _rate(rng: random.Random, split: str) -> Pair:
+    n, m = rng.choice([(n, m) for n in range(2, 6) for m in range(1, 6) if n * m <= MAX_VALUE])
+    fields = {"p": rng.choice(PEOPLE), "n": n, "m": m}
+    prompt = rng.choice(template_set(split, RATE_TRAIN, RATE_TEST)).format(**fields)
+    steps = [
+        f"Each period gives {m}, and there are {n} periods.",
+        f"In all: {n} * {m} = {n * m}.",
+        f"The answer is {n * m}.",
+    ]
+    return turns(None, prompt), "\n".join(steps)
+
+
 MATH_KINDS: dict[str, Callable[[random.Random, str], Pair]] = {
     "story": _story,
     "words": _arithmetic_in_words,
     "equation": _equation,
     "change": _change,
+    "percent": _percent,
+    "rate": _rate,
 }
-KIND_WEIGHTS = {"story": 4, "words": 3, "equation": 2, "change": 1}
+KIND_WEIGHTS = {"story": 4, "words": 3, "equation": 2, "change": 1, "percent": 1, "rate": 1}
 
 
 def generate_math(rng: random.Random, split: str, count: int) -> list[Pair]:

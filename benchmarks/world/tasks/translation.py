@@ -2,7 +2,8 @@
 
 Seven locales (de, es, fr, it, ja, nl, pt), mostly English into one of them and sometimes
 back into English. A prompt holds two to four whole messages (sentences and phrases, one
-per line); the reference is their translations, line for line. Messages are partitioned
+per line; the reference is their translations, line for line), or, about one time in seven, one
+message quoted inside the request. Messages are partitioned
 between splits: a test message never occurs in training in any language.
 """
 
@@ -52,6 +53,19 @@ TRANSLATION_TRAIN = (
     "What's the {target} for these?\n{text}",
     "I'm writing to a {target} speaker. How do I write this?\n{text}",
 )
+# One message quoted inside the request ("How do you say '...' in German?").
+TRANSLATION_INLINE_TRAIN = (
+    "How do you say '{text}' in {target}?",
+    "What is '{text}' in {target}?",
+    "Translate '{text}' into {target}.",
+    "What does '{text}' mean in {target}?",
+    'Can you translate "{text}" to {target}?',
+    'In {target}, how would I write "{text}"?',
+    "{target} for '{text}'?",
+    'What\'s the {target} translation of "{text}"?',
+)
+TRANSLATION_INLINE_TEST = ("I'd like to say '{text}' in {target}. How?",)
+INLINE_SHARE = 0.15  # prompts that quote a single message inside the request
 TRANSLATION_TEST = (
     "Could you translate the text below into {target}?\n{text}",
     "Turn this into {target}:\n{text}",
@@ -63,7 +77,7 @@ TRANSLATION_TEST = (
 def message_pools() -> dict[str, list[sources.TranslatedString]]:
     """Django messages split by message: a test message is in no training prompt."""
     strings = sources.django_sentences(tuple(sorted(LANGUAGES)))
-    return clean_partition(strings, 16, lambda s: s.english)
+    return clean_partition(strings, 16, lambda s: [s.english] + [t for _, t in s.translations])
 
 
 def generate_translation(rng: random.Random, split: str, count: int) -> list[Pair]:
@@ -72,7 +86,9 @@ def generate_translation(rng: random.Random, split: str, count: int) -> list[Pai
     templates = template_set(split, TRANSLATION_TRAIN, TRANSLATION_TEST)
     pairs: list[Pair] = []
     for _ in range(count):
-        chosen = rng.sample(messages, min(rng.choice(MESSAGES_PER_PROMPT), len(messages)))
+        inline = rng.random() < INLINE_SHARE
+        size = 1 if inline else rng.choice(MESSAGES_PER_PROMPT)
+        chosen = rng.sample(messages, min(size, len(messages)))
         locale = rng.choice(sorted(LANGUAGES))
         foreign = [m.into(locale) or m.english for m in chosen]
         english = [m.english for m in chosen]
@@ -80,6 +96,11 @@ def generate_translation(rng: random.Random, split: str, count: int) -> list[Pai
             source, target, text, reference = LANGUAGES[locale], "English", foreign, english
         else:
             source, target, text, reference = "English", LANGUAGES[locale], english, foreign
-        prompt = rng.choice(templates).format(source=source, target=target, text="\n".join(text))
+        wordings = (
+            template_set(split, TRANSLATION_INLINE_TRAIN, TRANSLATION_INLINE_TEST)
+            if inline
+            else templates
+        )
+        prompt = rng.choice(wordings).format(source=source, target=target, text="\n".join(text))
         pairs.append((turns(None, prompt), "\n".join(reference)))
     return pairs
