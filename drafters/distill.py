@@ -75,7 +75,7 @@ class Acceptance:
     draft_length: int
     steps: int
     accepted: int
-    rejections: int  # steps that stopped at a rejected draft (accepted < k)
+    rejections: int  # steps that stopped at a rejected draft (not at the output's end)
 
     @property
     def rate(self) -> float:
@@ -110,8 +110,21 @@ def acceptance_of(score: Scorer, pairs: Sequence[TrainingPair], draft_length: in
         per_step = score(pair.prompt_ids, pair.output_ids, draft_length)
         steps += len(per_step)
         accepted += sum(per_step)
-        rejections += sum(1 for n in per_step if n < draft_length)
+        rejections += rejected_steps(per_step, draft_length, len(pair.output_ids))
     return Acceptance(len(pairs), draft_length, steps, accepted, rejections)
+
+
+def rejected_steps(accepted_per_step: Sequence[int], draft_length: int, output_length: int) -> int:
+    """Steps of a replay that ended at a rejected draft: a step at output position i that
+    accepted n < k drafts compared draft n + 1 with token i + n and lost, unless the output
+    had ended there (i + n = its length: nothing was left to reject)."""
+    rejections = 0
+    position = 0
+    for accepted in accepted_per_step:
+        if accepted < draft_length and position + accepted < output_length:
+            rejections += 1
+        position += accepted + 1
+    return rejections
 
 
 def model_scorer(model: Any, vocabulary_size: int | None = None) -> Scorer:

@@ -180,7 +180,7 @@ class ClusterCollector:
         self._capture = capture
 
     def describe(self) -> list[Metric]:
-        return list(self._families())
+        return list(self._families().values())
 
     def collect(self) -> Iterator[Metric]:
         families = self._families()

@@ -15,6 +15,7 @@ from drafters.distill import (
     distill,
     model_scorer,
     pad_batch,
+    rejected_steps,
     save_drafter,
     split_held_out,
 )
@@ -47,6 +48,17 @@ def test_pad_batch_weighs_output_predictions_one_and_prompt_ones_less() -> None:
     assert weights == [[0.1, 0.1, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]]
     long = pad_batch([TrainingPair((1, 2, 3, 4, 5), (6, 7))], 4, 0.1, 0)
     assert long.input_ids.tolist() == [[4, 5, 6, 7]]  # the oldest prompt tokens go
+
+
+def test_the_end_of_an_output_is_not_a_rejection() -> None:
+    # 5 tokens, k = 2: [2 accepted + bonus] [1 accepted, then a rejection] [0 at the end]
+    assert rejected_steps([2, 1, 0], 2, 5) == 1
+    assert rejected_steps([2, 1, 0], 2, 6) == 2
+    # A drafter that predicts everything still ends on a short last step.
+    score = acceptance_of(
+        lambda _p, o, k: [2, 2, 1] if len(o) == 7 else [], [TrainingPair((1,), tuple(range(7)))], 2
+    )
+    assert (score.accepted, score.rejections, score.rate) == (5, 0, 1.0)
 
 
 def test_split_held_out_is_seeded_and_disjoint(verified_pairs: list[TrainingPair]) -> None:

@@ -1,0 +1,418 @@
+"""``specroute capture stats|purge``, ``specroute clusters`` and ``specroute drafters distill``.
+
+Capture and distillation read the state directory directly (``--state-dir``, else the
+settings' ``state_dir``): run them on the sidecar's host. ``clusters`` and a distillation's
+``--register`` also ask the running sidecar (``--address``) over gRPC (docs/capture.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from router.serve_cli import ADDRESS_OPTION, DEFAULT_ADDRESS, TOKEN_OPTION
+
+CONFIG_OPTION = typer.Option("--config", help="TOML settings file (for state_dir, world).")
+STATE_OPTION = typer.Option("--state-dir", help="State directory (default: the settings').")
+GENERIC_DRAFTER = "generic"
+RPC_TIMEOUT_S = 10.0
+
+
+def _settings(config: Path | None, **overrides: Any) -> Any:
+    from pydantic import ValidationError
+
+    from router.settings import load_settings
+
+    try:
+        return load_settings(config, **overrides)
+    except (ValidationError, FileNotFoundError) as error:
+        typer.echo(f"invalid settings: {error}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _state_dir(state_dir: Path | None, config: Path | None) -> Path:
+    if state_dir is not None:
+        return state_dir.expanduser()
+    return Path(_settings(config).state_dir).expanduser()
+
+
+def _existing_capture(state_dir: Path) -> Any:
+    """The state directory's capture store, or None when nothing was ever captured there
+    (not created by reading it)."""
+    from router.capture import DATABASE_NAME, CaptureStore
+
+    return CaptureStore(state_dir) if (state_dir / DATABASE_NAME).is_file() else None
+
+
+def _when(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+# -- capture ----------------------------------------------------------------------------
+def capture_stats_command(
+    state_dir: Annotated[Path | None, STATE_OPTION] = None,
+    config: Annotated[Path | None, CONFIG_OPTION] = None,
+) -> None:
+    """Captured samples per cluster: count, bytes of token ids, oldest and newest."""
+    directory = _state_dir(state_dir, config)
+    store = _existing_capture(directory)
+    stats = store.stats() if store is not None else []
+    if not stats:
+        typer.echo(f"nothing captured in {directory}")
+        return
+    typer.echo(f"{'cluster':<16} {'samples':>8} {'bytes':>10}  oldest                newest")
+    for s in stats:
+        typer.echo(
+            f"{s.cluster:<16} {s.samples:>8} {s.bytes:>10}  {_when(s.oldest_unix)}  "
+            f"{_when(s.newest_unix)}"
+        )
+    typer.echo(
+        f"{'total':<16} {sum(s.samples for s in stats):>8} {sum(s.bytes for s in stats):>10}"
+    )
+
+
+def capture_purge_command(
+    cluster: Annotated[str | None, typer.Option("--cluster", help="Only this cluster.")] = None,
+    state_dir: Annotated[Path | None, STATE_OPTION] = None,
+    config: Annotated[Path | None, CONFIG_OPTION] = None,
+) -> None:
+    """Delete captured samples: one cluster's, or all."""
+    directory = _state_dir(state_dir, config)
+    store = _existing_capture(directory)
+    removed = store.purge(cluster) if store is not None else 0
+    typer.echo(f"purged {removed} captured samples ({cluster or 'every cluster'}) from {directory}")
+
+
+# -- clusters ---------------------------------------------------------------------------
+def _figure(value: float, digits: int = 2) -> str:
+    return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def clusters_command(
+    address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
+    state_dir: Annotated[Path | None, STATE_OPTION] = None,
+    config: Annotated[Path | None, CONFIG_OPTION] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per cluster.")] = False,
+) -> None:
+    """Per task cluster: traffic share, speed-up, acceptance, best arm, captured samples and
+    headroom (share x (speed-up with every draft accepted - speed-up now))."""
+    from router.clusters import cluster_views, summaries_from_pb
+    from router.pb import router_pb2 as pb
+    from router.serve_cli import _call, _stub
+
+    state = _call(_stub(address).GetPolicyState, pb.GetPolicyStateRequest(), timeout=RPC_TIMEOUT_S)
+    store = _existing_capture(_state_dir(state_dir, config))
+    captured = {s.cluster: s.samples for s in store.stats()} if store is not None else {}
+    views = cluster_views(summaries_from_pb(state), captured)
+    if as_json:
+        for view in views:
+            typer.echo(json.dumps(asdict(view)))
+        return
+    typer.echo(
+        f"{'cluster':<16} {'share':>6} {'speed-up':>8} {'accept':>6}  {'best arm':<20}"
+        f" {'captured':>8} {'headroom':>8}"
+    )
+    for view in sorted(views, key=lambda v: -v.headroom if not math.isnan(v.headroom) else 0):
+        arm = f"{view.best_drafter} k={view.best_k}" if view.best_drafter else "-"
+        typer.echo(
+            f"{view.cluster:<16} {view.traffic_share:>6.1%} {_figure(view.speedup):>8}"
+            f" {_figure(view.acceptance):>6}  {arm:<20} {view.captured_samples:>8}"
+            f" {_figure(view.headroom, 3):>8}"
+        )
+
+
+# -- distillation -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class SidecarView:
+    """What a running sidecar says about the cluster: its drafters and the current arm."""
+
+    drafters: dict[str, Any]  # name -> DrafterInfo
+    current_arm: str  # the cluster's chosen drafter (its busiest context), "" if unknown
+
+
+def _sidecar_view(address: str, cluster: str) -> SidecarView | None:
+    """ListDrafters and the cluster's current arm, or None when the sidecar is not there."""
+    import grpc
+
+    from router.pb import router_pb2 as pb
+    from router.serve_cli import _stub
+
+    stub = _stub(address)
+    try:
+        listed = stub.ListDrafters(pb.ListDraftersRequest(), timeout=RPC_TIMEOUT_S)
+        state = stub.GetPolicyState(pb.GetPolicyStateRequest(), timeout=RPC_TIMEOUT_S)
+    except grpc.RpcError:
+        return None
+    contexts = [c for c in state.contexts if c.task_cluster == cluster]
+    busiest = max(contexts, key=lambda c: c.requests, default=None)
+    return SidecarView(
+        {info.name: info for info in listed.drafters},
+        busiest.chosen_drafter if busiest is not None else "",
+    )
+
+
+def _world_generic(settings: Any) -> Path | None:
+    from router.bundle import ModelBundle
+    from router.components import resolve_world_dir
+
+    try:
+        return ModelBundle.load(resolve_world_dir(settings)).drafter_dirs.get(GENERIC_DRAFTER)
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+def _local_target(settings: Any) -> Path | None:
+    """The target's directory when it is on this host (soft labels), else None."""
+    from router.bundle import ModelBundle
+    from router.components import resolve_world_dir
+
+    if settings.target_dir is not None:
+        path = Path(settings.target_dir).expanduser()
+        return path if (path / "config.json").is_file() else None
+    try:
+        return ModelBundle.load(resolve_world_dir(settings)).target_dir
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+def _start_drafter(source: str | None, view: SidecarView | None, settings: Any) -> tuple[str, Path]:
+    """(name, directory) of the model drafter to start from: ``--from`` (a drafter the
+    sidecar serves, or a directory), else the cluster's current arm when it is a model
+    drafter, else the generic drafter."""
+    served = view.drafters if view is not None else {}
+    if source:
+        info = served.get(source)
+        if info is not None and info.kind == "model":
+            return source, Path(info.path)
+        if Path(source).expanduser().is_dir():
+            return Path(source).name, Path(source).expanduser()
+        raise typer.BadParameter(
+            f"{source!r} is neither a model drafter the sidecar serves nor a directory",
+            param_hint="--from",
+        )
+    current = served.get(view.current_arm) if view is not None else None
+    if current is not None and current.kind == "model":
+        return current.name, Path(current.path)
+    generic = served.get(GENERIC_DRAFTER)
+    if generic is not None and generic.kind == "model":
+        return GENERIC_DRAFTER, Path(generic.path)
+    world_generic = _world_generic(settings)
+    if world_generic is None:
+        raise typer.BadParameter("no generic drafter found: name one", param_hint="--from")
+    return GENERIC_DRAFTER, world_generic
+
+
+def _scorer(name: str, info: Any, placement: Any) -> Any:
+    """The counterfactual scorer of a served drafter (model, ngram or none)."""
+    from drafters.distill import model_scorer
+    from drafters.loader import load_model
+    from drafters.ngram import NgramDrafter
+    from drafters.registry import NoDrafter
+
+    kind = info.kind if info is not None else "none"
+    if kind == "model":
+        loaded = load_model(info.path, placement=placement)
+        return model_scorer(loaded.model, len(loaded.tokenizer))
+    if kind == "ngram":
+        options = dict(getattr(info, "options", {}) or {})
+        drafter: Any = NgramDrafter(
+            name,
+            placement.device,
+            min_n=int(options.get("min_n", 2)),
+            max_n=int(options.get("max_n", 3)),
+        )
+        return drafter.score_counterfactual
+    return NoDrafter(name, placement.device).score_counterfactual
+
+
+def _refusal(after: Any, baselines: Sequence[tuple[str, Any]]) -> str | None:
+    """Why the distilled drafter must not be registered (None: it beats every baseline)."""
+    for name, acceptance in baselines:
+        if after.rate <= acceptance.rate:
+            return (
+                f"not registered: held-out acceptance {after.rate:.3f} does not beat "
+                f"{name}'s {acceptance.rate:.3f} on {after.samples} held-out samples"
+            )
+    return None
+
+
+def _register(
+    address: str, token: str | None, name: str, out: Path, cluster: str, sample: list[str]
+) -> Any:
+    from router.pb import router_pb2 as pb
+    from router.serve_cli import _call, _metadata, _stub
+
+    request = pb.RegisterDrafterRequest(
+        name=name, kind="model", path=str(out.resolve()), tasks=[cluster], finetune_sample=sample
+    )
+    return _call(_stub(address).RegisterDrafter, request, metadata=_metadata(token), timeout=300.0)
+
+
+def distill_command(
+    cluster: Annotated[str, typer.Option("--cluster", help="Task cluster to distill for.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the drafter to.")],
+    source: Annotated[
+        str | None,
+        typer.Option("--from", help="Drafter name or directory (default: current arm/generic)."),
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", min=0, help="Optimiser steps.")] = 100,
+    register_as: Annotated[
+        str | None, typer.Option("--register", help="Register it under this name if it pays.")
+    ] = None,
+    held_out: Annotated[float, typer.Option("--held-out", help="Fraction held out.")] = 0.2,
+    draft_length: Annotated[int, typer.Option("--k", min=1, help="k of the replay.")] = 4,
+    learning_rate: Annotated[float, typer.Option("--lr")] = 1e-3,
+    no_target: Annotated[
+        bool, typer.Option("--no-target", help="Hard labels even if the target is local.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty --out.")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    state_dir: Annotated[Path | None, STATE_OPTION] = None,
+    config: Annotated[Path | None, CONFIG_OPTION] = None,
+    world: Annotated[Path | None, typer.Option("--world", help="World directory.")] = None,
+    address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
+    token: Annotated[str | None, TOKEN_OPTION] = None,
+) -> None:
+    """Fine-tune a drafter on a cluster's captured traffic, report held-out acceptance before
+    and after, write it as a Hugging Face directory; --register adds it to the sidecar only
+    if it beats both the cluster's current arm and the drafter it started from."""
+    import torch
+
+    from drafters.distill import (
+        DistillConfig,
+        TrainingPair,
+        acceptance_of,
+        distill,
+        model_scorer,
+        save_drafter,
+        split_held_out,
+    )
+    from drafters.loader import DevicePlacement, load_model
+
+    started = time.perf_counter()
+    settings = _settings(config, world_dir=world)
+    directory = Path(state_dir).expanduser() if state_dir else Path(settings.state_dir)
+    store = _existing_capture(directory.expanduser())
+    captured = store.pairs(cluster) if store is not None else []
+    if len(captured) < 2:
+        typer.echo(
+            f"error: {len(captured)} captured samples of {cluster!r} in {directory}; "
+            "distillation needs at least 2 (enable [capture] and serve some traffic)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    if out.exists() and any(out.iterdir()) and not force:
+        typer.echo(f"error: {out} exists and is not empty (--force to write into it)", err=True)
+        raise typer.Exit(1)
+    pairs = [TrainingPair(p.prompt_ids, p.output_ids) for p in captured]
+    train, held = split_held_out(pairs, held_out, seed)
+    view = _sidecar_view(address, cluster)
+    if view is None and register_as:
+        typer.echo(f"error: no sidecar at {address} to register with", err=True)
+        raise typer.Exit(1)
+    start_name, start_dir = _start_drafter(source, view, settings)
+    placement = DevicePlacement(torch.device("cpu"), torch.float32)
+    drafter = load_model(start_dir, placement=placement)
+    target_dir = None if no_target else _local_target(settings)
+    target = load_model(target_dir, placement=placement).model if target_dir else None
+    vocabulary = len(drafter.tokenizer)
+    before = acceptance_of(model_scorer(drafter.model, vocabulary), held, draft_length)
+    baselines = [(f"the starting drafter {start_name}", before)]
+    current = view.current_arm if view is not None else ""
+    if current and current != start_name:
+        scorer = _scorer(current, view.drafters.get(current) if view else None, placement)
+        baselines.append((f"the current arm {current}", acceptance_of(scorer, held, draft_length)))
+    labels = "soft labels (the target's top-16)" if target is not None else "hard labels"
+    typer.echo(
+        f"distilling {start_name} on {len(train)} captured {cluster} samples, {steps} steps,"
+        f" {labels}; {len(held)} held out",
+        err=True,
+    )
+    config_ = DistillConfig(steps=steps, learning_rate=learning_rate, seed=seed)
+    pad_id = drafter.tokenizer.pad_token_id
+    pad = int(pad_id if pad_id is not None else drafter.tokenizer.eos_token_id)
+    if steps > 0:
+        distill(
+            drafter.model,
+            train,
+            config_,
+            pad_id=pad,
+            target=target,
+            progress=True,
+            description=f"distill {cluster}",
+        )
+    after = acceptance_of(model_scorer(drafter.model, vocabulary), held, draft_length)
+    for name, acceptance in baselines:
+        typer.echo(f"held-out acceptance (k={draft_length}) of {name}: {acceptance.rate:.3f}")
+    typer.echo(f"held-out acceptance (k={draft_length}) after distillation: {after.rate:.3f}")
+    sample = [
+        drafter.tokenizer.decode(list(p.prompt_ids), skip_special_tokens=False) for p in train
+    ]
+    report = {
+        "cluster": cluster,
+        "from": start_name,
+        "steps": steps,
+        "labels": "soft" if target is not None else "hard",
+        "train_samples": len(train),
+        "held_out_samples": len(held),
+        "draft_length": draft_length,
+        "acceptance_before": before.rate,
+        "acceptance_after": after.rate,
+        "baselines": {name: acceptance.rate for name, acceptance in baselines},
+    }
+    save_drafter(drafter.model, drafter.tokenizer, out, sample, cluster, report)
+    typer.echo(f"wrote {out}")
+    seconds = time.perf_counter() - started
+    record = _recorder(directory, cluster, seconds)
+    if not register_as:
+        record("written", str(out))
+        return
+    refusal = _refusal(after, baselines)
+    if refusal is not None:
+        record("refused", refusal)
+        typer.echo(refusal, err=True)
+        raise typer.Exit(1)
+    try:
+        info = _register(address, token, register_as, out, cluster, sample[:64])
+    except typer.Exit:
+        record("failed", f"RegisterDrafter {register_as} refused")
+        raise
+    record("registered", register_as)
+    typer.echo(f"registered {info.name} for {cluster}")
+
+
+def _recorder(directory: Path, cluster: str, seconds: float) -> Any:
+    from router.capture import CaptureStore
+
+    def record(outcome: str, detail: str) -> None:
+        store = CaptureStore(directory)
+        try:
+            store.record_distillation(cluster, outcome, seconds, detail)
+        finally:
+            store.close()
+
+    return record
+
+
+def _group(app: typer.Typer, name: str, help_text: str) -> typer.Typer:
+    from router.serve_cli import _group as group
+
+    return group(app, name, help_text)
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    """Add ``capture``, ``clusters`` and ``drafters distill`` to the root app."""
+    capture = _group(app, "capture", "Captured traffic (opt-in): stats and purge.")
+    capture.command("stats")(capture_stats_command)
+    capture.command("purge")(capture_purge_command)
+    app.command("clusters")(clusters_command)
+    drafters = _group(app, "drafters", "Drafters: list, register and remove on a sidecar.")
+    drafters.command("distill")(distill_command)

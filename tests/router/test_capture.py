@@ -1,0 +1,272 @@
+"""Capture, distillation and the operator's view on a real sidecar (tiny world).
+
+The sidecar here serves no bundle drafters (ngram and none only), like a cluster no
+drafter fits; captured requests are greedy chat Generates with a task hint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
+
+from router.capture import CaptureSettings, CaptureStore
+from router.cli import build_app
+from router.components import build_components, read_finetune_sample
+from router.launch import launch_sidecar
+from router.pb import router_pb2 as pb
+from router.pb import router_pb2_grpc
+from router.service import Components
+from tests.router.conftest import ADMIN_TOKEN, ServingWorld, SidecarThread
+
+CLUSTER = "chat"
+CAPTURED = 24
+MAX_NEW_TOKENS = 32
+DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "specroute.json"
+WRONG_TOKEN = 17  # what the misled drafter predicts: never the tiny target's output
+
+
+def _chat_prompts(world: ServingWorld, task: str, count: int) -> list[str]:
+    from benchmarks.world.layout import read_examples
+
+    texts = [e.messages[-1]["content"] for e in read_examples(world.world.corpus_dir, "train")]
+    tasks = [e.task for e in read_examples(world.world.corpus_dir, "train")]
+    chosen = [text for text, t in zip(texts, tasks, strict=True) if t == task][:count]
+    assert len(chosen) == count
+    return chosen
+
+
+def _generate(stub: router_pb2_grpc.RouterStub, text: str, task: str) -> list[pb.GenerateChunk]:
+    message = pb.ChatMessage(role="user", content=text)
+    request = pb.GenerateRequest(
+        conversation=pb.Conversation(messages=[message]),
+        task_hint=task,
+        max_new_tokens=MAX_NEW_TOKENS,
+    )
+    return list(stub.Generate(request, timeout=120))
+
+
+def _streamed_ids(chunks: list[pb.GenerateChunk]) -> tuple[int, ...]:
+    return tuple(token.id for chunk in chunks for token in chunk.tokens)
+
+
+def _cli(*args: str) -> object:
+    return CliRunner().invoke(build_app(), list(args))
+
+
+@pytest.fixture(scope="module")
+def misled_drafter(serving_world: ServingWorld) -> Path:
+    """The generic drafter fine-tuned to predict a token the target never writes: it starts
+    far below every served arm, so a distillation that learns the traffic must beat them."""
+    from drafters.distill import DistillConfig, TrainingPair, distill
+    from drafters.loader import load_model
+
+    loaded = load_model(serving_world.world.drafter_dirs["generic"])
+    prompts = [(3 + i, 40 + i, 90 + i) for i in range(8)]
+    pairs = [TrainingPair(p, (WRONG_TOKEN,) * 24) for p in prompts]
+    distill(loaded.model, pairs, DistillConfig(steps=30, learning_rate=3e-3), pad_id=0)
+    out = serving_world.extra_root / "misled"
+    loaded.model.save_pretrained(out, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def capturing(
+    serving_world: ServingWorld, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[SidecarThread, list[tuple[tuple[int, ...], ...]]]]:
+    """A capturing sidecar after CAPTURED chat Generates and 2 math ones; the streamed
+    output ids of each."""
+    state = tmp_path_factory.mktemp("capture-state")
+    settings = serving_world.settings(
+        state,
+        bundle_drafters=False,
+        capture=CaptureSettings(enabled=True, clusters=[CLUSTER, "math"]),
+    )
+    components: Components = build_components(settings)
+    sidecar = SidecarThread(settings, components)
+    outputs = []
+    for text in _chat_prompts(serving_world, CLUSTER, CAPTURED):
+        outputs.append(_streamed_ids(_generate(sidecar.stub, text, CLUSTER)))
+    for text in _chat_prompts(serving_world, "math", 2):
+        _generate(sidecar.stub, text, "math")
+    _generate(sidecar.stub, _chat_prompts(serving_world, "qa", 1)[0], "qa")  # not captured
+    yield sidecar, outputs
+    sidecar.stop()
+
+
+def test_nothing_is_captured_unless_enabled(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    """The default sidecar: Generates leave no capture store behind."""
+    _generate(sidecar.stub, serving_world.prompts[CLUSTER], CLUSTER)
+    assert sidecar.service.capture is None
+    assert not (Path(sidecar.running.settings.state_dir) / "capture.sqlite3").exists()
+
+
+def test_generates_are_captured_with_their_verified_outputs(capturing: tuple) -> None:
+    sidecar, outputs = capturing
+    store = sidecar.service.capture
+    assert {s.cluster: s.samples for s in store.stats()} == {CLUSTER: CAPTURED, "math": 2}
+    assert [p.output_ids for p in store.pairs(CLUSTER)] == outputs
+    assert all(p.prompt_ids for p in store.pairs(CLUSTER))
+
+
+def test_clusters_command_and_gauges(capturing: tuple) -> None:
+    sidecar, _ = capturing
+    state_dir = str(sidecar.running.settings.state_dir)
+    result = _cli(
+        "clusters", "--address", sidecar.running.address, "--state-dir", state_dir, "--json"
+    )
+    assert result.exit_code == 0, result.output
+    views = {v["cluster"]: v for v in map(json.loads, result.output.splitlines())}
+    chat = views[CLUSTER]
+    assert chat["captured_samples"] == CAPTURED
+    assert chat["requests"] > 0 and 0 < chat["traffic_share"] <= 1
+    assert chat["best_drafter"] in {"ngram", "none"}
+    assert sum(v["traffic_share"] for v in views.values()) == pytest.approx(1.0)
+    table = _cli("clusters", "--address", sidecar.running.address, "--state-dir", state_dir)
+    assert table.exit_code == 0 and "headroom" in table.output and CLUSTER in table.output
+    scraped = _scrape(sidecar.metrics_url)
+    assert scraped[("specroute_capture_samples", (("cluster", CLUSTER),))] == CAPTURED
+    share = scraped[("specroute_cluster_traffic_share_ratio", (("cluster", CLUSTER),))]
+    assert share == pytest.approx(chat["traffic_share"])
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_every_metric_the_dashboard_queries_is_exported(capturing: tuple) -> None:
+    sidecar, _ = capturing
+    exported = {name for name, _ in _scrape(sidecar.metrics_url)}
+    dashboard = json.loads(DASHBOARD.read_text())
+    queried = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\bspecroute_[a-z0-9_]+", target["expr"])
+    }
+    assert len(queried) >= 12
+    assert queried - exported == set(), f"queried, not exported: {sorted(queried - exported)}"
+
+
+def _distill(sidecar: SidecarThread, world: ServingWorld, out: Path, *extra: str) -> object:
+    return _cli(
+        "drafters", "distill", "--cluster", CLUSTER, "--out", str(out),
+        "--state-dir", str(sidecar.running.settings.state_dir),
+        "--world", str(world.world.root),
+        "--address", sidecar.running.address, "--token", ADMIN_TOKEN, *extra,
+    )  # fmt: skip
+
+
+def _served(sidecar: SidecarThread) -> set[str]:
+    return {d.name for d in sidecar.stub.ListDrafters(pb.ListDraftersRequest()).drafters}
+
+
+def test_a_distilled_drafter_that_does_not_beat_the_current_arm_is_not_registered(
+    capturing: tuple, serving_world: ServingWorld, misled_drafter: Path
+) -> None:
+    sidecar, _ = capturing
+    out = serving_world.extra_root / "unchanged"
+    # No steps: the drafter is the one it started from, which it must beat.
+    result = _distill(
+        sidecar, serving_world, out, "--from", str(misled_drafter), "--steps", "0",
+        "--register", "unchanged",
+    )  # fmt: skip
+    assert result.exit_code == 1, result.output
+    refusal = [line for line in result.output.splitlines() if line.startswith("not registered")]
+    assert len(refusal) == 1 and "does not beat" in refusal[0]
+    assert "unchanged" not in _served(sidecar)
+    counts = CaptureStore(Path(sidecar.running.settings.state_dir)).distillation_counts()
+    assert counts["refused"] >= 1
+
+
+def test_distillation_on_captured_traffic_registers_a_drafter_that_pays(
+    capturing: tuple, serving_world: ServingWorld, misled_drafter: Path
+) -> None:
+    from drafters.loader import load_model
+
+    sidecar, _ = capturing
+    out = serving_world.extra_root / "chat-distilled"
+    result = _distill(
+        sidecar, serving_world, out, "--from", str(misled_drafter), "--steps", "40",
+        "--lr", "3e-3", "--register", "chat-distilled",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    figures = {
+        line.split(" of ")[-1].split(":")[0] if " of " in line else "after": float(line.split()[-1])
+        for line in result.output.splitlines()
+        if line.startswith("held-out acceptance")
+    }
+    assert figures["after"] > max(v for k, v in figures.items() if k != "after"), figures
+    report = json.loads((out / "distill.json").read_text())
+    assert report["labels"] == "soft" and report["acceptance_after"] == figures["after"]
+    assert report["held_out_samples"] + report["train_samples"] == CAPTURED
+    assert "chat-distilled" in _served(sidecar)
+    assert load_model(out).parameter_count > 0
+    sample = read_finetune_sample(out)
+    assert len(sample) == report["train_samples"] and "<|im_start|>" in sample[0]
+    chunks = list(
+        sidecar.stub.Generate(
+            pb.GenerateRequest(
+                text=sample[0],
+                max_new_tokens=8,
+                force_drafter="chat-distilled",
+                force_draft_length=3,
+                no_update=True,
+            ),
+            timeout=120,
+        )
+    )
+    assert chunks[-1].stats.accepted_tokens > 0
+    counts = CaptureStore(Path(sidecar.running.settings.state_dir)).distillation_counts()
+    assert counts["registered"] == 1
+
+
+def test_capture_survives_sigkill_and_purge_removes_it(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """A real ``specroute serve`` killed with SIGKILL keeps every capture committed before
+    the kill; ``specroute capture purge`` removes them, per cluster and all."""
+    state_dir = tmp_path / "state"
+    config = serving_world.toml(tmp_path / "sidecar.toml")
+    with config.open("a") as handle:
+        handle.write("[capture]\nenabled = true\nsamples_per_cluster = 3\n")
+    prompts = _chat_prompts(serving_world, CLUSTER, 4) + _chat_prompts(serving_world, "math", 1)
+    with launch_sidecar(
+        state_dir=state_dir, config_file=config, admin_token=ADMIN_TOKEN, http=False
+    ) as launched:
+        stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(launched.grpc_address))
+        for text in prompts[:4]:
+            _generate(stub, text, CLUSTER)
+        _generate(stub, prompts[4], "math")
+        launched.process.send_signal(signal.SIGKILL)
+        assert launched.process.wait(30) == -signal.SIGKILL
+    store = CaptureStore(state_dir)
+    assert {s.cluster: s.samples for s in store.stats()} == {CLUSTER: 3, "math": 1}
+    store.close()
+    stats = _cli("capture", "stats", "--state-dir", str(state_dir))
+    assert stats.exit_code == 0 and re.search(rf"^{CLUSTER}\s+3\s", stats.output, re.M)
+    purged = _cli("capture", "purge", "--cluster", "math", "--state-dir", str(state_dir))
+    assert purged.exit_code == 0 and "purged 1 " in purged.output
+    assert [s.cluster for s in CaptureStore(state_dir).stats()] == [CLUSTER]
+    purged = _cli("capture", "purge", "--state-dir", str(state_dir))
+    assert purged.exit_code == 0 and "purged 3 " in purged.output
+    assert CaptureStore(state_dir).stats() == []
+    shutil.rmtree(state_dir)
