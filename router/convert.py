@@ -145,6 +145,7 @@ def decision_to_pb(routed: RoutedRequest) -> pb.RouteDecision:
         policy_version=routed.policy_version,
         prompt_tokens=routed.prompt_tokens,
         length_bucket=routed.length_bucket,
+        replica=routed.replica,
     )
 
 

@@ -75,8 +75,12 @@ def serve_command(
         bool, typer.Option("--print-config", help="Show settings, exit.")
     ] = False,
     ports_file: Annotated[Path | None, typer.Option("--ports-file", hidden=True)] = None,
+    fleet: Annotated[
+        Path | None, typer.Option("--fleet", help="Fleet file: generate on vLLM replicas.")
+    ] = None,
 ) -> None:
-    """Run the sidecar: gRPC Router, TGI-compatible HTTP front and Prometheus metrics."""
+    """Run the sidecar: gRPC Router, TGI- and OpenAI-compatible HTTP fronts, Prometheus
+    metrics; with --fleet, generation runs on the vLLM replicas of the fleet file."""
     import asyncio
 
     from pydantic import ValidationError
@@ -85,6 +89,7 @@ def serve_command(
     from router.settings import load_settings
 
     overrides: dict[str, Any] = {"world_dir": world, "host": host, "port": port, "policy": policy}
+    overrides["fleet_file"] = fleet
     explicit = {"http_port": http_port, "metrics_port": metrics_port}
     try:
         settings = load_settings(config, **overrides)
@@ -97,6 +102,13 @@ def serve_command(
     if print_config:
         typer.echo(json.dumps(settings.printable(), indent=2))
         return
+    from router.fleet.config import FleetConfigError, check_fleet_settings
+
+    try:
+        check_fleet_settings(settings)
+    except FleetConfigError as error:  # like a typo in the settings: one line, status 2
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
     from router.pooling import pooling_refusal
 
     refusal = pooling_refusal(settings)

@@ -63,6 +63,9 @@ class RunningSidecar:
         await self.server.stop(self.settings.grace_s if grace is None else grace)
         for runner in self.runners:
             await runner.cleanup()
+        closing = getattr(self.service, "aclose", None)  # a fleet's HTTP client and probes
+        if closing is not None:
+            await closing()
         await asyncio.to_thread(self.service.close)
         self.service.store.close()
         logger.info("sidecar stopped; policy state saved")
@@ -121,8 +124,14 @@ async def start_sidecar(settings: Settings, components: Components | None = None
         components = await asyncio.to_thread(build_components, settings)
     metrics = create_metrics()
     store = SidecarStore(settings.state_dir)
-    service = RouterService(settings, components, store, metrics)
-    await asyncio.to_thread(service.start)
+    service: RouterService
+    if settings.fleet_file is not None:
+        from router.fleet.service import start_fleet_service
+
+        service = await start_fleet_service(settings, components, store, metrics)
+    else:
+        service = RouterService(settings, components, store, metrics)
+        await asyncio.to_thread(service.start)
     # Pooled learning: the shared history is replayed here, before anything is served.
     pooling = await start_pooling(settings, service, metrics)
 

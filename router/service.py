@@ -86,6 +86,7 @@ class RoutedRequest:
     prompt_tokens: int
     length_bucket: int
     prompt_ids: tuple[int, ...] = ()
+    replica: str = ""  # fleet mode: the URL of the replica chosen to serve it
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,11 @@ class RouterService:
                 self.capture.close()
 
     # -- routing ----------------------------------------------------------------------
+    def eligible_drafters(self) -> list[str]:
+        """The drafters the policy may choose now (a fleet narrows them to the
+        configurations that have a replica free)."""
+        return self.drafters.eligible()
+
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         return self._ids_of(self._model_text(prompt))
 
@@ -330,7 +336,7 @@ class RouterService:
             self._context(classification.cluster, bucket)
             for (_, classification, _), bucket in zip(prepared.placed, buckets, strict=True)
         ]
-        decisions, version = self.policy.select_many(contexts, self.drafters.eligible())
+        decisions, version = self.policy.select_many(contexts, self.eligible_drafters())
         for (index, classification, tokens), bucket, context, decision in zip(
             prepared.placed, buckets, contexts, decisions, strict=True
         ):
@@ -422,7 +428,7 @@ class RouterService:
         from router.policy.base import Decision
 
         if not force_drafter:
-            decision, version = self.policy.select(context, self.drafters.eligible())
+            decision, version = self.policy.select(context, self.eligible_drafters())
             if force_k is None:
                 return decision, version
             force_drafter = decision.drafter if force_k > 0 else NONE_DRAFTER

@@ -127,6 +127,9 @@ class Settings(BaseSettings):
     capture: CaptureSettings = Field(default_factory=lambda: CaptureSettings())
     limits: Limits = Field(default_factory=lambda: Limits())
     pooling: PoolingSettings = Field(default_factory=lambda: PoolingSettings())
+    # A fleet file (router.fleet.config, docs/fleet.md): generation runs on the vLLM
+    # replicas it lists, one speculative configuration each; None: the in-process engine.
+    fleet_file: Path | None = None
     policy: str = "thompson"
     policy_config: dict[str, Any] = Field(default_factory=dict)
     # The bundle's (world's) model drafters at start; false leaves them out. The n-gram and

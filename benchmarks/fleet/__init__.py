@@ -1,0 +1,1 @@
+"""``specroute bench fleet``: specroute in front of a fleet of vLLM replicas (CPU build)."""

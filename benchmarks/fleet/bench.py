@@ -1,0 +1,382 @@
+"""``specroute bench fleet``: a vLLM fleet behind specroute, against fleet-level baselines.
+
+One ``vllm serve`` per configuration on the world's target (no speculation, the n-gram
+proposer, the generic drafter, one or two task drafters), specroute in front with
+``--fleet``, and the uniform trace replayed through its gRPC Generate under each policy:
+
+- ``single:<configuration>``: every request to that configuration (pinned);
+- ``round-robin``: configurations in turn, whatever the prompt;
+- ``least-loaded``: the configuration with the fewest of the replay's requests in flight
+  (ties in turn): what a load balancer in front of the same replicas does;
+- ``specroute``: the adaptive policy, after one learning pass over the trace;
+- ``hindsight``: per task the best ``single`` configuration, known after the fact.
+
+Per task: tokens/s (generated tokens over the requests' summed wall time) and the
+speed-up over ``single:none`` on the same prompts; per policy the mean and minimum
+speed-up, Jain's index over tasks, errors, and whether every greedy output equals the
+plain replica's (each difference with its first diverging position).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.fleet.vllm_process import (
+    Speculation,
+    VllmServer,
+    check_servable,
+    fleet_toml,
+    vllm_fleet,
+)
+from benchmarks.replay.builtin import TraceOptions, builtin_trace
+from benchmarks.replay.client import ArmPin, ReplayClient
+from benchmarks.replay.metrics import RequestResult, jain_index
+from benchmarks.replay.trace import TraceRequest
+
+logger = logging.getLogger(__name__)
+
+ADMIN_TOKEN = "bench-fleet-admin"
+PLAIN = "none"
+
+
+@dataclass(frozen=True)
+class FleetBenchOptions:
+    per_task: int = 4  # requests per task in the uniform trace
+    max_new_tokens: int = 64  # cap of each request's budget
+    draft_length: int = 3  # k of every speculative replica
+    task_drafters: int = 2  # how many task drafters get a replica of their own
+    concurrency: int = 2  # requests in flight during a replay
+    seed: int = 0
+
+
+@dataclass
+class PolicyRun:
+    """One policy's replay: its results by request id, and the errors."""
+
+    results: dict[str, RequestResult] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+def fleet_configurations(
+    drafter_names: Sequence[str], tasks: Sequence[str], options: FleetBenchOptions
+) -> list[str]:
+    """none, ngram, generic (when the world has it), then up to ``task_drafters`` task
+    drafters in the world's task order."""
+    chosen = [PLAIN, "ngram"]
+    if "generic" in drafter_names:
+        chosen.append("generic")
+    task_drafters = [t for t in tasks if t in drafter_names][: options.task_drafters]
+    return chosen + task_drafters
+
+
+def speculations(world: Any, configurations: Sequence[str], k: int) -> list[Speculation]:
+    result = []
+    for name in configurations:
+        if name in (PLAIN, "ngram"):
+            result.append(Speculation(name, 0 if name == PLAIN else k))
+        else:
+            result.append(Speculation(name, k, Path(world.drafter_dirs[name])))
+    return result
+
+
+def check_world(world: Any, configurations: Sequence[str]) -> None:
+    """Refuse (one line) a world whose target or drafters vLLM's CPU build cannot serve."""
+    check_servable(Path(world.target_dir))
+    for name in configurations:
+        if name in world.drafter_dirs:
+            check_servable(Path(world.drafter_dirs[name]))
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """The first position where two outputs differ (the shorter length if one is a
+    prefix of the other), or None when they are equal."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+Chooser = Callable[[int, TraceRequest], ArmPin | None]
+
+
+def replay(
+    client: ReplayClient,
+    requests: Sequence[TraceRequest],
+    choose: Chooser,
+    concurrency: int,
+    on_done: Callable[[ArmPin | None], None] | None = None,
+    *,
+    no_update: bool = True,
+) -> PolicyRun:
+    """Replay ``requests`` with ``concurrency`` in flight, each pinned by ``choose`` (None:
+    the sidecar's policy decides)."""
+    run = PolicyRun()
+    lock = threading.Lock()
+
+    def one(index: int, request: TraceRequest) -> None:
+        with lock:
+            pin = choose(index, request)
+        try:
+            result = client.generate(request, index=index, pin=pin, no_update=no_update)
+            with lock:
+                run.results[request.id] = result
+        except Exception as error:
+            logger.warning("request %s failed: %s", request.id, error)
+            with lock:
+                run.errors.append(f"{request.id}: {error}")
+        finally:
+            if on_done is not None:
+                with lock:
+                    on_done(pin)
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        list(pool.map(lambda pair: one(*pair), enumerate(requests)))
+    return run
+
+
+def pin_for(configuration: str, k: int) -> ArmPin:
+    return ArmPin(configuration, 0 if configuration == PLAIN else k)
+
+
+def pinned(pin: ArmPin) -> Chooser:
+    return lambda index, request: pin
+
+
+def round_robin(configurations: Sequence[str], k: int) -> Chooser:
+    cycle = itertools.cycle(configurations)
+    return lambda index, request: pin_for(next(cycle), k)
+
+
+class LeastLoaded:
+    """The configuration with the fewest of the replay's requests in flight, ties in turn."""
+
+    def __init__(self, configurations: Sequence[str], k: int) -> None:
+        self.in_flight = dict.fromkeys(configurations, 0)
+        self.k = k
+        self._turn = itertools.count()
+
+    def choose(self, index: int, request: TraceRequest) -> ArmPin:
+        names = list(self.in_flight)
+        start = next(self._turn) % len(names)
+        ordered = names[start:] + names[:start]
+        name = min(ordered, key=lambda n: self.in_flight[n])
+        self.in_flight[name] += 1
+        return pin_for(name, self.k)
+
+    def done(self, pin: ArmPin | None) -> None:
+        if pin is not None:
+            self.in_flight[pin.drafter] -= 1
+
+
+def task_rates(run: PolicyRun) -> dict[str, tuple[int, float]]:
+    """Per task: (generated tokens, summed wall time)."""
+    rates: dict[str, tuple[int, float]] = {}
+    for result in run.results.values():
+        tokens, wall = rates.get(result.task, (0, 0.0))
+        rates[result.task] = (tokens + result.generated_tokens, wall + result.wall_time_s)
+    return rates
+
+
+def summarise(run: PolicyRun, baseline: PolicyRun, task_of: Mapping[str, str]) -> dict[str, Any]:
+    """The policy's per-task tokens/s and speed-up over the plain replica on the same
+    prompts, their mean, minimum and Jain index, errors, and the lossless check."""
+    plain = task_rates(baseline)
+    per_task: dict[str, dict[str, float]] = {}
+    for task, (tokens, wall) in sorted(task_rates(run).items()):
+        rate = tokens / wall if wall > 0 else 0.0
+        base_tokens, base_wall = plain.get(task, (0, 0.0))
+        base_rate = base_tokens / base_wall if base_wall > 0 else 0.0
+        per_task[task] = {
+            "tokens_per_s": rate,
+            "speedup": rate / base_rate if base_rate > 0 else 0.0,
+            "requests": sum(1 for r in run.results.values() if r.task == task),
+        }
+    differences = []
+    for request_id, result in sorted(run.results.items()):
+        reference = baseline.results.get(request_id)
+        if reference is None or not result.greedy:
+            continue
+        position = first_difference(result.output_ids, reference.output_ids)
+        if position is not None:
+            differences.append(
+                {
+                    "request_id": request_id,
+                    "task": task_of.get(request_id, ""),
+                    "position": position,
+                }
+            )
+    speedups = [entry["speedup"] for entry in per_task.values()]
+    return {
+        "per_task": per_task,
+        "mean_speedup": sum(speedups) / len(speedups) if speedups else 0.0,
+        "min_speedup": min(speedups, default=0.0),
+        "jain": jain_index(speedups) if speedups else 0.0,
+        "errors": len(run.errors),
+        "error_messages": run.errors[:10],
+        "lossless": not differences,
+        "differences": differences,
+        "configurations": _configuration_counts(run),
+    }
+
+
+def _configuration_counts(run: PolicyRun) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for result in run.results.values():
+        counts[result.drafter] = counts.get(result.drafter, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def hindsight(
+    summaries: Mapping[str, Mapping[str, Any]], configurations: Sequence[str]
+) -> dict[str, Any]:
+    """Per task the best ``single:`` configuration's figures, found after the fact."""
+    per_task: dict[str, dict[str, Any]] = {}
+    for configuration in configurations:
+        summary = summaries[f"single:{configuration}"]
+        for task, entry in summary["per_task"].items():
+            if task not in per_task or entry["speedup"] > per_task[task]["speedup"]:
+                per_task[task] = {**entry, "configuration": configuration}
+    speedups = [entry["speedup"] for entry in per_task.values()]
+    singles = [summaries[f"single:{c}"] for c in configurations]
+    return {
+        "per_task": per_task,
+        "mean_speedup": sum(speedups) / len(speedups) if speedups else 0.0,
+        "min_speedup": min(speedups, default=0.0),
+        "jain": jain_index(speedups) if speedups else 0.0,
+        "errors": sum(s["errors"] for s in singles),
+        "lossless": all(s["lossless"] for s in singles),
+        "differences": [],
+    }
+
+
+def _fleet_settings(path: Path, world_dir: Path, fleet_file: Path, tokens: int) -> Path:
+    lines = [
+        f"world_dir = {json.dumps(str(world_dir))}",
+        f"fleet_file = {json.dumps(str(fleet_file))}",
+        "[limits]",
+        f"max_new_tokens = {max(tokens, 64)}",
+        "max_prompt_tokens = 448",  # the replicas' context is 512 tokens
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_policies(
+    client: ReplayClient,
+    requests: Sequence[TraceRequest],
+    configurations: Sequence[str],
+    options: FleetBenchOptions,
+) -> dict[str, dict[str, Any]]:
+    """Every policy's replay and summary (module doc)."""
+    k = options.draft_length
+    task_of = {r.id: r.task or "" for r in requests}
+    runs: dict[str, PolicyRun] = {}
+    for configuration in configurations:
+        runs[f"single:{configuration}"] = replay(
+            client, requests, pinned(pin_for(configuration, k)), options.concurrency
+        )
+    runs["round-robin"] = replay(
+        client, requests, round_robin(configurations, k), options.concurrency
+    )
+    balancer = LeastLoaded(configurations, k)
+    runs["least-loaded"] = replay(
+        client, requests, balancer.choose, options.concurrency, balancer.done
+    )
+    # As in serve --fleet (router.fleet.service.fleet_policy_config): vLLM's step time
+    # includes drafting, so no separate drafting cost is priced.
+    no_draft_cost = {c: 0.0 for c in configurations if c != PLAIN}
+    client.set_policy("thompson", {"draft_cost_ratio": no_draft_cost}, reset_state=True)
+    replay(client, requests, lambda i, r: None, options.concurrency, no_update=False)  # learn
+    runs["specroute"] = replay(
+        client, requests, lambda i, r: None, options.concurrency, no_update=False
+    )
+    baseline = runs[f"single:{PLAIN}"]
+    summaries = {name: summarise(run, baseline, task_of) for name, run in runs.items()}
+    summaries["hindsight"] = hindsight(summaries, configurations)
+    return summaries
+
+
+def run_fleet_bench(
+    world_dir: Path, work_dir: Path, options: FleetBenchOptions = FleetBenchOptions()
+) -> dict[str, Any]:
+    """Start the fleet and specroute in front of it, replay, and summarise (module doc)."""
+    from benchmarks.world.layout import read_examples
+    from router.bundle import ModelBundle
+    from router.launch import launch_sidecar
+
+    world = ModelBundle.load(world_dir)
+    tasks = list(world.tasks)
+    configurations = fleet_configurations(list(world.drafter_dirs), tasks, options)
+    check_world(world, configurations)
+    trace = builtin_trace(
+        "uniform",
+        read_examples(world.corpus_dir, "test"),
+        TraceOptions(
+            per_task=options.per_task, seed=options.seed, max_new_tokens_cap=options.max_new_tokens
+        ),
+    )
+    requests = [r for r in trace.records if isinstance(r, TraceRequest)]
+    work_dir.mkdir(parents=True, exist_ok=True)
+    specs = speculations(world, configurations, options.draft_length)
+    with vllm_fleet(Path(world.target_dir), specs, work_dir / "logs") as servers:
+        fleet_file = work_dir / "fleet.toml"
+        fleet_file.write_text(fleet_toml(servers, health_interval_s=1.0, metrics_interval_s=0.5))
+        settings = _fleet_settings(
+            work_dir / "sidecar.toml", Path(world.root), fleet_file, options.max_new_tokens
+        )
+        with (
+            launch_sidecar(
+                world.root,
+                config_file=settings,
+                admin_token=ADMIN_TOKEN,
+                log_path=work_dir / "sidecar.log",
+            ) as sidecar,
+            ReplayClient(sidecar.grpc_address, ADMIN_TOKEN) as client,
+        ):
+            client.wait_ready()
+            policies = run_policies(client, requests, configurations, options)
+        replicas = _replicas(servers)
+    return {
+        "world": str(world.root),
+        "configurations": configurations,
+        "draft_length": options.draft_length,
+        "requests": len(requests),
+        "options": options.__dict__,
+        "policies": policies,
+        "replicas": replicas,
+    }
+
+
+def _replicas(servers: Sequence[VllmServer]) -> list[dict[str, Any]]:
+    return [
+        {
+            "url": server.url,
+            "speculative": server.speculation.drafter,
+            "k": server.speculation.k,
+            "drafter_dir": str(server.speculation.drafter_dir or ""),
+        }
+        for server in servers
+    ]
+
+
+def format_result(result: Mapping[str, Any]) -> str:
+    """A table: one row per policy."""
+    lines = [
+        f"fleet: {', '.join(result['configurations'])} (k = {result['draft_length']}), "
+        f"{result['requests']} requests",
+        f"{'policy':<22} {'mean':>6} {'min':>6} {'jain':>6} {'errors':>6}  lossless",
+    ]
+    for name, summary in result["policies"].items():
+        lines.append(
+            f"{name:<22} {summary['mean_speedup']:>6.2f} {summary['min_speedup']:>6.2f} "
+            f"{summary['jain']:>6.3f} {summary['errors']:>6}  {summary['lossless']}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""``specroute bench fleet``: specroute in front of a vLLM fleet (benchmarks.fleet.bench)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def bench_fleet_command(
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    world: Annotated[
+        Path | None, typer.Option("--world", help="World directory (default: the built-in).")
+    ] = None,
+    per_task: Annotated[int, typer.Option("--per-task", help="Requests per task.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+    draft_length: Annotated[int, typer.Option("--k", help="Draft length of every replica.")] = 3,
+    task_drafters: Annotated[int, typer.Option("--task-drafters")] = 2,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c")] = 2,
+    work_dir: Annotated[
+        Path | None, typer.Option("--work-dir", help="Logs and fleet file (default: temporary).")
+    ] = None,
+) -> None:
+    """Start vLLM replicas (none, ngram, generic, task drafters) and specroute in front of
+    them; replay the uniform trace under each routing policy and compare speed-ups."""
+    from benchmarks.fleet.bench import FleetBenchOptions, format_result, run_fleet_bench
+    from benchmarks.fleet.vllm_process import VllmUnavailableError
+    from router.bundle import default_bundle_dir
+
+    options = FleetBenchOptions(
+        per_task=per_task,
+        max_new_tokens=max_new_tokens,
+        draft_length=draft_length,
+        task_drafters=task_drafters,
+        concurrency=concurrency,
+    )
+    world_dir = world or default_bundle_dir()
+    try:
+        if work_dir is not None:
+            result = run_fleet_bench(world_dir, work_dir, options)
+        else:
+            with tempfile.TemporaryDirectory(prefix="specroute-fleet-") as scratch:
+                result = run_fleet_bench(world_dir, Path(scratch), options)
+    except VllmUnavailableError as error:
+        typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_result(result))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    bench.command("fleet")(bench_fleet_command)

@@ -1,0 +1,201 @@
+"""The fleet file: replicas, each with its URL, served model and speculative configuration.
+
+TOML, refused as a whole on any error (``FleetConfigError``, one line)::
+
+    request_timeout_s = 120          # no byte from a replica for this long: it failed
+    [[replicas]]
+    url = "http://10.0.0.1:8000"     # the vLLM server (its OpenAI API is under /v1)
+    model = "Qwen/Qwen2.5-7B-Instruct"
+    speculative = "none"             # "none", "ngram", or a drafter name of the registry
+    [[replicas]]
+    url = "http://10.0.0.2:8000"
+    model = "Qwen/Qwen2.5-7B-Instruct"
+    speculative = "code"
+    k = 3                            # the replica's num_speculative_tokens
+
+The policy's arms are the drafters the fleet offers, so one drafter runs at one k across
+the fleet, and every replica serves the same model.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from router.policy.base import MAX_DRAFT_LENGTH, NONE_DRAFTER
+
+NGRAM = "ngram"
+DEFAULT_DRAFT_LENGTH = 3
+
+
+class FleetConfigError(ValueError):
+    """The fleet file cannot be served as written; the message is one line."""
+
+
+def normalise_url(url: str) -> str:
+    """``http(s)://host[:port][/prefix]`` without a trailing ``/`` or ``/v1``; anything
+    else (another scheme, no host, a bad port, a query) is refused."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s)://host[:port] URL")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"{url!r} has a bad port: {exc}") from exc
+    if parts.query or parts.fragment:
+        raise ValueError(f"{url!r} must not have a query or fragment")
+    path = parts.path.rstrip("/").removesuffix("/v1")
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+class ReplicaSpec(BaseModel):
+    """One vLLM server and the speculative configuration it was started with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    model: str = Field(min_length=1)
+    speculative: str = Field(min_length=1)
+    k: int | None = Field(default=None, ge=0, le=MAX_DRAFT_LENGTH)
+    name: str = ""
+    max_in_flight: int | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return normalise_url(value)
+
+    @model_validator(mode="after")
+    def _draft_length(self) -> ReplicaSpec:
+        if self.speculative == NONE_DRAFTER:
+            if self.k:
+                raise ValueError(f"{self.url}: speculative = 'none' runs with k = 0, got {self.k}")
+            return self.model_copy(update={"k": 0, "name": self.name or self.url})
+        if self.k == 0:
+            raise ValueError(f"{self.url}: {self.speculative} needs k >= 1")
+        k = self.k if self.k is not None else DEFAULT_DRAFT_LENGTH
+        return self.model_copy(update={"k": k, "name": self.name or self.url})
+
+    @property
+    def draft_length(self) -> int:
+        return int(self.k or 0)
+
+
+class FleetSpec(BaseModel):
+    """The whole fleet file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    replicas: list[ReplicaSpec] = Field(min_length=1)
+    # A replica is probed this often (GET /health); a failed one is probed until it is back.
+    health_interval_s: float = Field(default=2.0, gt=0)
+    # vLLM's queue (vllm:num_requests_running / _waiting on /metrics) is read this often.
+    metrics_interval_s: float = Field(default=1.0, gt=0)
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    # A replica silent this long (no byte of its stream) has failed; per replica: timeout_s.
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    # Requests in flight per replica (per replica: max_in_flight); a replica at its bound is
+    # saturated, and a configuration whose replicas all are is passed over.
+    max_in_flight: int = Field(default=8, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FleetSpec:
+        names = [replica.name for replica in self.replicas]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate is not None:
+            raise ValueError(f"two replicas are named {duplicate!r}")
+        draft_lengths: dict[str, int] = {}
+        for replica in self.replicas:
+            known = draft_lengths.setdefault(replica.speculative, replica.draft_length)
+            if known != replica.draft_length:
+                raise ValueError(
+                    f"{replica.speculative} runs at k = {known} and k = {replica.draft_length}: "
+                    "one drafter runs at one k across the fleet (it is one arm of the policy)"
+                )
+        models = {replica.model for replica in self.replicas}
+        if len(models) > 1:
+            raise ValueError(f"every replica must serve the same model, got {sorted(models)}")
+        return self
+
+    @property
+    def model(self) -> str:
+        return self.replicas[0].model
+
+    def drafters(self) -> list[str]:
+        """The speculative configurations offered, by drafter name (``none`` included)."""
+        return list(dict.fromkeys(replica.speculative for replica in self.replicas))
+
+    def draft_length(self, drafter: str) -> int:
+        return next(r.draft_length for r in self.replicas if r.speculative == drafter)
+
+
+def _one_line(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = str(first["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
+def parse_fleet(data: dict[str, Any], source: str = "fleet file") -> FleetSpec:
+    try:
+        return FleetSpec.model_validate(data)
+    except ValidationError as error:
+        raise FleetConfigError(f"{source}: {_one_line(error)}") from None
+
+
+def load_fleet_file(path: Path) -> FleetSpec:
+    """The fleet file at ``path``, validated (``FleetConfigError`` names the problem)."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as error:
+        raise FleetConfigError(f"fleet file {path}: {error.strerror or error}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise FleetConfigError(f"fleet file {path}: not TOML: {error}") from None
+    return parse_fleet(data, f"fleet file {path}")
+
+
+def check_fleet_drafters(fleet: FleetSpec, known: Collection[str], source: str = "") -> None:
+    """Every configuration must name a drafter the sidecar knows (its arms and priors)."""
+    for replica in fleet.replicas:
+        if replica.speculative not in known:
+            raise FleetConfigError(
+                f"{source or 'fleet file'}: replica {replica.name}: unknown drafter "
+                f"{replica.speculative!r}; known: {sorted(known)}"
+            )
+
+
+def known_drafters(settings: Any) -> set[str]:
+    """The drafter names a sidecar with ``settings`` serves at start, read without loading
+    a model: the bundle's (unless ``bundle_drafters`` is off), ``drafter_dirs``, ``ngram``
+    and ``none``. Empty when the bundle cannot be read (serving will say why)."""
+    from router.bundle import BundleNotFoundError, ModelBundle
+    from router.components import resolve_world_dir
+
+    names = {NGRAM, NONE_DRAFTER, *settings.drafter_dirs}
+    uses_world = settings.world_dir is not None or not (
+        settings.target_dir is not None and settings.classifier_dir is not None
+    )
+    if uses_world and settings.bundle_drafters:
+        try:
+            names |= set(ModelBundle.load(resolve_world_dir(settings)).drafter_dirs)
+        except (BundleNotFoundError, FileNotFoundError, ValueError):
+            return set()
+    return names
+
+
+def check_fleet_settings(settings: Any) -> FleetSpec | None:
+    """The fleet file of ``settings``, read and checked against the drafters it would
+    serve (``FleetConfigError`` on any problem); None without a fleet file."""
+    if settings.fleet_file is None:
+        return None
+    fleet = load_fleet_file(Path(settings.fleet_file))
+    known = known_drafters(settings)
+    if known:
+        check_fleet_drafters(fleet, known, f"fleet file {settings.fleet_file}")
+    return fleet

@@ -1,0 +1,159 @@
+"""One replica's live state: health, in-flight requests, vLLM's own queue; and the loop
+that probes it.
+
+A replica starts out of service until its first health check passes. A request that
+fails on it, or a failed health check, takes it out; it is probed every
+``health_interval_s`` until ``GET /health`` answers 200 again. While healthy its
+``/metrics`` are read every ``metrics_interval_s`` for ``vllm:num_requests_running`` and
+``vllm:num_requests_waiting``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from router.fleet.config import FleetSpec, ReplicaSpec
+
+logger = logging.getLogger(__name__)
+
+# A Prometheus sample line: name, optional {labels}, value.
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+
+
+def queue_from_metrics(text: str) -> tuple[float, float]:
+    """(running, waiting) summed over the samples of vLLM's two gauges in a scrape."""
+    totals = {RUNNING: 0.0, WAITING: 0.0}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is not None and match.group(1) in totals:
+            try:
+                totals[match.group(1)] += float(match.group(3))
+            except ValueError:
+                continue
+    return totals[RUNNING], totals[WAITING]
+
+
+@dataclass
+class Replica:
+    """A replica and what the router knows of it now (touched on the event loop only)."""
+
+    spec: ReplicaSpec
+    max_in_flight: int
+    timeout_s: float
+    healthy: bool = False
+    in_flight: int = 0
+    running: float = 0.0  # vLLM's own count, from /metrics
+    waiting: float = 0.0
+    served: int = 0
+    failures: int = 0
+    last_error: str = ""
+    out_since: float | None = field(default_factory=time.monotonic)
+
+    @classmethod
+    def from_spec(cls, spec: ReplicaSpec, fleet: FleetSpec) -> Replica:
+        return cls(
+            spec=spec,
+            max_in_flight=spec.max_in_flight or fleet.max_in_flight,
+            timeout_s=spec.timeout_s or fleet.request_timeout_s,
+        )
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def drafter(self) -> str:
+        return self.spec.speculative
+
+    @property
+    def saturated(self) -> bool:
+        return self.in_flight >= self.max_in_flight
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and not self.saturated
+
+    @property
+    def load(self) -> float:
+        """Requests ahead of a new one: ours in flight, or vLLM's own running + waiting
+        (which include ours and other clients'), whichever is larger; waiting ones count
+        double, since they have not started."""
+        return max(float(self.in_flight), self.running + 2.0 * self.waiting)
+
+    def take_out(self, reason: str) -> None:
+        if self.healthy:
+            logger.warning("replica %s taken out: %s", self.name, reason)
+        self.healthy = False
+        self.failures += 1
+        self.last_error = reason
+        if self.out_since is None:
+            self.out_since = time.monotonic()
+
+    def bring_back(self) -> None:
+        if not self.healthy:
+            logger.info("replica %s (%s) is serving", self.name, self.drafter)
+        self.healthy = True
+        self.out_since = None
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "url": self.spec.url,
+            "speculative": self.drafter,
+            "k": self.spec.draft_length,
+            "healthy": self.healthy,
+            "in_flight": self.in_flight,
+            "running": self.running,
+            "waiting": self.waiting,
+            "served": self.served,
+            "failures": self.failures,
+            "last_error": self.last_error,
+        }
+
+
+async def probe(session: aiohttp.ClientSession, replica: Replica, timeout_s: float) -> None:
+    """One health check: ``GET /health`` 200 brings the replica back, anything else takes
+    it out."""
+    try:
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with session.get(f"{replica.spec.url}/health", timeout=timeout) as response:
+            if response.status == 200:
+                replica.bring_back()
+            else:
+                replica.take_out(f"GET /health answered {response.status}")
+    except (aiohttp.ClientError, TimeoutError, OSError) as error:
+        replica.take_out(f"GET /health failed: {type(error).__name__}: {error}")
+
+
+async def read_queue(session: aiohttp.ClientSession, replica: Replica, timeout_s: float) -> None:
+    """vLLM's running and waiting counts from the replica's /metrics (kept on failure:
+    health decides whether the replica serves)."""
+    try:
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with session.get(f"{replica.spec.url}/metrics", timeout=timeout) as response:
+            if response.status == 200:
+                replica.running, replica.waiting = queue_from_metrics(await response.text())
+    except (aiohttp.ClientError, TimeoutError, OSError) as error:
+        logger.debug("replica %s: /metrics unreadable: %s", replica.name, error)
+
+
+async def watch(session: aiohttp.ClientSession, replica: Replica, fleet: FleetSpec) -> None:
+    """Forever: probe health every ``health_interval_s``, read the queue of a healthy
+    replica every ``metrics_interval_s``."""
+    next_probe = 0.0
+    while True:
+        now = time.monotonic()
+        if now >= next_probe:
+            await probe(session, replica, fleet.connect_timeout_s + 1.0)
+            next_probe = time.monotonic() + fleet.health_interval_s
+        if replica.healthy:
+            await read_queue(session, replica, fleet.connect_timeout_s + 1.0)
+        await asyncio.sleep(min(fleet.metrics_interval_s, fleet.health_interval_s))

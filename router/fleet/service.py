@@ -1,0 +1,426 @@
+"""The sidecar's service in fleet mode: the policy decides, vLLM replicas generate.
+
+Each replica runs one speculative configuration (``none``, ``ngram`` at k, or a drafter at
+k), so the policy's arms are the fleet's drafters and sending a prompt to a replica is
+choosing its drafter. Route, Report, the classifier and the policy are the in-process
+sidecar's; only where generation runs changes:
+
+- **Eligible arms**: the drafters with a replica that is healthy and not saturated, so a
+  configuration whose replicas are all saturated (or out) is passed over for the policy's
+  next best.
+- **Placement**: among the replicas of the chosen configuration, the least loaded (our
+  requests in flight, or vLLM's own running + waiting from its /metrics); a decision of
+  ``none`` with no plain replica free goes to the least loaded replica of any
+  configuration (speculative decoding is lossless). The decision carries the replica's
+  own k.
+- **Failures**: a replica that fails (connection, timeout, 5xx, a broken stream) is taken
+  out and probed until it is back; the request goes on on another replica, from the
+  tokens already received (prompt + output so far), so no request is lost.
+- **Learning**: vLLM's per-request speculation metrics, through the same policy update
+  as Report (``router.fleet.learning``); plain replicas measure t_ar, the time per token
+  without speculation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiohttp
+
+from router.domain import GenerateInput
+from router.errors import GenerationFailedError, InvalidRequestError, NotFoundError, OverloadedError
+from router.fleet.client import (
+    Delta,
+    ReplicaFailedError,
+    ReplicaRefusedError,
+    StreamEnd,
+    completion_body,
+)
+from router.fleet.client import stream_completion as replica_stream
+from router.fleet.config import FleetSpec
+from router.fleet.learning import Timing, outcome_from_replica
+from router.fleet.replica import Replica, watch
+from router.policy.base import NONE_DRAFTER
+from router.service import (
+    Components,
+    GenerationResult,
+    RouteBatch,
+    RoutedRequest,
+    RouterService,
+    TokenChunk,
+)
+from router.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PLAIN_TIME_EWMA = 0.1  # weight of a new plain time per token in t_ar's running estimate
+
+
+@dataclass(frozen=True)
+class FleetStats:
+    """A fleet generation's statistics, with the engine's ``GenerationStats`` fields."""
+
+    generated_tokens: int
+    prompt_tokens: int
+    drafted_per_step: tuple[int, ...]
+    accepted_per_step: tuple[int, ...]
+    wall_time_s: float
+    verify_time_s: float
+    finish_reason: str
+    replica: str
+    attempts: int
+    draft_time_s: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        return len(self.accepted_per_step)
+
+    @property
+    def drafted(self) -> int:
+        return sum(self.drafted_per_step)
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.accepted_per_step)
+
+    @property
+    def accepted_per_position(self) -> tuple[int, ...]:
+        length = max(self.drafted_per_step, default=0)
+        return tuple(sum(a > i for a in self.accepted_per_step) for i in range(length))
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return (self.accepted + self.steps) / self.steps if self.steps else 1.0
+
+
+@dataclass
+class _Progress:
+    """One generation across its attempts: the tokens received so far, and the last
+    attempt's replica, timing and answer."""
+
+    output_ids: list[int]
+    texts: list[str]
+    attempts: int = 0
+    end: StreamEnd | None = None
+    timing: Timing | None = None
+
+
+class FleetRouterService(RouterService):
+    """RouterService whose generations run on a vLLM fleet (module doc)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        components: Components,
+        store: Any,
+        metrics: Any,
+        fleet: FleetSpec,
+    ) -> None:
+        super().__init__(settings, components, store, metrics)
+        self.fleet = fleet
+        self.replicas = [Replica.from_spec(spec, fleet) for spec in fleet.replicas]
+        self.model_names = [fleet.model]
+        self._special_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids)
+        self._session: aiohttp.ClientSession | None = None
+        self._watchers: list[asyncio.Task[None]] = []
+        self.plain_token_time_s: float | None = None
+
+    # -- lifecycle (on the event loop) -------------------------------------------------
+    async def start_fleet(self) -> None:
+        """Open the HTTP client and start probing every replica; the first probes are
+        awaited, so replicas that answer serve at once (the others are routed around)."""
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        from router.fleet.replica import probe
+
+        await asyncio.gather(
+            *(probe(self._session, r, self.fleet.connect_timeout_s + 1.0) for r in self.replicas)
+        )
+        down = [r.name for r in self.replicas if not r.healthy]
+        if down:
+            logger.warning("fleet: not serving yet (probed until they are): %s", down)
+        logger.info("fleet: %s", [r.describe() for r in self.replicas])
+        self._watchers = [
+            asyncio.create_task(watch(self._session, r, self.fleet)) for r in self.replicas
+        ]
+
+    async def aclose(self) -> None:
+        for task in self._watchers:
+            task.cancel()
+        for task in self._watchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._session is not None:
+            await self._session.close()
+
+    # -- decisions ---------------------------------------------------------------------
+    def eligible_drafters(self) -> list[str]:
+        """The fleet's drafters with a replica free (``none`` is the policy's k = 0)."""
+        live = set(self.drafters.eligible())
+        free = {r.drafter for r in self.replicas if r.available}
+        return [d for d in self.fleet.drafters() if d in free and d in live]
+
+    def _decide_routes(self, requests: Sequence[Any], prepared: RouteBatch) -> RouteBatch:
+        """Route in fleet mode: the policy's decisions, each placed on a replica (its URL
+        in the answer, and the replica's own k in the decision); nothing is reserved, since
+        the caller forwards the request itself."""
+        prepared = super()._decide_routes(requests, prepared)
+        for index, result in enumerate(prepared.results):
+            if isinstance(result, RoutedRequest):
+                placed = self._place(result, frozenset())
+                if placed is not None:
+                    prepared.results[index] = placed[0]
+        return prepared
+
+    def _place(
+        self, routed: RoutedRequest, tried: frozenset[str]
+    ) -> tuple[RoutedRequest, Replica] | None:
+        """The replica for ``routed`` (module doc, "Placement"), skipping ``tried``; None
+        when no replica is free."""
+        free = [r for r in self.replicas if r.available and r.name not in tried]
+        if not free:
+            return None
+        decision = routed.decision
+        same = [r for r in free if r.drafter == decision.drafter]
+        if not same and decision.drafter != NONE_DRAFTER:
+            # The chosen configuration has no replica free: the policy's next best.
+            offered = list(dict.fromkeys(r.drafter for r in free if r.drafter != NONE_DRAFTER))
+            decision, _ = self.policy.select(routed.context, offered)
+            same = [r for r in free if r.drafter == decision.drafter]
+        if not same:
+            same = [r for r in free if r.drafter == NONE_DRAFTER] or free
+        replica = min(same, key=lambda r: (r.load, r.served))
+        from router.policy.base import Decision
+
+        placed = Decision(
+            replica.drafter,
+            replica.spec.draft_length,
+            decision.expected_speedup if replica.drafter == decision.drafter else float("nan"),
+            decision.explored,
+        )
+        return replace(routed, decision=placed, replica=replica.spec.url), replica
+
+    def _unavailable(self) -> Exception:
+        healthy = [r for r in self.replicas if r.healthy]
+        if healthy:
+            return OverloadedError(
+                f"every serving replica is at its in-flight bound ({len(healthy)} replicas)"
+            )
+        reasons = "; ".join(f"{r.name}: {r.last_error or 'not probed yet'}" for r in self.replicas)
+        return GenerationFailedError(f"no replica of the fleet is serving ({reasons})")
+
+    def _checked_force(self, request: GenerateInput) -> None:
+        forced = request.force_drafter
+        if forced and forced not in self.fleet.drafters():
+            raise NotFoundError(
+                f"no replica of the fleet runs drafter {forced!r}; fleet: {self.fleet.drafters()}"
+            )
+
+    # -- generation --------------------------------------------------------------------
+    async def generate(self, request: GenerateInput) -> AsyncIterator[Any]:
+        """Yield the placed :class:`RoutedRequest` (once a replica has produced the first
+        token, so a request refused or failed everywhere is a plain error), then
+        :class:`TokenChunk` s, then the :class:`GenerationResult`."""
+        self._checked_force(request)
+        routed = await self._route(
+            request.route,
+            force_drafter=request.force_drafter,
+            force_k=request.force_draft_length,
+        )
+        progress = _Progress([], [])
+        tried: set[str] = set()
+        announced: RoutedRequest | None = None
+        placed = routed
+        while True:
+            found = self._place(routed, frozenset(tried))
+            if found is None:
+                raise self._unavailable()
+            placed, replica = found
+            progress.attempts += 1
+            replica.in_flight += 1
+            try:
+                attempt = self._attempt(placed, replica, request, progress)
+                async with contextlib.aclosing(attempt) as items:
+                    async for item in items:
+                        if announced is None:
+                            announced = placed
+                            self._count_decision(placed)
+                            yield placed
+                        yield item
+                replica.served += 1
+                break
+            except ReplicaFailedError as error:
+                replica.take_out(str(error))
+                tried.add(replica.name)
+                logger.warning(
+                    "request %s: replica %s failed after %d tokens (%s); going on elsewhere",
+                    routed.request_id,
+                    replica.name,
+                    len(progress.output_ids),
+                    error,
+                )
+            finally:
+                replica.in_flight -= 1
+        if announced is None:  # the replica answered without a token (e.g. max_tokens 0)
+            announced = placed
+            self._count_decision(placed)
+            yield placed
+        result = self._result(placed, replica, request, progress)
+        if not request.no_update:
+            self._learn_from_replica(result, replica, progress)
+        yield result
+
+    async def _attempt(
+        self,
+        placed: RoutedRequest,
+        replica: Replica,
+        request: GenerateInput,
+        progress: _Progress,
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """One replica's stream, continuing from ``progress`` (its TokenChunks)."""
+        assert self._session is not None, "start_fleet() was not awaited"
+        remaining = request.route.max_new_tokens - len(progress.output_ids)
+        body = completion_body(
+            replica.spec.model,
+            [*placed.prompt_ids, *progress.output_ids],
+            remaining,
+            request.route.sampling,
+        )
+        started = time.perf_counter()
+        first: float | None = None
+        received = 0
+        stream = replica_stream(self._session, replica, body, self.fleet.connect_timeout_s)
+        try:
+            async with contextlib.aclosing(stream) as events:
+                async for event in events:
+                    if isinstance(event, StreamEnd):
+                        progress.end = event
+                        continue
+                    first = first if first is not None else time.perf_counter()
+                    received += len(event.token_ids)
+                    yield self._chunk(event, progress)
+        except ReplicaRefusedError as error:
+            raise InvalidRequestError(
+                f"replica {replica.name} refused the request: {error}"
+            ) from error
+        now = time.perf_counter()
+        progress.timing = Timing(
+            wall_time_s=now - started,
+            decode_time_s=now - first if first is not None else 0.0,
+            generated_tokens=received,
+        )
+
+    def _chunk(self, delta: Delta, progress: _Progress) -> TokenChunk:
+        ids = delta.token_ids
+        # vLLM sends a chunk's text, not each token's: the first token carries it.
+        texts = (delta.text, *([""] * (len(ids) - 1)))
+        progress.output_ids.extend(ids)
+        progress.texts.append(delta.text)
+        return TokenChunk(
+            token_ids=ids,
+            token_texts=texts,
+            special=tuple(i in self._special_ids for i in ids),
+            text=delta.text,
+        )
+
+    def _result(
+        self,
+        placed: RoutedRequest,
+        replica: Replica,
+        request: GenerateInput,
+        progress: _Progress,
+    ) -> GenerationResult:
+        end = progress.end or StreamEnd("length")
+        timing = progress.timing or Timing(0.0, 0.0, 0)
+        spec = end.metrics.get("speculative_decoding") or {}
+        drafted = tuple(int(x) for x in spec.get("per_step_drafted") or ())
+        accepted = tuple(int(x) for x in spec.get("per_step_accepted") or ())
+        if len(drafted) != len(accepted):
+            drafted, accepted = (), ()
+        stats = FleetStats(
+            generated_tokens=len(progress.output_ids),
+            prompt_tokens=placed.prompt_tokens,
+            drafted_per_step=drafted,
+            accepted_per_step=accepted,
+            wall_time_s=timing.wall_time_s,
+            verify_time_s=timing.decode_time_s,
+            finish_reason=end.finish_reason,
+            replica=replica.spec.url,
+            attempts=progress.attempts,
+        )
+        self.metrics.generated_tokens.inc(stats.generated_tokens)
+        self.metrics.generations.labels(finish_reason=stats.finish_reason).inc()
+        self.metrics.generation_tokens_per_s.observe(stats.tokens_per_s)
+        return GenerationResult(
+            placed,
+            tuple(progress.output_ids),
+            "".join(progress.texts),
+            stats,
+            self.policy.version,
+            request.route.sampling.seed,
+        )
+
+    def _learn_from_replica(
+        self, result: GenerationResult, replica: Replica, progress: _Progress
+    ) -> None:
+        """The policy update from the last replica's answer (``router.fleet.learning``)."""
+        if progress.timing is None or progress.end is None:
+            return
+        timing = progress.timing
+        k = replica.spec.draft_length
+        if k == 0 and timing.token_time_s is not None:
+            self._observe_plain(timing.token_time_s)
+        outcome = outcome_from_replica(k, progress.end.metrics, timing, self.plain_token_time_s)
+        if outcome is None:
+            logger.debug("request %s: nothing to learn yet", result.routed.request_id)
+            return
+        routed = result.routed
+        self.policy.update(routed.context, routed.decision, outcome)
+        self._count_outcome(routed, outcome, "fleet")
+
+    def _observe_plain(self, token_time_s: float) -> None:
+        previous = self.plain_token_time_s
+        self.plain_token_time_s = (
+            token_time_s
+            if previous is None
+            else (1 - PLAIN_TIME_EWMA) * previous + PLAIN_TIME_EWMA * token_time_s
+        )
+
+    def describe_fleet(self) -> list[dict[str, object]]:
+        return [replica.describe() for replica in self.replicas]
+
+
+def fleet_policy_config(settings: Settings, fleet: FleetSpec) -> dict[str, Any]:
+    """The policy's configuration in fleet mode: vLLM reports one time for drafting and
+    verifying together (learned as the step's time), so ``thompson`` prices no separate
+    drafting cost for the fleet's drafters unless the settings do."""
+    config = dict(settings.policy_config)
+    if settings.policy == "thompson" and "draft_cost_ratio" not in config:
+        config["draft_cost_ratio"] = {d: 0.0 for d in fleet.drafters() if d != NONE_DRAFTER}
+    return config
+
+
+async def start_fleet_service(
+    settings: Settings, components: Components, store: Any, metrics: Any
+) -> FleetRouterService:
+    """The fleet-mode service, started: drafters and policy as in-process, then the fleet
+    probed (``settings.fleet_file``)."""
+    from router.fleet.config import check_fleet_drafters, load_fleet_file
+
+    assert settings.fleet_file is not None
+    fleet = load_fleet_file(settings.fleet_file)
+    settings = settings.model_copy(update={"policy_config": fleet_policy_config(settings, fleet)})
+    service = FleetRouterService(settings, components, store, metrics, fleet)
+    await asyncio.to_thread(service.start)
+    check_fleet_drafters(fleet, service.drafters.names(), str(settings.fleet_file))
+    await service.start_fleet()
+    return service

@@ -1,0 +1,176 @@
+"""The fleet benchmark's machinery: configurations, policies, the summary and the refusal
+of a world vLLM's CPU build cannot serve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from benchmarks.fleet.bench import (
+    FleetBenchOptions,
+    LeastLoaded,
+    PolicyRun,
+    check_world,
+    first_difference,
+    fleet_configurations,
+    hindsight,
+    round_robin,
+    summarise,
+)
+from benchmarks.fleet.vllm_process import (
+    Speculation,
+    VllmServer,
+    VllmUnavailableError,
+    check_servable,
+    fleet_toml,
+)
+from benchmarks.replay.metrics import RequestResult
+from benchmarks.replay.trace import TraceRequest
+from router.fleet.config import parse_fleet
+
+
+def result(
+    request_id: str,
+    task: str,
+    tokens: int,
+    wall: float,
+    ids: tuple[int, ...],
+    drafter: str = "none",
+) -> RequestResult:
+    return RequestResult(
+        index=0,
+        request_id=request_id,
+        task=task,
+        cluster=task,
+        drafter=drafter,
+        draft_length=0,
+        explored=False,
+        greedy=True,
+        prompt_tokens=5,
+        generated_tokens=tokens,
+        steps=tokens,
+        drafted=0,
+        accepted=0,
+        wall_time_s=wall,
+        output_ids=ids,
+    )
+
+
+def write_config(directory: Path, hidden: int, heads: int) -> Path:
+    directory.mkdir(parents=True)
+    config = {"hidden_size": hidden, "num_attention_heads": heads}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_configurations_are_none_ngram_generic_and_task_drafters() -> None:
+    names = ["generic", "code", "math", "chat"]
+    tasks = ["chat", "code", "math"]
+    assert fleet_configurations(names, tasks, FleetBenchOptions(task_drafters=2)) == [
+        "none",
+        "ngram",
+        "generic",
+        "chat",
+        "code",
+    ]
+    assert fleet_configurations(["code"], ["code"], FleetBenchOptions()) == [
+        "none",
+        "ngram",
+        "code",
+    ]
+
+
+def test_worlds_vllm_cannot_serve_are_refused_in_one_line(tmp_path: Path) -> None:
+    check_servable(write_config(tmp_path / "ok", 128, 2))  # head_dim 64
+    with pytest.raises(VllmUnavailableError) as refused:
+        check_servable(write_config(tmp_path / "v1", 160, 4))  # head_dim 40
+    assert "head_dim 40" in str(refused.value) and "\n" not in str(refused.value)
+
+    small = write_config(tmp_path / "small", 64, 2)  # head_dim 32
+    world = SimpleNamespace(target_dir=tmp_path / "ok", drafter_dirs={"generic": small})
+    with pytest.raises(VllmUnavailableError, match="head_dim 32"):
+        check_world(world, ["none", "ngram", "generic"])
+
+
+def test_first_difference() -> None:
+    assert first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert first_difference([1, 2], [1, 2, 3]) == 2
+
+
+def test_summary_speedups_jain_and_differences() -> None:
+    baseline = PolicyRun(
+        {
+            "a": result("a", "code", 10, 1.0, (1, 2, 3)),
+            "b": result("b", "chat", 10, 2.0, (4, 5)),
+        }
+    )
+    run = PolicyRun(
+        {
+            "a": result("a", "code", 10, 0.5, (1, 2, 3), "code"),
+            "b": result("b", "chat", 10, 2.0, (4, 6), "ngram"),
+        },
+        errors=["c: boom"],
+    )
+    summary = summarise(run, baseline, {"a": "code", "b": "chat"})
+    assert summary["per_task"]["code"]["speedup"] == pytest.approx(2.0)
+    assert summary["per_task"]["chat"]["speedup"] == pytest.approx(1.0)
+    assert summary["mean_speedup"] == pytest.approx(1.5)
+    assert summary["min_speedup"] == pytest.approx(1.0)
+    assert summary["jain"] == pytest.approx(9 / (2 * 5))
+    assert summary["errors"] == 1
+    assert not summary["lossless"]
+    assert summary["differences"] == [{"request_id": "b", "task": "chat", "position": 1}]
+    assert summary["configurations"] == {"code": 1, "ngram": 1}
+    same = summarise(baseline, baseline, {})
+    assert same["lossless"] and same["mean_speedup"] == pytest.approx(1.0)
+
+    summaries = {
+        "single:none": same,
+        "single:code": {**summary, "lossless": True},
+    }
+    best = hindsight(summaries, ["none", "code"])
+    assert best["per_task"]["code"]["configuration"] == "code"
+    assert best["per_task"]["chat"]["configuration"] == "none"  # ties keep the first
+    assert best["mean_speedup"] == pytest.approx(1.5)
+
+
+def test_round_robin_and_least_loaded_choosers() -> None:
+    request = TraceRequest(id="x", prompt="p", max_new_tokens=4)
+    chooser = round_robin(["none", "ngram", "code"], 3)
+    picked = [chooser(i, request) for i in range(4)]
+    assert [(p.drafter, p.draft_length) for p in picked if p] == [
+        ("none", 0),
+        ("ngram", 3),
+        ("code", 3),
+        ("none", 0),
+    ]
+    balancer = LeastLoaded(["none", "ngram"], 3)
+    first, second = balancer.choose(0, request), balancer.choose(1, request)
+    assert {first.drafter, second.drafter} == {"none", "ngram"}
+    balancer.done(first)
+    assert balancer.choose(2, request).drafter == first.drafter  # the idle one
+
+
+def test_fleet_file_for_running_servers_is_valid(tmp_path: Path) -> None:
+    servers = [
+        VllmServer(tmp_path, Speculation("none"), 8001, tmp_path / "a.log"),
+        VllmServer(tmp_path, Speculation("code", 3, tmp_path), 8002, tmp_path / "b.log"),
+    ]
+    import tomllib
+
+    fleet = parse_fleet(tomllib.loads(fleet_toml(servers, health_interval_s=0.5)))
+    assert [(r.url, r.speculative, r.draft_length) for r in fleet.replicas] == [
+        ("http://127.0.0.1:8001", "none", 0),
+        ("http://127.0.0.1:8002", "code", 3),
+    ]
+    assert fleet.health_interval_s == 0.5
+    assert servers[1].speculation.vllm_config() == {
+        "method": "draft_model",
+        "model": str(tmp_path),
+        "num_speculative_tokens": 3,
+    }
+    assert Speculation("none").vllm_config() is None

@@ -1,0 +1,193 @@
+"""The fleet's pure parts: the fleet file, vLLM's queue gauges, and what the policy learns
+from a replica's answer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from router.fleet.config import (
+    FleetConfigError,
+    check_fleet_drafters,
+    load_fleet_file,
+    normalise_url,
+    parse_fleet,
+)
+from router.fleet.learning import Timing, outcome_from_replica, positions_from_histogram
+from router.fleet.replica import queue_from_metrics
+
+FLEET = """
+request_timeout_s = 30
+[[replicas]]
+url = "http://127.0.0.1:8001/v1/"
+model = "target"
+speculative = "none"
+[[replicas]]
+url = "http://127.0.0.1:8002"
+model = "target"
+speculative = "ngram"
+k = 4
+[[replicas]]
+name = "code-a"
+url = "https://gpu-3.internal:8000"
+model = "target"
+speculative = "code"
+max_in_flight = 2
+"""
+
+
+def test_fleet_file_is_read_and_normalised(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(FLEET)
+    fleet = load_fleet_file(path)
+    assert [r.url for r in fleet.replicas] == [
+        "http://127.0.0.1:8001",
+        "http://127.0.0.1:8002",
+        "https://gpu-3.internal:8000",
+    ]
+    assert [r.draft_length for r in fleet.replicas] == [0, 4, 3]  # code: the default k
+    assert fleet.drafters() == ["none", "ngram", "code"]
+    assert fleet.replicas[2].name == "code-a" and fleet.replicas[0].name.endswith(":8001")
+    assert fleet.request_timeout_s == 30 and fleet.replicas[2].max_in_flight == 2
+    check_fleet_drafters(fleet, {"none", "ngram", "code", "math"})
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("127.0.0.1:8000", "not an http(s)://host[:port] URL"),
+        ("ftp://host:21", "not an http(s)://host[:port] URL"),
+        ("http://host:99999", "bad port"),
+        ("http://host:8000/?x=1", "query"),
+        ("http://", "not an http(s)://host[:port] URL"),
+    ],
+)
+def test_malformed_urls_are_refused(url: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        normalise_url(url)
+    replica = {"url": url, "model": "m", "speculative": "none"}
+    with pytest.raises(FleetConfigError) as refused:
+        parse_fleet({"replicas": [replica]})
+    assert "\n" not in str(refused.value)
+    assert "replicas.0.url" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("replicas", "problem"),
+    [
+        ([], "at least 1"),
+        ([{"url": "http://a", "model": "m", "speculative": "none", "k": 2}], "k = 0"),
+        ([{"url": "http://a", "model": "m", "speculative": "ngram", "k": 0}], "k >= 1"),
+        ([{"url": "http://a", "model": "m", "speculative": "ngram", "k": 40}], "32"),
+        (
+            [
+                {"url": "http://a", "model": "m", "speculative": "ngram", "k": 2},
+                {"url": "http://b", "model": "m", "speculative": "ngram", "k": 3},
+            ],
+            "one drafter runs at one k",
+        ),
+        (
+            [
+                {"url": "http://a", "model": "m", "speculative": "none"},
+                {"url": "http://b", "model": "other", "speculative": "none"},
+            ],
+            "same model",
+        ),
+        (
+            [
+                {"url": "http://a", "model": "m", "speculative": "none"},
+                {"url": "http://a/", "model": "m", "speculative": "none"},
+            ],
+            "two replicas are named",
+        ),
+        ([{"url": "http://a", "model": "m", "speculative": "none", "colour": 1}], "colour"),
+    ],
+)
+def test_inconsistent_fleets_are_refused(replicas: list[dict[str, object]], problem: str) -> None:
+    with pytest.raises(FleetConfigError, match=problem) as refused:
+        parse_fleet({"replicas": replicas})
+    assert "\n" not in str(refused.value)
+
+
+def test_unknown_drafter_and_unreadable_files(tmp_path: Path) -> None:
+    fleet = parse_fleet({"replicas": [{"url": "http://a", "model": "m", "speculative": "codex"}]})
+    with pytest.raises(FleetConfigError, match="unknown drafter 'codex'"):
+        check_fleet_drafters(fleet, {"none", "ngram", "code"})
+    with pytest.raises(FleetConfigError, match="No such file"):
+        load_fleet_file(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[replicas]\n")
+    with pytest.raises(FleetConfigError, match="not TOML"):
+        load_fleet_file(bad)
+
+
+def test_queue_is_read_from_vllm_metrics() -> None:
+    scrape = "\n".join(
+        [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            'vllm:num_requests_running{engine="0",model_name="target"} 3.0',
+            'vllm:num_requests_waiting{engine="0",model_name="target"} 2.0',
+            'vllm:num_requests_waiting_by_reason{reason="capacity"} 7.0',
+            "vllm:num_requests_running_total 99",
+        ]
+    )
+    assert queue_from_metrics(scrape) == (3.0, 2.0)
+    assert queue_from_metrics("") == (0.0, 0.0)
+
+
+def test_detailed_spec_metrics_become_the_per_step_outcome() -> None:
+    metrics = {
+        "tokens_per_second": 50.0,
+        "speculative_decoding": {
+            "num_spec_steps": 3,
+            "num_draft_tokens": 9,
+            "num_accepted_draft_tokens": 5,
+            "acceptance_histogram": [1, 0, 1, 1],
+            "per_step_drafted": [3, 3, 3],
+            "per_step_accepted": [3, 0, 2],
+        },
+    }
+    timing = Timing(wall_time_s=0.5, decode_time_s=0.4, generated_tokens=8)
+    outcome = outcome_from_replica(3, metrics, timing, plain_token_time_s=0.1)
+    assert outcome is not None
+    assert outcome.drafted_per_step == (3, 3, 3)
+    assert outcome.accepted_per_step == (3, 0, 2)
+    assert outcome.acceptance_counts() == (5, 2)
+    assert outcome.generated_tokens == 8
+    assert outcome.verify_time_s == 0.4 and outcome.wall_time_s == 0.5
+    assert outcome.plain_token_time_s == 0.1
+
+
+def test_summary_spec_metrics_become_totals_with_positions() -> None:
+    # histogram: 1 step accepted 0, 1 step accepted 2, 1 step accepted 3 (of k = 3).
+    assert positions_from_histogram([1, 0, 1, 1]) == [2, 2, 1]
+    spec = {
+        "num_spec_steps": 3,
+        "num_draft_tokens": 9,
+        "num_accepted_draft_tokens": 5,
+        "acceptance_histogram": [1, 0, 1, 1],
+    }
+    outcome = outcome_from_replica(
+        3, {"speculative_decoding": spec}, Timing(0.5, 0.4, 8), plain_token_time_s=None
+    )
+    assert outcome is not None
+    assert sorted(outcome.accepted_per_step) == [0, 2, 3]
+    assert outcome.drafted_tokens == 9
+
+
+def test_without_spec_metrics_the_time_per_token_stands_in() -> None:
+    # 11 tokens, 10 decode intervals of 0.05 s against plain decoding's 0.1 s per token:
+    # 2 tokens per step, so about 6 steps accepting 5 draft tokens in all.
+    timing = Timing(wall_time_s=0.6, decode_time_s=0.5, generated_tokens=11)
+    outcome = outcome_from_replica(3, {}, timing, plain_token_time_s=0.1)
+    assert outcome is not None
+    assert outcome.steps == 6 and outcome.accepted_tokens == 5
+    assert outcome.drafted_tokens == 18
+    # Nothing to compare with yet: nothing is learnt.
+    assert outcome_from_replica(3, {}, timing, plain_token_time_s=None) is None
+    # A plain replica's answer is a plain decoding measurement (t_ar).
+    plain = outcome_from_replica(0, {}, timing, plain_token_time_s=None)
+    assert plain is not None and plain.steps == 0 and plain.generated_tokens == 11

@@ -1,0 +1,253 @@
+"""specroute in front of real ``vllm serve`` processes (vLLM's CPU build, ``make vllm``).
+
+The fleet: a head_dim-64 Qwen2 target built from the tiny world's tokenizer (vLLM's CPU
+attention refuses the other sizes), served plain, with the n-gram proposer (two
+replicas: one to kill), and with a draft model ("twin", the target's own weights, so its
+drafts are accepted), plus a URL where nothing listens. The sidecar reads the tiny world's
+classifier and serves the same target in-process too, for the reference outputs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from text_generation import Client
+
+from benchmarks.fleet.vllm_process import (
+    Speculation,
+    VllmServer,
+    VllmUnavailableError,
+    fleet_toml,
+    free_port,
+    vllm_fleet,
+    vllm_python,
+)
+from router.domain import Prompt
+from router.pb import router_pb2 as pb
+from tests.router.conftest import COMPLETION_PROMPT, ServingWorld, SidecarThread
+
+try:
+    vllm_python()
+    VLLM_MISSING = ""
+except VllmUnavailableError as error:
+    VLLM_MISSING = str(error)
+
+# Starting four vLLM servers takes minutes on two busy cores.
+pytestmark = [
+    pytest.mark.skipif(bool(VLLM_MISSING), reason=VLLM_MISSING),
+    pytest.mark.timeout(1200),
+]
+
+PROMPT = COMPLETION_PROMPT
+TOKENS = 24
+DRAFT_LENGTH = 3
+
+
+@dataclass
+class Fleet:
+    sidecar: SidecarThread
+    servers: dict[str, VllmServer]  # none, ngram, twin, spare (ngram)
+    dead_url: str
+
+    @property
+    def service(self) -> Any:
+        return self.sidecar.service
+
+    def replica(self, url: str) -> Any:
+        return next(r for r in self.service.replicas if r.spec.url == url)
+
+
+def _models(world_target: Path, root: Path) -> tuple[Path, Path]:
+    """A 2-layer target with two 64-wide heads, and its twin (same weights) as drafter."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.world.build import ModelShape, new_model, save_model
+
+    tokenizer = AutoTokenizer.from_pretrained(world_target)
+    shape = ModelShape(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    model = new_model(shape, tokenizer, seed=0)
+    save_model(model, tokenizer, root / "target", [])
+    save_model(model, tokenizer, root / "twin", [])
+    return root / "target", root / "twin"
+
+
+@pytest.fixture(scope="module")
+def fleet(serving_world: ServingWorld, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    from router.components import build_components
+
+    root = tmp_path_factory.mktemp("fleet")
+    target, twin = _models(serving_world.world.target_dir, root / "models")
+    speculations = [
+        Speculation("none"),
+        Speculation("ngram", DRAFT_LENGTH),
+        Speculation("twin", DRAFT_LENGTH, twin),
+        Speculation("ngram", DRAFT_LENGTH),
+    ]
+    with vllm_fleet(target, speculations, root / "logs") as servers:
+        dead_url = f"http://127.0.0.1:{free_port()}"
+        fleet_file = root / "fleet.toml"
+        fleet_file.write_text(
+            fleet_toml(servers, health_interval_s=0.5, metrics_interval_s=0.5)
+            + f'[[replicas]]\nurl = "{dead_url}"\nmodel = "target"\nspeculative = "ngram"\n'
+            + f"k = {DRAFT_LENGTH}\n"
+        )
+        settings = serving_world.settings(
+            root / "state",
+            target_dir=target,
+            drafter_dirs={"twin": twin},
+            model_roots=[root / "models"],
+            bundle_drafters=False,
+            fleet_file=fleet_file,
+        )
+        sidecar = SidecarThread(settings, build_components(settings))
+        try:
+            named = dict(zip(("none", "ngram", "twin", "spare"), servers, strict=True))
+            yield Fleet(sidecar, named, dead_url)
+        finally:
+            sidecar.stop()
+
+
+def generate(fleet: Fleet, drafter: str = "", tokens: int = TOKENS, **fields: Any) -> Any:
+    request = pb.GenerateRequest(
+        text=PROMPT, max_new_tokens=tokens, force_drafter=drafter, **fields
+    )
+    chunks = list(fleet.sidecar.stub.Generate(request, timeout=120))
+    ids = [token.id for chunk in chunks for token in chunk.tokens]
+    return chunks[0].decision, ids, chunks[-1].stats
+
+
+def reference_ids(fleet: Fleet, tokens: int = TOKENS) -> list[int]:
+    """The in-process engine's greedy output on the same target, without speculation."""
+    service = fleet.service
+    none = service.drafters.get("none").drafter
+    run = service.components.engine.generate(
+        service.prompt_ids(Prompt(text=PROMPT)), none, 0, max_new_tokens=tokens
+    )
+    for _ in run:
+        pass
+    return [int(t) for t in run.output_ids]
+
+
+def test_route_names_a_serving_replica_with_its_draft_length(fleet: Fleet) -> None:
+    serving = {server.url: server.speculation for server in fleet.servers.values()}
+    for _ in range(12):
+        decision = fleet.sidecar.stub.Route(pb.RouteRequest(text=PROMPT), timeout=30)
+        assert decision.replica in serving, decision
+        speculation = serving[decision.replica]
+        assert decision.drafter == speculation.drafter
+        assert decision.draft_length == speculation.k
+
+
+def test_unreachable_replica_is_logged_and_routed_around(fleet: Fleet) -> None:
+    dead = fleet.replica(fleet.dead_url)
+    assert not dead.healthy
+    assert "GET /health failed" in dead.last_error
+    for _ in range(6):
+        decision, ids, _ = generate(fleet, "ngram", tokens=4)
+        assert decision.replica != fleet.dead_url
+        assert len(ids) == 4
+
+
+def test_greedy_output_is_the_same_on_every_configuration(fleet: Fleet) -> None:
+    expected = reference_ids(fleet)
+    assert len(expected) == TOKENS
+    for drafter in ("none", "ngram", "twin"):
+        decision, ids, stats = generate(fleet, drafter)
+        assert decision.drafter == drafter
+        assert ids == expected, drafter
+        assert stats.generated_tokens == TOKENS and stats.finish_reason == "length"
+        if drafter == "twin":  # vLLM's per-step metrics: the twin's drafts are accepted
+            assert stats.steps > 0
+            assert list(stats.drafted_per_step) == [DRAFT_LENGTH] * stats.steps
+            assert sum(stats.accepted_per_step) > 0
+
+
+def test_openai_and_tgi_fronts_forward_to_the_fleet(fleet: Fleet) -> None:
+    _, _, stats = generate(fleet, "none")
+    expected_text = stats.generated_text
+    client = openai.OpenAI(base_url=f"{fleet.sidecar.http_url}/v1", api_key="x", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["target"]
+    reply = client.completions.create(
+        model="target", prompt=PROMPT, max_tokens=TOKENS, temperature=0
+    )
+    assert reply.choices[0].text == expected_text
+    assert reply.usage is not None and reply.usage.completion_tokens == TOKENS
+    assert reply.model_extra is not None and reply.model_extra["specroute"]["replica"]
+    chunks = list(
+        client.completions.create(
+            model="target", prompt=PROMPT, max_tokens=TOKENS, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected_text
+    chat = client.chat.completions.create(
+        model="target", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
+    )
+    assert chat.choices[0].finish_reason in {"stop", "length"}
+    tgi = Client(fleet.sidecar.http_url, timeout=60).generate(PROMPT, max_new_tokens=TOKENS)
+    assert tgi.generated_text == expected_text
+    assert tgi.details.generated_tokens == TOKENS
+
+
+def test_the_policy_learns_from_vllm_metrics(fleet: Fleet) -> None:
+    before = fleet.sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest(), timeout=30)
+    for drafter in ("twin", "ngram", "none"):
+        generate(fleet, drafter, tokens=16)
+    after = fleet.sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest(), timeout=30)
+    assert after.version >= before.version + 3
+    arms = {arm.drafter: arm for context in after.contexts for arm in context.arms}
+    # The twin drafts the target's own tokens: its acceptance is learnt as high.
+    assert arms["twin"].acceptance_mean > 0.6
+    assert fleet.service.plain_token_time_s is not None  # t_ar from the plain replica
+
+
+def test_a_killed_replica_loses_no_request_and_serves_again_once_restarted(
+    fleet: Fleet,
+) -> None:
+    expected = reference_ids(fleet, 48)
+    spare = fleet.servers["spare"]
+    spare_replica = fleet.replica(spare.url)
+    results: list[list[int] | BaseException] = []
+
+    def one() -> None:
+        try:
+            results.append(generate(fleet, "ngram", tokens=48)[1])
+        except BaseException as error:
+            results.append(error)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while spare_replica.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert spare_replica.in_flight > 0, "no request reached the spare replica"
+    spare.kill()
+    for thread in threads:
+        thread.join(180)
+    assert len(results) == 8
+    assert all(result == expected for result in results), results
+    assert not spare_replica.healthy and spare_replica.failures >= 1
+    # Back on the same port: probed, served again.
+    spare.start()
+    spare.wait_healthy()
+    deadline = time.monotonic() + 30
+    while not spare_replica.healthy and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert spare_replica.healthy
+    served = spare_replica.served
+    for _ in range(4):  # least loaded: the idle replicas take turns
+        generate(fleet, "ngram", tokens=4)
+    assert spare_replica.served > served
