@@ -29,6 +29,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from router.policy.base import NONE_DRAFTER, ArmSummary, ContextSummary
 
+Family = GaugeMetricFamily | CounterMetricFamily
+
 
 @dataclass(frozen=True)
 class ClusterView:
@@ -203,9 +205,9 @@ class ClusterCollector:
                 families["best"].add_metric([view.cluster, view.best_drafter, str(view.best_k)], 1)
         yield from families.values()
 
-    def _families(self) -> dict[str, Metric]:
+    def _families(self) -> dict[str, Family]:
         cluster = ["cluster"]
-        families: dict[str, Metric] = {
+        families: dict[str, Family] = {
             "share": GaugeMetricFamily(
                 "specroute_cluster_traffic_share_ratio",
                 "Share of the requests the policy learned from that were in this cluster.",
