@@ -15,6 +15,7 @@ from router.domain import (
     Sampling,
     check_finite,
     check_forced_draft_length,
+    check_forced_stop_threshold,
     check_outcome,
 )
 from router.errors import InvalidFieldError
@@ -60,10 +61,12 @@ def route_from_pb(message: pb.RouteRequest | pb.GenerateRequest) -> RouteInput:
 
 def generate_from_pb(message: pb.GenerateRequest) -> GenerateInput:
     forced_k = message.force_draft_length if message.HasField("force_draft_length") else None
+    forced_stop = message.force_stop_threshold if message.HasField("force_stop_threshold") else None
     return GenerateInput(
         route=route_from_pb(message),
         force_drafter=message.force_drafter,
         force_draft_length=check_forced_draft_length(forced_k),
+        force_stop_threshold=check_forced_stop_threshold(forced_stop),
         no_update=message.no_update,
     )
 
@@ -145,6 +148,7 @@ def decision_to_pb(routed: RoutedRequest) -> pb.RouteDecision:
         policy_version=routed.policy_version,
         prompt_tokens=routed.prompt_tokens,
         length_bucket=routed.length_bucket,
+        stop_threshold=decision.stop_threshold,
         replica=routed.replica,
     )
 

@@ -62,6 +62,7 @@ class GenerateInput:
     route: RouteInput
     force_drafter: str = ""
     force_draft_length: int | None = None
+    force_stop_threshold: float | None = None  # the decision's stop_threshold, pinned
     no_update: bool = False
 
 
@@ -129,6 +130,16 @@ def check_forced_draft_length(k: int | None) -> int | None:
             "force_draft_length", f"must be at most {MAX_DRAFT_LENGTH}, got {k}"
         )
     return k
+
+
+def check_forced_stop_threshold(threshold: float | None) -> float | None:
+    """A forced stop threshold is a number in [0, 1) (``drafters/stopping.py``)."""
+    if threshold is None:
+        return None
+    check_finite("force_stop_threshold", threshold)
+    if not 0.0 <= threshold < 1.0:
+        raise InvalidFieldError("force_stop_threshold", f"must be in [0, 1), got {threshold:g}")
+    return threshold
 
 
 def check_outcome(outcome: OutcomeInput, limits: Limits) -> OutcomeInput:

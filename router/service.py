@@ -16,7 +16,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -481,6 +481,9 @@ class RouterService:
                 force_drafter=request.force_drafter,
                 force_k=request.force_draft_length,
             )
+            if request.force_stop_threshold is not None:
+                decision = replace(routed.decision, stop_threshold=request.force_stop_threshold)
+                routed = replace(routed, decision=decision)
             self._count_decision(routed)
             yield routed
             job = self._generation_job(routed, request)
@@ -514,6 +517,7 @@ class RouterService:
         should_stop: Any,
     ) -> GenerationResult:
         from drafters import SamplingConfig
+        from drafters.stopping import stop_rule
 
         drafter = self.drafters.get(routed.decision.drafter).drafter
         config = SamplingConfig(
@@ -531,6 +535,7 @@ class RouterService:
             sampling=config,
             stop_sequences=sampling.stop,
             should_stop=should_stop,
+            stop_rule=stop_rule(routed.decision.stop_threshold),
         )
         # The engine detokenizes each token once; its texts are passed on as they are.
         for event in run:

@@ -46,16 +46,23 @@ def length_bucket(prompt_tokens: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The arm chosen for one request: drafter ``"none"`` exactly when ``k == 0``."""
+    """The arm chosen for one request: drafter ``"none"`` exactly when ``k == 0``.
+
+    ``stop_threshold`` in [0, 1): a model drafter's draft may end before k when its
+    confidence in the next token is below it (``drafters/stopping.py``); 0 never stops.
+    """
 
     drafter: str
     k: int
     expected_speedup: float = 1.0
     explored: bool = False
+    stop_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         if self.k < 0:
             raise ValueError(f"draft length must be >= 0, got {self.k}")
+        if not 0.0 <= self.stop_threshold < 1.0:  # also refuses NaN
+            raise ValueError(f"stop threshold must be in [0, 1), got {self.stop_threshold}")
         if (self.drafter == NONE_DRAFTER) != (self.k == 0):
             raise ValueError(
                 f"drafter {NONE_DRAFTER!r} goes with k = 0 and only with it "

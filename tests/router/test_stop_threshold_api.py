@@ -1,0 +1,68 @@
+"""A decision's stop threshold over gRPC: pinned with force_stop_threshold, echoed in the
+RouteDecision, applied by the engine (drafts end early, the output stays the target's),
+and refused with INVALID_ARGUMENT when it is not a number in [0, 1)."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+import pytest
+
+from router.pb import router_pb2 as pb
+from router.policy.base import Decision
+from tests.router.conftest import COMPLETION_PROMPT, SidecarThread, greedy_reference
+
+MAX_NEW = 24
+K = 12
+
+
+def _generate(sidecar: SidecarThread, **fields: object) -> list[pb.GenerateChunk]:
+    request = pb.GenerateRequest(
+        text=COMPLETION_PROMPT,
+        max_new_tokens=MAX_NEW,
+        force_drafter="generic",
+        force_draft_length=K,
+        no_update=True,
+        **fields,  # type: ignore[arg-type]
+    )
+    return list(sidecar.stub.Generate(request, timeout=120))
+
+
+@pytest.mark.parametrize(
+    "threshold", [math.nan, math.inf, -0.25, 1.0, 3.0], ids=["nan", "inf", "neg", "one", "big"]
+)
+def test_a_forced_threshold_outside_0_1_is_invalid_argument(
+    sidecar: SidecarThread, threshold: float
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        _generate(sidecar, force_stop_threshold=threshold)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "force_stop_threshold" in (caught.value.details() or "")
+    # The server keeps serving.
+    assert _generate(sidecar)[-1].stats.generated_tokens > 0
+
+
+def test_a_forced_threshold_is_echoed_and_shortens_drafts_losslessly(
+    sidecar: SidecarThread,
+) -> None:
+    expected, _ = greedy_reference(sidecar, COMPLETION_PROMPT, MAX_NEW)
+    plain = _generate(sidecar)
+    assert plain[0].decision.stop_threshold == 0.0
+    stopped = _generate(sidecar, force_stop_threshold=0.99)
+    assert stopped[0].decision.stop_threshold == pytest.approx(0.99)
+    for chunks in (plain, stopped):
+        assert [t.id for c in chunks[1:] for t in c.tokens] == expected
+    plain_drafted = list(plain[-1].stats.drafted_per_step)
+    stopped_drafted = list(stopped[-1].stats.drafted_per_step)
+    # A 0.99 threshold stops the built-in drafter early on most steps (its first draft is
+    # always made), so it drafts fewer tokens per step than the fixed k.
+    assert all(1 <= d <= K for d in stopped_drafted[:-1])
+    assert sum(stopped_drafted) / len(stopped_drafted) < sum(plain_drafted) / len(plain_drafted)
+
+
+def test_a_decision_refuses_a_threshold_outside_0_1() -> None:
+    for threshold in (math.nan, -0.1, 1.0):
+        with pytest.raises(ValueError, match="stop threshold"):
+            Decision("generic", 4, stop_threshold=threshold)
+    assert Decision("generic", 4, stop_threshold=0.5).stop_threshold == 0.5
