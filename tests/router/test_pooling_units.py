@@ -1,0 +1,183 @@
+"""Pooling parts without a world or a Redis: signed entries, the outcome log under the
+policy holder (dedupe, the snapshot's cursor, costs kept local), the bounded buffer, and
+the refusal to pool unsigned."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router.metrics import create_metrics
+from router.policy.base import Context, Decision, Outcome
+from router.policy_holder import LOG_CURSOR_KEY, PolicyHolder
+from router.pooling.entries import (
+    EntryRejected,
+    EntrySigner,
+    Origin,
+    SharedOutcome,
+    outcome_from_payload,
+    outcome_payload,
+    registration_from_payload,
+)
+from router.pooling.link import RedisLink
+from router.pooling.outcomes import OutcomePool
+from router.pooling.streams import StreamReader, StreamWriter
+from router.settings import PoolingSettings, Settings
+from router.store import SidecarStore
+
+SIGNER = EntrySigner(b"secret")
+MATH = Context("math", 0)
+
+
+def shared(writer: str, number: int, **changes: Any) -> dict[str, Any]:
+    outcome = SharedOutcome(
+        Origin(writer, number), "outcome", "math", 0, "generic", 4, (4, 4, 4), (4, 2, 4), 13
+    )
+    return {**outcome_payload(outcome), **changes}
+
+
+def test_signed_entry_round_trip_and_every_refusal() -> None:
+    fields = SIGNER.fields(shared("b", 1))
+    assert outcome_from_payload(SIGNER.verified(fields), 32).accepted == (4, 2, 4)
+    reasons = {
+        "unsigned": {"payload": fields["payload"]},
+        "bad_signature": {"payload": fields["payload"], "sig": b"0" * 64},
+        "malformed": {"sig": fields["sig"]},
+    }
+    for reason, forged in reasons.items():
+        with pytest.raises(EntryRejected) as caught:
+            SIGNER.verified(forged)
+        assert caught.value.reason == reason
+    other = EntrySigner(b"another secret").fields(shared("b", 1))
+    with pytest.raises(EntryRejected, match="bad_signature"):
+        SIGNER.verified(other)
+    garbage = b"[1, 2"
+    with pytest.raises(EntryRejected, match="malformed"):
+        SIGNER.verified({"payload": garbage, "sig": SIGNER.signature(garbage).encode()})
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"accepted": [5, 0, 0]},  # more accepted than drafted
+        {"drafter": "none"},  # "none" is k = 0 only
+        {"k": 33},  # above the largest draft length
+        {"seq": True},  # a bool is not a sequence number
+        {"seq": 0},
+        {"bucket": -1},
+        {"drafted": [4, 4]},  # lists that do not pair up
+        {"kind": "posterior"},
+        {"format": 2},
+        {"replica": ""},
+        {"cluster": 7},
+    ],
+)
+def test_malformed_outcomes_are_refused(changes: dict[str, Any]) -> None:
+    with pytest.raises(EntryRejected) as caught:
+        outcome_from_payload(shared("b", 1, **changes), 32)
+    assert caught.value.reason == "malformed"
+
+
+def test_registration_payload_checks() -> None:
+    good = {
+        "format": 1,
+        "replica": "a",
+        "seq": 1,
+        "kind": "register",
+        "name": "x",
+        "drafter_kind": "model",
+        "path": "/models/x",
+        "tasks": ["code"],
+        "finetune_sample": [],
+        "options": {},
+    }
+    assert registration_from_payload(good).path == "/models/x"
+    for bad in ({"options": {"a": 1}}, {"tasks": "code"}, {"drafter_kind": ""}, {"name": ""}):
+        with pytest.raises(EntryRejected):
+            registration_from_payload({**good, **bad})
+
+
+class Harness:
+    """A policy holder (thompson over two drafters) with an outcome log attached."""
+
+    def __init__(self, state_dir: Path, identity: str) -> None:
+        self.store = SidecarStore(state_dir)
+        self.holder = PolicyHolder(self.store, lambda: ["generic", "math"], lambda name: None)
+        self.holder.start("thompson")
+        self.metrics = create_metrics()
+        link = RedisLink(PoolingSettings(redis_url="redis://127.0.0.1:1/0"), self.metrics)
+        self.writer = StreamWriter(link, SIGNER, "s", 100, 8)
+        self.pool = OutcomePool(
+            identity, self.holder, self.writer, StreamReader(link, "s"), SIGNER, self.metrics
+        )
+        self.holder.attach_log(self.pool)
+
+    def arms(self) -> dict[str, tuple[float, float]]:
+        _, _, contexts = self.holder.describe()
+        return {a.drafter: (a.alpha, a.beta) for c in contexts for a in c.arms}
+
+    def policy(self) -> Any:
+        return self.holder._policy
+
+
+def test_outcomes_are_logged_applied_once_and_resumed_from_the_snapshot(tmp_path: Path) -> None:
+    a = Harness(tmp_path / "a", "a-1")
+    outcome = Outcome.from_steps([4, 4], [4, 1], draft_time_s=0.01, verify_time_s=0.1)
+    a.holder.update(MATH, Decision("math", 4), outcome)
+    a.holder.update_counterfactual(MATH, "generic", [2, 0], 4)
+    assert a.writer.pending == 2
+    logged = [json.loads(SIGNER.fields(p)["payload"]) for p in a.writer._buffer]
+    assert [(p["kind"], p["seq"], p["replica"]) for p in logged] == [
+        ("outcome", 1, "a-1"),
+        ("counterfactual", 2, "a-1"),
+    ]
+    before = a.arms()["generic"]
+    local_costs = {k: a.policy().state_dict()[k] for k in ("costs", "overheads")}
+    entry = ("1-0", SIGNER.fields(shared("b-1", 1)))
+    a.pool.handle([entry, entry, ("2-0", SIGNER.fields(shared("a-1", 3)))])
+    assert a.pool.applied == 1  # the duplicate and its own entry are not applied
+    assert a.arms()["generic"] != before
+    # Acceptance only: the cost model and the fixed times stay this replica's own.
+    assert {k: a.policy().state_dict()[k] for k in ("costs", "overheads")} == local_costs
+    a.holder.snapshot()
+    snapshot = a.store.latest_policy("thompson")
+    assert snapshot is not None
+    assert snapshot.state[LOG_CURSOR_KEY] == {"applied": {"a-1": 2, "b-1": 1}}
+    version = a.holder.version
+    a.store.close()
+
+    restarted = Harness(tmp_path / "a", "a-2")  # same state dir, a new identity
+    assert restarted.holder.version == version
+    restarted.pool.handle([entry, ("3-0", SIGNER.fields(shared("b-1", 2)))])
+    assert restarted.pool.applied == 1  # b-1 seq 1 is in the snapshot already
+    assert restarted.holder.version == version + 1
+
+
+async def test_unreachable_redis_keeps_a_bounded_buffer(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, "a-1")
+    for step in range(11):
+        harness.writer.append(shared("a-1", step + 1))
+    assert harness.writer.pending == 8 and harness.writer.dropped == 3
+    assert await harness.writer.publish_once() is False  # nothing listens on port 1
+    assert harness.writer.pending == 8 and harness.writer.published == 0
+    oldest = harness.writer._buffer[0]
+    assert oldest["seq"] == 4  # the oldest were dropped
+    await harness.writer._link.close()
+
+
+def test_pooling_without_a_secret_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from router.cli import build_app
+    from router.pooling import pooling_refusal
+
+    assert pooling_refusal(Settings(pooling=PoolingSettings(enabled=True))) is not None
+    assert pooling_refusal(Settings(pooling=PoolingSettings(enabled=True, secret="s"))) is None
+    monkeypatch.setenv("SPECROUTE_POOLING__ENABLED", "true")
+    result = CliRunner().invoke(build_app(), ["serve", "--world", "/nonexistent"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "pooling.secret is not set" in lines[0]
