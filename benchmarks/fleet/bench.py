@@ -8,13 +8,15 @@ proposer, the generic drafter, one or two task drafters), specroute in front wit
 - ``round-robin``: configurations in turn, whatever the prompt;
 - ``least-loaded``: the configuration with the fewest of the replay's requests in flight
   (ties in turn): what a load balancer in front of the same replicas does;
-- ``specroute``: the adaptive policy, after one learning pass over the trace;
+- ``specroute``: the adaptive policy, after one learning pass over the trace (and
+  learning on);
 - ``hindsight``: per task the best ``single`` configuration, known after the fact.
 
 Per task: tokens/s (generated tokens over the requests' summed wall time) and the
 speed-up over ``single:none`` on the same prompts; per policy the mean and minimum
 speed-up, Jain's index over tasks, errors, and whether every greedy output equals the
-plain replica's (each difference with its first diverging position).
+plain replica's (each difference with its first diverging position). The policies take
+turns on each slice of requests, so they are measured side by side.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import itertools
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +47,7 @@ from benchmarks.replay.trace import TraceRequest
 logger = logging.getLogger(__name__)
 
 ADMIN_TOKEN = "bench-fleet-admin"
+KILL_DELAY_S = 0.3  # after the start of the slice whose requests meet the kill
 PLAIN = "none"
 
 
@@ -55,6 +59,10 @@ class FleetBenchOptions:
     task_drafters: int = 2  # how many task drafters get a replica of their own
     concurrency: int = 2  # requests in flight during a replay
     seed: int = 0
+    # A configuration whose replica is SIGKILLed a third of the way through the measured
+    # replay and restarted at once ("" : none): no request may be lost, and the replica
+    # must serve again once it is back.
+    kill_replica: str = ""
 
 
 @dataclass
@@ -269,39 +277,113 @@ def _fleet_settings(path: Path, world_dir: Path, fleet_file: Path, tokens: int) 
     return path
 
 
+@dataclass(frozen=True)
+class Contender:
+    """A policy of the comparison: how it pins each request, and whether it learns."""
+
+    choose: Chooser
+    on_done: Callable[[ArmPin | None], None] | None = None
+    learns: bool = False
+
+
+def contenders(configurations: Sequence[str], k: int) -> dict[str, Contender]:
+    named = {f"single:{c}": Contender(pinned(pin_for(c, k))) for c in configurations}
+    named["round-robin"] = Contender(round_robin(configurations, k))
+    balancer = LeastLoaded(configurations, k)
+    named["least-loaded"] = Contender(balancer.choose, balancer.done)
+    named["specroute"] = Contender(lambda index, request: None, learns=True)
+    return named
+
+
+def merge(into: PolicyRun, run: PolicyRun) -> None:
+    into.results.update(run.results)
+    into.errors.extend(run.errors)
+
+
 def run_policies(
     client: ReplayClient,
     requests: Sequence[TraceRequest],
     configurations: Sequence[str],
     options: FleetBenchOptions,
+    on_turn: Callable[[int, int], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Every policy's replay and summary (module doc)."""
-    k = options.draft_length
-    task_of = {r.id: r.task or "" for r in requests}
-    runs: dict[str, PolicyRun] = {}
-    for configuration in configurations:
-        runs[f"single:{configuration}"] = replay(
-            client, requests, pinned(pin_for(configuration, k)), options.concurrency
-        )
-    runs["round-robin"] = replay(
-        client, requests, round_robin(configurations, k), options.concurrency
-    )
-    balancer = LeastLoaded(configurations, k)
-    runs["least-loaded"] = replay(
-        client, requests, balancer.choose, options.concurrency, balancer.done
-    )
+    """Every policy's replay and summary (module doc). The policies take turns on each
+    slice of ``concurrency`` requests, in an order that rotates from slice to slice, so a
+    change in the machine's load falls on all of them alike; the adaptive policy first
+    learns from one pass over the trace."""
     # As in serve --fleet (router.fleet.service.fleet_policy_config): vLLM's step time
     # includes drafting, so no separate drafting cost is priced.
     no_draft_cost = {c: 0.0 for c in configurations if c != PLAIN}
     client.set_policy("thompson", {"draft_cost_ratio": no_draft_cost}, reset_state=True)
-    replay(client, requests, lambda i, r: None, options.concurrency, no_update=False)  # learn
-    runs["specroute"] = replay(
-        client, requests, lambda i, r: None, options.concurrency, no_update=False
-    )
+    replay(client, requests, lambda i, r: None, options.concurrency, no_update=False)
+    named = contenders(configurations, options.draft_length)
+    runs = {name: PolicyRun() for name in named}
+    width = max(1, options.concurrency)
+    order = list(named)
+    starts = range(0, len(requests), width)
+    for turn, start in enumerate(starts):
+        if on_turn is not None:
+            on_turn(turn, len(starts))
+        batch = requests[start : start + width]
+        rotation = turn % len(order)
+        for name in order[rotation:] + order[:rotation]:
+            contender = named[name]
+            run = replay(
+                client,
+                batch,
+                contender.choose,
+                options.concurrency,
+                contender.on_done,
+                no_update=not contender.learns,
+            )
+            merge(runs[name], run)
+    task_of = {r.id: r.task or "" for r in requests}
     baseline = runs[f"single:{PLAIN}"]
     summaries = {name: summarise(run, baseline, task_of) for name, run in runs.items()}
     summaries["hindsight"] = hindsight(summaries, configurations)
     return summaries
+
+
+class ReplicaFault:
+    """Kills one configuration's replica at a third of the replay, restarts it at once
+    (in the background), and records when it served again."""
+
+    def __init__(self, server: VllmServer) -> None:
+        self.server = server
+        self.killed_at_turn: int | None = None
+        self.back_at_turn: int | None = None
+        self.turn = 0
+        self.restart_s: float | None = None
+        self._thread: threading.Thread | None = None
+
+    def on_turn(self, turn: int, turns: int) -> None:
+        self.turn = turn
+        if self.killed_at_turn is None and turn >= turns // 3:
+            self.killed_at_turn = turn
+            # Shortly after the slice starts: its requests on that replica are in flight.
+            self._thread = threading.Thread(target=self._kill_and_restart, daemon=True)
+            self._thread.start()
+
+    def _kill_and_restart(self) -> None:
+        time.sleep(KILL_DELAY_S)
+        self.server.kill()
+        logger.warning("killed the %s replica", self.server.speculation.drafter)
+        started = time.perf_counter()
+        self.server.start()
+        self.server.wait_healthy()
+        self.restart_s = time.perf_counter() - started
+        self.back_at_turn = self.turn + 1  # the sidecar probes it within health_interval_s
+
+    def report(self, runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        if self._thread is not None:
+            self._thread.join()
+        return {
+            "configuration": self.server.speculation.drafter,
+            "killed_at_slice": self.killed_at_turn,
+            "restarted_in_s": self.restart_s,
+            "healthy_again_at_slice": self.back_at_turn,
+            "errors": {name: summary["errors"] for name, summary in runs.items()},
+        }
 
 
 def run_fleet_bench(
@@ -342,9 +424,15 @@ def run_fleet_bench(
             ReplayClient(sidecar.grpc_address, ADMIN_TOKEN) as client,
         ):
             client.wait_ready()
-            policies = run_policies(client, requests, configurations, options)
+            fault = _fault(servers, options.kill_replica)
+            policies = run_policies(
+                client, requests, configurations, options, fault.on_turn if fault else None
+            )
+            fault_report = fault.report(policies) if fault else None
+            served_after = _served_after_restart(client, requests, options, fault)
         replicas = _replicas(servers)
     return {
+        "fault": {**fault_report, "served_after_restart": served_after} if fault_report else None,
         "world": str(world.root),
         "configurations": configurations,
         "draft_length": options.draft_length,
@@ -353,6 +441,36 @@ def run_fleet_bench(
         "policies": policies,
         "replicas": replicas,
     }
+
+
+def _fault(servers: Sequence[VllmServer], configuration: str) -> ReplicaFault | None:
+    if not configuration:
+        return None
+    for server in servers:
+        if server.speculation.drafter == configuration:
+            return ReplicaFault(server)
+    raise ValueError(f"--kill-replica {configuration!r} is not a configuration of the fleet")
+
+
+def _served_after_restart(
+    client: ReplayClient,
+    requests: Sequence[TraceRequest],
+    options: FleetBenchOptions,
+    fault: ReplicaFault | None,
+) -> int | None:
+    """Requests pinned to the killed configuration, after its restart, that its replica
+    served (the sidecar places a pinned request elsewhere while the replica is out)."""
+    if fault is None:
+        return None
+    deadline = time.monotonic() + 120
+    pin = pin_for(fault.server.speculation.drafter, options.draft_length)
+    served = 0
+    while served == 0 and time.monotonic() < deadline:
+        run = replay(client, requests[:2], pinned(pin), 1)
+        served = sum(r.drafter == pin.drafter for r in run.results.values())
+        if served == 0:
+            time.sleep(1.0)
+    return served
 
 
 def _replicas(servers: Sequence[VllmServer]) -> list[dict[str, Any]]:
@@ -378,5 +496,12 @@ def format_result(result: Mapping[str, Any]) -> str:
         lines.append(
             f"{name:<22} {summary['mean_speedup']:>6.2f} {summary['min_speedup']:>6.2f} "
             f"{summary['jain']:>6.3f} {summary['errors']:>6}  {summary['lossless']}"
+        )
+    fault = result.get("fault")
+    if fault:
+        lines.append(
+            f"killed the {fault['configuration']} replica at slice {fault['killed_at_slice']}: "
+            f"errors {sum(fault['errors'].values())}, restarted in {fault['restarted_in_s']:.0f}s, "
+            f"served {fault['served_after_restart']} pinned requests after"
         )
     return "\n".join(lines)

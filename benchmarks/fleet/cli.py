@@ -20,6 +20,12 @@ def bench_fleet_command(
     draft_length: Annotated[int, typer.Option("--k", help="Draft length of every replica.")] = 3,
     task_drafters: Annotated[int, typer.Option("--task-drafters")] = 2,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c")] = 2,
+    kill_replica: Annotated[
+        str,
+        typer.Option(
+            "--kill-replica", help="SIGKILL this configuration's replica mid-replay, restart it."
+        ),
+    ] = "",
     work_dir: Annotated[
         Path | None, typer.Option("--work-dir", help="Logs and fleet file (default: temporary).")
     ] = None,
@@ -36,6 +42,7 @@ def bench_fleet_command(
         draft_length=draft_length,
         task_drafters=task_drafters,
         concurrency=concurrency,
+        kill_replica=kill_replica,
     )
     world_dir = world or default_bundle_dir()
     try:

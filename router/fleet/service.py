@@ -220,7 +220,8 @@ class FleetRouterService(RouterService):
 
     def _checked_force(self, request: GenerateInput) -> None:
         forced = request.force_drafter
-        if forced and forced not in self.fleet.drafters():
+        # "none" is always served: without a plain replica, by any (speculation is lossless).
+        if forced and forced != NONE_DRAFTER and forced not in self.fleet.drafters():
             raise NotFoundError(
                 f"no replica of the fleet runs drafter {forced!r}; fleet: {self.fleet.drafters()}"
             )

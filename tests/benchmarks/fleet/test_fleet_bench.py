@@ -4,8 +4,12 @@ of a world vLLM's CPU build cannot serve."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -174,3 +178,23 @@ def test_fleet_file_for_running_servers_is_valid(tmp_path: Path) -> None:
         "num_speculative_tokens": 3,
     }
     assert Speculation("none").vllm_config() is None
+
+
+def test_bench_fleet_refuses_a_world_vllm_cannot_serve(tiny_world: Any, tmp_path: Path) -> None:
+    """The tiny world's manifest with a target of 40-wide heads (the v1 worlds' shape):
+    `specroute bench fleet` stops in one line, status 2, before starting anything."""
+    world = tmp_path / "world"
+    world.mkdir()
+    shutil.copy(Path(tiny_world.root) / "manifest.json", world / "manifest.json")
+    manifest = json.loads((world / "manifest.json").read_text())
+    write_config(world / manifest["target"], 160, 4)
+    done = subprocess.run(
+        [sys.executable, "-m", "router.cli", "bench", "fleet", "--world", str(world)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "head_dim 40 cannot be served" in errors[0], done.stderr
