@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.world.corpus import Example, math_answer, qa_answer
+from benchmarks.world.handwritten import world_routing_accuracy
 from benchmarks.world.layout import read_examples
 from router.bundle import ModelBundle
 
@@ -346,6 +347,8 @@ def evaluate_world(world: ModelBundle, *, limit: int | None = None) -> dict[str,
             t: [{"prompt": o.example.id, "output": o.text} for o in target_outputs[t][:2]]
             for t in world.tasks
         },
+        # The world's classifier on the handwritten, naturally worded prompts (issue 20: >= 0.9).
+        "handwritten_routing": world_routing_accuracy(world),
         "eval_seconds": time.perf_counter() - started,
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -57,6 +57,7 @@ def _leaks(examples: list[Example], runs: set[tuple[str, ...]], joined: str) -> 
     return found
 
 
+@pytest.mark.timeout(600)  # the default corpus: ~10 s of CPU, longer on busy cores
 def test_no_test_prompt_document_or_reference_occurs_in_training(
     corpus: Corpus, training_runs: set[tuple[str, ...]], training_words: str
 ) -> None:
