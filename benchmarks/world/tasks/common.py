@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -38,14 +38,6 @@ def clip_words(text: str, limit: int) -> str:
 def words(text: str) -> list[str]:
     """Lower-cased word tokens (letters, digits, underscore; punctuation dropped)."""
     return _WORD.findall(text.lower())
-
-
-def windows(text: str, size: int = WINDOW) -> set[tuple[str, ...]]:
-    """Every run of ``size`` consecutive words; a shorter text is one run of all its words."""
-    tokens = words(text)
-    if len(tokens) < size:
-        return {tuple(tokens)} if tokens else set()
-    return long_windows(text, size)
 
 
 def long_windows(text: str, size: int = WINDOW) -> set[tuple[str, ...]]:
@@ -106,8 +98,3 @@ def clean_partition(
 def template_set(split: str, train: Sequence[T], test: Sequence[T]) -> Sequence[T]:
     """Test prompts use held-out wording; train and validation share the training wording."""
     return test if split == "test" else train
-
-
-def pick(rng: random.Random, options: Iterable[T]) -> T:
-    """One of ``options`` (any iterable), chosen by ``rng``."""
-    return rng.choice(list(options))
