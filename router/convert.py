@@ -181,6 +181,7 @@ def stats_to_pb(result: GenerationResult) -> pb.GenerationStats:
         finish_reason=str(stats.finish_reason),
         generated_text=result.generated_text,
         prompt_tokens=stats.prompt_tokens,
+        stopped_steps=stats.stopped_steps,
     )
 
 

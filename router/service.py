@@ -579,6 +579,7 @@ class RouterService:
             verify_time_s=stats.verify_time_s,
             wall_time_s=stats.wall_time_s,
             generated_tokens=stats.generated_tokens,
+            stopped_steps=stats.stopped_steps,
         )
         self.policy.update(routed.context, routed.decision, outcome)
         self._count_outcome(routed, outcome, "generate")

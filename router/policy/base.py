@@ -97,11 +97,15 @@ def _steps_from_positions(
 class Outcome:
     """What happened on one routed request, as measured by whoever ran it.
 
-    ``drafted_per_step[i]`` is the k used at step i, ``accepted_per_step[i]`` the draft
-    tokens accepted there (bonus token excluded). Times are totals in seconds; for a
+    ``drafted_per_step[i]`` is the number of tokens drafted at step i (at most the
+    decision's k: an n-gram drafter may find fewer, a stop threshold may end a model
+    drafter's draft sooner), ``accepted_per_step[i]`` the draft tokens accepted there
+    (bonus token excluded). Times are totals in seconds; for a
     k = 0 request the target's decoding time counts as verify time.
     ``plain_token_time_s`` is the target's time per token without speculation when the
     caller measured it; otherwise the cost model estimates it (see ``costs.py``).
+    ``stopped_steps`` counts the steps whose draft a stop threshold ended before k (the
+    continuation evidence of a threshold arm; 0 when unknown or no threshold).
     """
 
     drafted_per_step: tuple[int, ...]
@@ -111,6 +115,7 @@ class Outcome:
     wall_time_s: float
     generated_tokens: int
     plain_token_time_s: float | None = None
+    stopped_steps: int = 0
 
     def __post_init__(self) -> None:
         if len(self.drafted_per_step) != len(self.accepted_per_step):
@@ -127,6 +132,8 @@ class Outcome:
             raise ValueError("times must be >= 0")
         if self.plain_token_time_s is not None and self.plain_token_time_s <= 0:
             raise ValueError("plain_token_time_s must be > 0 when given")
+        if not 0 <= self.stopped_steps <= len(self.drafted_per_step):
+            raise ValueError(f"stopped_steps {self.stopped_steps} outside 0..steps")
 
     @classmethod
     def from_steps(
@@ -139,6 +146,7 @@ class Outcome:
         wall_time_s: float = 0.0,
         generated_tokens: int | None = None,
         plain_token_time_s: float | None = None,
+        stopped_steps: int = 0,
     ) -> Outcome:
         """Build from per-step lists; ``generated_tokens`` defaults to sum(accepted + 1)."""
         drafted = tuple(int(x) for x in drafted_per_step)
@@ -152,6 +160,7 @@ class Outcome:
             float(wall_time_s) or float(draft_time_s) + float(verify_time_s),
             int(tokens),
             plain_token_time_s or None,
+            int(stopped_steps),
         )
 
     @classmethod

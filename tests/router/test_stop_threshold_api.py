@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from router.pb import router_pb2 as pb
-from router.policy.base import Decision
+from router.policy.base import Decision, Outcome
 from tests.router.conftest import COMPLETION_PROMPT, SidecarThread, greedy_reference
 
 MAX_NEW = 24
@@ -58,6 +58,7 @@ def test_a_forced_threshold_is_echoed_and_shortens_drafts_losslessly(
     # A 0.99 threshold stops the built-in drafter early on most steps (its first draft is
     # always made), so it drafts fewer tokens per step than the fixed k.
     assert all(1 <= d <= K for d in stopped_drafted[:-1])
+    assert plain[-1].stats.stopped_steps == 0 < stopped[-1].stats.stopped_steps
     assert sum(stopped_drafted) / len(stopped_drafted) < sum(plain_drafted) / len(plain_drafted)
 
 
@@ -66,3 +67,14 @@ def test_a_decision_refuses_a_threshold_outside_0_1() -> None:
         with pytest.raises(ValueError, match="stop threshold"):
             Decision("generic", 4, stop_threshold=threshold)
     assert Decision("generic", 4, stop_threshold=0.5).stop_threshold == 0.5
+
+
+def test_an_outcome_counts_stopped_steps_within_its_steps() -> None:
+    outcome = Outcome.from_steps(
+        [3, 1, 2], [3, 1, 0], draft_time_s=0.1, verify_time_s=0.2, stopped_steps=2
+    )
+    assert outcome.stopped_steps == 2
+    # A fully accepted draft the rule shortened is no failure: the likelihood reads drafts.
+    assert outcome.acceptance_counts() == (4, 1)
+    with pytest.raises(ValueError, match="stopped_steps"):
+        Outcome.from_steps([3], [1], draft_time_s=0.1, verify_time_s=0.2, stopped_steps=2)
