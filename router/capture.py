@@ -82,6 +82,22 @@ class CaptureSettings(BaseModel):
         return self.enabled and (not self.clusters or cluster in self.clusters)
 
 
+class AutoDistillSettings(BaseModel):
+    """``[auto_distill]``: when and how the sidecar distils drafters by itself."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False  # needs [capture] on and an admin_token
+    # Captured samples a cluster needs, and new ones needed before it is distilled again.
+    min_samples: int = Field(default=200, ge=2)
+    interval_s: float = Field(default=60.0, gt=0)  # how often to look for a cluster
+    steps: int = Field(default=100, ge=1)
+    cores: int = Field(default=1, ge=1)  # CPU cores (and torch threads) of the child
+    nice: int = Field(default=10, ge=0, le=19)
+    out_dir: Path | None = None  # None: <state_dir>/distilled; always a model root
+    from_drafter: str = ""  # empty: the cluster's current model arm, else generic
+
+
 @dataclass(frozen=True)
 class CapturedPair:
     """One captured request: its prompt ids and the target's verified output ids."""

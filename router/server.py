@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from router.auto_distill import start_auto_distiller
 from router.http_front import build_http_app
 from router.interceptors import BearerAuth, EdgeInterceptor
 from router.metrics import SidecarMetrics, create_metrics
@@ -166,6 +167,9 @@ async def start_sidecar(settings: Settings, components: Components | None = None
         )
         running.runners.append(runner)
     running.tasks.append(asyncio.create_task(_snapshot_loop(service, settings.snapshot_interval_s)))
+    auto_distill = start_auto_distiller(settings, service, port)
+    if auto_distill is not None:
+        running.tasks.append(auto_distill)
     if pooling is not None:
         running.tasks.append(asyncio.create_task(pooling.run()))
     for name in ("", SERVICE_NAME):

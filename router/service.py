@@ -22,6 +22,7 @@ from typing import Any
 
 from classifiers.api import Classification
 from classifiers.chat import render_chat
+from router.auto_distill import extra_model_roots
 from router.capture import open_capture
 from router.clusters import ClusterCollector
 from router.domain import (
@@ -164,9 +165,9 @@ class RouterService:
         self.metrics = metrics
         self.tokenizer = components.target.tokenizer
         self._fast_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None)
-        self.drafters = DrafterPool(
-            components.target, components.engine, store, components.model_roots
-        )
+        # Automatic distillation's output directory is a model root while it is on.
+        roots = (*components.model_roots, *extra_model_roots(settings))
+        self.drafters = DrafterPool(components.target, components.engine, store, roots)
         self.policy = PolicyHolder(store, self.drafters.eligible, self._similarity_of)
         self.queue = GenerationQueue(
             self.limits.generation_workers,

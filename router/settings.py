@@ -19,7 +19,7 @@ from pydantic_settings import (
 )
 
 from router.bundle import specroute_home
-from router.capture import CaptureSettings
+from router.capture import AutoDistillSettings, CaptureSettings
 
 CONFIG_FILE_ENV = "SPECROUTE_CONFIG"
 
@@ -125,6 +125,7 @@ class Settings(BaseSettings):
     data_token: SecretStr | None = None  # when set, Route/Report/Generate need it too
     tls: TlsSettings = Field(default_factory=lambda: TlsSettings())
     capture: CaptureSettings = Field(default_factory=lambda: CaptureSettings())
+    auto_distill: AutoDistillSettings = Field(default_factory=lambda: AutoDistillSettings())
     limits: Limits = Field(default_factory=lambda: Limits())
     pooling: PoolingSettings = Field(default_factory=lambda: PoolingSettings())
     # A fleet file (router.fleet.config, docs/fleet.md): generation runs on the vLLM

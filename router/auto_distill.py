@@ -1,0 +1,188 @@
+"""Automatic distillation: the sidecar distils a drafter for the cluster with the most headroom
+once it has enough captured samples (``[auto_distill]``, off by default; docs/capture.md).
+
+Every ``interval_s`` the sidecar reads its cluster view (router.clusters) and the capture
+store. A cluster qualifies with at least ``min_samples`` captured samples, a defined and
+positive headroom, and ``min_samples`` new samples since its last automatic run; the one
+with the most headroom is distilled. The distillation is ``specroute drafters distill
+--register`` in a child process at low priority (``nice``), pinned to ``cores`` CPU cores
+with as many torch threads, so serving keeps the other cores. The child validates the
+drafter on held-out captured samples and registers it through this sidecar's admin API
+only if it beats both the cluster's current arm and its starting drafter; otherwise it is
+discarded, and the reason is logged here. A registered drafter is adopted by the policy
+through its similarity prior and the counterfactual scores of the greedy Generates that
+follow. One run at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from router.capture import AutoDistillSettings
+from router.clusters import cluster_views
+
+logger = logging.getLogger(__name__)
+
+DISTILLED_DIR = "distilled"  # under the state directory, unless out_dir is set
+
+
+def distilled_root(settings: Any) -> Path:
+    """Where automatic runs write their drafters (a model root while enabled)."""
+    auto: AutoDistillSettings = settings.auto_distill
+    if auto.out_dir is not None:
+        return Path(auto.out_dir).expanduser()
+    return Path(settings.state_dir).expanduser() / DISTILLED_DIR
+
+
+def extra_model_roots(settings: Any) -> tuple[Path, ...]:
+    """Model roots automatic distillation adds (created), so its drafters register."""
+    if not settings.auto_distill.enabled:
+        return ()
+    root = distilled_root(settings)
+    root.mkdir(parents=True, exist_ok=True)
+    return (root,)
+
+
+def child_cores(cores: int, available: Sequence[int]) -> set[int]:
+    """The last ``cores`` of the CPUs this process may use (serving tends to start on the
+    first ones); all of them when there are not more."""
+    ordered = sorted(available)
+    return set(ordered[-cores:]) if cores < len(ordered) else set(ordered)
+
+
+@dataclass
+class AutoDistiller:
+    """The background loop; :meth:`run` until cancelled (the child is killed with it)."""
+
+    settings: Any  # router.settings.Settings
+    contexts: Callable[[], Sequence[Any]]  # the policy's context summaries
+    capture: Any  # router.capture.CaptureStore
+    address: str  # this sidecar's gRPC host:port
+    last_run_samples: dict[str, int] = field(default_factory=dict)
+    runs: int = 0
+
+    def pick(self) -> str | None:
+        """The qualifying cluster with the most headroom (module doc), or None."""
+        auto: AutoDistillSettings = self.settings.auto_distill
+        captured = {s.cluster: s.samples for s in self.capture.stats()}
+        candidates = [
+            view
+            for view in cluster_views(self.contexts(), captured)
+            if view.captured_samples >= auto.min_samples
+            and view.headroom > 0  # False for NaN too
+            and view.captured_samples - self.last_run_samples.get(view.cluster, 0)
+            >= auto.min_samples
+        ]
+        best = max(candidates, key=lambda view: view.headroom, default=None)
+        return best.cluster if best is not None else None
+
+    def command(self, cluster: str, out: Path, name: str) -> list[str]:
+        auto: AutoDistillSettings = self.settings.auto_distill
+        command = [
+            sys.executable, "-m", "router.cli", "drafters", "distill",
+            "--cluster", cluster, "--out", str(out), "--register", name,
+            "--steps", str(auto.steps), "--state-dir", str(self.settings.state_dir),
+            "--address", self.address,
+        ]  # fmt: skip
+        if self.settings.world_dir is not None:
+            command += ["--world", str(self.settings.world_dir)]
+        if auto.from_drafter:
+            command += ["--from", auto.from_drafter]
+        return command
+
+    def environment(self) -> dict[str, str]:
+        """The child's environment: the admin token, the target, the thread limits."""
+        auto: AutoDistillSettings = self.settings.auto_distill
+        threads = str(auto.cores)
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads,
+            "SPECROUTE_WORLD_SCALE": self.settings.world_scale,
+        }
+        token = self.settings.admin_token
+        if token is not None:
+            env["SPECROUTE_ADMIN_TOKEN"] = token.get_secret_value()
+        if self.settings.target_dir is not None:
+            env["SPECROUTE_TARGET_DIR"] = str(self.settings.target_dir)
+        return env
+
+    def _lower_priority(self) -> None:  # runs in the child before exec
+        auto: AutoDistillSettings = self.settings.auto_distill
+        os.nice(auto.nice)
+        with contextlib.suppress(AttributeError, OSError):  # no affinity outside Linux
+            os.sched_setaffinity(0, child_cores(auto.cores, sorted(os.sched_getaffinity(0))))
+
+    async def run_once(self) -> int | None:
+        """Distil the picked cluster, if any; the child's exit status (0: registered)."""
+        cluster = self.pick()
+        if cluster is None:
+            return None
+        samples = self.capture.samples(cluster)
+        self.last_run_samples[cluster] = samples
+        self.runs += 1
+        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
+        name = f"{cluster}-auto-{stamp}"
+        out = distilled_root(self.settings) / name
+        logger.info("auto-distillation of %s on %d captured samples: %s", cluster, samples, out)
+        started = time.perf_counter()
+        child = await asyncio.create_subprocess_exec(
+            *self.command(cluster, out, name),
+            env=self.environment(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=self._lower_priority,  # os.nice and the affinity only, before exec
+        )
+        try:
+            stdout, stderr = await child.communicate()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            await child.wait()
+            raise
+        seconds = time.perf_counter() - started
+        lines = (stdout + stderr).decode(errors="replace").splitlines()
+        verdict = next((line for line in reversed(lines) if line.strip()), "")
+        if child.returncode == 0:
+            logger.info("auto-distillation of %s registered %s (%.0f s)", cluster, name, seconds)
+        else:
+            logger.warning(
+                "auto-distillation of %s discarded after %.0f s: %s", cluster, seconds, verdict
+            )
+        return child.returncode
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.auto_distill.interval_s)
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("auto-distillation failed")
+
+
+def start_auto_distiller(settings: Any, service: Any, grpc_port: int) -> asyncio.Task[None] | None:
+    """The background task when ``[auto_distill]`` is on and can work, else None (logged)."""
+    if not settings.auto_distill.enabled:
+        return None
+    if service.capture is None or settings.admin_token is None or settings.tls.enabled:
+        logger.warning(
+            "auto_distill needs [capture] enabled, an admin_token and no TLS (its child "
+            "registers over plain gRPC on this host): it stays off"
+        )
+        return None
+    host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    distiller = AutoDistiller(
+        settings, lambda: service.policy.describe()[2], service.capture, f"{host}:{grpc_port}"
+    )
+    return asyncio.create_task(distiller.run())

@@ -1,0 +1,117 @@
+"""Automatic distillation: which cluster is picked, and a sidecar that distils by itself,
+discards a drafter that does not pay and registers one that does (tiny world)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from router.auto_distill import AutoDistiller, child_cores, extra_model_roots
+from router.capture import AutoDistillSettings, CaptureSettings, CaptureStore
+from router.components import build_components
+from router.pb import router_pb2 as pb
+from router.policy.base import ArmSummary, ContextSummary
+from router.settings import Settings
+from tests.router.conftest import ServingWorld, SidecarThread
+from tests.router.test_capture import CLUSTER, _chat_prompts, _generate, misled_drafter
+
+__all__ = ["misled_drafter"]  # the fixture, shared with test_capture
+
+RUN_TIMEOUT_S = 240.0
+
+
+def _context(cluster: str, acceptance: float, speedup: float, requests: int) -> ContextSummary:
+    arm = ArmSummary("ngram", acceptance, 1.0, 1.0, 2, speedup, requests)
+    return ContextSummary(cluster, 0, (arm,), "ngram", 2, requests)
+
+
+def test_the_cluster_with_most_headroom_and_enough_new_samples_is_picked(tmp_path: Path) -> None:
+    settings = Settings(
+        state_dir=tmp_path,
+        capture=CaptureSettings(enabled=True),
+        auto_distill=AutoDistillSettings(enabled=True, min_samples=3),
+    )
+    store = CaptureStore(tmp_path, settings.capture)
+    contexts = [
+        _context("code", 0.9, 2.0, 50),  # little headroom
+        _context("math", 0.3, 1.1, 40),  # most headroom
+        _context("qa", 0.2, 1.05, 10),
+    ]
+    distiller = AutoDistiller(settings, lambda: contexts, store, "127.0.0.1:1")
+    assert distiller.pick() is None  # nothing captured yet
+    for cluster, count in (("code", 3), ("math", 2), ("qa", 3)):
+        for i in range(count):
+            store.record(cluster, (1, 2, i), (3, 4))
+    assert distiller.pick() == "qa"  # math has too few samples
+    store.record("math", (1, 2, 9), (3, 4))
+    assert distiller.pick() == "math"
+    distiller.last_run_samples["math"] = 3  # distilled at 3: needs 3 new ones
+    assert distiller.pick() == "qa"
+    for i in range(3):
+        store.record("math", (5, 6, i), (3, 4))
+    assert distiller.pick() == "math"
+
+
+def test_the_child_gets_the_last_cores_and_its_output_dir_is_a_model_root(tmp_path: Path) -> None:
+    assert child_cores(1, [0, 1, 2, 3]) == {3}
+    assert child_cores(2, [0, 1]) == {0, 1}
+    off = Settings(state_dir=tmp_path)
+    assert extra_model_roots(off) == ()
+    on = Settings(state_dir=tmp_path, auto_distill=AutoDistillSettings(enabled=True))
+    assert extra_model_roots(on) == (tmp_path / "distilled",)
+    assert (tmp_path / "distilled").is_dir()
+
+
+def _wait(condition: object, what: str) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+@pytest.mark.timeout(900)
+def test_a_sidecar_distils_discards_and_registers_by_itself(
+    serving_world: ServingWorld, misled_drafter: Path, tmp_path: Path
+) -> None:
+    auto = AutoDistillSettings(
+        enabled=True,
+        min_samples=8,
+        interval_s=0.5,
+        steps=40,
+        # First from the world's generic drafter, which already predicts the tiny target's
+        # output: 40 steps cannot beat it, so that drafter is discarded.
+        from_drafter=str(serving_world.world.drafter_dirs["generic"]),
+    )
+    settings = serving_world.settings(
+        tmp_path / "state",
+        bundle_drafters=False,
+        capture=CaptureSettings(enabled=True, clusters=[CLUSTER]),
+        auto_distill=auto,
+    )
+    sidecar = SidecarThread(settings, build_components(settings))
+    store = CaptureStore(tmp_path / "state")
+    try:
+        prompts = _chat_prompts(serving_world, CLUSTER, 16)
+        for text in prompts[:8]:
+            _generate(sidecar.stub, text, CLUSTER)
+        _wait(lambda: store.distillation_counts()["refused"] == 1, "a discarded run")
+        served = {d.name for d in sidecar.stub.ListDrafters(pb.ListDraftersRequest()).drafters}
+        assert not any(name.startswith(f"{CLUSTER}-auto-") for name in served)
+        # Then from a drafter that predicts the wrong token: distilling on the traffic pays.
+        auto.from_drafter = str(misled_drafter)
+        for text in prompts[8:]:
+            _generate(sidecar.stub, text, CLUSTER)
+
+        def registered() -> list[pb.DrafterInfo]:
+            listed = sidecar.stub.ListDrafters(pb.ListDraftersRequest()).drafters
+            return [d for d in listed if d.name.startswith(f"{CLUSTER}-auto-")]
+
+        _wait(registered, "a registered automatic drafter")
+        (drafter,) = registered()
+        assert list(drafter.tasks) == [CLUSTER]
+        assert Path(drafter.path).parent == tmp_path / "state" / "distilled"
+        assert store.distillation_counts()["registered"] == 1
+    finally:
+        sidecar.stop()
