@@ -611,7 +611,7 @@ class RouterService:
         routed = result.routed
         k = routed.decision.k or DEFAULT_COUNTERFACTUAL_K
         deadline = time.perf_counter() + self.limits.counterfactual_budget_s
-        for name in self.drafters.eligible():
+        for name in self.eligible_drafters():
             if name == routed.decision.drafter:
                 continue
             if time.perf_counter() >= deadline:

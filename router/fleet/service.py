@@ -18,7 +18,8 @@ sidecar's; only where generation runs changes:
   tokens already received (prompt + output so far), so no request is lost.
 - **Learning**: vLLM's per-request speculation metrics, through the same policy update
   as Report (``router.fleet.learning``); plain replicas measure t_ar, the time per token
-  without speculation.
+  without speculation. After a greedy request the fleet's other drafters are scored on
+  its output, as in-process (counterfactual updates).
 """
 
 from __future__ import annotations
@@ -278,6 +279,11 @@ class FleetRouterService(RouterService):
         result = self._result(placed, replica, request, progress)
         if not request.no_update:
             self._learn_from_replica(result, replica, progress)
+            if request.route.sampling.greedy and result.output_ids:
+                # The verified output is the target's greedy output whichever replica ran:
+                # the fleet's other drafters are scored on it here (in-process drafters,
+                # off the request path, within limits.counterfactual_budget_s).
+                self._offload_counterfactuals(result)
         yield result
 
     async def _attempt(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +212,18 @@ def test_the_policy_learns_from_vllm_metrics(fleet: Fleet) -> None:
     # The twin drafts the target's own tokens: its acceptance is learnt as high.
     assert arms["twin"].acceptance_mean > 0.6
     assert fleet.service.plain_token_time_s is not None  # t_ar from the plain replica
+    # The fleet's other drafters scored on the greedy outputs (full information).
+    deadline = time.monotonic() + 30
+    while counterfactual_reports(fleet) == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert counterfactual_reports(fleet) > 0
+
+
+def counterfactual_reports(fleet: Fleet) -> float:
+    with urllib.request.urlopen(fleet.sidecar.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    lines = [line for line in text.splitlines() if line.startswith("specroute_reports_total")]
+    return sum(float(line.split()[-1]) for line in lines if 'source="counterfactual"' in line)
 
 
 def test_a_killed_replica_loses_no_request_and_serves_again_once_restarted(
