@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from router.domain import Sampling
+from router.fleet.client import completion_body, finish_reason_of
 from router.fleet.config import (
     FleetConfigError,
     check_fleet_drafters,
@@ -17,6 +19,7 @@ from router.fleet.config import (
 )
 from router.fleet.learning import Timing, outcome_from_replica, positions_from_histogram
 from router.fleet.replica import queue_from_metrics
+from router.fleet.service import FleetStats
 
 FLEET = """
 request_timeout_s = 30
@@ -191,3 +194,44 @@ def test_without_spec_metrics_the_time_per_token_stands_in() -> None:
     # A plain replica's answer is a plain decoding measurement (t_ar).
     plain = outcome_from_replica(0, {}, timing, plain_token_time_s=None)
     assert plain is not None and plain.steps == 0 and plain.generated_tokens == 11
+
+
+def test_completion_body_asks_for_token_ids_and_metrics() -> None:
+    greedy = completion_body("target", [1, 2, 3], 16, Sampling())
+    assert greedy["prompt"] == [1, 2, 3] and greedy["max_tokens"] == 16
+    assert greedy["temperature"] == 0.0 and "seed" not in greedy and "top_k" not in greedy
+    assert greedy["return_token_ids"] is True
+    assert greedy["stream"] is True and greedy["stream_options"] == {"include_usage": True}
+    sampled = completion_body(
+        "target",
+        [1],
+        4,
+        Sampling(do_sample=True, temperature=0.7, top_k=5, top_p=0.9, seed=3, stop=("\n",)),
+    )
+    assert (sampled["temperature"], sampled["top_k"], sampled["top_p"]) == (0.7, 5, 0.9)
+    assert sampled["seed"] == 3 and sampled["stop"] == ["\n"]
+
+
+def test_finish_reasons_in_the_sidecar_words() -> None:
+    assert finish_reason_of({"finish_reason": "length"}) == "length"
+    assert finish_reason_of({"finish_reason": "stop", "stop_reason": None}) == "eos_token"
+    assert finish_reason_of({"finish_reason": "stop", "stop_reason": 151645}) == "eos_token"
+    assert finish_reason_of({"finish_reason": "stop", "stop_reason": "\n\n"}) == "stop_sequence"
+
+
+def test_fleet_stats_follow_the_engine_statistics() -> None:
+    stats = FleetStats(
+        generated_tokens=9,
+        prompt_tokens=4,
+        drafted_per_step=(3, 3, 3),
+        accepted_per_step=(3, 0, 2),
+        wall_time_s=0.5,
+        verify_time_s=0.4,
+        finish_reason="length",
+        replica="http://a",
+        attempts=1,
+    )
+    assert (stats.steps, stats.drafted, stats.accepted) == (3, 9, 5)
+    assert stats.accepted_per_position == (2, 2, 1)
+    assert stats.mean_accepted_length == pytest.approx(8 / 3)
+    assert stats.tokens_per_s == pytest.approx(18.0)
