@@ -25,7 +25,6 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from multiprocessing.sharedctypes import Synchronized
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -66,20 +65,19 @@ class BackgroundLoadConfig:
 @dataclass
 class LoadRecord:
     """What ran: the config, the process ids, and after the block the seconds it lasted
-    and each process's busy seconds."""
+    and each process's busy and running seconds."""
 
     config: BackgroundLoadConfig
     pids: list[int]
     seconds: float = 0.0
     busy_s: tuple[float, ...] = ()
+    alive_s: tuple[float, ...] = ()  # each process's time from its start to its stop
 
     def summary(self) -> dict[str, Any]:
-        """The report's ``background_load`` entry (JSON)."""
-        busy_fraction = (
-            sum(self.busy_s) / (self.seconds * len(self.busy_s))
-            if self.busy_s and self.seconds > 0
-            else 0.0
-        )
+        """The report's ``background_load`` entry (JSON); ``busy_fraction`` is the busy
+        share of the processes' own running time (their start-up excluded)."""
+        alive = sum(self.alive_s)
+        busy_fraction = sum(self.busy_s) / alive if alive > 0 else 0.0
         return {
             "mode": self.config.mode if self.config.active else "none",
             "procs": self.config.procs if self.config.active else 0,
@@ -87,6 +85,7 @@ class LoadRecord:
             "spell_s": list(self.config.spell_s),
             "seconds": round(self.seconds, 3),
             "busy_s": [round(b, 3) for b in self.busy_s],
+            "running_s": [round(a, 3) for a in self.alive_s],
             "busy_fraction": round(busy_fraction, 4),
         }
 
@@ -98,7 +97,8 @@ def describe_load(summary: dict[str, Any] | None) -> str:
     low, high = summary["spell_s"]
     spells = f", spells {low:g}-{high:g} s" if summary["mode"] == "bursty" else ""
     return (
-        f"background load: {summary['mode']}, {summary['procs']} processes{spells}, "
+        f"background load: {summary['mode']}, {summary['procs']} "
+        f"process{'es' if summary['procs'] != 1 else ''}{spells}, "
         f"seed {summary['seed']}, busy {100 * summary['busy_fraction']:.0f}% of "
         f"{summary['seconds']:.0f} s"
     )
@@ -137,10 +137,12 @@ def load_worker(
     seed: int,
     spell_s: tuple[float, float],
     stop: Any,
-    busy: Synchronized,  # type: ignore[type-arg]
+    counters: Any,
     parent: int,
 ) -> None:
-    """One background process: spin (steady) or alternate spin and sleep (bursty)."""
+    """One background process: spin (steady) or alternate spin and sleep (bursty);
+    ``counters`` (a shared array) gets its busy seconds and its running seconds."""
+    started = time.perf_counter()
     rng = random.Random(seed)
     low, high = spell_s
     # A bursty process starts busy or idle at random, so processes do not move in step.
@@ -148,11 +150,10 @@ def load_worker(
     while not stop.is_set() and os.getppid() == parent:
         spell = high if mode == "steady" else rng.uniform(low, high)
         if spinning:
-            spun = _spin(spell, stop, parent)
-            with busy.get_lock():
-                busy.value += spun
+            counters[0] += _spin(spell, stop, parent)
         else:
             _idle(spell, stop, parent)
+        counters[1] = time.perf_counter() - started
         spinning = mode == "steady" or not spinning
 
 
@@ -166,7 +167,8 @@ def background_load(config: BackgroundLoadConfig) -> Iterator[LoadRecord]:
     # spawn: the replay holds gRPC channels and torch threads, which a fork would copy.
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
-    counters = [context.Value("d", 0.0) for _ in range(config.procs)]
+    # Per process [busy seconds, running seconds], written by that process only.
+    counters = [context.Array("d", 2) for _ in range(config.procs)]
     processes = [
         context.Process(
             target=load_worker,
@@ -186,7 +188,8 @@ def background_load(config: BackgroundLoadConfig) -> Iterator[LoadRecord]:
     finally:
         record.seconds = time.perf_counter() - started
         stop_processes(processes, stop)
-        record.busy_s = tuple(float(c.value) for c in counters)
+        record.busy_s = tuple(float(c[0]) for c in counters)
+        record.alive_s = tuple(float(c[1]) for c in counters)
 
 
 def stop_processes(processes: list[Any], stop: Any) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.replay.background import BackgroundLoadConfig
 from benchmarks.replay.builtin import TraceOptions
 from benchmarks.replay.calibration import CalibrationOptions
 from benchmarks.replay.runner import ReplayConfig, ReplayOutcome, format_task_table, run_replay
@@ -30,6 +31,8 @@ def outcome(tiny_world: Any, tmp_path_factory: pytest.TempPathFactory) -> Replay
         trace_options=SMALL_TRACE,
         calibration=SMALL_CALIBRATION,
         progress=False,
+        # A light load while the policies replay: the report must say it ran.
+        background=BackgroundLoadConfig("bursty", 1, seed=5, spell_s=(0.05, 0.1)),
     )
     return run_replay(config)
 
@@ -104,6 +107,15 @@ def test_task_table_lists_every_task(outcome: ReplayOutcome, tiny_world: Any) ->
     for task in tiny_world.tasks:
         assert any(line.split()[:1] == [task] for line in text.splitlines())
     assert "report.md" in text
+
+
+def test_the_report_says_which_background_load_ran(outcome: ReplayOutcome) -> None:
+    load = json.loads(outcome.report_path.read_text())["background_load"]
+    assert (load["mode"], load["procs"], load["seed"]) == ("bursty", 1, 5)
+    assert load["seconds"] > 0 and len(load["busy_s"]) == 1 and load["busy_s"][0] > 0
+    line = "background load: bursty, 1 process, spells 0.05-0.1 s, seed 5"
+    assert line in format_task_table(outcome.report).splitlines()[0]
+    assert line in (outcome.report_path.parent / "report.md").read_text()
 
 
 def test_new_drafter_trace_withholds_then_registers_it_sequentially(
