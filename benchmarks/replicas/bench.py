@@ -58,6 +58,9 @@ logger = logging.getLogger(__name__)
 FLEET = ("replica-0", "replica-1", "replica-2")
 NEWCOMER = "replica-3"
 COLD = "cold"
+# Policy seeds: one per replica; the isolated fleet has the shared one's, and the cold
+# replica the new replica's.
+SEEDS = {FLEET[0]: 0, FLEET[1]: 1, FLEET[2]: 2, NEWCOMER: 3, COLD: 3}
 FIRST_DECISIONS = 50
 SETTLE_TIMEOUT_S = 30.0
 
@@ -76,6 +79,15 @@ class ReplicasConfig:
     redis_down_at: float = 0.15
     redis_up_at: float = 0.25
     replace_at: float = 0.33
+    # Give every replica the world's measured draft cost per drafter (eval.json's decode
+    # steps over the target's) as its policy's draft_cost_ratio hint. Costs are local by
+    # design (never pooled): without hints each replica, pooled or not, first overrates
+    # every drafter it has not run yet, a cost that sharing cannot remove.
+    cost_hints: bool = True
+
+
+def seeds(*names: str) -> dict[str, int]:
+    return {name: SEEDS[name] for name in names}
 
 
 def replay_requests(world_root: Path, per_task: int, seed: int, cap: int) -> list[TraceRequest]:
@@ -214,19 +226,27 @@ def run_replicas_bench(
     faults = replay_requests(
         world_root, config.fault_per_task, config.seed + 1, config.max_new_tokens
     )
+    policy_config: dict[str, Any] = {}
+    if config.cost_hints:
+        ratios = dict(zip(truth.drafters, truth.draft_cost.tolist(), strict=True))
+        policy_config["draft_cost_ratio"] = ratios
     with contextlib.ExitStack() as stack:
         if scratch is None:
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="replicas-")))
         redis = stack.enter_context(RedisServer(scratch / "redis", persist=True))
         target = PoolingTarget(redis.url, secrets.token_hex(16), f"bench-{uuid.uuid4().hex[:8]}")
-        shared_fleet = start_replicas(list(FLEET), world_root, scratch / "shared", target, stack)
+        shared_fleet = start_replicas(
+            seeds(*FLEET), world_root, scratch / "shared", target, stack, policy_config
+        )
         table = RegretTable(truth, served_drafters(shared_fleet[FLEET[0]]))
         members = list(shared_fleet.values())
         shared = round_robin(first, lambda: members, table, config.seed)
         settle(shared_fleet)
 
         def newcomer() -> RunningReplica:
-            started = start_replicas([NEWCOMER], world_root, scratch / "shared", target, stack)
+            started = start_replicas(
+                seeds(NEWCOMER), world_root, scratch / "shared", target, stack, policy_config
+            )
             return started[NEWCOMER]
 
         schedule = FaultSchedule(config, len(faults), redis, dict(shared_fleet), newcomer)
@@ -236,7 +256,9 @@ def run_replicas_bench(
         outcomes = outcome_report(counters_of(schedule.fleet), schedule.killed_counters)
         warm = [d for d in fault_run if d.replica == NEWCOMER][:FIRST_DECISIONS]
 
-        alone = start_replicas([*FLEET, COLD], world_root, scratch / "isolated", None, stack)
+        alone = start_replicas(
+            seeds(*FLEET, COLD), world_root, scratch / "isolated", None, stack, policy_config
+        )
         isolated_members = [alone[name] for name in FLEET]
         isolated = round_robin(first, lambda: isolated_members, table, config.seed)
         cold = [

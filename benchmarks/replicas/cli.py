@@ -23,6 +23,13 @@ def replicas_command(
         int, typer.Option("--fault-per-task", min=12, help="Fault replay (>= 50 to the newcomer).")
     ] = 36,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    cost_hints: Annotated[
+        bool,
+        typer.Option(
+            "--cost-hints/--no-cost-hints",
+            help="Seed each replica's draft costs with the world's measured ratios.",
+        ),
+    ] = True,
 ) -> None:
     """Three sidecars sharing through Redis vs alone; Redis restart, SIGKILL, a new replica."""
     from benchmarks.replicas.bench import ReplicasConfig, run_replicas_bench, verdicts
@@ -30,7 +37,11 @@ def replicas_command(
     from router.bundle import BundleNotFoundError
 
     config = ReplicasConfig(
-        world_dir=world, per_task=per_task, fault_per_task=fault_per_task, seed=seed
+        world_dir=world,
+        per_task=per_task,
+        fault_per_task=fault_per_task,
+        seed=seed,
+        cost_hints=cost_hints,
     )
     try:
         report = run_replicas_bench(config)

@@ -4,6 +4,7 @@ one Redis (or alone), started side by side, scraped for their pooling counters."
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import urllib.request
@@ -75,12 +76,17 @@ def scrape_counters(metrics_url: str) -> dict[str, float]:
     return {key: samples.get(name, 0.0) for key, name in POOLING_COUNTERS.items()}
 
 
-def replica_env(pooling: PoolingTarget | None) -> dict[str, str]:
+def replica_env(
+    pooling: PoolingTarget | None, seed: int, policy_config: Mapping[str, Any]
+) -> dict[str, str]:
     """Environment of one replica: in-process prompt reading (one process per replica on
-    a shared CPU), passive OpenMP waits, and the pooling settings when pooled."""
+    a shared CPU), passive OpenMP waits, its own policy seed (replicas with one seed draw
+    the same numbers and so explore the same arms at the same time), and the pooling
+    settings when pooled."""
     env = {
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         "SPECROUTE_LIMITS__PROMPT_READER": "in_process",
+        "SPECROUTE_POLICY_CONFIG": json.dumps({**policy_config, "seed": seed}),
         "SPECROUTE_POOLING__ENABLED": "false",
     }
     if pooling is not None:
@@ -89,13 +95,15 @@ def replica_env(pooling: PoolingTarget | None) -> dict[str, str]:
 
 
 def start_replicas(
-    names: list[str],
+    names: Mapping[str, int],
     world_dir: Path | None,
     state_root: Path,
     pooling: PoolingTarget | None,
     stack: contextlib.ExitStack,
+    policy_config: Mapping[str, Any] | None = None,
 ) -> dict[str, RunningReplica]:
-    """Start one sidecar per name side by side; ``stack`` stops them."""
+    """Start one sidecar per name (name -> its policy seed) side by side; ``stack``
+    stops them."""
     state_root.mkdir(parents=True, exist_ok=True)
 
     def launch(name: str) -> tuple[Any, LaunchedSidecar]:
@@ -104,13 +112,13 @@ def start_replicas(
             state_dir=state_root / name,
             http=False,
             metrics=True,
-            env=replica_env(pooling),
+            env=replica_env(pooling, names[name], policy_config or {}),
             log_path=state_root / f"{name}.log",
         )
         return manager, manager.__enter__()
 
     with ThreadPoolExecutor(max_workers=len(names)) as pool:
-        results = list(pool.map(launch, names))
+        results = list(pool.map(launch, list(names)))
     running = {}
     for name, (manager, launched) in zip(names, results, strict=True):
         stack.push(manager.__exit__)

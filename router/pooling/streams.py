@@ -4,6 +4,7 @@ blocking read loop): the two halves every shared stream of a replica uses."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -69,7 +70,10 @@ class StreamWriter:
             depth = len(self._buffer)
         self._on_depth(depth)
         if self._loop is not None and self._wake is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+            # The loop may be gone at shutdown; the payload stays buffered, the update
+            # that recorded it must not fail for that.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._wake.set)
 
     async def run(self) -> None:
         """Publish until cancelled; a cancel first tries one last flush."""
