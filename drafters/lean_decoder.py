@@ -32,9 +32,12 @@ class LeanDecoder:
 
     ``forward(ids, start)`` writes keys/values for positions start..start+q-1 and returns
     the logits [vocab] of the last one; rolling back is calling it with a smaller start.
+    ``layers`` runs only the model's first decoder layers, then its final norm and LM head
+    (an early exit: the self-speculative drafter); the weights are the model's own
+    tensors, never copies, and the cache holds those layers only.
     """
 
-    def __init__(self, model: Any, capacity: int = 512) -> None:
+    def __init__(self, model: Any, capacity: int = 512, layers: int | None = None) -> None:
         config = model.config
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
@@ -61,7 +64,7 @@ class LeanDecoder:
                 layer.mlp.up_proj.weight,
                 layer.mlp.down_proj.weight,
             )
-            for layer in model.model.layers
+            for layer in list(model.model.layers)[:layers]
         ]
         rotary = model.model.rotary_emb
         self._inv_freq = rotary.inv_freq.float()
@@ -99,8 +102,11 @@ class LeanDecoder:
         half = x.shape[-1] // 2
         return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
-    def forward(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Logits [vocab] after feeding ``ids`` [q] at positions start..start+q-1."""
+    def forward(
+        self, ids: torch.Tensor, start: int, *, all_positions: bool = False
+    ) -> torch.Tensor:
+        """Logits [vocab] after feeding ``ids`` [q] at positions start..start+q-1 (with
+        ``all_positions``, those of every fed position: [q, vocab])."""
         q_len = ids.shape[0]
         end = start + q_len
         if end > self._capacity:
@@ -131,5 +137,7 @@ class LeanDecoder:
             x = x + F.linear(attention.transpose(1, 2).reshape(1, q_len, -1), wo)
             h = F.rms_norm(x, (self.hidden,), ln2, self.eps)
             x = x + F.linear(F.silu(F.linear(h, wg)) * F.linear(h, wu), wd)
-        last = F.rms_norm(x[0, -1], (self.hidden,), self.final_norm, self.eps)
-        return F.linear(last, self.lm_head)  # [vocab]
+        last = F.rms_norm(
+            x[0] if all_positions else x[0, -1], (self.hidden,), self.final_norm, self.eps
+        )
+        return F.linear(last, self.lm_head)  # [vocab], or [q, vocab] for all positions

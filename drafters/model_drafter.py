@@ -66,12 +66,15 @@ class ModelDraftSession:
         prompt_length: int,
         stop_ids: frozenset[int] = frozenset(),
         vocabulary_size: int | None = None,
+        layers: int | None = None,
     ) -> None:
         self._device = device
         self._stop_ids = stop_ids
         self._vocabulary_size = vocabulary_size
+        if layers is not None and not lean_decoder_supports(model):
+            raise ValueError("an early-exit draft (layers) needs a plain Qwen2 model")
         self._forward = (
-            LeanDecoder(model, capacity=prompt_length + 256).forward
+            LeanDecoder(model, capacity=prompt_length + 256, layers=layers).forward
             if lean_decoder_supports(model)
             else _TransformersForward(model, device).forward
         )

@@ -16,6 +16,7 @@ from drafters.loader import LoadedModel, ModelLoadError, load_model, load_tokeni
 from drafters.model_drafter import ModelDrafter
 from drafters.ngram import NgramDrafter
 from drafters.sampling import SamplingConfig
+from drafters.self_drafter import SelfDrafter, check_exit_layer
 from drafters.stopping import DraftStopRule
 
 logger = logging.getLogger(__name__)
@@ -189,6 +190,22 @@ def _create_ngram_drafter(
     )
 
 
+def _create_self_drafter(
+    name: str, target: LoadedModel, path: Path | None, options: Mapping[str, Any]
+) -> Drafter:
+    """The target's own first layers (``drafters/self_drafter.py``); option ``exit_layer``
+    (default: half the target's layers)."""
+    model = target.model
+    exit_layer = int(options.get("exit_layer", model.config.num_hidden_layers // 2))
+    return SelfDrafter(
+        name=name,
+        model=model,
+        device=target.device,
+        exit_layer=check_exit_layer(model, exit_layer),
+        vocabulary_size=len(target.tokenizer),
+    )
+
+
 def _create_no_drafter(
     name: str, target: LoadedModel, path: Path | None, options: Mapping[str, Any]
 ) -> Drafter:
@@ -200,6 +217,7 @@ DrafterFactory = Callable[[str, LoadedModel, Path | None, Mapping[str, Any]], Dr
 DRAFTER_KINDS: dict[str, DrafterFactory] = {
     "model": _create_model_drafter,
     "ngram": _create_ngram_drafter,
+    "self": _create_self_drafter,
     "none": _create_no_drafter,
 }
 
