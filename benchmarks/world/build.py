@@ -35,7 +35,7 @@ from router.bundle import ModelBundle, default_bundle_dir, read_manifest
 logger = logging.getLogger(__name__)
 
 # Bump when the build code changes what it produces for the same config.
-BUILD_CODE_VERSION = 6
+BUILD_CODE_VERSION = 7
 FINETUNE_SAMPLE_SIZE = 36
 
 
@@ -164,7 +164,7 @@ BUILD_CONFIGS: dict[str, BuildConfig] = {
         target=ModelShape(384, 1024, 6, 6, 2),
         drafter=ModelShape(128, 384, 2, 2, 1),
         target_training=TrainingConfig(
-            steps=500,
+            steps=550,
             rows=4,
             seq_len=512,
             learning_rate=2e-3,

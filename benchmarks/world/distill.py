@@ -20,6 +20,7 @@ import torch
 from benchmarks.world.train import (
     EncodedExample,
     PackedBatch,
+    RowFiller,
     TrainingConfig,
     mixture_stream,
     pack_batch,
@@ -128,11 +129,11 @@ def distill_drafter(
     cycles through them for ``config.steps`` steps.
     """
     torch.manual_seed(config.seed)
-    draw = mixture_stream(examples, {}, random.Random(config.seed))
+    filler = RowFiller(mixture_stream(examples, {}, random.Random(config.seed)))
     targets = [
         target_soft_targets(
             target,
-            pack_batch(draw, config.rows, config.seq_len, config.prompt_weight, pad_id),
+            pack_batch(filler, config.rows, config.seq_len, config.prompt_weight, pad_id),
             top_k,
             use_bf16(config),
         )

@@ -138,10 +138,50 @@ def mixture_stream(
     return draw
 
 
+class RowFiller:
+    """Whole examples for packed rows, first fit: an example too long for what is left of a
+    row waits (in draw order) and starts a later row, and a shorter one fills the gap.
+
+    Every drawn example is used in time, so the task mixture is the stream's. On the default
+    world's corpus (examples of 100-480 tokens, rows of 512) rows fill to 95% of their tokens
+    where stopping at the first example that does not fit filled 85% (3 tries per gap: 92%,
+    10: 95.4%).
+    """
+
+    # New draws tried for one gap before the row is closed, and the most that may wait.
+    TRIES_PER_GAP = 6
+    MAX_WAITING = 24
+
+    def __init__(self, draw: Callable[[], EncodedExample]) -> None:
+        self._draw = draw
+        self._waiting: list[EncodedExample] = []
+
+    def take(self, room: int) -> EncodedExample | None:
+        """The first waiting example that fits ``room`` tokens, else a new draw that fits
+        (the ones that do not are kept waiting), else None."""
+        for index, example in enumerate(self._waiting):
+            if example.length <= room:
+                return self._waiting.pop(index)
+        for _ in range(self.TRIES_PER_GAP):
+            if len(self._waiting) >= self.MAX_WAITING:
+                return None
+            example = self._draw()
+            if example.length <= room:
+                return example
+            self._waiting.append(example)
+        return None
+
+
 def pack_batch(
-    draw: Callable[[], EncodedExample], rows: int, seq_len: int, prompt_weight: float, pad_id: int
+    source: RowFiller | Callable[[], EncodedExample],
+    rows: int,
+    seq_len: int,
+    prompt_weight: float,
+    pad_id: int,
 ) -> PackedBatch:
-    """Fill ``rows`` rows of ``seq_len`` tokens with whole examples drawn from ``draw``."""
+    """Fill ``rows`` rows of ``seq_len`` tokens with whole examples (first fit, ``RowFiller``;
+    give the same filler for every batch of a run, so that no drawn example is lost)."""
+    filler = source if isinstance(source, RowFiller) else RowFiller(source)
     input_ids = torch.full((rows, seq_len), pad_id, dtype=torch.long)
     labels = torch.full((rows, seq_len), -100, dtype=torch.long)
     weights = torch.zeros((rows, seq_len))
@@ -149,11 +189,11 @@ def pack_batch(
     segments = torch.full((rows, seq_len), -1, dtype=torch.long)
     for row in range(rows):
         used = 0
-        while True:
-            example = draw()
-            if used + example.length > seq_len:
+        while seq_len - used >= 16:
+            example = filler.take(seq_len - used)
+            if example is None:
                 if used == 0:
-                    continue
+                    raise ValueError(f"no example fits in a row of {seq_len} tokens")
                 break
             ids = list(example.prompt_ids) + list(example.response_ids)
             end = used + len(ids)
@@ -166,8 +206,6 @@ def pack_batch(
             position_ids[row, used:end] = torch.arange(len(ids))
             segments[row, used:end] = int(segments[row].max()) + 1
             used = end
-            if seq_len - used < 16:
-                break
     return PackedBatch(input_ids, labels, weights, position_ids, segments)
 
 
@@ -183,17 +221,30 @@ def weighted_token_loss(logits: torch.Tensor, batch: PackedBatch) -> torch.Tenso
     return (losses * weights).sum() / weights.sum().clamp_min(1.0)
 
 
+# The output head runs on the weighted positions, padded to a multiple of this many rows:
+# each new row count makes oneDNN build and cache a new bf16 matmul kernel (up to 1024 of
+# them), which grew a default build's memory by ~15 MB per step (5.3 GB RSS at 490 steps
+# when it was killed for memory); with buckets the shapes repeat.
+HEAD_ROW_BUCKET = 128
+
+
 def weighted_lm_loss(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     """``weighted_token_loss`` of a causal LM, its output head applied only at positions
     with a positive weight (the same value; with prompt weight 0 the vocabulary projection
-    and softmax run on the response tokens only, a large share of a small model's cost)."""
+    and softmax run on the response tokens only, a large share of a small model's cost).
+    The positions are padded with weight-0 copies of the first to a multiple of
+    ``HEAD_ROW_BUCKET``."""
     hidden = model.base_model(**batch.model_inputs())[0]  # type: ignore[operator]
-    selected = batch.weights > 0
-    logits = model.get_output_embeddings()(hidden[selected])  # type: ignore[operator]
+    selected = (batch.weights.reshape(-1) > 0).nonzero().squeeze(1)
+    padding = -len(selected) % HEAD_ROW_BUCKET
+    index = torch.cat([selected, selected.new_zeros(padding)])
+    weights = torch.cat([batch.weights.reshape(-1)[selected], torch.zeros(padding)])
+    head_input = hidden.reshape(-1, hidden.shape[-1])[index]
+    logits = model.get_output_embeddings()(head_input)  # type: ignore[operator]
+    labels = batch.labels.reshape(-1)[index]
     losses = torch.nn.functional.cross_entropy(
-        logits.float(), batch.labels[selected], ignore_index=-100, reduction="none"
+        logits.float(), labels, ignore_index=-100, reduction="none"
     )
-    weights = batch.weights[selected]
     return (losses * weights).sum() / weights.sum().clamp_min(1.0)
 
 
@@ -267,10 +318,10 @@ def pretrain(
 ) -> list[float]:
     """Next-token training on a weighted task mixture of packed examples."""
     torch.manual_seed(config.seed)
-    draw = mixture_stream(examples, task_weights, random.Random(config.seed))
+    filler = RowFiller(mixture_stream(examples, task_weights, random.Random(config.seed)))
 
     def next_batch() -> PackedBatch:
-        return pack_batch(draw, config.rows, config.seq_len, config.prompt_weight, pad_id)
+        return pack_batch(filler, config.rows, config.seq_len, config.prompt_weight, pad_id)
 
     return run_training(
         model, next_batch, weighted_lm_loss, config, description=description, progress=progress

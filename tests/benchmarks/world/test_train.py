@@ -106,3 +106,24 @@ def test_an_answer_cut_at_max_new_tokens_gets_no_end_of_turn(model: torch.nn.Mod
     )
     assert sorted(a.prompt_ids for a in answers) == sorted(e.prompt_ids for e in prompts)
     assert all(len(a.response_ids) == 3 and eos_id not in a.response_ids for a in answers)
+
+
+def test_an_example_that_does_not_fit_waits_for_the_next_row() -> None:
+    from benchmarks.world.train import RowFiller
+
+    lengths = iter([30, 30, 10, 40, 8])
+
+    def draw() -> EncodedExample:
+        n = next(lengths)
+        return EncodedExample("qa", tuple(range(3, 3 + n - 2)), (5, 6))
+
+    filler = RowFiller(draw)
+    batch = pack_batch(filler, rows=2, seq_len=48, prompt_weight=0.0, pad_id=0)
+    # Row 0: 30; the second 30 does not fit the 18 left (it waits) and 10 fills the gap
+    # (8 left: closed). Row 1 starts with the waiting 30; 40 does not fit (waits), 8 does.
+    used = [int((batch.segments[row] >= 0).sum()) for row in range(2)]
+    examples = [int(batch.segments[row].max()) + 1 for row in range(2)]
+    assert used == [40, 38] and examples == [2, 2]
+    assert int((batch.segments[1] == 0).sum()) == 30
+    waiting = filler.take(48)  # the 40 still waits: taken without a new draw
+    assert waiting is not None and waiting.length == 40
