@@ -47,7 +47,7 @@ from benchmarks.replay.trace import TraceRequest
 logger = logging.getLogger(__name__)
 
 ADMIN_TOKEN = "bench-fleet-admin"
-KILL_DELAY_S = 0.3  # after the start of the slice whose requests meet the kill
+KILL_DELAY_S = 0.05  # after a request to the replica is sent: it is in flight there
 PLAIN = "none"
 
 
@@ -305,7 +305,7 @@ def run_policies(
     requests: Sequence[TraceRequest],
     configurations: Sequence[str],
     options: FleetBenchOptions,
-    on_turn: Callable[[int, int], None] | None = None,
+    fault: ReplicaFault | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every policy's replay and summary (module doc). The policies take turns on each
     slice of ``concurrency`` requests, in an order that rotates from slice to slice, so a
@@ -322,16 +322,17 @@ def run_policies(
     order = list(named)
     starts = range(0, len(requests), width)
     for turn, start in enumerate(starts):
-        if on_turn is not None:
-            on_turn(turn, len(starts))
+        if fault is not None:
+            fault.on_turn(turn, len(starts))
         batch = requests[start : start + width]
         rotation = turn % len(order)
         for name in order[rotation:] + order[:rotation]:
             contender = named[name]
+            choose = fault.watching(contender.choose) if fault else contender.choose
             run = replay(
                 client,
                 batch,
-                contender.choose,
+                choose,
                 options.concurrency,
                 contender.on_done,
                 no_update=not contender.learns,
@@ -345,11 +346,13 @@ def run_policies(
 
 
 class ReplicaFault:
-    """Kills one configuration's replica at a third of the replay, restarts it at once
-    (in the background), and records when it served again."""
+    """Kills one configuration's replica a third of the way through the replay, while a
+    request sent to it is in flight, restarts it at once (in the background), and records
+    when it served again."""
 
     def __init__(self, server: VllmServer) -> None:
         self.server = server
+        self.armed = False
         self.killed_at_turn: int | None = None
         self.back_at_turn: int | None = None
         self.turn = 0
@@ -358,11 +361,22 @@ class ReplicaFault:
 
     def on_turn(self, turn: int, turns: int) -> None:
         self.turn = turn
-        if self.killed_at_turn is None and turn >= turns // 3:
-            self.killed_at_turn = turn
-            # Shortly after the slice starts: its requests on that replica are in flight.
-            self._thread = threading.Thread(target=self._kill_and_restart, daemon=True)
-            self._thread.start()
+        self.armed = self.killed_at_turn is None and turn >= turns // 3
+
+    def watching(self, choose: Chooser) -> Chooser:
+        """``choose``, killing the replica just after the first request pinned to its
+        configuration once armed."""
+
+        def chosen(index: int, request: TraceRequest) -> ArmPin | None:
+            pin = choose(index, request)
+            if self.armed and pin is not None and pin.drafter == self.server.speculation.drafter:
+                self.armed = False
+                self.killed_at_turn = self.turn
+                self._thread = threading.Thread(target=self._kill_and_restart, daemon=True)
+                self._thread.start()
+            return pin
+
+        return chosen
 
     def _kill_and_restart(self) -> None:
         time.sleep(KILL_DELAY_S)
@@ -425,9 +439,7 @@ def run_fleet_bench(
         ):
             client.wait_ready()
             fault = _fault(servers, options.kill_replica)
-            policies = run_policies(
-                client, requests, configurations, options, fault.on_turn if fault else None
-            )
+            policies = run_policies(client, requests, configurations, options, fault)
             fault_report = fault.report(policies) if fault else None
             served_after = _served_after_restart(client, requests, options, fault)
         replicas = _replicas(servers)
