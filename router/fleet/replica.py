@@ -14,7 +14,7 @@ import asyncio
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -55,7 +55,6 @@ class Replica:
     served: int = 0
     failures: int = 0
     last_error: str = ""
-    out_since: float | None = field(default_factory=time.monotonic)
 
     @classmethod
     def from_spec(cls, spec: ReplicaSpec, fleet: FleetSpec) -> Replica:
@@ -94,14 +93,11 @@ class Replica:
         self.healthy = False
         self.failures += 1
         self.last_error = reason
-        if self.out_since is None:
-            self.out_since = time.monotonic()
 
     def bring_back(self) -> None:
         if not self.healthy:
             logger.info("replica %s (%s) is serving", self.name, self.drafter)
         self.healthy = True
-        self.out_since = None
 
     def describe(self) -> dict[str, object]:
         return {

@@ -141,7 +141,10 @@ class FleetRouterService(RouterService):
         """Open the HTTP client and start probing every replica; the first probes are
         awaited, so replicas that answer serve at once (the others are routed around)."""
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        from router.fleet.metrics import FleetCollector
         from router.fleet.replica import probe
+
+        self.metrics.registry.register(FleetCollector(self.replicas))
 
         await asyncio.gather(
             *(probe(self._session, r, self.fleet.connect_timeout_s + 1.0) for r in self.replicas)
@@ -401,9 +404,6 @@ class FleetRouterService(RouterService):
             if previous is None
             else (1 - PLAIN_TIME_EWMA) * previous + PLAIN_TIME_EWMA * token_time_s
         )
-
-    def describe_fleet(self) -> list[dict[str, object]]:
-        return [replica.describe() for replica in self.replicas]
 
 
 def fleet_policy_config(settings: Settings, fleet: FleetSpec) -> dict[str, Any]:

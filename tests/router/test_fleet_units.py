@@ -18,7 +18,8 @@ from router.fleet.config import (
     parse_fleet,
 )
 from router.fleet.learning import Timing, outcome_from_replica, positions_from_histogram
-from router.fleet.replica import queue_from_metrics
+from router.fleet.metrics import FleetCollector
+from router.fleet.replica import Replica, queue_from_metrics
 from router.fleet.service import FleetStats
 
 FLEET = """
@@ -235,3 +236,38 @@ def test_fleet_stats_follow_the_engine_statistics() -> None:
     assert stats.accepted_per_position == (2, 2, 1)
     assert stats.mean_accepted_length == pytest.approx(8 / 3)
     assert stats.tokens_per_s == pytest.approx(18.0)
+
+
+def test_fleet_collector_exports_each_replica() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    fleet = parse_fleet(
+        {
+            "replicas": [
+                {"url": "http://a:1", "model": "m", "speculative": "none"},
+                {"url": "http://b:2", "model": "m", "speculative": "ngram", "k": 3},
+            ]
+        }
+    )
+    plain, ngram = (Replica.from_spec(spec, fleet) for spec in fleet.replicas)
+    plain.bring_back()
+    plain.in_flight, plain.running, plain.waiting, plain.served = 2, 3.0, 1.0, 7
+    ngram.take_out("GET /health failed")
+    registry = CollectorRegistry()
+    registry.register(FleetCollector([plain, ngram]))
+    text = generate_latest(registry).decode()
+    assert 'specroute_fleet_replica_up{replica="http://a:1",speculative="none"} 1.0' in text
+    assert 'specroute_fleet_replica_up{replica="http://b:2",speculative="ngram"} 0.0' in text
+    assert 'specroute_fleet_replica_in_flight{replica="http://a:1",speculative="none"} 2.0' in text
+    assert 'specroute_fleet_replica_queue{replica="http://a:1",speculative="none"} 4.0' in text
+    assert (
+        'specroute_fleet_replica_requests_total{replica="http://a:1",speculative="none"} 7.0'
+        in text
+    )
+    assert (
+        'specroute_fleet_replica_failures_total{replica="http://b:2",speculative="ngram"} 1.0'
+        in text
+    )
+    # Load: vLLM's queue (waiting counted twice) when it is above our own in-flight count.
+    assert plain.load == 5.0 and not plain.saturated and plain.available
+    assert not ngram.available
