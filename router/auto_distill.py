@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -135,22 +136,22 @@ class AutoDistiller:
         out = distilled_root(self.settings) / name
         logger.info("auto-distillation of %s on %d captured samples: %s", cluster, samples, out)
         started = time.perf_counter()
-        child = await asyncio.create_subprocess_exec(
-            *self.command(cluster, out, name),
+        # A plain Popen waited on in a thread: no asyncio transport outlives the loop.
+        child = subprocess.Popen(
+            self.command(cluster, out, name),
             env=self.environment(),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             preexec_fn=self._lower_priority,  # os.nice and the affinity only, before exec
         )
         try:
-            stdout, stderr = await child.communicate()
+            output, _ = await asyncio.to_thread(child.communicate)
         except asyncio.CancelledError:
-            with contextlib.suppress(ProcessLookupError):
-                child.kill()
-            await child.wait()
+            child.kill()
+            await asyncio.to_thread(child.wait)
             raise
         seconds = time.perf_counter() - started
-        lines = (stdout + stderr).decode(errors="replace").splitlines()
+        lines = output.decode(errors="replace").splitlines()
         verdict = next((line for line in reversed(lines) if line.strip()), "")
         if child.returncode == 0:
             logger.info("auto-distillation of %s registered %s (%.0f s)", cluster, name, seconds)
