@@ -62,10 +62,10 @@ class DraftStopRule:
 
     ``threshold`` lies in [0, 1); 0 never stops (the rule is off). ``entropy_scale`` is
     AdaEDL's gamma (the ``entropy`` kind only): the entropy kind stops when
-    H(q_i) > (1 - threshold)^2 / gamma. With gamma = 1 every threshold stops at 1 nat or
-    less, while the built-in world's drafters make accepted drafts at 2-3 nats (chat: a
-    median of 2.9 nats, 77% accepted); gamma = 0.25 lets thresholds 0.1-0.5 cut at
-    3.2-1.0 nats (``benchmarks/engine/HISTORY.md``).
+    H(q_i) > (1 - threshold)^2 / gamma. With gamma = 1 every threshold > 0 cuts each draft
+    whose entropy exceeds (1 - threshold)^2 <= 1 nat, while the built-in world's drafters
+    make accepted drafts at 2-3 nats (chat: a median of 2.9 nats, 77% accepted); gamma =
+    0.25 lets thresholds 0.1-0.5 cut at 3.2-1.0 nats (``benchmarks/engine/HISTORY.md``).
     """
 
     threshold: float
