@@ -77,6 +77,7 @@ class FleetStats:
     replica: str
     attempts: int
     draft_time_s: float = 0.0
+    stopped_steps: int = 0  # steps whose draft a stop rule cut: vLLM has no such rule
 
     @property
     def steps(self) -> int:
