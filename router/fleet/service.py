@@ -63,46 +63,32 @@ logger = logging.getLogger(__name__)
 PLAIN_TIME_EWMA = 0.1  # weight of a new plain time per token in t_ar's running estimate
 
 
-@dataclass(frozen=True)
-class FleetStats:
-    """A fleet generation's statistics, with the engine's ``GenerationStats`` fields."""
+def generation_stats(
+    drafted_per_step: Sequence[int],
+    accepted_per_step: Sequence[int],
+    timing: Timing,
+    prompt_tokens: int,
+    generated_tokens: int,
+    finish_reason: str,
+) -> Any:
+    """The engine's ``GenerationStats`` for a replica's answer: vLLM's steps (drafted as
+    asked: it has no per-step draft stopping), its decode time as the verify time (it does
+    not split drafting from verifying), the router's measured wall time."""
+    from drafters.stats import GenerationStats
 
-    generated_tokens: int
-    prompt_tokens: int
-    drafted_per_step: tuple[int, ...]
-    accepted_per_step: tuple[int, ...]
-    wall_time_s: float
-    verify_time_s: float
-    finish_reason: str
-    replica: str
-    attempts: int
-    draft_time_s: float = 0.0
-    stopped_steps: int = 0  # steps whose draft a stop rule cut: vLLM has no such rule
-
-    @property
-    def steps(self) -> int:
-        return len(self.accepted_per_step)
-
-    @property
-    def drafted(self) -> int:
-        return sum(self.drafted_per_step)
-
-    @property
-    def accepted(self) -> int:
-        return sum(self.accepted_per_step)
-
-    @property
-    def accepted_per_position(self) -> tuple[int, ...]:
-        length = max(self.drafted_per_step, default=0)
-        return tuple(sum(a > i for a in self.accepted_per_step) for i in range(length))
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.generated_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        return (self.accepted + self.steps) / self.steps if self.steps else 1.0
+    stats = GenerationStats(prompt_tokens=prompt_tokens, generated_tokens=generated_tokens)
+    for drafted, accepted in zip(drafted_per_step, accepted_per_step, strict=True):
+        stats.observe_step(
+            requested=drafted,
+            drafted=drafted,
+            accepted=accepted,
+            draft_time_s=0.0,
+            verify_time_s=0.0,
+        )
+    stats.verify_time_s = timing.decode_time_s
+    stats.wall_time_s = timing.wall_time_s
+    stats.finish_reason = finish_reason
+    return stats
 
 
 @dataclass
@@ -357,17 +343,21 @@ class FleetRouterService(RouterService):
         accepted = tuple(int(x) for x in spec.get("per_step_accepted") or ())
         if len(drafted) != len(accepted):
             drafted, accepted = (), ()
-        stats = FleetStats(
-            generated_tokens=len(progress.output_ids),
-            prompt_tokens=placed.prompt_tokens,
-            drafted_per_step=drafted,
-            accepted_per_step=accepted,
-            wall_time_s=timing.wall_time_s,
-            verify_time_s=timing.decode_time_s,
-            finish_reason=end.finish_reason,
-            replica=replica.spec.url,
-            attempts=progress.attempts,
+        stats = generation_stats(
+            drafted,
+            accepted,
+            timing,
+            placed.prompt_tokens,
+            len(progress.output_ids),
+            end.finish_reason,
         )
+        if progress.attempts > 1:
+            logger.info(
+                "request %s served by %d replicas, %s last",
+                placed.request_id,
+                progress.attempts,
+                replica.name,
+            )
         self.metrics.generated_tokens.inc(stats.generated_tokens)
         self.metrics.generations.labels(finish_reason=stats.finish_reason).inc()
         self.metrics.generation_tokens_per_s.observe(stats.tokens_per_s)

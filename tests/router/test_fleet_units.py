@@ -20,7 +20,7 @@ from router.fleet.config import (
 from router.fleet.learning import Timing, outcome_from_replica, positions_from_histogram
 from router.fleet.metrics import FleetCollector
 from router.fleet.replica import Replica, queue_from_metrics
-from router.fleet.service import FleetStats
+from router.fleet.service import generation_stats
 
 FLEET = """
 request_timeout_s = 30
@@ -220,22 +220,21 @@ def test_finish_reasons_in_the_sidecar_words() -> None:
     assert finish_reason_of({"finish_reason": "stop", "stop_reason": "\n\n"}) == "stop_sequence"
 
 
-def test_fleet_stats_follow_the_engine_statistics() -> None:
-    stats = FleetStats(
-        generated_tokens=9,
+def test_a_replica_answer_becomes_the_engines_statistics() -> None:
+    stats = generation_stats(
+        (3, 3, 3),
+        (3, 0, 2),
+        Timing(0.5, 0.4, 9),
         prompt_tokens=4,
-        drafted_per_step=(3, 3, 3),
-        accepted_per_step=(3, 0, 2),
-        wall_time_s=0.5,
-        verify_time_s=0.4,
+        generated_tokens=9,
         finish_reason="length",
-        replica="http://a",
-        attempts=1,
     )
     assert (stats.steps, stats.drafted, stats.accepted) == (3, 9, 5)
-    assert stats.accepted_per_position == (2, 2, 1)
+    assert stats.accepted_per_position == [2, 2, 1]
     assert stats.mean_accepted_length == pytest.approx(8 / 3)
     assert stats.tokens_per_s == pytest.approx(18.0)
+    assert (stats.verify_time_s, stats.draft_time_s, stats.stopped_steps) == (0.4, 0.0, 0)
+    assert stats.finish_reason == "length" and stats.prompt_tokens == 4
 
 
 def test_fleet_collector_exports_each_replica() -> None:
