@@ -15,8 +15,8 @@ the world's ground truth (``traffic.py``):
 
 Reports the regret against the hindsight oracle per replica and for the fleet, shared vs
 isolated; the new replica's first-50 regret, warm (pooled) vs cold; outcomes published,
-applied and dropped per replica in the fault phase (with nothing lost, every surviving
-replica's applied equals what the others published); request errors.
+applied and dropped per pooled replica over both replays (with nothing lost, every
+surviving replica's applied equals what all the others published); request errors.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class ReplicasConfig:
     """How long each replay is (requests per task) and its seeds."""
 
     world_dir: Path | None = None
-    per_task: int = 30
+    per_task: int = 100
     fault_per_task: int = 36
     seed: int = 0
     max_new_tokens: int = 128
@@ -195,8 +195,9 @@ def newcomer_first_requests(
 def outcome_report(
     counters: Mapping[str, Mapping[str, float]], killed: Mapping[str, float]
 ) -> dict[str, dict[str, int]]:
-    """published / applied / dropped per replica of the fault phase (the killed replica's
-    as read just before SIGKILL)."""
+    """published / applied / dropped per replica of the pooled fleet, over its whole run
+    (the shared replay, then the fault replay; the killed replica's as read just before
+    SIGKILL, the new replica's including the history it replayed)."""
     everyone = {**counters, FLEET[-1]: killed}
     return {
         key: {name: int(values.get(key, 0)) for name, values in sorted(everyone.items())}

@@ -139,16 +139,27 @@ def test_generate_and_counterfactuals_are_pooled(fleet: Fleet, serving_world: Se
     )
     request.force_draft_length = 3
     list(a.stub.Generate(request))
-    # The run itself, then a counterfactual score per other drafter (greedy request).
-    wait_until(lambda: published(a) >= 2 and applied(b) == published(a))
-    arms = {
-        arm.drafter: arm
-        for context in b.stub.GetPolicyState(pb.GetPolicyStateRequest()).contexts
-        if context.task_cluster == "qa"
-        for arm in context.arms
-    }
-    assert arms["generic"].decisions == 1
-    assert arms["ngram"].alpha + arms["ngram"].beta > 2.0  # scored on the output
+
+    def qa_arms(sidecar: SidecarThread) -> dict[str, tuple[float, float, int]]:
+        contexts = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).contexts
+        return {
+            arm.drafter: (arm.alpha, arm.beta, arm.decisions)
+            for context in contexts
+            if context.task_cluster == "qa"
+            for arm in context.arms
+        }
+
+    def scored() -> float:
+        return metric(a, "specroute_reports_total", source="counterfactual")
+
+    # The run itself, then a counterfactual score per other drafter (greedy request), off
+    # the request path: wait until A has scored and B has applied all A published.
+    wait_until(lambda: scored() >= 1 and published(a) == 1 + scored() == applied(b))
+    wait_until(lambda: qa_arms(b) == qa_arms(a))
+    arms = qa_arms(b)
+    assert arms["generic"][2] == 1
+    touched = [d for d, (alpha, beta, _) in arms.items() if d != "generic" and alpha + beta > 2]
+    assert touched  # counterfactual scores of other drafters reached B
 
 
 def test_forged_entries_are_dropped_and_counted(fleet: Fleet, redis_server: Any) -> None:
