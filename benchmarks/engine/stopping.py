@@ -1,10 +1,12 @@
 """Fixed draft lengths against drafts stopped early, per task, on a built-in world.
 
 ``python -m benchmarks.engine.stopping [--prompts N] [--max-new-tokens N] [--rounds N]
-[--json PATH] [--tasks a,b]``: each task's own drafter at fixed k (2 to 16) and at k = 8 and 16
-with stop rules (``drafters/stopping.py``), plain decoding as the reference; greedy, every
-configuration run once per prompt in an order rotated per prompt (after one warm-up
-pass), so load drift on a shared machine spreads over all of them.
+[--self-exits 1,2] [--json PATH] [--tasks a,b]``: each task's own drafter at fixed k
+(2 to 16) and at k = 8 and 16 with stop rules (``drafters/stopping.py``), plain decoding
+as the reference; greedy, every configuration run once per prompt in an order rotated per
+prompt (after one warm-up pass), so load drift on a shared machine spreads over all of
+them. ``--self-exits`` adds the self-speculative drafter (the target's first layers) at
+those exit layers, k = 4 and 8.
 
 Per configuration: speed-up per output token after the target's prefill (as
 ``specroute bench engine``), tokens per step (bonus included), drafted tokens per step,
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +35,7 @@ from drafters.attention import cached_causal_mask
 from drafters.base import Drafter
 from drafters.engine import SpeculativeEngine
 from drafters.loader import load_model
+from drafters.registry import create_drafter
 from drafters.sampling import SamplingConfig
 from drafters.stopping import DraftStopRule
 
@@ -41,18 +45,26 @@ COST_REPEATS = 25
 
 @dataclass(frozen=True)
 class StopConfiguration:
-    """The task's own drafter at ``k``, stopped early by ``rule`` when given; k = 0 plain."""
+    """The task's own drafter (or the target's early exit at ``exit_layer``, the self
+    drafter) at ``k``, stopped early by ``rule`` when given; k = 0 plain."""
 
     k: int
     rule: DraftStopRule | None = None
+    exit_layer: int | None = None
 
     @property
     def label(self) -> str:
         if self.k == 0:
             return "plain"
+        prefix = "" if self.exit_layer is None else f"self{self.exit_layer} "
         if self.rule is None:
-            return f"k={self.k}"
-        return f"k={self.k} {self.rule.kind}<{self.rule.threshold:g}"
+            return f"{prefix}k={self.k}"
+        return f"{prefix}k={self.k} {self.rule.kind}<{self.rule.threshold:g}"
+
+
+def self_configurations(exit_layers: Sequence[int]) -> tuple[StopConfiguration, ...]:
+    """The self drafter at each exit layer, k = 4 and 8."""
+    return tuple(StopConfiguration(k, exit_layer=e) for e in exit_layers for k in (4, 8))
 
 
 STOP_RULES = (
@@ -84,7 +96,7 @@ class StepCosts:
         slope, intercept = np.polyfit(np.arange(len(self.t_verify)), self.t_verify, 1)
         return float(intercept), float(slope)
 
-    def priced_speedup(self, total: Totals) -> float:
+    def priced_speedup(self, total: Totals, t_draft: float | None = None) -> float:
         """Tokens over the time the step counts cost at these costs: per step, (drafted,
         + 1 if the rule stopped it) drafter forwards and a verify of the drafts made:
 
@@ -93,7 +105,8 @@ class StepCosts:
         if not total.steps:
             return 0.0
         t0, t1 = self.verify_line()
-        spent = (total.drafted + total.stopped) * self.t_draft + total.steps * t0
+        draft = self.t_draft if t_draft is None else t_draft
+        spent = (total.drafted + total.stopped) * draft + total.steps * t0
         return total.tokens * t0 / (spent + total.drafted * t1)
 
 
@@ -143,6 +156,19 @@ class Totals:
     mismatches: int = 0
 
 
+def _drafter(engine: SpeculativeEngine, setup: TaskSetup, config: StopConfiguration) -> Drafter:
+    if config.k == 0:
+        return setup.drafters[PLAIN]
+    if config.exit_layer is None:
+        return setup.drafters[setup.task]
+    return create_drafter(
+        "self",
+        name=f"self{config.exit_layer}",
+        target=engine.target,
+        options={"exit_layer": config.exit_layer},
+    )
+
+
 def measure_task(
     engine: SpeculativeEngine,
     setup: TaskSetup,
@@ -151,7 +177,7 @@ def measure_task(
     rounds: int = 1,
 ) -> dict[str, Totals]:
     totals = {config.label: Totals() for config in configs}
-    drafters = {0: setup.drafters[PLAIN], 1: setup.drafters[setup.task]}
+    drafters = {config.label: _drafter(engine, setup, config) for config in configs}
     for index, prompt in enumerate(setup.prompts * rounds):
         shift = index % len(configs)
         order = configs[shift:] + configs[:shift]
@@ -160,7 +186,7 @@ def measure_task(
         for attempt in range(passes):
             outputs: dict[str, list[int]] = {}
             for config in order:
-                drafter = drafters[min(config.k, 1)]
+                drafter = drafters[config.label]
                 started = time.perf_counter()
                 cpu_started = time.process_time()
                 run = engine.generate(
@@ -188,7 +214,11 @@ def measure_task(
     return totals
 
 
-def summarize(totals: dict[str, Totals], costs: StepCosts) -> list[dict[str, Any]]:
+def summarize(
+    totals: dict[str, Totals], costs: StepCosts, draft_costs: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Per configuration (label); ``draft_costs`` the drafter forward's cost of the
+    configurations not drafted by the task's own drafter."""
     plain = totals["plain"]
     t_ar = plain.decode_s / plain.tokens
     cpu_ar = plain.cpu_s / plain.tokens
@@ -200,7 +230,9 @@ def summarize(totals: dict[str, Totals], costs: StepCosts) -> list[dict[str, Any
                 "config": label,
                 "speedup": t_ar / per_token if per_token else 0.0,
                 "cpu_speedup": cpu_ar * total.tokens / total.cpu_s if total.cpu_s else 0.0,
-                "priced_speedup": costs.priced_speedup(total) if total.drafted else 1.0,
+                "priced_speedup": (
+                    costs.priced_speedup(total, draft_costs.get(label)) if total.drafted else 1.0
+                ),
                 "tokens_per_step": (total.accepted + total.steps) / total.steps
                 if total.steps
                 else 0.0,
@@ -222,6 +254,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1, help="passes over the prompts")
+    parser.add_argument(
+        "--self-exits", default="", help="exit layers of the self drafter to add (e.g. 1,2)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -247,13 +282,20 @@ def main() -> None:
         },
         "tasks": {},
     }
+    exits = [int(e) for e in args.self_exits.split(",") if e]
+    configs = DEFAULT_CONFIGURATIONS + self_configurations(exits)
     began = time.perf_counter()
     for setup in setups:
-        totals = measure_task(
-            engine, setup, DEFAULT_CONFIGURATIONS, args.max_new_tokens, args.rounds
-        )
+        totals = measure_task(engine, setup, configs, args.max_new_tokens, args.rounds)
         costs = measure_costs(engine, setup.drafters[setup.task], setup.prompts[0])
-        rows = summarize(totals, costs)
+        draft_costs = {
+            config.label: measure_costs(
+                engine, _drafter(engine, setup, config), setup.prompts[0]
+            ).t_draft
+            for config in configs
+            if config.exit_layer is not None
+        }
+        rows = summarize(totals, costs, draft_costs)
         t0, t1 = costs.verify_line()
         report["tasks"][setup.task] = {
             "costs": {"t_draft": costs.t_draft, "t0": t0, "t1": t1, "t_verify": costs.t_verify},
