@@ -6,6 +6,7 @@ import pytest
 
 from benchmarks.world.evaluate import (
     answer_contained,
+    chrf,
     drafted_per_step,
     exact_match,
     math_correct,
@@ -18,6 +19,14 @@ def test_token_f1() -> None:
     assert token_f1("the cat sat", "the cat sat") == 1.0
     assert token_f1("dog", "the cat sat") == 0.0
     assert token_f1("the cat", "the cat sat") == pytest.approx(0.8)
+
+
+def test_chrf_scores_characters_so_japanese_and_inflections_get_credit() -> None:
+    assert chrf("Le chat est noir", "Le chat est noir") == 1.0
+    assert chrf("Le chat", "Le chat est noir") < chrf("Le chat est noi", "Le chat est noir") < 1.0
+    assert chrf("abc", "xyz") == 0.0
+    assert 0.0 < chrf("選択された", "選択された項目") < 1.0  # no spaces: word F1 would give 0
+    assert chrf("Le  chat", "Le chat") == 1.0  # whitespace is not scored
 
 
 def test_exact_match_ignores_whitespace_only() -> None:
