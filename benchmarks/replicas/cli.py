@@ -18,7 +18,7 @@ def replicas_command(
     ] = None,
     per_task: Annotated[
         int, typer.Option("--per-task", min=3, help="Shared/isolated replay.")
-    ] = 30,
+    ] = 100,
     fault_per_task: Annotated[
         int, typer.Option("--fault-per-task", min=12, help="Fault replay (>= 50 to the newcomer).")
     ] = 36,
