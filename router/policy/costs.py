@@ -14,8 +14,9 @@ Two models share this module:
   - ``c[d]``: draft_time / drafted / u per drafter d (its draft cost ratio);
   - ``q``: plain_token_time_s / u when callers measure it, else t_ar = 1 unit;
   - the verify step ``t_verify(k) = 1 + s * k`` units, where the slope s, which no
-    single request measures (its k is one), comes from two consecutive requests of
-    different mean k (``slope_between``), as close together in time as requests get.
+    single request measures (its k is one), comes from two consecutive requests of one
+    context with different mean k (``slope_between``): as close together in time as
+    requests of like prompt lengths get.
 
 - ``CostModel`` (``ucb``): the same quantities in seconds, as running means turning into
   EWMAs (weight ``max(1/n, ewma)``).
@@ -183,20 +184,27 @@ class StepRatios:
         # The prior slope as pseudo-samples: measured slopes outvote it, then push it out.
         # A median: clipping the slopes of two requests under different loads keeps it.
         self.slope_ = RobustWindow(window, [verify_slope_ratio] * slope_prior_weight, trim=0.5)
-        self.last_step_: tuple[float, float] | None = None  # (kbar, seconds per step)
+        # Per context, the last request's (kbar, seconds per step).
+        self.last_step_: dict[Context | None, tuple[float, float]] = {}
 
-    def observe(self, drafter: str, outcome: Outcome) -> float | None:
+    def observe(
+        self, drafter: str, outcome: Outcome, context: Context | None = None
+    ) -> float | None:
         """Fold one request in; returns its unit u (its own plain step time, seconds), or
-        None when it measured no target step."""
+        None when it measured no target step. The slope pairs it with the previous
+        request of the same ``context``: prompts of one context have like lengths, and
+        so like step times at equal k, where another context's longer prompts would pass
+        for a dearer verify step."""
         steps, target_time = target_steps_and_time(outcome)
         if steps <= 0 or target_time <= 0:
             return None
         step = (outcome.drafted_tokens / steps, target_time / steps)
-        if self.last_step_ is not None:
-            slope = slope_between(self.last_step_, step)
+        last = self.last_step_.get(context)
+        if last is not None:
+            slope = slope_between(last, step)
             if slope is not None:
                 self.slope_.add(slope)
-        self.last_step_ = step
+        self.last_step_[context] = step
         unit = step[1] / (1.0 + self.slope() * step[0])
         if outcome.drafted_tokens > 0 and outcome.draft_time_s > 0:
             ratio = outcome.draft_time_s / outcome.drafted_tokens / unit
@@ -237,7 +245,10 @@ class StepRatios:
             "draft_ratios": {name: list(w.samples) for name, w in self.draft_.items()},
             "plain_ratios": list(self.plain_.samples),
             "slopes": list(self.slope_.samples),
-            "last_step": list(self.last_step_) if self.last_step_ is not None else None,
+            "last_steps": [
+                [c.cluster if c else None, c.length_bucket if c else None, *step]
+                for c, step in self.last_step_.items()
+            ],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -250,8 +261,13 @@ class StepRatios:
         self.plain_ = RobustWindow(self.window, state.get("plain_ratios", []), trim=self.trim)
         if "slopes" in state:
             self.slope_ = RobustWindow(self.window, state["slopes"], trim=0.5)
-        last = state.get("last_step")
-        self.last_step_ = (float(last[0]), float(last[1])) if last else None
+        self.last_step_ = {
+            (Context(str(cluster), int(bucket)) if cluster is not None else None): (
+                float(kbar),
+                float(seconds),
+            )
+            for cluster, bucket, kbar, seconds in state.get("last_steps", [])
+        }
 
 
 #: Slopes measured between two requests are clipped to [0, MAX_SLOPE] (a verify position

@@ -328,7 +328,7 @@ class ThompsonPolicy:
     def update(self, context: Context, decision: Decision, outcome: Outcome) -> None:
         """Learn costs from the outcome and the chosen drafter's acceptance."""
         arms = self._context(context)
-        unit = self.costs_.observe(decision.drafter, outcome)
+        unit = self.costs_.observe(decision.drafter, outcome, context)
         if self.overheads_ is not None:
             self.overheads_.observe(context, decision.drafter, outcome, unit)
         arms.requests += 1

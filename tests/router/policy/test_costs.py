@@ -203,3 +203,23 @@ def test_step_ratios_state_round_trip_and_the_seconds_state_before() -> None:
     from_seconds.load_state_dict(json.loads(json.dumps(seconds.state_dict())))
     assert from_seconds.slope() == 0.05
     assert from_seconds.step_costs(["generic"], 1).t_draft[0] == pytest.approx(0.3)
+
+
+def test_the_verify_slope_pairs_requests_of_one_context() -> None:
+    # Long prompts (rag) make every step twice as slow as short ones (chat), and rag runs
+    # at k = 8 where chat runs at 1-3: paired across contexts, the long prompts would pass
+    # for a verify slope of ~0.6; paired within each context, the slope is the true 0.05.
+    costs = StepRatios()
+    rag, chat = Context("rag", 2), Context("chat", 0)
+    for i in range(30):
+        costs.observe("rag", _outcome(8 - i % 2, 10, t_ar=0.02, slope=0.05), rag)
+        costs.observe("chat", _outcome(1 + i % 3, 10, slope=0.05), chat)
+    assert costs.slope() == pytest.approx(0.05, rel=0.01)
+    mixed = StepRatios()
+    for i in range(30):
+        mixed.observe("rag", _outcome(8 - i % 2, 10, t_ar=0.02, slope=0.05))
+        mixed.observe("chat", _outcome(1 + i % 3, 10, slope=0.05))
+    assert mixed.slope() > 0.3
+    restored = StepRatios()
+    restored.load_state_dict(json.loads(json.dumps(costs.state_dict())))
+    assert restored.last_step_ == costs.last_step_
