@@ -97,7 +97,7 @@ def test_an_answer_cut_at_max_new_tokens_gets_no_end_of_turn(model: torch.nn.Mod
     unused = set(range(3, 64))
     for example in prompts:
         row = torch.tensor([list(example.prompt_ids)])
-        out = model.generate(row, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        out = model.generate(row, max_new_tokens=3, do_sample=False, pad_token_id=0)  # type: ignore[operator]
         unused -= set(out[0, row.shape[1] :].tolist())
     assert unused
     eos_id = min(unused)
