@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -11,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from classifiers.chat import IM_END, render_chat
 from router.pb import router_pb2 as pb
 from tests.router.conftest import (
     ADMIN,
@@ -174,24 +177,57 @@ def test_generate_over_grpc_is_exactly_the_greedy_output(
     assert stats.tokens_per_s > 0
 
 
+def _ending_target(target_dir: Path, destination: Path) -> Path:
+    """A copy of the tiny target that ends its turn wherever it would write a space: the
+    ``<|im_end|>`` row of its (tied) embedding is twice the row of "Ġ", the token the
+    barely trained target writes most. Which tokens a tiny target writes depends on its
+    few training steps; this makes an end of turn certain without training for it."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    shutil.copytree(target_dir, destination)
+    tokenizer = AutoTokenizer.from_pretrained(destination)
+    weights_path = destination / "model.safetensors"
+    weights = load_file(weights_path)
+    embedding = weights["model.embed_tokens.weight"]
+    end, space = tokenizer.convert_tokens_to_ids([IM_END, "Ġ"])
+    embedding[end] = 2 * embedding[space]
+    save_file(weights, weights_path, metadata={"format": "pt"})
+    return destination
+
+
+@pytest.fixture(scope="module")
+def ending_sidecar(
+    serving_world: ServingWorld, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SidecarThread]:
+    from router.components import build_components
+
+    base = tmp_path_factory.mktemp("ending")
+    target = _ending_target(serving_world.world.target_dir, base / "models" / "target")
+    settings = serving_world.settings(
+        base / "state", target_dir=target, model_roots=[serving_world.extra_root, base / "models"]
+    )
+    running = SidecarThread(settings, build_components(settings))
+    yield running
+    running.stop()
+
+
 def test_generated_tokens_carry_the_engines_text_and_special_tokens_none(
-    sidecar: SidecarThread,
+    ending_sidecar: SidecarThread,
 ) -> None:
-    tokenizer = sidecar.service.tokenizer
+    tokenizer = ending_sidecar.service.tokenizer
     ended = 0
     for answer in ("Sure.", "The answer is 391.", "I am fine, thank you."):
-        messages = [{"role": "user", "content": "What is 17 * 23?"}]
-        chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # After an answer the tiny target ends its turn: it emits <|im_end|>.
-        chunks = generate(sidecar, text=chat + answer, max_new_tokens=8)
+        chat = render_chat([{"role": "user", "content": "What is 17 * 23?"}]) + answer
+        chunks = generate(ending_sidecar, text=chat, max_new_tokens=8)
         tokens = [token for chunk in chunks for token in chunk.tokens]
         text = "".join(chunk.text for chunk in chunks)
         assert text == "".join(token.text for token in tokens) == chunks[-1].stats.generated_text
-        assert "<|im_end|>" not in text
+        assert IM_END not in text
         if chunks[-1].stats.finish_reason == "eos_token":
             ended += 1
             assert tokens[-1].special and tokens[-1].text == ""
-            assert tokenizer.convert_ids_to_tokens(tokens[-1].id) == "<|im_end|>"
+            assert tokenizer.convert_ids_to_tokens(tokens[-1].id) == IM_END
     assert ended
 
 
