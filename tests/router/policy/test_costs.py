@@ -106,8 +106,8 @@ def test_request_overheads_measure_each_arms_fixed_time_and_the_output_length() 
     costs, overheads = StepRatios(), RequestOverheads()
     math, chat = Context("math"), Context("chat")
     for _ in range(20):
-        for k, arm, fixed in ((0, "none", 0.02), (3, "generic", 0.05)):
-            outcome = _with_fixed_time(_outcome(k, 10), fixed)
+        for k, arm, fixed_s in ((0, "none", 0.02), (3, "generic", 0.05)):
+            outcome = _with_fixed_time(_outcome(k, 10), fixed_s)
             overheads.observe(math, arm, outcome, costs.observe(arm, outcome))
     fixed_none, fixed = overheads.fixed_times(math, ["generic", "code"])
     # In units of the plain step (0.01 s): 2 and 5.
@@ -125,8 +125,8 @@ def test_request_overheads_measure_each_arms_fixed_time_and_the_output_length() 
 
 def test_an_unmeasured_plain_arm_is_priced_so_drafting_is_not_overrated() -> None:
     costs, overheads = StepRatios(), RequestOverheads()
-    for arm, fixed in (("generic", 0.05), ("code", 0.03)):
-        outcome = _with_fixed_time(_outcome(2, 10, slope=0.05), fixed)
+    for arm, fixed_s in (("generic", 0.05), ("code", 0.03)):
+        outcome = _with_fixed_time(_outcome(2, 10, slope=0.05), fixed_s)
         overheads.observe(Context("qa"), arm, outcome, costs.observe(arm, outcome))
     fixed_none, fixed = overheads.fixed_times(Context("qa"), ["generic", "code", "new"])
     assert fixed_none == 0.0
