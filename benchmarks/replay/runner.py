@@ -161,6 +161,11 @@ def sidecar(
     token = admin_token or secrets.token_urlsafe(24)
     # Passive OpenMP waits: spinning workers slow torch several-fold on shared cores.
     env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    # fp32 unless SPECROUTE_DTYPE says otherwise: the replay checks every output token for
+    # token against plain decoding, and in bf16 a verify pass over k + 1 positions can
+    # round differently from one-token steps and flip a near-tie (2-5 of 70 demo prompts
+    # on the v2 world's barely trained target, 2026-12-02; none in fp32).
+    env["SPECROUTE_DTYPE"] = os.environ.get("SPECROUTE_DTYPE", "float32")
     if withheld:
         env.update(world_env_without(world_dir, withheld))
     with launch_sidecar(
