@@ -37,8 +37,9 @@ TIME_REWARD_POLICIES = frozenset({"ucb"})
 def apply_to_policy(policy: Any, shared: SharedOutcome) -> None:
     """Feed ``shared`` to ``policy`` through its normal update, acceptance only.
 
-    The outcome's times are 0: the cost model (``CostModel.observe``) and the fixed-time
-    estimates (``RequestOverheads.observe``) skip outcomes without times, while the
+    The outcome's times are 0: thompson's cost ratios (``StepRatios.observe``) and fixed
+    times (``RequestOverheads.observe``) skip outcomes without times, so costs stay local,
+    while the
     acceptance posterior and the decision counts take the drafted and accepted tokens.
     """
     if getattr(policy, "name", "") in TIME_REWARD_POLICIES:
