@@ -39,8 +39,8 @@ def apply_to_policy(policy: Any, shared: SharedOutcome) -> None:
 
     The outcome's times are 0: thompson's cost ratios (``StepRatios.observe``) and fixed
     times (``RequestOverheads.observe``) skip outcomes without times, so costs stay local,
-    while the
-    acceptance posterior and the decision counts take the drafted and accepted tokens.
+    while the acceptance posterior and the decision counts take the drafted and accepted
+    tokens.
     """
     if getattr(policy, "name", "") in TIME_REWARD_POLICIES:
         return
