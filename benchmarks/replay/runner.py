@@ -144,6 +144,19 @@ def world_env_without(world_dir: Path | None, withheld: Sequence[str]) -> dict[s
     }
 
 
+def replay_sidecar_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Settings the replay's own sidecar gets unless ``environ`` sets them."""
+    return {
+        # Passive OpenMP waits: spinning workers slow torch several-fold on shared cores.
+        "OMP_WAIT_POLICY": environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        # fp32: the replay checks every output token for token against plain decoding, and
+        # in bf16 a verify pass over k + 1 positions can round differently from one-token
+        # steps and flip a near-tie (2-5 of 70 demo prompts on the v2 world's barely
+        # trained target with dtype auto = bf16, 2026-12-02; none in fp32).
+        "SPECROUTE_DTYPE": environ.get("SPECROUTE_DTYPE", "float32"),
+    }
+
+
 @contextlib.contextmanager
 def sidecar(
     address: str | None,
@@ -159,13 +172,7 @@ def sidecar(
 
     # A fresh sidecar with a one-off admin token: SetPolicy and drafter events need it.
     token = admin_token or secrets.token_urlsafe(24)
-    # Passive OpenMP waits: spinning workers slow torch several-fold on shared cores.
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    # fp32 unless SPECROUTE_DTYPE says otherwise: the replay checks every output token for
-    # token against plain decoding, and in bf16 a verify pass over k + 1 positions can
-    # round differently from one-token steps and flip a near-tie (2-5 of 70 demo prompts
-    # on the v2 world's barely trained target, 2026-12-02; none in fp32).
-    env["SPECROUTE_DTYPE"] = os.environ.get("SPECROUTE_DTYPE", "float32")
+    env = replay_sidecar_env(os.environ)
     if withheld:
         env.update(world_env_without(world_dir, withheld))
     with launch_sidecar(
