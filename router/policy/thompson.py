@@ -191,6 +191,9 @@ class ThompsonPolicy:
         self.drafters_: list[str] = []
         self.index_: dict[str, int] = {}
         self.similarity_: dict[str, dict[str, float]] = {}
+        # cluster -> (alpha0, beta0) over drafters_: the priors, derived from drafters_ and
+        # similarity_ and rebuilt whenever either changes (``_drafters_changed``).
+        self.cluster_priors_: dict[str, tuple[FloatArray, FloatArray]] = {}
         self.contexts_: dict[Context, ContextArms] = {}
         self.updates_ = 0
         for name in drafters:
@@ -253,8 +256,8 @@ class ThompsonPolicy:
         # one array and narrowed to the eligible drafters at once.
         alpha, beta, fixed = np.array(
             [
-                [arms.alpha for arms in posteriors],
-                [arms.beta for arms in posteriors],
+                [alpha for alpha, _ in posteriors],
+                [beta for _, beta in posteriors],
                 fixed_drafters,
             ]
         )[:, :, index]
@@ -288,10 +291,10 @@ class ThompsonPolicy:
         fixed_none, fixed = self.overheads_.fixed_times(context, self.drafters_)
         return tokens, fixed_none, fixed
 
-    def _posterior(self, context: Context) -> ContextArms:
-        """The context's posterior; for one never updated, the prior it would start from."""
+    def _posterior(self, context: Context) -> tuple[FloatArray, FloatArray]:
+        """(alpha, beta) of the context; for one never updated, what it would start from."""
         arms = self.contexts_.get(context)
-        return arms if arms is not None else self._fresh_context(context)
+        return (arms.alpha, arms.beta) if arms is not None else self._fresh_posterior(context)
 
     def _prior(self, drafter: str, cluster: str) -> tuple[float, float]:
         similarity = self.similarity_.get(drafter)
@@ -301,19 +304,38 @@ class ThompsonPolicy:
             else self.priors.neutral()
         )
 
-    def _fresh_context(self, context: Context) -> ContextArms:
-        """Priors for a context never updated, plus evidence moved from its cluster's buckets."""
-        priors = np.array([self._prior(name, context.cluster) for name in self.drafters_])
-        priors = priors.reshape(-1, 2)
-        arms = ContextArms(priors[:, 0], priors[:, 1])
+    def _cluster_prior(self, cluster: str) -> tuple[FloatArray, FloatArray]:
+        """(alpha0, beta0) over the drafters for contexts of ``cluster``."""
+        prior = self.cluster_priors_.get(cluster)
+        if prior is None:
+            pairs = np.array([self._prior(name, cluster) for name in self.drafters_])
+            pairs = pairs.reshape(-1, 2)
+            prior = self.cluster_priors_[cluster] = (pairs[:, 0].copy(), pairs[:, 1].copy())
+        return prior
+
+    def _drafters_changed(self) -> None:
+        """The drafter list or a similarity changed: the priors are derived again."""
+        self.cluster_priors_.clear()
+
+    def _fresh_posterior(self, context: Context) -> tuple[FloatArray, FloatArray]:
+        """(alpha, beta) of a context never updated: its cluster's prior plus the evidence
+        of the cluster's other buckets, scaled to at most ``transfer_weight``."""
+        alpha0, beta0 = self._cluster_prior(context.cluster)
         siblings = [a for c, a in self.contexts_.items() if c.cluster == context.cluster]
-        if siblings and self.transfer_weight > 0:
-            wins = sum(np.maximum(a.alpha - a.alpha0, 0.0) for a in siblings)
-            losses = sum(np.maximum(a.beta - a.beta0, 0.0) for a in siblings)
-            total = np.asarray(wins + losses)
-            scale = np.minimum(1.0, self.transfer_weight / np.maximum(total, 1e-12))
-            arms.alpha = arms.alpha + wins * scale
-            arms.beta = arms.beta + losses * scale
+        if not siblings or self.transfer_weight <= 0:
+            return alpha0, beta0
+        wins = sum(np.maximum(a.alpha - a.alpha0, 0.0) for a in siblings)
+        losses = sum(np.maximum(a.beta - a.beta0, 0.0) for a in siblings)
+        total = np.asarray(wins + losses)
+        scale = np.minimum(1.0, self.transfer_weight / np.maximum(total, 1e-12))
+        return alpha0 + wins * scale, beta0 + losses * scale
+
+    def _fresh_context(self, context: Context) -> ContextArms:
+        """The posterior a context starts from on its first update (``_fresh_posterior``)."""
+        alpha0, beta0 = self._cluster_prior(context.cluster)
+        arms = ContextArms(alpha0, beta0)
+        alpha, beta = self._fresh_posterior(context)
+        arms.alpha, arms.beta = np.array(alpha, dtype=np.float64), np.array(beta, dtype=np.float64)
         return arms
 
     # -- learning -------------------------------------------------------------------------
@@ -369,8 +391,10 @@ class ThompsonPolicy:
         check_drafter_name(name)
         if similarity:
             self.similarity_[name] = {str(c): float(s) for c, s in similarity.items()}
+            self._drafters_changed()
         if name in self.index_:
             return
+        self._drafters_changed()
         self.index_[name] = len(self.drafters_)
         self.drafters_.append(name)
         for context, arms in self.contexts_.items():
@@ -386,6 +410,7 @@ class ThompsonPolicy:
         self.drafters_.pop(i)
         self.index_ = {drafter: j for j, drafter in enumerate(self.drafters_)}
         self.similarity_.pop(name, None)
+        self._drafters_changed()
         self.costs_.forget_drafter(name)
         if self.overheads_ is not None:
             self.overheads_.forget_drafter(name)
@@ -418,6 +443,7 @@ class ThompsonPolicy:
         self.drafters_ = drafters
         self.index_ = {name: i for i, name in enumerate(drafters)}
         self.similarity_ = {k: dict(v) for k, v in state["similarity"].items()}
+        self._drafters_changed()
         self.contexts_ = {
             Context(str(c["cluster"]), int(c["length_bucket"])): ContextArms.from_dict(c, drafters)
             for c in state["contexts"]

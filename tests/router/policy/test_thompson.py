@@ -254,6 +254,27 @@ def test_new_similarity_for_a_known_drafter_reaches_contexts_never_updated() -> 
     assert after["a"] > 160  # P(a wins) = 0.9 or so
 
 
+def test_priors_of_fresh_contexts_follow_removals_and_loaded_states() -> None:
+    """Fresh contexts are priced from per-cluster priors kept beside the drafter list:
+    removing a drafter, re-adding it without its similarity, or loading another policy's
+    state must leave the same decisions as a policy built that way from the start."""
+    math_lover = {"math": 0.95, "code": 0.05}
+    policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(4), similarity={"a": math_lover})
+    fresh = Context("math", 1)
+    policy.select(fresh, ["a", "b"])  # the math prior is in use
+    policy.remove_drafter("a")
+    policy.add_drafter("a")  # back without its similarity: the neutral prior
+    plain = ThompsonPolicy(["b", "a"], rng=np.random.default_rng(9))
+    policy._rng = np.random.default_rng(9)
+    draws = [policy.select(fresh, ["a", "b"]) for _ in range(50)]
+    assert draws == [plain.select(fresh, ["a", "b"]) for _ in range(50)]
+    liked = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(5), similarity={"a": math_lover})
+    policy.load_state_dict(liked.state_dict())
+    assert [policy.select(fresh, ["a", "b"]) for _ in range(50)] == [
+        liked.select(fresh, ["a", "b"]) for _ in range(50)
+    ]
+
+
 def test_state_round_trip_gives_equal_decisions() -> None:
     policy = make_policy("thompson", ["generic", "code", "ngram"], {"seed": 5})
     assert isinstance(policy, ThompsonPolicy)
