@@ -17,6 +17,7 @@ _EXPORTS = {
     "DRAFTER_KINDS": "drafters.registry",
     "create_drafter": "drafters.registry",
     "TokenizerMismatchError": "drafters.registry",
+    "TargetWeightsRequiredError": "drafters.registry",
     "SpeculativeEngine": "drafters.engine",
     "GenerationRun": "drafters.engine",
     "TokenEvent": "drafters.engine",

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 # huggingface_hub reads these when it is first imported: set them before transformers.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,6 +66,63 @@ class LoadedModel:
     weights_digest: str
     # Where this model's weight digests are cached; drafters loaded for it use it too.
     digest_cache: WeightsDigestCache | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.placement.dtype
+
+    @property
+    def vocabulary_rows(self) -> int:
+        """Rows of the output embedding: the ids a distribution over it covers."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+
+class TargetInfo(Protocol):
+    """What the runtime reads of the target besides running it: where it is, its tokenizer,
+    where and in which precision drafters for it run, its vocabulary's rows, and where
+    weight digests are cached. :class:`LoadedModel` is one; :class:`TargetDescription`
+    is one without the target's weights (fleet mode: vLLM replicas run the target)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def placement(self) -> DevicePlacement: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def vocabulary_rows(self) -> int: ...
+
+    @property
+    def weights_digest(self) -> str: ...
+
+    @property
+    def digest_cache(self) -> WeightsDigestCache | None: ...
+
+
+@dataclass(frozen=True)
+class TargetDescription:
+    """A target known by its directory's tokenizer and config.json alone: no weights are
+    read, so ``weights_digest`` is empty (see :func:`describe_target`)."""
+
+    path: Path
+    tokenizer: Any  # transformers.PreTrainedTokenizerBase
+    placement: DevicePlacement
+    vocabulary_rows: int
+    digest_cache: WeightsDigestCache | None = None
+    weights_digest: str = ""
 
     @property
     def device(self) -> torch.device:
@@ -285,5 +342,34 @@ def load_model(
         placement=where,
         parameter_count=count,
         weights_digest=digest_weights(files, digest_cache),
+        digest_cache=digest_cache,
+    )
+
+
+def describe_target(
+    directory: str | Path,
+    *,
+    placement: DevicePlacement | None = None,
+    digest_cache: WeightsDigestCache | None = None,
+) -> TargetDescription:
+    """The target in ``directory`` without its weights: its tokenizer, and its vocabulary's
+    rows from config.json's ``vocab_size`` (the tokenizer's length without one). Weight
+    files need not be there, nor readable."""
+    path = Path(directory)
+    tokenizer = load_tokenizer(path)
+    rows = len(tokenizer)
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            rows = int(json.loads(config.read_text(encoding="utf-8")).get("vocab_size") or rows)
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ModelLoadError(f"cannot read {config}: {exc}") from exc
+    where = placement or default_placement()
+    logger.info("target %s described from its tokenizer (%d rows), weights not loaded", path, rows)
+    return TargetDescription(
+        path=path,
+        tokenizer=tokenizer,
+        placement=where,
+        vocabulary_rows=rows,
         digest_cache=digest_cache,
     )

@@ -12,7 +12,7 @@ import torch
 
 from drafters.base import Drafter, DraftSession, Proposal, empty_proposal
 from drafters.counterfactual import replay_greedy_steps
-from drafters.loader import LoadedModel, ModelLoadError, load_model, load_tokenizer
+from drafters.loader import LoadedModel, ModelLoadError, TargetInfo, load_model, load_tokenizer
 from drafters.model_drafter import ModelDrafter
 from drafters.ngram import NgramDrafter
 from drafters.sampling import SamplingConfig
@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 
 class TokenizerMismatchError(ModelLoadError):
     """A model drafter's tokenizer differs from its target's."""
+
+
+class TargetWeightsRequiredError(ValueError):
+    """A drafter kind that drafts with the target's own weights, for a target whose
+    weights are not loaded (a :class:`~drafters.loader.TargetDescription`)."""
 
 
 class _NoDraftSession:
@@ -138,7 +143,7 @@ def drafter_tokenizer_difference(target_tokenizer: Any, drafter_dir: Path | str)
 
 
 def _create_model_drafter(
-    name: str, target: LoadedModel, path: Path | None, options: Mapping[str, Any]
+    name: str, target: TargetInfo, path: Path | None, options: Mapping[str, Any]
 ) -> Drafter:
     if path is None:
         raise ModelLoadError(f"model drafter {name!r} needs a path")
@@ -151,7 +156,7 @@ def _create_model_drafter(
     difference = tokenizer_difference(target.tokenizer, loaded.tokenizer)
     if difference is not None:
         raise TokenizerMismatchError(mismatch_message(name, loaded.path, target.path, difference))
-    target_rows = target.model.get_output_embeddings().weight.shape[0]
+    target_rows = target.vocabulary_rows
     if loaded.model.get_output_embeddings().weight.shape[0] != target_rows:
         # Same tokenizer, differently padded vocabulary (Qwen2.5 sizes differ): align rows
         # so draft distributions and token ids index the target's vocabulary.
@@ -180,7 +185,7 @@ def resize_vocabulary_rows(model: Any, rows: int) -> None:
 
 
 def _create_ngram_drafter(
-    name: str, target: LoadedModel, path: Path | None, options: Mapping[str, Any]
+    name: str, target: TargetInfo, path: Path | None, options: Mapping[str, Any]
 ) -> Drafter:
     return NgramDrafter(
         name=name,
@@ -191,10 +196,15 @@ def _create_ngram_drafter(
 
 
 def _create_self_drafter(
-    name: str, target: LoadedModel, path: Path | None, options: Mapping[str, Any]
+    name: str, target: TargetInfo, path: Path | None, options: Mapping[str, Any]
 ) -> Drafter:
     """The target's own first layers (``drafters/self_drafter.py``); option ``exit_layer``
-    (default: half the target's layers)."""
+    (default: half the target's layers). Needs the target's weights loaded."""
+    if not isinstance(target, LoadedModel):
+        raise TargetWeightsRequiredError(
+            f"a self-speculative drafter ({name!r}) drafts with the target's own layers, and "
+            f"the target's weights are not loaded here (only its tokenizer, from {target.path})"
+        )
     model = target.model
     exit_layer = int(options.get("exit_layer", model.config.num_hidden_layers // 2))
     return SelfDrafter(
@@ -207,12 +217,12 @@ def _create_self_drafter(
 
 
 def _create_no_drafter(
-    name: str, target: LoadedModel, path: Path | None, options: Mapping[str, Any]
+    name: str, target: TargetInfo, path: Path | None, options: Mapping[str, Any]
 ) -> Drafter:
     return NoDrafter(name=name, device=target.device)
 
 
-DrafterFactory = Callable[[str, LoadedModel, Path | None, Mapping[str, Any]], Drafter]
+DrafterFactory = Callable[[str, TargetInfo, Path | None, Mapping[str, Any]], Drafter]
 
 DRAFTER_KINDS: dict[str, DrafterFactory] = {
     "model": _create_model_drafter,
@@ -226,11 +236,13 @@ def create_drafter(
     kind: str,
     *,
     name: str,
-    target: LoadedModel,
+    target: TargetInfo,
     path: str | Path | None = None,
     options: Mapping[str, Any] | None = None,
 ) -> Drafter:
-    """Build a drafter of a registered ``kind`` for ``target`` (same device and dtype)."""
+    """Build a drafter of a registered ``kind`` for ``target`` (same device and dtype).
+    Raises :class:`TargetWeightsRequiredError` for a kind that runs on the target's own
+    weights (``self``) when ``target`` has none loaded."""
     factory = DRAFTER_KINDS.get(kind)
     if factory is None:
         raise ValueError(f"unknown drafter kind {kind!r}; known: {', '.join(DRAFTER_KINDS)}")

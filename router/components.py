@@ -6,13 +6,17 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from router.bundle import ModelBundle, default_bundle_dir
 from router.policy.base import NONE_DRAFTER
 from router.service import Components
 from router.settings import Settings
 from router.store import DrafterRecord
+
+if TYPE_CHECKING:
+    from drafters.engine import SpeculativeEngine
+    from drafters.loader import DevicePlacement, TargetInfo, WeightsDigestCache
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +104,25 @@ def tokenizer_misfits(
     return misfits
 
 
+def load_target(
+    target_dir: str | Path,
+    placement: DevicePlacement,
+    digest_cache: WeightsDigestCache,
+    *,
+    fleet: bool,
+) -> tuple[TargetInfo, SpeculativeEngine | None]:
+    """The target and its engine; in fleet mode its description alone (no weights read)
+    and no engine, since the replicas generate."""
+    from drafters.loader import describe_target, load_model
+
+    if fleet:
+        return describe_target(target_dir, placement=placement, digest_cache=digest_cache), None
+    from drafters.engine import SpeculativeEngine
+
+    target = load_model(target_dir, placement=placement, digest_cache=digest_cache)
+    return target, SpeculativeEngine(target)
+
+
 def build_components(settings: Settings) -> Components:
     """Load the target, engine, classifier and built-in drafters (blocking).
 
@@ -107,11 +130,13 @@ def build_components(settings: Settings) -> Components:
     ``classifier_dir`` and ``drafter_dirs`` overriding or adding to it. Drafter
     tokenizers are checked against the target's before any weights load: a configured
     drafter that does not fit stops the start (``TokenizerMismatchError``), a bundle
-    drafter that does not fit is left out with a warning.
+    drafter that does not fit is left out with a warning. In fleet mode
+    (``settings.fleet_file``) the vLLM replicas run the target: its weights are not
+    loaded (its tokenizer and config.json only) and there is no engine.
     """
     from classifiers import ClassifierHolder, OnnxTaskClassifier
-    from drafters import SpeculativeEngine, TokenizerMismatchError
-    from drafters.loader import WeightsDigestCache, default_placement, load_model, load_tokenizer
+    from drafters import TokenizerMismatchError
+    from drafters.loader import WeightsDigestCache, default_placement, load_tokenizer
 
     bundle_dirs: dict[str, Path] = {}
     roots = [Path(r).expanduser() for r in settings.model_roots]
@@ -148,21 +173,23 @@ def build_components(settings: Settings) -> Components:
     apply_torch_threads(settings.torch_threads)
     placement = default_placement(settings.device, settings.dtype)
     digest_cache = WeightsDigestCache(Path(settings.state_dir).expanduser() / WEIGHTS_DIGEST_CACHE)
-    target = load_model(target_dir, placement=placement, digest_cache=digest_cache)
+    fleet = settings.fleet_file is not None
+    target, engine = load_target(target_dir, placement, digest_cache, fleet=fleet)
     classifier = OnnxTaskClassifier.load(classifier_dir)
     tasks = tasks or tuple(classifier.labels)
     records = model_drafter_records(drafter_dirs, tasks) + model_free_records()
     logger.info(
-        "target %s (%s on %s), classifier %s, drafters %s",
+        "target %s (%s on %s%s), classifier %s, drafters %s",
         target.path,
         placement.dtype,
         placement.device,
+        "" if engine is not None else ", tokenizer only: the fleet runs it",
         classifier_dir,
         drafter_dirs,
     )
     return Components(
         target=target,
-        engine=SpeculativeEngine(target),
+        engine=engine,
         classifiers=ClassifierHolder(classifier),
         builtin_drafters=tuple(records),
         model_roots=tuple(roots),

@@ -4,6 +4,10 @@ Registration checks everything before anything changes: the name is free, the ki
 known, the path is under a model root, the weights are safetensors, the tokenizer
 matches the target's, and the drafter loads and drafts on a probe prompt. Only then is
 the record committed to SQLite and the drafter made eligible for the next request.
+
+In fleet mode the target's weights are not loaded (a ``TargetDescription``, no engine):
+the probe asks the drafter itself for a draft and a counterfactual score, and a kind that
+drafts with the target's own weights (``self``) is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from classifiers.chat import render_chat
 from router.domain import DrafterSpec
@@ -28,12 +32,21 @@ from router.errors import (
 from router.policy.base import NONE_DRAFTER
 from router.store import DrafterRecord, SidecarStore
 
+if TYPE_CHECKING:
+    from drafters.engine import SpeculativeEngine
+    from drafters.loader import TargetInfo
+
 logger = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 PROBE_PROMPT = render_chat([{"role": "user", "content": "Hello, how are you?"}])
 PROBE_TOKENS = 4
 PROBE_DRAFT_LENGTH = 2
+
+
+class TargetWeightsNotLoadedError(PreconditionError):
+    """A drafter kind that drafts with the target's weights, in a sidecar that has not
+    loaded them (fleet mode)."""
 
 
 @dataclass(frozen=True)
@@ -45,10 +58,16 @@ class LiveDrafter:
 
 
 class DrafterPool:
-    """Name -> live drafter; reads are lock-free snapshots, writes take a lock."""
+    """Name -> live drafter; reads are lock-free snapshots, writes take a lock.
+
+    ``engine`` is None when the target's weights are not loaded (fleet mode)."""
 
     def __init__(
-        self, target: Any, engine: Any, store: SidecarStore, roots: Sequence[Path]
+        self,
+        target: TargetInfo,
+        engine: SpeculativeEngine | None,
+        store: SidecarStore,
+        roots: Sequence[Path],
     ) -> None:
         self._target = target
         self._engine = engine
@@ -76,8 +95,13 @@ class DrafterPool:
 
     # -- start-up ---------------------------------------------------------------------
     def add_builtin(self, record: DrafterRecord) -> None:
-        """Load a built-in drafter (the world's, ngram, none); not stored in SQLite."""
-        drafter = self._create(record.kind, record.name, record.path or None, record.options)
+        """Load a built-in drafter (the world's, ngram, none); not stored in SQLite. One
+        that needs the target's weights where they are not loaded is left out, warned."""
+        try:
+            drafter = self._create(record.kind, record.name, record.path or None, record.options)
+        except TargetWeightsNotLoadedError as exc:
+            logger.warning("built-in drafter %s left out: %s", record.name, exc)
+            return
         described = _with_weights(replace(record, builtin=True), drafter, self._target)
         self._publish(LiveDrafter(described, drafter))
 
@@ -92,6 +116,9 @@ class DrafterPool:
                 drafter = self._create(
                     record.kind, record.name, record.path or None, record.options
                 )
+            except TargetWeightsNotLoadedError as exc:
+                logger.warning("stored drafter %s not served (kept): %s", record.name, exc)
+                continue
             except Exception:
                 logger.exception("cannot restore drafter %s from %s", record.name, record.path)
                 continue
@@ -178,13 +205,19 @@ class DrafterPool:
     def _create(
         self, kind: str, name: str, path: str | Path | None, options: Mapping[str, str]
     ) -> Any:
-        from drafters import TokenizerMismatchError, create_drafter
+        from drafters import TargetWeightsRequiredError, TokenizerMismatchError, create_drafter
         from drafters.loader import ModelLoadError
 
         try:
             return create_drafter(
                 kind, name=name, target=self._target, path=path, options=dict(options) or None
             )
+        except TargetWeightsRequiredError as exc:
+            raise TargetWeightsNotLoadedError(
+                f"drafter kind {kind!r} drafts with the target's own weights, which a sidecar "
+                "in fleet mode does not load (the vLLM replicas run the target); register a "
+                "model or ngram drafter instead"
+            ) from exc
         except TokenizerMismatchError as exc:
             raise PreconditionError(f"tokenizer does not match the target's: {exc}") from exc
         except ModelLoadError as exc:
@@ -193,9 +226,14 @@ class DrafterPool:
             raise InvalidRequestError(f"cannot create {kind} drafter {name!r}: {exc}") from exc
 
     def _probe(self, name: str, drafter: Any) -> None:
-        """Draft a few tokens on a probe prompt; any failure refuses the drafter."""
-        ids = self._target.tokenizer(PROBE_PROMPT, add_special_tokens=False)["input_ids"]
+        """Draft a few tokens on a probe prompt (a generation with the engine; without
+        one, what fleet mode asks of a drafter: a draft and a counterfactual score); any
+        failure refuses the drafter."""
+        ids = list(self._target.tokenizer(PROBE_PROMPT, add_special_tokens=False)["input_ids"])
         try:
+            if self._engine is None:
+                probe_without_target(drafter, ids)
+                return
             run = self._engine.generate(
                 ids, drafter, PROBE_DRAFT_LENGTH, max_new_tokens=PROBE_TOKENS
             )
@@ -205,7 +243,19 @@ class DrafterPool:
             raise PreconditionError(f"drafter {name!r} failed its probe generation: {exc}") from exc
 
 
-def _with_weights(record: DrafterRecord, drafter: Any, target: Any) -> DrafterRecord:
+def probe_without_target(drafter: Any, ids: Sequence[int]) -> None:
+    """Ask ``drafter`` for a greedy draft continuing ``ids``, then score it counterfactually
+    on their last tokens (as fleet mode does after each greedy request)."""
+    from drafters.sampling import SamplingConfig
+
+    session = drafter.start(ids)
+    session.prefill(ids)
+    session.propose(ids, PROBE_DRAFT_LENGTH, SamplingConfig(), None)
+    split = max(1, len(ids) - PROBE_TOKENS)
+    drafter.score_counterfactual(ids[:split], ids[split:], PROBE_DRAFT_LENGTH)
+
+
+def _with_weights(record: DrafterRecord, drafter: Any, target: TargetInfo) -> DrafterRecord:
     """``record`` with the drafter's parameter count and weights digest filled in (through
     the target's digest cache: loading the drafter has just hashed the same files)."""
     if record.kind != "model" or not record.path:
@@ -214,6 +264,6 @@ def _with_weights(record: DrafterRecord, drafter: Any, target: Any) -> DrafterRe
 
     model = getattr(drafter, "model", None)
     count = sum(p.numel() for p in model.parameters()) if model is not None else 0
-    cache = getattr(target, "digest_cache", None)
+    cache = target.digest_cache
     digest = record.weights_digest or digest_weights(safetensors_files(record.path), cache)
     return replace(record, parameter_count=int(count), weights_digest=digest)

@@ -319,14 +319,15 @@ async def generate_stream_route(request: web.Request) -> web.StreamResponse:
 
 
 async def info_route(request: web.Request) -> web.Response:
-    """``GET /info``: TGI's model info, plus the routing setup."""
+    """``GET /info``: TGI's model info, plus the routing setup. In fleet mode the target's
+    weights are not read here: ``model_sha`` is null, dtype and device are the settings'."""
     service = request.app[SERVICE_KEY]
     target = service.components.target
     limits = service.limits
     return web.json_response(
         {
             "model_id": str(target.path),
-            "model_sha": target.weights_digest[:16],
+            "model_sha": target.weights_digest[:16] or None,
             "model_dtype": str(target.dtype).removeprefix("torch."),
             "model_device_type": target.device.type,
             "model_pipeline_tag": "text-generation",

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from classifiers.api import Classification
 from classifiers.chat import render_chat
@@ -40,6 +40,7 @@ from router.domain import (
 from router.drafter_pool import DrafterPool
 from router.errors import (
     AlreadyExistsError,
+    GenerationFailedError,
     InvalidRequestError,
     NotFoundError,
     PreconditionError,
@@ -54,6 +55,10 @@ from router.route_process import ChildProcessReader
 from router.settings import Limits, Settings
 from router.store import DrafterRecord, SidecarStore
 
+if TYPE_CHECKING:
+    from drafters.engine import SpeculativeEngine
+    from drafters.loader import TargetInfo
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_COUNTERFACTUAL_K = 4
@@ -62,10 +67,13 @@ MAX_COUNTERFACTUAL_BACKLOG = 4
 
 @dataclass(frozen=True)
 class Components:
-    """What the service needs from the other packages, built once at start."""
+    """What the service needs from the other packages, built once at start.
 
-    target: Any  # drafters.loader.LoadedModel
-    engine: Any  # drafters.SpeculativeEngine
+    In fleet mode ``target`` is a weight-free ``TargetDescription`` and ``engine`` None:
+    the vLLM replicas run the target (``router.components.build_components``)."""
+
+    target: TargetInfo  # drafters.loader.LoadedModel, or a TargetDescription (fleet mode)
+    engine: SpeculativeEngine | None
     classifiers: Any  # classifiers.ClassifierHolder
     builtin_drafters: tuple[DrafterRecord, ...] = ()
     model_roots: tuple[Path, ...] = ()
@@ -528,7 +536,10 @@ class RouterService:
             top_p=sampling.top_p,
             seed=sampling.seed,
         )
-        run = self.components.engine.generate(
+        engine = self.components.engine
+        if engine is None:
+            raise GenerationFailedError("this sidecar has no in-process engine (fleet mode)")
+        run = engine.generate(
             list(routed.prompt_ids),
             drafter,
             routed.decision.k,

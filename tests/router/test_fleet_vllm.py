@@ -4,7 +4,8 @@ The fleet: a head_dim-64 Qwen2 target built from the tiny world's tokenizer (vLL
 attention refuses the other sizes), served plain, with the n-gram proposer (two
 replicas: one to kill), and with a draft model ("twin", the target's own weights, so its
 drafts are accepted), plus a URL where nothing listens. The sidecar reads the tiny world's
-classifier and serves the same target in-process too, for the reference outputs.
+classifier; it does not load the target's weights in fleet mode, so the tests load the
+target themselves for the reference outputs.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Fleet:
     sidecar: SidecarThread
     servers: dict[str, VllmServer]  # none, ngram, twin, spare (ngram)
     dead_url: str
+    engine: Any = None  # the target in-process, for reference outputs (loaded when asked)
 
     @property
     def service(self) -> Any:
@@ -132,9 +134,15 @@ def generate(fleet: Fleet, drafter: str = "", tokens: int = TOKENS, **fields: An
 
 def reference_ids(fleet: Fleet, tokens: int = TOKENS) -> list[int]:
     """The in-process engine's greedy output on the same target, without speculation."""
+    from drafters.engine import SpeculativeEngine
+    from drafters.loader import load_model
+
     service = fleet.service
+    if fleet.engine is None:
+        target = service.components.target
+        fleet.engine = SpeculativeEngine(load_model(target.path, placement=target.placement))
     none = service.drafters.get("none").drafter
-    run = service.components.engine.generate(
+    run = fleet.engine.generate(
         service.prompt_ids(Prompt(text=PROMPT)), none, 0, max_new_tokens=tokens
     )
     for _ in run:
