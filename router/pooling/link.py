@@ -82,16 +82,21 @@ class RedisLink:
         self.reconnect_max_s = settings.reconnect_max_s
         self._metrics = metrics
         self.connected = False
+        # The first failure, and the first after each success, is logged with its cause
+        # (refused, a wrong password, an unknown CA): one that never connected says why.
+        self._failure_logged = False
 
     def succeeded(self) -> None:
         if not self.connected:
             logger.info("pooling: Redis at %s reachable", self.where)
         self.connected = True
+        self._failure_logged = False
         self._metrics.pooling_connected.set(1)
 
     def failed(self, error: BaseException) -> None:
-        if self.connected:
+        if not self._failure_logged:
             logger.warning("pooling: Redis at %s unreachable (%s); retrying", self.where, error)
+        self._failure_logged = True
         self.connected = False
         self._metrics.pooling_connected.set(0)
 
