@@ -5,6 +5,8 @@ benchmark and the pooling tests (never for production: operators run their own R
 --appendonly no``): a restart loses the streams, the harshest case for the replicas.
 ``persist=True`` keeps an append-only file fsynced every second, as a production Redis
 would, so a restart keeps the retained history.
+``tls=RedisTlsFiles(...)`` serves TLS only (``--port 0 --tls-port PORT``, clients not asked
+for certificates): ``url`` is then ``rediss://`` and ``client_options()`` trusts its CA.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REDIS_BINARY = "redis-server"
 START_TIMEOUT_S = 10.0
@@ -35,6 +39,28 @@ def redis_binary() -> str | None:
     return None
 
 
+def redis_tls_supported(binary: str) -> bool:
+    """Whether ``binary`` was built with TLS: a build without it refuses ``tls-port`` as a
+    bad directive, one with it exits because nothing is left to listen on."""
+    probe = subprocess.run(
+        [binary, "--port", "0", "--tls-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT_S,
+        check=False,
+    )
+    return "Bad directive" not in probe.stdout + probe.stderr
+
+
+@dataclass(frozen=True)
+class RedisTlsFiles:
+    """A server certificate and key (PEM), and the CA that signed the certificate."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -45,7 +71,12 @@ class RedisServer:
     """``redis-server`` as a child process; ``stop`` / ``start`` keep the same port."""
 
     def __init__(
-        self, directory: Path, *, persist: bool = False, password: str | None = None
+        self,
+        directory: Path,
+        *,
+        persist: bool = False,
+        password: str | None = None,
+        tls: RedisTlsFiles | None = None,
     ) -> None:
         binary = redis_binary()
         if binary is None:
@@ -57,20 +88,33 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.persist = persist
         self.password = password
+        self.tls = tls
         self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
+
+    def client_options(self) -> dict[str, Any]:
+        """What a redis-py client of ``url`` needs besides it (the CA, for TLS)."""
+        return {"ssl_ca_certs": str(self.tls.ca_file)} if self.tls else {}
 
     @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
     def command(self) -> list[str]:
-        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        if self.tls:
+            command = [self.binary, "--port", "0", "--tls-port", str(self.port)]
+            command += ["--tls-cert-file", str(self.tls.cert_file)]
+            command += ["--tls-key-file", str(self.tls.key_file)]
+            command += ["--tls-ca-cert-file", str(self.tls.ca_file)]
+            command += ["--tls-auth-clients", "no", "--bind", "127.0.0.1"]
+        else:
+            command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
         command += ["--dir", str(self.directory), "--save", ""]
         command += ["--logfile", str(self.directory / "redis.log"), "--daemonize", "no"]
         if self.persist:
@@ -91,7 +135,7 @@ class RedisServer:
     def _wait_ready(self) -> None:
         import redis
 
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5, **self.client_options())
         deadline = time.monotonic() + START_TIMEOUT_S
         try:
             while time.monotonic() < deadline:

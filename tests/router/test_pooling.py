@@ -1,25 +1,40 @@
 """Replicas that pool what they learn through a real Redis (router.pooling), end to end:
 two or three in-process sidecars on the tiny world, real gRPC on free ports, one
-``redis-server`` for the module (each test on its own stream names)."""
+``redis-server`` for the module (each test on its own stream names); one TLS-only
+``redis-server`` with a password for the ``rediss://`` tests, and ``specroute serve``
+subprocesses for the SIGKILL test."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
+import shutil
+import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import grpc
 import pytest
+from pydantic import SecretStr
 
 from router.pb import router_pb2 as pb
+from router.pb import router_pb2_grpc
 from router.pooling.entries import EntrySigner
 from router.settings import PoolingSettings
-from tests.router.conftest import ADMIN, ServingWorld, SidecarThread
+from tests.router.conftest import ADMIN, ADMIN_TOKEN, ServingWorld, SidecarThread
+
+if TYPE_CHECKING:
+    from benchmarks.replicas.redis_server import RedisServer, RedisTlsFiles
+    from router.launch import LaunchedSidecar
 
 SECRET = "fleet-secret"
+TLS_PASSWORD = "tls-redis-password"
 pytestmark = pytest.mark.e2e
 
 
@@ -33,22 +48,68 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield server
 
 
+def self_signed_tls(directory: Path) -> RedisTlsFiles:
+    """A throwaway CA and a server certificate it signed for 127.0.0.1 (openssl CLI)."""
+    from benchmarks.replicas.redis_server import RedisTlsFiles
+
+    ca_key, ca_cert = directory / "ca.key", directory / "ca.crt"
+    key, request, cert = (directory / f"server.{ext}" for ext in ("key", "csr", "crt"))
+    extensions = directory / "server.ext"
+    extensions.write_text(
+        "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
+        "basicConstraints = CA:FALSE\n"
+        "extendedKeyUsage = serverAuth\n"
+    )
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ca = ["req", "-x509", *new_key, "-keyout", ca_key, "-out", ca_cert, "-days", "2"]
+    server = ["req", *new_key, "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1"]
+    sign = ["x509", "-req", "-in", request, "-CA", ca_cert, "-CAkey", ca_key, "-days", "2"]
+    sign += ["-CAcreateserial", "-out", cert, "-extfile", extensions]
+    for command in ([*ca, "-subj", "/CN=specroute test CA"], server, sign):
+        subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True)
+    return RedisTlsFiles(cert_file=cert, key_file=key, ca_file=ca_cert)
+
+
+@pytest.fixture(scope="module")
+def tls_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """``redis-server`` on TLS only (``--port 0 --tls-port``), with a password."""
+    from benchmarks.replicas.redis_server import RedisServer, redis_binary, redis_tls_supported
+
+    binary = redis_binary()
+    if binary is None:
+        pytest.skip("redis-server is not installed (make install installs it as root)")
+    if not redis_tls_supported(binary):
+        pytest.skip(f"{binary} was built without TLS (tls-port is a bad directive)")
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI, which makes the test certificates, is not installed")
+    directory = tmp_path_factory.mktemp("redis-tls")
+    tls = self_signed_tls(directory)
+    with RedisServer(directory, password=TLS_PASSWORD, tls=tls) as server:
+        yield server
+
+
 class Fleet:
     """Sidecars of one test, sharing the module's Redis on this test's own streams."""
 
     def __init__(
-        self, serving_world: ServingWorld, components: Any, redis_url: str, tmp: Path
+        self,
+        serving_world: ServingWorld,
+        components: Any,
+        redis_url: str,
+        tmp: Path,
+        tls_ca_file: Path | None = None,
     ) -> None:
         self.serving_world = serving_world
         self.components = components
         self.tmp = tmp
-        prefix = f"test-{uuid.uuid4().hex[:8]}"
+        self.prefix = f"test-{uuid.uuid4().hex[:8]}"
         self.pooling = PoolingSettings(
             enabled=True,
             redis_url=redis_url,
+            tls_ca_file=tls_ca_file,
             secret=SECRET,
-            outcome_stream=f"{prefix}:outcomes",
-            registry_stream=f"{prefix}:drafters",
+            outcome_stream=f"{self.prefix}:outcomes",
+            registry_stream=f"{self.prefix}:drafters",
             replay_timeout_s=2.0,
             reconnect_max_s=0.2,
         )
@@ -61,9 +122,43 @@ class Fleet:
         self.sidecars.append(sidecar)
         return sidecar
 
+    @contextlib.contextmanager
+    def serve(self, name: str, state_dir: Path, config: Path) -> Iterator[ServeProcess]:
+        """``specroute serve`` on this fleet's Redis and streams, as a subprocess."""
+        from benchmarks.replicas.fleet import PoolingTarget
+        from router.launch import launch_sidecar
+
+        url = self.pooling.redis_url.get_secret_value()
+        with (
+            launch_sidecar(
+                state_dir=state_dir,
+                config_file=config,
+                admin_token=ADMIN_TOKEN,
+                http=False,
+                env=PoolingTarget(url, SECRET, self.prefix).env(),
+                log_path=self.tmp / f"{name}.log",
+            ) as launched,
+            grpc.insecure_channel(launched.grpc_address) as channel,
+        ):
+            yield ServeProcess(launched, router_pb2_grpc.RouterStub(channel))
+
     def stop(self) -> None:
         for sidecar in self.sidecars:
             sidecar.stop()
+
+
+@dataclasses.dataclass
+class ServeProcess:
+    """A ``specroute serve`` subprocess of a fleet and its client."""
+
+    launched: LaunchedSidecar
+    stub: router_pb2_grpc.RouterStub
+
+    def counters(self) -> dict[str, float]:
+        """Its pooling counters (published, applied, dropped, buffered), from /metrics."""
+        from benchmarks.replicas.fleet import scrape_counters
+
+        return scrape_counters(self.launched.metrics_url or "")
 
 
 @pytest.fixture
@@ -71,6 +166,18 @@ def fleet(
     serving_world: ServingWorld, components: Any, redis_server: Any, tmp_path: Path
 ) -> Iterator[Fleet]:
     started = Fleet(serving_world, components, redis_server.url, tmp_path)
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+def tls_fleet(
+    serving_world: ServingWorld, components: Any, tls_redis_server: RedisServer, tmp_path: Path
+) -> Iterator[Fleet]:
+    """A fleet configured with ``rediss://:password@127.0.0.1:PORT`` and the test CA."""
+    assert tls_redis_server.tls is not None
+    url, ca_file = tls_redis_server.url, tls_redis_server.tls.ca_file
+    started = Fleet(serving_world, components, url, tmp_path, tls_ca_file=ca_file)
     yield started
     started.stop()
 
@@ -96,12 +203,14 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
         time.sleep(0.05)
 
 
-def context_requests(sidecar: SidecarThread, cluster: str) -> int:
+def context_requests(sidecar: SidecarThread | ServeProcess, cluster: str) -> int:
     state = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
     return sum(c.requests for c in state.contexts if c.task_cluster == cluster)
 
 
-def route_and_report(sidecar: SidecarThread, task: str, steps: int = 6) -> pb.RouteDecision:
+def route_and_report(
+    sidecar: SidecarThread | ServeProcess, task: str, steps: int = 6
+) -> pb.RouteDecision:
     """Route a prompt with a task hint and report a run where every draft was accepted."""
     decision = sidecar.stub.Route(pb.RouteRequest(text=f"{task} prompt", task_hint=task))
     k = decision.draft_length
@@ -212,7 +321,7 @@ def test_forged_entries_are_dropped_and_counted(fleet: Fleet, redis_server: Any)
     wait_until(lambda: applied(b) == 1)
 
 
-def names(sidecar: SidecarThread) -> set[str]:
+def names(sidecar: SidecarThread | ServeProcess) -> set[str]:
     return {d.name for d in sidecar.stub.ListDrafters(pb.ListDraftersRequest()).drafters}
 
 
@@ -315,3 +424,127 @@ def test_unreachable_redis_at_start_still_serves(fleet: Fleet, serving_world: Se
     route_and_report(lone, "math")
     assert context_requests(lone, "math") == 1
     wait_until(lambda: metric(lone, "specroute_pooled_outcomes_buffered") == 1)
+
+
+def test_replicas_pool_through_tls_redis_with_a_password(tls_fleet: Fleet) -> None:
+    assert tls_fleet.pooling.redis_url.get_secret_value().startswith(
+        f"rediss://:{TLS_PASSWORD}@127.0.0.1:"
+    )
+    a, b = tls_fleet.start("a"), tls_fleet.start("b")
+    for _ in range(3):
+        route_and_report(a, "math")
+    wait_until(lambda: context_requests(b, "math") == 3)
+    assert published(a) == 3 and applied(b) == 3
+    assert metric(a, "specroute_pooling_connected") == metric(b, "specroute_pooling_connected") == 1
+
+
+def test_tls_replica_with_a_wrong_password_or_without_the_ca_serves_alone(
+    tls_fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="router.pooling")
+    url = tls_fleet.pooling.redis_url.get_secret_value()
+    refused: dict[str, dict[str, Any]] = {
+        "wrong-password": {"redis_url": SecretStr(url.replace(TLS_PASSWORD, "not-it"))},
+        "no-ca": {"tls_ca_file": None},  # the system's CAs do not know the test CA
+    }
+    insider = tls_fleet.start("insider")
+    outsiders = [
+        tls_fleet.start(
+            name,
+            pooling=tls_fleet.pooling.model_copy(update={**changes, "replay_timeout_s": 0.5}),
+        )
+        for name, changes in refused.items()
+    ]
+    for outsider in outsiders:  # every request still succeeds, learned locally
+        route_and_report(outsider, "math")
+        assert context_requests(outsider, "math") == 1
+        wait_until(lambda o=outsider: metric(o, "specroute_pooled_outcomes_buffered") == 1)
+    # Redis itself is fine: the insider, with the right settings, publishes meanwhile.
+    route_and_report(insider, "code")
+    wait_until(lambda: published(insider) == 1)
+    time.sleep(1.0)  # several reconnect attempts (reconnect_max_s = 0.2)
+    for outsider in outsiders:
+        assert published(outsider) == 0 and applied(outsider) == 0
+        assert metric(outsider, "specroute_pooled_outcomes_buffered") == 1
+        assert metric(outsider, "specroute_pooling_connected") == 0
+        assert context_requests(outsider, "code") == 0
+    assert applied(insider) == 0 and context_requests(insider, "math") == 0
+    # Each says why in its log.
+    assert "username-password" in caplog.text and "CERTIFICATE_VERIFY_FAILED" in caplog.text
+
+
+def pooled_view(
+    sidecar: SidecarThread | ServeProcess,
+) -> dict[tuple[str, int], tuple[int, list[tuple[str, float, float, int]]]]:
+    """Per context: requests, and each arm's acceptance posterior and decisions (what
+    pooled outcomes change; the fields that depend on local costs are left out)."""
+    state = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
+    return {
+        (context.task_cluster, context.length_bucket): (
+            context.requests,
+            sorted((arm.drafter, arm.alpha, arm.beta, arm.decisions) for arm in context.arms),
+        )
+        for context in state.contexts
+    }
+
+
+def test_sigkilled_serve_replica_restarts_with_everything_the_others_learned(
+    fleet: Fleet, serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """``specroute serve`` B applies what A learns and registers; B is killed with SIGKILL
+    (no final snapshot, nothing flushed) and started again on the same state dir. The new
+    B has every outcome A published, before the kill and while B was down, each once
+    (its last periodic snapshot holds part of them, with the stream cursor), the outcome
+    B itself published, and A's drafters."""
+    from tests.router.test_durability import _latest_snapshot_version
+
+    a = fleet.start("a")
+    state_dir = tmp_path / "b-state"
+    config = serving_world.toml(tmp_path / "b.toml", snapshot_interval_s=0.3)
+    spare = pb.RegisterDrafterRequest(
+        name="pooled-spare", kind="model", path=str(serving_world.spare_dir), tasks=["math"]
+    )
+    with fleet.serve("b", state_dir, config) as b:
+        for _ in range(3):
+            route_and_report(a, "math")
+        a.stub.RegisterDrafter(spare, metadata=ADMIN)
+        route_and_report(b, "rag")  # B's own, published before the kill
+        wait_until(
+            lambda: (
+                b.counters()["applied"] == 3
+                and b.counters()["published"] == 1
+                and "pooled-spare" in names(b)
+            ),
+            timeout_s=60,
+        )
+        version = b.stub.GetPolicyState(pb.GetPolicyStateRequest()).version
+        wait_until(lambda: _latest_snapshot_version(state_dir) == version)
+        for _ in range(2):  # after that snapshot: maybe in a later one, maybe in none
+            route_and_report(a, "code")
+        wait_until(lambda: b.counters()["applied"] == 5)
+        before_kill = pooled_view(b)
+        b.launched.process.send_signal(signal.SIGKILL)
+        assert b.launched.process.wait(30) == -signal.SIGKILL
+    route_and_report(a, "qa")  # learned while B is down
+    a.stub.RegisterDrafter(
+        pb.RegisterDrafterRequest(name="pooled-ngram", kind="ngram"), metadata=ADMIN
+    )
+    wait_until(lambda: published(a) == 6)
+    with fleet.serve("b-again", state_dir, config) as again:  # SERVING: caught up
+        assert {"pooled-spare", "pooled-ngram"} <= names(again)
+        restored = pooled_view(again)
+        assert {cluster: requests for (cluster, _), (requests, _) in restored.items()} == {
+            "math": 3,
+            "code": 2,
+            "rag": 1,
+            "qa": 1,
+        }
+        # Apart from qa and the drafter registered while it was down, B is back as it was.
+        assert {
+            context: (requests, [arm for arm in arms if arm[0] != "pooled-ngram"])
+            for context, (requests, arms) in restored.items()
+            if context[0] != "qa"
+        } == before_kill
+        assert restored == pooled_view(a)
+        # The snapshot held math and rag: only what came after it was applied again.
+        assert 1 <= again.counters()["applied"] <= 3
