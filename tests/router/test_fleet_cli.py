@@ -1,21 +1,38 @@
 """``specroute serve --fleet``: fleet files it cannot serve stop it with one line, status 2;
-a fleet whose replicas are all unreachable still starts (routed around, probed)."""
+a fleet whose replicas are all unreachable still starts (routed around, probed); the
+target's weights are never read in fleet mode (a corrupt weights file does not stop it),
+while drafters register and the self-speculative one is refused.
+
+The weightless fleet's replicas are small in-process stand-ins for vLLM's OpenAI server
+(``/health``, ``/metrics``, streamed ``/v1/completions`` with token ids): what is tested
+is the sidecar, started as ``specroute serve``; test_fleet_vllm.py runs real vLLM.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import grpc
+import openai
 import pytest
 
 from benchmarks.fleet.vllm_process import free_port
-from router.launch import launch_sidecar
+from router.launch import LaunchedSidecar, launch_sidecar
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
-from tests.router.conftest import ServingWorld
+from tests.router.conftest import ADMIN, ADMIN_TOKEN, COMPLETION_PROMPT, ServingWorld
 
 
 def serve(
@@ -79,3 +96,210 @@ def test_a_fleet_of_unreachable_replicas_starts_and_refuses_generation(
         assert "no replica of the fleet is serving" in (refused.value.details() or "")
         assert "GET /health failed" in (refused.value.details() or "")
     assert "not serving yet" in sidecar.log_tail(20_000)
+
+
+REPLY = " Paris, the capital and largest city of France."
+
+
+@dataclass
+class StandInReplica:
+    """vLLM's OpenAI server as the fleet client reads it: healthy, an empty queue, and a
+    fixed greedy reply (``reply_ids``) streamed one token per chunk."""
+
+    reply_ids: list[int]
+    reply_texts: list[str]
+    prompts: list[list[int]] = field(default_factory=list)
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> StandInReplica:
+        replica = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                body = b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
+                self.send_response(200 if self.path in ("/health", "/metrics") else 404)
+                self.end_headers()
+                self.wfile.write(body if self.path == "/metrics" else b"")
+
+            def do_POST(self) -> None:
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                replica.prompts.append([int(t) for t in request["prompt"]])
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.end_headers()
+                count = min(int(request["max_tokens"]), len(replica.reply_ids))
+                for index in range(count):
+                    last = index == count - 1
+                    choice = {
+                        "index": 0,
+                        "text": replica.reply_texts[index],
+                        "token_ids": [replica.reply_ids[index]],
+                        "finish_reason": "length" if last else None,
+                    }
+                    self._event({"choices": [choice]})
+                self._event({"choices": [], "usage": {"completion_tokens": count}})
+                self.wfile.write(b"data: [DONE]\n\n")
+
+            def _event(self, data: dict[str, Any]) -> None:
+                self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+@dataclass
+class WeightlessFleet:
+    """``specroute serve --fleet`` whose target directory holds a corrupt weights file."""
+
+    sidecar: LaunchedSidecar
+    stub: Any
+    target_dir: Path
+    plain: StandInReplica
+    generic: StandInReplica
+    prompt_ids: list[int]
+
+
+def _corrupt_target(source: Path, destination: Path) -> Path:
+    """A copy of ``source`` whose safetensors files are garbage (tokenizer files intact)."""
+    shutil.copytree(source, destination)
+    weights = list(destination.glob("*.safetensors"))
+    assert weights
+    for path in weights:
+        path.write_bytes(b"these are not the target's weights")
+    return destination
+
+
+@pytest.fixture(scope="module")
+def weightless_fleet(
+    serving_world: ServingWorld, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[WeightlessFleet]:
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("weightless")
+    target_dir = _corrupt_target(serving_world.world.target_dir, root / "target")
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
+    texts = [tokenizer.decode([token]) for token in reply_ids]
+    plain = StandInReplica(reply_ids, texts).start()
+    generic = StandInReplica(reply_ids, texts).start()
+    fleet_file = root / "fleet.toml"
+    fleet_file.write_text(
+        f'health_interval_s = 0.5\n[[replicas]]\nurl = "{plain.url}"\nmodel = "target"\n'
+        f'speculative = "none"\n[[replicas]]\nurl = "{generic.url}"\nmodel = "target"\n'
+        'speculative = "generic"\nk = 3\n'
+    )
+    config = serving_world.toml(root / "sidecar.toml", target_dir=str(target_dir))
+    try:
+        with launch_sidecar(
+            config_file=config,
+            state_dir=root / "state",
+            admin_token=ADMIN_TOKEN,
+            extra_args=["--fleet", str(fleet_file)],
+            log_path=root / "sidecar.log",
+        ) as sidecar:
+            channel = grpc.insecure_channel(sidecar.grpc_address)
+            prompt_ids = list(tokenizer(COMPLETION_PROMPT, add_special_tokens=False)["input_ids"])
+            stub = router_pb2_grpc.RouterStub(channel)
+            yield WeightlessFleet(sidecar, stub, target_dir, plain, generic, prompt_ids)
+            channel.close()
+    finally:
+        plain.stop()
+        generic.stop()
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
+def _counterfactual_reports(metrics_url: str) -> float:
+    lines = _scrape(f"{metrics_url}/metrics").splitlines()
+    return sum(
+        float(line.split()[-1])
+        for line in lines
+        if line.startswith("specroute_reports_total") and 'source="counterfactual"' in line
+    )
+
+
+def test_fleet_mode_reads_no_target_weights_and_generates_on_a_replica(
+    weightless_fleet: WeightlessFleet,
+) -> None:
+    from drafters.loader import ModelLoadError, load_model
+
+    fleet = weightless_fleet
+    with pytest.raises(ModelLoadError, match="cannot load model weights"):
+        load_model(fleet.target_dir)  # what the sidecar would have hit, had it read them
+    assert "weights not loaded" in fleet.sidecar.log_tail(200_000)
+    request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=6, force_drafter="none")
+    chunks = list(fleet.stub.Generate(request, timeout=60))
+    assert chunks[0].decision.replica == fleet.plain.url
+    assert [t.id for c in chunks for t in c.tokens] == fleet.plain.reply_ids[:6]
+    # The prompt went out as the target tokenizer's ids, read without the weights.
+    assert fleet.plain.prompts[-1] == fleet.prompt_ids
+    # The drafters the sidecar loaded score the replica's greedy output (counterfactuals).
+    deadline = time.monotonic() + 30
+    assert fleet.sidecar.metrics_url is not None
+    while _counterfactual_reports(fleet.sidecar.metrics_url) == 0:
+        assert time.monotonic() < deadline, "no counterfactual score in 30 s"
+        time.sleep(0.2)
+
+
+def test_info_and_models_in_fleet_mode(weightless_fleet: WeightlessFleet) -> None:
+    url = weightless_fleet.sidecar.http_url
+    assert url is not None
+    info = json.loads(_scrape(f"{url}/info"))
+    assert info["model_id"] == str(weightless_fleet.target_dir)
+    assert info["model_sha"] is None  # no weights read, none hashed
+    assert (info["model_dtype"], info["model_device_type"]) == ("float32", "cpu")
+    assert {"none", "ngram", "generic"} <= set(info["drafters"])
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    assert [model.id for model in client.models.list().data] == ["target"]
+    reply = client.completions.create(
+        model="target", prompt=COMPLETION_PROMPT, max_tokens=4, temperature=0
+    )
+    assert reply.choices[0].text == "".join(weightless_fleet.plain.reply_texts[:4])
+    assert reply.usage is not None and reply.usage.completion_tokens == 4
+
+
+def test_a_drafter_registers_in_fleet_mode(
+    weightless_fleet: WeightlessFleet, serving_world: ServingWorld
+) -> None:
+    stub = weightless_fleet.stub
+    request = pb.RegisterDrafterRequest(
+        name="spare-fleet", kind="model", path=str(serving_world.spare_dir), tasks=["math"]
+    )
+    info = stub.RegisterDrafter(request, metadata=ADMIN, timeout=60)
+    assert info.name == "spare-fleet" and not info.builtin
+    assert info.parameter_count > 0 and len(info.weights_digest) == 64
+    ngram = pb.RegisterDrafterRequest(name="ngram-4-fleet", kind="ngram", options={"max_n": "4"})
+    assert stub.RegisterDrafter(ngram, metadata=ADMIN, timeout=60).kind == "ngram"
+    names = {d.name for d in stub.ListDrafters(pb.ListDraftersRequest(), timeout=10).drafters}
+    assert {"spare-fleet", "ngram-4-fleet"} <= names
+    for name in ("spare-fleet", "ngram-4-fleet"):
+        stub.RemoveDrafter(pb.RemoveDrafterRequest(name=name), metadata=ADMIN, timeout=10)
+
+
+def test_the_self_drafter_is_refused_in_fleet_mode(weightless_fleet: WeightlessFleet) -> None:
+    stub = weightless_fleet.stub
+    request = pb.RegisterDrafterRequest(name="early-exit", kind="self")
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.RegisterDrafter(request, metadata=ADMIN, timeout=60)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = refused.value.details() or ""
+    assert "'self'" in details and "fleet mode" in details, details
+    names = {d.name for d in stub.ListDrafters(pb.ListDraftersRequest(), timeout=10).drafters}
+    assert "early-exit" not in names

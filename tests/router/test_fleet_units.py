@@ -3,8 +3,10 @@ from a replica's answer."""
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -21,6 +23,9 @@ from router.fleet.learning import Timing, outcome_from_replica, positions_from_h
 from router.fleet.metrics import FleetCollector
 from router.fleet.replica import Replica, queue_from_metrics
 from router.fleet.service import generation_stats
+
+if TYPE_CHECKING:
+    from router.bundle import ModelBundle
 
 FLEET = """
 request_timeout_s = 30
@@ -270,3 +275,35 @@ def test_fleet_collector_exports_each_replica() -> None:
     # Load: vLLM's queue (waiting counted twice) when it is above our own in-flight count.
     assert plain.load == 5.0 and not plain.saturated and plain.available
     assert not ngram.available
+
+
+def test_without_the_targets_weights_self_drafters_are_left_out_and_others_load(
+    tiny_world: ModelBundle, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fleet mode's drafter pool: the target described from its tokenizer, no engine."""
+    from drafters.loader import default_placement, describe_target
+    from router.domain import DrafterSpec
+    from router.drafter_pool import DrafterPool
+    from router.errors import PreconditionError
+    from router.store import DrafterRecord, SidecarStore
+
+    target = describe_target(tiny_world.target_dir, placement=default_placement("cpu"))
+    assert target.weights_digest == "" and target.vocabulary_rows >= len(target.tokenizer)
+    store = SidecarStore(tmp_path / "state")
+    store.add_drafter(DrafterRecord(name="stored-self", kind="self"))
+    pool = DrafterPool(target, None, store, [tiny_world.root])
+    generic = DrafterRecord(
+        name="generic", kind="model", path=str(tiny_world.drafter_dirs["generic"])
+    )
+    with caplog.at_level(logging.WARNING, logger="router.drafter_pool"):
+        pool.add_builtin(DrafterRecord(name="early-exit", kind="self"))
+        pool.add_builtin(generic)
+        assert pool.restore() == []
+    assert pool.names() == ["generic"]
+    assert pool.get("generic").record.parameter_count > 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("early-exit left out" in m and "fleet mode" in m for m in warned), warned
+    assert any("stored-self not served" in m for m in warned), warned
+    assert [r.name for r in store.drafters()] == ["stored-self"]  # kept for a non-fleet start
+    with pytest.raises(PreconditionError, match="fleet mode"):
+        pool.register(DrafterSpec(name="early-exit-2", kind="self"))
