@@ -20,6 +20,8 @@ sidecar's; only where generation runs changes:
   as Report (``router.fleet.learning``); plain replicas measure t_ar, the time per token
   without speculation. After a greedy request the fleet's other drafters are scored on
   its output, as in-process (counterfactual updates).
+- **Capture**: with ``[capture]`` on, each finished request's prompt and the replica's
+  output (the target's verified output) are stored as in-process (``router.capture``).
 """
 
 from __future__ import annotations
@@ -274,6 +276,10 @@ class FleetRouterService(RouterService):
                 # the fleet's other drafters are scored on it here (in-process drafters,
                 # off the request path, within limits.counterfactual_budget_s).
                 self._offload_counterfactuals(result)
+        if self.capture is not None:
+            # The replica's output is the target's verified output: kept for distillation
+            # like an in-process one, off the event loop.
+            self._learner.submit(self._capture, result)
         yield result
 
     async def _attempt(

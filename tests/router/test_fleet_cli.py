@@ -168,6 +168,7 @@ class WeightlessFleet:
     sidecar: LaunchedSidecar
     stub: Any
     target_dir: Path
+    state_dir: Path  # [capture] is on
     plain: StandInReplica
     generic: StandInReplica
     prompt_ids: list[int]
@@ -210,11 +211,14 @@ def weightless_fleet(
             admin_token=ADMIN_TOKEN,
             extra_args=["--fleet", str(fleet_file)],
             log_path=root / "sidecar.log",
+            env={"SPECROUTE_CAPTURE__ENABLED": "true"},
         ) as sidecar:
             channel = grpc.insecure_channel(sidecar.grpc_address)
             prompt_ids = list(tokenizer(COMPLETION_PROMPT, add_special_tokens=False)["input_ids"])
             stub = router_pb2_grpc.RouterStub(channel)
-            yield WeightlessFleet(sidecar, stub, target_dir, plain, generic, prompt_ids)
+            yield WeightlessFleet(
+                sidecar, stub, target_dir, root / "state", plain, generic, prompt_ids
+            )
             channel.close()
     finally:
         plain.stop()
@@ -303,3 +307,29 @@ def test_the_self_drafter_is_refused_in_fleet_mode(weightless_fleet: WeightlessF
     assert "'self'" in details and "fleet mode" in details, details
     names = {d.name for d in stub.ListDrafters(pb.ListDraftersRequest(), timeout=10).drafters}
     assert "early-exit" not in names
+
+
+def test_fleet_mode_captures_the_replicas_verified_output(
+    weightless_fleet: WeightlessFleet,
+) -> None:
+    """With [capture] on, a request generated on a replica is kept like an in-process
+    one: its prompt ids and the replica's output ids, under its cluster."""
+    from router.capture import CaptureSettings, CaptureStore
+
+    fleet = weightless_fleet
+    request = pb.GenerateRequest(
+        text=COMPLETION_PROMPT, max_new_tokens=5, force_drafter="generic", task_hint="chat"
+    )
+    chunks = list(fleet.stub.Generate(request, timeout=60))
+    assert chunks[0].decision.replica == fleet.generic.url
+    store = CaptureStore(fleet.state_dir, CaptureSettings(enabled=True))
+    try:
+        deadline = time.monotonic() + 30
+        while not store.pairs("chat"):
+            assert time.monotonic() < deadline, "the replica's output was not captured in 30 s"
+            time.sleep(0.2)
+        (pair,) = store.pairs("chat")
+        assert list(pair.prompt_ids) == fleet.prompt_ids
+        assert list(pair.output_ids) == fleet.generic.reply_ids[:5]
+    finally:
+        store.close()
