@@ -302,9 +302,12 @@ def distill_command(
     directory = Path(state_dir).expanduser() if state_dir else Path(settings.state_dir)
     store = _existing_capture(directory.expanduser())
     captured = store.pairs(cluster) if store is not None else []
-    if len(captured) < 2:
+    # A prompt served more than once is one pair: a held-out copy of a training pair would
+    # flatter the drafter.
+    pairs = list(dict.fromkeys(TrainingPair(p.prompt_ids, p.output_ids) for p in captured))
+    if len(pairs) < 2:
         typer.echo(
-            f"error: {len(captured)} captured samples of {cluster!r} in {directory}; "
+            f"error: {len(pairs)} distinct captured samples of {cluster!r} in {directory}; "
             "distillation needs at least 2 (enable [capture] and serve some traffic)",
             err=True,
         )
@@ -312,7 +315,6 @@ def distill_command(
     if out.exists() and any(out.iterdir()) and not force:
         typer.echo(f"error: {out} exists and is not empty (--force to write into it)", err=True)
         raise typer.Exit(1)
-    pairs = [TrainingPair(p.prompt_ids, p.output_ids) for p in captured]
     train, held = split_held_out(pairs, held_out, seed)
     view = _sidecar_view(address, cluster)
     if view is None and register_as:
