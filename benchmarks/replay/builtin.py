@@ -6,7 +6,11 @@
   code and questions; the other tasks a few percent each);
 - ``drift``: the mix changes halfway (chat/translation/qa first, then the other tasks);
 - ``new-drafter``: the uniform mix, with one task's drafter removed at the start and a new
-  drafter fine-tuned for that task registered halfway.
+  drafter fine-tuned for that task registered halfway;
+- ``learn``: one task's drafter withheld from the start and ``LEARN_WEIGHT`` times the other
+  tasks' traffic for that task; halfway the replay waits for the sidecar to distil and
+  register a drafter for it from the first half's captured traffic (its second-half
+  prompts are others than its first half's).
 
 Traces are deterministic given the examples and the seed. Arrival offsets follow a Poisson
 process (they order the requests; replays are closed-loop, one request at a time).
@@ -51,6 +55,11 @@ DRIFT_FIRST_TASKS: tuple[str, ...] = ("chat", "translation", "qa")
 # Share of each phase's traffic that goes to the other phase's tasks.
 DRIFT_LEAK = 0.1
 NEW_DRAFTER_TASK = "code"
+# The learn trace's task gets this many times the other tasks' requests, so its first half
+# captures enough pairs to distil from.
+LEARN_WEIGHT = 4
+# The prefix of drafters the sidecar's automatic distillation registers (router.auto_distill).
+AUTO_DRAFTER_SUFFIX = "-auto"
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,8 @@ class TraceOptions:
     # reference response so tasks keep their different output lengths.
     chars_per_token: float = 2.5
     arrival_rate_per_s: float = 1.0
+    # The learn trace's task (None: NEW_DRAFTER_TASK when the world has it).
+    learn_task: str | None = None
 
 
 def max_new_tokens_for(response: str, options: TraceOptions) -> int:
@@ -187,6 +198,37 @@ def _new_drafter(grouped: dict[str, list[ExampleLike]], options: TraceOptions) -
     return [removal, *requests[:half], registration, *requests[half:]]
 
 
+def learn_task_of(grouped: Mapping[str, object], options: TraceOptions) -> str:
+    """The learn trace's task: the option's, else NEW_DRAFTER_TASK, else the last by name."""
+    task = options.learn_task or (NEW_DRAFTER_TASK if NEW_DRAFTER_TASK in grouped else None)
+    task = task or sorted(grouped)[-1]
+    if task not in grouped:
+        raise KeyError(f"learn task {task!r} is not a task of this world: {', '.join(grouped)}")
+    return task
+
+
+def _learn(grouped: dict[str, list[ExampleLike]], options: TraceOptions) -> list[TraceRecord]:
+    task = learn_task_of(grouped, options)
+    if options.per_task * LEARN_WEIGHT > len(grouped[task]):
+        raise ValueError(
+            f"learn: {options.per_task * LEARN_WEIGHT} requests of {task} but {len(grouped[task])}"
+            " test prompts: the second half would replay the first half's (lower --per-task)"
+        )
+    rng = np.random.default_rng(options.seed)
+    first_share = options.per_task // 2
+    first = {t: first_share * (LEARN_WEIGHT if t == task else 1) for t in grouped}
+    second = {t: options.per_task * (LEARN_WEIGHT if t == task else 1) - first[t] for t in grouped}
+    offsets: dict[str, int] = {}  # the second half continues where the first stopped
+    removal = TraceEvent(kind="remove_drafter", drafter=task)
+    wait = TraceEvent(kind="await_drafter", drafter=f"{task}{AUTO_DRAFTER_SUFFIX}", tasks=(task,))
+    return [
+        removal,
+        *_mixed(grouped, {t: n for t, n in first.items() if n > 0}, offsets, options, rng),
+        wait,
+        *_mixed(grouped, second, offsets, options, rng),
+    ]
+
+
 def _single(task: str) -> TraceBuilder:
     def build(grouped: dict[str, list[ExampleLike]], options: TraceOptions) -> list[TraceRecord]:
         return [
@@ -202,6 +244,7 @@ MIXED_TRACES: dict[str, TraceBuilder] = {
     "chat-heavy": _chat_heavy,
     "drift": _drift,
     "new-drafter": _new_drafter,
+    "learn": _learn,
 }
 
 

@@ -123,7 +123,7 @@ def task_drafter(task: str, drafters: Sequence[DrafterEntry]) -> str | None:
     return next((d.name for d in drafters if task in d.tasks and len(d.tasks) == 1), None)
 
 
-def _measure(
+def measure_arms(
     client: ReplayClient,
     requests: Sequence[TraceRequest],
     arms: Sequence[ArmPin],
@@ -179,7 +179,9 @@ def calibrate(
     probe_arms = [ArmPin(NO_DRAFTER, 0)] + [ArmPin(n, options.probe_k) for n in names]
     total = sum(len(s) for s in slices.values()) * len(probe_arms)
     with tqdm(total=total, desc="calibrate: probe", disable=not options.progress) as bar:
-        probes = {task: _measure(client, reqs, probe_arms, bar) for task, reqs in slices.items()}
+        probes = {
+            task: measure_arms(client, reqs, probe_arms, bar) for task, reqs in slices.items()
+        }
     for task, measured in probes.items():
         base = aggregate(measured[ArmPin(NO_DRAFTER, 0)]).tokens_per_s
         calibration.baseline_tokens_per_s[task] = base
@@ -196,7 +198,7 @@ def calibrate(
     with tqdm(total=total, desc="calibrate: k sweep", disable=not options.progress) as bar:
         for task, arms in sweeps.items():
             base = calibration.baseline_tokens_per_s[task]
-            for arm, results in _measure(client, slices[task], arms, bar).items():
+            for arm, results in measure_arms(client, slices[task], arms, bar).items():
                 calibration.arms[task][f"{arm.drafter}:{arm.draft_length}"] = _speedup(
                     results, base
                 )

@@ -108,12 +108,22 @@ def withheld_drafters(trace: Trace) -> tuple[str, ...]:
     return tuple(withheld)
 
 
+EventHandlers = Mapping[str, Callable[[TraceEvent], None]]
+"""Event kind -> what the replay does for it, beside registering and removing drafters."""
+
+
 class EventApplier:
     """Applies a trace's drafter events and undoes them after the run."""
 
-    def __init__(self, client: ReplayClient, world: DrafterSource | None) -> None:
+    def __init__(
+        self,
+        client: ReplayClient,
+        world: DrafterSource | None,
+        handlers: EventHandlers | None = None,
+    ) -> None:
         self._client = client
         self._world = world
+        self._handlers = dict(handlers or {})
         self._registered: list[str] = []
         self._removed: list[DrafterEntry] = []
 
@@ -125,6 +135,15 @@ class EventApplier:
         return Path(self._world.drafter_dirs[name])
 
     def apply(self, event: TraceEvent) -> None:
+        handler = self._handlers.get(event.kind)
+        if handler is not None:
+            handler(event)
+            return
+        if event.kind == "await_drafter":
+            raise ValueError(
+                "an await_drafter event needs a sidecar that distils by itself: replay the "
+                "built-in 'learn' trace (its flow starts such a sidecar)"
+            )
         if event.kind == "remove_drafter":
             entry = next((d for d in self._client.list_drafters() if d.name == event.drafter), None)
             if entry is None:
@@ -169,10 +188,11 @@ def replay_policy(
     world: DrafterSource | None = None,
     progress: bool = True,
     task_hints: bool = False,
+    handlers: EventHandlers | None = None,
 ) -> PolicyRun:
     """Switch the sidecar to ``setting`` and replay the whole trace (events undone after)."""
     client.set_policy(setting.policy, setting.config, reset_state=setting.reset_state)
-    events = EventApplier(client, world)
+    events = EventApplier(client, world, handlers)
     results: list[RequestResult] = []
     started = time.perf_counter()
     bar = _bar(trace, setting.label, len(trace.requests), progress)
@@ -203,11 +223,18 @@ def replay_sequential(
     world: DrafterSource | None = None,
     progress: bool = True,
     task_hints: bool = False,
+    handlers: EventHandlers | None = None,
 ) -> dict[str, PolicyRun]:
     """The whole trace under one policy, then the next (``none`` first)."""
     return {
         s.label: replay_policy(
-            client, trace, s, world=world, progress=progress, task_hints=task_hints
+            client,
+            trace,
+            s,
+            world=world,
+            progress=progress,
+            task_hints=task_hints,
+            handlers=handlers,
         )
         for s in settings
     }
@@ -221,6 +248,7 @@ def replay_interleaved(
     world: DrafterSource | None = None,
     progress: bool = True,
     task_hints: bool = False,
+    handlers: EventHandlers | None = None,
 ) -> dict[str, PolicyRun]:
     """Each request under every policy back to back (order rotated per request).
 
@@ -232,7 +260,7 @@ def replay_interleaved(
     results: dict[str, list[RequestResult]] = {s.label: [] for s in settings}
     seconds = dict.fromkeys(results, 0.0)
     versions: dict[str, int] = {}
-    events = EventApplier(client, world)
+    events = EventApplier(client, world, handlers)
     bar = _bar(trace, "all policies", len(trace.requests) * len(settings), progress)
     index = 0
     try:
@@ -279,10 +307,17 @@ def replay_policies(
     world: DrafterSource | None = None,
     progress: bool = True,
     task_hints: bool = False,
+    handlers: EventHandlers | None = None,
 ) -> dict[str, PolicyRun]:
     """Replay the trace under every setting with the named schedule."""
     if schedule not in SCHEDULES:
         raise KeyError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
     return SCHEDULES[schedule](
-        client, trace, settings, world=world, progress=progress, task_hints=task_hints
+        client,
+        trace,
+        settings,
+        world=world,
+        progress=progress,
+        task_hints=task_hints,
+        handlers=handlers,
     )

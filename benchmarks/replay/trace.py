@@ -76,11 +76,13 @@ class TraceEvent(BaseModel):
 
     ``path`` of a registered model drafter may be left out: the replay then takes the world's
     drafter directory of that name (``source`` names it when it differs from ``drafter``).
+    ``await_drafter`` pauses the replay until the sidecar itself registers a drafter whose
+    name starts with ``drafter`` for ``tasks`` (automatic distillation; the ``learn`` trace).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["register_drafter", "remove_drafter"]
+    kind: Literal["register_drafter", "remove_drafter", "await_drafter"]
     drafter: Annotated[str, Field(min_length=1)]
     arrival_s: Annotated[float, Field(ge=0.0)] = 0.0
     drafter_kind: str = "model"
@@ -96,6 +98,7 @@ RECORD_MODELS: dict[str, type[BaseModel]] = {
     "request": TraceRequest,
     "register_drafter": TraceEvent,
     "remove_drafter": TraceEvent,
+    "await_drafter": TraceEvent,
 }
 
 
