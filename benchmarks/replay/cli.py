@@ -10,6 +10,10 @@ import typer
 DEFAULT_REPORTS_DIR = Path("out")  # git-ignored
 # Kept here (not imported from replay.py) so that `specroute --help` stays light.
 DEFAULT_POLICIES = ("none", "generic", "static", "ucb", "thompson", "oracle")
+# The learn trace's defaults (benchmarks.replay.learn and builtin, also kept light here).
+LEARN_POLICIES = ("none", "thompson")
+LEARN_PER_TASK = 12
+LEARN_WEIGHT = 4
 
 
 def _policies(text: str) -> tuple[str, ...]:
@@ -20,14 +24,17 @@ def replay_command(
     trace: str = typer.Option(
         ...,
         "--trace",
-        help="A built-in trace (uniform, chat-heavy, drift, new-drafter, "
+        help="A built-in trace (uniform, chat-heavy, drift, new-drafter, learn, "
         "single-<task>) or a JSONL trace file.",
     ),
     address: str | None = typer.Option(
         None, "--address", help="host:port of a running sidecar; default: start one on the world."
     ),
-    policies: str = typer.Option(
-        ",".join(DEFAULT_POLICIES), "--policies", help="Comma-separated; 'none' always runs first."
+    policies: str | None = typer.Option(
+        None,
+        "--policies",
+        help="Comma-separated; 'none' always runs first (default: "
+        f"{','.join(DEFAULT_POLICIES)}; for learn: {','.join(LEARN_POLICIES)}).",
     ),
     out: Annotated[
         Path | None, typer.Option("--out", help="Report folder (default: out/replay-<trace>).")
@@ -38,7 +45,13 @@ def replay_command(
     token: str | None = typer.Option(
         None, "--token", envvar="SPECROUTE_ADMIN_TOKEN", help="Admin bearer token (SetPolicy)."
     ),
-    per_task: int = typer.Option(40, "--per-task", min=1, help="Requests per task (built-in)."),
+    per_task: int | None = typer.Option(
+        None,
+        "--per-task",
+        min=1,
+        help=f"Requests per task (built-in; default 40, for learn {LEARN_PER_TASK}, its "
+        f"task {LEARN_WEIGHT} times as many).",
+    ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Cap per request."),
     seed: int = typer.Option(0, "--seed", help="Seed of the built-in trace."),
     calibration_prompts: int = typer.Option(
@@ -64,6 +77,15 @@ def replay_command(
     ),
     load_procs: int = typer.Option(2, "--load-procs", min=1, help="Background load processes."),
     load_seed: int = typer.Option(0, "--load-seed", help="Seed of the bursty spells."),
+    learn_cluster: str | None = typer.Option(
+        None,
+        "--learn-cluster",
+        help="learn: the task whose world drafter is withheld (default: the one whose own "
+        "drafter gains most tokens per step over generic in the world's eval.json).",
+    ),
+    distill_steps: int = typer.Option(
+        100, "--distill-steps", min=1, help="learn: steps of the automatic distillation."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     plots: bool = typer.Option(True, "--plots/--no-plots"),
 ) -> None:
@@ -71,6 +93,7 @@ def replay_command(
     from benchmarks.replay.background import LOAD_MODES, BackgroundLoadConfig
     from benchmarks.replay.builtin import TraceOptions
     from benchmarks.replay.calibration import CalibrationOptions
+    from benchmarks.replay.learn import LearnOptions
     from benchmarks.replay.runner import ReplayConfig, format_task_table, run_replay
     from benchmarks.replay.trace import TraceFormatError
 
@@ -81,6 +104,11 @@ def replay_command(
         )
         raise typer.Exit(2)
     name = Path(trace).stem if trace.endswith(".jsonl") else trace
+    learn = trace == "learn"
+    if per_task is None:
+        per_task = LEARN_PER_TASK if learn else 40
+    if policies is None:
+        policies = ",".join(LEARN_POLICIES if learn else DEFAULT_POLICIES)
     config = ReplayConfig(
         trace=trace,
         out_dir=out or DEFAULT_REPORTS_DIR / f"replay-{name}",
@@ -88,7 +116,12 @@ def replay_command(
         address=address,
         world_dir=world,
         admin_token=token,
-        trace_options=TraceOptions(per_task=per_task, seed=seed, max_new_tokens_cap=max_new_tokens),
+        trace_options=TraceOptions(
+            per_task=per_task,
+            seed=seed,
+            max_new_tokens_cap=max_new_tokens,
+            learn_task=learn_cluster,
+        ),
         calibration=CalibrationOptions(prompts_per_task=calibration_prompts, progress=progress),
         generic_k=generic_k,
         task_hints=task_hints,
@@ -96,10 +129,11 @@ def replay_command(
         progress=progress,
         plots=plots,
         background=BackgroundLoadConfig(background_load, load_procs, load_seed),
+        learn=LearnOptions(steps=distill_steps),
     )
     try:
         outcome = run_replay(config)
-    except (TraceFormatError, KeyError, FileNotFoundError) as error:
+    except (TraceFormatError, KeyError, FileNotFoundError, ValueError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from error
     typer.echo(format_task_table(outcome.report))

@@ -23,6 +23,7 @@ from typing import Any
 
 from benchmarks.replay.background import describe_load
 from benchmarks.replay.calibration import Calibration
+from benchmarks.replay.learn import learn_markdown
 from benchmarks.replay.metrics import (
     RequestResult,
     aggregate,
@@ -419,6 +420,7 @@ def report_markdown(report: Mapping[str, Any], plots: Sequence[Path]) -> str:
         "",
     ]
     parts += phase_markdown(report)
+    parts += learn_markdown(report)
     parts += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(parts) + "\n"
 

@@ -6,11 +6,13 @@ Used by ``specroute replay``, ``specroute study`` and ``specroute demo``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import secrets
-from collections.abc import Iterator, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,9 +21,26 @@ from benchmarks.replay.background import BackgroundLoadConfig, background_load, 
 from benchmarks.replay.builtin import ExampleLike, TraceOptions, builtin_trace, request_from_example
 from benchmarks.replay.calibration import Calibration, CalibrationOptions, calibrate
 from benchmarks.replay.client import ReplayClient
+from benchmarks.replay.learn import (
+    CALIBRATED_POLICIES,
+    LEARNING_POLICY,
+    DistillationWatch,
+    LearnOptions,
+    awaited,
+    capture_threshold,
+    default_learn_task,
+    distillation_figures,
+    learn_figures,
+    learn_sidecar_env,
+    measure_reference,
+    probe_request,
+)
 from benchmarks.replay.replay import (
+    BASELINE_POLICY,
     DEFAULT_POLICIES,
+    POLICY_SETTINGS,
     DrafterSource,
+    EventHandlers,
     PolicyRun,
     PolicySetting,
     policy_settings,
@@ -56,6 +75,12 @@ class ReplayConfig:
     plots: bool = True
     # Other work run beside the sidecar while the policies are replayed (not while calibrating).
     background: BackgroundLoadConfig = field(default_factory=BackgroundLoadConfig)
+    # The learn trace's capture, distillation and reference (benchmarks.replay.learn).
+    learn: LearnOptions = field(default_factory=LearnOptions)
+
+
+ReportFinisher = Callable[[ReplayClient, Mapping[str, PolicyRun], dict[str, Any]], None]
+"""Adds to a replay's report before it is written (it may still call the sidecar)."""
 
 
 @dataclass
@@ -163,8 +188,12 @@ def sidecar(
     world_dir: Path | None,
     admin_token: str | None,
     withheld: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
+    state_dir: Path | None = None,
+    log_path: Path | None = None,
 ) -> Iterator[tuple[str, str | None]]:
-    """Yield (address, admin token): the given sidecar, or one started on the world."""
+    """Yield (address, admin token): the given sidecar, or one started on the world (with
+    ``extra_env`` settings, ``state_dir`` and ``log_path``, temporary ones when None)."""
     if address is not None:
         yield address, admin_token or os.environ.get(ADMIN_TOKEN_ENV)
         return
@@ -175,8 +204,15 @@ def sidecar(
     env = replay_sidecar_env(os.environ)
     if withheld:
         env.update(world_env_without(world_dir, withheld))
+    env.update(extra_env or {})
     with launch_sidecar(
-        None if withheld else world_dir, admin_token=token, http=False, metrics=False, env=env
+        None if withheld else world_dir,
+        state_dir=state_dir,
+        log_path=log_path,
+        admin_token=token,
+        http=False,
+        metrics=False,
+        env=env,
     ) as launched:
         yield launched.grpc_address, token
 
@@ -188,8 +224,11 @@ def replay_on_client(
     world: WorldLike | None,
     calibration: Calibration | None = None,
     settings: Sequence[PolicySetting] | None = None,
+    handlers: EventHandlers | None = None,
+    finish: ReportFinisher | None = None,
 ) -> ReplayOutcome:
-    """Calibrate (unless given), replay every policy (or the given settings), write the report."""
+    """Calibrate (unless given), replay every policy (or the given settings), write the report
+    (``finish`` adds to it first; ``handlers`` act on the trace's other events)."""
     if calibration is None:
         requests = calibration_requests(
             world, trace, config.trace_options, config.calibration.prompts_per_task
@@ -207,6 +246,7 @@ def replay_on_client(
             world=world,
             progress=config.progress,
             task_hints=config.task_hints,
+            handlers=handlers,
         )
     report = build_report(
         trace,
@@ -217,6 +257,8 @@ def replay_on_client(
     )
     report["background_load"] = load.summary()
     report["out_dir"] = str(config.out_dir)
+    if finish is not None:
+        finish(client, runs, report)
     path = write_report(report, runs, calibration, config.out_dir, plots=config.plots)
     logger.info("report written to %s", path)
     return ReplayOutcome(report, path, trace, runs, calibration)
@@ -226,8 +268,14 @@ def run_replay(config: ReplayConfig) -> ReplayOutcome:
     """Replay ``config.trace`` under every policy and write the report to ``config.out_dir``."""
     needs_world = config.address is None or not Path(config.trace).is_file()
     world = load_world(config.world_dir) if needs_world or config.world_dir else None
-    trace = resolve_trace(config.trace, world, config.trace_options)
+    options = config.trace_options
+    if config.trace == "learn" and options.learn_task is None and world is not None:
+        task = default_learn_task(Path(world.root) / "eval.json", world.tasks)
+        options = dataclasses.replace(options, learn_task=task)
+    trace = resolve_trace(config.trace, world, options)
     world_dir = Path(world.root) if world is not None else None
+    if awaited(trace) is not None:
+        return run_learn_replay(config, world, trace)
     with (
         sidecar(config.address, world_dir, config.admin_token, withheld_drafters(trace)) as (
             address,
@@ -237,6 +285,97 @@ def run_replay(config: ReplayConfig) -> ReplayOutcome:
     ):
         client.wait_ready()
         return replay_on_client(client, trace, config, world)
+
+
+def needs_calibration(labels: Sequence[str], generic_k: int | None) -> bool:
+    """Whether the policies' settings need a calibration (the learn replay may skip it)."""
+    return bool(CALIBRATED_POLICIES & set(labels)) or ("generic" in labels and generic_k is None)
+
+
+def learn_calibration(
+    config: ReplayConfig, world: WorldLike, trace: Trace, withheld: Sequence[str]
+) -> Calibration:
+    """The learn replay's calibration, on a sidecar without capture (its forced arms are not
+    traffic to learn from), or none when its policies need none."""
+    if not needs_calibration(config.policies, config.generic_k):
+        return Calibration(
+            method="none (the learn replay's policies need no calibration)",
+            prompts_per_task=0,
+            probe_k=0,
+            generic_k=config.generic_k or 4,
+        )
+    with (
+        sidecar(None, Path(world.root), config.admin_token, withheld) as (address, token),
+        ReplayClient(address, token) as client,
+    ):
+        client.wait_ready()
+        requests = calibration_requests(
+            world, trace, config.trace_options, config.calibration.prompts_per_task
+        )
+        return calibrate(client, requests, client.list_drafters(), config.calibration)
+
+
+def run_learn_replay(config: ReplayConfig, world: WorldLike | None, trace: Trace) -> ReplayOutcome:
+    """The learn trace (benchmarks.replay.learn): its own sidecar with capture and automatic
+    distillation, the halfway wait, the reference after the replay, the ``learn`` section."""
+    found = awaited(trace)
+    if world is None or config.address is not None or found is None:
+        raise ValueError(
+            "the learn trace starts its own sidecar on a world (capture and automatic "
+            "distillation on): leave out --address"
+        )
+    if config.schedule != "interleaved":
+        raise ValueError("the learn trace replays interleaved (its halves share one sidecar)")
+    event, boundary = found
+    task = event.tasks[0]
+    withheld = withheld_drafters(trace)
+    labels = list(dict.fromkeys([BASELINE_POLICY, *config.policies]))
+    calibration = learn_calibration(config, world, trace, withheld)
+    min_samples = capture_threshold(trace, len(labels), config.learn.capture_share)
+    env = learn_sidecar_env(task, min_samples, config.learn)
+    logger.info("learn %s: distillation after %d captured samples", task, min_samples)
+    learner = POLICY_SETTINGS[LEARNING_POLICY](calibration) if LEARNING_POLICY in labels else None
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    log = config.out_dir / "sidecar.log"  # the distillation's verdict is logged there
+    with (
+        tempfile.TemporaryDirectory(prefix="specroute-learn-") as state,
+        sidecar(None, Path(world.root), config.admin_token, withheld, env, Path(state), log) as (
+            address,
+            token,
+        ),
+        ReplayClient(address, token) as client,
+    ):
+        client.wait_ready()
+        probe = probe_request(trace, task, config.learn.probe_max_new_tokens)
+        watch = DistillationWatch(client, Path(state), probe, learner, config.learn, log)
+        watch.measure_idle()
+
+        def finish(
+            client: ReplayClient, runs: Mapping[str, PolicyRun], report: dict[str, Any]
+        ) -> None:
+            second = [r for r in trace.requests[boundary:] if r.task == task]
+            reference = measure_reference(client, world, task, second, config.learn.reference_k)
+            label = LEARNING_POLICY if LEARNING_POLICY in runs else BASELINE_POLICY
+            report["learn"] = learn_figures(
+                runs[label].results,
+                runs[BASELINE_POLICY].results,
+                task,
+                boundary,
+                reference,
+                distillation_figures(watch),
+            )
+            report["learn"]["policy"] = label
+            report["learn"]["capture_threshold"] = min_samples
+
+        return replay_on_client(
+            client,
+            trace,
+            config,
+            world,
+            calibration,
+            handlers={"await_drafter": watch},
+            finish=finish,
+        )
 
 
 def run_demo_replay(
