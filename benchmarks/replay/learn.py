@@ -38,6 +38,7 @@ from benchmarks.replay.client import ArmPin, ReplayClient
 from benchmarks.replay.metrics import RequestResult, per_task_speedup, speedup
 from benchmarks.replay.replay import DrafterSource, PolicySetting, read_finetune_sample
 from benchmarks.replay.trace import Trace, TraceEvent, TraceRequest
+from router.auto_distill import DISTILLED_DIR
 from router.capture import DATABASE_NAME
 from router.clusters import tokens_per_step
 
@@ -64,7 +65,7 @@ class LearnOptions:
     cores: int = 1
     nice: int = 10
     reference_k: tuple[int, ...] = (2, 4, 6)
-    idle_probes: int = 30
+    idle_probes: int = 200  # as many as a p99 needs; about 10-20 s
     probe_max_new_tokens: int = 32
     timeout_s: float = 900.0  # the longest wait for the distillation at halfway
 
@@ -152,7 +153,11 @@ def discarded_runs(log_path: Path | None) -> list[DistillationRun]:
     if log_path is None or not log_path.is_file():
         return []
     found = DISCARDED_LINE.finditer(log_path.read_text(errors="replace"))
-    return [DistillationRun(m[1], "failed", m[3].strip(), float(m[2]), time.time()) for m in found]
+    silent = "the child exited without output (router.auto_distill logs no exit status)"
+    return [
+        DistillationRun(m[1], "failed", m[3].strip() or silent, float(m[2]), time.time())
+        for m in found
+    ]
 
 
 def distillation_runs(state_dir: Path) -> list[DistillationRun]:
@@ -189,6 +194,8 @@ class DistillationWatch:
     run: DistillationRun | None = None
     registered: str | None = None
     wait_seconds: float = 0.0
+    # The distillation's own account (distill.json: held-out acceptance before and after).
+    account: dict[str, Any] = field(default_factory=dict)
 
     def _lone(self) -> tuple[float, float]:
         started_unix, started = time.time(), time.perf_counter()
@@ -217,6 +224,8 @@ class DistillationWatch:
         self.wait_seconds = time.perf_counter() - started
         names = [d.name for d in self.client.list_drafters() if d.name.startswith(event.drafter)]
         self.registered = names[0] if names else None
+        accounts = sorted((self.state_dir / DISTILLED_DIR).glob("*/distill.json"))
+        self.account = json.loads(accounts[-1].read_text()) if accounts else {}
 
     def during(self) -> list[float]:
         """Latencies of the probes that started while the distillation ran."""
@@ -267,6 +276,7 @@ class DistillationFigures:
     wait_seconds: float  # the replay's wait at halfway
     idle_s: tuple[float, ...]
     during_s: tuple[float, ...]
+    account: Mapping[str, Any] = field(default_factory=dict)  # distill.json
 
 
 def distillation_figures(watch: DistillationWatch) -> DistillationFigures:
@@ -279,6 +289,7 @@ def distillation_figures(watch: DistillationWatch) -> DistillationFigures:
         wait_seconds=watch.wait_seconds,
         idle_s=tuple(s for _, s in watch.idle),
         during_s=tuple(watch.during()),
+        account=watch.account,
     )
 
 
@@ -332,6 +343,7 @@ def learn_figures(
         "distill_detail": distillation.detail,
         "distill_seconds": _finite(distillation.seconds),
         "distill_wait_seconds": round(distillation.wait_seconds, 3),
+        "distill_report": dict(distillation.account),
         "adoption_after": (adopted.get(name, 0) / len(own[1])) if name and own[1] else 0.0,
         "drafters_after": dict(adopted.most_common()),
         "generate_p50_idle_ms": _finite(_percentile_ms(distillation.idle_s, 50)),
@@ -353,6 +365,7 @@ def learn_markdown(report: Mapping[str, Any]) -> list[str]:
     def fmt(value: object, digits: int = 3) -> str:
         return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
+    account = learn.get("distill_report") or {}
     rows = [
         ("speed-up on the task, first half", learn["speedup_before"]),
         ("speed-up on the task, second half", learn["speedup_after"]),
@@ -366,6 +379,8 @@ def learn_markdown(report: Mapping[str, Any]) -> list[str]:
          f"{fmt(learn['generate_p99_idle_ms'], 0)} / {fmt(learn['generate_p99_during_ms'], 0)}"),
         ("p99 during / idle", learn["generate_p99_ratio"]),
         ("second-half requests on the distilled drafter", learn["adoption_after"]),
+        ("held-out acceptance (distill.json) before / after",
+         f"{fmt(account.get('acceptance_before'))} / {fmt(account.get('acceptance_after'))}"),
     ]  # fmt: skip
     return [
         f"## Learning `{learn['cluster']}`",

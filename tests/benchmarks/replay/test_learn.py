@@ -193,5 +193,8 @@ def test_a_run_that_crashed_is_read_from_the_sidecar_log(tmp_path: Path) -> None
         12.0,
         "Traceback: boom",
     )
+    log.write_text("WARNING router.auto_distill: auto-distillation of code discarded after 0 s: \n")
+    [silent] = discarded_runs(log)
+    assert silent.detail.startswith("the child exited without output")
     assert discarded_runs(tmp_path / "missing.log") == [] and discarded_runs(None) == []
     assert distillation_runs(tmp_path) == []  # no capture database yet

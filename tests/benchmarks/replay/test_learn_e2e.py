@@ -48,6 +48,9 @@ def test_learn_replay_distils_registers_or_says_why_and_reports(
         assert isinstance(learn[key], float) and math.isfinite(learn[key]), (key, learn)
     assert learn["probes_idle"] == 3 and learn["probes_during"] >= 1
     assert learn["distill_outcome"] in ("registered", "refused"), learn["distill_detail"]
+    account = learn["distill_report"]  # the distillation's distill.json
+    assert account["cluster"] == "code" and account["steps"] == 2
+    assert 0.0 <= account["acceptance_after"] <= 1.0
     if learn["distill_outcome"] == "registered":
         assert learn["registered"] and learn["distilled_drafter"].startswith("code-auto-")
     else:  # validation discarded it, and the report says why
