@@ -5,19 +5,19 @@ Every ``interval_s`` the sidecar reads its cluster view (router.clusters) and th
 store. A cluster qualifies with at least ``min_samples`` captured samples, a defined and
 positive headroom, and ``min_samples`` new samples since its last automatic run; the one
 with the most headroom is distilled. The distillation is ``specroute drafters distill
---register`` in a child process at low priority (``nice``), pinned to ``cores`` CPU cores
-with as many torch threads, so serving keeps the other cores. The child validates the
-drafter on held-out captured samples and registers it through this sidecar's admin API
-only if it beats both the cluster's current arm and its starting drafter; otherwise it is
-discarded, and the reason is logged here. A registered drafter is adopted by the policy
-through its similarity prior and the counterfactual scores of the greedy Generates that
-follow. One run at a time.
+--register --nice N --cpus ...`` in a child process that lowers its own priority and pins
+itself to ``cores`` CPU cores after exec, with as many torch threads, so serving keeps the
+other cores (a ``preexec_fn`` doing the same in the forked child of the multi-threaded
+sidecar crashed it now and then). The child validates the drafter on held-out captured
+samples and registers it through this sidecar's admin API only if it beats both the
+cluster's current arm and its starting drafter; otherwise it is discarded, and the reason
+is logged here. A registered drafter is adopted by the policy through its similarity prior
+and the counterfactual scores of the greedy Generates that follow. One run at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import subprocess
@@ -93,6 +93,8 @@ class AutoDistiller:
             "--cluster", cluster, "--out", str(out), "--register", name,
             "--steps", str(auto.steps), "--state-dir", str(self.settings.state_dir),
             "--address", self.address,
+            # The child lowers its own priority after exec (``lower_priority``).
+            "--nice", str(auto.nice), "--cpus", ",".join(map(str, sorted(self.child_cpus()))),
         ]  # fmt: skip
         if self.settings.world_dir is not None:
             command += ["--world", str(self.settings.world_dir)]
@@ -117,11 +119,13 @@ class AutoDistiller:
             env["SPECROUTE_TARGET_DIR"] = str(self.settings.target_dir)
         return env
 
-    def _lower_priority(self) -> None:  # runs in the child before exec
-        auto: AutoDistillSettings = self.settings.auto_distill
-        os.nice(auto.nice)
-        with contextlib.suppress(AttributeError, OSError):  # no affinity outside Linux
-            os.sched_setaffinity(0, child_cores(auto.cores, sorted(os.sched_getaffinity(0))))
+    def child_cpus(self) -> set[int]:
+        """The CPUs the child is pinned to (``child_cores`` of this process's)."""
+        try:
+            available = sorted(os.sched_getaffinity(0))
+        except AttributeError:  # no affinity outside Linux
+            available = list(range(os.cpu_count() or 1))
+        return child_cores(self.settings.auto_distill.cores, available)
 
     async def run_once(self) -> int | None:
         """Distil the picked cluster, if any; the child's exit status (0: registered)."""
@@ -142,7 +146,6 @@ class AutoDistiller:
             env=self.environment(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=self._lower_priority,  # os.nice and the affinity only, before exec
         )
         try:
             output, _ = await asyncio.to_thread(child.communicate)

@@ -7,8 +7,10 @@ settings' ``state_dir``): run them on the sidecar's host. ``clusters`` and a dis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -256,6 +258,19 @@ def _register(
     return _call(_stub(address).RegisterDrafter, request, metadata=_metadata(token), timeout=300.0)
 
 
+def lower_priority(nice: int, cpus: str) -> None:
+    """``--nice`` and ``--cpus``: this process gives way to serving (before torch starts its
+    threads). The sidecar's automatic distillation runs ``drafters distill`` with both, so
+    the child lowers itself after exec; a ``preexec_fn`` in the forked child of the
+    multi-threaded sidecar could crash or hang before exec."""
+    if nice:
+        os.nice(nice)
+    if cpus:
+        chosen = {int(cpu) for cpu in cpus.split(",") if cpu.strip()}
+        with contextlib.suppress(AttributeError, OSError):  # no affinity outside Linux
+            os.sched_setaffinity(0, chosen)
+
+
 def distill_command(
     cluster: Annotated[str, typer.Option("--cluster", help="Task cluster to distill for.")],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the drafter to.")],
@@ -280,10 +295,17 @@ def distill_command(
     world: Annotated[Path | None, typer.Option("--world", help="World directory.")] = None,
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     token: Annotated[str | None, TOKEN_OPTION] = None,
+    nice: Annotated[
+        int, typer.Option("--nice", min=0, max=19, help="Lower this process's priority by N.")
+    ] = 0,
+    cpus: Annotated[
+        str, typer.Option("--cpus", help="Run only on these CPUs (comma-separated ids).")
+    ] = "",
 ) -> None:
     """Fine-tune a drafter on a cluster's captured traffic, report held-out acceptance before
     and after, write it as a Hugging Face directory; --register adds it to the sidecar only
     if it beats both the cluster's current arm and the drafter it started from."""
+    lower_priority(nice, cpus)
     import torch
 
     from drafters.distill import (

@@ -64,6 +64,38 @@ def test_the_child_gets_the_last_cores_and_its_output_dir_is_a_model_root(tmp_pa
     assert (tmp_path / "distilled").is_dir()
 
 
+def test_the_child_lowers_its_own_priority_after_exec(tmp_path: Path) -> None:
+    """The distillation child is started without a preexec_fn (unsafe in the forked child of
+    the multi-threaded sidecar): its command asks ``drafters distill`` to lower itself, and
+    ``lower_priority`` does so in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    settings = Settings(
+        state_dir=tmp_path, auto_distill=AutoDistillSettings(enabled=True, nice=7, cores=1)
+    )
+    distiller = AutoDistiller(settings, list, CaptureStore(tmp_path), "127.0.0.1:1")
+    command = distiller.command("math", tmp_path / "out", "math-auto")
+    cpus = ",".join(map(str, sorted(distiller.child_cpus())))
+    assert command[command.index("--nice") + 1] == "7"
+    assert command[command.index("--cpus") + 1] == cpus
+    assert len(distiller.child_cpus()) == 1
+    probe = (
+        "import os, sys; from router.capture_cli import lower_priority; "
+        "before = os.nice(0); lower_priority(int(sys.argv[1]), sys.argv[2]); "
+        "print(os.nice(0) - before, ','.join(map(str, sorted(os.sched_getaffinity(0)))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, "7", cpus],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert done.stdout.split() == ["7", cpus]
+
+
 def _wait(condition: object, what: str) -> None:
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not condition():  # type: ignore[operator]
