@@ -24,7 +24,7 @@ def replay_command(
     trace: str = typer.Option(
         ...,
         "--trace",
-        help="A built-in trace (uniform, chat-heavy, drift, new-drafter, learn, "
+        help="A built-in trace (uniform, chat-heavy, drift, new-drafter, learn, real, "
         "single-<task>) or a JSONL trace file.",
     ),
     address: str | None = typer.Option(

@@ -119,12 +119,17 @@ def load_world(world_dir: Path | None) -> WorldLike:
 
 
 def resolve_trace(spec: str, world: WorldLike | None, options: TraceOptions) -> Trace:
-    """A trace file if ``spec`` is a path that exists, else a built-in trace of the world."""
+    """A trace file if ``spec`` is a path that exists, else a built-in trace of the world
+    (``real``: the human-written prompts it was not built from, ``benchmarks/replay/real.py``)."""
     path = Path(spec)
     if path.suffix == ".jsonl" or path.is_file():
         return read_trace(path)
     if world is None:
         raise ValueError(f"{spec!r} is not a trace file, and built-in traces need a world")
+    if spec == "real":
+        from benchmarks.replay.real import real_trace
+
+        return real_trace(options, world.tasks)
     return builtin_trace(spec, read_examples(world.corpus_dir, "test"), options)
 
 
