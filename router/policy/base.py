@@ -20,7 +20,12 @@ NONE_DRAFTER = "none"
 MAX_DRAFT_LENGTH = 32
 
 #: Format version of every policy's ``state_dict()``; bumped on incompatible changes.
-STATE_VERSION = 1
+#: 2: thompson's copy-drafter statistics (``"copy"``).
+STATE_VERSION = 2
+
+#: Format versions ``load_state_dict`` reads: a version 1 state loads, and what it
+#: lacks starts empty (thompson's copy statistics from their priors).
+READABLE_STATE_VERSIONS: tuple[int, ...] = (1, 2)
 
 #: Prompt-token edges of the length buckets: bucket i holds prompts with
 #: ``LENGTH_BUCKET_EDGES[i-1] <= tokens < LENGTH_BUCKET_EDGES[i]``.
@@ -304,12 +309,13 @@ def check_drafter_name(name: str) -> None:
 
 
 def check_state(state: Mapping[str, Any], policy_name: str) -> None:
-    """Refuse a saved state of another format version or of another policy."""
+    """Refuse a saved state of an unreadable format version or of another policy."""
     version = state.get("version")
-    if version != STATE_VERSION:
+    if isinstance(version, bool) or version not in READABLE_STATE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_STATE_VERSIONS))
         raise IncompatibleStateError(
-            f"policy state has format version {version!r}, this build reads version "
-            f"{STATE_VERSION}; reset the policy state (SetPolicy reset_state=true)"
+            f"policy state has format version {version!r}, this build reads versions "
+            f"{readable}; reset the policy state (SetPolicy reset_state=true)"
         )
     saved = state.get("policy")
     if saved != policy_name:

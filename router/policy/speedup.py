@@ -247,8 +247,7 @@ def _step_expectations(
 
 
 def copy_request_speedup(
-    acceptance: npt.ArrayLike,
-    continuation: npt.ArrayLike,
+    positions: npt.ArrayLike,
     *,
     t_ar: float,
     t_draft: npt.ArrayLike,
@@ -259,19 +258,20 @@ def copy_request_speedup(
 ) -> FloatArray:
     """S_req(k) of copy drafters (model above), k = 0..K.
 
-    ``acceptance`` a_i and ``continuation`` c_i: (..., R, D, K) per request, drafter and
-    position; ``t_draft`` (D,); ``verify_line`` (t0, t1): t_verify(d) = t0 + t1 d for d
-    drafts; ``output_tokens`` and ``fixed_none`` (R,), ``fixed_drafters`` (R, D), as in
-    ``request_speedup``. Returns (..., R, D, K + 1), 1 at k = 0. Written for the select
-    path (a dozen array operations); ``stopped_speedup_table(..., copy=True)`` is the
-    same per-step price in the general form."""
-    c = np.asarray(continuation, dtype=np.float64)
-    chains = np.cumprod(np.stack([c, c * np.asarray(acceptance, dtype=np.float64)]), axis=-1)
-    drafted, emitted = np.cumsum(chains, axis=-1)  # E[drafted](k), E[tokens](k) - 1, k >= 1
+    ``positions``: (..., R, D, 2, K) per request and drafter, c_1..c_K in
+    ``[..., 0, :]`` and a_1..a_K in ``[..., 1, :]``; ``t_draft`` (D,); ``verify_line``
+    (t0, t1): t_verify(d) = t0 + t1 d for d drafts; ``output_tokens`` and ``fixed_none``
+    (R,), ``fixed_drafters`` (R, D), as in ``request_speedup``. Returns (..., R, D, K + 1),
+    1 at k = 0. Written for the select path (a dozen array operations);
+    ``stopped_speedup_table(..., copy=True)`` is the same per-step price in general form."""
+    chains = np.cumprod(np.asarray(positions, dtype=np.float64), axis=-1)  # C_i, A_i
+    chains[..., 1, :] *= chains[..., 0, :]  # C_i A_i
+    sums = np.cumsum(chains, axis=-1)  # E[drafted](k), E[tokens](k) - 1 for k >= 1
     t0, t1 = verify_line
-    cost = drafted * (np.asarray(t_draft, dtype=np.float64)[:, None] + t1) + t0
+    cost = sums[..., 0, :] * (np.asarray(t_draft, dtype=np.float64)[:, None] + t1) + t0
     length = np.asarray(output_tokens, dtype=np.float64)[..., None, None]
-    spent = length * cost / (1.0 + emitted)
+    spent = cost / (sums[..., 1, :] + 1.0)
+    spent *= length
     spent += np.asarray(fixed_drafters, dtype=np.float64)[..., None]
     plain = np.asarray(fixed_none, dtype=np.float64)[..., None, None] + length * t_ar
     table = np.empty((*spent.shape[:-1], spent.shape[-1] + 1))

@@ -61,10 +61,26 @@ from router.policy.base import (
     check_drafter_name,
     check_state,
 )
+from router.policy.copying import (
+    CopyPositions,
+    counterfactual_counts,
+    evidence_from_list,
+    step_counts,
+)
 from router.policy.costs import RequestOverheads, StepRatios
-from router.policy.speedup import FloatArray, best_draft_length, cost_gain, request_speedup
+from router.policy.speedup import (
+    FloatArray,
+    best_draft_length,
+    copy_request_speedup,
+    cost_gain,
+    request_speedup,
+)
 
 logger = logging.getLogger(__name__)
+
+#: Drafters priced as copy drafters unless the config says otherwise: the built-in
+#: prompt-lookup drafter (``drafters/ngram.py``).
+DEFAULT_COPY_DRAFTERS: tuple[str, ...] = ("ngram",)
 
 
 class ThompsonConfig(BaseModel):
@@ -92,6 +108,9 @@ class ThompsonConfig(BaseModel):
     default_draft_cost_ratio: float = Field(0.1, ge=0.0)
     draft_cost_ratio: dict[str, float] = Field(default_factory=dict)
     similarity: dict[str, dict[str, float]] = Field(default_factory=dict)
+    copy_drafters: list[str] = Field(default_factory=lambda: list(DEFAULT_COPY_DRAFTERS))
+    copy_k_max: int = Field(16, ge=1, le=MAX_DRAFT_LENGTH)
+    copy_prior_weight: float = Field(2.0, gt=0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,12 +135,71 @@ class RequestPrices:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class CopyTerms:
+    """The copy drafters among the D drafters of a decision (``speedup.py``, "copy
+    drafters"): their columns, per-position posteriors and step costs."""
+
+    columns: tuple[int, ...]  # [Dc]: indices into the D drafters
+    posterior: FloatArray  # [R, Dc, 4, K]: alpha_c, beta_c, alpha_a, beta_a per position
+    t_draft: FloatArray  # [Dc]
+    verify_line: tuple[float, float]  # t_verify(d) = t0 + t1 d for d drafts
+
+    @property
+    def k_max(self) -> int:
+        return int(self.posterior.shape[-1])
+
+    def parameters(self) -> tuple[FloatArray, FloatArray]:
+        """(alpha, beta) [R, Dc * 2 * K]: per drafter c_1..c_K then a_1..a_K."""
+        rows = self.posterior.shape[0]
+        return (
+            self.posterior[:, :, 0::2, :].reshape(rows, -1),
+            self.posterior[:, :, 1::2, :].reshape(rows, -1),
+        )
+
+    def speedups(self, values: FloatArray, prices: RequestPrices) -> FloatArray:
+        """S_req(k) for values [..., R, Dc * 2 * K] (c_i, a_i as ``parameters``):
+        [..., R, Dc, K + 1]."""
+        positions = values.reshape(*values.shape[:-1], len(self.columns), 2, self.k_max)
+        return copy_request_speedup(
+            positions,
+            t_ar=prices.t_ar,
+            t_draft=self.t_draft,
+            verify_line=self.verify_line,
+            output_tokens=prices.output_tokens,
+            fixed_none=prices.fixed_none,
+            fixed_drafters=prices.fixed_drafters[:, list(self.columns)],
+        )
+
+
+def speedup_tables(
+    acceptance: FloatArray,
+    prices: RequestPrices,
+    copy: CopyTerms | None = None,
+    copy_values: FloatArray | None = None,
+) -> FloatArray:
+    """S_req [..., R, D, W] of every drafter for acceptances [..., R, D]; the copy
+    drafters' rows are priced from their per-position ``copy_values`` [..., R, Dc * 2 * K]
+    instead. W = max(k_max, K) + 1; a drafter's columns past its own k_max are 0."""
+    geometric = prices.speedups(acceptance)
+    if copy is None or copy_values is None:
+        return geometric
+    width = max(geometric.shape[-1], copy.k_max + 1)
+    table = np.zeros((*geometric.shape[:-1], width))
+    table[..., : geometric.shape[-1]] = geometric
+    columns = list(copy.columns)
+    table[..., columns, : geometric.shape[-1]] = 0.0
+    table[..., columns, : copy.k_max + 1] = copy.speedups(copy_values, prices)
+    return table
+
+
 def thompson_decisions(
     drafters: Sequence[str],
     alpha: FloatArray,
     beta: FloatArray,
     prices: RequestPrices,
     rng: np.random.Generator,
+    copy: CopyTerms | None = None,
 ) -> list[Decision]:
     """One Thompson decision per request r over the D ``drafters`` (module doc):
 
@@ -129,14 +207,27 @@ def thompson_decisions(
         S[r, d, k] = S_req(a[r, d], k)
         (d*, k*) = argmax_{d, k} S[r, d, k]
 
-    ``alpha`` and ``beta`` are [R, D]: the posterior of request r's context. Only ``rng``
-    changes: its draws, in row order, are the whole randomness of the decisions.
+    ``alpha`` and ``beta`` are [R, D]: the posterior of request r's context. With
+    ``copy``, each copy drafter's c_i and a_i are drawn from their posteriors as well
+    (after the D acceptances of the same row) and its row of S is the copy model's.
+    Only ``rng`` changes: its draws, in row order, are the whole randomness of the
+    decisions; without copy drafters they are those of the model above alone.
     """
     rows = alpha.shape[0]
     if not drafters:
         return [Decision(NONE_DRAFTER, 0, 1.0, False)] * rows
-    acceptance = np.array([rng.beta(alpha, beta), alpha / (alpha + beta)])  # [2, R, D]
-    table = prices.speedups(acceptance)  # [2, R, D, K + 1]: S at the draw, S at the mean
+    if copy is None or not copy.columns:
+        acceptance = np.array([rng.beta(alpha, beta), alpha / (alpha + beta)])  # [2, R, D]
+        table = prices.speedups(acceptance)  # [2, R, D, K + 1]: S at the draw, at the mean
+    else:
+        copy_alpha, copy_beta = copy.parameters()
+        every_alpha = np.concatenate([alpha, copy_alpha], axis=1)
+        every_beta = np.concatenate([beta, copy_beta], axis=1)
+        values = np.array(
+            [rng.beta(every_alpha, every_beta), every_alpha / (every_alpha + every_beta)]
+        )
+        width = alpha.shape[1]
+        table = speedup_tables(values[..., :width], prices, copy, values[..., width:])
     # Flat argmax over (d, k); ties go to the first arm, so when nothing beats S = 1 it is
     # (0, 0), the one no-speculation arm, whichever drafter's column 0 that is.
     chosen, greedy = table.reshape(2, rows, -1).argmax(axis=2).tolist()
@@ -174,6 +265,9 @@ class ThompsonPolicy:
         per_request: bool = True,
         overhead_ewma: float = 0.05,
         overhead_window: int = 16,
+        copy_drafters: Sequence[str] = DEFAULT_COPY_DRAFTERS,
+        copy_k_max: int = 16,
+        copy_prior_weight: float = 2.0,
     ) -> None:
         self.gamma = gamma
         self.gamma_drift = gamma_drift
@@ -195,6 +289,12 @@ class ThompsonPolicy:
         # similarity_ and rebuilt whenever either changes (``_drafters_changed``).
         self.cluster_priors_: dict[str, tuple[FloatArray, FloatArray]] = {}
         self.contexts_: dict[Context, ContextArms] = {}
+        # Copy drafters: per context and drafter, the per-position statistics
+        # (``copying.py``), priced by the copy model up to copy_k_max.
+        self.copy_drafters = frozenset(copy_drafters)
+        self.copy_k_max = copy_k_max
+        self.copy_prior_weight = copy_prior_weight
+        self.copies_: dict[Context, dict[str, CopyPositions]] = {}
         self.updates_ = 0
         for name in drafters:
             self.add_drafter(name, (similarity or {}).get(name))
@@ -230,6 +330,9 @@ class ThompsonPolicy:
             per_request=cfg.per_request,
             overhead_ewma=cfg.overhead_ewma,
             overhead_window=cfg.overhead_window,
+            copy_drafters=cfg.copy_drafters,
+            copy_k_max=cfg.copy_k_max,
+            copy_prior_weight=cfg.copy_prior_weight,
         )
 
     @property
@@ -250,7 +353,20 @@ class ThompsonPolicy:
         wanted = set(eligible)
         index = [i for i, name in enumerate(self.drafters_) if name in wanted]
         names = [self.drafters_[i] for i in index]
-        posteriors = [self._posterior(context) for context in contexts]
+        alpha, beta, prices, copy = self._inputs(
+            contexts, index, [self._posterior(c) for c in contexts]
+        )
+        return thompson_decisions(names, alpha, beta, prices, self._rng, copy)
+
+    def _inputs(
+        self,
+        contexts: Sequence[Context],
+        index: Sequence[int],
+        posteriors: Sequence[tuple[FloatArray, FloatArray]],
+    ) -> tuple[FloatArray, FloatArray, RequestPrices, CopyTerms | None]:
+        """What ``thompson_decisions`` reads for ``contexts`` over the drafters at ``index``:
+        (alpha, beta) [R, D], the prices and the copy drafters' terms (None without any)."""
+        names = [self.drafters_[i] for i in index]
         tokens, fixed_none, fixed_drafters = zip(*map(self._request_terms, contexts), strict=True)
         # [3, R, D]: each request's posterior (alpha, beta) and fixed times F_d, gathered in
         # one array and narrowed to the eligible drafters at once.
@@ -261,6 +377,7 @@ class ThompsonPolicy:
                 fixed_drafters,
             ]
         )[:, :, index]
+        copies = [j for j, name in enumerate(names) if name in self.copy_drafters]
         step = self.costs_.step_costs(names, self.k_max)
         prices = RequestPrices(
             step.t_ar,
@@ -269,19 +386,15 @@ class ThompsonPolicy:
             np.array(fixed_none),
             fixed,
         )
-        return thompson_decisions(names, alpha, beta, prices, self._rng)
-
-    def _prices(self, context: Context) -> RequestPrices:
-        """The cost model's S_req terms for one request in ``context``, over all drafters."""
-        step = self.costs_.step_costs(self.drafters_, self.k_max)
-        tokens, fixed_none, fixed = self._request_terms(context)
-        return RequestPrices(
-            step.t_ar,
-            cost_gain(step.t_ar, step.t_draft, step.t_verify),
-            np.array([tokens]),
-            np.array([fixed_none]),
-            fixed[None],
+        if not copies:
+            return alpha, beta, prices, None
+        copy = CopyTerms(
+            tuple(copies),
+            np.array([[self._copy_posterior(c, names[j]) for j in copies] for c in contexts]),
+            step.t_draft[copies],
+            (float(step.t_verify[0]), self.costs_.slope()),
         )
+        return alpha, beta, prices, copy
 
     def _request_terms(self, context: Context) -> tuple[float, float, np.ndarray]:
         """(N, F_0, F_d per drafter) of ``context``; (1, 0, 0) prices it per step."""
@@ -338,6 +451,49 @@ class ThompsonPolicy:
         arms.alpha, arms.beta = np.array(alpha, dtype=np.float64), np.array(beta, dtype=np.float64)
         return arms
 
+    def _new_copy(
+        self, drafter: str, cluster: str, evidence: FloatArray | None = None
+    ) -> CopyPositions:
+        """Copy statistics of ``drafter`` in a context of ``cluster``: a_1's prior is the
+        drafter's own, c_1's the neutral one (``copying.py``)."""
+        return CopyPositions(
+            self.copy_k_max,
+            self._prior(drafter, cluster),
+            self.priors.neutral(),
+            self.copy_prior_weight,
+            evidence,
+        )
+
+    def _copy_posterior(self, context: Context, drafter: str) -> FloatArray:
+        """[4, K] Beta parameters of ``drafter``'s positions in ``context``; where it has no
+        statistics yet, its cluster's other buckets' evidence, scaled to at most
+        ``transfer_weight`` steps at position 1, on top of the priors."""
+        arm = self.copies_.get(context, {}).get(drafter)
+        if arm is not None:
+            return arm.posterior
+        return self._fresh_copy(context, drafter).posterior
+
+    def _fresh_copy(self, context: Context, drafter: str) -> CopyPositions:
+        siblings = [
+            arms[drafter].evidence
+            for c, arms in self.copies_.items()
+            if c.cluster == context.cluster and drafter in arms
+        ]
+        if not siblings or self.transfer_weight <= 0:
+            return self._new_copy(drafter, context.cluster)
+        evidence = np.sum(siblings, axis=0)
+        first = float(evidence[0, 0] + evidence[1, 0])
+        evidence *= min(1.0, self.transfer_weight / max(first, 1e-12))
+        return self._new_copy(drafter, context.cluster, evidence)
+
+    def _copy(self, context: Context, drafter: str) -> CopyPositions:
+        """The context's copy statistics of ``drafter``, created on its first update."""
+        arms = self.copies_.setdefault(context, {})
+        arm = arms.get(drafter)
+        if arm is None:
+            arm = arms[drafter] = self._fresh_copy(context, drafter)
+        return arm
+
     # -- learning -------------------------------------------------------------------------
 
     def _context(self, context: Context) -> ContextArms:
@@ -358,8 +514,16 @@ class ThompsonPolicy:
         if decision.k == 0 or i is None:
             arms.none_decisions += decision.k == 0
         else:
-            self._learn(arms, i, *outcome.acceptance_counts())
+            gamma = self._learn(arms, i, *outcome.acceptance_counts())
             arms.decisions[i] += 1
+            if decision.drafter in self.copy_drafters and outcome.steps:
+                counts = step_counts(
+                    outcome.drafted_per_step,
+                    outcome.accepted_per_step,
+                    decision.k,
+                    self.copy_k_max,
+                )
+                self._copy(context, decision.drafter).observe(counts, gamma)
         self.updates_ += 1
 
     def update_counterfactual(
@@ -374,17 +538,27 @@ class ThompsonPolicy:
         if i is None or draft_length <= 0 or not accepted_per_step:
             logger.debug("counterfactual for %r ignored (unknown drafter or empty)", drafter)
             return
-        self._learn(self._context(context), i, *counts_from_steps(accepted_per_step, draft_length))
+        arms = self._context(context)
+        gamma = self._learn(arms, i, *counts_from_steps(accepted_per_step, draft_length))
+        if drafter in self.copy_drafters:
+            copy = self._copy(context, drafter)
+            counts = counterfactual_counts(
+                accepted_per_step, draft_length, self.copy_k_max, *copy.means()
+            )
+            copy.observe(counts, gamma)
         self.updates_ += 1
 
-    def _learn(self, arms: ContextArms, index: int, successes: float, failures: float) -> None:
-        """Posterior update of one arm, discounted faster when the request is surprising."""
+    def _learn(self, arms: ContextArms, index: int, successes: float, failures: float) -> float:
+        """Posterior update of one arm, discounted faster when the request is surprising;
+        returns the discount used (``gamma`` when there was nothing to weigh)."""
         if successes + failures <= 0:
-            return  # nothing drafted (e.g. the request ended at once): no evidence to weigh
+            return self.gamma  # nothing drafted (e.g. the request ended at once)
         successes, failures = cap_evidence(successes, failures, self.evidence_cap)
         surprise = arms.surprise(index, successes, failures, self.drift_z or 3.0)
         drifted = self.drift_z is not None and surprise > self.drift_z
-        arms.observe(index, successes, failures, self.gamma_drift if drifted else self.gamma)
+        gamma = self.gamma_drift if drifted else self.gamma
+        arms.observe(index, successes, failures, gamma)
+        return gamma
 
     def add_drafter(self, name: str, similarity: Mapping[str, float] | None = None) -> None:
         """Make ``name`` selectable; its prior per cluster comes from ``similarity``."""
@@ -411,6 +585,8 @@ class ThompsonPolicy:
         self.index_ = {drafter: j for j, drafter in enumerate(self.drafters_)}
         self.similarity_.pop(name, None)
         self._drafters_changed()
+        for copies in self.copies_.values():
+            copies.pop(name, None)
         self.costs_.forget_drafter(name)
         if self.overheads_ is not None:
             self.overheads_.forget_drafter(name)
@@ -434,6 +610,14 @@ class ThompsonPolicy:
             ],
             "costs": self.costs_.state_dict(),
             "overheads": self.overheads_.state_dict() if self.overheads_ else None,
+            "copy": {
+                "k_max": self.copy_k_max,
+                "arms": [
+                    [c.cluster, c.length_bucket, drafter, arm.to_list()]
+                    for c, arms in self.copies_.items()
+                    for drafter, arm in arms.items()
+                ],
+            },
             "rng": self._rng.bit_generator.state,
         }
 
@@ -449,6 +633,13 @@ class ThompsonPolicy:
             for c in state["contexts"]
         }
         self.costs_.load_state_dict(state["costs"])
+        # States of format version 1 have no copy statistics: they start from the priors.
+        self.copies_ = {}
+        for cluster, bucket, drafter, rows in (state.get("copy") or {}).get("arms", []):
+            context = Context(str(cluster), int(bucket))
+            if str(drafter) in self.index_:
+                arm = self._new_copy(str(drafter), context.cluster, evidence_from_list(rows))
+                self.copies_.setdefault(context, {})[str(drafter)] = arm
         if self.overheads_ is not None:
             # States saved before per-request pricing have no "overheads": start empty.
             self.overheads_.load_state_dict(state.get("overheads") or {})
@@ -463,8 +654,13 @@ class ThompsonPolicy:
             self.contexts_.items(), key=lambda item: (item[0].cluster, item[0].length_bucket)
         ):
             mean = arms.mean()
-            prices = self._prices(context)
-            table = prices.speedups(mean[None])[0]
+            everyone = range(len(self.drafters_))
+            _, _, prices, copy = self._inputs([context], everyone, [(arms.alpha, arms.beta)])
+            copy_means = None
+            if copy is not None:
+                copy_alpha, copy_beta = copy.parameters()
+                copy_means = copy_alpha / (copy_alpha + copy_beta)
+            table = speedup_tables(mean[None], prices, copy, copy_means)[0]
             best_k, best_s = best_draft_length(table)
             summary_arms = tuple(
                 ArmSummary(

@@ -34,8 +34,7 @@ def test_a_small_case_by_hand() -> None:
     )
     np.testing.assert_allclose(table[0], [1.0, 1.4 / 1.055, 1.6 / 1.11])
     per_step = copy_request_speedup(
-        a[None],
-        c[None],
+        np.stack([c, a], axis=-2)[None],
         t_ar=1.0,
         t_draft=np.array([0.01]),
         verify_line=(1.0, 0.1),
@@ -45,8 +44,7 @@ def test_a_small_case_by_hand() -> None:
     )
     np.testing.assert_allclose(per_step[0, 0], [1.0, 1.4 / 1.055, 1.6 / 1.11])
     per_request = copy_request_speedup(
-        a[None],
-        c[None],
+        np.stack([c, a], axis=-2)[None],
         t_ar=1.0,
         t_draft=np.array([0.01]),
         verify_line=(1.0, 0.1),
@@ -74,8 +72,7 @@ def test_the_select_path_form_equals_the_general_one() -> None:
         a, c, t_ar=1.3, t_draft=t_draft, t_verify=1.0 + slope * np.arange(K + 1), copy=True
     )
     lean = copy_request_speedup(
-        a,
-        c,
+        np.stack([c, a], axis=-2),
         t_ar=1.3,
         t_draft=t_draft,
         verify_line=(1.0, slope),
@@ -98,8 +95,7 @@ def test_copies_always_made_with_a_constant_acceptance_are_the_fixed_k_model() -
     }
     geometric = request_speedup(a, gain, t_ar=1.0, **terms)
     copy = copy_request_speedup(
-        constant_positions(a, K),
-        np.ones((*a.shape, K)),
+        np.stack([np.ones((*a.shape, K)), constant_positions(a, K)], axis=-2),
         t_ar=1.0,
         t_draft=t_draft,
         verify_line=(1.0, slope),

@@ -295,8 +295,8 @@ def test_state_round_trip_gives_equal_decisions() -> None:
 def test_refuses_incompatible_state() -> None:
     policy = make_policy("thompson", ["a"])
     state = policy.state_dict()
-    with pytest.raises(IncompatibleStateError, match="format version 2"):
-        policy.load_state_dict({**state, "version": 2})
+    with pytest.raises(IncompatibleStateError, match="format version 3"):
+        policy.load_state_dict({**state, "version": 3})
     with pytest.raises(IncompatibleStateError, match="policy 'ucb'"):
         policy.load_state_dict(make_policy("ucb", ["a"]).state_dict())
 
