@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from router.policy.base import MAX_DRAFT_LENGTH
 from router.policy.speedup import cost_gain, speedup_table
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ MODEL_DRAFT_COST = 0.15
 NGRAM_DRAFT_COST = 0.01
 VERIFY_SLOPE = 0.08
 K_MAX = 8
+#: The n-gram drafter's largest k (thompson's ``copy_k_max``: it is a copy drafter).
+NGRAM_K_MAX = 16
 
 _GENERIC = {
     "chat": 0.42,
@@ -105,28 +108,53 @@ class GroundTruth:
     source: str
     t_ar: float = T_AR
     verify_slope: float = VERIFY_SLOPE
+    # [C, B]: when set, the n-gram drafter is a copy drafter (``with_copy_ngram``): a step
+    # matches with ``copy_match`` and copies k tokens, kept whole with the n-gram's
+    # acceptance, else rejected at once; an unmatched step drafts nothing.
+    copy_match: np.ndarray | None = None
 
     def gain(self) -> np.ndarray:
-        """t_ar / (k t_draft + t_verify(k)) per drafter and k, true costs."""
-        return cost_gain(1.0, self.draft_cost, 1.0 + self.verify_slope * np.arange(K_MAX + 1))
+        """t_ar / (k t_draft + t_verify(k)) per drafter and k <= MAX_DRAFT_LENGTH, true costs."""
+        lengths = np.arange(MAX_DRAFT_LENGTH + 1)
+        return cost_gain(1.0, self.draft_cost, 1.0 + self.verify_slope * lengths)
 
     def speedups(self) -> np.ndarray:
-        """True S(a, k): [C, B, D, K_MAX + 1]."""
-        return speedup_table(self.acceptance, self.gain())
+        """True S(a, k): [C, B, D, MAX_DRAFT_LENGTH + 1] (any k a policy may pick); the
+        n-gram drafter's by the copy law when ``copy_match`` is set: a step emits
+        1 + p q k tokens and drafts p k, p the match and q the keep probability."""
+        table = speedup_table(self.acceptance, self.gain())
+        if self.copy_match is not None and NGRAM in self.drafters:
+            j = self.drafters.index(NGRAM)
+            lengths = np.arange(MAX_DRAFT_LENGTH + 1)
+            drafted = self.copy_match[..., None] * lengths  # [C, B, K + 1]
+            tokens = 1.0 + drafted * self.acceptance[..., j, None]
+            cost = 1.0 + drafted * (self.draft_cost[j] + self.verify_slope)
+            table[..., j, :] = tokens / cost
+            table[..., j, 0] = 1.0
+        return table
 
     def oracle_arms(self, present: Sequence[str]) -> dict[tuple[int, int], tuple[str, int]]:
-        """Best (drafter, k) per (cluster, bucket) among the ``present`` drafters."""
-        table = self.speedups()
+        """Best (drafter, k) per (cluster, bucket) among the ``present`` drafters, k up to
+        K_MAX (NGRAM_K_MAX for the n-gram drafter)."""
+        table = self.speedups()[..., : NGRAM_K_MAX + 1]
         mask = np.array([d in present for d in self.drafters])
         table = np.where(mask[None, None, :, None], table, -np.inf)
+        longest = np.array([NGRAM_K_MAX if d == NGRAM else K_MAX for d in self.drafters])
+        table = np.where(np.arange(NGRAM_K_MAX + 1) <= longest[:, None], table, -np.inf)
         table[..., 0] = 1.0
         arms = {}
-        width = K_MAX + 1
+        width = NGRAM_K_MAX + 1
         for c in range(len(self.clusters)):
             for b in range(self.acceptance.shape[1]):
                 d, k = divmod(int(np.argmax(table[c, b])), width)
                 arms[(c, b)] = ("none", 0) if k == 0 else (self.drafters[d], k)
         return arms
+
+    def with_copy_ngram(self, match: float) -> GroundTruth:
+        """A copy where the n-gram drafter drafts copies (``copy_match``): a step matches
+        with probability ``match``; a copy is kept whole with the n-gram's acceptance."""
+        shape = self.acceptance.shape[:2]
+        return replace(self, copy_match=np.full(shape, float(match)))
 
     def with_acceptance(self, cluster: str, drafter: str, delta: float) -> GroundTruth:
         """A copy where ``drafter``'s acceptance on ``cluster`` moved by ``delta`` (drift)."""

@@ -10,6 +10,12 @@
   (16 contexts): the case the select() latency target is stated for.
 - ``bursty_load``: the stationary world on a busy machine (``LoadModel``): busy spells
   slow whole requests 1.5-3x, 3% of requests stall x10 in their draft or verify phase.
+- ``copy_ngram``: the stationary world with the n-gram drafter drafting copies, as prompt
+  lookup does: 70% of steps find a match and copy k tokens, kept whole with the n-gram's
+  acceptance and rejected at once otherwise; the other 30% draft nothing. Long n-gram
+  drafts pay where copies are kept; ``thompson_geo`` (the n-gram drafter priced by one
+  per-token acceptance, k <= 8, thompson before the copy model) and ``thompson_g16``
+  (the same with k_max 16) run beside thompson.
 """
 
 from __future__ import annotations
@@ -19,25 +25,32 @@ from benchmarks.policy_sim.simulate import Event, LoadModel, PolicySpec, Scenari
 
 DRIFT_CLUSTER = "code"
 NEW_DRAFTER = "translation"
+COPY_MATCH = 0.7
 
 
 def policy_specs(truth: GroundTruth, drafters: tuple[str, ...], seed: int) -> list[PolicySpec]:
     """The policies compared: baselines, the references (ucb, oracle) and thompson."""
     generic = "generic" if "generic" in drafters else drafters[0]
     static = {c: (c if c in drafters else generic, 4) for c in truth.clusters}
-    return [
+    specs = [
         PolicySpec("none", "none"),
         PolicySpec("fixed", "fixed", {"drafter": generic, "k": 4}),
         PolicySpec("static", "static", {"table": static}),
         PolicySpec("ucb", "ucb", {"seed": seed}),
         PolicySpec("thompson", "thompson", {"seed": seed}),
         PolicySpec("thompson_fi", "thompson", {"seed": seed}, full_information=True),
-        PolicySpec("oracle", "oracle"),
     ]
+    if truth.copy_match is not None:
+        geometric = {"seed": seed, "copy_drafters": []}
+        specs += [
+            PolicySpec("thompson_geo", "thompson", geometric),
+            PolicySpec("thompson_g16", "thompson", {**geometric, "k_max": 16}),
+        ]
+    return [*specs, PolicySpec("oracle", "oracle")]
 
 
 def build_scenarios(truth: GroundTruth, requests: int, seed: int) -> list[Scenario]:
-    """The six scenarios over ``truth`` (see the module docstring)."""
+    """The seven scenarios over ``truth`` (see the module docstring)."""
     everyone = truth.drafters
     at = int(requests * 0.4)
     without_new = tuple(d for d in everyone if d != NEW_DRAFTER)
@@ -80,6 +93,17 @@ def build_scenarios(truth: GroundTruth, requests: int, seed: int) -> list[Scenar
             (),
             requests,
             LoadModel(),
+        )
+    )
+    scenarios.append(
+        Scenario(
+            "copy_ngram",
+            f"n-gram drafts copies: {COPY_MATCH:.0%} of steps match, a copy kept whole or "
+            "rejected at once",
+            truth.with_copy_ngram(COPY_MATCH),
+            everyone,
+            (),
+            requests,
         )
     )
     return scenarios

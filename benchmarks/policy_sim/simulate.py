@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.policy_sim.ground_truth import K_MAX, GroundTruth
+from benchmarks.policy_sim.ground_truth import K_MAX, NGRAM, GroundTruth
 from router.policy.base import Context, Outcome, Policy, length_bucket
 from router.policy.registry import make_policy
 from router.policy.static import StaticPolicy, table_key
@@ -136,6 +136,24 @@ def accepted_steps(rng: np.random.Generator, acceptance: float, k: int, tokens: 
     return accepted[:steps]
 
 
+def copy_steps(
+    rng: np.random.Generator, match: float, keep: float, k: int, tokens: int
+) -> tuple[list[int], list[int]]:
+    """A copy drafter's (drafted, accepted) per step until ``tokens`` are generated: a
+    step matches with ``match`` and copies k tokens, kept whole with ``keep``, else
+    rejected at once; an unmatched step drafts nothing."""
+    drafted: list[int] = []
+    accepted: list[int] = []
+    emitted = 0
+    while emitted < tokens:
+        matched = rng.random() < match
+        kept = matched and rng.random() < keep
+        drafted.append(k if matched else 0)
+        accepted.append(k if kept else 0)
+        emitted += accepted[-1] + 1
+    return drafted, accepted
+
+
 def simulate_outcome(
     rng: np.random.Generator,
     truth: GroundTruth,
@@ -162,6 +180,15 @@ def simulate_outcome(
     d = truth.drafters.index(drafter)
     mean = truth.acceptance[cell[0], cell[1], d]
     acceptance = float(np.clip(mean + rng.normal(0.0, ACCEPTANCE_NOISE), 0.01, 0.95))
+    if truth.copy_match is not None and drafter == NGRAM:
+        match = float(truth.copy_match[cell])
+        drafted, kept = copy_steps(rng, match, acceptance, k, tokens)
+        total = sum(drafted)
+        draft = total * truth.draft_cost[d] * truth.t_ar * noise[0]
+        verify = (len(drafted) + truth.verify_slope * total) * truth.t_ar * noise[1]
+        return Outcome(
+            tuple(drafted), tuple(kept), draft, verify, draft + verify, sum(kept) + len(kept)
+        )
     accepted = accepted_steps(rng, acceptance, k, tokens)
     steps = len(accepted)
     draft = steps * k * truth.draft_cost[d] * truth.t_ar * noise[0]
@@ -342,6 +369,11 @@ def _score_others(
             continue
         mean = phase.truth.acceptance[cell[0], cell[1], phase.truth.drafters.index(drafter)]
         acceptance = float(np.clip(mean + rng.normal(0.0, ACCEPTANCE_NOISE), 0.01, 0.95))
+        if phase.truth.copy_match is not None and drafter == NGRAM:
+            match = float(phase.truth.copy_match[cell])
+            copied = copy_steps(rng, match, acceptance, draft_length, tokens)[1]
+            policy.update_counterfactual(context, drafter, copied, draft_length)
+            continue
         accepted = accepted_steps(rng, acceptance, draft_length, tokens)
         policy.update_counterfactual(context, drafter, accepted.tolist(), draft_length)
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from benchmarks.policy_sim.ground_truth import (
     BUILTIN_ACCEPTANCE,
@@ -15,6 +16,7 @@ from benchmarks.policy_sim.ground_truth import (
     default_ground_truth,
     random_ground_truth,
 )
+from router.policy.base import MAX_DRAFT_LENGTH
 
 
 def test_builtin_table_has_the_expected_shape_and_structure(tmp_path: Path) -> None:
@@ -67,3 +69,21 @@ def test_drift_changes_one_cell_and_moves_the_oracle() -> None:
 def test_random_ground_truth_is_reproducible() -> None:
     a, b = random_ground_truth(8, ("x", "y"), 3), random_ground_truth(8, ("x", "y"), 3)
     assert np.array_equal(a.acceptance, b.acceptance) and len(a.drafters) == 8
+
+
+def test_the_ngram_drafter_may_draft_up_to_16_and_model_drafters_up_to_8() -> None:
+    """The true table covers every k a policy may pick; the oracle lets the n-gram
+    drafter (thompson's copy drafter) go to 16 and the model drafters to 8."""
+    truth = default_ground_truth(None)
+    assert truth.speedups().shape[-1] == MAX_DRAFT_LENGTH + 1
+    sure = truth.with_acceptance("math", "math", 0.9).with_acceptance("rag", NGRAM, 0.9)
+    oracle = sure.oracle_arms(sure.drafters)
+    math, rag = sure.clusters.index("math"), sure.clusters.index("rag")
+    assert oracle[(math, 0)] == ("math", 8)  # a = 0.95 would pay beyond 8
+    assert oracle[(rag, 0)][0] == NGRAM and 8 < oracle[(rag, 0)][1] <= 16
+    # Copy truth: 1 + p q k tokens and p k drafts per step.
+    copying = truth.with_copy_ngram(0.5)
+    j = truth.drafters.index(NGRAM)
+    q = truth.acceptance[rag, 0, j]
+    cost = 1.0 + 0.5 * 10 * (truth.draft_cost[j] + truth.verify_slope)
+    assert copying.speedups()[rag, 0, j, 10] == pytest.approx((1.0 + 0.5 * q * 10) / cost)

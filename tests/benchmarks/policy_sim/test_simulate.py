@@ -15,6 +15,7 @@ from benchmarks.policy_sim.simulate import (
     PolicySpec,
     RequestStream,
     accepted_steps,
+    copy_steps,
     run_scenario,
     simulate_outcome,
 )
@@ -110,3 +111,37 @@ def test_bench_policy_command_writes_the_json_keys(tmp_path: Path) -> None:
         for metrics in policies.values():
             assert {"regret", "oracle_fraction_last_half", "select_us_p50"} <= set(metrics)
     assert "switch_after_drift" in report["scenarios"]["drift"]["thompson"]
+
+
+def test_copy_steps_follow_the_copy_law() -> None:
+    """A step matches with p and keeps its copy of k with q: 1 + p q k tokens and p k
+    drafts per step on average."""
+    rng = np.random.default_rng(2)
+    drafted: list[int] = []
+    accepted: list[int] = []
+    for _ in range(300):
+        d, a = copy_steps(rng, 0.7, 0.4, 12, 200)
+        drafted += d
+        accepted += a
+    assert set(drafted) == {0, 12} and set(accepted) == {0, 12}
+    assert np.mean(accepted) + 1 == pytest.approx(1 + 0.7 * 0.4 * 12, rel=0.03)
+    assert np.mean(drafted) == pytest.approx(0.7 * 12, rel=0.03)
+
+
+def test_copy_ngram_thompson_drafts_long_copies_and_beats_the_geometric_price(
+    scenarios: dict,
+) -> None:
+    scenario = scenarios["copy_ngram"]
+    truth = scenario.truth
+    rag = (truth.clusters.index("rag"), 1)
+    assert truth.oracle_arms(truth.drafters)[rag] == ("ngram", 16)
+    ngram = simulate_outcome(np.random.default_rng(0), truth, rag, "ngram", 16, 300)
+    assert 0 in ngram.drafted_per_step and 16 in ngram.drafted_per_step
+    specs = [
+        PolicySpec("thompson", "thompson", {"seed": 0}),
+        PolicySpec("thompson_geo", "thompson", {"seed": 0, "copy_drafters": []}),
+        PolicySpec("oracle", "oracle"),
+    ]
+    result = run_scenario(scenario, specs, 0)
+    assert result["thompson"]["regret"] <= 0.5 * result["thompson_geo"]["regret"]
+    assert result["thompson"]["oracle_fraction_last_half"] >= 0.6
