@@ -14,21 +14,33 @@ Evidence from a step that asked for k drafts, drafted m <= k and had n <= m acce
     a_i:  a success for i <= n, a failure at i = n + 1 when n < m.
 
 A counterfactual score gives only n at draft length k: a failure at n + 1 (n < k) is
-either "not drafted" or "drafted and rejected", and it is split between the two in
-proportion to their posterior probabilities, (1 - c) / (1 - c a) and c (1 - a) / (1 - c a)
-at the position's posterior means (the expected counts of an EM step).
+either "not drafted" or "drafted and rejected", which the score cannot tell apart. So it
+teaches a only: successes for i <= n, and the failure at n + 1 weighted by the chance
+that the step drafted and was rejected, c (1 - a) / (1 - c a) at the position's
+posterior means (the expected count of an EM step); c is learnt from the drafter's own
+outcomes alone, which count the steps that drafted nothing. Were c learnt from scores
+too, its split would have nothing to pin it and would drift below 1 with the prior,
+pricing the verify step of drafts that are in fact made too cheaply.
 
 The evidence is discounted like the scalar posterior (``acceptance.py``): before each
 update every count is multiplied by the gamma of that update. The Beta of a position is
 its evidence plus a prior of weight w borrowed from the position before it:
 
-    position 1:   a_1 from the drafter's own prior (alpha0, beta0), c_1 from the neutral one;
-    i >= 2:       mean m_{i-1} of position i - 1 (evidence and prior), prior w (m, 1 - m)
+    position 1:   a_1 from the drafter's own prior (alpha0, beta0); c_1 from "it drafts",
+                  "kept" below: until its own outcomes show steps that draft nothing, a
+                  copy drafter is priced as one that drafts every step (the dearer
+                  verify step), and one request's steps outweigh that prior;
+    position 2:   "kept" for both, mean 0.999 and weight w: a copy whose first token was
+                  right is expected to go on and be kept (what a copy is), until steps
+                  reach position 2; the first position says little of the others (a_1
+                  is "is this the right copy", a_2.. "does the copy go on matching");
+    i >= 3:       mean m_{i-1} of position i - 1 (evidence and prior), prior w (m, 1 - m)
                   (m kept within [0.001, 0.999]),
 
 so a position no step has reached yet is expected to behave like the last one reached
-(a copy kept whole so far is expected to go on being kept), with a spread that Thompson
-draws explore, and its own evidence outweighs the prior after a few steps.
+(a copy kept whole so far is expected to go on being kept, one rejected after a few
+tokens to be rejected again), with a spread that Thompson draws explore, and its own
+evidence outweighs the prior after a few steps.
 """
 
 from __future__ import annotations
@@ -75,8 +87,9 @@ def counterfactual_counts(
     acceptance: FloatArray,
 ) -> FloatArray:
     """Evidence [4, positions] of counterfactual steps at draft length ``k`` that accepted
-    ``accepted_per_step``, the failure at n + 1 split by the posterior means
-    ``continuation`` and ``acceptance`` [positions] (module doc)."""
+    ``accepted_per_step``: acceptance only, the failure at n + 1 weighted by the chance
+    that the step drafted, from the posterior means ``continuation`` and ``acceptance``
+    [positions] (module doc); the continuation rows stay 0."""
     counts = np.zeros((4, positions))
     if not accepted_per_step or k <= 0:
         return counts
@@ -87,8 +100,6 @@ def counterfactual_counts(
     failures = np.bincount(accepted[accepted < k], minlength=positions)[:positions]
     c, a = continuation, acceptance
     not_drafted = (1.0 - c) / np.maximum(1.0 - c * a, 1e-12)
-    counts[C_SUCCESS] = reached + failures * (1.0 - not_drafted)
-    counts[C_FAILURE] = failures * not_drafted
     counts[A_SUCCESS] = reached
     counts[A_FAILURE] = failures * (1.0 - not_drafted)
     return counts
@@ -101,20 +112,32 @@ def chained_posterior(
     weight: float,
 ) -> FloatArray:
     """The Beta parameters [4, K] (rows as the evidence: alpha_c, beta_c, alpha_a, beta_a)
-    of ``evidence`` with the borrowed priors of the module doc."""
+    of ``evidence`` with the priors of the module doc: ``acceptance_prior`` and
+    ``continuation_prior`` at position 1, "kept" (``kept_prior``) at position 2, each
+    later one borrowed from the position before it."""
     rows: list[tuple[float, float, float, float]] = []
     c_prior, a_prior = continuation_prior, acceptance_prior
     # Python floats: a 16-position chain costs a few microseconds this way.
-    for c_success, c_failure, a_success, a_failure in zip(*evidence.tolist(), strict=True):
+    for i, (c_success, c_failure, a_success, a_failure) in enumerate(
+        zip(*evidence.tolist(), strict=True)
+    ):
         c_alpha, c_beta = c_success + c_prior[0], c_failure + c_prior[1]
         a_alpha, a_beta = a_success + a_prior[0], a_failure + a_prior[1]
         rows.append((c_alpha, c_beta, a_alpha, a_beta))
+        if i == 0:  # position 2: what a copy does once its first token is kept
+            c_prior = a_prior = kept_prior(weight)
+            continue
         # Kept inside [MEAN_FLOOR, 1 - MEAN_FLOOR] so the next prior stays a proper Beta.
         c_mean = min(max(c_alpha / (c_alpha + c_beta), MEAN_FLOOR), 1.0 - MEAN_FLOOR)
         a_mean = min(max(a_alpha / (a_alpha + a_beta), MEAN_FLOOR), 1.0 - MEAN_FLOOR)
         c_prior = (weight * c_mean, weight * (1.0 - c_mean))
         a_prior = (weight * a_mean, weight * (1.0 - a_mean))
     return np.array(rows, dtype=np.float64).T.reshape(4, evidence.shape[1])
+
+
+def kept_prior(weight: float) -> tuple[float, float]:
+    """Beta(w (1 - MEAN_FLOOR), w MEAN_FLOOR): mean 0.999, weight w ("it goes on")."""
+    return weight * (1.0 - MEAN_FLOOR), weight * MEAN_FLOOR
 
 
 class CopyPositions:

@@ -65,6 +65,7 @@ from router.policy.copying import (
     CopyPositions,
     counterfactual_counts,
     evidence_from_list,
+    kept_prior,
     step_counts,
 )
 from router.policy.costs import RequestOverheads, StepRatios
@@ -455,13 +456,10 @@ class ThompsonPolicy:
         self, drafter: str, cluster: str, evidence: FloatArray | None = None
     ) -> CopyPositions:
         """Copy statistics of ``drafter`` in a context of ``cluster``: a_1's prior is the
-        drafter's own, c_1's the neutral one (``copying.py``)."""
+        drafter's own, c_1's "it drafts" (``copying.py``)."""
+        weight = self.copy_prior_weight
         return CopyPositions(
-            self.copy_k_max,
-            self._prior(drafter, cluster),
-            self.priors.neutral(),
-            self.copy_prior_weight,
-            evidence,
+            self.copy_k_max, self._prior(drafter, cluster), kept_prior(weight), weight, evidence
         )
 
     def _copy_posterior(self, context: Context, drafter: str) -> FloatArray:

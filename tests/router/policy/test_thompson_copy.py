@@ -123,14 +123,54 @@ def test_positions_past_the_asked_k_are_unknown_not_failed() -> None:
     assert ngram.best_k == 16
 
 
-def test_counterfactual_failures_are_split_by_the_posterior() -> None:
-    """c = a = 0.5: a failure is "not drafted" with (1 - c) / (1 - c a) = 2/3."""
+def test_a_copy_seen_only_at_k_1_is_expected_to_go_on() -> None:
+    """A first token right 30% of the time says nothing of the copy after it: position 2
+    starts from "kept", not from position 1, so the long draft is the one to try."""
+    policy = ThompsonPolicy(DRAFTERS, rng=np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        decision = Decision("ngram", 1)
+        policy.update(CHAT, decision, copy_outcome(rng, decision, match=0.7, keep=0.3))
+    c_mean, a_mean = policy.copies_[CHAT]["ngram"].means()
+    assert a_mean[0] < 0.5 and c_mean[0] < 0.85
+    assert a_mean[1] > 0.99 and c_mean[1] > 0.99
+    ngram = next(arm for arm in policy.describe()[0].arms if arm.drafter == "ngram")
+    assert ngram.best_k == 16
+
+
+def test_counterfactual_failures_count_against_acceptance_by_the_chance_of_a_draft() -> None:
+    """c = a = 0.5: a failure was "drafted and rejected" with c (1 - a) / (1 - c a) = 1/3;
+    a score cannot tell how many steps drafted nothing, so c learns nothing from it."""
     half = np.full(3, 0.5)
     counts = counterfactual_counts([0, 2], 3, 3, half, half)
-    np.testing.assert_allclose(counts[0], [1 + 1 / 3, 1, 1 / 3])
-    np.testing.assert_allclose(counts[1], [2 / 3, 0, 2 / 3])
+    assert not counts[:2].any()
     np.testing.assert_allclose(counts[2], [1, 1, 0])
     np.testing.assert_allclose(counts[3], [1 / 3, 0, 1 / 3])
+    # A drafter known to draft every step: every failure is a rejection.
+    counts = counterfactual_counts([0, 2], 3, 3, np.ones(3), half)
+    np.testing.assert_allclose(counts[3], [1, 0, 1])
+
+
+def test_a_score_does_not_pull_the_match_rate_away_from_own_outcomes() -> None:
+    """Own outcomes show half the steps drafting nothing; many counterfactual scores of
+    the same drafter leave c_1 there and learn a_1 as the chance of a kept first token
+    given a draft, not the product c_1 a_1 the score shows."""
+    policy = ThompsonPolicy(DRAFTERS, rng=np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        decision = Decision("ngram", 8)
+        policy.update(CHAT, decision, copy_outcome(rng, decision, match=0.5, keep=0.6))
+    for _ in range(200):  # scores: a step accepts 8 with 0.5 * 0.6, else 0
+        accepted = np.where(rng.random(40) < 0.3, 8, 0).tolist()
+        policy.update_counterfactual(CHAT, "ngram", accepted, 8)
+    c_mean, a_mean = policy.copies_[CHAT]["ngram"].means()
+    assert 0.4 < c_mean[0] < 0.6
+    assert 0.5 < a_mean[0] < 0.7
+    # Scores alone leave c_1 at its prior "it drafts" (priced with every draft made).
+    other = Context("math", 0)  # no sibling context to transfer from
+    for _ in range(50):
+        policy.update_counterfactual(other, "ngram", [0, 0, 8, 0], 8)
+    assert policy.copies_[other]["ngram"].means()[0][0] > 0.98
 
 
 #: Nine steps in ten find a match; a copy is kept whole in 35% of them and rejected at
@@ -283,8 +323,10 @@ def test_a_new_length_bucket_starts_from_its_clusters_copy_evidence() -> None:
     prior = policy._copy_posterior(Context("math", 2), "ngram")
     c_mean = fresh[0] / (fresh[0] + fresh[1])
     assert 0.4 < c_mean[0] < 0.6 and c_mean[10] > 0.9  # the cluster's match rate, whole copies
-    np.testing.assert_array_equal(prior, np.ones((4, 16)))  # another cluster: the priors
-    # At most transfer_weight steps of evidence at position 1, plus the prior Beta(1, 1).
+    # Another cluster: the priors alone (a_1 neutral, c_1 and position 2 "kept").
+    np.testing.assert_array_equal(prior, policy._new_copy("ngram", "math").posterior)
+    assert prior[2, 0] == prior[3, 0] == 1.0 and prior[0, 1] / prior[:2, 1].sum() > 0.99
+    # At most transfer_weight steps of evidence at position 1, plus the prior's weight 2.
     assert fresh[0, 0] + fresh[1, 0] <= policy.transfer_weight + 2.0 + 1e-9
 
 
