@@ -26,6 +26,19 @@ S(a, k) = L(a, k) t_ar / (k t_draft + t_verify(k)). The decision is "explored" w
 (d*, k*) differs from the same rule applied to the posterior means, and its
 ``expected_speedup`` is S at the posterior mean.
 
+Copy drafters (``copy_drafters``, the prompt-lookup ``ngram`` by default) are priced by
+their own model instead (``speedup.py`` and ``copying.py``, "copy drafters"): per
+position i = 1..copy_k_max the chance c_i that the step drafts it (c_1: a lookup
+matches) and the acceptance a_i given 1..i-1 were kept, each a Beta posterior counted
+from the outcomes' per-step drafts and accepts, drawn with the acceptances above, and
+
+    S_req(k) = (F_0 + N t_ar) / (F_d + (N / E[tokens](k)) (E[drafted](k) t_draft
+                                                          + t_verify(E[drafted](k))))
+
+with E[tokens](k) = 1 + sum_{i<=k} C_i A_i, E[drafted](k) = sum_{i<=k} C_i (C_i, A_i the
+products of c and a up to i), for k up to ``copy_k_max`` (16): copies kept whole make
+long drafts pay, which one per-token acceptance cannot price. Model drafters keep k_max.
+
 Cold start: a drafter added with ``similarity`` (cluster -> similarity of its fine-tuning
 sample to the cluster) gets a prior whose mean grows with the similarity (weight
 ``similarity_weight``); without it, the neutral Beta(prior_alpha, prior_beta). A new
