@@ -25,6 +25,7 @@ class SidecarMetrics:
     generation_tokens_per_s: Histogram
     generated_tokens: Counter
     generations: Counter
+    loss_guard_trips: Counter
     queue_depth: Gauge
     errors: Counter
     reports: Counter
@@ -92,6 +93,13 @@ def create_metrics(registry: CollectorRegistry | None = None) -> SidecarMetrics:
             "specroute_generations_total",
             "Generations run by the sidecar, by finish reason (cancelled included).",
             ["finish_reason"],
+            registry=reg,
+        ),
+        loss_guard_trips=Counter(
+            "specroute_loss_guard_trips_total",
+            "Generations that stopped drafting part-way: their drafts were clearly not "
+            "paying (drafters/guard.py), by drafter.",
+            ["drafter"],
             registry=reg,
         ),
         queue_depth=Gauge(

@@ -57,6 +57,7 @@ from router.store import DrafterRecord, SidecarStore
 
 if TYPE_CHECKING:
     from drafters.engine import SpeculativeEngine
+    from drafters.guard import LossGuard
     from drafters.loader import TargetInfo
 
 logger = logging.getLogger(__name__)
@@ -539,10 +540,11 @@ class RouterService:
         engine = self.components.engine
         if engine is None:
             raise GenerationFailedError("this sidecar has no in-process engine (fleet mode)")
+        guard = self._loss_guard(routed.decision.k)
         run = engine.generate(
             list(routed.prompt_ids),
             drafter,
-            routed.decision.k,
+            guard if guard is not None else routed.decision.k,
             max_new_tokens=max_new_tokens,
             sampling=config,
             stop_sequences=sampling.stop,
@@ -565,7 +567,18 @@ class RouterService:
         self.metrics.generated_tokens.inc(stats.generated_tokens)
         self.metrics.generations.labels(finish_reason=str(stats.finish_reason)).inc()
         self.metrics.generation_tokens_per_s.observe(stats.tokens_per_s)
+        if guard is not None and guard.tripped_at_step is not None:
+            self.metrics.loss_guard_trips.labels(drafter=routed.decision.drafter).inc()
         return GenerationResult(routed, output, text, stats, self.policy.version, sampling.seed)
+
+    def _loss_guard(self, k: int) -> LossGuard | None:
+        """The request's in-flight guard (``drafters/guard.py``); None when off or k = 0."""
+        settings = self.settings.loss_guard
+        if not settings.enabled or k <= 0:
+            return None
+        from drafters.guard import LossGuard
+
+        return LossGuard(k, break_even=settings.break_even, confidence=settings.confidence)
 
     def _capture(self, result: GenerationResult) -> None:
         """Keep the run's prompt and verified output when capture is on (router.capture);

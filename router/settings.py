@@ -58,6 +58,17 @@ class Limits(BaseModel):
     prompt_reader_spin_ms: float = Field(default=0.0, ge=0.0, le=100.0)
 
 
+class LossGuardSettings(BaseModel):
+    """Plain decoding for the rest of a request once its drafts clearly do not pay
+    (``drafters/guard.py``): when P(acceptance < ``break_even``) >= ``confidence``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    break_even: float = Field(default=0.2, gt=0.0, lt=1.0)
+    confidence: float = Field(default=0.95, ge=0.5, lt=1.0)
+
+
 class TlsSettings(BaseModel):
     """Optional server TLS: both files or neither."""
 
@@ -127,6 +138,7 @@ class Settings(BaseSettings):
     capture: CaptureSettings = Field(default_factory=lambda: CaptureSettings())
     auto_distill: AutoDistillSettings = Field(default_factory=lambda: AutoDistillSettings())
     limits: Limits = Field(default_factory=lambda: Limits())
+    loss_guard: LossGuardSettings = Field(default_factory=lambda: LossGuardSettings())
     pooling: PoolingSettings = Field(default_factory=lambda: PoolingSettings())
     # A fleet file (router.fleet.config, docs/fleet.md): generation runs on the vLLM
     # replicas it lists, one speculative configuration each; None: the in-process engine.
