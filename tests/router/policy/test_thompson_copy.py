@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from router.metrics import create_metrics
@@ -388,3 +390,45 @@ def test_a_batch_with_a_copy_drafter_draws_like_calls_one_by_one() -> None:
     contexts = [CHAT, Context("chat", 1), Context("code", 0), CHAT] * 5
     eligible = ["generic", "ngram", "code"]
     assert batch.select_many(contexts, eligible) == [one.select(c, eligible) for c in contexts]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["select", "update", "counterfactual", "remove", "add", "round"]),
+            st.sampled_from(["generic", "ngram"]),
+            st.integers(0, 3),
+            st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), max_size=12),
+        ),
+        max_size=50,
+    )
+)
+def test_copy_statistics_stay_proper_under_random_operations(operations: list) -> None:
+    policy = ThompsonPolicy(DRAFTERS, rng=np.random.default_rng(0))
+    for op, drafter, bucket, steps in operations:
+        context = Context("chat" if bucket % 2 else "code", bucket)
+        if op == "select":
+            decision = policy.select(context, DRAFTERS)
+            assert 0 <= decision.k <= (16 if decision.drafter == "ngram" else 8)
+            assert np.isfinite(decision.expected_speedup) and decision.expected_speedup > 0
+        elif op == "update":
+            decision = policy.select(context, DRAFTERS)
+            drafted = [min(d, decision.k) for d, _ in steps]
+            accepted = [min(a, d) for (_, a), d in zip(steps, drafted, strict=True)]
+            outcome = Outcome.from_steps(drafted, accepted, draft_time_s=0.01, verify_time_s=0.1)
+            policy.update(context, decision, outcome)
+        elif op == "counterfactual":
+            policy.update_counterfactual(context, drafter, [a for a, _ in steps], bucket * 6)
+        elif op == "remove":
+            policy.remove_drafter(drafter)
+        elif op == "add":
+            policy.add_drafter(drafter)
+        else:
+            restored = ThompsonPolicy([], rng=np.random.default_rng(1))
+            restored.load_state_dict(json.loads(json.dumps(policy.state_dict())))
+            policy = restored
+        for arms in policy.copies_.values():
+            for arm in arms.values():
+                assert np.all(arm.evidence >= 0) and np.all(np.isfinite(arm.posterior))
+                assert np.all(arm.posterior > 0)
