@@ -1,59 +1,63 @@
-"""Cutting a request's losses: plain decoding for the rest of it once its drafts clearly
-do not pay.
+"""Cutting a request's losses: shorter drafts, then none, once its own drafts say the
+router's draft length does not pay for this request.
 
 The router picks a (drafter, k) per request from what the drafter accepted on earlier
 requests of the same cluster. A request unlike them (a prompt the drafters were never
-trained for, an answer that wanders off) may accept almost nothing, and every step then
-pays k drafter forwards and a wider target forward for about one token: at k = 3 to 8 a
-long answer decodes 1.5-3x slower than plainly. The guard watches the request's own
-acceptance and stops drafting when it is clearly below what drafting needs.
+trained for, an answer that wanders off) may accept far less, and every step then pays
+k drafter forwards and a wider target forward for little more than one token: at k = 3
+to 8 a long answer decodes 1.5-3x slower than plainly. The guard watches the request's
+own drafts and shortens them when even an optimistic reading of its acceptance says a
+shorter draft pays more.
 
 Within the request, per-token acceptance a has a Beta(1, 1) prior and the
 truncated-geometric evidence of its steps so far (s accepted drafts, f steps whose draft
-was rejected at some position, as the router's posterior counts them). Before each step,
-once there are at least ``min_evidence`` observations, the guard trips when
+was rejected at some position, as the router's posterior counts them). Costs come from
+the request's own timings, in units of a plain target step t: a drafted token costs
+c = (draft time per drafted token) / t and a verify of j drafts t (1 + slope j), with
+t = (verify time per step) / (1 + slope * drafts per step). Before each step, once
+there are ``min_evidence`` observations, the guard takes the upper ``confidence``
+quantile a+ of the posterior and drafts
 
-    P(a < break_even | s, f) >= confidence,
+    k' = argmax_{j = 0..k} S(a+, j),   S(a, j) = (1 + a + ... + a^j) / (1 + (c + slope) j)
 
-and every later step of the request drafts nothing (k = 0). ``break_even`` is about the
-acceptance at which a one-token draft pays for itself: S(a, 1) = (1 + a) t / (t_draft +
-t_verify(1)) = 1 gives a = t_draft / t + (t_verify(1) - t) / t, 0.1-0.25 for the model
-drafters measured on CPU. With the defaults (0.2, 0.95) a request whose drafts are all
-rejected stops drafting after 13 steps; simulated 128-token answers trip in 96% of
-cases at a = 0.1, 17-20% at a = 0.2, 1-2% at a = 0.3 and under 1% at a = 0.4 (k = 2
-and 5). A tripped request costs its steps so far plus plain decoding, and its output is
-the same (the draft length never changes what is emitted).
+(S(a, 0) = 1): a shorter draft only when even the optimistic a+ prefers it, and k' = 0,
+plain decoding for the rest of the request, only when even a+ says no draft pays. k' may
+grow back to k while it is above 0. The output is the same whatever the draft length
+(lossless); what changes is the time of a request the router misjudged.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.special import betaincinv
 
 from drafters.stats import GenerationStats
 
-DEFAULT_BREAK_EVEN = 0.2
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_MIN_EVIDENCE = 8
+DEFAULT_VERIFY_SLOPE = 0.05
 
 
-def probability_below(x: float, successes: int, failures: int) -> float:
-    """P(a < x) for a ~ Beta(successes + 1, failures + 1): the probability that a
-    Binomial(successes + failures + 1, x) reaches successes + 1 (integer parameters)."""
-    n = successes + failures + 1
-    return sum(math.comb(n, j) * x**j * (1.0 - x) ** (n - j) for j in range(successes + 1, n + 1))
+def step_speedups(acceptance: float, k: int, draft_cost: float, verify_slope: float) -> np.ndarray:
+    """S(a, j) for j = 0..k (module doc), with S(a, 0) = 1."""
+    j = np.arange(k + 1)
+    tokens = np.cumsum(acceptance ** j.astype(np.float64))
+    return tokens / (1.0 + (draft_cost + verify_slope) * j)
 
 
 @dataclass
 class LossGuard:
-    """A draft-length schedule (``engine.DraftLengthSchedule``): ``k`` until the request's
-    acceptance is clearly below ``break_even`` (module doc), then 0 for good."""
+    """A draft-length schedule (``engine.DraftLengthSchedule``) starting at ``k`` and
+    shortened by the request's own acceptance and costs (module doc)."""
 
     k: int
-    break_even: float = DEFAULT_BREAK_EVEN
     confidence: float = DEFAULT_CONFIDENCE
     min_evidence: int = DEFAULT_MIN_EVIDENCE
-    tripped_at_step: int | None = None
+    verify_slope: float = DEFAULT_VERIFY_SLOPE
+    tripped_at_step: int | None = None  # the step from which it drafts nothing
+    shortest: int | None = None  # the shortest draft it asked for (None: never shortened)
     _seen_steps: int = field(default=0, repr=False)
     _successes: int = field(default=0, repr=False)
     _failures: int = field(default=0, repr=False)
@@ -61,21 +65,35 @@ class LossGuard:
     def __post_init__(self) -> None:
         if self.k < 0:
             raise ValueError(f"draft length must be >= 0, got {self.k}")
-        if not 0.0 < self.break_even < 1.0:
-            raise ValueError(f"break_even must be in (0, 1), got {self.break_even}")
         if not 0.5 <= self.confidence < 1.0:
             raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}")
+        if self.verify_slope < 0:
+            raise ValueError(f"verify_slope must be >= 0, got {self.verify_slope}")
 
     def __call__(self, steps: int, stats: GenerationStats) -> int:
         if self.tripped_at_step is not None:
             return 0
         self._count(stats)
-        if self._successes + self._failures >= self.min_evidence and (
-            probability_below(self.break_even, self._successes, self._failures) >= self.confidence
-        ):
+        if self._successes + self._failures < self.min_evidence:
+            return self.k
+        optimistic = float(betaincinv(self._successes + 1, self._failures + 1, self.confidence))
+        speedups = step_speedups(optimistic, self.k, self.draft_cost(stats), self.verify_slope)
+        k = int(np.argmax(speedups))
+        if k == 0:
             self.tripped_at_step = steps
-            return 0
-        return self.k
+        if k < self.k:
+            self.shortest = k if self.shortest is None else min(self.shortest, k)
+        return k
+
+    def draft_cost(self, stats: GenerationStats) -> float:
+        """c: the request's draft time per drafted token over its plain step time."""
+        drafted = stats.drafted
+        if drafted <= 0 or stats.steps <= 0 or stats.verify_time_s <= 0:
+            return 0.0
+        plain_step = (
+            stats.verify_time_s / stats.steps / (1.0 + self.verify_slope * drafted / stats.steps)
+        )
+        return stats.draft_time_s / drafted / plain_step
 
     def _count(self, stats: GenerationStats) -> None:
         """Take in the steps recorded since the last call."""

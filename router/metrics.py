@@ -97,9 +97,10 @@ def create_metrics(registry: CollectorRegistry | None = None) -> SidecarMetrics:
         ),
         loss_guard_trips=Counter(
             "specroute_loss_guard_trips_total",
-            "Generations that stopped drafting part-way: their drafts were clearly not "
-            "paying (drafters/guard.py), by drafter.",
-            ["drafter"],
+            "Generations whose own drafts made the loss guard shorten them part-way "
+            "(drafters/guard.py), by drafter and whether it stopped drafting (to=0) or "
+            "only shortened the drafts (to=1).",
+            ["drafter", "to"],
             registry=reg,
         ),
         queue_depth=Gauge(

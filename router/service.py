@@ -567,8 +567,10 @@ class RouterService:
         self.metrics.generated_tokens.inc(stats.generated_tokens)
         self.metrics.generations.labels(finish_reason=str(stats.finish_reason)).inc()
         self.metrics.generation_tokens_per_s.observe(stats.tokens_per_s)
-        if guard is not None and guard.tripped_at_step is not None:
-            self.metrics.loss_guard_trips.labels(drafter=routed.decision.drafter).inc()
+        if guard is not None and guard.shortest is not None:
+            self.metrics.loss_guard_trips.labels(
+                drafter=routed.decision.drafter, to=str(min(guard.shortest, 1))
+            ).inc()
         return GenerationResult(routed, output, text, stats, self.policy.version, sampling.seed)
 
     def _loss_guard(self, k: int) -> LossGuard | None:
@@ -578,7 +580,7 @@ class RouterService:
             return None
         from drafters.guard import LossGuard
 
-        return LossGuard(k, break_even=settings.break_even, confidence=settings.confidence)
+        return LossGuard(k, confidence=settings.confidence)
 
     def _capture(self, result: GenerationResult) -> None:
         """Keep the run's prompt and verified output when capture is on (router.capture);

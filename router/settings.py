@@ -59,13 +59,13 @@ class Limits(BaseModel):
 
 
 class LossGuardSettings(BaseModel):
-    """Plain decoding for the rest of a request once its drafts clearly do not pay
-    (``drafters/guard.py``): when P(acceptance < ``break_even``) >= ``confidence``."""
+    """Shorter drafts, then none, once a request's own acceptance and costs say the
+    router's k does not pay for it (``drafters/guard.py``); ``confidence``: the upper
+    quantile of its acceptance that must still prefer the shorter draft."""
 
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    break_even: float = Field(default=0.2, gt=0.0, lt=1.0)
     confidence: float = Field(default=0.95, ge=0.5, lt=1.0)
 
 

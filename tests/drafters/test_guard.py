@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-from scipy.special import betainc
 
 from drafters.engine import SpeculativeEngine
-from drafters.guard import LossGuard, probability_below
+from drafters.guard import LossGuard, step_speedups
 from drafters.loader import LoadedModel
 from drafters.registry import create_drafter
 from drafters.stats import GenerationStats
@@ -16,45 +16,76 @@ from .conftest import TinyModels, assert_same_or_near_tie, make_prompts, referen
 MAX_NEW = 64
 
 
-@pytest.mark.parametrize(("x", "successes", "failures"), [(0.2, 0, 12), (0.2, 3, 9), (0.5, 7, 2)])
-def test_probability_below_is_the_beta_cdf(x: float, successes: int, failures: int) -> None:
-    expected = betainc(successes + 1, failures + 1, x)
-    assert probability_below(x, successes, failures) == pytest.approx(expected, rel=1e-9)
+def test_step_speedups_by_hand() -> None:
+    # a = 0.5, c = 0.2, slope 0.05: S(0) = 1, S(1) = 1.5 / 1.25, S(2) = 1.75 / 1.5.
+    np.testing.assert_allclose(step_speedups(0.5, 2, 0.2, 0.05), [1.0, 1.2, 1.75 / 1.5])
 
 
-def _steps(guard: LossGuard, accepted: list[int], k: int) -> list[int]:
-    """Feed the guard one step at a time, as the engine does; the k it asks per step."""
+PLAIN_STEP_S = 0.01
+
+
+def _steps(guard: LossGuard, accepted: list[int], draft_cost: float = 0.2) -> list[int]:
+    """Feed the guard one step at a time, as the engine does, with a drafted token costing
+    ``draft_cost`` plain steps; the k it asks per step."""
     stats = GenerationStats()
     asked = []
     for n in accepted:
-        k_step = guard(stats.steps, stats)
-        asked.append(k_step)
+        k = guard(stats.steps, stats)
+        asked.append(k)
         stats.observe_step(
-            requested=k_step,
-            drafted=k_step,
-            accepted=min(n, k_step),
-            draft_time_s=0.0,
-            verify_time_s=0.0,
+            requested=k,
+            drafted=k,
+            accepted=min(n, k),
+            draft_time_s=draft_cost * PLAIN_STEP_S * k,
+            verify_time_s=PLAIN_STEP_S * (1 + guard.verify_slope * k),
         )
     return asked
 
 
-def test_every_draft_rejected_trips_after_13_steps_and_for_good() -> None:
+def test_costs_are_read_from_the_requests_own_timings() -> None:
     guard = LossGuard(4)
-    asked = _steps(guard, [0] * 40, 4)
-    assert asked[:13] == [4] * 13
-    assert asked[13:] == [0] * 27
-    assert guard.tripped_at_step == 13
+    stats = GenerationStats()
+    for _ in range(3):
+        stats.observe_step(
+            requested=4,
+            drafted=4,
+            accepted=1,
+            draft_time_s=4 * 0.15 * PLAIN_STEP_S,
+            verify_time_s=PLAIN_STEP_S * 1.2,
+        )
+    assert guard.draft_cost(stats) == pytest.approx(0.15)
+    assert guard.draft_cost(GenerationStats()) == 0.0
 
 
-def test_half_the_drafts_accepted_never_trips() -> None:
-    guard = LossGuard(2)
-    assert _steps(guard, [1] * 100, 2) == [2] * 100
-    assert guard.tripped_at_step is None
+def test_every_draft_rejected_shortens_then_stops_drafting_for_good() -> None:
+    guard = LossGuard(4)
+    asked = _steps(guard, [0] * 40)
+    assert asked[:8] == [4] * 8  # min_evidence observations first
+    assert guard.tripped_at_step is not None and guard.tripped_at_step < 14
+    assert asked[guard.tripped_at_step :] == [0] * (40 - guard.tripped_at_step)
+    assert all(0 < k < 4 for k in asked[8 : guard.tripped_at_step])
+    assert guard.shortest == 0
+
+
+def test_drafts_kept_whole_are_never_shortened() -> None:
+    guard = LossGuard(3)
+    assert _steps(guard, [3] * 60) == [3] * 60
+    assert guard.shortest is None and guard.tripped_at_step is None
+
+
+def test_a_free_drafter_keeps_drafting_where_a_costly_one_stops() -> None:
+    """One accepted draft token in four steps: below what a model drafter's forward costs,
+    above what an n-gram lookup (no forward) costs."""
+    pattern = [1, 0, 0, 0] * 15
+    costly, free = LossGuard(2), LossGuard(2)
+    _steps(costly, pattern, draft_cost=0.3)
+    _steps(free, pattern, draft_cost=0.0)
+    assert costly.tripped_at_step is not None
+    assert free.tripped_at_step is None
 
 
 def test_settings_are_checked() -> None:
-    for bad in ({"k": -1}, {"k": 2, "break_even": 0.0}, {"k": 2, "confidence": 1.0}):
+    for bad in ({"k": -1}, {"k": 2, "confidence": 1.0}, {"k": 2, "verify_slope": -0.1}):
         with pytest.raises(ValueError):
             LossGuard(**bad)  # type: ignore[arg-type]
 

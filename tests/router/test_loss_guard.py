@@ -5,45 +5,80 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import torch
 
 from router.components import Components
 from router.pb import router_pb2 as pb
 from router.settings import LossGuardSettings
-from tests.router.conftest import COMPLETION_PROMPT, ServingWorld, SidecarThread, greedy_reference
+from tests.router.conftest import (
+    ADMIN,
+    COMPLETION_PROMPT,
+    ServingWorld,
+    SidecarThread,
+    greedy_reference,
+)
 
-# A guard that trips as soon as it has 8 observations unless nearly every draft is kept:
-# the barely trained tiny world's drafters never are.
-EAGER = LossGuardSettings(break_even=0.95, confidence=0.5)
-MAX_NEW = 40
+GUARD = LossGuardSettings()
+MAX_NEW = 60
+FAR = "far"
+
+
+@pytest.fixture(scope="module")
+def far_dir(serving_world: ServingWorld, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The world's generic drafter with fresh random weights: the tiny target (which
+    repeats one token) rejects its drafts, as a real target rejects an unrelated drafter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = serving_world.world.drafter_dirs["generic"]
+    destination = serving_world.extra_root / "far-for-the-loss-guard"
+    model = AutoModelForCausalLM.from_pretrained(source)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5)
+    model.save_pretrained(destination, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source).save_pretrained(destination)
+    return destination
 
 
 def _sidecar(
     serving_world: ServingWorld,
     components: Components,
     tmp_path_factory: pytest.TempPathFactory,
+    far_dir: Path,
     guard: LossGuardSettings,
 ) -> Iterator[SidecarThread]:
     settings = serving_world.settings(tmp_path_factory.mktemp("state"), loss_guard=guard)
     running = SidecarThread(settings, components)
+    request = pb.RegisterDrafterRequest(name=FAR, kind="model", path=str(far_dir))
+    running.stub.RegisterDrafter(request, metadata=ADMIN)
     yield running
+    running.stub.RemoveDrafter(pb.RemoveDrafterRequest(name=FAR), metadata=ADMIN)
     running.stop()
 
 
 @pytest.fixture(scope="module")
-def eager(
-    serving_world: ServingWorld, components: Components, tmp_path_factory: pytest.TempPathFactory
+def guarded(
+    serving_world: ServingWorld,
+    components: Components,
+    tmp_path_factory: pytest.TempPathFactory,
+    far_dir: Path,
 ) -> Iterator[SidecarThread]:
-    yield from _sidecar(serving_world, components, tmp_path_factory, EAGER)
+    yield from _sidecar(serving_world, components, tmp_path_factory, far_dir, GUARD)
 
 
 @pytest.fixture(scope="module")
 def unguarded(
-    serving_world: ServingWorld, components: Components, tmp_path_factory: pytest.TempPathFactory
+    serving_world: ServingWorld,
+    components: Components,
+    tmp_path_factory: pytest.TempPathFactory,
+    far_dir: Path,
 ) -> Iterator[SidecarThread]:
-    off = LossGuardSettings(enabled=False, break_even=0.95, confidence=0.5)
-    yield from _sidecar(serving_world, components, tmp_path_factory, off)
+    off = LossGuardSettings(enabled=False)
+    yield from _sidecar(serving_world, components, tmp_path_factory, far_dir, off)
 
 
 def _generate(sidecar: SidecarThread) -> tuple[list[int], pb.GenerationStats]:
@@ -52,7 +87,7 @@ def _generate(sidecar: SidecarThread) -> tuple[list[int], pb.GenerationStats]:
             pb.GenerateRequest(
                 text=COMPLETION_PROMPT,
                 max_new_tokens=MAX_NEW,
-                force_drafter="generic",
+                force_drafter=FAR,
                 force_draft_length=4,
             ),
             timeout=120,
@@ -62,22 +97,23 @@ def _generate(sidecar: SidecarThread) -> tuple[list[int], pb.GenerationStats]:
 
 
 def _trips(sidecar: SidecarThread) -> float:
+    """Guarded Generates that stopped drafting (to="0")."""
     text = urllib.request.urlopen(sidecar.metrics_url, timeout=10).read().decode()
     for line in text.splitlines():
-        if line.startswith('specroute_loss_guard_trips_total{drafter="generic"}'):
+        if line.startswith('specroute_loss_guard_trips_total{drafter="far",to="0"}'):
             return float(line.split()[-1])
     return 0.0
 
 
-def test_a_guarded_generate_stops_drafting_and_keeps_the_output(eager: SidecarThread) -> None:
-    expected, _ = greedy_reference(eager, COMPLETION_PROMPT, MAX_NEW)
-    ids, stats = _generate(eager)
+def test_a_guarded_generate_stops_drafting_and_keeps_the_output(guarded: SidecarThread) -> None:
+    expected, _ = greedy_reference(guarded, COMPLETION_PROMPT, MAX_NEW)
+    ids, stats = _generate(guarded)
     assert ids == expected
     drafted = list(stats.drafted_per_step)
     first_plain = drafted.index(0)
     assert drafted[0] > 0 and 2 <= first_plain < len(drafted) - 2
     assert not any(drafted[first_plain:])
-    assert _trips(eager) == 1.0
+    assert _trips(guarded) == 1.0
 
 
 def test_the_setting_turns_the_guard_off(unguarded: SidecarThread) -> None:
