@@ -46,6 +46,8 @@ VERIFY_SLOPE = 0.08
 K_MAX = 8
 #: The n-gram drafter's largest k (thompson's ``copy_k_max``: it is a copy drafter).
 NGRAM_K_MAX = 16
+#: Mean length of a repeated stretch the n-gram drafter copies (``with_copy_ngram``).
+COPY_RUN_MEAN = 20.0
 
 _GENERIC = {
     "chat": 0.42,
@@ -108,9 +110,10 @@ class GroundTruth:
     source: str
     t_ar: float = T_AR
     verify_slope: float = VERIFY_SLOPE
-    # [C, B]: when set, the n-gram drafter is a copy drafter (``with_copy_ngram``): a step
-    # matches with ``copy_match`` and copies k tokens, kept whole with the n-gram's
-    # acceptance, else rejected at once; an unmatched step drafts nothing.
+    # [C, B]: when set, the n-gram drafter is a copy drafter (``with_copy_ngram``): a
+    # lookup matches with ``copy_match``; a match is a repeated stretch of R tokens (R
+    # geometric, mean COPY_RUN_MEAN) with the n-gram's acceptance as probability, else
+    # rejected at once; an unmatched lookup drafts nothing.
     copy_match: np.ndarray | None = None
 
     def gain(self) -> np.ndarray:
@@ -120,17 +123,30 @@ class GroundTruth:
 
     def speedups(self) -> np.ndarray:
         """True S(a, k): [C, B, D, MAX_DRAFT_LENGTH + 1] (any k a policy may pick); the
-        n-gram drafter's by the copy law when ``copy_match`` is set: a step emits
-        1 + p q k tokens and drafts p k, p the match and q the keep probability."""
+        n-gram drafter's by its runs when ``copy_match`` is set (``copy_run_speedups``)."""
         table = speedup_table(self.acceptance, self.gain())
         if self.copy_match is not None and NGRAM in self.drafters:
             j = self.drafters.index(NGRAM)
-            lengths = np.arange(MAX_DRAFT_LENGTH + 1)
-            drafted = self.copy_match[..., None] * lengths  # [C, B, K + 1]
-            tokens = 1.0 + drafted * self.acceptance[..., j, None]
-            cost = 1.0 + drafted * (self.draft_cost[j] + self.verify_slope)
-            table[..., j, :] = tokens / cost
-            table[..., j, 0] = 1.0
+            table[..., j, :] = self.copy_run_speedups(self.copy_match, self.acceptance[..., j])
+        return table
+
+    def copy_run_speedups(self, match: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """S(k), k = 0..MAX_DRAFT_LENGTH, of a copy drafter whose lookups match with p,
+        a match being a repeated stretch with probability q (R geometric, mean M: P(R >= i)
+        = rho^(i - 1), rho = 1 - 1 / M) and rejected at once otherwise. Per lookup:
+        1 + p q M tokens; a stretch takes 1 + E[floor(R / (k + 1))] = 1 + rho^k /
+        (1 - rho^(k + 1)) steps, each drafting k; so steps(k) = 1 + p q rho^k / (1 -
+        rho^(k + 1)), drafted(k) = p k (1 + q rho^k / (1 - rho^(k + 1)))."""
+        j = self.drafters.index(NGRAM)
+        rho = 1.0 - 1.0 / COPY_RUN_MEAN
+        k = np.arange(MAX_DRAFT_LENGTH + 1)
+        extra = rho**k / (1.0 - rho ** (k + 1))  # E[floor(R / (k + 1))] of a stretch
+        p, q = match[..., None], keep[..., None]
+        tokens = 1.0 + p * q * COPY_RUN_MEAN
+        steps = 1.0 + p * q * extra
+        drafted = p * k * (1.0 + q * extra)
+        table = tokens / (steps + drafted * (self.draft_cost[j] + self.verify_slope))
+        table[..., 0] = 1.0
         return table
 
     def oracle_arms(self, present: Sequence[str]) -> dict[tuple[int, int], tuple[str, int]]:
@@ -151,8 +167,9 @@ class GroundTruth:
         return arms
 
     def with_copy_ngram(self, match: float) -> GroundTruth:
-        """A copy where the n-gram drafter drafts copies (``copy_match``): a step matches
-        with probability ``match``; a copy is kept whole with the n-gram's acceptance."""
+        """A copy where the n-gram drafter drafts copies (``copy_match``): a lookup matches
+        with probability ``match``; a match is a repeated stretch with the n-gram's
+        acceptance as probability (``copy_run_speedups``)."""
         shape = self.acceptance.shape[:2]
         return replace(self, copy_match=np.full(shape, float(match)))
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.policy_sim.ground_truth import K_MAX, NGRAM, GroundTruth
+from benchmarks.policy_sim.ground_truth import COPY_RUN_MEAN, K_MAX, NGRAM, GroundTruth
 from router.policy.base import Context, Outcome, Policy, length_bucket
 from router.policy.registry import make_policy
 from router.policy.static import StaticPolicy, table_key
@@ -140,17 +140,28 @@ def copy_steps(
     rng: np.random.Generator, match: float, keep: float, k: int, tokens: int
 ) -> tuple[list[int], list[int]]:
     """A copy drafter's (drafted, accepted) per step until ``tokens`` are generated: a
-    step matches with ``match`` and copies k tokens, kept whole with ``keep``, else
-    rejected at once; an unmatched step drafts nothing."""
+    lookup matches with ``match``; a match is a repeated stretch of R tokens (geometric,
+    mean COPY_RUN_MEAN) with ``keep``, else rejected at once. A stretch takes full steps
+    (k drafted and kept, the bonus token the copy's next) while more than k are left,
+    then one that keeps the rest; an unmatched lookup drafts nothing."""
     drafted: list[int] = []
     accepted: list[int] = []
     emitted = 0
     while emitted < tokens:
-        matched = rng.random() < match
-        kept = matched and rng.random() < keep
-        drafted.append(k if matched else 0)
-        accepted.append(k if kept else 0)
-        emitted += accepted[-1] + 1
+        if rng.random() >= match:
+            drafted.append(0)
+            accepted.append(0)
+            emitted += 1
+            continue
+        left = int(rng.geometric(1.0 / COPY_RUN_MEAN)) if rng.random() < keep else 0
+        while left > k:
+            drafted.append(k)
+            accepted.append(k)
+            left -= k + 1
+            emitted += k + 1
+        drafted.append(k)
+        accepted.append(left)
+        emitted += left + 1
     return drafted, accepted
 
 

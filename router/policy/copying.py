@@ -1,46 +1,57 @@
-"""Per-position posteriors of a copy drafter (prompt lookup) in one context.
+"""Posteriors of a copy drafter (prompt lookup) in one context: how often a run of
+copied tokens starts, and how long it goes on.
 
 A copy drafter's step finds a match and copies up to k tokens, or drafts nothing
-(``speedup.py``, "copy drafters"). Per (context, copy drafter) and position i = 1..K:
+(``speedup.py``, "copy drafters"). What does not depend on k is the **run**: from where
+a lookup starts, the number R of tokens the copy matches the target's output (0: the
+first copied token is wrong). At draft length k a run of R tokens takes
+floor(R / (k + 1)) + 1 steps and emits R + 1 tokens (each full step's bonus token is the
+copy's next one; the last step ends with the target's correction). Per (context, copy
+drafter):
 
-    c_i ~ Beta   the chance that the step drafts position i given it drafted i - 1
-                 (c_1: that the lookup matches),
-    a_i ~ Beta   the chance that drafted token i is accepted given 1..i-1 were.
+    c ~ Beta     that a run start finds a match (an unmatched start drafts nothing),
+    h_i ~ Beta   that a matched run goes on to token i given it reached i - 1
+                 (i = 1..H, H = 4 copy_k_max: h_1 is "the first copied token is kept").
 
-Evidence from a step that asked for k drafts, drafted m <= k and had n <= m accepted
-(censored: a step says nothing of the positions it did not reach):
+Runs are read back from a request's steps at draft length k (drafted m, accepted n):
+a step with m = 0 at a run start is an unmatched start; a full step (m = k, n = k) goes
+on into the next step, adding k + 1 tokens; any other step ends the run with R = the
+tokens so far + n. The last run of a request, and a run whose step drafted fewer than k
+(an end-of-turn token, the last tokens of the budget) and had them all accepted, are
+censored: they say R >= what was seen, not where it ended. Evidence:
 
-    c_i:  a success for i <= m, a failure at i = m + 1 when m < k,
-    a_i:  a success for i <= n, a failure at i = n + 1 when n < m.
+    c:    a success per matched start, a failure per unmatched one,
+    h_i:  a success for i <= R, a failure at i = R + 1 unless censored (R < H).
 
-A counterfactual score gives only n at draft length k: a failure at n + 1 (n < k) is
-either "not drafted" or "drafted and rejected", which the score cannot tell apart. So it
-teaches a only: successes for i <= n, and the failure at n + 1 weighted by the chance
-that the step drafted and was rejected, c (1 - a) / (1 - c a) at the position's
-posterior means (the expected count of an EM step); c is learnt from the drafter's own
-outcomes alone, which count the steps that drafted nothing. Were c learnt from scores
-too, its split would have nothing to pin it and would drift below 1 with the prior,
-pricing the verify step of drafts that are in fact made too cheaply.
+A step-level model (per-position acceptance of a step's i-th draft) is biased here: the
+share of steps that match depends on k (a repeated stretch is split into more steps at
+a small k), which run counts do not. On real n-gram steps of the default world's held-out
+prompts, runs read at k = 16 or at k = 4 predict the tokens per step at every k to within
+about 0.01-0.1 (``docs/policy.md``).
+
+A counterfactual score gives only n per step at draft length k: a run start with n = 0
+is either unmatched or a match rejected at once, which the score cannot tell apart. So
+it teaches h only: that start counts as a failure at h_1 weighted by the chance that it
+was a match, c (1 - h_1) / (1 - c h_1) at the posterior means (the expected count of an
+EM step); c is learnt from the drafter's own outcomes alone, which count the steps that
+drafted nothing (learnt from scores, c would drift with its prior).
 
 The evidence is discounted like the scalar posterior (``acceptance.py``): before each
-update every count is multiplied by the gamma of that update. The Beta of a position is
-its evidence plus a prior of weight w borrowed from the position before it:
+update every count is multiplied by the gamma of that update. The Beta of each
+parameter is its evidence plus a prior of weight w:
 
-    position 1:   a_1 from the drafter's own prior (alpha0, beta0); c_1 from "it drafts",
-                  "kept" below: until its own outcomes show steps that draft nothing, a
-                  copy drafter is priced as one that drafts every step (the dearer
-                  verify step), and one request's steps outweigh that prior;
-    position 2:   "kept" for both, mean 0.999 and weight w: a copy whose first token was
-                  right is expected to go on and be kept (what a copy is), until steps
-                  reach position 2; the first position says little of the others (a_1
-                  is "is this the right copy", a_2.. "does the copy go on matching");
-    i >= 3:       mean m_{i-1} of position i - 1 (evidence and prior), prior w (m, 1 - m)
-                  (m kept within [0.001, 0.999]),
+    c:         "it matches", mean 0.999 and weight w ("kept" below): until the drafter's
+               own outcomes show starts that draft nothing, it is priced as one that
+               drafts every step (the dearer verify step); one request outweighs it;
+    h_1:       the drafter's own prior (alpha0, beta0);
+    h_2:       "kept", mean 0.999 and weight w: a copy whose first token was right is
+               expected to go on (what a copy is); h_1 says little of the others;
+    h_i, i>=3: mean m_{i-1} of h_{i-1} (evidence and prior), prior w (m, 1 - m)
+               (m kept within [0.001, 0.999]),
 
-so a position no step has reached yet is expected to behave like the last one reached
-(a copy kept whole so far is expected to go on being kept, one rejected after a few
-tokens to be rejected again), with a spread that Thompson draws explore, and its own
-evidence outweighs the prior after a few steps.
+so a run length no run has reached is expected to go on like the last one reached, with
+a spread that Thompson draws explore, and its own evidence outweighs the prior after a
+few runs.
 """
 
 from __future__ import annotations
@@ -57,51 +68,70 @@ C_SUCCESS, C_FAILURE, A_SUCCESS, A_FAILURE = range(4)
 MEAN_FLOOR = 1e-3
 
 
-def step_counts(
+def runs_of_steps(
+    drafted_per_step: Sequence[int], accepted_per_step: Sequence[int], k: int
+) -> list[tuple[bool, int, bool]]:
+    """(matched, R, censored) of each run start in a request's steps at draft length k
+    (module doc)."""
+    runs: list[tuple[bool, int, bool]] = []
+    run: int | None = None
+    for drafted, accepted in zip(drafted_per_step, accepted_per_step, strict=True):
+        if run is None and drafted <= 0:
+            runs.append((False, 0, False))
+            continue
+        run = (run or 0) + accepted
+        if drafted >= k and accepted >= drafted:
+            run += 1  # a full step: its bonus token is the copy's next, the run goes on
+        elif accepted >= drafted > 0:
+            runs.append((True, run, True))  # the draft was cut short, not refuted
+            run = None
+        else:
+            runs.append((True, run, False))
+            run = None
+    if run is not None:
+        runs.append((True, run, True))  # the request ended inside the run
+    return runs
+
+
+def _add_run(counts: FloatArray, length: int, censored: bool, weight: float = 1.0) -> None:
+    reached = min(length, counts.shape[1])
+    counts[A_SUCCESS, :reached] += weight
+    if not censored and length < counts.shape[1]:
+        counts[A_FAILURE, length] += weight
+
+
+def run_counts(
     drafted_per_step: Sequence[int], accepted_per_step: Sequence[int], k: int, positions: int
 ) -> FloatArray:
-    """Evidence [4, positions] of steps that asked for ``k`` drafts (module doc); positions
-    past ``positions`` are not modelled and ``k`` is clipped to it."""
+    """Evidence [4, positions] of a request's steps at draft length ``k`` (module doc):
+    c in column 0 of the first two rows, h_i in column i - 1 of the last two."""
     counts = np.zeros((4, positions))
-    if not drafted_per_step or k <= 0:
+    if k <= 0:
         return counts
-    k = min(int(k), positions)
-    drafted = np.minimum(np.asarray(drafted_per_step, dtype=np.int64), k)
-    accepted = np.minimum(np.asarray(accepted_per_step, dtype=np.int64), drafted)
-    # reached[j] = #{steps: value >= j + 1}, the successes at position j + 1.
-    for row, values in ((C_SUCCESS, drafted), (A_SUCCESS, accepted)):
-        histogram = np.bincount(values, minlength=positions + 1)[: positions + 1]
-        counts[row] = histogram[::-1].cumsum()[::-1][1:]
-    stopped = drafted[drafted < k]  # a failure of c at position m + 1
-    counts[C_FAILURE] = np.bincount(stopped, minlength=positions)[:positions]
-    rejected = accepted[accepted < drafted]  # a failure of a at position n + 1
-    counts[A_FAILURE] = np.bincount(rejected, minlength=positions)[:positions]
+    for matched, length, censored in runs_of_steps(drafted_per_step, accepted_per_step, k):
+        if not matched:
+            counts[C_FAILURE, 0] += 1.0
+            continue
+        counts[C_SUCCESS, 0] += 1.0
+        _add_run(counts, length, censored)
     return counts
 
 
 def counterfactual_counts(
-    accepted_per_step: Sequence[int],
-    k: int,
-    positions: int,
-    continuation: FloatArray,
-    acceptance: FloatArray,
+    accepted_per_step: Sequence[int], k: int, positions: int, match: float, first: float
 ) -> FloatArray:
     """Evidence [4, positions] of counterfactual steps at draft length ``k`` that accepted
-    ``accepted_per_step``: acceptance only, the failure at n + 1 weighted by the chance
-    that the step drafted, from the posterior means ``continuation`` and ``acceptance``
-    [positions] (module doc); the continuation rows stay 0."""
+    ``accepted_per_step``: h only, a run start with nothing accepted weighted by the
+    chance that it was a match rejected at once, from the posterior means ``match`` (c)
+    and ``first`` (h_1) (module doc); the c rows stay 0."""
     counts = np.zeros((4, positions))
-    if not accepted_per_step or k <= 0:
+    if k <= 0 or not accepted_per_step:
         return counts
-    k = min(int(k), positions)
-    accepted = np.minimum(np.asarray(accepted_per_step, dtype=np.int64), k)
-    histogram = np.bincount(accepted, minlength=positions + 1)[: positions + 1]
-    reached = histogram[::-1].cumsum()[::-1][1:]
-    failures = np.bincount(accepted[accepted < k], minlength=positions)[:positions]
-    c, a = continuation, acceptance
-    not_drafted = (1.0 - c) / np.maximum(1.0 - c * a, 1e-12)
-    counts[A_SUCCESS] = reached
-    counts[A_FAILURE] = failures * (1.0 - not_drafted)
+    matched = match * (1.0 - first) / max(1.0 - match * first, 1e-12)
+    drafted = [k] * len(accepted_per_step)
+    accepted = [min(int(a), k) for a in accepted_per_step]
+    for _, length, censored in runs_of_steps(drafted, accepted, k):
+        _add_run(counts, length, censored, matched if length == 0 else 1.0)
     return counts
 
 
@@ -141,7 +171,8 @@ def kept_prior(weight: float) -> tuple[float, float]:
 
 
 class CopyPositions:
-    """One (context, copy drafter): discounted evidence per position and its posterior."""
+    """One (context, copy drafter): discounted evidence of c and h_1..h_H and the
+    posterior it gives (rows alpha_c, beta_c, alpha_h, beta_h; c in column 0)."""
 
     def __init__(
         self,
@@ -170,7 +201,7 @@ class CopyPositions:
         )
 
     def means(self) -> tuple[FloatArray, FloatArray]:
-        """Posterior means (c_i, a_i), [K] each."""
+        """Posterior means of the c and h rows, [H] each (c in column 0)."""
         p = self.posterior
         return (
             p[C_SUCCESS] / (p[C_SUCCESS] + p[C_FAILURE]),

@@ -20,8 +20,9 @@ which is S(a, k) when F_0 = F_d = 0 (``request_speedup``).
 
 Drafts a stop rule may end before k are priced by their expected length
 (``stopped_draft_expectations``, ``stopped_speedup_table``; the model is stated above
-them), and so are copy drafters' (prompt lookup), whose steps may draft nothing at all
-(``copy_request_speedup``; the model is stated above it).
+them). Copy drafters (prompt lookup), whose steps may draft nothing and whose copies run
+across steps, are priced by the length of their runs (``copy_request_speedup``; the
+model is stated above it).
 
 Everything is vectorised over acceptances (any leading shape) and draft lengths.
 """
@@ -80,19 +81,6 @@ def request_speedup(
     (R, D) for acceptances (R, D)."""
     tokens = expected_tokens_per_step(acceptance, gain.shape[-1] - 1)
     step_cost = t_ar / gain  # k * t_draft + t_verify(k); t_ar at k = 0
-    return _per_request(tokens, step_cost, t_ar, output_tokens, fixed_none, fixed_drafters)
-
-
-def _per_request(
-    tokens: FloatArray,
-    step_cost: FloatArray,
-    t_ar: float,
-    output_tokens: npt.ArrayLike,
-    fixed_none: npt.ArrayLike,
-    fixed_drafters: npt.ArrayLike,
-) -> FloatArray:
-    """S_req from the expected tokens and cost of a step, (..., R, D, K + 1) and one
-    broadcastable to it: (F_0 + N t_ar) / (F_d + (N / E[tokens]) cost), 1 at k = 0."""
     length = np.asarray(output_tokens, dtype=np.float64)[..., None, None]
     plain = np.asarray(fixed_none, dtype=np.float64)[..., None, None]
     spent = length * step_cost / tokens  # F_d + (N / L) (k t_draft + t_verify(k)), in place
@@ -142,20 +130,17 @@ def best_draft_length(table: FloatArray) -> tuple[npt.NDArray[np.intp], FloatArr
 
 
 def stopped_draft_expectations(
-    acceptance: npt.ArrayLike, continuation: npt.ArrayLike, *, first_drafted: bool = True
+    acceptance: npt.ArrayLike, continuation: npt.ArrayLike
 ) -> tuple[FloatArray, FloatArray, FloatArray]:
     """(E[tokens], E[drafted], P(stop)) per step for k = 0..K (model above).
 
     ``acceptance`` a_i and ``continuation`` c_i have shape (..., K), position i = 1..K
-    in the last axis. With ``first_drafted`` (a stop rule) ``continuation[..., 0]`` is
-    ignored: the first draft is always made; without it (a copy drafter) c_1 is the
-    chance that a step drafts anything at all. Each result has shape (..., K + 1); k = 0
-    is plain decoding (1, 0, 0).
+    in the last axis (``continuation[..., 0]`` is ignored: the first draft is always
+    made). Each result has shape (..., K + 1); k = 0 is plain decoding (1, 0, 0).
     """
     a = np.asarray(acceptance, dtype=np.float64)
     c = np.array(np.broadcast_to(continuation, a.shape), dtype=np.float64)
-    if first_drafted:
-        c[..., :1] = 1.0
+    c[..., :1] = 1.0
     drafted_prob = np.cumprod(c, axis=-1)  # C_i
     emitted_prob = drafted_prob * np.cumprod(a, axis=-1)  # C_i A_i
     zero = np.zeros((*a.shape[:-1], 1))
@@ -178,7 +163,6 @@ def stopped_speedup_table(
     t_ar: float,
     t_draft: npt.ArrayLike,
     t_verify: npt.ArrayLike,
-    copy: bool = False,
 ) -> FloatArray:
     """S for drafts stopped early, k = 0..K:
 
@@ -189,88 +173,85 @@ def stopped_speedup_table(
     ``t_draft`` (D,) per drafter forward; ``t_verify`` (K + 1,) the verify time of a step
     of d = 0..K drafts (a line, interpolated at the fractional E[drafted]). Returns
     (..., D, K + 1). With every c_i = 1 and constant a it equals ``speedup_table``.
-    ``copy``: the drafters are copy drafters (model below): c_1 is used and a draft that
-    ends early pays no extra forward, so the cost is E[drafted] t_draft + t_verify(E[drafted]).
     """
-    tokens, cost = _step_expectations(acceptance, continuation, t_draft, t_verify, copy=copy)
-    table = tokens * t_ar / np.maximum(cost, 1e-12)
-    table[..., 0] = 1.0
-    return table
-
-
-def _step_expectations(
-    acceptance: npt.ArrayLike,
-    continuation: npt.ArrayLike,
-    t_draft: npt.ArrayLike,
-    t_verify: npt.ArrayLike,
-    *,
-    copy: bool,
-) -> tuple[FloatArray, FloatArray]:
-    """(E[tokens], E[cost]) of a step for k = 0..K, (..., D, K + 1) (the models above
-    and below; ``copy`` picks the copy drafters' one)."""
-    tokens, drafted, stopped = stopped_draft_expectations(
-        acceptance, continuation, first_drafted=not copy
-    )
+    tokens, drafted, stopped = stopped_draft_expectations(acceptance, continuation)
     verify = np.asarray(t_verify, dtype=np.float64)
     draft = np.asarray(t_draft, dtype=np.float64)[:, None]  # [D, 1]
     lengths = np.arange(len(verify), dtype=np.float64)
-    forwards = drafted if copy else drafted + stopped
-    return tokens, forwards * draft + np.interp(drafted, lengths, verify)
+    cost = (drafted + stopped) * draft + np.interp(drafted, lengths, verify)
+    table = tokens * t_ar / np.maximum(cost, 1e-12)
+    table[..., 0] = 1.0
+    return table
 
 
 # -- copy drafters (prompt lookup, drafters/ngram.py) ------------------------------------
 #
 # A copy drafter drafts what followed an earlier occurrence of the text's suffix. A step
 # either finds no match and drafts nothing (a plain verify step: it emits the target's
-# one token), or copies up to k tokens, which the target keeps whole where it repeats
-# itself and rejects early where it does not. One per-token acceptance (the truncated
-# geometric L(a, k) above) cannot describe that: the steps that draft nothing and the
-# early rejections pull a down, and L(a, k) then flattens after a few positions where
-# the copies that are made are kept to the end. The per-position model above prices it
-# with
+# one token), or copies up to k tokens, which the target keeps while it repeats itself.
+# One per-token acceptance (the truncated geometric L(a, k) above) cannot describe that,
+# and neither can a per-step law whose parameters do not depend on k: a repeated stretch
+# is one step at a large k and several at a small one, so how often a step matches
+# depends on k. What does not is the **run**: from where a lookup starts, the number R
+# of tokens the copy matches (``copying.py``). With c the chance that a run start finds a
+# match and h_i that a matched run goes on to token i given it reached i - 1,
 #
-#   c_1  the chance that a step's lookup matches (a step may draft nothing: c_1 < 1),
-#   c_i  (i >= 2) that the copy goes on to position i given it reached i - 1 (an
-#        end-of-turn token ends it),
-#   a_i  that copied token i is accepted given tokens 1..i-1 were,
+#   P(R >= i) = h_1 ... h_i,    E[R] = sum_{i<=H} P(R >= i)       (R capped at H)
 #
-# so E[tokens](k) = 1 + sum_{i<=k} C_i A_i and E[drafted](k) = sum_{i<=k} C_i as above,
-# and a step costs E[drafted](k) t_draft + t_verify(E[drafted](k)): a lookup runs no
-# drafter forward (its time is in t_draft, measured per drafted token) and a step that
-# drafts nothing is a verify step of 0 drafts, one plain step. Per request, with the
-# fixed times and output length of ``request_speedup``:
+# and at draft length k a matched run of R tokens takes floor(R / (k + 1)) + 1 steps
+# (each full step emits k + 1 tokens, its bonus token being the copy's next; the last
+# one ends with the target's correction) and emits R + 1 tokens, each of its steps
+# drafting k; an unmatched start is one plain step. Per run start:
 #
-#   S_req(k) = (F_0 + N t_ar) / (F_d + (N / E[tokens](k)) (E[drafted](k) t_draft
-#                                                          + t_verify(E[drafted](k))))
+#   E[tokens]     = c (1 + E[R]) + (1 - c)
+#   E[steps](k)   = c (1 + sum_{j>=1} P(R >= j (k + 1))) + (1 - c)
+#   E[drafted](k) = c k (1 + sum_{j>=1} P(R >= j (k + 1)))
+#   E[cost](k)    = t0 E[steps](k) + (t_draft + t1) E[drafted](k)   (t_verify(d) = t0 + t1 d)
 #
-# With c_i = 1 and constant a_i = a this is ``request_speedup``'s S_req(a, k).
+# (a lookup runs no drafter forward; its time is in t_draft, measured per drafted token),
+# and per request, with the fixed times and output length of ``request_speedup``,
+#
+#   S_req(k) = (F_0 + N t_ar) / (F_d + N E[cost](k) / E[tokens]).
+
+
+def run_steps_matrix(horizon: int, k_max: int) -> FloatArray:
+    """[H, K]: 1 where run length i (row i - 1) is a multiple of k + 1 (column k - 1), so
+    that P(R >= i) @ it = sum_{j>=1} P(R >= j (k + 1)) for k = 1..K."""
+    lengths = np.arange(1, horizon + 1)[:, None]
+    return (lengths % np.arange(2, k_max + 2)[None, :] == 0).astype(np.float64)
 
 
 def copy_request_speedup(
-    positions: npt.ArrayLike,
+    match: npt.ArrayLike,
+    hazard: npt.ArrayLike,
     *,
+    k_max: int,
     t_ar: float,
     t_draft: npt.ArrayLike,
     verify_line: tuple[float, float],
     output_tokens: npt.ArrayLike,
     fixed_none: npt.ArrayLike,
     fixed_drafters: npt.ArrayLike,
+    steps_matrix: FloatArray | None = None,
 ) -> FloatArray:
-    """S_req(k) of copy drafters (model above), k = 0..K.
+    """S_req(k) of copy drafters (model above), k = 0..``k_max``.
 
-    ``positions``: (..., R, D, 2, K) per request and drafter, c_1..c_K in
-    ``[..., 0, :]`` and a_1..a_K in ``[..., 1, :]``; ``t_draft`` (D,); ``verify_line``
-    (t0, t1): t_verify(d) = t0 + t1 d for d drafts; ``output_tokens`` and ``fixed_none``
-    (R,), ``fixed_drafters`` (R, D), as in ``request_speedup``. Returns (..., R, D, K + 1),
-    1 at k = 0. Written for the select path (a dozen array operations);
-    ``stopped_speedup_table(..., copy=True)`` is the same per-step price in general form."""
-    chains = np.cumprod(np.asarray(positions, dtype=np.float64), axis=-1)  # C_i, A_i
-    chains[..., 1, :] *= chains[..., 0, :]  # C_i A_i
-    sums = np.cumsum(chains, axis=-1)  # E[drafted](k), E[tokens](k) - 1 for k >= 1
+    ``match`` c: (..., R, D) per request and drafter; ``hazard`` h_1..h_H: (..., R, D, H);
+    ``t_draft`` (D,); ``verify_line`` (t0, t1); ``output_tokens`` and ``fixed_none`` (R,),
+    ``fixed_drafters`` (R, D), as in ``request_speedup``; ``steps_matrix``
+    ``run_steps_matrix(H, k_max)`` when the caller keeps it. Returns (..., R, D, K + 1),
+    1 at k = 0."""
+    c = np.asarray(match, dtype=np.float64)[..., None]
+    reach = np.cumprod(np.asarray(hazard, dtype=np.float64), axis=-1)  # P(R >= i)
+    matrix = steps_matrix if steps_matrix is not None else run_steps_matrix(reach.shape[-1], k_max)
+    run_steps = reach @ matrix + 1.0  # E[floor(R / (k + 1))] + 1, k = 1..K
+    tokens = c * reach.sum(axis=-1, keepdims=True) + 1.0  # c (1 + E[R]) + 1 - c
     t0, t1 = verify_line
-    cost = sums[..., 0, :] * (np.asarray(t_draft, dtype=np.float64)[:, None] + t1) + t0
+    drafts = run_steps * (c * np.arange(1, k_max + 1))  # E[drafted](k)
+    cost = (c * run_steps + (1.0 - c)) * t0
+    cost += drafts * (np.asarray(t_draft, dtype=np.float64)[:, None] + t1)
     length = np.asarray(output_tokens, dtype=np.float64)[..., None, None]
-    spent = cost / (sums[..., 1, :] + 1.0)
+    spent = cost / tokens
     spent *= length
     spent += np.asarray(fixed_drafters, dtype=np.float64)[..., None]
     plain = np.asarray(fixed_none, dtype=np.float64)[..., None, None] + length * t_ar

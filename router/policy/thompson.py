@@ -27,17 +27,17 @@ S(a, k) = L(a, k) t_ar / (k t_draft + t_verify(k)). The decision is "explored" w
 ``expected_speedup`` is S at the posterior mean.
 
 Copy drafters (``copy_drafters``, the prompt-lookup ``ngram`` by default) are priced by
-their own model instead (``speedup.py`` and ``copying.py``, "copy drafters"): per
-position i = 1..copy_k_max the chance c_i that the step drafts it (c_1: a lookup
-matches) and the acceptance a_i given 1..i-1 were kept, each a Beta posterior counted
-from the outcomes' per-step drafts and accepts, drawn with the acceptances above, and
+their own model instead (``speedup.py`` and ``copying.py``, "copy drafters"): the chance
+c that a lookup finds a match and the length R of the run of tokens the copy then
+matches, through Beta posteriors of c and of the hazards h_i = P(R >= i | R >= i - 1),
+read back from the outcomes' per-step drafts and accepts and drawn with the acceptances
+above. At draft length k a run takes floor(R / (k + 1)) + 1 steps for R + 1 tokens, so
 
-    S_req(k) = (F_0 + N t_ar) / (F_d + (N / E[tokens](k)) (E[drafted](k) t_draft
-                                                          + t_verify(E[drafted](k))))
+    S_req(k) = (F_0 + N t_ar) / (F_d + N E[cost](k) / E[tokens]),
 
-with E[tokens](k) = 1 + sum_{i<=k} C_i A_i, E[drafted](k) = sum_{i<=k} C_i (C_i, A_i the
-products of c and a up to i), for k up to ``copy_k_max`` (16): copies kept whole make
-long drafts pay, which one per-token acceptance cannot price. Model drafters keep k_max.
+E[tokens] = 1 + c E[R], E[cost](k) = t0 E[steps](k) + (t_draft + t1) E[drafted](k), for k
+up to ``copy_k_max`` (16): runs longer than a few tokens make long drafts pay, which one
+per-token acceptance cannot price. Model drafters keep k_max.
 
 Cold start: a drafter added with ``similarity`` (cluster -> similarity of its fine-tuning
 sample to the cluster) gets a prior whose mean grows with the similarity (weight
@@ -79,7 +79,7 @@ from router.policy.copying import (
     counterfactual_counts,
     evidence_from_list,
     kept_prior,
-    step_counts,
+    run_counts,
 )
 from router.policy.costs import RequestOverheads, StepRatios
 from router.policy.speedup import (
@@ -88,6 +88,7 @@ from router.policy.speedup import (
     copy_request_speedup,
     cost_gain,
     request_speedup,
+    run_steps_matrix,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ logger = logging.getLogger(__name__)
 #: Drafters priced as copy drafters unless the config says otherwise: the built-in
 #: prompt-lookup drafter (``drafters/ngram.py``).
 DEFAULT_COPY_DRAFTERS: tuple[str, ...] = ("ngram",)
+#: A copy drafter's run lengths are modelled up to this many times its copy_k_max.
+RUN_HORIZON_PER_K = 4
 
 
 class ThompsonConfig(BaseModel):
@@ -152,37 +155,37 @@ class RequestPrices:
 @dataclass(frozen=True, slots=True)
 class CopyTerms:
     """The copy drafters among the D drafters of a decision (``speedup.py``, "copy
-    drafters"): their columns, per-position posteriors and step costs."""
+    drafters"): their columns, run posteriors and step costs."""
 
     columns: tuple[int, ...]  # [Dc]: indices into the D drafters
-    posterior: FloatArray  # [R, Dc, 4, K]: alpha_c, beta_c, alpha_a, beta_a per position
+    posterior: FloatArray  # [R, Dc, 4, H]: alpha_c, beta_c (column 0), alpha_h, beta_h
     t_draft: FloatArray  # [Dc]
     verify_line: tuple[float, float]  # t_verify(d) = t0 + t1 d for d drafts
-
-    @property
-    def k_max(self) -> int:
-        return int(self.posterior.shape[-1])
+    k_max: int  # draft lengths 1..k_max
+    steps_matrix: FloatArray  # [H, k_max]: ``run_steps_matrix``
 
     def parameters(self) -> tuple[FloatArray, FloatArray]:
-        """(alpha, beta) [R, Dc * 2 * K]: per drafter c_1..c_K then a_1..a_K."""
+        """(alpha, beta) [R, Dc * (1 + H)]: per drafter c, then h_1..h_H."""
         rows = self.posterior.shape[0]
-        return (
-            self.posterior[:, :, 0::2, :].reshape(rows, -1),
-            self.posterior[:, :, 1::2, :].reshape(rows, -1),
-        )
+        alpha = np.concatenate([self.posterior[:, :, 0, :1], self.posterior[:, :, 2]], axis=-1)
+        beta = np.concatenate([self.posterior[:, :, 1, :1], self.posterior[:, :, 3]], axis=-1)
+        return alpha.reshape(rows, -1), beta.reshape(rows, -1)
 
     def speedups(self, values: FloatArray, prices: RequestPrices) -> FloatArray:
-        """S_req(k) for values [..., R, Dc * 2 * K] (c_i, a_i as ``parameters``):
-        [..., R, Dc, K + 1]."""
-        positions = values.reshape(*values.shape[:-1], len(self.columns), 2, self.k_max)
+        """S_req(k) for values [..., R, Dc * (1 + H)] (as ``parameters``):
+        [..., R, Dc, k_max + 1]."""
+        runs = values.reshape(*values.shape[:-1], len(self.columns), -1)
         return copy_request_speedup(
-            positions,
+            runs[..., 0],
+            runs[..., 1:],
+            k_max=self.k_max,
             t_ar=prices.t_ar,
             t_draft=self.t_draft,
             verify_line=self.verify_line,
             output_tokens=prices.output_tokens,
             fixed_none=prices.fixed_none,
             fixed_drafters=prices.fixed_drafters[:, list(self.columns)],
+            steps_matrix=self.steps_matrix,
         )
 
 
@@ -307,6 +310,9 @@ class ThompsonPolicy:
         # (``copying.py``), priced by the copy model up to copy_k_max.
         self.copy_drafters = frozenset(copy_drafters)
         self.copy_k_max = copy_k_max
+        # Run lengths modelled: H = 4 copy_k_max (longer runs count as H).
+        self.copy_horizon = RUN_HORIZON_PER_K * copy_k_max
+        self.copy_steps_ = run_steps_matrix(self.copy_horizon, copy_k_max)
         self.copy_prior_weight = copy_prior_weight
         self.copies_: dict[Context, dict[str, CopyPositions]] = {}
         self.updates_ = 0
@@ -407,6 +413,8 @@ class ThompsonPolicy:
             np.array([[self._copy_posterior(c, names[j]) for j in copies] for c in contexts]),
             step.t_draft[copies],
             (float(step.t_verify[0]), self.costs_.slope()),
+            self.copy_k_max,
+            self.copy_steps_,
         )
         return alpha, beta, prices, copy
 
@@ -472,13 +480,13 @@ class ThompsonPolicy:
         drafter's own, c_1's "it drafts" (``copying.py``)."""
         weight = self.copy_prior_weight
         return CopyPositions(
-            self.copy_k_max, self._prior(drafter, cluster), kept_prior(weight), weight, evidence
+            self.copy_horizon, self._prior(drafter, cluster), kept_prior(weight), weight, evidence
         )
 
     def _copy_posterior(self, context: Context, drafter: str) -> FloatArray:
-        """[4, K] Beta parameters of ``drafter``'s positions in ``context``; where it has no
-        statistics yet, its cluster's other buckets' evidence, scaled to at most
-        ``transfer_weight`` steps at position 1, on top of the priors."""
+        """[4, H] Beta parameters of ``drafter``'s runs in ``context`` (``copying.py``);
+        where it has no statistics yet, its cluster's other buckets' evidence, scaled to
+        at most ``transfer_weight`` run starts, on top of the priors."""
         arm = self.copies_.get(context, {}).get(drafter)
         if arm is not None:
             return arm.posterior
@@ -528,11 +536,11 @@ class ThompsonPolicy:
             gamma = self._learn(arms, i, *outcome.acceptance_counts())
             arms.decisions[i] += 1
             if decision.drafter in self.copy_drafters and outcome.steps:
-                counts = step_counts(
+                counts = run_counts(
                     outcome.drafted_per_step,
                     outcome.accepted_per_step,
                     decision.k,
-                    self.copy_k_max,
+                    self.copy_horizon,
                 )
                 self._copy(context, decision.drafter).observe(counts, gamma)
         self.updates_ += 1
@@ -553,8 +561,9 @@ class ThompsonPolicy:
         gamma = self._learn(arms, i, *counts_from_steps(accepted_per_step, draft_length))
         if drafter in self.copy_drafters:
             copy = self._copy(context, drafter)
+            match, hazard = copy.means()
             counts = counterfactual_counts(
-                accepted_per_step, draft_length, self.copy_k_max, *copy.means()
+                accepted_per_step, draft_length, self.copy_horizon, match[0], hazard[0]
             )
             copy.observe(counts, gamma)
         self.updates_ += 1
@@ -623,6 +632,7 @@ class ThompsonPolicy:
             "overheads": self.overheads_.state_dict() if self.overheads_ else None,
             "copy": {
                 "k_max": self.copy_k_max,
+                "horizon": self.copy_horizon,
                 "arms": [
                     [c.cluster, c.length_bucket, drafter, arm.to_list()]
                     for c, arms in self.copies_.items()

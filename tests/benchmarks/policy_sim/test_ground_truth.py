@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks.policy_sim.ground_truth import (
     BUILTIN_ACCEPTANCE,
+    COPY_RUN_MEAN,
     CREATIVE,
     NGRAM,
     TASKS,
@@ -81,9 +82,13 @@ def test_the_ngram_drafter_may_draft_up_to_16_and_model_drafters_up_to_8() -> No
     math, rag = sure.clusters.index("math"), sure.clusters.index("rag")
     assert oracle[(math, 0)] == ("math", 8)  # a = 0.95 would pay beyond 8
     assert oracle[(rag, 0)][0] == NGRAM and 8 < oracle[(rag, 0)][1] <= 16
-    # Copy truth: 1 + p q k tokens and p k drafts per step.
+    # Copy truth by runs: per lookup 1 + p q M tokens, 1 + p q E steps and p k (1 + q E)
+    # drafts, E = rho^k / (1 - rho^(k + 1)) the extra steps of a stretch.
     copying = truth.with_copy_ngram(0.5)
     j = truth.drafters.index(NGRAM)
     q = truth.acceptance[rag, 0, j]
-    cost = 1.0 + 0.5 * 10 * (truth.draft_cost[j] + truth.verify_slope)
-    assert copying.speedups()[rag, 0, j, 10] == pytest.approx((1.0 + 0.5 * q * 10) / cost)
+    rho = 1.0 - 1.0 / COPY_RUN_MEAN
+    extra = rho**10 / (1.0 - rho**11)
+    cost = 1.0 + 0.5 * q * extra + 0.5 * 10 * (1 + q * extra) * (0.01 + truth.verify_slope)
+    tokens = 1.0 + 0.5 * q * COPY_RUN_MEAN
+    assert copying.speedups()[rag, 0, j, 10] == pytest.approx(tokens / cost)
