@@ -16,9 +16,9 @@
   once otherwise; the other 30% draft nothing. Long n-gram drafts pay where stretches
   are common; ``thompson_geo`` (the n-gram drafter priced by one per-token acceptance,
   k <= 8, thompson before the copy model) and ``thompson_g16`` (the same with k_max
-  16) run beside thompson. Only here is ``ngram`` one of thompson's copy drafters: in
-  the other scenarios its truth is a per-token geometric law, and thompson is configured
-  with ``copy_drafters: []`` to match.
+  16) run beside thompson. Only here is ``ngram`` one of thompson's copy drafters
+  (``copy_drafters: ["ngram"]``, not the default): in the other scenarios its truth is a
+  per-token geometric law, and thompson keeps the default (no copy drafters).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def policy_specs(truth: GroundTruth, drafters: tuple[str, ...], seed: int) -> li
     # Where the truth's n-gram drafter is geometric (not a copy drafter), thompson is told
     # so, as a deployment would be: its copy model assumes runs that go on across steps.
     thompson: dict[str, object] = {"seed": seed}
-    if truth.copy_match is None:
-        thompson["copy_drafters"] = []
+    if truth.copy_match is not None:
+        thompson["copy_drafters"] = [NGRAM]
     specs = [
         PolicySpec("none", "none"),
         PolicySpec("fixed", "fixed", {"drafter": generic, "k": 4}),

@@ -26,7 +26,7 @@ S(a, k) = L(a, k) t_ar / (k t_draft + t_verify(k)). The decision is "explored" w
 (d*, k*) differs from the same rule applied to the posterior means, and its
 ``expected_speedup`` is S at the posterior mean.
 
-Copy drafters (``copy_drafters``, the prompt-lookup ``ngram`` by default) are priced by
+Copy drafters (``copy_drafters``, none by default; the prompt-lookup ``ngram`` is one) are priced by
 their own model instead (``speedup.py`` and ``copying.py``, "copy drafters"): the chance
 c that a lookup finds a match and the length R of the run of tokens the copy then
 matches, through Beta posteriors of c and of the hazards h_i = P(R >= i | R >= i - 1),
@@ -51,7 +51,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -95,7 +95,9 @@ logger = logging.getLogger(__name__)
 
 #: Drafters priced as copy drafters unless the config says otherwise: the built-in
 #: prompt-lookup drafter (``drafters/ngram.py``).
-DEFAULT_COPY_DRAFTERS: tuple[str, ...] = ("ngram",)
+# None by default: on the built-in world the copy model chose as well as the per-token
+# price, not better, and costs ~50 us per select (docs/policy.md, "Copy drafters").
+DEFAULT_COPY_DRAFTERS: tuple[str, ...] = ()
 #: A copy drafter's run lengths are modelled up to this many times its copy_k_max.
 RUN_HORIZON_PER_K = 4
 
@@ -128,6 +130,7 @@ class ThompsonConfig(BaseModel):
     copy_drafters: list[str] = Field(default_factory=lambda: list(DEFAULT_COPY_DRAFTERS))
     copy_k_max: int = Field(16, ge=1, le=MAX_DRAFT_LENGTH)
     copy_prior_weight: float = Field(2.0, gt=0.0)
+    explore_length: Literal["mean", "draw"] = "mean"
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +220,7 @@ def thompson_decisions(
     prices: RequestPrices,
     rng: np.random.Generator,
     copy: CopyTerms | None = None,
+    length_at_mean: bool = False,
 ) -> list[Decision]:
     """One Thompson decision per request r over the D ``drafters`` (module doc):
 
@@ -229,6 +233,12 @@ def thompson_decisions(
     (after the D acceptances of the same row) and its row of S is the copy model's.
     Only ``rng`` changes: its draws, in row order, are the whole randomness of the
     decisions; without copy drafters they are those of the model above alone.
+
+    ``length_at_mean``: the draw picks the drafter d* only, and k is the best k >= 1 at
+    d*'s posterior mean, argmax_k S[mean][r, d*, k]: an explored drafter is tried at the
+    length its evidence so far supports, not at the length of an optimistic draw (a draft
+    of 8 tokens the target rejects costs about three plain steps, one of 1-2 tokens about
+    one and a half), and each step still tells whether its first token was accepted.
     """
     rows = alpha.shape[0]
     if not drafters:
@@ -252,6 +262,9 @@ def thompson_decisions(
     decisions = []
     for r, (arm, greedy_arm) in enumerate(zip(chosen, greedy, strict=True)):
         d, k = divmod(arm, width)
+        if k > 0 and length_at_mean:
+            k = 1 + int(np.argmax(table[1, r, d, 1:]))
+            arm = d * width + k
         explored = arm != greedy_arm
         if k == 0:
             decisions.append(Decision(NONE_DRAFTER, 0, 1.0, explored))
@@ -285,6 +298,7 @@ class ThompsonPolicy:
         copy_drafters: Sequence[str] = DEFAULT_COPY_DRAFTERS,
         copy_k_max: int = 16,
         copy_prior_weight: float = 2.0,
+        explore_length: str = "mean",
     ) -> None:
         self.gamma = gamma
         self.gamma_drift = gamma_drift
@@ -315,6 +329,7 @@ class ThompsonPolicy:
         self.copy_steps_ = run_steps_matrix(self.copy_horizon, copy_k_max)
         self.copy_prior_weight = copy_prior_weight
         self.copies_: dict[Context, dict[str, CopyPositions]] = {}
+        self.length_at_mean = explore_length == "mean"
         self.updates_ = 0
         for name in drafters:
             self.add_drafter(name, (similarity or {}).get(name))
@@ -353,6 +368,7 @@ class ThompsonPolicy:
             copy_drafters=cfg.copy_drafters,
             copy_k_max=cfg.copy_k_max,
             copy_prior_weight=cfg.copy_prior_weight,
+            explore_length=cfg.explore_length,
         )
 
     @property
@@ -376,7 +392,7 @@ class ThompsonPolicy:
         alpha, beta, prices, copy = self._inputs(
             contexts, index, [self._posterior(c) for c in contexts]
         )
-        return thompson_decisions(names, alpha, beta, prices, self._rng, copy)
+        return thompson_decisions(names, alpha, beta, prices, self._rng, copy, self.length_at_mean)
 
     def _inputs(
         self,

@@ -39,6 +39,8 @@ from .helpers import T_AR, geometric_outcome
 
 CHAT = Context("chat", 0)
 DRAFTERS = ["generic", "ngram"]
+# The copy model is opt-in (thompson's default has no copy drafters).
+COPY = ("ngram",)
 
 
 def copy_outcome(
@@ -139,7 +141,7 @@ def test_runs_are_read_across_steps_and_censored_where_unrefuted() -> None:
 def test_a_drafter_played_at_k_4_learns_that_its_runs_are_long() -> None:
     """Only k = 4 played, every matched copy kept whole: full steps carry the run on, so
     the run lengths, and the price of k = 16, are learnt without playing 16."""
-    policy = ThompsonPolicy(DRAFTERS, rng=np.random.default_rng(0))
+    policy = ThompsonPolicy(DRAFTERS, copy_drafters=COPY, rng=np.random.default_rng(0))
     rng = np.random.default_rng(0)
     for _ in range(20):
         decision = Decision("ngram", 4)
@@ -179,7 +181,7 @@ def test_a_score_does_not_pull_the_match_rate_away_from_own_outcomes() -> None:
     """Own outcomes show half the run starts drafting nothing; many counterfactual scores
     leave c there and learn h_1 as the chance of a kept first token given a match, not
     the product c h_1 the scores show."""
-    policy = ThompsonPolicy(DRAFTERS, rng=np.random.default_rng(0))
+    policy = ThompsonPolicy(DRAFTERS, copy_drafters=COPY, rng=np.random.default_rng(0))
     rng = np.random.default_rng(0)
     for _ in range(5):
         decision = Decision("ngram", 8)
@@ -204,7 +206,7 @@ WHOLE_OR_NOTHING = (0.9, 0.35)
 
 
 def test_copies_kept_whole_make_thompson_draft_more_than_eight() -> None:
-    policy = ThompsonPolicy(DRAFTERS, rng=np.random.default_rng(0))
+    policy = ThompsonPolicy(DRAFTERS, copy_drafters=COPY, rng=np.random.default_rng(0))
     decisions = _train(policy, 150, match=WHOLE_OR_NOTHING[0], keep=WHOLE_OR_NOTHING[1])
     last = Counter((d.drafter, d.k) for d in decisions[-50:])
     assert sum(n for (drafter, k), n in last.items() if drafter == "ngram" and k > 8) >= 45
@@ -229,7 +231,7 @@ def test_without_the_copy_model_the_n_gram_drafter_stops_at_eight() -> None:
 def test_rare_or_short_copies_keep_drafts_short(
     match: float, keep: float, rejected: float, run_mean: float
 ) -> None:
-    policy = ThompsonPolicy(DRAFTERS, rng=np.random.default_rng(1))
+    policy = ThompsonPolicy(DRAFTERS, copy_drafters=COPY, rng=np.random.default_rng(1))
     decisions = _train(
         policy,
         150,
@@ -265,14 +267,18 @@ def _decision_digest(policy: ThompsonPolicy) -> str:
 
 def test_model_drafters_decide_as_before_the_copy_model() -> None:
     """The digest was computed with the code before the copy model (4ffedfe's parent):
-    a policy without copy drafters makes the same decisions from the same draws."""
-    policy = make_policy("thompson", ["generic", "code", "math"], {"seed": 3})
+    a policy without copy drafters makes the same decisions from the same draws (with
+    the length rule of that code: k at the draw)."""
+    config = {"seed": 3, "explore_length": "draw"}
+    policy = make_policy("thompson", ["generic", "code", "math"], config)
     assert isinstance(policy, ThompsonPolicy)
     assert _decision_digest(policy) == "8e93687f7c0e614a"
 
 
 def test_model_drafters_rows_are_priced_as_before_beside_a_copy_drafter() -> None:
-    policy = ThompsonPolicy(["generic", "ngram", "code"], rng=np.random.default_rng(2))
+    policy = ThompsonPolicy(
+        ["generic", "ngram", "code"], copy_drafters=COPY, rng=np.random.default_rng(2)
+    )
     rng = np.random.default_rng(2)
     for _ in range(30):
         decision = policy.select(CHAT, ["generic", "ngram", "code"])
@@ -293,7 +299,7 @@ def test_model_drafters_rows_are_priced_as_before_beside_a_copy_drafter() -> Non
 
 
 def test_state_round_trip_keeps_the_copy_statistics() -> None:
-    policy = make_policy("thompson", DRAFTERS, {"seed": 4})
+    policy = make_policy("thompson", DRAFTERS, {"seed": 4, "copy_drafters": list(COPY)})
     assert isinstance(policy, ThompsonPolicy)
     _train(policy, 60, match=0.5, keep=0.9)
     policy.update_counterfactual(Context("chat", 1), "ngram", [3, 0, 8], 8)
@@ -303,7 +309,7 @@ def test_state_round_trip_keeps_the_copy_statistics() -> None:
         ("chat", 0, "ngram"),
         ("chat", 1, "ngram"),
     }
-    restored = make_policy("thompson", [], {"seed": 99})
+    restored = make_policy("thompson", [], {"seed": 99, "copy_drafters": list(COPY)})
     assert isinstance(restored, ThompsonPolicy)
     restored.load_state_dict(saved)
     for context, arms in policy.copies_.items():
@@ -318,27 +324,29 @@ def test_state_round_trip_keeps_the_copy_statistics() -> None:
 
 
 def test_a_version_1_state_loads_and_its_copy_drafter_starts_from_the_priors() -> None:
-    policy = make_policy("thompson", DRAFTERS, {"seed": 4})
+    policy = make_policy("thompson", DRAFTERS, {"seed": 4, "copy_drafters": list(COPY)})
     assert isinstance(policy, ThompsonPolicy)
     _train(policy, 40, match=0.5, keep=0.9)
     old = json.loads(json.dumps(policy.state_dict()))
     old["version"] = 1
     del old["copy"]  # what a build before the copy model saved
-    restored = make_policy("thompson", DRAFTERS, {"seed": 4})
+    restored = make_policy("thompson", DRAFTERS, {"seed": 4, "copy_drafters": list(COPY)})
     assert isinstance(restored, ThompsonPolicy)
     restored.load_state_dict(old)
     assert restored.version == policy.version and restored.copies_ == {}
     np.testing.assert_array_equal(restored.contexts_[CHAT].alpha, policy.contexts_[CHAT].alpha)
     assert restored.select(CHAT, DRAFTERS).k >= 0
     # A state saved with another copy_k_max loads too (positions padded or cut).
-    shorter = make_policy("thompson", DRAFTERS, {"seed": 4, "copy_k_max": 12})
+    shorter = make_policy(
+        "thompson", DRAFTERS, {"seed": 4, "copy_drafters": list(COPY), "copy_k_max": 12}
+    )
     shorter.load_state_dict(policy.state_dict())
     assert isinstance(shorter, ThompsonPolicy)
     assert shorter.copies_[CHAT]["ngram"].evidence.shape == (4, 48)  # H = 4 copy_k_max
 
 
 def test_removing_the_copy_drafter_drops_its_statistics() -> None:
-    policy = ThompsonPolicy(DRAFTERS, rng=np.random.default_rng(0))
+    policy = ThompsonPolicy(DRAFTERS, copy_drafters=COPY, rng=np.random.default_rng(0))
     _train(policy, 30, match=0.5, keep=0.9)
     assert "ngram" in policy.copies_[CHAT]
     policy.remove_drafter("ngram")
@@ -347,7 +355,7 @@ def test_removing_the_copy_drafter_drops_its_statistics() -> None:
 
 
 def test_a_new_length_bucket_starts_from_its_clusters_copy_evidence() -> None:
-    policy = ThompsonPolicy(DRAFTERS, rng=np.random.default_rng(0))
+    policy = ThompsonPolicy(DRAFTERS, copy_drafters=COPY, rng=np.random.default_rng(0))
     _train(policy, 60, match=0.5, keep=0.9)
     fresh = policy._copy_posterior(Context("chat", 2), "ngram")
     prior = policy._copy_posterior(Context("math", 2), "ngram")
@@ -370,7 +378,7 @@ class Replica:
     def __init__(self, state_dir: Path, identity: str) -> None:
         self.store = SidecarStore(state_dir)
         self.holder = PolicyHolder(self.store, lambda: DRAFTERS, lambda name: None)
-        self.holder.start("thompson")
+        self.holder.start("thompson", {"copy_drafters": list(COPY)})
         metrics = create_metrics()
         link = RedisLink(PoolingSettings(redis_url=SecretStr("redis://127.0.0.1:1/0")), metrics)
         self.writer = StreamWriter(link, SIGNER, "s", 1000, 1000)
@@ -411,8 +419,12 @@ def test_copy_statistics_pool_across_replicas_and_survive_a_restart(tmp_path: Pa
 
 
 def test_a_batch_with_a_copy_drafter_draws_like_calls_one_by_one() -> None:
-    one = ThompsonPolicy(["generic", "ngram", "code"], rng=np.random.default_rng(8))
-    batch = ThompsonPolicy(["generic", "ngram", "code"], rng=np.random.default_rng(8))
+    one = ThompsonPolicy(
+        ["generic", "ngram", "code"], copy_drafters=COPY, rng=np.random.default_rng(8)
+    )
+    batch = ThompsonPolicy(
+        ["generic", "ngram", "code"], copy_drafters=COPY, rng=np.random.default_rng(8)
+    )
     for policy in (one, batch):
         _train(policy, 40, match=0.6, keep=0.5)
     contexts = [CHAT, Context("chat", 1), Context("code", 0), CHAT] * 5
@@ -433,7 +445,7 @@ def test_a_batch_with_a_copy_drafter_draws_like_calls_one_by_one() -> None:
     )
 )
 def test_copy_statistics_stay_proper_under_random_operations(operations: list) -> None:
-    policy = ThompsonPolicy(DRAFTERS, rng=np.random.default_rng(0))
+    policy = ThompsonPolicy(DRAFTERS, copy_drafters=COPY, rng=np.random.default_rng(0))
     for op, drafter, bucket, steps in operations:
         context = Context("chat" if bucket % 2 else "code", bucket)
         if op == "select":
@@ -453,7 +465,7 @@ def test_copy_statistics_stay_proper_under_random_operations(operations: list) -
         elif op == "add":
             policy.add_drafter(drafter)
         else:
-            restored = ThompsonPolicy([], rng=np.random.default_rng(1))
+            restored = ThompsonPolicy([], copy_drafters=COPY, rng=np.random.default_rng(1))
             restored.load_state_dict(json.loads(json.dumps(policy.state_dict())))
             policy = restored
         for arms in policy.copies_.values():
