@@ -12,7 +12,7 @@ deterministic.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from drafters.base import Drafter
-from drafters.engine import SpeculativeEngine
+from drafters.engine import DraftLengthSchedule, SpeculativeEngine
+from drafters.guard import LossGuard
 from drafters.loader import LoadedModel, load_model
 from drafters.registry import create_drafter
 from drafters.sampling import SamplingConfig, sampling_probs
@@ -174,11 +175,13 @@ def sample_joint(
     engine: SpeculativeEngine,
     prompt: Sequence[int],
     drafter: Drafter,
-    k: int,
+    k: int | Callable[[], DraftLengthSchedule],
     sampling: SamplingConfig,
+    requested: Counter[int] | None = None,
 ) -> tuple[Counter[tuple[int, ...]], Counter[int]]:
     """SAMPLES outputs of LENGTH tokens (seeds 0..SAMPLES-1), and how many steps accepted
-    0, 1, ... drafts."""
+    0, 1, ... drafts. ``k`` may make a fresh schedule per request; ``requested`` counts
+    the draft lengths its steps asked for."""
     outputs: Counter[tuple[int, ...]] = Counter()
     accepted: Counter[int] = Counter()
     for seed in range(SAMPLES):
@@ -189,9 +192,12 @@ def sample_joint(
             top_p=sampling.top_p,
             seed=seed,
         )
-        run = engine.generate(prompt, drafter, k, max_new_tokens=LENGTH, sampling=config)
+        length = k if isinstance(k, int) else k()
+        run = engine.generate(prompt, drafter, length, max_new_tokens=LENGTH, sampling=config)
         outputs[tuple(run.collect())] += 1
         accepted.update(run.stats.accepted_per_step)
+        if requested is not None:
+            requested.update(run.stats.requested_per_step)
     return outputs, accepted
 
 
@@ -214,6 +220,25 @@ def test_speculative_samples_follow_plain_sampling_beyond_the_first_token(
     # (t2) and the bonus token after two (t3).
     assert accepted[1] >= SAMPLES // 10 and accepted[2] >= SAMPLES // 10, accepted
     assert chi_square_p_value(speculative, expected) > FALSE_FAILURE
+
+
+def test_samples_follow_plain_sampling_when_the_loss_guard_changes_k(setup: Setup) -> None:
+    """The loss guard picks each step's k from the steps before (here from the first on,
+    at the posterior median): the draft lengths differ between requests, the output
+    distribution does not."""
+    prompt = setup.prompts["model"]
+    expected = exact_joint(setup.target.model, prompt, TOP_P)
+    requested: Counter[int] = Counter()
+    guarded, _ = sample_joint(
+        setup.engine,
+        prompt,
+        setup.drafters["model"],
+        lambda: LossGuard(2, confidence=0.5, min_evidence=1),
+        TOP_P,
+        requested,
+    )
+    assert requested[2] > 0 and sum(n for k, n in requested.items() if k < 2) > 0, requested
+    assert chi_square_p_value(guarded, expected) > FALSE_FAILURE
 
 
 def test_plain_sampling_follows_the_exact_joint(setup: Setup) -> None:
