@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -104,6 +105,29 @@ def wait_healthy(address: str, timeout_s: float = 60.0, service: str = "") -> No
 
 
 @contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM raises SystemExit while the block runs, so that the ``finally`` that stops
+    the sidecar runs when this process is terminated (``kill``, a job scheduler) instead
+    of leaving the child serving. Only in the main thread, and only over the default
+    action: a handler the program set itself is left alone."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def exit_on_sigterm(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
 def launch_sidecar(
     world_dir: str | Path | None = None,
     *,
@@ -123,9 +147,10 @@ def launch_sidecar(
 
     ``state_dir`` defaults to a fresh temporary directory (removed afterwards). Tokens
     travel in the environment, not the command line. On exit the process gets SIGTERM
-    (graceful stop with a final policy snapshot).
+    (graceful stop with a final policy snapshot), also when this process is sent SIGTERM
+    meanwhile (``_sigterm_as_exit``).
     """
-    with tempfile.TemporaryDirectory(prefix="specroute-sidecar-") as scratch:
+    with _sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="specroute-sidecar-") as scratch:
         scratch_dir = Path(scratch)
         state = Path(state_dir) if state_dir is not None else scratch_dir / "state"
         ports_file = scratch_dir / "ports.json"

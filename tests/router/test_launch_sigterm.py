@@ -1,0 +1,56 @@
+"""A process that launched a sidecar and is sent SIGTERM stops the sidecar too."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.router.conftest import ServingWorld
+
+SCRIPT = """
+import sys, time
+from router.launch import launch_sidecar
+with launch_sidecar(config_file=sys.argv[1], http=False, metrics=False) as sidecar:
+    print(sidecar.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_launcher_stops_its_sidecar(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    config = serving_world.toml(tmp_path / "sidecar.toml")
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(config)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "SPECROUTE_STATE_DIR": str(tmp_path / "state")},
+    )
+    try:
+        assert launcher.stdout is not None
+        sidecar_pid = int(launcher.stdout.readline())
+        assert _alive(sidecar_pid)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=120) != 0
+        deadline = time.monotonic() + 30
+        while _alive(sidecar_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(sidecar_pid)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
