@@ -109,7 +109,8 @@ def _sigterm_as_exit() -> Iterator[None]:
     """SIGTERM raises SystemExit while the block runs, so that the ``finally`` that stops
     the sidecar runs when this process is terminated (``kill``, a job scheduler) instead
     of leaving the child serving. Only in the main thread, and only over the default
-    action: a handler the program set itself is left alone."""
+    action: a handler the program set itself is left alone. Python runs the handler when
+    the main thread next executes Python code (not inside one long blocking call)."""
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL

@@ -136,7 +136,7 @@ def _mixed(
     return [requests[i] for i in order]
 
 
-def _with_arrivals(records: list[TraceRecord], options: TraceOptions) -> tuple[TraceRecord, ...]:
+def with_arrivals(records: list[TraceRecord], options: TraceOptions) -> tuple[TraceRecord, ...]:
     """Give records Poisson arrival offsets in their order (events take the next request's)."""
     rng = np.random.default_rng(options.seed + 1)
     clock = 0.0
@@ -264,4 +264,4 @@ def builtin_trace(
     builders.update(MIXED_TRACES)
     if name not in builders:
         raise KeyError(f"unknown trace {name!r}; built-in traces: {', '.join(builders)}")
-    return Trace(name=name, records=_with_arrivals(builders[name](grouped, options), options))
+    return Trace(name=name, records=with_arrivals(builders[name](grouped, options), options))

@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmarks.replay.builtin import TraceOptions
-from benchmarks.replay.trace import ChatTurn, Trace, TraceRequest
+from benchmarks.replay.builtin import TraceOptions, with_arrivals
+from benchmarks.replay.trace import ChatTurn, Trace, TraceRecord, TraceRequest
 from benchmarks.world.handwritten import handwritten_prompts
 from benchmarks.world.sources import normalize_space, package_dir, split_sentences
 
@@ -188,14 +188,13 @@ def real_trace(options: TraceOptions | None = None, tasks: Sequence[str] | None 
     options = options or TraceOptions()
     prompts = [p for p in real_prompts() if tasks is None or p.task in tasks]
     order = np.random.default_rng(options.seed).permutation(len(prompts))
-    requests = tuple(
+    requests: list[TraceRecord] = [
         TraceRequest(
             id=prompts[i].id,
             task=prompts[i].task,
             messages=(ChatTurn(role="user", content=prompts[i].text),),
             max_new_tokens=options.max_new_tokens_cap,
-            arrival_s=float(n),
         )
-        for n, i in enumerate(order)
-    )
-    return Trace(name="real", records=requests)
+        for i in order
+    ]
+    return Trace(name="real", records=with_arrivals(requests, options))

@@ -141,20 +141,20 @@ def chained_posterior(
     continuation_prior: tuple[float, float],
     weight: float,
 ) -> FloatArray:
-    """The Beta parameters [4, K] (rows as the evidence: alpha_c, beta_c, alpha_a, beta_a)
-    of ``evidence`` with the priors of the module doc: ``acceptance_prior`` and
-    ``continuation_prior`` at position 1, "kept" (``kept_prior``) at position 2, each
-    later one borrowed from the position before it."""
+    """The Beta parameters [4, H] (rows as the evidence: alpha_c, beta_c, alpha_h, beta_h;
+    c in column 0) of ``evidence`` with the priors of the module doc:
+    ``acceptance_prior`` for h_1 and ``continuation_prior`` for c, "kept"
+    (``kept_prior``) for h_2, each later h_i borrowed from h_{i-1}."""
     rows: list[tuple[float, float, float, float]] = []
     c_prior, a_prior = continuation_prior, acceptance_prior
-    # Python floats: a 16-position chain costs a few microseconds this way.
+    # Python floats: a chain of H run lengths costs a few microseconds this way.
     for i, (c_success, c_failure, a_success, a_failure) in enumerate(
         zip(*evidence.tolist(), strict=True)
     ):
         c_alpha, c_beta = c_success + c_prior[0], c_failure + c_prior[1]
         a_alpha, a_beta = a_success + a_prior[0], a_failure + a_prior[1]
         rows.append((c_alpha, c_beta, a_alpha, a_beta))
-        if i == 0:  # position 2: what a copy does once its first token is kept
+        if i == 0:  # h_2: what a copy does once its first token is kept
             c_prior = a_prior = kept_prior(weight)
             continue
         # Kept inside [MEAN_FLOOR, 1 - MEAN_FLOOR] so the next prior stays a proper Beta.
@@ -170,7 +170,7 @@ def kept_prior(weight: float) -> tuple[float, float]:
     return weight * (1.0 - MEAN_FLOOR), weight * MEAN_FLOOR
 
 
-class CopyPositions:
+class CopyRuns:
     """One (context, copy drafter): discounted evidence of c and h_1..h_H and the
     posterior it gives (rows alpha_c, beta_c, alpha_h, beta_h; c in column 0)."""
 
@@ -219,7 +219,7 @@ class CopyPositions:
 
 
 def evidence_from_list(rows: Sequence[Sequence[float]]) -> FloatArray:
-    """A saved evidence array [4, K] (``CopyPositions.to_list``), checked."""
+    """A saved evidence array [4, K] (``CopyRuns.to_list``), checked."""
     evidence = np.asarray(rows, dtype=np.float64)
     if evidence.ndim != 2 or evidence.shape[0] != 4 or not np.all(np.isfinite(evidence)):
         raise ValueError(f"copy evidence must be 4 rows of finite counts, got {evidence.shape}")

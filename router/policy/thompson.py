@@ -75,7 +75,7 @@ from router.policy.base import (
     check_state,
 )
 from router.policy.copying import (
-    CopyPositions,
+    CopyRuns,
     counterfactual_counts,
     evidence_from_list,
     kept_prior,
@@ -93,10 +93,10 @@ from router.policy.speedup import (
 
 logger = logging.getLogger(__name__)
 
-#: Drafters priced as copy drafters unless the config says otherwise: the built-in
-#: prompt-lookup drafter (``drafters/ngram.py``).
-# None by default: on the built-in world the copy model chose as well as the per-token
-# price, not better, and costs ~50 us per select (docs/policy.md, "Copy drafters").
+#: Drafters priced as copy drafters unless the config says otherwise: none. The built-in
+#: prompt-lookup drafter (``drafters/ngram.py``) is one when configured; on the built-in
+#: world the copy model chose as well as the per-token price, not better, and costs
+#: ~50 us per select (docs/policy.md, "Copy drafters").
 DEFAULT_COPY_DRAFTERS: tuple[str, ...] = ()
 #: A copy drafter's run lengths are modelled up to this many times its copy_k_max.
 RUN_HORIZON_PER_K = 4
@@ -199,8 +199,9 @@ def speedup_tables(
     copy_values: FloatArray | None = None,
 ) -> FloatArray:
     """S_req [..., R, D, W] of every drafter for acceptances [..., R, D]; the copy
-    drafters' rows are priced from their per-position ``copy_values`` [..., R, Dc * 2 * K]
-    instead. W = max(k_max, K) + 1; a drafter's columns past its own k_max are 0."""
+    drafters' rows are priced from their run parameters ``copy_values``
+    [..., R, Dc * (1 + H)] (``CopyTerms.parameters``) instead. W = max(k_max, K) + 1; a
+    drafter's columns past its own k_max are 0."""
     geometric = prices.speedups(acceptance)
     if copy is None or copy_values is None:
         return geometric
@@ -229,7 +230,7 @@ def thompson_decisions(
         (d*, k*) = argmax_{d, k} S[r, d, k]
 
     ``alpha`` and ``beta`` are [R, D]: the posterior of request r's context. With
-    ``copy``, each copy drafter's c_i and a_i are drawn from their posteriors as well
+    ``copy``, each copy drafter's c and h_1..h_H are drawn from their posteriors as well
     (after the D acceptances of the same row) and its row of S is the copy model's.
     Only ``rng`` changes: its draws, in row order, are the whole randomness of the
     decisions; without copy drafters they are those of the model above alone.
@@ -320,15 +321,15 @@ class ThompsonPolicy:
         # similarity_ and rebuilt whenever either changes (``_drafters_changed``).
         self.cluster_priors_: dict[str, tuple[FloatArray, FloatArray]] = {}
         self.contexts_: dict[Context, ContextArms] = {}
-        # Copy drafters: per context and drafter, the per-position statistics
-        # (``copying.py``), priced by the copy model up to copy_k_max.
+        # Copy drafters: per context and drafter, the run statistics (``copying.py``),
+        # priced by the copy model up to copy_k_max.
         self.copy_drafters = frozenset(copy_drafters)
         self.copy_k_max = copy_k_max
         # Run lengths modelled: H = 4 copy_k_max (longer runs count as H).
         self.copy_horizon = RUN_HORIZON_PER_K * copy_k_max
         self.copy_steps_ = run_steps_matrix(self.copy_horizon, copy_k_max)
         self.copy_prior_weight = copy_prior_weight
-        self.copies_: dict[Context, dict[str, CopyPositions]] = {}
+        self.copies_: dict[Context, dict[str, CopyRuns]] = {}
         self.length_at_mean = explore_length == "mean"
         self.updates_ = 0
         for name in drafters:
@@ -489,13 +490,11 @@ class ThompsonPolicy:
         arms.alpha, arms.beta = np.array(alpha, dtype=np.float64), np.array(beta, dtype=np.float64)
         return arms
 
-    def _new_copy(
-        self, drafter: str, cluster: str, evidence: FloatArray | None = None
-    ) -> CopyPositions:
-        """Copy statistics of ``drafter`` in a context of ``cluster``: a_1's prior is the
-        drafter's own, c_1's "it drafts" (``copying.py``)."""
+    def _new_copy(self, drafter: str, cluster: str, evidence: FloatArray | None = None) -> CopyRuns:
+        """Copy statistics of ``drafter`` in a context of ``cluster``: h_1's prior is the
+        drafter's own, c's "it matches" (``copying.py``)."""
         weight = self.copy_prior_weight
-        return CopyPositions(
+        return CopyRuns(
             self.copy_horizon, self._prior(drafter, cluster), kept_prior(weight), weight, evidence
         )
 
@@ -508,7 +507,7 @@ class ThompsonPolicy:
             return arm.posterior
         return self._fresh_copy(context, drafter).posterior
 
-    def _fresh_copy(self, context: Context, drafter: str) -> CopyPositions:
+    def _fresh_copy(self, context: Context, drafter: str) -> CopyRuns:
         siblings = [
             arms[drafter].evidence
             for c, arms in self.copies_.items()
@@ -521,7 +520,7 @@ class ThompsonPolicy:
         evidence *= min(1.0, self.transfer_weight / max(first, 1e-12))
         return self._new_copy(drafter, context.cluster, evidence)
 
-    def _copy(self, context: Context, drafter: str) -> CopyPositions:
+    def _copy(self, context: Context, drafter: str) -> CopyRuns:
         """The context's copy statistics of ``drafter``, created on its first update."""
         arms = self.copies_.setdefault(context, {})
         arm = arms.get(drafter)

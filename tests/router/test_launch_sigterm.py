@@ -18,7 +18,11 @@ import sys, time
 from router.launch import launch_sidecar
 with launch_sidecar(config_file=sys.argv[1], http=False, metrics=False) as sidecar:
     print(sidecar.pid, flush=True)
-    time.sleep(600)
+    # Busy in Python, as a replay is: a signal that lands on one of grpc's threads runs
+    # its handler only when the main thread next runs Python code, which one long
+    # time.sleep() would put off for its whole length.
+    while True:
+        time.sleep(0.05)
 """
 
 

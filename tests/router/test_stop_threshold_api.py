@@ -5,16 +5,34 @@ and refused with INVALID_ARGUMENT when it is not a number in [0, 1)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import grpc
 import pytest
 
+from router.components import Components
 from router.pb import router_pb2 as pb
 from router.policy.base import Decision, Outcome
-from tests.router.conftest import COMPLETION_PROMPT, SidecarThread, greedy_reference
+from router.settings import LossGuardSettings
+from tests.router.conftest import COMPLETION_PROMPT, ServingWorld, SidecarThread, greedy_reference
 
 MAX_NEW = 24
 K = 12
+
+
+@pytest.fixture(scope="module")
+def sidecar(
+    serving_world: ServingWorld, components: Components, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SidecarThread]:
+    """The shared sidecar's settings without the loss guard: with drafts a stop rule keeps
+    short, the guard may stop drafting part-way (by the request's timings), which is its
+    job but not what these tests count."""
+    settings = serving_world.settings(
+        tmp_path_factory.mktemp("state"), loss_guard=LossGuardSettings(enabled=False)
+    )
+    running = SidecarThread(settings, components)
+    yield running
+    running.stop()
 
 
 def _generate(sidecar: SidecarThread, **fields: object) -> list[pb.GenerateChunk]:

@@ -1,4 +1,4 @@
-"""Thompson's copy-drafter model (router/policy/copying.py): censored per-position counts,
+"""Thompson's copy-drafter model (router/policy/copying.py): censored run counts,
 long drafts where copies are kept whole and not where they are rejected, model drafters'
 decisions as before, state round trip and old states, and pooling through Outcomes."""
 
@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from router.metrics import create_metrics
 from router.policy.base import STATE_VERSION, Context, Decision, Outcome
 from router.policy.copying import (
-    CopyPositions,
+    CopyRuns,
     counterfactual_counts,
     kept_prior,
     run_counts,
@@ -157,11 +157,11 @@ def test_a_run_length_no_run_reached_goes_on_like_the_last_one_reached() -> None
     borrow from it; where runs ended at 3, h_4.. are expected to end too."""
     evidence = np.zeros((4, 8))
     evidence[2, 0], evidence[3, 0] = 3.0, 7.0
-    arm = CopyPositions(8, (1.0, 1.0), kept_prior(2.0), 2.0, evidence)
+    arm = CopyRuns(8, (1.0, 1.0), kept_prior(2.0), 2.0, evidence)
     _, hazard = arm.means()
     assert hazard[0] == pytest.approx(4 / 12) and np.all(hazard[1:] > 0.99)
     evidence[2, :3], evidence[3, 3] = 50.0, 50.0  # every run ended at R = 3
-    _, hazard = CopyPositions(8, (1.0, 1.0), kept_prior(2.0), 2.0, evidence).means()
+    _, hazard = CopyRuns(8, (1.0, 1.0), kept_prior(2.0), 2.0, evidence).means()
     assert hazard[3] < 0.05 and np.all(hazard[4:] < 0.1)
 
 
