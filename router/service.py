@@ -607,6 +607,7 @@ class RouterService:
             wall_time_s=stats.wall_time_s,
             generated_tokens=stats.generated_tokens,
             stopped_steps=stats.stopped_steps,
+            requested_per_step=stats.requested_per_step,
         )
         self.policy.update(routed.context, routed.decision, outcome)
         self._count_outcome(routed, outcome, "generate")

@@ -111,6 +111,10 @@ class Outcome:
     caller measured it; otherwise the cost model estimates it (see ``costs.py``).
     ``stopped_steps`` counts the steps whose draft a stop threshold ended before k (the
     continuation evidence of a threshold arm; 0 when unknown or no threshold).
+    ``requested_per_step[i]`` is the draft length step i asked for, when the caller knows
+    it (the sidecar's engine: the loss guard may ask for fewer than k, or for none, and
+    the last step is capped by ``max_new_tokens``); empty: every step asked for the
+    decision's k.
     """
 
     drafted_per_step: tuple[int, ...]
@@ -121,6 +125,7 @@ class Outcome:
     generated_tokens: int
     plain_token_time_s: float | None = None
     stopped_steps: int = 0
+    requested_per_step: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.drafted_per_step) != len(self.accepted_per_step):
@@ -139,6 +144,19 @@ class Outcome:
             raise ValueError("plain_token_time_s must be > 0 when given")
         if not 0 <= self.stopped_steps <= len(self.drafted_per_step):
             raise ValueError(f"stopped_steps {self.stopped_steps} outside 0..steps")
+        if self.requested_per_step:
+            if len(self.requested_per_step) != len(self.drafted_per_step):
+                raise ValueError(
+                    f"requested_per_step has {len(self.requested_per_step)} entries but "
+                    f"drafted_per_step has {len(self.drafted_per_step)}"
+                )
+            for i, (requested, drafted) in enumerate(
+                zip(self.requested_per_step, self.drafted_per_step, strict=True)
+            ):
+                if not 0 <= drafted <= requested:
+                    raise ValueError(
+                        f"step {i}: drafted {drafted} outside 0..requested ({requested})"
+                    )
 
     @classmethod
     def from_steps(
@@ -152,6 +170,7 @@ class Outcome:
         generated_tokens: int | None = None,
         plain_token_time_s: float | None = None,
         stopped_steps: int = 0,
+        requested_per_step: Sequence[int] = (),
     ) -> Outcome:
         """Build from per-step lists; ``generated_tokens`` defaults to sum(accepted + 1)."""
         drafted = tuple(int(x) for x in drafted_per_step)
@@ -166,6 +185,7 @@ class Outcome:
             int(tokens),
             plain_token_time_s or None,
             int(stopped_steps),
+            tuple(int(x) for x in requested_per_step),
         )
 
     @classmethod
@@ -223,16 +243,27 @@ class Outcome:
     def accepted_tokens(self) -> int:
         return sum(self.accepted_per_step)
 
-    def acceptance_counts(self) -> tuple[int, int]:
-        """(successes, failures) under the truncated-geometric likelihood.
+    def acceptance_counts(self, draft_length: int) -> tuple[int, int]:
+        """(successes, failures) under the truncated-geometric likelihood, for a request
+        decided with k = ``draft_length``.
 
-        A step drafting k and accepting n adds n successes and, if n < k, one failure.
+        A step drafting d and accepting n adds n successes and, if n < d, one failure. A
+        step that asked for a draft and got none (an n-gram drafter that found no match)
+        adds one failure: it emits one token, as a rejected first draft does. Left out,
+        such steps would price a drafter by its acceptance when it proposes something
+        only, and an n-gram drafter that rarely finds a match would look as good as one
+        that always does (docs/policy.md, "Steps without a draft"). A step that asked for
+        nothing (``requested_per_step`` 0: the loss guard's, or the last step's cap) adds
+        nothing.
         """
+        requested = self.requested_per_step or (draft_length,) * self.steps
         successes = 0
         failures = 0
-        for drafted, accepted in zip(self.drafted_per_step, self.accepted_per_step, strict=True):
+        for drafted, accepted, asked in zip(
+            self.drafted_per_step, self.accepted_per_step, requested, strict=True
+        ):
             successes += accepted
-            failures += accepted < drafted
+            failures += accepted < drafted or drafted == 0 < asked
         return successes, failures
 
 

@@ -34,7 +34,7 @@ class AcceptanceTally:
     def observe(self, context: Context, decision: Decision, outcome: Outcome) -> None:
         self.requests_[context] = self.requests_.get(context, 0) + 1
         row = self.counts_.setdefault(context, {}).setdefault(decision.drafter, [0, 0, 0])
-        successes, failures = outcome.acceptance_counts()
+        successes, failures = outcome.acceptance_counts(decision.k)
         row[0] += successes
         row[1] += failures
         row[2] += 1

@@ -548,7 +548,7 @@ class ThompsonPolicy:
         if decision.k == 0 or i is None:
             arms.none_decisions += decision.k == 0
         else:
-            gamma = self._learn(arms, i, *outcome.acceptance_counts())
+            gamma = self._learn(arms, i, *outcome.acceptance_counts(decision.k))
             arms.decisions[i] += 1
             if decision.drafter in self.copy_drafters and outcome.steps:
                 counts = run_counts(

@@ -156,7 +156,7 @@ class UcbPolicy:
             i = self.drafters_.index(decision.drafter)
             arms.plays[i, decision.k] += 1.0
             arms.rewards[i, decision.k] += reward
-            arms.acceptance[i] += outcome.acceptance_counts()
+            arms.acceptance[i] += outcome.acceptance_counts(decision.k)
         self.updates_ += 1
 
     def update_counterfactual(

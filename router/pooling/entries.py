@@ -51,8 +51,10 @@ class SharedOutcome:
     """An outcome a replica learned from: a routed request's, or a counterfactual score.
 
     ``kind`` "outcome": the request ran ``drafter`` at ``k`` (drafter "none" iff k = 0) and
-    drafted/accepted these tokens per step. ``kind`` "counterfactual": ``drafter`` would
-    have had ``accepted`` per step at draft length ``k`` (``drafted`` is empty).
+    drafted/accepted these tokens per step, having asked for ``requested`` (empty: k at
+    every step; entries written before it existed have none). ``kind`` "counterfactual":
+    ``drafter`` would have had ``accepted`` per step at draft length ``k`` (``drafted``
+    and ``requested`` are empty).
     """
 
     origin: Origin
@@ -64,6 +66,7 @@ class SharedOutcome:
     drafted: tuple[int, ...]
     accepted: tuple[int, ...]
     generated_tokens: int
+    requested: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,7 @@ def outcome_payload(outcome: SharedOutcome) -> dict[str, Any]:
         "k": outcome.k,
         "drafted": list(outcome.drafted),
         "accepted": list(outcome.accepted),
+        "requested": list(outcome.requested),
         "tokens": outcome.generated_tokens,
     }
 
@@ -218,6 +222,7 @@ def outcome_from_payload(payload: Mapping[str, Any], max_draft_length: int) -> S
     drafter = _text(payload, "drafter")
     drafted = _ints(payload.get("drafted"), "drafted")
     accepted = _ints(payload.get("accepted"), "accepted")
+    requested = _ints(payload.get("requested", []), "requested")
     if kind == "outcome":
         if (drafter == "none") != (k == 0):
             raise EntryRejected("malformed", f"drafter {drafter!r} with k = {k}")
@@ -225,7 +230,12 @@ def outcome_from_payload(payload: Mapping[str, Any], max_draft_length: int) -> S
             raise EntryRejected("malformed", "drafted and accepted differ in length")
         if any(a > d or d > max_draft_length for d, a in zip(drafted, accepted, strict=True)):
             raise EntryRejected("malformed", "a step accepts more than it drafts")
-    elif k == 0 or drafted or any(a > k for a in accepted):
+        if requested and (
+            len(requested) != len(drafted)
+            or any(d > r or r > k for d, r in zip(drafted, requested, strict=True))
+        ):
+            raise EntryRejected("malformed", "a step drafts more than it asked for")
+    elif k == 0 or drafted or requested or any(a > k for a in accepted):
         raise EntryRejected("malformed", "counterfactual accepts outside 0..k")
     return SharedOutcome(
         origin,
@@ -237,6 +247,7 @@ def outcome_from_payload(payload: Mapping[str, Any], max_draft_length: int) -> S
         drafted,
         accepted,
         tokens,
+        requested,
     )
 
 

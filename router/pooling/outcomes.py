@@ -48,7 +48,15 @@ def apply_to_policy(policy: Any, shared: SharedOutcome) -> None:
     if shared.kind == "counterfactual":
         policy.update_counterfactual(context, shared.drafter, list(shared.accepted), shared.k)
         return
-    outcome = Outcome(shared.drafted, shared.accepted, 0.0, 0.0, 0.0, shared.generated_tokens)
+    outcome = Outcome(
+        shared.drafted,
+        shared.accepted,
+        0.0,
+        0.0,
+        0.0,
+        shared.generated_tokens,
+        requested_per_step=shared.requested,
+    )
     policy.update(context, Decision(shared.drafter, shared.k), outcome)
 
 
@@ -87,6 +95,7 @@ class OutcomePool:
             tuple(outcome.drafted_per_step),
             tuple(outcome.accepted_per_step),
             int(outcome.generated_tokens),
+            tuple(outcome.requested_per_step),
         )
 
     def counterfactual(
@@ -113,6 +122,7 @@ class OutcomePool:
         drafted: tuple[int, ...],
         accepted: tuple[int, ...],
         tokens: int,
+        requested: tuple[int, ...] = (),
     ) -> None:
         self._seq += 1
         self._applied[self.identity] = self._seq
@@ -126,6 +136,7 @@ class OutcomePool:
             drafted,
             accepted,
             tokens,
+            requested,
         )
         self._writer.append(outcome_payload(shared))
 

@@ -164,7 +164,7 @@ def test_detailed_spec_metrics_become_the_per_step_outcome() -> None:
     assert outcome is not None
     assert outcome.drafted_per_step == (3, 3, 3)
     assert outcome.accepted_per_step == (3, 0, 2)
-    assert outcome.acceptance_counts() == (5, 2)
+    assert outcome.acceptance_counts(3) == (5, 2)
     assert outcome.generated_tokens == 8
     assert outcome.verify_time_s == 0.4 and outcome.wall_time_s == 0.5
     assert outcome.plain_token_time_s == 0.1

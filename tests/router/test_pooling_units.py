@@ -73,12 +73,31 @@ def test_signed_entry_round_trip_and_every_refusal() -> None:
         {"format": 2},
         {"replica": ""},
         {"cluster": 7},
+        {"requested": [4, 4]},  # not one per step
+        {"requested": [4, 2, 4]},  # a step drafting more than it asked for
+        {"requested": [4, 5, 4]},  # asking for more than k
     ],
 )
 def test_malformed_outcomes_are_refused(changes: dict[str, Any]) -> None:
     with pytest.raises(EntryRejected) as caught:
         outcome_from_payload(shared("b", 1, **changes), 32)
     assert caught.value.reason == "malformed"
+
+
+def test_what_each_step_asked_for_travels_with_the_outcome() -> None:
+    """A step that asked for a draft and got none counts as a failure, one that asked for
+    nothing does not (``Outcome.acceptance_counts``), so the replicas that apply an
+    outcome must know which steps asked; entries written without the field still load."""
+    holder_side = Outcome.from_steps(
+        [4, 0, 0], [4, 0, 0], draft_time_s=0.0, verify_time_s=0.1, requested_per_step=[4, 4, 0]
+    )
+    written = SharedOutcome(
+        Origin("b", 1), "outcome", "math", 0, "ngram", 4, (4, 0, 0), (4, 0, 0), 7, (4, 4, 0)
+    )
+    read = outcome_from_payload(json.loads(json.dumps(outcome_payload(written))), 32)
+    assert read.requested == holder_side.requested_per_step
+    older = {k: v for k, v in outcome_payload(written).items() if k != "requested"}
+    assert outcome_from_payload(older, 32).requested == ()
 
 
 def test_registration_payload_checks() -> None:

@@ -93,6 +93,6 @@ def test_an_outcome_counts_stopped_steps_within_its_steps() -> None:
     )
     assert outcome.stopped_steps == 2
     # A fully accepted draft the rule shortened is no failure: the likelihood reads drafts.
-    assert outcome.acceptance_counts() == (4, 1)
+    assert outcome.acceptance_counts(3) == (4, 1)
     with pytest.raises(ValueError, match="stopped_steps"):
         Outcome.from_steps([3], [1], draft_time_s=0.1, verify_time_s=0.2, stopped_steps=2)

@@ -49,10 +49,30 @@ def test_decision_ties_none_to_k_zero() -> None:
 def test_outcome_counts_follow_the_truncated_geometric_likelihood() -> None:
     outcome = Outcome.from_steps([4, 4, 4, 2], [4, 1, 0, 2], draft_time_s=0.1, verify_time_s=0.4)
     # Successes: 4 + 1 + 0 + 2; failures: steps that stopped short of k (the 2nd and 3rd).
-    assert outcome.acceptance_counts() == (7, 2)
+    assert outcome.acceptance_counts(4) == (7, 2)
     assert outcome.generated_tokens == 7 + 4
     assert outcome.wall_time_s == pytest.approx(0.5)
     assert outcome.plain_token_time_s is None
+
+
+def test_a_step_that_asked_for_a_draft_and_got_none_is_a_failure() -> None:
+    """An n-gram drafter that finds no match drafts nothing: the step emits one token, as a
+    rejected first draft does, so it counts as one failure; a step that asked for nothing
+    (the loss guard's k' = 0, the last step's cap) counts nothing."""
+    outcome = Outcome.from_steps([4, 0, 0, 2], [3, 0, 0, 2], draft_time_s=0.1, verify_time_s=0.4)
+    assert outcome.acceptance_counts(4) == (5, 3)  # the 1st step's rejection, two empty steps
+    guarded = Outcome.from_steps(
+        [4, 0, 0, 2],
+        [3, 0, 0, 2],
+        draft_time_s=0.1,
+        verify_time_s=0.4,
+        requested_per_step=[4, 4, 0, 2],
+    )
+    assert guarded.acceptance_counts(4) == (5, 2)  # the 3rd step asked for nothing
+    with pytest.raises(ValueError, match="requested"):
+        Outcome.from_steps([4], [3], draft_time_s=0, verify_time_s=0, requested_per_step=[2])
+    with pytest.raises(ValueError, match="entries"):
+        Outcome.from_steps([4], [3], draft_time_s=0, verify_time_s=0, requested_per_step=[4, 4])
 
 
 def test_outcome_rejects_inconsistent_steps() -> None:
@@ -79,7 +99,7 @@ def test_outcome_from_totals_reconstructs_steps_from_positions() -> None:
     )
     assert sorted(outcome.accepted_per_step) == sorted(steps)
     assert outcome.drafted_per_step == (4,) * 6
-    assert outcome.acceptance_counts() == (14, 4)
+    assert outcome.acceptance_counts(4) == (14, 4)
     assert outcome.plain_token_time_s is None  # 0 on the wire means "not measured"
 
 

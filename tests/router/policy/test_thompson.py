@@ -437,3 +437,23 @@ def test_invariants_under_random_operations(operations: list) -> None:
             assert np.all(arms.beta >= arms.beta0 * (1 - 1e-9)) and np.all(arms.beta > 0)
             assert np.all((arms.mean() > 0) & (arms.mean() < 1))
     json.dumps(policy.state_dict())
+
+
+def test_a_drafter_that_rarely_proposes_is_not_priced_as_one_that_always_does() -> None:
+    """Two drafters accept the same share of what they draft (half), but one leaves three
+    steps in four empty (an n-gram drafter without a match): its posterior mean
+    acceptance is well below the other's, and the decision from the means prefers the
+    other."""
+    policy = ThompsonPolicy(["always", "rarely"], rng=np.random.default_rng(0))
+    context = Context("code", 0)
+    for _ in range(10):
+        full = Outcome.from_steps([4] * 8, [2] * 8, draft_time_s=0.01, verify_time_s=0.08)
+        sparse = Outcome.from_steps(
+            [4, 0, 0, 0] * 2, [2, 0, 0, 0] * 2, draft_time_s=0.0, verify_time_s=0.08
+        )
+        policy.update(context, Decision("always", 4), full)
+        policy.update(context, Decision("rarely", 4), sparse)
+    (summary,) = policy.describe()
+    means = {arm.drafter: arm.acceptance_mean for arm in summary.arms}
+    assert means["rarely"] < 0.6 * means["always"], means  # 1/3 against 2/3
+    assert summary.chosen_drafter == "always"
