@@ -1,5 +1,5 @@
 """Sampled speculative decoding with the self-speculative drafter is lossless beyond the
-first token: the harness of ``test_sampling_lossless.py`` (2000 samples of the first three
+first token: the harness of ``test_sampling_lossless.py`` (1000 samples of the first three
 tokens, chi-square against the exact joint of plain sampling, false failure 1e-4) on a
 2-layer target drafting from its first layer, k = 2, with and without a stop rule."""
 
