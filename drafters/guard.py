@@ -96,7 +96,10 @@ class LossGuard:
         return stats.draft_time_s / drafted / plain_step
 
     def _count(self, stats: GenerationStats) -> None:
-        """Take in the steps recorded since the last call."""
+        """Take in the steps recorded since the last call. A step with no draft (an n-gram
+        drafter without a match) is left out: it says nothing about how long a draft to
+        ask for, which is all the guard decides (the policy, choosing between drafters,
+        counts it as a rejection: ``Outcome.acceptance_counts``)."""
         drafted = stats.drafted_per_step
         accepted = stats.accepted_per_step
         for i in range(self._seen_steps, len(drafted)):

@@ -98,6 +98,20 @@ def _steps_from_positions(
     return accepted[:steps]
 
 
+def _check_per_step(
+    lower_name: str, lower: Sequence[int], upper_name: str, upper: Sequence[int]
+) -> None:
+    """ValueError unless the two per-step lists pair up and 0 <= lower[i] <= upper[i]."""
+    if len(upper) != len(lower):
+        raise ValueError(
+            f"{upper_name}_per_step has {len(upper)} entries but "
+            f"{lower_name}_per_step has {len(lower)}"
+        )
+    for i, (low, high) in enumerate(zip(lower, upper, strict=True)):
+        if not 0 <= low <= high:
+            raise ValueError(f"step {i}: {lower_name} {low} outside 0..{upper_name} ({high})")
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What happened on one routed request, as measured by whoever ran it.
@@ -128,16 +142,7 @@ class Outcome:
     requested_per_step: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if len(self.drafted_per_step) != len(self.accepted_per_step):
-            raise ValueError(
-                f"drafted_per_step has {len(self.drafted_per_step)} entries but "
-                f"accepted_per_step has {len(self.accepted_per_step)}"
-            )
-        for i, (drafted, accepted) in enumerate(
-            zip(self.drafted_per_step, self.accepted_per_step, strict=True)
-        ):
-            if not 0 <= accepted <= drafted:
-                raise ValueError(f"step {i}: accepted {accepted} outside 0..drafted ({drafted})")
+        _check_per_step("accepted", self.accepted_per_step, "drafted", self.drafted_per_step)
         if min(self.draft_time_s, self.verify_time_s, self.wall_time_s) < 0:
             raise ValueError("times must be >= 0")
         if self.plain_token_time_s is not None and self.plain_token_time_s <= 0:
@@ -145,18 +150,7 @@ class Outcome:
         if not 0 <= self.stopped_steps <= len(self.drafted_per_step):
             raise ValueError(f"stopped_steps {self.stopped_steps} outside 0..steps")
         if self.requested_per_step:
-            if len(self.requested_per_step) != len(self.drafted_per_step):
-                raise ValueError(
-                    f"requested_per_step has {len(self.requested_per_step)} entries but "
-                    f"drafted_per_step has {len(self.drafted_per_step)}"
-                )
-            for i, (requested, drafted) in enumerate(
-                zip(self.requested_per_step, self.drafted_per_step, strict=True)
-            ):
-                if not 0 <= drafted <= requested:
-                    raise ValueError(
-                        f"step {i}: drafted {drafted} outside 0..requested ({requested})"
-                    )
+            _check_per_step("drafted", self.drafted_per_step, "requested", self.requested_per_step)
 
     @classmethod
     def from_steps(
