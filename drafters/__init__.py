@@ -16,6 +16,8 @@ _EXPORTS = {
     "Proposal": "drafters.base",
     "DRAFTER_KINDS": "drafters.registry",
     "create_drafter": "drafters.registry",
+    "draft_cost_hint": "drafters.registry",
+    "copies_context": "drafters.registry",
     "TokenizerMismatchError": "drafters.registry",
     "TargetWeightsRequiredError": "drafters.registry",
     "SpeculativeEngine": "drafters.engine",

@@ -232,6 +232,30 @@ DRAFTER_KINDS: dict[str, DrafterFactory] = {
 }
 
 
+#: Drafter kinds that run no model: drafting costs a lookup, not a forward.
+MODEL_FREE_KINDS = frozenset({"ngram", "none"})
+#: Drafter kinds whose drafts are copies of the context (prompt lookup): a lookup finds a
+#: match or drafts nothing, and a match goes on for a run of tokens.
+COPY_KINDS = frozenset({"ngram"})
+
+
+def draft_cost_hint(drafter: Drafter) -> float | None:
+    """What one drafted token costs, in plain target steps, before anything is measured:
+    0 for a kind that runs no model, the share of the target's layers a self drafter
+    runs, None (no hint: the policy's default) for a model drafter, whose cost depends on
+    its size and the hardware."""
+    if isinstance(drafter, SelfDrafter):
+        return drafter.exit_layer / int(drafter.model.config.num_hidden_layers)
+    if drafter.kind in MODEL_FREE_KINDS:
+        return 0.0
+    return None
+
+
+def copies_context(drafter: Drafter) -> bool:
+    """Whether ``drafter`` drafts by copying from the context (``COPY_KINDS``)."""
+    return drafter.kind in COPY_KINDS
+
+
 def create_drafter(
     kind: str,
     *,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from router.errors import InvalidRequestError
+from router.policy.base import DrafterHints
 from router.store import PolicySnapshot, SidecarStore
 
 logger = logging.getLogger(__name__)
@@ -48,10 +49,12 @@ class PolicyHolder:
         store: SidecarStore,
         drafters: Callable[[], Sequence[str]],
         similarity: Callable[[str], Mapping[str, float] | None],
+        hints: Callable[[], DrafterHints] = DrafterHints,
     ) -> None:
         self._store = store
         self._drafters = drafters
         self._similarity = similarity
+        self._hints = hints
         self._lock = threading.Lock()
         self._policy: Any = None
         self.name = ""
@@ -62,14 +65,16 @@ class PolicyHolder:
     def start(
         self, name: str, config: Mapping[str, Any] | None = None, *, restore: bool = True
     ) -> PolicySnapshot | None:
-        """Make policy ``name`` (restoring its last snapshot unless told not to) and serve it."""
+        """Make policy ``name`` (restoring its last snapshot unless told not to) and serve it;
+        the live drafters' hints (``DrafterHints``) fill what ``config`` leaves out."""
         from router.policy.base import IncompatibleStateError
-        from router.policy.registry import POLICIES, make_policy
+        from router.policy.registry import POLICIES, make_policy, with_drafter_hints
 
         if name not in POLICIES:
             raise InvalidRequestError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
+        config = with_drafter_hints(name, config, self._hints())
         try:
-            policy = make_policy(name, list(self._drafters()), dict(config or {}) or None)
+            policy = make_policy(name, list(self._drafters()), config or None)
         except (TypeError, ValueError, KeyError) as exc:
             raise InvalidRequestError(f"bad configuration for policy {name!r}: {exc}") from exc
         self._sync_drafters(policy)  # similarity priors for the built-in drafters

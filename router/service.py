@@ -48,7 +48,7 @@ from router.errors import (
 )
 from router.generation import Finished, GenerationQueue
 from router.metrics import SidecarMetrics
-from router.policy.base import NONE_DRAFTER
+from router.policy.base import NONE_DRAFTER, DrafterHints
 from router.policy_holder import PolicyHolder
 from router.prompt_reader import InProcessReader, PromptReader
 from router.route_process import ChildProcessReader
@@ -177,7 +177,9 @@ class RouterService:
         # Automatic distillation's output directory is a model root while it is on.
         roots = (*components.model_roots, *extra_model_roots(settings))
         self.drafters = DrafterPool(components.target, components.engine, store, roots)
-        self.policy = PolicyHolder(store, self.drafters.eligible, self._similarity_of)
+        self.policy = PolicyHolder(
+            store, self.drafters.eligible, self._similarity_of, self.drafter_hints
+        )
         self.queue = GenerationQueue(
             self.limits.generation_workers,
             self.limits.generation_queue_size,
@@ -672,6 +674,25 @@ class RouterService:
 
     def list_drafters(self) -> list[DrafterRecord]:
         return self.drafters.records()
+
+    def drafter_hints(self) -> DrafterHints:
+        """What the live drafters' kinds say before anything is measured
+        (``drafters.draft_cost_hint``, ``drafters.copies_context``)."""
+        from drafters import copies_context, draft_cost_hint
+
+        costs: dict[str, float] = {}
+        copies: list[str] = []
+        for name in self.drafters.eligible():
+            try:
+                drafter = self.drafters.get(name).drafter
+            except NotFoundError:  # removed meanwhile
+                continue
+            hint = draft_cost_hint(drafter)
+            if hint is not None:
+                costs[name] = hint
+            if copies_context(drafter):
+                copies.append(name)
+        return DrafterHints(costs, tuple(copies))
 
     def _similarity_of(self, name: str) -> Mapping[str, float] | None:
         try:

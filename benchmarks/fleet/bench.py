@@ -311,7 +311,7 @@ def run_policies(
     slice of ``concurrency`` requests, in an order that rotates from slice to slice, so a
     change in the machine's load falls on all of them alike; the adaptive policy first
     learns from one pass over the trace."""
-    # As in serve --fleet (router.fleet.service.fleet_policy_config): vLLM's step time
+    # As in serve --fleet (FleetRouterService.drafter_hints): vLLM's step time
     # includes drafting, so no separate drafting cost is priced.
     no_draft_cost = {c: 0.0 for c in configurations if c != PLAIN}
     client.set_policy("thompson", {"draft_cost_ratio": no_draft_cost}, reset_state=True)

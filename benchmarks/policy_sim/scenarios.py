@@ -17,8 +17,9 @@
   are common; ``thompson_geo`` (the n-gram drafter priced by one per-token acceptance,
   k <= 8, thompson before the copy model) and ``thompson_g16`` (the same with k_max
   16) run beside thompson. Only here is ``ngram`` one of thompson's copy drafters
-  (``copy_drafters: ["ngram"]``, not the default): in the other scenarios its truth is a
-  per-token geometric law, and thompson keeps the default (no copy drafters).
+  (``copy_drafters: ["ngram"]``, as the sidecar configures its n-gram drafters; the
+  policy alone has none): in the other scenarios its truth is a per-token geometric
+  law, and thompson keeps the policy's default (no copy drafters).
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ from router.fleet.client import stream_completion as replica_stream
 from router.fleet.config import FleetSpec
 from router.fleet.learning import Timing, outcome_from_replica
 from router.fleet.replica import Replica, watch
-from router.policy.base import NONE_DRAFTER
+from router.policy.base import NONE_DRAFTER, DrafterHints
 from router.service import (
     Components,
     GenerationResult,
@@ -124,6 +124,14 @@ class FleetRouterService(RouterService):
         self._session: aiohttp.ClientSession | None = None
         self._watchers: list[asyncio.Task[None]] = []
         self.plain_token_time_s: float | None = None
+
+    def drafter_hints(self) -> DrafterHints:
+        """As without a fleet, except that vLLM reports drafting and verifying as one
+        step time (learned as the step's), so the fleet's drafters are hinted no
+        separate drafting cost."""
+        hints = super().drafter_hints()
+        no_cost = {d: 0.0 for d in self.fleet.drafters() if d != NONE_DRAFTER}
+        return replace(hints, draft_cost_ratio={**hints.draft_cost_ratio, **no_cost})
 
     # -- lifecycle (on the event loop) -------------------------------------------------
     async def start_fleet(self) -> None:
@@ -403,16 +411,6 @@ class FleetRouterService(RouterService):
         )
 
 
-def fleet_policy_config(settings: Settings, fleet: FleetSpec) -> dict[str, Any]:
-    """The policy's configuration in fleet mode: vLLM reports one time for drafting and
-    verifying together (learned as the step's time), so ``thompson`` prices no separate
-    drafting cost for the fleet's drafters unless the settings do."""
-    config = dict(settings.policy_config)
-    if settings.policy == "thompson" and "draft_cost_ratio" not in config:
-        config["draft_cost_ratio"] = {d: 0.0 for d in fleet.drafters() if d != NONE_DRAFTER}
-    return config
-
-
 async def start_fleet_service(
     settings: Settings, components: Components, store: Any, metrics: Any
 ) -> FleetRouterService:
@@ -422,7 +420,6 @@ async def start_fleet_service(
 
     assert settings.fleet_file is not None
     fleet = load_fleet_file(settings.fleet_file)
-    settings = settings.model_copy(update={"policy_config": fleet_policy_config(settings, fleet)})
     service = FleetRouterService(settings, components, store, metrics, fleet)
     await asyncio.to_thread(service.start)
     check_fleet_drafters(fleet, service.drafters.names(), str(settings.fleet_file))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 #: The drafter name of the no-speculation arm (k = 0).
@@ -347,3 +347,14 @@ def check_state(state: Mapping[str, Any], policy_name: str) -> None:
         raise IncompatibleStateError(
             f"policy state was saved by policy {saved!r}, cannot load it into {policy_name!r}"
         )
+
+
+@dataclass(frozen=True)
+class DrafterHints:
+    """What the sidecar knows of its drafters from their kinds, before measuring them:
+    ``draft_cost_ratio``, drafter -> cost of a drafted token in plain target steps (used
+    until that drafter's cost is measured); ``copy_drafters``, the drafters that copy
+    from the context (priced by the copy model)."""
+
+    draft_cost_ratio: Mapping[str, float] = field(default_factory=dict)
+    copy_drafters: tuple[str, ...] = ()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from router.policy.base import NONE_DRAFTER, Policy
+from router.policy.base import NONE_DRAFTER, DrafterHints, Policy
 from router.policy.fixed import FixedPolicy
 from router.policy.none import NonePolicy
 from router.policy.oracle import OraclePolicy
@@ -24,6 +24,27 @@ POLICIES: dict[str, PolicyFactory] = {
     "oracle": OraclePolicy.from_config,
     "none": NonePolicy.from_config,
 }
+
+
+#: Policies that read the sidecar's drafter hints (``DrafterHints``) into their config.
+READS_DRAFTER_HINTS = frozenset({"thompson"})
+
+
+def with_drafter_hints(
+    name: str, config: Mapping[str, Any] | None, hints: DrafterHints
+) -> dict[str, Any]:
+    """``config`` with ``hints`` filling what it leaves out, for a policy that reads them:
+    the hinted costs under its ``draft_cost_ratio`` (its own entries win), and
+    ``copy_drafters`` unless it names them itself. Other policies get ``config`` as is."""
+    merged = dict(config or {})
+    if name not in READS_DRAFTER_HINTS:
+        return merged
+    given = merged.get("draft_cost_ratio")
+    # A malformed value is left for the policy's own validation to refuse.
+    if hints.draft_cost_ratio and (given is None or isinstance(given, Mapping)):
+        merged["draft_cost_ratio"] = {**hints.draft_cost_ratio, **(given or {})}
+    merged.setdefault("copy_drafters", list(hints.copy_drafters))
+    return merged
 
 
 class UnknownPolicyError(KeyError):

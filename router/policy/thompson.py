@@ -26,7 +26,8 @@ S(a, k) = L(a, k) t_ar / (k t_draft + t_verify(k)). The decision is "explored" w
 (d*, k*) differs from the same rule applied to the posterior means, and its
 ``expected_speedup`` is S at the posterior mean.
 
-Copy drafters (``copy_drafters``, none by default; the prompt-lookup ``ngram`` is one) are priced by
+Copy drafters (``copy_drafters``: none by default here; the sidecar names its drafters of
+kind ``ngram``, the prompt lookup, unless its config does) are priced by
 their own model instead (``speedup.py`` and ``copying.py``, "copy drafters"): the chance
 c that a lookup finds a match and the length R of the run of tokens the copy then
 matches, through Beta posteriors of c and of the hazards h_i = P(R >= i | R >= i - 1),
@@ -93,10 +94,9 @@ from router.policy.speedup import (
 
 logger = logging.getLogger(__name__)
 
-#: Drafters priced as copy drafters unless the config says otherwise: none. The built-in
-#: prompt-lookup drafter (``drafters/ngram.py``) is one when configured; on the built-in
-#: world the copy model chose as well as the per-token price, not better, and costs
-#: ~50 us per select (docs/policy.md, "Copy drafters").
+#: Drafters priced as copy drafters unless the config says otherwise: none, for a policy
+#: that does not know its drafters' kinds; the sidecar configures its prompt-lookup
+#: drafters (kind ``ngram``) as copy drafters (``router.policy.base.DrafterHints``).
 DEFAULT_COPY_DRAFTERS: tuple[str, ...] = ()
 #: A copy drafter's run lengths are modelled up to this many times its copy_k_max.
 RUN_HORIZON_PER_K = 4

@@ -8,7 +8,13 @@ from drafters.base import Drafter
 from drafters.counterfactual import score_counterfactual
 from drafters.engine import SpeculativeEngine
 from drafters.loader import LoadedModel, ModelLoadError
-from drafters.registry import DRAFTER_KINDS, TokenizerMismatchError, create_drafter
+from drafters.registry import (
+    DRAFTER_KINDS,
+    TokenizerMismatchError,
+    copies_context,
+    create_drafter,
+    draft_cost_hint,
+)
 
 from .conftest import TinyModels, make_prompts
 
@@ -24,6 +30,29 @@ def test_every_kind_is_registered_by_name(target: LoadedModel, tiny_models: Tiny
         create_drafter("eagle", name="x", target=target)
     with pytest.raises(ModelLoadError, match="needs a path"):
         create_drafter("model", name="x", target=target)
+
+
+def test_each_kind_hints_its_drafting_cost(target: LoadedModel, tiny_models: TinyModels) -> None:
+    """A lookup costs no forward, a self drafter its share of the target's layers, and a
+    model drafter no hint (its cost depends on its size and the hardware); only the
+    prompt lookup copies from the context."""
+    layers = int(target.model.config.num_hidden_layers)
+    assert layers >= 2
+    made = {
+        kind: create_drafter(
+            kind,
+            name=kind,
+            target=target,
+            path=tiny_models.close_dir if kind == "model" else None,
+            options={"exit_layer": 1} if kind == "self" else None,
+        )
+        for kind in ("model", "ngram", "none", "self")
+    }
+    assert draft_cost_hint(made["ngram"]) == 0.0
+    assert draft_cost_hint(made["none"]) == 0.0
+    assert draft_cost_hint(made["self"]) == pytest.approx(1 / layers)
+    assert draft_cost_hint(made["model"]) is None
+    assert [kind for kind, drafter in made.items() if copies_context(drafter)] == ["ngram"]
 
 
 def test_a_different_tokenizer_is_refused_with_the_difference(

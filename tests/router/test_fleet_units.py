@@ -22,7 +22,7 @@ from router.fleet.config import (
 from router.fleet.learning import Timing, outcome_from_replica, positions_from_histogram
 from router.fleet.metrics import FleetCollector
 from router.fleet.replica import Replica, queue_from_metrics
-from router.fleet.service import generation_stats
+from router.fleet.service import FleetRouterService, generation_stats
 
 if TYPE_CHECKING:
     from router.bundle import ModelBundle
@@ -118,6 +118,40 @@ def test_inconsistent_fleets_are_refused(replicas: list[dict[str, object]], prob
     with pytest.raises(FleetConfigError, match=problem) as refused:
         parse_fleet({"replicas": replicas})
     assert "\n" not in str(refused.value)
+
+
+def test_fleet_drafters_are_priced_without_a_drafting_cost() -> None:
+    """vLLM reports drafting and verifying as one step time, so the fleet hints a
+    drafting cost of 0 for each configuration it offers (none is the k = 0 arm), over
+    what the drafters' kinds hint; the copy drafters are the kinds' as without a fleet."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from drafters.ngram import NgramDrafter
+    from router.policy.base import DrafterHints
+
+    fleet = parse_fleet(
+        {
+            "replicas": [
+                {"url": "http://a", "model": "m", "speculative": "none"},
+                {"url": "http://b", "model": "m", "speculative": "code", "k": 3},
+                {"url": "http://c", "model": "m", "speculative": "ngram", "k": 4},
+            ]
+        }
+    )
+    # The service's drafter pool, reduced to what the hints read: an n-gram drafter and
+    # a model drafter ("code"; its kind is all that is asked of it).
+    pool = {
+        "ngram": NgramDrafter("ngram", torch.device("cpu")),
+        "code": SimpleNamespace(kind="model"),
+    }
+    service = FleetRouterService.__new__(FleetRouterService)
+    service.fleet = fleet
+    service.drafters = SimpleNamespace(  # type: ignore[assignment]
+        eligible=lambda: list(pool), get=lambda name: SimpleNamespace(drafter=pool[name])
+    )
+    assert service.drafter_hints() == DrafterHints({"ngram": 0.0, "code": 0.0}, ("ngram",))
 
 
 def test_unknown_drafter_and_unreadable_files(tmp_path: Path) -> None:

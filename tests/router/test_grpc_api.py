@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import urllib.request
@@ -422,3 +423,26 @@ def test_queue_full_then_cancelled_generation_frees_its_slot(
     assert generations.labels(finish_reason="cancelled")._value.get() == 1
     after = generate(sidecar, text=PROMPT, max_new_tokens=4)[-1].stats
     assert after.finish_reason in {"length", "eos_token"} and after.generated_tokens >= 1
+
+
+def test_the_drafters_kinds_configure_the_policy(sidecar: SidecarThread) -> None:
+    """At start and on every SetPolicy the sidecar hints each drafter's cost by its kind
+    (the n-gram lookup runs no model) and prices its prompt-lookup drafters with the copy
+    model; what the policy's configuration says wins."""
+    from router.policy.base import DrafterHints
+
+    service = sidecar.service
+    assert service.drafter_hints() == DrafterHints({"ngram": 0.0}, ("ngram",))
+
+    def configured() -> tuple[dict[str, float], set[str]]:
+        policy = service.policy._policy
+        return dict(policy.costs_.draft_cost_ratio), set(policy.copy_drafters)
+
+    assert configured() == ({"ngram": 0.0}, {"ngram"})
+    config = json.dumps({"draft_cost_ratio": {"generic": 0.3, "ngram": 0.05}, "copy_drafters": []})
+    sidecar.stub.SetPolicy(
+        pb.SetPolicyRequest(policy="thompson", config_json=config), metadata=ADMIN
+    )
+    assert configured() == ({"generic": 0.3, "ngram": 0.05}, set())
+    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson"), metadata=ADMIN)
+    assert configured() == ({"ngram": 0.0}, {"ngram"})

@@ -7,8 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from router.policy.base import STATE_VERSION, Context, Policy
-from router.policy.registry import POLICIES, UnknownPolicyError, make_policy
+from router.policy.base import STATE_VERSION, Context, DrafterHints, Policy
+from router.policy.registry import (
+    POLICIES,
+    UnknownPolicyError,
+    make_policy,
+    with_drafter_hints,
+)
 
 from .helpers import geometric_outcome
 
@@ -59,3 +64,35 @@ def test_bad_config_is_a_value_error() -> None:
         make_policy("thompson", [], {"gamma": 2.0})
     with pytest.raises(ValueError):
         make_policy("thompson", [], {"unknown_knob": 1})
+
+
+def test_drafter_hints_fill_what_the_config_leaves_out() -> None:
+    hints = DrafterHints({"ngram": 0.0, "self": 0.25}, ("ngram",))
+    config = {"gamma": 0.9, "draft_cost_ratio": {"self": 0.4}}
+    assert with_drafter_hints("thompson", config, hints) == {
+        "gamma": 0.9,
+        "draft_cost_ratio": {"ngram": 0.0, "self": 0.4},
+        "copy_drafters": ["ngram"],
+    }
+    # The config's own copy drafters win, none included.
+    chosen = with_drafter_hints("thompson", {"copy_drafters": []}, hints)
+    assert chosen["copy_drafters"] == [] and chosen["draft_cost_ratio"] == {
+        "ngram": 0.0,
+        "self": 0.25,
+    }
+    # A policy that does not read them gets its config as given.
+    assert with_drafter_hints("ucb", {"gamma": 0.9}, hints) == {"gamma": 0.9}
+    # A malformed value is left for the policy's own validation to refuse.
+    malformed = with_drafter_hints("thompson", {"draft_cost_ratio": 0.3}, hints)
+    with pytest.raises(ValueError):
+        make_policy("thompson", ["ngram"], malformed)
+
+
+def test_a_hinted_drafter_is_priced_by_its_hint_until_measured() -> None:
+    """Before any outcome a drafter without a hint costs the default ratio (0.1 of a
+    plain step per drafted token); a hinted one (a lookup: 0) costs its hint."""
+    config = with_drafter_hints("thompson", {}, DrafterHints({"ngram": 0.0}, ("ngram",)))
+    policy = make_policy("thompson", ["ngram", "small"], config)
+    costs = policy.costs_.step_costs(["ngram", "small"], 4)  # type: ignore[attr-defined]
+    assert costs.t_draft.tolist() == [0.0, pytest.approx(0.1 * costs.t_ar)]
+    assert policy.copy_drafters == {"ngram"}  # type: ignore[attr-defined]
