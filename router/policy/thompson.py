@@ -320,6 +320,9 @@ class ThompsonPolicy:
         # cluster -> (alpha0, beta0) over drafters_: the priors, derived from drafters_ and
         # similarity_ and rebuilt whenever either changes (``_drafters_changed``).
         self.cluster_priors_: dict[str, tuple[FloatArray, FloatArray]] = {}
+        # Likewise a copy drafter's run posterior in a cluster with no statistics of it
+        # yet: its priors alone (``_new_copy``), a chain of H Betas, derived once.
+        self.copy_priors_: dict[tuple[str, str], FloatArray] = {}
         self.contexts_: dict[Context, ContextArms] = {}
         # Copy drafters: per context and drafter, the run statistics (``copying.py``),
         # priced by the copy model up to copy_k_max.
@@ -468,6 +471,7 @@ class ThompsonPolicy:
     def _drafters_changed(self) -> None:
         """The drafter list or a similarity changed: the priors are derived again."""
         self.cluster_priors_.clear()
+        self.copy_priors_.clear()
 
     def _fresh_posterior(self, context: Context) -> tuple[FloatArray, FloatArray]:
         """(alpha, beta) of a context never updated: its cluster's prior plus the evidence
@@ -505,14 +509,24 @@ class ThompsonPolicy:
         arm = self.copies_.get(context, {}).get(drafter)
         if arm is not None:
             return arm.posterior
+        if not self._copy_siblings(context, drafter):
+            prior = self.copy_priors_.get((context.cluster, drafter))
+            if prior is None:
+                prior = self._new_copy(drafter, context.cluster).posterior
+                self.copy_priors_[(context.cluster, drafter)] = prior
+            return prior
         return self._fresh_copy(context, drafter).posterior
 
-    def _fresh_copy(self, context: Context, drafter: str) -> CopyRuns:
-        siblings = [
+    def _copy_siblings(self, context: Context, drafter: str) -> list[FloatArray]:
+        """The run evidence of ``drafter`` in the other buckets of ``context``'s cluster."""
+        return [
             arms[drafter].evidence
             for c, arms in self.copies_.items()
             if c.cluster == context.cluster and drafter in arms
         ]
+
+    def _fresh_copy(self, context: Context, drafter: str) -> CopyRuns:
+        siblings = self._copy_siblings(context, drafter)
         if not siblings or self.transfer_weight <= 0:
             return self._new_copy(drafter, context.cluster)
         evidence = np.sum(siblings, axis=0)

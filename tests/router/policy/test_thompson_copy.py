@@ -472,3 +472,24 @@ def test_copy_statistics_stay_proper_under_random_operations(operations: list) -
             for arm in arms.values():
                 assert np.all(arm.evidence >= 0) and np.all(np.isfinite(arm.posterior))
                 assert np.all(arm.posterior > 0)
+
+
+def test_a_fresh_contexts_run_prior_is_derived_once_per_cluster_and_follows_similarity() -> None:
+    """A context without run statistics of a copy drafter, in a cluster without any, is
+    priced from the priors alone: derived once per (cluster, drafter) and again when the
+    drafter's similarity changes, always what deriving it anew gives."""
+    policy = ThompsonPolicy(DRAFTERS, copy_drafters=COPY, rng=np.random.default_rng(0))
+    context = Context("code", 0)
+    first = policy._copy_posterior(context, "ngram")
+    assert policy._copy_posterior(Context("code", 2), "ngram") is first
+    np.testing.assert_array_equal(first, policy._new_copy("ngram", "code").posterior)
+    policy.add_drafter("ngram", {"code": 0.9, "chat": 0.1})
+    similar = policy._copy_posterior(context, "ngram")
+    assert similar[2, 0] / (similar[2, 0] + similar[3, 0]) > first[2, 0] / (
+        first[2, 0] + first[3, 0]
+    )
+    np.testing.assert_array_equal(similar, policy._new_copy("ngram", "code").posterior)
+    # Once another bucket of the cluster has runs, a fresh context borrows them instead.
+    policy.update_counterfactual(context, "ngram", [4, 4, 0, 2], 4)
+    borrowed = policy._copy_posterior(Context("code", 2), "ngram")
+    assert not np.array_equal(borrowed, similar)
