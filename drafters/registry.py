@@ -241,14 +241,9 @@ COPY_KINDS = frozenset({"ngram"})
 
 def draft_cost_hint(drafter: Drafter) -> float | None:
     """What one drafted token costs, in plain target steps, before anything is measured:
-    0 for a kind that runs no model, the share of the target's layers a self drafter
-    runs, None (no hint: the policy's default) for a model drafter, whose cost depends on
-    its size and the hardware."""
-    if isinstance(drafter, SelfDrafter):
-        return drafter.exit_layer / int(drafter.model.config.num_hidden_layers)
-    if drafter.kind in MODEL_FREE_KINDS:
-        return 0.0
-    return None
+    0 for a kind that runs no model, None (no hint: the policy's default) for a kind that
+    runs one, whose cost depends on its size and the hardware."""
+    return 0.0 if drafter.kind in MODEL_FREE_KINDS else None
 
 
 def copies_context(drafter: Drafter) -> bool:

@@ -676,17 +676,22 @@ class RouterService:
         return self.drafters.records()
 
     def drafter_hints(self) -> DrafterHints:
-        """What the live drafters' kinds say before anything is measured
-        (``drafters.draft_cost_hint``, ``drafters.copies_context``)."""
+        """What the built-in drafters' kinds say before anything is measured
+        (``drafters.draft_cost_hint``, ``drafters.copies_context``). Drafters registered
+        over the API are left to the policy's configuration, so that a restart, which
+        loads them with the built-in ones, configures the policy as before it."""
         from drafters import copies_context, draft_cost_hint
 
         costs: dict[str, float] = {}
         copies: list[str] = []
         for name in self.drafters.eligible():
             try:
-                drafter = self.drafters.get(name).drafter
+                live = self.drafters.get(name)
             except NotFoundError:  # removed meanwhile
                 continue
+            if not live.record.builtin:
+                continue
+            drafter = live.drafter
             hint = draft_cost_hint(drafter)
             if hint is not None:
                 costs[name] = hint

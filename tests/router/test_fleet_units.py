@@ -149,7 +149,8 @@ def test_fleet_drafters_are_priced_without_a_drafting_cost() -> None:
     service = FleetRouterService.__new__(FleetRouterService)
     service.fleet = fleet
     service.drafters = SimpleNamespace(  # type: ignore[assignment]
-        eligible=lambda: list(pool), get=lambda name: SimpleNamespace(drafter=pool[name])
+        eligible=lambda: list(pool),
+        get=lambda name: SimpleNamespace(drafter=pool[name], record=SimpleNamespace(builtin=True)),
     )
     assert service.drafter_hints() == DrafterHints({"ngram": 0.0, "code": 0.0}, ("ngram",))
 
