@@ -66,7 +66,7 @@ class PolicyHolder:
         self, name: str, config: Mapping[str, Any] | None = None, *, restore: bool = True
     ) -> PolicySnapshot | None:
         """Make policy ``name`` (restoring its last snapshot unless told not to) and serve it;
-        the live drafters' hints (``DrafterHints``) fill what ``config`` leaves out."""
+        what the drafters' kinds hint (``DrafterHints``) fills what ``config`` leaves out."""
         from router.policy.base import IncompatibleStateError
         from router.policy.registry import POLICIES, make_policy, with_drafter_hints
 

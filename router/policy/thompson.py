@@ -509,13 +509,15 @@ class ThompsonPolicy:
         arm = self.copies_.get(context, {}).get(drafter)
         if arm is not None:
             return arm.posterior
-        if not self._copy_siblings(context, drafter):
-            prior = self.copy_priors_.get((context.cluster, drafter))
-            if prior is None:
-                prior = self._new_copy(drafter, context.cluster).posterior
-                self.copy_priors_[(context.cluster, drafter)] = prior
-            return prior
-        return self._fresh_copy(context, drafter).posterior
+        siblings = self._copy_siblings(context, drafter)
+        if siblings and self.transfer_weight > 0:
+            return self._fresh_copy(context, drafter, siblings).posterior
+        prior = self.copy_priors_.get((context.cluster, drafter))
+        if prior is None:
+            prior = self.copy_priors_[(context.cluster, drafter)] = self._new_copy(
+                drafter, context.cluster
+            ).posterior
+        return prior
 
     def _copy_siblings(self, context: Context, drafter: str) -> list[FloatArray]:
         """The run evidence of ``drafter`` in the other buckets of ``context``'s cluster."""
@@ -525,8 +527,9 @@ class ThompsonPolicy:
             if c.cluster == context.cluster and drafter in arms
         ]
 
-    def _fresh_copy(self, context: Context, drafter: str) -> CopyRuns:
-        siblings = self._copy_siblings(context, drafter)
+    def _fresh_copy(self, context: Context, drafter: str, siblings: list[FloatArray]) -> CopyRuns:
+        """New statistics of ``drafter`` in ``context``: its priors, plus the evidence of
+        ``siblings`` (``_copy_siblings``) scaled to at most ``transfer_weight`` starts."""
         if not siblings or self.transfer_weight <= 0:
             return self._new_copy(drafter, context.cluster)
         evidence = np.sum(siblings, axis=0)
@@ -539,7 +542,9 @@ class ThompsonPolicy:
         arms = self.copies_.setdefault(context, {})
         arm = arms.get(drafter)
         if arm is None:
-            arm = arms[drafter] = self._fresh_copy(context, drafter)
+            arm = arms[drafter] = self._fresh_copy(
+                context, drafter, self._copy_siblings(context, drafter)
+            )
         return arm
 
     # -- learning -------------------------------------------------------------------------
