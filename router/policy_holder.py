@@ -58,6 +58,8 @@ class PolicyHolder:
         self._lock = threading.Lock()
         self._policy: Any = None
         self.name = ""
+        # The current policy's own configuration, before the drafters' hints fill it in.
+        self._config: Mapping[str, Any] | None = None
         self._log: LearningLog | None = None
         self._restored_cursor: Mapping[str, Any] | None = None
 
@@ -72,9 +74,9 @@ class PolicyHolder:
 
         if name not in POLICIES:
             raise InvalidRequestError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
-        config = with_drafter_hints(name, config, self._hints())
+        hinted = with_drafter_hints(name, config, self._hints())
         try:
-            policy = make_policy(name, list(self._drafters()), config or None)
+            policy = make_policy(name, list(self._drafters()), hinted or None)
         except (TypeError, ValueError, KeyError) as exc:
             raise InvalidRequestError(f"bad configuration for policy {name!r}: {exc}") from exc
         self._sync_drafters(policy)  # similarity priors for the built-in drafters
@@ -91,7 +93,7 @@ class PolicyHolder:
             self._sync_drafters(policy)
         with self._lock:
             previous, previous_name = self._policy, self.name
-            self._policy, self.name = policy, name
+            self._policy, self.name, self._config = policy, name, config
         if previous is not None:
             self._save(previous, previous_name)
         return snapshot
@@ -154,12 +156,28 @@ class PolicyHolder:
             return True
 
     def add_drafter(self, name: str, similarity: Mapping[str, float] | None) -> None:
+        """A drafter registered at run time joins the policy with its kind's hints, as
+        it would at a restart (which loads it with the others)."""
         with self._lock:
             self._policy.add_drafter(name, similarity)
+            self._rehint()
 
     def remove_drafter(self, name: str) -> None:
         with self._lock:
             self._policy.remove_drafter(name)
+            self._rehint()
+
+    def _rehint(self) -> None:
+        """Give the policy the hints of the live drafters, merged with its configuration
+        as at start (call locked)."""
+        from router.policy.registry import READS_DRAFTER_HINTS, with_drafter_hints
+
+        if self.name not in READS_DRAFTER_HINTS:
+            return
+        hinted = with_drafter_hints(self.name, self._config, self._hints())
+        self._policy.set_drafter_hints(
+            hinted.get("draft_cost_ratio") or {}, hinted.get("copy_drafters") or ()
+        )
 
     # -- inspection and persistence ---------------------------------------------------
     @property

@@ -676,10 +676,10 @@ class RouterService:
         return self.drafters.records()
 
     def drafter_hints(self) -> DrafterHints:
-        """What the built-in drafters' kinds say before anything is measured
-        (``drafters.draft_cost_hint``, ``drafters.copies_context``). Drafters registered
-        over the API are left to the policy's configuration, so that a restart, which
-        loads them with the built-in ones, configures the policy as before it."""
+        """What the live drafters' kinds say before anything is measured
+        (``drafters.draft_cost_hint``, ``drafters.copies_context``); the policy holder
+        applies them at start, on SetPolicy and when a drafter is registered or removed,
+        so a restart configures the policy as it was before."""
         from drafters import copies_context, draft_cost_hint
 
         costs: dict[str, float] = {}
@@ -688,8 +688,6 @@ class RouterService:
             try:
                 live = self.drafters.get(name)
             except NotFoundError:  # removed meanwhile
-                continue
-            if not live.record.builtin:
                 continue
             drafter = live.drafter
             hint = draft_cost_hint(drafter)

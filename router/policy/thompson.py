@@ -628,6 +628,22 @@ class ThompsonPolicy:
         for context, arms in self.contexts_.items():
             arms.append(*self._prior(name, context.cluster))
 
+    def set_drafter_hints(
+        self, draft_cost_ratio: Mapping[str, float], copy_drafters: Sequence[str]
+    ) -> None:
+        """Replace the configured hints (``draft_cost_ratio``, ``copy_drafters``), as the
+        sidecar does when a drafter is registered or removed. A drafter that stops being
+        a copy drafter loses its run statistics; one that becomes one starts from its
+        priors."""
+        self.costs_.draft_cost_ratio = {str(k): float(v) for k, v in draft_cost_ratio.items()}
+        copies = frozenset(str(name) for name in copy_drafters)
+        if copies != self.copy_drafters:
+            self.copy_drafters = copies
+            for arms in self.copies_.values():
+                for name in [n for n in arms if n not in copies]:
+                    del arms[name]
+            self._drafters_changed()
+
     def remove_drafter(self, name: str) -> None:
         """Forget ``name``: it is never selected again (re-adding starts from its prior)."""
         i = self.index_.get(name)

@@ -446,3 +446,14 @@ def test_the_drafters_kinds_configure_the_policy(sidecar: SidecarThread) -> None
     assert configured() == ({"generic": 0.3, "ngram": 0.05}, set())
     sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson"), metadata=ADMIN)
     assert configured() == ({"ngram": 0.0}, {"ngram"})
+    # A drafter registered at run time is hinted at once, as a restart would hint it
+    # (tests/router/test_durability.py restarts with one), and forgotten when removed.
+    sidecar.stub.RegisterDrafter(
+        pb.RegisterDrafterRequest(name="lookup3", kind="ngram", options={"max_n": "4"}),
+        metadata=ADMIN,
+    )
+    try:
+        assert configured() == ({"ngram": 0.0, "lookup3": 0.0}, {"ngram", "lookup3"})
+    finally:
+        sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="lookup3"), metadata=ADMIN)
+    assert configured() == ({"ngram": 0.0}, {"ngram"})

@@ -25,6 +25,7 @@ from router.policy.copying import (
     run_counts,
     runs_of_steps,
 )
+from router.policy.costs import StepRatios
 from router.policy.registry import make_policy
 from router.policy.thompson import ThompsonPolicy, speedup_tables
 from router.policy_holder import PolicyHolder
@@ -352,6 +353,25 @@ def test_removing_the_copy_drafter_drops_its_statistics() -> None:
     policy.remove_drafter("ngram")
     assert all("ngram" not in arms for arms in policy.copies_.values())
     assert "copy" in json.dumps(policy.state_dict())
+
+
+def test_hints_set_at_run_time_price_as_hints_given_at_start() -> None:
+    """A drafter registered while the sidecar runs gets its kind's hints then
+    (``set_drafter_hints``); the policy then decides as one configured with them from the
+    start, and a drafter that stops being a copy drafter loses its run statistics."""
+    started = ThompsonPolicy(
+        DRAFTERS,
+        copy_drafters=COPY,
+        costs=StepRatios(draft_cost_ratio={"ngram": 0.0}),
+        rng=np.random.default_rng(0),
+    )
+    hinted = ThompsonPolicy(DRAFTERS, copy_drafters=(), rng=np.random.default_rng(0))
+    hinted.set_drafter_hints({"ngram": 0.0}, COPY)
+    assert _train(hinted, 60, match=0.9, keep=0.35) == _train(started, 60, match=0.9, keep=0.35)
+    assert hinted.costs_.draft_cost_ratio == {"ngram": 0.0}
+    hinted.set_drafter_hints({}, ())
+    assert hinted.copy_drafters == frozenset() and hinted.copies_[CHAT] == {}
+    assert hinted.costs_.draft_cost_ratio == {}
 
 
 def test_a_new_length_bucket_starts_from_its_clusters_copy_evidence() -> None:
