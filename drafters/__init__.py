@@ -16,6 +16,7 @@ _EXPORTS = {
     "Proposal": "drafters.base",
     "DRAFTER_KINDS": "drafters.registry",
     "create_drafter": "drafters.registry",
+    "check_options": "drafters.registry",
     "draft_cost_hint": "drafters.registry",
     "copies_context": "drafters.registry",
     "TokenizerMismatchError": "drafters.registry",

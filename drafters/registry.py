@@ -147,12 +147,7 @@ def _create_model_drafter(
 ) -> Drafter:
     if path is None:
         raise ModelLoadError(f"model drafter {name!r} needs a path")
-    loaded = load_model(
-        path,
-        placement=target.placement,
-        roots=options.get("roots"),
-        digest_cache=target.digest_cache,
-    )
+    loaded = load_model(path, placement=target.placement, digest_cache=target.digest_cache)
     difference = tokenizer_difference(target.tokenizer, loaded.tokenizer)
     if difference is not None:
         raise TokenizerMismatchError(mismatch_message(name, loaded.path, target.path, difference))
@@ -190,8 +185,8 @@ def _create_ngram_drafter(
     return NgramDrafter(
         name=name,
         device=target.device,
-        min_n=int(options.get("min_n", 2)),
-        max_n=int(options.get("max_n", 3)),
+        min_n=int_option(options, "min_n", 2),
+        max_n=int_option(options, "max_n", 3),
     )
 
 
@@ -206,7 +201,7 @@ def _create_self_drafter(
             f"the target's weights are not loaded here (only its tokenizer, from {target.path})"
         )
     model = target.model
-    exit_layer = int(options.get("exit_layer", model.config.num_hidden_layers // 2))
+    exit_layer = int_option(options, "exit_layer", model.config.num_hidden_layers // 2)
     return SelfDrafter(
         name=name,
         model=model,
@@ -230,6 +225,34 @@ DRAFTER_KINDS: dict[str, DrafterFactory] = {
     "self": _create_self_drafter,
     "none": _create_no_drafter,
 }
+
+
+#: The options each kind reads (``RegisterDrafterRequest.options``, string values).
+KIND_OPTIONS: dict[str, frozenset[str]] = {
+    "model": frozenset(),
+    "ngram": frozenset({"min_n", "max_n"}),
+    "self": frozenset({"exit_layer"}),
+    "none": frozenset(),
+}
+
+
+def check_options(kind: str, options: Mapping[str, Any]) -> None:
+    """ValueError naming the first option ``kind`` does not read (a misspelt option
+    would otherwise be ignored without a word)."""
+    known = KIND_OPTIONS.get(kind, frozenset())
+    unknown = sorted(set(options) - known)
+    if unknown:
+        reads = ", ".join(sorted(known)) or "no options"
+        raise ValueError(f"drafter kind {kind!r} has no option {unknown[0]!r} (it reads: {reads})")
+
+
+def int_option(options: Mapping[str, Any], key: str, default: int) -> int:
+    """Option ``key`` as an integer (``default`` when absent); ValueError naming it."""
+    value = options.get(key, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"option {key!r} must be an integer, got {value!r}") from None
 
 
 #: Drafter kinds that run no model: drafting costs a lookup, not a forward.

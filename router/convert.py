@@ -205,6 +205,7 @@ def drafter_to_pb(record: DrafterRecord) -> pb.DrafterInfo:
         created_unix=record.created_unix,
         builtin=record.builtin,
         finetune_sample_size=len(record.finetune_sample),
+        options=dict(record.options),
     )
 
 

@@ -132,6 +132,7 @@ class DrafterPool:
         with self._write_lock:
             self._check_name(spec.name)
             kind = self._check_kind(spec.kind)
+            self._check_options(kind, spec.options)
             path = self._check_path(spec.path) if kind == "model" else None
             drafter = self._create(kind, spec.name, path, spec.options)
             self._probe(spec.name, drafter)
@@ -181,6 +182,14 @@ class DrafterPool:
         if kind not in registrable:
             raise InvalidRequestError(f"drafter kind must be one of {registrable}, got {kind!r}")
         return kind
+
+    def _check_options(self, kind: str, options: Mapping[str, str]) -> None:
+        from drafters import check_options
+
+        try:
+            check_options(kind, options)
+        except ValueError as exc:
+            raise InvalidRequestError(f"options: {exc}") from exc
 
     def _check_path(self, path: str) -> Path:
         from drafters.loader import (

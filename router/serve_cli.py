@@ -7,6 +7,7 @@ Client commands talk gRPC to ``--address`` (``$SPECROUTE_ADDRESS``, default
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -230,7 +231,9 @@ def drafters_list_command(address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDR
         origin = "builtin" if info.builtin else "registered"
         tasks = ",".join(info.tasks) or "-"
         params = f"{info.parameter_count / 1e6:.2f}M" if info.parameter_count else "-"
-        typer.echo(f"{info.name:<16} {info.kind:<6} {origin:<10} {params:>8} {tasks}  {info.path}")
+        options = " ".join(f"{k}={v}" for k, v in sorted(info.options.items()))
+        line = f"{info.name:<16} {info.kind:<6} {origin:<10} {params:>8} {tasks}  {info.path}"
+        typer.echo(f"{line}  {options}".rstrip())
     for missing in reply.unavailable:  # registered on another replica, not loadable here
         typer.echo(f"{missing.name:<16} {missing.kind:<6} unavailable: {missing.error}")
 
@@ -247,6 +250,13 @@ def drafters_register_command(
     sample_file: Annotated[
         Path | None, typer.Option("--sample", help="Fine-tuning sample (lines).")
     ] = None,
+    options: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            help="KEY=VALUE, repeatable: ngram min_n, max_n; self exit_layer.",
+        ),
+    ] = None,
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     token: Annotated[str | None, TOKEN_OPTION] = None,
 ) -> None:
@@ -255,10 +265,26 @@ def drafters_register_command(
 
     sample = sample_file.read_text().splitlines() if sample_file is not None else []
     request = pb.RegisterDrafterRequest(
-        name=name, kind=kind, path=path, tasks=tasks or [], finetune_sample=[s for s in sample if s]
+        name=name,
+        kind=kind,
+        path=path,
+        tasks=tasks or [],
+        finetune_sample=[s for s in sample if s],
+        options=_key_values(options or [], "--option"),
     )
     stub = _stub(address)
     _print_message(_call(stub.RegisterDrafter, request, metadata=_metadata(token)))
+
+
+def _key_values(pairs: Sequence[str], flag: str) -> dict[str, str]:
+    """``KEY=VALUE`` strings as a dict; a malformed one is a usage error naming ``flag``."""
+    parsed: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=flag)
+        parsed[key.strip()] = value.strip()
+    return parsed
 
 
 def drafters_remove_command(

@@ -38,9 +38,16 @@ def _route(**fields: object) -> Call:
     return lambda sidecar, world: sidecar.stub.Route(pb.RouteRequest(**fields))
 
 
-def _register(kind: str, path_of: Callable[[ServingWorld], str], name: str = "new") -> Call:
+def _register(
+    kind: str,
+    path_of: Callable[[ServingWorld], str],
+    name: str = "new",
+    options: dict[str, str] | None = None,
+) -> Call:
     def call(sidecar: SidecarThread, world: ServingWorld) -> object:
-        request = pb.RegisterDrafterRequest(name=name, kind=kind, path=path_of(world))
+        request = pb.RegisterDrafterRequest(
+            name=name, kind=kind, path=path_of(world), options=options or {}
+        )
         return sidecar.stub.RegisterDrafter(request, metadata=ADMIN)
 
     return call
@@ -48,6 +55,17 @@ def _register(kind: str, path_of: Callable[[ServingWorld], str], name: str = "ne
 
 CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
     "empty prompt": (_route(text="  "), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    # A misspelt option was ignored without a word (the drafter ran with the default).
+    "a drafter option its kind does not read": (
+        _register("ngram", lambda w: "", options={"maxn": "4"}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "has no option 'maxn' (it reads: max_n, min_n)",
+    ),
+    "a drafter option that is not a number": (
+        _register("ngram", lambda w: "", options={"max_n": "four"}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "option 'max_n' must be an integer, got 'four'",
+    ),
     "empty conversation": (
         _route(conversation=pb.Conversation()),
         grpc.StatusCode.INVALID_ARGUMENT,

@@ -47,6 +47,26 @@ def test_cli_route_generate_drafters_policy(
     assert removed.exit_code == 0
     assert "cli-spare" not in runner.invoke(app, ["drafters", "list", *address]).output
 
+    lookup = ["drafters", "register", "cli-lookup", "--kind", "ngram", *address]
+    added = runner.invoke(app, [*lookup, "--option", "max_n=4", "--option", "min_n=1"], env=env)
+    assert added.exit_code == 0, added.output
+    try:
+        assert sidecar.service.drafters.get("cli-lookup").record.options == {
+            "max_n": "4",
+            "min_n": "1",
+        }
+        listed = runner.invoke(app, ["drafters", "list", *address]).output
+        assert any(
+            line.startswith("cli-lookup") and line.endswith("max_n=4 min_n=1")
+            for line in listed.splitlines()
+        ), listed
+    finally:
+        runner.invoke(app, ["drafters", "remove", "cli-lookup", *address], env=env)
+    misspelt = runner.invoke(app, [*lookup, "--option", "maxn=4"], env=env)
+    assert misspelt.exit_code == 1 and "has no option 'maxn'" in misspelt.output
+    malformed = runner.invoke(app, [*lookup, "--option", "max_n"], env=env)
+    assert malformed.exit_code == 2 and "KEY=VALUE" in malformed.output
+
     shown = runner.invoke(app, ["policy", "show", *address])
     assert shown.exit_code == 0 and shown.output.startswith("policy thompson")
 
