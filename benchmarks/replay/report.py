@@ -305,8 +305,31 @@ def task_table_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str
             ["fraction of oracle", ""]
             + [_fmt(policies[p].get("fraction_of_oracle"), 3) for p in labels]
         )
-    rows.append(["lossless", ""] + ["yes" if policies[p]["lossless"] else "NO" for p in labels])
+    rows.append(["lossless", ""] + [_lossless_cell(policies[p]) for p in labels])
     return header, rows
+
+
+def _lossless_cell(section: Mapping[str, Any]) -> str:
+    """``yes``, or ``NO (n of m)``: greedy outputs that differ from the baseline's."""
+    if section["lossless"]:
+        return "yes"
+    return f"NO ({len(section['lossless_mismatches'])} of {section['greedy_requests']})"
+
+
+#: Under a table with a lossless NO: what a difference means and how to check exactly.
+LOSSLESS_NOTE = (
+    "lossless: each policy's greedy outputs against the 'none' replay's, token for token. "
+    "The tests check equality in float32; a sidecar serving bfloat16 (dtype 'auto' on a CPU or GPU "
+    "with bf16) may differ where two tokens nearly tie, because a k-token verify rounds "
+    "differently from a one-token step. For an exact check serve with SPECROUTE_DTYPE=float32 "
+    "(a replay that starts its own sidecar does)."
+)
+
+
+def lossless_note(report: Mapping[str, Any]) -> str:
+    """:data:`LOSSLESS_NOTE` when some policy's outputs differ from the baseline's, else ''."""
+    policies = report["policies"]
+    return LOSSLESS_NOTE if any(not s["lossless"] for s in policies.values()) else ""
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -372,6 +395,8 @@ def report_markdown(report: Mapping[str, Any], plots: Sequence[Path]) -> str:
         markdown_table(*task_table_rows(report)),
         "",
     ]
+    if note := lossless_note(report):
+        parts += [note, ""]
     if report.get("oracle_method"):
         cal = report["calibration"]
         parts += [

@@ -416,7 +416,7 @@ def run_demo_replay(
 
 def format_task_table(report: Mapping[str, Any]) -> str:
     """The per-task speed-up table (tasks x policies, then evenness rows) as aligned text."""
-    from benchmarks.replay.report import task_table_rows
+    from benchmarks.replay.report import lossless_note, task_table_rows
 
     header, rows = task_table_rows(report)
     table = [header, *rows]
@@ -432,4 +432,4 @@ def format_task_table(report: Mapping[str, Any]) -> str:
         if report.get("out_dir")
         else ""
     )
-    return "\n".join([title, *lines, footer]).rstrip() + "\n"
+    return "\n".join([title, *lines, lossless_note(report), footer]).rstrip() + "\n"

@@ -148,7 +148,7 @@ def test_task_table_has_a_row_per_task_and_the_evenness_rows(runs: dict[str, Pol
     ]
     names = [row[0] for row in rows]
     assert names[:2] == ["a", "b"] and "Jain" in names and names[-1] == "lossless"
-    assert rows[-1][2:] == ["yes", "yes", "NO", "yes", "yes"]
+    assert rows[-1][2:] == ["yes", "yes", "NO (1 of 4)", "yes", "yes"]
 
 
 def test_format_task_table_prints_rows_and_where_the_report_is(
@@ -164,6 +164,10 @@ def test_format_task_table_prints_rows_and_where_the_report_is(
     assert lines[1].split()[:6] == ["task", "requests", "none", "generic", "thompson", "oracle"]
     assert lines[3].split()[:4] == ["a", "2", "1.00x", "2.00x"]
     assert f"{tmp_path}/report.md" in lines[-1]
+    # thompson's output differs on one request: the table says what that means.
+    assert "SPECROUTE_DTYPE=float32" in lines[-2]
+    del runs["thompson"]
+    assert "SPECROUTE_DTYPE" not in format_task_table(build_report(make_trace(), runs, None))
 
 
 def test_calibration_round_trips_through_json() -> None:
