@@ -36,6 +36,8 @@ from router.store import SidecarStore
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
+#: How long ``stop`` waits for its background tasks to finish their cancellation.
+TASK_CANCEL_WAIT_S = 10.0
 
 
 @dataclass
@@ -61,6 +63,10 @@ class RunningSidecar:
         await self.health.enter_graceful_shutdown()
         for task in self.tasks:
             task.cancel()
+        if self.tasks:
+            # Let each finish its cancellation (the auto-distiller kills and reaps its child)
+            # before the loop closes, within the drain time.
+            await asyncio.wait(self.tasks, timeout=TASK_CANCEL_WAIT_S)
         await self.server.stop(self.settings.grace_s if grace is None else grace)
         for runner in self.runners:
             await runner.cleanup()

@@ -1,17 +1,23 @@
-"""A process that launched a sidecar and is sent SIGTERM stops the sidecar too."""
+"""Stopping: a process that launched a sidecar and is sent SIGTERM stops the sidecar too;
+stop lets background tasks finish their cancellation."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.router.conftest import ServingWorld
+from router.components import Components
+from tests.router.conftest import ServingWorld, SidecarThread
 
 SCRIPT = """
 import sys, time
@@ -58,3 +64,29 @@ def test_sigterm_to_the_launcher_stops_its_sidecar(
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_stop_lets_background_tasks_finish_their_cancellation(
+    serving_world: ServingWorld, components: Components, tmp_path: Path
+) -> None:
+    """The auto-distiller kills and reaps its child when cancelled, which takes an await:
+    ``stop`` waits for that instead of leaving the task pending as the loop closes
+    ("Task was destroyed but it is pending", an unreaped child)."""
+    sidecar = SidecarThread(serving_world.settings(tmp_path / "state"), components)
+    cleaned = threading.Event()
+
+    async def background() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.sleep(0.2)  # the child's kill and wait
+            cleaned.set()
+
+    asyncio.run_coroutine_threadsafe(_append(sidecar, background()), sidecar.loop).result(10)
+    sidecar.stop()
+    assert cleaned.is_set()
+
+
+async def _append(sidecar: SidecarThread, work: Coroutine[Any, Any, None]) -> None:
+    sidecar.running.tasks.append(asyncio.create_task(work))
+    await asyncio.sleep(0)  # let it start
