@@ -99,7 +99,7 @@ def fleet(serving_world: ServingWorld, tmp_path_factory: pytest.TempPathFactory)
         Speculation("twin", DRAFT_LENGTH, twin),
         Speculation("ngram", DRAFT_LENGTH),
     ]
-    with vllm_fleet(target, speculations, root / "logs") as servers:
+    with vllm_fleet(target, speculations, root / "logs", single_process=True) as servers:
         dead_url = f"http://127.0.0.1:{free_port()}"
         fleet_file = root / "fleet.toml"
         fleet_file.write_text(
