@@ -1,11 +1,13 @@
 """The loss guard over gRPC: a Generate whose drafts do not pay stops drafting part-way,
-its output unchanged; the metric counts it; the setting turns it off."""
+its output unchanged; the policy learns which steps asked for no draft; the metric counts it;
+the setting turns it off."""
 
 from __future__ import annotations
 
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -105,15 +107,47 @@ def _trips(sidecar: SidecarThread) -> float:
     return 0.0
 
 
+class _Learnt:
+    """A learning log (``router.policy_holder.LearningLog``) keeping each outcome the
+    sidecar's policy learns from."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[Any] = []
+
+    def outcome(self, context: Any, decision: Any, outcome: Any) -> None:
+        self.outcomes.append(outcome)
+
+    def counterfactual(self, *args: Any) -> None:
+        return None
+
+    def cursor(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, cursor: Any) -> None:
+        return None
+
+
 def test_a_guarded_generate_stops_drafting_and_keeps_the_output(guarded: SidecarThread) -> None:
     expected, _ = greedy_reference(guarded, COMPLETION_PROMPT, MAX_NEW)
-    ids, stats = _generate(guarded)
+    learnt = _Learnt()
+    guarded.service.policy.attach_log(learnt)
+    try:
+        ids, stats = _generate(guarded)
+    finally:
+        guarded.service.policy._log = None
     assert ids == expected
     drafted = list(stats.drafted_per_step)
     first_plain = drafted.index(0)
     assert drafted[0] > 0 and 2 <= first_plain < len(drafted) - 2
     assert not any(drafted[first_plain:])
     assert _trips(guarded) == 1.0
+    # The policy learns that the steps after the trip asked for no draft: counted as
+    # failures of the drafter they would wrongly make it look far worse still.
+    (outcome,) = learnt.outcomes
+    assert list(outcome.drafted_per_step) == drafted
+    requested = list(outcome.requested_per_step)
+    assert len(requested) == len(drafted)  # empty would mean: every step asked for k
+    assert all(r > 0 for r in requested[:first_plain]) and not any(requested[first_plain:])
 
 
 def test_the_setting_turns_the_guard_off(unguarded: SidecarThread) -> None:
