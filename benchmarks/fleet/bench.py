@@ -311,10 +311,9 @@ def run_policies(
     slice of ``concurrency`` requests, in an order that rotates from slice to slice, so a
     change in the machine's load falls on all of them alike; the adaptive policy first
     learns from one pass over the trace."""
-    # As in serve --fleet (FleetRouterService.drafter_hints): vLLM's step time
-    # includes drafting, so no separate drafting cost is priced.
-    no_draft_cost = {c: 0.0 for c in configurations if c != PLAIN}
-    client.set_policy("thompson", {"draft_cost_ratio": no_draft_cost}, reset_state=True)
+    # The fleet sidecar hints its configurations no separate drafting cost (vLLM's step
+    # time includes drafting: FleetRouterService.drafter_hints), on SetPolicy too.
+    client.set_policy("thompson", reset_state=True)
     replay(client, requests, lambda i, r: None, options.concurrency, no_update=False)
     named = contenders(configurations, options.draft_length)
     runs = {name: PolicyRun() for name in named}

@@ -469,7 +469,8 @@ class ThompsonPolicy:
         return prior
 
     def _drafters_changed(self) -> None:
-        """The drafter list or a similarity changed: the priors are derived again."""
+        """The drafter list, a similarity or the copy drafters changed: the priors are
+        derived again."""
         self.cluster_priors_.clear()
         self.copy_priors_.clear()
 
