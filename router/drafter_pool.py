@@ -28,6 +28,7 @@ from router.errors import (
     NotFoundError,
     PermissionDeniedError,
     PreconditionError,
+    SidecarError,
 )
 from router.policy.base import NONE_DRAFTER
 from router.store import DrafterRecord, SidecarStore
@@ -106,11 +107,21 @@ class DrafterPool:
         self._publish(LiveDrafter(described, drafter))
 
     def restore(self) -> list[str]:
-        """Load every stored drafter; a broken one is logged and skipped, not deleted."""
+        """Load every stored drafter; a broken one is logged and skipped, not deleted.
+
+        A stored drafter passes the checks registration made, against this start's
+        settings: its kind and options, and a model drafter's path under today's model
+        roots (an operator who narrows the roots and restarts does not keep loading
+        files from outside them)."""
         restored = []
         for record in self._store.drafters():
             if record.name in self._live:
                 logger.warning("stored drafter %s shadows a built-in; skipped", record.name)
+                continue
+            try:
+                self._check_stored(record)
+            except SidecarError as exc:
+                logger.warning("stored drafter %s not served (kept): %s", record.name, exc)
                 continue
             try:
                 drafter = self._create(
@@ -174,6 +185,12 @@ class DrafterPool:
             )
         if name in self._live or name in {r.name for r in self._store.drafters()}:
             raise AlreadyExistsError(f"a drafter named {name!r} already exists")
+
+    def _check_stored(self, record: DrafterRecord) -> None:
+        kind = self._check_kind(record.kind)
+        self._check_options(kind, record.options)
+        if kind == "model":
+            self._check_path(record.path)
 
     def _check_kind(self, kind: str) -> str:
         from drafters import DRAFTER_KINDS

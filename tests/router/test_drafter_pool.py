@@ -1,0 +1,44 @@
+"""The drafter pool's restore: stored drafters pass registration's checks again at start."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from router.bundle import ModelBundle
+
+
+def test_restore_rechecks_roots_and_options_and_keeps_what_it_refuses(
+    tiny_world: ModelBundle, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from drafters.loader import default_placement, describe_target
+    from router.drafter_pool import DrafterPool
+    from router.store import DrafterRecord, SidecarStore
+
+    target = describe_target(tiny_world.target_dir, placement=default_placement("cpu"))
+    store = SidecarStore(tmp_path / "state")
+    generic_dir = str(tiny_world.drafter_dirs["generic"])
+    store.add_drafter(DrafterRecord(name="outside", kind="model", path=generic_dir))
+    store.add_drafter(DrafterRecord(name="misspelt", kind="ngram", options={"maxn": "4"}))
+    store.add_drafter(DrafterRecord(name="lookup4", kind="ngram", options={"max_n": "4"}))
+
+    # The roots were narrowed since "outside" was registered: it is not loaded.
+    narrowed = tmp_path / "models"
+    narrowed.mkdir()
+    pool = DrafterPool(target, None, store, [narrowed])
+    with caplog.at_level(logging.WARNING, logger="router.drafter_pool"):
+        assert pool.restore() == ["lookup4"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("outside not served" in m and "root" in m for m in warned), warned
+    assert any("misspelt not served" in m and "'maxn'" in m for m in warned), warned
+    assert pool.names() == ["lookup4"]
+    # Refused is not forgotten: the records stay for a start whose settings allow them.
+    assert sorted(r.name for r in store.drafters()) == ["lookup4", "misspelt", "outside"]
+
+    # With the bundle's directory among the roots again, the model drafter comes back.
+    widened = DrafterPool(target, None, store, [tiny_world.root])
+    assert sorted(widened.restore()) == ["lookup4", "outside"]
