@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from benchmarks.fleet.vllm_process import (
     Speculation,
     VllmServer,
@@ -63,6 +65,12 @@ class FleetBenchOptions:
     # replay and restarted at once ("" : none): no request may be lost, and the replica
     # must serve again once it is back.
     kill_replica: str = ""
+    progress: bool = True  # progress bars on stderr for the replays
+    # Each replica in one process (VllmServer.single_process). vLLM's default layout keeps
+    # its worker busy-waiting for 1 s after each request; where the replicas share a few
+    # CPU cores that wait slows whichever replica serves next, and the policy that happens
+    # to follow another onto the same replica looks faster (2026-12-03, HISTORY.md).
+    single_process: bool = True
 
 
 @dataclass
@@ -123,9 +131,10 @@ def replay(
     on_done: Callable[[ArmPin | None], None] | None = None,
     *,
     no_update: bool = True,
+    bar: tqdm | None = None,
 ) -> PolicyRun:
     """Replay ``requests`` with ``concurrency`` in flight, each pinned by ``choose`` (None:
-    the sidecar's policy decides)."""
+    the sidecar's policy decides); ``bar`` advances by one per request done."""
     run = PolicyRun()
     lock = threading.Lock()
 
@@ -141,9 +150,11 @@ def replay(
             with lock:
                 run.errors.append(f"{request.id}: {error}")
         finally:
-            if on_done is not None:
-                with lock:
+            with lock:
+                if on_done is not None:
                     on_done(pin)
+                if bar is not None:
+                    bar.update(1)
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         list(pool.map(lambda pair: one(*pair), enumerate(requests)))
@@ -314,34 +325,41 @@ def run_policies(
     # The fleet sidecar hints its configurations no separate drafting cost (vLLM's step
     # time includes drafting: FleetRouterService.drafter_hints), on SetPolicy too.
     client.set_policy("thompson", reset_state=True)
-    replay(client, requests, lambda i, r: None, options.concurrency, no_update=False)
+    with _bar("learning pass (specroute)", len(requests), options) as bar:
+        replay(client, requests, lambda i, r: None, options.concurrency, no_update=False, bar=bar)
     named = contenders(configurations, options.draft_length)
     runs = {name: PolicyRun() for name in named}
     width = max(1, options.concurrency)
     order = list(named)
     starts = range(0, len(requests), width)
-    for turn, start in enumerate(starts):
-        if fault is not None:
-            fault.on_turn(turn, len(starts))
-        batch = requests[start : start + width]
-        rotation = turn % len(order)
-        for name in order[rotation:] + order[:rotation]:
-            contender = named[name]
-            choose = fault.watching(contender.choose) if fault else contender.choose
-            run = replay(
-                client,
-                batch,
-                choose,
-                options.concurrency,
-                contender.on_done,
-                no_update=not contender.learns,
-            )
-            merge(runs[name], run)
+    with _bar(f"{len(named)} policies, side by side", len(requests) * len(named), options) as bar:
+        for turn, start in enumerate(starts):
+            if fault is not None:
+                fault.on_turn(turn, len(starts))
+            batch = requests[start : start + width]
+            rotation = turn % len(order)
+            for name in order[rotation:] + order[:rotation]:
+                contender = named[name]
+                choose = fault.watching(contender.choose) if fault else contender.choose
+                run = replay(
+                    client,
+                    batch,
+                    choose,
+                    options.concurrency,
+                    contender.on_done,
+                    no_update=not contender.learns,
+                    bar=bar,
+                )
+                merge(runs[name], run)
     task_of = {r.id: r.task or "" for r in requests}
     baseline = runs[f"single:{PLAIN}"]
     summaries = {name: summarise(run, baseline, task_of) for name, run in runs.items()}
     summaries["hindsight"] = hindsight(summaries, configurations)
     return summaries
+
+
+def _bar(label: str, total: int, options: FleetBenchOptions) -> tqdm:
+    return tqdm(total=total, desc=f"bench fleet: {label}", unit="req", disable=not options.progress)
 
 
 class ReplicaFault:
@@ -421,7 +439,17 @@ def run_fleet_bench(
     requests = [r for r in trace.records if isinstance(r, TraceRequest)]
     work_dir.mkdir(parents=True, exist_ok=True)
     specs = speculations(world, configurations, options.draft_length)
-    with vllm_fleet(Path(world.target_dir), specs, work_dir / "logs") as servers:
+    logger.info(
+        "starting %d vLLM replicas (%s; logs in %s), then specroute in front of them",
+        len(specs),
+        ", ".join(configurations),
+        work_dir / "logs",
+    )
+    started = time.monotonic()
+    with vllm_fleet(
+        Path(world.target_dir), specs, work_dir / "logs", single_process=options.single_process
+    ) as servers:
+        logger.info("replicas serving after %.0f s", time.monotonic() - started)
         fleet_file = work_dir / "fleet.toml"
         fleet_file.write_text(fleet_toml(servers, health_interval_s=1.0, metrics_interval_s=0.5))
         settings = _fleet_settings(
@@ -437,6 +465,11 @@ def run_fleet_bench(
             ReplayClient(sidecar.grpc_address, ADMIN_TOKEN) as client,
         ):
             client.wait_ready()
+            logger.info(
+                "sidecar serving at %s; %d requests per policy",
+                sidecar.grpc_address,
+                len(requests),
+            )
             fault = _fault(servers, options.kill_replica)
             policies = run_policies(client, requests, configurations, options, fault)
             fault_report = fault.report(policies) if fault else None

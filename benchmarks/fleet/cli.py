@@ -29,6 +29,16 @@ def bench_fleet_command(
     work_dir: Annotated[
         Path | None, typer.Option("--work-dir", help="Logs and fleet file (default: temporary).")
     ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    single_process: Annotated[
+        bool,
+        typer.Option(
+            "--single-process/--vllm-processes",
+            help="Each replica in one process (default), or vLLM's own process layout "
+            "(its worker busy-waits after each request: on a CPU host the replicas "
+            "slow each other).",
+        ),
+    ] = True,
 ) -> None:
     """Start vLLM replicas (none, ngram, generic, task drafters) and specroute in front of
     them; replay the uniform trace under each routing policy and compare speed-ups."""
@@ -43,6 +53,8 @@ def bench_fleet_command(
         task_drafters=task_drafters,
         concurrency=concurrency,
         kill_replica=kill_replica,
+        progress=progress,
+        single_process=single_process,
     )
     world_dir = world or default_bundle_dir()
     try:

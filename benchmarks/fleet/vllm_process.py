@@ -111,7 +111,8 @@ class VllmServer:
     extra_args: tuple[str, ...] = ()
     # One process (API server, engine core and worker together) instead of vLLM's three:
     # it serves the same outputs and metrics and starts sooner (15 against 21 s alone on a
-    # 2-vCPU VM), which the tests want; benchmarks keep vLLM's default layout.
+    # 2-vCPU VM), and its worker does not busy-wait after a request, which slows the other
+    # replicas on a CPU host (tests, and `bench fleet` unless --vllm-processes).
     single_process: bool = False
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
