@@ -2,12 +2,21 @@
 
 vLLM's per-request ``speculative_decoding`` metrics are the draft and acceptance counts:
 per step at the ``detailed`` level (``per_step_drafted``, ``per_step_accepted``), else as
-totals and an acceptance histogram. Without them (the server runs without
-``--per-request-spec-decode-metrics``) the measured time per output token stands in:
-against plain decoding's time per token t_ar, a replica drafting k tokens per step that
-takes t per token emits about L = t_ar / t tokens per step (its steps cost about one
-plain step each: drafting is cheap next to the target's forward), so it is read as
+totals and an acceptance histogram, of the steps that drafted; the steps that drafted
+nothing (an n-gram lookup without a match) are counted back from the output's length.
+Without them (the server runs without ``--per-request-spec-decode-metrics``) the
+measured time per output token stands in: against plain decoding's time per token t_ar,
+a replica drafting k tokens per step that takes t per token emits about L = t_ar / t
+tokens per step (its steps cost about one plain step each), so it is read as
 round(n / L) steps accepting n - steps draft tokens in all.
+
+vLLM does not split a step's time into drafting and verifying, and what a configuration
+costs is what decides whether it pays: a model drafter's forward passes can cost nearly
+what the target's do (a small target, vLLM's per-step overhead on a CPU). With the step
+counts from the metrics and t_ar measured on the plain replicas, a request's decode time
+over steps x t_ar is its drafting cost (``split_decode_time``): the policy learns each
+configuration's cost per drafted token from it, as it learns an in-process drafter's
+from measured draft times, instead of the zero drafting cost it is hinted before.
 """
 
 from __future__ import annotations
@@ -42,33 +51,76 @@ def positions_from_histogram(histogram: Sequence[int]) -> list[int]:
     return [sum(counts[j] for j in range(i + 1, len(counts))) for i in range(len(counts) - 1)]
 
 
-def spec_outcome(
-    spec: Mapping[str, Any], timing: Timing, plain_token_time_s: float | None
-) -> Outcome | None:
-    """The outcome from vLLM's ``speculative_decoding`` object, per step when detailed."""
-    drafted = spec.get("per_step_drafted")
-    accepted = spec.get("per_step_accepted")
-    if drafted and accepted and len(drafted) == len(accepted):
-        return Outcome.from_steps(
-            drafted,
-            accepted,
-            draft_time_s=0.0,  # vLLM does not split drafting from verifying
-            verify_time_s=timing.decode_time_s,
-            wall_time_s=timing.wall_time_s,
-            generated_tokens=timing.generated_tokens,
-            plain_token_time_s=plain_token_time_s,
-        )
+#: The drafting time of a request whose steps took no longer than plain ones: measured as
+#: next to nothing (a zero draft time reads as "not measured" to the cost model).
+NEGLIGIBLE_DRAFT_S = 1e-9
+
+
+def split_decode_time(
+    decode_time_s: float, steps: int, plain_token_time_s: float | None
+) -> tuple[float, float]:
+    """(draft, verify) seconds of a speculative request's decode time: ``steps`` target
+    steps at the plain replicas' time per token, the rest drafting (module doc); without
+    t_ar, (0, all), as before anything plain is measured."""
+    if not plain_token_time_s or steps <= 0 or decode_time_s <= 0:
+        return 0.0, decode_time_s
+    verify = min(decode_time_s, steps * plain_token_time_s)
+    return max(decode_time_s - verify, NEGLIGIBLE_DRAFT_S), verify
+
+
+def unreported_steps(generated_tokens: int, reported_steps: int, accepted_tokens: int) -> int:
+    """Steps vLLM leaves out of its per-request metrics: it records a step only when it
+    drafted, so an n-gram lookup that found no match is missing. The first token comes
+    from the prefill, each reported step emits its accepted tokens and one more, and each
+    unreported step one (a stop inside a step's accepted tokens can make it negative: 0)."""
+    return max(0, generated_tokens - 1 - reported_steps - accepted_tokens)
+
+
+def reported_steps(spec: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+    """(drafted, accepted) per step vLLM reported: as given at the ``detailed`` level, else
+    rebuilt from the totals and the acceptance histogram (exact for a constant k)."""
+    drafted = [int(d) for d in spec.get("per_step_drafted") or ()]
+    accepted = [int(a) for a in spec.get("per_step_accepted") or ()]
+    if drafted and len(drafted) == len(accepted):
+        return drafted, accepted
     steps = int(spec.get("num_spec_steps") or 0)
     if steps <= 0:
-        return None
+        return [], []
     histogram = spec.get("acceptance_histogram") or ()
-    return Outcome.from_totals(
+    rebuilt = Outcome.from_totals(
         steps=steps,
         drafted_tokens=int(spec.get("num_draft_tokens") or 0),
         accepted_tokens=int(spec.get("num_accepted_draft_tokens") or 0),
         accepted_per_position=positions_from_histogram(histogram) if histogram else (),
         draft_time_s=0.0,
-        verify_time_s=timing.decode_time_s,
+        verify_time_s=0.0,
+    )
+    return list(rebuilt.drafted_per_step), list(rebuilt.accepted_per_step)
+
+
+def request_steps(spec: Mapping[str, Any], generated_tokens: int) -> tuple[list[int], list[int]]:
+    """(drafted, accepted) per step of a speculative request: the reported steps, after
+    the steps that drafted nothing (``unreported_steps``; put first, as the unmatched
+    lookups they were: where they fell is not reported)."""
+    drafted, accepted = reported_steps(spec)
+    empty = unreported_steps(generated_tokens, len(drafted), sum(accepted))
+    return [0] * empty + drafted, [0] * empty + accepted
+
+
+def spec_outcome(
+    spec: Mapping[str, Any], timing: Timing, plain_token_time_s: float | None
+) -> Outcome | None:
+    """The outcome from vLLM's ``speculative_decoding`` object (``request_steps``), None
+    without any step."""
+    drafted, accepted = request_steps(spec, timing.generated_tokens)
+    if not drafted:
+        return None
+    draft, verify = split_decode_time(timing.decode_time_s, len(drafted), plain_token_time_s)
+    return Outcome.from_steps(
+        drafted,
+        accepted,
+        draft_time_s=draft,
+        verify_time_s=verify,
         wall_time_s=timing.wall_time_s,
         generated_tokens=timing.generated_tokens,
         plain_token_time_s=plain_token_time_s,

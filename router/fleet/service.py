@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -47,7 +47,7 @@ from router.fleet.client import (
 )
 from router.fleet.client import stream_completion as replica_stream
 from router.fleet.config import FleetSpec
-from router.fleet.learning import Timing, outcome_from_replica
+from router.fleet.learning import Timing, outcome_from_replica, request_steps
 from router.fleet.replica import Replica, watch
 from router.policy.base import NONE_DRAFTER, DrafterHints
 from router.service import (
@@ -352,11 +352,10 @@ class FleetRouterService(RouterService):
     ) -> GenerationResult:
         end = progress.end or StreamEnd("length")
         timing = progress.timing or Timing(0.0, 0.0, 0)
-        spec = end.metrics.get("speculative_decoding") or {}
-        drafted = tuple(int(x) for x in spec.get("per_step_drafted") or ())
-        accepted = tuple(int(x) for x in spec.get("per_step_accepted") or ())
-        if len(drafted) != len(accepted):
-            drafted, accepted = (), ()
+        spec = end.metrics.get("speculative_decoding")
+        drafted, accepted = (
+            request_steps(spec, len(progress.output_ids)) if isinstance(spec, Mapping) else ([], [])
+        )
         stats = generation_stats(
             drafted,
             accepted,

@@ -201,7 +201,9 @@ def test_detailed_spec_metrics_become_the_per_step_outcome() -> None:
     assert outcome.accepted_per_step == (3, 0, 2)
     assert outcome.acceptance_counts(3) == (5, 2)
     assert outcome.generated_tokens == 8
-    assert outcome.verify_time_s == 0.4 and outcome.wall_time_s == 0.5
+    # 3 steps at the plain 0.1 s are the target's; the other 0.1 s of the decode drafted.
+    assert outcome.verify_time_s == pytest.approx(0.3)
+    assert outcome.draft_time_s == pytest.approx(0.1) and outcome.wall_time_s == 0.5
     assert outcome.plain_token_time_s == 0.1
 
 
@@ -220,6 +222,72 @@ def test_summary_spec_metrics_become_totals_with_positions() -> None:
     assert outcome is not None
     assert sorted(outcome.accepted_per_step) == [0, 2, 3]
     assert outcome.drafted_tokens == 9
+    # No plain time per token measured yet: the step time is not split.
+    assert outcome.draft_time_s == 0.0 and outcome.verify_time_s == 0.4
+
+
+def test_steps_that_drafted_nothing_are_counted_back_from_the_output() -> None:
+    """vLLM records a step only when it drafted (the request of 12 tokens below, on the
+    n-gram replica, reported 1 step: measured on vLLM 0.32): the other 10 steps after
+    the prefill's token were lookups without a match, and count as such."""
+    spec = {
+        "num_spec_steps": 1,
+        "num_draft_tokens": 3,
+        "num_accepted_draft_tokens": 0,
+        "acceptance_histogram": [1, 0, 0, 0],
+        "per_step_drafted": [3],
+        "per_step_accepted": [0],
+    }
+    timing = Timing(wall_time_s=0.2, decode_time_s=0.11, generated_tokens=12)
+    outcome = outcome_from_replica(3, {"speculative_decoding": spec}, timing, 0.01)
+    assert outcome is not None
+    assert outcome.drafted_per_step == (0,) * 10 + (3,)
+    assert outcome.accepted_per_step == (0,) * 11
+    # 11 steps at the plain 0.01 s: the n-gram lookup cost nothing beyond them.
+    assert outcome.verify_time_s == pytest.approx(0.11)
+    assert outcome.draft_time_s == pytest.approx(0.0, abs=1e-6)
+    # At the summary level the same request has 11 steps; with no step reported (no
+    # lookup matched), every step drafted nothing, and that is per-step information.
+    summary = {k: v for k, v in spec.items() if not k.startswith("per_step")}
+    totals = outcome_from_replica(3, {"speculative_decoding": summary}, timing, 0.01)
+    assert totals is not None and totals.steps == 11 and totals.drafted_tokens == 3
+    nothing = {"num_spec_steps": 0, "num_draft_tokens": 0, "num_accepted_draft_tokens": 0}
+    empty = outcome_from_replica(3, {"speculative_decoding": nothing}, timing, 0.01)
+    assert empty is not None and empty.drafted_per_step == (0,) * 11
+
+
+def test_a_configuration_whose_steps_cost_more_is_priced_by_its_measured_cost() -> None:
+    """Two configurations accept alike (2.5 tokens per step), but one's steps take three
+    plain steps (its drafter's forwards cost what the target's do): from vLLM's answers
+    alone, thompson prices that one below plain decoding at every k and the other above
+    it, though both start hinted at a drafting cost of 0 (the fleet's hint)."""
+    import numpy as np
+
+    from router.policy.base import Context, Decision
+    from router.policy.thompson import ThompsonPolicy
+
+    plain = 0.01
+    policy = ThompsonPolicy(["cheap", "dear"], rng=np.random.default_rng(0))
+    policy.set_drafter_hints({"cheap": 0.0, "dear": 0.0}, ())
+    context = Context("code")
+    steps = 20
+    spec = {"per_step_drafted": [3] * steps, "per_step_accepted": [1, 2] * (steps // 2)}
+    tokens = 1 + steps + sum(spec["per_step_accepted"])  # the prefill's token, then the steps
+    for _ in range(12):
+        for name, step_cost in (("cheap", 1.0), ("dear", 3.0)):
+            decode = steps * step_cost * plain
+            timing = Timing(
+                wall_time_s=decode + plain, decode_time_s=decode, generated_tokens=tokens
+            )
+            outcome = outcome_from_replica(3, {"speculative_decoding": spec}, timing, plain)
+            assert outcome is not None
+            policy.update(context, Decision(name, 3), outcome)
+    (summary,) = policy.describe()
+    arms = {arm.drafter: arm for arm in summary.arms}
+    assert arms["cheap"].expected_speedup > 1.5, arms
+    # No draft length pays for "dear": its best is k = 0, plain decoding (S = 1).
+    assert arms["dear"].best_k == 0 and arms["dear"].expected_speedup == 1.0, arms
+    assert summary.chosen_drafter == "cheap"
 
 
 def test_without_spec_metrics_the_time_per_token_stands_in() -> None:
