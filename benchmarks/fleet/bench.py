@@ -243,6 +243,28 @@ def summarise(run: PolicyRun, baseline: PolicyRun, task_of: Mapping[str, str]) -
         "lossless": not differences,
         "differences": differences,
         "configurations": _configuration_counts(run),
+        "requests": [
+            _request_record(result, baseline.results.get(request_id))
+            for request_id, result in sorted(run.results.items())
+        ],
+    }
+
+
+def _request_record(result: RequestResult, plain: RequestResult | None) -> dict[str, Any]:
+    """One request as the policy served it, with its speed-up over the plain replica's
+    run of the same prompt (None without one): what explains a task's figure."""
+    rate = result.generated_tokens / result.wall_time_s if result.wall_time_s > 0 else 0.0
+    plain_rate = (
+        plain.generated_tokens / plain.wall_time_s if plain and plain.wall_time_s > 0 else 0.0
+    )
+    return {
+        "request_id": result.request_id,
+        "task": result.task,
+        "configuration": result.drafter,
+        "k": result.draft_length,
+        "generated_tokens": result.generated_tokens,
+        "wall_time_s": result.wall_time_s,
+        "speedup": rate / plain_rate if plain_rate > 0 else None,
     }
 
 

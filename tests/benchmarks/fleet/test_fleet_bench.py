@@ -129,6 +129,14 @@ def test_summary_speedups_jain_and_differences() -> None:
     assert not summary["lossless"]
     assert summary["differences"] == [{"request_id": "b", "task": "chat", "position": 1}]
     assert summary["configurations"] == {"code": 1, "ngram": 1}
+    # Each request as served, with its own speed-up over the plain run of its prompt.
+    first = summary["requests"][0]
+    assert (first["request_id"], first["configuration"], first["generated_tokens"]) == (
+        "a",
+        "code",
+        10,
+    )
+    assert [r["speedup"] for r in summary["requests"]] == [pytest.approx(2.0), 1.0]
     same = summarise(baseline, baseline, {})
     assert same["lossless"] and same["mean_speedup"] == pytest.approx(1.0)
 
