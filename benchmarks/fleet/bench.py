@@ -55,7 +55,7 @@ PLAIN = "none"
 
 @dataclass(frozen=True)
 class FleetBenchOptions:
-    per_task: int = 4  # requests per task in the uniform trace
+    per_task: int = 8  # requests per task in the uniform trace (4 left minima to noise)
     max_new_tokens: int = 64  # cap of each request's budget
     draft_length: int = 3  # k of every speculative replica
     task_drafters: int = 2  # how many task drafters get a replica of their own

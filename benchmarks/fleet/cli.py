@@ -15,7 +15,7 @@ def bench_fleet_command(
     world: Annotated[
         Path | None, typer.Option("--world", help="World directory (default: the built-in).")
     ] = None,
-    per_task: Annotated[int, typer.Option("--per-task", help="Requests per task.")] = 4,
+    per_task: Annotated[int, typer.Option("--per-task", help="Requests per task.")] = 8,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
     draft_length: Annotated[int, typer.Option("--k", help="Draft length of every replica.")] = 3,
     task_drafters: Annotated[int, typer.Option("--task-drafters")] = 2,
