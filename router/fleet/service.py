@@ -18,7 +18,12 @@ sidecar's; only where generation runs changes:
   tokens already received (prompt + output so far), so no request is lost.
 - **Learning**: vLLM's per-request speculation metrics, through the same policy update
   as Report (``router.fleet.learning``); plain replicas measure t_ar, the time per token
-  without speculation. After a greedy request the fleet's other drafters are scored on
+  without speculation, which prices every configuration's drafting. So that t_ar exists
+  and stays current when the policy never chooses ``none`` (speculation pays
+  everywhere), a Generate the policy sent to a speculative configuration goes to a
+  plain replica instead when no t_ar is measured yet or PLAIN_REFERENCE_EVERY
+  speculative answers have been learnt since the last plain one (one request in 64).
+  After a greedy request the fleet's other drafters are scored on
   its output, as in-process (counterfactual updates).
 - **Capture**: with ``[capture]`` on, each finished request's prompt and the replica's
   output (the target's verified output) are stored as in-process (``router.capture``).
@@ -63,6 +68,8 @@ from router.settings import Settings
 logger = logging.getLogger(__name__)
 
 PLAIN_TIME_EWMA = 0.1  # weight of a new plain time per token in t_ar's running estimate
+#: A plain reference request after this many learnt speculative answers (module doc).
+PLAIN_REFERENCE_EVERY = 64
 
 
 def generation_stats(
@@ -124,6 +131,7 @@ class FleetRouterService(RouterService):
         self._session: aiohttp.ClientSession | None = None
         self._watchers: list[asyncio.Task[None]] = []
         self.plain_token_time_s: float | None = None
+        self.speculative_since_plain = 0  # learnt speculative answers since the last plain
 
     def drafter_hints(self) -> DrafterHints:
         """As without a fleet, except that vLLM reports drafting and verifying as one
@@ -182,6 +190,26 @@ class FleetRouterService(RouterService):
                     prepared.results[index] = placed[0]
         return prepared
 
+    def _with_plain_reference(self, routed: RoutedRequest, request: GenerateInput) -> RoutedRequest:
+        """``routed`` sent to a plain replica when t_ar is missing or stale (module doc,
+        "Learning"); a request that is pinned, not learnt from, or already plain is left
+        as it is, and so is any when no plain replica is free."""
+        if (
+            request.no_update
+            or request.force_drafter
+            or request.force_draft_length is not None
+            or routed.decision.drafter == NONE_DRAFTER
+        ):
+            return routed
+        current = self.plain_token_time_s is not None
+        if current and self.speculative_since_plain < PLAIN_REFERENCE_EVERY:
+            return routed
+        if not any(r.available and r.drafter == NONE_DRAFTER for r in self.replicas):
+            return routed
+        from router.policy.base import Decision
+
+        return replace(routed, decision=Decision(NONE_DRAFTER, 0, 1.0, True))
+
     def _place(
         self, routed: RoutedRequest, tried: frozenset[str]
     ) -> tuple[RoutedRequest, Replica] | None:
@@ -238,6 +266,7 @@ class FleetRouterService(RouterService):
             force_drafter=request.force_drafter,
             force_k=request.force_draft_length,
         )
+        routed = self._with_plain_reference(routed, request)
         progress = _Progress([], [])
         tried: set[str] = set()
         announced: RoutedRequest | None = None
@@ -393,6 +422,8 @@ class FleetRouterService(RouterService):
         k = replica.spec.draft_length
         if k == 0 and timing.token_time_s is not None:
             self._observe_plain(timing.token_time_s)
+        elif k > 0:
+            self.speculative_since_plain += 1
         outcome = outcome_from_replica(k, progress.end.metrics, timing, self.plain_token_time_s)
         if outcome is None:
             logger.debug("request %s: nothing to learn yet", result.routed.request_id)
@@ -402,6 +433,7 @@ class FleetRouterService(RouterService):
         self._count_outcome(routed, outcome, "fleet")
 
     def _observe_plain(self, token_time_s: float) -> None:
+        self.speculative_since_plain = 0
         previous = self.plain_token_time_s
         self.plain_token_time_s = (
             token_time_s

@@ -410,3 +410,40 @@ def test_without_the_targets_weights_self_drafters_are_left_out_and_others_load(
     assert [r.name for r in store.drafters()] == ["stored-self"]  # kept for a non-fleet start
     with pytest.raises(PreconditionError, match="fleet mode"):
         pool.register(DrafterSpec(name="early-exit-2", kind="self"))
+
+
+def test_a_plain_reference_request_keeps_t_ar_measured() -> None:
+    """Without t_ar no configuration's drafting cost can be learnt, and a policy that
+    never chooses `none` would never measure it: a learnt Generate goes to a plain
+    replica when t_ar is missing or PLAIN_REFERENCE_EVERY speculative answers old, and a
+    pinned or unlearnt one never does."""
+    from types import SimpleNamespace
+
+    from router.domain import GenerateInput
+    from router.fleet.service import PLAIN_REFERENCE_EVERY
+    from router.policy.base import Context, Decision
+    from router.service import RoutedRequest
+
+    service = FleetRouterService.__new__(FleetRouterService)
+    plain = SimpleNamespace(available=True, drafter="none")
+    service.replicas = [plain, SimpleNamespace(available=True, drafter="ngram")]  # type: ignore[list-item]
+    service.plain_token_time_s = None
+    service.speculative_since_plain = 0
+    routed = RoutedRequest(
+        "r1", "code", 0.9, False, Decision("ngram", 3, 1.4), Context("code"), "thompson", 1, 10, 0
+    )
+    learnt = GenerateInput(route=None)  # type: ignore[arg-type]
+
+    def sent_to(request: GenerateInput) -> tuple[str, int]:
+        decision = service._with_plain_reference(routed, request).decision
+        return decision.drafter, decision.k
+
+    assert sent_to(learnt) == ("none", 0)  # no t_ar yet
+    assert sent_to(GenerateInput(route=None, no_update=True)) == ("ngram", 3)  # type: ignore[arg-type]
+    assert sent_to(GenerateInput(route=None, force_drafter="ngram")) == ("ngram", 3)  # type: ignore[arg-type]
+    service._observe_plain(0.01)
+    assert sent_to(learnt) == ("ngram", 3)  # t_ar is current
+    service.speculative_since_plain = PLAIN_REFERENCE_EVERY
+    assert sent_to(learnt) == ("none", 0)  # stale
+    plain.available = False
+    assert sent_to(learnt) == ("ngram", 3)  # no plain replica free: the policy's choice
