@@ -16,7 +16,12 @@ what the target's do (a small target, vLLM's per-step overhead on a CPU). With t
 counts from the metrics and t_ar measured on the plain replicas, a request's decode time
 over steps x t_ar is its drafting cost (``split_decode_time``): the policy learns each
 configuration's cost per drafted token from it, as it learns an in-process drafter's
-from measured draft times, instead of the zero drafting cost it is hinted before.
+from measured draft times, instead of the zero drafting cost it is hinted before. A
+drafter whose kind states its cost (the n-gram lookup: none) is not split: what its
+steps take beyond t_ar is the target's wider verify and the machine's noise (two
+requests in flight on shared cores), which spread over the few tokens a lookup drafts
+would price it far above what it costs (a `bench fleet` run with the split applied to
+`ngram` chose it for no request, 0.90x against 1.19x in hindsight).
 """
 
 from __future__ import annotations
@@ -108,14 +113,20 @@ def request_steps(spec: Mapping[str, Any], generated_tokens: int) -> tuple[list[
 
 
 def spec_outcome(
-    spec: Mapping[str, Any], timing: Timing, plain_token_time_s: float | None
+    spec: Mapping[str, Any],
+    timing: Timing,
+    plain_token_time_s: float | None,
+    split_cost: bool = True,
 ) -> Outcome | None:
     """The outcome from vLLM's ``speculative_decoding`` object (``request_steps``), None
-    without any step."""
+    without any step; ``split_cost`` False leaves the whole decode time to verifying
+    (a drafter whose cost its kind states, module doc)."""
     drafted, accepted = request_steps(spec, timing.generated_tokens)
     if not drafted:
         return None
-    draft, verify = split_decode_time(timing.decode_time_s, len(drafted), plain_token_time_s)
+    draft, verify = split_decode_time(
+        timing.decode_time_s, len(drafted), plain_token_time_s if split_cost else None
+    )
     return Outcome.from_steps(
         drafted,
         accepted,
@@ -162,11 +173,12 @@ def outcome_from_replica(
     metrics: Mapping[str, Any],
     timing: Timing,
     plain_token_time_s: float | None,
+    split_cost: bool = True,
 ) -> Outcome | None:
     """What the policy learns from one replica's answer (module doc), or None."""
     spec = metrics.get("speculative_decoding")
     if k > 0 and isinstance(spec, Mapping):
-        outcome = spec_outcome(spec, timing, plain_token_time_s)
+        outcome = spec_outcome(spec, timing, plain_token_time_s, split_cost)
         if outcome is not None:
             return outcome
     return timed_outcome(k, timing, plain_token_time_s)

@@ -424,13 +424,29 @@ class FleetRouterService(RouterService):
             self._observe_plain(timing.token_time_s)
         elif k > 0:
             self.speculative_since_plain += 1
-        outcome = outcome_from_replica(k, progress.end.metrics, timing, self.plain_token_time_s)
+        outcome = outcome_from_replica(
+            k,
+            progress.end.metrics,
+            timing,
+            self.plain_token_time_s,
+            split_cost=self._draft_cost_unknown(replica.drafter),
+        )
         if outcome is None:
             logger.debug("request %s: nothing to learn yet", result.routed.request_id)
             return
         routed = result.routed
         self.policy.update(routed.context, routed.decision, outcome)
         self._count_outcome(routed, outcome, "fleet")
+
+    def _draft_cost_unknown(self, name: str) -> bool:
+        """True when ``name``'s kind states no drafting cost (a model drafter), so its
+        steps' time is split to measure it (``router.fleet.learning``)."""
+        from drafters import draft_cost_hint
+
+        try:
+            return draft_cost_hint(self.drafters.get(name).drafter) is None
+        except NotFoundError:
+            return True
 
     def _observe_plain(self, token_time_s: float) -> None:
         self.speculative_since_plain = 0

@@ -153,6 +153,9 @@ def test_fleet_drafters_are_priced_without_a_drafting_cost() -> None:
         get=lambda name: SimpleNamespace(drafter=pool[name], record=SimpleNamespace(builtin=True)),
     )
     assert service.drafter_hints() == DrafterHints({"ngram": 0.0, "code": 0.0}, ("ngram",))
+    # Measured from the split of its answers' time: the model drafter's cost, not the
+    # lookup's, whose kind states it.
+    assert service._draft_cost_unknown("code") and not service._draft_cost_unknown("ngram")
 
 
 def test_unknown_drafter_and_unreadable_files(tmp_path: Path) -> None:
@@ -246,6 +249,12 @@ def test_steps_that_drafted_nothing_are_counted_back_from_the_output() -> None:
     # 11 steps at the plain 0.01 s: the n-gram lookup cost nothing beyond them.
     assert outcome.verify_time_s == pytest.approx(0.11)
     assert outcome.draft_time_s == pytest.approx(0.0, abs=1e-6)
+    # A drafter whose kind states its cost (the n-gram lookup's: none) is not split.
+    unsplit = outcome_from_replica(
+        3, {"speculative_decoding": spec}, timing, 0.01, split_cost=False
+    )
+    assert unsplit is not None and unsplit.steps == 11
+    assert (unsplit.draft_time_s, unsplit.verify_time_s) == (0.0, 0.11)
     # At the summary level the same request has 11 steps; with no step reported (no
     # lookup matched), every step drafted nothing, and that is per-step information.
     summary = {k: v for k, v in spec.items() if not k.startswith("per_step")}
