@@ -18,7 +18,7 @@ sidecar's; only where generation runs changes:
   tokens already received (prompt + output so far), so no request is lost.
 - **Learning**: vLLM's per-request speculation metrics, through the same policy update
   as Report (``router.fleet.learning``); plain replicas measure t_ar, the time per token
-  without speculation, which prices every configuration's drafting. So that t_ar exists
+  without speculation, which prices the model drafters' drafting. So that t_ar exists
   and stays current when the policy never chooses ``none`` (speculation pays
   everywhere), a Generate the policy sent to a speculative configuration goes to a
   plain replica instead when no t_ar is measured yet or PLAIN_REFERENCE_EVERY
@@ -135,8 +135,9 @@ class FleetRouterService(RouterService):
 
     def drafter_hints(self) -> DrafterHints:
         """As without a fleet, except that vLLM reports drafting and verifying as one
-        step time (learned as the step's), so the fleet's drafters are hinted no
-        separate drafting cost."""
+        step time, so the fleet's drafters are hinted no separate drafting cost: a prior,
+        until the split of a model drafter's answers measures its cost
+        (``router.fleet.learning``)."""
         hints = super().drafter_hints()
         no_cost = {d: 0.0 for d in self.fleet.drafters() if d != NONE_DRAFTER}
         return replace(hints, draft_cost_ratio={**hints.draft_cost_ratio, **no_cost})
