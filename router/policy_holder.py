@@ -176,7 +176,9 @@ class PolicyHolder:
             return
         hinted = with_drafter_hints(self.name, self._config, self._hints())
         self._policy.set_drafter_hints(
-            hinted.get("draft_cost_ratio") or {}, hinted.get("copy_drafters") or ()
+            hinted.get("draft_cost_ratio") or {},
+            hinted.get("copy_drafters") or (),
+            hinted.get("draft_length") or {},
         )
 
     # -- inspection and persistence ---------------------------------------------------

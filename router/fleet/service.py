@@ -137,10 +137,16 @@ class FleetRouterService(RouterService):
         """As without a fleet, except that vLLM reports drafting and verifying as one
         step time, so the fleet's drafters are hinted no separate drafting cost: a prior,
         until the split of a model drafter's answers measures its cost
-        (``router.fleet.learning``)."""
+        (``router.fleet.learning``); and each drafter is served at its replicas' k only,
+        so the policy prices and chooses it at that k."""
         hints = super().drafter_hints()
-        no_cost = {d: 0.0 for d in self.fleet.drafters() if d != NONE_DRAFTER}
-        return replace(hints, draft_cost_ratio={**hints.draft_cost_ratio, **no_cost})
+        offered = [d for d in self.fleet.drafters() if d != NONE_DRAFTER]
+        no_cost = dict.fromkeys(offered, 0.0)
+        return replace(
+            hints,
+            draft_cost_ratio={**hints.draft_cost_ratio, **no_cost},
+            draft_length={**hints.draft_length, **{d: self.fleet.draft_length(d) for d in offered}},
+        )
 
     # -- lifecycle (on the event loop) -------------------------------------------------
     async def start_fleet(self) -> None:

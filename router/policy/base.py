@@ -354,7 +354,9 @@ class DrafterHints:
     """What the sidecar knows of its drafters from their kinds, before measuring them:
     ``draft_cost_ratio``, drafter -> cost of a drafted token in plain target steps (used
     until that drafter's cost is measured); ``copy_drafters``, the drafters that copy
-    from the context (priced by the copy model)."""
+    from the context (priced by the copy model); ``draft_length``, drafter -> the one
+    draft length it is served at (a fleet replica's k), for drafters that have one."""
 
     draft_cost_ratio: Mapping[str, float] = field(default_factory=dict)
     copy_drafters: tuple[str, ...] = ()
+    draft_length: Mapping[str, int] = field(default_factory=dict)

@@ -34,8 +34,9 @@ def with_drafter_hints(
     name: str, config: Mapping[str, Any] | None, hints: DrafterHints
 ) -> dict[str, Any]:
     """``config`` with ``hints`` filling what it leaves out, for a policy that reads them:
-    the hinted costs under its ``draft_cost_ratio`` (its own entries win), and
-    ``copy_drafters`` unless it names them itself. Other policies get ``config`` as is."""
+    the hinted costs under its ``draft_cost_ratio`` and the served lengths under its
+    ``draft_length`` (its own entries win), and ``copy_drafters`` unless it names them
+    itself. Other policies get ``config`` as is."""
     merged = dict(config or {})
     if name not in READS_DRAFTER_HINTS:
         return merged
@@ -43,6 +44,9 @@ def with_drafter_hints(
     # A malformed value is left for the policy's own validation to refuse.
     if hints.draft_cost_ratio and (given is None or isinstance(given, Mapping)):
         merged["draft_cost_ratio"] = {**hints.draft_cost_ratio, **(given or {})}
+    lengths = merged.get("draft_length")
+    if hints.draft_length and (lengths is None or isinstance(lengths, Mapping)):
+        merged["draft_length"] = {**hints.draft_length, **(lengths or {})}
     merged.setdefault("copy_drafters", list(hints.copy_drafters))
     return merged
 

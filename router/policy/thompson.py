@@ -40,6 +40,12 @@ E[tokens] = 1 + c E[R], E[cost](k) = t0 E[steps](k) + (t_draft + t1) E[drafted](
 up to ``copy_k_max`` (16): runs longer than a few tokens make long drafts pay, which one
 per-token acceptance cannot price. Model drafters keep k_max.
 
+Drafters served at one length only (``draft_length``: drafter -> k; a fleet replica runs
+its drafter at the k it was started with) are priced and chosen at that k alone: the
+other columns of their rows are left out of the argmax, so the arm compared is the one
+that can be served. A k beyond the drafter's priced lengths (k_max, copy_k_max) is priced
+at the longest one.
+
 Cold start: a drafter added with ``similarity`` (cluster -> similarity of its fine-tuning
 sample to the cluster) gets a prior whose mean grows with the similarity (weight
 ``similarity_weight``); without it, the neutral Beta(prior_alpha, prior_beta). A new
@@ -129,6 +135,7 @@ class ThompsonConfig(BaseModel):
     similarity: dict[str, dict[str, float]] = Field(default_factory=dict)
     copy_drafters: list[str] = Field(default_factory=lambda: list(DEFAULT_COPY_DRAFTERS))
     copy_k_max: int = Field(16, ge=1, le=MAX_DRAFT_LENGTH)
+    draft_length: dict[str, int] = Field(default_factory=dict)
     copy_prior_weight: float = Field(2.0, gt=0.0)
     explore_length: Literal["mean", "draw"] = "mean"
 
@@ -214,6 +221,22 @@ def speedup_tables(
     return table
 
 
+def served_lengths_only(table: FloatArray, lengths: Sequence[int] | None) -> FloatArray:
+    """``table`` [..., D, W] with, for each drafter d served at one length only
+    (``lengths[d]`` > 0), every column but 0 and that length set to -inf, so that no argmax
+    picks a k the drafter is not served at; a length past W - 1 stands at column W - 1.
+    ``lengths[d]`` = 0: any k (the row is kept)."""
+    if not lengths or not any(lengths):
+        return table
+    width = table.shape[-1]
+    barred = np.zeros((len(lengths), width), dtype=bool)
+    for d, k in enumerate(lengths):
+        if k > 0:
+            barred[d, 1:] = True
+            barred[d, min(k, width - 1)] = False
+    return np.where(barred, -np.inf, table)
+
+
 def thompson_decisions(
     drafters: Sequence[str],
     alpha: FloatArray,
@@ -222,6 +245,7 @@ def thompson_decisions(
     rng: np.random.Generator,
     copy: CopyTerms | None = None,
     length_at_mean: bool = False,
+    lengths: Sequence[int] | None = None,
 ) -> list[Decision]:
     """One Thompson decision per request r over the D ``drafters`` (module doc):
 
@@ -240,6 +264,8 @@ def thompson_decisions(
     length its evidence so far supports, not at the length of an optimistic draw (a draft
     of 8 tokens the target rejects costs about three plain steps, one of 1-2 tokens about
     one and a half), and each step still tells whether its first token was accepted.
+
+    ``lengths`` [D]: a drafter's only served length (0: any; ``served_lengths_only``).
     """
     rows = alpha.shape[0]
     if not drafters:
@@ -256,6 +282,7 @@ def thompson_decisions(
         )
         width = alpha.shape[1]
         table = speedup_tables(values[..., :width], prices, copy, values[..., width:])
+    table = served_lengths_only(table, lengths)
     # Flat argmax over (d, k); ties go to the first arm, so when nothing beats S = 1 it is
     # (0, 0), the one no-speculation arm, whichever drafter's column 0 that is.
     chosen, greedy = table.reshape(2, rows, -1).argmax(axis=2).tolist()
@@ -300,6 +327,7 @@ class ThompsonPolicy:
         copy_k_max: int = 16,
         copy_prior_weight: float = 2.0,
         explore_length: str = "mean",
+        draft_length: Mapping[str, int] | None = None,
     ) -> None:
         self.gamma = gamma
         self.gamma_drift = gamma_drift
@@ -334,6 +362,8 @@ class ThompsonPolicy:
         self.copy_prior_weight = copy_prior_weight
         self.copies_: dict[Context, dict[str, CopyRuns]] = {}
         self.length_at_mean = explore_length == "mean"
+        # drafter -> the one length it is served at (module doc); absent: any.
+        self.draft_length_ = {str(d): int(k) for d, k in (draft_length or {}).items()}
         self.updates_ = 0
         for name in drafters:
             self.add_drafter(name, (similarity or {}).get(name))
@@ -373,6 +403,7 @@ class ThompsonPolicy:
             copy_k_max=cfg.copy_k_max,
             copy_prior_weight=cfg.copy_prior_weight,
             explore_length=cfg.explore_length,
+            draft_length=cfg.draft_length,
         )
 
     @property
@@ -396,7 +427,10 @@ class ThompsonPolicy:
         alpha, beta, prices, copy = self._inputs(
             contexts, index, [self._posterior(c) for c in contexts]
         )
-        return thompson_decisions(names, alpha, beta, prices, self._rng, copy, self.length_at_mean)
+        lengths = [self.draft_length_.get(name, 0) for name in names]
+        return thompson_decisions(
+            names, alpha, beta, prices, self._rng, copy, self.length_at_mean, lengths
+        )
 
     def _inputs(
         self,
@@ -630,13 +664,17 @@ class ThompsonPolicy:
             arms.append(*self._prior(name, context.cluster))
 
     def set_drafter_hints(
-        self, draft_cost_ratio: Mapping[str, float], copy_drafters: Sequence[str]
+        self,
+        draft_cost_ratio: Mapping[str, float],
+        copy_drafters: Sequence[str],
+        draft_length: Mapping[str, int] | None = None,
     ) -> None:
-        """Replace the configured hints (``draft_cost_ratio``, ``copy_drafters``), as the
-        sidecar does when a drafter is registered or removed. A drafter that stops being
-        a copy drafter loses its run statistics; one that becomes one starts from its
-        priors."""
+        """Replace the configured hints (``draft_cost_ratio``, ``copy_drafters``,
+        ``draft_length``), as the sidecar does when a drafter is registered or removed. A
+        drafter that stops being a copy drafter loses its run statistics; one that becomes
+        one starts from its priors."""
         self.costs_.draft_cost_ratio = {str(k): float(v) for k, v in draft_cost_ratio.items()}
+        self.draft_length_ = {str(d): int(k) for d, k in (draft_length or {}).items()}
         copies = frozenset(str(name) for name in copy_drafters)
         if copies != self.copy_drafters:
             self.copy_drafters = copies
@@ -732,7 +770,10 @@ class ThompsonPolicy:
             if copy is not None:
                 copy_alpha, copy_beta = copy.parameters()
                 copy_means = copy_alpha / (copy_alpha + copy_beta)
-            table = speedup_tables(mean[None], prices, copy, copy_means)[0]
+            table = served_lengths_only(
+                speedup_tables(mean[None], prices, copy, copy_means)[0],
+                [self.draft_length_.get(name, 0) for name in self.drafters_],
+            )
             best_k, best_s = best_draft_length(table)
             summary_arms = tuple(
                 ArmSummary(

@@ -120,10 +120,11 @@ def test_inconsistent_fleets_are_refused(replicas: list[dict[str, object]], prob
     assert "\n" not in str(refused.value)
 
 
-def test_fleet_drafters_are_priced_without_a_drafting_cost() -> None:
+def test_fleet_drafters_are_priced_without_a_drafting_cost_at_their_replicas_k() -> None:
     """vLLM reports drafting and verifying as one step time, so the fleet hints a
     drafting cost of 0 for each configuration it offers (none is the k = 0 arm), over
-    what the drafters' kinds hint; the copy drafters are the kinds' as without a fleet."""
+    what the drafters' kinds hint; the copy drafters are the kinds' as without a fleet;
+    and each drafter is served at its replicas' k only."""
     from types import SimpleNamespace
 
     import torch
@@ -152,7 +153,9 @@ def test_fleet_drafters_are_priced_without_a_drafting_cost() -> None:
         eligible=lambda: list(pool),
         get=lambda name: SimpleNamespace(drafter=pool[name], record=SimpleNamespace(builtin=True)),
     )
-    assert service.drafter_hints() == DrafterHints({"ngram": 0.0, "code": 0.0}, ("ngram",))
+    assert service.drafter_hints() == DrafterHints(
+        {"ngram": 0.0, "code": 0.0}, ("ngram",), {"code": 3, "ngram": 4}
+    )
     # Measured from the split of its answers' time: the model drafter's cost, not the
     # lookup's, whose kind states it.
     assert service._draft_cost_unknown("code") and not service._draft_cost_unknown("ngram")

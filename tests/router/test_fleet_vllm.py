@@ -219,6 +219,16 @@ def test_the_policy_learns_from_vllm_metrics(fleet: Fleet) -> None:
     arms = {arm.drafter: arm for context in after.contexts for arm in context.arms}
     # The twin drafts the target's own tokens: its acceptance is learnt as high.
     assert arms["twin"].acceptance_mean > 0.6
+    # Each configuration is priced at the one k its replicas run (the twin's best k
+    # would be the longest otherwise).
+    assert arms["twin"].best_k == DRAFT_LENGTH
+    served = set(fleet.service.fleet.drafters())
+    assert all(
+        arm.best_k in {0, DRAFT_LENGTH}
+        for context in after.contexts
+        for arm in context.arms
+        if arm.drafter in served
+    ), after.contexts
     assert fleet.service.plain_token_time_s is not None  # t_ar from the plain replica
     # The fleet's other drafters scored on the greedy outputs (full information).
     deadline = time.monotonic() + 30

@@ -67,11 +67,12 @@ def test_bad_config_is_a_value_error() -> None:
 
 
 def test_drafter_hints_fill_what_the_config_leaves_out() -> None:
-    hints = DrafterHints({"ngram": 0.0, "self": 0.25}, ("ngram",))
-    config = {"gamma": 0.9, "draft_cost_ratio": {"self": 0.4}}
+    hints = DrafterHints({"ngram": 0.0, "self": 0.25}, ("ngram",), {"ngram": 3, "self": 2})
+    config = {"gamma": 0.9, "draft_cost_ratio": {"self": 0.4}, "draft_length": {"self": 5}}
     assert with_drafter_hints("thompson", config, hints) == {
         "gamma": 0.9,
         "draft_cost_ratio": {"ngram": 0.0, "self": 0.4},
+        "draft_length": {"ngram": 3, "self": 5},
         "copy_drafters": ["ngram"],
     }
     # The config's own copy drafters win, none included.

@@ -13,7 +13,12 @@ from hypothesis import strategies as st
 from router.policy.base import Context, Decision, IncompatibleStateError, Outcome
 from router.policy.registry import make_policy
 from router.policy.speedup import cost_gain
-from router.policy.thompson import RequestPrices, ThompsonPolicy, thompson_decisions
+from router.policy.thompson import (
+    RequestPrices,
+    ThompsonPolicy,
+    served_lengths_only,
+    thompson_decisions,
+)
 
 from .helpers import geometric_outcome
 
@@ -69,6 +74,31 @@ def test_converges_to_the_best_drafter_and_its_best_k() -> None:
     assert step.t_ar == 1.0
     assert step.t_draft[0] == pytest.approx(0.1, rel=0.02)
     assert step.t_verify == pytest.approx([1.0, 1.05, 1.1], rel=0.01)
+
+
+def test_a_drafter_served_at_one_length_is_priced_and_chosen_at_it() -> None:
+    """A fleet replica runs its drafter at one k. "strong" (a = 0.8) would win at its best
+    k (5: S ~ 2.11) but is served at k = 1 only (S ~ 1.57), where "weak" (a = 0.7, best
+    k = 3: S ~ 1.75) beats it: the policy compares the arms that can be served."""
+    policy = make_policy("thompson", ["weak", "strong"], {"seed": 1, "draft_length": {"strong": 1}})
+    assert isinstance(policy, ThompsonPolicy)
+    decisions = _train(policy, CODE, {"weak": 0.7, "strong": 0.8}, 300)
+    assert {d.k for d in decisions if d.drafter == "strong"} <= {1}
+    counts = Counter((d.drafter, d.k) for d in decisions[-100:])
+    assert counts[("weak", 3)] >= 70, counts
+    summary = policy.describe()[0]
+    assert (summary.chosen_drafter, summary.chosen_k) == ("weak", 3)
+    strong = next(a for a in summary.arms if a.drafter == "strong")
+    assert strong.best_k == 1
+    assert strong.expected_speedup == pytest.approx(1.8 / 1.15, rel=0.05)
+
+
+def test_a_served_length_past_the_priced_ones_stands_at_the_longest() -> None:
+    table = np.arange(2 * 5, dtype=float).reshape(2, 5) + 1.0  # 2 drafters, k = 0..4
+    barred = served_lengths_only(table, [2, 0])
+    assert barred[0].tolist() == [1.0, -np.inf, 3.0, -np.inf, -np.inf]
+    assert barred[1].tolist() == table[1].tolist()
+    assert served_lengths_only(table, [9, 0])[0].tolist() == [1.0, *[-np.inf] * 3, 5.0]
 
 
 def test_prices_fixed_time_per_request_against_the_output_length() -> None:
