@@ -494,6 +494,7 @@ def run_fleet_bench(
             )
             fault = _fault(servers, options.kill_replica)
             policies = run_policies(client, requests, configurations, options, fault)
+            learnt = learnt_choices(client.policy_state())
             fault_report = fault.report(policies) if fault else None
             served_after = _served_after_restart(client, requests, options, fault)
         replicas = _replicas(servers)
@@ -505,8 +506,33 @@ def run_fleet_bench(
         "requests": len(requests),
         "options": options.__dict__,
         "policies": policies,
+        "learnt": learnt,
         "replicas": replicas,
     }
+
+
+def learnt_choices(state: Any) -> list[dict[str, Any]]:
+    """What the adaptive policy holds at the end, per context (GetPolicyState): the arm it
+    would choose at its posterior means, and each configuration's acceptance, best k and
+    expected speed-up, to read its choices by."""
+    return [
+        {
+            "cluster": context.task_cluster,
+            "length_bucket": context.length_bucket,
+            "requests": context.requests,
+            "chosen": f"{context.chosen_drafter}@{context.chosen_k}",
+            "arms": {
+                arm.drafter: {
+                    "acceptance": round(arm.acceptance_mean, 3),
+                    "best_k": arm.best_k,
+                    "expected_speedup": round(arm.expected_speedup, 3),
+                    "decisions": arm.decisions,
+                }
+                for arm in context.arms
+            },
+        }
+        for context in state.contexts
+    ]
 
 
 def _fault(servers: Sequence[VllmServer], configuration: str) -> ReplicaFault | None:

@@ -21,6 +21,7 @@ from benchmarks.fleet.bench import (
     first_difference,
     fleet_configurations,
     hindsight,
+    learnt_choices,
     round_robin,
     summarise,
 )
@@ -148,6 +149,48 @@ def test_summary_speedups_jain_and_differences() -> None:
     assert best["per_task"]["code"]["configuration"] == "code"
     assert best["per_task"]["chat"]["configuration"] == "none"  # ties keep the first
     assert best["mean_speedup"] == pytest.approx(1.5)
+
+
+def test_the_policys_learnt_choices_are_reported_per_context() -> None:
+    from router.pb import router_pb2 as pb
+
+    state = pb.PolicyState(
+        policy="thompson",
+        contexts=[
+            pb.ContextState(
+                task_cluster="summarization",
+                length_bucket=1,
+                chosen_drafter="ngram",
+                chosen_k=3,
+                requests=5,
+                arms=[
+                    pb.ArmState(
+                        drafter="ngram",
+                        acceptance_mean=0.61234,
+                        best_k=3,
+                        expected_speedup=1.2345,
+                        decisions=4,
+                    )
+                ],
+            )
+        ],
+    )
+    assert learnt_choices(state) == [
+        {
+            "cluster": "summarization",
+            "length_bucket": 1,
+            "requests": 5,
+            "chosen": "ngram@3",
+            "arms": {
+                "ngram": {
+                    "acceptance": 0.612,
+                    "best_k": 3,
+                    "expected_speedup": 1.234,
+                    "decisions": 4,
+                }
+            },
+        }
+    ]
 
 
 def test_round_robin_and_least_loaded_choosers() -> None:
