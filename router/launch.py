@@ -105,7 +105,7 @@ def wait_healthy(address: str, timeout_s: float = 60.0, service: str = "") -> No
 
 
 @contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
+def sigterm_as_exit() -> Iterator[None]:
     """SIGTERM raises SystemExit while the block runs, so that the ``finally`` that stops
     the sidecar runs when this process is terminated (``kill``, a job scheduler) instead
     of leaving the child serving. Only in the main thread, and only over the default
@@ -149,9 +149,9 @@ def launch_sidecar(
     ``state_dir`` defaults to a fresh temporary directory (removed afterwards). Tokens
     travel in the environment, not the command line. On exit the process gets SIGTERM
     (graceful stop with a final policy snapshot), also when this process is sent SIGTERM
-    meanwhile (``_sigterm_as_exit``).
+    meanwhile (``sigterm_as_exit``).
     """
-    with _sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="specroute-sidecar-") as scratch:
+    with sigterm_as_exit(), tempfile.TemporaryDirectory(prefix="specroute-sidecar-") as scratch:
         scratch_dir = Path(scratch)
         state = Path(state_dir) if state_dir is not None else scratch_dir / "state"
         ports_file = scratch_dir / "ports.json"

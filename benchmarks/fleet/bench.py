@@ -483,6 +483,7 @@ def run_fleet_bench(
                 config_file=settings,
                 admin_token=ADMIN_TOKEN,
                 log_path=work_dir / "sidecar.log",
+                state_dir=work_dir / "state",
             ) as sidecar,
             ReplayClient(sidecar.grpc_address, ADMIN_TOKEN) as client,
         ):

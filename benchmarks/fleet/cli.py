@@ -27,7 +27,11 @@ def bench_fleet_command(
         ),
     ] = "",
     work_dir: Annotated[
-        Path | None, typer.Option("--work-dir", help="Logs and fleet file (default: temporary).")
+        Path | None,
+        typer.Option(
+            "--work-dir",
+            help="Logs, fleet file and the sidecar's state (default: temporary).",
+        ),
     ] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     single_process: Annotated[

@@ -233,13 +233,17 @@ def vllm_fleet(
     single_process: bool = False,
 ) -> Iterator[list[VllmServer]]:
     """Start one ``vllm serve`` per speculation at once, wait until all serve, yield them;
-    stop them all on exit. ``single_process``: see :class:`VllmServer`."""
+    stop them all on exit, also when this process is sent SIGTERM meanwhile (each runs in
+    its own session, so nothing else would stop it). ``single_process``: see
+    :class:`VllmServer`."""
+    from router.launch import sigterm_as_exit
+
     check_servable(target_dir)
     for speculation in speculations:
         if speculation.drafter_dir is not None:
             check_servable(speculation.drafter_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
+    with sigterm_as_exit(), ExitStack() as stack:
         servers = []
         for i, speculation in enumerate(speculations):
             server = VllmServer(

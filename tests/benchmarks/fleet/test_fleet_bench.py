@@ -249,3 +249,55 @@ def test_bench_fleet_refuses_a_world_vllm_cannot_serve(tiny_world: Any, tmp_path
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "head_dim 40 cannot be served" in errors[0], done.stderr
+
+
+STAND_IN = """
+import sys, time
+from pathlib import Path
+from benchmarks.fleet import vllm_process
+from benchmarks.fleet.vllm_process import Speculation, VllmServer, vllm_fleet
+
+root = Path(sys.argv[1])
+# A stand-in for vllm serve: a static HTTP server whose /health answers 200.
+VllmServer.command = lambda self: [
+    sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+    "--directory", str(root),
+]
+vllm_process.check_servable = lambda path: None
+with vllm_fleet(root, [Speculation("none")], root / "logs") as servers:
+    print(servers[0].process.pid, flush=True)
+    while True:
+        time.sleep(0.05)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_to_the_bench_stops_its_replicas(tmp_path: Path) -> None:
+    """Each replica runs in its own session: without the handler a bench sent SIGTERM (a
+    job scheduler, ``kill``) left them all serving."""
+    import os
+    import signal
+    import time
+
+    (tmp_path / "health").write_text("ok")
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", STAND_IN, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert launcher.stdout is not None
+        replica = int(launcher.stdout.readline())
+        os.kill(replica, 0)  # serving
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=60) != 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(replica, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"replica {replica} still running after the bench's SIGTERM")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
