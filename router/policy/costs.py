@@ -276,6 +276,9 @@ MAX_SLOPE = 1.0
 #: Two requests measure the slope when their mean k differ by at least this much (closer
 #: ones divide their timing noise by too small a difference).
 MIN_K_SPREAD = 1.0
+#: A drafter's pooled excess over plain decoding's fixed time (``RequestOverheads``) keeps
+#: this many times a context's window: it gathers the requests of every context of a bucket.
+POOLED_WINDOWS = 4
 
 
 def slope_between(first: tuple[float, float], second: tuple[float, float]) -> float | None:
@@ -421,13 +424,28 @@ class RequestOverheads:
     the same figure as an unhurried one, and priced as the median of the arm's last
     ``window`` requests in the context. The output length is a running mean turning
     into an EWMA (weight ``max(1/n, ewma)``). Both enter ``speedup.request_speedup``.
+
+    What a drafter's fixed time adds to plain decoding's, F_d - F_0, is its start-up (its
+    prefill, its cache), which follows the prompt's length and not its task: each request
+    of a drafter in a context whose F_0 is measured adds F_d - F_0 to that drafter's
+    pooled excess in the length bucket. Until the context has ``own_min`` requests of the
+    drafter, F_d is F_0 plus that pooled excess: one or two requests of its own, one of
+    them a stall (a replica's first request, a neighbour's burst), would otherwise price
+    the drafter out of the context for good, since a drafter not chosen is not measured
+    again.
     """
 
-    def __init__(self, *, window: int = 16, trim: float = 0.25, ewma: float = 0.05) -> None:
+    def __init__(
+        self, *, window: int = 16, trim: float = 0.25, ewma: float = 0.05, own_min: int = 4
+    ) -> None:
         self.window = window
         self.trim = trim
         self.ewma = ewma
+        # 4 at trim 0.25: the fewest samples whose trimmed mean leaves one stall out.
+        self.own_min = own_min
         self.fixed_: dict[Context, dict[str, RobustWindow]] = {}  # context -> arm -> units
+        # (length bucket, drafter) -> F_d - F_0 of its requests in that bucket, in units.
+        self.excess_: dict[tuple[int, str], RobustWindow] = {}
         self.length_: dict[Context, tuple[float, int]] = {}
 
     def observe(self, context: Context, drafter: str, outcome: Outcome, unit: float | None) -> None:
@@ -439,6 +457,13 @@ class RequestOverheads:
         _, target_time = target_steps_and_time(outcome)
         fixed = max(0.0, outcome.wall_time_s - outcome.draft_time_s - target_time) / unit
         arms = self.fixed_.setdefault(context, {})
+        plain = arms.get(NONE_DRAFTER)
+        if arm != NONE_DRAFTER and plain is not None and plain.value is not None:
+            pooled = self.excess_.get((context.length_bucket, arm))
+            if pooled is None:
+                pooled = RobustWindow(POOLED_WINDOWS * self.window, trim=self.trim)
+                self.excess_[(context.length_bucket, arm)] = pooled
+            pooled.add(fixed - plain.value)
         arms.setdefault(arm, RobustWindow(self.window, trim=self.trim)).add(fixed)
         length = self.length_.get(context)
         if length is None:
@@ -455,23 +480,36 @@ class RequestOverheads:
     def fixed_times(self, context: Context, drafters: Sequence[str]) -> tuple[float, np.ndarray]:
         """(F_0, F_d per drafter) in units.
 
-        Unmeasured arms are priced so that drafting is never overrated: an unmeasured plain
-        arm costs 0 (all fixed time counts against drafting, so where that makes drafting
-        lose, plain decoding is tried once and measured); an unmeasured drafter costs the
-        cheapest measured drafter here, else the plain arm.
+        A drafter with ``own_min`` requests in the context costs its own figure; with
+        fewer, F_0 plus its pooled excess in the length bucket (class doc) where F_0 is
+        measured and the excess is; else its own figure. Unmeasured arms are priced so
+        that drafting is never overrated: an unmeasured plain arm costs 0 (all fixed time
+        counts against drafting, so where that makes drafting lose, plain decoding is
+        tried once and measured); an unmeasured drafter costs the cheapest measured
+        drafter here, else the plain arm.
         """
         arms = self.fixed_.get(context, {})
         plain = arms.get(NONE_DRAFTER)
+        plain_measured = plain is not None and plain.value is not None
         fixed_none = plain.value if plain is not None and plain.value is not None else 0.0
-        measured = {d: arms[d].value for d in drafters if d in arms}
-        default = min((m for m in measured.values() if m is not None), default=fixed_none)
-        return fixed_none, np.array(
-            [m if (m := measured.get(d)) is not None else default for d in drafters]
-        )
+        measured: dict[str, float] = {}
+        for d in drafters:
+            own = arms.get(d)
+            pooled = self.excess_.get((context.length_bucket, d)) if plain_measured else None
+            if own is not None and len(own) >= self.own_min and own.value is not None:
+                measured[d] = own.value
+            elif pooled is not None and pooled.value is not None:
+                measured[d] = max(0.0, fixed_none + pooled.value)
+            elif own is not None and own.value is not None:
+                measured[d] = own.value
+        default = min(measured.values(), default=fixed_none)
+        return fixed_none, np.array([measured.get(d, default) for d in drafters])
 
     def forget_drafter(self, drafter: str) -> None:
         for arms in self.fixed_.values():
             arms.pop(drafter, None)
+        for key in [key for key in self.excess_ if key[1] == drafter]:
+            del self.excess_[key]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -479,6 +517,9 @@ class RequestOverheads:
                 [c.cluster, c.length_bucket, arm, list(w.samples)]
                 for c, arms in self.fixed_.items()
                 for arm, w in arms.items()
+            ],
+            "excess_units": [
+                [bucket, arm, list(w.samples)] for (bucket, arm), w in self.excess_.items()
             ],
             "length": [
                 [c.cluster, c.length_bucket, value, n] for c, (value, n) in self.length_.items()
@@ -492,6 +533,13 @@ class RequestOverheads:
         for cluster, bucket, arm, samples in state.get("fixed_units", []):
             arms = self.fixed_.setdefault(Context(str(cluster), int(bucket)), {})
             arms[str(arm)] = RobustWindow(self.window, samples, trim=self.trim)
+        # States saved before the pooled excess have none: it is measured afresh.
+        self.excess_ = {
+            (int(bucket), str(arm)): RobustWindow(
+                POOLED_WINDOWS * self.window, samples, trim=self.trim
+            )
+            for bucket, arm, samples in state.get("excess_units", [])
+        }
         self.length_ = {
             Context(str(c), int(b)): (float(v), int(n)) for c, b, v, n in state.get("length", [])
         }

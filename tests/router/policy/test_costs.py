@@ -133,6 +133,39 @@ def test_an_unmeasured_plain_arm_is_priced_so_drafting_is_not_overrated() -> Non
     assert fixed == pytest.approx([5.0, 3.0, 3.0], rel=0.05)
 
 
+def test_one_stalled_request_does_not_price_a_drafter_out_of_its_context() -> None:
+    """What a drafter's fixed time adds to plain decoding's is pooled over a length
+    bucket's contexts until a context has ``own_min`` requests of the drafter: a stall on
+    its first request in a context (66 plain steps: a replica's first request) no longer
+    prices it out there for good (it would not be chosen, so not measured, again)."""
+    costs, overheads = StepRatios(), RequestOverheads()
+    chat, summary, long_chat = Context("chat", 1), Context("summarization", 1), Context("chat", 2)
+
+    def observe(context: Context, arm: str, k: int, fixed_s: float) -> None:
+        outcome = _with_fixed_time(_outcome(k, 10), fixed_s)
+        overheads.observe(context, arm, outcome, costs.observe(arm, outcome))
+
+    for _ in range(8):  # units of 0.01 s: plain 4, ngram 5 in chat
+        observe(chat, "none", 0, 0.04)
+        observe(chat, "ngram", 3, 0.05)
+        observe(summary, "none", 0, 0.03)
+    observe(summary, "ngram", 3, 0.66)
+    assert overheads.fixed_times(summary, ["ngram"]) == (pytest.approx(3.0), pytest.approx([4.0]))
+    # Nothing pooled in another bucket: its own figure.
+    observe(long_chat, "none", 0, 0.03)
+    observe(long_chat, "ngram", 3, 0.66)
+    assert overheads.fixed_times(long_chat, ["ngram"])[1] == pytest.approx([66.0])
+    # With own_min requests of its own, the context's trimmed mean, which leaves the stall out.
+    for _ in range(overheads.own_min - 1):
+        observe(summary, "ngram", 3, 0.05)
+    assert overheads.fixed_times(summary, ["ngram"])[1] == pytest.approx([5.0])
+    restored = RequestOverheads()
+    restored.load_state_dict(json.loads(json.dumps(overheads.state_dict())))
+    assert restored.excess_.keys() == overheads.excess_.keys()
+    restored.forget_drafter("ngram")
+    assert not restored.excess_
+
+
 def _slowed(outcome: Outcome, draft: float, verify: float, fixed: float = 1.0) -> Outcome:
     """``outcome`` with its draft and verify times and its fixed time (wall time outside
     the steps) multiplied by the given factors."""
