@@ -24,6 +24,7 @@ from benchmarks.fleet.bench import (
     learnt_choices,
     round_robin,
     summarise,
+    warm_up,
 )
 from benchmarks.fleet.vllm_process import (
     Speculation,
@@ -32,6 +33,7 @@ from benchmarks.fleet.vllm_process import (
     check_servable,
     fleet_toml,
 )
+from benchmarks.replay.client import ArmPin
 from benchmarks.replay.metrics import RequestResult
 from benchmarks.replay.trace import TraceRequest
 from router.fleet.config import parse_fleet
@@ -190,6 +192,23 @@ def test_the_policys_learnt_choices_are_reported_per_context() -> None:
                 }
             },
         }
+    ]
+
+
+def test_each_replica_is_warmed_up_by_a_request_nothing_learns_from() -> None:
+    sent: list[tuple[str, object, bool]] = []
+
+    class Recorder:  # the one ReplayClient call that replay makes
+        def generate(self, request: TraceRequest, *, index: int, pin: Any, no_update: bool) -> Any:
+            sent.append((request.id, pin, no_update))
+            return SimpleNamespace(drafter=pin.drafter)
+
+    request = TraceRequest(id="x", prompt="p", max_new_tokens=4)
+    warm_up(Recorder(), [request], ["none", "ngram", "code"], 3)  # type: ignore[arg-type]
+    assert sent == [
+        ("x", ArmPin("none", 0), True),
+        ("x", ArmPin("ngram", 3), True),
+        ("x", ArmPin("code", 3), True),
     ]
 
 
