@@ -737,8 +737,11 @@ class RouterService:
         return self.policy.describe()[2]
 
     def policy_view(self) -> PolicyView:
+        """The policy's state, each context's choice made among the drafters it may
+        choose now (``eligible_drafters``: in fleet mode, the configurations served)."""
         name, version, contexts = self.policy.describe()
-        return PolicyView(name, version, contexts)
+        servable = set(self.eligible_drafters())
+        return PolicyView(name, version, [c.chosen_among(servable) for c in contexts])
 
     def snapshot(self) -> None:
         self.policy.snapshot()

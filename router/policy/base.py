@@ -8,8 +8,8 @@ pure Python (no NumPy, no torch) so the sidecar can import it cheaply.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 #: The drafter name of the no-speculation arm (k = 0).
@@ -284,6 +284,23 @@ class ContextSummary:
     chosen_drafter: str
     chosen_k: int
     requests: int
+
+    def chosen_among(self, servable: Collection[str]) -> ContextSummary:
+        """This summary with its choice made among the ``servable`` drafters (a fleet
+        serves only its configurations): as it is when its choice is one of them or plain
+        decoding; else the servable arm of highest expected speed-up at its best k, or
+        plain decoding when none is above 1."""
+        if self.chosen_drafter == NONE_DRAFTER or self.chosen_drafter in servable:
+            return self
+        candidates = [
+            arm
+            for arm in self.arms
+            if arm.drafter in servable and arm.best_k > 0 and arm.expected_speedup > 1.0
+        ]
+        best = max(candidates, key=lambda arm: arm.expected_speedup, default=None)
+        if best is None:
+            return replace(self, chosen_drafter=NONE_DRAFTER, chosen_k=0)
+        return replace(self, chosen_drafter=best.drafter, chosen_k=best.best_k)
 
 
 @runtime_checkable

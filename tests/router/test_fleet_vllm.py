@@ -229,6 +229,8 @@ def test_the_policy_learns_from_vllm_metrics(fleet: Fleet) -> None:
         for arm in context.arms
         if arm.drafter in served
     ), after.contexts
+    # Each context's choice is a configuration the fleet serves.
+    assert all(context.chosen_drafter in served for context in after.contexts), after.contexts
     assert fleet.service.plain_token_time_s is not None  # t_ar from the plain replica
     # The fleet's other drafters scored on the greedy outputs (full information).
     deadline = time.monotonic() + 30

@@ -129,3 +129,23 @@ def test_check_state_refuses_other_versions_and_policies() -> None:
         check_state({"version": 99, "policy": "ucb"}, "ucb")
     with pytest.raises(IncompatibleStateError, match="saved by policy 'ucb'"):
         check_state({"version": 1, "policy": "ucb"}, "thompson")
+
+
+def test_a_contexts_choice_is_made_among_the_drafters_served() -> None:
+    """A fleet serves only its configurations: the state's choice is among them."""
+    from router.policy.base import ArmSummary, ContextSummary
+
+    arms = (
+        ArmSummary("code", 0.8, 8.0, 2.0, 7, 2.1, 0),
+        ArmSummary("ngram", 0.5, 5.0, 5.0, 3, 1.6, 4),
+        ArmSummary("generic", 0.3, 3.0, 7.0, 3, 1.2, 1),
+        ArmSummary("chat", 0.1, 1.0, 9.0, 0, 1.0, 0),
+    )
+    summary = ContextSummary("code", 1, arms, "code", 7, 5)
+    assert summary.chosen_among({"code", "ngram"}) is summary
+    served = summary.chosen_among({"ngram", "generic"})
+    assert (served.chosen_drafter, served.chosen_k, served.arms) == ("ngram", 3, arms)
+    assert summary.chosen_among({"chat"}).chosen_drafter == "none"
+    assert summary.chosen_among({"chat"}).chosen_k == 0
+    plain = ContextSummary("code", 1, arms, "none", 0, 5)
+    assert plain.chosen_among(set()) is plain
