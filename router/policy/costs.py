@@ -279,6 +279,8 @@ MIN_K_SPREAD = 1.0
 #: A drafter's pooled excess over plain decoding's fixed time (``RequestOverheads``) keeps
 #: this many times a context's window: it gathers the requests of every context of a bucket.
 POOLED_WINDOWS = 4
+#: Pseudo-samples at F_0 plus the pooled excess beside a context's first own figures.
+PRIOR_SAMPLES = 2
 
 
 def slope_between(first: tuple[float, float], second: tuple[float, float]) -> float | None:
@@ -429,10 +431,11 @@ class RequestOverheads:
     prefill, its cache), which follows the prompt's length and not its task: each request
     of a drafter in a context whose F_0 is measured adds F_d - F_0 to that drafter's
     pooled excess in the length bucket. Until the context has ``own_min`` requests of the
-    drafter, F_d is F_0 plus that pooled excess: one or two requests of its own, one of
-    them a stall (a replica's first request, a neighbour's burst), would otherwise price
-    the drafter out of the context for good, since a drafter not chosen is not measured
-    again.
+    drafter, F_d is the median of its own figures and ``PRIOR_SAMPLES`` (2) of F_0 plus
+    that pooled excess: a first request that stalled (a replica's start-up, a neighbour's
+    burst) is outvoted, where alone it priced the drafter out of the context for good,
+    since a drafter not chosen is not measured again; from the third request on, own
+    figures that agree with each other outvote the pool.
     """
 
     def __init__(
@@ -481,8 +484,9 @@ class RequestOverheads:
         """(F_0, F_d per drafter) in units.
 
         A drafter with ``own_min`` requests in the context costs its own figure; with
-        fewer, F_0 plus its pooled excess in the length bucket (class doc) where F_0 is
-        measured and the excess is; else its own figure. Unmeasured arms are priced so
+        fewer, the median of its own figures and of F_0 plus its pooled excess in the
+        length bucket (class doc) where F_0 is measured and the excess is; else its own
+        figure. Unmeasured arms are priced so
         that drafting is never overrated: an unmeasured plain arm costs 0 (all fixed time
         counts against drafting, so where that makes drafting lose, plain decoding is
         tried once and measured); an unmeasured drafter costs the cheapest measured
@@ -499,7 +503,8 @@ class RequestOverheads:
             if own is not None and len(own) >= self.own_min and own.value is not None:
                 measured[d] = own.value
             elif pooled is not None and pooled.value is not None:
-                measured[d] = max(0.0, fixed_none + pooled.value)
+                prior = [max(0.0, fixed_none + pooled.value)] * PRIOR_SAMPLES
+                measured[d] = statistics.median([*(own.samples if own else ()), *prior])
             elif own is not None and own.value is not None:
                 measured[d] = own.value
         default = min(measured.values(), default=fixed_none)

@@ -151,6 +151,14 @@ def test_one_stalled_request_does_not_price_a_drafter_out_of_its_context() -> No
         observe(summary, "none", 0, 0.03)
     observe(summary, "ngram", 3, 0.66)
     assert overheads.fixed_times(summary, ["ngram"]) == (pytest.approx(3.0), pytest.approx([4.0]))
+    # Own figures that agree with each other outvote the pool from the third on.
+    qa = Context("qa", 1)
+    observe(qa, "none", 0, 0.03)
+    priced = []
+    for _ in range(3):  # 10 units each; the pool says 3 + about 1
+        observe(qa, "ngram", 3, 0.10)
+        priced.append(float(overheads.fixed_times(qa, ["ngram"])[1][0]))
+    assert priced[0] < 5.0 < priced[1] < 10.0 and priced[2] == pytest.approx(10.0)
     # Nothing pooled in another bucket: its own figure.
     observe(long_chat, "none", 0, 0.03)
     observe(long_chat, "ngram", 3, 0.66)
