@@ -384,10 +384,9 @@ def run_policies(
 def warm_up(
     client: ReplayClient, requests: Sequence[TraceRequest], configurations: Sequence[str], k: int
 ) -> None:
-    """``requests`` pinned to each configuration, learnt from by nothing: a freshly
-    started vLLM replica's first request pays its start-up (60 to 600 plain steps before
-    its first token, seen in the policy's fixed times), which no later request does, and
-    the bench measures serving, not starting."""
+    """``requests`` pinned to each configuration, learnt from by nothing, so that what a
+    freshly started vLLM replica does once is not learnt as its configuration's cost: the
+    bench measures serving, not starting."""
     for configuration in configurations:
         replay(client, requests, pinned(pin_for(configuration, k)), 1)
 
