@@ -52,7 +52,12 @@ from router.fleet.client import (
 )
 from router.fleet.client import stream_completion as replica_stream
 from router.fleet.config import FleetSpec
-from router.fleet.learning import Timing, outcome_from_replica, request_steps
+from router.fleet.learning import (
+    Timing,
+    engine_decode_time,
+    outcome_from_replica,
+    request_steps,
+)
 from router.fleet.replica import Replica, watch
 from router.policy.base import NONE_DRAFTER, DrafterHints
 from router.service import (
@@ -360,9 +365,12 @@ class FleetRouterService(RouterService):
                 f"replica {replica.name} refused the request: {error}"
             ) from error
         now = time.perf_counter()
+        streamed = now - first if first is not None else 0.0
         progress.timing = Timing(
             wall_time_s=now - started,
-            decode_time_s=now - first if first is not None else 0.0,
+            decode_time_s=engine_decode_time(progress.end.metrics, streamed)
+            if progress.end is not None
+            else streamed,
             generated_tokens=received,
         )
 

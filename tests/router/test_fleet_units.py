@@ -317,6 +317,15 @@ def test_without_spec_metrics_the_time_per_token_stands_in() -> None:
     assert plain is not None and plain.steps == 0 and plain.generated_tokens == 11
 
 
+def test_the_decode_time_is_vllms_own_where_it_reports_it() -> None:
+    from router.fleet.learning import engine_decode_time
+
+    assert engine_decode_time({"generation_time_ms": 250.0, "tokens_per_second": 9}, 0.001) == 0.25
+    assert engine_decode_time({"generation_time_ms": 0}, 0.3) == 0.0
+    for metrics in (None, {}, {"generation_time_ms": None}, {"generation_time_ms": -1.0}):
+        assert engine_decode_time(metrics, 0.3) == 0.3  # the stream's arrival times
+
+
 def test_completion_body_asks_for_token_ids_and_metrics() -> None:
     greedy = completion_body("target", [1, 2, 3], 16, Sampling())
     assert greedy["prompt"] == [1, 2, 3] and greedy["max_tokens"] == 16
