@@ -486,11 +486,10 @@ class RequestOverheads:
         A drafter with ``own_min`` requests in the context costs its own figure; with
         fewer, the median of its own figures and of F_0 plus its pooled excess in the
         length bucket (class doc) where F_0 is measured and the excess is; else its own
-        figure. Unmeasured arms are priced so
-        that drafting is never overrated: an unmeasured plain arm costs 0 (all fixed time
-        counts against drafting, so where that makes drafting lose, plain decoding is
-        tried once and measured); an unmeasured drafter costs the cheapest measured
-        drafter here, else the plain arm.
+        figure. Unmeasured arms are priced so that drafting is never overrated: an
+        unmeasured plain arm costs 0 (all fixed time counts against drafting, so where that
+        makes drafting lose, plain decoding is tried once and measured); an unmeasured
+        drafter costs the cheapest measured drafter here, else the plain arm.
         """
         arms = self.fixed_.get(context, {})
         plain = arms.get(NONE_DRAFTER)
