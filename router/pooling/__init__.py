@@ -153,9 +153,7 @@ async def start_pooling(
     pooling = build_pooling(settings, service, metrics)
     service.policy.attach_log(pooling.outcomes)
     logger.info("pooling through %s as replica %s", pooling.link.where, pooling.identity)
-    try:
-        await asyncio.wait_for(_catch_up_retrying(pooling), settings.pooling.replay_timeout_s)
-    except TimeoutError:
+    if not await _catch_up_retrying(pooling, settings.pooling.replay_timeout_s):
         logger.warning(
             "pooling: Redis at %s did not answer in %.1f s; serving on local state and "
             "catching up when it returns",
@@ -165,14 +163,26 @@ async def start_pooling(
     return pooling
 
 
-async def _catch_up_retrying(pooling: Pooling) -> None:
+async def _catch_up_retrying(pooling: Pooling, timeout_s: float) -> bool:
+    """Catch up, retrying with backoff: True once done, False when ``timeout_s`` has
+    passed. The loop keeps its own deadline and bounds each attempt by what is left, so
+    the bound does not rest on cancelling this loop, which catches Redis errors: a
+    cancellation turned into one inside a client call would be retried for good. (A
+    start-up against a Redis that refused the password once hung past the test's 300 s,
+    cause not pinned down; before, the whole loop ran under one ``wait_for``.)"""
     from router.pooling.link import Backoff
 
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     backoff = Backoff(pooling.link.reconnect_max_s)
     while True:
         try:
-            await pooling.catch_up()
-            return
-        except redis_errors() as error:
-            pooling.link.failed(error)
-            await asyncio.sleep(backoff.next_delay())
+            await asyncio.wait_for(pooling.catch_up(), max(0.0, deadline - loop.time()))
+            return True
+        except redis_errors() as error:  # OSError covers wait_for's own TimeoutError
+            if not (isinstance(error, TimeoutError) and loop.time() >= deadline):
+                pooling.link.failed(error)
+        left = deadline - loop.time()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(backoff.next_delay(), left))

@@ -200,3 +200,39 @@ def test_pooling_without_a_secret_refuses_to_start(monkeypatch: pytest.MonkeyPat
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "pooling.secret is not set" in lines[0]
+
+
+@pytest.mark.timeout(30)
+def test_catching_up_gives_up_at_its_deadline_whatever_a_call_makes_of_cancellation() -> None:
+    """Start-up waits at most ``replay_timeout_s`` for Redis, also when a Redis call
+    turns its cancellation into a connection error (the retry loop catches those); the
+    failure is logged once with its cause."""
+    import asyncio
+    import time
+
+    from redis.exceptions import AuthenticationError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from router.pooling import _catch_up_retrying
+
+    class Link:
+        reconnect_max_s = 0.05
+        failures: list[BaseException] = []
+
+        def failed(self, error: BaseException) -> None:
+            self.failures.append(error)
+
+    class Refused:  # a replica whose password Redis refuses, slowly
+        link = Link()
+
+        async def catch_up(self) -> None:
+            try:
+                await asyncio.sleep(0.03)
+            except asyncio.CancelledError:
+                raise RedisConnectionError("connection closed while reading") from None
+            raise AuthenticationError("invalid username-password pair")
+
+    started = time.monotonic()
+    assert asyncio.run(_catch_up_retrying(Refused(), 0.5)) is False  # type: ignore[arg-type]
+    assert time.monotonic() - started < 2.0
+    assert isinstance(Refused.link.failures[0], AuthenticationError)
