@@ -215,12 +215,13 @@ def test_catching_up_gives_up_at_its_deadline_whatever_a_call_makes_of_cancellat
 
     from router.pooling import _catch_up_retrying
 
+    failures: list[BaseException] = []
+
     class Link:
         reconnect_max_s = 0.05
-        failures: list[BaseException] = []
 
         def failed(self, error: BaseException) -> None:
-            self.failures.append(error)
+            failures.append(error)
 
     class Refused:  # a replica whose password Redis refuses, slowly
         link = Link()
@@ -235,4 +236,4 @@ def test_catching_up_gives_up_at_its_deadline_whatever_a_call_makes_of_cancellat
     started = time.monotonic()
     assert asyncio.run(_catch_up_retrying(Refused(), 0.5)) is False  # type: ignore[arg-type]
     assert time.monotonic() - started < 2.0
-    assert isinstance(Refused.link.failures[0], AuthenticationError)
+    assert isinstance(failures[0], AuthenticationError)
