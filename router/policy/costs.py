@@ -432,10 +432,10 @@ class RequestOverheads:
     of a drafter in a context whose F_0 is measured adds F_d - F_0 to that drafter's
     pooled excess in the length bucket. Until the context has ``own_min`` requests of the
     drafter, F_d is the median of its own figures and ``PRIOR_SAMPLES`` (2) of F_0 plus
-    that pooled excess: a first request that stalled (a replica's start-up, a neighbour's
-    burst) is outvoted, where alone it priced the drafter out of the context for good,
-    since a drafter not chosen is not measured again; from the third request on, own
-    figures that agree with each other outvote the pool.
+    that pooled excess: one outlying first figure (a stall, a mis-timed request) is
+    outvoted, where alone it priced the drafter out of the context for good, since a
+    drafter not chosen is not measured again; from the third request on, own figures
+    that agree with each other outvote the pool.
     """
 
     def __init__(
@@ -498,10 +498,11 @@ class RequestOverheads:
         measured: dict[str, float] = {}
         for d in drafters:
             own = arms.get(d)
-            pooled = self.excess_.get((context.length_bucket, d)) if plain_measured else None
             if own is not None and len(own) >= self.own_min and own.value is not None:
                 measured[d] = own.value
-            elif pooled is not None and pooled.value is not None:
+                continue
+            pooled = self.excess_.get((context.length_bucket, d)) if plain_measured else None
+            if pooled is not None and pooled.value is not None:
                 prior = [max(0.0, fixed_none + pooled.value)] * PRIOR_SAMPLES
                 measured[d] = statistics.median([*(own.samples if own else ()), *prior])
             elif own is not None and own.value is not None:
