@@ -26,8 +26,13 @@ POLICIES: dict[str, PolicyFactory] = {
 }
 
 
-#: Policies that read the sidecar's drafter hints (``DrafterHints``) into their config.
-READS_DRAFTER_HINTS = frozenset({"thompson"})
+#: Policies that read the sidecar's drafter hints (``DrafterHints``), and the config keys
+#: they read them into: ``ucb`` measures its rewards and needs only the served lengths.
+DRAFTER_HINT_KEYS: dict[str, frozenset[str]] = {
+    "thompson": frozenset({"draft_cost_ratio", "copy_drafters", "draft_length"}),
+    "ucb": frozenset({"draft_length"}),
+}
+READS_DRAFTER_HINTS = frozenset(DRAFTER_HINT_KEYS)
 
 
 def with_drafter_hints(
@@ -36,19 +41,24 @@ def with_drafter_hints(
     """``config`` with ``hints`` filling what it leaves out, for a policy that reads them:
     the hinted costs under its ``draft_cost_ratio`` and the served lengths under its
     ``draft_length`` (its own entries win), and ``copy_drafters`` unless it names them
-    itself. Other policies get ``config`` as is."""
+    itself; only the keys the policy reads (``DRAFTER_HINT_KEYS``). Other policies get
+    ``config`` as is."""
     merged = dict(config or {})
-    if name not in READS_DRAFTER_HINTS:
-        return merged
-    given = merged.get("draft_cost_ratio")
+    keys = DRAFTER_HINT_KEYS.get(name, frozenset())
     # A malformed value is left for the policy's own validation to refuse.
-    if hints.draft_cost_ratio and (given is None or isinstance(given, Mapping)):
+    given = merged.get("draft_cost_ratio")
+    if "draft_cost_ratio" in keys and hints.draft_cost_ratio and _mapping_or_none(given):
         merged["draft_cost_ratio"] = {**hints.draft_cost_ratio, **(given or {})}
     lengths = merged.get("draft_length")
-    if hints.draft_length and (lengths is None or isinstance(lengths, Mapping)):
+    if "draft_length" in keys and hints.draft_length and _mapping_or_none(lengths):
         merged["draft_length"] = {**hints.draft_length, **(lengths or {})}
-    merged.setdefault("copy_drafters", list(hints.copy_drafters))
+    if "copy_drafters" in keys:
+        merged.setdefault("copy_drafters", list(hints.copy_drafters))
     return merged
+
+
+def _mapping_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, Mapping)
 
 
 class UnknownPolicyError(KeyError):

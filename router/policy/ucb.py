@@ -9,6 +9,11 @@ played first (in random order), then
 with N the plays in the context and the reward of a request the measured speed-up
 t_ar * generated_tokens / (draft_time + verify_time) (t_ar as in ``costs.py``).
 With ``gamma < 1`` counts and sums are discounted per update (discounted UCB).
+
+A drafter served at one draft length only (``draft_length``: drafter -> k, a fleet
+replica's k; the sidecar hints it) has that one arm, (drafter, k): its arms at other
+lengths would be placed at k anyway and never learnt, so they would stay "untried" and
+be played first for good. A length past ``k_max`` is kept in column ``k_max``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class UcbConfig(BaseModel):
     exploration: float = Field(1.0, ge=0.0)
     gamma: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = 0
+    draft_length: dict[str, int] = Field(default_factory=dict)
 
 
 class _UcbArms:
@@ -79,6 +85,7 @@ class UcbPolicy:
         gamma: float = 1.0,
         rng: np.random.Generator | None = None,
         costs: CostModel | None = None,
+        draft_length: Mapping[str, int] | None = None,
     ) -> None:
         self.k_max = k_max
         self.exploration = exploration
@@ -88,6 +95,8 @@ class UcbPolicy:
         self.drafters_: list[str] = [d for d in drafters if d != NONE_DRAFTER]
         self.contexts_: dict[Context, _UcbArms] = {}
         self.updates_ = 0
+        self.draft_length_: dict[str, int] = {}
+        self.set_drafter_hints({}, (), draft_length)
 
     @classmethod
     def from_config(
@@ -100,11 +109,34 @@ class UcbPolicy:
             exploration=cfg.exploration,
             gamma=cfg.gamma,
             rng=np.random.default_rng(cfg.seed),
+            draft_length=cfg.draft_length,
         )
 
     @property
     def version(self) -> int:
         return self.updates_
+
+    def set_drafter_hints(
+        self,
+        draft_cost_ratio: Mapping[str, float],
+        copy_drafters: Sequence[str],
+        draft_length: Mapping[str, int] | None = None,
+    ) -> None:
+        """Replace the served lengths (``draft_length``), as the sidecar does when a
+        drafter is registered or removed; UCB measures its rewards, so the cost hints and
+        the copy drafters are not read."""
+        self.draft_length_ = {str(d): int(k) for d, k in (draft_length or {}).items() if k > 0}
+
+    def _served_columns(self, drafters: Sequence[str]) -> np.ndarray:
+        """[len(drafters), k_max] True where (drafter, k = column + 1) may be played: every
+        k, or the drafter's one served length (module doc)."""
+        allowed = np.ones((len(drafters), self.k_max), dtype=bool)
+        for row, drafter in enumerate(drafters):
+            served = self.draft_length_.get(drafter)
+            if served is not None:
+                allowed[row] = False
+                allowed[row, min(served, self.k_max) - 1] = True
+        return allowed
 
     def _context(self, context: Context) -> _UcbArms:
         arms = self.contexts_.get(context)
@@ -117,22 +149,27 @@ class UcbPolicy:
         index = [i for i, d in enumerate(self.drafters_) if d in eligible]
         arms = self.contexts_.get(context) or _UcbArms(len(self.drafters_), self.k_max)
         # Flat candidate list: the none arm first, then (drafter, k >= 1).
+        names = [self.drafters_[i] for i in index]
+        allowed = np.concatenate([[True], self._served_columns(names).ravel()])
         plays = np.concatenate([[arms.none_plays], arms.plays[index, 1:].ravel()])
         rewards = np.concatenate([[arms.none_rewards], arms.rewards[index, 1:].ravel()])
-        untried = np.flatnonzero(plays <= 0)
+        untried = np.flatnonzero((plays <= 0) & allowed)
         means = rewards / np.maximum(plays, 1e-12)
-        greedy = int(np.argmax(np.where(plays > 0, means, -np.inf)))
+        greedy = int(np.argmax(np.where((plays > 0) & allowed, means, -np.inf)))
         if untried.size:
             chosen = int(self._rng.choice(untried))
         else:
-            bonus = self.exploration * np.sqrt(2.0 * np.log(plays.sum()) / plays)
-            chosen = int(np.argmax(means + bonus))
+            total = plays[allowed].sum()
+            bonus = self.exploration * np.sqrt(2.0 * np.log(total) / np.maximum(plays, 1e-12))
+            chosen = int(np.argmax(np.where(allowed, means + bonus, -np.inf)))
         explored = chosen != greedy
         if chosen == 0:
             return Decision(NONE_DRAFTER, 0, 1.0, explored)
         row, column = divmod(chosen - 1, self.k_max)
+        drafter = names[row]
         expected = float(means[chosen]) if plays[chosen] > 0 else 1.0
-        return Decision(self.drafters_[index[row]], column + 1, expected, explored)
+        k = self.draft_length_.get(drafter, column + 1)
+        return Decision(drafter, k, expected, explored)
 
     def select_many(self, contexts: Sequence[Context], eligible: Sequence[str]) -> list[Decision]:
         return [self.select(context, eligible) for context in contexts]
@@ -152,12 +189,17 @@ class UcbPolicy:
         if decision.k == 0:
             arms.none_plays += 1.0
             arms.none_rewards += reward
-        elif decision.drafter in self.drafters_ and decision.k <= self.k_max:
+        elif decision.drafter in self.drafters_ and decision.k <= self._longest(decision.drafter):
             i = self.drafters_.index(decision.drafter)
-            arms.plays[i, decision.k] += 1.0
-            arms.rewards[i, decision.k] += reward
+            column = min(decision.k, self.k_max)
+            arms.plays[i, column] += 1.0
+            arms.rewards[i, column] += reward
             arms.acceptance[i] += outcome.acceptance_counts(decision.k)
         self.updates_ += 1
+
+    def _longest(self, drafter: str) -> int:
+        """The longest draft length of ``drafter``'s arms: k_max, or its served length."""
+        return max(self.k_max, self.draft_length_.get(drafter, 0))
 
     def update_counterfactual(
         self,
@@ -239,6 +281,7 @@ class UcbPolicy:
             arms = self.contexts_[context]
             means = np.where(arms.plays > 0, arms.rewards / np.maximum(arms.plays, 1e-12), 0.0)
             means[:, 0] = -np.inf
+            means[:, 1:][~self._served_columns(self.drafters_)] = -np.inf
             rows = []
             for i, drafter in enumerate(self.drafters_):
                 k = int(np.argmax(means[i]))
@@ -249,7 +292,7 @@ class UcbPolicy:
                         alpha / (alpha + beta),
                         alpha,
                         beta,
-                        k,
+                        self.draft_length_.get(drafter, k),
                         float(max(means[i, k], 0.0)),
                         int(arms.plays[i].sum()),
                     )

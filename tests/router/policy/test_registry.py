@@ -81,8 +81,12 @@ def test_drafter_hints_fill_what_the_config_leaves_out() -> None:
         "ngram": 0.0,
         "self": 0.25,
     }
-    # A policy that does not read them gets its config as given.
-    assert with_drafter_hints("ucb", {"gamma": 0.9}, hints) == {"gamma": 0.9}
+    # A policy that does not read them gets its config as given; ucb only the lengths.
+    assert with_drafter_hints("static", {"x": 1}, hints) == {"x": 1}
+    assert with_drafter_hints("ucb", {"gamma": 0.9}, hints) == {
+        "gamma": 0.9,
+        "draft_length": {"ngram": 3, "self": 2},
+    }
     # A malformed value is left for the policy's own validation to refuse.
     malformed = with_drafter_hints("thompson", {"draft_cost_ratio": 0.3}, hints)
     with pytest.raises(ValueError):

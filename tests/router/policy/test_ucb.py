@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from router.policy.base import Context, Decision, IncompatibleStateError
-from router.policy.registry import make_policy
+from router.policy.base import Context, Decision, DrafterHints, IncompatibleStateError
+from router.policy.registry import make_policy, with_drafter_hints
 from router.policy.ucb import UcbPolicy, measured_speedup
 
 from .helpers import geometric_outcome
@@ -47,6 +47,42 @@ def test_converges_to_the_highest_measured_speedup() -> None:
     summary = policy.describe()[0]
     assert summary.chosen_drafter == "a" and summary.chosen_k >= 2
     assert summary.requests == 300
+
+
+def test_a_drafter_served_at_one_length_has_that_arm_only() -> None:
+    """A fleet replica serves its drafter at one k, so a request placed there is learnt
+    at that k (as the fleet places it). Without the served lengths, UCB's arms at the other
+    k stayed untried and were played first for good: with two drafters at k_max 8, 16
+    arms, two of which can be learnt."""
+    served = {"a": 3, "b": 11}  # b's replica drafts past k_max: its arm sits in column 8
+    policy = UcbPolicy(["a", "b"], k_max=8, rng=np.random.default_rng(0), draft_length=served)
+    rng = np.random.default_rng(0)
+    truth = {"a": 0.8, "b": 0.3}
+    decisions = []
+    for _ in range(60):
+        decision = policy.select(CODE, list(truth))
+        assert decision.k == served.get(decision.drafter, 0), decision
+        policy.update(
+            CODE, decision, geometric_outcome(rng, decision, truth.get(decision.drafter, 0))
+        )
+        decisions.append(decision)
+    # Three arms (none, a@3, b@11) tried once each, then UCB settles on the best one.
+    assert {(d.drafter, d.k) for d in decisions[:3]} == {("none", 0), ("a", 3), ("b", 11)}
+    assert Counter(d.drafter for d in decisions[-20:])["a"] >= 15
+    (summary,) = policy.describe()
+    assert {arm.drafter: arm.best_k for arm in summary.arms} == served
+    assert (summary.chosen_drafter, summary.chosen_k) == ("a", 3)
+
+
+def test_the_sidecar_hints_ucb_its_served_lengths() -> None:
+    hints = DrafterHints({"ngram": 0.0}, ("ngram",), {"ngram": 4})
+    config = with_drafter_hints("ucb", {"gamma": 0.9}, hints)
+    assert config == {"gamma": 0.9, "draft_length": {"ngram": 4}}
+    policy = make_policy("ucb", ["ngram"], config)
+    assert policy.select(CODE, ["ngram"]).k in (0, 4)
+    # A registration re-hints it (PolicyHolder._rehint): the new length replaces the old.
+    policy.set_drafter_hints({}, (), {"ngram": 2})  # type: ignore[attr-defined]
+    assert {policy.select(CODE, ["ngram"]).k for _ in range(20)} <= {0, 2}
 
 
 def test_reward_is_plain_time_over_spent_time() -> None:
