@@ -41,6 +41,15 @@ class Timing:
     wall_time_s: float  # request sent to last token
     decode_time_s: float  # first token to last token
     generated_tokens: int
+    # Scheduled to last token by vLLM's clock (``engine_request_time``), None unreported.
+    engine_time_s: float | None = None
+
+    @property
+    def served_time_s(self) -> float:
+        """What the policy learns a request's time from: the engine's, which leaves out
+        the replica's queue and the HTTP round trip (load, not the configuration), else
+        the router's wall time."""
+        return self.engine_time_s if self.engine_time_s is not None else self.wall_time_s
 
     @property
     def token_time_s(self) -> float | None:
@@ -61,6 +70,19 @@ def engine_decode_time(metrics: Mapping[str, Any] | None, streamed_s: float) -> 
     if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
         return float(value) / 1000.0
     return streamed_s
+
+
+def engine_request_time(metrics: Mapping[str, Any] | None, decode_time_s: float) -> float | None:
+    """A request's time from its scheduling to its last token by vLLM's clock: its time to
+    first token (``time_to_first_token_ms``: scheduled to first token, so the prefill,
+    a drafter's included, and not the queue before it) plus ``decode_time_s``; None where
+    the metrics do not give it. The fixed time per request the policy prices
+    (``RequestOverheads``) is then the configuration's own, not the replica's queue nor the
+    HTTP round trip, which vary with load and not with the configuration."""
+    value = (metrics or {}).get("time_to_first_token_ms")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value) / 1000.0 + decode_time_s
+    return None
 
 
 def positions_from_histogram(histogram: Sequence[int]) -> list[int]:
@@ -146,7 +168,7 @@ def spec_outcome(
         accepted,
         draft_time_s=draft,
         verify_time_s=verify,
-        wall_time_s=timing.wall_time_s,
+        wall_time_s=timing.served_time_s,
         generated_tokens=timing.generated_tokens,
         plain_token_time_s=plain_token_time_s,
     )
@@ -163,7 +185,7 @@ def timed_outcome(k: int, timing: Timing, plain_token_time_s: float | None) -> O
             [],
             draft_time_s=0.0,
             verify_time_s=timing.decode_time_s,
-            wall_time_s=timing.wall_time_s,
+            wall_time_s=timing.served_time_s,
             generated_tokens=n,
         )
     if token_time is None or plain_token_time_s is None:
@@ -176,7 +198,7 @@ def timed_outcome(k: int, timing: Timing, plain_token_time_s: float | None) -> O
         accepted_tokens=min(max(n - steps, 0), k * steps),
         draft_time_s=0.0,
         verify_time_s=timing.decode_time_s,
-        wall_time_s=timing.wall_time_s,
+        wall_time_s=timing.served_time_s,
         generated_tokens=n,
         plain_token_time_s=plain_token_time_s,
     )

@@ -55,6 +55,7 @@ from router.fleet.config import FleetSpec
 from router.fleet.learning import (
     Timing,
     engine_decode_time,
+    engine_request_time,
     outcome_from_replica,
     request_steps,
 )
@@ -366,12 +367,13 @@ class FleetRouterService(RouterService):
             ) from error
         now = time.perf_counter()
         streamed = now - first if first is not None else 0.0
+        metrics = progress.end.metrics if progress.end is not None else None
+        decode = engine_decode_time(metrics, streamed)
         progress.timing = Timing(
             wall_time_s=now - started,
-            decode_time_s=engine_decode_time(progress.end.metrics, streamed)
-            if progress.end is not None
-            else streamed,
+            decode_time_s=decode,
             generated_tokens=received,
+            engine_time_s=engine_request_time(metrics, decode),
         )
 
     def _chunk(self, delta: Delta, progress: _Progress) -> TokenChunk:

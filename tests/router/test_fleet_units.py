@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -324,6 +325,25 @@ def test_the_decode_time_is_vllms_own_where_it_reports_it() -> None:
     assert engine_decode_time({"generation_time_ms": 0}, 0.3) == 0.0
     for metrics in (None, {}, {"generation_time_ms": None}, {"generation_time_ms": -1.0}):
         assert engine_decode_time(metrics, 0.3) == 0.3  # the stream's arrival times
+
+
+def test_the_fixed_time_learnt_leaves_the_replicas_queue_out() -> None:
+    """A request that waited 2 s in a busy replica's queue (and the HTTP round trip) is
+    learnt from vLLM's time to first token, so its fixed time is the prefill's 50 ms, not
+    the 2 s of load; without vLLM's metrics, the router's wall time stands."""
+    from router.fleet.learning import engine_request_time
+
+    metrics = {"time_to_first_token_ms": 50.0, "generation_time_ms": 200.0, "queue_time_ms": 2e3}
+    assert engine_request_time(metrics, 0.2) == pytest.approx(0.25)
+    for missing in (None, {}, {"time_to_first_token_ms": None}, {"time_to_first_token_ms": -1}):
+        assert engine_request_time(missing, 0.2) is None
+    waited = Timing(wall_time_s=2.3, decode_time_s=0.2, generated_tokens=21)
+    served = replace(waited, engine_time_s=engine_request_time(metrics, 0.2))
+    plain = 0.01  # 20 decode steps of 10 ms: what a plain request's tokens take
+    for timing, fixed in ((served, 0.05), (waited, 2.1)):
+        outcome = outcome_from_replica(0, {}, timing, plain)
+        assert outcome is not None
+        assert outcome.wall_time_s - outcome.verify_time_s == pytest.approx(fixed)
 
 
 def test_completion_body_asks_for_token_ids_and_metrics() -> None:

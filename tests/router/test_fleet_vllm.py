@@ -239,16 +239,17 @@ def test_the_policy_learns_from_vllm_metrics(fleet: Fleet) -> None:
     assert counterfactual_reports(fleet) > 0
 
 
-def test_the_decode_time_learnt_from_is_vllms_own(fleet: Fleet) -> None:
-    """``engine_decode_time``: vLLM's per-request metrics carry its own decode time, which
-    the policy learns from instead of the stream's arrival times."""
+def test_the_times_learnt_from_are_vllms_own(fleet: Fleet) -> None:
+    """``engine_decode_time`` and ``engine_request_time``: vLLM's per-request metrics carry
+    its own decode time and time to first token, which the policy learns from instead of
+    the stream's arrival times and the router's round trip."""
     import asyncio
 
     import aiohttp
 
     from router.domain import Sampling
     from router.fleet.client import StreamEnd, completion_body, stream_completion
-    from router.fleet.learning import engine_decode_time
+    from router.fleet.learning import engine_decode_time, engine_request_time
 
     for name in ("none", "twin"):
         replica = fleet.replica(fleet.servers[name].url)
@@ -261,7 +262,10 @@ def test_the_decode_time_learnt_from_is_vllms_own(fleet: Fleet) -> None:
 
         end = asyncio.run(answer())[-1]
         assert isinstance(end, StreamEnd)
-        assert 0.0 < engine_decode_time(end.metrics, -1.0) < 60.0, end.metrics
+        decode = engine_decode_time(end.metrics, -1.0)
+        assert 0.0 < decode < 60.0, end.metrics
+        served = engine_request_time(end.metrics, decode)
+        assert served is not None and decode < served < 60.0, end.metrics
 
 
 def counterfactual_reports(fleet: Fleet) -> float:
