@@ -19,6 +19,7 @@ _EXPORTS = {
     "check_options": "drafters.registry",
     "draft_cost_hint": "drafters.registry",
     "copies_context": "drafters.registry",
+    "cost_shape": "drafters.registry",
     "TokenizerMismatchError": "drafters.registry",
     "TargetWeightsRequiredError": "drafters.registry",
     "SpeculativeEngine": "drafters.engine",

@@ -269,6 +269,34 @@ def draft_cost_hint(drafter: Drafter) -> float | None:
     return 0.0 if drafter.kind in MODEL_FREE_KINDS else None
 
 
+#: The configuration fields that decide what a model drafter's forward pass computes.
+SHAPE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+)
+
+
+def cost_shape(drafter: Drafter) -> str | None:
+    """A key that two drafters share when a drafted token costs them the same on one
+    machine: a model drafter's architecture (``SHAPE_FIELDS`` of its config), dtype and
+    device, so that drafters fine-tuned from one base share what their drafting costs;
+    None for the other kinds (their cost is their own: a lookup's is none, a self
+    drafter's is the target's first layers)."""
+    if not isinstance(drafter, ModelDrafter):
+        return None
+    config = getattr(drafter.model, "config", None)
+    if config is None:
+        return None
+    fields = ",".join(f"{field}={getattr(config, field, None)}" for field in SHAPE_FIELDS)
+    dtype = getattr(drafter.model, "dtype", None)
+    return f"model:{fields},dtype={dtype},device={drafter.device}"
+
+
 def copies_context(drafter: Drafter) -> bool:
     """Whether ``drafter`` drafts by copying from the context (``COPY_KINDS``)."""
     return drafter.kind in COPY_KINDS

@@ -176,9 +176,12 @@ class PolicyHolder:
             return
         hinted = with_drafter_hints(self.name, self._config, self._hints())
         self._policy.set_drafter_hints(
-            hinted.get("draft_cost_ratio") or {},
-            hinted.get("copy_drafters") or (),
-            hinted.get("draft_length") or {},
+            DrafterHints(
+                draft_cost_ratio=hinted.get("draft_cost_ratio") or {},
+                copy_drafters=tuple(hinted.get("copy_drafters") or ()),
+                draft_length=hinted.get("draft_length") or {},
+                cost_shape=hinted.get("cost_shape") or {},
+            )
         )
 
     # -- inspection and persistence ---------------------------------------------------

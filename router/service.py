@@ -677,13 +677,15 @@ class RouterService:
 
     def drafter_hints(self) -> DrafterHints:
         """What the live drafters' kinds say before anything is measured
-        (``drafters.draft_cost_hint``, ``drafters.copies_context``); the policy holder
+        (``drafters.draft_cost_hint``, ``drafters.copies_context``,
+        ``drafters.cost_shape``); the policy holder
         applies them at start, on SetPolicy and when a drafter is registered or removed,
         so a restart configures the policy as it was before."""
-        from drafters import copies_context, draft_cost_hint
+        from drafters import copies_context, cost_shape, draft_cost_hint
 
         costs: dict[str, float] = {}
         copies: list[str] = []
+        shapes: dict[str, str] = {}
         for name in self.drafters.eligible():
             try:
                 live = self.drafters.get(name)
@@ -695,7 +697,10 @@ class RouterService:
                 costs[name] = hint
             if copies_context(drafter):
                 copies.append(name)
-        return DrafterHints(costs, tuple(copies))
+            shape = cost_shape(drafter)
+            if shape is not None:
+                shapes[name] = shape
+        return DrafterHints(costs, tuple(copies), cost_shape=shapes)
 
     def _similarity_of(self, name: str) -> Mapping[str, float] | None:
         try:

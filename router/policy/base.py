@@ -372,8 +372,11 @@ class DrafterHints:
     ``draft_cost_ratio``, drafter -> cost of a drafted token in plain target steps (used
     until that drafter's cost is measured); ``copy_drafters``, the drafters that copy
     from the context (priced by the copy model); ``draft_length``, drafter -> the one
-    draft length it is served at (a fleet replica's k), for drafters that have one."""
+    draft length it is served at (a fleet replica's k), for drafters that have one;
+    ``cost_shape``, drafter -> a key its drafting cost shares with the drafters of the
+    same architecture (model drafters)."""
 
     draft_cost_ratio: Mapping[str, float] = field(default_factory=dict)
     copy_drafters: tuple[str, ...] = ()
     draft_length: Mapping[str, int] = field(default_factory=dict)
+    cost_shape: Mapping[str, str] = field(default_factory=dict)

@@ -11,7 +11,10 @@ Two models share this module:
 
   - the request's unit ``u = (verify_time / steps) / (1 + s * kbar)``: its target step
     time with the draft positions taken off (kbar = drafted / steps, s the slope below);
-  - ``c[d]``: draft_time / drafted / u per drafter d (its draft cost ratio);
+  - ``c[d]``: draft_time / drafted / u per drafter d (its draft cost ratio), kept per
+    cost shape where the drafter has one (``cost_shape``, drafter -> key: drafters of one
+    architecture cost the same per drafted token, so they share one window: each one's
+    figures price all of them, and one registered later is priced from the first request);
   - ``q``: plain_token_time_s / u when callers measure it, else t_ar = 1 unit;
   - the verify step ``t_verify(k) = 1 + s * k`` units, where the slope s, which no
     single request measures (its k is one), comes from two consecutive requests of one
@@ -173,13 +176,17 @@ class StepRatios:
         slope_prior_weight: int = 4,
         default_draft_cost_ratio: float = 0.1,
         draft_cost_ratio: Mapping[str, float] | None = None,
+        cost_shape: Mapping[str, str] | None = None,
     ) -> None:
         self.window = window
         self.trim = trim
         self.verify_slope_ratio = verify_slope_ratio
         self.default_draft_cost_ratio = default_draft_cost_ratio
         self.draft_cost_ratio = dict(draft_cost_ratio or {})
-        self.draft_: dict[str, RobustWindow] = {}  # drafter -> draft time per token / unit
+        # drafter (or its cost shape) -> draft time per token / unit
+        self.draft_: dict[str, RobustWindow] = {}
+        self.cost_shape: dict[str, str] = {}
+        self.set_cost_shapes(cost_shape or {})
         self.plain_ = RobustWindow(window, trim=trim)  # plain_token_time_s / unit
         # The prior slope as pseudo-samples: measured slopes outvote it, then push it out.
         # A median: clipping the slopes of two requests under different loads keeps it.
@@ -208,7 +215,10 @@ class StepRatios:
         unit = step[1] / (1.0 + self.slope() * step[0])
         if outcome.drafted_tokens > 0 and outcome.draft_time_s > 0:
             ratio = outcome.draft_time_s / outcome.drafted_tokens / unit
-            self.draft_.setdefault(drafter, RobustWindow(self.window, trim=self.trim)).add(ratio)
+            window = self.draft_.setdefault(
+                self._cost_key(drafter), RobustWindow(self.window, trim=self.trim)
+            )
+            window.add(ratio)
         if outcome.plain_token_time_s:
             self.plain_.add(outcome.plain_token_time_s / unit)
         return unit
@@ -227,7 +237,8 @@ class StepRatios:
         measured, hints, default = self.draft_, self.draft_cost_ratio, self.default_draft_cost_ratio
         t_draft = [
             window.value
-            if (window := measured.get(name)) is not None and window.value is not None
+            if (window := measured.get(self._cost_key(name))) is not None
+            and window.value is not None
             else hints.get(name, default) * t_ar
             for name in drafters
         ]
@@ -237,8 +248,24 @@ class StepRatios:
             1.0 + self.slope() * np.arange(k_max + 1),
         )
 
+    def _cost_key(self, drafter: str) -> str:
+        """Where ``drafter``'s draft cost is kept: its cost shape's window, else its own."""
+        return self.cost_shape.get(drafter, drafter)
+
+    def set_cost_shapes(self, cost_shape: Mapping[str, str]) -> None:
+        """Replace the drafters' cost shapes (module doc). A drafter's own figures, kept
+        under its name before it had a shape, seed its shape's window when that has none;
+        a shape that no drafter has any more is kept for one registered again."""
+        self.cost_shape = {str(d): str(key) for d, key in cost_shape.items()}
+        for drafter, key in self.cost_shape.items():
+            own = self.draft_.pop(drafter, None)
+            if own is not None and key not in self.draft_:
+                self.draft_[key] = own
+
     def forget_drafter(self, drafter: str) -> None:
-        self.draft_.pop(drafter, None)
+        """Forget a removed drafter's own figures; its shape's stay (the others' too)."""
+        if drafter not in self.cost_shape:
+            self.draft_.pop(drafter, None)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -29,7 +29,7 @@ POLICIES: dict[str, PolicyFactory] = {
 #: Policies that read the sidecar's drafter hints (``DrafterHints``), and the config keys
 #: they read them into: ``ucb`` measures its rewards and needs only the served lengths.
 DRAFTER_HINT_KEYS: dict[str, frozenset[str]] = {
-    "thompson": frozenset({"draft_cost_ratio", "copy_drafters", "draft_length"}),
+    "thompson": frozenset({"draft_cost_ratio", "copy_drafters", "draft_length", "cost_shape"}),
     "ucb": frozenset({"draft_length"}),
 }
 READS_DRAFTER_HINTS = frozenset(DRAFTER_HINT_KEYS)
@@ -39,8 +39,9 @@ def with_drafter_hints(
     name: str, config: Mapping[str, Any] | None, hints: DrafterHints
 ) -> dict[str, Any]:
     """``config`` with ``hints`` filling what it leaves out, for a policy that reads them:
-    the hinted costs under its ``draft_cost_ratio`` and the served lengths under its
-    ``draft_length`` (its own entries win), and ``copy_drafters`` unless it names them
+    the hinted costs under its ``draft_cost_ratio``, the served lengths under its
+    ``draft_length``, the cost shapes under its ``cost_shape`` (its own entries win), and
+    ``copy_drafters`` unless it names them
     itself; only the keys the policy reads (``DRAFTER_HINT_KEYS``). Other policies get
     ``config`` as is."""
     merged = dict(config or {})
@@ -49,9 +50,10 @@ def with_drafter_hints(
     given = merged.get("draft_cost_ratio")
     if "draft_cost_ratio" in keys and hints.draft_cost_ratio and _mapping_or_none(given):
         merged["draft_cost_ratio"] = {**hints.draft_cost_ratio, **(given or {})}
-    lengths = merged.get("draft_length")
-    if "draft_length" in keys and hints.draft_length and _mapping_or_none(lengths):
-        merged["draft_length"] = {**hints.draft_length, **(lengths or {})}
+    for key, hinted in (("draft_length", hints.draft_length), ("cost_shape", hints.cost_shape)):
+        given = merged.get(key)
+        if key in keys and hinted and _mapping_or_none(given):
+            merged[key] = {**hinted, **(given or {})}
     if "copy_drafters" in keys:
         merged.setdefault("copy_drafters", list(hints.copy_drafters))
     return merged

@@ -40,6 +40,9 @@ E[tokens] = 1 + c E[R], E[cost](k) = t0 E[steps](k) + (t_draft + t1) E[drafted](
 up to ``copy_k_max`` (16): runs longer than a few tokens make long drafts pay, which one
 per-token acceptance cannot price. Model drafters keep k_max.
 
+Drafters of one architecture (``cost_shape``, drafter -> key; the sidecar hints its model
+drafters') share one measured cost per drafted token (``costs.StepRatios``).
+
 Drafters served at one length only (``draft_length``: drafter -> k; a fleet replica runs
 its drafter at the k it was started with) are priced and chosen at that k alone: the
 other columns of their rows are left out of the argmax, so the arm compared is the one
@@ -77,6 +80,7 @@ from router.policy.base import (
     Context,
     ContextSummary,
     Decision,
+    DrafterHints,
     Outcome,
     check_drafter_name,
     check_state,
@@ -136,6 +140,7 @@ class ThompsonConfig(BaseModel):
     copy_drafters: list[str] = Field(default_factory=lambda: list(DEFAULT_COPY_DRAFTERS))
     copy_k_max: int = Field(16, ge=1, le=MAX_DRAFT_LENGTH)
     draft_length: dict[str, int] = Field(default_factory=dict)
+    cost_shape: dict[str, str] = Field(default_factory=dict)
     copy_prior_weight: float = Field(2.0, gt=0.0)
     explore_length: Literal["mean", "draw"] = "mean"
 
@@ -394,6 +399,7 @@ class ThompsonPolicy:
                 verify_slope_ratio=cfg.verify_slope_ratio,
                 default_draft_cost_ratio=cfg.default_draft_cost_ratio,
                 draft_cost_ratio=cfg.draft_cost_ratio,
+                cost_shape=cfg.cost_shape,
             ),
             similarity=cfg.similarity,
             per_request=cfg.per_request,
@@ -663,19 +669,14 @@ class ThompsonPolicy:
         for context, arms in self.contexts_.items():
             arms.append(*self._prior(name, context.cluster))
 
-    def set_drafter_hints(
-        self,
-        draft_cost_ratio: Mapping[str, float],
-        copy_drafters: Sequence[str],
-        draft_length: Mapping[str, int] | None = None,
-    ) -> None:
-        """Replace the configured hints (``draft_cost_ratio``, ``copy_drafters``,
-        ``draft_length``), as the sidecar does when a drafter is registered or removed. A
-        drafter that stops being a copy drafter loses its run statistics; one that becomes
-        one starts from its priors."""
-        self.costs_.draft_cost_ratio = {str(k): float(v) for k, v in draft_cost_ratio.items()}
-        self.draft_length_ = {str(d): int(k) for d, k in (draft_length or {}).items()}
-        copies = frozenset(str(name) for name in copy_drafters)
+    def set_drafter_hints(self, hints: DrafterHints) -> None:
+        """Replace the configured hints (all of ``DrafterHints``), as the sidecar does when
+        a drafter is registered or removed. A drafter that stops being a copy drafter loses
+        its run statistics; one that becomes one starts from its priors."""
+        self.costs_.draft_cost_ratio = {str(k): float(v) for k, v in hints.draft_cost_ratio.items()}
+        self.costs_.set_cost_shapes(hints.cost_shape)
+        self.draft_length_ = {str(d): int(k) for d, k in hints.draft_length.items()}
+        copies = frozenset(str(name) for name in hints.copy_drafters)
         if copies != self.copy_drafters:
             self.copy_drafters = copies
             for arms in self.copies_.values():

@@ -32,6 +32,7 @@ from router.policy.base import (
     Context,
     ContextSummary,
     Decision,
+    DrafterHints,
     Outcome,
     check_drafter_name,
     check_state,
@@ -96,7 +97,7 @@ class UcbPolicy:
         self.contexts_: dict[Context, _UcbArms] = {}
         self.updates_ = 0
         self.draft_length_: dict[str, int] = {}
-        self.set_drafter_hints({}, (), draft_length)
+        self.set_drafter_hints(DrafterHints(draft_length=dict(draft_length or {})))
 
     @classmethod
     def from_config(
@@ -116,16 +117,11 @@ class UcbPolicy:
     def version(self) -> int:
         return self.updates_
 
-    def set_drafter_hints(
-        self,
-        draft_cost_ratio: Mapping[str, float],
-        copy_drafters: Sequence[str],
-        draft_length: Mapping[str, int] | None = None,
-    ) -> None:
-        """Replace the served lengths (``draft_length``), as the sidecar does when a
-        drafter is registered or removed; UCB measures its rewards, so the cost hints and
-        the copy drafters are not read."""
-        self.draft_length_ = {str(d): int(k) for d, k in (draft_length or {}).items() if k > 0}
+    def set_drafter_hints(self, hints: DrafterHints) -> None:
+        """Replace the served lengths (``hints.draft_length``), as the sidecar does when a
+        drafter is registered or removed; UCB measures its rewards, so the cost hints, the
+        cost shapes and the copy drafters are not read."""
+        self.draft_length_ = {str(d): int(k) for d, k in hints.draft_length.items() if k > 0}
 
     def _served_columns(self, drafters: Sequence[str]) -> np.ndarray:
         """[len(drafters), k_max] True where (drafter, k = column + 1) may be played: every

@@ -12,6 +12,7 @@ from drafters.registry import (
     DRAFTER_KINDS,
     TokenizerMismatchError,
     copies_context,
+    cost_shape,
     create_drafter,
     draft_cost_hint,
 )
@@ -50,6 +51,25 @@ def test_each_kind_hints_its_drafting_cost(target: LoadedModel, tiny_models: Tin
     assert draft_cost_hint(made["self"]) is None
     assert draft_cost_hint(made["model"]) is None
     assert [kind for kind, drafter in made.items() if copies_context(drafter)] == ["ngram"]
+
+
+def test_model_drafters_of_one_architecture_share_a_cost_shape(
+    target: LoadedModel, tiny_models: TinyModels
+) -> None:
+    """Two model drafters of one architecture (the target's shape, fine-tuned apart: the
+    close model) share a cost shape, one of another depth does not; other kinds have none."""
+    shapes = [
+        cost_shape(create_drafter("model", name=name, target=target, path=path))
+        for name, path in (
+            ("a", tiny_models.close_dir),
+            ("b", tiny_models.target_dir),
+            ("c", tiny_models.far_dir),
+        )
+    ]
+    assert shapes[0] is not None and shapes[0] == shapes[1] != shapes[2]
+    assert "num_hidden_layers=2" in shapes[0] and "num_hidden_layers=1" in str(shapes[2])
+    for kind, options in (("ngram", None), ("none", None), ("self", {"exit_layer": 1})):
+        assert cost_shape(create_drafter(kind, name=kind, target=target, options=options)) is None
 
 
 def test_a_different_tokenizer_is_refused_with_the_difference(

@@ -276,12 +276,12 @@ def test_a_configuration_whose_steps_cost_more_is_priced_by_its_measured_cost() 
     it, though both start hinted at a drafting cost of 0 (the fleet's hint)."""
     import numpy as np
 
-    from router.policy.base import Context, Decision
+    from router.policy.base import Context, Decision, DrafterHints
     from router.policy.thompson import ThompsonPolicy
 
     plain = 0.01
     policy = ThompsonPolicy(["cheap", "dear"], rng=np.random.default_rng(0))
-    policy.set_drafter_hints({"cheap": 0.0, "dear": 0.0}, ())
+    policy.set_drafter_hints(DrafterHints({"cheap": 0.0, "dear": 0.0}))
     context = Context("code")
     steps = 20
     spec = {"per_step_drafted": [3] * steps, "per_step_accepted": [1, 2] * (steps // 2)}

@@ -291,6 +291,12 @@ def test_drafter_registration_is_hot_and_removable(
         sidecar, text=PROMPT, max_new_tokens=12, force_drafter="spare", force_draft_length=2
     )
     assert [t.id for c in chunks for t in c.tokens] == expected_ids
+    # Of the built-in drafters' architecture: priced by their measured drafting cost (one
+    # window of the shape) from its first request on.
+    costs = sidecar.service.policy._policy.costs_
+    assert costs.cost_shape["spare"] == costs.cost_shape["math"]
+    spare_cost, math_cost = costs.step_costs(["spare", "math"], 4).t_draft
+    assert spare_cost == math_cost
 
     removed = sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="spare"), metadata=ADMIN)
     assert removed.name == "spare"
@@ -432,7 +438,11 @@ def test_the_drafters_kinds_configure_the_policy(sidecar: SidecarThread) -> None
     from router.policy.base import DrafterHints
 
     service = sidecar.service
-    assert service.drafter_hints() == DrafterHints({"ngram": 0.0}, ("ngram",))
+    hints = service.drafter_hints()
+    assert hints == DrafterHints({"ngram": 0.0}, ("ngram",), cost_shape=hints.cost_shape)
+    # The world's model drafters share one architecture, so one cost shape.
+    models = {d.name for d in service.drafters.records() if d.kind == "model"}
+    assert set(hints.cost_shape) == models and len(set(hints.cost_shape.values())) == 1
 
     def configured() -> tuple[dict[str, float], set[str]]:
         policy = service.policy._policy

@@ -264,3 +264,35 @@ def test_the_verify_slope_pairs_requests_of_one_context() -> None:
     restored = StepRatios()
     restored.load_state_dict(json.loads(json.dumps(costs.state_dict())))
     assert restored.last_step_ == costs.last_step_
+
+
+def test_drafters_of_one_shape_share_their_measured_cost() -> None:
+    """Drafters fine-tuned from one base cost the same per drafted token: with their cost
+    shape, each one's figures price all of them (one registered later included), where
+    before each was priced from its own figures alone and the others from the default
+    hint (0.1) until chosen; a drafter of another shape keeps its own cost."""
+    shape = "model:hidden_size=128,num_hidden_layers=2"
+    shapes = {"chat": shape, "code": shape, "later": shape}
+    costs = StepRatios(cost_shape=shapes)
+    alone = StepRatios()
+    for k in (2, 4, 6) * 4:
+        for model in (costs, alone):
+            model.observe("chat", _outcome(k, 10, draft=0.004))  # 0.4 of a plain step
+            model.observe("big", _outcome(k, 10, draft=0.008))
+    chat, code, later, big, other = costs.step_costs(
+        ["chat", "code", "later", "big", "other"], 8
+    ).t_draft.tolist()
+    assert chat == code == later == pytest.approx(0.4, rel=0.05)
+    assert big == pytest.approx(0.8, rel=0.05) and other == pytest.approx(0.1)
+    assert alone.step_costs(["code"], 8).t_draft[0] == pytest.approx(0.1)
+    # Figures measured before a drafter had a shape seed that shape's window.
+    alone.set_cost_shapes(shapes)
+    assert alone.step_costs(["code"], 8).t_draft[0] == chat
+    # Removing one drafter of a shape keeps the shape's figures for the others.
+    costs.forget_drafter("chat")
+    assert costs.step_costs(["code"], 8).t_draft[0] == chat
+    costs.forget_drafter("big")
+    assert costs.step_costs(["big"], 8).t_draft[0] == pytest.approx(0.1)
+    restored = StepRatios(cost_shape=shapes)
+    restored.load_state_dict(json.loads(json.dumps(costs.state_dict())))
+    assert restored.step_costs(["later"], 8).t_draft[0] == chat

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from router.metrics import create_metrics
-from router.policy.base import STATE_VERSION, Context, Decision, Outcome
+from router.policy.base import STATE_VERSION, Context, Decision, DrafterHints, Outcome
 from router.policy.copying import (
     CopyRuns,
     counterfactual_counts,
@@ -366,10 +366,10 @@ def test_hints_set_at_run_time_price_as_hints_given_at_start() -> None:
         rng=np.random.default_rng(0),
     )
     hinted = ThompsonPolicy(DRAFTERS, copy_drafters=(), rng=np.random.default_rng(0))
-    hinted.set_drafter_hints({"ngram": 0.0}, COPY)
+    hinted.set_drafter_hints(DrafterHints({"ngram": 0.0}, COPY))
     assert _train(hinted, 60, match=0.9, keep=0.35) == _train(started, 60, match=0.9, keep=0.35)
     assert hinted.costs_.draft_cost_ratio == {"ngram": 0.0}
-    hinted.set_drafter_hints({}, ())
+    hinted.set_drafter_hints(DrafterHints())
     assert hinted.copy_drafters == frozenset() and hinted.copies_[CHAT] == {}
     assert hinted.costs_.draft_cost_ratio == {}
 

@@ -81,7 +81,7 @@ def test_the_sidecar_hints_ucb_its_served_lengths() -> None:
     policy = make_policy("ucb", ["ngram"], config)
     assert policy.select(CODE, ["ngram"]).k in (0, 4)
     # A registration re-hints it (PolicyHolder._rehint): the new length replaces the old.
-    policy.set_drafter_hints({}, (), {"ngram": 2})  # type: ignore[attr-defined]
+    policy.set_drafter_hints(DrafterHints(draft_length={"ngram": 2}))  # type: ignore[attr-defined]
     assert {policy.select(CODE, ["ngram"]).k for _ in range(20)} <= {0, 2}
 
 
