@@ -280,11 +280,13 @@ class StepRatios:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore; a state saved by the seconds-based model before (no ratio windows)
-        starts the ratios afresh."""
+        starts the ratios afresh, and figures saved under a drafter's name before it had a
+        cost shape seed that shape's window (``set_cost_shapes``)."""
         self.draft_ = {
             str(name): RobustWindow(self.window, samples, trim=self.trim)
             for name, samples in state.get("draft_ratios", {}).items()
         }
+        self.set_cost_shapes(self.cost_shape)
         self.plain_ = RobustWindow(self.window, state.get("plain_ratios", []), trim=self.trim)
         if "slopes" in state:
             self.slope_ = RobustWindow(self.window, state["slopes"], trim=0.5)

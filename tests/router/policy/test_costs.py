@@ -296,3 +296,15 @@ def test_drafters_of_one_shape_share_their_measured_cost() -> None:
     restored = StepRatios(cost_shape=shapes)
     restored.load_state_dict(json.loads(json.dumps(costs.state_dict())))
     assert restored.step_costs(["later"], 8).t_draft[0] == chat
+    # A state saved before drafters had shapes (figures under their names) restores
+    # into its shapes: an upgrade loses no measured cost.
+    upgraded = StepRatios(cost_shape=shapes)
+    upgraded.load_state_dict(
+        json.loads(
+            json.dumps(
+                StepRatios().state_dict()
+                | {"draft_ratios": {"code": list(costs.draft_[shape].samples)}}
+            )
+        )
+    )
+    assert upgraded.step_costs(["chat"], 8).t_draft[0] == chat
