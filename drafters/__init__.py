@@ -20,6 +20,7 @@ _EXPORTS = {
     "draft_cost_hint": "drafters.registry",
     "copies_context": "drafters.registry",
     "cost_shape": "drafters.registry",
+    "PATH_KINDS": "drafters.registry",
     "TokenizerMismatchError": "drafters.registry",
     "TargetWeightsRequiredError": "drafters.registry",
     "SpeculativeEngine": "drafters.engine",

@@ -12,6 +12,7 @@ import torch
 
 from drafters.base import Drafter, DraftSession, Proposal, empty_proposal
 from drafters.counterfactual import replay_greedy_steps
+from drafters.hybrid import DEFAULT_MIN_MATCH, DEFAULT_MODEL_K, CopyOrModelDrafter
 from drafters.loader import LoadedModel, ModelLoadError, TargetInfo, load_model, load_tokenizer
 from drafters.model_drafter import ModelDrafter
 from drafters.ngram import NgramDrafter
@@ -165,6 +166,18 @@ def _create_model_drafter(
     )
 
 
+def _create_copy_or_model_drafter(
+    name: str, target: TargetInfo, path: Path | None, options: Mapping[str, Any]
+) -> Drafter:
+    """A model drafter (``path``) that copies where the context repeats
+    (``drafters/hybrid.py``); options ``min_match`` (3) and ``model_k`` (3)."""
+    min_match = int_option(options, "min_match", DEFAULT_MIN_MATCH)
+    model_k = int_option(options, "model_k", DEFAULT_MODEL_K)
+    base = _create_model_drafter(name, target, path, {})
+    assert isinstance(base, ModelDrafter)
+    return CopyOrModelDrafter(name=name, base=base, min_match=min_match, model_k=model_k)
+
+
 def resize_vocabulary_rows(model: Any, rows: int) -> None:
     """Give ``model`` ``rows`` embedding and output rows, keeping its existing ones: the rows
     it gains are zero (not random, so loading twice gives the same model), the rows it loses
@@ -221,6 +234,7 @@ DrafterFactory = Callable[[str, TargetInfo, Path | None, Mapping[str, Any]], Dra
 
 DRAFTER_KINDS: dict[str, DrafterFactory] = {
     "model": _create_model_drafter,
+    "copy-or-model": _create_copy_or_model_drafter,
     "ngram": _create_ngram_drafter,
     "self": _create_self_drafter,
     "none": _create_no_drafter,
@@ -230,6 +244,7 @@ DRAFTER_KINDS: dict[str, DrafterFactory] = {
 #: The options each kind reads (``RegisterDrafterRequest.options``, string values).
 KIND_OPTIONS: dict[str, frozenset[str]] = {
     "model": frozenset(),
+    "copy-or-model": frozenset({"min_match", "model_k"}),
     "ngram": frozenset({"min_n", "max_n"}),
     "self": frozenset({"exit_layer"}),
     "none": frozenset(),
@@ -255,6 +270,9 @@ def int_option(options: Mapping[str, Any], key: str, default: int) -> int:
         raise ValueError(f"option {key!r} must be an integer, got {value!r}") from None
 
 
+#: Drafter kinds loaded from a model directory (``path``): the same root, tokenizer and
+#: weight checks apply to all of them.
+PATH_KINDS = frozenset({"model", "copy-or-model"})
 #: Drafter kinds that run no model: drafting costs a lookup, not a forward.
 MODEL_FREE_KINDS = frozenset({"ngram", "none"})
 #: Drafter kinds whose drafts are copies of the context (prompt lookup): a lookup finds a

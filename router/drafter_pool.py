@@ -144,7 +144,7 @@ class DrafterPool:
             self._check_name(spec.name)
             kind = self._check_kind(spec.kind)
             self._check_options(kind, spec.options)
-            path = self._check_path(spec.path) if kind == "model" else None
+            path = self._check_path(spec.path) if _loads_weights(kind) else None
             drafter = self._create(kind, spec.name, path, spec.options)
             self._probe(spec.name, drafter)
             record = DrafterRecord(
@@ -189,7 +189,7 @@ class DrafterPool:
     def _check_stored(self, record: DrafterRecord) -> None:
         kind = self._check_kind(record.kind)
         self._check_options(kind, record.options)
-        if kind == "model":
+        if _loads_weights(kind):
             self._check_path(record.path)
 
     def _check_kind(self, kind: str) -> str:
@@ -281,10 +281,17 @@ def probe_without_target(drafter: Any, ids: Sequence[int]) -> None:
     drafter.score_counterfactual(ids[:split], ids[split:], PROBE_DRAFT_LENGTH)
 
 
+def _loads_weights(kind: str) -> bool:
+    """Whether drafters of ``kind`` load a model directory (``path``, under the roots)."""
+    from drafters import PATH_KINDS
+
+    return kind in PATH_KINDS
+
+
 def _with_weights(record: DrafterRecord, drafter: Any, target: TargetInfo) -> DrafterRecord:
     """``record`` with the drafter's parameter count and weights digest filled in (through
     the target's digest cache: loading the drafter has just hashed the same files)."""
-    if record.kind != "model" or not record.path:
+    if not _loads_weights(record.kind) or not record.path:
         return record
     from drafters.loader import digest_weights, safetensors_files
 

@@ -254,7 +254,10 @@ def drafters_register_command(
         list[str] | None,
         typer.Option(
             "--option",
-            help="KEY=VALUE, repeatable: ngram min_n, max_n; self exit_layer.",
+            help=(
+                "KEY=VALUE, repeatable: ngram min_n, max_n; self exit_layer; "
+                "copy-or-model min_match, model_k."
+            ),
         ),
     ] = None,
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,

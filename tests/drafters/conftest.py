@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -139,3 +140,24 @@ def assert_same_or_near_tie(
     assert gap < 1e-4, (
         f"outputs differ at {first} without a near-tie (gap {gap}): {ours} vs {reference}"
     )
+
+
+def steps_scored_as_run(
+    engine: SpeculativeEngine, drafter: Any, prompt: list[int], k: int, max_new: int
+) -> int:
+    """Run ``drafter`` at ``k`` and check its counterfactual score on the output step by
+    step; returns how many steps were compared. Steps with room for k + 1 tokens before
+    the end are the same steps (near the end the engine asks for fewer drafts so as not to
+    pass ``max_new``; the replay does not)."""
+    run = engine.generate(prompt, drafter, k, max_new_tokens=max_new)
+    output = run.collect()
+    scored = drafter.score_counterfactual(prompt, output, k)
+    position = 0
+    compared = 0
+    for ran, replayed in zip(run.stats.accepted_per_step, scored, strict=False):
+        if position + k + 1 > len(output):
+            break
+        assert ran == replayed, (position, run.stats.accepted_per_step, scored)
+        position += ran + 1
+        compared += 1
+    return compared

@@ -10,6 +10,7 @@ from drafters.engine import SpeculativeEngine
 from drafters.loader import LoadedModel, ModelLoadError
 from drafters.registry import (
     DRAFTER_KINDS,
+    PATH_KINDS,
     TokenizerMismatchError,
     copies_context,
     cost_shape,
@@ -23,14 +24,15 @@ from .conftest import TinyModels, make_prompts
 def test_every_kind_is_registered_by_name(target: LoadedModel, tiny_models: TinyModels) -> None:
     assert set(DRAFTER_KINDS) >= {"model", "ngram", "none"}
     for kind in DRAFTER_KINDS:
-        path = tiny_models.close_dir if kind == "model" else None
+        path = tiny_models.close_dir if kind in PATH_KINDS else None
         drafter = create_drafter(kind, name=f"my-{kind}", target=target, path=path)
         assert isinstance(drafter, Drafter)
         assert drafter.kind == kind and drafter.name == f"my-{kind}"
     with pytest.raises(ValueError, match="unknown drafter kind 'eagle'"):
         create_drafter("eagle", name="x", target=target)
-    with pytest.raises(ModelLoadError, match="needs a path"):
-        create_drafter("model", name="x", target=target)
+    for kind in PATH_KINDS:
+        with pytest.raises(ModelLoadError, match="needs a path"):
+            create_drafter(kind, name="x", target=target)
 
 
 def test_each_kind_hints_its_drafting_cost(target: LoadedModel, tiny_models: TinyModels) -> None:
@@ -41,15 +43,16 @@ def test_each_kind_hints_its_drafting_cost(target: LoadedModel, tiny_models: Tin
             kind,
             name=kind,
             target=target,
-            path=tiny_models.close_dir if kind == "model" else None,
+            path=tiny_models.close_dir if kind in PATH_KINDS else None,
             options={"exit_layer": 1} if kind == "self" else None,
         )
-        for kind in ("model", "ngram", "none", "self")
+        for kind in ("model", "ngram", "none", "self", "copy-or-model")
     }
     assert draft_cost_hint(made["ngram"]) == 0.0
     assert draft_cost_hint(made["none"]) == 0.0
     assert draft_cost_hint(made["self"]) is None
     assert draft_cost_hint(made["model"]) is None
+    assert draft_cost_hint(made["copy-or-model"]) is None  # copies are free, drafts are not
     assert [kind for kind, drafter in made.items() if copies_context(drafter)] == ["ngram"]
 
 
@@ -70,6 +73,9 @@ def test_model_drafters_of_one_architecture_share_a_cost_shape(
     assert "num_hidden_layers=2" in shapes[0] and "num_hidden_layers=1" in str(shapes[2])
     for kind, options in (("ngram", None), ("none", None), ("self", {"exit_layer": 1})):
         assert cost_shape(create_drafter(kind, name=kind, target=target, options=options)) is None
+    # Its copies cost nothing, so a copy-or-model drafter's cost is its own, not its model's.
+    hybrid = create_drafter("copy-or-model", name="h", target=target, path=tiny_models.close_dir)
+    assert cost_shape(hybrid) is None
 
 
 def test_a_different_tokenizer_is_refused_with_the_difference(

@@ -39,6 +39,7 @@ SAMPLES = 1000
 FALSE_FAILURE = 1e-4
 MIN_EXPECTED = 5.0  # cells are pooled until each expects this many (chi-square's rule)
 PROMPT = [1, 2, 3, 4, 5]
+COPY = "copy-or-model"
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
@@ -117,10 +118,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     return Setup(
         target=target,
         engine=engine,
-        prompts={"model": PROMPT, "ngram": ngram_prompt, "none": PROMPT},
+        # The copy-or-model drafter (matches of one token) has its model draft the first
+        # step of PROMPT (its last word is new) and copies the next when the token that
+        # step gave occurs in the prompt.
+        prompts={"model": PROMPT, "ngram": ngram_prompt, "none": PROMPT, COPY: PROMPT},
         drafters={
-            kind: create_drafter(kind, name=kind, target=target, path=path)
-            for kind, path in (("model", drafter_dir), ("ngram", None), ("none", None))
+            **{
+                kind: create_drafter(kind, name=kind, target=target, path=path)
+                for kind, path in (("model", drafter_dir), ("ngram", None), ("none", None))
+            },
+            COPY: create_drafter(
+                COPY, name=COPY, target=target, path=drafter_dir, options={"min_match": 1}
+            ),
         },
     )
 
@@ -211,8 +220,8 @@ TOP_P = SamplingConfig(do_sample=True, temperature=0.9, top_p=0.85)
 
 @pytest.mark.parametrize(
     ("drafter", "sampling"),
-    [("model", TOP_K), ("model", TOP_P), ("ngram", TOP_P)],
-    ids=["model-top_k", "model-top_p", "ngram-top_p"],
+    [("model", TOP_K), ("model", TOP_P), ("ngram", TOP_P), (COPY, TOP_P)],
+    ids=["model-top_k", "model-top_p", "ngram-top_p", "copy_or_model-top_p"],
 )
 def test_speculative_samples_follow_plain_sampling_beyond_the_first_token(
     setup: Setup, drafter: str, sampling: SamplingConfig

@@ -307,6 +307,40 @@ def test_drafter_registration_is_hot_and_removable(
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_copy_or_model_registration_serves_the_greedy_output(
+    sidecar: SidecarThread, PROMPT: str, serving_world: ServingWorld
+) -> None:
+    """A copy-or-model drafter is registered like a model drafter (its path under the model
+    roots, weights counted and hashed), drafts losslessly, and is priced by its own
+    measured cost (its copies cost nothing: not its model's cost shape)."""
+    request = pb.RegisterDrafterRequest(
+        name="spare-copy",
+        kind="copy-or-model",
+        path=str(serving_world.spare_dir),
+        options={"min_match": "2", "model_k": "2"},
+    )
+    info = sidecar.stub.RegisterDrafter(request, metadata=ADMIN)
+    try:
+        assert info.kind == "copy-or-model" and dict(info.options) == dict(request.options)
+        assert info.parameter_count > 0 and len(info.weights_digest) == 64
+        expected_ids, _ = greedy_reference(sidecar, PROMPT, 24)
+        chunks = generate(
+            sidecar,
+            text=PROMPT,
+            max_new_tokens=24,
+            force_drafter="spare-copy",
+            force_draft_length=6,
+        )
+        assert [t.id for c in chunks for t in c.tokens] == expected_ids
+        assert "spare-copy" not in sidecar.service.drafter_hints().cost_shape
+        outside = pb.RegisterDrafterRequest(name="far-copy", kind="copy-or-model", path="/etc")
+        with pytest.raises(grpc.RpcError) as refused:
+            sidecar.stub.RegisterDrafter(outside, metadata=ADMIN)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED  # the model roots
+    finally:
+        sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="spare-copy"), metadata=ADMIN)
+
+
 def test_ngram_registration_with_options(sidecar: SidecarThread) -> None:
     request = pb.RegisterDrafterRequest(name="ngram-4", kind="ngram", options={"max_n": "4"})
     assert sidecar.stub.RegisterDrafter(request, metadata=ADMIN).kind == "ngram"
