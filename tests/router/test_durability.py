@@ -84,8 +84,14 @@ def test_drafter_and_policy_survive_sigkill_and_sigterm(
             assert time.monotonic() < deadline, "no periodic snapshot of the last update"
             time.sleep(0.1)
         assert state_before_kill.version > 0
-        # A registration just before SIGKILL (no cleanup at all) must survive.
-        stub.RegisterDrafter(pb.RegisterDrafterRequest(name="last", kind="ngram"), metadata=ADMIN)
+        # A registration just before SIGKILL (no cleanup at all) must survive, options too.
+        last = pb.RegisterDrafterRequest(
+            name="last",
+            kind="copy-or-model",
+            path=str(serving_world.spare_dir),
+            options={"model_k": "2"},
+        )
+        stub.RegisterDrafter(last, metadata=ADMIN)
         children = child_pids(first.pid)  # the route process
         assert children
         first.kill()
@@ -95,6 +101,8 @@ def test_drafter_and_policy_survive_sigkill_and_sigterm(
         stub = _stub(second)
         drafters = {d.name: d for d in stub.ListDrafters(pb.ListDraftersRequest()).drafters}
         assert {"spare", "last"} <= set(drafters)
+        assert drafters["last"].kind == "copy-or-model"
+        assert dict(drafters["last"].options) == {"model_k": "2"}
         assert drafters["spare"].weights_digest == registered.weights_digest
         assert drafters["spare"].created_unix == registered.created_unix
         # The restored policy equals the last snapshot taken before the kill.
