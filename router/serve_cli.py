@@ -227,15 +227,24 @@ def drafters_list_command(address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDR
     from router.pb import router_pb2 as pb
 
     reply = _call(_stub(address).ListDrafters, pb.ListDraftersRequest())
+    listed = [*reply.drafters, *reply.unavailable]
+    name_width = max([16, *(len(d.name) for d in listed)])
+    kind_width = max([6, *(len(d.kind) for d in listed)])
     for info in reply.drafters:
         origin = "builtin" if info.builtin else "registered"
         tasks = ",".join(info.tasks) or "-"
         params = f"{info.parameter_count / 1e6:.2f}M" if info.parameter_count else "-"
         options = " ".join(f"{k}={v}" for k, v in sorted(info.options.items()))
-        line = f"{info.name:<16} {info.kind:<6} {origin:<10} {params:>8} {tasks}  {info.path}"
+        line = (
+            f"{info.name:<{name_width}} {info.kind:<{kind_width}} {origin:<10} {params:>8} "
+            f"{tasks}  {info.path}"
+        )
         typer.echo(f"{line}  {options}".rstrip())
     for missing in reply.unavailable:  # registered on another replica, not loadable here
-        typer.echo(f"{missing.name:<16} {missing.kind:<6} unavailable: {missing.error}")
+        typer.echo(
+            f"{missing.name:<{name_width}} {missing.kind:<{kind_width}} unavailable: "
+            f"{missing.error}"
+        )
 
 
 def drafters_register_command(

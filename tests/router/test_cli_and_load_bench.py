@@ -38,9 +38,16 @@ def test_cli_route_generate_drafters_policy(
 
     env = {"SPECROUTE_ADMIN_TOKEN": ADMIN_TOKEN}
     register = ["drafters", "register", "cli-spare", str(serving_world.spare_dir), *address]
+    register += ["--kind", "copy-or-model", "--option", "model_k=2"]
     assert runner.invoke(app, register, env=env).exit_code == 0
     listed = runner.invoke(app, ["drafters", "list", *address])
     assert "cli-spare" in listed.output and "generic" in listed.output
+    # Columns line up whatever the kind's length ("copy-or-model" against "none").
+    origins = {
+        max(line.find(" builtin "), line.find(" registered "))
+        for line in listed.output.splitlines()
+    }
+    assert len(origins) == 1 and -1 not in origins, listed.output
     refused = runner.invoke(app, ["drafters", "remove", "cli-spare", *address], env={})
     assert refused.exit_code == 1 and "UNAUTHENTICATED" in refused.output
     removed = runner.invoke(app, ["drafters", "remove", "cli-spare", *address], env=env)
