@@ -227,9 +227,9 @@ def test_data_token_is_401(
             base_url=f"{guarded.http_url}/v1", api_key="data-secret", max_retries=0
         )
         reply = allowed.completions.create(model="target", prompt=PROMPT, max_tokens=2)
-        # One token or two: the tiny world's target may end its turn after the first (its
-        # build is reproducible to float rounding, not bit for bit: a run of make test on
-        # 2026-12-04 ended this reply after one token with plain decoding too).
+        # One token or two: the tiny world's target may end its turn after the first (a
+        # run of make test on 2026-12-04 did, with plain decoding, in the run where two
+        # builds of the tiny world also differed in their last bits).
         assert reply.usage is not None and 1 <= reply.usage.completion_tokens <= 2
         assert reply.choices[0].finish_reason in ("length", "stop")
     finally:
