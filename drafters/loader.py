@@ -174,6 +174,8 @@ def default_placement(device: str | None = None, dtype: str | None = None) -> De
 
 def resolve_under_roots(path: str | Path, roots: Sequence[str | Path]) -> Path:
     """Resolve ``path`` (symlinks included) and require it to lie under one of ``roots``."""
+    if "\x00" in str(path):
+        raise ModelLoadError(f"{str(path)!r} is not a path: it holds a NUL character")
     resolved = Path(path).expanduser().resolve()
     for root in roots:
         root_resolved = Path(root).expanduser().resolve()

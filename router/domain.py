@@ -148,6 +148,7 @@ def check_outcome(outcome: OutcomeInput, limits: Limits) -> OutcomeInput:
     as many tokens are accepted as drafted, and ``accepted_per_position[i]`` counts the
     steps whose draft token i was accepted, so it is at most ``steps``, non-increasing
     in i (token i + 1 is accepted only after token i), and sums to ``accepted_tokens``.
+    No step drafts more than ``MAX_DRAFT_LENGTH`` tokens.
     A step emits at least one token, so there are at most ``limits.max_new_tokens``
     steps (the policy expands totals into one entry per step: an unchecked uint32 count
     would cost minutes and gigabytes)."""
@@ -183,6 +184,11 @@ def _check_per_step_lists(outcome: OutcomeInput) -> None:
             "steps", f"is {outcome.steps} but accepted_per_step has {len(accepted)} entries"
         )
     for i, (k, n) in enumerate(zip(drafted, accepted, strict=False)):
+        if k > MAX_DRAFT_LENGTH:
+            raise InvalidFieldError(
+                f"drafted_per_step[{i}]",
+                f"{k} is over the largest draft length, {MAX_DRAFT_LENGTH}",
+            )
         if n > k:
             raise InvalidFieldError(
                 f"accepted_per_step[{i}]", f"{n} accepted is more than the {k} drafted"
@@ -197,6 +203,11 @@ def _check_totals(outcome: OutcomeInput) -> None:
         )
     if drafted > 0 and steps == 0:
         raise InvalidFieldError("steps", f"must be > 0 when drafted_tokens is {drafted}")
+    if drafted > steps * MAX_DRAFT_LENGTH:
+        raise InvalidFieldError(
+            "drafted_tokens",
+            f"{drafted} is over {steps} steps x the largest draft length, {MAX_DRAFT_LENGTH}",
+        )
     positions = outcome.accepted_per_position
     if not positions:
         return

@@ -222,6 +222,8 @@ class DrafterPool:
             resolved = resolve_under_roots(path, self._roots)
         except PathOutsideRootsError as exc:
             raise PermissionDeniedError(str(exc)) from exc
+        except ModelLoadError as exc:
+            raise InvalidRequestError(str(exc)) from exc
         try:
             safetensors_files(resolved)
         except ModelLoadError as exc:

@@ -8,12 +8,15 @@ Missing entries, and table drafters that are not eligible, mean k = 0.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.policy.base import NONE_DRAFTER, Context
+from router.policy.base import MAX_DRAFT_LENGTH, NONE_DRAFTER, Context
 from router.policy.tally import TablePolicy
+
+#: A table entry: (drafter, k), k a draft length the policies model (0 = no speculation).
+Arm = tuple[str, Annotated[int, Field(ge=0, le=MAX_DRAFT_LENGTH)]]
 
 
 class StaticConfig(BaseModel):
@@ -21,8 +24,8 @@ class StaticConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    table: dict[str, tuple[str, int]] = Field(default_factory=dict)
-    default: tuple[str, int] | None = None
+    table: dict[str, Arm] = Field(default_factory=dict)
+    default: Arm | None = None
 
 
 def table_key(context: Context) -> str:

@@ -112,6 +112,10 @@ DEFAULT_COPY_DRAFTERS: tuple[str, ...] = ()
 RUN_HORIZON_PER_K = 4
 
 
+#: The longest window of measured costs kept (each entry is saved with the policy's state).
+MAX_WINDOW = 100_000
+
+
 class ThompsonConfig(BaseModel):
     """JSON configuration of ``thompson`` (SetPolicy ``config_json``)."""
 
@@ -129,10 +133,10 @@ class ThompsonConfig(BaseModel):
     similarity_high: float = Field(0.9, gt=0.0, lt=1.0)
     evidence_cap: float | None = Field(None, gt=0.0)
     transfer_weight: float = Field(16.0, ge=0.0)
-    cost_window: int = Field(512, ge=1)
+    cost_window: int = Field(512, ge=1, le=MAX_WINDOW)
     per_request: bool = True
     overhead_ewma: float = Field(0.05, gt=0.0, le=1.0)
-    overhead_window: int = Field(16, ge=1)
+    overhead_window: int = Field(16, ge=1, le=MAX_WINDOW)
     verify_slope_ratio: float = Field(0.05, ge=0.0)
     default_draft_cost_ratio: float = Field(0.1, ge=0.0)
     draft_cost_ratio: dict[str, float] = Field(default_factory=dict)

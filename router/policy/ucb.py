@@ -52,6 +52,14 @@ class UcbConfig(BaseModel):
     draft_length: dict[str, int] = Field(default_factory=dict)
 
 
+def _on_grid(table: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``table`` [drafters, k + 1] cut or zero-padded to ``shape`` (untried arms are 0)."""
+    fitted = np.zeros(shape)
+    k = min(table.shape[1], shape[1])
+    fitted[:, :k] = table[:, :k]
+    return fitted
+
+
 class _UcbArms:
     """Plays and reward sums of one context: row per drafter, column per k (0 = none)."""
 
@@ -251,18 +259,21 @@ class UcbPolicy:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a saved state; one saved under another ``k_max`` keeps the arms both grids
+        have (k up to the smaller k_max) and starts the others untried."""
         check_state(state, self.name)
-        if int(state["k_max"]) != self.k_max:
-            raise ValueError(f"saved ucb state has k_max {state['k_max']}, policy has {self.k_max}")
         self.drafters_ = [str(d) for d in state["drafters"]]
+        saved = (len(self.drafters_), int(state["k_max"]) + 1)
         shape = (len(self.drafters_), self.k_max + 1)
         self.contexts_ = {}
         for row in state["contexts"]:
             arms = _UcbArms(*shape)
             arms.requests = int(row["requests"])
             arms.none_plays, arms.none_rewards = (float(x) for x in row["none"])
-            arms.plays = np.asarray(row["plays"], dtype=np.float64).reshape(shape)
-            arms.rewards = np.asarray(row["rewards"], dtype=np.float64).reshape(shape)
+            arms.plays = _on_grid(np.asarray(row["plays"], dtype=np.float64).reshape(saved), shape)
+            arms.rewards = _on_grid(
+                np.asarray(row["rewards"], dtype=np.float64).reshape(saved), shape
+            )
             arms.acceptance = np.asarray(row["acceptance"], dtype=np.float64).reshape(-1, 2)
             self.contexts_[Context(str(row["cluster"]), int(row["length_bucket"]))] = arms
         self.costs_.load_state_dict(state["costs"])

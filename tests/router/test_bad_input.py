@@ -56,6 +56,12 @@ def _register(
 CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
     "empty prompt": (_route(text="  "), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
     # A misspelt option was ignored without a word (the drafter ran with the default).
+    # Path.resolve raised ValueError("embedded null byte"): UNKNOWN.
+    "a model path holding a NUL character": (
+        _register("model", lambda w: str(w.spare_dir) + "\x00"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "holds a NUL character",
+    ),
     "a drafter option its kind does not read": (
         _register("ngram", lambda w: "", options={"maxn": "4"}),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -332,6 +338,15 @@ BAD_REPORTS: dict[str, tuple[dict[str, Any], str]] = {
     "totals: more steps than a request may have tokens": (
         {"steps": MAX_NEW_TOKENS + 1, "generated_tokens": MAX_NEW_TOKENS + 1, **GOOD_TIMES},
         "steps",
+    ),
+    # Expanded into one draft per step of drafted / steps tokens: a MemoryError (UNKNOWN).
+    "totals: more drafted per step than any draft length": (
+        {"steps": 2, "drafted_tokens": 2**63, "accepted_tokens": 2, **GOOD_TIMES},
+        "drafted_tokens",
+    ),
+    "per step: more drafted than any draft length": (
+        {"drafted_per_step": [2, 2**32 - 1], "accepted_per_step": [1, 3], **GOOD_TIMES},
+        "drafted_per_step[1]",
     ),
     "per step: more accepted than drafted": (
         {"drafted_per_step": [2, 2], "accepted_per_step": [1, 3], **GOOD_TIMES},

@@ -64,6 +64,10 @@ def test_bad_config_is_a_value_error() -> None:
         make_policy("thompson", [], {"gamma": 2.0})
     with pytest.raises(ValueError):
         make_policy("thompson", [], {"unknown_knob": 1})
+    # A window past any use: the integer overflowed inside the cost model (UNKNOWN).
+    for window in ("cost_window", "overhead_window"):
+        with pytest.raises(ValueError, match=window):
+            make_policy("thompson", [], {window: 10**30})
 
 
 def test_drafter_hints_fill_what_the_config_leaves_out() -> None:

@@ -26,3 +26,9 @@ def test_static_rejects_malformed_config() -> None:
         make_policy("static", [], {"table": {"code": ["code"]}})
     with pytest.raises(ValueError):
         make_policy("static", [], {"tabel": {}})
+    # A k no engine drafts: served, it failed every Route with UNKNOWN.
+    for k in (-1, 33, 10**30):
+        with pytest.raises(ValueError, match=r"less than or equal|greater than"):
+            make_policy("static", [], {"default": ["generic", k]})
+        with pytest.raises(ValueError):
+            make_policy("static", [], {"table": {"code": ["code", k]}})

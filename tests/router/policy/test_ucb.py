@@ -100,11 +100,28 @@ def test_state_round_trip_and_removed_drafters() -> None:
     assert [restored.select(CODE, ["a", "b"]) for _ in range(30)] == [
         policy.select(CODE, ["a", "b"]) for _ in range(30)
     ]
-    with pytest.raises(ValueError, match="k_max"):
-        make_policy("ucb", [], {"k_max": 5}).load_state_dict(policy.state_dict())
     with pytest.raises(IncompatibleStateError):
         policy.load_state_dict({**policy.state_dict(), "version": 7})
     policy.remove_drafter("a")
     assert all(policy.select(CODE, ["a", "b"]).drafter != "a" for _ in range(50))
     policy.add_drafter("c")
     assert any(policy.select(CODE, ["c"]).drafter == "c" for _ in range(5))
+
+
+def test_a_state_saved_under_another_k_max_keeps_the_arms_both_grids_have() -> None:
+    """Changing ``k_max`` and restoring (SetPolicy, a restart) keeps what was learnt; it
+    failed with a ValueError (UNKNOWN over gRPC) before."""
+    policy = make_policy("ucb", ["a"], {"seed": 3, "k_max": 4})
+    assert isinstance(policy, UcbPolicy)
+    _run(policy, {"a": 0.6}, 40)
+    saved = json.loads(json.dumps(policy.state_dict()))
+    plays = saved["contexts"][0]["plays"]  # [drafter][k], k = 0..4
+    smaller = make_policy("ucb", [], {"k_max": 2})
+    larger = make_policy("ucb", [], {"k_max": 6})
+    assert isinstance(smaller, UcbPolicy) and isinstance(larger, UcbPolicy)
+    smaller.load_state_dict(saved)
+    larger.load_state_dict(saved)
+    assert smaller.contexts_[CODE].plays.tolist() == [row[:3] for row in plays]
+    assert larger.contexts_[CODE].plays.tolist() == [[*row, 0.0, 0.0] for row in plays]
+    assert all(smaller.select(CODE, ["a"]).k <= 2 for _ in range(20))
+    assert larger.select(CODE, ["a"]).k in (5, 6)  # the new arms are untried: first

@@ -1,0 +1,580 @@
+"""Arbitrary requests over real gRPC: every one is answered or refused with a status that
+says whose fault it is (never INTERNAL or UNKNOWN), and the sidecar keeps serving.
+
+The hand-written cases in ``test_bad_input.py`` pin each known bad input to its status;
+this module looks for the ones nobody wrote down, two ways: random requests (hypothesis:
+odd Unicode, unknown kinds and options, paths outside the model roots, arbitrary JSON for a
+policy, several fields wrong at once), and each field of a served request in turn at the
+extremes of its type (NaN, infinities, the largest integers, a NUL character), found from
+the message's descriptor so that a field added later is covered too. The second found
+what the first did not: a static table's k of 10**30 (every Route then UNKNOWN), a totals
+Report of 2**63 drafted tokens (MemoryError), a NUL in a model path, a UCB state saved
+under another ``k_max``."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from router.pb import router_pb2 as pb
+from tests.router.conftest import ADMIN, ServingWorld, SidecarThread
+
+# The statuses a caller's mistake may get; INTERNAL and UNKNOWN mean the sidecar failed.
+CALLER_FAULTS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
+FUZZ = settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+# Text that protobuf can carry (valid UTF-8: no lone surrogates).
+TEXT = st.text(st.characters(codec="utf-8"), max_size=40)
+FLOAT32 = st.floats(width=32)  # NaN, infinities, subnormals and the extremes included
+DOUBLE = st.floats()
+UINT32 = st.integers(0, 2**32 - 1)
+UINT64 = st.integers(0, 2**64 - 1)
+SMALL = st.integers(0, 40)
+
+
+def _sampling() -> st.SearchStrategy[pb.SamplingParams]:
+    return st.builds(
+        pb.SamplingParams,
+        do_sample=st.booleans(),
+        temperature=st.one_of(st.floats(0.05, 4.0), FLOAT32),
+        top_k=st.one_of(st.integers(0, 50), UINT32),
+        top_p=st.one_of(st.floats(0.05, 1.0), FLOAT32),
+        seed=st.one_of(st.none(), UINT64),
+        stop=st.lists(TEXT, max_size=3),
+    )
+
+
+def _prompt_fields(world: ServingWorld) -> st.SearchStrategy[dict[str, Any]]:
+    real = st.sampled_from(sorted(world.prompts.values()))
+    content = st.one_of(real, st.builds(str.__add__, real, TEXT), TEXT)
+    text = st.fixed_dictionaries({"text": content})
+    message = st.builds(
+        pb.ChatMessage,
+        role=st.one_of(st.sampled_from(["user", "system", "assistant"]), TEXT),
+        content=content,
+    )
+    conversation = st.fixed_dictionaries(
+        {"conversation": st.lists(message, max_size=4).map(lambda m: pb.Conversation(messages=m))}
+    )
+    return st.one_of(text, text, conversation, st.just({}))
+
+
+def _common_fields(world: ServingWorld) -> st.SearchStrategy[dict[str, Any]]:
+    return st.fixed_dictionaries(
+        {
+            "request_id": st.one_of(st.just(""), TEXT),
+            "task_hint": st.one_of(st.just(""), st.sampled_from(world.tasks), TEXT),
+            # Mostly small (generation is real), sometimes the extremes.
+            "max_new_tokens": st.one_of(st.integers(1, 8), UINT32),
+            "sampling": _sampling(),
+        }
+    )
+
+
+def _route_requests(world: ServingWorld) -> st.SearchStrategy[pb.RouteRequest]:
+    return st.builds(
+        lambda common, prompt: pb.RouteRequest(**common, **prompt),
+        _common_fields(world),
+        _prompt_fields(world),
+    )
+
+
+def _generate_requests(world: ServingWorld) -> st.SearchStrategy[pb.GenerateRequest]:
+    drafters = ("none", "ngram", "generic", *world.tasks)
+    pins = st.fixed_dictionaries(
+        {},
+        optional={
+            "force_drafter": st.one_of(st.sampled_from(drafters), TEXT),
+            "force_draft_length": st.one_of(st.integers(0, 32), UINT32),
+            "force_stop_threshold": st.one_of(st.floats(0.0, 0.99), FLOAT32),
+            "no_update": st.booleans(),
+        },
+    )
+    return st.builds(
+        lambda common, prompt, pinned: pb.GenerateRequest(**common, **prompt, **pinned),
+        _common_fields(world),
+        _prompt_fields(world),
+        pins,
+    )
+
+
+def _outcomes() -> st.SearchStrategy[dict[str, Any]]:
+    """RouteOutcome fields (the request id is set to one the sidecar routed)."""
+    counts = st.lists(st.one_of(SMALL, UINT32), max_size=6)
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "steps": st.one_of(SMALL, UINT32),
+            "drafted_per_step": counts,
+            "accepted_per_step": counts,
+            "drafted_tokens": st.one_of(SMALL, UINT64),
+            "accepted_tokens": st.one_of(SMALL, UINT64),
+            "accepted_per_position": st.lists(st.one_of(SMALL, UINT64), max_size=6),
+            "draft_time_s": DOUBLE,
+            "verify_time_s": DOUBLE,
+            "wall_time_s": DOUBLE,
+            "generated_tokens": st.one_of(SMALL, UINT32),
+            "plain_token_time_s": DOUBLE,
+        },
+    )
+
+
+def _json_values() -> st.SearchStrategy[Any]:
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), TEXT)
+    return st.recursive(
+        scalars,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3), st.dictionaries(TEXT, inner, max_size=3)
+        ),
+        max_leaves=8,
+    )
+
+
+def _policy_requests() -> st.SearchStrategy[pb.SetPolicyRequest]:
+    names = st.one_of(
+        st.sampled_from(["thompson", "ucb", "fixed", "static", "oracle", "none"]), TEXT
+    )
+    known_keys = st.sampled_from(
+        ["drafter", "draft_length", "prior_strength", "exploration", "seed", "stop_threshold"]
+    )
+    config = st.one_of(
+        st.dictionaries(st.one_of(known_keys, TEXT), _json_values(), max_size=3).map(json.dumps),
+        _json_values().map(json.dumps),
+        TEXT,
+    )
+    return st.builds(
+        pb.SetPolicyRequest, policy=names, config_json=config, reset_state=st.booleans()
+    )
+
+
+def _register_requests(world: ServingWorld) -> st.SearchStrategy[pb.RegisterDrafterRequest]:
+    paths = st.sampled_from(
+        [
+            "",
+            str(world.spare_dir),
+            str(world.outside_dir),
+            str(world.mismatched_dir),
+            str(world.pickle_dir),
+            str(world.extra_root / ".." / "outside" / "spare"),
+            str(world.extra_root),
+            "/etc/passwd",
+            "relative/path",
+        ]
+    )
+    option_keys = st.one_of(
+        st.sampled_from(["min_n", "max_n", "exit_layer", "min_match", "model_k", "base"]), TEXT
+    )
+    option_values = st.one_of(
+        st.integers(-(2**70), 2**70).map(str),
+        st.floats().map(str),
+        TEXT,
+        st.sampled_from(world.tasks),
+    )
+    return st.builds(
+        pb.RegisterDrafterRequest,
+        name=st.one_of(st.sampled_from(["fuzzed", "generic", "none", "ngram"]), TEXT),
+        kind=st.one_of(st.sampled_from(["model", "ngram", "self", "copy-or-model"]), TEXT),
+        path=st.one_of(paths, TEXT),
+        tasks=st.lists(st.one_of(st.sampled_from(world.tasks), TEXT), max_size=3),
+        finetune_sample=st.lists(TEXT, max_size=3),
+        options=st.dictionaries(option_keys, option_values, max_size=3),
+    )
+
+
+def _answered_or_refused(call: Callable[[], object]) -> grpc.StatusCode:
+    """Run ``call``; the status it ended with (OK when it returned)."""
+    try:
+        call()
+    except grpc.RpcError as error:
+        assert error.code() in CALLER_FAULTS, (error.code(), error.details())
+        assert error.details(), error.code()
+        event(f"{error.code().name}: {error.details()[:60]}")
+        return error.code()
+    event("OK")
+    return grpc.StatusCode.OK
+
+
+def _still_serves(sidecar: SidecarThread, world: ServingWorld) -> None:
+    request = pb.RouteRequest(text=world.prompts[world.tasks[0]])
+    assert sidecar.stub.Route(request, timeout=30).task_cluster
+
+
+def test_any_route_is_answered_or_refused(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    world = serving_world
+
+    @FUZZ
+    @given(request=_route_requests(world))
+    def check(request: pb.RouteRequest) -> None:
+        _answered_or_refused(lambda: sidecar.stub.Route(request, timeout=30))
+
+    check()
+    _still_serves(sidecar, world)
+
+
+def test_any_generate_is_answered_or_refused(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    world = serving_world
+
+    @FUZZ
+    @given(request=_generate_requests(world))
+    def check(request: pb.GenerateRequest) -> None:
+        _answered_or_refused(lambda: list(sidecar.stub.Generate(request, timeout=60)))
+
+    check()
+    _still_serves(sidecar, world)
+
+
+def test_any_report_is_answered_or_refused(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    world = serving_world
+
+    @FUZZ
+    @given(fields=_outcomes())
+    def check(fields: dict[str, Any]) -> None:
+        routed = sidecar.stub.Route(pb.RouteRequest(text=world.prompts[world.tasks[1]]))
+        outcome = pb.RouteOutcome(request_id=routed.request_id, **fields)
+        _answered_or_refused(lambda: sidecar.stub.Report(outcome, timeout=30))
+
+    check()
+    _still_serves(sidecar, world)
+
+
+def test_any_admin_call_is_answered_or_refused(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    world = serving_world
+    before = {
+        d.name for d in sidecar.stub.ListDrafters(pb.ListDraftersRequest(), metadata=ADMIN).drafters
+    }
+
+    @FUZZ
+    @given(
+        register=_register_requests(world),
+        policy=_policy_requests(),
+        classifier_path=st.one_of(
+            st.sampled_from(["", str(world.spare_dir), str(world.world.root), "/etc"]), TEXT
+        ),
+    )
+    def check(
+        register: pb.RegisterDrafterRequest, policy: pb.SetPolicyRequest, classifier_path: str
+    ) -> None:
+        stub = sidecar.stub
+        if (
+            _answered_or_refused(lambda: stub.RegisterDrafter(register, metadata=ADMIN))
+            == grpc.StatusCode.OK
+        ):
+            stub.RemoveDrafter(pb.RemoveDrafterRequest(name=register.name), metadata=ADMIN)
+        _answered_or_refused(lambda: stub.SetPolicy(policy, metadata=ADMIN))
+        reload = pb.ReloadClassifierRequest(path=classifier_path)
+        _answered_or_refused(lambda: stub.ReloadClassifier(reload, metadata=ADMIN))
+        _answered_or_refused(
+            lambda: stub.RemoveDrafter(pb.RemoveDrafterRequest(name=register.name), metadata=ADMIN)
+        )
+
+    check()
+    after = {
+        d.name for d in sidecar.stub.ListDrafters(pb.ListDraftersRequest(), metadata=ADMIN).drafters
+    }
+    assert after <= before
+    _still_serves(sidecar, world)
+
+
+# One field at a time: from a request that is served, each field in turn (nested ones
+# too, found from the message's descriptor, so a new field is covered when it is added)
+# set to each extreme of its type.
+EXTREMES: dict[int, tuple[Any, ...]] = {
+    FieldDescriptor.TYPE_FLOAT: (math.nan, math.inf, -math.inf, -1.0, 0.0, 3.4e38, -1e-45),
+    FieldDescriptor.TYPE_DOUBLE: (math.nan, math.inf, -math.inf, -1.0, 0.0, 1e308, -5e-324),
+    FieldDescriptor.TYPE_UINT32: (0, 1, 2**31, 2**32 - 1),
+    FieldDescriptor.TYPE_UINT64: (0, 2**63, 2**64 - 1),
+    FieldDescriptor.TYPE_BOOL: (False, True),
+    FieldDescriptor.TYPE_STRING: ("", " ", "\x00", "<|im_end|>", "é" * 5000),
+}
+M = TypeVar("M", bound=Message)
+# Option values and JSON values, as an operator could mistype them.
+NUMBERS_AS_TEXT = ("-1", "0", "1e400", "nan", "99999999999999999999", "3.5", "", "x")
+JSON_EXTREMES: tuple[Any, ...] = (None, -1, 0, 10**30, -1e308, 1e308, 0.5, "x", [], {}, True)
+
+
+def _copy(message: M) -> M:
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
+
+
+def _mutants(message: Message) -> Iterator[tuple[str, Message]]:
+    """(what changed, ``message`` with one field set to an extreme), for every field."""
+    for field in message.DESCRIPTOR.fields:
+        repeated = field.is_repeated
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            for key in getattr(message, field.name):
+                for value in NUMBERS_AS_TEXT:
+                    copy = _copy(message)
+                    getattr(copy, field.name)[key] = value
+                    yield f"{field.name}[{key}]={value!r}", copy
+        elif field.message_type is not None:
+            items = getattr(message, field.name)
+            present = bool(items) if repeated else message.HasField(field.name)
+            if not present:
+                continue
+            inner_message = items[0] if repeated else items
+            for path, inner in _mutants(inner_message):
+                copy = _copy(message)
+                target = getattr(copy, field.name)
+                (target[0] if repeated else target).CopyFrom(inner)
+                yield f"{field.name}.{path}", copy
+        else:
+            for value in EXTREMES.get(field.type, ()):
+                copy = _copy(message)
+                if repeated:
+                    items = getattr(copy, field.name)
+                    items[:] = [value] * max(len(items), 1)
+                else:
+                    setattr(copy, field.name, value)
+                yield f"{field.name}={value!r}"[:60], copy
+
+
+def _failures(mutants: Iterator[tuple[str, Message]], call: Callable[[Any], object]) -> list[str]:
+    """What each mutant got that is not OK or a caller's fault."""
+    failed = []
+    for what, request in mutants:
+        try:
+            call(request)
+        except grpc.RpcError as error:
+            if error.code() not in CALLER_FAULTS or not error.details():
+                failed.append(f"{what}: {error.code().name} {error.details()}")
+    return failed
+
+
+def _sampled(world: ServingWorld) -> dict[str, Any]:
+    return {
+        "text": world.prompts[world.tasks[0]],
+        "task_hint": world.tasks[0],
+        "max_new_tokens": 4,
+        "sampling": pb.SamplingParams(
+            do_sample=True, temperature=0.8, top_k=20, top_p=0.9, seed=7, stop=["\n\n"]
+        ),
+    }
+
+
+def _conversation(world: ServingWorld) -> pb.Conversation:
+    return pb.Conversation(
+        messages=[
+            pb.ChatMessage(role="system", content="Be brief."),
+            pb.ChatMessage(role="user", content=world.prompts[world.tasks[1]]),
+        ]
+    )
+
+
+def test_each_generate_field_at_its_extremes(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    pinned = pb.GenerateRequest(
+        **_sampled(serving_world),
+        force_drafter="generic",
+        force_draft_length=3,
+        force_stop_threshold=0.5,
+    )
+    chat = pb.GenerateRequest(conversation=_conversation(serving_world), max_new_tokens=4)
+    mutants = [*_mutants(pinned), *_mutants(chat)]
+    failed = _failures(iter(mutants), lambda r: list(sidecar.stub.Generate(r, timeout=60)))
+    assert not failed, "\n".join(failed)
+    _still_serves(sidecar, serving_world)
+
+
+def test_each_route_field_at_its_extremes(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    sampled = pb.RouteRequest(**_sampled(serving_world))
+    chat = pb.RouteRequest(conversation=_conversation(serving_world), max_new_tokens=4)
+    mutants = [*_mutants(sampled), *_mutants(chat)]
+    failed = _failures(iter(mutants), lambda r: sidecar.stub.Route(r, timeout=30))
+    assert not failed, "\n".join(failed)
+    _still_serves(sidecar, serving_world)
+
+
+def test_each_report_field_at_its_extremes(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    per_step = pb.RouteOutcome(
+        steps=3,
+        drafted_per_step=[3, 3, 2],
+        accepted_per_step=[3, 1, 0],
+        generated_tokens=7,
+        plain_token_time_s=0.01,
+        draft_time_s=0.01,
+        verify_time_s=0.03,
+        wall_time_s=0.05,
+    )
+    totals = pb.RouteOutcome(
+        steps=3,
+        drafted_tokens=8,
+        accepted_tokens=4,
+        accepted_per_position=[2, 1, 1],
+        draft_time_s=0.01,
+        verify_time_s=0.03,
+        wall_time_s=0.05,
+    )
+    route = pb.RouteRequest(text=serving_world.prompts[serving_world.tasks[2]])
+
+    def report(outcome: pb.RouteOutcome) -> pb.ReportAck:
+        if not outcome.request_id:
+            outcome.request_id = sidecar.stub.Route(route).request_id
+        return sidecar.stub.Report(outcome, timeout=30)
+
+    for outcome in (per_step, totals):
+        assert report(_copy(outcome)).policy_version  # the baselines are served
+    mutants = [*_mutants(per_step), *_mutants(totals)]
+    assert not _failures(iter(mutants), report)
+    _still_serves(sidecar, serving_world)
+
+
+def _policy_configs() -> dict[str, dict[str, Any]]:
+    """A served configuration per policy, every key set (so each can be mutated)."""
+    return {
+        "thompson": {
+            "gamma": 0.99,
+            "gamma_drift": 0.8,
+            "drift_z": 3.0,
+            "k_max": 8,
+            "seed": 0,
+            "prior_alpha": 1.0,
+            "prior_beta": 1.0,
+            "similarity_weight": 8.0,
+            "similarity_low": 0.2,
+            "similarity_high": 0.9,
+            "evidence_cap": 10.0,
+            "transfer_weight": 16.0,
+            "cost_window": 512,
+            "per_request": True,
+            "overhead_ewma": 0.05,
+            "overhead_window": 16,
+            "verify_slope_ratio": 0.05,
+            "default_draft_cost_ratio": 0.1,
+            "draft_cost_ratio": {"generic": 0.1},
+            "similarity": {"generic": {"math": 0.5}},
+            "copy_drafters": ["ngram"],
+            "copy_k_max": 16,
+            "draft_length": {"generic": 3},
+            "cost_shape": {"math": "generic"},
+            "copy_prior_weight": 2.0,
+            "explore_length": "draw",
+        },
+        "ucb": {"k_max": 8, "exploration": 1.0, "gamma": 1.0, "seed": 0},
+        "fixed": {"drafter": "generic", "k": 4},
+        "static": {"table": {"code/0": ["code", 4]}, "default": ["generic", 4]},
+    }
+
+
+def _json_mutants(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """``value`` with one of its parts (itself, or any item of a dict or list within it,
+    at any depth) replaced by an extreme."""
+    for extreme in JSON_EXTREMES:
+        yield f"{path}={extreme!r}", extreme
+    items: list[tuple[Any, Any]] = []
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = list(enumerate(value))
+    for key, item in items:
+        for where, mutant in _json_mutants(item, f"{path}.{key}"):
+            copy = dict(value) if isinstance(value, dict) else list(value)
+            copy[key] = mutant
+            yield where, copy
+
+
+def test_each_policy_setting_at_its_extremes(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    stub = sidecar.stub
+    failed = []
+    for policy, config in _policy_configs().items():
+        assert (
+            stub.SetPolicy(
+                pb.SetPolicyRequest(policy=policy, config_json=json.dumps(config)), metadata=ADMIN
+            ).policy
+            == policy
+        )  # the baseline is served
+        for what, mutant in _json_mutants(config):
+            if not isinstance(mutant, dict):
+                continue  # not an object: refused before any policy reads it (tested above)
+            request = pb.SetPolicyRequest(policy=policy, config_json=json.dumps(mutant))
+            failed += _failures(
+                iter([(f"{policy} {what}", request)]),
+                lambda r: stub.SetPolicy(r, metadata=ADMIN),
+            )
+            route = pb.RouteRequest(text=serving_world.prompts[serving_world.tasks[0]])
+            failed += _failures(iter([(f"{policy} {what}: Route", route)]), stub.Route)
+    stub.SetPolicy(pb.SetPolicyRequest(policy="thompson"), metadata=ADMIN)
+    assert not failed, "\n".join(failed)
+    _still_serves(sidecar, serving_world)
+
+
+def test_each_registration_field_at_its_extremes(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    stub = sidecar.stub
+    baselines = [
+        pb.RegisterDrafterRequest(
+            name="fuzz-ngram", kind="ngram", options={"min_n": "2", "max_n": "4"}
+        ),
+        pb.RegisterDrafterRequest(
+            name="fuzz-copy",
+            kind="copy-or-model",
+            path=str(serving_world.spare_dir),
+            tasks=[serving_world.tasks[0]],
+            finetune_sample=["a sample"],
+            options={"min_match": "3", "model_k": "3"},
+        ),
+    ]
+
+    def register(request: pb.RegisterDrafterRequest) -> object:
+        info = stub.RegisterDrafter(request, metadata=ADMIN)
+        stub.RemoveDrafter(pb.RemoveDrafterRequest(name=info.name), metadata=ADMIN)
+        return info
+
+    for baseline in baselines:
+        register(_copy(baseline))  # the baseline is served
+    mutants = [m for baseline in baselines for m in _mutants(baseline)]
+    failed = _failures(iter(mutants), register)
+    assert not failed, "\n".join(failed)
+    _still_serves(sidecar, serving_world)
+
+
+def test_each_classifier_path_at_its_extremes(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    stub = sidecar.stub
+    served = pb.ReloadClassifierRequest(path=str(serving_world.world.root / "classifier"))
+    assert stub.ReloadClassifier(served, metadata=ADMIN).labels  # the baseline is served
+    failed = _failures(_mutants(served), lambda r: stub.ReloadClassifier(r, metadata=ADMIN))
+    stub.ReloadClassifier(served, metadata=ADMIN)
+    assert not failed, "\n".join(failed)
+    _still_serves(sidecar, serving_world)
