@@ -103,6 +103,10 @@ def check_finite(name: str, value: float) -> float:
     return value
 
 
+#: The seeds a torch generator takes (a 64-bit integer, signed or not); gRPC's is a uint64.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
 def check_sampling(sampling: Sampling) -> Sampling:
     """Refuse impossible decoding parameters (INVALID_ARGUMENT)."""
     check_finite("sampling.temperature", sampling.temperature)
@@ -119,6 +123,10 @@ def check_sampling(sampling: Sampling) -> Sampling:
         raise InvalidRequestError(f"top_k must be >= 0, got {sampling.top_k}")
     if any(not stop for stop in sampling.stop):
         raise InvalidRequestError("stop sequences must not be empty strings")
+    if sampling.seed is not None and not SEED_RANGE[0] <= sampling.seed <= SEED_RANGE[1]:
+        raise InvalidFieldError(
+            "sampling.seed", f"must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {sampling.seed}"
+        )
     return sampling
 
 

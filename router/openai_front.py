@@ -266,7 +266,9 @@ def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
             break
     if isinstance(error, ModelNotFoundError):
         code = "model_not_found"
-    param = getattr(error, "field", None)
+    field = getattr(error, "field", None)
+    # The sidecar's "sampling.seed" is OpenAI's "seed" (the sampling names are the same).
+    param = field.removeprefix("sampling.") if isinstance(field, str) else field
     return status, {"error": {"message": str(error), "type": kind, "param": param, "code": code}}
 
 

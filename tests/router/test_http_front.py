@@ -138,6 +138,8 @@ def test_info_and_health(sidecar: SidecarThread) -> None:
             "parameters.repetition_penalty: Input should be a finite number",
         ),
         ({"inputs": PROMPT, "parameters": {"repetition_penalty": 1.2}}, "repetition_penalty"),
+        # A seed no generator takes failed inside the engine (424, "generation").
+        ({"inputs": PROMPT, "parameters": {"do_sample": True, "seed": 2**64}}, "sampling.seed"),
         ({"inputs": "word " * 600, "parameters": {}}, "over the limit"),
         ({"parameters": {}}, "invalid request"),
     ],

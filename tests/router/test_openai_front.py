@@ -151,6 +151,7 @@ def test_sampling_runs_with_a_seed(sidecar: SidecarThread) -> None:
         ({"echo": True}, "echo"),
         ({"stop": [""]}, "stop"),
         ({"prompt": ["a", "b"]}, "prompt"),
+        ({"seed": -(2**63) - 1, "temperature": 0.8}, "seed"),  # was a 500 from the engine
     ],
 )
 def test_bad_parameters_are_400_with_an_openai_error(

@@ -1,5 +1,6 @@
-"""Arbitrary requests over real gRPC: every one is answered or refused with a status that
-says whose fault it is (never INTERNAL or UNKNOWN), and the sidecar keeps serving.
+"""Arbitrary requests over real gRPC and HTTP: every one is answered or refused with a
+status that says whose fault it is (never INTERNAL, UNKNOWN or a 5xx), and the sidecar
+keeps serving.
 
 The hand-written cases in ``test_bad_input.py`` pin each known bad input to its status;
 this module looks for the ones nobody wrote down, two ways: random requests (hypothesis:
@@ -9,12 +10,17 @@ extremes of its type (NaN, infinities, the largest integers, a NUL character), f
 the message's descriptor so that a field added later is covered too. The second found
 what the first did not: a static table's k of 10**30 (every Route then UNKNOWN), a totals
 Report of 2**63 drafted tokens (MemoryError), a NUL in a model path, a UCB state saved
-under another ``k_max``."""
+under another ``k_max``. The HTTP fronts (TGI's and OpenAI's) get each JSON value of a
+served body at its extremes, NaN and infinities included (Python's JSON parser reads
+them)."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -320,7 +326,23 @@ EXTREMES: dict[int, tuple[Any, ...]] = {
 M = TypeVar("M", bound=Message)
 # Option values and JSON values, as an operator could mistype them.
 NUMBERS_AS_TEXT = ("-1", "0", "1e400", "nan", "99999999999999999999", "3.5", "", "x")
-JSON_EXTREMES: tuple[Any, ...] = (None, -1, 0, 10**30, -1e308, 1e308, 0.5, "x", [], {}, True)
+JSON_EXTREMES: tuple[Any, ...] = (
+    None,
+    -1,
+    0,
+    10**30,
+    -(10**30),
+    -1e308,
+    1e308,
+    math.nan,
+    math.inf,
+    0.5,
+    "x",
+    "\x00",
+    [],
+    {},
+    True,
+)
 
 
 def _copy(message: M) -> M:
@@ -576,5 +598,50 @@ def test_each_classifier_path_at_its_extremes(
     assert stub.ReloadClassifier(served, metadata=ADMIN).labels  # the baseline is served
     failed = _failures(_mutants(served), lambda r: stub.ReloadClassifier(r, metadata=ADMIN))
     stub.ReloadClassifier(served, metadata=ADMIN)
+    assert not failed, "\n".join(failed)
+    _still_serves(sidecar, serving_world)
+
+
+def _http_failure(url: str, body: Any) -> str | None:
+    """Why POSTing ``body`` to ``url`` got a server's fault (5xx; TGI's 424, a generation
+    that failed; a broken reply), or None."""
+    data = json.dumps(body).encode()  # NaN and Infinity as Python writes them
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            response.read()
+            return None
+    except urllib.error.HTTPError as error:
+        failed = error.code >= 500 or error.code == 424
+        return f"{error.code} {error.read()[:200]!r}" if failed else None
+    except (http.client.HTTPException, ConnectionError) as error:
+        return f"broken reply: {error!r}"
+
+
+def test_each_http_body_value_at_its_extremes(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    prompt = serving_world.prompts[serving_world.tasks[0]]
+    sampled = {"temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": 7, "stop": ["\n\n"]}
+    bodies = {
+        "/generate": {
+            "inputs": prompt,
+            "parameters": {"do_sample": True, "max_new_tokens": 4, **sampled},
+        },
+        "/v1/completions": {"model": "target", "prompt": prompt, "max_tokens": 4, **sampled},
+        "/v1/chat/completions": {
+            "model": "target",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 4,
+            **sampled,
+        },
+    }
+    failed = []
+    for route, body in bodies.items():
+        url = sidecar.http_url + route
+        assert _http_failure(url, body) is None  # the baseline is served
+        for what, mutant in _json_mutants(body):
+            if isinstance(mutant, dict) and (why := _http_failure(url, mutant)):
+                failed.append(f"{route} {what}: {why}")
     assert not failed, "\n".join(failed)
     _still_serves(sidecar, serving_world)
