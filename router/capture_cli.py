@@ -29,13 +29,11 @@ RPC_TIMEOUT_S = 10.0
 
 
 def _settings(config: Path | None, **overrides: Any) -> Any:
-    from pydantic import ValidationError
-
-    from router.settings import load_settings
+    from router.settings import SettingsLoadError, load_settings
 
     try:
         return load_settings(config, **overrides)
-    except (ValidationError, FileNotFoundError) as error:
+    except SettingsLoadError as error:
         typer.echo(f"invalid settings: {error}", err=True)
         raise typer.Exit(2) from None
 

@@ -84,17 +84,15 @@ def serve_command(
     metrics; with --fleet, generation runs on the vLLM replicas of the fleet file."""
     import asyncio
 
-    from pydantic import ValidationError
-
     from router.server import RunningSidecar, serve
-    from router.settings import load_settings
+    from router.settings import SettingsLoadError, load_settings
 
     overrides: dict[str, Any] = {"world_dir": world, "host": host, "port": port, "policy": policy}
     overrides["fleet_file"] = fleet
     explicit = {"http_port": http_port, "metrics_port": metrics_port}
     try:
         settings = load_settings(config, **overrides)
-    except ValidationError as error:  # a typo in the TOML file or a SPECROUTE_* variable
+    except SettingsLoadError as error:  # a typo in the TOML file or a SPECROUTE_* variable
         typer.echo(f"invalid settings: {error}", err=True)
         raise typer.Exit(2) from None
     updates = {key: _port(value) for key, value in explicit.items() if value is not None}

@@ -6,15 +6,27 @@ list values are JSON (``SPECROUTE_MODEL_ROOTS='["/models"]'``).
 
 from __future__ import annotations
 
+import json
 import os
+import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -126,7 +138,9 @@ class Settings(BaseSettings):
     classifier_dir: Path | None = None  # None: the world's classifier (trained if missing)
     # Built-in model drafters by name, besides the world's (e.g. real Qwen2.5 checkpoints).
     drafter_dirs: dict[str, Path] = Field(default_factory=dict)
-    model_roots: list[Path] = Field(default_factory=list)  # the world dir is always a root
+    # The world dir is always a root. SPECROUTE_MODEL_ROOTS: a JSON list, or paths
+    # separated by os.pathsep (":"), as PATH is.
+    model_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     state_dir: Path = Field(default_factory=lambda: specroute_home() / "state")
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
@@ -174,6 +188,16 @@ class Settings(BaseSettings):
             )
         return data
 
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _roots_from_text(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)  # a malformed list is a ValueError: a validation error
+        return [part for part in text.split(os.pathsep) if part]
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -199,15 +223,28 @@ class Settings(BaseSettings):
         return data
 
 
+class SettingsLoadError(ValueError):
+    """The settings cannot be read (a missing or malformed TOML file, a value of the wrong
+    type in the file or in a ``SPECROUTE_*`` variable); the message says where."""
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Defaults, then ``config_file`` (TOML), then ``SPECROUTE_*`` env, then ``overrides``."""
+    """Defaults, then ``config_file`` (TOML), then ``SPECROUTE_*`` env, then ``overrides``.
+    ``SettingsLoadError`` when they cannot be read."""
     previous = os.environ.get(CONFIG_FILE_ENV)
     if config_file is not None:
         if not Path(config_file).is_file():
-            raise FileNotFoundError(f"config file {config_file} does not exist")
+            raise SettingsLoadError(f"config file {config_file} does not exist")
         os.environ[CONFIG_FILE_ENV] = str(config_file)
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as error:
+        raise SettingsLoadError(str(error)) from None
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsLoadError(f"config file {config_file} is not valid TOML: {error}") from None
+    except SettingsError as error:  # e.g. a SPECROUTE_* map that is not JSON
+        cause = f": {error.__cause__}" if error.__cause__ else ""
+        raise SettingsLoadError(f"{error}{cause}") from None
     finally:
         if config_file is not None:
             if previous is None:

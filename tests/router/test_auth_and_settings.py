@@ -136,6 +136,49 @@ def test_a_misspelt_limit_is_refused_with_a_clear_message(tmp_path: Path) -> Non
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("config_text", "env", "says"),
+    [
+        (None, {}, "does not exist"),  # --config names a file that is not there
+        ("port = [\n", {}, "is not valid TOML"),
+        (
+            "",
+            {"SPECROUTE_DRAFTER_DIRS": "a=/models/a"},
+            'error parsing value for field "drafter_dirs"',
+        ),
+        ("", {"SPECROUTE_MODEL_ROOTS": '["/models"'}, "model_roots"),
+    ],
+)
+def test_settings_that_cannot_be_read_are_one_line_and_exit_2(
+    tmp_path: Path, config_text: str | None, env: dict[str, str], says: str
+) -> None:
+    """Each printed a traceback from ``specroute serve`` before (only a field of the wrong
+    type was caught)."""
+    config = tmp_path / "sidecar.toml"
+    if config_text is not None:
+        config.write_text(config_text)
+    done = subprocess.run(
+        [sys.executable, "-m", "router.cli", "serve", "--config", str(config), "--print-config"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", **env},
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("invalid settings: ") and says in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_model_roots_from_the_environment_as_json_or_as_a_path_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SPECROUTE_MODEL_ROOTS", "/models")  # was a SettingsError (not JSON)
+    assert load_settings(None).model_roots == [Path("/models")]
+    monkeypatch.setenv("SPECROUTE_MODEL_ROOTS", "/models:/more/models")
+    assert load_settings(None).model_roots == [Path("/models"), Path("/more/models")]
+    monkeypatch.setenv("SPECROUTE_MODEL_ROOTS", '["/models", "/other"]')
+    assert load_settings(None).model_roots == [Path("/models"), Path("/other")]
+
+
 def test_registry_round_trip_and_refusals(tmp_path: Path) -> None:
     store = SidecarStore(tmp_path)
     record = DrafterRecord(
