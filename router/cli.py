@@ -64,7 +64,15 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
-    build_app()()
+    """Run the app; a missing model bundle, whichever command needed it, is one line and
+    exit status 2 (not a traceback)."""
+    from router.bundle import BundleNotFoundError
+
+    try:
+        build_app()()
+    except BundleNotFoundError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -134,7 +134,9 @@ def replay_command(
     try:
         outcome = run_replay(config)
     except (TraceFormatError, KeyError, FileNotFoundError, ValueError) as error:
-        typer.echo(f"error: {error}", err=True)
+        # str(KeyError) is its message quoted; the message alone reads as the others do.
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        typer.echo(f"error: {message}", err=True)
         raise typer.Exit(2) from error
     typer.echo(format_task_table(outcome.report))
 

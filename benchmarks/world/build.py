@@ -410,7 +410,7 @@ def build_world(
     """Build the world into ``out`` (default ``default_bundle_dir(scale)``), or open it if the
     directory already holds a world built from the same config."""
     if scale not in BUILD_CONFIGS:
-        raise ValueError(f"unknown scale {scale!r}; choose from {sorted(BUILD_CONFIGS)}")
+        raise UnknownScaleError(f"unknown scale {scale!r}; choose from {sorted(BUILD_CONFIGS)}")
     config = BUILD_CONFIGS[scale]
     out = Path(out).expanduser().resolve() if out is not None else default_bundle_dir(scale)
     manifest = read_manifest(out)
@@ -427,6 +427,10 @@ def build_world(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ModelBundle.load(out)
+
+
+class UnknownScaleError(ValueError):
+    """No built-in world has this scale."""
 
 
 class NotAWorldDirectoryError(ValueError):

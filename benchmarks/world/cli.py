@@ -111,11 +111,11 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Build the world (cached: returns at once when already built from this config)."""
-        from benchmarks.world.build import NotAWorldDirectoryError, build_world
+        from benchmarks.world.build import NotAWorldDirectoryError, UnknownScaleError, build_world
 
         try:
             world = build_world(out, scale, progress=True, force=force)
-        except NotAWorldDirectoryError as exc:
+        except (NotAWorldDirectoryError, UnknownScaleError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2) from exc
         timings = world.manifest.get("timings", {})

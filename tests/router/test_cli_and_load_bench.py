@@ -163,3 +163,26 @@ def test_an_unreadable_fd_skips_that_fd_not_the_whole_process(tmp_path: Path) ->
 
     assert _socket_links(tmp_path / "4242") == {"socket:[123456]"}
     assert _socket_links(tmp_path / "missing") == set()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["world", "eval", "--world", "{missing}"],
+        ["bench", "engine", "--world", "{missing}"],
+        ["world", "build", "--scale", "enormous", "--out", "{missing}"],
+    ],
+)
+def test_a_missing_world_or_scale_is_one_line_and_exit_2(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """These printed a traceback (BundleNotFoundError, ValueError) before."""
+    import subprocess
+    import sys
+
+    missing = str(tmp_path / "nowhere")
+    argv = [sys.executable, "-m", "router.cli", *(a.format(missing=missing) for a in command)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1, done.stderr
+    assert not (tmp_path / "nowhere").exists()
