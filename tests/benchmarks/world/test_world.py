@@ -202,12 +202,27 @@ def test_eval_cli_writes_the_json_report(tiny_world: ModelBundle, tmp_path: Path
     assert "output tokens" in result.output and "head_dim: target 64" in result.output
 
 
-def test_same_seed_builds_identical_weights(tiny_world: ModelBundle, tmp_path: Path) -> None:
+def test_same_seed_builds_the_same_world(tiny_world: ModelBundle, tmp_path: Path) -> None:
+    """Corpus and tokenizer byte for byte; weights to within float rounding. Builds in
+    fresh processes matched to the last bit (six of six on 2026-12-04), but a second build
+    late in a long test session once differed in the last bits: the CPU's matrix kernels
+    may sum in another order when buffers land at other addresses. Another seed (or an
+    unseeded step) moves every weight by about its init scale (~0.02), far past this
+    tolerance."""
+    import torch
+    from safetensors.torch import load_file
+
     again = build_world(tmp_path / "again", "tiny", progress=False)
+    for name in ("corpus/train.jsonl", "corpus/test.jsonl", "target/tokenizer.json"):
+        assert (tiny_world.root / name).read_bytes() == (again.root / name).read_bytes(), name
     for name in ("target", "drafters/generic", "drafters/rag"):
-        first = (tiny_world.root / name / "model.safetensors").read_bytes()
-        second = (again.root / name / "model.safetensors").read_bytes()
-        assert first == second, name
+        first = load_file(tiny_world.root / name / "model.safetensors")
+        second = load_file(again.root / name / "model.safetensors")
+        assert first.keys() == second.keys(), name
+        for key, tensor in first.items():
+            torch.testing.assert_close(
+                second[key], tensor, rtol=0.0, atol=2e-3, msg=f"{name} {key}"
+            )
 
 
 def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny_world: ModelBundle) -> None:
