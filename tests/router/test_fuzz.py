@@ -228,48 +228,54 @@ def _still_serves(sidecar: SidecarThread, world: ServingWorld) -> None:
     assert sidecar.stub.Route(request, timeout=30).task_cluster
 
 
-def test_any_route_is_answered_or_refused(
-    sidecar: SidecarThread, serving_world: ServingWorld
+def _none_failed(failed: list[str], sidecar: SidecarThread, world: ServingWorld) -> None:
+    """No call got a server's fault, and the sidecar still routes."""
+    assert not failed, "\n".join(failed)
+    _still_serves(sidecar, world)
+
+
+def _fuzz(
+    sidecar: SidecarThread,
+    world: ServingWorld,
+    requests: st.SearchStrategy[Any],
+    call: Callable[[Any], object],
 ) -> None:
-    world = serving_world
+    """``call`` on each drawn request is answered or refused; then the sidecar still routes."""
 
     @FUZZ
-    @given(request=_route_requests(world))
-    def check(request: pb.RouteRequest) -> None:
-        _answered_or_refused(lambda: sidecar.stub.Route(request, timeout=30))
+    @given(request=requests)
+    def check(request: Any) -> None:
+        _answered_or_refused(lambda: call(request))
 
     check()
     _still_serves(sidecar, world)
+
+
+def test_any_route_is_answered_or_refused(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    route = sidecar.stub.Route
+    _fuzz(sidecar, serving_world, _route_requests(serving_world), lambda r: route(r, timeout=30))
 
 
 def test_any_generate_is_answered_or_refused(
     sidecar: SidecarThread, serving_world: ServingWorld
 ) -> None:
-    world = serving_world
-
-    @FUZZ
-    @given(request=_generate_requests(world))
-    def check(request: pb.GenerateRequest) -> None:
-        _answered_or_refused(lambda: list(sidecar.stub.Generate(request, timeout=60)))
-
-    check()
-    _still_serves(sidecar, world)
+    generate = sidecar.stub.Generate
+    requests = _generate_requests(serving_world)
+    _fuzz(sidecar, serving_world, requests, lambda r: list(generate(r, timeout=60)))
 
 
 def test_any_report_is_answered_or_refused(
     sidecar: SidecarThread, serving_world: ServingWorld
 ) -> None:
-    world = serving_world
+    stub, text = sidecar.stub, serving_world.prompts[serving_world.tasks[1]]
 
-    @FUZZ
-    @given(fields=_outcomes())
-    def check(fields: dict[str, Any]) -> None:
-        routed = sidecar.stub.Route(pb.RouteRequest(text=world.prompts[world.tasks[1]]))
-        outcome = pb.RouteOutcome(request_id=routed.request_id, **fields)
-        _answered_or_refused(lambda: sidecar.stub.Report(outcome, timeout=30))
+    def report(fields: dict[str, Any]) -> object:
+        routed = stub.Route(pb.RouteRequest(text=text))
+        return stub.Report(pb.RouteOutcome(request_id=routed.request_id, **fields), timeout=30)
 
-    check()
-    _still_serves(sidecar, world)
+    _fuzz(sidecar, serving_world, _outcomes(), report)
 
 
 def test_any_admin_call_is_answered_or_refused(
@@ -427,8 +433,7 @@ def test_each_generate_field_at_its_extremes(
     chat = pb.GenerateRequest(conversation=_conversation(serving_world), max_new_tokens=4)
     mutants = [*_mutants(pinned), *_mutants(chat)]
     failed = _failures(iter(mutants), lambda r: list(sidecar.stub.Generate(r, timeout=60)))
-    assert not failed, "\n".join(failed)
-    _still_serves(sidecar, serving_world)
+    _none_failed(failed, sidecar, serving_world)
 
 
 def test_each_route_field_at_its_extremes(
@@ -438,8 +443,7 @@ def test_each_route_field_at_its_extremes(
     chat = pb.RouteRequest(conversation=_conversation(serving_world), max_new_tokens=4)
     mutants = [*_mutants(sampled), *_mutants(chat)]
     failed = _failures(iter(mutants), lambda r: sidecar.stub.Route(r, timeout=30))
-    assert not failed, "\n".join(failed)
-    _still_serves(sidecar, serving_world)
+    _none_failed(failed, sidecar, serving_world)
 
 
 def test_each_report_field_at_its_extremes(
@@ -474,8 +478,7 @@ def test_each_report_field_at_its_extremes(
     for outcome in (per_step, totals):
         assert report(_copy(outcome)).policy_version  # the baselines are served
     mutants = [*_mutants(per_step), *_mutants(totals)]
-    assert not _failures(iter(mutants), report)
-    _still_serves(sidecar, serving_world)
+    _none_failed(_failures(iter(mutants), report), sidecar, serving_world)
 
 
 def _policy_configs() -> dict[str, dict[str, Any]]:
@@ -555,8 +558,7 @@ def test_each_policy_setting_at_its_extremes(
             route = pb.RouteRequest(text=serving_world.prompts[serving_world.tasks[0]])
             failed += _failures(iter([(f"{policy} {what}: Route", route)]), stub.Route)
     stub.SetPolicy(pb.SetPolicyRequest(policy="thompson"), metadata=ADMIN)
-    assert not failed, "\n".join(failed)
-    _still_serves(sidecar, serving_world)
+    _none_failed(failed, sidecar, serving_world)
 
 
 def test_each_registration_field_at_its_extremes(
@@ -586,8 +588,7 @@ def test_each_registration_field_at_its_extremes(
         register(_copy(baseline))  # the baseline is served
     mutants = [m for baseline in baselines for m in _mutants(baseline)]
     failed = _failures(iter(mutants), register)
-    assert not failed, "\n".join(failed)
-    _still_serves(sidecar, serving_world)
+    _none_failed(failed, sidecar, serving_world)
 
 
 def test_each_classifier_path_at_its_extremes(
@@ -598,8 +599,7 @@ def test_each_classifier_path_at_its_extremes(
     assert stub.ReloadClassifier(served, metadata=ADMIN).labels  # the baseline is served
     failed = _failures(_mutants(served), lambda r: stub.ReloadClassifier(r, metadata=ADMIN))
     stub.ReloadClassifier(served, metadata=ADMIN)
-    assert not failed, "\n".join(failed)
-    _still_serves(sidecar, serving_world)
+    _none_failed(failed, sidecar, serving_world)
 
 
 def _http_failure(url: str, body: Any) -> str | None:
@@ -643,5 +643,4 @@ def test_each_http_body_value_at_its_extremes(
         for what, mutant in _json_mutants(body):
             if isinstance(mutant, dict) and (why := _http_failure(url, mutant)):
                 failed.append(f"{route} {what}: {why}")
-    assert not failed, "\n".join(failed)
-    _still_serves(sidecar, serving_world)
+    _none_failed(failed, sidecar, serving_world)
