@@ -520,12 +520,14 @@ def _policy_configs() -> dict[str, dict[str, Any]]:
 
 def _json_mutants(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
     """``value`` with one of its parts (itself, or any item of a dict or list within it,
-    at any depth) replaced by an extreme."""
+    at any depth) replaced by an extreme, or one key of a dict left out."""
     for extreme in JSON_EXTREMES:
         yield f"{path}={extreme!r}", extreme
     items: list[tuple[Any, Any]] = []
     if isinstance(value, dict):
         items = list(value.items())
+        for key in value:
+            yield f"{path}.{key} left out", {k: v for k, v in value.items() if k != key}
     elif isinstance(value, list):
         items = list(enumerate(value))
     for key, item in items:
