@@ -209,21 +209,11 @@ class DrafterPool:
             raise InvalidRequestError(f"options: {exc}") from exc
 
     def _check_path(self, path: str) -> Path:
-        from drafters.loader import (
-            ModelLoadError,
-            PathOutsideRootsError,
-            resolve_under_roots,
-            safetensors_files,
-        )
+        from drafters.loader import ModelLoadError, safetensors_files
 
         if not path:
             raise InvalidRequestError("a model drafter needs a path")
-        try:
-            resolved = resolve_under_roots(path, self._roots)
-        except PathOutsideRootsError as exc:
-            raise PermissionDeniedError(str(exc)) from exc
-        except ModelLoadError as exc:
-            raise InvalidRequestError(str(exc)) from exc
+        resolved = under_model_roots(path, self._roots)
         try:
             safetensors_files(resolved)
         except ModelLoadError as exc:
@@ -302,3 +292,16 @@ def _with_weights(record: DrafterRecord, drafter: Any, target: TargetInfo) -> Dr
     cache = target.digest_cache
     digest = record.weights_digest or digest_weights(safetensors_files(record.path), cache)
     return replace(record, parameter_count=int(count), weights_digest=digest)
+
+
+def under_model_roots(path: str, roots: Sequence[Path]) -> Path:
+    """``path`` resolved (symlinks included), if it lies under one of ``roots``: else
+    PERMISSION_DENIED; a string that is no path (a NUL in it) is INVALID_ARGUMENT."""
+    from drafters.loader import ModelLoadError, PathOutsideRootsError, resolve_under_roots
+
+    try:
+        return resolve_under_roots(path, roots)
+    except PathOutsideRootsError as exc:
+        raise PermissionDeniedError(str(exc)) from exc
+    except ModelLoadError as exc:
+        raise InvalidRequestError(str(exc)) from exc

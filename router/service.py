@@ -37,7 +37,7 @@ from router.domain import (
     check_prompt_tokens,
     check_sampling,
 )
-from router.drafter_pool import DrafterPool
+from router.drafter_pool import DrafterPool, under_model_roots
 from router.errors import (
     AlreadyExistsError,
     GenerationFailedError,
@@ -175,8 +175,8 @@ class RouterService:
         self.tokenizer = components.target.tokenizer
         self._fast_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None)
         # Automatic distillation's output directory is a model root while it is on.
-        roots = (*components.model_roots, *extra_model_roots(settings))
-        self.drafters = DrafterPool(components.target, components.engine, store, roots)
+        self.model_roots = (*components.model_roots, *extra_model_roots(settings))
+        self.drafters = DrafterPool(components.target, components.engine, store, self.model_roots)
         self.policy = PolicyHolder(
             store, self.drafters.eligible, self._similarity_of, self.drafter_hints
         )
@@ -716,8 +716,9 @@ class RouterService:
 
         if not path:
             raise InvalidRequestError("a classifier directory path is required")
+        directory = under_model_roots(path, self.model_roots)
         try:
-            await asyncio.to_thread(self.components.classifiers.reload, Path(path))
+            await asyncio.to_thread(self.components.classifiers.reload, directory)
         except ClassifierLoadError as exc:
             raise PreconditionError(str(exc)) from exc
         return self.classifier_view(path)

@@ -43,7 +43,7 @@ class ServingWorld:
     mismatched_dir: Path  # the generic drafter with one more tokenizer token
     pickle_dir: Path  # pytorch_model.bin only
     outside_dir: Path  # a valid drafter outside every model root
-    classifier_v2_dir: Path  # another valid classifier (other seed)
+    classifier_v2_dir: Path  # another valid classifier (other seed), under extra_root
     prompts: dict[str, str]  # task -> the user text of one test example
 
     @property
@@ -145,7 +145,7 @@ def serving_world(
         mismatched_dir=_mismatched_copy(generic, extra_root / "mismatched"),
         pickle_dir=_pickle_copy(generic, extra_root / "pickled"),
         outside_dir=outside,
-        classifier_v2_dir=_other_classifier(tiny_world, base / "classifier-v2"),
+        classifier_v2_dir=_other_classifier(tiny_world, extra_root / "classifier-v2"),
         prompts=prompts,
     )
 

@@ -369,6 +369,29 @@ def test_reload_classifier_swaps_and_refuses_a_broken_one(
     )
 
 
+def test_reload_classifier_only_from_under_a_model_root(
+    sidecar: SidecarThread, serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """A valid classifier outside every model root (or reached by a symlink from inside
+    one) is refused, as a drafter there is; it was loaded before."""
+    outside = tmp_path / "classifier"
+    shutil.copytree(serving_world.classifier_v2_dir, outside)
+    link = serving_world.extra_root / "classifier-link"
+    link.symlink_to(outside)
+    before = sidecar.service.components.classifiers.current.metadata.version
+    try:
+        for path in (outside, link):
+            with pytest.raises(grpc.RpcError) as refused:
+                sidecar.stub.ReloadClassifier(
+                    pb.ReloadClassifierRequest(path=str(path)), metadata=ADMIN
+                )
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "outside the configured model roots" in refused.value.details()
+    finally:
+        link.unlink()
+    assert sidecar.service.components.classifiers.current.metadata.version == before
+
+
 def test_policy_state_and_switching(sidecar: SidecarThread, PROMPT: str) -> None:
     sidecar.stub.Route(pb.RouteRequest(text=PROMPT, task_hint="summarization"))
     state = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
