@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 #: Key of a snapshot's learning-log cursor (which shared outcomes its state holds); kept
 #: beside the policy's own state and never handed to the policy.
 LOG_CURSOR_KEY = "learning_log_cursor"
+#: A snapshot this build cannot restore (another format version, another policy) is kept
+#: in the store under ``<policy>`` + this suffix, where pruning the policy's own
+#: snapshots does not reach it: the learned state stays for a migration or a downgrade.
+UNRESTORED_SUFFIX = ".unrestored"
 
 
 class LearningLog(Protocol):
@@ -88,7 +92,16 @@ class PolicyHolder:
                 policy.load_state_dict(state)
                 logger.info("restored policy %s at version %d", name, snapshot.version)
             except IncompatibleStateError as exc:
-                logger.warning("not restoring policy %s: %s", name, exc)
+                kept = self._store.save_policy(
+                    name + UNRESTORED_SUFFIX, snapshot.version, snapshot.state
+                )
+                logger.warning(
+                    "not restoring policy %s: %s; starting from priors, the snapshot is kept "
+                    "in the store as %r",
+                    name,
+                    exc,
+                    kept.policy,
+                )
                 snapshot = None
             self._sync_drafters(policy)
         with self._lock:
