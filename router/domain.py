@@ -254,6 +254,20 @@ def check_prompt(prompt: Prompt) -> Prompt:
     return prompt
 
 
+def check_prompt_chars(prompt: Prompt, max_chars: int, limits: Limits) -> None:
+    """Refuse a prompt with more characters than ``limits.max_prompt_tokens`` tokens can
+    spell (``max_chars``), before it is tokenized (INVALID_ARGUMENT)."""
+    if prompt.text is not None:
+        chars = len(prompt.text)
+    else:
+        chars = sum(len(m.get("content", "")) for m in prompt.messages)
+    if chars > max_chars:
+        raise InvalidRequestError(
+            f"the prompt has {chars} characters, more than {limits.max_prompt_tokens} "
+            f"tokens can spell (the limit is {max_chars} characters)"
+        )
+
+
 def check_max_new_tokens(requested: int, limits: Limits, *, required: bool) -> int:
     """``requested`` within ``1..limit``; 0 is allowed only where not ``required`` (Route)."""
     if requested < 0 or (required and requested == 0):

@@ -55,6 +55,22 @@ def _register(
 
 CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
     "empty prompt": (_route(text="  "), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    # Tokenized in full before: a 1 MB prompt held every other Route for ~0.3 s.
+    "a prompt longer than the token limit can spell": (
+        _route(text="word " * 100_000),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tokens can spell",
+    ),
+    "a chat prompt longer than the token limit can spell": (
+        _generate(
+            conversation=pb.Conversation(
+                messages=[pb.ChatMessage(role="user", content="word " * 100_000)]
+            ),
+            max_new_tokens=4,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tokens can spell",
+    ),
     # A misspelt option was ignored without a word (the drafter ran with the default).
     # Path.resolve raised ValueError("embedded null byte"): UNKNOWN.
     "a model path holding a NUL character": (
