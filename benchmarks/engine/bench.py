@@ -369,6 +369,35 @@ def summarize_task(
     }
 
 
+@dataclass(frozen=True)
+class OpenedWorld:
+    """A built world opened for an engine benchmark script: where it is, its manifest, and
+    the engine over its target."""
+
+    root: Path
+    world: Any  # router.bundle.ModelBundle
+    manifest: dict[str, Any]
+    engine: SpeculativeEngine
+
+    @property
+    def target(self) -> LoadedModel:
+        return self.engine.target
+
+    def tasks(self, spec: str) -> list[str]:
+        """The tasks a comma-separated ``spec`` names; all the world's when it is empty."""
+        return [t for t in spec.split(",") if t] or list(self.world.tasks)
+
+
+def open_world(world_dir: Path | None) -> OpenedWorld:
+    """Load ``world_dir`` (default: the built-in default world) and its target."""
+    from router.bundle import ModelBundle, default_bundle_dir, read_manifest
+
+    root = world_dir or default_bundle_dir()
+    world = ModelBundle.load(root)
+    target = load_model(world.target_dir)
+    return OpenedWorld(root, world, read_manifest(Path(root)) or {}, SpeculativeEngine(target))
+
+
 def machine_description(device: torch.device) -> str:
     """CPU model (or GPU name), core count and torch threads, for the table's title."""
     if device.type == "cuda":

@@ -37,6 +37,7 @@ from benchmarks.engine.bench import (
     load_task_setups,
     machine_description,
     measure_task,
+    open_world,
 )
 from drafters.hybrid import DEFAULT_MIN_MATCH, DEFAULT_MODEL_K, CopyOrModelDrafter
 from drafters.model_drafter import ModelDrafter
@@ -95,8 +96,6 @@ def summarize_task(totals: dict[Configuration, ConfigurationTotals], task: str) 
 
 
 def main() -> None:
-    from router.bundle import ModelBundle, default_bundle_dir, read_manifest
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=Path, default=None)
     parser.add_argument("--tasks", default="")
@@ -110,15 +109,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     ks = [int(k) for k in args.ks.split(",") if k]
-    root = args.world or default_bundle_dir()
-    world = ModelBundle.load(root)
-    manifest = read_manifest(Path(root)) or {}
-    from drafters.engine import SpeculativeEngine
-    from drafters.loader import load_model
-
-    target = load_model(world.target_dir)
-    engine = SpeculativeEngine(target)
-    tasks = [t for t in args.tasks.split(",") if t] or list(world.tasks)
+    opened = open_world(args.world)
+    root, world, manifest, engine = opened.root, opened.world, opened.manifest, opened.engine
+    target, tasks = opened.target, opened.tasks(args.tasks)
     report: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_description(target.device),

@@ -30,11 +30,10 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from benchmarks.engine.bench import PLAIN, TaskSetup, load_task_setups
+from benchmarks.engine.bench import PLAIN, TaskSetup, load_task_setups, open_world
 from drafters.attention import cached_causal_mask
 from drafters.base import Drafter
 from drafters.engine import SpeculativeEngine
-from drafters.loader import load_model
 from drafters.registry import create_drafter
 from drafters.sampling import SamplingConfig
 from drafters.stopping import DraftStopRule
@@ -246,8 +245,6 @@ def summarize(
 
 
 def main() -> None:
-    from router.bundle import ModelBundle, default_bundle_dir, read_manifest
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=Path, default=None)
     parser.add_argument("--tasks", default="")
@@ -260,12 +257,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    root = args.world or default_bundle_dir()
-    world = ModelBundle.load(root)
-    manifest = read_manifest(Path(root)) or {}
-    target = load_model(world.target_dir)
-    engine = SpeculativeEngine(target)
-    tasks = [t for t in args.tasks.split(",") if t] or list(world.tasks)
+    opened = open_world(args.world)
+    root, world, manifest, engine = opened.root, opened.world, opened.manifest, opened.engine
+    target, tasks = opened.target, opened.tasks(args.tasks)
     setups = load_task_setups(world, target, tasks, args.prompts)
     report: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

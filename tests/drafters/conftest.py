@@ -94,6 +94,11 @@ def target(tiny_models: TinyModels) -> LoadedModel:
     return load_model(tiny_models.target_dir)
 
 
+@pytest.fixture(scope="module")
+def engine(target: LoadedModel) -> SpeculativeEngine:
+    return SpeculativeEngine(target)
+
+
 def make_prompts(count: int, seed: int = 0) -> list[list[int]]:
     """Random prompts of words, some with a repeated stretch so n-gram drafts can match."""
     generator = torch.Generator().manual_seed(seed)

@@ -27,11 +27,6 @@ MAX_NEW = 32
 
 
 @pytest.fixture(scope="module")
-def engine(target: LoadedModel) -> SpeculativeEngine:
-    return SpeculativeEngine(target)
-
-
-@pytest.fixture(scope="module")
 def drafter(target: LoadedModel, tiny_models: TinyModels) -> Drafter:
     return create_drafter(
         "copy-or-model",

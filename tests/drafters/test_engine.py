@@ -25,11 +25,6 @@ MAX_NEW = 32
 
 
 @pytest.fixture(scope="module")
-def engine(target: LoadedModel) -> SpeculativeEngine:
-    return SpeculativeEngine(target)
-
-
-@pytest.fixture(scope="module")
 def drafters(target: LoadedModel, tiny_models: TinyModels) -> dict[str, Drafter]:
     return {
         "none": create_drafter("none", name="none", target=target),

@@ -25,11 +25,6 @@ MAX_NEW = 32
 
 
 @pytest.fixture(scope="module")
-def engine(target: LoadedModel) -> SpeculativeEngine:
-    return SpeculativeEngine(target)
-
-
-@pytest.fixture(scope="module")
 def drafter(target: LoadedModel) -> Drafter:
     return create_drafter("self", name="self", target=target, options={"exit_layer": 1})
 

@@ -28,11 +28,6 @@ KINDS = ("max_prob", "entropy")
 
 
 @pytest.fixture(scope="module")
-def engine(target: LoadedModel) -> SpeculativeEngine:
-    return SpeculativeEngine(target)
-
-
-@pytest.fixture(scope="module")
 def drafters(target: LoadedModel, tiny_models: TinyModels) -> dict[str, Drafter]:
     return {
         "close": create_drafter("model", name="close", target=target, path=tiny_models.close_dir),
