@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from router.errors import InvalidRequestError
-from router.policy.base import DrafterHints
+from router.policy.base import DrafterHints, IncompatibleStateError
 from router.store import PolicySnapshot, SidecarStore
 
 logger = logging.getLogger(__name__)
@@ -73,17 +73,12 @@ class PolicyHolder:
     ) -> PolicySnapshot | None:
         """Make policy ``name`` (restoring its last snapshot unless told not to) and serve it;
         what the drafters' kinds hint (``DrafterHints``) fills what ``config`` leaves out."""
-        from router.policy.base import IncompatibleStateError
-        from router.policy.registry import POLICIES, make_policy, with_drafter_hints
+        from router.policy.registry import POLICIES, with_drafter_hints
 
         if name not in POLICIES:
             raise InvalidRequestError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
         hinted = with_drafter_hints(name, config, self._hints())
-        try:
-            policy = make_policy(name, list(self._drafters()), hinted or None)
-        except (TypeError, ValueError, KeyError) as exc:
-            raise InvalidRequestError(f"bad configuration for policy {name!r}: {exc}") from exc
-        self._sync_drafters(policy)  # similarity priors for the built-in drafters
+        policy = self._make(name, hinted)
         snapshot = self._store.latest_policy(name) if restore else None
         if snapshot is not None:
             state = dict(snapshot.state)
@@ -91,18 +86,10 @@ class PolicyHolder:
             try:
                 policy.load_state_dict(state)
                 logger.info("restored policy %s at version %d", name, snapshot.version)
-            except IncompatibleStateError as exc:
-                kept = self._store.save_policy(
-                    name + UNRESTORED_SUFFIX, snapshot.version, snapshot.state
-                )
-                logger.warning(
-                    "not restoring policy %s: %s; starting from priors, the snapshot is kept "
-                    "in the store as %r",
-                    name,
-                    exc,
-                    kept.policy,
-                )
-                snapshot = None
+            except Exception as exc:  # any state that does not load: start from priors
+                self._keep_unrestored(name, snapshot, exc)
+                # A load that failed midway may have left part of the state in: start again.
+                policy, snapshot, self._restored_cursor = self._make(name, hinted), None, None
             self._sync_drafters(policy)
         with self._lock:
             previous, previous_name = self._policy, self.name
@@ -110,6 +97,30 @@ class PolicyHolder:
         if previous is not None:
             self._save(previous, previous_name)
         return snapshot
+
+    def _make(self, name: str, hinted: Mapping[str, Any] | None) -> Any:
+        """A new policy ``name`` over the live drafters, from its priors."""
+        from router.policy.registry import make_policy
+
+        try:
+            policy = make_policy(name, list(self._drafters()), hinted or None)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise InvalidRequestError(f"bad configuration for policy {name!r}: {exc}") from exc
+        self._sync_drafters(policy)  # similarity priors for the built-in drafters
+        return policy
+
+    def _keep_unrestored(self, name: str, snapshot: PolicySnapshot, exc: Exception) -> None:
+        """Keep a snapshot this build cannot restore as ``<name>.unrestored``, so that no
+        later pruning removes that learned state, and say so."""
+        kept = self._store.save_policy(name + UNRESTORED_SUFFIX, snapshot.version, snapshot.state)
+        logger.log(
+            logging.WARNING if isinstance(exc, IncompatibleStateError) else logging.ERROR,
+            "not restoring policy %s: %s; starting from priors, the snapshot is kept in the "
+            "store as %r",
+            name,
+            exc if isinstance(exc, IncompatibleStateError) else f"{type(exc).__name__}: {exc}",
+            kept.policy,
+        )
 
     def _sync_drafters(self, policy: Any) -> None:
         """Make the policy's drafters the live ones (a snapshot may predate (un)registrations)."""

@@ -1,10 +1,18 @@
-"""The policy holder: a snapshot this build cannot restore is kept, not pruned away."""
+"""The policy holder: a snapshot this build cannot restore is kept, not pruned away, and
+the policy starts from its priors."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from router.policy_holder import UNRESTORED_SUFFIX, PolicyHolder
+import pytest
+
+from router.policy.base import NONE_DRAFTER, Context, IncompatibleStateError
+from router.policy.registry import make_policy
+from router.policy_holder import LOG_CURSOR_KEY, UNRESTORED_SUFFIX, PolicyHolder
 from router.store import SNAPSHOTS_KEPT, SidecarStore
 
 
@@ -25,3 +33,67 @@ def test_an_unrestorable_snapshot_is_kept_beside_the_fresh_policy(tmp_path: Path
     assert kept is not None and kept.version == 41 and kept.state == learned
     latest = store.latest_policy("thompson")
     assert latest is not None and latest.state.get("version") != 999
+
+
+DAMAGED: dict[str, tuple[str, dict[str, Any]]] = {
+    "thompson contexts": ("thompson", {"contexts": "not a list of contexts"}),
+    "thompson costs": ("thompson", {"costs": {"draft_ratios": 5}}),
+    "thompson rng": ("thompson", {"rng": {"bit_generator": "NoSuchGenerator"}}),
+    "ucb contexts": ("ucb", {"contexts": [[1, 2]]}),
+    "static contexts": ("static", {"contexts": [{"cluster": None}]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_a_damaged_snapshot_starts_the_policy_from_priors_and_is_kept(
+    tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A snapshot of this build's format whose contents do not load (a bug in the build
+    that saved it, a hand edit) failed SetPolicy, and the sidecar's start, with an
+    unexpected error. It now starts the policy from its priors (not from what the failed
+    load left half-applied) and is kept as <policy>.unrestored."""
+    name, damage = DAMAGED[case]
+    store = SidecarStore(tmp_path)
+    holder = PolicyHolder(store, lambda: ["generic", "math"], lambda drafter: None)
+    holder.start(name)
+    cursor = {"applied": {"replica-a": 12}}
+    damaged = {**holder.snapshot().state, **damage, LOG_CURSOR_KEY: cursor}
+    with pytest.raises(Exception) as raised:  # the policy itself refuses it...
+        make_policy(name, ["generic", "math"]).load_state_dict(damaged)
+    assert not isinstance(raised.value, IncompatibleStateError)
+    store.save_policy(name, 7, damaged)
+
+    with caplog.at_level(logging.ERROR, logger="router.policy_holder"):
+        assert holder.start(name) is None  # ...and the holder serves from priors
+    assert "starting from priors" in caplog.text
+    kept = store.latest_policy(name + UNRESTORED_SUFFIX)
+    assert kept is not None and kept.version == 7 and kept.state == damaged
+    fresh = holder.snapshot().state
+    assert fresh["updates"] == 0 and fresh["contexts"] == []
+    decision, _ = holder.select(Context("math", 0), ["generic", "math"])
+    assert decision.drafter in {"generic", "math", NONE_DRAFTER}
+    # A pooled log resumes from nothing: the cursor described the state not restored.
+    log = CursorLog()
+    holder.attach_log(log)
+    assert log.restored == [None]
+
+
+class CursorLog:
+    """A learning log that records the cursor it is resumed from."""
+
+    def __init__(self) -> None:
+        self.restored: list[Mapping[str, Any] | None] = []
+
+    def outcome(self, context: Any, decision: Any, outcome: Any) -> None:
+        pass
+
+    def counterfactual(
+        self, context: Any, drafter: str, accepted_per_step: Sequence[int], draft_length: int
+    ) -> None:
+        pass
+
+    def cursor(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, cursor: Mapping[str, Any] | None) -> None:
+        self.restored.append(cursor)
