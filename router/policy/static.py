@@ -8,15 +8,16 @@ Missing entries, and table drafters that are not eligible, mean k = 0.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.policy.base import MAX_DRAFT_LENGTH, NONE_DRAFTER, Context
+from router.policy.base import NONE_DRAFTER, Context
+from router.policy.config_types import DraftLength
 from router.policy.tally import TablePolicy
 
 #: A table entry: (drafter, k), k a draft length the policies model (0 = no speculation).
-Arm = tuple[str, Annotated[int, Field(ge=0, le=MAX_DRAFT_LENGTH)]]
+Arm = tuple[str, DraftLength]
 
 
 class StaticConfig(BaseModel):

@@ -61,7 +61,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -85,6 +85,7 @@ from router.policy.base import (
     check_drafter_name,
     check_state,
 )
+from router.policy.config_types import ServedLength
 from router.policy.copying import (
     CopyRuns,
     counterfactual_counts,
@@ -114,38 +115,48 @@ RUN_HORIZON_PER_K = 4
 
 #: The longest window of measured costs kept (each entry is saved with the policy's state).
 MAX_WINDOW = 100_000
+#: Bounds of the configuration's numbers (``ThompsonConfig``): a prior's or a transfer's
+#: weight in pseudo-observations, a cost in plain target steps (a drafted token, or the
+#: verify time one more draft token adds), a drift test's z.
+MAX_WEIGHT = 1e6
+MAX_COST_RATIO = 100.0
+MAX_DRIFT_Z = 100.0
+CostRatio = Annotated[float, Field(ge=0.0, le=MAX_COST_RATIO)]
+Similarity = Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT)]
 
 
 class ThompsonConfig(BaseModel):
-    """JSON configuration of ``thompson`` (SetPolicy ``config_json``)."""
+    """JSON configuration of ``thompson`` (SetPolicy ``config_json``). Every number is
+    finite and bounded: a value past these bounds overflowed the pricing or the learning
+    (an OverflowError on Report), or made a state that cannot be saved as JSON."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     gamma: float = Field(0.99, gt=0.0, le=1.0)
     gamma_drift: float = Field(0.8, gt=0.0, le=1.0)
-    drift_z: float | None = Field(3.0, gt=0.0)
+    drift_z: float | None = Field(3.0, gt=0.0, le=MAX_DRIFT_Z)
     k_max: int = Field(8, ge=1, le=MAX_DRAFT_LENGTH)
     seed: int | None = 0
-    prior_alpha: float = Field(1.0, gt=0.0)
-    prior_beta: float = Field(1.0, gt=0.0)
-    similarity_weight: float = Field(8.0, gt=0.0)
+    prior_alpha: float = Field(1.0, gt=0.0, le=MAX_WEIGHT)
+    prior_beta: float = Field(1.0, gt=0.0, le=MAX_WEIGHT)
+    similarity_weight: float = Field(8.0, gt=0.0, le=MAX_WEIGHT)
     similarity_low: float = Field(0.2, gt=0.0, lt=1.0)
     similarity_high: float = Field(0.9, gt=0.0, lt=1.0)
-    evidence_cap: float | None = Field(None, gt=0.0)
-    transfer_weight: float = Field(16.0, ge=0.0)
+    evidence_cap: float | None = Field(None, gt=0.0, le=MAX_WEIGHT)
+    transfer_weight: float = Field(16.0, ge=0.0, le=MAX_WEIGHT)
     cost_window: int = Field(512, ge=1, le=MAX_WINDOW)
     per_request: bool = True
     overhead_ewma: float = Field(0.05, gt=0.0, le=1.0)
     overhead_window: int = Field(16, ge=1, le=MAX_WINDOW)
-    verify_slope_ratio: float = Field(0.05, ge=0.0)
-    default_draft_cost_ratio: float = Field(0.1, ge=0.0)
-    draft_cost_ratio: dict[str, float] = Field(default_factory=dict)
-    similarity: dict[str, dict[str, float]] = Field(default_factory=dict)
+    verify_slope_ratio: float = Field(0.05, ge=0.0, le=MAX_COST_RATIO)
+    default_draft_cost_ratio: float = Field(0.1, ge=0.0, le=MAX_COST_RATIO)
+    draft_cost_ratio: dict[str, CostRatio] = Field(default_factory=dict)
+    similarity: dict[str, dict[str, Similarity]] = Field(default_factory=dict)
     copy_drafters: list[str] = Field(default_factory=lambda: list(DEFAULT_COPY_DRAFTERS))
     copy_k_max: int = Field(16, ge=1, le=MAX_DRAFT_LENGTH)
-    draft_length: dict[str, int] = Field(default_factory=dict)
+    draft_length: dict[str, ServedLength] = Field(default_factory=dict)
     cost_shape: dict[str, str] = Field(default_factory=dict)
-    copy_prior_weight: float = Field(2.0, gt=0.0)
+    copy_prior_weight: float = Field(2.0, gt=0.0, le=MAX_WEIGHT)
     explore_length: Literal["mean", "draw"] = "mean"
 
 

@@ -37,19 +37,24 @@ from router.policy.base import (
     check_drafter_name,
     check_state,
 )
+from router.policy.config_types import ServedLength
 from router.policy.costs import CostModel
+
+#: The largest exploration weight a configuration may set (past it the bonus swamps every
+#: measured speed-up anyway).
+MAX_EXPLORATION = 1e3
 
 
 class UcbConfig(BaseModel):
     """JSON configuration of ``ucb``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     k_max: int = Field(8, ge=1, le=MAX_DRAFT_LENGTH)
-    exploration: float = Field(1.0, ge=0.0)
+    exploration: float = Field(1.0, ge=0.0, le=MAX_EXPLORATION)
     gamma: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = 0
-    draft_length: dict[str, int] = Field(default_factory=dict)
+    draft_length: dict[str, ServedLength] = Field(default_factory=dict)
 
 
 def _on_grid(table: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

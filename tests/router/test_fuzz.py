@@ -34,6 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from router.pb import router_pb2 as pb
+from router.pb.router_pb2_grpc import RouterStub
 from tests.router.conftest import ADMIN, ServingWorld, SidecarThread
 
 # The statuses a caller's mistake may get; INTERNAL and UNKNOWN mean the sidecar failed.
@@ -524,6 +525,24 @@ def _policy_configs() -> dict[str, dict[str, Any]]:
     }
 
 
+def _route_and_report(stub: RouterStub, route: pb.RouteRequest) -> None:
+    """Route, then Report a measured outcome of the decision: the policy learns from it
+    (a setting can break the learning and not the choosing)."""
+    decision = stub.Route(route, timeout=30)
+    k = decision.draft_length
+    stub.Report(
+        pb.RouteOutcome(
+            request_id=decision.request_id,
+            drafted_per_step=[k] * 4,
+            accepted_per_step=[k, k // 2, 0, 0],
+            draft_time_s=0.002 * 4 * k,
+            verify_time_s=0.04,
+            plain_token_time_s=0.01,
+        ),
+        timeout=30,
+    )
+
+
 def _json_mutants(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
     """``value`` with one of its parts (itself, or any item of a dict or list within it,
     at any depth) replaced by an extreme, or one key of a dict left out."""
@@ -564,7 +583,10 @@ def test_each_policy_setting_at_its_extremes(
                 lambda r: stub.SetPolicy(r, metadata=ADMIN),
             )
             route = pb.RouteRequest(text=serving_world.prompts[serving_world.tasks[0]])
-            failed += _failures(iter([(f"{policy} {what}: Route", route)]), stub.Route)
+            failed += _failures(
+                iter([(f"{policy} {what}: Route and Report", route)]),
+                lambda r: _route_and_report(stub, r),
+            )
     stub.SetPolicy(pb.SetPolicyRequest(policy="thompson"), metadata=ADMIN)
     _none_failed(failed, sidecar, serving_world)
 

@@ -487,3 +487,45 @@ def test_a_drafter_that_rarely_proposes_is_not_priced_as_one_that_always_does() 
     means = {arm.drafter: arm.acceptance_mean for arm in summary.arms}
     assert means["rarely"] < 0.6 * means["always"], means  # 1/3 against 2/3
     assert summary.chosen_drafter == "always"
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"drift_z": 1e308},  # OverflowError on the first Report
+        {"verify_slope_ratio": 1e308},  # ZeroDivisionError on the first Report
+        {"default_draft_cost_ratio": 1e308},  # every arm priced at overflow
+        {"draft_cost_ratio": {"generic": 1e308}},
+        {"draft_cost_ratio": {"generic": -1.0}},
+        {"prior_alpha": float("inf")},  # a state JSON cannot hold
+        {"similarity": {"generic": {"math": float("nan")}}},
+        {"copy_prior_weight": 1e308},
+        {"draft_length": {"generic": 0}},
+        {"draft_length": {"generic": 33}},
+    ],
+)
+def test_a_setting_past_its_bounds_is_refused(setting: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        make_policy("thompson", ["generic", "math"], setting)
+
+
+def test_settings_at_their_bounds_are_served_and_learn() -> None:
+    policy = make_policy(
+        "thompson",
+        ["generic", "math"],
+        {
+            "drift_z": 100.0,
+            "verify_slope_ratio": 100.0,
+            "default_draft_cost_ratio": 100.0,
+            "prior_alpha": 1e6,
+            "prior_beta": 1e6,
+            "similarity": {"generic": {"math": 1e6, "chat": -1e6}},
+            "draft_length": {"generic": 32},
+        },
+    )
+    context, rng = Context("math", 0), np.random.default_rng(0)
+    with np.errstate(all="raise"):
+        for _ in range(5):
+            decision = policy.select(context, ["generic", "math"])
+            policy.update(context, decision, geometric_outcome(rng, decision, 0.5, tokens=20))
+    json.dumps(policy.state_dict(), allow_nan=False)
