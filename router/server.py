@@ -78,7 +78,7 @@ class RunningSidecar:
         logger.info("sidecar stopped; policy state saved")
 
 
-def _grpc_options(settings: Settings) -> list[tuple[str, Any]]:
+def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
     size = settings.limits.max_request_bytes
     return [("grpc.max_receive_message_length", size), ("grpc.so_reuseport", 0)]
 
@@ -151,7 +151,7 @@ async def start_sidecar(settings: Settings, components: Components | None = None
     data = settings.data_token.get_secret_value() if settings.data_token else None
     server = aio.server(
         interceptors=[EdgeInterceptor(BearerAuth(ADMIN_METHODS, admin, data), metrics)],
-        options=_grpc_options(settings),
+        options=grpc_options(settings),
     )
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(service, pooling), server)
     health_servicer = health.aio.HealthServicer()

@@ -36,6 +36,13 @@ from router.capture import AutoDistillSettings, CaptureSettings
 CONFIG_FILE_ENV = "SPECROUTE_CONFIG"
 
 
+#: The largest value gRPC's channel options take (a C int).
+MAX_C_INT = 2**31 - 1
+#: The most threads a setting may ask for (torch's intra-op threads, generation workers):
+#: torch crashed the process (a segmentation fault) on its first operation at 100,000.
+MAX_THREADS = 1024
+
+
 class Limits(BaseModel):
     """Per-request and capacity limits; requests beyond them are refused, never queued."""
 
@@ -43,9 +50,10 @@ class Limits(BaseModel):
 
     max_prompt_tokens: int = Field(default=1024, gt=0)
     max_new_tokens: int = Field(default=512, gt=0)
-    max_request_bytes: int = Field(default=1 << 20, gt=0)
+    # gRPC takes it as a C int: at most 2 GiB - 1.
+    max_request_bytes: int = Field(default=1 << 20, gt=0, le=MAX_C_INT)
     # Generations run one at a time per worker on the shared target.
-    generation_workers: int = Field(default=1, gt=0)
+    generation_workers: int = Field(default=1, gt=0, le=MAX_THREADS)
     # Generations waiting for a worker; one more is RESOURCE_EXHAUSTED.
     generation_queue_size: int = Field(default=8, ge=0)
     # Outstanding routed requests kept for Report (oldest forgotten first).
@@ -172,7 +180,7 @@ class Settings(BaseSettings):
     # torch intra-op threads (0: torch's default). Tiny models decode fastest on one thread,
     # and generation and counterfactual scoring run side by side: more threads than cores
     # made a tiny forward 10x slower here. Raise it for a real checkpoint on CPU.
-    torch_threads: int = Field(default=1, ge=0)
+    torch_threads: int = Field(default=1, ge=0, le=MAX_THREADS)
     seed: int = 0
 
     @model_validator(mode="before")

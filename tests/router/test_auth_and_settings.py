@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from pydantic import ValidationError
 from text_generation import Client
 from text_generation.errors import UnknownError
 
 from router.errors import AlreadyExistsError, NotFoundError
 from router.pb import router_pb2 as pb
+from router.server import grpc_options
 from router.service import Components
-from router.settings import load_settings
+from router.settings import MAX_C_INT, Limits, Settings, load_settings
 from router.store import DrafterRecord, SidecarStore
 from tests.router.conftest import ADMIN, ServingWorld, SidecarThread
 
@@ -227,3 +231,28 @@ def test_without_an_admin_token_admin_rpcs_are_closed(
         ]
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"limits": {"max_request_bytes": 2**40}},  # gRPC: OverflowError (a traceback) at start
+        {"torch_threads": 100_000},  # torch: a segmentation fault on the first operation
+        {"limits": {"generation_workers": 100_000}},
+    ],
+)
+def test_a_capacity_setting_past_what_runs_is_refused(setting: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**setting)
+
+
+def test_the_largest_request_size_allowed_starts_a_grpc_server() -> None:
+    async def start() -> None:
+        server = grpc.aio.server(
+            options=grpc_options(Settings(limits=Limits(max_request_bytes=MAX_C_INT)))
+        )
+        server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await server.stop(0)
+
+    asyncio.run(start())
