@@ -29,6 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from router.store import open_database
 
+#: The most threads a setting may ask for (torch's intra-op threads, generation workers,
+#: the distillation child's cores): torch crashed the process (a segmentation fault) on
+#: its first operation at 100,000.
+MAX_THREADS = 1024
+
 logger = logging.getLogger(__name__)
 
 DATABASE_NAME = "capture.sqlite3"
@@ -92,7 +97,9 @@ class AutoDistillSettings(BaseModel):
     min_samples: int = Field(default=200, ge=2)
     interval_s: float = Field(default=60.0, gt=0)  # how often to look for a cluster
     steps: int = Field(default=100, ge=1)
-    cores: int = Field(default=1, ge=1)  # CPU cores (and torch threads) of the child
+    cores: int = Field(
+        default=1, ge=1, le=MAX_THREADS
+    )  # CPU cores (and torch threads) of the child
     nice: int = Field(default=10, ge=0, le=19)
     out_dir: Path | None = None  # None: <state_dir>/distilled; always a model root
     from_drafter: str = ""  # empty: the cluster's current model arm, else generic

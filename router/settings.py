@@ -31,16 +31,13 @@ from pydantic_settings import (
 )
 
 from router.bundle import specroute_home
-from router.capture import AutoDistillSettings, CaptureSettings
+from router.capture import MAX_THREADS, AutoDistillSettings, CaptureSettings
 
 CONFIG_FILE_ENV = "SPECROUTE_CONFIG"
 
 
 #: The largest value gRPC's channel options take (a C int).
 MAX_C_INT = 2**31 - 1
-#: The most threads a setting may ask for (torch's intra-op threads, generation workers):
-#: torch crashed the process (a segmentation fault) on its first operation at 100,000.
-MAX_THREADS = 1024
 
 
 class Limits(BaseModel):
@@ -181,7 +178,8 @@ class Settings(BaseSettings):
     # and generation and counterfactual scoring run side by side: more threads than cores
     # made a tiny forward 10x slower here. Raise it for a real checkpoint on CPU.
     torch_threads: int = Field(default=1, ge=0, le=MAX_THREADS)
-    seed: int = 0
+    # Seeds numpy and scikit-learn, which take 0 to 2**32 - 1.
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
 
     @model_validator(mode="before")
     @classmethod

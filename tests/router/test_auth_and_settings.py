@@ -239,6 +239,9 @@ def test_without_an_admin_token_admin_rpcs_are_closed(
         {"limits": {"max_request_bytes": 2**40}},  # gRPC: OverflowError (a traceback) at start
         {"torch_threads": 100_000},  # torch: a segmentation fault on the first operation
         {"limits": {"generation_workers": 100_000}},
+        {"auto_distill": {"cores": 100_000}},  # the distillation child's torch threads
+        {"seed": -1},  # numpy and scikit-learn: ValueError when the classifier is trained
+        {"seed": 2**40},
     ],
 )
 def test_a_capacity_setting_past_what_runs_is_refused(setting: dict[str, Any]) -> None:
