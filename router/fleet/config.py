@@ -57,7 +57,7 @@ def normalise_url(url: str) -> str:
 class ReplicaSpec(BaseModel):
     """One vLLM server and the speculative configuration it was started with."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     url: str
     model: str = Field(min_length=1)
@@ -104,7 +104,7 @@ class ReplicaSpec(BaseModel):
 class FleetSpec(BaseModel):
     """The whole fleet file."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     replicas: list[ReplicaSpec] = Field(min_length=1)
     # A replica is probed this often (GET /health); a failed one is probed until it is back.

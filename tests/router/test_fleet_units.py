@@ -518,3 +518,23 @@ def test_a_replica_never_reached_is_told_from_one_that_failed_the_request() -> N
 
     assert asyncio.run(first_error()).reached is False
     assert ReplicaFailedError("HTTP 500: engine dead").reached is True
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+@pytest.mark.parametrize(
+    "where",
+    ["connect_timeout_s", "request_timeout_s", "health_interval_s", "replicas.0.timeout_s"],
+)
+def test_a_time_that_is_not_finite_is_refused(tmp_path: Path, where: str, value: str) -> None:
+    """TOML spells infinity ``inf``; aiohttp cannot time out after it (OverflowError on
+    every probe or every request of the replica)."""
+    replica = '[[replicas]]\nurl = "http://a"\nmodel = "m"\nspeculative = "none"\n'
+    if where.startswith("replicas"):
+        text = f"{replica}timeout_s = {value}\n"
+    else:
+        text = f"{where} = {value}\n{replica}"
+    path = tmp_path / "fleet.toml"
+    path.write_text(text)
+    with pytest.raises(FleetConfigError, match="finite") as refused:
+        load_fleet_file(path)
+    assert "\n" not in str(refused.value)
