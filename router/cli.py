@@ -64,13 +64,14 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
-    """Run the app; a missing model bundle, whichever command needed it, is one line and
-    exit status 2 (not a traceback)."""
+    """Run the app; a missing model bundle or a state directory that cannot be used,
+    whichever command needed it, is one line and exit status 2 (not a traceback)."""
     from router.bundle import BundleNotFoundError
+    from router.store import StateStoreError
 
     try:
         build_app()()
-    except BundleNotFoundError as error:
+    except (BundleNotFoundError, StateStoreError) as error:
         typer.echo(f"error: {error}", err=True)
         raise SystemExit(2) from None
 

@@ -125,12 +125,18 @@ async def _snapshot_loop(service: RouterService, interval_s: float) -> None:
 
 async def start_sidecar(settings: Settings, components: Components | None = None) -> RunningSidecar:
     """Build components (unless given), start every server, and return the running sidecar."""
+    # The state store first: a state directory that cannot be used stops the start before
+    # the models are loaded.
+    store = SidecarStore(settings.state_dir)
     if components is None:
         from router.components import build_components
 
-        components = await asyncio.to_thread(build_components, settings)
+        try:
+            components = await asyncio.to_thread(build_components, settings)
+        except BaseException:
+            store.close()
+            raise
     metrics = create_metrics()
-    store = SidecarStore(settings.state_dir)
     service: RouterService
     if settings.fleet_file is not None:
         from router.fleet.service import start_fleet_service

@@ -82,6 +82,12 @@ def _record_from_row(row: sqlite3.Row) -> DrafterRecord:
     )
 
 
+class StateStoreError(RuntimeError):
+    """The state directory or one of its databases cannot be used (not a directory, not
+    writable, a file that is not a SQLite database): the sidecar does not start, and
+    nothing in the directory is changed."""
+
+
 def open_database(
     path: Path, schema: str, synchronous: Literal["FULL", "NORMAL"] = "FULL"
 ) -> sqlite3.Connection:
@@ -89,12 +95,24 @@ def open_database(
     outside an explicit transaction commits at once), usable from any thread under the
     caller's lock, with ``schema`` applied. In WAL mode a committed transaction survives
     the process being killed with either ``synchronous`` level; FULL also survives a power
-    loss, at one fsync per commit."""
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute(f"PRAGMA synchronous={synchronous}")
-    db.executescript(schema)
+    loss, at one fsync per commit. ``StateStoreError`` when the file cannot be opened as
+    a database (it is left as it is)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    except (OSError, sqlite3.Error) as error:
+        raise StateStoreError(f"cannot open the state database {path}: {error}") from None
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(f"PRAGMA synchronous={synchronous}")
+        db.executescript(schema)
+    except sqlite3.Error as error:
+        db.close()
+        raise StateStoreError(
+            f"cannot use the state database {path}: {error}; it is left as it is (move it "
+            "aside, or restore it from a backup, to start)"
+        ) from None
     return db
 
 
@@ -102,7 +120,6 @@ class SidecarStore:
     """The state directory's SQLite database; thread-safe (one connection, one lock)."""
 
     def __init__(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
         self.path = state_dir / DATABASE_NAME
         self._lock = threading.Lock()
         self._db = open_database(self.path, SCHEMA)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from benchmarks.load.load_bench import child_pids
 from router.launch import LaunchedSidecar, launch_sidecar
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
-from router.store import SidecarStore
+from router.store import DATABASE_NAME, SidecarStore
 from tests.router.conftest import ADMIN, ADMIN_TOKEN, COMPLETION_PROMPT, ServingWorld
 
 PROMPT = COMPLETION_PROMPT
@@ -138,3 +141,40 @@ def test_drafter_and_policy_survive_sigkill_and_sigterm(
     # The final snapshot at SIGTERM holds the last update (restoring a snapshot is
     # covered by the restart above).
     assert _latest_snapshot_version(state_dir) == state_before_stop.version
+
+
+SERVERS_OFF = ("--http-port", "-1", "--metrics-port", "-1")
+
+
+@pytest.mark.parametrize("damage", ["not a directory", "not a database"])
+def test_a_state_directory_that_cannot_be_used_stops_the_start_and_is_left_as_is(
+    tmp_path: Path, damage: str
+) -> None:
+    """A traceback before, and only after the models had loaded; now one line and exit
+    status 2 before anything is loaded (no world is needed to see it), the file unchanged."""
+    if damage == "not a directory":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("x")
+        state_dir, kept = blocker / "state", blocker
+    else:
+        state_dir = tmp_path / "state"
+        state_dir.mkdir()
+        kept = state_dir / DATABASE_NAME
+        kept.write_bytes(bytes(range(256)) * 20)  # not SQLite's header
+    before = kept.read_bytes()
+    done = subprocess.run(
+        [sys.executable, "-m", "router.cli", "serve", *("--port", "0"), *SERVERS_OFF],
+        capture_output=True,
+        text=True,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HF_HUB_OFFLINE": "1",
+            "SPECROUTE_STATE_DIR": str(state_dir),
+            "SPECROUTE_WORLD_DIR": str(tmp_path / "no-world"),
+        },
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert str(state_dir) in done.stderr
+    assert kept.read_bytes() == before
