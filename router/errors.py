@@ -48,6 +48,11 @@ class OverloadedError(SidecarError):
     """The bounded generation queue is full."""
 
 
+class StorageFullError(SidecarError):
+    """The state store's disk is full: what the call would have saved was not saved, and
+    nothing it would have changed was changed."""
+
+
 class UnauthenticatedError(SidecarError):
     """No valid bearer token for a call that needs one."""
 
@@ -72,6 +77,7 @@ ERROR_STATUSES: dict[type[SidecarError], ErrorStatus] = {
     PreconditionError: ErrorStatus(grpc.StatusCode.FAILED_PRECONDITION, 422, "validation"),
     PermissionDeniedError: ErrorStatus(grpc.StatusCode.PERMISSION_DENIED, 403, "forbidden"),
     OverloadedError: ErrorStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "overloaded"),
+    StorageFullError: ErrorStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, 507, "storage_full"),
     UnauthenticatedError: ErrorStatus(grpc.StatusCode.UNAUTHENTICATED, 401, "unauthenticated"),
     GenerationFailedError: ErrorStatus(grpc.StatusCode.INTERNAL, 424, "generation"),
 }

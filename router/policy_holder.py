@@ -91,11 +91,13 @@ class PolicyHolder:
                 # A load that failed midway may have left part of the state in: start again.
                 policy, snapshot, self._restored_cursor = self._make(name, hinted), None, None
             self._sync_drafters(policy)
+        # The policy served until now is saved, then replaced, under one hold of the lock:
+        # no update falls between the two, and a save that fails leaves it serving.
         with self._lock:
-            previous, previous_name = self._policy, self.name
+            if self._policy is not None:
+                state = self._state_of(self._policy)
+                self._store.save_policy(self.name, int(self._policy.version), state)
             self._policy, self.name, self._config = policy, name, config
-        if previous is not None:
-            self._save(previous, previous_name)
         return snapshot
 
     def _make(self, name: str, hinted: Mapping[str, Any] | None) -> Any:
@@ -232,8 +234,3 @@ class PolicyHolder:
         """Save the current policy's state to the store."""
         name, version, state = self.state()
         return self._store.save_policy(name, version, state)
-
-    def _save(self, policy: Any, name: str) -> None:
-        with self._lock:
-            state = self._state_of(policy)
-        self._store.save_policy(name, int(policy.version), state)

@@ -46,6 +46,7 @@ from router.errors import (
     NotFoundError,
     PreconditionError,
     SidecarError,
+    StorageFullError,
 )
 from router.generation import Finished, GenerationQueue
 from router.metrics import SidecarMetrics
@@ -226,7 +227,10 @@ class RouterService:
             self.queue.shutdown()
             self._learner.shutdown(wait=True, cancel_futures=True)
         finally:
-            self.policy.snapshot()
+            try:
+                self.policy.snapshot()
+            except StorageFullError as error:  # stop anyway: the last saved snapshot stays
+                logger.error("final policy snapshot not taken: %s", error)
             if self.capture is not None:
                 self.capture.close()
 

@@ -6,16 +6,17 @@ just before the process is killed is present after a restart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from router.errors import AlreadyExistsError, NotFoundError
+from router.errors import AlreadyExistsError, NotFoundError, StorageFullError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS drafters (
@@ -128,13 +129,27 @@ class SidecarStore:
         with self._lock:
             self._db.close()
 
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[sqlite3.Connection]:
+        """The connection under the lock, for one write that commits or changes nothing;
+        a full disk is ``StorageFullError``."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.OperationalError as error:
+                if getattr(error, "sqlite_errorname", "") != "SQLITE_FULL":
+                    raise
+                raise StorageFullError(
+                    f"the state store {self.path} is full ({error}): {what} was not saved"
+                ) from error
+
     # -- drafters ---------------------------------------------------------------------
     def add_drafter(self, record: DrafterRecord) -> DrafterRecord:
         """Insert ``record``; ALREADY_EXISTS when the name is taken."""
         stored = record if record.created_unix else _with_time(record)
         try:
-            with self._lock:
-                self._db.execute(
+            with self._writing(f"drafter {record.name!r}") as db:
+                db.execute(
                     "INSERT INTO drafters (name, kind, path, tasks, finetune_sample, options,"
                     " parameter_count, weights_digest, created_unix)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -156,11 +171,11 @@ class SidecarStore:
 
     def remove_drafter(self, name: str) -> DrafterRecord:
         """Delete and return the named drafter; NOT_FOUND when absent."""
-        with self._lock:
-            row = self._db.execute("SELECT * FROM drafters WHERE name = ?", (name,)).fetchone()
+        with self._writing(f"the removal of drafter {name!r}") as db:
+            row = db.execute("SELECT * FROM drafters WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise NotFoundError(f"no registered drafter named {name!r}")
-            self._db.execute("DELETE FROM drafters WHERE name = ?", (name,))
+            db.execute("DELETE FROM drafters WHERE name = ?", (name,))
         return _record_from_row(row)
 
     def drafters(self) -> list[DrafterRecord]:
@@ -174,13 +189,13 @@ class SidecarStore:
         """Store a policy snapshot (JSON) and prune old ones."""
         snapshot = PolicySnapshot(policy, int(version), dict(state), time.time())
         text = json.dumps(snapshot.state, sort_keys=True)
-        with self._lock:
-            self._db.execute(
+        with self._writing(f"a snapshot of policy {policy!r}") as db:
+            db.execute(
                 "INSERT INTO policy_snapshots (policy, version, state, created_unix)"
                 " VALUES (?, ?, ?, ?)",
                 (policy, snapshot.version, text, snapshot.created_unix),
             )
-            self._db.execute(
+            db.execute(
                 "DELETE FROM policy_snapshots WHERE policy = ? AND id NOT IN (SELECT id FROM"
                 " policy_snapshots WHERE policy = ? ORDER BY id DESC LIMIT ?)",
                 (policy, policy, SNAPSHOTS_KEPT),

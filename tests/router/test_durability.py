@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -14,8 +16,15 @@ from benchmarks.load.load_bench import child_pids
 from router.launch import LaunchedSidecar, launch_sidecar
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
+from router.service import Components
 from router.store import DATABASE_NAME, SidecarStore
-from tests.router.conftest import ADMIN, ADMIN_TOKEN, COMPLETION_PROMPT, ServingWorld
+from tests.router.conftest import (
+    ADMIN,
+    ADMIN_TOKEN,
+    COMPLETION_PROMPT,
+    ServingWorld,
+    SidecarThread,
+)
 
 PROMPT = COMPLETION_PROMPT
 
@@ -178,3 +187,59 @@ def test_a_state_directory_that_cannot_be_used_stops_the_start_and_is_left_as_is
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
     assert str(state_dir) in done.stderr
     assert kept.read_bytes() == before
+
+
+def test_a_full_disk_refuses_admin_changes_and_changes_nothing(
+    serving_world: ServingWorld, components: Components, tmp_path: Path
+) -> None:
+    """With the state store's disk full (every write SQLITE_FULL), a registration or a
+    policy switch was an INTERNAL error, and the switch had already happened: the sidecar
+    served a policy whose predecessor it could not save. Now RESOURCE_EXHAUSTED, nothing
+    changed, and the sidecar keeps serving."""
+    running = SidecarThread(serving_world.settings(tmp_path / "state"), components)
+    try:
+        stub, store = running.stub, running.service.store
+        before = stub.GetPolicyState(pb.GetPolicyStateRequest(), metadata=ADMIN).policy
+        store._db = FullDisk(store._db)
+        calls = {
+            "RegisterDrafter": lambda: stub.RegisterDrafter(
+                pb.RegisterDrafterRequest(name="lookup", kind="ngram"), metadata=ADMIN
+            ),
+            "SetPolicy": lambda: stub.SetPolicy(pb.SetPolicyRequest(policy="ucb"), metadata=ADMIN),
+        }
+        for call in calls.values():
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "is full" in (refused.value.details() or "")
+        drafters = stub.ListDrafters(pb.ListDraftersRequest())
+        assert "lookup" not in {d.name for d in drafters.drafters}
+        assert stub.GetPolicyState(pb.GetPolicyStateRequest(), metadata=ADMIN).policy == before
+        assert stub.Route(pb.RouteRequest(text=PROMPT)).request_id  # still serving
+
+        store._db = store._db.db  # room again
+        for call in calls.values():
+            call()
+        # Full again at shutdown: the final snapshot is not taken, and the sidecar stops
+        # cleanly all the same (it raised out of the stop before).
+        store._db = FullDisk(store._db)
+    finally:
+        running.stop()
+
+
+class FullDisk:
+    """A SQLite connection on a disk with no space left: every write fails with SQLite's
+    SQLITE_FULL (what it reports for ENOSPC), reads go through."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def execute(self, sql: str, *parameters: Any) -> sqlite3.Cursor:
+        if sql.lstrip().upper().startswith(("INSERT", "DELETE", "UPDATE")):
+            error = sqlite3.OperationalError("database or disk is full")
+            error.sqlite_errorname = "SQLITE_FULL"
+            raise error
+        return self.db.execute(sql, *parameters)
+
+    def close(self) -> None:
+        self.db.close()
