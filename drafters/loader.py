@@ -176,7 +176,10 @@ def resolve_under_roots(path: str | Path, roots: Sequence[str | Path]) -> Path:
     """Resolve ``path`` (symlinks included) and require it to lie under one of ``roots``."""
     if "\x00" in str(path):
         raise ModelLoadError(f"{str(path)!r} is not a path: it holds a NUL character")
-    resolved = Path(path).expanduser().resolve()
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as error:  # a symlink loop; a name the system refuses
+        raise ModelLoadError(f"{str(path)!r} cannot be resolved: {error}") from None
     for root in roots:
         root_resolved = Path(root).expanduser().resolve()
         if resolved == root_resolved or root_resolved in resolved.parents:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -53,6 +54,17 @@ def _register(
     return call
 
 
+def _symlink_loop(root: Path) -> Path:
+    """Two links in a folder of their own under ``root``, pointing at each other; the
+    first of them."""
+    (root / "loop").mkdir(exist_ok=True)
+    first, second = root / "loop" / "a", root / "loop" / "b"
+    for link, target in ((first, second), (second, first)):
+        if not link.is_symlink():
+            link.symlink_to(target)
+    return first
+
+
 CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
     "empty prompt": (_route(text="  "), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
     # Tokenized in full before: a 1 MB prompt held every other Route for ~0.3 s.
@@ -77,6 +89,12 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         _register("model", lambda w: str(w.spare_dir) + "\x00"),
         grpc.StatusCode.INVALID_ARGUMENT,
         "holds a NUL character",
+    ),
+    # Path.resolve raised RuntimeError("Symlink loop ..."): UNKNOWN.
+    "a model path that is a symlink loop": (
+        _register("model", lambda w: str(_symlink_loop(w.extra_root))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "cannot be resolved",
     ),
     "a drafter option its kind does not read": (
         _register("ngram", lambda w: "", options={"maxn": "4"}),
