@@ -64,8 +64,8 @@ class Limits(BaseModel):
     # prompt_reader). "child_process" (default): in a child with its own GIL (in-process
     # while it starts or restarts), for throughput: on 2 vCPUs Route at concurrency 64
     # ran at 0.60 of an echo servicer against 0.25 in-process. "in_process": in the call,
-    # on the event loop, with no process to start or watch; a lone call there took 1.23
-    # against 1.45 ms through the child.
+    # on the event loop, with no process to start or watch; a lone call is answered about
+    # 0.1-0.2 ms sooner (benchmarks/load/HISTORY.md).
     prompt_reader: Literal["child_process", "in_process"] = "child_process"
     # Off (0) by default. For hosts where waking an idle vCPU is slow (a KVM guest with
     # guest_halt_poll_ns 0): after a lone batch, the child_process reader's child
