@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -117,11 +116,9 @@ def test_corpus_files_hold_the_splits(tiny_world: ModelBundle) -> None:
 def test_second_build_is_cached(tiny_world: ModelBundle) -> None:
     weights = tiny_world.target_dir / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    start = time.perf_counter()
     again = build_world(tiny_world.root, "tiny", progress=False)
-    assert time.perf_counter() - start < 5
     assert again.root == tiny_world.root
-    assert weights.stat().st_mtime_ns == before
+    assert weights.stat().st_mtime_ns == before  # not trained again
 
 
 def test_stale_config_hash_triggers_a_rebuild(tmp_path: Path) -> None:
