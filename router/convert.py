@@ -109,6 +109,8 @@ def policy_config_from_pb(message: pb.SetPolicyRequest) -> dict[str, Any]:
         )
     except json.JSONDecodeError as exc:
         raise InvalidFieldError("config_json", f"is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise InvalidFieldError("config_json", "nests too deeply") from None
     if not isinstance(value, dict):
         raise InvalidFieldError("config_json", "must be a JSON object")
     return value

@@ -278,13 +278,10 @@ def error_response(error: BaseException) -> web.Response:
 
 
 async def _parse(request: web.Request, endpoint: Endpoint) -> Any:
-    from router.http_front import check_bearer
+    from router.http_front import check_bearer, json_body
 
     check_bearer(request)
-    try:
-        raw = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"the body is not JSON: {exc}") from exc
+    raw = await json_body(request)
     try:
         return endpoint.request_type.model_validate(raw)
     except ValidationError as exc:

@@ -633,9 +633,10 @@ def test_each_classifier_path_at_its_extremes(
 
 
 def _http_failure(url: str, body: Any) -> str | None:
-    """Why POSTing ``body`` to ``url`` got a server's fault (5xx; TGI's 424, a generation
-    that failed; a broken reply), or None."""
-    data = json.dumps(body).encode()  # NaN and Infinity as Python writes them
+    """Why POSTing ``body`` (bytes: as they are) to ``url`` got a server's fault (5xx; TGI's
+    424, a generation that failed; a broken reply), or None."""
+    # NaN and Infinity as Python writes them
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -673,6 +674,25 @@ def test_each_http_body_value_at_its_extremes(
         for what, mutant in _json_mutants(body):
             if isinstance(mutant, dict) and (why := _http_failure(url, mutant)):
                 failed.append(f"{route} {what}: {why}")
+    _none_failed(failed, sidecar, serving_world)
+
+
+# Deeper than Python's JSON parser recurses: RecursionError, a 500 and UNKNOWN before.
+TOO_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_json_nested_deeper_than_the_parser_goes_is_refused(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    failed = [
+        f"{route}: {why}"
+        for route in ("/generate", "/v1/completions", "/v1/chat/completions")
+        if (why := _http_failure(sidecar.http_url + route, TOO_DEEP.encode()))
+    ]
+    request = pb.SetPolicyRequest(policy="thompson", config_json=TOO_DEEP)
+    failed += _failures(
+        iter([("SetPolicy", request)]), lambda r: sidecar.stub.SetPolicy(r, metadata=ADMIN)
+    )
     _none_failed(failed, sidecar, serving_world)
 
 
