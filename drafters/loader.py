@@ -301,7 +301,7 @@ def load_tokenizer(directory: str | Path) -> Any:
         return AutoTokenizer.from_pretrained(
             str(directory), local_files_only=True, trust_remote_code=False
         )
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # the tokenizers library raises a bare Exception for bad JSON
         raise ModelLoadError(f"cannot load a tokenizer from {directory}: {exc}") from exc
 
 

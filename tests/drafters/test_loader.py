@@ -101,6 +101,16 @@ def test_refuses_corrupt_weights(tmp_path: Path) -> None:
         load_model(tmp_path / "corrupt")
 
 
+@pytest.mark.parametrize("damaged", ["tokenizer.json", "tokenizer_config.json", "config.json"])
+def test_refuses_a_corrupt_tokenizer_or_config(tmp_path: Path, damaged: str) -> None:
+    """A tokenizer.json that is not JSON raised the tokenizers library's bare Exception:
+    UNKNOWN on RegisterDrafter, a traceback at start."""
+    _save_model(tmp_path / "corrupt")
+    (tmp_path / "corrupt" / damaged).write_text("garbage{")
+    with pytest.raises(ModelLoadError, match="cannot load"):
+        load_model(tmp_path / "corrupt")
+
+
 def test_only_paths_under_model_roots(tmp_path: Path) -> None:
     root = tmp_path / "models"
     _save_model(root / "ok")

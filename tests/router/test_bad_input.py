@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,15 @@ def _symlink_loop(root: Path) -> Path:
     return first
 
 
+def _with_corrupt_tokenizer(model: Path, root: Path) -> Path:
+    """A copy of ``model`` under ``root`` whose tokenizer.json is not JSON."""
+    copy = root / "corrupt-tokenizer"
+    if not copy.exists():
+        shutil.copytree(model, copy)
+        (copy / "tokenizer.json").write_text("garbage{")
+    return copy
+
+
 CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
     "empty prompt": (_route(text="  "), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
     # Tokenized in full before: a 1 MB prompt held every other Route for ~0.3 s.
@@ -95,6 +105,12 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         _register("model", lambda w: str(_symlink_loop(w.extra_root))),
         grpc.StatusCode.INVALID_ARGUMENT,
         "cannot be resolved",
+    ),
+    # The tokenizers library's bare Exception: UNKNOWN.
+    "a model whose tokenizer.json is not JSON": (
+        _register("model", lambda w: str(_with_corrupt_tokenizer(w.spare_dir, w.extra_root))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "cannot load a tokenizer",
     ),
     "a drafter option its kind does not read": (
         _register("ngram", lambda w: "", options={"maxn": "4"}),
