@@ -30,6 +30,10 @@ class BundleNotFoundError(FileNotFoundError):
     """The directory holds no (complete) model bundle: it has no manifest."""
 
 
+class InvalidBundleError(BundleNotFoundError):
+    """The directory's manifest cannot be read as a bundle's (not JSON, a key missing)."""
+
+
 def specroute_home() -> Path:
     """``$SPECROUTE_HOME``, default ``~/.cache/specroute``: state and built worlds live here."""
     return Path(os.environ.get("SPECROUTE_HOME", "~/.cache/specroute")).expanduser()
@@ -45,7 +49,12 @@ def read_manifest(root: Path) -> dict[str, Any] | None:
     path = root / MANIFEST
     if not path.is_file():
         return None
-    manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise InvalidBundleError(f"{path} cannot be read: {error}") from None
+    if not isinstance(manifest, dict):
+        raise InvalidBundleError(f"{path} is not a JSON object")
     return manifest
 
 
@@ -76,16 +85,24 @@ class ModelBundle:
             raise BundleNotFoundError(
                 f"no world at {root} (no {MANIFEST}); build one with `specroute world build`"
             )
-        tasks = tuple(str(task) for task in manifest["tasks"])
-        return cls(
-            root=root,
-            scale=str(manifest["scale"]),
-            tasks=tasks,
-            target_dir=root / manifest["target"],
-            drafter_dirs={
-                name: root / manifest["drafters"][name]
-                for name in sorted(manifest["drafters"], key=_drafter_order(tasks))
-            },
-            corpus_dir=root / manifest["corpus"],
-            manifest=manifest,
-        )
+        try:
+            tasks = tuple(str(task) for task in manifest["tasks"])
+            drafters = manifest["drafters"]
+            return cls(
+                root=root,
+                scale=str(manifest["scale"]),
+                tasks=tasks,
+                target_dir=root / manifest["target"],
+                drafter_dirs={
+                    str(name): root / drafters[name]
+                    for name in sorted(drafters, key=_drafter_order(tasks))
+                },
+                corpus_dir=root / manifest["corpus"],
+                manifest=manifest,
+            )
+        except KeyError as error:
+            raise InvalidBundleError(f"{root / MANIFEST} has no {error} entry") from None
+        except (TypeError, AttributeError) as error:
+            raise InvalidBundleError(
+                f"{root / MANIFEST} is not a bundle manifest: {error}"
+            ) from None

@@ -30,7 +30,7 @@ from benchmarks.world.layout import (
     write_manifest,
 )
 from benchmarks.world.train import EncodedExample, TrainingConfig
-from router.bundle import ModelBundle, default_bundle_dir, read_manifest
+from router.bundle import InvalidBundleError, ModelBundle, default_bundle_dir, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -413,7 +413,11 @@ def build_world(
         raise UnknownScaleError(f"unknown scale {scale!r}; choose from {sorted(BUILD_CONFIGS)}")
     config = BUILD_CONFIGS[scale]
     out = Path(out).expanduser().resolve() if out is not None else default_bundle_dir(scale)
-    manifest = read_manifest(out)
+    try:
+        manifest = read_manifest(out)
+    except InvalidBundleError as error:  # a world whose manifest was damaged: build it anew
+        logger.warning("%s; the world is built again", error)
+        manifest = {}
     refuse_foreign_directory(out, manifest)
     if not force and manifest is not None and manifest.get("config_hash") == config.digest():
         logger.info("world at %s is up to date (config %s)", out, config.digest()[:12])

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from router.bundle import MANIFEST, BundleNotFoundError, ModelBundle, default_bundle_dir
+from router.bundle import (
+    MANIFEST,
+    BundleNotFoundError,
+    InvalidBundleError,
+    ModelBundle,
+    default_bundle_dir,
+)
 
 
 def test_a_bundle_opens_from_its_manifest_generic_drafter_first(tmp_path: Path) -> None:
@@ -40,3 +46,22 @@ def test_default_bundle_dir_honours_specroute_home(
     monkeypatch.setenv("SPECROUTE_HOME", str(tmp_path))
     assert default_bundle_dir("tiny") == tmp_path / "worlds" / "tiny"
     assert default_bundle_dir() == tmp_path / "worlds" / "default"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("garbage{", "cannot be read"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"scale": "x", "tasks": [], "target": "t", "corpus": "c"}', "no 'drafters' entry"),
+        ('{"scale": "x", "tasks": 3, "target": "t", "corpus": "c", "drafters": {}}', "not a"),
+    ],
+)
+def test_a_damaged_manifest_is_named_not_a_traceback(tmp_path: Path, text: str, says: str) -> None:
+    """JSONDecodeError, KeyError or TypeError reached `specroute serve` as a traceback; the
+    CLI answers a BundleNotFoundError in one line (exit status 2)."""
+    (tmp_path / MANIFEST).write_text(text)
+    with pytest.raises(InvalidBundleError, match=says) as refused:
+        ModelBundle.load(tmp_path)
+    assert isinstance(refused.value, BundleNotFoundError)
+    assert str(tmp_path / MANIFEST) in str(refused.value)

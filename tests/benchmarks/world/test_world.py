@@ -121,10 +121,14 @@ def test_second_build_is_cached(tiny_world: ModelBundle) -> None:
     assert weights.stat().st_mtime_ns == before  # not trained again
 
 
-def test_stale_config_hash_triggers_a_rebuild(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "manifest",
+    [json.dumps({"config_hash": "old"}), "garbage{"],  # stale; damaged (a traceback before)
+)
+def test_stale_config_hash_triggers_a_rebuild(tmp_path: Path, manifest: str) -> None:
     root = tmp_path / "world"
     root.mkdir()
-    (root / "manifest.json").write_text(json.dumps({"config_hash": "old"}))
+    (root / "manifest.json").write_text(manifest)
     world = build_world(root, "tiny", progress=False)
     assert world.manifest["config_hash"] == BUILD_CONFIGS["tiny"].digest()
     assert not list(tmp_path.glob(".world.*")), "no staging or stale directory left behind"
