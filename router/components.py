@@ -34,21 +34,42 @@ def resolve_world_dir(settings: Settings) -> Path:
 
 
 def read_finetune_sample(drafter_dir: Path, limit: int = FINETUNE_SAMPLE_SIZE) -> tuple[str, ...]:
-    """Texts from a drafter's ``finetune_sample.jsonl`` (strings or objects with "text")."""
+    """Texts from a drafter's ``finetune_sample.jsonl`` (strings or objects with "text" or
+    "prompt"). The sample only informs the drafter's prior: a line that is neither is
+    skipped with a warning naming it, and a file that cannot be read gives no sample."""
     path = drafter_dir / FINETUNE_SAMPLE_FILE
     if not path.is_file():
         return ()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        logger.warning("%s not read, no similarity prior from it: %s", path, error)
+        return ()
     texts: list[str] = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        value = json.loads(line)
-        text = value if isinstance(value, str) else value.get("text") or value.get("prompt", "")
-        if text:
-            texts.append(str(text))
+        text = _sample_text(line)
+        if text is None:
+            logger.warning("%s:%d skipped: not a JSON string or object with text", path, number)
+        elif text:
+            texts.append(text)
         if len(texts) >= limit:
             break
     return tuple(texts)
+
+
+def _sample_text(line: str) -> str | None:
+    """The text of one sample line; None when the line is not a sample."""
+    try:
+        value = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return str(value.get("text") or value.get("prompt") or "")
+    return None
 
 
 def model_drafter_records(
