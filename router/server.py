@@ -125,8 +125,9 @@ async def _snapshot_loop(service: RouterService, interval_s: float) -> None:
 
 async def start_sidecar(settings: Settings, components: Components | None = None) -> RunningSidecar:
     """Build components (unless given), start every server, and return the running sidecar."""
-    # The state store first: a state directory that cannot be used stops the start before
-    # the models are loaded.
+    # The TLS files and the state store first: either unusable stops the start before the
+    # models are loaded.
+    settings.tls.check()
     store = SidecarStore(settings.state_dir)
     if components is None:
         from router.components import build_components

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -94,9 +95,28 @@ class TlsSettings(BaseModel):
     cert_file: Path | None = None
     key_file: Path | None = None
 
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TlsSettings:
+        # One alone served plaintext while the operator believed TLS was on.
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file are set together or not at all")
+        return self
+
     @property
     def enabled(self) -> bool:
         return self.cert_file is not None and self.key_file is not None
+
+    def check(self) -> None:
+        """Both files read, parse and belong together (``ValueError`` naming them when
+        not): gRPC reports a bad pair only as a failure to bind the port."""
+        if self.cert_file is None or self.key_file is None:
+            return
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(
+                f"tls: cannot use {self.cert_file} with {self.key_file}: {error}"
+            ) from None
 
 
 class PoolingSettings(BaseModel):

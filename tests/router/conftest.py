@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from router.service import Components
 from router.settings import Limits, Settings
 
 if TYPE_CHECKING:
+    from benchmarks.replicas.redis_server import RedisTlsFiles
     from router.bundle import ModelBundle
 
 ADMIN_TOKEN = "admin-secret"
@@ -214,3 +216,25 @@ def greedy_reference(
         pass
     ids = [int(t) for t in run.output_ids]
     return ids, service.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def self_signed_tls(directory: Path) -> RedisTlsFiles:
+    """A throwaway CA and a server certificate it signed for 127.0.0.1 (openssl CLI)."""
+    from benchmarks.replicas.redis_server import RedisTlsFiles
+
+    ca_key, ca_cert = directory / "ca.key", directory / "ca.crt"
+    key, request, cert = (directory / f"server.{ext}" for ext in ("key", "csr", "crt"))
+    extensions = directory / "server.ext"
+    extensions.write_text(
+        "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
+        "basicConstraints = CA:FALSE\n"
+        "extendedKeyUsage = serverAuth\n"
+    )
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ca = ["req", "-x509", *new_key, "-keyout", ca_key, "-out", ca_cert, "-days", "2"]
+    server = ["req", *new_key, "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1"]
+    sign = ["x509", "-req", "-in", request, "-CA", ca_cert, "-CAkey", ca_key, "-days", "2"]
+    sign += ["-CAcreateserial", "-out", cert, "-extfile", extensions]
+    for command in ([*ca, "-subj", "/CN=specroute test CA"], server, sign):
+        subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True)
+    return RedisTlsFiles(cert_file=cert, key_file=key, ca_file=ca_cert)

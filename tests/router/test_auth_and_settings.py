@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,11 +19,12 @@ from text_generation.errors import UnknownError
 
 from router.errors import AlreadyExistsError, NotFoundError
 from router.pb import router_pb2 as pb
+from router.pb.router_pb2_grpc import RouterStub
 from router.server import grpc_options
 from router.service import Components
-from router.settings import MAX_C_INT, Limits, Settings, load_settings
+from router.settings import MAX_C_INT, Limits, Settings, TlsSettings, load_settings
 from router.store import DrafterRecord, SidecarStore
-from tests.router.conftest import ADMIN, ServingWorld, SidecarThread
+from tests.router.conftest import ADMIN, ServingWorld, SidecarThread, self_signed_tls
 
 DATA_TOKEN = "data-secret"
 PROMPT = "def add(a, b):\n    return"
@@ -259,3 +261,48 @@ def test_the_largest_request_size_allowed_starts_a_grpc_server() -> None:
         await server.stop(0)
 
     asyncio.run(start())
+
+
+def _tls_files(directory: Path) -> Any:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI, which makes the test certificates, is not installed")
+    directory.mkdir(parents=True, exist_ok=True)
+    return self_signed_tls(directory)
+
+
+def test_routes_over_tls_and_refuses_plaintext(
+    serving_world: ServingWorld, components: Components, tmp_path: Path
+) -> None:
+    files = _tls_files(tmp_path / "tls")
+    tls = TlsSettings(cert_file=files.cert_file, key_file=files.key_file)
+    running = SidecarThread(serving_world.settings(tmp_path / "state", tls=tls), components)
+    try:
+        credentials = grpc.ssl_channel_credentials(root_certificates=files.ca_file.read_bytes())
+        with grpc.secure_channel(running.running.address, credentials) as channel:
+            decision = RouterStub(channel).Route(pb.RouteRequest(text=PROMPT), timeout=30)
+            assert decision.request_id
+        with pytest.raises(grpc.RpcError) as plaintext:
+            running.stub.Route(pb.RouteRequest(text=PROMPT), timeout=5)
+        assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        running.stop()
+
+
+def test_tls_files_that_do_not_make_a_pair_are_refused_before_serving(tmp_path: Path) -> None:
+    """A certificate without its key was accepted and served plaintext; files that do not
+    load, or a certificate with another key, stopped the start with gRPC's "Failed to
+    bind to address" after the models had loaded."""
+    files = _tls_files(tmp_path)
+    with pytest.raises(ValidationError, match="set together"):
+        Settings(tls=TlsSettings.model_validate({"cert_file": files.cert_file}))
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("garbage")
+    ca_key = tmp_path / "ca.key"  # the CA's key: not the certificate's
+    for cert, key in (
+        (garbage, files.key_file),
+        (files.cert_file, garbage),
+        (files.cert_file, ca_key),
+    ):
+        with pytest.raises(ValueError, match="tls: cannot use"):
+            TlsSettings(cert_file=cert, key_file=key).check()
+    TlsSettings(cert_file=files.cert_file, key_file=files.key_file).check()

@@ -12,7 +12,6 @@ import json
 import logging
 import shutil
 import signal
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,10 +26,10 @@ from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
 from router.pooling.entries import EntrySigner
 from router.settings import PoolingSettings
-from tests.router.conftest import ADMIN, ADMIN_TOKEN, ServingWorld, SidecarThread
+from tests.router.conftest import ADMIN, ADMIN_TOKEN, ServingWorld, SidecarThread, self_signed_tls
 
 if TYPE_CHECKING:
-    from benchmarks.replicas.redis_server import RedisServer, RedisTlsFiles
+    from benchmarks.replicas.redis_server import RedisServer
     from router.launch import LaunchedSidecar
 
 SECRET = "fleet-secret"
@@ -46,28 +45,6 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         pytest.skip("redis-server is not installed (make install installs it as root)")
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
-
-
-def self_signed_tls(directory: Path) -> RedisTlsFiles:
-    """A throwaway CA and a server certificate it signed for 127.0.0.1 (openssl CLI)."""
-    from benchmarks.replicas.redis_server import RedisTlsFiles
-
-    ca_key, ca_cert = directory / "ca.key", directory / "ca.crt"
-    key, request, cert = (directory / f"server.{ext}" for ext in ("key", "csr", "crt"))
-    extensions = directory / "server.ext"
-    extensions.write_text(
-        "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
-        "basicConstraints = CA:FALSE\n"
-        "extendedKeyUsage = serverAuth\n"
-    )
-    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    ca = ["req", "-x509", *new_key, "-keyout", ca_key, "-out", ca_cert, "-days", "2"]
-    server = ["req", *new_key, "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1"]
-    sign = ["x509", "-req", "-in", request, "-CA", ca_cert, "-CAkey", ca_key, "-days", "2"]
-    sign += ["-CAcreateserial", "-out", cert, "-extfile", extensions]
-    for command in ([*ca, "-subj", "/CN=specroute test CA"], server, sign):
-        subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True)
-    return RedisTlsFiles(cert_file=cert, key_file=key, ca_file=ca_cert)
 
 
 @pytest.fixture(scope="module")
