@@ -1,12 +1,14 @@
 """``specroute serve``, and CLI clients of a running sidecar: route, generate, drafters, policy.
 
 Client commands talk gRPC to ``--address`` (``$SPECROUTE_ADDRESS``, default
-127.0.0.1:50051); admin commands send ``--token`` (``$SPECROUTE_ADMIN_TOKEN``).
+127.0.0.1:50051), with TLS when ``$SPECROUTE_CA_FILE`` names the CA to trust; admin
+commands send ``--token`` (``$SPECROUTE_ADMIN_TOKEN``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -31,12 +33,26 @@ def _group(app: typer.Typer, name: str, help_text: str) -> typer.Typer:
     return created
 
 
+#: A PEM file of the CA that signed a TLS sidecar's certificate: when set, the client
+#: commands connect with TLS and trust it (the sidecar serves TLS with tls.cert_file).
+CA_FILE_ENV = "SPECROUTE_CA_FILE"
+
+
 def _stub(address: str) -> Any:
     import grpc
 
     from router.pb import router_pb2_grpc
 
-    return router_pb2_grpc.RouterStub(grpc.insecure_channel(address))
+    ca_file = os.environ.get(CA_FILE_ENV)
+    if not ca_file:
+        return router_pb2_grpc.RouterStub(grpc.insecure_channel(address))
+    try:
+        roots = Path(ca_file).read_bytes()
+    except OSError as error:
+        typer.echo(f"error: {CA_FILE_ENV}: {error}", err=True)
+        raise typer.Exit(2) from None
+    credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+    return router_pb2_grpc.RouterStub(grpc.secure_channel(address, credentials))
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 import signal
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,10 +95,12 @@ def _bind(server: aio.Server, settings: Settings) -> int:
     return server.add_insecure_port(address)
 
 
-async def _start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def _start_site(
+    app: web.Application, host: str, port: int, tls: ssl.SSLContext | None
+) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
     await site.start()
     server: Any = site._server
     sockets = server.sockets if server is not None else []
@@ -125,9 +128,9 @@ async def _snapshot_loop(service: RouterService, interval_s: float) -> None:
 
 async def start_sidecar(settings: Settings, components: Components | None = None) -> RunningSidecar:
     """Build components (unless given), start every server, and return the running sidecar."""
-    # The TLS files and the state store first: either unusable stops the start before the
-    # models are loaded.
-    settings.tls.check()
+    # The TLS files (every port speaks TLS when they are set) and the state store first:
+    # either unusable stops the start before the models are loaded.
+    tls = settings.tls.server_context()
     store = SidecarStore(settings.state_dir)
     if components is None:
         from router.components import build_components
@@ -171,12 +174,12 @@ async def start_sidecar(settings: Settings, components: Components | None = None
     running = RunningSidecar(settings, service, server, health_servicer, port)
     if settings.http_port is not None:
         runner, running.http_port = await _start_site(
-            build_http_app(service, data), settings.host, settings.http_port
+            build_http_app(service, data), settings.host, settings.http_port, tls
         )
         running.runners.append(runner)
     if settings.metrics_port is not None:
         runner, running.metrics_port = await _start_site(
-            _metrics_app(metrics), settings.host, settings.metrics_port
+            _metrics_app(metrics), settings.host, settings.metrics_port, tls
         )
         running.runners.append(runner)
     running.tasks.append(asyncio.create_task(_snapshot_loop(service, settings.snapshot_interval_s)))

@@ -106,17 +106,20 @@ class TlsSettings(BaseModel):
     def enabled(self) -> bool:
         return self.cert_file is not None and self.key_file is not None
 
-    def check(self) -> None:
-        """Both files read, parse and belong together (``ValueError`` naming them when
-        not): gRPC reports a bad pair only as a failure to bind the port."""
+    def server_context(self) -> ssl.SSLContext | None:
+        """The HTTP fronts' TLS context (None when TLS is off), which also checks that both
+        files read, parse and belong together (``ValueError`` naming them when not): gRPC
+        reports a bad pair only as a failure to bind the port."""
         if self.cert_file is None or self.key_file is None:
-            return
+            return None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
+            context.load_cert_chain(self.cert_file, self.key_file)
         except (OSError, ssl.SSLError) as error:
             raise ValueError(
                 f"tls: cannot use {self.cert_file} with {self.key_file}: {error}"
             ) from None
+        return context
 
 
 class PoolingSettings(BaseModel):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import shutil
+import ssl
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,9 @@ import pytest
 from pydantic import ValidationError
 from text_generation import Client
 from text_generation.errors import UnknownError
+from typer.testing import CliRunner
 
+from router.cli import build_app
 from router.errors import AlreadyExistsError, NotFoundError
 from router.pb import router_pb2 as pb
 from router.pb.router_pb2_grpc import RouterStub
@@ -284,6 +290,25 @@ def test_routes_over_tls_and_refuses_plaintext(
         with pytest.raises(grpc.RpcError) as plaintext:
             running.stub.Route(pb.RouteRequest(text=PROMPT), timeout=5)
         assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+        # The CLI's client commands, given the CA, connect with TLS.
+        listed = CliRunner().invoke(
+            build_app(),
+            ["drafters", "list", "--address", running.running.address],
+            env={"SPECROUTE_CA_FILE": str(files.ca_file)},
+        )
+        assert listed.exit_code == 0 and "generic" in listed.output, listed.output
+        # The HTTP fronts and the metrics speak TLS too: no port stays plaintext.
+        trusted = ssl.create_default_context(cafile=str(files.ca_file))
+        for port, path in (
+            (running.running.http_port, "/v1/models"),
+            (running.running.metrics_port, "/metrics"),
+        ):
+            with urllib.request.urlopen(
+                f"https://127.0.0.1:{port}{path}", context=trusted, timeout=30
+            ) as reply:
+                assert reply.status == 200
+            with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30).read()
     finally:
         running.stop()
 
@@ -304,5 +329,5 @@ def test_tls_files_that_do_not_make_a_pair_are_refused_before_serving(tmp_path: 
         (files.cert_file, ca_key),
     ):
         with pytest.raises(ValueError, match="tls: cannot use"):
-            TlsSettings(cert_file=cert, key_file=key).check()
-    TlsSettings(cert_file=files.cert_file, key_file=files.key_file).check()
+            TlsSettings(cert_file=cert, key_file=key).server_context()
+    assert TlsSettings(cert_file=files.cert_file, key_file=files.key_file).server_context()
