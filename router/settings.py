@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FilePath,
     SecretStr,
     ValidationError,
     field_validator,
@@ -134,7 +135,9 @@ class PoolingSettings(BaseModel):
     enabled: bool = False
     # redis://[:password@]host:port/db, or rediss:// for TLS; a secret (it may hold one).
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
-    tls_ca_file: Path | None = None  # rediss://: a CA bundle besides the system's
+    # rediss://: a CA bundle besides the system's (an existing file: a missing one only
+    # failed each connection later).
+    tls_ca_file: FilePath | None = None
     secret: SecretStr | None = None  # the fleet's shared HMAC key
     outcome_stream: str = Field(default="specroute:outcomes", min_length=1)
     registry_stream: str = Field(default="specroute:drafters", min_length=1)

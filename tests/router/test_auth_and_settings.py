@@ -250,9 +250,11 @@ def test_without_an_admin_token_admin_rpcs_are_closed(
         {"auto_distill": {"cores": 100_000}},  # the distillation child's torch threads
         {"seed": -1},  # numpy and scikit-learn: ValueError when the classifier is trained
         {"seed": 2**40},
+        # Served, and failed each connection to Redis later.
+        {"pooling": {"tls_ca_file": "/nonexistent/ca.pem"}},
     ],
 )
-def test_a_capacity_setting_past_what_runs_is_refused(setting: dict[str, Any]) -> None:
+def test_a_setting_that_cannot_work_is_refused_when_read(setting: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         Settings(**setting)
 
