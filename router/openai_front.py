@@ -24,7 +24,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from router.domain import GenerateInput, Prompt, RouteInput, Sampling
+from router.domain import MAX_STOP_SEQUENCES, GenerateInput, Prompt, RouteInput, Sampling
 from router.errors import (
     GenerationFailedError,
     InvalidFieldError,
@@ -169,6 +169,8 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if any(not stop for stop in stops):
         raise InvalidFieldError("stop", "stop sequences must not be empty strings")
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise InvalidFieldError("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
     greedy = temperature == 0
     return Sampling(
         do_sample=not greedy,

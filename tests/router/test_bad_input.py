@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
+from router.domain import MAX_STOP_SEQUENCES
 from router.pb import router_pb2 as pb
 from router.policy.base import MAX_DRAFT_LENGTH
 from tests.router.conftest import (
@@ -146,6 +147,16 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         _generate(text=PROMPT, max_new_tokens=201),
         grpc.StatusCode.INVALID_ARGUMENT,
         "over the limit",
+    ),
+    # Each is searched for after every step: 10,000 cost about 3 ms a step.
+    "more stop sequences than the limit": (
+        _generate(
+            text=PROMPT,
+            max_new_tokens=4,
+            sampling=pb.SamplingParams(stop=[f"stop {i}" for i in range(MAX_STOP_SEQUENCES + 1)]),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.stop: at most",
     ),
     "temperature below 0": (
         _generate(text=PROMPT, max_new_tokens=4, sampling=pb.SamplingParams(temperature=-0.5)),

@@ -150,6 +150,7 @@ def test_sampling_runs_with_a_seed(sidecar: SidecarThread) -> None:
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"echo": True}, "echo"),
         ({"stop": [""]}, "stop"),
+        ({"stop": [f"stop {i}" for i in range(17)]}, "stop"),  # more than 16
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"seed": -(2**63) - 1, "temperature": 0.8}, "seed"),  # was a 500 from the engine
     ],
