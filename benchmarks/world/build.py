@@ -413,11 +413,7 @@ def build_world(
         raise UnknownScaleError(f"unknown scale {scale!r}; choose from {sorted(BUILD_CONFIGS)}")
     config = BUILD_CONFIGS[scale]
     out = Path(out).expanduser().resolve() if out is not None else default_bundle_dir(scale)
-    try:
-        manifest = read_manifest(out)
-    except InvalidBundleError as error:  # a world whose manifest was damaged: build it anew
-        logger.warning("%s; the world is built again", error)
-        manifest = {}
+    manifest = existing_manifest(out)
     refuse_foreign_directory(out, manifest)
     if not force and manifest is not None and manifest.get("config_hash") == config.digest():
         logger.info("world at %s is up to date (config %s)", out, config.digest()[:12])
@@ -439,6 +435,16 @@ class UnknownScaleError(ValueError):
 
 class NotAWorldDirectoryError(ValueError):
     """The output directory exists, holds files, and is not a specroute world."""
+
+
+def existing_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest of the world at ``out`` (None when there is none); ``{}`` when it
+    cannot be read: the directory is a world's, damaged, and is built anew."""
+    try:
+        return read_manifest(out)
+    except InvalidBundleError as error:
+        logger.warning("%s; the world is built again", error)
+        return {}
 
 
 def refuse_foreign_directory(out: Path, manifest: dict[str, Any] | None) -> None:

@@ -14,6 +14,8 @@ from benchmarks.world.build import (
     ModelShape,
     NotAWorldDirectoryError,
     build_world,
+    existing_manifest,
+    refuse_foreign_directory,
 )
 from benchmarks.world.corpus import TASKS, prompt_text
 from benchmarks.world.layout import read_examples
@@ -121,17 +123,24 @@ def test_second_build_is_cached(tiny_world: ModelBundle) -> None:
     assert weights.stat().st_mtime_ns == before  # not trained again
 
 
-@pytest.mark.parametrize(
-    "manifest",
-    [json.dumps({"config_hash": "old"}), "garbage{"],  # stale; damaged (a traceback before)
-)
-def test_stale_config_hash_triggers_a_rebuild(tmp_path: Path, manifest: str) -> None:
+def test_stale_config_hash_triggers_a_rebuild(tmp_path: Path) -> None:
     root = tmp_path / "world"
     root.mkdir()
-    (root / "manifest.json").write_text(manifest)
+    (root / "manifest.json").write_text(json.dumps({"config_hash": "old"}))
     world = build_world(root, "tiny", progress=False)
     assert world.manifest["config_hash"] == BUILD_CONFIGS["tiny"].digest()
     assert not list(tmp_path.glob(".world.*")), "no staging or stale directory left behind"
+
+
+def test_a_world_whose_manifest_is_damaged_is_built_anew(tmp_path: Path) -> None:
+    """A manifest that is not JSON raised out of `world build` (a traceback); such a
+    directory is a world's and is rebuilt like a stale one."""
+    (tmp_path / "manifest.json").write_text("garbage{")
+    (tmp_path / "target").mkdir()
+    manifest = existing_manifest(tmp_path)
+    assert manifest == {}  # no config hash: stale
+    refuse_foreign_directory(tmp_path, manifest)  # not refused as an operator's directory
+    assert existing_manifest(tmp_path / "absent") is None
 
 
 def test_never_builds_over_a_directory_that_is_not_a_world(tmp_path: Path) -> None:
