@@ -79,26 +79,38 @@ class PolicyHolder:
             raise InvalidRequestError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
         hinted = with_drafter_hints(name, config, self._hints())
         policy = self._make(name, hinted)
-        snapshot = self._store.latest_policy(name) if restore else None
-        if snapshot is not None:
-            state = dict(snapshot.state)
-            self._restored_cursor = state.pop(LOG_CURSOR_KEY, None)
-            try:
-                policy.load_state_dict(state)
-                logger.info("restored policy %s at version %d", name, snapshot.version)
-            except Exception as exc:  # any state that does not load: start from priors
-                self._keep_unrestored(name, snapshot, exc)
-                # A load that failed midway may have left part of the state in: start again.
-                policy, snapshot, self._restored_cursor = self._make(name, hinted), None, None
-            self._sync_drafters(policy)
-        # The policy served until now is saved, then replaced, under one hold of the lock:
-        # no update falls between the two, and a save that fails leaves it serving.
+        # Under one hold of the lock: the policy served until now is saved (a save that
+        # fails leaves it serving, nothing changed), the new one restores the latest
+        # snapshot of its name (the state just saved, when the same policy is set again
+        # with another configuration), and replaces it; no update falls in between.
         with self._lock:
             if self._policy is not None:
                 state = self._state_of(self._policy)
                 self._store.save_policy(self.name, int(self._policy.version), state)
+            snapshot = self._store.latest_policy(name) if restore else None
+            if snapshot is not None:
+                policy, snapshot = self._restored(name, hinted, policy, snapshot)
             self._policy, self.name, self._config = policy, name, config
         return snapshot
+
+    def _restored(
+        self, name: str, hinted: Mapping[str, Any] | None, policy: Any, snapshot: PolicySnapshot
+    ) -> tuple[Any, PolicySnapshot | None]:
+        """``policy`` with ``snapshot`` loaded, and the snapshot; a state that does not
+        load is kept as ``<name>.unrestored`` and a new policy from its priors serves
+        instead (not one a load that failed midway left half-filled), with no snapshot."""
+        state = dict(snapshot.state)
+        self._restored_cursor = state.pop(LOG_CURSOR_KEY, None)
+        try:
+            policy.load_state_dict(state)
+            logger.info("restored policy %s at version %d", name, snapshot.version)
+        except Exception as exc:  # any state that does not load: start from priors
+            self._keep_unrestored(name, snapshot, exc)
+            policy, restored, self._restored_cursor = self._make(name, hinted), None, None
+        else:
+            restored = snapshot
+        self._sync_drafters(policy)
+        return policy, restored
 
     def _make(self, name: str, hinted: Mapping[str, Any] | None) -> Any:
         """A new policy ``name`` over the live drafters, from its priors."""

@@ -8,12 +8,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from router.policy.base import NONE_DRAFTER, Context, IncompatibleStateError
 from router.policy.registry import make_policy
 from router.policy_holder import LOG_CURSOR_KEY, UNRESTORED_SUFFIX, PolicyHolder
 from router.store import SNAPSHOTS_KEPT, SidecarStore
+from tests.router.policy.helpers import geometric_outcome
 
 
 def test_an_unrestorable_snapshot_is_kept_beside_the_fresh_policy(tmp_path: Path) -> None:
@@ -26,6 +28,7 @@ def test_an_unrestorable_snapshot_is_kept_beside_the_fresh_policy(tmp_path: Path
     learned = {**holder.snapshot().state, "version": 999}  # a format this build cannot read
     store.save_policy("thompson", 41, learned)
 
+    holder = PolicyHolder(store, lambda: ["generic", "math"], lambda name: None)  # a restart
     assert holder.start("thompson") is None  # not restored: from priors
     for _ in range(SNAPSHOTS_KEPT + 1):
         holder.snapshot()
@@ -63,6 +66,7 @@ def test_a_damaged_snapshot_starts_the_policy_from_priors_and_is_kept(
     assert not isinstance(raised.value, IncompatibleStateError)
     store.save_policy(name, 7, damaged)
 
+    holder = PolicyHolder(store, lambda: ["generic", "math"], lambda drafter: None)  # restart
     with caplog.at_level(logging.ERROR, logger="router.policy_holder"):
         assert holder.start(name) is None  # ...and the holder serves from priors
     assert "starting from priors" in caplog.text
@@ -97,3 +101,26 @@ class CursorLog:
 
     def restore(self, cursor: Mapping[str, Any] | None) -> None:
         self.restored.append(cursor)
+
+
+def test_setting_the_serving_policy_again_keeps_what_it_learnt_since_its_last_snapshot(
+    tmp_path: Path,
+) -> None:
+    """SetPolicy to the policy already served (a new configuration) restored the last
+    periodic snapshot, not the state being served: what it learnt since (up to
+    snapshot_interval_s of traffic) was gone, and the next snapshot made it final."""
+    store = SidecarStore(tmp_path)
+    holder = PolicyHolder(store, lambda: ["generic", "math"], lambda drafter: None)
+    holder.start("thompson")
+    holder.snapshot()  # the periodic snapshot, before the traffic below
+    context, rng = Context("math", 0), np.random.default_rng(0)
+    for _ in range(5):
+        decision, _ = holder.select(context, ["generic", "math"])
+        holder.update(context, decision, geometric_outcome(rng, decision, 0.6, tokens=20))
+    learnt = holder.state()[1]
+    assert learnt == 5
+
+    holder.start("thompson", {"gamma": 0.98})
+    assert holder.state()[1] == learnt
+    latest = store.latest_policy("thompson")
+    assert latest is not None and latest.version == learnt
