@@ -97,9 +97,8 @@ class AutoDistillSettings(BaseModel):
     min_samples: int = Field(default=200, ge=2)
     interval_s: float = Field(default=60.0, gt=0)  # how often to look for a cluster
     steps: int = Field(default=100, ge=1)
-    cores: int = Field(
-        default=1, ge=1, le=MAX_THREADS
-    )  # CPU cores (and torch threads) of the child
+    # CPU cores (and torch threads) of the child.
+    cores: int = Field(default=1, ge=1, le=MAX_THREADS)
     nice: int = Field(default=10, ge=0, le=19)
     out_dir: Path | None = None  # None: <state_dir>/distilled; always a model root
     from_drafter: str = ""  # empty: the cluster's current model arm, else generic

@@ -163,15 +163,13 @@ def _specroute_details(routed: RoutedRequest, result: GenerationResult) -> dict[
 
 async def json_body(request: web.Request) -> Any:
     """The request's body parsed as JSON; INVALID_ARGUMENT (HTTP 422) when it is not, or
-    nests deeper than the parser recurses (a 400 KB body of brackets is enough)."""
+    nests deeper than the parser recurses (a 200 KB body of brackets is enough)."""
     try:
         return await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"the body is not JSON: {exc}") from exc
     except RecursionError:
-        raise InvalidRequestError(
-            "the body is not JSON this server reads: nested too deeply"
-        ) from None
+        raise InvalidRequestError("the body nests too deeply to be read as JSON") from None
 
 
 async def _parse(request: web.Request) -> TgiRequest:
