@@ -1,4 +1,4 @@
-"""Export a fitted TF-IDF + linear model to one ONNX graph, and open it with onnxruntime.
+"""Export a fitted TF-IDF + linear model to one ONNX graph (opened by :mod:`classifiers.graph`).
 
 skl2onnx converts the text front end (lower-casing, the ``TOKEN_PATTERN`` tokenizer,
 the n-gram TfIdfVectorizer op). The tail is written here rather than converted, because
@@ -22,17 +22,14 @@ import logging
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from sklearn.feature_extraction.text import TfidfVectorizer
 
+from classifiers.graph import CENTROID_COSINE, INPUT_NAME, PROBABILITIES
 from classifiers.text import TOKEN_PATTERN
 
 logger = logging.getLogger(__name__)
 
-INPUT_NAME = "text"
-PROBABILITIES = "probabilities"
-CENTROID_COSINE = "centroid_cosine"
 FEATURES = "features"
 OPSET = 17
 # Below any real TF-IDF norm (idf >= 1, counts >= 1): only an all-zero row hits it.
@@ -132,21 +129,3 @@ def build_classifier_graph(
     graph.name = "specroute_task_classifier"
     onnx.checker.check_model(model)
     return model
-
-
-def session_options() -> ort.SessionOptions:
-    """One intra-op thread, all graph optimisations: the per-request setting."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # the converted graph triggers harmless warnings
-    return options
-
-
-def open_session(model_bytes: bytes) -> ort.InferenceSession:
-    """An onnxruntime session on the CPU for a serialized classifier graph."""
-    return ort.InferenceSession(
-        model_bytes, sess_options=session_options(), providers=["CPUExecutionProvider"]
-    )

@@ -12,6 +12,10 @@ FORMAT_VERSION = 1
 MODEL_FILE = "classifier.onnx"
 METADATA_FILE = "classifier.json"
 CENTROIDS_FILE = "centroids.npy"
+# The training recipe's version, part of the training-data hash: a cached classifier
+# trained by another recipe is trained anew. 4: format-distance OOD rule; 5: lbfgs
+# tolerance 1e-4.
+TRAINER_VERSION = "5"
 
 
 class OodThresholds(BaseModel):

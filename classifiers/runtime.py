@@ -14,8 +14,8 @@ import onnxruntime as ort
 from pydantic import ValidationError
 
 from classifiers.api import Classification, ClassifierLoadError
-from classifiers.export import CENTROID_COSINE, INPUT_NAME, PROBABILITIES, open_session
 from classifiers.formats import FormatDistance, format_matrix
+from classifiers.graph import CENTROID_COSINE, INPUT_NAME, PROBABILITIES, open_session
 from classifiers.metadata import FORMAT_VERSION, MODEL_FILE, ClassifierMetadata
 from classifiers.text import classifier_text, prompt_from_messages
 

@@ -28,6 +28,7 @@ from classifiers.metadata import (
     CENTROIDS_FILE,
     METADATA_FILE,
     MODEL_FILE,
+    TRAINER_VERSION,
     ClassifierMetadata,
     OodThresholds,
     ProbePrompt,
@@ -37,7 +38,6 @@ from classifiers.text import TOKEN_PATTERN, LabeledPrompt, training_data_hash
 
 logger = logging.getLogger(__name__)
 
-TRAINER_VERSION = "5"  # 4: format-distance OOD rule; 5: lbfgs tolerance 1e-4
 # Probes checked on every load: odd inputs as well as ordinary ones.
 EDGE_PROBES: tuple[str, ...] = ("", "Ünïcödé ✓ 😀 naïve café", "print(x) 42 + 17 = ?")
 

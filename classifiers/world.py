@@ -9,10 +9,9 @@ import shutil
 from pathlib import Path
 
 from classifiers.api import ClassifierLoadError
-from classifiers.metadata import ClassifierMetadata
+from classifiers.metadata import TRAINER_VERSION, ClassifierMetadata
 from classifiers.runtime import OnnxTaskClassifier
 from classifiers.text import LabeledPrompt, read_labeled_jsonl, training_data_hash
-from classifiers.train import TRAINER_VERSION, train_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +70,8 @@ def ensure_world_classifier(world_dir: Path, corpus_dir: Path, seed: int = 0) ->
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _cached_is_current(target, data_hash):
             return target
+        from classifiers.train import train_classifier  # scikit-learn: only to train
+
         logger.info("training the world classifier into %s", target)
         trained = train_classifier(train, validation, seed=seed)
         staging = world_dir / f"{CLASSIFIER_DIRNAME}.tmp-{os.getpid()}"
