@@ -114,6 +114,8 @@ class VllmServer:
     # 2-vCPU VM), and its worker does not busy-wait after a request, which slows the other
     # replicas on a CPU host (tests, and `bench fleet` unless --vllm-processes).
     single_process: bool = False
+    # Started with this API key (vLLM reads VLLM_API_KEY): /v1 wants it, /health does not.
+    api_key: str | None = field(default=None, repr=False)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -162,6 +164,9 @@ class VllmServer:
         }
         if self.single_process:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        env.pop("VLLM_API_KEY", None)
+        if self.api_key is not None:
+            env["VLLM_API_KEY"] = self.api_key
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 self.command(),
@@ -231,11 +236,12 @@ def vllm_fleet(
     log_dir: Path,
     *,
     single_process: bool = False,
+    api_key: str | None = None,
 ) -> Iterator[list[VllmServer]]:
     """Start one ``vllm serve`` per speculation at once, wait until all serve, yield them;
     stop them all on exit, also when this process is sent SIGTERM meanwhile (each runs in
-    its own session, so nothing else would stop it). ``single_process``: see
-    :class:`VllmServer`."""
+    its own session, so nothing else would stop it). ``single_process`` and ``api_key``:
+    see :class:`VllmServer`."""
     from router.launch import sigterm_as_exit
 
     check_servable(target_dir)
@@ -252,6 +258,7 @@ def vllm_fleet(
                 free_port(),
                 log_dir / f"vllm-{i}-{speculation.drafter}.log",
                 single_process=single_process,
+                api_key=api_key,
             )
             server.start()
             stack.callback(server.stop)

@@ -97,6 +97,12 @@ def _error_message(text: str) -> str:
     return str(error)
 
 
+def _key_hint(replica: Replica) -> str:
+    if replica.headers:
+        return "check the key in the variable api_key_env names"
+    return "set api_key_env in the fleet file to the variable holding its key"
+
+
 async def stream_completion(
     session: aiohttp.ClientSession,
     replica: Replica,
@@ -105,7 +111,8 @@ async def stream_completion(
 ) -> AsyncGenerator[Delta | StreamEnd, None]:
     """Yield the replica's deltas, then one :class:`StreamEnd`. Raises
     :class:`ReplicaFailedError` (connection, timeout: no byte for ``replica.timeout_s``,
-    5xx, 429, a stream without its end) or :class:`ReplicaRefusedError` (4xx)."""
+    5xx, 429, 401 and 403 (the sidecar's API key, not the request), a stream without its
+    end) or :class:`ReplicaRefusedError` (other 4xx)."""
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=connect_timeout_s, sock_read=replica.timeout_s
     )
@@ -114,9 +121,16 @@ async def stream_completion(
     completion_tokens = 0
     url = f"{replica.spec.url}/v1/completions"
     try:
-        async with session.post(url, json=body, timeout=timeout) as response:
+        async with session.post(
+            url, json=body, headers=replica.headers, timeout=timeout
+        ) as response:
             if response.status != 200:
                 message = _error_message(await response.text())
+                if response.status in (401, 403):  # the sidecar's key, not the request
+                    raise ReplicaFailedError(
+                        f"HTTP {response.status}: {message}: the replica refused the "
+                        f"sidecar's API key ({_key_hint(replica)})"
+                    )
                 if 400 <= response.status < 500 and response.status != 429:
                     raise ReplicaRefusedError(response.status, message)
                 raise ReplicaFailedError(f"HTTP {response.status}: {message}")

@@ -13,6 +13,11 @@ TOML, refused as a whole on any error (``FleetConfigError``, one line)::
     speculative = "code"
     k = 3                            # the replica's num_speculative_tokens
 
+Replicas started with an API key (vLLM's ``--api-key`` or ``VLLM_API_KEY``) get it from
+an environment variable of the sidecar that the fleet file names, never from the file
+itself: ``api_key_env = "VLLM_API_KEY"`` for the whole fleet, or per replica. It is sent
+as ``Authorization: Bearer <key>`` on every call to the replica.
+
 The policy's arms are the drafters the fleet offers, so one drafter runs at one k across
 the fleet, and every replica serves the same model.
 """
@@ -20,8 +25,9 @@ the fleet, and every replica serves the same model.
 from __future__ import annotations
 
 import contextlib
+import os
 import tomllib
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +38,7 @@ from router.policy.base import MAX_DRAFT_LENGTH, NONE_DRAFTER
 
 NGRAM = "ngram"
 DEFAULT_DRAFT_LENGTH = 3
+ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"  # an environment variable's name
 
 
 class FleetConfigError(ValueError):
@@ -66,6 +73,7 @@ class ReplicaSpec(BaseModel):
     name: str = ""
     max_in_flight: int | None = Field(default=None, gt=0)
     timeout_s: float | None = Field(default=None, gt=0)
+    api_key_env: str | None = Field(default=None, pattern=ENV_NAME)  # None: the fleet's
 
     @field_validator("url")
     @classmethod
@@ -120,6 +128,8 @@ class FleetSpec(BaseModel):
     # A request that failed on this many replicas it reached is not retried on another: a
     # request that makes engines fail would otherwise take down one replica after another.
     max_replica_failures: int = Field(default=2, gt=0)
+    # The environment variable holding the replicas' API key (per replica: api_key_env).
+    api_key_env: str | None = Field(default=None, pattern=ENV_NAME)
 
     @model_validator(mode="after")
     def _consistent(self) -> FleetSpec:
@@ -150,6 +160,25 @@ class FleetSpec(BaseModel):
 
     def draft_length(self, drafter: str) -> int:
         return next(r.draft_length for r in self.replicas if r.speculative == drafter)
+
+
+def replica_api_keys(
+    fleet: FleetSpec, environ: Mapping[str, str] = os.environ, source: str = ""
+) -> dict[str, str | None]:
+    """Each replica's API key (None: it needs none), from the environment variable its
+    ``api_key_env`` (or the fleet's) names; a variable that is not set or empty is a
+    ``FleetConfigError`` naming it (the key itself is never in a message)."""
+    keys: dict[str, str | None] = {}
+    for replica in fleet.replicas:
+        name = replica.api_key_env or fleet.api_key_env
+        if name is not None and not environ.get(name):
+            raise FleetConfigError(
+                f"{source or 'fleet file'}: replica {replica.name}: api_key_env names {name}, "
+                "which is not set in the sidecar's environment (it holds the key the replica "
+                "was started with)"
+            )
+        keys[replica.name] = environ[name] if name is not None else None
+    return keys
 
 
 def _one_line(error: ValidationError) -> str:
@@ -215,4 +244,5 @@ def check_fleet_settings(settings: Any) -> FleetSpec | None:
     known = known_drafters(settings)
     if known:
         check_fleet_drafters(fleet, known, f"fleet file {settings.fleet_file}")
+    replica_api_keys(fleet, source=f"fleet file {settings.fleet_file}")
     return fleet

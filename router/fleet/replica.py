@@ -14,7 +14,7 @@ import asyncio
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 
@@ -55,13 +55,16 @@ class Replica:
     served: int = 0
     failures: int = 0
     last_error: str = ""
+    # Sent on every call to the replica: its API key, if it has one (never shown).
+    headers: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_spec(cls, spec: ReplicaSpec, fleet: FleetSpec) -> Replica:
+    def from_spec(cls, spec: ReplicaSpec, fleet: FleetSpec, api_key: str | None = None) -> Replica:
         return cls(
             spec=spec,
             max_in_flight=spec.max_in_flight or fleet.max_in_flight,
             timeout_s=spec.timeout_s or fleet.request_timeout_s,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
         )
 
     @property
@@ -120,7 +123,9 @@ async def probe(session: aiohttp.ClientSession, replica: Replica, timeout_s: flo
     it out."""
     try:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
-        async with session.get(f"{replica.spec.url}/health", timeout=timeout) as response:
+        async with session.get(
+            f"{replica.spec.url}/health", headers=replica.headers, timeout=timeout
+        ) as response:
             if response.status == 200:
                 replica.bring_back()
             else:
@@ -134,7 +139,9 @@ async def read_queue(session: aiohttp.ClientSession, replica: Replica, timeout_s
     health decides whether the replica serves)."""
     try:
         timeout = aiohttp.ClientTimeout(total=timeout_s)
-        async with session.get(f"{replica.spec.url}/metrics", timeout=timeout) as response:
+        async with session.get(
+            f"{replica.spec.url}/metrics", headers=replica.headers, timeout=timeout
+        ) as response:
             if response.status == 200:
                 replica.running, replica.waiting = queue_from_metrics(await response.text())
     except (aiohttp.ClientError, TimeoutError, OSError) as error:

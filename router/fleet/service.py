@@ -51,7 +51,7 @@ from router.fleet.client import (
     completion_body,
 )
 from router.fleet.client import stream_completion as replica_stream
-from router.fleet.config import FleetSpec
+from router.fleet.config import FleetSpec, replica_api_keys
 from router.fleet.learning import (
     Timing,
     engine_decode_time,
@@ -131,7 +131,8 @@ class FleetRouterService(RouterService):
     ) -> None:
         super().__init__(settings, components, store, metrics)
         self.fleet = fleet
-        self.replicas = [Replica.from_spec(spec, fleet) for spec in fleet.replicas]
+        keys = replica_api_keys(fleet, source=str(settings.fleet_file or ""))
+        self.replicas = [Replica.from_spec(s, fleet, keys[s.name]) for s in fleet.replicas]
         self.model_names = [fleet.model]
         self._special_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids)
         self._session: aiohttp.ClientSession | None = None

@@ -57,6 +57,11 @@ def serve(
         ),
         ('url = "127.0.0.1:8000"\nspeculative = "ngram"', "replicas.0.url"),
         ('url = "http://127.0.0.1:99999"\nspeculative = "ngram"', "bad port"),
+        (
+            'url = "http://127.0.0.1:8000"\nspeculative = "ngram"\n'
+            'api_key_env = "SPECROUTE_TEST_UNSET_KEY"',
+            "api_key_env names SPECROUTE_TEST_UNSET_KEY, which is not set",
+        ),
     ],
 )
 def test_unservable_fleet_files_exit_2_with_one_line(
@@ -99,6 +104,8 @@ def test_a_fleet_of_unreachable_replicas_starts_and_refuses_generation(
 
 
 REPLY = " Paris, the capital and largest city of France."
+REPLICA_KEY = "stand-in-key"
+REPLICA_KEY_ENV = "SPECROUTE_TEST_REPLICA_KEY"
 
 
 @dataclass
@@ -114,6 +121,9 @@ class StandInReplica:
     # engine (an error event, then /health 503 and HTTP 500 for good).
     dies_on_top_k: bool = False
     dead: bool = False
+    # As vLLM started with --api-key: /v1 without "Authorization: Bearer <key>" is 401.
+    api_key: str | None = None
+    authorizations: list[str | None] = field(default_factory=list)  # as /v1 received them
 
     @property
     def url(self) -> str:
@@ -136,6 +146,15 @@ class StandInReplica:
 
             def do_POST(self) -> None:
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                replica.authorizations.append(self.headers.get("Authorization"))
+                if replica.api_key and self.headers.get("Authorization") != (
+                    f"Bearer {replica.api_key}"
+                ):
+                    self.send_response(401)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(b'{"error":"Unauthorized"}')
+                    return
                 replica.prompts.append([int(t) for t in request["prompt"]])
                 if replica.dead:
                     self.send_response(500)
@@ -209,12 +228,12 @@ def weightless_fleet(
     reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
     texts = [tokenizer.decode([token]) for token in reply_ids]
     plain = StandInReplica(reply_ids, texts).start()
-    generic = StandInReplica(reply_ids, texts).start()
+    generic = StandInReplica(reply_ids, texts, api_key=REPLICA_KEY).start()
     fleet_file = root / "fleet.toml"
     fleet_file.write_text(
         f'health_interval_s = 0.5\n[[replicas]]\nurl = "{plain.url}"\nmodel = "target"\n'
         f'speculative = "none"\n[[replicas]]\nurl = "{generic.url}"\nmodel = "target"\n'
-        'speculative = "generic"\nk = 3\n'
+        f'speculative = "generic"\nk = 3\napi_key_env = "{REPLICA_KEY_ENV}"\n'
     )
     config = serving_world.toml(root / "sidecar.toml", target_dir=str(target_dir))
     try:
@@ -224,7 +243,7 @@ def weightless_fleet(
             admin_token=ADMIN_TOKEN,
             extra_args=["--fleet", str(fleet_file)],
             log_path=root / "sidecar.log",
-            env={"SPECROUTE_CAPTURE__ENABLED": "true"},
+            env={"SPECROUTE_CAPTURE__ENABLED": "true", REPLICA_KEY_ENV: REPLICA_KEY},
         ) as sidecar:
             channel = grpc.insecure_channel(sidecar.grpc_address)
             prompt_ids = list(tokenizer(COMPLETION_PROMPT, add_special_tokens=False)["input_ids"])
@@ -320,6 +339,58 @@ def test_the_self_drafter_is_refused_in_fleet_mode(weightless_fleet: WeightlessF
     assert "'self'" in details and "fleet mode" in details, details
     names = {d.name for d in stub.ListDrafters(pb.ListDraftersRequest(), timeout=10).drafters}
     assert "early-exit" not in names
+
+
+def test_a_replica_gets_its_api_key_and_one_without_gets_none(
+    weightless_fleet: WeightlessFleet,
+) -> None:
+    fleet = weightless_fleet
+    for drafter in ("generic", "none"):
+        request = pb.GenerateRequest(
+            text=COMPLETION_PROMPT, max_new_tokens=3, force_drafter=drafter
+        )
+        chunks = list(fleet.stub.Generate(request, timeout=60))
+        assert [t.id for c in chunks for t in c.tokens] == fleet.generic.reply_ids[:3]
+    assert fleet.generic.authorizations and set(fleet.generic.authorizations) == {
+        f"Bearer {REPLICA_KEY}"
+    }
+    assert fleet.plain.authorizations and set(fleet.plain.authorizations) == {None}
+    assert REPLICA_KEY not in fleet.sidecar.log_tail(200_000)
+
+
+def test_a_refused_api_key_fails_the_replica_not_the_request() -> None:
+    """401 and 403 say the sidecar's key is wrong, not the client's request: the replica
+    failed (the request goes on to another), with a hint and without the key."""
+    import asyncio
+
+    import aiohttp
+
+    from router.domain import Sampling
+    from router.fleet.client import ReplicaFailedError, completion_body, stream_completion
+    from router.fleet.config import parse_fleet
+    from router.fleet.replica import Replica
+
+    stand_in = StandInReplica([1, 2], ["a", "b"], api_key="right").start()
+    try:
+        fleet = parse_fleet(
+            {"replicas": [{"url": stand_in.url, "model": "m", "speculative": "none"}]}
+        )
+        body = completion_body("m", [5, 6], 2, Sampling())
+
+        async def answer(key: str | None) -> list[Any]:
+            replica = Replica.from_spec(fleet.replicas[0], fleet, key)
+            async with aiohttp.ClientSession() as session:
+                return [e async for e in stream_completion(session, replica, body, 5.0)]
+
+        assert [e.token_ids for e in asyncio.run(answer("right"))[:-1]] == [(1,), (2,)]
+        for key, hint in (("wrong", "check the key"), (None, "set api_key_env")):
+            with pytest.raises(ReplicaFailedError) as failed:
+                asyncio.run(answer(key))
+            message = str(failed.value)
+            assert "HTTP 401" in message and "refused the sidecar's API key" in message
+            assert hint in message and "right" not in message and failed.value.reached
+    finally:
+        stand_in.stop()
 
 
 def test_fleet_mode_captures_the_replicas_verified_output(

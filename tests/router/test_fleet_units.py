@@ -19,6 +19,7 @@ from router.fleet.config import (
     load_fleet_file,
     normalise_url,
     parse_fleet,
+    replica_api_keys,
 )
 from router.fleet.learning import Timing, outcome_from_replica, positions_from_histogram
 from router.fleet.metrics import FleetCollector
@@ -172,6 +173,31 @@ def test_unknown_drafter_and_unreadable_files(tmp_path: Path) -> None:
     bad.write_text("[[replicas]\n")
     with pytest.raises(FleetConfigError, match="not TOML"):
         load_fleet_file(bad)
+
+
+def test_api_keys_come_from_the_variables_the_fleet_file_names() -> None:
+    fleet = parse_fleet(
+        {
+            "api_key_env": "FLEET_KEY",
+            "replicas": [
+                {"url": "http://a", "model": "m", "speculative": "none"},
+                {"url": "http://b", "model": "m", "speculative": "ngram", "api_key_env": "B_KEY"},
+            ],
+        }
+    )
+    keys = replica_api_keys(fleet, {"FLEET_KEY": "k1", "B_KEY": "k2"})
+    assert keys == {"http://a": "k1", "http://b": "k2"}
+    assert replica_api_keys(parse_fleet({"replicas": [fleet.replicas[0].model_dump()]}), {}) == {
+        "http://a": None
+    }
+    for environ in ({"B_KEY": "k2"}, {"FLEET_KEY": "", "B_KEY": "k2"}):
+        with pytest.raises(FleetConfigError, match="api_key_env names FLEET_KEY, which is not set"):
+            replica_api_keys(fleet, environ)
+    replica = Replica.from_spec(fleet.replicas[1], fleet, "k2")
+    assert replica.headers == {"Authorization": "Bearer k2"} and "k2" not in repr(replica)
+    assert "k2" not in str(replica.describe())
+    with pytest.raises(FleetConfigError, match="api_key_env"):
+        parse_fleet({"api_key_env": "not a name", "replicas": fleet.model_dump()["replicas"]})
 
 
 def test_queue_is_read_from_vllm_metrics() -> None:

@@ -3,15 +3,18 @@
 The fleet: a head_dim-64 Qwen2 target built from the tiny world's tokenizer (vLLM's CPU
 attention refuses the other sizes), served plain, with the n-gram proposer (two
 replicas: one to kill), and with a draft model ("twin", the target's own weights, so its
-drafts are accepted), plus a URL where nothing listens. The sidecar reads the tiny world's
-classifier; it does not load the target's weights in fleet mode, so the tests load the
-target themselves for the reference outputs.
+drafts are accepted), all started with an API key, plus a URL where nothing listens. The
+sidecar reads the tiny world's classifier; it does not load the target's weights in fleet
+mode, so the tests load the target themselves for the reference outputs.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,6 +53,10 @@ pytestmark = [
 PROMPT = COMPLETION_PROMPT
 TOKENS = 24
 DRAFT_LENGTH = 3
+# The replicas run with an API key, as production ones do; the sidecar reads it from the
+# variable the fleet file names.
+API_KEY = "fleet-test-key"
+API_KEY_ENV = "SPECROUTE_TEST_VLLM_API_KEY"
 
 
 @dataclass
@@ -99,11 +106,16 @@ def fleet(serving_world: ServingWorld, tmp_path_factory: pytest.TempPathFactory)
         Speculation("twin", DRAFT_LENGTH, twin),
         Speculation("ngram", DRAFT_LENGTH),
     ]
-    with vllm_fleet(target, speculations, root / "logs", single_process=True) as servers:
+    os.environ[API_KEY_ENV] = API_KEY
+    with vllm_fleet(
+        target, speculations, root / "logs", single_process=True, api_key=API_KEY
+    ) as servers:
         dead_url = f"http://127.0.0.1:{free_port()}"
         fleet_file = root / "fleet.toml"
         fleet_file.write_text(
-            fleet_toml(servers, health_interval_s=0.5, metrics_interval_s=0.5)
+            fleet_toml(
+                servers, health_interval_s=0.5, metrics_interval_s=0.5, api_key_env=API_KEY_ENV
+            )
             + f'[[replicas]]\nurl = "{dead_url}"\nmodel = "target"\nspeculative = "ngram"\n'
             + f"k = {DRAFT_LENGTH}\n"
         )
@@ -121,6 +133,7 @@ def fleet(serving_world: ServingWorld, tmp_path_factory: pytest.TempPathFactory)
             yield Fleet(sidecar, named, dead_url)
         finally:
             sidecar.stop()
+            os.environ.pop(API_KEY_ENV, None)
 
 
 def generate(fleet: Fleet, drafter: str = "", tokens: int = TOKENS, **fields: Any) -> Any:
@@ -158,6 +171,19 @@ def test_route_names_a_serving_replica_with_its_draft_length(fleet: Fleet) -> No
         speculation = serving[decision.replica]
         assert decision.drafter == speculation.drafter
         assert decision.draft_length == speculation.k
+
+
+def test_the_replicas_want_their_api_key_and_the_sidecar_sends_it(fleet: Fleet) -> None:
+    """vLLM started with an API key answers /v1 without it with 401 (its /health stays
+    open); the sidecar's requests carry the key from the variable the fleet file names."""
+    url = f"{fleet.servers['ngram'].url}/v1/completions"
+    body = json.dumps({"model": "target", "prompt": PROMPT, "max_tokens": 2}).encode()
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 401
+    decision, ids, _ = generate(fleet, "ngram", tokens=4)
+    assert decision.replica in {s.url for s in fleet.servers.values()} and len(ids) == 4
 
 
 def test_unreachable_replica_is_logged_and_routed_around(fleet: Fleet) -> None:
