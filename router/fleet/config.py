@@ -16,7 +16,8 @@ TOML, refused as a whole on any error (``FleetConfigError``, one line)::
 Replicas started with an API key (vLLM's ``--api-key`` or ``VLLM_API_KEY``) get it from
 an environment variable of the sidecar that the fleet file names, never from the file
 itself: ``api_key_env = "VLLM_API_KEY"`` for the whole fleet, or per replica. It is sent
-as ``Authorization: Bearer <key>`` on every call to the replica.
+as ``Authorization: Bearer <key>`` on every call to the replica. ``https://`` replicas are
+verified against the system's CAs, or against ``tls_ca_file`` (a PEM bundle) when set.
 
 The policy's arms are the drafters the fleet offers, so one drafter runs at one k across
 the fleet, and every replica serves the same model.
@@ -26,13 +27,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import ssl
 import tomllib
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from router.policy.base import MAX_DRAFT_LENGTH, NONE_DRAFTER
 
@@ -130,6 +140,8 @@ class FleetSpec(BaseModel):
     max_replica_failures: int = Field(default=2, gt=0)
     # The environment variable holding the replicas' API key (per replica: api_key_env).
     api_key_env: str | None = Field(default=None, pattern=ENV_NAME)
+    # https replicas are verified against this CA bundle (PEM) instead of the system's.
+    tls_ca_file: FilePath | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> FleetSpec:
@@ -179,6 +191,21 @@ def replica_api_keys(
             )
         keys[replica.name] = environ[name] if name is not None else None
     return keys
+
+
+def replica_tls(fleet: FleetSpec, source: str = "") -> ssl.SSLContext | None:
+    """The TLS context for ``https://`` replicas when ``tls_ca_file`` is set (None: the
+    HTTP client's default, the system's CAs); a file that is not a CA bundle is a
+    ``FleetConfigError``."""
+    if fleet.tls_ca_file is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=str(fleet.tls_ca_file))
+    except (ssl.SSLError, OSError) as error:
+        raise FleetConfigError(
+            f"{source or 'fleet file'}: tls_ca_file {fleet.tls_ca_file}: not a CA bundle "
+            f"(PEM): {error}"
+        ) from None
 
 
 def _one_line(error: ValidationError) -> str:
@@ -245,4 +272,5 @@ def check_fleet_settings(settings: Any) -> FleetSpec | None:
     if known:
         check_fleet_drafters(fleet, known, f"fleet file {settings.fleet_file}")
     replica_api_keys(fleet, source=f"fleet file {settings.fleet_file}")
+    replica_tls(fleet, f"fleet file {settings.fleet_file}")
     return fleet

@@ -51,7 +51,7 @@ from router.fleet.client import (
     completion_body,
 )
 from router.fleet.client import stream_completion as replica_stream
-from router.fleet.config import FleetSpec, replica_api_keys
+from router.fleet.config import FleetSpec, replica_api_keys, replica_tls
 from router.fleet.learning import (
     Timing,
     engine_decode_time,
@@ -159,7 +159,9 @@ class FleetRouterService(RouterService):
     async def start_fleet(self) -> None:
         """Open the HTTP client and start probing every replica; the first probes are
         awaited, so replicas that answer serve at once (the others are routed around)."""
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        tls = replica_tls(self.fleet, str(self.settings.fleet_file or ""))
+        connector = aiohttp.TCPConnector(limit=0, ssl=tls if tls is not None else True)
+        self._session = aiohttp.ClientSession(connector=connector)
         from router.fleet.metrics import FleetCollector
         from router.fleet.replica import probe
 

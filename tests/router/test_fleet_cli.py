@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import openai
@@ -32,7 +33,16 @@ from benchmarks.fleet.vllm_process import free_port
 from router.launch import LaunchedSidecar, launch_sidecar
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
-from tests.router.conftest import ADMIN, ADMIN_TOKEN, COMPLETION_PROMPT, ServingWorld
+from tests.router.conftest import (
+    ADMIN,
+    ADMIN_TOKEN,
+    COMPLETION_PROMPT,
+    ServingWorld,
+    self_signed_tls,
+)
+
+if TYPE_CHECKING:
+    from benchmarks.replicas.redis_server import RedisTlsFiles
 
 
 def serve(
@@ -124,11 +134,13 @@ class StandInReplica:
     # As vLLM started with --api-key: /v1 without "Authorization: Bearer <key>" is 401.
     api_key: str | None = None
     authorizations: list[str | None] = field(default_factory=list)  # as /v1 received them
+    tls: RedisTlsFiles | None = None  # https with this certificate
 
     @property
     def url(self) -> str:
         assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
 
     def start(self) -> StandInReplica:
         replica = self
@@ -184,6 +196,10 @@ class StandInReplica:
                 self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if self.tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.tls.cert_file, self.tls.key_file)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
@@ -228,10 +244,13 @@ def weightless_fleet(
     reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
     texts = [tokenizer.decode([token]) for token in reply_ids]
     plain = StandInReplica(reply_ids, texts).start()
-    generic = StandInReplica(reply_ids, texts, api_key=REPLICA_KEY).start()
+    (root / "tls").mkdir()
+    tls = self_signed_tls(root / "tls")
+    generic = StandInReplica(reply_ids, texts, api_key=REPLICA_KEY, tls=tls).start()
     fleet_file = root / "fleet.toml"
     fleet_file.write_text(
-        f'health_interval_s = 0.5\n[[replicas]]\nurl = "{plain.url}"\nmodel = "target"\n'
+        f'health_interval_s = 0.5\ntls_ca_file = "{tls.ca_file}"\n'
+        f'[[replicas]]\nurl = "{plain.url}"\nmodel = "target"\n'
         f'speculative = "none"\n[[replicas]]\nurl = "{generic.url}"\nmodel = "target"\n'
         f'speculative = "generic"\nk = 3\napi_key_env = "{REPLICA_KEY_ENV}"\n'
     )
@@ -389,6 +408,47 @@ def test_a_refused_api_key_fails_the_replica_not_the_request() -> None:
             message = str(failed.value)
             assert "HTTP 401" in message and "refused the sidecar's API key" in message
             assert hint in message and "right" not in message and failed.value.reached
+    finally:
+        stand_in.stop()
+
+
+def test_https_replicas_are_verified_against_the_fleets_ca_file(tmp_path: Path) -> None:
+    """A replica whose certificate a private CA signed: refused with the system's CAs (a
+    failed replica), served with ``tls_ca_file``; a file that is not a CA bundle is refused
+    when the fleet file is read."""
+    import asyncio
+
+    import aiohttp
+
+    from router.domain import Sampling
+    from router.fleet.client import ReplicaFailedError, completion_body, stream_completion
+    from router.fleet.config import FleetConfigError, parse_fleet, replica_tls
+    from router.fleet.replica import Replica
+
+    tls = self_signed_tls(tmp_path)
+    stand_in = StandInReplica([1, 2], ["a", "b"], tls=tls).start()
+    try:
+        replica = {"url": stand_in.url, "model": "m", "speculative": "none"}
+        body = completion_body("m", [5, 6], 2, Sampling())
+
+        async def answer(ca_file: Path | None) -> list[Any]:
+            fleet = parse_fleet({"replicas": [replica], "tls_ca_file": ca_file})
+            context = replica_tls(fleet)
+            connector = aiohttp.TCPConnector(ssl=context if context is not None else True)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                target = Replica.from_spec(fleet.replicas[0], fleet)
+                return [e async for e in stream_completion(session, target, body, 5.0)]
+
+        assert stand_in.url.startswith("https://")
+        assert [e.token_ids for e in asyncio.run(answer(tls.ca_file))[:-1]] == [(1,), (2,)]
+        with pytest.raises(ReplicaFailedError, match="certificate verify failed"):
+            asyncio.run(answer(None))
+        not_pem = tmp_path / "not-a-ca.pem"
+        not_pem.write_text("not a certificate")
+        with pytest.raises(FleetConfigError, match=r"tls_ca_file .* not a CA bundle"):
+            asyncio.run(answer(not_pem))
+        with pytest.raises(FleetConfigError, match="tls_ca_file"):
+            parse_fleet({"replicas": [replica], "tls_ca_file": str(tmp_path / "absent.pem")})
     finally:
         stand_in.stop()
 
