@@ -3,7 +3,11 @@ that probes it.
 
 A replica starts out of service until its first health check passes. A request that
 fails on it, or a failed health check, takes it out; it is probed every
-``health_interval_s`` until ``GET /health`` answers 200 again. While healthy its
+``health_interval_s`` until ``GET /health`` answers 200 again. Before it is brought back
+(at start, and after each failure) ``GET /v1/models`` must list the fleet file's model
+and accept the sidecar's API key: a typo in ``model`` or a wrong key keeps the replica
+out with the reason, instead of failing every request sent to it. A server without that
+route (404) is taken at its word. While healthy its
 ``/metrics`` are read every ``metrics_interval_s`` for ``vllm:num_requests_running`` and
 ``vllm:num_requests_waiting``.
 """
@@ -119,19 +123,52 @@ class Replica:
 
 
 async def probe(session: aiohttp.ClientSession, replica: Replica, timeout_s: float) -> None:
-    """One health check: ``GET /health`` 200 brings the replica back, anything else takes
-    it out."""
+    """One health check: ``GET /health`` 200 brings the replica back (an out-of-service
+    one once ``served_model_problem`` finds none), anything else takes it out."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
         async with session.get(
             f"{replica.spec.url}/health", headers=replica.headers, timeout=timeout
         ) as response:
-            if response.status == 200:
-                replica.bring_back()
-            else:
-                replica.take_out(f"GET /health answered {response.status}")
+            status = response.status
+        problem = f"GET /health answered {status}" if status != 200 else None
+        if problem is None and not replica.healthy:
+            problem = await served_model_problem(session, replica, timeout)
+            if problem is not None and problem != replica.last_error:
+                logger.error("replica %s cannot serve: %s", replica.name, problem)
     except (aiohttp.ClientError, TimeoutError, OSError) as error:
-        replica.take_out(f"GET /health failed: {type(error).__name__}: {error}")
+        problem = f"GET /health failed: {type(error).__name__}: {error}"
+    if problem is None:
+        replica.bring_back()
+    else:
+        replica.take_out(problem)
+
+
+async def served_model_problem(
+    session: aiohttp.ClientSession, replica: Replica, timeout: aiohttp.ClientTimeout
+) -> str | None:
+    """Why the replica cannot serve the fleet's requests, from ``GET /v1/models`` (None:
+    it can, or it has no such list to check): the API key refused, or the fleet file's
+    model not among those it serves."""
+    async with session.get(
+        f"{replica.spec.url}/v1/models", headers=replica.headers, timeout=timeout
+    ) as response:
+        if response.status in (401, 403):
+            where = "the variable api_key_env names" if replica.headers else "api_key_env"
+            return f"GET /v1/models answered {response.status}: it wants an API key ({where})"
+        if response.status != 200:
+            return None
+        try:
+            listed = await response.json(content_type=None)
+        except ValueError:
+            return None
+    data = listed.get("data") if isinstance(listed, dict) else None
+    if not isinstance(data, list):
+        return None
+    served = [str(m.get("id")) for m in data if isinstance(m, dict)]
+    if replica.spec.model not in served:
+        return f"it serves {served}, not {replica.spec.model!r} (the fleet file's model)"
+    return None
 
 
 async def read_queue(session: aiohttp.ClientSession, replica: Replica, timeout_s: float) -> None:

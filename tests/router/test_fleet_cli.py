@@ -135,6 +135,7 @@ class StandInReplica:
     api_key: str | None = None
     authorizations: list[str | None] = field(default_factory=list)  # as /v1 received them
     tls: RedisTlsFiles | None = None  # https with this certificate
+    models: list[str] | None = None  # GET /v1/models lists these (None: 404, no such route)
 
     @property
     def url(self) -> str:
@@ -150,22 +151,36 @@ class StandInReplica:
                 pass
 
             def do_GET(self) -> None:
+                if self.path == "/v1/models" and replica.models is not None:
+                    if not self._authorized():
+                        return
+                    listed = {"object": "list", "data": [{"id": m} for m in replica.models]}
+                    self.send_response(200)
+                    self.end_headers()
+                    self.wfile.write(json.dumps(listed).encode())
+                    return
                 body = b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
                 known = self.path in ("/health", "/metrics")
                 self.send_response(503 if replica.dead else 200 if known else 404)
                 self.end_headers()
                 self.wfile.write(body if self.path == "/metrics" else b"")
 
+            def _authorized(self) -> bool:
+                """vLLM's check on /v1 with --api-key: else 401 and its body."""
+                if not replica.api_key or self.headers.get("Authorization") == (
+                    f"Bearer {replica.api_key}"
+                ):
+                    return True
+                self.send_response(401)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"error":"Unauthorized"}')
+                return False
+
             def do_POST(self) -> None:
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 replica.authorizations.append(self.headers.get("Authorization"))
-                if replica.api_key and self.headers.get("Authorization") != (
-                    f"Bearer {replica.api_key}"
-                ):
-                    self.send_response(401)
-                    self.send_header("Content-Type", "application/json")
-                    self.end_headers()
-                    self.wfile.write(b'{"error":"Unauthorized"}')
+                if not self._authorized():
                     return
                 replica.prompts.append([int(t) for t in request["prompt"]])
                 if replica.dead:
@@ -243,10 +258,12 @@ def weightless_fleet(
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
     texts = [tokenizer.decode([token]) for token in reply_ids]
-    plain = StandInReplica(reply_ids, texts).start()
+    plain = StandInReplica(reply_ids, texts, models=["target"]).start()
     (root / "tls").mkdir()
     tls = self_signed_tls(root / "tls")
-    generic = StandInReplica(reply_ids, texts, api_key=REPLICA_KEY, tls=tls).start()
+    generic = StandInReplica(
+        reply_ids, texts, api_key=REPLICA_KEY, tls=tls, models=["target"]
+    ).start()
     fleet_file = root / "fleet.toml"
     fleet_file.write_text(
         f'health_interval_s = 0.5\ntls_ca_file = "{tls.ca_file}"\n'
@@ -410,6 +427,46 @@ def test_a_refused_api_key_fails_the_replica_not_the_request() -> None:
             assert hint in message and "right" not in message and failed.value.reached
     finally:
         stand_in.stop()
+
+
+def test_a_replica_serving_another_model_or_wanting_a_key_stays_out_with_the_reason() -> None:
+    """``GET /v1/models`` before a replica is brought back: a typo in the fleet file's
+    model, or an API key missing or wrong, keeps it out of service with the reason
+    (instead of every request failing on it); a server without the route is trusted."""
+    import asyncio
+
+    import aiohttp
+
+    from router.fleet.config import parse_fleet
+    from router.fleet.replica import Replica, probe
+
+    async def probed(stand_in: StandInReplica, model: str, key: str | None) -> Replica:
+        spec = {"url": stand_in.url, "model": model, "speculative": "none"}
+        fleet = parse_fleet({"replicas": [spec]})
+        replica = Replica.from_spec(fleet.replicas[0], fleet, key)
+        async with aiohttp.ClientSession() as session:
+            await probe(session, replica, 5.0)
+        return replica
+
+    served = StandInReplica([1], ["a"], models=["Qwen/Qwen2.5-7B-Instruct"]).start()
+    guarded = StandInReplica([1], ["a"], api_key="right", models=["m"]).start()
+    unlisted = StandInReplica([1], ["a"]).start()
+    try:
+        typo = asyncio.run(probed(served, "Qwen/Qwen2.5-7B-Instruc", None))
+        assert not typo.healthy
+        assert "it serves ['Qwen/Qwen2.5-7B-Instruct'], not 'Qwen/Qwen2.5-7B-Instruc'" in (
+            typo.last_error
+        )
+        assert asyncio.run(probed(served, "Qwen/Qwen2.5-7B-Instruct", None)).healthy
+        for key, where in ((None, "(api_key_env)"), ("wrong", "the variable api_key_env")):
+            refused = asyncio.run(probed(guarded, "m", key))
+            assert not refused.healthy and "401: it wants an API key" in refused.last_error
+            assert where in refused.last_error
+        assert asyncio.run(probed(guarded, "m", "right")).healthy
+        assert asyncio.run(probed(unlisted, "anything", None)).healthy
+    finally:
+        for stand_in in (served, guarded, unlisted):
+            stand_in.stop()
 
 
 def test_https_replicas_are_verified_against_the_fleets_ca_file(tmp_path: Path) -> None:
