@@ -5,9 +5,11 @@ A replica starts out of service until its first health check passes. A request t
 fails on it, or a failed health check, takes it out; it is probed every
 ``health_interval_s`` until ``GET /health`` answers 200 again. Before it is brought back
 (at start, and after each failure) ``GET /v1/models`` must list the fleet file's model
-and accept the sidecar's API key: a typo in ``model`` or a wrong key keeps the replica
-out with the reason, instead of failing every request sent to it. A server without that
-route (404) is taken at its word. While healthy its
+and accept the sidecar's API key, and ``POST /tokenize`` must read a probe text as the
+sidecar's target tokenizer does: a typo in ``model``, a wrong key, or a replica serving a
+model of another vocabulary (which would turn the token ids the sidecar sends into
+garbage, silently) keeps the replica out with the reason. A server without those routes
+(404) is taken at its word. While healthy its
 ``/metrics`` are read every ``metrics_interval_s`` for ``vllm:num_requests_running`` and
 ``vllm:num_requests_waiting``.
 """
@@ -25,6 +27,10 @@ import aiohttp
 from router.fleet.config import FleetSpec, ReplicaSpec
 
 logger = logging.getLogger(__name__)
+
+# Read by the replica's tokenizer and the sidecar's before a replica serves: words, digits,
+# punctuation, accents and an emoji, so that another vocabulary or normalisation shows.
+TOKENIZER_PROBE = "specroute probe: Ünïcödé café, 12345 + 67 = ?\n\tdef f(x): return x 🙂"
 
 # A Prometheus sample line: name, optional {labels}, value.
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
@@ -61,14 +67,23 @@ class Replica:
     last_error: str = ""
     # Sent on every call to the replica: its API key, if it has one (never shown).
     headers: dict[str, str] = field(default_factory=dict, repr=False)
+    # TOKENIZER_PROBE's ids by the sidecar's target tokenizer (empty: not checked).
+    probe_ids: tuple[int, ...] = ()
 
     @classmethod
-    def from_spec(cls, spec: ReplicaSpec, fleet: FleetSpec, api_key: str | None = None) -> Replica:
+    def from_spec(
+        cls,
+        spec: ReplicaSpec,
+        fleet: FleetSpec,
+        api_key: str | None = None,
+        probe_ids: tuple[int, ...] = (),
+    ) -> Replica:
         return cls(
             spec=spec,
             max_in_flight=spec.max_in_flight or fleet.max_in_flight,
             timeout_s=spec.timeout_s or fleet.request_timeout_s,
             headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+            probe_ids=probe_ids,
         )
 
     @property
@@ -168,7 +183,32 @@ async def served_model_problem(
     served = [str(m.get("id")) for m in data if isinstance(m, dict)]
     if replica.spec.model not in served:
         return f"it serves {served}, not {replica.spec.model!r} (the fleet file's model)"
-    return None
+    return await tokenizer_problem(session, replica, timeout) if replica.probe_ids else None
+
+
+async def tokenizer_problem(
+    session: aiohttp.ClientSession, replica: Replica, timeout: aiohttp.ClientTimeout
+) -> str | None:
+    """Whether the replica's ``POST /tokenize`` reads ``TOKENIZER_PROBE`` as the sidecar's
+    target tokenizer does (None: it does, or it has no such route)."""
+    body = {"model": replica.spec.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
+    async with session.post(
+        f"{replica.spec.url}/tokenize", json=body, headers=replica.headers, timeout=timeout
+    ) as response:
+        if response.status != 200:
+            return None
+        try:
+            answer = await response.json(content_type=None)
+        except ValueError:
+            return None
+    tokens = answer.get("tokens") if isinstance(answer, dict) else None
+    if not isinstance(tokens, list) or tuple(tokens) == replica.probe_ids:
+        return None
+    return (
+        f"its tokenizer is not the sidecar's target's (target_dir): a probe text is "
+        f"{len(tokens)} tokens {tokens[:6]}... there, {len(replica.probe_ids)} tokens "
+        f"{list(replica.probe_ids[:6])}... here"
+    )
 
 
 async def read_queue(session: aiohttp.ClientSession, replica: Replica, timeout_s: float) -> None:

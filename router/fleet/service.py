@@ -59,7 +59,7 @@ from router.fleet.learning import (
     outcome_from_replica,
     request_steps,
 )
-from router.fleet.replica import Replica, watch
+from router.fleet.replica import TOKENIZER_PROBE, Replica, watch
 from router.policy.base import NONE_DRAFTER, DrafterHints
 from router.service import (
     Components,
@@ -132,7 +132,10 @@ class FleetRouterService(RouterService):
         super().__init__(settings, components, store, metrics)
         self.fleet = fleet
         keys = replica_api_keys(fleet, source=str(settings.fleet_file or ""))
-        self.replicas = [Replica.from_spec(s, fleet, keys[s.name]) for s in fleet.replicas]
+        probe = tuple(self.tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False))
+        self.replicas = [
+            Replica.from_spec(spec, fleet, keys[spec.name], probe) for spec in fleet.replicas
+        ]
         self.model_names = [fleet.model]
         self._special_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids)
         self._session: aiohttp.ClientSession | None = None

@@ -136,6 +136,7 @@ class StandInReplica:
     authorizations: list[str | None] = field(default_factory=list)  # as /v1 received them
     tls: RedisTlsFiles | None = None  # https with this certificate
     models: list[str] | None = None  # GET /v1/models lists these (None: 404, no such route)
+    tokens: list[int] | None = None  # what POST /tokenize answers (None: 404)
 
     @property
     def url(self) -> str:
@@ -179,6 +180,16 @@ class StandInReplica:
 
             def do_POST(self) -> None:
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/tokenize" and replica.tokens is not None:
+                    answer = {"count": len(replica.tokens), "max_model_len": 512}
+                    self.send_response(200)
+                    self.end_headers()
+                    self.wfile.write(json.dumps({**answer, "tokens": replica.tokens}).encode())
+                    return
+                if self.path != "/v1/completions":
+                    self.send_response(404)
+                    self.end_headers()
+                    return
                 replica.authorizations.append(self.headers.get("Authorization"))
                 if not self._authorized():
                     return
@@ -258,7 +269,10 @@ def weightless_fleet(
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
     texts = [tokenizer.decode([token]) for token in reply_ids]
-    plain = StandInReplica(reply_ids, texts, models=["target"]).start()
+    from router.fleet.replica import TOKENIZER_PROBE
+
+    probe_ids = list(tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"])
+    plain = StandInReplica(reply_ids, texts, models=["target"], tokens=probe_ids).start()
     (root / "tls").mkdir()
     tls = self_signed_tls(root / "tls")
     generic = StandInReplica(
@@ -430,9 +444,10 @@ def test_a_refused_api_key_fails_the_replica_not_the_request() -> None:
 
 
 def test_a_replica_serving_another_model_or_wanting_a_key_stays_out_with_the_reason() -> None:
-    """``GET /v1/models`` before a replica is brought back: a typo in the fleet file's
-    model, or an API key missing or wrong, keeps it out of service with the reason
-    (instead of every request failing on it); a server without the route is trusted."""
+    """``GET /v1/models`` and ``POST /tokenize`` before a replica is brought back: a typo
+    in the fleet file's model, an API key missing or wrong, or another vocabulary keeps it
+    out of service with the reason (instead of every request failing on it, or garbled
+    silently); a server without the routes is trusted."""
     import asyncio
 
     import aiohttp
@@ -440,10 +455,12 @@ def test_a_replica_serving_another_model_or_wanting_a_key_stays_out_with_the_rea
     from router.fleet.config import parse_fleet
     from router.fleet.replica import Replica, probe
 
-    async def probed(stand_in: StandInReplica, model: str, key: str | None) -> Replica:
+    async def probed(
+        stand_in: StandInReplica, model: str, key: str | None, probe_ids: tuple[int, ...] = ()
+    ) -> Replica:
         spec = {"url": stand_in.url, "model": model, "speculative": "none"}
         fleet = parse_fleet({"replicas": [spec]})
-        replica = Replica.from_spec(fleet.replicas[0], fleet, key)
+        replica = Replica.from_spec(fleet.replicas[0], fleet, key, probe_ids)
         async with aiohttp.ClientSession() as session:
             await probe(session, replica, 5.0)
         return replica
@@ -451,6 +468,7 @@ def test_a_replica_serving_another_model_or_wanting_a_key_stays_out_with_the_rea
     served = StandInReplica([1], ["a"], models=["Qwen/Qwen2.5-7B-Instruct"]).start()
     guarded = StandInReplica([1], ["a"], api_key="right", models=["m"]).start()
     unlisted = StandInReplica([1], ["a"]).start()
+    other_vocabulary = StandInReplica([1], ["a"], models=["m"], tokens=[5, 6, 7]).start()
     try:
         typo = asyncio.run(probed(served, "Qwen/Qwen2.5-7B-Instruc", None))
         assert not typo.healthy
@@ -464,8 +482,13 @@ def test_a_replica_serving_another_model_or_wanting_a_key_stays_out_with_the_rea
             assert where in refused.last_error
         assert asyncio.run(probed(guarded, "m", "right")).healthy
         assert asyncio.run(probed(unlisted, "anything", None)).healthy
+        garbled = asyncio.run(probed(other_vocabulary, "m", None, probe_ids=(5, 6, 8)))
+        assert not garbled.healthy
+        assert "its tokenizer is not the sidecar's target's" in garbled.last_error
+        assert "3 tokens [5, 6, 7]... there" in garbled.last_error
+        assert asyncio.run(probed(other_vocabulary, "m", None, probe_ids=(5, 6, 7))).healthy
     finally:
-        for stand_in in (served, guarded, unlisted):
+        for stand_in in (served, guarded, unlisted, other_vocabulary):
             stand_in.stop()
 
 

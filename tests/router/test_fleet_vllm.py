@@ -186,6 +186,23 @@ def test_the_replicas_want_their_api_key_and_the_sidecar_sends_it(fleet: Fleet) 
     assert decision.replica in {s.url for s in fleet.servers.values()} and len(ids) == 4
 
 
+def test_vllm_tokenizes_the_probe_as_the_sidecar_does(fleet: Fleet) -> None:
+    """What lets a replica serve (``router.fleet.replica``): vLLM's ``/tokenize`` gives
+    the probe text the ids the sidecar's target tokenizer gives it."""
+    from router.fleet.replica import TOKENIZER_PROBE
+
+    replica = fleet.replica(fleet.servers["none"].url)
+    body = {"model": "target", "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
+    request = urllib.request.Request(
+        f"{replica.spec.url}/tokenize",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", **replica.headers},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        tokens = json.loads(response.read())["tokens"]
+    assert len(replica.probe_ids) > 10 and tokens == list(replica.probe_ids)
+
+
 def test_unreachable_replica_is_logged_and_routed_around(fleet: Fleet) -> None:
     dead = fleet.replica(fleet.dead_url)
     assert not dead.healthy
