@@ -21,6 +21,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -171,12 +172,7 @@ async def served_model_problem(
         if response.status in (401, 403):
             where = "the variable api_key_env names" if replica.headers else "api_key_env"
             return f"GET /v1/models answered {response.status}: it wants an API key ({where})"
-        if response.status != 200:
-            return None
-        try:
-            listed = await response.json(content_type=None)
-        except ValueError:
-            return None
+        listed = await _json_answer(response)
     data = listed.get("data") if isinstance(listed, dict) else None
     if not isinstance(data, list):
         return None
@@ -184,6 +180,16 @@ async def served_model_problem(
     if replica.spec.model not in served:
         return f"it serves {served}, not {replica.spec.model!r} (the fleet file's model)"
     return await tokenizer_problem(session, replica, timeout) if replica.probe_ids else None
+
+
+async def _json_answer(response: aiohttp.ClientResponse) -> Any:
+    """The body of a 200 answer as JSON; None for any other status or a body not JSON."""
+    if response.status != 200:
+        return None
+    try:
+        return await response.json(content_type=None)
+    except ValueError:
+        return None
 
 
 async def tokenizer_problem(
@@ -195,12 +201,7 @@ async def tokenizer_problem(
     async with session.post(
         f"{replica.spec.url}/tokenize", json=body, headers=replica.headers, timeout=timeout
     ) as response:
-        if response.status != 200:
-            return None
-        try:
-            answer = await response.json(content_type=None)
-        except ValueError:
-            return None
+        answer = await _json_answer(response)
     tokens = answer.get("tokens") if isinstance(answer, dict) else None
     if not isinstance(tokens, list) or tuple(tokens) == replica.probe_ids:
         return None
