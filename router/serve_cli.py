@@ -8,7 +8,6 @@ commands send ``--token`` (``$SPECROUTE_ADMIN_TOKEN``).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,26 +32,16 @@ def _group(app: typer.Typer, name: str, help_text: str) -> typer.Typer:
     return created
 
 
-#: A PEM file of the CA that signed a TLS sidecar's certificate: when set, the client
-#: commands connect with TLS and trust it (the sidecar serves TLS with tls.cert_file).
-CA_FILE_ENV = "SPECROUTE_CA_FILE"
-
-
 def _stub(address: str) -> Any:
-    import grpc
-
+    from router.channel import ClientTlsError, sidecar_channel, trusted_roots
     from router.pb import router_pb2_grpc
 
-    ca_file = os.environ.get(CA_FILE_ENV)
-    if not ca_file:
-        return router_pb2_grpc.RouterStub(grpc.insecure_channel(address))
     try:
-        roots = Path(ca_file).read_bytes()
-    except OSError as error:
-        typer.echo(f"error: {CA_FILE_ENV}: {error}", err=True)
+        roots = trusted_roots()
+    except ClientTlsError as error:
+        typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    credentials = grpc.ssl_channel_credentials(root_certificates=roots)
-    return router_pb2_grpc.RouterStub(grpc.secure_channel(address, credentials))
+    return router_pb2_grpc.RouterStub(sidecar_channel(address, roots))
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -30,7 +30,7 @@ from router.server import grpc_options
 from router.service import Components
 from router.settings import MAX_C_INT, Limits, Settings, TlsSettings, load_settings
 from router.store import DrafterRecord, SidecarStore
-from tests.router.conftest import ADMIN, ServingWorld, SidecarThread, self_signed_tls
+from tests.router.conftest import ADMIN, ADMIN_TOKEN, ServingWorld, SidecarThread, self_signed_tls
 
 DATA_TOKEN = "data-secret"
 PROMPT = "def add(a, b):\n    return"
@@ -299,6 +299,28 @@ def test_routes_over_tls_and_refuses_plaintext(
             env={"SPECROUTE_CA_FILE": str(files.ca_file)},
         )
         assert listed.exit_code == 0 and "generic" in listed.output, listed.output
+        # So does the replay's client, for a sidecar given by address.
+        from benchmarks.replay.client import ReplayClient
+
+        with ReplayClient(running.running.address, ADMIN_TOKEN, files.ca_file.read_bytes()) as c:
+            c.wait_ready(timeout_s=30)
+            assert "generic" in {d.name for d in c.list_drafters()}
+        missing = CliRunner().invoke(
+            build_app(),
+            [
+                "replay",
+                "--trace",
+                "uniform",
+                "--address",
+                running.running.address,
+                "--world",
+                str(serving_world.world.root),
+            ],
+            env={"SPECROUTE_CA_FILE": str(tmp_path / "absent.pem"), "SPECROUTE_ADMIN_TOKEN": "x"},
+        )
+        assert missing.exit_code == 2 and "error: SPECROUTE_CA_FILE:" in missing.output, (
+            missing.output
+        )
         # The HTTP fronts and the metrics speak TLS too: no port stays plaintext.
         trusted = ssl.create_default_context(cafile=str(files.ca_file))
         for port, path in (
