@@ -14,13 +14,13 @@ import contextlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from router.domain import GenerateInput, Prompt, RouteInput, Sampling
+from router.domain import MAX_STOP_SEQUENCES, GenerateInput, Prompt, RouteInput, Sampling
 from router.errors import InvalidRequestError, SidecarError, UnauthenticatedError, status_of
 from router.service import GenerationResult, RoutedRequest, RouterService, TokenChunk
 
@@ -244,40 +244,59 @@ async def _sse(
     service: RouterService, request: web.Request, body: TgiRequest
 ) -> web.StreamResponse:
     """Stream one ``data:{json}`` event per token; the last carries text and details."""
-    params = body.parameters or TgiParameters()
     async with contextlib.aclosing(_generation(service, body)) as items:
         await _first(items)  # errors before the first event become plain HTTP errors
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        held: dict[str, Any] | None = None  # the last token waits for the final details
-        index = 0
-        try:
-            async for item in items:
-                if isinstance(item, TokenChunk):
-                    for token_id, text, special in zip(
-                        item.token_ids, item.token_texts, item.special, strict=True
-                    ):
-                        if held is not None:
-                            await _event(response, held)
-                        index += 1
-                        held = _stream_event(index, _token_json(token_id, text, special))
-                elif isinstance(item, GenerationResult) and held is not None:
-                    held["generated_text"] = (
-                        body.inputs if params.return_full_text else ""
-                    ) + item.generated_text
-                    held["details"] = {
-                        "finish_reason": _finish_reason(item.stats),
-                        "generated_tokens": index,
-                        "seed": item.seed,
-                    }
-                    await _event(response, held)
-                    held = None
-        except SidecarError as error:
-            await _event(
-                response, {"error": str(error), "error_type": status_of(error).tgi_error_type}
-            )
-        await response.write_eof()
+        with client_may_leave(request):
+            await _tgi_events(response, items, body)
+            await response.write_eof()
         return response
+
+
+async def _tgi_events(response: web.StreamResponse, items: Any, body: TgiRequest) -> None:
+    """``_sse``'s events: each token once the next one (or the result) has arrived, so
+    that the last one carries the generated text and the details; an error after the
+    first event is an error event."""
+    params = body.parameters or TgiParameters()
+    held: dict[str, Any] | None = None
+    index = 0
+    try:
+        async for item in items:
+            if isinstance(item, TokenChunk):
+                for token_id, text, special in zip(
+                    item.token_ids, item.token_texts, item.special, strict=True
+                ):
+                    if held is not None:
+                        await _event(response, held)
+                    index += 1
+                    held = _stream_event(index, _token_json(token_id, text, special))
+            elif isinstance(item, GenerationResult) and held is not None:
+                held["generated_text"] = (
+                    body.inputs if params.return_full_text else ""
+                ) + item.generated_text
+                held["details"] = {
+                    "finish_reason": _finish_reason(item.stats),
+                    "generated_tokens": index,
+                    "seed": item.seed,
+                }
+                await _event(response, held)
+                held = None
+    except SidecarError as error:
+        await _event(response, {"error": str(error), "error_type": status_of(error).tgi_error_type})
+
+
+@contextlib.contextmanager
+def client_may_leave(request: web.Request) -> Iterator[None]:
+    """A client that closes a stream part-way (a stop button, a cancelled call) is no
+    error: the generation stops (the stream's ``aclosing`` closes it, which frees its
+    worker) and it is logged at INFO, not as aiohttp's ERROR with a traceback."""
+    try:
+        yield
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one
+        logger.info(
+            "%s %s: the client closed the stream; generation stopped", request.method, request.path
+        )
 
 
 def _stream_event(index: int, token: dict[str, Any]) -> dict[str, Any]:
@@ -341,7 +360,7 @@ async def info_route(request: web.Request) -> web.Response:
             "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": service.queue.capacity,
             "max_best_of": 1,
-            "max_stop_sequences": 8,
+            "max_stop_sequences": MAX_STOP_SEQUENCES,
             "max_input_tokens": limits.max_prompt_tokens,
             "max_total_tokens": limits.max_prompt_tokens + limits.max_new_tokens,
             "validation_workers": 1,

@@ -418,7 +418,10 @@ async def _stream(
 ) -> web.StreamResponse:
     """Server-sent events: one chunk per speculative step's text, a last chunk with the
     finish reason, the usage chunk when asked (``stream_options.include_usage``), then
-    ``data: [DONE]``. An error after the first event is sent as an error event."""
+    ``data: [DONE]``. An error after the first event is sent as an error event; a client
+    that leaves part-way stops the generation (``client_may_leave``)."""
+    from router.http_front import client_may_leave
+
     reply = _Reply(endpoint, body.model)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     generation = _generation(service, generate_input(service, endpoint, body))
@@ -428,22 +431,23 @@ async def _stream(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
-        if endpoint.is_chat:
-            await _sse_event(response, reply.chunk("", None, role=True))
-        try:
-            async for item in items:
-                if isinstance(item, TokenChunk) and item.text:
-                    await _sse_event(response, reply.chunk(item.text, None))
-                elif isinstance(item, GenerationResult):
-                    finish = _finish_reason(item)
-                    text: str | None = None if endpoint.is_chat else ""
-                    await _sse_event(response, reply.chunk(text, finish))
-                    if include_usage:
-                        await _sse_event(response, reply.usage_chunk(routed, item))
-        except SidecarError as error:
-            await _sse_event(response, error_body(error)[1])
-        await _sse_event(response, "[DONE]")
-        await response.write_eof()
+        with client_may_leave(request):
+            if endpoint.is_chat:
+                await _sse_event(response, reply.chunk("", None, role=True))
+            try:
+                async for item in items:
+                    if isinstance(item, TokenChunk) and item.text:
+                        await _sse_event(response, reply.chunk(item.text, None))
+                    elif isinstance(item, GenerationResult):
+                        finish = _finish_reason(item)
+                        text: str | None = None if endpoint.is_chat else ""
+                        await _sse_event(response, reply.chunk(text, finish))
+                        if include_usage:
+                            await _sse_event(response, reply.usage_chunk(routed, item))
+            except SidecarError as error:
+                await _sse_event(response, error_body(error)[1])
+            await _sse_event(response, "[DONE]")
+            await response.write_eof()
         return response
 
 

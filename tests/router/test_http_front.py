@@ -13,6 +13,7 @@ import pytest
 from text_generation import AsyncClient, Client
 from text_generation.errors import ValidationError
 
+from router.domain import MAX_STOP_SEQUENCES
 from tests.router.conftest import COMPLETION_PROMPT, SidecarThread, greedy_reference
 
 PROMPT = COMPLETION_PROMPT
@@ -97,6 +98,46 @@ def test_generate_and_generate_stream_routes(sidecar: SidecarThread) -> None:
     assert events[-1]["details"]["finish_reason"] in {"length", "eos_token"}
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/generate_stream", {"inputs": PROMPT, "parameters": {"max_new_tokens": 200}}),
+        (
+            "/v1/completions",
+            {"model": "target", "prompt": PROMPT, "max_tokens": 200, "stream": True},
+        ),
+    ],
+)
+def test_a_client_that_leaves_a_stream_is_no_error(
+    sidecar: SidecarThread, caplog: pytest.LogCaptureFixture, path: str, body: dict[str, Any]
+) -> None:
+    """A client closing a stream part-way (a stop button) was logged by aiohttp as an
+    ERROR with a traceback (ClientConnectionResetError); it is an INFO line now, the
+    generation stops, and the sidecar serves on."""
+    import logging
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    caplog.set_level(logging.INFO)
+    address = urlsplit(sidecar.http_url)
+    payload = json.dumps(body).encode()
+    with socket.create_connection((address.hostname, address.port), timeout=30) as client:
+        client.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        assert b"200 OK" in client.recv(200)
+    deadline = time.monotonic() + 30
+    while "the client closed the stream" not in caplog.text:
+        assert time.monotonic() < deadline, caplog.text
+        time.sleep(0.05)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    status, _, _ = post(f"{sidecar.http_url}/generate", {"inputs": PROMPT})
+    assert status == 200
+
+
 def test_return_full_text(sidecar: SidecarThread) -> None:
     _, expected_text = greedy_reference(sidecar, PROMPT, 6)
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "return_full_text": True}}
@@ -107,6 +148,7 @@ def test_return_full_text(sidecar: SidecarThread) -> None:
 def test_info_and_health(sidecar: SidecarThread) -> None:
     info = json.loads(urllib.request.urlopen(f"{sidecar.http_url}/info", timeout=10).read())
     assert info["max_input_tokens"] == 512 and info["max_total_tokens"] == 712
+    assert info["max_stop_sequences"] == MAX_STOP_SEQUENCES  # said 8 while 16 were served
     assert info["router"] == "specroute" and "generic" in info["drafters"]
     assert urllib.request.urlopen(f"{sidecar.http_url}/health", timeout=10).status == 200
 
