@@ -247,8 +247,8 @@ async def _sse(
     async with contextlib.aclosing(_generation(service, body)) as items:
         await _first(items)  # errors before the first event become plain HTTP errors
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
         with client_may_leave(request):
+            await response.prepare(request)
             await _tgi_events(response, items, body)
             await response.write_eof()
         return response

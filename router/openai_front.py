@@ -430,8 +430,8 @@ async def _stream(
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
-        await response.prepare(request)
         with client_may_leave(request):
+            await response.prepare(request)
             if endpoint.is_chat:
                 await _sse_event(response, reply.chunk("", None, role=True))
             try:
