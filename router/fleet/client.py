@@ -108,11 +108,13 @@ async def stream_completion(
     replica: Replica,
     body: dict[str, Any],
     connect_timeout_s: float,
+    request_id: str | None = None,
 ) -> AsyncGenerator[Delta | StreamEnd, None]:
     """Yield the replica's deltas, then one :class:`StreamEnd`. Raises
     :class:`ReplicaFailedError` (connection, timeout: no byte for ``replica.timeout_s``,
     5xx, 429, 401 and 403 (the sidecar's API key, not the request), a stream without its
-    end) or :class:`ReplicaRefusedError` (other 4xx)."""
+    end) or :class:`ReplicaRefusedError` (other 4xx). ``request_id`` goes as
+    ``X-Request-Id``, which vLLM takes as its own request id (``cmpl-<id>`` in its logs)."""
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=connect_timeout_s, sock_read=replica.timeout_s
     )
@@ -121,9 +123,8 @@ async def stream_completion(
     completion_tokens = 0
     url = f"{replica.spec.url}/v1/completions"
     try:
-        async with session.post(
-            url, json=body, headers=replica.headers, timeout=timeout
-        ) as response:
+        headers = {**replica.headers, **({"X-Request-Id": request_id} if request_id else {})}
+        async with session.post(url, json=body, headers=headers, timeout=timeout) as response:
             if response.status != 200:
                 message = _error_message(await response.text())
                 if response.status in (401, 403):  # the sidecar's key, not the request

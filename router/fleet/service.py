@@ -370,7 +370,13 @@ class FleetRouterService(RouterService):
         started = time.perf_counter()
         first: float | None = None
         received = 0
-        stream = replica_stream(self._session, replica, body, self.fleet.connect_timeout_s)
+        # The attempt's number keeps the id unique per replica call: a retry may land where
+        # an earlier attempt still runs, and vLLM without its request-id randomisation
+        # (VLLM_DISABLE_REQUEST_ID_RANDOMIZATION, older versions) fails on duplicates.
+        request_id = f"{placed.request_id}-{progress.attempts}"
+        stream = replica_stream(
+            self._session, replica, body, self.fleet.connect_timeout_s, request_id
+        )
         try:
             async with contextlib.aclosing(stream) as events:
                 async for event in events:

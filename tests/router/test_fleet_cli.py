@@ -134,6 +134,7 @@ class StandInReplica:
     # As vLLM started with --api-key: /v1 without "Authorization: Bearer <key>" is 401.
     api_key: str | None = None
     authorizations: list[str | None] = field(default_factory=list)  # as /v1 received them
+    request_ids: list[str | None] = field(default_factory=list)  # X-Request-Id of each POST
     tls: RedisTlsFiles | None = None  # https with this certificate
     models: list[str] | None = None  # GET /v1/models lists these (None: 404, no such route)
     tokens: list[int] | None = None  # what POST /tokenize answers (None: 404)
@@ -191,6 +192,7 @@ class StandInReplica:
                     self.end_headers()
                     return
                 replica.authorizations.append(self.headers.get("Authorization"))
+                replica.request_ids.append(self.headers.get("X-Request-Id"))
                 if not self._authorized():
                     return
                 replica.prompts.append([int(t) for t in request["prompt"]])
@@ -405,6 +407,11 @@ def test_a_replica_gets_its_api_key_and_one_without_gets_none(
         f"Bearer {REPLICA_KEY}"
     }
     assert fleet.plain.authorizations and set(fleet.plain.authorizations) == {None}
+    # vLLM takes X-Request-Id as its own request id: its logs name the sidecar's request.
+    request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=2, force_drafter="none")
+    chunks = list(fleet.stub.Generate(request, timeout=60))
+    decision = chunks[0].decision
+    assert decision.request_id and fleet.plain.request_ids[-1] == f"{decision.request_id}-1"
     assert REPLICA_KEY not in fleet.sidecar.log_tail(200_000)
 
 
