@@ -254,7 +254,9 @@ async def _sse(
         return response
 
 
-async def _tgi_events(response: web.StreamResponse, items: Any, body: TgiRequest) -> None:
+async def _tgi_events(
+    response: web.StreamResponse, items: AsyncIterator[Any], body: TgiRequest
+) -> None:
     """``_sse``'s events: each token once the next one (or the result) has arrived, so
     that the last one carries the generated text and the details; an error after the
     first event is an error event."""

@@ -3,15 +3,16 @@ that probes it.
 
 A replica starts out of service until its first health check passes. A request that
 fails on it, or a failed health check, takes it out; it is probed every
-``health_interval_s`` until ``GET /health`` answers 200 again. Before it is brought back
-(at start, and after each failure) ``GET /v1/models`` must list the fleet file's model
-and accept the sidecar's API key, and ``POST /tokenize`` must read a probe text as the
-sidecar's target tokenizer does: a typo in ``model``, a wrong key, or a replica serving a
-model of another vocabulary (which would turn the token ids the sidecar sends into
-garbage, silently) keeps the replica out with the reason. A server without those routes
-(404) is taken at its word. While healthy its
+``health_interval_s`` until ``GET /health`` answers 200 again. While healthy its
 ``/metrics`` are read every ``metrics_interval_s`` for ``vllm:num_requests_running`` and
 ``vllm:num_requests_waiting``.
+
+Before a replica is brought back (at start, and after each failure) ``GET /v1/models``
+must list the fleet file's model and accept the sidecar's API key, and ``POST /tokenize``
+must read a probe text as the sidecar's target tokenizer does: a typo in ``model``, a
+wrong key, or a replica serving a model of another vocabulary (which would turn the token
+ids the sidecar sends into garbage, silently) keeps the replica out with the reason. A
+server without those routes (404) is taken at its word.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ class FleetRouterService(RouterService):
     ) -> None:
         super().__init__(settings, components, store, metrics)
         self.fleet = fleet
-        keys = replica_api_keys(fleet, source=str(settings.fleet_file or ""))
+        keys = replica_api_keys(fleet, source=f"fleet file {settings.fleet_file}")
         probe = tuple(self.tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False))
         self.replicas = [
             Replica.from_spec(spec, fleet, keys[spec.name], probe) for spec in fleet.replicas
@@ -162,7 +162,7 @@ class FleetRouterService(RouterService):
     async def start_fleet(self) -> None:
         """Open the HTTP client and start probing every replica; the first probes are
         awaited, so replicas that answer serve at once (the others are routed around)."""
-        tls = replica_tls(self.fleet, str(self.settings.fleet_file or ""))
+        tls = replica_tls(self.fleet, f"fleet file {self.settings.fleet_file}")
         connector = aiohttp.TCPConnector(limit=0, ssl=tls if tls is not None else True)
         self._session = aiohttp.ClientSession(connector=connector)
         from router.fleet.metrics import FleetCollector
