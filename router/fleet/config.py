@@ -17,7 +17,8 @@ Replicas started with an API key (vLLM's ``--api-key`` or ``VLLM_API_KEY``) get 
 an environment variable of the sidecar that the fleet file names, never from the file
 itself: ``api_key_env = "VLLM_API_KEY"`` for the whole fleet, or per replica. It is sent
 as ``Authorization: Bearer <key>`` on every call to the replica. ``https://`` replicas are
-verified against the system's CAs, or against ``tls_ca_file`` (a PEM bundle) when set.
+verified against the system's CAs, or against ``tls_ca_file`` (a PEM bundle) when set; a
+relative ``tls_ca_file`` is read from the fleet file's directory.
 
 The policy's arms are the drafters the fleet offers, so one drafter runs at one k across
 the fleet, and every replica serves the same model.
@@ -230,7 +231,17 @@ def load_fleet_file(path: Path) -> FleetSpec:
         raise FleetConfigError(f"fleet file {path}: {error.strerror or error}") from None
     except tomllib.TOMLDecodeError as error:
         raise FleetConfigError(f"fleet file {path}: not TOML: {error}") from None
-    return parse_fleet(data, f"fleet file {path}")
+    return parse_fleet(relative_to_file(data, Path(path).parent), f"fleet file {path}")
+
+
+def relative_to_file(data: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """``data`` with a relative ``tls_ca_file`` taken from ``directory`` (the fleet file's),
+    not from the sidecar's working directory, so that a fleet file and its CA bundle can be
+    kept together and moved together."""
+    ca_file = data.get("tls_ca_file")
+    if isinstance(ca_file, str) and ca_file and not Path(ca_file).expanduser().is_absolute():
+        return {**data, "tls_ca_file": str(directory / ca_file)}
+    return data
 
 
 def check_fleet_drafters(fleet: FleetSpec, known: Collection[str], source: str = "") -> None:

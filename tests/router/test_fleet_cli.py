@@ -540,6 +540,26 @@ def test_https_replicas_are_verified_against_the_fleets_ca_file(tmp_path: Path) 
         stand_in.stop()
 
 
+def test_a_relative_ca_file_is_read_beside_the_fleet_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``tls_ca_file = "ca.pem"`` names the bundle next to the fleet file, whatever the
+    sidecar's working directory; an absolute path is kept as written."""
+    from router.fleet.config import load_fleet_file
+
+    (tmp_path / "certs").mkdir()
+    tls = self_signed_tls(tmp_path / "certs")
+    kept = tmp_path / "conf"
+    kept.mkdir()
+    (kept / "ca.pem").write_bytes(tls.ca_file.read_bytes())
+    replica = '[[replicas]]\nurl = "https://127.0.0.1:1"\nmodel = "m"\nspeculative = "none"\n'
+    (kept / "fleet.toml").write_text(f'tls_ca_file = "ca.pem"\n{replica}')
+    (kept / "absolute.toml").write_text(f'tls_ca_file = "{tls.ca_file}"\n{replica}')
+    monkeypatch.chdir(tmp_path)
+    assert load_fleet_file(kept / "fleet.toml").tls_ca_file == kept / "ca.pem"
+    assert load_fleet_file(kept / "absolute.toml").tls_ca_file == tls.ca_file
+
+
 def test_fleet_mode_captures_the_replicas_verified_output(
     weightless_fleet: WeightlessFleet,
 ) -> None:
