@@ -18,9 +18,11 @@ server without those routes (404) is taken at its word.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,22 +141,48 @@ class Replica:
         }
 
 
+class ProbeCallFailed(Exception):
+    """A probe's call got no answer; the message names the call (``GET /v1/models
+    failed: TimeoutError: ...``)."""
+
+
+@contextlib.asynccontextmanager
+async def probe_call(
+    session: aiohttp.ClientSession,
+    replica: Replica,
+    method: str,
+    path: str,
+    timeout: aiohttp.ClientTimeout,
+    json: Any = None,
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """The replica's answer to ``method path`` (with its API key); no answer, or one cut
+    off while it is read, is a ``ProbeCallFailed`` naming the call."""
+    try:
+        async with session.request(
+            method, f"{replica.spec.url}{path}", json=json, headers=replica.headers, timeout=timeout
+        ) as response:
+            yield response
+    except TimeoutError:
+        silent = f"no answer within {timeout.total} s"
+        raise ProbeCallFailed(f"{method} {path} failed: {silent}") from None
+    except (aiohttp.ClientError, OSError) as error:
+        raise ProbeCallFailed(f"{method} {path} failed: {type(error).__name__}: {error}") from None
+
+
 async def probe(session: aiohttp.ClientSession, replica: Replica, timeout_s: float) -> None:
     """One health check: ``GET /health`` 200 brings the replica back (an out-of-service
     one once ``served_model_problem`` finds none), anything else takes it out."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
-        async with session.get(
-            f"{replica.spec.url}/health", headers=replica.headers, timeout=timeout
-        ) as response:
+        async with probe_call(session, replica, "GET", "/health", timeout) as response:
             status = response.status
         problem = f"GET /health answered {status}" if status != 200 else None
         if problem is None and not replica.healthy:
             problem = await served_model_problem(session, replica, timeout)
             if problem is not None and problem != replica.last_error:
                 logger.error("replica %s cannot serve: %s", replica.name, problem)
-    except (aiohttp.ClientError, TimeoutError, OSError) as error:
-        problem = f"GET /health failed: {type(error).__name__}: {error}"
+    except ProbeCallFailed as error:
+        problem = str(error)
     if problem is None:
         replica.bring_back()
     else:
@@ -167,9 +195,7 @@ async def served_model_problem(
     """Why the replica cannot serve the fleet's requests, from ``GET /v1/models`` (None:
     it can, or it has no such list to check): the API key refused, or the fleet file's
     model not among those it serves."""
-    async with session.get(
-        f"{replica.spec.url}/v1/models", headers=replica.headers, timeout=timeout
-    ) as response:
+    async with probe_call(session, replica, "GET", "/v1/models", timeout) as response:
         if response.status in (401, 403):
             where = "the variable api_key_env names" if replica.headers else "api_key_env"
             return f"GET /v1/models answered {response.status}: it wants an API key ({where})"
@@ -199,9 +225,7 @@ async def tokenizer_problem(
     """Whether the replica's ``POST /tokenize`` reads ``TOKENIZER_PROBE`` as the sidecar's
     target tokenizer does (None: it does, or it has no such route)."""
     body = {"model": replica.spec.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
-    async with session.post(
-        f"{replica.spec.url}/tokenize", json=body, headers=replica.headers, timeout=timeout
-    ) as response:
+    async with probe_call(session, replica, "POST", "/tokenize", timeout, json=body) as response:
         answer = await _json_answer(response)
     tokens = answer.get("tokens") if isinstance(answer, dict) else None
     if not isinstance(tokens, list) or tuple(tokens) == replica.probe_ids:
@@ -216,14 +240,12 @@ async def tokenizer_problem(
 async def read_queue(session: aiohttp.ClientSession, replica: Replica, timeout_s: float) -> None:
     """vLLM's running and waiting counts from the replica's /metrics (kept on failure:
     health decides whether the replica serves)."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
-        async with session.get(
-            f"{replica.spec.url}/metrics", headers=replica.headers, timeout=timeout
-        ) as response:
+        async with probe_call(session, replica, "GET", "/metrics", timeout) as response:
             if response.status == 200:
                 replica.running, replica.waiting = queue_from_metrics(await response.text())
-    except (aiohttp.ClientError, TimeoutError, OSError) as error:
+    except ProbeCallFailed as error:
         logger.debug("replica %s: /metrics unreadable: %s", replica.name, error)
 
 

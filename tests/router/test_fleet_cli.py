@@ -138,6 +138,7 @@ class StandInReplica:
     tls: RedisTlsFiles | None = None  # https with this certificate
     models: list[str] | None = None  # GET /v1/models lists these (None: 404, no such route)
     tokens: list[int] | None = None  # what POST /tokenize answers (None: 404)
+    stalls: dict[str, float] = field(default_factory=dict)  # path -> seconds before answering
 
     @property
     def url(self) -> str:
@@ -153,6 +154,7 @@ class StandInReplica:
                 pass
 
             def do_GET(self) -> None:
+                time.sleep(replica.stalls.get(self.path, 0.0))
                 if self.path == "/v1/models" and replica.models is not None:
                     if not self._authorized():
                         return
@@ -463,19 +465,24 @@ def test_a_replica_serving_another_model_or_wanting_a_key_stays_out_with_the_rea
     from router.fleet.replica import Replica, probe
 
     async def probed(
-        stand_in: StandInReplica, model: str, key: str | None, probe_ids: tuple[int, ...] = ()
+        stand_in: StandInReplica,
+        model: str,
+        key: str | None,
+        probe_ids: tuple[int, ...] = (),
+        timeout_s: float = 5.0,
     ) -> Replica:
         spec = {"url": stand_in.url, "model": model, "speculative": "none"}
         fleet = parse_fleet({"replicas": [spec]})
         replica = Replica.from_spec(fleet.replicas[0], fleet, key, probe_ids)
         async with aiohttp.ClientSession() as session:
-            await probe(session, replica, 5.0)
+            await probe(session, replica, timeout_s)
         return replica
 
     served = StandInReplica([1], ["a"], models=["Qwen/Qwen2.5-7B-Instruct"]).start()
     guarded = StandInReplica([1], ["a"], api_key="right", models=["m"]).start()
     unlisted = StandInReplica([1], ["a"]).start()
     other_vocabulary = StandInReplica([1], ["a"], models=["m"], tokens=[5, 6, 7]).start()
+    stalled = StandInReplica([1], ["a"], models=["m"], stalls={"/v1/models": 3.0}).start()
     try:
         typo = asyncio.run(probed(served, "Qwen/Qwen2.5-7B-Instruc", None))
         assert not typo.healthy
@@ -494,8 +501,11 @@ def test_a_replica_serving_another_model_or_wanting_a_key_stays_out_with_the_rea
         assert "its tokenizer is not the sidecar's target's" in garbled.last_error
         assert "3 tokens [5, 6, 7]... there" in garbled.last_error
         assert asyncio.run(probed(other_vocabulary, "m", None, probe_ids=(5, 6, 7))).healthy
+        silent = asyncio.run(probed(stalled, "m", None, timeout_s=0.5))
+        assert not silent.healthy
+        assert silent.last_error == "GET /v1/models failed: no answer within 0.5 s"
     finally:
-        for stand_in in (served, guarded, unlisted, other_vocabulary):
+        for stand_in in (served, guarded, unlisted, other_vocabulary, stalled):
             stand_in.stop()
 
 
