@@ -248,19 +248,36 @@ def _check_totals(outcome: OutcomeInput) -> None:
 
 
 def check_prompt(prompt: Prompt) -> Prompt:
-    """Refuse an empty prompt or malformed chat messages (INVALID_ARGUMENT)."""
+    """Refuse an empty prompt, text that is not Unicode, or malformed chat messages
+    (INVALID_ARGUMENT)."""
     if prompt.text is not None:
         if not prompt.text.strip():
             raise InvalidRequestError("the prompt is empty")
+        check_unicode(prompt.text, "the prompt")
         return prompt
     if not prompt.messages:
         raise InvalidRequestError("the prompt is empty: no text and no chat messages")
-    for message in prompt.messages:
+    for i, message in enumerate(prompt.messages):
         if message.get("role") not in ROLES:
-            raise InvalidRequestError(f"chat role must be one of {ROLES}, got {message!r}")
+            raise InvalidFieldError(
+                f"messages[{i}].role", f"must be one of {ROLES}, got {message.get('role')!r}"
+            )
+        check_unicode(message.get("content", ""), f"messages[{i}].content")
     if not any(m.get("content", "").strip() for m in prompt.messages):
         raise InvalidRequestError("the prompt is empty: every chat message is blank")
     return prompt
+
+
+def check_unicode(text: str, where: str) -> None:
+    """Refuse text that no UTF-8 can spell: JSON's ``\\ud800`` escapes decode to lone
+    surrogates, which the tokenizer cannot read (INVALID_ARGUMENT, not INTERNAL)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidRequestError(
+            f"{where} is not valid Unicode: a lone surrogate {text[error.start]!r} at "
+            f"character {error.start}"
+        ) from None
 
 
 def check_prompt_chars(prompt: Prompt, max_chars: int, limits: Limits) -> None:

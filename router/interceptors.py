@@ -1,4 +1,5 @@
-"""The gRPC server interceptor: bearer-token auth, and typed errors -> status codes.
+"""The gRPC server interceptor: bearer-token auth, unreadable requests, and typed errors ->
+status codes.
 
 One interceptor, not a chain: grpc.aio awaits every interceptor on every call. Wrapped
 handlers are cached per method, so the per-call cost is one dict lookup.
@@ -9,9 +10,11 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 
 from router.errors import SidecarError, status_of
@@ -22,18 +25,42 @@ logger = logging.getLogger(__name__)
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
 
 
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """What a request's bytes decoded to when they are not the method's message."""
+
+    reason: str
+
+
+def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer`` answering ``Unreadable`` instead of raising: grpc.aio turns a
+    deserializer's exception into UNKNOWN and an ERROR traceback, where a malformed request
+    is the caller's INVALID_ARGUMENT."""
+    if deserializer is None:
+        return None
+
+    def read(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            return Unreadable(str(error))
+
+    return read
+
+
 def _rebuild(handler: grpc.RpcMethodHandler, unary: Any = None, stream: Any = None) -> Any:
-    """The same handler with its unary-unary or unary-stream behaviour replaced."""
+    """The same handler with its unary-unary or unary-stream behaviour replaced and its
+    request deserializer ``tolerant``."""
     if handler.unary_unary is not None and unary is not None:
         return grpc.unary_unary_rpc_method_handler(
             unary,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
     if handler.unary_stream is not None and stream is not None:
         return grpc.unary_stream_rpc_method_handler(
             stream,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
     return handler
@@ -97,12 +124,13 @@ class BearerAuth:
 
 
 class EdgeInterceptor(aio.ServerInterceptor):
-    """The server's one interceptor: bearer-token auth, then typed errors -> status codes.
+    """The server's one interceptor: bearer-token auth, then unreadable requests and typed
+    errors -> status codes.
 
     Each method's wrapped handler is built once and cached, so a call costs one dict
     lookup here; token checks run inside the wrapper only for methods that need a token.
-    :class:`SidecarError` subclasses become their status code; refusals and errors are
-    counted by code.
+    :class:`SidecarError` subclasses become their status code, and a request whose bytes
+    are not the method's message INVALID_ARGUMENT; refusals and errors are counted by code.
     """
 
     def __init__(self, auth: BearerAuth, metrics: SidecarMetrics | None = None) -> None:
@@ -129,10 +157,13 @@ class EdgeInterceptor(aio.ServerInterceptor):
         inner_unary = handler.unary_unary
         inner_stream = handler.unary_stream
         check = self._check if self._auth.needs_token(method) else None
+        refuse_unreadable = self._refuse_unreadable
 
         async def unary(request: Any, context: aio.ServicerContext) -> Any:
             if check is not None:
                 await check(method, context)
+            if isinstance(request, Unreadable):
+                await refuse_unreadable(method, request, context)
             try:
                 return await inner_unary(request, context)
             except SidecarError as error:
@@ -141,6 +172,8 @@ class EdgeInterceptor(aio.ServerInterceptor):
         async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             if check is not None:
                 await check(method, context)
+            if isinstance(request, Unreadable):
+                await refuse_unreadable(method, request, context)
             try:
                 async for response in inner_stream(request, context):
                     yield response
@@ -153,6 +186,12 @@ class EdgeInterceptor(aio.ServerInterceptor):
         verdict = self._auth.verdict(method, context.invocation_metadata())
         if verdict is not None:
             await self._fail(context, *verdict)
+
+    async def _refuse_unreadable(
+        self, method: str, request: Unreadable, context: aio.ServicerContext
+    ) -> None:
+        message = f"the request to {method} is not its message: {request.reason}"
+        await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, message)
 
     async def _fail(
         self, context: aio.ServicerContext, code: grpc.StatusCode, message: str

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
@@ -352,6 +353,7 @@ JSON_EXTREMES: tuple[Any, ...] = (
     0.5,
     "x",
     "\x00",
+    "\ud800",  # a lone surrogate: JSON's escapes can spell it, UTF-8 cannot
     [],
     {},
     True,
@@ -694,6 +696,38 @@ def test_json_nested_deeper_than_the_parser_goes_is_refused(
         iter([("SetPolicy", request)]), lambda r: sidecar.stub.SetPolicy(r, metadata=ADMIN)
     )
     _none_failed(failed, sidecar, serving_world)
+
+
+# Bytes none of these methods' messages parses from: field 1 (a string in each) holding a
+# lone surrogate's UTF-8-like encoding, and a field header whose length runs past the end.
+NOT_A_MESSAGE = (b"\x0a\x05hi\xed\xa0\x80", b"\xff\xff\xff")
+
+
+def test_bytes_that_are_not_the_methods_message_are_invalid_argument(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
+    """A request whose bytes do not parse as the method's message (a client built from
+    another proto, a broken proxy) is INVALID_ARGUMENT naming the method, on unary and
+    streaming methods and admin ones alike (grpc.aio answered UNKNOWN and logged a
+    traceback); a call without the admin token is still UNAUTHENTICATED first."""
+    raw = {"request_serializer": None, "response_deserializer": None}
+    methods = {
+        "Route": sidecar.channel.unary_unary("/specroute.v1.Router/Route", **raw),
+        "Report": sidecar.channel.unary_unary("/specroute.v1.Router/Report", **raw),
+        "SetPolicy": sidecar.channel.unary_unary("/specroute.v1.Router/SetPolicy", **raw),
+        "Generate": sidecar.channel.unary_stream("/specroute.v1.Router/Generate", **raw),
+    }
+    for name, method in methods.items():
+        for data in NOT_A_MESSAGE:
+            with pytest.raises(grpc.RpcError) as refused:
+                answer = method(data, timeout=30, metadata=ADMIN)
+                list(answer) if name == "Generate" else None
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+            assert f"/specroute.v1.Router/{name} is not its message" in refused.value.details()
+    with pytest.raises(grpc.RpcError) as anonymous:
+        methods["SetPolicy"](NOT_A_MESSAGE[0], timeout=30)
+    assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    _still_serves(sidecar, serving_world)
 
 
 def test_admin_changes_under_traffic_fail_no_request(
