@@ -89,7 +89,7 @@ class OpenAIParameters(BaseModel):
 
 
 class CompletionRequest(OpenAIParameters):
-    prompt: str | list[str]
+    prompt: str | list[Any]  # one text; token ids are refused by name (_completion_prompt)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -184,6 +184,10 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
 
 def _completion_prompt(body: CompletionRequest) -> Prompt:
     if isinstance(body.prompt, list):
+        if body.prompt and not all(isinstance(p, str) for p in body.prompt):
+            raise InvalidFieldError(
+                "prompt", "token-id prompts are not served: send the prompt as text"
+            )
         if len(body.prompt) != 1:
             raise InvalidFieldError("prompt", "exactly one prompt per request is served")
         return Prompt(text=body.prompt[0])

@@ -152,6 +152,8 @@ def test_sampling_runs_with_a_seed(sidecar: SidecarThread) -> None:
         ({"stop": [""]}, "stop"),
         ({"stop": [f"stop {i}" for i in range(17)]}, "stop"),  # more than 16
         ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": [1, 2, 3]}, "prompt"),  # token ids: "prompt.str: ... valid string" before
+        ({"prompt": [[1, 2], [3]]}, "prompt"),
         ({"seed": -(2**63) - 1, "temperature": 0.8}, "seed"),  # was a 500 from the engine
     ],
 )
