@@ -333,6 +333,26 @@ def policy_show_command(address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRES
             )
 
 
+def policy_set_command(
+    name: Annotated[str, typer.Argument(help="thompson, ucb, fixed, static, oracle or none.")],
+    config: Annotated[
+        str, typer.Option("--config", help="The policy's configuration, a JSON object.")
+    ] = "",
+    reset: Annotated[
+        bool, typer.Option("--reset", help="Start from the priors, not the saved state.")
+    ] = False,
+    address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
+    token: Annotated[str | None, TOKEN_OPTION] = None,
+) -> None:
+    """Switch a running sidecar's policy (admin): the current one's state is saved, and a
+    policy served before comes back with its last state unless --reset."""
+    from router.pb import router_pb2 as pb
+
+    request = pb.SetPolicyRequest(policy=name, config_json=config, reset_state=reset)
+    state = _call(_stub(address).SetPolicy, request, metadata=_metadata(token))
+    typer.echo(f"policy {state.policy} version {state.version}")
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this package's commands to the root app and the ``bench`` group."""
     app.command("serve")(serve_command)
@@ -344,3 +364,4 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     drafters.command("remove")(drafters_remove_command)
     policy = _group(app, "policy", "The serving policy.")
     policy.command("show")(policy_show_command)
+    policy.command("set")(policy_set_command)

@@ -18,6 +18,7 @@ CLIENT_COMMANDS = (
     ("drafters", "register"),
     ("drafters", "remove"),
     ("policy", "show"),
+    ("policy", "set"),
 )
 
 

@@ -76,6 +76,23 @@ def test_cli_route_generate_drafters_policy(
 
     shown = runner.invoke(app, ["policy", "show", *address])
     assert shown.exit_code == 0 and shown.output.startswith("policy thompson")
+    fixed = ["policy", "set", "fixed", "--config", '{"drafter": "generic", "k": 2}', *address]
+    refused = runner.invoke(app, fixed, env={})
+    assert refused.exit_code == 1 and "UNAUTHENTICATED" in refused.output
+    bad = runner.invoke(app, ["policy", "set", "fixed", "--config", "[1]", *address], env=env)
+    assert bad.exit_code == 1 and "INVALID_ARGUMENT" in bad.output and "config_json" in bad.output
+    try:
+        switched = runner.invoke(app, fixed, env=env)
+        assert switched.exit_code == 0 and switched.output.startswith("policy fixed"), (
+            switched.output
+        )
+        assert runner.invoke(app, ["policy", "show", *address]).output.startswith("policy fixed")
+        routed = runner.invoke(app, ["route", serving_world.prompts["math"], *address])
+        decision = json.loads(routed.output)
+        assert (decision["drafter"], decision["draft_length"]) == ("generic", 2)
+    finally:
+        back = runner.invoke(app, ["policy", "set", "thompson", *address], env=env)
+    assert back.exit_code == 0 and back.output.startswith("policy thompson"), back.output
 
 
 def test_bench_load_reports_every_key(sidecar: SidecarThread, tmp_path: Path) -> None:
