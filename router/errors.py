@@ -28,6 +28,11 @@ class InvalidFieldError(InvalidRequestError):
         self.field = field
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """An HTTP body over ``limits.max_request_bytes`` (gRPC refuses such a message itself,
+    RESOURCE_EXHAUSTED)."""
+
+
 class NotFoundError(SidecarError):
     """A named drafter or request id does not exist."""
 
@@ -72,6 +77,7 @@ class ErrorStatus:
 
 ERROR_STATUSES: dict[type[SidecarError], ErrorStatus] = {
     InvalidRequestError: ErrorStatus(grpc.StatusCode.INVALID_ARGUMENT, 422, "validation"),
+    RequestTooLargeError: ErrorStatus(grpc.StatusCode.INVALID_ARGUMENT, 413, "validation"),
     NotFoundError: ErrorStatus(grpc.StatusCode.NOT_FOUND, 404, "not_found"),
     AlreadyExistsError: ErrorStatus(grpc.StatusCode.ALREADY_EXISTS, 409, "already_exists"),
     PreconditionError: ErrorStatus(grpc.StatusCode.FAILED_PRECONDITION, 422, "validation"),

@@ -21,7 +21,13 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from router.domain import MAX_STOP_SEQUENCES, GenerateInput, Prompt, RouteInput, Sampling
-from router.errors import InvalidRequestError, SidecarError, UnauthenticatedError, status_of
+from router.errors import (
+    InvalidRequestError,
+    RequestTooLargeError,
+    SidecarError,
+    UnauthenticatedError,
+    status_of,
+)
 from router.service import GenerationResult, RoutedRequest, RouterService, TokenChunk
 
 logger = logging.getLogger(__name__)
@@ -163,9 +169,16 @@ def _specroute_details(routed: RoutedRequest, result: GenerationResult) -> dict[
 
 async def json_body(request: web.Request) -> Any:
     """The request's body parsed as JSON; INVALID_ARGUMENT (HTTP 422) when it is not, or
-    nests deeper than the parser recurses (a 200 KB body of brackets is enough)."""
+    nests deeper than the parser recurses (a 200 KB body of brackets is enough); HTTP 413
+    in the front's own error body (not aiohttp's plain text) when it is over
+    ``limits.max_request_bytes``."""
     try:
         return await request.json()
+    except web.HTTPRequestEntityTooLarge:
+        raise RequestTooLargeError(
+            f"the body is over {request.app[SERVICE_KEY].limits.max_request_bytes} bytes "
+            "(limits.max_request_bytes)"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"the body is not JSON: {exc}") from exc
     except RecursionError:

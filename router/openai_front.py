@@ -33,6 +33,7 @@ from router.errors import (
     OverloadedError,
     PermissionDeniedError,
     PreconditionError,
+    RequestTooLargeError,
     SidecarError,
     UnauthenticatedError,
 )
@@ -43,6 +44,7 @@ FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "sto
 
 # HTTP status, OpenAI error type, code: the OpenAI wire's view of the sidecar's errors.
 OPENAI_ERRORS: dict[type[SidecarError], tuple[int, str, str | None]] = {
+    RequestTooLargeError: (413, "invalid_request_error", None),
     InvalidRequestError: (400, "invalid_request_error", None),
     PreconditionError: (400, "invalid_request_error", None),
     NotFoundError: (404, "invalid_request_error", "not_found"),

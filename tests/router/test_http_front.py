@@ -197,6 +197,30 @@ def test_http_validation_errors_are_tgi_shaped(
     assert Client(sidecar.http_url, timeout=60).generate(PROMPT, max_new_tokens=2).generated_text
 
 
+def test_a_body_over_the_size_limit_is_413_in_each_fronts_error_shape(
+    sidecar: SidecarThread,
+) -> None:
+    """Over ``limits.max_request_bytes`` (1 MiB): 413 with the front's JSON error body, not
+    aiohttp's plain "Maximum request body size exceeded" (which TGI's client, reading the
+    error as JSON, cannot parse); the sidecar serves on."""
+    limit = sidecar.service.limits.max_request_bytes
+    text = "word " * (limit // 5 + 10)
+    bodies = {
+        "/generate": {"inputs": text},
+        "/generate_stream": {"inputs": text},
+        "/": {"inputs": text},
+        "/v1/completions": {"model": "target", "prompt": text},
+        "/v1/chat/completions": {"model": "target", "messages": [{"role": "user", "content": text}]},
+    }
+    for route, body in bodies.items():
+        status, content_type, raw = post(sidecar.http_url + route, body)
+        assert status == 413 and content_type.startswith("application/json"), (route, raw[:80])
+        error = json.loads(raw)
+        message = error["error"]["message"] if route.startswith("/v1") else error["error"]
+        assert f"over {limit} bytes" in message, (route, error)
+    assert Client(sidecar.http_url, timeout=60).generate(PROMPT, max_new_tokens=2).generated_text
+
+
 def test_client_raises_its_own_error_types(sidecar: SidecarThread) -> None:
     client = Client(sidecar.http_url, timeout=60)
     with pytest.raises(ValidationError):
