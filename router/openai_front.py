@@ -209,9 +209,17 @@ def _message_text(message: ChatMessage, index: int) -> str:
     return "".join(texts)
 
 
+# OpenAI's newer models take "developer" where older ones took "system" (its clients send
+# either); the chat template knows "system".
+ROLE_ALIASES = {"developer": "system"}
+
+
 def _chat_prompt(body: ChatRequest) -> Prompt:
     messages = tuple(
-        {"role": message.role, "content": _message_text(message, i)}
+        {
+            "role": ROLE_ALIASES.get(message.role, message.role),
+            "content": _message_text(message, i),
+        }
         for i, message in enumerate(body.messages)
     )
     return Prompt(messages=messages)

@@ -128,6 +128,27 @@ def test_chat_completion_and_stream(sidecar: SidecarThread) -> None:
     assert stream[-1].choices[0].finish_reason in {"stop", "length"}
 
 
+def test_a_developer_message_is_a_system_message(sidecar: SidecarThread) -> None:
+    """OpenAI's clients send "developer" where older models took "system": the same
+    prompt (and greedy reply) as with "system"."""
+    replies = [
+        client(sidecar).chat.completions.create(
+            model="target",
+            messages=[
+                {"role": role, "content": "Answer briefly."},  # type: ignore[misc, list-item]
+                {"role": "user", "content": "Write a haiku about the sea."},
+            ],
+            max_tokens=8,
+            temperature=0,
+        )
+        for role in ("developer", "system")
+    ]
+    developer, system = replies
+    assert developer.usage is not None and system.usage is not None
+    assert developer.usage.prompt_tokens == system.usage.prompt_tokens
+    assert developer.choices[0].message.content == system.choices[0].message.content
+
+
 def test_sampling_runs_with_a_seed(sidecar: SidecarThread) -> None:
     # Reproducible only for one drafter (the draws differ with the drafts), and the policy
     # may choose another between calls: this checks that sampling is served.
