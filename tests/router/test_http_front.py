@@ -210,7 +210,10 @@ def test_a_body_over_the_size_limit_is_413_in_each_fronts_error_shape(
         "/generate_stream": {"inputs": text},
         "/": {"inputs": text},
         "/v1/completions": {"model": "target", "prompt": text},
-        "/v1/chat/completions": {"model": "target", "messages": [{"role": "user", "content": text}]},
+        "/v1/chat/completions": {
+            "model": "target",
+            "messages": [{"role": "user", "content": text}],
+        },
     }
     for route, body in bodies.items():
         status, content_type, raw = post(sidecar.http_url + route, body)
