@@ -97,12 +97,6 @@ def _error_message(text: str) -> str:
     return str(error)
 
 
-def _key_hint(replica: Replica) -> str:
-    if replica.headers:
-        return "check the key in the variable api_key_env names"
-    return "set api_key_env in the fleet file to the variable holding its key"
-
-
 async def stream_completion(
     session: aiohttp.ClientSession,
     replica: Replica,
@@ -130,7 +124,7 @@ async def stream_completion(
                 if response.status in (401, 403):  # the sidecar's key, not the request
                     raise ReplicaFailedError(
                         f"HTTP {response.status}: {message}: the replica refused the "
-                        f"sidecar's API key ({_key_hint(replica)})"
+                        f"sidecar's API key ({replica.key_hint()})"
                     )
                 if 400 <= response.status < 500 and response.status != 429:
                     raise ReplicaRefusedError(response.status, message)

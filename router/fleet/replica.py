@@ -98,6 +98,12 @@ class Replica:
     def drafter(self) -> str:
         return self.spec.speculative
 
+    def key_hint(self) -> str:
+        """What to do when the replica refuses the sidecar's API key (401/403)."""
+        if self.headers:
+            return "check the key in the variable api_key_env names"
+        return "set api_key_env in the fleet file to the variable holding its key"
+
     @property
     def saturated(self) -> bool:
         return self.in_flight >= self.max_in_flight
@@ -197,8 +203,10 @@ async def served_model_problem(
     model not among those it serves."""
     async with probe_call(session, replica, "GET", "/v1/models", timeout) as response:
         if response.status in (401, 403):
-            where = "the variable api_key_env names" if replica.headers else "api_key_env"
-            return f"GET /v1/models answered {response.status}: it wants an API key ({where})"
+            return (
+                f"GET /v1/models answered {response.status}: it refused the sidecar's API "
+                f"key ({replica.key_hint()})"
+            )
         listed = await _json_answer(response)
     data = listed.get("data") if isinstance(listed, dict) else None
     if not isinstance(data, list):

@@ -490,10 +490,11 @@ def test_a_replica_serving_another_model_or_wanting_a_key_stays_out_with_the_rea
             typo.last_error
         )
         assert asyncio.run(probed(served, "Qwen/Qwen2.5-7B-Instruct", None)).healthy
-        for key, where in ((None, "(api_key_env)"), ("wrong", "the variable api_key_env")):
+        for key, hint in ((None, "set api_key_env"), ("wrong", "check the key")):
             refused = asyncio.run(probed(guarded, "m", key))
-            assert not refused.healthy and "401: it wants an API key" in refused.last_error
-            assert where in refused.last_error
+            assert not refused.healthy
+            assert "401: it refused the sidecar's API key" in refused.last_error
+            assert hint in refused.last_error
         assert asyncio.run(probed(guarded, "m", "right")).healthy
         assert asyncio.run(probed(unlisted, "anything", None)).healthy
         garbled = asyncio.run(probed(other_vocabulary, "m", None, probe_ids=(5, 6, 8)))
