@@ -173,19 +173,37 @@ def default_placement(device: str | None = None, dtype: str | None = None) -> De
 
 
 def resolve_under_roots(path: str | Path, roots: Sequence[str | Path]) -> Path:
-    """Resolve ``path`` (symlinks included) and require it to lie under one of ``roots``."""
+    """Resolve ``path`` (symlinks included) and require it to lie under one of ``roots``;
+    for a directory, every symlink inside it too (a weight file linked from elsewhere
+    would otherwise be loaded from outside the roots)."""
+    resolved = _resolved(path)
+    resolved_roots = [Path(root).expanduser().resolve() for root in roots]
+    _require_under(resolved, resolved_roots)
+    if resolved.is_dir():
+        for entry in sorted(resolved.rglob("*")):
+            if entry.is_symlink():
+                where = _resolved(entry)
+                _require_under(where, resolved_roots, f"{entry} links to {where}, which")
+    return resolved
+
+
+def _resolved(path: str | Path) -> Path:
     if "\x00" in str(path):
         raise ModelLoadError(f"{str(path)!r} is not a path: it holds a NUL character")
     try:
-        resolved = Path(path).expanduser().resolve()
+        return Path(path).expanduser().resolve()
     except (RuntimeError, OSError) as error:  # a symlink loop; a name the system refuses
         raise ModelLoadError(f"{str(path)!r} cannot be resolved: {error}") from None
-    for root in roots:
-        root_resolved = Path(root).expanduser().resolve()
-        if resolved == root_resolved or root_resolved in resolved.parents:
-            return resolved
-    allowed = ", ".join(str(Path(r).expanduser().resolve()) for r in roots) or "(none configured)"
-    raise PathOutsideRootsError(f"{resolved} is outside the configured model roots: {allowed}")
+
+
+def _require_under(resolved: Path, roots: Sequence[Path], subject: str = "") -> None:
+    """``PathOutsideRootsError`` unless ``resolved`` is one of ``roots`` or under one."""
+    if any(resolved == root or root in resolved.parents for root in roots):
+        return
+    allowed = ", ".join(str(root) for root in roots) or "(none configured)"
+    raise PathOutsideRootsError(
+        f"{subject or resolved} is outside the configured model roots: {allowed}"
+    )
 
 
 def _matching_files(directory: Path, patterns: Iterable[str]) -> list[Path]:

@@ -125,3 +125,25 @@ def test_only_paths_under_model_roots(tmp_path: Path) -> None:
         resolve_under_roots(root / "link", [root])
     with pytest.raises(PathOutsideRootsError):
         resolve_under_roots(root / ".." / "elsewhere", [root])
+
+
+def test_a_file_linked_from_outside_the_roots_is_refused(tmp_path: Path) -> None:
+    """A directory under a root whose weight file is a symlink to a file elsewhere would
+    load that file: refused, naming the link; a link to a file under a root (as a Hugging
+    Face cache's snapshot links to its blobs) is served."""
+    root = tmp_path / "models"
+    _save_model(root / "linked")
+    weights = next((root / "linked").glob("*.safetensors"))
+    blobs = root / "blobs"
+    blobs.mkdir()
+    weights.rename(blobs / "weights")
+    weights.symlink_to(blobs / "weights")
+    assert load_model(root / "linked", roots=[root]).path == (root / "linked").resolve()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (blobs / "weights").rename(outside / "weights")
+    weights.unlink()
+    weights.symlink_to(outside / "weights")
+    with pytest.raises(PathOutsideRootsError, match=f"{weights.name} links to .*elsewhere"):
+        load_model(root / "linked", roots=[root])
+    assert load_model(root / "linked", roots=[root, outside]).path == (root / "linked").resolve()

@@ -341,6 +341,27 @@ def test_copy_or_model_registration_serves_the_greedy_output(
         sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="spare-copy"), metadata=ADMIN)
 
 
+def test_a_drafter_whose_weights_link_outside_the_roots_is_refused(
+    sidecar: SidecarThread, serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """A directory under a model root whose weight file is a symlink to a file outside
+    every root: PERMISSION_DENIED naming the link (its weights were loaded before)."""
+    linked = serving_world.extra_root / "linked-weights"
+    shutil.copytree(serving_world.spare_dir, linked)
+    try:
+        weights = next(linked.glob("*.safetensors"))
+        weights.rename(tmp_path / weights.name)
+        weights.symlink_to(tmp_path / weights.name)
+        request = pb.RegisterDrafterRequest(name="linked", kind="model", path=str(linked))
+        with pytest.raises(grpc.RpcError) as refused:
+            sidecar.stub.RegisterDrafter(request, metadata=ADMIN)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert f"{weights} links to {tmp_path / weights.name}" in refused.value.details()
+        assert "linked" not in sidecar.service.drafters.names()
+    finally:
+        shutil.rmtree(linked)
+
+
 def test_ngram_registration_with_options(sidecar: SidecarThread) -> None:
     request = pb.RegisterDrafterRequest(name="ngram-4", kind="ngram", options={"max_n": "4"})
     assert sidecar.stub.RegisterDrafter(request, metadata=ADMIN).kind == "ngram"
