@@ -220,6 +220,16 @@ class Settings(BaseSettings):
             )
         return data
 
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        # Refused with the settings (status 2), not after the models have loaded.
+        from router.policy.registry import POLICIES
+
+        if value not in POLICIES:
+            raise ValueError(f"unknown policy {value!r}; known: {sorted(POLICIES)}")
+        return value
+
     @field_validator("model_roots", mode="before")
     @classmethod
     def _roots_from_text(cls, value: Any) -> Any:
@@ -227,7 +237,10 @@ class Settings(BaseSettings):
             return value
         text = value.strip()
         if text.startswith("["):
-            return json.loads(text)  # a malformed list is a ValueError: a validation error
+            try:
+                return json.loads(text)
+            except ValueError as error:  # a validation error naming model_roots
+                raise ValueError(f"not a JSON list of paths: {text!r} ({error})") from None
         return [part for part in text.split(os.pathsep) if part]
 
     @classmethod
@@ -260,6 +273,21 @@ class SettingsLoadError(ValueError):
     type in the file or in a ``SPECROUTE_*`` variable); the message says where."""
 
 
+def validation_lines(error: ValidationError) -> str:
+    """Each problem as ``where: what (got value)``, without pydantic's type codes and
+    documentation links; several start on lines of their own."""
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"])
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        given = problem.get("input")
+        # Our own validators name the value; a missing field or a whole table has none.
+        quiet = problem["type"] in ("value_error", "missing") or isinstance(given, dict)
+        shown = "" if quiet else f" (got {given!r})"
+        lines.append(f"{where}: {message}{shown}" if where else f"{message}{shown}")
+    return lines[0] if len(lines) == 1 else "".join(f"\n  {line}" for line in lines)
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Defaults, then ``config_file`` (TOML), then ``SPECROUTE_*`` env, then ``overrides``.
     ``SettingsLoadError`` when they cannot be read."""
@@ -271,7 +299,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as error:
-        raise SettingsLoadError(str(error)) from None
+        raise SettingsLoadError(validation_lines(error)) from None
     except tomllib.TOMLDecodeError as error:
         raise SettingsLoadError(f"config file {config_file} is not valid TOML: {error}") from None
     except SettingsError as error:  # e.g. a SPECROUTE_* map that is not JSON
