@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
+from pydantic import ValidationError
 
 
 class SidecarError(Exception):
@@ -98,3 +99,18 @@ def status_of(error: BaseException) -> ErrorStatus:
         if status is not None:
             return status
     return UNEXPECTED
+
+
+def validation_lines(error: ValidationError) -> str:
+    """Each problem as ``where: what (got value)``, without pydantic's type codes and
+    documentation links; several start on lines of their own."""
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(part) for part in problem["loc"])
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        given = problem.get("input")
+        # Our own validators name the value; a missing field or a whole table has none.
+        quiet = problem["type"] in ("value_error", "missing") or isinstance(given, dict)
+        shown = "" if quiet else f" (got {given!r})"
+        lines.append(f"{where}: {message}{shown}" if where else f"{message}{shown}")
+    return lines[0] if len(lines) == 1 else "".join(f"\n  {line}" for line in lines)

@@ -114,12 +114,13 @@ class PolicyHolder:
 
     def _make(self, name: str, hinted: Mapping[str, Any] | None) -> Any:
         """A new policy ``name`` over the live drafters, from its priors."""
-        from router.policy.registry import make_policy
+        from router.policy.registry import config_problem, make_policy
 
         try:
             policy = make_policy(name, list(self._drafters()), hinted or None)
         except (TypeError, ValueError, KeyError) as exc:
-            raise InvalidRequestError(f"bad configuration for policy {name!r}: {exc}") from exc
+            problem = config_problem(exc)
+            raise InvalidRequestError(f"bad configuration for policy {name!r}: {problem}") from exc
         self._sync_drafters(policy)  # similarity priors for the built-in drafters
         return policy
 

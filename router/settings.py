@@ -34,6 +34,7 @@ from pydantic_settings import (
 
 from router.bundle import specroute_home
 from router.capture import MAX_THREADS, AutoDistillSettings, CaptureSettings
+from router.errors import validation_lines
 
 CONFIG_FILE_ENV = "SPECROUTE_CONFIG"
 
@@ -230,6 +231,16 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown policy {value!r}; known: {sorted(POLICIES)}")
         return value
 
+    @model_validator(mode="after")
+    def _policy_builds(self) -> Settings:
+        # A policy_config the policy refuses: with the settings, before any model loads.
+        from router.policy.registry import policy_config_problem
+
+        problem = policy_config_problem(self.policy, self.policy_config)
+        if problem is not None:
+            raise ValueError(f"policy_config for {self.policy!r}: {problem}")
+        return self
+
     @field_validator("model_roots", mode="before")
     @classmethod
     def _roots_from_text(cls, value: Any) -> Any:
@@ -271,21 +282,6 @@ class Settings(BaseSettings):
 class SettingsLoadError(ValueError):
     """The settings cannot be read (a missing or malformed TOML file, a value of the wrong
     type in the file or in a ``SPECROUTE_*`` variable); the message says where."""
-
-
-def validation_lines(error: ValidationError) -> str:
-    """Each problem as ``where: what (got value)``, without pydantic's type codes and
-    documentation links; several start on lines of their own."""
-    lines = []
-    for problem in error.errors():
-        where = ".".join(str(part) for part in problem["loc"])
-        message = str(problem["msg"]).removeprefix("Value error, ")
-        given = problem.get("input")
-        # Our own validators name the value; a missing field or a whole table has none.
-        quiet = problem["type"] in ("value_error", "missing") or isinstance(given, dict)
-        shown = "" if quiet else f" (got {given!r})"
-        lines.append(f"{where}: {message}{shown}" if where else f"{message}{shown}")
-    return lines[0] if len(lines) == 1 else "".join(f"\n  {line}" for line in lines)
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

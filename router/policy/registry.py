@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
+from router.errors import validation_lines
 from router.policy.base import NONE_DRAFTER, DrafterHints, Policy
 from router.policy.fixed import FixedPolicy
 from router.policy.none import NonePolicy
@@ -84,3 +87,19 @@ def make_policy(
             f"unknown policy {name!r}; registered: {', '.join(sorted(POLICIES))}"
         )
     return factory([d for d in drafters if d != NONE_DRAFTER], config)
+
+
+def policy_config_problem(name: str, config: Mapping[str, Any] | None) -> str | None:
+    """Why policy ``name`` cannot be built from ``config`` (None: it can), in a line per
+    problem: what the settings and ``SetPolicy`` refuse before a policy is made."""
+    try:
+        make_policy(name, [], config or None)
+    except (TypeError, ValueError, KeyError) as error:
+        return config_problem(error)
+    return None
+
+
+def config_problem(error: Exception) -> str:
+    """A configuration error as the sidecar says it: pydantic's without its type codes
+    and links (``validation_lines``), any other as its message."""
+    return validation_lines(error) if isinstance(error, ValidationError) else str(error)

@@ -163,6 +163,11 @@ def test_a_misspelt_limit_is_refused_with_a_clear_message(tmp_path: Path) -> Non
         ("", {"SPECROUTE_POLICY": "thomson"}, "policy: unknown policy 'thomson'; known: "),
         (
             "",
+            {"SPECROUTE_POLICY_CONFIG": '{"gama": 0.99}'},
+            "policy_config for 'thompson': gama: Extra inputs are not permitted (got 0.99)",
+        ),
+        (
+            "",
             {"SPECROUTE_LIMITS__MAX_NEW_TOKENS": "-5"},
             "limits.max_new_tokens: Input should be greater than 0 (got '-5')",
         ),

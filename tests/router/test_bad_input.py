@@ -305,6 +305,15 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "config_json: must hold finite numbers only",
     ),
+    # pydantic's six-line report with its type codes and a link, before.
+    "misspelt key in the policy config": (
+        lambda sidecar, world: sidecar.stub.SetPolicy(
+            pb.SetPolicyRequest(policy="thompson", config_json='{"gama": 0.99}'),
+            metadata=ADMIN,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "bad configuration for policy 'thompson': gama: Extra inputs are not permitted (got 0.99)",
+    ),
     "overflowing number in the policy config": (
         lambda sidecar, world: sidecar.stub.SetPolicy(
             pb.SetPolicyRequest(policy="thompson", config_json='{"evidence_cap": 1e999}'),
