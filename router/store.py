@@ -97,7 +97,7 @@ def open_database(
     caller's lock, with ``schema`` applied. In WAL mode a committed transaction survives
     the process being killed with either ``synchronous`` level; FULL also survives a power
     loss, at one fsync per commit. ``StateStoreError`` when the file cannot be opened as
-    a database (it is left as it is)."""
+    a database, or its pages are damaged (``PRAGMA quick_check``; it is left as it is)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -108,13 +108,31 @@ def open_database(
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={synchronous}")
         db.executescript(schema)
+        damage = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
     except sqlite3.Error as error:
         db.close()
+        message = f"cannot use the state database {path}: {error}{LEFT_AS_IS}"
+        raise StateStoreError(message) from None
+    if damage != ["ok"]:
+        # Pages past the schema are read only by the first query that needs them: a
+        # damaged file would start, then fail the first Register, Report or snapshot.
+        db.close()
         raise StateStoreError(
-            f"cannot use the state database {path}: {error}; it is left as it is (move it "
-            "aside, or restore it from a backup, to start)"
-        ) from None
+            f"the state database {path} is damaged ({_one_line(damage)}){LEFT_AS_IS}"
+        )
     return db
+
+
+def _one_line(damage: list[str]) -> str:
+    """``PRAGMA quick_check``'s first problems on one line, without its headings."""
+    lines = [line.strip() for row in damage for line in row.splitlines()]
+    return "; ".join([line for line in lines if line and not line.startswith("***")][:3])
+
+
+LEFT_AS_IS = (
+    "; it is left as it is (move it aside, or restore it from a backup, to start; "
+    "sqlite3's .recover may save its rows)"
+)
 
 
 class SidecarStore:

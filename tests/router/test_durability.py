@@ -155,21 +155,39 @@ def test_drafter_and_policy_survive_sigkill_and_sigterm(
 SERVERS_OFF = ("--http-port", "-1", "--metrics-port", "-1")
 
 
-@pytest.mark.parametrize("damage", ["not a directory", "not a database"])
+def _damaged_pages(state_dir: Path) -> Path:
+    """A state database with snapshots over many pages, its third page overwritten: its
+    header and schema read fine, its rows do not."""
+    store = SidecarStore(state_dir)
+    for version in range(3):
+        store.save_policy("thompson", version, {"arms": ["x" * 100] * 200})
+    store.close()
+    path = state_dir / DATABASE_NAME
+    with path.open("r+b") as database:
+        database.seek(2 * 4096)
+        database.write(b"\xde\xad" * 2048)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["not a directory", "not a database", "damaged pages"])
 def test_a_state_directory_that_cannot_be_used_stops_the_start_and_is_left_as_is(
     tmp_path: Path, damage: str
 ) -> None:
     """A traceback before, and only after the models had loaded; now one line and exit
-    status 2 before anything is loaded (no world is needed to see it), the file unchanged."""
+    status 2 before anything is loaded (no world is needed to see it), the file unchanged.
+    A database whose pages past the schema are damaged started, then failed the first
+    call that read them (a traceback at start once the drafters were read)."""
+    state_dir = tmp_path / "state"
     if damage == "not a directory":
         blocker = tmp_path / "a-file"
         blocker.write_text("x")
         state_dir, kept = blocker / "state", blocker
-    else:
-        state_dir = tmp_path / "state"
+    elif damage == "not a database":
         state_dir.mkdir()
         kept = state_dir / DATABASE_NAME
         kept.write_bytes(bytes(range(256)) * 20)  # not SQLite's header
+    else:
+        kept = _damaged_pages(state_dir)
     before = kept.read_bytes()
     done = subprocess.run(
         [sys.executable, "-m", "router.cli", "serve", *("--port", "0"), *SERVERS_OFF],
