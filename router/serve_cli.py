@@ -71,16 +71,30 @@ def _port(value: int | None) -> int | None:
 
 def serve_command(
     config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
-    world: Annotated[Path | None, typer.Option("--world", help="World directory.")] = None,
-    host: Annotated[str | None, typer.Option("--host")] = None,
-    port: Annotated[int | None, typer.Option("--port", help="gRPC port (default 50051).")] = None,
-    http_port: Annotated[int | None, typer.Option("--http-port", help="TGI port; -1: off.")] = None,
-    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="-1: off.")] = None,
+    world: Annotated[
+        Path | None,
+        typer.Option("--world", help="Model bundle directory (default: the built-in world)."),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Address to listen on (127.0.0.1).")
+    ] = None,
+    port: Annotated[int | None, typer.Option("--port", help="gRPC port (50051; 0: any).")] = None,
+    http_port: Annotated[
+        int | None, typer.Option("--http-port", help="TGI and OpenAI HTTP port (8080); -1: off.")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", help="Prometheus port (9090); -1: off.")
+    ] = None,
     policy: Annotated[str | None, typer.Option("--policy", help="Policy name (thompson).")] = None,
     print_config: Annotated[
         bool, typer.Option("--print-config", help="Show settings, exit.")
     ] = False,
-    ports_file: Annotated[Path | None, typer.Option("--ports-file", hidden=True)] = None,
+    ports_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--ports-file", help="Once serving, write the ports as JSON here (for ports of 0)."
+        ),
+    ] = None,
     fleet: Annotated[
         Path | None, typer.Option("--fleet", help="Fleet file: generate on vLLM replicas.")
     ] = None,
