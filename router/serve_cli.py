@@ -17,6 +17,9 @@ import typer
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 ADDRESS_OPTION = typer.Option(envvar="SPECROUTE_ADDRESS", help="host:port.")
 TOKEN_OPTION = typer.Option(envvar="SPECROUTE_ADMIN_TOKEN", help="Bearer token.")
+DATA_TOKEN_OPTION = typer.Option(
+    envvar="SPECROUTE_DATA_TOKEN", help="Bearer token, when the sidecar has a data_token."
+)
 RAW_OPTION = typer.Option(
     "--raw", help="Send TEXT as is (already templated), not as a user message."
 )
@@ -178,9 +181,11 @@ def route_command(
     text: Annotated[str, typer.Argument(help="Prompt: a user message (see --raw).")],
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     task_hint: Annotated[str, typer.Option("--task", help="Task cluster hint.")] = "",
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 0,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="The answer's budget, if known (0: not).")
+    ] = 0,
     raw: Annotated[bool, RAW_OPTION] = False,
-    token: Annotated[str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN")] = None,
+    token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
 ) -> None:
     """Ask a running sidecar for (cluster, drafter, k) for TEXT."""
     from router.pb import router_pb2 as pb
@@ -194,14 +199,20 @@ def route_command(
 def generate_command(
     text: Annotated[str, typer.Argument(help="Prompt: a user message (see --raw).")],
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Stop after this many tokens.")
+    ] = 64,
     drafter: Annotated[str, typer.Option("--drafter", help="Force a drafter.")] = "",
     draft_length: Annotated[int | None, typer.Option("--k", help="Force a draft length.")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy.")] = False,
-    temperature: Annotated[float, typer.Option("--temperature")] = 1.0,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help="With --sample.")
+    ] = 1.0,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="With --sample: seeds the draws (the same text for the same drafter and k).")
+    ] = None,
     raw: Annotated[bool, RAW_OPTION] = False,
-    token: Annotated[str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN")] = None,
+    token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
 ) -> None:
     """Generate with speculative decoding in a running sidecar; streams the reply's text
     (special tokens such as the end of turn are never printed)."""
