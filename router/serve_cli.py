@@ -205,11 +205,13 @@ def generate_command(
     drafter: Annotated[str, typer.Option("--drafter", help="Force a drafter.")] = "",
     draft_length: Annotated[int | None, typer.Option("--k", help="Force a draft length.")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy.")] = False,
-    temperature: Annotated[
-        float, typer.Option("--temperature", help="With --sample.")
-    ] = 1.0,
+    temperature: Annotated[float, typer.Option("--temperature", help="With --sample.")] = 1.0,
     seed: Annotated[
-        int | None, typer.Option("--seed", help="With --sample: seeds the draws (the same text for the same drafter and k).")
+        int | None,
+        typer.Option(
+            "--seed",
+            help="With --sample: seeds the draws (the same text for the same drafter and k).",
+        ),
     ] = None,
     raw: Annotated[bool, RAW_OPTION] = False,
     token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
