@@ -64,14 +64,16 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
-    """Run the app; a missing model bundle or a state directory that cannot be used,
-    whichever command needed it, is one line and exit status 2 (not a traceback)."""
+    """Run the app; a missing model bundle, a state directory that cannot be used or a
+    port that cannot be listened on, whichever command needed it, is one line and exit
+    status 2 (not a traceback)."""
     from router.bundle import BundleNotFoundError
+    from router.errors import ListenError
     from router.store import StateStoreError
 
     try:
         build_app()()
-    except (BundleNotFoundError, StateStoreError) as error:
+    except (BundleNotFoundError, StateStoreError, ListenError) as error:
         typer.echo(f"error: {error}", err=True)
         raise SystemExit(2) from None
 

@@ -12,6 +12,11 @@ import grpc
 from pydantic import ValidationError
 
 
+class ListenError(RuntimeError):
+    """A port the sidecar is configured to serve on cannot be listened on (held by another
+    process, or an address this host does not have): the start stops, in one line."""
+
+
 class SidecarError(Exception):
     """Base of every error the sidecar reports to a caller."""
 

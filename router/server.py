@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.auto_distill import start_auto_distiller
+from router.errors import ListenError
 from router.http_front import build_http_app
 from router.interceptors import BearerAuth, EdgeInterceptor
 from router.metrics import SidecarMetrics, create_metrics
@@ -84,24 +87,76 @@ def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
     return [("grpc.max_receive_message_length", size), ("grpc.so_reuseport", 0)]
 
 
+def listen_ports(settings: Settings) -> dict[str, int]:
+    """The ports the settings serve on, by what serves there (a port of 0: any free one)."""
+    ports = {"gRPC (port)": settings.port, "HTTP (http_port)": settings.http_port}
+    ports["metrics (metrics_port)"] = settings.metrics_port
+    return {name: port for name, port in ports.items() if port is not None}
+
+
+def check_ports_free(settings: Settings) -> None:
+    """``ListenError`` when a configured port is taken by another process, given twice, or
+    on an address this host does not have: checked before the models load, so that a
+    sidecar already running on 50051 is said in one line, at once."""
+    fixed = {name: port for name, port in listen_ports(settings).items() if port != 0}
+    seen: dict[int, str] = {}
+    for name, port in fixed.items():
+        if port in seen:
+            raise ListenError(f"{name} and {seen[port]} are both {port}: give each its own")
+        seen[port] = name
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                settings.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as error:
+            raise ListenError(_cannot_listen(settings.host, port, name, error)) from None
+
+
+LISTEN_HINTS = {
+    errno.EADDRINUSE: "another process, such as a sidecar already running, holds it; stop it "
+    "or choose another port",
+    errno.EADDRNOTAVAIL: "this host has no such address: check host",
+    errno.EACCES: "ports below 1024 need privileges: choose another port",
+}
+
+
+def _cannot_listen(host: str, port: int, name: str, error: BaseException) -> str:
+    number = error.errno if isinstance(error, OSError) else None
+    reason = (error.strerror if isinstance(error, OSError) else None) or str(error)
+    hint = LISTEN_HINTS.get(number or 0, "in use, or not an address of this host")
+    return f"cannot listen on {host}:{port} for {name}: {reason} ({hint})"
+
+
 def _bind(server: aio.Server, settings: Settings) -> int:
     address = f"{settings.host}:{settings.port}"
-    if settings.tls.enabled:
-        assert settings.tls.key_file is not None and settings.tls.cert_file is not None
-        credentials = grpc.ssl_server_credentials(
-            [(settings.tls.key_file.read_bytes(), settings.tls.cert_file.read_bytes())]
-        )
-        return server.add_secure_port(address, credentials)
-    return server.add_insecure_port(address)
+    try:
+        if settings.tls.enabled:
+            assert settings.tls.key_file is not None and settings.tls.cert_file is not None
+            credentials = grpc.ssl_server_credentials(
+                [(settings.tls.key_file.read_bytes(), settings.tls.cert_file.read_bytes())]
+            )
+            return server.add_secure_port(address, credentials)
+        return server.add_insecure_port(address)
+    except RuntimeError as error:  # grpc's "Failed to bind to address ..."
+        raise ListenError(
+            _cannot_listen(settings.host, settings.port, "gRPC (port)", error)
+        ) from None
 
 
 async def _start_site(
-    app: web.Application, host: str, port: int, tls: ssl.SSLContext | None
+    app: web.Application, host: str, port: int, tls: ssl.SSLContext | None, name: str
 ) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as error:
+        await runner.cleanup()
+        raise ListenError(_cannot_listen(host, port, name, error)) from None
     server: Any = site._server
     sockets = server.sockets if server is not None else []
     return runner, int(sockets[0].getsockname()[1]) if sockets else port
@@ -131,6 +186,7 @@ async def start_sidecar(settings: Settings, components: Components | None = None
     # The TLS files (every port speaks TLS when they are set) and the state store first:
     # either unusable stops the start before the models are loaded.
     tls = settings.tls.server_context()
+    check_ports_free(settings)
     store = SidecarStore(settings.state_dir)
     if components is None:
         from router.components import build_components
@@ -169,19 +225,28 @@ async def start_sidecar(settings: Settings, components: Components | None = None
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = _bind(server, settings)
-    await server.start()
-    running = RunningSidecar(settings, service, server, health_servicer, port)
-    if settings.http_port is not None:
-        runner, running.http_port = await _start_site(
-            build_http_app(service, data), settings.host, settings.http_port, tls
-        )
-        running.runners.append(runner)
-    if settings.metrics_port is not None:
-        runner, running.metrics_port = await _start_site(
-            _metrics_app(metrics), settings.host, settings.metrics_port, tls
-        )
-        running.runners.append(runner)
+    running = RunningSidecar(settings, service, server, health_servicer, 0)
+    try:
+        running.grpc_port = _bind(server, settings)
+        await server.start()
+        if settings.http_port is not None:
+            runner, running.http_port = await _start_site(
+                build_http_app(service, data), settings.host, settings.http_port, tls, "HTTP"
+            )
+            running.runners.append(runner)
+        if settings.metrics_port is not None:
+            runner, running.metrics_port = await _start_site(
+                _metrics_app(metrics), settings.host, settings.metrics_port, tls, "metrics"
+            )
+            running.runners.append(runner)
+    except BaseException:
+        # A port taken since the check: what started stops (and the policy is saved).
+        if pooling is not None:
+            with contextlib.suppress(Exception):
+                await pooling.link.close()
+        await running.stop(grace=0)
+        raise
+    port = running.grpc_port
     running.tasks.append(asyncio.create_task(_snapshot_loop(service, settings.snapshot_interval_s)))
     auto_distill = start_auto_distiller(settings, service, port)
     if auto_distill is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -205,6 +207,72 @@ def test_a_state_directory_that_cannot_be_used_stops_the_start_and_is_left_as_is
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
     assert str(state_dir) in done.stderr
     assert kept.read_bytes() == before
+
+
+def _listening_socket() -> socket.socket:
+    """A socket listening on a free port of 127.0.0.1, as another server would hold it."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    return held
+
+
+@pytest.mark.parametrize("flag", ["--port", "--http-port", "--metrics-port"])
+def test_a_port_held_by_another_process_stops_the_start_in_one_line(
+    tmp_path: Path, flag: str
+) -> None:
+    """A sidecar already running on the port: a traceback after the models had loaded
+    before (grpc's RuntimeError, or aiohttp's OSError and "Event loop is closed"); now one
+    line naming the port, exit status 2, before anything loads (no world is needed)."""
+    with _listening_socket() as held:
+        port = held.getsockname()[1]
+        ports = {"--port": "0", "--http-port": "0", "--metrics-port": "0", flag: str(port)}
+        done = subprocess.run(
+            [sys.executable, "-m", "router.cli", "serve", *itertools.chain(*ports.items())],
+            capture_output=True,
+            text=True,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "HF_HUB_OFFLINE": "1",
+                "SPECROUTE_STATE_DIR": str(tmp_path / "state"),
+                "SPECROUTE_WORLD_DIR": str(tmp_path / "no-world"),
+            },
+            timeout=120,
+        )
+    assert done.returncode == 2, done.stderr
+    assert (
+        done.stderr.startswith("error: cannot listen on 127.0.0.1:")
+        and done.stderr.count("\n") == 1
+    ), done.stderr
+    assert f":{port} for " in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_port_taken_during_the_start_stops_what_started(
+    serving_world: ServingWorld,
+    components: Components,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The HTTP port taken between the check and the listen: ``ListenError``, and the gRPC
+    server already listening is stopped (its port free again), the state store closed."""
+    import asyncio
+
+    from router import server as server_module
+    from router.errors import ListenError
+
+    monkeypatch.setattr(server_module, "check_ports_free", lambda settings: None)
+    with _listening_socket() as held, _listening_socket() as grpc_port_finder:
+        grpc_port = grpc_port_finder.getsockname()[1]
+        grpc_port_finder.close()
+        settings = serving_world.settings(tmp_path / "state").model_copy(
+            update={"port": grpc_port, "http_port": held.getsockname()[1], "metrics_port": None}
+        )
+        with pytest.raises(ListenError, match="for HTTP: "):
+            asyncio.run(server_module.start_sidecar(settings, components))
+    with socket.socket() as again:
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", grpc_port))  # the gRPC server let it go
+    assert sqlite3.connect(tmp_path / "state" / DATABASE_NAME).execute("PRAGMA quick_check")
 
 
 def test_a_full_disk_refuses_admin_changes_and_changes_nothing(
