@@ -35,6 +35,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         from router.bundle import default_bundle_dir
 
         world_dir = world if world is not None else default_bundle_dir()
+        measure_world_once(world_dir)
         report = run_all(world_dir, requests=requests, seed=seed, only=tuple(scenario or ()))
         typer.echo(f"{report['date']} | {report['machine']} | world: {report['world']}")
         typer.echo(
@@ -67,3 +68,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(result, indent=2) + "\n")
             typer.echo(f"wrote {json_path}")
+
+
+def measure_world_once(world_dir: Path) -> None:
+    """A built world's evaluation, measured and saved once if it has none, so that the
+    simulator reads the world's own acceptance matrix whether or not anything evaluated it
+    before (a directory without a world: the built-in table)."""
+    from router.bundle import ModelBundle, read_manifest
+
+    if read_manifest(world_dir) is None:
+        return
+    from benchmarks.world.evaluate import cached_evaluation
+
+    cached_evaluation(ModelBundle.load(world_dir))

@@ -139,12 +139,16 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             int | None, typer.Option(help="At most this many test prompts per task.")
         ] = None,
     ) -> None:
-        """Evaluate a world: target quality, acceptance matrix (k=4, greedy), step times."""
-        from benchmarks.world.evaluate import evaluate_world
+        """Evaluate a world: target quality, acceptance matrix (k=4, greedy), step times.
+        A full evaluation (no --limit) is also saved in the world as eval.json, which the
+        demo prints and the policy simulator reads."""
+        from benchmarks.world.evaluate import evaluate_world, save_evaluation
         from router.bundle import ModelBundle, default_bundle_dir
 
         world = ModelBundle.load(world_dir or default_bundle_dir(scale))
         report = evaluate_world(world, limit=limit)
+        if limit is None:
+            save_evaluation(world, report)
         render_evaluation(report)
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)

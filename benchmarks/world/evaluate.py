@@ -9,12 +9,16 @@ target's and the drafters' decode-step times on this machine.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from benchmarks.world.corpus import Example, math_answer, qa_answer
@@ -352,3 +356,42 @@ def evaluate_world(world: ModelBundle, *, limit: int | None = None) -> dict[str,
         "eval_seconds": time.perf_counter() - started,
         "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+EVAL_FILE = "eval.json"
+
+
+def saved_evaluation(world: ModelBundle) -> dict[str, Any] | None:
+    """The evaluation saved in the world (``<world>/eval.json``), or None."""
+    path = Path(world.root) / EVAL_FILE
+    if not path.is_file():
+        return None
+    try:
+        report: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        logger.warning("ignoring unreadable %s", path)
+        return None
+    return report if report.get("tasks") else None
+
+
+def cached_evaluation(world: ModelBundle) -> dict[str, Any]:
+    """The world's evaluation: ``saved_evaluation``, else measured in full and saved.
+
+    The world directory is immutable once built (its config hash names its contents), so
+    its evaluation is computed once; the demo and the policy simulator read the same file.
+    """
+    report = saved_evaluation(world)
+    if report is None:
+        report = evaluate_world(world)
+        save_evaluation(world, report)
+    return report
+
+
+def save_evaluation(world: ModelBundle, report: dict[str, Any]) -> None:
+    """Write ``report`` as the world's ``eval.json`` (a temporary file renamed into place)."""
+    path = Path(world.root) / EVAL_FILE
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as stream:
+        json.dump(report, stream, indent=2)
+        stream.write("\n")
+    os.replace(temporary, path)
