@@ -15,19 +15,6 @@ from benchmarks.world.evaluate import EVAL_FILE, cached_evaluation
 from router.cli import build_app
 
 
-def test_evaluation_is_measured_once_and_cached(tiny_world: Any, tmp_path: Path) -> None:
-    world = open_or_build_world(Path(tiny_world.root), "default")
-    assert Path(world.root) == Path(tiny_world.root)  # an existing world is opened, not rebuilt
-    first = cached_evaluation(world)
-    saved = Path(world.root) / EVAL_FILE
-    assert set(first) >= {"tasks", "target_quality", "acceptance", "drafters"}
-    assert json.loads(saved.read_text()) == json.loads(json.dumps(first))
-    # A second call reads the file: change it and the change comes back.
-    marked = {**first, "marker": 1}
-    saved.write_text(json.dumps(marked))
-    assert cached_evaluation(world)["marker"] == 1
-
-
 def test_demo_replays_through_a_sidecar_and_prints_the_table(
     tiny_world: Any, tmp_path: Path
 ) -> None:
@@ -58,9 +45,9 @@ def test_demo_replays_through_a_sidecar_and_prints_the_table(
 def test_world_eval_and_bench_policy_save_the_evaluation_the_demo_prints(
     tiny_world: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``world eval --limit`` saves nothing; a full ``world eval`` saves eval.json; ``bench
-    policy`` on a world without one measures it first (its figures then come from the
-    world's matrix whether or not a demo ran before)."""
+    """``world eval --limit`` saves nothing; a full ``world eval`` saves eval.json, which is
+    then read, not measured again; ``bench policy`` on a world without one measures it
+    first (its figures then come from the world's matrix whether or not a demo ran)."""
     import benchmarks.world.evaluate as evaluate
 
     world = tmp_path / "world"
@@ -74,6 +61,12 @@ def test_world_eval_and_bench_policy_save_the_evaluation_the_demo_prints(
     assert full.exit_code == 0, full.output
     saved = json.loads((world / EVAL_FILE).read_text())
     assert saved["tasks"] == list(tiny_world.tasks) and saved["acceptance"]
+    # Read back, not measured again: an existing world is opened (not rebuilt), and a
+    # change to its file comes back.
+    opened = open_or_build_world(world, "default")
+    assert Path(opened.root) == world
+    (world / EVAL_FILE).write_text(json.dumps({**saved, "marker": 1}))
+    assert cached_evaluation(opened)["marker"] == 1
     # The same measurement again, without spending it twice: bench policy measures a
     # world that has no eval.json, saves it, and simulates from it.
     (world / EVAL_FILE).unlink()
