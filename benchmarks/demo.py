@@ -63,11 +63,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
 
         world = open_or_build_world(world_dir, scale)
         typer.echo(f"world ({world.scale}) at {world.root}")
-        report = cached_evaluation(world) if evaluation else saved_evaluation(world)
-        if report is not None and evaluation is not False:
-            render_evaluation(report)
-        elif evaluation is None:
-            typer.echo("the world's evaluation (target quality, acceptance): specroute world eval")
+        if evaluation is not False:
+            report = cached_evaluation(world) if evaluation else saved_evaluation(world)
+            if report is not None:
+                render_evaluation(report)
+            else:
+                typer.echo(
+                    "the world's evaluation (target quality, acceptance): specroute world eval"
+                )
         typer.echo("starting a sidecar on the world and replaying the uniform multitask trace")
         report = run_demo_replay(Path(world.root), out_dir, per_task=per_task)
         typer.echo(format_task_table(report))

@@ -87,18 +87,16 @@ def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
     return [("grpc.max_receive_message_length", size), ("grpc.so_reuseport", 0)]
 
 
-def listen_ports(settings: Settings) -> dict[str, int]:
-    """The ports the settings serve on, by what serves there (a port of 0: any free one)."""
-    ports = {"gRPC (port)": settings.port, "HTTP (http_port)": settings.http_port}
-    ports["metrics (metrics_port)"] = settings.metrics_port
-    return {name: port for name, port in ports.items() if port is not None}
-
-
 def check_ports_free(settings: Settings) -> None:
     """``ListenError`` when a configured port is taken by another process, given twice, or
     on an address this host does not have: checked before the models load, so that a
     sidecar already running on 50051 is said in one line, at once."""
-    fixed = {name: port for name, port in listen_ports(settings).items() if port != 0}
+    ports = {
+        "gRPC (port)": settings.port,
+        "HTTP (http_port)": settings.http_port,
+        "metrics (metrics_port)": settings.metrics_port,
+    }
+    fixed = {name: port for name, port in ports.items() if port}  # None: off; 0: any free
     seen: dict[int, str] = {}
     for name, port in fixed.items():
         if port in seen:

@@ -149,7 +149,7 @@ class Replica:
 
 class ProbeCallFailed(Exception):
     """A probe's call got no answer; the message names the call (``GET /v1/models
-    failed: TimeoutError: ...``)."""
+    failed: no answer within 3.0 s``)."""
 
 
 @contextlib.asynccontextmanager
