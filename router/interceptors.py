@@ -23,6 +23,9 @@ from router.metrics import SidecarMetrics
 logger = logging.getLogger(__name__)
 
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
+# Answered without a token even when the sidecar has a data token: load balancers and
+# Kubernetes' gRPC probes send no metadata, and SERVING or not tells nothing of the data.
+OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,12 @@ def _rebuild(handler: grpc.RpcMethodHandler, unary: Any = None, stream: Any = No
             request_deserializer=tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
+    if handler.stream_stream is not None and stream is not None:  # server reflection
+        return grpc.stream_stream_rpc_method_handler(
+            stream,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
     return handler
 
 
@@ -85,7 +94,7 @@ class BearerAuth:
     No token or a wrong one is UNAUTHENTICATED; the data token on an admin method is
     PERMISSION_DENIED. The admin token is accepted on data methods too. Without a
     configured admin token, admin methods are closed (UNAUTHENTICATED for every caller),
-    never open.
+    never open. Health checks (``OPEN_METHOD_PREFIXES``) are always open.
     """
 
     def __init__(
@@ -99,8 +108,11 @@ class BearerAuth:
         self._data_token = data_token
 
     def needs_token(self, method: str) -> bool:
-        """Whether calls to ``method`` are checked at all (the open data plane is not)."""
-        return method in self._admin_methods or self._data_token is not None
+        """Whether calls to ``method`` are checked at all (the open data plane and health
+        checks are not)."""
+        if method in self._admin_methods:
+            return True
+        return self._data_token is not None and not method.startswith(OPEN_METHOD_PREFIXES)
 
     def verdict(self, method: str, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
         """None when the call may proceed, else the status code and message to refuse with."""
@@ -129,8 +141,10 @@ class EdgeInterceptor(aio.ServerInterceptor):
 
     Each method's wrapped handler is built once and cached, so a call costs one dict
     lookup here; token checks run inside the wrapper only for methods that need a token.
-    :class:`SidecarError` subclasses become their status code, and a request whose bytes
-    are not the method's message INVALID_ARGUMENT; refusals and errors are counted by code.
+    :class:`SidecarError` subclasses become their status code, a request whose bytes are
+    not the method's message INVALID_ARGUMENT, and anything else INTERNAL with its
+    traceback logged (grpc.aio's own answer would be UNKNOWN); refusals and errors are
+    counted by code.
     """
 
     def __init__(self, auth: BearerAuth, metrics: SidecarMetrics | None = None) -> None:
@@ -154,8 +168,9 @@ class EdgeInterceptor(aio.ServerInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         fail = self._fail
+        unexpected = self._unexpected
         inner_unary = handler.unary_unary
-        inner_stream = handler.unary_stream
+        inner_stream = handler.unary_stream or handler.stream_stream
         check = self._check if self._auth.needs_token(method) else None
         refuse_unreadable = self._refuse_unreadable
 
@@ -168,6 +183,10 @@ class EdgeInterceptor(aio.ServerInterceptor):
                 return await inner_unary(request, context)
             except SidecarError as error:
                 await fail(context, status_of(error).grpc_code, str(error))
+            except aio.AbortError:
+                raise
+            except Exception as error:  # the caller gets INTERNAL, the log the rest
+                await unexpected(method, error, context)
 
         async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
             if check is not None:
@@ -179,6 +198,10 @@ class EdgeInterceptor(aio.ServerInterceptor):
                     yield response
             except SidecarError as error:
                 await fail(context, status_of(error).grpc_code, str(error))
+            except aio.AbortError:
+                raise
+            except Exception as error:  # the caller gets INTERNAL, the log the rest
+                await unexpected(method, error, context)
 
         return _rebuild(handler, unary, stream)  # type: ignore[no-any-return]
 
@@ -192,6 +215,13 @@ class EdgeInterceptor(aio.ServerInterceptor):
     ) -> None:
         message = f"the request to {method} is not its message: {request.reason}"
         await self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    async def _unexpected(
+        self, method: str, error: Exception, context: aio.ServicerContext
+    ) -> None:
+        logger.exception("%s failed unexpectedly", method)
+        message = f"{method} failed: {type(error).__name__} (the sidecar's log has the traceback)"
+        await self._fail(context, grpc.StatusCode.INTERNAL, message)
 
     async def _fail(
         self, context: aio.ServicerContext, code: grpc.StatusCode, message: str

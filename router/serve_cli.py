@@ -2,7 +2,8 @@
 
 Client commands talk gRPC to ``--address`` (``$SPECROUTE_ADDRESS``, default
 127.0.0.1:50051), with TLS when ``$SPECROUTE_CA_FILE`` names the CA to trust; admin
-commands send ``--token`` (``$SPECROUTE_ADMIN_TOKEN``).
+commands send ``--token`` (``$SPECROUTE_ADMIN_TOKEN``), the others ``--token``
+(``$SPECROUTE_DATA_TOKEN``) for a sidecar with a data token.
 """
 
 from __future__ import annotations
@@ -252,11 +253,15 @@ def generate_command(
         raise typer.Exit(1) from None
 
 
-def drafters_list_command(address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS) -> None:
+def drafters_list_command(
+    address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
+    token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
+) -> None:
     """List the drafters a running sidecar serves."""
     from router.pb import router_pb2 as pb
 
-    reply = _call(_stub(address).ListDrafters, pb.ListDraftersRequest())
+    request = pb.ListDraftersRequest()
+    reply = _call(_stub(address).ListDrafters, request, metadata=_metadata(token))
     listed = [*reply.drafters, *reply.unavailable]
     name_width = max([16, *(len(d.name) for d in listed)])
     kind_width = max([6, *(len(d.kind) for d in listed)])
@@ -342,11 +347,15 @@ def drafters_remove_command(
     _print_message(reply)
 
 
-def policy_show_command(address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS) -> None:
+def policy_show_command(
+    address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
+    token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
+) -> None:
     """Show a running sidecar's policy state per context."""
     from router.pb import router_pb2 as pb
 
-    state = _call(_stub(address).GetPolicyState, pb.GetPolicyStateRequest())
+    request = pb.GetPolicyStateRequest()
+    state = _call(_stub(address).GetPolicyState, request, metadata=_metadata(token))
     typer.echo(f"policy {state.policy} version {state.version}")
     for context in state.contexts:
         typer.echo(

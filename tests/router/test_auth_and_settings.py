@@ -17,6 +17,8 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import ValidationError
 from text_generation import Client
 from text_generation.errors import UnknownError
@@ -72,6 +74,42 @@ def test_data_token_cannot_call_admin_rpcs(guarded: SidecarThread) -> None:
             metadata=(("authorization", f"Bearer {DATA_TOKEN}"),),
         )
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_health_checks_need_no_token_and_the_cli_sends_the_data_token(
+    guarded: SidecarThread,
+) -> None:
+    """A load balancer's or Kubernetes' gRPC probe sends no metadata: health is open while
+    every other method, listing, policy state and reflection (a streaming method) included,
+    needs the data token, which the CLI's client commands send."""
+    health = health_pb2_grpc.HealthStub(guarded.channel)
+    reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as listing:
+        guarded.stub.ListDrafters(pb.ListDraftersRequest())
+    assert listing.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    reflection = reflection_pb2_grpc.ServerReflectionStub(guarded.channel)
+    asked = [reflection_pb2.ServerReflectionRequest(list_services="")]
+    with pytest.raises(grpc.RpcError) as schema:
+        list(reflection.ServerReflectionInfo(iter(asked), timeout=10))
+    assert schema.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    data = (("authorization", f"Bearer {DATA_TOKEN}"),)
+    (answer,) = reflection.ServerReflectionInfo(iter(asked), metadata=data, timeout=10)
+    services = {s.name for s in answer.list_services_response.service}
+    assert "specroute.v1.Router" in services
+    address = guarded.running.address
+    listed = CliRunner().invoke(
+        build_app(), ["drafters", "list", "--address", address, "--token", DATA_TOKEN]
+    )
+    assert listed.exit_code == 0 and "generic" in listed.output, listed.output
+    shown = CliRunner().invoke(
+        build_app(),
+        ["policy", "show", "--address", address],
+        env={"SPECROUTE_DATA_TOKEN": DATA_TOKEN},
+    )
+    assert shown.exit_code == 0 and shown.output.startswith("policy "), shown.output
+    refused = CliRunner().invoke(build_app(), ["policy", "show", "--address", address])
+    assert refused.exit_code != 0 and "UNAUTHENTICATED" in refused.output, refused.output
 
 
 def test_http_front_needs_the_data_token(guarded: SidecarThread) -> None:
