@@ -50,14 +50,16 @@ class LaunchedSidecar:
     def pid(self) -> int:
         return self.process.pid
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
-        """SIGTERM (graceful: final policy snapshot), then SIGKILL after ``timeout_s``."""
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S, signum: int = signal.SIGTERM) -> int:
+        """``signum`` (graceful: final policy snapshot), then SIGKILL after ``timeout_s``."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signum)
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                logger.warning("sidecar %d ignored SIGTERM; killing it", self.pid)
+                logger.warning(
+                    "sidecar %d ignored %s; killing it", self.pid, signal.Signals(signum).name
+                )
                 self.process.kill()
                 self.process.wait()
         return int(self.process.returncode)

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 #: How long ``stop`` waits for its background tasks to finish their cancellation.
 TASK_CANCEL_WAIT_S = 10.0
+# Each stops the sidecar gracefully; SIGHUP is what a closing terminal sends.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass
@@ -279,19 +281,20 @@ def freeze_startup_heap() -> None:
 async def serve(
     settings: Settings, on_ready: Callable[[RunningSidecar], None] | None = None
 ) -> None:
-    """Run the sidecar until SIGTERM or SIGINT, then stop gracefully (final snapshot)."""
+    """Run the sidecar until SIGTERM, SIGINT or SIGHUP (its terminal closed), then stop
+    gracefully (final snapshot)."""
     running = await start_sidecar(settings)
     freeze_startup_heap()
     if on_ready is not None:
         on_ready(running)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stopping.set)
     try:
         await stopping.wait()
     finally:
         with contextlib.suppress(Exception):
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in STOP_SIGNALS:
                 loop.remove_signal_handler(signum)
         await running.stop()

@@ -1,8 +1,9 @@
-"""Durability: ``specroute serve`` subprocesses killed with SIGKILL or stopped with SIGTERM."""
+"""Durability: ``specroute serve`` subprocesses killed with SIGKILL or stopped gracefully."""
 
 from __future__ import annotations
 
 import itertools
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -72,7 +73,7 @@ def learned_without(state: pb.PolicyState, drafter: str) -> pb.PolicyState:
     return copy
 
 
-def test_drafter_and_policy_survive_sigkill_and_sigterm(
+def test_drafter_and_policy_survive_sigkill_and_sighup(
     serving_world: ServingWorld, tmp_path: Path
 ) -> None:
     state_dir = tmp_path / "state"
@@ -148,8 +149,10 @@ def test_drafter_and_policy_survive_sigkill_and_sigterm(
         state_before_stop = stub.GetPolicyState(pb.GetPolicyStateRequest())
         # The process bootstrap took its start-up heap out of the collector's reach.
         assert "froze" in second.log_tail(200_000)
-        assert second.stop() == 0  # SIGTERM: graceful, final snapshot
-    # The final snapshot at SIGTERM holds the last update (restoring a snapshot is
+        # SIGHUP, what a closing terminal sends: graceful, final snapshot, like SIGTERM
+        # (whose final snapshot tests/router/test_pooling.py checks).
+        assert second.stop(signum=signal.SIGHUP) == 0
+    # The final snapshot at SIGHUP holds the last update (restoring a snapshot is
     # covered by the restart above).
     assert _latest_snapshot_version(state_dir) == state_before_stop.version
 
