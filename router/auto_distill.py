@@ -139,6 +139,7 @@ class AutoDistiller:
         name = f"{cluster}-auto-{stamp}"
         out = distilled_root(self.settings) / name
         logger.info("auto-distillation of %s on %d captured samples: %s", cluster, samples, out)
+        recorded = sum(self.capture.distillation_counts().values())
         started = time.perf_counter()
         # A plain Popen waited on in a thread: no asyncio transport outlives the loop.
         child = subprocess.Popen(
@@ -162,6 +163,9 @@ class AutoDistiller:
             logger.warning(
                 "auto-distillation of %s discarded after %.0f s: %s", cluster, seconds, verdict
             )
+            if sum(self.capture.distillation_counts().values()) == recorded:
+                # It stopped before writing a drafter (its own record): counted here.
+                self.capture.record_distillation(cluster, "failed", seconds, verdict[-500:])
         return child.returncode
 
     async def run(self) -> None:

@@ -96,6 +96,35 @@ def test_the_child_lowers_its_own_priority_after_exec(tmp_path: Path) -> None:
     assert done.stdout.split() == ["7", cpus]
 
 
+def test_a_run_that_stops_before_writing_is_counted_as_failed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that exits before it writes (and so records) anything, say on an error
+    while training, still counts in ``specroute_distillation_runs_total{outcome="failed"}``,
+    with its last line as the detail."""
+    import asyncio
+    import sqlite3
+    import sys
+
+    settings = Settings(
+        state_dir=tmp_path,
+        capture=CaptureSettings(enabled=True),
+        auto_distill=AutoDistillSettings(enabled=True, min_samples=2),
+    )
+    store = CaptureStore(tmp_path, settings.capture)
+    for i in range(2):
+        store.record("math", (1, 2, i), (3, 4))
+    contexts = [_context("math", 0.3, 1.1, 40)]
+    distiller = AutoDistiller(settings, lambda: contexts, store, "127.0.0.1:1")
+    failing = [sys.executable, "-c", "import sys; print('error: out of memory'); sys.exit(1)"]
+    monkeypatch.setattr(distiller, "command", lambda *args: failing)
+    assert asyncio.run(distiller.run_once()) == 1
+    assert store.distillation_counts()["failed"] == 1
+    with sqlite3.connect(store.path) as db:
+        (detail,) = db.execute("SELECT detail FROM distillation_runs").fetchone()
+    assert detail == "error: out of memory"
+
+
 def _wait(condition: object, what: str) -> None:
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not condition():  # type: ignore[operator]
