@@ -12,7 +12,8 @@ must list the fleet file's model and accept the sidecar's API key, and ``POST /t
 must read a probe text as the sidecar's target tokenizer does: a typo in ``model``, a
 wrong key, or a replica serving a model of another vocabulary (which would turn the token
 ids the sidecar sends into garbage, silently) keeps the replica out with the reason. A
-server without those routes (404) is taken at its word.
+server whose routes answer anything but 200 with the expected JSON (a missing route, another
+error) is taken at its word, except a 401 or 403 on ``/v1/models``, which keeps it out.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ Two models share this module:
   units of the target's plain step at that request's own load. A request reports its
   draft time, verify time and steps together, so other work on the machine (a busy
   neighbour, a batch, a stall) stretches them alike and the ratios stay put, where
-  absolute times measured minutes apart would not. Each ratio is the **median** of a
-  bounded window of recent requests, which one stalled request cannot move:
+  absolute times measured minutes apart would not. Each ratio is the **interquartile
+  mean** of a bounded window of recent requests (``RobustWindow``; the verify slope's is
+  its median), which one stalled request cannot move:
 
   - the request's unit ``u = (verify_time / steps) / (1 + s * kbar)``: its target step
     time with the draft positions taken off (kbar = drafted / steps, s the slope below);
@@ -164,8 +165,8 @@ class RobustWindow:
 
 class StepRatios:
     """``thompson``'s cost model: per-step costs in units of the target's plain step, as
-    medians of ratios measured within each request, or between two consecutive requests
-    for the verify slope (module doc)."""
+    interquartile means of ratios measured within each request, or the median of slopes
+    between two consecutive requests for the verify slope (module doc)."""
 
     def __init__(
         self,
@@ -452,9 +453,10 @@ class RequestOverheads:
     ``wall - draft_time - verify_time``: the target's prefill, the drafter's start-up and
     the engine's bookkeeping, which a short output cannot amortise. It is kept in the
     request's own unit (``StepRatios.observe``), so a request slowed by other work gives
-    the same figure as an unhurried one, and priced as the median of the arm's last
-    ``window`` requests in the context. The output length is a running mean turning
-    into an EWMA (weight ``max(1/n, ewma)``). Both enter ``speedup.request_speedup``.
+    the same figure as an unhurried one, and priced as the interquartile mean of the
+    arm's last ``window`` requests in the context. The output length is a running mean
+    turning into an EWMA (weight ``max(1/n, ewma)``). Both enter
+    ``speedup.request_speedup``.
 
     What a drafter's fixed time adds to plain decoding's, F_d - F_0, is its start-up (its
     prefill, its cache), which follows the prompt's length and not its task: each request

@@ -4,9 +4,10 @@ Per (context, drafter) the per-token acceptance a has a Beta(alpha, beta) poster
 (truncated-geometric likelihood, discounted by gamma per update of the arm, by
 gamma_drift when the request's acceptance is more than drift_z spreads away from the
 posterior mean; see ``acceptance.py``). Costs are measured (``costs.StepRatios``), as
-medians of ratios taken within each request, in units of the target's plain step: other
-work on the machine stretches a request's times alike and leaves them be. A request in
-context c is decided by ``thompson_decisions`` over the eligible drafters d:
+interquartile means of ratios taken within each request (the verify slope: a median), in
+units of the target's plain step: other work on the machine stretches a request's times
+alike and leaves them be. A request in context c is decided by ``thompson_decisions``
+over the eligible drafters d:
 
     a_d ~ Beta(alpha_cd, beta_cd)                            posterior draw
     S[d, k] = S_req(a_d, k),  k = 0..k_max                   expected speed-up

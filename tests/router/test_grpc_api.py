@@ -6,7 +6,7 @@ import json
 import shutil
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -143,6 +143,70 @@ def test_report_updates_the_policy_once(sidecar: SidecarThread, PROMPT: str) -> 
     ack = sidecar.stub.Report(outcome)
     assert ack.request_id == decision.request_id
     assert ack.policy_version > decision.policy_version
+    with pytest.raises(grpc.RpcError) as again:
+        sidecar.stub.Report(outcome)
+    assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_an_unexpected_error_is_internal_and_logged_and_serving_goes_on(
+    sidecar: SidecarThread,
+    PROMPT: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug (an exception no error type covers) answers INTERNAL naming the method, not
+    grpc.aio's UNKNOWN, in unary and streaming calls; the traceback goes to the log."""
+
+    def broken_view() -> None:
+        raise RuntimeError("a bug")
+
+    async def broken_generation(request: object) -> AsyncIterator[object]:
+        raise KeyError("a bug")
+        yield  # an async generator, as the service's
+
+    monkeypatch.setattr(sidecar.service, "policy_view", broken_view)
+    monkeypatch.setattr(sidecar.service, "generate", broken_generation)
+    with pytest.raises(grpc.RpcError) as unary:
+        sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
+    assert unary.value.code() == grpc.StatusCode.INTERNAL
+    assert "GetPolicyState failed: RuntimeError" in unary.value.details()
+    with pytest.raises(grpc.RpcError) as stream:
+        generate(sidecar, text=PROMPT, max_new_tokens=2)
+    assert stream.value.code() == grpc.StatusCode.INTERNAL
+    assert "Generate failed: KeyError" in stream.value.details()
+    assert "RuntimeError: a bug" in caplog.text and "KeyError: 'a bug'" in caplog.text
+    monkeypatch.undo()
+    assert sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).policy  # still serving
+
+
+def _requests_in(sidecar: SidecarThread, cluster: str, bucket: int) -> int:
+    state = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
+    return sum(
+        c.requests
+        for c in state.contexts
+        if c.task_cluster == cluster and c.length_bucket == bucket
+    )
+
+
+def test_a_retried_route_replaces_the_pending_decision(sidecar: SidecarThread, PROMPT: str) -> None:
+    """A Route with the request id of one not yet reported (a client retrying a Route
+    whose reply it lost) replaces that decision: the one Report is learned once, in the
+    context of the decision the client got last."""
+    first = sidecar.stub.Route(pb.RouteRequest(request_id="retried", text=PROMPT, task_hint="math"))
+    last = sidecar.stub.Route(pb.RouteRequest(request_id="retried", text=PROMPT, task_hint="code"))
+    assert first.length_bucket == last.length_bucket
+    bucket = last.length_bucket
+    before = {cluster: _requests_in(sidecar, cluster, bucket) for cluster in ("math", "code")}
+    k = last.draft_length
+    outcome = pb.RouteOutcome(
+        request_id="retried",
+        drafted_per_step=[k] * 3,
+        accepted_per_step=[min(1, k)] * 3,
+        verify_time_s=0.03,
+    )
+    sidecar.stub.Report(outcome)
+    after = {cluster: _requests_in(sidecar, cluster, bucket) for cluster in ("math", "code")}
+    assert after == {"math": before["math"], "code": before["code"] + 1}
     with pytest.raises(grpc.RpcError) as again:
         sidecar.stub.Report(outcome)
     assert again.value.code() == grpc.StatusCode.ALREADY_EXISTS
