@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from router.errors import InvalidFieldError, InvalidRequestError
+from router.errors import ContextLengthError, InvalidFieldError, InvalidRequestError
 from router.policy.base import MAX_DRAFT_LENGTH
 from router.settings import Limits
 
@@ -288,10 +288,28 @@ def check_prompt_chars(prompt: Prompt, max_chars: int, limits: Limits) -> None:
     else:
         chars = sum(len(m.get("content", "")) for m in prompt.messages)
     if chars > max_chars:
-        raise InvalidRequestError(
+        raise ContextLengthError(
             f"the prompt has {chars} characters, more than {limits.max_prompt_tokens} "
             f"tokens can spell (the limit is {max_chars} characters)"
         )
+
+
+MAX_REQUEST_ID_CHARS = 128
+
+
+def check_request_id(request_id: str) -> str:
+    """A caller's request id: at most 128 printable ASCII characters (it is kept until its
+    Report, logged, and sent on as a replica's ``X-Request-Id`` header); empty: the server
+    assigns one (INVALID_ARGUMENT)."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidFieldError(
+            "request_id", f"{len(request_id)} characters, over {MAX_REQUEST_ID_CHARS}"
+        )
+    if not all(" " <= char <= "~" for char in request_id):
+        raise InvalidFieldError(
+            "request_id", f"only printable ASCII characters are allowed, got {request_id!r}"
+        )
+    return request_id
 
 
 def check_max_new_tokens(requested: int, limits: Limits, *, required: bool) -> int:
@@ -299,7 +317,7 @@ def check_max_new_tokens(requested: int, limits: Limits, *, required: bool) -> i
     if requested < 0 or (required and requested == 0):
         raise InvalidRequestError(f"max_new_tokens must be > 0, got {requested}")
     if requested > limits.max_new_tokens:
-        raise InvalidRequestError(
+        raise ContextLengthError(
             f"max_new_tokens {requested} is over the limit of {limits.max_new_tokens}"
         )
     return requested
@@ -310,6 +328,6 @@ def check_prompt_tokens(count: int, limits: Limits) -> None:
     if count == 0:
         raise InvalidRequestError("the prompt is empty after tokenization")
     if count > limits.max_prompt_tokens:
-        raise InvalidRequestError(
+        raise ContextLengthError(
             f"the prompt has {count} tokens, over the limit of {limits.max_prompt_tokens}"
         )

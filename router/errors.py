@@ -6,10 +6,13 @@ edge (gRPC status code, HTTP status + TGI ``error_type``). Nothing else knows ab
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import grpc
 from pydantic import ValidationError
+
+logger = logging.getLogger(__name__)
 
 
 class ListenError(RuntimeError):
@@ -37,6 +40,12 @@ class InvalidFieldError(InvalidRequestError):
 class RequestTooLargeError(InvalidRequestError):
     """An HTTP body over ``limits.max_request_bytes`` (gRPC refuses such a message itself,
     RESOURCE_EXHAUSTED)."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """A prompt, or an answer's budget, over the sidecar's limits (``max_prompt_tokens``,
+    ``max_new_tokens``): OpenAI's ``context_length_exceeded``, which clients test for to
+    trim or fall back."""
 
 
 class NotFoundError(SidecarError):
@@ -70,6 +79,19 @@ class UnauthenticatedError(SidecarError):
 
 class GenerationFailedError(SidecarError):
     """The engine failed while generating."""
+
+
+class InternalError(SidecarError):
+    """A bug: an exception that no error type above covers (:func:`unexpected`)."""
+
+
+def unexpected(error: Exception, where: str) -> InternalError:
+    """``error``, which no error type covers, logged with its traceback and turned into the
+    caller's INTERNAL (HTTP 500) naming ``where`` (a method or a route) and its type only."""
+    logger.error("%s failed unexpectedly", where, exc_info=error)
+    return InternalError(
+        f"{where} failed: {type(error).__name__} (the sidecar's log has the traceback)"
+    )
 
 
 @dataclass(frozen=True)

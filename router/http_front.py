@@ -10,6 +10,7 @@ Follows TGI's routes and JSON so the official ``text-generation`` ``Client`` and
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -22,17 +23,21 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from router.domain import MAX_STOP_SEQUENCES, GenerateInput, Prompt, RouteInput, Sampling
 from router.errors import (
+    GenerationFailedError,
     InvalidRequestError,
     RequestTooLargeError,
     SidecarError,
     UnauthenticatedError,
     status_of,
+    unexpected,
 )
 from router.service import GenerationResult, RoutedRequest, RouterService, TokenChunk
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_NEW_TOKENS = 20  # the text-generation client's default
+# TGI's server default, for clients that leave max_new_tokens out (huggingface_hub's
+# InferenceClient; the text-generation client always sends its own, 20).
+DEFAULT_MAX_NEW_TOKENS = 100
 FINISH_REASONS = ("length", "eos_token", "stop_sequence")
 SERVICE_KEY = web.AppKey("service", RouterService)
 TOKEN_KEY = web.AppKey("data_token", str)
@@ -119,13 +124,17 @@ def sampling_from_tgi(params: TgiParameters) -> Sampling:
     )
 
 
-def generate_input_from_tgi(body: TgiRequest) -> GenerateInput:
+def generate_input_from_tgi(body: TgiRequest, max_new_tokens_limit: int) -> GenerateInput:
+    """The request in the sidecar's terms; ``max_new_tokens`` left out is TGI's default,
+    within ``max_new_tokens_limit`` (``limits.max_new_tokens``)."""
     # TGI: without a parameters object, sampling is on by default.
     params = body.parameters or TgiParameters(do_sample=True)
     problems = _unsupported(params)
     if problems:
         raise InvalidRequestError(f"unsupported parameters: {', '.join(problems)}")
-    max_new = params.max_new_tokens if params.max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS
+    max_new = params.max_new_tokens
+    if max_new is None:
+        max_new = min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens_limit)
     if max_new <= 0:
         raise InvalidRequestError("`max_new_tokens` must be strictly positive")
     route = RouteInput(
@@ -211,7 +220,8 @@ def check_bearer(request: web.Request) -> None:
 
 
 def _generation(service: RouterService, body: TgiRequest) -> AsyncGenerator[Any, None]:
-    return service.generate(generate_input_from_tgi(body))  # type: ignore[return-value]
+    request = generate_input_from_tgi(body, service.limits.max_new_tokens)
+    return service.generate(request)  # type: ignore[return-value]
 
 
 async def _first(items: AsyncIterator[Any]) -> RoutedRequest:
@@ -236,7 +246,7 @@ async def _collect(service: RouterService, body: TgiRequest) -> dict[str, Any]:
             elif isinstance(item, GenerationResult):
                 result = item
     if result is None:
-        raise InvalidRequestError("generation ended without a result")
+        raise GenerationFailedError("generation ended without a result")
     text = (body.inputs if params.return_full_text else "") + result.generated_text
     response: dict[str, Any] = {"generated_text": text}
     if params.details:
@@ -297,8 +307,13 @@ async def _tgi_events(
                 }
                 await _event(response, held)
                 held = None
-    except SidecarError as error:
-        await _event(response, {"error": str(error), "error_type": status_of(error).tgi_error_type})
+    except ConnectionResetError:
+        raise  # the client left (client_may_leave)
+    except Exception as error:
+        failure = error if isinstance(error, SidecarError) else unexpected(error, "the stream")
+        await _event(
+            response, {"error": str(failure), "error_type": status_of(failure).tgi_error_type}
+        )
 
 
 @contextlib.contextmanager
@@ -308,10 +323,14 @@ def client_may_leave(request: web.Request) -> Iterator[None]:
     worker) and it is logged at INFO, not as aiohttp's ERROR with a traceback."""
     try:
         yield
-    except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one
+    # A write to a closed connection (aiohttp's ClientConnectionResetError is one), or the
+    # handler cancelled as the connection was lost (``handler_cancellation``).
+    except (ConnectionResetError, asyncio.CancelledError) as gone:
         logger.info(
             "%s %s: the client closed the stream; generation stopped", request.method, request.path
         )
+        if isinstance(gone, asyncio.CancelledError):
+            raise
 
 
 def _stream_event(index: int, token: dict[str, Any]) -> dict[str, Any]:
@@ -363,12 +382,16 @@ async def generate_stream_route(request: web.Request) -> web.StreamResponse:
 async def info_route(request: web.Request) -> web.Response:
     """``GET /info``: TGI's model info, plus the routing setup. In fleet mode the target's
     weights are not read here: ``model_sha`` is null, dtype and device are the settings'."""
+    from router.openai_front import served_model_names
+
     service = request.app[SERVICE_KEY]
     target = service.components.target
     limits = service.limits
     return web.json_response(
         {
-            "model_id": str(target.path),
+            # The name the OpenAI front answers to, not the directory's path (which a client
+            # could not send back as ``model``, and which tells the host's layout).
+            "model_id": served_model_names(service)[0],
             "model_sha": target.weights_digest[:16] or None,
             "model_dtype": str(target.dtype).removeprefix("torch."),
             "model_device_type": target.device.type,
@@ -392,9 +415,29 @@ async def health_route(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+@web.middleware
+async def unexpected_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """An exception no error type covers is a 500 in the front's own JSON error shape
+    (TGI's, or OpenAI's under ``/v1/``), with its traceback logged, not aiohttp's plain-text
+    500 that the clients cannot parse."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except (web.HTTPException, SidecarError):
+        raise
+    except Exception as error:
+        failure = unexpected(error, f"{request.method} {request.path}")
+        if request.path.startswith("/v1/"):
+            from router.openai_front import error_response as openai_error_response
+
+            return openai_error_response(failure)
+        return error_response(failure)
+
+
 def build_http_app(service: RouterService, data_token: str | None = None) -> web.Application:
     """The TGI-compatible aiohttp application, with the OpenAI-compatible routes."""
-    app = web.Application(client_max_size=service.limits.max_request_bytes)
+    app = web.Application(
+        client_max_size=service.limits.max_request_bytes, middlewares=[unexpected_errors]
+    )
     app[SERVICE_KEY] = service
     app[TOKEN_KEY] = data_token or ""
     app.router.add_post("/", compat_route)

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from router.errors import SidecarError, status_of
+from router.errors import SidecarError, status_of, unexpected
 from router.metrics import SidecarMetrics
 
 logger = logging.getLogger(__name__)
@@ -219,9 +219,7 @@ class EdgeInterceptor(aio.ServerInterceptor):
     async def _unexpected(
         self, method: str, error: Exception, context: aio.ServicerContext
     ) -> None:
-        logger.exception("%s failed unexpectedly", method)
-        message = f"{method} failed: {type(error).__name__} (the sidecar's log has the traceback)"
-        await self._fail(context, grpc.StatusCode.INTERNAL, message)
+        await self._fail(context, grpc.StatusCode.INTERNAL, str(unexpected(error, method)))
 
     async def _fail(
         self, context: aio.ServicerContext, code: grpc.StatusCode, message: str

@@ -16,7 +16,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from router.domain import MAX_STOP_SEQUENCES, GenerateInput, Prompt, RouteInput, Sampling
 from router.errors import (
+    ContextLengthError,
     GenerationFailedError,
     InvalidFieldError,
     InvalidRequestError,
@@ -36,6 +37,7 @@ from router.errors import (
     RequestTooLargeError,
     SidecarError,
     UnauthenticatedError,
+    unexpected,
 )
 from router.service import GenerationResult, RoutedRequest, RouterService, TokenChunk
 
@@ -45,6 +47,7 @@ FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "sto
 # HTTP status, OpenAI error type, code: the OpenAI wire's view of the sidecar's errors.
 OPENAI_ERRORS: dict[type[SidecarError], tuple[int, str, str | None]] = {
     RequestTooLargeError: (413, "invalid_request_error", None),
+    ContextLengthError: (400, "invalid_request_error", "context_length_exceeded"),
     InvalidRequestError: (400, "invalid_request_error", None),
     PreconditionError: (400, "invalid_request_error", None),
     NotFoundError: (404, "invalid_request_error", "not_found"),
@@ -156,6 +159,48 @@ def _unsupported(body: OpenAIParameters) -> list[str]:
     return problems
 
 
+def stops_of(body: OpenAIParameters) -> list[str]:
+    """The request's stop sequences (OpenAI's ``stop`` is one string or a list)."""
+    return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+
+
+def without_stop(text: str, stops: Sequence[str]) -> str:
+    """``text`` without the stop sequence it ends with, if any (the longest that fits: the
+    one that starts first). The engine's text, as TGI's, ends after the stop; OpenAI's
+    ends before it."""
+    for stop in sorted(stops, key=len, reverse=True):
+        if stop and text.endswith(stop):
+            return text[: -len(stop)]
+    return text
+
+
+class StopHoldback:
+    """A stream's text without its stop sequence: the last ``max(len(stop))`` characters
+    are held back until more text shows they are not the stop the run ended on, so no
+    part of a stop is ever sent (what vLLM does for OpenAI's streams)."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = list(stops)
+        self._hold = max((len(stop) for stop in stops), default=0)
+        self._pending = ""
+
+    def feed(self, text: str) -> str:
+        """What of the text so far can be sent now."""
+        if not self._hold:
+            return text
+        self._pending += text
+        cut = len(self._pending) - self._hold
+        if cut <= 0:
+            return ""
+        released, self._pending = self._pending[:cut], self._pending[cut:]
+        return released
+
+    def finish(self, stopped: bool) -> str:
+        """The held text at the end, without the stop when the run ended on one."""
+        rest, self._pending = self._pending, ""
+        return without_stop(rest, self._stops) if stopped else rest
+
+
 def sampling_from_openai(body: OpenAIParameters) -> Sampling:
     """OpenAI semantics: temperature 0 is greedy, and the default temperature is 1
     (sampling); top_p and top_k narrow the sampled distribution."""
@@ -168,7 +213,7 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
     top_k = body.top_k or 0
     if top_k < -1:
         raise InvalidFieldError("top_k", f"must be -1 (off) or > 0, got {top_k}")
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    stops = stops_of(body)
     if any(not stop for stop in stops):
         raise InvalidFieldError("stop", "stop sequences must not be empty strings")
     if len(stops) > MAX_STOP_SEQUENCES:
@@ -340,6 +385,11 @@ def _finish_reason(result: GenerationResult) -> str:
     return FINISH_REASONS.get(str(result.stats.finish_reason), "length")
 
 
+def _stopped(result: GenerationResult) -> bool:
+    """Whether the run ended on one of the request's stop sequences."""
+    return str(result.stats.finish_reason) == "stop_sequence"
+
+
 class _Reply:
     """Builds one response's OpenAI objects (one id and creation time for all chunks)."""
 
@@ -359,16 +409,21 @@ class _Reply:
             "choices": choices,
         }
 
-    def complete(self, routed: RoutedRequest, result: GenerationResult) -> dict[str, Any]:
+    def complete(
+        self, routed: RoutedRequest, result: GenerationResult, stops: Sequence[str]
+    ) -> dict[str, Any]:
         finish = _finish_reason(result)
+        text = result.generated_text
+        if _stopped(result):
+            text = without_stop(text, stops)
         choice: dict[str, Any]
         if self.endpoint.is_chat:
-            message = {"role": "assistant", "content": result.generated_text}
+            message = {"role": "assistant", "content": text}
             choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         else:
             choice = {
                 "index": 0,
-                "text": result.generated_text,
+                "text": text,
                 "logprobs": None,
                 "finish_reason": finish,
             }
@@ -419,7 +474,7 @@ async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dic
                 result = item
     if result is None:
         raise GenerationFailedError("generation ended without a result")
-    return reply.complete(routed, result)
+    return reply.complete(routed, result, stops_of(body))
 
 
 async def _sse_event(response: web.StreamResponse, payload: dict[str, Any] | str) -> None:
@@ -438,6 +493,7 @@ async def _stream(
 
     reply = _Reply(endpoint, body.model)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+    holdback = StopHoldback(stops_of(body))
     generation = _generation(service, generate_input(service, endpoint, body))
     async with contextlib.aclosing(generation) as items:
         routed = await _first(items)  # errors before the first event are plain HTTP errors
@@ -451,15 +507,25 @@ async def _stream(
             try:
                 async for item in items:
                     if isinstance(item, TokenChunk) and item.text:
-                        await _sse_event(response, reply.chunk(item.text, None))
+                        released = holdback.feed(item.text)
+                        if released:
+                            await _sse_event(response, reply.chunk(released, None))
                     elif isinstance(item, GenerationResult):
+                        rest = holdback.finish(_stopped(item))
+                        if rest:
+                            await _sse_event(response, reply.chunk(rest, None))
                         finish = _finish_reason(item)
                         text: str | None = None if endpoint.is_chat else ""
                         await _sse_event(response, reply.chunk(text, finish))
                         if include_usage:
                             await _sse_event(response, reply.usage_chunk(routed, item))
-            except SidecarError as error:
-                await _sse_event(response, error_body(error)[1])
+            except ConnectionResetError:
+                raise  # the client left (client_may_leave)
+            except Exception as error:
+                failure = (
+                    error if isinstance(error, SidecarError) else unexpected(error, "the stream")
+                )
+                await _sse_event(response, error_body(failure)[1])
             await _sse_event(response, "[DONE]")
             await response.write_eof()
         return response

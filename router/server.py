@@ -149,7 +149,10 @@ def _bind(server: aio.Server, settings: Settings) -> int:
 async def _start_site(
     app: web.Application, host: str, port: int, tls: ssl.SSLContext | None, name: str
 ) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, access_log=None)
+    # handler_cancellation: a client that leaves a non-streamed request (a timeout, then
+    # the client's retry) cancels its handler, which stops the generation and frees its
+    # slot; aiohttp leaves handlers running by default.
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
     try:

@@ -36,6 +36,7 @@ from router.domain import (
     check_prompt,
     check_prompt_chars,
     check_prompt_tokens,
+    check_request_id,
     check_sampling,
 )
 from router.drafter_pool import DrafterPool, under_model_roots
@@ -364,6 +365,7 @@ class RouterService:
         return prepared
 
     def _checked_prompt(self, request: RouteInput, *, generating: bool) -> Prompt:
+        check_request_id(request.request_id)
         prompt = check_prompt(request.prompt)
         check_prompt_chars(prompt, self._max_prompt_chars, self.limits)
         check_sampling(request.sampling)

@@ -78,6 +78,18 @@ def _with_corrupt_tokenizer(model: Path, root: Path) -> Path:
 
 CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
     "empty prompt": (_route(text="  "), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    # A request id is kept until its Report, logged, and sent on as a replica's header
+    # (where a newline was an INTERNAL error from the HTTP client).
+    "request id with a newline": (
+        _generate(request_id="a\nb", text=PROMPT, max_new_tokens=2),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "request_id: only printable ASCII",
+    ),
+    "request id of 129 characters": (
+        _route(request_id="x" * 129, text=PROMPT),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "request_id: 129 characters, over 128",
+    ),
     # Tokenized in full before: a 1 MB prompt held every other Route for ~0.3 s.
     "a prompt longer than the token limit can spell": (
         _route(text="word " * 100_000),

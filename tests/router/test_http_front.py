@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
+import socket
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from text_generation import AsyncClient, Client
@@ -98,6 +102,20 @@ def test_generate_and_generate_stream_routes(sidecar: SidecarThread) -> None:
     assert events[-1]["details"]["finish_reason"] in {"length", "eos_token"}
 
 
+@contextlib.contextmanager
+def _posted(sidecar: SidecarThread, path: str, body: dict[str, Any]) -> Iterator[socket.socket]:
+    """A raw HTTP connection that has sent ``body`` to ``path``; closing it is leaving."""
+    address = urlsplit(sidecar.http_url)
+    payload = json.dumps(body).encode()
+    with socket.create_connection((address.hostname, address.port), timeout=30) as client:
+        client.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        yield client
+
+
 @pytest.mark.parametrize(
     ("path", "body"),
     [
@@ -115,19 +133,10 @@ def test_a_client_that_leaves_a_stream_is_no_error(
     ERROR with a traceback (ClientConnectionResetError); it is an INFO line now, the
     generation stops, and the sidecar serves on."""
     import logging
-    import socket
     import time
-    from urllib.parse import urlsplit
 
     caplog.set_level(logging.INFO)
-    address = urlsplit(sidecar.http_url)
-    payload = json.dumps(body).encode()
-    with socket.create_connection((address.hostname, address.port), timeout=30) as client:
-        client.sendall(
-            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n".encode()
-            + payload
-        )
+    with _posted(sidecar, path, body) as client:
         assert b"200 OK" in client.recv(200)
     deadline = time.monotonic() + 30
     while "the client closed the stream" not in caplog.text:
@@ -136,6 +145,110 @@ def test_a_client_that_leaves_a_stream_is_no_error(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     status, _, _ = post(f"{sidecar.http_url}/generate", {"inputs": PROMPT})
     assert status == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 200}}),
+        (
+            "/v1/completions",
+            {"model": "target", "prompt": PROMPT, "max_tokens": 200, "temperature": 0},
+        ),
+    ],
+)
+def test_a_client_that_leaves_a_request_stops_its_generation(
+    sidecar: SidecarThread, path: str, body: dict[str, Any]
+) -> None:
+    """A client that gives up on a non-streamed request (its timeout, after which the
+    official clients retry) cancels the generation, which frees its slot, instead of
+    leaving it to run to ``max_new_tokens`` (200 greedy tokens here, ~0.2 s)."""
+    import time
+
+    expected_ids, _ = greedy_reference(sidecar, PROMPT, 200)
+    assert len(expected_ids) == 200  # no end of turn before: only leaving stops it
+    generated = sidecar.service.metrics.generated_tokens
+    before = generated._value.get()
+    with _posted(sidecar, path, body):
+        deadline = time.monotonic() + 30
+        while sidecar.service.queue.depth == 0:  # admitted
+            assert time.monotonic() < deadline, "the request was not admitted"
+            time.sleep(0.001)
+    while sidecar.service.queue.depth:  # cancelled (or, before the fix, run to the end)
+        assert time.monotonic() < deadline, "the generation did not end"
+        time.sleep(0.01)
+    assert generated._value.get() - before < 200
+    status, _, _ = post(f"{sidecar.http_url}/generate", {"inputs": PROMPT})
+    assert status == 200
+
+
+def _failing_after_the_decision(sidecar: SidecarThread) -> Any:
+    """The service's ``generate``, failing with a bug (a KeyError) after the decision."""
+    real = sidecar.service.generate
+
+    async def generate(request: Any) -> Any:
+        items = real(request)
+        try:
+            yield await anext(items)
+        finally:
+            await items.aclose()
+        raise KeyError("a bug")
+
+    return generate
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "error_of"),
+    [
+        (
+            "/generate",
+            {"inputs": PROMPT},
+            lambda raw: (json.loads(raw)["error_type"], json.loads(raw)["error"]),
+        ),
+        (
+            "/v1/completions",
+            {"model": "target", "prompt": PROMPT},
+            lambda raw: (json.loads(raw)["error"]["type"], json.loads(raw)["error"]["message"]),
+        ),
+        (
+            "/generate_stream",
+            {"inputs": PROMPT},
+            lambda raw: (
+                json.loads(raw.split(b"data:")[-1])["error_type"],
+                json.loads(raw.split(b"data:")[-1])["error"],
+            ),
+        ),
+        (
+            "/v1/completions",
+            {"model": "target", "prompt": PROMPT, "stream": True},
+            lambda raw: (
+                json.loads(raw.split(b"data: ")[-2])["error"]["type"],
+                json.loads(raw.split(b"data: ")[-2])["error"]["message"],
+            ),
+        ),
+    ],
+)
+def test_an_unexpected_error_is_the_fronts_own_json_error(
+    sidecar: SidecarThread,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    body: dict[str, Any],
+    error_of: Any,
+) -> None:
+    """A bug (an exception no error type covers) is a 500 in the front's JSON shape, or
+    an error event in a stream that has begun, with the traceback in the log; never
+    aiohttp's plain-text 500 (which the clients cannot parse) or a cut connection."""
+    monkeypatch.setattr(sidecar.service, "generate", _failing_after_the_decision(sidecar))
+    status, _, raw = post(f"{sidecar.http_url}{path}", body)
+    kind, message = error_of(raw)
+    if "stream" in path or body.get("stream"):
+        assert status == 200  # the error arrives as the stream's last event
+    else:
+        assert status == 500
+    assert kind in {"incomplete_generation", "server_error"}
+    assert "failed: KeyError (the sidecar's log has the traceback)" in message
+    assert "KeyError: 'a bug'" in caplog.text
 
 
 def test_return_full_text(sidecar: SidecarThread) -> None:
@@ -150,7 +263,18 @@ def test_info_and_health(sidecar: SidecarThread) -> None:
     assert info["max_input_tokens"] == 512 and info["max_total_tokens"] == 712
     assert info["max_stop_sequences"] == MAX_STOP_SEQUENCES  # said 8 while 16 were served
     assert info["router"] == "specroute" and "generic" in info["drafters"]
+    assert info["model_id"] == "target"  # the OpenAI front's model name, not the directory
     assert urllib.request.urlopen(f"{sidecar.http_url}/health", timeout=10).status == 200
+
+
+def test_max_new_tokens_left_out_is_tgis_default_of_100(sidecar: SidecarThread) -> None:
+    """huggingface_hub's InferenceClient leaves max_new_tokens out and documents TGI's
+    default, 100; the front gave 20 (the text-generation client's own default)."""
+    expected_ids, _ = greedy_reference(sidecar, PROMPT, 100)
+    assert len(expected_ids) == 100  # no end of turn before
+    body = {"inputs": PROMPT, "parameters": {"details": True}}  # greedy: no warper set
+    status, _, raw = post(f"{sidecar.http_url}/generate", body)
+    assert status == 200 and json.loads(raw)["details"]["generated_tokens"] == 100
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,50 @@ def test_completion_stream_concatenates_to_the_greedy_text(sidecar: SidecarThrea
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 24
 
 
+def test_the_stop_sequence_is_left_out_as_openai_does(sidecar: SidecarThread) -> None:
+    """OpenAI's text ends before the stop sequence (TGI's, the engine's, after it), in a
+    stream too. (The tiny target's greedy answer is blank: a stop of five spaces.)"""
+    _, expected_text = greedy_reference(sidecar, PROMPT, 24)
+    stop = " " * 5
+    assert expected_text.startswith(stop)
+    asked: dict[str, Any] = {"model": model_name(sidecar), "prompt": PROMPT, "max_tokens": 24}
+    reply = client(sidecar).completions.create(**asked, temperature=0, stop=stop)
+    assert reply.choices[0].text == ""
+    assert reply.choices[0].finish_reason == "stop"
+    chunks = list(
+        client(sidecar).completions.create(**asked, temperature=0, stop=[stop], stream=True)
+    )
+    assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == ""
+    # The TGI front keeps TGI's text, stop included.
+    tgi = {"inputs": PROMPT, "parameters": {"max_new_tokens": 24, "stop": [stop]}}
+    status, body = post(f"{sidecar.http_url}/generate", tgi)
+    assert status == 200 and body["generated_text"] == stop
+
+
+@pytest.mark.parametrize(
+    ("chunks", "stops", "stopped", "sent"),
+    [
+        # A stop that spans three chunks, after text: nothing of it is ever sent.
+        (["Thought: search", "\nObs", "ervation:"], ["\nObservation:"], True, "Thought: search"),
+        # Two stops, one the other's end: the one that starts first is cut.
+        (["a b", "c"], ["bc", " bc"], True, "a"),
+        # Text that only looked like a stop's start is sent in full at the end.
+        (["x \nObs", "erve"], ["\nObservation:"], False, "x \nObserve"),
+        ([" the end"], [], False, " the end"),
+    ],
+)
+def test_the_stop_holdback_never_sends_part_of_a_stop(
+    chunks: list[str], stops: list[str], stopped: bool, sent: str
+) -> None:
+    from router.openai_front import StopHoldback
+
+    holdback = StopHoldback(stops)
+    released = [holdback.feed(chunk) for chunk in chunks]
+    for text in released:
+        assert not any(stop in text for stop in stops)
+    assert "".join(released) + holdback.finish(stopped) == sent
+
+
 def test_stream_ends_with_done(sidecar: SidecarThread) -> None:
     body = {"model": "target", "prompt": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True}
     request = urllib.request.Request(
@@ -203,6 +247,21 @@ def test_client_raises_bad_request_and_not_found(sidecar: SidecarThread) -> None
         client(sidecar).chat.completions.create(
             model="target", messages=[{"role": "tool", "content": "x"}], max_tokens=4
         )  # type: ignore[list-item]
+
+
+def test_over_the_limits_is_context_length_exceeded(sidecar: SidecarThread) -> None:
+    """Clients (LiteLLM's fallbacks, LangChain's trimming) tell an over-long request by
+    the code ``context_length_exceeded``: a prompt over max_prompt_tokens, by characters
+    or by tokens, and a max_tokens over the answer's limit carry it."""
+    limits = sidecar.service.limits
+    words = " ".join(["word"] * (limits.max_prompt_tokens + 8))
+    for request in (
+        {"prompt": words, "max_tokens": 4},  # too many tokens
+        {"prompt": "x" * (sidecar.service._max_prompt_chars + 1), "max_tokens": 4},
+        {"prompt": PROMPT, "max_tokens": limits.max_new_tokens + 1},
+    ):
+        status, reply = post(f"{sidecar.http_url}/v1/completions", {"model": "target", **request})
+        assert status == 400 and reply["error"]["code"] == "context_length_exceeded", reply
 
 
 def test_body_that_is_not_json_is_400(sidecar: SidecarThread) -> None:
