@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import aiohttp.http_exceptions
 
 from router.domain import Sampling
 from router.fleet.replica import Replica
@@ -27,6 +28,11 @@ class ReplicaFailedError(Exception):
     def __init__(self, message: str, *, reached: bool = True) -> None:
         super().__init__(message)
         self.reached = reached
+
+
+class ReplicaBusyError(ReplicaFailedError):
+    """The replica is shedding load (HTTP 503, or 429 from it or a proxy before it): it is
+    healthy and the request is fine; another replica may serve it now."""
 
 
 class ReplicaRefusedError(Exception):
@@ -59,7 +65,13 @@ def completion_body(
     model: str, prompt_ids: list[int], max_tokens: int, sampling: Sampling
 ) -> dict[str, Any]:
     """The ``/v1/completions`` body for a prompt given as token ids (so the replica
-    reads exactly the tokens the sidecar counted and classified)."""
+    reads exactly the tokens the sidecar counted and classified).
+
+    Every sampling parameter is sent, neutral where the request leaves it: vLLM fills an
+    unset one from the model's ``generation_config.json`` (a Qwen2.5 Instruct checkpoint's
+    repetition penalty 1.05, top_k 20, top_p 0.8), which would make greedy output differ
+    from the target's own and apply top-k where none was asked. The stop string stays in
+    the text, as the in-process engine and TGI keep it (the OpenAI front cuts it off)."""
     body: dict[str, Any] = {
         "model": model,
         "prompt": prompt_ids,
@@ -69,9 +81,13 @@ def completion_body(
         "return_token_ids": True,
         "temperature": sampling.temperature if sampling.do_sample else 0.0,
         "top_p": sampling.top_p,
+        "top_k": sampling.top_k if sampling.do_sample else 0,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "include_stop_str_in_output": True,
     }
-    if sampling.do_sample and sampling.top_k > 0:
-        body["top_k"] = sampling.top_k
     if sampling.seed is not None:
         body["seed"] = sampling.seed
     if sampling.stop:
@@ -81,10 +97,28 @@ def completion_body(
 
 def finish_reason_of(choice: dict[str, Any]) -> str:
     """vLLM's finish reason in the sidecar's words: a stop string is ``stop_sequence``, a
-    stop token (``stop_reason`` null or an id) ``eos_token``."""
-    if choice.get("finish_reason") == "length":
+    stop token (``stop_reason`` null or an id) ``eos_token``. Any other reason (``abort``:
+    the replica stopping, or paused; ``error``) is the replica's failure, not an answer."""
+    reason = choice.get("finish_reason")
+    if reason == "length":
         return "length"
+    if reason != "stop":
+        raise ReplicaFailedError(f"the replica ended the request with finish_reason {reason!r}")
     return "stop_sequence" if isinstance(choice.get("stop_reason"), str) else "eos_token"
+
+
+def _event_error(data: bytes, received: bool) -> Exception:
+    """An error event in the stream: a 4xx before any token is the request's own (vLLM
+    checks some parameters only once it streams), anything else the replica's failure."""
+    message = _error_message(data.decode(errors="replace"))
+    try:
+        error = json.loads(data).get("error")
+        code = int(error.get("code") or 0) if isinstance(error, dict) else 0
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+        code = 0
+    if 400 <= code < 500 and code != 429 and not received:
+        return ReplicaRefusedError(code, message)
+    return ReplicaFailedError(f"error event: {message}")
 
 
 def _error_message(text: str) -> str:
@@ -106,9 +140,12 @@ async def stream_completion(
 ) -> AsyncGenerator[Delta | StreamEnd, None]:
     """Yield the replica's deltas, then one :class:`StreamEnd`. Raises
     :class:`ReplicaFailedError` (connection, timeout: no byte for ``replica.timeout_s``,
-    5xx, 429, 401 and 403 (the sidecar's API key, not the request), a stream without its
-    end) or :class:`ReplicaRefusedError` (other 4xx). ``request_id`` goes as
-    ``X-Request-Id``, which vLLM takes as its own request id (``cmpl-<id>`` in its logs)."""
+    5xx but 503, 401 and 403 (the sidecar's API key, not the request), a stream without
+    its end, an ``abort`` finish), :class:`ReplicaBusyError` (503, 429) or
+    :class:`ReplicaRefusedError` (other 4xx, also as an error event before any token).
+    A stream that breaks once its finish reason has arrived ends normally (without the
+    usage chunk's metrics). ``request_id`` goes as ``X-Request-Id``, which vLLM takes as
+    its own request id (``cmpl-<id>`` in its logs)."""
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=connect_timeout_s, sock_read=replica.timeout_s
     )
@@ -126,9 +163,12 @@ async def stream_completion(
                         f"HTTP {response.status}: {message}: the replica refused the "
                         f"sidecar's API key ({replica.key_hint()})"
                     )
-                if 400 <= response.status < 500 and response.status != 429:
+                if response.status in (429, 503):
+                    raise ReplicaBusyError(f"HTTP {response.status}: {message}")
+                if 400 <= response.status < 500:
                     raise ReplicaRefusedError(response.status, message)
                 raise ReplicaFailedError(f"HTTP {response.status}: {message}")
+            received = False
             async for raw in response.content:
                 line = raw.strip()
                 if not line.startswith(b"data:"):
@@ -138,10 +178,11 @@ async def stream_completion(
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    raise ReplicaFailedError(f"error event: {_error_message(data.decode())}")
+                    raise _event_error(data, received)
                 for choice in chunk.get("choices") or ():
                     ids = tuple(int(t) for t in choice.get("token_ids") or ())
                     if ids:
+                        received = True
                         yield Delta(ids, str(choice.get("text") or ""))
                     if choice.get("finish_reason"):
                         finish = finish_reason_of(choice)
@@ -152,8 +193,15 @@ async def stream_completion(
                     completion_tokens = int(usage.get("completion_tokens", 0))
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
         raise ReplicaFailedError(f"{type(error).__name__}: {error}", reached=False) from error
-    except (aiohttp.ClientError, TimeoutError, ConnectionError, json.JSONDecodeError) as error:
-        raise ReplicaFailedError(f"{type(error).__name__}: {error}") from error
+    except (
+        aiohttp.ClientError,
+        aiohttp.http_exceptions.HttpProcessingError,  # a line over the read buffer
+        TimeoutError,
+        ConnectionError,
+        ValueError,  # a chunk that is not JSON
+    ) as error:
+        if finish is None:
+            raise ReplicaFailedError(f"{type(error).__name__}: {error}") from error
     if finish is None:
         raise ReplicaFailedError("the stream ended without a finish reason")
     yield StreamEnd(finish, metrics, completion_tokens)

@@ -45,6 +45,7 @@ from router.domain import GenerateInput
 from router.errors import GenerationFailedError, InvalidRequestError, NotFoundError, OverloadedError
 from router.fleet.client import (
     Delta,
+    ReplicaBusyError,
     ReplicaFailedError,
     ReplicaRefusedError,
     StreamEnd,
@@ -163,8 +164,14 @@ class FleetRouterService(RouterService):
         """Open the HTTP client and start probing every replica; the first probes are
         awaited, so replicas that answer serve at once (the others are routed around)."""
         tls = replica_tls(self.fleet, f"fleet file {self.settings.fleet_file}")
-        connector = aiohttp.TCPConnector(limit=0, ssl=tls if tls is not None else True)
-        self._session = aiohttp.ClientSession(connector=connector)
+        # An idle connection is dropped before vLLM's uvicorn (5 s keep-alive) closes it:
+        # a POST on a connection the server has just closed fails, and aiohttp does not
+        # retry a POST. vLLM sends the prompt's token ids back in one SSE line: a read
+        # buffer of 4 MiB takes lines up to 8 MiB (about a million tokens).
+        connector = aiohttp.TCPConnector(
+            limit=0, ssl=tls if tls is not None else True, keepalive_timeout=4.0
+        )
+        self._session = aiohttp.ClientSession(connector=connector, read_bufsize=4 * 2**20)
         from router.fleet.metrics import FleetCollector
         from router.fleet.replica import probe
 
@@ -257,8 +264,10 @@ class FleetRouterService(RouterService):
         )
         return replace(routed, decision=placed, replica=replica.spec.url), replica
 
-    def _unavailable(self) -> Exception:
+    def _unavailable(self, busy: Sequence[str] = ()) -> Exception:
         healthy = [r for r in self.replicas if r.healthy]
+        if busy:
+            return OverloadedError(f"every replica tried is busy: {'; '.join(busy)}")
         if healthy:
             return OverloadedError(
                 f"every serving replica is at its in-flight bound ({len(healthy)} replicas)"
@@ -289,12 +298,13 @@ class FleetRouterService(RouterService):
         progress = _Progress([], [])
         tried: set[str] = set()
         failures: list[str] = []
+        busy: list[str] = []
         announced: RoutedRequest | None = None
         placed = routed
         while True:
             found = self._place(routed, frozenset(tried))
             if found is None:
-                raise self._unavailable()
+                raise self._unavailable(busy)
             placed, replica = found
             progress.attempts += 1
             replica.in_flight += 1
@@ -309,6 +319,13 @@ class FleetRouterService(RouterService):
                         yield item
                 replica.served += 1
                 break
+            except ReplicaBusyError as error:
+                # Healthy and shedding load: not taken out, and no failure of the request.
+                tried.add(replica.name)
+                busy.append(f"{replica.name}: {error}")
+                logger.info(
+                    "request %s: replica %s is busy (%s)", routed.request_id, replica.name, error
+                )
             except ReplicaFailedError as error:
                 replica.take_out(str(error))
                 tried.add(replica.name)

