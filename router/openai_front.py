@@ -7,7 +7,9 @@ in-process engine, or a vLLM fleet behind it). Errors are
 ``{"error": {"message", "type", "param", "code"}}`` with 400 / 401 / 404 / 429 / 500.
 
 A request the sidecar cannot honour (``n`` > 1, log-probabilities, penalties, tools,
-``echo``, ``best_of``, ...) is refused with 400 naming the parameter, never ignored.
+``echo``, ``best_of``, and vLLM's extensions such as ``repetition_penalty``, ``min_p``,
+``ignore_eos`` or guided decoding: ``UNSUPPORTED_UNLESS``) is refused with 400 naming the
+parameter, never ignored; a field neither API defines is ignored.
 """
 
 from __future__ import annotations
@@ -69,11 +71,42 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Parameters of OpenAI's API and vLLM's extensions to it that the sidecar does not
+# implement and that have no field below, with the values that ask for nothing (accepted);
+# any other value is refused by name, so that a client relying on one (a benchmark's
+# ignore_eos, a schema's guided_json) is told rather than silently served something else.
+UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
+    "repetition_penalty": (None, 1, 1.0),
+    "min_p": (None, 0, 0.0),
+    "min_tokens": (None, 0),
+    "ignore_eos": (None, False),
+    "include_stop_str_in_output": (None, False),
+    "logprob_token_ids": (None, []),
+    "prompt_logprobs": (None, 0),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "structured_outputs": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "tool_choice": (None, "none", "auto"),
+    "prediction": (None,),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "continue_final_message": (None, False),
+    "add_generation_prompt": (None, True),
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+}
+
+
 class OpenAIParameters(BaseModel):
     """What completions and chat completions share. Unsupported features must be left at
-    their defaults; NaN and infinities are refused in every float."""
+    their defaults; NaN and infinities are refused in every float. Other fields are kept
+    (``model_extra``) to be checked against ``UNSUPPORTED_UNLESS``."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str
     max_tokens: int | None = None
@@ -156,6 +189,12 @@ def _unsupported(body: OpenAIParameters) -> list[str]:
             problems.append("tools")
         if body.response_format and body.response_format.get("type") != "text":
             problems.append("response_format")
+    extra = body.model_extra or {}
+    problems.extend(
+        name
+        for name, neutral in UNSUPPORTED_UNLESS.items()
+        if name in extra and extra[name] not in neutral
+    )
     return problems
 
 

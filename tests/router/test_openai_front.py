@@ -220,6 +220,12 @@ def test_sampling_runs_with_a_seed(sidecar: SidecarThread) -> None:
         ({"prompt": [1, 2, 3]}, "prompt"),  # token ids: "prompt.str: ... valid string" before
         ({"prompt": [[1, 2], [3]]}, "prompt"),
         ({"seed": -(2**63) - 1, "temperature": 0.8}, "seed"),  # was a 500 from the engine
+        # vLLM's extensions a client of a vLLM-style endpoint sends: were silently ignored.
+        ({"ignore_eos": True}, "ignore_eos"),  # a benchmark's fixed-length outputs
+        ({"repetition_penalty": 1.1}, "repetition_penalty"),
+        ({"min_p": 0.05}, "min_p"),
+        ({"guided_json": {"type": "object"}}, "guided_json"),
+        ({"structured_outputs": {"choice": ["a", "b"]}}, "structured_outputs"),
     ],
 )
 def test_bad_parameters_are_400_with_an_openai_error(
@@ -233,6 +239,24 @@ def test_bad_parameters_are_400_with_an_openai_error(
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param, error
+
+
+def test_neutral_values_of_unimplemented_parameters_are_served(sidecar: SidecarThread) -> None:
+    """A client that sends a parameter at the value that asks for nothing (vLLM's
+    repetition_penalty 1, OpenAI's tool_choice "none"), or a field neither API defines,
+    is served."""
+    request = {
+        "model": "target",
+        "prompt": PROMPT,
+        "max_tokens": 2,
+        "repetition_penalty": 1.0,
+        "min_p": 0,
+        "ignore_eos": False,
+        "tool_choice": "none",
+        "metadata_of_my_own": {"x": 1},
+    }
+    status, reply = post(f"{sidecar.http_url}/v1/completions", request)
+    assert status == 200, reply
 
 
 def test_client_raises_bad_request_and_not_found(sidecar: SidecarThread) -> None:
