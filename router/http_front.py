@@ -382,7 +382,7 @@ async def generate_stream_route(request: web.Request) -> web.StreamResponse:
 async def info_route(request: web.Request) -> web.Response:
     """``GET /info``: TGI's model info, plus the routing setup. In fleet mode the target's
     weights are not read here: ``model_sha`` is null, dtype and device are the settings'."""
-    from router.openai_front import served_model_names
+    from router.openai_front import served_model_names, specroute_version
 
     service = request.app[SERVICE_KEY]
     target = service.components.target
@@ -404,7 +404,7 @@ async def info_route(request: web.Request) -> web.Response:
             "validation_workers": 1,
             "max_client_batch_size": 1,
             "router": "specroute",
-            "version": "0.1.0",
+            "version": specroute_version(),
             "policy": service.policy.name,
             "drafters": service.drafters.names(),
         }

@@ -15,6 +15,8 @@ parameter, never ignored; a field neither API defines is ignored.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import json
 import time
 import uuid
@@ -44,6 +46,10 @@ from router.errors import (
 from router.service import GenerationResult, RoutedRequest, RouterService, TokenChunk
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# What TGI's own clients send as the model (the text-generation client's chat(), and
+# huggingface_hub's InferenceClient given a URL): TGI serves its one model whatever the
+# name, so these are the served model too.
+TGI_CLIENT_MODEL_NAMES = ("tgi", "dummy")
 FINISH_REASONS = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
 
 # HTTP status, OpenAI error type, code: the OpenAI wire's view of the sidecar's errors.
@@ -325,6 +331,15 @@ CHAT = Endpoint(
 )
 
 
+@functools.cache
+def specroute_version() -> str:
+    """The installed package's version (``/info``, ``system_fingerprint``)."""
+    try:
+        return importlib.metadata.version("specroute")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def served_model_names(service: RouterService) -> list[str]:
     """The model ids this sidecar answers to: its configured names (a fleet's replicas'
     model), else the target directory's name."""
@@ -339,7 +354,7 @@ def generate_input(service: RouterService, endpoint: Endpoint, body: Any) -> Gen
     problems = _unsupported(body)
     if problems:
         raise InvalidFieldError(problems[0], f"unsupported parameters: {', '.join(problems)}")
-    if body.model not in served_model_names(service):
+    if body.model not in (*served_model_names(service), *TGI_CLIENT_MODEL_NAMES):
         raise ModelNotFoundError(
             f"the model {body.model!r} does not exist; served: {served_model_names(service)}"
         )
@@ -445,6 +460,8 @@ class _Reply:
             "object": name,
             "created": self.created,
             "model": self.model,
+            # Which build answered (OpenAI's field; TGI's client requires it).
+            "system_fingerprint": f"specroute-{specroute_version()}",
             "choices": choices,
         }
 
@@ -471,12 +488,12 @@ class _Reply:
         body["specroute"] = specroute_extra(routed, result)
         return body
 
-    def chunk(self, text: str | None, finish: str | None, *, role: bool = False) -> dict[str, Any]:
+    def chunk(self, text: str | None, finish: str | None) -> dict[str, Any]:
         choice: dict[str, Any]
         if self.endpoint.is_chat:
-            delta: dict[str, Any] = {}
-            if role:
-                delta["role"] = "assistant"
+            # The role in every delta, and tool_calls: TGI's own client requires both (as
+            # TGI sends them); OpenAI's clients take them as they come.
+            delta: dict[str, Any] = {"role": "assistant", "tool_calls": None}
             if text is not None:
                 delta["content"] = text
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -542,7 +559,7 @@ async def _stream(
         with client_may_leave(request):
             await response.prepare(request)
             if endpoint.is_chat:
-                await _sse_event(response, reply.chunk("", None, role=True))
+                await _sse_event(response, reply.chunk("", None))
             try:
                 async for item in items:
                     if isinstance(item, TokenChunk) and item.text:

@@ -172,6 +172,38 @@ def test_chat_completion_and_stream(sidecar: SidecarThread) -> None:
     assert stream[-1].choices[0].finish_reason in {"stop", "length"}
 
 
+def test_the_text_generation_clients_chat_works(sidecar: SidecarThread) -> None:
+    """TGI's own client's ``chat()`` sends the model "tgi" (a 404 before) and reads the
+    replies with its own types, which need ``system_fingerprint`` and the role in every
+    streamed delta: the same greedy text as the openai client gets. (Its stream reader
+    fails on the ``data: [DONE]`` that ends an OpenAI stream, after the last chunk: the
+    chunks are read here with its type.)"""
+    from text_generation import Client
+    from text_generation.types import ChatCompletionChunk, Message
+
+    messages: Any = [{"role": "user", "content": "Write a haiku about the sea."}]
+    expected = client(sidecar).chat.completions.create(
+        model=model_name(sidecar), messages=messages, max_tokens=12, temperature=0
+    )
+    tgi = Client(sidecar.http_url, timeout=60)
+    asked = [Message(role="user", content=messages[0]["content"])]
+    reply = tgi.chat(messages=asked, max_tokens=12, temperature=0)
+    assert reply.choices[0].message.content == expected.choices[0].message.content
+    assert reply.system_fingerprint.startswith("specroute-")
+    body = {"model": "tgi", "messages": messages, "max_tokens": 12, "temperature": 0}
+    request = urllib.request.Request(
+        f"{sidecar.http_url}/v1/chat/completions",
+        data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        events = [line[6:] for line in response.read().decode().splitlines() if line]
+    assert events[-1] == "[DONE]"
+    stream = [ChatCompletionChunk(**json.loads(event)) for event in events[:-1]]
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == expected.choices[0].message.content
+
+
 def test_a_developer_message_is_a_system_message(sidecar: SidecarThread) -> None:
     """OpenAI's clients send "developer" where older models took "system": the same
     prompt (and greedy reply) as with "system"."""
