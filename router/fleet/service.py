@@ -441,8 +441,10 @@ class FleetRouterService(RouterService):
         end = progress.end or StreamEnd("length")
         timing = progress.timing or Timing(0.0, 0.0, 0)
         spec = end.metrics.get("speculative_decoding")
+        # vLLM's metrics are the last replica's: its steps made the tokens it streamed (an
+        # earlier replica's tokens are not steps of this one that drafted nothing).
         drafted, accepted = (
-            request_steps(spec, len(progress.output_ids)) if isinstance(spec, Mapping) else ([], [])
+            request_steps(spec, timing.generated_tokens) if isinstance(spec, Mapping) else ([], [])
         )
         stats = generation_stats(
             drafted,

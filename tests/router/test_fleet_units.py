@@ -567,3 +567,44 @@ def test_a_time_that_is_not_finite_is_refused(tmp_path: Path, where: str, value:
     with pytest.raises(FleetConfigError, match="finite") as refused:
         load_fleet_file(path)
     assert "\n" not in str(refused.value)
+
+
+def test_after_a_switch_the_statistics_are_the_last_replicas_steps() -> None:
+    """vLLM's speculation metrics are the last replica's: its steps made the 4 tokens it
+    streamed, not the 10 of the whole answer (the 6 an earlier replica made were counted
+    as steps that drafted nothing)."""
+    from types import SimpleNamespace
+
+    from router.domain import GenerateInput, RouteInput
+    from router.fleet.client import StreamEnd
+    from router.fleet.service import _Progress
+    from router.metrics import create_metrics
+    from router.policy.base import Context, Decision
+    from router.service import RoutedRequest
+
+    service = FleetRouterService.__new__(FleetRouterService)
+    service.metrics = create_metrics()
+    service.policy = SimpleNamespace(version=1)  # type: ignore[assignment]
+    spec = {
+        "num_spec_steps": 1,
+        "num_draft_tokens": 3,
+        "num_accepted_draft_tokens": 2,
+        "per_step_drafted": [3],
+        "per_step_accepted": [2],
+    }
+    progress = _Progress(
+        output_ids=list(range(10)),
+        texts=["x"] * 10,
+        attempts=2,
+        end=StreamEnd("length", {"speculative_decoding": spec}, 4),
+        timing=Timing(wall_time_s=0.2, decode_time_s=0.1, generated_tokens=4),
+    )
+    routed = RoutedRequest(
+        "r1", "code", 0.9, False, Decision("ngram", 3, 1.4), Context("code"), "thompson", 1, 10, 0
+    )
+    request = GenerateInput(route=RouteInput(prompt=None, max_new_tokens=10))  # type: ignore[arg-type]
+    replica = SimpleNamespace(name="b")
+    result = service._result(routed, replica, request, progress)  # type: ignore[arg-type]
+    # The prefill's token and one step of 2 accepted + the target's: the 4 tokens.
+    assert result.stats.steps == 1 and list(result.stats.accepted_per_step) == [2]
+    assert result.stats.generated_tokens == 10 and len(result.output_ids) == 10
