@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from router.serve_cli import ADDRESS_OPTION, DEFAULT_ADDRESS, TOKEN_OPTION
+from router.serve_cli import ADDRESS_OPTION, DATA_TOKEN_OPTION, DEFAULT_ADDRESS, TOKEN_OPTION
 
 CONFIG_OPTION = typer.Option("--config", help="TOML settings file (for state_dir, world).")
 STATE_OPTION = typer.Option("--state-dir", help="State directory (default: the settings').")
@@ -101,14 +101,20 @@ def clusters_command(
     state_dir: Annotated[Path | None, STATE_OPTION] = None,
     config: Annotated[Path | None, CONFIG_OPTION] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per cluster.")] = False,
+    token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
 ) -> None:
     """Per task cluster: traffic share, speed-up, acceptance, best arm, captured samples and
     headroom (share x (speed-up with every draft accepted - speed-up now))."""
     from router.clusters import cluster_views, summaries_from_pb
     from router.pb import router_pb2 as pb
-    from router.serve_cli import _call, _stub
+    from router.serve_cli import _call, _metadata, _stub
 
-    state = _call(_stub(address).GetPolicyState, pb.GetPolicyStateRequest(), timeout=RPC_TIMEOUT_S)
+    state = _call(
+        _stub(address).GetPolicyState,
+        pb.GetPolicyStateRequest(),
+        timeout=RPC_TIMEOUT_S,
+        metadata=_metadata(token),
+    )
     store = _existing_capture(_state_dir(state_dir, config))
     captured = {s.cluster: s.samples for s in store.stats()} if store is not None else {}
     views = cluster_views(summaries_from_pb(state), captured)
@@ -138,18 +144,23 @@ class SidecarView:
     current_arm: str  # the cluster's chosen drafter (its busiest context), "" if unknown
 
 
-def _sidecar_view(address: str, cluster: str) -> SidecarView | None:
-    """ListDrafters and the cluster's current arm, or None when the sidecar is not there."""
+def _sidecar_view(address: str, cluster: str, token: str | None) -> SidecarView | None:
+    """ListDrafters and the cluster's current arm, or None when the sidecar is not there
+    (a sidecar that refuses the token is an error, not an absent sidecar)."""
     import grpc
 
     from router.pb import router_pb2 as pb
-    from router.serve_cli import _stub
+    from router.serve_cli import _metadata, _stub
 
     stub = _stub(address)
+    asked = {"timeout": RPC_TIMEOUT_S, "metadata": _metadata(token)}
     try:
-        listed = stub.ListDrafters(pb.ListDraftersRequest(), timeout=RPC_TIMEOUT_S)
-        state = stub.GetPolicyState(pb.GetPolicyStateRequest(), timeout=RPC_TIMEOUT_S)
-    except grpc.RpcError:
+        listed = stub.ListDrafters(pb.ListDraftersRequest(), **asked)
+        state = stub.GetPolicyState(pb.GetPolicyStateRequest(), **asked)
+    except grpc.RpcError as error:
+        if error.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            typer.echo(f"error: the sidecar at {address}: {error.details()}", err=True)
+            raise typer.Exit(1) from None
         return None
     contexts = [c for c in state.contexts if c.task_cluster == cluster]
     busiest = max(contexts, key=lambda c: c.requests, default=None)
@@ -336,7 +347,7 @@ def distill_command(
         typer.echo(f"error: {out} exists and is not empty (--force to write into it)", err=True)
         raise typer.Exit(1)
     train, held = split_held_out(pairs, held_out, seed)
-    view = _sidecar_view(address, cluster)
+    view = _sidecar_view(address, cluster, token)
     if view is None and register_as:
         typer.echo(f"error: no sidecar at {address} to register with", err=True)
         raise typer.Exit(1)

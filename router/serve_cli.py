@@ -3,7 +3,8 @@
 Client commands talk gRPC to ``--address`` (``$SPECROUTE_ADDRESS``, default
 127.0.0.1:50051), with TLS when ``$SPECROUTE_CA_FILE`` names the CA to trust; admin
 commands send ``--token`` (``$SPECROUTE_ADMIN_TOKEN``), the others ``--token``
-(``$SPECROUTE_DATA_TOKEN``) for a sidecar with a data token.
+(``$SPECROUTE_DATA_TOKEN``, else the admin token) for a sidecar with a data token. Each
+call waits at most ``--timeout`` seconds (``$SPECROUTE_TIMEOUT``; per command defaults).
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ DEFAULT_ADDRESS = "127.0.0.1:50051"
 ADDRESS_OPTION = typer.Option(envvar="SPECROUTE_ADDRESS", help="host:port.")
 TOKEN_OPTION = typer.Option(envvar="SPECROUTE_ADMIN_TOKEN", help="Bearer token.")
 DATA_TOKEN_OPTION = typer.Option(
-    envvar="SPECROUTE_DATA_TOKEN", help="Bearer token, when the sidecar has a data_token."
+    envvar=["SPECROUTE_DATA_TOKEN", "SPECROUTE_ADMIN_TOKEN"],
+    help="Bearer token, when the sidecar has a data_token (the admin token is accepted too).",
+)
+TIMEOUT_OPTION = typer.Option(
+    "--timeout",
+    envvar="SPECROUTE_TIMEOUT",
+    min=0.001,
+    help="Seconds to wait for the sidecar's answer (a stuck sidecar is DEADLINE_EXCEEDED).",
 )
 RAW_OPTION = typer.Option(
     "--raw", help="Send TEXT as is (already templated), not as a user message."
@@ -187,6 +195,7 @@ def route_command(
     ] = 0,
     raw: Annotated[bool, RAW_OPTION] = False,
     token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
+    timeout: Annotated[float, TIMEOUT_OPTION] = 10.0,
 ) -> None:
     """Ask a running sidecar for (cluster, drafter, k) for TEXT."""
     from router.pb import router_pb2 as pb
@@ -194,7 +203,8 @@ def route_command(
     request = pb.RouteRequest(
         **_prompt(text, raw), task_hint=task_hint, max_new_tokens=max_new_tokens
     )
-    _print_message(_call(_stub(address).Route, request, metadata=_metadata(token)))
+    route = _stub(address).Route
+    _print_message(_call(route, request, metadata=_metadata(token), timeout=timeout))
 
 
 def generate_command(
@@ -216,6 +226,7 @@ def generate_command(
     ] = None,
     raw: Annotated[bool, RAW_OPTION] = False,
     token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
+    timeout: Annotated[float, TIMEOUT_OPTION] = 600.0,
 ) -> None:
     """Generate with speculative decoding in a running sidecar; streams the reply's text
     (special tokens such as the end of turn are never printed)."""
@@ -231,7 +242,8 @@ def generate_command(
     import grpc
 
     try:
-        for chunk in _stub(address).Generate(request, metadata=_metadata(token)):
+        stream = _stub(address).Generate(request, metadata=_metadata(token), timeout=timeout)
+        for chunk in stream:
             if chunk.HasField("decision"):
                 d = chunk.decision
                 typer.echo(
@@ -256,12 +268,14 @@ def generate_command(
 def drafters_list_command(
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
+    timeout: Annotated[float, TIMEOUT_OPTION] = 10.0,
 ) -> None:
     """List the drafters a running sidecar serves."""
     from router.pb import router_pb2 as pb
 
     request = pb.ListDraftersRequest()
-    reply = _call(_stub(address).ListDrafters, request, metadata=_metadata(token))
+    listing = _stub(address).ListDrafters
+    reply = _call(listing, request, metadata=_metadata(token), timeout=timeout)
     listed = [*reply.drafters, *reply.unavailable]
     name_width = max([16, *(len(d.name) for d in listed)])
     kind_width = max([6, *(len(d.kind) for d in listed)])
@@ -292,7 +306,8 @@ def drafters_register_command(
         list[str] | None, typer.Option("--task", help="Task it was fine-tuned for.")
     ] = None,
     sample_file: Annotated[
-        Path | None, typer.Option("--sample", help="Fine-tuning sample (lines).")
+        Path | None,
+        typer.Option("--sample", help="Fine-tuning sample (lines).", exists=True, dir_okay=False),
     ] = None,
     options: Annotated[
         list[str] | None,
@@ -306,11 +321,15 @@ def drafters_register_command(
     ] = None,
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     token: Annotated[str | None, TOKEN_OPTION] = None,
+    timeout: Annotated[float, TIMEOUT_OPTION] = 300.0,
 ) -> None:
     """Register a drafter with a running sidecar (hot: eligible for the next request)."""
     from router.pb import router_pb2 as pb
 
-    sample = sample_file.read_text().splitlines() if sample_file is not None else []
+    try:
+        sample = sample_file.read_text().splitlines() if sample_file is not None else []
+    except UnicodeDecodeError as error:
+        raise typer.BadParameter(f"not UTF-8 text: {error}", param_hint="--sample") from None
     request = pb.RegisterDrafterRequest(
         name=name,
         kind=kind,
@@ -320,7 +339,8 @@ def drafters_register_command(
         options=_key_values(options or [], "--option"),
     )
     stub = _stub(address)
-    _print_message(_call(stub.RegisterDrafter, request, metadata=_metadata(token)))
+    registered = _call(stub.RegisterDrafter, request, metadata=_metadata(token), timeout=timeout)
+    _print_message(registered)
 
 
 def _key_values(pairs: Sequence[str], flag: str) -> dict[str, str]:
@@ -338,24 +358,28 @@ def drafters_remove_command(
     name: Annotated[str, typer.Argument()],
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     token: Annotated[str | None, TOKEN_OPTION] = None,
+    timeout: Annotated[float, TIMEOUT_OPTION] = 30.0,
 ) -> None:
     """Remove a registered drafter from a running sidecar."""
     from router.pb import router_pb2 as pb
 
     stub = _stub(address)
-    reply = _call(stub.RemoveDrafter, pb.RemoveDrafterRequest(name=name), metadata=_metadata(token))
+    request = pb.RemoveDrafterRequest(name=name)
+    reply = _call(stub.RemoveDrafter, request, metadata=_metadata(token), timeout=timeout)
     _print_message(reply)
 
 
 def policy_show_command(
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
+    timeout: Annotated[float, TIMEOUT_OPTION] = 10.0,
 ) -> None:
     """Show a running sidecar's policy state per context."""
     from router.pb import router_pb2 as pb
 
     request = pb.GetPolicyStateRequest()
-    state = _call(_stub(address).GetPolicyState, request, metadata=_metadata(token))
+    showing = _stub(address).GetPolicyState
+    state = _call(showing, request, metadata=_metadata(token), timeout=timeout)
     typer.echo(f"policy {state.policy} version {state.version}")
     for context in state.contexts:
         typer.echo(
@@ -379,13 +403,20 @@ def policy_set_command(
     ] = False,
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     token: Annotated[str | None, TOKEN_OPTION] = None,
+    timeout: Annotated[float, TIMEOUT_OPTION] = 60.0,
 ) -> None:
     """Switch a running sidecar's policy (admin): the current one's state is saved, and a
     policy served before comes back with its last state unless --reset."""
     from router.pb import router_pb2 as pb
 
+    if config:
+        try:
+            json.loads(config)
+        except json.JSONDecodeError as error:
+            raise typer.BadParameter(f"not JSON: {error}", param_hint="--config") from None
     request = pb.SetPolicyRequest(policy=name, config_json=config, reset_state=reset)
-    state = _call(_stub(address).SetPolicy, request, metadata=_metadata(token))
+    setting = _stub(address).SetPolicy
+    state = _call(setting, request, metadata=_metadata(token), timeout=timeout)
     typer.echo(f"policy {state.policy} version {state.version}")
 
 

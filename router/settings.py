@@ -285,12 +285,15 @@ class SettingsLoadError(ValueError):
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Defaults, then ``config_file`` (TOML), then ``SPECROUTE_*`` env, then ``overrides``.
-    ``SettingsLoadError`` when they cannot be read."""
+    """Defaults, then ``config_file`` (TOML; without it, ``$SPECROUTE_CONFIG`` names it),
+    then ``SPECROUTE_*`` env, then ``overrides``. ``SettingsLoadError`` when they cannot be
+    read, a named file that does not exist included."""
     previous = os.environ.get(CONFIG_FILE_ENV)
+    named = config_file if config_file is not None else (Path(previous) if previous else None)
+    if named is not None and not Path(named).is_file():
+        source = "" if config_file is not None else f" (${CONFIG_FILE_ENV})"
+        raise SettingsLoadError(f"config file {named}{source} does not exist")
     if config_file is not None:
-        if not Path(config_file).is_file():
-            raise SettingsLoadError(f"config file {config_file} does not exist")
         os.environ[CONFIG_FILE_ENV] = str(config_file)
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})

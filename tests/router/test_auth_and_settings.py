@@ -30,7 +30,14 @@ from router.pb import router_pb2 as pb
 from router.pb.router_pb2_grpc import RouterStub
 from router.server import grpc_options
 from router.service import Components
-from router.settings import MAX_C_INT, Limits, Settings, TlsSettings, load_settings
+from router.settings import (
+    MAX_C_INT,
+    Limits,
+    Settings,
+    SettingsLoadError,
+    TlsSettings,
+    load_settings,
+)
 from router.store import DrafterRecord, SidecarStore
 from tests.router.conftest import ADMIN, ADMIN_TOKEN, ServingWorld, SidecarThread, self_signed_tls
 
@@ -110,6 +117,10 @@ def test_health_checks_need_no_token_and_the_cli_sends_the_data_token(
     assert shown.exit_code == 0 and shown.output.startswith("policy "), shown.output
     refused = CliRunner().invoke(build_app(), ["policy", "show", "--address", address])
     assert refused.exit_code != 0 and "UNAUTHENTICATED" in refused.output, refused.output
+    clusters = CliRunner().invoke(
+        build_app(), ["clusters", "--address", address, "--token", DATA_TOKEN, "--json"]
+    )
+    assert clusters.exit_code == 0, clusters.output
 
 
 def test_http_front_needs_the_data_token(guarded: SidecarThread) -> None:
@@ -228,6 +239,47 @@ def test_settings_that_cannot_be_read_are_one_line_and_exit_2(
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("invalid settings: ") and says in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "errors.pydantic.dev" not in done.stderr
+
+
+def test_a_config_file_named_in_the_environment_must_exist(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``$SPECROUTE_CONFIG`` names the TOML file when --config is not given; one that is
+    not there was silently ignored (the defaults served instead, and the CLI's capture
+    commands read the default state directory)."""
+    monkeypatch.setenv("SPECROUTE_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(SettingsLoadError, match=r"missing.toml \(\$SPECROUTE_CONFIG\) does not"):
+        load_settings(None)
+    (tmp_path / "there.toml").write_text('policy = "ucb"\n')
+    monkeypatch.setenv("SPECROUTE_CONFIG", str(tmp_path / "there.toml"))
+    assert load_settings(None).policy == "ucb"
+
+
+def test_client_commands_give_up_after_their_timeout_and_check_input_first(
+    tmp_path: Path,
+) -> None:
+    """A sidecar that accepts connections and never answers (a stuck event loop) held
+    every client command for ever; each now waits ``--timeout`` seconds. Input the client
+    can check itself is a usage error (exit 2) before any call."""
+    import socket
+    import time
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        shown = CliRunner().invoke(
+            build_app(), ["policy", "show", "--address", address, "--timeout", "1"]
+        )
+        assert shown.exit_code == 1 and "DEADLINE_EXCEEDED" in shown.output, shown.output
+        assert time.monotonic() - started < 15
+    bad_json = CliRunner().invoke(build_app(), ["policy", "set", "ucb", "--config", "{bad"])
+    assert bad_json.exit_code == 2 and "--config" in bad_json.output, bad_json.output
+    missing = CliRunner().invoke(
+        build_app(), ["drafters", "register", "x", "/m", "--sample", str(tmp_path / "none")]
+    )
+    assert missing.exit_code == 2 and "--sample" in missing.output, missing.output
 
 
 def test_model_roots_from_the_environment_as_json_or_as_a_path_list(
