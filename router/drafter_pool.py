@@ -76,6 +76,8 @@ class DrafterPool:
         self._roots = list(roots)
         self._write_lock = threading.Lock()
         self._live: dict[str, LiveDrafter] = {}
+        # Stored drafters this start did not serve, with why (ListDrafters' unavailable).
+        self._unserved: dict[str, tuple[DrafterRecord, str]] = {}
 
     # -- reads ------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -93,6 +95,11 @@ class DrafterPool:
 
     def records(self) -> list[DrafterRecord]:
         return [live.record for live in self._live.values()]
+
+    def unserved(self) -> list[tuple[DrafterRecord, str]]:
+        """Stored drafters this start did not serve, each with the reason (kept in the
+        store for a start whose settings allow them, or for ``remove``)."""
+        return list(self._unserved.values())
 
     # -- start-up ---------------------------------------------------------------------
     def add_builtin(self, record: DrafterRecord) -> None:
@@ -120,18 +127,16 @@ class DrafterPool:
                 continue
             try:
                 self._check_stored(record)
-            except SidecarError as exc:
-                logger.warning("stored drafter %s not served (kept): %s", record.name, exc)
-                continue
-            try:
                 drafter = self._create(
                     record.kind, record.name, record.path or None, record.options
                 )
-            except TargetWeightsNotLoadedError as exc:
+            except (SidecarError, TargetWeightsNotLoadedError) as exc:
                 logger.warning("stored drafter %s not served (kept): %s", record.name, exc)
+                self._unserved[record.name] = (record, str(exc))
                 continue
-            except Exception:
+            except Exception as exc:
                 logger.exception("cannot restore drafter %s from %s", record.name, record.path)
+                self._unserved[record.name] = (record, f"{type(exc).__name__}: {exc}")
                 continue
             self._publish(LiveDrafter(record, drafter))
             restored.append(record.name)
@@ -162,8 +167,13 @@ class DrafterPool:
             return stored
 
     def remove(self, name: str) -> DrafterRecord:
-        """Unpublish and delete a registered drafter; built-ins cannot be removed."""
+        """Unpublish and delete a registered drafter; built-ins cannot be removed. One
+        stored but not served by this start (``unserved``) is deleted from the store."""
         with self._write_lock:
+            if name in self._unserved and name not in self._live:
+                record = self._store.remove_drafter(name)
+                del self._unserved[name]
+                return record
             live = self.get(name)
             if live.record.builtin:
                 raise PreconditionError(f"{name!r} is a built-in drafter and cannot be removed")

@@ -79,13 +79,17 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: pb.ListDraftersRequest, context: aio.ServicerContext
     ) -> pb.ListDraftersResponse:
         records = self._service.list_drafters()
-        unavailable = self._pooling.unavailable_drafters() if self._pooling is not None else []
+        shared = self._pooling.unavailable_drafters() if self._pooling is not None else []
+        unavailable = [
+            pb.UnavailableDrafter(name=d.name, kind=d.kind, path=d.path, error=d.error)
+            for d in shared
+        ]
+        unavailable.extend(
+            pb.UnavailableDrafter(name=r.name, kind=r.kind, path=r.path, error=why)
+            for r, why in self._service.drafters.unserved()
+        )
         return pb.ListDraftersResponse(
-            drafters=[convert.drafter_to_pb(r) for r in records],
-            unavailable=[
-                pb.UnavailableDrafter(name=d.name, kind=d.kind, path=d.path, error=d.error)
-                for d in unavailable
-            ],
+            drafters=[convert.drafter_to_pb(r) for r in records], unavailable=unavailable
         )
 
     async def ReloadClassifier(

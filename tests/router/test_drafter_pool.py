@@ -36,8 +36,16 @@ def test_restore_rechecks_roots_and_options_and_keeps_what_it_refuses(
     assert any("outside not served" in m and "root" in m for m in warned), warned
     assert any("misspelt not served" in m and "'maxn'" in m for m in warned), warned
     assert pool.names() == ["lookup4"]
-    # Refused is not forgotten: the records stay for a start whose settings allow them.
+    # Refused is not forgotten: the records stay for a start whose settings allow them,
+    # and are listed with the reason (ListDrafters' unavailable).
     assert sorted(r.name for r in store.drafters()) == ["lookup4", "misspelt", "outside"]
+    unserved = {record.name: why for record, why in pool.unserved()}
+    assert set(unserved) == {"outside", "misspelt"} and "'maxn'" in unserved["misspelt"]
+    # The operator can remove one (it was NOT_FOUND: not loaded), and register the name
+    # again (it was ALREADY_EXISTS: stored).
+    assert pool.remove("misspelt").name == "misspelt"
+    assert sorted(r.name for r in store.drafters()) == ["lookup4", "outside"]
+    assert [record.name for record, _ in pool.unserved()] == ["outside"]
 
     # With the bundle's directory among the roots again, the model drafter comes back.
     widened = DrafterPool(target, None, store, [tiny_world.root])

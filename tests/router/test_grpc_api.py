@@ -179,6 +179,23 @@ def test_an_unexpected_error_is_internal_and_logged_and_serving_goes_on(
     assert sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).policy  # still serving
 
 
+def test_stored_drafters_not_served_are_listed_unavailable_with_the_reason(
+    sidecar: SidecarThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored drafter this start did not serve (roots narrowed, files moved) was
+    invisible; ListDrafters lists it as unavailable, with why."""
+    from router.store import DrafterRecord
+
+    kept = DrafterRecord(name="moved", kind="model", path="/models/moved")
+    why = "/models/moved is outside the configured model roots"
+    monkeypatch.setattr(sidecar.service.drafters, "unserved", lambda: [(kept, why)])
+    reply = sidecar.stub.ListDrafters(pb.ListDraftersRequest())
+    assert [(d.name, d.kind, d.path, d.error) for d in reply.unavailable] == [
+        ("moved", "model", "/models/moved", why)
+    ]
+    assert "moved" not in {d.name for d in reply.drafters}
+
+
 def _requests_in(sidecar: SidecarThread, cluster: str, bucket: int) -> int:
     state = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
     return sum(
