@@ -237,10 +237,15 @@ class PolicyHolder:
             return self.name, int(self._policy.version), self._state_of(self._policy)
 
     def _state_of(self, policy: Any) -> dict[str, Any]:
-        """The policy's state, with the log's cursor when there is a log (call locked)."""
+        """The policy's state, with the log's cursor: the attached log's, else the one it
+        was restored with, kept for a start with pooling on again (call locked)."""
         state = dict(policy.state_dict())
         if self._log is not None:
             state[LOG_CURSOR_KEY] = self._log.cursor()
+        elif self._restored_cursor is not None:
+            # Dropping it would replay the whole retained stream, this state's own
+            # outcomes included, into it once pooling is back on: counted twice.
+            state[LOG_CURSOR_KEY] = self._restored_cursor
         return state
 
     def snapshot(self) -> PolicySnapshot:

@@ -38,6 +38,21 @@ def test_an_unrestorable_snapshot_is_kept_beside_the_fresh_policy(tmp_path: Path
     assert latest is not None and latest.state.get("version") != 999
 
 
+def test_a_start_without_pooling_keeps_the_pooled_cursor(tmp_path: Path) -> None:
+    """A start with pooling off took snapshots without the cursor of the outcomes the
+    state holds; turned on again, pooling replayed the whole retained stream into it,
+    this replica's own outcomes included: counted twice."""
+    store = SidecarStore(tmp_path)
+    holder = PolicyHolder(store, lambda: ["generic", "math"], lambda name: None)
+    holder.start("thompson")
+    cursor = {"applied": {"a-1": 7, "b-1": 3}}
+    store.save_policy("thompson", 5, {**holder.snapshot().state, LOG_CURSOR_KEY: cursor})
+
+    without_pooling = PolicyHolder(store, lambda: ["generic", "math"], lambda name: None)
+    assert without_pooling.start("thompson") is not None  # restored, no log attached
+    assert without_pooling.snapshot().state[LOG_CURSOR_KEY] == cursor
+
+
 DAMAGED: dict[str, tuple[str, dict[str, Any]]] = {
     "thompson contexts": ("thompson", {"contexts": "not a list of contexts"}),
     "thompson costs": ("thompson", {"costs": {"draft_ratios": 5}}),
