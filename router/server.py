@@ -59,20 +59,19 @@ class RunningSidecar:
     metrics_port: int | None = None
     runners: list[web.AppRunner] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Stopped last: what the drain and the learners record is published before it goes.
+    pooling_task: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
         return f"{self.settings.host}:{self.grpc_port}"
 
     async def stop(self, grace: float | None = None) -> None:
-        """Refuse new work, drain for ``grace`` seconds, then take the final snapshot."""
+        """Refuse new work, drain for ``grace`` seconds, then take the final snapshot; the
+        pooling task goes last, so that the outcomes of the drained requests and of the
+        learners' last scores are published (its cancellation flushes once)."""
         await self.health.enter_graceful_shutdown()
-        for task in self.tasks:
-            task.cancel()
-        if self.tasks:
-            # Let each finish its cancellation (the auto-distiller kills and reaps its child)
-            # before the loop closes, within the drain time.
-            await asyncio.wait(self.tasks, timeout=TASK_CANCEL_WAIT_S)
+        await _cancel_and_wait(self.tasks)
         await self.server.stop(self.settings.grace_s if grace is None else grace)
         for runner in self.runners:
             await runner.cleanup()
@@ -80,8 +79,19 @@ class RunningSidecar:
         if closing is not None:
             await closing()
         await asyncio.to_thread(self.service.close)
+        if self.pooling_task is not None:
+            await _cancel_and_wait([self.pooling_task])
         self.service.store.close()
         logger.info("sidecar stopped; policy state saved")
+
+
+async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and let each finish its cancellation (the auto-distiller kills and
+    reaps its child; pooling flushes) before the loop closes, within the drain time."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=TASK_CANCEL_WAIT_S)
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
@@ -255,7 +265,7 @@ async def start_sidecar(settings: Settings, components: Components | None = None
     if auto_distill is not None:
         running.tasks.append(auto_distill)
     if pooling is not None:
-        running.tasks.append(asyncio.create_task(pooling.run()))
+        running.pooling_task = asyncio.create_task(pooling.run())
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     logger.info(

@@ -237,3 +237,55 @@ def test_catching_up_gives_up_at_its_deadline_whatever_a_call_makes_of_cancellat
     assert asyncio.run(_catch_up_retrying(Refused(), 0.5)) is False  # type: ignore[arg-type]
     assert time.monotonic() - started < 2.0
     assert isinstance(failures[0], AuthenticationError)
+
+
+def test_a_graceful_stop_publishes_what_the_drain_and_the_learners_record() -> None:
+    """The pooling task was cancelled (its one last flush) before the drain and the
+    learners' last scores: what they recorded stayed in a buffer nobody read, its
+    sequence numbers in the final snapshot's cursor, so never republished. It stops last."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from router.server import RunningSidecar
+
+    order: list[str] = []
+
+    async def until_cancelled(name: str) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            order.append(f"{name} cancelled")
+            raise
+
+    async def graceful() -> None:
+        order.append("health")
+
+    async def drained(grace: float) -> None:
+        order.append("drain")
+
+    async def stop_one() -> None:
+        service = SimpleNamespace(
+            close=lambda: order.append("learners done, final snapshot"),
+            store=SimpleNamespace(close=lambda: order.append("store closed")),
+        )
+        running = RunningSidecar(
+            settings=SimpleNamespace(grace_s=1.0),  # type: ignore[arg-type]
+            service=service,  # type: ignore[arg-type]
+            server=SimpleNamespace(stop=drained),  # type: ignore[arg-type]
+            health=SimpleNamespace(enter_graceful_shutdown=graceful),
+            grpc_port=1,
+            tasks=[asyncio.create_task(until_cancelled("snapshot loop"))],
+            pooling_task=asyncio.create_task(until_cancelled("pooling")),
+        )
+        await asyncio.sleep(0)  # the tasks start
+        await running.stop()
+
+    asyncio.run(stop_one())
+    assert order == [
+        "health",
+        "snapshot loop cancelled",
+        "drain",
+        "learners done, final snapshot",
+        "pooling cancelled",
+        "store closed",
+    ]
