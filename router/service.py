@@ -670,7 +670,15 @@ class RouterService:
     # -- admin ------------------------------------------------------------------------
     async def register_drafter(self, spec: DrafterSpec) -> DrafterRecord:
         """Validate, persist and publish a drafter; it is eligible for the next request."""
-        record = await asyncio.to_thread(self.drafters.register, spec)
+        return await asyncio.to_thread(self._register_drafter, spec)
+
+    def _register_drafter(self, spec: DrafterSpec) -> DrafterRecord:
+        """All of a registration in one worker thread: a caller cancelled meanwhile (a
+        client's deadline while the model loads, pooling's replay time limit) cannot stop
+        it, so a drafter that is served is always one the policy knows; the policy's
+        ``add_drafter`` was on the caller's side, and a cancelled one left the drafter
+        served and listed but never chosen."""
+        record = self.drafters.register(spec)
         self.policy.add_drafter(record.name, self._similarity_of(record.name))
         self.metrics.drafters.set(len(self.drafters.names()))
         return record

@@ -8,6 +8,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -194,6 +195,40 @@ def test_stored_drafters_not_served_are_listed_unavailable_with_the_reason(
         ("moved", "model", "/models/moved", why)
     ]
     assert "moved" not in {d.name for d in reply.drafters}
+
+
+def test_a_registration_whose_caller_is_cancelled_still_reaches_the_policy(
+    sidecar: SidecarThread, serving_world: ServingWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller cancelled while the drafter loads (a client's deadline, pooling's replay
+    time limit) left it served and listed but unknown to the policy, so never chosen: the
+    load ran on in its thread, the policy's add was the cancelled caller's."""
+    import asyncio
+    import threading
+
+    from router.domain import DrafterSpec
+
+    service = sidecar.service
+    loading, go_on = threading.Event(), threading.Event()
+    register = service.drafters.register
+
+    def slow_register(spec: DrafterSpec) -> Any:
+        loading.set()
+        go_on.wait(30)
+        return register(spec)
+
+    monkeypatch.setattr(service.drafters, "register", slow_register)
+    spec = DrafterSpec(name="late", kind="model", path=str(serving_world.spare_dir))
+    call = asyncio.run_coroutine_threadsafe(service.register_drafter(spec), sidecar.loop)
+    assert loading.wait(30)
+    call.cancel()  # the caller gives up while the model loads
+    go_on.set()
+    deadline = time.monotonic() + 60
+    while "late" not in service.policy.state()[2]["drafters"]:
+        assert time.monotonic() < deadline, "the policy never learned of the drafter"
+        time.sleep(0.05)
+    assert "late" in service.drafters.names()
+    sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="late"), metadata=ADMIN)
 
 
 def _requests_in(sidecar: SidecarThread, cluster: str, bucket: int) -> int:
