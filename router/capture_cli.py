@@ -83,11 +83,23 @@ def capture_purge_command(
     cluster: Annotated[str | None, typer.Option("--cluster", help="Only this cluster.")] = None,
     state_dir: Annotated[Path | None, STATE_OPTION] = None,
     config: Annotated[Path | None, CONFIG_OPTION] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Purge every cluster without asking.")
+    ] = False,
 ) -> None:
-    """Delete captured samples: one cluster's, or all."""
+    """Delete captured samples: one cluster's, or all (asked to confirm, or --yes). A
+    state directory with no capture database is an error: a mistyped path must not read
+    as a purge done."""
     directory = _state_dir(state_dir, config)
     store = _existing_capture(directory)
-    removed = store.purge(cluster) if store is not None else 0
+    if store is None:
+        typer.echo(f"error: no capture database in {directory} (nothing purged)", err=True)
+        raise typer.Exit(1)
+    if cluster is not None and cluster not in {s.cluster for s in store.stats()}:
+        typer.echo(f"warning: nothing captured for cluster {cluster!r} in {directory}", err=True)
+    if cluster is None and not yes:
+        typer.confirm(f"Purge every captured sample in {directory}?", abort=True, err=True)
+    removed = store.purge(cluster)
     typer.echo(f"purged {removed} captured samples ({cluster or 'every cluster'}) from {directory}")
 
 

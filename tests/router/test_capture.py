@@ -266,7 +266,16 @@ def test_capture_survives_sigkill_and_purge_removes_it(
     purged = _cli("capture", "purge", "--cluster", "math", "--state-dir", str(state_dir))
     assert purged.exit_code == 0 and "purged 1 " in purged.output
     assert [s.cluster for s in CaptureStore(state_dir).stats()] == [CLUSTER]
-    purged = _cli("capture", "purge", "--state-dir", str(state_dir))
+    # Every cluster: asked first (declined: nothing purged), or --yes.
+    declined = CliRunner().invoke(
+        build_app(), ["capture", "purge", "--state-dir", str(state_dir)], input="n\n"
+    )
+    assert declined.exit_code == 1 and "purged" not in declined.output
+    assert [s.cluster for s in CaptureStore(state_dir).stats()] == [CLUSTER]
+    purged = _cli("capture", "purge", "--state-dir", str(state_dir), "--yes")
     assert purged.exit_code == 0 and "purged 3 " in purged.output
     assert CaptureStore(state_dir).stats() == []
     shutil.rmtree(state_dir)
+    # A mistyped state directory is an error, not "purged 0".
+    typo = _cli("capture", "purge", "--state-dir", str(tmp_path / "stat"), "--yes")
+    assert typo.exit_code == 1 and "no capture database" in typo.output
