@@ -81,6 +81,12 @@ class GenerationFailedError(SidecarError):
     """The engine failed while generating."""
 
 
+class RequestFailsReplicasError(GenerationFailedError):
+    """A request that failed on ``max_replica_failures`` fleet replicas: it may be what
+    makes them fail, so it is not sent on, and a client should not send it again as is
+    (the OpenAI front says ``x-should-retry: false``, which the official clients obey)."""
+
+
 class InternalError(SidecarError):
     """A bug: an exception that no error type above covers (:func:`unexpected`)."""
 

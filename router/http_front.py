@@ -40,6 +40,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_NEW_TOKENS = 100
 FINISH_REASONS = ("length", "eos_token", "stop_sequence")
 SERVICE_KEY = web.AppKey("service", RouterService)
+# A stream's headers on both fronts: no proxy (nginx's X-Accel-Buffering) or cache holds
+# the tokens back to send them in bursts.
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
 TOKEN_KEY = web.AppKey("data_token", str)
 
 
@@ -269,7 +276,7 @@ async def _sse(
     """Stream one ``data:{json}`` event per token; the last carries text and details."""
     async with contextlib.aclosing(_generation(service, body)) as items:
         await _first(items)  # errors before the first event become plain HTTP errors
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response = web.StreamResponse(headers=SSE_HEADERS)
         with client_may_leave(request):
             await response.prepare(request)
             await _tgi_events(response, items, body)

@@ -38,6 +38,7 @@ from router.errors import (
     OverloadedError,
     PermissionDeniedError,
     PreconditionError,
+    RequestFailsReplicasError,
     RequestTooLargeError,
     SidecarError,
     UnauthenticatedError,
@@ -389,7 +390,9 @@ def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
 
 def error_response(error: BaseException) -> web.Response:
     status, body = error_body(error)
-    return web.json_response(body, status=status)
+    # The official clients retry a 500 twice; not one that would take out more replicas.
+    no_retry = {"x-should-retry": "false"} if isinstance(error, RequestFailsReplicasError) else None
+    return web.json_response(body, status=status, headers=no_retry)
 
 
 async def _parse(request: web.Request, endpoint: Endpoint) -> Any:
@@ -545,7 +548,7 @@ async def _stream(
     finish reason, the usage chunk when asked (``stream_options.include_usage``), then
     ``data: [DONE]``. An error after the first event is sent as an error event; a client
     that leaves part-way stops the generation (``client_may_leave``)."""
-    from router.http_front import client_may_leave
+    from router.http_front import SSE_HEADERS, client_may_leave
 
     reply = _Reply(endpoint, body.model)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -553,9 +556,7 @@ async def _stream(
     generation = _generation(service, generate_input(service, endpoint, body))
     async with contextlib.aclosing(generation) as items:
         routed = await _first(items)  # errors before the first event are plain HTTP errors
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
+        response = web.StreamResponse(headers=SSE_HEADERS)
         with client_may_leave(request):
             await response.prepare(request)
             if endpoint.is_chat:
@@ -603,6 +604,10 @@ def _generation_handler(endpoint: Endpoint) -> Callable[[web.Request], Any]:
     return handle
 
 
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "specroute"}
+
+
 async def models_route(request: web.Request) -> web.Response:
     """``GET /v1/models``: the served model ids."""
     from router.http_front import SERVICE_KEY, check_bearer
@@ -611,12 +616,23 @@ async def models_route(request: web.Request) -> web.Response:
         check_bearer(request)
     except SidecarError as error:
         return error_response(error)
-    service = request.app[SERVICE_KEY]
-    models = [
-        {"id": name, "object": "model", "created": 0, "owned_by": "specroute"}
-        for name in served_model_names(service)
-    ]
+    models = [_model_object(name) for name in served_model_names(request.app[SERVICE_KEY])]
     return web.json_response({"object": "list", "data": models})
+
+
+async def model_route(request: web.Request) -> web.Response:
+    """``GET /v1/models/{model}``: one served model (the client's ``models.retrieve``)."""
+    from router.http_front import SERVICE_KEY, check_bearer
+
+    name = request.match_info["model"]
+    try:
+        check_bearer(request)
+        served = served_model_names(request.app[SERVICE_KEY])
+        if name not in served:
+            raise ModelNotFoundError(f"the model {name!r} does not exist; served: {served}")
+    except SidecarError as error:
+        return error_response(error)
+    return web.json_response(_model_object(name))
 
 
 async def not_found_route(request: web.Request) -> web.Response:
@@ -628,4 +644,5 @@ def add_openai_routes(app: web.Application) -> None:
     app.router.add_post("/v1/completions", _generation_handler(COMPLETIONS))
     app.router.add_post("/v1/chat/completions", _generation_handler(CHAT))
     app.router.add_get("/v1/models", models_route)
+    app.router.add_get("/v1/models/{model}", model_route)
     app.router.add_route("*", "/v1/{tail:.*}", not_found_route)

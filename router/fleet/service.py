@@ -42,7 +42,13 @@ from typing import Any
 import aiohttp
 
 from router.domain import GenerateInput
-from router.errors import GenerationFailedError, InvalidRequestError, NotFoundError, OverloadedError
+from router.errors import (
+    GenerationFailedError,
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+    RequestFailsReplicasError,
+)
 from router.fleet.client import (
     Delta,
     ReplicaBusyError,
@@ -337,7 +343,7 @@ class FleetRouterService(RouterService):
                         routed.request_id,
                         len(failures),
                     )
-                    raise GenerationFailedError(
+                    raise RequestFailsReplicasError(
                         f"the request failed on {len(failures)} replicas and is not retried "
                         f"further (it may be what makes them fail): {'; '.join(failures)}"
                     ) from error

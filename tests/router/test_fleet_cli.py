@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -700,12 +701,25 @@ def test_a_request_that_kills_replicas_is_not_retried_past_two(
             grpc.insecure_channel(sidecar.grpc_address) as channel,
         ):
             stub = router_pb2_grpc.RouterStub(channel)
-            sampling = pb.SamplingParams(do_sample=True, temperature=0.8, top_k=20)
-            poison = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=4, sampling=sampling)
-            with pytest.raises(grpc.RpcError) as failed:
-                list(stub.Generate(poison, timeout=60))
-            assert failed.value.code() == grpc.StatusCode.INTERNAL
-            assert "failed on 2 replicas and is not retried further" in failed.value.details()
+            # Over the OpenAI front: a 500 the official clients would retry twice (taking
+            # out more replicas), but for its x-should-retry: false.
+            poison = {
+                "model": "target",
+                "prompt": COMPLETION_PROMPT,
+                "max_tokens": 4,
+                "temperature": 0.8,
+                "top_k": 20,
+            }
+            request = urllib.request.Request(
+                f"{sidecar.http_url}/v1/completions",
+                data=json.dumps(poison).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with pytest.raises(urllib.error.HTTPError) as failed:
+                urllib.request.urlopen(request, timeout=60)
+            assert failed.value.code == 500 and failed.value.headers["x-should-retry"] == "false"
+            message = json.loads(failed.value.read())["error"]["message"]
+            assert "failed on 2 replicas and is not retried further" in message
             assert sum(r.dead for r in replicas) == 2
             plain = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=4)
             chunks = list(stub.Generate(plain, timeout=60))

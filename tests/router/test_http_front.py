@@ -94,6 +94,14 @@ def test_generate_and_generate_stream_routes(sidecar: SidecarThread) -> None:
 
     status, content_type, raw = post(f"{sidecar.http_url}/generate_stream", body)
     assert status == 200 and content_type.startswith("text/event-stream")
+    stream = urllib.request.Request(
+        f"{sidecar.http_url}/generate_stream",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(stream, timeout=60) as response:  # no proxy buffering
+        assert response.headers["X-Accel-Buffering"] == "no"
+        response.read()
     events = [
         json.loads(line[5:]) for line in raw.decode().split("\n\n") if line.startswith("data:")
     ]

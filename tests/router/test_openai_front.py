@@ -46,6 +46,11 @@ def test_models_lists_the_target(sidecar: SidecarThread) -> None:
     models = client(sidecar).models.list().data
     assert [m.id for m in models] == ["target"]
     assert models[0].object == "model"
+    # models.retrieve (GET /v1/models/{id}) was a 404 for the served model too.
+    assert client(sidecar).models.retrieve("target").id == "target"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client(sidecar).models.retrieve("other")
+    assert missing.value.code == "model_not_found"
 
 
 def test_completion_greedy_equals_grpc_generate(sidecar: SidecarThread) -> None:
@@ -135,6 +140,9 @@ def test_stream_ends_with_done(sidecar: SidecarThread) -> None:
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.headers["Content-Type"].startswith("text/event-stream")
+        # No proxy or cache holds the tokens back (nginx buffers a stream without it).
+        assert response.headers["X-Accel-Buffering"] == "no"
+        assert response.headers["Cache-Control"] == "no-cache"
         events = [e for e in response.read().decode().split("\n\n") if e]
     assert events[-1] == "data: [DONE]"
     assert all(e.startswith("data: ") for e in events)
