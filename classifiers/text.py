@@ -73,17 +73,25 @@ def labeled_prompt_from_record(record: Mapping[str, object]) -> LabeledPrompt:
     return LabeledPrompt(text=text, task=task)
 
 
+class DataFileError(ValueError):
+    """A prompt file that cannot be read as JSON lines of prompts; the message names the
+    file and, where there is one, the line."""
+
+
 def read_labeled_jsonl(path: Path) -> list[LabeledPrompt]:
-    """Load labeled (or unlabeled) prompts from a JSON-lines file."""
+    """Load labeled (or unlabeled) prompts from a JSON-lines file (``DataFileError``)."""
     prompts: list[LabeledPrompt] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                prompts.append(labeled_prompt_from_record(json.loads(line)))
-            except (ValueError, json.JSONDecodeError) as error:
-                raise ValueError(f"{path}:{line_number}: {error}") from error
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    prompts.append(labeled_prompt_from_record(json.loads(line)))
+                except (ValueError, TypeError, KeyError) as error:  # JSON's errors included
+                    raise DataFileError(f"{path}:{line_number}: {error}") from error
+    except UnicodeDecodeError as error:
+        raise DataFileError(f"{path}: not UTF-8 text ({error.reason})") from error
     return prompts
 
 

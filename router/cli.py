@@ -64,18 +64,36 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
-    """Run the app; a missing model bundle, a state directory that cannot be used or a
-    port that cannot be listened on, whichever command needed it, is one line and exit
-    status 2 (not a traceback)."""
+    """Run the app; whichever command needed it, a missing model bundle, a state
+    directory that cannot be used, a port that cannot be listened on, a classifier
+    directory or a prompt file that cannot be read is one line and exit status 2, and a
+    sidecar that refuses a call or cannot be reached one line and exit status 1 (not a
+    traceback)."""
+    import grpc
+
+    from classifiers import ClassifierLoadError
+    from classifiers.text import DataFileError
     from router.bundle import BundleNotFoundError
     from router.errors import ListenError
     from router.store import StateStoreError
 
     try:
         build_app()()
-    except (BundleNotFoundError, StateStoreError, ListenError) as error:
+    except (
+        BundleNotFoundError,
+        StateStoreError,
+        ListenError,
+        ClassifierLoadError,
+        DataFileError,
+    ) as error:
         typer.echo(f"error: {error}", err=True)
         raise SystemExit(2) from None
+    except grpc.RpcError as error:  # a client or bench command's call
+        typer.echo(f"error: {error.code().name}: {error.details()}", err=True)  # type: ignore[attr-defined]
+        raise SystemExit(1) from None
+    except grpc.FutureTimeoutError:
+        typer.echo("error: the sidecar could not be reached in time (--address?)", err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
