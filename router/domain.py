@@ -7,7 +7,8 @@ service only ever sees validated domain objects.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import secrets
+from dataclasses import dataclass, field, replace
 
 from router.errors import ContextLengthError, InvalidFieldError, InvalidRequestError
 from router.policy.base import MAX_DRAFT_LENGTH
@@ -30,6 +31,14 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return not self.do_sample
+
+    def seeded(self) -> Sampling:
+        """A sampled run without a seed with one drawn for it, so that the seed it ran
+        with can be reported (TGI's ``details.seed``) and the run repeated; greedy and
+        seeded ones as they are."""
+        if self.greedy or self.seed is not None:
+            return self
+        return replace(self, seed=secrets.randbits(63))
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,13 @@ def generate_input_from_tgi(body: TgiRequest, max_new_tokens_limit: int) -> Gene
     return GenerateInput(route=route)
 
 
+def _reported_seed(body: TgiRequest, result: GenerationResult) -> int | None:
+    """TGI's ``details.seed``: the seed a sampled run used (drawn for it when the request
+    had none, in-process), so that it can be repeated; null for a greedy run."""
+    params = body.parameters or TgiParameters(do_sample=True)
+    return result.seed if sampling_from_tgi(params).do_sample else None
+
+
 def error_response(error: BaseException) -> web.Response:
     status = status_of(error)
     return web.json_response(
@@ -260,7 +267,7 @@ async def _collect(service: RouterService, body: TgiRequest) -> dict[str, Any]:
         response["details"] = {
             "finish_reason": _finish_reason(result.stats),
             "generated_tokens": len(tokens),
-            "seed": result.seed,
+            "seed": _reported_seed(body, result),
             "prefill": [],
             "tokens": tokens,
             "top_tokens": None,
@@ -310,7 +317,7 @@ async def _tgi_events(
                 held["details"] = {
                     "finish_reason": _finish_reason(item.stats),
                     "generated_tokens": index,
-                    "seed": item.seed,
+                    "seed": _reported_seed(body, item),
                 }
                 await _event(response, held)
                 held = None

@@ -514,7 +514,7 @@ class RouterService:
             slot.release_unless_handed_off()
 
     def _generation_job(self, routed: RoutedRequest, request: GenerateInput) -> Any:
-        sampling = request.route.sampling
+        sampling = request.route.sampling.seeded()
         max_new_tokens = request.route.max_new_tokens
 
         def job(emit: Any, should_stop: Any) -> GenerationResult:

@@ -259,6 +259,26 @@ def test_an_unexpected_error_is_the_fronts_own_json_error(
     assert "KeyError: 'a bug'" in caplog.text
 
 
+def test_details_seed_is_the_seed_a_sampled_run_used(sidecar: SidecarThread) -> None:
+    """TGI reports the seed a sampled run used, drawn when none was sent, so that it can
+    be repeated; it was null unless the client sent one. Greedy runs report none."""
+    sampled = {
+        "inputs": PROMPT,
+        "parameters": {"do_sample": True, "max_new_tokens": 3, "details": True},
+    }
+    status, _, raw = post(f"{sidecar.http_url}/generate", {**sampled})
+    seed = json.loads(raw)["details"]["seed"]
+    assert status == 200 and isinstance(seed, int) and 0 <= seed < 2**63
+    status, _, raw = post(f"{sidecar.http_url}/generate", {**sampled})
+    assert json.loads(raw)["details"]["seed"] != seed  # drawn per run
+    chosen = {"do_sample": True, "seed": 7, "max_new_tokens": 3, "details": True}
+    status, _, raw = post(f"{sidecar.http_url}/generate", {"inputs": PROMPT, "parameters": chosen})
+    assert json.loads(raw)["details"]["seed"] == 7
+    greedy = {"inputs": PROMPT, "parameters": {"seed": 7, "max_new_tokens": 3, "details": True}}
+    status, _, raw = post(f"{sidecar.http_url}/generate", greedy)
+    assert json.loads(raw)["details"]["seed"] is None
+
+
 def test_return_full_text(sidecar: SidecarThread) -> None:
     _, expected_text = greedy_reference(sidecar, PROMPT, 6)
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "return_full_text": True}}
