@@ -296,7 +296,8 @@ async def _tgi_events(
 ) -> None:
     """``_sse``'s events: each token once the next one (or the result) has arrived, so
     that the last one carries the generated text and the details; an error after the
-    first event is an error event."""
+    first event is an error event, and so is a run that ends without a token or without
+    its result (a client would otherwise wait for a last event that never comes)."""
     params = body.parameters or TgiParameters()
     held: dict[str, Any] | None = None
     index = 0
@@ -310,7 +311,9 @@ async def _tgi_events(
                         await _event(response, held)
                     index += 1
                     held = _stream_event(index, _token_json(token_id, text, special))
-            elif isinstance(item, GenerationResult) and held is not None:
+            elif isinstance(item, GenerationResult):
+                if held is None:
+                    raise GenerationFailedError("the generation ended without a token")
                 held["generated_text"] = (
                     body.inputs if params.return_full_text else ""
                 ) + item.generated_text
@@ -320,7 +323,10 @@ async def _tgi_events(
                     "seed": _reported_seed(body, item),
                 }
                 await _event(response, held)
-                held = None
+                return
+        if held is not None:
+            await _event(response, held)
+        raise GenerationFailedError("the generation ended without its result")
     except ConnectionResetError:
         raise  # the client left (client_may_leave)
     except Exception as error:

@@ -279,6 +279,34 @@ def test_details_seed_is_the_seed_a_sampled_run_used(sidecar: SidecarThread) -> 
     assert json.loads(raw)["details"]["seed"] is None
 
 
+@pytest.mark.parametrize(
+    ("drop", "says"),
+    [("tokens", "ended without a token"), ("result", "ended without its result")],
+)
+def test_a_stream_that_ends_short_ends_with_an_error_event(
+    sidecar: SidecarThread, monkeypatch: pytest.MonkeyPatch, drop: str, says: str
+) -> None:
+    """A run that yields no token (a cancelled one), or no result, sent no last event:
+    a TGI client waits for it until its timeout. It ends with an error event now, after
+    every token that was made."""
+    from router.service import GenerationResult, TokenChunk
+
+    real = sidecar.service.generate
+    dropped = TokenChunk if drop == "tokens" else GenerationResult
+
+    async def short(request: Any) -> Any:
+        async for item in real(request):
+            if not isinstance(item, dropped):
+                yield item
+
+    monkeypatch.setattr(sidecar.service, "generate", short)
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}
+    status, _, raw = post(f"{sidecar.http_url}/generate_stream", body)
+    events = [json.loads(e[5:]) for e in raw.decode().split("\n\n") if e.startswith("data:")]
+    assert status == 200 and says in events[-1]["error"], events
+    assert len(events) == (1 if drop == "tokens" else 4)  # every token made, then the error
+
+
 def test_return_full_text(sidecar: SidecarThread) -> None:
     _, expected_text = greedy_reference(sidecar, PROMPT, 6)
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "return_full_text": True}}
