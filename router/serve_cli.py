@@ -299,7 +299,13 @@ def drafters_list_command(
 def drafters_register_command(
     name: Annotated[str, typer.Argument()],
     path: Annotated[
-        str, typer.Argument(help="Model directory (under a configured model root).")
+        str,
+        typer.Argument(
+            help=(
+                "Model directory under a configured model root, as the sidecar's host sees "
+                "it; a relative or ~ path is made absolute here first."
+            )
+        ),
     ] = "",
     kind: Annotated[str, typer.Option("--kind")] = "model",
     tasks: Annotated[
@@ -333,7 +339,7 @@ def drafters_register_command(
     request = pb.RegisterDrafterRequest(
         name=name,
         kind=kind,
-        path=path,
+        path=_absolute(path),
         tasks=tasks or [],
         finetune_sample=[s for s in sample if s],
         options=_key_values(options or [], "--option"),
@@ -341,6 +347,15 @@ def drafters_register_command(
     stub = _stub(address)
     registered = _call(stub.RegisterDrafter, request, metadata=_metadata(token), timeout=timeout)
     _print_message(registered)
+
+
+def _absolute(path: str) -> str:
+    """``path`` made absolute on this (the client's) host: the sidecar resolves what it is
+    sent against its own working directory and home, which a relative path typed here
+    does not mean (the same host, a different directory: outside the model roots)."""
+    if not path or Path(path).is_absolute():
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 def _key_values(pairs: Sequence[str], flag: str) -> dict[str, str]:

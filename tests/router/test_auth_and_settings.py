@@ -282,6 +282,29 @@ def test_client_commands_give_up_after_their_timeout_and_check_input_first(
     assert missing.exit_code == 2 and "--sample" in missing.output, missing.output
 
 
+def test_register_sends_a_relative_path_made_absolute_on_the_client(
+    sidecar: SidecarThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sidecar resolves a path against its own working directory and home: a relative
+    one typed on the client (``./code-drafter`` from /models) meant something else there,
+    and was refused as outside the model roots."""
+    sent: list[str] = []
+
+    async def register(spec: Any) -> Any:
+        sent.append(spec.path)
+        raise NotFoundError("recorded")
+
+    monkeypatch.setattr(sidecar.service, "register_drafter", register)
+    monkeypatch.chdir(tmp_path)
+    address = sidecar.running.address
+    for typed in ("./drafter", "~/drafter"):
+        CliRunner().invoke(
+            build_app(),
+            ["drafters", "register", "x", typed, "--address", address, "--token", ADMIN_TOKEN],
+        )
+    assert sent == [str(tmp_path / "drafter"), str(Path("~/drafter").expanduser().resolve())]
+
+
 def test_model_roots_from_the_environment_as_json_or_as_a_path_list(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
