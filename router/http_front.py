@@ -432,7 +432,13 @@ async def info_route(request: web.Request) -> web.Response:
 
 
 async def health_route(request: web.Request) -> web.Response:
-    return web.Response(status=200)
+    """``GET /health``: 200 when this front can generate; 503 in TGI's error shape when it
+    cannot (a fleet with no replica serving), so that a probe or a load balancer sends
+    generations elsewhere. (gRPC health stays SERVING: Route still answers.)"""
+    problem = request.app[SERVICE_KEY].generation_problem()
+    if problem is None:
+        return web.Response(status=200)
+    return web.json_response({"error": problem, "error_type": "healthcheck"}, status=503)
 
 
 @web.middleware

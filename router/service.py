@@ -235,6 +235,10 @@ class RouterService:
             if self.capture is not None:
                 self.capture.close()
 
+    def generation_problem(self) -> str | None:
+        """Why a Generate could not run now, or None (the in-process engine always can)."""
+        return None
+
     # -- routing ----------------------------------------------------------------------
     def eligible_drafters(self) -> list[str]:
         """The drafters the policy may choose now (a fleet narrows them to the

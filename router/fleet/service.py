@@ -270,6 +270,12 @@ class FleetRouterService(RouterService):
         )
         return replace(routed, decision=placed, replica=replica.spec.url), replica
 
+    def generation_problem(self) -> str | None:
+        """Why no Generate can run now: no replica of the fleet serving (None otherwise)."""
+        if any(r.healthy for r in self.replicas):
+            return None
+        return str(self._unavailable())
+
     def _unavailable(self, busy: Sequence[str] = ()) -> Exception:
         healthy = [r for r in self.replicas if r.healthy]
         if busy:

@@ -98,11 +98,15 @@ def test_a_fleet_of_unreachable_replicas_starts_and_refuses_generation(
     with launch_sidecar(
         config_file=config,
         state_dir=tmp_path / "state",
-        http=False,
         metrics=False,
         extra_args=["--fleet", str(fleet_file)],
         log_path=tmp_path / "sidecar.log",
     ) as sidecar:
+        # The HTTP front cannot generate: its /health says so (a probe, a load balancer).
+        with pytest.raises(urllib.error.HTTPError) as unhealthy:
+            urllib.request.urlopen(f"{sidecar.http_url}/health", timeout=10)
+        assert unhealthy.value.code == 503
+        assert json.loads(unhealthy.value.read())["error_type"] == "healthcheck"
         stub = router_pb2_grpc.RouterStub(grpc.insecure_channel(sidecar.grpc_address))
         decision = stub.Route(pb.RouteRequest(text="Hello there"), timeout=30)
         assert decision.replica == ""  # nothing to place it on
