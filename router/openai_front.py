@@ -404,8 +404,24 @@ async def _parse(request: web.Request, endpoint: Endpoint) -> Any:
         return endpoint.request_type.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise InvalidFieldError(where, str(first["msg"])) from exc
+        raise InvalidFieldError(param_of(first["loc"]), str(first["msg"])) from exc
+
+
+# The names pydantic gives the members of a union in an error's location ("str",
+# "list[dict[str,any]]"): not fields, left out of OpenAI's ``param``.
+UNION_MEMBER_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def param_of(location: Sequence[int | str]) -> str:
+    """OpenAI's ``param`` for a validation error's location: ``messages[0].content``, not
+    pydantic's ``messages.0.content.str``."""
+    param = ""
+    for part in location:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part.lower() not in UNION_MEMBER_TAGS and "[" not in part:
+            param += f".{part}" if param else part
+    return param or "body"
 
 
 def _usage(routed: RoutedRequest, completion_tokens: int) -> dict[str, int]:

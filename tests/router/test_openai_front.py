@@ -299,6 +299,13 @@ def test_neutral_values_of_unimplemented_parameters_are_served(sidecar: SidecarT
     assert status == 200, reply
 
 
+def test_a_malformed_message_names_it_as_openai_does(sidecar: SidecarThread) -> None:
+    """The param of a malformed chat message was pydantic's "messages.0.content.str"."""
+    body = {"model": "target", "messages": [{"role": "user", "content": 5}], "max_tokens": 2}
+    status, reply = post(f"{sidecar.http_url}/v1/chat/completions", body)
+    assert status == 400 and reply["error"]["param"] == "messages[0].content", reply
+
+
 def test_client_raises_bad_request_and_not_found(sidecar: SidecarThread) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client(sidecar).completions.create(model="target", prompt="   ", max_tokens=4)
