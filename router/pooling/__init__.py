@@ -15,13 +15,14 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from router.domain import DrafterSpec
 from router.metrics import SidecarMetrics
 from router.pooling.entries import EntrySigner
-from router.pooling.link import RedisLink, redis_errors
+from router.pooling.link import Backoff, RedisLink, redis_errors
 from router.pooling.outcomes import OutcomePool
 from router.pooling.registry import SharedRegistry, UnavailableDrafter
 from router.pooling.streams import StreamReader, StreamWriter
@@ -82,13 +83,16 @@ class Pooling:
 
     async def run(self) -> None:
         """Publish and read both streams until cancelled (then flush once, and close)."""
-        loops = [
-            self.outcomes.run_writer(),
-            self.outcomes.run_reader(),
-            self.registry.run_writer(),
-            self.registry.run_reader(),
+        loops = {
+            "outcome writer": self.outcomes.run_writer,
+            "outcome reader": self.outcomes.run_reader,
+            "registry writer": self.registry.run_writer,
+            "registry reader": self.registry.run_reader,
+        }
+        tasks = [
+            asyncio.create_task(supervised(name, loop, Backoff(self.link.reconnect_max_s)))
+            for name, loop in loops.items()
         ]
-        tasks = [asyncio.create_task(loop) for loop in loops]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -98,6 +102,21 @@ class Pooling:
                 await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(*redis_errors()):
                 await self.link.close()
+
+
+async def supervised(name: str, loop: Callable[[], Awaitable[None]], backoff: Backoff) -> None:
+    """Run ``loop`` until cancelled. An error its own handling lets through (a bug) is
+    logged with its traceback and the loop starts again after ``backoff``: one failing loop
+    stopped all four, unseen until shutdown, with the connected gauge still at 1."""
+    while True:
+        try:
+            await loop()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("pooling: the %s loop failed; it starts again", name)
+            await asyncio.sleep(backoff.next_delay())
 
 
 def build_pooling(settings: Settings, service: Any, metrics: SidecarMetrics) -> Pooling:

@@ -324,3 +324,61 @@ def test_pooled_outcomes_are_applied_off_the_event_loop(tmp_path: Path) -> None:
     assert asyncio.run(harness.pool.catch_up()) == 2
     assert handled == [("1-0", False), ("2-0", False)]  # in order, never on the loop's thread
     assert harness.pool.applied == 2
+
+
+def test_a_loop_that_fails_is_logged_and_started_again_and_the_others_go_on(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error a pooling loop's own handling let through stopped all four loops, unseen
+    until shutdown (the connected gauge still at 1): it is logged with its traceback and
+    that loop starts again, while the others run on."""
+    import asyncio
+    import logging
+    from types import SimpleNamespace
+
+    import router.pooling as pooling_module
+    from router.pooling import Pooling
+
+    monkeypatch.setattr(pooling_module.Backoff, "next_delay", lambda self: 0.01)
+    started: list[str] = []
+    cancelled: list[str] = []
+
+    def loop(name: str, fails: int = 0) -> Any:
+        async def run() -> None:
+            started.append(name)
+            if started.count(name) <= fails:
+                raise KeyError("a bug")
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancelled.append(name)
+                raise
+
+        return run
+
+    async def closed() -> None:
+        pass
+
+    pooling = Pooling(
+        identity="a-1",
+        link=SimpleNamespace(reconnect_max_s=1.0, close=closed),  # type: ignore[arg-type]
+        outcomes=SimpleNamespace(run_writer=loop("ow"), run_reader=loop("or", fails=2)),  # type: ignore[arg-type]
+        registry=SimpleNamespace(run_writer=loop("rw"), run_reader=loop("rr")),  # type: ignore[arg-type]
+    )
+
+    async def run_a_while() -> None:
+        task = asyncio.create_task(pooling.run())
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if started.count("or") == 3:
+                break
+        assert not cancelled  # the others were not stopped by the failing one
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.ERROR, logger="router.pooling"):
+        asyncio.run(run_a_while())
+    assert started.count("or") == 3  # failed twice, started again each time
+    assert sorted(cancelled) == ["or", "ow", "rr", "rw"]
+    assert caplog.text.count("the outcome reader loop failed") == 2 and "KeyError" in caplog.text
