@@ -162,20 +162,57 @@ class StreamReader:
             self.last_id = entries[-1][0]
             seen += len(entries)
 
+    async def rewind_if_recreated(self) -> bool:
+        """After Redis was away: when the stream is gone, or its newest id is below
+        ``last_id``, it was lost and is written anew (a Redis restarted without its data,
+        its clock behind the old one's), and entries written since would sort below
+        ``last_id`` and never be read: read it from the start again (each outcome is
+        applied once, by writer and seq). True when it rewound."""
+        from redis.exceptions import ResponseError
+
+        try:
+            info = await self._link.client.xinfo_stream(self._stream)
+            newest = info["last-generated-id"]
+            newest = newest.decode() if isinstance(newest, bytes) else str(newest)
+        except ResponseError:  # no such key: nothing written since it was lost
+            newest = "0-0"
+        if _stream_id(newest) >= _stream_id(self.last_id):
+            return False
+        logger.warning(
+            "pooling: stream %s restarts below the last entry read (%s < %s); read from its start",
+            self._stream,
+            newest,
+            self.last_id,
+        )
+        self.last_id = "0-0"
+        return True
+
     async def run(self, handle: Callable[[list[tuple[str, Mapping[Any, Any]]]], Any]) -> None:
-        """Block for new entries and hand them on, until cancelled; reconnect with backoff."""
+        """Block for new entries and hand them on, until cancelled; reconnect with backoff
+        (and, after a failure, ``rewind_if_recreated``)."""
         backoff = Backoff(self._link.reconnect_max_s)
+        recovering = False
         while True:
             try:
+                if recovering:
+                    await self.rewind_if_recreated()
+                    recovering = False
                 entries = await self.read_batch(READ_BLOCK_MS)
             except redis_errors() as error:
                 self._link.failed(error)
+                recovering = True
                 await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
             if entries:
                 await _maybe_await(handle(entries))
                 self.last_id = entries[-1][0]
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    """A Redis stream id (``<ms>-<seq>``) as a comparable pair."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 async def _maybe_await(value: Any) -> None:

@@ -525,3 +525,36 @@ def test_sigkilled_serve_replica_restarts_with_everything_the_others_learned(
         assert restored == pooled_view(a)
         # The snapshot held math and rag: only what came after it was applied again.
         assert 1 <= again.counters()["applied"] <= 3
+
+
+def test_a_reader_rewinds_a_stream_that_redis_lost_and_wrote_anew(redis_server: Any) -> None:
+    """A Redis that comes back without its data, its clock behind the old one's, gives new
+    entries ids below the last one a reader saw: they were never read. After a failure
+    the reader rewinds such a stream (and a lost one) to its start."""
+    import asyncio
+
+    from router.metrics import create_metrics
+    from router.pooling.link import RedisLink
+    from router.pooling.streams import StreamReader
+
+    settings = PoolingSettings(redis_url=SecretStr(redis_server.url))
+    stream = f"rewind-{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> list[str]:
+        link = RedisLink(settings, create_metrics())
+        reader = StreamReader(link, stream)
+        await link.client.xadd(stream, {"n": "old"}, id="9999999999999-0")  # a clock ahead
+        assert [e for e, _ in await reader.read_batch(None)] == ["9999999999999-0"]
+        reader.last_id = "9999999999999-0"
+        await link.client.delete(stream)  # Redis lost its data
+        assert await reader.rewind_if_recreated()  # gone: read from the start
+        reader.last_id = "9999999999999-0"
+        await link.client.xadd(stream, {"n": "new"})  # written anew, today's clock
+        assert await reader.rewind_if_recreated()
+        read = [e for e, _ in await reader.read_batch(None)]
+        reader.last_id = read[-1]
+        assert not await reader.rewind_if_recreated()  # caught up: nothing to do
+        await link.close()
+        return read
+
+    assert len(asyncio.run(scenario())) == 1
