@@ -268,8 +268,8 @@ class SpeculativeEngine:
         wanted = request.draft_length
         k = wanted if isinstance(wanted, int) else int(wanted(stats.steps, stats))
         k = min(max(k, 0), request.max_new_tokens - generated - 1)
-        if self.max_positions is not None:
-            k = min(k, self.max_positions - len(history))
+        if self.max_positions is not None:  # and never past the context: k + 1 tokens
+            k = min(k, self.max_positions - len(history) - 1)
         return max(k, 0)
 
     @torch.inference_mode()

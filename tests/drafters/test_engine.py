@@ -215,6 +215,24 @@ def test_max_new_tokens_is_exact_and_never_overdrafted(
     assert engine.generate(prompts[index], drafters["close"], 8, max_new_tokens=0).collect() == []
 
 
+def test_the_context_length_ends_a_run_where_plain_decoding_ends_it(
+    engine: SpeculativeEngine,
+    drafters: dict[str, Drafter],
+    prompts: list[list[int]],
+    references: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A step emits up to k + 1 tokens: one token short of the model's context, k = 1
+    took the sequence one past it (and past plain decoding's output)."""
+    index = next(i for i, r in enumerate(references) if len(r) == MAX_NEW and EOS_ID not in r)
+    context = len(prompts[index]) + 5
+    monkeypatch.setattr(engine, "max_positions", context)
+    for k in (0, 1, 4):
+        run = engine.generate(prompts[index], drafters["close"], k, max_new_tokens=MAX_NEW)
+        assert run.collect() == references[index][:5], k
+        assert run.stats.finish_reason == "length"
+
+
 def test_stops_at_eos(
     tiny_models: TinyModels,
     drafters: dict[str, Drafter],
