@@ -60,6 +60,10 @@ class PolicyHolder:
         self._similarity = similarity
         self._hints = hints
         self._lock = threading.Lock()
+        # Orders saves (the periodic snapshot, a policy switch, the final one): a state
+        # read earlier is never saved after a newer one. Taken before ``_lock``, so that a
+        # save's disk write does not hold up decisions.
+        self._saving = threading.Lock()
         self._policy: Any = None
         self.name = ""
         # The current policy's own configuration, before the drafters' hints fill it in.
@@ -83,7 +87,7 @@ class PolicyHolder:
         # fails leaves it serving, nothing changed), the new one restores the latest
         # snapshot of its name (the state just saved, when the same policy is set again
         # with another configuration), and replaces it; no update falls in between.
-        with self._lock:
+        with self._saving, self._lock:
             if self._policy is not None:
                 state = self._state_of(self._policy)
                 self._store.save_policy(self.name, int(self._policy.version), state)
@@ -249,6 +253,9 @@ class PolicyHolder:
         return state
 
     def snapshot(self) -> PolicySnapshot:
-        """Save the current policy's state to the store."""
-        name, version, state = self.state()
-        return self._store.save_policy(name, version, state)
+        """Save the current policy's state to the store (after any save begun before: a
+        periodic snapshot read before a policy switch or the final snapshot was saved after
+        it, and restored in its place)."""
+        with self._saving:
+            name, version, state = self.state()
+            return self._store.save_policy(name, version, state)

@@ -688,6 +688,12 @@ class RouterService:
         return record
 
     async def remove_drafter(self, name: str) -> DrafterRecord:
+        """In a worker thread, as a registration: the pool's write lock may be held by a
+        registration loading its model, and waiting for it on the event loop stalled every
+        call for the length of that load."""
+        return await asyncio.to_thread(self._remove_drafter, name)
+
+    def _remove_drafter(self, name: str) -> DrafterRecord:
         record = self.drafters.remove(name)
         self.policy.remove_drafter(name)
         self.metrics.drafters.set(len(self.drafters.names()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import time
@@ -229,6 +230,44 @@ def test_a_registration_whose_caller_is_cancelled_still_reaches_the_policy(
         time.sleep(0.05)
     assert "late" in service.drafters.names()
     sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="late"), metadata=ADMIN)
+
+
+def test_routes_are_served_while_a_removal_waits_for_a_registration(
+    sidecar: SidecarThread,
+    serving_world: ServingWorld,
+    monkeypatch: pytest.MonkeyPatch,
+    PROMPT: str,
+) -> None:
+    """RemoveDrafter took the pool's write lock on the event loop: while a registration
+    held it, loading its model, every call of the sidecar waited."""
+    import threading
+
+    from router.domain import DrafterSpec
+
+    service, loading, go_on = sidecar.service, threading.Event(), threading.Event()
+    create = service.drafters._create
+
+    def slow_create(*args: Any, **kwargs: Any) -> Any:  # inside the write lock
+        loading.set()
+        go_on.wait(30)
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(service.drafters, "_create", slow_create)
+    spec = DrafterSpec(name="loading", kind="model", path=str(serving_world.spare_dir))
+    registering = asyncio.run_coroutine_threadsafe(service.register_drafter(spec), sidecar.loop)
+    assert loading.wait(30)
+    removing = sidecar.stub.RemoveDrafter.future(
+        pb.RemoveDrafterRequest(name="no-such"), metadata=ADMIN, timeout=60
+    )
+    try:
+        assert sidecar.stub.Route(pb.RouteRequest(text=PROMPT), timeout=5).task_cluster
+    finally:
+        go_on.set()
+    with pytest.raises(grpc.RpcError) as missing:
+        removing.result()
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    registering.result(60)
+    sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="loading"), metadata=ADMIN)
 
 
 def _requests_in(sidecar: SidecarThread, cluster: str, bucket: int) -> int:

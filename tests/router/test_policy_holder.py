@@ -139,3 +139,40 @@ def test_setting_the_serving_policy_again_keeps_what_it_learnt_since_its_last_sn
     assert holder.state()[1] == learnt
     latest = store.latest_policy("thompson")
     assert latest is not None and latest.version == learnt
+
+
+def test_a_snapshot_read_before_a_newer_one_is_never_saved_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The periodic snapshot read the state under the lock and saved it after: a save
+    begun meanwhile (the final snapshot, a policy switch) could land first, and the
+    older state, saved last, was the one restored."""
+    import threading
+
+    store = SidecarStore(tmp_path)
+    holder = PolicyHolder(store, lambda: ["generic", "math"], lambda drafter: None)
+    holder.start("thompson")
+    context, rng = Context("math", 0), np.random.default_rng(0)
+    save, reading, go_on = store.save_policy, threading.Event(), threading.Event()
+
+    def slow_first_save(*args: Any) -> Any:
+        if not reading.is_set():  # the periodic snapshot: read, then held before its save
+            reading.set()
+            go_on.wait(10)
+        return save(*args)
+
+    monkeypatch.setattr(store, "save_policy", slow_first_save)
+    periodic = threading.Thread(target=holder.snapshot)
+    periodic.start()
+    assert reading.wait(10)
+    for _ in range(3):  # traffic, then the final snapshot, while the periodic one waits
+        decision, _ = holder.select(context, ["generic", "math"])
+        holder.update(context, decision, geometric_outcome(rng, decision, 0.6, tokens=20))
+    final = threading.Thread(target=holder.snapshot)
+    final.start()
+    final.join(0.5)
+    go_on.set()
+    periodic.join(10)
+    final.join(10)
+    latest = store.latest_policy("thompson")
+    assert latest is not None and latest.version == holder.state()[1] == 3
