@@ -28,6 +28,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_PATTERNS = ("*.safetensors",)
+# What transformers loads from a directory: this file, else the shards its index names.
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 AUTO_DTYPE = "auto"
@@ -217,6 +220,9 @@ def safetensors_files(directory: str | Path) -> list[Path]:
         raise ModelLoadError(f"model directory {path} does not exist or is not a directory")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    index = path / SAFE_WEIGHTS_INDEX_NAME
+    if not (path / SAFE_WEIGHTS_NAME).is_file() and index.is_file():
+        return _indexed_shards(path, index)
     weights = _matching_files(path, SAFETENSORS_PATTERNS)
     if weights:
         return weights
@@ -228,6 +234,28 @@ def safetensors_files(directory: str | Path) -> list[Path]:
             "Convert with `model.save_pretrained(dir, safe_serialization=True)`."
         )
     raise ModelLoadError(f"{path} has no *.safetensors weight files")
+
+
+def _indexed_shards(directory: Path, index: Path) -> list[Path]:
+    """The shards a sharded checkpoint's index names, each a file of ``directory`` itself:
+    transformers joins the index's names onto the directory, so an absolute or ``../`` name
+    would load weights from outside the model roots (and outside the digest)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted({str(name) for name in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ModelLoadError(f"{index} is not a safetensors index: {error}") from None
+    if not names:
+        raise ModelLoadError(f"{index} names no shard")
+    shards = []
+    for name in names:
+        shard = directory / name
+        if Path(name).name != name or name in (".", "..") or not shard.is_file():
+            raise ModelLoadError(
+                f"{index} names the shard {name!r}, which is not a file of {directory}"
+            )
+        shards.append(shard)
+    return shards
 
 
 def weights_digest(files: Sequence[Path]) -> str:

@@ -147,3 +147,32 @@ def test_a_file_linked_from_outside_the_roots_is_refused(tmp_path: Path) -> None
     with pytest.raises(PathOutsideRootsError, match=f"{weights.name} links to .*elsewhere"):
         load_model(root / "linked", roots=[root])
     assert load_model(root / "linked", roots=[root, outside]).path == (root / "linked").resolve()
+
+
+def test_a_shard_index_must_name_files_of_its_own_directory(tmp_path: Path) -> None:
+    """transformers joins a sharded checkpoint's index names onto the directory: an index
+    naming ``../`` or absolute shards loaded weights from outside the model roots, while
+    the checks (no symlink, a *.safetensors file present) passed on a decoy and the
+    digest covered the decoy only."""
+    root = tmp_path / "models"
+    sharded = root / "sharded"
+    model = _save_model(sharded)
+    (sharded / "model.safetensors").unlink()
+    model.save_pretrained(sharded, safe_serialization=True, max_shard_size="20KB")
+    index = sharded / "model.safetensors.index.json"
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1 and index.is_file()
+    assert [p.name for p in safetensors_files(sharded)] == shards  # the digest's files
+    assert load_model(sharded, roots=[root]).path == sharded.resolve()
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    listed = json.loads(index.read_text())
+    moved = shards[0]
+    (sharded / moved).rename(outside / moved)
+    (sharded / "decoy.safetensors").write_bytes(b"")
+    for name in (f"../../elsewhere/{moved}", str(outside / moved)):
+        weight_map = {k: (name if v == moved else v) for k, v in listed["weight_map"].items()}
+        index.write_text(json.dumps({**listed, "weight_map": weight_map}))
+        with pytest.raises(ModelLoadError, match="which is not a file of"):
+            load_model(sharded, roots=[root])
