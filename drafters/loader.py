@@ -308,7 +308,10 @@ class WeightsDigestCache:
         with self._lock:
             entries = self._entries()
             entries[key] = {"files": [list(s) for s in stamps], "digest": digest}
-            self._write(entries)
+            try:
+                self._write(entries)
+            except OSError as error:  # a full disk: the digest holds, only the cache misses
+                logger.warning("weight digest cache %s not written: %s", self.path, error)
         return digest
 
     def _entries(self) -> dict[str, Any]:

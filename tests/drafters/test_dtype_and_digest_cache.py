@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -110,6 +111,24 @@ def test_an_unreadable_cache_file_counts_as_empty(tmp_path: Path) -> None:
     cache.path.write_text("{not json")
     assert cache.digest([weights]) == weights_digest([weights])
     assert json.loads(cache.path.read_text())["format"] == WeightsDigestCache.FORMAT
+
+
+def test_a_cache_that_cannot_be_written_still_gives_the_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk raised OSError from the cache's write: a registration was INTERNAL, and
+    at a restart a model drafter not in the cache was not served."""
+    import errno
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    cache = WeightsDigestCache(tmp_path / "weights_digests.json")
+
+    def disk_full(entries: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache, "_write", disk_full)
+    assert cache.digest([weights]) == weights_digest([weights])
 
 
 def test_load_model_digests_through_the_cache(tiny_models: TinyModels, tmp_path: Path) -> None:
