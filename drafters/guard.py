@@ -56,6 +56,10 @@ class LossGuard:
     confidence: float = DEFAULT_CONFIDENCE
     min_evidence: int = DEFAULT_MIN_EVIDENCE
     verify_slope: float = DEFAULT_VERIFY_SLOPE
+    # A drafted token's cost in plain steps, fixed, instead of the request's measured times:
+    # the schedule is then a function of the counts alone, as a sampled run needs to be
+    # repeatable from its seed (the draws it consumes follow each step's k).
+    draft_cost_ratio: float | None = None
     tripped_at_step: int | None = None  # the step from which it drafts nothing
     shortest: int | None = None  # the shortest draft it asked for (None: never shortened)
     _seen_steps: int = field(default=0, repr=False)
@@ -69,6 +73,8 @@ class LossGuard:
             raise ValueError(f"confidence must be in [0.5, 1), got {self.confidence}")
         if self.verify_slope < 0:
             raise ValueError(f"verify_slope must be >= 0, got {self.verify_slope}")
+        if self.draft_cost_ratio is not None and self.draft_cost_ratio < 0:
+            raise ValueError(f"draft_cost_ratio must be >= 0, got {self.draft_cost_ratio}")
 
     def __call__(self, steps: int, stats: GenerationStats) -> int:
         if self.tripped_at_step is not None:
@@ -86,7 +92,10 @@ class LossGuard:
         return k
 
     def draft_cost(self, stats: GenerationStats) -> float:
-        """c: the request's draft time per drafted token over its plain step time."""
+        """c: the request's draft time per drafted token over its plain step time (or
+        ``draft_cost_ratio`` when fixed)."""
+        if self.draft_cost_ratio is not None:
+            return self.draft_cost_ratio
         drafted = stats.drafted
         if drafted <= 0 or stats.steps <= 0 or stats.verify_time_s <= 0:
             return 0.0

@@ -67,6 +67,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_COUNTERFACTUAL_K = 4
 MAX_COUNTERFACTUAL_BACKLOG = 4
+# What a model drafter's drafted token costs the loss guard of a sampled run, in plain
+# target steps (the policy's default_draft_cost_ratio): fixed, so the run is repeatable.
+SAMPLED_DRAFT_COST = 0.1
 
 
 @dataclass(frozen=True)
@@ -555,7 +558,7 @@ class RouterService:
         engine = self.components.engine
         if engine is None:
             raise GenerationFailedError("this sidecar has no in-process engine (fleet mode)")
-        guard = self._loss_guard(routed.decision.k)
+        guard = self._loss_guard(routed.decision.k, sampling, drafter)
         run = engine.generate(
             list(routed.prompt_ids),
             drafter,
@@ -588,14 +591,23 @@ class RouterService:
             ).inc()
         return GenerationResult(routed, output, text, stats, self.policy.version, sampling.seed)
 
-    def _loss_guard(self, k: int) -> LossGuard | None:
-        """The request's in-flight guard (``drafters/guard.py``); None when off or k = 0."""
+    def _loss_guard(self, k: int, sampling: Sampling, drafter: Any) -> LossGuard | None:
+        """The request's in-flight guard (``drafters/guard.py``); None when off or k = 0.
+        A sampled run's prices drafts at a fixed cost (its kind's hint, else
+        ``SAMPLED_DRAFT_COST``), not the request's measured times: the k of each step
+        decides which draws the run consumes, so a schedule that followed the machine's
+        timing gave another text for the same seed, drafter and k."""
         settings = self.settings.loss_guard
         if not settings.enabled or k <= 0:
             return None
+        from drafters import draft_cost_hint
         from drafters.guard import LossGuard
 
-        return LossGuard(k, confidence=settings.confidence)
+        fixed = None
+        if sampling.do_sample:
+            hint = draft_cost_hint(drafter)
+            fixed = SAMPLED_DRAFT_COST if hint is None else hint
+        return LossGuard(k, confidence=settings.confidence, draft_cost_ratio=fixed)
 
     def _capture(self, result: GenerationResult) -> None:
         """Keep the run's prompt and verified output when capture is on (router.capture);

@@ -84,6 +84,17 @@ def test_a_free_drafter_keeps_drafting_where_a_costly_one_stops() -> None:
     assert free.tripped_at_step is None
 
 
+def test_a_fixed_draft_cost_makes_the_schedule_a_function_of_the_counts() -> None:
+    """The measured cost follows the machine: the same accepts under other timings gave
+    another schedule, so a sampled run (whose draws follow each step's k) another text for
+    the same seed. With ``draft_cost_ratio`` the timings do not enter."""
+    accepted = [0, 1, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]
+    cheap, dear = _steps(LossGuard(4), accepted, 0.05), _steps(LossGuard(4), accepted, 0.6)
+    assert cheap != dear  # measured: the timings decide
+    fixed = [_steps(LossGuard(4, draft_cost_ratio=0.1), accepted, c) for c in (0.05, 0.6)]
+    assert fixed[0] == fixed[1]
+
+
 def test_settings_are_checked() -> None:
     for bad in ({"k": -1}, {"k": 2, "confidence": 1.0}, {"k": 2, "verify_slope": -0.1}):
         with pytest.raises(ValueError):

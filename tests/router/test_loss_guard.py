@@ -157,3 +157,18 @@ def test_the_setting_turns_the_guard_off(unguarded: SidecarThread) -> None:
     # Every step drafts (the last may be capped by max_new_tokens).
     assert all(d > 0 for d in list(stats.drafted_per_step)[:-1])
     assert _trips(unguarded) == 0.0
+
+
+def test_a_sampled_runs_guard_prices_drafts_at_a_fixed_cost(sidecar: SidecarThread) -> None:
+    """A sampled run's guard reads no timing (its schedule decides the draws, and the run
+    must be repeatable from its seed): a model drafter at the fixed default, a lookup at
+    its kind's hint (free); a greedy run's guard reads the request's own timings."""
+    from router.domain import Sampling
+    from router.service import SAMPLED_DRAFT_COST
+
+    service = sidecar.service
+    model, lookup = service.drafters.get("generic").drafter, service.drafters.get("ngram").drafter
+    sampled, greedy = Sampling(do_sample=True), Sampling()
+    assert service._loss_guard(4, sampled, model).draft_cost_ratio == SAMPLED_DRAFT_COST
+    assert service._loss_guard(4, sampled, lookup).draft_cost_ratio == 0.0
+    assert service._loss_guard(4, greedy, model).draft_cost_ratio is None
