@@ -94,7 +94,10 @@ class PolicyHolder:
             snapshot = self._store.latest_policy(name) if restore else None
             if snapshot is not None:
                 policy, snapshot = self._restored(name, hinted, policy, snapshot)
+            else:  # made outside the lock: a drafter (un)registered since is missed
+                self._sync_drafters(policy)
             self._policy, self.name, self._config = policy, name, config
+            self._rehint()
         return snapshot
 
     def _restored(

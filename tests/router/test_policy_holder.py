@@ -176,3 +176,25 @@ def test_a_snapshot_read_before_a_newer_one_is_never_saved_after_it(
     final.join(10)
     latest = store.latest_policy("thompson")
     assert latest is not None and latest.version == holder.state()[1] == 3
+
+
+def test_a_drafter_registered_while_the_policy_is_switched_is_in_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SetPolicy makes the new policy outside the lock: a drafter registered meanwhile
+    joined the old policy only, and the new one never chose it until a restart."""
+    store = SidecarStore(tmp_path)
+    live = ["generic", "math"]
+    holder = PolicyHolder(store, lambda: list(live), lambda drafter: None)
+    holder.start("thompson")
+    make = holder._make
+
+    def make_then_register(name: str, hinted: Any) -> Any:
+        made = make(name, hinted)
+        live.append("late")  # a registration lands between the make and the swap
+        holder.add_drafter("late", None)
+        return made
+
+    monkeypatch.setattr(holder, "_make", make_then_register)
+    holder.start("ucb", restore=False)
+    assert "late" in holder.state()[2]["drafters"]
