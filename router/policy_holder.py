@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from router.errors import InvalidRequestError
@@ -54,9 +54,13 @@ class PolicyHolder:
         drafters: Callable[[], Sequence[str]],
         similarity: Callable[[str], Mapping[str, float] | None],
         hints: Callable[[], DrafterHints] = DrafterHints,
+        kept: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self._store = store
         self._drafters = drafters
+        # Stored drafters this start does not serve (files moved, roots narrowed): never
+        # chosen, but their learned arms stay for the start that serves them again.
+        self._kept = kept
         self._similarity = similarity
         self._hints = hints
         self._lock = threading.Lock()
@@ -145,13 +149,15 @@ class PolicyHolder:
         )
 
     def _sync_drafters(self, policy: Any) -> None:
-        """Make the policy's drafters the live ones (a snapshot may predate (un)registrations)."""
+        """Make the policy's drafters the live ones (a snapshot may predate (un)registrations),
+        keeping the arms of the stored drafters not served now (``kept``)."""
         live = list(self._drafters())
         for drafter in live:
             with contextlib.suppress(ValueError, KeyError):  # already known to it
                 policy.add_drafter(drafter, self._similarity(drafter))
+        keep = {*live, *self._kept()}
         for drafter in list(getattr(policy, "drafters_", ()) or ()):
-            if drafter not in live:
+            if drafter not in keep:
                 policy.remove_drafter(drafter)
 
     # -- per request ------------------------------------------------------------------

@@ -185,7 +185,11 @@ class RouterService:
         self.model_roots = (*components.model_roots, *extra_model_roots(settings))
         self.drafters = DrafterPool(components.target, components.engine, store, self.model_roots)
         self.policy = PolicyHolder(
-            store, self.drafters.eligible, self._similarity_of, self.drafter_hints
+            store,
+            self.drafters.eligible,
+            self._similarity_of,
+            self.drafter_hints,
+            kept=lambda: [record.name for record, _ in self.drafters.unserved()],
         )
         self.queue = GenerationQueue(
             self.limits.generation_workers,

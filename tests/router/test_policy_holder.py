@@ -198,3 +198,32 @@ def test_a_drafter_registered_while_the_policy_is_switched_is_in_the_new_one(
     monkeypatch.setattr(holder, "_make", make_then_register)
     holder.start("ucb", restore=False)
     assert "late" in holder.state()[2]["drafters"]
+
+
+def test_a_drafter_not_served_at_one_start_keeps_what_the_policy_learnt_of_it(
+    tmp_path: Path,
+) -> None:
+    """A stored drafter a start did not serve (a late mount, files moved) had its arms
+    removed from the restored policy, and the next snapshot made that final: served again,
+    it started from its prior. Its arms are kept, and it is never chosen meanwhile."""
+    store = SidecarStore(tmp_path)
+    first = PolicyHolder(store, lambda: ["generic", "math"], lambda drafter: None)
+    first.start("thompson")
+    context, rng = Context("math", 0), np.random.default_rng(0)
+    for _ in range(20):
+        decision, _ = first.select(context, ["math"])
+        first.update(context, decision, geometric_outcome(rng, decision, 0.9, tokens=20))
+    learnt = {a.drafter: (a.alpha, a.beta) for c in first.describe()[2] for a in c.arms}
+    first.snapshot()
+
+    unserved = PolicyHolder(store, lambda: ["generic"], lambda drafter: None, kept=lambda: ["math"])
+    unserved.start("thompson")
+    for _ in range(10):
+        decision, _ = unserved.select(context, ["generic"])
+        assert decision.drafter != "math"
+    unserved.snapshot()
+
+    served = PolicyHolder(store, lambda: ["generic", "math"], lambda drafter: None)
+    served.start("thompson")
+    arms = {a.drafter: (a.alpha, a.beta) for c in served.describe()[2] for a in c.arms}
+    assert arms["math"] == learnt["math"]
