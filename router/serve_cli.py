@@ -29,6 +29,7 @@ TIMEOUT_OPTION = typer.Option(
     min=0.001,
     help="Seconds to wait for the sidecar's answer (a stuck sidecar is DEADLINE_EXCEEDED).",
 )
+JSON_OPTION = typer.Option("--json", help="The reply as JSON (for scripts), not a table.")
 RAW_OPTION = typer.Option(
     "--raw", help="Send TEXT as is (already templated), not as a user message."
 )
@@ -269,13 +270,17 @@ def drafters_list_command(
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
     timeout: Annotated[float, TIMEOUT_OPTION] = 10.0,
+    as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
-    """List the drafters a running sidecar serves."""
+    """List the drafters a running sidecar serves (and those it cannot, with why)."""
     from router.pb import router_pb2 as pb
 
     request = pb.ListDraftersRequest()
     listing = _stub(address).ListDrafters
     reply = _call(listing, request, metadata=_metadata(token), timeout=timeout)
+    if as_json:
+        _print_message(reply)
+        return
     listed = [*reply.drafters, *reply.unavailable]
     name_width = max([16, *(len(d.name) for d in listed)])
     kind_width = max([6, *(len(d.kind) for d in listed)])
@@ -388,6 +393,7 @@ def policy_show_command(
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
     timeout: Annotated[float, TIMEOUT_OPTION] = 10.0,
+    as_json: Annotated[bool, JSON_OPTION] = False,
 ) -> None:
     """Show a running sidecar's policy state per context."""
     from router.pb import router_pb2 as pb
@@ -395,6 +401,9 @@ def policy_show_command(
     request = pb.GetPolicyStateRequest()
     showing = _stub(address).GetPolicyState
     state = _call(showing, request, metadata=_metadata(token), timeout=timeout)
+    if as_json:
+        _print_message(state)
+        return
     typer.echo(f"policy {state.policy} version {state.version}")
     for context in state.contexts:
         typer.echo(

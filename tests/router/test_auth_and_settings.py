@@ -121,6 +121,17 @@ def test_health_checks_need_no_token_and_the_cli_sends_the_data_token(
         build_app(), ["clusters", "--address", address, "--token", DATA_TOKEN, "--json"]
     )
     assert clusters.exit_code == 0, clusters.output
+    # For scripts: the replies as JSON (the tables' columns split badly on paths).
+    scripted = {
+        command: CliRunner().invoke(
+            build_app(), [*command.split(), "--address", address, "--token", DATA_TOKEN, "--json"]
+        )
+        for command in ("drafters list", "policy show")
+    }
+    assert all(done.exit_code == 0 for done in scripted.values()), scripted
+    listed = json.loads(scripted["drafters list"].stdout)["drafters"]
+    assert "generic" in {drafter["name"] for drafter in listed}
+    assert json.loads(scripted["policy show"].stdout)["policy"] == "thompson"
 
 
 def test_http_front_needs_the_data_token(guarded: SidecarThread) -> None:
