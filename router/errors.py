@@ -88,12 +88,15 @@ class RequestFailsReplicasError(GenerationFailedError):
 
 
 class InternalError(SidecarError):
-    """A bug: an exception that no error type above covers (:func:`unexpected`)."""
+    """A bug: an exception that no error type above covers (:func:`sidecar_error_of`)."""
 
 
-def unexpected(error: Exception, where: str) -> InternalError:
-    """``error``, which no error type covers, logged with its traceback and turned into the
-    caller's INTERNAL (HTTP 500) naming ``where`` (a method or a route) and its type only."""
+def sidecar_error_of(error: Exception, where: str) -> SidecarError:
+    """What the caller is told of ``error``: a :class:`SidecarError` as it is; anything
+    else (a bug) logged with its traceback and turned into INTERNAL (HTTP 500) naming
+    ``where`` (a method or a route) and its type only."""
+    if isinstance(error, SidecarError):
+        return error
     logger.error("%s failed unexpectedly", where, exc_info=error)
     return InternalError(
         f"{where} failed: {type(error).__name__} (the sidecar's log has the traceback)"

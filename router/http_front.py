@@ -28,8 +28,8 @@ from router.errors import (
     RequestTooLargeError,
     SidecarError,
     UnauthenticatedError,
+    sidecar_error_of,
     status_of,
-    unexpected,
 )
 from router.service import GenerationResult, RoutedRequest, RouterService, TokenChunk
 
@@ -330,7 +330,7 @@ async def _tgi_events(
     except ConnectionResetError:
         raise  # the client left (client_may_leave)
     except Exception as error:
-        failure = error if isinstance(error, SidecarError) else unexpected(error, "the stream")
+        failure = sidecar_error_of(error, "the stream")
         await _event(
             response, {"error": str(failure), "error_type": status_of(failure).tgi_error_type}
         )
@@ -451,7 +451,7 @@ async def unexpected_errors(request: web.Request, handler: Any) -> web.StreamRes
     except (web.HTTPException, SidecarError):
         raise
     except Exception as error:
-        failure = unexpected(error, f"{request.method} {request.path}")
+        failure = sidecar_error_of(error, f"{request.method} {request.path}")
         if request.path.startswith("/v1/"):
             from router.openai_front import error_response as openai_error_response
 

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from router.errors import SidecarError, status_of, unexpected
+from router.errors import SidecarError, sidecar_error_of, status_of
 from router.metrics import SidecarMetrics
 
 logger = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class EdgeInterceptor(aio.ServerInterceptor):
     async def _unexpected(
         self, method: str, error: Exception, context: aio.ServicerContext
     ) -> None:
-        await self._fail(context, grpc.StatusCode.INTERNAL, str(unexpected(error, method)))
+        await self._fail(context, grpc.StatusCode.INTERNAL, str(sidecar_error_of(error, method)))
 
     async def _fail(
         self, context: aio.ServicerContext, code: grpc.StatusCode, message: str

@@ -42,7 +42,7 @@ from router.errors import (
     RequestTooLargeError,
     SidecarError,
     UnauthenticatedError,
-    unexpected,
+    sidecar_error_of,
 )
 from router.service import GenerationResult, RoutedRequest, RouterService, TokenChunk
 
@@ -595,9 +595,7 @@ async def _stream(
             except ConnectionResetError:
                 raise  # the client left (client_may_leave)
             except Exception as error:
-                failure = (
-                    error if isinstance(error, SidecarError) else unexpected(error, "the stream")
-                )
+                failure = sidecar_error_of(error, "the stream")
                 await _sse_event(response, error_body(failure)[1])
             await _sse_event(response, "[DONE]")
             await response.write_eof()

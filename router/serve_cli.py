@@ -78,6 +78,13 @@ def _call(function: Any, *args: Any, **kwargs: Any) -> Any:
         raise typer.Exit(1) from None
 
 
+def _ask(address: str, method: str, request: Any, token: str | None, timeout: float) -> Any:
+    """The sidecar's answer to ``method`` (a Router RPC's name), with the token, within
+    ``timeout`` seconds; a refused call exits 1 (``_call``)."""
+    call = getattr(_stub(address), method)
+    return _call(call, request, metadata=_metadata(token), timeout=timeout)
+
+
 def _port(value: int | None) -> int | None:
     return None if value is not None and value < 0 else value
 
@@ -204,8 +211,7 @@ def route_command(
     request = pb.RouteRequest(
         **_prompt(text, raw), task_hint=task_hint, max_new_tokens=max_new_tokens
     )
-    route = _stub(address).Route
-    _print_message(_call(route, request, metadata=_metadata(token), timeout=timeout))
+    _print_message(_ask(address, "Route", request, token, timeout))
 
 
 def generate_command(
@@ -276,8 +282,7 @@ def drafters_list_command(
     from router.pb import router_pb2 as pb
 
     request = pb.ListDraftersRequest()
-    listing = _stub(address).ListDrafters
-    reply = _call(listing, request, metadata=_metadata(token), timeout=timeout)
+    reply = _ask(address, "ListDrafters", request, token, timeout)
     if as_json:
         _print_message(reply)
         return
@@ -349,9 +354,7 @@ def drafters_register_command(
         finetune_sample=[s for s in sample if s],
         options=_key_values(options or [], "--option"),
     )
-    stub = _stub(address)
-    registered = _call(stub.RegisterDrafter, request, metadata=_metadata(token), timeout=timeout)
-    _print_message(registered)
+    _print_message(_ask(address, "RegisterDrafter", request, token, timeout))
 
 
 def _absolute(path: str) -> str:
@@ -383,10 +386,8 @@ def drafters_remove_command(
     """Remove a registered drafter from a running sidecar."""
     from router.pb import router_pb2 as pb
 
-    stub = _stub(address)
     request = pb.RemoveDrafterRequest(name=name)
-    reply = _call(stub.RemoveDrafter, request, metadata=_metadata(token), timeout=timeout)
-    _print_message(reply)
+    _print_message(_ask(address, "RemoveDrafter", request, token, timeout))
 
 
 def policy_show_command(
@@ -399,8 +400,7 @@ def policy_show_command(
     from router.pb import router_pb2 as pb
 
     request = pb.GetPolicyStateRequest()
-    showing = _stub(address).GetPolicyState
-    state = _call(showing, request, metadata=_metadata(token), timeout=timeout)
+    state = _ask(address, "GetPolicyState", request, token, timeout)
     if as_json:
         _print_message(state)
         return
@@ -439,8 +439,7 @@ def policy_set_command(
         except json.JSONDecodeError as error:
             raise typer.BadParameter(f"not JSON: {error}", param_hint="--config") from None
     request = pb.SetPolicyRequest(policy=name, config_json=config, reset_state=reset)
-    setting = _stub(address).SetPolicy
-    state = _call(setting, request, metadata=_metadata(token), timeout=timeout)
+    state = _ask(address, "SetPolicy", request, token, timeout)
     typer.echo(f"policy {state.policy} version {state.version}")
 
 
