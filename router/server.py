@@ -200,7 +200,7 @@ async def start_sidecar(settings: Settings, components: Components | None = None
     # either unusable stops the start before the models are loaded.
     tls = settings.tls.server_context()
     check_ports_free(settings)
-    store = SidecarStore(settings.state_dir)
+    store = SidecarStore(settings.state_dir, exclusive=True)
     if components is None:
         from router.components import build_components
 

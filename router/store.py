@@ -7,7 +7,9 @@ just before the process is killed is present after a restart.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -40,6 +42,7 @@ CREATE TABLE IF NOT EXISTS policy_snapshots (
 """
 
 DATABASE_NAME = "sidecar.sqlite3"
+LOCK_NAME = "sidecar.lock"
 SNAPSHOTS_KEPT = 20
 
 
@@ -135,17 +138,57 @@ LEFT_AS_IS = (
 )
 
 
-class SidecarStore:
-    """The state directory's SQLite database; thread-safe (one connection, one lock)."""
+def lock_state_dir(state_dir: Path) -> int:
+    """Take ``state_dir`` for this process: an exclusive ``flock`` on its ``sidecar.lock``,
+    held until the returned descriptor is closed or the process ends (a SIGKILL included:
+    the kernel lets it go, so a crash leaves no stale lock). ``StateStoreError`` naming the
+    holder's pid when another sidecar has it: two sidecars on one directory would each
+    overwrite the other's policy snapshots, and the learning of one would be lost."""
+    path = state_dir / LOCK_NAME
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise StateStoreError(f"cannot lock the state directory {state_dir}: {error}") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(descriptor)
+        raise StateStoreError(
+            f"the state directory {state_dir} is in use by another sidecar (pid {holder}): "
+            "give each sidecar its own state_dir (replicas pool what they learn through "
+            "Redis, not through a shared directory)"
+        ) from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"{os.getpid()}\n".encode("ascii"), 0)
+    return descriptor
 
-    def __init__(self, state_dir: Path) -> None:
+
+class SidecarStore:
+    """The state directory's SQLite database; thread-safe (one connection, one lock).
+    ``exclusive``: the serving sidecar's store, which holds the directory's lock
+    (:func:`lock_state_dir`) until it is closed; readers (tools, tests) take none."""
+
+    def __init__(self, state_dir: Path, *, exclusive: bool = False) -> None:
         self.path = state_dir / DATABASE_NAME
         self._lock = threading.Lock()
-        self._db = open_database(self.path, SCHEMA)
+        self._held = lock_state_dir(state_dir) if exclusive else None
+        try:
+            self._db = open_database(self.path, SCHEMA)
+        except StateStoreError:
+            self._release()
+            raise
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._release()
+
+    def _release(self) -> None:
+        if self._held is not None:
+            os.close(self._held)  # closing the descriptor lets the flock go
+            self._held = None
 
     @contextlib.contextmanager
     def _writing(self, what: str) -> Iterator[sqlite3.Connection]:

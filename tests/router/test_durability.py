@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import socket
 import sqlite3
@@ -20,7 +21,7 @@ from router.launch import LaunchedSidecar, launch_sidecar
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
 from router.service import Components
-from router.store import DATABASE_NAME, SidecarStore
+from router.store import DATABASE_NAME, SidecarStore, StateStoreError
 from tests.router.conftest import (
     ADMIN,
     ADMIN_TOKEN,
@@ -210,6 +211,40 @@ def test_a_state_directory_that_cannot_be_used_stops_the_start_and_is_left_as_is
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
     assert str(state_dir) in done.stderr
     assert kept.read_bytes() == before
+
+
+def test_a_state_directory_in_use_by_another_sidecar_stops_the_start(tmp_path: Path) -> None:
+    """Two sidecars on one state directory both started, and each snapshot overwrote what
+    the other had learnt. Now the second stops in one line naming the first's pid, before
+    anything loads; the directory is free again once the first closes its store."""
+    state_dir = tmp_path / "state"
+    serving = SidecarStore(state_dir, exclusive=True)
+    try:
+        with pytest.raises(
+            StateStoreError, match=rf"in use by another sidecar \(pid {os.getpid()}\)"
+        ):
+            SidecarStore(state_dir, exclusive=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "router.cli", "serve", *("--port", "0"), *SERVERS_OFF],
+            capture_output=True,
+            text=True,
+            env={
+                "PATH": "/usr/bin:/bin",
+                "HF_HUB_OFFLINE": "1",
+                "SPECROUTE_STATE_DIR": str(state_dir),
+                "SPECROUTE_WORLD_DIR": str(tmp_path / "no-world"),
+            },
+            timeout=120,
+        )
+        assert done.returncode == 2, done.stderr
+        assert (
+            done.stderr.startswith("error: the state directory ") and done.stderr.count("\n") == 1
+        )
+        assert f"in use by another sidecar (pid {os.getpid()})" in done.stderr, done.stderr
+        SidecarStore(state_dir).close()  # a reader (a tool, a backup) takes no lock
+    finally:
+        serving.close()
+    SidecarStore(state_dir, exclusive=True).close()
 
 
 def _listening_socket() -> socket.socket:
