@@ -201,6 +201,24 @@ class DrafterPool:
         self._check_options(kind, record.options)
         if _loads_weights(kind):
             self._check_path(record.path)
+            self._check_same_weights(record)
+
+    def _check_same_weights(self, record: DrafterRecord) -> None:
+        """FAILED_PRECONDITION when a stored model drafter's weight files are no longer
+        the ones registered (replaced in place, or damaged): what the policy learnt of it
+        belongs to the registered weights, and a changed file under a model root is not
+        served unannounced. Through the digest cache: unchanged files are not re-read."""
+        from drafters.loader import digest_weights, safetensors_files
+
+        if not record.weights_digest:
+            return
+        now = digest_weights(safetensors_files(record.path), self._target.digest_cache)
+        if now != record.weights_digest:
+            raise PreconditionError(
+                f"its weights in {record.path} changed since it was registered (digest "
+                f"{record.weights_digest[:12]}, now {now[:12]}): remove it (what was learnt "
+                "of it goes) and register it again"
+            )
 
     def _check_kind(self, kind: str) -> str:
         from drafters import DRAFTER_KINDS

@@ -50,3 +50,42 @@ def test_restore_rechecks_roots_and_options_and_keeps_what_it_refuses(
     # With the bundle's directory among the roots again, the model drafter comes back.
     widened = DrafterPool(target, None, store, [tiny_world.root])
     assert sorted(widened.restore()) == ["lookup4", "outside"]
+
+
+def test_restore_refuses_a_model_drafter_whose_weights_changed_since_registration(
+    tiny_world: ModelBundle, tmp_path: Path
+) -> None:
+    """A stored model drafter's weights replaced in place (another training run written
+    over them, or a damaged copy that still parses) were served under the old record,
+    with what the policy learnt of the old weights. Now it is not served, the reason
+    names the change, and its record stays for the operator to remove."""
+    import shutil
+
+    from drafters.loader import (
+        default_placement,
+        describe_target,
+        safetensors_files,
+        weights_digest,
+    )
+    from router.drafter_pool import DrafterPool
+    from router.store import DrafterRecord, SidecarStore
+
+    target = describe_target(tiny_world.target_dir, placement=default_placement("cpu"))
+    root = tmp_path / "models"
+    copy = root / "generic"
+    shutil.copytree(tiny_world.drafter_dirs["generic"], copy)
+    store = SidecarStore(tmp_path / "state")
+    digest = weights_digest(safetensors_files(copy))
+    store.add_drafter(DrafterRecord("mine", "model", str(copy), weights_digest=digest))
+    assert DrafterPool(target, None, store, [root]).restore() == ["mine"]
+
+    # Another drafter's (valid) weights written over the registered ones.
+    other = safetensors_files(tiny_world.drafter_dirs["math"])
+    assert [f.name for f in other] == [f.name for f in safetensors_files(copy)]
+    for file in other:
+        shutil.copyfile(file, copy / file.name)
+    pool = DrafterPool(target, None, store, [root])
+    assert pool.restore() == []
+    ((record, why),) = pool.unserved()
+    assert record.name == "mine" and "changed since it was registered" in why, why
+    assert [r.name for r in store.drafters()] == ["mine"]
