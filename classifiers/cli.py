@@ -10,6 +10,8 @@ import typer
 
 from classifiers.text import LabeledPrompt
 
+CLASSIFIER_HELP = "Task classifier: train (or discover clusters), evaluate, reload on a sidecar."
+
 
 def _parse_clusters(value: str | None) -> int | str | None:
     if value is None or value == "auto":
@@ -145,8 +147,11 @@ def print_evaluation(payload: dict[str, Any]) -> None:
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
-    """Add ``classifier train|eval``."""
-    group = typer.Typer(help="Task classifier: train (or discover clusters), evaluate.")
+    """Add ``classifier train|eval``, beside the sidecar's ``classifier reload`` when the
+    router has created the group."""
+    existing = [g.typer_instance for g in app.registered_groups if g.name == "classifier"]
+    group = existing[0] if existing and existing[0] is not None else typer.Typer()
     group.command("train")(train_command)
     group.command("eval")(eval_command)
-    app.add_typer(group, name="classifier")
+    if not existing:
+        app.add_typer(group, name="classifier", help=CLASSIFIER_HELP)

@@ -443,6 +443,25 @@ def policy_set_command(
     typer.echo(f"policy {state.policy} version {state.version}")
 
 
+def classifier_reload_command(
+    path: Annotated[
+        str, typer.Argument(help="The new classifier's directory, under a model root.")
+    ],
+    address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
+    token: Annotated[str | None, TOKEN_OPTION] = None,
+    timeout: Annotated[float, TIMEOUT_OPTION] = 60.0,
+) -> None:
+    """Swap a running sidecar's classifier for the one in PATH (admin).
+
+    It is validated first: one refused leaves the current classifier serving. For this
+    process only: a restart loads the configured classifier_dir.
+    """
+    from router.pb import router_pb2 as pb
+
+    request = pb.ReloadClassifierRequest(path=_absolute(path))
+    _print_message(_ask(address, "ReloadClassifier", request, token, timeout))
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this package's commands to the root app and the ``bench`` group."""
     app.command("serve")(serve_command)
@@ -455,3 +474,6 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     policy = _group(app, "policy", "The serving policy.")
     policy.command("show")(policy_show_command)
     policy.command("set")(policy_set_command)
+    from classifiers.cli import CLASSIFIER_HELP
+
+    _group(app, "classifier", CLASSIFIER_HELP).command("reload")(classifier_reload_command)

@@ -95,6 +95,28 @@ def test_cli_route_generate_drafters_policy(
     assert back.exit_code == 0 and back.output.startswith("policy thompson"), back.output
 
 
+def test_cli_classifier_reload(
+    sidecar: SidecarThread, serving_world: ServingWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``specroute classifier reload PATH`` (admin) swaps the classifier, PATH relative to
+    where it is typed; one refused names the status and the classifier keeps serving."""
+    runner, app = CliRunner(), build_app()
+    address = ["--address", sidecar.running.address]
+    env = {"SPECROUTE_ADMIN_TOKEN": ADMIN_TOKEN}
+    monkeypatch.chdir(serving_world.world.root)
+    reloaded = runner.invoke(app, ["classifier", "reload", "classifier", *address], env=env)
+    assert reloaded.exit_code == 0, reloaded.output
+    info = json.loads(reloaded.output)
+    assert info["path"] == str((serving_world.world.root / "classifier").resolve())
+    assert set(info["labels"]) >= set(serving_world.tasks)
+    unauthenticated = runner.invoke(app, ["classifier", "reload", "classifier", *address])
+    assert unauthenticated.exit_code == 1 and "UNAUTHENTICATED" in unauthenticated.output
+    outside = runner.invoke(app, ["classifier", "reload", "/", *address], env=env)
+    assert outside.exit_code == 1 and "PERMISSION_DENIED" in outside.output, outside.output
+    routed = runner.invoke(app, ["route", serving_world.prompts["math"], *address])
+    assert json.loads(routed.output)["task_cluster"] in serving_world.tasks
+
+
 def test_bench_load_reports_every_key(sidecar: SidecarThread, tmp_path: Path) -> None:
     result = run_load_bench(sidecar.running.address, requests=120, concurrency=8)
     for key in ("requests", "errors", "rps", "echo_rps", "latency_ms", "latency_c1_ms", "rss_mb"):

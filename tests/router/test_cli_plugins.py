@@ -31,6 +31,9 @@ def test_root_and_bench_list_every_command() -> None:
     app = build_app()
     assert {"serve", "route", "generate", "replay", "study", "demo"} <= _command_names(app)
     assert {"bench", "world", "classifier", "drafters", "policy"} <= _command_names(app)
+    classifier = [g.typer_instance for g in app.registered_groups if g.name == "classifier"]
+    assert len(classifier) == 1 and classifier[0] is not None  # one group, both packages'
+    assert _command_names(classifier[0]) == {"train", "eval", "reload"}
     bench = next(g.typer_instance for g in app.registered_groups if g.name == "bench")
     assert bench is not None
     assert {"engine", "classifier", "policy", "load", "load-compare"} <= _command_names(bench)
