@@ -9,7 +9,8 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How the next token is chosen: greedy (argmax) or sampled with temperature/top-k/top-p.
+    """How the next token is chosen: greedy (argmax) or sampled with temperature, top-k,
+    top-p and typical-p (TGI's ``typical_p``, locally typical sampling).
 
     ``seed`` makes a sampled request reproducible; ``None`` draws a fresh seed.
     """
@@ -19,6 +20,7 @@ class SamplingConfig:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    typical_p: float = 1.0
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -27,10 +29,13 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.typical_p <= 1:
+            raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
 
 
 def sampling_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """Probabilities [n, vocab] after temperature, then top-k, then top-p (HF's order).
+    """Probabilities [n, vocab] after temperature, then top-k, then top-p, then typical-p
+    (the order of transformers' warpers, and of TGI's).
 
     Each row's maximum is subtracted before dividing by the temperature: the softmax is
     the same, and a tiny temperature (down to the smallest positive float) sends the other
@@ -49,7 +54,26 @@ def sampling_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tens
         drop_sorted = (cumulative - sorted_scores.softmax(dim=-1)) >= sampling.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
+    if sampling.typical_p < 1.0:
+        scores = _typical(scores, sampling.typical_p)
     return scores.softmax(dim=-1)
+
+
+def _typical(scores: torch.Tensor, mass: float) -> torch.Tensor:
+    """Locally typical sampling (Meister et al., 2022), as transformers'
+    ``TypicalLogitsWarper``: keep the tokens whose surprisal is closest to the row's
+    entropy until they hold ``mass`` of the probability; the closest is always kept."""
+    log_probs = scores.log_softmax(dim=-1)  # [n, vocab]
+    probs = log_probs.exp()
+    entropy = -(log_probs * probs).nansum(dim=-1, keepdim=True)  # [n, 1]
+    distance = (-log_probs - entropy).abs()
+    sorted_distance, order = torch.sort(distance, dim=-1)
+    cumulative = probs.gather(-1, order).cumsum(dim=-1)
+    last = (cumulative < mass).sum(dim=-1, keepdim=True).clamp(max=scores.shape[-1] - 1)
+    drop_sorted = sorted_distance > sorted_distance.gather(-1, last)
+    drop_sorted[..., 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
 
 
 def make_generator(sampling: SamplingConfig, device: torch.device) -> torch.Generator | None:

@@ -28,9 +28,10 @@ GREEDY = Sampling()  # an unset SamplingParams (immutable, shared)
 
 
 def sampling_from_pb(message: pb.SamplingParams) -> Sampling:
-    """Proto3 scalars cannot be unset, so 0 means the default (1.0) for temperature and
-    top_p; every other value is checked with the request (:func:`router.domain.check_sampling`)."""
-    temperature, top_p = message.temperature, message.top_p
+    """Proto3 scalars cannot be unset, so 0 means the default (1.0) for temperature,
+    top_p and typical_p; every other value is checked with the request
+    (:func:`router.domain.check_sampling`)."""
+    temperature, top_p, typical_p = message.temperature, message.top_p, message.typical_p
     return Sampling(
         do_sample=message.do_sample,
         temperature=temperature if temperature != 0 else 1.0,
@@ -38,6 +39,7 @@ def sampling_from_pb(message: pb.SamplingParams) -> Sampling:
         top_p=top_p if top_p != 0 else 1.0,
         seed=message.seed if message.HasField("seed") else None,
         stop=tuple(message.stop),
+        typical_p=typical_p if typical_p != 0 else 1.0,
     )
 
 

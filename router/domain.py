@@ -27,6 +27,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    typical_p: float = 1.0  # locally typical sampling (TGI's parameter); 1.0: off
 
     @property
     def greedy(self) -> bool:
@@ -124,6 +125,7 @@ def check_sampling(sampling: Sampling) -> Sampling:
     """Refuse impossible decoding parameters (INVALID_ARGUMENT)."""
     check_finite("sampling.temperature", sampling.temperature)
     check_finite("sampling.top_p", sampling.top_p)
+    check_finite("sampling.typical_p", sampling.typical_p)
     if sampling.temperature < 0:
         raise InvalidFieldError(
             "sampling.temperature", f"must be >= 0, got {sampling.temperature:g}"
@@ -132,6 +134,10 @@ def check_sampling(sampling: Sampling) -> Sampling:
         raise InvalidFieldError("sampling.temperature", "must be > 0 when sampling")
     if not 0 < sampling.top_p <= 1:
         raise InvalidFieldError("sampling.top_p", f"must be in (0, 1], got {sampling.top_p:g}")
+    if not 0 < sampling.typical_p <= 1:
+        raise InvalidFieldError(
+            "sampling.typical_p", f"must be in (0, 1], got {sampling.typical_p:g}"
+        )
     if sampling.top_k < 0:
         raise InvalidRequestError(f"top_k must be >= 0, got {sampling.top_k}")
     if any(not stop for stop in sampling.stop):

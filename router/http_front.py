@@ -93,8 +93,6 @@ def _unsupported(params: TgiParameters) -> list[str]:
         problems.append("repetition_penalty")
     if params.frequency_penalty not in (None, 0.0):
         problems.append("frequency_penalty")
-    if params.typical_p not in (None, 1.0):
-        problems.append("typical_p")
     if params.best_of not in (None, 1):
         problems.append("best_of")
     if params.watermark:
@@ -109,17 +107,21 @@ def _unsupported(params: TgiParameters) -> list[str]:
 
 
 def sampling_from_tgi(params: TgiParameters) -> Sampling:
-    """TGI semantics: any warper (temperature != 1, top_k, top_p < 1) turns sampling on."""
+    """TGI semantics: any warper (temperature != 1, top_k, top_p < 1, typical_p < 1) turns
+    sampling on."""
     if params.temperature is not None and params.temperature <= 0:
         raise InvalidRequestError("`temperature` must be strictly positive")
     if params.top_p is not None and not 0 < params.top_p <= 1:
         raise InvalidRequestError("`top_p` must be > 0.0 and <= 1.0")
     if params.top_k is not None and params.top_k <= 0:
         raise InvalidRequestError("`top_k` must be strictly positive")
+    if params.typical_p is not None and not 0 < params.typical_p <= 1:
+        raise InvalidRequestError("`typical_p` must be > 0.0 and <= 1.0")
     warped = (
         (params.temperature is not None and params.temperature != 1.0)
         or bool(params.top_k)
         or (params.top_p is not None and params.top_p < 1.0)
+        or (params.typical_p is not None and params.typical_p < 1.0)
     )
     return Sampling(
         do_sample=params.do_sample or warped,
@@ -128,6 +130,7 @@ def sampling_from_tgi(params: TgiParameters) -> Sampling:
         top_p=params.top_p or 1.0,
         seed=params.seed,
         stop=tuple(params.stop),
+        typical_p=params.typical_p or 1.0,
     )
 
 

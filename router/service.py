@@ -558,6 +558,7 @@ class RouterService:
             top_k=sampling.top_k,
             top_p=sampling.top_p,
             seed=sampling.seed,
+            typical_p=sampling.typical_p,
         )
         engine = self.components.engine
         if engine is None:

@@ -44,6 +44,7 @@ import aiohttp
 from router.domain import GenerateInput
 from router.errors import (
     GenerationFailedError,
+    InvalidFieldError,
     InvalidRequestError,
     NotFoundError,
     OverloadedError,
@@ -111,6 +112,15 @@ def generation_stats(
     stats.wall_time_s = timing.wall_time_s
     stats.finish_reason = finish_reason
     return stats
+
+
+def _checked_sampling(request: GenerateInput) -> None:
+    """What the replicas cannot sample: vLLM has no typical-p sampling (TGI's
+    ``typical_p``), and dropping it would sample another distribution than asked."""
+    if request.route.sampling.typical_p != 1.0:
+        raise InvalidFieldError(
+            "sampling.typical_p", "vLLM replicas do not implement typical-p sampling (1.0: off)"
+        )
 
 
 @dataclass
@@ -301,6 +311,7 @@ class FleetRouterService(RouterService):
         token, so a request refused or failed everywhere is a plain error), then
         :class:`TokenChunk` s, then the :class:`GenerationResult`."""
         self._checked_force(request)
+        _checked_sampling(request)
         routed = await self._route(
             request.route,
             force_drafter=request.force_drafter,

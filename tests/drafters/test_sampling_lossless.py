@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -198,13 +198,7 @@ def sample_joint(
     outputs: Counter[tuple[int, ...]] = Counter()
     accepted: Counter[int] = Counter()
     for seed in range(SAMPLES):
-        config = SamplingConfig(
-            do_sample=True,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            seed=seed,
-        )
+        config = replace(sampling, do_sample=True, seed=seed)
         length = k if isinstance(k, int) else k()
         run = engine.generate(prompt, drafter, length, max_new_tokens=LENGTH, sampling=config)
         outputs[tuple(run.collect())] += 1
@@ -216,12 +210,14 @@ def sample_joint(
 
 TOP_K = SamplingConfig(do_sample=True, temperature=1.0, top_k=4)
 TOP_P = SamplingConfig(do_sample=True, temperature=0.9, top_p=0.85)
+# Locally typical sampling after top-p, as TGI's typical_p: another warp, the same law.
+TYPICAL = SamplingConfig(do_sample=True, temperature=0.9, top_p=0.95, typical_p=0.8)
 
 
 @pytest.mark.parametrize(
     ("drafter", "sampling"),
-    [("model", TOP_K), ("model", TOP_P), ("ngram", TOP_P), (COPY, TOP_P)],
-    ids=["model-top_k", "model-top_p", "ngram-top_p", "copy_or_model-top_p"],
+    [("model", TOP_K), ("model", TOP_P), ("ngram", TOP_P), (COPY, TYPICAL)],
+    ids=["model-top_k", "model-top_p", "ngram-top_p", "copy_or_model-typical_p"],
 )
 def test_speculative_samples_follow_plain_sampling_beyond_the_first_token(
     setup: Setup, drafter: str, sampling: SamplingConfig

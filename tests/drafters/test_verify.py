@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from drafters.sampling import SamplingConfig, sampling_probs
@@ -116,3 +117,36 @@ def test_sampling_probs_applies_temperature_top_k_and_top_p() -> None:
     assert torch.isclose(top_p[0, 0] / top_p[0, 1], full[0] / full[1])
     hot = sampling_probs(logits, SamplingConfig(do_sample=True, temperature=0.5))
     assert torch.allclose(hot, torch.softmax(logits / 0.5, dim=-1))
+
+
+@pytest.mark.parametrize("mass", [0.2, 0.5, 0.9, 0.99])
+def test_sampling_probs_typical_p_matches_transformers_warpers(mass: float) -> None:
+    """typical_p (TGI's parameter) as transformers warps it, after temperature, top-k
+    and top-p: the same tokens kept, the same probabilities."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+        TypicalLogitsWarper,
+    )
+
+    logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(3)) * 3
+    ours = sampling_probs(
+        logits,
+        SamplingConfig(do_sample=True, temperature=0.8, top_k=30, top_p=0.95, typical_p=mass),
+    )
+    scores = logits.clone()
+    for warper in (
+        TemperatureLogitsWarper(0.8),
+        TopKLogitsWarper(30),
+        TopPLogitsWarper(0.95),
+        TypicalLogitsWarper(mass),
+    ):
+        scores = warper(torch.zeros(16, 1, dtype=torch.long), scores)
+    theirs = scores.softmax(dim=-1)
+    assert torch.equal(ours > 0, theirs > 0)
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    narrowed = SamplingConfig(do_sample=True, temperature=0.8, top_k=30, top_p=0.95)
+    kept_before = (sampling_probs(logits, narrowed) > 0).sum(dim=-1)
+    if mass < 0.95:  # typical_p dropped tokens top-p had kept
+        assert ((ours > 0).sum(dim=-1) < kept_before).any()

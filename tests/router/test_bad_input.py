@@ -229,6 +229,20 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "sampling.top_p",
     ),
+    "typical_p above 1": (
+        _route(text=PROMPT, sampling=pb.SamplingParams(do_sample=True, typical_p=1.5)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.typical_p",
+    ),
+    "NaN typical_p on a sampled Generate": (
+        _generate(
+            text=COMPLETION_PROMPT,
+            max_new_tokens=4,
+            sampling=pb.SamplingParams(do_sample=True, typical_p=NAN, seed=1),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.typical_p",
+    ),
     "force_draft_length far above the largest k": (
         _generate(
             text=COMPLETION_PROMPT,

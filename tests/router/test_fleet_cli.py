@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import openai
 import pytest
+from text_generation import Client
+from text_generation.errors import ValidationError
 
 from benchmarks.fleet.vllm_process import free_port
 from router.launch import LaunchedSidecar, launch_sidecar
@@ -411,6 +413,21 @@ def test_the_self_drafter_is_refused_in_fleet_mode(weightless_fleet: WeightlessF
     assert "'self'" in details and "fleet mode" in details, details
     names = {d.name for d in stub.ListDrafters(pb.ListDraftersRequest(), timeout=10).drafters}
     assert "early-exit" not in names
+
+
+def test_typical_p_is_refused_in_fleet_mode(weightless_fleet: WeightlessFleet) -> None:
+    """vLLM has no typical-p sampling: a fleet refuses it by name rather than sampling
+    another distribution than asked; the TGI front says so in TGI's shape."""
+    sampled = pb.SamplingParams(do_sample=True, typical_p=0.9, seed=1)
+    request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=4, sampling=sampled)
+    with pytest.raises(grpc.RpcError) as refused:
+        list(weightless_fleet.stub.Generate(request, timeout=60))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sampling.typical_p" in (refused.value.details() or "")
+    url = weightless_fleet.sidecar.http_url
+    assert url is not None
+    with pytest.raises(ValidationError, match="typical"):
+        Client(url, timeout=60).generate(COMPLETION_PROMPT, max_new_tokens=4, typical_p=0.9)
 
 
 def test_a_replica_gets_its_api_key_and_one_without_gets_none(

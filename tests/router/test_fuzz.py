@@ -73,6 +73,7 @@ def _sampling() -> st.SearchStrategy[pb.SamplingParams]:
         temperature=st.one_of(st.floats(0.05, 4.0), FLOAT32),
         top_k=st.one_of(st.integers(0, 50), UINT32),
         top_p=st.one_of(st.floats(0.05, 1.0), FLOAT32),
+        typical_p=st.one_of(st.floats(0.05, 1.0), FLOAT32),
         seed=st.one_of(st.none(), UINT64),
         stop=st.lists(TEXT, max_size=3),
     )

@@ -82,6 +82,30 @@ def test_client_sampling_with_a_seed_runs(sidecar: SidecarThread) -> None:
     assert response.details.seed == 7
 
 
+def test_typical_p_reaches_the_engine(sidecar: SidecarThread) -> None:
+    """typical_p was refused (422), and LangChain's TGI classes send 0.95 by default. At a
+    mass so small that only the most typical token of each step is kept, two seeds give
+    one text; without it, the same two seeds give two."""
+    client = Client(sidecar.http_url, timeout=60)
+
+    def text(seed: int, **typical: float) -> str:
+        reply = client.generate(
+            PROMPT,
+            max_new_tokens=12,
+            temperature=1.5,
+            seed=seed,
+            **typical,  # type: ignore[arg-type]
+        )
+        assert reply.details.seed == seed
+        return reply.generated_text
+
+    assert text(1) != text(2)
+    assert text(1, typical_p=1e-6) == text(2, typical_p=1e-6)
+    # LangChain's defaults (do_sample off; the warpers turn sampling on, as in TGI).
+    langchain = {"temperature": 0.8, "top_p": 0.95, "typical_p": 0.95, "seed": 3}
+    assert client.generate(PROMPT, max_new_tokens=8, **langchain).details.seed == 3  # type: ignore[arg-type]
+
+
 def test_generate_and_generate_stream_routes(sidecar: SidecarThread) -> None:
     expected_ids, expected_text = greedy_reference(sidecar, PROMPT, 10)
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 10, "details": True}}
@@ -344,6 +368,7 @@ def test_max_new_tokens_left_out_is_tgis_default_of_100(sidecar: SidecarThread) 
         ({"inputs": PROMPT, "parameters": {"max_new_tokens": 999}}, "over the limit"),
         ({"inputs": PROMPT, "parameters": {"temperature": -1.0}}, "temperature"),
         ({"inputs": PROMPT, "parameters": {"top_p": 1.5}}, "top_p"),
+        ({"inputs": PROMPT, "parameters": {"typical_p": 0}}, "typical_p"),
         # NaN and infinities (JSON as Python writes and reads it) are refused by name;
         # a NaN temperature failed inside the engine before (HTTP 424).
         (
