@@ -161,6 +161,25 @@ def test_drafter_and_policy_survive_sigkill_and_sighup(
 SERVERS_OFF = ("--http-port", "-1", "--metrics-port", "-1")
 
 
+def _serve_without_a_world(
+    state_dir: Path, tmp_path: Path, *flags: str
+) -> subprocess.CompletedProcess[str]:
+    """``specroute serve`` on ``state_dir`` with no world, for a start that must stop in
+    one line before anything loads."""
+    return subprocess.run(
+        [sys.executable, "-m", "router.cli", "serve", *(flags or ("--port", "0", *SERVERS_OFF))],
+        capture_output=True,
+        text=True,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "HF_HUB_OFFLINE": "1",
+            "SPECROUTE_STATE_DIR": str(state_dir),
+            "SPECROUTE_WORLD_DIR": str(tmp_path / "no-world"),
+        },
+        timeout=120,
+    )
+
+
 def _damaged_pages(state_dir: Path) -> Path:
     """A state database with snapshots over many pages, its third page overwritten: its
     header and schema read fine, its rows do not."""
@@ -195,18 +214,7 @@ def test_a_state_directory_that_cannot_be_used_stops_the_start_and_is_left_as_is
     else:
         kept = _damaged_pages(state_dir)
     before = kept.read_bytes()
-    done = subprocess.run(
-        [sys.executable, "-m", "router.cli", "serve", *("--port", "0"), *SERVERS_OFF],
-        capture_output=True,
-        text=True,
-        env={
-            "PATH": "/usr/bin:/bin",
-            "HF_HUB_OFFLINE": "1",
-            "SPECROUTE_STATE_DIR": str(state_dir),
-            "SPECROUTE_WORLD_DIR": str(tmp_path / "no-world"),
-        },
-        timeout=120,
-    )
+    done = _serve_without_a_world(state_dir, tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
     assert str(state_dir) in done.stderr
@@ -224,18 +232,7 @@ def test_a_state_directory_in_use_by_another_sidecar_stops_the_start(tmp_path: P
             StateStoreError, match=rf"in use by another sidecar \(pid {os.getpid()}\)"
         ):
             SidecarStore(state_dir, exclusive=True)
-        done = subprocess.run(
-            [sys.executable, "-m", "router.cli", "serve", *("--port", "0"), *SERVERS_OFF],
-            capture_output=True,
-            text=True,
-            env={
-                "PATH": "/usr/bin:/bin",
-                "HF_HUB_OFFLINE": "1",
-                "SPECROUTE_STATE_DIR": str(state_dir),
-                "SPECROUTE_WORLD_DIR": str(tmp_path / "no-world"),
-            },
-            timeout=120,
-        )
+        done = _serve_without_a_world(state_dir, tmp_path)
         assert done.returncode == 2, done.stderr
         assert (
             done.stderr.startswith("error: the state directory ") and done.stderr.count("\n") == 1
@@ -265,18 +262,8 @@ def test_a_port_held_by_another_process_stops_the_start_in_one_line(
     with _listening_socket() as held:
         port = held.getsockname()[1]
         ports = {"--port": "0", "--http-port": "0", "--metrics-port": "0", flag: str(port)}
-        done = subprocess.run(
-            [sys.executable, "-m", "router.cli", "serve", *itertools.chain(*ports.items())],
-            capture_output=True,
-            text=True,
-            env={
-                "PATH": "/usr/bin:/bin",
-                "HF_HUB_OFFLINE": "1",
-                "SPECROUTE_STATE_DIR": str(tmp_path / "state"),
-                "SPECROUTE_WORLD_DIR": str(tmp_path / "no-world"),
-            },
-            timeout=120,
-        )
+        flags = itertools.chain(*ports.items())
+        done = _serve_without_a_world(tmp_path / "state", tmp_path, *flags)
     assert done.returncode == 2, done.stderr
     assert (
         done.stderr.startswith("error: cannot listen on 127.0.0.1:")
