@@ -169,12 +169,14 @@ def serve_command(
 
     from classifiers import ClassifierLoadError
     from drafters import TokenizerMismatchError
+    from router.bundle import BundleNotFoundError
     from router.errors import SidecarError
 
     try:
         asyncio.run(serve(settings, on_ready=announce))
-    except TokenizerMismatchError as error:
-        # A configured drafter for another vocabulary: the settings are wrong, like a typo.
+    except (TokenizerMismatchError, BundleNotFoundError) as error:
+        # A configured drafter for another vocabulary, or no bundle where the settings
+        # point: the settings are wrong, like a typo (status 2, as for every command).
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     except (FileNotFoundError, ValueError, ClassifierLoadError, SidecarError) as error:

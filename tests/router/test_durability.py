@@ -221,6 +221,13 @@ def test_a_state_directory_that_cannot_be_used_stops_the_start_and_is_left_as_is
     assert kept.read_bytes() == before
 
 
+def test_serve_without_a_world_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """Exit status 1 before, where every other command that needs the bundle exits 2."""
+    done = _serve_without_a_world(tmp_path / "state", tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: no world at ") and done.stderr.count("\n") == 1
+
+
 def test_a_state_directory_in_use_by_another_sidecar_stops_the_start(tmp_path: Path) -> None:
     """Two sidecars on one state directory both started, and each snapshot overwrote what
     the other had learnt. Now the second stops in one line naming the first's pid, before
