@@ -10,6 +10,7 @@ length-prefixed pickles over the child's stdin and stdout, one batch at a time:
     parent -> child: ("init", tokenizer_json, spin_s)    once; the child answers ("ready",)
                      ("batch", model_texts, classifier_texts, (directory, sha256))
     child -> parent: ("ok", token_counts, classifications)
+                     ("stale", message)   the directory holds another classifier now
                      ("error", message)
 
 The parent reads replies on the event loop (``add_reader``), so no thread of the
@@ -62,6 +63,11 @@ ClassifierKey = tuple[str, str]  # (directory, model sha256)
 
 class RouteProcessError(RuntimeError):
     """The child could not do a batch (it failed, is gone or not ready)."""
+
+
+class ClassifierChangedError(RouteProcessError):
+    """The directory of the classifier served holds another one now (written over in
+    place): the child cannot load the served one until a reload serves another."""
 
 
 def _frame(message: Any) -> bytes:
@@ -326,6 +332,8 @@ class RouteProcess:
         if message[0] == "ok":
             self.batches += 1
             waiting.set_result(PromptsRead(message[1], message[2]))
+        elif message[0] == "stale":
+            waiting.set_exception(ClassifierChangedError(str(message[1])))
         else:
             waiting.set_exception(RouteProcessError(str(message[1])))
 
@@ -397,21 +405,26 @@ class ChildProcessReader:
     async def read(
         self, model_texts: Sequence[str], classifier_texts: Sequence[str]
     ) -> PromptsRead:
-        key = self._current_classifier_key()
+        served = self._classifiers.current
+        key = self._child_key(served)
         if key is not None:
             if self.process.started:
                 try:
                     async with self._turn:
                         return await self.process.run(model_texts, classifier_texts, key)
+                except ClassifierChangedError as error:
+                    # Not again for this classifier: each batch would load the directory
+                    # in the child, fail and warn. A reload serves another and asks anew.
+                    logger.warning("%s; it is read in-process until a reload", error)
+                    self._classifier_key = (served, None)
                 except RouteProcessError as error:
                     logger.warning("%s; this batch is read in-process", error)
             else:
                 self.process.start_in_background()
         return self._in_process.read_now(model_texts, classifier_texts)
 
-    def _current_classifier_key(self) -> ClassifierKey | None:
-        """(directory, sha256) of the classifier served now, if the child can load it."""
-        classifier = self._classifiers.current
+    def _child_key(self, classifier: Any) -> ClassifierKey | None:
+        """(directory, sha256) of ``classifier`` (the one served), if the child can load it."""
         cached = self._classifier_key
         if cached is None or cached[0] is not classifier:
             source = str(classifier.source)
@@ -441,7 +454,7 @@ class _ChildState:
             self.key, self.classifier = None, None
             classifier = OnnxTaskClassifier.load(key[0])
             if classifier.metadata.model_sha256 != key[1]:
-                raise RouteProcessError(
+                raise ClassifierChangedError(
                     f"{key[0]} now holds classifier {classifier.metadata.model_sha256[:12]}, "
                     f"the sidecar serves {key[1][:12]}"
                 )
@@ -477,6 +490,8 @@ def child_main(stdin: IO[bytes], stdout: IO[bytes]) -> None:
         reply: tuple[Any, ...]
         try:
             reply = state.batch(*message[1:])
+        except ClassifierChangedError as error:
+            reply = ("stale", str(error))
         except Exception as error:  # reported to the parent, which reads the batch itself
             reply = ("error", f"{type(error).__name__}: {error}")
         _write_all(stdout, _frame(reply))

@@ -149,6 +149,40 @@ def test_a_reader_whose_child_is_not_up_reads_in_process_and_starts_it(
         reader.close()
 
 
+def test_a_classifier_written_over_in_place_is_read_in_process_without_asking_the_child(
+    components: Components,
+    serving_world: ServingWorld,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The served classifier's directory overwritten with another (v2): the child refuses
+    it, rightly. But every batch made the child load the directory again, fail, and the
+    sidecar warn; now the first refusal is the last until a reload serves another."""
+    import logging
+    import shutil
+
+    directory = tmp_path / "classifier"
+    shutil.copytree(serving_world.world.root / "classifier", directory)
+    holder = ClassifierHolder(OnnxTaskClassifier.load(directory))
+    shutil.rmtree(directory)
+    shutil.copytree(serving_world.classifier_v2_dir, directory)
+    reader = ChildProcessReader(components.target.tokenizer, holder)
+    reader.start(wait=True)
+    text = serving_world.prompts["math"]
+    try:
+        with caplog.at_level(logging.WARNING, logger="router.route_process"):
+            reads = [asyncio.run(reader.read([text], [text])) for _ in range(3)]
+        assert all(r.classifications == [holder.current.classify(text)] for r in reads)
+        warned = [r.getMessage() for r in caplog.records if "in-process" in r.getMessage()]
+        assert len(warned) == 1 and "the sidecar serves" in warned[0], warned
+        # A reload serves another classifier, which the child loads again.
+        holder.reload(serving_world.world.root / "classifier")
+        assert asyncio.run(reader.read([text], [text])).classifications
+        assert reader.process.batches == 1
+    finally:
+        reader.close()
+
+
 def _states(pid: int, seconds: float) -> list[str]:
     """The scheduler state of process ``pid`` (/proc/PID/stat: R runnable, S sleeping),
     sampled every millisecond for ``seconds``."""
