@@ -174,12 +174,12 @@ def serve_command(
 
     try:
         asyncio.run(serve(settings, on_ready=announce))
-    except (TokenizerMismatchError, BundleNotFoundError) as error:
+    except (TokenizerMismatchError, BundleNotFoundError, ClassifierLoadError) as error:
         # A configured drafter for another vocabulary, or no bundle where the settings
         # point: the settings are wrong, like a typo (status 2, as for every command).
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    except (FileNotFoundError, ValueError, ClassifierLoadError, SidecarError) as error:
+    except (FileNotFoundError, ValueError, SidecarError) as error:
         # Start-up refusals (no world built, a model that does not load): a clear line.
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None

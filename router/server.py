@@ -70,18 +70,20 @@ class RunningSidecar:
         """Refuse new work, drain for ``grace`` seconds, then take the final snapshot; the
         pooling task goes last, so that the outcomes of the drained requests and of the
         learners' last scores are published (its cancellation flushes once)."""
-        await self.health.enter_graceful_shutdown()
-        await _cancel_and_wait(self.tasks)
-        await self.server.stop(self.settings.grace_s if grace is None else grace)
-        for runner in self.runners:
-            await runner.cleanup()
-        closing = getattr(self.service, "aclose", None)  # a fleet's HTTP client and probes
-        if closing is not None:
-            await closing()
-        await asyncio.to_thread(self.service.close)
-        if self.pooling_task is not None:
-            await _cancel_and_wait([self.pooling_task])
-        self.service.store.close()
+        try:
+            await self.health.enter_graceful_shutdown()
+            await _cancel_and_wait(self.tasks)
+            await self.server.stop(self.settings.grace_s if grace is None else grace)
+            for runner in self.runners:
+                await runner.cleanup()
+            closing = getattr(self.service, "aclose", None)  # a fleet's HTTP client and probes
+            if closing is not None:
+                await closing()
+            await asyncio.to_thread(self.service.close)
+            if self.pooling_task is not None:
+                await _cancel_and_wait([self.pooling_task])
+        finally:
+            self.service.store.close()  # and the state directory's lock with it
         logger.info("sidecar stopped; policy state saved")
 
 
@@ -194,6 +196,35 @@ async def _snapshot_loop(service: RouterService, interval_s: float) -> None:
             logger.exception("policy snapshot failed")
 
 
+async def _started_service(
+    settings: Settings, components: Components, store: SidecarStore, metrics: SidecarMetrics
+) -> RouterService:
+    """The in-process or fleet-mode service, started."""
+    if settings.fleet_file is not None:
+        from router.fleet.service import start_fleet_service
+
+        return await start_fleet_service(settings, components, store, metrics)
+    service = RouterService(settings, components, store, metrics)
+    try:
+        await asyncio.to_thread(service.start)
+    except BaseException:
+        await _close_quietly(service)
+        raise
+    return service
+
+
+async def _close_quietly(service: RouterService) -> None:
+    """Close a service whose start failed; a second failure is logged, not raised over the
+    first."""
+    try:
+        closing = getattr(service, "aclose", None)
+        if closing is not None:
+            await closing()
+        await asyncio.to_thread(service.close)
+    except Exception:
+        logger.exception("closing the service after a failed start")
+
+
 async def start_sidecar(settings: Settings, components: Components | None = None) -> RunningSidecar:
     """Build components (unless given), start every server, and return the running sidecar."""
     # The TLS files (every port speaks TLS when they are set) and the state store first:
@@ -201,25 +232,23 @@ async def start_sidecar(settings: Settings, components: Components | None = None
     tls = settings.tls.server_context()
     check_ports_free(settings)
     store = SidecarStore(settings.state_dir, exclusive=True)
-    if components is None:
-        from router.components import build_components
-
-        try:
-            components = await asyncio.to_thread(build_components, settings)
-        except BaseException:
-            store.close()
-            raise
     metrics = create_metrics()
-    service: RouterService
-    if settings.fleet_file is not None:
-        from router.fleet.service import start_fleet_service
+    service: RouterService | None = None
+    try:
+        if components is None:
+            from router.components import build_components
 
-        service = await start_fleet_service(settings, components, store, metrics)
-    else:
-        service = RouterService(settings, components, store, metrics)
-        await asyncio.to_thread(service.start)
-    # Pooled learning: the shared history is replayed here, before anything is served.
-    pooling = await start_pooling(settings, service, metrics)
+            components = await asyncio.to_thread(build_components, settings)
+        service = await _started_service(settings, components, store, metrics)
+        # Pooled learning: the shared history is replayed here, before anything is served.
+        pooling = await start_pooling(settings, service, metrics)
+    except BaseException:
+        # What started stops, and the state directory is free again for the next start
+        # in this process (an embedder's retry, a test).
+        if service is not None:
+            await _close_quietly(service)
+        store.close()
+        raise
 
     admin = settings.admin_token.get_secret_value() if settings.admin_token else None
     if admin is None:

@@ -160,8 +160,15 @@ def lock_state_dir(state_dir: Path) -> int:
             "give each sidecar its own state_dir (replicas pool what they learn through "
             "Redis, not through a shared directory)"
         ) from None
-    os.ftruncate(descriptor, 0)
-    os.pwrite(descriptor, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError as error:  # a file system without locks (some network mounts)
+        os.close(descriptor)
+        raise StateStoreError(f"cannot lock the state directory {state_dir}: {error}") from None
+    try:
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError as error:
+        os.close(descriptor)
+        raise StateStoreError(f"cannot write {path}: {error}") from None
     return descriptor
 
 

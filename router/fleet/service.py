@@ -117,7 +117,8 @@ def generation_stats(
 def _checked_sampling(request: GenerateInput) -> None:
     """What the replicas cannot sample: vLLM has no typical-p sampling (TGI's
     ``typical_p``), and dropping it would sample another distribution than asked."""
-    if request.route.sampling.typical_p != 1.0:
+    sampling = request.route.sampling
+    if sampling.do_sample and sampling.typical_p != 1.0:
         raise InvalidFieldError(
             "sampling.typical_p", "vLLM replicas do not implement typical-p sampling (1.0: off)"
         )
@@ -552,7 +553,13 @@ async def start_fleet_service(
     assert settings.fleet_file is not None
     fleet = load_fleet_file(settings.fleet_file)
     service = FleetRouterService(settings, components, store, metrics, fleet)
-    await asyncio.to_thread(service.start)
-    check_fleet_drafters(fleet, service.drafters.names(), str(settings.fleet_file))
-    await service.start_fleet()
+    try:
+        await asyncio.to_thread(service.start)
+        check_fleet_drafters(fleet, service.drafters.names(), str(settings.fleet_file))
+        await service.start_fleet()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await service.aclose()
+            await asyncio.to_thread(service.close)
+        raise
     return service

@@ -307,6 +307,46 @@ def test_a_port_taken_during_the_start_stops_what_started(
     assert _latest_snapshot_version(tmp_path / "state") >= 0  # the stop saved the policy
 
 
+def test_a_start_that_fails_midway_frees_the_state_directory(
+    serving_world: ServingWorld,
+    components: Components,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A start that failed after the service was built (here: pooling) kept the state
+    directory's lock, so a second start in the same process (an embedder's retry) was
+    refused as 'in use by another sidecar' naming its own pid."""
+    import asyncio
+
+    from router import server as server_module
+
+    async def failing_pooling(*args: Any) -> None:
+        raise RuntimeError("pooling failed to start")
+
+    monkeypatch.setattr(server_module, "start_pooling", failing_pooling)
+    settings = serving_world.settings(tmp_path / "state").model_copy(
+        update={"http_port": None, "metrics_port": None}
+    )
+    with pytest.raises(RuntimeError, match="pooling failed"):
+        asyncio.run(server_module.start_sidecar(settings, components))
+    SidecarStore(tmp_path / "state", exclusive=True).close()  # free again
+
+
+def test_a_file_system_without_locks_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flock failing otherwise than 'held' (ENOLCK on some network mounts) was a traceback."""
+    import errno
+    import fcntl
+
+    def no_locks(descriptor: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(StateStoreError, match=r"cannot lock the state directory .*No locks"):
+        SidecarStore(tmp_path / "state", exclusive=True)
+
+
 def test_a_full_disk_refuses_admin_changes_and_changes_nothing(
     serving_world: ServingWorld, components: Components, tmp_path: Path
 ) -> None:

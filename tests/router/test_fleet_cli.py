@@ -424,6 +424,14 @@ def test_typical_p_is_refused_in_fleet_mode(weightless_fleet: WeightlessFleet) -
         list(weightless_fleet.stub.Generate(request, timeout=60))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "sampling.typical_p" in (refused.value.details() or "")
+    greedy = pb.GenerateRequest(
+        text=COMPLETION_PROMPT,
+        max_new_tokens=4,
+        force_drafter="none",
+        sampling=pb.SamplingParams(typical_p=0.9),  # no sampling: nothing to refuse
+    )
+    chunks = list(weightless_fleet.stub.Generate(greedy, timeout=60))
+    assert [t.id for c in chunks for t in c.tokens] == weightless_fleet.plain.reply_ids[:4]
     url = weightless_fleet.sidecar.http_url
     assert url is not None
     with pytest.raises(ValidationError, match="typical"):

@@ -62,6 +62,25 @@ def test_a_configured_drafter_for_another_vocabulary_stops_serve(
     ]
 
 
+def test_a_classifier_directory_that_does_not_load_stops_serve_with_exit_2(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """A settings error like the others (exit status 1 before)."""
+    (tmp_path / "empty").mkdir()
+    env = {
+        **os.environ,
+        "SPECROUTE_STATE_DIR": str(tmp_path / "state"),
+        "SPECROUTE_CLASSIFIER_DIR": str(tmp_path / "empty"),
+    }
+    config = serving_world.toml(tmp_path / "sidecar.toml")
+    command = [sys.executable, "-m", "router.cli", "serve", "--config", str(config)]
+    command += ["--port", "0", "--http-port", "-1", "--metrics-port", "-1"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(tmp_path / "empty") in errors[0], done.stderr
+
+
 def test_bundle_drafters_that_do_not_fit_your_target_are_left_out(
     serving_world: ServingWorld, tmp_path: Path
 ) -> None:
