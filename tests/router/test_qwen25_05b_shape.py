@@ -81,12 +81,14 @@ def qwen05b_dir(
     with torch.no_grad():
         model.get_input_embeddings().weight[len(tokenizer) :].zero_()  # untrained padding
     scratch = _scratch(tmp_path_factory)
-    directory = scratch / "model"
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    del model
-    yield directory
-    shutil.rmtree(scratch, ignore_errors=True)
+    try:  # 2 GB of memory when in /dev/shm: removed however the module ends
+        directory = scratch / "model"
+        model.save_pretrained(directory, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+        del model
+        yield directory
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
