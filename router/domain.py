@@ -63,6 +63,9 @@ class RouteInput:
     task_hint: str = ""
     max_new_tokens: int = 0  # 0: unknown (Route only; Generate needs > 0)
     sampling: Sampling = field(default_factory=Sampling)
+    # Generate only: keep the prompt's last this many tokens (TGI's ``truncate``, vLLM's
+    # ``truncate_prompt_tokens``); None keeps them all.
+    truncate: int | None = None
 
 
 @dataclass(frozen=True)
@@ -336,6 +339,14 @@ def check_max_new_tokens(requested: int, limits: Limits, *, required: bool) -> i
             f"max_new_tokens {requested} is over the limit of {limits.max_new_tokens}"
         )
     return requested
+
+
+def check_truncate(truncate: int | None, limits: Limits) -> None:
+    """A truncation must keep at least one token and at most the prompt limit."""
+    if truncate is not None and not 0 < truncate <= limits.max_prompt_tokens:
+        raise InvalidFieldError(
+            "truncate", f"must be in [1, {limits.max_prompt_tokens}], got {truncate}"
+        )
 
 
 def check_prompt_tokens(count: int, limits: Limits) -> None:

@@ -101,8 +101,6 @@ def _unsupported(params: TgiParameters) -> list[str]:
         problems.append("top_n_tokens")
     if params.grammar is not None:
         problems.append("grammar")
-    if params.truncate is not None:
-        problems.append("truncate")
     return problems
 
 
@@ -151,6 +149,7 @@ def generate_input_from_tgi(body: TgiRequest, max_new_tokens_limit: int) -> Gene
         prompt=Prompt(text=body.inputs),
         max_new_tokens=max_new,
         sampling=sampling_from_tgi(params),
+        truncate=params.truncate,
     )
     return GenerateInput(route=route)
 

@@ -101,6 +101,7 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "prediction": (None,),
     "modalities": (None, ["text"]),
     "audio": (None,),
+    "truncation_side": (None, "left"),  # "right" would keep the first tokens
     "continue_final_message": (None, False),
     "add_generation_prompt": (None, True),
     "chat_template": (None,),
@@ -121,6 +122,7 @@ class OpenAIParameters(BaseModel):
     top_p: float | None = None
     top_k: int | None = None  # vLLM's extension, accepted by the sidecar as well
     typical_p: float | None = None  # TGI's; vLLM has none (refused in fleet mode)
+    truncate_prompt_tokens: int | None = None  # vLLM's: the last N; -1: the prompt limit
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -370,12 +372,18 @@ def generate_input(service: RouterService, endpoint: Endpoint, body: Any) -> Gen
         max_tokens = service.limits.max_new_tokens
     if max_tokens <= 0:
         raise InvalidFieldError("max_tokens", f"must be > 0, got {max_tokens}")
+    truncate = body.truncate_prompt_tokens
     route = RouteInput(
         prompt=endpoint.prompt_of(body),
         max_new_tokens=max_tokens,
         sampling=sampling_from_openai(body),
+        truncate=service.limits.max_prompt_tokens if truncate == -1 else truncate,
     )
     return GenerateInput(route=route)
+
+
+# The request fields whose name in the sidecar's errors is another one than the client's.
+OPENAI_PARAMETER_NAMES: dict[str, str] = {"truncate": "truncate_prompt_tokens"}
 
 
 def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
@@ -389,7 +397,10 @@ def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
         code = "model_not_found"
     field = getattr(error, "field", None)
     # The sidecar's "sampling.seed" is OpenAI's "seed" (the sampling names are the same).
-    param = field.removeprefix("sampling.") if isinstance(field, str) else field
+    param = None
+    if isinstance(field, str):
+        param = field.removeprefix("sampling.")
+        param = OPENAI_PARAMETER_NAMES.get(param, param)
     return status, {"error": {"message": str(error), "type": kind, "param": param, "code": code}}
 
 

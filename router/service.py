@@ -38,6 +38,7 @@ from router.domain import (
     check_prompt_tokens,
     check_request_id,
     check_sampling,
+    check_truncate,
 )
 from router.drafter_pool import DrafterPool, under_model_roots
 from router.errors import (
@@ -381,6 +382,7 @@ class RouterService:
         check_prompt_chars(prompt, self._max_prompt_chars, self.limits)
         check_sampling(request.sampling)
         check_max_new_tokens(request.max_new_tokens, self.limits, required=generating)
+        check_truncate(request.truncate, self.limits)
         return prompt
 
     def _model_text(self, prompt: Prompt) -> str:
@@ -398,6 +400,8 @@ class RouterService:
         (as a batch of one), decided."""
         prompt = self._checked_prompt(request, generating=True)
         ids = self._ids_of(self._model_text(prompt))
+        if request.truncate is not None:
+            ids = ids[-request.truncate :]  # the last tokens, as TGI and vLLM keep them
         check_prompt_tokens(len(ids), self.limits)
         if request.task_hint:
             classification = self._hinted(request.task_hint)

@@ -202,15 +202,17 @@ def sidecar(
 
 
 def greedy_reference(
-    sidecar: SidecarThread, text: str, max_new_tokens: int
+    sidecar: SidecarThread, text: str, max_new_tokens: int, last_tokens: int | None = None
 ) -> tuple[list[int], str]:
-    """The engine's greedy output for ``text`` without speculation (the target alone)."""
+    """The engine's greedy output for ``text`` (its ``last_tokens`` tokens when given)
+    without speculation (the target alone)."""
     from router.domain import Prompt
 
     service = sidecar.service
     none = service.drafters.get("none").drafter
+    ids = service.prompt_ids(Prompt(text=text))
     run = service.components.engine.generate(
-        service.prompt_ids(Prompt(text=text)), none, 0, max_new_tokens=max_new_tokens
+        ids[-last_tokens:] if last_tokens else ids, none, 0, max_new_tokens=max_new_tokens
     )
     for _ in run:
         pass

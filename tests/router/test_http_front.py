@@ -106,6 +106,25 @@ def test_typical_p_reaches_the_engine(sidecar: SidecarThread) -> None:
     assert client.generate(PROMPT, max_new_tokens=8, **langchain).details.seed == 3  # type: ignore[arg-type]
 
 
+def test_truncate_keeps_the_prompts_last_tokens(sidecar: SidecarThread) -> None:
+    """TGI's truncate was refused (422); a prompt over the limit with it is served from
+    its last tokens, greedy output equal to the target's own on them."""
+    long_prompt = PROMPT + " word" * 600
+    expected_ids, expected_text = greedy_reference(sidecar, long_prompt, 6, last_tokens=16)
+    body = {
+        "inputs": long_prompt,
+        "parameters": {"max_new_tokens": 6, "truncate": 16, "details": True},
+    }
+    status, _, raw = post(f"{sidecar.http_url}/generate", body)
+    assert status == 200, raw
+    reply = json.loads(raw)
+    assert [t["id"] for t in reply["details"]["tokens"]] == expected_ids
+    assert reply["generated_text"] == expected_text
+    refused = {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "truncate": 10**6}}
+    status, _, raw = post(f"{sidecar.http_url}/generate", refused)
+    assert status == 422 and "truncate" in json.loads(raw)["error"]
+
+
 def test_generate_and_generate_stream_routes(sidecar: SidecarThread) -> None:
     expected_ids, expected_text = greedy_reference(sidecar, PROMPT, 10)
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 10, "details": True}}

@@ -243,6 +243,41 @@ def test_sampling_runs_with_a_seed(sidecar: SidecarThread) -> None:
     assert reply.choices[0].finish_reason in {"stop", "length"}
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(sidecar: SidecarThread) -> None:
+    """vLLM's truncate_prompt_tokens was ignored: a prompt over the limit was refused
+    (context_length_exceeded) however it was sent. -1 keeps as many as the limit allows;
+    truncation_side "right" (the first tokens) is refused by name."""
+    long_prompt = PROMPT + " word" * 600
+    _, expected = greedy_reference(sidecar, long_prompt, 6, last_tokens=16)
+    reply = client(sidecar).completions.create(
+        model="target",
+        prompt=long_prompt,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"truncate_prompt_tokens": 16},
+    )
+    assert reply.usage is not None and reply.usage.prompt_tokens == 16
+    assert reply.choices[0].text == expected
+    limit = sidecar.service.limits.max_prompt_tokens
+    whole = client(sidecar).completions.create(
+        model="target",
+        prompt=long_prompt,
+        max_tokens=2,
+        temperature=0,
+        extra_body={"truncate_prompt_tokens": -1},
+    )
+    assert whole.usage is not None and whole.usage.prompt_tokens == limit
+    for extra, param in (
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": 16, "truncation_side": "right"}, "truncation_side"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client(sidecar).completions.create(
+                model="target", prompt=PROMPT, max_tokens=2, extra_body=extra
+            )
+        assert refused.value.param == param, refused.value
+
+
 def test_typical_p_is_served_as_on_the_tgi_front(sidecar: SidecarThread) -> None:
     """typical_p (an extra field, as vLLM's extensions are sent) was dropped silently; at a
     mass so small that only the most typical token of each step is kept, two seeds give one
