@@ -19,6 +19,7 @@ CLIENT_COMMANDS = (
     ("drafters", "remove"),
     ("policy", "show"),
     ("policy", "set"),
+    ("classifier", "reload"),
 )
 
 
