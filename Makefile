@@ -69,11 +69,12 @@ lint: install
 
 # The fleet tests (tests/router/test_fleet_vllm.py) run real vLLM servers from .venv-vllm.
 # Test files are shared among TEST_WORKERS processes (pytest-xdist; a file's tests stay in
-# one, with its module fixtures): on 2 cores, 2 took the suite from 732 s to 389 s, since
-# much of it waits on started servers. TEST_WORKERS=0 runs it in this process.
+# one, with its module fixtures, and the two memory-heavy files in one: tests/conftest.py):
+# on 2 cores, 2 took the suite from 732 s to 389 s, since much of it waits on started
+# servers. TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 test: lint vllm
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 clean:
 	rm -rf $(VENV) $(PB_DIR)/*_pb2*.py $(PB_DIR)/*_pb2*.pyi .mypy_cache .ruff_cache .pytest_cache

@@ -185,6 +185,7 @@ def _specroute_details(routed: RoutedRequest, result: GenerationResult) -> dict[
         "task_cluster": routed.task_cluster,
         "drafter": routed.decision.drafter,
         "draft_length": routed.decision.k,
+        "prompt_tokens": routed.prompt_tokens,
         "steps": stats.steps,
         "accepted_per_step": list(stats.accepted_per_step),
         "tokens_per_s": stats.tokens_per_s,

@@ -101,7 +101,6 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "prediction": (None,),
     "modalities": (None, ["text"]),
     "audio": (None,),
-    "truncation_side": (None, "left"),  # "right" would keep the first tokens
     "continue_final_message": (None, False),
     "add_generation_prompt": (None, True),
     "chat_template": (None,),
@@ -357,6 +356,23 @@ def served_model_names(service: RouterService) -> list[str]:
     return [Path(str(service.components.target.path)).name]
 
 
+def truncate_of(body: OpenAIParameters, max_prompt_tokens: int) -> int | None:
+    """vLLM's ``truncate_prompt_tokens``: keep the prompt's last N tokens, -1 as many as
+    the limit allows; ``truncation_side`` "right" (the first N) is not implemented."""
+    truncate = body.truncate_prompt_tokens
+    if truncate is None:
+        return None
+    if (body.model_extra or {}).get("truncation_side") not in (None, "left"):
+        raise InvalidFieldError("truncation_side", "only 'left' (the last tokens) is served")
+    if truncate == -1:
+        return max_prompt_tokens
+    if not 0 < truncate <= max_prompt_tokens:
+        raise InvalidFieldError(
+            "truncate_prompt_tokens", f"must be -1 or in [1, {max_prompt_tokens}], got {truncate}"
+        )
+    return truncate
+
+
 def generate_input(service: RouterService, endpoint: Endpoint, body: Any) -> GenerateInput:
     """The domain request for an OpenAI body (checked against what the sidecar serves)."""
     problems = _unsupported(body)
@@ -372,18 +388,13 @@ def generate_input(service: RouterService, endpoint: Endpoint, body: Any) -> Gen
         max_tokens = service.limits.max_new_tokens
     if max_tokens <= 0:
         raise InvalidFieldError("max_tokens", f"must be > 0, got {max_tokens}")
-    truncate = body.truncate_prompt_tokens
     route = RouteInput(
         prompt=endpoint.prompt_of(body),
         max_new_tokens=max_tokens,
         sampling=sampling_from_openai(body),
-        truncate=service.limits.max_prompt_tokens if truncate == -1 else truncate,
+        truncate=truncate_of(body, service.limits.max_prompt_tokens),
     )
     return GenerateInput(route=route)
-
-
-# The request fields whose name in the sidecar's errors is another one than the client's.
-OPENAI_PARAMETER_NAMES: dict[str, str] = {"truncate": "truncate_prompt_tokens"}
 
 
 def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
@@ -397,10 +408,7 @@ def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
         code = "model_not_found"
     field = getattr(error, "field", None)
     # The sidecar's "sampling.seed" is OpenAI's "seed" (the sampling names are the same).
-    param = None
-    if isinstance(field, str):
-        param = field.removeprefix("sampling.")
-        param = OPENAI_PARAMETER_NAMES.get(param, param)
+    param = field.removeprefix("sampling.") if isinstance(field, str) else field
     return status, {"error": {"message": str(error), "type": kind, "param": param, "code": code}}
 
 

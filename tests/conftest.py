@@ -34,11 +34,21 @@ END_TO_END_MODULES = frozenset({"tests/benchmarks/world/test_world.py"})
 # measured on 2 busy cores): these tests get room for a build plus their own run, unless
 # they set a timeout themselves.
 END_TO_END_TIMEOUT_S = 300
+# `make test` shares the test files among worker processes (pytest-xdist, --dist
+# loadgroup): each file is one group, so its module fixtures are set up once, and the two
+# modules that hold gigabytes (four vLLM servers; the 0.5B-shaped checkpoint, 2 GB in
+# /dev/shm plus two loaded copies) share a group, so they never run side by side.
+MEMORY_HEAVY_MODULES = frozenset(
+    {"tests/router/test_fleet_vllm.py", "tests/router/test_qwen25_05b_shape.py"}
+)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         module = item.path.relative_to(config.rootpath).as_posix()
+        group = "memory-heavy" if module in MEMORY_HEAVY_MODULES else module
+        item.add_marker(pytest.mark.xdist_group(group))
         uses_world = END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ()))
         if not uses_world and module not in END_TO_END_MODULES:
             continue

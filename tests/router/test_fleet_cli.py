@@ -32,7 +32,6 @@ import pytest
 from text_generation import Client
 from text_generation.errors import ValidationError
 
-from benchmarks.fleet.vllm_process import free_port
 from router.launch import LaunchedSidecar, launch_sidecar
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
@@ -94,8 +93,7 @@ def test_a_fleet_of_unreachable_replicas_starts_and_refuses_generation(
     config = serving_world.toml(tmp_path / "sidecar.toml")
     fleet_file = tmp_path / "fleet.toml"
     fleet_file.write_text(
-        f'[[replicas]]\nurl = "http://127.0.0.1:{free_port()}"\nmodel = "target"\n'
-        'speculative = "ngram"\nk = 3\n'
+        '[[replicas]]\nurl = "http://127.0.0.1:1"\nmodel = "target"\nspeculative = "ngram"\nk = 3\n'
     )
     with launch_sidecar(
         config_file=config,

@@ -30,7 +30,6 @@ from benchmarks.fleet.vllm_process import (
     VllmServer,
     VllmUnavailableError,
     fleet_toml,
-    free_port,
     vllm_fleet,
     vllm_python,
 )
@@ -110,7 +109,7 @@ def fleet(serving_world: ServingWorld, tmp_path_factory: pytest.TempPathFactory)
     with vllm_fleet(
         target, speculations, root / "logs", single_process=True, api_key=API_KEY
     ) as servers:
-        dead_url = f"http://127.0.0.1:{free_port()}"
+        dead_url = "http://127.0.0.1:1"  # nothing listens (a free port could be taken)
         fleet_file = root / "fleet.toml"
         fleet_file.write_text(
             fleet_toml(

@@ -18,7 +18,12 @@ from text_generation import AsyncClient, Client
 from text_generation.errors import ValidationError
 
 from router.domain import MAX_STOP_SEQUENCES
-from tests.router.conftest import COMPLETION_PROMPT, SidecarThread, greedy_reference
+from tests.router.conftest import (
+    COMPLETION_PROMPT,
+    ServingWorld,
+    SidecarThread,
+    greedy_reference,
+)
 
 PROMPT = COMPLETION_PROMPT
 
@@ -106,23 +111,34 @@ def test_typical_p_reaches_the_engine(sidecar: SidecarThread) -> None:
     assert client.generate(PROMPT, max_new_tokens=8, **langchain).details.seed == 3  # type: ignore[arg-type]
 
 
-def test_truncate_keeps_the_prompts_last_tokens(sidecar: SidecarThread) -> None:
+def test_truncate_keeps_the_prompts_last_tokens(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
     """TGI's truncate was refused (422); a prompt over the limit with it is served from
-    its last tokens, greedy output equal to the target's own on them."""
-    long_prompt = PROMPT + " word" * 600
-    expected_ids, expected_text = greedy_reference(sidecar, long_prompt, 6, last_tokens=16)
+    its last tokens (details.specroute counts them), greedy output equal to the target's
+    own on them."""
+    long_prompt = "word " * 600 + serving_world.prompts["math"]  # over the limit
+    expected_ids, expected_text = greedy_reference(sidecar, long_prompt, 6, last_tokens=24)
     body = {
         "inputs": long_prompt,
-        "parameters": {"max_new_tokens": 6, "truncate": 16, "details": True},
+        "parameters": {"max_new_tokens": 6, "truncate": 24, "details": True},
     }
     status, _, raw = post(f"{sidecar.http_url}/generate", body)
     assert status == 200, raw
     reply = json.loads(raw)
+    assert reply["details"]["specroute"]["prompt_tokens"] == 24
     assert [t["id"] for t in reply["details"]["tokens"]] == expected_ids
     assert reply["generated_text"] == expected_text
-    refused = {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "truncate": 10**6}}
-    status, _, raw = post(f"{sidecar.http_url}/generate", refused)
-    assert status == 422 and "truncate" in json.loads(raw)["error"]
+    limit = sidecar.service.limits.max_prompt_tokens
+    at_limit = {"max_new_tokens": 2, "truncate": limit, "details": True}
+    status, _, raw = post(
+        f"{sidecar.http_url}/generate", {"inputs": long_prompt, "parameters": at_limit}
+    )
+    assert status == 200 and json.loads(raw)["details"]["specroute"]["prompt_tokens"] == limit
+    for truncate in (limit + 1, 0):
+        refused = {"inputs": PROMPT, "parameters": {"max_new_tokens": 6, "truncate": truncate}}
+        status, _, raw = post(f"{sidecar.http_url}/generate", refused)
+        assert status == 422 and "truncate" in json.loads(raw)["error"]
 
 
 def test_generate_and_generate_stream_routes(sidecar: SidecarThread) -> None:

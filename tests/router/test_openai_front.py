@@ -13,7 +13,12 @@ import pytest
 
 from router.domain import Prompt
 from router.pb import router_pb2 as pb
-from tests.router.conftest import COMPLETION_PROMPT, SidecarThread, greedy_reference
+from tests.router.conftest import (
+    COMPLETION_PROMPT,
+    ServingWorld,
+    SidecarThread,
+    greedy_reference,
+)
 
 PROMPT = COMPLETION_PROMPT
 
@@ -243,20 +248,22 @@ def test_sampling_runs_with_a_seed(sidecar: SidecarThread) -> None:
     assert reply.choices[0].finish_reason in {"stop", "length"}
 
 
-def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(sidecar: SidecarThread) -> None:
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(
+    sidecar: SidecarThread, serving_world: ServingWorld
+) -> None:
     """vLLM's truncate_prompt_tokens was ignored: a prompt over the limit was refused
     (context_length_exceeded) however it was sent. -1 keeps as many as the limit allows;
     truncation_side "right" (the first tokens) is refused by name."""
-    long_prompt = PROMPT + " word" * 600
-    _, expected = greedy_reference(sidecar, long_prompt, 6, last_tokens=16)
+    long_prompt = "word " * 600 + serving_world.prompts["math"]  # over the limit
+    _, expected = greedy_reference(sidecar, long_prompt, 6, last_tokens=24)
     reply = client(sidecar).completions.create(
         model="target",
         prompt=long_prompt,
         max_tokens=6,
         temperature=0,
-        extra_body={"truncate_prompt_tokens": 16},
+        extra_body={"truncate_prompt_tokens": 24},
     )
-    assert reply.usage is not None and reply.usage.prompt_tokens == 16
+    assert reply.usage is not None and reply.usage.prompt_tokens == 24
     assert reply.choices[0].text == expected
     limit = sidecar.service.limits.max_prompt_tokens
     whole = client(sidecar).completions.create(
@@ -267,8 +274,18 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(sidecar: SidecarTh
         extra_body={"truncate_prompt_tokens": -1},
     )
     assert whole.usage is not None and whole.usage.prompt_tokens == limit
+    chat = client(sidecar).chat.completions.create(
+        model="target",
+        messages=[{"role": "user", "content": long_prompt}],
+        max_tokens=2,
+        temperature=0,
+        extra_body={"truncate_prompt_tokens": 16},
+    )
+    assert chat.usage is not None and chat.usage.prompt_tokens == 16
     for extra, param in (
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": limit + 1}, "truncate_prompt_tokens"),
         ({"truncate_prompt_tokens": 16, "truncation_side": "right"}, "truncation_side"),
     ):
         with pytest.raises(openai.BadRequestError) as refused:

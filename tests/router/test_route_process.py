@@ -207,7 +207,7 @@ def test_the_child_busy_waits_after_a_lone_batch_only_when_the_setting_asks(
         asyncio.run(reader.read(["a lone prompt"], []))
         pid = reader.process.pid
         assert pid is not None
-        time.sleep(0.005)  # the child has written its reply and looks for the next batch
+        time.sleep(0.02)  # the child has written its reply and looks for the next batch
         states = _states(pid, 0.05)  # no next batch comes: it spins, or sleeps on its pipe
     finally:
         reader.close()
