@@ -159,6 +159,21 @@ def components(serving_world: ServingWorld, tmp_path_factory: pytest.TempPathFac
     return build_components(serving_world.settings(tmp_path_factory.mktemp("unused")))
 
 
+@pytest.fixture(autouse=True)
+def world_classifier_after_each_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The session's ``components`` (shared by every sidecar a worker process starts) serve
+    the world's classifier again after each test that used them: a test that reloads
+    another and fails (or ends a loop) before switching back would change what every
+    later file of the process routes with, and which files share a process varies."""
+    yield
+    if "components" not in request.fixturenames:
+        return
+    holder = request.getfixturevalue("components").classifiers
+    world_classifier = request.getfixturevalue("serving_world").world.root / "classifier"
+    if Path(holder.current.source).resolve() != world_classifier.resolve():
+        holder.reload(world_classifier)
+
+
 class SidecarThread:
     """A real sidecar (gRPC + HTTP + metrics) on its own event loop in a thread."""
 
