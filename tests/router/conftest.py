@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +215,15 @@ def sidecar(
     running = SidecarThread(serving_world.settings(tmp_path_factory.mktemp("state")), components)
     yield running
     running.stop()
+
+
+def counterfactuals_settled(sidecar: SidecarThread) -> None:
+    """Wait until the counterfactual scoring of earlier greedy Generates, off the request
+    path, has updated the policy: it moves the policy's version too, and on a busy machine
+    it can still run when the next test starts."""
+    deadline = time.monotonic() + 60
+    while sidecar.service._learning_backlog and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def greedy_reference(

@@ -20,6 +20,7 @@ from tests.router.conftest import (
     MAX_NEW_TOKENS,
     ServingWorld,
     SidecarThread,
+    counterfactuals_settled,
     greedy_reference,
 )
 
@@ -357,6 +358,7 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(
 ) -> None:
     call, code, fragment = CASES[case]
     drafters_before = {d.name for d in sidecar.stub.ListDrafters(pb.ListDraftersRequest()).drafters}
+    counterfactuals_settled(sidecar)
     policy_before = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
     with pytest.raises(grpc.RpcError) as refused:
         call(sidecar, serving_world)

@@ -23,6 +23,7 @@ from tests.router.conftest import (
     COMPLETION_PROMPT,
     ServingWorld,
     SidecarThread,
+    counterfactuals_settled,
     greedy_reference,
 )
 
@@ -419,6 +420,7 @@ def test_generate_updates_policy_and_scores_other_drafters(
 
 
 def test_generate_with_no_update_leaves_the_policy(sidecar: SidecarThread, PROMPT: str) -> None:
+    counterfactuals_settled(sidecar)
     before = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).version
     generate(sidecar, text=PROMPT, max_new_tokens=8, no_update=True)
     assert sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).version == before
@@ -570,6 +572,7 @@ def test_reload_classifier_only_from_under_a_model_root(
 
 def test_policy_state_and_switching(sidecar: SidecarThread, PROMPT: str) -> None:
     sidecar.stub.Route(pb.RouteRequest(text=PROMPT, task_hint="summarization"))
+    counterfactuals_settled(sidecar)
     state = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
     assert state.policy == "thompson"
     ucb = sidecar.stub.SetPolicy(
