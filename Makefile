@@ -70,8 +70,8 @@ lint: install
 # The fleet tests (tests/router/test_fleet_vllm.py) run real vLLM servers from .venv-vllm.
 # Test files are shared among TEST_WORKERS processes (pytest-xdist; a file's tests stay in
 # one, with its module fixtures, and the two memory-heavy files in one: tests/conftest.py):
-# on 2 cores, 2 took the suite from 732 s to 389 s, since much of it waits on started
-# servers. TEST_WORKERS=0 runs it in this process.
+# on 2 cores, 2 took make test from 738 s to 358-417 s (2026-12-05), since much of the
+# suite waits on started servers. TEST_WORKERS=0 runs it in this process.
 TEST_WORKERS ?= 2
 test: lint vllm
 	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadgroup
