@@ -258,9 +258,6 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
     top_p = 1.0 if body.top_p is None else body.top_p
     if not 0 < top_p <= 1:
         raise InvalidFieldError("top_p", f"must be in (0, 1], got {top_p:g}")
-    typical_p = 1.0 if body.typical_p is None else body.typical_p
-    if not 0 < typical_p <= 1:
-        raise InvalidFieldError("typical_p", f"must be in (0, 1], got {typical_p:g}")
     top_k = body.top_k or 0
     if top_k < -1:
         raise InvalidFieldError("top_k", f"must be -1 (off) or > 0, got {top_k}")
@@ -277,7 +274,7 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
         top_p=top_p,
         seed=body.seed,
         stop=tuple(stops),
-        typical_p=typical_p,
+        typical_p=1.0 if body.typical_p is None else body.typical_p,  # checked with the rest
     )
 
 

@@ -76,9 +76,7 @@ class RunningSidecar:
             await self.server.stop(self.settings.grace_s if grace is None else grace)
             for runner in self.runners:
                 await runner.cleanup()
-            closing = getattr(self.service, "aclose", None)  # a fleet's HTTP client and probes
-            if closing is not None:
-                await closing()
+            await self.service.aclose()
             await asyncio.to_thread(self.service.close)
             if self.pooling_task is not None:
                 await _cancel_and_wait([self.pooling_task])
@@ -208,21 +206,9 @@ async def _started_service(
     try:
         await asyncio.to_thread(service.start)
     except BaseException:
-        await _close_quietly(service)
+        await service.close_after_failed_start()
         raise
     return service
-
-
-async def _close_quietly(service: RouterService) -> None:
-    """Close a service whose start failed; a second failure is logged, not raised over the
-    first."""
-    try:
-        closing = getattr(service, "aclose", None)
-        if closing is not None:
-            await closing()
-        await asyncio.to_thread(service.close)
-    except Exception:
-        logger.exception("closing the service after a failed start")
 
 
 async def start_sidecar(settings: Settings, components: Components | None = None) -> RunningSidecar:
@@ -246,7 +232,7 @@ async def start_sidecar(settings: Settings, components: Components | None = None
         # What started stops, and the state directory is free again for the next start
         # in this process (an embedder's retry, a test).
         if service is not None:
-            await _close_quietly(service)
+            await service.close_after_failed_start()
         store.close()
         raise
 

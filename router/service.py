@@ -243,6 +243,19 @@ class RouterService:
             if self.capture is not None:
                 self.capture.close()
 
+    async def aclose(self) -> None:
+        """Close what runs on the event loop (a fleet's HTTP client and probes): nothing
+        in-process. ``close`` follows."""
+
+    async def close_after_failed_start(self) -> None:
+        """Close a service whose start failed; a second failure is logged, not raised over
+        the first."""
+        try:
+            await self.aclose()
+            await asyncio.to_thread(self.close)
+        except Exception:
+            logger.exception("closing the service after a failed start")
+
     def generation_problem(self) -> str | None:
         """Why a Generate could not run now, or None (the in-process engine always can)."""
         return None

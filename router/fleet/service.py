@@ -558,8 +558,6 @@ async def start_fleet_service(
         check_fleet_drafters(fleet, service.drafters.names(), str(settings.fleet_file))
         await service.start_fleet()
     except BaseException:
-        with contextlib.suppress(Exception):
-            await service.aclose()
-            await asyncio.to_thread(service.close)
+        await service.close_after_failed_start()
         raise
     return service

@@ -263,8 +263,12 @@ def test_a_graceful_stop_publishes_what_the_drain_and_the_learners_record() -> N
     async def drained(grace: float) -> None:
         order.append("drain")
 
+    async def nothing_on_the_loop() -> None:
+        pass
+
     async def stop_one() -> None:
         service = SimpleNamespace(
+            aclose=nothing_on_the_loop,
             close=lambda: order.append("learners done, final snapshot"),
             store=SimpleNamespace(close=lambda: order.append("store closed")),
         )
