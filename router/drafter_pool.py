@@ -96,6 +96,14 @@ class DrafterPool:
     def records(self) -> list[DrafterRecord]:
         return [live.record for live in self._live.values()]
 
+    def registration_times(self) -> dict[str, float]:
+        """Drafters registered at run time (not built in) that are served -> when."""
+        return {
+            name: live.record.created_unix
+            for name, live in self._live.items()
+            if not live.record.builtin
+        }
+
     def unserved(self) -> list[tuple[DrafterRecord, str]]:
         """Stored drafters this start did not serve, each with the reason (kept in the
         store for a start whose settings allow them, or for ``remove``)."""

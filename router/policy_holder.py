@@ -55,12 +55,17 @@ class PolicyHolder:
         similarity: Callable[[str], Mapping[str, float] | None],
         hints: Callable[[], DrafterHints] = DrafterHints,
         kept: Callable[[], Iterable[str]] = tuple,
+        registered: Callable[[], Mapping[str, float]] = dict,
     ) -> None:
         self._store = store
         self._drafters = drafters
         # Stored drafters this start does not serve (files moved, roots narrowed): never
         # chosen, but their learned arms stay for the start that serves them again.
         self._kept = kept
+        # Live drafters registered at run time -> when (``DrafterRecord.created_unix``): a
+        # snapshot older than a drafter's registration holds no arms of it, only, maybe,
+        # of an earlier drafter of the same name (removed, then registered again).
+        self._registered = registered
         self._similarity = similarity
         self._hints = hints
         self._lock = threading.Lock()
@@ -120,8 +125,25 @@ class PolicyHolder:
             policy, restored, self._restored_cursor = self._make(name, hinted), None, None
         else:
             restored = snapshot
+            self._forget_earlier_registrations(policy, snapshot.created_unix)
         self._sync_drafters(policy)
         return policy, restored
+
+    def _forget_earlier_registrations(self, policy: Any, saved_unix: float) -> None:
+        """Drop from a restored ``policy`` the arms of every live drafter registered after
+        its snapshot was saved: they were learned by an earlier drafter of that name (removed,
+        then a new one registered before the next snapshot, then a crash, or a switch back
+        to a policy whose snapshot predates both), and the new drafter starts from its
+        prior (``_sync_drafters`` adds it back)."""
+        for name, registered_unix in self._registered().items():
+            if registered_unix > saved_unix and name in (getattr(policy, "drafters_", ()) or ()):
+                logger.info(
+                    "policy snapshot predates drafter %s's registration: its arms there were "
+                    "an earlier %s's, not restored",
+                    name,
+                    name,
+                )
+                policy.remove_drafter(name)
 
     def _make(self, name: str, hinted: Mapping[str, Any] | None) -> Any:
         """A new policy ``name`` over the live drafters, from its priors."""
@@ -215,7 +237,10 @@ class PolicyHolder:
             self._rehint()
 
     def remove_drafter(self, name: str) -> None:
-        with self._lock:
+        """Forget ``name``'s arms. Not while a snapshot is between reading the state and
+        saving it (``_saving``): a snapshot saved after a later registration of the same
+        name then never holds the arms removed here (``_forget_earlier_registrations``)."""
+        with self._saving, self._lock:
             self._policy.remove_drafter(name)
             self._rehint()
 

@@ -191,6 +191,7 @@ class RouterService:
             self._similarity_of,
             self.drafter_hints,
             kept=lambda: [record.name for record, _ in self.drafters.unserved()],
+            registered=self.drafters.registration_times,
         )
         self.queue = GenerationQueue(
             self.limits.generation_workers,

@@ -464,6 +464,40 @@ def test_drafter_registration_is_hot_and_removable(
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def _decisions_of(sidecar: SidecarThread, drafter: str) -> int:
+    """How often ``drafter`` was chosen, over every context of the served policy."""
+    state = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
+    return sum(arm.decisions for c in state.contexts for arm in c.arms if arm.drafter == drafter)
+
+
+def test_a_drafter_registered_again_does_not_inherit_the_removed_ones_arms(
+    sidecar: SidecarThread, PROMPT: str, serving_world: ServingWorld
+) -> None:
+    """Thompson learnt a drafter, the operator switched to ucb (thompson's state saved),
+    removed the drafter, registered another under the same name and switched back:
+    thompson's snapshot was restored with the old drafter's arms for the new one. (A crash
+    between a re-registration and the next periodic snapshot did the same.)"""
+    register = pb.RegisterDrafterRequest(
+        name="again", kind="model", path=str(serving_world.spare_dir)
+    )
+    sidecar.stub.RegisterDrafter(register, metadata=ADMIN)
+    try:
+        generate(
+            sidecar, text=PROMPT, max_new_tokens=8, force_drafter="again", force_draft_length=2
+        )
+        counterfactuals_settled(sidecar)
+        assert _decisions_of(sidecar, "again") > 0
+        sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="ucb"), metadata=ADMIN)
+        sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="again"), metadata=ADMIN)
+        sidecar.stub.RegisterDrafter(register, metadata=ADMIN)
+        back = sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson"), metadata=ADMIN)
+        assert back.policy == "thompson"
+        assert _decisions_of(sidecar, "again") == 0
+    finally:
+        sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson"), metadata=ADMIN)
+        sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="again"), metadata=ADMIN)
+
+
 def test_copy_or_model_registration_serves_the_greedy_output(
     sidecar: SidecarThread, PROMPT: str, serving_world: ServingWorld
 ) -> None:

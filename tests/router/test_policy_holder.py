@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from router.policy.base import NONE_DRAFTER, Context, IncompatibleStateError
+from router.policy.base import NONE_DRAFTER, Context, Decision, IncompatibleStateError
 from router.policy.registry import make_policy
 from router.policy_holder import LOG_CURSOR_KEY, UNRESTORED_SUFFIX, PolicyHolder
 from router.store import SNAPSHOTS_KEPT, SidecarStore
@@ -227,3 +227,53 @@ def test_a_drafter_not_served_at_one_start_keeps_what_the_policy_learnt_of_it(
     served.start("thompson")
     arms = {a.drafter: (a.alpha, a.beta) for c in served.describe()[2] for a in c.arms}
     assert arms["math"] == learnt["math"]
+
+
+def _arms_of(holder: PolicyHolder, drafter: str) -> list[list[float]]:
+    """``drafter``'s (alpha, beta, alpha0, beta0, decisions, residual) in every context."""
+    return [context["arms"][drafter] for context in holder.state()[2]["contexts"]]
+
+
+def test_a_drafter_registered_again_after_the_snapshot_starts_from_its_prior(
+    tmp_path: Path,
+) -> None:
+    """Remove a registered drafter, register a new one under the same name, then crash
+    before the next periodic snapshot: the restart restored the snapshot, in which the
+    name's arms were the old drafter's, and the new drafter inherited what the old one had
+    learnt. Arms of a drafter registered after the snapshot are now left out of it."""
+    import time
+
+    store = SidecarStore(tmp_path)
+    live, registered = ["generic", "spare"], {"spare": time.time()}
+    holder = PolicyHolder(
+        store, lambda: list(live), lambda drafter: None, registered=lambda: dict(registered)
+    )
+    holder.start("thompson")
+    context, rng = Context("math", 0), np.random.default_rng(0)
+    for drafter in ("spare", "generic") * 10:
+        decision = Decision(drafter, 4)
+        holder.update(context, decision, geometric_outcome(rng, decision, 0.9, tokens=30))
+    learnt = {name: _arms_of(holder, name) for name in ("generic", "spare")}
+    assert learnt["spare"][0][4] == 10  # ten decisions learnt for the first "spare"
+    holder.snapshot()
+
+    holder.remove_drafter("spare")  # RemoveDrafter, then RegisterDrafter again
+    time.sleep(0.01)
+    registered["spare"] = time.time()
+    holder.add_drafter("spare", None)
+    fresh = _arms_of(holder, "spare")
+    assert fresh[0][4] == 0
+
+    restarted = PolicyHolder(  # a crash: no final snapshot
+        store, lambda: list(live), lambda drafter: None, registered=lambda: dict(registered)
+    )
+    assert restarted.start("thompson") is not None
+    assert _arms_of(restarted, "spare") == fresh  # the new drafter's prior, nothing inherited
+    assert _arms_of(restarted, "generic") == learnt["generic"]  # the rest is restored
+
+    registered["spare"] = 0.0  # a drafter registered before the snapshot keeps its arms
+    again = PolicyHolder(
+        store, lambda: list(live), lambda drafter: None, registered=lambda: dict(registered)
+    )
+    again.start("thompson")
+    assert _arms_of(again, "spare") == learnt["spare"]
