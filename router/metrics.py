@@ -38,6 +38,7 @@ class SidecarMetrics:
     pooled_dropped: Counter
     pooled_buffered: Gauge
     pooled_rejected: Counter
+    pooled_waiting: Gauge
     pooling_connected: Gauge
     shared_drafters_unavailable: Gauge
 
@@ -154,8 +155,15 @@ def create_metrics(registry: CollectorRegistry | None = None) -> SidecarMetrics:
         pooled_rejected=Counter(
             "specroute_pooled_entries_rejected_total",
             "Shared entries dropped before reaching the policy or the drafters, by reason "
-            "(unsigned, bad_signature, malformed).",
+            "(unsigned, bad_signature, malformed; drafter_not_served: an outcome of a drafter "
+            "this replica does not serve, dropped from the waiting ones).",
             ["reason"],
+            registry=reg,
+        ),
+        pooled_waiting=Gauge(
+            "specroute_pooled_outcomes_waiting",
+            "Outcomes of other replicas waiting for a drafter this replica does not serve "
+            "yet (one registered elsewhere, still loading here).",
             registry=reg,
         ),
         pooling_connected=Gauge(

@@ -44,6 +44,10 @@ class LearningLog(Protocol):
 
     def restore(self, cursor: Mapping[str, Any] | None) -> None: ...
 
+    def drafter_added(self, policy: Any, name: str) -> None: ...
+
+    def drafter_not_served(self, name: str) -> None: ...
+
 
 class PolicyHolder:
     """The current policy, its name, and persistence of its state."""
@@ -220,14 +224,14 @@ class PolicyHolder:
             log.restore(self._restored_cursor)
             self._log = log
 
-    def apply_shared(self, admit: Callable[[], bool], learn: Callable[[Any], None]) -> bool:
+    def apply_shared(self, admit: Callable[[], bool], learn: Callable[[Any], bool]) -> bool:
         """Apply an outcome learned elsewhere: under the lock, ``admit()`` (deduplication,
-        advancing the log's cursor) and then ``learn(policy)``; not recorded again."""
+        advancing the log's cursor) and then ``learn(policy)``, whose answer (applied now,
+        or kept for later) it returns; not recorded again."""
         with self._lock:
             if not admit():
                 return False
-            learn(self._policy)
-            return True
+            return learn(self._policy)
 
     def add_drafter(self, name: str, similarity: Mapping[str, float] | None) -> None:
         """A drafter registered at run time joins the policy with its kind's hints, as
@@ -235,6 +239,8 @@ class PolicyHolder:
         with self._lock:
             self._policy.add_drafter(name, similarity)
             self._rehint()
+            if self._log is not None:  # outcomes other replicas learnt of it meanwhile
+                self._log.drafter_added(self._policy, name)
 
     def remove_drafter(self, name: str) -> None:
         """Forget ``name``'s arms. Not while a snapshot is between reading the state and
@@ -243,6 +249,15 @@ class PolicyHolder:
         with self._saving, self._lock:
             self._policy.remove_drafter(name)
             self._rehint()
+            if self._log is not None:
+                self._log.drafter_not_served(name)
+
+    def drafter_not_served(self, name: str) -> None:
+        """``name``, registered on another replica, will not be served here (it failed to
+        load, or was removed before it did): outcomes waiting for it are dropped."""
+        with self._lock:
+            if self._log is not None:
+                self._log.drafter_not_served(name)
 
     def _rehint(self) -> None:
         """Give the policy the hints of the live drafters, merged with its configuration

@@ -11,12 +11,13 @@ the times left out, so each replica's cost model stays its own.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from router.metrics import SidecarMetrics
-from router.policy.base import MAX_DRAFT_LENGTH, Context, Decision, Outcome
+from router.policy.base import MAX_DRAFT_LENGTH, NONE_DRAFTER, Context, Decision, Outcome
 from router.policy_holder import PolicyHolder
 from router.pooling.entries import (
     EntryRejected,
@@ -33,6 +34,17 @@ logger = logging.getLogger(__name__)
 # Policies whose reward is a measured time (UCB's speed-up): a pooled outcome carries no
 # times, so they cannot learn from it, and it is consumed without reaching them.
 TIME_REWARD_POLICIES = frozenset({"ucb"})
+#: Outcomes of a drafter this replica does not serve yet wait for it (a registration on
+#: another replica reaches this one through the registry stream and loads here while the
+#: other replica already learns from it), at most this many, oldest dropped first.
+WAITING_MAX = 4096
+
+
+def serves(policy: Any, drafter: str) -> bool:
+    """Whether ``policy`` has arms for ``drafter`` (policies without a drafter list take
+    every outcome)."""
+    drafters = getattr(policy, "drafters_", None)
+    return drafter == NONE_DRAFTER or drafters is None or drafter in drafters
 
 
 def apply_to_policy(policy: Any, shared: SharedOutcome) -> None:
@@ -83,6 +95,8 @@ class OutcomePool:
         # Highest seq applied per writer (this replica's own included): the cursor saved
         # with every policy snapshot. Changed only under the holder's lock.
         self._applied: dict[str, int] = {}
+        # Admitted entries whose drafter the policy does not know yet (``_apply_or_wait``).
+        self._waiting: collections.deque[SharedOutcome] = collections.deque()
         self.applied = 0
         self.rejected = 0
 
@@ -107,6 +121,27 @@ class OutcomePool:
 
     def cursor(self) -> dict[str, Any]:
         return {"applied": dict(self._applied)}
+
+    def drafter_added(self, policy: Any, name: str) -> None:
+        """Apply the waiting entries of ``name``, now that ``policy`` has its arms."""
+        ready = [shared for shared in self._waiting if shared.drafter == name]
+        if not ready:
+            return
+        self._waiting = collections.deque(s for s in self._waiting if s.drafter != name)
+        for shared in ready:
+            apply_to_policy(policy, shared)
+        self._counted_applied(len(ready))
+        self._metrics.pooled_waiting.set(len(self._waiting))
+        logger.info("pooling: applied %d waiting outcomes of drafter %s", len(ready), name)
+
+    def drafter_not_served(self, name: str) -> None:
+        """Drop the waiting entries of ``name``: removed, or registered elsewhere and not
+        servable here, it will not join the policy."""
+        dropped = sum(shared.drafter == name for shared in self._waiting)
+        if dropped:
+            self._waiting = collections.deque(s for s in self._waiting if s.drafter != name)
+            self._count_rejected("drafter_not_served", dropped)
+            self._metrics.pooled_waiting.set(len(self._waiting))
 
     def restore(self, cursor: Mapping[str, Any] | None) -> None:
         applied = (cursor or {}).get("applied") or {}
@@ -156,19 +191,46 @@ class OutcomePool:
             try:
                 done = self._holder.apply_shared(
                     lambda origin=shared.origin: self._admit(origin),  # type: ignore[misc]
-                    lambda policy, shared=shared: apply_to_policy(policy, shared),  # type: ignore[misc]
+                    lambda policy, shared=shared: self._apply_or_wait(policy, shared),  # type: ignore[misc]
                 )
             except (ValueError, KeyError, TypeError) as error:
                 self.reject(entry_id, "malformed", f"the policy refused it: {error}")
                 continue
             if done:
-                self.applied += 1
-                self._metrics.pooled_applied.inc()
+                self._counted_applied(1)
         self._metrics.policy_version.set(self._holder.version)
 
+    def _apply_or_wait(self, policy: Any, shared: SharedOutcome) -> bool:
+        """Apply ``shared`` (True), or keep it until its drafter joins the policy
+        (``drafter_added``): applied now, an outcome of a drafter the policy has no arms
+        for counted as a request and lost its acceptance. At most ``WAITING_MAX`` wait."""
+        if serves(policy, shared.drafter):
+            apply_to_policy(policy, shared)
+            return True
+        if len(self._waiting) >= WAITING_MAX:
+            oldest = self._waiting.popleft()
+            self._count_rejected("drafter_not_served", 1)
+            logger.warning(
+                "pooling: dropped an outcome of drafter %s from %s: %d outcomes already wait "
+                "for drafters this replica does not serve",
+                oldest.drafter,
+                oldest.origin.replica,
+                WAITING_MAX,
+            )
+        self._waiting.append(shared)
+        self._metrics.pooled_waiting.set(len(self._waiting))
+        return False
+
+    def _counted_applied(self, count: int) -> None:
+        self.applied += count
+        self._metrics.pooled_applied.inc(count)
+
+    def _count_rejected(self, reason: str, count: int) -> None:
+        self.rejected += count
+        self._metrics.pooled_rejected.labels(reason=reason).inc(count)
+
     def reject(self, entry_id: str, reason: str, detail: str) -> None:
-        self.rejected += 1
-        self._metrics.pooled_rejected.labels(reason=reason).inc()
+        self._count_rejected(reason, 1)
         logger.warning("pooling: dropped outcome entry %s (%s)", entry_id, detail)
 
     def _admit(self, origin: Origin) -> bool:
@@ -206,3 +268,7 @@ class OutcomePool:
     @property
     def pending(self) -> int:
         return self._writer.pending
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)

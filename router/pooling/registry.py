@@ -152,6 +152,7 @@ class SharedRegistry:
             self._unavailable[event.name] = UnavailableDrafter(
                 event.name, event.drafter_kind, event.path, str(error)
             )
+            self._service.policy.drafter_not_served(event.name)
             logger.warning(
                 "pooling: drafter %s registered by %s is unavailable here: %s",
                 event.name,
@@ -167,6 +168,7 @@ class SharedRegistry:
         try:
             record = self._service.drafters.get(name).record
         except NotFoundError:
+            self._service.policy.drafter_not_served(name)
             return
         if record.builtin:
             logger.warning("pooling: another replica removed %s, built in here; kept", name)

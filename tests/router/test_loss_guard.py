@@ -126,6 +126,12 @@ class _Learnt:
     def restore(self, cursor: Any) -> None:
         return None
 
+    def drafter_added(self, policy: Any, name: str) -> None:
+        return None
+
+    def drafter_not_served(self, name: str) -> None:
+        return None
+
 
 def test_a_guarded_generate_stops_drafting_and_keeps_the_output(guarded: SidecarThread) -> None:
     expected, _ = greedy_reference(guarded, COMPLETION_PROMPT, MAX_NEW)

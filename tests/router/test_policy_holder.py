@@ -117,6 +117,12 @@ class CursorLog:
     def restore(self, cursor: Mapping[str, Any] | None) -> None:
         self.restored.append(cursor)
 
+    def drafter_added(self, policy: Any, name: str) -> None:
+        pass
+
+    def drafter_not_served(self, name: str) -> None:
+        pass
+
 
 def test_setting_the_serving_policy_again_keeps_what_it_learnt_since_its_last_snapshot(
     tmp_path: Path,

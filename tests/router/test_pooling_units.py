@@ -175,6 +175,68 @@ def test_outcomes_are_logged_applied_once_and_resumed_from_the_snapshot(tmp_path
     assert restarted.holder.version == version + 1
 
 
+def test_outcomes_of_a_drafter_not_served_yet_wait_for_its_registration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drafter registered on replica b reaches replica a through the registry stream and
+    loads there while b already learns from it: its outcomes reached a's policy before the
+    drafter did, which counted each as a request and dropped its acceptance. They now wait
+    (bounded) and are applied when the drafter joins; a removal drops them."""
+    from router.pooling import outcomes as outcomes_module
+
+    a = Harness(tmp_path, "a-1")
+    early = [("1-0", SIGNER.fields(shared("b-1", 1, drafter="spare")))]
+    early.append(("2-0", SIGNER.fields(shared("b-1", 2, drafter="spare", accepted=[1, 0, 0]))))
+    version = a.holder.version
+    a.pool.handle(early)
+    assert (a.pool.applied, a.pool.waiting, a.holder.version) == (0, 2, version)
+    assert a.metrics.pooled_waiting._value.get() == 2
+    a.pool.handle(early)  # delivered again: admitted once, so it does not wait twice
+    assert a.pool.waiting == 2
+
+    a.holder.add_drafter("spare", None)  # the registration has loaded here
+    assert (a.pool.applied, a.pool.waiting, a.holder.version) == (2, 0, version + 2)
+    reference = PolicyHolder(
+        SidecarStore(tmp_path / "ref"), lambda: ["generic", "math", "spare"], lambda name: None
+    )
+    reference.start("thompson")
+    for _, fields in early:
+        payload = outcome_from_payload(SIGNER.verified(fields), 32)
+        reference.update(
+            MATH,
+            Decision("spare", 4),
+            Outcome.from_steps(
+                list(payload.drafted), list(payload.accepted), draft_time_s=0.0, verify_time_s=0.0
+            ),
+        )
+    learnt = {
+        c.length_bucket: {x.drafter: (x.alpha, x.beta) for x in c.arms}
+        for c in a.holder.describe()[2]
+    }
+    expected = {
+        c.length_bucket: {x.drafter: (x.alpha, x.beta) for x in c.arms}
+        for c in reference.describe()[2]
+    }
+    assert learnt[0]["spare"] == expected[0]["spare"]  # as if it had been applied on arrival
+
+    # A drafter removed before it loads: its waiting outcomes are dropped, counted.
+    a.pool.handle([("3-0", SIGNER.fields(shared("b-1", 3, drafter="gone")))])
+    assert a.pool.waiting == 1
+    a.holder.remove_drafter("gone")
+    assert a.pool.waiting == 0
+    dropped = a.metrics.pooled_rejected.labels(reason="drafter_not_served")
+    assert dropped._value.get() == 1
+
+    # Bounded: past WAITING_MAX the oldest goes, counted.
+    monkeypatch.setattr(outcomes_module, "WAITING_MAX", 2)
+    for seq in (4, 5, 6):
+        a.pool.handle([(f"{seq}-0", SIGNER.fields(shared("b-1", seq, drafter="never")))])
+    assert a.pool.waiting == 2 and dropped._value.get() == 2
+    # One that fails to load here (the registry's verdict): dropped at once.
+    a.holder.drafter_not_served("never")
+    assert a.pool.waiting == 0 and dropped._value.get() == 4
+
+
 async def test_unreachable_redis_keeps_a_bounded_buffer(tmp_path: Path) -> None:
     harness = Harness(tmp_path, "a-1")
     for step in range(11):
