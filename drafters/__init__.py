@@ -26,6 +26,7 @@ _EXPORTS = {
     "SpeculativeEngine": "drafters.engine",
     "GenerationRun": "drafters.engine",
     "TokenEvent": "drafters.engine",
+    "TokenLogprob": "drafters.engine",
     "DraftLengthSchedule": "drafters.engine",
     "Verification": "drafters.verify",
     "verify": "drafters.verify",

@@ -36,17 +36,32 @@ DraftLengthSchedule = Callable[[int, GenerationStats], int]
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The target's log-probability of an emitted token given everything before it, and
+    the ``top`` most likely tokens there as (id, log-probability), most likely first.
+
+    Raw: the model's own distribution (log-softmax of its logits), before temperature,
+    top-k, top-p or typical-p, as vLLM reports by default; a speculative step reads it
+    from the verify pass, so it does not depend on the drafter."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """Tokens verified in one step, each with the text it completes.
 
     This is the one detokenization of the output: ``token_texts[i]`` is what token i adds
     to the text ("" for a special token, which is never emitted as text, or while a
-    character is still incomplete); ``special[i]`` marks the special tokens.
+    character is still incomplete); ``special[i]`` marks the special tokens. ``logprobs``:
+    one per token when the request asked for them (``generate(logprobs=...)``).
     """
 
     token_ids: list[int]
     token_texts: list[str]
     special: list[bool]
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def text(self) -> str:
@@ -93,6 +108,21 @@ class GenerationRun:
         return self.output_ids
 
 
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """Row i of ``logits`` [n >= len(tokens), vocab] scores ``tokens[i]``: its
+    log-probability and the ``top`` most likely tokens of that row."""
+    rows = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)  # [n, vocab]
+    ids = torch.tensor(tokens, dtype=torch.long, device=rows.device)
+    chosen = rows.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
+    if top <= 0:
+        return [TokenLogprob(float(lp)) for lp in chosen]
+    values, indices = torch.topk(rows, min(top, rows.shape[-1]), dim=-1)
+    return [
+        TokenLogprob(float(lp), tuple(zip(ids_row, values_row, strict=True)))
+        for lp, ids_row, values_row in zip(chosen, indices.tolist(), values.tolist(), strict=True)
+    ]
+
+
 def stop_token_ids(target: LoadedModel) -> frozenset[int]:
     """Token ids that end a generation, as the model declares them: the tokenizer's EOS and
     the generation config's EOS ids (a Qwen2.5 instruct checkpoint lists both its
@@ -119,6 +149,7 @@ class _Request:
     stop_sequences: tuple[str, ...]
     should_stop: Callable[[], bool] | None
     stop_rule: DraftStopRule | None
+    logprobs: int | None
 
 
 class SpeculativeEngine:
@@ -146,16 +177,21 @@ class SpeculativeEngine:
         stop_sequences: Sequence[str] = (),
         should_stop: Callable[[], bool] | None = None,
         stop_rule: DraftStopRule | None = None,
+        logprobs: int | None = None,
     ) -> GenerationRun:
         """Stream the target's continuation of ``prompt_ids``, drafted by ``drafter``.
 
         ``stop_rule`` lets a model drafter end a step's draft before k when its own
         next-token distribution says the draft will probably be rejected
-        (``drafters/stopping.py``); the output is the same either way (lossless)."""
+        (``drafters/stopping.py``); the output is the same either way (lossless).
+        ``logprobs``: None, none; n >= 0, each token's :class:`TokenLogprob` with its n
+        most likely alternatives."""
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if logprobs is not None and logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {logprobs}")
         request = _Request(
             prompt_ids=[int(t) for t in prompt_ids],
             drafter=drafter,
@@ -165,6 +201,7 @@ class SpeculativeEngine:
             stop_sequences=tuple(stop_sequences),
             should_stop=should_stop,
             stop_rule=stop_rule if stop_rule is not None and stop_rule.active else None,
+            logprobs=logprobs,
         )
         stats = GenerationStats(prompt_tokens=len(request.prompt_ids))
         output_ids: list[int] = []
@@ -196,7 +233,7 @@ class SpeculativeEngine:
                     finish_reason = stopped
                     break
                 k = self._draft_length(request, stats, history, len(output))
-                tokens = self._speculative_step(
+                tokens, logits = self._speculative_step(
                     cache,
                     session,
                     history,
@@ -207,6 +244,11 @@ class SpeculativeEngine:
                     stop_rule=request.stop_rule,
                 )
                 tokens, token_texts, stopped = self._detokenize(tokens, request, detokenizer)
+                scored = (
+                    token_logprobs(logits, tokens, request.logprobs)
+                    if request.logprobs is not None
+                    else None
+                )
                 output.extend(tokens)
                 history.extend(tokens)
                 if stopped is None:
@@ -221,6 +263,7 @@ class SpeculativeEngine:
                     token_ids=tokens,
                     token_texts=token_texts,
                     special=[detokenizer.is_special(t) for t in tokens],
+                    logprobs=scored,
                 )
                 if stopped is not None:
                     finish_reason = stopped
@@ -284,8 +327,10 @@ class SpeculativeEngine:
         stats: GenerationStats,
         *,
         stop_rule: DraftStopRule | None = None,
-    ) -> list[int]:
-        """Propose up to k, verify all d + 1 positions in one target forward, roll back."""
+    ) -> tuple[list[int], torch.Tensor]:
+        """Propose up to k, verify all d + 1 positions in one target forward, roll back.
+        Returns the verified tokens and the target's logits [d + 1, vocab], whose row i
+        scores token i."""
         started = time.perf_counter()
         proposal: Proposal = (
             session.propose(history, k, sampling, generator, stop_rule) if k > 0 else self._empty
@@ -317,7 +362,7 @@ class SpeculativeEngine:
             draft_time_s=drafted - started,
             verify_time_s=time.perf_counter() - drafted,
         )
-        return tokens
+        return tokens, logits
 
     def _detokenize(
         self, tokens: list[int], request: _Request, detokenizer: IncrementalDetokenizer

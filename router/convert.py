@@ -16,6 +16,7 @@ from router.domain import (
     check_finite,
     check_forced_draft_length,
     check_forced_stop_threshold,
+    check_logprobs,
     check_outcome,
 )
 from router.errors import InvalidFieldError
@@ -70,6 +71,9 @@ def generate_from_pb(message: pb.GenerateRequest) -> GenerateInput:
         force_draft_length=check_forced_draft_length(forced_k),
         force_stop_threshold=check_forced_stop_threshold(forced_stop),
         no_update=message.no_update,
+        logprobs=check_logprobs(
+            message.logprobs if message.HasField("logprobs") else None, "logprobs"
+        ),
     )
 
 
@@ -164,6 +168,11 @@ def chunk_to_pb(chunk: TokenChunk) -> pb.GenerateChunk:
             chunk.token_ids, chunk.token_texts, chunk.special, strict=True
         )
     ]
+    for token, scored in zip(tokens, chunk.logprobs or (), strict=False):
+        token.logprob = scored.logprob
+        token.top_logprobs.extend(
+            pb.TopLogprob(id=a.token_id, text=a.text, logprob=a.logprob) for a in scored.top
+        )
     return pb.GenerateChunk(tokens=tokens, text="".join(chunk.token_texts))
 
 

@@ -77,6 +77,8 @@ class GenerateInput:
     force_draft_length: int | None = None
     force_stop_threshold: float | None = None  # the decision's stop_threshold, pinned
     no_update: bool = False
+    # None: no log-probabilities; n: each token's, with its n most likely alternatives.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -310,6 +312,18 @@ def check_prompt_chars(prompt: Prompt, max_chars: int, limits: Limits) -> None:
             f"the prompt has {chars} characters, more than {limits.max_prompt_tokens} "
             f"tokens can spell (the limit is {max_chars} characters)"
         )
+
+
+#: The most alternatives a request may ask for per token (OpenAI's chat ``top_logprobs``
+#: and vLLM's default ``max_logprobs`` are 20).
+MAX_TOP_LOGPROBS = 20
+
+
+def check_logprobs(logprobs: int | None, field_name: str) -> int | None:
+    """None (off) or 0..MAX_TOP_LOGPROBS alternatives per token (INVALID_ARGUMENT)."""
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidFieldError(field_name, f"must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}")
+    return logprobs
 
 
 MAX_REQUEST_ID_CHARS = 128

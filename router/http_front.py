@@ -21,7 +21,14 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from router.domain import MAX_STOP_SEQUENCES, GenerateInput, Prompt, RouteInput, Sampling
+from router.domain import (
+    MAX_STOP_SEQUENCES,
+    GenerateInput,
+    Prompt,
+    RouteInput,
+    Sampling,
+    check_logprobs,
+)
 from router.errors import (
     GenerationFailedError,
     InvalidRequestError,
@@ -97,8 +104,6 @@ def _unsupported(params: TgiParameters) -> list[str]:
         problems.append("best_of")
     if params.watermark:
         problems.append("watermark")
-    if params.top_n_tokens:
-        problems.append("top_n_tokens")
     if params.grammar is not None:
         problems.append("grammar")
     return problems
@@ -151,7 +156,15 @@ def generate_input_from_tgi(body: TgiRequest, max_new_tokens_limit: int) -> Gene
         sampling=sampling_from_tgi(params),
         truncate=params.truncate,
     )
-    return GenerateInput(route=route)
+    return GenerateInput(route=route, logprobs=_tgi_logprobs(params))
+
+
+def _tgi_logprobs(params: TgiParameters) -> int | None:
+    """Tokens carry their logprob when the request asks for details (the text-generation
+    client's streams always do) or for ``top_n_tokens``; otherwise it is null and no
+    log-softmax is computed."""
+    top = check_logprobs(params.top_n_tokens or None, "top_n_tokens")  # 0: none, as TGI
+    return top if top is not None else (0 if params.details else None)
 
 
 def _reported_seed(body: TgiRequest, result: GenerationResult) -> int | None:
@@ -168,8 +181,27 @@ def error_response(error: BaseException) -> web.Response:
     )
 
 
-def _token_json(token_id: int, text: str, special: bool) -> dict[str, Any]:
-    return {"id": token_id, "text": text, "logprob": None, "special": special}
+def _token_json(
+    token_id: int, text: str, special: bool, logprob: float | None = None
+) -> dict[str, Any]:
+    return {"id": token_id, "text": text, "logprob": logprob, "special": special}
+
+
+def _tokens_json(chunk: TokenChunk) -> list[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
+    """Each token of ``chunk`` in TGI's shape, with its top tokens (None when the request
+    asked for none)."""
+    scored = chunk.logprobs or [None] * len(chunk.token_ids)
+    return [
+        (
+            _token_json(i, t, s, lp.logprob if lp is not None else None),
+            [_token_json(a.token_id, a.text, a.special, a.logprob) for a in lp.top]
+            if lp is not None and lp.top
+            else None,
+        )
+        for i, t, s, lp in zip(
+            chunk.token_ids, chunk.token_texts, chunk.special, scored, strict=True
+        )
+    ]
 
 
 def _finish_reason(stats: Any) -> str:
@@ -251,15 +283,15 @@ async def _collect(service: RouterService, body: TgiRequest) -> dict[str, Any]:
     """Run a whole generation; the TGI response object."""
     params = body.parameters or TgiParameters()
     tokens: list[dict[str, Any]] = []
+    top_tokens: list[list[dict[str, Any]]] = []
     async with contextlib.aclosing(_generation(service, body)) as items:
         routed = await _first(items)
         result: GenerationResult | None = None
         async for item in items:
             if isinstance(item, TokenChunk):
-                tokens.extend(
-                    _token_json(i, t, s)
-                    for i, t, s in zip(item.token_ids, item.token_texts, item.special, strict=True)
-                )
+                for token, top in _tokens_json(item):
+                    tokens.append(token)
+                    top_tokens.append(top or [])
             elif isinstance(item, GenerationResult):
                 result = item
     if result is None:
@@ -273,7 +305,7 @@ async def _collect(service: RouterService, body: TgiRequest) -> dict[str, Any]:
             "seed": _reported_seed(body, result),
             "prefill": [],
             "tokens": tokens,
-            "top_tokens": None,
+            "top_tokens": top_tokens if params.top_n_tokens else None,
             "best_of_sequences": None,
             "specroute": _specroute_details(routed, result),
         }
@@ -307,13 +339,11 @@ async def _tgi_events(
     try:
         async for item in items:
             if isinstance(item, TokenChunk):
-                for token_id, text, special in zip(
-                    item.token_ids, item.token_texts, item.special, strict=True
-                ):
+                for token, top in _tokens_json(item):
                     if held is not None:
                         await _event(response, held)
                     index += 1
-                    held = _stream_event(index, _token_json(token_id, text, special))
+                    held = _stream_event(index, token, top)
             elif isinstance(item, GenerationResult):
                 if held is None:
                     raise GenerationFailedError("the generation ended without a token")
@@ -356,11 +386,13 @@ def client_may_leave(request: web.Request) -> Iterator[None]:
             raise
 
 
-def _stream_event(index: int, token: dict[str, Any]) -> dict[str, Any]:
+def _stream_event(
+    index: int, token: dict[str, Any], top_tokens: list[dict[str, Any]] | None
+) -> dict[str, Any]:
     return {
         "index": index,
         "token": token,
-        "top_tokens": None,
+        "top_tokens": top_tokens,
         "generated_text": None,
         "details": None,
     }

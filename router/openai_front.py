@@ -28,7 +28,14 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from router.domain import MAX_STOP_SEQUENCES, GenerateInput, Prompt, RouteInput, Sampling
+from router.domain import (
+    MAX_STOP_SEQUENCES,
+    GenerateInput,
+    Prompt,
+    RouteInput,
+    Sampling,
+    check_logprobs,
+)
 from router.errors import (
     ContextLengthError,
     GenerationFailedError,
@@ -44,7 +51,13 @@ from router.errors import (
     UnauthenticatedError,
     sidecar_error_of,
 )
-from router.service import GenerationResult, RoutedRequest, RouterService, TokenChunk
+from router.service import (
+    GenerationResult,
+    RoutedRequest,
+    RouterService,
+    TokenChunk,
+    TokenLogprobs,
+)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # What TGI's own clients send as the model (the text-generation client's chat(), and
@@ -182,11 +195,9 @@ def _unsupported(body: OpenAIParameters) -> list[str]:
         problems.append("frequency_penalty")
     if body.logit_bias:
         problems.append("logit_bias")
-    if body.logprobs not in (None, False, 0):
-        problems.append("logprobs")
-    if body.top_logprobs:
-        problems.append("top_logprobs")
     if isinstance(body, CompletionRequest):
+        if body.top_logprobs:  # chat's; completions take the count in ``logprobs``
+            problems.append("top_logprobs")
         if body.echo:
             problems.append("echo")
         if body.best_of not in (None, 1):
@@ -370,6 +381,99 @@ def truncate_of(body: OpenAIParameters, max_prompt_tokens: int) -> int | None:
     return truncate
 
 
+def logprobs_of(endpoint: Endpoint, body: Any) -> int | None:
+    """The alternatives per token the request asks for, None for no logprobs: chat's
+    ``logprobs`` (a boolean) with ``top_logprobs`` (0-20), completions' ``logprobs`` (an
+    integer, 0-20; OpenAI's own stops at 5, vLLM's at its ``max_logprobs``)."""
+    if endpoint.is_chat:
+        if body.logprobs not in (None, False, True):
+            raise InvalidFieldError("logprobs", "must be a boolean (top_logprobs: the count)")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InvalidFieldError("top_logprobs", "needs logprobs: true")
+        return check_logprobs(body.top_logprobs or 0, "top_logprobs") if body.logprobs else None
+    if body.logprobs is None or body.logprobs is False:
+        return None
+    if isinstance(body.logprobs, bool) or not isinstance(body.logprobs, int):
+        raise InvalidFieldError("logprobs", f"must be an integer, got {body.logprobs!r}")
+    return check_logprobs(body.logprobs, "logprobs")
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def chat_logprobs(scored: Sequence[TokenLogprobs]) -> dict[str, Any]:
+    """Chat's ``choices[].logprobs``: per token its text, logprob, UTF-8 bytes and the most
+    likely tokens at its position."""
+    return {
+        "content": [
+            {
+                "token": token.text,
+                "logprob": token.logprob,
+                "bytes": _bytes(token.text),
+                "top_logprobs": [
+                    {"token": a.text, "logprob": a.logprob, "bytes": _bytes(a.text)}
+                    for a in token.top
+                ],
+            }
+            for token in scored
+        ],
+        "refusal": None,
+    }
+
+
+def completion_logprobs(
+    scored: Sequence[TokenLogprobs], texts: Sequence[str], offset: int
+) -> dict[str, Any]:
+    """Completions' ``choices[].logprobs``: tokens, their logprobs, the most likely tokens
+    at each position with the chosen one among them (as OpenAI and vLLM report), and each
+    token's character offset in the generated text (``texts``: what each token added,
+    from ``offset`` on)."""
+    offsets = []
+    for text in texts:
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": [token.text for token in scored],
+        "token_logprobs": [token.logprob for token in scored],
+        "top_logprobs": [
+            {**{a.text: a.logprob for a in token.top}, token.text: token.logprob}
+            for token in scored
+        ],
+        "text_offset": offsets,
+    }
+
+
+class LogprobsHoldback:
+    """A stream's logprobs, sent with the text they belong to: a token's entry goes out in
+    the chunk that releases the last of its text (``StopHoldback`` may hold text back),
+    the rest with the last chunk."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, str, TokenLogprobs]] = []  # (text end, text, entry)
+        self._queued = 0  # characters of the tokens fed so far
+        self._sent = 0  # characters released so far
+        self._offset = 0  # where the first pending token's text starts
+
+    def feed(self, chunk: TokenChunk) -> None:
+        for text, scored in zip(chunk.token_texts, chunk.logprobs or (), strict=False):
+            self._queued += len(text)
+            self._pending.append((self._queued, text, scored))
+
+    def release(self, characters: int | None) -> tuple[list[TokenLogprobs], list[str], int]:
+        """The entries whose text is out once ``characters`` more are sent (None: all),
+        their texts, and the offset of the first in the generated text."""
+        self._sent = self._queued if characters is None else self._sent + characters
+        count = 0
+        while count < len(self._pending) and self._pending[count][0] <= self._sent:
+            count += 1
+        released, self._pending = self._pending[:count], self._pending[count:]
+        start = self._offset
+        texts = [text for _, text, _ in released]
+        self._offset += sum(len(text) for text in texts)
+        return [entry for *_, entry in released], texts, start
+
+
 def generate_input(service: RouterService, endpoint: Endpoint, body: Any) -> GenerateInput:
     """The domain request for an OpenAI body (checked against what the sidecar serves)."""
     problems = _unsupported(body)
@@ -391,7 +495,7 @@ def generate_input(service: RouterService, endpoint: Endpoint, body: Any) -> Gen
         sampling=sampling_from_openai(body),
         truncate=truncate_of(body, service.limits.max_prompt_tokens),
     )
-    return GenerateInput(route=route)
+    return GenerateInput(route=route, logprobs=logprobs_of(endpoint, body))
 
 
 def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
@@ -505,8 +609,22 @@ class _Reply:
             "choices": choices,
         }
 
+    def logprobs(
+        self, scored: Sequence[TokenLogprobs] | None, texts: Sequence[str], offset: int
+    ) -> dict[str, Any] | None:
+        """A choice's ``logprobs`` in this endpoint's shape; None when not asked for."""
+        if scored is None:
+            return None
+        if self.endpoint.is_chat:
+            return chat_logprobs(scored)
+        return completion_logprobs(scored, texts, offset)
+
     def complete(
-        self, routed: RoutedRequest, result: GenerationResult, stops: Sequence[str]
+        self,
+        routed: RoutedRequest,
+        result: GenerationResult,
+        stops: Sequence[str],
+        logprobs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         finish = _finish_reason(result)
         text = result.generated_text
@@ -515,12 +633,12 @@ class _Reply:
         choice: dict[str, Any]
         if self.endpoint.is_chat:
             message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {
                 "index": 0,
                 "text": text,
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }
         body = self._object(self.endpoint.object_name, [choice])
@@ -528,7 +646,9 @@ class _Reply:
         body["specroute"] = specroute_extra(routed, result)
         return body
 
-    def chunk(self, text: str | None, finish: str | None) -> dict[str, Any]:
+    def chunk(
+        self, text: str | None, finish: str | None, logprobs: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         choice: dict[str, Any]
         if self.endpoint.is_chat:
             # The role in every delta, and tool_calls: TGI's own client requires both (as
@@ -536,9 +656,9 @@ class _Reply:
             delta: dict[str, Any] = {"role": "assistant", "tool_calls": None}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         return self._object(self.endpoint.chunk_name, [choice])
 
     def usage_chunk(self, routed: RoutedRequest, result: GenerationResult) -> dict[str, Any]:
@@ -560,17 +680,22 @@ async def _first(items: AsyncIterator[Any]) -> RoutedRequest:
 
 async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dict[str, Any]:
     reply = _Reply(endpoint, body.model)
-    async with contextlib.aclosing(
-        _generation(service, generate_input(service, endpoint, body))
-    ) as it:
+    request = generate_input(service, endpoint, body)
+    scored: list[TokenLogprobs] = []
+    texts: list[str] = []
+    async with contextlib.aclosing(_generation(service, request)) as it:
         routed = await _first(it)
         result: GenerationResult | None = None
         async for item in it:
-            if isinstance(item, GenerationResult):
+            if isinstance(item, TokenChunk) and item.logprobs is not None:
+                scored.extend(item.logprobs)
+                texts.extend(item.token_texts)
+            elif isinstance(item, GenerationResult):
                 result = item
     if result is None:
         raise GenerationFailedError("generation ended without a result")
-    return reply.complete(routed, result, stops_of(body))
+    logprobs = reply.logprobs(scored if request.logprobs is not None else None, texts, 0)
+    return reply.complete(routed, result, stops_of(body), logprobs)
 
 
 async def _sse_event(response: web.StreamResponse, payload: dict[str, Any] | str) -> None:
@@ -590,7 +715,13 @@ async def _stream(
     reply = _Reply(endpoint, body.model)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     holdback = StopHoldback(stops_of(body))
-    generation = _generation(service, generate_input(service, endpoint, body))
+    asked = generate_input(service, endpoint, body)
+    scored = LogprobsHoldback() if asked.logprobs is not None else None
+
+    def logprobs(characters: int | None) -> dict[str, Any] | None:
+        return None if scored is None else reply.logprobs(*scored.release(characters))
+
+    generation = _generation(service, asked)
     async with contextlib.aclosing(generation) as items:
         routed = await _first(items)  # errors before the first event are plain HTTP errors
         response = web.StreamResponse(headers=SSE_HEADERS)
@@ -600,16 +731,21 @@ async def _stream(
                 await _sse_event(response, reply.chunk("", None))
             try:
                 async for item in items:
-                    if isinstance(item, TokenChunk) and item.text:
-                        released = holdback.feed(item.text)
+                    if isinstance(item, TokenChunk):
+                        if scored is not None:
+                            scored.feed(item)
+                        released = holdback.feed(item.text) if item.text else ""
                         if released:
-                            await _sse_event(response, reply.chunk(released, None))
+                            chunk = reply.chunk(released, None, logprobs(len(released)))
+                            await _sse_event(response, chunk)
                     elif isinstance(item, GenerationResult):
                         rest = holdback.finish(_stopped(item))
-                        if rest:
-                            await _sse_event(response, reply.chunk(rest, None))
+                        # The last text chunk carries the logprobs not sent yet (those of
+                        # a stop sequence's tokens too: they were generated).
                         finish = _finish_reason(item)
                         text: str | None = None if endpoint.is_chat else ""
+                        if rest or scored is not None:
+                            await _sse_event(response, reply.chunk(rest, None, logprobs(None)))
                         await _sse_event(response, reply.chunk(text, finish))
                         if include_usage:
                             await _sse_event(response, reply.usage_chunk(routed, item))

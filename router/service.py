@@ -107,6 +107,60 @@ class RoutedRequest:
 
 
 @dataclass(frozen=True)
+class Alternative:
+    """One of the most likely tokens at a position: its id, its text decoded alone, and
+    its log-probability under the target."""
+
+    token_id: int
+    text: str
+    logprob: float
+    special: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """An emitted token's log-probability under the target (raw: before the sampling
+    parameters) and the most likely tokens at its position, most likely first; ``text``
+    is the token decoded alone (a character split across tokens shows in pieces)."""
+
+    text: str
+    logprob: float
+    top: tuple[Alternative, ...] = ()
+
+
+class TokenTexts:
+    """Token id -> its text decoded alone, cached (a request's alternatives decode the
+    same few ids again and again)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._texts: dict[int, str] = {}
+        self._lock = threading.Lock()
+        self._special = frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", ()))
+
+    def text(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._tokenizer.decode([token_id])
+            with self._lock:
+                self._texts[token_id] = text
+        return text
+
+    def scored(
+        self, token_ids: Sequence[int], scored: Sequence[tuple[float, Sequence[tuple[int, float]]]]
+    ) -> tuple[TokenLogprobs, ...]:
+        """Each token's (logprob, [(id, logprob) of its alternatives]) with their texts."""
+        return tuple(
+            TokenLogprobs(
+                self.text(token_id),
+                float(logprob),
+                tuple(Alternative(i, self.text(i), float(lp), i in self._special) for i, lp in top),
+            )
+            for token_id, (logprob, top) in zip(token_ids, scored, strict=True)
+        )
+
+
+@dataclass(frozen=True)
 class TokenChunk:
     """Tokens accepted in one speculative step, with their per-token texts."""
 
@@ -114,6 +168,8 @@ class TokenChunk:
     token_texts: tuple[str, ...]
     special: tuple[bool, ...]
     text: str
+    # One per token when the request asked for them.
+    logprobs: tuple[TokenLogprobs, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +238,7 @@ class RouterService:
         self.tokenizer = components.target.tokenizer
         self._max_prompt_chars = prompt_char_bound(self.tokenizer, self.limits.max_prompt_tokens)
         self._fast_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None)
+        self.token_texts = TokenTexts(self.tokenizer)
         # Automatic distillation's output directory is a model root while it is on.
         self.model_roots = (*components.model_roots, *extra_model_roots(settings))
         self.drafters = DrafterPool(components.target, components.engine, store, self.model_roots)
@@ -547,7 +604,9 @@ class RouterService:
         max_new_tokens = request.route.max_new_tokens
 
         def job(emit: Any, should_stop: Any) -> GenerationResult:
-            result = self._run_engine(routed, sampling, max_new_tokens, emit, should_stop)
+            result = self._run_engine(
+                routed, sampling, max_new_tokens, emit, should_stop, request.logprobs
+            )
             # A cancelled run's partial outcome would bias the policy. The update is cheap
             # and lands before the caller sees the last chunk; scoring is offloaded.
             if not request.no_update and not should_stop():
@@ -565,6 +624,7 @@ class RouterService:
         max_new_tokens: int,
         emit: Any,
         should_stop: Any,
+        logprobs: int | None = None,
     ) -> GenerationResult:
         from drafters import SamplingConfig
         from drafters.stopping import stop_rule
@@ -591,6 +651,7 @@ class RouterService:
             stop_sequences=sampling.stop,
             should_stop=should_stop,
             stop_rule=stop_rule(routed.decision.stop_threshold),
+            logprobs=logprobs,
         )
         # The engine detokenizes each token once; its texts are passed on as they are.
         for event in run:
@@ -600,6 +661,13 @@ class RouterService:
                     token_texts=tuple(event.token_texts),
                     special=tuple(event.special),
                     text=event.text,
+                    logprobs=(
+                        self.token_texts.scored(
+                            event.token_ids, [(lp.logprob, lp.top) for lp in event.logprobs]
+                        )
+                        if event.logprobs is not None
+                        else None
+                    ),
                 )
             )
         output = tuple(int(t) for t in run.output_ids)

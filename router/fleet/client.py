@@ -44,12 +44,17 @@ class ReplicaRefusedError(Exception):
         self.status = status
 
 
+#: (logprob, ((id, logprob) of the most likely tokens, most likely first)) of one token.
+ScoredToken = tuple[float, tuple[tuple[int, float], ...]]
+
+
 @dataclass(frozen=True)
 class Delta:
-    """Tokens of one streamed chunk and their text."""
+    """Tokens of one streamed chunk and their text; with their logprobs when asked."""
 
     token_ids: tuple[int, ...]
     text: str
+    logprobs: tuple[ScoredToken, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,11 @@ class StreamEnd:
 
 
 def completion_body(
-    model: str, prompt_ids: list[int], max_tokens: int, sampling: Sampling
+    model: str,
+    prompt_ids: list[int],
+    max_tokens: int,
+    sampling: Sampling,
+    logprobs: int | None = None,
 ) -> dict[str, Any]:
     """The ``/v1/completions`` body for a prompt given as token ids (so the replica
     reads exactly the tokens the sidecar counted and classified).
@@ -71,7 +80,9 @@ def completion_body(
     unset one from the model's ``generation_config.json`` (a Qwen2.5 Instruct checkpoint's
     repetition penalty 1.05, top_k 20, top_p 0.8), which would make greedy output differ
     from the target's own and apply top-k where none was asked. The stop string stays in
-    the text, as the in-process engine and TGI keep it (the OpenAI front cuts it off)."""
+    the text, as the in-process engine and TGI keep it (the OpenAI front cuts it off).
+    ``logprobs``: vLLM's count of alternatives, with tokens named by id
+    (``return_tokens_as_token_ids``: ``token_id:N``), read back by ``scored_tokens``."""
     body: dict[str, Any] = {
         "model": model,
         "prompt": prompt_ids,
@@ -92,7 +103,39 @@ def completion_body(
         body["seed"] = sampling.seed
     if sampling.stop:
         body["stop"] = list(sampling.stop)
+    if logprobs is not None:
+        body["logprobs"] = logprobs
+        body["return_tokens_as_token_ids"] = True
     return body
+
+
+def _token_id(name: str) -> int:
+    """vLLM's ``token_id:N`` (``return_tokens_as_token_ids``) -> N."""
+    prefix, _, number = name.partition(":")
+    if prefix != "token_id" or not number.isdigit():
+        raise ValueError(f"a logprobs token that is not 'token_id:N': {name!r}")
+    return int(number)
+
+
+def scored_tokens(
+    logprobs: dict[str, Any], ids: tuple[int, ...], top: int
+) -> tuple[ScoredToken, ...]:
+    """A completions chunk's ``logprobs`` (``tokens``, ``token_logprobs``, ``top_logprobs``)
+    as each token's (logprob, its ``top`` most likely alternatives). vLLM lists the chosen
+    token among the alternatives as well: sorted, the first ``top`` are kept. Its logprobs
+    are the model's raw ones by default (``logprobs_mode``), as the in-process engine's."""
+    values = logprobs.get("token_logprobs") or []
+    tops = logprobs.get("top_logprobs") or [None] * len(values)
+    if len(values) != len(ids) or len(tops) != len(ids):
+        raise ValueError(f"logprobs for {len(values)} tokens in a chunk of {len(ids)}")
+    scored = []
+    for value, alternatives in zip(values, tops, strict=True):
+        ranked = sorted(
+            ((_token_id(name), float(lp)) for name, lp in (alternatives or {}).items()),
+            key=lambda pair: -pair[1],
+        )
+        scored.append((float(value), tuple(ranked[:top])))
+    return tuple(scored)
 
 
 def finish_reason_of(choice: dict[str, Any]) -> str:
@@ -183,7 +226,12 @@ async def stream_completion(
                     ids = tuple(int(t) for t in choice.get("token_ids") or ())
                     if ids:
                         received = True
-                        yield Delta(ids, str(choice.get("text") or ""))
+                        scored = (
+                            scored_tokens(choice.get("logprobs") or {}, ids, body["logprobs"])
+                            if body.get("logprobs") is not None
+                            else None
+                        )
+                        yield Delta(ids, str(choice.get("text") or ""), scored)
                     if choice.get("finish_reason"):
                         finish = finish_reason_of(choice)
                 if chunk.get("metrics"):

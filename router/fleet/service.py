@@ -407,6 +407,7 @@ class FleetRouterService(RouterService):
             [*placed.prompt_ids, *progress.output_ids],
             remaining,
             request.route.sampling,
+            request.logprobs,
         )
         started = time.perf_counter()
         first: float | None = None
@@ -453,6 +454,9 @@ class FleetRouterService(RouterService):
             token_texts=texts,
             special=tuple(i in self._special_ids for i in ids),
             text=delta.text,
+            logprobs=(
+                self.token_texts.scored(ids, delta.logprobs) if delta.logprobs is not None else None
+            ),
         )
 
     def _result(

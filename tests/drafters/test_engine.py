@@ -123,7 +123,7 @@ def test_target_cache_after_a_rejection_equals_a_fresh_prefill(
     for _ in range(6):
         history += engine._speculative_step(
             cache, session, history, 5, SamplingConfig(), None, stats
-        )
+        )[0]
         rejected = rejected or stats.accepted_per_step[-1] < 5
     assert rejected and cache.get_seq_length() == len(history) - 1
     with torch.inference_mode():
@@ -372,3 +372,55 @@ def test_sampled_first_tokens_follow_the_target_distribution(
     assert config.temperature == 2.0
     empirical = counts / runs
     assert 0.5 * float((empirical - expected).abs().sum()) < 0.12
+
+
+@pytest.mark.parametrize("kind", ["none", "ngram", "close", "far"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_logprobs_are_the_targets_own_whatever_the_drafter(
+    kind: str,
+    sampled: bool,
+    engine: SpeculativeEngine,
+    drafters: dict[str, Drafter],
+    target: LoadedModel,
+    prompts: list[list[int]],
+) -> None:
+    """Each emitted token's logprob (and its top alternatives) is the target's raw
+    log-softmax at that position, as one forward pass over prompt + output gives it:
+    the same whether a token was an accepted draft, a correction, a bonus token or a
+    resample, and for every k."""
+    prompt = prompts[3]
+    sampling = (
+        SamplingConfig(do_sample=True, temperature=0.7, top_k=20, seed=11)
+        if sampled
+        else SamplingConfig()
+    )
+    run = engine.generate(
+        prompt, drafters[kind], 4, max_new_tokens=20, sampling=sampling, logprobs=3
+    )
+    events = list(run)
+    scored = [lp for event in events for lp in event.logprobs or []]
+    assert len(scored) == len(run.output_ids) == 20
+    with torch.inference_mode():
+        logits = target.model(torch.tensor([prompt + run.output_ids])).logits[0].float()
+    expected = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)  # row i scores output i
+    got = torch.tensor([lp.logprob for lp in scored])
+    want = expected.gather(1, torch.tensor(run.output_ids).unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    top = expected.topk(3, dim=-1).values
+    for i, lp in enumerate(scored):  # the 3 most likely, each with its own logprob
+        ids, values = [t for t, _ in lp.top], torch.tensor([v for _, v in lp.top])
+        torch.testing.assert_close(values, top[i], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(values, expected[i, ids], rtol=1e-4, atol=1e-4)
+    if not sampled:  # greedy: the emitted token is the most likely one
+        assert all(lp.top[0][0] == t for lp, t in zip(scored, run.output_ids, strict=True))
+
+
+def test_logprobs_are_off_by_default(
+    engine: SpeculativeEngine, drafters: dict[str, Drafter], prompts: list[list[int]]
+) -> None:
+    run = engine.generate(prompts[0], drafters["close"], 4, max_new_tokens=6)
+    assert all(event.logprobs is None for event in run)
+    only = engine.generate(prompts[0], drafters["close"], 4, max_new_tokens=6, logprobs=0)
+    assert all(lp.top == () for event in only for lp in event.logprobs or [None])  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="logprobs"):
+        engine.generate(prompts[0], drafters["close"], 4, max_new_tokens=6, logprobs=-1)

@@ -245,6 +245,21 @@ def greedy_reference(
     return ids, service.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def target_logprobs(sidecar: SidecarThread, text: str, output_ids: list[int]) -> list[float]:
+    """The target's raw log-probability of each of ``output_ids`` after the prompt
+    ``text``, from one forward pass over both (no engine, no cache)."""
+    import torch
+
+    from router.domain import Prompt
+
+    service = sidecar.service
+    prompt = service.prompt_ids(Prompt(text=text))
+    with torch.inference_mode():
+        logits = service.components.target.model(torch.tensor([prompt + output_ids])).logits
+    rows = torch.log_softmax(logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+    return rows.gather(1, torch.tensor(output_ids).unsqueeze(1)).squeeze(1).tolist()
+
+
 def self_signed_tls(directory: Path) -> RedisTlsFiles:
     """A throwaway CA and a server certificate it signed for 127.0.0.1 (openssl CLI)."""
     from benchmarks.replicas.redis_server import RedisTlsFiles

@@ -226,6 +226,29 @@ def test_greedy_output_is_the_same_on_every_configuration(fleet: Fleet) -> None:
             assert sum(stats.accepted_per_step) > 0
 
 
+def test_logprobs_come_from_the_replicas_and_match_the_target(fleet: Fleet) -> None:
+    """Logprobs asked of the sidecar are vLLM's (tokens named by id, so the alternatives
+    are ids as in-process), the target's raw ones whichever configuration served them."""
+    import torch
+
+    expected = reference_ids(fleet)
+    target = fleet.engine.target  # type: ignore[union-attr]
+    prompt = fleet.service.prompt_ids(Prompt(text=PROMPT))
+    with torch.inference_mode():
+        logits = target.model(torch.tensor([prompt + expected])).logits[0, len(prompt) - 1 : -1]
+    rows = torch.log_softmax(logits.float(), dim=-1)
+    reference = rows.gather(1, torch.tensor(expected).unsqueeze(1)).squeeze(1).tolist()
+    for drafter in ("none", "ngram", "twin"):
+        request = pb.GenerateRequest(
+            text=PROMPT, max_new_tokens=TOKENS, force_drafter=drafter, logprobs=2
+        )
+        chunks = list(fleet.sidecar.stub.Generate(request, timeout=120))
+        tokens = [token for chunk in chunks for token in chunk.tokens]
+        assert [t.id for t in tokens] == expected, drafter
+        assert [t.logprob for t in tokens] == pytest.approx(reference, abs=2e-3), drafter
+        assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].id == t.id for t in tokens)
+
+
 def test_openai_and_tgi_fronts_forward_to_the_fleet(fleet: Fleet) -> None:
     _, _, stats = generate(fleet, "none")
     expected_text = stats.generated_text

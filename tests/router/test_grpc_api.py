@@ -25,6 +25,7 @@ from tests.router.conftest import (
     SidecarThread,
     counterfactuals_settled,
     greedy_reference,
+    target_logprobs,
 )
 
 
@@ -462,6 +463,37 @@ def test_drafter_registration_is_hot_and_removable(
     with pytest.raises(grpc.RpcError) as gone:
         sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="spare"), metadata=ADMIN)
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_logprobs_are_the_targets_whatever_the_drafter(sidecar: SidecarThread, PROMPT: str) -> None:
+    """Token.logprob was always 0 (unset). Asked for, each token carries the target's raw
+    log-probability and its most likely alternatives: the same for every arm (a verify
+    pass scores a drafted token as plain decoding does), equal to a forward pass."""
+    expected_ids, _ = greedy_reference(sidecar, PROMPT, 12)
+    reference = target_logprobs(sidecar, PROMPT, expected_ids)
+
+    def tokens(**arm: Any) -> list[pb.Token]:
+        chunks = generate(
+            sidecar, text=PROMPT, max_new_tokens=12, logprobs=2, no_update=True, **arm
+        )
+        return [t for c in chunks for t in c.tokens]
+
+    for arm in ({"force_drafter": "none"}, {"force_drafter": "math", "force_draft_length": 3}, {}):
+        got = tokens(**arm)
+        assert [t.id for t in got] == expected_ids
+        assert all(t.HasField("logprob") and len(t.top_logprobs) == 2 for t in got)
+        assert [t.logprob for t in got] == pytest.approx(reference, abs=1e-4)
+        # Greedy: the token emitted is the most likely one, and the alternatives are ranked.
+        assert all(t.top_logprobs[0].id == t.id for t in got)
+        assert all(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob for t in got)
+        texts = sidecar.service.tokenizer.batch_decode([[a.id] for a in got[0].top_logprobs])
+        assert [a.text for a in got[0].top_logprobs] == texts
+    plain = generate(sidecar, text=PROMPT, max_new_tokens=4, no_update=True)
+    assert not any(t.HasField("logprob") or t.top_logprobs for c in plain for t in c.tokens)
+    with pytest.raises(grpc.RpcError) as over:
+        generate(sidecar, text=PROMPT, max_new_tokens=4, logprobs=21)
+    assert over.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "logprobs" in str(over.value.details())
 
 
 def _decisions_of(sidecar: SidecarThread, drafter: str) -> int:

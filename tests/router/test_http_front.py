@@ -23,6 +23,7 @@ from tests.router.conftest import (
     ServingWorld,
     SidecarThread,
     greedy_reference,
+    target_logprobs,
 )
 
 PROMPT = COMPLETION_PROMPT
@@ -60,6 +61,34 @@ def test_client_generate_stream_is_exactly_the_greedy_output(sidecar: SidecarThr
     assert events[-1].details.generated_tokens == len(expected_ids)
     text = "".join(event.token.text for event in events if not event.token.special)
     assert text.split() == expected_text.split()
+
+
+def test_details_carry_the_targets_logprobs_and_top_n_tokens(sidecar: SidecarThread) -> None:
+    """Every token's logprob was null and top_n_tokens was refused (422). With details
+    (the client's streams always ask for them) each token carries the target's raw
+    logprob, and top_n_tokens its most likely tokens, in both routes."""
+    expected_ids, _ = greedy_reference(sidecar, PROMPT, 16)
+    reference = target_logprobs(sidecar, PROMPT, expected_ids)
+    client = Client(sidecar.http_url, timeout=60)
+    details = client.generate(PROMPT, max_new_tokens=16, top_n_tokens=2).details
+    assert [t.logprob for t in details.tokens] == pytest.approx(reference, abs=1e-4)
+    assert details.top_tokens is not None and len(details.top_tokens) == 16
+    for token, top in zip(details.tokens, details.top_tokens, strict=True):
+        assert len(top) == 2 and top[0].id == token.id  # greedy: the likeliest comes first
+        assert top[0].logprob == pytest.approx(token.logprob)
+        assert top[0].logprob >= top[1].logprob
+    events = list(client.generate_stream(PROMPT, max_new_tokens=16, top_n_tokens=2))
+    assert [e.token.logprob for e in events] == pytest.approx(reference, abs=1e-4)
+    assert all(len(e.top_tokens or []) == 2 for e in events)
+    # Without details (the raw route's default) nothing is computed: logprob null.
+    status, _, raw = post(
+        sidecar.http_url + "/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
+    )
+    assert status == 200 and "details" not in json.loads(raw)
+    bare = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}, "stream": True}
+    status, _, raw = post(sidecar.http_url + "/generate_stream", bare)
+    first = json.loads(raw.split(b"\n\n")[0].removeprefix(b"data:"))
+    assert status == 200 and first["token"]["logprob"] is None and first["top_tokens"] is None
 
 
 def test_async_client_generate_and_stream(sidecar: SidecarThread) -> None:
@@ -423,6 +452,7 @@ def test_max_new_tokens_left_out_is_tgis_default_of_100(sidecar: SidecarThread) 
             "parameters.repetition_penalty: Input should be a finite number",
         ),
         ({"inputs": PROMPT, "parameters": {"repetition_penalty": 1.2}}, "repetition_penalty"),
+        ({"inputs": PROMPT, "parameters": {"top_n_tokens": 21}}, "top_n_tokens"),
         # A seed no generator takes failed inside the engine (424, "generation").
         ({"inputs": PROMPT, "parameters": {"do_sample": True, "seed": 2**64}}, "sampling.seed"),
         ({"inputs": "word " * 600, "parameters": {}}, "over the limit"),

@@ -18,6 +18,7 @@ from tests.router.conftest import (
     ServingWorld,
     SidecarThread,
     greedy_reference,
+    target_logprobs,
 )
 
 PROMPT = COMPLETION_PROMPT
@@ -134,6 +135,29 @@ def test_the_stop_holdback_never_sends_part_of_a_stop(
     for text in released:
         assert not any(stop in text for stop in stops)
     assert "".join(released) + holdback.finish(stopped) == sent
+
+
+def test_a_streams_logprobs_go_with_the_text_they_belong_to() -> None:
+    """Each token's entry is sent once all of its text is (the stop holdback may keep
+    text back), with its offset in the text; what is left goes with the last chunk."""
+    from router.openai_front import LogprobsHoldback
+    from router.service import TokenChunk, TokenLogprobs
+
+    def chunk(*texts: str) -> TokenChunk:
+        scored = tuple(TokenLogprobs(text, -float(len(text))) for text in texts)
+        ids = tuple(range(len(texts)))
+        return TokenChunk(ids, texts, (False,) * len(texts), "".join(texts), scored)
+
+    holdback = LogprobsHoldback()
+    holdback.feed(chunk("Thought", ":", ""))  # "": a special token, or a split character
+    entries, texts, offset = holdback.release(len("Thou"))  # "ght" held back
+    assert (entries, texts, offset) == ([], [], 0)
+    entries, texts, offset = holdback.release(len("ght:"))
+    assert texts == ["Thought", ":", ""] and offset == 0
+    holdback.feed(chunk(" stop", "!"))
+    assert holdback.release(0) == ([], [], 8)
+    entries, texts, offset = holdback.release(None)  # the end: " stop" was cut, sent anyway
+    assert texts == [" stop", "!"] and offset == 8 and [e.logprob for e in entries] == [-5, -1]
 
 
 def test_stream_ends_with_done(sidecar: SidecarThread) -> None:
@@ -314,6 +338,74 @@ def test_typical_p_is_served_as_on_the_tgi_front(sidecar: SidecarThread) -> None
     assert text(1) == text(2)
 
 
+def test_completion_logprobs_are_the_targets_streamed_or_not(sidecar: SidecarThread) -> None:
+    """logprobs was refused (400). Each token's logprob is the target's, the top ones
+    include the chosen token (as OpenAI and vLLM list them), text_offset places each token
+    in the text; a stream sends the same entries with the text they belong to."""
+    expected_ids, expected_text = greedy_reference(sidecar, PROMPT, 16)
+    reference = target_logprobs(sidecar, PROMPT, expected_ids)
+    asked: dict[str, Any] = {
+        "model": model_name(sidecar),
+        "prompt": PROMPT,
+        "max_tokens": 16,
+        "temperature": 0,
+        "logprobs": 2,
+    }
+    logprobs = client(sidecar).completions.create(**asked).choices[0].logprobs
+    assert logprobs is not None and logprobs.token_logprobs is not None
+    assert logprobs.token_logprobs == pytest.approx(reference, abs=1e-4)
+    assert logprobs.tokens == sidecar.service.tokenizer.batch_decode([[i] for i in expected_ids])
+    assert logprobs.top_logprobs is not None
+    for token, top in zip(logprobs.tokens, logprobs.top_logprobs, strict=True):
+        assert token in top and max(top.values()) == top[token]  # greedy: the likeliest
+    assert logprobs.text_offset is not None and logprobs.text_offset[0] == 0
+    ends = [*logprobs.text_offset[1:], len(expected_text)]
+    assert all(a <= b for a, b in zip(logprobs.text_offset, ends, strict=True))
+
+    chunks = list(client(sidecar).completions.create(**asked, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    # (The policy may pick another arm for the second request: equal up to float error.)
+    joined = [lp for p in streamed for lp in p.token_logprobs or []]
+    assert joined == pytest.approx(logprobs.token_logprobs, abs=1e-5)
+    assert [o for p in streamed for o in p.text_offset or []] == logprobs.text_offset
+    plain = client(sidecar).completions.create(**{**asked, "logprobs": None})
+    assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
+    messages: Any = [{"role": "user", "content": "Write a haiku about the sea."}]
+    asked: dict[str, Any] = {
+        "model": model_name(sidecar),
+        "messages": messages,
+        "max_tokens": 10,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
+    reply = client(sidecar).chat.completions.create(**asked)
+    content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and reply.usage is not None
+    assert len(content) == reply.usage.completion_tokens
+    assert all(len(entry.top_logprobs) == 3 for entry in content)
+    assert all(entry.top_logprobs[0].logprob == pytest.approx(entry.logprob) for entry in content)
+    assert all(entry.bytes == list(entry.token.encode()) for entry in content)
+    chunks = list(client(sidecar).chat.completions.create(**asked, stream=True))
+    streamed = [
+        entry.logprob
+        for chunk in chunks
+        if chunk.choices and chunk.choices[0].logprobs
+        for entry in chunk.choices[0].logprobs.content or []
+    ]
+    assert streamed == pytest.approx([entry.logprob for entry in content], abs=1e-5)
+    for bad, param in (
+        ({"logprobs": False}, "top_logprobs"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+    ):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client(sidecar).chat.completions.create(**{**asked, **bad})
+        assert refused.value.param == param
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -323,7 +415,9 @@ def test_typical_p_is_served_as_on_the_tgi_front(sidecar: SidecarThread) -> None
         ({"top_p": 0.0}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"n": 2}, "n"),
-        ({"logprobs": 2}, "logprobs"),
+        ({"logprobs": 21}, "logprobs"),  # over vLLM's default max_logprobs, 20
+        ({"logprobs": True}, "logprobs"),  # chat's boolean; completions take the count
+        ({"top_logprobs": 2}, "top_logprobs"),  # chat's
         ({"presence_penalty": 0.5}, "presence_penalty"),
         ({"echo": True}, "echo"),
         ({"stop": [""]}, "stop"),
