@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("SPECROUTE_DTYPE", "float32")
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -34,28 +34,47 @@ END_TO_END_MODULES = frozenset({"tests/benchmarks/world/test_world.py"})
 # measured on 2 busy cores): these tests get room for a build plus their own run, unless
 # they set a timeout themselves.
 END_TO_END_TIMEOUT_S = 300
-# `make test` shares the test files among worker processes (pytest-xdist, --dist
-# loadgroup): each file is one group, so its module fixtures are set up once, and the two
-# modules that hold gigabytes (four vLLM servers; the 0.5B-shaped checkpoint, 2 GB in
-# /dev/shm plus two loaded copies) share a group, so they never run side by side.
+# `make test` shares the test files among worker processes (pytest-xdist): each file is
+# one unit of work, so its module fixtures are set up once, and the two modules that hold
+# gigabytes (four vLLM servers; the 0.5B-shaped checkpoint, 2 GB in /dev/shm plus two
+# loaded copies) are one unit, so they never run side by side. The units are this file's
+# own scheduler (``pytest_xdist_make_scheduler``): xdist 3.8's ``--dist loadgroup`` marks
+# a group by renaming the test's node id, which pytest 9 no longer reads, so every test was
+# a unit of its own (the fleet's four servers started once per worker).
 MEMORY_HEAVY_MODULES = frozenset(
     {"tests/router/test_fleet_vllm.py", "tests/router/test_qwen25_05b_shape.py"}
 )
+MEMORY_HEAVY_UNIT = "memory-heavy"
 
 
 def _module(config: pytest.Config, item: pytest.Item) -> str:
     return item.path.relative_to(config.rootpath).as_posix()
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def unit_of(nodeid: str) -> str:
+    """The unit of work a test belongs to: its file, or the memory-heavy unit."""
+    module = nodeid.split("::", 1)[0]
+    return MEMORY_HEAVY_UNIT if module in MEMORY_HEAVY_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Whole units (``unit_of``) to each worker, in collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    return FileUnits(config, log)
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # The memory-heavy group first: it is the longest (about 2.5 minutes), and handed out
+    # The memory-heavy unit first: it is the longest (about 2.5 minutes), and handed out
     # last it ran while the other worker had nothing left to do.
     items.sort(key=lambda item: _module(config, item) not in MEMORY_HEAVY_MODULES)
     for item in items:
         module = _module(config, item)
-        group = "memory-heavy" if module in MEMORY_HEAVY_MODULES else module
-        item.add_marker(pytest.mark.xdist_group(group))
         uses_world = END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ()))
         if not uses_world and module not in END_TO_END_MODULES:
             continue
