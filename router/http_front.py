@@ -104,6 +104,8 @@ def _unsupported(params: TgiParameters) -> list[str]:
         problems.append("best_of")
     if params.watermark:
         problems.append("watermark")
+    if params.decoder_input_details:  # the prompt's logprobs: details.prefill stays []
+        problems.append("decoder_input_details")
     if params.grammar is not None:
         problems.append("grammar")
     return problems

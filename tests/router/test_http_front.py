@@ -453,6 +453,8 @@ def test_max_new_tokens_left_out_is_tgis_default_of_100(sidecar: SidecarThread) 
         ),
         ({"inputs": PROMPT, "parameters": {"repetition_penalty": 1.2}}, "repetition_penalty"),
         ({"inputs": PROMPT, "parameters": {"top_n_tokens": 21}}, "top_n_tokens"),
+        # The prompt's logprobs (details.prefill) were silently left out.
+        ({"inputs": PROMPT, "parameters": {"decoder_input_details": True}}, "decoder_input"),
         # A seed no generator takes failed inside the engine (424, "generation").
         ({"inputs": PROMPT, "parameters": {"do_sample": True, "seed": 2**64}}, "sampling.seed"),
         ({"inputs": "word " * 600, "parameters": {}}, "over the limit"),
