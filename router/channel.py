@@ -1,10 +1,13 @@
 """gRPC channels from the client commands to a sidecar: plaintext, or TLS trusting the CA
-that ``$SPECROUTE_CA_FILE`` names (for a sidecar serving with ``tls.cert_file``)."""
+that ``$SPECROUTE_CA_FILE`` names (for a sidecar serving with ``tls.cert_file``), checking
+the certificate against ``$SPECROUTE_TLS_SERVER_NAME`` when the address is not a name the
+certificate holds (an IP address, a load balancer)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,28 +16,46 @@ import grpc
 #: A PEM file of the CA that signed a TLS sidecar's certificate: when set, the client
 #: commands connect with TLS and trust it.
 CA_FILE_ENV = "SPECROUTE_CA_FILE"
+#: The name the sidecar's certificate must hold, when it is not the address's host.
+SERVER_NAME_ENV = "SPECROUTE_TLS_SERVER_NAME"
 
 
 class ClientTlsError(ValueError):
-    """``$SPECROUTE_CA_FILE`` names a file that cannot be read; the message is one line."""
+    """The client's TLS variables cannot be used (a CA file that cannot be read, a server
+    name without a CA); the message is one line."""
 
 
-def trusted_roots(environ: Mapping[str, str] = os.environ) -> bytes | None:
-    """The CA certificates to trust (PEM), or None for a plaintext channel."""
+@dataclass(frozen=True)
+class ClientTls:
+    """What a client channel trusts: the CA certificates (PEM), and the name the server's
+    certificate is checked against (None: the address's host)."""
+
+    roots: bytes
+    server_name: str | None = None
+
+
+def client_tls(environ: Mapping[str, str] = os.environ) -> ClientTls | None:
+    """The client's TLS from ``$SPECROUTE_CA_FILE`` and ``$SPECROUTE_TLS_SERVER_NAME``, or
+    None for a plaintext channel."""
     ca_file = environ.get(CA_FILE_ENV)
+    server_name = environ.get(SERVER_NAME_ENV) or None
     if not ca_file:
+        if server_name:
+            raise ClientTlsError(f"{SERVER_NAME_ENV} is set but {CA_FILE_ENV} is not")
         return None
     try:
-        return Path(ca_file).read_bytes()
+        return ClientTls(Path(ca_file).read_bytes(), server_name)
     except OSError as error:
         raise ClientTlsError(f"{CA_FILE_ENV}: {error}") from None
 
 
 def sidecar_channel(
-    address: str, roots: bytes | None, options: Sequence[tuple[str, Any]] = ()
+    address: str, tls: ClientTls | None, options: Sequence[tuple[str, Any]] = ()
 ) -> grpc.Channel:
-    """A channel to the sidecar at ``address``: TLS trusting ``roots`` when given."""
-    if roots is None:
+    """A channel to the sidecar at ``address``: TLS as ``tls`` says when given."""
+    if tls is None:
         return grpc.insecure_channel(address, options=list(options))
-    credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+    credentials = grpc.ssl_channel_credentials(root_certificates=tls.roots)
+    if tls.server_name:
+        options = [*options, ("grpc.ssl_target_name_override", tls.server_name)]
     return grpc.secure_channel(address, credentials, options=list(options))

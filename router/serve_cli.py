@@ -46,15 +46,15 @@ def _group(app: typer.Typer, name: str, help_text: str) -> typer.Typer:
 
 
 def _stub(address: str) -> Any:
-    from router.channel import ClientTlsError, sidecar_channel, trusted_roots
+    from router.channel import ClientTlsError, client_tls, sidecar_channel
     from router.pb import router_pb2_grpc
 
     try:
-        roots = trusted_roots()
+        tls = client_tls()
     except ClientTlsError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
-    return router_pb2_grpc.RouterStub(sidecar_channel(address, roots))
+    return router_pb2_grpc.RouterStub(sidecar_channel(address, tls))
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:

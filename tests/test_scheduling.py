@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.conftest import MEMORY_HEAVY_MODULES, MEMORY_HEAVY_UNIT, unit_of
 
-TEST_FILE = '''
+TEST_FILE = """
 import os
 from pathlib import Path
 
@@ -30,7 +30,7 @@ def module_setup() -> None:
 def test_one(module_setup: None, i: int) -> None:
     with LOG.open("a") as log:
         log.write(f"ran {__name__} {os.environ['PYTEST_XDIST_WORKER']}\\n")
-'''
+"""
 
 
 def test_a_files_tests_run_in_one_worker_and_set_up_once(tmp_path: Path) -> None:

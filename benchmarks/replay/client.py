@@ -14,7 +14,7 @@ import grpc
 
 from benchmarks.replay.metrics import RequestResult
 from benchmarks.replay.trace import TraceRequest
-from router.channel import sidecar_channel
+from router.channel import ClientTls, sidecar_channel
 from router.pb import router_pb2, router_pb2_grpc
 
 # Long replays stream many tokens; give each call generous room.
@@ -45,13 +45,13 @@ class ReplayClient:
     """Replays requests and switches policies on a running sidecar."""
 
     def __init__(
-        self, address: str, admin_token: str | None = None, roots: bytes | None = None
+        self, address: str, admin_token: str | None = None, tls: ClientTls | None = None
     ) -> None:
-        """``roots``: the CA certificates (PEM) of a TLS sidecar (None: plaintext)."""
+        """``tls``: what to trust of a TLS sidecar (None: plaintext)."""
         self.address = address
         self._channel = sidecar_channel(
             address,
-            roots,
+            tls,
             options=[
                 ("grpc.max_receive_message_length", 64 << 20),
                 ("grpc.max_send_message_length", 64 << 20),

@@ -50,7 +50,7 @@ from benchmarks.replay.replay import (
 from benchmarks.replay.report import build_report, write_report
 from benchmarks.replay.trace import Trace, TraceRequest, read_trace
 from benchmarks.world.layout import read_examples
-from router.channel import trusted_roots
+from router.channel import client_tls
 
 logger = logging.getLogger(__name__)
 
@@ -283,13 +283,13 @@ def run_replay(config: ReplayConfig) -> ReplayOutcome:
     if awaited(trace) is not None:
         return run_learn_replay(config, world, trace)
     # A sidecar given by address may serve TLS ($SPECROUTE_CA_FILE); one started here does not.
-    roots = trusted_roots() if config.address is not None else None
+    tls = client_tls() if config.address is not None else None
     with (
         sidecar(config.address, world_dir, config.admin_token, withheld_drafters(trace)) as (
             address,
             token,
         ),
-        ReplayClient(address, token, roots) as client,
+        ReplayClient(address, token, tls) as client,
     ):
         client.wait_ready()
         return replay_on_client(client, trace, config, world)

@@ -260,21 +260,19 @@ def target_logprobs(sidecar: SidecarThread, text: str, output_ids: list[int]) ->
     return rows.gather(1, torch.tensor(output_ids).unsqueeze(1)).squeeze(1).tolist()
 
 
-def self_signed_tls(directory: Path) -> RedisTlsFiles:
-    """A throwaway CA and a server certificate it signed for 127.0.0.1 (openssl CLI)."""
+def self_signed_tls(directory: Path, names: str = "IP:127.0.0.1, DNS:localhost") -> RedisTlsFiles:
+    """A throwaway CA and a server certificate it signed for ``names`` (openssl CLI)."""
     from benchmarks.replicas.redis_server import RedisTlsFiles
 
     ca_key, ca_cert = directory / "ca.key", directory / "ca.crt"
     key, request, cert = (directory / f"server.{ext}" for ext in ("key", "csr", "crt"))
     extensions = directory / "server.ext"
     extensions.write_text(
-        "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
-        "basicConstraints = CA:FALSE\n"
-        "extendedKeyUsage = serverAuth\n"
+        f"subjectAltName = {names}\nbasicConstraints = CA:FALSE\nextendedKeyUsage = serverAuth\n"
     )
     new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
     ca = ["req", "-x509", *new_key, "-keyout", ca_key, "-out", ca_cert, "-days", "2"]
-    server = ["req", *new_key, "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1"]
+    server = ["req", *new_key, "-keyout", key, "-out", request, "-subj", "/CN=specroute"]
     sign = ["x509", "-req", "-in", request, "-CA", ca_cert, "-CAkey", ca_key, "-days", "2"]
     sign += ["-CAcreateserial", "-out", cert, "-extfile", extensions]
     for command in ([*ca, "-subj", "/CN=specroute test CA"], server, sign):

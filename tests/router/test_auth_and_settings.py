@@ -24,6 +24,7 @@ from text_generation import Client
 from text_generation.errors import UnknownError
 from typer.testing import CliRunner
 
+from router.channel import ClientTls
 from router.cli import build_app
 from router.errors import AlreadyExistsError, NotFoundError
 from router.pb import router_pb2 as pb
@@ -407,11 +408,37 @@ def test_the_largest_request_size_allowed_starts_a_grpc_server() -> None:
     asyncio.run(start())
 
 
-def _tls_files(directory: Path) -> Any:
+def _tls_files(directory: Path, names: str = "IP:127.0.0.1, DNS:localhost") -> Any:
     if shutil.which("openssl") is None:
         pytest.skip("the openssl CLI, which makes the test certificates, is not installed")
     directory.mkdir(parents=True, exist_ok=True)
-    return self_signed_tls(directory)
+    return self_signed_tls(directory, names)
+
+
+def test_a_certificate_for_another_name_is_checked_against_the_server_name_given(
+    serving_world: ServingWorld, components: Components, tmp_path: Path
+) -> None:
+    """A sidecar whose certificate names it by DNS (sidecar.internal), reached at an IP
+    address or through a load balancer: the client commands could not connect at all
+    (the name checked was the address's). $SPECROUTE_TLS_SERVER_NAME names it."""
+    files = _tls_files(tmp_path / "tls", names="DNS:sidecar.internal")
+    tls = TlsSettings(cert_file=files.cert_file, key_file=files.key_file)
+    running = SidecarThread(serving_world.settings(tmp_path / "state", tls=tls), components)
+    try:
+        command = ["drafters", "list", "--address", running.running.address]
+        trusting = {"SPECROUTE_CA_FILE": str(files.ca_file)}
+        by_address = CliRunner().invoke(build_app(), command, env=trusting)
+        assert by_address.exit_code != 0 and "generic" not in by_address.output
+        named = {**trusting, "SPECROUTE_TLS_SERVER_NAME": "sidecar.internal"}
+        listed = CliRunner().invoke(build_app(), command, env=named)
+        assert listed.exit_code == 0 and "generic" in listed.output, listed.output
+        wrong = {**trusting, "SPECROUTE_TLS_SERVER_NAME": "other.internal"}
+        assert CliRunner().invoke(build_app(), command, env=wrong).exit_code != 0
+        alone = {"SPECROUTE_TLS_SERVER_NAME": "sidecar.internal", "SPECROUTE_CA_FILE": ""}
+        refused = CliRunner().invoke(build_app(), command, env=alone)
+        assert refused.exit_code == 2 and "SPECROUTE_CA_FILE is not" in refused.output
+    finally:
+        running.stop()
 
 
 def test_routes_over_tls_and_refuses_plaintext(
@@ -438,7 +465,8 @@ def test_routes_over_tls_and_refuses_plaintext(
         # So does the replay's client, for a sidecar given by address.
         from benchmarks.replay.client import ReplayClient
 
-        with ReplayClient(running.running.address, ADMIN_TOKEN, files.ca_file.read_bytes()) as c:
+        tls = ClientTls(files.ca_file.read_bytes())
+        with ReplayClient(running.running.address, ADMIN_TOKEN, tls) as c:
             c.wait_ready(timeout_s=30)
             assert "generic" in {d.name for d in c.list_drafters()}
         missing = CliRunner().invoke(
