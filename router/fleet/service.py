@@ -41,6 +41,7 @@ from typing import Any
 
 import aiohttp
 
+from drafters.detokenize import IncrementalDetokenizer
 from router.domain import GenerateInput
 from router.errors import (
     GenerationFailedError,
@@ -126,11 +127,12 @@ def _checked_sampling(request: GenerateInput) -> None:
 
 @dataclass
 class _Progress:
-    """One generation across its attempts: the tokens received so far, and the last
-    attempt's replica, timing and answer."""
+    """One generation across its attempts: the tokens received so far (and each one's
+    text, ``detokenizer``), and the last attempt's replica, timing and answer."""
 
     output_ids: list[int]
     texts: list[str]
+    detokenizer: IncrementalDetokenizer
     attempts: int = 0
     end: StreamEnd | None = None
     timing: Timing | None = None
@@ -319,7 +321,7 @@ class FleetRouterService(RouterService):
             force_k=request.force_draft_length,
         )
         routed = self._with_plain_reference(routed, request)
-        progress = _Progress([], [])
+        progress = _Progress([], [], IncrementalDetokenizer(self.tokenizer))
         tried: set[str] = set()
         failures: list[str] = []
         busy: list[str] = []
@@ -445,8 +447,11 @@ class FleetRouterService(RouterService):
 
     def _chunk(self, delta: Delta, progress: _Progress) -> TokenChunk:
         ids = delta.token_ids
-        # vLLM sends a chunk's text, not each token's: the first token carries it.
-        texts = (delta.text, *([""] * (len(ids) - 1)))
+        # vLLM sends a chunk's text (several tokens' when a draft was accepted, held back
+        # while it may be a stop string's start): each token's own, as the in-process
+        # engine gives it, comes from decoding the ids here (TGI's per-token events,
+        # completions' text_offset).
+        texts = tuple(progress.detokenizer.push(i) for i in ids)
         progress.output_ids.extend(ids)
         progress.texts.append(delta.text)
         return TokenChunk(

@@ -595,6 +595,7 @@ def test_after_a_switch_the_statistics_are_the_last_replicas_steps() -> None:
     progress = _Progress(
         output_ids=list(range(10)),
         texts=["x"] * 10,
+        detokenizer=None,  # type: ignore[arg-type]  # _result does not read it
         attempts=2,
         end=StreamEnd("length", {"speculative_decoding": spec}, 4),
         timing=Timing(wall_time_s=0.2, decode_time_s=0.1, generated_tokens=4),

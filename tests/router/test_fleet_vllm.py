@@ -231,6 +231,8 @@ def test_logprobs_come_from_the_replicas_and_match_the_target(fleet: Fleet) -> N
     are ids as in-process), the target's raw ones whichever configuration served them."""
     import torch
 
+    from drafters.detokenize import IncrementalDetokenizer
+
     expected = reference_ids(fleet)
     target = fleet.engine.target  # type: ignore[union-attr]
     prompt = fleet.service.prompt_ids(Prompt(text=PROMPT))
@@ -238,6 +240,8 @@ def test_logprobs_come_from_the_replicas_and_match_the_target(fleet: Fleet) -> N
         logits = target.model(torch.tensor([prompt + expected])).logits[0, len(prompt) - 1 : -1]
     rows = torch.log_softmax(logits.float(), dim=-1)
     reference = rows.gather(1, torch.tensor(expected).unsqueeze(1)).squeeze(1).tolist()
+    detokenizer = IncrementalDetokenizer(fleet.service.tokenizer)
+    texts = [detokenizer.push(i) for i in expected]
     for drafter in ("none", "ngram", "twin"):
         request = pb.GenerateRequest(
             text=PROMPT, max_new_tokens=TOKENS, force_drafter=drafter, logprobs=2
@@ -247,6 +251,9 @@ def test_logprobs_come_from_the_replicas_and_match_the_target(fleet: Fleet) -> N
         assert [t.id for t in tokens] == expected, drafter
         assert [t.logprob for t in tokens] == pytest.approx(reference, abs=2e-3), drafter
         assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].id == t.id for t in tokens)
+        # Each token's own text (vLLM's chunks carry several tokens' under speculation):
+        # what completions' text_offset and TGI's per-token events are made of.
+        assert [t.text for t in tokens] == texts, drafter
 
 
 def test_openai_and_tgi_fronts_forward_to_the_fleet(fleet: Fleet) -> None:
