@@ -136,6 +136,7 @@ def build_pooling(settings: Settings, service: Any, metrics: SidecarMetrics) -> 
         on_dropped=metrics.pooled_dropped.inc,
         on_depth=metrics.pooled_buffered.set,
     )
+    loading: set[str] = set()  # registrations loading here: their outcomes wait
     outcomes = OutcomePool(
         identity,
         service.policy,
@@ -143,6 +144,7 @@ def build_pooling(settings: Settings, service: Any, metrics: SidecarMetrics) -> 
         StreamReader(link, config.outcome_stream),
         signer,
         metrics,
+        loading,
     )
     registry_writer = StreamWriter(
         link, signer, config.registry_stream, config.retention, config.buffer_size
@@ -154,6 +156,7 @@ def build_pooling(settings: Settings, service: Any, metrics: SidecarMetrics) -> 
         StreamReader(link, config.registry_stream),
         signer,
         metrics,
+        loading,
     )
     return Pooling(identity, link, outcomes, registry)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Any
 
 from router.metrics import SidecarMetrics
@@ -34,10 +34,12 @@ logger = logging.getLogger(__name__)
 # Policies whose reward is a measured time (UCB's speed-up): a pooled outcome carries no
 # times, so they cannot learn from it, and it is consumed without reaching them.
 TIME_REWARD_POLICIES = frozenset({"ucb"})
-#: Outcomes of a drafter this replica does not serve yet wait for it (a registration on
-#: another replica reaches this one through the registry stream and loads here while the
-#: other replica already learns from it), at most this many, oldest dropped first.
+#: Outcomes of a drafter whose registration is loading here wait for it (a registration
+#: on another replica reaches this one through the registry stream and loads here while
+#: the other replica already learns from it), at most this many, oldest dropped first.
 WAITING_MAX = 4096
+#: Drafters not served here whose dropped outcomes were warned about (once each).
+WARNED_MAX = 1024
 
 
 def serves(policy: Any, drafter: str) -> bool:
@@ -84,8 +86,13 @@ class OutcomePool:
         reader: StreamReader,
         signer: EntrySigner,
         metrics: SidecarMetrics,
+        loading: Set[str] = frozenset(),
     ) -> None:
         self.identity = identity
+        # Drafters whose shared registration is loading here (``SharedRegistry``): only
+        # their outcomes wait; any other drafter's are dropped at once.
+        self._loading = loading
+        self._warned: set[str] = set()
         self._holder = holder
         self._writer = writer
         self._reader = reader
@@ -128,11 +135,18 @@ class OutcomePool:
         if not ready:
             return
         self._waiting = collections.deque(s for s in self._waiting if s.drafter != name)
+        applied = 0
         for shared in ready:
-            apply_to_policy(policy, shared)
-        self._counted_applied(len(ready))
+            try:
+                apply_to_policy(policy, shared)
+            except (ValueError, KeyError, TypeError) as error:  # never the registration's
+                self._count_rejected("malformed", 1)
+                logger.warning("pooling: dropped a waiting outcome of %s: %s", name, error)
+            else:
+                applied += 1
+        self._counted_applied(applied)
         self._metrics.pooled_waiting.set(len(self._waiting))
-        logger.info("pooling: applied %d waiting outcomes of drafter %s", len(ready), name)
+        logger.info("pooling: applied %d waiting outcomes of drafter %s", applied, name)
 
     def drafter_not_served(self, name: str) -> None:
         """Drop the waiting entries of ``name``: removed, or registered elsewhere and not
@@ -207,6 +221,9 @@ class OutcomePool:
         if serves(policy, shared.drafter):
             apply_to_policy(policy, shared)
             return True
+        if shared.drafter not in self._loading:
+            self._not_served(shared)
+            return False
         if len(self._waiting) >= WAITING_MAX:
             oldest = self._waiting.popleft()
             self._count_rejected("drafter_not_served", 1)
@@ -220,6 +237,22 @@ class OutcomePool:
         self._waiting.append(shared)
         self._metrics.pooled_waiting.set(len(self._waiting))
         return False
+
+    def _not_served(self, shared: SharedOutcome) -> None:
+        """An outcome of a drafter neither served nor loading here (removed, one this
+        replica could not load, or one whose registration entry has not been read yet):
+        dropped, counted, warned about once per drafter."""
+        self._count_rejected("drafter_not_served", 1)
+        if shared.drafter in self._warned or len(self._warned) >= WARNED_MAX:
+            return
+        self._warned.add(shared.drafter)
+        logger.warning(
+            "pooling: outcomes of drafter %s (from %s and others) are dropped: it is not "
+            "served here (counted in specroute_pooled_entries_rejected_total, reason "
+            "drafter_not_served)",
+            shared.drafter,
+            shared.origin.replica,
+        )
 
     def _counted_applied(self, count: int) -> None:
         self.applied += count

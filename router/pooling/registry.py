@@ -56,9 +56,12 @@ class SharedRegistry:
         reader: StreamReader,
         signer: EntrySigner,
         metrics: SidecarMetrics,
+        loading: set[str] | None = None,
     ) -> None:
         self.identity = identity
         self._service = service
+        # Names whose registration is loading here; shared with the OutcomePool.
+        self.loading: set[str] = loading if loading is not None else set()
         self._writer = writer
         self._reader = reader
         self._signer = signer
@@ -144,11 +147,13 @@ class SharedRegistry:
             finetune_sample=event.finetune_sample,
             options=dict(event.options or {}),
         )
+        self.loading.add(event.name)  # its outcomes wait for it meanwhile (OutcomePool)
         try:
             await self._service.register_drafter(spec)
         except AlreadyExistsError:
             return
         except Exception as error:  # SidecarError, or a model that fails to load here
+            self.loading.discard(event.name)  # before its waiting outcomes are dropped
             self._unavailable[event.name] = UnavailableDrafter(
                 event.name, event.drafter_kind, event.path, str(error)
             )
@@ -160,6 +165,8 @@ class SharedRegistry:
                 error,
             )
             return
+        finally:
+            self.loading.discard(event.name)  # joined the policy, or never will
         self._unavailable.pop(event.name, None)
         logger.info("pooling: drafter %s registered by %s", event.name, event.origin.replica)
 

@@ -122,15 +122,22 @@ def test_registration_payload_checks() -> None:
 class Harness:
     """A policy holder (thompson over two drafters) with an outcome log attached."""
 
-    def __init__(self, state_dir: Path, identity: str) -> None:
+    def __init__(self, state_dir: Path, identity: str, loading: set[str] | None = None) -> None:
         self.store = SidecarStore(state_dir)
         self.holder = PolicyHolder(self.store, lambda: ["generic", "math"], lambda name: None)
         self.holder.start("thompson")
         self.metrics = create_metrics()
         link = RedisLink(PoolingSettings(redis_url="redis://127.0.0.1:1/0"), self.metrics)
         self.writer = StreamWriter(link, SIGNER, "s", 100, 8)
+        self.loading = loading if loading is not None else set()
         self.pool = OutcomePool(
-            identity, self.holder, self.writer, StreamReader(link, "s"), SIGNER, self.metrics
+            identity,
+            self.holder,
+            self.writer,
+            StreamReader(link, "s"),
+            SIGNER,
+            self.metrics,
+            self.loading,
         )
         self.holder.attach_log(self.pool)
 
@@ -181,10 +188,12 @@ def test_outcomes_of_a_drafter_not_served_yet_wait_for_its_registration(
     """A drafter registered on replica b reaches replica a through the registry stream and
     loads there while b already learns from it: its outcomes reached a's policy before the
     drafter did, which counted each as a request and dropped its acceptance. They now wait
-    (bounded) and are applied when the drafter joins; a removal drops them."""
+    (bounded) while its registration loads here and are applied when the drafter joins; a
+    drafter neither served nor loading here (removed, or never loadable) has its outcomes
+    dropped at once, so none wait to land on a later drafter of that name."""
     from router.pooling import outcomes as outcomes_module
 
-    a = Harness(tmp_path, "a-1")
+    a = Harness(tmp_path, "a-1", loading={"spare"})
     early = [("1-0", SIGNER.fields(shared("b-1", 1, drafter="spare")))]
     early.append(("2-0", SIGNER.fields(shared("b-1", 2, drafter="spare", accepted=[1, 0, 0]))))
     version = a.holder.version
@@ -195,6 +204,7 @@ def test_outcomes_of_a_drafter_not_served_yet_wait_for_its_registration(
     assert a.pool.waiting == 2
 
     a.holder.add_drafter("spare", None)  # the registration has loaded here
+    a.loading.discard("spare")
     assert (a.pool.applied, a.pool.waiting, a.holder.version) == (2, 0, version + 2)
     reference = PolicyHolder(
         SidecarStore(tmp_path / "ref"), lambda: ["generic", "math", "spare"], lambda name: None
@@ -202,39 +212,47 @@ def test_outcomes_of_a_drafter_not_served_yet_wait_for_its_registration(
     reference.start("thompson")
     for _, fields in early:
         payload = outcome_from_payload(SIGNER.verified(fields), 32)
-        reference.update(
-            MATH,
-            Decision("spare", 4),
-            Outcome.from_steps(
-                list(payload.drafted), list(payload.accepted), draft_time_s=0.0, verify_time_s=0.0
-            ),
+        steps = Outcome.from_steps(
+            list(payload.drafted), list(payload.accepted), draft_time_s=0.0, verify_time_s=0.0
         )
-    learnt = {
-        c.length_bucket: {x.drafter: (x.alpha, x.beta) for x in c.arms}
-        for c in a.holder.describe()[2]
-    }
-    expected = {
-        c.length_bucket: {x.drafter: (x.alpha, x.beta) for x in c.arms}
-        for c in reference.describe()[2]
-    }
-    assert learnt[0]["spare"] == expected[0]["spare"]  # as if it had been applied on arrival
+        reference.update(MATH, Decision("spare", 4), steps)
 
-    # A drafter removed before it loads: its waiting outcomes are dropped, counted.
-    a.pool.handle([("3-0", SIGNER.fields(shared("b-1", 3, drafter="gone")))])
-    assert a.pool.waiting == 1
-    a.holder.remove_drafter("gone")
-    assert a.pool.waiting == 0
+    def arms(holder: PolicyHolder) -> dict[str, tuple[float, float]]:
+        return {x.drafter: (x.alpha, x.beta) for c in holder.describe()[2] for x in c.arms}
+
+    assert arms(a.holder)["spare"] == arms(reference)["spare"]  # as if applied on arrival
+
     dropped = a.metrics.pooled_rejected.labels(reason="drafter_not_served")
-    assert dropped._value.get() == 1
+    # Neither served nor loading here (removed before, or one this replica cannot load):
+    # dropped at once, never kept for a later drafter of the same name.
+    a.pool.handle([("3-0", SIGNER.fields(shared("b-1", 3, drafter="gone")))])
+    assert (a.pool.waiting, dropped._value.get(), a.holder.version) == (0, 1, version + 2)
+    # Loading, then removed or failed before it loaded: its waiting outcomes are dropped.
+    a.loading.add("never")
+    a.pool.handle([("4-0", SIGNER.fields(shared("b-1", 4, drafter="never")))])
+    assert a.pool.waiting == 1
+    a.holder.drafter_not_served("never")
+    assert a.pool.waiting == 0 and dropped._value.get() == 2
 
     # Bounded: past WAITING_MAX the oldest goes, counted.
     monkeypatch.setattr(outcomes_module, "WAITING_MAX", 2)
-    for seq in (4, 5, 6):
+    for seq in (5, 6, 7):
         a.pool.handle([(f"{seq}-0", SIGNER.fields(shared("b-1", seq, drafter="never")))])
-    assert a.pool.waiting == 2 and dropped._value.get() == 2
-    # One that fails to load here (the registry's verdict): dropped at once.
-    a.holder.drafter_not_served("never")
-    assert a.pool.waiting == 0 and dropped._value.get() == 4
+    assert a.pool.waiting == 2 and dropped._value.get() == 3
+
+    # One waiting entry the policy refuses does not fail the registration that applies it.
+    real_apply = outcomes_module.apply_to_policy
+
+    def refuse_seq_7(policy: Any, shared_outcome: SharedOutcome) -> None:
+        if shared_outcome.origin.seq == 7:
+            raise ValueError("refused")
+        real_apply(policy, shared_outcome)
+
+    monkeypatch.setattr(outcomes_module, "apply_to_policy", refuse_seq_7)
+    applied = a.pool.applied
+    a.holder.add_drafter("never", None)
+    assert a.pool.waiting == 0 and a.pool.applied == applied + 1
+    assert a.metrics.pooled_rejected.labels(reason="malformed")._value.get() == 1
 
 
 async def test_unreachable_redis_keeps_a_bounded_buffer(tmp_path: Path) -> None:
