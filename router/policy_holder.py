@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -102,8 +103,8 @@ class PolicyHolder:
         # with another configuration), and replaces it; no update falls in between.
         with self._saving, self._lock:
             if self._policy is not None:
-                state = self._state_of(self._policy)
-                self._store.save_policy(self.name, int(self._policy.version), state)
+                state, read_unix = self._state_of(self._policy), time.time()
+                self._store.save_policy(self.name, int(self._policy.version), state, read_unix)
             snapshot = self._store.latest_policy(name) if restore else None
             if snapshot is not None:
                 policy, snapshot = self._restored(name, hinted, policy, snapshot)
@@ -306,5 +307,8 @@ class PolicyHolder:
         periodic snapshot read before a policy switch or the final snapshot was saved after
         it, and restored in its place)."""
         with self._saving:
-            name, version, state = self.state()
-            return self._store.save_policy(name, version, state)
+            with self._lock:  # the time the state was read, not saved: a registration
+                # in between is after it (``_forget_earlier_registrations``)
+                name, version = self.name, int(self._policy.version)
+                state, read_unix = self._state_of(self._policy), time.time()
+            return self._store.save_policy(name, version, state, read_unix)

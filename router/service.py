@@ -239,6 +239,8 @@ class RouterService:
         self._max_prompt_chars = prompt_char_bound(self.tokenizer, self.limits.max_prompt_tokens)
         self._fast_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None)
         self.token_texts = TokenTexts(self.tokenizer)
+        # Registrations and removals, pool and policy together (worker threads).
+        self._admin_lock = threading.Lock()
         # Automatic distillation's output directory is a model root while it is on.
         self.model_roots = (*components.model_roots, *extra_model_roots(settings))
         self.drafters = DrafterPool(components.target, components.engine, store, self.model_roots)
@@ -785,8 +787,9 @@ class RouterService:
         it, so a drafter that is served is always one the policy knows; the policy's
         ``add_drafter`` was on the caller's side, and a cancelled one left the drafter
         served and listed but never chosen."""
-        record = self.drafters.register(spec)
-        self.policy.add_drafter(record.name, self._similarity_of(record.name))
+        with self._admin_lock:
+            record = self.drafters.register(spec)
+            self.policy.add_drafter(record.name, self._similarity_of(record.name))
         self.metrics.drafters.set(len(self.drafters.names()))
         return record
 
@@ -797,8 +800,12 @@ class RouterService:
         return await asyncio.to_thread(self._remove_drafter, name)
 
     def _remove_drafter(self, name: str) -> DrafterRecord:
-        record = self.drafters.remove(name)
-        self.policy.remove_drafter(name)
+        # One admin change at a time, pool and policy together: a registration of the same
+        # name between the pool's removal and the policy's found the old arms still there
+        # (adding is idempotent), and the removal then took the new drafter's arms away.
+        with self._admin_lock:
+            record = self.drafters.remove(name)
+            self.policy.remove_drafter(name)
         self.metrics.drafters.set(len(self.drafters.names()))
         return record
 

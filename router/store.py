@@ -253,9 +253,17 @@ class SidecarStore:
         return [_record_from_row(row) for row in rows]
 
     # -- policy snapshots -------------------------------------------------------------
-    def save_policy(self, policy: str, version: int, state: Mapping[str, Any]) -> PolicySnapshot:
-        """Store a policy snapshot (JSON) and prune old ones."""
-        snapshot = PolicySnapshot(policy, int(version), dict(state), time.time())
+    def save_policy(
+        self,
+        policy: str,
+        version: int,
+        state: Mapping[str, Any],
+        read_unix: float | None = None,
+    ) -> PolicySnapshot:
+        """Store a policy snapshot (JSON) and prune old ones; ``read_unix``: when the state
+        was read (its ``created_unix``; default now)."""
+        created = time.time() if read_unix is None else read_unix
+        snapshot = PolicySnapshot(policy, int(version), dict(state), created)
         text = json.dumps(snapshot.state, sort_keys=True)
         with self._writing(f"a snapshot of policy {policy!r}") as db:
             db.execute(

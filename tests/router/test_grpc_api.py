@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import time
@@ -583,6 +584,39 @@ def test_a_drafter_whose_weights_link_outside_the_roots_is_refused(
         assert "linked" not in sidecar.service.drafters.names()
     finally:
         shutil.rmtree(linked)
+
+
+def test_a_registration_while_the_same_name_is_being_removed_keeps_the_new_drafter(
+    sidecar: SidecarThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RemoveDrafter took the drafter out of the pool, then out of the policy (which waits
+    for a snapshot being saved): a RegisterDrafter of the same name in between found the
+    old arms still in the policy (adding is idempotent), and the removal then took them
+    away: the new drafter was served but never chosen. Admin changes are now one at a
+    time, pool and policy together."""
+    register = pb.RegisterDrafterRequest(name="swap", kind="ngram")
+    sidecar.stub.RegisterDrafter(register, metadata=ADMIN)
+    holder = sidecar.service.policy
+    removing_from_policy = holder.remove_drafter
+
+    def slowly(name: str) -> None:  # as while a periodic snapshot is being written
+        time.sleep(0.5)
+        removing_from_policy(name)
+
+    monkeypatch.setattr(holder, "remove_drafter", slowly)
+    try:
+        removal = sidecar.stub.RemoveDrafter.future(
+            pb.RemoveDrafterRequest(name="swap"), metadata=ADMIN, timeout=30
+        )
+        time.sleep(0.2)
+        sidecar.stub.RegisterDrafter(register, metadata=ADMIN, timeout=30)
+        removal.result()
+        assert "swap" in sidecar.service.drafters.names()
+        assert "swap" in holder._policy.drafters_  # chosen like any other
+    finally:
+        monkeypatch.undo()
+        with contextlib.suppress(grpc.RpcError):
+            sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="swap"), metadata=ADMIN)
 
 
 def test_ngram_registration_with_options(sidecar: SidecarThread) -> None:
