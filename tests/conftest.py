@@ -57,9 +57,14 @@ def unit_of(nodeid: str) -> str:
     return MEMORY_HEAVY_UNIT if module in MEMORY_HEAVY_MODULES else module
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown to pytest without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """Whole units (``unit_of``) to each worker, in collection order."""
+    """Whole units (``unit_of``) to each worker, in collection order; xdist's own for a
+    ``--dist`` mode other than the load modes (``each``, ``worksteal``)."""
     from xdist.scheduler import LoadScopeScheduling
+
+    if config.getoption("dist") not in ("load", "loadscope", "loadfile", "loadgroup"):
+        return None
 
     class FileUnits(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:

@@ -45,7 +45,8 @@ def test_a_files_tests_run_in_one_worker_and_set_up_once(tmp_path: Path) -> None
     for name in ("test_a", "test_b", "test_c", "test_d"):
         (suite / f"{name}.py").write_text(TEST_FILE)
     log = tmp_path / "log"
-    env = {**os.environ, "SCHEDULING_LOG": str(log), "PYTHONPATH": str(Path.cwd())}
+    repository = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "SCHEDULING_LOG": str(log), "PYTHONPATH": str(repository)}
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider", str(suite)],
         cwd=tmp_path,
@@ -70,4 +71,11 @@ def test_a_files_tests_run_in_one_worker_and_set_up_once(tmp_path: Path) -> None
 def test_the_memory_heavy_modules_are_one_unit() -> None:
     units = {unit_of(f"{module}::test_x[1]") for module in MEMORY_HEAVY_MODULES}
     assert units == {MEMORY_HEAVY_UNIT}
+    without_xdist = subprocess.run(  # the hook is xdist's: optional without it
+        [sys.executable, "-m", "pytest", "-p", "no:xdist", "--co", "-q", __file__],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert without_xdist.returncode == 0, without_xdist.stdout + without_xdist.stderr
     assert unit_of("tests/router/test_grpc_api.py::test_x") == "tests/router/test_grpc_api.py"
