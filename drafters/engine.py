@@ -249,6 +249,7 @@ class SpeculativeEngine:
                     if request.logprobs is not None
                     else None
                 )
+                del logits  # not kept across the yield below
                 output.extend(tokens)
                 history.extend(tokens)
                 if stopped is None:

@@ -139,7 +139,9 @@ def sampling_from_tgi(params: TgiParameters) -> Sampling:
     )
 
 
-def generate_input_from_tgi(body: TgiRequest, max_new_tokens_limit: int) -> GenerateInput:
+def generate_input_from_tgi(
+    body: TgiRequest, max_new_tokens_limit: int, *, streaming: bool = False
+) -> GenerateInput:
     """The request in the sidecar's terms; ``max_new_tokens`` left out is TGI's default,
     within ``max_new_tokens_limit`` (``limits.max_new_tokens``)."""
     # TGI: without a parameters object, sampling is on by default.
@@ -158,15 +160,17 @@ def generate_input_from_tgi(body: TgiRequest, max_new_tokens_limit: int) -> Gene
         sampling=sampling_from_tgi(params),
         truncate=params.truncate,
     )
-    return GenerateInput(route=route, logprobs=_tgi_logprobs(params))
+    return GenerateInput(route=route, logprobs=_tgi_logprobs(params, streaming))
 
 
-def _tgi_logprobs(params: TgiParameters) -> int | None:
+def _tgi_logprobs(params: TgiParameters, streaming: bool) -> int | None:
     """Tokens carry their logprob when the request asks for details (the text-generation
-    client's streams always do) or for ``top_n_tokens``; otherwise it is null and no
-    log-softmax is computed."""
+    client's streams always do), and a stream's events their ``top_n_tokens``; otherwise
+    it is null and no log-softmax is computed."""
     top = check_logprobs(params.top_n_tokens or None, "top_n_tokens")  # 0: none, as TGI
-    return top if top is not None else (0 if params.details else None)
+    if not params.details and not (streaming and top):
+        return None
+    return top or 0
 
 
 def _reported_seed(body: TgiRequest, result: GenerationResult) -> int | None:
@@ -270,8 +274,10 @@ def check_bearer(request: web.Request) -> None:
     _check_token(request)
 
 
-def _generation(service: RouterService, body: TgiRequest) -> AsyncGenerator[Any, None]:
-    request = generate_input_from_tgi(body, service.limits.max_new_tokens)
+def _generation(
+    service: RouterService, body: TgiRequest, *, streaming: bool
+) -> AsyncGenerator[Any, None]:
+    request = generate_input_from_tgi(body, service.limits.max_new_tokens, streaming=streaming)
     return service.generate(request)  # type: ignore[return-value]
 
 
@@ -286,7 +292,7 @@ async def _collect(service: RouterService, body: TgiRequest) -> dict[str, Any]:
     params = body.parameters or TgiParameters()
     tokens: list[dict[str, Any]] = []
     top_tokens: list[list[dict[str, Any]]] = []
-    async with contextlib.aclosing(_generation(service, body)) as items:
+    async with contextlib.aclosing(_generation(service, body, streaming=False)) as items:
         routed = await _first(items)
         result: GenerationResult | None = None
         async for item in items:
@@ -318,7 +324,7 @@ async def _sse(
     service: RouterService, request: web.Request, body: TgiRequest
 ) -> web.StreamResponse:
     """Stream one ``data:{json}`` event per token; the last carries text and details."""
-    async with contextlib.aclosing(_generation(service, body)) as items:
+    async with contextlib.aclosing(_generation(service, body, streaming=True)) as items:
         await _first(items)  # errors before the first event become plain HTTP errors
         response = web.StreamResponse(headers=SSE_HEADERS)
         with client_may_leave(request):

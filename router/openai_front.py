@@ -386,7 +386,7 @@ def logprobs_of(endpoint: Endpoint, body: Any) -> int | None:
     ``logprobs`` (a boolean) with ``top_logprobs`` (0-20), completions' ``logprobs`` (an
     integer, 0-20; OpenAI's own stops at 5, vLLM's at its ``max_logprobs``)."""
     if endpoint.is_chat:
-        if body.logprobs not in (None, False, True):
+        if body.logprobs is not None and not isinstance(body.logprobs, bool):
             raise InvalidFieldError("logprobs", "must be a boolean (top_logprobs: the count)")
         if body.top_logprobs is not None and not body.logprobs:
             raise InvalidFieldError("top_logprobs", "needs logprobs: true")

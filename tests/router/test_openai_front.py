@@ -400,6 +400,7 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
     for bad, param in (
         ({"logprobs": False}, "top_logprobs"),
         ({"top_logprobs": 21}, "top_logprobs"),
+        ({"logprobs": 1}, "logprobs"),  # chat's is a boolean (1 == True in Python)
     ):
         with pytest.raises(openai.BadRequestError) as refused:
             client(sidecar).chat.completions.create(**{**asked, **bad})
