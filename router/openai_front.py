@@ -398,22 +398,18 @@ def logprobs_of(endpoint: Endpoint, body: Any) -> int | None:
     return check_logprobs(body.logprobs, "logprobs")
 
 
-def _bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8", errors="replace"))
-
-
 def chat_logprobs(scored: Sequence[TokenLogprobs]) -> dict[str, Any]:
-    """Chat's ``choices[].logprobs``: per token its text, logprob, UTF-8 bytes and the most
-    likely tokens at its position."""
+    """Chat's ``choices[].logprobs``: per token its text, logprob, bytes (a piece of a
+    multi-byte character has its own, so the pieces' bytes join into the text) and the
+    most likely tokens at its position."""
     return {
         "content": [
             {
                 "token": token.text,
                 "logprob": token.logprob,
-                "bytes": _bytes(token.text),
+                "bytes": list(token.raw),
                 "top_logprobs": [
-                    {"token": a.text, "logprob": a.logprob, "bytes": _bytes(a.text)}
-                    for a in token.top
+                    {"token": a.text, "logprob": a.logprob, "bytes": list(a.raw)} for a in token.top
                 ],
             }
             for token in scored

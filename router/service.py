@@ -108,43 +108,60 @@ class RoutedRequest:
 
 @dataclass(frozen=True)
 class Alternative:
-    """One of the most likely tokens at a position: its id, its text decoded alone, and
-    its log-probability under the target."""
+    """One of the most likely tokens at a position: its id, its text decoded alone, its
+    log-probability under the target, and its bytes (``TokenTexts.raw``)."""
 
     token_id: int
     text: str
     logprob: float
     special: bool = False
+    raw: bytes = b""
 
 
 @dataclass(frozen=True)
 class TokenLogprobs:
     """An emitted token's log-probability under the target (raw: before the sampling
     parameters) and the most likely tokens at its position, most likely first; ``text``
-    is the token decoded alone (a character split across tokens shows in pieces)."""
+    is the token decoded alone (a character split across tokens shows as U+FFFD in each
+    piece), ``raw`` its bytes (each piece's own)."""
 
     text: str
     logprob: float
     top: tuple[Alternative, ...] = ()
+    raw: bytes = b""
 
 
 class TokenTexts:
-    """Token id -> its text decoded alone, cached (a request's alternatives decode the
-    same few ids again and again)."""
+    """Token id -> its text decoded alone and its bytes, cached (a request's alternatives
+    decode the same few ids again and again)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
-        self._texts: dict[int, str] = {}
+        self._decoded: dict[int, tuple[str, bytes]] = {}
         self._lock = threading.Lock()
         self._special = frozenset(int(i) for i in getattr(tokenizer, "all_special_ids", ()))
+        self._byte_of = _byte_level_table(tokenizer)
 
     def text(self, token_id: int) -> str:
-        text = self._texts.get(token_id)
-        if text is None:
+        return self._decode(token_id)[0]
+
+    def raw(self, token_id: int) -> bytes:
+        """The token's bytes: a byte-level BPE vocabulary's piece mapped back to the bytes
+        it stands for (a piece of a multi-byte character included), else its text's UTF-8."""
+        return self._decode(token_id)[1]
+
+    def _decode(self, token_id: int) -> tuple[str, bytes]:
+        decoded = self._decoded.get(token_id)
+        if decoded is None:
             text = self._tokenizer.decode([token_id])
+            piece = self._tokenizer.convert_ids_to_tokens(token_id)
+            raw = text.encode("utf-8", errors="replace")
+            if self._byte_of and isinstance(piece, str) and all(c in self._byte_of for c in piece):
+                raw = bytes(self._byte_of[c] for c in piece)
+            decoded = (text, raw)
             with self._lock:
-                self._texts[token_id] = text
-        return text
+                self._decoded[token_id] = decoded
+        return decoded
 
     def scored(
         self, token_ids: Sequence[int], scored: Sequence[tuple[float, Sequence[tuple[int, float]]]]
@@ -154,10 +171,25 @@ class TokenTexts:
             TokenLogprobs(
                 self.text(token_id),
                 float(logprob),
-                tuple(Alternative(i, self.text(i), float(lp), i in self._special) for i, lp in top),
+                tuple(
+                    Alternative(i, self.text(i), float(lp), i in self._special, self.raw(i))
+                    for i, lp in top
+                ),
+                self.raw(token_id),
             )
             for token_id, (logprob, top) in zip(token_ids, scored, strict=True)
         )
+
+
+def _byte_level_table(tokenizer: Any) -> dict[str, int]:
+    """Character -> byte of a byte-level BPE vocabulary (GPT-2's, Qwen2.5's), whose pieces
+    spell bytes as characters; empty for another kind of tokenizer."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if type(decoder).__name__ != "ByteLevel":
+        return {}
+    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 @dataclass(frozen=True)

@@ -372,6 +372,20 @@ def test_completion_logprobs_are_the_targets_streamed_or_not(sidecar: SidecarThr
     assert plain.choices[0].logprobs is None
 
 
+def test_each_tokens_bytes_join_into_the_text_of_a_split_character(
+    sidecar: SidecarThread,
+) -> None:
+    """Chat logprobs' ``bytes`` were the UTF-8 of the token decoded alone: a piece of a
+    character split across byte-level tokens (CJK, emoji, accents) decodes alone to
+    U+FFFD, whose bytes say nothing. Each piece now has its own bytes."""
+    texts, tokenizer = sidecar.service.token_texts, sidecar.service.tokenizer
+    word = "海é 🙂"
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    assert any("\ufffd" in texts.text(i) for i in ids)  # pieces that are no text alone
+    assert b"".join(texts.raw(i) for i in ids) == word.encode()
+    assert texts.raw(tokenizer.encode(" the", add_special_tokens=False)[0]).startswith(b" ")
+
+
 def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
     messages: Any = [{"role": "user", "content": "Write a haiku about the sea."}]
     asked: dict[str, Any] = {
