@@ -55,6 +55,7 @@ class Delta:
     token_ids: tuple[int, ...]
     text: str
     logprobs: tuple[ScoredToken, ...] | None = None
+    finish_reason: str | None = None  # on the stream's last tokens (``finish_reason_of``)
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,7 @@ async def stream_completion(
                     raise _event_error(data, received)
                 for choice in chunk.get("choices") or ():
                     ids = tuple(int(t) for t in choice.get("token_ids") or ())
+                    ending = finish_reason_of(choice) if choice.get("finish_reason") else None
                     if ids:
                         received = True
                         scored = (
@@ -231,9 +233,8 @@ async def stream_completion(
                             if body.get("logprobs") is not None
                             else None
                         )
-                        yield Delta(ids, str(choice.get("text") or ""), scored)
-                    if choice.get("finish_reason"):
-                        finish = finish_reason_of(choice)
+                        yield Delta(ids, str(choice.get("text") or ""), scored, ending)
+                    finish = ending or finish
                 if chunk.get("metrics"):
                     metrics = dict(chunk["metrics"])
                 usage = chunk.get("usage")

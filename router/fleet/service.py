@@ -41,7 +41,7 @@ from typing import Any
 
 import aiohttp
 
-from drafters.detokenize import IncrementalDetokenizer
+from drafters.detokenize import IncrementalDetokenizer, find_stop
 from router.domain import GenerateInput
 from router.errors import (
     GenerationFailedError,
@@ -133,6 +133,7 @@ class _Progress:
     output_ids: list[int]
     texts: list[str]
     detokenizer: IncrementalDetokenizer
+    stopped: bool = False  # the text reached a stop string
     attempts: int = 0
     end: StreamEnd | None = None
     timing: Timing | None = None
@@ -429,7 +430,7 @@ class FleetRouterService(RouterService):
                         continue
                     first = first if first is not None else time.perf_counter()
                     received += len(event.token_ids)
-                    yield self._chunk(event, progress)
+                    yield self._chunk(event, progress, request.route.sampling.stop)
         except ReplicaRefusedError as error:
             raise InvalidRequestError(
                 f"replica {replica.name} refused the request: {error}"
@@ -445,20 +446,35 @@ class FleetRouterService(RouterService):
             engine_time_s=engine_request_time(metrics, decode),
         )
 
-    def _chunk(self, delta: Delta, progress: _Progress) -> TokenChunk:
+    def _chunk(self, delta: Delta, progress: _Progress, stops: Sequence[str]) -> TokenChunk:
+        """The replica's tokens with each one's text, decoded here once as the in-process
+        engine decodes (``drafters.engine``): vLLM sends a chunk's text (several tokens'
+        once a draft is accepted, held back while it may be a stop string's start), not
+        each token's. The text ends at a stop string's end, and the last token of a run
+        that ends on its length or EOS releases a character left incomplete, as in-process;
+        the generated text is these texts joined."""
         ids = delta.token_ids
-        # vLLM sends a chunk's text (several tokens' when a draft was accepted, held back
-        # while it may be a stop string's start): each token's own, as the in-process
-        # engine gives it, comes from decoding the ids here (TGI's per-token events,
-        # completions' text_offset).
-        texts = tuple(progress.detokenizer.push(i) for i in ids)
+        detokenizer = progress.detokenizer
+        texts: list[str] = []
+        for token in ids:
+            checked = len(detokenizer.text)
+            released = detokenizer.push(token)
+            if progress.stopped:  # nothing after a stop string (vLLM ends there)
+                texts.append("")
+                continue
+            end = find_stop(detokenizer.text, stops, checked) if stops else None
+            progress.stopped = end is not None
+            texts.append(released if end is None else released[: end - checked])
+        if delta.finish_reason in ("length", "eos_token"):
+            texts[-1] += detokenizer.flush()
+        text = "".join(texts)
         progress.output_ids.extend(ids)
-        progress.texts.append(delta.text)
+        progress.texts.append(text)
         return TokenChunk(
             token_ids=ids,
-            token_texts=texts,
+            token_texts=tuple(texts),
             special=tuple(i in self._special_ids for i in ids),
-            text=delta.text,
+            text=text,
             logprobs=(
                 self.token_texts.scored(ids, delta.logprobs) if delta.logprobs is not None else None
             ),

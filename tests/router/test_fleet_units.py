@@ -609,3 +609,46 @@ def test_after_a_switch_the_statistics_are_the_last_replicas_steps() -> None:
     # The prefill's token and one step of 2 accepted + the target's: the 4 tokens.
     assert result.stats.steps == 1 and list(result.stats.accepted_per_step) == [2]
     assert result.stats.generated_tokens == 10 and len(result.output_ids) == 10
+
+
+def test_each_replica_tokens_text_is_decoded_here_as_in_process(tiny_world: ModelBundle) -> None:
+    """vLLM sends a chunk's text, several tokens' under speculation: it was put on the
+    first token (completions' text_offset [0, 9, 9] for 'Hello wor'). Each token's text is
+    now decoded here, as the in-process engine decodes: cut at a stop string's end, and
+    the last token of a run that ends on its length releases an incomplete character."""
+    from transformers import AutoTokenizer
+
+    from drafters.detokenize import IncrementalDetokenizer
+    from router.fleet.client import Delta
+    from router.fleet.service import _Progress
+    from router.service import TokenChunk
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world.target_dir)
+    service = FleetRouterService.__new__(FleetRouterService)
+    service._special_ids = frozenset(tokenizer.all_special_ids)
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def chunks(
+        ids: list[int], stops: tuple[str, ...], sizes: list[int], finish: str
+    ) -> tuple[list[TokenChunk], _Progress]:
+        progress = _Progress([], [], IncrementalDetokenizer(tokenizer))
+        out, start = [], 0
+        for n, size in enumerate(sizes):
+            part = tuple(ids[start : start + size])
+            start += size
+            ending = finish if n == len(sizes) - 1 else None
+            out.append(service._chunk(Delta(part, "vLLM's", None, ending), progress, stops))
+        return out, progress
+
+    alone = [tokenizer.decode([i]) for i in encode("Hello world")]
+    got, progress = chunks(encode("Hello world"), (), [len(alone)], "eos_token")
+    assert list(got[0].token_texts) == alone and got[0].text == "Hello world"
+    assert "".join(progress.texts) == "Hello world"
+    got, progress = chunks(encode("Done.\n\nNext"), (".",), [2, 10], "stop_sequence")
+    assert "".join(t for c in got for t in c.token_texts) == "Done."
+    assert "".join(progress.texts) == "Done."
+    cut = encode("hi \u4f60")[:-1]  # the character's first bytes only
+    got, _ = chunks(cut, (), [len(cut)], "length")
+    assert got[0].text == "hi \ufffd"  # released at the end, as in-process
