@@ -14,6 +14,7 @@ loaded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -115,7 +116,9 @@ class SharedRegistry:
         return events
 
     async def handle(self, entries: Sequence[tuple[str, Mapping[Any, Any]]]) -> None:
-        for event in self._checked(entries):
+        events = self._checked(entries)
+        self._expect(events)
+        for event in events:
             await self._apply(event)
 
     async def handle_history(self, entries: Sequence[tuple[str, Mapping[Any, Any]]]) -> None:
@@ -124,8 +127,16 @@ class SharedRegistry:
         for event in self._checked(entries):
             last.pop(event.name, None)
             last[event.name] = event
+        self._expect(list(last.values()))
         for event in last.values():
             await self._apply(event)
+
+    def _expect(self, events: Sequence[SharedRegistration]) -> None:
+        """Every registration read and not served here is loading from now on: it is
+        applied after the ones before it (a model load can take many seconds), and the
+        outcomes other replicas learn of it meanwhile wait for it (``OutcomePool``)."""
+        live = set(self._service.drafters.names())
+        self.loading.update(e.name for e in events if e.kind != "remove" and e.name not in live)
 
     async def _apply(self, event: SharedRegistration) -> None:
         if event.kind == "remove":
@@ -137,6 +148,7 @@ class SharedRegistry:
     async def _register(self, event: SharedRegistration) -> None:
         live = self._service.drafters.names()
         if event.name in live:
+            self.loading.discard(event.name)
             logger.debug("pooling: drafter %s is already served here", event.name)
             return
         spec = DrafterSpec(
@@ -150,7 +162,13 @@ class SharedRegistry:
         self.loading.add(event.name)  # its outcomes wait for it meanwhile (OutcomePool)
         try:
             await self._service.register_drafter(spec)
-        except AlreadyExistsError:
+        except asyncio.CancelledError:
+            # A catch-up out of time: the registration goes on in its worker thread (and
+            # applies what waits for it); the live reader reads this entry again.
+            raise
+        except AlreadyExistsError:  # stored here but not served: it will not join
+            self.loading.discard(event.name)
+            self._service.policy.drafter_not_served(event.name)
             return
         except Exception as error:  # SidecarError, or a model that fails to load here
             self.loading.discard(event.name)  # before its waiting outcomes are dropped
@@ -165,13 +183,13 @@ class SharedRegistry:
                 error,
             )
             return
-        finally:
-            self.loading.discard(event.name)  # joined the policy, or never will
+        self.loading.discard(event.name)  # joined the policy (what waited is applied)
         self._unavailable.pop(event.name, None)
         logger.info("pooling: drafter %s registered by %s", event.name, event.origin.replica)
 
     async def _remove(self, name: str) -> None:
         self._unavailable.pop(name, None)
+        self.loading.discard(name)
         try:
             record = self._service.drafters.get(name).record
         except NotFoundError:

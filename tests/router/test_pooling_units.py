@@ -4,8 +4,11 @@ the refusal to pool unsigned."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -466,3 +469,81 @@ def test_a_loop_that_fails_is_logged_and_started_again_and_the_others_go_on(
     assert started.count("or") == 3  # failed twice, started again each time
     assert sorted(cancelled) == ["or", "ow", "rr", "rw"]
     assert caplog.text.count("the outcome reader loop failed") == 2 and "KeyError" in caplog.text
+
+
+class LoadingService:
+    """What SharedRegistry reads of a sidecar: its drafters, a registration that loads
+    until released, and the policy's ``drafter_not_served``."""
+
+    def __init__(self) -> None:
+        self.live: list[str] = ["generic"]
+        self.release = asyncio.Event()
+        self.not_served: list[str] = []
+        self.drafters = SimpleNamespace(names=lambda: list(self.live), get=self._get)
+        self.policy = SimpleNamespace(drafter_not_served=self.not_served.append)
+
+    def _get(self, name: str) -> Any:
+        from router.errors import NotFoundError
+
+        if name not in self.live:
+            raise NotFoundError(name)
+        return SimpleNamespace(record=SimpleNamespace(builtin=False))
+
+    async def register_drafter(self, spec: Any) -> None:
+        await self.release.wait()
+        self.live.append(spec.name)
+
+
+async def test_every_registration_read_is_loading_until_it_is_applied() -> None:
+    """Registrations are applied one after the other (a model load can take many
+    seconds): the outcomes of the second one, published while the first loaded here,
+    were dropped, for only the registration being applied counted as loading; so were
+    those of one a catch-up out of time left loading in its thread."""
+    from router.pooling.entries import SharedRegistration, registration_payload
+    from router.pooling.registry import SharedRegistry
+
+    service = LoadingService()
+    metrics = create_metrics()
+    link = RedisLink(PoolingSettings(redis_url="redis://127.0.0.1:1/0"), metrics)
+    registry = SharedRegistry(
+        "a-1",
+        service,
+        StreamWriter(link, SIGNER, "r", 100, 8),
+        StreamReader(link, "r"),
+        SIGNER,
+        metrics,
+    )
+
+    def entry(seq: int, kind: str, name: str) -> tuple[str, Any]:
+        event = SharedRegistration(
+            Origin("b-1", seq), kind, name, "ngram" if kind == "register" else ""
+        )
+        return (f"{seq}-0", SIGNER.fields(registration_payload(event)))
+
+    applying = asyncio.create_task(
+        registry.handle(
+            [
+                entry(1, "register", "x1"),
+                entry(2, "register", "x2"),
+                entry(3, "register", "generic"),
+            ]
+        )
+    )
+    await asyncio.sleep(0.05)
+    assert registry.loading == {"x1", "x2"}  # x2's outcomes wait while x1 loads
+    service.release.set()
+    await applying
+    assert registry.loading == set() and service.live == ["generic", "x1", "x2"]
+
+    # A catch-up cancelled while a registration loads: it goes on, still loading.
+    service.release.clear()
+    cut = asyncio.create_task(registry.handle_history([entry(4, "register", "x3")]))
+    await asyncio.sleep(0.05)
+    cut.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await cut
+    assert registry.loading == {"x3"}
+    # A removal read before it loads: nothing waits for it any more.
+    await registry.handle([entry(5, "remove", "x3")])
+    assert registry.loading == set() and service.not_served == ["x3"]
+    await link.close()
