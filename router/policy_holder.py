@@ -43,7 +43,7 @@ class LearningLog(Protocol):
 
     def cursor(self) -> dict[str, Any]: ...
 
-    def restore(self, cursor: Mapping[str, Any] | None) -> None: ...
+    def restore(self, cursor: Mapping[str, Any] | None, policy: Any) -> None: ...
 
     def drafter_added(self, policy: Any, name: str) -> None: ...
 
@@ -222,7 +222,7 @@ class PolicyHolder:
         """Record every later update in ``log``; it resumes from the restored snapshot's
         cursor (what the restored state already holds)."""
         with self._lock:
-            log.restore(self._restored_cursor)
+            log.restore(self._restored_cursor, self._policy)
             self._log = log
 
     def apply_shared(self, admit: Callable[[], bool], learn: Callable[[Any], bool]) -> bool:

@@ -75,6 +75,18 @@ def apply_to_policy(policy: Any, shared: SharedOutcome) -> None:
     policy.update(context, Decision(shared.drafter, shared.k), outcome)
 
 
+def _waiting_from(payloads: Any) -> list[SharedOutcome]:
+    """A cursor's waiting outcomes, checked as when they were read (a damaged one is
+    logged and left out)."""
+    outcomes = []
+    for payload in payloads if isinstance(payloads, list) else []:
+        try:
+            outcomes.append(outcome_from_payload(payload, MAX_DRAFT_LENGTH))
+        except (EntryRejected, TypeError, AttributeError) as error:
+            logger.warning("pooling: a waiting outcome in the snapshot is left out: %s", error)
+    return outcomes[-WAITING_MAX:]
+
+
 class OutcomePool:
     """The learning log of one replica's policy holder, shared through a Redis stream."""
 
@@ -127,7 +139,11 @@ class OutcomePool:
         self._record("counterfactual", context, drafter, int(draft_length), (), accepted, 0)
 
     def cursor(self) -> dict[str, Any]:
-        return {"applied": dict(self._applied)}
+        """What a snapshot's state holds of the stream: the highest seq applied per writer,
+        and the admitted outcomes still waiting for their drafter (so that a crash does
+        not lose them: the cursor says they were admitted)."""
+        waiting = [outcome_payload(shared) for shared in self._waiting]
+        return {"applied": dict(self._applied), "waiting": waiting}
 
     def drafter_added(self, policy: Any, name: str) -> None:
         """Apply the waiting entries of ``name``, now that ``policy`` has its arms."""
@@ -157,11 +173,18 @@ class OutcomePool:
             self._count_rejected("drafter_not_served", dropped)
             self._metrics.pooled_waiting.set(len(self._waiting))
 
-    def restore(self, cursor: Mapping[str, Any] | None) -> None:
+    def restore(self, cursor: Mapping[str, Any] | None, policy: Any) -> None:
+        """Resume from a snapshot's ``cursor``: its waiting outcomes wait again, and those
+        whose drafter ``policy`` serves already (registered before the crash, after the
+        snapshot) are applied now."""
         applied = (cursor or {}).get("applied") or {}
         self._applied = {
             str(replica): int(seq) for replica, seq in applied.items() if isinstance(seq, int)
         }
+        self._waiting = collections.deque(_waiting_from((cursor or {}).get("waiting")))
+        for name in {shared.drafter for shared in self._waiting if serves(policy, shared.drafter)}:
+            self.drafter_added(policy, name)
+        self._metrics.pooled_waiting.set(len(self._waiting))
 
     def _record(
         self,

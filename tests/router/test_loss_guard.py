@@ -123,7 +123,7 @@ class _Learnt:
     def cursor(self) -> dict[str, Any]:
         return {}
 
-    def restore(self, cursor: Any) -> None:
+    def restore(self, cursor: Any, policy: Any) -> None:
         return None
 
     def drafter_added(self, policy: Any, name: str) -> None:

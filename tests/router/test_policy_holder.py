@@ -114,7 +114,7 @@ class CursorLog:
     def cursor(self) -> dict[str, Any]:
         return {}
 
-    def restore(self, cursor: Mapping[str, Any] | None) -> None:
+    def restore(self, cursor: Mapping[str, Any] | None, policy: Any) -> None:
         self.restored.append(cursor)
 
     def drafter_added(self, policy: Any, name: str) -> None:

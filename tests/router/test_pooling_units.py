@@ -125,9 +125,15 @@ def test_registration_payload_checks() -> None:
 class Harness:
     """A policy holder (thompson over two drafters) with an outcome log attached."""
 
-    def __init__(self, state_dir: Path, identity: str, loading: set[str] | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        identity: str,
+        loading: set[str] | None = None,
+        drafters: tuple[str, ...] = ("generic", "math"),
+    ) -> None:
         self.store = SidecarStore(state_dir)
-        self.holder = PolicyHolder(self.store, lambda: ["generic", "math"], lambda name: None)
+        self.holder = PolicyHolder(self.store, lambda: list(drafters), lambda name: None)
         self.holder.start("thompson")
         self.metrics = create_metrics()
         link = RedisLink(PoolingSettings(redis_url="redis://127.0.0.1:1/0"), self.metrics)
@@ -174,7 +180,7 @@ def test_outcomes_are_logged_applied_once_and_resumed_from_the_snapshot(tmp_path
     a.holder.snapshot()
     snapshot = a.store.latest_policy("thompson")
     assert snapshot is not None
-    assert snapshot.state[LOG_CURSOR_KEY] == {"applied": {"a-1": 2, "b-1": 1}}
+    assert snapshot.state[LOG_CURSOR_KEY] == {"applied": {"a-1": 2, "b-1": 1}, "waiting": []}
     version = a.holder.version
     a.store.close()
 
@@ -256,6 +262,31 @@ def test_outcomes_of_a_drafter_not_served_yet_wait_for_its_registration(
     a.holder.add_drafter("never", None)
     assert a.pool.waiting == 0 and a.pool.applied == applied + 1
     assert a.metrics.pooled_rejected.labels(reason="malformed")._value.get() == 1
+
+
+def test_waiting_outcomes_survive_a_crash_in_the_snapshot(tmp_path: Path) -> None:
+    """The cursor a snapshot holds counts the waiting outcomes as admitted, so a crash
+    before their drafter loaded lost them (the restart skipped them as seen). They are
+    now saved with the cursor: they wait again, or are applied at once when the drafter
+    is served at the restart (registered after the snapshot, before the crash)."""
+    a = Harness(tmp_path, "a-1", loading={"spare"})
+    early = [(f"{n}-0", SIGNER.fields(shared("b-1", n, drafter="spare"))) for n in (1, 2)]
+    a.pool.handle(early)
+    assert a.pool.waiting == 2
+    a.holder.snapshot()
+    a.store.close()  # a crash: nothing else is saved
+
+    waiting_again = Harness(tmp_path, "a-2", loading={"spare"})
+    assert waiting_again.pool.waiting == 2
+    waiting_again.pool.handle(early)  # replayed from the stream: admitted already
+    assert waiting_again.pool.waiting == 2
+    version = waiting_again.holder.version
+    waiting_again.holder.add_drafter("spare", None)
+    assert waiting_again.pool.waiting == 0 and waiting_again.holder.version == version + 2
+    waiting_again.store.close()
+
+    served = Harness(tmp_path, "a-3", drafters=("generic", "math", "spare"))
+    assert served.pool.waiting == 0 and served.pool.applied == 2
 
 
 async def test_unreachable_redis_keeps_a_bounded_buffer(tmp_path: Path) -> None:
