@@ -75,6 +75,11 @@ class LoadedModel:
         return self.placement.device
 
     @property
+    def context_tokens(self) -> int | None:
+        """The most tokens a sequence may have (``max_position_embeddings``), if known."""
+        return _context_tokens(getattr(self.model.config, "max_position_embeddings", None))
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.placement.dtype
 
@@ -114,6 +119,9 @@ class TargetInfo(Protocol):
     @property
     def digest_cache(self) -> WeightsDigestCache | None: ...
 
+    @property
+    def context_tokens(self) -> int | None: ...
+
 
 @dataclass(frozen=True)
 class TargetDescription:
@@ -126,6 +134,7 @@ class TargetDescription:
     vocabulary_rows: int
     digest_cache: WeightsDigestCache | None = None
     weights_digest: str = ""
+    context_tokens: int | None = None  # config.json's max_position_embeddings
 
     @property
     def device(self) -> torch.device:
@@ -400,6 +409,11 @@ def load_model(
     )
 
 
+def _context_tokens(value: Any) -> int | None:
+    """A config's ``max_position_embeddings`` as a positive int, else None (unknown)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def describe_target(
     directory: str | Path,
     *,
@@ -411,11 +425,13 @@ def describe_target(
     files need not be there, nor readable."""
     path = Path(directory)
     tokenizer = load_tokenizer(path)
-    rows = len(tokenizer)
+    rows, context = len(tokenizer), None
     config = path / "config.json"
     if config.is_file():
         try:
-            rows = int(json.loads(config.read_text(encoding="utf-8")).get("vocab_size") or rows)
+            values = json.loads(config.read_text(encoding="utf-8"))
+            rows = int(values.get("vocab_size") or rows)
+            context = _context_tokens(values.get("max_position_embeddings"))
         except (OSError, ValueError, AttributeError) as exc:
             raise ModelLoadError(f"cannot read {config}: {exc}") from exc
     where = placement or default_placement()
@@ -426,4 +442,5 @@ def describe_target(
         placement=where,
         vocabulary_rows=rows,
         digest_cache=digest_cache,
+        context_tokens=context,
     )

@@ -66,6 +66,10 @@ class RouteInput:
     # Generate only: keep the prompt's last this many tokens (TGI's ``truncate``, vLLM's
     # ``truncate_prompt_tokens``); None keeps them all.
     truncate: int | None = None
+    # Generate only: ``max_new_tokens`` is the server's default, not the caller's, and is
+    # lowered to what the target's context leaves after the prompt (OpenAI chat without
+    # max_tokens, as vLLM); otherwise a request over the context is refused.
+    fit_context: bool = False
 
 
 @dataclass(frozen=True)
@@ -361,6 +365,22 @@ def check_truncate(truncate: int | None, limits: Limits) -> None:
         raise InvalidFieldError(
             "truncate", f"must be in [1, {limits.max_prompt_tokens}], got {truncate}"
         )
+
+
+def tokens_left(prompt_tokens: int, max_new_tokens: int, context: int | None, fit: bool) -> int:
+    """``max_new_tokens`` for a prompt of ``prompt_tokens`` in a target context of
+    ``context`` tokens (None: unknown, no bound): refused when it does not fit
+    (INVALID_ARGUMENT, as TGI and vLLM refuse it), or lowered to fit when ``fit``."""
+    if context is None or prompt_tokens + max_new_tokens <= context:
+        return max_new_tokens
+    left = context - prompt_tokens
+    if fit and left > 0:
+        return left
+    raise ContextLengthError(
+        f"the target's context is {context} tokens, and the request asks for "
+        f"{prompt_tokens + max_new_tokens}: {prompt_tokens} in the prompt and "
+        f"{max_new_tokens} to generate"
+    )
 
 
 def check_prompt_tokens(count: int, limits: Limits) -> None:

@@ -450,6 +450,7 @@ async def info_route(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     target = service.components.target
     limits = service.limits
+    context = service.context_tokens or limits.max_prompt_tokens + limits.max_new_tokens
     return web.json_response(
         {
             # The name the OpenAI front answers to, not the directory's path (which a client
@@ -462,8 +463,9 @@ async def info_route(request: web.Request) -> web.Response:
             "max_concurrent_requests": service.queue.capacity,
             "max_best_of": 1,
             "max_stop_sequences": MAX_STOP_SEQUENCES,
-            "max_input_tokens": limits.max_prompt_tokens,
-            "max_total_tokens": limits.max_prompt_tokens + limits.max_new_tokens,
+            # Within the target's context too, where its config gives one.
+            "max_input_tokens": min(limits.max_prompt_tokens, context - 1),
+            "max_total_tokens": min(limits.max_prompt_tokens + limits.max_new_tokens, context),
             "validation_workers": 1,
             "max_client_batch_size": 1,
             "router": "specroute",

@@ -480,8 +480,10 @@ def generate_input(service: RouterService, endpoint: Endpoint, body: Any) -> Gen
             f"the model {body.model!r} does not exist; served: {served_model_names(service)}"
         )
     max_tokens = endpoint.max_tokens_of(body)
+    fit_context = max_tokens is None
     if max_tokens is None:
-        # Chat completions default to what is left of the context: the sidecar's limit.
+        # Chat completions default to what is left of the context (as vLLM), within the
+        # sidecar's limit.
         max_tokens = service.limits.max_new_tokens
     if max_tokens <= 0:
         raise InvalidFieldError("max_tokens", f"must be > 0, got {max_tokens}")
@@ -490,6 +492,7 @@ def generate_input(service: RouterService, endpoint: Endpoint, body: Any) -> Gen
         max_new_tokens=max_tokens,
         sampling=sampling_from_openai(body),
         truncate=truncate_of(body, service.limits.max_prompt_tokens),
+        fit_context=fit_context,
     )
     return GenerateInput(route=route, logprobs=logprobs_of(endpoint, body))
 

@@ -39,6 +39,7 @@ from router.domain import (
     check_request_id,
     check_sampling,
     check_truncate,
+    tokens_left,
 )
 from router.drafter_pool import DrafterPool, under_model_roots
 from router.errors import (
@@ -271,6 +272,8 @@ class RouterService:
         self._max_prompt_chars = prompt_char_bound(self.tokenizer, self.limits.max_prompt_tokens)
         self._fast_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None)
         self.token_texts = TokenTexts(self.tokenizer)
+        # The most tokens prompt and output may have together (None: unknown).
+        self.context_tokens: int | None = components.target.context_tokens
         # Registrations and removals, pool and policy together (worker threads).
         self._admin_lock = threading.Lock()
         # Automatic distillation's output directory is a model root while it is on.
@@ -508,6 +511,7 @@ class RouterService:
         if request.truncate is not None:
             ids = ids[-request.truncate :]  # the last tokens, as TGI and vLLM keep them
         check_prompt_tokens(len(ids), self.limits)
+        tokens_left(len(ids), request.max_new_tokens, self.context_tokens, request.fit_context)
         if request.task_hint:
             classification = self._hinted(request.task_hint)
         else:
@@ -613,6 +617,15 @@ class RouterService:
         self.metrics.policy_version.set(self.policy.version)
 
     # -- generation -------------------------------------------------------------------
+    def fitted(self, request: GenerateInput, prompt_tokens: int) -> GenerateInput:
+        """``request`` with the ``max_new_tokens`` its prompt leaves in the target's
+        context (``tokens_left``; checked already by ``_route``)."""
+        route = request.route
+        left = tokens_left(prompt_tokens, route.max_new_tokens, self.context_tokens, True)
+        if left == route.max_new_tokens:
+            return request
+        return replace(request, route=replace(route, max_new_tokens=left))
+
     async def generate(self, request: GenerateInput) -> AsyncIterator[Any]:
         """Yield the :class:`RoutedRequest`, then :class:`TokenChunk` s, then the result."""
         slot = self.queue.admit()
@@ -622,6 +635,7 @@ class RouterService:
                 force_drafter=request.force_drafter,
                 force_k=request.force_draft_length,
             )
+            request = self.fitted(request, routed.prompt_tokens)
             if request.force_stop_threshold is not None:
                 decision = replace(routed.decision, stop_threshold=request.force_stop_threshold)
                 routed = replace(routed, decision=decision)

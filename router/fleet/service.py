@@ -321,6 +321,7 @@ class FleetRouterService(RouterService):
             force_drafter=request.force_drafter,
             force_k=request.force_draft_length,
         )
+        request = self.fitted(request, routed.prompt_tokens)
         routed = self._with_plain_reference(routed, request)
         progress = _Progress([], [], IncrementalDetokenizer(self.tokenizer))
         tried: set[str] = set()

@@ -580,3 +580,44 @@ def test_grpc_still_refuses_what_the_front_refuses(sidecar: SidecarThread) -> No
     with pytest.raises(grpc.RpcError) as refused:
         list(sidecar.stub.Generate(request, timeout=60))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_request_over_the_targets_context_is_refused_or_fitted(
+    serving_world: ServingWorld, components: Any, tmp_path: Any
+) -> None:
+    """Prompt and max_new_tokens over the target's context (2048 positions here), within
+    the limits: the in-process engine ran until the context ended ("length"), where vLLM
+    and TGI refuse the request, and /info promised more than the context. Now refused on
+    every front; OpenAI chat without max_tokens is given what the context leaves, as vLLM
+    does."""
+    from router.settings import Limits
+    from tests.router.conftest import SidecarThread
+
+    limits = Limits(max_prompt_tokens=2000, max_new_tokens=1000, generation_queue_size=0)
+    running = SidecarThread(serving_world.settings(tmp_path / "state", limits=limits), components)
+    try:
+        prompt = "word " * 750
+        prompt_tokens = len(running.service.prompt_ids(Prompt(text=prompt)))
+        assert 1100 < prompt_tokens <= 2000
+        over = 2048 - prompt_tokens + 1
+        with pytest.raises(grpc.RpcError) as refused:
+            list(running.stub.Generate(pb.GenerateRequest(text=prompt, max_new_tokens=over)))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "context is 2048 tokens" in str(refused.value.details())
+        tgi = {"inputs": prompt, "parameters": {"max_new_tokens": over}}
+        assert post(f"{running.http_url}/generate", tgi)[0] == 422
+        status, body = post(
+            f"{running.http_url}/v1/completions",
+            {"model": "target", "prompt": prompt, "max_tokens": over},
+        )
+        assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+        reply = client(running).chat.completions.create(
+            model="target", messages=[{"role": "user", "content": prompt}], temperature=0
+        )
+        assert reply.usage is not None
+        assert reply.usage.prompt_tokens + reply.usage.completion_tokens <= 2048
+        with urllib.request.urlopen(f"{running.http_url}/info", timeout=30) as response:
+            info = json.loads(response.read())
+        assert info["max_total_tokens"] == 2048 and info["max_input_tokens"] == 2000
+    finally:
+        running.stop()
