@@ -234,6 +234,14 @@ def generate_command(
         ),
     ] = None,
     raw: Annotated[bool, RAW_OPTION] = False,
+    logprobs: Annotated[
+        int | None,
+        typer.Option(
+            "--logprobs",
+            help="After the reply, each token's log-probability under the target and its N "
+            "most likely alternatives (0-20), one line a token, on stderr.",
+        ),
+    ] = None,
     token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
     timeout: Annotated[float, TIMEOUT_OPTION] = 600.0,
 ) -> None:
@@ -247,12 +255,15 @@ def generate_command(
         sampling=pb.SamplingParams(do_sample=sample, temperature=temperature, seed=seed),
         force_drafter=drafter,
         force_draft_length=draft_length,
+        logprobs=logprobs,
     )
     import grpc
 
+    scored: list[Any] = []
     try:
         stream = _stub(address).Generate(request, metadata=_metadata(token), timeout=timeout)
         for chunk in stream:
+            scored.extend(chunk.tokens if logprobs is not None else ())
             if chunk.HasField("decision"):
                 d = chunk.decision
                 typer.echo(
@@ -272,6 +283,17 @@ def generate_command(
     except grpc.RpcError as error:
         typer.echo(f"error: {error.code().name}: {error.details()}", err=True)
         raise typer.Exit(1) from None
+    for line in _logprob_lines(scored):
+        typer.echo(line, err=True)
+
+
+def _logprob_lines(tokens: list[Any]) -> list[str]:
+    """One line per token: its id, text, logprob, and its alternatives as text=logprob."""
+    return [
+        f"{t.id}\t{t.text!r}\t{t.logprob:.4f}\t"
+        + " ".join(f"{a.text!r}={a.logprob:.4f}" for a in t.top_logprobs)
+        for t in tokens
+    ]
 
 
 def drafters_list_command(

@@ -122,3 +122,36 @@ def test_route_sends_a_plain_argument_as_a_user_message_and_raw_text_as_is(
     raw = json.loads(_invoke(sidecar, "route", QUESTION, "--raw").stdout)
     assert chat["prompt_tokens"] == counts["chat"]
     assert raw["prompt_tokens"] == counts["raw"]
+
+
+def test_generate_prints_each_tokens_logprob_when_asked(sidecar: SidecarThread) -> None:
+    """``--logprobs N``: after the reply, one line a token on stderr, with the logprob the
+    gRPC API returns and N alternatives."""
+    result = _invoke(
+        sidecar,
+        "generate",
+        COMPLETION_PROMPT,
+        "--raw",
+        "--max-new-tokens",
+        "6",
+        "--drafter",
+        "none",
+        "--logprobs",
+        "2",
+    )
+    request = pb.GenerateRequest(
+        text=COMPLETION_PROMPT,
+        max_new_tokens=6,
+        force_drafter="none",
+        no_update=True,
+        logprobs=2,
+    )
+    tokens = [t for c in sidecar.stub.Generate(request, timeout=120) for t in c.tokens]
+    lines = [line.split("\t") for line in result.stderr.splitlines() if line.count("\t") == 3]
+    assert [int(line[0]) for line in lines] == [t.id for t in tokens]
+    assert [float(line[2]) for line in lines] == pytest.approx(
+        [t.logprob for t in tokens], abs=1e-4
+    )
+    assert all(len(line[3].split(" ")) >= 2 for line in lines)
+    plain = _invoke(sidecar, "generate", COMPLETION_PROMPT, "--raw", "--max-new-tokens", "3")
+    assert not any(line.count("\t") == 3 for line in plain.stderr.splitlines())
