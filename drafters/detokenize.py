@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 
@@ -76,3 +76,27 @@ def find_stop(text: str, stop_sequences: Sequence[str], searched_up_to: int) -> 
         if found >= 0 and (best is None or found + len(stop) < best):
             best = found + len(stop)
     return best
+
+
+def push_until_stop(
+    detokenizer: IncrementalDetokenizer,
+    tokens: Sequence[int],
+    stop_token_ids: Collection[int],
+    stop_sequences: Sequence[str],
+) -> tuple[list[str], str | None]:
+    """Push ``tokens`` to ``detokenizer`` up to the first stop token or the token that
+    completes a stop sequence: each pushed token's text (that last one's ending at the stop
+    sequence's end) and why it stopped ("eos_token", "stop_sequence"; None: it did not).
+    Tokens after the stop are not pushed: as many texts as tokens kept."""
+    texts: list[str] = []
+    for token in tokens:
+        checked = len(detokenizer.text)
+        released = detokenizer.push(token)
+        if token in stop_token_ids:
+            return [*texts, released], "eos_token"
+        if stop_sequences:
+            end = find_stop(detokenizer.text, stop_sequences, checked)
+            if end is not None:  # characters of this release up to the stop's end
+                return [*texts, released[: end - checked]], "stop_sequence"
+        texts.append(released)
+    return texts, None

@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from drafters.attention import cached_causal_mask
 from drafters.base import Drafter, DraftSession, Proposal, empty_proposal
-from drafters.detokenize import IncrementalDetokenizer, find_stop
+from drafters.detokenize import IncrementalDetokenizer, push_until_stop
 from drafters.loader import LoadedModel
 from drafters.sampling import SamplingConfig, make_generator
 from drafters.stats import GenerationStats
@@ -370,16 +370,7 @@ class SpeculativeEngine:
     ) -> tuple[list[int], list[str], str | None]:
         """Each token's text, the step cut after its first EOS or completed stop sequence
         (the last text then ends at the stop sequence's end)."""
-        texts: list[str] = []
-        for index, token in enumerate(tokens):
-            checked = len(detokenizer.text)
-            released = detokenizer.push(token)
-            if token in self.stop_token_ids:
-                return tokens[: index + 1], [*texts, released], "eos_token"
-            if request.stop_sequences:
-                end = find_stop(detokenizer.text, request.stop_sequences, checked)
-                if end is not None:
-                    # Characters of this release up to the stop's end.
-                    return tokens[: index + 1], [*texts, released[: end - checked]], "stop_sequence"
-            texts.append(released)
-        return tokens, texts, None
+        texts, stopped = push_until_stop(
+            detokenizer, tokens, self.stop_token_ids, request.stop_sequences
+        )
+        return tokens[: len(texts)], texts, stopped

@@ -244,10 +244,10 @@ class PolicyHolder:
                 self._log.drafter_added(self._policy, name)
 
     def remove_drafter(self, name: str) -> None:
-        """Forget ``name``'s arms. Not while a snapshot is between reading the state and
-        saving it (``_saving``): a snapshot saved after a later registration of the same
-        name then never holds the arms removed here (``_forget_earlier_registrations``)."""
-        with self._saving, self._lock:
+        """Forget ``name``'s arms. A snapshot read before this holds them, and is stamped
+        with that time: a later registration of the same name is newer, and restoring it
+        leaves them out (``_forget_earlier_registrations``)."""
+        with self._lock:
             self._policy.remove_drafter(name)
             self._rehint()
             if self._log is not None:

@@ -619,11 +619,12 @@ class RouterService:
     # -- generation -------------------------------------------------------------------
     def fitted(self, request: GenerateInput, prompt_tokens: int) -> GenerateInput:
         """``request`` with the ``max_new_tokens`` its prompt leaves in the target's
-        context (``tokens_left``; checked already by ``_route``)."""
+        context when it asks to fit it (``fit_context``; ``_route`` refused the others
+        that do not fit)."""
         route = request.route
-        left = tokens_left(prompt_tokens, route.max_new_tokens, self.context_tokens, True)
-        if left == route.max_new_tokens:
+        if not route.fit_context:
             return request
+        left = tokens_left(prompt_tokens, route.max_new_tokens, self.context_tokens, True)
         return replace(request, route=replace(route, max_new_tokens=left))
 
     async def generate(self, request: GenerateInput) -> AsyncIterator[Any]:

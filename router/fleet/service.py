@@ -41,7 +41,7 @@ from typing import Any
 
 import aiohttp
 
-from drafters.detokenize import IncrementalDetokenizer, find_stop
+from drafters.detokenize import IncrementalDetokenizer, push_until_stop
 from router.domain import GenerateInput
 from router.errors import (
     GenerationFailedError,
@@ -455,19 +455,13 @@ class FleetRouterService(RouterService):
         that ends on its length or EOS releases a character left incomplete, as in-process;
         the generated text is these texts joined."""
         ids = delta.token_ids
-        detokenizer = progress.detokenizer
         texts: list[str] = []
-        for token in ids:
-            checked = len(detokenizer.text)
-            released = detokenizer.push(token)
-            if progress.stopped:  # nothing after a stop string (vLLM ends there)
-                texts.append("")
-                continue
-            end = find_stop(detokenizer.text, stops, checked) if stops else None
-            progress.stopped = end is not None
-            texts.append(released if end is None else released[: end - checked])
+        if not progress.stopped:  # nothing after a stop string (vLLM ends there)
+            texts, stopped = push_until_stop(progress.detokenizer, ids, (), stops)
+            progress.stopped = stopped is not None
+        texts += [""] * (len(ids) - len(texts))
         if delta.finish_reason in ("length", "eos_token"):
-            texts[-1] += detokenizer.flush()
+            texts[-1] += progress.detokenizer.flush()
         text = "".join(texts)
         progress.output_ids.extend(ids)
         progress.texts.append(text)

@@ -147,10 +147,9 @@ class OutcomePool:
 
     def drafter_added(self, policy: Any, name: str) -> None:
         """Apply the waiting entries of ``name``, now that ``policy`` has its arms."""
-        ready = [shared for shared in self._waiting if shared.drafter == name]
+        ready = self._take_waiting(name)
         if not ready:
             return
-        self._waiting = collections.deque(s for s in self._waiting if s.drafter != name)
         applied = 0
         for shared in ready:
             try:
@@ -161,17 +160,22 @@ class OutcomePool:
             else:
                 applied += 1
         self._counted_applied(applied)
-        self._metrics.pooled_waiting.set(len(self._waiting))
         logger.info("pooling: applied %d waiting outcomes of drafter %s", applied, name)
 
     def drafter_not_served(self, name: str) -> None:
         """Drop the waiting entries of ``name``: removed, or registered elsewhere and not
         servable here, it will not join the policy."""
-        dropped = sum(shared.drafter == name for shared in self._waiting)
+        dropped = len(self._take_waiting(name))
         if dropped:
-            self._waiting = collections.deque(s for s in self._waiting if s.drafter != name)
             self._count_rejected("drafter_not_served", dropped)
+
+    def _take_waiting(self, name: str) -> list[SharedOutcome]:
+        """Remove the waiting entries of ``name`` and return them, oldest first."""
+        taken = [shared for shared in self._waiting if shared.drafter == name]
+        if taken:
+            self._waiting = collections.deque(s for s in self._waiting if s.drafter != name)
             self._metrics.pooled_waiting.set(len(self._waiting))
+        return taken
 
     def restore(self, cursor: Mapping[str, Any] | None, policy: Any) -> None:
         """Resume from a snapshot's ``cursor``: its waiting outcomes wait again, and those

@@ -95,19 +95,22 @@ def test_generate_never_prints_a_special_token(sidecar: SidecarThread) -> None:
     assert IM_END not in result.stdout and IM_START not in result.stdout
 
 
+# The completion prompt as is, 6 greedy tokens without speculation.
+RAW_GREEDY_6 = (
+    "generate",
+    COMPLETION_PROMPT,
+    "--raw",
+    "--max-new-tokens",
+    "6",
+    "--drafter",
+    "none",
+)
+
+
 def test_generate_raw_sends_the_text_as_is(sidecar: SidecarThread) -> None:
     expected_ids, expected_text = greedy_reference(sidecar, COMPLETION_PROMPT, 6)
     assert len(expected_ids) == 6  # a visible completion, not a lone end of turn
-    result = _invoke(
-        sidecar,
-        "generate",
-        COMPLETION_PROMPT,
-        "--raw",
-        "--max-new-tokens",
-        "6",
-        "--drafter",
-        "none",
-    )
+    result = _invoke(sidecar, *RAW_GREEDY_6)
     decision = DECISION_LINE.search(result.stderr)
     assert decision is not None, result.stderr
     assert int(decision.group(1)) == _prompt_tokens(sidecar, Prompt(text=COMPLETION_PROMPT))
@@ -127,18 +130,7 @@ def test_route_sends_a_plain_argument_as_a_user_message_and_raw_text_as_is(
 def test_generate_prints_each_tokens_logprob_when_asked(sidecar: SidecarThread) -> None:
     """``--logprobs N``: after the reply, one line a token on stderr, with the logprob the
     gRPC API returns and N alternatives."""
-    result = _invoke(
-        sidecar,
-        "generate",
-        COMPLETION_PROMPT,
-        "--raw",
-        "--max-new-tokens",
-        "6",
-        "--drafter",
-        "none",
-        "--logprobs",
-        "2",
-    )
+    result = _invoke(sidecar, *RAW_GREEDY_6, "--logprobs", "2")
     request = pb.GenerateRequest(
         text=COMPLETION_PROMPT,
         max_new_tokens=6,

@@ -589,8 +589,8 @@ def test_a_drafter_whose_weights_link_outside_the_roots_is_refused(
 def test_a_registration_while_the_same_name_is_being_removed_keeps_the_new_drafter(
     sidecar: SidecarThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """RemoveDrafter took the drafter out of the pool, then out of the policy (which waits
-    for a snapshot being saved): a RegisterDrafter of the same name in between found the
+    """RemoveDrafter took the drafter out of the pool, then out of the policy (which can
+    wait for its lock): a RegisterDrafter of the same name in between found the
     old arms still in the policy (adding is idempotent), and the removal then took them
     away: the new drafter was served but never chosen. Admin changes are now one at a
     time, pool and policy together."""
@@ -599,7 +599,7 @@ def test_a_registration_while_the_same_name_is_being_removed_keeps_the_new_draft
     holder = sidecar.service.policy
     removing_from_policy = holder.remove_drafter
 
-    def slowly(name: str) -> None:  # as while a periodic snapshot is being written
+    def slowly(name: str) -> None:  # as while the policy's lock is held
         time.sleep(0.5)
         removing_from_policy(name)
 
