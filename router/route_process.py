@@ -166,6 +166,10 @@ class RouteProcess:
         self._child: _Child | None = None
         self._waiting: asyncio.Future[PromptsRead] | None = None
         self._lock = threading.Lock()  # starts vs close
+        # Held while a child is forked and until it has exec'd: between the two, the child
+        # holds a copy of every descriptor of this process (the state directory's lock
+        # among them), so close() waits for it (see close()).
+        self._spawning = threading.Lock()
         self._closed = False
         self._starting = False
         self._last_start = 0.0
@@ -198,16 +202,7 @@ class RouteProcess:
                 raise RouteProcessError("route process is closed")
             self._last_start = time.monotonic()
             self.starts += 1
-        try:
-            process = subprocess.Popen(
-                [self._python, "-m", "router.route_process"],
-                bufsize=0,  # unbuffered: the event loop reads replies from the pipe itself
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-            )
-        except OSError as error:
-            raise RouteProcessError(f"cannot start the route process: {error}") from error
+        process = self._spawn()
         child = _Child(process)
         try:
             child.send(("init", self._tokenizer_json, self._spin_s))
@@ -226,6 +221,22 @@ class RouteProcess:
                 return
             self._child = child
         logger.info("route process %d ready", process.pid)
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        """Fork and exec the child; Popen returns once the child has exec'd (or failed)."""
+        with self._spawning:
+            if self._closed:
+                raise RouteProcessError("route process is closed")
+            try:
+                return subprocess.Popen(
+                    [self._python, "-m", "router.route_process"],
+                    bufsize=0,  # unbuffered: the event loop reads replies from the pipe
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+                )
+            except OSError as error:
+                raise RouteProcessError(f"cannot start the route process: {error}") from error
 
     def start_in_background(self) -> None:
         """Start a child on a daemon thread (no-op while one runs or is starting, or
@@ -252,6 +263,12 @@ class RouteProcess:
         with self._lock:
             self._closed = True
             child, self._child = self._child, None
+        # A fork in flight (a background start) holds copies of this process's descriptors
+        # until its exec: wait for it, so that what the caller closes next is closed for
+        # good — the state directory's flock was still held for a moment after a failed
+        # start, and a retry in this process found the directory "in use".
+        with self._spawning:
+            pass
         if child is None:
             return
         if child.loop is not None:

@@ -324,6 +324,15 @@ def test_a_start_that_fails_midway_frees_the_state_directory(
         raise RuntimeError("pooling failed to start")
 
     monkeypatch.setattr(server_module, "start_pooling", failing_pooling)
+    # The route process's child, forked by a background start, holds a copy of the lock's
+    # descriptor until its exec: stretch that window (it was seen failing this test under
+    # load), and the directory must still be free once the start has failed.
+    popen = subprocess.Popen
+
+    def slow_exec(*args: Any, **kwargs: Any) -> Any:
+        return popen(*args, **kwargs, preexec_fn=lambda: time.sleep(1.0))
+
+    monkeypatch.setattr(subprocess, "Popen", slow_exec)
     settings = serving_world.settings(tmp_path / "state").model_copy(
         update={"http_port": None, "metrics_port": None}
     )

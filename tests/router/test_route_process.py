@@ -318,6 +318,37 @@ def test_a_child_that_stops_answering_is_killed_and_replaced(components: Compone
         process.close()
 
 
+def test_closing_waits_for_a_child_being_forked(
+    components: Components, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between its fork and its exec a child holds a copy of every descriptor of this
+    process, the state directory's flock among them: close() returned while a background
+    start was forking, the service then closed the store, and a start retried in this
+    process found the directory still "in use" (seen under load on a fresh clone)."""
+    import subprocess
+    import threading
+
+    forking, forked = threading.Event(), threading.Event()
+    popen = subprocess.Popen
+
+    def slow_fork(*args: Any, **kwargs: Any) -> Any:
+        forking.set()
+        time.sleep(0.5)  # the window between fork and exec, stretched
+        try:
+            return popen(*args, **kwargs)
+        finally:
+            forked.set()
+
+    monkeypatch.setattr(subprocess, "Popen", slow_fork)
+    process = RouteProcess(_tokenizer_json(components))
+    process.start_in_background()
+    assert forking.wait(10)
+    process.close()
+    assert forked.is_set(), "close() returned while the child was being forked"
+    _wait_until(lambda: not process._starting)
+    assert not process.ready
+
+
 def test_a_route_process_that_cannot_start_says_why(components: Components, tmp_path: Path) -> None:
     missing = RouteProcess(_tokenizer_json(components), python=str(tmp_path / "no-python"))
     with pytest.raises(RouteProcessError, match="cannot start the route process"):
