@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from drafters.attention import full_attention_only
+
 
 def lean_decoder_supports(model: Any) -> bool:
     """Plain Qwen2 causal LMs: full attention, default RoPE, SiLU MLP."""
@@ -21,7 +23,7 @@ def lean_decoder_supports(model: Any) -> bool:
     return (
         config is not None
         and getattr(config, "model_type", None) == "qwen2"
-        and not getattr(config, "use_sliding_window", False)
+        and full_attention_only(config)
         and getattr(config, "rope_scaling", None) is None
         and getattr(config, "hidden_act", None) == "silu"
     )

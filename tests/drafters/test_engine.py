@@ -426,3 +426,28 @@ def test_logprobs_are_off_by_default(
     assert all(lp.top == () for event in scored for lp in event or ())
     with pytest.raises(ValueError, match="logprobs"):
         engine.generate(prompts[0], drafters["close"], 4, max_new_tokens=6, logprobs=-1)
+
+
+def test_a_sliding_window_target_stays_lossless(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A multi-token verify step over a cache got a plain causal mask built here, which
+    attends past a sliding window: a windowed target's speculative output left its own
+    greedy output once the context outgrew the window."""
+    from transformers import Qwen2ForCausalLM
+
+    from .conftest import save_model, tiny_config
+
+    config = tiny_config()
+    config.use_sliding_window, config.sliding_window, config.max_window_layers = True, 4, 0
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    torch.manual_seed(3)
+    model = Qwen2ForCausalLM(config).eval()
+    windowed = load_model(save_model(model, tmp_path_factory.mktemp("windowed")))
+    engine = SpeculativeEngine(windowed)
+    drafter = create_drafter("ngram", name="ngram", target=windowed)
+    accepted = 0
+    for prompt in make_prompts(6, seed=5):
+        reference = reference_greedy(windowed, engine, prompt, MAX_NEW)
+        run = engine.generate(prompt, drafter, 4, max_new_tokens=MAX_NEW)
+        assert_same_or_near_tie(windowed, prompt, run.collect(), reference)
+        accepted += run.stats.accepted
+    assert accepted > 0  # multi-token steps were verified
