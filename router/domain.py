@@ -306,11 +306,20 @@ def check_unicode(text: str, where: str) -> None:
 
 def check_prompt_chars(prompt: Prompt, max_chars: int, limits: Limits) -> None:
     """Refuse a prompt with more characters than ``limits.max_prompt_tokens`` tokens can
-    spell (``max_chars``), before it is tokenized (INVALID_ARGUMENT)."""
+    spell (``max_chars``), before it is tokenized (INVALID_ARGUMENT). A chat prompt is
+    counted as the template spells it, each message's role included, and refused when it
+    has more messages than that many tokens hold (each message's markers take at least
+    one): blank messages cost nothing here and thousands of them were rendered and
+    tokenized in full on the event loop (seconds) before the token count refused them."""
     if prompt.text is not None:
         chars = len(prompt.text)
     else:
-        chars = sum(len(m.get("content", "")) for m in prompt.messages)
+        if len(prompt.messages) > limits.max_prompt_tokens:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt.messages)} chat messages, more than "
+                f"{limits.max_prompt_tokens} tokens can hold"
+            )
+        chars = sum(len(m.get("role", "")) + len(m.get("content", "")) for m in prompt.messages)
     if chars > max_chars:
         raise ContextLengthError(
             f"the prompt has {chars} characters, more than {limits.max_prompt_tokens} "

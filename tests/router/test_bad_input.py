@@ -107,6 +107,29 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "tokens can spell",
     ),
+    # Blank messages were not counted: 20,000 of them were rendered and tokenized on the
+    # event loop (about a second, every other call waiting) before the token count.
+    "a chat prompt of more blank messages than the token limit holds": (
+        _generate(
+            conversation=pb.Conversation(
+                messages=[pb.ChatMessage(role="user")] * 20_000
+                + [pb.ChatMessage(role="user", content="hi")]
+            ),
+            max_new_tokens=4,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "20001 chat messages, more than",
+    ),
+    "a routed chat prompt of more blank messages than the token limit holds": (
+        _route(
+            conversation=pb.Conversation(
+                messages=[pb.ChatMessage(role="user")] * 20_000
+                + [pb.ChatMessage(role="user", content="hi")]
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "20001 chat messages, more than",
+    ),
     # A misspelt option was ignored without a word (the drafter ran with the default).
     # Path.resolve raised ValueError("embedded null byte"): UNKNOWN.
     "a model path holding a NUL character": (
