@@ -40,10 +40,12 @@ def sampling_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tens
     Each row's maximum is subtracted before dividing by the temperature: the softmax is
     the same, and a tiny temperature (down to the smallest positive float) sends the other
     scores to -inf, where dividing the raw logits overflowed the top ones to +inf and
-    made the row NaN.
+    made the row NaN. A temperature below float32's smallest normal number (JSON can send
+    1e-50) is divided as that number: in float32 it was 0, and 0 / 0 made the row NaN.
     """
     scores = logits.float()
-    scores = (scores - scores.amax(dim=-1, keepdim=True)) / sampling.temperature  # [n, vocab]
+    temperature = max(sampling.temperature, torch.finfo(scores.dtype).tiny)
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / temperature  # [n, vocab]
     if 0 < sampling.top_k < scores.shape[-1]:
         kth = torch.topk(scores, sampling.top_k, dim=-1).values[..., -1:]  # [n, 1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

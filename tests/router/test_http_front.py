@@ -116,6 +116,19 @@ def test_client_sampling_with_a_seed_runs(sidecar: SidecarThread) -> None:
     assert response.details.seed == 7
 
 
+def test_a_temperature_below_float32s_range_samples_the_greedy_output(
+    sidecar: SidecarThread,
+) -> None:
+    """JSON carries temperatures that float32 cannot: 1e-50 became 0 in the engine, 0 / 0
+    made the probabilities NaN and the request failed (424 with a traceback) where it asks
+    for the near-greedy output, on the TGI and OpenAI fronts."""
+    expected_ids, expected_text = greedy_reference(sidecar, PROMPT, 8)
+    client = Client(sidecar.http_url, timeout=60)
+    reply = client.generate(PROMPT, max_new_tokens=8, do_sample=True, temperature=1e-50, seed=1)
+    assert [t.id for t in reply.details.tokens] == expected_ids
+    assert reply.generated_text == expected_text
+
+
 def test_typical_p_reaches_the_engine(sidecar: SidecarThread) -> None:
     """typical_p was refused (422), and LangChain's TGI classes send 0.95 by default. At a
     mass so small that only the most typical token of each step is kept, two seeds give
