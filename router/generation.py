@@ -4,7 +4,8 @@ Admission is counted, not queued without bound: at most ``workers + queue_size``
 generations are admitted (running or waiting); one more is refused with
 :class:`OverloadedError` (RESOURCE_EXHAUSTED / HTTP 429). A slot is released when its
 worker thread finishes, so a cancelled request frees its slot only once the engine has
-actually stopped (it polls ``should_stop`` between steps).
+actually stopped (it polls ``should_stop`` between steps); one cancelled while it waits
+for a worker never runs and frees its slot at once.
 """
 
 from __future__ import annotations
@@ -85,18 +86,12 @@ class GenerationQueue:
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    async def call(self, slot: Slot, job: Callable[[], T]) -> T:
-        """Run a blocking ``job`` in a worker (non-streaming), then release ``slot``."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, job)
-        slot.release_when_done(future)
-        return await future
-
     async def stream(self, slot: Slot, job: Job[Any]) -> AsyncIterator[Any]:
         """Run ``job(emit, should_stop)`` in a worker and yield what it emits.
 
         The final item is :class:`Finished` carrying the job's return value. Leaving the
-        iteration early (client cancelled) makes ``should_stop()`` true for the job.
+        iteration early (client cancelled) makes ``should_stop()`` true for the job, and a
+        job still waiting for a worker never runs: its slot is free at once.
         """
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[Any] = asyncio.Queue()
@@ -109,13 +104,15 @@ class GenerationQueue:
                 stop.set()
 
         def run() -> None:
+            if stop.is_set():  # left while it waited for a worker
+                return
             try:
                 emit(Finished(job(emit, stop.is_set)))
             except BaseException as error:  # handed to the consumer, re-raised there
                 emit(_Failed(error))
 
-        future = loop.run_in_executor(self._executor, run)
-        slot.release_when_done(future)
+        waiting = self._executor.submit(run)
+        slot.release_when_done(asyncio.wrap_future(waiting, loop=loop))
         try:
             while True:
                 item = await items.get()
@@ -130,6 +127,9 @@ class GenerationQueue:
                 yield item
         finally:
             stop.set()
+            # Still queued (no worker free): it never starts, and its slot is released
+            # now, not after a prefill for nobody. A running job stops between steps.
+            waiting.cancel()
 
 
 class Slot:
