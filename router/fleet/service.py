@@ -15,7 +15,8 @@ sidecar's; only where generation runs changes:
   own k.
 - **Failures**: a replica that fails (connection, timeout, 5xx, a broken stream) is taken
   out and probed until it is back; the request goes on on another replica, from the
-  tokens already received (prompt + output so far), so no request is lost.
+  tokens already received (prompt + output so far), so no request is lost (over the
+  in-flight bound when every other healthy replica is at it).
 - **Learning**: vLLM's per-request speculation metrics, through the same policy update
   as Report (``router.fleet.learning``); plain replicas measure t_ar, the time per token
   without speculation, which prices the model drafters' drafting. So that t_ar exists
@@ -257,11 +258,14 @@ class FleetRouterService(RouterService):
         return replace(routed, decision=Decision(NONE_DRAFTER, 0, 1.0, True))
 
     def _place(
-        self, routed: RoutedRequest, tried: frozenset[str]
+        self, routed: RoutedRequest, tried: frozenset[str], *, failover: bool = False
     ) -> tuple[RoutedRequest, Replica] | None:
         """The replica for ``routed`` (module doc, "Placement"), skipping ``tried``; None
-        when no replica is free."""
-        free = [r for r in self.replicas if r.available and r.name not in tried]
+        when no replica is free. A ``failover`` (the request's replica failed under it)
+        goes over the in-flight bound when every other healthy replica is at it: the
+        bound is ours (vLLM queues), and refusing would lose a request already started."""
+        healthy = [r for r in self.replicas if r.healthy and r.name not in tried]
+        free = [r for r in healthy if not r.saturated] or (healthy if failover else [])
         if not free:
             return None
         decision = routed.decision
@@ -326,11 +330,12 @@ class FleetRouterService(RouterService):
         progress = _Progress([], [], IncrementalDetokenizer(self.tokenizer))
         tried: set[str] = set()
         failures: list[str] = []
+        failed: list[str] = []  # replicas that failed under it, reached or not
         busy: list[str] = []
         announced: RoutedRequest | None = None
         placed = routed
         while True:
-            found = self._place(routed, frozenset(tried))
+            found = self._place(routed, frozenset(tried), failover=bool(failed))
             if found is None:
                 raise self._unavailable(busy)
             placed, replica = found
@@ -357,6 +362,7 @@ class FleetRouterService(RouterService):
             except ReplicaFailedError as error:
                 replica.take_out(str(error))
                 tried.add(replica.name)
+                failed.append(replica.name)
                 if error.reached:
                     failures.append(f"{replica.name}: {error}")
                 if len(failures) >= self.fleet.max_replica_failures:
@@ -432,6 +438,11 @@ class FleetRouterService(RouterService):
                     first = first if first is not None else time.perf_counter()
                     received += len(event.token_ids)
                     yield self._chunk(event, progress, request.route.sampling.stop)
+                    if progress.stopped and progress.attempts > 1 and not event.finish_reason:
+                        # A stop string begun on an earlier replica: this one never saw its
+                        # start and would generate on, unseen, to max_tokens.
+                        progress.end = StreamEnd("stop_sequence", {}, received)
+                        break
         except ReplicaRefusedError as error:
             raise InvalidRequestError(
                 f"replica {replica.name} refused the request: {error}"

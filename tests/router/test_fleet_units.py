@@ -652,3 +652,86 @@ def test_each_replica_tokens_text_is_decoded_here_as_in_process(tiny_world: Mode
     cut = encode("hi \u4f60")[:-1]  # the character's first bytes only
     got, _ = chunks(cut, (), [len(cut)], "length")
     assert got[0].text == "hi \ufffd"  # released at the end, as in-process
+
+
+def _routed_to(drafter: str, k: int) -> object:
+    from router.policy.base import Context, Decision
+    from router.service import RoutedRequest
+
+    return RoutedRequest(
+        "r1", "code", 0.9, False, Decision(drafter, k, 1.4), Context("code"), "thompson", 1, 10, 0
+    )
+
+
+def test_a_request_whose_replica_failed_goes_on_over_the_in_flight_bound() -> None:
+    """When a replica failed under its requests and every other healthy replica was at its
+    in-flight bound, the requests were refused (RESOURCE_EXHAUSTED) though started and
+    another replica served: "no request is lost while any replica serves"."""
+    from router.fleet.config import ReplicaSpec
+
+    def replica(name: str, in_flight: int) -> Replica:
+        spec = ReplicaSpec(
+            url=f"http://{name}:8000", model="target", speculative="ngram", k=3, name=name
+        )
+        return Replica(spec, max_in_flight=2, timeout_s=5.0, healthy=True, in_flight=in_flight)
+
+    service = FleetRouterService.__new__(FleetRouterService)
+    service.replicas = [replica("a", 0), replica("b", 2)]  # a failed; b is at its bound
+    routed = _routed_to("ngram", 3)
+    assert service._place(routed, frozenset({"a"})) is None  # a new request waits its turn
+    placed = service._place(routed, frozenset({"a"}), failover=True)
+    assert placed is not None and placed[1].name == "b"
+    service.replicas[1].healthy = False
+    assert service._place(routed, frozenset({"a"}), failover=True) is None  # none serves
+
+
+def test_a_stop_string_begun_before_a_failover_ends_the_request(
+    tiny_world: ModelBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The text was cut at a stop string that spanned the switch, but the new replica, which
+    never saw its start, generated on unseen to max_tokens (the client waited for it,
+    usage counted it and the finish reason was 'length')."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from drafters.detokenize import IncrementalDetokenizer
+    from router.domain import GenerateInput, RouteInput
+    from router.fleet import service as service_module
+    from router.fleet.client import Delta
+    from router.fleet.config import ReplicaSpec
+    from router.fleet.service import _Progress
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world.target_dir)
+    ids = list(tokenizer.encode("one two three four five six", add_special_tokens=False))
+    sent: list[int] = []
+
+    async def second_replica(*args: object) -> object:
+        for token in ids[2:]:  # the earlier replica streamed ids[:2]
+            sent.append(token)
+            yield Delta((token,), "", None, None)
+
+    monkeypatch.setattr(service_module, "replica_stream", second_replica)
+    service = FleetRouterService.__new__(FleetRouterService)
+    service._special_ids = frozenset(tokenizer.all_special_ids)
+    service._session = object()  # type: ignore[assignment]
+    service.fleet = SimpleNamespace(connect_timeout_s=1.0)  # type: ignore[assignment]
+    progress = _Progress([], [], IncrementalDetokenizer(tokenizer))
+    stop = tokenizer.decode(ids[1:3]).strip()  # spans the earlier replica's last token
+    service._chunk(Delta(tuple(ids[:2]), "", None, None), progress, (stop,))
+    progress.attempts = 2
+    spec = ReplicaSpec(url="http://b:8000", model="target", speculative="none", name="b")
+    request = GenerateInput(
+        route=RouteInput(prompt=None, max_new_tokens=20, sampling=Sampling(stop=(stop,)))  # type: ignore[arg-type]
+    )
+
+    async def run() -> None:
+        attempt = service._attempt(_routed_to("none", 0), Replica(spec, 2, 5.0), request, progress)  # type: ignore[arg-type]
+        async for _ in attempt:
+            pass
+
+    asyncio.run(run())
+    assert sent == ids[2:3]  # the stop's end came, and the stream was left there
+    assert progress.end is not None and progress.end.finish_reason == "stop_sequence"
+    assert "".join(progress.texts).endswith(stop)
