@@ -6,10 +6,11 @@ JSON, so the official ``openai`` client works unchanged against the sidecar (the
 in-process engine, or a vLLM fleet behind it). Errors are
 ``{"error": {"message", "type", "param", "code"}}`` with 400 / 401 / 404 / 429 / 500.
 
-A request the sidecar cannot honour (``n`` > 1, log-probabilities, penalties, tools,
-``echo``, ``best_of``, and vLLM's extensions such as ``repetition_penalty``, ``min_p``,
-``ignore_eos`` or guided decoding: ``UNSUPPORTED_UNLESS``) is refused with 400 naming the
-parameter, never ignored; a field neither API defines is ignored.
+A request the sidecar cannot honour (``n`` > 1, penalties, tools, ``echo``, ``best_of``,
+and vLLM's extensions such as ``repetition_penalty``, ``min_p``, ``ignore_eos``,
+``stop_token_ids`` or guided decoding: ``UNSUPPORTED_UNLESS``) is refused with 400 naming
+the parameter, never ignored; a field neither API defines is ignored. Log-probabilities
+are served (chat's ``logprobs``/``top_logprobs``, completions' ``logprobs``).
 """
 
 from __future__ import annotations
@@ -118,6 +119,20 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "add_generation_prompt": (None, True),
     "chat_template": (None,),
     "chat_template_kwargs": (None, {}),
+    # vLLM's sampling extensions beyond those above.
+    "stop_token_ids": (None, []),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None,),
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1, 1.0),
+    "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True),
+    "logits_processors": (None, []),
+    "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,),
+    "return_tokens_as_token_ids": (None, False),
+    "echo": (None, False),  # chat's (completions have the field)
+    "response_format": (None, {"type": "text"}),  # completions' (chat has the field)
 }
 
 

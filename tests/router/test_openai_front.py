@@ -447,6 +447,12 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"min_p": 0.05}, "min_p"),
         ({"guided_json": {"type": "object"}}, "guided_json"),
         ({"structured_outputs": {"choice": ["a", "b"]}}, "structured_outputs"),
+        # More of vLLM's extensions, served with 200 and ignored before.
+        ({"stop_token_ids": [5]}, "stop_token_ids"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"use_beam_search": True}, "use_beam_search"),
+        ({"allowed_token_ids": [3, 4]}, "allowed_token_ids"),
+        ({"skip_special_tokens": False}, "skip_special_tokens"),
     ],
 )
 def test_bad_parameters_are_400_with_an_openai_error(
@@ -474,6 +480,9 @@ def test_neutral_values_of_unimplemented_parameters_are_served(sidecar: SidecarT
         "min_p": 0,
         "ignore_eos": False,
         "tool_choice": "none",
+        "stop_token_ids": [],
+        "skip_special_tokens": True,
+        "response_format": {"type": "text"},
         "metadata_of_my_own": {"x": 1},
     }
     status, reply = post(f"{sidecar.http_url}/v1/completions", request)
