@@ -190,8 +190,9 @@ def check_outcome(outcome: OutcomeInput, limits: Limits) -> OutcomeInput:
     steps whose draft token i was accepted, so it is at most ``steps``, non-increasing
     in i (token i + 1 is accepted only after token i), and sums to ``accepted_tokens``.
     No step drafts more than ``MAX_DRAFT_LENGTH`` tokens.
-    A step emits at least one token, so there are at most ``limits.max_new_tokens``
-    steps (the policy expands totals into one entry per step: an unchecked uint32 count
+    At most ``limits.max_new_tokens`` tokens are generated (a forged count made the
+    measured speed-up as large as it liked). A step emits at least one token, so there
+    are at most ``limits.max_new_tokens`` steps (the policy expands totals into one entry per step: an unchecked uint32 count
     would cost minutes and gigabytes)."""
     steps = len(outcome.accepted_per_step) or outcome.steps
     if steps > limits.max_new_tokens:
@@ -199,6 +200,12 @@ def check_outcome(outcome: OutcomeInput, limits: Limits) -> OutcomeInput:
             "steps",
             f"{steps} is over the limit of {limits.max_new_tokens} "
             "(max_new_tokens: a step emits at least one token)",
+        )
+    if outcome.generated_tokens > limits.max_new_tokens:
+        raise InvalidFieldError(
+            "generated_tokens",
+            f"{outcome.generated_tokens} is over the limit of {limits.max_new_tokens} "
+            "(max_new_tokens)",
         )
     for name in ("draft_time_s", "verify_time_s", "wall_time_s"):
         if check_finite(name, getattr(outcome, name)) < 0:

@@ -77,12 +77,14 @@ class _UcbArms:
         self.requests = 0
 
 
-def measured_speedup(outcome: Outcome, t_ar: float) -> float:
-    """Reward: plain-decoding time of the generated tokens over the time actually spent."""
+def measured_speedup(outcome: Outcome, t_ar: float, k: int) -> float:
+    """Reward: plain-decoding time of the generated tokens over the time actually spent,
+    at most k + 1 (a target step emits at most k + 1 tokens): a reported time of 1e-300
+    made it infinite, and one such Report pinned the arm for good."""
     spent = outcome.draft_time_s + outcome.verify_time_s or outcome.wall_time_s
     if spent <= 0 or outcome.generated_tokens <= 0:
         return 1.0
-    return t_ar * outcome.generated_tokens / spent
+    return min(t_ar * outcome.generated_tokens / spent, k + 1.0)
 
 
 class UcbPolicy:
@@ -168,7 +170,9 @@ class UcbPolicy:
         if untried.size:
             chosen = int(self._rng.choice(untried))
         else:
-            total = plays[allowed].sum()
+            # Discounted plays (gamma < 1) of the arms eligible now can sum below 1: log 0
+            # at least, or the bonus is NaN and argmax picks the none arm every time.
+            total = max(float(plays[allowed].sum()), 1.0)
             bonus = self.exploration * np.sqrt(2.0 * np.log(total) / np.maximum(plays, 1e-12))
             chosen = int(np.argmax(np.where(allowed, means + bonus, -np.inf)))
         explored = chosen != greedy
@@ -187,7 +191,7 @@ class UcbPolicy:
         """Add the measured speed-up to the played arm (discounting all arms first)."""
         self.costs_.observe(decision.drafter, outcome)
         t_ar = outcome.plain_token_time_s or self.costs_.plain_token_time()
-        reward = measured_speedup(outcome, t_ar)
+        reward = measured_speedup(outcome, t_ar, decision.k)
         arms = self._context(context)
         arms.requests += 1
         if self.gamma < 1.0:

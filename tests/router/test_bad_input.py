@@ -502,6 +502,16 @@ BAD_REPORTS: dict[str, tuple[dict[str, Any], str]] = {
         {"drafted_per_step": [2], "accepted_per_step": [1], "draft_time_s": -0.5},
         "draft_time_s",
     ),
+    # Taken as is: UCB's reward is generated tokens over time spent.
+    "more tokens generated than a request may": (
+        {
+            "drafted_per_step": [2],
+            "accepted_per_step": [1],
+            "generated_tokens": 2**32 - 1,
+            **GOOD_TIMES,
+        },
+        "generated_tokens",
+    ),
 }
 
 

@@ -88,7 +88,39 @@ def test_the_sidecar_hints_ucb_its_served_lengths() -> None:
 def test_reward_is_plain_time_over_spent_time() -> None:
     outcome = geometric_outcome(np.random.default_rng(0), Decision("a", 2), 0.5)
     spent = outcome.draft_time_s + outcome.verify_time_s
-    assert measured_speedup(outcome, 0.01) == pytest.approx(0.01 * outcome.generated_tokens / spent)
+    assert measured_speedup(outcome, 0.01, 2) == pytest.approx(
+        0.01 * outcome.generated_tokens / spent
+    )
+
+
+def test_a_report_of_no_time_cannot_pin_an_arm() -> None:
+    """A Report with a verify time of 1e-300 made the reward infinite: that arm's mean won
+    every selection from then on (and the snapshot kept it, as JSON's Infinity)."""
+    from dataclasses import replace
+
+    policy = UcbPolicy(["a", "b"], k_max=2, rng=np.random.default_rng(0))
+    _run(policy, {"a": 0.2, "b": 0.9}, 40)
+    outcome = geometric_outcome(np.random.default_rng(1), Decision("a", 1), 0.2)
+    forged = replace(outcome, draft_time_s=0.0, verify_time_s=1e-300)
+    assert measured_speedup(forged, 0.01, 1) == 2.0  # at most k + 1
+    policy.update(CODE, Decision("a", 1), forged)
+    assert np.isfinite(policy.contexts_[CODE].rewards).all()
+    later = Counter(d.drafter for d in _run(policy, {"a": 0.2, "b": 0.9}, 200, seed=2))
+    assert later["b"] > later["a"]
+
+
+def test_discounted_plays_below_one_keep_the_bonus_finite() -> None:
+    """With gamma < 1 the eligible arms' plays can sum below 1 (fleet mode narrows the
+    eligible drafters every call): log of that total is negative, the bonus NaN, and
+    argmax chose the none arm every time."""
+    policy = UcbPolicy(["a", "b"], k_max=1, gamma=0.5, rng=np.random.default_rng(0))
+    arms = policy._context(CODE)
+    arms.plays[:] = [[0.0, 50.0], [0.0, 0.4]]
+    arms.rewards[:] = [[0.0, 50.0], [0.0, 0.8]]  # b's mean speed-up 2.0
+    arms.none_plays, arms.none_rewards = 0.3, 0.3
+    with np.errstate(invalid="raise"):
+        decision = policy.select(CODE, ["b"])
+    assert decision.drafter == "b"
 
 
 def test_state_round_trip_and_removed_drafters() -> None:
