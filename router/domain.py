@@ -192,8 +192,8 @@ def check_outcome(outcome: OutcomeInput, limits: Limits) -> OutcomeInput:
     No step drafts more than ``MAX_DRAFT_LENGTH`` tokens.
     At most ``limits.max_new_tokens`` tokens are generated (a forged count made the
     measured speed-up as large as it liked). A step emits at least one token, so there
-    are at most ``limits.max_new_tokens`` steps (the policy expands totals into one entry per step: an unchecked uint32 count
-    would cost minutes and gigabytes)."""
+    are at most ``limits.max_new_tokens`` steps (the policy expands totals into one entry
+    per step: an unchecked uint32 count would cost minutes and gigabytes)."""
     steps = len(outcome.accepted_per_step) or outcome.steps
     if steps > limits.max_new_tokens:
         raise InvalidFieldError(
