@@ -199,6 +199,28 @@ def resolve_under_roots(path: str | Path, roots: Sequence[str | Path]) -> Path:
     return resolved
 
 
+def _own_tokenizer_files(directory: Path) -> dict[str, str | None]:
+    """For each file ``tokenizer_config.json`` names (``tokenizer_file``, ``vocab_file``,
+    ...), the directory's own file of that name (None where it has none). transformers
+    reads a file the config names over the one it found in the directory, an absolute
+    path, one with ``..``, or a relative one from the working directory: a directory under
+    a model root could load its tokenizer from outside the roots. A config that is not
+    JSON is left to the tokenizer's loader, which refuses it."""
+    config = directory / "tokenizer_config.json"
+    try:
+        values = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(values, dict):
+        return {}
+    own: dict[str, str | None] = {}
+    for key, value in values.items():
+        if key.endswith("_file") and isinstance(value, str) and value:
+            local = directory / Path(value).name
+            own[key] = str(local) if local.is_file() else None
+    return own
+
+
 def _resolved(path: str | Path) -> Path:
     if "\x00" in str(path):
         raise ModelLoadError(f"{str(path)!r} is not a path: it holds a NUL character")
@@ -357,7 +379,10 @@ def load_tokenizer(directory: str | Path) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(
-            str(directory), local_files_only=True, trust_remote_code=False
+            str(directory),
+            local_files_only=True,
+            trust_remote_code=False,
+            **_own_tokenizer_files(Path(directory)),
         )
     except Exception as exc:  # the tokenizers library raises a bare Exception for bad JSON
         raise ModelLoadError(f"cannot load a tokenizer from {directory}: {exc}") from exc

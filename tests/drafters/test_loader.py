@@ -149,6 +149,31 @@ def test_a_file_linked_from_outside_the_roots_is_refused(tmp_path: Path) -> None
     assert load_model(root / "linked", roots=[root, outside]).path == (root / "linked").resolve()
 
 
+def test_a_tokenizer_is_read_from_its_own_directory_whatever_its_config_names(
+    tmp_path: Path,
+) -> None:
+    """transformers reads the ``tokenizer_file`` that tokenizer_config.json names over the
+    directory's own: a directory under a model root whose config named a file elsewhere
+    (absolute, or relative, which is read from the working directory) loaded that
+    tokenizer from outside the roots."""
+    root = tmp_path / "models"
+    model = root / "named"
+    _save_model(model)
+    outside = tmp_path / "elsewhere"
+    _tiny_tokenizer().save_pretrained(outside)
+    from tokenizers import Tokenizer
+
+    foreign = Tokenizer.from_file(str(outside / "tokenizer.json"))
+    foreign.add_tokens(["outsider"])
+    foreign.save(str(outside / "tokenizer.json"))
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    for named in (str(outside / "tokenizer.json"), "../../elsewhere/tokenizer.json"):
+        config_path.write_text(json.dumps({**config, "tokenizer_file": named}))
+        tokenizer = load_model(model, roots=[root]).tokenizer
+        assert "outsider" not in tokenizer.get_vocab()
+
+
 def test_a_shard_index_must_name_files_of_its_own_directory(tmp_path: Path) -> None:
     """transformers joins a sharded checkpoint's index names onto the directory: an index
     naming ``../`` or absolute shards loaded weights from outside the model roots, while
