@@ -69,13 +69,27 @@ MEAN_FLOOR = 1e-3
 
 
 def runs_of_steps(
-    drafted_per_step: Sequence[int], accepted_per_step: Sequence[int], k: int
+    drafted_per_step: Sequence[int],
+    accepted_per_step: Sequence[int],
+    k: int,
+    requested_per_step: Sequence[int] = (),
 ) -> list[tuple[bool, int, bool]]:
     """(matched, R, censored) of each run start in a request's steps at draft length k
-    (module doc)."""
+    (module doc). A step that asked for no draft (``requested_per_step`` 0: the loss
+    guard's k' = 0, a last step capped at 0) is no start, matched or not, and a run it
+    meets ends there censored: nothing was looked up (read as unmatched starts, such
+    steps sank c with the length of the output, not with lookups that failed)."""
     runs: list[tuple[bool, int, bool]] = []
     run: int | None = None
-    for drafted, accepted in zip(drafted_per_step, accepted_per_step, strict=True):
+    requested = requested_per_step or (k,) * len(accepted_per_step)
+    for drafted, accepted, asked in zip(
+        drafted_per_step, accepted_per_step, requested, strict=True
+    ):
+        if asked <= 0:
+            if run is not None:
+                runs.append((True, run, True))
+                run = None
+            continue
         if run is None and drafted <= 0:
             runs.append((False, 0, False))
             continue
@@ -101,14 +115,19 @@ def _add_run(counts: FloatArray, length: int, censored: bool, weight: float = 1.
 
 
 def run_counts(
-    drafted_per_step: Sequence[int], accepted_per_step: Sequence[int], k: int, positions: int
+    drafted_per_step: Sequence[int],
+    accepted_per_step: Sequence[int],
+    k: int,
+    positions: int,
+    requested_per_step: Sequence[int] = (),
 ) -> FloatArray:
     """Evidence [4, positions] of a request's steps at draft length ``k`` (module doc):
     c in column 0 of the first two rows, h_i in column i - 1 of the last two."""
     counts = np.zeros((4, positions))
     if k <= 0:
         return counts
-    for matched, length, censored in runs_of_steps(drafted_per_step, accepted_per_step, k):
+    runs = runs_of_steps(drafted_per_step, accepted_per_step, k, requested_per_step)
+    for matched, length, censored in runs:
         if not matched:
             counts[C_FAILURE, 0] += 1.0
             continue

@@ -632,6 +632,7 @@ class ThompsonPolicy:
                     outcome.accepted_per_step,
                     decision.k,
                     self.copy_horizon,
+                    outcome.requested_per_step,
                 )
                 self._copy(context, decision.drafter).observe(counts, gamma)
         self.updates_ += 1

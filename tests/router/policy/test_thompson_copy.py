@@ -139,6 +139,18 @@ def test_runs_are_read_across_steps_and_censored_where_unrefuted() -> None:
     assert not run_counts(drafted, accepted, 0, 10).any()
 
 
+def test_steps_that_asked_for_no_draft_are_no_lookups() -> None:
+    """The loss guard, once settled on k' = 0, asks for no draft on every later step: each
+    was read as an unmatched start (4 full steps then 20 such steps gave c 1 success
+    against 19 failures), and the run before them as refuted."""
+    drafted, accepted = [4, 4, 4, 4] + [0] * 20, [4, 4, 4, 4] + [0] * 20
+    requested = [4] * 4 + [0] * 20
+    assert runs_of_steps(drafted, accepted, 4, requested) == [(True, 20, True)]
+    counts = run_counts(drafted, accepted, 4, 24, requested)
+    assert (counts[0, 0], counts[1, 0]) == (1, 0)  # one match, no failed lookup
+    assert not counts[3].any()  # nothing refuted
+
+
 def test_a_drafter_played_at_k_4_learns_that_its_runs_are_long() -> None:
     """Only k = 4 played, every matched copy kept whole: full steps carry the run on, so
     the run lengths, and the price of k = 16, are learnt without playing 16."""
