@@ -91,16 +91,22 @@ class Acceptance:
 def split_held_out(
     pairs: Sequence[TrainingPair], fraction: float, seed: int = 0
 ) -> tuple[list[TrainingPair], list[TrainingPair]]:
-    """(training, held-out): a seeded shuffle, ``fraction`` of the pairs held out (at least
-    one of each)."""
-    if len(pairs) < 2:
-        raise ValueError(f"need at least 2 pairs to hold some out, got {len(pairs)}")
+    """(training, held-out): a seeded shuffle of the distinct prompts, ``fraction`` of them
+    held out (at least one of each) with every pair of theirs. A prompt served twice
+    (greedy with two token budgets, or sampled) gives pairs that share text: split apart,
+    the held-out one measured recall of training text and flattered the drafter."""
+    prompts = list(dict.fromkeys(pair.prompt_ids for pair in pairs))
+    if len(prompts) < 2:
+        raise ValueError(f"need at least 2 distinct prompts to hold some out, got {len(prompts)}")
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    held = min(len(pairs) - 1, max(1, round(fraction * len(pairs))))
-    return [pairs[i] for i in order[held:]], [pairs[i] for i in order[:held]]
+    random.Random(seed).shuffle(prompts)
+    count = min(len(prompts) - 1, max(1, round(fraction * len(prompts))))
+    held = set(prompts[:count])
+    return (
+        [pair for pair in pairs if pair.prompt_ids not in held],
+        [pair for pair in pairs if pair.prompt_ids in held],
+    )
 
 
 def acceptance_of(score: Scorer, pairs: Sequence[TrainingPair], draft_length: int) -> Acceptance:

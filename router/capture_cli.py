@@ -345,12 +345,14 @@ def distill_command(
     directory = Path(state_dir).expanduser() if state_dir else Path(settings.state_dir)
     store = _existing_capture(directory.expanduser())
     captured = store.pairs(cluster) if store is not None else []
-    # A prompt served more than once is one pair: a held-out copy of a training pair would
-    # flatter the drafter.
+    # A prompt served more than once with one output is one pair, and every pair of a
+    # prompt is on one side of the split: a held-out copy of training text would flatter
+    # the drafter.
     pairs = list(dict.fromkeys(TrainingPair(p.prompt_ids, p.output_ids) for p in captured))
-    if len(pairs) < 2:
+    prompts = len({pair.prompt_ids for pair in pairs})
+    if prompts < 2:
         typer.echo(
-            f"error: {len(pairs)} distinct captured samples of {cluster!r} in {directory}; "
+            f"error: {prompts} distinct captured prompts of {cluster!r} in {directory}; "
             "distillation needs at least 2 (enable [capture] and serve some traffic)",
             err=True,
         )

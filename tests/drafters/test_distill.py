@@ -70,6 +70,23 @@ def test_split_held_out_is_seeded_and_disjoint(verified_pairs: list[TrainingPair
         split_held_out(verified_pairs[:1], 0.25)
 
 
+def test_every_pair_of_a_prompt_is_on_one_side_of_the_split(
+    verified_pairs: list[TrainingPair],
+) -> None:
+    """One prompt served with two token budgets gives two pairs, the shorter output a
+    prefix of the longer: split apart, the held-out one measured recall of training text."""
+    shorter = [
+        TrainingPair(p.prompt_ids, p.output_ids[: len(p.output_ids) // 2]) for p in verified_pairs
+    ]
+    pairs = verified_pairs + shorter
+    for seed in range(5):
+        train, held = split_held_out(pairs, 0.25, seed=seed)
+        assert not {p.prompt_ids for p in train} & {p.prompt_ids for p in held}
+        assert len(train) + len(held) == len(pairs)
+    with pytest.raises(ValueError, match="2 distinct prompts"):
+        split_held_out(shorter[:1] + verified_pairs[:1], 0.25)
+
+
 @pytest.mark.parametrize("soft", [True, False], ids=["soft-labels", "hard-labels"])
 def test_distillation_raises_acceptance_on_what_it_learns_from(
     soft: bool, tiny_models: TinyModels, target: LoadedModel, verified_pairs: list[TrainingPair]
