@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -68,7 +69,8 @@ class AutoDistiller:
     contexts: Callable[[], Sequence[Any]]  # the policy's context summaries
     capture: Any  # router.capture.CaptureStore
     address: str  # this sidecar's gRPC host:port
-    last_run_samples: dict[str, int] = field(default_factory=dict)
+    # Per cluster, the newest sample (CaptureStore.newest_id) when its last run began.
+    last_run_id: dict[str, int] = field(default_factory=dict)
     runs: int = 0
 
     def pick(self) -> str | None:
@@ -80,11 +82,16 @@ class AutoDistiller:
             for view in cluster_views(self.contexts(), captured)
             if view.captured_samples >= auto.min_samples
             and view.headroom > 0  # False for NaN too
-            and view.captured_samples - self.last_run_samples.get(view.cluster, 0)
-            >= auto.min_samples
+            and self._new_samples(view.cluster) >= auto.min_samples
         ]
         best = max(candidates, key=lambda view: view.headroom, default=None)
         return best.cluster if best is not None else None
+
+    def _new_samples(self, cluster: str) -> int:
+        """Samples of ``cluster`` captured since its last run (all, before one): counted
+        by number, not as a difference of counts, which stopped growing once the cluster
+        kept ``samples_per_cluster`` and never let it run again."""
+        return self.capture.samples_since(cluster, self.last_run_id.get(cluster, 0))
 
     def command(self, cluster: str, out: Path, name: str) -> list[str]:
         auto: AutoDistillSettings = self.settings.auto_distill
@@ -133,7 +140,7 @@ class AutoDistiller:
         if cluster is None:
             return None
         samples = self.capture.samples(cluster)
-        self.last_run_samples[cluster] = samples
+        self.last_run_id[cluster] = self.capture.newest_id()
         self.runs += 1
         stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
         name = f"{cluster}-auto-{stamp}"
@@ -163,6 +170,9 @@ class AutoDistiller:
             logger.warning(
                 "auto-distillation of %s discarded after %.0f s: %s", cluster, seconds, verdict
             )
+            # What it wrote holds prompts of captured traffic (the fine-tuning sample):
+            # discarded means gone, not left for `capture purge` to miss.
+            shutil.rmtree(out, ignore_errors=True)
             if sum(self.capture.distillation_counts().values()) == recorded:
                 # It stopped before writing a drafter (its own record): counted here.
                 self.capture.record_distillation(cluster, "failed", seconds, verdict[-500:])

@@ -224,11 +224,23 @@ class CaptureStore:
         ]
 
     def samples(self, cluster: str) -> int:
+        return self.samples_since(cluster, 0)
+
+    def samples_since(self, cluster: str, after_id: int) -> int:
+        """The cluster's samples captured after the one numbered ``after_id`` and still
+        kept: unlike a difference of counts, it grows while the kept count stays at
+        ``samples_per_cluster``."""
         with self._lock:
             row = self._db.execute(
-                "SELECT COUNT(*) FROM captured WHERE cluster = ?", (cluster,)
+                "SELECT COUNT(*) FROM captured WHERE cluster = ? AND id > ?", (cluster, after_id)
             ).fetchone()
         return int(row[0])
+
+    def newest_id(self) -> int:
+        """The number of the newest sample captured (0: none); numbers only grow."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(id) FROM captured").fetchone()
+        return int(row[0] or 0)
 
     def pairs(self, cluster: str, limit: int | None = None) -> list[CapturedPair]:
         """The cluster's captured pairs, oldest first (the newest ``limit`` when given)."""

@@ -232,6 +232,18 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _auto_distill_can_run(self) -> Settings:
+        # A cluster keeps at most samples_per_cluster samples: a larger min_samples started
+        # and never distilled anything.
+        auto, kept = self.auto_distill, self.capture.samples_per_cluster
+        if auto.enabled and auto.min_samples > kept:
+            raise ValueError(
+                f"auto_distill.min_samples ({auto.min_samples}) is more than a cluster keeps "
+                f"(capture.samples_per_cluster, {kept}): no cluster would ever be distilled"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _policy_builds(self) -> Settings:
         # A policy_config the policy refuses: with the settings, before any model loads.
         from router.policy.registry import policy_config_problem

@@ -47,11 +47,42 @@ def test_the_cluster_with_most_headroom_and_enough_new_samples_is_picked(tmp_pat
     assert distiller.pick() == "qa"  # math has too few samples
     store.record("math", (1, 2, 9), (3, 4))
     assert distiller.pick() == "math"
-    distiller.last_run_samples["math"] = 3  # distilled at 3: needs 3 new ones
+    distiller.last_run_id["math"] = store.newest_id()  # distilled now: needs 3 new ones
     assert distiller.pick() == "qa"
     for i in range(3):
         store.record("math", (5, 6, i), (3, 4))
     assert distiller.pick() == "math"
+
+
+def test_a_cluster_at_its_capture_cap_is_distilled_again(tmp_path: Path) -> None:
+    """New samples were the kept count minus the count at the last run: once a cluster
+    kept samples_per_cluster (the oldest evicted), that difference stayed 0 and the
+    cluster was never distilled again, however much traffic came."""
+    settings = Settings(
+        state_dir=tmp_path,
+        capture=CaptureSettings(enabled=True, samples_per_cluster=4),
+        auto_distill=AutoDistillSettings(enabled=True, min_samples=3),
+    )
+    store = CaptureStore(tmp_path, settings.capture)
+    distiller = AutoDistiller(settings, lambda: [_context("math", 0.3, 1.1, 40)], store, "x:1")
+    for i in range(4):
+        store.record("math", (1, 2, i), (3, 4))
+    assert distiller.pick() == "math"
+    distiller.last_run_id["math"] = store.newest_id()  # a run at the cap
+    assert distiller.pick() is None
+    for i in range(3):
+        store.record("math", (7, 8, i), (3, 4))
+    assert store.samples("math") == 4  # still at the cap
+    assert distiller.pick() == "math"
+
+
+def test_a_min_samples_no_cluster_can_reach_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"min_samples \(5000\) is more than a cluster keeps"):
+        Settings(
+            state_dir=tmp_path,
+            capture=CaptureSettings(enabled=True),
+            auto_distill=AutoDistillSettings(enabled=True, min_samples=5000),
+        )
 
 
 def test_the_child_gets_the_last_cores_and_its_output_dir_is_a_model_root(tmp_path: Path) -> None:
@@ -160,6 +191,9 @@ def test_a_sidecar_distils_discards_and_registers_by_itself(
         _wait(lambda: store.distillation_counts()["refused"] == 1, "a discarded run")
         served = {d.name for d in sidecar.stub.ListDrafters(pb.ListDraftersRequest()).drafters}
         assert not any(name.startswith(f"{CLUSTER}-auto-") for name in served)
+        # Discarded means gone: its directory held prompts of the captured traffic.
+        written = tmp_path / "state" / "distilled"
+        _wait(lambda: not list(written.glob(f"{CLUSTER}-auto-*")), "the discarded drafter removed")
         # Then from a drafter that predicts the wrong token: distilling on the traffic pays.
         auto.from_drafter = str(misled_drafter)
         for text in prompts[8:]:
