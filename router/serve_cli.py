@@ -99,11 +99,16 @@ def serve_command(
         str | None, typer.Option("--host", help="Address to listen on (127.0.0.1).")
     ] = None,
     port: Annotated[int | None, typer.Option("--port", help="gRPC port (50051; 0: any).")] = None,
+    # Range-checked here: they bypass the settings' validation (-1 is None there).
     http_port: Annotated[
-        int | None, typer.Option("--http-port", help="TGI and OpenAI HTTP port (8080); -1: off.")
+        int | None,
+        typer.Option(
+            "--http-port", min=-1, max=65535, help="TGI and OpenAI HTTP port (8080); -1: off."
+        ),
     ] = None,
     metrics_port: Annotated[
-        int | None, typer.Option("--metrics-port", help="Prometheus port (9090); -1: off.")
+        int | None,
+        typer.Option("--metrics-port", min=-1, max=65535, help="Prometheus port (9090); -1: off."),
     ] = None,
     policy: Annotated[str | None, typer.Option("--policy", help="Policy name (thompson).")] = None,
     print_config: Annotated[

@@ -195,6 +195,22 @@ def test_print_config_masks_tokens(tmp_path: Path) -> None:
     assert "very-secret" not in out
 
 
+@pytest.mark.parametrize("option", ["--http-port", "--metrics-port"])
+def test_a_port_out_of_range_is_refused_before_anything_loads(option: str) -> None:
+    """--http-port 70000 passed (the option bypassed the settings' checks), the pre-flight
+    probe wrapped it to port 4464, and the start failed with a traceback (OverflowError)
+    once every model had loaded."""
+    done = subprocess.run(
+        [sys.executable, "-m", "router.cli", "serve", "--print-config", option, "70000"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"Invalid value for '{option}'" in done.stderr, done.stderr
+    assert "65535" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_a_misspelt_limit_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     config = tmp_path / "sidecar.toml"
     config.write_text("[limits]\nmax_new_token = 99\n")  # "max_new_tokens" misspelt
