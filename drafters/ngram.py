@@ -100,6 +100,12 @@ class NgramDrafter:
     max_n: int = 3
     kind: str = "ngram"
 
+    def __post_init__(self) -> None:
+        # At construction, as the other kinds check theirs: a registration with min_n
+        # above max_n was refused as a failed probe (FAILED_PRECONDITION), not as the
+        # invalid option it is.
+        NgramIndex(self.min_n, self.max_n)
+
     def start(
         self, prompt_ids: Sequence[int], stop_ids: frozenset[int] = frozenset()
     ) -> NgramDraftSession:

@@ -149,6 +149,11 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "cannot load a tokenizer",
     ),
+    "an n-gram drafter whose min_n is above its max_n": (
+        _register("ngram", lambda w: "", options={"min_n": "4", "max_n": "2"}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "need 1 <= min_n <= max_n, got 4, 2",
+    ),
     "a drafter option its kind does not read": (
         _register("ngram", lambda w: "", options={"maxn": "4"}),
         grpc.StatusCode.INVALID_ARGUMENT,
