@@ -213,6 +213,7 @@ async def stream_completion(
                     raise ReplicaRefusedError(response.status, message)
                 raise ReplicaFailedError(f"HTTP {response.status}: {message}")
             received = False
+            count = 0  # token ids received
             async for raw in response.content:
                 line = raw.strip()
                 if not line.startswith(b"data:"):
@@ -228,6 +229,7 @@ async def stream_completion(
                     ending = finish_reason_of(choice) if choice.get("finish_reason") else None
                     if ids:
                         received = True
+                        count += len(ids)
                         scored = (
                             scored_tokens(choice.get("logprobs") or {}, ids, body["logprobs"])
                             if body.get("logprobs") is not None
@@ -253,4 +255,12 @@ async def stream_completion(
             raise ReplicaFailedError(f"{type(error).__name__}: {error}") from error
     if finish is None:
         raise ReplicaFailedError("the stream ended without a finish reason")
+    if completion_tokens and not count:
+        # A server that ignores return_token_ids (an older vLLM; another engine) answers
+        # text only: an empty answer would be served and learnt from as a finished one.
+        raise ReplicaFailedError(
+            f"the replica generated {completion_tokens} tokens but sent {count} token ids: "
+            "it does not honour return_token_ids, which the sidecar needs (a vLLM "
+            "version that has it)"
+        )
     yield StreamEnd(finish, metrics, completion_tokens)
