@@ -117,12 +117,18 @@ def generation_stats(
 
 
 def _checked_sampling(request: GenerateInput) -> None:
-    """What the replicas cannot sample: vLLM has no typical-p sampling (TGI's
-    ``typical_p``), and dropping it would sample another distribution than asked."""
+    """What the replicas cannot do: vLLM has no typical-p sampling (TGI's ``typical_p``),
+    and dropping it would sample another distribution than asked; nor a per-step draft
+    stopping rule (``force_stop_threshold`` was ignored)."""
     sampling = request.route.sampling
     if sampling.do_sample and sampling.typical_p != 1.0:
         raise InvalidFieldError(
             "sampling.typical_p", "vLLM replicas do not implement typical-p sampling (1.0: off)"
+        )
+    if request.force_stop_threshold is not None:
+        raise InvalidFieldError(
+            "force_stop_threshold",
+            "vLLM replicas have no per-step draft stopping rule (each drafts its own k)",
         )
 
 
@@ -258,18 +264,27 @@ class FleetRouterService(RouterService):
         return replace(routed, decision=Decision(NONE_DRAFTER, 0, 1.0, True))
 
     def _place(
-        self, routed: RoutedRequest, tried: frozenset[str], *, failover: bool = False
+        self,
+        routed: RoutedRequest,
+        tried: frozenset[str],
+        *,
+        failover: bool = False,
+        pinned: bool = False,
     ) -> tuple[RoutedRequest, Replica] | None:
         """The replica for ``routed`` (module doc, "Placement"), skipping ``tried``; None
         when no replica is free. A ``failover`` (the request's replica failed under it)
         goes over the in-flight bound when every other healthy replica is at it: the
-        bound is ours (vLLM queues), and refusing would lose a request already started."""
+        bound is ours (vLLM queues), and refusing would lose a request already started.
+        A ``pinned`` drafter (``force_drafter``) has a replica of its own or none (it was
+        served by the policy's next best configuration instead), unless in a failover."""
         healthy = [r for r in self.replicas if r.healthy and r.name not in tried]
         free = [r for r in healthy if not r.saturated] or (healthy if failover else [])
         if not free:
             return None
         decision = routed.decision
         same = [r for r in free if r.drafter == decision.drafter]
+        if not same and pinned and not failover and decision.drafter != NONE_DRAFTER:
+            return None
         if not same and decision.drafter != NONE_DRAFTER:
             # The chosen configuration has no replica free: the policy's next best.
             offered = list(dict.fromkeys(r.drafter for r in free if r.drafter != NONE_DRAFTER))
@@ -294,10 +309,15 @@ class FleetRouterService(RouterService):
             return None
         return str(self._unavailable())
 
-    def _unavailable(self, busy: Sequence[str] = ()) -> Exception:
+    def _unavailable(self, busy: Sequence[str] = (), pinned: str = "") -> Exception:
         healthy = [r for r in self.replicas if r.healthy]
         if busy:
             return OverloadedError(f"every replica tried is busy: {'; '.join(busy)}")
+        if pinned and pinned != NONE_DRAFTER and healthy:
+            return OverloadedError(
+                f"no replica of the pinned drafter {pinned!r} is free (force_drafter); "
+                "retry later, or leave the choice to the policy"
+            )
         if healthy:
             return OverloadedError(
                 f"every serving replica is at its in-flight bound ({len(healthy)} replicas)"
@@ -335,9 +355,11 @@ class FleetRouterService(RouterService):
         announced: RoutedRequest | None = None
         placed = routed
         while True:
-            found = self._place(routed, frozenset(tried), failover=bool(failed))
+            found = self._place(
+                routed, frozenset(tried), failover=bool(failed), pinned=bool(request.force_drafter)
+            )
             if found is None:
-                raise self._unavailable(busy)
+                raise self._unavailable(busy, request.force_drafter)
             placed, replica = found
             progress.attempts += 1
             replica.in_flight += 1

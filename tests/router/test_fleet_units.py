@@ -735,3 +735,87 @@ def test_a_stop_string_begun_before_a_failover_ends_the_request(
     assert sent == ids[2:3]  # the stop's end came, and the stream was left there
     assert progress.end is not None and progress.end.finish_reason == "stop_sequence"
     assert "".join(progress.texts).endswith(stop)
+
+
+def test_a_replica_that_sends_no_token_ids_fails_instead_of_answering_empty() -> None:
+    """A server that ignores return_token_ids (an older vLLM) streams text only: the
+    sidecar served an empty answer (finish 'length', 200) and learnt from it."""
+    import asyncio
+    import json
+
+    import aiohttp
+    from aiohttp import web
+
+    from router.fleet.client import Delta, StreamEnd, stream_completion
+    from router.fleet.config import ReplicaSpec
+
+    def events(with_ids: bool) -> list[dict[str, object]]:
+        ids = {"token_ids": [5, 6]} if with_ids else {}
+        return [
+            {"choices": [{"text": "Hello", **ids}]},
+            {"choices": [{"text": "", "finish_reason": "length"}]},
+            {"choices": [], "usage": {"completion_tokens": 2}},
+        ]
+
+    async def run(with_ids: bool) -> list[object]:
+        async def completions(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            for event in events(with_ids):
+                await response.write(f"data: {json.dumps(event)}\n\n".encode())
+            await response.write(b"data: [DONE]\n\n")
+            return response
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        spec = ReplicaSpec(url=f"http://127.0.0.1:{port}", model="m", speculative="none")
+        try:
+            async with aiohttp.ClientSession() as session:
+                replica = Replica(spec, max_in_flight=1, timeout_s=5.0)
+                return [e async for e in stream_completion(session, replica, {"prompt": [1]}, 2.0)]
+        finally:
+            await runner.cleanup()
+
+    answered = asyncio.run(run(with_ids=True))
+    assert isinstance(answered[0], Delta) and answered[0].token_ids == (5, 6)
+    assert isinstance(answered[-1], StreamEnd) and answered[-1].completion_tokens == 2
+    with pytest.raises(ReplicaFailedError, match="generated 2 tokens but sent 0 token ids"):
+        asyncio.run(run(with_ids=False))
+
+
+def test_a_pinned_drafter_is_served_by_its_own_replicas_or_refused() -> None:
+    """force_drafter with every replica of that configuration busy was served by the
+    policy's next best configuration (and learnt from) as if pinned; now it waits its
+    turn (429), except in a failover, which goes wherever a replica serves."""
+    from types import SimpleNamespace
+
+    from router.domain import GenerateInput, RouteInput
+    from router.errors import InvalidFieldError
+    from router.fleet.config import ReplicaSpec
+    from router.fleet.service import _checked_sampling
+    from router.policy.base import Decision
+
+    def replica(name: str, drafter: str, in_flight: int) -> Replica:
+        spec = ReplicaSpec(url=f"http://{name}:8000", model="t", speculative=drafter, name=name)
+        return Replica(spec, max_in_flight=1, timeout_s=5.0, healthy=True, in_flight=in_flight)
+
+    service = FleetRouterService.__new__(FleetRouterService)
+    service.replicas = [replica("a", "code", 1), replica("b", "ngram", 0)]
+    next_best = SimpleNamespace(select=lambda context, offered: (Decision("ngram", 3), None))
+    service.policy = next_best  # type: ignore[assignment]
+    routed = _routed_to("code", 3)
+    placed = service._place(routed, frozenset())
+    assert placed is not None and placed[1].name == "b"  # the policy's next best
+    assert service._place(routed, frozenset(), pinned=True) is None
+    error = service._unavailable((), "code")
+    assert "pinned drafter 'code'" in str(error)
+    failover = service._place(routed, frozenset({"a"}), failover=True, pinned=True)
+    assert failover is not None and failover[1].name == "b"
+    pinned_stop = GenerateInput(route=RouteInput(prompt=None), force_stop_threshold=0.5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidFieldError, match="force_stop_threshold"):
+        _checked_sampling(pinned_stop)
