@@ -37,7 +37,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -144,6 +144,7 @@ class _Progress:
     attempts: int = 0
     end: StreamEnd | None = None
     timing: Timing | None = None
+    started: float = field(default_factory=time.perf_counter)  # the whole request's start
 
 
 class FleetRouterService(RouterService):
@@ -532,6 +533,9 @@ class FleetRouterService(RouterService):
             end.finish_reason,
         )
         if progress.attempts > 1:
+            # The tokens are every replica's, so is the time (the steps are the last one's):
+            # tokens per second over the last attempt's time alone overstated it.
+            stats.wall_time_s = time.perf_counter() - progress.started
             logger.info(
                 "request %s served by %d replicas, %s last",
                 placed.request_id,

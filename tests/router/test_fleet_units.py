@@ -609,6 +609,10 @@ def test_after_a_switch_the_statistics_are_the_last_replicas_steps() -> None:
     # The prefill's token and one step of 2 accepted + the target's: the 4 tokens.
     assert result.stats.steps == 1 and list(result.stats.accepted_per_step) == [2]
     assert result.stats.generated_tokens == 10 and len(result.output_ids) == 10
+    # The 10 tokens took both attempts' time: the last one's 0.2 s alone gave 50 tokens/s.
+    progress.started -= 1.0
+    stats = service._result(routed, replica, request, progress).stats  # type: ignore[arg-type]
+    assert stats.wall_time_s >= 1.0 and stats.tokens_per_s <= 10.0
 
 
 def test_each_replica_tokens_text_is_decoded_here_as_in_process(tiny_world: ModelBundle) -> None:
