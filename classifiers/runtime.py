@@ -98,8 +98,13 @@ class OnnxTaskClassifier:
             raise ClassifierLoadError(
                 f"{source}: onnxruntime cannot open the graph: {error}"
             ) from error
-        classifier = cls(session, metadata, source)
-        classifier._validate()
+        try:
+            classifier = cls(session, metadata, source)
+            classifier._validate()
+        except (ValueError, IndexError, TypeError) as error:  # numbers of the wrong shape
+            raise ClassifierLoadError(
+                f"{source}: classifier.json is inconsistent: {error}"
+            ) from error
         return classifier
 
     def _validate(self) -> None:
@@ -129,6 +134,26 @@ class OnnxTaskClassifier:
         if gap > self._metadata.probe_tolerance:
             raise ClassifierLoadError(
                 f"{self._source}: probe probabilities differ from classifier.json by {gap:.2e}"
+            )
+        self._validate_format_profile()
+        # The whole decision, out-of-distribution flag included, on every probe.
+        self._decide([probe.text for probe in self._metadata.probes], scores)
+
+    def _validate_format_profile(self) -> None:
+        """A format profile has one row per label, each as wide as a format vector: a
+        trimmed one loaded, then failed every prompt of a cluster past its rows."""
+        profile = self._metadata.ood.format_profile
+        if profile is None:
+            return
+        width = format_matrix(["x"]).shape[1]
+        widths = {len(profile.center), len(profile.scale)}
+        widths |= {len(row) for row in (*profile.means, *profile.spreads)}
+        rows = {len(profile.means), len(profile.spreads)}
+        if rows != {len(self._labels)} or widths != {width}:
+            raise ClassifierLoadError(
+                f"{self._source}: classifier.json's format profile has {sorted(rows)} rows of "
+                f"{sorted(widths)} values; the classifier needs {len(self._labels)} rows "
+                f"(one per label) of {width}"
             )
 
     @property

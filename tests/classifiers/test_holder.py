@@ -102,6 +102,36 @@ def test_probe_mismatch_is_refused(holder: ClassifierHolder, candidate_dir: Path
         holder.reload(candidate_dir)
 
 
+def _edited(meta: dict, where: str) -> dict:
+    ood = meta["ood"]
+    if where == "trimmed format profile":
+        ood["format_profile"]["means"] = ood["format_profile"]["means"][:1]
+    elif where == "ragged format profile":
+        ood["format_profile"]["spreads"][0] = ood["format_profile"]["spreads"][0][:2]
+    else:  # a probe with too few probabilities
+        meta["probes"][0]["probabilities"] = meta["probes"][0]["probabilities"][:2]
+    return meta
+
+
+@pytest.mark.parametrize(
+    "where", ["trimmed format profile", "ragged format profile", "short probe"]
+)
+def test_metadata_of_the_wrong_shape_is_refused(
+    holder: ClassifierHolder, candidate_dir: Path, where: str
+) -> None:
+    """A format profile with fewer rows than labels loaded, then every prompt of a cluster
+    past its rows failed (IndexError: INTERNAL on every Route batch); ragged numbers
+    escaped the load as ValueError (INTERNAL on ReloadClassifier)."""
+    version = holder.current.metadata.version
+    path = candidate_dir / "classifier.json"
+    meta = json.loads(path.read_text())
+    assert meta["ood"]["format_profile"] is not None
+    path.write_text(json.dumps(_edited(meta, where)))
+    with pytest.raises(ClassifierLoadError):
+        holder.reload(candidate_dir)
+    _assert_still_serving(holder, version)
+
+
 def test_valid_reload_swaps_while_readers_keep_working(
     holder: ClassifierHolder, tmp_path: Path
 ) -> None:
