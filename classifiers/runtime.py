@@ -165,6 +165,14 @@ class OnnxTaskClassifier:
         return self._metadata
 
     @property
+    def fingerprint(self) -> str:
+        """sha256 of the graph's digest and the whole classifier.json: it changes when the
+        graph or any threshold, profile or label does (the graph's digest alone stays the
+        same when only the out-of-distribution calibration was redone)."""
+        text = self._metadata.model_sha256 + self._metadata.model_dump_json()
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    @property
     def source(self) -> str:
         """Where this classifier was loaded from."""
         return self._source

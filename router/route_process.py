@@ -4,11 +4,11 @@ classifications worked out in a child process, with its own GIL (why: the
 
 The child (``python -m router.route_process``) holds the target's tokenizer (sent by the
 parent, so counts are exactly the parent's) and the current classifier, loaded from its
-directory and checked against the digest the parent expects. Parent and child exchange
+directory and checked against the fingerprint the parent expects. Parent and child exchange
 length-prefixed pickles over the child's stdin and stdout, one batch at a time:
 
     parent -> child: ("init", tokenizer_json, spin_s)    once; the child answers ("ready",)
-                     ("batch", model_texts, classifier_texts, (directory, sha256))
+                     ("batch", model_texts, classifier_texts, (directory, fingerprint))
     child -> parent: ("ok", token_counts, classifications)
                      ("stale", message)   the directory holds another classifier now
                      ("error", message)
@@ -58,7 +58,7 @@ READY_TIMEOUT_S = 120.0  # the child's start-up (imports, tokenizer)
 REPLY_TIMEOUT_S = 10.0  # a batch; a child silent for longer is killed and restarted
 RESTART_AFTER_S = 5.0  # at most one start per this many seconds after a failure
 
-ClassifierKey = tuple[str, str]  # (directory, model sha256)
+ClassifierKey = tuple[str, str]  # (directory, the classifier's fingerprint)
 
 
 class RouteProcessError(RuntimeError):
@@ -281,7 +281,7 @@ class RouteProcess:
         self, model_texts: Sequence[str], classifier_texts: Sequence[str], key: ClassifierKey
     ) -> PromptsRead:
         """Token counts of ``model_texts`` and classifications of ``classifier_texts`` by
-        the classifier at ``key`` (directory, sha256). RouteProcessError if the child
+        the classifier at ``key`` (directory, fingerprint). RouteProcessError if the child
         cannot, or is given a batch while it works on one (:class:`ChildProcessReader`
         waits for its turn)."""
         child = self._child
@@ -441,11 +441,13 @@ class ChildProcessReader:
         return self._in_process.read_now(model_texts, classifier_texts)
 
     def _child_key(self, classifier: Any) -> ClassifierKey | None:
-        """(directory, sha256) of ``classifier`` (the one served), if the child can load it."""
+        """(directory, fingerprint) of ``classifier`` (the one served), if the child can
+        load it. The fingerprint covers classifier.json too: keyed by the graph's digest,
+        a reload of the same directory with new thresholds left the child on the old."""
         cached = self._classifier_key
         if cached is None or cached[0] is not classifier:
             source = str(classifier.source)
-            key = (source, classifier.metadata.model_sha256) if os.path.isdir(source) else None
+            key = (source, classifier.fingerprint) if os.path.isdir(source) else None
             cached = self._classifier_key = (classifier, key)
         return cached[1]
 
@@ -470,9 +472,9 @@ class _ChildState:
 
             self.key, self.classifier = None, None
             classifier = OnnxTaskClassifier.load(key[0])
-            if classifier.metadata.model_sha256 != key[1]:
+            if classifier.fingerprint != key[1]:
                 raise ClassifierChangedError(
-                    f"{key[0]} now holds classifier {classifier.metadata.model_sha256[:12]}, "
+                    f"{key[0]} now holds classifier {classifier.fingerprint[:12]}, "
                     f"the sidecar serves {key[1][:12]}"
                 )
             self.key, self.classifier = key, classifier

@@ -31,7 +31,7 @@ def _tokenizer_json(components: Components) -> str:
 
 
 def _key(directory: Path) -> tuple[str, str]:
-    return str(directory), OnnxTaskClassifier.load(directory).metadata.model_sha256
+    return str(directory), OnnxTaskClassifier.load(directory).fingerprint
 
 
 def _wait_until(condition: Any, timeout_s: float = 60.0, step: Any = None) -> None:
@@ -179,6 +179,36 @@ def test_a_classifier_written_over_in_place_is_read_in_process_without_asking_th
         holder.reload(serving_world.world.root / "classifier")
         assert asyncio.run(reader.read([text], [text])).classifications
         assert reader.process.batches == 1
+    finally:
+        reader.close()
+
+
+def test_new_thresholds_reloaded_from_the_same_directory_reach_the_child(
+    components: Components, serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """The child knew a classifier by its graph's digest only: a recalibration written into
+    the served directory (new thresholds, same graph) and reloaded left the child flagging
+    prompts by the old thresholds while the in-process path used the new."""
+    import json
+    import shutil
+
+    directory = tmp_path / "classifier"
+    shutil.copytree(serving_world.world.root / "classifier", directory)
+    holder = ClassifierHolder(OnnxTaskClassifier.load(directory))
+    reader = ChildProcessReader(components.target.tokenizer, holder)
+    reader.start(wait=True)
+    text = serving_world.prompts["math"]
+    try:
+        before = asyncio.run(reader.read([text], [text])).classifications
+        assert before == [holder.current.classify(text)] and not before[0].out_of_distribution
+        path = directory / "classifier.json"
+        meta = json.loads(path.read_text())
+        meta["ood"]["min_probability"] = 1.0  # every prompt is out of distribution now
+        path.write_text(json.dumps(meta))
+        holder.reload(directory)
+        after = asyncio.run(reader.read([text], [text])).classifications
+        assert after == [holder.current.classify(text)] and after[0].out_of_distribution
+        assert reader.process.batches == 2  # both read by the child
     finally:
         reader.close()
 
