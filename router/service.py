@@ -370,13 +370,22 @@ class RouterService:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _chat_text(self, messages: Sequence[Mapping[str, str]]) -> str:
-        if getattr(self.tokenizer, "chat_template", None):
-            return str(
-                self.tokenizer.apply_chat_template(
-                    list(messages), add_generation_prompt=True, tokenize=False
-                )
+        """The messages rendered by the target's chat template. A template may refuse them
+        (``raise_exception``: Gemma's "System role not supported", Mistral's alternating
+        roles): INVALID_ARGUMENT with its message, not INTERNAL."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            return render_chat(messages)
+        from jinja2 import TemplateError
+
+        try:
+            rendered = self.tokenizer.apply_chat_template(
+                list(messages), add_generation_prompt=True, tokenize=False
             )
-        return render_chat(messages)
+        except TemplateError as error:
+            raise InvalidRequestError(
+                f"the target's chat template refuses these messages: {error}"
+            ) from None
+        return str(rendered)
 
     def _hinted(self, task_hint: str) -> Classification:
         """The classification a task hint stands for (certain, in distribution)."""
@@ -398,8 +407,8 @@ class RouterService:
         check each request, then count tokens and classify the whole batch with the
         prompt reader. A refused request gets its error in its slot. Nothing is decided
         or remembered yet: :meth:`commit_routes` does that."""
-        results, valid = self._checked_batch(requests)
-        texts, unhinted, classifier_texts = self._batch_texts(requests, valid)
+        results, valid, texts = self._checked_batch(requests)
+        unhinted, classifier_texts = self._batch_texts(requests, valid)
         read = await self.prompt_reader.read(texts, classifier_texts)
         classifications = dict(zip(unhinted, read.classifications, strict=True))
         return self._placed(requests, results, valid, read.token_counts, classifications)
@@ -421,28 +430,28 @@ class RouterService:
 
     def _checked_batch(
         self, requests: Sequence[RouteInput]
-    ) -> tuple[list[RoutedRequest | SidecarError | None], list[tuple[int, Prompt]]]:
-        """Per slot the error of a refused request, and (slot, prompt) of the others."""
+    ) -> tuple[list[RoutedRequest | SidecarError | None], list[tuple[int, Prompt]], list[str]]:
+        """Per slot the error of a refused request, and (slot, prompt) of the others with
+        what to count for each (its model text, rendered here so that a prompt the chat
+        template refuses fails its own slot, not the batch)."""
         results: list[RoutedRequest | SidecarError | None] = [None] * len(requests)
         valid: list[tuple[int, Prompt]] = []
+        texts: list[str] = []
         for index, request in enumerate(requests):
             try:
-                valid.append((index, self._checked_prompt(request, generating=False)))
+                prompt = self._checked_prompt(request, generating=False)
+                texts.append(self._model_text(prompt))
+                valid.append((index, prompt))
             except SidecarError as error:
                 results[index] = error
-        return results, valid
+        return results, valid, texts
 
     def _batch_texts(
         self, requests: Sequence[RouteInput], valid: Sequence[tuple[int, Prompt]]
-    ) -> tuple[list[str], list[int], list[str]]:
-        """What to count (the model text of each valid request), which slots to classify
-        (no task hint) and what the classifier reads for them."""
+    ) -> tuple[list[int], list[str]]:
+        """Which slots to classify (no task hint) and what the classifier reads for them."""
         unhinted = [(i, p) for i, p in valid if not requests[i].task_hint]
-        return (
-            [self._model_text(prompt) for _, prompt in valid],
-            [i for i, _ in unhinted],
-            [_classifier_text(p) for _, p in unhinted],
-        )
+        return [i for i, _ in unhinted], [_classifier_text(p) for _, p in unhinted]
 
     def _placed(
         self,

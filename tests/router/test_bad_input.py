@@ -594,6 +594,44 @@ def _sampled_ids(sidecar: SidecarThread, top_p: float) -> list[int]:
     return [token.id for chunk in chunks for token in chunk.tokens]
 
 
+def test_messages_the_chat_template_refuses_fail_their_own_slot(sidecar: SidecarThread) -> None:
+    """A target whose template raises (Gemma: "System role not supported") made one Route
+    with a system message fail its whole coalesced batch with INTERNAL, and a Generate
+    with INTERNAL: now INVALID_ARGUMENT for that request, and the others are routed."""
+    tokenizer = sidecar.service.tokenizer
+    template = tokenizer.chat_template
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ m['content'] }}\n{% endfor %}"
+    )
+    system = pb.Conversation(
+        messages=[
+            pb.ChatMessage(role="system", content="Be brief."),
+            pb.ChatMessage(role="user", content="What is 2 + 2?"),
+        ]
+    )
+    user = pb.Conversation(messages=[pb.ChatMessage(role="user", content="What is 2 + 2?")])
+    try:
+        calls = [
+            sidecar.stub.Route.future(pb.RouteRequest(conversation=c), timeout=30)
+            for c in (system, user, system, user)
+        ]
+        for n, call in enumerate(calls):
+            if n % 2:
+                assert call.result().task_cluster
+                continue
+            with pytest.raises(grpc.RpcError) as refused:
+                call.result()
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "System role not supported" in (refused.value.details() or "")
+        with pytest.raises(grpc.RpcError) as refused:
+            list(sidecar.stub.Generate(pb.GenerateRequest(conversation=system, max_new_tokens=2)))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        tokenizer.chat_template = template
+
+
 def test_top_p_zero_means_off_on_the_wire(sidecar: SidecarThread) -> None:
     """Proto3 cannot tell an unset top_p from 0, so 0 means 1.0 (off): the same seeded
     sample as top_p 1; a top_p that cuts the tail samples differently."""
