@@ -58,10 +58,15 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         """Build (or reuse) the world, start a sidecar, replay the mixed trace, print speed-ups."""
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from benchmarks.replay.runner import format_task_table, run_demo_replay
+        from benchmarks.world.build import NotAWorldDirectoryError, UnknownScaleError
         from benchmarks.world.cli import render_evaluation
         from benchmarks.world.evaluate import cached_evaluation, saved_evaluation
 
-        world = open_or_build_world(world_dir, scale)
+        try:
+            world = open_or_build_world(world_dir, scale)
+        except (NotAWorldDirectoryError, UnknownScaleError) as error:  # as `world build`
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(code=2) from None
         typer.echo(f"world ({world.scale}) at {world.root}")
         if evaluation is not False:
             report = cached_evaluation(world) if evaluation else saved_evaluation(world)

@@ -28,7 +28,10 @@ def _with_discovered_labels(
     """Replace tasks by discovered cluster names; ARI against the tasks when all had one."""
     from classifiers.discovery import discover_clusters
 
-    found = discover_clusters([p.text for p in prompts], clusters, seed=seed)
+    try:
+        found = discover_clusters([p.text for p in prompts], clusters, seed=seed)
+    except ValueError as error:  # a cluster count the data cannot give
+        raise typer.BadParameter(str(error), param_hint="--clusters") from None
     summary: dict[str, object] = {
         "clusters": found.k,
         "silhouette_by_k": {str(k): v for k, v in found.silhouette_by_k.items()},

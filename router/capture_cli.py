@@ -360,7 +360,10 @@ def distill_command(
     if out.exists() and any(out.iterdir()) and not force:
         typer.echo(f"error: {out} exists and is not empty (--force to write into it)", err=True)
         raise typer.Exit(1)
-    train, held = split_held_out(pairs, held_out, seed)
+    try:
+        train, held = split_held_out(pairs, held_out, seed)
+    except ValueError as error:  # a fraction outside (0, 1)
+        raise typer.BadParameter(str(error), param_hint="--held-out") from None
     view = _sidecar_view(address, cluster, token)
     if view is None and register_as:
         typer.echo(f"error: no sidecar at {address} to register with", err=True)

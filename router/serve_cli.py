@@ -176,12 +176,20 @@ def serve_command(
     from drafters import TokenizerMismatchError
     from router.bundle import BundleNotFoundError
     from router.errors import SidecarError
+    from router.settings import TlsFilesError
 
+    settings_wrong = (
+        TokenizerMismatchError,
+        BundleNotFoundError,
+        ClassifierLoadError,
+        TlsFilesError,
+    )
     try:
         asyncio.run(serve(settings, on_ready=announce))
-    except (TokenizerMismatchError, BundleNotFoundError, ClassifierLoadError) as error:
-        # A configured drafter for another vocabulary, or no bundle where the settings
-        # point: the settings are wrong, like a typo (status 2, as for every command).
+    except settings_wrong as error:
+        # A configured drafter for another vocabulary, no bundle where the settings point,
+        # TLS files that do not make a pair: the settings are wrong, like a typo (status 2,
+        # as for every command).
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     except (FileNotFoundError, ValueError, SidecarError) as error:
@@ -206,7 +214,8 @@ def route_command(
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     task_hint: Annotated[str, typer.Option("--task", help="Task cluster hint.")] = "",
     max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", help="The answer's budget, if known (0: not).")
+        int,
+        typer.Option("--max-new-tokens", min=0, help="The answer's budget, if known (0: not)."),
     ] = 0,
     raw: Annotated[bool, RAW_OPTION] = False,
     token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
@@ -225,16 +234,19 @@ def generate_command(
     text: Annotated[str, typer.Argument(help="Prompt: a user message (see --raw).")],
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", help="Stop after this many tokens.")
+        int, typer.Option("--max-new-tokens", min=1, help="Stop after this many tokens.")
     ] = 64,
     drafter: Annotated[str, typer.Option("--drafter", help="Force a drafter.")] = "",
-    draft_length: Annotated[int | None, typer.Option("--k", help="Force a draft length.")] = None,
+    draft_length: Annotated[
+        int | None, typer.Option("--k", min=0, help="Force a draft length.")
+    ] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy.")] = False,
     temperature: Annotated[float, typer.Option("--temperature", help="With --sample.")] = 1.0,
     seed: Annotated[
         int | None,
         typer.Option(
             "--seed",
+            min=0,
             help="With --sample: seeds the draws (the same text for the same drafter and k).",
         ),
     ] = None,
@@ -243,6 +255,8 @@ def generate_command(
         int | None,
         typer.Option(
             "--logprobs",
+            min=0,
+            max=20,
             help="After the reply, each token's log-probability under the target and its N "
             "most likely alternatives (0-20), one line a token, on stderr.",
         ),

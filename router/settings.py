@@ -118,7 +118,7 @@ class TlsSettings(BaseModel):
         try:
             context.load_cert_chain(self.cert_file, self.key_file)
         except (OSError, ssl.SSLError) as error:
-            raise ValueError(
+            raise TlsFilesError(
                 f"tls: cannot use {self.cert_file} with {self.key_file}: {error}"
             ) from None
         return context
@@ -291,6 +291,11 @@ class Settings(BaseSettings):
         return data
 
 
+class TlsFilesError(ValueError):
+    """The TLS certificate and key do not read, parse or belong together: a setting that
+    is wrong, refused like a typo (exit status 2)."""
+
+
 class SettingsLoadError(ValueError):
     """The settings cannot be read (a missing or malformed TOML file, a value of the wrong
     type in the file or in a ``SPECROUTE_*`` variable); the message says where."""
@@ -312,7 +317,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except ValidationError as error:
         raise SettingsLoadError(validation_lines(error)) from None
     except tomllib.TOMLDecodeError as error:
-        raise SettingsLoadError(f"config file {config_file} is not valid TOML: {error}") from None
+        raise SettingsLoadError(f"config file {named} is not valid TOML: {error}") from None
     except SettingsError as error:  # e.g. a SPECROUTE_* map that is not JSON
         cause = f": {error.__cause__}" if error.__cause__ else ""
         raise SettingsLoadError(f"{error}{cause}") from None

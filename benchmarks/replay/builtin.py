@@ -253,6 +253,15 @@ def builtin_trace_names(tasks: Sequence[str]) -> list[str]:
     return [f"single-{task}" for task in tasks] + list(MIXED_TRACES)
 
 
+def check_trace_name(name: str) -> None:
+    """KeyError unless ``name`` can be a built-in trace (``single-<task>``, a mixed trace
+    or ``real``): checked before a world is loaded, or built (minutes), for a typo."""
+    if name.startswith("single-") or name in MIXED_TRACES or name == "real":
+        return
+    known = ", ".join(["single-<task>", *MIXED_TRACES, "real"])
+    raise KeyError(f"unknown trace {name!r} (not a trace file either); built-in traces: {known}")
+
+
 def builtin_trace(
     name: str, examples: Sequence[ExampleLike], options: TraceOptions = TraceOptions()
 ) -> Trace:

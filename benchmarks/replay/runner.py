@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from benchmarks.replay.background import BackgroundLoadConfig, background_load, describe_load
-from benchmarks.replay.builtin import ExampleLike, TraceOptions, builtin_trace, request_from_example
+from benchmarks.replay.builtin import (
+    ExampleLike,
+    TraceOptions,
+    builtin_trace,
+    check_trace_name,
+    request_from_example,
+)
 from benchmarks.replay.calibration import Calibration, CalibrationOptions, calibrate
 from benchmarks.replay.client import ReplayClient
 from benchmarks.replay.learn import (
@@ -272,7 +278,13 @@ def replay_on_client(
 
 def run_replay(config: ReplayConfig) -> ReplayOutcome:
     """Replay ``config.trace`` under every policy and write the report to ``config.out_dir``."""
-    needs_world = config.address is None or not Path(config.trace).is_file()
+    # A typo is told before a world is loaded, or built (minutes).
+    trace_file = Path(config.trace)
+    if trace_file.suffix == ".jsonl" and not trace_file.is_file():
+        raise FileNotFoundError(f"no trace file {trace_file}")
+    if not trace_file.is_file():
+        check_trace_name(config.trace)
+    needs_world = config.address is None or not trace_file.is_file()
     world = load_world(config.world_dir) if needs_world or config.world_dir else None
     options = config.trace_options
     if config.trace == "learn" and options.learn_task is None and world is not None:

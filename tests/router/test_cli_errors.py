@@ -1,0 +1,92 @@
+"""Common mistakes on the command line: one line and exit status 2 (a usage error), never a
+traceback, and never minutes of work before the refusal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from router.cli import build_app
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "router.cli", *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", **(env or {})},
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "hi", "--k", "-1"],  # uint32 fields: "ValueError: Value out of range"
+        ["generate", "hi", "--seed", "-1"],
+        ["generate", "hi", "--logprobs", "21"],
+        ["generate", "hi", "--max-new-tokens", "0"],
+        ["route", "hi", "--max-new-tokens", "-1"],
+    ],
+)
+def test_a_number_out_of_its_range_is_a_usage_error(args: list[str]) -> None:
+    result = CliRunner().invoke(build_app(), [*args, "--address", "127.0.0.1:1"])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value" in result.output, result.output
+
+
+def test_a_misspelt_trace_is_refused_before_a_world_is_built(tmp_path: Path) -> None:
+    """With no world built, a typo in --trace built one first (8-9 minutes) and only then
+    said "unknown trace"."""
+    home = tmp_path / "home"
+    for trace, said in (("bogus", "unknown trace 'bogus'"), ("none.jsonl", "no trace file")):
+        done = _run(
+            "replay",
+            "--trace",
+            trace,
+            "--address",
+            "127.0.0.1:1",
+            env={"SPECROUTE_HOME": str(home)},
+        )
+        assert done.returncode == 2 and said in done.stderr, done.stderr
+    assert not home.exists() or not any(home.rglob("manifest.json"))
+
+
+def test_an_unknown_demo_scale_is_refused_as_world_build_refuses_it() -> None:
+    done = _run("demo", "--scale", "bogus")
+    assert done.returncode == 2 and "unknown scale 'bogus'" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_config_file_named_by_the_environment_is_named_in_its_error(tmp_path: Path) -> None:
+    """The message read "config file None is not valid TOML" when $SPECROUTE_CONFIG named it."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("x = [\n")
+    done = _run("serve", "--print-config", env={"SPECROUTE_CONFIG": str(bad)})
+    assert done.returncode == 2 and f"config file {bad} is not valid TOML" in done.stderr
+
+
+def test_tls_files_that_do_not_make_a_pair_stop_serve_like_a_typo(tmp_path: Path) -> None:
+    """Exit status 1 (a start-up failure) before; wrong settings are status 2."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("garbage")
+    config = tmp_path / "sidecar.toml"
+    config.write_text(f'[tls]\ncert_file = "{garbage}"\nkey_file = "{garbage}"\n')
+    done = _run(
+        "serve", "--config", str(config), "--port", "0", env={"SPECROUTE_HOME": str(tmp_path)}
+    )
+    assert done.returncode == 2 and "tls: cannot use" in done.stderr, done.stderr
+
+
+def test_a_cluster_count_the_data_cannot_give_is_a_usage_error(tmp_path: Path) -> None:
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(f'{{"text": "prompt number {i}"}}\n' for i in range(20)))
+    done = _run(
+        "classifier", "train", "--data", str(data), "--out", str(tmp_path / "c"), "--clusters", "1"
+    )
+    assert done.returncode == 2 and "--clusters" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
