@@ -20,12 +20,19 @@ from typing import Annotated, Any
 
 import typer
 
-from router.serve_cli import ADDRESS_OPTION, DATA_TOKEN_OPTION, DEFAULT_ADDRESS, TOKEN_OPTION
+from router.serve_cli import (
+    ADDRESS_OPTION,
+    DATA_TOKEN_OPTION,
+    DEFAULT_ADDRESS,
+    TIMEOUT_OPTION,
+    TOKEN_OPTION,
+)
 
 CONFIG_OPTION = typer.Option("--config", help="TOML settings file (for state_dir, world).")
 STATE_OPTION = typer.Option("--state-dir", help="State directory (default: the settings').")
 GENERIC_DRAFTER = "generic"
 RPC_TIMEOUT_S = 10.0
+REGISTER_TIMEOUT_S = 300.0  # the registration loads and probes the drafter
 
 
 def _settings(config: Path | None, **overrides: Any) -> Any:
@@ -114,6 +121,7 @@ def clusters_command(
     config: Annotated[Path | None, CONFIG_OPTION] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per cluster.")] = False,
     token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
+    timeout: Annotated[float, TIMEOUT_OPTION] = RPC_TIMEOUT_S,
 ) -> None:
     """Per task cluster: traffic share, speed-up, acceptance, best arm, captured samples and
     headroom (share x (speed-up with every draft accepted - speed-up now))."""
@@ -124,7 +132,7 @@ def clusters_command(
     state = _call(
         _stub(address).GetPolicyState,
         pb.GetPolicyStateRequest(),
-        timeout=RPC_TIMEOUT_S,
+        timeout=timeout,
         metadata=_metadata(token),
     )
     store = _existing_capture(_state_dir(state_dir, config))
@@ -268,7 +276,13 @@ def _refusal(after: Any, baselines: Sequence[tuple[str, Any]]) -> str | None:
 
 
 def _register(
-    address: str, token: str | None, name: str, out: Path, cluster: str, sample: list[str]
+    address: str,
+    token: str | None,
+    name: str,
+    out: Path,
+    cluster: str,
+    sample: list[str],
+    timeout: float,
 ) -> Any:
     from router.pb import router_pb2 as pb
     from router.serve_cli import _call, _metadata, _stub
@@ -276,7 +290,9 @@ def _register(
     request = pb.RegisterDrafterRequest(
         name=name, kind="model", path=str(out.resolve()), tasks=[cluster], finetune_sample=sample
     )
-    return _call(_stub(address).RegisterDrafter, request, metadata=_metadata(token), timeout=300.0)
+    return _call(
+        _stub(address).RegisterDrafter, request, metadata=_metadata(token), timeout=timeout
+    )
 
 
 def lower_priority(nice: int, cpus: str) -> None:
@@ -316,6 +332,7 @@ def distill_command(
     world: Annotated[Path | None, typer.Option("--world", help="World directory.")] = None,
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     token: Annotated[str | None, TOKEN_OPTION] = None,
+    timeout: Annotated[float, TIMEOUT_OPTION] = REGISTER_TIMEOUT_S,
     nice: Annotated[
         int, typer.Option("--nice", min=0, max=19, help="Lower this process's priority by N.")
     ] = 0,
@@ -431,7 +448,7 @@ def distill_command(
         typer.echo(refusal, err=True)
         raise typer.Exit(1)
     try:
-        info = _register(address, token, register_as, out, cluster, sample[:64])
+        info = _register(address, token, register_as, out, cluster, sample[:64], timeout)
     except typer.Exit:
         record("failed", f"RegisterDrafter {register_as} refused")
         raise

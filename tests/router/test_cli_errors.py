@@ -90,3 +90,17 @@ def test_a_cluster_count_the_data_cannot_give_is_a_usage_error(tmp_path: Path) -
     )
     assert done.returncode == 2 and "--clusters" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_clusters_waits_at_most_its_timeout() -> None:
+    """`clusters` had no --timeout (10 s, fixed), unlike every other client command."""
+    import socket
+
+    with socket.socket() as silent:  # listens, never answers: a stuck sidecar
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        result = CliRunner().invoke(
+            build_app(), ["clusters", "--address", address, "--timeout", "0.5"]
+        )
+    assert result.exit_code == 1 and "DEADLINE_EXCEEDED" in result.output, result.output
