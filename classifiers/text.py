@@ -15,8 +15,12 @@ from classifiers.chat import IM_START, QWEN_DEFAULT_SYSTEM, parse_chat
 # (?u)\b\w\w+\b the converted graph tokenises differently and probabilities drift.
 # ASCII words plus single ASCII punctuation marks ("|", "?", "=", "(" carry task signal:
 # toolbars, questions, equations, code). Nothing outside ASCII ever forms a token, so
-# Python's Unicode lower() and ONNX's C-locale lower-casing cannot disagree on a token.
+# Python's Unicode lower() and ONNX's C-locale lower-casing cannot disagree on a token,
+# except for the two characters Python lower-cases into ASCII letters (Turkish dotted
+# capital I, the Kelvin sign), which ONNX leaves as they are: classifier_text spells them
+# as the ASCII capitals first (_ASCII_LOWER), for training and serving alike.
 TOKEN_PATTERN = r"[a-zA-Z0-9_]+|[!-/:-@\[-`{-~]"
+_ASCII_LOWER = str.maketrans({"\u0130": "I", "\u212a": "K"})
 
 
 @dataclass(frozen=True)
@@ -28,10 +32,16 @@ class LabeledPrompt:
 
 
 def prompt_from_messages(messages: Sequence[Mapping[str, str]]) -> str:
-    """The text the classifier sees for a chat: the system prompt plus the last user turn."""
-    system = [m.get("content", "") for m in messages if m.get("role") == "system"]
+    """The text the classifier sees for a chat: the system prompt plus the last user turn.
+    Qwen's default system prompt, which its template adds when there is none, is left out
+    whether it comes as a message or in a rendered text, so both route alike."""
+    system = [
+        m.get("content", "")
+        for m in messages
+        if m.get("role") == "system" and m.get("content") != QWEN_DEFAULT_SYSTEM
+    ]
     users = [m.get("content", "") for m in messages if m.get("role") == "user"]
-    return "\n".join([*system[:1], *users[-1:]])
+    return "\n".join([*system[:1], *users[-1:]]).translate(_ASCII_LOWER)
 
 
 def classifier_text(text: str) -> str:
@@ -41,14 +51,10 @@ def classifier_text(text: str) -> str:
     system prompt that the template adds is left out, as it is not one of the messages).
     Any other text, or one without a user turn, is read as it is."""
     if IM_START not in text:
-        return text
-    messages = [
-        m
-        for m in parse_chat(text)
-        if not (m["role"] == "system" and m["content"] == QWEN_DEFAULT_SYSTEM)
-    ]
+        return text.translate(_ASCII_LOWER)
+    messages = parse_chat(text)
     if not any(m["role"] == "user" for m in messages):
-        return text
+        return text.translate(_ASCII_LOWER)
     return prompt_from_messages(messages)
 
 
