@@ -45,6 +45,7 @@ import time
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any
 
+from classifiers.api import ClassifierLoadError
 from router.prompt_reader import InProcessReader, PromptsRead
 
 if TYPE_CHECKING:
@@ -511,6 +512,8 @@ def child_main(stdin: IO[bytes], stdout: IO[bytes]) -> None:
             reply = state.batch(*message[1:])
         except ClassifierChangedError as error:
             reply = ("stale", str(error))
+        except ClassifierLoadError as error:  # the served directory is gone or broken here
+            reply = ("stale", f"the route process cannot load the served classifier: {error}")
         except Exception as error:  # reported to the parent, which reads the batch itself
             reply = ("error", f"{type(error).__name__}: {error}")
         _write_all(stdout, _frame(reply))

@@ -183,6 +183,34 @@ def test_a_classifier_written_over_in_place_is_read_in_process_without_asking_th
         reader.close()
 
 
+def test_a_classifier_the_child_cannot_load_is_read_in_process_without_asking_again(
+    components: Components,
+    serving_world: ServingWorld,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The served classifier's files damaged after it loaded: every batch made the child
+    try to load it, fail and the sidecar warn (only an overwritten directory stopped that)."""
+    import logging
+    import shutil
+
+    directory = tmp_path / "classifier"
+    shutil.copytree(serving_world.world.root / "classifier", directory)
+    holder = ClassifierHolder(OnnxTaskClassifier.load(directory))
+    (directory / "classifier.json").write_text("damaged{")
+    reader = ChildProcessReader(components.target.tokenizer, holder)
+    reader.start(wait=True)
+    text = serving_world.prompts["math"]
+    try:
+        with caplog.at_level(logging.WARNING, logger="router.route_process"):
+            reads = [asyncio.run(reader.read([text], [text])) for _ in range(3)]
+        assert all(r.classifications == [holder.current.classify(text)] for r in reads)
+        warned = [r.getMessage() for r in caplog.records if "in-process" in r.getMessage()]
+        assert len(warned) == 1 and "cannot load the served classifier" in warned[0], warned
+    finally:
+        reader.close()
+
+
 def test_new_thresholds_reloaded_from_the_same_directory_reach_the_child(
     components: Components, serving_world: ServingWorld, tmp_path: Path
 ) -> None:
