@@ -77,6 +77,10 @@ def _with_corrupt_tokenizer(model: Path, root: Path) -> Path:
     return copy
 
 
+BLANK_MESSAGES = pb.Conversation(
+    messages=[pb.ChatMessage(role="user")] * 20_000 + [pb.ChatMessage(role="user", content="hi")]
+)
+
 CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
     "empty prompt": (_route(text="  "), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
     # A request id is kept until its Report, logged, and sent on as a replica's header
@@ -110,23 +114,12 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
     # Blank messages were not counted: 20,000 of them were rendered and tokenized on the
     # event loop (about a second, every other call waiting) before the token count.
     "a chat prompt of more blank messages than the token limit holds": (
-        _generate(
-            conversation=pb.Conversation(
-                messages=[pb.ChatMessage(role="user")] * 20_000
-                + [pb.ChatMessage(role="user", content="hi")]
-            ),
-            max_new_tokens=4,
-        ),
+        _generate(conversation=BLANK_MESSAGES, max_new_tokens=4),
         grpc.StatusCode.INVALID_ARGUMENT,
         "20001 chat messages, more than",
     ),
     "a routed chat prompt of more blank messages than the token limit holds": (
-        _route(
-            conversation=pb.Conversation(
-                messages=[pb.ChatMessage(role="user")] * 20_000
-                + [pb.ChatMessage(role="user", content="hi")]
-            )
-        ),
+        _route(conversation=BLANK_MESSAGES),
         grpc.StatusCode.INVALID_ARGUMENT,
         "20001 chat messages, more than",
     ),

@@ -149,23 +149,47 @@ def test_a_reader_whose_child_is_not_up_reads_in_process_and_starts_it(
         reader.close()
 
 
-def test_a_classifier_written_over_in_place_is_read_in_process_without_asking_the_child(
-    components: Components,
-    serving_world: ServingWorld,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The served classifier's directory overwritten with another (v2): the child refuses
-    it, rightly. But every batch made the child load the directory again, fail, and the
-    sidecar warn; now the first refusal is the last until a reload serves another."""
-    import logging
+def _served_copy(serving_world: ServingWorld, tmp_path: Path) -> tuple[Path, ClassifierHolder]:
+    """A copy of the world's classifier, served from its own directory."""
     import shutil
 
     directory = tmp_path / "classifier"
     shutil.copytree(serving_world.world.root / "classifier", directory)
-    holder = ClassifierHolder(OnnxTaskClassifier.load(directory))
+    return directory, ClassifierHolder(OnnxTaskClassifier.load(directory))
+
+
+def _overwrite(directory: Path, serving_world: ServingWorld) -> None:
+    import shutil
+
     shutil.rmtree(directory)
     shutil.copytree(serving_world.classifier_v2_dir, directory)
+
+
+def _damage(directory: Path, serving_world: ServingWorld) -> None:
+    (directory / "classifier.json").write_text("damaged{")
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [(_overwrite, "the sidecar serves"), (_damage, "cannot load the served classifier")],
+    ids=["overwritten", "damaged"],
+)
+def test_a_classifier_the_child_cannot_serve_is_read_in_process_without_asking_again(
+    components: Components,
+    serving_world: ServingWorld,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    change: Any,
+    said: str,
+) -> None:
+    """The served classifier's directory overwritten with another (v2), or its files damaged,
+    after it loaded: the child refuses or fails it, rightly. But every batch made the child
+    load the directory again, fail, and the sidecar warn; now the first refusal is the last
+    until a reload serves another."""
+    import logging
+
+    directory, holder = _served_copy(serving_world, tmp_path)
+    change(directory, serving_world)
     reader = ChildProcessReader(components.target.tokenizer, holder)
     reader.start(wait=True)
     text = serving_world.prompts["math"]
@@ -174,39 +198,11 @@ def test_a_classifier_written_over_in_place_is_read_in_process_without_asking_th
             reads = [asyncio.run(reader.read([text], [text])) for _ in range(3)]
         assert all(r.classifications == [holder.current.classify(text)] for r in reads)
         warned = [r.getMessage() for r in caplog.records if "in-process" in r.getMessage()]
-        assert len(warned) == 1 and "the sidecar serves" in warned[0], warned
+        assert len(warned) == 1 and said in warned[0], warned
         # A reload serves another classifier, which the child loads again.
         holder.reload(serving_world.world.root / "classifier")
         assert asyncio.run(reader.read([text], [text])).classifications
         assert reader.process.batches == 1
-    finally:
-        reader.close()
-
-
-def test_a_classifier_the_child_cannot_load_is_read_in_process_without_asking_again(
-    components: Components,
-    serving_world: ServingWorld,
-    tmp_path: Path,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The served classifier's files damaged after it loaded: every batch made the child
-    try to load it, fail and the sidecar warn (only an overwritten directory stopped that)."""
-    import logging
-    import shutil
-
-    directory = tmp_path / "classifier"
-    shutil.copytree(serving_world.world.root / "classifier", directory)
-    holder = ClassifierHolder(OnnxTaskClassifier.load(directory))
-    (directory / "classifier.json").write_text("damaged{")
-    reader = ChildProcessReader(components.target.tokenizer, holder)
-    reader.start(wait=True)
-    text = serving_world.prompts["math"]
-    try:
-        with caplog.at_level(logging.WARNING, logger="router.route_process"):
-            reads = [asyncio.run(reader.read([text], [text])) for _ in range(3)]
-        assert all(r.classifications == [holder.current.classify(text)] for r in reads)
-        warned = [r.getMessage() for r in caplog.records if "in-process" in r.getMessage()]
-        assert len(warned) == 1 and "cannot load the served classifier" in warned[0], warned
     finally:
         reader.close()
 
@@ -218,11 +214,8 @@ def test_new_thresholds_reloaded_from_the_same_directory_reach_the_child(
     the served directory (new thresholds, same graph) and reloaded left the child flagging
     prompts by the old thresholds while the in-process path used the new."""
     import json
-    import shutil
 
-    directory = tmp_path / "classifier"
-    shutil.copytree(serving_world.world.root / "classifier", directory)
-    holder = ClassifierHolder(OnnxTaskClassifier.load(directory))
+    directory, holder = _served_copy(serving_world, tmp_path)
     reader = ChildProcessReader(components.target.tokenizer, holder)
     reader.start(wait=True)
     text = serving_world.prompts["math"]
