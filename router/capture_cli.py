@@ -8,11 +8,12 @@ settings' ``state_dir``): run them on the sidecar's host. ``clusters`` and a dis
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -241,19 +242,23 @@ def _start_drafter(source: str | None, view: SidecarView | None, settings: Any) 
     return GENERIC_DRAFTER, world_generic
 
 
-def _scorer(name: str, info: Any, placement: Any) -> Any:
-    """The counterfactual scorer of a served drafter (model, ngram or none)."""
+def _scorer(name: str, info: Any, placement: Any, target: Callable[[], Any]) -> Any | None:
+    """The counterfactual scorer of a served drafter: a model, n-gram or no drafter here;
+    any other kind (copy-or-model, self) built as the sidecar builds it, on the target
+    (``target()``: the local target, loaded once, or None). None when it cannot be built
+    here: every other kind was scored as no drafter, whose acceptance of 0 any distilled
+    drafter beat."""
     from drafters.distill import model_scorer
     from drafters.loader import load_model
     from drafters.ngram import NgramDrafter
-    from drafters.registry import NoDrafter
+    from drafters.registry import NoDrafter, create_drafter
 
     kind = info.kind if info is not None else "none"
+    options = dict(getattr(info, "options", {}) or {})
     if kind == "model":
         loaded = load_model(info.path, placement=placement)
         return model_scorer(loaded.model, len(loaded.tokenizer))
     if kind == "ngram":
-        options = dict(getattr(info, "options", {}) or {})
         drafter: Any = NgramDrafter(
             name,
             placement.device,
@@ -261,7 +266,14 @@ def _scorer(name: str, info: Any, placement: Any) -> Any:
             max_n=int(options.get("max_n", 3)),
         )
         return drafter.score_counterfactual
-    return NoDrafter(name, placement.device).score_counterfactual
+    if kind == "none":
+        return NoDrafter(name, placement.device).score_counterfactual
+    loaded_target = target()
+    if loaded_target is None:
+        return None
+    path = info.path or None
+    built = create_drafter(kind, name=name, target=loaded_target, path=path, options=options)
+    return built.score_counterfactual
 
 
 def _refusal(after: Any, baselines: Sequence[tuple[str, Any]]) -> str | None:
@@ -388,15 +400,31 @@ def distill_command(
     start_name, start_dir = _start_drafter(source, view, settings)
     placement = DevicePlacement(torch.device("cpu"), torch.float32)
     drafter = load_model(start_dir, placement=placement)
-    target_dir = None if no_target else _local_target(settings)
-    target = load_model(target_dir, placement=placement).model if target_dir else None
+    local_target = _local_target(settings)
+
+    @functools.cache
+    def loaded_target() -> Any:
+        return load_model(local_target, placement=placement) if local_target else None
+
+    target = None if no_target or local_target is None else loaded_target().model
     vocabulary = len(drafter.tokenizer)
     before = acceptance_of(model_scorer(drafter.model, vocabulary), held, draft_length)
     baselines = [(f"the starting drafter {start_name}", before)]
     current = view.current_arm if view is not None else ""
+    unscored = ""
     if current and current != start_name:
-        scorer = _scorer(current, view.drafters.get(current) if view else None, placement)
-        baselines.append((f"the current arm {current}", acceptance_of(scorer, held, draft_length)))
+        info = view.drafters.get(current) if view else None
+        scorer = _scorer(current, info, placement, loaded_target)
+        if scorer is None:
+            unscored = (
+                f"not registered: the current arm {current} ({info.kind if info else '?'}) "
+                "drafts with the target's weights, which are not on this host: the distilled "
+                "drafter cannot be compared with it"
+            )
+            typer.echo(f"warning: {unscored}", err=True)
+        else:
+            acceptance = acceptance_of(scorer, held, draft_length)
+            baselines.append((f"the current arm {current}", acceptance))
     labels = "soft labels (the target's top-16)" if target is not None else "hard labels"
     typer.echo(
         f"distilling {start_name} on {len(train)} captured {cluster} samples, {steps} steps,"
@@ -442,8 +470,8 @@ def distill_command(
     if not register_as:
         record("written", str(out))
         return
-    refusal = _refusal(after, baselines)
-    if refusal is not None:
+    refusal = unscored or _refusal(after, baselines)
+    if refusal:
         record("refused", refusal)
         typer.echo(refusal, err=True)
         raise typer.Exit(1)

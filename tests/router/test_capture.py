@@ -279,3 +279,27 @@ def test_capture_survives_sigkill_and_purge_removes_it(
     # A mistyped state directory is an error, not "purged 0".
     typo = _cli("capture", "purge", "--state-dir", str(tmp_path / "stat"), "--yes")
     assert typo.exit_code == 1 and "no capture database" in typo.output
+
+
+def test_the_current_arm_of_any_kind_is_scored_as_the_sidecar_builds_it(
+    serving_world: ServingWorld, components: Components
+) -> None:
+    """`drafters distill` compares the distilled drafter with the cluster's current arm. A
+    copy-or-model or self arm was scored as no drafter (acceptance 0), which any distilled
+    drafter beats; now it is built as the sidecar builds it, or, without the target's
+    weights on this host, the comparison is refused rather than passed."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from drafters.loader import DevicePlacement
+    from router.capture_cli import _scorer
+
+    placement = DevicePlacement(torch.device("cpu"), torch.float32)
+    generic = serving_world.world.drafter_dirs["generic"]
+    info = SimpleNamespace(kind="copy-or-model", path=str(generic), options={})
+    scorer = _scorer("copy", info, placement, lambda: components.target)
+    prompt = list(components.target.tokenizer("one two three four five six")["input_ids"])
+    output = prompt * 3  # repeats the prompt: a copy drafter's best case
+    assert sum(scorer(prompt, output, 4)) > 0
+    assert _scorer("copy", info, placement, lambda: None) is None
