@@ -271,6 +271,9 @@ class RouterService:
         self.tokenizer = components.target.tokenizer
         self._max_prompt_chars = prompt_char_bound(self.tokenizer, self.limits.max_prompt_tokens)
         self._fast_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None)
+        # Tokens the tokenizer adds to a text prompt (a BOS; none for Qwen2.5), as TGI and
+        # vLLM's completions add them; a chat's template spells its own.
+        self._text_specials = int(self.tokenizer.num_special_tokens_to_add(pair=False))
         self.token_texts = TokenTexts(self.tokenizer)
         # The most tokens prompt and output may have together (None: unknown).
         self.context_tokens: int | None = components.target.context_tokens
@@ -362,12 +365,14 @@ class RouterService:
         return self.drafters.eligible()
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
-        return self._ids_of(self._model_text(prompt))
+        """The ids the target reads: a text prompt with the tokens the tokenizer adds (a
+        BOS, as TGI and vLLM's completions add it), a chat as its template renders it."""
+        return self._ids_of(self._model_text(prompt), special=prompt.text is not None)
 
-    def _ids_of(self, text: str) -> list[int]:
+    def _ids_of(self, text: str, *, special: bool = False) -> list[int]:
         if self._fast_tokenizer is not None:
-            return list(self._fast_tokenizer.encode(text, add_special_tokens=False).ids)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return list(self._fast_tokenizer.encode(text, add_special_tokens=special).ids)
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
     def _chat_text(self, messages: Sequence[Mapping[str, str]]) -> str:
         """The messages rendered by the target's chat template. A template may refuse them
@@ -464,7 +469,9 @@ class RouterService:
         """A RouteBatch from a checked batch's token counts and classifications (by slot;
         a hinted slot takes its hint)."""
         prepared = RouteBatch(results)
-        for (index, _), tokens in zip(valid, counts, strict=True):
+        for (index, prompt), counted in zip(valid, counts, strict=True):
+            # The reader counts the text alone; a text prompt also gets the tokenizer's BOS.
+            tokens = counted + (self._text_specials if prompt.text is not None else 0)
             try:
                 check_prompt_tokens(tokens, self.limits)
                 found = classifications.get(index)
@@ -516,7 +523,7 @@ class RouterService:
         reads, whose number is the prompt's token count), classified by the prompt reader
         (as a batch of one), decided."""
         prompt = self._checked_prompt(request, generating=True)
-        ids = self._ids_of(self._model_text(prompt))
+        ids = self.prompt_ids(prompt)
         if request.truncate is not None:
             ids = ids[-request.truncate :]  # the last tokens, as TGI and vLLM keep them
         check_prompt_tokens(len(ids), self.limits)

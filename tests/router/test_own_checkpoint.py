@@ -185,3 +185,50 @@ def test_builtin_drafters_is_refused_with_its_new_name(tmp_path: Path) -> None:
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2
     assert "builtin_drafters was renamed" in done.stderr and "Traceback" not in done.stderr
+
+
+def _with_bos(target_dir: Path, out: Path) -> Path:
+    """A copy of ``target_dir`` whose tokenizer puts <|endoftext|> before a text, as Llama's,
+    Mistral's and Gemma's put their BOS."""
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+
+    shutil.copytree(target_dir, out)
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A",
+        pair="<|endoftext|> $A $B",
+        special_tokens=[("<|endoftext|>", tokenizer.token_to_id("<|endoftext|>"))],
+    )
+    tokenizer.save(str(out / "tokenizer.json"))
+    return out
+
+
+def test_a_text_prompt_gets_the_bos_its_tokenizer_adds(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """Text prompts were tokenized without the tokenizer's special tokens: for a target with
+    a BOS, TGI's /generate and vLLM's completions read one token more than the sidecar sent
+    (fleet mode sends the ids) or generated from. A chat's template spells its own."""
+    from router.components import build_components
+
+    target = _with_bos(serving_world.world.target_dir, serving_world.extra_root / "bos-target")
+    settings = serving_world.settings(tmp_path / "state", target_dir=target)
+    sidecar = SidecarThread(settings, build_components(settings))
+    try:
+        tokenizer = sidecar.service.tokenizer
+        text = COMPLETION_PROMPT
+        plain = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        routed = sidecar.stub.Route(pb.RouteRequest(text=text))
+        assert routed.prompt_tokens == plain + 1
+        chunks = list(sidecar.stub.Generate(pb.GenerateRequest(text=text, max_new_tokens=2)))
+        assert chunks[0].decision.prompt_tokens == chunks[-1].stats.prompt_tokens == plain + 1
+        chat = pb.Conversation(messages=[pb.ChatMessage(role="user", content=text)])
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+        spelt = len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        assert sidecar.stub.Route(pb.RouteRequest(conversation=chat)).prompt_tokens == spelt
+    finally:
+        sidecar.stop()
