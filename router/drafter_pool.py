@@ -131,7 +131,11 @@ class DrafterPool:
         restored = []
         for record in self._store.drafters():
             if record.name in self._live:
-                logger.warning("stored drafter %s shadows a built-in; skipped", record.name)
+                # Kept, listed as unavailable and removable (RemoveDrafter takes the stored
+                # record, not the built-in): it was skipped unseen and could never go.
+                why = "a built-in drafter (the bundle's or drafter_dirs) has this name"
+                logger.warning("stored drafter %s not served (kept): %s", record.name, why)
+                self._unserved[record.name] = (record, why)
                 continue
             try:
                 self._check_stored(record)
@@ -176,9 +180,11 @@ class DrafterPool:
 
     def remove(self, name: str) -> DrafterRecord:
         """Unpublish and delete a registered drafter; built-ins cannot be removed. One
-        stored but not served by this start (``unserved``) is deleted from the store."""
+        stored but not served by this start (``unserved``, a built-in's namesake included)
+        is deleted from the store, and a built-in of its name stays."""
         with self._write_lock:
-            if name in self._unserved and name not in self._live:
+            live = self._live.get(name)
+            if name in self._unserved and (live is None or live.record.builtin):
                 record = self._store.remove_drafter(name)
                 del self._unserved[name]
                 return record

@@ -89,3 +89,26 @@ def test_restore_refuses_a_model_drafter_whose_weights_changed_since_registratio
     ((record, why),) = pool.unserved()
     assert record.name == "mine" and "changed since it was registered" in why, why
     assert [r.name for r in store.drafters()] == ["mine"]
+
+
+def test_a_stored_drafter_a_built_in_shadows_is_listed_and_removable(
+    tiny_world: ModelBundle, tmp_path: Path
+) -> None:
+    """A registered drafter whose name a built-in took since (drafter_dirs, the bundle) was
+    skipped unseen at start: not listed as unavailable, and RemoveDrafter found the
+    built-in and refused, so its stored record could never go."""
+    from drafters.loader import default_placement, describe_target
+    from router.drafter_pool import DrafterPool
+    from router.store import DrafterRecord, SidecarStore
+
+    target = describe_target(tiny_world.target_dir, placement=default_placement("cpu"))
+    store = SidecarStore(tmp_path / "state")
+    store.add_drafter(DrafterRecord(name="ngram", kind="ngram", options={"max_n": "4"}))
+    pool = DrafterPool(target, None, store, [tiny_world.root])
+    pool.add_builtin(DrafterRecord(name="ngram", kind="ngram", builtin=True))
+    assert pool.restore() == []
+    (shadowed, why), *others = pool.unserved()
+    assert shadowed.name == "ngram" and "built-in" in why and not others
+    assert pool.remove("ngram").options == {"max_n": "4"}  # the stored one
+    assert store.drafters() == [] and pool.unserved() == []
+    assert pool.get("ngram").record.builtin  # the built-in still serves

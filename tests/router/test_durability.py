@@ -21,7 +21,7 @@ from router.launch import LaunchedSidecar, launch_sidecar
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
 from router.service import Components
-from router.store import DATABASE_NAME, SidecarStore, StateStoreError
+from router.store import DATABASE_NAME, DrafterRecord, SidecarStore, StateStoreError
 from tests.router.conftest import (
     ADMIN,
     ADMIN_TOKEN,
@@ -410,3 +410,26 @@ class FullDisk:
 
     def close(self) -> None:
         self.db.close()
+
+
+def test_removing_a_stored_drafter_a_built_in_shadows_keeps_the_built_ins_arms(
+    serving_world: ServingWorld, components: Components, tmp_path: Path
+) -> None:
+    """A registration stored under a name a built-in took since is listed as unavailable
+    and removable; removing it deletes the stored record only, and the built-in of that
+    name keeps serving and its arms in the policy."""
+    state = tmp_path / "state"
+    store = SidecarStore(state)
+    store.add_drafter(DrafterRecord(name="ngram", kind="ngram", options={"max_n": "4"}))
+    store.close()
+    running = SidecarThread(serving_world.settings(state), components)
+    try:
+        stub = running.stub
+        listed = stub.ListDrafters(pb.ListDraftersRequest())
+        assert [d.name for d in listed.unavailable] == ["ngram"]
+        stub.RemoveDrafter(pb.RemoveDrafterRequest(name="ngram"), metadata=ADMIN)
+        listed = stub.ListDrafters(pb.ListDraftersRequest())
+        assert not listed.unavailable and "ngram" in {d.name for d in listed.drafters}
+        assert "ngram" in running.service.policy._policy.drafters_
+    finally:
+        running.stop()
