@@ -62,7 +62,9 @@ class LoadRun:
 
     @property
     def rps(self) -> float:
-        return (len(self.latencies) + self.errors) / self.elapsed_s if self.elapsed_s else 0.0
+        """Calls answered per second: a failed call is no throughput (counted, fast
+        failures made a server that refuses work look faster)."""
+        return len(self.latencies) / self.elapsed_s if self.elapsed_s else 0.0
 
     def percentile_ms(self, q: float) -> float:
         if not self.latencies:

@@ -9,8 +9,10 @@ split, disjoint from the test split the traces replay):
    at every k of the grid.
 
 Arms are interleaved request by request (all arms of one prompt back to back), so a change
-in machine load hits every arm alike. The oracle is the best measured arm per task (plain
-decoding, speed-up 1, included); ``static`` maps each task to its own drafter at that
+in machine load hits every arm alike; each pass measures plain decoding among its arms, and
+an arm's speed-up is over the plain runs of its own pass (the sweep divided by the probe
+pass's, minutes older: a machine 15% slower by then rated every swept k 15% lower). The
+oracle is the best measured arm per task (plain decoding, speed-up 1, included); ``static`` maps each task to its own drafter at that
 drafter's best k; ``generic_k`` is the generic drafter's best k over all tasks.
 """
 
@@ -194,13 +196,15 @@ def calibrate(
             calibration.arms[task][f"{arm.drafter}:{arm.draft_length}"] = value
 
     sweeps = {task: _sweep_arms(task, calibration, drafters, options) for task in slices}
-    total = sum(len(slices[t]) * len(arms) for t, arms in sweeps.items())
+    plain = ArmPin(NO_DRAFTER, 0)
+    total = sum(len(slices[t]) * (len(arms) + 1) for t, arms in sweeps.items())
     with tqdm(total=total, desc="calibrate: k sweep", disable=not options.progress) as bar:
         for task, arms in sweeps.items():
-            base = calibration.baseline_tokens_per_s[task]
-            for arm, results in measure_arms(client, slices[task], arms, bar).items():
+            measured = measure_arms(client, slices[task], [plain, *arms], bar)
+            base = aggregate(measured[plain]).tokens_per_s
+            for arm in arms:
                 calibration.arms[task][f"{arm.drafter}:{arm.draft_length}"] = _speedup(
-                    results, base
+                    measured[arm], base
                 )
 
     _derive_tables(calibration, drafters, options)

@@ -1,0 +1,50 @@
+"""Calibration against a machine whose speed changes while it measures (a fake client)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from benchmarks.replay.calibration import CalibrationOptions, calibrate
+from benchmarks.replay.client import ArmPin, DrafterEntry
+from benchmarks.replay.metrics import RequestResult
+from benchmarks.replay.trace import TraceRequest
+
+# True speed-up of each arm on the one task; anything else is 1.
+TRUE = {("code", 4): 1.25, ("code", 6): 1.35, ("generic", 4): 1.1}
+
+
+class SlowingMachine:
+    """Plain decoding at 100 tokens/s, 15% slower for every arm once the probe pass is
+    over."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def generate(self, request: TraceRequest, *, pin: ArmPin, **_: Any) -> RequestResult:
+        self.calls += 1
+        # Warm-up (plain and generic on the one prompt), then the probes (plain, two drafters).
+        slowdown = 1.15 if self.calls > 2 + 3 else 1.0
+        speedup = TRUE.get((pin.drafter, pin.draft_length), 1.0)
+        tokens = 100
+        return RequestResult(
+            index=0, request_id=request.id, task="code", cluster="code",
+            drafter=pin.drafter, draft_length=pin.draft_length, explored=False, greedy=True,
+            prompt_tokens=10, generated_tokens=tokens, steps=tokens, drafted=0, accepted=0,
+            wall_time_s=tokens / (100.0 * speedup) * slowdown,
+        )  # fmt: skip
+
+
+def test_a_swept_arm_is_priced_against_plain_decoding_of_its_own_pass() -> None:
+    """The k sweep divided by the probe pass's plain tokens/s, measured before the machine
+    slowed: the task drafter's k=6 (1.35x) read 1.17x and the tables chose k=4."""
+    request = TraceRequest(id="r0", task="code", prompt="p", max_new_tokens=100)
+    drafters = [
+        DrafterEntry("generic", "model", "", (), True),
+        DrafterEntry("code", "model", "", ("code",), True),
+    ]
+    options = CalibrationOptions(prompts_per_task=1, k_grid=(4, 6), top_drafters=0, progress=False)
+    calibration = calibrate(SlowingMachine(), {"code": [request]}, drafters, options)  # type: ignore[arg-type]
+    assert calibration.arms["code"]["code:6"] == pytest.approx(1.35)
+    assert (calibration.oracle["code"].drafter, calibration.oracle["code"].k) == ("code", 6)
