@@ -12,8 +12,9 @@ Arms are interleaved request by request (all arms of one prompt back to back), s
 in machine load hits every arm alike; each pass measures plain decoding among its arms, and
 an arm's speed-up is over the plain runs of its own pass (the sweep divided by the probe
 pass's, minutes older: a machine 15% slower by then rated every swept k 15% lower). The
-oracle is the best measured arm per task (plain decoding, speed-up 1, included); ``static`` maps each task to its own drafter at that
-drafter's best k; ``generic_k`` is the generic drafter's best k over all tasks.
+oracle is the best measured arm per task (plain decoding, speed-up 1, included);
+``static`` maps each task to its own drafter at that drafter's best k; ``generic_k`` is the
+generic drafter's best k over all tasks.
 """
 
 from __future__ import annotations
