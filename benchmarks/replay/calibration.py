@@ -173,11 +173,7 @@ def calibrate(
         prompts_per_task=options.prompts_per_task,
         probe_k=options.probe_k,
     )
-    first = next(iter(slices.values()))
-    for request in first[: options.warmup_requests]:
-        client.generate(request, pin=ArmPin(NO_DRAFTER, 0), no_update=True)
-        if GENERIC_DRAFTER in names:
-            client.generate(request, pin=ArmPin(GENERIC_DRAFTER, options.probe_k), no_update=True)
+    warm_up(client, next(iter(slices.values())), names, options)
 
     probe_arms = [ArmPin(NO_DRAFTER, 0)] + [ArmPin(n, options.probe_k) for n in names]
     total = sum(len(s) for s in slices.values()) * len(probe_arms)
@@ -210,6 +206,21 @@ def calibrate(
 
     _derive_tables(calibration, drafters, options)
     return calibration
+
+
+def warm_up(
+    client: ReplayClient,
+    requests: Sequence[TraceRequest],
+    drafters: Sequence[str],
+    options: CalibrationOptions = CalibrationOptions(),
+) -> None:
+    """Unmeasured Generates (plain, and the generic drafter's) on a fresh sidecar, so the
+    first measured request does not pay its first-call costs: every replay after a
+    calibration has them, and one that reuses a saved calibration needs them too."""
+    for request in list(requests)[: options.warmup_requests]:
+        client.generate(request, pin=ArmPin(NO_DRAFTER, 0), no_update=True)
+        if GENERIC_DRAFTER in drafters:
+            client.generate(request, pin=ArmPin(GENERIC_DRAFTER, options.probe_k), no_update=True)
 
 
 def _sweep_arms(

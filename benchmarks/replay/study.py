@@ -25,6 +25,7 @@ from benchmarks.replay.calibration import (
     CalibrationOptions,
     calibrate,
     calibration_from_json,
+    warm_up,
 )
 from benchmarks.replay.client import ReplayClient
 from benchmarks.replay.replay import PolicySetting, read_finetune_sample
@@ -133,6 +134,9 @@ def run_study_replays(client: ReplayClient, config: StudyConfig, world: WorldLik
             calibration_path.write_text(json.dumps(saved, indent=2) + "\n")
     if config.reuse and calibration_path.is_file():
         calibration = calibration_from_json(json.loads(calibration_path.read_text()))
+        # Measured by another sidecar: this one has not served a request yet.
+        warm = builtin_trace("uniform", test, replace(options, per_task=1)).requests
+        warm_up(client, warm, [d.name for d in client.list_drafters()], config.calibration)
     else:
         probe = builtin_trace("uniform", test, replace(options, per_task=1))
         requests = calibration_requests(world, probe, options, config.calibration.prompts_per_task)

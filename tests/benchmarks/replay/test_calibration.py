@@ -48,3 +48,37 @@ def test_a_swept_arm_is_priced_against_plain_decoding_of_its_own_pass() -> None:
     calibration = calibrate(SlowingMachine(), {"code": [request]}, drafters, options)  # type: ignore[arg-type]
     assert calibration.arms["code"]["code:6"] == pytest.approx(1.35)
     assert (calibration.oracle["code"].drafter, calibration.oracle["code"].k) == ("code", 6)
+
+
+def test_a_study_that_reuses_a_calibration_warms_the_sidecar_up_first(
+    tiny_world: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replays rely on the calibration having warmed the sidecar up; a study reusing a saved
+    calibration measured its first request (plain decoding) on a cold sidecar."""
+    import json
+
+    from benchmarks.replay import study
+    from benchmarks.replay.calibration import Calibration
+
+    class Recorder(SlowingMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pins: list[ArmPin] = []
+
+        def list_drafters(self) -> list[DrafterEntry]:
+            return [DrafterEntry("generic", "model", "", (), True)]
+
+        def generate(self, request: TraceRequest, *, pin: ArmPin, **rest: Any) -> RequestResult:
+            self.pins.append(pin)
+            return super().generate(request, pin=pin, **rest)
+
+    saved = Calibration(method="saved", prompts_per_task=1, probe_k=4)
+    (tmp_path / "calibration.json").write_text(json.dumps(saved.to_json()))
+    replayed: list[str] = []
+    monkeypatch.setattr(study, "_replay", lambda client, trace, *rest: replayed.append(trace.name))
+    monkeypatch.setattr(study, "rq1_settings", lambda calibration, drafters: [])
+    client = Recorder()
+    config = study.StudyConfig(out_dir=tmp_path, progress=False)
+    study.run_study_replays(client, config, tiny_world)  # type: ignore[arg-type]
+    assert client.pins[:2] == [ArmPin("none", 0), ArmPin("generic", 4)]
+    assert replayed  # the replays came after
