@@ -79,12 +79,14 @@ class _UcbArms:
 
 def measured_speedup(outcome: Outcome, t_ar: float, k: int) -> float:
     """Reward: plain-decoding time of the generated tokens over the time actually spent,
-    at most k + 1 (a target step emits at most k + 1 tokens): a reported time of 1e-300
-    made it infinite, and one such Report pinned the arm for good."""
+    at most max(k, 1) + 1 (a target step emits at most k + 1 tokens): a reported time of
+    1e-300 made it infinite, and one such Report pinned the arm for good. The plain arm's
+    bound is 2, not 1: its reward scatters around 1 with timing noise, and capping it at 1
+    would cut off the upper half only and bias it below a drafter as slow."""
     spent = outcome.draft_time_s + outcome.verify_time_s or outcome.wall_time_s
     if spent <= 0 or outcome.generated_tokens <= 0:
         return 1.0
-    return min(t_ar * outcome.generated_tokens / spent, k + 1.0)
+    return min(t_ar * outcome.generated_tokens / spent, max(k, 1) + 1.0)
 
 
 class UcbPolicy:

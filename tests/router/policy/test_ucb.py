@@ -103,6 +103,10 @@ def test_a_report_of_no_time_cannot_pin_an_arm() -> None:
     outcome = geometric_outcome(np.random.default_rng(1), Decision("a", 1), 0.2)
     forged = replace(outcome, draft_time_s=0.0, verify_time_s=1e-300)
     assert measured_speedup(forged, 0.01, 1) == 2.0  # at most k + 1
+    # The plain arm's noise above 1 is kept: capped at 1 it was biased low.
+    plain = replace(outcome, draft_time_s=0.0, verify_time_s=outcome.generated_tokens * 0.009)
+    assert measured_speedup(plain, 0.01, 0) == pytest.approx(0.01 / 0.009)
+    assert measured_speedup(forged, 0.01, 0) == 2.0
     policy.update(CODE, Decision("a", 1), forged)
     assert np.isfinite(policy.contexts_[CODE].rewards).all()
     later = Counter(d.drafter for d in _run(policy, {"a": 0.2, "b": 0.9}, 200, seed=2))
