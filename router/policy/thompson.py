@@ -229,15 +229,18 @@ def speedup_tables(
     """S_req [..., R, D, W] of every drafter for acceptances [..., R, D]; the copy
     drafters' rows are priced from their run parameters ``copy_values``
     [..., R, Dc * (1 + H)] (``CopyTerms.parameters``) instead. W = max(k_max, K) + 1; a
-    drafter's columns past its own k_max are 0."""
+    drafter's columns past its own k_max repeat its k_max column (a k past the priced grid
+    stands at its longest; argmax, taking the first of equals, still picks k_max): they
+    were 0, and a model drafter served at one k past k_max (a fleet replica at k = 12)
+    was priced 0 whenever a copy drafter widened the table, so never chosen."""
     geometric = prices.speedups(acceptance)
     if copy is None or copy_values is None:
         return geometric
     width = max(geometric.shape[-1], copy.k_max + 1)
-    table = np.zeros((*geometric.shape[:-1], width))
+    table = np.repeat(geometric[..., -1:], width, axis=-1)
     table[..., : geometric.shape[-1]] = geometric
     columns = list(copy.columns)
-    table[..., columns, : geometric.shape[-1]] = 0.0
+    table[..., columns, :] = 0.0
     table[..., columns, : copy.k_max + 1] = copy.speedups(copy_values, prices)
     return table
 
@@ -318,7 +321,10 @@ def thompson_decisions(
         if k == 0:
             decisions.append(Decision(NONE_DRAFTER, 0, 1.0, explored))
         else:
-            decisions.append(Decision(drafters[d], k, float(table[1, r, d, k]), explored))
+            # A drafter served at one length past the table is priced at its last column
+            # and decided at the length it is served at (it said the column).
+            served = lengths[d] if lengths and lengths[d] > 0 else k
+            decisions.append(Decision(drafters[d], served, float(table[1, r, d, k]), explored))
     return decisions
 
 

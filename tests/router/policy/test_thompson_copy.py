@@ -308,7 +308,8 @@ def test_model_drafters_rows_are_priced_as_before_beside_a_copy_drafter() -> Non
     geometric = prices.speedups(acceptance)
     assert table.shape[-1] == 17 and geometric.shape[-1] == 9
     np.testing.assert_array_equal(table[0, [0, 2], :9], geometric[0, [0, 2]])
-    assert not table[0, [0, 2], 9:].any()  # model drafters stop at k_max 8
+    # Past their k_max (8), model drafters stand at it (argmax takes the first of equals).
+    np.testing.assert_array_equal(table[0, [0, 2], 9:], np.repeat(geometric[0, [0, 2], 8:], 8, -1))
 
 
 def test_state_round_trip_keeps_the_copy_statistics() -> None:
@@ -525,3 +526,28 @@ def test_a_fresh_contexts_run_prior_is_derived_once_per_cluster_and_follows_simi
     policy.update_counterfactual(context, "ngram", [4, 4, 0, 2], 4)
     borrowed = policy._copy_posterior(Context("code", 2), "ngram")
     assert not np.array_equal(borrowed, similar)
+
+
+def test_a_model_drafter_served_past_k_max_is_chosen_beside_a_copy_drafter() -> None:
+    """A fleet's model replica at k = 12 (past the default k_max 8) with an n-gram replica
+    beside it: the copy drafter widened the speed-up table to 17 columns and the model
+    drafter's columns past 8 were 0, so its one served length was priced 0 and it was
+    never chosen however well it did (without a copy drafter it stood at column 8)."""
+    rng = np.random.default_rng(0)
+    lengths = {"generic": 12, "ngram": 4}
+    chosen: Counter[str] = Counter()
+    for copy in ((), COPY):
+        policy = ThompsonPolicy(
+            DRAFTERS, copy_drafters=copy, draft_length=lengths, rng=np.random.default_rng(1)
+        )
+        for _ in range(60):
+            policy.update(
+                CHAT, Decision("generic", 12), geometric_outcome(rng, Decision("generic", 12), 0.9)
+            )
+            policy.update(
+                CHAT, Decision("ngram", 4), geometric_outcome(rng, Decision("ngram", 4), 0.1)
+            )
+        decisions = [policy.select(CHAT, DRAFTERS) for _ in range(100)]
+        assert all(d.k in (0, lengths.get(d.drafter, 0)) for d in decisions)
+        chosen.update(f"{bool(copy)}:{d.drafter}" for d in decisions)
+    assert chosen["True:generic"] > 80 and chosen["False:generic"] > 80, chosen
