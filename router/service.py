@@ -1000,6 +1000,7 @@ def outcome_from_report(report: OutcomeInput, k: int) -> Any:
             wall_time_s=report.wall_time_s,
             generated_tokens=report.generated_tokens,
             plain_token_time_s=report.plain_token_time_s,
+            draft_length=k,
         )
     except ValueError as exc:
         raise InvalidRequestError(f"invalid outcome: {exc}") from exc

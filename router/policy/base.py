@@ -75,6 +75,15 @@ class Decision:
             )
 
 
+def _drafted_steps(steps: int, drafted_tokens: int, k: int) -> list[int]:
+    """Per-step drafted counts: k each while the total lasts, then the remainder, then 0."""
+    if k <= 0:
+        return [0] * steps
+    full, remainder = divmod(min(drafted_tokens, k * steps), k)
+    drafted = [k] * full + ([remainder] if remainder else [])
+    return drafted + [0] * (steps - len(drafted))
+
+
 def _steps_from_positions(
     steps: int, draft_length: int, accepted_per_position: Sequence[int]
 ) -> list[int]:
@@ -195,27 +204,39 @@ class Outcome:
         wall_time_s: float = 0.0,
         generated_tokens: int = 0,
         plain_token_time_s: float | None = None,
+        draft_length: int = 0,
     ) -> Outcome:
         """Build from totals and per-position accepts (the Report RPC's compact form).
 
-        The draft length is taken as ``round(drafted_tokens / steps)``. With per-position
-        counts the per-step accepts are reconstructed exactly (for a constant k);
-        without them the accepted total is spread as evenly as possible over the steps,
-        which may undercount failures (a documented approximation).
+        ``draft_length``: the k each step asked for (the decision's). Steps draft k each
+        until the drafted total is spent, the last drafting step the remainder, and the
+        others nothing (a lookup that found no match): k taken as the drafted mean
+        instead lost the accepts past it and read empty lookups as short drafts. Without
+        it (0, or totals no k steps can draft) k is ``round(drafted_tokens / steps)``.
+        With per-position counts the per-step accepts are reconstructed exactly for the
+        drafting steps; without them the accepted total is spread as evenly as possible
+        over them, which may undercount failures (a documented approximation).
         """
         if steps < 0 or drafted_tokens < 0 or accepted_tokens < 0:
             raise ValueError("steps and token counts must be >= 0")
-        k = round(drafted_tokens / steps) if steps else 0
-        if k == 0:
+        k = draft_length
+        if not 0 < drafted_tokens <= k * steps:
+            k = round(drafted_tokens / steps) if steps else 0
+        drafted = _drafted_steps(steps, drafted_tokens, k)
+        drafting = sum(1 for d in drafted if d)
+        if not drafting:
             accepted = [0] * steps
         elif accepted_per_position:
-            accepted = _steps_from_positions(steps, k, accepted_per_position)
+            accepted = _steps_from_positions(drafting, k, accepted_per_position)
         else:
-            base, extra = divmod(min(accepted_tokens, k * steps), steps)
-            accepted = [base + 1] * extra + [base] * (steps - extra)
+            base, extra = divmod(min(accepted_tokens, sum(drafted)), drafting)
+            accepted = [base + 1] * extra + [base] * (drafting - extra)
+        # The most accepts to the full steps; a short last draft keeps what it can.
+        accepted = sorted(accepted, reverse=True) + [0] * (steps - drafting)
+        accepted = [min(a, d) for a, d in zip(accepted, drafted, strict=True)]
         tokens = generated_tokens or sum(accepted) + steps
         return cls.from_steps(
-            [k] * steps,
+            drafted,
             accepted,
             draft_time_s=draft_time_s,
             verify_time_s=verify_time_s,

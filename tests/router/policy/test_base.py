@@ -103,6 +103,35 @@ def test_outcome_from_totals_reconstructs_steps_from_positions() -> None:
     assert outcome.plain_token_time_s is None  # 0 on the wire means "not measured"
 
 
+def test_totals_with_the_decisions_k_keep_empty_lookups_apart_from_short_drafts() -> None:
+    """k = 4; six steps drafted 4 and accepted all, four lookups found nothing: as totals
+    (10 steps, 24 drafted, 24 accepted) k was taken as round(24 / 10) = 2, the accepts past
+    position 2 were lost and each step read as a draft of 2: (12, 4) for the truth's
+    (24, 4). With the decision's k the steps are the truth's."""
+    truth = Outcome.from_steps(
+        [4] * 6 + [0] * 4, [4] * 6 + [0] * 4, draft_time_s=0.1, verify_time_s=0.5
+    )
+    outcome = Outcome.from_totals(
+        steps=10,
+        drafted_tokens=24,
+        accepted_tokens=24,
+        accepted_per_position=[6, 6, 6, 6],
+        draft_time_s=0.1,
+        verify_time_s=0.5,
+        draft_length=4,
+    )
+    assert outcome.acceptance_counts(4) == truth.acceptance_counts(4) == (24, 4)
+    assert outcome.drafted_per_step == truth.drafted_per_step
+    assert outcome.generated_tokens == truth.generated_tokens == 34
+    # A short last draft (the budget's end) keeps its accepts within what it drafted.
+    short = Outcome.from_totals(
+        steps=4, drafted_tokens=13, accepted_tokens=10, accepted_per_position=[4, 3, 3],
+        draft_time_s=0.1, verify_time_s=0.5, draft_length=4,
+    )  # fmt: skip
+    assert short.drafted_per_step == (4, 4, 4, 1)
+    assert short.accepted_per_step == (3, 3, 3, 1)
+
+
 def test_outcome_from_totals_without_positions_spreads_the_total() -> None:
     outcome = Outcome.from_totals(
         steps=4, drafted_tokens=16, accepted_tokens=10, draft_time_s=0.1, verify_time_s=0.2
