@@ -94,8 +94,10 @@ def runs_of_steps(
             runs.append((False, 0, False))
             continue
         run = (run or 0) + accepted
-        if drafted >= k and accepted >= drafted:
-            run += 1  # a full step: its bonus token is the copy's next, the run goes on
+        if drafted >= asked and accepted >= drafted:
+            # A full step (as long as it asked: the loss guard's k' < k is one too): its
+            # bonus token is the copy's next, the run goes on.
+            run += 1
         elif accepted >= drafted > 0:
             runs.append((True, run, True))  # the draft was cut short, not refuted
             run = None

@@ -139,6 +139,14 @@ def test_runs_are_read_across_steps_and_censored_where_unrefuted() -> None:
     assert not run_counts(drafted, accepted, 0, 10).any()
 
 
+def test_a_step_the_loss_guard_shortened_is_full_when_it_drafted_what_it_asked() -> None:
+    """Decision k = 8, the guard asking 3: five steps of 3 accepted 3 were read as five
+    runs cut short (five extra matched starts) and the miss as an h_1 failure; the run is
+    one of 15 accepted + 5 bonus tokens refuted at h_21."""
+    drafted, accepted = [3] * 6, [3] * 5 + [0]
+    assert runs_of_steps(drafted, accepted, 8, [3] * 6) == [(True, 20, False)]
+
+
 def test_steps_that_asked_for_no_draft_are_no_lookups() -> None:
     """The loss guard, once settled on k' = 0, asks for no draft on every later step: each
     was read as an unmatched start (4 full steps then 20 such steps gave c 1 success
