@@ -77,10 +77,12 @@ def generate_from_pb(message: pb.GenerateRequest) -> GenerateInput:
     )
 
 
-def outcome_from_pb(message: pb.RouteOutcome, limits: Limits) -> OutcomeInput:
+def outcome_from_pb(
+    message: pb.RouteOutcome, limits: Limits, context_tokens: int | None = None
+) -> OutcomeInput:
     """A checked outcome (:func:`router.domain.check_outcome`): a contradictory report is
     refused here, before it can touch the pending request or the policy."""
-    return check_outcome(_outcome_from_pb(message), limits)
+    return check_outcome(_outcome_from_pb(message), limits, context_tokens)
 
 
 def _outcome_from_pb(message: pb.RouteOutcome) -> OutcomeInput:

@@ -183,15 +183,19 @@ def check_forced_stop_threshold(threshold: float | None) -> float | None:
     return threshold
 
 
-def check_outcome(outcome: OutcomeInput, limits: Limits) -> OutcomeInput:
+def check_outcome(
+    outcome: OutcomeInput, limits: Limits, context_tokens: int | None = None
+) -> OutcomeInput:
     """Refuse a report whose numbers contradict each other, before the policy sees it:
     times must be finite and >= 0; per-step lists must pair up; in totals form at most
     as many tokens are accepted as drafted, and ``accepted_per_position[i]`` counts the
     steps whose draft token i was accepted, so it is at most ``steps``, non-increasing
     in i (token i + 1 is accepted only after token i), and sums to ``accepted_tokens``.
     No step drafts more than ``MAX_DRAFT_LENGTH`` tokens.
-    At most ``limits.max_new_tokens`` tokens are generated (a forged count made the
-    measured speed-up as large as it liked). A step emits at least one token, so there
+    No more tokens are generated than the target's context holds (``context_tokens``,
+    when known) or than the steps can emit (k + 1 each, and the prefill's): a forged count
+    made the measured speed-up as large as it liked. (Not ``max_new_tokens``: a Route may
+    leave the budget unknown.) A step emits at least one token, so there
     are at most ``limits.max_new_tokens`` steps (the policy expands totals into one entry
     per step: an unchecked uint32 count would cost minutes and gigabytes)."""
     steps = len(outcome.accepted_per_step) or outcome.steps
@@ -201,12 +205,7 @@ def check_outcome(outcome: OutcomeInput, limits: Limits) -> OutcomeInput:
             f"{steps} is over the limit of {limits.max_new_tokens} "
             "(max_new_tokens: a step emits at least one token)",
         )
-    if outcome.generated_tokens > limits.max_new_tokens:
-        raise InvalidFieldError(
-            "generated_tokens",
-            f"{outcome.generated_tokens} is over the limit of {limits.max_new_tokens} "
-            "(max_new_tokens)",
-        )
+    _check_generated_tokens(outcome.generated_tokens, steps, context_tokens)
     for name in ("draft_time_s", "verify_time_s", "wall_time_s"):
         if check_finite(name, getattr(outcome, name)) < 0:
             raise InvalidFieldError(name, f"must be >= 0, got {getattr(outcome, name)}")
@@ -218,6 +217,21 @@ def check_outcome(outcome: OutcomeInput, limits: Limits) -> OutcomeInput:
     else:
         _check_totals(outcome)
     return outcome
+
+
+def _check_generated_tokens(generated: int, steps: int, context_tokens: int | None) -> None:
+    if context_tokens is not None and generated > context_tokens:
+        raise InvalidFieldError(
+            "generated_tokens",
+            f"{generated} is more than the target's context of {context_tokens} tokens",
+        )
+    most = steps * (MAX_DRAFT_LENGTH + 1) + 1
+    if steps and generated > most:
+        raise InvalidFieldError(
+            "generated_tokens",
+            f"{generated} is more than {steps} steps can emit ({most}: at most "
+            f"{MAX_DRAFT_LENGTH + 1} a step, and the prefill's)",
+        )
 
 
 def _check_per_step_lists(outcome: OutcomeInput) -> None:

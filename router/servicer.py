@@ -48,8 +48,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return convert.decision_to_pb(routed)
 
     async def Report(self, request: pb.RouteOutcome, context: aio.ServicerContext) -> pb.ReportAck:
-        outcome = convert.outcome_from_pb(request, self._service.limits)
-        version = self._service.report(outcome)
+        service = self._service
+        outcome = convert.outcome_from_pb(request, service.limits, service.context_tokens)
+        version = service.report(outcome)
         return pb.ReportAck(request_id=request.request_id, policy_version=version)
 
     async def Generate(

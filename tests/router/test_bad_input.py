@@ -501,13 +501,12 @@ BAD_REPORTS: dict[str, tuple[dict[str, Any], str]] = {
         "draft_time_s",
     ),
     # Taken as is: UCB's reward is generated tokens over time spent.
-    "more tokens generated than a request may": (
-        {
-            "drafted_per_step": [2],
-            "accepted_per_step": [1],
-            "generated_tokens": 2**32 - 1,
-            **GOOD_TIMES,
-        },
+    "more tokens generated than the target's context holds": (
+        {"generated_tokens": 2**32 - 1, **GOOD_TIMES},
+        "generated_tokens",
+    ),
+    "more tokens generated than the steps can emit": (
+        {"drafted_per_step": [2], "accepted_per_step": [1], "generated_tokens": 50, **GOOD_TIMES},
         "generated_tokens",
     ),
 }
@@ -536,6 +535,23 @@ def test_a_contradictory_report_is_invalid_and_never_reaches_the_policy(
         **GOOD_TIMES,
     )
     assert sidecar.stub.Report(good).policy_version == state_before.version + 1
+
+
+def test_a_report_of_more_tokens_than_the_generate_limit_is_learnt_from(
+    sidecar: SidecarThread,
+) -> None:
+    """A Route may leave the budget unknown, and the serving stack generate more than the
+    sidecar's own max_new_tokens (200 here): such a Report was refused, its learning lost."""
+    decision = sidecar.stub.Route(pb.RouteRequest(text=PROMPT, task_hint="code"))
+    before = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).version
+    report = pb.RouteOutcome(
+        request_id=decision.request_id,
+        drafted_per_step=[4] * 100,
+        accepted_per_step=[3] * 100,
+        generated_tokens=MAX_NEW_TOKENS + 200,
+        **GOOD_TIMES,
+    )
+    assert sidecar.stub.Report(report).policy_version == before + 1
 
 
 def test_the_largest_forced_draft_length_is_the_one_the_engine_uses(
