@@ -208,19 +208,26 @@ class Outcome:
     ) -> Outcome:
         """Build from totals and per-position accepts (the Report RPC's compact form).
 
-        ``draft_length``: the k each step asked for (the decision's). Steps draft k each
-        until the drafted total is spent, the last drafting step the remainder, and the
-        others nothing (a lookup that found no match): k taken as the drafted mean
-        instead lost the accepts past it and read empty lookups as short drafts. Without
-        it (0, or totals no k steps can draft) k is ``round(drafted_tokens / steps)``.
-        With per-position counts the per-step accepts are reconstructed exactly for the
-        drafting steps; without them the accepted total is spread as evenly as possible
-        over them, which may undercount failures (a documented approximation).
+        ``draft_length``: the k each step asked for (the decision's). With per-position
+        counts that allow it, steps draft k each until the drafted total is spent, the
+        last drafting step the remainder, and the others nothing (a lookup that found no
+        match): k taken as the drafted mean instead lost the accepts past it and read
+        empty lookups as short drafts. Otherwise (no k, no positions, or more steps
+        accepting a token than that reading has drafting steps: short drafts, not empty
+        ones) k is ``round(drafted_tokens / steps)``. With per-position counts the
+        per-step accepts are reconstructed exactly for the drafting steps; without them
+        the accepted total is spread as evenly as possible over them, which may
+        undercount failures (a documented approximation).
         """
         if steps < 0 or drafted_tokens < 0 or accepted_tokens < 0:
             raise ValueError("steps and token counts must be >= 0")
         k = draft_length
-        if not 0 < drafted_tokens <= k * steps:
+        drafting_at_k = -(-drafted_tokens // k) if k > 0 else 0
+        if not (
+            0 < drafted_tokens <= k * steps
+            and accepted_per_position
+            and accepted_per_position[0] <= drafting_at_k
+        ):
             k = round(drafted_tokens / steps) if steps else 0
         drafted = _drafted_steps(steps, drafted_tokens, k)
         drafting = sum(1 for d in drafted if d)

@@ -130,6 +130,14 @@ def test_totals_with_the_decisions_k_keep_empty_lookups_apart_from_short_drafts(
     )  # fmt: skip
     assert short.drafted_per_step == (4, 4, 4, 1)
     assert short.accepted_per_step == (3, 3, 3, 1)
+    # Ten steps that each drafted 2 of k = 4 and kept them: more steps accepted a token
+    # than "k or nothing" has drafting steps (10 > 5), so they are short drafts.
+    halves = Outcome.from_totals(
+        steps=10, drafted_tokens=20, accepted_tokens=20, accepted_per_position=[10, 10],
+        draft_time_s=0.1, verify_time_s=0.5, draft_length=4,
+    )  # fmt: skip
+    assert halves.drafted_per_step == (2,) * 10 and halves.accepted_tokens == 20
+    assert halves.acceptance_counts(2) == (20, 0)
 
 
 def test_outcome_from_totals_without_positions_spreads_the_total() -> None:
