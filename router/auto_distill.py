@@ -146,7 +146,8 @@ class AutoDistiller:
         name = f"{cluster}-auto-{stamp}"
         out = distilled_root(self.settings) / name
         logger.info("auto-distillation of %s on %d captured samples: %s", cluster, samples, out)
-        recorded = sum(self.capture.distillation_counts().values())
+        before = self.capture.distillation_counts()
+        recorded = sum(before.values())
         started = time.perf_counter()
         # A plain Popen waited on in a thread: no asyncio transport outlives the loop.
         child = subprocess.Popen(
@@ -170,10 +171,14 @@ class AutoDistiller:
             logger.warning(
                 "auto-distillation of %s discarded after %.0f s: %s", cluster, seconds, verdict
             )
-            # What it wrote holds prompts of captured traffic (the fine-tuning sample):
-            # discarded means gone, not left for `capture purge` to miss.
-            shutil.rmtree(out, ignore_errors=True)
-            if sum(self.capture.distillation_counts().values()) == recorded:
+            after = self.capture.distillation_counts()
+            if after.get("failed", 0) == before.get("failed", 0):
+                # Refused, or stopped before writing: what it wrote holds prompts of the
+                # captured traffic (the fine-tuning sample), and discarded means gone, not
+                # left for `capture purge` to miss. A RegisterDrafter that failed on the
+                # client's side (its deadline) may still complete on the server: kept.
+                shutil.rmtree(out, ignore_errors=True)
+            if sum(after.values()) == recorded:
                 # It stopped before writing a drafter (its own record): counted here.
                 self.capture.record_distillation(cluster, "failed", seconds, verdict[-500:])
         return child.returncode

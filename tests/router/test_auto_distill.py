@@ -210,3 +210,40 @@ def test_a_sidecar_distils_discards_and_registers_by_itself(
         assert store.distillation_counts()["registered"] == 1
     finally:
         sidecar.stop()
+
+
+@pytest.mark.parametrize(("outcome", "kept"), [("refused", False), ("failed", True)])
+def test_a_discarded_run_removes_its_drafter_unless_registration_may_have_happened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcome: str, kept: bool
+) -> None:
+    """A refused drafter's directory holds captured prompts and goes; one whose
+    RegisterDrafter failed on the client's side (its deadline, while the server may still
+    register it) was removed too, under a registration in progress."""
+    import asyncio
+    import sys
+
+    settings = Settings(
+        state_dir=tmp_path,
+        capture=CaptureSettings(enabled=True),
+        auto_distill=AutoDistillSettings(enabled=True, min_samples=2),
+    )
+    store = CaptureStore(tmp_path, settings.capture)
+    for i in range(2):
+        store.record("math", (1, 2, i), (3, 4))
+    distiller = AutoDistiller(settings, lambda: [_context("math", 0.3, 1.1, 40)], store, "x:1")
+    child = (
+        "import sys, pathlib; from router.capture import CaptureStore; "
+        "out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True); "
+        "(out / 'finetune_sample.jsonl').write_text('a captured prompt'); "
+        f"CaptureStore(pathlib.Path(sys.argv[2])).record_distillation('math', '{outcome}', 1.0, ''); "
+        "sys.exit(1)"
+    )
+    written: list[Path] = []
+
+    def command(cluster: str, out: Path, name: str) -> list[str]:
+        written.append(out)
+        return [sys.executable, "-c", child, str(out), str(tmp_path)]
+
+    monkeypatch.setattr(distiller, "command", command)
+    assert asyncio.run(distiller.run_once()) == 1
+    assert written[0].exists() == kept
