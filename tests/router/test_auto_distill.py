@@ -235,7 +235,8 @@ def test_a_discarded_run_removes_its_drafter_unless_registration_may_have_happen
         "import sys, pathlib; from router.capture import CaptureStore; "
         "out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True); "
         "(out / 'finetune_sample.jsonl').write_text('a captured prompt'); "
-        f"CaptureStore(pathlib.Path(sys.argv[2])).record_distillation('math', '{outcome}', 1.0, ''); "
+        "CaptureStore(pathlib.Path(sys.argv[2]))"
+        f".record_distillation('math', '{outcome}', 1.0, ''); "
         "sys.exit(1)"
     )
     written: list[Path] = []
