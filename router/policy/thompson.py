@@ -240,8 +240,10 @@ def speedup_tables(
     table = np.repeat(geometric[..., -1:], width, axis=-1)
     table[..., : geometric.shape[-1]] = geometric
     columns = list(copy.columns)
-    table[..., columns, :] = 0.0
-    table[..., columns, : copy.k_max + 1] = copy.speedups(copy_values, prices)
+    copied = copy.speedups(copy_values, prices)  # [..., R, Dc, copy_k_max + 1]
+    table[..., columns, : copy.k_max + 1] = copied
+    # Past copy_k_max (below a larger k_max) a copy drafter stands at its longest too.
+    table[..., columns, copy.k_max + 1 :] = copied[..., -1:]
     return table
 
 
@@ -794,11 +796,13 @@ class ThompsonPolicy:
             if copy is not None:
                 copy_alpha, copy_beta = copy.parameters()
                 copy_means = copy_alpha / (copy_alpha + copy_beta)
+            lengths = [self.draft_length_.get(name, 0) for name in self.drafters_]
             table = served_lengths_only(
-                speedup_tables(mean[None], prices, copy, copy_means)[0],
-                [self.draft_length_.get(name, 0) for name in self.drafters_],
+                speedup_tables(mean[None], prices, copy, copy_means)[0], lengths
             )
             best_k, best_s = best_draft_length(table)
+            # A drafter served at one length is described at it (as decided), not its column.
+            best_k = [served if k and served else int(k) for k, served in zip(best_k, lengths)]
             summary_arms = tuple(
                 ArmSummary(
                     name,

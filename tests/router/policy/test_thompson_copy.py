@@ -559,3 +559,32 @@ def test_a_model_drafter_served_past_k_max_is_chosen_beside_a_copy_drafter() -> 
         assert all(d.k in (0, lengths.get(d.drafter, 0)) for d in decisions)
         chosen.update(f"{bool(copy)}:{d.drafter}" for d in decisions)
     assert chosen["True:generic"] > 80 and chosen["False:generic"] > 80, chosen
+
+
+def test_a_copy_drafter_served_past_copy_k_max_is_priced_at_its_longest() -> None:
+    """The mirror case: copy_k_max 4 below k_max 8, the n-gram replica at k = 6. Its
+    columns past 4 were 0: never chosen (`none` every time)."""
+    rng = np.random.default_rng(0)
+    policy = ThompsonPolicy(
+        ["ngram", "generic"], k_max=8, copy_k_max=4, copy_drafters=COPY,
+        draft_length={"ngram": 6}, rng=np.random.default_rng(1),
+    )  # fmt: skip
+    for _ in range(40):
+        decision = Decision("ngram", 6)
+        policy.update(CHAT, decision, copy_outcome(rng, decision, match=0.9, keep=0.95))
+    decisions = Counter(
+        (d.drafter, d.k) for d in (policy.select(CHAT, ["ngram"]) for _ in range(50))
+    )
+    assert decisions[("ngram", 6)] > 40, decisions
+
+
+def test_the_policy_state_says_the_k_a_drafter_is_served_at() -> None:
+    """GetPolicyState (describe) gave the column, 8, for a drafter served at 12."""
+    rng = np.random.default_rng(0)
+    policy = ThompsonPolicy(DRAFTERS, draft_length={"generic": 12}, rng=np.random.default_rng(1))
+    for _ in range(30):
+        decision = Decision("generic", 12)
+        policy.update(CHAT, decision, geometric_outcome(rng, decision, 0.9))
+    (summary,) = policy.describe()
+    assert summary.chosen_drafter == "generic" and summary.chosen_k == 12
+    assert {arm.drafter: arm.best_k for arm in summary.arms}["generic"] == 12
