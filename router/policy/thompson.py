@@ -800,9 +800,12 @@ class ThompsonPolicy:
             table = served_lengths_only(
                 speedup_tables(mean[None], prices, copy, copy_means)[0], lengths
             )
-            best_k, best_s = best_draft_length(table)
+            columns, best_s = best_draft_length(table)
             # A drafter served at one length is described at it (as decided), not its column.
-            best_k = [served if k and served else int(k) for k, served in zip(best_k, lengths)]
+            best_k = [
+                served if k and served else int(k)
+                for k, served in zip(columns.tolist(), lengths, strict=True)
+            ]
             summary_arms = tuple(
                 ArmSummary(
                     name,
