@@ -489,10 +489,16 @@ class FleetRouterService(RouterService):
         that ends on its length or EOS releases a character left incomplete, as in-process;
         the generated text is these texts joined."""
         ids = delta.token_ids
+        scored = delta.logprobs
         texts: list[str] = []
         if not progress.stopped:  # nothing after a stop string (vLLM ends there)
             texts, stopped = push_until_stop(progress.detokenizer, ids, (), stops)
             progress.stopped = stopped is not None
+            if progress.stopped:
+                # The tokens up to the one that ends the stop string, as in-process: after a
+                # failover the replica never saw the string's start and went on past it.
+                ids = ids[: len(texts)]
+                scored = scored[: len(texts)] if scored is not None else None
         texts += [""] * (len(ids) - len(texts))
         if delta.finish_reason in ("length", "eos_token"):
             texts[-1] += progress.detokenizer.flush()
@@ -504,9 +510,7 @@ class FleetRouterService(RouterService):
             token_texts=tuple(texts),
             special=tuple(i in self._special_ids for i in ids),
             text=text,
-            logprobs=(
-                self.token_texts.scored(ids, delta.logprobs) if delta.logprobs is not None else None
-            ),
+            logprobs=self.token_texts.scored(ids, scored) if scored is not None else None,
         )
 
     def _result(

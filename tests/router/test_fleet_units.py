@@ -739,6 +739,27 @@ def test_a_stop_string_begun_before_a_failover_ends_the_request(
     assert sent == ids[2:3]  # the stop's end came, and the stream was left there
     assert progress.end is not None and progress.end.finish_reason == "stop_sequence"
     assert "".join(progress.texts).endswith(stop)
+    assert progress.output_ids == ids[:3]  # nothing past the stop's last token
+
+
+def test_tokens_after_a_stop_string_in_one_chunk_are_not_output(tiny_world: ModelBundle) -> None:
+    """A chunk that carries the stop string's last token and more (the tokens a replica
+    that never saw the string's start went on with) kept them all in the output ids."""
+    from transformers import AutoTokenizer
+
+    from drafters.detokenize import IncrementalDetokenizer
+    from router.fleet.client import Delta
+    from router.fleet.service import _Progress
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world.target_dir)
+    service = FleetRouterService.__new__(FleetRouterService)
+    service._special_ids = frozenset(tokenizer.all_special_ids)
+    ids = list(tokenizer.encode("one two three four five", add_special_tokens=False))
+    progress = _Progress([], [], IncrementalDetokenizer(tokenizer))
+    stop = tokenizer.decode(ids[1:3]).strip()
+    chunk = service._chunk(Delta(tuple(ids), "", None, None), progress, (stop,))
+    assert progress.stopped and list(chunk.token_ids) == ids[:3] == progress.output_ids
+    assert chunk.text.endswith(stop)
 
 
 def test_a_replica_that_sends_no_token_ids_fails_instead_of_answering_empty() -> None:
