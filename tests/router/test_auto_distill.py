@@ -127,6 +127,20 @@ def test_the_child_lowers_its_own_priority_after_exec(tmp_path: Path) -> None:
     assert done.stdout.split() == ["7", cpus]
 
 
+def _math_distiller(state_dir: Path) -> tuple[AutoDistiller, CaptureStore]:
+    """An auto-distiller with two captured math samples and math due for a run."""
+    settings = Settings(
+        state_dir=state_dir,
+        capture=CaptureSettings(enabled=True),
+        auto_distill=AutoDistillSettings(enabled=True, min_samples=2),
+    )
+    store = CaptureStore(state_dir, settings.capture)
+    for i in range(2):
+        store.record("math", (1, 2, i), (3, 4))
+    contexts = [_context("math", 0.3, 1.1, 40)]
+    return AutoDistiller(settings, lambda: contexts, store, "127.0.0.1:1"), store
+
+
 def test_a_run_that_stops_before_writing_is_counted_as_failed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -137,16 +151,7 @@ def test_a_run_that_stops_before_writing_is_counted_as_failed(
     import sqlite3
     import sys
 
-    settings = Settings(
-        state_dir=tmp_path,
-        capture=CaptureSettings(enabled=True),
-        auto_distill=AutoDistillSettings(enabled=True, min_samples=2),
-    )
-    store = CaptureStore(tmp_path, settings.capture)
-    for i in range(2):
-        store.record("math", (1, 2, i), (3, 4))
-    contexts = [_context("math", 0.3, 1.1, 40)]
-    distiller = AutoDistiller(settings, lambda: contexts, store, "127.0.0.1:1")
+    distiller, store = _math_distiller(tmp_path)
     failing = [sys.executable, "-c", "import sys; print('error: out of memory'); sys.exit(1)"]
     monkeypatch.setattr(distiller, "command", lambda *args: failing)
     assert asyncio.run(distiller.run_once()) == 1
@@ -222,15 +227,7 @@ def test_a_discarded_run_removes_its_drafter_unless_registration_may_have_happen
     import asyncio
     import sys
 
-    settings = Settings(
-        state_dir=tmp_path,
-        capture=CaptureSettings(enabled=True),
-        auto_distill=AutoDistillSettings(enabled=True, min_samples=2),
-    )
-    store = CaptureStore(tmp_path, settings.capture)
-    for i in range(2):
-        store.record("math", (1, 2, i), (3, 4))
-    distiller = AutoDistiller(settings, lambda: [_context("math", 0.3, 1.1, 40)], store, "x:1")
+    distiller, _ = _math_distiller(tmp_path)
     child = (
         "import sys, pathlib; from router.capture import CaptureStore; "
         "out = pathlib.Path(sys.argv[1]); out.mkdir(parents=True); "
