@@ -369,7 +369,7 @@ class RouterService:
         BOS, as TGI and vLLM's completions add it), a chat as its template renders it."""
         return self._ids_of(self._model_text(prompt), special=prompt.text is not None)
 
-    def _ids_of(self, text: str, *, special: bool = False) -> list[int]:
+    def _ids_of(self, text: str, *, special: bool) -> list[int]:
         if self._fast_tokenizer is not None:
             return list(self._fast_tokenizer.encode(text, add_special_tokens=special).ids)
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])

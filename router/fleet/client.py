@@ -212,7 +212,6 @@ async def stream_completion(
                 if 400 <= response.status < 500:
                     raise ReplicaRefusedError(response.status, message)
                 raise ReplicaFailedError(f"HTTP {response.status}: {message}")
-            received = False
             count = 0  # token ids received
             async for raw in response.content:
                 line = raw.strip()
@@ -223,12 +222,11 @@ async def stream_completion(
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    raise _event_error(data, received)
+                    raise _event_error(data, count > 0)
                 for choice in chunk.get("choices") or ():
                     ids = tuple(int(t) for t in choice.get("token_ids") or ())
                     ending = finish_reason_of(choice) if choice.get("finish_reason") else None
                     if ids:
-                        received = True
                         count += len(ids)
                         scored = (
                             scored_tokens(choice.get("logprobs") or {}, ids, body["logprobs"])

@@ -351,13 +351,13 @@ class FleetRouterService(RouterService):
         progress = _Progress([], [], IncrementalDetokenizer(self.tokenizer))
         tried: set[str] = set()
         failures: list[str] = []
-        failed: list[str] = []  # replicas that failed under it, reached or not
+        failed_over = False  # a replica failed under it, reached or not
         busy: list[str] = []
         announced: RoutedRequest | None = None
         placed = routed
         while True:
             found = self._place(
-                routed, frozenset(tried), failover=bool(failed), pinned=bool(request.force_drafter)
+                routed, frozenset(tried), failover=failed_over, pinned=bool(request.force_drafter)
             )
             if found is None:
                 raise self._unavailable(busy, request.force_drafter)
@@ -385,7 +385,7 @@ class FleetRouterService(RouterService):
             except ReplicaFailedError as error:
                 replica.take_out(str(error))
                 tried.add(replica.name)
-                failed.append(replica.name)
+                failed_over = True
                 if error.reached:
                     failures.append(f"{replica.name}: {error}")
                 if len(failures) >= self.fleet.max_replica_failures:

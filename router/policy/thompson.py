@@ -263,6 +263,12 @@ def served_lengths_only(table: FloatArray, lengths: Sequence[int] | None) -> Flo
     return np.where(barred, -np.inf, table)
 
 
+def served_k(column: int, length: int) -> int:
+    """The k of a decision at ``column`` of S for a drafter served at ``length`` only (0:
+    any): that length, past the table too (priced at its last column), else the column."""
+    return length if column and length > 0 else column
+
+
 def thompson_decisions(
     drafters: Sequence[str],
     alpha: FloatArray,
@@ -323,9 +329,7 @@ def thompson_decisions(
         if k == 0:
             decisions.append(Decision(NONE_DRAFTER, 0, 1.0, explored))
         else:
-            # A drafter served at one length past the table is priced at its last column
-            # and decided at the length it is served at (it said the column).
-            served = lengths[d] if lengths and lengths[d] > 0 else k
+            served = served_k(k, lengths[d] if lengths else 0)
             decisions.append(Decision(drafters[d], served, float(table[1, r, d, k]), explored))
     return decisions
 
@@ -801,11 +805,7 @@ class ThompsonPolicy:
                 speedup_tables(mean[None], prices, copy, copy_means)[0], lengths
             )
             columns, best_s = best_draft_length(table)
-            # A drafter served at one length is described at it (as decided), not its column.
-            best_k = [
-                served if k and served else int(k)
-                for k, served in zip(columns.tolist(), lengths, strict=True)
-            ]
+            best_k = [served_k(k, n) for k, n in zip(columns.tolist(), lengths, strict=True)]
             summary_arms = tuple(
                 ArmSummary(
                     name,
