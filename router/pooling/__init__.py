@@ -115,6 +115,10 @@ async def supervised(name: str, loop: Callable[[], Awaitable[None]], backoff: Ba
         except asyncio.CancelledError:
             raise
         except Exception:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # stopping: never started again
+                logger.exception("pooling: the %s loop failed while it stopped", name)
+                raise asyncio.CancelledError from None
             logger.exception("pooling: the %s loop failed; it starts again", name)
             await asyncio.sleep(backoff.next_delay())
 

@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 
 PUBLISH_BATCH = 256
 READ_BATCH = 1000
+LAST_FLUSH_S = 1.0  # the last flush at a stop
 
 
 class StreamWriter:
@@ -92,8 +93,24 @@ class StreamWriter:
                     await asyncio.sleep(backoff.next_delay())
         except asyncio.CancelledError:
             if self._buffer:
-                await asyncio.wait_for(self.flush(), timeout=1.0)
+                await self._last_flush()
             raise
+
+    async def _last_flush(self) -> None:
+        """At a cancel, publish what is buffered within ``LAST_FLUSH_S``; what Redis does
+        not take in time is lost to the other replicas (as at a SIGKILL), and the cancel
+        goes on whatever happens: a flush that timed out raised out of the cancel's
+        handler, the supervisor took it for a bug and started the loop again, and the
+        sidecar's stop waited on it for good."""
+        try:
+            await asyncio.wait_for(self.flush(), timeout=LAST_FLUSH_S)
+        except redis_errors() as error:  # wait_for's TimeoutError is an OSError
+            logger.warning(
+                "pooling: %d entries of %s not published at the stop (%s)",
+                len(self._buffer),
+                self._stream,
+                error or type(error).__name__,
+            )
 
     async def flush(self) -> None:
         while self._buffer and await self.publish_once():

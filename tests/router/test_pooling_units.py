@@ -578,3 +578,58 @@ async def test_every_registration_read_is_loading_until_it_is_applied() -> None:
     await registry.handle([entry(5, "remove", "x3")])
     assert registry.loading == set() and service.not_served == ["x3"]
     await link.close()
+
+
+def test_a_stop_ends_the_writer_even_when_the_last_flush_times_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A last flush to a Redis that stalls (a partitioned connection) timed out inside
+    the cancel's handler: the supervisor took the TimeoutError for a bug and started the
+    writer again, so the cancel was lost and the sidecar's stop waited for good. One
+    cancel ends it within the flush's bound; the unpublished entries are logged."""
+    import router.pooling as pooling_module
+    import router.pooling.streams as streams
+
+    monkeypatch.setattr(streams, "LAST_FLUSH_S", 0.2, raising=False)
+
+    class StalledPipeline:
+        async def __aenter__(self) -> StalledPipeline:
+            return self
+
+        async def __aexit__(self, *exc: Any) -> None:
+            return None
+
+        def xadd(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        async def execute(self) -> None:
+            await asyncio.sleep(5)  # the socket timeout of a connection nobody answers
+
+    class Link:
+        reconnect_max_s = 0.05
+        client = SimpleNamespace(pipeline=lambda transaction=False: StalledPipeline())
+
+        def failed(self, error: BaseException) -> None:
+            pass
+
+        def succeeded(self) -> None:
+            pass
+
+    writer = StreamWriter(Link(), SIGNER, "s", 100, 10)  # type: ignore[arg-type]
+    writer.append(shared("a-1", 1))
+
+    async def stop_once() -> bool:
+        task = asyncio.create_task(
+            pooling_module.supervised("outcome writer", writer.run, pooling_module.Backoff(0.05))
+        )
+        await asyncio.sleep(0.05)  # the first publish stalls
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=2.0)
+        return bool(done)
+
+    loop = asyncio.new_event_loop()
+    try:  # not asyncio.run: without the fix its clean-up would wait on the task for good
+        assert loop.run_until_complete(stop_once()) is True
+    finally:
+        loop.close()
+    assert writer.pending == 1  # not published, and said so
