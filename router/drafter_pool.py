@@ -93,6 +93,16 @@ class DrafterPool:
             raise NotFoundError(f"no drafter named {name!r}; registered: {sorted(self._live)}")
         return live
 
+    def identity(self, name: str) -> str:
+        """The served drafter ``name``'s ``DrafterRecord.identity``; "" for none served."""
+        live = self._live.get(name)
+        return live.record.identity if live is not None else ""
+
+    def unserved_record(self, name: str) -> DrafterRecord | None:
+        """The stored record of ``name`` when this start does not serve it."""
+        found = self._unserved.get(name)
+        return found[0] if found is not None else None
+
     def records(self) -> list[DrafterRecord]:
         return [live.record for live in self._live.values()]
 

@@ -156,7 +156,8 @@ def create_metrics(registry: CollectorRegistry | None = None) -> SidecarMetrics:
             "specroute_pooled_entries_rejected_total",
             "Shared entries dropped before reaching the policy or the drafters, by reason "
             "(unsigned, bad_signature, malformed; drafter_not_served: an outcome of a drafter "
-            "this replica does not serve, dropped from the waiting ones).",
+            "this replica does not serve, dropped from the waiting ones; other_registration: "
+            "an outcome learnt of another drafter of the served one's name).",
             ["reason"],
             registry=reg,
         ),

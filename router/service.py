@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -840,29 +840,46 @@ class RouterService:
             self.metrics.reports.labels(source="counterfactual").inc()
 
     # -- admin ------------------------------------------------------------------------
-    async def register_drafter(self, spec: DrafterSpec) -> DrafterRecord:
-        """Validate, persist and publish a drafter; it is eligible for the next request."""
-        return await asyncio.to_thread(self._register_drafter, spec)
+    async def register_drafter(
+        self,
+        spec: DrafterSpec,
+        announce: Callable[[DrafterSpec, DrafterRecord], None] | None = None,
+    ) -> DrafterRecord:
+        """Validate, persist and publish a drafter; it is eligible for the next request.
+        ``announce`` (the pooled registry) is told of it in the same worker thread."""
+        return await asyncio.to_thread(self._register_drafter, spec, announce)
 
-    def _register_drafter(self, spec: DrafterSpec) -> DrafterRecord:
+    def _register_drafter(
+        self,
+        spec: DrafterSpec,
+        announce: Callable[[DrafterSpec, DrafterRecord], None] | None = None,
+    ) -> DrafterRecord:
         """All of a registration in one worker thread: a caller cancelled meanwhile (a
         client's deadline while the model loads, pooling's replay time limit) cannot stop
-        it, so a drafter that is served is always one the policy knows; the policy's
+        it, so a drafter that is served is always one the policy knows (the policy's
         ``add_drafter`` was on the caller's side, and a cancelled one left the drafter
-        served and listed but never chosen."""
+        served and listed but never chosen), and one the other replicas are told of
+        (``announce``, under the admin lock: in the order of the changes; it was on the
+        caller's side too, and a client's deadline left the drafter unknown to them)."""
         with self._admin_lock:
             record = self.drafters.register(spec)
             self.policy.add_drafter(record.name, self._similarity_of(record.name))
+            if announce is not None:
+                announce(spec, record)
         self.metrics.drafters.set(len(self.drafters.names()))
         return record
 
-    async def remove_drafter(self, name: str) -> DrafterRecord:
+    async def remove_drafter(
+        self, name: str, announce: Callable[[str], None] | None = None
+    ) -> DrafterRecord:
         """In a worker thread, as a registration: the pool's write lock may be held by a
         registration loading its model, and waiting for it on the event loop stalled every
-        call for the length of that load."""
-        return await asyncio.to_thread(self._remove_drafter, name)
+        call for the length of that load. ``announce`` as for a registration."""
+        return await asyncio.to_thread(self._remove_drafter, name, announce)
 
-    def _remove_drafter(self, name: str) -> DrafterRecord:
+    def _remove_drafter(
+        self, name: str, announce: Callable[[str], None] | None = None
+    ) -> DrafterRecord:
         # One admin change at a time, pool and policy together: a registration of the same
         # name between the pool's removal and the policy's found the old arms still there
         # (adding is idempotent), and the removal then took the new drafter's arms away.
@@ -870,6 +887,8 @@ class RouterService:
             record = self.drafters.remove(name)
             if name not in self.drafters.names():  # a built-in namesake keeps its arms
                 self.policy.remove_drafter(name)
+            if announce is not None:
+                announce(name)
         self.metrics.drafters.set(len(self.drafters.names()))
         return record
 

@@ -63,17 +63,17 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: pb.RegisterDrafterRequest, context: aio.ServicerContext
     ) -> pb.DrafterInfo:
         spec = convert.drafter_spec_from_pb(request)
-        record = await self._service.register_drafter(spec)
-        if self._pooling is not None:
-            self._pooling.drafter_registered(spec)
+        pooling = self._pooling
+        announce = pooling.drafter_registered if pooling is not None else None
+        record = await self._service.register_drafter(spec, announce)
         return convert.drafter_to_pb(record)
 
     async def RemoveDrafter(
         self, request: pb.RemoveDrafterRequest, context: aio.ServicerContext
     ) -> pb.DrafterInfo:
-        record = await self._service.remove_drafter(request.name)
-        if self._pooling is not None:
-            self._pooling.drafter_removed(request.name)
+        pooling = self._pooling
+        announce = pooling.drafter_removed if pooling is not None else None
+        record = await self._service.remove_drafter(request.name, announce)
         return convert.drafter_to_pb(record)
 
     async def ListDrafters(

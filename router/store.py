@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import sqlite3
@@ -60,6 +61,16 @@ class DrafterRecord:
     weights_digest: str = ""
     created_unix: float = 0.0
     builtin: bool = False
+
+    @property
+    def identity(self) -> str:
+        """What makes two registrations of one name the same drafter, as a short hash:
+        its kind, weights and options (not its path, tasks or time). Pooled outcomes
+        carry it, so that what was learnt of a drafter never lands on another one
+        registered later under its name."""
+        identity = {"kind": self.kind, "weights": self.weights_digest, "options": self.options}
+        blob = json.dumps(identity, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from router.pooling.outcomes import OutcomePool
 from router.pooling.registry import SharedRegistry, UnavailableDrafter
 from router.pooling.streams import StreamReader, StreamWriter
 from router.settings import PoolingSettings, Settings
+from router.store import DrafterRecord
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +62,8 @@ class Pooling:
     outcomes: OutcomePool
     registry: SharedRegistry
 
-    def drafter_registered(self, spec: DrafterSpec) -> None:
-        self.registry.registered(spec)
+    def drafter_registered(self, spec: DrafterSpec, record: DrafterRecord) -> None:
+        self.registry.registered(spec, record.identity)
 
     def drafter_removed(self, name: str) -> None:
         self.registry.removed(name)
@@ -149,6 +150,7 @@ def build_pooling(settings: Settings, service: Any, metrics: SidecarMetrics) -> 
         signer,
         metrics,
         loading,
+        service.drafters.identity,
     )
     registry_writer = StreamWriter(
         link, signer, config.registry_stream, config.retention, config.buffer_size

@@ -54,7 +54,8 @@ class SharedOutcome:
     drafted/accepted these tokens per step, having asked for ``requested`` (empty: k at
     every step; entries written before it existed have none). ``kind`` "counterfactual":
     ``drafter`` would have had ``accepted`` per step at draft length ``k`` (``drafted``
-    and ``requested`` are empty).
+    and ``requested`` are empty). ``registration``: the writer's ``DrafterRecord.identity``
+    of ``drafter`` ("" for none, and in entries written before it existed).
     """
 
     origin: Origin
@@ -67,11 +68,13 @@ class SharedOutcome:
     accepted: tuple[int, ...]
     generated_tokens: int
     requested: tuple[int, ...] = ()
+    registration: str = ""
 
 
 @dataclass(frozen=True)
 class SharedRegistration:
-    """A drafter registered (``kind`` "register", with its spec) or removed ("remove")."""
+    """A drafter registered (``kind`` "register", with its spec and its record's
+    ``identity`` as ``registration``) or removed ("remove")."""
 
     origin: Origin
     kind: str
@@ -81,6 +84,7 @@ class SharedRegistration:
     tasks: tuple[str, ...] = ()
     finetune_sample: tuple[str, ...] = ()
     options: Mapping[str, str] | None = None
+    registration: str = ""
 
 
 OUTCOME_KINDS = frozenset({"outcome", "counterfactual"})
@@ -149,6 +153,7 @@ def outcome_payload(outcome: SharedOutcome) -> dict[str, Any]:
         "accepted": list(outcome.accepted),
         "requested": list(outcome.requested),
         "tokens": outcome.generated_tokens,
+        "registration": outcome.registration,
     }
 
 
@@ -164,6 +169,7 @@ def registration_payload(event: SharedRegistration) -> dict[str, Any]:
         "tasks": list(event.tasks),
         "finetune_sample": list(event.finetune_sample),
         "options": dict(event.options or {}),
+        "registration": event.registration,
     }
 
 
@@ -248,6 +254,7 @@ def outcome_from_payload(payload: Mapping[str, Any], max_draft_length: int) -> S
         accepted,
         tokens,
         requested,
+        _text(payload, "registration", required=False),
     )
 
 
@@ -268,4 +275,5 @@ def registration_from_payload(payload: Mapping[str, Any]) -> SharedRegistration:
         tasks=_strings(payload.get("tasks", []), "tasks", 256),
         finetune_sample=_strings(payload.get("finetune_sample", []), "finetune_sample", MAX_SAMPLE),
         options=dict(options),
+        registration=_text(payload, "registration", required=False),
     )

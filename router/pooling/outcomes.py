@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any
 
 from router.metrics import SidecarMetrics
@@ -99,12 +99,17 @@ class OutcomePool:
         signer: EntrySigner,
         metrics: SidecarMetrics,
         loading: Set[str] = frozenset(),
+        registration_of: Callable[[str], str] = lambda drafter: "",
     ) -> None:
         self.identity = identity
+        # A served drafter's ``DrafterRecord.identity`` ("" for none): sent with each
+        # outcome, and an outcome of another registration of the name is not applied.
+        self._registration_of = registration_of
         # Drafters whose shared registration is loading here (``SharedRegistry``): only
         # their outcomes wait; any other drafter's are dropped at once.
         self._loading = loading
         self._warned: set[str] = set()
+        self._warned_other: set[str] = set()
         self._holder = holder
         self._writer = writer
         self._reader = reader
@@ -152,6 +157,8 @@ class OutcomePool:
             return
         applied = 0
         for shared in ready:
+            if not self._same_registration(shared):
+                continue
             try:
                 apply_to_policy(policy, shared)
             except (ValueError, KeyError, TypeError) as error:  # never the registration's
@@ -214,6 +221,7 @@ class OutcomePool:
             accepted,
             tokens,
             requested,
+            self._registration_of(drafter),
         )
         self._writer.append(outcome_payload(shared))
 
@@ -246,6 +254,8 @@ class OutcomePool:
         (``drafter_added``): applied now, an outcome of a drafter the policy has no arms
         for counted as a request and lost its acceptance. At most ``WAITING_MAX`` wait."""
         if serves(policy, shared.drafter):
+            if not self._same_registration(shared):
+                return False
             apply_to_policy(policy, shared)
             return True
         if shared.drafter not in self._loading:
@@ -263,6 +273,28 @@ class OutcomePool:
             )
         self._waiting.append(shared)
         self._metrics.pooled_waiting.set(len(self._waiting))
+        return False
+
+    def _same_registration(self, shared: SharedOutcome) -> bool:
+        """Whether ``shared`` was learnt of the drafter served here under its name, not of
+        another registration of it (removed and registered again with other weights or
+        options, here or on the writer's replica: the two streams are not ordered with
+        each other). An outcome that names none, or a drafter this replica cannot
+        name, is taken. Otherwise it is dropped and counted (``other_registration``)."""
+        here = self._registration_of(shared.drafter) if shared.registration else ""
+        if not here or here == shared.registration:
+            return True
+        self._count_rejected("other_registration", 1)
+        if shared.drafter not in self._warned_other and len(self._warned_other) < WARNED_MAX:
+            self._warned_other.add(shared.drafter)
+            logger.warning(
+                "pooling: outcomes of drafter %s from %s are dropped: they were learnt of "
+                "another registration of that name (%s; served here: %s)",
+                shared.drafter,
+                shared.origin.replica,
+                shared.registration,
+                here,
+            )
         return False
 
     def _not_served(self, shared: SharedOutcome) -> None:

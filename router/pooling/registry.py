@@ -7,9 +7,13 @@ safetensors, a tokenizer that fits, a probe generation) and its own SQLite store
 local durable copy. A replica that cannot (the path missing on that node, say) keeps
 serving and lists the drafter as unavailable, with the reason, in ListDrafters.
 
-At start the retained entries are folded by drafter name first (the last entry of each
-name wins), so a drafter registered and removed before this replica started is never
-loaded.
+Entries are folded by drafter name first (the last entry of each name wins), the
+retained history at start and each batch read later, so a drafter registered and
+removed before this replica started is never loaded; each (writer, seq) is applied once
+per process, also when a reader reads the stream again from its start. A registration
+names the drafter's identity (kind, weights, options: ``DrafterRecord.identity``): a
+replica that holds another drafter of that name (it was away while the fleet removed
+the drafter and registered it again) removes its own and registers the announced one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from router.pooling.entries import (
     registration_payload,
 )
 from router.pooling.streams import StreamReader, StreamWriter
+from router.store import DrafterRecord
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +73,14 @@ class SharedRegistry:
         self._signer = signer
         self._metrics = metrics
         self._seq = 0
+        self._applied: dict[str, int] = {}  # highest seq applied per writer, this process
         self._unavailable: dict[str, UnavailableDrafter] = {}
         self.rejected = 0
 
     # -- this replica's calls ---------------------------------------------------------------
-    def registered(self, spec: DrafterSpec) -> None:
+    def registered(self, spec: DrafterSpec, identity: str) -> None:
+        """Publish this replica's registration of ``spec`` (``identity``: its record's,
+        ``DrafterRecord.identity``). Any thread (the registration's worker)."""
         self._seq += 1
         event = SharedRegistration(
             Origin(self.identity, self._seq),
@@ -83,6 +91,7 @@ class SharedRegistry:
             tuple(spec.tasks),
             tuple(spec.finetune_sample),
             dict(spec.options),
+            identity,
         )
         self._writer.append(registration_payload(event))
 
@@ -111,18 +120,16 @@ class SharedRegistry:
                 self._metrics.pooled_rejected.labels(reason=rejected.reason).inc()
                 logger.warning("pooling: dropped registry entry %s (%s)", entry_id, rejected)
                 continue
-            if event.origin.replica != self.identity:
-                events.append(event)
+            origin = event.origin
+            if origin.replica != self.identity and origin.seq > self._applied.get(
+                origin.replica, 0
+            ):
+                events.append(event)  # not applied yet in this process
         return events
 
     async def handle(self, entries: Sequence[tuple[str, Mapping[Any, Any]]]) -> None:
-        events = self._checked(entries)
-        self._expect(events)
-        for event in events:
-            await self._apply(event)
-
-    async def handle_history(self, entries: Sequence[tuple[str, Mapping[Any, Any]]]) -> None:
-        """Retained entries at start: only the last one of each drafter name counts."""
+        """Apply a batch of entries, folded by name: only the last one of each drafter
+        name counts (the retained history at start is read in such batches too)."""
         last: dict[str, SharedRegistration] = {}
         for event in self._checked(entries):
             last.pop(event.name, None)
@@ -130,6 +137,10 @@ class SharedRegistry:
         self._expect(list(last.values()))
         for event in last.values():
             await self._apply(event)
+            # Applied: entries of its writer up to it are not applied again (writers
+            # publish in seq order; a name's earlier entries were folded into it).
+            origin = event.origin
+            self._applied[origin.replica] = max(self._applied.get(origin.replica, 0), origin.seq)
 
     def _expect(self, events: Sequence[SharedRegistration]) -> None:
         """Every registration read and not served here is loading from now on: it is
@@ -145,7 +156,29 @@ class SharedRegistry:
             await self._register(event)
         self._metrics.shared_drafters_unavailable.set(len(self._unavailable))
 
+    def _holds_another(self, event: SharedRegistration) -> bool:
+        """Whether this replica holds another drafter of ``event``'s name than the one it
+        announces, served or stored and not served (entries without an identity hold
+        none)."""
+        if not event.registration:
+            return False
+        drafters = self._service.drafters
+        here = drafters.identity(event.name)
+        if not here:
+            stored = drafters.unserved_record(event.name)
+            here = stored.identity if stored is not None else ""
+        return bool(here) and here != event.registration
+
     async def _register(self, event: SharedRegistration) -> None:
+        if self._holds_another(event):
+            logger.info(
+                "pooling: drafter %s was registered again by %s with other weights or "
+                "options; this replica's is replaced",
+                event.name,
+                event.origin.replica,
+            )
+            if not await self._remove(event.name):
+                return
         live = self._service.drafters.names()
         if event.name in live:
             self.loading.discard(event.name)
@@ -187,23 +220,31 @@ class SharedRegistry:
         self._unavailable.pop(event.name, None)
         logger.info("pooling: drafter %s registered by %s", event.name, event.origin.replica)
 
-    async def _remove(self, name: str) -> None:
+    async def _remove(self, name: str) -> bool:
+        """Remove this replica's drafter ``name``, served or stored and not served (its
+        record stayed, and a restart with its files back served a drafter the fleet had
+        removed); False when it stays (built in here, or the removal failed)."""
         self._unavailable.pop(name, None)
         self.loading.discard(name)
+        drafters = self._service.drafters
         try:
-            record = self._service.drafters.get(name).record
+            record: DrafterRecord | None = drafters.get(name).record
         except NotFoundError:
-            self._service.policy.drafter_not_served(name)
-            return
-        if record.builtin:
+            record = None
+        if record is not None and record.builtin:
             logger.warning("pooling: another replica removed %s, built in here; kept", name)
-            return
+            return False
+        if record is None and drafters.unserved_record(name) is None:
+            self._service.policy.drafter_not_served(name)
+            return True
         try:
             await self._service.remove_drafter(name)
         except (NotFoundError, SidecarError) as error:
             logger.warning("pooling: cannot remove drafter %s: %s", name, error)
-            return
+            return False
+        self._service.policy.drafter_not_served(name)
         logger.info("pooling: drafter %s removed by another replica", name)
+        return True
 
     # -- loops ----------------------------------------------------------------------------
     async def catch_up(self) -> int:
@@ -211,7 +252,7 @@ class SharedRegistry:
         start = self._reader.last_id
         try:
             count = await self._reader.catch_up(history.extend)
-            await self.handle_history(history)
+            await self.handle(history)
         except BaseException:
             self._reader.last_id = start  # the live loop reads them again
             raise

@@ -206,7 +206,8 @@ def test_a_registration_whose_caller_is_cancelled_still_reaches_the_policy(
 ) -> None:
     """A caller cancelled while the drafter loads (a client's deadline, pooling's replay
     time limit) left it served and listed but unknown to the policy, so never chosen: the
-    load ran on in its thread, the policy's add was the cancelled caller's."""
+    load ran on in its thread, the policy's add was the cancelled caller's. So was telling
+    the other replicas (pooling's ``announce``), which never heard of it."""
     import asyncio
     import threading
 
@@ -223,15 +224,20 @@ def test_a_registration_whose_caller_is_cancelled_still_reaches_the_policy(
 
     monkeypatch.setattr(service.drafters, "register", slow_register)
     spec = DrafterSpec(name="late", kind="model", path=str(serving_world.spare_dir))
-    call = asyncio.run_coroutine_threadsafe(service.register_drafter(spec), sidecar.loop)
+    announced: list[tuple[str, str]] = []
+    call = asyncio.run_coroutine_threadsafe(
+        service.register_drafter(spec, lambda s, r: announced.append((s.name, r.identity))),
+        sidecar.loop,
+    )
     assert loading.wait(30)
     call.cancel()  # the caller gives up while the model loads
     go_on.set()
     deadline = time.monotonic() + 60
-    while "late" not in service.policy.state()[2]["drafters"]:
-        assert time.monotonic() < deadline, "the policy never learned of the drafter"
+    while "late" not in service.policy.state()[2]["drafters"] or not announced:
+        assert time.monotonic() < deadline, "the policy or the fleet never learned of it"
         time.sleep(0.05)
     assert "late" in service.drafters.names()
+    assert announced == [("late", service.drafters.identity("late"))]
     sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="late"), metadata=ADMIN)
 
 

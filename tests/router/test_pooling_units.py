@@ -131,6 +131,7 @@ class Harness:
         identity: str,
         loading: set[str] | None = None,
         drafters: tuple[str, ...] = ("generic", "math"),
+        registrations: dict[str, str] | None = None,
     ) -> None:
         self.store = SidecarStore(state_dir)
         self.holder = PolicyHolder(self.store, lambda: list(drafters), lambda name: None)
@@ -147,6 +148,7 @@ class Harness:
             SIGNER,
             self.metrics,
             self.loading,
+            lambda name: (registrations or {}).get(name, ""),
         )
         self.holder.attach_log(self.pool)
 
@@ -510,7 +512,12 @@ class LoadingService:
         self.live: list[str] = ["generic"]
         self.release = asyncio.Event()
         self.not_served: list[str] = []
-        self.drafters = SimpleNamespace(names=lambda: list(self.live), get=self._get)
+        self.drafters = SimpleNamespace(
+            names=lambda: list(self.live),
+            get=self._get,
+            identity=lambda name: "",
+            unserved_record=lambda name: None,
+        )
         self.policy = SimpleNamespace(drafter_not_served=self.not_served.append)
 
     def _get(self, name: str) -> Any:
@@ -568,7 +575,7 @@ async def test_every_registration_read_is_loading_until_it_is_applied() -> None:
 
     # A catch-up cancelled while a registration loads: it goes on, still loading.
     service.release.clear()
-    cut = asyncio.create_task(registry.handle_history([entry(4, "register", "x3")]))
+    cut = asyncio.create_task(registry.handle([entry(4, "register", "x3")]))
     await asyncio.sleep(0.05)
     cut.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -633,3 +640,138 @@ def test_a_stop_ends_the_writer_even_when_the_last_flush_times_out(
     finally:
         loop.close()
     assert writer.pending == 1  # not published, and said so
+
+
+def test_what_was_learnt_of_a_drafter_never_lands_on_another_registered_under_its_name(
+    tmp_path: Path,
+) -> None:
+    """Outcomes named the drafter only: after "remove d, register d" with other weights,
+    a replica that read the old d's outcomes late (a new one replaying the stream, one
+    behind after an outage) applied them to the new d. Each outcome now carries its
+    drafter's identity (kind, weights, options), and one of another registration is
+    dropped and counted; outcomes without one (older entries) are taken as before."""
+    writer = Harness(tmp_path / "b", "b-1", registrations={"math": "old-weights"})
+    writer.holder.update(
+        MATH,
+        Decision("math", 4),
+        Outcome.from_steps([4, 4], [4, 4], draft_time_s=0.01, verify_time_s=0.1),
+    )
+    sent = json.loads(SIGNER.fields(writer.writer._buffer[0])["payload"])
+    assert sent["registration"] == "old-weights"
+
+    reader = Harness(tmp_path / "a", "a-1", registrations={"math": "new-weights"})
+    before = reader.arms()
+    version = reader.holder.version
+    reader.pool.handle(
+        [
+            ("1-0", SIGNER.fields(sent)),
+            ("2-0", SIGNER.fields(shared("b-1", 2, drafter="math", registration="old-weights"))),
+        ]
+    )
+    assert reader.arms() == before and reader.holder.version == version
+    other = reader.metrics.pooled_rejected.labels(reason="other_registration")
+    assert other._value.get() == 2
+    reader.pool.handle(
+        [
+            ("3-0", SIGNER.fields(shared("b-1", 3, drafter="math", registration="new-weights"))),
+            ("4-0", SIGNER.fields(shared("b-1", 4, drafter="math"))),  # names none
+        ]
+    )
+    assert reader.pool.applied == 2 and reader.holder.version == version + 2
+
+    # Waiting for a registration loading here: checked when it joins.
+    loading = Harness(tmp_path / "c", "c-1", loading={"spare"}, registrations={"spare": "v2"})
+    loading.pool.handle(
+        [
+            (f"{n}-0", SIGNER.fields(shared("b-1", n, drafter="spare", registration=f"v{n}")))
+            for n in (1, 2)
+        ]
+    )
+    assert loading.pool.waiting == 2
+    loading.holder.add_drafter("spare", None)
+    assert loading.pool.applied == 1  # v2's; v1's is another registration's
+
+
+class ReplacingService:
+    """What SharedRegistry reads of a sidecar, with identities: served and stored-but-not-
+    served drafters, registration and removal."""
+
+    def __init__(self, live: dict[str, str], unserved: dict[str, str]) -> None:
+        self.live = dict(live)  # name -> identity
+        self.unserved = dict(unserved)
+        self.calls: list[str] = []
+        self.not_served: list[str] = []
+        self.drafters = SimpleNamespace(
+            names=lambda: list(self.live),
+            get=self._get,
+            identity=lambda name: self.live.get(name, ""),
+            unserved_record=lambda name: (
+                SimpleNamespace(identity=self.unserved[name]) if name in self.unserved else None
+            ),
+        )
+        self.policy = SimpleNamespace(drafter_not_served=self.not_served.append)
+
+    def _get(self, name: str) -> Any:
+        from router.errors import NotFoundError
+
+        if name not in self.live:
+            raise NotFoundError(name)
+        return SimpleNamespace(record=SimpleNamespace(builtin=name == "generic"))
+
+    async def register_drafter(self, spec: Any) -> None:
+        self.calls.append(f"register {spec.name} {spec.path}")
+        self.live[spec.name] = spec.path  # the fake's identity: the path
+
+    async def remove_drafter(self, name: str) -> None:
+        self.calls.append(f"remove {name}")
+        self.live.pop(name, None)
+        self.unserved.pop(name, None)
+
+
+async def test_a_replica_that_was_away_takes_the_fleets_new_drafter_of_a_name() -> None:
+    """The fleet removed d and registered it again from new weights while this replica was
+    down: folded to the last registration, the restart found d served (its old weights,
+    from its own store) and kept it for good; a stored d it could not serve stayed in its
+    store although the fleet removed it. Now the announced identity is compared, the old d
+    replaced, and a removal deletes a stored d too; each entry is applied once."""
+    from router.pooling.entries import SharedRegistration, registration_payload
+    from router.pooling.registry import SharedRegistry
+
+    service = ReplacingService({"generic": "g", "d": "/m/d-v1"}, {"e": "/m/e-v1"})
+    metrics = create_metrics()
+    link = RedisLink(PoolingSettings(redis_url="redis://127.0.0.1:1/0"), metrics)
+    registry = SharedRegistry(
+        "a-2",
+        service,
+        StreamWriter(link, SIGNER, "r", 100, 8),
+        StreamReader(link, "r"),
+        SIGNER,
+        metrics,
+    )
+
+    def entry(seq: int, kind: str, name: str, path: str = "") -> tuple[str, Any]:
+        event = SharedRegistration(
+            Origin("b-1", seq),
+            kind,
+            name,
+            "model" if kind == "register" else "",
+            path,
+            registration=path,
+        )
+        return (f"{seq}-0", SIGNER.fields(registration_payload(event)))
+
+    history = [
+        entry(1, "register", "d", "/m/d-v1"),
+        entry(2, "remove", "d"),
+        entry(3, "register", "d", "/m/d-v2"),
+        entry(4, "remove", "e"),
+    ]
+    await registry.handle(history)
+    assert service.calls == ["remove d", "register d /m/d-v2", "remove e"]
+    assert service.live == {"generic": "g", "d": "/m/d-v2"} and service.unserved == {}
+
+    await registry.handle(history)  # read again (a stream found recreated): applied once
+    assert service.calls == ["remove d", "register d /m/d-v2", "remove e"]
+    await registry.handle([entry(5, "register", "d", "/m/d-v2")])  # the same drafter
+    assert service.calls == ["remove d", "register d /m/d-v2", "remove e"]
+    await link.close()
