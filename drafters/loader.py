@@ -14,7 +14,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -408,15 +408,18 @@ def load_model(
     where = placement or default_placement()
     tokenizer = load_tokenizer(path)
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(
+        model: Any
+        model, loading = AutoModelForCausalLM.from_pretrained(
             str(path),
             local_files_only=True,
             trust_remote_code=False,
             use_safetensors=True,
             dtype=where.dtype,
+            output_loading_info=True,
         )
     except Exception as exc:  # safetensors/transformers raise many types for corrupt files
         raise ModelLoadError(f"cannot load model weights from {path}: {exc}") from exc
+    check_loading_info(path, loading)
     model.to(where.device)
     model.eval()
     count = sum(p.numel() for p in model.parameters())
@@ -432,6 +435,33 @@ def load_model(
         weights_digest=digest_weights(files, digest_cache),
         digest_cache=digest_cache,
     )
+
+
+def check_loading_info(path: Path, loading: Mapping[str, Any]) -> None:
+    """Refuse weights that lack tensors the config needs: transformers fills them with
+    random values and only warns (a tied model such as Qwen2.5-0.5B exported with
+    ``tie_word_embeddings`` false and no ``lm_head.weight`` served noise, and a drafter
+    like it passed the probe). Tensors the config does not use are logged."""
+    missing = sorted(loading.get("missing_keys") or ())
+    if missing:
+        listed = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        hint = (
+            " (config.json says the embeddings are not tied: check tie_word_embeddings)"
+            if "lm_head.weight" in missing
+            else ""
+        )
+        raise ModelLoadError(
+            f"{path}: the weights lack {len(missing)} tensor(s) the config needs ({listed}); "
+            f"loaded, they would be random{hint}"
+        )
+    unexpected = sorted(loading.get("unexpected_keys") or ())
+    if unexpected:
+        logger.warning(
+            "%s: %d tensor(s) in the weights that the config does not use, ignored: %s",
+            path,
+            len(unexpected),
+            ", ".join(unexpected[:3]),
+        )
 
 
 def _context_tokens(value: Any) -> int | None:

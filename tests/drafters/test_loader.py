@@ -101,6 +101,24 @@ def test_refuses_corrupt_weights(tmp_path: Path) -> None:
         load_model(tmp_path / "corrupt")
 
 
+def test_refuses_weights_that_lack_a_tensor_the_config_needs(tmp_path: Path) -> None:
+    """A tied model (as Qwen2.5-0.5B) exported with ``tie_word_embeddings`` false and no
+    ``lm_head.weight``: transformers filled the head with random values and only warned,
+    so the target served noise and such a drafter passed the probe."""
+    from safetensors.torch import load_file, save_file
+
+    _save_model(tmp_path / "untied")
+    config_path = tmp_path / "untied" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    weights = tmp_path / "untied" / "model.safetensors"
+    tensors = load_file(weights)
+    assert "lm_head.weight" not in tensors  # tied: saved once, as the embeddings
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"lack 1 tensor.*lm_head\.weight.*tie_word"):
+        load_model(tmp_path / "untied")
+
+
 @pytest.mark.parametrize("damaged", ["tokenizer.json", "tokenizer_config.json", "config.json"])
 def test_refuses_a_corrupt_tokenizer_or_config(tmp_path: Path, damaged: str) -> None:
     """A tokenizer.json that is not JSON raised the tokenizers library's bare Exception:
