@@ -408,8 +408,7 @@ def load_model(
     where = placement or default_placement()
     tokenizer = load_tokenizer(path)
     try:
-        model: Any
-        model, loading = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             str(path),
             local_files_only=True,
             trust_remote_code=False,
@@ -419,6 +418,7 @@ def load_model(
         )
     except Exception as exc:  # safetensors/transformers raise many types for corrupt files
         raise ModelLoadError(f"cannot load model weights from {path}: {exc}") from exc
+    model, loading = loaded
     check_loading_info(path, loading)
     model.to(where.device)
     model.eval()
