@@ -301,10 +301,11 @@ class RouteProcess:
         child.outbox += _frame(("batch", list(model_texts), list(classifier_texts), key))
         self._flush(child)
         expiry = loop.call_later(self._reply_timeout_s, self._expire, child, waiting)
-        try:
-            return await waiting
-        finally:
-            expiry.cancel()
+        waiting.add_done_callback(lambda _: expiry.cancel())
+        # Shielded: a caller cancelled meanwhile (a Generate whose client left) cancelled
+        # the batch and its expiry with it, while the batch stayed the one out; a child
+        # that had hung was then never replaced, and every later batch was "busy".
+        return await asyncio.shield(waiting)
 
     def _flush(self, child: _Child) -> None:
         """Write what the pipe takes now; the loop writes the rest when it can."""

@@ -369,6 +369,36 @@ def test_a_child_that_stops_answering_is_killed_and_replaced(components: Compone
         process.close()
 
 
+def test_a_hung_child_is_replaced_also_when_the_caller_of_its_batch_has_gone(
+    components: Components,
+) -> None:
+    """A caller cancelled while its batch was out (a Generate whose client left) took the
+    batch's expiry with it: a child that had hung was never killed, and every batch after
+    it was refused as "busy" and read in-process, for good."""
+    process = RouteProcess(_tokenizer_json(components), reply_timeout_s=0.5)
+    process.start()
+    hung = process.pid
+    assert hung is not None
+
+    async def scenario() -> PromptsRead:
+        left = asyncio.create_task(process.run(["a"], [], ("", "")))
+        await asyncio.sleep(0.1)
+        left.cancel()  # the client goes away while the child does not answer
+        with pytest.raises(asyncio.CancelledError):
+            await left
+        while process.pid == hung or not process.ready:  # expired, killed, started again
+            await asyncio.sleep(0.05)
+        return await process.run(["a b"], [], ("", ""))
+
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        assert asyncio.run(asyncio.wait_for(scenario(), timeout=30)).token_counts == [2]
+        with pytest.raises(ProcessLookupError):
+            os.kill(hung, 0)
+    finally:
+        process.close()
+
+
 def test_closing_waits_for_a_child_being_forked(
     components: Components, monkeypatch: pytest.MonkeyPatch
 ) -> None:
