@@ -34,6 +34,11 @@ def replay_greedy_steps(
     leading run n of d_j == output[i + j - 1] and emits n + 1 tokens (the target's
     correction or bonus token), so the next step starts at i + n + 1. k = 0 is plain
     decoding: one step per token, nothing accepted.
+
+    A last step whose run reaches the output's end is left out: the output ends before it
+    shows whether the drafter would have gone on matching, so it is neither a rejection
+    (counted as one, every score had a false failure at the end, which the engine, asking
+    for fewer drafts near the end, never records) nor a full step.
     """
     if draft_length < 0:
         raise ValueError(f"draft_length must be >= 0, got {draft_length}")
@@ -46,6 +51,8 @@ def replay_greedy_steps(
             if drafted != verified:
                 break
             run += 1
+        if run and position + run >= len(output_ids):
+            break  # censored by the output's end
         accepted.append(run)
         position += run + 1
     return accepted

@@ -12,14 +12,18 @@ from drafters.counterfactual import (
     teacher_forced_matches,
     teacher_forced_predictions,
 )
+from router.policy.acceptance import counts_from_steps
 
 
 def test_replays_steps_over_matches() -> None:
     t, f = True, False
     # k=4: step 1 accepts 2 (mismatch at index 2, which the target emits); step 2 starts
-    # at index 3 and accepts all 4; step 3 starts at index 8 (one token left) and accepts 1.
+    # at index 3 and accepts all 4; step 3 starts at index 8, one token left, which it
+    # matches: the output ends before the step shows a rejection or a full draft, so it
+    # is left out (counted, it was a rejection the engine never records).
     matches = [t, t, f, t, t, t, t, t, t]
-    assert accepted_per_step_from_matches(matches, 4) == [2, 4, 1]
+    assert accepted_per_step_from_matches(matches, 4) == [2, 4]
+    assert accepted_per_step_from_matches([*matches, f], 4) == [2, 4, 1]  # one seen
     assert accepted_per_step_from_matches(matches, 1) == [1, 0, 1, 1, 1]
     assert accepted_per_step_from_matches([f, f], 3) == [0, 0]
     assert accepted_per_step_from_matches([], 3) == []
@@ -37,13 +41,14 @@ def test_replays_steps_over_drafts_of_any_length() -> None:
         # n-gram lookup may give). From 5: longer than k and past the output's end.
         return {0: [10, 11, 99], 3: [13], 5: [15, 16, 17, 18, 19]}.get(position, [])
 
-    assert replay_greedy_steps(output, 3, drafts_at) == [2, 1, 2]
+    # The step from 5 matches to the output's end: censored, left out.
+    assert replay_greedy_steps(output, 3, drafts_at) == [2, 1]
     assert asked == [(0, 3), (3, 3), (5, 3)]
     # k = 0 never asks for drafts: plain decoding.
     asked.clear()
     assert replay_greedy_steps(output, 0, drafts_at) == [0] * 7 and asked == []
     # Drafts longer than k are cut at k.
-    assert replay_greedy_steps(output, 1, lambda position, k: output[position:]) == [1] * 4
+    assert replay_greedy_steps(output, 1, lambda position, k: output[position:]) == [1] * 3
 
 
 def test_a_model_scores_itself_as_always_accepted() -> None:
@@ -70,5 +75,10 @@ def test_a_model_scores_itself_as_always_accepted() -> None:
     assert teacher_forced_predictions(model, prompt, output) == output
     # 12 tokens, k = 3: every step accepts 3 and adds a bonus token.
     assert score_model_counterfactual(model, prompt, output, 3) == [3, 3, 3]
+    # Where the output ends inside a step, that step shows no rejection: the target
+    # scoring itself has none at any k (its last step counted as one for every k + 1
+    # that does not divide the output's length).
+    for k in range(1, 9):
+        assert counts_from_steps(score_model_counterfactual(model, prompt, output, k), k)[1] == 0
     wrong = [(tok + 1) % 50 for tok in output]
     assert score_model_counterfactual(model, prompt, wrong, 3) == [0] * 12
