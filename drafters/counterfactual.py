@@ -83,10 +83,12 @@ def teacher_forced_predictions(
         raise ValueError("prompt_ids must not be empty")
     device = next(model.parameters()).device
     ids = torch.tensor([list(prompt_ids) + list(output_ids)], device=device)  # [1, P + N]
-    logits = model(input_ids=ids).logits[0]  # [P + N, vocab]
-    # Position P - 1 + i predicts output token i.
-    start = len(prompt_ids) - 1
-    rows = logits[start : start + len(output_ids), :vocabulary_size]  # [N, drafted ids]
+    # Logits of the last N + 1 positions only (positions P - 1 .. P + N - 1): the prompt's
+    # others cost the LM head's work and [P, vocab] of memory for nothing (with Qwen2.5's
+    # 151,936-row vocabulary and a 1,024-token prompt, about 600 MB in fp32).
+    logits = model(input_ids=ids, logits_to_keep=len(output_ids) + 1).logits[0]
+    # Row i (position P - 1 + i) predicts output token i; the last row predicts past it.
+    rows = logits[: len(output_ids), :vocabulary_size]  # [N, drafted ids]
     return [int(x) for x in rows.argmax(dim=-1).tolist()]
 
 
