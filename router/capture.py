@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS captured (
 );
 CREATE INDEX IF NOT EXISTS captured_by_cluster ON captured (cluster, id);
 CREATE INDEX IF NOT EXISTS captured_by_time ON captured (created_unix);
+-- Covers stats() and the byte total: without it both read every row's pages, token-id
+-- blobs included (25-45 ms per insert and per scrape at the default 64 MiB).
+CREATE INDEX IF NOT EXISTS captured_sizes ON captured (cluster, created_unix, bytes);
 CREATE TABLE IF NOT EXISTS distillation_runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     cluster TEXT NOT NULL,
@@ -193,7 +196,11 @@ class CaptureStore:
             " WHERE cluster = ? ORDER BY id DESC LIMIT ?)",
             (cluster, cluster, settings.samples_per_cluster),
         )
-        # Keep the newest rows whose running total of bytes stays within the cap.
+        # Keep the newest rows whose running total of bytes stays within the cap (the
+        # total first, from the covering index: the running total reads every row).
+        total = self._db.execute("SELECT SUM(bytes) FROM captured").fetchone()[0] or 0
+        if total <= settings.max_bytes:
+            return
         self._db.execute(
             "DELETE FROM captured WHERE id IN (SELECT id FROM (SELECT id, SUM(bytes) OVER"
             " (ORDER BY id DESC) AS running FROM captured) WHERE running > ?)",

@@ -177,7 +177,9 @@ async def _start_site(
 
 def _metrics_app(metrics: SidecarMetrics) -> web.Application:
     async def scrape(request: web.Request) -> web.Response:
-        body = generate_latest(metrics.registry)
+        # In a worker thread: collectors query SQLite (the capture store's per-cluster
+        # figures), which on the event loop held up every call for each scrape.
+        body = await asyncio.to_thread(generate_latest, metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
