@@ -37,6 +37,7 @@ import logging
 import os
 import pickle
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -533,6 +534,10 @@ def _await_input(stdin: IO[bytes], spin_s: float) -> None:
 
 
 def _main() -> None:
+    # Ctrl-C reaches the whole process group: the child printed a KeyboardInterrupt
+    # traceback and the sidecar, still stopping, logged it lost and restarted it. The
+    # child ends when the sidecar closes its input.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING)
     replies = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # stray writes to stdout (C libraries included) go to stderr, not the pipe

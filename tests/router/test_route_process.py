@@ -399,6 +399,17 @@ def test_a_hung_child_is_replaced_also_when_the_caller_of_its_batch_has_gone(
         process.close()
 
 
+def test_the_child_outlives_a_ctrl_c_that_reaches_its_process_group(child: RouteProcess) -> None:
+    """Ctrl-C goes to the whole foreground process group: the child died with a
+    KeyboardInterrupt traceback, and the sidecar, stopping, logged it lost and restarted
+    it. It ignores SIGINT and ends when the sidecar closes its input."""
+    pid = child.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGINT)
+    read = asyncio.run(asyncio.wait_for(child.run(["a b c"], [], ("", "")), 30))
+    assert read.token_counts == [3] and child.pid == pid and child.starts == 1
+
+
 def test_closing_waits_for_a_child_being_forked(
     components: Components, monkeypatch: pytest.MonkeyPatch
 ) -> None:
