@@ -314,14 +314,17 @@ async def serve(
     """Run the sidecar until SIGTERM, SIGINT or SIGHUP (its terminal closed), then stop
     gracefully (final snapshot)."""
     running = await start_sidecar(settings)
-    freeze_startup_heap()
-    if on_ready is not None:
-        on_ready(running)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stopping.set)
     try:
+        # Inside the try: a ports file that cannot be written (its directory missing)
+        # failed here with the sidecar serving, and it exited without its drain or its
+        # final snapshot.
+        freeze_startup_heap()
+        if on_ready is not None:
+            on_ready(running)
         await stopping.wait()
     finally:
         with contextlib.suppress(Exception):

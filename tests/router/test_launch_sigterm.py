@@ -90,3 +90,30 @@ def test_stop_lets_background_tasks_finish_their_cancellation(
 async def _append(sidecar: SidecarThread, work: Coroutine[Any, Any, None]) -> None:
     sidecar.running.tasks.append(asyncio.create_task(work))
     await asyncio.sleep(0)  # let it start
+
+
+def test_a_failure_once_serving_still_drains_and_saves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What runs once the sidecar serves (writing the ports file, say, into a directory
+    that is missing) failed outside the stop's ``finally``: the sidecar exited without its
+    drain and its final snapshot."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import router.server as server_module
+
+    stopped: list[str] = []
+
+    async def started(settings: object) -> object:
+        async def stop() -> None:
+            stopped.append("drained and saved")
+
+        return SimpleNamespace(stop=stop)
+
+    def unwritable(running: object) -> None:
+        raise FileNotFoundError("no such directory: /missing/ports.json")
+
+    monkeypatch.setattr(server_module, "start_sidecar", started)
+    monkeypatch.setattr(server_module, "freeze_startup_heap", lambda: None)
+    with pytest.raises(FileNotFoundError):
+        asyncio.run(server_module.serve(object(), unwritable))  # type: ignore[arg-type]
+    assert stopped == ["drained and saved"]
