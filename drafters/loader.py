@@ -178,7 +178,15 @@ def default_placement(device: str | None = None, dtype: str | None = None) -> De
     """``device`` (default CUDA when available, else CPU) in precision ``dtype`` (see
     :func:`resolve_dtype`); without one, bf16 on CUDA and fp32 on CPU."""
     name = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device {name!r}: {error}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        # torch's own check is an AssertionError deep inside the first .to(device).
+        raise ValueError(
+            f"device {name!r}: this torch ({torch.__version__}) sees no CUDA device"
+        )
     if dtype is None:
         return DevicePlacement(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     return DevicePlacement(device=dev, dtype=resolve_dtype(dtype, dev))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import ssl
 import tomllib
 from pathlib import Path
@@ -252,6 +253,35 @@ class Settings(BaseSettings):
         if problem is not None:
             raise ValueError(f"policy_config for {self.policy!r}: {problem}")
         return self
+
+    @field_validator("world_dir", "target_dir", "classifier_dir", "state_dir", "fleet_file")
+    @classmethod
+    def _home_expanded(cls, value: Path | None) -> Path | None:
+        # "~/models/qwen" as target_dir was read as a Hugging Face repo id and refused
+        # with a misleading message (drafter_dirs and model_roots were expanded).
+        return value.expanduser() if value is not None else None
+
+    @field_validator("drafter_dirs")
+    @classmethod
+    def _drafter_dirs_expanded(cls, value: dict[str, Path]) -> dict[str, Path]:
+        return {name: directory.expanduser() for name, directory in value.items()}
+
+    @field_validator("admin_token", "data_token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty SPECROUTE_DATA_TOKEN (a variable that did not render) left the data
+        # calls open without a word: unset it to mean "no token".
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty or blank; leave it unset for no token")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str | None) -> str | None:
+        # A typo ("gpu") ended in torch's traceback after the settings were accepted.
+        if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", value):
+            raise ValueError(f"{value!r} is not a device: cpu, cuda, cuda:N, mps or xpu")
+        return value
 
     @field_validator("model_roots", mode="before")
     @classmethod

@@ -104,3 +104,41 @@ def test_clusters_waits_at_most_its_timeout() -> None:
             build_app(), ["clusters", "--address", address, "--timeout", "0.5"]
         )
     assert result.exit_code == 1 and "DEADLINE_EXCEEDED" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("SPECROUTE_DEVICE", "gpu", "'gpu' is not a device"),  # torch's traceback after start
+        ("SPECROUTE_DATA_TOKEN", "", "empty or blank"),  # left the data calls open, silently
+        ("SPECROUTE_ADMIN_TOKEN", "  ", "empty or blank"),
+    ],
+)
+def test_a_setting_that_cannot_mean_anything_stops_serve_at_once(
+    variable: str, value: str, message: str
+) -> None:
+    done = _run("serve", "--print-config", env={variable: value})
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_home_in_a_model_path_setting_is_expanded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ "~/models/qwen" as target_dir was read as a Hugging Face repo id."""
+    from router.settings import Settings
+
+    monkeypatch.setenv("SPECROUTE_TARGET_DIR", "~/models/qwen")
+    monkeypatch.setenv("SPECROUTE_CLASSIFIER_DIR", "~/cls")
+    settings = Settings()
+    assert settings.target_dir == Path.home() / "models" / "qwen"
+    assert settings.classifier_dir == Path.home() / "cls"
+
+
+def test_cuda_asked_of_a_torch_without_it_is_one_clear_error() -> None:
+    import torch
+
+    from drafters.loader import default_placement
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        default_placement("cuda", "auto")
