@@ -381,10 +381,23 @@ def digest_weights(files: Sequence[Path], cache: WeightsDigestCache | None) -> s
     return cache.digest(files) if cache is not None else weights_digest(files)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def load_tokenizer(directory: str | Path) -> Any:
-    """Load a tokenizer from a local directory only."""
+    """Load a tokenizer from a local directory only: a name that is not one (a typo, or
+    "Qwen/Qwen2.5-7B-Instruct") was taken for a Hugging Face repo id, and served from the
+    Hub's cache, outside every model root, when it was there."""
     from transformers import AutoTokenizer
 
+    path = Path(directory)
+    if not path.is_dir():
+        raise ModelLoadError(f"{directory}: no such directory (models load from local ones)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{directory} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): copy the "
+            "target's tokenizer there (trainer checkpoints often leave it out)"
+        )
     try:
         return AutoTokenizer.from_pretrained(
             str(directory),

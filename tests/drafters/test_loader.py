@@ -94,6 +94,29 @@ def test_refuses_missing_and_non_model_directories(tmp_path: Path) -> None:
         safetensors_files(tmp_path / "empty")
 
 
+def test_a_tokenizer_is_only_read_from_a_local_directory_that_has_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A name that is not a directory was taken for a Hugging Face repo id: served from
+    the Hub's cache when it was there (outside every model root, the context check off),
+    else refused as "Repo id must be in the form ..."; a directory without tokenizer files
+    failed with "expected str, bytes or os.PathLike object, not NoneType"."""
+    from drafters.loader import describe_target, load_tokenizer
+
+    hub = tmp_path / "hub"
+    _tiny_tokenizer().save_pretrained(hub / "Qwen" / "Qwen2.5-7B-Instruct")
+    monkeypatch.chdir(hub)  # where a relative repo id would find a cached copy
+    with pytest.raises(ModelLoadError, match="no such directory"):
+        describe_target(tmp_path / "absent")
+    with pytest.raises(ModelLoadError, match="no such directory"):
+        load_tokenizer("Qwen2.5-7B-Instruct")
+    _save_model(tmp_path / "checkpoint")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / "checkpoint" / name).unlink(missing_ok=True)
+    with pytest.raises(ModelLoadError, match="has no tokenizer files"):
+        load_tokenizer(tmp_path / "checkpoint")
+
+
 def test_refuses_corrupt_weights(tmp_path: Path) -> None:
     _save_model(tmp_path / "corrupt")
     (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\x00garbage" * 10)
