@@ -184,9 +184,7 @@ def default_placement(device: str | None = None, dtype: str | None = None) -> De
         raise ValueError(f"device {name!r}: {error}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         # torch's own check is an AssertionError deep inside the first .to(device).
-        raise ValueError(
-            f"device {name!r}: this torch ({torch.__version__}) sees no CUDA device"
-        )
+        raise ValueError(f"device {name!r}: this torch ({torch.__version__}) sees no CUDA device")
     if dtype is None:
         return DevicePlacement(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     return DevicePlacement(device=dev, dtype=resolve_dtype(dtype, dev))
