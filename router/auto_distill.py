@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,16 @@ def extra_model_roots(settings: Any) -> tuple[Path, ...]:
     return (root,)
 
 
+def auto_drafter_name(cluster: str, stamp: str) -> str:
+    """``<cluster>-auto-<stamp>`` as a drafter name (letters, digits, ``_.-``, at most 64)
+    and a directory name: a classifier label such as "open qa", or one too long, made a
+    name RegisterDrafter refuses, after minutes of training, at every run; one with "/"
+    or ".." wrote outside the distilled root."""
+    suffix = f"-auto-{stamp}"
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", cluster).strip("._-") or "cluster"
+    return safe[: 64 - len(suffix)] + suffix
+
+
 def child_cores(cores: int, available: Sequence[int]) -> set[int]:
     """The last ``cores`` of the CPUs this process may use (serving tends to start on the
     first ones); all of them when there are not more."""
@@ -69,9 +80,14 @@ class AutoDistiller:
     contexts: Callable[[], Sequence[Any]]  # the policy's context summaries
     capture: Any  # router.capture.CaptureStore
     address: str  # this sidecar's gRPC host:port
-    # Per cluster, the newest sample (CaptureStore.newest_id) when its last run began.
+    # Per cluster, the newest sample (CaptureStore.newest_id) when its last run began;
+    # kept in the capture store too, so that a restart does not run again on the same
+    # samples (and register one more drafter of them at every start).
     last_run_id: dict[str, int] = field(default_factory=dict)
     runs: int = 0
+
+    def __post_init__(self) -> None:
+        self.last_run_id = {**self.capture.auto_run_marks(), **self.last_run_id}
 
     def pick(self) -> str | None:
         """The qualifying cluster with the most headroom (module doc), or None."""
@@ -140,10 +156,10 @@ class AutoDistiller:
         if cluster is None:
             return None
         samples = self.capture.samples(cluster)
-        self.last_run_id[cluster] = self.capture.newest_id()
+        self.last_run_id[cluster] = newest = self.capture.newest_id()
+        self.capture.mark_auto_run(cluster, newest)
         self.runs += 1
-        stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime())
-        name = f"{cluster}-auto-{stamp}"
+        name = auto_drafter_name(cluster, time.strftime("%Y%m%d%H%M%S", time.gmtime()))
         out = distilled_root(self.settings) / name
         logger.info("auto-distillation of %s on %d captured samples: %s", cluster, samples, out)
         before = self.capture.distillation_counts()
@@ -159,8 +175,13 @@ class AutoDistiller:
         try:
             output, _ = await asyncio.to_thread(child.communicate)
         except asyncio.CancelledError:
+            # The sidecar stops: the run is killed, and what it wrote (prompts of the
+            # captured traffic among it) goes with it, recorded as failed.
             child.kill()
             await asyncio.to_thread(child.wait)
+            shutil.rmtree(out, ignore_errors=True)
+            seconds = time.perf_counter() - started
+            self.capture.record_distillation(cluster, "failed", seconds, "stopped with the sidecar")
             raise
         seconds = time.perf_counter() - started
         lines = output.decode(errors="replace").splitlines()

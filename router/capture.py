@@ -55,6 +55,12 @@ CREATE INDEX IF NOT EXISTS captured_by_time ON captured (created_unix);
 -- Covers stats() and the byte total: without it both read every row's pages, token-id
 -- blobs included (25-45 ms per insert and per scrape at the default 64 MiB).
 CREATE INDEX IF NOT EXISTS captured_sizes ON captured (cluster, created_unix, bytes);
+-- Per cluster, the newest sample when its last automatic distillation began (so that a
+-- restart does not distil the same samples again).
+CREATE TABLE IF NOT EXISTS auto_distill_marks (
+    cluster TEXT PRIMARY KEY,
+    newest_id INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS distillation_runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     cluster TEXT NOT NULL,
@@ -290,6 +296,21 @@ class CaptureStore:
                 " VALUES (?, ?, ?, ?, ?)",
                 (cluster, outcome, detail, float(seconds), time.time()),
             )
+
+    def mark_auto_run(self, cluster: str, newest_id: int) -> None:
+        """Remember that an automatic run of ``cluster`` began at sample ``newest_id``."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO auto_distill_marks (cluster, newest_id) VALUES (?, ?)"
+                " ON CONFLICT (cluster) DO UPDATE SET newest_id = excluded.newest_id",
+                (cluster, int(newest_id)),
+            )
+
+    def auto_run_marks(self) -> dict[str, int]:
+        """Per cluster, the newest sample when its last automatic run began."""
+        with self._lock:
+            rows = self._db.execute("SELECT cluster, newest_id FROM auto_distill_marks")
+            return {str(cluster): int(newest) for cluster, newest in rows.fetchall()}
 
     def distillation_counts(self) -> dict[str, int]:
         """Distillation runs by outcome (every outcome, 0 included)."""

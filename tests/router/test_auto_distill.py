@@ -161,6 +161,78 @@ def test_a_run_that_stops_before_writing_is_counted_as_failed(
     assert detail == "error: out of memory"
 
 
+def test_a_restart_does_not_distil_the_same_samples_again(tmp_path: Path) -> None:
+    """The newest sample at each cluster's last run was kept in memory only: every
+    restart distilled the same samples again, and each success registered one more
+    drafter of them."""
+    import asyncio
+    import sys
+
+    distiller, store = _math_distiller(tmp_path)
+    distiller.command = lambda *args: [sys.executable, "-c", "raise SystemExit(1)"]  # type: ignore[method-assign]
+    assert distiller.pick() == "math"
+    asyncio.run(distiller.run_once())
+    restarted = AutoDistiller(distiller.settings, distiller.contexts, store, "127.0.0.1:1")
+    assert restarted.pick() is None  # no new samples since
+    for i in range(2):
+        store.record("math", (7, 8, i), (3, 4))
+    assert restarted.pick() == "math"
+
+
+def test_a_run_stopped_with_the_sidecar_leaves_nothing_and_is_counted(tmp_path: Path) -> None:
+    """Stopping the sidecar killed the run but left its directory (the fine-tuning
+    sample: prompts of the captured traffic) and recorded nothing."""
+    import asyncio
+    import sys
+
+    distiller, store = _math_distiller(tmp_path)
+    written: list[Path] = []
+
+    def writes_then_waits(cluster: str, out: Path, name: str) -> list[str]:
+        written.append(out)
+        script = (
+            "import pathlib, sys, time; out = pathlib.Path(sys.argv[1]); "
+            "out.mkdir(parents=True); (out / 'finetune_sample.jsonl').write_text('x'); "
+            "time.sleep(60)"
+        )
+        return [sys.executable, "-c", script, str(out)]
+
+    distiller.command = writes_then_waits  # type: ignore[method-assign]
+
+    async def stop_midway() -> None:
+        run = asyncio.create_task(distiller.run_once())
+        while not (written and (written[0] / "finetune_sample.jsonl").exists()):
+            await asyncio.sleep(0.05)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+
+    asyncio.run(asyncio.wait_for(stop_midway(), 30))
+    assert not written[0].exists()
+    assert store.distillation_counts()["failed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("cluster", "expected"),
+    [
+        ("math", "math-auto-20261205"),
+        ("open qa", "open_qa-auto-20261205"),
+        ("../../etc", "etc-auto-20261205"),
+        ("x" * 80, "x" * 50 + "-auto-20261205"),
+    ],
+)
+def test_a_cluster_label_makes_a_drafter_name_registration_accepts(
+    cluster: str, expected: str
+) -> None:
+    """A label such as "open qa" (or one too long) made a name RegisterDrafter refuses,
+    after minutes of training, at every run; "/" or ".." wrote outside the distilled root."""
+    from router.auto_distill import auto_drafter_name
+    from router.drafter_pool import NAME_PATTERN
+
+    name = auto_drafter_name(cluster, "20261205")
+    assert name == expected and NAME_PATTERN.match(name) and "/" not in name
+
+
 def _wait(condition: object, what: str) -> None:
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not condition():  # type: ignore[operator]
