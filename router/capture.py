@@ -192,11 +192,23 @@ class CaptureStore:
             self._evict(cluster, created)
         return True
 
+    def expire(self, now: float | None = None) -> int:
+        """Delete the samples older than ``retention_days``; how many. The sidecar calls it
+        at start (capture on or off) and at every policy snapshot, besides each capture:
+        when traffic stopped, or capture was turned off, old samples stayed for good."""
+        with self._lock, self._transaction():
+            return self._expired(time.time() if now is None else now)
+
+    def _expired(self, now: float) -> int:
+        cutoff = now - self.settings.retention_days * SECONDS_PER_DAY
+        return int(
+            self._db.execute("DELETE FROM captured WHERE created_unix < ?", (cutoff,)).rowcount
+        )
+
     def _evict(self, cluster: str, now: float) -> None:
         """Retention, then the cluster's sample cap, then the byte cap (oldest first)."""
         settings = self.settings
-        cutoff = now - settings.retention_days * SECONDS_PER_DAY
-        self._db.execute("DELETE FROM captured WHERE created_unix < ?", (cutoff,))
+        self._expired(now)
         self._db.execute(
             "DELETE FROM captured WHERE cluster = ? AND id NOT IN (SELECT id FROM captured"
             " WHERE cluster = ? ORDER BY id DESC LIMIT ?)",
@@ -337,10 +349,19 @@ class _Transaction:
 
 
 def open_capture(state_dir: Path, settings: CaptureSettings) -> CaptureStore | None:
-    """The sidecar's capture store when capture is enabled; None (no file) otherwise."""
+    """The sidecar's capture store when capture is enabled; None (no file) otherwise. Either
+    way, samples a database there holds past ``retention_days`` are deleted."""
+    directory = Path(state_dir).expanduser()
     if not settings.enabled:
+        if (directory / DATABASE_NAME).is_file():  # captured before capture was turned off
+            leftover = CaptureStore(directory, settings)
+            try:
+                _log_expired(leftover.expire())
+            finally:
+                leftover.close()
         return None
-    store = CaptureStore(Path(state_dir).expanduser(), settings)
+    store = CaptureStore(directory, settings)
+    _log_expired(store.expire())
     logger.info(
         "capture on: clusters %s, %d samples per cluster, %d bytes, %g days",
         settings.clusters or "all",
@@ -349,3 +370,8 @@ def open_capture(state_dir: Path, settings: CaptureSettings) -> CaptureStore | N
         settings.retention_days,
     )
     return store
+
+
+def _log_expired(count: int) -> None:
+    if count:
+        logger.info("capture: deleted %d samples past their retention", count)

@@ -970,7 +970,10 @@ class RouterService:
         return PolicyView(name, version, [c.chosen_among(servable) for c in contexts])
 
     def snapshot(self) -> None:
+        """The periodic save (a worker thread): the policy, and the capture's retention."""
         self.policy.snapshot()
+        if self.capture is not None:
+            self.capture.expire()
 
 
 def prompt_char_bound(tokenizer: Any, max_prompt_tokens: int) -> int:

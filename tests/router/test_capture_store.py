@@ -99,3 +99,27 @@ def test_distillation_runs_are_counted_by_outcome(tmp_path: Path) -> None:
     store.record_distillation("math", "registered", 2.0, "math-distilled")
     counts = store.distillation_counts()
     assert counts == {"registered": 1, "refused": 1, "written": 0, "failed": 0}
+
+
+def test_retention_holds_without_traffic_and_with_capture_turned_off(tmp_path: Path) -> None:
+    """Retention ran only inside a new capture, for its cluster: when traffic stopped, or
+    capture was turned off (nothing opened the database again), old samples stayed on disk
+    for good. The sidecar expires them at start, capture on or off, and at each snapshot."""
+    import time
+
+    from router.capture import DATABASE_NAME
+
+    week_ago = time.time() - 7 * 86_400.0
+    store = _store(tmp_path, retention_days=1.0)
+    store.record("math", PROMPT, OUTPUT)
+    store.record("math", PROMPT, OUTPUT, now=week_ago)  # the last capture: kept until...
+    assert store.samples("math") == 2
+    assert store.expire() == 1 and store.samples("math") == 1
+    store.record("code", PROMPT, OUTPUT, now=week_ago)
+    store.close()
+
+    assert open_capture(tmp_path, CaptureSettings(enabled=False, retention_days=1.0)) is None
+    assert (tmp_path / DATABASE_NAME).is_file()
+    reader = CaptureStore(tmp_path)  # a reader's handle: default settings, expires nothing
+    assert [(s.cluster, s.samples) for s in reader.stats()] == [("math", 1)]
+    reader.close()
