@@ -71,11 +71,16 @@ class RunningSidecar:
         pooling task goes last, so that the outcomes of the drained requests and of the
         learners' last scores are published (its cancellation flushes once)."""
         try:
+            self.service.stopping = True  # HTTP /health says 503 from now on
             await self.health.enter_graceful_shutdown()
             await _cancel_and_wait(self.tasks)
-            await self.server.stop(self.settings.grace_s if grace is None else grace)
-            for runner in self.runners:
-                await runner.cleanup()
+            # Both ports drain at once, each within the grace: the HTTP port took new
+            # generations while gRPC drained, then drained with aiohttp's own 60 s, and
+            # the stop outran Kubernetes' 30 s (its SIGKILL lost the final snapshot).
+            await asyncio.gather(
+                self.server.stop(self.settings.grace_s if grace is None else grace),
+                *(runner.cleanup() for runner in self.runners),
+            )
             await self.service.aclose()
             await asyncio.to_thread(self.service.close)
             if self.pooling_task is not None:
@@ -157,12 +162,20 @@ def _bind(server: aio.Server, settings: Settings) -> int:
 
 
 async def _start_site(
-    app: web.Application, host: str, port: int, tls: ssl.SSLContext | None, name: str
+    app: web.Application,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None,
+    name: str,
+    grace_s: float = 5.0,
 ) -> tuple[web.AppRunner, int]:
     # handler_cancellation: a client that leaves a non-streamed request (a timeout, then
     # the client's retry) cancels its handler, which stops the generation and frees its
     # slot; aiohttp leaves handlers running by default.
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    # shutdown_timeout: a stop waits for requests in flight within the sidecar's grace.
+    runner = web.AppRunner(
+        app, access_log=None, handler_cancellation=True, shutdown_timeout=grace_s
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
     try:
@@ -261,12 +274,22 @@ async def start_sidecar(settings: Settings, components: Components | None = None
         await server.start()
         if settings.http_port is not None:
             runner, running.http_port = await _start_site(
-                build_http_app(service, data), settings.host, settings.http_port, tls, "HTTP"
+                build_http_app(service, data),
+                settings.host,
+                settings.http_port,
+                tls,
+                "HTTP",
+                settings.grace_s,
             )
             running.runners.append(runner)
         if settings.metrics_port is not None:
             runner, running.metrics_port = await _start_site(
-                _metrics_app(metrics), settings.host, settings.metrics_port, tls, "metrics"
+                _metrics_app(metrics),
+                settings.host,
+                settings.metrics_port,
+                tls,
+                "metrics",
+                settings.grace_s,
             )
             running.runners.append(runner)
     except BaseException:

@@ -279,6 +279,7 @@ class RouterService:
         self.context_tokens: int | None = components.target.context_tokens
         # Registrations and removals, pool and policy together (worker threads).
         self._admin_lock = threading.Lock()
+        self.stopping = False  # set when the sidecar begins to stop (HTTP /health: 503)
         # Automatic distillation's output directory is a model root while it is on.
         self.model_roots = (*components.model_roots, *extra_model_roots(settings))
         self.drafters = DrafterPool(components.target, components.engine, store, self.model_roots)
@@ -355,8 +356,9 @@ class RouterService:
             logger.exception("closing the service after a failed start")
 
     def generation_problem(self) -> str | None:
-        """Why a Generate could not run now, or None (the in-process engine always can)."""
-        return None
+        """Why a Generate could not run now, or None (the in-process engine can, until the
+        sidecar stops)."""
+        return "the sidecar is shutting down" if self.stopping else None
 
     # -- routing ----------------------------------------------------------------------
     def eligible_drafters(self) -> list[str]:

@@ -305,9 +305,11 @@ class FleetRouterService(RouterService):
         return replace(routed, decision=placed, replica=replica.spec.url), replica
 
     def generation_problem(self) -> str | None:
-        """Why no Generate can run now: no replica of the fleet serving (None otherwise)."""
-        if any(r.healthy for r in self.replicas):
-            return None
+        """Why no Generate can run now: the sidecar stopping, or no replica of the fleet
+        serving (None otherwise)."""
+        stopping = super().generation_problem()
+        if stopping is not None or any(r.healthy for r in self.replicas):
+            return stopping
         return str(self._unavailable())
 
     def _unavailable(self, busy: Sequence[str] = (), pinned: str = "") -> Exception:

@@ -117,3 +117,70 @@ def test_a_failure_once_serving_still_drains_and_saves(monkeypatch: pytest.Monke
     with pytest.raises(FileNotFoundError):
         asyncio.run(server_module.serve(object(), unwritable))  # type: ignore[arg-type]
     assert stopped == ["drained and saved"]
+
+
+def test_both_ports_drain_at_once_within_the_grace() -> None:
+    """The HTTP port drained after gRPC's grace, with aiohttp's own 60 s: a stop with a
+    long HTTP generation in flight took grace + 60 s, past Kubernetes' 30 s, whose
+    SIGKILL lost the final snapshot; meanwhile the HTTP port took new generations and
+    its /health said 200. /health says 503 from the stop's start, and both ports drain
+    together, each within the grace."""
+    from types import SimpleNamespace
+
+    import aiohttp
+    from aiohttp import web
+
+    from router.http_front import SERVICE_KEY, health_route
+    from router.server import RunningSidecar, _start_site
+    from router.service import RouterService
+
+    grace = 0.5
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)  # a long generation
+        return web.Response(text="done")
+
+    async def scenario() -> tuple[int, float]:
+        closed: list[str] = []
+        service = SimpleNamespace(
+            stopping=False,
+            aclose=lambda: asyncio.sleep(0),
+            close=lambda: closed.append("snapshot"),
+            store=SimpleNamespace(close=lambda: closed.append("store")),
+        )
+        service.generation_problem = lambda: RouterService.generation_problem(service)  # type: ignore[arg-type]
+        app = web.Application()
+        app[SERVICE_KEY] = service
+        app.router.add_get("/health", health_route)
+        app.router.add_get("/slow", slow)
+        runner, port = await _start_site(app, "127.0.0.1", 0, None, "HTTP", grace)
+
+        async def grpc_drain(seconds: float) -> None:
+            await asyncio.sleep(seconds)
+
+        running = RunningSidecar(
+            settings=SimpleNamespace(grace_s=grace),  # type: ignore[arg-type]
+            service=service,  # type: ignore[arg-type]
+            server=SimpleNamespace(stop=grpc_drain),  # type: ignore[arg-type]
+            health=SimpleNamespace(enter_graceful_shutdown=lambda: asyncio.sleep(0.3)),
+            grpc_port=1,
+            runners=[runner],
+        )
+        async with aiohttp.ClientSession() as client:
+            base = f"http://127.0.0.1:{port}"
+            in_flight = asyncio.create_task(client.get(f"{base}/slow"))
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            stopping = asyncio.create_task(running.stop())
+            await asyncio.sleep(0.1)  # the gRPC health is being told
+            async with client.get(f"{base}/health") as health:
+                status = health.status
+            await stopping
+            took = time.monotonic() - started
+            in_flight.cancel()
+        assert closed == ["snapshot", "store"]
+        return status, took
+
+    status, took = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert status == 503
+    assert took < 0.3 + grace + 2.0, took
