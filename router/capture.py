@@ -157,6 +157,9 @@ class CaptureStore:
         self.settings = settings or CaptureSettings()
         self._lock = threading.Lock()
         self._db = open_database(self.path, SCHEMA, synchronous="NORMAL")
+        # Deleted samples are overwritten, not only unlinked: SQLite builds differ in the
+        # default, and where it is off a purge left the token ids in the file's free pages.
+        self._db.execute("PRAGMA secure_delete=ON")
 
     def close(self) -> None:
         with self._lock:
@@ -292,9 +295,11 @@ class CaptureStore:
                 cursor = self._db.execute("DELETE FROM captured")
             else:
                 cursor = self._db.execute("DELETE FROM captured WHERE cluster = ?", (cluster,))
-            # Give the freed pages back, so purged user data leaves the file too.
+            # Give the freed pages back, so purged user data leaves the file too; the
+            # vacuumed pages are in the WAL until a checkpoint moves them into the file.
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self._db.execute("VACUUM")
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return int(cursor.rowcount)
 
     # -- distillation runs ------------------------------------------------------------

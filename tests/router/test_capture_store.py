@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from router.capture import CaptureSettings, CaptureStore, open_capture
 
@@ -91,6 +94,35 @@ def test_purge_per_cluster_and_all(tmp_path: Path) -> None:
     store.close()
     reopened = CaptureStore(tmp_path)
     assert reopened.stats() == []
+
+
+def test_purged_token_ids_leave_the_files_whatever_sqlites_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where SQLite is built with secure_delete off (Debian builds it on), a purge left
+    the token ids in the file's free pages, and the vacuumed pages sat in the WAL, with
+    another connection (the sidecar's) open, until a later checkpoint."""
+    import router.capture as capture_module
+
+    opened = capture_module.open_database
+
+    def default_off(*args: Any, **kwargs: Any) -> Any:
+        db = opened(*args, **kwargs)
+        db.execute("PRAGMA secure_delete=OFF")  # as such a build opens it
+        return db
+
+    monkeypatch.setattr(capture_module, "open_database", default_off)
+    marker = tuple([123_456_789] * 512)
+    store = _store(tmp_path)
+    sidecar = CaptureStore(tmp_path, CaptureSettings(enabled=True))  # another connection
+    for _ in range(8):
+        store.record("math", marker, OUTPUT)
+    assert store.purge() == 8
+    needle = (123_456_789).to_bytes(4, "little") * 16
+    for path in tmp_path.glob("capture.sqlite3*"):  # the sidecar's connection still open
+        assert needle not in path.read_bytes(), path
+    sidecar.close()
+    store.close()
 
 
 def test_distillation_runs_are_counted_by_outcome(tmp_path: Path) -> None:
