@@ -96,10 +96,12 @@ class GenerationRun:
         return next(self._events)
 
     def close(self) -> None:
-        """Stop generating now."""
+        """Stop generating now (cancelled, unless it had ended)."""
         close = getattr(self._events, "close", None)
         if close is not None:
             close()
+        if not self.stats.finish_reason:  # closed before its first event: never started
+            self.stats.finish_reason = "cancelled"
 
     def collect(self) -> list[int]:
         """Run to the end and return the output ids."""

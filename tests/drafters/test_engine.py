@@ -340,6 +340,10 @@ def test_cancellation_stops_between_steps(
     next(early)
     early.close()
     assert early.stats.finish_reason == "cancelled" and early.stats.steps == 1
+    # Closed before its first event (its generator never started): cancelled too, not "".
+    never = engine.generate(prompts[2], drafters["close"], 3, max_new_tokens=MAX_NEW)
+    never.close()
+    assert never.stats.finish_reason == "cancelled" and never.stats.steps == 0
 
 
 def test_a_seed_reproduces_a_sampled_generation(
