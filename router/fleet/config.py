@@ -68,6 +68,12 @@ def normalise_url(url: str) -> str:
         raise ValueError(f"{url!r} has a bad port: {exc}") from exc
     if parts.query or parts.fragment:
         raise ValueError(f"{url!r} must not have a query or fragment")
+    if parts.username is not None or parts.password is not None:
+        # The URL names the replica in metrics labels (an open /metrics) and in replies.
+        raise ValueError(
+            f"{parts.scheme}://{parts.hostname}: credentials in a replica URL would show in "
+            "metrics and replies; give the key with api_key_env"
+        )
     path = parts.path.rstrip("/").removesuffix("/v1")
     return f"{parts.scheme}://{parts.netloc}{path}"
 

@@ -73,6 +73,8 @@ def test_fleet_file_is_read_and_normalised(tmp_path: Path) -> None:
         ("http://host:99999", "bad port"),
         ("http://host:8000/?x=1", "query"),
         ("http://", "not an http(s)://host[:port] URL"),
+        # The URL labels the replica on the open /metrics and in Route replies.
+        ("http://admin:s3cret@10.0.0.1:8000", "credentials in a replica URL"),
     ],
 )
 def test_malformed_urls_are_refused(url: str, problem: str) -> None:
