@@ -64,6 +64,18 @@ def _drafter_order(tasks: Sequence[str]) -> Callable[[str], tuple[int, str]]:
     return lambda name: (rank.get(name, len(rank)), name)
 
 
+def _inside(root: Path, entry: Any) -> Path:
+    """``root / entry`` for a manifest entry naming a directory of the bundle: an absolute
+    path or one with ".." loaded models from outside the bundle, the only model root its
+    built-in models are checked against."""
+    path = Path(entry)
+    if path.is_absolute() or ".." in path.parts:
+        raise InvalidBundleError(
+            f"{root / MANIFEST} names {str(entry)!r}: a bundle's entries are paths inside it"
+        )
+    return root / path
+
+
 @dataclass(frozen=True)
 class ModelBundle:
     """A built bundle: target, drafters and corpus, all under ``root``."""
@@ -92,12 +104,12 @@ class ModelBundle:
                 root=root,
                 scale=str(manifest["scale"]),
                 tasks=tasks,
-                target_dir=root / manifest["target"],
+                target_dir=_inside(root, manifest["target"]),
                 drafter_dirs={
-                    str(name): root / drafters[name]
+                    str(name): _inside(root, drafters[name])
                     for name in sorted(drafters, key=_drafter_order(tasks))
                 },
-                corpus_dir=root / manifest["corpus"],
+                corpus_dir=_inside(root, manifest["corpus"]),
                 manifest=manifest,
             )
         except KeyError as error:

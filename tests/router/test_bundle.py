@@ -55,6 +55,16 @@ def test_default_bundle_dir_honours_specroute_home(
         ("[1, 2]", "not a JSON object"),
         ('{"scale": "x", "tasks": [], "target": "t", "corpus": "c"}', "no 'drafters' entry"),
         ('{"scale": "x", "tasks": 3, "target": "t", "corpus": "c", "drafters": {}}', "not a"),
+        # Entries outside the bundle: its models were loaded from anywhere, unchecked.
+        (
+            '{"scale": "x", "tasks": [], "target": "/opt/other", "corpus": "c", "drafters": {}}',
+            "paths inside it",
+        ),
+        (
+            '{"scale": "x", "tasks": [], "target": "t", "corpus": "c",'
+            ' "drafters": {"generic": "../elsewhere/d"}}',
+            "paths inside it",
+        ),
     ],
 )
 def test_a_damaged_manifest_is_named_not_a_traceback(tmp_path: Path, text: str, says: str) -> None:
