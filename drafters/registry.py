@@ -148,10 +148,12 @@ def _create_model_drafter(
 ) -> Drafter:
     if path is None:
         raise ModelLoadError(f"model drafter {name!r} needs a path")
-    loaded = load_model(path, placement=target.placement, digest_cache=target.digest_cache)
-    difference = tokenizer_difference(target.tokenizer, loaded.tokenizer)
+    # The tokenizer first: a drafter for another vocabulary was refused only after all
+    # its weights had loaded onto the device (minutes, and memory, for a large one).
+    difference = drafter_tokenizer_difference(target.tokenizer, path)
     if difference is not None:
-        raise TokenizerMismatchError(mismatch_message(name, loaded.path, target.path, difference))
+        raise TokenizerMismatchError(mismatch_message(name, path, target.path, difference))
+    loaded = load_model(path, placement=target.placement, digest_cache=target.digest_cache)
     target_rows = target.vocabulary_rows
     if loaded.model.get_output_embeddings().weight.shape[0] != target_rows:
         # Same tokenizer, differently padded vocabulary (Qwen2.5 sizes differ): align rows

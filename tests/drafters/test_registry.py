@@ -79,8 +79,16 @@ def test_model_drafters_of_one_architecture_share_a_cost_shape(
 
 
 def test_a_different_tokenizer_is_refused_with_the_difference(
-    target: LoadedModel, tiny_models: TinyModels
+    target: LoadedModel, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Refused before its weights load (they loaded onto the device first: minutes, and
+    memory, for a large drafter of another vocabulary)."""
+    import drafters.registry as registry
+
+    def no_weights(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were loaded before the tokenizer was compared")
+
+    monkeypatch.setattr(registry, "load_model", no_weights)
     with pytest.raises(
         TokenizerMismatchError, match="vocabulary sizes differ: target 64, drafter 65"
     ):
