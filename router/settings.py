@@ -264,6 +264,19 @@ class Settings(BaseSettings):
     @field_validator("drafter_dirs")
     @classmethod
     def _drafter_dirs_expanded(cls, value: dict[str, Path]) -> dict[str, Path]:
+        # A name registration would refuse, or one of the model-free arms ("none" was
+        # loaded, then silently replaced by plain decoding), is refused with the settings.
+        if not value:
+            return value
+        from router.drafter_pool import NAME_PATTERN
+        from router.policy.base import NONE_DRAFTER
+
+        for name in value:
+            if name in (NONE_DRAFTER, "ngram") or not NAME_PATTERN.match(name):
+                raise ValueError(
+                    f"drafter name {name!r}: letters, digits and _.- (at most 64), not "
+                    f"{NONE_DRAFTER!r} or 'ngram'"
+                )
         return {name: directory.expanduser() for name, directory in value.items()}
 
     @field_validator("admin_token", "data_token")

@@ -142,3 +142,17 @@ def test_cuda_asked_of_a_torch_without_it_is_one_clear_error() -> None:
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="sees no CUDA device"):
         default_placement("cuda", "auto")
+
+
+@pytest.mark.parametrize("name", ["none", "ngram", "bad name!"])
+def test_a_configured_drafter_name_registration_would_refuse_is_a_settings_error(
+    name: str,
+) -> None:
+    """{"none": dir} was loaded, then silently replaced by plain decoding; "bad name!"
+    served under a name no RegisterDrafter could give."""
+    from pydantic import ValidationError
+
+    from router.settings import Settings
+
+    with pytest.raises(ValidationError, match="drafter name"):
+        Settings(drafter_dirs={name: Path("/models/d")})
