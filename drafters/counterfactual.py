@@ -35,10 +35,10 @@ def replay_greedy_steps(
     correction or bonus token), so the next step starts at i + n + 1. k = 0 is plain
     decoding: one step per token, nothing accepted.
 
-    A last step whose run reaches the output's end is left out: the output ends before it
-    shows whether the drafter would have gone on matching, so it is neither a rejection
-    (counted as one, every score had a false failure at the end, which the engine, asking
-    for fewer drafts near the end, never records) nor a full step.
+    A last step whose run of fewer than k matches reaches the output's end is left out:
+    the output ends before it shows whether the drafter would have gone on matching, so
+    it is not a rejection (counted as one, every score had a false failure at the end,
+    which the engine, asking for fewer drafts near the end, never records).
     """
     if draft_length < 0:
         raise ValueError(f"draft_length must be >= 0, got {draft_length}")
@@ -51,8 +51,8 @@ def replay_greedy_steps(
             if drafted != verified:
                 break
             run += 1
-        if run and position + run >= len(output_ids):
-            break  # censored by the output's end
+        if 0 < run < draft_length and position + run >= len(output_ids):
+            break  # censored by the output's end (a full step is a success all the same)
         accepted.append(run)
         position += run + 1
     return accepted
@@ -87,8 +87,9 @@ def teacher_forced_predictions(
     # others cost the LM head's work and [P, vocab] of memory for nothing (with Qwen2.5's
     # 151,936-row vocabulary and a 1,024-token prompt, about 600 MB in fp32).
     logits = model(input_ids=ids, logits_to_keep=len(output_ids) + 1).logits[0]
-    # Row i (position P - 1 + i) predicts output token i; the last row predicts past it.
-    rows = logits[: len(output_ids), :vocabulary_size]  # [N, drafted ids]
+    # Counted from the end: some models (GPT-Neo, OPT, ...) take the argument in their
+    # kwargs and return every position. Row P - 1 + i predicts output token i.
+    rows = logits[-(len(output_ids) + 1) : -1, :vocabulary_size]  # [N, drafted ids]
     return [int(x) for x in rows.argmax(dim=-1).tolist()]
 
 

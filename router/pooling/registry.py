@@ -120,27 +120,31 @@ class SharedRegistry:
                 self._metrics.pooled_rejected.labels(reason=rejected.reason).inc()
                 logger.warning("pooling: dropped registry entry %s (%s)", entry_id, rejected)
                 continue
-            origin = event.origin
-            if origin.replica != self.identity and origin.seq > self._applied.get(
-                origin.replica, 0
-            ):
-                events.append(event)  # not applied yet in this process
+            if event.origin.seq > self._applied.get(event.origin.replica, 0):
+                events.append(event)  # not applied yet in this process (its own included)
         return events
 
     async def handle(self, entries: Sequence[tuple[str, Mapping[Any, Any]]]) -> None:
         """Apply a batch of entries, folded by name: only the last one of each drafter
-        name counts (the retained history at start is read in such batches too)."""
-        last: dict[str, SharedRegistration] = {}
+        name counts (the retained history at start is read in such batches too). This
+        replica's own entries take part in the fold (a newer registration of its own
+        wins over an older one of another replica's) and are not applied again."""
+        folded: dict[str, list[SharedRegistration]] = {}
         for event in self._checked(entries):
-            last.pop(event.name, None)
-            last[event.name] = event
-        self._expect(list(last.values()))
-        for event in last.values():
-            await self._apply(event)
-            # Applied: entries of its writer up to it are not applied again (writers
-            # publish in seq order; a name's earlier entries were folded into it).
-            origin = event.origin
-            self._applied[origin.replica] = max(self._applied.get(origin.replica, 0), origin.seq)
+            folded[event.name] = [*folded.pop(event.name, []), event]  # by last entry
+        survivors = [group[-1] for group in folded.values()]
+        self._expect([e for e in survivors if e.origin.replica != self.identity])
+        for group in folded.values():
+            survivor = group[-1]
+            if survivor.origin.replica != self.identity:
+                await self._apply(survivor)
+            # Applied, and what folded into it with it: not applied again when read
+            # again (a catch-up out of time, a reader started again). Writers publish in
+            # seq order and names apply in the order of their last entries, so a
+            # writer's entries up to the highest marked are all applied or superseded.
+            for event in group:
+                replica, seq = event.origin.replica, event.origin.seq
+                self._applied[replica] = max(self._applied.get(replica, 0), seq)
 
     def _expect(self, events: Sequence[SharedRegistration]) -> None:
         """Every registration read and not served here is loading from now on: it is
@@ -177,7 +181,10 @@ class SharedRegistry:
                 event.name,
                 event.origin.replica,
             )
-            if not await self._remove(event.name):
+            self.loading.add(event.name)  # the announced one's outcomes wait for it
+            if not await self._remove(event.name, replacing=True):
+                self.loading.discard(event.name)
+                self._service.policy.drafter_not_served(event.name)
                 return
         live = self._service.drafters.names()
         if event.name in live:
@@ -220,12 +227,15 @@ class SharedRegistry:
         self._unavailable.pop(event.name, None)
         logger.info("pooling: drafter %s registered by %s", event.name, event.origin.replica)
 
-    async def _remove(self, name: str) -> bool:
+    async def _remove(self, name: str, replacing: bool = False) -> bool:
         """Remove this replica's drafter ``name``, served or stored and not served (its
         record stayed, and a restart with its files back served a drafter the fleet had
-        removed); False when it stays (built in here, or the removal failed)."""
+        removed); False when it stays (built in here, or the removal failed).
+        ``replacing``: another registration of the name follows, and the outcomes that
+        wait for it are kept."""
         self._unavailable.pop(name, None)
-        self.loading.discard(name)
+        if not replacing:
+            self.loading.discard(name)
         drafters = self._service.drafters
         try:
             record: DrafterRecord | None = drafters.get(name).record
@@ -235,14 +245,16 @@ class SharedRegistry:
             logger.warning("pooling: another replica removed %s, built in here; kept", name)
             return False
         if record is None and drafters.unserved_record(name) is None:
-            self._service.policy.drafter_not_served(name)
+            if not replacing:
+                self._service.policy.drafter_not_served(name)
             return True
         try:
             await self._service.remove_drafter(name)
         except (NotFoundError, SidecarError) as error:
             logger.warning("pooling: cannot remove drafter %s: %s", name, error)
             return False
-        self._service.policy.drafter_not_served(name)
+        if not replacing:
+            self._service.policy.drafter_not_served(name)
         logger.info("pooling: drafter %s removed by another replica", name)
         return True
 

@@ -48,7 +48,7 @@ def test_replays_steps_over_drafts_of_any_length() -> None:
     asked.clear()
     assert replay_greedy_steps(output, 0, drafts_at) == [0] * 7 and asked == []
     # Drafts longer than k are cut at k.
-    assert replay_greedy_steps(output, 1, lambda position, k: output[position:]) == [1] * 3
+    assert replay_greedy_steps(output, 1, lambda position, k: output[position:]) == [1] * 4
 
 
 def test_a_model_scores_itself_as_always_accepted() -> None:
@@ -82,3 +82,31 @@ def test_a_model_scores_itself_as_always_accepted() -> None:
         assert counts_from_steps(score_model_counterfactual(model, prompt, output, k), k)[1] == 0
     wrong = [(tok + 1) % 50 for tok in output]
     assert score_model_counterfactual(model, prompt, wrong, 3) == [0] * 12
+
+
+def test_a_model_that_returns_every_position_scores_the_same() -> None:
+    """Some models (GPT-Neo, OPT, ... in transformers 4.57) take ``logits_to_keep`` in
+    their kwargs and return every position: the rows were then read from the prompt's."""
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+
+    class EveryPosition(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids: torch.Tensor, **ignored: object) -> object:
+            return self.inner(input_ids=input_ids)
+
+    prompt, output = [1, 2, 3, 4, 5, 6], [7, 8, 9, 10]
+    expected = teacher_forced_predictions(model, prompt, output)
+    assert teacher_forced_predictions(EveryPosition(), prompt, output) == expected

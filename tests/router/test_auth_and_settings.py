@@ -318,7 +318,7 @@ def test_register_sends_a_relative_path_made_absolute_on_the_client(
     and was refused as outside the model roots."""
     sent: list[str] = []
 
-    async def register(spec: Any) -> Any:
+    async def register(spec: Any, announce: Any = None) -> Any:
         sent.append(spec.path)
         raise NotFoundError("recorded")
 

@@ -774,4 +774,27 @@ async def test_a_replica_that_was_away_takes_the_fleets_new_drafter_of_a_name() 
     assert service.calls == ["remove d", "register d /m/d-v2", "remove e"]
     await registry.handle([entry(5, "register", "d", "/m/d-v2")])  # the same drafter
     assert service.calls == ["remove d", "register d /m/d-v2", "remove e"]
+
+    # Entries of several writers folded into one: read again, the folded-away ones do
+    # not come back and win (they were never marked applied, and x ended removed).
+    def of(writer: str, seq: int, kind: str, name: str, path: str = "") -> tuple[str, Any]:
+        event = SharedRegistration(
+            Origin(writer, seq), kind, name, "model" if path else "", path, registration=path
+        )
+        return (f"{seq}-1", SIGNER.fields(registration_payload(event)))
+
+    service.calls.clear()
+    mixed = [of("c-1", 1, "register", "x", "/m/x-v1"), of("c-1", 2, "remove", "x")]
+    mixed.append(of("e-1", 1, "register", "x", "/m/x-v2"))
+    await registry.handle(mixed)
+    await registry.handle(mixed)  # a catch-up out of time reads the batch again
+    assert service.calls == ["register x /m/x-v2"] and service.live["x"] == "/m/x-v2"
+
+    # This replica's own newer registration wins the fold over another's older one.
+    service.calls.clear()
+    own = [of("f-1", 1, "register", "y", "/m/y-v1"), of("a-2", 1, "remove", "y")]
+    own.append(of("a-2", 2, "register", "y", "/m/y-v2"))
+    service.live["y"] = "/m/y-v2"  # registered here, by this replica's own call
+    await registry.handle(own)
+    assert service.calls == [] and service.live["y"] == "/m/y-v2"
     await link.close()
