@@ -65,6 +65,27 @@ def auto_drafter_name(cluster: str, stamp: str) -> str:
     return safe[: 64 - len(suffix)] + suffix
 
 
+def stopped_marker(out: Path) -> Path:
+    """Beside a run's output directory: the run was stopped with the sidecar."""
+    return out.with_name(f".{out.name}.stopped")
+
+
+def clean_stopped_runs(root: Path, registered: Callable[[str], bool], capture: Any) -> list[str]:
+    """At start: the output of each run stopped with the sidecar is removed unless its
+    drafter was registered after all (the stopping sidecar completes a registration in
+    progress), and the run counts as failed; the names removed."""
+    removed = []
+    for marker in sorted(root.glob(".*.stopped")):
+        name = marker.name[1 : -len(".stopped")]
+        if not registered(name):
+            shutil.rmtree(root / name, ignore_errors=True)
+            cluster = name.rsplit("-auto-", 1)[0]
+            capture.record_distillation(cluster, "failed", 0.0, "stopped with the sidecar")
+            removed.append(name)
+        marker.unlink(missing_ok=True)
+    return removed
+
+
 def child_cores(cores: int, available: Sequence[int]) -> set[int]:
     """The last ``cores`` of the CPUs this process may use (serving tends to start on the
     first ones); all of them when there are not more."""
@@ -156,6 +177,7 @@ class AutoDistiller:
         if cluster is None:
             return None
         samples = self.capture.samples(cluster)
+        previous = self.last_run_id.get(cluster, 0)
         self.last_run_id[cluster] = newest = self.capture.newest_id()
         self.capture.mark_auto_run(cluster, newest)
         self.runs += 1
@@ -175,13 +197,15 @@ class AutoDistiller:
         try:
             output, _ = await asyncio.to_thread(child.communicate)
         except asyncio.CancelledError:
-            # The sidecar stops: the run is killed, and what it wrote (prompts of the
-            # captured traffic among it) goes with it, recorded as failed.
+            # The sidecar stops: the run is killed and its samples are due again. What it
+            # wrote holds prompts of the captured traffic, but it may be a drafter whose
+            # registration the stopping sidecar still completes: the next start removes
+            # it unless it was registered (``clean_stopped_runs``).
             child.kill()
             await asyncio.to_thread(child.wait)
-            shutil.rmtree(out, ignore_errors=True)
-            seconds = time.perf_counter() - started
-            self.capture.record_distillation(cluster, "failed", seconds, "stopped with the sidecar")
+            self.last_run_id[cluster] = previous
+            self.capture.mark_auto_run(cluster, previous)
+            stopped_marker(out).touch()
             raise
         seconds = time.perf_counter() - started
         lines = output.decode(errors="replace").splitlines()
@@ -225,6 +249,14 @@ def start_auto_distiller(settings: Any, service: Any, grpc_port: int) -> asyncio
             "registers over plain gRPC on this host): it stays off"
         )
         return None
+    drafters = service.drafters
+    removed = clean_stopped_runs(
+        distilled_root(settings),
+        lambda name: bool(drafters.identity(name)) or drafters.unserved_record(name) is not None,
+        service.capture,
+    )
+    if removed:
+        logger.info("auto-distillation: removed runs stopped with the sidecar: %s", removed)
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     distiller = AutoDistiller(
         settings, lambda: service.policy.describe()[2], service.capture, f"{host}:{grpc_port}"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from router.store import open_database
+from router.store import StateStoreError, open_database
 
 #: The most threads a setting may ask for (torch's intra-op threads, generation workers,
 #: the distillation child's cores): torch crashed the process (a segmentation fault) on
@@ -359,9 +359,15 @@ def open_capture(state_dir: Path, settings: CaptureSettings) -> CaptureStore | N
     directory = Path(state_dir).expanduser()
     if not settings.enabled:
         if (directory / DATABASE_NAME).is_file():  # captured before capture was turned off
-            leftover = CaptureStore(directory, settings)
+            try:
+                leftover = CaptureStore(directory, settings)
+            except StateStoreError as error:  # damaged or read-only: capture is off anyway
+                logger.warning("capture off; the database left from before: %s", error)
+                return None
             try:
                 _log_expired(leftover.expire())
+            except sqlite3.Error as error:
+                logger.warning("capture off; cannot expire old samples: %s", error)
             finally:
                 leftover.close()
         return None

@@ -98,6 +98,11 @@ class TlsSettings(BaseModel):
     cert_file: Path | None = None
     key_file: Path | None = None
 
+    @field_validator("cert_file", "key_file")
+    @classmethod
+    def _home_expanded(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
     @model_validator(mode="after")
     def _both_or_neither(self) -> TlsSettings:
         # One alone served plaintext while the operator believed TLS was on.
@@ -141,6 +146,13 @@ class PoolingSettings(BaseModel):
     # failed each connection later).
     tls_ca_file: FilePath | None = None
     secret: SecretStr | None = None  # the fleet's shared HMAC key
+
+    @field_validator("tls_ca_file", mode="before")
+    @classmethod
+    def _ca_home_expanded(cls, value: Any) -> Any:
+        # Before the file's existence is checked: "~/ca.pem" was refused as missing.
+        return Path(value).expanduser() if isinstance(value, str | Path) else value
+
     outcome_stream: str = Field(default="specroute:outcomes", min_length=1)
     registry_stream: str = Field(default="specroute:drafters", min_length=1)
     # Entries kept per stream (XADD MAXLEN ~): what a new or restarted replica replays.

@@ -59,6 +59,13 @@ class FleetConfigError(ValueError):
 def normalise_url(url: str) -> str:
     """``http(s)://host[:port][/prefix]`` without a trailing ``/`` or ``/v1``; anything
     else (another scheme, no host, a bad port, a query) is refused."""
+    if "@" in url:
+        # Credentials (and a URL that has any would be echoed in the errors below): the
+        # URL labels the replica on the unauthenticated /metrics and in Route replies.
+        raise ValueError(
+            "a replica URL must not hold credentials (user:password@): they would show in "
+            "metrics and replies; give the key with api_key_env"
+        )
     parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{url!r} is not an http(s)://host[:port] URL")
@@ -68,12 +75,6 @@ def normalise_url(url: str) -> str:
         raise ValueError(f"{url!r} has a bad port: {exc}") from exc
     if parts.query or parts.fragment:
         raise ValueError(f"{url!r} must not have a query or fragment")
-    if parts.username is not None or parts.password is not None:
-        # The URL names the replica in metrics labels (an open /metrics) and in replies.
-        raise ValueError(
-            f"{parts.scheme}://{parts.hostname}: credentials in a replica URL would show in "
-            "metrics and replies; give the key with api_key_env"
-        )
     path = parts.path.rstrip("/").removesuffix("/v1")
     return f"{parts.scheme}://{parts.netloc}{path}"
 

@@ -181,9 +181,13 @@ def test_a_restart_does_not_distil_the_same_samples_again(tmp_path: Path) -> Non
 
 def test_a_run_stopped_with_the_sidecar_leaves_nothing_and_is_counted(tmp_path: Path) -> None:
     """Stopping the sidecar killed the run but left its directory (the fine-tuning
-    sample: prompts of the captured traffic) and recorded nothing."""
+    sample: prompts of the captured traffic) and recorded nothing. The next start removes
+    it and counts the run as failed, unless its drafter was registered after all (the
+    stopping sidecar completes a registration in progress); its samples are due again."""
     import asyncio
     import sys
+
+    from router.auto_distill import clean_stopped_runs
 
     distiller, store = _math_distiller(tmp_path)
     written: list[Path] = []
@@ -208,8 +212,18 @@ def test_a_run_stopped_with_the_sidecar_leaves_nothing_and_is_counted(tmp_path: 
             await run
 
     asyncio.run(asyncio.wait_for(stop_midway(), 30))
-    assert not written[0].exists()
+    assert written[0].exists()  # perhaps a drafter being registered: kept for now
+    assert distiller.pick() == "math"  # its samples are due again
+    root = written[0].parent
+    assert clean_stopped_runs(root, lambda name: False, store) == [written[0].name]
+    assert not written[0].exists() and list(root.glob(".*.stopped")) == []
     assert store.distillation_counts()["failed"] == 1
+
+    kept = root / "math-auto-1"  # stopped, but registered by the stopping sidecar
+    kept.mkdir()
+    (root / ".math-auto-1.stopped").touch()
+    assert clean_stopped_runs(root, lambda name: True, store) == []
+    assert kept.exists() and store.distillation_counts()["failed"] == 1
 
 
 @pytest.mark.parametrize(

@@ -155,3 +155,12 @@ def test_retention_holds_without_traffic_and_with_capture_turned_off(tmp_path: P
     reader = CaptureStore(tmp_path)  # a reader's handle: default settings, expires nothing
     assert [(s.cluster, s.samples) for s in reader.stats()] == [("math", 1)]
     reader.close()
+
+
+def test_a_damaged_leftover_database_does_not_stop_a_sidecar_with_capture_off(
+    tmp_path: Path,
+) -> None:
+    from router.capture import DATABASE_NAME
+
+    (tmp_path / DATABASE_NAME).write_bytes(b"not a database" * 100)
+    assert open_capture(tmp_path, CaptureSettings(enabled=False)) is None

@@ -156,3 +156,16 @@ def test_a_configured_drafter_name_registration_would_refuse_is_a_settings_error
 
     with pytest.raises(ValidationError, match="drafter name"):
         Settings(drafter_dirs={name: Path("/models/d")})
+
+
+def test_home_in_tls_file_settings_is_expanded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "~/redis-ca.pem" was refused as missing (checked before any expansion)."""
+    from router.settings import PoolingSettings, TlsSettings
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "ca.pem").write_text("x")
+    assert PoolingSettings(tls_ca_file="~/ca.pem").tls_ca_file == tmp_path / "ca.pem"  # type: ignore[arg-type]
+    tls = TlsSettings(cert_file=Path("~/c.pem"), key_file=Path("~/k.pem"))
+    assert (tls.cert_file, tls.key_file) == (tmp_path / "c.pem", tmp_path / "k.pem")

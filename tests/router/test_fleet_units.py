@@ -74,12 +74,15 @@ def test_fleet_file_is_read_and_normalised(tmp_path: Path) -> None:
         ("http://host:8000/?x=1", "query"),
         ("http://", "not an http(s)://host[:port] URL"),
         # The URL labels the replica on the open /metrics and in Route replies.
-        ("http://admin:s3cret@10.0.0.1:8000", "credentials in a replica URL"),
+        ("http://admin:s3cret@10.0.0.1:8000", "must not hold credentials"),
+        ("http://admin:s3cret@host:99999", "must not hold credentials"),  # echoed by the port's
+        ("http://admin:p#ss@host:8000", "must not hold credentials"),  # '#' hid it from urlsplit
     ],
 )
 def test_malformed_urls_are_refused(url: str, problem: str) -> None:
-    with pytest.raises(ValueError, match=re.escape(problem)):
+    with pytest.raises(ValueError, match=re.escape(problem)) as refused:
         normalise_url(url)
+    assert "s3cret" not in str(refused.value) and "p#ss" not in str(refused.value)
     replica = {"url": url, "model": "m", "speculative": "none"}
     with pytest.raises(FleetConfigError) as refused:
         parse_fleet({"replicas": [replica]})
