@@ -165,9 +165,13 @@ def cpu_supports_bf16(flags: Iterable[str]) -> bool:
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """The precision a ``dtype`` setting names on ``device``: ``bfloat16``, ``float32``, or
-    ``auto`` = bf16 on CUDA and on CPUs with native bf16 (:data:`CPU_BF16_FLAGS`), else fp32."""
+    ``auto`` = bf16 on GPUs and CPUs that compute it natively (Ampere and later;
+    :data:`CPU_BF16_FLAGS`), else fp32 (a T4 or V100 only emulates bf16)."""
     if name == AUTO_DTYPE:
-        native = device.type == "cuda" or (device.type == "cpu" and cpu_supports_bf16(cpu_flags()))
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        else:
+            native = device.type == "cpu" and cpu_supports_bf16(cpu_flags())
         return torch.bfloat16 if native else torch.float32
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {[AUTO_DTYPE, *DTYPES]}, got {name!r}")

@@ -210,9 +210,9 @@ class Settings(BaseSettings):
     snapshot_interval_s: float = Field(default=30.0, gt=0)
     grace_s: float = Field(default=5.0, ge=0)
     device: str | None = None  # None: CUDA when present, else CPU
-    # Precision of the target and model drafters: "auto" is bfloat16 on CUDA and on CPUs
-    # with native bf16 (/proc/cpuinfo flags avx512_bf16 or amx_bf16; aarch64 bf16), else
-    # float32 (drafters.loader.resolve_dtype).
+    # Precision of the target and model drafters: "auto" is bfloat16 on GPUs (Ampere on)
+    # and CPUs with native bf16 (/proc/cpuinfo flags avx512_bf16 or amx_bf16; aarch64
+    # bf16), else float32 (drafters.loader.resolve_dtype).
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     # torch intra-op threads (0: torch's default). Tiny models decode fastest on one thread,
     # and generation and counterfactual scoring run side by side: more threads than cores

@@ -42,12 +42,26 @@ def test_cpu_bf16_support_is_read_from_cpuinfo_flags(
     assert cpu_flags(tmp_path / "absent") == frozenset()  # not Linux: no bf16 assumed
 
 
-def test_auto_is_bf16_on_this_machine_exactly_when_its_cpu_has_bf16() -> None:
+def test_auto_is_bf16_on_this_machine_exactly_when_its_cpu_has_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     native = any(flag in flags.split() for flag in CPU_BF16_FLAGS)
     expected = torch.bfloat16 if native else torch.float32
     assert resolve_dtype("auto", torch.device("cpu")) == expected
+    # A GPU by what it computes natively: bf16 on Ampere and later, fp32 on a T4 or V100
+    # (bf16 there is emulated; it was chosen on any CUDA device).
+    asked: list[bool] = []
+    natively = iter([True, False])  # an A100, then a T4
+
+    def supported(including_emulation: bool = True) -> bool:
+        asked.append(including_emulation)
+        return next(natively)
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float32
+    assert asked == [False, False]
     assert default_placement("cpu", "auto").dtype == expected
     assert default_placement("cpu").dtype == torch.float32  # no setting: fp32 on CPU
     with pytest.raises(ValueError, match="dtype must be one of"):
