@@ -201,18 +201,40 @@ def _world_generic(settings: Any) -> Path | None:
         return None
 
 
+#: Soft labels need the target in fp32 on the CPU beside the drafter: past this much
+#: weights on disk (about 1B parameters in bf16) that is gigabytes and hours a step, so
+#: distillation uses hard labels (Qwen2.5-7B as the target took ~28 GB and never ended).
+SOFT_LABEL_TARGET_MAX_BYTES = 2 << 30
+
+
 def _local_target(settings: Any) -> Path | None:
-    """The target's directory when it is on this host (soft labels), else None."""
+    """The target's directory when it is on this host and small enough to run here in
+    fp32 (soft labels), else None."""
+    from drafters.loader import ModelLoadError, safetensors_files
     from router.bundle import ModelBundle
     from router.components import resolve_world_dir
 
     if settings.target_dir is not None:
-        path = Path(settings.target_dir).expanduser()
-        return path if (path / "config.json").is_file() else None
-    try:
-        return ModelBundle.load(resolve_world_dir(settings)).target_dir
-    except (FileNotFoundError, ValueError, KeyError):
+        path: Path | None = Path(settings.target_dir).expanduser()
+    else:
+        try:
+            path = ModelBundle.load(resolve_world_dir(settings)).target_dir
+        except (FileNotFoundError, ValueError, KeyError):
+            path = None
+    if path is None or not (path / "config.json").is_file():
         return None
+    try:
+        size = sum(f.stat().st_size for f in safetensors_files(path))
+    except (ModelLoadError, OSError):
+        return None
+    if size > SOFT_LABEL_TARGET_MAX_BYTES:
+        typer.echo(
+            f"note: the target at {path} has {size / 2**30:.1f} GiB of weights, too large "
+            "to run here in fp32: distilling on hard labels",
+            err=True,
+        )
+        return None
+    return path
 
 
 def _start_drafter(source: str | None, view: SidecarView | None, settings: Any) -> tuple[str, Path]:

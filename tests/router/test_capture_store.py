@@ -164,3 +164,23 @@ def test_a_damaged_leftover_database_does_not_stop_a_sidecar_with_capture_off(
 
     (tmp_path / DATABASE_NAME).write_bytes(b"not a database" * 100)
     assert open_capture(tmp_path, CaptureSettings(enabled=False)) is None
+
+
+def test_a_target_too_large_to_run_here_gives_hard_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Distillation ran the target in fp32 on the CPU for its soft labels whatever its
+    size: a Qwen2.5-7B target took ~28 GB and never finished. Past the bound it is left
+    out (hard labels), said on stderr."""
+    import router.capture_cli as capture_cli
+    from router.settings import Settings
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    (target / "model.safetensors").write_bytes(b"\0" * 4096)
+    settings = Settings(target_dir=target)
+    assert capture_cli._local_target(settings) == target
+    monkeypatch.setattr(capture_cli, "SOFT_LABEL_TARGET_MAX_BYTES", 1024)
+    assert capture_cli._local_target(settings) is None
+    assert "too large to run here in fp32: distilling on hard labels" in capsys.readouterr().err
