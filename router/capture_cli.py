@@ -7,7 +7,6 @@ settings' ``state_dir``): run them on the sidecar's host. ``clusters`` and a dis
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -337,9 +336,18 @@ def lower_priority(nice: int, cpus: str) -> None:
     if nice:
         os.nice(nice)
     if cpus:
-        chosen = {int(cpu) for cpu in cpus.split(",") if cpu.strip()}
-        with contextlib.suppress(AttributeError, OSError):  # no affinity outside Linux
+        try:
+            chosen = {int(cpu) for cpu in cpus.split(",") if cpu.strip()}
+        except ValueError:
+            raise typer.BadParameter(
+                f"{cpus!r} is not a list of CPU ids", param_hint="--cpus"
+            ) from None
+        try:
             os.sched_setaffinity(0, chosen)
+        except AttributeError:  # no affinity outside Linux
+            pass
+        except OSError as error:  # CPUs this machine does not have: said, not ignored
+            raise typer.BadParameter(f"{cpus}: {error}", param_hint="--cpus") from None
 
 
 def distill_command(
@@ -389,7 +397,7 @@ def distill_command(
         save_drafter,
         split_held_out,
     )
-    from drafters.loader import DevicePlacement, load_model
+    from drafters.loader import DevicePlacement, ModelLoadError, load_model
 
     started = time.perf_counter()
     settings = _settings(config, world_dir=world)
@@ -408,6 +416,8 @@ def distill_command(
             err=True,
         )
         raise typer.Exit(1)
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} is a file, not a directory", param_hint="--out")
     if out.exists() and any(out.iterdir()) and not force:
         typer.echo(f"error: {out} exists and is not empty (--force to write into it)", err=True)
         raise typer.Exit(1)
@@ -421,7 +431,11 @@ def distill_command(
         raise typer.Exit(1)
     start_name, start_dir = _start_drafter(source, view, settings)
     placement = DevicePlacement(torch.device("cpu"), torch.float32)
-    drafter = load_model(start_dir, placement=placement)
+    try:
+        drafter = load_model(start_dir, placement=placement)
+    except ModelLoadError as error:  # --from a directory that is not a model
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
     local_target = _local_target(settings)
 
     @functools.cache

@@ -169,3 +169,30 @@ def test_home_in_tls_file_settings_is_expanded(
     assert PoolingSettings(tls_ca_file="~/ca.pem").tls_ca_file == tmp_path / "ca.pem"  # type: ignore[arg-type]
     tls = TlsSettings(cert_file=Path("~/c.pem"), key_file=Path("~/k.pem"))
     assert (tls.cert_file, tls.key_file) == (tmp_path / "c.pem", tmp_path / "k.pem")
+
+
+def test_distill_options_that_cannot_work_are_one_line_errors(tmp_path: Path) -> None:
+    """--cpus abc raised ValueError, --cpus 99 was ignored, --out naming a file raised
+    NotADirectoryError, --from a directory that is not a model a ModelLoadError: each a
+    traceback (the sidecar's automatic runs pass their own valid options)."""
+    from router.capture import CaptureSettings, CaptureStore
+
+    state = tmp_path / "state"
+    store = CaptureStore(state, CaptureSettings(enabled=True))
+    store.record("math", (1, 2, 3), (4, 5))
+    store.record("math", (1, 2, 4), (4, 6))
+    store.close()
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "notmodel").mkdir()
+    common = ["drafters", "distill", "--cluster", "math", "--state-dir", str(state)]
+    common += ["--address", "127.0.0.1:1"]
+    out = ["--out", str(tmp_path / "out")]
+    for args, status, says in (
+        ([*out, "--cpus", "abc"], 2, "not a list of CPU ids"),
+        ([*out, "--cpus", "99999"], 2, "Invalid value for --cpus"),
+        (["--out", str(tmp_path / "file.txt")], 2, "is a file, not a directory"),
+        ([*out, "--from", str(tmp_path / "notmodel")], 1, "error: "),
+    ):
+        done = _run(*common, *args)
+        assert done.returncode == status and says in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr
