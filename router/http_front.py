@@ -30,6 +30,7 @@ from router.domain import (
     check_logprobs,
 )
 from router.errors import (
+    HTTP_ERROR_CODE,
     GenerationFailedError,
     InvalidRequestError,
     RequestTooLargeError,
@@ -182,9 +183,11 @@ def _reported_seed(body: TgiRequest, result: GenerationResult) -> int | None:
 
 def error_response(error: BaseException) -> web.Response:
     status = status_of(error)
-    return web.json_response(
+    response = web.json_response(
         {"error": str(error), "error_type": status.tgi_error_type}, status=status.http_status
     )
+    response[HTTP_ERROR_CODE] = status.grpc_code.name
+    return response
 
 
 def _token_json(
@@ -487,6 +490,19 @@ async def health_route(request: web.Request) -> web.Response:
 
 
 @web.middleware
+async def counted_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Count each error response in ``specroute_errors_total`` by its gRPC code, as the
+    gRPC front counts its refusals (HTTP overload, 422 and 401 were never counted, so an
+    alert on RESOURCE_EXHAUSTED missed every HTTP overload). An error sent inside a
+    stream that had begun is not counted here."""
+    response: web.StreamResponse = await handler(request)
+    code = response.get(HTTP_ERROR_CODE)
+    if code:
+        request.app[SERVICE_KEY].metrics.errors.labels(code=code).inc()
+    return response
+
+
+@web.middleware
 async def unexpected_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """An exception no error type covers is a 500 in the front's own JSON error shape
     (TGI's, or OpenAI's under ``/v1/``), with its traceback logged, not aiohttp's plain-text
@@ -507,7 +523,8 @@ async def unexpected_errors(request: web.Request, handler: Any) -> web.StreamRes
 def build_http_app(service: RouterService, data_token: str | None = None) -> web.Application:
     """The TGI-compatible aiohttp application, with the OpenAI-compatible routes."""
     app = web.Application(
-        client_max_size=service.limits.max_request_bytes, middlewares=[unexpected_errors]
+        client_max_size=service.limits.max_request_bytes,
+        middlewares=[counted_errors, unexpected_errors],
     )
     app[SERVICE_KEY] = service
     app[TOKEN_KEY] = data_token or ""

@@ -38,6 +38,7 @@ from router.domain import (
     check_logprobs,
 )
 from router.errors import (
+    HTTP_ERROR_CODE,
     ContextLengthError,
     GenerationFailedError,
     InvalidFieldError,
@@ -51,6 +52,7 @@ from router.errors import (
     SidecarError,
     UnauthenticatedError,
     sidecar_error_of,
+    status_of,
 )
 from router.service import (
     GenerationResult,
@@ -531,7 +533,9 @@ def error_response(error: BaseException) -> web.Response:
     status, body = error_body(error)
     # The official clients retry a 500 twice; not one that would take out more replicas.
     no_retry = {"x-should-retry": "false"} if isinstance(error, RequestFailsReplicasError) else None
-    return web.json_response(body, status=status, headers=no_retry)
+    response = web.json_response(body, status=status, headers=no_retry)
+    response[HTTP_ERROR_CODE] = status_of(error).grpc_code.name
+    return response
 
 
 async def _parse(request: web.Request, endpoint: Endpoint) -> Any:

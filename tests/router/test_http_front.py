@@ -503,12 +503,16 @@ def test_a_body_over_the_size_limit_is_413_in_each_fronts_error_shape(
             "messages": [{"role": "user", "content": text}],
         },
     }
+    # Counted, as the gRPC front counts its refusals (HTTP refusals never were).
+    counted = sidecar.service.metrics.errors.labels(code="INVALID_ARGUMENT")
+    before = counted._value.get()
     for route, body in bodies.items():
         status, content_type, raw = post(sidecar.http_url + route, body)
         assert status == 413 and content_type.startswith("application/json"), (route, raw[:80])
         error = json.loads(raw)
         message = error["error"]["message"] if route.startswith("/v1") else error["error"]
         assert f"over {limit} bytes" in message, (route, error)
+    assert counted._value.get() == before + len(bodies)
     assert Client(sidecar.http_url, timeout=60).generate(PROMPT, max_new_tokens=2).generated_text
 
 
