@@ -262,12 +262,21 @@ def test_routes_are_served_while_a_removal_waits_for_a_registration(
         return create(*args, **kwargs)
 
     monkeypatch.setattr(service.drafters, "_create", slow_create)
+    waiting = threading.Event()
+    remove_drafter = service._remove_drafter
+
+    def entered(*args: Any, **kwargs: Any) -> Any:  # the removal, about to wait for the lock
+        waiting.set()
+        return remove_drafter(*args, **kwargs)
+
+    monkeypatch.setattr(service, "_remove_drafter", entered)
     spec = DrafterSpec(name="loading", kind="model", path=str(serving_world.spare_dir))
     registering = asyncio.run_coroutine_threadsafe(service.register_drafter(spec), sidecar.loop)
     assert loading.wait(30)
     removing = sidecar.stub.RemoveDrafter.future(
         pb.RemoveDrafterRequest(name="no-such"), metadata=ADMIN, timeout=60
     )
+    assert waiting.wait(30)  # the Route below comes while the removal waits, not before
     try:
         assert sidecar.stub.Route(pb.RouteRequest(text=PROMPT), timeout=5).task_cluster
     finally:
@@ -600,12 +609,17 @@ def test_a_registration_while_the_same_name_is_being_removed_keeps_the_new_draft
     old arms still in the policy (adding is idempotent), and the removal then took them
     away: the new drafter was served but never chosen. Admin changes are now one at a
     time, pool and policy together."""
+    import threading
+
     register = pb.RegisterDrafterRequest(name="swap", kind="ngram")
     sidecar.stub.RegisterDrafter(register, metadata=ADMIN)
     holder = sidecar.service.policy
     removing_from_policy = holder.remove_drafter
 
+    removing = threading.Event()
+
     def slowly(name: str) -> None:  # as while the policy's lock is held
+        removing.set()  # the pool has removed it; the policy has not yet
         time.sleep(0.5)
         removing_from_policy(name)
 
@@ -614,7 +628,7 @@ def test_a_registration_while_the_same_name_is_being_removed_keeps_the_new_draft
         removal = sidecar.stub.RemoveDrafter.future(
             pb.RemoveDrafterRequest(name="swap"), metadata=ADMIN, timeout=30
         )
-        time.sleep(0.2)
+        assert removing.wait(30)  # not a sleep: on a loaded machine 0.2 s was not enough
         sidecar.stub.RegisterDrafter(register, metadata=ADMIN, timeout=30)
         removal.result()
         assert "swap" in sidecar.service.drafters.names()

@@ -137,7 +137,7 @@ def test_both_ports_drain_at_once_within_the_grace() -> None:
     grace = 0.5
 
     async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(30)  # a long generation
+        await asyncio.sleep(120)  # a long generation
         return web.Response(text="done")
 
     async def scenario() -> tuple[int, float]:
@@ -181,6 +181,6 @@ def test_both_ports_drain_at_once_within_the_grace() -> None:
         assert closed == ["snapshot", "store"]
         return status, took
 
-    status, took = asyncio.run(asyncio.wait_for(scenario(), 60))
+    status, took = asyncio.run(asyncio.wait_for(scenario(), 120))
     assert status == 503
-    assert took < 0.3 + grace + 2.0, took
+    assert took < 30, took  # grace + aiohttp's own 60 s before; about a second now

@@ -351,7 +351,7 @@ def test_catching_up_gives_up_at_its_deadline_whatever_a_call_makes_of_cancellat
 
     started = time.monotonic()
     assert asyncio.run(_catch_up_retrying(Refused(), 0.5)) is False  # type: ignore[arg-type]
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 10  # it hung past 300 s (a loaded machine: slack)
     assert isinstance(failures[0], AuthenticationError)
 
 

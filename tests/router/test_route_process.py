@@ -258,8 +258,12 @@ def test_the_child_busy_waits_after_a_lone_batch_only_when_the_setting_asks(
         asyncio.run(reader.read(["a lone prompt"], []))
         pid = reader.process.pid
         assert pid is not None
-        time.sleep(0.02)  # the child has written its reply and looks for the next batch
-        states = _states(pid, 0.05)  # no next batch comes: it spins, or sleeps on its pipe
+        # No next batch comes: it spins (sampled at once, within its 100 ms), or sleeps on
+        # its pipe (sampled once whatever followed its reply is surely done: on a loaded
+        # machine a fixed 20 ms was not always enough).
+        if not spin_ms:
+            time.sleep(0.3)
+        states = _states(pid, 0.03)
     finally:
         reader.close()
     if spin_ms:
