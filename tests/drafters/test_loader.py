@@ -117,6 +117,25 @@ def test_a_tokenizer_is_only_read_from_a_local_directory_that_has_one(
         load_tokenizer(tmp_path / "checkpoint")
 
 
+def test_code_shipped_with_a_checkpoint_never_runs(tmp_path: Path) -> None:
+    """``trust_remote_code`` stays off: a config whose ``auto_map`` names a module of the
+    directory loads transformers' own class for its ``model_type``, and the module is
+    never imported."""
+    _save_model(tmp_path / "remote")
+    marker = tmp_path / "ran"
+    (tmp_path / "remote" / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import Qwen2Config as EvilConfig, Qwen2ForCausalLM as EvilModel\n"
+    )
+    config_path = tmp_path / "remote" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    config_path.write_text(json.dumps(config))
+    loaded = load_model(tmp_path / "remote")
+    assert type(loaded.model) is Qwen2ForCausalLM
+    assert not marker.exists()
+
+
 def test_refuses_corrupt_weights(tmp_path: Path) -> None:
     _save_model(tmp_path / "corrupt")
     (tmp_path / "corrupt" / "model.safetensors").write_bytes(b"\x00garbage" * 10)
