@@ -639,9 +639,40 @@ def test_a_registration_while_the_same_name_is_being_removed_keeps_the_new_draft
             sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="swap"), metadata=ADMIN)
 
 
+def test_a_drafter_that_fails_its_probe_generation_is_refused_and_not_kept(
+    sidecar: SidecarThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registration drafts on a probe prompt before it serves a drafter: one that fails
+    there is FAILED_PRECONDITION, and neither served nor stored."""
+    pool = sidecar.service.drafters
+    create = pool._create
+
+    class Broken:  # what the real drafter is, except that it cannot draft
+        def __init__(self, drafter: Any) -> None:
+            self._drafter = drafter
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._drafter, name)
+
+        def start(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(pool, "_create", lambda *a, **k: Broken(create(*a, **k)))
+    request = pb.RegisterDrafterRequest(name="broken", kind="ngram")
+    with pytest.raises(grpc.RpcError) as refused:
+        sidecar.stub.RegisterDrafter(request, metadata=ADMIN)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "failed its probe generation" in refused.value.details()
+    assert "broken" not in pool.names()
+    assert "broken" not in {r.name for r in sidecar.service.store.drafters()}
+
+
 def test_ngram_registration_with_options(sidecar: SidecarThread) -> None:
     request = pb.RegisterDrafterRequest(name="ngram-4", kind="ngram", options={"max_n": "4"})
-    assert sidecar.stub.RegisterDrafter(request, metadata=ADMIN).kind == "ngram"
+    info = sidecar.stub.RegisterDrafter(request, metadata=ADMIN)
+    assert info.kind == "ngram" and dict(info.options) == {"max_n": "4"}
+    served = sidecar.service.drafters.get("ngram-4").drafter
+    assert served.max_n == 4  # the option reached the drafter
     sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="ngram-4"), metadata=ADMIN)
 
 
@@ -706,6 +737,32 @@ def test_policy_state_and_switching(sidecar: SidecarThread, PROMPT: str) -> None
     back = sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson"), metadata=ADMIN)
     assert back.policy == "thompson" and back.version == state.version
 
+    # ucb learns from one report; switched away and back it keeps that, unless reset.
+    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="ucb"), metadata=ADMIN)
+    decision = sidecar.stub.Route(pb.RouteRequest(text=PROMPT, task_hint="code"))
+    k = decision.draft_length
+    outcome = pb.RouteOutcome(
+        request_id=decision.request_id,
+        steps=3,
+        drafted_tokens=3 * k,
+        accepted_tokens=min(2, 3 * k),
+        draft_time_s=0.01,
+        verify_time_s=0.03,
+        wall_time_s=0.05,
+        generated_tokens=3 + min(2, 3 * k),
+    )
+    learned = sidecar.stub.Report(outcome).policy_version
+    assert learned >= 1
+    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson"), metadata=ADMIN)
+    kept = sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="ucb"), metadata=ADMIN)
+    assert kept.version == learned and len(kept.contexts) >= 1
+    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson"), metadata=ADMIN)
+    reset = sidecar.stub.SetPolicy(
+        pb.SetPolicyRequest(policy="ucb", reset_state=True), metadata=ADMIN
+    )
+    assert reset.version == 0 and list(reset.contexts) == []
+    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson"), metadata=ADMIN)
+
 
 def test_health_and_reflection(sidecar: SidecarThread) -> None:
     health = health_pb2_grpc.HealthStub(sidecar.channel)
@@ -740,8 +797,21 @@ def test_route_latency_counts_every_route_call_refused_ones_too(
     assert _route_latency_count(sidecar) == before + 3
 
 
+def _decisions_counted(sidecar: SidecarThread) -> float:
+    """The sum of every ``specroute_decisions_total`` sample on /metrics."""
+    text = urllib.request.urlopen(sidecar.metrics_url, timeout=10).read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("specroute_decisions_total{")
+    )
+
+
 def test_metrics_endpoint(sidecar: SidecarThread, PROMPT: str) -> None:
+    before = _decisions_counted(sidecar)
     sidecar.stub.Route(pb.RouteRequest(text=PROMPT))
+    # Each Route counts its decision once (the names alone are there with no sample).
+    assert _decisions_counted(sidecar) == before + 1
     text = urllib.request.urlopen(sidecar.metrics_url, timeout=10).read().decode()
     for name in (
         "specroute_route_latency_seconds_count",
