@@ -14,7 +14,9 @@ class Classification:
     """One prompt's task cluster, the classifier's probability for it, and the OOD flag.
 
     ``out_of_distribution`` is raised when the prompt is unlike every cluster; the router
-    then sends it to a conservative default route whatever ``cluster`` says.
+    reports it with the decision (``RouteDecision.out_of_distribution``) and routes by
+    ``cluster`` all the same: the policy's per-cluster losses limit what a wrong cluster
+    costs.
     """
 
     cluster: str

@@ -34,23 +34,25 @@ class OodThresholds(BaseModel):
     a quantile of the same calibration prompts.
     """
 
-    model_config = ConfigDict(frozen=True)
+    # NaN or a threshold out of its range (a damaged or hand-edited file) turned the flag
+    # off without a word: refused with the file.
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
-    min_probability: float
-    min_centroid_cosine: float = 1e-6
+    min_probability: float = Field(ge=0.0, le=1.0)
+    min_centroid_cosine: float = Field(default=1e-6, ge=-1.0, le=1.0)
     false_flag_rate: float
     calibration: str
     calibration_false_flags: float
     validation_false_flags: float
     probability_share: float = 1.0
-    max_format_distance: float | None = None
+    max_format_distance: float | None = Field(default=None, ge=0.0)
     format_profile: FormatProfile | None = None
 
 
 class ProbePrompt(BaseModel):
     """A prompt and the probabilities scikit-learn gave it: checked again on every load."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     text: str
     probabilities: list[float]
@@ -85,7 +87,8 @@ class ClassifierMetadata(BaseModel):
     centroids_file: str = CENTROIDS_FILE
     centroids_in_graph_output: str = "centroid_cosine"
     probes: list[ProbePrompt]
-    probe_tolerance: float = 1e-5
+    # At most 1e-3: a file that allows more would let any graph pass its probes.
+    probe_tolerance: float = Field(default=1e-5, gt=0.0, le=1e-3, allow_inf_nan=False)
     train_examples: int
     created_at: str
     created_unix: float = 0.0

@@ -131,7 +131,7 @@ class OnnxTaskClassifier:
                 f"classifier.json lists {len(self._labels)} labels"
             )
         gap = float(np.abs(scores.probabilities - expected).max())
-        if gap > self._metadata.probe_tolerance:
+        if not gap <= self._metadata.probe_tolerance:  # NaN is a difference too
             raise ClassifierLoadError(
                 f"{self._source}: probe probabilities differ from classifier.json by {gap:.2e}"
             )
@@ -237,7 +237,10 @@ class OnnxTaskClassifier:
         Cosines are in the classifier's own TF-IDF space (the graph's ``centroid_cosine``),
         so a drafter's fine-tuning sample is compared with clusters exactly as prompts are.
         """
-        scores = self.scores(_readable(texts))
+        # A fine-tuning sample is read from a file, unchecked: a lone surrogate in it made
+        # the graph's input unencodable (UnicodeEncodeError on a drafter's registration).
+        sample = [t.encode("utf-8", "replace").decode("utf-8") for t in _readable(texts)]
+        scores = self.scores(sample)
         if scores.centroid_cosine.shape[0] == 0:
             return dict.fromkeys(self._labels, 0.0)
         means = scores.centroid_cosine.astype(np.float64).mean(axis=0)

@@ -104,7 +104,13 @@ def test_probe_mismatch_is_refused(holder: ClassifierHolder, candidate_dir: Path
 
 def _edited(meta: dict, where: str) -> dict:
     ood = meta["ood"]
-    if where == "trimmed format profile":
+    if where == "NaN thresholds":  # json.dumps writes NaN, which Python's reader takes
+        ood.update(min_probability=float("nan"), max_format_distance=float("nan"))
+    elif where == "NaN probe":
+        meta["probes"][0]["probabilities"][0] = float("nan")
+    elif where == "a tolerance that passes anything":
+        meta["probe_tolerance"] = 10.0
+    elif where == "trimmed format profile":
         ood["format_profile"]["means"] = ood["format_profile"]["means"][:1]
     elif where == "ragged format profile":
         ood["format_profile"]["spreads"][0] = ood["format_profile"]["spreads"][0][:2]
@@ -114,14 +120,24 @@ def _edited(meta: dict, where: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "where", ["trimmed format profile", "ragged format profile", "short probe"]
+    "where",
+    [
+        "trimmed format profile",
+        "ragged format profile",
+        "short probe",
+        "NaN thresholds",
+        "NaN probe",
+        "a tolerance that passes anything",
+    ],
 )
 def test_metadata_of_the_wrong_shape_is_refused(
     holder: ClassifierHolder, candidate_dir: Path, where: str
 ) -> None:
     """A format profile with fewer rows than labels loaded, then every prompt of a cluster
     past its rows failed (IndexError: INTERNAL on every Route batch); ragged numbers
-    escaped the load as ValueError (INTERNAL on ReloadClassifier)."""
+    escaped the load as ValueError (INTERNAL on ReloadClassifier). NaN thresholds, a NaN
+    probe or a huge probe tolerance loaded and turned the OOD flag or the probe check
+    off without a word."""
     version = holder.current.metadata.version
     path = candidate_dir / "classifier.json"
     meta = json.loads(path.read_text())

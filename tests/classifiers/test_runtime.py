@@ -130,6 +130,15 @@ def test_similarity_ranks_the_source_cluster_first(classifier: OnnxTaskClassifie
     assert classifier.similarity([]) == dict.fromkeys(classifier.labels, 0.0)
 
 
+def test_a_lone_surrogate_in_a_fine_tuning_sample_is_read_not_raised(
+    classifier: OnnxTaskClassifier,
+) -> None:
+    """A drafter's fine-tuning sample comes from a file, unchecked: a lone surrogate made
+    the graph's input unencodable and the registration fail with UnicodeEncodeError."""
+    similarity = classifier.similarity(["broken \ud800 text", "plain text"])
+    assert set(similarity) == set(classifier.labels)
+
+
 def test_load_errors_are_clear(tmp_path: Path, classifier_dir: Path) -> None:
     with pytest.raises(ClassifierLoadError, match="not a classifier directory"):
         OnnxTaskClassifier.load(tmp_path / "missing")
