@@ -17,9 +17,12 @@ def _parse_clusters(value: str | None) -> int | str | None:
     if value is None or value == "auto":
         return value
     try:
-        return int(value)
+        count = int(value)
     except ValueError as error:
         raise typer.BadParameter("--clusters takes 'auto' or a number") from error
+    if count < 2:  # 0 was falsy and silently meant "use the labels"
+        raise typer.BadParameter("--clusters takes 'auto' or a number of at least 2")
+    return count
 
 
 def _with_discovered_labels(
@@ -68,7 +71,13 @@ def train_command(
     ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     false_flag_rate: Annotated[
-        float, typer.Option("--false-flag-rate", help="Share of known-task prompts flagged OOD.")
+        float,
+        typer.Option(
+            "--false-flag-rate",
+            min=0.0,
+            max=1.0,
+            help="Share of known-task prompts flagged OOD.",
+        ),
     ] = 0.05,
 ) -> None:
     """Train the task classifier and export classifier.onnx + classifier.json to --out."""
@@ -77,8 +86,17 @@ def train_command(
 
     train = read_labeled_jsonl(data)
     held = read_labeled_jsonl(validation) if validation else []
-    unlabeled = any(p.task is None for p in [*train, *held])
-    mode = _parse_clusters(clusters) or ("auto" if unlabeled else None)
+    unlabeled = sum(p.task is None for p in [*train, *held])
+    asked = _parse_clusters(clusters)
+    if asked is None and 0 < unlabeled < len(train) + len(held):
+        # One line without "task" switched the whole run to discovery and threw every
+        # label away, silently.
+        raise typer.BadParameter(
+            f"{unlabeled} of {len(train) + len(held)} prompts have no 'task': label them "
+            "all, or pass --clusters to discover clusters instead",
+            param_hint="--data",
+        )
+    mode = asked if asked is not None else ("auto" if unlabeled else None)
     discovery, terms = None, None
     if mode is not None:
         relabeled, discovery, terms = _with_discovered_labels([*train, *held], mode, seed)

@@ -146,13 +146,6 @@ class PoolingSettings(BaseModel):
     # failed each connection later).
     tls_ca_file: FilePath | None = None
     secret: SecretStr | None = None  # the fleet's shared HMAC key
-
-    @field_validator("tls_ca_file", mode="before")
-    @classmethod
-    def _ca_home_expanded(cls, value: Any) -> Any:
-        # Before the file's existence is checked: "~/ca.pem" was refused as missing.
-        return Path(value).expanduser() if isinstance(value, str | Path) else value
-
     outcome_stream: str = Field(default="specroute:outcomes", min_length=1)
     registry_stream: str = Field(default="specroute:drafters", min_length=1)
     # Entries kept per stream (XADD MAXLEN ~): what a new or restarted replica replays.
@@ -164,6 +157,20 @@ class PoolingSettings(BaseModel):
     reconnect_max_s: float = Field(default=5.0, gt=0)
     # How long a start waits for Redis to replay history before serving without it.
     replay_timeout_s: float = Field(default=10.0, ge=0)
+
+    @field_validator("tls_ca_file", mode="before")
+    @classmethod
+    def _ca_home_expanded(cls, value: Any) -> Any:
+        # Before the file's existence is checked: "~/ca.pem" was refused as missing.
+        return Path(value).expanduser() if isinstance(value, str | Path) else value
+
+    @model_validator(mode="after")
+    def _ca_only_for_tls(self) -> PoolingSettings:
+        # A CA with a plain redis:// URL was ignored without a word: TLS was not on.
+        url = self.redis_url.get_secret_value()
+        if self.tls_ca_file is not None and not url.startswith("rediss://"):
+            raise ValueError("tls_ca_file is for a rediss:// (TLS) redis_url; this one is not")
+        return self
 
 
 class Settings(BaseSettings):

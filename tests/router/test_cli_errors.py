@@ -166,7 +166,11 @@ def test_home_in_tls_file_settings_is_expanded(
 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "ca.pem").write_text("x")
-    assert PoolingSettings(tls_ca_file="~/ca.pem").tls_ca_file == tmp_path / "ca.pem"  # type: ignore[arg-type]
+    tls_url = "rediss://redis.internal:6380/0"
+    pooling = PoolingSettings(redis_url=tls_url, tls_ca_file="~/ca.pem")  # type: ignore[arg-type]
+    assert pooling.tls_ca_file == tmp_path / "ca.pem"
+    with pytest.raises(ValueError, match="rediss://"):  # ignored, silently, with redis://
+        PoolingSettings(tls_ca_file="~/ca.pem")  # type: ignore[arg-type]
     tls = TlsSettings(cert_file=Path("~/c.pem"), key_file=Path("~/k.pem"))
     assert (tls.cert_file, tls.key_file) == (tmp_path / "c.pem", tmp_path / "k.pem")
 
@@ -195,4 +199,22 @@ def test_distill_options_that_cannot_work_are_one_line_errors(tmp_path: Path) ->
     ):
         done = _run(*common, *args)
         assert done.returncode == status and says in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+
+
+def test_classifier_train_refuses_what_it_would_silently_misread(tmp_path: Path) -> None:
+    """One line without "task" switched the whole run to cluster discovery and threw every
+    label away; --clusters 0 was falsy and ignored; --false-flag-rate 1.5 failed with
+    numpy's error after the whole grid had been fit."""
+    data = tmp_path / "prompts.jsonl"
+    lines = [f'{{"text": "prompt number {i}", "task": "t{i % 2}"}}\n' for i in range(20)]
+    data.write_text("".join(lines) + '{"text": "one without a task"}\n')
+    out = ["--out", str(tmp_path / "c")]
+    for args, says in (
+        ([], "have no 'task'"),
+        (["--clusters", "0"], "at least 2"),
+        (["--false-flag-rate", "1.5"], "--false-flag-rate"),
+    ):
+        done = _run("classifier", "train", "--data", str(data), *out, *args)
+        assert done.returncode == 2 and says in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr

@@ -471,6 +471,17 @@ def test_drafter_registration_is_hot_and_removable(
     assert costs.cost_shape["spare"] == costs.cost_shape["math"]
     spare_cost, math_cost = costs.step_costs(["spare", "math"], 4).t_draft
     assert spare_cost == math_cost
+    # Its fine-tuning sample (a math prompt) gives its cold-start prior: the classifier's
+    # similarity of the sample to each cluster, highest prior mean in math.
+    policy = sidecar.service.policy._policy
+    classifier = sidecar.service.components.classifiers.current
+    assert policy.similarity_["spare"] == pytest.approx(classifier.similarity([prompts["math"]]))
+    means = {
+        cluster: alpha / (alpha + beta)
+        for cluster in serving_world.tasks
+        for alpha, beta in [policy._prior("spare", cluster)]
+    }
+    assert max(means, key=means.__getitem__) == "math"
 
     removed = sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="spare"), metadata=ADMIN)
     assert removed.name == "spare"
