@@ -22,6 +22,8 @@ from classifiers.text import classifier_text, prompt_from_messages
 logger = logging.getLogger(__name__)
 
 _OUTPUTS = [PROBABILITIES, CENTROID_COSINE]
+#: Texts longer than this are scored in a run of their own (``OnnxTaskClassifier.scores``).
+LONG_TEXT_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,24 @@ class OnnxTaskClassifier:
         for text in texts:
             if not isinstance(text, str):
                 raise TypeError(f"prompt text must be str, got {type(text).__name__}")
+        long = [i for i, text in enumerate(texts) if len(text) > LONG_TEXT_CHARS]
+        if not long or len(long) == len(texts) == 1:
+            return self._run(texts)
+        # The graph's tokenizer pads every row to the longest: one 100k-character prompt
+        # in a Route batch of 64 took 216 ms instead of 1.2 + 13 ms. Long texts run alone.
+        kept = set(long)
+        short = [i for i in range(len(texts)) if i not in kept]
+        runs = [(short, self._run([texts[i] for i in short]))] if short else []
+        runs += [([i], self._run([texts[i]])) for i in long]
+        probabilities = np.empty((len(texts), len(self._labels)), dtype=np.float32)
+        cosine = np.empty_like(probabilities)
+        for rows, scored in runs:
+            probabilities[rows] = scored.probabilities
+            cosine[rows] = scored.centroid_cosine
+        return RawScores(probabilities=probabilities, centroid_cosine=cosine)
+
+    def _run(self, texts: Sequence[str]) -> RawScores:
+        """The graph on ``texts`` as one batch."""
         batch = np.array(texts, dtype=object).reshape(-1, 1)
         if batch.shape[0] == 0:
             empty = np.zeros((0, len(self._labels)), dtype=np.float32)
