@@ -167,7 +167,7 @@ async def _start_site(
     port: int,
     tls: ssl.SSLContext | None,
     name: str,
-    grace_s: float = 5.0,
+    grace_s: float,
 ) -> tuple[web.AppRunner, int]:
     # handler_cancellation: a client that leaves a non-streamed request (a timeout, then
     # the client's retry) cancels its handler, which stops the generation and frees its

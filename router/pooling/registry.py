@@ -231,8 +231,8 @@ class SharedRegistry:
         """Remove this replica's drafter ``name``, served or stored and not served (its
         record stayed, and a restart with its files back served a drafter the fleet had
         removed); False when it stays (built in here, or the removal failed).
-        ``replacing``: another registration of the name follows, and the outcomes that
-        wait for it are kept."""
+        ``replacing``: another registration of the name follows; the name stays loading,
+        so the outcomes that arrive for it from now on wait for the new drafter."""
         self._unavailable.pop(name, None)
         if not replacing:
             self.loading.discard(name)

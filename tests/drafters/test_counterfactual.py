@@ -51,7 +51,7 @@ def test_replays_steps_over_drafts_of_any_length() -> None:
     assert replay_greedy_steps(output, 1, lambda position, k: output[position:]) == [1] * 4
 
 
-def test_a_model_scores_itself_as_always_accepted() -> None:
+def _tiny_model() -> Qwen2ForCausalLM:
     torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=50,
@@ -62,7 +62,11 @@ def test_a_model_scores_itself_as_always_accepted() -> None:
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    model = Qwen2ForCausalLM(config).eval()
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_a_model_scores_itself_as_always_accepted() -> None:
+    model = _tiny_model()
     prompt = [1, 2, 3, 4]
     output = model.generate(
         torch.tensor([prompt]),
@@ -87,17 +91,7 @@ def test_a_model_scores_itself_as_always_accepted() -> None:
 def test_a_model_that_returns_every_position_scores_the_same() -> None:
     """Some models (GPT-Neo, OPT, ... in transformers 4.57) take ``logits_to_keep`` in
     their kwargs and return every position: the rows were then read from the prompt's."""
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = Qwen2ForCausalLM(config).eval()
+    model = _tiny_model()
 
     class EveryPosition(torch.nn.Module):
         def __init__(self) -> None:
