@@ -6,11 +6,14 @@ list values are JSON (``SPECROUTE_MODEL_ROOTS='["/models"]'``).
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import os
 import re
 import ssl
 import tomllib
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -37,7 +40,26 @@ from router.bundle import specroute_home
 from router.capture import MAX_THREADS, AutoDistillSettings, CaptureSettings
 from router.errors import validation_lines
 
+logger = logging.getLogger(__name__)
+
 CONFIG_FILE_ENV = "SPECROUTE_CONFIG"
+ENV_PREFIX = "SPECROUTE_"
+#: ``SPECROUTE_*`` variables that are not sidecar settings: the config file, the cache home
+#: (``router.bundle``), the command-line client's (``router.serve_cli``,
+#: ``router.channel``) and the benchmarks' vLLM interpreter. Any other ``SPECROUTE_*``
+#: name no setting reads is logged at start (``unknown_env_lines``).
+OTHER_ENV_NAMES = frozenset(
+    ENV_PREFIX + name
+    for name in (
+        "CONFIG",
+        "HOME",
+        "ADDRESS",
+        "TIMEOUT",
+        "CA_FILE",
+        "TLS_SERVER_NAME",
+        "VLLM_PYTHON",
+    )
+)
 
 
 #: The largest value gRPC's channel options take (a C int).
@@ -177,7 +199,7 @@ class Settings(BaseSettings):
     """Everything ``specroute serve`` needs; ``--print-config`` shows the merged result."""
 
     model_config = SettingsConfigDict(
-        env_prefix="SPECROUTE_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
         toml_file=None,
@@ -363,10 +385,43 @@ class SettingsLoadError(ValueError):
     type in the file or in a ``SPECROUTE_*`` variable); the message says where."""
 
 
+def setting_env_names(model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX) -> Iterator[str]:
+    """Every environment name a setting is read from: ``SPECROUTE_PORT``, and for a group
+    of settings each of its own (``SPECROUTE_LIMITS__MAX_NEW_TOKENS``)."""
+    for name, field in model.model_fields.items():
+        env_name = f"{prefix}{name.upper()}"
+        yield env_name
+        group = field.annotation
+        if isinstance(group, type) and issubclass(group, BaseModel):
+            yield from setting_env_names(group, f"{env_name}__")
+
+
+def unknown_env_lines(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``SPECROUTE_*`` variable in ``environ`` that no setting reads, with the
+    setting meant where one is close: pydantic-settings skips such a name without a word,
+    so a misspelt ``SPECROUTE_DATA_TOKN`` left the data calls open. A group's own names
+    are checked by the group (``extra="forbid"``: ``SPECROUTE_LIMITS__BOGUS`` is an
+    error); a variable that is yours (a replica's ``api_key_env``) can be ignored."""
+    known = [*setting_env_names(), *OTHER_ENV_NAMES]
+    groups = tuple(name + "__" for name in known)
+    lines = []
+    for variable in sorted(environ):
+        name = variable.upper()  # settings are read from the environment case-insensitively
+        if not name.startswith(ENV_PREFIX) or name in known or name.startswith(groups):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        meant = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"{variable} is not a specroute setting and is ignored{meant}")
+    return lines
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Defaults, then ``config_file`` (TOML; without it, ``$SPECROUTE_CONFIG`` names it),
     then ``SPECROUTE_*`` env, then ``overrides``. ``SettingsLoadError`` when they cannot be
-    read, a named file that does not exist included."""
+    read, a named file that does not exist included; a ``SPECROUTE_*`` variable no setting
+    reads is a warning (``unknown_env_lines``)."""
+    for line in unknown_env_lines(os.environ):
+        logger.warning("%s", line)
     previous = os.environ.get(CONFIG_FILE_ENV)
     named = config_file if config_file is not None else (Path(previous) if previous else None)
     if named is not None and not Path(named).is_file():

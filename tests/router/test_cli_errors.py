@@ -218,3 +218,37 @@ def test_classifier_train_refuses_what_it_would_silently_misread(tmp_path: Path)
         done = _run("classifier", "train", "--data", str(data), *out, *args)
         assert done.returncode == 2 and says in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+def test_a_misspelt_variable_is_named_at_start_with_the_setting_meant() -> None:
+    """pydantic-settings skips a SPECROUTE_* name no setting reads: a misspelt
+    SPECROUTE_DATA_TOKN left the data calls open without a word."""
+    done = _run(
+        "serve",
+        "--print-config",
+        env={
+            "SPECROUTE_DATA_TOKN": "secret",
+            "SPECROUTE_LIMIT__MAX_NEW_TOKENS": "64",  # the group's name misspelt
+            "SPECROUTE_ADDRESS": "127.0.0.1:1",  # the client's: not a setting, not a typo
+            "SPECROUTE_LIMITS__MAX_NEW_TOKENS": "64",
+        },
+    )
+    assert done.returncode == 0, done.stderr
+    assert (
+        "SPECROUTE_DATA_TOKN is not a specroute setting and is ignored "
+        "(did you mean SPECROUTE_DATA_TOKEN?)" in done.stderr
+    ), done.stderr
+    assert "(did you mean SPECROUTE_LIMITS__MAX_NEW_TOKENS?)" in done.stderr, done.stderr
+    assert "SPECROUTE_ADDRESS" not in done.stderr and done.stderr.count("not a specroute") == 2
+
+
+def test_every_setting_and_client_variable_is_known() -> None:
+    from router.settings import OTHER_ENV_NAMES, setting_env_names, unknown_env_lines
+
+    names = [*setting_env_names(), *OTHER_ENV_NAMES]
+    assert "SPECROUTE_POOLING__REDIS_URL" in names and "SPECROUTE_PORT" in names
+    assert unknown_env_lines(dict.fromkeys(names, "x")) == []
+    assert unknown_env_lines({"specroute_port": "1", "HOME": "/root"}) == []
+    assert unknown_env_lines({"SPECROUTE_NOTHING_LIKE_IT": "1"}) == [
+        "SPECROUTE_NOTHING_LIKE_IT is not a specroute setting and is ignored"
+    ]
