@@ -200,13 +200,22 @@ def stats_to_pb(result: GenerationResult) -> pb.GenerationStats:
     )
 
 
-def generation_item_to_pb(item: Any) -> pb.GenerateChunk:
-    """One streamed item of RouterService.generate as a GenerateChunk."""
+def generation_item_to_pb(item: Any, announced: RoutedRequest | None = None) -> pb.GenerateChunk:
+    """One streamed item of RouterService.generate as a GenerateChunk. The last one (the
+    result) carries the decision again when the request finished under another than the
+    ``announced`` one (fleet mode: its replica failed and another went on)."""
     if isinstance(item, RoutedRequest):
         return pb.GenerateChunk(decision=decision_to_pb(item))
     if isinstance(item, TokenChunk):
         return chunk_to_pb(item)
-    return pb.GenerateChunk(stats=stats_to_pb(item))
+    last = pb.GenerateChunk(stats=stats_to_pb(item))
+    if announced is not None and _served_by(item.routed) != _served_by(announced):
+        last.decision.CopyFrom(decision_to_pb(item.routed))
+    return last
+
+
+def _served_by(routed: RoutedRequest) -> tuple[str, str, int]:
+    return routed.replica, routed.decision.drafter, routed.decision.k
 
 
 def drafter_to_pb(record: DrafterRecord) -> pb.DrafterInfo:

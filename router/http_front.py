@@ -218,20 +218,12 @@ def _finish_reason(stats: Any) -> str:
     return reason if reason in FINISH_REASONS else "length"
 
 
-def _specroute_details(routed: RoutedRequest, result: GenerationResult) -> dict[str, Any]:
-    """Extra (ignored by TGI clients): the routing decision and speculation statistics."""
-    stats = result.stats
-    return {
-        "request_id": routed.request_id,
-        "task_cluster": routed.task_cluster,
-        "drafter": routed.decision.drafter,
-        "draft_length": routed.decision.k,
-        "prompt_tokens": routed.prompt_tokens,
-        "steps": stats.steps,
-        "accepted_per_step": list(stats.accepted_per_step),
-        "tokens_per_s": stats.tokens_per_s,
-        "mean_accepted_length": stats.mean_accepted_length,
-    }
+def _specroute_details(result: GenerationResult) -> dict[str, Any]:
+    """Extra (ignored by TGI clients): the routing decision that finished the request and
+    the speculation statistics, as the OpenAI front's, and the prompt's token count."""
+    from router.openai_front import specroute_extra
+
+    return {**specroute_extra(result.routed, result), "prompt_tokens": result.routed.prompt_tokens}
 
 
 async def json_body(request: web.Request) -> Any:
@@ -296,7 +288,7 @@ async def _collect(service: RouterService, body: TgiRequest) -> dict[str, Any]:
     tokens: list[dict[str, Any]] = []
     top_tokens: list[list[dict[str, Any]]] = []
     async with contextlib.aclosing(_generation(service, body, streaming=False)) as items:
-        routed = await _first(items)
+        await _first(items)  # the decision announced; the result's is the one that finished
         result: GenerationResult | None = None
         async for item in items:
             if isinstance(item, TokenChunk):
@@ -318,7 +310,7 @@ async def _collect(service: RouterService, body: TgiRequest) -> dict[str, Any]:
             "tokens": tokens,
             "top_tokens": top_tokens if params.top_n_tokens else None,
             "best_of_sequences": None,
-            "specroute": _specroute_details(routed, result),
+            "specroute": _specroute_details(result),
         }
     return response
 

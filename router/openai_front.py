@@ -576,7 +576,12 @@ def _usage(routed: RoutedRequest, completion_tokens: int) -> dict[str, int]:
 
 
 def specroute_extra(routed: RoutedRequest, result: GenerationResult | None) -> dict[str, Any]:
-    """Extra (ignored by OpenAI clients): the routing decision and speculation statistics."""
+    """Extra (ignored by OpenAI clients): the routing decision and speculation statistics.
+    With the ``result``, the decision is the one that finished the request (fleet mode: a
+    replica failed under it and another, maybe another configuration, went on), not the
+    one first announced."""
+    if result is not None:
+        routed = result.routed
     extra: dict[str, Any] = {
         "request_id": routed.request_id,
         "task_cluster": routed.task_cluster,

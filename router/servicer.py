@@ -56,8 +56,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
+        announced: RoutedRequest | None = None
         async for item in self._service.generate(convert.generate_from_pb(request)):
-            yield convert.generation_item_to_pb(item)
+            if isinstance(item, RoutedRequest):
+                announced = item
+            yield convert.generation_item_to_pb(item, announced)
 
     async def RegisterDrafter(
         self, request: pb.RegisterDrafterRequest, context: aio.ServicerContext

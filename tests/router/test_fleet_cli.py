@@ -150,6 +150,9 @@ class StandInReplica:
     finish: str = "length"  # the last chunk's finish_reason ("abort": vLLM stopping)
     # An error event in place of the tokens, as vLLM's checks after the 200 send them.
     error_code: int | None = None
+    # The next stream fails after this many tokens (an error event, as an engine that dies
+    # mid-request sends), once; /health stays 200, so the fleet brings the replica back.
+    fails_once_after: int | None = None
 
     @property
     def url(self) -> str:
@@ -229,6 +232,10 @@ class StandInReplica:
                     return
                 count = min(int(request["max_tokens"]), len(replica.reply_ids))
                 for index in range(count):
+                    if index == replica.fails_once_after:
+                        replica.fails_once_after = None
+                        self._event({"error": {"message": "EngineCore encountered an issue."}})
+                        return
                     last = index == count - 1
                     choice = {
                         "index": 0,
@@ -236,6 +243,13 @@ class StandInReplica:
                         "token_ids": [replica.reply_ids[index]],
                         "finish_reason": replica.finish if last else None,
                     }
+                    if request.get("logprobs") is not None:  # as vLLM, ids named token_id:N
+                        name = f"token_id:{replica.reply_ids[index]}"
+                        choice["logprobs"] = {
+                            "tokens": [name],
+                            "token_logprobs": [-0.5],
+                            "top_logprobs": [{name: -0.5}],
+                        }
                     self._event({"choices": [choice]})
                 self._event({"choices": [], "usage": {"completion_tokens": count}})
                 self.wfile.write(b"data: [DONE]\n\n")
@@ -765,3 +779,99 @@ def test_a_request_that_kills_replicas_is_not_retried_past_two(
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def _replica_up(metrics_url: str, replica: StandInReplica, speculative: str) -> bool:
+    line = f'specroute_fleet_replica_up{{replica="{replica.url}",speculative="{speculative}"}}'
+    return f"{line} 1.0" in _scrape(f"{metrics_url}/metrics")
+
+
+def test_every_front_names_the_replica_that_finished_a_request_after_a_failover(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """A request whose replica failed under it went on on another (another configuration
+    here), but the OpenAI front's specroute.replica named the one that failed (it read the
+    decision first announced), the TGI front's details likewise, and gRPC's only decision
+    was the first chunk's."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(serving_world.world.target_dir)
+    reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
+    texts = [tokenizer.decode([token]) for token in reply_ids]
+    flaky = StandInReplica(reply_ids, texts, fails_once_after=2).start()
+    plain = StandInReplica(reply_ids, texts).start()
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(
+        f'health_interval_s = 0.2\n[[replicas]]\nurl = "{flaky.url}"\nmodel = "target"\n'
+        f'speculative = "ngram"\nk = 3\n[[replicas]]\nurl = "{plain.url}"\n'
+        'model = "target"\nspeculative = "none"\n'
+    )
+    policy = {
+        "SPECROUTE_POLICY": "fixed",
+        "SPECROUTE_POLICY_CONFIG": '{"drafter": "ngram", "k": 3}',
+    }
+
+    def flaky_again(sidecar: LaunchedSidecar) -> None:
+        flaky.fails_once_after = 2
+        deadline = time.monotonic() + 30
+        while not _replica_up(sidecar.metrics_url, flaky, "ngram"):
+            assert time.monotonic() < deadline, "the failed replica was never brought back"
+            time.sleep(0.1)
+
+    try:
+        with (
+            launch_sidecar(
+                config_file=serving_world.toml(tmp_path / "sidecar.toml"),
+                state_dir=tmp_path / "state",
+                extra_args=["--fleet", str(fleet_file)],
+                log_path=tmp_path / "sidecar.log",
+                env=policy,
+            ) as sidecar,
+            grpc.insecure_channel(sidecar.grpc_address) as channel,
+        ):
+            stub = router_pb2_grpc.RouterStub(channel)
+            request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=6)
+            # The fleet's first learnt request measures plain decoding (on the plain replica);
+            # the policy's ngram decisions are served from then on.
+            reference = list(stub.Generate(request, timeout=60))
+            assert reference[0].decision.replica == plain.url and len(plain.bodies) == 1
+            flaky_again(sidecar)
+            chunks = list(stub.Generate(request, timeout=60))
+            first, last = chunks[0].decision, chunks[-1]
+            assert (first.replica, first.drafter, first.draft_length) == (flaky.url, "ngram", 3)
+            assert last.HasField("stats") and last.HasField("decision"), last
+            assert (last.decision.replica, last.decision.drafter) == (plain.url, "none")
+            assert last.decision.request_id == first.request_id
+            assert not any(c.HasField("decision") for c in chunks[1:-1])
+
+            flaky_again(sidecar)
+            client = openai.OpenAI(base_url=f"{sidecar.http_url}/v1", api_key="unused")
+            reply = client.completions.create(
+                model="target", prompt=COMPLETION_PROMPT, max_tokens=6, temperature=0
+            )
+            assert reply.model_extra is not None
+            extra = reply.model_extra["specroute"]
+            assert (extra["replica"], extra["drafter"], extra["draft_length"]) == (
+                plain.url,
+                "none",
+                0,
+            )
+
+            flaky_again(sidecar)
+            # The TGI front (text_generation's Details keeps no extra field: read raw).
+            body = {
+                "inputs": COMPLETION_PROMPT,
+                "parameters": {"max_new_tokens": 6, "details": True},
+            }
+            tgi = urllib.request.Request(
+                f"{sidecar.http_url}/generate",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(tgi, timeout=60) as response:
+                finished = json.loads(response.read())["details"]["specroute"]
+            assert (finished["replica"], finished["drafter"]) == (plain.url, "none")
+            assert len(flaky.bodies) == 3 and len(plain.bodies) == 4  # each failed over once
+    finally:
+        flaky.stop()
+        plain.stop()
