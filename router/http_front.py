@@ -455,7 +455,7 @@ async def info_route(request: web.Request) -> web.Response:
             "model_dtype": str(target.dtype).removeprefix("torch."),
             "model_device_type": target.device.type,
             "model_pipeline_tag": "text-generation",
-            "max_concurrent_requests": service.queue.capacity,
+            "max_concurrent_requests": service.max_concurrent_requests,
             "max_best_of": 1,
             "max_stop_sequences": MAX_STOP_SEQUENCES,
             # Within the target's context too, where its config gives one.

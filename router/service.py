@@ -635,6 +635,11 @@ class RouterService:
         self.metrics.policy_version.set(self.policy.version)
 
     # -- generation -------------------------------------------------------------------
+    @property
+    def max_concurrent_requests(self) -> int:
+        """Generations admitted at once (running or waiting); one more is refused."""
+        return self.queue.capacity
+
     def fitted(self, request: GenerateInput, prompt_tokens: int) -> GenerateInput:
         """``request`` with the ``max_new_tokens`` its prompt leaves in the target's
         context when it asks to fit it (``fit_context``; ``_route`` refused the others

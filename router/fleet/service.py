@@ -337,7 +337,24 @@ class FleetRouterService(RouterService):
             )
 
     # -- generation --------------------------------------------------------------------
+    @property
+    def max_concurrent_requests(self) -> int:
+        """The replicas' in-flight bounds together: with every replica at its bound, a
+        request is refused (the sidecar's own generation queue is not used)."""
+        return sum(replica.max_in_flight for replica in self.replicas)
+
     async def generate(self, request: GenerateInput) -> AsyncIterator[Any]:
+        """:meth:`_generate`, counted in ``specroute_generation_queue_depth`` (generations
+        admitted and not finished) as the in-process engine's are."""
+        self.metrics.queue_depth.inc()
+        try:
+            async with contextlib.aclosing(self._generate(request)) as items:
+                async for item in items:
+                    yield item
+        finally:
+            self.metrics.queue_depth.dec()
+
+    async def _generate(self, request: GenerateInput) -> AsyncGenerator[Any, None]:
         """Yield the placed :class:`RoutedRequest` (once a replica has produced the first
         token, so a request refused or failed everywhere is a plain error), then
         :class:`TokenChunk` s, then the :class:`GenerationResult`."""

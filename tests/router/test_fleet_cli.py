@@ -153,6 +153,7 @@ class StandInReplica:
     # The next stream fails after this many tokens (an error event, as an engine that dies
     # mid-request sends), once; /health stays 200, so the fleet brings the replica back.
     fails_once_after: int | None = None
+    token_delay_s: float = 0.0  # before each streamed token
 
     @property
     def url(self) -> str:
@@ -232,6 +233,7 @@ class StandInReplica:
                     return
                 count = min(int(request["max_tokens"]), len(replica.reply_ids))
                 for index in range(count):
+                    time.sleep(replica.token_delay_s)
                     if index == replica.fails_once_after:
                         replica.fails_once_after = None
                         self._event({"error": {"message": "EngineCore encountered an issue."}})
@@ -395,6 +397,34 @@ def test_info_and_models_in_fleet_mode(weightless_fleet: WeightlessFleet) -> Non
     )
     assert reply.choices[0].text == "".join(weightless_fleet.plain.reply_texts[:4])
     assert reply.usage is not None and reply.usage.completion_tokens == 4
+    # The generation queue is not used here: the replicas' in-flight bounds (8 each) are
+    # what refuses a request (it said 9, the unused queue's capacity).
+    assert info["max_concurrent_requests"] == 16
+
+
+def test_fleet_generations_in_flight_are_counted_as_the_engines_are(
+    weightless_fleet: WeightlessFleet,
+) -> None:
+    """specroute_generation_queue_depth stayed 0 in fleet mode whatever was running."""
+    metrics_url = f"{weightless_fleet.sidecar.metrics_url}/metrics"
+    depth = "specroute_generation_queue_depth "
+    replicas = (weightless_fleet.plain, weightless_fleet.generic)
+    try:
+        for replica in replicas:
+            replica.token_delay_s = 0.3
+        stream = weightless_fleet.stub.Generate(
+            pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=4), timeout=60
+        )
+        assert next(stream).HasField("decision")
+        assert f"{depth}1.0" in _scrape(metrics_url)
+        assert list(stream)[-1].HasField("stats")
+    finally:
+        for replica in replicas:
+            replica.token_delay_s = 0.0
+    deadline = time.monotonic() + 10
+    while f"{depth}0.0" not in _scrape(metrics_url):
+        assert time.monotonic() < deadline, "the finished generation is still counted"
+        time.sleep(0.05)
 
 
 def test_a_drafter_registers_in_fleet_mode(
