@@ -48,6 +48,17 @@ def _with_discovered_labels(
     return relabeled, summary, terms
 
 
+def _read_prompts(path: Path, option: str) -> list[LabeledPrompt]:
+    """The prompts of a JSONL file; a file without any is a usage error naming it (an
+    empty --data failed deep in training, an empty eval file in numpy, with tracebacks)."""
+    from classifiers.text import read_labeled_jsonl
+
+    prompts = read_labeled_jsonl(path)
+    if not prompts:
+        raise typer.BadParameter(f"{path} holds no prompts", param_hint=option)
+    return prompts
+
+
 def train_command(
     data: Annotated[
         Path,
@@ -81,11 +92,10 @@ def train_command(
     ] = 0.05,
 ) -> None:
     """Train the task classifier and export classifier.onnx + classifier.json to --out."""
-    from classifiers.text import read_labeled_jsonl
     from classifiers.train import split_validation, train_classifier
 
-    train = read_labeled_jsonl(data)
-    held = read_labeled_jsonl(validation) if validation else []
+    train = _read_prompts(data, "--data")
+    held = _read_prompts(validation, "--validation") if validation else []
     unlabeled = sum(p.task is None for p in [*train, *held])
     asked = _parse_clusters(clusters)
     if asked is None and 0 < unlabeled < len(train) + len(held):
@@ -106,14 +116,17 @@ def train_command(
             typer.echo(f"adjusted Rand index vs 'task': {discovery['adjusted_rand_index']:.3f}")
     if not held:
         train, held = split_validation(train, 0.15, seed)
-    trained = train_classifier(
-        train,
-        held,
-        seed=seed,
-        false_flag_rate=false_flag_rate,
-        cluster_terms=terms,
-        discovery=discovery,
-    )
+    try:
+        trained = train_classifier(
+            train,
+            held,
+            seed=seed,
+            false_flag_rate=false_flag_rate,
+            cluster_terms=terms,
+            discovery=discovery,
+        )
+    except ValueError as error:  # what the data cannot train (one task only, ...)
+        raise typer.BadParameter(str(error), param_hint="--data") from None
     trained.save(out)
     meta = trained.metadata
     typer.echo(f"labels: {', '.join(meta.labels)}")
@@ -133,10 +146,9 @@ def eval_command(
     """Accuracy per task, confusion, OOD recall (tasks the model lacks) and ONNX latency."""
     from classifiers.evaluate import compare_latency, evaluate_classifier
     from classifiers.runtime import OnnxTaskClassifier
-    from classifiers.text import read_labeled_jsonl
 
     classifier = OnnxTaskClassifier.load(model)
-    prompts = read_labeled_jsonl(data)
+    prompts = _read_prompts(data, "--data")
     report = evaluate_classifier(classifier, prompts)
     latency = compare_latency({"onnx": classifier.classify}, [p.text for p in prompts], rounds=1)
     payload = {**report.as_json(), "latency_us": latency["onnx"].as_json()}

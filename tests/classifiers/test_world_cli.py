@@ -98,6 +98,30 @@ def test_cli_train_and_eval(tmp_path: Path) -> None:
     assert set(report["latency_us"]) >= {"p50", "p99"}
 
 
+def test_cli_refuses_data_it_cannot_use_in_one_line(tmp_path: Path) -> None:
+    """An empty --data, or prompts of one task, failed with a traceback after the
+    reading (a ValueError from training; numpy's on an empty eval file)."""
+    app = build_app()
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    one_task = _write_jsonl(
+        tmp_path / "one.jsonl", [LabeledPrompt(f"prompt {i}", "chat") for i in range(20)]
+    )
+    out = str(tmp_path / "model")
+    cases = [
+        (["train", "--data", str(empty), "--out", out], "holds no prompts"),
+        (["train", "--data", str(one_task), "--out", out], "at least two tasks"),
+        (["eval", "--model", out, "--data", str(empty)], "holds no prompts"),
+    ]
+    trained = _write_jsonl(tmp_path / "train.jsonl", synthetic_prompts(120, seed=0))
+    ok = CliRunner().invoke(app, ["classifier", "train", "--data", str(trained), "--out", out])
+    assert ok.exit_code == 0, ok.output
+    for args, said in cases:
+        result = CliRunner().invoke(app, ["classifier", *args])
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        assert said in " ".join(result.output.split()), result.output
+
+
 def test_cli_discovers_clusters_without_labels(tmp_path: Path) -> None:
     prompts = synthetic_prompts(240, seed=0)
     data = _write_jsonl(tmp_path / "unlabeled.jsonl", prompts, with_task=False)
