@@ -108,6 +108,29 @@ def capture_purge_command(
         typer.confirm(f"Purge every captured sample in {directory}?", abort=True, err=True)
     removed = store.purge(cluster)
     typer.echo(f"purged {removed} captured samples ({cluster or 'every cluster'}) from {directory}")
+    kept = _drafters_with_samples(directory)
+    if kept:
+        typer.echo(
+            "note: purge leaves the fine-tuning samples (prompts) that registered drafters "
+            f"keep, a distilled drafter's from captured traffic: {', '.join(kept)}. "
+            "`specroute drafters remove NAME` deletes a drafter's stored sample; delete the "
+            "finetune_sample.jsonl in its directory as well",
+            err=True,
+        )
+
+
+def _drafters_with_samples(state_dir: Path) -> list[str]:
+    """``name (directory)`` of each drafter registered in ``state_dir`` (its drafter
+    store, when there is one: not created by reading) that keeps a fine-tuning sample."""
+    from router.store import DATABASE_NAME, SidecarStore
+
+    if not (state_dir / DATABASE_NAME).is_file():
+        return []
+    store = SidecarStore(state_dir)
+    try:
+        return [f"{r.name} ({r.path})" for r in store.drafters() if r.finetune_sample]
+    finally:
+        store.close()
 
 
 # -- clusters ---------------------------------------------------------------------------

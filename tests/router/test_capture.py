@@ -281,6 +281,29 @@ def test_capture_survives_sigkill_and_purge_removes_it(
     assert typo.exit_code == 1 and "no capture database" in typo.output
 
 
+def test_purge_names_the_registered_drafters_that_keep_prompts(tmp_path: Path) -> None:
+    """A distilled drafter keeps 64 captured prompts as its fine-tuning sample (drafter
+    store and directory), which purge does not delete: it said nothing of them."""
+    from router.store import DrafterRecord, SidecarStore
+
+    state_dir = tmp_path / "state"
+    capture = CaptureStore(state_dir, CaptureSettings(enabled=True))
+    assert capture.record("code", [1, 2, 3], [4, 5])
+    capture.close()
+    purged = _cli("capture", "purge", "--state-dir", str(state_dir), "--yes")
+    assert purged.exit_code == 0 and "note:" not in purged.output  # no drafter store yet
+    assert not (state_dir / "sidecar.sqlite3").exists()  # and none made by looking
+    store = SidecarStore(state_dir)
+    sample = ("def add(a, b):", "sort a list")
+    store.add_drafter(DrafterRecord("code-v2", "model", "/models/code-v2", ("code",), sample))
+    store.add_drafter(DrafterRecord("ngram-wide", "ngram"))
+    store.close()
+    purged = _cli("capture", "purge", "--state-dir", str(state_dir), "--yes")
+    assert purged.exit_code == 0, purged.output
+    note = " ".join(purged.output.split())
+    assert "code-v2 (/models/code-v2)" in note and "ngram-wide" not in note, note
+
+
 def test_the_current_arm_of_any_kind_is_scored_as_the_sidecar_builds_it(
     serving_world: ServingWorld, components: Components
 ) -> None:
