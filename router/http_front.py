@@ -39,7 +39,13 @@ from router.errors import (
     sidecar_error_of,
     status_of,
 )
-from router.service import GenerationResult, RoutedRequest, RouterService, TokenChunk
+from router.service import (
+    GenerationResult,
+    RoutedRequest,
+    RouterService,
+    TokenChunk,
+    TokenTexts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +88,7 @@ class TgiParameters(BaseModel):
     decoder_input_details: bool = False
     top_n_tokens: int | None = None
     grammar: Any = None
+    adapter_id: str | None = None  # a LoRA adapter (huggingface_hub always sends the key)
 
 
 class TgiRequest(BaseModel):
@@ -109,6 +116,8 @@ def _unsupported(params: TgiParameters) -> list[str]:
         problems.append("decoder_input_details")
     if params.grammar is not None:
         problems.append("grammar")
+    if params.adapter_id:
+        problems.append("adapter_id")
     return problems
 
 
@@ -196,13 +205,16 @@ def _token_json(
     return {"id": token_id, "text": text, "logprob": logprob, "special": special}
 
 
-def _tokens_json(chunk: TokenChunk) -> list[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
+def _tokens_json(
+    chunk: TokenChunk, texts: TokenTexts
+) -> list[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
     """Each token of ``chunk`` in TGI's shape, with its top tokens (None when the request
-    asked for none)."""
+    asked for none). A special token's text is the token itself (``<|im_end|>``), as TGI
+    gives it and as the top tokens do, not the empty text the output skips it as."""
     scored = chunk.logprobs or [None] * len(chunk.token_ids)
     return [
         (
-            _token_json(i, t, s, lp.logprob if lp is not None else None),
+            _token_json(i, texts.text(i) if s else t, s, lp.logprob if lp is not None else None),
             [_token_json(a.token_id, a.text, a.special, a.logprob) for a in lp.top]
             if lp is not None and lp.top
             else None,
@@ -292,7 +304,7 @@ async def _collect(service: RouterService, body: TgiRequest) -> dict[str, Any]:
         result: GenerationResult | None = None
         async for item in items:
             if isinstance(item, TokenChunk):
-                for token, top in _tokens_json(item):
+                for token, top in _tokens_json(item, service.token_texts):
                     tokens.append(token)
                     top_tokens.append(top or [])
             elif isinstance(item, GenerationResult):
@@ -324,13 +336,13 @@ async def _sse(
         response = web.StreamResponse(headers=SSE_HEADERS)
         with client_may_leave(request):
             await response.prepare(request)
-            await _tgi_events(response, items, body)
+            await _tgi_events(response, items, body, service.token_texts)
             await response.write_eof()
         return response
 
 
 async def _tgi_events(
-    response: web.StreamResponse, items: AsyncIterator[Any], body: TgiRequest
+    response: web.StreamResponse, items: AsyncIterator[Any], body: TgiRequest, texts: TokenTexts
 ) -> None:
     """``_sse``'s events: each token once the next one (or the result) has arrived, so
     that the last one carries the generated text and the details; an error after the
@@ -342,7 +354,7 @@ async def _tgi_events(
     try:
         async for item in items:
             if isinstance(item, TokenChunk):
-                for token, top in _tokens_json(item):
+                for token, top in _tokens_json(item, texts):
                     if held is not None:
                         await _event(response, held)
                     index += 1

@@ -91,7 +91,9 @@ class ModelNotFoundError(NotFoundError):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool = False
+    include_usage: bool | None = False
+    # vLLM's usage on every chunk: not served, refused when asked (``_unsupported``).
+    continuous_usage_stats: bool | None = False
 
 
 # Parameters of OpenAI's API and vLLM's extensions to it that the sidecar does not
@@ -154,7 +156,7 @@ class OpenAIParameters(BaseModel):
     truncate_prompt_tokens: int | None = None  # vLLM's: the last N; -1: the prompt limit
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False  # null (OpenAI's clients send it for None): not streamed
     stream_options: StreamOptions | None = None
     n: int | None = None
     presence_penalty: float | None = None
@@ -167,7 +169,7 @@ class OpenAIParameters(BaseModel):
 
 class CompletionRequest(OpenAIParameters):
     prompt: str | list[Any]  # one text; token ids are refused by name (_completion_prompt)
-    echo: bool = False
+    echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
 
@@ -212,6 +214,8 @@ def _unsupported(body: OpenAIParameters) -> list[str]:
         problems.append("frequency_penalty")
     if body.logit_bias:
         problems.append("logit_bias")
+    if body.stream_options is not None and body.stream_options.continuous_usage_stats:
+        problems.append("stream_options.continuous_usage_stats")
     if isinstance(body, CompletionRequest):
         if body.top_logprobs:  # chat's; completions take the count in ``logprobs``
             problems.append("top_logprobs")
@@ -328,7 +332,7 @@ def _message_text(message: ChatMessage, index: int) -> str:
                 f"messages[{index}].content", f"only text parts are served, got {part.get('type')}"
             )
         texts.append(str(part.get("text", "")))
-    return "".join(texts)
+    return "\n".join(texts)  # as vLLM joins a message's text parts
 
 
 # OpenAI's newer models take "developer" where older ones took "system" (its clients send
@@ -359,7 +363,9 @@ CHAT = Endpoint(
     "chat.completion",
     "chat.completion.chunk",
     _chat_prompt,
-    lambda body: body.max_completion_tokens or body.max_tokens,
+    lambda body: (
+        body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+    ),
 )
 
 
@@ -503,7 +509,9 @@ def generate_input(service: RouterService, endpoint: Endpoint, body: Any) -> Gen
         # sidecar's limit.
         max_tokens = service.limits.max_new_tokens
     if max_tokens <= 0:
-        raise InvalidFieldError("max_tokens", f"must be > 0, got {max_tokens}")
+        named = getattr(body, "max_completion_tokens", None) is not None
+        field = "max_completion_tokens" if named else "max_tokens"
+        raise InvalidFieldError(field, f"must be > 0, got {max_tokens}")
     route = RouteInput(
         prompt=endpoint.prompt_of(body),
         max_new_tokens=max_tokens,
@@ -620,6 +628,20 @@ class _Reply:
         self.created = int(time.time())
         self.endpoint = endpoint
         self.model = model
+        # A chat stream's role goes in its first delta only, as OpenAI and vLLM send it:
+        # the openai package's stream helper joins every delta's strings, so a role in
+        # each made "assistantassistant...". TGI's own client (model "tgi") requires it in
+        # every delta, as TGI sends it.
+        self._role_pending = True
+        self._repeat_role = model in TGI_CLIENT_MODEL_NAMES
+        self.fingerprint = f"specroute-{specroute_version()}"
+
+    def decided(self, routed: RoutedRequest) -> None:
+        """Name the decision in ``system_fingerprint``: a seed repeats a sampled output at
+        the same drafter and k only (the draws depend on both), and OpenAI's field is the
+        one that tells a client its seeded request ran on another configuration."""
+        decision = routed.decision
+        self.fingerprint = f"specroute-{specroute_version()}-{decision.drafter}-k{decision.k}"
 
     def _object(self, name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -627,8 +649,8 @@ class _Reply:
             "object": name,
             "created": self.created,
             "model": self.model,
-            # Which build answered (OpenAI's field; TGI's client requires it).
-            "system_fingerprint": f"specroute-{specroute_version()}",
+            # Which build and decision answered (OpenAI's field; TGI's client requires it).
+            "system_fingerprint": self.fingerprint,
             "choices": choices,
         }
 
@@ -674,9 +696,12 @@ class _Reply:
     ) -> dict[str, Any]:
         choice: dict[str, Any]
         if self.endpoint.is_chat:
-            # The role in every delta, and tool_calls: TGI's own client requires both (as
-            # TGI sends them); OpenAI's clients take them as they come.
-            delta: dict[str, Any] = {"role": "assistant", "tool_calls": None}
+            # tool_calls in every delta: TGI's own client requires it (as TGI sends it);
+            # OpenAI's clients take it as it comes.
+            delta: dict[str, Any] = {"tool_calls": None}
+            if self._role_pending or self._repeat_role:
+                delta["role"] = "assistant"
+                self._role_pending = False
             if text is not None:
                 delta["content"] = text
             choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -717,6 +742,7 @@ async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dic
                 result = item
     if result is None:
         raise GenerationFailedError("generation ended without a result")
+    reply.decided(result.routed)
     logprobs = reply.logprobs(scored if request.logprobs is not None else None, texts, 0)
     return reply.complete(routed, result, stops_of(body), logprobs)
 
@@ -747,6 +773,7 @@ async def _stream(
     generation = _generation(service, asked)
     async with contextlib.aclosing(generation) as items:
         routed = await _first(items)  # errors before the first event are plain HTTP errors
+        reply.decided(routed)
         response = web.StreamResponse(headers=SSE_HEADERS)
         with client_may_leave(request):
             await response.prepare(request)

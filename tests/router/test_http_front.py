@@ -466,6 +466,8 @@ def test_max_new_tokens_left_out_is_tgis_default_of_100(sidecar: SidecarThread) 
         ),
         ({"inputs": PROMPT, "parameters": {"repetition_penalty": 1.2}}, "repetition_penalty"),
         ({"inputs": PROMPT, "parameters": {"top_n_tokens": 21}}, "top_n_tokens"),
+        # huggingface_hub's InferenceClient sends a LoRA adapter id: served by the base model.
+        ({"inputs": PROMPT, "parameters": {"adapter_id": "my-lora"}}, "adapter_id"),
         # The prompt's logprobs (details.prefill) were silently left out.
         ({"inputs": PROMPT, "parameters": {"decoder_input_details": True}}, "decoder_input"),
         # A seed no generator takes failed inside the engine (424, "generation").
@@ -520,3 +522,19 @@ def test_client_raises_its_own_error_types(sidecar: SidecarThread) -> None:
     client = Client(sidecar.http_url, timeout=60)
     with pytest.raises(ValidationError):
         client.generate("word " * 600, max_new_tokens=4)
+
+
+def test_a_special_tokens_text_is_the_token_as_tgi_gives_it(sidecar: SidecarThread) -> None:
+    """An emitted <|im_end|> had the text "" in details.tokens (the output's text skips
+    it), while the same id among the top tokens read "<|im_end|>"."""
+    from router.http_front import _tokens_json
+    from router.service import TokenChunk
+
+    texts = sidecar.service.token_texts
+    tokenizer = sidecar.service.tokenizer
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    word = tokenizer.encode("hello", add_special_tokens=False)[0]
+    chunk = TokenChunk((word, end), ("hello", ""), (False, True), "hello")
+    (first, _), (last, _) = _tokens_json(chunk, texts)
+    assert (first["text"], first["special"]) == ("hello", False)
+    assert (last["text"], last["special"]) == ("<|im_end|>", True)

@@ -209,6 +209,100 @@ def test_chat_completion_and_stream(sidecar: SidecarThread) -> None:
     assert stream[-1].choices[0].finish_reason in {"stop", "length"}
 
 
+def _chat_stream_deltas(sidecar: SidecarThread, model: str) -> list[dict[str, Any]]:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Write a haiku about the sea."}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+    }
+    request = urllib.request.Request(
+        f"{sidecar.http_url}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        events = [line[6:] for line in response.read().decode().splitlines() if line]
+    return [json.loads(e)["choices"][0]["delta"] for e in events[:-1] if json.loads(e)["choices"]]
+
+
+def test_a_chat_streams_role_is_in_its_first_delta_as_openais_clients_accumulate_it(
+    sidecar: SidecarThread,
+) -> None:
+    """The role in every delta: the openai package's stream helper joins each delta's
+    strings, so its final message had the role "assistantassistant...", which the
+    sidecar itself refused when a chat app sent the history back. TGI's own client
+    (model "tgi") requires the role in every delta, as TGI sends it."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+
+    messages: Any = [{"role": "user", "content": "Write a haiku about the sea."}]
+    state = ChatCompletionStreamState()  # what the client's chat.completions.stream() runs
+    for chunk in client(sidecar).chat.completions.create(
+        model="target", messages=messages, max_tokens=6, temperature=0, stream=True
+    ):
+        state.handle_chunk(chunk)
+    assert state.current_completion_snapshot.choices[0].message.role == "assistant"
+    deltas = _chat_stream_deltas(sidecar, "target")
+    assert len(deltas) > 2 and deltas[0]["role"] == "assistant"
+    assert not any("role" in delta for delta in deltas[1:])
+    assert all(delta["role"] == "assistant" for delta in _chat_stream_deltas(sidecar, "tgi"))
+
+
+def test_what_openais_clients_send_for_none_is_served(sidecar: SidecarThread) -> None:
+    """``stream=None`` and ``echo=None`` go on the wire as null: refused before as "not a
+    valid boolean"."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": None}
+    status, reply = post(f"{sidecar.http_url}/v1/chat/completions", {"model": "target", **chat})
+    assert status == 200 and reply["object"] == "chat.completion", reply
+    completion = {"model": "target", "prompt": PROMPT, "max_tokens": 2, "echo": None}
+    status, reply = post(f"{sidecar.http_url}/v1/completions", completion)
+    assert status == 200 and reply["object"] == "text_completion", reply
+
+
+def test_chat_fields_are_read_as_vllm_reads_them(sidecar: SidecarThread) -> None:
+    """max_completion_tokens 0 was taken as unset (the whole context's worth generated)
+    and a negative one was refused naming max_tokens; text parts were joined without the
+    newline vLLM puts between them; continuous usage stats were silently not sent."""
+    asked: dict[str, Any] = {
+        "model": "target",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 2,
+    }
+    for value in (0, -1):
+        status, reply = post(
+            f"{sidecar.http_url}/v1/chat/completions", {**asked, "max_completion_tokens": value}
+        )
+        assert status == 400 and reply["error"]["param"] == "max_completion_tokens", reply
+    continuous = {"stream": True, "stream_options": {"continuous_usage_stats": True}}
+    status, reply = post(f"{sidecar.http_url}/v1/chat/completions", {**asked, **continuous})
+    assert status == 400, reply
+    assert reply["error"]["param"] == "stream_options.continuous_usage_stats", reply
+    parts = [{"type": "text", "text": "Write a haiku"}, {"type": "text", "text": "about the sea."}]
+    joined = "Write a haiku\nabout the sea."
+    usages = [
+        post(
+            f"{sidecar.http_url}/v1/chat/completions",
+            {**asked, "messages": [{"role": "user", "content": content}]},
+        )[1]["usage"]["prompt_tokens"]
+        for content in (parts, joined)
+    ]
+    assert usages[0] == usages[1], usages
+
+
+def test_the_fingerprint_names_the_decision_a_seed_repeats_under(sidecar: SidecarThread) -> None:
+    """A seed repeats a sampled output at the same drafter and k only; the fingerprint,
+    the field OpenAI gives for this, named the build alone."""
+    reply = client(sidecar).completions.create(
+        model="target", prompt=PROMPT, max_tokens=4, temperature=0.8, seed=11
+    )
+    assert reply.model_extra is not None
+    decided = reply.model_extra["specroute"]
+    assert reply.system_fingerprint is not None
+    assert reply.system_fingerprint.startswith("specroute-")
+    assert reply.system_fingerprint.endswith(f"-{decided['drafter']}-k{decided['draft_length']}")
+
+
 def test_the_text_generation_clients_chat_works(sidecar: SidecarThread) -> None:
     """TGI's own client's ``chat()`` sends the model "tgi" (a 404 before) and reads the
     replies with its own types, which need ``system_fingerprint`` and the role in every
