@@ -262,6 +262,11 @@ class SpeculativeEngine:
                     token_texts[-1] += detokenizer.flush()
                 texts.extend(token_texts)
                 elapsed += time.perf_counter() - resumed
+                if stopped is not None:
+                    # Known before the last event goes out: a consumer that closes the
+                    # run on it (or reads the stats while it holds it) saw "cancelled".
+                    finish_reason = stats.finish_reason = stopped
+                    stats.generated_tokens = len(output)
                 yield TokenEvent(
                     token_ids=tokens,
                     token_texts=token_texts,
@@ -269,7 +274,6 @@ class SpeculativeEngine:
                     logprobs=scored,
                 )
                 if stopped is not None:
-                    finish_reason = stopped
                     break
         finally:
             stats.finish_reason = finish_reason

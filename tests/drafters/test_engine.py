@@ -344,6 +344,18 @@ def test_cancellation_stops_between_steps(
     never = engine.generate(prompts[2], drafters["close"], 3, max_new_tokens=MAX_NEW)
     never.close()
     assert never.stats.finish_reason == "cancelled" and never.stats.steps == 0
+    # Closed on its last event, as a consumer that stops at the end does: it had ended
+    # ("cancelled" before, and "" while the consumer held that event).
+    whole = engine.generate(prompts[2], drafters["close"], 3, max_new_tokens=4)
+    emitted = 0
+    for event in whole:
+        emitted += len(event.token_ids)
+        if emitted >= 4:
+            break  # holding the last event; the run not exhausted
+    assert emitted == 4
+    assert (whole.stats.finish_reason, whole.stats.generated_tokens) == ("length", 4)
+    whole.close()
+    assert whole.stats.finish_reason == "length"
 
 
 def test_a_seed_reproduces_a_sampled_generation(
