@@ -149,11 +149,15 @@ def eval_command(
 
     classifier = OnnxTaskClassifier.load(model)
     prompts = _read_prompts(data, "--data")
-    report = evaluate_classifier(classifier, prompts)
+    try:
+        report = evaluate_classifier(classifier, prompts)
+    except ValueError as error:  # prompts without a task: nothing to score against
+        raise typer.BadParameter(str(error), param_hint="--data") from None
     latency = compare_latency({"onnx": classifier.classify}, [p.text for p in prompts], rounds=1)
     payload = {**report.as_json(), "latency_us": latency["onnx"].as_json()}
     print_evaluation(payload)
     if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 

@@ -61,12 +61,14 @@ def classifier_text(text: str) -> str:
 def labeled_prompt_from_record(record: Mapping[str, object]) -> LabeledPrompt:
     """Read one JSON record: ``{"text", "task"?}`` or a corpus Example ``{"messages", "task"}``
     (the text as the classifier reads it: :func:`classifier_text`)."""
+    if not isinstance(record, Mapping):  # a list or a string: .get failed with a traceback
+        raise ValueError("each line must be a JSON object: {text, task?} or {messages, task?}")
     task = record.get("task")
     if "text" in record:
         text = record["text"]
     elif "messages" in record:
         messages = record["messages"]
-        if not isinstance(messages, list):
+        if not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
             raise ValueError("'messages' must be a list of {role, content} objects")
         text = prompt_from_messages(messages)
     else:

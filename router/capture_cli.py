@@ -70,6 +70,9 @@ def capture_stats_command(
 ) -> None:
     """Captured samples per cluster: count, bytes of token ids, oldest and newest."""
     directory = _state_dir(state_dir, config)
+    if not directory.is_dir():  # a mistyped path read as "nothing captured", status 0
+        typer.echo(f"error: {directory} is not a state directory", err=True)
+        raise typer.Exit(1)
     store = _existing_capture(directory)
     stats = store.stats() if store is not None else []
     if not stats:
@@ -369,7 +372,7 @@ def lower_priority(nice: int, cpus: str) -> None:
             os.sched_setaffinity(0, chosen)
         except AttributeError:  # no affinity outside Linux
             pass
-        except OSError as error:  # CPUs this machine does not have: said, not ignored
+        except (OSError, ValueError) as error:  # CPUs this machine lacks, or a negative id
             raise typer.BadParameter(f"{cpus}: {error}", param_hint="--cpus") from None
 
 

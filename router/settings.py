@@ -426,7 +426,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     named = config_file if config_file is not None else (Path(previous) if previous else None)
     if named is not None and not Path(named).is_file():
         source = "" if config_file is not None else f" (${CONFIG_FILE_ENV})"
-        raise SettingsLoadError(f"config file {named}{source} does not exist")
+        problem = "is not a file" if Path(named).exists() else "does not exist"
+        raise SettingsLoadError(f"config file {named}{source} {problem}")
     if config_file is not None:
         os.environ[CONFIG_FILE_ENV] = str(config_file)
     try:
@@ -435,6 +436,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise SettingsLoadError(validation_lines(error)) from None
     except tomllib.TOMLDecodeError as error:
         raise SettingsLoadError(f"config file {named} is not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise SettingsLoadError(f"config file {named} is not UTF-8 text ({error.reason})") from None
     except SettingsError as error:  # e.g. a SPECROUTE_* map that is not JSON
         cause = f": {error.__cause__}" if error.__cause__ else ""
         raise SettingsLoadError(f"{error}{cause}") from None

@@ -81,6 +81,10 @@ class PolicyRun:
     errors: list[str] = field(default_factory=list)
 
 
+class FleetOptionError(ValueError):
+    """An option the world's fleet cannot serve (told before any replica starts)."""
+
+
 def fleet_configurations(
     drafter_names: Sequence[str], tasks: Sequence[str], options: FleetBenchOptions
 ) -> list[str]:
@@ -462,6 +466,12 @@ def run_fleet_bench(
     tasks = list(world.tasks)
     configurations = fleet_configurations(list(world.drafter_dirs), tasks, options)
     check_world(world, configurations)
+    if options.kill_replica and options.kill_replica not in configurations:
+        # Told before the replicas start (minutes), not as a traceback once they serve.
+        raise FleetOptionError(
+            f"--kill-replica {options.kill_replica!r} is not a configuration of the fleet "
+            f"({', '.join(configurations)})"
+        )
     trace = builtin_trace(
         "uniform",
         read_examples(world.corpus_dir, "test"),

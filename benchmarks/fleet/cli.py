@@ -15,11 +15,13 @@ def bench_fleet_command(
     world: Annotated[
         Path | None, typer.Option("--world", help="World directory (default: the built-in).")
     ] = None,
-    per_task: Annotated[int, typer.Option("--per-task", help="Requests per task.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
-    draft_length: Annotated[int, typer.Option("--k", help="Draft length of every replica.")] = 3,
-    task_drafters: Annotated[int, typer.Option("--task-drafters")] = 2,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c")] = 2,
+    per_task: Annotated[int, typer.Option("--per-task", min=1, help="Requests per task.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+    draft_length: Annotated[
+        int, typer.Option("--k", min=1, help="Draft length of every replica.")
+    ] = 3,
+    task_drafters: Annotated[int, typer.Option("--task-drafters", min=0)] = 2,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1)] = 2,
     kill_replica: Annotated[
         str,
         typer.Option(
@@ -46,7 +48,12 @@ def bench_fleet_command(
 ) -> None:
     """Start vLLM replicas (none, ngram, generic, task drafters) and specroute in front of
     them; replay the uniform trace under each routing policy and compare speed-ups."""
-    from benchmarks.fleet.bench import FleetBenchOptions, format_result, run_fleet_bench
+    from benchmarks.fleet.bench import (
+        FleetBenchOptions,
+        FleetOptionError,
+        format_result,
+        run_fleet_bench,
+    )
     from benchmarks.fleet.vllm_process import VllmUnavailableError
     from router.bundle import default_bundle_dir
 
@@ -69,6 +76,9 @@ def bench_fleet_command(
                 result = run_fleet_bench(world_dir, Path(scratch), options)
     except VllmUnavailableError as error:
         typer.echo(f"error: {str(error).splitlines()[0]}", err=True)
+        raise typer.Exit(2) from None
+    except FleetOptionError as error:  # an option the world's fleet cannot serve
+        typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     typer.echo(format_result(result))
     if json_path is not None:

@@ -27,6 +27,10 @@ def bench_load_command(
     """Load a running sidecar with Route calls; compare with an echo servicer (the ceiling)."""
     from benchmarks.load.load_bench import format_result, run_load_bench
 
+    _, _, port = address.rpartition(":")
+    if not port.isdigit():  # the pid is found from the port: an IndexError before
+        raise typer.BadParameter(f"{address!r} is not host:port", param_hint="--address")
+
     result = run_load_bench(
         address, requests=requests, concurrency=concurrency, pid=pid, token=token
     )

@@ -32,6 +32,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     ) -> None:
         """Simulate every policy on every scenario; print regret, oracle share, latency."""
         from benchmarks.policy_sim.report import format_table, run_all
+        from benchmarks.policy_sim.scenarios import SCENARIO_NAMES
+
+        unknown = [name for name in scenario or () if name not in SCENARIO_NAMES]
+        if unknown:  # ran nothing and exited 0
+            raise typer.BadParameter(
+                f"unknown scenario {unknown[0]!r}; known: {', '.join(SCENARIO_NAMES)}",
+                param_hint="--scenario",
+            )
         from router.bundle import default_bundle_dir
 
         world_dir = world if world is not None else default_bundle_dir()

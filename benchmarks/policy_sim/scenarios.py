@@ -58,6 +58,19 @@ def policy_specs(truth: GroundTruth, drafters: tuple[str, ...], seed: int) -> li
     return [*specs, PolicySpec("oracle", "oracle")]
 
 
+#: Every scenario's name, in ``build_scenarios``' order (the two new_drafter ones only
+#: where the world has the new drafter).
+SCENARIO_NAMES = (
+    "stationary",
+    "drift",
+    "new_drafter_prior",
+    "new_drafter_no_prior",
+    "many_drafters",
+    "bursty_load",
+    "copy_ngram",
+)
+
+
 def build_scenarios(truth: GroundTruth, requests: int, seed: int) -> list[Scenario]:
     """The seven scenarios over ``truth`` (see the module docstring)."""
     everyone = truth.drafters
@@ -118,4 +131,11 @@ def build_scenarios(truth: GroundTruth, requests: int, seed: int) -> list[Scenar
     return scenarios
 
 
-__all__ = ["DRIFT_CLUSTER", "NEW_DRAFTER", "NGRAM", "build_scenarios", "policy_specs"]
+__all__ = [
+    "DRIFT_CLUSTER",
+    "NEW_DRAFTER",
+    "NGRAM",
+    "SCENARIO_NAMES",
+    "build_scenarios",
+    "policy_specs",
+]

@@ -66,11 +66,21 @@ POLICY_SETTINGS: dict[str, Callable[[Calibration], PolicySetting]] = {
 }
 
 
-def policy_settings(labels: Sequence[str], calibration: Calibration) -> list[PolicySetting]:
-    """Settings for the requested policies, the ``none`` baseline first."""
+def check_policy_labels(labels: Sequence[str]) -> None:
+    """KeyError naming the labels that are no replay policy (``POLICY_SETTINGS``)."""
     unknown = [label for label in labels if label not in POLICY_SETTINGS]
     if unknown:
         raise KeyError(f"unknown policies {unknown}; known: {', '.join(POLICY_SETTINGS)}")
+
+
+def check_schedule(schedule: str) -> None:
+    if schedule not in SCHEDULES:
+        raise KeyError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+
+
+def policy_settings(labels: Sequence[str], calibration: Calibration) -> list[PolicySetting]:
+    """Settings for the requested policies, the ``none`` baseline first."""
+    check_policy_labels(labels)
     ordered = [BASELINE_POLICY, *(label for label in labels if label != BASELINE_POLICY)]
     return [POLICY_SETTINGS[label](calibration) for label in dict.fromkeys(ordered)]
 
@@ -310,8 +320,7 @@ def replay_policies(
     handlers: EventHandlers | None = None,
 ) -> dict[str, PolicyRun]:
     """Replay the trace under every setting with the named schedule."""
-    if schedule not in SCHEDULES:
-        raise KeyError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    check_schedule(schedule)
     return SCHEDULES[schedule](
         client,
         trace,

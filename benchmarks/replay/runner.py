@@ -49,6 +49,8 @@ from benchmarks.replay.replay import (
     EventHandlers,
     PolicyRun,
     PolicySetting,
+    check_policy_labels,
+    check_schedule,
     policy_settings,
     replay_policies,
     withheld_drafters,
@@ -278,7 +280,10 @@ def replay_on_client(
 
 def run_replay(config: ReplayConfig) -> ReplayOutcome:
     """Replay ``config.trace`` under every policy and write the report to ``config.out_dir``."""
-    # A typo is told before a world is loaded, or built (minutes).
+    # A typo is told before a world is loaded, or built (minutes), or the sidecar reached
+    # and calibrated (a misspelt policy or schedule was told only after that).
+    check_policy_labels(config.policies)
+    check_schedule(config.schedule)
     trace_file = Path(config.trace)
     if trace_file.suffix == ".jsonl" and not trace_file.is_file():
         raise FileNotFoundError(f"no trace file {trace_file}")

@@ -238,6 +238,8 @@ def load_fleet_file(path: Path) -> FleetSpec:
         raise FleetConfigError(f"fleet file {path}: {error.strerror or error}") from None
     except tomllib.TOMLDecodeError as error:
         raise FleetConfigError(f"fleet file {path}: not TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise FleetConfigError(f"fleet file {path}: not UTF-8 text ({error.reason})") from None
     return parse_fleet(relative_to_file(data, Path(path).parent), f"fleet file {path}")
 
 

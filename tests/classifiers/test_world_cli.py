@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from benchmarks.classifier.bench import run_classifier_bench
 from classifiers import OnnxTaskClassifier, ensure_world_classifier
 from classifiers.metadata import ClassifierMetadata
-from classifiers.text import LabeledPrompt
+from classifiers.text import DataFileError, LabeledPrompt
 from router.cli import build_app
 from tests.classifiers.conftest import FAST_GRID
 from tests.classifiers.synthetic import synthetic_prompts
@@ -116,10 +116,31 @@ def test_cli_refuses_data_it_cannot_use_in_one_line(tmp_path: Path) -> None:
     trained = _write_jsonl(tmp_path / "train.jsonl", synthetic_prompts(120, seed=0))
     ok = CliRunner().invoke(app, ["classifier", "train", "--data", str(trained), "--out", out])
     assert ok.exit_code == 0, ok.output
+    # Lines that are JSON but not prompts raised AttributeError; an eval file without
+    # tasks raised ValueError; both as tracebacks.
+    unlabeled = tmp_path / "unlabeled.jsonl"
+    unlabeled.write_text('{"text": "hello"}\n')
+    cases.append((["eval", "--model", out, "--data", str(unlabeled)], "needs a task"))
     for args, said in cases:
         result = CliRunner().invoke(app, ["classifier", *args])
         assert result.exit_code == 2, (args, result.output, result.exception)
         assert said in " ".join(result.output.split()), result.output
+    for number, line in enumerate(("[1, 2]", '"a string"', '{"messages": ["hi"]}')):
+        shapes = tmp_path / f"shapes{number}.jsonl"
+        shapes.write_text(line + "\n")
+        for args in (["train", "--data", str(shapes), "--out", out], ["eval", "--model", out]):
+            if args[0] == "eval":
+                args += ["--data", str(shapes)]
+            result = CliRunner().invoke(app, ["classifier", *args])
+            # DataFileError: `specroute` (router.cli.main) prints it as one line, status 2.
+            assert isinstance(result.exception, DataFileError), (line, result.exception)
+            assert f"shapes{number}.jsonl:1" in str(result.exception)
+    # --json into a directory that is not there yet: made, as world eval makes it.
+    report = tmp_path / "reports" / "eval.json"
+    done = CliRunner().invoke(
+        app, ["classifier", "eval", "--model", out, "--data", str(trained), "--json", str(report)]
+    )
+    assert done.exit_code == 0 and json.loads(report.read_text())["accuracy"] >= 0.0
 
 
 def test_cli_discovers_clusters_without_labels(tmp_path: Path) -> None:

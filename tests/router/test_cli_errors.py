@@ -194,6 +194,7 @@ def test_distill_options_that_cannot_work_are_one_line_errors(tmp_path: Path) ->
     for args, status, says in (
         ([*out, "--cpus", "abc"], 2, "not a list of CPU ids"),
         ([*out, "--cpus", "99999"], 2, "Invalid value for --cpus"),
+        ([*out, "--cpus", "-1"], 2, "Invalid value for --cpus"),  # sched_setaffinity's ValueError
         (["--out", str(tmp_path / "file.txt")], 2, "is a file, not a directory"),
         ([*out, "--from", str(tmp_path / "notmodel")], 1, "error: "),
     ):
@@ -252,3 +253,43 @@ def test_every_setting_and_client_variable_is_known() -> None:
     assert unknown_env_lines({"SPECROUTE_NOTHING_LIKE_IT": "1"}) == [
         "SPECROUTE_NOTHING_LIKE_IT is not a specroute setting and is ignored"
     ]
+
+
+def test_files_that_are_not_text_and_paths_that_are_not_files_are_one_line(
+    tmp_path: Path,
+) -> None:
+    """A settings or fleet file that is not UTF-8 raised UnicodeDecodeError with a
+    traceback; --config naming a directory said it did not exist."""
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe port = 1\n")
+    for args, says in (
+        (["serve", "--config", str(binary), "--print-config"], "is not UTF-8 text"),
+        (["serve", "--config", str(tmp_path), "--print-config"], "is not a file"),
+        (["serve", "--fleet", str(binary)], "not UTF-8 text"),
+        (["capture", "stats", "--config", str(binary)], "is not UTF-8 text"),
+    ):
+        done = _run(*args)
+        assert done.returncode == 2 and says in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+
+
+def test_benchmark_typos_are_told_before_any_work(tmp_path: Path) -> None:
+    """A misspelt replay policy or schedule was told only after the sidecar was reached
+    and calibrated (76 s, and only "could not be reached" with no sidecar); an unknown
+    policy-simulator scenario ran nothing and exited 0; bench load's --address without a
+    port raised IndexError; capture stats on a mistyped state directory said "nothing
+    captured" with status 0."""
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text('{"text": "hello", "task": "chat"}\n')
+    replay = ["replay", "--trace", str(trace), "--address", "127.0.0.1:1"]
+    for args, status, says in (
+        ([*replay, "--policies", "none,tompson"], 2, "unknown policies ['tompson']"),
+        ([*replay, "--schedule", "bogus"], 2, "unknown schedule 'bogus'"),
+        (["bench", "policy", "--scenario", "bogus"], 2, "unknown scenario 'bogus'"),
+        (["bench", "load", "--address", "localhost"], 2, "is not host:port"),
+        (["capture", "stats", "--state-dir", str(tmp_path / "stat")], 1, "not a state directory"),
+    ):
+        done = _run(*args, env={"SPECROUTE_HOME": str(tmp_path / "home")})
+        said = " ".join(done.stderr.split())
+        assert done.returncode == status and says in said, (args, done.stderr)
+        assert "Traceback" not in done.stderr

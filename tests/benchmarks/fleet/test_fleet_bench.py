@@ -320,3 +320,20 @@ def test_sigterm_to_the_bench_stops_its_replicas(tmp_path: Path) -> None:
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_a_kill_replica_the_fleet_lacks_is_refused_before_anything_starts(
+    tiny_world: Any,
+) -> None:
+    """A misspelt --kill-replica was a ValueError traceback once every replica and the
+    sidecar had started (minutes of vLLM start-up on a CPU)."""
+    command = [sys.executable, "-m", "router.cli", "bench", "fleet"]
+    done = subprocess.run(
+        [*command, "--world", str(tiny_world.root), "--kill-replica", "genric"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "--kill-replica 'genric' is not a configuration of the fleet" in done.stderr
