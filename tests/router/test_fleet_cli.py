@@ -10,6 +10,7 @@ is the sidecar, started as ``specroute serve``; test_fleet_vllm.py runs real vLL
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -737,6 +738,23 @@ def test_fleet_mode_captures_the_replicas_verified_output(
         store.close()
 
 
+def _serve_fleet(
+    serving_world: ServingWorld,
+    tmp_path: Path,
+    fleet_file: Path,
+    env: dict[str, str] | None = None,
+) -> contextlib.AbstractContextManager[LaunchedSidecar]:
+    """``specroute serve --fleet fleet_file`` on the serving world, state and log in
+    ``tmp_path``."""
+    return launch_sidecar(
+        config_file=serving_world.toml(tmp_path / "sidecar.toml"),
+        state_dir=tmp_path / "state",
+        extra_args=["--fleet", str(fleet_file)],
+        log_path=tmp_path / "sidecar.log",
+        env=env,
+    )
+
+
 def test_a_request_that_kills_replicas_is_not_retried_past_two(
     serving_world: ServingWorld, tmp_path: Path
 ) -> None:
@@ -763,12 +781,7 @@ def test_a_request_that_kills_replicas_is_not_retried_past_two(
     )
     try:
         with (
-            launch_sidecar(
-                config_file=serving_world.toml(tmp_path / "sidecar.toml"),
-                state_dir=tmp_path / "state",
-                extra_args=["--fleet", str(fleet_file)],
-                log_path=tmp_path / "sidecar.log",
-            ) as sidecar,
+            _serve_fleet(serving_world, tmp_path, fleet_file) as sidecar,
             grpc.insecure_channel(sidecar.grpc_address) as channel,
         ):
             stub = router_pb2_grpc.RouterStub(channel)
@@ -844,19 +857,14 @@ def test_every_front_names_the_replica_that_finished_a_request_after_a_failover(
     def flaky_again(sidecar: LaunchedSidecar) -> None:
         flaky.fails_once_after = 2
         deadline = time.monotonic() + 30
+        assert sidecar.metrics_url is not None
         while not _replica_up(sidecar.metrics_url, flaky, "ngram"):
             assert time.monotonic() < deadline, "the failed replica was never brought back"
             time.sleep(0.1)
 
     try:
         with (
-            launch_sidecar(
-                config_file=serving_world.toml(tmp_path / "sidecar.toml"),
-                state_dir=tmp_path / "state",
-                extra_args=["--fleet", str(fleet_file)],
-                log_path=tmp_path / "sidecar.log",
-                env=policy,
-            ) as sidecar,
+            _serve_fleet(serving_world, tmp_path, fleet_file, policy) as sidecar,
             grpc.insecure_channel(sidecar.grpc_address) as channel,
         ):
             stub = router_pb2_grpc.RouterStub(channel)
