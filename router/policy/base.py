@@ -228,11 +228,13 @@ class Outcome:
             and accepted_per_position
             and accepted_per_position[0] <= drafting_at_k
         ):
-            k = round(drafted_tokens / steps) if steps else 0
+            # At least 1 when anything was drafted: fewer drafted tokens than half the steps
+            # rounded to k = 0 and lost them.
+            k = max(1, round(drafted_tokens / steps)) if steps and drafted_tokens else 0
         drafted = _drafted_steps(steps, drafted_tokens, k)
         drafting = sum(1 for d in drafted if d)
-        if not drafting:
-            accepted = [0] * steps
+        if not drafting:  # the non-drafting steps are added below
+            accepted = []
         elif accepted_per_position:
             accepted = _steps_from_positions(drafting, k, accepted_per_position)
         else:

@@ -335,6 +335,24 @@ def test_report_from_totals_and_positions(sidecar: SidecarThread, PROMPT: str) -
     assert sidecar.stub.Report(outcome).policy_version > decision.policy_version
 
 
+def test_a_totals_report_of_plain_decoding_is_learnt_from(
+    sidecar: SidecarThread, PROMPT: str
+) -> None:
+    """Ten steps without a draft (the proto's plain decoding in totals form) were refused
+    with INVALID_ARGUMENT "zip() argument 2 is shorter than argument 1"."""
+    for drafted, accepted in ((0, 0), (4, 2)):
+        decision = sidecar.stub.Route(pb.RouteRequest(text=PROMPT, task_hint="code"))
+        outcome = pb.RouteOutcome(
+            request_id=decision.request_id,
+            steps=10,
+            drafted_tokens=drafted,
+            accepted_tokens=accepted,
+            verify_time_s=0.1,
+            generated_tokens=10 + accepted,
+        )
+        assert sidecar.stub.Report(outcome).policy_version > decision.policy_version
+
+
 def test_generate_over_grpc_is_exactly_the_greedy_output(
     sidecar: SidecarThread, PROMPT: str
 ) -> None:

@@ -160,6 +160,36 @@ def test_outcome_from_totals_for_plain_decoding() -> None:
     assert outcome.steps == 0 and outcome.generated_tokens == 50
 
 
+@pytest.mark.parametrize(
+    ("drafted", "accepted", "positions", "drafted_per_step", "accepted_per_step"),
+    [
+        # Steps that all decoded plainly: the steps' list was built twice over (a strict
+        # zip then refused the report with a message that named no field).
+        (0, 0, (), [0] * 10, [0] * 10),
+        # Fewer drafted tokens than half the steps rounded to k = 0, and were lost.
+        (4, 2, (), [1] * 4 + [0] * 6, [1, 1] + [0] * 8),
+        (4, 2, (2,), [1] * 4 + [0] * 6, [1, 1] + [0] * 8),
+    ],
+)
+def test_outcome_from_totals_with_few_or_no_drafts(
+    drafted: int,
+    accepted: int,
+    positions: tuple[int, ...],
+    drafted_per_step: list[int],
+    accepted_per_step: list[int],
+) -> None:
+    outcome = Outcome.from_totals(
+        steps=10,
+        drafted_tokens=drafted,
+        accepted_tokens=accepted,
+        accepted_per_position=positions,
+        draft_time_s=0.0,
+        verify_time_s=0.1,
+    )
+    assert list(outcome.drafted_per_step) == drafted_per_step
+    assert list(outcome.accepted_per_step) == accepted_per_step
+
+
 def test_check_state_refuses_other_versions_and_policies() -> None:
     check_state({"version": 1, "policy": "ucb"}, "ucb")
     with pytest.raises(IncompatibleStateError, match="format version 99"):
