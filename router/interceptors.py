@@ -7,7 +7,9 @@ handlers are cached per method, so the per-call cost is one dict lookup.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -167,43 +169,57 @@ class EdgeInterceptor(aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        fail = self._fail
-        unexpected = self._unexpected
         inner_unary = handler.unary_unary
         inner_stream = handler.unary_stream or handler.stream_stream
-        check = self._check if self._auth.needs_token(method) else None
-        refuse_unreadable = self._refuse_unreadable
+        admit = self._admitter(method)
+        refusals = self._refusals
 
         async def unary(request: Any, context: aio.ServicerContext) -> Any:
-            if check is not None:
-                await check(method, context)
-            if isinstance(request, Unreadable):
-                await refuse_unreadable(method, request, context)
-            try:
+            await admit(request, context)
+            async with refusals(method, context):
                 return await inner_unary(request, context)
-            except SidecarError as error:
-                await fail(context, status_of(error).grpc_code, str(error))
-            except aio.AbortError:
-                raise
-            except Exception as error:  # the caller gets INTERNAL, the log the rest
-                await unexpected(method, error, context)
 
         async def stream(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            await admit(request, context)
+            async with refusals(method, context):
+                async for response in inner_stream(request, context):
+                    yield response
+
+        async def written(request: Any, context: aio.ServicerContext) -> None:
+            # A streaming handler that sends with context.write() (grpc_health's Watch)
+            # is a coroutine, not an async generator: iterated, it failed with INTERNAL.
+            await admit(request, context)
+            async with refusals(method, context):
+                await inner_stream(request, context)
+
+        streaming = written if inspect.iscoroutinefunction(inner_stream) else stream
+        return _rebuild(handler, unary, streaming)  # type: ignore[no-any-return]
+
+    def _admitter(self, method: str) -> Callable[[Any, aio.ServicerContext], Awaitable[None]]:
+        """The checks before a call of ``method`` runs: its token, when it needs one, and
+        a request that could not be read as its message."""
+        check = self._check if self._auth.needs_token(method) else None
+
+        async def admit(request: Any, context: aio.ServicerContext) -> None:
             if check is not None:
                 await check(method, context)
             if isinstance(request, Unreadable):
-                await refuse_unreadable(method, request, context)
-            try:
-                async for response in inner_stream(request, context):
-                    yield response
-            except SidecarError as error:
-                await fail(context, status_of(error).grpc_code, str(error))
-            except aio.AbortError:
-                raise
-            except Exception as error:  # the caller gets INTERNAL, the log the rest
-                await unexpected(method, error, context)
+                await self._refuse_unreadable(method, request, context)
 
-        return _rebuild(handler, unary, stream)  # type: ignore[no-any-return]
+        return admit
+
+    @contextlib.asynccontextmanager
+    async def _refusals(self, method: str, context: aio.ServicerContext) -> AsyncIterator[None]:
+        """A call's errors as its status: a SidecarError's own, INTERNAL (logged) for any
+        other exception."""
+        try:
+            yield
+        except SidecarError as error:
+            await self._fail(context, status_of(error).grpc_code, str(error))
+        except aio.AbortError:
+            raise
+        except Exception as error:  # the caller gets INTERNAL, the log the rest
+            await self._unexpected(method, error, context)
 
     async def _check(self, method: str, context: aio.ServicerContext) -> None:
         verdict = self._auth.verdict(method, context.invocation_metadata())

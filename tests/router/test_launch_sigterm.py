@@ -4,6 +4,7 @@ stop lets background tasks finish their cancellation."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -184,3 +185,29 @@ def test_both_ports_drain_at_once_within_the_grace() -> None:
     status, took = asyncio.run(asyncio.wait_for(scenario(), 120))
     assert status == 503
     assert took < 30, took  # grace + aiohttp's own 60 s before; about a second now
+
+
+def test_a_health_watch_sees_serving_then_not_serving_at_the_stop(
+    serving_world: ServingWorld, components: Components, tmp_path: Path
+) -> None:
+    """grpc_health's Watch sends with context.write (a coroutine, not an async generator):
+    the sidecar's interceptor iterated it and every Watch, gRPC client-side health
+    checking's, failed with INTERNAL."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    sidecar = SidecarThread(serving_world.settings(tmp_path / "state"), components)
+    channel = grpc.insecure_channel(sidecar.running.address)
+    try:
+        request = health_pb2.HealthCheckRequest(service="specroute.v1.Router")
+        watch = health_pb2_grpc.HealthStub(channel).Watch(request, timeout=60)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        stopper = threading.Thread(target=sidecar.stop)
+        stopper.start()
+        statuses = []
+        with contextlib.suppress(grpc.RpcError):  # the stream ends when the server does
+            statuses.extend(reply.status for reply in watch)
+        stopper.join(60)
+        assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses, statuses
+    finally:
+        channel.close()
