@@ -77,6 +77,22 @@ def _rebuild(handler: grpc.RpcMethodHandler, unary: Any = None, stream: Any = No
     return handler
 
 
+#: The longest status message sent, in UTF-8 bytes (about 6 KB once percent-encoded in
+#: the grpc-message trailer, under the clients' 8 KiB metadata limit).
+MAX_STATUS_MESSAGE_BYTES = 2048
+
+
+def status_message(message: str) -> str:
+    """``message`` cut to ``MAX_STATUS_MESSAGE_BYTES``: an error that echoes a long value
+    the caller sent (a 20,000-character task_hint) went over the client's metadata limit,
+    and the client saw RESOURCE_EXHAUSTED instead of the status the server sent."""
+    encoded = message.encode()
+    if len(encoded) <= MAX_STATUS_MESSAGE_BYTES:
+        return message
+    kept = encoded[:MAX_STATUS_MESSAGE_BYTES].decode(errors="ignore")
+    return f"{kept}... ({len(encoded) - len(kept.encode())} more bytes)"
+
+
 def _bearer(metadata: Any) -> str | None:
     for key, value in metadata or ():
         if key == "authorization":
@@ -243,4 +259,4 @@ class EdgeInterceptor(aio.ServerInterceptor):
         if self._metrics is not None:
             self._metrics.errors.labels(code=code.name).inc()
         logger.debug("request refused with %s: %s", code.name, message)
-        await context.abort(code, message)
+        await context.abort(code, status_message(message))

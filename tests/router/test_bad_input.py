@@ -285,6 +285,27 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         grpc.StatusCode.NOT_FOUND,
         "nope",
     ),
+    # Errors that echo a long value: the message went over the client's metadata limit,
+    # which the client reported as RESOURCE_EXHAUSTED.
+    "a 20,000-character task hint": (
+        _route(text=PROMPT, task_hint="x" * 20_000),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "more bytes)",
+    ),
+    "a 20,000-character chat role": (
+        _route(
+            conversation=pb.Conversation(
+                messages=[pb.ChatMessage(role="\u00e9" * 20_000, content="hi")]
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "role",
+    ),
+    "a 20,000-character drafter name": (
+        _generate(text=PROMPT, max_new_tokens=4, force_drafter="y" * 20_000),
+        grpc.StatusCode.NOT_FOUND,
+        "no drafter",
+    ),
     "duplicate drafter name": (
         _register("model", lambda w: str(w.spare_dir), name="generic"),
         grpc.StatusCode.ALREADY_EXISTS,
