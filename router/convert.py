@@ -115,10 +115,14 @@ def policy_config_from_pb(message: pb.SetPolicyRequest) -> dict[str, Any]:
             parse_constant=_refuse_non_finite,
             parse_float=lambda text: check_finite("config_json", float(text)),
         )
+    except InvalidFieldError:
+        raise
     except json.JSONDecodeError as exc:
         raise InvalidFieldError("config_json", f"is not valid JSON: {exc}") from exc
     except RecursionError:
         raise InvalidFieldError("config_json", "nests too deeply") from None
+    except ValueError as exc:  # an integer of more than 4,300 digits (INTERNAL before)
+        raise InvalidFieldError("config_json", f"is not usable JSON: {exc}") from None
     if not isinstance(value, dict):
         raise InvalidFieldError("config_json", "must be a JSON object")
     return value

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")  # whole names: fullmatch
 PROBE_PROMPT = render_chat([{"role": "user", "content": "Hello, how are you?"}])
 PROBE_TOKENS = 4
 PROBE_DRAFT_LENGTH = 2
@@ -213,7 +213,7 @@ class DrafterPool:
         self._live = {**self._live, live.record.name: live}
 
     def _check_name(self, name: str) -> None:
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):  # match's "$" took "generic\n"
             raise InvalidRequestError(
                 f"drafter name {name!r} must match {NAME_PATTERN.pattern} (letters, digits, _.-)"
             )

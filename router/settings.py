@@ -313,7 +313,7 @@ class Settings(BaseSettings):
         from router.policy.base import NONE_DRAFTER
 
         for name in value:
-            if name in (NONE_DRAFTER, "ngram") or not NAME_PATTERN.match(name):
+            if name in (NONE_DRAFTER, "ngram") or not NAME_PATTERN.fullmatch(name):
                 raise ValueError(
                     f"drafter name {name!r}: letters, digits and _.- (at most 64), not "
                     f"{NONE_DRAFTER!r} or 'ngram'"
@@ -324,10 +324,15 @@ class Settings(BaseSettings):
     @classmethod
     def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
         # An empty SPECROUTE_DATA_TOKEN (a variable that did not render) left the data
-        # calls open without a word: unset it to mean "no token".
-        if value is not None and not value.get_secret_value().strip():
+        # calls open without a word: unset it to mean "no token". Whitespace around it (a
+        # Kubernetes secret's trailing newline) is dropped: no client could send it, so
+        # every call was refused.
+        if value is None:
+            return value
+        token = value.get_secret_value().strip()
+        if not token:
             raise ValueError("is empty or blank; leave it unset for no token")
-        return value
+        return SecretStr(token)
 
     @field_validator("device")
     @classmethod

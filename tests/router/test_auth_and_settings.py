@@ -535,3 +535,15 @@ def test_tls_files_that_do_not_make_a_pair_are_refused_before_serving(tmp_path: 
         with pytest.raises(ValueError, match="tls: cannot use"):
             TlsSettings(cert_file=cert, key_file=key).server_context()
     assert TlsSettings(cert_file=files.cert_file, key_file=files.key_file).server_context()
+
+
+def test_whitespace_around_a_token_is_dropped() -> None:
+    """A token from a Kubernetes secret with its trailing newline was kept as it was:
+    no client can send the newline (gRPC metadata cannot carry it, the sidecar strips
+    what a client presents), so every call needing it was refused."""
+    from router.settings import Settings
+
+    settings = Settings(admin_token="secret\n", data_token="  data ")
+    assert settings.admin_token is not None and settings.data_token is not None
+    assert settings.admin_token.get_secret_value() == "secret"
+    assert settings.data_token.get_secret_value() == "data"

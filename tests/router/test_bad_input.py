@@ -374,6 +374,21 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "config_json: must hold finite numbers only",
     ),
+    # Python's JSON parser refuses integers past 4,300 digits with a plain ValueError.
+    "an integer of 5,000 digits in the policy config": (
+        lambda sidecar, world: sidecar.stub.SetPolicy(
+            pb.SetPolicyRequest(policy="thompson", config_json='{"seed": ' + "9" * 5000 + "}"),
+            metadata=ADMIN,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "config_json: is not usable JSON",
+    ),
+    # "$" matched before a final newline: a look-alike of a served drafter was stored.
+    "a drafter name ending in a newline": (
+        _register("model", lambda w: str(w.spare_dir), name="spare\n"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "drafter name",
+    ),
     # pydantic's six-line report with its type codes and a link, before.
     "misspelt key in the policy config": (
         lambda sidecar, world: sidecar.stub.SetPolicy(
