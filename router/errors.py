@@ -81,6 +81,11 @@ class GenerationFailedError(SidecarError):
     """The engine failed while generating."""
 
 
+class UnavailableError(SidecarError):
+    """Nothing can serve the request now, for a while (fleet mode: no replica serving):
+    UNAVAILABLE, which clients' retry policies retry, where INTERNAL is not."""
+
+
 class RequestFailsReplicasError(GenerationFailedError):
     """A request that failed on ``max_replica_failures`` fleet replicas: it may be what
     makes them fail, so it is not sent on, and a client should not send it again as is
@@ -128,6 +133,7 @@ ERROR_STATUSES: dict[type[SidecarError], ErrorStatus] = {
     StorageFullError: ErrorStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, 507, "storage_full"),
     UnauthenticatedError: ErrorStatus(grpc.StatusCode.UNAUTHENTICATED, 401, "unauthenticated"),
     GenerationFailedError: ErrorStatus(grpc.StatusCode.INTERNAL, 424, "generation"),
+    UnavailableError: ErrorStatus(grpc.StatusCode.UNAVAILABLE, 503, "unavailable"),
 }
 
 UNEXPECTED = ErrorStatus(grpc.StatusCode.INTERNAL, 500, "incomplete_generation")

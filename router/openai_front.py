@@ -51,6 +51,7 @@ from router.errors import (
     RequestTooLargeError,
     SidecarError,
     UnauthenticatedError,
+    UnavailableError,
     sidecar_error_of,
     status_of,
 )
@@ -80,6 +81,7 @@ OPENAI_ERRORS: dict[type[SidecarError], tuple[int, str, str | None]] = {
     OverloadedError: (429, "rate_limit_error", "rate_limit_exceeded"),
     UnauthenticatedError: (401, "authentication_error", "invalid_api_key"),
     GenerationFailedError: (500, "server_error", None),
+    UnavailableError: (503, "server_error", "service_unavailable"),
 }
 UNEXPECTED_ERROR = (500, "server_error", None)
 

@@ -45,12 +45,12 @@ import aiohttp
 from drafters.detokenize import IncrementalDetokenizer, push_until_stop
 from router.domain import GenerateInput
 from router.errors import (
-    GenerationFailedError,
     InvalidFieldError,
     InvalidRequestError,
     NotFoundError,
     OverloadedError,
     RequestFailsReplicasError,
+    UnavailableError,
 )
 from router.fleet.client import (
     Delta,
@@ -326,7 +326,7 @@ class FleetRouterService(RouterService):
                 f"every serving replica is at its in-flight bound ({len(healthy)} replicas)"
             )
         reasons = "; ".join(f"{r.name}: {r.last_error or 'not probed yet'}" for r in self.replicas)
-        return GenerationFailedError(f"no replica of the fleet is serving ({reasons})")
+        return UnavailableError(f"no replica of the fleet is serving ({reasons})")
 
     def _checked_force(self, request: GenerateInput) -> None:
         forced = request.force_drafter

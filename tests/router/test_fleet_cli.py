@@ -113,7 +113,8 @@ def test_a_fleet_of_unreachable_replicas_starts_and_refuses_generation(
         assert decision.replica == ""  # nothing to place it on
         with pytest.raises(grpc.RpcError) as refused:
             list(stub.Generate(pb.GenerateRequest(text="Hello", max_new_tokens=4), timeout=30))
-        assert refused.value.code() == grpc.StatusCode.INTERNAL
+        # UNAVAILABLE, which clients' retry policies retry (INTERNAL before, which none do).
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "no replica of the fleet is serving" in (refused.value.details() or "")
         assert "GET /health failed" in (refused.value.details() or "")
     assert "not serving yet" in sidecar.log_tail(20_000)
