@@ -93,6 +93,9 @@ class DrafterPool:
             raise NotFoundError(f"no drafter named {name!r}; registered: {sorted(self._live)}")
         return live
 
+    def serves(self, name: str) -> bool:
+        return name in self._live
+
     def identity(self, name: str) -> str:
         """The served drafter ``name``'s ``DrafterRecord.identity``; "" for none served."""
         live = self._live.get(name)

@@ -701,6 +701,7 @@ class RouterService:
         from drafters import SamplingConfig
         from drafters.stopping import stop_rule
 
+        routed = self._still_served(routed)
         drafter = self.drafters.get(routed.decision.drafter).drafter
         config = SamplingConfig(
             do_sample=sampling.do_sample,
@@ -753,6 +754,20 @@ class RouterService:
                 drafter=routed.decision.drafter, to=str(min(guard.shortest, 1))
             ).inc()
         return GenerationResult(routed, output, text, stats, self.policy.version, sampling.seed)
+
+    def _still_served(self, routed: RoutedRequest) -> RoutedRequest:
+        """``routed``, or, when its drafter was removed while it waited for a worker, the
+        same request without speculation (lossless; learnt from as the no-drafter arm):
+        it failed with NOT_FOUND for a drafter its caller never named."""
+        if self.drafters.serves(routed.decision.drafter):
+            return routed
+        logger.warning(
+            "request %s: drafter %s was removed before it ran; served without speculation",
+            routed.request_id,
+            routed.decision.drafter,
+        )
+        plain = replace(routed.decision, drafter=NONE_DRAFTER, k=0, stop_threshold=0.0)
+        return replace(routed, decision=plain)
 
     def _loss_guard(self, k: int, sampling: Sampling, drafter: Any) -> LossGuard | None:
         """The request's in-flight guard (``drafters/guard.py``); None when off or k = 0.

@@ -925,3 +925,27 @@ def test_the_drafters_kinds_configure_the_policy(sidecar: SidecarThread) -> None
     finally:
         sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="lookup3"), metadata=ADMIN)
     assert configured() == ({"ngram": 0.0}, {"ngram"})
+
+
+def test_a_request_whose_drafter_is_removed_before_it_runs_is_served_plainly(
+    sidecar: SidecarThread, PROMPT: str
+) -> None:
+    """A Generate routed to a drafter that an admin removed while it waited for a worker
+    failed mid-stream with NOT_FOUND for a drafter its caller never named. It runs
+    without speculation (lossless) and is learnt from as the no-drafter arm."""
+    from dataclasses import replace
+
+    from router.domain import GenerateInput, Prompt, RouteInput
+
+    service = sidecar.service
+    route = RouteInput(prompt=Prompt(text=PROMPT), max_new_tokens=12)
+    routed = asyncio.run_coroutine_threadsafe(
+        service._route(route, force_drafter="generic", force_k=3), sidecar.loop
+    ).result(timeout=60)
+    gone = replace(routed, decision=replace(routed.decision, drafter="removed-meanwhile"))
+    emitted: list[Any] = []
+    job = service._generation_job(gone, GenerateInput(route=route, no_update=True))
+    result = job(emitted.append, lambda: False)
+    assert (result.routed.decision.drafter, result.routed.decision.k) == ("none", 0)
+    assert list(result.output_ids) == greedy_reference(sidecar, PROMPT, 12)[0]
+    assert [t for chunk in emitted for t in chunk.token_ids] == list(result.output_ids)
