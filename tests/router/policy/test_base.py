@@ -190,6 +190,26 @@ def test_outcome_from_totals_with_few_or_no_drafts(
     assert list(outcome.accepted_per_step) == accepted_per_step
 
 
+@pytest.mark.parametrize("positions", [(), (80, 40)])
+def test_totals_of_short_drafts_keep_every_drafted_and_accepted_token(
+    positions: tuple[int, ...],
+) -> None:
+    """149 tokens drafted over 100 steps (a stop rule's short drafts): a k of the rounded
+    mean kept 100 of them and 80 of 120 accepts, and the draft time over 100 overpriced
+    the drafter 1.5x."""
+    outcome = Outcome.from_totals(
+        steps=100,
+        drafted_tokens=149,
+        accepted_tokens=120,
+        accepted_per_position=positions,
+        draft_time_s=0.149,
+        verify_time_s=2.0,
+        draft_length=4,
+    )
+    assert (outcome.drafted_tokens, outcome.accepted_tokens) == (149, 120)
+    assert sorted(set(outcome.drafted_per_step)) == [1, 2]
+
+
 def test_check_state_refuses_other_versions_and_policies() -> None:
     check_state({"version": 1, "policy": "ucb"}, "ucb")
     with pytest.raises(IncompatibleStateError, match="format version 99"):
