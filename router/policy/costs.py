@@ -175,6 +175,7 @@ class StepRatios:
         trim: float = 0.25,
         verify_slope_ratio: float = 0.05,
         slope_prior_weight: int = 4,
+        draft_prior_weight: int = 4,
         default_draft_cost_ratio: float = 0.1,
         draft_cost_ratio: Mapping[str, float] | None = None,
         cost_shape: Mapping[str, str] | None = None,
@@ -184,6 +185,7 @@ class StepRatios:
         self.verify_slope_ratio = verify_slope_ratio
         self.default_draft_cost_ratio = default_draft_cost_ratio
         self.draft_cost_ratio = dict(draft_cost_ratio or {})
+        self.draft_prior_weight = draft_prior_weight
         # drafter (or its cost shape) -> draft time per token / unit
         self.draft_: dict[str, RobustWindow] = {}
         self.cost_shape: dict[str, str] = {}
@@ -235,19 +237,27 @@ class StepRatios:
     def step_costs(self, drafters: Sequence[str], k_max: int) -> StepCosts:
         """t_ar, t_draft per drafter and t_verify(k) for k = 0..k_max, in units."""
         t_ar = self.plain_token_time()
-        measured, hints, default = self.draft_, self.draft_cost_ratio, self.default_draft_cost_ratio
-        t_draft = [
-            window.value
-            if (window := measured.get(self._cost_key(name))) is not None
-            and window.value is not None
-            else hints.get(name, default) * t_ar
-            for name in drafters
-        ]
+        t_draft = [self._draft_cost(name, t_ar) for name in drafters]
         return StepCosts(
             t_ar,
             np.array(t_draft, dtype=np.float64),
             1.0 + self.slope() * np.arange(k_max + 1),
         )
+
+    def _draft_cost(self, drafter: str, t_ar: float) -> float:
+        """``drafter``'s draft cost per token in units: its window's robust location once
+        it holds ``draft_prior_weight`` samples; before, the median of its samples and
+        as many copies of its hint (else the default) as make up the weight. The first
+        measurement alone decided the cost, so one stalled first request (a GPU's lazy
+        start) priced a drafter out for good: never chosen again, never measured again."""
+        hint = self.draft_cost_ratio.get(drafter, self.default_draft_cost_ratio) * t_ar
+        window = self.draft_.get(self._cost_key(drafter))
+        if window is None or window.value is None:
+            return hint
+        missing = self.draft_prior_weight - len(window)
+        if missing <= 0:
+            return window.value
+        return statistics.median([*window.samples, *[hint] * missing])
 
     def _cost_key(self, drafter: str) -> str:
         """Where ``drafter``'s draft cost is kept: its cost shape's window, else its own."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -158,6 +159,23 @@ def test_copy_ngram_thompson_drafts_long_copies_and_beats_the_geometric_price(
         PolicySpec("oracle", "oracle"),
     ]
     specs.insert(2, PolicySpec("thompson_g16", "thompson", {**draw, "k_max": 16}))
-    result = run_scenario(scenario, specs, 0)
-    assert result["thompson"]["regret"] < result["thompson_geo"]["regret"]
-    assert result["thompson"]["regret"] < 0.8 * result["thompson_g16"]["regret"]
+    # Summed over three seeds: one seed's regrets differ by up to 40% between seeds (the
+    # geometric price's 161 to 230 here), more than the pricings differ at one seed.
+    regret = dict.fromkeys(("thompson", "thompson_geo", "thompson_g16"), 0.0)
+    for seed in (0, 1, 2):
+        copying = scenario if seed == 0 else _copy_scenario(seed)
+        seeded = [
+            PolicySpec(s.label, s.policy, {**s.config, "seed": seed}) if "seed" in s.config else s
+            for s in specs
+        ]
+        result = run_scenario(copying, seeded, seed)
+        for label in regret:
+            regret[label] += result[label]["regret"]
+    assert regret["thompson"] < regret["thompson_geo"]
+    assert regret["thompson"] < 0.8 * regret["thompson_g16"]
+
+
+def _copy_scenario(seed: int) -> Any:
+    return next(
+        s for s in build_scenarios(default_ground_truth(None), 5000, seed) if s.name == "copy_ngram"
+    )

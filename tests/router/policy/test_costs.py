@@ -308,3 +308,25 @@ def test_drafters_of_one_shape_share_their_measured_cost() -> None:
         )
     )
     assert upgraded.step_costs(["chat"], 8).t_draft[0] == chat
+
+
+def test_one_stalled_first_request_does_not_price_a_drafter_out() -> None:
+    """The first measurement alone set a drafter's draft cost: one request whose draft
+    time held a 3 s stall (a GPU's lazy start) priced it at ten plain steps a token, and
+    a drafter never chosen again is never measured again. Until it has
+    ``draft_prior_weight`` samples its hint fills the median; then its samples alone."""
+    costs = StepRatios()
+    stalled = _outcome(4, 10, draft=0.002)
+    stalled = Outcome.from_steps(
+        stalled.drafted_per_step,
+        stalled.accepted_per_step,
+        draft_time_s=stalled.draft_time_s + 3.0,
+        verify_time_s=stalled.verify_time_s,
+    )
+    costs.observe("generic", stalled)
+    assert costs.step_costs(["generic"], 8).t_draft[0] == pytest.approx(0.1)  # the hint
+    for _ in range(3):
+        costs.observe("generic", _outcome(4, 10, draft=0.002))
+    # Four samples, one a stall: their own robust location, the stall left out.
+    unit = 0.01 * (1 + 0.1 * 4) / (1 + 0.05 * 4)  # a step's time over the prior slope's
+    assert costs.step_costs(["generic"], 8).t_draft[0] == pytest.approx(0.002 / unit)
