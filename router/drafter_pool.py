@@ -12,6 +12,7 @@ drafts with the target's own weights (``self``) is refused.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import threading
@@ -52,10 +53,12 @@ class TargetWeightsNotLoadedError(PreconditionError):
 
 @dataclass(frozen=True)
 class LiveDrafter:
-    """A drafter ready to serve, with its record."""
+    """A drafter ready to serve, with its record; ``serial`` tells this registration from
+    an earlier or later one of its name (``DrafterPool.serial``)."""
 
     record: DrafterRecord
     drafter: Any  # drafters.Drafter
+    serial: int = 0
 
 
 class DrafterPool:
@@ -76,6 +79,7 @@ class DrafterPool:
         self._roots = list(roots)
         self._write_lock = threading.Lock()
         self._live: dict[str, LiveDrafter] = {}
+        self._serials = itertools.count(1)
         # Stored drafters this start did not serve, with why (ListDrafters' unavailable).
         self._unserved: dict[str, tuple[DrafterRecord, str]] = {}
 
@@ -95,6 +99,12 @@ class DrafterPool:
 
     def serves(self, name: str) -> bool:
         return name in self._live
+
+    def serial(self, name: str) -> int:
+        """The serving registration of ``name`` (0: none served): a request routed to one
+        registration is learnt from only while that one serves (``RoutedRequest``)."""
+        live = self._live.get(name)
+        return live.serial if live is not None else 0
 
     def identity(self, name: str) -> str:
         """The served drafter ``name``'s ``DrafterRecord.identity``; "" for none served."""
@@ -213,6 +223,7 @@ class DrafterPool:
     # -- helpers ----------------------------------------------------------------------
     def _publish(self, live: LiveDrafter) -> None:
         # Copy-on-write: readers on the event loop never see a dict mid-update.
+        live = replace(live, serial=next(self._serials))
         self._live = {**self._live, live.record.name: live}
 
     def _check_name(self, name: str) -> None:

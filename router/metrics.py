@@ -117,7 +117,8 @@ def create_metrics(registry: CollectorRegistry | None = None) -> SidecarMetrics:
         ),
         reports=Counter(
             "specroute_reports_total",
-            "Outcomes fed to the policy, by source (report, generate, counterfactual).",
+            "Outcomes fed to the policy, by source (report, generate, counterfactual, fleet); "
+            "stale: dropped, their drafter removed or registered again since routed.",
             ["source"],
             registry=reg,
         ),

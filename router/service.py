@@ -105,6 +105,8 @@ class RoutedRequest:
     length_bucket: int
     prompt_ids: tuple[int, ...] = ()
     replica: str = ""  # fleet mode: the URL of the replica chosen to serve it
+    # The registration of the decision's drafter it was routed to (DrafterPool.serial).
+    drafter_serial: int = 0
 
 
 @dataclass(frozen=True)
@@ -585,6 +587,7 @@ class RouterService:
             prompt_tokens=prompt_tokens,
             length_bucket=bucket,
             prompt_ids=prompt_ids,
+            drafter_serial=self.drafters.serial(decision.drafter),
         )
 
     def _decide(self, context: Any, force_drafter: str, force_k: int | None) -> tuple[Any, int]:
@@ -623,6 +626,8 @@ class RouterService:
         self._reported[outcome.request_id] = None
         while len(self._reported) > self.limits.pending_reports:
             self._reported.popitem(last=False)
+        if not self._still_registered(routed):
+            return int(self.policy.version)
         version = self.policy.update(routed.context, routed.decision, policy_outcome)
         self._count_outcome(routed, policy_outcome, "report")
         return version
@@ -755,6 +760,22 @@ class RouterService:
             ).inc()
         return GenerationResult(routed, output, text, stats, self.policy.version, sampling.seed)
 
+    def _still_registered(self, routed: RoutedRequest) -> bool:
+        """Whether the drafter ``routed`` ran with is the registration serving its name:
+        an outcome learnt after the drafter was removed (a late Report) brought its
+        figures back into the policy, and after it was registered again (other weights,
+        say) landed on the new one. Such an outcome is dropped and counted
+        (``specroute_reports_total{source="stale"}``)."""
+        if self.drafters.serial(routed.decision.drafter) == routed.drafter_serial:
+            return True
+        logger.info(
+            "request %s: outcome dropped, drafter %s was removed or registered again since",
+            routed.request_id,
+            routed.decision.drafter,
+        )
+        self.metrics.reports.labels(source="stale").inc()
+        return False
+
     def _still_served(self, routed: RoutedRequest) -> RoutedRequest:
         """``routed``, or, when its drafter was removed while it waited for a worker, the
         same request without speculation (lossless; learnt from as the no-drafter arm):
@@ -767,7 +788,7 @@ class RouterService:
             routed.decision.drafter,
         )
         plain = replace(routed.decision, drafter=NONE_DRAFTER, k=0, stop_threshold=0.0)
-        return replace(routed, decision=plain)
+        return replace(routed, decision=plain, drafter_serial=self.drafters.serial(NONE_DRAFTER))
 
     def _loss_guard(self, k: int, sampling: Sampling, drafter: Any) -> LossGuard | None:
         """The request's in-flight guard (``drafters/guard.py``); None when off or k = 0.
@@ -804,6 +825,8 @@ class RouterService:
 
         stats = result.stats
         routed = result.routed
+        if not self._still_registered(routed):
+            return
         outcome = Outcome.from_steps(
             stats.drafted_per_step,
             stats.accepted_per_step,

@@ -302,7 +302,10 @@ class FleetRouterService(RouterService):
             decision.expected_speedup if replica.drafter == decision.drafter else float("nan"),
             decision.explored,
         )
-        return replace(routed, decision=placed, replica=replica.spec.url), replica
+        serial = self.drafters.serial(placed.drafter)
+        return replace(
+            routed, decision=placed, replica=replica.spec.url, drafter_serial=serial
+        ), replica
 
     def generation_problem(self) -> str | None:
         """Why no Generate can run now: the sidecar stopping, or no replica of the fleet

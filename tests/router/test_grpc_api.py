@@ -949,3 +949,60 @@ def test_a_request_whose_drafter_is_removed_before_it_runs_is_served_plainly(
     assert (result.routed.decision.drafter, result.routed.decision.k) == ("none", 0)
     assert list(result.output_ids) == greedy_reference(sidecar, PROMPT, 12)[0]
     assert [t for chunk in emitted for t in chunk.token_ids] == list(result.output_ids)
+
+
+def test_a_report_for_a_drafter_removed_or_registered_again_is_not_learnt(
+    sidecar: SidecarThread, PROMPT: str
+) -> None:
+    """A late Report for a drafter removed since it was routed brought the drafter's
+    figures back into the policy (a drafter registered later under its name inherited
+    them); one for the registration before the current one landed on the new drafter.
+    Both are acknowledged and dropped (counted as stale)."""
+    from router.domain import Prompt, RouteInput
+
+    service = sidecar.service
+
+    def register() -> None:
+        request = pb.RegisterDrafterRequest(name="late-x", kind="ngram", options={"max_n": "4"})
+        sidecar.stub.RegisterDrafter(request, metadata=ADMIN)
+
+    def routed_to_it() -> str:
+        route = RouteInput(prompt=Prompt(text=PROMPT), task_hint="code", max_new_tokens=16)
+        routed = asyncio.run_coroutine_threadsafe(
+            service._route(route, force_drafter="late-x", force_k=3), sidecar.loop
+        ).result(timeout=60)
+        service._remember(routed)  # as a Route call leaves it for its Report
+        return str(routed.request_id)
+
+    def report(request_id: str) -> int:
+        outcome = pb.RouteOutcome(
+            request_id=request_id,
+            drafted_per_step=[3] * 20,
+            accepted_per_step=[0] * 20,
+            draft_time_s=0.5,
+            verify_time_s=0.2,
+        )
+        return int(sidecar.stub.Report(outcome).policy_version)
+
+    def remove() -> None:
+        sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="late-x"), metadata=ADMIN)
+
+    register()
+    try:
+        removed_since = routed_to_it()
+        remove()
+        version = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).version
+        assert report(removed_since) == version  # acknowledged, not learnt
+        register()
+        registered_again_since = routed_to_it()
+        remove()
+        register()
+        assert report(registered_again_since) == version
+        state = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
+        assert state.version == version
+        arms = [a for c in state.contexts for a in c.arms if a.drafter == "late-x"]
+        assert all(arm.decisions == 0 for arm in arms), arms
+        current = routed_to_it()
+        assert report(current) == version + 1  # the serving registration's is learnt
+    finally:
+        remove()
