@@ -602,7 +602,9 @@ class ThompsonPolicy:
         if not siblings or self.transfer_weight <= 0:
             return self._new_copy(drafter, context.cluster)
         evidence = np.sum(siblings, axis=0)
-        first = float(evidence[0, 0] + evidence[1, 0])
+        # Starts as the c counts tell them, or as h_1's (counterfactual scores add run
+        # counts only: with c's alone, 200 of them passed over unscaled, 600 pseudo-counts).
+        first = max(float(evidence[0, 0] + evidence[1, 0]), float(evidence[2, 0] + evidence[3, 0]))
         evidence *= min(1.0, self.transfer_weight / max(first, 1e-12))
         return self._new_copy(drafter, context.cluster, evidence)
 

@@ -588,3 +588,15 @@ def test_the_policy_state_says_the_k_a_drafter_is_served_at() -> None:
     (summary,) = policy.describe()
     assert summary.chosen_drafter == "generic" and summary.chosen_k == 12
     assert {arm.drafter: arm.best_k for arm in summary.arms}["generic"] == 12
+
+
+def test_runs_scored_by_counterfactuals_pass_to_a_new_bucket_capped() -> None:
+    """A new bucket takes its cluster's other buckets' run evidence scaled to at most
+    transfer_weight starts, counted by the match counts c alone: counterfactual scores add
+    run counts only, so 200 of them passed over unscaled (605 pseudo-counts on h_1)."""
+    policy = make_policy("thompson", ["a", "ngram"], {"copy_drafters": ["ngram"]})
+    seen, new = Context("chat", 0), Context("chat", 1)
+    for _ in range(200):
+        policy.update_counterfactual(seen, "ngram", [0, 3, 0, 0, 1, 0, 4, 0], 4)
+    transferred = policy._copy_posterior(new, "ngram") - policy._new_copy("ngram", "chat").posterior
+    assert transferred[2, 0] + transferred[3, 0] == pytest.approx(16.0)  # transfer_weight
