@@ -97,8 +97,9 @@ class DrafterPool:
             raise NotFoundError(f"no drafter named {name!r}; registered: {sorted(self._live)}")
         return live
 
-    def serves(self, name: str) -> bool:
-        return name in self._live
+    def find(self, name: str) -> LiveDrafter | None:
+        """The served drafter ``name`` (None when none is), read once."""
+        return self._live.get(name)
 
     def serial(self, name: str) -> int:
         """The serving registration of ``name`` (0: none served): a request routed to one

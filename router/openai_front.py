@@ -791,6 +791,9 @@ async def _stream(
                             chunk = reply.chunk(released, None, logprobs(len(released)))
                             await _sse_event(response, chunk)
                     elif isinstance(item, GenerationResult):
+                        # The last chunks name the decision that finished the request (a
+                        # fleet failover, a drafter removed while it waited).
+                        reply.decided(item.routed)
                         rest = holdback.finish(_stopped(item))
                         # The last text chunk carries the logprobs not sent yet (those of
                         # a stop sequence's tokens too: they were generated).

@@ -681,8 +681,9 @@ class RouterService:
         max_new_tokens = request.route.max_new_tokens
 
         def job(emit: Any, should_stop: Any) -> GenerationResult:
+            served, drafter = self._still_served(routed, pinned=bool(request.force_drafter))
             result = self._run_engine(
-                routed, sampling, max_new_tokens, emit, should_stop, request.logprobs
+                served, drafter, sampling, max_new_tokens, emit, should_stop, request.logprobs
             )
             # A cancelled run's partial outcome would bias the policy. The update is cheap
             # and lands before the caller sees the last chunk; scoring is offloaded.
@@ -697,6 +698,7 @@ class RouterService:
     def _run_engine(
         self,
         routed: RoutedRequest,
+        drafter: Any,
         sampling: Sampling,
         max_new_tokens: int,
         emit: Any,
@@ -706,8 +708,6 @@ class RouterService:
         from drafters import SamplingConfig
         from drafters.stopping import stop_rule
 
-        routed = self._still_served(routed)
-        drafter = self.drafters.get(routed.decision.drafter).drafter
         config = SamplingConfig(
             do_sample=sampling.do_sample,
             temperature=sampling.temperature or 1.0,
@@ -766,8 +766,9 @@ class RouterService:
         figures back into the policy, and after it was registered again (other weights,
         say) landed on the new one. Such an outcome is dropped and counted
         (``specroute_reports_total{source="stale"}``)."""
-        if self.drafters.serial(routed.decision.drafter) == routed.drafter_serial:
-            return True
+        serial = routed.drafter_serial
+        if serial and self.drafters.serial(routed.decision.drafter) == serial:
+            return True  # 0: routed to a drafter not registered (a fleet replica's, say)
         logger.info(
             "request %s: outcome dropped, drafter %s was removed or registered again since",
             routed.request_id,
@@ -776,19 +777,25 @@ class RouterService:
         self.metrics.reports.labels(source="stale").inc()
         return False
 
-    def _still_served(self, routed: RoutedRequest) -> RoutedRequest:
-        """``routed``, or, when its drafter was removed while it waited for a worker, the
-        same request without speculation (lossless; learnt from as the no-drafter arm):
-        it failed with NOT_FOUND for a drafter its caller never named."""
-        if self.drafters.serves(routed.decision.drafter):
-            return routed
+    def _still_served(self, routed: RoutedRequest, *, pinned: bool) -> tuple[RoutedRequest, Any]:
+        """``routed`` and its drafter, read once; or, when the policy's drafter was removed
+        while the request waited for a worker, the same request without speculation and
+        the no-drafter arm (lossless; learnt from as that arm): it failed with NOT_FOUND
+        for a drafter its caller never named. A drafter the caller pinned
+        (``force_drafter``) and that is gone is still NOT_FOUND."""
+        live = self.drafters.find(routed.decision.drafter)
+        if live is not None:
+            return routed, live.drafter
+        if pinned:
+            self.drafters.get(routed.decision.drafter)  # NOT_FOUND, naming the drafter
         logger.warning(
             "request %s: drafter %s was removed before it ran; served without speculation",
             routed.request_id,
             routed.decision.drafter,
         )
+        none = self.drafters.get(NONE_DRAFTER)
         plain = replace(routed.decision, drafter=NONE_DRAFTER, k=0, stop_threshold=0.0)
-        return replace(routed, decision=plain, drafter_serial=self.drafters.serial(NONE_DRAFTER))
+        return replace(routed, decision=plain, drafter_serial=none.serial), none.drafter
 
     def _loss_guard(self, k: int, sampling: Sampling, drafter: Any) -> LossGuard | None:
         """The request's in-flight guard (``drafters/guard.py``); None when off or k = 0.

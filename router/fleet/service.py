@@ -45,6 +45,7 @@ import aiohttp
 from drafters.detokenize import IncrementalDetokenizer, push_until_stop
 from router.domain import GenerateInput
 from router.errors import (
+    GenerationFailedError,
     InvalidFieldError,
     InvalidRequestError,
     NotFoundError,
@@ -241,7 +242,7 @@ class FleetRouterService(RouterService):
             if isinstance(result, RoutedRequest):
                 placed = self._place(result, frozenset())
                 if placed is not None:
-                    prepared.results[index] = placed[0]
+                    prepared.results[index] = self._registered(placed[0])
         return prepared
 
     def _with_plain_reference(self, routed: RoutedRequest, request: GenerateInput) -> RoutedRequest:
@@ -302,10 +303,12 @@ class FleetRouterService(RouterService):
             decision.expected_speedup if replica.drafter == decision.drafter else float("nan"),
             decision.explored,
         )
-        serial = self.drafters.serial(placed.drafter)
-        return replace(
-            routed, decision=placed, replica=replica.spec.url, drafter_serial=serial
-        ), replica
+        return replace(routed, decision=placed, replica=replica.spec.url), replica
+
+    def _registered(self, placed: RoutedRequest) -> RoutedRequest:
+        """``placed`` with the registration of the drafter it was placed on (placement may
+        change the policy's drafter), which its outcome is learnt for."""
+        return replace(placed, drafter_serial=self.drafters.serial(placed.decision.drafter))
 
     def generation_problem(self) -> str | None:
         """Why no Generate can run now: the sidecar stopping, or no replica of the fleet
@@ -315,7 +318,12 @@ class FleetRouterService(RouterService):
             return stopping
         return str(self._unavailable())
 
-    def _unavailable(self, busy: Sequence[str] = (), pinned: str = "") -> Exception:
+    def _unavailable(
+        self, busy: Sequence[str] = (), pinned: str = "", failures: Sequence[str] = ()
+    ) -> Exception:
+        """Why a request finds no replica. No replica serving is UNAVAILABLE, which
+        clients retry, unless the request already failed on a replica it reached: it may
+        be what makes them fail, so that stays INTERNAL (not retried)."""
         healthy = [r for r in self.replicas if r.healthy]
         if busy:
             return OverloadedError(f"every replica tried is busy: {'; '.join(busy)}")
@@ -329,6 +337,11 @@ class FleetRouterService(RouterService):
                 f"every serving replica is at its in-flight bound ({len(healthy)} replicas)"
             )
         reasons = "; ".join(f"{r.name}: {r.last_error or 'not probed yet'}" for r in self.replicas)
+        if failures:
+            return GenerationFailedError(
+                f"no replica of the fleet is serving ({reasons}) after the request failed on "
+                f"{'; '.join(failures)}"
+            )
         return UnavailableError(f"no replica of the fleet is serving ({reasons})")
 
     def _checked_force(self, request: GenerateInput) -> None:
@@ -382,8 +395,9 @@ class FleetRouterService(RouterService):
                 routed, frozenset(tried), failover=failed_over, pinned=bool(request.force_drafter)
             )
             if found is None:
-                raise self._unavailable(busy, request.force_drafter)
+                raise self._unavailable(busy, request.force_drafter, failures)
             placed, replica = found
+            placed = self._registered(placed)
             progress.attempts += 1
             replica.in_flight += 1
             try:
@@ -603,6 +617,8 @@ class FleetRouterService(RouterService):
             logger.debug("request %s: nothing to learn yet", result.routed.request_id)
             return
         routed = result.routed
+        if not self._still_registered(routed):
+            return
         self.policy.update(routed.context, routed.decision, outcome)
         self._count_outcome(routed, outcome, "fleet")
 

@@ -8,6 +8,7 @@ pure Python (no NumPy, no torch) so the sidecar can import it cheaply.
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
@@ -90,6 +91,24 @@ def _spread(total: int, steps: int) -> list[int]:
         return []
     share, extra = divmod(total, steps)
     return [share + 1] * extra + [share] * (steps - extra)
+
+
+def _drafted_around(accepted: Sequence[int], total: int) -> list[int]:
+    """Per-step drafted counts for per-step ``accepted`` counts and a drafted ``total``,
+    as even as the accepts allow: each step drafted at least what it accepted, and the
+    rest of the total goes one token at a time to the step that has drafted least (of
+    those, the one accepting least: a step accepting nothing drafted something, or it was
+    an empty lookup). Steps that all asked for one k come out at that k."""
+    drafted = list(accepted)
+    queue = [(d, d, i) for i, d in enumerate(drafted)]  # (drafted, accepted, step)
+    heapq.heapify(queue)
+    for _ in range(max(0, total - sum(accepted))):
+        if not queue:
+            break
+        _, taken, i = heapq.heappop(queue)
+        drafted[i] += 1
+        heapq.heappush(queue, (drafted[i], taken, i))
+    return drafted
 
 
 def _steps_from_positions(
@@ -239,6 +258,22 @@ class Outcome:
             and accepted_per_position[0] <= drafting_at_k
         ):
             drafted = _drafted_steps(steps, drafted_tokens, k)
+        elif accepted_per_position and steps:
+            # Short drafts: each step's accepts from the positions, exactly, and the drafts
+            # around them (a spread's k cut the accepts past it: 14 read as 10).
+            accepted = _steps_from_positions(
+                steps, len(accepted_per_position), accepted_per_position
+            )
+            accepted.sort(reverse=True)
+            return cls.from_steps(
+                _drafted_around(accepted, drafted_tokens),
+                accepted,
+                draft_time_s=draft_time_s,
+                verify_time_s=verify_time_s,
+                wall_time_s=wall_time_s,
+                generated_tokens=generated_tokens or sum(accepted) + steps,
+                plain_token_time_s=plain_token_time_s,
+            )
         else:
             drafted = _spread(drafted_tokens, steps)
             k = max(drafted, default=0)

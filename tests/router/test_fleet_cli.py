@@ -895,6 +895,17 @@ def test_every_front_names_the_replica_that_finished_a_request_after_a_failover(
                 "none",
                 0,
             )
+            assert reply.system_fingerprint is not None
+            assert reply.system_fingerprint.endswith("-none-k0")
+            flaky_again(sidecar)
+            # Streamed: the last chunks name the decision that finished it.
+            chunks = list(
+                client.completions.create(
+                    model="target", prompt=COMPLETION_PROMPT, max_tokens=6, stream=True
+                )
+            )
+            assert chunks[0].system_fingerprint.endswith("-ngram-k3")
+            assert chunks[-1].system_fingerprint.endswith("-none-k0")
 
             flaky_again(sidecar)
             # The TGI front (text_generation's Details keeps no extra field: read raw).
@@ -910,7 +921,7 @@ def test_every_front_names_the_replica_that_finished_a_request_after_a_failover(
             with urllib.request.urlopen(tgi, timeout=60) as response:
                 finished = json.loads(response.read())["details"]["specroute"]
             assert (finished["replica"], finished["drafter"]) == (plain.url, "none")
-            assert len(flaky.bodies) == 3 and len(plain.bodies) == 4  # each failed over once
+            assert len(flaky.bodies) == 4 and len(plain.bodies) == 5  # each failed over once
     finally:
         flaky.stop()
         plain.stop()

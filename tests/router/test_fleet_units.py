@@ -692,6 +692,15 @@ def test_a_request_whose_replica_failed_goes_on_over_the_in_flight_bound() -> No
     assert placed is not None and placed[1].name == "b"
     service.replicas[1].healthy = False
     assert service._place(routed, frozenset({"a"}), failover=True) is None  # none serves
+    # None serving is UNAVAILABLE, which clients retry; but not for a request that failed
+    # on a replica it reached (it may be what kills them): that stays INTERNAL.
+    from router.errors import GenerationFailedError, UnavailableError, status_of
+
+    service.replicas[0].healthy = False
+    assert type(service._unavailable()) is UnavailableError
+    after_failures = service._unavailable(failures=["a: the engine died"])
+    assert isinstance(after_failures, GenerationFailedError)
+    assert status_of(after_failures).grpc_code.name == "INTERNAL"
 
 
 def test_a_stop_string_begun_before_a_failover_ends_the_request(

@@ -936,6 +936,7 @@ def test_a_request_whose_drafter_is_removed_before_it_runs_is_served_plainly(
     from dataclasses import replace
 
     from router.domain import GenerateInput, Prompt, RouteInput
+    from router.errors import NotFoundError
 
     service = sidecar.service
     route = RouteInput(prompt=Prompt(text=PROMPT), max_new_tokens=12)
@@ -949,6 +950,10 @@ def test_a_request_whose_drafter_is_removed_before_it_runs_is_served_plainly(
     assert (result.routed.decision.drafter, result.routed.decision.k) == ("none", 0)
     assert list(result.output_ids) == greedy_reference(sidecar, PROMPT, 12)[0]
     assert [t for chunk in emitted for t in chunk.token_ids] == list(result.output_ids)
+    # A drafter the caller pinned (force_drafter) and that is gone is still NOT_FOUND.
+    pinned = GenerateInput(route=route, no_update=True, force_drafter="removed-meanwhile")
+    with pytest.raises(NotFoundError, match="removed-meanwhile"):
+        service._generation_job(gone, pinned)(emitted.append, lambda: False)
 
 
 def test_a_report_for_a_drafter_removed_or_registered_again_is_not_learnt(
@@ -958,6 +963,8 @@ def test_a_report_for_a_drafter_removed_or_registered_again_is_not_learnt(
     figures back into the policy (a drafter registered later under its name inherited
     them); one for the registration before the current one landed on the new drafter.
     Both are acknowledged and dropped (counted as stale)."""
+    from dataclasses import replace
+
     from router.domain import Prompt, RouteInput
 
     service = sidecar.service
@@ -1004,5 +1011,13 @@ def test_a_report_for_a_drafter_removed_or_registered_again_is_not_learnt(
         assert all(arm.decisions == 0 for arm in arms), arms
         current = routed_to_it()
         assert report(current) == version + 1  # the serving registration's is learnt
+        # Routed to no registration at all (a fleet replica's drafter not registered here):
+        # its serial 0 matched the 0 of a name no longer served.
+        unregistered = routed_to_it()
+        pending = service._pending[unregistered]
+        service._pending[unregistered] = replace(pending, drafter_serial=0)
+        remove()
+        assert report(unregistered) == version + 1
+        register()
     finally:
         remove()

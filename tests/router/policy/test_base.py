@@ -210,6 +210,26 @@ def test_totals_of_short_drafts_keep_every_drafted_and_accepted_token(
     assert sorted(set(outcome.drafted_per_step)) == [1, 2]
 
 
+def test_totals_of_stopped_drafts_keep_the_accepts_past_a_short_drafts_length() -> None:
+    """A stop rule's drafts, per step [4, 4, 1 x 8] accepting [4, 4, 1 x 6, 0, 0], sent as
+    totals with positions (8, 2, 2, 2): a spread's k (2) cut the accepts past it, 14 read
+    as 10 and (10, 6) for the truth's (14, 2)."""
+    truth = Outcome.from_steps(
+        [4, 4] + [1] * 8, [4, 4] + [1] * 6 + [0, 0], draft_time_s=0.1, verify_time_s=0.2
+    )
+    outcome = Outcome.from_totals(
+        steps=10,
+        drafted_tokens=16,
+        accepted_tokens=14,
+        accepted_per_position=(8, 2, 2, 2),
+        draft_time_s=0.1,
+        verify_time_s=0.2,
+        draft_length=4,
+    )
+    assert outcome.acceptance_counts(4) == truth.acceptance_counts(4) == (14, 2)
+    assert sorted(outcome.drafted_per_step) == sorted(truth.drafted_per_step)
+
+
 def test_check_state_refuses_other_versions_and_policies() -> None:
     check_state({"version": 1, "policy": "ucb"}, "ucb")
     with pytest.raises(IncompatibleStateError, match="format version 99"):

@@ -592,8 +592,9 @@ def test_the_policy_state_says_the_k_a_drafter_is_served_at() -> None:
 
 def test_runs_scored_by_counterfactuals_pass_to_a_new_bucket_capped() -> None:
     """A new bucket takes its cluster's other buckets' run evidence scaled to at most
-    transfer_weight starts, counted by the match counts c alone: counterfactual scores add
-    run counts only, so 200 of them passed over unscaled (605 pseudo-counts on h_1)."""
+    transfer_weight starts. Counted by the match counts c alone, as they were, 200
+    counterfactual scores (which add run counts only) passed over unscaled (605
+    pseudo-counts on h_1); now by c's counts or h_1's, whichever is larger."""
     policy = make_policy("thompson", ["a", "ngram"], {"copy_drafters": ["ngram"]})
     seen, new = Context("chat", 0), Context("chat", 1)
     for _ in range(200):
