@@ -282,13 +282,6 @@ class PolicyHolder:
     def version(self) -> int:
         return int(self._policy.version)
 
-    def verify_slope(self) -> float | None:
-        """The verify step's added cost per drafted position, in plain steps, as the policy
-        measures it (thompson's ``StepRatios``); None for a policy that measures none."""
-        with self._lock:
-            slope = getattr(getattr(self._policy, "costs_", None), "slope", None)
-            return float(slope()) if callable(slope) else None
-
     def describe(self) -> tuple[str, int, list[Any]]:
         with self._lock:
             return self.name, int(self._policy.version), list(self._policy.describe())

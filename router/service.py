@@ -800,31 +800,20 @@ class RouterService:
     def _loss_guard(self, k: int, sampling: Sampling, drafter: Any) -> LossGuard | None:
         """The request's in-flight guard (``drafters/guard.py``); None when off or k = 0.
         A sampled run's prices drafts at a fixed cost (its kind's hint, else
-        ``SAMPLED_DRAFT_COST``) and verify slope (the guard's default), not the request's
-        or the policy's measured ones: the k of each step decides which draws the run
-        consumes, so a schedule that followed the machine's timing gave another text for
-        the same seed, drafter and k. A greedy run's guard prices verifying at the slope the
-        policy measures (its output does not depend on k): at the default 0.05 against a
-        measured 0.3, a request ran at 0.74x plain decoding without the guard tripping."""
+        ``SAMPLED_DRAFT_COST``), not the request's measured times: the k of each step
+        decides which draws the run consumes, so a schedule that followed the machine's
+        timing gave another text for the same seed, drafter and k."""
         settings = self.settings.loss_guard
         if not settings.enabled or k <= 0:
             return None
         from drafters import draft_cost_hint
-        from drafters.guard import DEFAULT_VERIFY_SLOPE, LossGuard
+        from drafters.guard import LossGuard
 
         fixed = None
-        slope = None
         if sampling.do_sample:
             hint = draft_cost_hint(drafter)
             fixed = SAMPLED_DRAFT_COST if hint is None else hint
-        else:
-            slope = self.policy.verify_slope()
-        return LossGuard(
-            k,
-            confidence=settings.confidence,
-            draft_cost_ratio=fixed,
-            verify_slope=DEFAULT_VERIFY_SLOPE if slope is None else slope,
-        )
+        return LossGuard(k, confidence=settings.confidence, draft_cost_ratio=fixed)
 
     def _capture(self, result: GenerationResult) -> None:
         """Keep the run's prompt and verified output when capture is on (router.capture);
