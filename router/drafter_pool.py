@@ -104,12 +104,12 @@ class DrafterPool:
     def serial(self, name: str) -> int:
         """The serving registration of ``name`` (0: none served): a request routed to one
         registration is learnt from only while that one serves (``RoutedRequest``)."""
-        live = self._live.get(name)
+        live = self.find(name)
         return live.serial if live is not None else 0
 
     def identity(self, name: str) -> str:
         """The served drafter ``name``'s ``DrafterRecord.identity``; "" for none served."""
-        live = self._live.get(name)
+        live = self.find(name)
         return live.record.identity if live is not None else ""
 
     def unserved_record(self, name: str) -> DrafterRecord | None:
