@@ -31,6 +31,7 @@ _EXPORTS = {
     "Verification": "drafters.verify",
     "verify": "drafters.verify",
     "score_counterfactual": "drafters.counterfactual",
+    "score_counterfactual_drafts": "drafters.counterfactual",
 }
 
 __all__ = sorted(_EXPORTS)

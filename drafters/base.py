@@ -85,6 +85,22 @@ class Drafter(Protocol):
         ...
 
 
+@runtime_checkable
+class DraftCounter(Protocol):
+    """A drafter whose steps may draft nothing (a prompt lookup that finds no match) and
+    whose counterfactual score says so: per step, how many tokens it would have drafted
+    beside how many were accepted. A policy that prices such a drafter by how often it
+    drafts at all (``router.policy.copying``) learns that from the score too, where an
+    accept count of 0 alone cannot tell "no match" from "a match rejected at once"."""
+
+    def score_counterfactual_drafts(
+        self, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
+    ) -> tuple[list[int], list[int]]:
+        """(drafted, accepted) per step on a verified greedy output; the accepts are
+        ``score_counterfactual``'s."""
+        ...
+
+
 def first_stop(tokens: Sequence[int], stop_ids: frozenset[int]) -> int | None:
     """Index of the first token of ``tokens`` in ``stop_ids``, or None."""
     for index, token in enumerate(tokens):

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from drafters.base import DraftCounter
+
 if TYPE_CHECKING:
     from drafters.base import Drafter
 
@@ -28,12 +30,21 @@ def replay_greedy_steps(
     output_ids: Sequence[Any], draft_length: int, drafts_at: DraftsAt
 ) -> list[int]:
     """Accepted drafts per step of greedy speculation with a fixed ``draft_length``, replayed
-    on an already verified output. The one replay behind every counterfactual score.
+    on an already verified output: :func:`replay_greedy_drafts`' accepts. The one replay
+    behind every counterfactual score."""
+    return replay_greedy_drafts(output_ids, draft_length, drafts_at)[1]
 
-    A step starting at output position i asks for drafts d_1..d_m (m <= k), accepts the
-    leading run n of d_j == output[i + j - 1] and emits n + 1 tokens (the target's
-    correction or bonus token), so the next step starts at i + n + 1. k = 0 is plain
-    decoding: one step per token, nothing accepted.
+
+def replay_greedy_drafts(
+    output_ids: Sequence[Any], draft_length: int, drafts_at: DraftsAt
+) -> tuple[list[int], list[int]]:
+    """(drafted, accepted) per step of greedy speculation with a fixed ``draft_length``,
+    replayed on an already verified output.
+
+    A step starting at output position i asks for drafts d_1..d_m (m <= k: a lookup may
+    find fewer, or none), accepts the leading run n of d_j == output[i + j - 1] and emits
+    n + 1 tokens (the target's correction or bonus token), so the next step starts at
+    i + n + 1. k = 0 is plain decoding: one step per token, nothing drafted or accepted.
 
     A last step whose run of fewer than k matches reaches the output's end is left out:
     the output ends before it shows whether the drafter would have gone on matching, so
@@ -42,20 +53,22 @@ def replay_greedy_steps(
     """
     if draft_length < 0:
         raise ValueError(f"draft_length must be >= 0, got {draft_length}")
+    drafted: list[int] = []
     accepted: list[int] = []
     position = 0
     while position < len(output_ids):
-        drafts = drafts_at(position, draft_length) if draft_length > 0 else ()
+        drafts = list(drafts_at(position, draft_length))[:draft_length] if draft_length else []
         run = 0
-        for drafted, verified in zip(drafts[:draft_length], output_ids[position:], strict=False):
-            if drafted != verified:
+        for draft, verified in zip(drafts, output_ids[position:], strict=False):
+            if draft != verified:
                 break
             run += 1
         if 0 < run < draft_length and position + run >= len(output_ids):
             break  # censored by the output's end (a full step is a success all the same)
+        drafted.append(len(drafts))
         accepted.append(run)
         position += run + 1
-    return accepted
+    return drafted, accepted
 
 
 def accepted_per_step_from_matches(matches: Sequence[bool], draft_length: int) -> list[int]:
@@ -129,3 +142,17 @@ def score_counterfactual(
     drafter by replaying its lookups, "none" accepts nothing.
     """
     return drafter.score_counterfactual(prompt_ids, output_ids, draft_length)
+
+
+def score_counterfactual_drafts(
+    drafter: Drafter, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
+) -> tuple[list[int] | None, list[int]]:
+    """(drafted, accepted) per step ``drafter`` would have had on a verified greedy output;
+    drafted is None unless the drafter counts its drafts (``drafters.base.DraftCounter``:
+    a lookup's steps may draft nothing), as every other kind drafts k at each step."""
+    if isinstance(drafter, DraftCounter):
+        drafted, accepted = drafter.score_counterfactual_drafts(
+            prompt_ids, output_ids, draft_length
+        )
+        return drafted, accepted
+    return None, drafter.score_counterfactual(prompt_ids, output_ids, draft_length)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from drafters.base import Proposal, first_stop
-from drafters.counterfactual import replay_greedy_steps
+from drafters.counterfactual import replay_greedy_drafts
 from drafters.sampling import SamplingConfig
 from drafters.stopping import DraftStopRule
 
@@ -114,8 +114,16 @@ class NgramDrafter:
     def score_counterfactual(
         self, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
     ) -> list[int]:
-        """Replay greedy steps (:func:`replay_greedy_steps`) with the drafts this drafter's
+        """Replay greedy steps (:func:`replay_greedy_drafts`) with the drafts this drafter's
         lookups give on the verified prefix of each step."""
+        return self.score_counterfactual_drafts(prompt_ids, output_ids, draft_length)[1]
+
+    def score_counterfactual_drafts(
+        self, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
+    ) -> tuple[list[int], list[int]]:
+        """(drafted, accepted) per step of :meth:`score_counterfactual`: a step whose lookup
+        found no match drafted 0, which an accept count of 0 alone does not tell from a
+        match rejected at once (``drafters.base.DraftCounter``)."""
         index = NgramIndex(self.min_n, self.max_n)
         history = list(prompt_ids)
 
@@ -123,4 +131,4 @@ class NgramDrafter:
             history.extend(output_ids[len(history) - len(prompt_ids) : position])
             return index.propose(history, k)
 
-        return replay_greedy_steps(output_ids, draft_length, drafts_at)
+        return replay_greedy_drafts(output_ids, draft_length, drafts_at)

@@ -38,7 +38,12 @@ class LearningLog(Protocol):
     def outcome(self, context: Any, decision: Any, outcome: Any) -> None: ...
 
     def counterfactual(
-        self, context: Any, drafter: str, accepted_per_step: Sequence[int], draft_length: int
+        self,
+        context: Any,
+        drafter: str,
+        accepted_per_step: Sequence[int],
+        draft_length: int,
+        drafted_per_step: Sequence[int] | None = None,
     ) -> None: ...
 
     def cursor(self) -> dict[str, Any]: ...
@@ -208,14 +213,21 @@ class PolicyHolder:
             return int(self._policy.version)
 
     def update_counterfactual(
-        self, context: Any, drafter: str, accepted_per_step: Sequence[int], draft_length: int
+        self,
+        context: Any,
+        drafter: str,
+        accepted_per_step: Sequence[int],
+        draft_length: int,
+        drafted_per_step: Sequence[int] | None = None,
     ) -> None:
+        """A counterfactual score (``drafted_per_step``: where the scorer counts drafts)."""
+        drafted = None if drafted_per_step is None else list(drafted_per_step)
         with self._lock:
             self._policy.update_counterfactual(
-                context, drafter, list(accepted_per_step), draft_length
+                context, drafter, list(accepted_per_step), draft_length, drafted
             )
             if self._log is not None:
-                self._log.counterfactual(context, drafter, accepted_per_step, draft_length)
+                self._log.counterfactual(context, drafter, accepted_per_step, draft_length, drafted)
 
     # -- learning shared with other processes (router.pooling) ---------------------------
     def attach_log(self, log: LearningLog) -> None:

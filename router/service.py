@@ -868,7 +868,7 @@ class RouterService:
 
     def _score_counterfactuals(self, result: GenerationResult) -> None:
         """Full-information updates (HedgeSpec-style) for other drafters, within a budget."""
-        from drafters import score_counterfactual
+        from drafters import score_counterfactual_drafts
 
         routed = result.routed
         k = routed.decision.k or DEFAULT_COUNTERFACTUAL_K
@@ -880,7 +880,7 @@ class RouterService:
                 break
             try:
                 live = self.drafters.get(name)
-                accepted = score_counterfactual(
+                drafted, accepted = score_counterfactual_drafts(
                     live.drafter, list(routed.prompt_ids), list(result.output_ids), k
                 )
             except NotFoundError:
@@ -888,7 +888,7 @@ class RouterService:
             except Exception:
                 logger.exception("counterfactual scoring failed for %s", name)
                 continue
-            self.policy.update_counterfactual(routed.context, name, accepted, k)
+            self.policy.update_counterfactual(routed.context, name, accepted, k, drafted)
             self.metrics.reports.labels(source="counterfactual").inc()
 
     # -- admin ------------------------------------------------------------------------

@@ -382,8 +382,9 @@ def _score_others(
         acceptance = float(np.clip(mean + rng.normal(0.0, ACCEPTANCE_NOISE), 0.01, 0.95))
         if phase.truth.copy_match is not None and drafter == NGRAM:
             match = float(phase.truth.copy_match[cell])
-            copied = copy_steps(rng, match, acceptance, draft_length, tokens)[1]
-            policy.update_counterfactual(context, drafter, copied, draft_length)
+            drafted, copied = copy_steps(rng, match, acceptance, draft_length, tokens)
+            # As the sidecar scores a lookup: its drafted counts too (DraftCounter).
+            policy.update_counterfactual(context, drafter, copied, draft_length, drafted)
             continue
         accepted = accepted_steps(rng, acceptance, draft_length, tokens)
         policy.update_counterfactual(context, drafter, accepted.tolist(), draft_length)

@@ -406,7 +406,12 @@ class Policy(Protocol):
         drafter: str,
         accepted_per_step: Sequence[int],
         draft_length: int,
-    ) -> None: ...
+        drafted_per_step: Sequence[int] | None = None,
+    ) -> None:
+        """Full information: ``drafter`` would have had ``accepted_per_step`` at
+        ``draft_length``; ``drafted_per_step``, where the scorer counts them
+        (``drafters.base.DraftCounter``), how many it would have drafted."""
+        ...
 
     def add_drafter(self, name: str, similarity: Mapping[str, float] | None = None) -> None: ...
 

@@ -128,6 +128,7 @@ class TablePolicy:
         drafter: str,
         accepted_per_step: Sequence[int],
         draft_length: int,
+        drafted_per_step: Sequence[int] | None = None,
     ) -> None:
         """Baselines do not learn; counterfactual scores are ignored."""
 

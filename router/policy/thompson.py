@@ -657,8 +657,12 @@ class ThompsonPolicy:
         drafter: str,
         accepted_per_step: Sequence[int],
         draft_length: int,
+        drafted_per_step: Sequence[int] | None = None,
     ) -> None:
-        """Full-information update: what ``drafter`` would have had accepted, no exploration."""
+        """Full-information update: what ``drafter`` would have had accepted, no exploration.
+        A copy drafter's score with its drafted counts is read as its own outcome would be
+        (``copying.run_counts``: c as well as the run lengths); without them, the run
+        lengths only (``copying.counterfactual_counts``)."""
         i = self.index_.get(drafter)
         if i is None or draft_length <= 0 or not accepted_per_step:
             logger.debug("counterfactual for %r ignored (unknown drafter or empty)", drafter)
@@ -667,10 +671,15 @@ class ThompsonPolicy:
         gamma = self._learn(arms, i, *counts_from_steps(accepted_per_step, draft_length))
         if drafter in self.copy_drafters:
             copy = self._copy(context, drafter)
-            match, hazard = copy.means()
-            counts = counterfactual_counts(
-                accepted_per_step, draft_length, self.copy_horizon, match[0], hazard[0]
-            )
+            if drafted_per_step is not None:
+                counts = run_counts(
+                    drafted_per_step, accepted_per_step, draft_length, self.copy_horizon
+                )
+            else:
+                match, hazard = copy.means()
+                counts = counterfactual_counts(
+                    accepted_per_step, draft_length, self.copy_horizon, match[0], hazard[0]
+                )
             copy.observe(counts, gamma)
         self.updates_ += 1
 

@@ -222,6 +222,7 @@ class UcbPolicy:
         drafter: str,
         accepted_per_step: Sequence[int],
         draft_length: int,
+        drafted_per_step: Sequence[int] | None = None,
     ) -> None:
         """UCB learns from measured rewards only; counterfactual scores are ignored."""
 

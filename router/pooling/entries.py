@@ -54,8 +54,11 @@ class SharedOutcome:
     drafted/accepted these tokens per step, having asked for ``requested`` (empty: k at
     every step; entries written before it existed have none). ``kind`` "counterfactual":
     ``drafter`` would have had ``accepted`` per step at draft length ``k`` (``drafted``
-    and ``requested`` are empty). ``registration``: the writer's ``DrafterRecord.identity``
-    of ``drafter`` ("" for none, and in entries written before it existed).
+    and ``requested`` are empty), and ``scored_drafted`` per step where its scorer counts
+    drafts (a lookup's; None otherwise, and in entries written before it existed, which
+    a reader of that time ignores). ``registration``: the writer's
+    ``DrafterRecord.identity`` of ``drafter`` ("" for none, and in entries written
+    before it existed).
     """
 
     origin: Origin
@@ -69,6 +72,7 @@ class SharedOutcome:
     generated_tokens: int
     requested: tuple[int, ...] = ()
     registration: str = ""
+    scored_drafted: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,13 @@ def _field(fields: Mapping[Any, Any], name: str) -> bytes | None:
 
 
 def outcome_payload(outcome: SharedOutcome) -> dict[str, Any]:
+    payload = _outcome_fields(outcome)
+    if outcome.scored_drafted is not None:
+        payload["scored_drafted"] = list(outcome.scored_drafted)
+    return payload
+
+
+def _outcome_fields(outcome: SharedOutcome) -> dict[str, Any]:
     return {
         "format": ENTRY_FORMAT,
         "replica": outcome.origin.replica,
@@ -243,6 +254,7 @@ def outcome_from_payload(payload: Mapping[str, Any], max_draft_length: int) -> S
             raise EntryRejected("malformed", "a step drafts more than it asked for")
     elif k == 0 or drafted or requested or any(a > k for a in accepted):
         raise EntryRejected("malformed", "counterfactual accepts outside 0..k")
+    scored = _scored_drafted(payload, kind, k, accepted)
     return SharedOutcome(
         origin,
         kind,
@@ -255,7 +267,22 @@ def outcome_from_payload(payload: Mapping[str, Any], max_draft_length: int) -> S
         tokens,
         requested,
         _text(payload, "registration", required=False),
+        scored,
     )
+
+
+def _scored_drafted(
+    payload: Mapping[str, Any], kind: str, k: int, accepted: tuple[int, ...]
+) -> tuple[int, ...] | None:
+    """A counterfactual's drafted counts per step, checked against its accepts, or None."""
+    if "scored_drafted" not in payload:
+        return None
+    scored = _ints(payload["scored_drafted"], "scored_drafted")
+    if kind != "counterfactual" or len(scored) != len(accepted):
+        raise EntryRejected("malformed", "scored_drafted without a counterfactual's steps")
+    if any(a > d or d > k for d, a in zip(scored, accepted, strict=True)):
+        raise EntryRejected("malformed", "a scored step accepts more than it drafts")
+    return scored
 
 
 def registration_from_payload(payload: Mapping[str, Any]) -> SharedRegistration:

@@ -61,7 +61,10 @@ def apply_to_policy(policy: Any, shared: SharedOutcome) -> None:
         return
     context = Context(shared.cluster, shared.length_bucket)
     if shared.kind == "counterfactual":
-        policy.update_counterfactual(context, shared.drafter, list(shared.accepted), shared.k)
+        scored = None if shared.scored_drafted is None else list(shared.scored_drafted)
+        policy.update_counterfactual(
+            context, shared.drafter, list(shared.accepted), shared.k, scored
+        )
         return
     outcome = Outcome(
         shared.drafted,
@@ -138,10 +141,18 @@ class OutcomePool:
         )
 
     def counterfactual(
-        self, context: Any, drafter: str, accepted_per_step: Sequence[int], draft_length: int
+        self,
+        context: Any,
+        drafter: str,
+        accepted_per_step: Sequence[int],
+        draft_length: int,
+        drafted_per_step: Sequence[int] | None = None,
     ) -> None:
         accepted = tuple(int(a) for a in accepted_per_step)
-        self._record("counterfactual", context, drafter, int(draft_length), (), accepted, 0)
+        scored = None if drafted_per_step is None else tuple(int(d) for d in drafted_per_step)
+        self._record(
+            "counterfactual", context, drafter, int(draft_length), (), accepted, 0, scored=scored
+        )
 
     def cursor(self) -> dict[str, Any]:
         """What a snapshot's state holds of the stream: the highest seq applied per writer,
@@ -207,6 +218,8 @@ class OutcomePool:
         accepted: tuple[int, ...],
         tokens: int,
         requested: tuple[int, ...] = (),
+        *,
+        scored: tuple[int, ...] | None = None,
     ) -> None:
         self._seq += 1
         self._applied[self.identity] = self._seq
@@ -222,6 +235,7 @@ class OutcomePool:
             tokens,
             requested,
             self._registration_of(drafter),
+            scored,
         )
         self._writer.append(outcome_payload(shared))
 

@@ -50,3 +50,7 @@ def test_counterfactual_replays_greedy_steps() -> None:
     output = [1, 2, 3, 9, 9]
     assert drafter.score_counterfactual(prompt, output, 2) == [0, 2, 0]
     assert drafter.score_counterfactual(prompt, output, 0) == [0] * 5
+    # Its drafted counts tell the lookups that found nothing (steps 1 and 3) from a match
+    # rejected at once, which the accepts alone cannot.
+    assert drafter.score_counterfactual_drafts(prompt, output, 2) == ([0, 2, 0], [0, 2, 0])
+    assert drafter.score_counterfactual_drafts([1, 2, 3, 4, 1], [7, 7], 2) == ([2, 0], [0, 0])

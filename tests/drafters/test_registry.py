@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from drafters.base import Drafter
-from drafters.counterfactual import score_counterfactual
+from drafters.counterfactual import score_counterfactual, score_counterfactual_drafts
 from drafters.engine import SpeculativeEngine
 from drafters.loader import LoadedModel, ModelLoadError
 from drafters.registry import (
@@ -115,9 +115,15 @@ def test_counterfactual_matches_what_the_engine_accepted(
         run = engine.generate(prompt, drafter, k, max_new_tokens=40)
         output = run.collect()
         predicted = score_counterfactual(drafter, prompt, output, k)
+        drafted, accepted = score_counterfactual_drafts(drafter, prompt, output, k)
+        assert accepted == predicted
+        # Only the lookup counts its drafts (a model drafts k at every step).
+        assert (drafted is not None) == (kind == "ngram")
         # The engine shortens k only in its last steps, to stay within max_new_tokens.
         full = [r == k or kind == "none" for r in run.stats.requested_per_step]
         steps = full.index(False) if False in full else len(full)
         assert predicted[:steps] == run.stats.accepted_per_step[:steps]
+        if drafted is not None:
+            assert drafted[:steps] == run.stats.drafted_per_step[:steps]
         if run.stats.finish_reason == "eos_token" and steps == len(full):
             assert predicted == run.stats.accepted_per_step

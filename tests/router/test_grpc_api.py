@@ -1021,3 +1021,29 @@ def test_a_report_for_a_drafter_removed_or_registered_again_is_not_learnt(
         register()
     finally:
         remove()
+
+
+def test_a_lookups_counterfactual_score_teaches_how_often_it_matches(
+    sidecar: SidecarThread, PROMPT: str
+) -> None:
+    """The n-gram drafter's score of another drafter's greedy output counts the steps
+    whose lookup found nothing (``drafters.base.DraftCounter``), so thompson learns how
+    often it matches (c) without playing it: accepts alone left c where its own first
+    plays put it, and where those met prompts with nothing to copy, it was never played
+    again on a task where it was the best arm."""
+    counterfactuals_settled(sidecar)
+    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson", reset_state=True), metadata=ADMIN)
+    generate(
+        sidecar,
+        text=PROMPT,
+        max_new_tokens=30,
+        task_hint="math",
+        force_drafter="math",
+        force_draft_length=3,
+    )
+    counterfactuals_settled(sidecar)
+    policy = sidecar.service.policy._policy
+    scored = [arms["ngram"] for c, arms in policy.copies_.items() if c.cluster == "math"]
+    assert scored, "ngram was not scored"
+    starts = sum(float(runs.evidence[:2, 0].sum()) for runs in scored)
+    assert starts >= 1

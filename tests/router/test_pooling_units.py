@@ -79,12 +79,42 @@ def test_signed_entry_round_trip_and_every_refusal() -> None:
         {"requested": [4, 4]},  # not one per step
         {"requested": [4, 2, 4]},  # a step drafting more than it asked for
         {"requested": [4, 5, 4]},  # asking for more than k
+        {"scored_drafted": [4, 4, 4]},  # drafted counts of a score on an outcome
     ],
 )
 def test_malformed_outcomes_are_refused(changes: dict[str, Any]) -> None:
     with pytest.raises(EntryRejected) as caught:
         outcome_from_payload(shared("b", 1, **changes), 32)
     assert caught.value.reason == "malformed"
+
+
+def counterfactual(**changes: Any) -> dict[str, Any]:
+    score = SharedOutcome(
+        Origin("b", 1),
+        "counterfactual",
+        "math",
+        0,
+        "ngram",
+        4,
+        (),
+        (4, 0, 2),
+        0,
+        scored_drafted=(4, 0, 4),
+    )
+    return {**outcome_payload(score), **changes}
+
+
+def test_a_scores_drafted_counts_travel_and_an_older_reader_ignores_them() -> None:
+    """A lookup's counterfactual score carries its drafted counts under a key of its own:
+    a replica of the build before reads the entry as a score of accepts alone."""
+    read = outcome_from_payload(json.loads(json.dumps(counterfactual())), 32)
+    assert read.scored_drafted == (4, 0, 4) and read.accepted == (4, 0, 2)
+    without = {k: v for k, v in counterfactual().items() if k != "scored_drafted"}
+    assert "scored_drafted" not in outcome_payload(outcome_from_payload(without, 32))
+    assert outcome_from_payload(without, 32).scored_drafted is None
+    for bad in ([4, 0], [4, 0, 1], [4, 0, 5], [4, -1, 4]):  # unpaired, a > d, d > k
+        with pytest.raises(EntryRejected, match="malformed"):
+            outcome_from_payload(counterfactual(scored_drafted=bad), 32)
 
 
 def test_what_each_step_asked_for_travels_with_the_outcome() -> None:

@@ -220,6 +220,39 @@ def test_a_score_does_not_pull_the_match_rate_away_from_own_outcomes() -> None:
     assert policy.copies_[other]["ngram"].means()[0][0] > 0.98
 
 
+def test_a_score_that_counts_its_drafts_teaches_the_match_rate() -> None:
+    """A lookup's score with its drafted counts (``drafters.base.DraftCounter``) is read
+    as its own outcome would be: its first plays met prompts with nothing to copy (c near
+    0), and the scores of requests it did not serve, which copy often, bring c back up
+    where accepts alone (an empty start: no match, or a match rejected) left it."""
+
+    def first_plays(policy: ThompsonPolicy) -> None:
+        nothing = Outcome([0] * 12, [0] * 12, 0.0, 0.0, 0.0, 12)
+        for _ in range(3):
+            policy.update(CHAT, Decision("ngram", 8), nothing)
+
+    counted = ThompsonPolicy(DRAFTERS, copy_drafters=COPY, rng=np.random.default_rng(0))
+    accepts_only = ThompsonPolicy(DRAFTERS, copy_drafters=COPY, rng=np.random.default_rng(0))
+    for policy in (counted, accepts_only):
+        first_plays(policy)
+    assert counted.copies_[CHAT]["ngram"].means()[0][0] < 0.1
+    # Scores: of three lookups, two match (runs of 12 and 11 tokens), one finds nothing.
+    drafted, accepted = [8, 8, 0, 8, 8] * 4, [8, 3, 0, 8, 2] * 4
+    for _ in range(10):
+        counted.update_counterfactual(CHAT, "ngram", accepted, 8, drafted)
+        accepts_only.update_counterfactual(CHAT, "ngram", accepted, 8)
+    assert counted.copies_[CHAT]["ngram"].means()[0][0] > 0.4
+    assert accepts_only.copies_[CHAT]["ngram"].means()[0][0] < 0.1
+    # The same counts as the drafter's own outcome of those steps.
+    own = ThompsonPolicy(DRAFTERS, copy_drafters=COPY, rng=np.random.default_rng(0))
+    first_plays(own)
+    for _ in range(10):
+        own.update(CHAT, Decision("ngram", 8), Outcome(drafted, accepted, 0.0, 0.0, 0.0, 100))
+    np.testing.assert_allclose(
+        counted.copies_[CHAT]["ngram"].evidence, own.copies_[CHAT]["ngram"].evidence
+    )
+
+
 #: Nine lookups in ten find a match; a match is a repeated stretch (R geometric, mean
 #: 30) in 35% of cases and rejected at once otherwise. Truth per run start (t_draft 0.01,
 #: verify slope 0.05): 10.45 tokens; S(8) = 3.75, S(12) = 3.93, S(16) = 3.89.
@@ -442,11 +475,14 @@ def test_copy_statistics_pool_across_replicas_and_survive_a_restart(tmp_path: Pa
         outcome = copy_outcome(rng, Decision("ngram", k), match=0.5, keep=0.8)
         a.holder.update(CHAT, Decision("ngram", k), outcome)
     a.holder.update_counterfactual(Context("chat", 1), "ngram", [5, 0, 2], 8)
+    # A lookup's score with its drafted counts travels with them (c learnt there too).
+    a.holder.update_counterfactual(Context("chat", 2), "ngram", [5, 0, 2], 8, [8, 0, 8])
     entries = [(f"{i}-0", SIGNER.fields(p)) for i, p in enumerate(a.writer._buffer, start=1)]
     b.pool.handle(entries)
-    assert b.pool.applied == 4
+    assert b.pool.applied == 5
     evidence = a.copy_evidence()
     assert evidence[CHAT][2, 12] > 0  # runs past 8 tokens were learnt
+    assert evidence[Context("chat", 2)][1, 0] > 0  # an unmatched start, from the score
     pooled = b.copy_evidence()
     assert pooled.keys() == evidence.keys()
     for context, rows in evidence.items():
