@@ -69,6 +69,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_COUNTERFACTUAL_K = 4
 MAX_COUNTERFACTUAL_BACKLOG = 4
+#: A policy switch waits this long past the learner's budgets for the scores queued before it.
+LEARNING_WAIT_SLACK_S = 10.0
 # What a model drafter's drafted token costs the loss guard of a sampled run, in plain
 # target steps (the policy's default_draft_cost_ratio): fixed, so the run is repeatable.
 SAMPLED_DRAFT_COST = 0.1
@@ -866,6 +868,20 @@ class RouterService:
 
         self._learner.submit(score)
 
+    async def _learning_settled(self) -> None:
+        """Wait until the scoring queued so far is done (the learner runs one job at a
+        time, in order; at most MAX_COUNTERFACTUAL_BACKLOG, each within its budget, which
+        bounds the wait: past it, a drafter slower than its budget is not waited for)."""
+        try:
+            done = self._learner.submit(lambda: None)
+        except RuntimeError:  # shut down: nothing more will be scored
+            return
+        bound = (MAX_COUNTERFACTUAL_BACKLOG + 1) * self.limits.counterfactual_budget_s
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(done), bound + LEARNING_WAIT_SLACK_S)
+        except TimeoutError:
+            logger.warning("policy switched before the last counterfactual scores were learnt")
+
     def _score_counterfactuals(self, result: GenerationResult) -> None:
         """Full-information updates (HedgeSpec-style) for other drafters, within a budget."""
         from drafters import score_counterfactual_drafts
@@ -1007,6 +1023,11 @@ class RouterService:
         )
 
     async def set_policy(self, name: str, config: Mapping[str, Any], reset: bool) -> PolicyView:
+        """Switch (or reset) the policy once the counterfactual scores of the requests
+        already finished are learnt: they belong to the policy those requests ran under.
+        Scored after the switch, they went to the next policy (a baseline ignores them),
+        and the policy switched away from, saved meanwhile, never had them."""
+        await self._learning_settled()
         await asyncio.to_thread(self.policy.start, name, config, restore=not reset)
         self.metrics.policy_version.set(self.policy.version)
         return self.policy_view()

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import json
 import shutil
+import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -1047,3 +1049,31 @@ def test_a_lookups_counterfactual_score_teaches_how_often_it_matches(
     assert scored, "ngram was not scored"
     starts = sum(float(runs.evidence[:2, 0].sum()) for runs in scored)
     assert starts >= 1
+
+
+def test_a_policy_switch_waits_for_the_scores_of_requests_already_served(
+    sidecar: SidecarThread, PROMPT: str
+) -> None:
+    """The counterfactual scores of a greedy Generate are learnt off the request path.
+    A SetPolicy right after it (the replay switches policy between requests) switched at
+    once: the scores went to the next policy (a baseline ignores them) and the policy
+    that served the request, saved at the switch, never had them."""
+    counterfactuals_settled(sidecar)
+    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson", reset_state=True), metadata=ADMIN)
+    release = threading.Event()
+    sidecar.service._learner.submit(release.wait, 60)  # the scores queue behind it
+    try:
+        generate(sidecar, text=PROMPT, max_new_tokens=20, task_hint="math")
+        served = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).version
+        with ThreadPoolExecutor(1) as pool:
+            switch = pool.submit(
+                sidecar.stub.SetPolicy, pb.SetPolicyRequest(policy="none"), metadata=ADMIN
+            )
+            time.sleep(0.3)
+            assert not switch.done(), "switched before the served request's scores"
+            release.set()
+            assert switch.result(timeout=60).policy == "none"
+    finally:
+        release.set()
+        back = sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson"), metadata=ADMIN)
+    assert back.version > served  # thompson learnt the scores of the request it served
