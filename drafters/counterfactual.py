@@ -36,7 +36,7 @@ def replay_greedy_steps(
 
 
 def replay_greedy_drafts(
-    output_ids: Sequence[Any], draft_length: int, drafts_at: DraftsAt
+    output_ids: Sequence[Any], draft_length: int, drafts_at: DraftsAt, *, keep_tail: bool = False
 ) -> tuple[list[int], list[int]]:
     """(drafted, accepted) per step of greedy speculation with a fixed ``draft_length``,
     replayed on an already verified output.
@@ -49,7 +49,11 @@ def replay_greedy_drafts(
     A last step whose run of fewer than k matches reaches the output's end is left out:
     the output ends before it shows whether the drafter would have gone on matching, so
     it is not a rejection (counted as one, every score had a false failure at the end,
-    which the engine, asking for fewer drafts near the end, never records).
+    which the engine, asking for fewer drafts near the end, never records). With
+    ``keep_tail`` it is kept as a step that drafted only what it kept (drafted = accepted
+    = its run): what the engine records there (it asks for fewer drafts near the budget's
+    end, and a lookup's draft is cut after a stop token), and a start that matched, which
+    a drafter's match rate must count as dropped unmatched starts never are.
     """
     if draft_length < 0:
         raise ValueError(f"draft_length must be >= 0, got {draft_length}")
@@ -64,7 +68,11 @@ def replay_greedy_drafts(
                 break
             run += 1
         if 0 < run < draft_length and position + run >= len(output_ids):
-            break  # censored by the output's end (a full step is a success all the same)
+            # Censored by the output's end (a full step is a success all the same).
+            if keep_tail:
+                drafted.append(run)
+                accepted.append(run)
+            break
         drafted.append(len(drafts))
         accepted.append(run)
         position += run + 1

@@ -116,14 +116,26 @@ class NgramDrafter:
     ) -> list[int]:
         """Replay greedy steps (:func:`replay_greedy_drafts`) with the drafts this drafter's
         lookups give on the verified prefix of each step."""
-        return self.score_counterfactual_drafts(prompt_ids, output_ids, draft_length)[1]
+        return self._replay(prompt_ids, output_ids, draft_length, keep_tail=False)[1]
 
     def score_counterfactual_drafts(
         self, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
     ) -> tuple[list[int], list[int]]:
         """(drafted, accepted) per step of :meth:`score_counterfactual`: a step whose lookup
         found no match drafted 0, which an accept count of 0 alone does not tell from a
-        match rejected at once (``drafters.base.DraftCounter``)."""
+        match rejected at once (``drafters.base.DraftCounter``); a last step whose copy
+        runs to the output's end is kept as drafting only what it kept, as the engine
+        records it (``replay_greedy_drafts``' ``keep_tail``)."""
+        return self._replay(prompt_ids, output_ids, draft_length, keep_tail=True)
+
+    def _replay(
+        self,
+        prompt_ids: Sequence[int],
+        output_ids: Sequence[int],
+        draft_length: int,
+        *,
+        keep_tail: bool,
+    ) -> tuple[list[int], list[int]]:
         index = NgramIndex(self.min_n, self.max_n)
         history = list(prompt_ids)
 
@@ -131,4 +143,4 @@ class NgramDrafter:
             history.extend(output_ids[len(history) - len(prompt_ids) : position])
             return index.propose(history, k)
 
-        return replay_greedy_drafts(output_ids, draft_length, drafts_at)
+        return replay_greedy_drafts(output_ids, draft_length, drafts_at, keep_tail=keep_tail)

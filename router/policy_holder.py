@@ -96,12 +96,7 @@ class PolicyHolder:
     ) -> PolicySnapshot | None:
         """Make policy ``name`` (restoring its last snapshot unless told not to) and serve it;
         what the drafters' kinds hint (``DrafterHints``) fills what ``config`` leaves out."""
-        from router.policy.registry import POLICIES, with_drafter_hints
-
-        if name not in POLICIES:
-            raise InvalidRequestError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
-        hinted = with_drafter_hints(name, config, self._hints())
-        policy = self._make(name, hinted)
+        hinted, policy = self._made(name, config)
         # Under one hold of the lock: the policy served until now is saved (a save that
         # fails leaves it serving, nothing changed), the new one restores the latest
         # snapshot of its name (the state just saved, when the same policy is set again
@@ -118,6 +113,22 @@ class PolicyHolder:
             self._policy, self.name, self._config = policy, name, config
             self._rehint()
         return snapshot
+
+    def check(self, name: str, config: Mapping[str, Any] | None = None) -> None:
+        """InvalidRequestError where ``start(name, config)`` would refuse the name or the
+        configuration; nothing changes."""
+        self._made(name, config)
+
+    def _made(
+        self, name: str, config: Mapping[str, Any] | None
+    ) -> tuple[Mapping[str, Any] | None, Any]:
+        """(the hinted configuration, a new policy ``name`` from it), or InvalidRequestError."""
+        from router.policy.registry import POLICIES, with_drafter_hints
+
+        if name not in POLICIES:
+            raise InvalidRequestError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
+        hinted = with_drafter_hints(name, config, self._hints())
+        return hinted, self._make(name, hinted)
 
     def _restored(
         self, name: str, hinted: Mapping[str, Any] | None, policy: Any, snapshot: PolicySnapshot

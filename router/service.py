@@ -69,8 +69,11 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_COUNTERFACTUAL_K = 4
 MAX_COUNTERFACTUAL_BACKLOG = 4
-#: A policy switch waits this long past the learner's budgets for the scores queued before it.
+#: A policy switch waits for the scores queued before it at most the learner's budgets for
+#: a full backlog plus this slack (a drafter's score can overrun its budget), and never
+#: longer than LEARNING_WAIT_MAX_S (the budget has no upper bound; a client's deadline does).
 LEARNING_WAIT_SLACK_S = 10.0
+LEARNING_WAIT_MAX_S = 30.0
 # What a model drafter's drafted token costs the loss guard of a sampled run, in plain
 # target steps (the policy's default_draft_cost_ratio): fixed, so the run is repeatable.
 SAMPLED_DRAFT_COST = 0.1
@@ -869,16 +872,19 @@ class RouterService:
         self._learner.submit(score)
 
     async def _learning_settled(self) -> None:
-        """Wait until the scoring queued so far is done (the learner runs one job at a
-        time, in order; at most MAX_COUNTERFACTUAL_BACKLOG, each within its budget, which
-        bounds the wait: past it, a drafter slower than its budget is not waited for)."""
+        """Wait until the learner's jobs queued so far are done (it runs one at a time, in
+        order: at most MAX_COUNTERFACTUAL_BACKLOG scorings, each checking its budget
+        before each drafter, and in fleet mode the capture of finished requests), within
+        the bound of LEARNING_WAIT_SLACK_S; past it the switch goes on and later scores
+        go to the next policy."""
         try:
             done = self._learner.submit(lambda: None)
         except RuntimeError:  # shut down: nothing more will be scored
             return
-        bound = (MAX_COUNTERFACTUAL_BACKLOG + 1) * self.limits.counterfactual_budget_s
+        budgets = (MAX_COUNTERFACTUAL_BACKLOG + 1) * self.limits.counterfactual_budget_s
+        bound = min(budgets + LEARNING_WAIT_SLACK_S, LEARNING_WAIT_MAX_S)
         try:
-            await asyncio.wait_for(asyncio.wrap_future(done), bound + LEARNING_WAIT_SLACK_S)
+            await asyncio.wait_for(asyncio.wrap_future(done), bound)
         except TimeoutError:
             logger.warning("policy switched before the last counterfactual scores were learnt")
 
@@ -1027,6 +1033,8 @@ class RouterService:
         already finished are learnt: they belong to the policy those requests ran under.
         Scored after the switch, they went to the next policy (a baseline ignores them),
         and the policy switched away from, saved meanwhile, never had them."""
+        # A misspelt name or configuration is told at once, not after the wait.
+        await asyncio.to_thread(self.policy.check, name, config)
         await self._learning_settled()
         await asyncio.to_thread(self.policy.start, name, config, restore=not reset)
         self.metrics.policy_version.set(self.policy.version)

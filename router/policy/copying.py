@@ -29,12 +29,14 @@ a small k), which run counts do not. On real n-gram steps of the default world's
 prompts, runs read at k = 16 or at k = 4 predict the tokens per step at every k to within
 about 0.01-0.1 (``docs/policy.md``).
 
-A counterfactual score gives only n per step at draft length k: a run start with n = 0
-is either unmatched or a match rejected at once, which the score cannot tell apart. So
-it teaches h only: that start counts as a failure at h_1 weighted by the chance that it
-was a match, c (1 - h_1) / (1 - c h_1) at the posterior means (the expected count of an
-EM step); c is learnt from the drafter's own outcomes alone, which count the steps that
-drafted nothing (learnt from scores, c would drift with its prior).
+A counterfactual score with the drafted counts per step (the sidecar's lookup scores
+them, ``drafters.base.DraftCounter``) is read with ``run_counts`` as the drafter's own
+outcome is. A score of accepts alone gives only n per step at draft length k: a run
+start with n = 0 is either unmatched or a match rejected at once, which it cannot tell
+apart. So it teaches h only: that start counts as a failure at h_1 weighted by the
+chance that it was a match, c (1 - h_1) / (1 - c h_1) at the posterior means (the
+expected count of an EM step); c is learnt from outcomes that count the steps that
+drafted nothing (learnt from such scores, c would drift with its prior).
 
 The evidence is discounted like the scalar posterior (``acceptance.py``): before each
 update every count is multiplied by the gamma of that update. The Beta of each

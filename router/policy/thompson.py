@@ -71,6 +71,7 @@ from router.policy.acceptance import (
     ContextArms,
     PriorSettings,
     cap_evidence,
+    counts_from_drafts,
     counts_from_steps,
 )
 from router.policy.base import (
@@ -602,7 +603,7 @@ class ThompsonPolicy:
         if not siblings or self.transfer_weight <= 0:
             return self._new_copy(drafter, context.cluster)
         evidence = np.sum(siblings, axis=0)
-        # Starts as the c counts tell them, or as h_1's (counterfactual scores add run
+        # Starts as the c counts tell them, or as h_1's (scores of accepts alone add run
         # counts only: with c's alone, 200 of them passed over unscaled, 600 pseudo-counts).
         first = max(float(evidence[0, 0] + evidence[1, 0]), float(evidence[2, 0] + evidence[3, 0]))
         evidence *= min(1.0, self.transfer_weight / max(first, 1e-12))
@@ -660,15 +661,23 @@ class ThompsonPolicy:
         drafted_per_step: Sequence[int] | None = None,
     ) -> None:
         """Full-information update: what ``drafter`` would have had accepted, no exploration.
-        A copy drafter's score with its drafted counts is read as its own outcome would be
-        (``copying.run_counts``: c as well as the run lengths); without them, the run
-        lengths only (``copying.counterfactual_counts``)."""
+        A score with its drafted counts (a lookup's) is read as the drafter's own outcome
+        would be (``counts_from_drafts``; for a copy drafter ``copying.run_counts``, c as
+        well as the run lengths); without them every step drafted ``draft_length`` and a
+        copy drafter learns its run lengths only (``copying.counterfactual_counts``).
+        Drafted counts that do not pair up with the accepts raise ValueError before
+        anything is learnt."""
         i = self.index_.get(drafter)
         if i is None or draft_length <= 0 or not accepted_per_step:
             logger.debug("counterfactual for %r ignored (unknown drafter or empty)", drafter)
             return
+        successes, failures = (
+            counts_from_steps(accepted_per_step, draft_length)
+            if drafted_per_step is None
+            else counts_from_drafts(drafted_per_step, accepted_per_step)
+        )
         arms = self._context(context)
-        gamma = self._learn(arms, i, *counts_from_steps(accepted_per_step, draft_length))
+        gamma = self._learn(arms, i, successes, failures)
         if drafter in self.copy_drafters:
             copy = self._copy(context, drafter)
             if drafted_per_step is not None:

@@ -54,3 +54,11 @@ def test_counterfactual_replays_greedy_steps() -> None:
     # rejected at once, which the accepts alone cannot.
     assert drafter.score_counterfactual_drafts(prompt, output, 2) == ([0, 2, 0], [0, 2, 0])
     assert drafter.score_counterfactual_drafts([1, 2, 3, 4, 1], [7, 7], 2) == ([2, 0], [0, 0])
+    # A last copy that runs to the output's end is no rejection: the accepts leave it out,
+    # the drafted counts keep it as a step that drafted what it kept (a matched start,
+    # which the engine records so: it asks for fewer drafts there, or cuts at a stop).
+    # Steps 1 and 2 find nothing ((3) and (9) have no earlier continuation); step 3 reads
+    # (5) -> 7, 8, 1, 2, and the output's last tokens 7, 8, 1 keep three of them.
+    prompt, output = [5, 7, 8, 1, 2, 3], [9, 5, 7, 8, 1]
+    assert drafter.score_counterfactual(prompt, output, 4) == [0, 0]
+    assert drafter.score_counterfactual_drafts(prompt, output, 4) == ([0, 0, 3], [0, 0, 3])

@@ -1077,3 +1077,22 @@ def test_a_policy_switch_waits_for_the_scores_of_requests_already_served(
         release.set()
         back = sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson"), metadata=ADMIN)
     assert back.version > served  # thompson learnt the scores of the request it served
+
+
+def test_a_misspelt_policy_is_refused_without_waiting_for_the_scores(
+    sidecar: SidecarThread,
+) -> None:
+    release = threading.Event()
+    sidecar.service._learner.submit(release.wait, 60)  # scoring that has not finished
+    try:
+        started = time.monotonic()
+        for request in (
+            pb.SetPolicyRequest(policy="thomson"),
+            pb.SetPolicyRequest(policy="thompson", config_json='{"gama": 0.9}'),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                sidecar.stub.SetPolicy(request, metadata=ADMIN, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert time.monotonic() - started < 5  # the wait would be 12.5 s
+    finally:
+        release.set()

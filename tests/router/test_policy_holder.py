@@ -107,7 +107,12 @@ class CursorLog:
         pass
 
     def counterfactual(
-        self, context: Any, drafter: str, accepted_per_step: Sequence[int], draft_length: int
+        self,
+        context: Any,
+        drafter: str,
+        accepted_per_step: Sequence[int],
+        draft_length: int,
+        drafted_per_step: Sequence[int] | None = None,
     ) -> None:
         pass
 

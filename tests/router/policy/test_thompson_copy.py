@@ -253,6 +253,31 @@ def test_a_score_that_counts_its_drafts_teaches_the_match_rate() -> None:
     )
 
 
+def test_a_scores_drafted_counts_that_do_not_pair_up_teach_nothing() -> None:
+    policy = ThompsonPolicy(DRAFTERS, copy_drafters=COPY, rng=np.random.default_rng(0))
+    policy.update_counterfactual(CHAT, "ngram", [8, 0], 8, [8, 0])
+    before = (policy.version, policy._posterior(CHAT)[0].copy())
+    for drafted in ([8], [8, 0, 8], [3, 0]):  # unpaired, or keeping more than drafted
+        with pytest.raises(ValueError):
+            policy.update_counterfactual(CHAT, "ngram", [8, 0], 8, drafted)
+    assert policy.version == before[0]
+    np.testing.assert_array_equal(policy._posterior(CHAT)[0], before[1])
+
+
+def test_a_scored_last_copy_that_reaches_the_outputs_end_is_no_failure() -> None:
+    """A last step that drafted only what it kept (the copy ran to the output's end) is
+    a matched start and a censored run, not a rejection, as in the engine's outcome."""
+    policy = ThompsonPolicy(DRAFTERS, copy_drafters=COPY, rng=np.random.default_rng(0))
+    column = DRAFTERS.index("ngram")
+    alpha0, beta0 = (p[column] for p in policy._posterior(CHAT))
+    policy.update_counterfactual(CHAT, "ngram", [0, 3], 8, [0, 3])
+    alpha, beta = (p[column] for p in policy._posterior(CHAT))
+    assert (alpha - alpha0, beta - beta0) == pytest.approx((3, 1))  # the empty step only
+    evidence = policy.copies_[CHAT]["ngram"].evidence
+    np.testing.assert_allclose(evidence[:2, 0], [1, 1])  # one matched start, one not
+    assert evidence[3].sum() == 0  # the run of 3 is censored: no failure
+
+
 #: Nine lookups in ten find a match; a match is a repeated stretch (R geometric, mean
 #: 30) in 35% of cases and rejected at once otherwise. Truth per run start (t_draft 0.01,
 #: verify slope 0.05): 10.45 tokens; S(8) = 3.75, S(12) = 3.93, S(16) = 3.89.
