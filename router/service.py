@@ -874,9 +874,10 @@ class RouterService:
     async def _learning_settled(self) -> None:
         """Wait until the learner's jobs queued so far are done (it runs one at a time, in
         order: at most MAX_COUNTERFACTUAL_BACKLOG scorings, each checking its budget
-        before each drafter, and in fleet mode the capture of finished requests), within
-        the bound of LEARNING_WAIT_SLACK_S; past it the switch goes on and later scores
-        go to the next policy."""
+        before each drafter, and in fleet mode the capture of finished requests), for at
+        most the budgets of a full backlog plus LEARNING_WAIT_SLACK_S, and never past
+        LEARNING_WAIT_MAX_S; past it the switch goes on and later scores go to the next
+        policy."""
         try:
             done = self._learner.submit(lambda: None)
         except RuntimeError:  # shut down: nothing more will be scored
