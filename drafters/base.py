@@ -96,8 +96,9 @@ class DraftCounter(Protocol):
     def score_counterfactual_drafts(
         self, prompt_ids: Sequence[int], output_ids: Sequence[int], draft_length: int
     ) -> tuple[list[int], list[int]]:
-        """(drafted, accepted) per step on a verified greedy output; the accepts are
-        ``score_counterfactual``'s."""
+        """(drafted, accepted) per step on a verified greedy output: the steps of
+        ``score_counterfactual``, and a last step whose draft is kept to the output's end
+        (which that leaves out) as one that drafted what it kept, as the engine records it."""
         ...
 
 

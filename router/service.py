@@ -771,9 +771,9 @@ class RouterService:
         figures back into the policy, and after it was registered again (other weights,
         say) landed on the new one. Such an outcome is dropped and counted
         (``specroute_reports_total{source="stale"}``)."""
-        serial = routed.drafter_serial
+        serial = routed.drafter_serial  # 0: routed to no registration (a fleet replica's)
         if serial and self.drafters.serial(routed.decision.drafter) == serial:
-            return True  # 0: routed to a drafter not registered (a fleet replica's, say)
+            return True
         logger.info(
             "request %s: outcome dropped, drafter %s was removed or registered again since",
             routed.request_id,

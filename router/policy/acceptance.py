@@ -44,27 +44,6 @@ def counts_from_steps(accepted_per_step: Sequence[int], draft_length: int) -> tu
     return successes, failures
 
 
-def counts_from_drafts(
-    drafted_per_step: Sequence[int], accepted_per_step: Sequence[int]
-) -> tuple[int, int]:
-    """(successes, failures) of steps that drafted ``drafted_per_step`` tokens each, as
-    ``Outcome.acceptance_counts`` counts a request's own steps: n successes, and a failure
-    when fewer than drafted were kept or nothing was drafted. ValueError unless the lists
-    pair up and no step keeps more than it drafted."""
-    if len(drafted_per_step) != len(accepted_per_step):
-        raise ValueError(
-            f"{len(drafted_per_step)} drafted counts for {len(accepted_per_step)} steps"
-        )
-    successes = 0
-    failures = 0
-    for drafted, accepted in zip(drafted_per_step, accepted_per_step, strict=True):
-        if not 0 <= accepted <= drafted:
-            raise ValueError(f"a step keeps {accepted} of {drafted} drafted tokens")
-        successes += accepted
-        failures += accepted < drafted or drafted == 0
-    return successes, failures
-
-
 def cap_evidence(successes: float, failures: float, cap: float | None) -> tuple[float, float]:
     """Scale one request's counts down to at most ``cap`` pseudo-observations.
 

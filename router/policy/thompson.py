@@ -71,7 +71,6 @@ from router.policy.acceptance import (
     ContextArms,
     PriorSettings,
     cap_evidence,
-    counts_from_drafts,
     counts_from_steps,
 )
 from router.policy.base import (
@@ -662,11 +661,11 @@ class ThompsonPolicy:
     ) -> None:
         """Full-information update: what ``drafter`` would have had accepted, no exploration.
         A score with its drafted counts (a lookup's) is read as the drafter's own outcome
-        would be (``counts_from_drafts``; for a copy drafter ``copying.run_counts``, c as
-        well as the run lengths); without them every step drafted ``draft_length`` and a
-        copy drafter learns its run lengths only (``copying.counterfactual_counts``).
-        Drafted counts that do not pair up with the accepts raise ValueError before
-        anything is learnt."""
+        would be (``Outcome.acceptance_counts``; for a copy drafter ``copying.run_counts``,
+        c as well as the run lengths); without them every step drafted ``draft_length``
+        and a copy drafter learns its run lengths only (``copying.counterfactual_counts``).
+        Drafted counts that do not pair up with the accepts raise ValueError (``Outcome``'s
+        check) before anything is learnt."""
         i = self.index_.get(drafter)
         if i is None or draft_length <= 0 or not accepted_per_step:
             logger.debug("counterfactual for %r ignored (unknown drafter or empty)", drafter)
@@ -674,7 +673,9 @@ class ThompsonPolicy:
         successes, failures = (
             counts_from_steps(accepted_per_step, draft_length)
             if drafted_per_step is None
-            else counts_from_drafts(drafted_per_step, accepted_per_step)
+            else Outcome.from_steps(
+                drafted_per_step, accepted_per_step, draft_time_s=0.0, verify_time_s=0.0
+            ).acceptance_counts(draft_length)
         )
         arms = self._context(context)
         gamma = self._learn(arms, i, successes, failures)
