@@ -34,6 +34,7 @@ class GenerationStats:
     stopped_steps: int = 0
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
+    plain_verify_time_s: float = 0.0  # the share of verify_time_s of steps that drafted nothing
     prefill_time_s: float = 0.0
     wall_time_s: float = 0.0
     prompt_tokens: int = 0
@@ -63,6 +64,19 @@ class GenerationStats:
             self.accepted_per_position[position] += 1
         self.draft_time_s += draft_time_s
         self.verify_time_s += verify_time_s
+        if drafted == 0:
+            self.plain_verify_time_s += verify_time_s
+
+    @property
+    def plain_step_time_s(self) -> float | None:
+        """The mean time of the request's steps that drafted nothing (plain decoding, a
+        lookup without a match, a last step capped to no draft): a target forward over one
+        position, measured beside the request's speculative steps; None without such steps
+        or without their time."""
+        plain_steps = self.drafted_per_step.count(0)
+        if not plain_steps or self.plain_verify_time_s <= 0:
+            return None
+        return self.plain_verify_time_s / plain_steps
 
     @property
     def drafted(self) -> int:

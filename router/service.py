@@ -846,6 +846,7 @@ class RouterService:
             verify_time_s=stats.verify_time_s,
             wall_time_s=stats.wall_time_s,
             generated_tokens=stats.generated_tokens,
+            plain_token_time_s=stats.plain_step_time_s,
             stopped_steps=stats.stopped_steps,
             requested_per_step=stats.requested_per_step,
         )

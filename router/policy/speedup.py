@@ -206,9 +206,12 @@ def stopped_speedup_table(
 #   E[tokens]     = c (1 + E[R]) + (1 - c)
 #   E[steps](k)   = c (1 + sum_{j>=1} P(R >= j (k + 1))) + (1 - c)
 #   E[drafted](k) = c k (1 + sum_{j>=1} P(R >= j (k + 1)))
-#   E[cost](k)    = t0 E[steps](k) + (t_draft + t1) E[drafted](k)   (t_verify(d) = t0 + t1 d)
+#   E[cost](k)    = t0 c E[run steps](k) + t_ar (1 - c) + (t_draft + t1) E[drafted](k)
 #
-# (a lookup runs no drafter forward; its time is in t_draft, measured per drafted token),
+# (t_verify(d) = t0 + t1 d for a step of d >= 1 drafts; an unmatched start's step verifies
+# nothing, a one-position forward like plain decoding's, so it costs t_ar, which may be
+# less than t0; a lookup runs no drafter forward: its time is in t_draft, measured per
+# drafted token),
 # and per request, with the fixed times and output length of ``request_speedup``,
 #
 #   S_req(k) = (F_0 + N t_ar) / (F_d + N E[cost](k) / E[tokens]).
@@ -248,7 +251,7 @@ def copy_request_speedup(
     tokens = c * reach.sum(axis=-1, keepdims=True) + 1.0  # c (1 + E[R]) + 1 - c
     t0, t1 = verify_line
     drafts = run_steps * (c * np.arange(1, k_max + 1))  # E[drafted](k)
-    cost = (c * run_steps + (1.0 - c)) * t0
+    cost = c * run_steps * t0 + (1.0 - c) * t_ar
     cost += drafts * (np.asarray(t_draft, dtype=np.float64)[:, None] + t1)
     length = np.asarray(output_tokens, dtype=np.float64)[..., None, None]
     spent = cost / tokens

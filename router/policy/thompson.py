@@ -37,7 +37,8 @@ above. At draft length k a run takes floor(R / (k + 1)) + 1 steps for R + 1 toke
 
     S_req(k) = (F_0 + N t_ar) / (F_d + N E[cost](k) / E[tokens]),
 
-E[tokens] = 1 + c E[R], E[cost](k) = t0 E[steps](k) + (t_draft + t1) E[drafted](k), for k
+E[tokens] = 1 + c E[R], E[cost](k) = t0 c E[run steps](k) + t_ar (1 - c) + (t_draft + t1)
+E[drafted](k) (an unmatched lookup's step is a plain one), for k
 up to ``copy_k_max`` (16): runs longer than a few tokens make long drafts pay, which one
 per-token acceptance cannot price. Model drafters keep k_max.
 

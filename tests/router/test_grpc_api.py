@@ -1051,6 +1051,32 @@ def test_a_lookups_counterfactual_score_teaches_how_often_it_matches(
     assert starts >= 1
 
 
+def test_a_lookups_unmatched_steps_tell_the_policy_what_a_plain_step_costs(
+    sidecar: SidecarThread, PROMPT: str
+) -> None:
+    """A step whose lookup found nothing is a one-position target forward, plain
+    decoding's step; the engine times those steps apart and the outcome carries their mean
+    (``plain_token_time_s``), so thompson prices plain decoding by it instead of by the
+    speculative step's intercept, which a one-position forward need not cost."""
+    counterfactuals_settled(sidecar)
+    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson", reset_state=True), metadata=ADMIN)
+    text = " ".join([PROMPT] * 3)  # something to copy, and new text
+    chunks = generate(
+        sidecar,
+        text=text,
+        max_new_tokens=40,
+        task_hint="chat",
+        force_drafter="ngram",
+        force_draft_length=4,
+    )
+    drafted = list(chunks[-1].stats.drafted_per_step)
+    assert 0 in drafted and any(drafted), f"wanted matched and unmatched lookups: {drafted}"
+    counterfactuals_settled(sidecar)
+    costs = sidecar.service.policy._policy.costs_
+    assert len(costs.plain_.samples) == 1
+    assert 0.0 < costs.plain_token_time() < 10.0
+
+
 def test_a_policy_switch_waits_for_the_scores_of_requests_already_served(
     sidecar: SidecarThread, PROMPT: str
 ) -> None:

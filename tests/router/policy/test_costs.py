@@ -107,7 +107,9 @@ def test_request_overheads_measure_each_arms_fixed_time_and_the_output_length() 
     math, chat = Context("math"), Context("chat")
     for _ in range(20):
         for k, arm, fixed_s in ((0, "none", 0.02), (3, "generic", 0.05)):
-            outcome = _with_fixed_time(_outcome(k, 10), fixed_s)
+            # One k, so the slope stays at its prior (0.05): a plain request is no point
+            # of the verify line.
+            outcome = _with_fixed_time(_outcome(k, 10, slope=0.05), fixed_s)
             overheads.observe(math, arm, outcome, costs.observe(arm, outcome))
     fixed_none, fixed = overheads.fixed_times(math, ["generic", "code"])
     # In units of the plain step (0.01 s): 2 and 5.
@@ -142,7 +144,7 @@ def test_one_stalled_request_does_not_price_a_drafter_out_of_its_context() -> No
     chat, summary, long_chat = Context("chat", 1), Context("summarization", 1), Context("chat", 2)
 
     def observe(context: Context, arm: str, k: int, fixed_s: float) -> None:
-        outcome = _with_fixed_time(_outcome(k, 10), fixed_s)
+        outcome = _with_fixed_time(_outcome(k, 10, slope=0.05), fixed_s)
         overheads.observe(context, arm, outcome, costs.observe(arm, outcome))
 
     for _ in range(8):  # units of 0.01 s: plain 4, ngram 5 in chat
@@ -330,3 +332,49 @@ def test_one_stalled_first_request_does_not_price_a_drafter_out() -> None:
     # Four samples, one a stall: their own robust location, the stall left out.
     unit = 0.01 * (1 + 0.1 * 4) / (1 + 0.05 * 4)  # a step's time over the prior slope's
     assert costs.step_costs(["generic"], 8).t_draft[0] == pytest.approx(0.002 / unit)
+
+
+def _mixed(matched: int, unmatched: int, *, unit: float, plain: float, k: int = 3) -> Outcome:
+    """A lookup's request: ``matched`` steps drafting k (verify u (1 + 0.05 k) each) and
+    ``unmatched`` steps drafting nothing, one-position forwards of ``plain`` seconds,
+    measured apart (``plain_token_time_s``)."""
+    drafted = [k] * matched + [0] * unmatched
+    return Outcome.from_steps(
+        drafted,
+        [0] * len(drafted),
+        draft_time_s=matched * k * 0.1 * unit,
+        verify_time_s=matched * unit * (1 + 0.05 * k) + unmatched * plain,
+        plain_token_time_s=plain,
+    )
+
+
+def test_steps_that_drafted_nothing_price_plain_decoding_apart_from_the_intercept() -> None:
+    """On a CPU a one-position forward (plain decoding, a lookup without a match) may cost
+    far less than the speculative step's intercept (~6 against ~9 ms on the built-in
+    world). Measured apart in the same request, they give t_ar in units (q) and stay out
+    of the unit, the draft ratio and the slope; a plain request's fixed time is then
+    counted in the units of the speculative requests'."""
+    costs, overheads = StepRatios(), RequestOverheads()
+    for _ in range(6):
+        unit = costs.observe("ngram", _mixed(4, 6, unit=0.009, plain=0.006), CODE)
+        assert unit == pytest.approx(0.009)
+    assert costs.plain_token_time() == pytest.approx(6 / 9)
+    assert costs.step_costs(["ngram"], 3).t_draft[0] == pytest.approx(0.1)
+    assert costs.slope() == pytest.approx(0.05)
+    # A plain request: steps of 6 ms and 18 ms outside them, i.e. 2 units of 9 ms.
+    plain = _with_fixed_time(_outcome(0, 10, t_ar=0.006), 0.018)
+    overheads.observe(CODE, "none", plain, costs.observe("none", plain, CODE))
+    assert overheads.fixed_times(CODE, [])[0] == pytest.approx(2.0)
+    # Without the plain steps' time (an older caller), the request's totals as before.
+    totals = StepRatios()
+    legacy = _mixed(4, 6, unit=0.009, plain=0.006)
+    legacy = Outcome.from_steps(
+        legacy.drafted_per_step,
+        legacy.accepted_per_step,
+        draft_time_s=legacy.draft_time_s,
+        verify_time_s=legacy.verify_time_s,
+    )
+    assert totals.observe("ngram", legacy) == pytest.approx(
+        legacy.verify_time_s / 10 / (1 + 0.05 * 1.2)
+    )
+    assert totals.plain_token_time() == 1.0

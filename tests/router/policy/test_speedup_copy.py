@@ -87,3 +87,36 @@ def test_runs_that_never_start_cost_a_plain_step_and_long_runs_pay_at_long_k() -
     short_runs = _per_step(0.5, [0.5] * 64, 16)
     assert int(long_runs.argmax()) > 8 and long_runs[16] > long_runs[8]
     assert int(short_runs.argmax()) <= 3
+
+
+def test_an_unmatched_lookup_costs_a_plain_step_whatever_the_verify_intercept() -> None:
+    """A lookup that finds nothing runs a one-position target forward, plain decoding's
+    step (t_ar), not the speculative step's intercept t0: a copy drafter that never
+    matches (and costs nothing to look up) is exactly as fast as plain decoding, whatever
+    a two-position forward costs. Priced at t0 = 1.5 t_ar, it was 0.67x."""
+    never = copy_request_speedup(
+        np.array([[0.0]]),
+        np.array([[[1.0] * 8]]),
+        k_max=2,
+        t_ar=0.7,
+        t_draft=np.array([0.0]),
+        verify_line=(1.0, 0.1),
+        output_tokens=np.array([10.0]),
+        fixed_none=np.array([0.0]),
+        fixed_drafters=np.zeros((1, 1)),
+    )[0, 0]
+    np.testing.assert_allclose(never, 1.0)
+    # Half the lookups match a run of exactly 2 tokens: at k = 2 a matched start is one
+    # step of t0 + 2 t1 for 3 tokens, an unmatched one a plain step for 1.
+    half = copy_request_speedup(
+        np.array([[0.5]]),
+        np.array([[[1.0, 1.0] + [0.0] * 6]]),
+        k_max=2,
+        t_ar=0.7,
+        t_draft=np.array([0.0]),
+        verify_line=(1.0, 0.1),
+        output_tokens=np.array([1.0]),
+        fixed_none=np.array([0.0]),
+        fixed_drafters=np.zeros((1, 1)),
+    )[0, 0]
+    assert half[2] == pytest.approx(0.7 * 2.0 / (0.5 * 1.2 + 0.5 * 0.7))
