@@ -12,15 +12,20 @@ shorter draft pays more.
 Within the request, per-token acceptance a has a Beta(1, 1) prior and the
 truncated-geometric evidence of its steps so far (s accepted drafts, f steps whose draft
 was rejected at some position, as the router's posterior counts them). Costs come from
-the request's own timings, in units of a plain target step t: a drafted token costs
+the request's own timings, in units of t, its target step with the draft positions taken
+off: a drafted token costs
 c = (draft time per drafted token) / t and a verify of j drafts t (1 + slope j), with
-t = (verify time per step) / (1 + slope * drafts per step). Before each step, once
+t = (verify time per step) / (1 + slope * drafts per step) over its steps that drafted
+something. Before each step, once
 there are ``min_evidence`` observations, the guard takes the upper ``confidence``
 quantile a+ of the posterior and drafts
 
-    k' = argmax_{j = 0..k} S(a+, j),   S(a, j) = (1 + a + ... + a^j) / (1 + (c + slope) j)
+    k' = argmax_{j = 0..k} S(a+, j),   S(a, j) = q (1 + a + ... + a^j) / (1 + (c + slope) j)
 
-(S(a, 0) = 1): a shorter draft only when even the optimistic a+ prefers it, and k' = 0,
+(S(a, 0) = 1), q the plain step's cost in units of t (``plain_step_ratio``: a
+one-position forward may cost less than t, the intercept of the verify line; on the
+built-in world on a CPU q ~ 0.7; the policy measures it and the sidecar passes it in, 1
+where nothing measured it): a shorter draft only when even the optimistic a+ prefers it, and k' = 0,
 plain decoding for the rest of the request, only when even a+ says no draft pays. k' may
 grow back to k while it is above 0. The output is the same whatever the draft length
 (lossless); what changes is the time of a request the router misjudged.
@@ -40,11 +45,15 @@ DEFAULT_MIN_EVIDENCE = 8
 DEFAULT_VERIFY_SLOPE = 0.05
 
 
-def step_speedups(acceptance: float, k: int, draft_cost: float, verify_slope: float) -> np.ndarray:
-    """S(a, j) for j = 0..k (module doc), with S(a, 0) = 1."""
+def step_speedups(
+    acceptance: float, k: int, draft_cost: float, verify_slope: float, plain_step: float = 1.0
+) -> np.ndarray:
+    """S(a, j) for j = 0..k (module doc), with S(a, 0) = 1; ``plain_step`` is q."""
     j = np.arange(k + 1)
     tokens = np.cumsum(acceptance ** j.astype(np.float64))
-    return tokens / (1.0 + (draft_cost + verify_slope) * j)
+    speedups = plain_step * tokens / (1.0 + (draft_cost + verify_slope) * j)
+    speedups[0] = 1.0
+    return speedups
 
 
 @dataclass
@@ -60,6 +69,8 @@ class LossGuard:
     # the schedule is then a function of the counts alone, as a sampled run needs to be
     # repeatable from its seed (the draws it consumes follow each step's k).
     draft_cost_ratio: float | None = None
+    # q: a plain step's cost in units of the request's speculative step intercept.
+    plain_step_ratio: float = 1.0
     tripped_at_step: int | None = None  # the step from which it drafts nothing
     shortest: int | None = None  # the shortest draft it asked for (None: never shortened)
     _seen_steps: int = field(default=0, repr=False)
@@ -75,6 +86,8 @@ class LossGuard:
             raise ValueError(f"verify_slope must be >= 0, got {self.verify_slope}")
         if self.draft_cost_ratio is not None and self.draft_cost_ratio < 0:
             raise ValueError(f"draft_cost_ratio must be >= 0, got {self.draft_cost_ratio}")
+        if not self.plain_step_ratio > 0:
+            raise ValueError(f"plain_step_ratio must be > 0, got {self.plain_step_ratio}")
 
     def __call__(self, steps: int, stats: GenerationStats) -> int:
         if self.tripped_at_step is not None:
@@ -83,7 +96,9 @@ class LossGuard:
         if self._successes + self._failures < self.min_evidence:
             return self.k
         optimistic = float(betaincinv(self._successes + 1, self._failures + 1, self.confidence))
-        speedups = step_speedups(optimistic, self.k, self.draft_cost(stats), self.verify_slope)
+        speedups = step_speedups(
+            optimistic, self.k, self.draft_cost(stats), self.verify_slope, self.plain_step_ratio
+        )
         k = int(np.argmax(speedups))
         if k == 0:
             self.tripped_at_step = steps
@@ -97,12 +112,14 @@ class LossGuard:
         if self.draft_cost_ratio is not None:
             return self.draft_cost_ratio
         drafted = stats.drafted
-        if drafted <= 0 or stats.steps <= 0 or stats.verify_time_s <= 0:
+        # The steps that drafted something: a step without drafts is a one-position
+        # forward, timed apart (``plain_verify_time_s``), no point of the verify line.
+        steps = stats.steps - stats.drafted_per_step.count(0)
+        verify_time = stats.verify_time_s - stats.plain_verify_time_s
+        if drafted <= 0 or steps <= 0 or verify_time <= 0:
             return 0.0
-        plain_step = (
-            stats.verify_time_s / stats.steps / (1.0 + self.verify_slope * drafted / stats.steps)
-        )
-        return stats.draft_time_s / drafted / plain_step
+        unit = verify_time / steps / (1.0 + self.verify_slope * drafted / steps)
+        return stats.draft_time_s / drafted / unit
 
     def _count(self, stats: GenerationStats) -> None:
         """Take in the steps recorded since the last call. A step with no draft (an n-gram

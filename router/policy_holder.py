@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from router.errors import InvalidRequestError
-from router.policy.base import DrafterHints, IncompatibleStateError
+from router.policy.base import DrafterHints, IncompatibleStateError, PricesPlainSteps
 from router.store import PolicySnapshot, SidecarStore
 
 logger = logging.getLogger(__name__)
@@ -214,6 +214,12 @@ class PolicyHolder:
         """Decisions for a batch of contexts under one lock, and the policy version."""
         with self._lock:
             return self._policy.select_many(contexts, eligible), int(self._policy.version)
+
+    def plain_step_ratio(self) -> float:
+        """q of the serving policy where it measures one (``PricesPlainSteps``), else 1."""
+        with self._lock:
+            policy = self._policy
+            return policy.plain_step_ratio() if isinstance(policy, PricesPlainSteps) else 1.0
 
     def update(self, context: Any, decision: Any, outcome: Any) -> int:
         """Every outcome this process learns from (Report, Generate) comes here."""

@@ -805,20 +805,24 @@ class RouterService:
     def _loss_guard(self, k: int, sampling: Sampling, drafter: Any) -> LossGuard | None:
         """The request's in-flight guard (``drafters/guard.py``); None when off or k = 0.
         A sampled run's prices drafts at a fixed cost (its kind's hint, else
-        ``SAMPLED_DRAFT_COST``), not the request's measured times: the k of each step
-        decides which draws the run consumes, so a schedule that followed the machine's
-        timing gave another text for the same seed, drafter and k."""
+        ``SAMPLED_DRAFT_COST``) and plain decoding at q = 1, not the request's or the
+        policy's measured times: the k of each step decides which draws the run
+        consumes, so a schedule that followed the machine's timing gave another text for
+        the same seed, drafter and k. A greedy run's guard prices plain decoding at the
+        policy's measured q (``PolicyHolder.plain_step_ratio``)."""
         settings = self.settings.loss_guard
         if not settings.enabled or k <= 0:
             return None
         from drafters import draft_cost_hint
         from drafters.guard import LossGuard
 
-        fixed = None
         if sampling.do_sample:
             hint = draft_cost_hint(drafter)
             fixed = SAMPLED_DRAFT_COST if hint is None else hint
-        return LossGuard(k, confidence=settings.confidence, draft_cost_ratio=fixed)
+            return LossGuard(k, confidence=settings.confidence, draft_cost_ratio=fixed)
+        return LossGuard(
+            k, confidence=settings.confidence, plain_step_ratio=self.policy.plain_step_ratio()
+        )
 
     def _capture(self, result: GenerationResult) -> None:
         """Keep the run's prompt and verified output when capture is on (router.capture);

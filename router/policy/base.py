@@ -424,6 +424,15 @@ class Policy(Protocol):
     def describe(self) -> list[ContextSummary]: ...
 
 
+@runtime_checkable
+class PricesPlainSteps(Protocol):
+    """A policy that measures what a plain decoding step costs against a speculative
+    step's intercept (``costs.StepRatios``): q, 1 until measured. The sidecar passes it
+    to a request's loss guard (``drafters.guard``), whose own timings have no plain step."""
+
+    def plain_step_ratio(self) -> float: ...
+
+
 def check_drafter_name(name: str) -> None:
     """Refuse to add ``"none"`` as a drafter: it names the k = 0 arm."""
     if name == NONE_DRAFTER:

@@ -445,6 +445,11 @@ class ThompsonPolicy:
     def version(self) -> int:
         return self.updates_
 
+    def plain_step_ratio(self) -> float:
+        """q: a plain step's measured cost in units of a speculative step's intercept
+        (``costs.StepRatios``; 1 until measured)."""
+        return self.costs_.plain_token_time()
+
     # -- selection: gather the posteriors and prices, then ``thompson_decisions`` ----------
 
     def select(self, context: Context, eligible: Sequence[str]) -> Decision:

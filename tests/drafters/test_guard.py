@@ -95,8 +95,43 @@ def test_a_fixed_draft_cost_makes_the_schedule_a_function_of_the_counts() -> Non
     assert fixed[0] == fixed[1]
 
 
+def test_a_plain_step_cheaper_than_the_intercept_stops_drafts_that_only_break_even() -> None:
+    """One accepted draft token in two steps at a drafted token's cost of 0.1: about even
+    against a plain step priced at the speculative step's intercept (q = 1), but 30%
+    slower than plain decoding where a plain step costs 0.7 of it (a one-position forward
+    on a CPU), which the policy measures and the sidecar passes in."""
+    pattern = [1, 0] * 30
+    at_intercept, measured = LossGuard(2), LossGuard(2, plain_step_ratio=0.7)
+    _steps(at_intercept, pattern, draft_cost=0.1)
+    _steps(measured, pattern, draft_cost=0.1)
+    assert at_intercept.tripped_at_step is None
+    assert measured.tripped_at_step is not None
+    np.testing.assert_allclose(step_speedups(0.5, 1, 0.2, 0.05, 0.5), [1.0, 0.6])
+
+
+def test_the_unit_leaves_out_the_steps_that_drafted_nothing() -> None:
+    """A step without drafts (a lookup without a match) is a one-position forward timed
+    apart: it is no point of the verify line, so it does not move the unit the draft cost
+    is counted in."""
+    stats = GenerationStats()
+    for drafted in (4, 0, 4, 0):
+        stats.observe_step(
+            requested=4,
+            drafted=drafted,
+            accepted=0,
+            draft_time_s=0.1 * PLAIN_STEP_S * drafted,
+            verify_time_s=PLAIN_STEP_S * (1 + 0.05 * drafted) if drafted else 0.6 * PLAIN_STEP_S,
+        )
+    assert LossGuard(4).draft_cost(stats) == pytest.approx(0.1)
+
+
 def test_settings_are_checked() -> None:
-    for bad in ({"k": -1}, {"k": 2, "confidence": 1.0}, {"k": 2, "verify_slope": -0.1}):
+    for bad in (
+        {"k": -1},
+        {"k": 2, "confidence": 1.0},
+        {"k": 2, "verify_slope": -0.1},
+        {"k": 2, "plain_step_ratio": 0.0},
+    ):
         with pytest.raises(ValueError):
             LossGuard(**bad)  # type: ignore[arg-type]
 

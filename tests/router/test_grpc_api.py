@@ -1077,6 +1077,41 @@ def test_a_lookups_unmatched_steps_tell_the_policy_what_a_plain_step_costs(
     assert 0.0 < costs.plain_token_time() < 10.0
 
 
+def test_a_greedy_requests_loss_guard_prices_plain_decoding_at_the_policys_measure(
+    sidecar: SidecarThread, PROMPT: str
+) -> None:
+    """The loss guard compares drafting with plain decoding inside a request whose own
+    steps all drafted: it prices a plain step at the serving policy's measured q (a
+    one-position forward against the speculative step's intercept), not at 1. Where q
+    says a plain step costs a fifth of the intercept, no draft of 4 can pay, and the
+    guard stops drafting; at q = 1 it drafts to the end."""
+    counterfactuals_settled(sidecar)
+
+    def drafted_per_step() -> list[int]:
+        chunks = generate(
+            sidecar,
+            text=PROMPT,
+            max_new_tokens=40,
+            task_hint="math",
+            force_drafter="math",
+            force_draft_length=4,
+            no_update=True,
+        )
+        return list(chunks[-1].stats.drafted_per_step)
+
+    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson", reset_state=True), metadata=ADMIN)
+    at_one = drafted_per_step()
+    assert at_one[-2] > 0, f"the guard stopped drafting at q = 1: {at_one}"
+    costs = sidecar.service.policy._policy.costs_
+    for _ in range(3):
+        costs.plain_.add(0.2)
+    assert sidecar.service.policy.plain_step_ratio() == pytest.approx(0.2)
+    measured = drafted_per_step()
+    assert measured[0] == 4 and measured[-1] == 0  # drafts first, then trips
+    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="fixed", reset_state=True), metadata=ADMIN)
+    assert sidecar.service.policy.plain_step_ratio() == 1.0
+
+
 def test_a_policy_switch_waits_for_the_scores_of_requests_already_served(
     sidecar: SidecarThread, PROMPT: str
 ) -> None:
