@@ -65,12 +65,15 @@ class LossGuard:
     confidence: float = DEFAULT_CONFIDENCE
     min_evidence: int = DEFAULT_MIN_EVIDENCE
     verify_slope: float = DEFAULT_VERIFY_SLOPE
-    # A drafted token's cost in plain steps, fixed, instead of the request's measured times:
-    # the schedule is then a function of the counts alone, as a sampled run needs to be
-    # repeatable from its seed (the draws it consumes follow each step's k).
+    # A drafted token's cost in units of t (module doc), fixed, instead of the request's
+    # measured times: the schedule is then a function of the counts alone, as a sampled
+    # run needs to be repeatable from its seed (the draws it consumes follow each step's k).
     draft_cost_ratio: float | None = None
-    # q: a plain step's cost in units of the request's speculative step intercept.
+    # q: a plain step's cost in units of a speculative step's intercept, as the policy
+    # measures it with its verify slope ``plain_step_slope`` (None: this guard's own
+    # ``verify_slope``); converted to this guard's unit per request (``plain_step``).
     plain_step_ratio: float = 1.0
+    plain_step_slope: float | None = None
     tripped_at_step: int | None = None  # the step from which it drafts nothing
     shortest: int | None = None  # the shortest draft it asked for (None: never shortened)
     _seen_steps: int = field(default=0, repr=False)
@@ -88,6 +91,8 @@ class LossGuard:
             raise ValueError(f"draft_cost_ratio must be >= 0, got {self.draft_cost_ratio}")
         if not self.plain_step_ratio > 0:
             raise ValueError(f"plain_step_ratio must be > 0, got {self.plain_step_ratio}")
+        if self.plain_step_slope is not None and self.plain_step_slope < 0:
+            raise ValueError(f"plain_step_slope must be >= 0, got {self.plain_step_slope}")
 
     def __call__(self, steps: int, stats: GenerationStats) -> int:
         if self.tripped_at_step is not None:
@@ -97,7 +102,7 @@ class LossGuard:
             return self.k
         optimistic = float(betaincinv(self._successes + 1, self._failures + 1, self.confidence))
         speedups = step_speedups(
-            optimistic, self.k, self.draft_cost(stats), self.verify_slope, self.plain_step_ratio
+            optimistic, self.k, self.draft_cost(stats), self.verify_slope, self.plain_step(stats)
         )
         k = int(np.argmax(speedups))
         if k == 0:
@@ -105,6 +110,17 @@ class LossGuard:
         if k < self.k:
             self.shortest = k if self.shortest is None else min(self.shortest, k)
         return k
+
+    def plain_step(self, stats: GenerationStats) -> float:
+        """q in this guard's unit: the policy's unit is the verify step over
+        (1 + s kbar) with its own slope s, this guard's over (1 + verify_slope kbar), so
+        q (1 + verify_slope kbar) / (1 + s kbar) at the request's kbar so far."""
+        q, slope = self.plain_step_ratio, self.plain_step_slope
+        steps = stats.steps - stats.plain_steps
+        if slope is None or steps <= 0:
+            return q
+        kbar = stats.drafted / steps
+        return q * (1.0 + self.verify_slope * kbar) / (1.0 + slope * kbar)
 
     def draft_cost(self, stats: GenerationStats) -> float:
         """c: the request's draft time per drafted token over its plain step time (or
@@ -114,7 +130,7 @@ class LossGuard:
         drafted = stats.drafted
         # The steps that drafted something: a step without drafts is a one-position
         # forward, timed apart (``plain_verify_time_s``), no point of the verify line.
-        steps = stats.steps - stats.drafted_per_step.count(0)
+        steps = stats.steps - stats.plain_steps
         verify_time = stats.verify_time_s - stats.plain_verify_time_s
         if drafted <= 0 or steps <= 0 or verify_time <= 0:
             return 0.0

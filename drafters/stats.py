@@ -34,7 +34,8 @@ class GenerationStats:
     stopped_steps: int = 0
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
-    plain_verify_time_s: float = 0.0  # the share of verify_time_s of steps that drafted nothing
+    plain_steps: int = 0  # steps that drafted nothing (one-position target forwards)
+    plain_verify_time_s: float = 0.0  # their share of verify_time_s
     prefill_time_s: float = 0.0
     wall_time_s: float = 0.0
     prompt_tokens: int = 0
@@ -65,6 +66,7 @@ class GenerationStats:
         self.draft_time_s += draft_time_s
         self.verify_time_s += verify_time_s
         if drafted == 0:
+            self.plain_steps += 1
             self.plain_verify_time_s += verify_time_s
 
     @property
@@ -73,10 +75,9 @@ class GenerationStats:
         lookup without a match, a last step capped to no draft): a target forward over one
         position, measured beside the request's speculative steps; None without such steps
         or without their time."""
-        plain_steps = self.drafted_per_step.count(0)
-        if not plain_steps or self.plain_verify_time_s <= 0:
+        if not self.plain_steps or self.plain_verify_time_s <= 0:
             return None
-        return self.plain_verify_time_s / plain_steps
+        return self.plain_verify_time_s / self.plain_steps
 
     @property
     def drafted(self) -> int:

@@ -215,11 +215,11 @@ class PolicyHolder:
         with self._lock:
             return self._policy.select_many(contexts, eligible), int(self._policy.version)
 
-    def plain_step_ratio(self) -> float:
-        """q of the serving policy where it measures one (``PricesPlainSteps``), else 1."""
+    def plain_step_terms(self) -> tuple[float, float] | None:
+        """(q, s) of the serving policy where it measures them (``PricesPlainSteps``)."""
         with self._lock:
             policy = self._policy
-            return policy.plain_step_ratio() if isinstance(policy, PricesPlainSteps) else 1.0
+            return policy.plain_step_terms() if isinstance(policy, PricesPlainSteps) else None
 
     def update(self, context: Any, decision: Any, outcome: Any) -> int:
         """Every outcome this process learns from (Report, Generate) comes here."""

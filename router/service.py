@@ -809,7 +809,7 @@ class RouterService:
         policy's measured times: the k of each step decides which draws the run
         consumes, so a schedule that followed the machine's timing gave another text for
         the same seed, drafter and k. A greedy run's guard prices plain decoding at the
-        policy's measured q (``PolicyHolder.plain_step_ratio``)."""
+        policy's measured q (``PolicyHolder.plain_step_terms``)."""
         settings = self.settings.loss_guard
         if not settings.enabled or k <= 0:
             return None
@@ -820,8 +820,12 @@ class RouterService:
             hint = draft_cost_hint(drafter)
             fixed = SAMPLED_DRAFT_COST if hint is None else hint
             return LossGuard(k, confidence=settings.confidence, draft_cost_ratio=fixed)
+        terms = self.policy.plain_step_terms()
+        if terms is None:
+            return LossGuard(k, confidence=settings.confidence)
+        q, slope = terms
         return LossGuard(
-            k, confidence=settings.confidence, plain_step_ratio=self.policy.plain_step_ratio()
+            k, confidence=settings.confidence, plain_step_ratio=q, plain_step_slope=slope
         )
 
     def _capture(self, result: GenerationResult) -> None:
@@ -850,9 +854,9 @@ class RouterService:
             verify_time_s=stats.verify_time_s,
             wall_time_s=stats.wall_time_s,
             generated_tokens=stats.generated_tokens,
-            plain_token_time_s=stats.plain_step_time_s,
             stopped_steps=stats.stopped_steps,
             requested_per_step=stats.requested_per_step,
+            plain_steps_time_s=stats.plain_verify_time_s,
         )
         self.policy.update(routed.context, routed.decision, outcome)
         self._count_outcome(routed, outcome, "generate")

@@ -158,7 +158,11 @@ class Outcome:
     (bonus token excluded). Times are totals in seconds; for a
     k = 0 request the target's decoding time counts as verify time.
     ``plain_token_time_s`` is the target's time per token without speculation when the
-    caller measured it; otherwise the cost model estimates it (see ``costs.py``).
+    caller measured it (a plain replica's, a client's); otherwise the cost model
+    estimates it (see ``costs.py``). ``plain_steps_time_s`` is the verify time of this
+    request's own steps that drafted nothing (one-position forwards: a lookup without a
+    match, a step capped to no draft), when whoever ran it timed them apart (the
+    sidecar's engine); 0: not measured.
     ``stopped_steps`` counts the steps whose draft a stop threshold ended before k (the
     continuation evidence of a threshold arm; 0 when unknown or no threshold).
     ``requested_per_step[i]`` is the draft length step i asked for, when the caller knows
@@ -176,6 +180,7 @@ class Outcome:
     plain_token_time_s: float | None = None
     stopped_steps: int = 0
     requested_per_step: tuple[int, ...] = ()
+    plain_steps_time_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_per_step("accepted", self.accepted_per_step, "drafted", self.drafted_per_step)
@@ -183,6 +188,9 @@ class Outcome:
             raise ValueError("times must be >= 0")
         if self.plain_token_time_s is not None and self.plain_token_time_s <= 0:
             raise ValueError("plain_token_time_s must be > 0 when given")
+        # (a subset of the verify time's sum: equal to it, not past it, up to rounding)
+        if not 0 <= self.plain_steps_time_s <= self.verify_time_s * (1 + 1e-9):
+            raise ValueError("plain_steps_time_s must be within 0..verify_time_s")
         if not 0 <= self.stopped_steps <= len(self.drafted_per_step):
             raise ValueError(f"stopped_steps {self.stopped_steps} outside 0..steps")
         if self.requested_per_step:
@@ -201,6 +209,7 @@ class Outcome:
         plain_token_time_s: float | None = None,
         stopped_steps: int = 0,
         requested_per_step: Sequence[int] = (),
+        plain_steps_time_s: float = 0.0,
     ) -> Outcome:
         """Build from per-step lists; ``generated_tokens`` defaults to sum(accepted + 1)."""
         drafted = tuple(int(x) for x in drafted_per_step)
@@ -216,6 +225,7 @@ class Outcome:
             plain_token_time_s or None,
             int(stopped_steps),
             tuple(int(x) for x in requested_per_step),
+            float(plain_steps_time_s),
         )
 
     @classmethod
@@ -427,10 +437,12 @@ class Policy(Protocol):
 @runtime_checkable
 class PricesPlainSteps(Protocol):
     """A policy that measures what a plain decoding step costs against a speculative
-    step's intercept (``costs.StepRatios``): q, 1 until measured. The sidecar passes it
-    to a request's loss guard (``drafters.guard``), whose own timings have no plain step."""
+    step's intercept (``costs.StepRatios``): (q, s), q 1 until measured, s the verify
+    slope its unit is defined with. The sidecar passes them to a greedy request's loss
+    guard (``drafters.guard``): a request whose steps all draft has no plain step of its
+    own to measure."""
 
-    def plain_step_ratio(self) -> float: ...
+    def plain_step_terms(self) -> tuple[float, float]: ...
 
 
 def check_drafter_name(name: str) -> None:

@@ -3,7 +3,8 @@
 Two models share this module:
 
 - ``StepRatios`` (``thompson``): costs as **ratios measured within each request**, in
-  units of the target's plain step at that request's own load. A request reports its
+  units of the request's own target step with the draft positions taken off (the
+  intercept of its verify line, at that request's own load). A request reports its
   draft time, verify time and steps together, so other work on the machine (a busy
   neighbour, a batch, a stall) stretches them alike and the ratios stay put, where
   absolute times measured minutes apart would not. Each ratio is the **interquartile
@@ -13,15 +14,19 @@ Two models share this module:
   - the request's unit ``u = (verify_time / steps) / (1 + s * kbar)``: its target step
     time with the draft positions taken off (kbar = drafted / steps, s the slope below),
     over its steps that drafted something when it measured the others apart
-    (``speculative_steps``); a plain request's is its step time over q;
+    (``plain_steps_time_s``, ``speculative_steps``); a plain request's is its own step
+    (the plain arm's fixed times are kept in it and priced at q, ``RequestOverheads``);
   - ``c[d]``: draft_time / drafted / u per drafter d (its draft cost ratio), kept per
     cost shape where the drafter has one (``cost_shape``, drafter -> key: drafters of one
     architecture cost the same per drafted token, so they share one window: each one's
     figures price all of them, and one registered later is priced from the first request);
-  - ``q``: plain_token_time_s / u when callers measure it (the sidecar's engine: the mean
-    time of a request's steps that drafted nothing, one-position forwards, which may cost
-    less than the intercept u: ~6 ms against ~9 ms on the built-in world on a CPU), else
-    t_ar = 1 unit;
+  - ``t_e``: the mean time of a request's steps that drafted nothing, timed apart within
+    it (the sidecar's engine: one-position forwards, which may cost less than the
+    intercept u: ~6 ms against ~9 ms on the built-in world on a CPU) over u, else 1: a
+    copy drafter's unmatched lookup (``empty_step``);
+  - ``q`` = t_ar: plain_token_time_s / u when the caller measures plain decoding (a
+    fleet's plain replica, a client), else t_e where measured (the same engine's plain
+    step), else 1 unit;
   - the verify step ``t_verify(k) = 1 + s * k`` units, where the slope s, which no
     single request measures (its k is one), comes from two consecutive requests of one
     context with different mean k (``slope_between``): as close together in time as
@@ -68,20 +73,18 @@ def target_steps_and_time(outcome: Outcome) -> tuple[int, float]:
 
 def speculative_steps(outcome: Outcome, steps: int, target_time: float) -> tuple[int, float]:
     """(steps, target time) of the request's steps that drafted something. A step that
-    drafted nothing (a lookup without a match, a last step capped to no draft) is a
+    drafted nothing (a lookup without a match, a step capped to no draft) is a
     one-position forward, which may cost less than the verify line's intercept (on a CPU
     the target's matrix products take another path for one row than for two or more:
-    ~6 ms against ~9 ms on the built-in world); when the request measured those steps'
-    time (``plain_token_time_s``), they are taken out. Otherwise, or when taking them out
-    leaves no time, the request's totals."""
-    plain = outcome.plain_token_time_s
+    ~6 ms against ~9 ms on the built-in world); when the request timed those steps apart
+    (``plain_steps_time_s``), they are taken out. Otherwise (a plain time measured
+    elsewhere, as a fleet's or a client's, is no measure of this request's steps), or
+    when taking them out leaves no step or no time, the request's totals."""
     plain_steps = outcome.drafted_per_step.count(0)
-    if not plain or not plain_steps or plain_steps >= steps:
+    plain_time = outcome.plain_steps_time_s
+    if plain_time <= 0 or not plain_steps or plain_steps >= steps or plain_time >= target_time:
         return steps, target_time
-    spec_time = target_time - plain_steps * plain
-    if spec_time <= 0:
-        return steps, target_time
-    return steps - plain_steps, spec_time
+    return steps - plain_steps, target_time - plain_time
 
 
 class VerifyLine:
@@ -187,7 +190,8 @@ class RobustWindow:
 
 
 class StepRatios:
-    """``thompson``'s cost model: per-step costs in units of the target's plain step, as
+    """``thompson``'s cost model: per-step costs in units of each request's speculative
+    step intercept, as
     interquartile means of ratios measured within each request, or the median of slopes
     between two consecutive requests for the verify slope (module doc)."""
 
@@ -213,17 +217,26 @@ class StepRatios:
         self.draft_: dict[str, RobustWindow] = {}
         self.cost_shape: dict[str, str] = {}
         self.set_cost_shapes(cost_shape or {})
-        self.plain_ = RobustWindow(window, trim=trim)  # plain_token_time_s / unit
+        self.plain_ = RobustWindow(window, trim=trim)  # t_ar: plain time per token / unit
+        # A step that drafted nothing, timed within a request, over that request's unit.
+        self.empty_ = RobustWindow(window, trim=trim)
         # The prior slope as pseudo-samples: measured slopes outvote it, then push it out.
         # A median: clipping the slopes of two requests under different loads keeps it.
-        self.slope_ = RobustWindow(window, [verify_slope_ratio] * slope_prior_weight, trim=0.5)
+        self.slope_prior_weight = slope_prior_weight
+        self.slope_ = self._prior_slopes()
         # Per context, the last request's (kbar, seconds per step).
         self.last_step_: dict[Context | None, tuple[float, float]] = {}
+
+    def _prior_slopes(self) -> RobustWindow:
+        return RobustWindow(
+            self.window, [self.verify_slope_ratio] * self.slope_prior_weight, trim=0.5
+        )
 
     def observe(
         self, drafter: str, outcome: Outcome, context: Context | None = None
     ) -> float | None:
-        """Fold one request in; returns its unit u (its own plain step time, seconds), or
+        """Fold one request in; returns its unit u (its speculative step's intercept in
+        seconds; a plain request's own step time), or
         None when it measured no target step. The slope pairs it with the previous
         request of the same ``context``: prompts of one context have like lengths, and
         so like step times at equal k, where another context's longer prompts would pass
@@ -232,11 +245,11 @@ class StepRatios:
         if steps <= 0 or target_time <= 0:
             return None
         if outcome.drafted_tokens == 0:
-            # Plain decoding measures no speculative step: its unit is its own step over
-            # the measured plain-to-unit ratio q, so that its fixed time is in the units
-            # of the speculative requests'. Its step is no point of the verify line either
-            # (a one-position forward may cost less than the line's intercept).
-            return target_time / steps / self.plain_token_time()
+            # Plain decoding measures no speculative step: its unit is its own step (the
+            # fixed times of the plain arm are kept in it, ``RequestOverheads``), and its
+            # step is no point of the verify line (a one-position forward may cost less
+            # than the line's intercept).
+            return target_time / steps
         spec_steps, spec_time = speculative_steps(outcome, steps, target_time)
         step = (outcome.drafted_tokens / spec_steps, spec_time / spec_steps)
         last = self.last_step_.get(context)
@@ -252,6 +265,11 @@ class StepRatios:
                 self._cost_key(drafter), RobustWindow(self.window, trim=self.trim)
             )
             window.add(ratio)
+        if spec_steps < steps:  # steps without drafts timed apart, in this request
+            empty = (target_time - spec_time) / (steps - spec_steps) / unit
+            self.empty_.add(empty)
+            if not outcome.plain_token_time_s:
+                self.plain_.add(empty)  # the same engine's plain step
         if outcome.plain_token_time_s:
             self.plain_.add(outcome.plain_token_time_s / unit)
         return unit
@@ -259,6 +277,11 @@ class StepRatios:
     def plain_token_time(self) -> float:
         """t_ar in units: the measured plain time per token over the unit, else 1."""
         return self.plain_.value if self.plain_.value is not None else 1.0
+
+    def empty_step(self) -> float:
+        """A step that drafts nothing (a copy drafter's unmatched lookup), in units: as
+        measured within requests, else 1 (the verify line's intercept)."""
+        return self.empty_.value if self.empty_.value is not None else 1.0
 
     def slope(self) -> float:
         """s: the verify step's added cost per drafted position, in units."""
@@ -312,6 +335,7 @@ class StepRatios:
         return {
             "draft_ratios": {name: list(w.samples) for name, w in self.draft_.items()},
             "plain_ratios": list(self.plain_.samples),
+            "empty_ratios": list(self.empty_.samples),
             "slopes": list(self.slope_.samples),
             "last_steps": [
                 [c.cluster if c else None, c.length_bucket if c else None, *step]
@@ -322,15 +346,22 @@ class StepRatios:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore; a state saved by the seconds-based model before (no ratio windows)
         starts the ratios afresh, and figures saved under a drafter's name before it had a
-        cost shape seed that shape's window (``set_cost_shapes``)."""
+        cost shape seed that shape's window (``set_cost_shapes``). A state saved before
+        steps without drafts were timed apart (no ``empty_ratios``) measures its verify
+        slope afresh: its slopes paired plain requests with speculative ones, so the
+        one-position forward's cheaper step passed for a dearer verify position."""
         self.draft_ = {
             str(name): RobustWindow(self.window, samples, trim=self.trim)
             for name, samples in state.get("draft_ratios", {}).items()
         }
         self.set_cost_shapes(self.cost_shape)
         self.plain_ = RobustWindow(self.window, state.get("plain_ratios", []), trim=self.trim)
-        if "slopes" in state:
-            self.slope_ = RobustWindow(self.window, state["slopes"], trim=0.5)
+        self.empty_ = RobustWindow(self.window, state.get("empty_ratios", []), trim=self.trim)
+        if "empty_ratios" not in state:
+            self.slope_ = self._prior_slopes()
+            self.last_step_ = {}
+            return
+        self.slope_ = RobustWindow(self.window, state["slopes"], trim=0.5)
         self.last_step_ = {
             (Context(str(cluster), int(bucket)) if cluster is not None else None): (
                 float(kbar),
@@ -522,8 +553,17 @@ class RequestOverheads:
         self.excess_: dict[tuple[int, str], RobustWindow] = {}
         self.length_: dict[Context, tuple[float, int]] = {}
 
-    def observe(self, context: Context, drafter: str, outcome: Outcome, unit: float | None) -> None:
-        """Fold one request in; ``unit`` is its own plain step time (``StepRatios.observe``)."""
+    def observe(
+        self,
+        context: Context,
+        drafter: str,
+        outcome: Outcome,
+        unit: float | None,
+        plain_step: float = 1.0,
+    ) -> None:
+        """Fold one request in; ``unit`` is its own unit (``StepRatios.observe``: a plain
+        request's is its plain step, in which the plain arm's figures are kept), and
+        ``plain_step`` q, a plain step in the speculative unit (``fixed_times``)."""
         tokens = outcome.generated_tokens
         if tokens <= 0 or outcome.wall_time_s <= 0 or unit is None:
             return
@@ -537,7 +577,7 @@ class RequestOverheads:
             if pooled is None:
                 pooled = RobustWindow(POOLED_WINDOWS * self.window, trim=self.trim)
                 self.excess_[(context.length_bucket, arm)] = pooled
-            pooled.add(fixed - plain.value)
+            pooled.add(fixed - plain.value * plain_step)
         arms.setdefault(arm, RobustWindow(self.window, trim=self.trim)).add(fixed)
         length = self.length_.get(context)
         if length is None:
@@ -551,8 +591,12 @@ class RequestOverheads:
         entry = self.length_.get(context)
         return entry[0] if entry else None
 
-    def fixed_times(self, context: Context, drafters: Sequence[str]) -> tuple[float, np.ndarray]:
-        """(F_0, F_d per drafter) in units.
+    def fixed_times(
+        self, context: Context, drafters: Sequence[str], plain_step: float = 1.0
+    ) -> tuple[float, np.ndarray]:
+        """(F_0, F_d per drafter) in units. The plain arm's figures are kept in its own
+        step (a one-position forward) and converted at the current ``plain_step`` q, so
+        that a q measured after them still applies.
 
         A drafter with ``own_min`` requests in the context costs its own figure; with
         fewer, the median of its own figures and of F_0 plus its pooled excess in the
@@ -564,8 +608,9 @@ class RequestOverheads:
         """
         arms = self.fixed_.get(context, {})
         plain = arms.get(NONE_DRAFTER)
-        plain_measured = plain is not None and plain.value is not None
-        fixed_none = plain.value if plain is not None and plain.value is not None else 0.0
+        plain_value = plain.value if plain is not None else None
+        plain_measured = plain_value is not None
+        fixed_none = plain_value * plain_step if plain_value is not None else 0.0
         measured: dict[str, float] = {}
         for d in drafters:
             own = arms.get(d)

@@ -206,12 +206,12 @@ def stopped_speedup_table(
 #   E[tokens]     = c (1 + E[R]) + (1 - c)
 #   E[steps](k)   = c (1 + sum_{j>=1} P(R >= j (k + 1))) + (1 - c)
 #   E[drafted](k) = c k (1 + sum_{j>=1} P(R >= j (k + 1)))
-#   E[cost](k)    = t0 c E[run steps](k) + t_ar (1 - c) + (t_draft + t1) E[drafted](k)
+#   E[cost](k)    = t0 c E[run steps](k) + t_e (1 - c) + (t_draft + t1) E[drafted](k)
 #
 # (t_verify(d) = t0 + t1 d for a step of d >= 1 drafts; an unmatched start's step verifies
-# nothing, a one-position forward like plain decoding's, so it costs t_ar, which may be
-# less than t0; a lookup runs no drafter forward: its time is in t_draft, measured per
-# drafted token),
+# nothing, a one-position forward, t_e, which may cost less than t0 (``t_unmatched``;
+# t0 when not given); a lookup runs no drafter forward: its time is in t_draft, measured
+# per drafted token),
 # and per request, with the fixed times and output length of ``request_speedup``,
 #
 #   S_req(k) = (F_0 + N t_ar) / (F_d + N E[cost](k) / E[tokens]).
@@ -236,14 +236,15 @@ def copy_request_speedup(
     fixed_none: npt.ArrayLike,
     fixed_drafters: npt.ArrayLike,
     steps_matrix: FloatArray | None = None,
+    t_unmatched: float | None = None,
 ) -> FloatArray:
     """S_req(k) of copy drafters (model above), k = 0..``k_max``.
 
     ``match`` c: (..., R, D) per request and drafter; ``hazard`` h_1..h_H: (..., R, D, H);
     ``t_draft`` (D,); ``verify_line`` (t0, t1); ``output_tokens`` and ``fixed_none`` (R,),
     ``fixed_drafters`` (R, D), as in ``request_speedup``; ``steps_matrix``
-    ``run_steps_matrix(H, k_max)`` when the caller keeps it. Returns (..., R, D, K + 1),
-    1 at k = 0."""
+    ``run_steps_matrix(H, k_max)`` when the caller keeps it; ``t_unmatched`` t_e, an
+    unmatched lookup's step (t0 when None). Returns (..., R, D, K + 1), 1 at k = 0."""
     c = np.asarray(match, dtype=np.float64)[..., None]
     reach = np.cumprod(np.asarray(hazard, dtype=np.float64), axis=-1)  # P(R >= i)
     matrix = steps_matrix if steps_matrix is not None else run_steps_matrix(reach.shape[-1], k_max)
@@ -251,7 +252,7 @@ def copy_request_speedup(
     tokens = c * reach.sum(axis=-1, keepdims=True) + 1.0  # c (1 + E[R]) + 1 - c
     t0, t1 = verify_line
     drafts = run_steps * (c * np.arange(1, k_max + 1))  # E[drafted](k)
-    cost = c * run_steps * t0 + (1.0 - c) * t_ar
+    cost = c * run_steps * t0 + (1.0 - c) * (t0 if t_unmatched is None else t_unmatched)
     cost += drafts * (np.asarray(t_draft, dtype=np.float64)[:, None] + t1)
     length = np.asarray(output_tokens, dtype=np.float64)[..., None, None]
     spent = cost / tokens

@@ -5,7 +5,8 @@ Per (context, drafter) the per-token acceptance a has a Beta(alpha, beta) poster
 gamma_drift when the request's acceptance is more than drift_z spreads away from the
 posterior mean; see ``acceptance.py``). Costs are measured (``costs.StepRatios``), as
 interquartile means of ratios taken within each request (the verify slope: a median), in
-units of the target's plain step: other work on the machine stretches a request's times
+units of each request's speculative step intercept (a plain step is q of it, measured):
+other work on the machine stretches a request's times
 alike and leaves them be. A request in context c is decided by ``thompson_decisions``
 over the eligible drafters d:
 
@@ -37,8 +38,9 @@ above. At draft length k a run takes floor(R / (k + 1)) + 1 steps for R + 1 toke
 
     S_req(k) = (F_0 + N t_ar) / (F_d + N E[cost](k) / E[tokens]),
 
-E[tokens] = 1 + c E[R], E[cost](k) = t0 c E[run steps](k) + t_ar (1 - c) + (t_draft + t1)
-E[drafted](k) (an unmatched lookup's step is a plain one), for k
+E[tokens] = 1 + c E[R], E[cost](k) = t0 c E[run steps](k) + t_e (1 - c) + (t_draft + t1)
+E[drafted](k) (t_e: an unmatched lookup's step, a one-position forward, as measured
+within requests: ``StepRatios.empty_step``), for k
 up to ``copy_k_max`` (16): runs longer than a few tokens make long drafts pay, which one
 per-token acceptance cannot price. Model drafters keep k_max.
 
@@ -192,7 +194,8 @@ class CopyTerms:
     columns: tuple[int, ...]  # [Dc]: indices into the D drafters
     posterior: FloatArray  # [R, Dc, 4, H]: alpha_c, beta_c (column 0), alpha_h, beta_h
     t_draft: FloatArray  # [Dc]
-    verify_line: tuple[float, float]  # t_verify(d) = t0 + t1 d for d drafts
+    verify_line: tuple[float, float]  # t_verify(d) = t0 + t1 d for d >= 1 drafts
+    t_unmatched: float  # a step whose lookup found nothing (a one-position forward)
     k_max: int  # draft lengths 1..k_max
     steps_matrix: FloatArray  # [H, k_max]: ``run_steps_matrix``
 
@@ -214,6 +217,7 @@ class CopyTerms:
             t_ar=prices.t_ar,
             t_draft=self.t_draft,
             verify_line=self.verify_line,
+            t_unmatched=self.t_unmatched,
             output_tokens=prices.output_tokens,
             fixed_none=prices.fixed_none,
             fixed_drafters=prices.fixed_drafters[:, list(self.columns)],
@@ -445,10 +449,11 @@ class ThompsonPolicy:
     def version(self) -> int:
         return self.updates_
 
-    def plain_step_ratio(self) -> float:
-        """q: a plain step's measured cost in units of a speculative step's intercept
-        (``costs.StepRatios``; 1 until measured)."""
-        return self.costs_.plain_token_time()
+    def plain_step_terms(self) -> tuple[float, float]:
+        """(q, s): a plain step's measured cost in units of a speculative step's intercept
+        (1 until measured) and the verify slope those units are defined with
+        (``costs.StepRatios``)."""
+        return self.costs_.plain_token_time(), self.costs_.slope()
 
     # -- selection: gather the posteriors and prices, then ``thompson_decisions`` ----------
 
@@ -507,6 +512,7 @@ class ThompsonPolicy:
             np.array([[self._copy_posterior(c, names[j]) for j in copies] for c in contexts]),
             step.t_draft[copies],
             (float(step.t_verify[0]), self.costs_.slope()),
+            self.costs_.empty_step(),
             self.copy_k_max,
             self.copy_steps_,
         )
@@ -517,7 +523,9 @@ class ThompsonPolicy:
         tokens = self.overheads_.output_tokens(context) if self.overheads_ is not None else None
         if self.overheads_ is None or tokens is None:
             return 1.0, 0.0, np.zeros(len(self.drafters_))
-        fixed_none, fixed = self.overheads_.fixed_times(context, self.drafters_)
+        fixed_none, fixed = self.overheads_.fixed_times(
+            context, self.drafters_, self.costs_.plain_token_time()
+        )
         return tokens, fixed_none, fixed
 
     def _posterior(self, context: Context) -> tuple[FloatArray, FloatArray]:
@@ -638,7 +646,9 @@ class ThompsonPolicy:
         arms = self._context(context)
         unit = self.costs_.observe(decision.drafter, outcome, context)
         if self.overheads_ is not None:
-            self.overheads_.observe(context, decision.drafter, outcome, unit)
+            self.overheads_.observe(
+                context, decision.drafter, outcome, unit, self.costs_.plain_token_time()
+            )
         arms.requests += 1
         i = self.index_.get(decision.drafter)
         if decision.k == 0 or i is None:

@@ -109,6 +109,17 @@ def test_a_plain_step_cheaper_than_the_intercept_stops_drafts_that_only_break_ev
     np.testing.assert_allclose(step_speedups(0.5, 1, 0.2, 0.05, 0.5), [1.0, 0.6])
 
 
+def test_the_policys_q_is_converted_to_the_guards_unit() -> None:
+    """The policy's unit takes the draft positions off the verify step with its measured
+    slope s, the guard's with its own 0.05: q (1 + 0.05 kbar) / (1 + s kbar)."""
+    stats = GenerationStats()
+    stats.observe_step(requested=4, drafted=4, accepted=1, draft_time_s=0.001, verify_time_s=0.01)
+    guard = LossGuard(4, plain_step_ratio=0.7, plain_step_slope=0.025)
+    assert guard.plain_step(stats) == pytest.approx(0.7 * 1.2 / 1.1)
+    assert LossGuard(4, plain_step_ratio=0.7).plain_step(stats) == 0.7
+    assert guard.plain_step(GenerationStats()) == 0.7
+
+
 def test_the_unit_leaves_out_the_steps_that_drafted_nothing() -> None:
     """A step without drafts (a lookup without a match) is a one-position forward timed
     apart: it is no point of the verify line, so it does not move the unit the draft cost

@@ -1073,8 +1073,8 @@ def test_a_lookups_unmatched_steps_tell_the_policy_what_a_plain_step_costs(
     assert 0 in drafted and any(drafted), f"wanted matched and unmatched lookups: {drafted}"
     counterfactuals_settled(sidecar)
     costs = sidecar.service.policy._policy.costs_
-    assert len(costs.plain_.samples) == 1
-    assert 0.0 < costs.plain_token_time() < 10.0
+    assert len(costs.plain_.samples) == len(costs.empty_.samples) == 1
+    assert 0.0 < costs.plain_token_time() == costs.empty_step() < 10.0
 
 
 def test_a_greedy_requests_loss_guard_prices_plain_decoding_at_the_policys_measure(
@@ -1105,11 +1105,11 @@ def test_a_greedy_requests_loss_guard_prices_plain_decoding_at_the_policys_measu
     costs = sidecar.service.policy._policy.costs_
     for _ in range(3):
         costs.plain_.add(0.2)
-    assert sidecar.service.policy.plain_step_ratio() == pytest.approx(0.2)
+    assert sidecar.service.policy.plain_step_terms()[0] == pytest.approx(0.2)
     measured = drafted_per_step()
-    assert measured[0] == 4 and measured[-1] == 0  # drafts first, then trips
+    assert measured[0] == 4 and measured[-2:] == [0, 0]  # drafts first, then trips
     sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="fixed", reset_state=True), metadata=ADMIN)
-    assert sidecar.service.policy.plain_step_ratio() == 1.0
+    assert sidecar.service.policy.plain_step_terms() is None
 
 
 def test_a_policy_switch_waits_for_the_scores_of_requests_already_served(

@@ -178,3 +178,23 @@ def test_a_sampled_runs_guard_prices_drafts_at_a_fixed_cost(sidecar: SidecarThre
     assert service._loss_guard(4, sampled, model).draft_cost_ratio == SAMPLED_DRAFT_COST
     assert service._loss_guard(4, sampled, lookup).draft_cost_ratio == 0.0
     assert service._loss_guard(4, greedy, model).draft_cost_ratio is None
+
+
+def test_only_a_greedy_runs_guard_prices_plain_decoding_at_the_policys_measure(
+    sidecar: SidecarThread,
+) -> None:
+    """A greedy run's guard takes the serving policy's (q, s); a sampled run's stays at
+    q = 1 (its schedule must follow its seed, not the machine), and so does a guard under
+    a policy that measures no q."""
+    from router.domain import Sampling
+
+    service = sidecar.service
+    model = service.drafters.get("generic").drafter
+    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson", reset_state=True), metadata=ADMIN)
+    service.policy._policy.costs_.plain_.add(0.6)
+    greedy = service._loss_guard(4, Sampling(), model)
+    assert (greedy.plain_step_ratio, greedy.plain_step_slope) == (0.6, 0.05)
+    sampled = service._loss_guard(4, Sampling(do_sample=True), model)
+    assert (sampled.plain_step_ratio, sampled.plain_step_slope) == (1.0, None)
+    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="fixed", reset_state=True), metadata=ADMIN)
+    assert service._loss_guard(4, Sampling(), model).plain_step_ratio == 1.0

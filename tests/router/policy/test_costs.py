@@ -337,44 +337,67 @@ def test_one_stalled_first_request_does_not_price_a_drafter_out() -> None:
 def _mixed(matched: int, unmatched: int, *, unit: float, plain: float, k: int = 3) -> Outcome:
     """A lookup's request: ``matched`` steps drafting k (verify u (1 + 0.05 k) each) and
     ``unmatched`` steps drafting nothing, one-position forwards of ``plain`` seconds,
-    measured apart (``plain_token_time_s``)."""
+    timed apart in the request (``plain_steps_time_s``)."""
     drafted = [k] * matched + [0] * unmatched
     return Outcome.from_steps(
         drafted,
         [0] * len(drafted),
         draft_time_s=matched * k * 0.1 * unit,
         verify_time_s=matched * unit * (1 + 0.05 * k) + unmatched * plain,
-        plain_token_time_s=plain,
+        plain_steps_time_s=unmatched * plain,
     )
 
 
 def test_steps_that_drafted_nothing_price_plain_decoding_apart_from_the_intercept() -> None:
     """On a CPU a one-position forward (plain decoding, a lookup without a match) may cost
     far less than the speculative step's intercept (~6 against ~9 ms on the built-in
-    world). Measured apart in the same request, they give t_ar in units (q) and stay out
-    of the unit, the draft ratio and the slope; a plain request's fixed time is then
-    counted in the units of the speculative requests'."""
+    world). Timed apart in the same request, they give t_ar and the unmatched lookup's
+    step in units (q, t_e) and stay out of the unit, the draft ratio and the slope; the
+    plain arm's fixed time, kept in its own step, is priced in the speculative unit."""
     costs, overheads = StepRatios(), RequestOverheads()
     for _ in range(6):
         unit = costs.observe("ngram", _mixed(4, 6, unit=0.009, plain=0.006), CODE)
         assert unit == pytest.approx(0.009)
     assert costs.plain_token_time() == pytest.approx(6 / 9)
+    assert costs.empty_step() == pytest.approx(6 / 9)
     assert costs.step_costs(["ngram"], 3).t_draft[0] == pytest.approx(0.1)
     assert costs.slope() == pytest.approx(0.05)
-    # A plain request: steps of 6 ms and 18 ms outside them, i.e. 2 units of 9 ms.
+    # A plain request: steps of 6 ms and 18 ms outside them, 3 of its steps, 2 units of 9 ms.
     plain = _with_fixed_time(_outcome(0, 10, t_ar=0.006), 0.018)
-    overheads.observe(CODE, "none", plain, costs.observe("none", plain, CODE))
-    assert overheads.fixed_times(CODE, [])[0] == pytest.approx(2.0)
-    # Without the plain steps' time (an older caller), the request's totals as before.
-    totals = StepRatios()
-    legacy = _mixed(4, 6, unit=0.009, plain=0.006)
-    legacy = Outcome.from_steps(
-        legacy.drafted_per_step,
-        legacy.accepted_per_step,
-        draft_time_s=legacy.draft_time_s,
-        verify_time_s=legacy.verify_time_s,
+    unit = costs.observe("none", plain, CODE)
+    assert unit == pytest.approx(0.006)
+    overheads.observe(CODE, "none", plain, unit, costs.plain_token_time())
+    assert overheads.fixed_times(CODE, [])[0] == pytest.approx(3.0)
+    assert overheads.fixed_times(CODE, [], costs.plain_token_time())[0] == pytest.approx(2.0)
+    # A plain time measured elsewhere (a fleet's plain replica, a client) is no measure of
+    # this request's own steps: the request's totals give the unit, as before.
+    elsewhere = StepRatios()
+    outcome = _mixed(4, 6, unit=0.009, plain=0.006)
+    outcome = Outcome.from_steps(
+        outcome.drafted_per_step,
+        outcome.accepted_per_step,
+        draft_time_s=outcome.draft_time_s,
+        verify_time_s=outcome.verify_time_s,
+        plain_token_time_s=0.006,
     )
-    assert totals.observe("ngram", legacy) == pytest.approx(
-        legacy.verify_time_s / 10 / (1 + 0.05 * 1.2)
-    )
-    assert totals.plain_token_time() == 1.0
+    total_unit = outcome.verify_time_s / 10 / (1 + 0.05 * 1.2)
+    assert elsewhere.observe("ngram", outcome) == pytest.approx(total_unit)
+    assert elsewhere.plain_token_time() == pytest.approx(0.006 / total_unit)
+    assert elsewhere.empty_step() == 1.0
+
+
+def test_a_state_saved_before_plain_steps_were_timed_apart_measures_its_slope_afresh() -> None:
+    """Its slopes paired plain requests with speculative ones of a context, so a
+    one-position forward's cheaper step passed for a dearer verify position."""
+    costs = StepRatios()
+    for k in (0, 4) * 5:
+        costs.observe("generic", _outcome(k, 10, t_ar=0.006 if k == 0 else 0.009), CODE)
+    state = json.loads(json.dumps(costs.state_dict()))
+    restored = StepRatios()
+    restored.load_state_dict(state)
+    assert restored.slope_.samples == costs.slope_.samples
+    del state["empty_ratios"]
+    state["slopes"] = [0.17] * 8
+    older = StepRatios()
+    older.load_state_dict(state)
+    assert older.slope() == pytest.approx(0.05) and not older.last_step_

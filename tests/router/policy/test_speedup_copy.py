@@ -90,10 +90,11 @@ def test_runs_that_never_start_cost_a_plain_step_and_long_runs_pay_at_long_k() -
 
 
 def test_an_unmatched_lookup_costs_a_plain_step_whatever_the_verify_intercept() -> None:
-    """A lookup that finds nothing runs a one-position target forward, plain decoding's
-    step (t_ar), not the speculative step's intercept t0: a copy drafter that never
-    matches (and costs nothing to look up) is exactly as fast as plain decoding, whatever
-    a two-position forward costs. Priced at t0 = 1.5 t_ar, it was 0.67x."""
+    """A lookup that finds nothing runs a one-position target forward (t_e, as measured
+    within requests), not the speculative step's intercept t0: in the sidecar's engine
+    that is plain decoding's step, so a copy drafter that never matches (and costs nothing
+    to look up) is exactly as fast as plain decoding, whatever a two-position forward
+    costs. Priced at t0 = 1.4 t_ar, it was 0.7x."""
     never = copy_request_speedup(
         np.array([[0.0]]),
         np.array([[[1.0] * 8]]),
@@ -101,6 +102,7 @@ def test_an_unmatched_lookup_costs_a_plain_step_whatever_the_verify_intercept() 
         t_ar=0.7,
         t_draft=np.array([0.0]),
         verify_line=(1.0, 0.1),
+        t_unmatched=0.7,
         output_tokens=np.array([10.0]),
         fixed_none=np.array([0.0]),
         fixed_drafters=np.zeros((1, 1)),
@@ -115,6 +117,7 @@ def test_an_unmatched_lookup_costs_a_plain_step_whatever_the_verify_intercept() 
         t_ar=0.7,
         t_draft=np.array([0.0]),
         verify_line=(1.0, 0.1),
+        t_unmatched=0.7,
         output_tokens=np.array([1.0]),
         fixed_none=np.array([0.0]),
         fixed_drafters=np.zeros((1, 1)),
