@@ -246,18 +246,16 @@ class StepRatios:
             return None
         if outcome.drafted_tokens == 0:
             # Plain decoding measures no speculative step: its unit is its own step (the
-            # fixed times of the plain arm are kept in it, ``RequestOverheads``), and its
-            # step is no point of the verify line (a one-position forward may cost less
-            # than the line's intercept).
-            return target_time / steps
+            # fixed times of the plain arm are kept in it, ``RequestOverheads``). A
+            # one-position forward may cost less than the verify line's intercept, so
+            # the slope's pairs take its step over t_e (measured apart within other
+            # requests; 1 until then) for the intercept.
+            plain_step = target_time / steps
+            self._pair((0.0, plain_step / self.empty_step()), context)
+            return plain_step
         spec_steps, spec_time = speculative_steps(outcome, steps, target_time)
         step = (outcome.drafted_tokens / spec_steps, spec_time / spec_steps)
-        last = self.last_step_.get(context)
-        if last is not None:
-            slope = slope_between(last, step)
-            if slope is not None:
-                self.slope_.add(slope)
-        self.last_step_[context] = step
+        self._pair(step, context)
         unit = step[1] / (1.0 + self.slope() * step[0])
         if outcome.draft_time_s > 0:
             ratio = outcome.draft_time_s / outcome.drafted_tokens / unit
@@ -273,6 +271,16 @@ class StepRatios:
         if outcome.plain_token_time_s:
             self.plain_.add(outcome.plain_token_time_s / unit)
         return unit
+
+    def _pair(self, step: tuple[float, float], context: Context | None) -> None:
+        """Measure the slope between ``step`` (kbar, seconds per step at the intercept)
+        and the context's last request's, and keep it as the context's last."""
+        last = self.last_step_.get(context)
+        if last is not None:
+            slope = slope_between(last, step)
+            if slope is not None:
+                self.slope_.add(slope)
+        self.last_step_[context] = step
 
     def plain_token_time(self) -> float:
         """t_ar in units: the measured plain time per token over the unit, else 1."""

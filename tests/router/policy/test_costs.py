@@ -386,12 +386,16 @@ def test_steps_that_drafted_nothing_price_plain_decoding_apart_from_the_intercep
     assert elsewhere.empty_step() == 1.0
 
 
-def test_a_state_saved_before_plain_steps_were_timed_apart_measures_its_slope_afresh() -> None:
-    """Its slopes paired plain requests with speculative ones of a context, so a
-    one-position forward's cheaper step passed for a dearer verify position."""
+def test_a_plain_request_pairs_for_the_slope_at_its_step_over_t_e() -> None:
+    """Paired with a speculative request at face value, a one-position forward's cheaper
+    step (6 ms against a 9 ms intercept) passed for a dearer verify position: 0.17
+    instead of 0.05 at k = 4. Over the measured t_e it stands at the intercept. A state
+    saved before t_e was measured measures its slope afresh."""
     costs = StepRatios()
+    costs.observe("ngram", _mixed(4, 6, unit=0.009, plain=0.006), CODE)  # t_e = 2/3
     for k in (0, 4) * 5:
-        costs.observe("generic", _outcome(k, 10, t_ar=0.006 if k == 0 else 0.009), CODE)
+        costs.observe("generic", _outcome(k, 10, t_ar=0.006 if k == 0 else 0.009, slope=0.05))
+    assert costs.slope() == pytest.approx(0.05)
     state = json.loads(json.dumps(costs.state_dict()))
     restored = StepRatios()
     restored.load_state_dict(state)
