@@ -123,7 +123,7 @@ class LossGuard:
         return q * (1.0 + self.verify_slope * kbar) / (1.0 + slope * kbar)
 
     def draft_cost(self, stats: GenerationStats) -> float:
-        """c: the request's draft time per drafted token over its plain step time (or
+        """c: the request's draft time per drafted token over its unit t (module doc; or
         ``draft_cost_ratio`` when fixed)."""
         if self.draft_cost_ratio is not None:
             return self.draft_cost_ratio

@@ -70,16 +70,6 @@ class GenerationStats:
             self.plain_verify_time_s += verify_time_s
 
     @property
-    def plain_step_time_s(self) -> float | None:
-        """The mean time of the request's steps that drafted nothing (plain decoding, a
-        lookup without a match, a last step capped to no draft): a target forward over one
-        position, measured beside the request's speculative steps; None without such steps
-        or without their time."""
-        if not self.plain_steps or self.plain_verify_time_s <= 0:
-            return None
-        return self.plain_verify_time_s / self.plain_steps
-
-    @property
     def drafted(self) -> int:
         return sum(self.drafted_per_step)
 

@@ -24,9 +24,9 @@ Two models share this module:
     it (the sidecar's engine: one-position forwards, which may cost less than the
     intercept u: ~6 ms against ~9 ms on the built-in world on a CPU) over u, else 1: a
     copy drafter's unmatched lookup (``empty_step``);
-  - ``q`` = t_ar: plain_token_time_s / u when the caller measures plain decoding (a
-    fleet's plain replica, a client), else t_e where measured (the same engine's plain
-    step), else 1 unit;
+  - ``q`` = t_ar: one window of plain_token_time_s / u where the caller measures plain
+    decoding (a fleet's plain replica, a client) and of t_e's samples where it does not
+    (the same engine's plain step); 1 unit before any;
   - the verify step ``t_verify(k) = 1 + s * k`` units, where the slope s, which no
     single request measures (its k is one), comes from two consecutive requests of one
     context with different mean k (``slope_between``): as close together in time as
@@ -369,7 +369,11 @@ class StepRatios:
             self.slope_ = self._prior_slopes()
             self.last_step_ = {}
             return
-        self.slope_ = RobustWindow(self.window, state["slopes"], trim=0.5)
+        self.slope_ = (
+            RobustWindow(self.window, state["slopes"], trim=0.5)
+            if "slopes" in state
+            else self._prior_slopes()
+        )
         self.last_step_ = {
             (Context(str(cluster), int(bucket)) if cluster is not None else None): (
                 float(kbar),

@@ -472,12 +472,11 @@ def test_a_sliding_window_target_stays_lossless(tmp_path_factory: pytest.TempPat
 def test_steps_that_drafted_nothing_are_timed_apart() -> None:
     """A step without drafts (a lookup that found nothing, a last step capped to no draft)
     is a one-position target forward: its verify time is kept apart, so the policy can
-    price plain decoding by it (``plain_step_time_s``)."""
+    price plain decoding by it (``plain_verify_time_s``, ``plain_steps``)."""
     stats = GenerationStats()
-    assert stats.plain_step_time_s is None
     stats.observe_step(requested=4, drafted=4, accepted=2, draft_time_s=0.002, verify_time_s=0.009)
-    assert stats.plain_step_time_s is None
+    assert (stats.plain_steps, stats.plain_verify_time_s) == (0, 0.0)
     stats.observe_step(requested=4, drafted=0, accepted=0, draft_time_s=0.0001, verify_time_s=0.006)
     stats.observe_step(requested=0, drafted=0, accepted=0, draft_time_s=0.0, verify_time_s=0.004)
-    assert stats.plain_step_time_s == pytest.approx(0.005)
+    assert stats.plain_steps == 2 and stats.plain_verify_time_s == pytest.approx(0.01)
     assert stats.verify_time_s == pytest.approx(0.019)

@@ -82,6 +82,12 @@ def test_outcome_rejects_inconsistent_steps() -> None:
         Outcome.from_steps([2], [3], draft_time_s=0, verify_time_s=0)
     with pytest.raises(ValueError, match="times"):
         Outcome.from_steps([2], [1], draft_time_s=-1, verify_time_s=0)
+    # The steps without drafts are a share of the verify time, never more.
+    for share in (-0.1, 0.5):
+        with pytest.raises(ValueError, match="plain_steps_time_s"):
+            Outcome.from_steps(
+                [2, 0], [1, 0], draft_time_s=0, verify_time_s=0.4, plain_steps_time_s=share
+            )
 
 
 def test_outcome_from_totals_reconstructs_steps_from_positions() -> None:
