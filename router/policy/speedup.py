@@ -201,7 +201,7 @@ def stopped_speedup_table(
 # and at draft length k a matched run of R tokens takes floor(R / (k + 1)) + 1 steps
 # (each full step emits k + 1 tokens, its bonus token being the copy's next; the last
 # one ends with the target's correction) and emits R + 1 tokens, each of its steps
-# drafting k; an unmatched start is one plain step. Per run start:
+# drafting k; an unmatched start is one step without drafts. Per run start:
 #
 #   E[tokens]     = c (1 + E[R]) + (1 - c)
 #   E[steps](k)   = c (1 + sum_{j>=1} P(R >= j (k + 1))) + (1 - c)
