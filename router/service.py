@@ -820,10 +820,7 @@ class RouterService:
             hint = draft_cost_hint(drafter)
             fixed = SAMPLED_DRAFT_COST if hint is None else hint
             return LossGuard(k, confidence=settings.confidence, draft_cost_ratio=fixed)
-        terms = self.policy.plain_step_terms()
-        if terms is None:
-            return LossGuard(k, confidence=settings.confidence)
-        q, slope = terms
+        q, slope = self.policy.plain_step_terms() or (1.0, None)
         return LossGuard(
             k, confidence=settings.confidence, plain_step_ratio=q, plain_step_slope=slope
         )

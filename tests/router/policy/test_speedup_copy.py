@@ -10,14 +10,23 @@ import pytest
 from router.policy.speedup import copy_request_speedup, run_steps_matrix
 
 
-def _per_step(match: float, hazard: list[float], k_max: int) -> np.ndarray:
+def _per_step(
+    match: float,
+    hazard: list[float],
+    k_max: int,
+    *,
+    t_ar: float = 1.0,
+    t_draft: float = 0.01,
+    t_unmatched: float | None = None,
+) -> np.ndarray:
     return copy_request_speedup(
         np.array([[match]]),
         np.array([[hazard]]),
         k_max=k_max,
-        t_ar=1.0,
-        t_draft=np.array([0.01]),
+        t_ar=t_ar,
+        t_draft=np.array([t_draft]),
         verify_line=(1.0, 0.1),
+        t_unmatched=t_unmatched,
         output_tokens=np.array([1.0]),
         fixed_none=np.array([0.0]),
         fixed_drafters=np.zeros((1, 1)),
@@ -95,31 +104,10 @@ def test_an_unmatched_lookup_costs_a_plain_step_whatever_the_verify_intercept() 
     that is plain decoding's step, so a copy drafter that never matches (and costs nothing
     to look up) is exactly as fast as plain decoding, whatever a two-position forward
     costs. Priced at t0 = 1.4 t_ar, it was 0.7x."""
-    never = copy_request_speedup(
-        np.array([[0.0]]),
-        np.array([[[1.0] * 8]]),
-        k_max=2,
-        t_ar=0.7,
-        t_draft=np.array([0.0]),
-        verify_line=(1.0, 0.1),
-        t_unmatched=0.7,
-        output_tokens=np.array([10.0]),
-        fixed_none=np.array([0.0]),
-        fixed_drafters=np.zeros((1, 1)),
-    )[0, 0]
+    plain_lookups = {"t_ar": 0.7, "t_draft": 0.0, "t_unmatched": 0.7}
+    never = _per_step(0.0, [1.0] * 8, 2, **plain_lookups)
     np.testing.assert_allclose(never, 1.0)
     # Half the lookups match a run of exactly 2 tokens: at k = 2 a matched start is one
     # step of t0 + 2 t1 for 3 tokens, an unmatched one a plain step for 1.
-    half = copy_request_speedup(
-        np.array([[0.5]]),
-        np.array([[[1.0, 1.0] + [0.0] * 6]]),
-        k_max=2,
-        t_ar=0.7,
-        t_draft=np.array([0.0]),
-        verify_line=(1.0, 0.1),
-        t_unmatched=0.7,
-        output_tokens=np.array([1.0]),
-        fixed_none=np.array([0.0]),
-        fixed_drafters=np.zeros((1, 1)),
-    )[0, 0]
+    half = _per_step(0.5, [1.0, 1.0] + [0.0] * 6, 2, **plain_lookups)
     assert half[2] == pytest.approx(0.7 * 2.0 / (0.5 * 1.2 + 0.5 * 0.7))
