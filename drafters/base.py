@@ -20,11 +20,20 @@ class Proposal:
     find fewer, or none); ``probs`` [d, vocab] the distributions they were drawn from, or
     None for point masses (q = 1 on the proposed token; always so for greedy drafts).
     ``stopped``: a stop rule (:class:`DraftStopRule`) ended the draft before k.
+    ``further_time_s``: the time of the drafter's ``further_forwards`` forwards after its
+    first one (one per further token, and the one whose distribution a stop rule read
+    before it ended the draft), when the drafter times them apart (a model drafter; None
+    otherwise). The rest of the draft's time is its lead: the first forward, which
+    catches the drafter's cache up on the verified tokens, and the step's fixed work. A
+    draft costs that lead plus a cheaper forward per further token, not one price per
+    token.
     """
 
     token_ids: torch.Tensor
     probs: torch.Tensor | None = None
     stopped: bool = False
+    further_time_s: float | None = None
+    further_forwards: int = 0
 
     @property
     def length(self) -> int:

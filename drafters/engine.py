@@ -366,6 +366,8 @@ class SpeculativeEngine:
             drafted=proposal.length,
             accepted=verdict.accepted,
             stopped=proposal.stopped,
+            further_time_s=proposal.further_time_s,
+            further_forwards=proposal.further_forwards,
             draft_time_s=drafted - started,
             verify_time_s=time.perf_counter() - drafted,
         )

@@ -22,7 +22,9 @@ quantile a+ of the posterior and drafts
 
     k' = argmax_{j = 0..k} S(a+, j),   S(a, j) = q (1 + a + ... + a^j) / (1 + (c + slope) j)
 
-(S(a, 0) = 1), q the plain step's cost in units of t (``plain_step_ratio``: a
+(S(a, 0) = 1; where the drafter times the forwards after each draft's first apart, c is
+their cost per forward and the denominator adds the first forward's excess over it once
+for j >= 1: ``draft_lead``), q the plain step's cost in units of t (``plain_step_ratio``: a
 one-position forward may cost less than t, the intercept of the verify line; on the
 built-in world on a CPU q ~ 0.7; the policy measures it and the sidecar passes it in, 1
 where nothing measured it): a shorter draft only when even the optimistic a+ prefers it, and k' = 0,
@@ -46,12 +48,18 @@ DEFAULT_VERIFY_SLOPE = 0.05
 
 
 def step_speedups(
-    acceptance: float, k: int, draft_cost: float, verify_slope: float, plain_step: float = 1.0
+    acceptance: float,
+    k: int,
+    draft_cost: float,
+    verify_slope: float,
+    plain_step: float = 1.0,
+    lead: float = 0.0,
 ) -> np.ndarray:
-    """S(a, j) for j = 0..k (module doc), with S(a, 0) = 1; ``plain_step`` is q."""
+    """S(a, j) for j = 0..k (module doc), with S(a, 0) = 1; ``plain_step`` is q, ``lead``
+    what a draft's first forward costs above ``draft_cost``, once per drafting step."""
     j = np.arange(k + 1)
     tokens = np.cumsum(acceptance ** j.astype(np.float64))
-    speedups = plain_step * tokens / (1.0 + (draft_cost + verify_slope) * j)
+    speedups = plain_step * tokens / (1.0 + lead + (draft_cost + verify_slope) * j)
     speedups[0] = 1.0
     return speedups
 
@@ -102,7 +110,12 @@ class LossGuard:
             return self.k
         optimistic = float(betaincinv(self._successes + 1, self._failures + 1, self.confidence))
         speedups = step_speedups(
-            optimistic, self.k, self.draft_cost(stats), self.verify_slope, self.plain_step(stats)
+            optimistic,
+            self.k,
+            self.draft_cost(stats),
+            self.verify_slope,
+            self.plain_step(stats),
+            self.draft_lead(stats),
         )
         k = int(np.argmax(speedups))
         if k == 0:
@@ -124,18 +137,41 @@ class LossGuard:
 
     def draft_cost(self, stats: GenerationStats) -> float:
         """c: the request's draft time per drafted token over its unit t (module doc; or
-        ``draft_cost_ratio`` when fixed)."""
+        ``draft_cost_ratio`` when fixed); where its drafter timed the forwards after each
+        draft's first apart, their time per forward (the first one's excess over it is
+        ``draft_lead``)."""
         if self.draft_cost_ratio is not None:
             return self.draft_cost_ratio
+        unit = self._unit(stats)
+        if unit is None:
+            return 0.0
+        if stats.lead_steps and stats.further_forwards:
+            return stats.further_time_s / stats.further_forwards / unit
+        return stats.draft_time_s / stats.drafted / unit
+
+    def draft_lead(self, stats: GenerationStats) -> float:
+        """What a draft's first forward (the drafter's catch-up) costs above c, in units
+        of t, where the request timed it apart; 0 otherwise, or with a fixed cost. Priced
+        at one mean per token, a shorter draft than the one served looked cheaper than it
+        is."""
+        if self.draft_cost_ratio is not None or not stats.lead_steps or not stats.further_forwards:
+            return 0.0
+        unit = self._unit(stats)
+        if unit is None:
+            return 0.0
+        return stats.lead_time_s / stats.lead_steps / unit - self.draft_cost(stats)
+
+    def _unit(self, stats: GenerationStats) -> float | None:
+        """t: the request's target step with the draft positions taken off, in seconds,
+        over its steps that drafted something (a step without drafts is a one-position
+        forward, timed apart as ``plain_verify_time_s``, no point of the verify line);
+        None before any."""
         drafted = stats.drafted
-        # The steps that drafted something: a step without drafts is a one-position
-        # forward, timed apart (``plain_verify_time_s``), no point of the verify line.
         steps = stats.steps - stats.plain_steps
         verify_time = stats.verify_time_s - stats.plain_verify_time_s
         if drafted <= 0 or steps <= 0 or verify_time <= 0:
-            return 0.0
-        unit = verify_time / steps / (1.0 + self.verify_slope * drafted / steps)
-        return stats.draft_time_s / drafted / unit
+            return None
+        return verify_time / steps / (1.0 + self.verify_slope * drafted / steps)
 
     def _count(self, stats: GenerationStats) -> None:
         """Take in the steps recorded since the last call. A step with no draft (an n-gram

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,7 +108,12 @@ class ModelDraftSession:
         probs: list[torch.Tensor] = []
         rule = stop_rule if stop_rule is not None and stop_rule.active else None
         stopped = False
+        further_began: float | None = None  # the forwards after the first one
+        forwards = 0
         for _ in range(k):
+            if tokens and further_began is None:
+                further_began = self._clock()
+            forwards += 1
             logits = exclude_padding(self._forward(feed, position), self._vocabulary_size)
             position += feed.shape[0]
             if sampling.do_sample:
@@ -132,7 +138,17 @@ class ModelDraftSession:
             token_ids=torch.cat(tokens),  # [d], d <= k
             probs=torch.stack(probs) if probs else None,  # [d, vocab]
             stopped=stopped,
+            further_time_s=self._clock() - further_began if further_began is not None else 0.0,
+            further_forwards=forwards - 1,
         )
+
+    def _clock(self) -> float:
+        """perf_counter, once the device has run what was queued: on a GPU the forwards
+        return before their kernels finish, so the split between the first forward and
+        the further ones needs a synchronisation at each of its two ends."""
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+        return time.perf_counter()
 
     def observe_accepted(self, accepted: int) -> None:
         self._verified = self._last_history + min(accepted, max(self._last_fed, 0))

@@ -36,6 +36,13 @@ class GenerationStats:
     verify_time_s: float = 0.0
     plain_steps: int = 0  # steps that drafted nothing (one-position target forwards)
     plain_verify_time_s: float = 0.0  # their share of verify_time_s
+    # Drafting steps that timed their drafter's forwards after the first apart
+    # (``Proposal.further_time_s``): their lead (the first forward with the catch-up on
+    # the verified tokens, and the step's fixed work) and their further forwards.
+    lead_steps: int = 0
+    lead_time_s: float = 0.0
+    further_forwards: int = 0
+    further_time_s: float = 0.0
     prefill_time_s: float = 0.0
     wall_time_s: float = 0.0
     prompt_tokens: int = 0
@@ -51,9 +58,14 @@ class GenerationStats:
         draft_time_s: float,
         verify_time_s: float,
         stopped: bool = False,
+        further_time_s: float | None = None,
+        further_forwards: int = 0,
     ) -> None:
         """Record one step: ``accepted`` leading drafts of ``drafted`` were accepted;
-        ``stopped``: a stop rule ended the draft before ``requested``."""
+        ``stopped``: a stop rule ended the draft before ``requested``;
+        ``further_time_s``: the time of the draft's ``further_forwards`` forwards after its
+        first one, when the drafter timed them apart (``Proposal``): the rest of
+        ``draft_time_s`` is the step's lead."""
         self.steps += 1
         self.stopped_steps += stopped
         self.requested_per_step.append(requested)
@@ -65,6 +77,12 @@ class GenerationStats:
             self.accepted_per_position[position] += 1
         self.draft_time_s += draft_time_s
         self.verify_time_s += verify_time_s
+        if further_time_s is not None and drafted > 0:
+            further = min(further_time_s, draft_time_s)
+            self.lead_steps += 1
+            self.lead_time_s += draft_time_s - further
+            self.further_forwards += further_forwards
+            self.further_time_s += further
         if drafted == 0:
             self.plain_steps += 1
             self.plain_verify_time_s += verify_time_s

@@ -854,6 +854,10 @@ class RouterService:
             stopped_steps=stats.stopped_steps,
             requested_per_step=stats.requested_per_step,
             plain_steps_time_s=stats.plain_verify_time_s,
+            draft_lead_steps=stats.lead_steps,
+            draft_lead_time_s=stats.lead_time_s,
+            draft_further_forwards=stats.further_forwards,
+            draft_further_time_s=stats.further_time_s,
         )
         self.policy.update(routed.context, routed.decision, outcome)
         self._count_outcome(routed, outcome, "generate")

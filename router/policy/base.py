@@ -169,6 +169,11 @@ class Outcome:
     it (the sidecar's engine: the loss guard may ask for fewer than k, or for none, and
     the last step is capped by ``max_new_tokens``); empty: every step asked for the
     decision's k.
+    ``draft_lead_steps`` drafting steps timed their drafter's forwards after the first
+    apart (the sidecar's engine, for a model drafter): ``draft_lead_time_s`` is their lead
+    (the first forward, with the catch-up on the verified tokens), and
+    ``draft_further_time_s`` their ``draft_further_forwards`` further forwards; a draft
+    costs that lead plus a cheaper forward per further token. 0: not measured.
     """
 
     drafted_per_step: tuple[int, ...]
@@ -181,6 +186,10 @@ class Outcome:
     stopped_steps: int = 0
     requested_per_step: tuple[int, ...] = ()
     plain_steps_time_s: float = 0.0
+    draft_lead_steps: int = 0
+    draft_lead_time_s: float = 0.0
+    draft_further_forwards: int = 0
+    draft_further_time_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_per_step("accepted", self.accepted_per_step, "drafted", self.drafted_per_step)
@@ -191,6 +200,16 @@ class Outcome:
         # (a subset of the verify time's sum: equal to it, not past it, up to rounding)
         if not 0 <= self.plain_steps_time_s <= self.verify_time_s * (1 + 1e-9):
             raise ValueError("plain_steps_time_s must be within 0..verify_time_s")
+        drafting_steps = len(self.drafted_per_step) - self.drafted_per_step.count(0)
+        if not 0 <= self.draft_lead_steps <= drafting_steps:
+            raise ValueError(
+                f"draft_lead_steps {self.draft_lead_steps} outside 0..{drafting_steps}"
+            )
+        lead_times = (self.draft_lead_time_s, self.draft_further_time_s)
+        if min(lead_times) < 0 or sum(lead_times) > self.draft_time_s * (1 + 1e-9):
+            raise ValueError("draft_lead_time_s + draft_further_time_s must be within draft_time_s")
+        if self.draft_further_forwards < 0:
+            raise ValueError("draft_further_forwards must be >= 0")
         if not 0 <= self.stopped_steps <= len(self.drafted_per_step):
             raise ValueError(f"stopped_steps {self.stopped_steps} outside 0..steps")
         if self.requested_per_step:
@@ -210,6 +229,10 @@ class Outcome:
         stopped_steps: int = 0,
         requested_per_step: Sequence[int] = (),
         plain_steps_time_s: float = 0.0,
+        draft_lead_steps: int = 0,
+        draft_lead_time_s: float = 0.0,
+        draft_further_forwards: int = 0,
+        draft_further_time_s: float = 0.0,
     ) -> Outcome:
         """Build from per-step lists; ``generated_tokens`` defaults to sum(accepted + 1)."""
         drafted = tuple(int(x) for x in drafted_per_step)
@@ -226,6 +249,10 @@ class Outcome:
             int(stopped_steps),
             tuple(int(x) for x in requested_per_step),
             float(plain_steps_time_s),
+            int(draft_lead_steps),
+            float(draft_lead_time_s),
+            int(draft_further_forwards),
+            float(draft_further_time_s),
         )
 
     @classmethod

@@ -20,6 +20,13 @@ Two models share this module:
     cost shape where the drafter has one (``cost_shape``, drafter -> key: drafters of one
     architecture cost the same per drafted token, so they share one window: each one's
     figures price all of them, and one registered later is priced from the first request);
+    where the request timed each draft's first forward apart (``draft_lead_time_s``: a
+    model drafter in the sidecar's engine), a draft of d tokens costs ``c1 + (d - 1) c``
+    instead: ``c1`` the first forward (it catches the drafter's cache up on the verified
+    tokens; ~1.0 ms against ~0.44 ms for a further token on the built-in world on a CPU),
+    ``c`` then the time of the further forwards over their number
+    (``draft_further_time_s``, ``draft_further_forwards``). One price per token, set at
+    the k served most, overprices long drafts and underprices short ones;
   - ``t_e``: the mean time of a request's steps that drafted nothing, timed apart within
     it (the sidecar's engine: one-position forwards, which may cost less than the
     intercept u: ~6 ms against ~9 ms on the built-in world on a CPU) over u, else 1: a
@@ -213,8 +220,10 @@ class StepRatios:
         self.default_draft_cost_ratio = default_draft_cost_ratio
         self.draft_cost_ratio = dict(draft_cost_ratio or {})
         self.draft_prior_weight = draft_prior_weight
-        # drafter (or its cost shape) -> draft time per token / unit
+        # drafter (or its cost shape) -> draft time per token / unit (per further token
+        # where the first forward is timed apart: ``lead_``, the first forward / unit)
         self.draft_: dict[str, RobustWindow] = {}
+        self.lead_: dict[str, RobustWindow] = {}
         self.cost_shape: dict[str, str] = {}
         self.set_cost_shapes(cost_shape or {})
         self.plain_ = RobustWindow(window, trim=trim)  # t_ar: plain time per token / unit
@@ -258,11 +267,7 @@ class StepRatios:
         self._pair(step, context)
         unit = step[1] / (1.0 + self.slope() * step[0])
         if outcome.draft_time_s > 0:
-            ratio = outcome.draft_time_s / outcome.drafted_tokens / unit
-            window = self.draft_.setdefault(
-                self._cost_key(drafter), RobustWindow(self.window, trim=self.trim)
-            )
-            window.add(ratio)
+            self._observe_draft(self._cost_key(drafter), outcome, unit)
         if spec_steps < steps:  # steps without drafts timed apart, in this request
             empty = (target_time - spec_time) / (steps - spec_steps) / unit
             self.empty_.add(empty)
@@ -271,6 +276,26 @@ class StepRatios:
         if outcome.plain_token_time_s:
             self.plain_.add(outcome.plain_token_time_s / unit)
         return unit
+
+    def _observe_draft(self, key: str, outcome: Outcome, unit: float) -> None:
+        """Fold a request's draft time into ``key``'s windows: the lead of its timed
+        steps and their time per further forward where it timed them apart (module doc),
+        else one price per drafted token, unless ``key`` is priced by timed figures (a
+        whole draft per token would count the lead twice). The first request that times
+        them starts the per-token window afresh: its figures were whole drafts per token."""
+        per_token = self.draft_.setdefault(key, RobustWindow(self.window, trim=self.trim))
+        lead_steps = outcome.draft_lead_steps
+        if not lead_steps:
+            if key not in self.lead_:
+                per_token.add(outcome.draft_time_s / outcome.drafted_tokens / unit)
+            return
+        lead = self.lead_.get(key)
+        if lead is None:
+            lead = self.lead_[key] = RobustWindow(self.window, trim=self.trim)
+            per_token = self.draft_[key] = RobustWindow(self.window, trim=self.trim)
+        lead.add(outcome.draft_lead_time_s / lead_steps / unit)
+        if outcome.draft_further_forwards > 0:
+            per_token.add(outcome.draft_further_time_s / outcome.draft_further_forwards / unit)
 
     def _pair(self, step: tuple[float, float], context: Context | None) -> None:
         """Measure the slope between ``step`` (kbar, seconds per step at the intercept)
@@ -296,14 +321,32 @@ class StepRatios:
         return self.slope_.value if self.slope_.value is not None else self.verify_slope_ratio
 
     def step_costs(self, drafters: Sequence[str], k_max: int) -> StepCosts:
-        """t_ar, t_draft per drafter and t_verify(k) for k = 0..k_max, in units."""
+        """t_ar, t_draft and t_lead per drafter and t_verify(k) for k = 0..k_max, in
+        units."""
         t_ar = self.plain_token_time()
         t_draft = [self._draft_cost(name, t_ar) for name in drafters]
+        t_lead = [self._lead_cost(name, c) for name, c in zip(drafters, t_draft, strict=True)]
         return StepCosts(
             t_ar,
             np.array(t_draft, dtype=np.float64),
             1.0 + self.slope() * np.arange(k_max + 1),
+            np.array(t_lead, dtype=np.float64),
         )
+
+    def _lead_cost(self, drafter: str, per_token: float) -> float:
+        """What a draft's first forward costs above a further token's ``per_token``, in
+        units: 0 where it is not timed apart; before ``draft_prior_weight`` samples, the
+        median of them and copies of ``per_token`` (no lead) making up the weight."""
+        window = self.lead_.get(self._cost_key(drafter))
+        if window is None or window.value is None:
+            return 0.0
+        missing = self.draft_prior_weight - len(window)
+        first = (
+            window.value
+            if missing <= 0
+            else statistics.median([*window.samples, *[per_token] * missing])
+        )
+        return first - per_token
 
     def _draft_cost(self, drafter: str, t_ar: float) -> float:
         """``drafter``'s draft cost per token in units: its window's robust location once
@@ -330,18 +373,26 @@ class StepRatios:
         a shape that no drafter has any more is kept for one registered again."""
         self.cost_shape = {str(d): str(key) for d, key in cost_shape.items()}
         for drafter, key in self.cost_shape.items():
-            own = self.draft_.pop(drafter, None)
-            if own is not None and key not in self.draft_:
-                self.draft_[key] = own
+            own_draft = self.draft_.pop(drafter, None)
+            own_lead = self.lead_.pop(drafter, None)
+            if own_lead is not None and key not in self.lead_:
+                # Timed figures go as a pair: the shape's per-token figures, if any, were
+                # whole drafts per token, the drafter's are further forwards'.
+                self.lead_[key] = own_lead
+                self.draft_[key] = own_draft or RobustWindow(self.window, trim=self.trim)
+            elif own_draft is not None and key not in self.draft_ and own_lead is None:
+                self.draft_[key] = own_draft
 
     def forget_drafter(self, drafter: str) -> None:
         """Forget a removed drafter's own figures; its shape's stay (the others' too)."""
         if drafter not in self.cost_shape:
             self.draft_.pop(drafter, None)
+            self.lead_.pop(drafter, None)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "draft_ratios": {name: list(w.samples) for name, w in self.draft_.items()},
+            "lead_ratios": {name: list(w.samples) for name, w in self.lead_.items()},
             "plain_ratios": list(self.plain_.samples),
             "empty_ratios": list(self.empty_.samples),
             "slopes": list(self.slope_.samples),
@@ -361,6 +412,12 @@ class StepRatios:
         self.draft_ = {
             str(name): RobustWindow(self.window, samples, trim=self.trim)
             for name, samples in state.get("draft_ratios", {}).items()
+        }
+        # A state saved before first forwards were timed apart has none: its per-token
+        # windows start afresh at the first request that times them (``_observe_draft``).
+        self.lead_ = {
+            str(name): RobustWindow(self.window, samples, trim=self.trim)
+            for name, samples in state.get("lead_ratios", {}).items()
         }
         self.set_cost_shapes(self.cost_shape)
         self.plain_ = RobustWindow(self.window, state.get("plain_ratios", []), trim=self.trim)
@@ -527,6 +584,7 @@ class StepCosts:
     t_ar: float  # plain decoding time per token
     t_draft: np.ndarray  # [D]: time per drafted token
     t_verify: np.ndarray  # [K + 1]: time of a verify step scoring k drafted tokens
+    t_lead: np.ndarray | None = None  # [D]: a draft's first forward above t_draft
 
 
 class RequestOverheads:

@@ -16,7 +16,10 @@ tokens, F_0 the fixed time of a plain request and F_d that of a request drafted 
 
     S_req(a, k) = (F_0 + L * t_ar) / (F_d + (L / L(a, k)) * (k * t_draft + t_verify(k)))
 
-which is S(a, k) when F_0 = F_d = 0 (``request_speedup``).
+which is S(a, k) when F_0 = F_d = 0 (``request_speedup``). Where a drafter's first
+forward of a step is measured apart (it catches the drafter's cache up on the verified
+tokens), k * t_draft reads t_lead + k * t_draft: a lead paid once per drafting step above
+the per-token price of its further tokens (``cost_gain``).
 
 Drafts a stop rule may end before k are priced by their expected length
 (``stopped_draft_expectations``, ``stopped_speedup_table``; the model is stated above
@@ -46,16 +49,26 @@ def expected_tokens_per_step(acceptance: npt.ArrayLike, k_max: int) -> FloatArra
     return np.cumsum(powers, axis=-1)
 
 
-def cost_gain(t_ar: float, t_draft: npt.ArrayLike, t_verify: npt.ArrayLike) -> FloatArray:
-    """t_ar / (k * t_draft + t_verify(k)) for each drafter and k, with 1 at k = 0.
+def cost_gain(
+    t_ar: float,
+    t_draft: npt.ArrayLike,
+    t_verify: npt.ArrayLike,
+    t_lead: npt.ArrayLike | None = None,
+) -> FloatArray:
+    """t_ar / (t_lead + k * t_draft + t_verify(k)) for each drafter and k, with 1 at k = 0.
 
     ``t_draft``: per-token draft time, shape (D,); ``t_verify``: verify time per step
-    for k = 0..k_max, shape (k_max + 1,). Returns shape (D, k_max + 1). Column 0 is
-    set to 1 so that S(a, 0) = L(a, 0) * 1 = 1 exactly (no speculation).
+    for k = 0..k_max, shape (k_max + 1,); ``t_lead`` (D,), or None for 0: what a
+    draft's first forward costs above a further token's t_draft (it catches the
+    drafter's cache up), paid once per step that drafts. Returns shape (D, k_max + 1).
+    Column 0 is set to 1 so that S(a, 0) = L(a, 0) * 1 = 1 exactly (no speculation).
     """
     draft = np.asarray(t_draft, dtype=np.float64)
     verify = np.asarray(t_verify, dtype=np.float64)
-    gain = t_ar / (np.arange(len(verify)) * draft[:, None] + verify)
+    cost = np.arange(len(verify)) * draft[:, None] + verify
+    if t_lead is not None:
+        cost += np.asarray(t_lead, dtype=np.float64)[:, None]
+    gain = t_ar / np.maximum(cost, 1e-12)
     gain[:, 0] = 1.0
     return gain
 

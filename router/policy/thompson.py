@@ -20,6 +20,8 @@ with (``speedup.py``) L(a, k) = (1 - a^(k+1)) / (1 - a) tokens per step and
     S_req(a, k) = (F_0 + N t_ar) / (F_d + (N / L(a, k)) (k t_draft + t_verify(k))),
     S_req(a, 0) = 1,
 
+(where a drafter's first forward of a step is timed apart, k t_draft reads
+t_lead + k t_draft: ``costs.StepRatios``, ``speedup.cost_gain``),
 N the context's mean output length and F_0, F_d the measured fixed time per request of
 plain decoding and of drafter d (``costs.RequestOverheads``): they decide whether drafting
 pays for short outputs at all. Until a context has a measured output length (or with
@@ -500,7 +502,7 @@ class ThompsonPolicy:
         step = self.costs_.step_costs(names, self.k_max)
         prices = RequestPrices(
             step.t_ar,
-            cost_gain(step.t_ar, step.t_draft, step.t_verify),
+            cost_gain(step.t_ar, step.t_draft, step.t_verify, step.t_lead),
             np.array(tokens),
             np.array(fixed_none),
             fixed,

@@ -480,3 +480,26 @@ def test_steps_that_drafted_nothing_are_timed_apart() -> None:
     stats.observe_step(requested=0, drafted=0, accepted=0, draft_time_s=0.0, verify_time_s=0.004)
     assert stats.plain_steps == 2 and stats.plain_verify_time_s == pytest.approx(0.01)
     assert stats.verify_time_s == pytest.approx(0.019)
+
+
+def test_a_model_drafters_first_forward_is_timed_apart_from_its_further_tokens(
+    engine: SpeculativeEngine, drafters: dict[str, Drafter], prompts: list[list[int]]
+) -> None:
+    """A model drafter's step pays its first forward (the catch-up on the verified
+    tokens) once and a cheaper forward per further token: every drafting step's lead is
+    timed (``lead_steps``, ``lead_time_s``) so the policy can price a draft of k tokens
+    as lead + (k - 1) further ones. A lookup (the n-gram drafter) times no lead."""
+    run = engine.generate(prompts[0], drafters["close"], 4, max_new_tokens=MAX_NEW)
+    run.collect()
+    stats = run.stats
+    drafting = sum(1 for d in stats.drafted_per_step if d > 0)
+    assert drafting > 0 and stats.lead_steps == drafting
+    assert stats.further_forwards == stats.drafted - drafting  # one per further token
+    assert stats.lead_time_s > 0 and stats.further_time_s > 0
+    # All of the draft time but that of a last step capped to no draft (microseconds).
+    assert stats.lead_time_s + stats.further_time_s <= stats.draft_time_s
+    assert stats.lead_time_s + stats.further_time_s == pytest.approx(stats.draft_time_s, rel=0.02)
+    lookup = engine.generate(prompts[0], drafters["ngram"], 4, max_new_tokens=MAX_NEW)
+    lookup.collect()
+    assert (lookup.stats.lead_steps, lookup.stats.further_forwards) == (0, 0)
+    assert lookup.stats.lead_time_s == lookup.stats.further_time_s == 0.0

@@ -181,3 +181,31 @@ def test_a_drafter_the_target_rejects_stops_drafting_with_the_same_output(
         assert_same_or_near_tie(target, prompt, run.collect(), reference)
         assert kept.tripped_at_step is None
     assert tripped >= 3
+
+
+def test_a_timed_lead_prices_shorter_drafts_at_what_they_cost() -> None:
+    """Where the drafter times each draft's first forward apart, c is a further forward's
+    cost and the first forward's excess is added once per drafting step: at the served
+    k both readings price a step alike, but one mean per token priced a shorter draft
+    cheaper than it is (k = 1 at 0.15 per token where it costs 0.3)."""
+    guard = LossGuard(4)
+    stats = GenerationStats()
+    for _ in range(3):  # a lead of 0.3 t, then 0.1 t per further forward
+        stats.observe_step(
+            requested=4,
+            drafted=4,
+            accepted=1,
+            draft_time_s=(0.3 + 3 * 0.1) * PLAIN_STEP_S,
+            verify_time_s=PLAIN_STEP_S * 1.2,
+            further_time_s=3 * 0.1 * PLAIN_STEP_S,
+            further_forwards=3,
+        )
+    assert guard.draft_cost(stats) == pytest.approx(0.1)
+    assert guard.draft_lead(stats) == pytest.approx(0.2)
+    timed = step_speedups(0.5, 4, guard.draft_cost(stats), 0.05, lead=guard.draft_lead(stats))
+    mean = step_speedups(0.5, 4, 0.15, 0.05)
+    assert timed[4] == pytest.approx(mean[4])  # the served k: the same step cost
+    assert timed[1] == pytest.approx(1.5 / (1 + 0.2 + 0.15))
+    assert timed[1] < mean[1]
+    # A fixed cost (a sampled run) has no lead.
+    assert LossGuard(4, draft_cost_ratio=0.1).draft_lead(stats) == 0.0

@@ -1077,6 +1077,32 @@ def test_a_lookups_unmatched_steps_tell_the_policy_what_a_plain_step_costs(
     assert 0.0 < costs.plain_token_time() == costs.empty_step() < 10.0
 
 
+def test_a_model_drafters_first_forward_reaches_the_policy_apart_from_its_further_tokens(
+    sidecar: SidecarThread, PROMPT: str
+) -> None:
+    """A model drafter's step costs its first forward (the catch-up on the verified
+    tokens) plus a cheaper forward per further token: the engine times the lead apart and
+    the outcome carries it, so thompson prices a draft of k as t_lead + k t_draft instead of
+    k times one mean price per token (which overprices long drafts)."""
+    counterfactuals_settled(sidecar)
+    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson", reset_state=True), metadata=ADMIN)
+    generate(
+        sidecar,
+        text=PROMPT,
+        max_new_tokens=24,
+        task_hint="math",
+        force_drafter="math",
+        force_draft_length=4,
+    )
+    counterfactuals_settled(sidecar)
+    costs = sidecar.service.policy._policy.costs_
+    key = costs.cost_shape.get("math", "math")
+    assert len(costs.lead_[key]) == 1 and len(costs.draft_[key]) == 1
+    # The first forward is dearer than a further one (one sample: priced once it has the
+    # prior weight's four).
+    assert costs.lead_[key].value > costs.draft_[key].value > 0.0
+
+
 def test_a_greedy_requests_loss_guard_prices_plain_decoding_at_the_policys_measure(
     sidecar: SidecarThread, PROMPT: str
 ) -> None:

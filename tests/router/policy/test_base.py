@@ -88,6 +88,27 @@ def test_outcome_rejects_inconsistent_steps() -> None:
             Outcome.from_steps(
                 [2, 0], [1, 0], draft_time_s=0, verify_time_s=0.4, plain_steps_time_s=share
             )
+    # The first forwards timed apart: of drafting steps only, with the further forwards
+    # a share of the draft time.
+    for lead_steps, lead_time, further in (
+        (2, 0.01, 0),
+        (-1, 0.01, 0),
+        (1, 0.3, 0),
+        (1, -0.1, 0),
+        (1, 0.1, 0.15),
+        (1, 0.1, -1),
+    ):
+        with pytest.raises(ValueError, match="draft_"):
+            Outcome.from_steps(
+                [2, 0],
+                [1, 0],
+                draft_time_s=0.2,
+                verify_time_s=0.4,
+                draft_lead_steps=lead_steps,
+                draft_lead_time_s=lead_time,
+                draft_further_forwards=1 if further >= 0 else -1,
+                draft_further_time_s=max(further, 0.0),
+            )
 
 
 def test_outcome_from_totals_reconstructs_steps_from_positions() -> None:

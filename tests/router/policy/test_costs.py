@@ -4,6 +4,7 @@ measured or not) and thompson's ratios within each request, and per-request fixe
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -310,6 +311,64 @@ def test_drafters_of_one_shape_share_their_measured_cost() -> None:
         )
     )
     assert upgraded.step_costs(["chat"], 8).t_draft[0] == chat
+
+
+def _led(k: int, steps: int, *, lead: float, further: float, timed: bool = True) -> Outcome:
+    """k drafts a step: a first forward of ``lead`` seconds and ``further`` per further
+    token, timed apart (``draft_lead_*``, ``draft_further_*``) or as totals only; verify at
+    the prior slope."""
+    return Outcome.from_steps(
+        [k] * steps,
+        [0] * steps,
+        draft_time_s=steps * (lead + (k - 1) * further),
+        verify_time_s=steps * 0.01 * (1 + 0.05 * k),
+        draft_lead_steps=steps if timed else 0,
+        draft_lead_time_s=steps * lead if timed else 0.0,
+        draft_further_forwards=steps * (k - 1) if timed else 0,
+        draft_further_time_s=steps * (k - 1) * further if timed else 0.0,
+    )
+
+
+def test_a_drafts_first_forward_is_priced_apart_from_its_further_tokens() -> None:
+    """A model drafter's draft of k costs its first forward (the cache's catch-up) plus a
+    cheaper forward per further token: priced as t_lead + k t_draft in units, where one
+    mean price per token, taken at the k served, overpriced long drafts (k = 8 at k = 2's
+    mean: 1.1 against 0.45 units here)."""
+    costs = StepRatios()
+    for k in (2, 4, 2, 4):  # totals first: one mean price per token
+        costs.observe("math", _led(k, 10, lead=0.001, further=0.0003, timed=False))
+    step = costs.step_costs(["math"], 8)
+    assert step.t_lead is not None and step.t_lead[0] == 0.0
+    assert step.t_draft[0] > 0.04
+    for k in (2, 4, 2, 4):  # timed apart: the mean prices drafts no more
+        costs.observe("math", _led(k, 10, lead=0.001, further=0.0003))
+    step = costs.step_costs(["math"], 8)
+    assert step.t_draft[0] == pytest.approx(0.03)
+    assert step.t_lead is not None and step.t_lead[0] == pytest.approx(0.07)
+    assert step.t_lead[0] + 8 * step.t_draft[0] == pytest.approx(0.1 + 7 * 0.03)
+    # Once a drafter is priced by timed figures, a request that reports totals only (a
+    # Report) adds no mean per token, which holds the lead, to them; a k = 1 request, a
+    # lead only; a copy-or-model request's untimed copies (the rest of its draft time)
+    # are left out of its further forwards' price.
+    timed = StepRatios()
+    timed.observe("math", _led(4, 10, lead=0.001, further=0.0003))
+    timed.observe("math", _led(4, 10, lead=0.001, further=0.0003, timed=False))
+    timed.observe("math", _led(1, 10, lead=0.001, further=0.0003))
+    assert len(timed.draft_["math"]) == 1 and len(timed.lead_["math"]) == 2
+    copies = replace(
+        _led(4, 10, lead=0.001, further=0.0003), draft_time_s=0.022, draft_lead_steps=5
+    )  # 5 model steps timed, 5 copies at no forward; per-forward prices as before
+    copies = replace(copies, draft_lead_time_s=0.005, draft_further_time_s=0.0045)
+    copies = replace(copies, draft_further_forwards=15)
+    timed.observe("math", copies)
+    assert list(timed.draft_["math"].samples) == pytest.approx([0.03, 0.03])
+    assert list(timed.lead_["math"].samples) == pytest.approx([0.1] * 3)
+    # Kept across a restart; a drafter removed takes its lead along.
+    restored = StepRatios()
+    restored.load_state_dict(json.loads(json.dumps(costs.state_dict())))
+    assert restored.step_costs(["math"], 8).t_lead[0] == pytest.approx(0.07)
+    restored.forget_drafter("math")
+    assert restored.step_costs(["math"], 8).t_lead[0] == 0.0
 
 
 def test_one_stalled_first_request_does_not_price_a_drafter_out() -> None:

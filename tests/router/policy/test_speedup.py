@@ -103,3 +103,13 @@ def test_request_speedup_prices_fixed_time_against_the_output_length() -> None:
     assert long[0, 2] == pytest.approx(202.0 / (10.0 + 200.0 / 1.75 * 1.30))
     assert short[0, 0] == long[0, 0] == 1.0
     assert short[0, 1:].max() < 1.0 < long[0, 1:].max()
+
+
+def test_a_lead_is_paid_once_per_drafting_step() -> None:
+    """t_lead (a draft's first forward above a further token's t_draft) enters every
+    k >= 1 once: the step of k costs t_lead + k t_draft + t_verify(k); k = 0 stays 1."""
+    verify = 1.0 + 0.05 * np.arange(5)
+    gain = cost_gain(1.0, [0.1, 0.1], verify, t_lead=[0.0, 0.3])
+    np.testing.assert_allclose(gain[0], cost_gain(1.0, [0.1], verify)[0])
+    np.testing.assert_allclose(gain[1, 1:], 1.0 / (0.3 + 0.1 * np.arange(1, 5) + verify[1:]))
+    assert gain[1, 0] == 1.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -529,3 +530,30 @@ def test_settings_at_their_bounds_are_served_and_learn() -> None:
             decision = policy.select(context, ["generic", "math"])
             policy.update(context, decision, geometric_outcome(rng, decision, 0.5, tokens=20))
     json.dumps(policy.state_dict(), allow_nan=False)
+
+
+def test_a_drafts_first_forward_priced_apart_lets_long_drafts_pay() -> None:
+    """A model drafter's first forward of a step (its cache's catch-up) costs more than a
+    further token (~1.0 against ~0.44 ms on the built-in world). Priced at one mean cost
+    per token, the price taken at the k served overprices long drafts: at a = 0.8, a lead
+    of 0.3 and 0.02 per further token, k = 8 pays best, and the policy settled at 5-6.
+    Timed apart (``draft_lead_time_s``), the lead is priced once per step."""
+    chosen = {}
+    for timed in (False, True):
+        policy = ThompsonPolicy(["math"], rng=np.random.default_rng(2))
+        rng = np.random.default_rng(3)
+        for _ in range(300):
+            decision = policy.select(CODE, ["math"])
+            outcome = geometric_outcome(rng, decision, 0.8, draft_cost=0.02, lead_cost=0.3)
+            if not timed:  # the same draft times, as totals only
+                outcome = replace(
+                    outcome,
+                    draft_lead_steps=0,
+                    draft_lead_time_s=0.0,
+                    draft_further_forwards=0,
+                    draft_further_time_s=0.0,
+                )
+            policy.update(CODE, decision, outcome)
+        chosen[timed] = policy.describe()[0].chosen_k
+    assert chosen[True] == 8
+    assert chosen[False] <= 6
