@@ -23,7 +23,7 @@ Two models share this module:
     where the request timed each draft's first forward apart (``draft_lead_time_s``: a
     model drafter in the sidecar's engine), a draft of d tokens costs ``c1 + (d - 1) c``
     instead: ``c1`` the first forward (it catches the drafter's cache up on the verified
-    tokens; ~1.0 ms against ~0.44 ms for a further token on the built-in world on a CPU),
+    tokens; about twice a further token's time on the built-in world on a CPU),
     ``c`` then the time of the further forwards over their number
     (``draft_further_time_s``, ``draft_further_forwards``). One price per token, set at
     the k served most, overprices long drafts and underprices short ones;
