@@ -109,11 +109,9 @@ class ModelDraftSession:
         rule = stop_rule if stop_rule is not None and stop_rule.active else None
         stopped = False
         further_began: float | None = None  # the forwards after the first one
-        forwards = 0
         for _ in range(k):
             if tokens and further_began is None:
                 further_began = self._clock()
-            forwards += 1
             logits = exclude_padding(self._forward(feed, position), self._vocabulary_size)
             position += feed.shape[0]
             if sampling.do_sample:
@@ -139,7 +137,8 @@ class ModelDraftSession:
             probs=torch.stack(probs) if probs else None,  # [d, vocab]
             stopped=stopped,
             further_time_s=self._clock() - further_began if further_began is not None else 0.0,
-            further_forwards=forwards - 1,
+            # One forward per draft, and one more whose distribution stopped the draft.
+            further_forwards=len(tokens) - 1 + stopped,
         )
 
     def _clock(self) -> float:

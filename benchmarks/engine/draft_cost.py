@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.engine.bench import load_task_setups, machine_description, open_world, run_ours
+from drafters.stats import GenerationStats
 
 logger = logging.getLogger(__name__)
 
@@ -33,15 +34,25 @@ class DraftTimes:
 
     drafted: int = 0
     lead_steps: int = 0
+    further_forwards: int = 0
     draft_time_s: float = 0.0
     lead_time_s: float = 0.0
+    further_time_s: float = 0.0
+
+    def add(self, stats: GenerationStats) -> None:
+        self.drafted += stats.drafted
+        self.lead_steps += stats.lead_steps
+        self.further_forwards += stats.further_forwards
+        self.draft_time_s += stats.draft_time_s
+        self.lead_time_s += stats.lead_time_s
+        self.further_time_s += stats.further_time_s
 
     def lead_ms(self) -> float:
         return 1e3 * self.lead_time_s / max(self.lead_steps, 1)
 
     def further_ms(self) -> float | None:
-        further = self.drafted - self.lead_steps  # no stop rule: one forward per token
-        return 1e3 * (self.draft_time_s - self.lead_time_s) / further if further else None
+        forwards = self.further_forwards
+        return 1e3 * self.further_time_s / forwards if forwards else None
 
     def mean_ms(self) -> float:
         return 1e3 * self.draft_time_s / max(self.drafted, 1)
@@ -64,11 +75,7 @@ def measure(
         for prompt in setup.prompts:
             for k in lengths:
                 _, _, stats = run_ours(opened.engine, drafter, k, prompt, max_new_tokens)
-                times = results.setdefault((setup.task, k), DraftTimes())
-                times.drafted += stats.drafted
-                times.lead_steps += stats.lead_steps
-                times.draft_time_s += stats.draft_time_s
-                times.lead_time_s += stats.lead_time_s
+                results.setdefault((setup.task, k), DraftTimes()).add(stats)
     return results
 
 

@@ -335,18 +335,10 @@ class StepRatios:
 
     def _lead_cost(self, drafter: str, per_token: float) -> float:
         """What a draft's first forward costs above a further token's ``per_token``, in
-        units: 0 where it is not timed apart; before ``draft_prior_weight`` samples, the
-        median of them and copies of ``per_token`` (no lead) making up the weight."""
+        units: 0 where it is not timed apart; copies of ``per_token`` (no lead) stand in
+        for the samples it lacks (``_with_prior``)."""
         window = self.lead_.get(self._cost_key(drafter))
-        if window is None or window.value is None:
-            return 0.0
-        missing = self.draft_prior_weight - len(window)
-        first = (
-            window.value
-            if missing <= 0
-            else statistics.median([*window.samples, *[per_token] * missing])
-        )
-        return first - per_token
+        return self._with_prior(window, per_token) - per_token
 
     def _draft_cost(self, drafter: str, t_ar: float) -> float:
         """``drafter``'s draft cost per token in units: its window's robust location once
@@ -355,13 +347,18 @@ class StepRatios:
         measurement alone decided the cost, so one stalled first request (a GPU's lazy
         start) priced a drafter out for good: never chosen again, never measured again."""
         hint = self.draft_cost_ratio.get(drafter, self.default_draft_cost_ratio) * t_ar
-        window = self.draft_.get(self._cost_key(drafter))
+        return self._with_prior(self.draft_.get(self._cost_key(drafter)), hint)
+
+    def _with_prior(self, window: RobustWindow | None, prior: float) -> float:
+        """``window``'s robust location once it holds ``draft_prior_weight`` samples;
+        before, the median of its samples and as many copies of ``prior`` as make up the
+        weight; ``prior`` without samples."""
         if window is None or window.value is None:
-            return hint
+            return prior
         missing = self.draft_prior_weight - len(window)
         if missing <= 0:
             return window.value
-        return statistics.median([*window.samples, *[hint] * missing])
+        return statistics.median([*window.samples, *[prior] * missing])
 
     def _cost_key(self, drafter: str) -> str:
         """Where ``drafter``'s draft cost is kept: its cost shape's window, else its own."""

@@ -1025,6 +1025,18 @@ def test_a_report_for_a_drafter_removed_or_registered_again_is_not_learnt(
         remove()
 
 
+def _thompson_after_one_generate(
+    sidecar: SidecarThread, **fields: object
+) -> tuple[list[pb.GenerateChunk], Any]:
+    """A fresh thompson, one Generate of ``fields``, and what it learnt from it settled:
+    (the chunks, the serving policy)."""
+    counterfactuals_settled(sidecar)
+    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson", reset_state=True), metadata=ADMIN)
+    chunks = generate(sidecar, **fields)
+    counterfactuals_settled(sidecar)
+    return chunks, sidecar.service.policy._policy
+
+
 def test_a_lookups_counterfactual_score_teaches_how_often_it_matches(
     sidecar: SidecarThread, PROMPT: str
 ) -> None:
@@ -1033,9 +1045,7 @@ def test_a_lookups_counterfactual_score_teaches_how_often_it_matches(
     often it matches (c) without playing it: accepts alone left c where its own first
     plays put it, and where those met prompts with nothing to copy, it was never played
     again on a task where it was the best arm."""
-    counterfactuals_settled(sidecar)
-    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson", reset_state=True), metadata=ADMIN)
-    generate(
+    _, policy = _thompson_after_one_generate(
         sidecar,
         text=PROMPT,
         max_new_tokens=30,
@@ -1043,8 +1053,6 @@ def test_a_lookups_counterfactual_score_teaches_how_often_it_matches(
         force_drafter="math",
         force_draft_length=3,
     )
-    counterfactuals_settled(sidecar)
-    policy = sidecar.service.policy._policy
     scored = [arms["ngram"] for c, arms in policy.copies_.items() if c.cluster == "math"]
     assert scored, "ngram was not scored"
     starts = sum(float(runs.evidence[:2, 0].sum()) for runs in scored)
@@ -1058,12 +1066,9 @@ def test_a_lookups_unmatched_steps_tell_the_policy_what_a_plain_step_costs(
     decoding's step; the engine times those steps apart and the outcome carries their mean
     (``plain_token_time_s``), so thompson prices plain decoding by it instead of by the
     speculative step's intercept, which a one-position forward need not cost."""
-    counterfactuals_settled(sidecar)
-    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson", reset_state=True), metadata=ADMIN)
-    text = " ".join([PROMPT] * 3)  # something to copy, and new text
-    chunks = generate(
+    chunks, policy = _thompson_after_one_generate(
         sidecar,
-        text=text,
+        text=" ".join([PROMPT] * 3),  # something to copy, and new text
         max_new_tokens=40,
         task_hint="chat",
         force_drafter="ngram",
@@ -1071,8 +1076,7 @@ def test_a_lookups_unmatched_steps_tell_the_policy_what_a_plain_step_costs(
     )
     drafted = list(chunks[-1].stats.drafted_per_step)
     assert 0 in drafted and any(drafted), f"wanted matched and unmatched lookups: {drafted}"
-    counterfactuals_settled(sidecar)
-    costs = sidecar.service.policy._policy.costs_
+    costs = policy.costs_
     assert len(costs.plain_.samples) == len(costs.empty_.samples) == 1
     assert 0.0 < costs.plain_token_time() == costs.empty_step() < 10.0
 
@@ -1084,9 +1088,7 @@ def test_a_model_drafters_first_forward_reaches_the_policy_apart_from_its_furthe
     tokens) plus a cheaper forward per further token: the engine times the lead apart and
     the outcome carries it, so thompson prices a draft of k as t_lead + k t_draft instead of
     k times one mean price per token (which overprices long drafts)."""
-    counterfactuals_settled(sidecar)
-    sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson", reset_state=True), metadata=ADMIN)
-    generate(
+    _, policy = _thompson_after_one_generate(
         sidecar,
         text=PROMPT,
         max_new_tokens=24,
@@ -1094,8 +1096,7 @@ def test_a_model_drafters_first_forward_reaches_the_policy_apart_from_its_furthe
         force_drafter="math",
         force_draft_length=4,
     )
-    counterfactuals_settled(sidecar)
-    costs = sidecar.service.policy._policy.costs_
+    costs = policy.costs_
     key = costs.cost_shape.get("math", "math")
     assert len(costs.lead_[key]) == 1 and len(costs.draft_[key]) == 1
     # The first forward is dearer than a further one (one sample: priced once it has the
