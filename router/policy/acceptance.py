@@ -31,6 +31,8 @@ import numpy as np
 INITIAL_RESIDUAL_VAR = 0.01
 #: EWMA weight of a new squared residual in the between-request variance.
 RESIDUAL_WEIGHT = 0.05
+#: ``ContextArms.scored_at`` of an arm no counterfactual score has reached.
+NEVER_SCORED = -1
 
 
 def counts_from_steps(accepted_per_step: Sequence[int], draft_length: int) -> tuple[int, int]:
@@ -99,6 +101,11 @@ class ContextArms:
         self.beta = self.beta0.copy()
         self.decisions: np.ndarray = np.zeros(self.alpha.shape, dtype=np.int64)
         self.residual_var: np.ndarray = np.full(self.alpha.shape, INITIAL_RESIDUAL_VAR)
+        # ``requests`` when the arm last had a counterfactual score (-1: never).
+        self.scored_at: np.ndarray = np.full(self.alpha.shape, NEVER_SCORED, dtype=np.int64)
+        # The drafter of the context's last served request (not saved): a counterfactual
+        # score of that request tells of it too (``mark_scored``).
+        self.served: int | None = None
         self.none_decisions = 0
         self.requests = 0
 
@@ -111,6 +118,18 @@ class ContextArms:
         self.beta[index] = self.beta0[index] + gamma * (self.beta[index] - self.beta0[index])
         self.alpha[index] += successes
         self.beta[index] += failures
+
+    def mark_scored(self, index: int) -> None:
+        """Arm ``index`` had a counterfactual score in the current request: it and the
+        request's served arm are known as of now."""
+        self.scored_at[index] = self.requests
+        if self.served is not None:
+            self.scored_at[self.served] = self.requests
+
+    def informed(self, window: int) -> np.ndarray:
+        """Per arm: whether a counterfactual score reached it within the context's last
+        ``window`` requests (bool array)."""
+        return (self.scored_at >= 0) & (self.requests - self.scored_at < window)
 
     def surprise(self, index: int, successes: float, failures: float, clip_z: float = 3.0) -> float:
         """z-score of this request's acceptance against the posterior mean; tracks the spread.
@@ -136,10 +155,12 @@ class ContextArms:
         self.beta = np.append(self.beta, beta0)
         self.decisions = np.append(self.decisions, 0)
         self.residual_var = np.append(self.residual_var, INITIAL_RESIDUAL_VAR)
+        self.scored_at = np.append(self.scored_at, NEVER_SCORED)
 
     def delete(self, index: int) -> None:
         """Drop a drafter column."""
-        for name in ("alpha0", "beta0", "alpha", "beta", "decisions", "residual_var"):
+        self.served = None
+        for name in ("alpha0", "beta0", "alpha", "beta", "decisions", "residual_var", "scored_at"):
             setattr(self, name, np.delete(getattr(self, name), index))
 
     def to_dict(self, drafters: Sequence[str]) -> dict[str, Any]:
@@ -157,6 +178,8 @@ class ContextArms:
                 ]
                 for i, name in enumerate(drafters)
             },
+            # Beside "arms", whose rows builds before it read by position.
+            "scored_at": {name: int(self.scored_at[i]) for i, name in enumerate(drafters)},
         }
 
     @classmethod
@@ -168,6 +191,10 @@ class ContextArms:
         context.beta = rows[:, 1].copy()
         context.decisions = rows[:, 4].astype(np.int64)
         context.residual_var = rows[:, 5].copy()
+        scored = data.get("scored_at") or {}  # absent in states saved before it
+        context.scored_at = np.array(
+            [int(scored.get(name, NEVER_SCORED)) for name in drafters], dtype=np.int64
+        )
         context.requests = int(data["requests"])
         context.none_decisions = int(data["none_decisions"])
         return context

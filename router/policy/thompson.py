@@ -55,6 +55,15 @@ other columns of their rows are left out of the argmax, so the arm compared is t
 that can be served. A k beyond the drafter's priced lengths (k_max, copy_k_max) is priced
 at the longest one.
 
+Full information: the sidecar scores the other drafters on each greedy request's verified
+output (``update_counterfactual``), so every arm's posterior learns from every such request
+whichever arm served it, and serving a worse arm teaches nothing the scores do not. An arm
+that a score reached within its context's last ``scored_window`` requests (16; the served
+arm of a scored request counts as reached) is therefore decided at its posterior mean:
+its draw is replaced by the mean. Arms no score reaches (sampled traffic, a fleet without
+scoring, a fresh context, scoring that fell behind its budget) are drawn as above, and
+``scored_window`` null draws every arm.
+
 Cold start: a drafter added with ``similarity`` (cluster -> similarity of its fine-tuning
 sample to the cluster) gets a prior whose mean grows with the similarity (weight
 ``similarity_weight``); without it, the neutral Beta(prior_alpha, prior_beta). A new
@@ -117,6 +126,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_COPY_DRAFTERS: tuple[str, ...] = ()
 #: A copy drafter's run lengths are modelled up to this many times its copy_k_max.
 RUN_HORIZON_PER_K = 4
+#: Requests of a context over which an arm's last counterfactual score keeps it decided
+#: at its posterior mean (``scored_window``).
+DEFAULT_SCORED_WINDOW = 16
 
 
 #: The longest window of measured costs kept (each entry is saved with the policy's state).
@@ -164,6 +176,7 @@ class ThompsonConfig(BaseModel):
     cost_shape: dict[str, str] = Field(default_factory=dict)
     copy_prior_weight: float = Field(2.0, gt=0.0, le=MAX_WEIGHT)
     explore_length: Literal["mean", "draw"] = "mean"
+    scored_window: int | None = Field(DEFAULT_SCORED_WINDOW, ge=1, le=MAX_WINDOW)
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +289,11 @@ def served_k(column: int, length: int) -> int:
     return length if column and length > 0 else column
 
 
+def at_mean(draw: FloatArray, mean: FloatArray, informed: np.ndarray | None) -> FloatArray:
+    """``draw`` with the ``informed`` entries (bool, same shape) replaced by ``mean``."""
+    return draw if informed is None else np.where(informed, mean, draw)
+
+
 def thompson_decisions(
     drafters: Sequence[str],
     alpha: FloatArray,
@@ -285,6 +303,7 @@ def thompson_decisions(
     copy: CopyTerms | None = None,
     length_at_mean: bool = False,
     lengths: Sequence[int] | None = None,
+    informed: np.ndarray | None = None,
 ) -> list[Decision]:
     """One Thompson decision per request r over the D ``drafters`` (module doc):
 
@@ -305,20 +324,28 @@ def thompson_decisions(
     one and a half), and each step still tells whether its first token was accepted.
 
     ``lengths`` [D]: a drafter's only served length (0: any; ``served_lengths_only``).
+
+    ``informed`` [R, D] (bool): arms whose posterior counterfactual scores keep up to date
+    are decided at their mean, the draw replaced by it (a copy drafter's c and hazards
+    with it); they are still drawn, so the other arms' draws are the same either way.
     """
     rows = alpha.shape[0]
     if not drafters:
         return [Decision(NONE_DRAFTER, 0, 1.0, False)] * rows
     if copy is None or not copy.columns:
-        acceptance = np.array([rng.beta(alpha, beta), alpha / (alpha + beta)])  # [2, R, D]
+        mean = alpha / (alpha + beta)
+        acceptance = np.array([at_mean(rng.beta(alpha, beta), mean, informed), mean])  # [2, R, D]
         table = prices.speedups(acceptance)  # [2, R, D, K + 1]: S at the draw, at the mean
     else:
         copy_alpha, copy_beta = copy.parameters()
         every_alpha = np.concatenate([alpha, copy_alpha], axis=1)
         every_beta = np.concatenate([beta, copy_beta], axis=1)
-        values = np.array(
-            [rng.beta(every_alpha, every_beta), every_alpha / (every_alpha + every_beta)]
-        )
+        mean = every_alpha / (every_alpha + every_beta)
+        if informed is not None:
+            per_value = copy_alpha.shape[1] // len(copy.columns)  # c, h_1..h_H
+            copy_informed = np.repeat(informed[:, list(copy.columns)], per_value, axis=1)
+            informed = np.concatenate([informed, copy_informed], axis=1)
+        values = np.array([at_mean(rng.beta(every_alpha, every_beta), mean, informed), mean])
         width = alpha.shape[1]
         table = speedup_tables(values[..., :width], prices, copy, values[..., width:])
     table = served_lengths_only(table, lengths)
@@ -368,6 +395,7 @@ class ThompsonPolicy:
         copy_prior_weight: float = 2.0,
         explore_length: str = "mean",
         draft_length: Mapping[str, int] | None = None,
+        scored_window: int | None = DEFAULT_SCORED_WINDOW,
     ) -> None:
         self.gamma = gamma
         self.gamma_drift = gamma_drift
@@ -402,6 +430,9 @@ class ThompsonPolicy:
         self.copy_prior_weight = copy_prior_weight
         self.copies_: dict[Context, dict[str, CopyRuns]] = {}
         self.length_at_mean = explore_length == "mean"
+        # None: every arm is drawn; else arms scored within this many requests of their
+        # context are decided at their posterior mean (module doc, "full information").
+        self.scored_window = scored_window
         # drafter -> the one length it is served at (module doc); absent: any.
         self.draft_length_ = {str(d): int(k) for d, k in (draft_length or {}).items()}
         self.updates_ = 0
@@ -445,6 +476,7 @@ class ThompsonPolicy:
             copy_prior_weight=cfg.copy_prior_weight,
             explore_length=cfg.explore_length,
             draft_length=cfg.draft_length,
+            scored_window=cfg.scored_window,
         )
 
     @property
@@ -475,9 +507,18 @@ class ThompsonPolicy:
             contexts, index, [self._posterior(c) for c in contexts]
         )
         lengths = [self.draft_length_.get(name, 0) for name in names]
+        informed = np.array([self._informed(c) for c in contexts], dtype=bool)[:, index]
         return thompson_decisions(
-            names, alpha, beta, prices, self._rng, copy, self.length_at_mean, lengths
+            names, alpha, beta, prices, self._rng, copy, self.length_at_mean, lengths, informed
         )
+
+    def _informed(self, context: Context) -> np.ndarray:
+        """Per drafter: whether ``context``'s posterior of it is decided at its mean (a
+        counterfactual score within ``scored_window`` requests; never in a fresh context)."""
+        arms = self.contexts_.get(context)
+        if arms is None or self.scored_window is None:
+            return np.zeros(len(self.drafters_), dtype=bool)
+        return arms.informed(self.scored_window)
 
     def _inputs(
         self,
@@ -653,6 +694,7 @@ class ThompsonPolicy:
             )
         arms.requests += 1
         i = self.index_.get(decision.drafter)
+        arms.served = i
         if decision.k == 0 or i is None:
             arms.none_decisions += decision.k == 0
         else:
@@ -697,6 +739,7 @@ class ThompsonPolicy:
         )
         arms = self._context(context)
         gamma = self._learn(arms, i, successes, failures)
+        arms.mark_scored(i)
         if drafter in self.copy_drafters:
             copy = self._copy(context, drafter)
             if drafted_per_step is not None:

@@ -1059,6 +1059,27 @@ def test_a_lookups_counterfactual_score_teaches_how_often_it_matches(
     assert starts >= 1
 
 
+def test_a_greedy_requests_scores_let_thompson_decide_its_context_at_the_posterior_means(
+    sidecar: SidecarThread, PROMPT: str
+) -> None:
+    """Every other drafter is scored on a greedy request's output, so the next decision
+    in its context has full information: each arm, the served one too, is decided at
+    its posterior mean (no draw, nothing explored). A sampled request is not scored."""
+    sampled = pb.SamplingParams(do_sample=True, temperature=0.8, seed=1)
+    for sampling, scored in ((pb.SamplingParams(), True), (sampled, False)):
+        _, policy = _thompson_after_one_generate(
+            sidecar,
+            text=PROMPT,
+            max_new_tokens=24,
+            task_hint="math",
+            force_drafter="math",
+            sampling=sampling,
+        )
+        (context,) = policy.contexts_
+        informed = policy._informed(context)
+        assert informed.all() if scored else not informed.any(), informed
+
+
 def test_a_lookups_unmatched_steps_tell_the_policy_what_a_plain_step_costs(
     sidecar: SidecarThread, PROMPT: str
 ) -> None:

@@ -503,6 +503,7 @@ def test_a_drafter_that_rarely_proposes_is_not_priced_as_one_that_always_does() 
         {"copy_prior_weight": 1e308},
         {"draft_length": {"generic": 0}},
         {"draft_length": {"generic": 33}},
+        {"scored_window": 0},
     ],
 )
 def test_a_setting_past_its_bounds_is_refused(setting: dict[str, object]) -> None:
@@ -522,6 +523,7 @@ def test_settings_at_their_bounds_are_served_and_learn() -> None:
             "prior_beta": 1e6,
             "similarity": {"generic": {"math": 1e6, "chat": -1e6}},
             "draft_length": {"generic": 32},
+            "scored_window": 100_000,
         },
     )
     context, rng = Context("math", 0), np.random.default_rng(0)
@@ -557,3 +559,61 @@ def test_a_drafts_first_forward_priced_apart_lets_long_drafts_pay() -> None:
         chosen[timed] = policy.describe()[0].chosen_k
     assert chosen[True] == 8
     assert chosen[False] <= 6
+
+
+def _full_information_rounds(
+    policy: ThompsonPolicy, acceptance: dict[str, float], requests: int, *, scored: bool
+) -> list[Decision]:
+    """Serve ``requests`` in CODE; with ``scored``, every other drafter gets a
+    counterfactual score of each request too, as the sidecar's greedy requests do."""
+    rng = np.random.default_rng(3)
+    decisions = []
+    for _ in range(requests):
+        decision = policy.select(CODE, list(acceptance))
+        outcome = geometric_outcome(rng, decision, acceptance[decision.drafter], tokens=12)
+        policy.update(CODE, decision, outcome)
+        for name, a in acceptance.items():
+            if scored and name != decision.drafter:
+                steps = [min(4, int(rng.geometric(1.0 - a)) - 1) for _ in range(4)]
+                policy.update_counterfactual(CODE, name, steps, 4)
+        decisions.append(decision)
+    return decisions
+
+
+def test_arms_known_from_counterfactual_scores_are_decided_at_their_mean() -> None:
+    # Close arms, short requests (a few steps of evidence each): the draws overlap for
+    # long. With every arm scored on every request there is nothing left to learn by
+    # serving a worse one, so none is explored; drawn, they are.
+    close = {"a": 0.55, "b": 0.6, "c": 0.5}
+    scored = ThompsonPolicy(list(close), rng=np.random.default_rng(4))
+    decisions = _full_information_rounds(scored, close, 80, scored=True)
+    assert not any(d.explored for d in decisions[1:])  # the first, in a fresh context, draws
+    drawn = ThompsonPolicy(list(close), rng=np.random.default_rng(4), scored_window=None)
+    assert sum(d.explored for d in _full_information_rounds(drawn, close, 80, scored=True)) >= 5
+    # Without scores, the same rule is Thompson sampling as before.
+    unscored = ThompsonPolicy(list(close), rng=np.random.default_rng(4))
+    assert sum(d.explored for d in _full_information_rounds(unscored, close, 80, scored=False)) >= 5
+
+
+def test_an_arm_no_score_reached_for_a_window_of_requests_is_drawn_again() -> None:
+    policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(6), scored_window=4)
+    _full_information_rounds(policy, {"a": 0.55, "b": 0.6}, 5, scored=True)
+    arms = policy.contexts_[CODE]
+    assert arms.informed(4).all()  # the served arm too: its request was scored
+    _train(policy, CODE, {"a": 0.55, "b": 0.6}, 4)  # served, no scores
+    assert arms.informed(4).tolist() == [False, False]
+    assert [policy._informed(Context("chat", 0)).tolist()] == [[False, False]]  # fresh
+
+
+def test_the_scored_requests_survive_a_state_round_trip_and_old_states_load() -> None:
+    policy = ThompsonPolicy(["a", "b"], rng=np.random.default_rng(7))
+    _full_information_rounds(policy, {"a": 0.55, "b": 0.6}, 6, scored=True)
+    assert policy.contexts_[CODE].informed(16).all()
+    state = json.loads(json.dumps(policy.state_dict()))
+    restored = ThompsonPolicy([], rng=np.random.default_rng(7))
+    restored.load_state_dict(state)
+    assert restored.contexts_[CODE].scored_at.tolist() == policy.contexts_[CODE].scored_at.tolist()
+    for context in state["contexts"]:
+        del context["scored_at"]  # a state saved before it: nothing counts as scored
+    restored.load_state_dict(state)
+    assert not restored.contexts_[CODE].informed(16).any()
