@@ -605,6 +605,14 @@ class RequestOverheads:
     outvoted, where alone it priced the drafter out of the context for good, since a
     drafter not chosen is not measured again; from the third request on, own figures
     that agree with each other outvote the pool.
+
+    Drafters of one cost shape (``set_cost_shapes``: one architecture, as the sidecar's
+    model drafters fine-tuned from one base) have one start-up: their figures are kept
+    under the shape, so such drafters are compared on their acceptance alone, which
+    counterfactual scores measure for all of them on every greedy request. Kept apart,
+    each drafter's figure in a context came from the few requests it served there, and
+    on short answers (rag: 8-34 tokens, where the fixed time is a third of a request)
+    their noise decided between drafters that cost the same.
     """
 
     def __init__(
@@ -619,6 +627,27 @@ class RequestOverheads:
         # (length bucket, drafter) -> F_d - F_0 of its requests in that bucket, in units.
         self.excess_: dict[tuple[int, str], RobustWindow] = {}
         self.length_: dict[Context, tuple[float, int]] = {}
+        # drafter -> the key its figures are kept under (``set_cost_shapes``).
+        self.cost_shape: dict[str, str] = {}
+
+    def _arm(self, drafter: str) -> str:
+        """Where ``drafter``'s fixed times are kept: its cost shape's, else its own."""
+        return self.cost_shape.get(drafter, drafter)
+
+    def set_cost_shapes(self, cost_shape: Mapping[str, str]) -> None:
+        """Replace the drafters' cost shapes: drafters of one architecture share one
+        figure per context (and one pooled excess per length bucket), as they share one
+        draft cost (``StepRatios``). A drafter's figures kept under its own name seed its
+        shape's where that has none yet, else are dropped."""
+        self.cost_shape = {str(d): str(key) for d, key in cost_shape.items()}
+        for drafter, key in self.cost_shape.items():
+            for arms in self.fixed_.values():
+                own = arms.pop(drafter, None)
+                if own is not None and key not in arms:
+                    arms[key] = own
+            for bucket, name in [k for k in self.excess_ if k[1] == drafter]:
+                own = self.excess_.pop((bucket, name))
+                self.excess_.setdefault((bucket, key), own)
 
     def observe(
         self,
@@ -634,7 +663,7 @@ class RequestOverheads:
         tokens = outcome.generated_tokens
         if tokens <= 0 or outcome.wall_time_s <= 0 or unit is None:
             return
-        arm = drafter if outcome.drafted_tokens > 0 else NONE_DRAFTER
+        arm = self._arm(drafter) if outcome.drafted_tokens > 0 else NONE_DRAFTER
         _, target_time = target_steps_and_time(outcome)
         fixed = max(0.0, outcome.wall_time_s - outcome.draft_time_s - target_time) / unit
         arms = self.fixed_.setdefault(context, {})
@@ -679,21 +708,24 @@ class RequestOverheads:
         plain_measured = plain_value is not None
         fixed_none = plain_value * plain_step if plain_value is not None else 0.0
         measured: dict[str, float] = {}
-        for d in drafters:
-            own = arms.get(d)
+        for key in dict.fromkeys(map(self._arm, drafters)):
+            own = arms.get(key)
             if own is not None and len(own) >= self.own_min and own.value is not None:
-                measured[d] = own.value
+                measured[key] = own.value
                 continue
-            pooled = self.excess_.get((context.length_bucket, d)) if plain_measured else None
+            pooled = self.excess_.get((context.length_bucket, key)) if plain_measured else None
             if pooled is not None and pooled.value is not None:
                 prior = [max(0.0, fixed_none + pooled.value)] * PRIOR_SAMPLES
-                measured[d] = statistics.median([*(own.samples if own else ()), *prior])
+                measured[key] = statistics.median([*(own.samples if own else ()), *prior])
             elif own is not None and own.value is not None:
-                measured[d] = own.value
+                measured[key] = own.value
         default = min(measured.values(), default=fixed_none)
-        return fixed_none, np.array([measured.get(d, default) for d in drafters])
+        return fixed_none, np.array([measured.get(self._arm(d), default) for d in drafters])
 
     def forget_drafter(self, drafter: str) -> None:
+        """Forget a removed drafter's own figures; its shape's stay (the others' too)."""
+        if drafter in self.cost_shape:
+            return
         for arms in self.fixed_.values():
             arms.pop(drafter, None)
         for key in [key for key in self.excess_ if key[1] == drafter]:

@@ -410,6 +410,8 @@ class ThompsonPolicy:
         self.overheads_ = (
             RequestOverheads(window=overhead_window, ewma=overhead_ewma) if per_request else None
         )
+        if self.overheads_ is not None:
+            self.overheads_.set_cost_shapes(self.costs_.cost_shape)
         self.drafters_: list[str] = []
         self.index_: dict[str, int] = {}
         self.similarity_: dict[str, dict[str, float]] = {}
@@ -786,6 +788,8 @@ class ThompsonPolicy:
         its run statistics; one that becomes one starts from its priors."""
         self.costs_.draft_cost_ratio = {str(k): float(v) for k, v in hints.draft_cost_ratio.items()}
         self.costs_.set_cost_shapes(hints.cost_shape)
+        if self.overheads_ is not None:
+            self.overheads_.set_cost_shapes(hints.cost_shape)
         self.draft_length_ = {str(d): int(k) for d, k in hints.draft_length.items()}
         copies = frozenset(str(name) for name in hints.copy_drafters)
         if copies != self.copy_drafters:
@@ -865,6 +869,7 @@ class ThompsonPolicy:
         if self.overheads_ is not None:
             # States saved before per-request pricing have no "overheads": start empty.
             self.overheads_.load_state_dict(state.get("overheads") or {})
+            self.overheads_.set_cost_shapes(self.costs_.cost_shape)
         self.updates_ = int(state["updates"])
         if state.get("rng"):
             self._rng.bit_generator.state = state["rng"]

@@ -126,6 +126,35 @@ def test_request_overheads_measure_each_arms_fixed_time_and_the_output_length() 
     assert restored.fixed_times(math, ["generic"])[1] == pytest.approx([fixed_none])
 
 
+def test_drafters_of_one_cost_shape_share_their_fixed_time() -> None:
+    """Model drafters of one architecture start up alike: their fixed times in a context
+    are one figure (and one pooled excess), so two of them are compared on acceptance,
+    not on the noise of the few requests each served there. Figures kept under a
+    drafter's name before it had a shape seed the shape's; removing one drafter keeps
+    the shape's figures for the others."""
+    costs, overheads = StepRatios(), RequestOverheads()
+    rag = Context("rag", 1)
+
+    def observe(arm: str, fixed_s: float) -> None:
+        outcome = _with_fixed_time(_outcome(3, 10, slope=0.05), fixed_s)
+        overheads.observe(rag, arm, outcome, costs.observe(arm, outcome))
+
+    for fixed_s in (0.05, 0.06, 0.07, 0.06):
+        observe("qa", fixed_s)
+    observe("rag", 0.09)  # one slow request of its own
+    apart = overheads.fixed_times(rag, ["qa", "rag"])[1]
+    assert apart == pytest.approx([6.0, 9.0], rel=0.05)
+    overheads.set_cost_shapes({"qa": "qwen-tiny", "rag": "qwen-tiny", "ngram": "lookup"})
+    shared = overheads.fixed_times(rag, ["qa", "rag"])[1]
+    assert shared[0] == shared[1] == pytest.approx(6.0, rel=0.05)  # the qa figures seeded it
+    observe("rag", 0.09)  # one more figure of the shape: both drafters' price moves
+    moved = overheads.fixed_times(rag, ["qa", "rag"])[1]
+    assert moved[0] == moved[1] > shared[0]
+    overheads.forget_drafter("qa")
+    assert overheads.fixed_times(rag, ["rag"])[1] == pytest.approx(moved[1:])
+    assert list(overheads.fixed_[rag]) == ["qwen-tiny"]
+
+
 def test_an_unmeasured_plain_arm_is_priced_so_drafting_is_not_overrated() -> None:
     costs, overheads = StepRatios(), RequestOverheads()
     for arm, fixed_s in (("generic", 0.05), ("code", 0.03)):

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.policy.base import Context, Decision, IncompatibleStateError, Outcome
+from router.policy.base import Context, Decision, DrafterHints, IncompatibleStateError, Outcome
 from router.policy.registry import make_policy
 from router.policy.speedup import cost_gain
 from router.policy.thompson import (
@@ -617,3 +617,14 @@ def test_the_scored_requests_survive_a_state_round_trip_and_old_states_load() ->
         del context["scored_at"]  # a state saved before it: nothing counts as scored
     restored.load_state_dict(state)
     assert not restored.contexts_[CODE].informed(16).any()
+
+
+def test_the_fixed_time_per_request_follows_the_drafters_cost_shapes() -> None:
+    policy = make_policy("thompson", ["a", "b"], {"cost_shape": {"a": "tiny", "b": "tiny"}})
+    assert isinstance(policy, ThompsonPolicy) and policy.overheads_ is not None
+    assert policy.overheads_.cost_shape == {"a": "tiny", "b": "tiny"}
+    policy.set_drafter_hints(DrafterHints(cost_shape={"a": "small"}))
+    assert policy.overheads_.cost_shape == {"a": "small"}
+    restored = make_policy("thompson", [], {"cost_shape": {"b": "tiny"}})
+    restored.load_state_dict(policy.state_dict())
+    assert restored.overheads_.cost_shape == {"b": "tiny"}  # type: ignore[attr-defined]
