@@ -120,8 +120,9 @@ class ContextArms:
         self.beta[index] += failures
 
     def mark_scored(self, index: int) -> None:
-        """Arm ``index`` had a counterfactual score in the current request: it and the
-        request's served arm are known as of now."""
+        """Arm ``index`` had a counterfactual score: it and the context's last served arm
+        (the scored request's, unless another request of the context was learnt since)
+        are known as of now."""
         self.scored_at[index] = self.requests
         if self.served is not None:
             self.scored_at[self.served] = self.requests

@@ -58,8 +58,8 @@ at the longest one.
 Full information: the sidecar scores the other drafters on each greedy request's verified
 output (``update_counterfactual``), so every arm's posterior learns from every such request
 whichever arm served it, and serving a worse arm teaches nothing the scores do not. An arm
-that a score reached within its context's last ``scored_window`` requests (16; the served
-arm of a scored request counts as reached) is therefore decided at its posterior mean:
+that a score reached within its context's last ``scored_window`` requests (16; so does the
+context's last served arm when a score arrives) is therefore decided at its posterior mean:
 its draw is replaced by the mean. Arms no score reaches (sampled traffic, a fleet without
 scoring, a fresh context, scoring that fell behind its budget) are drawn as above, and
 ``scored_window`` null draws every arm.
@@ -79,7 +79,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from router.policy.acceptance import (
     ContextArms,
@@ -177,6 +177,14 @@ class ThompsonConfig(BaseModel):
     copy_prior_weight: float = Field(2.0, gt=0.0, le=MAX_WEIGHT)
     explore_length: Literal["mean", "draw"] = "mean"
     scored_window: int | None = Field(DEFAULT_SCORED_WINDOW, ge=1, le=MAX_WINDOW)
+
+    @field_validator("cost_shape")
+    @classmethod
+    def _shape_is_no_plain_arm(cls, value: dict[str, str]) -> dict[str, str]:
+        # Shapes key the fixed times beside the plain arm's: "none" would merge them.
+        if NONE_DRAFTER in value.values():
+            raise ValueError(f"a cost shape cannot be named {NONE_DRAFTER!r}")
+        return value
 
 
 @dataclass(frozen=True, slots=True)

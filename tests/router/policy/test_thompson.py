@@ -504,6 +504,7 @@ def test_a_drafter_that_rarely_proposes_is_not_priced_as_one_that_always_does() 
         {"draft_length": {"generic": 0}},
         {"draft_length": {"generic": 33}},
         {"scored_window": 0},
+        {"cost_shape": {"generic": "none"}},  # the plain arm's fixed times
     ],
 )
 def test_a_setting_past_its_bounds_is_refused(setting: dict[str, object]) -> None:
