@@ -662,3 +662,39 @@ def test_runs_scored_by_counterfactuals_pass_to_a_new_bucket_capped() -> None:
         policy.update_counterfactual(seen, "ngram", [0, 3, 0, 0, 1, 0, 4, 0], 4)
     transferred = policy._copy_posterior(new, "ngram") - policy._new_copy("ngram", "chat").posterior
     assert transferred[2, 0] + transferred[3, 0] == pytest.approx(16.0)  # transfer_weight
+
+
+def test_a_scored_copy_drafter_is_decided_at_its_means_too() -> None:
+    """A copy drafter's c and hazards replace their draws by their means when scores
+    keep them up to date, like a model drafter's acceptance (``thompson_decisions``'s
+    ``informed``, laid out as ``CopyTerms.parameters``): with both arms scored on every
+    request, close arms are never explored; drawn, they are."""
+
+    def explored(scored_window: int | None) -> int:
+        policy = ThompsonPolicy(
+            DRAFTERS, rng=np.random.default_rng(2), copy_drafters=COPY, scored_window=scored_window
+        )
+        rng = np.random.default_rng(5)
+        count = 0
+        for request in range(60):
+            decision = policy.select(CHAT, DRAFTERS)
+            count += request > 0 and decision.explored
+            served = Decision(decision.drafter, decision.k or 4, 1.0, False)
+            if decision.drafter == "ngram":
+                outcome = copy_outcome(rng, served, match=0.5, keep=0.5, run_mean=4, tokens=12)
+            else:
+                outcome = geometric_outcome(rng, served, 0.65, tokens=12)
+            policy.update(CHAT, served, outcome)
+            other = "generic" if decision.drafter == "ngram" else "ngram"
+            scored = Decision(other, served.k, 1.0, False)
+            if other == "ngram":
+                score = copy_outcome(rng, scored, match=0.5, keep=0.5, run_mean=4, tokens=12)
+            else:
+                score = geometric_outcome(rng, scored, 0.65, tokens=12)
+            policy.update_counterfactual(
+                CHAT, other, score.accepted_per_step, served.k, score.drafted_per_step
+            )
+        return count
+
+    assert explored(16) == 0
+    assert explored(None) >= 5
