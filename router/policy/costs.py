@@ -600,11 +600,15 @@ class RequestOverheads:
     prefill, its cache), which follows the prompt's length and not its task: each request
     of a drafter in a context whose F_0 is measured adds F_d - F_0 to that drafter's
     pooled excess in the length bucket. Until the context has ``own_min`` requests of the
-    drafter, F_d is the median of its own figures and ``PRIOR_SAMPLES`` (2) of F_0 plus
-    that pooled excess: one outlying first figure (a stall, a mis-timed request) is
-    outvoted, where alone it priced the drafter out of the context for good, since a
-    drafter not chosen is not measured again; from the third request on, own figures
-    that agree with each other outvote the pool.
+    drafter, F_d is the median of its own figures and ``PRIOR_SAMPLES`` (2) of a prior:
+    F_0 plus that pooled excess, or, where F_0 or the excess is not measured yet, the
+    median of the drafter's figures in the bucket's other contexts (the excess needs F_0
+    measured before a drafter's request in the same context, which early on, and in
+    contexts where drafting wins from the start, is rare). One outlying first figure (a
+    stall, a request whose prefill met a busy spell) is outvoted, where alone it priced
+    the drafter out of the context for good, since a drafter not chosen is not measured
+    again; from the third request on, own figures that agree with each other outvote the
+    prior.
 
     Drafters of one cost shape (``set_cost_shapes``: one architecture, as the sidecar's
     model drafters fine-tuned from one base) have one start-up: their figures are kept
@@ -695,12 +699,13 @@ class RequestOverheads:
         that a q measured after them still applies.
 
         A drafter with ``own_min`` requests in the context costs its own figure; with
-        fewer, the median of its own figures and of F_0 plus its pooled excess in the
-        length bucket (class doc) where F_0 is measured and the excess is; else its own
-        figure. Unmeasured arms are priced so that drafting is never overrated: an
-        unmeasured plain arm costs 0 (all fixed time counts against drafting, so where that
-        makes drafting lose, plain decoding is tried once and measured); an unmeasured
-        drafter costs the cheapest measured drafter here, else the plain arm.
+        fewer, the median of its own figures and of a prior (``_prior_fixed``: F_0 plus
+        its pooled excess in the length bucket, else its figures in the bucket's other
+        contexts); else its own figure. Unmeasured arms are priced so that drafting is
+        never overrated: an unmeasured plain arm costs 0 (all fixed time counts against
+        drafting, so where that makes drafting lose, plain decoding is tried once and
+        measured); an unmeasured drafter costs the cheapest measured drafter here, else
+        the plain arm.
         """
         arms = self.fixed_.get(context, {})
         plain = arms.get(NONE_DRAFTER)
@@ -713,14 +718,38 @@ class RequestOverheads:
             if own is not None and len(own) >= self.own_min and own.value is not None:
                 measured[key] = own.value
                 continue
-            pooled = self.excess_.get((context.length_bucket, key)) if plain_measured else None
-            if pooled is not None and pooled.value is not None:
-                prior = [max(0.0, fixed_none + pooled.value)] * PRIOR_SAMPLES
-                measured[key] = statistics.median([*(own.samples if own else ()), *prior])
+            prior = self._prior_fixed(
+                context, key, fixed_none if plain_measured else None, own is not None
+            )
+            if prior is not None:
+                samples = [*(own.samples if own else ()), *[prior] * PRIOR_SAMPLES]
+                measured[key] = statistics.median(samples)
             elif own is not None and own.value is not None:
                 measured[key] = own.value
         default = min(measured.values(), default=fixed_none)
         return fixed_none, np.array([measured.get(self._arm(d), default) for d in drafters])
+
+    def _prior_fixed(
+        self, context: Context, key: str, fixed_none: float | None, measured_here: bool
+    ) -> float | None:
+        """What ``key``'s fixed time in ``context`` is expected to be before it has
+        ``own_min`` figures there (class doc): F_0 plus its pooled excess in the length
+        bucket where F_0 (``fixed_none``) is measured and the excess is; else, where it has
+        a figure here (``measured_here``) to outvote, the median of its figures in the
+        bucket's other contexts; else None."""
+        bucket = context.length_bucket
+        pooled = self.excess_.get((bucket, key)) if fixed_none is not None else None
+        if pooled is not None and pooled.value is not None and fixed_none is not None:
+            return max(0.0, fixed_none + pooled.value)
+        if not measured_here:
+            return None
+        others = [
+            arms[key].value
+            for other, arms in self.fixed_.items()
+            if other.length_bucket == bucket and other != context and key in arms
+        ]
+        figures = [value for value in others if value is not None]
+        return statistics.median(figures) if figures else None
 
     def forget_drafter(self, drafter: str) -> None:
         """Forget a removed drafter's own figures; its shape's stay (the others' too)."""

@@ -206,6 +206,37 @@ def test_one_stalled_request_does_not_price_a_drafter_out_of_its_context() -> No
     assert not restored.excess_
 
 
+def test_a_stalled_first_figure_is_outvoted_by_the_buckets_other_contexts() -> None:
+    """Where no excess over plain decoding is pooled yet (early on, plain decoding is
+    measured in a context only once drafting there has been priced out), a drafter's one
+    figure in a context, taken while a busy spell met its prefill, was its price there:
+    plain decoding then won at the means, and the drafter, never chosen again, was never
+    measured again (qa under bursty load, 24 of 40 requests decoded plainly). The
+    median of its figures in the bucket's other contexts outvotes it; a drafter with no
+    figure in the context is priced as before."""
+    costs, overheads = StepRatios(), RequestOverheads()
+    qa = Context("qa", 1)
+
+    def observe(context: Context, arm: str, k: int, fixed_s: float) -> None:
+        outcome = _with_fixed_time(_outcome(k, 10, slope=0.05), fixed_s)
+        overheads.observe(context, arm, outcome, costs.observe(arm, outcome))
+
+    for cluster, fixed_s in (("code", 0.04), ("math", 0.05), ("rag", 0.045)):
+        observe(Context(cluster, 1), "generic", 3, fixed_s)  # units of 0.01 s
+    observe(qa, "generic", 3, 0.30)  # the stall
+    observe(qa, "none", 0, 0.03)
+    fixed_none, fixed = overheads.fixed_times(qa, ["generic"])
+    assert fixed_none == pytest.approx(3.0) and fixed == pytest.approx([4.5])
+    # Own figures that agree outvote it from the third on, as they outvote a pooled excess.
+    observe(qa, "generic", 3, 0.10)
+    observe(qa, "generic", 3, 0.10)
+    assert overheads.fixed_times(qa, ["generic"])[1] == pytest.approx([10.0])
+    # Another bucket, and a drafter not measured in the context: their figures as before.
+    observe(Context("qa", 2), "generic", 3, 0.30)
+    assert overheads.fixed_times(Context("qa", 2), ["generic"])[1] == pytest.approx([30.0])
+    assert overheads.fixed_times(Context("chat", 1), ["generic"]) == (0.0, pytest.approx([0.0]))
+
+
 def _slowed(outcome: Outcome, draft: float, verify: float, fixed: float = 1.0) -> Outcome:
     """``outcome`` with its draft and verify times and its fixed time (wall time outside
     the steps) multiplied by the given factors."""
