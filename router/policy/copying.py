@@ -42,20 +42,18 @@ The evidence is discounted like the scalar posterior (``acceptance.py``): before
 update every count is multiplied by the gamma of that update. The Beta of each
 parameter is its evidence plus a prior of weight w:
 
-    c:         "it matches", mean 0.999 and weight w (``kept_prior``): until the drafter's
+    c:         "it matches", mean 0.999 and weight w ("kept" below): until the drafter's
                own outcomes show starts that draft nothing, it is priced as one that
                drafts every step (the dearer verify step); one request outweighs it;
     h_1:       the drafter's own prior (alpha0, beta0);
-    h_2:       "even", mean 1/2 and weight w: nothing is known of how far a copy goes
-               on once its first token was kept (on the default world's held-out
-               prompts h_2 is 0.4-0.83 by task), and h_1 says little of it;
+    h_2:       "kept", mean 0.999 and weight w: a copy whose first token was right is
+               expected to go on (what a copy is); h_1 says little of the others;
     h_i, i>=3: mean m_{i-1} of h_{i-1} (evidence and prior), prior w (m, 1 - m)
                (m kept within [0.001, 0.999]),
 
 so a run length no run has reached is expected to go on like the last one reached, with
 a spread that Thompson draws explore, and its own evidence outweighs the prior after a
-few runs. (h_2 was "kept", mean 0.999, until 2026-12-06: with a few matched runs in a
-context, every run that started was priced as one that goes on for H tokens.)
+few runs.
 """
 
 from __future__ import annotations
@@ -168,8 +166,8 @@ def chained_posterior(
 ) -> FloatArray:
     """The Beta parameters [4, H] (rows as the evidence: alpha_c, beta_c, alpha_h, beta_h;
     c in column 0) of ``evidence`` with the priors of the module doc:
-    ``acceptance_prior`` for h_1 and ``continuation_prior`` for c, "even"
-    (``even_prior``) for h_2, each later h_i borrowed from h_{i-1}."""
+    ``acceptance_prior`` for h_1 and ``continuation_prior`` for c, "kept"
+    (``kept_prior``) for h_2, each later h_i borrowed from h_{i-1}."""
     rows: list[tuple[float, float, float, float]] = []
     c_prior, a_prior = continuation_prior, acceptance_prior
     # Python floats: a chain of H run lengths costs a few microseconds this way.
@@ -179,8 +177,8 @@ def chained_posterior(
         c_alpha, c_beta = c_success + c_prior[0], c_failure + c_prior[1]
         a_alpha, a_beta = a_success + a_prior[0], a_failure + a_prior[1]
         rows.append((c_alpha, c_beta, a_alpha, a_beta))
-        if i == 0:  # h_2: nothing known of how far a kept copy goes on
-            c_prior = a_prior = even_prior(weight)
+        if i == 0:  # h_2: what a copy does once its first token is kept
+            c_prior = a_prior = kept_prior(weight)
             continue
         # Kept inside [MEAN_FLOOR, 1 - MEAN_FLOOR] so the next prior stays a proper Beta.
         c_mean = min(max(c_alpha / (c_alpha + c_beta), MEAN_FLOOR), 1.0 - MEAN_FLOOR)
@@ -193,11 +191,6 @@ def chained_posterior(
 def kept_prior(weight: float) -> tuple[float, float]:
     """Beta(w (1 - MEAN_FLOOR), w MEAN_FLOOR): mean 0.999, weight w ("it goes on")."""
     return weight * (1.0 - MEAN_FLOOR), weight * MEAN_FLOOR
-
-
-def even_prior(weight: float) -> tuple[float, float]:
-    """Beta(w / 2, w / 2): mean 1/2, weight w (nothing known either way)."""
-    return weight / 2.0, weight / 2.0
 
 
 class CopyRuns:
