@@ -738,17 +738,20 @@ class RequestOverheads:
         a figure here (``measured_here``) to outvote, the median of its figures in the
         bucket's other contexts; else None."""
         bucket = context.length_bucket
-        pooled = self.excess_.get((bucket, key)) if fixed_none is not None else None
-        if pooled is not None and pooled.value is not None and fixed_none is not None:
-            return max(0.0, fixed_none + pooled.value)
+        if fixed_none is not None:
+            pooled = self.excess_.get((bucket, key))
+            if pooled is not None and pooled.value is not None:
+                return max(0.0, fixed_none + pooled.value)
         if not measured_here:
             return None
-        others = [
-            arms[key].value
+        figures = [
+            value
             for other, arms in self.fixed_.items()
-            if other.length_bucket == bucket and other != context and key in arms
+            if other.length_bucket == bucket
+            and other != context
+            and key in arms
+            and (value := arms[key].value) is not None
         ]
-        figures = [value for value in others if value is not None]
         return statistics.median(figures) if figures else None
 
     def forget_drafter(self, drafter: str) -> None:
