@@ -41,7 +41,8 @@ def replay_greedy_drafts(
     """(drafted, accepted) per step of greedy speculation with a fixed ``draft_length``,
     replayed on an already verified output.
 
-    A step starting at output position i asks for drafts d_1..d_m (m <= k: a lookup may
+    The first output token is the prefill's (the engine's first step starts after it, at
+    position 1). A step starting at output position i asks for drafts d_1..d_m (m <= k: a lookup may
     find fewer, or none), accepts the leading run n of d_j == output[i + j - 1] and emits
     n + 1 tokens (the target's correction or bonus token), so the next step starts at
     i + n + 1. k = 0 is plain decoding: one step per token, nothing drafted or accepted.
@@ -59,7 +60,7 @@ def replay_greedy_drafts(
         raise ValueError(f"draft_length must be >= 0, got {draft_length}")
     drafted: list[int] = []
     accepted: list[int] = []
-    position = 0
+    position = 1  # output_ids[0] came from the prefill
     while position < len(output_ids):
         drafts = list(drafts_at(position, draft_length))[:draft_length] if draft_length else []
         run = 0

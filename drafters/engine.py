@@ -1,10 +1,13 @@
 """The speculative decoding loop: prefill, then propose -> verify -> roll back, streaming.
 
-Invariant between steps: ``history`` (prompt + verified output) has length L and the
-target's KV cache holds its first L - 1 tokens. A step feeds the last verified token and
-d <= k drafts (d + 1 positions) in one target forward, verifies, and crops the cache to
-L + accepted entries, which restores the invariant for the L + accepted + 1 tokens now
-verified. With d = 0 a step is one plain decoding step, so "none" runs the same loop.
+The prefill feeds the whole prompt and its last position gives the first output token,
+as a serving engine's does: it streams before any draft is made (time to first token is
+the prefill's), and no step is spent on it. Invariant between steps: ``history`` (prompt
++ verified output) has length L and the target's KV cache holds its first L - 1 tokens.
+A step feeds the last verified token and d <= k drafts (d + 1 positions) in one target
+forward, verifies, and crops the cache to L + accepted entries, which restores the
+invariant for the L + accepted + 1 tokens now verified. With d = 0 a step is one plain
+decoding step, so "none" runs the same loop.
 """
 
 from __future__ import annotations
@@ -220,7 +223,7 @@ class SpeculativeEngine:
         # The drafter's session starts and takes in the prompt on another thread while the
         # target prefills (both release the GIL inside torch), off the serial path.
         starting = self._drafter_prefill_thread.submit(self._start_session, request)
-        self._prefill(cache, history)
+        first: torch.Tensor | None = self._prefill(cache, history)  # [1, vocab]
         session = starting.result()
         stats.prefill_time_s = time.perf_counter() - began
         generator = make_generator(request.sampling, self.target.device)
@@ -234,17 +237,25 @@ class SpeculativeEngine:
                 if stopped is not None:
                     finish_reason = stopped
                     break
-                k = self._draft_length(request, stats, history, len(output))
-                tokens, logits = self._speculative_step(
-                    cache,
-                    session,
-                    history,
-                    k,
-                    request.sampling,
-                    generator,
-                    stats,
-                    stop_rule=request.stop_rule,
-                )
+                if first is not None:  # the prefill's token: no step, no draft
+                    logits, first = first, None
+                    tokens = [
+                        verify(
+                            self._empty.token_ids, None, logits, request.sampling, generator
+                        ).next_token
+                    ]
+                else:
+                    k = self._draft_length(request, stats, history, len(output))
+                    tokens, logits = self._speculative_step(
+                        cache,
+                        session,
+                        history,
+                        k,
+                        request.sampling,
+                        generator,
+                        stats,
+                        stop_rule=request.stop_rule,
+                    )
                 tokens, token_texts, stopped = self._detokenize(tokens, request, detokenizer)
                 scored = (
                     token_logprobs(logits, tokens, request.logprobs)
@@ -286,12 +297,14 @@ class SpeculativeEngine:
         return session
 
     @torch.inference_mode()
-    def _prefill(self, cache: DynamicCache, history: list[int]) -> None:
-        """Fill the cache with all prompt tokens but the last (the first step feeds it)."""
-        if len(history) < 2:
-            return
-        ids = torch.tensor([history[:-1]], dtype=torch.long, device=self.target.device)
-        self.target.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    def _prefill(self, cache: DynamicCache, history: list[int]) -> torch.Tensor:
+        """Fill the cache with every prompt token; the logits [1, vocab] of the last one,
+        which score the first output token."""
+        ids = torch.tensor([history], dtype=torch.long, device=self.target.device)
+        out = self.target.model(
+            input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
+        return out.logits[0, -1:]
 
     def _reason_to_stop_before_step(
         self, request: _Request, history: list[int], generated: int

@@ -842,6 +842,11 @@ class RouterService:
 
         stats = result.stats
         routed = result.routed
+        if stats.steps == 0:
+            # Answered by the prefill's token alone (max_new_tokens 1, or an immediate end
+            # of turn): no step ran, so there is nothing of drafting or of step costs to
+            # learn (its wall time, all prefill, would price a plain step).
+            return
         if not self._still_registered(routed):
             return
         outcome = Outcome.from_steps(

@@ -157,7 +157,7 @@ def steps_scored_as_run(
     run = engine.generate(prompt, drafter, k, max_new_tokens=max_new)
     output = run.collect()
     scored = drafter.score_counterfactual(prompt, output, k)
-    position = 0
+    position = 1  # the prefill's token comes before the first step
     compared = 0
     for ran, replayed in zip(run.stats.accepted_per_step, scored, strict=False):
         if position + k + 1 > len(output):

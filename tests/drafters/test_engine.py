@@ -62,7 +62,8 @@ def test_greedy_is_the_targets_own_output_for_every_k(
             assert_same_or_near_tie(target, prompt, run.collect(), reference)
             assert run.stats.generated_tokens == len(run.output_ids)
             assert run.stats.steps == len(run.stats.accepted_per_step)
-            assert sum(run.stats.accepted_per_step) + run.stats.steps >= len(run.output_ids)
+            # The prefill's token, then each step's accepted drafts and its own token.
+            assert 1 + sum(run.stats.accepted_per_step) + run.stats.steps >= len(run.output_ids)
             accepted += run.stats.accepted
     # The comparison is only meaningful if drafts were actually accepted.
     assert (accepted > 0) == (kind != "none")
@@ -72,14 +73,18 @@ def test_streamed_events_are_the_output(
     engine: SpeculativeEngine, drafters: dict[str, Drafter], prompts: list[list[int]]
 ) -> None:
     run = engine.generate(prompts[1], drafters["close"], 4, max_new_tokens=MAX_NEW)
-    events = list(run)
+    first = next(run)  # streamed before any draft is made
+    assert len(first.token_ids) == 1 and run.stats.steps == 0
+    events = [first, *run]
     assert [t for e in events for t in e.token_ids] == run.output_ids
-    assert len(events) == run.stats.steps
+    # The prefill's token, then one event per step.
+    assert len(events) == run.stats.steps + 1
     assert all(len(e.token_texts) == len(e.special) == len(e.token_ids) for e in events)
     text = "".join(t for e in events for t in e.token_texts)
     assert text == engine.target.tokenizer.decode(run.output_ids, skip_special_tokens=True)
     assert text == run.text == "".join(e.text for e in events)
-    assert run.stats.mean_accepted_length == pytest.approx(len(run.output_ids) / len(events))
+    stepped = len(run.output_ids) - 1
+    assert run.stats.mean_accepted_length == pytest.approx(stepped / run.stats.steps)
 
 
 def test_an_end_of_turn_token_is_marked_special_and_never_emitted_as_text(
@@ -116,7 +121,7 @@ def test_target_cache_after_a_rejection_equals_a_fresh_prefill(
 ) -> None:
     history = make_prompts(3, seed=5)[2]
     cache = DynamicCache()
-    engine._prefill(cache, history)
+    history.append(int(engine._prefill(cache, history).argmax()))  # the prefill's token
     session = drafters["far"].start(history)
     stats = GenerationStats()
     rejected = False
@@ -144,7 +149,7 @@ def test_model_drafter_cache_after_rollback_drafts_like_a_fresh_session(
     rolled = drafters["close"].start(prompts[0])
     greedy = SamplingConfig()
     # Drive a session through the same steps, then compare with a fresh one.
-    position = len(prompts[0])
+    position = len(prompts[0]) + 1  # after the prefill's token
     for accepted in run.stats.accepted_per_step:
         rolled.propose(history[:position], 5, greedy, None)
         rolled.observe_accepted(accepted)
@@ -333,10 +338,12 @@ def test_cancellation_stops_between_steps(
         prompts[2], drafters["close"], 3, max_new_tokens=MAX_NEW, should_stop=should_stop
     )
     output = run.collect()
-    assert run.stats.steps == 3 and run.stats.finish_reason == "cancelled"
+    # Asked before the prefill's token and before each step: the prefill's token, 2 steps.
+    assert run.stats.steps == 2 and run.stats.finish_reason == "cancelled"
     assert output == references[2][: len(output)]
 
     early = engine.generate(prompts[2], drafters["close"], 3, max_new_tokens=MAX_NEW)
+    assert len(next(early).token_ids) == 1  # the prefill's token
     next(early)
     early.close()
     assert early.stats.finish_reason == "cancelled" and early.stats.steps == 1

@@ -109,8 +109,8 @@ def test_drafting_with_the_resized_drafter_is_lossless_and_in_the_tokenizers_voc
                 assert proposal.probs.shape[-1] == TARGET_ROWS
                 assert not proposal.probs[:, VOCAB:].any()
         seeded = SamplingConfig(do_sample=True, temperature=1.5, seed=7)
-        assert (
-            len(engine.generate(prompt, drafter, 4, max_new_tokens=12, sampling=seeded).collect())
-            == 12
-        )
+        run = engine.generate(prompt, drafter, 4, max_new_tokens=12, sampling=seeded)
+        output = run.collect()
+        assert run.stats.finish_reason in ("length", "eos_token"), run.stats.finish_reason
+        assert len(output) == 12 or output[-1] in engine.stop_token_ids, output
     assert accepted > 0

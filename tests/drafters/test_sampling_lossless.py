@@ -1,9 +1,10 @@
 """Sampled speculative decoding is lossless beyond the first token, checked statistically.
 
-The engine's first three tokens are sampled a thousand times, speculatively (k = 2, so
-the second and third tokens come from the resample after a partial accept and from the
-bonus token) and plainly (no drafter), and each empirical joint distribution of
-(t1, t2, t3) is compared with the exact one of plain sampling, computed from the target's
+The engine's first four tokens are sampled a thousand times, speculatively (the first
+from the prefill, then one step at k = 2, so the second to fourth tokens come from the
+resample after no or a partial accept and from the bonus token) and plainly (no
+drafter), and each empirical joint distribution of (t1, ..., t4) is compared with the
+exact one of plain sampling, computed from the target's
 own processed probabilities, by Pearson's chi-square goodness-of-fit test. A correct engine
 fails a check with probability 1e-4 (``FALSE_FAILURE``); the seeds are fixed, so a run is
 deterministic.
@@ -30,7 +31,7 @@ from drafters.registry import create_drafter
 from drafters.sampling import SamplingConfig, sampling_probs
 
 VOCAB = 8  # few outcomes, so thousands of samples estimate the joint distribution well
-LENGTH = 3  # tokens per sample: t1, t2, t3
+LENGTH = 4  # tokens per sample: t1 (the prefill's), then t2, t3, t4 from one step at k = 2
 # Enough to catch each of three engine bugs planted on 2026-12-03 in every test it applies
 # to (resampling from p instead of norm(max(0, p - q)); the bonus token from the last
 # draft's distribution; accepting with probability p instead of p / q): all failed at 1000
@@ -43,7 +44,7 @@ COPY = "copy-or-model"
 
 
 def word_tokenizer() -> PreTrainedTokenizerFast:
-    """Words w0..w7, and no EOS: every sample has all three tokens."""
+    """Words w0..w7, and no EOS: every sample has all LENGTH tokens."""
     core = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=core)
@@ -84,19 +85,24 @@ class Setup:
 
 @torch.inference_mode()
 def likely_ngram_prompt(model: torch.nn.Module, sampling: SamplingConfig) -> list[int]:
-    """[a, b, c, a, b] for the a, b, c under which the target accepts exactly one and both
-    of the n-gram drafter's drafts, [c, a], most often (the less frequent of the two).
+    """[x, y, a, b, c, a] for the x, y, a, b, c under which the prefill's token is b and
+    the target then accepts exactly one and both of the n-gram drafter's drafts, [c, a],
+    most often (the less frequent of the two); x and y let the prefill's b be likely.
 
-    A point-mass draft x is accepted with probability p(x), so with p1 = p(c) and
-    p2 = p(a | c): one accepted with p1 (1 - p2), both with p1 p2."""
+    A point-mass draft t is accepted with probability p(t), so with p0 = p(b), p1 = p(c |
+    b) and p2 = p(a | b, c): one accepted with p0 p1 (1 - p2), both with p0 p1 p2."""
     words = torch.arange(VOCAB)
-    abc = torch.cartesian_prod(words, words, words)  # [V^3, 3]
-    prompts = torch.cat([abc, abc[:, :2]], dim=1)  # [V^3, 5]
-    rows = torch.arange(abc.shape[0])
-    first = sampling_probs(model(prompts).logits[:, -1], sampling)[rows, abc[:, 2]]
-    drafted = torch.cat([prompts, abc[:, 2:3]], dim=1)  # [V^3, 6]
-    second = sampling_probs(model(drafted).logits[:, -1], sampling)[rows, abc[:, 0]]
-    both_outcomes = torch.minimum(first * second, first * (1 - second))
+    grid = torch.cartesian_prod(*[words] * 5)  # [V^5, 5]: x y a b c
+    a, b, c = grid[:, 2:3], grid[:, 3:4], grid[:, 4:5]
+    rows = torch.arange(grid.shape[0])
+
+    def p(history: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+        return sampling_probs(model(history).logits[:, -1], sampling)[rows, token[:, 0]]
+
+    prompts = torch.cat([grid, a], dim=1)  # [V^5, 6]
+    copied = torch.cat([prompts, b], dim=1)  # the prefill's b: the lookup drafts c, a
+    third = p(torch.cat([copied, c], dim=1), a)
+    both_outcomes = p(prompts, b) * p(copied, c) * torch.minimum(third, 1 - third)
     return [int(t) for t in prompts[int(both_outcomes.argmax())]]
 
 
@@ -118,10 +124,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     return Setup(
         target=target,
         engine=engine,
-        # The copy-or-model drafter (matches of one token) has its model draft the first
-        # step of PROMPT (its last word is new) and copies the next when the token that
-        # step gave occurs in the prompt.
-        prompts={"model": PROMPT, "ngram": ngram_prompt, "none": PROMPT, COPY: PROMPT},
+        # The copy-or-model drafter (matches of one token) copies [c, a] after a prefill's
+        # b, as the lookup does, and has its model draft after a token new to the prompt.
+        prompts={"model": PROMPT, "ngram": ngram_prompt, "none": PROMPT, COPY: ngram_prompt},
         drafters={
             **{
                 kind: create_drafter(kind, name=kind, target=target, path=path)
@@ -225,8 +230,8 @@ def test_speculative_samples_follow_plain_sampling_beyond_the_first_token(
     prompt = setup.prompts[drafter]
     expected = exact_joint(setup.target.model, prompt, sampling)
     speculative, accepted = sample_joint(setup.engine, prompt, setup.drafters[drafter], 2, sampling)
-    # The draws that make tokens 2 and 3 happen often: a resample after one accepted draft
-    # (t2) and the bonus token after two (t3).
+    # The draws that make tokens 3 and 4 happen often: a resample after one accepted draft
+    # (t3) and the bonus token after two (t4).
     assert accepted[1] >= SAMPLES // 10 and accepted[2] >= SAMPLES // 10, accepted
     assert chi_square_p_value(speculative, expected) > FALSE_FAILURE
 

@@ -155,7 +155,7 @@ def test_drafted_per_step_counts_exactly_what_the_drafter_proposed(
         history = prompt + run.output_ids
         session = drafter.start(prompt)
         session.prefill(prompt)  # as the engine does
-        position = len(prompt)
+        position = len(prompt) + 1  # after the prefill's token
         stopped = 0
         for requested, drafted, accepted in zip(
             stats.requested_per_step, stats.drafted_per_step, stats.accepted_per_step, strict=True

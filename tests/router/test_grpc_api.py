@@ -463,6 +463,19 @@ def test_generate_with_no_update_leaves_the_policy(sidecar: SidecarThread, PROMP
     assert sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).version == before
 
 
+def test_a_generation_of_the_prefills_token_alone_teaches_the_policy_nothing(
+    sidecar: SidecarThread, PROMPT: str
+) -> None:
+    """One token comes from the prefill, before any step: no drafting happened, and its
+    time, all prefill, would be learnt as a plain step's."""
+    counterfactuals_settled(sidecar)
+    before = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).version
+    chunks = generate(sidecar, text=PROMPT, max_new_tokens=1, task_hint="math")
+    stats = chunks[-1].stats
+    assert stats.generated_tokens == 1 and stats.steps == 0
+    assert sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest()).version == before
+
+
 def test_drafter_registration_is_hot_and_removable(
     sidecar: SidecarThread, PROMPT: str, serving_world: ServingWorld, prompts: dict[str, str]
 ) -> None:
