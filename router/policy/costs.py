@@ -601,7 +601,9 @@ class RequestOverheads:
     of a drafter in a context whose F_0 is measured adds F_d - F_0 to that drafter's
     pooled excess in the length bucket. Until the context has ``own_min`` requests of the
     drafter, F_d is the median of its own figures and ``PRIOR_SAMPLES`` (2) of a prior:
-    F_0 plus that pooled excess, or, where F_0 or the excess is not measured yet, the
+    F_0 plus that pooled excess once it has ``own_min`` figures (one alone can be a stall,
+    and it priced every drafter of the shape out of the bucket's contexts where drafting
+    gains least), or, where F_0 or the excess is not measured yet, the
     median of the drafter's figures in the bucket's other contexts (the excess needs F_0
     measured before a drafter's request in the same context, which early on, and in
     contexts where drafting wins from the start, is rare). One outlying first figure (a
@@ -734,13 +736,15 @@ class RequestOverheads:
     ) -> float | None:
         """What ``key``'s fixed time in ``context`` is expected to be before it has
         ``own_min`` figures there (class doc): F_0 plus its pooled excess in the length
-        bucket where F_0 (``fixed_none``) is measured and the excess is; else, where it has
+        bucket where F_0 (``fixed_none``) is measured and the excess has ``own_min``
+        figures; else, where it has
         a figure here (``measured_here``) to outvote, the median of its figures in the
         bucket's other contexts; else None."""
         bucket = context.length_bucket
         if fixed_none is not None:
             pooled = self.excess_.get((bucket, key))
-            if pooled is not None and pooled.value is not None:
+            # As a context's own figures, a pool of fewer than own_min can be one stall.
+            if pooled is not None and len(pooled) >= self.own_min and pooled.value is not None:
                 return max(0.0, fixed_none + pooled.value)
         if not measured_here:
             return None

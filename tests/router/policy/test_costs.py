@@ -237,6 +237,32 @@ def test_a_stalled_first_figure_is_outvoted_by_the_buckets_other_contexts() -> N
     assert overheads.fixed_times(Context("chat", 1), ["generic"]) == (0.0, pytest.approx([0.0]))
 
 
+def test_one_stalled_figure_in_the_pool_does_not_price_a_shape_out_of_its_bucket() -> None:
+    """The pooled excess over plain decoding is a prior only with own_min figures: under
+    bursty load one qa request whose prefill met a busy spell (0.098 s outside its steps,
+    plain decoding 0.045 s) was the bucket's whole pool, and priced the model drafters out
+    of summarization, which had not tried them, for the rest of the run."""
+    costs, overheads = StepRatios(), RequestOverheads()
+    qa, summary = Context("qa", 1), Context("summarization", 1)
+
+    def observe(context: Context, arm: str, k: int, fixed_s: float) -> None:
+        outcome = _with_fixed_time(_outcome(k, 10, slope=0.05), fixed_s)
+        overheads.observe(context, arm, outcome, costs.observe(arm, outcome))
+
+    observe(summary, "none", 0, 0.04)  # units of 0.01 s
+    observe(summary, "ngram", 3, 0.05)
+    observe(qa, "none", 0, 0.03)
+    observe(qa, "generic", 3, 0.10)  # the stall: an excess of 7 units, alone in the pool
+    # Not measured in summarization: the cheapest drafter measured there, not 4 + 7.
+    assert overheads.fixed_times(summary, ["ngram", "generic"])[1] == pytest.approx([5.0, 5.0])
+    for cluster in ("code", "math", "rag"):  # the pool fills with figures that agree
+        observe(Context(cluster, 1), "none", 0, 0.03)
+        observe(Context(cluster, 1), "generic", 3, 0.035)
+    assert len(overheads.excess_[(1, "generic")]) == overheads.own_min
+    # F_0 plus the pool's interquartile mean of 0.5, 0.5, 0.5, 7: the stall left out.
+    assert overheads.fixed_times(summary, ["ngram", "generic"])[1] == pytest.approx([5.0, 4.5])
+
+
 def _slowed(outcome: Outcome, draft: float, verify: float, fixed: float = 1.0) -> Outcome:
     """``outcome`` with its draft and verify times and its fixed time (wall time outside
     the steps) multiplied by the given factors."""
