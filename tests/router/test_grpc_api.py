@@ -1146,7 +1146,8 @@ def test_a_greedy_requests_loss_guard_prices_plain_decoding_at_the_policys_measu
     steps all drafted: it prices a plain step at the serving policy's measured q (a
     one-position forward against the speculative step's intercept), not at 1. Where q
     says a plain step costs a fifth of the intercept, no draft of 4 can pay, and the
-    guard stops drafting; at q = 1 it drafts to the end."""
+    guard stops drafting; at q = 1 it drafts longer (to the end on an idle machine; the
+    guard prices drafts by the request's own timings, so a busy one may trip it later)."""
     counterfactuals_settled(sidecar)
 
     def drafted_per_step() -> list[int]:
@@ -1163,13 +1164,13 @@ def test_a_greedy_requests_loss_guard_prices_plain_decoding_at_the_policys_measu
 
     sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson", reset_state=True), metadata=ADMIN)
     at_one = drafted_per_step()
-    assert at_one[-2] > 0, f"the guard stopped drafting at q = 1: {at_one}"
     costs = sidecar.service.policy._policy.costs_
     for _ in range(3):
         costs.plain_.add(0.2)
     assert sidecar.service.policy.plain_step_terms()[0] == pytest.approx(0.2)
     measured = drafted_per_step()
     assert measured[0] == 4 and measured[-2:] == [0, 0]  # drafts first, then trips
+    assert sum(at_one) > sum(measured), f"q = 1: {at_one}; q = 0.2: {measured}"
     sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="fixed", reset_state=True), metadata=ADMIN)
     assert sidecar.service.policy.plain_step_terms() is None
 
