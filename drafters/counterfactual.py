@@ -42,8 +42,8 @@ def replay_greedy_drafts(
     replayed on an already verified output.
 
     The first output token is the prefill's (the engine's first step starts after it, at
-    position 1). A step starting at output position i asks for drafts d_1..d_m (m <= k: a lookup may
-    find fewer, or none), accepts the leading run n of d_j == output[i + j - 1] and emits
+    position 1). A step starting at output position i asks for drafts d_1..d_m (m <= k: a
+    lookup may find fewer, or none), accepts the leading run n of d_j == output[i + j - 1] and emits
     n + 1 tokens (the target's correction or bonus token), so the next step starts at
     i + n + 1. k = 0 is plain decoding: one step per token, nothing drafted or accepted.
 

@@ -47,13 +47,11 @@ class Timing:
     requests: int = 0
     first_s: float = 0.0
     total_s: float = 0.0
-    tokens: int = 0
 
-    def add(self, first_s: float, total_s: float, tokens: int) -> None:
+    def add(self, first_s: float, total_s: float) -> None:
         self.requests += 1
         self.first_s += first_s
         self.total_s += total_s
-        self.tokens += tokens
 
     def mean_first_ms(self) -> float:
         return 1e3 * self.first_s / max(self.requests, 1)
@@ -68,8 +66,8 @@ class Comparison:
 
     timings: dict[tuple[str, str, str], Timing] = field(default_factory=dict)
 
-    def add(self, engine: str, task: str, arm: str, first_s: float, total_s: float, n: int) -> None:
-        self.timings.setdefault((engine, task, arm), Timing()).add(first_s, total_s, n)
+    def add(self, engine: str, task: str, arm: str, first_s: float, total_s: float) -> None:
+        self.timings.setdefault((engine, task, arm), Timing()).add(first_s, total_s)
 
     def cells(self) -> list[tuple[str, str]]:
         """The (task, arm) pairs in the order they were measured."""
@@ -148,7 +146,7 @@ def compare(
                         first, total, output = timed_run(
                             engines[name], prompt, drafter, length, max_new_tokens
                         )
-                        result.add(name, setup.task, arm, first, total, len(output))
+                        result.add(name, setup.task, arm, first, total)
                         outputs[name] = output
                     if outputs["before"] != outputs["after"]:
                         raise AssertionError(f"{setup.task} {arm}: the engines' outputs differ")

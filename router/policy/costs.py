@@ -603,10 +603,10 @@ class RequestOverheads:
     drafter, F_d is the median of its own figures and ``PRIOR_SAMPLES`` (2) of a prior:
     F_0 plus that pooled excess once it has ``own_min`` figures (one alone can be a stall,
     and it priced every drafter of the shape out of the bucket's contexts where drafting
-    gains least), or, where F_0 or the excess is not measured yet, the
-    median of the drafter's figures in the bucket's other contexts (the excess needs F_0
-    measured before a drafter's request in the same context, which early on, and in
-    contexts where drafting wins from the start, is rare). One outlying first figure (a
+    gains least), or, where F_0 or the excess is not measured yet, the median of the
+    drafter's figures in the bucket's other contexts (the excess needs F_0 measured
+    before a drafter's request in the same context, which early on, and in contexts where
+    drafting wins from the start, is rare). One outlying first figure (a
     stall, a request whose prefill met a busy spell) is outvoted, where alone it priced
     the drafter out of the context for good, since a drafter not chosen is not measured
     again; from the third request on, own figures that agree with each other outvote the
@@ -737,9 +737,8 @@ class RequestOverheads:
         """What ``key``'s fixed time in ``context`` is expected to be before it has
         ``own_min`` figures there (class doc): F_0 plus its pooled excess in the length
         bucket where F_0 (``fixed_none``) is measured and the excess has ``own_min``
-        figures; else, where it has
-        a figure here (``measured_here``) to outvote, the median of its figures in the
-        bucket's other contexts; else None."""
+        figures; else, where it has a figure here (``measured_here``) to outvote, the
+        median of its figures in the bucket's other contexts; else None."""
         bucket = context.length_bucket
         if fixed_none is not None:
             pooled = self.excess_.get((bucket, key))

@@ -21,9 +21,9 @@ def test_ratios_and_speedups_are_taken_over_summed_times() -> None:
         ("before", 0.04, 0.30, 0.20),
         ("after", 0.03, 0.28, 0.16),
     ):
-        result.add(engine, "math", PLAIN_ARM, first, plain, 40)
-        result.add(engine, "math", "own:3", first, drafted, 40)
-        result.add(engine, "code", "own:3", first, drafted, 40)
+        result.add(engine, "math", PLAIN_ARM, first, plain)
+        result.add(engine, "math", "own:3", first, drafted)
+        result.add(engine, "code", "own:3", first, drafted)
     assert result.cells() == [("math", PLAIN_ARM), ("math", "own:3"), ("code", "own:3")]
     assert result.ratio(PLAIN_ARM, first=True) == pytest.approx(0.75)
     assert result.ratio("own:3", first=False) == pytest.approx(0.8)
