@@ -179,26 +179,6 @@ def django_languages() -> tuple[Language, ...]:
 
 
 @cache
-def django_ui_strings(language: str = "fr") -> tuple[tuple[str, str], ...]:
-    """Short human-translated Django UI strings (English, translation); BSD-3."""
-    import polib
-
-    root = package_dir("django")
-    pairs: dict[str, str] = {}
-    pattern = f"**/locale/{language}/LC_MESSAGES/django*.po"
-    for path in sorted(root.glob(pattern)):
-        for entry in polib.pofile(str(path)):
-            text, translated = entry.msgid, entry.msgstr
-            if not translated or entry.msgid_plural or "fuzzy" in entry.flags:
-                continue
-            if any(mark in text for mark in ("%", "{", "<", "\n", "|")):
-                continue
-            if len(text.split()) <= 2 and len(translated.split()) <= 3 and text[:1].isupper():
-                pairs.setdefault(text, translated)
-    return tuple(sorted(pairs.items()))
-
-
-@cache
 def django_locale_formats() -> tuple[LocaleFormats, ...]:
     """Each locale's first day of the week and decimal separator, read as literals; BSD-3."""
     formats = []
