@@ -30,6 +30,7 @@ import grpc
 from grpc import aio
 
 from router.coalescer import Coalescer
+from router.launch import sigterm_as_exit
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
 from router.prompt_reader import PromptReader, PromptsRead
@@ -392,6 +393,7 @@ def compare_sidecars(
     if not addresses:
         raise ValueError("compare_sidecars needs at least one address")
     with contextlib.ExitStack() as stack:
+        stack.enter_context(sigterm_as_exit())  # SIGTERM stops the reference servicers too
         echo_address = stack.enter_context(running_reference_servicer(addresses[0], token))
         servers: dict[str, tuple[str, str | None]] = {a: (a, token) for a in addresses}
         if floor_world is not None:

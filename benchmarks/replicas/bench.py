@@ -52,6 +52,7 @@ from benchmarks.replicas.traffic import (
     total_regret,
 )
 from benchmarks.world.layout import read_examples
+from router.launch import sigterm_as_exit
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +233,7 @@ def run_replicas_bench(
         ratios = dict(zip(truth.drafters, truth.draft_cost.tolist(), strict=True))
         policy_config["draft_cost_ratio"] = ratios
     with contextlib.ExitStack() as stack:
+        stack.enter_context(sigterm_as_exit())  # SIGTERM stops Redis and the sidecars too
         if scratch is None:
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="replicas-")))
         redis = stack.enter_context(RedisServer(scratch / "redis", persist=True))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.replicas.traffic import Replica
-from router.launch import LaunchedSidecar, launch_sidecar
+from router.launch import LaunchedSidecar, launch_sidecar, sigterm_as_exit
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,9 @@ def start_replicas(
     policy_config: Mapping[str, Any] | None = None,
 ) -> dict[str, RunningReplica]:
     """Start one sidecar per name (name -> its policy seed) side by side; ``stack``
-    stops them."""
+    stops them, also when this process is sent SIGTERM meanwhile (they are launched on
+    worker threads, where ``launch_sidecar`` cannot install that handler itself)."""
+    stack.enter_context(sigterm_as_exit())
     state_root.mkdir(parents=True, exist_ok=True)
 
     def launch(name: str) -> tuple[Any, LaunchedSidecar]:

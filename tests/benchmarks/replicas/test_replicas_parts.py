@@ -11,6 +11,7 @@ import pytest
 from benchmarks.policy_sim.ground_truth import BUILTIN_ACCEPTANCE, ground_truth_from_matrix
 from benchmarks.replicas.bench import FLEET, NEWCOMER, outcome_report, verdicts
 from benchmarks.replicas.traffic import RegretTable
+from router.bundle import ModelBundle
 
 
 def test_regret_is_zero_on_the_oracle_arm_and_positive_elsewhere() -> None:
@@ -74,3 +75,62 @@ def test_redis_harness_keeps_streams_across_a_restart_when_persistent(tmp_path: 
         server.restart()
         assert client.xlen("s") == 0
         client.close()
+
+
+LAUNCHER = """
+import contextlib, sys, time
+from pathlib import Path
+from benchmarks.replicas.fleet import start_replicas
+with contextlib.ExitStack() as stack:
+    fleet = start_replicas({"a": 0, "b": 1}, Path(sys.argv[1]), Path(sys.argv[2]), None, stack)
+    print(" ".join(str(r.launched.pid) for r in fleet.values()), flush=True)
+    while True:  # busy in Python, as the bench is: the handler runs between bytecodes
+        time.sleep(0.05)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_bench_stops_its_sidecars(tiny_world: ModelBundle, tmp_path: Path) -> None:
+    """The replicas are launched on worker threads, where ``launch_sidecar`` cannot install
+    its SIGTERM handler: a bench sent SIGTERM (``kill``, a job scheduler) left them
+    serving, and Redis with them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from classifiers import ensure_world_classifier
+
+    ensure_world_classifier(tiny_world.root, tiny_world.corpus_dir)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(tiny_world.root), str(tmp_path / "state")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pids: list[int] = []
+    try:
+        assert launcher.stdout is not None
+        pids = [int(pid) for pid in launcher.stdout.readline().split()]
+        assert len(pids) == 2
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=120) != 0
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in pids if _alive(pid)]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        for pid in filter(_alive, pids):  # not left serving when the test fails
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
