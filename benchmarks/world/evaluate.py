@@ -16,7 +16,7 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ DRAFT_LENGTH = 4
 # target's, not the cap's.
 MAX_NEW_TOKENS = 128
 GENERATION_BATCH = 16
+STEP_ROUNDS = 5  # interleaved rounds of decode-step timing (decode_step_times)
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -253,6 +254,33 @@ def decode_step_seconds(model: Any, context_length: int = 96, steps: int = 40) -
     return statistics.median(times[5:])
 
 
+def decode_step_times(
+    target: Any, drafters: Mapping[str, Any], *, rounds: int = STEP_ROUNDS
+) -> tuple[float, dict[str, float]]:
+    """The target's and each drafter's decode step (:func:`decode_step_seconds`), the
+    median over ``rounds`` rounds that each time every model in turn, on one torch thread
+    (the sidecar's default ``torch_threads``; the previous count restored afterwards).
+
+    One pass per model, one after the other, put whatever the machine did meanwhile on
+    whichever model was being timed: the eight drafters of one architecture measured
+    1.1-1.9 ms in one evaluation and 0.8-0.9 ms apart from it, which moved the
+    target/drafter ratio between 4 and 6 from run to run (and the policy simulator's
+    drafting costs with it). Interleaved rounds spread such spells over all models."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rounds_timed = [
+            (decode_step_seconds(target), {n: decode_step_seconds(m) for n, m in drafters.items()})
+            for _ in range(rounds)
+        ]
+    finally:
+        torch.set_num_threads(before)
+    target_step = statistics.median(t for t, _ in rounds_timed)
+    return target_step, {n: statistics.median(d[n] for _, d in rounds_timed) for n in drafters}
+
+
 def head_dim(config: Any) -> int:
     """Attention head size of a model config: its ``head_dim`` if set, else hidden / heads
     (Qwen2Config's rule)."""
@@ -302,8 +330,9 @@ def evaluate_world(world: ModelBundle, *, limit: int | None = None) -> dict[str,
         }
         for name, d in drafters.items()
     }
-    target_step = decode_step_seconds(target.model)
-    drafter_steps = {name: decode_step_seconds(d.model) for name, d in drafters.items()}
+    target_step, drafter_steps = decode_step_times(
+        target.model, {name: d.model for name, d in drafters.items()}
+    )
     drafter_step = statistics.median(drafter_steps.values())
     generic_acceptance = [matrix["generic"][t].per_token for t in world.tasks]
     return {

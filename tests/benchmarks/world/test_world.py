@@ -248,3 +248,35 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny_world: Model
     assert [o.example for o in batched] == examples
     assert [o.output_ids for o in batched] == [o.output_ids for o in alone]
     assert all(o.output_ids.count(o.eos_id) <= 1 for o in batched)
+
+
+def test_decode_steps_are_timed_in_interleaved_rounds_on_one_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every model is timed once per round, in turn, on one torch thread; each figure is
+    the median over the rounds, so a busy spell during one model's pass does not become
+    that model's cost. The caller's thread count is restored."""
+    import torch
+
+    from benchmarks.world import evaluate
+
+    calls: list[tuple[str, int]] = []
+    spell = {("a", 0)}  # the machine was busy while drafter a was timed in round 0
+
+    def timed(model: str) -> float:
+        round_ = sum(1 for name, _ in calls if name == model)
+        calls.append((model, torch.get_num_threads()))
+        return 10.0 if (model, round_) in spell else {"target": 5.0, "a": 1.0, "b": 1.0}[model]
+
+    monkeypatch.setattr(evaluate, "decode_step_seconds", timed)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        target, drafters = evaluate.decode_step_times("target", {"a": "a", "b": "b"}, rounds=3)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert [name for name, _ in calls] == ["target", "a", "b"] * 3
+    assert {threads for _, threads in calls} == {1}
+    assert target == 5.0
+    assert drafters == {"a": 1.0, "b": 1.0}
