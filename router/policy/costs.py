@@ -747,13 +747,14 @@ class RequestOverheads:
                 return max(0.0, fixed_none + pooled.value)
         if not measured_here:
             return None
+        here = self.fixed_.get(context)  # skipped by identity: no Context comparisons
         figures = [
             value
             for other, arms in self.fixed_.items()
-            if other.length_bucket == bucket
-            and other != context
-            and key in arms
-            and (value := arms[key].value) is not None
+            if arms is not here
+            and other.length_bucket == bucket
+            and (window := arms.get(key)) is not None
+            and (value := window.value) is not None
         ]
         return statistics.median(figures) if figures else None
 
