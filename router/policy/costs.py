@@ -701,9 +701,10 @@ class RequestOverheads:
         that a q measured after them still applies.
 
         A drafter with ``own_min`` requests in the context costs its own figure; with
-        fewer, the median of its own figures and of a prior (``_prior_fixed``: F_0 plus
-        its pooled excess in the length bucket, else its figures in the bucket's other
-        contexts); else its own figure. Unmeasured arms are priced so that drafting is
+        fewer, the median of its own figures and of a prior (F_0 plus its pooled excess
+        in the length bucket, ``_pooled_prior``; else, where it has a figure here, the
+        median of its figures in the bucket's other contexts, ``_bucket_figures``); else
+        its own figure. Unmeasured arms are priced so that drafting is
         never overrated: an unmeasured plain arm costs 0 (all fixed time counts against
         drafting, so where that makes drafting lose, plain decoding is tried once and
         measured); an unmeasured drafter costs the cheapest measured drafter here, else
@@ -715,14 +716,18 @@ class RequestOverheads:
         plain_measured = plain_value is not None
         fixed_none = plain_value * plain_step if plain_value is not None else 0.0
         measured: dict[str, float] = {}
+        elsewhere: dict[str, list[float]] | None = None  # read once, when first needed
         for key in dict.fromkeys(map(self._arm, drafters)):
             own = arms.get(key)
             if own is not None and len(own) >= self.own_min and own.value is not None:
                 measured[key] = own.value
                 continue
-            prior = self._prior_fixed(
-                context, key, fixed_none if plain_measured else None, own is not None
-            )
+            prior = self._pooled_prior(context.length_bucket, key, fixed_none, plain_measured)
+            if prior is None and own is not None:
+                if elsewhere is None:
+                    elsewhere = self._bucket_figures(context)
+                figures = elsewhere.get(key)
+                prior = statistics.median(figures) if figures else None
             if prior is not None:
                 samples = [*(own.samples if own else ()), *[prior] * PRIOR_SAMPLES]
                 measured[key] = statistics.median(samples)
@@ -731,32 +736,32 @@ class RequestOverheads:
         default = min(measured.values(), default=fixed_none)
         return fixed_none, np.array([measured.get(self._arm(d), default) for d in drafters])
 
-    def _prior_fixed(
-        self, context: Context, key: str, fixed_none: float | None, measured_here: bool
+    def _pooled_prior(
+        self, bucket: int, key: str, fixed_none: float, plain_measured: bool
     ) -> float | None:
-        """What ``key``'s fixed time in ``context`` is expected to be before it has
-        ``own_min`` figures there (class doc): F_0 plus its pooled excess in the length
-        bucket where F_0 (``fixed_none``) is measured and the excess has ``own_min``
-        figures; else, where it has a figure here (``measured_here``) to outvote, the
-        median of its figures in the bucket's other contexts; else None."""
-        bucket = context.length_bucket
-        if fixed_none is not None:
-            pooled = self.excess_.get((bucket, key))
-            # As a context's own figures, a pool of fewer than own_min can be one stall.
-            if pooled is not None and len(pooled) >= self.own_min and pooled.value is not None:
-                return max(0.0, fixed_none + pooled.value)
-        if not measured_here:
+        """F_0 plus ``key``'s pooled excess in the length bucket, where F_0 is measured and
+        the excess has ``own_min`` figures (class doc); else None."""
+        if not plain_measured:
             return None
-        here = self.fixed_.get(context)  # skipped by identity: no Context comparisons
-        figures = [
-            value
-            for other, arms in self.fixed_.items()
-            if arms is not here
-            and other.length_bucket == bucket
-            and (window := arms.get(key)) is not None
-            and (value := window.value) is not None
-        ]
-        return statistics.median(figures) if figures else None
+        pooled = self.excess_.get((bucket, key))
+        # As a context's own figures, a pool of fewer than own_min can be one stall.
+        if pooled is None or len(pooled) < self.own_min or pooled.value is None:
+            return None
+        return max(0.0, fixed_none + pooled.value)
+
+    def _bucket_figures(self, context: Context) -> dict[str, list[float]]:
+        """Each arm's figures in the bucket's other contexts, the prior of a drafter with a
+        figure in ``context`` where no pooled excess prices it (class doc): one pass over
+        the contexts for all arms, the asking one skipped by identity."""
+        here = self.fixed_.get(context)
+        figures: dict[str, list[float]] = {}
+        for other, arms in self.fixed_.items():
+            if arms is here or other.length_bucket != context.length_bucket:
+                continue
+            for key, window in arms.items():
+                if window.value is not None:
+                    figures.setdefault(key, []).append(window.value)
+        return figures
 
     def forget_drafter(self, drafter: str) -> None:
         """Forget a removed drafter's own figures; its shape's stay (the others' too)."""
