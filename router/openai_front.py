@@ -381,8 +381,11 @@ def specroute_version() -> str:
 
 
 def served_model_names(service: RouterService) -> list[str]:
-    """The model ids this sidecar answers to: its configured names (a fleet's replicas'
-    model), else the target directory's name."""
+    """The model ids this sidecar answers to: the ``served_model_names`` setting, else a
+    fleet's replicas' model, else the target directory's name."""
+    configured = service.settings.served_model_names
+    if configured:
+        return list(configured)
     names = getattr(service, "model_names", None)
     if names:
         return list(names)

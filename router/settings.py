@@ -231,6 +231,10 @@ class Settings(BaseSettings):
     # A fleet file (router.fleet.config, docs/fleet.md): generation runs on the vLLM
     # replicas it lists, one speculative configuration each; None: the in-process engine.
     fleet_file: Path | None = None
+    # The model ids the OpenAI front answers to and /v1/models lists, as vLLM's
+    # --served-model-name (a client configured for vLLM keeps its model name); empty: the
+    # target directory's name (in fleet mode, the replicas' model).
+    served_model_names: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     policy: str = "thompson"
     policy_config: dict[str, Any] = Field(default_factory=dict)
     # The bundle's (world's) model drafters at start; false leaves them out. The n-gram and

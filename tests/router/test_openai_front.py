@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import grpc
 import openai
 import pytest
+from pydantic import ValidationError
 
+from router.components import Components
 from router.domain import Prompt
 from router.pb import router_pb2 as pb
 from tests.router.conftest import (
@@ -57,6 +60,35 @@ def test_models_lists_the_target(sidecar: SidecarThread) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
         client(sidecar).models.retrieve("other")
     assert missing.value.code == "model_not_found"
+
+
+def test_served_model_names_are_the_ids_clients_use(
+    serving_world: ServingWorld, components: Components, tmp_path: Path
+) -> None:
+    """As vLLM's --served-model-name: a client configured for the checkpoint's hub id
+    keeps it; the directory's name is then not one of the ids."""
+    names = ["Qwen/Qwen2.5-7B-Instruct", "qwen"]
+    settings = serving_world.settings(tmp_path / "state", served_model_names=names)
+    named = SidecarThread(settings, components)
+    try:
+        assert [m.id for m in client(named).models.list().data] == names
+        reply = client(named).completions.create(
+            model="qwen", prompt=PROMPT, max_tokens=4, temperature=0
+        )
+        assert reply.model == "qwen"
+        assert reply.usage is not None and reply.usage.completion_tokens == 4
+        with pytest.raises(openai.NotFoundError) as missing:
+            client(named).completions.create(model="target", prompt=PROMPT, max_tokens=4)
+        assert missing.value.code == "model_not_found"
+        with urllib.request.urlopen(f"{named.http_url}/info", timeout=30) as response:
+            assert json.loads(response.read())["model_id"] == names[0]
+    finally:
+        named.stop()
+
+
+def test_an_empty_served_model_name_is_refused(serving_world: ServingWorld, tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="served_model_names"):
+        serving_world.settings(tmp_path / "state", served_model_names=[""])
 
 
 def test_completion_greedy_equals_grpc_generate(sidecar: SidecarThread) -> None:
