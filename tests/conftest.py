@@ -13,6 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # tests of the dtype setting pass it explicitly.
 os.environ.setdefault("SPECROUTE_DTYPE", "float32")
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,25 @@ import pytest
 
 if TYPE_CHECKING:
     from router.bundle import ModelBundle
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float = 5.0) -> bool:
+    """Whether every one of ``pids`` is gone within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(process_alive(pid) for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 # End-to-end tests build a world or stand on one: every sidecar, served servicer and

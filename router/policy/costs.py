@@ -722,7 +722,9 @@ class RequestOverheads:
             if own is not None and len(own) >= self.own_min and own.value is not None:
                 measured[key] = own.value
                 continue
-            prior = self._pooled_prior(context.length_bucket, key, fixed_none, plain_measured)
+            prior = self._pooled_prior(
+                context.length_bucket, key, fixed_none if plain_measured else None
+            )
             if prior is None and own is not None:
                 if elsewhere is None:
                     elsewhere = self._bucket_figures(context)
@@ -736,12 +738,10 @@ class RequestOverheads:
         default = min(measured.values(), default=fixed_none)
         return fixed_none, np.array([measured.get(self._arm(d), default) for d in drafters])
 
-    def _pooled_prior(
-        self, bucket: int, key: str, fixed_none: float, plain_measured: bool
-    ) -> float | None:
-        """F_0 plus ``key``'s pooled excess in the length bucket, where F_0 is measured and
-        the excess has ``own_min`` figures (class doc); else None."""
-        if not plain_measured:
+    def _pooled_prior(self, bucket: int, key: str, fixed_none: float | None) -> float | None:
+        """F_0 plus ``key``'s pooled excess in the length bucket, where F_0 (``fixed_none``)
+        is measured and the excess has ``own_min`` figures (class doc); else None."""
+        if fixed_none is None:
             return None
         pooled = self.excess_.get((bucket, key))
         # As a context's own figures, a pool of fewer than own_min can be one stall.

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from router.components import Components
+from tests.conftest import process_alive, wait_gone
 from tests.router.conftest import ServingWorld, SidecarThread
 
 SCRIPT = """
@@ -31,14 +32,6 @@ with launch_sidecar(config_file=sys.argv[1], http=False, metrics=False) as sidec
     while True:
         time.sleep(0.05)
 """
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.mark.timeout(300)
@@ -55,13 +48,10 @@ def test_sigterm_to_the_launcher_stops_its_sidecar(
     try:
         assert launcher.stdout is not None
         sidecar_pid = int(launcher.stdout.readline())
-        assert _alive(sidecar_pid)
+        assert process_alive(sidecar_pid)
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=120) != 0
-        deadline = time.monotonic() + 30
-        while _alive(sidecar_pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _alive(sidecar_pid)
+        assert wait_gone([sidecar_pid], timeout=30)
     finally:
         if launcher.poll() is None:
             launcher.kill()

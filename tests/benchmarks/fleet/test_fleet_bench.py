@@ -37,6 +37,7 @@ from benchmarks.replay.client import ArmPin
 from benchmarks.replay.metrics import RequestResult
 from benchmarks.replay.trace import TraceRequest
 from router.fleet.config import parse_fleet
+from tests.conftest import process_alive, wait_gone
 
 
 def result(
@@ -294,9 +295,7 @@ with vllm_fleet(root, [Speculation("none")], root / "logs") as servers:
 def test_sigterm_to_the_bench_stops_its_replicas(tmp_path: Path) -> None:
     """Each replica runs in its own session: without the handler a bench sent SIGTERM (a
     job scheduler, ``kill``) left them all serving."""
-    import os
     import signal
-    import time
 
     (tmp_path / "health").write_text("ok")
     launcher = subprocess.Popen(
@@ -305,18 +304,10 @@ def test_sigterm_to_the_bench_stops_its_replicas(tmp_path: Path) -> None:
     try:
         assert launcher.stdout is not None
         replica = int(launcher.stdout.readline())
-        os.kill(replica, 0)  # serving
+        assert process_alive(replica)  # serving
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=60) != 0
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                os.kill(replica, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"replica {replica} still running after the bench's SIGTERM")
+        assert wait_gone([replica], timeout=30), f"replica {replica} still runs after SIGTERM"
     finally:
         if launcher.poll() is None:
             launcher.kill()

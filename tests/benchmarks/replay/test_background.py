@@ -20,27 +20,10 @@ from benchmarks.replay.background import (
     describe_load,
 )
 from router.cli import build_app
+from tests.conftest import process_alive, wait_gone
 
 ROOT = Path(__file__).resolve().parents[3]
 SHORT_SPELLS = (0.05, 0.1)
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, dead but not yet reaped, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _wait_gone(pids: list[int], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(_alive(pid) for pid in pids):
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_bad_configs_are_refused() -> None:
@@ -65,8 +48,8 @@ def test_steady_load_runs_its_processes_busy_and_stops_them() -> None:
     with background_load(BackgroundLoadConfig("steady", 2)) as record:
         assert len(record.pids) == 2
         time.sleep(1.0)
-        assert all(_alive(pid) for pid in record.pids)
-    assert _wait_gone(record.pids, timeout=0.5)  # stopped before the block returned
+        assert all(process_alive(pid) for pid in record.pids)
+    assert wait_gone(record.pids, timeout=0.5)  # stopped before the block returned
     summary = record.summary()
     assert summary["mode"] == "steady" and summary["procs"] == 2
     # Busy seconds are spin time counted by each process: all of its life after start-up.
@@ -90,7 +73,7 @@ def test_an_error_in_the_block_stops_the_processes() -> None:
     with pytest.raises(RuntimeError), background_load(config) as record:
         time.sleep(0.3)
         raise RuntimeError("the replay failed")
-    assert record.pids and _wait_gone(record.pids, timeout=0.5)
+    assert record.pids and wait_gone(record.pids, timeout=0.5)
 
 
 _DRIVER = textwrap.dedent(
@@ -124,7 +107,7 @@ def test_ctrl_c_or_a_killed_replay_leaves_no_load_behind(ending: str) -> None:
     try:
         assert driver.stdout is not None
         pids = [int(pid) for pid in driver.stdout.readline().split()]
-        assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+        assert len(pids) == 2 and all(process_alive(pid) for pid in pids)
         if ending == "interrupt":
             driver.send_signal(signal.SIGINT)  # Ctrl-C: KeyboardInterrupt in the block
         try:
@@ -136,7 +119,7 @@ def test_ctrl_c_or_a_killed_replay_leaves_no_load_behind(ending: str) -> None:
             _, stderr = driver.communicate()
             pytest.fail(f"the driver did not end within 30 s; its stacks:\n{stderr}")
         # Killed, the parent cannot stop them: each notices it is gone within ~0.1 s.
-        assert _wait_gone(pids)
+        assert wait_gone(pids)
     finally:
         if driver.poll() is None:
             driver.kill()

@@ -12,6 +12,7 @@ from benchmarks.policy_sim.ground_truth import BUILTIN_ACCEPTANCE, ground_truth_
 from benchmarks.replicas.bench import FLEET, NEWCOMER, outcome_report, verdicts
 from benchmarks.replicas.traffic import RegretTable
 from router.bundle import ModelBundle
+from tests.conftest import process_alive, wait_gone
 
 
 def test_regret_is_zero_on_the_oracle_arm_and_positive_elsewhere() -> None:
@@ -98,7 +99,6 @@ def test_sigterm_to_the_bench_stops_its_sidecars(tiny_world: ModelBundle, tmp_pa
     import signal
     import subprocess
     import sys
-    import time
 
     from classifiers import ensure_world_classifier
 
@@ -115,22 +115,9 @@ def test_sigterm_to_the_bench_stops_its_sidecars(tiny_world: ModelBundle, tmp_pa
         assert len(pids) == 2
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=120) != 0
-        deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [pid for pid in pids if _alive(pid)]
+        assert wait_gone(pids, timeout=30), [pid for pid in pids if process_alive(pid)]
     finally:
         if launcher.poll() is None:
             launcher.kill()
-        for pid in filter(_alive, pids):  # not left serving when the test fails
+        for pid in filter(process_alive, pids):  # not left serving when the test fails
             os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
