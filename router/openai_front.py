@@ -16,6 +16,7 @@ are served (chat's ``logprobs``/``top_logprobs``, completions' ``logprobs``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.metadata
 import json
@@ -208,8 +209,6 @@ class Endpoint:
 def _unsupported(body: OpenAIParameters) -> list[str]:
     """Parameters set to something this sidecar does not implement."""
     problems = []
-    if body.n not in (None, 1):
-        problems.append("n")
     if body.presence_penalty not in (None, 0.0):
         problems.append("presence_penalty")
     if body.frequency_penalty not in (None, 0.0):
@@ -527,6 +526,37 @@ def generate_input(service: RouterService, endpoint: Endpoint, body: Any) -> Gen
     return GenerateInput(route=route, logprobs=logprobs_of(endpoint, body))
 
 
+# ``n``: the most completions one request may ask for. Each is generated, routed and
+# learned from as a request of its own.
+MAX_CHOICES = 16
+
+
+def choice_count(body: OpenAIParameters) -> int:
+    """The number of choices asked for (``n``, 1 when unset), checked."""
+    count = 1 if body.n is None else body.n
+    if not 1 <= count <= MAX_CHOICES:
+        raise InvalidFieldError("n", f"must be in [1, {MAX_CHOICES}], got {count}")
+    if count > 1 and body.stream:
+        raise InvalidFieldError("n", "n > 1 is served without streaming: send stream false")
+    return count
+
+
+def choice_inputs(service: RouterService, endpoint: Endpoint, body: Any) -> list[GenerateInput]:
+    """One generation per choice. With a seed, choice i samples with seed + i, so that
+    sampled choices differ and each is the output of a lone request with that seed (at the
+    same drafter and k); without one, each run draws its own."""
+    first = generate_input(service, endpoint, body)
+    return [first, *(_reseeded(first, i) for i in range(1, choice_count(body)))]
+
+
+def _reseeded(request: GenerateInput, index: int) -> GenerateInput:
+    sampling = request.route.sampling
+    if sampling.seed is None:
+        return request
+    reseeded = dataclasses.replace(sampling, seed=sampling.seed + index)
+    return dataclasses.replace(request, route=dataclasses.replace(request.route, sampling=reseeded))
+
+
 def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
     """HTTP status and OpenAI error object for ``error``."""
     status, kind, code = UNEXPECTED_ERROR
@@ -669,31 +699,33 @@ class _Reply:
             return chat_logprobs(scored)
         return completion_logprobs(scored, texts, offset)
 
-    def complete(
-        self,
-        routed: RoutedRequest,
-        result: GenerationResult,
-        stops: Sequence[str],
-        logprobs: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+    def _choice(self, index: int, ran: _ChoiceRun, stops: Sequence[str]) -> dict[str, Any]:
+        result = ran.result
         finish = _finish_reason(result)
         text = result.generated_text
         if _stopped(result):
             text = without_stop(text, stops)
-        choice: dict[str, Any]
+        choice: dict[str, Any] = {"index": index}
         if self.endpoint.is_chat:
-            message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
+            choice["message"] = {"role": "assistant", "content": text}
         else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }
-        body = self._object(self.endpoint.object_name, [choice])
-        body["usage"] = _usage(routed, len(result.output_ids))
-        body["specroute"] = specroute_extra(routed, result)
+            choice["text"] = text
+        choice["logprobs"] = self.logprobs(ran.scored, ran.token_texts, 0)
+        choice["finish_reason"] = finish
+        return choice
+
+    def complete(self, runs: Sequence[_ChoiceRun], stops: Sequence[str]) -> dict[str, Any]:
+        """The response for ``runs``, one per choice. The prompt is counted once in the
+        usage (as vLLM counts it); with several choices each carries its own ``specroute``
+        (its own request, decision and statistics), the response's is the first's."""
+        choices = [self._choice(index, ran, stops) for index, ran in enumerate(runs)]
+        if len(runs) > 1:
+            for choice, ran in zip(choices, runs, strict=True):
+                choice["specroute"] = specroute_extra(ran.routed, ran.result)
+        first = runs[0]
+        body = self._object(self.endpoint.object_name, choices)
+        body["usage"] = _usage(first.routed, sum(len(ran.result.output_ids) for ran in runs))
+        body["specroute"] = specroute_extra(first.routed, first.result)
         return body
 
     def chunk(
@@ -731,9 +763,17 @@ async def _first(items: AsyncIterator[Any]) -> RoutedRequest:
     return routed
 
 
-async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dict[str, Any]:
-    reply = _Reply(endpoint, body.model)
-    request = generate_input(service, endpoint, body)
+@dataclass(frozen=True)
+class _ChoiceRun:
+    """One choice's finished generation (its log-probabilities when they were asked for)."""
+
+    routed: RoutedRequest
+    result: GenerationResult
+    scored: list[TokenLogprobs] | None
+    token_texts: list[str]
+
+
+async def _run_choice(service: RouterService, request: GenerateInput) -> _ChoiceRun:
     scored: list[TokenLogprobs] = []
     texts: list[str] = []
     async with contextlib.aclosing(_generation(service, request)) as it:
@@ -747,9 +787,17 @@ async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dic
                 result = item
     if result is None:
         raise GenerationFailedError("generation ended without a result")
-    reply.decided(result.routed)
-    logprobs = reply.logprobs(scored if request.logprobs is not None else None, texts, 0)
-    return reply.complete(routed, result, stops_of(body), logprobs)
+    return _ChoiceRun(routed, result, scored if request.logprobs is not None else None, texts)
+
+
+async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dict[str, Any]:
+    reply = _Reply(endpoint, body.model)
+    # One choice after another: each is admitted as a request of its own, so n choices
+    # never take more than one place of the generation queue at a time (all at once, n
+    # over the free places was a 429 on an otherwise idle sidecar).
+    finished = [await _run_choice(service, r) for r in choice_inputs(service, endpoint, body)]
+    reply.decided(finished[0].result.routed)
+    return reply.complete(finished, stops_of(body))
 
 
 async def _sse_event(response: web.StreamResponse, payload: dict[str, Any] | str) -> None:
@@ -769,6 +817,7 @@ async def _stream(
     reply = _Reply(endpoint, body.model)
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     holdback = StopHoldback(stops_of(body))
+    choice_count(body)  # one choice per stream
     asked = generate_input(service, endpoint, body)
     scored = LogprobsHoldback() if asked.logprobs is not None else None
 

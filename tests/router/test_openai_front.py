@@ -555,7 +555,9 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"temperature": 3.0}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),  # over MAX_CHOICES
+        ({"n": 2, "stream": True}, "n"),  # several choices are served without streaming
         ({"logprobs": 21}, "logprobs"),  # over vLLM's default max_logprobs, 20
         ({"logprobs": True}, "logprobs"),  # chat's boolean; completions take the count
         ({"top_logprobs": 2}, "top_logprobs"),  # chat's
@@ -592,6 +594,47 @@ def test_bad_parameters_are_400_with_an_openai_error(
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param, error
+
+
+def test_n_choices_are_each_a_generation(sidecar: SidecarThread) -> None:
+    """``n`` was refused: several choices, each a generation of its own (greedy: the same
+    text), the prompt counted once in the usage, each choice with its own decision."""
+    asked = {"model": "target", "max_tokens": 6, "temperature": 0}
+    single = client(sidecar).completions.create(prompt=PROMPT, **asked)
+    several = client(sidecar).completions.create(prompt=PROMPT, n=3, **asked)
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    assert {c.text for c in several.choices} == {single.choices[0].text}
+    assert single.usage is not None and several.usage is not None
+    assert several.usage.prompt_tokens == single.usage.prompt_tokens
+    assert several.usage.completion_tokens == 3 * single.usage.completion_tokens
+    ids = {c.model_extra["specroute"]["request_id"] for c in several.choices if c.model_extra}
+    assert len(ids) == 3
+    chat = client(sidecar).chat.completions.create(
+        messages=[{"role": "user", "content": PROMPT}], n=2, **asked
+    )
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content
+
+
+def test_seeded_choices_are_lone_requests_with_seeds_in_turn(
+    serving_world: ServingWorld, components: Components, tmp_path: Path
+) -> None:
+    """Choice i samples with seed + i: the choices differ, and each is what a lone request
+    with that seed gets (plain decoding here, so every request runs the same arm)."""
+    plain = SidecarThread(serving_world.settings(tmp_path / "state", policy="none"), components)
+    try:
+        asked = {"model": "target", "prompt": PROMPT, "max_tokens": 8, "temperature": 1.0}
+        several = client(plain).completions.create(n=3, seed=11, logprobs=1, **asked)
+        lone = [
+            client(plain).completions.create(seed=11 + i, logprobs=1, **asked) for i in range(3)
+        ]
+        assert [c.text for c in several.choices] == [r.choices[0].text for r in lone]
+        assert len({c.text for c in several.choices}) > 1
+        for choice, reply in zip(several.choices, lone, strict=True):
+            assert choice.logprobs is not None and reply.choices[0].logprobs is not None
+            assert choice.logprobs.tokens == reply.choices[0].logprobs.tokens
+    finally:
+        plain.stop()
 
 
 def test_neutral_values_of_unimplemented_parameters_are_served(sidecar: SidecarThread) -> None:
