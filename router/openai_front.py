@@ -526,8 +526,8 @@ def generate_input(service: RouterService, endpoint: Endpoint, body: Any) -> Gen
     return GenerateInput(route=route, logprobs=logprobs_of(endpoint, body))
 
 
-# ``n``: the most completions one request may ask for. Each is generated, routed and
-# learned from as a request of its own.
+# ``n``: the most completions one request may ask for. Each is generated (and streamed),
+# routed and learned from as a request of its own, one after another.
 MAX_CHOICES = 16
 
 
@@ -536,8 +536,6 @@ def choice_count(body: OpenAIParameters) -> int:
     count = 1 if body.n is None else body.n
     if not 1 <= count <= MAX_CHOICES:
         raise InvalidFieldError("n", f"must be in [1, {MAX_CHOICES}], got {count}")
-    if count > 1 and body.stream:
-        raise InvalidFieldError("n", "n > 1 is served without streaming: send stream false")
     return count
 
 
@@ -667,7 +665,7 @@ class _Reply:
         # the openai package's stream helper joins every delta's strings, so a role in
         # each made "assistantassistant...". TGI's own client (model "tgi") requires it in
         # every delta, as TGI sends it.
-        self._role_pending = True
+        self._roles_sent: set[int] = set()  # the choices whose role has been streamed
         self._repeat_role = model in TGI_CLIENT_MODEL_NAMES
         self.fingerprint = f"specroute-{specroute_version()}"
 
@@ -729,26 +727,37 @@ class _Reply:
         return body
 
     def chunk(
-        self, text: str | None, finish: str | None, logprobs: dict[str, Any] | None = None
+        self,
+        text: str | None,
+        finish: str | None,
+        logprobs: dict[str, Any] | None = None,
+        index: int = 0,
     ) -> dict[str, Any]:
         choice: dict[str, Any]
         if self.endpoint.is_chat:
             # tool_calls in every delta: TGI's own client requires it (as TGI sends it);
             # OpenAI's clients take it as it comes.
             delta: dict[str, Any] = {"tool_calls": None}
-            if self._role_pending or self._repeat_role:
+            if index not in self._roles_sent or self._repeat_role:
                 delta["role"] = "assistant"
-                self._role_pending = False
+                self._roles_sent.add(index)
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+            choice = {
+                "index": index,
+                "text": text or "",
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }
         return self._object(self.endpoint.chunk_name, [choice])
 
-    def usage_chunk(self, routed: RoutedRequest, result: GenerationResult) -> dict[str, Any]:
+    def usage_chunk(self, runs: Sequence[tuple[RoutedRequest, GenerationResult]]) -> dict[str, Any]:
+        """The usage of every choice (the prompt counted once) and the first's decision."""
+        routed, result = runs[0]
         body = self._object(self.endpoint.chunk_name, [])
-        body["usage"] = _usage(routed, len(result.output_ids))
+        body["usage"] = _usage(routed, sum(len(ran.output_ids) for _, ran in runs))
         body["specroute"] = specroute_extra(routed, result)
         return body
 
@@ -805,57 +814,85 @@ async def _sse_event(response: web.StreamResponse, payload: dict[str, Any] | str
     await response.write(f"data: {data}\n\n".encode())
 
 
-async def _stream(
-    service: RouterService, request: web.Request, endpoint: Endpoint, body: Any
-) -> web.StreamResponse:
-    """Server-sent events: one chunk per speculative step's text, a last chunk with the
-    finish reason, the usage chunk when asked (``stream_options.include_usage``), then
-    ``data: [DONE]``. An error after the first event is sent as an error event; a client
-    that leaves part-way stops the generation (``client_may_leave``)."""
-    from router.http_front import SSE_HEADERS, client_may_leave
-
-    reply = _Reply(endpoint, body.model)
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
+async def _stream_choice(
+    response: web.StreamResponse,
+    reply: _Reply,
+    body: Any,
+    index: int,
+    asked: GenerateInput,
+    items: AsyncIterator[Any],
+    several: bool,
+) -> GenerationResult:
+    """Stream choice ``index``: its text chunks, then a chunk with its finish reason (and,
+    among several choices, its own ``specroute``). The generation's first item, the
+    decision, has been read."""
     holdback = StopHoldback(stops_of(body))
-    choice_count(body)  # one choice per stream
-    asked = generate_input(service, endpoint, body)
     scored = LogprobsHoldback() if asked.logprobs is not None else None
 
     def logprobs(characters: int | None) -> dict[str, Any] | None:
         return None if scored is None else reply.logprobs(*scored.release(characters))
 
-    generation = _generation(service, asked)
-    async with contextlib.aclosing(generation) as items:
+    is_chat = reply.endpoint.is_chat
+    if is_chat:
+        await _sse_event(response, reply.chunk("", None, index=index))
+    async for item in items:
+        if isinstance(item, TokenChunk):
+            if scored is not None:
+                scored.feed(item)
+            released = holdback.feed(item.text) if item.text else ""
+            if released:
+                chunk = reply.chunk(released, None, logprobs(len(released)), index)
+                await _sse_event(response, chunk)
+        elif isinstance(item, GenerationResult):
+            # The last chunks name the decision that finished the request (a fleet
+            # failover, a drafter removed while it waited).
+            reply.decided(item.routed)
+            rest = holdback.finish(_stopped(item))
+            # The last text chunk carries the logprobs not sent yet (those of a stop
+            # sequence's tokens too: they were generated).
+            if rest or scored is not None:
+                await _sse_event(response, reply.chunk(rest, None, logprobs(None), index))
+            last = reply.chunk(None if is_chat else "", _finish_reason(item), index=index)
+            if several:
+                last["choices"][0]["specroute"] = specroute_extra(item.routed, item)
+            await _sse_event(response, last)
+            return item
+    raise GenerationFailedError("generation ended without a result")
+
+
+async def _stream(
+    service: RouterService, request: web.Request, endpoint: Endpoint, body: Any
+) -> web.StreamResponse:
+    """Server-sent events: per choice (``n``, one after another) one chunk per speculative
+    step's text and a last chunk with the finish reason; the usage chunk when asked
+    (``stream_options.include_usage``), then ``data: [DONE]``. An error after the first
+    event is sent as an error event; a client that leaves part-way stops the generation
+    (``client_may_leave``)."""
+    from router.http_front import SSE_HEADERS, client_may_leave
+
+    reply = _Reply(endpoint, body.model)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    requests = choice_inputs(service, endpoint, body)
+    several = len(requests) > 1
+    async with contextlib.aclosing(_generation(service, requests[0])) as items:
         routed = await _first(items)  # errors before the first event are plain HTTP errors
         reply.decided(routed)
         response = web.StreamResponse(headers=SSE_HEADERS)
         with client_may_leave(request):
             await response.prepare(request)
-            if endpoint.is_chat:
-                await _sse_event(response, reply.chunk("", None))
             try:
-                async for item in items:
-                    if isinstance(item, TokenChunk):
-                        if scored is not None:
-                            scored.feed(item)
-                        released = holdback.feed(item.text) if item.text else ""
-                        if released:
-                            chunk = reply.chunk(released, None, logprobs(len(released)))
-                            await _sse_event(response, chunk)
-                    elif isinstance(item, GenerationResult):
-                        # The last chunks name the decision that finished the request (a
-                        # fleet failover, a drafter removed while it waited).
-                        reply.decided(item.routed)
-                        rest = holdback.finish(_stopped(item))
-                        # The last text chunk carries the logprobs not sent yet (those of
-                        # a stop sequence's tokens too: they were generated).
-                        finish = _finish_reason(item)
-                        text: str | None = None if endpoint.is_chat else ""
-                        if rest or scored is not None:
-                            await _sse_event(response, reply.chunk(rest, None, logprobs(None)))
-                        await _sse_event(response, reply.chunk(text, finish))
-                        if include_usage:
-                            await _sse_event(response, reply.usage_chunk(routed, item))
+                result = await _stream_choice(response, reply, body, 0, requests[0], items, several)
+                runs = [(routed, result)]
+                for index, asked in enumerate(requests[1:], start=1):
+                    async with contextlib.aclosing(_generation(service, asked)) as more:
+                        ran = await _first(more)
+                        reply.decided(ran)
+                        result = await _stream_choice(
+                            response, reply, body, index, asked, more, several
+                        )
+                        runs.append((ran, result))
+                if include_usage:
+                    await _sse_event(response, reply.usage_chunk(runs))
             except ConnectionResetError:
                 raise  # the client left (client_may_leave)
             except Exception as error:

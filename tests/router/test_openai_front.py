@@ -557,7 +557,6 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"max_tokens": 0}, "max_tokens"),
         ({"n": 0}, "n"),
         ({"n": 17}, "n"),  # over MAX_CHOICES
-        ({"n": 2, "stream": True}, "n"),  # several choices are served without streaming
         ({"logprobs": 21}, "logprobs"),  # over vLLM's default max_logprobs, 20
         ({"logprobs": True}, "logprobs"),  # chat's boolean; completions take the count
         ({"top_logprobs": 2}, "top_logprobs"),  # chat's
@@ -614,6 +613,32 @@ def test_n_choices_are_each_a_generation(sidecar: SidecarThread) -> None:
     )
     assert [c.index for c in chat.choices] == [0, 1]
     assert chat.choices[0].message.content == chat.choices[1].message.content
+
+
+def test_n_choices_stream_one_after_another(sidecar: SidecarThread) -> None:
+    """Each choice's chunks carry its index, its first delta the role and its last the
+    finish reason and its own decision; the usage chunk counts the prompt once."""
+    asked = {"model": "target", "max_tokens": 6, "temperature": 0}
+    messages: Any = [{"role": "user", "content": PROMPT}]
+    single = client(sidecar).chat.completions.create(messages=messages, **asked)
+    stream = client(sidecar).chat.completions.create(
+        messages=messages, n=2, stream=True, stream_options={"include_usage": True}, **asked
+    )
+    chunks = list(stream)
+    indices = [c.choices[0].index for c in chunks if c.choices]
+    assert indices == sorted(indices) and set(indices) == {0, 1}
+    for index in (0, 1):
+        deltas = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert deltas[0].delta.role == "assistant"
+        assert all(d.delta.role is None for d in deltas[1:])
+        text = "".join(d.delta.content or "" for d in deltas)
+        assert text == single.choices[0].message.content
+        assert deltas[-1].finish_reason == single.choices[0].finish_reason
+        assert deltas[-1].model_extra is not None and "specroute" in deltas[-1].model_extra
+    usage = chunks[-1].usage
+    assert usage is not None and single.usage is not None
+    assert usage.prompt_tokens == single.usage.prompt_tokens
+    assert usage.completion_tokens == 2 * single.usage.completion_tokens
 
 
 def test_seeded_choices_are_lone_requests_with_seeds_in_turn(
