@@ -616,6 +616,11 @@ def _usage(routed: RoutedRequest, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _choices_usage(runs: Sequence[tuple[RoutedRequest, GenerationResult]]) -> dict[str, int]:
+    """The usage of every choice's run, the prompt counted once (as vLLM counts it)."""
+    return _usage(runs[0][0], sum(len(result.output_ids) for _, result in runs))
+
+
 def specroute_extra(routed: RoutedRequest, result: GenerationResult | None) -> dict[str, Any]:
     """Extra (ignored by OpenAI clients): the routing decision and speculation statistics.
     With the ``result``, the decision is the one that finished the request (fleet mode: a
@@ -713,16 +718,16 @@ class _Reply:
         return choice
 
     def complete(self, runs: Sequence[_ChoiceRun], stops: Sequence[str]) -> dict[str, Any]:
-        """The response for ``runs``, one per choice. The prompt is counted once in the
-        usage (as vLLM counts it); with several choices each carries its own ``specroute``
-        (its own request, decision and statistics), the response's is the first's."""
+        """The response for ``runs``, one per choice; with several choices each carries its
+        own ``specroute`` (its own request, decision and statistics), the response's is the
+        first's."""
         choices = [self._choice(index, ran, stops) for index, ran in enumerate(runs)]
         if len(runs) > 1:
             for choice, ran in zip(choices, runs, strict=True):
                 choice["specroute"] = specroute_extra(ran.routed, ran.result)
         first = runs[0]
         body = self._object(self.endpoint.object_name, choices)
-        body["usage"] = _usage(first.routed, sum(len(ran.result.output_ids) for ran in runs))
+        body["usage"] = _choices_usage([(ran.routed, ran.result) for ran in runs])
         body["specroute"] = specroute_extra(first.routed, first.result)
         return body
 
@@ -754,11 +759,10 @@ class _Reply:
         return self._object(self.endpoint.chunk_name, [choice])
 
     def usage_chunk(self, runs: Sequence[tuple[RoutedRequest, GenerationResult]]) -> dict[str, Any]:
-        """The usage of every choice (the prompt counted once) and the first's decision."""
-        routed, result = runs[0]
+        """The usage of every choice and the first's decision."""
         body = self._object(self.endpoint.chunk_name, [])
-        body["usage"] = _usage(routed, sum(len(ran.output_ids) for _, ran in runs))
-        body["specroute"] = specroute_extra(routed, result)
+        body["usage"] = _choices_usage(runs)
+        body["specroute"] = specroute_extra(*runs[0])
         return body
 
 
