@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -152,6 +152,7 @@ class _Request:
     max_new_tokens: int
     sampling: SamplingConfig
     stop_sequences: tuple[str, ...]
+    stop_ids: frozenset[int]  # the tokens that end this generation
     should_stop: Callable[[], bool] | None
     stop_rule: DraftStopRule | None
     logprobs: int | None
@@ -183,6 +184,8 @@ class SpeculativeEngine:
         should_stop: Callable[[], bool] | None = None,
         stop_rule: DraftStopRule | None = None,
         logprobs: int | None = None,
+        ignore_eos: bool = False,
+        stop_token_ids: Collection[int] = (),
     ) -> GenerationRun:
         """Stream the target's continuation of ``prompt_ids``, drafted by ``drafter``.
 
@@ -190,7 +193,12 @@ class SpeculativeEngine:
         next-token distribution says the draft will probably be rejected
         (``drafters/stopping.py``); the output is the same either way (lossless).
         ``logprobs``: None, none; n >= 0, each token's :class:`TokenLogprob` with its n
-        most likely alternatives."""
+        most likely alternatives.
+
+        The generation ends at the model's end-of-sequence tokens (``stop_token_ids`` of the
+        engine) unless ``ignore_eos``, and at any of ``stop_token_ids`` (vLLM's parameters
+        of those names): the model's distribution is the same either way, only where it
+        ends differs."""
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
         if max_new_tokens < 0:
@@ -204,6 +212,8 @@ class SpeculativeEngine:
             max_new_tokens=max_new_tokens,
             sampling=sampling,
             stop_sequences=tuple(stop_sequences),
+            stop_ids=(frozenset() if ignore_eos else self.stop_token_ids)
+            | frozenset(int(t) for t in stop_token_ids),
             should_stop=should_stop,
             stop_rule=stop_rule if stop_rule is not None and stop_rule.active else None,
             logprobs=logprobs,
@@ -292,7 +302,7 @@ class SpeculativeEngine:
             stats.wall_time_s = elapsed
 
     def _start_session(self, request: _Request) -> DraftSession:
-        session = request.drafter.start(request.prompt_ids, self.stop_token_ids)
+        session = request.drafter.start(request.prompt_ids, request.stop_ids)
         session.prefill(request.prompt_ids)
         return session
 
@@ -392,6 +402,6 @@ class SpeculativeEngine:
         """Each token's text, the step cut after its first EOS or completed stop sequence
         (the last text then ends at the stop sequence's end)."""
         texts, stopped = push_until_stop(
-            detokenizer, tokens, self.stop_token_ids, request.stop_sequences
+            detokenizer, tokens, request.stop_ids, request.stop_sequences
         )
         return tokens[: len(texts)], texts, stopped

@@ -41,6 +41,8 @@ def sampling_from_pb(message: pb.SamplingParams) -> Sampling:
         seed=message.seed if message.HasField("seed") else None,
         stop=tuple(message.stop),
         typical_p=typical_p if typical_p != 0 else 1.0,
+        ignore_eos=message.ignore_eos,
+        stop_token_ids=tuple(message.stop_token_ids),
     )
 
 

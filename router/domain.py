@@ -28,6 +28,10 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     typical_p: float = 1.0  # locally typical sampling (TGI's parameter); 1.0: off
+    # vLLM's: go on past the model's end-of-sequence tokens (to max_new_tokens, or a stop
+    # below); the tokens are generated as the model chooses them, nothing is masked.
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()  # more tokens that end the generation (vLLM's)
 
     @property
     def greedy(self) -> bool:
@@ -126,6 +130,9 @@ def check_finite(name: str, value: float) -> float:
 #: searched for after every step, so ten thousand of them (a 1 MB request) cost the
 #: shared target's worker about 3 ms a step.
 MAX_STOP_SEQUENCES = 16
+#: Stop token ids: each generated token is looked up in a set, so the count costs little;
+#: the cap keeps a request's size sane.
+MAX_STOP_TOKEN_IDS = 256
 #: The seeds a torch generator takes (a 64-bit integer, signed or not); gRPC's is a uint64.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
@@ -156,6 +163,13 @@ def check_sampling(sampling: Sampling) -> Sampling:
             "sampling.stop",
             f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(sampling.stop)}",
         )
+    if len(sampling.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidFieldError(
+            "sampling.stop_token_ids",
+            f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(sampling.stop_token_ids)}",
+        )
+    if any(token < 0 for token in sampling.stop_token_ids):
+        raise InvalidFieldError("sampling.stop_token_ids", "token ids must be >= 0")
     if sampling.seed is not None and not SEED_RANGE[0] <= sampling.seed <= SEED_RANGE[1]:
         raise InvalidFieldError(
             "sampling.seed", f"must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {sampling.seed}"

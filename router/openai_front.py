@@ -6,11 +6,12 @@ JSON, so the official ``openai`` client works unchanged against the sidecar (the
 in-process engine, or a vLLM fleet behind it). Errors are
 ``{"error": {"message", "type", "param", "code"}}`` with 400 / 401 / 404 / 429 / 500.
 
-A request the sidecar cannot honour (``n`` > 1, penalties, tools, ``echo``, ``best_of``,
-and vLLM's extensions such as ``repetition_penalty``, ``min_p``, ``ignore_eos``,
-``stop_token_ids`` or guided decoding: ``UNSUPPORTED_UNLESS``) is refused with 400 naming
-the parameter, never ignored; a field neither API defines is ignored. Log-probabilities
-are served (chat's ``logprobs``/``top_logprobs``, completions' ``logprobs``).
+A request the sidecar cannot honour (penalties, tools, ``echo``, ``best_of``, and vLLM's
+extensions such as ``repetition_penalty``, ``min_p``, ``min_tokens`` or guided decoding:
+``UNSUPPORTED_UNLESS``) is refused with 400 naming the parameter, never ignored; a field
+neither API defines is ignored. Served besides the basics: ``n`` choices, log-probabilities
+(chat's ``logprobs``/``top_logprobs``, completions' ``logprobs``), and vLLM's
+``ignore_eos``, ``stop_token_ids``, ``top_k`` and ``truncate_prompt_tokens``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from router.domain import (
     MAX_STOP_SEQUENCES,
+    MAX_STOP_TOKEN_IDS,
     GenerateInput,
     Prompt,
     RouteInput,
@@ -107,7 +109,6 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "repetition_penalty": (None, 1, 1.0),
     "min_p": (None, 0, 0.0),
     "min_tokens": (None, 0),
-    "ignore_eos": (None, False),
     "include_stop_str_in_output": (None, False),
     "logprob_token_ids": (None, []),
     "prompt_logprobs": (None, 0),
@@ -127,7 +128,6 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "chat_template": (None,),
     "chat_template_kwargs": (None, {}),
     # vLLM's sampling extensions beyond those above.
-    "stop_token_ids": (None, []),
     "bad_words": (None, []),
     "allowed_token_ids": (None,),
     "use_beam_search": (None, False),
@@ -159,6 +159,8 @@ class OpenAIParameters(BaseModel):
     truncate_prompt_tokens: int | None = None  # vLLM's: the last N; -1: the prompt limit
     seed: int | None = None
     stop: str | list[str] | None = None
+    ignore_eos: bool | None = False  # vLLM's: generate past the model's EOS tokens
+    stop_token_ids: list[int] | None = None  # vLLM's: more tokens that end the generation
     stream: bool | None = False  # null (OpenAI's clients send it for None): not streamed
     stream_options: StreamOptions | None = None
     n: int | None = None
@@ -299,6 +301,11 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
         raise InvalidFieldError("stop", "stop sequences must not be empty strings")
     if len(stops) > MAX_STOP_SEQUENCES:
         raise InvalidFieldError("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
+    stop_ids = body.stop_token_ids or []
+    if any(token < 0 for token in stop_ids):
+        raise InvalidFieldError("stop_token_ids", "token ids must be >= 0")
+    if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidFieldError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} stop token ids")
     greedy = temperature == 0
     return Sampling(
         do_sample=not greedy,
@@ -308,6 +315,8 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
         seed=body.seed,
         stop=tuple(stops),
         typical_p=1.0 if body.typical_p is None else body.typical_p,  # checked with the rest
+        ignore_eos=bool(body.ignore_eos),
+        stop_token_ids=tuple(stop_ids),
     )
 
 

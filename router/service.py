@@ -735,6 +735,8 @@ class RouterService:
             should_stop=should_stop,
             stop_rule=stop_rule(routed.decision.stop_threshold),
             logprobs=logprobs,
+            ignore_eos=sampling.ignore_eos,
+            stop_token_ids=sampling.stop_token_ids,
         )
         # The engine detokenizes each token once; its texts are passed on as they are.
         for event in run:

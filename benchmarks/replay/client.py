@@ -173,7 +173,7 @@ def generate_request(
             top_k=sampling.top_k,
             top_p=sampling.top_p,
             stop=list(sampling.stop),
-            **({"seed": sampling.seed} if sampling.seed is not None else {}),
+            seed=sampling.seed,  # None: unset
         ),
         no_update=no_update,
     )

@@ -104,6 +104,10 @@ def completion_body(
         body["seed"] = sampling.seed
     if sampling.stop:
         body["stop"] = list(sampling.stop)
+    if sampling.ignore_eos:
+        body["ignore_eos"] = True
+    if sampling.stop_token_ids:
+        body["stop_token_ids"] = list(sampling.stop_token_ids)
     if logprobs is not None:
         body["logprobs"] = logprobs
         body["return_tokens_as_token_ids"] = True

@@ -260,6 +260,52 @@ def test_stops_at_eos(
             assert run.stats.finish_reason == "eos_token"
 
 
+def test_ignore_eos_runs_past_the_eos_and_stop_token_ids_end_a_run(
+    tiny_models: TinyModels,
+    drafters: dict[str, Drafter],
+    prompts: list[list[int]],
+    references: list[list[int]],
+) -> None:
+    """vLLM's ``ignore_eos``: a run the model's EOS ended goes on, token for token the
+    target's greedy output with no stop at all, to max_new_tokens; ``stop_token_ids``: a
+    run ends at the first of those tokens (EOS ignored or not), whatever the drafter."""
+    target = load_model(tiny_models.target_dir)
+    index = next(i for i, r in enumerate(references) if EOS_ID not in r[:12])
+    extra_eos = references[index][9]
+    target.model.generation_config.eos_token_id = [EOS_ID, extra_eos]
+    engine = SpeculativeEngine(target)
+    target.model.generation_config.eos_token_id = None  # the engine has read its stop ids
+    with torch.inference_mode():
+        unstopped = target.model.generate(
+            torch.tensor([prompts[index]]), max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=0
+        )[0, len(prompts[index]) :].tolist()
+    assert extra_eos in unstopped[:10] and len(unstopped) == MAX_NEW
+    later = next(t for t in unstopped[10:] if t not in engine.stop_token_ids)
+    cut = unstopped.index(later) + 1
+    for kind in ("none", "ngram", "close"):
+        for k in (0, 1, 6) if kind != "none" else (0,):
+            run = engine.generate(
+                prompts[index], drafters[kind], k, max_new_tokens=MAX_NEW, ignore_eos=True
+            )
+            assert run.collect() == unstopped, (kind, k)
+            assert run.stats.finish_reason == "length"
+            run = engine.generate(
+                prompts[index],
+                drafters[kind],
+                k,
+                max_new_tokens=MAX_NEW,
+                ignore_eos=True,
+                stop_token_ids=[later],
+            )
+            assert run.collect() == unstopped[:cut], (kind, k)
+            assert run.stats.finish_reason == "eos_token"
+    # Without ignore_eos a stop token id adds to the model's EOS ids.
+    run = engine.generate(
+        prompts[index], drafters["close"], 4, max_new_tokens=MAX_NEW, stop_token_ids=[later]
+    )
+    assert run.collect() == unstopped[: unstopped.index(extra_eos) + 1]
+
+
 def test_stop_ids_are_the_eos_ids_the_model_declares(tiny_models: TinyModels) -> None:
     # The engine knows no chat format: "<|im_end|>" (id 1) is in the vocabulary, but a
     # model that declares only "<|endoftext|>" (id 0) stops only there...

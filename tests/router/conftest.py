@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import pytest
 
+from classifiers.chat import IM_END
 from router.pb import router_pb2_grpc
 from router.server import RunningSidecar, start_sidecar
 from router.service import Components
@@ -213,6 +214,41 @@ def sidecar(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[SidecarThread]:
     running = SidecarThread(serving_world.settings(tmp_path_factory.mktemp("state")), components)
+    yield running
+    running.stop()
+
+
+def _ending_target(target_dir: Path, destination: Path) -> Path:
+    """A copy of the tiny target that ends its turn wherever it would write a space: the
+    ``<|im_end|>`` row of its (tied) embedding is twice the row of "Ġ", the token the
+    barely trained target writes most. Which tokens a tiny target writes depends on its
+    few training steps; this makes an end of turn certain without training for it."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    shutil.copytree(target_dir, destination)
+    tokenizer = AutoTokenizer.from_pretrained(destination)
+    weights_path = destination / "model.safetensors"
+    weights = load_file(weights_path)
+    embedding = weights["model.embed_tokens.weight"]
+    end, space = tokenizer.convert_tokens_to_ids([IM_END, "Ġ"])
+    embedding[end] = 2 * embedding[space]
+    save_file(weights, weights_path, metadata={"format": "pt"})
+    return destination
+
+
+@pytest.fixture(scope="session")
+def ending_sidecar(
+    serving_world: ServingWorld, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SidecarThread]:
+    from router.components import build_components
+
+    base = tmp_path_factory.mktemp("ending")
+    target = _ending_target(serving_world.world.target_dir, base / "models" / "target")
+    settings = serving_world.settings(
+        base / "state", target_dir=target, model_roots=[serving_world.extra_root, base / "models"]
+    )
+    running = SidecarThread(settings, build_components(settings))
     yield running
     running.stop()
 

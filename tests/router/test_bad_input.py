@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from router.domain import MAX_STOP_SEQUENCES
+from router.domain import MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS
 from router.pb import router_pb2 as pb
 from router.policy.base import MAX_DRAFT_LENGTH
 from tests.router.conftest import (
@@ -191,6 +191,15 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
         "sampling.stop: at most",
+    ),
+    "more stop token ids than the limit": (
+        _generate(
+            text=PROMPT,
+            max_new_tokens=4,
+            sampling=pb.SamplingParams(stop_token_ids=range(MAX_STOP_TOKEN_IDS + 1)),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.stop_token_ids: at most",
     ),
     "temperature below 0": (
         _generate(text=PROMPT, max_new_tokens=4, sampling=pb.SamplingParams(temperature=-0.5)),

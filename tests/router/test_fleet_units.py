@@ -391,6 +391,9 @@ def test_completion_body_asks_for_token_ids_and_metrics() -> None:
     )
     assert (sampled["temperature"], sampled["top_k"], sampled["top_p"]) == (0.7, 5, 0.9)
     assert sampled["seed"] == 3 and sampled["stop"] == ["\n"]
+    assert "ignore_eos" not in sampled and "stop_token_ids" not in sampled
+    ending = completion_body("target", [1], 4, Sampling(ignore_eos=True, stop_token_ids=(7, 9)))
+    assert ending["ignore_eos"] is True and ending["stop_token_ids"] == [7, 9]
 
 
 def test_finish_reasons_in_the_sidecar_words() -> None:

@@ -226,6 +226,19 @@ def test_greedy_output_is_the_same_on_every_configuration(fleet: Fleet) -> None:
             assert sum(stats.accepted_per_step) > 0
 
 
+def test_stop_token_ids_and_ignore_eos_reach_the_replicas(fleet: Fleet) -> None:
+    """vLLM's own parameters, forwarded: a stop token id ends the generation where that
+    token first comes, on every configuration (vLLM's finish reason "stop" with the id)."""
+    expected = reference_ids(fleet)
+    token = expected[3]
+    cut = expected.index(token) + 1
+    sampling = pb.SamplingParams(ignore_eos=True, stop_token_ids=[token])
+    for drafter in ("none", "ngram", "twin"):
+        _, ids, stats = generate(fleet, drafter, sampling=sampling)
+        assert ids == expected[:cut], drafter
+        assert stats.finish_reason == "eos_token", drafter
+
+
 def test_logprobs_come_from_the_replicas_and_match_the_target(fleet: Fleet) -> None:
     """Logprobs asked of the sidecar are vLLM's (tokens named by id, so the alternatives
     are ids as in-process), the target's raw ones whichever configuration served them."""

@@ -9,7 +9,7 @@ import shutil
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -371,41 +371,6 @@ def test_generate_over_grpc_is_exactly_the_greedy_output(
     assert stats.tokens_per_s > 0
 
 
-def _ending_target(target_dir: Path, destination: Path) -> Path:
-    """A copy of the tiny target that ends its turn wherever it would write a space: the
-    ``<|im_end|>`` row of its (tied) embedding is twice the row of "Ġ", the token the
-    barely trained target writes most. Which tokens a tiny target writes depends on its
-    few training steps; this makes an end of turn certain without training for it."""
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer
-
-    shutil.copytree(target_dir, destination)
-    tokenizer = AutoTokenizer.from_pretrained(destination)
-    weights_path = destination / "model.safetensors"
-    weights = load_file(weights_path)
-    embedding = weights["model.embed_tokens.weight"]
-    end, space = tokenizer.convert_tokens_to_ids([IM_END, "Ġ"])
-    embedding[end] = 2 * embedding[space]
-    save_file(weights, weights_path, metadata={"format": "pt"})
-    return destination
-
-
-@pytest.fixture(scope="module")
-def ending_sidecar(
-    serving_world: ServingWorld, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[SidecarThread]:
-    from router.components import build_components
-
-    base = tmp_path_factory.mktemp("ending")
-    target = _ending_target(serving_world.world.target_dir, base / "models" / "target")
-    settings = serving_world.settings(
-        base / "state", target_dir=target, model_roots=[serving_world.extra_root, base / "models"]
-    )
-    running = SidecarThread(settings, build_components(settings))
-    yield running
-    running.stop()
-
-
 def test_generated_tokens_carry_the_engines_text_and_special_tokens_none(
     ending_sidecar: SidecarThread,
 ) -> None:
@@ -423,6 +388,44 @@ def test_generated_tokens_carry_the_engines_text_and_special_tokens_none(
             assert tokens[-1].special and tokens[-1].text == ""
             assert tokenizer.convert_ids_to_tokens(tokens[-1].id) == IM_END
     assert ended
+
+
+def ended_turn(sidecar: SidecarThread, max_new_tokens: int) -> tuple[str, list[int]]:
+    """A prompt whose greedy answer the ending target ends with its end of turn before
+    ``max_new_tokens``, and that answer's ids."""
+    for answer in ("Sure.", "The answer is 391.", "I am fine, thank you."):
+        chat = render_chat([{"role": "user", "content": "What is 17 * 23?"}]) + answer
+        chunks = generate(sidecar, text=chat, max_new_tokens=max_new_tokens)
+        if chunks[-1].stats.finish_reason == "eos_token":
+            return chat, [token.id for chunk in chunks for token in chunk.tokens]
+    raise AssertionError("no answer of the ending target ends its turn")
+
+
+def test_ignore_eos_runs_past_the_end_of_turn_and_stop_token_ids_end_a_generation(
+    ending_sidecar: SidecarThread,
+) -> None:
+    """vLLM's ignore_eos and stop_token_ids in SamplingParams: a generation the end of
+    turn ended runs on to max_new_tokens, its first tokens the same; a stop token id ends
+    one where that token first comes (finish reason eos_token)."""
+    chat, ended = ended_turn(ending_sidecar, 16)
+    going_on = generate(
+        ending_sidecar,
+        text=chat,
+        max_new_tokens=16,
+        sampling=pb.SamplingParams(ignore_eos=True),
+    )
+    ids = [token.id for chunk in going_on for token in chunk.tokens]
+    assert len(ids) == 16 and ids[: len(ended)] == ended, (ids, ended)
+    assert going_on[-1].stats.finish_reason == "length"
+    later = ids[len(ended)]  # the first token after the end of turn
+    stopped = generate(
+        ending_sidecar,
+        text=chat,
+        max_new_tokens=16,
+        sampling=pb.SamplingParams(ignore_eos=True, stop_token_ids=[later]),
+    )
+    assert [t.id for c in stopped for t in c.tokens] == ids[: ids.index(later) + 1]
+    assert stopped[-1].stats.finish_reason == "eos_token"
 
 
 @pytest.mark.parametrize(("drafter", "k"), [("math", 4), ("generic", 2), ("ngram", 3), ("none", 0)])

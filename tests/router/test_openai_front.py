@@ -569,13 +569,14 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"prompt": [[1, 2], [3]]}, "prompt"),
         ({"seed": -(2**63) - 1, "temperature": 0.8}, "seed"),  # was a 500 from the engine
         # vLLM's extensions a client of a vLLM-style endpoint sends: were silently ignored.
-        ({"ignore_eos": True}, "ignore_eos"),  # a benchmark's fixed-length outputs
+        ({"min_tokens": 8}, "min_tokens"),
         ({"repetition_penalty": 1.1}, "repetition_penalty"),
         ({"min_p": 0.05}, "min_p"),
         ({"guided_json": {"type": "object"}}, "guided_json"),
         ({"structured_outputs": {"choice": ["a", "b"]}}, "structured_outputs"),
         # More of vLLM's extensions, served with 200 and ignored before.
-        ({"stop_token_ids": [5]}, "stop_token_ids"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop_token_ids": list(range(257))}, "stop_token_ids"),  # over 256
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"use_beam_search": True}, "use_beam_search"),
         ({"allowed_token_ids": [3, 4]}, "allowed_token_ids"),
@@ -660,6 +661,51 @@ def test_seeded_choices_are_lone_requests_with_seeds_in_turn(
             assert choice.logprobs.tokens == reply.choices[0].logprobs.tokens
     finally:
         plain.stop()
+
+
+def test_stop_token_ids_and_ignore_eos_are_vllms(
+    ending_sidecar: SidecarThread, sidecar: SidecarThread
+) -> None:
+    """vLLM's ``stop_token_ids`` and ``ignore_eos`` (were refused by name; a benchmark's
+    fixed-length outputs ask for ``ignore_eos``), through the official client's
+    ``extra_body``: an answer the end of turn ended runs on to ``max_tokens`` (finish
+    reason length); a stop token id ends one where that token first comes (stop)."""
+    chat = [{"role": "user", "content": "What is 17 * 23?"}]
+    replies = client(ending_sidecar).chat.completions
+    ended = replies.create(model="target", messages=chat, max_tokens=16, temperature=0)
+    ended_tokens = ended.usage.completion_tokens if ended.usage else 0
+    assert ended.choices[0].finish_reason == "stop" and ended_tokens < 16
+    going_on = replies.create(
+        model="target", messages=chat, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert going_on.choices[0].finish_reason == "length"
+    assert going_on.usage is not None and going_on.usage.completion_tokens == 16
+    # On the other sidecar: the greedy ids of a completion, cut at a token of them.
+    ids, _ = greedy_reference(sidecar, PROMPT, 12)
+    token = ids[3]
+    cut = ids.index(token) + 1
+    text = sidecar.service.tokenizer.decode(ids[:cut])
+    reply = client(sidecar).completions.create(
+        model="target",
+        prompt=PROMPT,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"stop_token_ids": [token]},
+    )
+    assert reply.choices[0].finish_reason == "stop" and reply.choices[0].text == text
+    assert reply.usage is not None and reply.usage.completion_tokens == cut
+    streamed = list(
+        client(sidecar).completions.create(
+            model="target",
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            extra_body={"stop_token_ids": [token]},
+        )
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "stop"
 
 
 def test_neutral_values_of_unimplemented_parameters_are_served(sidecar: SidecarThread) -> None:
