@@ -52,6 +52,9 @@ class Prompt:
 
     text: str | None = None
     messages: tuple[dict[str, str], ...] = ()
+    # A prompt given as token ids (OpenAI's completions take them): the ids the target
+    # reads as they are, ``text`` their decoding (what the classifier reads).
+    token_ids: tuple[int, ...] = ()
 
     @property
     def is_chat(self) -> bool:
@@ -308,7 +311,10 @@ def _check_totals(outcome: OutcomeInput) -> None:
 
 def check_prompt(prompt: Prompt) -> Prompt:
     """Refuse an empty prompt, text that is not Unicode, or malformed chat messages
-    (INVALID_ARGUMENT)."""
+    (INVALID_ARGUMENT). Token ids are checked where the vocabulary is known
+    (``RouterService.token_id_prompt``)."""
+    if prompt.token_ids:
+        return prompt
     if prompt.text is not None:
         if not prompt.text.strip():
             raise InvalidRequestError("the prompt is empty")

@@ -173,7 +173,7 @@ class OpenAIParameters(BaseModel):
 
 
 class CompletionRequest(OpenAIParameters):
-    prompt: str | list[Any]  # one text; token ids are refused by name (_completion_prompt)
+    prompt: str | list[Any]  # one text or one list of token ids (_completion_prompt)
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
@@ -200,7 +200,7 @@ class Endpoint:
     request_type: type[OpenAIParameters]
     object_name: Literal["text_completion", "chat.completion"]
     chunk_name: Literal["text_completion", "chat.completion.chunk"]
-    prompt_of: Callable[[Any], Prompt]
+    prompt_of: Callable[[Any, RouterService], Prompt]
     max_tokens_of: Callable[[Any], int | None]
 
     @property
@@ -320,16 +320,28 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
     )
 
 
-def _completion_prompt(body: CompletionRequest) -> Prompt:
-    if isinstance(body.prompt, list):
-        if body.prompt and not all(isinstance(p, str) for p in body.prompt):
-            raise InvalidFieldError(
-                "prompt", "token-id prompts are not served: send the prompt as text"
-            )
-        if len(body.prompt) != 1:
-            raise InvalidFieldError("prompt", "exactly one prompt per request is served")
-        return Prompt(text=body.prompt[0])
-    return Prompt(text=body.prompt)
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _completion_prompt(body: CompletionRequest, service: RouterService) -> Prompt:
+    """OpenAI's prompt forms: a text, a list of one text, token ids or a list of one list
+    of token ids (read as they are, as vLLM reads them). Several prompts are refused."""
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return Prompt(text=prompt)
+    if not prompt:
+        raise InvalidFieldError("prompt", "the prompt is empty")
+    if all(_is_token_id(p) for p in prompt):
+        return service.token_id_prompt(prompt)
+    if len(prompt) != 1:
+        raise InvalidFieldError("prompt", "exactly one prompt per request is served")
+    (only,) = prompt
+    if isinstance(only, str):
+        return Prompt(text=only)
+    if isinstance(only, list) and only and all(_is_token_id(p) for p in only):
+        return service.token_id_prompt(only)
+    raise InvalidFieldError("prompt", "must be a text or a list of token ids")
 
 
 def _message_text(message: ChatMessage, index: int) -> str:
@@ -350,7 +362,7 @@ def _message_text(message: ChatMessage, index: int) -> str:
 ROLE_ALIASES = {"developer": "system"}
 
 
-def _chat_prompt(body: ChatRequest) -> Prompt:
+def _chat_prompt(body: ChatRequest, service: RouterService) -> Prompt:
     messages = tuple(
         {
             "role": ROLE_ALIASES.get(message.role, message.role),
@@ -526,7 +538,7 @@ def generate_input(service: RouterService, endpoint: Endpoint, body: Any) -> Gen
         field = "max_completion_tokens" if named else "max_tokens"
         raise InvalidFieldError(field, f"must be > 0, got {max_tokens}")
     route = RouteInput(
-        prompt=endpoint.prompt_of(body),
+        prompt=endpoint.prompt_of(body, service),
         max_new_tokens=max_tokens,
         sampling=sampling_from_openai(body),
         truncate=truncate_of(body, service.limits.max_prompt_tokens),

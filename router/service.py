@@ -45,6 +45,7 @@ from router.drafter_pool import DrafterPool, under_model_roots
 from router.errors import (
     AlreadyExistsError,
     GenerationFailedError,
+    InvalidFieldError,
     InvalidRequestError,
     NotFoundError,
     PreconditionError,
@@ -375,8 +376,24 @@ class RouterService:
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """The ids the target reads: a text prompt with the tokens the tokenizer adds (a
-        BOS, as TGI and vLLM's completions add it), a chat as its template renders it."""
+        BOS, as TGI and vLLM's completions add it), a chat as its template renders it,
+        token ids as they are."""
+        if prompt.token_ids:
+            return list(prompt.token_ids)
         return self._ids_of(self._model_text(prompt), special=prompt.text is not None)
+
+    def token_id_prompt(self, ids: Sequence[int]) -> Prompt:
+        """A prompt given as token ids: the ids as they are, their decoding as its text.
+        An empty list, more ids than ``limits.max_prompt_tokens`` (before anything is
+        decoded) or an id outside the tokenizer's vocabulary is refused."""
+        check_prompt_tokens(len(ids), self.limits)
+        vocabulary = len(self.tokenizer)
+        outside = next((t for t in ids if not 0 <= t < vocabulary), None)
+        if outside is not None:
+            raise InvalidFieldError(
+                "prompt", f"token id {outside} is not in the vocabulary (0 to {vocabulary - 1})"
+            )
+        return Prompt(text=self.tokenizer.decode(list(ids)), token_ids=tuple(ids))
 
     def _ids_of(self, text: str, *, special: bool) -> list[int]:
         if self._fast_tokenizer is not None:

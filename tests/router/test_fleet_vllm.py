@@ -280,6 +280,9 @@ def test_openai_and_tgi_fronts_forward_to_the_fleet(fleet: Fleet) -> None:
     assert reply.choices[0].text == expected_text
     assert reply.usage is not None and reply.usage.completion_tokens == TOKENS
     assert reply.model_extra is not None and reply.model_extra["specroute"]["replica"]
+    ids = fleet.service.prompt_ids(Prompt(text=PROMPT))  # a token-id prompt, forwarded
+    by_ids = client.completions.create(model="target", prompt=ids, max_tokens=TOKENS, temperature=0)
+    assert by_ids.choices[0].text == expected_text
     chunks = list(
         client.completions.create(
             model="target", prompt=PROMPT, max_tokens=TOKENS, temperature=0, stream=True

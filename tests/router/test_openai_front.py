@@ -565,8 +565,12 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"stop": [""]}, "stop"),
         ({"stop": [f"stop {i}" for i in range(17)]}, "stop"),  # more than 16
         ({"prompt": ["a", "b"]}, "prompt"),
-        ({"prompt": [1, 2, 3]}, "prompt"),  # token ids: "prompt.str: ... valid string" before
-        ({"prompt": [[1, 2], [3]]}, "prompt"),
+        ({"prompt": [1, 2, 10**9]}, "prompt"),  # a token id outside the vocabulary
+        ({"prompt": [1, -2]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": [True]}, "prompt"),  # JSON's true is no token id
+        ({"prompt": [[1, 2], [3]]}, "prompt"),  # several prompts
         ({"seed": -(2**63) - 1, "temperature": 0.8}, "seed"),  # was a 500 from the engine
         # vLLM's extensions a client of a vLLM-style endpoint sends: were silently ignored.
         ({"min_tokens": 8}, "min_tokens"),
@@ -661,6 +665,39 @@ def test_seeded_choices_are_lone_requests_with_seeds_in_turn(
             assert choice.logprobs.tokens == reply.choices[0].logprobs.tokens
     finally:
         plain.stop()
+
+
+def test_a_prompt_of_token_ids_is_read_as_they_are(sidecar: SidecarThread) -> None:
+    """OpenAI's token-id prompts (were refused by name): a list of ids, or a list of one
+    such list, generates what the text they tokenize from does, the ids counted as the
+    prompt's tokens; ids no text tokenizes to are read as they are."""
+    service = sidecar.service
+    ids = service.prompt_ids(Prompt(text=PROMPT))
+    completions = client(sidecar).completions
+    text = completions.create(model="target", prompt=PROMPT, max_tokens=8, temperature=0)
+    for prompt in (ids, [ids]):
+        reply = completions.create(model="target", prompt=prompt, max_tokens=8, temperature=0)
+        assert reply.choices[0].text == text.choices[0].text
+        assert reply.usage is not None and reply.usage.prompt_tokens == len(ids)
+    # A token of the prompt spelt as two tokens: the same text, ids no tokenization gives
+    # it (re-tokenized, the prompt would count one token fewer).
+    tokenizer = service.tokenizer
+    vocabulary = tokenizer.get_vocab()
+    at, pieces = next(
+        (i, [vocabulary[word[:cut]], vocabulary[word[cut:]]])
+        for i, word in enumerate(tokenizer.convert_ids_to_tokens(ids))
+        for cut in range(1, len(word))
+        if word[:cut] in vocabulary and word[cut:] in vocabulary
+    )
+    spelt = [*ids[:at], *pieces, *ids[at + 1 :]]
+    assert tokenizer.decode(spelt) == tokenizer.decode(ids)
+    expected = service.components.engine.generate(
+        spelt, service.drafters.get("none").drafter, 0, max_new_tokens=8
+    )
+    expected.collect()
+    reply = completions.create(model="target", prompt=spelt, max_tokens=8, temperature=0)
+    assert reply.choices[0].text == expected.text
+    assert reply.usage is not None and reply.usage.prompt_tokens == len(ids) + 1
 
 
 def test_stop_token_ids_and_ignore_eos_are_vllms(
