@@ -83,15 +83,20 @@ def push_until_stop(
     tokens: Sequence[int],
     stop_token_ids: Collection[int],
     stop_sequences: Sequence[str],
+    unchecked: int = 0,
 ) -> tuple[list[str], str | None]:
     """Push ``tokens`` to ``detokenizer`` up to the first stop token or the token that
     completes a stop sequence: each pushed token's text (that last one's ending at the stop
     sequence's end) and why it stopped ("eos_token", "stop_sequence"; None: it did not).
-    Tokens after the stop are not pushed: as many texts as tokens kept."""
+    Tokens after the stop are not pushed: as many texts as tokens kept. The first
+    ``unchecked`` tokens stop nothing (``min_tokens``, as vLLM reads it)."""
     texts: list[str] = []
-    for token in tokens:
+    for index, token in enumerate(tokens):
         checked = len(detokenizer.text)
         released = detokenizer.push(token)
+        if index < unchecked:
+            texts.append(released)
+            continue
         if token in stop_token_ids:
             return [*texts, released], "eos_token"
         if stop_sequences:

@@ -25,6 +25,7 @@ from drafters.attention import cached_causal_mask
 from drafters.base import Drafter, DraftSession, Proposal, empty_proposal
 from drafters.detokenize import IncrementalDetokenizer, push_until_stop
 from drafters.loader import LoadedModel
+from drafters.penalties import NO_PENALTIES, Penalties, PenaltyState
 from drafters.sampling import SamplingConfig, make_generator
 from drafters.stats import GenerationStats
 from drafters.stopping import DraftStopRule
@@ -156,6 +157,7 @@ class _Request:
     should_stop: Callable[[], bool] | None
     stop_rule: DraftStopRule | None
     logprobs: int | None
+    penalties: Penalties
 
 
 class SpeculativeEngine:
@@ -186,6 +188,7 @@ class SpeculativeEngine:
         logprobs: int | None = None,
         ignore_eos: bool = False,
         stop_token_ids: Collection[int] = (),
+        penalties: Penalties = NO_PENALTIES,
     ) -> GenerationRun:
         """Stream the target's continuation of ``prompt_ids``, drafted by ``drafter``.
 
@@ -198,7 +201,9 @@ class SpeculativeEngine:
         The generation ends at the model's end-of-sequence tokens (``stop_token_ids`` of the
         engine) unless ``ignore_eos``, and at any of ``stop_token_ids`` (vLLM's parameters
         of those names): the model's distribution is the same either way, only where it
-        ends differs."""
+        ends differs. ``penalties``: vLLM's repetition, frequency and presence penalties and
+        ``min_tokens`` on the target's distribution (``drafters/penalties.py``), lossless
+        as well."""
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
         if max_new_tokens < 0:
@@ -217,6 +222,7 @@ class SpeculativeEngine:
             should_stop=should_stop,
             stop_rule=stop_rule if stop_rule is not None and stop_rule.active else None,
             logprobs=logprobs,
+            penalties=penalties,
         )
         stats = GenerationStats(prompt_tokens=len(request.prompt_ids))
         output_ids: list[int] = []
@@ -238,6 +244,11 @@ class SpeculativeEngine:
         stats.prefill_time_s = time.perf_counter() - began
         generator = make_generator(request.sampling, self.target.device)
         detokenizer = IncrementalDetokenizer(self.target.tokenizer)
+        penalty = (
+            PenaltyState(request.penalties, request.prompt_ids, request.stop_ids)
+            if request.penalties.active
+            else None
+        )
         elapsed = time.perf_counter() - began
         finish_reason = "cancelled"
         try:
@@ -249,9 +260,12 @@ class SpeculativeEngine:
                     break
                 if first is not None:  # the prefill's token: no step, no draft
                     logits, first = first, None
+                    adjusted = (
+                        logits if penalty is None else penalty.adjust(logits, self._empty.token_ids)
+                    )
                     tokens = [
                         verify(
-                            self._empty.token_ids, None, logits, request.sampling, generator
+                            self._empty.token_ids, None, adjusted, request.sampling, generator
                         ).next_token
                     ]
                 else:
@@ -265,8 +279,13 @@ class SpeculativeEngine:
                         generator,
                         stats,
                         stop_rule=request.stop_rule,
+                        penalty=penalty,
                     )
-                tokens, token_texts, stopped = self._detokenize(tokens, request, detokenizer)
+                tokens, token_texts, stopped = self._detokenize(
+                    tokens, request, detokenizer, len(output)
+                )
+                if penalty is not None:
+                    penalty.extend(tokens)
                 scored = (
                     token_logprobs(logits, tokens, request.logprobs)
                     if request.logprobs is not None
@@ -357,10 +376,11 @@ class SpeculativeEngine:
         stats: GenerationStats,
         *,
         stop_rule: DraftStopRule | None = None,
+        penalty: PenaltyState | None = None,
     ) -> tuple[list[int], torch.Tensor]:
         """Propose up to k, verify all d + 1 positions in one target forward, roll back.
         Returns the verified tokens and the target's logits [d + 1, vocab], whose row i
-        scores token i."""
+        scores token i (the model's own: ``penalty`` adjusts what is verified only)."""
         started = time.perf_counter()
         proposal: Proposal = (
             session.propose(history, k, sampling, generator, stop_rule) if k > 0 else self._empty
@@ -378,7 +398,8 @@ class SpeculativeEngine:
         logits = self.target.model(
             input_ids=inputs, attention_mask=mask, past_key_values=cache, use_cache=True
         ).logits[0]  # [d + 1, vocab]
-        verdict = verify(proposal.token_ids, proposal.probs, logits, sampling, generator)
+        adjusted = logits if penalty is None else penalty.adjust(logits, proposal.token_ids)
+        verdict = verify(proposal.token_ids, proposal.probs, adjusted, sampling, generator)
         # Keep the L - 1 cached prefix, the last verified token and the accepted drafts.
         cache.crop(len(history) + verdict.accepted)
         if proposal.length:
@@ -397,11 +418,20 @@ class SpeculativeEngine:
         return tokens, logits
 
     def _detokenize(
-        self, tokens: list[int], request: _Request, detokenizer: IncrementalDetokenizer
+        self,
+        tokens: list[int],
+        request: _Request,
+        detokenizer: IncrementalDetokenizer,
+        generated: int,
     ) -> tuple[list[int], list[str], str | None]:
         """Each token's text, the step cut after its first EOS or completed stop sequence
-        (the last text then ends at the stop sequence's end)."""
+        (the last text then ends at the stop sequence's end); nothing stops a generation
+        before ``min_tokens`` (``generated``: the tokens before this step)."""
         texts, stopped = push_until_stop(
-            detokenizer, tokens, request.stop_ids, request.stop_sequences
+            detokenizer,
+            tokens,
+            request.stop_ids,
+            request.stop_sequences,
+            unchecked=request.penalties.min_tokens - generated,
         )
         return tokens[: len(texts)], texts, stopped

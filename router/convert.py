@@ -43,6 +43,12 @@ def sampling_from_pb(message: pb.SamplingParams) -> Sampling:
         typical_p=typical_p if typical_p != 0 else 1.0,
         ignore_eos=message.ignore_eos,
         stop_token_ids=tuple(message.stop_token_ids),
+        repetition_penalty=(
+            message.repetition_penalty if message.HasField("repetition_penalty") else 1.0
+        ),
+        presence_penalty=message.presence_penalty,
+        frequency_penalty=message.frequency_penalty,
+        min_tokens=message.min_tokens,
     )
 
 

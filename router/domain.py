@@ -32,6 +32,11 @@ class Sampling:
     # below); the tokens are generated as the model chooses them, nothing is masked.
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()  # more tokens that end the generation (vLLM's)
+    # vLLM's penalties on the target's logits (``drafters/penalties.py``); neutral: off.
+    repetition_penalty: float = 1.0  # > 0: over the prompt's and the output's tokens
+    presence_penalty: float = 0.0  # [-2, 2]: over the output's tokens
+    frequency_penalty: float = 0.0  # [-2, 2]: per occurrence in the output
+    min_tokens: int = 0  # no EOS, stop token or stop sequence before this many tokens
 
     @property
     def greedy(self) -> bool:
@@ -173,6 +178,18 @@ def check_sampling(sampling: Sampling) -> Sampling:
         )
     if any(token < 0 for token in sampling.stop_token_ids):
         raise InvalidFieldError("sampling.stop_token_ids", "token ids must be >= 0")
+    check_finite("sampling.repetition_penalty", sampling.repetition_penalty)
+    if sampling.repetition_penalty <= 0:
+        raise InvalidFieldError(
+            "sampling.repetition_penalty", f"must be > 0, got {sampling.repetition_penalty:g}"
+        )
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(sampling, name)
+        check_finite(f"sampling.{name}", value)
+        if not -2 <= value <= 2:
+            raise InvalidFieldError(f"sampling.{name}", f"must be in [-2, 2], got {value:g}")
+    if sampling.min_tokens < 0:
+        raise InvalidFieldError("sampling.min_tokens", f"must be >= 0, got {sampling.min_tokens}")
     if sampling.seed is not None and not SEED_RANGE[0] <= sampling.seed <= SEED_RANGE[1]:
         raise InvalidFieldError(
             "sampling.seed", f"must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {sampling.seed}"

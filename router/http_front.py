@@ -104,8 +104,7 @@ class TgiRequest(BaseModel):
 def _unsupported(params: TgiParameters) -> list[str]:
     """Parameters set to something this sidecar does not implement."""
     problems = []
-    if params.repetition_penalty not in (None, 1.0):
-        problems.append("repetition_penalty")
+    # TGI's frequency penalty is its own rule (neither OpenAI's nor vLLM's): not served.
     if params.frequency_penalty not in (None, 0.0):
         problems.append("frequency_penalty")
     if params.best_of not in (None, 1):
@@ -132,6 +131,8 @@ def sampling_from_tgi(params: TgiParameters) -> Sampling:
         raise InvalidRequestError("`top_k` must be strictly positive")
     if params.typical_p is not None and not 0 < params.typical_p <= 1:
         raise InvalidRequestError("`typical_p` must be > 0.0 and <= 1.0")
+    if params.repetition_penalty is not None and params.repetition_penalty <= 0:
+        raise InvalidRequestError("`repetition_penalty` must be strictly positive")
     warped = (
         (params.temperature is not None and params.temperature != 1.0)
         or bool(params.top_k)
@@ -146,6 +147,8 @@ def sampling_from_tgi(params: TgiParameters) -> Sampling:
         seed=params.seed,
         stop=tuple(params.stop),
         typical_p=params.typical_p or 1.0,
+        # A logits processor, not a warper: greedy stays greedy (as in TGI).
+        repetition_penalty=params.repetition_penalty or 1.0,
     )
 
 

@@ -6,11 +6,12 @@ JSON, so the official ``openai`` client works unchanged against the sidecar (the
 in-process engine, or a vLLM fleet behind it). Errors are
 ``{"error": {"message", "type", "param", "code"}}`` with 400 / 401 / 404 / 429 / 500.
 
-A request the sidecar cannot honour (penalties, tools, ``echo``, ``best_of``, and vLLM's
-extensions such as ``repetition_penalty``, ``min_p``, ``min_tokens`` or guided decoding:
-``UNSUPPORTED_UNLESS``) is refused with 400 naming the parameter, never ignored; a field
-neither API defines is ignored. Served besides the basics: ``n`` choices, log-probabilities
-(chat's ``logprobs``/``top_logprobs``, completions' ``logprobs``), and vLLM's
+A request the sidecar cannot honour (``logit_bias``, tools, ``echo``, ``best_of``, and
+vLLM's extensions such as ``min_p`` or guided decoding: ``UNSUPPORTED_UNLESS``) is refused
+with 400 naming the parameter, never ignored; a field neither API defines is ignored.
+Served besides the basics: ``n`` choices, log-probabilities (chat's
+``logprobs``/``top_logprobs``, completions' ``logprobs``), token-id prompts, the presence
+and frequency penalties, and vLLM's ``repetition_penalty``, ``min_tokens``,
 ``ignore_eos``, ``stop_token_ids``, ``top_k`` and ``truncate_prompt_tokens``.
 """
 
@@ -33,7 +34,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from router.domain import (
     MAX_STOP_SEQUENCES,
-    MAX_STOP_TOKEN_IDS,
     GenerateInput,
     Prompt,
     RouteInput,
@@ -106,9 +106,7 @@ class StreamOptions(BaseModel):
 # any other value is refused by name, so that a client relying on one (a benchmark's
 # ignore_eos, a schema's guided_json) is told rather than silently served something else.
 UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
-    "repetition_penalty": (None, 1, 1.0),
     "min_p": (None, 0, 0.0),
-    "min_tokens": (None, 0),
     "include_stop_str_in_output": (None, False),
     "logprob_token_ids": (None, []),
     "prompt_logprobs": (None, 0),
@@ -159,6 +157,8 @@ class OpenAIParameters(BaseModel):
     truncate_prompt_tokens: int | None = None  # vLLM's: the last N; -1: the prompt limit
     seed: int | None = None
     stop: str | list[str] | None = None
+    repetition_penalty: float | None = None  # vLLM's: > 0, 1 off
+    min_tokens: int | None = None  # vLLM's: no stop of any kind before this many tokens
     ignore_eos: bool | None = False  # vLLM's: generate past the model's EOS tokens
     stop_token_ids: list[int] | None = None  # vLLM's: more tokens that end the generation
     stream: bool | None = False  # null (OpenAI's clients send it for None): not streamed
@@ -211,10 +211,6 @@ class Endpoint:
 def _unsupported(body: OpenAIParameters) -> list[str]:
     """Parameters set to something this sidecar does not implement."""
     problems = []
-    if body.presence_penalty not in (None, 0.0):
-        problems.append("presence_penalty")
-    if body.frequency_penalty not in (None, 0.0):
-        problems.append("frequency_penalty")
     if body.logit_bias:
         problems.append("logit_bias")
     if body.stream_options is not None and body.stream_options.continuous_usage_stats:
@@ -301,11 +297,6 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
         raise InvalidFieldError("stop", "stop sequences must not be empty strings")
     if len(stops) > MAX_STOP_SEQUENCES:
         raise InvalidFieldError("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
-    stop_ids = body.stop_token_ids or []
-    if any(token < 0 for token in stop_ids):
-        raise InvalidFieldError("stop_token_ids", "token ids must be >= 0")
-    if len(stop_ids) > MAX_STOP_TOKEN_IDS:
-        raise InvalidFieldError("stop_token_ids", f"at most {MAX_STOP_TOKEN_IDS} stop token ids")
     greedy = temperature == 0
     return Sampling(
         do_sample=not greedy,
@@ -316,7 +307,12 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
         stop=tuple(stops),
         typical_p=1.0 if body.typical_p is None else body.typical_p,  # checked with the rest
         ignore_eos=bool(body.ignore_eos),
-        stop_token_ids=tuple(stop_ids),
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        # Checked with the rest (``check_sampling``; a 400 names OpenAI's field).
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        min_tokens=body.min_tokens or 0,
     )
 
 

@@ -532,6 +532,12 @@ class RouterService:
         check_prompt_chars(prompt, self._max_prompt_chars, self.limits)
         check_sampling(request.sampling)
         check_max_new_tokens(request.max_new_tokens, self.limits, required=generating)
+        if generating and request.sampling.min_tokens > request.max_new_tokens:
+            raise InvalidFieldError(
+                "sampling.min_tokens",
+                f"must be at most max_new_tokens ({request.max_new_tokens}), "
+                f"got {request.sampling.min_tokens}",
+            )
         check_truncate(request.truncate, self.limits)
         return prompt
 
@@ -728,6 +734,7 @@ class RouterService:
         logprobs: int | None = None,
     ) -> GenerationResult:
         from drafters import SamplingConfig
+        from drafters.penalties import Penalties
         from drafters.stopping import stop_rule
 
         config = SamplingConfig(
@@ -754,6 +761,12 @@ class RouterService:
             logprobs=logprobs,
             ignore_eos=sampling.ignore_eos,
             stop_token_ids=sampling.stop_token_ids,
+            penalties=Penalties(
+                repetition=sampling.repetition_penalty,
+                presence=sampling.presence_penalty,
+                frequency=sampling.frequency_penalty,
+                min_tokens=sampling.min_tokens,
+            ),
         )
         # The engine detokenizes each token once; its texts are passed on as they are.
         for event in run:

@@ -95,9 +95,9 @@ def completion_body(
         "top_p": sampling.top_p,
         "top_k": sampling.top_k if sampling.do_sample else 0,
         "min_p": 0.0,
-        "repetition_penalty": 1.0,
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0.0,
+        "repetition_penalty": sampling.repetition_penalty,
+        "presence_penalty": sampling.presence_penalty,
+        "frequency_penalty": sampling.frequency_penalty,
         "include_stop_str_in_output": True,
     }
     if sampling.seed is not None:
@@ -108,6 +108,8 @@ def completion_body(
         body["ignore_eos"] = True
     if sampling.stop_token_ids:
         body["stop_token_ids"] = list(sampling.stop_token_ids)
+    if sampling.min_tokens:
+        body["min_tokens"] = sampling.min_tokens
     if logprobs is not None:
         body["logprobs"] = logprobs
         body["return_tokens_as_token_ids"] = True

@@ -5,7 +5,12 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from drafters.detokenize import IncrementalDetokenizer, find_stop, special_token_ids
+from drafters.detokenize import (
+    IncrementalDetokenizer,
+    find_stop,
+    push_until_stop,
+    special_token_ids,
+)
 
 IM_END = "<|im_end|>"
 
@@ -61,3 +66,22 @@ def test_find_stop_finds_the_earliest_stop_ending_after_the_checked_text() -> No
     assert find_stop(text, ["two", "three"], 4) == 7
     assert find_stop(text, ["one"], 8) is None
     assert find_stop(text, ["", "zzz"], 0) is None
+
+
+def test_the_first_unchecked_tokens_stop_nothing() -> None:
+    """``min_tokens`` as vLLM reads it: a stop sequence or stop token among the first
+    tokens does not end the generation; one completed by a later token does, the text
+    before it included in the search."""
+    tokenizer = byte_tokenizer()
+    ids = tokenizer("ab.cd.", add_special_tokens=False)["input_ids"]
+    end = tokenizer.convert_tokens_to_ids(IM_END)
+    texts, stopped = push_until_stop(IncrementalDetokenizer(tokenizer), ids, {end}, ["."])
+    assert "".join(texts) == "ab." and stopped == "stop_sequence"
+    texts, stopped = push_until_stop(
+        IncrementalDetokenizer(tokenizer), ids, {end}, ["."], unchecked=3
+    )
+    assert "".join(texts) == "ab.cd." and stopped == "stop_sequence"
+    texts, stopped = push_until_stop(
+        IncrementalDetokenizer(tokenizer), [*ids[:2], end, *ids[2:]], {end}, ["b.c"], unchecked=3
+    )
+    assert "".join(texts) == "ab.c" and stopped == "stop_sequence"

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 from drafters.base import Drafter
 from drafters.engine import SpeculativeEngine
 from drafters.loader import LoadedModel, load_model
+from drafters.penalties import Penalties
 from drafters.registry import create_drafter
 from drafters.sampling import SamplingConfig
 from drafters.stats import GenerationStats
@@ -304,6 +305,69 @@ def test_ignore_eos_runs_past_the_eos_and_stop_token_ids_end_a_run(
         prompts[index], drafters["close"], 4, max_new_tokens=MAX_NEW, stop_token_ids=[later]
     )
     assert run.collect() == unstopped[: unstopped.index(extra_eos) + 1]
+
+
+def test_penalties_and_min_tokens_keep_greedy_output_the_penalised_targets(
+    tiny_models: TinyModels,
+    engine: SpeculativeEngine,
+    target: LoadedModel,
+    drafters: dict[str, Drafter],
+    prompts: list[list[int]],
+    references: list[list[int]],
+) -> None:
+    """vLLM's penalties and min_tokens on the in-process engine, greedy: the output is
+    transformers' own under its repetition_penalty and min_new_tokens (the same rules),
+    and under frequency and presence penalties plain decoding's, whatever the drafter."""
+    index = 1  # a prompt with a repeated stretch: the n-gram drafter drafts
+    with torch.inference_mode():
+        repeated = target.model.generate(
+            torch.tensor([prompts[index]]),
+            max_new_tokens=MAX_NEW,
+            do_sample=False,
+            repetition_penalty=1.3,
+            eos_token_id=sorted(engine.stop_token_ids),
+            pad_token_id=0,
+        )[0, len(prompts[index]) :].tolist()
+    assert repeated != references[index]
+    for kind, k in (("ngram", 4), ("close", 1), ("close", 4)):
+        run = engine.generate(
+            prompts[index], drafters[kind], k, max_new_tokens=MAX_NEW, penalties=Penalties(1.3)
+        )
+        assert run.collect() == repeated, (kind, k)
+    frequent = Penalties(presence=0.5, frequency=0.7)
+    plain = engine.generate(
+        prompts[index], drafters["none"], 0, max_new_tokens=MAX_NEW, penalties=frequent
+    ).collect()
+    assert plain != references[index]
+    for kind, k in (("ngram", 4), ("close", 1), ("close", 4)):
+        run = engine.generate(
+            prompts[index], drafters[kind], k, max_new_tokens=MAX_NEW, penalties=frequent
+        )
+        assert run.collect() == plain, (kind, k)
+    # min_tokens: a target that ends its answer at token 10 writes on to 16 at least.
+    ending = load_model(tiny_models.target_dir)
+    index = next(i for i, r in enumerate(references) if EOS_ID not in r[:12])
+    ending.model.generation_config.eos_token_id = [EOS_ID, references[index][9]]
+    ending_engine = SpeculativeEngine(ending)
+    with torch.inference_mode():
+        longer = ending.model.generate(
+            torch.tensor([prompts[index]]),
+            max_new_tokens=MAX_NEW,
+            min_new_tokens=16,
+            do_sample=False,
+            eos_token_id=sorted(ending_engine.stop_token_ids),
+            pad_token_id=0,
+        )[0, len(prompts[index]) :].tolist()
+    assert len(longer) >= 16  # without min_tokens it ends after 10 (test_stops_at_eos)
+    for kind, k in (("none", 0), ("ngram", 4), ("close", 4)):
+        run = ending_engine.generate(
+            prompts[index],
+            drafters[kind],
+            k,
+            max_new_tokens=MAX_NEW,
+            penalties=Penalties(min_tokens=16),
+        )
+        assert run.collect() == longer, (kind, k)
 
 
 def test_stop_ids_are_the_eos_ids_the_model_declares(tiny_models: TinyModels) -> None:

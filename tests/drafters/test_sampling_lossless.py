@@ -27,6 +27,7 @@ from drafters.base import Drafter
 from drafters.engine import DraftLengthSchedule, SpeculativeEngine
 from drafters.guard import LossGuard
 from drafters.loader import LoadedModel, load_model
+from drafters.penalties import NO_PENALTIES, Penalties
 from drafters.registry import create_drafter
 from drafters.sampling import SamplingConfig, sampling_probs
 
@@ -139,9 +140,27 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     )
 
 
+def penalised(
+    logits: torch.Tensor, prompt: Sequence[int], output: Sequence[int], penalties: Penalties
+) -> torch.Tensor:
+    """A row [1, vocab] under ``penalties`` after ``prompt`` and ``output``, token by token
+    as vLLM's documentation states them (the reference for ``drafters/penalties.py``)."""
+    row = logits.clone()
+    for token in set(prompt) | set(output):
+        value = float(row[0, token])
+        r = penalties.repetition
+        row[0, token] = value / r if value > 0 else value * r
+    for token, count in Counter(output).items():
+        row[0, token] -= penalties.frequency * count + penalties.presence
+    return row
+
+
 @torch.inference_mode()
 def exact_joint(
-    model: torch.nn.Module, prompt: Sequence[int], sampling: SamplingConfig
+    model: torch.nn.Module,
+    prompt: Sequence[int],
+    sampling: SamplingConfig,
+    penalties: Penalties = NO_PENALTIES,
 ) -> dict[tuple[int, ...], float]:
     """P(t1..t_LENGTH) of plain sampling: the product of the target's processed
     next-token probabilities along each prefix."""
@@ -150,6 +169,7 @@ def exact_joint(
         extended: dict[tuple[int, ...], float] = {}
         for prefix, mass in joint.items():
             logits = model(torch.tensor([[*prompt, *prefix]])).logits[0, -1:]
+            logits = penalised(logits, prompt, prefix, penalties)
             probs = sampling_probs(logits, sampling)[0].double()
             for token in probs.nonzero().flatten().tolist():
                 extended[(*prefix, token)] = mass * float(probs[token])
@@ -196,6 +216,7 @@ def sample_joint(
     k: int | Callable[[], DraftLengthSchedule],
     sampling: SamplingConfig,
     requested: Counter[int] | None = None,
+    penalties: Penalties = NO_PENALTIES,
 ) -> tuple[Counter[tuple[int, ...]], Counter[int]]:
     """SAMPLES outputs of LENGTH tokens (seeds 0..SAMPLES-1), and how many steps accepted
     0, 1, ... drafts. ``k`` may make a fresh schedule per request; ``requested`` counts
@@ -205,7 +226,9 @@ def sample_joint(
     for seed in range(SAMPLES):
         config = replace(sampling, do_sample=True, seed=seed)
         length = k if isinstance(k, int) else k()
-        run = engine.generate(prompt, drafter, length, max_new_tokens=LENGTH, sampling=config)
+        run = engine.generate(
+            prompt, drafter, length, max_new_tokens=LENGTH, sampling=config, penalties=penalties
+        )
         outputs[tuple(run.collect())] += 1
         accepted.update(run.stats.accepted_per_step)
         if requested is not None:
@@ -233,6 +256,21 @@ def test_speculative_samples_follow_plain_sampling_beyond_the_first_token(
     # The draws that make tokens 3 and 4 happen often: a resample after one accepted draft
     # (t3) and the bonus token after two (t4).
     assert accepted[1] >= SAMPLES // 10 and accepted[2] >= SAMPLES // 10, accepted
+    assert chi_square_p_value(speculative, expected) > FALSE_FAILURE
+
+
+def test_samples_under_penalties_follow_plain_sampling_under_them(setup: Setup) -> None:
+    """vLLM's repetition, frequency and presence penalties: each verified row is penalised
+    for its own prefix (the drafts before it count as output there), so speculative
+    samples follow plain sampling of the penalised target, as ``penalised`` states it."""
+    penalties = Penalties(repetition=1.6, presence=0.5, frequency=0.4)
+    prompt = setup.prompts["model"]
+    expected = exact_joint(setup.target.model, prompt, TOP_P, penalties)
+    assert expected != exact_joint(setup.target.model, prompt, TOP_P)
+    speculative, accepted = sample_joint(
+        setup.engine, prompt, setup.drafters["model"], 2, TOP_P, penalties=penalties
+    )
+    assert accepted[1] >= SAMPLES // 20 and accepted[2] >= SAMPLES // 20, accepted
     assert chi_square_p_value(speculative, expected) > FALSE_FAILURE
 
 

@@ -201,6 +201,21 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "sampling.stop_token_ids: at most",
     ),
+    "repetition penalty 0": (
+        _generate(text=PROMPT, max_new_tokens=4, sampling=pb.SamplingParams(repetition_penalty=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.repetition_penalty: must be > 0",
+    ),
+    "presence penalty over 2": (
+        _generate(text=PROMPT, max_new_tokens=4, sampling=pb.SamplingParams(presence_penalty=3)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.presence_penalty: must be in [-2, 2]",
+    ),
+    "min_tokens over max_new_tokens": (
+        _generate(text=PROMPT, max_new_tokens=4, sampling=pb.SamplingParams(min_tokens=5)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.min_tokens: must be at most max_new_tokens",
+    ),
     "temperature below 0": (
         _generate(text=PROMPT, max_new_tokens=4, sampling=pb.SamplingParams(temperature=-0.5)),
         grpc.StatusCode.INVALID_ARGUMENT,

@@ -394,6 +394,15 @@ def test_completion_body_asks_for_token_ids_and_metrics() -> None:
     assert "ignore_eos" not in sampled and "stop_token_ids" not in sampled
     ending = completion_body("target", [1], 4, Sampling(ignore_eos=True, stop_token_ids=(7, 9)))
     assert ending["ignore_eos"] is True and ending["stop_token_ids"] == [7, 9]
+    assert "min_tokens" not in ending
+    penalised = completion_body(
+        "target",
+        [1],
+        8,
+        Sampling(repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=-1, min_tokens=2),
+    )
+    assert (penalised["repetition_penalty"], penalised["presence_penalty"]) == (1.2, 0.3)
+    assert penalised["frequency_penalty"] == -1 and penalised["min_tokens"] == 2
 
 
 def test_finish_reasons_in_the_sidecar_words() -> None:

@@ -144,8 +144,9 @@ def generate(fleet: Fleet, drafter: str = "", tokens: int = TOKENS, **fields: An
     return chunks[0].decision, ids, chunks[-1].stats
 
 
-def reference_ids(fleet: Fleet, tokens: int = TOKENS) -> list[int]:
-    """The in-process engine's greedy output on the same target, without speculation."""
+def reference_ids(fleet: Fleet, tokens: int = TOKENS, penalties: Any = None) -> list[int]:
+    """The in-process engine's greedy output on the same target, without speculation
+    (under ``penalties``, a ``drafters.penalties.Penalties``, when given)."""
     from drafters.engine import SpeculativeEngine
     from drafters.loader import load_model
 
@@ -155,7 +156,11 @@ def reference_ids(fleet: Fleet, tokens: int = TOKENS) -> list[int]:
         fleet.engine = SpeculativeEngine(load_model(target.path, placement=target.placement))
     none = service.drafters.get("none").drafter
     run = fleet.engine.generate(
-        service.prompt_ids(Prompt(text=PROMPT)), none, 0, max_new_tokens=tokens
+        service.prompt_ids(Prompt(text=PROMPT)),
+        none,
+        0,
+        max_new_tokens=tokens,
+        **({"penalties": penalties} if penalties is not None else {}),
     )
     for _ in run:
         pass
@@ -237,6 +242,21 @@ def test_stop_token_ids_and_ignore_eos_reach_the_replicas(fleet: Fleet) -> None:
         _, ids, stats = generate(fleet, drafter, sampling=sampling)
         assert ids == expected[:cut], drafter
         assert stats.finish_reason == "eos_token", drafter
+
+
+def test_penalties_reach_the_replicas(fleet: Fleet) -> None:
+    """Penalties forwarded: vLLM's output under them is the in-process engine's."""
+    from drafters.penalties import Penalties
+
+    penalties = Penalties(repetition=1.2, presence=0.3, frequency=0.6)
+    expected = reference_ids(fleet, penalties=penalties)
+    assert expected != reference_ids(fleet)
+    sampling = pb.SamplingParams(
+        repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.6
+    )
+    for drafter in ("none", "ngram"):
+        _, ids, _ = generate(fleet, drafter, sampling=sampling)
+        assert ids == expected, drafter
 
 
 def test_logprobs_come_from_the_replicas_and_match_the_target(fleet: Fleet) -> None:

@@ -401,6 +401,35 @@ def ended_turn(sidecar: SidecarThread, max_new_tokens: int) -> tuple[str, list[i
     raise AssertionError("no answer of the ending target ends its turn")
 
 
+def test_penalties_over_grpc_are_the_targets_own(sidecar: SidecarThread, PROMPT: str) -> None:
+    """SamplingParams' penalties: the greedy output under them, whatever the drafter."""
+    from drafters.penalties import Penalties
+    from router.domain import Prompt
+
+    service = sidecar.service
+    reference = service.components.engine.generate(
+        service.prompt_ids(Prompt(text=PROMPT)),
+        service.drafters.get("none").drafter,
+        0,
+        max_new_tokens=24,
+        penalties=Penalties(repetition=1.2, presence=0.3, frequency=0.6),
+    ).collect()
+    assert reference != greedy_reference(sidecar, PROMPT, 24)[0]
+    sampling = pb.SamplingParams(
+        repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.6
+    )
+    for drafter, k in (("ngram", 4), ("generic", 2)):
+        chunks = generate(
+            sidecar,
+            text=PROMPT,
+            max_new_tokens=24,
+            sampling=sampling,
+            force_drafter=drafter,
+            force_draft_length=k,
+        )
+        assert [t.id for c in chunks for t in c.tokens] == reference, drafter
+
+
 def test_ignore_eos_runs_past_the_end_of_turn_and_stop_token_ids_end_a_generation(
     ending_sidecar: SidecarThread,
 ) -> None:

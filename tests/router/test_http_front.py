@@ -129,6 +129,20 @@ def test_a_temperature_below_float32s_range_samples_the_greedy_output(
     assert reply.generated_text == expected_text
 
 
+def test_repetition_penalty_reaches_the_engine(sidecar: SidecarThread) -> None:
+    """TGI's repetition_penalty (was refused): greedy output is the target's under it."""
+    from drafters.penalties import Penalties
+    from tests.router.test_openai_front import penalised_reference
+
+    expected = penalised_reference(sidecar, Penalties(repetition=2.0), 16)
+    client = Client(sidecar.http_url, timeout=60)
+    response = client.generate(
+        "The capital of France is", max_new_tokens=16, repetition_penalty=2.0
+    )
+    assert response.generated_text == expected
+    assert expected != client.generate("The capital of France is", max_new_tokens=16).generated_text
+
+
 def test_typical_p_reaches_the_engine(sidecar: SidecarThread) -> None:
     """typical_p was refused (422), and LangChain's TGI classes send 0.95 by default. At a
     mass so small that only the most typical token of each step is kept, two seeds give
@@ -464,7 +478,8 @@ def test_max_new_tokens_left_out_is_tgis_default_of_100(sidecar: SidecarThread) 
             {"inputs": PROMPT, "parameters": {"repetition_penalty": -math.inf}},
             "parameters.repetition_penalty: Input should be a finite number",
         ),
-        ({"inputs": PROMPT, "parameters": {"repetition_penalty": 1.2}}, "repetition_penalty"),
+        ({"inputs": PROMPT, "parameters": {"repetition_penalty": 0}}, "repetition_penalty"),
+        ({"inputs": PROMPT, "parameters": {"frequency_penalty": 0.5}}, "frequency_penalty"),
         ({"inputs": PROMPT, "parameters": {"top_n_tokens": 21}}, "top_n_tokens"),
         # huggingface_hub's InferenceClient sends a LoRA adapter id: served by the base model.
         ({"inputs": PROMPT, "parameters": {"adapter_id": "my-lora"}}, "adapter_id"),

@@ -560,7 +560,8 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"logprobs": 21}, "logprobs"),  # over vLLM's default max_logprobs, 20
         ({"logprobs": True}, "logprobs"),  # chat's boolean; completions take the count
         ({"top_logprobs": 2}, "top_logprobs"),  # chat's
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),  # OpenAI's range is [-2, 2]
+        ({"frequency_penalty": -3}, "frequency_penalty"),
         ({"echo": True}, "echo"),
         ({"stop": [""]}, "stop"),
         ({"stop": [f"stop {i}" for i in range(17)]}, "stop"),  # more than 16
@@ -573,8 +574,10 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"prompt": [[1, 2], [3]]}, "prompt"),  # several prompts
         ({"seed": -(2**63) - 1, "temperature": 0.8}, "seed"),  # was a 500 from the engine
         # vLLM's extensions a client of a vLLM-style endpoint sends: were silently ignored.
-        ({"min_tokens": 8}, "min_tokens"),
-        ({"repetition_penalty": 1.1}, "repetition_penalty"),
+        ({"min_tokens": 8}, "min_tokens"),  # over max_tokens (4)
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"min_p": 0.05}, "min_p"),
         ({"guided_json": {"type": "object"}}, "guided_json"),
         ({"structured_outputs": {"choice": ["a", "b"]}}, "structured_outputs"),
@@ -698,6 +701,53 @@ def test_a_prompt_of_token_ids_is_read_as_they_are(sidecar: SidecarThread) -> No
     reply = completions.create(model="target", prompt=spelt, max_tokens=8, temperature=0)
     assert reply.choices[0].text == expected.text
     assert reply.usage is not None and reply.usage.prompt_tokens == len(ids) + 1
+
+
+def penalised_reference(sidecar: SidecarThread, penalties: Any, tokens: int) -> str:
+    """The engine's greedy text for PROMPT under ``penalties``, without speculation."""
+    service = sidecar.service
+    run = service.components.engine.generate(
+        service.prompt_ids(Prompt(text=PROMPT)),
+        service.drafters.get("none").drafter,
+        0,
+        max_new_tokens=tokens,
+        penalties=penalties,
+    )
+    run.collect()
+    return run.text
+
+
+def test_penalties_and_min_tokens_are_served(
+    sidecar: SidecarThread, ending_sidecar: SidecarThread
+) -> None:
+    """OpenAI's presence and frequency penalties and vLLM's repetition_penalty and
+    min_tokens (were refused by name): the text is the target's own under them."""
+    from drafters.penalties import Penalties
+
+    penalties = Penalties(repetition=1.3, presence=0.5, frequency=0.8)
+    expected = penalised_reference(sidecar, penalties, 12)
+    assert expected != penalised_reference(sidecar, Penalties(), 12)
+    for stream in (False, True):
+        reply = client(sidecar).completions.create(
+            model="target",
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            presence_penalty=0.5,
+            frequency_penalty=0.8,
+            extra_body={"repetition_penalty": 1.3},
+            stream=stream,
+        )
+        chunks = list(reply) if stream else [reply]
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    chat = [{"role": "user", "content": "What is 17 * 23?"}]
+    replies = client(ending_sidecar).chat.completions
+    ended = replies.create(model="target", messages=chat, max_tokens=16, temperature=0)
+    assert ended.usage is not None and ended.usage.completion_tokens < 12
+    longer = replies.create(
+        model="target", messages=chat, max_tokens=16, temperature=0, extra_body={"min_tokens": 12}
+    )
+    assert longer.usage is not None and longer.usage.completion_tokens >= 12
 
 
 def test_stop_token_ids_and_ignore_eos_are_vllms(
