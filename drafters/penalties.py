@@ -1,6 +1,9 @@
-"""Penalties and ``min_tokens`` on the target's logits, row by row of a verify pass.
+"""Penalties, a logit bias and ``min_tokens`` on the target's logits, row by row of a
+verify pass.
 
 vLLM's (and OpenAI's) parameters, with vLLM's meaning:
+
+- ``logit_bias`` (OpenAI's): a fixed value added to the logits of the tokens it names;
 
 - ``repetition_penalty`` r (1: off): the logit of every token already in the prompt or
   the output is divided by r where positive and multiplied by r where negative;
@@ -32,6 +35,7 @@ class Penalties:
     presence: float = 0.0
     frequency: float = 0.0
     min_tokens: int = 0
+    bias: tuple[tuple[int, float], ...] = ()  # (token id, value added to its logit)
 
     def __post_init__(self) -> None:
         if self.repetition <= 0:
@@ -41,9 +45,7 @@ class Penalties:
 
     @property
     def active(self) -> bool:
-        return bool(
-            self.repetition != 1.0 or self.presence or self.frequency or self.min_tokens > 0
-        )
+        return self.penalises or self.min_tokens > 0 or bool(self.bias)
 
     @property
     def penalises(self) -> bool:
@@ -97,9 +99,13 @@ class PenaltyState:
         own prefix asks (module doc); the same tensor when nothing applies to these rows."""
         rows = logits.shape[0]
         masked = min(rows, self.penalties.min_tokens - self.generated)
-        if not self.penalties.penalises and (masked <= 0 or not self._stop_ids):
+        bias = self.penalties.bias
+        if not self.penalties.penalises and not bias and (masked <= 0 or not self._stop_ids):
             return logits
         out = logits.float().clone()
+        if bias:
+            ids, values = zip(*bias, strict=True)
+            out[:, list(ids)] += torch.tensor(values, dtype=out.dtype, device=out.device)
         if masked > 0 and self._stop_ids:
             out[:masked, self._stop_ids] = float("-inf")
         if self.penalties.penalises:

@@ -49,6 +49,7 @@ def sampling_from_pb(message: pb.SamplingParams) -> Sampling:
         presence_penalty=message.presence_penalty,
         frequency_penalty=message.frequency_penalty,
         min_tokens=message.min_tokens,
+        logit_bias=tuple(sorted(message.logit_bias.items())),
     )
 
 

@@ -37,6 +37,7 @@ class Sampling:
     presence_penalty: float = 0.0  # [-2, 2]: over the output's tokens
     frequency_penalty: float = 0.0  # [-2, 2]: per occurrence in the output
     min_tokens: int = 0  # no EOS, stop token or stop sequence before this many tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, [-100, 100])
 
     @property
     def greedy(self) -> bool:
@@ -141,6 +142,8 @@ MAX_STOP_SEQUENCES = 16
 #: Stop token ids: each generated token is looked up in a set, so the count costs little;
 #: the cap keeps a request's size sane.
 MAX_STOP_TOKEN_IDS = 256
+#: Tokens one request may bias (each is one column of every verified row).
+MAX_LOGIT_BIAS = 2048
 #: The seeds a torch generator takes (a 64-bit integer, signed or not); gRPC's is a uint64.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
@@ -188,6 +191,18 @@ def check_sampling(sampling: Sampling) -> Sampling:
         check_finite(f"sampling.{name}", value)
         if not -2 <= value <= 2:
             raise InvalidFieldError(f"sampling.{name}", f"must be in [-2, 2], got {value:g}")
+    if len(sampling.logit_bias) > MAX_LOGIT_BIAS:
+        raise InvalidFieldError(
+            "sampling.logit_bias",
+            f"at most {MAX_LOGIT_BIAS} tokens, got {len(sampling.logit_bias)}",
+        )
+    for token, bias in sampling.logit_bias:
+        check_finite("sampling.logit_bias", bias)
+        if token < 0 or not -100 <= bias <= 100:
+            raise InvalidFieldError(
+                "sampling.logit_bias",
+                f"token ids must be >= 0 and biases in [-100, 100], got {token}: {bias:g}",
+            )
     if sampling.min_tokens < 0:
         raise InvalidFieldError("sampling.min_tokens", f"must be >= 0, got {sampling.min_tokens}")
     if sampling.seed is not None and not SEED_RANGE[0] <= sampling.seed <= SEED_RANGE[1]:

@@ -6,12 +6,12 @@ JSON, so the official ``openai`` client works unchanged against the sidecar (the
 in-process engine, or a vLLM fleet behind it). Errors are
 ``{"error": {"message", "type", "param", "code"}}`` with 400 / 401 / 404 / 429 / 500.
 
-A request the sidecar cannot honour (``logit_bias``, tools, ``echo``, ``best_of``, and
+A request the sidecar cannot honour (tools, ``echo``, ``best_of``, and
 vLLM's extensions such as ``min_p`` or guided decoding: ``UNSUPPORTED_UNLESS``) is refused
 with 400 naming the parameter, never ignored; a field neither API defines is ignored.
 Served besides the basics: ``n`` choices, log-probabilities (chat's
 ``logprobs``/``top_logprobs``, completions' ``logprobs``), token-id prompts, the presence
-and frequency penalties, and vLLM's ``repetition_penalty``, ``min_tokens``,
+and frequency penalties, ``logit_bias``, and vLLM's ``repetition_penalty``, ``min_tokens``,
 ``ignore_eos``, ``stop_token_ids``, ``top_k`` and ``truncate_prompt_tokens``.
 """
 
@@ -166,7 +166,7 @@ class OpenAIParameters(BaseModel):
     n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a string in JSON) -> bias
     logprobs: Any = None
     top_logprobs: int | None = None
     user: str | None = None
@@ -211,8 +211,6 @@ class Endpoint:
 def _unsupported(body: OpenAIParameters) -> list[str]:
     """Parameters set to something this sidecar does not implement."""
     problems = []
-    if body.logit_bias:
-        problems.append("logit_bias")
     if body.stream_options is not None and body.stream_options.continuous_usage_stats:
         problems.append("stream_options.continuous_usage_stats")
     if isinstance(body, CompletionRequest):
@@ -313,7 +311,18 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         min_tokens=body.min_tokens or 0,
+        logit_bias=_logit_bias(body),
     )
+
+
+def _logit_bias(body: OpenAIParameters) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``, its keys token ids (ranges are checked with the rest)."""
+    pairs = []
+    for key, bias in (body.logit_bias or {}).items():
+        if not key.strip().isdigit():
+            raise InvalidFieldError("logit_bias", f"keys must be token ids, got {key!r}")
+        pairs.append((int(key), bias))
+    return tuple(sorted(pairs))
 
 
 def _is_token_id(value: Any) -> bool:

@@ -532,6 +532,14 @@ class RouterService:
         check_prompt_chars(prompt, self._max_prompt_chars, self.limits)
         check_sampling(request.sampling)
         check_max_new_tokens(request.max_new_tokens, self.limits, required=generating)
+        if request.sampling.logit_bias:
+            vocabulary = len(self.tokenizer)
+            outside = [t for t, _ in request.sampling.logit_bias if t >= vocabulary]
+            if outside:
+                raise InvalidFieldError(
+                    "sampling.logit_bias",
+                    f"token id {outside[0]} is not in the vocabulary (0 to {vocabulary - 1})",
+                )
         if generating and request.sampling.min_tokens > request.max_new_tokens:
             raise InvalidFieldError(
                 "sampling.min_tokens",
@@ -766,6 +774,7 @@ class RouterService:
                 presence=sampling.presence_penalty,
                 frequency=sampling.frequency_penalty,
                 min_tokens=sampling.min_tokens,
+                bias=sampling.logit_bias,
             ),
         )
         # The engine detokenizes each token once; its texts are passed on as they are.

@@ -110,6 +110,8 @@ def completion_body(
         body["stop_token_ids"] = list(sampling.stop_token_ids)
     if sampling.min_tokens:
         body["min_tokens"] = sampling.min_tokens
+    if sampling.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias}
     if logprobs is not None:
         body["logprobs"] = logprobs
         body["return_tokens_as_token_ids"] = True

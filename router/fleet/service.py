@@ -12,7 +12,9 @@ sidecar's; only where generation runs changes:
   requests in flight, or vLLM's own running + waiting from its /metrics); a decision of
   ``none`` with no plain replica free goes to the least loaded replica of any
   configuration (speculative decoding is lossless). The decision carries the replica's
-  own k.
+  own k. A request with a ``logit_bias`` goes to a plain replica only: vLLM refuses the
+  parameter under speculative decoding ("not yet supported"), so without a plain replica
+  in the fleet it is refused (INVALID_ARGUMENT) before any replica is asked.
 - **Failures**: a replica that fails (connection, timeout, 5xx, a broken stream) is taken
   out and probed until it is back; the request goes on on another replica, from the
   tokens already received (prompt + output so far), so no request is lost (over the
@@ -43,7 +45,7 @@ from typing import Any
 import aiohttp
 
 from drafters.detokenize import IncrementalDetokenizer, push_until_stop
-from router.domain import GenerateInput
+from router.domain import GenerateInput, Sampling
 from router.errors import (
     GenerationFailedError,
     InvalidFieldError,
@@ -131,6 +133,12 @@ def _checked_sampling(request: GenerateInput) -> None:
             "force_stop_threshold",
             "vLLM replicas have no per-step draft stopping rule (each drafts its own k)",
         )
+
+
+def plain_only(sampling: Sampling) -> bool:
+    """Whether only a replica without speculation can serve these parameters: vLLM (0.32)
+    refuses ``logit_bias`` with speculative decoding."""
+    return bool(sampling.logit_bias)
 
 
 @dataclass
@@ -240,7 +248,8 @@ class FleetRouterService(RouterService):
         prepared = super()._decide_routes(requests, prepared)
         for index, result in enumerate(prepared.results):
             if isinstance(result, RoutedRequest):
-                placed = self._place(result, frozenset())
+                plain = plain_only(requests[index].sampling)
+                placed = self._place(result, frozenset(), plain_only=plain)
                 if placed is not None:
                     prepared.results[index] = self._registered(placed[0])
         return prepared
@@ -272,18 +281,28 @@ class FleetRouterService(RouterService):
         *,
         failover: bool = False,
         pinned: bool = False,
+        plain_only: bool = False,
     ) -> tuple[RoutedRequest, Replica] | None:
         """The replica for ``routed`` (module doc, "Placement"), skipping ``tried``; None
         when no replica is free. A ``failover`` (the request's replica failed under it)
         goes over the in-flight bound when every other healthy replica is at it: the
         bound is ours (vLLM queues), and refusing would lose a request already started.
         A ``pinned`` drafter (``force_drafter``) has a replica of its own or none (it was
-        served by the policy's next best configuration instead), unless in a failover."""
-        healthy = [r for r in self.replicas if r.healthy and r.name not in tried]
+        served by the policy's next best configuration instead), unless in a failover.
+        ``plain_only``: a replica without speculation or none (``plain_only()``)."""
+        from router.policy.base import Decision
+
+        healthy = [
+            r
+            for r in self.replicas
+            if r.healthy and r.name not in tried and (not plain_only or r.drafter == NONE_DRAFTER)
+        ]
         free = [r for r in healthy if not r.saturated] or (healthy if failover else [])
         if not free:
             return None
         decision = routed.decision
+        if plain_only and decision.drafter != NONE_DRAFTER:
+            decision = Decision(NONE_DRAFTER, 0, 1.0, decision.explored)
         same = [r for r in free if r.drafter == decision.drafter]
         if not same and pinned and not failover and decision.drafter != NONE_DRAFTER:
             return None
@@ -295,8 +314,6 @@ class FleetRouterService(RouterService):
         if not same:
             same = [r for r in free if r.drafter == NONE_DRAFTER] or free
         replica = min(same, key=lambda r: (r.load, r.served))
-        from router.policy.base import Decision
-
         placed = Decision(
             replica.drafter,
             replica.spec.draft_length,
@@ -344,6 +361,25 @@ class FleetRouterService(RouterService):
             )
         return UnavailableError(f"no replica of the fleet is serving ({reasons})")
 
+    def _checked_plain(self, request: GenerateInput) -> bool:
+        """Whether ``request`` needs a plain replica (``plain_only()``); refused when the
+        fleet has none, or when it pins a speculative configuration."""
+        if not plain_only(request.route.sampling):
+            return False
+        if not any(r.drafter == NONE_DRAFTER for r in self.replicas):
+            raise InvalidFieldError(
+                "sampling.logit_bias",
+                "vLLM refuses logit_bias under speculative decoding and this fleet has no "
+                'replica without it (speculative = "none")',
+            )
+        if request.force_drafter not in ("", NONE_DRAFTER):
+            raise InvalidFieldError(
+                "sampling.logit_bias",
+                f"vLLM refuses logit_bias under speculative decoding: it cannot run on "
+                f"{request.force_drafter!r} (force_drafter)",
+            )
+        return True
+
     def _checked_force(self, request: GenerateInput) -> None:
         forced = request.force_drafter
         # "none" is always served: without a plain replica, by any (speculation is lossless).
@@ -376,9 +412,10 @@ class FleetRouterService(RouterService):
         :class:`TokenChunk` s, then the :class:`GenerationResult`."""
         self._checked_force(request)
         _checked_sampling(request)
+        plain = self._checked_plain(request)
         routed = await self._route(
             request.route,
-            force_drafter=request.force_drafter,
+            force_drafter=NONE_DRAFTER if plain else request.force_drafter,
             force_k=request.force_draft_length,
         )
         request = self.fitted(request, routed.prompt_tokens)
@@ -392,7 +429,11 @@ class FleetRouterService(RouterService):
         placed = routed
         while True:
             found = self._place(
-                routed, frozenset(tried), failover=failed_over, pinned=bool(request.force_drafter)
+                routed,
+                frozenset(tried),
+                failover=failed_over,
+                pinned=bool(request.force_drafter),
+                plain_only=plain,
             )
             if found is None:
                 raise self._unavailable(busy, request.force_drafter, failures)

@@ -344,6 +344,22 @@ def test_penalties_and_min_tokens_keep_greedy_output_the_penalised_targets(
             prompts[index], drafters[kind], k, max_new_tokens=MAX_NEW, penalties=frequent
         )
         assert run.collect() == plain, (kind, k)
+    # logit_bias: a token biased by 100 is every token, one biased by -100 never comes.
+    forced = Penalties(bias=((7, 100.0),))
+    for kind, k in (("none", 0), ("ngram", 4), ("close", 4)):
+        run = engine.generate(
+            prompts[index], drafters[kind], k, max_new_tokens=MAX_NEW, penalties=forced
+        )
+        assert run.collect() == [7] * MAX_NEW, (kind, k)
+    first = references[index][0]
+    barred = engine.generate(
+        prompts[index],
+        drafters["close"],
+        4,
+        max_new_tokens=MAX_NEW,
+        penalties=Penalties(bias=((first, -100.0),)),
+    ).collect()
+    assert first not in barred
     # min_tokens: a target that ends its answer at token 10 writes on to 16 at least.
     ending = load_model(tiny_models.target_dir)
     index = next(i for i, r in enumerate(references) if EOS_ID not in r[:12])

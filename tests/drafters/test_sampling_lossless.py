@@ -146,6 +146,8 @@ def penalised(
     """A row [1, vocab] under ``penalties`` after ``prompt`` and ``output``, token by token
     as vLLM's documentation states them (the reference for ``drafters/penalties.py``)."""
     row = logits.clone()
+    for token, bias in penalties.bias:  # before the penalties, as vLLM applies it
+        row[0, token] += bias
     for token in set(prompt) | set(output):
         value = float(row[0, token])
         r = penalties.repetition
@@ -260,10 +262,11 @@ def test_speculative_samples_follow_plain_sampling_beyond_the_first_token(
 
 
 def test_samples_under_penalties_follow_plain_sampling_under_them(setup: Setup) -> None:
-    """vLLM's repetition, frequency and presence penalties: each verified row is penalised
+    """vLLM's repetition, frequency and presence penalties (and a logit bias): each verified
+    row is penalised
     for its own prefix (the drafts before it count as output there), so speculative
     samples follow plain sampling of the penalised target, as ``penalised`` states it."""
-    penalties = Penalties(repetition=1.6, presence=0.5, frequency=0.4)
+    penalties = Penalties(repetition=1.6, presence=0.5, frequency=0.4, bias=((3, 0.6), (5, -0.8)))
     prompt = setup.prompts["model"]
     expected = exact_joint(setup.target.model, prompt, TOP_P, penalties)
     assert expected != exact_joint(setup.target.model, prompt, TOP_P)

@@ -211,6 +211,11 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "sampling.presence_penalty: must be in [-2, 2]",
     ),
+    "a logit bias over 100": (
+        _generate(text=PROMPT, max_new_tokens=4, sampling=pb.SamplingParams(logit_bias={5: 200})),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.logit_bias: token ids must be >= 0 and biases in [-100, 100]",
+    ),
     "min_tokens over max_new_tokens": (
         _generate(text=PROMPT, max_new_tokens=4, sampling=pb.SamplingParams(min_tokens=5)),
         grpc.StatusCode.INVALID_ARGUMENT,

@@ -399,8 +399,15 @@ def test_completion_body_asks_for_token_ids_and_metrics() -> None:
         "target",
         [1],
         8,
-        Sampling(repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=-1, min_tokens=2),
+        Sampling(
+            repetition_penalty=1.2,
+            presence_penalty=0.3,
+            frequency_penalty=-1,
+            min_tokens=2,
+            logit_bias=((5, -100.0), (9, 2.5)),
+        ),
     )
+    assert penalised["logit_bias"] == {"5": -100.0, "9": 2.5}
     assert (penalised["repetition_penalty"], penalised["presence_penalty"]) == (1.2, 0.3)
     assert penalised["frequency_penalty"] == -1 and penalised["min_tokens"] == 2
 
@@ -870,3 +877,33 @@ def test_a_pinned_drafter_is_served_by_its_own_replicas_or_refused() -> None:
     pinned_stop = GenerateInput(route=RouteInput(prompt=None), force_stop_threshold=0.5)  # type: ignore[arg-type]
     with pytest.raises(InvalidFieldError, match="force_stop_threshold"):
         _checked_sampling(pinned_stop)
+
+
+def test_a_logit_bias_goes_to_a_plain_replica_or_is_refused() -> None:
+    """vLLM refuses logit_bias under speculative decoding (a 400 from the replica the
+    policy chose): such a request is placed on a plain replica only, and refused before
+    any replica is asked where the fleet has none or it pins a speculative one."""
+    from router.domain import GenerateInput, RouteInput
+    from router.errors import InvalidFieldError
+    from router.fleet.config import ReplicaSpec
+
+    def replica(name: str, drafter: str, in_flight: int = 0) -> Replica:
+        spec = ReplicaSpec(url=f"http://{name}:8000", model="t", speculative=drafter, name=name)
+        return Replica(spec, max_in_flight=1, timeout_s=5.0, healthy=True, in_flight=in_flight)
+
+    service = FleetRouterService.__new__(FleetRouterService)
+    service.replicas = [replica("a", "ngram"), replica("b", "none")]
+    routed = _routed_to("ngram", 3)
+    placed = service._place(routed, frozenset(), plain_only=True)
+    assert placed is not None and placed[1].name == "b" and placed[0].decision.k == 0
+    service.replicas[1].in_flight = 1  # the plain replica busy: wait, not a speculative one
+    assert service._place(routed, frozenset(), plain_only=True) is None
+    biased = Sampling(logit_bias=((5, -100.0),))
+    request = GenerateInput(route=RouteInput(prompt=None, sampling=biased))  # type: ignore[arg-type]
+    assert service._checked_plain(request)
+    assert not service._checked_plain(GenerateInput(route=RouteInput(prompt=None)))  # type: ignore[arg-type]
+    with pytest.raises(InvalidFieldError, match="force_drafter"):
+        service._checked_plain(replace(request, force_drafter="ngram"))
+    service.replicas = [replica("a", "ngram")]
+    with pytest.raises(InvalidFieldError, match='speculative = "none"'):
+        service._checked_plain(request)

@@ -17,10 +17,11 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import openai
 import pytest
 from text_generation import Client
@@ -244,19 +245,30 @@ def test_stop_token_ids_and_ignore_eos_reach_the_replicas(fleet: Fleet) -> None:
         assert stats.finish_reason == "eos_token", drafter
 
 
-def test_penalties_reach_the_replicas(fleet: Fleet) -> None:
-    """Penalties forwarded: vLLM's output under them is the in-process engine's."""
+def test_penalties_and_a_logit_bias_reach_the_replicas(fleet: Fleet) -> None:
+    """Penalties forwarded: vLLM's output under them is the in-process engine's, on
+    every configuration. A logit bias, which vLLM refuses under speculative decoding, is
+    served by the plain replica (and refused when pinned to a speculative one)."""
     from drafters.penalties import Penalties
 
+    plain = reference_ids(fleet)
+    penalised = dict(repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.6)
     penalties = Penalties(repetition=1.2, presence=0.3, frequency=0.6)
     expected = reference_ids(fleet, penalties=penalties)
-    assert expected != reference_ids(fleet)
-    sampling = pb.SamplingParams(
-        repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.6
-    )
+    assert expected != plain
     for drafter in ("none", "ngram"):
-        _, ids, _ = generate(fleet, drafter, sampling=sampling)
+        _, ids, _ = generate(fleet, drafter, sampling=pb.SamplingParams(**penalised))
         assert ids == expected, drafter
+    bias = {plain[1]: -100.0, plain[2]: 1.5}
+    biased = reference_ids(fleet, penalties=replace(penalties, bias=tuple(sorted(bias.items()))))
+    sampling = pb.SamplingParams(**penalised, logit_bias=bias)
+    decision, ids, _ = generate(fleet, sampling=sampling)
+    assert ids == biased and ids != expected
+    assert decision.drafter == "none" and decision.replica == fleet.servers["none"].url
+    with pytest.raises(grpc.RpcError) as pinned:
+        generate(fleet, "ngram", sampling=sampling)
+    assert pinned.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "logit_bias" in str(pinned.value.details())
 
 
 def test_logprobs_come_from_the_replicas_and_match_the_target(fleet: Fleet) -> None:

@@ -576,7 +576,9 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         # vLLM's extensions a client of a vLLM-style endpoint sends: were silently ignored.
         ({"min_tokens": 8}, "min_tokens"),  # over max_tokens (4)
         ({"min_tokens": -1}, "min_tokens"),
-        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"logit_bias": {"five": 10}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),  # OpenAI's range is [-100, 100]
+        ({"logit_bias": {str(10**9): 1}}, "logit_bias"),  # outside the vocabulary
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"min_p": 0.05}, "min_p"),
         ({"guided_json": {"type": "object"}}, "guided_json"),
@@ -720,8 +722,8 @@ def penalised_reference(sidecar: SidecarThread, penalties: Any, tokens: int) -> 
 def test_penalties_and_min_tokens_are_served(
     sidecar: SidecarThread, ending_sidecar: SidecarThread
 ) -> None:
-    """OpenAI's presence and frequency penalties and vLLM's repetition_penalty and
-    min_tokens (were refused by name): the text is the target's own under them."""
+    """OpenAI's presence and frequency penalties and logit_bias, vLLM's repetition_penalty
+    and min_tokens (were refused by name): the text is the target's own under them."""
     from drafters.penalties import Penalties
 
     penalties = Penalties(repetition=1.3, presence=0.5, frequency=0.8)
@@ -740,6 +742,14 @@ def test_penalties_and_min_tokens_are_served(
         )
         chunks = list(reply) if stream else [reply]
         assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    ids, _ = greedy_reference(sidecar, PROMPT, 4)
+    biased = client(sidecar).completions.create(
+        model="target", prompt=PROMPT, max_tokens=4, temperature=0, logit_bias={str(ids[0]): -100}
+    )
+    assert biased.choices[0].text == penalised_reference(
+        sidecar, Penalties(bias=((ids[0], -100.0),)), 4
+    )
+    assert sidecar.service.tokenizer.decode(ids[0]) not in biased.choices[0].text
     chat = [{"role": "user", "content": "What is 17 * 23?"}]
     replies = client(ending_sidecar).chat.completions
     ended = replies.create(model="target", messages=chat, max_tokens=16, temperature=0)
