@@ -6,12 +6,12 @@ JSON, so the official ``openai`` client works unchanged against the sidecar (the
 in-process engine, or a vLLM fleet behind it). Errors are
 ``{"error": {"message", "type", "param", "code"}}`` with 400 / 401 / 404 / 429 / 500.
 
-A request the sidecar cannot honour (tools, ``echo``, ``best_of``, and
-vLLM's extensions such as ``min_p`` or guided decoding: ``UNSUPPORTED_UNLESS``) is refused
-with 400 naming the parameter, never ignored; a field neither API defines is ignored.
-Served besides the basics: ``n`` choices, log-probabilities (chat's
-``logprobs``/``top_logprobs``, completions' ``logprobs``), token-id prompts, the presence
-and frequency penalties, ``logit_bias``, and vLLM's ``repetition_penalty``, ``min_tokens``,
+A request the sidecar cannot honour (tools, ``echo``, ``best_of``, and vLLM's extensions
+such as ``min_p`` or guided decoding: ``UNSUPPORTED_UNLESS``) is refused with 400 naming
+the parameter, never ignored; a field neither API defines is ignored. Served besides the
+basics: ``n`` choices, log-probabilities (chat's ``logprobs``/``top_logprobs``,
+completions' ``logprobs``), token-id and several prompts, the presence and frequency
+penalties, ``logit_bias``, and vLLM's ``repetition_penalty``, ``min_tokens``,
 ``ignore_eos``, ``stop_token_ids``, ``top_k`` and ``truncate_prompt_tokens``.
 """
 
@@ -173,7 +173,7 @@ class OpenAIParameters(BaseModel):
 
 
 class CompletionRequest(OpenAIParameters):
-    prompt: str | list[Any]  # one text or one list of token ids (_completion_prompt)
+    prompt: str | list[Any]  # texts or token-id lists, one or several (_completion_prompts)
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
@@ -200,7 +200,7 @@ class Endpoint:
     request_type: type[OpenAIParameters]
     object_name: Literal["text_completion", "chat.completion"]
     chunk_name: Literal["text_completion", "chat.completion.chunk"]
-    prompt_of: Callable[[Any, RouterService], Prompt]
+    prompts_of: Callable[[Any, RouterService], list[Prompt]]
     max_tokens_of: Callable[[Any], int | None]
 
     @property
@@ -329,24 +329,33 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _completion_prompt(body: CompletionRequest, service: RouterService) -> Prompt:
-    """OpenAI's prompt forms: a text, a list of one text, token ids or a list of one list
-    of token ids (read as they are, as vLLM reads them). Several prompts are refused."""
+# The most prompts one completions request may hold (each generated in turn, n times).
+MAX_PROMPTS = 64
+
+
+def _completion_prompts(body: CompletionRequest, service: RouterService) -> list[Prompt]:
+    """OpenAI's prompt forms: a text, token ids (read as they are, as vLLM reads them), or
+    a list of either (several prompts, up to MAX_PROMPTS)."""
     prompt = body.prompt
     if isinstance(prompt, str):
-        return Prompt(text=prompt)
+        return [Prompt(text=prompt)]
     if not prompt:
         raise InvalidFieldError("prompt", "the prompt is empty")
     if all(_is_token_id(p) for p in prompt):
-        return service.token_id_prompt(prompt)
-    if len(prompt) != 1:
-        raise InvalidFieldError("prompt", "exactly one prompt per request is served")
-    (only,) = prompt
-    if isinstance(only, str):
-        return Prompt(text=only)
-    if isinstance(only, list) and only and all(_is_token_id(p) for p in only):
-        return service.token_id_prompt(only)
-    raise InvalidFieldError("prompt", "must be a text or a list of token ids")
+        return [service.token_id_prompt(prompt)]
+    if len(prompt) > MAX_PROMPTS:
+        raise InvalidFieldError("prompt", f"at most {MAX_PROMPTS} prompts, got {len(prompt)}")
+    prompts = []
+    for one in prompt:
+        if isinstance(one, str):
+            prompts.append(Prompt(text=one))
+        elif isinstance(one, list) and one and all(_is_token_id(p) for p in one):
+            prompts.append(service.token_id_prompt(one))
+        else:
+            raise InvalidFieldError(
+                "prompt", "must be a text, token ids, or a list of texts or of token-id lists"
+            )
+    return prompts
 
 
 def _message_text(message: ChatMessage, index: int) -> str:
@@ -367,7 +376,7 @@ def _message_text(message: ChatMessage, index: int) -> str:
 ROLE_ALIASES = {"developer": "system"}
 
 
-def _chat_prompt(body: ChatRequest, service: RouterService) -> Prompt:
+def _chat_prompts(body: ChatRequest, service: RouterService) -> list[Prompt]:
     messages = tuple(
         {
             "role": ROLE_ALIASES.get(message.role, message.role),
@@ -375,21 +384,21 @@ def _chat_prompt(body: ChatRequest, service: RouterService) -> Prompt:
         }
         for i, message in enumerate(body.messages)
     )
-    return Prompt(messages=messages)
+    return [Prompt(messages=messages)]  # one conversation
 
 
 COMPLETIONS = Endpoint(
     CompletionRequest,
     "text_completion",
     "text_completion",
-    _completion_prompt,
+    _completion_prompts,
     lambda body: DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens,
 )
 CHAT = Endpoint(
     ChatRequest,
     "chat.completion",
     "chat.completion.chunk",
-    _chat_prompt,
+    _chat_prompts,
     lambda body: (
         body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
     ),
@@ -523,8 +532,11 @@ class LogprobsHoldback:
         return [entry for *_, entry in released], texts, start
 
 
-def generate_input(service: RouterService, endpoint: Endpoint, body: Any) -> GenerateInput:
-    """The domain request for an OpenAI body (checked against what the sidecar serves)."""
+def generate_input(
+    service: RouterService, endpoint: Endpoint, body: Any, prompt: Prompt
+) -> GenerateInput:
+    """The domain request for an OpenAI body's ``prompt`` (checked against what the
+    sidecar serves)."""
     problems = _unsupported(body)
     if problems:
         raise InvalidFieldError(problems[0], f"unsupported parameters: {', '.join(problems)}")
@@ -543,7 +555,7 @@ def generate_input(service: RouterService, endpoint: Endpoint, body: Any) -> Gen
         field = "max_completion_tokens" if named else "max_tokens"
         raise InvalidFieldError(field, f"must be > 0, got {max_tokens}")
     route = RouteInput(
-        prompt=endpoint.prompt_of(body, service),
+        prompt=prompt,
         max_new_tokens=max_tokens,
         sampling=sampling_from_openai(body),
         truncate=truncate_of(body, service.limits.max_prompt_tokens),
@@ -566,11 +578,16 @@ def choice_count(body: OpenAIParameters) -> int:
 
 
 def choice_inputs(service: RouterService, endpoint: Endpoint, body: Any) -> list[GenerateInput]:
-    """One generation per choice. With a seed, choice i samples with seed + i, so that
-    sampled choices differ and each is the output of a lone request with that seed (at the
-    same drafter and k); without one, each run draws its own."""
-    first = generate_input(service, endpoint, body)
-    return [first, *(_reseeded(first, i) for i in range(1, choice_count(body)))]
+    """One generation per choice: ``n`` per prompt, prompt after prompt (choice index =
+    prompt index * n + i, as vLLM numbers them). With a seed, a prompt's choice i samples
+    with seed + i, so that sampled choices differ and each is the output of a lone request
+    with that seed (at the same drafter and k); without one, each run draws its own."""
+    count = choice_count(body)
+    inputs = []
+    for prompt in endpoint.prompts_of(body, service):
+        first = generate_input(service, endpoint, body, prompt)
+        inputs.extend([first, *(_reseeded(first, i) for i in range(1, count))])
+    return inputs
 
 
 def _reseeded(request: GenerateInput, index: int) -> GenerateInput:
@@ -634,17 +651,21 @@ def param_of(location: Sequence[int | str]) -> str:
     return param or "body"
 
 
-def _usage(routed: RoutedRequest, completion_tokens: int) -> dict[str, int]:
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
-        "prompt_tokens": routed.prompt_tokens,
+        "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
-        "total_tokens": routed.prompt_tokens + completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
 
 
-def _choices_usage(runs: Sequence[tuple[RoutedRequest, GenerationResult]]) -> dict[str, int]:
-    """The usage of every choice's run, the prompt counted once (as vLLM counts it)."""
-    return _usage(runs[0][0], sum(len(result.output_ids) for _, result in runs))
+def _choices_usage(
+    runs: Sequence[tuple[RoutedRequest, GenerationResult]], per_prompt: int
+) -> dict[str, int]:
+    """The usage of every choice's run, each prompt counted once (as vLLM counts it): the
+    runs are ``per_prompt`` choices of each prompt in turn."""
+    prompt_tokens = sum(routed.prompt_tokens for routed, _ in runs[::per_prompt])
+    return _usage(prompt_tokens, sum(len(result.output_ids) for _, result in runs))
 
 
 def specroute_extra(routed: RoutedRequest, result: GenerationResult | None) -> dict[str, Any]:
@@ -686,8 +707,9 @@ def _stopped(result: GenerationResult) -> bool:
 class _Reply:
     """Builds one response's OpenAI objects (one id and creation time for all chunks)."""
 
-    def __init__(self, endpoint: Endpoint, model: str) -> None:
+    def __init__(self, endpoint: Endpoint, model: str, per_prompt: int = 1) -> None:
         prefix = "chatcmpl" if endpoint.is_chat else "cmpl"
+        self.per_prompt = per_prompt  # choices per prompt (n): each prompt's usage once
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.endpoint = endpoint
@@ -753,7 +775,7 @@ class _Reply:
                 choice["specroute"] = specroute_extra(ran.routed, ran.result)
         first = runs[0]
         body = self._object(self.endpoint.object_name, choices)
-        body["usage"] = _choices_usage([(ran.routed, ran.result) for ran in runs])
+        body["usage"] = _choices_usage([(ran.routed, ran.result) for ran in runs], self.per_prompt)
         body["specroute"] = specroute_extra(first.routed, first.result)
         return body
 
@@ -787,7 +809,7 @@ class _Reply:
     def usage_chunk(self, runs: Sequence[tuple[RoutedRequest, GenerationResult]]) -> dict[str, Any]:
         """The usage of every choice and the first's decision."""
         body = self._object(self.endpoint.chunk_name, [])
-        body["usage"] = _choices_usage(runs)
+        body["usage"] = _choices_usage(runs, self.per_prompt)
         body["specroute"] = specroute_extra(*runs[0])
         return body
 
@@ -830,7 +852,7 @@ async def _run_choice(service: RouterService, request: GenerateInput) -> _Choice
 
 
 async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dict[str, Any]:
-    reply = _Reply(endpoint, body.model)
+    reply = _Reply(endpoint, body.model, choice_count(body))
     # One choice after another: each is admitted as a request of its own, so n choices
     # never take more than one place of the generation queue at a time (all at once, n
     # over the free places was a 429 on an otherwise idle sidecar).
@@ -900,7 +922,7 @@ async def _stream(
     (``client_may_leave``)."""
     from router.http_front import SSE_HEADERS, client_may_leave
 
-    reply = _Reply(endpoint, body.model)
+    reply = _Reply(endpoint, body.model, choice_count(body))
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     requests = choice_inputs(service, endpoint, body)
     several = len(requests) > 1

@@ -565,13 +565,13 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"echo": True}, "echo"),
         ({"stop": [""]}, "stop"),
         ({"stop": [f"stop {i}" for i in range(17)]}, "stop"),  # more than 16
-        ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": [1, 2, 10**9]}, "prompt"),  # a token id outside the vocabulary
         ({"prompt": [1, -2]}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [[]]}, "prompt"),
         ({"prompt": [True]}, "prompt"),  # JSON's true is no token id
-        ({"prompt": [[1, 2], [3]]}, "prompt"),  # several prompts
+        ({"prompt": [PROMPT, 3]}, "prompt"),  # neither texts nor token-id lists
+        ({"prompt": [PROMPT] * 65}, "prompt"),  # over 64 prompts
         ({"seed": -(2**63) - 1, "temperature": 0.8}, "seed"),  # was a 500 from the engine
         # vLLM's extensions a client of a vLLM-style endpoint sends: were silently ignored.
         ({"min_tokens": 8}, "min_tokens"),  # over max_tokens (4)
@@ -623,6 +623,35 @@ def test_n_choices_are_each_a_generation(sidecar: SidecarThread) -> None:
     )
     assert [c.index for c in chat.choices] == [0, 1]
     assert chat.choices[0].message.content == chat.choices[1].message.content
+
+
+def test_several_prompts_are_each_a_generation_n_times(sidecar: SidecarThread) -> None:
+    """Several prompts (texts or token-id lists; were refused): n choices per prompt,
+    numbered prompt by prompt (index = prompt * n + i, as vLLM numbers them), each prompt's
+    tokens counted once in the usage, streamed too."""
+    other = "Once upon a time"
+    asked = {"model": "target", "max_tokens": 5, "temperature": 0}
+    completions = client(sidecar).completions
+    alone = [completions.create(prompt=p, **asked) for p in (PROMPT, other)]
+    ids = sidecar.service.prompt_ids(Prompt(text=other))
+    for prompt in ([PROMPT, other], [sidecar.service.prompt_ids(Prompt(text=PROMPT)), ids]):
+        reply = completions.create(prompt=prompt, n=2, **asked)
+        assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+        texts = [c.text for c in reply.choices]
+        assert texts == [alone[0].choices[0].text] * 2 + [alone[1].choices[0].text] * 2
+        assert reply.usage is not None
+        assert reply.usage.prompt_tokens == sum(
+            a.usage.prompt_tokens for a in alone if a.usage is not None
+        )
+        assert reply.usage.completion_tokens == sum(
+            2 * a.usage.completion_tokens for a in alone if a.usage is not None
+        )
+    chunks = list(completions.create(prompt=[PROMPT, other], stream=True, **asked))
+    streamed = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == {0: alone[0].choices[0].text, 1: alone[1].choices[0].text}
 
 
 def test_n_choices_stream_one_after_another(sidecar: SidecarThread) -> None:
