@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -9,8 +10,9 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How the next token is chosen: greedy (argmax) or sampled with temperature, top-k,
-    top-p and typical-p (TGI's ``typical_p``, locally typical sampling).
+    """How the next token is chosen: greedy (argmax) or sampled with temperature, min-p
+    (vLLM's ``min_p``), top-k, top-p and typical-p (TGI's ``typical_p``, locally typical
+    sampling).
 
     ``seed`` makes a sampled request reproducible; ``None`` draws a fresh seed.
     """
@@ -21,6 +23,7 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int | None = None
     typical_p: float = 1.0
+    min_p: float = 0.0  # drop tokens below min_p times the row's most likely one; 0: off
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -31,11 +34,14 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 < self.typical_p <= 1:
             raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
 
 
 def sampling_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """Probabilities [n, vocab] after temperature, then top-k, then top-p, then typical-p
-    (the order of transformers' warpers, and of TGI's).
+    """Probabilities [n, vocab] after temperature, then min-p (as vLLM: a token less likely
+    than ``min_p`` times the row's most likely one, after temperature, is dropped), then
+    top-k, then top-p, then typical-p (the order of transformers' warpers, and of TGI's).
 
     Each row's maximum is subtracted before dividing by the temperature: the softmax is
     the same, and a tiny temperature (down to the smallest positive float) sends the other
@@ -46,6 +52,9 @@ def sampling_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tens
     scores = logits.float()
     temperature = max(sampling.temperature, torch.finfo(scores.dtype).tiny)
     scores = (scores - scores.amax(dim=-1, keepdim=True)) / temperature  # [n, vocab]
+    if sampling.min_p > 0:
+        # The row's maximum is 0 here: p / p_max = exp(score), so the test is in log space.
+        scores = scores.masked_fill(scores < math.log(sampling.min_p), float("-inf"))
     if 0 < sampling.top_k < scores.shape[-1]:
         kth = torch.topk(scores, sampling.top_k, dim=-1).values[..., -1:]  # [n, 1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

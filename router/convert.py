@@ -50,6 +50,7 @@ def sampling_from_pb(message: pb.SamplingParams) -> Sampling:
         frequency_penalty=message.frequency_penalty,
         min_tokens=message.min_tokens,
         logit_bias=tuple(sorted(message.logit_bias.items())),
+        min_p=message.min_p,
     )
 
 

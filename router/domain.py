@@ -38,6 +38,7 @@ class Sampling:
     frequency_penalty: float = 0.0  # [-2, 2]: per occurrence in the output
     min_tokens: int = 0  # no EOS, stop token or stop sequence before this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, [-100, 100])
+    min_p: float = 0.0  # vLLM's: [0, 1], a sampling warper after temperature; 0: off
 
     @property
     def greedy(self) -> bool:
@@ -181,6 +182,9 @@ def check_sampling(sampling: Sampling) -> Sampling:
         )
     if any(token < 0 for token in sampling.stop_token_ids):
         raise InvalidFieldError("sampling.stop_token_ids", "token ids must be >= 0")
+    check_finite("sampling.min_p", sampling.min_p)
+    if not 0 <= sampling.min_p <= 1:
+        raise InvalidFieldError("sampling.min_p", f"must be in [0, 1], got {sampling.min_p:g}")
     check_finite("sampling.repetition_penalty", sampling.repetition_penalty)
     if sampling.repetition_penalty <= 0:
         raise InvalidFieldError(

@@ -7,11 +7,11 @@ in-process engine, or a vLLM fleet behind it). Errors are
 ``{"error": {"message", "type", "param", "code"}}`` with 400 / 401 / 404 / 429 / 500.
 
 A request the sidecar cannot honour (tools, ``echo``, ``best_of``, and vLLM's extensions
-such as ``min_p`` or guided decoding: ``UNSUPPORTED_UNLESS``) is refused with 400 naming
+such as guided decoding: ``UNSUPPORTED_UNLESS``) is refused with 400 naming
 the parameter, never ignored; a field neither API defines is ignored. Served besides the
 basics: ``n`` choices, log-probabilities (chat's ``logprobs``/``top_logprobs``,
 completions' ``logprobs``), token-id and several prompts, the presence and frequency
-penalties, ``logit_bias``, and vLLM's ``repetition_penalty``, ``min_tokens``,
+penalties, ``logit_bias``, and vLLM's ``min_p``, ``repetition_penalty``, ``min_tokens``,
 ``ignore_eos``, ``stop_token_ids``, ``top_k`` and ``truncate_prompt_tokens``.
 """
 
@@ -106,7 +106,6 @@ class StreamOptions(BaseModel):
 # any other value is refused by name, so that a client relying on one (a benchmark's
 # ignore_eos, a schema's guided_json) is told rather than silently served something else.
 UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
-    "min_p": (None, 0, 0.0),
     "include_stop_str_in_output": (None, False),
     "logprob_token_ids": (None, []),
     "prompt_logprobs": (None, 0),
@@ -158,6 +157,7 @@ class OpenAIParameters(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     repetition_penalty: float | None = None  # vLLM's: > 0, 1 off
+    min_p: float | None = None  # vLLM's: [0, 1], 0 off
     min_tokens: int | None = None  # vLLM's: no stop of any kind before this many tokens
     ignore_eos: bool | None = False  # vLLM's: generate past the model's EOS tokens
     stop_token_ids: list[int] | None = None  # vLLM's: more tokens that end the generation
@@ -312,6 +312,7 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
         frequency_penalty=body.frequency_penalty or 0.0,
         min_tokens=body.min_tokens or 0,
         logit_bias=_logit_bias(body),
+        min_p=body.min_p or 0.0,
     )
 
 

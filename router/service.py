@@ -752,6 +752,7 @@ class RouterService:
             top_p=sampling.top_p,
             seed=sampling.seed,
             typical_p=sampling.typical_p,
+            min_p=sampling.min_p,
         )
         engine = self.components.engine
         if engine is None:

@@ -94,7 +94,7 @@ def completion_body(
         "temperature": sampling.temperature if sampling.do_sample else 0.0,
         "top_p": sampling.top_p,
         "top_k": sampling.top_k if sampling.do_sample else 0,
-        "min_p": 0.0,
+        "min_p": sampling.min_p if sampling.do_sample else 0.0,
         "repetition_penalty": sampling.repetition_penalty,
         "presence_penalty": sampling.presence_penalty,
         "frequency_penalty": sampling.frequency_penalty,

@@ -12,9 +12,9 @@ sidecar's; only where generation runs changes:
   requests in flight, or vLLM's own running + waiting from its /metrics); a decision of
   ``none`` with no plain replica free goes to the least loaded replica of any
   configuration (speculative decoding is lossless). The decision carries the replica's
-  own k. A request with a ``logit_bias`` goes to a plain replica only: vLLM refuses the
-  parameter under speculative decoding ("not yet supported"), so without a plain replica
-  in the fleet it is refused (INVALID_ARGUMENT) before any replica is asked.
+  own k. A request with a ``logit_bias`` or a ``min_p`` goes to a plain replica only: vLLM
+  refuses both under speculative decoding ("not yet supported"), so without a plain
+  replica in the fleet it is refused (INVALID_ARGUMENT) before any replica is asked.
 - **Failures**: a replica that fails (connection, timeout, 5xx, a broken stream) is taken
   out and probed until it is back; the request goes on on another replica, from the
   tokens already received (prompt + output so far), so no request is lost (over the
@@ -137,8 +137,8 @@ def _checked_sampling(request: GenerateInput) -> None:
 
 def plain_only(sampling: Sampling) -> bool:
     """Whether only a replica without speculation can serve these parameters: vLLM (0.32)
-    refuses ``logit_bias`` with speculative decoding."""
-    return bool(sampling.logit_bias)
+    refuses ``logit_bias`` and ``min_p`` with speculative decoding."""
+    return bool(sampling.logit_bias) or (sampling.do_sample and sampling.min_p > 0)
 
 
 @dataclass
@@ -366,16 +366,18 @@ class FleetRouterService(RouterService):
         fleet has none, or when it pins a speculative configuration."""
         if not plain_only(request.route.sampling):
             return False
+        field = "sampling.logit_bias" if request.route.sampling.logit_bias else "sampling.min_p"
+        name = field.removeprefix("sampling.")
         if not any(r.drafter == NONE_DRAFTER for r in self.replicas):
             raise InvalidFieldError(
-                "sampling.logit_bias",
-                "vLLM refuses logit_bias under speculative decoding and this fleet has no "
+                field,
+                f"vLLM refuses {name} under speculative decoding and this fleet has no "
                 'replica without it (speculative = "none")',
             )
         if request.force_drafter not in ("", NONE_DRAFTER):
             raise InvalidFieldError(
-                "sampling.logit_bias",
-                f"vLLM refuses logit_bias under speculative decoding: it cannot run on "
+                field,
+                f"vLLM refuses {name} under speculative decoding: it cannot run on "
                 f"{request.force_drafter!r} (force_drafter)",
             )
         return True

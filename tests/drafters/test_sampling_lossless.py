@@ -242,12 +242,14 @@ TOP_K = SamplingConfig(do_sample=True, temperature=1.0, top_k=4)
 TOP_P = SamplingConfig(do_sample=True, temperature=0.9, top_p=0.85)
 # Locally typical sampling after top-p, as TGI's typical_p: another warp, the same law.
 TYPICAL = SamplingConfig(do_sample=True, temperature=0.9, top_p=0.95, typical_p=0.8)
+# vLLM's min_p after temperature, then top-k.
+MIN_P = SamplingConfig(do_sample=True, temperature=1.1, min_p=0.1, top_k=5)
 
 
 @pytest.mark.parametrize(
     ("drafter", "sampling"),
-    [("model", TOP_K), ("model", TOP_P), ("ngram", TOP_P), (COPY, TYPICAL)],
-    ids=["model-top_k", "model-top_p", "ngram-top_p", "copy_or_model-typical_p"],
+    [("model", TOP_K), ("model", TOP_P), ("ngram", TOP_P), (COPY, TYPICAL), ("model", MIN_P)],
+    ids=["model-top_k", "model-top_p", "ngram-top_p", "copy_or_model-typical_p", "model-min_p"],
 )
 def test_speculative_samples_follow_plain_sampling_beyond_the_first_token(
     setup: Setup, drafter: str, sampling: SamplingConfig

@@ -119,6 +119,20 @@ def test_sampling_probs_applies_temperature_top_k_and_top_p() -> None:
     assert torch.allclose(hot, torch.softmax(logits / 0.5, dim=-1))
 
 
+def test_sampling_probs_min_p_keeps_tokens_as_likely_as_a_share_of_the_top_one() -> None:
+    """vLLM's min_p, after temperature: p(t) >= min_p * max p, the rest renormalised."""
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
+    full = torch.softmax(logits, dim=-1)[0]
+    kept = sampling_probs(logits, SamplingConfig(do_sample=True, min_p=0.3))
+    assert ((kept[0] > 0) == (full >= 0.3 * full[0])).all()  # tokens 0 and 1 (e^-1 = 0.37)
+    assert torch.isclose(kept[0, 0] / kept[0, 1], full[0] / full[1])
+    # At temperature 2 token 2 (e^-1 of the top, after it) is kept as well.
+    hot = sampling_probs(logits, SamplingConfig(do_sample=True, temperature=2.0, min_p=0.3))
+    assert (hot[0, :3] > 0).all() and (hot[0, 3:] == 0).all()
+    only_top = sampling_probs(logits, SamplingConfig(do_sample=True, min_p=1.0))
+    assert only_top[0].tolist() == [1.0, 0, 0, 0, 0, 0]
+
+
 @pytest.mark.parametrize("mass", [0.2, 0.5, 0.9, 0.99])
 def test_sampling_probs_typical_p_matches_transformers_warpers(mass: float) -> None:
     """typical_p (TGI's parameter) as transformers warps it, after temperature, top-k

@@ -408,6 +408,9 @@ def test_completion_body_asks_for_token_ids_and_metrics() -> None:
         ),
     )
     assert penalised["logit_bias"] == {"5": -100.0, "9": 2.5}
+    assert penalised["min_p"] == 0.0  # greedy: no warper
+    warped = completion_body("target", [1], 8, Sampling(do_sample=True, min_p=0.2))
+    assert warped["min_p"] == 0.2
     assert (penalised["repetition_penalty"], penalised["presence_penalty"]) == (1.2, 0.3)
     assert penalised["frequency_penalty"] == -1 and penalised["min_tokens"] == 2
 
@@ -904,6 +907,12 @@ def test_a_logit_bias_goes_to_a_plain_replica_or_is_refused() -> None:
     assert not service._checked_plain(GenerateInput(route=RouteInput(prompt=None)))  # type: ignore[arg-type]
     with pytest.raises(InvalidFieldError, match="force_drafter"):
         service._checked_plain(replace(request, force_drafter="ngram"))
+    min_p = Sampling(do_sample=True, min_p=0.1)
+    assert service._checked_plain(GenerateInput(route=RouteInput(prompt=None, sampling=min_p)))  # type: ignore[arg-type]
+    greedy_min_p = Sampling(min_p=0.1)  # no warper applies to greedy decoding
+    assert not service._checked_plain(
+        GenerateInput(route=RouteInput(prompt=None, sampling=greedy_min_p))  # type: ignore[arg-type]
+    )
     service.replicas = [replica("a", "ngram")]
     with pytest.raises(InvalidFieldError, match='speculative = "none"'):
         service._checked_plain(request)

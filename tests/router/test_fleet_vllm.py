@@ -265,6 +265,10 @@ def test_penalties_and_a_logit_bias_reach_the_replicas(fleet: Fleet) -> None:
     decision, ids, _ = generate(fleet, sampling=sampling)
     assert ids == biased and ids != expected
     assert decision.drafter == "none" and decision.replica == fleet.servers["none"].url
+    # min_p 1 keeps the most likely token alone (greedy output), on the plain replica.
+    top_only = pb.SamplingParams(do_sample=True, temperature=0.8, min_p=1.0)
+    decision, ids, _ = generate(fleet, sampling=top_only)
+    assert ids == plain and decision.replica == fleet.servers["none"].url
     with pytest.raises(grpc.RpcError) as pinned:
         generate(fleet, "ngram", sampling=sampling)
     assert pinned.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -577,10 +577,10 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"min_tokens": 8}, "min_tokens"),  # over max_tokens (4)
         ({"min_tokens": -1}, "min_tokens"),
         ({"logit_bias": {"five": 10}}, "logit_bias"),
+        ({"min_p": 1.5}, "min_p"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),  # OpenAI's range is [-100, 100]
         ({"logit_bias": {str(10**9): 1}}, "logit_bias"),  # outside the vocabulary
         ({"repetition_penalty": 0}, "repetition_penalty"),
-        ({"min_p": 0.05}, "min_p"),
         ({"guided_json": {"type": "object"}}, "guided_json"),
         ({"structured_outputs": {"choice": ["a", "b"]}}, "structured_outputs"),
         # More of vLLM's extensions, served with 200 and ignored before.
@@ -771,6 +771,11 @@ def test_penalties_and_min_tokens_are_served(
         )
         chunks = list(reply) if stream else [reply]
         assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    # min_p 1 keeps the most likely token alone: a sampled request writes the greedy text.
+    top_only = client(sidecar).completions.create(
+        model="target", prompt=PROMPT, max_tokens=12, temperature=0.8, extra_body={"min_p": 1.0}
+    )
+    assert top_only.choices[0].text == penalised_reference(sidecar, Penalties(), 12)
     ids, _ = greedy_reference(sidecar, PROMPT, 4)
     biased = client(sidecar).completions.create(
         model="target", prompt=PROMPT, max_tokens=4, temperature=0, logit_bias={str(ids[0]): -100}
