@@ -1001,3 +1001,36 @@ def test_a_request_over_the_targets_context_is_refused_or_fitted(
         assert info["max_total_tokens"] == 2048 and info["max_input_tokens"] == 2000
     finally:
         running.stop()
+
+
+def test_a_generation_that_ends_without_its_result_is_an_error_not_a_silent_end(
+    sidecar: SidecarThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that ends without its result (no known path makes one; a bug would) was a
+    stream ended by a silent ``[DONE]``: it ends with an error event after the text made
+    so far, and a response that is not streamed is a 500."""
+    from router.service import GenerationResult
+
+    real = sidecar.service.generate
+
+    async def short(request: Any) -> Any:
+        async for item in real(request):
+            if not isinstance(item, GenerationResult):
+                yield item
+
+    monkeypatch.setattr(sidecar.service, "generate", short)
+    body = {"model": "target", "prompt": PROMPT, "max_tokens": 3, "temperature": 0}
+    request = urllib.request.Request(
+        f"{sidecar.http_url}/v1/completions",
+        data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        raw = response.read().decode()
+    events = [e[5:].strip() for e in raw.split("\n\n") if e.startswith("data:")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert "without a result" in error["message"] and error["type"] == "server_error", error
+    assert any("choices" in json.loads(e) for e in events[:-2])  # the text made was sent
+    status, reply = post(f"{sidecar.http_url}/v1/completions", body)
+    assert status == 500 and "without a result" in reply["error"]["message"], reply
