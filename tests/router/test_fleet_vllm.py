@@ -265,6 +265,10 @@ def test_penalties_and_a_logit_bias_reach_the_replicas(fleet: Fleet) -> None:
     decision, ids, _ = generate(fleet, sampling=sampling)
     assert ids == biased and ids != expected
     assert decision.drafter == "none" and decision.replica == fleet.servers["none"].url
+    # A Route (the caller forwards the request itself) names the plain replica too.
+    for asked in (sampling, pb.SamplingParams(do_sample=True, min_p=0.5)):
+        routed = fleet.sidecar.stub.Route(pb.RouteRequest(text=PROMPT, sampling=asked), timeout=30)
+        assert routed.replica == fleet.servers["none"].url and routed.draft_length == 0
     # min_p 1 keeps the most likely token alone (greedy output), on the plain replica.
     top_only = pb.SamplingParams(do_sample=True, temperature=0.8, min_p=1.0)
     decision, ids, _ = generate(fleet, sampling=top_only)
