@@ -12,7 +12,8 @@ the parameter, never ignored; a field neither API defines is ignored. Served bes
 basics: ``n`` choices, log-probabilities (chat's ``logprobs``/``top_logprobs``,
 completions' ``logprobs``), token-id and several prompts, the presence and frequency
 penalties, ``logit_bias``, and vLLM's ``min_p``, ``repetition_penalty``, ``min_tokens``,
-``ignore_eos``, ``stop_token_ids``, ``top_k`` and ``truncate_prompt_tokens``.
+``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``top_k`` and
+``truncate_prompt_tokens``.
 """
 
 from __future__ import annotations
@@ -106,7 +107,6 @@ class StreamOptions(BaseModel):
 # any other value is refused by name, so that a client relying on one (a benchmark's
 # ignore_eos, a schema's guided_json) is told rather than silently served something else.
 UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
-    "include_stop_str_in_output": (None, False),
     "logprob_token_ids": (None, []),
     "prompt_logprobs": (None, 0),
     "guided_json": (None,),
@@ -160,6 +160,7 @@ class OpenAIParameters(BaseModel):
     min_p: float | None = None  # vLLM's: [0, 1], 0 off
     min_tokens: int | None = None  # vLLM's: no stop of any kind before this many tokens
     ignore_eos: bool | None = False  # vLLM's: generate past the model's EOS tokens
+    include_stop_str_in_output: bool | None = False  # vLLM's: the text keeps its stop
     stop_token_ids: list[int] | None = None  # vLLM's: more tokens that end the generation
     stream: bool | None = False  # null (OpenAI's clients send it for None): not streamed
     stream_options: StreamOptions | None = None
@@ -239,6 +240,12 @@ def _unsupported(body: OpenAIParameters) -> list[str]:
 def stops_of(body: OpenAIParameters) -> list[str]:
     """The request's stop sequences (OpenAI's ``stop`` is one string or a list)."""
     return [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+
+
+def cut_stops_of(body: OpenAIParameters) -> list[str]:
+    """The stop sequences the reply's text ends before: none with vLLM's
+    ``include_stop_str_in_output`` (the text then ends after its stop, as the engine's)."""
+    return [] if body.include_stop_str_in_output else stops_of(body)
 
 
 def without_stop(text: str, stops: Sequence[str]) -> str:
@@ -859,7 +866,7 @@ async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dic
     # over the free places was a 429 on an otherwise idle sidecar).
     finished = [await _run_choice(service, r) for r in choice_inputs(service, endpoint, body)]
     reply.decided(finished[0].result.routed)
-    return reply.complete(finished, stops_of(body))
+    return reply.complete(finished, cut_stops_of(body))
 
 
 async def _sse_event(response: web.StreamResponse, payload: dict[str, Any] | str) -> None:
@@ -879,7 +886,7 @@ async def _stream_choice(
     """Stream choice ``index``: its text chunks, then a chunk with its finish reason (and,
     among several choices, its own ``specroute``). The generation's first item, the
     decision, has been read."""
-    holdback = StopHoldback(stops_of(body))
+    holdback = StopHoldback(cut_stops_of(body))
     scored = LogprobsHoldback() if asked.logprobs is not None else None
 
     def logprobs(characters: int | None) -> dict[str, Any] | None:

@@ -139,6 +139,12 @@ def test_the_stop_sequence_is_left_out_as_openai_does(sidecar: SidecarThread) ->
         client(sidecar).completions.create(**asked, temperature=0, stop=[stop], stream=True)
     )
     assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == ""
+    # vLLM's include_stop_str_in_output keeps it (was refused by name).
+    kept = {"stop": [stop], "extra_body": {"include_stop_str_in_output": True}}
+    reply = client(sidecar).completions.create(**asked, temperature=0, **kept)
+    assert reply.choices[0].text == stop and reply.choices[0].finish_reason == "stop"
+    chunks = list(client(sidecar).completions.create(**asked, temperature=0, stream=True, **kept))
+    assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == stop
     # The TGI front keeps TGI's text, stop included.
     tgi = {"inputs": PROMPT, "parameters": {"max_new_tokens": 24, "stop": [stop]}}
     status, body = post(f"{sidecar.http_url}/generate", tgi)
