@@ -21,6 +21,7 @@ reported log-probabilities stay the model's own (vLLM's default ``raw_logprobs``
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -58,41 +59,29 @@ NO_PENALTIES = Penalties()
 
 class PenaltyState:
     """One request's running counts: which tokens the prompt and output hold, how often
-    each occurs in the output, and how many tokens were generated."""
+    each occurs in the output, and how many tokens were generated. Penalties touch only
+    the columns of those tokens and of the step's drafts (a few hundred of Qwen2.5's ~152k
+    tokens; on the whole vocabulary they cost a CPU step ~25 times as much,
+    ``benchmarks/engine/HISTORY.md``)."""
 
     def __init__(
         self, penalties: Penalties, prompt_ids: Sequence[int], stop_ids: Collection[int]
     ) -> None:
         self.penalties = penalties
-        self._prompt_ids = list(prompt_ids)
-        self._output: list[int] = []  # until the counts are first needed
         self._stop_ids = sorted(stop_ids)
-        self._seen: torch.Tensor | None = None  # [vocab] bool: in the prompt or output
-        self._counts: torch.Tensor | None = None  # [vocab] float: occurrences in the output
+        # The repetition penalty reads the prompt's tokens too; the others the output's.
+        self._seen: dict[int, None] = (
+            dict.fromkeys(int(t) for t in prompt_ids) if penalties.repetition != 1.0 else {}
+        )
+        self._counts: Counter[int] = Counter()  # occurrences in the output
         self.generated = 0
-
-    def _start(self, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._seen is None or self._counts is None:
-            self._seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-            self._seen[torch.tensor(self._prompt_ids, dtype=torch.long, device=device)] = True
-            self._counts = torch.zeros(vocab, dtype=torch.float32, device=device)
-            self._count(self._output)
-        return self._seen, self._counts
-
-    def _count(self, tokens: Sequence[int]) -> None:
-        if self._seen is None or self._counts is None or not tokens:
-            return
-        ids = torch.tensor(list(tokens), dtype=torch.long, device=self._counts.device)
-        self._seen[ids] = True
-        self._counts.index_add_(0, ids, torch.ones(len(ids), device=ids.device))
 
     def extend(self, tokens: Sequence[int]) -> None:
         """Tokens emitted: they count as output from now on."""
         self.generated += len(tokens)
-        if self._counts is None:
-            self._output.extend(tokens)
-        else:
-            self._count(tokens)
+        if self.penalties.penalises:
+            self._counts.update(tokens)
+            self._seen.update(dict.fromkeys(tokens))
 
     def adjust(self, logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         """``logits`` [d + 1, vocab] of a verify pass over ``drafts`` [d], each row as its
@@ -113,22 +102,31 @@ class PenaltyState:
         return out
 
     def _penalised(self, logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
-        rows, vocab = logits.shape
-        seen, counts = self._start(vocab, logits.device)
-        # Row i's output holds the drafts before it: a running count of them per row.
-        before = torch.zeros(rows, vocab, dtype=torch.float32, device=logits.device)
-        if rows > 1:
-            ones = torch.ones(rows - 1, dtype=torch.float32, device=logits.device)
-            before[1:].scatter_add_(1, drafts[: rows - 1].long().unsqueeze(1), ones.unsqueeze(1))
-            before = before.cumsum(dim=0)
-        row_counts = counts.unsqueeze(0) + before  # [rows, vocab]
+        """``logits`` (a copy, changed in place) penalised on the columns of the tokens seen
+        so far and of the drafts; row i counts the drafts before it as output."""
+        rows = logits.shape[0]
+        drafted = [int(t) for t in drafts[: rows - 1].tolist()]
+        columns = list(dict.fromkeys([*self._seen, *drafted]))
+        if not columns:
+            return logits
+        where = {token: i for i, token in enumerate(columns)}
+        device = logits.device
+        before = torch.zeros(rows, len(columns), dtype=torch.float32)  # drafts before row i
+        for row, token in enumerate(drafted, start=1):
+            before[row:, where[token]] += 1
+        base = torch.tensor([float(self._counts[t]) for t in columns])
+        counts = (base.unsqueeze(0) + before).to(device)  # [rows, columns]
+        index = torch.tensor(columns, dtype=torch.long, device=device)
+        values = logits[:, index]
         p = self.penalties
         if p.repetition != 1.0:
-            present = seen.unsqueeze(0) | (before > 0)
-            scaled = torch.where(logits > 0, logits / p.repetition, logits * p.repetition)
-            logits = torch.where(present, scaled, logits)
+            seen = torch.tensor([t in self._seen for t in columns]).unsqueeze(0)
+            present = (seen | (before > 0)).to(device)
+            scaled = torch.where(values > 0, values / p.repetition, values * p.repetition)
+            values = torch.where(present, scaled, values)
         if p.frequency:
-            logits = logits - p.frequency * row_counts
+            values = values - p.frequency * counts
         if p.presence:
-            logits = logits - p.presence * (row_counts > 0).float()
+            values = values - p.presence * (counts > 0).float()
+        logits[:, index] = values
         return logits
