@@ -18,6 +18,7 @@ penalties, ``logit_bias``, and vLLM's ``min_p``, ``repetition_penalty``, ``min_t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -25,7 +26,7 @@ import importlib.metadata
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -712,6 +713,12 @@ def _stopped(result: GenerationResult) -> bool:
     return str(result.stats.finish_reason) == "stop_sequence"
 
 
+def fingerprint_of(routed: RoutedRequest) -> str:
+    """``system_fingerprint``: the build and the decision (drafter and k) that answered."""
+    decision = routed.decision
+    return f"specroute-{specroute_version()}-{decision.drafter}-k{decision.k}"
+
+
 class _Reply:
     """Builds one response's OpenAI objects (one id and creation time for all chunks)."""
 
@@ -734,17 +741,18 @@ class _Reply:
         """Name the decision in ``system_fingerprint``: a seed repeats a sampled output at
         the same drafter and k only (the draws depend on both), and OpenAI's field is the
         one that tells a client its seeded request ran on another configuration."""
-        decision = routed.decision
-        self.fingerprint = f"specroute-{specroute_version()}-{decision.drafter}-k{decision.k}"
+        self.fingerprint = fingerprint_of(routed)
 
-    def _object(self, name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+    def _object(
+        self, name: str, choices: list[dict[str, Any]], fingerprint: str | None = None
+    ) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": name,
             "created": self.created,
             "model": self.model,
             # Which build and decision answered (OpenAI's field; TGI's client requires it).
-            "system_fingerprint": self.fingerprint,
+            "system_fingerprint": fingerprint or self.fingerprint,
             "choices": choices,
         }
 
@@ -793,7 +801,10 @@ class _Reply:
         finish: str | None,
         logprobs: dict[str, Any] | None = None,
         index: int = 0,
+        routed: RoutedRequest | None = None,
     ) -> dict[str, Any]:
+        """One chunk of choice ``index``; its fingerprint names ``routed``'s decision (a
+        choice's own, where choices stream at once), else the reply's."""
         choice: dict[str, Any]
         if self.endpoint.is_chat:
             # tool_calls in every delta: TGI's own client requires it (as TGI sends it);
@@ -812,7 +823,8 @@ class _Reply:
                 "logprobs": logprobs,
                 "finish_reason": finish,
             }
-        return self._object(self.endpoint.chunk_name, [choice])
+        fingerprint = fingerprint_of(routed) if routed is not None else None
+        return self._object(self.endpoint.chunk_name, [choice], fingerprint)
 
     def usage_chunk(self, runs: Sequence[tuple[RoutedRequest, GenerationResult]]) -> dict[str, Any]:
         """The usage of every choice and the first's decision."""
@@ -859,12 +871,45 @@ async def _run_choice(service: RouterService, request: GenerateInput) -> _Choice
     return _ChoiceRun(routed, result, scored if request.logprobs is not None else None, texts)
 
 
+def choice_width(service: RouterService, count: int) -> int:
+    """How many of ``count`` choices run at once: each is admitted as a request of its own,
+    so in-process (one engine, one generation at a time) one after another, never taking
+    more than one place of the generation queue (all at once, n over the free places was a
+    429 on an otherwise idle sidecar); in fleet mode as many as the replicas have free
+    places now (``free_generation_places``), at least one."""
+    return max(1, min(count, service.free_generation_places()))
+
+
+async def _all_at_most(width: int, jobs: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
+    """Each job's result, in order, with at most ``width`` running at once (started in
+    order); the first failure cancels the rest, starts no other, and is raised."""
+    gate = asyncio.Semaphore(width)
+    failed = asyncio.Event()
+
+    async def run(job: Callable[[], Awaitable[Any]]) -> Any:
+        async with gate:
+            if failed.is_set():  # a place freed by the failure: nothing more starts
+                raise asyncio.CancelledError
+            try:
+                return await job()
+            except BaseException:
+                failed.set()
+                raise
+
+    tasks = [asyncio.ensure_future(run(job)) for job in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dict[str, Any]:
     reply = _Reply(endpoint, body.model, choice_count(body))
-    # One choice after another: each is admitted as a request of its own, so n choices
-    # never take more than one place of the generation queue at a time (all at once, n
-    # over the free places was a 429 on an otherwise idle sidecar).
-    finished = [await _run_choice(service, r) for r in choice_inputs(service, endpoint, body)]
+    requests = choice_inputs(service, endpoint, body)
+    jobs = [functools.partial(_run_choice, service, r) for r in requests]
+    finished = await _all_at_most(choice_width(service, len(requests)), jobs)
     reply.decided(finished[0].result.routed)
     return reply.complete(finished, cut_stops_of(body))
 
@@ -882,10 +927,11 @@ async def _stream_choice(
     asked: GenerateInput,
     items: AsyncIterator[Any],
     several: bool,
+    routed: RoutedRequest,
 ) -> GenerationResult:
     """Stream choice ``index``: its text chunks, then a chunk with its finish reason (and,
-    among several choices, its own ``specroute``). The generation's first item, the
-    decision, has been read."""
+    among several choices, its own ``specroute``), each naming its own decision. The
+    generation's first item, that decision (``routed``), has been read."""
     holdback = StopHoldback(cut_stops_of(body))
     scored = LogprobsHoldback() if asked.logprobs is not None else None
 
@@ -894,25 +940,27 @@ async def _stream_choice(
 
     is_chat = reply.endpoint.is_chat
     if is_chat:
-        await _sse_event(response, reply.chunk("", None, index=index))
+        await _sse_event(response, reply.chunk("", None, index=index, routed=routed))
     async for item in items:
         if isinstance(item, TokenChunk):
             if scored is not None:
                 scored.feed(item)
             released = holdback.feed(item.text) if item.text else ""
             if released:
-                chunk = reply.chunk(released, None, logprobs(len(released)), index)
+                chunk = reply.chunk(released, None, logprobs(len(released)), index, routed)
                 await _sse_event(response, chunk)
         elif isinstance(item, GenerationResult):
             # The last chunks name the decision that finished the request (a fleet
             # failover, a drafter removed while it waited).
-            reply.decided(item.routed)
+            routed = item.routed
             rest = holdback.finish(_stopped(item))
             # The last text chunk carries the logprobs not sent yet (those of a stop
             # sequence's tokens too: they were generated).
             if rest or scored is not None:
-                await _sse_event(response, reply.chunk(rest, None, logprobs(None), index))
-            last = reply.chunk(None if is_chat else "", _finish_reason(item), index=index)
+                chunk = reply.chunk(rest, None, logprobs(None), index, routed)
+                await _sse_event(response, chunk)
+            finish = _finish_reason(item)
+            last = reply.chunk(None if is_chat else "", finish, index=index, routed=routed)
             if several:
                 last["choices"][0]["specroute"] = specroute_extra(item.routed, item)
             await _sse_event(response, last)
@@ -923,9 +971,10 @@ async def _stream_choice(
 async def _stream(
     service: RouterService, request: web.Request, endpoint: Endpoint, body: Any
 ) -> web.StreamResponse:
-    """Server-sent events: per choice (``n``, one after another) one chunk per speculative
-    step's text and a last chunk with the finish reason; the usage chunk when asked
-    (``stream_options.include_usage``), then ``data: [DONE]``. An error after the first
+    """Server-sent events: per choice (``n`` per prompt, as many at once as
+    ``choice_width`` allows, their chunks interleaved, each with its index) one chunk per
+    speculative step's text and a last chunk with the finish reason; the usage chunk when
+    asked (``stream_options.include_usage``), then ``data: [DONE]``. An error after the first
     event is sent as an error event; a client that leaves part-way stops the generation
     (``client_may_leave``)."""
     from router.http_front import SSE_HEADERS, client_may_leave
@@ -940,17 +989,26 @@ async def _stream(
         response = web.StreamResponse(headers=SSE_HEADERS)
         with client_may_leave(request):
             await response.prepare(request)
+
+            async def first() -> tuple[RoutedRequest, GenerationResult]:
+                streamed = _stream_choice(
+                    response, reply, body, 0, requests[0], items, several, routed
+                )
+                return routed, await streamed
+
+            async def later(index: int, asked: GenerateInput) -> tuple[Any, GenerationResult]:
+                async with contextlib.aclosing(_generation(service, asked)) as more:
+                    ran = await _first(more)
+                    streamed = _stream_choice(
+                        response, reply, body, index, asked, more, several, ran
+                    )
+                    return ran, await streamed
+
+            jobs = [first]
+            jobs += [functools.partial(later, i, r) for i, r in enumerate(requests[1:], start=1)]
             try:
-                result = await _stream_choice(response, reply, body, 0, requests[0], items, several)
-                runs = [(routed, result)]
-                for index, asked in enumerate(requests[1:], start=1):
-                    async with contextlib.aclosing(_generation(service, asked)) as more:
-                        ran = await _first(more)
-                        reply.decided(ran)
-                        result = await _stream_choice(
-                            response, reply, body, index, asked, more, several
-                        )
-                        runs.append((ran, result))
+                runs = await _all_at_most(choice_width(service, len(requests)), jobs)
+                reply.decided(runs[0][1].routed)  # the decision that finished the first
                 if include_usage:
                     await _sse_event(response, reply.usage_chunk(runs))
             except ConnectionResetError:

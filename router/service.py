@@ -681,6 +681,11 @@ class RouterService:
         """Generations admitted at once (running or waiting); one more is refused."""
         return self.queue.capacity
 
+    def free_generation_places(self) -> int:
+        """How many generations would run at once now if started: one, the in-process
+        engine runs one at a time (more would only wait, holding queue places)."""
+        return 1
+
     def fitted(self, request: GenerateInput, prompt_tokens: int) -> GenerateInput:
         """``request`` with the ``max_new_tokens`` its prompt leaves in the target's
         context when it asks to fit it (``fit_context``; ``_route`` refused the others

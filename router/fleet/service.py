@@ -397,6 +397,14 @@ class FleetRouterService(RouterService):
         request is refused (the sidecar's own generation queue is not used)."""
         return sum(replica.max_in_flight for replica in self.replicas)
 
+    def free_generation_places(self) -> int:
+        """The serving replicas' free places under their in-flight bounds now."""
+        return sum(
+            max(0, replica.max_in_flight - replica.in_flight)
+            for replica in self.replicas
+            if replica.healthy
+        )
+
     async def generate(self, request: GenerateInput) -> AsyncIterator[Any]:
         """:meth:`_generate`, counted in ``specroute_generation_queue_depth`` (generations
         admitted and not finished) as the in-process engine's are."""

@@ -320,6 +320,19 @@ def test_openai_and_tgi_fronts_forward_to_the_fleet(fleet: Fleet) -> None:
     assert reply.choices[0].text == expected_text
     assert reply.usage is not None and reply.usage.completion_tokens == TOKENS
     assert reply.model_extra is not None and reply.model_extra["specroute"]["replica"]
+    # n choices run at once on the fleet (up to its free places), each the greedy text.
+    several = client.completions.create(
+        model="target", prompt=PROMPT, max_tokens=TOKENS, temperature=0, n=3
+    )
+    assert [c.text for c in several.choices] == [expected_text] * 3
+    streamed = client.completions.create(
+        model="target", prompt=PROMPT, max_tokens=TOKENS, temperature=0, n=3, stream=True
+    )
+    texts = ["", "", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [expected_text] * 3
     ids = fleet.service.prompt_ids(Prompt(text=PROMPT))  # a token-id prompt, forwarded
     by_ids = client.completions.create(model="target", prompt=ids, max_tokens=TOKENS, temperature=0)
     assert by_ids.choices[0].text == expected_text

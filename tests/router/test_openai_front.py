@@ -1040,3 +1040,47 @@ def test_a_generation_that_ends_without_its_result_is_an_error_not_a_silent_end(
     assert any("choices" in json.loads(e) for e in events[:-2])  # the text made was sent
     status, reply = post(f"{sidecar.http_url}/v1/completions", body)
     assert status == 500 and "without a result" in reply["error"]["message"], reply
+
+
+def test_choices_run_at_most_width_at_once_in_order_and_a_failure_stops_the_rest() -> None:
+    """``_all_at_most``: results in the jobs' order, never more than ``width`` running
+    (1: one after another, as in-process), the first failure raised and the rest
+    cancelled (a fleet's choices run at once, up to its replicas' free places)."""
+    import asyncio
+
+    from router.openai_front import _all_at_most
+
+    running: list[int] = []
+    peak: list[int] = []
+    cancelled: list[int] = []
+
+    started: list[int] = []
+
+    def job(index: int, fails: bool = False, seconds: float = 0.02) -> Any:
+        async def run() -> int:
+            started.append(index)
+            running.append(index)
+            peak.append(len(running))
+            try:
+                await asyncio.sleep(seconds)
+                if fails:
+                    raise RuntimeError(f"choice {index} failed")
+                return index
+            except asyncio.CancelledError:
+                cancelled.append(index)
+                raise
+            finally:
+                running.remove(index)
+
+        return run
+
+    for width in (1, 2, 5):
+        peak.clear()
+        assert asyncio.run(_all_at_most(width, [job(i) for i in range(5)])) == list(range(5))
+        assert max(peak) == width
+    started.clear()
+    slow = [job(0, seconds=5.0), job(1, fails=True), job(2, seconds=5.0)]
+    with pytest.raises(RuntimeError, match="choice 1 failed"):
+        asyncio.run(_all_at_most(2, slow))
+    # Choice 0 was stopped mid-way, choice 2 never started, nothing is left running.
+    assert cancelled == [0] and started == [0, 1] and not running
