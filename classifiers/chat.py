@@ -27,18 +27,30 @@ def _turn(role: str, content: str) -> str:
     return f"{IM_START}{role}\n{content}{IM_END}\n"
 
 
-def render_chat(messages: Sequence[Mapping[str, str]], response: str | None = None) -> str:
+def render_chat(
+    messages: Sequence[Mapping[str, str]],
+    response: str | None = None,
+    *,
+    generation_prompt: bool = True,
+    continue_final: bool = False,
+) -> str:
     """``messages`` as the chat template renders them with the generation prompt; with
     ``response``, the assistant's reply follows, closed (a training example's text).
+    ``generation_prompt`` False leaves the assistant's opening out; ``continue_final``
+    (without it) leaves the last message open, to be continued (vLLM's
+    ``continue_final_message``).
 
     Equal to ``tokenizer.apply_chat_template(messages, tokenize=False,
-    add_generation_prompt=True)`` for a Qwen2.5 tokenizer (a missing content renders
-    empty).
+    add_generation_prompt=..., continue_final_message=...)`` for a Qwen2.5 tokenizer (a
+    missing content renders empty).
     """
     turns = [_turn(m["role"], m.get("content", "")) for m in messages]
     if not messages or messages[0].get("role") != "system":
         turns.insert(0, _turn("system", QWEN_DEFAULT_SYSTEM))
-    turns.append(GENERATION_PROMPT)
+    if continue_final and messages:
+        turns[-1] = turns[-1].removesuffix(f"{IM_END}\n")
+    elif generation_prompt:
+        turns.append(GENERATION_PROMPT)
     if response is not None:
         turns.append(f"{response}{IM_END}\n")
     return "".join(turns)

@@ -56,8 +56,17 @@ def sampling_from_pb(message: pb.SamplingParams) -> Sampling:
 
 def prompt_from_pb(message: pb.RouteRequest | pb.GenerateRequest) -> Prompt:
     if message.WhichOneof("prompt") == "conversation":
-        turns = tuple({"role": m.role, "content": m.content} for m in message.conversation.messages)
-        return Prompt(messages=turns)
+        conversation = message.conversation
+        turns = tuple({"role": m.role, "content": m.content} for m in conversation.messages)
+        return Prompt(
+            messages=turns,
+            add_generation_prompt=(
+                conversation.add_generation_prompt
+                if conversation.HasField("add_generation_prompt")
+                else not conversation.continue_final_message
+            ),
+            continue_final_message=conversation.continue_final_message,
+        )
     return Prompt(text=message.text)
 
 

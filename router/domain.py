@@ -59,6 +59,10 @@ class Prompt:
 
     text: str | None = None
     messages: tuple[dict[str, str], ...] = ()
+    # How a chat's rendering ends (vLLM's chat parameters): with the assistant's opening
+    # (the default), without it, or with the last message left open, to be continued.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     # A prompt given as token ids (OpenAI's completions take them): the ids the target
     # reads as they are, ``text`` their decoding (what the classifier reads).
     token_ids: tuple[int, ...] = ()
@@ -358,6 +362,11 @@ def check_prompt(prompt: Prompt) -> Prompt:
         return prompt
     if not prompt.messages:
         raise InvalidRequestError("the prompt is empty: no text and no chat messages")
+    if prompt.continue_final_message and prompt.add_generation_prompt:
+        raise InvalidFieldError(
+            "continue_final_message",
+            "continues the last message: add_generation_prompt must be false with it",
+        )
     for i, message in enumerate(prompt.messages):
         if message.get("role") not in ROLES:
             raise InvalidFieldError(

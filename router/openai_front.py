@@ -12,8 +12,8 @@ the parameter, never ignored; a field neither API defines is ignored. Served bes
 basics: ``n`` choices, log-probabilities (chat's ``logprobs``/``top_logprobs``,
 completions' ``logprobs``), token-id and several prompts, the presence and frequency
 penalties, ``logit_bias``, and vLLM's ``min_p``, ``repetition_penalty``, ``min_tokens``,
-``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``top_k`` and
-``truncate_prompt_tokens``.
+``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``top_k``,
+``truncate_prompt_tokens``, ``add_generation_prompt`` and ``continue_final_message``.
 """
 
 from __future__ import annotations
@@ -121,8 +121,6 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "prediction": (None,),
     "modalities": (None, ["text"]),
     "audio": (None,),
-    "continue_final_message": (None, False),
-    "add_generation_prompt": (None, True),
     "chat_template": (None,),
     "chat_template_kwargs": (None, {}),
     # vLLM's sampling extensions beyond those above.
@@ -190,6 +188,10 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(OpenAIParameters):
     messages: list[ChatMessage]
+    # vLLM's: how the rendering ends (the assistant's opening, or the last message left
+    # open and continued); add_generation_prompt unset: unless continuing.
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = False
     max_completion_tokens: int | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -393,7 +395,11 @@ def _chat_prompts(body: ChatRequest, service: RouterService) -> list[Prompt]:
         }
         for i, message in enumerate(body.messages)
     )
-    return [Prompt(messages=messages)]  # one conversation
+    continuing = bool(body.continue_final_message)
+    opening = not continuing if body.add_generation_prompt is None else body.add_generation_prompt
+    return [  # one conversation
+        Prompt(messages=messages, add_generation_prompt=opening, continue_final_message=continuing)
+    ]
 
 
 COMPLETIONS = Endpoint(

@@ -400,19 +400,29 @@ class RouterService:
             return list(self._fast_tokenizer.encode(text, add_special_tokens=special).ids)
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def _chat_text(self, messages: Sequence[Mapping[str, str]]) -> str:
-        """The messages rendered by the target's chat template. A template may refuse them
+    def _chat_text(self, prompt: Prompt) -> str:
+        """The messages rendered by the target's chat template, ending as the prompt asks
+        (``add_generation_prompt``, ``continue_final_message``). A template may refuse them
         (``raise_exception``: Gemma's "System role not supported", Mistral's alternating
-        roles): INVALID_ARGUMENT with its message, not INTERNAL."""
+        roles), and a last message to continue may not be found in the rendering:
+        INVALID_ARGUMENT with the message, not INTERNAL."""
+        ending = {
+            "add_generation_prompt": prompt.add_generation_prompt,
+            "continue_final_message": prompt.continue_final_message,
+        }
         if not getattr(self.tokenizer, "chat_template", None):
-            return render_chat(messages)
+            return render_chat(
+                prompt.messages,
+                generation_prompt=prompt.add_generation_prompt,
+                continue_final=prompt.continue_final_message,
+            )
         from jinja2 import TemplateError
 
         try:
             rendered = self.tokenizer.apply_chat_template(
-                list(messages), add_generation_prompt=True, tokenize=False
+                list(prompt.messages), tokenize=False, **ending
             )
-        except TemplateError as error:
+        except (TemplateError, ValueError) as error:
             raise InvalidRequestError(
                 f"the target's chat template refuses these messages: {error}"
             ) from None
@@ -550,7 +560,7 @@ class RouterService:
         return prompt
 
     def _model_text(self, prompt: Prompt) -> str:
-        return prompt.text if prompt.text is not None else self._chat_text(prompt.messages)
+        return prompt.text if prompt.text is not None else self._chat_text(prompt)
 
     async def _route(
         self,

@@ -86,3 +86,20 @@ def test_parse_edges() -> None:
         {"role": "user", "content": "hello"},
         {"role": "assistant", "content": "part"},
     ]
+
+
+@pytest.mark.parametrize(
+    "messages", [*CHATS, [*CHATS[2], {"role": "assistant", "content": "Step 1: 17 * 23 is"}]]
+)
+def test_a_rendering_without_the_opening_or_continuing_equals_the_template(
+    templated: Any, messages: list[dict[str, str]]
+) -> None:
+    """vLLM's add_generation_prompt false and continue_final_message, as transformers
+    renders them with the same template."""
+    plain = templated.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    assert render_chat(messages, generation_prompt=False) == plain
+    continued = templated.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False, continue_final_message=True
+    )
+    assert render_chat(messages, generation_prompt=False, continue_final=True) == continued
+    assert continued.endswith(messages[-1]["content"])

@@ -1084,3 +1084,50 @@ def test_choices_run_at_most_width_at_once_in_order_and_a_failure_stops_the_rest
         asyncio.run(_all_at_most(2, slow))
     # Choice 0 was stopped mid-way, choice 2 never started, nothing is left running.
     assert cancelled == [0] and started == [0, 1] and not running
+
+
+def test_a_chat_may_continue_its_last_message_or_leave_the_opening_out(
+    sidecar: SidecarThread,
+) -> None:
+    """vLLM's continue_final_message and add_generation_prompt (were refused by name): the
+    generation goes on from the last message's text, or from the conversation without the
+    assistant's opening, as a completion of that rendering does; both true is a 400."""
+    from classifiers.chat import render_chat
+
+    messages: Any = [
+        {"role": "user", "content": "What is 17 * 23?"},
+        {"role": "assistant", "content": "The answer is"},
+    ]
+    asked: Any = {"model": "target", "max_tokens": 8, "temperature": 0}
+    chat = client(sidecar).chat.completions
+    completions = client(sidecar).completions
+    opened = chat.create(messages=messages, **asked)
+    counts = {opened.usage.prompt_tokens if opened.usage else 0}
+    for flags, rendering in (
+        ({"continue_final_message": True}, {"generation_prompt": False, "continue_final": True}),
+        ({"add_generation_prompt": False}, {"generation_prompt": False}),
+    ):
+        reply = chat.create(messages=messages, extra_body=flags, **asked)
+        text = render_chat(messages, **rendering)
+        expected = completions.create(prompt=text, **asked)
+        assert reply.choices[0].message.content == expected.choices[0].text, flags
+        assert reply.usage is not None and expected.usage is not None
+        assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
+        counts.add(reply.usage.prompt_tokens)
+    assert len(counts) == 3  # three renderings of the same messages
+    both = {"continue_final_message": True, "add_generation_prompt": True}
+    status, body = post(
+        f"{sidecar.http_url}/v1/chat/completions", {"messages": messages, **both, **asked}
+    )
+    assert status == 400 and body["error"]["param"] == "continue_final_message", body
+    # The gRPC Conversation has the same fields.
+    conversation = pb.Conversation(
+        messages=[pb.ChatMessage(**m) for m in messages], continue_final_message=True
+    )
+    chunks = list(
+        sidecar.stub.Generate(
+            pb.GenerateRequest(conversation=conversation, max_new_tokens=8), timeout=60
+        )
+    )
+    continued = render_chat(messages, generation_prompt=False, continue_final=True)
+    assert chunks[-1].stats.generated_text == grpc_greedy_text(sidecar, continued, 8)
