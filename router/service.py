@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -387,13 +387,17 @@ class RouterService:
         An empty list, more ids than ``limits.max_prompt_tokens`` (before anything is
         decoded) or an id outside the tokenizer's vocabulary is refused."""
         check_prompt_tokens(len(ids), self.limits)
+        self._check_in_vocabulary("prompt", ids)
+        return Prompt(text=self.tokenizer.decode(list(ids)), token_ids=tuple(ids))
+
+    def _check_in_vocabulary(self, field: str, ids: Iterable[int]) -> None:
+        """INVALID_ARGUMENT naming ``field`` for a token id the tokenizer does not have."""
         vocabulary = len(self.tokenizer)
         outside = next((t for t in ids if not 0 <= t < vocabulary), None)
         if outside is not None:
             raise InvalidFieldError(
-                "prompt", f"token id {outside} is not in the vocabulary (0 to {vocabulary - 1})"
+                field, f"token id {outside} is not in the vocabulary (0 to {vocabulary - 1})"
             )
-        return Prompt(text=self.tokenizer.decode(list(ids)), token_ids=tuple(ids))
 
     def _ids_of(self, text: str, *, special: bool) -> list[int]:
         if self._fast_tokenizer is not None:
@@ -542,22 +546,22 @@ class RouterService:
         check_prompt_chars(prompt, self._max_prompt_chars, self.limits)
         check_sampling(request.sampling)
         check_max_new_tokens(request.max_new_tokens, self.limits, required=generating)
-        if request.sampling.logit_bias:
-            vocabulary = len(self.tokenizer)
-            outside = [t for t, _ in request.sampling.logit_bias if t >= vocabulary]
-            if outside:
-                raise InvalidFieldError(
-                    "sampling.logit_bias",
-                    f"token id {outside[0]} is not in the vocabulary (0 to {vocabulary - 1})",
-                )
-        if generating and request.sampling.min_tokens > request.max_new_tokens:
+        self._check_sampling_fits(request, generating=generating)
+        check_truncate(request.truncate, self.limits)
+        return prompt
+
+    def _check_sampling_fits(self, request: RouteInput, *, generating: bool) -> None:
+        """What ``check_sampling`` cannot see alone: a logit bias's ids against the
+        vocabulary, ``min_tokens`` against ``max_new_tokens``."""
+        sampling = request.sampling
+        if sampling.logit_bias:
+            self._check_in_vocabulary("sampling.logit_bias", (t for t, _ in sampling.logit_bias))
+        if generating and sampling.min_tokens > request.max_new_tokens:
             raise InvalidFieldError(
                 "sampling.min_tokens",
                 f"must be at most max_new_tokens ({request.max_new_tokens}), "
-                f"got {request.sampling.min_tokens}",
+                f"got {sampling.min_tokens}",
             )
-        check_truncate(request.truncate, self.limits)
-        return prompt
 
     def _model_text(self, prompt: Prompt) -> str:
         return prompt.text if prompt.text is not None else self._chat_text(prompt)
