@@ -201,9 +201,9 @@ class SpeculativeEngine:
         The generation ends at the model's end-of-sequence tokens (``stop_token_ids`` of the
         engine) unless ``ignore_eos``, and at any of ``stop_token_ids`` (vLLM's parameters
         of those names): the model's distribution is the same either way, only where it
-        ends differs. ``penalties``: vLLM's repetition, frequency and presence penalties and
-        ``min_tokens`` on the target's distribution (``drafters/penalties.py``), lossless
-        as well."""
+        ends differs. ``penalties``: vLLM's repetition, frequency and presence penalties,
+        OpenAI's logit bias and ``min_tokens`` on the target's distribution
+        (``drafters/penalties.py``), lossless as well."""
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
         if max_new_tokens < 0:
