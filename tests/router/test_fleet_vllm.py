@@ -145,9 +145,9 @@ def generate(fleet: Fleet, drafter: str = "", tokens: int = TOKENS, **fields: An
     return chunks[0].decision, ids, chunks[-1].stats
 
 
-def reference_ids(fleet: Fleet, tokens: int = TOKENS, penalties: Any = None) -> list[int]:
+def reference_ids(fleet: Fleet, tokens: int = TOKENS, **options: Any) -> list[int]:
     """The in-process engine's greedy output on the same target, without speculation
-    (under ``penalties``, a ``drafters.penalties.Penalties``, when given)."""
+    (with the engine's ``options``: penalties, stop token ids...)."""
     from drafters.engine import SpeculativeEngine
     from drafters.loader import load_model
 
@@ -161,7 +161,7 @@ def reference_ids(fleet: Fleet, tokens: int = TOKENS, penalties: Any = None) -> 
         none,
         0,
         max_new_tokens=tokens,
-        **({"penalties": penalties} if penalties is not None else {}),
+        **options,
     )
     for _ in run:
         pass
@@ -243,6 +243,17 @@ def test_stop_token_ids_and_ignore_eos_reach_the_replicas(fleet: Fleet) -> None:
         _, ids, stats = generate(fleet, drafter, sampling=sampling)
         assert ids == expected[:cut], drafter
         assert stats.finish_reason == "eos_token", drafter
+    # min_tokens: the stop token cannot come (nor end the generation) before 8 tokens.
+    from drafters.penalties import Penalties
+
+    later = reference_ids(
+        fleet, ignore_eos=True, stop_token_ids=[token], penalties=Penalties(min_tokens=8)
+    )
+    assert len(later) >= 9 and token not in later[:8]
+    sampling = pb.SamplingParams(ignore_eos=True, stop_token_ids=[token], min_tokens=8)
+    for drafter in ("none", "ngram"):
+        _, ids, _ = generate(fleet, drafter, sampling=sampling)
+        assert ids == later, drafter
 
 
 def test_penalties_and_a_logit_bias_reach_the_replicas(fleet: Fleet) -> None:
