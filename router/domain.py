@@ -6,15 +6,17 @@ service only ever sees validated domain objects.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from router.errors import ContextLengthError, InvalidFieldError, InvalidRequestError
 from router.policy.base import MAX_DRAFT_LENGTH
 from router.settings import Limits
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,10 @@ class Prompt:
     """Either raw (already templated) text or chat messages."""
 
     text: str | None = None
-    messages: tuple[dict[str, str], ...] = ()
+    # Each {"role", "content"}; an assistant's may carry "tool_calls", a tool's answer
+    # "tool_call_id" (OpenAI's fields, rendered by the target's chat template).
+    messages: tuple[dict[str, Any], ...] = ()
+    tools: tuple[dict[str, Any], ...] = ()  # OpenAI's function tools, rendered likewise
     # How a chat's rendering ends (vLLM's chat parameters): with the assistant's opening
     # (the default), without it, or with the last message left open, to be continued.
     add_generation_prompt: bool = True
@@ -406,6 +411,10 @@ def check_prompt_chars(prompt: Prompt, max_chars: int, limits: Limits) -> None:
                 f"{limits.max_prompt_tokens} tokens can hold"
             )
         chars = sum(len(m.get("role", "")) + len(m.get("content", "")) for m in prompt.messages)
+        # Tools and earlier tool calls are rendered too (as JSON, at least as long).
+        calls = [m["tool_calls"] for m in prompt.messages if m.get("tool_calls")]
+        if prompt.tools or calls:
+            chars += len(json.dumps([list(prompt.tools), calls], default=str))
     if chars > max_chars:
         raise ContextLengthError(
             f"the prompt has {chars} characters, more than {limits.max_prompt_tokens} "

@@ -6,14 +6,16 @@ JSON, so the official ``openai`` client works unchanged against the sidecar (the
 in-process engine, or a vLLM fleet behind it). Errors are
 ``{"error": {"message", "type", "param", "code"}}`` with 400 / 401 / 404 / 429 / 500.
 
-A request the sidecar cannot honour (tools, ``echo``, ``best_of``, and vLLM's extensions
-such as guided decoding: ``UNSUPPORTED_UNLESS``) is refused with 400 naming
-the parameter, never ignored; a field neither API defines is ignored. Served besides the
+A request the sidecar cannot honour (``tool_choice`` "required" or named, ``echo``,
+``best_of``, and vLLM's extensions such as guided decoding: ``UNSUPPORTED_UNLESS``) is
+refused with 400 naming the parameter, never ignored; a field neither API defines is
+ignored. Served besides the
 basics: ``n`` choices, log-probabilities (chat's ``logprobs``/``top_logprobs``,
 completions' ``logprobs``), token-id and several prompts, the presence and frequency
 penalties, ``logit_bias``, and vLLM's ``min_p``, ``repetition_penalty``, ``min_tokens``,
 ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``top_k``,
-``truncate_prompt_tokens``, ``add_generation_prompt`` and ``continue_final_message``.
+``truncate_prompt_tokens``, ``add_generation_prompt`` and ``continue_final_message``;
+``tools``, answered as ``tool_calls`` (``router.tool_calls``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ from router.service import (
     TokenChunk,
     TokenLogprobs,
 )
+from router.tool_calls import ToolCallHoldback, parse_tool_calls
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # What TGI's own clients send as the model (the text-generation client's chat(), and
@@ -184,6 +187,8 @@ class ChatMessage(BaseModel):
 
     role: str
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: the call it answers
 
 
 class ChatRequest(OpenAIParameters):
@@ -226,11 +231,12 @@ def _unsupported(body: OpenAIParameters) -> list[str]:
             problems.append("best_of")
         if body.suffix:
             problems.append("suffix")
-    if isinstance(body, ChatRequest):
-        if body.tools:
-            problems.append("tools")
-        if body.response_format and body.response_format.get("type") != "text":
-            problems.append("response_format")
+    if (
+        isinstance(body, ChatRequest)
+        and body.response_format
+        and body.response_format.get("type") != "text"
+    ):
+        problems.append("response_format")
     extra = body.model_extra or {}
     problems.extend(
         name
@@ -387,18 +393,37 @@ def _message_text(message: ChatMessage, index: int) -> str:
 ROLE_ALIASES = {"developer": "system"}
 
 
+def uses_tools(body: Any) -> bool:
+    """Whether a chat request offers tools the model may call (``tool_choice`` "auto" or
+    unset; with "none" they are neither rendered nor parsed, as vLLM does by default)."""
+    if not isinstance(body, ChatRequest) or not body.tools:
+        return False
+    return (body.model_extra or {}).get("tool_choice") != "none"
+
+
+def _chat_message(message: ChatMessage, index: int) -> dict[str, Any]:
+    turn: dict[str, Any] = {
+        "role": ROLE_ALIASES.get(message.role, message.role),
+        "content": _message_text(message, index),
+    }
+    if message.tool_calls:
+        turn["tool_calls"] = message.tool_calls
+    if message.tool_call_id is not None:
+        turn["tool_call_id"] = message.tool_call_id
+    return turn
+
+
 def _chat_prompts(body: ChatRequest, service: RouterService) -> list[Prompt]:
-    messages = tuple(
-        {
-            "role": ROLE_ALIASES.get(message.role, message.role),
-            "content": _message_text(message, i),
-        }
-        for i, message in enumerate(body.messages)
-    )
+    messages = tuple(_chat_message(message, i) for i, message in enumerate(body.messages))
     continuing = bool(body.continue_final_message)
     opening = not continuing if body.add_generation_prompt is None else body.add_generation_prompt
     return [  # one conversation
-        Prompt(messages=messages, add_generation_prompt=opening, continue_final_message=continuing)
+        Prompt(
+            messages=messages,
+            add_generation_prompt=opening,
+            continue_final_message=continuing,
+            tools=tuple(body.tools or ()) if uses_tools(body) else (),
+        )
     ]
 
 
@@ -728,9 +753,12 @@ def fingerprint_of(routed: RoutedRequest) -> str:
 class _Reply:
     """Builds one response's OpenAI objects (one id and creation time for all chunks)."""
 
-    def __init__(self, endpoint: Endpoint, model: str, per_prompt: int = 1) -> None:
+    def __init__(
+        self, endpoint: Endpoint, model: str, per_prompt: int = 1, tools: bool = False
+    ) -> None:
         prefix = "chatcmpl" if endpoint.is_chat else "cmpl"
         self.per_prompt = per_prompt  # choices per prompt (n): each prompt's usage once
+        self.tools = tools  # the answers' tool calls are parsed (``router.tool_calls``)
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.endpoint = endpoint
@@ -780,7 +808,12 @@ class _Reply:
             text = without_stop(text, stops)
         choice: dict[str, Any] = {"index": index}
         if self.endpoint.is_chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            calls = parse_tool_calls(text) if self.tools else (text, [])
+            if calls[1]:
+                message.update(content=calls[0], tool_calls=calls[1])
+                finish = "tool_calls"
+            choice["message"] = message
         else:
             choice["text"] = text
         choice["logprobs"] = self.logprobs(ran.scored, ran.token_texts, 0)
@@ -808,14 +841,20 @@ class _Reply:
         logprobs: dict[str, Any] | None = None,
         index: int = 0,
         routed: RoutedRequest | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """One chunk of choice ``index``; its fingerprint names ``routed``'s decision (a
-        choice's own, where choices stream at once), else the reply's."""
+        choice's own, where choices stream at once), else the reply's. ``tool_calls``:
+        a chat delta's calls, each whole (with its index among them)."""
         choice: dict[str, Any]
         if self.endpoint.is_chat:
             # tool_calls in every delta: TGI's own client requires it (as TGI sends it);
             # OpenAI's clients take it as it comes.
-            delta: dict[str, Any] = {"tool_calls": None}
+            delta: dict[str, Any] = {
+                "tool_calls": [{"index": i, **call} for i, call in enumerate(tool_calls)]
+                if tool_calls
+                else None
+            }
             if index not in self._roles_sent or self._repeat_role:
                 delta["role"] = "assistant"
                 self._roles_sent.add(index)
@@ -912,7 +951,7 @@ async def _all_at_most(width: int, jobs: Sequence[Callable[[], Awaitable[Any]]])
 
 
 async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dict[str, Any]:
-    reply = _Reply(endpoint, body.model, choice_count(body))
+    reply = _Reply(endpoint, body.model, choice_count(body), uses_tools(body))
     requests = choice_inputs(service, endpoint, body)
     jobs = [functools.partial(_run_choice, service, r) for r in requests]
     finished = await _all_at_most(choice_width(service, len(requests)), jobs)
@@ -939,7 +978,11 @@ async def _stream_choice(
     among several choices, its own ``specroute``), each naming its own decision. The
     generation's first item, that decision (``routed``), has been read."""
     holdback = StopHoldback(cut_stops_of(body))
+    calling = ToolCallHoldback() if reply.tools else None
     scored = LogprobsHoldback() if asked.logprobs is not None else None
+
+    def content(text: str) -> str:
+        return text if calling is None else calling.feed(text)
 
     def logprobs(characters: int | None) -> dict[str, Any] | None:
         return None if scored is None else reply.logprobs(*scored.release(characters))
@@ -951,7 +994,7 @@ async def _stream_choice(
         if isinstance(item, TokenChunk):
             if scored is not None:
                 scored.feed(item)
-            released = holdback.feed(item.text) if item.text else ""
+            released = content(holdback.feed(item.text)) if item.text else ""
             if released:
                 chunk = reply.chunk(released, None, logprobs(len(released)), index, routed)
                 await _sse_event(response, chunk)
@@ -959,13 +1002,21 @@ async def _stream_choice(
             # The last chunks name the decision that finished the request (a fleet
             # failover, a drafter removed while it waited).
             routed = item.routed
-            rest = holdback.finish(_stopped(item))
+            rest = content(holdback.finish(_stopped(item)))
+            calls: list[dict[str, Any]] = []
+            if calling is not None:
+                held, calls = calling.finish()
+                rest += held
             # The last text chunk carries the logprobs not sent yet (those of a stop
             # sequence's tokens too: they were generated).
             if rest or scored is not None:
                 chunk = reply.chunk(rest, None, logprobs(None), index, routed)
                 await _sse_event(response, chunk)
             finish = _finish_reason(item)
+            if calls:
+                call_chunk = reply.chunk(None, None, None, index, routed, tool_calls=calls)
+                await _sse_event(response, call_chunk)
+                finish = "tool_calls"
             last = reply.chunk(None if is_chat else "", finish, index=index, routed=routed)
             if several:
                 last["choices"][0]["specroute"] = specroute_extra(item.routed, item)
@@ -985,7 +1036,7 @@ async def _stream(
     (``client_may_leave``)."""
     from router.http_front import SSE_HEADERS, client_may_leave
 
-    reply = _Reply(endpoint, body.model, choice_count(body))
+    reply = _Reply(endpoint, body.model, choice_count(body), uses_tools(body))
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     requests = choice_inputs(service, endpoint, body)
     several = len(requests) > 1

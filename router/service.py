@@ -414,7 +414,14 @@ class RouterService:
             "add_generation_prompt": prompt.add_generation_prompt,
             "continue_final_message": prompt.continue_final_message,
         }
+        tooled = bool(prompt.tools) or any(
+            m.get("tool_calls") or m.get("role") == "tool" for m in prompt.messages
+        )
         if not getattr(self.tokenizer, "chat_template", None):
+            if tooled:
+                raise InvalidFieldError(
+                    "tools", "the target's tokenizer has no chat template to render tools with"
+                )
             return render_chat(
                 prompt.messages,
                 generation_prompt=prompt.add_generation_prompt,
@@ -422,9 +429,12 @@ class RouterService:
             )
         from jinja2 import TemplateError
 
+        from router.tool_calls import templated_messages
+
+        messages = templated_messages(prompt.messages) if tooled else list(prompt.messages)
         try:
             rendered = self.tokenizer.apply_chat_template(
-                list(prompt.messages), tokenize=False, **ending
+                messages, tokenize=False, tools=list(prompt.tools) or None, **ending
             )
         except (TemplateError, ValueError) as error:
             raise InvalidRequestError(

@@ -584,6 +584,8 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"min_tokens": -1}, "min_tokens"),
         ({"logit_bias": {"five": 10}}, "logit_bias"),
         ({"min_p": 1.5}, "min_p"),
+        ({"tool_choice": "required"}, "tool_choice"),  # needs guided decoding
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),  # OpenAI's range is [-100, 100]
         ({"logit_bias": {str(10**9): 1}}, "logit_bias"),  # outside the vocabulary
         ({"repetition_penalty": 0}, "repetition_penalty"),
@@ -883,8 +885,8 @@ def test_client_raises_bad_request_and_not_found(sidecar: SidecarThread) -> None
     assert missing.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError):
         client(sidecar).chat.completions.create(
-            model="target", messages=[{"role": "tool", "content": "x"}], max_tokens=4
-        )  # type: ignore[list-item]
+            model="target", messages=[{"role": "robot", "content": "x"}], max_tokens=4
+        )  # type: ignore[misc, list-item]
 
 
 def test_over_the_limits_is_context_length_exceeded(sidecar: SidecarThread) -> None:
@@ -1131,3 +1133,108 @@ def test_a_chat_may_continue_its_last_message_or_leave_the_opening_out(
     )
     continued = render_chat(messages, generation_prompt=False, continue_final=True)
     assert chunks[-1].stats.generated_text == grpc_greedy_text(sidecar, continued, 8)
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def test_tools_are_rendered_by_the_chat_template(sidecar: SidecarThread) -> None:
+    """A chat's tools (were refused by name), and earlier calls and tool answers, are what
+    the target's chat template renders (Qwen2.5's tools section; arguments as objects);
+    with tool_choice "none" the tools are left out."""
+    service = sidecar.service
+    messages: Any = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+    asked: Any = {"model": "target", "max_tokens": 4, "temperature": 0}
+    reply = client(sidecar).chat.completions.create(
+        messages=messages, tools=[WEATHER_TOOL], **asked
+    )
+    templated = [{**m, "content": m["content"] or ""} for m in messages]
+    templated[1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}
+    text = service.tokenizer.apply_chat_template(
+        templated, tools=[WEATHER_TOOL], tokenize=False, add_generation_prompt=True
+    )
+    assert "<tools>" in text and '"arguments": {"city": "Paris"}' in text
+    expected = client(sidecar).completions.create(prompt=text, **asked)
+    assert reply.usage is not None and expected.usage is not None
+    assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
+    assert reply.choices[0].message.content == expected.choices[0].text
+    unused = client(sidecar).chat.completions.create(
+        messages=messages, tools=[WEATHER_TOOL], tool_choice="none", **asked
+    )
+    assert unused.usage is not None and unused.usage.prompt_tokens < reply.usage.prompt_tokens
+
+
+def test_a_tool_call_answer_is_openais_tool_calls_whole_and_streamed(
+    sidecar: SidecarThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer's <tool_call> blocks become the message's tool_calls (finish reason
+    tool_calls), the text before them its content; streamed, the content goes as it
+    comes and the calls in one delta. (The tiny target never writes a call: its run's
+    text is replaced by one, as a Qwen2.5 answer would have it.)"""
+    import dataclasses
+
+    from router.service import GenerationResult, TokenChunk
+
+    answer = (
+        'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}'
+        "\n</tool_call>"
+    )
+    pieces = [answer[:9], answer[9:20], answer[20:50], answer[50:]]
+    real = sidecar.service.generate
+
+    async def calling(request: Any) -> Any:
+        async for item in real(request):
+            if isinstance(item, GenerationResult):
+                for piece in pieces:
+                    yield TokenChunk((1,), (piece,), (False,), piece)
+                yield dataclasses.replace(item, generated_text=answer)
+            elif not isinstance(item, TokenChunk):
+                yield item
+
+    monkeypatch.setattr(sidecar.service, "generate", calling)
+    chat = client(sidecar).chat.completions
+    asked: Any = {
+        "model": "target",
+        "messages": [{"role": "user", "content": "Weather in Paris?"}],
+        "tools": [WEATHER_TOOL],
+        "max_tokens": 4,
+    }
+    reply = chat.create(**asked)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    (call,) = choice.message.tool_calls or []
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    content, calls, finishes = "", [], []
+    for chunk in chat.create(**asked, stream=True):
+        for streamed in chunk.choices:
+            content += streamed.delta.content or ""
+            calls.extend(streamed.delta.tool_calls or [])
+            finishes.append(streamed.finish_reason)
+    assert content == "Let me check." and finishes[-1] == "tool_calls"
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert json.loads(calls[0].function.arguments or "") == {"city": "Paris"}
+    # Without tools the same text is content, as it was.
+    plain = chat.create(**{**asked, "tools": None})
+    assert plain.choices[0].message.content == answer and not plain.choices[0].message.tool_calls
