@@ -64,6 +64,8 @@ class Prompt:
     # "tool_call_id" (OpenAI's fields, rendered by the target's chat template).
     messages: tuple[dict[str, Any], ...] = ()
     tools: tuple[dict[str, Any], ...] = ()  # OpenAI's function tools, rendered likewise
+    # vLLM's chat_template_kwargs: more variables for the chat template (enable_thinking...)
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
     # How a chat's rendering ends (vLLM's chat parameters): with the assistant's opening
     # (the default), without it, or with the last message left open, to be continued.
     add_generation_prompt: bool = True

@@ -14,7 +14,8 @@ basics: ``n`` choices, log-probabilities (chat's ``logprobs``/``top_logprobs``,
 completions' ``logprobs``), token-id and several prompts, the presence and frequency
 penalties, ``logit_bias``, and vLLM's ``min_p``, ``repetition_penalty``, ``min_tokens``,
 ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``top_k``,
-``truncate_prompt_tokens``, ``add_generation_prompt`` and ``continue_final_message``;
+``truncate_prompt_tokens``, ``add_generation_prompt``, ``continue_final_message`` and
+``chat_template_kwargs``;
 ``tools``, answered as ``tool_calls`` (``router.tool_calls``).
 """
 
@@ -125,7 +126,6 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "modalities": (None, ["text"]),
     "audio": (None,),
     "chat_template": (None,),
-    "chat_template_kwargs": (None, {}),
     # vLLM's sampling extensions beyond those above.
     "bad_words": (None, []),
     "allowed_token_ids": (None,),
@@ -197,6 +197,7 @@ class ChatRequest(OpenAIParameters):
     # open and continued); add_generation_prompt unset: unless continuing.
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: the template's variables
     max_completion_tokens: int | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -401,6 +402,40 @@ def uses_tools(body: Any) -> bool:
     return (body.model_extra or {}).get("tool_choice") != "none"
 
 
+# What the sidecar itself passes to the chat template: not for a request to set.
+TEMPLATE_ARGUMENTS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
+
+
+def _template_kwargs(body: ChatRequest) -> dict[str, Any]:
+    """vLLM's ``chat_template_kwargs``: variables for the chat template (Qwen3's
+    ``enable_thinking``, say); the arguments the sidecar sets itself are refused."""
+    kwargs = dict(body.chat_template_kwargs or {})
+    taken = sorted(TEMPLATE_ARGUMENTS & set(kwargs))
+    if taken:
+        raise InvalidFieldError(
+            "chat_template_kwargs", f"sets what the request's own fields set: {', '.join(taken)}"
+        )
+    return kwargs
+
+
 def _chat_message(message: ChatMessage, index: int) -> dict[str, Any]:
     turn: dict[str, Any] = {
         "role": ROLE_ALIASES.get(message.role, message.role),
@@ -423,6 +458,7 @@ def _chat_prompts(body: ChatRequest, service: RouterService) -> list[Prompt]:
             add_generation_prompt=opening,
             continue_final_message=continuing,
             tools=tuple(body.tools or ()) if uses_tools(body) else (),
+            template_kwargs=_template_kwargs(body),
         )
     ]
 

@@ -414,6 +414,11 @@ class RouterService:
             "add_generation_prompt": prompt.add_generation_prompt,
             "continue_final_message": prompt.continue_final_message,
         }
+        if prompt.template_kwargs and not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidFieldError(
+                "chat_template_kwargs",
+                "the target's tokenizer has no chat template to pass them to",
+            )
         tooled = bool(prompt.tools) or any(
             m.get("tool_calls") or m.get("role") == "tool" for m in prompt.messages
         )
@@ -434,7 +439,11 @@ class RouterService:
         messages = templated_messages(prompt.messages) if tooled else list(prompt.messages)
         try:
             rendered = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, tools=list(prompt.tools) or None, **ending
+                messages,
+                tokenize=False,
+                tools=list(prompt.tools) or None,
+                **ending,
+                **prompt.template_kwargs,
             )
         except (TemplateError, ValueError) as error:
             raise InvalidRequestError(

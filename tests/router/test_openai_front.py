@@ -1117,6 +1117,17 @@ def test_a_chat_may_continue_its_last_message_or_leave_the_opening_out(
         assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
         counts.add(reply.usage.prompt_tokens)
     assert len(counts) == 3  # three renderings of the same messages
+    # vLLM's chat_template_kwargs reach the template (a variable Qwen2.5's ignores: the
+    # same rendering); what the request's own fields set is refused.
+    thinking = chat.create(
+        messages=messages, extra_body={"chat_template_kwargs": {"enable_thinking": False}}, **asked
+    )
+    assert thinking.usage is not None and thinking.usage.prompt_tokens in counts
+    status, body = post(
+        f"{sidecar.http_url}/v1/chat/completions",
+        {"messages": messages, "chat_template_kwargs": {"tokenize": True}, **asked},
+    )
+    assert status == 400 and body["error"]["param"] == "chat_template_kwargs", body
     both = {"continue_final_message": True, "add_generation_prompt": True}
     status, body = post(
         f"{sidecar.http_url}/v1/chat/completions", {"messages": messages, **both, **asked}
