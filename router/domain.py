@@ -380,6 +380,17 @@ def check_prompt(prompt: Prompt) -> Prompt:
                 f"messages[{i}].role", f"must be one of {ROLES}, got {message.get('role')!r}"
             )
         check_unicode(message.get("content", ""), f"messages[{i}].content")
+    # What the template renders besides the contents must be Unicode too.
+    for i, message in enumerate(prompt.messages):
+        if message.get("tool_calls"):
+            check_unicode(
+                json.dumps(message["tool_calls"], ensure_ascii=False), f"messages[{i}].tool_calls"
+            )
+    if prompt.tools:
+        check_unicode(json.dumps(list(prompt.tools), ensure_ascii=False), "tools")
+    if prompt.template_kwargs:
+        rendered = json.dumps(prompt.template_kwargs, ensure_ascii=False, default=str)
+        check_unicode(rendered, "chat_template_kwargs")
     if not any(m.get("content", "").strip() for m in prompt.messages):
         raise InvalidRequestError("the prompt is empty: every chat message is blank")
     return prompt

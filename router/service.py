@@ -570,11 +570,13 @@ class RouterService:
         return prompt
 
     def _check_sampling_fits(self, request: RouteInput, *, generating: bool) -> None:
-        """What ``check_sampling`` cannot see alone: a logit bias's ids against the
-        vocabulary, ``min_tokens`` against ``max_new_tokens``."""
+        """What ``check_sampling`` cannot see alone: a logit bias's and the stop token ids
+        against the vocabulary, ``min_tokens`` against ``max_new_tokens``."""
         sampling = request.sampling
         if sampling.logit_bias:
             self._check_in_vocabulary("sampling.logit_bias", (t for t, _ in sampling.logit_bias))
+        if sampling.stop_token_ids:
+            self._check_in_vocabulary("sampling.stop_token_ids", sampling.stop_token_ids)
         if generating and sampling.min_tokens > request.max_new_tokens:
             raise InvalidFieldError(
                 "sampling.min_tokens",

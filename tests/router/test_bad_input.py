@@ -211,6 +211,14 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "sampling.presence_penalty: must be in [-2, 2]",
     ),
+    # An id past every vocabulary overflowed in the engine (a 500; found by test_fuzz).
+    "a stop token id outside the vocabulary": (
+        _generate(
+            text=PROMPT, max_new_tokens=4, sampling=pb.SamplingParams(stop_token_ids=[2**32 - 1])
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sampling.stop_token_ids: token id 4294967295 is not in the vocabulary",
+    ),
     "a logit bias over 100": (
         _generate(text=PROMPT, max_new_tokens=4, sampling=pb.SamplingParams(logit_bias={5: 200})),
         grpc.StatusCode.INVALID_ARGUMENT,

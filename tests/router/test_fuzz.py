@@ -76,6 +76,18 @@ def _sampling() -> st.SearchStrategy[pb.SamplingParams]:
         typical_p=st.one_of(st.floats(0.05, 1.0), FLOAT32),
         seed=st.one_of(st.none(), UINT64),
         stop=st.lists(TEXT, max_size=3),
+        ignore_eos=st.booleans(),
+        stop_token_ids=st.lists(st.one_of(st.integers(0, 300), UINT32), max_size=3),
+        repetition_penalty=st.one_of(st.none(), st.floats(0.5, 2.0), FLOAT32),
+        presence_penalty=st.one_of(st.floats(-2, 2), FLOAT32),
+        frequency_penalty=st.one_of(st.floats(-2, 2), FLOAT32),
+        min_tokens=st.one_of(st.integers(0, 8), UINT32),
+        logit_bias=st.dictionaries(
+            st.one_of(st.integers(0, 300), UINT32),
+            st.one_of(st.floats(-100, 100), FLOAT32),
+            max_size=3,
+        ),
+        min_p=st.one_of(st.floats(0, 1), FLOAT32),
     )
 
 
@@ -657,17 +669,33 @@ def test_each_http_body_value_at_its_extremes(
 ) -> None:
     prompt = serving_world.prompts[serving_world.tasks[0]]
     sampled = {"temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": 7, "stop": ["\n\n"]}
+    # Every served vLLM / OpenAI extension, each at its extremes in turn.
+    extended = {
+        **sampled,
+        "min_p": 0.05,
+        "presence_penalty": 0.5,
+        "frequency_penalty": 0.5,
+        "repetition_penalty": 1.1,
+        "min_tokens": 1,
+        "logit_bias": {"5": 1.5},
+        "stop_token_ids": [5],
+        "ignore_eos": False,
+        "include_stop_str_in_output": False,
+        "n": 2,
+    }
     bodies = {
         "/generate": {
             "inputs": prompt,
             "parameters": {"do_sample": True, "max_new_tokens": 4, **sampled},
         },
-        "/v1/completions": {"model": "target", "prompt": prompt, "max_tokens": 4, **sampled},
+        "/v1/completions": {"model": "target", "prompt": [prompt], "max_tokens": 4, **extended},
         "/v1/chat/completions": {
             "model": "target",
             "messages": [{"role": "user", "content": prompt}],
             "max_tokens": 4,
-            **sampled,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "chat_template_kwargs": {"enable_thinking": False},
+            **extended,
         },
     }
     failed = []

@@ -1190,6 +1190,13 @@ def test_tools_are_rendered_by_the_chat_template(sidecar: SidecarThread) -> None
     assert reply.usage is not None and expected.usage is not None
     assert reply.usage.prompt_tokens == expected.usage.prompt_tokens
     assert reply.choices[0].message.content == expected.choices[0].text
+    # A tool that is not Unicode (a lone surrogate, JSON's "\ud800") failed in the
+    # tokenizer after rendering (a 500; found by test_fuzz).
+    status, body = post(
+        f"{sidecar.http_url}/v1/chat/completions",
+        {"messages": messages, "tools": [{"type": "\ud800"}], **asked},
+    )
+    assert status == 400 and body["error"]["param"] is None and "tools" in body["error"]["message"]
     unused = client(sidecar).chat.completions.create(
         messages=messages, tools=[WEATHER_TOOL], tool_choice="none", **asked
     )
