@@ -641,7 +641,7 @@ def generate_input(
 
 
 # ``n``: the most completions one request may ask for. Each is generated (and streamed),
-# routed and learned from as a request of its own, one after another.
+# routed and learned from as a request of its own (``choice_width``: how many at once).
 MAX_CHOICES = 16
 
 
@@ -659,9 +659,11 @@ def choice_inputs(service: RouterService, endpoint: Endpoint, body: Any) -> list
     with seed + i, so that sampled choices differ and each is the output of a lone request
     with that seed (at the same drafter and k); without one, each run draws its own."""
     count = choice_count(body)
+    prompts = endpoint.prompts_of(body, service)
+    asked = generate_input(service, endpoint, body, prompts[0])  # the body checked once
     inputs = []
-    for prompt in endpoint.prompts_of(body, service):
-        first = generate_input(service, endpoint, body, prompt)
+    for prompt in prompts:
+        first = dataclasses.replace(asked, route=dataclasses.replace(asked.route, prompt=prompt))
         inputs.extend([first, *(_reseeded(first, i) for i in range(1, count))])
     return inputs
 
