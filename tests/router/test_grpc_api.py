@@ -1179,7 +1179,8 @@ def test_a_greedy_requests_loss_guard_prices_plain_decoding_at_the_policys_measu
     one-position forward against the speculative step's intercept), not at 1. Where q
     says a plain step costs a fifth of the intercept, no draft of 4 can pay, and the
     guard stops drafting; at q = 1 it drafts longer (to the end on an idle machine; the
-    guard prices drafts by the request's own timings, so a busy one may trip it later)."""
+    guard prices drafts by the request's own timings, so a busy one may trip it early:
+    q = 1 is tried up to three times, q = 0.2 trips whatever the timings)."""
     counterfactuals_settled(sidecar)
 
     def drafted_per_step() -> list[int]:
@@ -1195,14 +1196,14 @@ def test_a_greedy_requests_loss_guard_prices_plain_decoding_at_the_policys_measu
         return list(chunks[-1].stats.drafted_per_step)
 
     sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson", reset_state=True), metadata=ADMIN)
-    at_one = drafted_per_step()
+    at_one = [drafted_per_step() for _ in range(3)]
     costs = sidecar.service.policy._policy.costs_
     for _ in range(3):
         costs.plain_.add(0.2)
     assert sidecar.service.policy.plain_step_terms()[0] == pytest.approx(0.2)
     measured = drafted_per_step()
     assert measured[0] == 4 and measured[-2:] == [0, 0]  # drafts first, then trips
-    assert sum(at_one) > sum(measured), f"q = 1: {at_one}; q = 0.2: {measured}"
+    assert max(map(sum, at_one)) > sum(measured), f"q = 1: {at_one}; q = 0.2: {measured}"
     sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="fixed", reset_state=True), metadata=ADMIN)
     assert sidecar.service.policy.plain_step_terms() is None
 
