@@ -54,7 +54,7 @@ from router.errors import (
 )
 from router.generation import Finished, GenerationQueue
 from router.metrics import SidecarMetrics
-from router.policy.base import NONE_DRAFTER, DrafterHints
+from router.policy.base import NONE_DRAFTER, Context, Decision, DrafterHints
 from router.policy_holder import PolicyHolder
 from router.prompt_reader import InProcessReader, PromptReader
 from router.route_process import ChildProcessReader
@@ -113,6 +113,95 @@ class RoutedRequest:
     replica: str = ""  # fleet mode: the URL of the replica chosen to serve it
     # The registration of the decision's drafter it was routed to (DrafterPool.serial).
     drafter_serial: int = 0
+
+    def as_row(self) -> tuple[Any, ...]:
+        """This request as one flat tuple of plain values (:class:`PendingReports`; the
+        collector leaves a tuple in a tuple tracked)."""
+        d, c = self.decision, self.context
+        return (
+            self.request_id,
+            self.task_cluster,
+            self.confidence,
+            self.out_of_distribution,
+            d.drafter,
+            d.k,
+            d.expected_speedup,
+            d.explored,
+            d.stop_threshold,
+            c.cluster,
+            c.length_bucket,
+            self.policy,
+            self.policy_version,
+            self.prompt_tokens,
+            self.length_bucket,
+            self.prompt_ids,
+            self.replica,
+            self.drafter_serial,
+        )
+
+    @classmethod
+    def from_row(cls, row: tuple[Any, ...]) -> RoutedRequest:
+        """The request :meth:`as_row` wrote."""
+        rid, cluster, confidence, ood, *rest = row
+        drafter, k, expected, explored, stop, context_cluster, context_bucket, *rest = rest
+        policy, version, prompt_tokens, bucket, prompt_ids, replica, serial = rest
+        return cls(
+            rid,
+            cluster,
+            confidence,
+            ood,
+            Decision(drafter, k, expected, explored, stop),
+            Context(context_cluster, context_bucket),
+            policy,
+            version,
+            prompt_tokens,
+            bucket,
+            prompt_ids,
+            replica,
+            serial,
+        )
+
+
+class PendingReports:
+    """The routed requests awaiting their Report (the oldest dropped past ``limit``),
+    and the ids of the last ``limit`` reported, so that a second Report of one is told
+    apart from an unknown id.
+
+    Each waits as one tuple of plain values (:meth:`RoutedRequest.as_row`), not as its
+    objects: the garbage collector stops tracking a tuple that holds only strings,
+    numbers and the like (a Route's prompt ids are the empty tuple), while a
+    RoutedRequest with its Decision and Context is three objects that every full
+    collection scans. Routes that are never reported (a serving stack that only asks)
+    fill the table to its 100,000 entries, and a full collection then stalled the event
+    loop for 14-40 ms, about every 50,000 Routes (benchmarks/load/HISTORY.md)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._rows: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
+        self._reported: OrderedDict[str, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def remember(self, routed: RoutedRequest) -> None:
+        self._rows[routed.request_id] = routed.as_row()
+        while len(self._rows) > self.limit:
+            self._rows.popitem(last=False)
+
+    def take(self, request_id: str) -> RoutedRequest:
+        """The request ``request_id`` names, no longer pending; ALREADY_EXISTS when it
+        was reported, NOT_FOUND when it is not known (or was dropped)."""
+        row = self._rows.pop(request_id, None)
+        if row is not None:
+            return RoutedRequest.from_row(row)
+        if request_id in self._reported:
+            raise AlreadyExistsError(f"request {request_id!r} was already reported")
+        raise NotFoundError(f"no routed request with id {request_id!r}")
+
+    def mark_reported(self, request_id: str) -> None:
+        self._reported[request_id] = None
+        while len(self._reported) > self.limit:
+            self._reported.popitem(last=False)
 
 
 @dataclass(frozen=True)
@@ -315,8 +404,7 @@ class RouterService:
         self._id_prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count(1)
         self._decision_counters: dict[tuple[str, str, int], Any] = {}
-        self._pending: OrderedDict[str, RoutedRequest] = OrderedDict()
-        self._reported: OrderedDict[str, None] = OrderedDict()
+        self._pending = PendingReports(self.limits.pending_reports)
         self._bucket: Any = None
         self._context: Any = None
 
@@ -486,7 +574,7 @@ class RouterService:
         results: list[RoutedRequest | SidecarError] = []
         for result in self._decide_routes(requests, prepared).results:
             if isinstance(result, RoutedRequest):
-                self._remember(result)
+                self._pending.remember(result)
                 self._count_decision(result)
             if result is not None:
                 results.append(result)
@@ -662,8 +750,6 @@ class RouterService:
         )
 
     def _decide(self, context: Any, force_drafter: str, force_k: int | None) -> tuple[Any, int]:
-        from router.policy.base import Decision
-
         if not force_drafter:
             decision, version = self.policy.select(context, self.eligible_drafters())
             if force_k is None:
@@ -676,27 +762,16 @@ class RouterService:
         decision = Decision(drafter=force_drafter, k=k, expected_speedup=math.nan, explored=False)
         return decision, self.policy.version
 
-    def _remember(self, routed: RoutedRequest) -> None:
-        self._pending[routed.request_id] = routed
-        while len(self._pending) > self.limits.pending_reports:
-            self._pending.popitem(last=False)
-
     # -- reports ----------------------------------------------------------------------
     def report(self, outcome: OutcomeInput) -> int:
         """Feed a reported outcome to the policy; returns the new policy version."""
-        routed = self._pending.pop(outcome.request_id, None)
-        if routed is None:
-            if outcome.request_id in self._reported:
-                raise AlreadyExistsError(f"request {outcome.request_id!r} was already reported")
-            raise NotFoundError(f"no routed request with id {outcome.request_id!r}")
+        routed = self._pending.take(outcome.request_id)
         try:
             policy_outcome = outcome_from_report(outcome, routed.decision.k)
         except InvalidRequestError:
-            self._pending[routed.request_id] = routed  # a fixed report may follow
+            self._pending.remember(routed)  # a fixed report may follow
             raise
-        self._reported[outcome.request_id] = None
-        while len(self._reported) > self.limits.pending_reports:
-            self._reported.popitem(last=False)
+        self._pending.mark_reported(outcome.request_id)
         if not self._still_registered(routed):
             return int(self.policy.version)
         version = self.policy.update(routed.context, routed.decision, policy_outcome)

@@ -77,7 +77,7 @@ async def loop_cpu_per_call(
     return (time.thread_time() - started) / calls * 1e6, spent / calls * 1e6
 
 
-async def _wait_ready(service: RouterService, timeout_s: float = 120.0) -> None:
+async def wait_ready(service: RouterService, timeout_s: float = 120.0) -> None:
     """Until the sidecar's prompt reader's child answers (it starts in the background)."""
     reader = service.prompt_reader
     deadline = time.monotonic() + timeout_s
@@ -98,7 +98,7 @@ async def measure(
     reader = await asyncio.to_thread(floor_reader, world_dir)
     try:
         floor = FloorServicer(pb.RouteDecision(), reader)
-        await _wait_ready(service)
+        await wait_ready(service)
         result: dict[str, Any] = {"batches": batches, "sizes": {}}
         for size in sizes:
             floor_us, _ = await loop_cpu_per_call(floor, size, batches)
