@@ -14,8 +14,8 @@ basics: ``n`` choices, log-probabilities (chat's ``logprobs``/``top_logprobs``,
 completions' ``logprobs``), token-id and several prompts, the presence and frequency
 penalties, ``logit_bias``, and vLLM's ``min_p``, ``repetition_penalty``, ``min_tokens``,
 ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``top_k``,
-``truncate_prompt_tokens``, ``add_generation_prompt``, ``continue_final_message`` and
-``chat_template_kwargs``;
+``truncate_prompt_tokens``, ``add_generation_prompt``, ``continue_final_message``,
+``chat_template_kwargs`` and ``stream_options.continuous_usage_stats``;
 ``tools``, answered as ``tool_calls`` (``router.tool_calls``).
 """
 
@@ -103,7 +103,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool | None = False
-    # vLLM's usage on every chunk: not served, refused when asked (``_unsupported``).
+    # vLLM's: with include_usage, every chunk carries its choice's usage so far.
     continuous_usage_stats: bool | None = False
 
 
@@ -221,8 +221,6 @@ class Endpoint:
 def _unsupported(body: OpenAIParameters) -> list[str]:
     """Parameters set to something this sidecar does not implement."""
     problems = []
-    if body.stream_options is not None and body.stream_options.continuous_usage_stats:
-        problems.append("stream_options.continuous_usage_stats")
     if isinstance(body, CompletionRequest):
         if body.top_logprobs:  # chat's; completions take the count in ``logprobs``
             problems.append("top_logprobs")
@@ -245,6 +243,16 @@ def _unsupported(body: OpenAIParameters) -> list[str]:
         if name in extra and extra[name] not in neutral
     )
     return problems
+
+
+def usage_asked(body: OpenAIParameters) -> tuple[bool, bool]:
+    """(a usage chunk at the end, usage on every chunk): ``stream_options``'
+    ``include_usage``, and vLLM's ``continuous_usage_stats`` with it (alone it asks for
+    nothing, as vLLM reads it)."""
+    options = body.stream_options
+    if options is None or not options.include_usage:
+        return False, False
+    return True, bool(options.continuous_usage_stats)
 
 
 def stops_of(body: OpenAIParameters) -> list[str]:
@@ -880,10 +888,12 @@ class _Reply:
         index: int = 0,
         routed: RoutedRequest | None = None,
         tool_calls: list[dict[str, Any]] | None = None,
+        usage: dict[str, int] | None = None,
     ) -> dict[str, Any]:
         """One chunk of choice ``index``; its fingerprint names ``routed``'s decision (a
         choice's own, where choices stream at once), else the reply's. ``tool_calls``:
-        a chat delta's calls, each whole (with its index among them)."""
+        a chat delta's calls, each whole (with its index among them); ``usage``: the
+        choice's so far (``continuous_usage_stats``)."""
         choice: dict[str, Any]
         if self.endpoint.is_chat:
             # tool_calls in every delta: TGI's own client requires it (as TGI sends it);
@@ -907,7 +917,10 @@ class _Reply:
                 "finish_reason": finish,
             }
         fingerprint = fingerprint_of(routed) if routed is not None else None
-        return self._object(self.endpoint.chunk_name, [choice], fingerprint)
+        body = self._object(self.endpoint.chunk_name, [choice], fingerprint)
+        if usage is not None:
+            body["usage"] = usage
+        return body
 
     def usage_chunk(self, runs: Sequence[tuple[RoutedRequest, GenerationResult]]) -> dict[str, Any]:
         """The usage of every choice and the first's decision."""
@@ -1013,11 +1026,18 @@ async def _stream_choice(
     routed: RoutedRequest,
 ) -> GenerationResult:
     """Stream choice ``index``: its text chunks, then a chunk with its finish reason (and,
-    among several choices, its own ``specroute``), each naming its own decision. The
-    generation's first item, that decision (``routed``), has been read."""
+    among several choices, its own ``specroute``), each naming its own decision and,
+    with ``continuous_usage_stats``, carrying the choice's usage so far (the tokens
+    generated, text held back included, as vLLM counts them). The generation's first
+    item, that decision (``routed``), has been read."""
     holdback = StopHoldback(cut_stops_of(body))
     calling = ToolCallHoldback() if reply.tools else None
     scored = LogprobsHoldback() if asked.logprobs is not None else None
+    continuous = usage_asked(body)[1]
+    generated = 0
+
+    def usage() -> dict[str, int] | None:
+        return _usage(routed.prompt_tokens, generated) if continuous else None
 
     def content(text: str) -> str:
         return text if calling is None else calling.feed(text)
@@ -1027,14 +1047,17 @@ async def _stream_choice(
 
     is_chat = reply.endpoint.is_chat
     if is_chat:
-        await _sse_event(response, reply.chunk("", None, index=index, routed=routed))
+        first = reply.chunk("", None, index=index, routed=routed, usage=usage())
+        await _sse_event(response, first)
     async for item in items:
         if isinstance(item, TokenChunk):
+            generated += len(item.token_ids)
             if scored is not None:
                 scored.feed(item)
             released = content(holdback.feed(item.text)) if item.text else ""
             if released:
-                chunk = reply.chunk(released, None, logprobs(len(released)), index, routed)
+                scored_part = logprobs(len(released))
+                chunk = reply.chunk(released, None, scored_part, index, routed, usage=usage())
                 await _sse_event(response, chunk)
         elif isinstance(item, GenerationResult):
             # The last chunks name the decision that finished the request (a fleet
@@ -1048,14 +1071,18 @@ async def _stream_choice(
             # The last text chunk carries the logprobs not sent yet (those of a stop
             # sequence's tokens too: they were generated).
             if rest or scored is not None:
-                chunk = reply.chunk(rest, None, logprobs(None), index, routed)
+                chunk = reply.chunk(rest, None, logprobs(None), index, routed, usage=usage())
                 await _sse_event(response, chunk)
             finish = _finish_reason(item)
             if calls:
-                call_chunk = reply.chunk(None, None, None, index, routed, tool_calls=calls)
+                call_chunk = reply.chunk(
+                    None, None, None, index, routed, tool_calls=calls, usage=usage()
+                )
                 await _sse_event(response, call_chunk)
                 finish = "tool_calls"
-            last = reply.chunk(None if is_chat else "", finish, index=index, routed=routed)
+            last = reply.chunk(
+                None if is_chat else "", finish, index=index, routed=routed, usage=usage()
+            )
             if several:
                 last["choices"][0]["specroute"] = specroute_extra(item.routed, item)
             await _sse_event(response, last)
@@ -1069,13 +1096,14 @@ async def _stream(
     """Server-sent events: per choice (``n`` per prompt, as many at once as
     ``choice_width`` allows, their chunks interleaved, each with its index) one chunk per
     speculative step's text and a last chunk with the finish reason; the usage chunk when
-    asked (``stream_options.include_usage``), then ``data: [DONE]``. An error after the first
+    asked (``stream_options.include_usage``; on every chunk too with vLLM's
+    ``continuous_usage_stats``), then ``data: [DONE]``. An error after the first
     event is sent as an error event; a client that leaves part-way stops the generation
     (``client_may_leave``)."""
     from router.http_front import SSE_HEADERS, client_may_leave
 
     reply = _Reply(endpoint, body.model, choice_count(body), uses_tools(body))
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    include_usage = usage_asked(body)[0]
     requests = choice_inputs(service, endpoint, body)
     several = len(requests) > 1
     async with contextlib.aclosing(_generation(service, requests[0])) as items:

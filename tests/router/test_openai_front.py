@@ -301,7 +301,7 @@ def test_what_openais_clients_send_for_none_is_served(sidecar: SidecarThread) ->
 def test_chat_fields_are_read_as_vllm_reads_them(sidecar: SidecarThread) -> None:
     """max_completion_tokens 0 was taken as unset (the whole context's worth generated)
     and a negative one was refused naming max_tokens; text parts were joined without the
-    newline vLLM puts between them; continuous usage stats were silently not sent."""
+    newline vLLM puts between them."""
     asked: dict[str, Any] = {
         "model": "target",
         "messages": [{"role": "user", "content": "Hi"}],
@@ -312,10 +312,6 @@ def test_chat_fields_are_read_as_vllm_reads_them(sidecar: SidecarThread) -> None
             f"{sidecar.http_url}/v1/chat/completions", {**asked, "max_completion_tokens": value}
         )
         assert status == 400 and reply["error"]["param"] == "max_completion_tokens", reply
-    continuous = {"stream": True, "stream_options": {"continuous_usage_stats": True}}
-    status, reply = post(f"{sidecar.http_url}/v1/chat/completions", {**asked, **continuous})
-    assert status == 400, reply
-    assert reply["error"]["param"] == "stream_options.continuous_usage_stats", reply
     parts = [{"type": "text", "text": "Write a haiku"}, {"type": "text", "text": "about the sea."}]
     joined = "Write a haiku\nabout the sea."
     usages = [
@@ -686,6 +682,48 @@ def test_n_choices_stream_one_after_another(sidecar: SidecarThread) -> None:
     assert usage is not None and single.usage is not None
     assert usage.prompt_tokens == single.usage.prompt_tokens
     assert usage.completion_tokens == 2 * single.usage.completion_tokens
+
+
+def test_continuous_usage_stats_put_each_choices_usage_so_far_on_every_chunk(
+    sidecar: SidecarThread,
+) -> None:
+    """vLLM's ``stream_options.continuous_usage_stats`` (refused before): with
+    ``include_usage``, every chunk carries its choice's prompt tokens and the tokens it has
+    generated so far, the last chunk of each choice its total; alone it asks for nothing."""
+    asked: Any = {"model": "target", "max_tokens": 6, "temperature": 0, "stream": True}
+    messages: Any = [{"role": "user", "content": PROMPT}]
+    single = client(sidecar).chat.completions.create(
+        messages=messages, **{**asked, "stream": False}
+    )
+    assert single.usage is not None
+    options: Any = {"include_usage": True, "continuous_usage_stats": True}
+    for endpoint, body in (
+        ("chat", {"messages": messages}),
+        ("completions", {"prompt": [PROMPT]}),
+    ):
+        openai_client = client(sidecar)
+        chat = endpoint == "chat"
+        create = openai_client.chat.completions.create if chat else openai_client.completions.create
+        chunks = list(create(**body, n=2, stream_options=options, **asked))
+        total = chunks[-1].usage
+        assert not chunks[-1].choices and total is not None
+        for index in (0, 1):
+            mine = [c for c in chunks if c.choices and c.choices[0].index == index]
+            usages = [c.usage for c in mine]
+            assert all(u is not None for u in usages), endpoint
+            counts = [u.completion_tokens for u in usages]
+            assert counts == sorted(counts) and counts[-1] == total.completion_tokens // 2
+            assert {u.prompt_tokens for u in usages} == {total.prompt_tokens}
+            assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in usages)
+        if chat:
+            assert total.completion_tokens == 2 * single.usage.completion_tokens
+            assert chunks[0].usage is not None and chunks[0].usage.completion_tokens == 0
+    alone = list(
+        client(sidecar).chat.completions.create(
+            messages=messages, stream_options={"continuous_usage_stats": True}, **asked
+        )
+    )
+    assert alone and all(c.usage is None for c in alone)
 
 
 def test_seeded_choices_are_lone_requests_with_seeds_in_turn(
