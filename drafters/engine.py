@@ -34,6 +34,10 @@ from drafters.verify import verify
 logger = logging.getLogger(__name__)
 
 GREEDY = SamplingConfig()
+# Prompt positions scored per LM-head call when the prompt's log-probabilities are asked
+# for: a row is the vocabulary (152k at Qwen2.5's), so a long prompt's all at once would
+# be gigabytes.
+PROMPT_SCORE_ROWS = 256
 
 DraftLengthSchedule = Callable[[int, GenerationStats], int]
 """``(step_index, stats_so_far) -> k`` for the next step; 0 disables speculation."""
@@ -82,11 +86,15 @@ class GenerationRun:
         stats: GenerationStats,
         output_ids: list[int],
         output_texts: list[str],
+        prompt_logprobs: list[TokenLogprob] | None = None,
     ):
         self._events = events
         self.stats = stats
         self.output_ids = output_ids
         self._output_texts = output_texts
+        # Prompt tokens 1.. scored by the prefill, when asked for (``generate``): filled
+        # in once the prefill has run (before the first event, or an end without any).
+        self.prompt_logprobs = prompt_logprobs
 
     @property
     def text(self) -> str:
@@ -158,6 +166,7 @@ class _Request:
     stop_rule: DraftStopRule | None
     logprobs: int | None
     penalties: Penalties
+    prompt_logprobs: int | None = None
 
 
 class SpeculativeEngine:
@@ -189,6 +198,7 @@ class SpeculativeEngine:
         ignore_eos: bool = False,
         stop_token_ids: Collection[int] = (),
         penalties: Penalties = NO_PENALTIES,
+        prompt_logprobs: int | None = None,
     ) -> GenerationRun:
         """Stream the target's continuation of ``prompt_ids``, drafted by ``drafter``.
 
@@ -203,13 +213,18 @@ class SpeculativeEngine:
         of those names): the model's distribution is the same either way, only where it
         ends differs. ``penalties``: vLLM's repetition, frequency and presence penalties,
         OpenAI's logit bias and ``min_tokens`` on the target's distribution
-        (``drafters/penalties.py``), lossless as well."""
+        (``drafters/penalties.py``), lossless as well.
+
+        ``prompt_logprobs``: None, none; n >= 0, the prefill also scores each prompt token
+        after the first as ``logprobs`` scores output tokens (``run.prompt_logprobs``, one
+        per prompt token but the first, which nothing precedes)."""
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if logprobs is not None and logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0, got {logprobs}")
+        for name, top in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if top is not None and top < 0:
+                raise ValueError(f"{name} must be >= 0, got {top}")
         request = _Request(
             prompt_ids=[int(t) for t in prompt_ids],
             drafter=drafter,
@@ -223,15 +238,22 @@ class SpeculativeEngine:
             stop_rule=stop_rule if stop_rule is not None and stop_rule.active else None,
             logprobs=logprobs,
             penalties=penalties,
+            prompt_logprobs=prompt_logprobs,
         )
         stats = GenerationStats(prompt_tokens=len(request.prompt_ids))
         output_ids: list[int] = []
         output_texts: list[str] = []
-        events = self._events(request, stats, output_ids, output_texts)
-        return GenerationRun(events, stats, output_ids, output_texts)
+        scored: list[TokenLogprob] | None = [] if prompt_logprobs is not None else None
+        events = self._events(request, stats, output_ids, output_texts, scored)
+        return GenerationRun(events, stats, output_ids, output_texts, scored)
 
     def _events(
-        self, request: _Request, stats: GenerationStats, output: list[int], texts: list[str]
+        self,
+        request: _Request,
+        stats: GenerationStats,
+        output: list[int],
+        texts: list[str],
+        prompt_scored: list[TokenLogprob] | None,
     ) -> Iterator[TokenEvent]:
         began = time.perf_counter()
         history = list(request.prompt_ids)
@@ -239,7 +261,13 @@ class SpeculativeEngine:
         # The drafter's session starts and takes in the prompt on another thread while the
         # target prefills (both release the GIL inside torch), off the serial path.
         starting = self._drafter_prefill_thread.submit(self._start_session, request)
-        first: torch.Tensor | None = self._prefill(cache, history)  # [1, vocab]
+        first: torch.Tensor | None
+        if prompt_scored is None:
+            first = self._prefill(cache, history)  # [1, vocab]
+        else:
+            first = self._scoring_prefill(
+                cache, history, request.prompt_logprobs or 0, prompt_scored
+            )
         session = starting.result()
         stats.prefill_time_s = time.perf_counter() - began
         generator = make_generator(request.sampling, self.target.device)
@@ -334,6 +362,24 @@ class SpeculativeEngine:
             input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1
         )
         return out.logits[0, -1:]
+
+    @torch.inference_mode()
+    def _scoring_prefill(
+        self, cache: DynamicCache, history: list[int], top: int, scored: list[TokenLogprob]
+    ) -> torch.Tensor:
+        """:meth:`_prefill`, also scoring each prompt token after the first into ``scored``
+        (its ``top`` alternatives): the LM head applied to the decoder's hidden states, as
+        the model's own forward does, ``PROMPT_SCORE_ROWS`` positions at a time."""
+        model = self.target.model
+        ids = torch.tensor([history], dtype=torch.long, device=self.target.device)
+        out = model.get_decoder()(input_ids=ids, past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state[0]  # [n, hidden]
+        head = model.get_output_embeddings()
+        for start in range(0, len(history) - 1, PROMPT_SCORE_ROWS):
+            rows = hidden[start : min(start + PROMPT_SCORE_ROWS, len(history) - 1)]
+            following = history[start + 1 : start + 1 + rows.shape[0]]
+            scored.extend(token_logprobs(head(rows), following, top))
+        return head(hidden[-1:])
 
     def _reason_to_stop_before_step(
         self, request: _Request, history: list[int], generated: int

@@ -108,6 +108,8 @@ class GenerateInput:
     no_update: bool = False
     # None: no log-probabilities; n: each token's, with its n most likely alternatives.
     logprobs: int | None = None
+    # The same for the prompt's tokens after the first (in-process engine only).
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,13 @@ JSON, so the official ``openai`` client works unchanged against the sidecar (the
 in-process engine, or a vLLM fleet behind it). Errors are
 ``{"error": {"message", "type", "param", "code"}}`` with 400 / 401 / 404 / 429 / 500.
 
-A request the sidecar cannot honour (``tool_choice`` "required" or named, ``echo``,
-``best_of``, and vLLM's extensions such as guided decoding: ``UNSUPPORTED_UNLESS``) is
+A request the sidecar cannot honour (``tool_choice`` "required" or named, chat's
+``echo``, ``best_of``, and vLLM's extensions such as guided decoding: ``UNSUPPORTED_UNLESS``) is
 refused with 400 naming the parameter, never ignored; a field neither API defines is
 ignored. Served besides the
 basics: ``n`` choices, log-probabilities (chat's ``logprobs``/``top_logprobs``,
-completions' ``logprobs``), token-id and several prompts, the presence and frequency
+completions' ``logprobs``), completions' ``echo`` (with the prompt's log-probabilities
+in-process), token-id and several prompts, the presence and frequency
 penalties, ``logit_bias``, and vLLM's ``min_p``, ``repetition_penalty``, ``min_tokens``,
 ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``top_k``,
 ``truncate_prompt_tokens``, ``add_generation_prompt``, ``continue_final_message``,
@@ -65,6 +66,7 @@ from router.errors import (
 )
 from router.service import (
     GenerationResult,
+    PromptScores,
     RoutedRequest,
     RouterService,
     TokenChunk,
@@ -224,8 +226,6 @@ def _unsupported(body: OpenAIParameters) -> list[str]:
     if isinstance(body, CompletionRequest):
         if body.top_logprobs:  # chat's; completions take the count in ``logprobs``
             problems.append("top_logprobs")
-        if body.echo:
-            problems.append("echo")
         if body.best_of not in (None, 1):
             problems.append("best_of")
         if body.suffix:
@@ -565,25 +565,33 @@ def chat_logprobs(scored: Sequence[TokenLogprobs]) -> dict[str, Any]:
 
 
 def completion_logprobs(
-    scored: Sequence[TokenLogprobs], texts: Sequence[str], offset: int
+    scored: Sequence[TokenLogprobs | str], texts: Sequence[str], offset: int
 ) -> dict[str, Any]:
     """Completions' ``choices[].logprobs``: tokens, their logprobs, the most likely tokens
     at each position with the chosen one among them (as OpenAI and vLLM report), and each
     token's character offset in the generated text (``texts``: what each token added,
-    from ``offset`` on)."""
+    from ``offset`` on). A string entry is a token with no logprob (an echoed prompt's
+    first): its text, and null logprob and alternatives."""
     offsets = []
     for text in texts:
         offsets.append(offset)
         offset += len(text)
     return {
-        "tokens": [token.text for token in scored],
-        "token_logprobs": [token.logprob for token in scored],
+        "tokens": [token if isinstance(token, str) else token.text for token in scored],
+        "token_logprobs": [None if isinstance(t, str) else t.logprob for t in scored],
         "top_logprobs": [
-            {**{a.text: a.logprob for a in token.top}, token.text: token.logprob}
+            None
+            if isinstance(token, str)
+            else {**{a.text: a.logprob for a in token.top}, token.text: token.logprob}
             for token in scored
         ],
         "text_offset": offsets,
     }
+
+
+def _joined_logprobs(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """Two completions logprobs objects as one (an echoed prompt's, then the output's)."""
+    return {key: [*first[key], *then[key]] for key in first}
 
 
 class LogprobsHoldback:
@@ -645,7 +653,44 @@ def generate_input(
         truncate=truncate_of(body, service.limits.max_prompt_tokens),
         fit_context=fit_context,
     )
-    return GenerateInput(route=route, logprobs=logprobs_of(endpoint, body))
+    logprobs = logprobs_of(endpoint, body)
+    prompt_logprobs = logprobs if echoes(body) else None
+    if prompt_logprobs is not None and not service.scores_prompts:
+        raise InvalidFieldError(
+            "echo",
+            "with logprobs, the prompt's log-probabilities: a vLLM fleet's replicas do not "
+            "stream them (echo without logprobs is served)",
+        )
+    return GenerateInput(route=route, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+
+def echoes(body: Any) -> bool:
+    """Completions' ``echo``: each choice's text starts with the prompt's, and with
+    ``logprobs`` its tokens lead the logprobs (the first with none: nothing precedes it;
+    the others as the target's prefill scored them), as vLLM echoes."""
+    return isinstance(body, CompletionRequest) and bool(body.echo)
+
+
+def echo_text(service: RouterService, prompt: Prompt, routed: RoutedRequest) -> str:
+    """The prompt as echoed: its text as sent, or, for token ids or a prompt cut to
+    ``truncate_prompt_tokens``, the tokens the target read, decoded."""
+    if (
+        prompt.text is not None
+        and not prompt.token_ids
+        and routed.prompt_tokens == len(service.prompt_ids(prompt))
+    ):
+        return prompt.text
+    return str(service.tokenizer.decode(list(routed.prompt_ids)))
+
+
+def echoed_logprobs(
+    service: RouterService, routed: RoutedRequest, scored: Sequence[TokenLogprobs]
+) -> dict[str, Any]:
+    """Completions' logprobs of an echoed prompt: its first token without any, the others
+    as ``scored`` (``PromptScores``), offsets in the echoed text from 0."""
+    first = service.token_texts.text(routed.prompt_ids[0])
+    entries: list[TokenLogprobs | str] = [first, *scored]
+    return completion_logprobs(entries, [first, *(entry.text for entry in scored)], 0)
 
 
 # ``n``: the most completions one request may ask for. Each is generated (and streamed),
@@ -861,8 +906,12 @@ class _Reply:
                 finish = "tool_calls"
             choice["message"] = message
         else:
-            choice["text"] = text
-        choice["logprobs"] = self.logprobs(ran.scored, ran.token_texts, 0)
+            choice["text"] = text if ran.echo is None else ran.echo + text
+        offset = 0 if ran.echo is None else len(ran.echo)
+        logprobs = self.logprobs(ran.scored, ran.token_texts, offset)
+        if logprobs is not None and ran.echo_logprobs is not None:
+            logprobs = _joined_logprobs(ran.echo_logprobs, logprobs)
+        choice["logprobs"] = logprobs
         choice["finish_reason"] = finish
         return choice
 
@@ -948,11 +997,16 @@ class _ChoiceRun:
     result: GenerationResult
     scored: list[TokenLogprobs] | None
     token_texts: list[str]
+    echo: str | None = None  # the prompt's text, leading the choice's (``echoes``)
+    echo_logprobs: dict[str, Any] | None = None  # its tokens' (``echoed_logprobs``)
 
 
-async def _run_choice(service: RouterService, request: GenerateInput) -> _ChoiceRun:
+async def _run_choice(
+    service: RouterService, request: GenerateInput, echo: bool = False
+) -> _ChoiceRun:
     scored: list[TokenLogprobs] = []
     texts: list[str] = []
+    prompt_scored: PromptScores | None = None
     async with contextlib.aclosing(_generation(service, request)) as it:
         routed = await _first(it)
         result: GenerationResult | None = None
@@ -960,11 +1014,20 @@ async def _run_choice(service: RouterService, request: GenerateInput) -> _Choice
             if isinstance(item, TokenChunk) and item.logprobs is not None:
                 scored.extend(item.logprobs)
                 texts.extend(item.token_texts)
+            elif isinstance(item, PromptScores):
+                prompt_scored = item
             elif isinstance(item, GenerationResult):
                 result = item
     if result is None:
         raise GenerationFailedError("generation ended without a result")
-    return _ChoiceRun(routed, result, scored if request.logprobs is not None else None, texts)
+    ran = _ChoiceRun(routed, result, scored if request.logprobs is not None else None, texts)
+    if not echo:
+        return ran
+    echoed = None
+    if prompt_scored is not None:
+        echoed = echoed_logprobs(service, routed, prompt_scored.logprobs)
+    text = echo_text(service, request.route.prompt, routed)
+    return dataclasses.replace(ran, echo=text, echo_logprobs=echoed)
 
 
 def choice_width(service: RouterService, count: int) -> int:
@@ -1004,7 +1067,7 @@ async def _all_at_most(width: int, jobs: Sequence[Callable[[], Awaitable[Any]]])
 async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dict[str, Any]:
     reply = _Reply(endpoint, body.model, choice_count(body), uses_tools(body))
     requests = choice_inputs(service, endpoint, body)
-    jobs = [functools.partial(_run_choice, service, r) for r in requests]
+    jobs = [functools.partial(_run_choice, service, r, echoes(body)) for r in requests]
     finished = await _all_at_most(choice_width(service, len(requests)), jobs)
     reply.decided(finished[0].result.routed)
     return reply.complete(finished, cut_stops_of(body))
@@ -1016,6 +1079,7 @@ async def _sse_event(response: web.StreamResponse, payload: dict[str, Any] | str
 
 
 async def _stream_choice(
+    service: RouterService,
     response: web.StreamResponse,
     reply: _Reply,
     body: Any,
@@ -1035,6 +1099,10 @@ async def _stream_choice(
     scored = LogprobsHoldback() if asked.logprobs is not None else None
     continuous = usage_asked(body)[1]
     generated = 0
+    # Completions' echo: the prompt's text goes first, with its logprobs when asked
+    # (once the prefill has scored them), and the output's offsets follow it.
+    echo = echo_text(service, asked.route.prompt, routed) if echoes(body) else None
+    offset = 0 if echo is None else len(echo)
 
     def usage() -> dict[str, int] | None:
         return _usage(routed.prompt_tokens, generated) if continuous else None
@@ -1043,14 +1111,24 @@ async def _stream_choice(
         return text if calling is None else calling.feed(text)
 
     def logprobs(characters: int | None) -> dict[str, Any] | None:
-        return None if scored is None else reply.logprobs(*scored.release(characters))
+        if scored is None:
+            return None
+        entries, texts, start = scored.release(characters)
+        return reply.logprobs(entries, texts, offset + start)
+
+    async def send_echo(echoed: dict[str, Any] | None) -> None:
+        await _sse_event(response, reply.chunk(echo, None, echoed, index, routed, usage=usage()))
 
     is_chat = reply.endpoint.is_chat
     if is_chat:
         first = reply.chunk("", None, index=index, routed=routed, usage=usage())
         await _sse_event(response, first)
+    elif echo is not None and asked.prompt_logprobs is None:
+        await send_echo(None)
     async for item in items:
-        if isinstance(item, TokenChunk):
+        if isinstance(item, PromptScores):
+            await send_echo(echoed_logprobs(service, routed, item.logprobs))
+        elif isinstance(item, TokenChunk):
             generated += len(item.token_ids)
             if scored is not None:
                 scored.feed(item)
@@ -1115,7 +1193,7 @@ async def _stream(
 
             async def first() -> tuple[RoutedRequest, GenerationResult]:
                 streamed = _stream_choice(
-                    response, reply, body, 0, requests[0], items, several, routed
+                    service, response, reply, body, 0, requests[0], items, several, routed
                 )
                 return routed, await streamed
 
@@ -1123,7 +1201,7 @@ async def _stream(
                 async with contextlib.aclosing(_generation(service, asked)) as more:
                     ran = await _first(more)
                     streamed = _stream_choice(
-                        response, reply, body, index, asked, more, several, ran
+                        service, response, reply, body, index, asked, more, several, ran
                     )
                     return ran, await streamed
 

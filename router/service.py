@@ -303,6 +303,14 @@ class TokenChunk:
 
 
 @dataclass(frozen=True)
+class PromptScores:
+    """The prompt's tokens after the first, scored by the target's prefill
+    (``GenerateInput.prompt_logprobs``): a generation's first item after its decision."""
+
+    logprobs: tuple[TokenLogprobs, ...]
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     """The end of a generation: output and statistics."""
 
@@ -791,6 +799,13 @@ class RouterService:
         """Generations admitted at once (running or waiting); one more is refused."""
         return self.queue.capacity
 
+    @property
+    def scores_prompts(self) -> bool:
+        """Whether a generation may ask for its prompt's log-probabilities
+        (``GenerateInput.prompt_logprobs``): the in-process engine scores them in its
+        prefill."""
+        return True
+
     def free_generation_places(self) -> int:
         """How many generations would run at once now if started: one, the in-process
         engine runs one at a time (more would only wait, holding queue places)."""
@@ -807,7 +822,8 @@ class RouterService:
         return replace(request, route=replace(route, max_new_tokens=left))
 
     async def generate(self, request: GenerateInput) -> AsyncIterator[Any]:
-        """Yield the :class:`RoutedRequest`, then :class:`TokenChunk` s, then the result."""
+        """Yield the :class:`RoutedRequest`, then (when asked) :class:`PromptScores`, then
+        :class:`TokenChunk` s, then the result."""
         slot = self.queue.admit()
         try:
             routed = await self._route(
@@ -834,7 +850,14 @@ class RouterService:
         def job(emit: Any, should_stop: Any) -> GenerationResult:
             served, drafter = self._still_served(routed, pinned=bool(request.force_drafter))
             result = self._run_engine(
-                served, drafter, sampling, max_new_tokens, emit, should_stop, request.logprobs
+                served,
+                drafter,
+                sampling,
+                max_new_tokens,
+                emit,
+                should_stop,
+                request.logprobs,
+                request.prompt_logprobs,
             )
             # A cancelled run's partial outcome would bias the policy. The update is cheap
             # and lands before the caller sees the last chunk; scoring is offloaded.
@@ -855,6 +878,7 @@ class RouterService:
         emit: Any,
         should_stop: Any,
         logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> GenerationResult:
         from drafters import SamplingConfig
         from drafters.penalties import Penalties
@@ -892,9 +916,14 @@ class RouterService:
                 min_tokens=sampling.min_tokens,
                 bias=sampling.logit_bias,
             ),
+            prompt_logprobs=prompt_logprobs,
         )
+        scores_sent = prompt_logprobs is None
         # The engine detokenizes each token once; its texts are passed on as they are.
         for event in run:
+            if not scores_sent:
+                emit(self._prompt_scores(routed, run.prompt_logprobs))
+                scores_sent = True
             emit(
                 TokenChunk(
                     token_ids=tuple(event.token_ids),
@@ -910,6 +939,8 @@ class RouterService:
                     ),
                 )
             )
+        if not scores_sent and run.prompt_logprobs is not None:  # no token came out
+            emit(self._prompt_scores(routed, run.prompt_logprobs))
         output = tuple(int(t) for t in run.output_ids)
         text = run.text
         stats = run.stats
@@ -921,6 +952,11 @@ class RouterService:
                 drafter=routed.decision.drafter, to=str(min(guard.shortest, 1))
             ).inc()
         return GenerationResult(routed, output, text, stats, self.policy.version, sampling.seed)
+
+    def _prompt_scores(self, routed: RoutedRequest, scored: Any) -> PromptScores:
+        """The engine's scores of prompt tokens 1.. (``TokenLogprob`` s) with their texts."""
+        pairs = [(lp.logprob, lp.top) for lp in scored]
+        return PromptScores(self.token_texts.scored(routed.prompt_ids[1 : len(pairs) + 1], pairs))
 
     def _still_registered(self, routed: RoutedRequest) -> bool:
         """Whether the drafter ``routed`` ran with is the registration serving its name:

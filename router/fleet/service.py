@@ -122,7 +122,12 @@ def generation_stats(
 def _checked_sampling(request: GenerateInput) -> None:
     """What the replicas cannot do: vLLM has no typical-p sampling (TGI's ``typical_p``),
     and dropping it would sample another distribution than asked; nor a per-step draft
-    stopping rule (``force_stop_threshold`` was ignored)."""
+    stopping rule (``force_stop_threshold`` was ignored); nor the prompt's
+    log-probabilities in a stream (``scores_prompts``)."""
+    if request.prompt_logprobs is not None:
+        raise InvalidFieldError(
+            "prompt_logprobs", "vLLM replicas do not stream the prompt's log-probabilities"
+        )
     sampling = request.route.sampling
     if sampling.do_sample and sampling.typical_p != 1.0:
         raise InvalidFieldError(
@@ -396,6 +401,11 @@ class FleetRouterService(RouterService):
         """The replicas' in-flight bounds together: with every replica at its bound, a
         request is refused (the sidecar's own generation queue is not used)."""
         return sum(replica.max_in_flight for replica in self.replicas)
+
+    @property
+    def scores_prompts(self) -> bool:
+        """No: vLLM's streamed completions carry no prompt log-probabilities."""
+        return False
 
     def free_generation_places(self) -> int:
         """The serving replicas' free places under their in-flight bounds now."""

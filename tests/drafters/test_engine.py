@@ -577,6 +577,46 @@ def test_logprobs_are_off_by_default(
         engine.generate(prompts[0], drafters["close"], 4, max_new_tokens=6, logprobs=-1)
 
 
+@pytest.mark.parametrize("rows", [256, 3])
+def test_prompt_logprobs_are_the_targets_own_and_change_nothing_else(
+    rows: int,
+    engine: SpeculativeEngine,
+    drafters: dict[str, Drafter],
+    target: LoadedModel,
+    prompts: list[list[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The prefill scores prompt tokens 1.. as one forward over the prompt does (several
+    LM-head calls of ``PROMPT_SCORE_ROWS`` positions give the same), the output is the
+    same as without, and a run of no new tokens still scores its prompt."""
+    import drafters.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PROMPT_SCORE_ROWS", rows)
+    prompt = prompts[5]
+    assert len(prompt) > 2 * 3
+    plain = engine.generate(prompt, drafters["close"], 4, max_new_tokens=12)
+    scoring = engine.generate(prompt, drafters["close"], 4, max_new_tokens=12, prompt_logprobs=2)
+    assert scoring.prompt_logprobs == []  # filled in by the prefill, on the first event
+    assert scoring.collect() == plain.collect()
+    scored = scoring.prompt_logprobs
+    assert scored is not None and len(scored) == len(prompt) - 1
+    with torch.inference_mode():
+        logits = target.model(torch.tensor([prompt])).logits[0].float()
+    expected = torch.log_softmax(logits[:-1], dim=-1)  # row i scores prompt token i + 1
+    want = expected.gather(1, torch.tensor(prompt[1:]).unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(torch.tensor([lp.logprob for lp in scored]), want)
+    top = expected.topk(2, dim=-1)
+    assert [[t for t, _ in lp.top] for lp in scored] == top.indices.tolist()
+    nothing = engine.generate(prompt, drafters["none"], 0, max_new_tokens=0, prompt_logprobs=0)
+    assert list(nothing) == [] and nothing.output_ids == []
+    assert [lp.logprob for lp in nothing.prompt_logprobs or []] == pytest.approx(
+        want.tolist(), abs=1e-4
+    )
+    assert all(lp.top == () for lp in nothing.prompt_logprobs or [])
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        engine.generate(prompt, drafters["none"], 0, max_new_tokens=1, prompt_logprobs=-1)
+
+
 def test_a_sliding_window_target_stays_lossless(tmp_path_factory: pytest.TempPathFactory) -> None:
     """A multi-token verify step over a cache got a plain causal mask built here, which
     attends past a sliding window: a windowed target's speculative output left its own

@@ -347,6 +347,16 @@ def test_openai_and_tgi_fronts_forward_to_the_fleet(fleet: Fleet) -> None:
     ids = fleet.service.prompt_ids(Prompt(text=PROMPT))  # a token-id prompt, forwarded
     by_ids = client.completions.create(model="target", prompt=ids, max_tokens=TOKENS, temperature=0)
     assert by_ids.choices[0].text == expected_text
+    # echo: the prompt leads the text; its log-probabilities are not streamed by vLLM.
+    echoed = client.completions.create(
+        model="target", prompt=PROMPT, max_tokens=TOKENS, temperature=0, echo=True
+    )
+    assert echoed.choices[0].text == PROMPT + expected_text
+    with pytest.raises(openai.BadRequestError) as scored:
+        client.completions.create(
+            model="target", prompt=PROMPT, max_tokens=TOKENS, echo=True, logprobs=1
+        )
+    assert scored.value.body["param"] == "echo"  # type: ignore[index]
     chunks = list(
         client.completions.create(
             model="target", prompt=PROMPT, max_tokens=TOKENS, temperature=0, stream=True

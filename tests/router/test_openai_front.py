@@ -564,7 +564,7 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"top_logprobs": 2}, "top_logprobs"),  # chat's
         ({"presence_penalty": 2.5}, "presence_penalty"),  # OpenAI's range is [-2, 2]
         ({"frequency_penalty": -3}, "frequency_penalty"),
-        ({"echo": True}, "echo"),
+        ({"best_of": 2}, "best_of"),
         ({"stop": [""]}, "stop"),
         ({"stop": [f"stop {i}" for i in range(17)]}, "stop"),  # more than 16
         ({"prompt": [1, 2, 10**9]}, "prompt"),  # a token id outside the vocabulary
@@ -724,6 +724,64 @@ def test_continuous_usage_stats_put_each_choices_usage_so_far_on_every_chunk(
         )
     )
     assert alone and all(c.usage is None for c in alone)
+
+
+def test_echo_leads_with_the_prompt_and_its_logprobs_as_vllm_echoes(
+    sidecar: SidecarThread,
+) -> None:
+    """Completions' ``echo`` (refused before): the text starts with the prompt's, and with
+    ``logprobs`` the prompt's tokens lead the logprobs, the first with none and each other
+    with the target's log-probability after the tokens before it, as one forward pass over
+    the prompt gives it. This is what lm-evaluation-harness' loglikelihood requests send
+    (token ids, ``max_tokens`` 1, ``logprobs`` 1, ``echo``); streamed, the prompt's chunk
+    comes first and the rest is the same."""
+    import torch
+
+    ids = sidecar.service.prompt_ids(Prompt(text=PROMPT))
+    asked: Any = {"model": "target", "max_tokens": 3, "temperature": 0}
+    plain = client(sidecar).completions.create(prompt=PROMPT, logprobs=1, **asked)
+    for prompt in (PROMPT, ids):
+        reply = client(sidecar).completions.create(prompt=prompt, echo=True, logprobs=1, **asked)
+        choice = reply.choices[0]
+        assert choice.text == PROMPT + plain.choices[0].text
+        scored, alone = choice.logprobs, plain.choices[0].logprobs
+        assert scored is not None and alone is not None
+        assert scored.token_logprobs is not None and scored.top_logprobs is not None
+        assert scored.tokens is not None and scored.text_offset is not None
+        assert len(scored.tokens) == len(ids) + 3
+        assert scored.token_logprobs[0] is None and scored.top_logprobs[0] is None
+        assert scored.tokens[len(ids) :] == alone.tokens
+        assert scored.token_logprobs[len(ids) :] == pytest.approx(alone.token_logprobs)
+        assert scored.text_offset[len(ids)] == len(PROMPT)
+        assert reply.usage is not None and reply.usage.completion_tokens == 3
+        with torch.inference_mode():
+            logits = sidecar.service.components.target.model(torch.tensor([ids])).logits
+        rows = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+        want = rows.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+        assert scored.token_logprobs[1 : len(ids)] == pytest.approx(want, abs=1e-4)
+        for token, logprob, top in zip(
+            scored.tokens[1:], scored.token_logprobs[1:], scored.top_logprobs[1:], strict=True
+        ):
+            assert top is not None and top[token] == logprob  # the token among its top
+    chunks = list(
+        client(sidecar).completions.create(
+            prompt=ids, echo=True, logprobs=1, stream=True, n=2, **asked
+        )
+    )
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert mine[0].text == PROMPT  # the prompt's chunk first
+        assert "".join(c.text for c in mine) == choice.text
+        streamed = [lp for c in mine if c.logprobs for lp in c.logprobs.token_logprobs or []]
+        assert streamed == pytest.approx(scored.token_logprobs)
+        offsets = [o for c in mine if c.logprobs for o in c.logprobs.text_offset or []]
+        assert offsets == scored.text_offset
+    unscored = client(sidecar).completions.create(prompt=PROMPT, echo=True, **asked)
+    assert unscored.choices[0].text == choice.text and unscored.choices[0].logprobs is None
+    streamed_text = client(sidecar).completions.create(
+        prompt=PROMPT, echo=True, stream=True, **asked
+    )
+    assert "".join(c.choices[0].text for c in streamed_text if c.choices) == choice.text
 
 
 def test_seeded_choices_are_lone_requests_with_seeds_in_turn(
