@@ -41,6 +41,7 @@ from router.errors import (
 )
 from router.service import (
     GenerationResult,
+    PromptScores,
     RoutedRequest,
     RouterService,
     TokenChunk,
@@ -111,8 +112,6 @@ def _unsupported(params: TgiParameters) -> list[str]:
         problems.append("best_of")
     if params.watermark:
         problems.append("watermark")
-    if params.decoder_input_details:  # the prompt's logprobs: details.prefill stays []
-        problems.append("decoder_input_details")
     if params.grammar is not None:
         problems.append("grammar")
     if params.adapter_id:
@@ -167,13 +166,21 @@ def generate_input_from_tgi(
         max_new = min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens_limit)
     if max_new <= 0:
         raise InvalidRequestError("`max_new_tokens` must be strictly positive")
+    if streaming and params.decoder_input_details:  # TGI's own words
+        raise InvalidRequestError(
+            "`decoder_input_details` == true is not supported when streaming tokens"
+        )
     route = RouteInput(
         prompt=Prompt(text=body.inputs),
         max_new_tokens=max_new,
         sampling=sampling_from_tgi(params),
         truncate=params.truncate,
     )
-    return GenerateInput(route=route, logprobs=_tgi_logprobs(params, streaming))
+    # details.prefill: the prompt's tokens with their logprobs (the engine's prefill).
+    prefill = 0 if params.details and params.decoder_input_details else None
+    return GenerateInput(
+        route=route, logprobs=_tgi_logprobs(params, streaming), prompt_logprobs=prefill
+    )
 
 
 def _tgi_logprobs(params: TgiParameters, streaming: bool) -> int | None:
@@ -206,6 +213,19 @@ def _token_json(
     token_id: int, text: str, special: bool, logprob: float | None = None
 ) -> dict[str, Any]:
     return {"id": token_id, "text": text, "logprob": logprob, "special": special}
+
+
+def _prefill_json(
+    routed: RoutedRequest, scores: PromptScores, texts: TokenTexts
+) -> list[dict[str, Any]]:
+    """TGI's ``details.prefill``: each prompt token's id, text and logprob (null for the
+    first, which nothing precedes)."""
+    first = {"id": routed.prompt_ids[0], "text": texts.text(routed.prompt_ids[0]), "logprob": None}
+    rest = [
+        {"id": token_id, "text": scored.text, "logprob": scored.logprob}
+        for token_id, scored in zip(routed.prompt_ids[1:], scores.logprobs, strict=True)
+    ]
+    return [first, *rest]
 
 
 def _tokens_json(
@@ -302,11 +322,15 @@ async def _collect(service: RouterService, body: TgiRequest) -> dict[str, Any]:
     params = body.parameters or TgiParameters()
     tokens: list[dict[str, Any]] = []
     top_tokens: list[list[dict[str, Any]]] = []
+    prefill: list[dict[str, Any]] = []
     async with contextlib.aclosing(_generation(service, body, streaming=False)) as items:
-        await _first(items)  # the decision announced; the result's is the one that finished
+        # The decision announced; the result's is the one that finished.
+        routed = await _first(items)
         result: GenerationResult | None = None
         async for item in items:
-            if isinstance(item, TokenChunk):
+            if isinstance(item, PromptScores):
+                prefill = _prefill_json(routed, item, service.token_texts)
+            elif isinstance(item, TokenChunk):
                 for token, top in _tokens_json(item, service.token_texts):
                     tokens.append(token)
                     top_tokens.append(top or [])
@@ -321,7 +345,7 @@ async def _collect(service: RouterService, body: TgiRequest) -> dict[str, Any]:
             "finish_reason": _finish_reason(result.stats),
             "generated_tokens": len(tokens),
             "seed": _reported_seed(body, result),
-            "prefill": [],
+            "prefill": prefill,
             "tokens": tokens,
             "top_tokens": top_tokens if params.top_n_tokens else None,
             "best_of_sequences": None,

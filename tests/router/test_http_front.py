@@ -51,6 +51,38 @@ def test_client_generate_is_exactly_the_greedy_output(sidecar: SidecarThread) ->
     assert response.details.prefill == []
 
 
+def test_decoder_input_details_are_the_prompts_tokens_with_the_targets_logprobs(
+    sidecar: SidecarThread,
+) -> None:
+    """``decoder_input_details`` (refused before): ``details.prefill`` lists the prompt's
+    tokens, the first with no logprob and each other with the target's after the tokens
+    before it, as one forward pass over the prompt gives it; the output is unchanged. A
+    stream refuses it, in TGI's words."""
+    import torch
+
+    from router.domain import Prompt
+
+    _, expected_text = greedy_reference(sidecar, PROMPT, 8)
+    response = Client(sidecar.http_url, timeout=60).generate(
+        PROMPT, max_new_tokens=8, decoder_input_details=True
+    )
+    assert response.generated_text == expected_text
+    ids = sidecar.service.prompt_ids(Prompt(text=PROMPT))
+    prefill = response.details.prefill
+    assert [token.id for token in prefill] == ids
+    assert prefill[0].logprob is None
+    with torch.inference_mode():
+        logits = sidecar.service.components.target.model(torch.tensor([ids])).logits
+    rows = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+    want = rows.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+    assert [token.logprob for token in prefill[1:]] == pytest.approx(want, abs=1e-4)
+    assert "".join(token.text for token in prefill) == PROMPT
+    streamed = {"inputs": PROMPT, "parameters": {"decoder_input_details": True}}
+    for route, body in (("/generate_stream", streamed), ("/", {**streamed, "stream": True})):
+        status, _, raw = post(sidecar.http_url + route, body)
+        assert status == 422 and b"not supported when streaming" in raw, raw
+
+
 def test_client_generate_stream_is_exactly_the_greedy_output(sidecar: SidecarThread) -> None:
     expected_ids, expected_text = greedy_reference(sidecar, PROMPT, 24)
     events = list(Client(sidecar.http_url, timeout=60).generate_stream(PROMPT, max_new_tokens=24))
@@ -483,8 +515,6 @@ def test_max_new_tokens_left_out_is_tgis_default_of_100(sidecar: SidecarThread) 
         ({"inputs": PROMPT, "parameters": {"top_n_tokens": 21}}, "top_n_tokens"),
         # huggingface_hub's InferenceClient sends a LoRA adapter id: served by the base model.
         ({"inputs": PROMPT, "parameters": {"adapter_id": "my-lora"}}, "adapter_id"),
-        # The prompt's logprobs (details.prefill) were silently left out.
-        ({"inputs": PROMPT, "parameters": {"decoder_input_details": True}}, "decoder_input"),
         # A seed no generator takes failed inside the engine (424, "generation").
         ({"inputs": PROMPT, "parameters": {"do_sample": True, "seed": 2**64}}, "sampling.seed"),
         ({"inputs": "word " * 600, "parameters": {}}, "over the limit"),
