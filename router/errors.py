@@ -108,11 +108,6 @@ def sidecar_error_of(error: Exception, where: str) -> SidecarError:
     )
 
 
-#: Where an HTTP error response keeps its gRPC status code's name, for the error counter
-#: (``specroute_errors_total{code}`` counts refusals on every front).
-HTTP_ERROR_CODE = "specroute_error_code"
-
-
 @dataclass(frozen=True)
 class ErrorStatus:
     """How one error type appears on each wire."""

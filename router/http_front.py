@@ -30,7 +30,6 @@ from router.domain import (
     check_logprobs,
 )
 from router.errors import (
-    HTTP_ERROR_CODE,
     GenerationFailedError,
     InvalidRequestError,
     RequestTooLargeError,
@@ -49,6 +48,10 @@ from router.service import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: Where an HTTP error response keeps its gRPC status code's name, for the error counter
+#: (``specroute_errors_total{code}`` counts refusals on every front).
+HTTP_ERROR_CODE = web.ResponseKey("specroute_error_code", str)
 
 # TGI's server default, for clients that leave max_new_tokens out (huggingface_hub's
 # InferenceClient; the text-generation client always sends its own, 20).

@@ -47,7 +47,6 @@ from router.domain import (
     check_logprobs,
 )
 from router.errors import (
-    HTTP_ERROR_CODE,
     ContextLengthError,
     GenerationFailedError,
     InvalidFieldError,
@@ -745,6 +744,8 @@ def error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
 
 
 def error_response(error: BaseException) -> web.Response:
+    from router.http_front import HTTP_ERROR_CODE
+
     status, body = error_body(error)
     # The official clients retry a 500 twice; not one that would take out more replicas.
     no_retry = {"x-should-retry": "false"} if isinstance(error, RequestFailsReplicasError) else None
