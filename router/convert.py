@@ -21,7 +21,14 @@ from router.domain import (
 )
 from router.errors import InvalidFieldError
 from router.pb import router_pb2 as pb
-from router.service import ClassifierView, GenerationResult, PolicyView, RoutedRequest, TokenChunk
+from router.service import (
+    ClassifierView,
+    GenerationResult,
+    PolicyView,
+    PromptScores,
+    RoutedRequest,
+    TokenChunk,
+)
 from router.settings import Limits
 from router.store import DrafterRecord
 
@@ -92,6 +99,10 @@ def generate_from_pb(message: pb.GenerateRequest) -> GenerateInput:
         no_update=message.no_update,
         logprobs=check_logprobs(
             message.logprobs if message.HasField("logprobs") else None, "logprobs"
+        ),
+        prompt_logprobs=check_logprobs(
+            message.prompt_logprobs if message.HasField("prompt_logprobs") else None,
+            "prompt_logprobs",
         ),
     )
 
@@ -201,6 +212,22 @@ def chunk_to_pb(chunk: TokenChunk) -> pb.GenerateChunk:
     return pb.GenerateChunk(tokens=tokens, text="".join(chunk.token_texts))
 
 
+def prompt_scores_to_pb(scores: PromptScores) -> pb.GenerateChunk:
+    """The prompt's tokens, those after the first with their log-probabilities."""
+    tokens = [
+        pb.Token(id=token_id, text=text, special=special)
+        for token_id, text, special in zip(
+            scores.token_ids, scores.texts, scores.special, strict=True
+        )
+    ]
+    for token, scored in zip(tokens[1:], scores.logprobs, strict=True):
+        token.logprob = scored.logprob
+        token.top_logprobs.extend(
+            pb.TopLogprob(id=a.token_id, text=a.text, logprob=a.logprob) for a in scored.top
+        )
+    return pb.GenerateChunk(prompt_tokens=tokens)
+
+
 def stats_to_pb(result: GenerationResult) -> pb.GenerationStats:
     stats = result.stats
     return pb.GenerationStats(
@@ -231,6 +258,8 @@ def generation_item_to_pb(item: Any, announced: RoutedRequest | None = None) -> 
         return pb.GenerateChunk(decision=decision_to_pb(item))
     if isinstance(item, TokenChunk):
         return chunk_to_pb(item)
+    if isinstance(item, PromptScores):
+        return prompt_scores_to_pb(item)
     last = pb.GenerateChunk(stats=stats_to_pb(item))
     if announced is not None and _served_by(item.routed) != _served_by(announced):
         last.decision.CopyFrom(decision_to_pb(item.routed))

@@ -218,17 +218,14 @@ def _token_json(
     return {"id": token_id, "text": text, "logprob": logprob, "special": special}
 
 
-def _prefill_json(
-    routed: RoutedRequest, scores: PromptScores, texts: TokenTexts
-) -> list[dict[str, Any]]:
+def _prefill_json(scores: PromptScores) -> list[dict[str, Any]]:
     """TGI's ``details.prefill``: each prompt token's id, text and logprob (null for the
     first, which nothing precedes)."""
-    first = {"id": routed.prompt_ids[0], "text": texts.text(routed.prompt_ids[0]), "logprob": None}
-    rest = [
-        {"id": token_id, "text": scored.text, "logprob": scored.logprob}
-        for token_id, scored in zip(routed.prompt_ids[1:], scores.logprobs, strict=True)
+    logprobs = [None, *(scored.logprob for scored in scores.logprobs)]
+    return [
+        {"id": token_id, "text": text, "logprob": logprob}
+        for token_id, text, logprob in zip(scores.token_ids, scores.texts, logprobs, strict=True)
     ]
-    return [first, *rest]
 
 
 def _tokens_json(
@@ -327,12 +324,11 @@ async def _collect(service: RouterService, body: TgiRequest) -> dict[str, Any]:
     top_tokens: list[list[dict[str, Any]]] = []
     prefill: list[dict[str, Any]] = []
     async with contextlib.aclosing(_generation(service, body, streaming=False)) as items:
-        # The decision announced; the result's is the one that finished.
-        routed = await _first(items)
+        await _first(items)  # the decision announced; the result's is the one that finished
         result: GenerationResult | None = None
         async for item in items:
             if isinstance(item, PromptScores):
-                prefill = _prefill_json(routed, item, service.token_texts)
+                prefill = _prefill_json(item)
             elif isinstance(item, TokenChunk):
                 for token, top in _tokens_json(item, service.token_texts):
                     tokens.append(token)

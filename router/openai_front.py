@@ -682,14 +682,11 @@ def echo_text(service: RouterService, prompt: Prompt, routed: RoutedRequest) -> 
     return str(service.tokenizer.decode(list(routed.prompt_ids)))
 
 
-def echoed_logprobs(
-    service: RouterService, routed: RoutedRequest, scored: Sequence[TokenLogprobs]
-) -> dict[str, Any]:
+def echoed_logprobs(scores: PromptScores) -> dict[str, Any]:
     """Completions' logprobs of an echoed prompt: its first token without any, the others
-    as ``scored`` (``PromptScores``), offsets in the echoed text from 0."""
-    first = service.token_texts.text(routed.prompt_ids[0])
-    entries: list[TokenLogprobs | str] = [first, *scored]
-    return completion_logprobs(entries, [first, *(entry.text for entry in scored)], 0)
+    as the prefill scored them, offsets in the echoed text from 0."""
+    entries: list[TokenLogprobs | str] = [scores.texts[0], *scores.logprobs]
+    return completion_logprobs(entries, scores.texts, 0)
 
 
 # ``n``: the most completions one request may ask for. Each is generated (and streamed),
@@ -1026,7 +1023,7 @@ async def _run_choice(
         return ran
     echoed = None
     if prompt_scored is not None:
-        echoed = echoed_logprobs(service, routed, prompt_scored.logprobs)
+        echoed = echoed_logprobs(prompt_scored)
     text = echo_text(service, request.route.prompt, routed)
     return dataclasses.replace(ran, echo=text, echo_logprobs=echoed)
 
@@ -1128,7 +1125,7 @@ async def _stream_choice(
         await send_echo(None)
     async for item in items:
         if isinstance(item, PromptScores):
-            await send_echo(echoed_logprobs(service, routed, item.logprobs))
+            await send_echo(echoed_logprobs(item))
         elif isinstance(item, TokenChunk):
             generated += len(item.token_ids)
             if scored is not None:

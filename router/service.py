@@ -243,6 +243,9 @@ class TokenTexts:
     def text(self, token_id: int) -> str:
         return self._decode(token_id)[0]
 
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special
+
     def raw(self, token_id: int) -> bytes:
         """The token's bytes: a byte-level BPE vocabulary's piece mapped back to the bytes
         it stands for (a piece of a multi-byte character included), else its text's UTF-8."""
@@ -270,7 +273,7 @@ class TokenTexts:
                 self.text(token_id),
                 float(logprob),
                 tuple(
-                    Alternative(i, self.text(i), float(lp), i in self._special, self.raw(i))
+                    Alternative(i, self.text(i), float(lp), self.is_special(i), self.raw(i))
                     for i, lp in top
                 ),
                 self.raw(token_id),
@@ -304,9 +307,13 @@ class TokenChunk:
 
 @dataclass(frozen=True)
 class PromptScores:
-    """The prompt's tokens after the first, scored by the target's prefill
-    (``GenerateInput.prompt_logprobs``): a generation's first item after its decision."""
+    """The prompt's tokens as the target read them, each decoded alone, and those after
+    the first scored by the target's prefill (``logprobs[i]`` scores ``token_ids[i + 1]``;
+    ``GenerateInput.prompt_logprobs``): a generation's first item after its decision."""
 
+    token_ids: tuple[int, ...]
+    texts: tuple[str, ...]
+    special: tuple[bool, ...]
     logprobs: tuple[TokenLogprobs, ...]
 
 
@@ -955,8 +962,12 @@ class RouterService:
 
     def _prompt_scores(self, routed: RoutedRequest, scored: Any) -> PromptScores:
         """The engine's scores of prompt tokens 1.. (``TokenLogprob`` s) with their texts."""
+        ids = tuple(routed.prompt_ids)
         pairs = [(lp.logprob, lp.top) for lp in scored]
-        return PromptScores(self.token_texts.scored(routed.prompt_ids[1 : len(pairs) + 1], pairs))
+        texts = tuple(self.token_texts.text(token_id) for token_id in ids)
+        special = tuple(self.token_texts.is_special(token_id) for token_id in ids)
+        scored_ids = ids[1 : len(pairs) + 1]
+        return PromptScores(ids, texts, special, self.token_texts.scored(scored_ids, pairs))
 
     def _still_registered(self, routed: RoutedRequest) -> bool:
         """Whether the drafter ``routed`` ran with is the registration serving its name:

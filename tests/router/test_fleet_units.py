@@ -916,3 +916,18 @@ def test_a_logit_bias_goes_to_a_plain_replica_or_is_refused() -> None:
     service.replicas = [replica("a", "ngram")]
     with pytest.raises(InvalidFieldError, match='speculative = "none"'):
         service._checked_plain(request)
+
+
+def test_the_prompts_logprobs_are_refused_by_name_in_fleet_mode() -> None:
+    """vLLM's streamed completions carry no prompt log-probabilities: asked for (gRPC
+    ``prompt_logprobs``, TGI's ``decoder_input_details``), the request is refused naming
+    the field, before any replica is asked; the OpenAI front asks the service first."""
+    from router.domain import GenerateInput, RouteInput
+    from router.errors import InvalidFieldError
+    from router.fleet.service import _checked_sampling
+
+    request = GenerateInput(route=RouteInput(prompt=None), prompt_logprobs=0)  # type: ignore[arg-type]
+    with pytest.raises(InvalidFieldError, match="prompt_logprobs"):
+        _checked_sampling(request)
+    _checked_sampling(replace(request, prompt_logprobs=None))
+    assert not FleetRouterService.scores_prompts.fget(None)  # type: ignore[attr-defined]

@@ -643,6 +643,40 @@ def test_logprobs_are_the_targets_whatever_the_drafter(sidecar: SidecarThread, P
     assert "logprobs" in str(over.value.details())
 
 
+def test_prompt_logprobs_come_back_as_the_prompts_tokens(sidecar: SidecarThread) -> None:
+    """``prompt_logprobs``: the second chunk lists the prompt's tokens as the target read
+    them (a conversation's template markers flagged special), each after the first with
+    the target's log-probability given the tokens before it and its alternatives, as one
+    forward pass over the prompt gives it; the output is unchanged. Over 20 alternatives
+    is INVALID_ARGUMENT naming the field."""
+    import torch
+
+    from router.domain import Prompt
+
+    conversation = pb.Conversation(messages=[pb.ChatMessage(role="user", content="Hi there")])
+    asked: dict[str, Any] = {"conversation": conversation, "max_new_tokens": 6, "no_update": True}
+    plain = generate(sidecar, **asked)
+    chunks = generate(sidecar, **asked, prompt_logprobs=2)
+    assert chunks[0].HasField("decision") and not plain[1].prompt_tokens
+    prompt = list(chunks[1].prompt_tokens)
+    ids = sidecar.service.prompt_ids(Prompt(messages=({"role": "user", "content": "Hi there"},)))
+    assert [t.id for t in prompt] == ids
+    assert not prompt[0].HasField("logprob") and not prompt[0].top_logprobs
+    assert all(t.HasField("logprob") and len(t.top_logprobs) == 2 for t in prompt[1:])
+    with torch.inference_mode():
+        logits = sidecar.service.components.target.model(torch.tensor([ids])).logits
+    rows = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+    want = rows.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+    assert [t.logprob for t in prompt[1:]] == pytest.approx(want, abs=1e-4)
+    special = sidecar.service.tokenizer.all_special_ids
+    assert [t.special for t in prompt] == [i in special for i in ids] and prompt[0].special
+    assert [t.id for c in chunks[2:] for t in c.tokens] == [t.id for c in plain for t in c.tokens]
+    with pytest.raises(grpc.RpcError) as over:
+        generate(sidecar, **asked, prompt_logprobs=21)
+    assert over.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt_logprobs" in str(over.value.details())
+
+
 def _decisions_of(sidecar: SidecarThread, drafter: str) -> int:
     """How often ``drafter`` was chosen, over every context of the served policy."""
     state = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest())
