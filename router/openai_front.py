@@ -641,13 +641,13 @@ def generate_input(
         # Chat completions default to what is left of the context (as vLLM), within the
         # sidecar's limit.
         max_tokens = service.limits.max_new_tokens
-    if max_tokens <= 0:
+    if max_tokens <= 0 and not prompt_only(endpoint, body):
         named = getattr(body, "max_completion_tokens", None) is not None
         field = "max_completion_tokens" if named else "max_tokens"
-        raise InvalidFieldError(field, f"must be > 0, got {max_tokens}")
+        raise InvalidFieldError(field, f"must be > 0 (0 only with echo), got {max_tokens}")
     route = RouteInput(
         prompt=prompt,
-        max_new_tokens=max_tokens,
+        max_new_tokens=max(max_tokens, 1),
         sampling=sampling_from_openai(body),
         truncate=truncate_of(body, service.limits.max_prompt_tokens),
         fit_context=fit_context,
@@ -661,6 +661,13 @@ def generate_input(
             "stream them (echo without logprobs is served)",
         )
     return GenerateInput(route=route, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+
+def prompt_only(endpoint: Endpoint, body: Any) -> bool:
+    """Completions' ``echo`` with ``max_tokens`` 0: the prompt alone comes back (with its
+    logprobs: the scoring call). As vLLM, one token is generated and not returned (the
+    usage counts it)."""
+    return echoes(body) and endpoint.max_tokens_of(body) == 0
 
 
 def echoes(body: Any) -> bool:
@@ -843,11 +850,17 @@ class _Reply:
     """Builds one response's OpenAI objects (one id and creation time for all chunks)."""
 
     def __init__(
-        self, endpoint: Endpoint, model: str, per_prompt: int = 1, tools: bool = False
+        self,
+        endpoint: Endpoint,
+        model: str,
+        per_prompt: int = 1,
+        tools: bool = False,
+        prompt_only: bool = False,
     ) -> None:
         prefix = "chatcmpl" if endpoint.is_chat else "cmpl"
         self.per_prompt = per_prompt  # choices per prompt (n): each prompt's usage once
         self.tools = tools  # the answers' tool calls are parsed (``router.tool_calls``)
+        self.prompt_only = prompt_only  # each choice is its echoed prompt (``prompt_only``)
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.endpoint = endpoint
@@ -909,6 +922,8 @@ class _Reply:
         logprobs = self.logprobs(ran.scored, ran.token_texts, offset)
         if logprobs is not None and ran.echo_logprobs is not None:
             logprobs = _joined_logprobs(ran.echo_logprobs, logprobs)
+        if self.prompt_only:
+            choice["text"], logprobs = ran.echo, ran.echo_logprobs
         choice["logprobs"] = logprobs
         choice["finish_reason"] = finish
         return choice
@@ -1063,7 +1078,9 @@ async def _all_at_most(width: int, jobs: Sequence[Callable[[], Awaitable[Any]]])
 
 
 async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dict[str, Any]:
-    reply = _Reply(endpoint, body.model, choice_count(body), uses_tools(body))
+    reply = _Reply(
+        endpoint, body.model, choice_count(body), uses_tools(body), prompt_only(endpoint, body)
+    )
     requests = choice_inputs(service, endpoint, body)
     jobs = [functools.partial(_run_choice, service, r, echoes(body)) for r in requests]
     finished = await _all_at_most(choice_width(service, len(requests)), jobs)
@@ -1094,7 +1111,8 @@ async def _stream_choice(
     item, that decision (``routed``), has been read."""
     holdback = StopHoldback(cut_stops_of(body))
     calling = ToolCallHoldback() if reply.tools else None
-    scored = LogprobsHoldback() if asked.logprobs is not None else None
+    returned = asked.logprobs is not None and not reply.prompt_only
+    scored = LogprobsHoldback() if returned else None
     continuous = usage_asked(body)[1]
     generated = 0
     # Completions' echo: the prompt's text goes first, with its logprobs when asked
@@ -1128,6 +1146,8 @@ async def _stream_choice(
             await send_echo(echoed_logprobs(item))
         elif isinstance(item, TokenChunk):
             generated += len(item.token_ids)
+            if reply.prompt_only:
+                continue  # generated with the prompt scored, not returned (as vLLM)
             if scored is not None:
                 scored.feed(item)
             released = content(holdback.feed(item.text)) if item.text else ""
@@ -1178,7 +1198,9 @@ async def _stream(
     (``client_may_leave``)."""
     from router.http_front import SSE_HEADERS, client_may_leave
 
-    reply = _Reply(endpoint, body.model, choice_count(body), uses_tools(body))
+    reply = _Reply(
+        endpoint, body.model, choice_count(body), uses_tools(body), prompt_only(endpoint, body)
+    )
     include_usage = usage_asked(body)[0]
     requests = choice_inputs(service, endpoint, body)
     several = len(requests) > 1

@@ -782,6 +782,26 @@ def test_echo_leads_with_the_prompt_and_its_logprobs_as_vllm_echoes(
         prompt=PROMPT, echo=True, stream=True, **asked
     )
     assert "".join(c.choices[0].text for c in streamed_text if c.choices) == choice.text
+    # max_tokens 0 with echo: the prompt alone, the scoring call (as vLLM: one token is
+    # generated and not returned); without echo it is still a 400.
+    scoring: Any = {**asked, "max_tokens": 0, "echo": True, "logprobs": 0}
+    alone_prompt = client(sidecar).completions.create(prompt=ids, **scoring)
+    assert alone_prompt.choices[0].text == PROMPT
+    prompt_scores = alone_prompt.choices[0].logprobs
+    assert prompt_scores is not None and prompt_scores.token_logprobs is not None
+    assert prompt_scores.token_logprobs == pytest.approx(scored.token_logprobs[: len(ids)])
+    chunks = list(client(sidecar).completions.create(prompt=ids, stream=True, **scoring))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == PROMPT
+    streamed = [
+        lp
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for lp in c.choices[0].logprobs.token_logprobs or []
+    ]
+    assert streamed == prompt_scores.token_logprobs
+    with pytest.raises(openai.BadRequestError) as no_echo:
+        client(sidecar).completions.create(prompt=ids, **{**scoring, "echo": False})
+    assert no_echo.value.body["param"] == "max_tokens"  # type: ignore[index]
 
 
 def test_seeded_choices_are_lone_requests_with_seeds_in_turn(
