@@ -54,6 +54,7 @@ class TokenLogprob:
 
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # 1 + how many tokens are likelier, where asked for (the prompt's)
 
 
 @dataclass(frozen=True)
@@ -122,18 +123,27 @@ class GenerationRun:
         return self.output_ids
 
 
-def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+def token_logprobs(
+    logits: torch.Tensor, tokens: Sequence[int], top: int, ranks: bool = False
+) -> list[TokenLogprob]:
     """Row i of ``logits`` [n >= len(tokens), vocab] scores ``tokens[i]``: its
-    log-probability and the ``top`` most likely tokens of that row."""
+    log-probability, the ``top`` most likely tokens of that row, and with ``ranks`` its
+    rank there (1: the most likely)."""
     rows = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)  # [n, vocab]
     ids = torch.tensor(tokens, dtype=torch.long, device=rows.device)
-    chosen = rows.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()
+    picked = rows.gather(1, ids.unsqueeze(1))  # [n, 1]
+    chosen = picked.squeeze(1).tolist()
+    rank_of: list[int | None] = [None] * len(chosen)
+    if ranks:
+        rank_of = [int(r) + 1 for r in (rows > picked).sum(dim=-1).tolist()]
     if top <= 0:
-        return [TokenLogprob(float(lp)) for lp in chosen]
+        return [TokenLogprob(float(lp), rank=r) for lp, r in zip(chosen, rank_of, strict=True)]
     values, indices = torch.topk(rows, min(top, rows.shape[-1]), dim=-1)
     return [
-        TokenLogprob(float(lp), tuple(zip(ids_row, values_row, strict=True)))
-        for lp, ids_row, values_row in zip(chosen, indices.tolist(), values.tolist(), strict=True)
+        TokenLogprob(float(lp), tuple(zip(ids_row, values_row, strict=True)), rank)
+        for lp, ids_row, values_row, rank in zip(
+            chosen, indices.tolist(), values.tolist(), rank_of, strict=True
+        )
     ]
 
 
@@ -378,7 +388,7 @@ class SpeculativeEngine:
         for start in range(0, len(history) - 1, PROMPT_SCORE_ROWS):
             rows = hidden[start : min(start + PROMPT_SCORE_ROWS, len(history) - 1)]
             following = history[start + 1 : start + 1 + rows.shape[0]]
-            scored.extend(token_logprobs(head(rows), following, top))
+            scored.extend(token_logprobs(head(rows), following, top, ranks=True))
         return head(hidden[-1:])
 
     def _reason_to_stop_before_step(

@@ -11,8 +11,8 @@ A request the sidecar cannot honour (``tool_choice`` "required" or named, chat's
 refused with 400 naming the parameter, never ignored; a field neither API defines is
 ignored. Served besides the
 basics: ``n`` choices, log-probabilities (chat's ``logprobs``/``top_logprobs``,
-completions' ``logprobs``), completions' ``echo`` (with the prompt's log-probabilities
-in-process), token-id and several prompts, the presence and frequency
+completions' ``logprobs``), completions' ``echo`` and vLLM's ``prompt_logprobs`` (the
+prompt's log-probabilities, in-process), token-id and several prompts, the presence and frequency
 penalties, ``logit_bias``, and vLLM's ``min_p``, ``repetition_penalty``, ``min_tokens``,
 ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``top_k``,
 ``truncate_prompt_tokens``, ``add_generation_prompt``, ``continue_final_message``,
@@ -114,7 +114,6 @@ class StreamOptions(BaseModel):
 # ignore_eos, a schema's guided_json) is told rather than silently served something else.
 UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "logprob_token_ids": (None, []),
-    "prompt_logprobs": (None, 0),
     "guided_json": (None,),
     "guided_regex": (None,),
     "guided_choice": (None,),
@@ -173,6 +172,8 @@ class OpenAIParameters(BaseModel):
     logit_bias: dict[str, float] | None = None  # token id (a string in JSON) -> bias
     logprobs: Any = None
     top_logprobs: int | None = None
+    # vLLM's: each prompt token's logprob, rank and this many alternatives (not streamed).
+    prompt_logprobs: int | None = None
     user: str | None = None
 
 
@@ -653,14 +654,52 @@ def generate_input(
         fit_context=fit_context,
     )
     logprobs = logprobs_of(endpoint, body)
-    prompt_logprobs = logprobs if echoes(body) else None
-    if prompt_logprobs is not None and not service.scores_prompts:
+    echoed = logprobs if echoes(body) else None
+    asked = prompt_logprobs_of(body)
+    prompt_logprobs = max(echoed if echoed is not None else -1, asked if asked is not None else -1)
+    if prompt_logprobs >= 0 and not service.scores_prompts:
         raise InvalidFieldError(
-            "echo",
-            "with logprobs, the prompt's log-probabilities: a vLLM fleet's replicas do not "
-            "stream them (echo without logprobs is served)",
+            "echo" if asked is None else "prompt_logprobs",
+            "the prompt's log-probabilities: a vLLM fleet's replicas do not stream them "
+            "(echo without logprobs is served)",
         )
-    return GenerateInput(route=route, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    return GenerateInput(
+        route=route,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs if prompt_logprobs >= 0 else None,
+    )
+
+
+def prompt_logprobs_of(body: OpenAIParameters) -> int | None:
+    """vLLM's ``prompt_logprobs`` (0-20 alternatives), None when not asked for; a stream
+    does not carry them, so there only 0 is accepted (and nothing computed), as vLLM."""
+    asked = check_logprobs(body.prompt_logprobs, "prompt_logprobs")
+    if asked is not None and body.stream:
+        if asked > 0:
+            raise InvalidFieldError("prompt_logprobs", "not available when stream is true")
+        return None
+    return asked
+
+
+def vllm_prompt_logprobs(scores: PromptScores, top: int) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs``: None for the first token, then per token a map of token
+    id -> {logprob, rank, decoded_token} holding the token itself and the ``top`` most
+    likely there (as vLLM, -inf written -9999)."""
+    entries: list[dict[str, Any] | None] = [None]
+    for token_id, scored, rank in zip(
+        scores.token_ids[1:], scores.logprobs, scores.ranks, strict=True
+    ):
+        entry = {str(token_id): _vllm_logprob(scored.logprob, rank, scored.text)}
+        for i, alternative in enumerate(scored.top[:top], start=1):
+            entry.setdefault(
+                str(alternative.token_id), _vllm_logprob(alternative.logprob, i, alternative.text)
+            )
+        entries.append(entry)
+    return entries
+
+
+def _vllm_logprob(logprob: float, rank: int, text: str) -> dict[str, Any]:
+    return {"logprob": max(logprob, -9999.0), "rank": rank, "decoded_token": text}
 
 
 def prompt_only(endpoint: Endpoint, body: Any) -> bool:
@@ -689,10 +728,12 @@ def echo_text(service: RouterService, prompt: Prompt, routed: RoutedRequest) -> 
     return str(service.tokenizer.decode(list(routed.prompt_ids)))
 
 
-def echoed_logprobs(scores: PromptScores) -> dict[str, Any]:
+def echoed_logprobs(scores: PromptScores, top: int) -> dict[str, Any]:
     """Completions' logprobs of an echoed prompt: its first token without any, the others
-    as the prefill scored them, offsets in the echoed text from 0."""
-    entries: list[TokenLogprobs | str] = [scores.texts[0], *scores.logprobs]
+    as the prefill scored them with their ``top`` alternatives (it may have scored more,
+    for vLLM's ``prompt_logprobs``), offsets in the echoed text from 0."""
+    scored = [dataclasses.replace(entry, top=entry.top[:top]) for entry in scores.logprobs]
+    entries: list[TokenLogprobs | str] = [scores.texts[0], *scored]
     return completion_logprobs(entries, scores.texts, 0)
 
 
@@ -926,6 +967,8 @@ class _Reply:
             choice["text"], logprobs = ran.echo, ran.echo_logprobs
         choice["logprobs"] = logprobs
         choice["finish_reason"] = finish
+        if ran.prompt_logprobs is not None and not self.endpoint.is_chat:
+            choice["prompt_logprobs"] = ran.prompt_logprobs
         return choice
 
     def complete(self, runs: Sequence[_ChoiceRun], stops: Sequence[str]) -> dict[str, Any]:
@@ -939,6 +982,8 @@ class _Reply:
         first = runs[0]
         body = self._object(self.endpoint.object_name, choices)
         body["usage"] = _choices_usage([(ran.routed, ran.result) for ran in runs], self.per_prompt)
+        if self.endpoint.is_chat and first.prompt_logprobs is not None:
+            body["prompt_logprobs"] = first.prompt_logprobs  # vLLM's place for chat's
         body["specroute"] = specroute_extra(first.routed, first.result)
         return body
 
@@ -1012,11 +1057,10 @@ class _ChoiceRun:
     token_texts: list[str]
     echo: str | None = None  # the prompt's text, leading the choice's (``echoes``)
     echo_logprobs: dict[str, Any] | None = None  # its tokens' (``echoed_logprobs``)
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's, when asked for
 
 
-async def _run_choice(
-    service: RouterService, request: GenerateInput, echo: bool = False
-) -> _ChoiceRun:
+async def _run_choice(service: RouterService, request: GenerateInput, body: Any) -> _ChoiceRun:
     scored: list[TokenLogprobs] = []
     texts: list[str] = []
     prompt_scored: PromptScores | None = None
@@ -1034,11 +1078,14 @@ async def _run_choice(
     if result is None:
         raise GenerationFailedError("generation ended without a result")
     ran = _ChoiceRun(routed, result, scored if request.logprobs is not None else None, texts)
-    if not echo:
+    if prompt_scored is not None and body.prompt_logprobs is not None:
+        asked = vllm_prompt_logprobs(prompt_scored, body.prompt_logprobs)
+        ran = dataclasses.replace(ran, prompt_logprobs=asked)
+    if not echoes(body):
         return ran
     echoed = None
-    if prompt_scored is not None:
-        echoed = echoed_logprobs(prompt_scored)
+    if prompt_scored is not None and request.logprobs is not None:
+        echoed = echoed_logprobs(prompt_scored, request.logprobs)
     text = echo_text(service, request.route.prompt, routed)
     return dataclasses.replace(ran, echo=text, echo_logprobs=echoed)
 
@@ -1082,7 +1129,7 @@ async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dic
         endpoint, body.model, choice_count(body), uses_tools(body), prompt_only(endpoint, body)
     )
     requests = choice_inputs(service, endpoint, body)
-    jobs = [functools.partial(_run_choice, service, r, echoes(body)) for r in requests]
+    jobs = [functools.partial(_run_choice, service, r, body) for r in requests]
     finished = await _all_at_most(choice_width(service, len(requests)), jobs)
     reply.decided(finished[0].result.routed)
     return reply.complete(finished, cut_stops_of(body))
@@ -1143,7 +1190,7 @@ async def _stream_choice(
         await send_echo(None)
     async for item in items:
         if isinstance(item, PromptScores):
-            await send_echo(echoed_logprobs(item))
+            await send_echo(echoed_logprobs(item, asked.logprobs or 0))
         elif isinstance(item, TokenChunk):
             generated += len(item.token_ids)
             if reply.prompt_only:

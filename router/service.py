@@ -315,6 +315,7 @@ class PromptScores:
     texts: tuple[str, ...]
     special: tuple[bool, ...]
     logprobs: tuple[TokenLogprobs, ...]
+    ranks: tuple[int, ...] = ()  # of each scored token in its row (1: the most likely)
 
 
 @dataclass(frozen=True)
@@ -967,7 +968,8 @@ class RouterService:
         texts = tuple(self.token_texts.text(token_id) for token_id in ids)
         special = tuple(self.token_texts.is_special(token_id) for token_id in ids)
         scored_ids = ids[1 : len(pairs) + 1]
-        return PromptScores(ids, texts, special, self.token_texts.scored(scored_ids, pairs))
+        ranks = tuple(int(lp.rank or 0) for lp in scored)
+        return PromptScores(ids, texts, special, self.token_texts.scored(scored_ids, pairs), ranks)
 
     def _still_registered(self, routed: RoutedRequest) -> bool:
         """Whether the drafter ``routed`` ran with is the registration serving its name:

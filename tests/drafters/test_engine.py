@@ -607,6 +607,8 @@ def test_prompt_logprobs_are_the_targets_own_and_change_nothing_else(
     torch.testing.assert_close(torch.tensor([lp.logprob for lp in scored]), want)
     top = expected.topk(2, dim=-1)
     assert [[t for t, _ in lp.top] for lp in scored] == top.indices.tolist()
+    ranks = (expected > want.unsqueeze(1)).sum(dim=-1) + 1  # 1: the most likely token
+    assert [lp.rank for lp in scored] == ranks.tolist()
     nothing = engine.generate(prompt, drafters["none"], 0, max_new_tokens=0, prompt_logprobs=0)
     assert list(nothing) == [] and nothing.output_ids == []
     assert [lp.logprob for lp in nothing.prompt_logprobs or []] == pytest.approx(

@@ -357,6 +357,11 @@ def test_openai_and_tgi_fronts_forward_to_the_fleet(fleet: Fleet) -> None:
             model="target", prompt=PROMPT, max_tokens=TOKENS, echo=True, logprobs=1
         )
     assert scored.value.body["param"] == "echo"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as prompt_scored:
+        client.completions.create(
+            model="target", prompt=PROMPT, max_tokens=TOKENS, extra_body={"prompt_logprobs": 0}
+        )
+    assert prompt_scored.value.body["param"] == "prompt_logprobs"  # type: ignore[index]
     chunks = list(
         client.completions.create(
             model="target", prompt=PROMPT, max_tokens=TOKENS, temperature=0, stream=True

@@ -565,6 +565,8 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"presence_penalty": 2.5}, "presence_penalty"),  # OpenAI's range is [-2, 2]
         ({"frequency_penalty": -3}, "frequency_penalty"),
         ({"best_of": 2}, "best_of"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),  # over vLLM's default max_logprobs
+        ({"prompt_logprobs": -1}, "prompt_logprobs"),  # vLLM's whole vocabulary
         ({"stop": [""]}, "stop"),
         ({"stop": [f"stop {i}" for i in range(17)]}, "stop"),  # more than 16
         ({"prompt": [1, 2, 10**9]}, "prompt"),  # a token id outside the vocabulary
@@ -802,6 +804,62 @@ def test_echo_leads_with_the_prompt_and_its_logprobs_as_vllm_echoes(
     with pytest.raises(openai.BadRequestError) as no_echo:
         client(sidecar).completions.create(prompt=ids, **{**scoring, "echo": False})
     assert no_echo.value.body["param"] == "max_tokens"  # type: ignore[index]
+
+
+def test_vllms_prompt_logprobs_give_each_prompt_tokens_logprob_and_rank(
+    sidecar: SidecarThread,
+) -> None:
+    """vLLM's ``prompt_logprobs`` (refused before): per prompt token after the first, a map
+    of token id -> {logprob, rank, decoded_token} with the token itself (its rank among
+    the whole vocabulary) and the N most likely tokens (ranks 1..N); on completions'
+    choices, at the top of a chat response, as vLLM places them. A stream does not carry
+    them: 0 is accepted there, more is a 400, as vLLM."""
+    import torch
+
+    ids = sidecar.service.prompt_ids(Prompt(text=PROMPT))
+    asked: Any = {"model": "target", "max_tokens": 2, "temperature": 0}
+    reply = client(sidecar).completions.create(
+        prompt=PROMPT, extra_body={"prompt_logprobs": 2}, **asked
+    )
+    extra = reply.choices[0].model_extra
+    assert extra is not None
+    entries = extra["prompt_logprobs"]
+    assert len(entries) == len(ids) and entries[0] is None
+    with torch.inference_mode():
+        logits = sidecar.service.components.target.model(torch.tensor([ids])).logits
+    rows = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+    for position, (token_id, entry) in enumerate(zip(ids[1:], entries[1:], strict=True)):
+        row = rows[position]
+        own = entry[str(token_id)]
+        assert own["logprob"] == pytest.approx(float(row[token_id]), abs=1e-4)
+        assert own["rank"] == int((row > row[token_id]).sum()) + 1
+        best = row.topk(2).indices.tolist()
+        assert [entry[str(i)]["rank"] for i in best] == [1, 2]
+        assert len(entry) == 2 + (token_id not in best)
+    scored = client(sidecar).completions.create(
+        prompt=PROMPT, echo=True, logprobs=1, extra_body={"prompt_logprobs": 3}, **asked
+    )
+    echoed = scored.choices[0].logprobs
+    assert echoed is not None and echoed.top_logprobs is not None
+    assert all(len(top) <= 2 for top in echoed.top_logprobs[1:] if top)  # echo's own count
+    messages: Any = [{"role": "user", "content": PROMPT}]
+    chat = client(sidecar).chat.completions.create(
+        messages=messages, extra_body={"prompt_logprobs": 0}, **asked
+    )
+    chat_ids = sidecar.service.prompt_ids(Prompt(messages=tuple(messages)))
+    assert chat.model_extra is not None
+    chat_entries = chat.model_extra["prompt_logprobs"]
+    assert len(chat_entries) == len(chat_ids) and chat_entries[0] is None
+    assert all(list(e) == [str(t)] for e, t in zip(chat_entries[1:], chat_ids[1:], strict=True))
+    stream = client(sidecar).completions.create(
+        prompt=PROMPT, stream=True, extra_body={"prompt_logprobs": 0}, **asked
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices)
+    with pytest.raises(openai.BadRequestError) as streamed:
+        client(sidecar).completions.create(
+            prompt=PROMPT, stream=True, extra_body={"prompt_logprobs": 1}, **asked
+        )
+    assert streamed.value.body["param"] == "prompt_logprobs"  # type: ignore[index]
 
 
 def test_seeded_choices_are_lone_requests_with_seeds_in_turn(
