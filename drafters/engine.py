@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -147,6 +148,40 @@ def token_logprobs(
     ]
 
 
+@torch.inference_mode()
+def prefill(
+    model: Any, device: torch.device, cache: DynamicCache, history: list[int]
+) -> torch.Tensor:
+    """Fill the cache with every prompt token; the logits [1, vocab] of the last one,
+    which score the first output token."""
+    ids = torch.tensor([history], dtype=torch.long, device=device)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1:]
+
+
+@torch.inference_mode()
+def scoring_prefill(
+    model: Any,
+    device: torch.device,
+    cache: DynamicCache,
+    history: list[int],
+    top: int,
+    scored: list[TokenLogprob],
+) -> torch.Tensor:
+    """:func:`prefill`, also scoring each prompt token after the first into ``scored``
+    (its rank and ``top`` alternatives): the LM head applied to the decoder's hidden
+    states, as the model's own forward does, ``PROMPT_SCORE_ROWS`` positions at a time."""
+    ids = torch.tensor([history], dtype=torch.long, device=device)
+    out = model.get_decoder()(input_ids=ids, past_key_values=cache, use_cache=True)
+    hidden = out.last_hidden_state[0]  # [n, hidden]
+    head = model.get_output_embeddings()
+    for start in range(0, len(history) - 1, PROMPT_SCORE_ROWS):
+        rows = hidden[start : min(start + PROMPT_SCORE_ROWS, len(history) - 1)]
+        following = history[start + 1 : start + 1 + rows.shape[0]]
+        scored.extend(token_logprobs(head(rows), following, top, ranks=True))
+    return head(hidden[-1:])
+
+
 def stop_token_ids(target: LoadedModel) -> frozenset[int]:
     """Token ids that end a generation, as the model declares them: the tokenizer's EOS and
     the generation config's EOS ids (a Qwen2.5 instruct checkpoint lists both its
@@ -272,12 +307,12 @@ class SpeculativeEngine:
         # target prefills (both release the GIL inside torch), off the serial path.
         starting = self._drafter_prefill_thread.submit(self._start_session, request)
         first: torch.Tensor | None
+        model, device = self.target.model, self.target.device
         if prompt_scored is None:
-            first = self._prefill(cache, history)  # [1, vocab]
+            first = prefill(model, device, cache, history)  # [1, vocab]
         else:
-            first = self._scoring_prefill(
-                cache, history, request.prompt_logprobs or 0, prompt_scored
-            )
+            top = request.prompt_logprobs or 0
+            first = scoring_prefill(model, device, cache, history, top, prompt_scored)
         session = starting.result()
         stats.prefill_time_s = time.perf_counter() - began
         generator = make_generator(request.sampling, self.target.device)
@@ -362,34 +397,6 @@ class SpeculativeEngine:
         session = request.drafter.start(request.prompt_ids, request.stop_ids)
         session.prefill(request.prompt_ids)
         return session
-
-    @torch.inference_mode()
-    def _prefill(self, cache: DynamicCache, history: list[int]) -> torch.Tensor:
-        """Fill the cache with every prompt token; the logits [1, vocab] of the last one,
-        which score the first output token."""
-        ids = torch.tensor([history], dtype=torch.long, device=self.target.device)
-        out = self.target.model(
-            input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1
-        )
-        return out.logits[0, -1:]
-
-    @torch.inference_mode()
-    def _scoring_prefill(
-        self, cache: DynamicCache, history: list[int], top: int, scored: list[TokenLogprob]
-    ) -> torch.Tensor:
-        """:meth:`_prefill`, also scoring each prompt token after the first into ``scored``
-        (its ``top`` alternatives): the LM head applied to the decoder's hidden states, as
-        the model's own forward does, ``PROMPT_SCORE_ROWS`` positions at a time."""
-        model = self.target.model
-        ids = torch.tensor([history], dtype=torch.long, device=self.target.device)
-        out = model.get_decoder()(input_ids=ids, past_key_values=cache, use_cache=True)
-        hidden = out.last_hidden_state[0]  # [n, hidden]
-        head = model.get_output_embeddings()
-        for start in range(0, len(history) - 1, PROMPT_SCORE_ROWS):
-            rows = hidden[start : min(start + PROMPT_SCORE_ROWS, len(history) - 1)]
-            following = history[start + 1 : start + 1 + rows.shape[0]]
-            scored.extend(token_logprobs(head(rows), following, top, ranks=True))
-        return head(hidden[-1:])
 
     def _reason_to_stop_before_step(
         self, request: _Request, history: list[int], generated: int

@@ -1,12 +1,17 @@
-"""What asking for logprobs costs a speculative step on a Qwen2.5-0.5B-shaped target.
+"""What asking for logprobs costs on a Qwen2.5-0.5B-shaped target: a speculative step's,
+and the prompt's (OpenAI's ``echo`` with logprobs, vLLM's ``prompt_logprobs``, TGI's
+``decoder_input_details``).
 
     python -m benchmarks.engine.logprobs_cost [--rounds 12] [--positions 5]
+        [--prompt-tokens 200,1000]
 
 A model of Qwen2.5-0.5B's configuration (random weights, the 151,936-row vocabulary) is
 built in memory; one verify pass over ``positions`` positions (a draft of positions - 1
 tokens) is timed against the log-softmax and gather that give those positions' logprobs
-(``drafters.engine.token_logprobs``), alternately, in fp32 and bf16. Prints the medians
-and their ratio.
+(``drafters.engine.token_logprobs``), alternately, in fp32 and bf16. Then, per prompt
+length, the engine's prefill (``drafters.engine.prefill``) against its scoring prefill
+(``scoring_prefill``: every prompt position through the LM head, ranked, top 1),
+alternately. Prints the medians and their ratios.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
-from drafters.engine import token_logprobs
+from drafters.engine import prefill, scoring_prefill, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +63,29 @@ def measure(dtype: torch.dtype, rounds: int, positions: int) -> tuple[float, flo
     return statistics.median(verify), statistics.median(logprobs)
 
 
+def measure_prompt(dtype: torch.dtype, rounds: int, prompt_tokens: int) -> tuple[float, float]:
+    """Median seconds of the engine's prefill of ``prompt_tokens`` and of its scoring
+    prefill (top 1), timed alternately on one model."""
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**QWEN25_05B)).to(dtype=dtype).eval()  # type: ignore[call-arg]
+    device = torch.device("cpu")
+    history = torch.randint(0, 150_000, (prompt_tokens,)).tolist()
+    plain, scoring = [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        prefill(model, device, DynamicCache(), history)
+        plain.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        scoring_prefill(model, device, DynamicCache(), history, 1, [])
+        scoring.append(time.perf_counter() - started)
+    return statistics.median(plain), statistics.median(scoring)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--positions", type=int, default=5)
+    parser.add_argument("--prompt-tokens", default="200,1000", help="comma-separated lengths")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for dtype in (torch.float32, torch.bfloat16):
@@ -74,6 +98,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             logprobs * 1e3,
             100 * logprobs / verify,
         )
+    for dtype in (torch.float32, torch.bfloat16):
+        for length in (int(n) for n in args.prompt_tokens.split(",")):
+            plain, scoring = measure_prompt(dtype, max(3, args.rounds // 3), length)
+            logger.info(
+                "%s: prefill of %d tokens %.1f ms, scoring it %.1f ms (%.2fx)",
+                str(dtype).removeprefix("torch."),
+                length,
+                plain * 1e3,
+                scoring * 1e3,
+                scoring / plain,
+            )
 
 
 if __name__ == "__main__":

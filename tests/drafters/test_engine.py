@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from drafters.base import Drafter
-from drafters.engine import SpeculativeEngine
+from drafters.engine import SpeculativeEngine, prefill
 from drafters.loader import LoadedModel, load_model
 from drafters.penalties import Penalties
 from drafters.registry import create_drafter
@@ -122,7 +122,7 @@ def test_target_cache_after_a_rejection_equals_a_fresh_prefill(
 ) -> None:
     history = make_prompts(3, seed=5)[2]
     cache = DynamicCache()
-    history.append(int(engine._prefill(cache, history).argmax()))  # the prefill's token
+    history.append(int(prefill(target.model, target.device, cache, history).argmax()))
     session = drafters["far"].start(history)
     stats = GenerationStats()
     rejected = False
