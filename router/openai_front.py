@@ -800,12 +800,18 @@ def error_response(error: BaseException) -> web.Response:
 
 
 async def _parse(request: web.Request, endpoint: Endpoint) -> Any:
+    return await parsed_body(request, endpoint.request_type)
+
+
+async def parsed_body(request: web.Request, model: type[BaseModel]) -> Any:
+    """The request's JSON body as ``model``, once its bearer token is checked; a field
+    that does not validate is INVALID_ARGUMENT naming it as OpenAI's ``param``."""
     from router.http_front import check_bearer, json_body
 
     check_bearer(request)
     raw = await json_body(request)
     try:
-        return endpoint.request_type.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise InvalidFieldError(param_of(first["loc"]), str(first["msg"])) from exc

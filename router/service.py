@@ -486,15 +486,25 @@ class RouterService:
             return list(prompt.token_ids)
         return self._ids_of(self._model_text(prompt), special=prompt.text is not None)
 
+    def tokenized(self, prompt: Prompt, special: bool | None = None) -> list[int]:
+        """:meth:`prompt_ids` of a prompt checked as a Route's is (not empty, Unicode,
+        within the character bound), for the ``/tokenize`` route; ``special``: whether
+        the tokenizer adds its special tokens (None: as the target reads the prompt)."""
+        prompt = check_prompt(prompt)
+        check_prompt_chars(prompt, self._max_prompt_chars, self.limits)
+        if special is None or prompt.token_ids:
+            return self.prompt_ids(prompt)
+        return self._ids_of(self._model_text(prompt), special=special)
+
     def token_id_prompt(self, ids: Sequence[int]) -> Prompt:
         """A prompt given as token ids: the ids as they are, their decoding as its text.
         An empty list, more ids than ``limits.max_prompt_tokens`` (before anything is
         decoded) or an id outside the tokenizer's vocabulary is refused."""
         check_prompt_tokens(len(ids), self.limits)
-        self._check_in_vocabulary("prompt", ids)
+        self.check_in_vocabulary("prompt", ids)
         return Prompt(text=self.tokenizer.decode(list(ids)), token_ids=tuple(ids))
 
-    def _check_in_vocabulary(self, field: str, ids: Iterable[int]) -> None:
+    def check_in_vocabulary(self, field: str, ids: Iterable[int]) -> None:
         """INVALID_ARGUMENT naming ``field`` for a token id the tokenizer does not have."""
         vocabulary = len(self.tokenizer)
         outside = next((t for t in ids if not 0 <= t < vocabulary), None)
@@ -678,9 +688,9 @@ class RouterService:
         against the vocabulary, ``min_tokens`` against ``max_new_tokens``."""
         sampling = request.sampling
         if sampling.logit_bias:
-            self._check_in_vocabulary("sampling.logit_bias", (t for t, _ in sampling.logit_bias))
+            self.check_in_vocabulary("sampling.logit_bias", (t for t, _ in sampling.logit_bias))
         if sampling.stop_token_ids:
-            self._check_in_vocabulary("sampling.stop_token_ids", sampling.stop_token_ids)
+            self.check_in_vocabulary("sampling.stop_token_ids", sampling.stop_token_ids)
         if generating and sampling.min_tokens > request.max_new_tokens:
             raise InvalidFieldError(
                 "sampling.min_tokens",
