@@ -20,14 +20,16 @@ class IncrementalDetokenizer:
 
     The texts of the tokens pushed, plus :meth:`flush`, concatenate to the decoded output.
     Text is released only when it no longer ends in an incomplete UTF-8 sequence, and only
-    a short window of ids is re-decoded per token. Special tokens decode to nothing: their
-    text is never emitted, :meth:`is_special` says which they are.
+    a short window of ids is re-decoded per token. Special tokens decode to nothing (their
+    text is never emitted) unless ``skip_special_tokens`` is off (vLLM's parameter);
+    :meth:`is_special` says which they are.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         # The Rust tokenizer decodes several times faster than the Python wrapper.
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         self._tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self._special_ids = special_token_ids(tokenizer)
         self._ids: list[int] = []
         self._prefix_offset = 0
@@ -35,9 +37,10 @@ class IncrementalDetokenizer:
         self.text = ""
 
     def _decode(self, ids: Sequence[int]) -> str:
+        skip = self.skip_special_tokens
         if self._backend is not None:
-            return str(self._backend.decode(list(ids), skip_special_tokens=True))
-        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
+            return str(self._backend.decode(list(ids), skip_special_tokens=skip))
+        return str(self._tokenizer.decode(ids, skip_special_tokens=skip))
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special_ids
@@ -89,15 +92,20 @@ def push_until_stop(
     completes a stop sequence: each pushed token's text (that last one's ending at the stop
     sequence's end) and why it stopped ("eos_token", "stop_sequence"; None: it did not).
     Tokens after the stop are not pushed: as many texts as tokens kept. The first
-    ``unchecked`` tokens stop nothing (``min_tokens``, as vLLM reads it)."""
+    ``unchecked`` tokens stop nothing (``min_tokens``, as vLLM reads it). A special stop
+    token adds no text even where the detokenizer keeps special tokens (vLLM leaves the
+    token that ended the generation out of its text)."""
     texts: list[str] = []
     for index, token in enumerate(tokens):
+        stops = index >= unchecked and token in stop_token_ids
+        if stops and detokenizer.is_special(token):  # not pushed: it adds no text
+            return [*texts, ""], "eos_token"
         checked = len(detokenizer.text)
         released = detokenizer.push(token)
         if index < unchecked:
             texts.append(released)
             continue
-        if token in stop_token_ids:
+        if stops:
             return [*texts, released], "eos_token"
         if stop_sequences:
             end = find_stop(detokenizer.text, stop_sequences, checked)

@@ -212,6 +212,7 @@ class _Request:
     logprobs: int | None
     penalties: Penalties
     prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
 
 
 class SpeculativeEngine:
@@ -244,6 +245,7 @@ class SpeculativeEngine:
         stop_token_ids: Collection[int] = (),
         penalties: Penalties = NO_PENALTIES,
         prompt_logprobs: int | None = None,
+        skip_special_tokens: bool = True,
     ) -> GenerationRun:
         """Stream the target's continuation of ``prompt_ids``, drafted by ``drafter``.
 
@@ -262,7 +264,9 @@ class SpeculativeEngine:
 
         ``prompt_logprobs``: None, none; n >= 0, the prefill also scores each prompt token
         after the first as ``logprobs`` scores output tokens (``run.prompt_logprobs``, one
-        per prompt token but the first, which nothing precedes)."""
+        per prompt token but the first, which nothing precedes). ``skip_special_tokens``
+        off (vLLM's parameter): special tokens' text is part of the output's, but for the
+        one that ends the generation."""
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
         if max_new_tokens < 0:
@@ -284,6 +288,7 @@ class SpeculativeEngine:
             logprobs=logprobs,
             penalties=penalties,
             prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=skip_special_tokens,
         )
         stats = GenerationStats(prompt_tokens=len(request.prompt_ids))
         output_ids: list[int] = []
@@ -316,7 +321,7 @@ class SpeculativeEngine:
         session = starting.result()
         stats.prefill_time_s = time.perf_counter() - began
         generator = make_generator(request.sampling, self.target.device)
-        detokenizer = IncrementalDetokenizer(self.target.tokenizer)
+        detokenizer = IncrementalDetokenizer(self.target.tokenizer, request.skip_special_tokens)
         penalty = (
             PenaltyState(request.penalties, request.prompt_ids, request.stop_ids)
             if request.penalties.active

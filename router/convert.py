@@ -58,6 +58,9 @@ def sampling_from_pb(message: pb.SamplingParams) -> Sampling:
         min_tokens=message.min_tokens,
         logit_bias=tuple(sorted(message.logit_bias.items())),
         min_p=message.min_p,
+        skip_special_tokens=(
+            message.skip_special_tokens if message.HasField("skip_special_tokens") else True
+        ),
     )
 
 

@@ -41,6 +41,8 @@ class Sampling:
     min_tokens: int = 0  # no EOS, stop token or stop sequence before this many tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, [-100, 100])
     min_p: float = 0.0  # vLLM's: [0, 1], a sampling warper after temperature; 0: off
+    # vLLM's: False keeps special tokens' text in the output's (not the one that ends it).
+    skip_special_tokens: bool = True
 
     @property
     def greedy(self) -> bool:

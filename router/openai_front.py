@@ -7,17 +7,18 @@ in-process engine, or a vLLM fleet behind it). Errors are
 ``{"error": {"message", "type", "param", "code"}}`` with 400 / 401 / 404 / 429 / 500.
 
 A request the sidecar cannot honour (``tool_choice`` "required" or named, chat's
-``echo``, ``best_of``, and vLLM's extensions such as guided decoding: ``UNSUPPORTED_UNLESS``) is
-refused with 400 naming the parameter, never ignored; a field neither API defines is
-ignored. Served besides the
-basics: ``n`` choices, log-probabilities (chat's ``logprobs``/``top_logprobs``,
-completions' ``logprobs``), completions' ``echo`` and vLLM's ``prompt_logprobs`` (the
-prompt's log-probabilities, in-process), token-id and several prompts, the presence and frequency
-penalties, ``logit_bias``, and vLLM's ``min_p``, ``repetition_penalty``, ``min_tokens``,
-``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``top_k``,
-``truncate_prompt_tokens``, ``add_generation_prompt``, ``continue_final_message``,
-``chat_template_kwargs`` and ``stream_options.continuous_usage_stats``;
-``tools``, answered as ``tool_calls`` (``router.tool_calls``).
+``echo``, ``best_of``, and vLLM's extensions such as guided decoding:
+``UNSUPPORTED_UNLESS``) is refused with 400 naming the parameter, never ignored; a field
+neither API defines is ignored. Served besides the basics: ``n`` choices,
+log-probabilities (chat's ``logprobs``/``top_logprobs``, completions' ``logprobs``),
+completions' ``echo`` and vLLM's ``prompt_logprobs`` (the prompt's log-probabilities,
+in-process), token-id and several prompts, the presence and frequency penalties,
+``logit_bias``, and vLLM's ``min_p``, ``repetition_penalty``, ``min_tokens``,
+``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``,
+``skip_special_tokens``, ``top_k``, ``truncate_prompt_tokens``,
+``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs`` and
+``stream_options.continuous_usage_stats``; ``tools``, answered as ``tool_calls``
+(``router.tool_calls``).
 """
 
 from __future__ import annotations
@@ -131,7 +132,6 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "allowed_token_ids": (None,),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1, 1.0),
-    "skip_special_tokens": (None, True),
     "spaces_between_special_tokens": (None, True),
     "logits_processors": (None, []),
     "guided_decoding_backend": (None,),
@@ -164,6 +164,7 @@ class OpenAIParameters(BaseModel):
     ignore_eos: bool | None = False  # vLLM's: generate past the model's EOS tokens
     include_stop_str_in_output: bool | None = False  # vLLM's: the text keeps its stop
     stop_token_ids: list[int] | None = None  # vLLM's: more tokens that end the generation
+    skip_special_tokens: bool | None = True  # vLLM's: False keeps their text
     stream: bool | None = False  # null (OpenAI's clients send it for None): not streamed
     stream_options: StreamOptions | None = None
     n: int | None = None
@@ -338,6 +339,7 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
         min_tokens=body.min_tokens or 0,
         logit_bias=_logit_bias(body),
         min_p=body.min_p or 0.0,
+        skip_special_tokens=body.skip_special_tokens is not False,
     )
 
 

@@ -935,6 +935,7 @@ class RouterService:
                 bias=sampling.logit_bias,
             ),
             prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=sampling.skip_special_tokens,
         )
         scores_sent = prompt_logprobs is None
         # The engine detokenizes each token once; its texts are passed on as they are.

@@ -108,6 +108,8 @@ def completion_body(
         body["ignore_eos"] = True
     if sampling.stop_token_ids:
         body["stop_token_ids"] = list(sampling.stop_token_ids)
+    if not sampling.skip_special_tokens:  # its stop strings then match the same text
+        body["skip_special_tokens"] = False
     if sampling.min_tokens:
         body["min_tokens"] = sampling.min_tokens
     if sampling.logit_bias:

@@ -440,7 +440,10 @@ class FleetRouterService(RouterService):
         )
         request = self.fitted(request, routed.prompt_tokens)
         routed = self._with_plain_reference(routed, request)
-        progress = _Progress([], [], IncrementalDetokenizer(self.tokenizer))
+        detokenizer = IncrementalDetokenizer(
+            self.tokenizer, request.route.sampling.skip_special_tokens
+        )
+        progress = _Progress([], [], detokenizer)
         tried: set[str] = set()
         failures: list[str] = []
         failed_over = False  # a replica failed under it, reached or not

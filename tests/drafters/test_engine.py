@@ -307,6 +307,50 @@ def test_ignore_eos_runs_past_the_eos_and_stop_token_ids_end_a_run(
     assert run.collect() == unstopped[: unstopped.index(extra_eos) + 1]
 
 
+def test_special_tokens_text_is_output_when_not_skipped(
+    engine: SpeculativeEngine,
+    drafters: dict[str, Drafter],
+    target: LoadedModel,
+    prompts: list[list[int]],
+) -> None:
+    """vLLM's ``skip_special_tokens`` off: a special token's text is part of the output's
+    (EOS tokens a run goes past with ``ignore_eos``, forced by a logit bias), as the
+    tokenizer decodes the ids keeping them; the EOS that ends a run (after ``min_tokens``
+    others) adds none. The ids are the same either way."""
+    assert EOS_ID in target.tokenizer.all_special_ids
+    decode = target.tokenizer.decode
+    forced = Penalties(min_tokens=4, bias=((EOS_ID, 100.0),))
+    for kind, k in (("none", 0), ("close", 4), ("ngram", 3)):
+        runs = {
+            skip: engine.generate(
+                prompts[2],
+                drafters[kind],
+                k,
+                max_new_tokens=8,
+                ignore_eos=True,
+                penalties=forced,
+                skip_special_tokens=skip,
+            )
+            for skip in (True, False)
+        }
+        ids = runs[False].collect()
+        assert ids == runs[True].collect() == [EOS_ID] * 8  # not a stop with ignore_eos
+        assert runs[False].text == decode(ids, skip_special_tokens=False)
+        assert runs[True].text == "" != runs[False].text
+        ended = engine.generate(
+            prompts[2],
+            drafters[kind],
+            k,
+            max_new_tokens=8,
+            penalties=forced,
+            skip_special_tokens=False,
+        )
+        output = ended.collect()
+        assert len(output) == 5 and output[-1] == EOS_ID and EOS_ID not in output[:4]
+        assert ended.stats.finish_reason == "eos_token"
+        assert ended.text == decode(output[:4], skip_special_tokens=False)
+
+
 def test_penalties_and_min_tokens_keep_greedy_output_the_penalised_targets(
     tiny_models: TinyModels,
     engine: SpeculativeEngine,

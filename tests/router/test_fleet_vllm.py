@@ -254,6 +254,14 @@ def test_stop_token_ids_and_ignore_eos_reach_the_replicas(fleet: Fleet) -> None:
     for drafter in ("none", "ngram"):
         _, ids, _ = generate(fleet, drafter, sampling=sampling)
         assert ids == later, drafter
+    # skip_special_tokens false, forwarded: the end-of-sequence tokens a biased run goes
+    # past are in the text the sidecar decodes from the replica's ids.
+    tokenizer = fleet.service.tokenizer
+    eos = int(tokenizer.eos_token_id)
+    kept = pb.SamplingParams(ignore_eos=True, skip_special_tokens=False, logit_bias={eos: 100})
+    _, ids, stats = generate(fleet, "none", tokens=4, sampling=kept)
+    assert ids == [eos] * 4
+    assert stats.generated_text == tokenizer.decode(ids, skip_special_tokens=False) != ""
 
 
 def test_penalties_and_a_logit_bias_reach_the_replicas(fleet: Fleet) -> None:

@@ -512,6 +512,33 @@ def test_ignore_eos_runs_past_the_end_of_turn_and_stop_token_ids_end_a_generatio
     assert stopped[-1].stats.finish_reason == "eos_token"
 
 
+def test_special_tokens_text_is_kept_when_not_skipped(ending_sidecar: SidecarThread) -> None:
+    """SamplingParams.skip_special_tokens false (vLLM's parameter): the end of turn a
+    generation goes past (ignore_eos) is in its text, as the tokenizer decodes the ids
+    keeping special tokens; the one that ends a generation is not. Unset: as before."""
+    tokenizer = ending_sidecar.service.tokenizer
+    chat, ended = ended_turn(ending_sidecar, 16)
+    kept = pb.SamplingParams(ignore_eos=True, skip_special_tokens=False)
+    chunks = generate(ending_sidecar, text=chat, max_new_tokens=16, sampling=kept)
+    ids = [token.id for chunk in chunks for token in chunk.tokens]
+    text = chunks[-1].stats.generated_text
+    assert IM_END in text and text == tokenizer.decode(ids, skip_special_tokens=False)
+    assert "".join(chunk.text for chunk in chunks) == text
+    skipped = generate(
+        ending_sidecar, text=chat, max_new_tokens=16, sampling=pb.SamplingParams(ignore_eos=True)
+    )
+    assert IM_END not in skipped[-1].stats.generated_text
+    assert [t.id for c in skipped for t in c.tokens] == ids
+    at_end = generate(
+        ending_sidecar,
+        text=chat,
+        max_new_tokens=16,
+        sampling=pb.SamplingParams(skip_special_tokens=False),
+    )
+    assert [t.id for c in at_end for t in c.tokens] == ended
+    assert at_end[-1].stats.generated_text == tokenizer.decode(ended[:-1])
+
+
 @pytest.mark.parametrize(("drafter", "k"), [("math", 4), ("generic", 2), ("ngram", 3), ("none", 0)])
 def test_generate_with_a_forced_arm_keeps_the_greedy_output(
     sidecar: SidecarThread, PROMPT: str, drafter: str, k: int

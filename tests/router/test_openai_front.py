@@ -595,7 +595,6 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"use_beam_search": True}, "use_beam_search"),
         ({"allowed_token_ids": [3, 4]}, "allowed_token_ids"),
-        ({"skip_special_tokens": False}, "skip_special_tokens"),
     ],
 )
 def test_bad_parameters_are_400_with_an_openai_error(
@@ -860,6 +859,28 @@ def test_vllms_prompt_logprobs_give_each_prompt_tokens_logprob_and_rank(
             prompt=PROMPT, stream=True, extra_body={"prompt_logprobs": 1}, **asked
         )
     assert streamed.value.body["param"] == "prompt_logprobs"  # type: ignore[index]
+
+
+def test_skip_special_tokens_false_keeps_their_text(ending_sidecar: SidecarThread) -> None:
+    """vLLM's ``skip_special_tokens: false`` (refused before): an end of turn the answer
+    goes past (``ignore_eos``) is in its text, streamed or not; by default it is not."""
+    from classifiers.chat import IM_END
+
+    asked: Any = {
+        "model": "target",
+        "messages": [{"role": "user", "content": "What is 17 * 23?"}],
+        "max_tokens": 24,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True, "skip_special_tokens": False},
+    }
+    answer = client(ending_sidecar).chat.completions.create(**asked)
+    text = answer.choices[0].message.content
+    assert text is not None and IM_END in text
+    chunks = client(ending_sidecar).chat.completions.create(**asked, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    asked["extra_body"] = {"ignore_eos": True}
+    skipped = client(ending_sidecar).chat.completions.create(**asked).choices[0].message.content
+    assert skipped is not None and IM_END not in skipped
 
 
 def test_seeded_choices_are_lone_requests_with_seeds_in_turn(
