@@ -656,20 +656,18 @@ def generate_input(
         fit_context=fit_context,
     )
     logprobs = logprobs_of(endpoint, body)
-    echoed = logprobs if echoes(body) else None
     asked = prompt_logprobs_of(body)
-    prompt_logprobs = max(echoed if echoed is not None else -1, asked if asked is not None else -1)
-    if prompt_logprobs >= 0 and not service.scores_prompts:
+    # The prompt is scored for echo's logprobs and for vLLM's prompt_logprobs, with the
+    # larger of their counts of alternatives (each answer keeps its own).
+    wanted = [n for n in (logprobs if echoes(body) else None, asked) if n is not None]
+    if wanted and not service.scores_prompts:
         raise InvalidFieldError(
             "echo" if asked is None else "prompt_logprobs",
             "the prompt's log-probabilities: a vLLM fleet's replicas do not stream them "
             "(echo without logprobs is served)",
         )
-    return GenerateInput(
-        route=route,
-        logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs if prompt_logprobs >= 0 else None,
-    )
+    prompt_logprobs = max(wanted) if wanted else None
+    return GenerateInput(route=route, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 def prompt_logprobs_of(body: OpenAIParameters) -> int | None:
