@@ -133,6 +133,10 @@ def _outcome_from_pb(message: pb.RouteOutcome) -> OutcomeInput:
         generated_tokens=message.generated_tokens,
         # 0 means "not measured"; NaN is truthy, so it is kept and refused.
         plain_token_time_s=message.plain_token_time_s or None,
+        draft_lead_steps=message.draft_lead_steps,
+        draft_lead_time_s=message.draft_lead_time_s,
+        draft_further_forwards=message.draft_further_forwards,
+        draft_further_time_s=message.draft_further_time_s,
     )
 
 
@@ -250,6 +254,10 @@ def stats_to_pb(result: GenerationResult) -> pb.GenerationStats:
         generated_text=result.generated_text,
         prompt_tokens=stats.prompt_tokens,
         stopped_steps=stats.stopped_steps,
+        draft_lead_steps=stats.lead_steps,
+        draft_lead_time_s=stats.lead_time_s,
+        draft_further_forwards=stats.further_forwards,
+        draft_further_time_s=stats.further_time_s,
     )
 
 

@@ -130,6 +130,11 @@ class OutcomeInput:
     wall_time_s: float = 0.0
     generated_tokens: int = 0
     plain_token_time_s: float | None = None
+    # A model drafter's first forward of each draft timed apart (``Outcome``'s fields).
+    draft_lead_steps: int = 0
+    draft_lead_time_s: float = 0.0
+    draft_further_forwards: int = 0
+    draft_further_time_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -274,9 +279,16 @@ def check_outcome(
             "(max_new_tokens: a step emits at least one token)",
         )
     _check_generated_tokens(outcome.generated_tokens, steps, context_tokens)
-    for name in ("draft_time_s", "verify_time_s", "wall_time_s"):
+    for name in (
+        "draft_time_s",
+        "verify_time_s",
+        "wall_time_s",
+        "draft_lead_time_s",
+        "draft_further_time_s",
+    ):
         if check_finite(name, getattr(outcome, name)) < 0:
             raise InvalidFieldError(name, f"must be >= 0, got {getattr(outcome, name)}")
+    _check_draft_split(outcome, steps)
     plain = outcome.plain_token_time_s
     if plain is not None and check_finite("plain_token_time_s", plain) <= 0:
         raise InvalidFieldError("plain_token_time_s", f"must be > 0 when given, got {plain}")
@@ -285,6 +297,22 @@ def check_outcome(
     else:
         _check_totals(outcome)
     return outcome
+
+
+def _check_draft_split(outcome: OutcomeInput, steps: int) -> None:
+    """The lead and further forwards' figures within the draft they split: at most one
+    lead per step, their times together at most the draft time."""
+    if outcome.draft_lead_steps > steps:
+        raise InvalidFieldError(
+            "draft_lead_steps", f"{outcome.draft_lead_steps} is more than the {steps} steps"
+        )
+    split = outcome.draft_lead_time_s + outcome.draft_further_time_s
+    if split > outcome.draft_time_s * (1 + 1e-9):
+        raise InvalidFieldError(
+            "draft_lead_time_s",
+            f"with draft_further_time_s ({split:g} s) is more than draft_time_s "
+            f"({outcome.draft_time_s:g} s)",
+        )
 
 
 def _check_generated_tokens(generated: int, steps: int, context_tokens: int | None) -> None:

@@ -1310,6 +1310,15 @@ def _classifier_text(prompt: Prompt) -> str:
     return prompt_from_messages(prompt.messages)
 
 
+def _draft_split(report: OutcomeInput) -> dict[str, Any]:
+    return {
+        "draft_lead_steps": report.draft_lead_steps,
+        "draft_lead_time_s": report.draft_lead_time_s,
+        "draft_further_forwards": report.draft_further_forwards,
+        "draft_further_time_s": report.draft_further_time_s,
+    }
+
+
 def outcome_from_report(report: OutcomeInput, k: int) -> Any:
     """A policy Outcome from per-step lists, or from totals + per-position counts."""
     from router.policy.base import Outcome
@@ -1325,6 +1334,7 @@ def outcome_from_report(report: OutcomeInput, k: int) -> Any:
                 wall_time_s=report.wall_time_s,
                 generated_tokens=report.generated_tokens or None,
                 plain_token_time_s=report.plain_token_time_s,
+                **_draft_split(report),
             )
         return Outcome.from_totals(
             steps=report.steps,
@@ -1337,6 +1347,7 @@ def outcome_from_report(report: OutcomeInput, k: int) -> Any:
             generated_tokens=report.generated_tokens,
             plain_token_time_s=report.plain_token_time_s,
             draft_length=k,
+            **_draft_split(report),
         )
     except ValueError as exc:
         raise InvalidRequestError(f"invalid outcome: {exc}") from exc

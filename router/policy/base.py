@@ -76,6 +76,21 @@ class Decision:
             )
 
 
+def _fitted_split(split: dict[str, Any], drafted: Sequence[int]) -> dict[str, Any]:
+    """A reported lead/further split over the drafting steps totals were read into: where
+    the reading has fewer drafting steps than the report timed leads (short drafts read
+    as full ones), the leads are as many as those steps, at the same time per lead."""
+    drafting = sum(1 for d in drafted if d)
+    leads = split["draft_lead_steps"]
+    if leads <= drafting:
+        return split
+    return {
+        **split,
+        "draft_lead_steps": drafting,
+        "draft_lead_time_s": split["draft_lead_time_s"] * drafting / leads,
+    }
+
+
 def _drafted_steps(steps: int, drafted_tokens: int, k: int) -> list[int]:
     """Per-step drafted counts: k each while the total lasts, then the remainder, then 0."""
     if k <= 0:
@@ -269,6 +284,10 @@ class Outcome:
         generated_tokens: int = 0,
         plain_token_time_s: float | None = None,
         draft_length: int = 0,
+        draft_lead_steps: int = 0,
+        draft_lead_time_s: float = 0.0,
+        draft_further_forwards: int = 0,
+        draft_further_time_s: float = 0.0,
     ) -> Outcome:
         """Build from totals and per-position accepts (the Report RPC's compact form).
 
@@ -287,6 +306,12 @@ class Outcome:
         """
         if steps < 0 or drafted_tokens < 0 or accepted_tokens < 0:
             raise ValueError("steps and token counts must be >= 0")
+        split: dict[str, Any] = {
+            "draft_lead_steps": draft_lead_steps,
+            "draft_lead_time_s": draft_lead_time_s,
+            "draft_further_forwards": draft_further_forwards,
+            "draft_further_time_s": draft_further_time_s,
+        }
         k = draft_length
         drafting_at_k = -(-drafted_tokens // k) if k > 0 else 0
         if (
@@ -302,14 +327,16 @@ class Outcome:
                 steps, len(accepted_per_position), accepted_per_position
             )
             accepted.sort(reverse=True)
+            around = _drafted_around(accepted, drafted_tokens)
             return cls.from_steps(
-                _drafted_around(accepted, drafted_tokens),
+                around,
                 accepted,
                 draft_time_s=draft_time_s,
                 verify_time_s=verify_time_s,
                 wall_time_s=wall_time_s,
                 generated_tokens=generated_tokens or sum(accepted) + steps,
                 plain_token_time_s=plain_token_time_s,
+                **_fitted_split(split, around),
             )
         else:
             drafted = _spread(drafted_tokens, steps)
@@ -334,6 +361,7 @@ class Outcome:
             wall_time_s=wall_time_s,
             generated_tokens=tokens,
             plain_token_time_s=plain_token_time_s,
+            **_fitted_split(split, drafted),
         )
 
     @property

@@ -582,6 +582,24 @@ BAD_REPORTS: dict[str, tuple[dict[str, Any], str]] = {
         {"drafted_per_step": [2], "accepted_per_step": [1], "generated_tokens": 50, **GOOD_TIMES},
         "generated_tokens",
     ),
+    "more draft leads than steps": (
+        {"drafted_per_step": [2], "accepted_per_step": [1], "draft_lead_steps": 2, **GOOD_TIMES},
+        "draft_lead_steps",
+    ),
+    "lead and further forwards longer than the draft": (
+        {
+            "drafted_per_step": [2],
+            "accepted_per_step": [1],
+            "draft_lead_time_s": GOOD_TIMES["draft_time_s"],
+            "draft_further_time_s": GOOD_TIMES["draft_time_s"],
+            **GOOD_TIMES,
+        },
+        "draft_lead_time_s",
+    ),
+    "NaN lead time": (
+        {"drafted_per_step": [2], "accepted_per_step": [1], "draft_lead_time_s": NAN, **GOOD_TIMES},
+        "draft_lead_time_s",
+    ),
 }
 
 

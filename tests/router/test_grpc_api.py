@@ -512,6 +512,67 @@ def test_ignore_eos_runs_past_the_end_of_turn_and_stop_token_ids_end_a_generatio
     assert stopped[-1].stats.finish_reason == "eos_token"
 
 
+def test_a_model_drafters_draft_split_goes_out_in_the_stats_and_in_through_report(
+    sidecar: SidecarThread, PROMPT: str
+) -> None:
+    """GenerationStats carries a model drafter's first forwards timed apart from the
+    further ones (lead steps and time, further forwards and time); a Report carrying the
+    same fields gives the policy's Outcome that split, in per-step and in totals form
+    (where totals read fewer drafting steps than leads timed, as many leads at the same
+    time each)."""
+    from router.convert import outcome_from_pb
+    from router.service import outcome_from_report
+
+    chunks = generate(
+        sidecar,
+        text=PROMPT,
+        max_new_tokens=24,
+        force_drafter="math",
+        force_draft_length=4,
+        no_update=True,
+    )
+    stats = chunks[-1].stats
+    drafting = sum(1 for d in stats.drafted_per_step if d)
+    assert 0 < stats.draft_lead_steps <= drafting and stats.draft_further_forwards > 0
+    assert stats.draft_lead_time_s + stats.draft_further_time_s <= stats.draft_time_s * 1.000001
+    split = {
+        "draft_lead_steps": stats.draft_lead_steps,
+        "draft_lead_time_s": stats.draft_lead_time_s,
+        "draft_further_forwards": stats.draft_further_forwards,
+        "draft_further_time_s": stats.draft_further_time_s,
+    }
+    times = {"draft_time_s": stats.draft_time_s, "verify_time_s": stats.verify_time_s}
+    per_step = pb.RouteOutcome(
+        request_id="r",
+        drafted_per_step=stats.drafted_per_step,
+        accepted_per_step=stats.accepted_per_step,
+        **times,
+        **split,
+    )
+    outcome = outcome_from_report(outcome_from_pb(per_step, sidecar.service.limits), 4)
+    assert outcome.draft_lead_steps == split["draft_lead_steps"]
+    assert outcome.draft_lead_time_s == pytest.approx(split["draft_lead_time_s"])
+    assert outcome.draft_further_forwards == split["draft_further_forwards"]
+    assert outcome.draft_further_time_s == pytest.approx(split["draft_further_time_s"])
+    totals = pb.RouteOutcome(
+        request_id="r",
+        steps=3,
+        drafted_tokens=8,
+        accepted_tokens=3,
+        accepted_per_position=[2, 1],
+        draft_time_s=0.03,
+        verify_time_s=0.06,
+        draft_lead_steps=3,
+        draft_lead_time_s=0.012,
+        draft_further_forwards=5,
+        draft_further_time_s=0.01,
+    )
+    read = outcome_from_report(outcome_from_pb(totals, sidecar.service.limits), 4)
+    leads = sum(1 for d in read.drafted_per_step if d)
+    assert read.draft_lead_steps == leads == 2  # 8 tokens at k = 4: two drafting steps
+    assert read.draft_lead_time_s == pytest.approx(0.008)  # 4 ms a lead, as reported
+
+
 def test_special_tokens_text_is_kept_when_not_skipped(ending_sidecar: SidecarThread) -> None:
     """SamplingParams.skip_special_tokens false (vLLM's parameter): the end of turn a
     generation goes past (ignore_eos) is in its text, as the tokenizer decodes the ids
