@@ -6,19 +6,18 @@ JSON, so the official ``openai`` client works unchanged against the sidecar (the
 in-process engine, or a vLLM fleet behind it). Errors are
 ``{"error": {"message", "type", "param", "code"}}`` with 400 / 401 / 404 / 429 / 500.
 
-A request the sidecar cannot honour (``tool_choice`` "required" or named, chat's
-``echo``, ``best_of``, and vLLM's extensions such as guided decoding:
-``UNSUPPORTED_UNLESS``) is refused with 400 naming the parameter, never ignored; a field
-neither API defines is ignored. Served besides the basics: ``n`` choices,
-log-probabilities (chat's ``logprobs``/``top_logprobs``, completions' ``logprobs``),
-completions' ``echo`` and vLLM's ``prompt_logprobs`` (the prompt's log-probabilities,
-in-process), token-id and several prompts, the presence and frequency penalties,
-``logit_bias``, and vLLM's ``min_p``, ``repetition_penalty``, ``min_tokens``,
-``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``,
-``skip_special_tokens``, ``top_k``, ``truncate_prompt_tokens``,
-``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs`` and
-``stream_options.continuous_usage_stats``; ``tools``, answered as ``tool_calls``
-(``router.tool_calls``).
+A request the sidecar cannot honour (``tool_choice`` "required" or named, ``best_of``,
+and vLLM's extensions such as guided decoding: ``UNSUPPORTED_UNLESS``) is refused with
+400 naming the parameter, never ignored; a field neither API defines is ignored. Served
+besides the basics: ``n`` choices, log-probabilities (chat's ``logprobs``/
+``top_logprobs``, completions' ``logprobs``), completions' ``echo`` and vLLM's
+``prompt_logprobs`` (the prompt's log-probabilities, in-process), chat's ``echo``,
+token-id and several prompts, the presence and frequency penalties, ``logit_bias``, and
+vLLM's ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
+``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``top_k``,
+``truncate_prompt_tokens``, ``add_generation_prompt``, ``continue_final_message``,
+``chat_template_kwargs`` and ``stream_options.continuous_usage_stats``; ``tools``,
+answered as ``tool_calls`` (``router.tool_calls``).
 """
 
 from __future__ import annotations
@@ -137,7 +136,6 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "guided_decoding_backend": (None,),
     "guided_whitespace_pattern": (None,),
     "return_tokens_as_token_ids": (None, False),
-    "echo": (None, False),  # chat's (completions have the field)
     "response_format": (None, {"type": "text"}),  # completions' (chat has the field)
 }
 
@@ -204,6 +202,7 @@ class ChatRequest(OpenAIParameters):
     max_completion_tokens: int | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    echo: bool | None = False  # vLLM's: the assistant's last message leads the reply
 
 
 @dataclass(frozen=True)
@@ -402,6 +401,16 @@ def _message_text(message: ChatMessage, index: int) -> str:
 # OpenAI's newer models take "developer" where older ones took "system" (its clients send
 # either); the chat template knows "system".
 ROLE_ALIASES = {"developer": "system"}
+
+
+def chat_echo(body: Any) -> str:
+    """Chat's ``echo`` (vLLM's): the last message's text when it is the assistant's (a
+    reply being continued, ``continue_final_message``), leading each choice's content;
+    "" otherwise, and when not asked for."""
+    if not isinstance(body, ChatRequest) or not body.echo or not body.messages:
+        return ""
+    last = body.messages[-1]
+    return _message_text(last, len(body.messages) - 1) if last.role == "assistant" else ""
 
 
 def uses_tools(body: Any) -> bool:
@@ -903,11 +912,13 @@ class _Reply:
         per_prompt: int = 1,
         tools: bool = False,
         prompt_only: bool = False,
+        echo_content: str = "",
     ) -> None:
         prefix = "chatcmpl" if endpoint.is_chat else "cmpl"
         self.per_prompt = per_prompt  # choices per prompt (n): each prompt's usage once
         self.tools = tools  # the answers' tool calls are parsed (``router.tool_calls``)
         self.prompt_only = prompt_only  # each choice is its echoed prompt (``prompt_only``)
+        self.echo_content = echo_content  # chat's echo: leads each choice's content
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.endpoint = endpoint
@@ -962,6 +973,8 @@ class _Reply:
             if calls[1]:
                 message.update(content=calls[0], tool_calls=calls[1])
                 finish = "tool_calls"
+            if self.echo_content:
+                message["content"] = self.echo_content + (message["content"] or "")
             choice["message"] = message
         else:
             choice["text"] = text if ran.echo is None else ran.echo + text
@@ -1132,7 +1145,12 @@ async def _all_at_most(width: int, jobs: Sequence[Callable[[], Awaitable[Any]]])
 
 async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dict[str, Any]:
     reply = _Reply(
-        endpoint, body.model, choice_count(body), uses_tools(body), prompt_only(endpoint, body)
+        endpoint,
+        body.model,
+        choice_count(body),
+        uses_tools(body),
+        prompt_only(endpoint, body),
+        chat_echo(body),
     )
     requests = choice_inputs(service, endpoint, body)
     jobs = [functools.partial(_run_choice, service, r, body) for r in requests]
@@ -1192,6 +1210,9 @@ async def _stream_choice(
     if is_chat:
         first = reply.chunk("", None, index=index, routed=routed, usage=usage())
         await _sse_event(response, first)
+        if reply.echo_content:  # chat's echo, as vLLM streams it: after the role
+            echoed = reply.chunk(reply.echo_content, None, None, index, routed, usage=usage())
+            await _sse_event(response, echoed)
     elif echo is not None and asked.prompt_logprobs is None:
         await send_echo(None)
     async for item in items:
@@ -1252,7 +1273,12 @@ async def _stream(
     from router.http_front import SSE_HEADERS, client_may_leave
 
     reply = _Reply(
-        endpoint, body.model, choice_count(body), uses_tools(body), prompt_only(endpoint, body)
+        endpoint,
+        body.model,
+        choice_count(body),
+        uses_tools(body),
+        prompt_only(endpoint, body),
+        chat_echo(body),
     )
     include_usage = usage_asked(body)[0]
     requests = choice_inputs(service, endpoint, body)

@@ -883,6 +883,45 @@ def test_skip_special_tokens_false_keeps_their_text(ending_sidecar: SidecarThrea
     assert skipped is not None and IM_END not in skipped
 
 
+def test_chat_echo_leads_with_the_assistants_message_being_continued(
+    sidecar: SidecarThread,
+) -> None:
+    """vLLM's chat ``echo`` (refused before): where the last message is the assistant's
+    (continued with ``continue_final_message``), its text leads each choice's content,
+    streamed as a delta after the role; after a user's message it adds nothing."""
+    started = "The answer is"
+    messages: Any = [
+        {"role": "user", "content": "What is 17 * 23?"},
+        {"role": "assistant", "content": started},
+    ]
+    asked: Any = {
+        "model": "target",
+        "messages": messages,
+        "max_tokens": 6,
+        "temperature": 0,
+        "extra_body": {"continue_final_message": True, "add_generation_prompt": False},
+    }
+    plain = client(sidecar).chat.completions.create(**asked).choices[0].message.content
+    asked["extra_body"] = {**asked["extra_body"], "echo": True}
+    echoed = client(sidecar).chat.completions.create(**asked, n=2)
+    assert [c.message.content for c in echoed.choices] == [started + (plain or "")] * 2
+    chunks = list(client(sidecar).chat.completions.create(**asked, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert deltas[0].role == "assistant" and deltas[1].content == started
+    assert "".join(d.content or "" for d in deltas) == started + (plain or "")
+    after_user = client(sidecar).chat.completions.create(
+        model="target",
+        messages=messages[:1],
+        max_tokens=4,
+        temperature=0,
+        extra_body={"echo": True},
+    )
+    alone = client(sidecar).chat.completions.create(
+        model="target", messages=messages[:1], max_tokens=4, temperature=0
+    )
+    assert after_user.choices[0].message.content == alone.choices[0].message.content
+
+
 def test_seeded_choices_are_lone_requests_with_seeds_in_turn(
     serving_world: ServingWorld, components: Components, tmp_path: Path
 ) -> None:
