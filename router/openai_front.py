@@ -669,11 +669,11 @@ def generate_input(
     # The prompt is scored for echo's logprobs and for vLLM's prompt_logprobs, with the
     # larger of their counts of alternatives (each answer keeps its own).
     wanted = [n for n in (logprobs if echoes(body) else None, asked) if n is not None]
-    if wanted and not service.scores_prompts:
+    if asked is not None and not service.ranks_prompt_tokens:
         raise InvalidFieldError(
-            "echo" if asked is None else "prompt_logprobs",
-            "the prompt's log-probabilities: a vLLM fleet's replicas do not stream them "
-            "(echo without logprobs is served)",
+            "prompt_logprobs",
+            "each prompt token's rank: a vLLM fleet's replicas stream the prompt's top "
+            "alternatives only (echo with logprobs is served)",
         )
     prompt_logprobs = max(wanted) if wanted else None
     return GenerateInput(route=route, logprobs=logprobs, prompt_logprobs=prompt_logprobs)

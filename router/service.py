@@ -818,10 +818,9 @@ class RouterService:
         return self.queue.capacity
 
     @property
-    def scores_prompts(self) -> bool:
-        """Whether a generation may ask for its prompt's log-probabilities
-        (``GenerateInput.prompt_logprobs``): the in-process engine scores them in its
-        prefill."""
+    def ranks_prompt_tokens(self) -> bool:
+        """Whether the prompt's scores carry each token's rank in the vocabulary (vLLM's
+        ``prompt_logprobs`` answer needs them): the in-process engine's prefill does."""
         return True
 
     def free_generation_places(self) -> int:
@@ -974,13 +973,23 @@ class RouterService:
 
     def _prompt_scores(self, routed: RoutedRequest, scored: Any) -> PromptScores:
         """The engine's scores of prompt tokens 1.. (``TokenLogprob`` s) with their texts."""
-        ids = tuple(routed.prompt_ids)
         pairs = [(lp.logprob, lp.top) for lp in scored]
+        ranks = tuple(int(lp.rank or 0) for lp in scored)
+        return self.prompt_scores(routed.prompt_ids, pairs, ranks)
+
+    def prompt_scores(
+        self,
+        token_ids: Sequence[int],
+        pairs: Sequence[tuple[float, Sequence[tuple[int, float]]]],
+        ranks: tuple[int, ...] = (),
+    ) -> PromptScores:
+        """The prompt's tokens with their texts, and ``pairs``, the (logprob, alternatives)
+        of tokens 1.., as :class:`PromptScores` (``ranks``: theirs, where known)."""
+        ids = tuple(int(t) for t in token_ids)
         texts = tuple(self.token_texts.text(token_id) for token_id in ids)
         special = tuple(self.token_texts.is_special(token_id) for token_id in ids)
-        scored_ids = ids[1 : len(pairs) + 1]
-        ranks = tuple(int(lp.rank or 0) for lp in scored)
-        return PromptScores(ids, texts, special, self.token_texts.scored(scored_ids, pairs), ranks)
+        scored = self.token_texts.scored(ids[1 : len(pairs) + 1], pairs)
+        return PromptScores(ids, texts, special, scored, ranks)
 
     def _still_registered(self, routed: RoutedRequest) -> bool:
         """Whether the drafter ``routed`` ran with is the registration serving its name:

@@ -59,6 +59,15 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class PromptScored:
+    """The prompt's tokens after the first with their logprobs (vLLM's echo: the first
+    chunk's logprobs lead with the prompt's), most likely alternatives first."""
+
+    token_ids: tuple[int, ...]
+    scored: tuple[ScoredToken, ...]
+
+
+@dataclass(frozen=True)
 class StreamEnd:
     """The end of a replica's stream: why it stopped, and vLLM's per-request metrics."""
 
@@ -120,6 +129,18 @@ def completion_body(
     return body
 
 
+def with_prompt_scored(body: dict[str, Any], top: int) -> dict[str, Any]:
+    """``body`` asking vLLM to echo the prompt with its logprobs (``top`` alternatives,
+    or the output's count where that is larger: vLLM has one count for both), which its
+    stream sends in the first chunk (``PromptScored``)."""
+    return {
+        **body,
+        "echo": True,
+        "logprobs": max(top, body.get("logprobs") or 0),
+        "return_tokens_as_token_ids": True,
+    }
+
+
 def _token_id(name: str) -> int:
     """vLLM's ``token_id:N`` (``return_tokens_as_token_ids``) -> N."""
     prefix, _, number = name.partition(":")
@@ -139,6 +160,10 @@ def scored_tokens(
     tops = logprobs.get("top_logprobs") or [None] * len(values)
     if len(values) != len(ids) or len(tops) != len(ids):
         raise ValueError(f"logprobs for {len(values)} tokens in a chunk of {len(ids)}")
+    return _scored(values, tops, top)
+
+
+def _scored(values: list[Any], tops: list[Any], top: int) -> tuple[ScoredToken, ...]:
     scored = []
     for value, alternatives in zip(values, tops, strict=True):
         ranked = sorted(
@@ -147,6 +172,21 @@ def scored_tokens(
         )
         scored.append((float(value), tuple(ranked[:top])))
     return tuple(scored)
+
+
+def _split_echo(
+    choice: dict[str, Any], prompt_tokens: int, top: int
+) -> tuple[tuple[ScoredToken, ...], dict[str, Any]]:
+    """An echoed chunk's logprobs: the prompt's tokens after the first, scored, and the
+    output's part of the logprobs (vLLM lists the prompt's first, the first with none)."""
+    logprobs = choice.get("logprobs") or {}
+    values = list(logprobs.get("token_logprobs") or [])
+    tops = list(logprobs.get("top_logprobs") or [None] * len(values))
+    if len(values) < prompt_tokens or len(tops) != len(values):
+        raise ValueError(f"an echo of {len(values)} logprobs for {prompt_tokens} prompt tokens")
+    scored = _scored(values[1:prompt_tokens], tops[1:prompt_tokens], top)
+    rest = {"token_logprobs": values[prompt_tokens:], "top_logprobs": tops[prompt_tokens:]}
+    return scored, rest
 
 
 def finish_reason_of(choice: dict[str, Any]) -> str:
@@ -191,7 +231,7 @@ async def stream_completion(
     body: dict[str, Any],
     connect_timeout_s: float,
     request_id: str | None = None,
-) -> AsyncGenerator[Delta | StreamEnd, None]:
+) -> AsyncGenerator[Delta | PromptScored | StreamEnd, None]:
     """Yield the replica's deltas, then one :class:`StreamEnd`. Raises
     :class:`ReplicaFailedError` (connection, timeout: no byte for ``replica.timeout_s``,
     5xx but 503, 401 and 403 (the sidecar's API key, not the request), a stream without
@@ -235,6 +275,11 @@ async def stream_completion(
                     raise _event_error(data, count > 0)
                 for choice in chunk.get("choices") or ():
                     ids = tuple(int(t) for t in choice.get("token_ids") or ())
+                    prompt = choice.get("prompt_token_ids")
+                    if prompt and body.get("echo"):
+                        scored_prompt, rest = _split_echo(choice, len(prompt), body["logprobs"])
+                        yield PromptScored(tuple(int(t) for t in prompt), scored_prompt)
+                        choice = {**choice, "logprobs": rest}
                     ending = finish_reason_of(choice) if choice.get("finish_reason") else None
                     if ids:
                         count += len(ids)

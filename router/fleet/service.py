@@ -57,11 +57,13 @@ from router.errors import (
 )
 from router.fleet.client import (
     Delta,
+    PromptScored,
     ReplicaBusyError,
     ReplicaFailedError,
     ReplicaRefusedError,
     StreamEnd,
     completion_body,
+    with_prompt_scored,
 )
 from router.fleet.client import stream_completion as replica_stream
 from router.fleet.config import FleetSpec, replica_api_keys, replica_tls
@@ -77,6 +79,7 @@ from router.policy.base import NONE_DRAFTER, DrafterHints
 from router.service import (
     Components,
     GenerationResult,
+    PromptScores,
     RouteBatch,
     RoutedRequest,
     RouterService,
@@ -122,12 +125,7 @@ def generation_stats(
 def _checked_sampling(request: GenerateInput) -> None:
     """What the replicas cannot do: vLLM has no typical-p sampling (TGI's ``typical_p``),
     and dropping it would sample another distribution than asked; nor a per-step draft
-    stopping rule (``force_stop_threshold`` was ignored); nor the prompt's
-    log-probabilities in a stream (``scores_prompts``)."""
-    if request.prompt_logprobs is not None:
-        raise InvalidFieldError(
-            "prompt_logprobs", "vLLM replicas do not stream the prompt's log-probabilities"
-        )
+    stopping rule (``force_stop_threshold`` was ignored)."""
     sampling = request.route.sampling
     if sampling.do_sample and sampling.typical_p != 1.0:
         raise InvalidFieldError(
@@ -155,6 +153,7 @@ class _Progress:
     texts: list[str]
     detokenizer: IncrementalDetokenizer
     stopped: bool = False  # the text reached a stop string
+    scored_prompt: bool = False  # the prompt's logprobs were passed on (asked for)
     attempts: int = 0
     end: StreamEnd | None = None
     timing: Timing | None = None
@@ -403,8 +402,9 @@ class FleetRouterService(RouterService):
         return sum(replica.max_in_flight for replica in self.replicas)
 
     @property
-    def scores_prompts(self) -> bool:
-        """No: vLLM's streamed completions carry no prompt log-probabilities."""
+    def ranks_prompt_tokens(self) -> bool:
+        """No: the prompt's logprobs come from vLLM's echo, whose alternatives are the
+        top ones only, not each token's rank in the vocabulary."""
         return False
 
     def free_generation_places(self) -> int:
@@ -531,8 +531,9 @@ class FleetRouterService(RouterService):
         replica: Replica,
         request: GenerateInput,
         progress: _Progress,
-    ) -> AsyncGenerator[TokenChunk, None]:
-        """One replica's stream, continuing from ``progress`` (its TokenChunks)."""
+    ) -> AsyncGenerator[TokenChunk | PromptScores, None]:
+        """One replica's stream, continuing from ``progress`` (its TokenChunks, and the
+        prompt's scores first where asked for: vLLM's echo)."""
         assert self._session is not None, "start_fleet() was not awaited"
         remaining = request.route.max_new_tokens - len(progress.output_ids)
         body = completion_body(
@@ -542,6 +543,10 @@ class FleetRouterService(RouterService):
             request.route.sampling,
             request.logprobs,
         )
+        if request.prompt_logprobs is not None and not progress.scored_prompt:
+            # Only before the first token: once output came the prompt was scored (vLLM's
+            # echo comes with it) and a later attempt's prompt holds that output too.
+            body = with_prompt_scored(body, request.prompt_logprobs)
         started = time.perf_counter()
         first: float | None = None
         received = 0
@@ -558,6 +563,18 @@ class FleetRouterService(RouterService):
                     if isinstance(event, StreamEnd):
                         progress.end = event
                         continue
+                    if isinstance(event, PromptScored):
+                        if not progress.scored_prompt:
+                            progress.scored_prompt = True
+                            yield self._prompt_scored(event, request.prompt_logprobs or 0)
+                        continue
+                    if request.logprobs is None:
+                        event = replace(event, logprobs=None)  # asked for the prompt's only
+                    elif event.logprobs is not None:  # the echo's count may be larger
+                        top = request.logprobs
+                        event = replace(
+                            event, logprobs=tuple((lp, alt[:top]) for lp, alt in event.logprobs)
+                        )
                     first = first if first is not None else time.perf_counter()
                     received += len(event.token_ids)
                     yield self._chunk(event, progress, request.route.sampling.stop)
@@ -580,6 +597,11 @@ class FleetRouterService(RouterService):
             generated_tokens=received,
             engine_time_s=engine_request_time(metrics, decode),
         )
+
+    def _prompt_scored(self, scored: PromptScored, top: int) -> PromptScores:
+        """vLLM's echoed prompt logprobs with the texts the sidecar gives tokens."""
+        pairs = [(lp, alternatives[:top]) for lp, alternatives in scored.scored]
+        return self.prompt_scores(scored.token_ids, pairs)
 
     def _chunk(self, delta: Delta, progress: _Progress, stops: Sequence[str]) -> TokenChunk:
         """The replica's tokens with each one's text, decoded here once as the in-process

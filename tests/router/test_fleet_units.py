@@ -918,16 +918,34 @@ def test_a_logit_bias_goes_to_a_plain_replica_or_is_refused() -> None:
         service._checked_plain(request)
 
 
-def test_the_prompts_logprobs_are_refused_by_name_in_fleet_mode() -> None:
-    """vLLM's streamed completions carry no prompt log-probabilities: asked for (gRPC
-    ``prompt_logprobs``, TGI's ``decoder_input_details``), the request is refused naming
-    the field, before any replica is asked; the OpenAI front asks the service first."""
-    from router.domain import GenerateInput, RouteInput
-    from router.errors import InvalidFieldError
-    from router.fleet.service import _checked_sampling
+def test_the_prompts_logprobs_come_from_vllms_echo() -> None:
+    """Asked for the prompt's logprobs (gRPC ``prompt_logprobs``, TGI's
+    ``decoder_input_details``, OpenAI's echo with logprobs), the first attempt asks vLLM
+    to echo the prompt with logprobs; its first chunk lists the prompt's (the first with
+    none) before the output's, and they are split apart here. vLLM's echo has no ranks,
+    so OpenAI's vLLM-shaped ``prompt_logprobs`` stays refused in fleet mode."""
+    from router.fleet.client import _split_echo, with_prompt_scored
 
-    request = GenerateInput(route=RouteInput(prompt=None), prompt_logprobs=0)  # type: ignore[arg-type]
-    with pytest.raises(InvalidFieldError, match="prompt_logprobs"):
-        _checked_sampling(request)
-    _checked_sampling(replace(request, prompt_logprobs=None))
-    assert not FleetRouterService.scores_prompts.fget(None)  # type: ignore[attr-defined]
+    body = with_prompt_scored({"model": "t", "logprobs": None}, 2)
+    assert body["echo"] is True and body["logprobs"] == 2 and body["return_tokens_as_token_ids"]
+    assert with_prompt_scored({"logprobs": 5}, 2)["logprobs"] == 5  # one count for both
+    choice = {
+        "prompt_token_ids": [5, 6, 7],
+        "token_ids": [8],
+        "logprobs": {
+            "token_logprobs": [None, -1.0, -2.0, -0.5],
+            "top_logprobs": [
+                None,
+                {"token_id:6": -1.0, "token_id:9": -0.7},
+                {"token_id:7": -2.0, "token_id:3": -0.1},
+                {"token_id:8": -0.5, "token_id:4": -1.5},
+            ],
+        },
+    }
+    scored, rest = _split_echo(choice, 3, 1)
+    assert scored == ((-1.0, ((9, -0.7),)), (-2.0, ((3, -0.1),)))
+    assert rest == {
+        "token_logprobs": [-0.5],
+        "top_logprobs": [choice["logprobs"]["top_logprobs"][3]],
+    }
+    assert not FleetRouterService.ranks_prompt_tokens.fget(None)  # type: ignore[attr-defined]

@@ -145,6 +145,20 @@ def generate(fleet: Fleet, drafter: str = "", tokens: int = TOKENS, **fields: An
     return chunks[0].decision, ids, chunks[-1].stats
 
 
+def prompt_logprobs(fleet: Fleet, ids: list[int]) -> list[float]:
+    """The target's log-probability of each of ``ids`` after the first, from one forward
+    pass in this process."""
+    import torch
+
+    reference_ids(fleet, tokens=1)  # loads the in-process engine's target
+    assert fleet.engine is not None
+    model = fleet.engine.target.model
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    rows = torch.log_softmax(logits, dim=-1)
+    return rows.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+
+
 def reference_ids(fleet: Fleet, tokens: int = TOKENS, **options: Any) -> list[int]:
     """The in-process engine's greedy output on the same target, without speculation
     (with the engine's ``options``: penalties, stop token ids...)."""
@@ -355,16 +369,27 @@ def test_openai_and_tgi_fronts_forward_to_the_fleet(fleet: Fleet) -> None:
     ids = fleet.service.prompt_ids(Prompt(text=PROMPT))  # a token-id prompt, forwarded
     by_ids = client.completions.create(model="target", prompt=ids, max_tokens=TOKENS, temperature=0)
     assert by_ids.choices[0].text == expected_text
-    # echo: the prompt leads the text; its log-probabilities are not streamed by vLLM.
+    # echo: the prompt leads the text, and with logprobs its tokens lead the logprobs,
+    # scored by the replica (vLLM's echo), as the target scores them.
     echoed = client.completions.create(
         model="target", prompt=PROMPT, max_tokens=TOKENS, temperature=0, echo=True
     )
     assert echoed.choices[0].text == PROMPT + expected_text
-    with pytest.raises(openai.BadRequestError) as scored:
-        client.completions.create(
-            model="target", prompt=PROMPT, max_tokens=TOKENS, echo=True, logprobs=1
-        )
-    assert scored.value.body["param"] == "echo"  # type: ignore[index]
+    scored = client.completions.create(
+        model="target", prompt=PROMPT, max_tokens=TOKENS, temperature=0, echo=True, logprobs=1
+    )
+    logprobs = scored.choices[0].logprobs
+    assert scored.choices[0].text == PROMPT + expected_text and logprobs is not None
+    assert logprobs.token_logprobs is not None and logprobs.token_logprobs[0] is None
+    assert logprobs.token_logprobs[1 : len(ids)] == pytest.approx(
+        prompt_logprobs(fleet, ids), abs=2e-3
+    )
+    assert len(logprobs.token_logprobs) == len(ids) + TOKENS
+    tgi_scored = Client(fleet.sidecar.http_url, timeout=60).generate(
+        PROMPT, max_new_tokens=TOKENS, decoder_input_details=True
+    )
+    assert [token.id for token in tgi_scored.details.prefill] == ids
+    # vLLM's own prompt_logprobs answer needs ranks, which its echo does not give.
     with pytest.raises(openai.BadRequestError) as prompt_scored:
         client.completions.create(
             model="target", prompt=PROMPT, max_tokens=TOKENS, extra_body={"prompt_logprobs": 0}
