@@ -725,15 +725,15 @@ def echoes(body: Any) -> bool:
     return isinstance(body, CompletionRequest) and bool(body.echo)
 
 
-def echo_text(service: RouterService, prompt: Prompt, routed: RoutedRequest) -> str:
+def echo_text(service: RouterService, route: RouteInput, routed: RoutedRequest) -> str:
     """The prompt as echoed: its text as sent, or, for token ids or a prompt cut to
-    ``truncate_prompt_tokens``, the tokens the target read, decoded."""
-    if (
-        prompt.text is not None
-        and not prompt.token_ids
-        and routed.prompt_tokens == len(service.prompt_ids(prompt))
-    ):
-        return prompt.text
+    ``truncate_prompt_tokens``, the tokens the target read, decoded (the text is
+    tokenized again only where a truncation may have cut it)."""
+    prompt = route.prompt
+    if prompt.text is not None and not prompt.token_ids:
+        uncut = route.truncate is None or routed.prompt_tokens == len(service.prompt_ids(prompt))
+        if uncut:
+            return prompt.text
     return str(service.tokenizer.decode(list(routed.prompt_ids)))
 
 
@@ -931,6 +931,18 @@ class _Reply:
         self._repeat_role = model in TGI_CLIENT_MODEL_NAMES
         self.fingerprint = f"specroute-{specroute_version()}"
 
+    @classmethod
+    def for_body(cls, endpoint: Endpoint, body: Any) -> _Reply:
+        """The reply to ``body``: its choices per prompt, tool calls, echo."""
+        return cls(
+            endpoint,
+            body.model,
+            choice_count(body),
+            uses_tools(body),
+            prompt_only(endpoint, body),
+            chat_echo(body),
+        )
+
     def decided(self, routed: RoutedRequest) -> None:
         """Name the decision in ``system_fingerprint``: a seed repeats a sampled output at
         the same drafter and k only (the draws depend on both), and OpenAI's field is the
@@ -1105,7 +1117,7 @@ async def _run_choice(service: RouterService, request: GenerateInput, body: Any)
     echoed = None
     if prompt_scored is not None and request.logprobs is not None:
         echoed = echoed_logprobs(prompt_scored, request.logprobs)
-    text = echo_text(service, request.route.prompt, routed)
+    text = echo_text(service, request.route, routed)
     return dataclasses.replace(ran, echo=text, echo_logprobs=echoed)
 
 
@@ -1144,14 +1156,7 @@ async def _all_at_most(width: int, jobs: Sequence[Callable[[], Awaitable[Any]]])
 
 
 async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dict[str, Any]:
-    reply = _Reply(
-        endpoint,
-        body.model,
-        choice_count(body),
-        uses_tools(body),
-        prompt_only(endpoint, body),
-        chat_echo(body),
-    )
+    reply = _Reply.for_body(endpoint, body)
     requests = choice_inputs(service, endpoint, body)
     jobs = [functools.partial(_run_choice, service, r, body) for r in requests]
     finished = await _all_at_most(choice_width(service, len(requests)), jobs)
@@ -1188,7 +1193,7 @@ async def _stream_choice(
     generated = 0
     # Completions' echo: the prompt's text goes first, with its logprobs when asked
     # (once the prefill has scored them), and the output's offsets follow it.
-    echo = echo_text(service, asked.route.prompt, routed) if echoes(body) else None
+    echo = echo_text(service, asked.route, routed) if echoes(body) else None
     offset = 0 if echo is None else len(echo)
 
     def usage() -> dict[str, int] | None:
@@ -1272,14 +1277,7 @@ async def _stream(
     (``client_may_leave``)."""
     from router.http_front import SSE_HEADERS, client_may_leave
 
-    reply = _Reply(
-        endpoint,
-        body.model,
-        choice_count(body),
-        uses_tools(body),
-        prompt_only(endpoint, body),
-        chat_echo(body),
-    )
+    reply = _Reply.for_body(endpoint, body)
     include_usage = usage_asked(body)[0]
     requests = choice_inputs(service, endpoint, body)
     several = len(requests) > 1

@@ -180,9 +180,6 @@ class PendingReports:
         self._rows: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
         self._reported: OrderedDict[str, None] = OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._rows)
-
     def remember(self, routed: RoutedRequest) -> None:
         self._rows[routed.request_id] = routed.as_row()
         while len(self._rows) > self.limit:

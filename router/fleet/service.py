@@ -570,8 +570,8 @@ class FleetRouterService(RouterService):
                         continue
                     if request.logprobs is None:
                         event = replace(event, logprobs=None)  # asked for the prompt's only
-                    elif event.logprobs is not None:  # the echo's count may be larger
-                        top = request.logprobs
+                    elif body.get("echo") and event.logprobs is not None:
+                        top = request.logprobs  # the echo's count may be larger
                         event = replace(
                             event, logprobs=tuple((lp, alt[:top]) for lp, alt in event.logprobs)
                         )
