@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
@@ -25,6 +26,7 @@ from transformers import DynamicCache
 from drafters.attention import cached_causal_mask
 from drafters.base import Drafter, DraftSession, Proposal, empty_proposal
 from drafters.detokenize import IncrementalDetokenizer, push_until_stop
+from drafters.grammar import GrammarCompiler, OutputGrammar
 from drafters.loader import LoadedModel
 from drafters.penalties import NO_PENALTIES, Penalties, PenaltyState
 from drafters.sampling import SamplingConfig, make_generator
@@ -42,6 +44,33 @@ PROMPT_SCORE_ROWS = 256
 
 DraftLengthSchedule = Callable[[int, GenerationStats], int]
 """``(step_index, stats_so_far) -> k`` for the next step; 0 disables speculation."""
+
+
+class LogitsAdjuster(Protocol):
+    """What a request asks of the target's distribution beyond sampling (penalties, a
+    grammar): each verify row adjusted for its own prefix, then moved on by the tokens
+    emitted."""
+
+    def adjust(self, logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor: ...
+
+    def extend(self, tokens: Sequence[int]) -> None: ...
+
+
+class Adjusters:
+    """Several adjusters applied in order (penalties before a grammar's mask, which
+    then has the last word)."""
+
+    def __init__(self, adjusters: Sequence[LogitsAdjuster]) -> None:
+        self._adjusters = tuple(adjusters)
+
+    def adjust(self, logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+        for adjuster in self._adjusters:
+            logits = adjuster.adjust(logits, drafts)
+        return logits
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for adjuster in self._adjusters:
+            adjuster.extend(tokens)
 
 
 @dataclass(frozen=True)
@@ -213,6 +242,7 @@ class _Request:
     penalties: Penalties
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    grammar: OutputGrammar | None = None
 
 
 class SpeculativeEngine:
@@ -228,6 +258,12 @@ class SpeculativeEngine:
         self._drafter_prefill_thread = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="drafter-prefill"
         )
+
+    @cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Structured output for this target (``drafters/grammar.py``), built on first use."""
+        width = int(self.target.model.get_output_embeddings().weight.shape[0])
+        return GrammarCompiler(self.target.tokenizer, width, self.stop_token_ids)
 
     def generate(
         self,
@@ -246,6 +282,7 @@ class SpeculativeEngine:
         penalties: Penalties = NO_PENALTIES,
         prompt_logprobs: int | None = None,
         skip_special_tokens: bool = True,
+        grammar: OutputGrammar | None = None,
     ) -> GenerationRun:
         """Stream the target's continuation of ``prompt_ids``, drafted by ``drafter``.
 
@@ -266,7 +303,9 @@ class SpeculativeEngine:
         after the first as ``logprobs`` scores output tokens (``run.prompt_logprobs``, one
         per prompt token but the first, which nothing precedes). ``skip_special_tokens``
         off (vLLM's parameter): special tokens' text is part of the output's, but for the
-        one that ends the generation."""
+        one that ends the generation. ``grammar``: the output held to it (vLLM's structured
+        output, ``drafters/grammar.py``), lossless as well; a grammar that does not compile
+        raises :class:`~drafters.grammar.GrammarError` here."""
         if not prompt_ids:
             raise ValueError("prompt_ids must not be empty")
         if max_new_tokens < 0:
@@ -289,12 +328,14 @@ class SpeculativeEngine:
             penalties=penalties,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=skip_special_tokens,
+            grammar=grammar,
         )
+        adjuster = self._adjuster(request)
         stats = GenerationStats(prompt_tokens=len(request.prompt_ids))
         output_ids: list[int] = []
         output_texts: list[str] = []
         scored: list[TokenLogprob] | None = [] if prompt_logprobs is not None else None
-        events = self._events(request, stats, output_ids, output_texts, scored)
+        events = self._events(request, stats, output_ids, output_texts, scored, adjuster)
         return GenerationRun(events, stats, output_ids, output_texts, scored)
 
     def _events(
@@ -304,6 +345,7 @@ class SpeculativeEngine:
         output: list[int],
         texts: list[str],
         prompt_scored: list[TokenLogprob] | None,
+        adjuster: LogitsAdjuster | None,
     ) -> Iterator[TokenEvent]:
         began = time.perf_counter()
         history = list(request.prompt_ids)
@@ -322,11 +364,6 @@ class SpeculativeEngine:
         stats.prefill_time_s = time.perf_counter() - began
         generator = make_generator(request.sampling, self.target.device)
         detokenizer = IncrementalDetokenizer(self.target.tokenizer, request.skip_special_tokens)
-        penalty = (
-            PenaltyState(request.penalties, request.prompt_ids, request.stop_ids)
-            if request.penalties.active
-            else None
-        )
         elapsed = time.perf_counter() - began
         finish_reason = "cancelled"
         try:
@@ -339,7 +376,9 @@ class SpeculativeEngine:
                 if first is not None:  # the prefill's token: no step, no draft
                     logits, first = first, None
                     adjusted = (
-                        logits if penalty is None else penalty.adjust(logits, self._empty.token_ids)
+                        logits
+                        if adjuster is None
+                        else adjuster.adjust(logits, self._empty.token_ids)
                     )
                     tokens = [
                         verify(
@@ -357,13 +396,13 @@ class SpeculativeEngine:
                         generator,
                         stats,
                         stop_rule=request.stop_rule,
-                        penalty=penalty,
+                        adjuster=adjuster,
                     )
                 tokens, token_texts, stopped = self._detokenize(
                     tokens, request, detokenizer, len(output)
                 )
-                if penalty is not None:
-                    penalty.extend(tokens)
+                if adjuster is not None:
+                    adjuster.extend(tokens)
                 scored = (
                     token_logprobs(logits, tokens, request.logprobs)
                     if request.logprobs is not None
@@ -397,6 +436,17 @@ class SpeculativeEngine:
             stats.finish_reason = finish_reason
             stats.generated_tokens = len(output)
             stats.wall_time_s = elapsed
+
+    def _adjuster(self, request: _Request) -> LogitsAdjuster | None:
+        """What the request changes in the target's distribution, if anything."""
+        adjusters: list[LogitsAdjuster] = []
+        if request.penalties.active:
+            adjusters.append(PenaltyState(request.penalties, request.prompt_ids, request.stop_ids))
+        if request.grammar is not None:
+            adjusters.append(self.grammars.state(request.grammar))
+        if len(adjusters) > 1:
+            return Adjusters(adjusters)
+        return adjusters[0] if adjusters else None
 
     def _start_session(self, request: _Request) -> DraftSession:
         session = request.drafter.start(request.prompt_ids, request.stop_ids)
@@ -444,11 +494,11 @@ class SpeculativeEngine:
         stats: GenerationStats,
         *,
         stop_rule: DraftStopRule | None = None,
-        penalty: PenaltyState | None = None,
+        adjuster: LogitsAdjuster | None = None,
     ) -> tuple[list[int], torch.Tensor]:
         """Propose up to k, verify all d + 1 positions in one target forward, roll back.
         Returns the verified tokens and the target's logits [d + 1, vocab], whose row i
-        scores token i (the model's own: ``penalty`` adjusts what is verified only)."""
+        scores token i (the model's own: ``adjuster`` adjusts what is verified only)."""
         started = time.perf_counter()
         proposal: Proposal = (
             session.propose(history, k, sampling, generator, stop_rule) if k > 0 else self._empty
@@ -466,7 +516,7 @@ class SpeculativeEngine:
         logits = self.target.model(
             input_ids=inputs, attention_mask=mask, past_key_values=cache, use_cache=True
         ).logits[0]  # [d + 1, vocab]
-        adjusted = logits if penalty is None else penalty.adjust(logits, proposal.token_ids)
+        adjusted = logits if adjuster is None else adjuster.adjust(logits, proposal.token_ids)
         verdict = verify(proposal.token_ids, proposal.probs, adjusted, sampling, generator)
         # Keep the L - 1 cached prefix, the last verified token and the accepted drafts.
         cache.crop(len(history) + verdict.accepted)

@@ -31,6 +31,7 @@ from router.service import (
 )
 from router.settings import Limits
 from router.store import DrafterRecord
+from router.structured_output import from_grpc
 
 GREEDY = Sampling()  # an unset SamplingParams (immutable, shared)
 
@@ -60,6 +61,15 @@ def sampling_from_pb(message: pb.SamplingParams) -> Sampling:
         min_p=message.min_p,
         skip_special_tokens=(
             message.skip_special_tokens if message.HasField("skip_special_tokens") else True
+        ),
+        structured_output=(
+            from_grpc(
+                message.structured_output.kind,
+                message.structured_output.spec,
+                message.structured_output.disable_any_whitespace,
+            )
+            if message.HasField("structured_output")
+            else None
         ),
     )
 

@@ -12,6 +12,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from drafters.grammar import GrammarError, OutputGrammar, check_grammar
 from router.errors import ContextLengthError, InvalidFieldError, InvalidRequestError
 from router.policy.base import MAX_DRAFT_LENGTH
 from router.settings import Limits
@@ -43,6 +44,8 @@ class Sampling:
     min_p: float = 0.0  # vLLM's: [0, 1], a sampling warper after temperature; 0: off
     # vLLM's: False keeps special tokens' text in the output's (not the one that ends it).
     skip_special_tokens: bool = True
+    # vLLM's structured output: the output held to a grammar (``drafters/grammar.py``).
+    structured_output: OutputGrammar | None = None
 
     @property
     def greedy(self) -> bool:
@@ -167,6 +170,24 @@ MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 2048
 #: The seeds a torch generator takes (a 64-bit integer, signed or not); gRPC's is a uint64.
 SEED_RANGE = (-(2**63), 2**64 - 1)
+MAX_GRAMMAR_CHARS = 100_000  # a structured output's schema, regex or grammar text
+
+
+def check_structured_output(
+    grammar: OutputGrammar | None, field: str = "sampling.structured_output"
+) -> None:
+    """A grammar the output can be held to: not over MAX_GRAMMAR_CHARS, and one that
+    compiles (INVALID_ARGUMENT naming ``field`` with the reason otherwise)."""
+    if grammar is None:
+        return
+    if len(grammar.spec) > MAX_GRAMMAR_CHARS:
+        raise InvalidFieldError(
+            field, f"at most {MAX_GRAMMAR_CHARS} characters, got {len(grammar.spec)}"
+        )
+    try:
+        check_grammar(grammar)
+    except GrammarError as error:
+        raise InvalidFieldError(field, str(error)) from error
 
 
 def check_sampling(sampling: Sampling) -> Sampling:
@@ -233,6 +254,7 @@ def check_sampling(sampling: Sampling) -> Sampling:
         raise InvalidFieldError(
             "sampling.seed", f"must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {sampling.seed}"
         )
+    check_structured_output(sampling.structured_output)
     return sampling
 
 

@@ -46,6 +46,7 @@ from router.service import (
     TokenChunk,
     TokenTexts,
 )
+from router.structured_output import from_tgi
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class TgiParameters(BaseModel):
     details: bool = False
     decoder_input_details: bool = False
     top_n_tokens: int | None = None
-    grammar: Any = None
+    grammar: Any = None  # {"type": "json" | "regex", "value": ...}
     adapter_id: str | None = None  # a LoRA adapter (huggingface_hub always sends the key)
 
 
@@ -115,8 +116,6 @@ def _unsupported(params: TgiParameters) -> list[str]:
         problems.append("best_of")
     if params.watermark:
         problems.append("watermark")
-    if params.grammar is not None:
-        problems.append("grammar")
     if params.adapter_id:
         problems.append("adapter_id")
     return problems
@@ -151,6 +150,7 @@ def sampling_from_tgi(params: TgiParameters) -> Sampling:
         typical_p=params.typical_p or 1.0,
         # A logits processor, not a warper: greedy stays greedy (as in TGI).
         repetition_penalty=params.repetition_penalty or 1.0,
+        structured_output=from_tgi(params.grammar),
     )
 
 

@@ -71,6 +71,7 @@ from router.service import (
     TokenChunk,
     TokenLogprobs,
 )
+from router.structured_output import from_openai
 from router.tool_calls import ToolCallHoldback, parse_tool_calls
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -114,11 +115,6 @@ class StreamOptions(BaseModel):
 # ignore_eos, a schema's guided_json) is told rather than silently served something else.
 UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "logprob_token_ids": (None, []),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-    "structured_outputs": (None,),
     "functions": (None, []),
     "function_call": (None, "none"),
     "tool_choice": (None, "none", "auto"),
@@ -133,10 +129,8 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "length_penalty": (None, 1, 1.0),
     "spaces_between_special_tokens": (None, True),
     "logits_processors": (None, []),
-    "guided_decoding_backend": (None,),
     "guided_whitespace_pattern": (None,),
     "return_tokens_as_token_ids": (None, False),
-    "response_format": (None, {"type": "text"}),  # completions' (chat has the field)
 }
 
 
@@ -174,6 +168,9 @@ class OpenAIParameters(BaseModel):
     # vLLM's: each prompt token's logprob, rank and this many alternatives (not streamed).
     prompt_logprobs: int | None = None
     user: str | None = None
+    # OpenAI's (vLLM takes it on completions too); vLLM's structured_outputs and older
+    # guided_* ride in model_extra (``router.structured_output``).
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(OpenAIParameters):
@@ -201,7 +198,6 @@ class ChatRequest(OpenAIParameters):
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: the template's variables
     max_completion_tokens: int | None = None
     tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
     echo: bool | None = False  # vLLM's: the assistant's last message leads the reply
 
 
@@ -230,12 +226,6 @@ def _unsupported(body: OpenAIParameters) -> list[str]:
             problems.append("best_of")
         if body.suffix:
             problems.append("suffix")
-    if (
-        isinstance(body, ChatRequest)
-        and body.response_format
-        and body.response_format.get("type") != "text"
-    ):
-        problems.append("response_format")
     extra = body.model_extra or {}
     problems.extend(
         name
@@ -339,6 +329,7 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
         logit_bias=_logit_bias(body),
         min_p=body.min_p or 0.0,
         skip_special_tokens=body.skip_special_tokens is not False,
+        structured_output=from_openai(body.response_format, body.model_extra or {}),
     )
 
 

@@ -688,12 +688,27 @@ class RouterService:
             self.check_in_vocabulary("sampling.logit_bias", (t for t, _ in sampling.logit_bias))
         if sampling.stop_token_ids:
             self.check_in_vocabulary("sampling.stop_token_ids", sampling.stop_token_ids)
+        if generating and sampling.structured_output is not None:
+            self._check_grammar_served()
         if generating and sampling.min_tokens > request.max_new_tokens:
             raise InvalidFieldError(
                 "sampling.min_tokens",
                 f"must be at most max_new_tokens ({request.max_new_tokens}), "
                 f"got {sampling.min_tokens}",
             )
+
+    def _check_grammar_served(self) -> None:
+        """The in-process target's tokenizer can hold a grammar (llguidance reads it, on
+        the first request with one); FAILED_PRECONDITION where it cannot."""
+        engine = self.components.engine
+        if engine is None:
+            return  # fleet mode: vLLM holds the output to it
+        from drafters.grammar import GrammarError
+
+        try:
+            engine.grammars  # noqa: B018 - built once, here, where it can be refused
+        except GrammarError as error:
+            raise PreconditionError(f"structured output: {error}") from error
 
     def _model_text(self, prompt: Prompt) -> str:
         return prompt.text if prompt.text is not None else self._chat_text(prompt)
@@ -932,6 +947,7 @@ class RouterService:
             ),
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=sampling.skip_special_tokens,
+            grammar=sampling.structured_output,
         )
         scores_sent = prompt_logprobs is None
         # The engine detokenizes each token once; its texts are passed on as they are.

@@ -18,6 +18,7 @@ import aiohttp.http_exceptions
 
 from router.domain import Sampling
 from router.fleet.replica import Replica
+from router.structured_output import vllm_structured_outputs
 
 
 class ReplicaFailedError(Exception):
@@ -123,6 +124,8 @@ def completion_body(
         body["min_tokens"] = sampling.min_tokens
     if sampling.logit_bias:
         body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias}
+    if sampling.structured_output is not None:
+        body["structured_outputs"] = vllm_structured_outputs(sampling.structured_output)
     if logprobs is not None:
         body["logprobs"] = logprobs
         body["return_tokens_as_token_ids"] = True

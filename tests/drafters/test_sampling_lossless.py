@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 from scipy.stats import chisquare
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from drafters.base import Drafter
 from drafters.engine import DraftLengthSchedule, SpeculativeEngine
+from drafters.grammar import OutputGrammar
 from drafters.guard import LossGuard
 from drafters.loader import LoadedModel, load_model
 from drafters.penalties import NO_PENALTIES, Penalties
@@ -44,11 +45,16 @@ PROMPT = [1, 2, 3, 4, 5]
 COPY = "copy-or-model"
 
 
+LETTERS = "abcdefgh"
+
+
 def word_tokenizer() -> PreTrainedTokenizerFast:
-    """Words w0..w7, and no EOS: every sample has all LENGTH tokens."""
-    core = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core)
+    """Letters a..h (byte-level, as a grammar needs), and an EOS the model cannot emit
+    (id 8, past its VOCAB logits): every sample has all LENGTH tokens."""
+    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(LETTERS)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|end|>")
 
 
 def small_model() -> Qwen2ForCausalLM:
@@ -119,7 +125,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
             parameter.add_(0.15 * torch.randn_like(parameter))
     target = load_model(save(target_model, root / "target"))
     engine = SpeculativeEngine(target)
-    assert not engine.stop_token_ids
+    assert min(engine.stop_token_ids) >= VOCAB  # never sampled
     drafter_dir = save(drafter_model, root / "drafter")
     ngram_prompt = likely_ngram_prompt(target.model, TOP_P)
     return Setup(
@@ -163,15 +169,20 @@ def exact_joint(
     prompt: Sequence[int],
     sampling: SamplingConfig,
     penalties: Penalties = NO_PENALTIES,
+    allowed: Callable[[tuple[int, ...]], set[int]] | None = None,
 ) -> dict[tuple[int, ...], float]:
     """P(t1..t_LENGTH) of plain sampling: the product of the target's processed
-    next-token probabilities along each prefix."""
+    next-token probabilities along each prefix (only the ``allowed`` next tokens, where
+    given, as a grammar's mask leaves them)."""
     joint: dict[tuple[int, ...], float] = {(): 1.0}
     for _ in range(LENGTH):
         extended: dict[tuple[int, ...], float] = {}
         for prefix, mass in joint.items():
             logits = model(torch.tensor([[*prompt, *prefix]])).logits[0, -1:]
             logits = penalised(logits, prompt, prefix, penalties)
+            if allowed is not None:
+                forbidden = sorted(set(range(VOCAB)) - allowed(prefix))
+                logits[0, forbidden] = float("-inf")
             probs = sampling_probs(logits, sampling)[0].double()
             for token in probs.nonzero().flatten().tolist():
                 extended[(*prefix, token)] = mass * float(probs[token])
@@ -219,6 +230,7 @@ def sample_joint(
     sampling: SamplingConfig,
     requested: Counter[int] | None = None,
     penalties: Penalties = NO_PENALTIES,
+    grammar: OutputGrammar | None = None,
 ) -> tuple[Counter[tuple[int, ...]], Counter[int]]:
     """SAMPLES outputs of LENGTH tokens (seeds 0..SAMPLES-1), and how many steps accepted
     0, 1, ... drafts. ``k`` may make a fresh schedule per request; ``requested`` counts
@@ -229,7 +241,13 @@ def sample_joint(
         config = replace(sampling, do_sample=True, seed=seed)
         length = k if isinstance(k, int) else k()
         run = engine.generate(
-            prompt, drafter, length, max_new_tokens=LENGTH, sampling=config, penalties=penalties
+            prompt,
+            drafter,
+            length,
+            max_new_tokens=LENGTH,
+            sampling=config,
+            penalties=penalties,
+            grammar=grammar,
         )
         outputs[tuple(run.collect())] += 1
         accepted.update(run.stats.accepted_per_step)
@@ -276,6 +294,32 @@ def test_samples_under_penalties_follow_plain_sampling_under_them(setup: Setup) 
         setup.engine, prompt, setup.drafters["model"], 2, TOP_P, penalties=penalties
     )
     assert accepted[1] >= SAMPLES // 20 and accepted[2] >= SAMPLES // 20, accepted
+    assert chi_square_p_value(speculative, expected) > FALSE_FAILURE
+
+
+# Pairs of letters, the second depending on the first: what a row allows depends on the
+# drafts before it.
+PAIRS = {"a": "bc", "b": "ad", "c": "ae", "d": "ab"}
+PAIR_GRAMMAR = OutputGrammar("regex", "(" + "|".join(f"{a}[{b}]" for a, b in PAIRS.items()) + ")+")
+
+
+def pair_tokens(prefix: tuple[int, ...]) -> set[int]:
+    """The next tokens ``PAIR_GRAMMAR`` allows after ``prefix``, stated without it."""
+    if len(prefix) % 2 == 0:
+        return {LETTERS.index(a) for a in PAIRS}
+    return {LETTERS.index(b) for b in PAIRS[LETTERS[prefix[-1]]]}
+
+
+def test_samples_under_a_grammar_follow_plain_sampling_under_it(setup: Setup) -> None:
+    """Structured output: each verified row is masked for the grammar after the drafts
+    before it; the drafter proposes unconstrained, so drafts the grammar forbids are
+    rejected, and the samples follow plain sampling of the masked target."""
+    prompt = setup.prompts["model"]
+    expected = exact_joint(setup.target.model, prompt, TOP_P, allowed=pair_tokens)
+    speculative, accepted = sample_joint(
+        setup.engine, prompt, setup.drafters["model"], 2, TOP_P, grammar=PAIR_GRAMMAR
+    )
+    assert min(accepted[0], accepted[1], accepted[2]) >= SAMPLES // 20, accepted
     assert chi_square_p_value(speculative, expected) > FALSE_FAILURE
 
 

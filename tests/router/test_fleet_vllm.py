@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -310,6 +311,32 @@ def test_penalties_and_a_logit_bias_reach_the_replicas(fleet: Fleet) -> None:
         generate(fleet, "ngram", sampling=sampling)
     assert pinned.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "logit_bias" in str(pinned.value.details())
+
+
+def test_structured_output_reaches_the_replicas(fleet: Fleet) -> None:
+    """A grammar forwarded as vLLM's structured_outputs: vLLM's output under it is the
+    in-process engine's (its own grammar mask), on every configuration."""
+    from drafters.grammar import OutputGrammar
+
+    regex = "(red|green|blue) [0-9]{2}"
+    expected = reference_ids(fleet, grammar=OutputGrammar("regex", regex))
+    text = fleet.service.tokenizer.decode(expected, skip_special_tokens=True)
+    assert re.fullmatch(regex, text), text
+    sampling = pb.SamplingParams(structured_output=pb.StructuredOutput(kind="regex", spec=regex))
+    for drafter in ("none", "ngram", "twin"):
+        _, ids, stats = generate(fleet, drafter, sampling=sampling)
+        assert ids == expected, drafter
+        assert stats.finish_reason == "eos_token", drafter
+    reply = openai.OpenAI(
+        base_url=f"{fleet.sidecar.http_url}/v1", api_key="unused", max_retries=0
+    ).completions.create(
+        model="target",
+        prompt=PROMPT,
+        max_tokens=TOKENS,
+        temperature=0,
+        extra_body={"structured_outputs": {"choice": ["alpha", "beta"]}},
+    )
+    assert reply.choices[0].text in ("alpha", "beta")
 
 
 def test_logprobs_come_from_the_replicas_and_match_the_target(fleet: Fleet) -> None:

@@ -587,12 +587,35 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"logit_bias": {"5": 101}}, "logit_bias"),  # OpenAI's range is [-100, 100]
         ({"logit_bias": {str(10**9): 1}}, "logit_bias"),  # outside the vocabulary
         ({"repetition_penalty": 0}, "repetition_penalty"),
-        ({"guided_json": {"type": "object"}}, "guided_json"),
-        ({"structured_outputs": {"choice": ["a", "b"]}}, "structured_outputs"),
+        # Structured output that cannot be honoured: named where the request put it.
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"guided_regex": "(ab"}, "guided_regex"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+        (
+            {"structured_outputs": {"grammar": "start: undefined_rule"}},
+            "structured_outputs.grammar",
+        ),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
+        (
+            {"structured_outputs": {"json": {}, "whitespace_pattern": " "}},
+            "structured_outputs.whitespace_pattern",
+        ),
+        ({"structured_outputs": {"jsonschema": {}}}, "structured_outputs.jsonschema"),
+        ({"structured_outputs": {"regex": "a"}, "guided_choice": ["a"]}, "structured_outputs"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}},
+            "response_format.json_schema.schema",
+        ),
+        ({"response_format": {"type": "structural_tag"}}, "response_format.type"),
+        ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
         # More of vLLM's extensions, served with 200 and ignored before.
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"stop_token_ids": list(range(257))}, "stop_token_ids"),  # over 256
-        ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"use_beam_search": True}, "use_beam_search"),
         ({"allowed_token_ids": [3, 4]}, "allowed_token_ids"),
     ],

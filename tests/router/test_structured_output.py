@@ -1,0 +1,227 @@
+"""Structured output through every front, on the in-process engine: OpenAI's
+``response_format``, vLLM's ``structured_outputs`` and ``guided_*`` (the official
+``openai`` client), TGI's ``grammar`` (the ``text-generation`` client) and gRPC's
+``SamplingParams.structured_output``. The text is the target's own greedy text under the
+grammar (the engine without speculation, ``reference``), and matches it."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import grpc
+import openai
+import pytest
+from text_generation import Client
+from text_generation.errors import ValidationError
+from text_generation.types import Grammar, GrammarType
+
+from drafters.grammar import OutputGrammar
+from router.domain import Prompt
+from router.pb import router_pb2 as pb
+from tests.router.conftest import COMPLETION_PROMPT, SidecarThread
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"enum": ["yes", "no"]}, "score": {"enum": [1, 2, 3]}},
+    "required": ["answer", "score"],
+    "additionalProperties": False,
+}
+REGEX = r"(red|green|blue) [0-9]{2}"
+CHOICES = ["Paris", "London", "Rome"]
+
+
+def client(sidecar: SidecarThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{sidecar.http_url}/v1", api_key="unused", max_retries=0)
+
+
+def reference(
+    sidecar: SidecarThread, prompt: Prompt, grammar: OutputGrammar, complete: bool = True
+) -> str:
+    """The engine's greedy text for ``prompt`` under ``grammar``, without speculation;
+    ``complete``: the grammar's output ended within the budget."""
+    service = sidecar.service
+    run = service.components.engine.generate(
+        service.prompt_ids(prompt),
+        service.drafters.get("none").drafter,
+        0,
+        max_new_tokens=48,
+        grammar=grammar,
+    )
+    run.collect()
+    if complete:
+        assert run.stats.finish_reason == "eos_token", run.text
+    return run.text
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_schema", "json_schema": {"name": "verdict", "schema": SCHEMA}},
+        {"type": "json_object"},
+    ],
+    ids=["json_schema", "json_object"],
+)
+def test_chat_response_format(sidecar: SidecarThread, response_format: dict[str, Any]) -> None:
+    """OpenAI's JSON modes (whitespace between JSON's tokens is the model's to choose, as
+    in vLLM: the barely trained tiny target spends its budget on it, so the text is
+    checked against the engine's, not parsed)."""
+    messages: Any = [{"role": "user", "content": "Is water wet? Answer in JSON."}]
+    schema = response_format.get("json_schema", {}).get("schema")
+    grammar = OutputGrammar("json", json.dumps(schema)) if schema else OutputGrammar("json_object")
+    expected = reference(sidecar, Prompt(messages=tuple(messages)), grammar, complete=False)
+    assert expected.startswith("{")  # held to an object from its first character
+    for stream in (False, True):
+        reply = client(sidecar).chat.completions.create(
+            model="target",
+            messages=messages,
+            max_tokens=48,
+            temperature=0,
+            response_format=response_format,  # type: ignore[arg-type]
+            stream=stream,
+        )
+        if stream:
+            chunks = list(reply)  # type: ignore[arg-type]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            text = reply.choices[0].message.content or ""  # type: ignore[union-attr]
+        assert text == expected
+
+
+@pytest.mark.parametrize(
+    ("extra", "grammar"),
+    [
+        ({"structured_outputs": {"regex": REGEX}}, OutputGrammar("regex", REGEX)),
+        ({"structured_outputs": {"choice": CHOICES}}, OutputGrammar("choice", json.dumps(CHOICES))),
+        ({"guided_regex": REGEX}, OutputGrammar("regex", REGEX)),
+        ({"guided_choice": CHOICES}, OutputGrammar("choice", json.dumps(CHOICES))),
+        (
+            {"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}},
+            OutputGrammar("json", json.dumps(SCHEMA), any_whitespace=False),
+        ),
+        (
+            {"guided_grammar": 'root ::= "x" [0-9]+ "y"'},
+            OutputGrammar("grammar", 'root ::= "x" [0-9]+ "y"'),
+        ),
+    ],
+    ids=[
+        "regex",
+        "choice",
+        "guided_regex",
+        "guided_choice",
+        "json-compact",
+        "gbnf",
+    ],
+)
+def test_completions_structured_outputs(
+    sidecar: SidecarThread, extra: dict[str, Any], grammar: OutputGrammar
+) -> None:
+    expected = reference(sidecar, Prompt(text=COMPLETION_PROMPT), grammar)
+    for stream in (False, True):
+        reply = client(sidecar).completions.create(
+            model="target",
+            prompt=COMPLETION_PROMPT,
+            max_tokens=48,
+            temperature=0,
+            extra_body=extra,
+            stream=stream,
+        )
+        chunks = list(reply) if stream else [reply]  # type: ignore[call-overload]
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert text == expected
+    if grammar.kind == "regex":
+        assert re.fullmatch(REGEX, expected)
+    if grammar.kind == "choice":
+        assert expected in CHOICES
+    if grammar.kind == "grammar":
+        assert re.fullmatch("x[0-9]+y", expected)
+    if grammar.kind == "json":
+        assert set(json.loads(expected)) == {"answer", "score"}
+
+
+def test_sampled_output_is_held_to_the_grammar(sidecar: SidecarThread) -> None:
+    for seed in range(4):
+        reply = client(sidecar).completions.create(
+            model="target",
+            prompt=COMPLETION_PROMPT,
+            max_tokens=48,
+            temperature=1.0,
+            seed=seed,
+            extra_body={"structured_outputs": {"regex": REGEX}},
+        )
+        assert re.fullmatch(REGEX, reply.choices[0].text), reply.choices[0].text
+
+
+def test_tgi_grammar(sidecar: SidecarThread) -> None:
+    tgi = Client(sidecar.http_url, timeout=60)
+    for kind, value, grammar in (
+        (GrammarType.Regex, REGEX, OutputGrammar("regex", REGEX)),
+        (GrammarType.Json, SCHEMA, OutputGrammar("json", json.dumps(SCHEMA))),
+    ):
+        expected = reference(sidecar, Prompt(text=COMPLETION_PROMPT), grammar, complete=False)
+        response = tgi.generate(
+            COMPLETION_PROMPT, max_new_tokens=48, grammar=Grammar(type=kind, value=value)
+        )
+        assert response.generated_text == expected
+        streamed = "".join(
+            r.token.text
+            for r in tgi.generate_stream(
+                COMPLETION_PROMPT, max_new_tokens=48, grammar=Grammar(type=kind, value=value)
+            )
+            if not r.token.special
+        )
+        assert streamed == expected
+    with pytest.raises(ValidationError, match="unclosed group"):
+        tgi.generate(
+            COMPLETION_PROMPT,
+            max_new_tokens=8,
+            grammar=Grammar(type=GrammarType.Regex, value="(red"),
+        )
+
+
+def grpc_text(sidecar: SidecarThread, structured: pb.StructuredOutput, drafter: str = "") -> str:
+    request = pb.GenerateRequest(
+        text=COMPLETION_PROMPT,
+        max_new_tokens=48,
+        no_update=True,
+        force_drafter=drafter,
+        sampling=pb.SamplingParams(structured_output=structured),
+    )
+    chunks = list(sidecar.stub.Generate(request, timeout=60))
+    assert chunks[-1].stats.finish_reason == "eos_token"
+    return str(chunks[-1].stats.generated_text)
+
+
+def test_grpc_structured_output_is_the_same_under_every_drafter(sidecar: SidecarThread) -> None:
+    structured = pb.StructuredOutput(kind="regex", spec=REGEX)
+    expected = reference(sidecar, Prompt(text=COMPLETION_PROMPT), OutputGrammar("regex", REGEX))
+    drafters = [
+        d.name for d in sidecar.stub.ListDrafters(pb.ListDraftersRequest(), timeout=10).drafters
+    ]
+    assert {"none", "ngram"} <= set(drafters)
+    for drafter in drafters:
+        assert grpc_text(sidecar, structured, drafter) == expected, drafter
+
+
+@pytest.mark.parametrize(
+    ("structured", "reason"),
+    [
+        (pb.StructuredOutput(kind="yaml", spec="a: 1"), "sampling.structured_output.kind"),
+        (pb.StructuredOutput(kind="regex", spec="(ab"), "unclosed group"),
+        (pb.StructuredOutput(kind="json", spec="[1]"), "must be an object"),
+        (pb.StructuredOutput(kind="choice", spec="Paris"), "not valid JSON"),
+        (pb.StructuredOutput(kind="grammar", spec="x" * 100_001), "at most 100000 characters"),
+    ],
+    ids=["kind", "regex", "json", "choice", "size"],
+)
+def test_grpc_bad_structured_output_is_invalid_argument_and_the_server_serves_on(
+    sidecar: SidecarThread, structured: pb.StructuredOutput, reason: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as refused:
+        grpc_text(sidecar, structured)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert reason in str(refused.value.details())
+    assert (
+        grpc_text(sidecar, pb.StructuredOutput(kind="choice", spec=json.dumps(CHOICES))) in CHOICES
+    )
