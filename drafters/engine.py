@@ -13,11 +13,11 @@ decoding step, so "none" runs the same loop.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, Protocol
 
 import torch
@@ -255,15 +255,23 @@ class SpeculativeEngine:
         self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
         self._synchronize = target.device.type == "cuda"
         self._empty = empty_proposal(target.device)
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = threading.Lock()
         self._drafter_prefill_thread = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="drafter-prefill"
         )
 
-    @cached_property
+    @property
     def grammars(self) -> GrammarCompiler:
-        """Structured output for this target (``drafters/grammar.py``), built on first use."""
-        width = int(self.target.model.get_output_embeddings().weight.shape[0])
-        return GrammarCompiler(self.target.tokenizer, width, self.stop_token_ids)
+        """Structured output for this target (``drafters/grammar.py``), built on first use
+        (about a second and 140 MB at Qwen2.5's vocabulary, so not for a sidecar that
+        never serves a grammar); :class:`~drafters.grammar.GrammarError` where the
+        target's tokenizer cannot hold one."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                width = int(self.target.model.get_output_embeddings().weight.shape[0])
+                self._grammars = GrammarCompiler(self.target.tokenizer, width, self.stop_token_ids)
+            return self._grammars
 
     def generate(
         self,

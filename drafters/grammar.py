@@ -24,6 +24,7 @@ Importing this module is light (no torch): fronts check grammars with it.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -109,10 +110,14 @@ def _lark(grammar: OutputGrammar) -> str:
     return f"{ALL_TOKENIZATIONS}start: %json {json.dumps({**schema, 'x-guidance': options})}"
 
 
+@functools.lru_cache(maxsize=64)
 def check_grammar(grammar: OutputGrammar) -> str:
     """``grammar``'s llguidance form, checked on its own (a regex that does not parse, a
     grammar with an undefined rule): what a front can refuse without the target's
-    tokenizer (fleet mode). :class:`GrammarError` with llguidance's reason otherwise."""
+    tokenizer (fleet mode). :class:`GrammarError` with llguidance's reason otherwise.
+
+    Cached: an application sends the same few schemas again and again, and a large one
+    takes tens of milliseconds to check (40 ms for an 85 kB schema)."""
     text = grammar_text(grammar)
     _raise_on_error(llguidance.LLMatcher.validate_grammar(text))
     return text

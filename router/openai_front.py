@@ -7,8 +7,10 @@ in-process engine, or a vLLM fleet behind it). Errors are
 ``{"error": {"message", "type", "param", "code"}}`` with 400 / 401 / 404 / 429 / 500.
 
 A request the sidecar cannot honour (``tool_choice`` "required" or named, ``best_of``,
-and vLLM's extensions such as guided decoding: ``UNSUPPORTED_UNLESS``) is refused with
-400 naming the parameter, never ignored; a field neither API defines is ignored. Served
+and vLLM's extensions in ``UNSUPPORTED_UNLESS``) is refused with 400 naming the
+parameter, never ignored; a field neither API defines is ignored. Structured output
+(``response_format``, vLLM's ``structured_outputs`` and ``guided_*``) is read by
+``router.structured_output``. Served
 besides the basics: ``n`` choices, log-probabilities (chat's ``logprobs``/
 ``top_logprobs``, completions' ``logprobs``), completions' ``echo`` and vLLM's
 ``prompt_logprobs`` (the prompt's log-probabilities, in-process), chat's ``echo``,

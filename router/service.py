@@ -688,8 +688,6 @@ class RouterService:
             self.check_in_vocabulary("sampling.logit_bias", (t for t, _ in sampling.logit_bias))
         if sampling.stop_token_ids:
             self.check_in_vocabulary("sampling.stop_token_ids", sampling.stop_token_ids)
-        if generating and sampling.structured_output is not None:
-            self._check_grammar_served()
         if generating and sampling.min_tokens > request.max_new_tokens:
             raise InvalidFieldError(
                 "sampling.min_tokens",
@@ -723,6 +721,9 @@ class RouterService:
         """A Generate request routed: checked, its prompt tokenized (the ids the engine
         reads, whose number is the prompt's token count), classified by the prompt reader
         (as a batch of one), decided."""
+        if request.sampling.structured_output is not None:
+            # The first grammar reads the target's tokenizer (a second): off the loop.
+            await asyncio.to_thread(self._check_grammar_served)
         prompt = self._checked_prompt(request, generating=True)
         ids = self.prompt_ids(prompt)
         if request.truncate is not None:
