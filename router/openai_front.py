@@ -40,6 +40,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from drafters.grammar import OutputGrammar
 from router.domain import (
     MAX_STOP_SEQUENCES,
     GenerateInput,
@@ -73,8 +74,13 @@ from router.service import (
     TokenChunk,
     TokenLogprobs,
 )
-from router.structured_output import from_openai
-from router.tool_calls import ToolCallHoldback, parse_tool_calls
+from router.structured_output import from_openai, grammar_of
+from router.tool_calls import (
+    ForcedToolCallHoldback,
+    ForcedToolChoice,
+    ToolCallHoldback,
+    parse_tool_calls,
+)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # What TGI's own clients send as the model (the text-generation client's chat(), and
@@ -119,7 +125,6 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "logprob_token_ids": (None, []),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "tool_choice": (None, "none", "auto"),
     "prediction": (None,),
     "modalities": (None, ["text"]),
     "audio": (None,),
@@ -228,6 +233,8 @@ def _unsupported(body: OpenAIParameters) -> list[str]:
             problems.append("best_of")
         if body.suffix:
             problems.append("suffix")
+        if (body.model_extra or {}).get("tool_choice") not in (None, "none", "auto"):
+            problems.append("tool_choice")  # chat's
     extra = body.model_extra or {}
     problems.extend(
         name
@@ -331,8 +338,53 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
         logit_bias=_logit_bias(body),
         min_p=body.min_p or 0.0,
         skip_special_tokens=body.skip_special_tokens is not False,
-        structured_output=from_openai(body.response_format, body.model_extra or {}),
+        structured_output=_structured_output(body),
     )
+
+
+def _structured_output(body: OpenAIParameters) -> OutputGrammar | None:
+    """The grammar the body asks for: its own structured output, or a forced tool call's
+    schema (not both)."""
+    asked = from_openai(body.response_format, body.model_extra or {})
+    forced = forced_tool_choice(body)
+    if forced is None:
+        return asked
+    if asked is not None:
+        raise InvalidFieldError(
+            "tool_choice", "a forced tool call holds the output to its own schema: no other"
+        )
+    try:
+        schema = forced.schema()
+    except ValueError as error:
+        raise InvalidFieldError("tools", str(error)) from error
+    return grammar_of("json", schema, "tools")
+
+
+def forced_tool_choice(body: Any) -> ForcedToolChoice | None:
+    """Chat's ``tool_choice`` "required" or ``{"type": "function", "function": {"name"}}``
+    (``router.tool_calls.ForcedToolChoice``); None for "auto", "none" or unset."""
+    if not isinstance(body, ChatRequest):
+        return None
+    extra = body.model_extra or {}
+    choice = extra.get("tool_choice")
+    if choice in (None, "none", "auto"):
+        return None
+    name = None
+    if choice != "required":
+        function = choice.get("function") if isinstance(choice, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidFieldError(
+                "tool_choice",
+                'must be "none", "auto", "required" or '
+                '{"type": "function", "function": {"name": ...}}',
+            )
+        name = function["name"]
+    if not body.tools:
+        raise InvalidFieldError("tool_choice", f"{choice!r} needs tools")
+    try:
+        return ForcedToolChoice(body.tools, name, extra.get("parallel_tool_calls") is not False)
+    except ValueError as error:
+        raise InvalidFieldError("tool_choice", str(error)) from error
 
 
 def _logit_bias(body: OpenAIParameters) -> tuple[tuple[int, float], ...]:
@@ -906,10 +958,12 @@ class _Reply:
         tools: bool = False,
         prompt_only: bool = False,
         echo_content: str = "",
+        forced: ForcedToolChoice | None = None,
     ) -> None:
         prefix = "chatcmpl" if endpoint.is_chat else "cmpl"
         self.per_prompt = per_prompt  # choices per prompt (n): each prompt's usage once
         self.tools = tools  # the answers' tool calls are parsed (``router.tool_calls``)
+        self.forced = forced  # tool_choice "required" or named: the answer is the calls
         self.prompt_only = prompt_only  # each choice is its echoed prompt (``prompt_only``)
         self.echo_content = echo_content  # chat's echo: leads each choice's content
         self.id = f"{prefix}-{uuid.uuid4().hex}"
@@ -934,6 +988,7 @@ class _Reply:
             uses_tools(body),
             prompt_only(endpoint, body),
             chat_echo(body),
+            forced_tool_choice(body),
         )
 
     def decided(self, routed: RoutedRequest) -> None:
@@ -974,10 +1029,10 @@ class _Reply:
         choice: dict[str, Any] = {"index": index}
         if self.endpoint.is_chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
-            calls = parse_tool_calls(text) if self.tools else (text, [])
+            calls = self.tool_calls(text)
             if calls[1]:
                 message.update(content=calls[0], tool_calls=calls[1])
-                finish = "tool_calls"
+                finish = self.calls_finish(finish)
             if self.echo_content:
                 message["content"] = self.echo_content + (message["content"] or "")
             choice["message"] = message
@@ -994,6 +1049,24 @@ class _Reply:
         if ran.prompt_logprobs is not None and not self.endpoint.is_chat:
             choice["prompt_logprobs"] = ran.prompt_logprobs
         return choice
+
+    def tool_calls(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """(content, calls) of a choice's text."""
+        if self.forced is not None:
+            return self.forced.read(text)
+        return parse_tool_calls(text) if self.tools else (text, [])
+
+    def tool_holdback(self) -> ToolCallHoldback | ForcedToolCallHoldback | None:
+        """What holds a stream's calls back until they can be read."""
+        if self.forced is not None:
+            return self.forced.holdback()
+        return ToolCallHoldback() if self.tools else None
+
+    def calls_finish(self, finish: str) -> str:
+        """A choice's finish reason once it made calls (a named call's is its own)."""
+        if self.forced is None:
+            return "tool_calls"
+        return self.forced.finish_reason or finish
 
     def complete(self, runs: Sequence[_ChoiceRun], stops: Sequence[str]) -> dict[str, Any]:
         """The response for ``runs``, one per choice; with several choices each carries its
@@ -1179,7 +1252,7 @@ async def _stream_choice(
     generated, text held back included, as vLLM counts them). The generation's first
     item, that decision (``routed``), has been read."""
     holdback = StopHoldback(cut_stops_of(body))
-    calling = ToolCallHoldback() if reply.tools else None
+    calling = reply.tool_holdback()
     returned = asked.logprobs is not None and not reply.prompt_only
     scored = LogprobsHoldback() if returned else None
     continuous = usage_asked(body)[1]
@@ -1247,7 +1320,7 @@ async def _stream_choice(
                     None, None, None, index, routed, tool_calls=calls, usage=usage()
                 )
                 await _sse_event(response, call_chunk)
-                finish = "tool_calls"
+                finish = reply.calls_finish(finish)
             last = reply.chunk(
                 None if is_chat else "", finish, index=index, routed=routed, usage=usage()
             )

@@ -695,6 +695,14 @@ class RouterService:
                 f"got {sampling.min_tokens}",
             )
 
+    def served_sampling(self, sampling: Sampling) -> Sampling:
+        """``sampling`` as this sidecar serves it: its grammar's JSON without optional
+        whitespace where ``structured_output.disable_any_whitespace`` says so."""
+        grammar = sampling.structured_output
+        if grammar is None or not self.settings.structured_output.disable_any_whitespace:
+            return sampling
+        return replace(sampling, structured_output=replace(grammar, any_whitespace=False))
+
     def _check_grammar_served(self) -> None:
         """The in-process target's tokenizer can hold a grammar (llguidance reads it, on
         the first request with one); FAILED_PRECONDITION where it cannot."""
@@ -948,7 +956,7 @@ class RouterService:
             ),
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=sampling.skip_special_tokens,
-            grammar=sampling.structured_output,
+            grammar=self.served_sampling(sampling).structured_output,
         )
         scores_sent = prompt_logprobs is None
         # The engine detokenizes each token once; its texts are passed on as they are.

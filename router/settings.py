@@ -112,6 +112,17 @@ class LossGuardSettings(BaseModel):
     confidence: float = Field(default=0.95, ge=0.5, lt=1.0)
 
 
+class StructuredOutputSettings(BaseModel):
+    """Structured output for every request (``drafters/grammar.py``).
+    ``disable_any_whitespace``: JSON without optional whitespace between its tokens, as
+    vLLM's ``--structured-outputs-config.disable_any_whitespace`` (a request may ask for
+    it alone); a weak model can otherwise spend its whole budget on whitespace."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    disable_any_whitespace: bool = False
+
+
 class TlsSettings(BaseModel):
     """Optional server TLS: both files or neither."""
 
@@ -227,6 +238,9 @@ class Settings(BaseSettings):
     auto_distill: AutoDistillSettings = Field(default_factory=lambda: AutoDistillSettings())
     limits: Limits = Field(default_factory=lambda: Limits())
     loss_guard: LossGuardSettings = Field(default_factory=lambda: LossGuardSettings())
+    structured_output: StructuredOutputSettings = Field(
+        default_factory=lambda: StructuredOutputSettings()
+    )
     pooling: PoolingSettings = Field(default_factory=lambda: PoolingSettings())
     # A fleet file (router.fleet.config, docs/fleet.md): generation runs on the vLLM
     # replicas it lists, one speculative configuration each; None: the in-process engine.

@@ -6,6 +6,10 @@ blocks (vLLM's ``hermes`` tool parser reads the same). The text before the first
 the message's content; each block that parses is one of its ``tool_calls``, with the
 arguments as a JSON string, as OpenAI sends them. Text that merely looks like a call (a
 block that is not JSON with a name) stays content, as vLLM leaves it.
+
+``tool_choice`` "required" or a named function forces calls (:class:`ForcedToolChoice`):
+the output is held to a JSON schema built from the tools, as vLLM builds it, and read
+back as calls.
 """
 
 from __future__ import annotations
@@ -47,14 +51,103 @@ def _call(block: str) -> dict[str, Any] | None:
     if not isinstance(parsed, dict) or not isinstance(parsed.get("name"), str):
         return None
     arguments = parsed.get("arguments", {})
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    return _function_call(parsed["name"], text)
+
+
+def _function_call(name: str, arguments: str) -> dict[str, Any]:
+    """One of OpenAI's ``tool_calls``: the arguments as JSON text."""
     return {
         "id": f"call_{uuid.uuid4().hex[:24]}",
         "type": "function",
-        "function": {
-            "name": parsed["name"],
-            "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments),
-        },
+        "function": {"name": name, "arguments": arguments},
     }
+
+
+class ForcedToolChoice:
+    """``tool_choice`` "required" (``name`` None) or a named function, as vLLM reads them:
+    the output is held to :meth:`schema` and read back as calls (:meth:`read`). Named: the
+    function's arguments, the whole output one call (finish reason the generation's,
+    "stop", as OpenAI answers). Required: a JSON list of ``{"name", "parameters"}``, at
+    least one (exactly one when ``parallel`` is off), a call each (finish "tool_calls")."""
+
+    def __init__(self, tools: Sequence[Any], name: str | None, parallel: bool = True) -> None:
+        self.name = name
+        self._parallel = parallel
+        self._parameters: dict[str, dict[str, Any]] = {}
+        for tool in tools:
+            function = tool.get("function") if isinstance(tool, Mapping) else None
+            if tool.get("type", "function") != "function" or not isinstance(function, Mapping):
+                continue
+            parameters = function.get("parameters")
+            self._parameters[str(function.get("name"))] = (
+                dict(parameters)
+                if isinstance(parameters, Mapping) and parameters
+                else {"type": "object", "properties": {}}  # a function without parameters
+            )
+        if name is not None and name not in self._parameters:
+            raise ValueError(f"the function {name!r} is not among the request's tools")
+        if not self._parameters:
+            raise ValueError("there are no function tools to call")
+
+    @property
+    def finish_reason(self) -> str | None:
+        """What a reply with calls finishes with; None: the generation's own."""
+        return None if self.name is not None else "tool_calls"
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON schema the output is held to (vLLM's): the named function's parameters,
+        or a list of calls to any of the tools, their ``$defs`` gathered at the top (a
+        function without parameters takes any object, as in vLLM)."""
+        if self.name is not None:
+            return self._parameters[self.name]
+        definitions: dict[str, Any] = {}
+        choices = []
+        for name, parameters in self._parameters.items():
+            own = dict(parameters)
+            for key, definition in dict(own.pop("$defs", {})).items():
+                if definitions.setdefault(key, definition) != definition:
+                    raise ValueError(f"the tools define {key!r} in $defs differently")
+            choices.append(
+                {
+                    "properties": {"name": {"type": "string", "enum": [name]}, "parameters": own},
+                    "required": ["name", "parameters"],
+                    # No other key (vLLM's schema allows any): nothing else is read, and a
+                    # weak model could write keys for ever.
+                    "additionalProperties": False,
+                }
+            )
+        schema: dict[str, Any] = {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "object", "anyOf": choices},
+        }
+        if not self._parallel:
+            schema["maxItems"] = 1
+        if definitions:
+            schema["$defs"] = definitions
+        return schema
+
+    def read(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """(content, calls) of an output; no calls and the text as content where it is not
+        what the schema asks (cut short by ``max_tokens``)."""
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            return text, []
+        if self.name is not None:
+            return "", [_function_call(self.name, text)]
+        calls = [
+            _function_call(str(c["name"]), json.dumps(c["parameters"], ensure_ascii=False))
+            for c in (parsed if isinstance(parsed, list) else [])
+            if isinstance(c, dict) and "name" in c and "parameters" in c
+        ]
+        if not calls or len(calls) != len(parsed):
+            return text, []
+        return "", calls
+
+    def holdback(self) -> ForcedToolCallHoldback:
+        return ForcedToolCallHoldback(self)
 
 
 def templated_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -112,6 +205,23 @@ class ToolCallHoldback:
             return held, []
         _, calls = parse_tool_calls(held)
         return ("", calls) if calls else (held, [])
+
+
+class ForcedToolCallHoldback:
+    """A forced call's stream: the whole output is held (it is the calls' JSON) and read at
+    :meth:`finish`, as :class:`ToolCallHoldback` reads what it holds."""
+
+    def __init__(self, forced: ForcedToolChoice) -> None:
+        self._forced = forced
+        self._pending = ""
+
+    def feed(self, text: str) -> str:
+        self._pending += text
+        return ""
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        content, calls = self._forced.read(self._pending)
+        return content or "", calls
 
 
 def _partial_open(text: str) -> int:

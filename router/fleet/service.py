@@ -540,7 +540,7 @@ class FleetRouterService(RouterService):
             replica.spec.model,
             [*placed.prompt_ids, *progress.output_ids],
             remaining,
-            request.route.sampling,
+            self.served_sampling(request.route.sampling),
             request.logprobs,
         )
         if request.prompt_logprobs is not None and not progress.scored_prompt:

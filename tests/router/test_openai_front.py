@@ -582,7 +582,7 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"min_tokens": -1}, "min_tokens"),
         ({"logit_bias": {"five": 10}}, "logit_bias"),
         ({"min_p": 1.5}, "min_p"),
-        ({"tool_choice": "required"}, "tool_choice"),  # needs guided decoding
+        ({"tool_choice": "required"}, "tool_choice"),  # chat's
         ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),  # OpenAI's range is [-100, 100]
         ({"logit_bias": {str(10**9): 1}}, "logit_bias"),  # outside the vocabulary

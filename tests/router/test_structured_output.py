@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -18,9 +19,11 @@ from text_generation.errors import ValidationError
 from text_generation.types import Grammar, GrammarType
 
 from drafters.grammar import OutputGrammar
+from router.components import Components
 from router.domain import Prompt
 from router.pb import router_pb2 as pb
-from tests.router.conftest import COMPLETION_PROMPT, SidecarThread
+from router.settings import Limits
+from tests.router.conftest import COMPLETION_PROMPT, ServingWorld, SidecarThread
 
 SCHEMA = {
     "type": "object",
@@ -225,3 +228,173 @@ def test_grpc_bad_structured_output_is_invalid_argument_and_the_server_serves_on
     assert (
         grpc_text(sidecar, pb.StructuredOutput(kind="choice", spec=json.dumps(CHOICES))) in CHOICES
     )
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Rome"]}, "unit": {"enum": ["C", "F"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The time now.",
+        # None: the tiny target would write one key's name for ever (any key is allowed
+        # in a function without parameters, as in vLLM).
+        "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+    },
+}
+TOOL_MESSAGES: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def compact(
+    serving_world: ServingWorld,
+    components: Components,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SidecarThread]:
+    """A sidecar with ``structured_output.disable_any_whitespace`` (the tiny target, free
+    to, spends its budget on whitespace inside JSON)."""
+    settings = serving_world.settings(
+        tmp_path_factory.mktemp("compact"),
+        structured_output={"disable_any_whitespace": True},
+        limits=Limits(max_prompt_tokens=1024, generation_queue_size=0),  # tools are long
+    )
+    running = SidecarThread(settings, components)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def tool_reference(sidecar: SidecarThread, forced: Any) -> str:
+    """The engine's greedy text under a forced call's schema (compact), the tools rendered."""
+    prompt = Prompt(messages=tuple(TOOL_MESSAGES), tools=(WEATHER, TIME))
+    grammar = OutputGrammar("json", json.dumps(forced.schema()), any_whitespace=False)
+    return reference(sidecar, prompt, grammar)
+
+
+def test_the_setting_makes_every_requests_json_compact(
+    sidecar: SidecarThread, compact: SidecarThread
+) -> None:
+    """``structured_output.disable_any_whitespace``: a response_format request's JSON has
+    no optional whitespace (and so ends, where the free one ran to its budget)."""
+    messages: Any = [{"role": "user", "content": "Is water wet? Answer in JSON."}]
+    grammar = OutputGrammar("json", json.dumps(SCHEMA), any_whitespace=False)
+    expected = reference(sidecar, Prompt(messages=tuple(messages)), grammar)
+    reply = client(compact).chat.completions.create(
+        model="target",
+        messages=messages,
+        max_tokens=48,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "v", "schema": SCHEMA}},
+    )
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_named_tool_choice_answers_one_call_to_it(compact: SidecarThread, stream: bool) -> None:
+    """vLLM's reading: the output is the function's arguments (held to its parameters'
+    schema), answered as one call with empty content and the generation's finish."""
+    from router.tool_calls import ForcedToolChoice
+
+    expected = tool_reference(compact, ForcedToolChoice([WEATHER, TIME], "get_weather"))
+    arguments = json.loads(expected)
+    assert arguments["city"] in ("Paris", "Rome") and arguments["unit"] in ("C", "F")
+    reply = client(compact).chat.completions.create(
+        model="target",
+        messages=TOOL_MESSAGES,
+        tools=[WEATHER, TIME],  # type: ignore[list-item]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=48,
+        temperature=0,
+        stream=stream,
+    )
+    message, finish = _message(reply, stream)
+    assert finish == "stop"
+    assert not message["content"]
+    (call,) = message["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": expected}
+    assert call["type"] == "function" and call["id"].startswith("call_")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_required_tool_choice_answers_calls(compact: SidecarThread, stream: bool) -> None:
+    """The output is a JSON list of {"name", "parameters"} over the tools (exactly one with
+    parallel_tool_calls false), each a call; finish reason "tool_calls"."""
+    from router.tool_calls import ForcedToolChoice
+
+    forced = ForcedToolChoice([WEATHER, TIME], None, parallel=False)
+    expected = json.loads(tool_reference(compact, forced))
+    assert len(expected) == 1 and expected[0]["name"] in ("get_weather", "get_time")
+    reply = client(compact).chat.completions.create(
+        model="target",
+        messages=TOOL_MESSAGES,
+        tools=[WEATHER, TIME],  # type: ignore[list-item]
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=48,
+        temperature=0,
+        stream=stream,
+    )
+    message, finish = _message(reply, stream)
+    assert finish == "tool_calls"
+    (call,) = message["tool_calls"]
+    assert call["function"]["name"] == expected[0]["name"]
+    assert json.loads(call["function"]["arguments"]) == expected[0]["parameters"]
+
+
+def _message(reply: Any, stream: bool) -> tuple[dict[str, Any], str]:
+    """A chat reply's message (a stream's deltas joined) and finish reason."""
+    if not stream:
+        choice = reply.choices[0]
+        return choice.message.model_dump(), choice.finish_reason
+    content, calls, finish = "", [], ""
+    for chunk in reply:
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            calls.extend(c.model_dump() for c in choice.delta.tool_calls or ())
+            finish = choice.finish_reason or finish
+    for call in calls:
+        call.pop("index", None)
+    return {"content": content, "tool_calls": calls}, finish
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),  # no tools
+        (
+            {"tools": [TIME], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),
+        ({"tools": [TIME], "tool_choice": {"type": "function"}}, "tool_choice"),
+        (
+            {
+                "tools": [TIME],
+                "tool_choice": "required",
+                "response_format": {"type": "json_object"},
+            },
+            "tool_choice",
+        ),
+    ],
+    ids=["no-tools", "unknown-function", "no-name", "with-response-format"],
+)
+def test_a_forced_tool_choice_that_cannot_be_honoured_is_400(
+    sidecar: SidecarThread, body: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(sidecar).chat.completions.create(
+            model="target", messages=TOOL_MESSAGES, max_tokens=8, **body
+        )
+    assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
