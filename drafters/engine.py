@@ -264,7 +264,7 @@ class SpeculativeEngine:
     @property
     def grammars(self) -> GrammarCompiler:
         """Structured output for this target (``drafters/grammar.py``), built on first use
-        (about a second and 140 MB at Qwen2.5's vocabulary, so not for a sidecar that
+        (about a second and 80 MB at Qwen2.5's vocabulary, so not for a sidecar that
         never serves a grammar); :class:`~drafters.grammar.GrammarError` where the
         target's tokenizer cannot hold one."""
         with self._grammars_lock:
