@@ -149,6 +149,7 @@ def summaries_from_pb(state: Any) -> list[ContextSummary]:
         ContextSummary(
             cluster=context.task_cluster,
             length_bucket=int(context.length_bucket),
+            structured=bool(context.structured),
             arms=tuple(
                 ArmSummary(
                     arm.drafter,

@@ -209,6 +209,7 @@ def decision_to_pb(routed: RoutedRequest) -> pb.RouteDecision:
         policy_version=routed.policy_version,
         prompt_tokens=routed.prompt_tokens,
         length_bucket=routed.length_bucket,
+        structured=bool(getattr(routed.context, "structured", False)),
         stop_threshold=decision.stop_threshold,
         replica=routed.replica,
     )
@@ -336,6 +337,7 @@ def _context_to_pb(summary: Any) -> pb.ContextState:
         chosen_drafter=str(getattr(summary, "chosen_drafter", "")),
         chosen_k=int(getattr(summary, "chosen_k", 0)),
         requests=int(getattr(summary, "requests", 0)),
+        structured=bool(getattr(summary, "structured", False)),
     )
 
 

@@ -450,7 +450,8 @@ def policy_show_command(
     typer.echo(f"policy {state.policy} version {state.version}")
     for context in state.contexts:
         typer.echo(
-            f"  {context.task_cluster:<14} bucket {context.length_bucket}: "
+            f"  {context.task_cluster:<14} bucket {context.length_bucket}"
+            f"{' structured' if context.structured else ''}: "
             f"{context.chosen_drafter} k={context.chosen_k} ({context.requests} requests)"
         )
         for arm in context.arms:

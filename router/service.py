@@ -130,6 +130,7 @@ class RoutedRequest:
             d.stop_threshold,
             c.cluster,
             c.length_bucket,
+            c.structured,
             self.policy,
             self.policy_version,
             self.prompt_tokens,
@@ -143,7 +144,8 @@ class RoutedRequest:
     def from_row(cls, row: tuple[Any, ...]) -> RoutedRequest:
         """The request :meth:`as_row` wrote."""
         rid, cluster, confidence, ood, *rest = row
-        drafter, k, expected, explored, stop, context_cluster, context_bucket, *rest = rest
+        drafter, k, expected, explored, stop, *rest = rest
+        context_cluster, context_bucket, context_structured, *rest = rest
         policy, version, prompt_tokens, bucket, prompt_ids, replica, serial = rest
         return cls(
             rid,
@@ -151,7 +153,7 @@ class RoutedRequest:
             confidence,
             ood,
             Decision(drafter, k, expected, explored, stop),
-            Context(context_cluster, context_bucket),
+            Context(context_cluster, context_bucket, context_structured),
             policy,
             version,
             prompt_tokens,
@@ -361,6 +363,11 @@ def prompt_reader_for(limits: Limits, tokenizer: Any, classifiers: Any) -> Promp
             return ChildProcessReader(tokenizer, classifiers, spin_s=spin_s)
         logger.warning("the target's tokenizer is not a fast one: prompts are read in-process")
     return InProcessReader(tokenizer, classifiers)
+
+
+def _structured(request: RouteInput) -> bool:
+    """Whether a request's output is held to a grammar: its own context for the policy."""
+    return request.sampling.structured_output is not None
 
 
 class RouterService:
@@ -658,8 +665,8 @@ class RouterService:
         results = prepared.results
         buckets = [int(self._bucket(tokens)) for _, _, tokens in prepared.placed]
         contexts = [
-            self._context(classification.cluster, bucket)
-            for (_, classification, _), bucket in zip(prepared.placed, buckets, strict=True)
+            self._context(classification.cluster, bucket, _structured(requests[index]))
+            for (index, classification, _), bucket in zip(prepared.placed, buckets, strict=True)
         ]
         decisions, version = self.policy.select_many(contexts, self.eligible_drafters())
         for (index, classification, tokens), bucket, context, decision in zip(
@@ -764,7 +771,7 @@ class RouterService:
     ) -> RoutedRequest:
         """The policy's decision for a checked, tokenized and classified request."""
         bucket = int(self._bucket(prompt_tokens))
-        context = self._context(classification.cluster, bucket)
+        context = self._context(classification.cluster, bucket, _structured(request))
         decision, version = self._decide(context, force_drafter, force_k)
         return self._routed_request(
             request, classification, prompt_tokens, prompt_ids, (bucket, context, decision, version)

@@ -39,10 +39,41 @@ class IncompatibleStateError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Context:
-    """What the policy conditions on: the task cluster and the prompt-length bucket."""
+    """What the policy conditions on: the task cluster, the prompt-length bucket, and
+    whether the output is held to a grammar (structured output: JSON, a regex, a tool
+    call), under which the drafts that pay differ (a fine-tuned drafter's free text is
+    often not allowed, while an n-gram lookup copies the keys)."""
 
     cluster: str
     length_bucket: int = 0
+    structured: bool = False
+
+    def sort_key(self) -> tuple[str, int, bool]:
+        return (self.cluster, self.length_bucket, self.structured)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The context's fields in a saved state's rows ("structured" only where set, so
+        free-text rows read as before)."""
+        row: dict[str, Any] = {"cluster": self.cluster, "length_bucket": self.length_bucket}
+        if self.structured:
+            row["structured"] = True
+        return row
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> Context:
+        return cls(str(row["cluster"]), int(row["length_bucket"]), bool(row.get("structured")))
+
+    def saved_cluster(self) -> Any:
+        """The cluster slot of a saved positional row ([cluster, bucket, ...]): the name,
+        or ``{"cluster": name, "structured": true}`` for a structured context."""
+        return {"cluster": self.cluster, "structured": True} if self.structured else self.cluster
+
+    @classmethod
+    def from_saved(cls, cluster: Any, bucket: Any) -> Context:
+        """The context of a positional row's cluster slot and bucket (``saved_cluster``)."""
+        if isinstance(cluster, Mapping):
+            return cls(str(cluster["cluster"]), int(bucket), bool(cluster.get("structured")))
+        return cls(str(cluster), int(bucket))
 
 
 def length_bucket(prompt_tokens: int) -> int:
@@ -424,6 +455,7 @@ class ContextSummary:
     chosen_drafter: str
     chosen_k: int
     requests: int
+    structured: bool = False
 
     def chosen_among(self, servable: Collection[str]) -> ContextSummary:
         """This summary with its choice made among the ``servable`` drafters (a fleet

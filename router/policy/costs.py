@@ -394,7 +394,7 @@ class StepRatios:
             "empty_ratios": list(self.empty_.samples),
             "slopes": list(self.slope_.samples),
             "last_steps": [
-                [c.cluster if c else None, c.length_bucket if c else None, *step]
+                [c.saved_cluster() if c else None, c.length_bucket if c else None, *step]
                 for c, step in self.last_step_.items()
             ],
         }
@@ -429,7 +429,7 @@ class StepRatios:
             else self._prior_slopes()
         )
         self.last_step_ = {
-            (Context(str(cluster), int(bucket)) if cluster is not None else None): (
+            (Context.from_saved(cluster, bucket) if cluster is not None else None): (
                 float(kbar),
                 float(seconds),
             )
@@ -775,7 +775,7 @@ class RequestOverheads:
     def state_dict(self) -> dict[str, Any]:
         return {
             "fixed_units": [
-                [c.cluster, c.length_bucket, arm, list(w.samples)]
+                [c.saved_cluster(), c.length_bucket, arm, list(w.samples)]
                 for c, arms in self.fixed_.items()
                 for arm, w in arms.items()
             ],
@@ -783,7 +783,8 @@ class RequestOverheads:
                 [bucket, arm, list(w.samples)] for (bucket, arm), w in self.excess_.items()
             ],
             "length": [
-                [c.cluster, c.length_bucket, value, n] for c, (value, n) in self.length_.items()
+                [c.saved_cluster(), c.length_bucket, value, n]
+                for c, (value, n) in self.length_.items()
             ],
         }
 
@@ -792,7 +793,7 @@ class RequestOverheads:
         in units and are measured afresh."""
         self.fixed_ = {}
         for cluster, bucket, arm, samples in state.get("fixed_units", []):
-            arms = self.fixed_.setdefault(Context(str(cluster), int(bucket)), {})
+            arms = self.fixed_.setdefault(Context.from_saved(cluster, bucket), {})
             arms[str(arm)] = RobustWindow(self.window, samples, trim=self.trim)
         # States saved before the pooled excess have none: it is measured afresh.
         self.excess_ = {
@@ -802,5 +803,5 @@ class RequestOverheads:
             for bucket, arm, samples in state.get("excess_units", [])
         }
         self.length_ = {
-            Context(str(c), int(b)): (float(v), int(n)) for c, b, v, n in state.get("length", [])
+            Context.from_saved(c, b): (float(v), int(n)) for c, b, v, n in state.get("length", [])
         }

@@ -30,8 +30,10 @@ class StaticConfig(BaseModel):
 
 
 def table_key(context: Context) -> str:
-    """The per-context key of a table: ``"<cluster>/<length bucket>"``."""
-    return f"{context.cluster}/{context.length_bucket}"
+    """The per-context key of a table: ``"<cluster>/<length bucket>"``, and
+    ``"<cluster>/<length bucket>/structured"`` for structured output."""
+    key = f"{context.cluster}/{context.length_bucket}"
+    return f"{key}/structured" if context.structured else key
 
 
 class StaticPolicy(TablePolicy):
@@ -58,5 +60,12 @@ class StaticPolicy(TablePolicy):
         return cls(drafters, table=cfg.table, default=cfg.default)
 
     def arm(self, context: Context) -> tuple[str, int]:
-        entry = self.table.get(table_key(context)) or self.table.get(context.cluster)
+        """The table's arm for the context, else for its free-text context (a structured
+        one's), else for its cluster, else the default."""
+        free = f"{context.cluster}/{context.length_bucket}"
+        entry = (
+            self.table.get(table_key(context))
+            or self.table.get(free)
+            or self.table.get(context.cluster)
+        )
         return entry or self.default or (NONE_DRAFTER, 0)

@@ -41,7 +41,7 @@ class AcceptanceTally:
 
     def summaries(self, chosen: Mapping[Context, Decision]) -> list[ContextSummary]:
         result = []
-        for context in sorted(self.requests_, key=lambda c: (c.cluster, c.length_bucket)):
+        for context in sorted(self.requests_, key=Context.sort_key):
             arms = tuple(
                 ArmSummary(
                     drafter,
@@ -66,6 +66,7 @@ class AcceptanceTally:
                     decision.drafter,
                     decision.k,
                     self.requests_[context],
+                    context.structured,
                 )
             )
         return result
@@ -73,8 +74,7 @@ class AcceptanceTally:
     def state_dict(self) -> list[dict[str, Any]]:
         return [
             {
-                "cluster": c.cluster,
-                "length_bucket": c.length_bucket,
+                **c.as_dict(),
                 "requests": self.requests_.get(c, 0),
                 "arms": {d: list(v) for d, v in self.counts_.get(c, {}).items()},
             }
@@ -85,7 +85,7 @@ class AcceptanceTally:
         self.counts_ = {}
         self.requests_ = {}
         for row in rows:
-            context = Context(str(row["cluster"]), int(row["length_bucket"]))
+            context = Context.from_dict(row)
             self.requests_[context] = int(row["requests"])
             self.counts_[context] = {str(d): [int(x) for x in v] for d, v in row["arms"].items()}
 

@@ -834,12 +834,7 @@ class ThompsonPolicy:
             "drafters": list(self.drafters_),
             "similarity": {k: dict(v) for k, v in self.similarity_.items()},
             "contexts": [
-                {
-                    "cluster": c.cluster,
-                    "length_bucket": c.length_bucket,
-                    **a.to_dict(self.drafters_),
-                }
-                for c, a in self.contexts_.items()
+                {**c.as_dict(), **a.to_dict(self.drafters_)} for c, a in self.contexts_.items()
             ],
             "costs": self.costs_.state_dict(),
             "overheads": self.overheads_.state_dict() if self.overheads_ else None,
@@ -847,7 +842,7 @@ class ThompsonPolicy:
                 "k_max": self.copy_k_max,
                 "horizon": self.copy_horizon,
                 "arms": [
-                    [c.cluster, c.length_bucket, drafter, arm.to_list()]
+                    [c.saved_cluster(), c.length_bucket, drafter, arm.to_list()]
                     for c, arms in self.copies_.items()
                     for drafter, arm in arms.items()
                 ],
@@ -863,14 +858,13 @@ class ThompsonPolicy:
         self.similarity_ = {k: dict(v) for k, v in state["similarity"].items()}
         self._drafters_changed()
         self.contexts_ = {
-            Context(str(c["cluster"]), int(c["length_bucket"])): ContextArms.from_dict(c, drafters)
-            for c in state["contexts"]
+            Context.from_dict(c): ContextArms.from_dict(c, drafters) for c in state["contexts"]
         }
         self.costs_.load_state_dict(state["costs"])
         # States of format version 1 have no copy statistics: they start from the priors.
         self.copies_ = {}
         for cluster, bucket, drafter, rows in (state.get("copy") or {}).get("arms", []):
-            context = Context(str(cluster), int(bucket))
+            context = Context.from_saved(cluster, bucket)
             if str(drafter) in self.index_:
                 arm = self._new_copy(str(drafter), context.cluster, evidence_from_list(rows))
                 self.copies_.setdefault(context, {})[str(drafter)] = arm
@@ -885,9 +879,7 @@ class ThompsonPolicy:
     def describe(self) -> list[ContextSummary]:
         """Per context: posterior per drafter, its best k and S at the posterior mean."""
         summaries = []
-        for context, arms in sorted(
-            self.contexts_.items(), key=lambda item: (item[0].cluster, item[0].length_bucket)
-        ):
+        for context, arms in sorted(self.contexts_.items(), key=lambda item: item[0].sort_key()):
             mean = arms.mean()
             everyone = range(len(self.drafters_))
             _, _, prices, copy = self._inputs([context], everyone, [(arms.alpha, arms.beta)])
@@ -926,6 +918,7 @@ class ThompsonPolicy:
                     chosen_drafter,
                     chosen_k,
                     arms.requests,
+                    context.structured,
                 )
             )
         return summaries

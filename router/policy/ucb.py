@@ -256,8 +256,7 @@ class UcbPolicy:
             "drafters": list(self.drafters_),
             "contexts": [
                 {
-                    "cluster": c.cluster,
-                    "length_bucket": c.length_bucket,
+                    **c.as_dict(),
                     "requests": a.requests,
                     "none": [a.none_plays, a.none_rewards],
                     "plays": a.plays.tolist(),
@@ -287,7 +286,7 @@ class UcbPolicy:
                 np.asarray(row["rewards"], dtype=np.float64).reshape(saved), shape
             )
             arms.acceptance = np.asarray(row["acceptance"], dtype=np.float64).reshape(-1, 2)
-            self.contexts_[Context(str(row["cluster"]), int(row["length_bucket"]))] = arms
+            self.contexts_[Context.from_dict(row)] = arms
         self.costs_.load_state_dict(state["costs"])
         self.updates_ = int(state["updates"])
         if state.get("rng"):
@@ -296,7 +295,7 @@ class UcbPolicy:
     def describe(self) -> list[ContextSummary]:
         """Per context: observed acceptance, the best-mean k per drafter, the greedy arm."""
         summaries = []
-        for context in sorted(self.contexts_, key=lambda c: (c.cluster, c.length_bucket)):
+        for context in sorted(self.contexts_, key=Context.sort_key):
             arms = self.contexts_[context]
             means = np.where(arms.plays > 0, arms.rewards / np.maximum(arms.plays, 1e-12), 0.0)
             means[:, 0] = -np.inf
@@ -325,7 +324,12 @@ class UcbPolicy:
             )
             summaries.append(
                 ContextSummary(
-                    context.cluster, context.length_bucket, tuple(rows), *chosen, arms.requests
+                    context.cluster,
+                    context.length_bucket,
+                    tuple(rows),
+                    *chosen,
+                    arms.requests,
+                    context.structured,
                 )
             )
         return summaries

@@ -73,6 +73,7 @@ class SharedOutcome:
     requested: tuple[int, ...] = ()
     registration: str = ""
     scored_drafted: tuple[int, ...] | None = None
+    structured: bool = False  # the context's (entries written before it have none: False)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,8 @@ def outcome_payload(outcome: SharedOutcome) -> dict[str, Any]:
     payload = _outcome_fields(outcome)
     if outcome.scored_drafted is not None:
         payload["scored_drafted"] = list(outcome.scored_drafted)
+    if outcome.structured:
+        payload["structured"] = True
     return payload
 
 
@@ -268,7 +271,15 @@ def outcome_from_payload(payload: Mapping[str, Any], max_draft_length: int) -> S
         requested,
         _text(payload, "registration", required=False),
         scored,
+        _flag(payload, "structured"),
     )
+
+
+def _flag(payload: Mapping[str, Any], name: str) -> bool:
+    value = payload.get(name, False)
+    if not isinstance(value, bool):
+        raise EntryRejected("malformed", f"{name} {value!r}")
+    return value
 
 
 def _scored_drafted(

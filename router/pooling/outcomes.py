@@ -59,7 +59,7 @@ def apply_to_policy(policy: Any, shared: SharedOutcome) -> None:
     """
     if getattr(policy, "name", "") in TIME_REWARD_POLICIES:
         return
-    context = Context(shared.cluster, shared.length_bucket)
+    context = Context(shared.cluster, shared.length_bucket, shared.structured)
     if shared.kind == "counterfactual":
         scored = None if shared.scored_drafted is None else list(shared.scored_drafted)
         policy.update_counterfactual(
@@ -236,6 +236,7 @@ class OutcomePool:
             requested,
             self._registration_of(drafter),
             scored,
+            bool(context.structured),
         )
         self._writer.append(outcome_payload(shared))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -115,6 +116,22 @@ def test_a_scores_drafted_counts_travel_and_an_older_reader_ignores_them() -> No
     for bad in ([4, 0], [4, 0, 1], [4, 0, 5], [4, -1, 4]):  # unpaired, a > d, d > k
         with pytest.raises(EntryRejected, match="malformed"):
             outcome_from_payload(counterfactual(scored_drafted=bad), 32)
+
+
+def test_a_structured_contexts_outcome_travels_as_such() -> None:
+    """An outcome of a context under a grammar carries the flag (absent for free text,
+    as entries were written before it existed); a non-boolean flag is refused."""
+    written = SharedOutcome(
+        Origin("b", 1), "outcome", "math", 0, "ngram", 4, (4,), (3,), 5, structured=True
+    )
+    payload = json.loads(json.dumps(outcome_payload(written)))
+    assert payload["structured"] is True
+    assert outcome_from_payload(payload, 32).structured
+    free = replace(written, structured=False)
+    assert "structured" not in outcome_payload(free)
+    assert not outcome_from_payload(outcome_payload(free), 32).structured
+    with pytest.raises(EntryRejected, match="malformed"):
+        outcome_from_payload({**payload, "structured": "yes"}, 32)
 
 
 def test_what_each_step_asked_for_travels_with_the_outcome() -> None:

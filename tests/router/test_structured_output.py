@@ -398,3 +398,30 @@ def test_a_forced_tool_choice_that_cannot_be_honoured_is_400(
             model="target", messages=TOOL_MESSAGES, max_tokens=8, **body
         )
     assert refused.value.body["param"] == param, refused.value.body  # type: ignore[index]
+
+
+def test_the_policy_learns_structured_requests_in_a_context_of_their_own(
+    sidecar: SidecarThread,
+) -> None:
+    """The decision says its context is structured; the policy's state shows the
+    cluster's structured context learning from the request; a Route says so too."""
+    structured = pb.SamplingParams(structured_output=pb.StructuredOutput(kind="regex", spec=REGEX))
+    request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=16, sampling=structured)
+    chunks = list(sidecar.stub.Generate(request, timeout=60))
+    decision = chunks[0].decision
+    assert decision.structured
+    plain = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=4, no_update=True)
+    plain_chunks = list(sidecar.stub.Generate(plain, timeout=60))
+    assert not plain_chunks[0].decision.structured
+    state = sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest(), timeout=10)
+    learnt = [
+        c
+        for c in state.contexts
+        if c.task_cluster == decision.task_cluster
+        and c.length_bucket == decision.length_bucket
+        and c.structured
+    ]
+    assert len(learnt) == 1 and learnt[0].requests >= 1
+    routed = sidecar.stub.Route(pb.RouteRequest(text=COMPLETION_PROMPT, sampling=structured))
+    assert routed.structured
+    assert not sidecar.stub.Route(pb.RouteRequest(text=COMPLETION_PROMPT)).structured

@@ -126,6 +126,30 @@ def test_request_overheads_measure_each_arms_fixed_time_and_the_output_length() 
     assert restored.fixed_times(math, ["generic"])[1] == pytest.approx([fixed_none])
 
 
+def test_a_structured_contexts_figures_are_its_own_and_survive_a_round_trip() -> None:
+    """Fixed times and output lengths of a cluster's structured requests (a JSON answer
+    is shorter than free text) are kept apart from its free text's, saved and restored."""
+    costs, overheads = StepRatios(), RequestOverheads()
+    free, structured = Context("math", 0), Context("math", 0, structured=True)
+    for _ in range(20):
+        for context, tokens, fixed_s in ((free, 40, 0.05), (structured, 10, 0.02)):
+            outcome = _with_fixed_time(_outcome(3, tokens, slope=0.05), fixed_s)
+            overheads.observe(context, "generic", outcome, costs.observe("generic", outcome))
+    assert overheads.output_tokens(free) == pytest.approx(40.0)
+    assert overheads.output_tokens(structured) == pytest.approx(10.0)
+    restored = RequestOverheads()
+    restored.load_state_dict(json.loads(json.dumps(overheads.state_dict())))
+    for context in (free, structured):
+        assert restored.output_tokens(context) == overheads.output_tokens(context)
+        assert restored.fixed_times(context, ["generic"]) == overheads.fixed_times(
+            context, ["generic"]
+        )
+    saved_steps = json.loads(json.dumps(costs.state_dict()))
+    reloaded = StepRatios()
+    reloaded.load_state_dict(saved_steps)
+    assert reloaded.state_dict() == saved_steps
+
+
 def test_drafters_of_one_cost_shape_share_their_fixed_time() -> None:
     """Model drafters of one architecture start up alike: their fixed times in a context
     are one figure (and one pooled excess), so two of them are compared on acceptance,

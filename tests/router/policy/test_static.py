@@ -21,6 +21,15 @@ def test_static_looks_up_context_then_cluster_then_default() -> None:
     assert policy.select(Context("code", 0), ["generic"]) == Decision("none", 0)
 
 
+def test_a_structured_context_has_its_own_key_and_falls_back_to_its_free_texts() -> None:
+    table = {"code/0": ["code", 5], "code/0/structured": ["ngram", 4], "math": ["generic", 3]}
+    policy = make_policy("static", ["code", "ngram", "generic"], {"table": table})
+    everyone = ["code", "ngram", "generic"]
+    assert policy.select(Context("code", 0, structured=True), everyone) == Decision("ngram", 4)
+    assert policy.select(Context("code", 0), everyone) == Decision("code", 5)
+    assert policy.select(Context("math", 1, structured=True), everyone) == Decision("generic", 3)
+
+
 def test_static_rejects_malformed_config() -> None:
     with pytest.raises(ValueError):
         make_policy("static", [], {"table": {"code": ["code"]}})

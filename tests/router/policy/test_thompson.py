@@ -323,6 +323,37 @@ def test_state_round_trip_gives_equal_decisions() -> None:
     ]
 
 
+def test_structured_output_is_a_context_of_its_own_and_survives_a_state_round_trip() -> None:
+    """A cluster's requests under a grammar learn apart from its free text (the drafts
+    that pay differ), in the posterior, the costs and the copy statistics; a saved state
+    keeps them apart, and one saved before the flag existed loads as free text."""
+    policy = make_policy("thompson", ["generic", "ngram"], {"seed": 5})
+    assert isinstance(policy, ThompsonPolicy)
+    structured = Context("code", 1, structured=True)
+    _train(policy, CODE, {"generic": 0.8, "ngram": 0.1}, 60)
+    _train(policy, structured, {"generic": 0.1, "ngram": 0.8}, 60)
+    eligible = ["generic", "ngram"]
+    chosen = Counter(policy.select(c, eligible).drafter for c in [structured] * 40)
+    assert chosen.most_common(1)[0][0] == "ngram"
+    assert (
+        Counter(policy.select(CODE, eligible).drafter for _ in range(40)).most_common(1)[0][0]
+        == "generic"
+    )
+    saved = json.loads(json.dumps(policy.state_dict()))
+    restored = make_policy("thompson", [], {"seed": 123})
+    restored.load_state_dict(saved)
+    assert restored.describe() == policy.describe()
+    flags = [(c.cluster, c.length_bucket, c.structured) for c in restored.describe()]
+    assert flags == [("code", 1, False), ("code", 1, True)]
+    rows = [c for c in saved["contexts"] if c["cluster"] == "code"]
+    assert [row.get("structured") for row in rows] == [None, True]  # free text as before
+    for row in saved["contexts"]:
+        row.pop("structured", None)  # a state saved before: both read as free text
+    older = make_policy("thompson", [], {"seed": 123})
+    older.load_state_dict(saved)
+    assert all(not c.structured for c in older.describe())
+
+
 def test_refuses_incompatible_state() -> None:
     policy = make_policy("thompson", ["a"])
     state = policy.state_dict()

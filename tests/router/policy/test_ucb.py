@@ -144,6 +144,19 @@ def test_state_round_trip_and_removed_drafters() -> None:
     assert any(policy.select(CODE, ["c"]).drafter == "c" for _ in range(5))
 
 
+def test_ucb_and_a_tally_keep_structured_contexts_apart_through_a_round_trip() -> None:
+    structured = Context(CODE.cluster, CODE.length_bucket, structured=True)
+    rng = np.random.default_rng(0)
+    for name, config in (("ucb", {"seed": 3}), ("fixed", {"drafter": "a", "k": 3})):
+        policy = make_policy(name, ["a", "b"], config)
+        for context in (CODE, structured):
+            policy.update(context, Decision("a", 3), geometric_outcome(rng, Decision("a", 3), 0.5))
+        restored = make_policy(name, ["a", "b"], config)
+        restored.load_state_dict(json.loads(json.dumps(policy.state_dict())))
+        described = [(c.cluster, c.structured, c.requests) for c in restored.describe()]
+        assert described == [(CODE.cluster, False, 1), (CODE.cluster, True, 1)], name
+
+
 def test_a_state_saved_under_another_k_max_keeps_the_arms_both_grids_have() -> None:
     """Changing ``k_max`` and restoring (SetPolicy, a restart) keeps what was learnt; it
     failed with a ValueError (UNKNOWN over gRPC) before."""
