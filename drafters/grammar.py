@@ -97,9 +97,11 @@ def _lark(grammar: OutputGrammar) -> str:
         return f"{ALL_TOKENIZATIONS}start: /{llguidance.regex_to_lark(grammar.spec)}/"
     if grammar.kind == "choice":
         choices = json.loads(grammar.spec)
-        if not isinstance(choices, list) or not choices:
-            raise GrammarError("a choice must be a non-empty list of strings")
-        if not all(isinstance(c, str) for c in choices):
+        if (
+            not isinstance(choices, list)
+            or not choices
+            or not all(isinstance(c, str) for c in choices)
+        ):
             raise GrammarError("a choice must be a non-empty list of strings")
         return f"{ALL_TOKENIZATIONS}start: {' | '.join(json.dumps(c) for c in choices)}"
     schema = json.loads(grammar.spec) if grammar.kind == "json" else {"type": "object"}

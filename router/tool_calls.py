@@ -76,8 +76,10 @@ class ForcedToolChoice:
         self._parallel = parallel
         self._parameters: dict[str, dict[str, Any]] = {}
         for tool in tools:
-            function = tool.get("function") if isinstance(tool, Mapping) else None
-            if tool.get("type", "function") != "function" or not isinstance(function, Mapping):
+            if not isinstance(tool, Mapping) or tool.get("type", "function") != "function":
+                continue
+            function = tool.get("function")
+            if not isinstance(function, Mapping):
                 continue
             parameters = function.get("parameters")
             self._parameters[str(function.get("name"))] = (

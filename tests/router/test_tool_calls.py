@@ -104,6 +104,8 @@ def test_a_named_choice_holds_the_output_to_its_parameters_and_reads_one_call() 
     assert forced.read('{"city": "Pa') == ('{"city": "Pa', [])  # cut short: content
     with pytest.raises(ValueError, match="'rain' is not among the request's tools"):
         ForcedToolChoice([_tool("time")], "rain")
+    with pytest.raises(ValueError, match="no function tools"):
+        ForcedToolChoice(["time", {"type": "function"}, {"type": "retrieval"}], None)
 
 
 def test_a_required_choice_is_a_list_of_calls_to_any_tool() -> None:
