@@ -50,11 +50,14 @@ class OutputGrammar:
     ``spec`` by ``kind``: "json", the JSON schema's text; "json_object", empty (any JSON
     object); "regex", the expression; "choice", a JSON list of the strings allowed;
     "grammar", a Lark or GBNF grammar. ``any_whitespace`` off (vLLM's
-    ``disable_any_whitespace``): JSON without optional whitespace between its tokens."""
+    ``disable_any_whitespace``): JSON without optional whitespace between its tokens.
+    ``additional_properties`` off (vLLM's ``disable_additional_properties``): a schema's
+    objects with ``properties`` and no ``additionalProperties`` take no other key."""
 
     kind: str
     spec: str = ""
     any_whitespace: bool = True
+    additional_properties: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in GRAMMAR_KINDS:
@@ -107,9 +110,39 @@ def _lark(grammar: OutputGrammar) -> str:
     schema = json.loads(grammar.spec) if grammar.kind == "json" else {"type": "object"}
     if not isinstance(schema, dict):
         raise GrammarError("a JSON schema must be an object")
+    if not grammar.additional_properties:
+        schema = closed_objects(schema)
     # Whitespace between JSON's tokens: the request's default, the schema's own over it.
     options = {"whitespace_flexible": grammar.any_whitespace, **schema.get("x-guidance", {})}
     return f"{ALL_TOKENIZATIONS}start: %json {json.dumps({**schema, 'x-guidance': options})}"
+
+
+# Where a JSON schema holds subschemas: maps of them, and one or a list of them.
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMAS = ("items", "prefixItems", "additionalItems", "contains", "not", "if", "then")
+_SUBSCHEMAS_MORE = ("else", "allOf", "anyOf", "oneOf")
+
+
+def closed_objects(schema: Any) -> Any:
+    """A copy of ``schema`` whose objects with ``properties`` (or ``patternProperties``)
+    and no ``additionalProperties`` have it false, nested ones too."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(sub) for name, sub in out[key].items()}
+    for key in (*_SUBSCHEMAS, *_SUBSCHEMAS_MORE):
+        if isinstance(out.get(key), dict | list):
+            out[key] = closed_objects(out[key])
+    has_properties = isinstance(out.get("properties"), dict)
+    if "additionalProperties" not in out and (
+        has_properties or isinstance(out.get("patternProperties"), dict)
+    ):
+        out["additionalProperties"] = False
+    return out
 
 
 @functools.lru_cache(maxsize=64)

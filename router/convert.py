@@ -63,13 +63,7 @@ def sampling_from_pb(message: pb.SamplingParams) -> Sampling:
             message.skip_special_tokens if message.HasField("skip_special_tokens") else True
         ),
         structured_output=(
-            from_grpc(
-                message.structured_output.kind,
-                message.structured_output.spec,
-                message.structured_output.disable_any_whitespace,
-            )
-            if message.HasField("structured_output")
-            else None
+            from_grpc(message.structured_output) if message.HasField("structured_output") else None
         ),
     )
 

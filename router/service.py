@@ -703,12 +703,20 @@ class RouterService:
             )
 
     def served_sampling(self, sampling: Sampling) -> Sampling:
-        """``sampling`` as this sidecar serves it: its grammar's JSON without optional
-        whitespace where ``structured_output.disable_any_whitespace`` says so."""
+        """``sampling`` as this sidecar serves it: its grammar's JSON compact, or closed,
+        where the ``structured_output`` settings say so."""
         grammar = sampling.structured_output
-        if grammar is None or not self.settings.structured_output.disable_any_whitespace:
+        if grammar is None:
             return sampling
-        return replace(sampling, structured_output=replace(grammar, any_whitespace=False))
+        settings = self.settings.structured_output
+        served = replace(
+            grammar,
+            any_whitespace=grammar.any_whitespace and not settings.disable_any_whitespace,
+            additional_properties=(
+                grammar.additional_properties and not settings.disable_additional_properties
+            ),
+        )
+        return replace(sampling, structured_output=served)
 
     def _check_grammar_served(self) -> None:
         """The in-process target's tokenizer can hold a grammar (llguidance reads it, on

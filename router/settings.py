@@ -113,14 +113,17 @@ class LossGuardSettings(BaseModel):
 
 
 class StructuredOutputSettings(BaseModel):
-    """Structured output for every request (``drafters/grammar.py``).
-    ``disable_any_whitespace``: JSON without optional whitespace between its tokens, as
-    vLLM's ``--structured-outputs-config.disable_any_whitespace`` (a request may ask for
-    it alone); a weak model can otherwise spend its whole budget on whitespace."""
+    """Structured output for every request (``drafters/grammar.py``), as vLLM's
+    ``--structured-outputs-config`` (a request may ask for either alone).
+    ``disable_any_whitespace``: JSON without optional whitespace between its tokens;
+    ``disable_additional_properties``: a schema's objects with ``properties`` and no
+    ``additionalProperties`` take no other key. A weak model can otherwise spend its whole
+    budget on whitespace, or on keys nobody asked for."""
 
     model_config = ConfigDict(extra="forbid")
 
     disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
 
 
 class TlsSettings(BaseModel):

@@ -4,13 +4,14 @@
 - OpenAI: ``response_format`` ``{"type": "json_object"}`` or ``{"type": "json_schema",
   "json_schema": {"name": ..., "schema": {...}}}`` (chat, and completions as vLLM takes it);
 - vLLM: ``structured_outputs`` with one of ``json``, ``regex``, ``choice``, ``grammar``
-  (Lark or GBNF) or ``json_object``, and ``disable_any_whitespace``; its older
+  (Lark or GBNF) or ``json_object``, and ``disable_any_whitespace`` and
+  ``disable_additional_properties``; its older
   ``guided_json``, ``guided_regex``, ``guided_choice`` and ``guided_grammar`` too;
 - TGI: ``parameters.grammar`` ``{"type": "json" | "regex", "value": ...}``.
 
 One request asks for one constraint: two (say ``response_format`` and ``guided_regex``)
 are refused, as is anything this sidecar would not honour (vLLM's structural tags,
-``whitespace_pattern``, ``disable_additional_properties``), naming the field.
+``whitespace_pattern``), naming the field.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from router.errors import InvalidFieldError
 CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
 # Its other members, with the values that ask for nothing (any other is refused).
 NEUTRAL_OPTIONS: dict[str, tuple[Any, ...]] = {
-    "disable_additional_properties": (None, False),
     "whitespace_pattern": (None,),
     "structural_tag": (None,),
 }
@@ -40,12 +40,18 @@ LEGACY_FIELDS = {
 }
 
 
-def grammar_of(kind: str, value: Any, field: str, any_whitespace: bool = True) -> OutputGrammar:
+def grammar_of(
+    kind: str,
+    value: Any,
+    field: str,
+    any_whitespace: bool = True,
+    additional_properties: bool = True,
+) -> OutputGrammar:
     """The grammar ``value`` states as ``kind`` (a member of CONSTRAINTS), checked (it
     compiles); INVALID_ARGUMENT naming ``field`` otherwise."""
     spec = _spec(kind, value, field)
     try:
-        grammar = OutputGrammar(kind, spec, any_whitespace)
+        grammar = OutputGrammar(kind, spec, any_whitespace, additional_properties)
     except GrammarError as error:
         raise InvalidFieldError(field, str(error)) from error
     check_structured_output(grammar, field)
@@ -74,7 +80,8 @@ def from_structured_outputs(options: Any, field: str = "structured_outputs") -> 
     """vLLM's ``structured_outputs`` object: exactly one constraint."""
     if not isinstance(options, Mapping):
         raise InvalidFieldError(field, "must be an object")
-    unknown = set(options) - {*CONSTRAINTS, *NEUTRAL_OPTIONS, "disable_any_whitespace"}
+    flags = ("disable_any_whitespace", "disable_additional_properties")
+    unknown = set(options) - {*CONSTRAINTS, *NEUTRAL_OPTIONS, *flags}
     if unknown:
         raise InvalidFieldError(f"{field}.{sorted(unknown)[0]}", "not a structured-output field")
     for name, neutral in NEUTRAL_OPTIONS.items():
@@ -86,8 +93,16 @@ def from_structured_outputs(options: Any, field: str = "structured_outputs") -> 
             field, f"exactly one of {', '.join(CONSTRAINTS)} must be given, got {len(asked)}"
         )
     kind = asked[0]
-    any_whitespace = not options.get("disable_any_whitespace")
-    return grammar_of(kind, options[kind], f"{field}.{kind}", any_whitespace)
+    for flag in flags:
+        if not isinstance(options.get(flag, False), bool):
+            raise InvalidFieldError(f"{field}.{flag}", "must be true or false")
+    return grammar_of(
+        kind,
+        options[kind],
+        f"{field}.{kind}",
+        any_whitespace=not options.get("disable_any_whitespace"),
+        additional_properties=not options.get("disable_additional_properties"),
+    )
 
 
 def from_response_format(response_format: Any) -> OutputGrammar | None:
@@ -146,11 +161,16 @@ def from_tgi(grammar: Any) -> OutputGrammar | None:
     return grammar_of(str(kind), grammar["value"], "grammar.value")
 
 
-def from_grpc(kind: str, spec: str, disable_any_whitespace: bool) -> OutputGrammar:
+def from_grpc(message: Any) -> OutputGrammar:
     """The gRPC ``SamplingParams.structured_output`` (its spec compiled with the rest of
     the request, ``router.domain.check_sampling``)."""
     try:
-        return OutputGrammar(kind, spec, not disable_any_whitespace)
+        return OutputGrammar(
+            message.kind,
+            message.spec,
+            not message.disable_any_whitespace,
+            not message.disable_additional_properties,
+        )
     except GrammarError as error:
         raise InvalidFieldError("sampling.structured_output.kind", str(error)) from error
 
@@ -165,4 +185,6 @@ def vllm_structured_outputs(grammar: OutputGrammar) -> dict[str, Any]:
     body: dict[str, Any] = {grammar.kind: value}
     if not grammar.any_whitespace:
         body["disable_any_whitespace"] = True
+    if not grammar.additional_properties:
+        body["disable_additional_properties"] = True
     return body

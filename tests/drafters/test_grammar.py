@@ -244,3 +244,31 @@ def test_every_tokenization_of_a_valid_output_is_allowed(setup: Setup) -> None:
     adjusted = state.adjust(torch.zeros(1, width), torch.empty(0, dtype=torch.long))
     allowed = set(torch.isfinite(adjusted[0]).nonzero().flatten().tolist())
     assert allowed == {ids["e"], ids["en"]}
+
+
+def test_closed_objects_take_no_other_key(setup: Setup) -> None:
+    """vLLM's disable_additional_properties: every object schema with properties and no
+    additionalProperties of its own gets it false, nested ones too; the matcher then
+    refuses a key the schema does not name, and takes it without the option."""
+    from drafters.grammar import closed_objects
+
+    inner = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    schema = {
+        "type": "object",
+        "properties": {"a": inner, "b": {"type": "array", "items": inner}},
+        "$defs": {"d": {"anyOf": [inner, {"type": "string"}]}},
+        "patternProperties": {"^k": {"type": "object", "additionalProperties": True}},
+    }
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["b"]["items"]["additionalProperties"] is False
+    assert closed["$defs"]["d"]["anyOf"][0]["additionalProperties"] is False
+    assert closed["patternProperties"]["^k"]["additionalProperties"] is True  # its own
+    assert "additionalProperties" not in schema  # a copy
+    text = byte_tokenizer()('{"zz":', add_special_tokens=False).input_ids
+    for additional, taken in ((True, len(text)), (False, 2)):  # '{' and '"' only
+        grammar = OutputGrammar(
+            "json", json.dumps(inner), any_whitespace=False, additional_properties=additional
+        )
+        assert setup.engine.grammars.matcher(grammar).validate_tokens(text) == taken

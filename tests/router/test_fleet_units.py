@@ -7,10 +7,11 @@ import logging
 import re
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from drafters.grammar import OutputGrammar
 from router.domain import Sampling
 from router.fleet.client import ReplicaFailedError, completion_body, finish_reason_of
 from router.fleet.config import (
@@ -413,6 +414,29 @@ def test_completion_body_asks_for_token_ids_and_metrics() -> None:
     assert warped["min_p"] == 0.2
     assert (penalised["repetition_penalty"], penalised["presence_penalty"]) == (1.2, 0.3)
     assert penalised["frequency_penalty"] == -1 and penalised["min_tokens"] == 2
+    assert "structured_outputs" not in penalised
+
+
+@pytest.mark.parametrize(
+    ("grammar", "sent"),
+    [
+        (OutputGrammar("json", '{"type": "object"}'), {"json": {"type": "object"}}),
+        (OutputGrammar("json_object"), {"json_object": True}),
+        (OutputGrammar("regex", "a+"), {"regex": "a+"}),
+        (OutputGrammar("choice", '["a", "b"]'), {"choice": ["a", "b"]}),
+        (OutputGrammar("grammar", 'root ::= "a"'), {"grammar": 'root ::= "a"'}),
+        (
+            OutputGrammar("json", "{}", any_whitespace=False, additional_properties=False),
+            {"json": {}, "disable_any_whitespace": True, "disable_additional_properties": True},
+        ),
+    ],
+    ids=["json", "json_object", "regex", "choice", "grammar", "options"],
+)
+def test_a_grammar_goes_to_the_replica_as_vllms_structured_outputs(
+    grammar: OutputGrammar, sent: dict[str, Any]
+) -> None:
+    body = completion_body("target", [1], 8, Sampling(structured_output=grammar))
+    assert body["structured_outputs"] == sent
 
 
 def test_finish_reasons_in_the_sidecar_words() -> None:

@@ -602,6 +602,10 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
             "structured_outputs.whitespace_pattern",
         ),
         ({"structured_outputs": {"jsonschema": {}}}, "structured_outputs.jsonschema"),
+        (
+            {"structured_outputs": {"json": {}, "disable_additional_properties": "yes"}},
+            "structured_outputs.disable_additional_properties",
+        ),
         ({"structured_outputs": {"regex": "a"}, "guided_choice": ["a"]}, "structured_outputs"),
         (
             {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},

@@ -262,11 +262,12 @@ def compact(
     components: Components,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[SidecarThread]:
-    """A sidecar with ``structured_output.disable_any_whitespace`` (the tiny target, free
-    to, spends its budget on whitespace inside JSON)."""
+    """A sidecar with ``structured_output.disable_any_whitespace`` and
+    ``disable_additional_properties`` (the tiny target, free to, spends its budget on
+    whitespace inside JSON, or on keys nobody asked for)."""
     settings = serving_world.settings(
         tmp_path_factory.mktemp("compact"),
-        structured_output={"disable_any_whitespace": True},
+        structured_output={"disable_any_whitespace": True, "disable_additional_properties": True},
         limits=Limits(max_prompt_tokens=1024, generation_queue_size=0),  # tools are long
     )
     running = SidecarThread(settings, components)
@@ -283,23 +284,43 @@ def tool_reference(sidecar: SidecarThread, forced: Any) -> str:
     return reference(sidecar, prompt, grammar)
 
 
-def test_the_setting_makes_every_requests_json_compact(
+def test_the_settings_make_every_requests_json_compact_and_closed(
     sidecar: SidecarThread, compact: SidecarThread
 ) -> None:
-    """``structured_output.disable_any_whitespace``: a response_format request's JSON has
-    no optional whitespace (and so ends, where the free one ran to its budget)."""
+    """``structured_output.disable_any_whitespace`` and ``disable_additional_properties``:
+    a response_format request's JSON has no optional whitespace and no key its schema does
+    not name (so it ends, where the free one ran to its budget)."""
     messages: Any = [{"role": "user", "content": "Is water wet? Answer in JSON."}]
-    grammar = OutputGrammar("json", json.dumps(SCHEMA), any_whitespace=False)
+    schema = {k: v for k, v in SCHEMA.items() if k != "additionalProperties"}  # open
+    grammar = OutputGrammar(
+        "json", json.dumps(schema), any_whitespace=False, additional_properties=False
+    )
     expected = reference(sidecar, Prompt(messages=tuple(messages)), grammar)
+    assert set(json.loads(expected)) == {"answer", "score"}
     reply = client(compact).chat.completions.create(
         model="target",
         messages=messages,
         max_tokens=48,
         temperature=0,
-        response_format={"type": "json_schema", "json_schema": {"name": "v", "schema": SCHEMA}},
+        response_format={"type": "json_schema", "json_schema": {"name": "v", "schema": schema}},
     )
     assert reply.choices[0].message.content == expected
     assert reply.choices[0].finish_reason == "stop"
+    # The same per request, on a sidecar without the settings (vLLM's fields).
+    asked = client(sidecar).chat.completions.create(
+        model="target",
+        messages=messages,
+        max_tokens=48,
+        temperature=0,
+        extra_body={
+            "structured_outputs": {
+                "json": schema,
+                "disable_any_whitespace": True,
+                "disable_additional_properties": True,
+            }
+        },
+    )
+    assert asked.choices[0].message.content == expected
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
