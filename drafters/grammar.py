@@ -113,14 +113,19 @@ def _lark(grammar: OutputGrammar) -> str:
     if not grammar.additional_properties:
         schema = closed_objects(schema)
     # Whitespace between JSON's tokens: the request's default, the schema's own over it.
-    options = {"whitespace_flexible": grammar.any_whitespace, **schema.get("x-guidance", {})}
+    own = schema.get("x-guidance", {})
+    if not isinstance(own, dict):
+        raise GrammarError("a schema's x-guidance must be an object")
+    options = {"whitespace_flexible": grammar.any_whitespace, **own}
     return f"{ALL_TOKENIZATIONS}start: %json {json.dumps({**schema, 'x-guidance': options})}"
 
 
 # Where a JSON schema holds subschemas: maps of them, and one or a list of them.
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SUBSCHEMAS = ("items", "prefixItems", "additionalItems", "contains", "not", "if", "then")
-_SUBSCHEMAS_MORE = ("else", "allOf", "anyOf", "oneOf")
+_SUBSCHEMAS = (
+    *("items", "prefixItems", "additionalItems", "contains"),
+    *("not", "if", "then", "else", "allOf", "anyOf", "oneOf"),
+)
 
 
 def closed_objects(schema: Any) -> Any:
@@ -134,7 +139,7 @@ def closed_objects(schema: Any) -> Any:
     for key in _SCHEMA_MAPS:
         if isinstance(out.get(key), dict):
             out[key] = {name: closed_objects(sub) for name, sub in out[key].items()}
-    for key in (*_SUBSCHEMAS, *_SUBSCHEMAS_MORE):
+    for key in _SUBSCHEMAS:
         if isinstance(out.get(key), dict | list):
             out[key] = closed_objects(out[key])
     has_properties = isinstance(out.get("properties"), dict)

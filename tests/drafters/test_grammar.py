@@ -186,12 +186,22 @@ def test_min_tokens_past_a_complete_output_leaves_it_as_it_is(setup: Setup) -> N
         (OutputGrammar("regex", "(ab"), "unclosed group"),
         (OutputGrammar("json", "{not json"), "not valid JSON"),
         (OutputGrammar("json", "[1, 2]"), "must be an object"),
+        (OutputGrammar("json", '{"x-guidance": "loose"}'), "x-guidance must be an object"),
         (OutputGrammar("choice", "[]"), "non-empty list of strings"),
         (OutputGrammar("choice", '["a", 1]'), "non-empty list of strings"),
         (OutputGrammar("grammar", "start: missing_rule"), "missing_rule"),
         (OutputGrammar("grammar", 'root ::= "a'), "GBNF"),
     ],
-    ids=["regex", "json-text", "json-array", "empty-choice", "choice-number", "lark", "gbnf"],
+    ids=[
+        "regex",
+        "json-text",
+        "json-array",
+        "x-guidance",
+        "empty-choice",
+        "choice-number",
+        "lark",
+        "gbnf",
+    ],
 )
 def test_a_grammar_that_does_not_compile_is_refused_with_the_reason(
     setup: Setup, grammar: OutputGrammar, reason: str
