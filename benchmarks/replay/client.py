@@ -177,6 +177,10 @@ def generate_request(
         ),
         no_update=no_update,
     )
+    if sampling.structured_output is not None:
+        message.sampling.structured_output.CopyFrom(
+            router_pb2.StructuredOutput(**sampling.structured_output.model_dump())
+        )
     if request.prompt is not None:
         message.text = request.prompt
     else:

@@ -8,6 +8,8 @@ be left out) or an event that changes the sidecar mid-replay (``register_drafter
      "max_new_tokens": 64, "sampling": {"do_sample": false}, "arrival_s": 0.5}
 
 ``prompt`` (already templated text) may replace ``messages``; exactly one of them is set.
+``sampling.structured_output`` (``{"kind": "json", "spec": "<schema>"}``, as the gRPC
+``StructuredOutput``) holds a request's output to a grammar.
 ``task`` is optional: without it the per-task tables group by the classifier's cluster.
 """
 
@@ -35,6 +37,18 @@ class ChatTurn(BaseModel):
     content: str
 
 
+class TraceStructuredOutput(BaseModel):
+    """A grammar the output is held to (the gRPC ``StructuredOutput``: ``kind`` json,
+    json_object, regex, choice or grammar; ``spec`` its text)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["json", "json_object", "regex", "choice", "grammar"]
+    spec: str = ""
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+
+
 class TraceSampling(BaseModel):
     """Sampling parameters of a request; the default is greedy (needed for the lossless check)."""
 
@@ -46,6 +60,7 @@ class TraceSampling(BaseModel):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     seed: Annotated[int, Field(ge=0)] | None = None
     stop: tuple[str, ...] = ()
+    structured_output: TraceStructuredOutput | None = None
 
 
 class TraceRequest(BaseModel):

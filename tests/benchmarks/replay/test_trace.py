@@ -96,3 +96,32 @@ def test_request_and_event_models_are_frozen() -> None:
     request = TraceRequest(id="a", prompt="p", max_new_tokens=4)
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance error
         request.id = "b"  # type: ignore[misc]
+
+
+def test_a_requests_structured_output_parses_and_reaches_the_generate_request() -> None:
+    """A trace of structured traffic (JSON mode, tool calls) replays with its grammar."""
+    from benchmarks.replay.client import generate_request
+
+    line = (
+        '{"id": "j", "prompt": "p", "max_new_tokens": 8, "sampling": {"structured_output": '
+        '{"kind": "json", "spec": "{\\"type\\": \\"object\\"}", "disable_any_whitespace": true}}}'
+    )
+    (request,) = parse_trace_lines([line], name="t").requests
+    grammar = request.sampling.structured_output
+    assert grammar is not None and grammar.kind == "json" and grammar.disable_any_whitespace
+    message = generate_request(request, pin=None, no_update=True, task_hint=False)
+    sent = message.sampling.structured_output
+    assert (sent.kind, sent.spec, sent.disable_any_whitespace) == (
+        "json",
+        '{"type": "object"}',
+        True,
+    )
+    plain = generate_request(
+        parse_trace_lines([GOOD[0]], name="t").requests[0],
+        pin=None,
+        no_update=True,
+        task_hint=False,
+    )
+    assert not plain.sampling.HasField("structured_output")
+    bad = line.replace('"kind": "json"', '"kind": "yaml"')
+    assert "field 'sampling.structured_output.kind'" in _error([GOOD[0], bad])
