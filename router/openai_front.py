@@ -120,7 +120,7 @@ class StreamOptions(BaseModel):
 # Parameters of OpenAI's API and vLLM's extensions to it that the sidecar does not
 # implement and that have no field below, with the values that ask for nothing (accepted);
 # any other value is refused by name, so that a client relying on one (a benchmark's
-# ignore_eos, a schema's guided_json) is told rather than silently served something else.
+# allowed_token_ids, beam search) is told rather than silently served something else.
 UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "logprob_token_ids": (None, []),
     "functions": (None, []),
