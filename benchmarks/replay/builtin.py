@@ -10,7 +10,10 @@
 - ``learn``: one task's drafter withheld from the start and ``LEARN_WEIGHT`` times the other
   tasks' traffic for that task; halfway the replay waits for the sidecar to distil and
   register a drafter for it from the first half's captured traffic (its second-half
-  prompts are others than its first half's).
+  prompts are others than its first half's);
+- ``structured``: the uniform mix, each request twice: as it is, and with its answer held
+  to a JSON object (``JSON_ANSWER``, what a JSON-mode application sends), labelled
+  ``<task>+json``.
 
 Traces are deterministic given the examples and the seed. Arrival offsets follow a Poisson
 process (they order the requests; replays are closed-loop, one request at a time).
@@ -18,13 +21,22 @@ process (they order the requests; replays are closed-loop, one request at a time
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from benchmarks.replay.trace import ChatTurn, Trace, TraceEvent, TraceRecord, TraceRequest
+from benchmarks.replay.trace import (
+    ChatTurn,
+    Trace,
+    TraceEvent,
+    TraceRecord,
+    TraceRequest,
+    TraceSampling,
+    TraceStructuredOutput,
+)
 
 
 class ExampleLike(Protocol):
@@ -229,6 +241,41 @@ def _learn(grouped: dict[str, list[ExampleLike]], options: TraceOptions) -> list
     ]
 
 
+# The structured trace's grammar: an object with one string, compact (no whitespace
+# between JSON's tokens, so a barely trained target cannot spend its budget on it).
+JSON_ANSWER = TraceStructuredOutput(
+    kind="json",
+    spec=json.dumps(
+        {
+            "type": "object",
+            "properties": {"answer": {"type": "string", "maxLength": 200}},
+            "required": ["answer"],
+            "additionalProperties": False,
+        }
+    ),
+    disable_any_whitespace=True,
+)
+STRUCTURED_SUFFIX = "+json"  # the task label of a request held to JSON_ANSWER
+
+
+def _structured(grouped: dict[str, list[ExampleLike]], options: TraceOptions) -> list[TraceRecord]:
+    rng = np.random.default_rng(options.seed)
+    requests: list[TraceRequest] = []
+    for task, pool in grouped.items():
+        for example, repeat in _take(pool, 0, options.per_task):
+            free = request_from_example(example, repeat, options)
+            held = free.model_copy(
+                update={
+                    "id": f"{free.id}{STRUCTURED_SUFFIX}",
+                    "task": f"{task}{STRUCTURED_SUFFIX}",
+                    "sampling": TraceSampling(structured_output=JSON_ANSWER),
+                }
+            )
+            requests += [free, held]
+    order = rng.permutation(len(requests))
+    return [requests[i] for i in order]
+
+
 def _single(task: str) -> TraceBuilder:
     def build(grouped: dict[str, list[ExampleLike]], options: TraceOptions) -> list[TraceRecord]:
         return [
@@ -245,6 +292,7 @@ MIXED_TRACES: dict[str, TraceBuilder] = {
     "drift": _drift,
     "new-drafter": _new_drafter,
     "learn": _learn,
+    "structured": _structured,
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from benchmarks.replay.builtin import STRUCTURED_SUFFIX
 from benchmarks.replay.metrics import RequestResult
 from benchmarks.replay.trace import TraceRequest
 from router.channel import ClientTls, sidecar_channel
@@ -166,7 +167,8 @@ def generate_request(
     message = router_pb2.GenerateRequest(
         request_id=request.id,
         max_new_tokens=request.max_new_tokens,
-        task_hint=(request.task or "") if task_hint else "",
+        # A "<task>+json" label (the structured trace's) hints its task.
+        task_hint=(request.task or "").removesuffix(STRUCTURED_SUFFIX) if task_hint else "",
         sampling=router_pb2.SamplingParams(
             do_sample=sampling.do_sample,
             temperature=sampling.temperature,

@@ -77,6 +77,25 @@ def test_uniform_has_per_task_requests_interleaved_and_deterministic() -> None:
     assert arrivals == sorted(arrivals) and arrivals[0] > 0
 
 
+def test_structured_holds_each_request_free_and_under_the_json_grammar() -> None:
+    from benchmarks.replay.builtin import JSON_ANSWER, STRUCTURED_SUFFIX
+    from benchmarks.replay.client import generate_request
+
+    trace = builtin_trace("structured", examples(), TraceOptions(per_task=4, seed=1))
+    counts = Counter(r.task for r in trace.requests)
+    assert counts == {**dict.fromkeys(TASKS, 4), **{f"{t}+json": 4 for t in TASKS}}
+    by_id = {r.id: r for r in trace.requests}
+    for request in trace.requests:
+        if request.task and request.task.endswith(STRUCTURED_SUFFIX):
+            free = by_id[request.id.removesuffix(STRUCTURED_SUFFIX)]
+            assert request.messages == free.messages
+            assert request.sampling.structured_output == JSON_ANSWER
+            assert free.sampling.structured_output is None
+            hinted = generate_request(request, pin=None, no_update=True, task_hint=True)
+            assert hinted.task_hint == free.task  # the label's task, for --task-hints
+    assert builtin_trace("structured", examples(), TraceOptions(per_task=4, seed=1)) == trace
+
+
 def test_single_task_trace_only_holds_that_task() -> None:
     trace = builtin_trace("single-qa", examples(), TraceOptions(per_task=3))
     assert [r.task for r in trace.requests] == ["qa"] * 3
