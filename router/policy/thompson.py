@@ -376,6 +376,13 @@ def thompson_decisions(
     return decisions
 
 
+def _siblings(other: Context, context: Context) -> bool:
+    """Whether ``other``'s evidence may seed ``context``'s: the same cluster, and both
+    free text or both structured (under a grammar other drafts pay: a structured
+    context's evidence would mislead its free text's, and the other way round)."""
+    return other.cluster == context.cluster and other.structured == context.structured
+
+
 class ThompsonPolicy:
     """Thompson sampling with a shared acceptance posterior per drafter (module doc)."""
 
@@ -611,9 +618,10 @@ class ThompsonPolicy:
 
     def _fresh_posterior(self, context: Context) -> tuple[FloatArray, FloatArray]:
         """(alpha, beta) of a context never updated: its cluster's prior plus the evidence
-        of the cluster's other buckets, scaled to at most ``transfer_weight``."""
+        of the cluster's other buckets (``_siblings``), scaled to at most
+        ``transfer_weight``."""
         alpha0, beta0 = self._cluster_prior(context.cluster)
-        siblings = [a for c, a in self.contexts_.items() if c.cluster == context.cluster]
+        siblings = [a for c, a in self.contexts_.items() if _siblings(c, context)]
         if not siblings or self.transfer_weight <= 0:
             return alpha0, beta0
         wins = sum(np.maximum(a.alpha - a.alpha0, 0.0) for a in siblings)
@@ -660,7 +668,7 @@ class ThompsonPolicy:
         return [
             arms[drafter].evidence
             for c, arms in self.copies_.items()
-            if c.cluster == context.cluster and drafter in arms
+            if _siblings(c, context) and drafter in arms
         ]
 
     def _fresh_copy(self, context: Context, drafter: str, siblings: list[FloatArray]) -> CopyRuns:

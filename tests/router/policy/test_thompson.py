@@ -354,6 +354,21 @@ def test_structured_output_is_a_context_of_its_own_and_survives_a_state_round_tr
     assert all(not c.structured for c in older.describe())
 
 
+def test_a_fresh_context_takes_evidence_only_from_its_own_kind_of_sibling() -> None:
+    """A context never updated starts from its cluster's other buckets' evidence, but only
+    of its own kind: free text from free text, structured from structured (their arms
+    differ, so one would mislead the other)."""
+    policy = make_policy("thompson", ["generic", "ngram"], {"seed": 5})
+    assert isinstance(policy, ThompsonPolicy)
+    _train(policy, CODE, {"generic": 0.8, "ngram": 0.05}, 60)
+    _train(policy, Context("code", 1, structured=True), {"generic": 0.05, "ngram": 0.8}, 60)
+    eligible = ["generic", "ngram"]
+    for structured, expected in ((False, "generic"), (True, "ngram")):
+        fresh = Context("code", 3, structured=structured)
+        chosen = Counter(policy.select(fresh, eligible).drafter for _ in range(60))
+        assert chosen[expected] >= 45, (structured, chosen)
+
+
 def test_refuses_incompatible_state() -> None:
     policy = make_policy("thompson", ["a"])
     state = policy.state_dict()
