@@ -189,7 +189,7 @@ class GrammarCompiler:
     def matcher(self, grammar: OutputGrammar) -> llguidance.LLMatcher:
         """A fresh matcher at the grammar's start; :class:`GrammarError` where the grammar
         does not compile against this tokenizer."""
-        matcher = llguidance.LLMatcher(self._tokenizer, grammar_text(grammar), log_level=0)
+        matcher = llguidance.LLMatcher(self._tokenizer, check_grammar(grammar), log_level=0)
         if matcher.is_error():
             raise GrammarError(matcher.get_error().strip())
         return matcher

@@ -6,11 +6,11 @@ JSON, so the official ``openai`` client works unchanged against the sidecar (the
 in-process engine, or a vLLM fleet behind it). Errors are
 ``{"error": {"message", "type", "param", "code"}}`` with 400 / 401 / 404 / 429 / 500.
 
-A request the sidecar cannot honour (``tool_choice`` "required" or named, ``best_of``,
-and vLLM's extensions in ``UNSUPPORTED_UNLESS``) is refused with 400 naming the
-parameter, never ignored; a field neither API defines is ignored. Structured output
-(``response_format``, vLLM's ``structured_outputs`` and ``guided_*``) is read by
-``router.structured_output``. Served
+A request the sidecar cannot honour (``best_of``, ``suffix`` and vLLM's extensions in
+``UNSUPPORTED_UNLESS``) is refused with 400 naming the parameter, never ignored; a field
+neither API defines is ignored. Structured output (``response_format``, vLLM's
+``structured_outputs`` and ``guided_*``) is read by ``router.structured_output``, and
+``tool_choice`` "required" or named holds the answer to the tools' schema. Served
 besides the basics: ``n`` choices, log-probabilities (chat's ``logprobs``/
 ``top_logprobs``, completions' ``logprobs``), completions' ``echo`` and vLLM's
 ``prompt_logprobs`` (the prompt's log-probabilities, in-process), chat's ``echo``,

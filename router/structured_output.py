@@ -20,13 +20,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from drafters.grammar import GrammarError, OutputGrammar
+from drafters.grammar import GRAMMAR_KINDS, GrammarError, OutputGrammar
 from router.domain import check_structured_output
 from router.errors import InvalidFieldError
 
-# vLLM's structured_outputs members that say what the output must match.
-CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
-# Its other members, with the values that ask for nothing (any other is refused).
+# vLLM's structured_outputs members besides the constraint (GRAMMAR_KINDS, the members
+# that say what the output must match), with the values that ask for nothing.
 NEUTRAL_OPTIONS: dict[str, tuple[Any, ...]] = {
     "whitespace_pattern": (None,),
     "structural_tag": (None,),
@@ -47,7 +46,7 @@ def grammar_of(
     any_whitespace: bool = True,
     additional_properties: bool = True,
 ) -> OutputGrammar:
-    """The grammar ``value`` states as ``kind`` (a member of CONSTRAINTS), checked (it
+    """The grammar ``value`` states as ``kind`` (a member of GRAMMAR_KINDS), checked (it
     compiles); INVALID_ARGUMENT naming ``field`` otherwise."""
     spec = _spec(kind, value, field)
     try:
@@ -81,16 +80,16 @@ def from_structured_outputs(options: Any, field: str = "structured_outputs") -> 
     if not isinstance(options, Mapping):
         raise InvalidFieldError(field, "must be an object")
     flags = ("disable_any_whitespace", "disable_additional_properties")
-    unknown = set(options) - {*CONSTRAINTS, *NEUTRAL_OPTIONS, *flags}
+    unknown = set(options) - {*GRAMMAR_KINDS, *NEUTRAL_OPTIONS, *flags}
     if unknown:
         raise InvalidFieldError(f"{field}.{sorted(unknown)[0]}", "not a structured-output field")
     for name, neutral in NEUTRAL_OPTIONS.items():
         if options.get(name) not in neutral:
             raise InvalidFieldError(f"{field}.{name}", "not served by this sidecar")
-    asked = [name for name in CONSTRAINTS if options.get(name) not in (None, False)]
+    asked = [name for name in GRAMMAR_KINDS if options.get(name) not in (None, False)]
     if len(asked) != 1:
         raise InvalidFieldError(
-            field, f"exactly one of {', '.join(CONSTRAINTS)} must be given, got {len(asked)}"
+            field, f"exactly one of {', '.join(GRAMMAR_KINDS)} must be given, got {len(asked)}"
         )
     kind = asked[0]
     for flag in flags:
