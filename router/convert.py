@@ -111,6 +111,7 @@ def generate_from_pb(message: pb.GenerateRequest) -> GenerateInput:
             message.prompt_logprobs if message.HasField("prompt_logprobs") else None,
             "prompt_logprobs",
         ),
+        prediction=message.prediction if message.HasField("prediction") else None,
     )
 
 
@@ -263,6 +264,8 @@ def stats_to_pb(result: GenerationResult) -> pb.GenerationStats:
         draft_lead_time_s=stats.lead_time_s,
         draft_further_forwards=stats.further_forwards,
         draft_further_time_s=stats.further_time_s,
+        accepted_prediction_tokens=result.prediction.accepted if result.prediction else 0,
+        rejected_prediction_tokens=result.prediction.rejected if result.prediction else 0,
     )
 
 

@@ -115,6 +115,9 @@ class GenerateInput:
     logprobs: int | None = None
     # The same for the prompt's tokens after the first (in-process engine only).
     prompt_logprobs: int | None = None
+    # The text the answer is expected to repeat (OpenAI's predicted outputs), drafted
+    # from before the routed drafter (in-process engine only; drafters/prediction.py).
+    prediction: str | None = None
 
 
 @dataclass(frozen=True)

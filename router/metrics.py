@@ -26,6 +26,7 @@ class SidecarMetrics:
     generated_tokens: Counter
     generations: Counter
     loss_guard_trips: Counter
+    prediction_tokens: Counter
     queue_depth: Gauge
     errors: Counter
     reports: Counter
@@ -102,6 +103,13 @@ def create_metrics(registry: CollectorRegistry | None = None) -> SidecarMetrics:
             "(drafters/guard.py), by drafter and whether it stopped drafting (to=0) or "
             "only shortened the drafts (to=1).",
             ["drafter", "to"],
+            registry=reg,
+        ),
+        prediction_tokens=Counter(
+            "specroute_prediction_tokens_total",
+            "Tokens drafted from requests' predicted outputs (drafters/prediction.py), by "
+            "whether the target accepted them.",
+            ["outcome"],
             registry=reg,
         ),
         queue_depth=Gauge(

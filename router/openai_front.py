@@ -19,7 +19,8 @@ vLLM's ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
 ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``top_k``,
 ``truncate_prompt_tokens``, ``add_generation_prompt``, ``continue_final_message``,
 ``chat_template_kwargs`` and ``stream_options.continuous_usage_stats``; ``tools``,
-answered as ``tool_calls`` (``router.tool_calls``).
+answered as ``tool_calls`` (``router.tool_calls``); OpenAI's ``prediction``, drafted from
+in process (``drafters/prediction.py``; a fleet refuses it).
 """
 
 from __future__ import annotations
@@ -125,7 +126,6 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "logprob_token_ids": (None, []),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "prediction": (None,),
     "modalities": (None, ["text"]),
     "audio": (None,),
     "chat_template": (None,),
@@ -139,6 +139,15 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "guided_whitespace_pattern": (None,),
     "return_tokens_as_token_ids": (None, False),
 }
+
+
+class Prediction(BaseModel):
+    """OpenAI's predicted output: text the answer is expected to repeat."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["content"]
+    content: str | list[dict[str, Any]]
 
 
 class OpenAIParameters(BaseModel):
@@ -178,6 +187,8 @@ class OpenAIParameters(BaseModel):
     # OpenAI's (vLLM takes it on completions too); vLLM's structured_outputs and older
     # guided_* ride in model_extra (``router.structured_output``).
     response_format: dict[str, Any] | None = None
+    # OpenAI's predicted outputs (chat; taken on completions too): drafted from in process.
+    prediction: Prediction | None = None
 
 
 class CompletionRequest(OpenAIParameters):
@@ -721,7 +732,28 @@ def generate_input(
             "alternatives only (echo with logprobs is served)",
         )
     prompt_logprobs = max(wanted) if wanted else None
-    return GenerateInput(route=route, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    return GenerateInput(
+        route=route,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        prediction=prediction_text(body.prediction),
+    )
+
+
+def prediction_text(prediction: Prediction | None) -> str | None:
+    """The predicted output's text (its text parts joined, as OpenAI reads them)."""
+    if prediction is None:
+        return None
+    if isinstance(prediction.content, str):
+        return prediction.content
+    texts = []
+    for i, part in enumerate(prediction.content):
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise InvalidFieldError(
+                f"prediction.content[{i}]", "must be a text part: {type: text, text: ...}"
+            )
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def prompt_logprobs_of(body: OpenAIParameters) -> int | None:
@@ -898,11 +930,20 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def _choices_usage(
     runs: Sequence[tuple[RoutedRequest, GenerationResult]], per_prompt: int
-) -> dict[str, int]:
+) -> dict[str, Any]:
     """The usage of every choice's run, each prompt counted once (as vLLM counts it): the
     runs are ``per_prompt`` choices of each prompt in turn."""
     prompt_tokens = sum(routed.prompt_tokens for routed, _ in runs[::per_prompt])
-    return _usage(prompt_tokens, sum(len(result.output_ids) for _, result in runs))
+    usage: dict[str, Any] = _usage(prompt_tokens, sum(len(result.output_ids) for _, result in runs))
+    tallies = [result.prediction for _, result in runs if result.prediction is not None]
+    if tallies:
+        # OpenAI's counts for a predicted output: here its drafted tokens the target
+        # accepted and those it rejected (drafters/prediction.py).
+        usage["completion_tokens_details"] = {
+            "accepted_prediction_tokens": sum(t.accepted for t in tallies),
+            "rejected_prediction_tokens": sum(t.rejected for t in tallies),
+        }
+    return usage
 
 
 def specroute_extra(routed: RoutedRequest, result: GenerationResult | None) -> dict[str, Any]:

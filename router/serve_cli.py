@@ -261,6 +261,16 @@ def generate_command(
             "most likely alternatives (0-20), one line a token, on stderr.",
         ),
     ] = None,
+    prediction: Annotated[
+        Path | None,
+        typer.Option(
+            "--prediction",
+            exists=True,
+            dir_okay=False,
+            help="A UTF-8 file the reply is expected to mostly repeat (a file to edit, "
+            "say): drafted from first (OpenAI's predicted outputs).",
+        ),
+    ] = None,
     token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
     timeout: Annotated[float, TIMEOUT_OPTION] = 600.0,
 ) -> None:
@@ -275,6 +285,7 @@ def generate_command(
         force_drafter=drafter,
         force_draft_length=draft_length,
         logprobs=logprobs,
+        prediction=None if prediction is None else _read_text(prediction),
     )
     import grpc
 
@@ -294,9 +305,15 @@ def generate_command(
             if chunk.HasField("stats"):
                 s = chunk.stats
                 typer.echo("")
+                predicted = (
+                    f", {s.accepted_prediction_tokens} predicted tokens accepted of "
+                    f"{s.accepted_prediction_tokens + s.rejected_prediction_tokens}"
+                    if prediction is not None
+                    else ""
+                )
                 typer.echo(
                     f"[{s.generated_tokens} tokens, {s.tokens_per_s:.1f} tok/s, "
-                    f"{s.mean_accepted_length:.2f} tokens/step, {s.finish_reason}]",
+                    f"{s.mean_accepted_length:.2f} tokens/step, {s.finish_reason}{predicted}]",
                     err=True,
                 )
     except grpc.RpcError as error:
@@ -304,6 +321,15 @@ def generate_command(
         raise typer.Exit(1) from None
     for line in _logprob_lines(scored):
         typer.echo(line, err=True)
+
+
+def _read_text(path: Path) -> str:
+    """A file's text (UTF-8), or a one-line error and exit status 2."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        typer.echo(f"error: cannot read {path}: {error}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _logprob_lines(tokens: list[Any]) -> list[str]:

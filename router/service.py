@@ -39,6 +39,7 @@ from router.domain import (
     check_request_id,
     check_sampling,
     check_truncate,
+    check_unicode,
     tokens_left,
 )
 from router.drafter_pool import DrafterPool, under_model_roots
@@ -327,6 +328,7 @@ class GenerationResult:
     stats: Any  # drafters.GenerationStats
     policy_version: int
     seed: int | None = None
+    prediction: Any = None  # drafters.prediction.PredictionTally, when one was sent
 
 
 @dataclass(frozen=True)
@@ -877,6 +879,7 @@ class RouterService:
     async def generate(self, request: GenerateInput) -> AsyncIterator[Any]:
         """Yield the :class:`RoutedRequest`, then (when asked) :class:`PromptScores`, then
         :class:`TokenChunk` s, then the result."""
+        prediction = self.prediction_ids(request.prediction)
         slot = self.queue.admit()
         try:
             routed = await self._route(
@@ -890,37 +893,73 @@ class RouterService:
                 routed = replace(routed, decision=decision)
             self._count_decision(routed)
             yield routed
-            job = self._generation_job(routed, request)
+            job = self._generation_job(routed, request, prediction)
             async for item in self.queue.stream(slot, job):
                 yield item.result if isinstance(item, Finished) else item
         finally:
             slot.release_unless_handed_off()
 
-    def _generation_job(self, routed: RoutedRequest, request: GenerateInput) -> Any:
+    def prediction_ids(self, prediction: str | None) -> tuple[int, ...] | None:
+        """A request's predicted output as the target's tokens (None: none sent); one
+        that is not Unicode, or longer than ``limits.max_prompt_tokens``, is refused."""
+        if prediction is None:
+            return None
+        check_unicode(prediction, "the prediction")
+        if len(prediction) > self._max_prompt_chars:
+            raise InvalidFieldError(
+                "prediction", f"is {len(prediction)} characters, over {self._max_prompt_chars}"
+            )
+        ids = tuple(self._ids_of(prediction, special=False))
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise InvalidFieldError(
+                "prediction",
+                f"has {len(ids)} tokens, over the limit of {self.limits.max_prompt_tokens}",
+            )
+        return ids
+
+    def _generation_job(
+        self, routed: RoutedRequest, request: GenerateInput, prediction: tuple[int, ...] | None
+    ) -> Any:
         sampling = request.route.sampling.seeded()
         max_new_tokens = request.route.max_new_tokens
 
         def job(emit: Any, should_stop: Any) -> GenerationResult:
             served, drafter = self._still_served(routed, pinned=bool(request.force_drafter))
+            predicted = self._predicted(served, drafter, prediction)
             result = self._run_engine(
                 served,
-                drafter,
+                drafter if predicted is None else predicted,
                 sampling,
                 max_new_tokens,
                 emit,
                 should_stop,
                 request.logprobs,
                 request.prompt_logprobs,
+                predicted=predicted,
             )
             # A cancelled run's partial outcome would bias the policy. The update is cheap
-            # and lands before the caller sees the last chunk; scoring is offloaded.
-            if not request.no_update and not should_stop():
+            # and lands before the caller sees the last chunk; scoring is offloaded. A
+            # predicted run's drafts say how good its prediction was, not its arm: not
+            # learnt from.
+            if not request.no_update and not should_stop() and predicted is None:
                 self._learn(result, sampling)
             if not should_stop():
                 self._capture(result)
             return result
 
         return job
+
+    def _predicted(
+        self, routed: RoutedRequest, drafter: Any, prediction: tuple[int, ...] | None
+    ) -> Any:
+        """``drafter`` with ``prediction`` drafted first (``drafters/prediction.py``), or
+        None without one (nor an engine: fleet mode refuses predictions)."""
+        engine = self.components.engine
+        if prediction is None or engine is None:
+            return None
+        from drafters.prediction import PredictedDrafter
+
+        return PredictedDrafter(drafter, prediction, routed.decision.k, engine.target.device)
 
     def _run_engine(
         self,
@@ -932,6 +971,8 @@ class RouterService:
         should_stop: Any,
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        *,
+        predicted: Any = None,
     ) -> GenerationResult:
         from drafters import SamplingConfig
         from drafters.penalties import Penalties
@@ -949,11 +990,16 @@ class RouterService:
         engine = self.components.engine
         if engine is None:
             raise GenerationFailedError("this sidecar has no in-process engine (fleet mode)")
-        guard = self._loss_guard(routed.decision.k, sampling, drafter)
+        k = routed.decision.k
+        # A predicted run drafts up to the prediction's length, its own guard (module doc
+        # of drafters/prediction.py) in place of the loss guard.
+        guard = None if predicted is not None else self._loss_guard(k, sampling, drafter)
+        if predicted is not None:
+            k = max(k, self.settings.prediction.draft_length)
         run = engine.generate(
             list(routed.prompt_ids),
             drafter,
-            guard if guard is not None else routed.decision.k,
+            guard if guard is not None else k,
             max_new_tokens=max_new_tokens,
             sampling=config,
             stop_sequences=sampling.stop,
@@ -1006,7 +1052,13 @@ class RouterService:
             self.metrics.loss_guard_trips.labels(
                 drafter=routed.decision.drafter, to=str(min(guard.shortest, 1))
             ).inc()
-        return GenerationResult(routed, output, text, stats, self.policy.version, sampling.seed)
+        tally = None if predicted is None else predicted.tally
+        if tally is not None:
+            self.metrics.prediction_tokens.labels(outcome="accepted").inc(tally.accepted)
+            self.metrics.prediction_tokens.labels(outcome="rejected").inc(tally.rejected)
+        return GenerationResult(
+            routed, output, text, stats, self.policy.version, sampling.seed, tally
+        )
 
     def _prompt_scores(self, routed: RoutedRequest, scored: Any) -> PromptScores:
         """The engine's scores of prompt tokens 1.. (``TokenLogprob`` s) with their texts."""

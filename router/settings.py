@@ -39,6 +39,7 @@ from pydantic_settings import (
 from router.bundle import specroute_home
 from router.capture import MAX_THREADS, AutoDistillSettings, CaptureSettings
 from router.errors import validation_lines
+from router.policy.base import MAX_DRAFT_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,17 @@ class StructuredOutputSettings(BaseModel):
 
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
+
+
+class PredictionSettings(BaseModel):
+    """Predicted outputs (OpenAI's ``prediction``; ``drafters/prediction.py``): a request
+    that sends the text it expects back drafts from it, up to ``draft_length`` tokens a
+    step (fewer after the target rejects its drafts; the routed drafter drafts where the
+    prediction has nothing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    draft_length: int = Field(default=16, ge=1, le=MAX_DRAFT_LENGTH)
 
 
 class TlsSettings(BaseModel):
@@ -241,6 +253,7 @@ class Settings(BaseSettings):
     auto_distill: AutoDistillSettings = Field(default_factory=lambda: AutoDistillSettings())
     limits: Limits = Field(default_factory=lambda: Limits())
     loss_guard: LossGuardSettings = Field(default_factory=lambda: LossGuardSettings())
+    prediction: PredictionSettings = Field(default_factory=lambda: PredictionSettings())
     structured_output: StructuredOutputSettings = Field(
         default_factory=lambda: StructuredOutputSettings()
     )

@@ -125,7 +125,9 @@ def generation_stats(
 def _checked_sampling(request: GenerateInput) -> None:
     """What the replicas cannot do: vLLM has no typical-p sampling (TGI's ``typical_p``),
     and dropping it would sample another distribution than asked; nor a per-step draft
-    stopping rule (``force_stop_threshold`` was ignored)."""
+    stopping rule (``force_stop_threshold`` was ignored), nor drafts from a predicted
+    output (OpenAI's ``prediction``: the text would be the same without it, the speed
+    the caller counts on not)."""
     sampling = request.route.sampling
     if sampling.do_sample and sampling.typical_p != 1.0:
         raise InvalidFieldError(
@@ -136,6 +138,8 @@ def _checked_sampling(request: GenerateInput) -> None:
             "force_stop_threshold",
             "vLLM replicas have no per-step draft stopping rule (each drafts its own k)",
         )
+    if request.prediction is not None:
+        raise InvalidFieldError("prediction", "vLLM replicas do not draft from a predicted output")
 
 
 def plain_only(sampling: Sampling) -> bool:

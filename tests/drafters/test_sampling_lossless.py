@@ -29,6 +29,7 @@ from drafters.grammar import OutputGrammar
 from drafters.guard import LossGuard
 from drafters.loader import LoadedModel, load_model
 from drafters.penalties import NO_PENALTIES, Penalties
+from drafters.prediction import PredictedDrafter
 from drafters.registry import create_drafter
 from drafters.sampling import SamplingConfig, sampling_probs
 
@@ -340,6 +341,31 @@ def test_samples_follow_plain_sampling_when_the_loss_guard_changes_k(setup: Setu
     )
     assert requested[2] > 0 and sum(n for k, n in requested.items() if k < 2) > 0, requested
     assert chi_square_p_value(guarded, expected) > FALSE_FAILURE
+
+
+@torch.inference_mode()
+def most_likely_path(model: torch.nn.Module, prompt: Sequence[int], length: int) -> list[int]:
+    path: list[int] = []
+    for _ in range(length):
+        path.append(int(model(torch.tensor([[*prompt, *path]])).logits[0, -1].argmax()))
+    return path
+
+
+def test_samples_follow_plain_sampling_with_a_predicted_output(setup: Setup) -> None:
+    """A predicted output (drafters/prediction.py) drafts point masses where the sample
+    follows it, the model drafter elsewhere: the samples follow plain sampling."""
+    prompt = setup.prompts["model"]
+    prediction = tuple(most_likely_path(setup.target.model, prompt, LENGTH + 2))
+    drafter = PredictedDrafter(
+        setup.drafters["model"], prediction, base_k=2, device=setup.target.device
+    )
+    expected = exact_joint(setup.target.model, prompt, TOP_P)
+    speculative, accepted = sample_joint(setup.engine, prompt, drafter, 2, TOP_P)
+    tally = drafter.tally
+    assert tally.steps >= SAMPLES // 10 and tally.accepted >= SAMPLES // 10, tally
+    assert tally.steps < SAMPLES  # and the model drafted where the sample left it
+    assert accepted[1] >= SAMPLES // 20 and accepted[2] >= SAMPLES // 20, accepted
+    assert chi_square_p_value(speculative, expected) > FALSE_FAILURE
 
 
 def test_plain_sampling_follows_the_exact_joint(setup: Setup) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner, Result
@@ -147,3 +148,22 @@ def test_generate_prints_each_tokens_logprob_when_asked(sidecar: SidecarThread) 
     assert all(len(line[3].split(" ")) >= 2 for line in lines)
     plain = _invoke(sidecar, "generate", COMPLETION_PROMPT, "--raw", "--max-new-tokens", "3")
     assert not any(line.count("\t") == 3 for line in plain.stderr.splitlines())
+
+
+def test_generate_drafts_from_a_prediction_file_and_says_how_much_it_kept(
+    sidecar: SidecarThread, tmp_path: Path
+) -> None:
+    args = ("generate", QUESTION, "--max-new-tokens", "8", "--drafter", "none")
+    plain = _invoke(sidecar, *args)
+    answer = tmp_path / "answer.txt"
+    answer.write_text(plain.stdout.rstrip("\n"), encoding="utf-8")
+    predicted = _invoke(sidecar, *args, "--prediction", str(answer))
+    assert predicted.stdout == plain.stdout
+    assert re.search(r"\d+ predicted tokens accepted of \d+\]", predicted.stderr)
+    assert "predicted" not in plain.stderr
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00")
+    result = CliRunner().invoke(
+        build_app(), [*args, "--prediction", str(binary), "--address", sidecar.running.address]
+    )
+    assert result.exit_code == 2 and "cannot read" in result.stderr, result.output

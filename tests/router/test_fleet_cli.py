@@ -482,6 +482,27 @@ def test_typical_p_is_refused_in_fleet_mode(weightless_fleet: WeightlessFleet) -
         Client(url, timeout=60).generate(COMPLETION_PROMPT, max_new_tokens=4, typical_p=0.9)
 
 
+def test_a_predicted_output_is_refused_in_fleet_mode(weightless_fleet: WeightlessFleet) -> None:
+    """vLLM does not draft from a predicted output: a fleet says so by name, over gRPC
+    and over the OpenAI front, rather than serve it at another speed than asked."""
+    request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=4, prediction="Paris")
+    with pytest.raises(grpc.RpcError) as refused:
+        list(weightless_fleet.stub.Generate(request, timeout=60))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prediction" in (refused.value.details() or "")
+    url = weightless_fleet.sidecar.http_url
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(
+            model="target",
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=4,
+            prediction={"type": "content", "content": "Hello"},
+        )
+    error = bad.value.body
+    assert isinstance(error, dict) and error["param"] == "prediction", error
+
+
 def test_a_replica_gets_its_api_key_and_one_without_gets_none(
     weightless_fleet: WeightlessFleet,
 ) -> None:

@@ -904,6 +904,9 @@ def test_a_pinned_drafter_is_served_by_its_own_replicas_or_refused() -> None:
     pinned_stop = GenerateInput(route=RouteInput(prompt=None), force_stop_threshold=0.5)  # type: ignore[arg-type]
     with pytest.raises(InvalidFieldError, match="force_stop_threshold"):
         _checked_sampling(pinned_stop)
+    predicted = GenerateInput(route=RouteInput(prompt=None), prediction="text")  # type: ignore[arg-type]
+    with pytest.raises(InvalidFieldError, match="prediction"):
+        _checked_sampling(predicted)
 
 
 def test_a_logit_bias_goes_to_a_plain_replica_or_is_refused() -> None:
