@@ -918,7 +918,10 @@ class RouterService:
         return ids
 
     def _generation_job(
-        self, routed: RoutedRequest, request: GenerateInput, prediction: tuple[int, ...] | None
+        self,
+        routed: RoutedRequest,
+        request: GenerateInput,
+        prediction: tuple[int, ...] | None = None,
     ) -> Any:
         sampling = request.route.sampling.seeded()
         max_new_tokens = request.route.max_new_tokens
