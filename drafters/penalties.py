@@ -10,7 +10,10 @@ vLLM's (and OpenAI's) parameters, with vLLM's meaning:
 - ``frequency_penalty`` f and ``presence_penalty`` p (0: off): each logit is lowered by
   f times the token's count in the output so far, and by p if it occurs there at all;
 - ``min_tokens`` m: until m tokens are generated the end-of-sequence and stop token ids
-  cannot be chosen (their logits are -inf).
+  cannot be chosen (their logits are -inf);
+- ``allowed_token_ids``: only these tokens can be chosen (every other logit is -inf);
+- ``bad_words``: a word's last token cannot be chosen where the output ends with the
+  word's other tokens (its token sequences: :func:`bad_word_ids`, as vLLM tokenizes them).
 
 Speculative decoding stays lossless under them because each row of a verify pass is
 adjusted for its own prefix: row i scores the token after the i-th draft, so the drafts
@@ -22,7 +25,7 @@ reported log-probabilities stay the model's own (vLLM's default ``raw_logprobs``
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,16 +40,28 @@ class Penalties:
     frequency: float = 0.0
     min_tokens: int = 0
     bias: tuple[tuple[int, float], ...] = ()  # (token id, value added to its logit)
+    allowed: tuple[int, ...] | None = None  # None: every token
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never completed
 
     def __post_init__(self) -> None:
         if self.repetition <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition}")
         if self.min_tokens < 0:
             raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.allowed is not None and not self.allowed:
+            raise ValueError("allowed token ids must not be empty (None allows every token)")
+        if any(not word for word in self.bad_words):
+            raise ValueError("a bad word must have at least one token")
 
     @property
     def active(self) -> bool:
-        return self.penalises or self.min_tokens > 0 or bool(self.bias)
+        return (
+            self.penalises
+            or self.min_tokens > 0
+            or bool(self.bias)
+            or self.allowed is not None
+            or bool(self.bad_words)
+        )
 
     @property
     def penalises(self) -> bool:
@@ -55,6 +70,25 @@ class Penalties:
 
 
 NO_PENALTIES = Penalties()
+
+
+def bad_word_ids(
+    words: Sequence[str], encode: Callable[[str], list[int]]
+) -> tuple[tuple[int, ...], ...]:
+    """vLLM's token sequences for ``bad_words``: each word without its leading spaces,
+    and with one space before it where that is a new first token of as many tokens (a
+    word at the start of the text, and in the middle of it). ``encode``: the tokenizer,
+    no special tokens. A word that tokenizes to nothing is refused (ValueError)."""
+    sequences: list[tuple[int, ...]] = []
+    for word in dict.fromkeys(words):
+        plain = tuple(encode(word.lstrip()))
+        if not plain:
+            raise ValueError(f"bad word {word!r} tokenizes to no token")
+        sequences.append(plain)
+        spaced = tuple(encode(" " + word.lstrip()))
+        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            sequences.append(spaced)
+    return tuple(sequences)
 
 
 class PenaltyState:
@@ -75,6 +109,10 @@ class PenaltyState:
         )
         self._counts: Counter[int] = Counter()  # occurrences in the output
         self.generated = 0
+        # The output's last tokens, as many as the longest bad word's prefix.
+        self._tail_length = max((len(w) - 1 for w in penalties.bad_words), default=0)
+        self._tail: list[int] = []
+        self._disallowed: torch.Tensor | None = None  # [vocab] bool, built on first use
 
     def extend(self, tokens: Sequence[int]) -> None:
         """Tokens emitted: they count as output from now on."""
@@ -82,24 +120,60 @@ class PenaltyState:
         if self.penalties.penalises:
             self._counts.update(tokens)
             self._seen.update(dict.fromkeys(tokens))
+        if self._tail_length:
+            self._tail = [*self._tail, *(int(t) for t in tokens)][-self._tail_length :]
 
     def adjust(self, logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         """``logits`` [d + 1, vocab] of a verify pass over ``drafts`` [d], each row as its
         own prefix asks (module doc); the same tensor when nothing applies to these rows."""
         rows = logits.shape[0]
-        masked = min(rows, self.penalties.min_tokens - self.generated)
-        bias = self.penalties.bias
-        if not self.penalties.penalises and not bias and (masked <= 0 or not self._stop_ids):
+        p = self.penalties
+        masked = min(rows, p.min_tokens - self.generated)
+        if not p.active or (
+            not p.penalises
+            and not p.bias
+            and p.allowed is None
+            and not p.bad_words
+            and (masked <= 0 or not self._stop_ids)
+        ):
             return logits
         out = logits.float().clone()
-        if bias:
-            ids, values = zip(*bias, strict=True)
+        if p.allowed is not None:
+            out[:, self._disallowed_mask(out)] = float("-inf")
+        if p.bad_words:
+            self._mask_bad_words(out, drafts)
+        if p.bias:
+            ids, values = zip(*p.bias, strict=True)
             out[:, list(ids)] += torch.tensor(values, dtype=out.dtype, device=out.device)
         if masked > 0 and self._stop_ids:
             out[:masked, self._stop_ids] = float("-inf")
-        if self.penalties.penalises:
+        if p.penalises:
             out = self._penalised(out, drafts)
         return out
+
+    def _disallowed_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """The columns ``allowed`` leaves out (padding columns past the tokenizer too)."""
+        if self._disallowed is None or self._disallowed.shape[0] != logits.shape[1]:
+            mask = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+            mask[[t for t in self.penalties.allowed or () if t < logits.shape[1]]] = False
+            self._disallowed = mask
+        return self._disallowed
+
+    def _mask_bad_words(self, logits: torch.Tensor, drafts: torch.Tensor) -> None:
+        """Row i's prefix is the output and the drafts before it: a bad word whose other
+        tokens end that prefix cannot end there (changed in place)."""
+        drafted = [int(t) for t in drafts[: logits.shape[0] - 1].tolist()]
+        tokens = [*self._tail, *drafted]
+        base = len(self._tail)
+        output_length = self.generated
+        for row in range(logits.shape[0]):
+            end = base + row  # the prefix of row i: tokens[:end] (its output's tail)
+            for word in self.penalties.bad_words:
+                prefix = len(word) - 1
+                if prefix > output_length + row:
+                    continue  # the output is shorter than the word's prefix
+                if prefix == 0 or tokens[end - prefix : end] == list(word[:-1]):
+                    logits[row, word[-1]] = float("-inf")
 
     def _penalised(self, logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
         """``logits`` (a copy, changed in place) penalised on the columns of the tokens seen

@@ -65,6 +65,8 @@ def sampling_from_pb(message: pb.SamplingParams) -> Sampling:
         structured_output=(
             from_grpc(message.structured_output) if message.HasField("structured_output") else None
         ),
+        allowed_token_ids=tuple(message.allowed_token_ids) or None,
+        bad_words=tuple(message.bad_words),
     )
 
 

@@ -44,6 +44,9 @@ class Sampling:
     min_p: float = 0.0  # vLLM's: [0, 1], a sampling warper after temperature; 0: off
     # vLLM's: False keeps special tokens' text in the output's (not the one that ends it).
     skip_special_tokens: bool = True
+    # vLLM's: only these tokens may be generated (None: any), and words never generated.
+    allowed_token_ids: tuple[int, ...] | None = None
+    bad_words: tuple[str, ...] = ()
     # vLLM's structured output: the output held to a grammar (``drafters/grammar.py``).
     structured_output: OutputGrammar | None = None
 
@@ -171,6 +174,10 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_TOKEN_IDS = 256
 #: Tokens one request may bias (each is one column of every verified row).
 MAX_LOGIT_BIAS = 2048
+#: Bad words one request may name, and their token sequences in all (vLLM's defaults:
+#: ``VLLM_MAX_NUM_BAD_WORDS``, ``VLLM_MAX_BAD_WORDS_TOTAL_TOKENS``).
+MAX_BAD_WORDS = 128
+MAX_BAD_WORD_TOKENS = 1024
 #: The seeds a torch generator takes (a 64-bit integer, signed or not); gRPC's is a uint64.
 SEED_RANGE = (-(2**63), 2**64 - 1)
 MAX_GRAMMAR_CHARS = 100_000  # a structured output's schema, regex or grammar text
@@ -253,6 +260,17 @@ def check_sampling(sampling: Sampling) -> Sampling:
             )
     if sampling.min_tokens < 0:
         raise InvalidFieldError("sampling.min_tokens", f"must be >= 0, got {sampling.min_tokens}")
+    if sampling.allowed_token_ids is not None:
+        if not sampling.allowed_token_ids:
+            raise InvalidFieldError("sampling.allowed_token_ids", "must not be empty")
+        if any(token < 0 for token in sampling.allowed_token_ids):
+            raise InvalidFieldError("sampling.allowed_token_ids", "token ids must be >= 0")
+    if len(sampling.bad_words) > MAX_BAD_WORDS:
+        raise InvalidFieldError(
+            "sampling.bad_words", f"at most {MAX_BAD_WORDS} words, got {len(sampling.bad_words)}"
+        )
+    if any(not word.strip() for word in sampling.bad_words):
+        raise InvalidFieldError("sampling.bad_words", "a bad word must not be empty")
     if sampling.seed is not None and not SEED_RANGE[0] <= sampling.seed <= SEED_RANGE[1]:
         raise InvalidFieldError(
             "sampling.seed", f"must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {sampling.seed}"

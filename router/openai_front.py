@@ -17,6 +17,7 @@ besides the basics: ``n`` choices, log-probabilities (chat's ``logprobs``/
 token-id and several prompts, the presence and frequency penalties, ``logit_bias``, and
 vLLM's ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
 ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``, ``top_k``,
+``allowed_token_ids``, ``bad_words``,
 ``truncate_prompt_tokens``, ``add_generation_prompt``, ``continue_final_message``,
 ``chat_template_kwargs`` and ``stream_options.continuous_usage_stats``; ``tools``,
 answered as ``tool_calls`` (``router.tool_calls``); OpenAI's ``prediction``, drafted from
@@ -130,8 +131,6 @@ UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "audio": (None,),
     "chat_template": (None,),
     # vLLM's sampling extensions beyond those above.
-    "bad_words": (None, []),
-    "allowed_token_ids": (None,),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1, 1.0),
     "spaces_between_special_tokens": (None, True),
@@ -173,6 +172,8 @@ class OpenAIParameters(BaseModel):
     include_stop_str_in_output: bool | None = False  # vLLM's: the text keeps its stop
     stop_token_ids: list[int] | None = None  # vLLM's: more tokens that end the generation
     skip_special_tokens: bool | None = True  # vLLM's: False keeps their text
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens are generated
+    bad_words: list[str] | None = None  # vLLM's: words never generated
     stream: bool | None = False  # null (OpenAI's clients send it for None): not streamed
     stream_options: StreamOptions | None = None
     n: int | None = None
@@ -350,6 +351,10 @@ def sampling_from_openai(body: OpenAIParameters) -> Sampling:
         min_p=body.min_p or 0.0,
         skip_special_tokens=body.skip_special_tokens is not False,
         structured_output=_structured_output(body),
+        allowed_token_ids=(
+            None if body.allowed_token_ids is None else tuple(body.allowed_token_ids)
+        ),
+        bad_words=tuple(body.bad_words or ()),
     )
 
 

@@ -26,6 +26,8 @@ from router.auto_distill import extra_model_roots
 from router.capture import open_capture
 from router.clusters import ClusterCollector
 from router.domain import (
+    MAX_BAD_WORD_TOKENS,
+    MAX_BAD_WORDS,
     DrafterSpec,
     GenerateInput,
     OutcomeInput,
@@ -697,12 +699,35 @@ class RouterService:
             self.check_in_vocabulary("sampling.logit_bias", (t for t, _ in sampling.logit_bias))
         if sampling.stop_token_ids:
             self.check_in_vocabulary("sampling.stop_token_ids", sampling.stop_token_ids)
+        if sampling.allowed_token_ids is not None:
+            self.check_in_vocabulary("sampling.allowed_token_ids", sampling.allowed_token_ids)
+        if sampling.bad_words:
+            self.bad_word_ids(sampling.bad_words)
         if generating and sampling.min_tokens > request.max_new_tokens:
             raise InvalidFieldError(
                 "sampling.min_tokens",
                 f"must be at most max_new_tokens ({request.max_new_tokens}), "
                 f"got {sampling.min_tokens}",
             )
+
+    def bad_word_ids(self, words: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+        """``words``' token sequences as vLLM tokenizes them (``bad_word_ids``), within
+        vLLM's bounds on their count and their tokens (INVALID_ARGUMENT naming
+        ``sampling.bad_words`` beyond them, or for a word of no token)."""
+        from drafters.penalties import bad_word_ids
+
+        try:
+            sequences = bad_word_ids(words, lambda text: self._ids_of(text, special=False))
+        except ValueError as error:
+            raise InvalidFieldError("sampling.bad_words", str(error)) from None
+        tokens = sum(len(s) for s in sequences)
+        if len(sequences) > MAX_BAD_WORDS or tokens > MAX_BAD_WORD_TOKENS:
+            raise InvalidFieldError(
+                "sampling.bad_words",
+                f"{len(sequences)} token sequences of {tokens} tokens in all: at most "
+                f"{MAX_BAD_WORDS} and {MAX_BAD_WORD_TOKENS}",
+            )
+        return sequences
 
     def served_sampling(self, sampling: Sampling) -> Sampling:
         """``sampling`` as this sidecar serves it: its grammar's JSON compact, or closed,
@@ -1017,6 +1042,8 @@ class RouterService:
                 frequency=sampling.frequency_penalty,
                 min_tokens=sampling.min_tokens,
                 bias=sampling.logit_bias,
+                allowed=sampling.allowed_token_ids,
+                bad_words=self.bad_word_ids(sampling.bad_words) if sampling.bad_words else (),
             ),
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=sampling.skip_special_tokens,

@@ -124,6 +124,10 @@ def completion_body(
         body["min_tokens"] = sampling.min_tokens
     if sampling.logit_bias:
         body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias}
+    if sampling.allowed_token_ids is not None:
+        body["allowed_token_ids"] = list(sampling.allowed_token_ids)
+    if sampling.bad_words:
+        body["bad_words"] = list(sampling.bad_words)
     if sampling.structured_output is not None:
         body["structured_outputs"] = vllm_structured_outputs(sampling.structured_output)
     if logprobs is not None:

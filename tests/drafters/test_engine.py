@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -9,7 +11,7 @@ from transformers import DynamicCache
 from drafters.base import Drafter
 from drafters.engine import SpeculativeEngine, prefill
 from drafters.loader import LoadedModel, load_model
-from drafters.penalties import Penalties
+from drafters.penalties import Penalties, bad_word_ids
 from drafters.registry import create_drafter
 from drafters.sampling import SamplingConfig
 from drafters.stats import GenerationStats
@@ -349,6 +351,59 @@ def test_special_tokens_text_is_output_when_not_skipped(
         assert len(output) == 5 and output[-1] == EOS_ID and EOS_ID not in output[:4]
         assert ended.stats.finish_reason == "eos_token"
         assert ended.text == decode(output[:4], skip_special_tokens=False)
+
+
+def test_allowed_tokens_and_bad_words_hold_whatever_the_drafter(
+    engine: SpeculativeEngine,
+    target: LoadedModel,
+    drafters: dict[str, Drafter],
+    prompts: list[list[int]],
+    references: list[list[int]],
+) -> None:
+    """vLLM's ``allowed_token_ids`` (greedy output: transformers' own under
+    ``prefix_allowed_tokens_fn``) and ``bad_words`` (never completed in the output; the
+    same output as plain decoding under them), whatever the drafter."""
+    index = 1  # a prompt with a repeated stretch: the n-gram drafter drafts
+    reference = references[index]
+    allowed = tuple(sorted(set(reference[1:6]) | {5, 9, 11}))
+    with torch.inference_mode():
+        expected = target.model.generate(
+            torch.tensor([prompts[index]]),
+            max_new_tokens=MAX_NEW,
+            do_sample=False,
+            prefix_allowed_tokens_fn=lambda batch, ids: list(allowed),
+            eos_token_id=sorted(engine.stop_token_ids),
+            pad_token_id=0,
+        )[0, len(prompts[index]) :].tolist()
+    assert expected != reference and set(expected) <= set(allowed)
+    only = Penalties(allowed=allowed)
+    for kind, k in (("none", 0), ("ngram", 4), ("close", 1), ("close", 4)):
+        run = engine.generate(
+            prompts[index], drafters[kind], k, max_new_tokens=MAX_NEW, penalties=only
+        )
+        assert run.collect() == expected, (kind, k)
+    pair, single = (reference[2], reference[3]), reference[6]
+    barred = Penalties(bad_words=(pair, (single,)))
+    plain = engine.generate(
+        prompts[index], drafters["none"], 0, max_new_tokens=MAX_NEW, penalties=barred
+    ).collect()
+    assert plain != reference and single not in plain
+    assert pair not in set(itertools.pairwise(plain))
+    for kind, k in (("ngram", 4), ("close", 1), ("close", 4)):
+        run = engine.generate(
+            prompts[index], drafters[kind], k, max_new_tokens=MAX_NEW, penalties=barred
+        )
+        assert run.collect() == plain, (kind, k)
+
+
+def test_bad_words_are_tokenized_as_vllm_tokenizes_them() -> None:
+    """Each word without its leading spaces, and with a space before it where that makes
+    a new first token of as many tokens."""
+    vocabulary = {"hat": [1], " hat": [2], "red hat": [3, 1], " red hat": [4, 1], "x": [5]}
+    sequences = bad_word_ids(["hat", "  red hat", "x", "hat"], lambda t: vocabulary.get(t, [6, 7]))
+    assert sequences == ((1,), (2,), (3, 1), (4, 1), (5,))
+    with pytest.raises(ValueError, match="no token"):
+        bad_word_ids(["y"], lambda t: [])
 
 
 def test_penalties_and_min_tokens_keep_greedy_output_the_penalised_targets(

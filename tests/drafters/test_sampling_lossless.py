@@ -153,6 +153,13 @@ def penalised(
     """A row [1, vocab] under ``penalties`` after ``prompt`` and ``output``, token by token
     as vLLM's documentation states them (the reference for ``drafters/penalties.py``)."""
     row = logits.clone()
+    if penalties.allowed is not None:
+        row[0, sorted(set(range(row.shape[1])) - set(penalties.allowed))] = float("-inf")
+    for word in penalties.bad_words:  # its last token, where the output ends with the rest
+        if len(word) - 1 <= len(output) and list(output[len(output) - len(word) + 1 :]) == list(
+            word[:-1]
+        ):
+            row[0, word[-1]] = float("-inf")
     for token, bias in penalties.bias:  # before the penalties, as vLLM applies it
         row[0, token] += bias
     for token in set(prompt) | set(output):
@@ -288,6 +295,24 @@ def test_samples_under_penalties_follow_plain_sampling_under_them(setup: Setup) 
     for its own prefix (the drafts before it count as output there), so speculative
     samples follow plain sampling of the penalised target, as ``penalised`` states it."""
     penalties = Penalties(repetition=1.6, presence=0.5, frequency=0.4, bias=((3, 0.6), (5, -0.8)))
+    prompt = setup.prompts["model"]
+    expected = exact_joint(setup.target.model, prompt, TOP_P, penalties)
+    assert expected != exact_joint(setup.target.model, prompt, TOP_P)
+    speculative, accepted = sample_joint(
+        setup.engine, prompt, setup.drafters["model"], 2, TOP_P, penalties=penalties
+    )
+    assert accepted[1] >= SAMPLES // 20 and accepted[2] >= SAMPLES // 20, accepted
+    assert chi_square_p_value(speculative, expected) > FALSE_FAILURE
+
+
+def test_samples_under_allowed_tokens_and_bad_words_follow_plain_sampling_under_them(
+    setup: Setup,
+) -> None:
+    """vLLM's allowed_token_ids and bad_words: each verified row is masked for its own
+    prefix (a bad word's last token where the output, drafts before the row included,
+    ends with the word's other tokens), so speculative samples follow plain sampling of
+    the masked target, as ``penalised`` states it."""
+    penalties = Penalties(allowed=(0, 1, 2, 3, 4, 5), bad_words=((2, 3), (1, 1), (4,)))
     prompt = setup.prompts["model"]
     expected = exact_joint(setup.target.model, prompt, TOP_P, penalties)
     assert expected != exact_joint(setup.target.model, prompt, TOP_P)

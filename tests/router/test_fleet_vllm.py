@@ -313,6 +313,25 @@ def test_penalties_and_a_logit_bias_reach_the_replicas(fleet: Fleet) -> None:
     assert "logit_bias" in str(pinned.value.details())
 
 
+def test_allowed_token_ids_and_bad_words_reach_the_replicas(fleet: Fleet) -> None:
+    """vLLM's allowed_token_ids and bad_words, forwarded: vLLM's output under them is the
+    in-process engine's, on every configuration (its rejection sampler masks them too)."""
+    from drafters.penalties import Penalties
+
+    tokenizer = fleet.service.tokenizer
+    letters = tuple(tokenizer.convert_tokens_to_ids(list("abcdefgh")))
+    lettered = reference_ids(fleet, penalties=Penalties(allowed=letters))
+    assert set(lettered) <= set(letters)
+    words = [tokenizer.decode(lettered[:1])]  # the letter it begins with: barred too
+    penalties = Penalties(allowed=letters, bad_words=fleet.service.bad_word_ids(words))
+    expected = reference_ids(fleet, penalties=penalties)
+    assert expected != lettered and set(expected) <= set(letters) - set(lettered[:1])
+    sampling = pb.SamplingParams(allowed_token_ids=letters, bad_words=words)
+    for drafter in ("none", "ngram", "twin"):
+        _, ids, _ = generate(fleet, drafter, sampling=sampling)
+        assert ids == expected, drafter
+
+
 def test_structured_output_reaches_the_replicas(fleet: Fleet) -> None:
     """A grammar forwarded as vLLM's structured_outputs: vLLM's output under it is the
     in-process engine's (its own grammar mask), on every configuration."""

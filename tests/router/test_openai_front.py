@@ -621,7 +621,11 @@ def test_chat_logprobs_and_top_logprobs(sidecar: SidecarThread) -> None:
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"stop_token_ids": list(range(257))}, "stop_token_ids"),  # over 256
         ({"use_beam_search": True}, "use_beam_search"),
-        ({"allowed_token_ids": [3, 4]}, "allowed_token_ids"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
+        ({"allowed_token_ids": [10**9]}, "allowed_token_ids"),  # outside the vocabulary
+        ({"bad_words": [" "]}, "bad_words"),
+        ({"bad_words": [f"w{i}" for i in range(129)]}, "bad_words"),  # over vLLM's 128
     ],
 )
 def test_bad_parameters_are_400_with_an_openai_error(
@@ -1061,6 +1065,44 @@ def test_penalties_and_min_tokens_are_served(
         model="target", messages=chat, max_tokens=16, temperature=0, extra_body={"min_tokens": 12}
     )
     assert longer.usage is not None and longer.usage.completion_tokens >= 12
+
+
+def test_allowed_token_ids_and_bad_words_are_vllms(sidecar: SidecarThread) -> None:
+    """vLLM's ``allowed_token_ids`` and ``bad_words`` (were refused by name): the text is
+    the target's own under them, over OpenAI and over gRPC."""
+    from drafters.penalties import Penalties
+
+    _, text = greedy_reference(sidecar, PROMPT, 8)
+    tokenizer = sidecar.service.tokenizer
+    letters = tuple(tokenizer.convert_tokens_to_ids(list("abcdefgh")))
+    expected = penalised_reference(sidecar, Penalties(allowed=letters), 8)
+    assert expected != text and set(expected) <= set("abcdefgh")
+    word = expected[0]  # a letter the allowed letters' text begins with: barred too
+    barred = Penalties(allowed=letters, bad_words=sidecar.service.bad_word_ids([word]))
+    unbarred = penalised_reference(sidecar, barred, 8)
+    assert word not in unbarred and unbarred != expected
+    for stream in (False, True):
+        reply = client(sidecar).completions.create(
+            model="target",
+            prompt=PROMPT,
+            max_tokens=8,
+            temperature=0,
+            extra_body={"allowed_token_ids": list(letters)},
+            stream=stream,
+        )
+        chunks = list(reply) if stream else [reply]
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    reply = client(sidecar).completions.create(
+        model="target",
+        prompt=PROMPT,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"allowed_token_ids": list(letters), "bad_words": [word]},
+    )
+    assert reply.choices[0].text == unbarred
+    sampling = pb.SamplingParams(allowed_token_ids=letters)
+    request = pb.GenerateRequest(text=PROMPT, max_new_tokens=8, sampling=sampling, no_update=True)
+    assert list(sidecar.stub.Generate(request, timeout=60))[-1].stats.generated_text == expected
 
 
 def test_stop_token_ids_and_ignore_eos_are_vllms(
