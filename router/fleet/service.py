@@ -142,6 +142,26 @@ def _checked_sampling(request: GenerateInput) -> None:
         raise InvalidFieldError("prediction", "vLLM replicas do not draft from a predicted output")
 
 
+def continued_sampling(sampling: Sampling, emitted: int) -> Sampling:
+    """``sampling`` for a replica that goes on after ``emitted`` tokens of another, which it
+    reads as prompt: ``min_tokens`` less those. A grammar cannot be taken up part-way
+    (vLLM's structured output starts at the first token it generates, so the rest would
+    not fit what came): such a request fails over before its first token only, and after
+    it ends with an error instead of an answer that breaks its grammar. Presence and
+    frequency penalties and bad words then count the new replica's tokens only (vLLM's
+    count output tokens, not prompt tokens): the answer goes on, under penalties that
+    forget what came before."""
+    if emitted == 0:
+        return sampling
+    if sampling.structured_output is not None:
+        raise GenerationFailedError(
+            f"the request's replica failed after {emitted} tokens, and a request under "
+            "structured output cannot go on on another replica (vLLM would start the "
+            "grammar again after them)"
+        )
+    return replace(sampling, min_tokens=max(0, sampling.min_tokens - emitted))
+
+
 def plain_only(sampling: Sampling) -> bool:
     """Whether only a replica without speculation can serve these parameters: vLLM (0.32)
     refuses ``logit_bias`` and ``min_p`` with speculative decoding."""
@@ -544,7 +564,9 @@ class FleetRouterService(RouterService):
             replica.spec.model,
             [*placed.prompt_ids, *progress.output_ids],
             remaining,
-            self.served_sampling(request.route.sampling),
+            continued_sampling(
+                self.served_sampling(request.route.sampling), len(progress.output_ids)
+            ),
             request.logprobs,
         )
         if request.prompt_logprobs is not None and not progress.scored_prompt:

@@ -802,6 +802,71 @@ def test_a_stop_string_begun_before_a_failover_ends_the_request(
     assert progress.output_ids == ids[:3]  # nothing past the stop's last token
 
 
+def test_a_replica_going_on_takes_up_min_tokens_and_a_grammar_is_not_taken_up_part_way(
+    tiny_world: ModelBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failover the next replica reads the tokens received as prompt: it was asked
+    for all of min_tokens again (a longer answer than asked), and a grammar started again
+    after them (an answer that breaks it). min_tokens is now what is left; a request under
+    structured output fails over before its first token only, else ends with an error."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from drafters.detokenize import IncrementalDetokenizer
+    from router.domain import GenerateInput, RouteInput
+    from router.errors import GenerationFailedError
+    from router.fleet import service as service_module
+    from router.fleet.config import ReplicaSpec
+    from router.fleet.service import _Progress, continued_sampling
+
+    bodies: list[dict[str, Any]] = []
+
+    async def next_replica(*args: Any) -> Any:
+        bodies.append(args[2])
+        return
+        yield
+
+    monkeypatch.setattr(service_module, "replica_stream", next_replica)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_world.target_dir)
+    service = FleetRouterService.__new__(FleetRouterService)
+    service._session = object()  # type: ignore[assignment]
+    service.fleet = SimpleNamespace(connect_timeout_s=1.0)  # type: ignore[assignment]
+    service.settings = SimpleNamespace(
+        structured_output=SimpleNamespace(  # type: ignore[assignment]
+            disable_any_whitespace=False, disable_additional_properties=False
+        )
+    )
+    spec = ReplicaSpec(url="http://b:8000", model="target", speculative="none", name="b")
+    grammar = OutputGrammar("regex", "[a-z ]+")
+
+    def attempt(sampling: Sampling, received: list[int]) -> None:
+        progress = _Progress(list(received), [], IncrementalDetokenizer(tokenizer), attempts=2)
+        route = RouteInput(prompt=None, max_new_tokens=20, sampling=sampling)  # type: ignore[arg-type]
+        request = GenerateInput(route=route)
+
+        async def run() -> None:
+            replica = Replica(spec, 2, 5.0)  # type: ignore[arg-type]
+            async for _ in service._attempt(_routed_to("none", 0), replica, request, progress):
+                pass
+
+        asyncio.run(run())
+
+    attempt(Sampling(min_tokens=8), [5, 6, 7])
+    assert bodies[-1]["min_tokens"] == 5 and bodies[-1]["max_tokens"] == 17
+    attempt(Sampling(min_tokens=2), [5, 6, 7])
+    assert "min_tokens" not in bodies[-1]
+    attempt(Sampling(structured_output=grammar), [])  # before the first token: served
+    assert "structured_outputs" in bodies[-1]
+    with pytest.raises(GenerationFailedError, match="structured output"):
+        attempt(Sampling(structured_output=grammar), [5, 6])
+    assert len(bodies) == 3
+    sampling = Sampling(min_tokens=4, presence_penalty=0.5)
+    assert continued_sampling(sampling, 0) is sampling
+    assert continued_sampling(sampling, 9) == replace(sampling, min_tokens=0)
+
+
 def test_tokens_after_a_stop_string_in_one_chunk_are_not_output(tiny_world: ModelBundle) -> None:
     """A chunk that carries the stop string's last token and more (the tokens a replica
     that never saw the string's start went on with) kept them all in the output ids."""
