@@ -183,6 +183,8 @@ def generate_request(
         message.sampling.structured_output.CopyFrom(
             router_pb2.StructuredOutput(**sampling.structured_output.model_dump())
         )
+    if request.prediction is not None:
+        message.prediction = request.prediction
     if request.prompt is not None:
         message.text = request.prompt
     else:

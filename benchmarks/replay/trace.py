@@ -9,7 +9,8 @@ be left out) or an event that changes the sidecar mid-replay (``register_drafter
 
 ``prompt`` (already templated text) may replace ``messages``; exactly one of them is set.
 ``sampling.structured_output`` (``{"kind": "json", "spec": "<schema>"}``, as the gRPC
-``StructuredOutput``) holds a request's output to a grammar.
+``StructuredOutput``) holds a request's output to a grammar; ``prediction`` (text) is
+the answer the request expects back (OpenAI's predicted outputs), drafted from first.
 ``task`` is optional: without it the per-task tables group by the classifier's cluster.
 """
 
@@ -76,6 +77,7 @@ class TraceRequest(BaseModel):
     max_new_tokens: Annotated[int, Field(gt=0, le=100_000)]
     sampling: TraceSampling = TraceSampling()
     arrival_s: Annotated[float, Field(ge=0.0)] = 0.0
+    prediction: str | None = None  # the expected answer (GenerateRequest.prediction)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> TraceRequest:

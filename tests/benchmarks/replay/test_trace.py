@@ -125,3 +125,15 @@ def test_a_requests_structured_output_parses_and_reaches_the_generate_request() 
     assert not plain.sampling.HasField("structured_output")
     bad = line.replace('"kind": "json"', '"kind": "yaml"')
     assert "field 'sampling.structured_output.kind'" in _error([GOOD[0], bad])
+    assert not plain.HasField("prediction")
+
+
+def test_a_requests_prediction_reaches_the_generate_request() -> None:
+    """A trace of predicted-output traffic (edits) replays with its predictions."""
+    from benchmarks.replay.client import generate_request
+
+    line = '{"id": "e", "prompt": "p", "max_new_tokens": 8, "prediction": "the file"}'
+    (request,) = parse_trace_lines([line], name="t").requests
+    message = generate_request(request, pin=None, no_update=False, task_hint=False)
+    assert message.HasField("prediction") and message.prediction == "the file"
+    assert "field 'prediction'" in _error([GOOD[0], line.replace('"the file"', "3")])
