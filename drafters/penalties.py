@@ -15,6 +15,10 @@ vLLM's (and OpenAI's) parameters, with vLLM's meaning:
 - ``bad_words``: a word's last token cannot be chosen where the output ends with the
   word's other tokens (its token sequences: :func:`bad_word_ids`, as vLLM tokenizes them).
 
+Where bad words and ``min_tokens`` would leave no allowed token at a position (``min_tokens``
+with stop tokens alone allowed, say), they give way there and the allowed tokens are
+scored as they are: a row with no token left has no distribution to sample from.
+
 Speculative decoding stays lossless under them because each row of a verify pass is
 adjusted for its own prefix: row i scores the token after the i-th draft, so the drafts
 before it count as output there. The drafter proposes from its own distribution as
@@ -140,13 +144,19 @@ class PenaltyState:
         out = logits.float().clone()
         if p.allowed is not None:
             out[:, self._disallowed_mask(out)] = float("-inf")
-        if p.bad_words:
-            self._mask_bad_words(out, drafts)
         if p.bias:
             ids, values = zip(*p.bias, strict=True)
             out[:, list(ids)] += torch.tensor(values, dtype=out.dtype, device=out.device)
+        # What bad words and min_tokens give way to where they leave no allowed token.
+        fallback = out.clone() if p.allowed is not None else None
+        if p.bad_words:
+            self._mask_bad_words(out, drafts)
         if masked > 0 and self._stop_ids:
             out[:masked, self._stop_ids] = float("-inf")
+        if fallback is not None:
+            empty = torch.isneginf(out).all(dim=-1)
+            if bool(empty.any()):
+                out[empty] = fallback[empty]
         if p.penalises:
             out = self._penalised(out, drafts)
         return out

@@ -396,6 +396,44 @@ def test_allowed_tokens_and_bad_words_hold_whatever_the_drafter(
         assert run.collect() == plain, (kind, k)
 
 
+def test_bad_words_and_min_tokens_give_way_where_they_leave_no_allowed_token(
+    engine: SpeculativeEngine,
+    drafters: dict[str, Drafter],
+    prompts: list[list[int]],
+) -> None:
+    """A row with every logit -inf has nothing to sample (sampling failed with a NaN
+    error, greedy wrote token 0, outside the allowed ones): there the allowed tokens are
+    scored as they are."""
+    allowed = (5, 9)
+    only = engine.generate(
+        prompts[0], drafters["none"], 0, max_new_tokens=8, penalties=Penalties(allowed=allowed)
+    ).collect()
+    contradicting = Penalties(allowed=allowed, bad_words=((5,), (9,)))
+    for kind, k in (("none", 0), ("close", 4)):
+        greedy = engine.generate(
+            prompts[0], drafters[kind], k, max_new_tokens=8, penalties=contradicting
+        )
+        assert greedy.collect() == only, kind
+        sampled = engine.generate(
+            prompts[0],
+            drafters[kind],
+            k,
+            max_new_tokens=8,
+            penalties=contradicting,
+            sampling=SamplingConfig(do_sample=True, temperature=0.9, seed=3),
+        )
+        assert set(sampled.collect()) <= set(allowed), kind
+    ended = engine.generate(
+        prompts[0],
+        drafters["close"],
+        4,
+        max_new_tokens=8,
+        penalties=Penalties(allowed=(EOS_ID,), min_tokens=4),
+    )
+    # The end of turn is the only token left; nothing stops before min_tokens still.
+    assert ended.collect() == [EOS_ID] * 5 and ended.stats.finish_reason == "eos_token"
+
+
 def test_bad_words_are_tokenized_as_vllm_tokenizes_them() -> None:
     """Each word without its leading spaces, and with a space before it where that makes
     a new first token of as many tokens."""

@@ -88,6 +88,8 @@ def _sampling() -> st.SearchStrategy[pb.SamplingParams]:
             max_size=3,
         ),
         min_p=st.one_of(st.floats(0, 1), FLOAT32),
+        allowed_token_ids=st.lists(st.one_of(st.integers(0, 300), UINT32), max_size=3),
+        bad_words=st.lists(TEXT, max_size=2),
     )
 
 
@@ -135,6 +137,7 @@ def _generate_requests(world: ServingWorld) -> st.SearchStrategy[pb.GenerateRequ
             "force_draft_length": st.one_of(st.integers(0, 32), UINT32),
             "force_stop_threshold": st.one_of(st.floats(0.0, 0.99), FLOAT32),
             "no_update": st.booleans(),
+            "prediction": st.one_of(TEXT, st.sampled_from(sorted(world.prompts.values()))),
         },
     )
     return st.builds(
