@@ -953,7 +953,10 @@ class RouterService:
 
         def job(emit: Any, should_stop: Any) -> GenerationResult:
             served, drafter = self._still_served(routed, pinned=bool(request.force_drafter))
-            predicted = self._predicted(served, drafter, prediction)
+            # Pinned to no drafter: plain decoding, the reference speed-ups are measured
+            # against (a replay's), prediction or not.
+            plain = request.force_drafter == NONE_DRAFTER
+            predicted = None if plain else self._predicted(served, drafter, prediction)
             result = self._run_engine(
                 served,
                 drafter if predicted is None else predicted,

@@ -157,7 +157,8 @@ def test_generate_drafts_from_a_prediction_file_and_says_how_much_it_kept(
     plain = _invoke(sidecar, *args)
     answer = tmp_path / "answer.txt"
     answer.write_text(plain.stdout.rstrip("\n"), encoding="utf-8")
-    predicted = _invoke(sidecar, *args, "--prediction", str(answer))
+    drafted = ("generate", QUESTION, "--max-new-tokens", "8", "--drafter", "generic")
+    predicted = _invoke(sidecar, *drafted, "--prediction", str(answer))
     assert predicted.stdout == plain.stdout
     assert re.search(r"\d+ predicted tokens accepted of \d+\]", predicted.stderr)
     assert "predicted" not in plain.stderr
