@@ -100,17 +100,32 @@ def test_stop_tokens_end_a_predicted_draft(plain: Drafter) -> None:
 
 
 def test_greedy_output_is_the_targets_whatever_the_prediction(
-    engine: SpeculativeEngine, target: LoadedModel, model_drafter: Drafter, plain: Drafter
+    engine: SpeculativeEngine,
+    target: LoadedModel,
+    tiny_models: TinyModels,
+    model_drafter: Drafter,
+    plain: Drafter,
 ) -> None:
     """The answer itself, the answer with edits, and unrelated tokens: the output is the
     target's; the answer itself is accepted whole, in far fewer steps."""
     followed = 0  # runs whose prediction was the answer and that used it
+    # Every kind of routed drafter catches up on the steps the prediction drafted.
+    others = [
+        (create_drafter("ngram", name="ngram", target=target), 4),
+        (create_drafter("self", name="self", target=target, options={"exit_layer": "1"}), 3),
+        (
+            create_drafter(
+                "copy-or-model", name="hybrid", target=target, path=tiny_models.close_dir
+            ),
+            4,
+        ),
+    ]
     for prompt in make_prompts(6, seed=31):
         reference = reference_greedy(target, engine, prompt, MAX_NEW)
         edited = [t if i % 5 != 2 else (t + 1) % 50 + 3 for i, t in enumerate(reference)]
         unrelated = [7, 8, 9, 10, 11, 12] * 5
         for prediction in (reference, edited, unrelated):
-            for base, base_k in ((model_drafter, 3), (plain, 0)):
+            for base, base_k in ((model_drafter, 3), (plain, 0), *others):
                 drafter = PredictedDrafter(base, tuple(prediction), base_k, target.device)
                 run = engine.generate(prompt, drafter, 8, max_new_tokens=MAX_NEW)
                 output = run.collect()
