@@ -133,13 +133,8 @@ class PenaltyState:
         rows = logits.shape[0]
         p = self.penalties
         masked = min(rows, p.min_tokens - self.generated)
-        if not p.active or (
-            not p.penalises
-            and not p.bias
-            and p.allowed is None
-            and not p.bad_words
-            and (masked <= 0 or not self._stop_ids)
-        ):
+        stops = masked > 0 and bool(self._stop_ids)
+        if not (p.penalises or p.bias or p.allowed is not None or p.bad_words or stops):
             return logits
         out = logits.float().clone()
         if p.allowed is not None:
@@ -148,10 +143,11 @@ class PenaltyState:
             ids, values = zip(*p.bias, strict=True)
             out[:, list(ids)] += torch.tensor(values, dtype=out.dtype, device=out.device)
         # What bad words and min_tokens give way to where they leave no allowed token.
-        fallback = out.clone() if p.allowed is not None else None
+        gives_way = p.allowed is not None and (bool(p.bad_words) or stops)
+        fallback = out.clone() if gives_way else None
         if p.bad_words:
             self._mask_bad_words(out, drafts)
-        if masked > 0 and self._stop_ids:
+        if stops:
             out[:masked, self._stop_ids] = float("-inf")
         if fallback is not None:
             empty = torch.isneginf(out).all(dim=-1)
@@ -182,7 +178,7 @@ class PenaltyState:
                 prefix = len(word) - 1
                 if prefix > output_length + row:
                     continue  # the output is shorter than the word's prefix
-                if prefix == 0 or tokens[end - prefix : end] == list(word[:-1]):
+                if tuple(tokens[end - prefix : end]) == word[:-1]:
                     logits[row, word[-1]] = float("-inf")
 
     def _penalised(self, logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
