@@ -92,7 +92,7 @@ class TgiParameters(BaseModel):
     details: bool = False
     decoder_input_details: bool = False
     top_n_tokens: int | None = None
-    grammar: Any = None  # {"type": "json" | "regex", "value": ...}
+    grammar: Any = None  # {"type": "json" | "json_object" | "regex" | "json_schema", "value": ...}
     adapter_id: str | None = None  # a LoRA adapter (huggingface_hub always sends the key)
 
 

@@ -7,7 +7,10 @@
   (Lark or GBNF) or ``json_object``, and ``disable_any_whitespace`` and
   ``disable_additional_properties``; its older
   ``guided_json``, ``guided_regex``, ``guided_choice`` and ``guided_grammar`` too;
-- TGI: ``parameters.grammar`` ``{"type": "json" | "regex", "value": ...}``.
+- TGI: ``parameters.grammar`` ``{"type": ..., "value": ...}`` with type ``json`` (its
+  alias ``json_object``: the value is a schema), ``regex`` or ``json_schema`` (the value
+  ``{"name": ..., "schema": {...}}``); TGI's Messages API takes the same object as its
+  ``response_format``, so an OpenAI ``response_format`` with a ``value`` is read this way.
 
 One request asks for one constraint: two (say ``response_format`` and ``guided_regex``)
 are refused, as is anything this sidecar would not honour (vLLM's structural tags,
@@ -37,6 +40,8 @@ LEGACY_FIELDS = {
     "guided_choice": "choice",
     "guided_grammar": "grammar",
 }
+# TGI's grammar types and the kind each is (``json_schema``'s value wraps its schema).
+TGI_GRAMMAR_TYPES = {"json": "json", "json_object": "json", "regex": "regex", "json_schema": "json"}
 
 
 def grammar_of(
@@ -105,11 +110,16 @@ def from_structured_outputs(options: Any, field: str = "structured_outputs") -> 
 
 
 def from_response_format(response_format: Any) -> OutputGrammar | None:
-    """OpenAI's ``response_format``: None for text."""
+    """OpenAI's ``response_format``: None for text. One with a ``value`` is TGI's form of
+    it (its Messages API, which clients written for TGI send through the ``openai``
+    package): a ``json_object`` there carries a schema, which OpenAI's reading would
+    drop."""
     if response_format is None:
         return None
     if not isinstance(response_format, Mapping):
         raise InvalidFieldError("response_format", "must be an object")
+    if "value" in response_format:
+        return from_tgi(response_format, "response_format")
     kind = response_format.get("type")
     if kind == "text":
         return None
@@ -147,17 +157,26 @@ def from_openai(response_format: Any, extra: Mapping[str, Any]) -> OutputGrammar
     return next(iter(found.values()), None)
 
 
-def from_tgi(grammar: Any) -> OutputGrammar | None:
-    """TGI's ``parameters.grammar``: ``{"type": "json", "value": schema}`` or
-    ``{"type": "regex", "value": expression}``."""
+def from_tgi(grammar: Any, field: str = "grammar") -> OutputGrammar | None:
+    """TGI's ``parameters.grammar`` (module doc): ``{"type": "json" | "json_object",
+    "value": schema}``, ``{"type": "regex", "value": expression}`` or ``{"type":
+    "json_schema", "value": {"name": ..., "schema": schema}}``."""
     if grammar is None:
         return None
     if not isinstance(grammar, Mapping) or "value" not in grammar:
-        raise InvalidFieldError("grammar", 'must be {"type": "json" | "regex", "value": ...}')
-    kind = grammar.get("type")
-    if kind not in ("json", "regex"):
-        raise InvalidFieldError("grammar.type", f"must be json or regex, got {kind!r}")
-    return grammar_of(str(kind), grammar["value"], "grammar.value")
+        raise InvalidFieldError(field, 'must be {"type": ..., "value": ...}')
+    kind, value = grammar.get("type"), grammar["value"]
+    if kind not in TGI_GRAMMAR_TYPES:
+        raise InvalidFieldError(
+            f"{field}.type", f"must be one of {', '.join(TGI_GRAMMAR_TYPES)}, got {kind!r}"
+        )
+    if kind == "json_schema":
+        if not isinstance(value, Mapping) or value.get("schema") is None:
+            raise InvalidFieldError(
+                f"{field}.value.schema", 'a json_schema grammar is {"name": ..., "schema": {...}}'
+            )
+        return grammar_of("json", value["schema"], f"{field}.value.schema")
+    return grammar_of(TGI_GRAMMAR_TYPES[kind], value, f"{field}.value")
 
 
 def from_grpc(message: Any) -> OutputGrammar:
