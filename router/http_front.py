@@ -564,8 +564,10 @@ def build_http_app(service: RouterService, data_token: str | None = None) -> web
     app.router.add_get("/info", info_route)
     app.router.add_get("/health", health_route)
     from router.openai_front import add_openai_routes
+    from router.responses_front import add_responses_routes
     from router.tokenize_routes import add_tokenize_routes
 
+    add_responses_routes(app)  # before the OpenAI front's catch-all of /v1/
     add_openai_routes(app)
     add_tokenize_routes(app)
     return app

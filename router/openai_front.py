@@ -3,7 +3,8 @@
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``"stream": true`` as
 server-sent events ending with ``data: [DONE]``) and ``GET /v1/models``, with OpenAI's
 JSON, so the official ``openai`` client works unchanged against the sidecar (the
-in-process engine, or a vLLM fleet behind it). Errors are
+in-process engine, or a vLLM fleet behind it); ``POST /v1/responses`` is
+``router.responses_front``, on this module's chat path. Errors are
 ``{"error": {"message", "type", "param", "code"}}`` with 400 / 401 / 404 / 429 / 500.
 
 A request the sidecar cannot honour (``best_of``, ``suffix`` and vLLM's extensions in

@@ -451,6 +451,21 @@ def test_openai_and_tgi_fronts_forward_to_the_fleet(fleet: Fleet) -> None:
         model="target", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0
     )
     assert chat.choices[0].finish_reason in {"stop", "length"}
+    # The Responses API: the chat's answer, and vLLM's own /v1/responses answer for it.
+    asked: Any = {"input": "Hello", "max_output_tokens": 8, "temperature": 0}
+    response = client.responses.create(model="target", **asked)
+    assert response.output_text == chat.choices[0].message.content
+    replica = fleet.servers["none"]
+    vllm = openai.OpenAI(base_url=f"{replica.url}/v1", api_key=replica.api_key, max_retries=0)
+    theirs = vllm.responses.create(model="target", **asked)  # the name it serves
+    assert response.output_text == theirs.output_text
+    assert response.status == theirs.status
+    assert response.usage is not None and theirs.usage is not None
+    assert response.usage.input_tokens == theirs.usage.input_tokens
+    assert response.usage.output_tokens == theirs.usage.output_tokens
+    with client.responses.stream(model="target", **asked) as events:
+        deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == response.output_text
     tgi = Client(fleet.sidecar.http_url, timeout=60).generate(PROMPT, max_new_tokens=TOKENS)
     assert tgi.generated_text == expected_text
     assert tgi.details.generated_tokens == TOKENS

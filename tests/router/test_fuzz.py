@@ -700,6 +700,23 @@ def test_each_http_body_value_at_its_extremes(
             "chat_template_kwargs": {"enable_thinking": False},
             **extended,
         },
+        "/v1/responses": {
+            "model": "target",
+            "instructions": "Be brief.",
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": prompt}]},
+                {"role": "assistant", "content": [{"type": "output_text", "text": "Yes."}]},
+                {"type": "message", "role": "user", "content": "Go on."},
+            ],
+            "max_output_tokens": 4,
+            "temperature": 0.8,
+            "top_p": 0.9,
+            "top_k": 20,
+            "presence_penalty": 0.5,
+            "logit_bias": {"5": 1.5},
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
+            "metadata": {"k": "v"},
+        },
     }
     failed = []
     for route, body in bodies.items():

@@ -1,0 +1,244 @@
+"""OpenAI's Responses API (``/v1/responses``) through the official ``openai`` client: the
+answer is the chat completion's for the same conversation, streamed as the API's typed
+events (which the client's own stream helper assembles), and what is not served is a 400
+naming its field while the sidecar serves on."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import pytest
+
+from router.pb import router_pb2 as pb
+from tests.router.conftest import SidecarThread
+
+INSTRUCTIONS = "You answer in one short sentence."
+QUESTION = "Write a haiku about the sea."
+SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"enum": ["yes", "no"]}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+
+
+def client(sidecar: SidecarThread) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{sidecar.http_url}/v1", api_key="unused", max_retries=0)
+
+
+def steer(sidecar: SidecarThread) -> dict[str, Any]:
+    """The tiny target writes spaces: a presence penalty makes it write other tokens (each
+    once), and a bias against its end of turn keeps it going to the budget, so that the
+    texts compared differ from token to token."""
+    end = sidecar.service.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return {"presence_penalty": 2.0, "logit_bias": {str(end): -100}}
+
+
+def steered(sidecar: SidecarThread) -> dict[str, Any]:
+    """``steer`` for the Responses API, which has neither: vLLM's extensions, in the body."""
+    return {"temperature": 0, "extra_body": steer(sidecar)}
+
+
+def chat_answer(sidecar: SidecarThread, messages: Any, max_tokens: int, **extra: Any) -> Any:
+    return client(sidecar).chat.completions.create(
+        model="target", messages=messages, max_tokens=max_tokens, temperature=0, **extra
+    )
+
+
+def test_a_response_is_the_chat_completions_answer(sidecar: SidecarThread) -> None:
+    response = client(sidecar).responses.create(
+        model="target",
+        instructions=INSTRUCTIONS,
+        input=QUESTION,
+        max_output_tokens=12,
+        **steered(sidecar),
+        metadata={"team": "search"},
+    )
+    chat = chat_answer(
+        sidecar,
+        [{"role": "system", "content": INSTRUCTIONS}, {"role": "user", "content": QUESTION}],
+        12,
+        **steer(sidecar),
+    )
+    assert response.object == "response"
+    assert response.id.startswith("resp_")
+    assert response.output_text == chat.choices[0].message.content
+    assert response.output[0].type == "message"
+    assert response.output[0].role == "assistant"
+    # The tiny target runs to its budget: incomplete, as OpenAI says it.
+    assert chat.choices[0].finish_reason == "length"
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage is not None
+    assert response.usage.input_tokens == chat.usage.prompt_tokens  # type: ignore[union-attr]
+    assert response.usage.output_tokens == chat.usage.completion_tokens == 12  # type: ignore[union-attr]
+    assert response.metadata == {"team": "search"}
+    assert response.store is False  # nothing is stored
+    assert response.instructions == INSTRUCTIONS
+
+
+def test_input_items_are_the_conversation(sidecar: SidecarThread) -> None:
+    """Message items with text parts, a developer message (the template's system role) and
+    an assistant's earlier answer, and the easy form (no ``type``, text content)."""
+    items: Any = [
+        {"type": "message", "role": "developer", "content": INSTRUCTIONS},
+        {"role": "user", "content": [{"type": "input_text", "text": QUESTION}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Waves."}]},
+        {"role": "user", "content": "Another one."},
+    ]
+    response = client(sidecar).responses.create(
+        model="target", input=items, max_output_tokens=8, **steered(sidecar)
+    )
+    chat = chat_answer(
+        sidecar,
+        [
+            {"role": "system", "content": INSTRUCTIONS},
+            {"role": "user", "content": QUESTION},
+            {"role": "assistant", "content": "Waves."},
+            {"role": "user", "content": "Another one."},
+        ],
+        8,
+        **steer(sidecar),
+    )
+    assert response.output_text == chat.choices[0].message.content
+
+
+def test_a_finished_answer_is_completed(ending_sidecar: SidecarThread) -> None:
+    """A target that ends its turn: status completed, no incomplete details, and the same
+    text as chat's."""
+    response = client(ending_sidecar).responses.create(
+        model="target", input=QUESTION, max_output_tokens=32, temperature=0
+    )
+    chat = chat_answer(ending_sidecar, [{"role": "user", "content": QUESTION}], 32)
+    assert chat.choices[0].finish_reason == "stop"
+    assert response.status == "completed"
+    assert response.incomplete_details is None
+    assert response.output[0].status == "completed"  # type: ignore[union-attr]
+    assert response.output_text == chat.choices[0].message.content
+
+
+def streamed(sidecar: SidecarThread, tokens: int) -> tuple[list[Any], Any]:
+    """The events of a streamed response, through the client's stream helper, and the
+    response its last event carries."""
+    with client(sidecar).responses.stream(
+        model="target", input=QUESTION, max_output_tokens=tokens, **steered(sidecar)
+    ) as stream:
+        events = list(stream)
+    return events, events[-1].response
+
+
+@pytest.mark.parametrize("tokens", [3, 12], ids=["few", "more"])
+def test_the_stream_is_the_apis_events(sidecar: SidecarThread, tokens: int) -> None:
+    whole = client(sidecar).responses.create(
+        model="target", input=QUESTION, max_output_tokens=tokens, **steered(sidecar)
+    )
+    events, last = streamed(sidecar, tokens)
+    kinds = [event.type for event in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",  # the tiny target runs to its budget
+    ]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    assert deltas and "".join(deltas) == whole.output_text
+    assert events[-4].text == whole.output_text
+    assert last.output_text == whole.output_text
+    assert last.status == "incomplete"
+    assert last.usage is not None and last.usage.output_tokens == tokens
+
+
+def test_the_clients_helper_assembles_a_streamed_answer(ending_sidecar: SidecarThread) -> None:
+    """``get_final_response`` (which reads ``response.completed`` only) of a target that
+    ends its turn: the answer the whole response gives."""
+    whole = client(ending_sidecar).responses.create(
+        model="target", input=QUESTION, max_output_tokens=32, temperature=0
+    )
+    with client(ending_sidecar).responses.stream(
+        model="target", input=QUESTION, max_output_tokens=32, temperature=0
+    ) as stream:
+        final = stream.get_final_response()
+    assert whole.status == final.status == "completed"
+    assert final.output_text == whole.output_text
+    assert final.usage is not None and whole.usage is not None
+    assert final.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_text_format_holds_the_answer_to_a_schema(sidecar: SidecarThread) -> None:
+    """``text.format`` json_schema: the same text as chat's ``response_format``."""
+    response = client(sidecar).responses.create(
+        model="target",
+        input="Is water wet? Answer in JSON.",
+        max_output_tokens=24,
+        temperature=0,
+        text={"format": {"type": "json_schema", "name": "verdict", "schema": SCHEMA}},
+    )
+    chat = chat_answer(
+        sidecar,
+        [{"role": "user", "content": "Is water wet? Answer in JSON."}],
+        24,
+        response_format={"type": "json_schema", "json_schema": {"name": "v", "schema": SCHEMA}},
+    )
+    assert response.output_text == chat.choices[0].message.content
+    assert response.output_text.startswith("{")
+    assert response.text.format.type == "json_schema"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"background": True}, "background"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"include": ["message.output_text.logprobs"]}, "include"),
+        ({"reasoning": {"effort": "low"}}, "reasoning"),
+        ({"truncation": "auto"}, "truncation"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+        ({"text": {"format": {"type": "grammar"}}}, "text.format.type"),
+        ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0].type"),
+        ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+            "input[0].content[0]",
+        ),
+        ({"input": []}, "input"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_what_is_not_served_is_400_naming_it(
+    sidecar: SidecarThread, extra: dict[str, Any], param: str
+) -> None:
+    body: dict[str, Any] = {"model": "target", "input": QUESTION, "max_output_tokens": 4}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(sidecar).responses.create(**{**body, **extra})
+    assert refused.value.body["param"] == param  # type: ignore[index]
+    assert sidecar.stub.Route(pb.RouteRequest(text="still serving"), timeout=10).drafter
+
+
+def test_an_unknown_model_is_404_and_a_missing_one_is_the_served_one(
+    sidecar: SidecarThread,
+) -> None:
+    with pytest.raises(openai.NotFoundError) as missing:
+        client(sidecar).responses.create(model="gpt-nope", input=QUESTION)
+    assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{sidecar.http_url}/v1/responses",
+        data=json.dumps({"input": QUESTION, "max_output_tokens": 2}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as answered:
+        assert json.loads(answered.read())["model"] == client(sidecar).models.list().data[0].id
