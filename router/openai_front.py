@@ -994,6 +994,38 @@ def fingerprint_of(routed: RoutedRequest) -> str:
     return f"specroute-{specroute_version()}-{decision.drafter}-k{decision.k}"
 
 
+@dataclass(frozen=True)
+class ToolReader:
+    """How a chat answer's tool calls are read (``router.tool_calls``): parsed from the
+    text where tools are ``offered``, or the whole output where ``forced`` (tool_choice
+    "required" or named); neither: the text is all content."""
+
+    offered: bool = False
+    forced: ForcedToolChoice | None = None
+
+    @classmethod
+    def of(cls, body: Any) -> ToolReader:
+        return cls(uses_tools(body), forced_tool_choice(body))
+
+    def read(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+        """(content, calls) of an answer's text."""
+        if self.forced is not None:
+            return self.forced.read(text)
+        return parse_tool_calls(text) if self.offered else (text, [])
+
+    def holdback(self) -> ToolCallHoldback | ForcedToolCallHoldback | None:
+        """What holds a stream's calls back until they can be read (None: nothing to)."""
+        if self.forced is not None:
+            return self.forced.holdback()
+        return ToolCallHoldback() if self.offered else None
+
+    def finish_reason(self, finish: str) -> str:
+        """An answer's finish reason once it made calls (a named call's is its own)."""
+        if self.forced is None:
+            return "tool_calls"
+        return self.forced.finish_reason or finish
+
+
 class _Reply:
     """Builds one response's OpenAI objects (one id and creation time for all chunks)."""
 
@@ -1002,15 +1034,13 @@ class _Reply:
         endpoint: Endpoint,
         model: str,
         per_prompt: int = 1,
-        tools: bool = False,
+        tools: ToolReader | None = None,
         prompt_only: bool = False,
         echo_content: str = "",
-        forced: ForcedToolChoice | None = None,
     ) -> None:
         prefix = "chatcmpl" if endpoint.is_chat else "cmpl"
         self.per_prompt = per_prompt  # choices per prompt (n): each prompt's usage once
-        self.tools = tools  # the answers' tool calls are parsed (``router.tool_calls``)
-        self.forced = forced  # tool_choice "required" or named: the answer is the calls
+        self.tools = tools or ToolReader()  # how the answers' tool calls are read
         self.prompt_only = prompt_only  # each choice is its echoed prompt (``prompt_only``)
         self.echo_content = echo_content  # chat's echo: leads each choice's content
         self.id = f"{prefix}-{uuid.uuid4().hex}"
@@ -1032,10 +1062,9 @@ class _Reply:
             endpoint,
             body.model,
             choice_count(body),
-            uses_tools(body),
+            ToolReader.of(body),
             prompt_only(endpoint, body),
             chat_echo(body),
-            forced_tool_choice(body),
         )
 
     def decided(self, routed: RoutedRequest) -> None:
@@ -1076,10 +1105,10 @@ class _Reply:
         choice: dict[str, Any] = {"index": index}
         if self.endpoint.is_chat:
             message: dict[str, Any] = {"role": "assistant", "content": text}
-            calls = self.tool_calls(text)
+            calls = self.tools.read(text)
             if calls[1]:
                 message.update(content=calls[0], tool_calls=calls[1])
-                finish = self.calls_finish(finish)
+                finish = self.tools.finish_reason(finish)
             if self.echo_content:
                 message["content"] = self.echo_content + (message["content"] or "")
             choice["message"] = message
@@ -1096,24 +1125,6 @@ class _Reply:
         if ran.prompt_logprobs is not None and not self.endpoint.is_chat:
             choice["prompt_logprobs"] = ran.prompt_logprobs
         return choice
-
-    def tool_calls(self, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-        """(content, calls) of a choice's text."""
-        if self.forced is not None:
-            return self.forced.read(text)
-        return parse_tool_calls(text) if self.tools else (text, [])
-
-    def tool_holdback(self) -> ToolCallHoldback | ForcedToolCallHoldback | None:
-        """What holds a stream's calls back until they can be read."""
-        if self.forced is not None:
-            return self.forced.holdback()
-        return ToolCallHoldback() if self.tools else None
-
-    def calls_finish(self, finish: str) -> str:
-        """A choice's finish reason once it made calls (a named call's is its own)."""
-        if self.forced is None:
-            return "tool_calls"
-        return self.forced.finish_reason or finish
 
     def complete(self, runs: Sequence[_ChoiceRun], stops: Sequence[str]) -> dict[str, Any]:
         """The response for ``runs``, one per choice; with several choices each carries its
@@ -1299,7 +1310,7 @@ async def _stream_choice(
     generated, text held back included, as vLLM counts them). The generation's first
     item, that decision (``routed``), has been read."""
     holdback = StopHoldback(cut_stops_of(body))
-    calling = reply.tool_holdback()
+    calling = reply.tools.holdback()
     returned = asked.logprobs is not None and not reply.prompt_only
     scored = LogprobsHoldback() if returned else None
     continuous = usage_asked(body)[1]
@@ -1367,7 +1378,7 @@ async def _stream_choice(
                     None, None, None, index, routed, tool_calls=calls, usage=usage()
                 )
                 await _sse_event(response, call_chunk)
-                finish = reply.calls_finish(finish)
+                finish = reply.tools.finish_reason(finish)
             last = reply.chunk(
                 None if is_chat else "", finish, index=index, routed=routed, usage=usage()
             )

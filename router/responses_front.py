@@ -1,17 +1,19 @@
 """OpenAI's Responses API, ``POST /v1/responses``, beside chat completions.
 
-The request's ``input`` (a text, or message items with text parts) and ``instructions``
-(a system message before them) are one chat, rendered by the target's template; it is
-routed, drafted and generated as a chat completion is (the same checks, decisions and
-errors), and answered as a ``response`` object with one assistant message, or streamed as
+The request's ``input`` (a text, or items: messages with text parts, function calls
+and their outputs) and ``instructions`` (a system message before them) are one chat,
+rendered by the target's template; it is routed, drafted and generated as a chat
+completion is (the same checks, decisions and errors), and answered as a ``response``
+object whose output is the assistant's message and its function calls, or streamed as
 the Responses API's typed server-sent events (``response.created`` ... deltas ...
-``response.completed``). Served: ``max_output_tokens``, ``temperature``, ``top_p``, the
-presence and frequency penalties, ``text.format`` (``text``, ``json_object``,
-``json_schema``: held to the grammar as ``response_format`` is), ``metadata``, ``user``,
-and vLLM's ``top_k``, ``min_p`` and ``logit_bias``. Nothing is stored (as vLLM without
-its response store): ``store`` is answered false, and what needs a stored response
-(``previous_response_id``, ``conversation``, ``background``) is refused with 400 naming
-it, as are tools, log-probabilities, reasoning and the other features in ``UNSERVED``
+``response.completed``). Served: ``max_output_tokens``, ``temperature``, ``top_p``,
+``text.format`` (``text``, ``json_object``, ``json_schema``: held to the grammar as
+``response_format`` is), function ``tools`` with ``tool_choice`` and
+``parallel_tool_calls`` (read as chat's, ``router.tool_calls``), ``metadata``, ``user``,
+and vLLM's ``top_k``, ``min_p``, penalties and ``logit_bias``. Nothing is stored (as vLLM
+without its response store): ``store`` is answered false, and what needs a stored
+response (``previous_response_id``, ``conversation``, ``background``) is refused with 400
+naming it, as are log-probabilities, reasoning and the other features in ``UNSERVED``
 unless at the value that asks for nothing. A field the API does not define is ignored.
 """
 
@@ -27,7 +29,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
-from router.domain import GenerateInput, Prompt
+from router.domain import GenerateInput
 from router.errors import (
     GenerationFailedError,
     InvalidFieldError,
@@ -38,6 +40,7 @@ from router.openai_front import (
     CHAT,
     ROLE_ALIASES,
     ChatRequest,
+    ToolReader,
     error_body,
     error_response,
     generate_input,
@@ -53,9 +56,7 @@ UNSERVED: dict[str, tuple[tuple[Any, ...], str]] = {
     "conversation": ((None,), "responses are not stored: send the conversation as input"),
     "background": ((None, False), "background responses are not served"),
     "prompt": ((None,), "stored prompt templates are not served"),
-    "tools": ((None, []), "tools are served on /v1/chat/completions"),
-    "tool_choice": ((None, "auto", "none"), "tools are served on /v1/chat/completions"),
-    "max_tool_calls": ((None,), "tools are served on /v1/chat/completions"),
+    "max_tool_calls": ((None,), "a limit on tool calls is not served"),
     "include": ((None, []), "nothing more to include is served"),
     "top_logprobs": ((None, 0), "log-probabilities are served on /v1/chat/completions"),
     "reasoning": ((None,), "reasoning options are not served"),
@@ -94,6 +95,9 @@ class ResponsesRequest(BaseModel):
     store: bool | None = True  # nothing is stored either way
     metadata: dict[str, str] | None = None
     user: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 def check_served(body: ResponsesRequest) -> None:
@@ -104,23 +108,68 @@ def check_served(body: ResponsesRequest) -> None:
             raise InvalidFieldError(name, reason)
 
 
-def input_messages(body: ResponsesRequest) -> list[dict[str, str]]:
+def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     """The chat the request stands for: ``instructions`` as a system message, then the
-    input (a text is one user message; items are messages whose text parts are joined)."""
-    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    input (a text is one user message; items are messages whose text parts are joined, a
+    function call joins the assistant turn before it, or opens one, and its output is a
+    tool message)."""
+    messages: list[dict[str, Any]] = []
+    if body.instructions:
+        messages.append({"role": "system", "content": body.instructions})
     if isinstance(body.input, str):
         return [*messages, {"role": "user", "content": body.input}]
     for index, item in enumerate(body.input):
-        messages.append(_input_message(item, f"input[{index}]"))
+        field = f"input[{index}]"
+        kind = item.get("type", "message")
+        if kind == "function_call":
+            _add_call(messages, item, field)
+        elif kind == "function_call_output":
+            messages.append(_call_output(item, field))
+        elif kind == "message":
+            messages.append(_input_message(item, field))
+        else:
+            raise InvalidFieldError(
+                f"{field}.type",
+                f"must be message, function_call or function_call_output, got {kind!r}",
+            )
     if not messages:
         raise InvalidFieldError("input", "must hold at least one message")
     return messages
 
 
-def _input_message(item: dict[str, Any], field: str) -> dict[str, str]:
-    kind = item.get("type", "message")
-    if kind != "message":
-        raise InvalidFieldError(f"{field}.type", f"only message items are served, got {kind!r}")
+def _string(item: dict[str, Any], key: str, field: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise InvalidFieldError(f"{field}.{key}", "must be a string")
+    return value
+
+
+def _add_call(messages: list[dict[str, Any]], item: dict[str, Any], field: str) -> None:
+    """A function call the assistant made, as chat's ``tool_calls`` of its turn."""
+    call = {
+        "id": _string(item, "call_id", field),
+        "type": "function",
+        "function": {
+            "name": _string(item, "name", field),
+            "arguments": _string(item, "arguments", field),
+        },
+    }
+    if not messages or messages[-1]["role"] != "assistant":
+        messages.append({"role": "assistant", "content": ""})
+    messages[-1].setdefault("tool_calls", []).append(call)
+
+
+def _call_output(item: dict[str, Any], field: str) -> dict[str, Any]:
+    """A function call's output, as chat's tool message answering it."""
+    output = item.get("output")
+    if isinstance(output, list):
+        output = _text_of(output, "input_text", f"{field}.output")
+    elif not isinstance(output, str):
+        raise InvalidFieldError(f"{field}.output", "must be a text or a list of input_text parts")
+    return {"role": "tool", "tool_call_id": _string(item, "call_id", field), "content": output}
+
+
+def _input_message(item: dict[str, Any], field: str) -> dict[str, Any]:
     role = str(item.get("role"))
     part_type = OUTPUT_PART if role == "assistant" else INPUT_PARTS.get(role)
     if part_type is None:
@@ -129,21 +178,54 @@ def _input_message(item: dict[str, Any], field: str) -> dict[str, str]:
             f"must be user, system, developer or assistant, got {item.get('role')!r}",
         )
     content = item.get("content")
-    if isinstance(content, str):
-        return {"role": ROLE_ALIASES.get(role, role), "content": content}
-    if not isinstance(content, list):
+    if isinstance(content, list):
+        content = _text_of(content, part_type, f"{field}.content")
+    elif not isinstance(content, str):
         raise InvalidFieldError(f"{field}.content", "must be a text or a list of parts")
+    return {"role": ROLE_ALIASES.get(role, role), "content": content}
+
+
+def _text_of(parts: list[Any], part_type: str, field: str) -> str:
+    """Text parts of ``part_type`` joined with newlines (as vLLM joins a message's)."""
     texts = []
-    for number, part in enumerate(content):
+    for number, part in enumerate(parts):
         if not isinstance(part, dict) or part.get("type") != part_type:
             got = part.get("type") if isinstance(part, dict) else type(part).__name__
             raise InvalidFieldError(
-                f"{field}.content[{number}]", f"only {part_type} parts are served, got {got!r}"
+                f"{field}[{number}]", f"only {part_type} parts are served, got {got!r}"
             )
         if not isinstance(part.get("text"), str):
-            raise InvalidFieldError(f"{field}.content[{number}].text", "must be a string")
+            raise InvalidFieldError(f"{field}[{number}].text", "must be a string")
         texts.append(part["text"])
-    return {"role": ROLE_ALIASES.get(role, role), "content": "\n".join(texts)}
+    return "\n".join(texts)
+
+
+def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Chat's ``tools`` for the Responses API's function tools (the function's fields at
+    the tool's top level there)."""
+    if tools is None:
+        return None
+    converted = []
+    for index, tool in enumerate(tools):
+        if tool.get("type") != "function":
+            raise InvalidFieldError(
+                f"tools[{index}].type", f"only function tools are served, got {tool.get('type')!r}"
+            )
+        function = {key: tool[key] for key in ("name", "description", "parameters") if key in tool}
+        converted.append({"type": "function", "function": function})
+    return converted
+
+
+def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """Chat's ``tool_choice`` for the Responses API's (a named function's name is at its
+    top level there)."""
+    if choice is None or isinstance(choice, str):
+        return choice
+    if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+        raise InvalidFieldError(
+            "tool_choice", 'must be "none", "auto", "required" or {"type": "function", "name": ...}'
+        )
+    return {"type": "function", "function": {"name": choice["name"]}}
 
 
 def response_format_of(text: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -176,14 +258,16 @@ def model_of(service: RouterService, body: ResponsesRequest) -> str:
     return body.model if body.model is not None else served_model_names(service)[0]
 
 
-def responses_input(service: RouterService, body: ResponsesRequest) -> GenerateInput:
-    """The domain request for ``body``, checked as a chat completion's is; an error names
-    the Responses API's field."""
+def chat_request(service: RouterService, body: ResponsesRequest) -> ChatRequest:
+    """The chat completion ``body`` stands for."""
     check_served(body)
-    chat = ChatRequest.model_validate(
+    return ChatRequest.model_validate(
         {
             "model": model_of(service, body),
-            "messages": [],
+            "messages": input_messages(body),
+            "tools": chat_tools(body.tools),
+            "tool_choice": chat_tool_choice(body.tool_choice),
+            "parallel_tool_calls": body.parallel_tool_calls,
             "max_completion_tokens": body.max_output_tokens,
             "temperature": body.temperature,
             "top_p": body.top_p,
@@ -196,8 +280,13 @@ def responses_input(service: RouterService, body: ResponsesRequest) -> GenerateI
             "user": body.user,
         }
     )
+
+
+def responses_input(service: RouterService, chat: ChatRequest) -> GenerateInput:
+    """The domain request for a Responses body's ``chat``, checked as a chat completion's
+    is; an error names the Responses API's field."""
     try:
-        return generate_input(service, CHAT, chat, Prompt(messages=tuple(input_messages(body))))
+        return generate_input(service, CHAT, chat, CHAT.prompts_of(chat, service)[0])
     except InvalidFieldError as error:
         renamed = RESPONSE_FIELDS.get(error.field)
         if renamed is None:
@@ -207,11 +296,13 @@ def responses_input(service: RouterService, body: ResponsesRequest) -> GenerateI
 
 
 class ResponseObject:
-    """One response's objects and events: its ids, creation time and event numbers."""
+    """One response's objects and events: its ids, creation time, event numbers, and how
+    its answer's function calls are read."""
 
-    def __init__(self, service: RouterService, body: ResponsesRequest) -> None:
+    def __init__(self, service: RouterService, body: ResponsesRequest, chat: ChatRequest) -> None:
         self.body = body
         self.model = model_of(service, body)
+        self.tools = ToolReader.of(chat)
         self.id = f"resp_{uuid.uuid4().hex}"
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -220,12 +311,12 @@ class ResponseObject:
     def response(
         self,
         status: str,
-        text: str | None = None,
+        output: list[dict[str, Any]] | None = None,
         result: GenerationResult | None = None,
         routed: RoutedRequest | None = None,
     ) -> dict[str, Any]:
-        """The ``response`` object: in progress (no output yet), or finished with
-        ``text`` and the ``result`` (``routed``: the decision, once made)."""
+        """The ``response`` object: in progress (no output yet), or finished with its
+        ``output`` items and the ``result`` (``routed``: the decision, once made)."""
         body = self.body
         incomplete = status == "incomplete"
         answer: dict[str, Any] = {
@@ -239,15 +330,15 @@ class ResponseObject:
             "max_output_tokens": body.max_output_tokens,
             "metadata": body.metadata or {},
             "model": self.model,
-            "output": [] if text is None else [self.message(text, status)],
-            "parallel_tool_calls": True,
+            "output": output or [],
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
             "previous_response_id": None,
             "reasoning": None,
             "store": False,
             "temperature": body.temperature,
             "text": {"format": (body.text or {}).get("format") or {"type": "text"}},
-            "tool_choice": (body.model_extra or {}).get("tool_choice") or "auto",
-            "tools": [],
+            "tool_choice": body.tool_choice or "auto",
+            "tools": body.tools or [],
             "top_p": body.top_p,
             "truncation": "disabled",
             "usage": None,
@@ -268,6 +359,12 @@ class ResponseObject:
             answer["specroute"] = specroute_extra(routed, None)
         return answer
 
+    def output(self, content: str | None, calls: list[dict[str, Any]], status: str) -> list[Any]:
+        """The output items: the assistant's message (unless the answer is calls alone),
+        then one ``function_call`` item per call."""
+        message = [self.message(content or "", status)] if content or not calls else []
+        return message + [self.function_call(call) for call in calls]
+
     def message(self, text: str, status: str) -> dict[str, Any]:
         """The assistant's output message item."""
         return {
@@ -281,6 +378,20 @@ class ResponseObject:
     @staticmethod
     def part(text: str) -> dict[str, Any]:
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+    @staticmethod
+    def function_call(call: dict[str, Any], status: str = "completed") -> dict[str, Any]:
+        """A chat tool call (``router.tool_calls``) as a ``function_call`` item; in
+        progress, its arguments are still to come."""
+        function = call["function"]
+        return {
+            "type": "function_call",
+            "id": "fc_" + call["id"].removeprefix("call_"),
+            "call_id": call["id"],
+            "name": function["name"],
+            "arguments": function["arguments"] if status == "completed" else "",
+            "status": status,
+        }
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         """A streamed event of type ``kind``, numbered in order."""
@@ -300,8 +411,9 @@ def finish_status(result: GenerationResult) -> str:
 
 
 async def collect(service: RouterService, body: ResponsesRequest) -> dict[str, Any]:
-    answer = ResponseObject(service, body)
-    request = responses_input(service, body)
+    chat = chat_request(service, body)
+    answer = ResponseObject(service, body, chat)
+    request = responses_input(service, chat)
     result: GenerationResult | None = None
     async with contextlib.aclosing(service.generate(request)) as items:  # type: ignore[type-var]
         async for item in items:
@@ -309,7 +421,9 @@ async def collect(service: RouterService, body: ResponsesRequest) -> dict[str, A
                 result = item
     if result is None:
         raise GenerationFailedError("generation ended without a result")
-    return answer.response(finish_status(result), result.generated_text, result)
+    status = finish_status(result)
+    output = answer.output(*answer.tools.read(result.generated_text), status)
+    return answer.response(status, output, result)
 
 
 async def _send(response: web.StreamResponse, event: dict[str, Any]) -> None:
@@ -321,13 +435,17 @@ async def stream(
 ) -> web.StreamResponse:
     """The Responses API's events: ``response.created``, ``response.in_progress``, the
     message and its text part added, one ``response.output_text.delta`` per speculative
-    step's text, the text, part and message done, then ``response.completed`` (or
-    ``response.incomplete``). An error after the first event is an ``error`` event and
-    ``response.failed``; a client that leaves part-way stops the generation."""
+    step's text, the text, part and message done, each function call (added, its
+    arguments, done), then ``response.completed`` (or ``response.incomplete``). With
+    tools, the message opens with its first text (an answer of calls alone has none),
+    and text that may begin a call is held until it is read. An error after the first
+    event is an ``error`` event and ``response.failed``; a client that leaves part-way
+    stops the generation."""
     from router.http_front import SSE_HEADERS, client_may_leave
 
-    answer = ResponseObject(service, body)
-    asked = responses_input(service, body)
+    chat = chat_request(service, body)
+    answer = ResponseObject(service, body, chat)
+    asked = responses_input(service, chat)
     items: AsyncIterator[Any]
     async with contextlib.aclosing(service.generate(asked)) as items:  # type: ignore[type-var]
         routed = await anext(items)  # errors before the first event are plain HTTP errors
@@ -337,21 +455,103 @@ async def stream(
             opening = answer.response("in_progress", routed=routed)
             await _send(response, answer.event("response.created", response=opening))
             await _send(response, answer.event("response.in_progress", response=opening))
-            item = answer.message("", "in_progress")
-            await _send(
-                response, answer.event("response.output_item.added", output_index=0, item=item)
-            )
-            await _send(
-                response, answer.text_event("response.content_part.added", part=answer.part(""))
-            )
             try:
-                await _stream_text(response, answer, items)
+                await StreamedOutput(response, answer).send(items)
             except ConnectionResetError:
                 raise  # the client left (client_may_leave)
             except Exception as error:
                 await _send_failure(response, answer, routed, error)
             await response.write_eof()
         return response
+
+
+class StreamedOutput:
+    """The output events of one streamed response (``stream``): the message's text as it
+    is released, then its function calls."""
+
+    def __init__(self, response: web.StreamResponse, answer: ResponseObject) -> None:
+        self.response = response
+        self.answer = answer
+        self.holdback = answer.tools.holdback()
+        self.text = ""  # the message's text sent so far
+        self.opened = False
+
+    async def send(self, items: AsyncIterator[Any]) -> None:
+        if self.holdback is None:
+            await self._open()  # no calls to tell apart: the message opens at once
+        async for item in items:
+            if isinstance(item, TokenChunk) and item.text:
+                await self._delta(self.holdback.feed(item.text) if self.holdback else item.text)
+            elif isinstance(item, GenerationResult):
+                await self._finish(item)
+                return
+        raise GenerationFailedError("generation ended without a result")
+
+    async def _open(self) -> None:
+        self.opened = True
+        answer = self.answer
+        added = answer.event(
+            "response.output_item.added", output_index=0, item=answer.message("", "in_progress")
+        )
+        await _send(self.response, added)
+        part = answer.text_event("response.content_part.added", part=answer.part(""))
+        await _send(self.response, part)
+
+    async def _delta(self, text: str) -> None:
+        if not text:
+            return
+        if not self.opened:
+            await self._open()
+        self.text += text
+        delta = self.answer.text_event("response.output_text.delta", delta=text, logprobs=[])
+        await _send(self.response, delta)
+
+    async def _finish(self, result: GenerationResult) -> None:
+        answer, status = self.answer, finish_status(result)
+        calls: list[dict[str, Any]] = []
+        if self.holdback is not None:
+            held, calls = self.holdback.finish()
+            await self._delta(held)
+        if self.opened or not calls:
+            await self._close_message(status)
+        for index, call in enumerate(calls, start=int(self.opened)):
+            await self._send_call(index, call)
+        output = answer.output(self.text, calls, status)
+        await _send(
+            self.response,
+            answer.event(f"response.{status}", response=answer.response(status, output, result)),
+        )
+
+    async def _close_message(self, status: str) -> None:
+        answer, text = self.answer, self.text
+        if not self.opened:
+            await self._open()
+        await _send(
+            self.response, answer.text_event("response.output_text.done", text=text, logprobs=[])
+        )
+        await _send(
+            self.response, answer.text_event("response.content_part.done", part=answer.part(text))
+        )
+        done = answer.event(
+            "response.output_item.done", output_index=0, item=answer.message(text, status)
+        )
+        await _send(self.response, done)
+
+    async def _send_call(self, index: int, call: dict[str, Any]) -> None:
+        answer = self.answer
+        item = answer.function_call(call, "in_progress")
+        where = {"item_id": item["id"], "output_index": index}
+        arguments = call["function"]["arguments"]
+        events = [
+            answer.event("response.output_item.added", output_index=index, item=item),
+            answer.event("response.function_call_arguments.delta", **where, delta=arguments),
+            answer.event("response.function_call_arguments.done", **where, arguments=arguments),
+            answer.event(
+                "response.output_item.done", output_index=index, item=answer.function_call(call)
+            ),
+        ]
+        for event in events:
+            await _send(self.response, event)
 
 
 async def _send_failure(
@@ -368,34 +568,6 @@ async def _send_failure(
     failed = answer.response("failed", routed=routed)
     failed["error"] = {"code": code, "message": failure["message"]}
     await _send(response, answer.event("response.failed", response=failed))
-
-
-async def _stream_text(
-    response: web.StreamResponse, answer: ResponseObject, items: AsyncIterator[Any]
-) -> None:
-    """The text deltas, then the events that close the part, the message and the
-    response."""
-    async for item in items:
-        if isinstance(item, TokenChunk) and item.text:
-            delta = answer.text_event("response.output_text.delta", delta=item.text, logprobs=[])
-            await _send(response, delta)
-        elif isinstance(item, GenerationResult):
-            status = finish_status(item)
-            text = item.generated_text
-            await _send(
-                response, answer.text_event("response.output_text.done", text=text, logprobs=[])
-            )
-            await _send(
-                response, answer.text_event("response.content_part.done", part=answer.part(text))
-            )
-            done = answer.event(
-                "response.output_item.done", output_index=0, item=answer.message(text, status)
-            )
-            await _send(response, done)
-            final = answer.response(status, text, item)
-            await _send(response, answer.event(f"response.{status}", response=final))
-            return
-    raise GenerationFailedError("generation ended without a result")
 
 
 async def responses_route(request: web.Request) -> web.StreamResponse:

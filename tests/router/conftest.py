@@ -218,6 +218,27 @@ def sidecar(
     running.stop()
 
 
+@pytest.fixture(scope="module")
+def compact(
+    serving_world: ServingWorld,
+    components: Components,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SidecarThread]:
+    """A sidecar with ``structured_output.disable_any_whitespace`` and
+    ``disable_additional_properties`` (the tiny target, free to, spends its budget on
+    whitespace inside JSON, or on keys nobody asked for)."""
+    settings = serving_world.settings(
+        tmp_path_factory.mktemp("compact"),
+        structured_output={"disable_any_whitespace": True, "disable_additional_properties": True},
+        limits=Limits(max_prompt_tokens=1024, generation_queue_size=0),  # tools are long
+    )
+    running = SidecarThread(settings, components)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
 def _ending_target(target_dir: Path, destination: Path) -> Path:
     """A copy of the tiny target that ends its turn wherever it would write a space: the
     ``<|im_end|>`` row of its (tied) embedding is twice the row of "Ġ", the token the

@@ -706,8 +706,12 @@ def test_each_http_body_value_at_its_extremes(
             "input": [
                 {"role": "user", "content": [{"type": "input_text", "text": prompt}]},
                 {"role": "assistant", "content": [{"type": "output_text", "text": "Yes."}]},
+                {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "done"},
                 {"type": "message", "role": "user", "content": "Go on."},
             ],
+            "tool_choice": "auto",
+            "parallel_tool_calls": True,
             "max_output_tokens": 4,
             "temperature": 0.8,
             "top_p": 0.9,

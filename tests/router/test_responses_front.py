@@ -199,7 +199,10 @@ def test_text_format_holds_the_answer_to_a_schema(sidecar: SidecarThread) -> Non
     [
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
         ({"background": True}, "background"),
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tool_choice": {"type": "function"}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),  # no tools to call
+        ({"max_tool_calls": 2}, "max_tool_calls"),
         ({"include": ["message.output_text.logprobs"]}, "include"),
         ({"reasoning": {"effort": "low"}}, "reasoning"),
         ({"truncation": "auto"}, "truncation"),
@@ -207,7 +210,12 @@ def test_text_format_holds_the_answer_to_a_schema(sidecar: SidecarThread) -> Non
         ({"temperature": -1}, "temperature"),
         ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
         ({"text": {"format": {"type": "grammar"}}}, "text.format.type"),
-        ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0].type"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
+        ({"input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0].output"),
+        (
+            {"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]},
+            "input[0].call_id",
+        ),
         ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
         (
             {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
@@ -242,3 +250,125 @@ def test_an_unknown_model_is_404_and_a_missing_one_is_the_served_one(
     )
     with urllib.request.urlopen(request, timeout=60) as answered:
         assert json.loads(answered.read())["model"] == client(sidecar).models.list().data[0].id
+
+
+def responses_tool(chat_tool: dict[str, Any]) -> dict[str, Any]:
+    """A chat function tool in the Responses API's form (the function's fields on top)."""
+    return {"type": "function", **chat_tool["function"]}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_named_tool_choice_is_one_function_call(compact: SidecarThread, stream: bool) -> None:
+    """The forced call's arguments (held to its parameters' schema), the chat's call, as a
+    ``function_call`` item and no message; streamed, its arguments' events carry them."""
+    from tests.router.test_structured_output import TIME, TOOL_MESSAGES, WEATHER
+
+    chat = client(compact).chat.completions.create(
+        model="target",
+        messages=TOOL_MESSAGES,
+        tools=[WEATHER, TIME],  # type: ignore[list-item]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=48,
+        temperature=0,
+    )
+    (expected,) = chat.choices[0].message.tool_calls or []
+    asked: Any = {
+        "model": "target",
+        "input": TOOL_MESSAGES,
+        "tools": [responses_tool(WEATHER), responses_tool(TIME)],
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "max_output_tokens": 48,
+        "temperature": 0,
+    }
+    if stream:
+        with client(compact).responses.stream(**asked) as events:
+            seen = list(events)
+            response = events.get_final_response()
+        done = [e for e in seen if e.type == "response.function_call_arguments.done"]
+        assert [e.arguments for e in done] == [expected.function.arguments]  # type: ignore[union-attr]
+        assert not [e for e in seen if e.type == "response.output_text.delta"]
+    else:
+        response = client(compact).responses.create(**asked)
+    assert response.status == "completed"
+    (call,) = response.output
+    assert call.type == "function_call"
+    assert call.name == "get_weather"
+    assert call.arguments == expected.function.arguments  # type: ignore[union-attr]
+    assert json.loads(call.arguments)["city"] in ("Paris", "Rome")
+    assert call.call_id.startswith("call_") and call.id.startswith("fc_")
+
+
+def test_a_required_tool_choice_gives_calls(compact: SidecarThread) -> None:
+    """``required`` with ``parallel_tool_calls`` false: the one call chat answers."""
+    from tests.router.test_structured_output import TIME, TOOL_MESSAGES, WEATHER
+
+    response = client(compact).responses.create(
+        model="target",
+        input=TOOL_MESSAGES,
+        tools=[responses_tool(WEATHER), responses_tool(TIME)],  # type: ignore[list-item]
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=48,
+        temperature=0,
+    )
+    chat = client(compact).chat.completions.create(
+        model="target",
+        messages=TOOL_MESSAGES,
+        tools=[WEATHER, TIME],  # type: ignore[list-item]
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=48,
+        temperature=0,
+    )
+    (expected,) = chat.choices[0].message.tool_calls or []
+    (call,) = response.output
+    assert call.type == "function_call"
+    assert (call.name, call.arguments) == (
+        expected.function.name,  # type: ignore[union-attr]
+        expected.function.arguments,  # type: ignore[union-attr]
+    )
+    assert response.parallel_tool_calls is False
+
+
+def test_function_calls_and_their_outputs_are_the_conversation(compact: SidecarThread) -> None:
+    """A ``function_call`` item joins the assistant's turn, its ``function_call_output``
+    is the tool's message: the chat with the same calls, tools offered, answers the same."""
+    from tests.router.test_structured_output import TIME, WEATHER
+
+    arguments = json.dumps({"city": "Paris", "unit": "C"})
+    items: Any = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {
+            "type": "function_call",
+            "call_id": "call_1",
+            "name": "get_weather",
+            "arguments": arguments,
+        },
+        {"type": "function_call_output", "call_id": "call_1", "output": "18 degrees"},
+    ]
+    response = client(compact).responses.create(
+        model="target",
+        input=items,
+        tools=[responses_tool(WEATHER), responses_tool(TIME)],  # type: ignore[list-item]
+        max_output_tokens=10,
+        **steered(compact),
+    )
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": arguments},
+    }
+    chat = chat_answer(
+        compact,
+        [
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees"},
+        ],
+        10,
+        tools=[WEATHER, TIME],
+        **steer(compact),
+    )
+    assert response.output_text == chat.choices[0].message.content
+    assert chat.usage is not None and response.usage is not None
+    assert response.usage.input_tokens == chat.usage.prompt_tokens

@@ -10,7 +10,6 @@ import json
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -21,11 +20,9 @@ from text_generation.errors import ValidationError
 from text_generation.types import Grammar, GrammarType
 
 from drafters.grammar import OutputGrammar
-from router.components import Components
 from router.domain import Prompt
 from router.pb import router_pb2 as pb
-from router.settings import Limits
-from tests.router.conftest import COMPLETION_PROMPT, ServingWorld, SidecarThread
+from tests.router.conftest import COMPLETION_PROMPT, SidecarThread
 
 SCHEMA = {
     "type": "object",
@@ -345,27 +342,6 @@ TIME = {
     },
 }
 TOOL_MESSAGES: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def compact(
-    serving_world: ServingWorld,
-    components: Components,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[SidecarThread]:
-    """A sidecar with ``structured_output.disable_any_whitespace`` and
-    ``disable_additional_properties`` (the tiny target, free to, spends its budget on
-    whitespace inside JSON, or on keys nobody asked for)."""
-    settings = serving_world.settings(
-        tmp_path_factory.mktemp("compact"),
-        structured_output={"disable_any_whitespace": True, "disable_additional_properties": True},
-        limits=Limits(max_prompt_tokens=1024, generation_queue_size=0),  # tools are long
-    )
-    running = SidecarThread(settings, components)
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def tool_reference(sidecar: SidecarThread, forced: Any) -> str:
