@@ -33,6 +33,7 @@ from router.domain import GenerateInput
 from router.errors import (
     GenerationFailedError,
     InvalidFieldError,
+    NotFoundError,
     SidecarError,
     sidecar_error_of,
 )
@@ -583,6 +584,24 @@ async def responses_route(request: web.Request) -> web.StreamResponse:
         return error_response(error)
 
 
+async def stored_response_route(request: web.Request) -> web.Response:
+    """A stored response asked for (retrieved, deleted, cancelled, its input listed):
+    404 that says none is kept, rather than the catch-all's "no route"."""
+    from router.http_front import check_bearer
+
+    try:
+        check_bearer(request)
+        raise NotFoundError(
+            f"no response {request.match_info['id']!r}: responses are not stored here "
+            "(store is answered false); send the conversation as input"
+        )
+    except SidecarError as error:
+        return error_response(error)
+
+
 def add_responses_routes(app: web.Application) -> None:
-    """Mount ``POST /v1/responses`` (before the OpenAI front's catch-all of ``/v1/``)."""
+    """Mount ``POST /v1/responses`` and the stored-response routes (before the OpenAI
+    front's catch-all of ``/v1/``)."""
     app.router.add_post("/v1/responses", responses_route)
+    app.router.add_route("*", "/v1/responses/{id}", stored_response_route)
+    app.router.add_route("*", "/v1/responses/{id}/{action}", stored_response_route)

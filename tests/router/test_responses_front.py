@@ -372,3 +372,15 @@ def test_function_calls_and_their_outputs_are_the_conversation(compact: SidecarT
     assert response.output_text == chat.choices[0].message.content
     assert chat.usage is not None and response.usage is not None
     assert response.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_a_stored_response_asked_for_is_404_saying_none_is_kept(sidecar: SidecarThread) -> None:
+    for ask in (
+        lambda: client(sidecar).responses.retrieve("resp_1"),
+        lambda: client(sidecar).responses.delete("resp_1"),
+        lambda: client(sidecar).responses.cancel("resp_1"),
+        lambda: client(sidecar).responses.input_items.list("resp_1"),
+    ):
+        with pytest.raises(openai.NotFoundError) as missing:
+            ask()
+        assert "not stored" in missing.value.message
