@@ -9,12 +9,14 @@ the Responses API's typed server-sent events (``response.created`` ... deltas ..
 ``response.completed``). Served: ``max_output_tokens``, ``temperature``, ``top_p``,
 ``text.format`` (``text``, ``json_object``, ``json_schema``: held to the grammar as
 ``response_format`` is), function ``tools`` with ``tool_choice`` and
-``parallel_tool_calls`` (read as chat's, ``router.tool_calls``), ``metadata``, ``user``,
-and vLLM's ``top_k``, ``min_p``, penalties and ``logit_bias``. Nothing is stored (as vLLM
-without its response store): ``store`` is answered false, and what needs a stored
-response (``previous_response_id``, ``conversation``, ``background``) is refused with 400
-naming it, as are log-probabilities, reasoning and the other features in ``UNSERVED``
-unless at the value that asks for nothing. A field the API does not define is ignored.
+``parallel_tool_calls`` (read as chat's, ``router.tool_calls``), the output's
+log-probabilities (``include`` ``message.output_text.logprobs``, ``top_logprobs``),
+``metadata``, ``user``, and vLLM's ``top_k``, ``min_p``, penalties and ``logit_bias``.
+Nothing is stored (as vLLM without its response store): ``store`` is answered false,
+and what needs a stored response (``previous_response_id``, ``conversation``,
+``background``) is refused with 400 naming it, as are reasoning and the other features
+in ``UNSERVED`` unless at the value that asks for nothing. A field the API does not
+define is ignored.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -41,7 +43,9 @@ from router.openai_front import (
     CHAT,
     ROLE_ALIASES,
     ChatRequest,
+    LogprobsHoldback,
     ToolReader,
+    chat_logprobs,
     error_body,
     error_response,
     generate_input,
@@ -49,7 +53,13 @@ from router.openai_front import (
     served_model_names,
     specroute_extra,
 )
-from router.service import GenerationResult, RoutedRequest, RouterService, TokenChunk
+from router.service import (
+    GenerationResult,
+    RoutedRequest,
+    RouterService,
+    TokenChunk,
+    TokenLogprobs,
+)
 
 # Responses API fields not served, with the values that ask for nothing, and why.
 UNSERVED: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -58,11 +68,11 @@ UNSERVED: dict[str, tuple[tuple[Any, ...], str]] = {
     "background": ((None, False), "background responses are not served"),
     "prompt": ((None,), "stored prompt templates are not served"),
     "max_tool_calls": ((None,), "a limit on tool calls is not served"),
-    "include": ((None, []), "nothing more to include is served"),
-    "top_logprobs": ((None, 0), "log-probabilities are served on /v1/chat/completions"),
     "reasoning": ((None,), "reasoning options are not served"),
     "truncation": ((None, "disabled"), "the input is never truncated here: only 'disabled'"),
 }
+# What ``include`` may ask for: the output text's log-probabilities.
+OUTPUT_LOGPROBS = "message.output_text.logprobs"
 # The roles an input message may have, and the text parts each may hold.
 INPUT_PARTS = {"user": "input_text", "system": "input_text", "developer": "input_text"}
 OUTPUT_PART = "output_text"  # an assistant's earlier answer, sent back as input
@@ -99,6 +109,8 @@ class ResponsesRequest(BaseModel):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    include: list[str] | None = None
+    top_logprobs: int | None = None
 
 
 def check_served(body: ResponsesRequest) -> None:
@@ -255,6 +267,20 @@ def response_format_of(text: dict[str, Any] | None) -> dict[str, Any] | None:
     )
 
 
+def wants_logprobs(body: ResponsesRequest) -> bool:
+    """Whether ``include`` asks for the output text's log-probabilities (``top_logprobs``
+    alternatives each): the one thing it may ask for here."""
+    for index, asked in enumerate(body.include or ()):
+        if asked != OUTPUT_LOGPROBS:
+            raise InvalidFieldError(
+                f"include[{index}]", f"only {OUTPUT_LOGPROBS} is served, got {asked!r}"
+            )
+    wanted = OUTPUT_LOGPROBS in (body.include or ())
+    if body.top_logprobs and not wanted:
+        raise InvalidFieldError("top_logprobs", f'needs include: ["{OUTPUT_LOGPROBS}"]')
+    return wanted
+
+
 def model_of(service: RouterService, body: ResponsesRequest) -> str:
     return body.model if body.model is not None else served_model_names(service)[0]
 
@@ -262,8 +288,11 @@ def model_of(service: RouterService, body: ResponsesRequest) -> str:
 def chat_request(service: RouterService, body: ResponsesRequest) -> ChatRequest:
     """The chat completion ``body`` stands for."""
     check_served(body)
+    logprobs = wants_logprobs(body)
     return ChatRequest.model_validate(
         {
+            "logprobs": logprobs or None,
+            "top_logprobs": body.top_logprobs if logprobs else None,
             "model": model_of(service, body),
             "messages": input_messages(body),
             "tools": chat_tools(body.tools),
@@ -304,6 +333,7 @@ class ResponseObject:
         self.body = body
         self.model = model_of(service, body)
         self.tools = ToolReader.of(chat)
+        self.logprobs: list[dict[str, Any]] = []  # the message's tokens' (when asked for)
         self.id = f"resp_{uuid.uuid4().hex}"
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -373,12 +403,13 @@ class ResponseObject:
             "id": self.message_id,
             "status": status,
             "role": "assistant",
-            "content": [] if status == "in_progress" else [self.part(text)],
+            "content": [] if status == "in_progress" else [self.part(text, self.logprobs)],
         }
 
     @staticmethod
-    def part(text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+    def part(text: str, logprobs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+        """The message's text part (``logprobs``: its tokens', chat's entries)."""
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs)}
 
     @staticmethod
     def function_call(call: dict[str, Any], status: str = "completed") -> dict[str, Any]:
@@ -416,13 +447,18 @@ async def collect(service: RouterService, body: ResponsesRequest) -> dict[str, A
     answer = ResponseObject(service, body, chat)
     request = responses_input(service, chat)
     result: GenerationResult | None = None
+    scored: list[TokenLogprobs] = []
     async with contextlib.aclosing(service.generate(request)) as items:  # type: ignore[type-var]
         async for item in items:
-            if isinstance(item, GenerationResult):
+            if isinstance(item, TokenChunk) and item.logprobs is not None:
+                scored.extend(item.logprobs)
+            elif isinstance(item, GenerationResult):
                 result = item
     if result is None:
         raise GenerationFailedError("generation ended without a result")
     status = finish_status(result)
+    if request.logprobs is not None:
+        answer.logprobs = chat_logprobs(scored)["content"]
     output = answer.output(*answer.tools.read(result.generated_text), status)
     return answer.response(status, output, result)
 
@@ -457,7 +493,7 @@ async def stream(
             await _send(response, answer.event("response.created", response=opening))
             await _send(response, answer.event("response.in_progress", response=opening))
             try:
-                await StreamedOutput(response, answer).send(items)
+                await StreamedOutput(response, answer, asked.logprobs is not None).send(items)
             except ConnectionResetError:
                 raise  # the client left (client_may_leave)
             except Exception as error:
@@ -470,10 +506,14 @@ class StreamedOutput:
     """The output events of one streamed response (``stream``): the message's text as it
     is released, then its function calls."""
 
-    def __init__(self, response: web.StreamResponse, answer: ResponseObject) -> None:
+    def __init__(
+        self, response: web.StreamResponse, answer: ResponseObject, logprobs: bool
+    ) -> None:
         self.response = response
         self.answer = answer
         self.holdback = answer.tools.holdback()
+        # Each delta carries the log-probabilities of the tokens whose text it completes.
+        self.scored = LogprobsHoldback() if logprobs else None
         self.text = ""  # the message's text sent so far
         self.opened = False
 
@@ -481,8 +521,12 @@ class StreamedOutput:
         if self.holdback is None:
             await self._open()  # no calls to tell apart: the message opens at once
         async for item in items:
-            if isinstance(item, TokenChunk) and item.text:
-                await self._delta(self.holdback.feed(item.text) if self.holdback else item.text)
+            if isinstance(item, TokenChunk):
+                if self.scored is not None:
+                    self.scored.feed(item)
+                if item.text:
+                    released = self.holdback.feed(item.text) if self.holdback else item.text
+                    await self._delta(released)
             elif isinstance(item, GenerationResult):
                 await self._finish(item)
                 return
@@ -504,8 +548,18 @@ class StreamedOutput:
         if not self.opened:
             await self._open()
         self.text += text
-        delta = self.answer.text_event("response.output_text.delta", delta=text, logprobs=[])
+        logprobs = self._released(len(text))
+        delta = self.answer.text_event("response.output_text.delta", delta=text, logprobs=logprobs)
         await _send(self.response, delta)
+
+    def _released(self, characters: int | None) -> list[dict[str, Any]]:
+        """The entries of the tokens whose text is out once ``characters`` more are (None:
+        every one left), added to the message's."""
+        if self.scored is None:
+            return []
+        entries = chat_logprobs(self.scored.release(characters)[0])["content"]
+        self.answer.logprobs.extend(entries)
+        return entries
 
     async def _finish(self, result: GenerationResult) -> None:
         answer, status = self.answer, finish_status(result)
@@ -513,6 +567,7 @@ class StreamedOutput:
         if self.holdback is not None:
             held, calls = self.holdback.finish()
             await self._delta(held)
+        self._released(None)  # tokens with no text of their own (an end of turn), a call's
         if self.opened or not calls:
             await self._close_message(status)
         for index, call in enumerate(calls, start=int(self.opened)):
@@ -527,12 +582,13 @@ class StreamedOutput:
         answer, text = self.answer, self.text
         if not self.opened:
             await self._open()
+        logprobs = answer.logprobs
         await _send(
-            self.response, answer.text_event("response.output_text.done", text=text, logprobs=[])
+            self.response,
+            answer.text_event("response.output_text.done", text=text, logprobs=logprobs),
         )
-        await _send(
-            self.response, answer.text_event("response.content_part.done", part=answer.part(text))
-        )
+        part = answer.part(text, logprobs)
+        await _send(self.response, answer.text_event("response.content_part.done", part=part))
         done = answer.event(
             "response.output_item.done", output_index=0, item=answer.message(text, status)
         )

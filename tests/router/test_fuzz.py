@@ -712,6 +712,8 @@ def test_each_http_body_value_at_its_extremes(
             ],
             "tool_choice": "auto",
             "parallel_tool_calls": True,
+            "include": ["message.output_text.logprobs"],
+            "top_logprobs": 2,
             "max_output_tokens": 4,
             "temperature": 0.8,
             "top_p": 0.9,

@@ -203,7 +203,9 @@ def test_text_format_holds_the_answer_to_a_schema(sidecar: SidecarThread) -> Non
         ({"tool_choice": {"type": "function"}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),  # no tools to call
         ({"max_tool_calls": 2}, "max_tool_calls"),
-        ({"include": ["message.output_text.logprobs"]}, "include"),
+        ({"include": ["reasoning.encrypted_content"]}, "include[0]"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # without include
+        ({"include": ["message.output_text.logprobs"], "top_logprobs": 21}, "top_logprobs"),
         ({"reasoning": {"effort": "low"}}, "reasoning"),
         ({"truncation": "auto"}, "truncation"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
@@ -384,3 +386,48 @@ def test_a_stored_response_asked_for_is_404_saying_none_is_kept(sidecar: Sidecar
         with pytest.raises(openai.NotFoundError) as missing:
             ask()
         assert "not stored" in missing.value.message
+
+
+def test_the_outputs_logprobs_are_chats(sidecar: SidecarThread) -> None:
+    """``include`` message.output_text.logprobs with ``top_logprobs``: the text part's
+    entries are chat's (one per output token, its alternatives), and a stream's deltas
+    carry them in order."""
+    asked: Any = {
+        "model": "target",
+        "input": QUESTION,
+        "max_output_tokens": 8,
+        "include": ["message.output_text.logprobs"],
+        "top_logprobs": 2,
+        **steered(sidecar),
+    }
+    response = client(sidecar).responses.create(**asked)
+    chat = chat_answer(
+        sidecar,
+        [{"role": "user", "content": QUESTION}],
+        8,
+        logprobs=True,
+        top_logprobs=2,
+        **steer(sidecar),
+    )
+    expected = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    part = response.output[0].content[0]  # type: ignore[union-attr]
+    assert part.text == chat.choices[0].message.content
+    assert len(part.logprobs) == len(expected) == 8
+    for got, want in zip(part.logprobs, expected, strict=True):
+        assert got.token == want.token
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [a.token for a in got.top_logprobs] == [a.token for a in want.top_logprobs]
+    with client(sidecar).responses.stream(**asked) as stream:
+        events = list(stream)
+    streamed = [
+        entry
+        for event in events
+        if event.type == "response.output_text.delta"
+        for entry in event.logprobs
+    ]
+    assert [e.token for e in streamed] == [e.token for e in part.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [e.token for e in done.logprobs] == [e.token for e in part.logprobs]
+    # Not asked for: none computed.
+    plain = client(sidecar).responses.create(**{**asked, "include": [], "top_logprobs": 0})
+    assert plain.output[0].content[0].logprobs == []  # type: ignore[union-attr]
