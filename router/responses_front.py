@@ -68,7 +68,7 @@ UNSERVED: dict[str, tuple[tuple[Any, ...], str]] = {
     "background": ((None, False), "background responses are not served"),
     "prompt": ((None,), "stored prompt templates are not served"),
     "max_tool_calls": ((None,), "a limit on tool calls is not served"),
-    "reasoning": ((None,), "reasoning options are not served"),
+    "reasoning": ((None, {}), "reasoning options are not served"),
     "truncation": ((None, "disabled"), "the input is never truncated here: only 'disabled'"),
 }
 # What ``include`` may ask for: the output text's log-probabilities.
