@@ -6,6 +6,7 @@ service only ever sees validated domain objects.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import secrets
@@ -458,9 +459,8 @@ def check_prompt(prompt: Prompt) -> Prompt:
     # What the template renders besides the contents must be Unicode too.
     for i, message in enumerate(prompt.messages):
         if message.get("tool_calls"):
-            check_unicode(
-                json.dumps(message["tool_calls"], ensure_ascii=False), f"messages[{i}].tool_calls"
-            )
+            for text in _rendered_calls(message["tool_calls"]):
+                check_unicode(text, f"messages[{i}].tool_calls")
     if prompt.tools:
         check_unicode(json.dumps(list(prompt.tools), ensure_ascii=False), "tools")
     if prompt.template_kwargs:
@@ -469,6 +469,20 @@ def check_prompt(prompt: Prompt) -> Prompt:
     if not any(m.get("content", "").strip() for m in prompt.messages):
         raise InvalidRequestError("the prompt is empty: every chat message is blank")
     return prompt
+
+
+def _rendered_calls(calls: Any) -> list[str]:
+    """An assistant's tool calls as text, and each call's arguments as the template renders
+    them: arguments sent as JSON text are parsed first, so a ``\\ud800`` escape in that
+    text is a lone surrogate there."""
+    texts = [json.dumps(calls, ensure_ascii=False)]
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if isinstance(arguments, str):
+            with contextlib.suppress(json.JSONDecodeError, RecursionError):
+                texts.append(json.dumps(json.loads(arguments), ensure_ascii=False))
+    return texts
 
 
 def check_unicode(text: str, where: str) -> None:

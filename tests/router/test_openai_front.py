@@ -1500,6 +1500,15 @@ def test_tools_are_rendered_by_the_chat_template(sidecar: SidecarThread) -> None
         {"messages": messages, "tools": [{"type": "\ud800"}], **asked},
     )
     assert status == 400 and body["error"]["param"] is None and "tools" in body["error"]["message"]
+    # Nor an earlier call's arguments, sent as JSON text with a "\ud800" escape: the
+    # template renders them parsed (a 500 too; found by test_fuzz through /v1/messages).
+    surrogate = json.loads(json.dumps(messages))
+    surrogate[1]["tool_calls"][0]["function"]["arguments"] = json.dumps({"city": "\ud800"})
+    status, body = post(
+        f"{sidecar.http_url}/v1/chat/completions",
+        {"messages": surrogate, "tools": [WEATHER_TOOL], **asked},
+    )
+    assert status == 400 and "messages[1].tool_calls" in body["error"]["message"]
     unused = client(sidecar).chat.completions.create(
         messages=messages, tools=[WEATHER_TOOL], tool_choice="none", **asked
     )
