@@ -304,6 +304,17 @@ def check_bearer(request: web.Request) -> None:
     _check_token(request)
 
 
+def check_api_key(request: web.Request) -> None:
+    """The data token check for Anthropic's clients, which send it as ``x-api-key``: that
+    header when present, else the bearer token."""
+    expected = request.app[TOKEN_KEY]
+    key = request.headers.get("x-api-key")
+    if not expected or key is None:
+        _check_token(request)
+    elif not hmac.compare_digest(key.encode(), expected.encode()):
+        raise UnauthenticatedError("missing or invalid API key")
+
+
 def _generation(
     service: RouterService, body: TgiRequest, *, streaming: bool
 ) -> AsyncGenerator[Any, None]:
@@ -563,11 +574,13 @@ def build_http_app(service: RouterService, data_token: str | None = None) -> web
     app.router.add_post("/generate_stream", generate_stream_route)
     app.router.add_get("/info", info_route)
     app.router.add_get("/health", health_route)
+    from router.anthropic_front import add_anthropic_routes
     from router.openai_front import add_openai_routes
     from router.responses_front import add_responses_routes
     from router.tokenize_routes import add_tokenize_routes
 
-    add_responses_routes(app)  # before the OpenAI front's catch-all of /v1/
+    add_anthropic_routes(app)  # these two before the OpenAI front's catch-all of /v1/
+    add_responses_routes(app)
     add_openai_routes(app)
     add_tokenize_routes(app)
     return app

@@ -35,7 +35,14 @@ import importlib.metadata
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -895,18 +902,44 @@ async def _parse(request: web.Request, endpoint: Endpoint) -> Any:
     return await parsed_body(request, endpoint.request_type)
 
 
-async def parsed_body(request: web.Request, model: type[BaseModel]) -> Any:
-    """The request's JSON body as ``model``, once its bearer token is checked; a field
-    that does not validate is INVALID_ARGUMENT naming it as OpenAI's ``param``."""
+async def parsed_body(
+    request: web.Request,
+    model: type[BaseModel],
+    authenticate: Callable[[web.Request], None] | None = None,
+) -> Any:
+    """The request's JSON body as ``model``, once its token is checked (``authenticate``;
+    by default the bearer token); a field that does not validate is INVALID_ARGUMENT
+    naming it as OpenAI's ``param``."""
     from router.http_front import check_bearer, json_body
 
-    check_bearer(request)
-    raw = await json_body(request)
+    (authenticate or check_bearer)(request)
+    return validated(model, await json_body(request))
+
+
+def validated(model: type[BaseModel], raw: Any) -> Any:
+    """``raw`` as ``model``; a field that does not validate is INVALID_ARGUMENT naming it
+    as OpenAI's ``param``."""
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise InvalidFieldError(param_of(first["loc"]), str(first["msg"])) from exc
+
+
+def chat_input(
+    service: RouterService, chat: ChatRequest, renamed: Mapping[str, str]
+) -> GenerateInput:
+    """The domain request for ``chat``, a body of another API (Responses, Anthropic's
+    Messages) as the chat completion it stands for, checked as one; an error names that
+    API's field (``renamed``: chat's names to its own)."""
+    try:
+        return generate_input(service, CHAT, chat, CHAT.prompts_of(chat, service)[0])
+    except InvalidFieldError as error:
+        field = renamed.get(error.field)
+        if field is None:
+            raise
+        problem = str(error).removeprefix(f"{error.field}: ")
+        raise InvalidFieldError(field, problem) from None
 
 
 # The names pydantic gives the members of a union in an error's location ("str",
@@ -1291,6 +1324,12 @@ async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dic
 async def _sse_event(response: web.StreamResponse, payload: dict[str, Any] | str) -> None:
     data = payload if isinstance(payload, str) else json.dumps(payload)
     await response.write(f"data: {data}\n\n".encode())
+
+
+async def typed_sse_event(response: web.StreamResponse, event: dict[str, Any]) -> None:
+    """An event named by its ``type`` (``event:`` then ``data:``), as the Responses and
+    Messages APIs stream them."""
+    await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
 
 
 async def _stream_choice(

@@ -22,7 +22,6 @@ define is ignored.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -40,18 +39,18 @@ from router.errors import (
     sidecar_error_of,
 )
 from router.openai_front import (
-    CHAT,
     ROLE_ALIASES,
     ChatRequest,
     LogprobsHoldback,
     ToolReader,
+    chat_input,
     chat_logprobs,
     error_body,
     error_response,
-    generate_input,
     parsed_body,
     served_model_names,
     specroute_extra,
+    typed_sse_event,
 )
 from router.service import (
     GenerationResult,
@@ -313,16 +312,8 @@ def chat_request(service: RouterService, body: ResponsesRequest) -> ChatRequest:
 
 
 def responses_input(service: RouterService, chat: ChatRequest) -> GenerateInput:
-    """The domain request for a Responses body's ``chat``, checked as a chat completion's
-    is; an error names the Responses API's field."""
-    try:
-        return generate_input(service, CHAT, chat, CHAT.prompts_of(chat, service)[0])
-    except InvalidFieldError as error:
-        renamed = RESPONSE_FIELDS.get(error.field)
-        if renamed is None:
-            raise
-        problem = str(error).removeprefix(f"{error.field}: ")
-        raise InvalidFieldError(renamed, problem) from None
+    """The domain request for a Responses body's ``chat`` (errors name its fields)."""
+    return chat_input(service, chat, RESPONSE_FIELDS)
 
 
 class ResponseObject:
@@ -463,10 +454,6 @@ async def collect(service: RouterService, body: ResponsesRequest) -> dict[str, A
     return answer.response(status, output, result)
 
 
-async def _send(response: web.StreamResponse, event: dict[str, Any]) -> None:
-    await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
-
-
 async def stream(
     service: RouterService, request: web.Request, body: ResponsesRequest
 ) -> web.StreamResponse:
@@ -490,8 +477,8 @@ async def stream(
         with client_may_leave(request):
             await response.prepare(request)
             opening = answer.response("in_progress", routed=routed)
-            await _send(response, answer.event("response.created", response=opening))
-            await _send(response, answer.event("response.in_progress", response=opening))
+            await typed_sse_event(response, answer.event("response.created", response=opening))
+            await typed_sse_event(response, answer.event("response.in_progress", response=opening))
             try:
                 await StreamedOutput(response, answer, asked.logprobs is not None).send(items)
             except ConnectionResetError:
@@ -538,9 +525,9 @@ class StreamedOutput:
         added = answer.event(
             "response.output_item.added", output_index=0, item=answer.message("", "in_progress")
         )
-        await _send(self.response, added)
+        await typed_sse_event(self.response, added)
         part = answer.text_event("response.content_part.added", part=answer.part(""))
-        await _send(self.response, part)
+        await typed_sse_event(self.response, part)
 
     async def _delta(self, text: str) -> None:
         if not text:
@@ -550,7 +537,7 @@ class StreamedOutput:
         self.text += text
         logprobs = self._released(len(text))
         delta = self.answer.text_event("response.output_text.delta", delta=text, logprobs=logprobs)
-        await _send(self.response, delta)
+        await typed_sse_event(self.response, delta)
 
     def _released(self, characters: int | None) -> list[dict[str, Any]]:
         """The entries of the tokens whose text is out once ``characters`` more are (None:
@@ -573,7 +560,7 @@ class StreamedOutput:
         for index, call in enumerate(calls, start=int(self.opened)):
             await self._send_call(index, call)
         output = answer.output(self.text, calls, status)
-        await _send(
+        await typed_sse_event(
             self.response,
             answer.event(f"response.{status}", response=answer.response(status, output, result)),
         )
@@ -583,16 +570,18 @@ class StreamedOutput:
         if not self.opened:
             await self._open()
         logprobs = answer.logprobs
-        await _send(
+        await typed_sse_event(
             self.response,
             answer.text_event("response.output_text.done", text=text, logprobs=logprobs),
         )
         part = answer.part(text, logprobs)
-        await _send(self.response, answer.text_event("response.content_part.done", part=part))
+        await typed_sse_event(
+            self.response, answer.text_event("response.content_part.done", part=part)
+        )
         done = answer.event(
             "response.output_item.done", output_index=0, item=answer.message(text, status)
         )
-        await _send(self.response, done)
+        await typed_sse_event(self.response, done)
 
     async def _send_call(self, index: int, call: dict[str, Any]) -> None:
         answer = self.answer
@@ -608,7 +597,7 @@ class StreamedOutput:
             ),
         ]
         for event in events:
-            await _send(self.response, event)
+            await typed_sse_event(self.response, event)
 
 
 async def _send_failure(
@@ -618,13 +607,13 @@ async def _send_failure(
     ``response.failed`` carrying the error."""
     failure = error_body(sidecar_error_of(error, "the stream"))[1]["error"]
     code = failure["code"] or failure["type"]
-    await _send(
+    await typed_sse_event(
         response,
         answer.event("error", code=code, message=failure["message"], param=failure["param"]),
     )
     failed = answer.response("failed", routed=routed)
     failed["error"] = {"code": code, "message": failure["message"]}
-    await _send(response, answer.event("response.failed", response=failed))
+    await typed_sse_event(response, answer.event("response.failed", response=failed))
 
 
 async def responses_route(request: web.Request) -> web.StreamResponse:

@@ -239,6 +239,22 @@ def compact(
         running.stop()
 
 
+DATA_TOKEN = "data-secret"
+
+
+@pytest.fixture(scope="module")
+def guarded(
+    serving_world: ServingWorld,
+    components: Components,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SidecarThread]:
+    """A sidecar whose HTTP fronts and data RPCs want ``DATA_TOKEN``."""
+    settings = serving_world.settings(tmp_path_factory.mktemp("guarded"), data_token=DATA_TOKEN)
+    running = SidecarThread(settings, components)
+    yield running
+    running.stop()
+
+
 def _ending_target(target_dir: Path, destination: Path) -> Path:
     """A copy of the tiny target that ends its turn wherever it would write a space: the
     ``<|im_end|>`` row of its (tied) embedding is twice the row of "Ġ", the token the

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +39,16 @@ from router.settings import (
     load_settings,
 )
 from router.store import DrafterRecord, SidecarStore
-from tests.router.conftest import ADMIN, ADMIN_TOKEN, ServingWorld, SidecarThread, self_signed_tls
+from tests.router.conftest import (
+    ADMIN,
+    ADMIN_TOKEN,
+    DATA_TOKEN,
+    ServingWorld,
+    SidecarThread,
+    self_signed_tls,
+)
 
-DATA_TOKEN = "data-secret"
 PROMPT = "def add(a, b):\n    return"
-
-
-@pytest.fixture(scope="module")
-def guarded(
-    serving_world: ServingWorld,
-    components: Components,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[SidecarThread]:
-    settings = serving_world.settings(tmp_path_factory.mktemp("guarded"), data_token=DATA_TOKEN)
-    running = SidecarThread(settings, components)
-    yield running
-    running.stop()
 
 
 def test_data_token_guards_route_report_generate(guarded: SidecarThread) -> None:

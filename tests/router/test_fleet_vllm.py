@@ -466,6 +466,25 @@ def test_openai_and_tgi_fronts_forward_to_the_fleet(fleet: Fleet) -> None:
     with client.responses.stream(model="target", **asked) as events:
         deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
     assert "".join(deltas) == response.output_text
+    # Anthropic's Messages API: the chat's answer, and vLLM's own /v1/messages answer.
+    import anthropic
+
+    spoken: Any = {
+        "model": "target",
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 8,
+        "extra_body": {"temperature": 0},
+    }
+    ours = anthropic.Anthropic(base_url=fleet.sidecar.http_url, api_key="x", max_retries=0)
+    message = ours.messages.create(**spoken)
+    assert message.content[0].text == chat.choices[0].message.content  # type: ignore[union-attr]
+    vllm_messages = anthropic.Anthropic(
+        base_url=replica.url, api_key=replica.api_key or "x", max_retries=0
+    ).messages.create(**spoken)
+    assert message.content[0].text == vllm_messages.content[0].text  # type: ignore[union-attr]
+    assert message.stop_reason == vllm_messages.stop_reason
+    assert message.usage.input_tokens == vllm_messages.usage.input_tokens
+    assert message.usage.output_tokens == vllm_messages.usage.output_tokens
     tgi = Client(fleet.sidecar.http_url, timeout=60).generate(PROMPT, max_new_tokens=TOKENS)
     assert tgi.generated_text == expected_text
     assert tgi.details.generated_tokens == TOKENS

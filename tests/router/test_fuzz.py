@@ -724,6 +724,28 @@ def test_each_http_body_value_at_its_extremes(
             "metadata": {"k": "v"},
         },
     }
+    bodies["/v1/messages"] = {
+        "model": "target",
+        "system": [{"type": "text", "text": "Be brief."}],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": prompt}]},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}],
+            },
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "done"}],
+            },
+        ],
+        "max_tokens": 4,
+        "temperature": 0.8,
+        "top_p": 0.9,
+        "top_k": 20,
+        "stop_sequences": ["\n\n"],
+        "tool_choice": {"type": "auto"},
+        "metadata": {"user_id": "u"},
+    }
     failed = []
     for route, body in bodies.items():
         url = sidecar.http_url + route
