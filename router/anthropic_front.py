@@ -41,16 +41,13 @@ from router.errors import (
     status_of,
 )
 from router.openai_front import (
-    CHAT,
-    TGI_CLIENT_MODEL_NAMES,
     ChatRequest,
-    ModelNotFoundError,
     StopHoldback,
     ToolReader,
     chat_input,
+    chat_prompt_tokens,
     error_body,
     parsed_body,
-    served_model_names,
     specroute_extra,
     typed_sse_event,
     validated,
@@ -527,11 +524,7 @@ async def count_tokens_route(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     try:
         chat = chat_request(await _parsed(request))
-        served = served_model_names(service)
-        if chat.model not in (*served, *TGI_CLIENT_MODEL_NAMES):
-            raise ModelNotFoundError(f"the model {chat.model!r} does not exist; served: {served}")
-        ids = service.tokenized(CHAT.prompts_of(chat, service)[0])
-        return web.json_response({"input_tokens": len(ids)})
+        return web.json_response({"input_tokens": chat_prompt_tokens(service, chat)})
     except SidecarError as error:
         return anthropic_error(error)
 

@@ -712,10 +712,7 @@ def generate_input(
     problems = _unsupported(body)
     if problems:
         raise InvalidFieldError(problems[0], f"unsupported parameters: {', '.join(problems)}")
-    if body.model not in (*served_model_names(service), *TGI_CLIENT_MODEL_NAMES):
-        raise ModelNotFoundError(
-            f"the model {body.model!r} does not exist; served: {served_model_names(service)}"
-        )
+    check_model(service, body.model)
     max_tokens = endpoint.max_tokens_of(body)
     fit_context = max_tokens is None
     if max_tokens is None:
@@ -924,6 +921,21 @@ def validated(model: type[BaseModel], raw: Any) -> Any:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise InvalidFieldError(param_of(first["loc"]), str(first["msg"])) from exc
+
+
+def check_model(service: RouterService, model: str | None) -> None:
+    """A named model must be one this sidecar serves (or a name TGI's own clients send);
+    None: the route takes none (vLLM's tokenizer routes, counts)."""
+    served = served_model_names(service)
+    if model is not None and model not in (*served, *TGI_CLIENT_MODEL_NAMES):
+        raise ModelNotFoundError(f"the model {model!r} does not exist; served: {served}")
+
+
+def chat_prompt_tokens(service: RouterService, chat: ChatRequest) -> int:
+    """How many tokens the prompt ``chat`` renders is, as the target reads it (the count
+    routes of the Responses and Messages APIs)."""
+    check_model(service, chat.model)
+    return len(service.tokenized(CHAT.prompts_of(chat, service)[0]))
 
 
 def chat_input(

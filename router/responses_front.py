@@ -45,6 +45,7 @@ from router.openai_front import (
     ToolReader,
     chat_input,
     chat_logprobs,
+    chat_prompt_tokens,
     error_body,
     error_response,
     parsed_body,
@@ -68,6 +69,7 @@ UNSERVED: dict[str, tuple[tuple[Any, ...], str]] = {
     "prompt": ((None,), "stored prompt templates are not served"),
     "max_tool_calls": ((None,), "a limit on tool calls is not served"),
     "reasoning": ((None, {}), "reasoning options are not served"),
+    "personality": ((None,), "personalities are not served"),
     "truncation": ((None, "disabled"), "the input is never truncated here: only 'disabled'"),
 }
 # What ``include`` may ask for: the output text's log-probabilities.
@@ -629,6 +631,20 @@ async def responses_route(request: web.Request) -> web.StreamResponse:
         return error_response(error)
 
 
+async def input_tokens_route(request: web.Request) -> web.Response:
+    """``POST /v1/responses/input_tokens`` (the client's ``responses.input_tokens.count``):
+    the tokens of the prompt a response to the body would read."""
+    from router.http_front import SERVICE_KEY
+
+    service = request.app[SERVICE_KEY]
+    try:
+        chat = chat_request(service, await parsed_body(request, ResponsesRequest))
+        counted = chat_prompt_tokens(service, chat)
+    except SidecarError as error:
+        return error_response(error)
+    return web.json_response({"object": "response.input_tokens", "input_tokens": counted})
+
+
 async def stored_response_route(request: web.Request) -> web.Response:
     """A stored response asked for (retrieved, deleted, cancelled, its input listed):
     404 that says none is kept, rather than the catch-all's "no route"."""
@@ -648,5 +664,6 @@ def add_responses_routes(app: web.Application) -> None:
     """Mount ``POST /v1/responses`` and the stored-response routes (before the OpenAI
     front's catch-all of ``/v1/``)."""
     app.router.add_post("/v1/responses", responses_route)
+    app.router.add_post("/v1/responses/input_tokens", input_tokens_route)
     app.router.add_route("*", "/v1/responses/{id}", stored_response_route)
     app.router.add_route("*", "/v1/responses/{id}/{action}", stored_response_route)

@@ -23,13 +23,11 @@ from router.domain import Prompt, check_prompt_tokens
 from router.errors import InvalidFieldError, InvalidRequestError, SidecarError
 from router.openai_front import (
     CHAT,
-    TGI_CLIENT_MODEL_NAMES,
     ChatMessage,
     ChatRequest,
-    ModelNotFoundError,
+    check_model,
     error_response,
     parsed_body,
-    served_model_names,
 )
 from router.service import RouterService
 
@@ -59,13 +57,6 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def _checked_model(service: RouterService, model: str | None) -> None:
-    """A named model must be one this sidecar serves (vLLM's ``model`` is optional here)."""
-    served = served_model_names(service)
-    if model is not None and model not in (*served, *TGI_CLIENT_MODEL_NAMES):
-        raise ModelNotFoundError(f"the model {model!r} does not exist; served: {served}")
-
-
 def _prompt_of(body: TokenizeRequest, service: RouterService) -> Prompt:
     if (body.prompt is None) == (body.messages is None):
         raise InvalidRequestError("send either prompt (a text) or messages (a chat)")
@@ -84,7 +75,7 @@ def _prompt_of(body: TokenizeRequest, service: RouterService) -> Prompt:
 
 def tokenize(service: RouterService, body: TokenizeRequest) -> dict[str, Any]:
     """vLLM's ``/tokenize`` answer for ``body``."""
-    _checked_model(service, body.model)
+    check_model(service, body.model)
     if body.add_generation_prompt and body.continue_final_message and body.messages:
         raise InvalidFieldError(
             "continue_final_message", "cannot be set with add_generation_prompt (as vLLM)"
@@ -101,7 +92,7 @@ def tokenize(service: RouterService, body: TokenizeRequest) -> dict[str, Any]:
 
 def detokenize(service: RouterService, body: DetokenizeRequest) -> dict[str, Any]:
     """vLLM's ``/detokenize`` answer: the ids decoded, special tokens kept."""
-    _checked_model(service, body.model)
+    check_model(service, body.model)
     check_prompt_tokens(len(body.tokens), service.limits)
     service.check_in_vocabulary("tokens", body.tokens)
     return {"prompt": service.tokenizer.decode(body.tokens)}

@@ -431,3 +431,29 @@ def test_the_outputs_logprobs_are_chats(sidecar: SidecarThread) -> None:
     # Not asked for: none computed.
     plain = client(sidecar).responses.create(**{**asked, "include": [], "top_logprobs": 0})
     assert plain.output[0].content[0].logprobs == []  # type: ignore[union-attr]
+
+
+def test_input_tokens_are_counted_as_a_response_reads_them(compact: SidecarThread) -> None:
+    """``responses.input_tokens.count``: the prompt the same body would generate from,
+    tools and instructions included."""
+    from tests.router.test_structured_output import TIME, WEATHER
+
+    asked: Any = {
+        "model": "target",
+        "instructions": INSTRUCTIONS,
+        "input": [{"role": "user", "content": QUESTION}],
+        "tools": [responses_tool(WEATHER), responses_tool(TIME)],
+    }
+    counted = client(compact).responses.input_tokens.count(**asked)
+    response = client(compact).responses.create(**asked, max_output_tokens=2, temperature=0)
+    assert counted.object == "response.input_tokens"
+    assert response.usage is not None and counted.input_tokens == response.usage.input_tokens
+    bare = client(compact).responses.input_tokens.count(model="target", input=QUESTION)
+    assert bare.input_tokens < counted.input_tokens
+    with pytest.raises(openai.NotFoundError):
+        client(compact).responses.input_tokens.count(model="gpt-nope", input=QUESTION)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client(compact).responses.input_tokens.count(
+            model="target", input=QUESTION, personality="friendly"
+        )
+    assert refused.value.body["param"] == "personality"  # type: ignore[index]
