@@ -46,8 +46,10 @@ from router.openai_front import (
     ToolReader,
     chat_input,
     chat_prompt_tokens,
+    ending_stop,
     error_body,
     parsed_body,
+    run_choice,
     specroute_extra,
     typed_sse_event,
     validated,
@@ -313,11 +315,7 @@ class MessageObject:
             return "tool_use", None
         if reason != "stop_sequence":
             return reason, None
-        text = result.generated_text
-        matched = next(
-            (s for s in sorted(self.stops, key=len, reverse=True) if s and text.endswith(s)), None
-        )
-        return reason, matched
+        return reason, ending_stop(result.generated_text, self.stops)
 
     @staticmethod
     def text_block(text: str) -> dict[str, Any]:
@@ -341,14 +339,7 @@ def usage_of(result: GenerationResult) -> dict[str, int]:
 async def collect(service: RouterService, body: MessagesRequest) -> dict[str, Any]:
     chat = chat_request(body)
     answer = MessageObject(body, chat)
-    request = messages_input(service, chat)
-    result: GenerationResult | None = None
-    async with contextlib.aclosing(service.generate(request)) as items:  # type: ignore[type-var]
-        async for item in items:
-            if isinstance(item, GenerationResult):
-                result = item
-    if result is None:
-        raise GenerationFailedError("generation ended without a result")
+    result = (await run_choice(service, messages_input(service, chat), chat)).result
     text = result.generated_text
     if str(result.stats.finish_reason) == "stop_sequence":
         text = without_stop(text, answer.stops)
@@ -387,12 +378,8 @@ async def stream(
             except ConnectionResetError:
                 raise  # the client left (client_may_leave)
             except Exception as error:
-                status, failure = error_body(sidecar_error_of(error, "the stream"))
-                kind = ERROR_TYPES.get(status, "api_error")
-                message = failure["error"]["message"]
-                await typed_sse_event(
-                    response, {"type": "error", "error": {"type": kind, "message": message}}
-                )
+                _, failure = anthropic_error_body(sidecar_error_of(error, "the stream"))
+                await typed_sse_event(response, failure)
             await response.write_eof()
         return response
 
@@ -483,13 +470,19 @@ class StreamedMessage:
         self.index += 1
 
 
-def anthropic_error(error: BaseException) -> web.Response:
-    """Anthropic's error body and status for ``error`` (the OpenAI front's status)."""
-    from router.http_front import HTTP_ERROR_CODE
-
+def anthropic_error_body(error: BaseException) -> tuple[int, dict[str, Any]]:
+    """HTTP status (the OpenAI front's) and Anthropic's error object for ``error``."""
     status, failure = error_body(error)
     kind = ERROR_TYPES.get(status, "api_error")
-    body = {"type": "error", "error": {"type": kind, "message": failure["error"]["message"]}}
+    message = failure["error"]["message"]
+    return status, {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def anthropic_error(error: BaseException) -> web.Response:
+    """Anthropic's error response for ``error``."""
+    from router.http_front import HTTP_ERROR_CODE
+
+    status, body = anthropic_error_body(error)
     response = web.json_response(body, status=status)
     response[HTTP_ERROR_CODE] = status_of(error).grpc_code.name
     return response

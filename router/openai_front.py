@@ -285,14 +285,17 @@ def cut_stops_of(body: OpenAIParameters) -> list[str]:
     return [] if body.include_stop_str_in_output else stops_of(body)
 
 
+def ending_stop(text: str, stops: Sequence[str]) -> str | None:
+    """The stop sequence ``text`` ends with, if any (the longest that fits: the one that
+    starts first)."""
+    return next((s for s in sorted(stops, key=len, reverse=True) if s and text.endswith(s)), None)
+
+
 def without_stop(text: str, stops: Sequence[str]) -> str:
-    """``text`` without the stop sequence it ends with, if any (the longest that fits: the
-    one that starts first). The engine's text, as TGI's, ends after the stop; OpenAI's
-    ends before it."""
-    for stop in sorted(stops, key=len, reverse=True):
-        if stop and text.endswith(stop):
-            return text[: -len(stop)]
-    return text
+    """``text`` without the stop sequence it ends with, if any (``ending_stop``). The
+    engine's text, as TGI's, ends after the stop; OpenAI's ends before it."""
+    stop = ending_stop(text, stops)
+    return text[: -len(stop)] if stop else text
 
 
 class StopHoldback:
@@ -1141,7 +1144,7 @@ class _Reply:
             return chat_logprobs(scored)
         return completion_logprobs(scored, texts, offset)
 
-    def _choice(self, index: int, ran: _ChoiceRun, stops: Sequence[str]) -> dict[str, Any]:
+    def _choice(self, index: int, ran: ChoiceRun, stops: Sequence[str]) -> dict[str, Any]:
         result = ran.result
         finish = _finish_reason(result)
         text = result.generated_text
@@ -1171,7 +1174,7 @@ class _Reply:
             choice["prompt_logprobs"] = ran.prompt_logprobs
         return choice
 
-    def complete(self, runs: Sequence[_ChoiceRun], stops: Sequence[str]) -> dict[str, Any]:
+    def complete(self, runs: Sequence[ChoiceRun], stops: Sequence[str]) -> dict[str, Any]:
         """The response for ``runs``, one per choice; with several choices each carries its
         own ``specroute`` (its own request, decision and statistics), the response's is the
         first's."""
@@ -1248,7 +1251,7 @@ async def _first(items: AsyncIterator[Any]) -> RoutedRequest:
 
 
 @dataclass(frozen=True)
-class _ChoiceRun:
+class ChoiceRun:
     """One choice's finished generation (its log-probabilities when they were asked for)."""
 
     routed: RoutedRequest
@@ -1260,7 +1263,10 @@ class _ChoiceRun:
     prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's, when asked for
 
 
-async def _run_choice(service: RouterService, request: GenerateInput, body: Any) -> _ChoiceRun:
+async def run_choice(service: RouterService, request: GenerateInput, body: Any) -> ChoiceRun:
+    """One choice generated whole: its decision, result, and log-probabilities when
+    ``request`` asks for them (with ``body``'s prompt logprobs and echo, where it has
+    them)."""
     scored: list[TokenLogprobs] = []
     texts: list[str] = []
     prompt_scored: PromptScores | None = None
@@ -1277,7 +1283,7 @@ async def _run_choice(service: RouterService, request: GenerateInput, body: Any)
                 result = item
     if result is None:
         raise GenerationFailedError("generation ended without a result")
-    ran = _ChoiceRun(routed, result, scored if request.logprobs is not None else None, texts)
+    ran = ChoiceRun(routed, result, scored if request.logprobs is not None else None, texts)
     if prompt_scored is not None and body.prompt_logprobs is not None:
         asked = vllm_prompt_logprobs(prompt_scored, body.prompt_logprobs)
         ran = dataclasses.replace(ran, prompt_logprobs=asked)
@@ -1327,7 +1333,7 @@ async def _all_at_most(width: int, jobs: Sequence[Callable[[], Awaitable[Any]]])
 async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dict[str, Any]:
     reply = _Reply.for_body(endpoint, body)
     requests = choice_inputs(service, endpoint, body)
-    jobs = [functools.partial(_run_choice, service, r, body) for r in requests]
+    jobs = [functools.partial(run_choice, service, r, body) for r in requests]
     finished = await _all_at_most(choice_width(service, len(requests)), jobs)
     reply.decided(finished[0].result.routed)
     return reply.complete(finished, cut_stops_of(body))

@@ -49,6 +49,7 @@ from router.openai_front import (
     error_body,
     error_response,
     parsed_body,
+    run_choice,
     served_model_names,
     specroute_extra,
     typed_sse_event,
@@ -58,7 +59,6 @@ from router.service import (
     RoutedRequest,
     RouterService,
     TokenChunk,
-    TokenLogprobs,
 )
 
 # Responses API fields not served, with the values that ask for nothing, and why.
@@ -438,20 +438,10 @@ def finish_status(result: GenerationResult) -> str:
 async def collect(service: RouterService, body: ResponsesRequest) -> dict[str, Any]:
     chat = chat_request(service, body)
     answer = ResponseObject(service, body, chat)
-    request = responses_input(service, chat)
-    result: GenerationResult | None = None
-    scored: list[TokenLogprobs] = []
-    async with contextlib.aclosing(service.generate(request)) as items:  # type: ignore[type-var]
-        async for item in items:
-            if isinstance(item, TokenChunk) and item.logprobs is not None:
-                scored.extend(item.logprobs)
-            elif isinstance(item, GenerationResult):
-                result = item
-    if result is None:
-        raise GenerationFailedError("generation ended without a result")
-    status = finish_status(result)
-    if request.logprobs is not None:
-        answer.logprobs = chat_logprobs(scored)["content"]
+    ran = await run_choice(service, responses_input(service, chat), chat)
+    result, status = ran.result, finish_status(ran.result)
+    if ran.scored is not None:
+        answer.logprobs = chat_logprobs(ran.scored)["content"]
     output = answer.output(*answer.tools.read(result.generated_text), status)
     return answer.response(status, output, result)
 

@@ -9,12 +9,11 @@ import json
 from typing import Any
 
 import anthropic
-import openai
 import pytest
 
 from router.pb import router_pb2 as pb
 from tests.router.conftest import DATA_TOKEN, SidecarThread
-from tests.router.test_responses_front import chat_answer, steer
+from tests.router.test_responses_front import chat_answer, chat_tool_call, steer
 
 SYSTEM = "You answer in one short sentence."
 QUESTION = "Write a haiku about the sea."
@@ -115,17 +114,7 @@ def test_a_forced_tool_is_one_tool_use(compact: SidecarThread, streamed: bool) -
     parsed; ``stop_reason`` tool_use."""
     from tests.router.test_structured_output import TIME, TOOL_MESSAGES, WEATHER
 
-    chat = openai.OpenAI(
-        base_url=f"{compact.http_url}/v1", api_key="unused", max_retries=0
-    ).chat.completions.create(
-        model="target",
-        messages=TOOL_MESSAGES,
-        tools=[WEATHER, TIME],  # type: ignore[list-item]
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=48,
-        temperature=0,
-    )
-    (expected,) = chat.choices[0].message.tool_calls or []
+    expected = chat_tool_call(compact, {"type": "function", "function": {"name": "get_weather"}})
     tools: Any = [
         {
             "name": tool["function"]["name"],

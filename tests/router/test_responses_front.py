@@ -47,6 +47,18 @@ def chat_answer(sidecar: SidecarThread, messages: Any, max_tokens: int, **extra:
     )
 
 
+def chat_tool_call(sidecar: SidecarThread, tool_choice: Any, **extra: Any) -> Any:
+    """Chat's one tool call, greedy, for the weather question with the weather and time
+    tools and ``tool_choice`` (the reference the other APIs' forced calls are held to)."""
+    from tests.router.test_structured_output import TIME, TOOL_MESSAGES, WEATHER
+
+    chat = chat_answer(
+        sidecar, TOOL_MESSAGES, 48, tools=[WEATHER, TIME], tool_choice=tool_choice, **extra
+    )
+    (call,) = chat.choices[0].message.tool_calls or []
+    return call
+
+
 def test_a_response_is_the_chat_completions_answer(sidecar: SidecarThread) -> None:
     response = client(sidecar).responses.create(
         model="target",
@@ -265,15 +277,7 @@ def test_a_named_tool_choice_is_one_function_call(compact: SidecarThread, stream
     ``function_call`` item and no message; streamed, its arguments' events carry them."""
     from tests.router.test_structured_output import TIME, TOOL_MESSAGES, WEATHER
 
-    chat = client(compact).chat.completions.create(
-        model="target",
-        messages=TOOL_MESSAGES,
-        tools=[WEATHER, TIME],  # type: ignore[list-item]
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=48,
-        temperature=0,
-    )
-    (expected,) = chat.choices[0].message.tool_calls or []
+    expected = chat_tool_call(compact, {"type": "function", "function": {"name": "get_weather"}})
     asked: Any = {
         "model": "target",
         "input": TOOL_MESSAGES,
@@ -313,16 +317,7 @@ def test_a_required_tool_choice_gives_calls(compact: SidecarThread) -> None:
         max_output_tokens=48,
         temperature=0,
     )
-    chat = client(compact).chat.completions.create(
-        model="target",
-        messages=TOOL_MESSAGES,
-        tools=[WEATHER, TIME],  # type: ignore[list-item]
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_tokens=48,
-        temperature=0,
-    )
-    (expected,) = chat.choices[0].message.tool_calls or []
+    expected = chat_tool_call(compact, "required", parallel_tool_calls=False)
     (call,) = response.output
     assert call.type == "function_call"
     assert (call.name, call.arguments) == (
