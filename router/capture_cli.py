@@ -218,10 +218,9 @@ def _sidecar_view(address: str, cluster: str, token: str | None) -> SidecarView 
 
 def _world_generic(settings: Any) -> Path | None:
     from router.bundle import ModelBundle
-    from router.components import resolve_world_dir
 
     try:
-        return ModelBundle.load(resolve_world_dir(settings)).drafter_dirs.get(GENERIC_DRAFTER)
+        return ModelBundle.load(settings.world_path()).drafter_dirs.get(GENERIC_DRAFTER)
     except (FileNotFoundError, ValueError, KeyError):
         return None
 
@@ -237,13 +236,12 @@ def _local_target(settings: Any) -> Path | None:
     fp32 (soft labels), else None."""
     from drafters.loader import ModelLoadError, safetensors_files
     from router.bundle import ModelBundle
-    from router.components import resolve_world_dir
 
     if settings.target_dir is not None:
         path: Path | None = Path(settings.target_dir).expanduser()
     else:
         try:
-            path = ModelBundle.load(resolve_world_dir(settings)).target_dir
+            path = ModelBundle.load(settings.world_path()).target_dir
         except (FileNotFoundError, ValueError, KeyError):
             path = None
     if path is None or not (path / "config.json").is_file():

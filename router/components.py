@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from router.bundle import ModelBundle, default_bundle_dir
+from router.bundle import ModelBundle
 from router.policy.base import NONE_DRAFTER
 from router.service import Components
 from router.settings import Settings
@@ -24,13 +24,6 @@ NGRAM_DRAFTER = "ngram"
 FINETUNE_SAMPLE_FILE = "finetune_sample.jsonl"
 FINETUNE_SAMPLE_SIZE = 64
 WEIGHTS_DIGEST_CACHE = "weights_digests.json"  # in the state dir
-
-
-def resolve_world_dir(settings: Settings) -> Path:
-    """The configured world directory, or the built-in default world's."""
-    if settings.world_dir is not None:
-        return Path(settings.world_dir).expanduser()
-    return default_bundle_dir(settings.world_scale)
 
 
 def read_finetune_sample(drafter_dir: Path, limit: int = FINETUNE_SAMPLE_SIZE) -> tuple[str, ...]:
@@ -96,11 +89,6 @@ def model_free_records() -> list[DrafterRecord]:
     ]
 
 
-def _uses_world(settings: Settings) -> bool:
-    explicit = settings.target_dir is not None and settings.classifier_dir is not None
-    return settings.world_dir is not None or not explicit
-
-
 def apply_torch_threads(threads: int) -> None:
     """Set torch's intra-op thread count for this process (0 keeps torch's default)."""
     import torch
@@ -164,8 +152,8 @@ def build_components(settings: Settings) -> Components:
     tasks: tuple[str, ...] = ()
     classifier_dir = settings.classifier_dir
     target_dir = settings.target_dir
-    if _uses_world(settings):
-        world = ModelBundle.load(resolve_world_dir(settings))
+    if settings.uses_world():
+        world = ModelBundle.load(settings.world_path())
         if settings.bundle_drafters:
             bundle_dirs.update(world.drafter_dirs)
         roots.insert(0, Path(world.root))

@@ -128,7 +128,6 @@ def serve_command(
     metrics; with --fleet, generation runs on the vLLM replicas of the fleet file."""
     import asyncio
 
-    from router.server import RunningSidecar, serve
     from router.settings import SettingsLoadError, load_settings
 
     overrides: dict[str, Any] = {"world_dir": world, "host": host, "port": port, "policy": policy}
@@ -159,6 +158,19 @@ def serve_command(
         typer.echo(f"error: {refusal}", err=True)
         raise typer.Exit(2)
 
+    from router.bundle import BundleNotFoundError
+    from router.settings import TlsFilesError
+    from router.startup import check_start
+
+    try:
+        # What needs no model is refused within a second, before the seconds the engine's
+        # imports take (a port or state directory held: main() says it, status 2).
+        check_start(settings)
+    except (TlsFilesError, BundleNotFoundError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    from router.server import RunningSidecar, serve
+
     def announce(running: RunningSidecar) -> None:
         ports = {
             "host": settings.host,
@@ -174,9 +186,7 @@ def serve_command(
 
     from classifiers import ClassifierLoadError
     from drafters import TokenizerMismatchError
-    from router.bundle import BundleNotFoundError
     from router.errors import SidecarError
-    from router.settings import TlsFilesError
 
     settings_wrong = (
         TokenizerMismatchError,

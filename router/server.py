@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import gc
 import logging
 import signal
-import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from router.pooling import start_pooling
 from router.service import Components, RouterService
 from router.servicer import ADMIN_METHODS, RouterServicer
 from router.settings import Settings
+from router.startup import cannot_listen, check_ports_free
 from router.store import SidecarStore
 
 logger = logging.getLogger(__name__)
@@ -104,47 +103,6 @@ def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
     return [("grpc.max_receive_message_length", size), ("grpc.so_reuseport", 0)]
 
 
-def check_ports_free(settings: Settings) -> None:
-    """``ListenError`` when a configured port is taken by another process, given twice, or
-    on an address this host does not have: checked before the models load, so that a
-    sidecar already running on 50051 is said in one line, at once."""
-    ports = {
-        "gRPC (port)": settings.port,
-        "HTTP (http_port)": settings.http_port,
-        "metrics (metrics_port)": settings.metrics_port,
-    }
-    fixed = {name: port for name, port in ports.items() if port}  # None: off; 0: any free
-    seen: dict[int, str] = {}
-    for name, port in fixed.items():
-        if port in seen:
-            raise ListenError(f"{name} and {seen[port]} are both {port}: give each its own")
-        seen[port] = name
-        try:
-            family, kind, proto, _, address = socket.getaddrinfo(
-                settings.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )[0]
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(address)
-        except OSError as error:
-            raise ListenError(_cannot_listen(settings.host, port, name, error)) from None
-
-
-LISTEN_HINTS = {
-    errno.EADDRINUSE: "another process, such as a sidecar already running, holds it; stop it "
-    "or choose another port",
-    errno.EADDRNOTAVAIL: "this host has no such address: check host",
-    errno.EACCES: "ports below 1024 need privileges: choose another port",
-}
-
-
-def _cannot_listen(host: str, port: int, name: str, error: BaseException) -> str:
-    number = error.errno if isinstance(error, OSError) else None
-    reason = (error.strerror if isinstance(error, OSError) else None) or str(error)
-    hint = LISTEN_HINTS.get(number or 0, "in use, or not an address of this host")
-    return f"cannot listen on {host}:{port} for {name}: {reason} ({hint})"
-
-
 def _bind(server: aio.Server, settings: Settings) -> int:
     address = f"{settings.host}:{settings.port}"
     try:
@@ -157,7 +115,7 @@ def _bind(server: aio.Server, settings: Settings) -> int:
         return server.add_insecure_port(address)
     except RuntimeError as error:  # grpc's "Failed to bind to address ..."
         raise ListenError(
-            _cannot_listen(settings.host, settings.port, "gRPC (port)", error)
+            cannot_listen(settings.host, settings.port, "gRPC (port)", error)
         ) from None
 
 
@@ -182,7 +140,7 @@ async def _start_site(
         await site.start()
     except OSError as error:
         await runner.cleanup()
-        raise ListenError(_cannot_listen(host, port, name, error)) from None
+        raise ListenError(cannot_listen(host, port, name, error)) from None
     server: Any = site._server
     sockets = server.sockets if server is not None else []
     return runner, int(sockets[0].getsockname()[1]) if sockets else port

@@ -36,7 +36,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from router.bundle import specroute_home
+from router.bundle import default_bundle_dir, specroute_home
 from router.capture import MAX_THREADS, AutoDistillSettings, CaptureSettings
 from router.errors import validation_lines
 from router.policy.base import MAX_DRAFT_LENGTH
@@ -404,6 +404,18 @@ class Settings(BaseSettings):
         if toml_path:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
         return tuple(sources)
+
+    def uses_world(self) -> bool:
+        """Whether the models come from a world (a model bundle): the configured one, or
+        the built-in default unless ``target_dir`` and ``classifier_dir`` are both set."""
+        explicit = self.target_dir is not None and self.classifier_dir is not None
+        return self.world_dir is not None or not explicit
+
+    def world_path(self) -> Path:
+        """The configured world directory, or the built-in default world's."""
+        if self.world_dir is not None:
+            return Path(self.world_dir).expanduser()
+        return default_bundle_dir(self.world_scale)
 
     def printable(self) -> dict[str, Any]:
         """The merged settings as JSON-ready data, secrets masked."""

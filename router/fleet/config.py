@@ -268,15 +268,11 @@ def known_drafters(settings: Any) -> set[str]:
     a model: the bundle's (unless ``bundle_drafters`` is off), ``drafter_dirs``, ``ngram``
     and ``none``. Empty when the bundle cannot be read (serving will say why)."""
     from router.bundle import BundleNotFoundError, ModelBundle
-    from router.components import resolve_world_dir
 
     names = {NGRAM, NONE_DRAFTER, *settings.drafter_dirs}
-    uses_world = settings.world_dir is not None or not (
-        settings.target_dir is not None and settings.classifier_dir is not None
-    )
-    if uses_world and settings.bundle_drafters:
+    if settings.uses_world() and settings.bundle_drafters:
         try:
-            names |= set(ModelBundle.load(resolve_world_dir(settings)).drafter_dirs)
+            names |= set(ModelBundle.load(settings.world_path()).drafter_dirs)
         except (BundleNotFoundError, FileNotFoundError, ValueError):
             return set()
     return names

@@ -161,13 +161,27 @@ def test_drafter_and_policy_survive_sigkill_and_sighup(
 SERVERS_OFF = ("--http-port", "-1", "--metrics-port", "-1")
 
 
+# ``specroute serve`` that says on stdout, as it exits, which of the engine's imports it made:
+# a start refused for what needs no model stops before them (within a second, where their
+# import alone took about five on two cores).
+SERVE_TELLING_IMPORTS = (
+    "import atexit, sys\n"
+    "atexit.register(lambda: print('engine imports:', sorted({'torch', 'transformers'}"
+    " & set(sys.modules))))\n"
+    "from router.cli import main\n"
+    "sys.argv = ['specroute', 'serve', *sys.argv[1:]]\n"
+    "main()\n"
+)
+NO_ENGINE_IMPORTS = "engine imports: []"
+
+
 def _serve_without_a_world(
     state_dir: Path, tmp_path: Path, *flags: str
 ) -> subprocess.CompletedProcess[str]:
     """``specroute serve`` on ``state_dir`` with no world, for a start that must stop in
-    one line before anything loads."""
+    one line before anything loads (its stdout ends with the engine's imports it made)."""
     return subprocess.run(
-        [sys.executable, "-m", "router.cli", "serve", *(flags or ("--port", "0", *SERVERS_OFF))],
+        [sys.executable, "-c", SERVE_TELLING_IMPORTS, *(flags or ("--port", "0", *SERVERS_OFF))],
         capture_output=True,
         text=True,
         env={
@@ -219,6 +233,7 @@ def test_a_state_directory_that_cannot_be_used_stops_the_start_and_is_left_as_is
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
     assert str(state_dir) in done.stderr
     assert kept.read_bytes() == before
+    assert done.stdout.rstrip().endswith(NO_ENGINE_IMPORTS), done.stdout
 
 
 def test_serve_without_a_world_is_one_line_and_exit_2(tmp_path: Path) -> None:
@@ -226,6 +241,7 @@ def test_serve_without_a_world_is_one_line_and_exit_2(tmp_path: Path) -> None:
     done = _serve_without_a_world(tmp_path / "state", tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: no world at ") and done.stderr.count("\n") == 1
+    assert done.stdout.rstrip().endswith(NO_ENGINE_IMPORTS), done.stdout
 
 
 def test_a_state_directory_in_use_by_another_sidecar_stops_the_start(tmp_path: Path) -> None:
@@ -245,6 +261,7 @@ def test_a_state_directory_in_use_by_another_sidecar_stops_the_start(tmp_path: P
             done.stderr.startswith("error: the state directory ") and done.stderr.count("\n") == 1
         )
         assert f"in use by another sidecar (pid {os.getpid()})" in done.stderr, done.stderr
+        assert done.stdout.rstrip().endswith(NO_ENGINE_IMPORTS), done.stdout
         SidecarStore(state_dir).close()  # a reader (a tool, a backup) takes no lock
     finally:
         serving.close()
@@ -277,6 +294,7 @@ def test_a_port_held_by_another_process_stops_the_start_in_one_line(
         and done.stderr.count("\n") == 1
     ), done.stderr
     assert f":{port} for " in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout.rstrip().endswith(NO_ENGINE_IMPORTS), done.stdout
 
 
 def test_a_port_taken_during_the_start_stops_what_started(
