@@ -41,7 +41,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             Path | None, typer.Option("--world", help="World directory (built if missing).")
         ] = None,
         per_task: Annotated[
-            int, typer.Option(min=1, help="Replayed requests per task of the uniform trace.")
+            int,
+            typer.Option(
+                min=1,
+                help="Replayed requests per task of the uniform trace (calibrated on at most "
+                "2 prompts per task, and on 1 for --per-task 1).",
+            ),
         ] = 10,
         out_dir: Annotated[
             Path, typer.Option("--out", help="Where the replay report and plots go.")

@@ -403,6 +403,11 @@ def run_learn_replay(config: ReplayConfig, world: WorldLike | None, trace: Trace
         )
 
 
+#: Validation prompts per task the demo calibrates its forced arms on (at most its
+#: ``per_task``).
+DEMO_CALIBRATION_PROMPTS = 2
+
+
 def run_demo_replay(
     world_dir: Path | None,
     out_dir: Path,
@@ -425,9 +430,13 @@ def run_demo_replay(
         world_dir=world_dir,
         admin_token=admin_token,
         trace_options=TraceOptions(per_task=per_task),
-        # A lighter calibration than the benchmark's: the demo should take minutes.
+        # A lighter calibration than the benchmark's: the demo should take minutes, and a
+        # replay of one request per task (a quick look) calibrates on one prompt per task.
         calibration=CalibrationOptions(
-            prompts_per_task=2, k_grid=(1, 2, 3, 4, 6), top_drafters=1, progress=progress
+            prompts_per_task=min(DEMO_CALIBRATION_PROMPTS, per_task),
+            k_grid=(1, 2, 3, 4, 6),
+            top_drafters=1,
+            progress=progress,
         ),
         progress=progress,
     )

@@ -40,6 +40,8 @@ def test_demo_replays_through_a_sidecar_and_prints_the_table(
     assert {"none", "thompson"} <= set(policies)
     assert all(entry["lossless"] for entry in policies.values())
     assert set(policies["thompson"]["per_task"]) == set(tiny_world.tasks)
+    # A quick look (one request per task) is calibrated on one prompt per task, not two.
+    assert report["calibration"]["prompts_per_task"] == 1
 
 
 def test_world_eval_and_bench_policy_save_the_evaluation_the_demo_prints(
