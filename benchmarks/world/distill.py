@@ -27,6 +27,7 @@ from benchmarks.world.train import (
     run_training,
     use_bf16,
 )
+from drafters.attention import padded_batch_masks
 
 
 @torch.no_grad()
@@ -61,14 +62,15 @@ def target_responses(
         for row, example in enumerate(chunk):
             ids[row, width - len(example.prompt_ids) :] = torch.tensor(example.prompt_ids)
             mask[row, width - len(example.prompt_ids) :] = 1
-        generated = target.generate(  # type: ignore[operator]
-            ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
-        )[:, width:]
+        with padded_batch_masks(target):
+            generated = target.generate(  # type: ignore[operator]
+                ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos_id,
+                pad_token_id=pad_id,
+            )[:, width:]
         for example, row in zip(chunk, generated.tolist(), strict=True):
             # A response cut at max_new_tokens keeps no end-of-turn token: the target did
             # not write one there, so the drafter must not learn to predict it.

@@ -165,6 +165,8 @@ def generate_greedy(
     """
     import torch
 
+    from drafters.attention import padded_batch_masks
+
     tokenizer, model = loaded.tokenizer, loaded.model
     eos_id, pad_id = int(tokenizer.eos_token_id), int(tokenizer.pad_token_id)
     prompts = [_prompt_ids(tokenizer, example) for example in examples]
@@ -178,7 +180,7 @@ def generate_greedy(
         for row, i in enumerate(chunk):
             ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]) :] = 1
-        with torch.inference_mode():
+        with torch.inference_mode(), padded_batch_masks(model):
             generated = model.generate(
                 ids.to(loaded.device),
                 attention_mask=mask.to(loaded.device),

@@ -127,3 +127,29 @@ def test_an_example_that_does_not_fit_waits_for_the_next_row() -> None:
     assert int((batch.segments[1] == 0).sum()) == 30
     waiting = filler.take(48)  # the 40 still waits: taken without a new draw
     assert waiting is not None and waiting.length == 40
+
+
+def test_target_answers_of_a_padded_batch_skip_transformers_vmapped_mask(
+    model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build's target answers (left-padded batches) are the same as one prompt at a
+    time, with masks broadcast (``drafters.attention.padded_batch_masks``): transformers'
+    vmapped mask took two thirds of the tiny world's answers, a sixth of the default's."""
+    import transformers.masking_utils as masking
+
+    from benchmarks.world.distill import target_responses
+
+    prompts = _examples()[:8]
+    assert len({len(e.prompt_ids) for e in prompts}) > 1  # so the batch is padded
+    alone = {
+        a.prompt_ids: a.response_ids
+        for e in prompts
+        for a in target_responses(model, [e], max_new_tokens=5, pad_id=0, eos_id=1)
+    }
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("transformers' vmapped mask was built")
+
+    monkeypatch.setattr(masking, "_vmap_for_bhqkv", refused)
+    batched = target_responses(model, prompts, max_new_tokens=5, pad_id=0, eos_id=1)
+    assert {a.prompt_ids: a.response_ids for a in batched} == alone
