@@ -14,7 +14,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("SPECROUTE_DTYPE", "float32")
 
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -110,8 +109,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
-    """The built-in world at tiny scale (corpus, tokenizer, target, 8 drafters), built once."""
+    """The built-in world at tiny scale (corpus, tokenizer, target, 8 drafters), built once
+    for the whole run: under `make test` the first worker that needs it builds it while the
+    others wait on a file lock, then they all read it (each worker built its own before,
+    both at once, on the same two cores; so was the world's classifier, which
+    ``ensure_world_classifier`` now trains once too)."""
+    import fcntl
+
     from benchmarks.world.build import build_world
 
-    root: Path = tmp_path_factory.mktemp("worlds") / "tiny"
-    return build_world(root, "tiny", progress=False)
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    with (shared / "tiny-world.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # A complete world there is opened as it is (``build_world``'s cache).
+        return build_world(shared / "tiny-world", "tiny", progress=False)
