@@ -459,6 +459,7 @@ def check_prompt(prompt: Prompt) -> Prompt:
     # What the template renders besides the contents must be Unicode too.
     for i, message in enumerate(prompt.messages):
         if message.get("tool_calls"):
+            check_tool_calls(message["tool_calls"], f"messages[{i}].tool_calls")
             for text in _rendered_calls(message["tool_calls"]):
                 check_unicode(text, f"messages[{i}].tool_calls")
     if prompt.tools:
@@ -469,6 +470,23 @@ def check_prompt(prompt: Prompt) -> Prompt:
     if not any(m.get("content", "").strip() for m in prompt.messages):
         raise InvalidRequestError("the prompt is empty: every chat message is blank")
     return prompt
+
+
+def check_tool_calls(calls: Any, where: str) -> None:
+    """An assistant's earlier tool calls as the chat template reads them: each an object
+    whose ``function`` (else the call itself, as Qwen's template reads it) has a ``name``
+    (text) and ``arguments`` (JSON text, or a JSON object). A call without arguments
+    failed inside the template (a 500), one without a name rendered as a call to ""."""
+    if not isinstance(calls, list):
+        raise InvalidFieldError(where, "must be a list of tool calls")
+    for j, call in enumerate(calls):
+        function = call.get("function") or call if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidFieldError(f"{where}[{j}].function.name", "must be the function's name")
+        if not isinstance(function.get("arguments"), str | dict):
+            raise InvalidFieldError(
+                f"{where}[{j}].function.arguments", "must be JSON text (or a JSON object)"
+            )
 
 
 def _rendered_calls(calls: Any) -> list[str]:

@@ -166,7 +166,8 @@ def from_tgi(grammar: Any, field: str = "grammar") -> OutputGrammar | None:
     if not isinstance(grammar, Mapping) or "value" not in grammar:
         raise InvalidFieldError(field, 'must be {"type": ..., "value": ...}')
     kind, value = grammar.get("type"), grammar["value"]
-    if kind not in TGI_GRAMMAR_TYPES:
+    # Not text (an object, a list): unhashable, it failed the lookup below (a 500).
+    if not isinstance(kind, str) or kind not in TGI_GRAMMAR_TYPES:
         raise InvalidFieldError(
             f"{field}.type", f"must be one of {', '.join(TGI_GRAMMAR_TYPES)}, got {kind!r}"
         )

@@ -1509,6 +1509,17 @@ def test_tools_are_rendered_by_the_chat_template(sidecar: SidecarThread) -> None
         {"messages": surrogate, "tools": [WEATHER_TOOL], **asked},
     )
     assert status == 400 and "messages[1].tool_calls" in body["error"]["message"]
+    # An earlier call without its arguments failed inside the template (a 500), one without
+    # its name rendered a call to "" (found by fuzzing the HTTP bodies).
+    for key, field in (("arguments", "arguments"), ("name", "name")):
+        missing = json.loads(json.dumps(messages))
+        del missing[1]["tool_calls"][0]["function"][key]
+        status, body = post(
+            f"{sidecar.http_url}/v1/chat/completions",
+            {"messages": missing, "tools": [WEATHER_TOOL], **asked},
+        )
+        assert status == 400, body
+        assert body["error"]["param"] == f"messages[1].tool_calls[0].function.{field}", body
     unused = client(sidecar).chat.completions.create(
         messages=messages, tools=[WEATHER_TOOL], tool_choice="none", **asked
     )

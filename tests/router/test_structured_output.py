@@ -249,6 +249,11 @@ def test_a_response_format_in_tgis_form_is_held_to_its_schema(
             {"inputs": "x", "parameters": {"grammar": {"type": "choice", "value": ["a"]}}},
             "grammar.type",
         ),
+        (  # an object for the type: unhashable, it failed the lookup (a 500; a fuzzer found it)
+            "/generate",
+            {"inputs": "x", "parameters": {"grammar": {"type": {"a": 1}, "value": {}}}},
+            "grammar.type",
+        ),
         (
             "/v1/chat/completions",
             {
@@ -259,7 +264,12 @@ def test_a_response_format_in_tgis_form_is_held_to_its_schema(
             "response_format.value",
         ),
     ],
-    ids=["json_schema-without-schema", "unknown-type", "response_format-bad-regex"],
+    ids=[
+        "json_schema-without-schema",
+        "unknown-type",
+        "object-for-type",
+        "response_format-bad-regex",
+    ],
 )
 def test_a_bad_tgi_grammar_names_its_field(
     sidecar: SidecarThread, path: str, body: dict[str, Any], field: str
