@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from router.domain import (
@@ -263,11 +264,13 @@ def _specroute_details(result: GenerationResult) -> dict[str, Any]:
 
 async def json_body(request: web.Request) -> Any:
     """The request's body parsed as JSON; INVALID_ARGUMENT (HTTP 422) when it is not, or
-    nests deeper than the parser recurses (a 200 KB body of brackets is enough); HTTP 413
-    in the front's own error body (not aiohttp's plain text) when it is over
-    ``limits.max_request_bytes``."""
+    nests deeper than the parser recurses (a 200 KB body of brackets is enough), or cannot
+    be decoded as its ``Content-Encoding`` says (a 500 before); HTTP 413 in the front's own
+    error body (not aiohttp's plain text) when it is over ``limits.max_request_bytes``."""
     try:
         return await request.json()
+    except RequestPayloadError as exc:  # "gzip" that is not, a broken chunked body
+        raise InvalidRequestError(f"the body cannot be read: {exc.__cause__ or exc}") from exc
     except web.HTTPRequestEntityTooLarge:
         raise RequestTooLargeError(
             f"the body is over {request.app[SERVICE_KEY].limits.max_request_bytes} bytes "
