@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -119,6 +120,26 @@ def _bind(server: aio.Server, settings: Settings) -> int:
         ) from None
 
 
+class AnsweredPayloadErrors(logging.Filter):
+    """Drops aiohttp's "Unhandled exception" for a body that could not be read (gzip that
+    is not, a broken chunked body): the front has answered it (400/422,
+    ``http_front.json_body``), and aiohttp's own read of what was left re-raised it, logged
+    at ERROR with a traceback, as if the sidecar had failed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, RequestPayloadError)
+
+
+def http_server_logger() -> logging.Logger:
+    """The logger of the HTTP servers' connections (aiohttp's ``aiohttp.server`` records
+    but for ``AnsweredPayloadErrors``)."""
+    server_logger = logging.getLogger("router.http_server")
+    if not any(isinstance(f, AnsweredPayloadErrors) for f in server_logger.filters):
+        server_logger.addFilter(AnsweredPayloadErrors())
+    return server_logger
+
+
 async def _start_site(
     app: web.Application,
     host: str,
@@ -132,7 +153,11 @@ async def _start_site(
     # slot; aiohttp leaves handlers running by default.
     # shutdown_timeout: a stop waits for requests in flight within the sidecar's grace.
     runner = web.AppRunner(
-        app, access_log=None, handler_cancellation=True, shutdown_timeout=grace_s
+        app,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=grace_s,
+        logger=http_server_logger(),
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls)
