@@ -59,10 +59,7 @@ def padded_causal_mask(
     cache_position: torch.Tensor,
     kv_length: int,
     kv_offset: int = 0,
-    mask_function: Any = None,
     attention_mask: torch.Tensor | None = None,
-    local_size: int | None = None,
-    allow_is_causal_skip: bool = True,
     **kwargs: Any,
 ) -> torch.Tensor | None:
     """transformers' SDPA mask (``sdpa_mask``'s arguments; True = attend) for a batch
@@ -71,21 +68,17 @@ def padded_causal_mask(
     keys), transformers' own, which skips the mask where SDPA's causal flag does."""
     from transformers.masking_utils import sdpa_mask
 
-    padded = (
-        attention_mask is not None
-        and attention_mask.shape[-1] == kv_offset + kv_length
-        and not bool(attention_mask.all())
-    )
-    if attention_mask is None or not padded:
+    if (
+        attention_mask is None
+        or attention_mask.shape[-1] != kv_offset + kv_length
+        or bool(attention_mask.all())
+    ):
         own: torch.Tensor | None = sdpa_mask(
             batch_size=batch_size,
             cache_position=cache_position,
             kv_length=kv_length,
             kv_offset=kv_offset,
-            mask_function=mask_function,
             attention_mask=attention_mask,
-            local_size=local_size,
-            allow_is_causal_skip=allow_is_causal_skip,
             **kwargs,
         )
         return own
@@ -97,9 +90,8 @@ def padded_causal_mask(
 @contextlib.contextmanager
 def padded_batch_masks(model: Any) -> Iterator[None]:
     """While inside, ``model`` (SDPA, full attention only) builds its masks with
-    ``padded_causal_mask``: the same outputs, a padded batch's ``generate`` faster (15% of
-    a batch of 64 of the default world's target on a 2-core CPU). Any other model is left
-    as it is."""
+    ``padded_causal_mask``: the same outputs, a padded batch's ``generate`` faster
+    (measured in benchmarks/world/HISTORY.md). Any other model is left as it is."""
     config = model.config
     if getattr(config, "_attn_implementation", None) != "sdpa" or not full_attention_only(config):
         yield

@@ -480,7 +480,7 @@ def check_tool_calls(calls: Any, where: str) -> None:
     if not isinstance(calls, list):
         raise InvalidFieldError(where, "must be a list of tool calls")
     for j, call in enumerate(calls):
-        function = call.get("function") or call if isinstance(call, dict) else None
+        function = (call.get("function") or call) if isinstance(call, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise InvalidFieldError(f"{where}[{j}].function.name", "must be the function's name")
         if not isinstance(function.get("arguments"), str | dict):

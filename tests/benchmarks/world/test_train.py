@@ -134,7 +134,7 @@ def test_target_answers_of_a_padded_batch_skip_transformers_vmapped_mask(
 ) -> None:
     """The build's target answers (left-padded batches) are the same as one prompt at a
     time, with masks broadcast (``drafters.attention.padded_batch_masks``): transformers'
-    vmapped mask took two thirds of the tiny world's answers, a sixth of the default's."""
+    vmapped mask took most of the tiny world's answers (benchmarks/world/HISTORY.md)."""
     import transformers.masking_utils as masking
 
     from benchmarks.world.distill import target_responses
