@@ -4,6 +4,10 @@ The run-time counterpart of the built-in world's distillation (which stays in th
 builder): a drafter is scored on predicting the target's verified output, so it learns
 exactly that. Each pair is one row, prompt then output, right-padded. Positions that
 predict an output token weigh 1, those that predict a prompt token ``prompt_weight``.
+Right padding needs no attention mask: under causal attention a row's tokens attend only
+to earlier positions, all of them its own, and the padding after them weighs 0 (a 2D
+mask with padding would have transformers build a 4D one with ``torch.vmap`` at every
+forward, for the same logits).
 
 With the target at hand, the drafter minimises at every weighted position the
 cross-entropy to the target's renormalised top-k next-token distribution,
@@ -201,23 +205,20 @@ def target_soft_labels(
     target: Any, batch: PaddedBatch, top_k: int, drafter_rows: int
 ) -> SoftLabels:
     """The target's top-k probabilities on ``batch``, one row at a time (a row's logits
-    over a real vocabulary are the large tensor here). Ids the drafter has no row for get
-    probability 0 before renormalising."""
-    ids_per_row, probs_per_row = [], []
-    for row in range(batch.input_ids.shape[0]):
-        logits = (
-            target(
-                input_ids=batch.input_ids[row : row + 1],
-                attention_mask=batch.attention_mask[row : row + 1],
-            )
-            .logits[0]
-            .float()
-        )  # [T, vocab]
-        top_log_probs, top_ids = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
-        top_log_probs = top_log_probs.masked_fill(top_ids >= drafter_rows, -math.inf)
-        ids_per_row.append(top_ids.clamp_max(drafter_rows - 1))
-        probs_per_row.append(torch.softmax(top_log_probs, dim=-1))
-    return SoftLabels(torch.stack(ids_per_row), torch.stack(probs_per_row))
+    over a real vocabulary are the large tensor here) and over its own tokens only (the
+    padding after them gets probability 0: it weighs 0). Ids the drafter has no row for
+    get probability 0 before renormalising."""
+    rows, width = batch.input_ids.shape
+    device = batch.input_ids.device
+    top_ids = torch.zeros((rows, width, top_k), dtype=torch.long, device=device)
+    top_probs = torch.zeros((rows, width, top_k), device=device)
+    for row, length in enumerate(batch.attention_mask.sum(dim=1).tolist()):
+        logits = target(input_ids=batch.input_ids[row : row + 1, :length]).logits[0].float()
+        top_log_probs, ids = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
+        top_log_probs = top_log_probs.masked_fill(ids >= drafter_rows, -math.inf)
+        top_ids[row, :length] = ids.clamp_max(drafter_rows - 1)
+        top_probs[row, :length] = torch.softmax(top_log_probs, dim=-1)
+    return SoftLabels(top_ids, top_probs)
 
 
 def _weighted_mean(per_position: torch.Tensor, batch: PaddedBatch) -> torch.Tensor:
@@ -315,7 +316,7 @@ def distill(
         batch = batches[index]
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = model(input_ids=batch.input_ids).logits  # right-padded: no mask (module doc)
         loss = (
             soft_label_loss(logits, batch, soft[index])
             if soft is not None

@@ -132,3 +132,45 @@ def test_saved_drafter_loads_with_its_sample(
         {"task": "math", "text": "w5"},
     ]
     assert json.loads((out / "distill.json").read_text()) == {"steps": 0}
+
+
+def test_right_padded_batches_are_trained_and_scored_without_a_padding_mask(
+    tiny_models: TinyModels,
+    target: LoadedModel,
+    verified_pairs: list[TrainingPair],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rows of different lengths: the soft labels at each row's positions are the target's
+    on that row alone, the padding after it weighs nothing, and neither the labels nor the
+    training forwards have transformers build a vmapped padding mask (right padding needs
+    none under causal attention; it cost ~10% of a distillation step)."""
+    import transformers.masking_utils as masking
+
+    from drafters.distill import target_soft_labels
+
+    pairs = sorted(verified_pairs, key=lambda p: len(p.prompt_ids) + len(p.output_ids))
+    batch = pad_batch([pairs[0], pairs[-1]], max_length=512, prompt_weight=0.1, pad_id=0)
+    lengths = batch.attention_mask.sum(dim=1).tolist()
+    assert lengths[0] < lengths[1]  # so the first row is padded
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("transformers' vmapped mask was built")
+
+    monkeypatch.setattr(masking, "_vmap_for_bhqkv", refused)
+    soft = target_soft_labels(target.model, batch, top_k=4, drafter_rows=10**6)
+    for row, length in enumerate(lengths):
+        with torch.no_grad():
+            alone = target.model(input_ids=batch.input_ids[row : row + 1, :length]).logits[0]
+        expected = torch.softmax(torch.log_softmax(alone, dim=-1).topk(4, dim=-1).values, -1)
+        torch.testing.assert_close(soft.top_probs[row, :length], expected)
+        assert soft.top_probs[row, length:].sum() == 0
+    assert (batch.weights[0, lengths[0] :] == 0).all()
+    drafter = load_model(tiny_models.far_dir)
+    with torch.no_grad():  # the padded row's logits without a mask are its own
+        padded = drafter.model(input_ids=batch.input_ids).logits[0, : lengths[0]]
+        alone = drafter.model(input_ids=batch.input_ids[:1, : lengths[0]]).logits[0]
+    torch.testing.assert_close(padded, alone)
+    losses = distill(
+        drafter.model, pairs, DistillConfig(steps=2, batch_rows=8), pad_id=0, target=target.model
+    )
+    assert len(losses) == 2
