@@ -443,6 +443,7 @@ def load_model(
         raise ModelLoadError(f"cannot load model weights from {path}: {exc}") from exc
     model, loading = loaded
     check_loading_info(path, loading)
+    check_finite(path, model)
     model.to(where.device)
     model.eval()
     count = sum(p.numel() for p in model.parameters())
@@ -485,6 +486,34 @@ def check_loading_info(path: Path, loading: Mapping[str, Any]) -> None:
             len(unexpected),
             ", ".join(unexpected[:3]),
         )
+
+
+#: Elements ``all_finite`` tests at a time where a sum was not finite (a bounded temporary).
+FINITE_CHECK_CHUNK = 1 << 24
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite. A NaN or an infinity carries into the sum, a
+    reduction with no temporary and much quicker than testing each element (a checkpoint
+    is checked at every load); a sum that is not finite is told apart from finite values
+    whose sum overflowed by testing each element, in bounded chunks."""
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    chunks = tensor.reshape(-1).split(FINITE_CHECK_CHUNK)
+    return all(bool(torch.isfinite(chunk).all()) for chunk in chunks)
+
+
+def check_finite(path: Path, model: Any) -> None:
+    """Refuse weights holding NaN or an infinity, as read or once cast to the placement's
+    dtype (a float32 value past bfloat16's range): such a model passes every other check,
+    and a drafter of them failed each sampled request it drafted for (the row it sampled
+    from was NaN) while a target's were noise."""
+    for name, tensor in model.named_parameters():
+        if tensor.is_floating_point() and not all_finite(tensor.detach()):
+            raise ModelLoadError(
+                f"{path}: tensor {name} holds NaN or infinite values in {tensor.dtype}: "
+                "the weights are corrupt"
+            )
 
 
 def _context_tokens(value: Any) -> int | None:

@@ -116,6 +116,11 @@ class ModelDraftSession:
             position += feed.shape[0]
             if sampling.do_sample:
                 q = sampling_probs(logits.unsqueeze(0), sampling)[0]  # [vocab]
+                if not bool(torch.isfinite(q.sum())):
+                    # A row no token can be drawn from (the forward overflowed): the
+                    # draft ends, and the target verifies the drafts made before it.
+                    stopped = True
+                    break
             elif rule is not None and tokens:
                 q = logits.float().softmax(dim=-1)  # greedy drafts: the drafter's own q
             if rule is not None and tokens and rule.stops(q):
@@ -132,8 +137,9 @@ class ModelDraftSession:
             feed = token
         self._last_history = len(history)
         self._last_fed = position - len(history)  # drafts whose keys the cache now holds
+        none = torch.empty(0, dtype=torch.long, device=self._device)
         return Proposal(
-            token_ids=torch.cat(tokens),  # [d], d <= k
+            token_ids=torch.cat(tokens) if tokens else none,  # [d], d <= k
             probs=torch.stack(probs) if probs else None,  # [d, vocab]
             stopped=stopped,
             further_time_s=self._clock() - further_began if further_began is not None else 0.0,

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 from drafters.base import Drafter
 from drafters.engine import SpeculativeEngine, prefill
 from drafters.loader import LoadedModel, load_model
+from drafters.model_drafter import ModelDrafter
 from drafters.penalties import Penalties, bad_word_ids
 from drafters.registry import create_drafter
 from drafters.sampling import SamplingConfig
@@ -815,3 +816,24 @@ def test_a_model_drafters_first_forward_is_timed_apart_from_its_further_tokens(
     lookup.collect()
     assert (lookup.stats.lead_steps, lookup.stats.further_forwards) == (0, 0)
     assert lookup.stats.lead_time_s == lookup.stats.further_time_s == 0.0
+
+
+def test_a_drafter_whose_forward_overflows_ends_its_draft_instead_of_failing_the_request(
+    engine: SpeculativeEngine, target: LoadedModel, tiny_models: TinyModels
+) -> None:
+    """Finite weights whose forward overflows (its final norm at 3e38): every sampled
+    draft row was NaN and ``torch.multinomial`` failed the request (INTERNAL over gRPC).
+    Now the draft ends before such a row, the target verifies nothing, and the output
+    is plain sampled decoding's with the same seed."""
+    overflowing = create_drafter("model", name="over", target=target, path=tiny_models.close_dir)
+    assert isinstance(overflowing, ModelDrafter)
+    with torch.no_grad():
+        overflowing.model.model.norm.weight.fill_(3e38)
+    plain = create_drafter("none", name="none", target=target)
+    for seed in range(3):
+        sampling = SamplingConfig(do_sample=True, temperature=1.2, seed=seed)
+        run = engine.generate([5, 9, 17, 33], overflowing, 3, max_new_tokens=12, sampling=sampling)
+        tokens = run.collect()
+        assert run.stats.drafted == 0 and run.stats.generated_tokens == len(tokens)
+        alone = engine.generate([5, 9, 17, 33], plain, 0, max_new_tokens=12, sampling=sampling)
+        assert tokens == alone.collect()

@@ -261,3 +261,30 @@ def test_a_shard_index_must_name_files_of_its_own_directory(tmp_path: Path) -> N
         index.write_text(json.dumps({**listed, "weight_map": weight_map}))
         with pytest.raises(ModelLoadError, match="which is not a file of"):
             load_model(sharded, roots=[root])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_refuses_weights_holding_nan_or_infinity(tmp_path: Path, value: float) -> None:
+    """Such weights passed every check: a drafter of them failed every sampled request it
+    drafted for, and a target of them served noise."""
+    from safetensors.torch import load_file, save_file
+
+    _save_model(tmp_path / "broken")
+    weights = tmp_path / "broken" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = value
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.up_proj\.weight holds NaN"):
+        load_model(tmp_path / "broken")
+
+
+def test_all_finite_tells_overflowing_sums_from_nan_and_infinity() -> None:
+    from drafters.loader import all_finite
+
+    huge = torch.full((8,), 3e38)  # finite, its sum is not
+    assert all_finite(huge) and all_finite(huge.to(torch.bfloat16))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = huge.clone()
+        broken[5] = bad
+        assert not all_finite(broken)
+    assert all_finite(torch.zeros(0))

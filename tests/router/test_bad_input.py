@@ -77,6 +77,20 @@ def _with_corrupt_tokenizer(model: Path, root: Path) -> Path:
     return copy
 
 
+def _with_nan_weights(model: Path, root: Path) -> Path:
+    """A copy of ``model`` under ``root`` one of whose weights is NaN."""
+    from safetensors.torch import load_file, save_file
+
+    copy = root / "nan-weights"
+    if not copy.exists():
+        shutil.copytree(model, copy)
+        tensors = load_file(copy / "model.safetensors")
+        name = next(n for n, t in tensors.items() if t.is_floating_point())
+        tensors[name].view(-1)[0] = float("nan")
+        save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    return copy
+
+
 BLANK_MESSAGES = pb.Conversation(
     messages=[pb.ChatMessage(role="user")] * 20_000 + [pb.ChatMessage(role="user", content="hi")]
 )
@@ -141,6 +155,12 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         _register("model", lambda w: str(_with_corrupt_tokenizer(w.spare_dir, w.extra_root))),
         grpc.StatusCode.INVALID_ARGUMENT,
         "cannot load a tokenizer",
+    ),
+    # Registered, it failed every sampled request it drafted for (INTERNAL).
+    "a model whose weights hold NaN": (
+        _register("model", lambda w: str(_with_nan_weights(w.spare_dir, w.extra_root))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "holds NaN or infinite values",
     ),
     "an n-gram drafter whose min_n is above its max_n": (
         _register("ngram", lambda w: "", options={"min_n": "4", "max_n": "2"}),
