@@ -308,6 +308,11 @@ class PolicyHolder:
 
     # -- inspection and persistence ---------------------------------------------------
     @property
+    def started(self) -> bool:
+        """Whether a policy serves (``start`` has run): before, there is nothing to save."""
+        return self._policy is not None
+
+    @property
     def version(self) -> int:
         return int(self._policy.version)
 

@@ -456,7 +456,8 @@ class RouterService:
             self._learner.shutdown(wait=True, cancel_futures=True)
         finally:
             try:
-                self.policy.snapshot()
+                if self.policy.started:  # a start that failed before it has nothing new
+                    self.policy.snapshot()
             except StorageFullError as error:  # stop anyway: the last saved snapshot stays
                 logger.error("final policy snapshot not taken: %s", error)
             if self.capture is not None:

@@ -175,11 +175,9 @@ SERVE_TELLING_IMPORTS = (
 NO_ENGINE_IMPORTS = "engine imports: []"
 
 
-def _serve_without_a_world(
-    state_dir: Path, tmp_path: Path, *flags: str
-) -> subprocess.CompletedProcess[str]:
-    """``specroute serve`` on ``state_dir`` with no world, for a start that must stop in
-    one line before anything loads (its stdout ends with the engine's imports it made)."""
+def _serve(state_dir: Path, world: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """``specroute serve`` on ``state_dir`` and the world at ``world``, for a start that must
+    stop (its stdout ends with the engine's imports it made)."""
     return subprocess.run(
         [sys.executable, "-c", SERVE_TELLING_IMPORTS, *(flags or ("--port", "0", *SERVERS_OFF))],
         capture_output=True,
@@ -188,10 +186,18 @@ def _serve_without_a_world(
             "PATH": "/usr/bin:/bin",
             "HF_HUB_OFFLINE": "1",
             "SPECROUTE_STATE_DIR": str(state_dir),
-            "SPECROUTE_WORLD_DIR": str(tmp_path / "no-world"),
+            "SPECROUTE_WORLD_DIR": str(world),
         },
         timeout=120,
     )
+
+
+def _serve_without_a_world(
+    state_dir: Path, tmp_path: Path, *flags: str
+) -> subprocess.CompletedProcess[str]:
+    """``specroute serve`` on ``state_dir`` with no world, for a start that must stop in
+    one line before anything loads."""
+    return _serve(state_dir, tmp_path / "no-world", *flags)
 
 
 def _damaged_pages(state_dir: Path) -> Path:
@@ -357,6 +363,30 @@ def test_a_start_that_fails_midway_frees_the_state_directory(
     with pytest.raises(RuntimeError, match="pooling failed"):
         asyncio.run(server_module.start_sidecar(settings, components))
     SidecarStore(tmp_path / "state", exclusive=True).close()  # free again
+
+
+def test_a_world_drafter_that_does_not_load_stops_the_start_in_one_line(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """A world drafter whose weights file is cut short: the start stopped with its line,
+    after a logged traceback (the failed start's cleanup saved a policy that had not
+    started). Now the line alone, and the saved policy is left as it was."""
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(serving_world.world.root, world)
+    weights = world / "drafters" / "code" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    state_dir = tmp_path / "state"
+    store = SidecarStore(state_dir)
+    store.save_policy("thompson", 7, {"arms": []})
+    store.close()
+    done = _serve(state_dir, world)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and " ERROR " not in done.stderr, done.stderr
+    last = done.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("error: cannot load model weights") and "drafters/code" in last
+    assert _latest_snapshot_version(state_dir) == 7
 
 
 def test_a_file_system_without_locks_is_one_clear_error(
