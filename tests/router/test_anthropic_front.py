@@ -259,6 +259,9 @@ def test_the_data_token_comes_as_the_api_key(guarded: SidecarThread) -> None:
         "model": "target",
         "messages": [{"role": "user", "content": "x"}],
         "max_tokens": 2,
+        # Greedy, no end of turn: sampled at the API's default temperature, the reply
+        # ended at its first token now and then (CI saw 1 output token of 2).
+        **steered(guarded),
     }
     assert client(guarded, DATA_TOKEN).messages.create(**asked).usage.output_tokens == 2
     with pytest.raises(anthropic.AuthenticationError) as refused:

@@ -307,7 +307,13 @@ def test_a_sidecar_distils_discards_and_registers_by_itself(
         (drafter,) = registered()
         assert list(drafter.tasks) == [CLUSTER]
         assert Path(drafter.path).parent == tmp_path / "state" / "distilled"
-        assert store.distillation_counts()["registered"] == 1
+        # The run is recorded once its registration has returned, just after the sidecar
+        # lists the drafter (asserted at once, it was 0 in one run).
+        _wait(
+            lambda: store.distillation_counts()["registered"] == 1,
+            "the registration recorded",
+            store.distillation_counts,
+        )
     finally:
         sidecar.stop()
 
