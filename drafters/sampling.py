@@ -99,6 +99,17 @@ def make_generator(sampling: SamplingConfig, device: torch.device) -> torch.Gene
     return generator
 
 
+class NonFiniteDistributionError(RuntimeError):
+    """A row to sample from holds NaN or infinity: the model's logits overflowed."""
+
+
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token id [1] drawn from a probability row [vocab]."""
+    """One token id [1] drawn from a probability row [vocab]; a row holding NaN or infinity
+    is refused before ``torch.multinomial`` sees it, which on a GPU fails with a device-side
+    assert that leaves the CUDA context unusable for every later request."""
+    if not bool(torch.isfinite(probs.sum())):
+        raise NonFiniteDistributionError(
+            "the model's next-token distribution holds NaN or infinity (its logits "
+            "overflowed): no token can be sampled from it"
+        )
     return torch.multinomial(probs, 1, generator=generator)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drafters.sampling import SamplingConfig, sampling_probs
+from drafters.sampling import NonFiniteDistributionError, SamplingConfig, sampling_probs
 from drafters.verify import Verification, rejection_sample, verify
 
 GREEDY = SamplingConfig()
@@ -164,3 +164,26 @@ def test_sampling_probs_typical_p_matches_transformers_warpers(mass: float) -> N
     kept_before = (sampling_probs(logits, narrowed) > 0).sum(dim=-1)
     if mass < 0.95:  # typical_p dropped tokens top-p had kept
         assert ((ours > 0).sum(dim=-1) < kept_before).any()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["plain step", "resample after a rejection", "bonus token"])
+def test_a_target_row_holding_nan_or_infinity_is_refused_before_sampling(
+    bad: float, where: str
+) -> None:
+    """torch.multinomial on such a row fails on a GPU with a device-side assert, after
+    which the sidecar's CUDA context serves nothing; it is refused on the host first,
+    saying what went wrong."""
+    logits = torch.randn(2, 8)
+    if where == "plain step":
+        drafts, logits = torch.tensor([], dtype=torch.long), logits[:1]
+        logits[0, 4] = bad
+    elif where == "resample after a rejection":
+        drafts = torch.tensor([3])
+        logits[0, 4] = bad
+    else:  # the draft is the target's certain token, so the bonus row is sampled
+        drafts = torch.tensor([3])
+        logits[0, 3] = 1e4
+        logits[1, 4] = bad
+    with pytest.raises(NonFiniteDistributionError, match="NaN or infinity"):
+        verify(drafts, None, logits, SamplingConfig(do_sample=True), torch.Generator())
