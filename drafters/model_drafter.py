@@ -14,7 +14,7 @@ from drafters.attention import cached_causal_mask
 from drafters.base import Proposal
 from drafters.counterfactual import score_model_counterfactual
 from drafters.lean_decoder import LeanDecoder, lean_decoder_supports
-from drafters.sampling import SamplingConfig, sample_from, sampling_probs
+from drafters.sampling import SamplingConfig, can_sample, sample_from, sampling_probs
 from drafters.stopping import DraftStopRule
 
 
@@ -116,7 +116,7 @@ class ModelDraftSession:
             position += feed.shape[0]
             if sampling.do_sample:
                 q = sampling_probs(logits.unsqueeze(0), sampling)[0]  # [vocab]
-                if not bool(torch.isfinite(q.sum())):
+                if not can_sample(q):
                     # A row no token can be drawn from (the forward overflowed): the
                     # draft ends, and the target verifies the drafts made before it.
                     stopped = True
@@ -137,15 +137,20 @@ class ModelDraftSession:
             feed = token
         self._last_history = len(history)
         self._last_fed = position - len(history)  # drafts whose keys the cache now holds
-        none = torch.empty(0, dtype=torch.long, device=self._device)
         return Proposal(
-            token_ids=torch.cat(tokens) if tokens else none,  # [d], d <= k
+            token_ids=self._drafted(tokens),  # [d], d <= k
             probs=torch.stack(probs) if probs else None,  # [d, vocab]
             stopped=stopped,
             further_time_s=self._clock() - further_began if further_began is not None else 0.0,
             # One forward per draft, and one more whose distribution stopped the draft.
             further_forwards=len(tokens) - 1 + stopped,
         )
+
+    def _drafted(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """The draft's ids [d]; none where the first row could not be sampled from."""
+        if not tokens:
+            return torch.empty(0, dtype=torch.long, device=self._device)
+        return torch.cat(tokens)
 
     def _clock(self) -> float:
         """perf_counter, once the device has run what was queued: on a GPU the forwards

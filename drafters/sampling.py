@@ -103,11 +103,16 @@ class NonFiniteDistributionError(RuntimeError):
     """A row to sample from holds NaN or infinity: the model's logits overflowed."""
 
 
+def can_sample(probs: torch.Tensor) -> bool:
+    """Whether a probability row holds no NaN or infinity (either carries into its sum)."""
+    return bool(torch.isfinite(probs.sum()))
+
+
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token id [1] drawn from a probability row [vocab]; a row holding NaN or infinity
     is refused before ``torch.multinomial`` sees it, which on a GPU fails with a device-side
     assert that leaves the CUDA context unusable for every later request."""
-    if not bool(torch.isfinite(probs.sum())):
+    if not can_sample(probs):
         raise NonFiniteDistributionError(
             "the model's next-token distribution holds NaN or infinity (its logits "
             "overflowed): no token can be sampled from it"
