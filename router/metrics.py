@@ -32,6 +32,7 @@ class SidecarMetrics:
     reports: Counter
     drafters: Gauge
     policy_version: Gauge
+    policy_snapshot_failures: Counter
     # Pooling through Redis (router.pooling): outcomes this replica published, outcomes of
     # other replicas it applied, its own dropped from a full buffer, entries refused.
     pooled_published: Counter
@@ -138,6 +139,13 @@ def create_metrics(registry: CollectorRegistry | None = None) -> SidecarMetrics:
         policy_version=Gauge(
             "specroute_policy_version",
             "Version of the serving policy (increases with every update).",
+            registry=reg,
+        ),
+        policy_snapshot_failures=Counter(
+            "specroute_policy_snapshot_failures_total",
+            "Periodic and final policy snapshots that could not be saved (a full disk, an "
+            "unwritable state store): what was learnt since the last saved one is lost on a "
+            "crash or restart until a snapshot is saved again.",
             registry=reg,
         ),
         pooled_published=Counter(

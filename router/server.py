@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.auto_distill import start_auto_distiller
-from router.errors import ListenError
+from router.errors import ListenError, SidecarError
 from router.http_front import build_http_app
 from router.interceptors import BearerAuth, EdgeInterceptor
 from router.metrics import SidecarMetrics, create_metrics
@@ -70,6 +70,7 @@ class RunningSidecar:
         """Refuse new work, drain for ``grace`` seconds, then take the final snapshot; the
         pooling task goes last, so that the outcomes of the drained requests and of the
         learners' last scores are published (its cancellation flushes once)."""
+        saved = False
         try:
             self.service.stopping = True  # HTTP /health says 503 from now on
             await self.health.enter_graceful_shutdown()
@@ -82,12 +83,15 @@ class RunningSidecar:
                 *(runner.cleanup() for runner in self.runners),
             )
             await self.service.aclose()
-            await asyncio.to_thread(self.service.close)
+            saved = await asyncio.to_thread(self.service.close)
             if self.pooling_task is not None:
                 await _cancel_and_wait([self.pooling_task])
         finally:
             self.service.store.close()  # and the state directory's lock with it
-        logger.info("sidecar stopped; policy state saved")
+        if saved:
+            logger.info("sidecar stopped; policy state saved")
+        else:
+            logger.warning("sidecar stopped; policy state NOT saved (the last snapshot stays)")
 
 
 async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
@@ -184,12 +188,23 @@ def _metrics_app(metrics: SidecarMetrics) -> web.Application:
 
 
 async def _snapshot_loop(service: RouterService, interval_s: float) -> None:
+    """Save the policy every ``interval_s``. A failure is one line each time (a traceback
+    only for an unforeseen one), and the first save after failures says so."""
+    failures = 0
     while True:
         await asyncio.sleep(interval_s)
         try:
             await asyncio.to_thread(service.snapshot)
+        except SidecarError as error:  # a full disk: tried again at the next interval
+            failures += 1
+            logger.error("policy snapshot failed (%d in a row): %s", failures, error)
         except Exception:
-            logger.exception("policy snapshot failed")
+            failures += 1
+            logger.exception("policy snapshot failed (%d in a row)", failures)
+        else:
+            if failures:
+                logger.info("policy snapshot saved again after %d that failed", failures)
+            failures = 0
 
 
 async def _started_service(

@@ -448,20 +448,26 @@ class RouterService:
         self.metrics.registry.register(ClusterCollector(self._contexts, self.capture))
         self.prompt_reader.start()
 
-    def close(self) -> None:
-        """Final policy snapshot; stop the workers."""
+    def close(self) -> bool:
+        """Stop the workers, then take the final policy snapshot; whether it was saved (a
+        start that failed before the policy started has nothing to save)."""
+        saved = False
         try:
             self.prompt_reader.close()
             self.queue.shutdown()
             self._learner.shutdown(wait=True, cancel_futures=True)
         finally:
             try:
-                if self.policy.started:  # a start that failed before it has nothing new
-                    self.policy.snapshot()
+                if self.policy.started:
+                    self.save_policy()
+                    saved = True
             except StorageFullError as error:  # stop anyway: the last saved snapshot stays
-                logger.error("final policy snapshot not taken: %s", error)
+                logger.error("final policy snapshot not saved: %s", error)
+            except Exception:
+                logger.exception("final policy snapshot not saved")
             if self.capture is not None:
                 self.capture.close()
+        return saved
 
     async def aclose(self) -> None:
         """Close what runs on the event loop (a fleet's HTTP client and probes): nothing
@@ -1417,9 +1423,18 @@ class RouterService:
 
     def snapshot(self) -> None:
         """The periodic save (a worker thread): the policy, and the capture's retention."""
-        self.policy.snapshot()
+        self.save_policy()
         if self.capture is not None:
             self.capture.expire()
+
+    def save_policy(self) -> None:
+        """Save the policy's state; a failure is counted
+        (``specroute_policy_snapshot_failures_total``) and raised."""
+        try:
+            self.policy.snapshot()
+        except Exception:
+            self.metrics.policy_snapshot_failures.inc()
+            raise
 
 
 def prompt_char_bound(tokenizer: Any, max_prompt_tokens: int) -> int:

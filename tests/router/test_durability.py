@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import re
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -440,6 +443,50 @@ def test_a_full_disk_refuses_admin_changes_and_changes_nothing(
         store._db = FullDisk(store._db)
     finally:
         running.stop()
+
+
+def test_snapshots_on_a_full_disk_are_one_line_each_counted_and_resume(
+    serving_world: ServingWorld,
+    components: Components,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Periodic snapshots on a full disk logged a whole traceback at every interval, and a
+    stop whose final snapshot failed still said "policy state saved". Now each failure is
+    one line naming the cause, counted in ``specroute_policy_snapshot_failures_total``;
+    the first save with room again says so; a stop on a full disk says nothing was saved."""
+    settings = serving_world.settings(tmp_path / "state", snapshot_interval_s=0.1)
+    running = SidecarThread(settings, components)
+    store = running.service.store
+    with caplog.at_level(logging.INFO, logger="router"):
+        try:
+            store._db = FullDisk(store._db)
+            deadline = time.monotonic() + 30
+            while _snapshot_failures(running.metrics_url) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _snapshot_failures(running.metrics_url) >= 2
+            store._db = store._db.db  # room again
+            while "policy snapshot saved again" not in caplog.text:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            store._db = FullDisk(store._db)  # and full at the stop
+        finally:
+            running.stop()
+    failed = [r for r in caplog.records if r.getMessage().startswith("policy snapshot failed")]
+    assert len(failed) >= 2
+    assert all(r.exc_info is None for r in failed)  # one line each, no traceback
+    assert "is full" in failed[0].getMessage() and "(1 in a row)" in failed[0].getMessage()
+    assert "final policy snapshot not saved" in caplog.text
+    assert "policy state NOT saved" in caplog.text
+    assert "sidecar stopped; policy state saved" not in caplog.text
+
+
+def _snapshot_failures(metrics_url: str) -> float:
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    match = re.search(r"^specroute_policy_snapshot_failures_total (\S+)$", text, re.MULTILINE)
+    assert match, "the metric is exported"
+    return float(match.group(1))
 
 
 class FullDisk:
