@@ -350,7 +350,22 @@ class _Transaction:
         self._db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, kind: object, error: object, trace: object) -> None:
-        self._db.execute("COMMIT" if error is None else "ROLLBACK")
+        # A write or COMMIT that fails for a full disk (or I/O) may have rolled the
+        # transaction back already, or left it open (SQLite's advice: ROLLBACK anyway):
+        # the ROLLBACK runs only while one is open, so it neither masks the first error
+        # nor leaves a transaction that every later BEGIN would trip over.
+        if error is None:
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._rollback()
+                raise
+        else:
+            self._rollback()
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
 
 def open_capture(state_dir: Path, settings: CaptureSettings) -> CaptureStore | None:

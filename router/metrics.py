@@ -33,6 +33,7 @@ class SidecarMetrics:
     drafters: Gauge
     policy_version: Gauge
     policy_snapshot_failures: Counter
+    capture_failures: Counter
     # Pooling through Redis (router.pooling): outcomes this replica published, outcomes of
     # other replicas it applied, its own dropped from a full buffer, entries refused.
     pooled_published: Counter
@@ -146,6 +147,12 @@ def create_metrics(registry: CollectorRegistry | None = None) -> SidecarMetrics:
             "Periodic and final policy snapshots that could not be saved (a full disk, an "
             "unwritable state store): what was learnt since the last saved one is lost on a "
             "crash or restart until a snapshot is saved again.",
+            registry=reg,
+        ),
+        capture_failures=Counter(
+            "specroute_capture_failures_total",
+            "Served requests that capture ([capture]) could not store (a full disk): the "
+            "request is served all the same.",
             registry=reg,
         ),
         pooled_published=Counter(

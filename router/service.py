@@ -420,6 +420,7 @@ class RouterService:
         self._learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="counterfactual")
         # Served prompts and verified outputs for distillation; None unless [capture] is on.
         self.capture = open_capture(settings.state_dir, settings.capture)
+        self._capture_failures = 0  # in a row: the first is logged, the rest counted
         # Counts prompts' tokens and classifies them, for Route and Generate alike.
         self.prompt_reader = prompt_reader_for(self.limits, self.tokenizer, components.classifiers)
         self._learning_lock = threading.Lock()
@@ -1181,15 +1182,28 @@ class RouterService:
         )
 
     def _capture(self, result: GenerationResult) -> None:
-        """Keep the run's prompt and verified output when capture is on (router.capture);
-        a failure to store is logged, never the request's."""
+        """Keep the run's prompt and verified output when capture is on (router.capture).
+        A failure to store is never the request's: each is counted
+        (``specroute_capture_failures_total``), the first of a run of them is logged, and
+        the first capture stored after them says so."""
         if self.capture is None:
             return
         routed = result.routed
         try:
             self.capture.record(routed.task_cluster, routed.prompt_ids, result.output_ids)
         except Exception:
-            logger.exception("capturing a %s request failed", routed.task_cluster)
+            self.metrics.capture_failures.inc()
+            self._capture_failures += 1
+            if self._capture_failures == 1:  # a full disk would log every request
+                logger.exception(
+                    "capturing a %s request failed (the next failures are counted in "
+                    "specroute_capture_failures_total, not logged, until one is stored)",
+                    routed.task_cluster,
+                )
+            return
+        if self._capture_failures:
+            logger.info("capture stored again after %d that failed", self._capture_failures)
+            self._capture_failures = 0
 
     def _learn(self, result: GenerationResult, sampling: Sampling) -> None:
         """Update the policy from the run, and score other drafters when greedy."""

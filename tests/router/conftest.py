@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sqlite3
 import subprocess
 import threading
 import time
@@ -351,3 +352,25 @@ def self_signed_tls(directory: Path, names: str = "IP:127.0.0.1, DNS:localhost")
     for command in ([*ca, "-subj", "/CN=specroute test CA"], server, sign):
         subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True)
     return RedisTlsFiles(cert_file=cert, key_file=key, ca_file=ca_cert)
+
+
+class FullDisk:
+    """A SQLite connection on a disk with no space left: every write fails with SQLite's
+    SQLITE_FULL (what it reports for ENOSPC), reads go through."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.db.in_transaction
+
+    def execute(self, sql: str, *parameters: Any) -> sqlite3.Cursor:
+        if sql.lstrip().upper().startswith(("INSERT", "DELETE", "UPDATE")):
+            error = sqlite3.OperationalError("database or disk is full")
+            error.sqlite_errorname = "SQLITE_FULL"
+            raise error
+        return self.db.execute(sql, *parameters)
+
+    def close(self) -> None:
+        self.db.close()

@@ -7,6 +7,7 @@ drafter fits; captured requests are greedy chat Generates with a task hint.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import signal
@@ -26,7 +27,7 @@ from router.launch import launch_sidecar
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
 from router.service import Components
-from tests.router.conftest import ADMIN_TOKEN, ServingWorld, SidecarThread
+from tests.router.conftest import ADMIN_TOKEN, FullDisk, ServingWorld, SidecarThread
 
 CLUSTER = "chat"
 CAPTURED = 24
@@ -326,3 +327,31 @@ def test_the_current_arm_of_any_kind_is_scored_as_the_sidecar_builds_it(
     output = prompt * 3  # repeats the prompt: a copy drafter's best case
     assert sum(scorer(prompt, output, 4)) > 0
     assert _scorer("copy", info, placement, lambda: None) is None
+
+
+def test_a_full_disk_fails_no_request_and_is_logged_once(
+    capturing: tuple, serving_world: ServingWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A capture store with no room left logged a traceback for every request it served.
+    The requests are still served; each failure is counted in
+    ``specroute_capture_failures_total``, only the first is logged, and the first capture
+    stored once there is room again says so. (Last in this module: it adds a math sample.)"""
+    sidecar, _ = capturing
+    store = sidecar.service.capture
+    metric = ("specroute_capture_failures_total", ())
+    failures_before = _scrape(sidecar.metrics_url)[metric]
+    samples_before = {s.cluster: s.samples for s in store.stats()}["math"]
+    prompts = _chat_prompts(serving_world, "math", 4)
+    with caplog.at_level(logging.INFO, logger="router"):
+        store._db = FullDisk(store._db)
+        try:
+            for text in prompts[:3]:
+                assert _streamed_ids(_generate(sidecar.stub, text, "math"))
+        finally:
+            store._db = store._db.db  # room again
+        assert _streamed_ids(_generate(sidecar.stub, prompts[3], "math"))
+    assert _scrape(sidecar.metrics_url)[metric] == failures_before + 3
+    logged = [r for r in caplog.records if r.getMessage().startswith("capturing a math request")]
+    assert len(logged) == 1
+    assert "capture stored again after 3 that failed" in caplog.text
+    assert {s.cluster: s.samples for s in store.stats()}["math"] == samples_before + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +185,46 @@ def test_a_target_too_large_to_run_here_gives_hard_labels(
     monkeypatch.setattr(capture_cli, "SOFT_LABEL_TARGET_MAX_BYTES", 1024)
     assert capture_cli._local_target(settings) is None
     assert "too large to run here in fp32: distilling on hard labels" in capsys.readouterr().err
+
+
+class _FailingWrites:
+    """The store's connection where a write fails as on a full disk: ``auto_rollback``,
+    SQLite has rolled the transaction back by itself (as it may for SQLITE_FULL);
+    otherwise the COMMIT fails and the transaction stays open (as for SQLITE_BUSY)."""
+
+    def __init__(self, db: sqlite3.Connection, auto_rollback: bool) -> None:
+        self.db, self.auto_rollback = db, auto_rollback
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.db.in_transaction
+
+    def execute(self, sql: str, *parameters: Any) -> sqlite3.Cursor:
+        statement = sql.lstrip().upper()
+        if self.auto_rollback and statement.startswith("INSERT"):
+            self.db.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        if not self.auto_rollback and statement == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *parameters)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+@pytest.mark.parametrize("auto_rollback", [True, False], ids=["rolled-back", "left-open"])
+def test_a_write_that_fails_leaves_no_transaction_and_says_why(
+    tmp_path: Path, auto_rollback: bool
+) -> None:
+    """A capture whose write failed either raised "no transaction is active" from its own
+    ROLLBACK, hiding the full disk, or left the transaction open, so that every later
+    capture failed ("within a transaction") after the disk had room again."""
+    store = _store(tmp_path)
+    real = store._db
+    store._db = _FailingWrites(real, auto_rollback)  # type: ignore[assignment]
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        store.record("math", PROMPT, OUTPUT)
+    assert not real.in_transaction
+    store._db = real  # room again
+    assert store.record("math", PROMPT, OUTPUT)
+    assert [s.samples for s in store.stats()] == [1]

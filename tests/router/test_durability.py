@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from tests.router.conftest import (
     ADMIN,
     ADMIN_TOKEN,
     COMPLETION_PROMPT,
+    FullDisk,
     ServingWorld,
     SidecarThread,
 )
@@ -487,24 +487,6 @@ def _snapshot_failures(metrics_url: str) -> float:
     match = re.search(r"^specroute_policy_snapshot_failures_total (\S+)$", text, re.MULTILINE)
     assert match, "the metric is exported"
     return float(match.group(1))
-
-
-class FullDisk:
-    """A SQLite connection on a disk with no space left: every write fails with SQLite's
-    SQLITE_FULL (what it reports for ENOSPC), reads go through."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def execute(self, sql: str, *parameters: Any) -> sqlite3.Cursor:
-        if sql.lstrip().upper().startswith(("INSERT", "DELETE", "UPDATE")):
-            error = sqlite3.OperationalError("database or disk is full")
-            error.sqlite_errorname = "SQLITE_FULL"
-            raise error
-        return self.db.execute(sql, *parameters)
-
-    def close(self) -> None:
-        self.db.close()
 
 
 def test_removing_a_stored_drafter_a_built_in_shadows_keeps_the_built_ins_arms(
