@@ -85,15 +85,35 @@ class RedisLink:
         # The first failure, and the first after each success, is logged with its cause
         # (refused, a wrong password, an unknown CA): one that never connected says why.
         self._failure_logged = False
+        # Likewise the first command Redis answered with an error (out of memory under
+        # ``maxmemory``, a read-only replica, an ACL), until a write goes through.
+        self._refusal_logged = False
 
-    def succeeded(self) -> None:
+    def succeeded(self, wrote: bool = False) -> None:
+        """A call went through; ``wrote``: it was a write (what ends a refusal)."""
         if not self.connected:
             logger.info("pooling: Redis at %s reachable", self.where)
         self.connected = True
         self._failure_logged = False
         self._metrics.pooling_connected.set(1)
+        if wrote and self._refusal_logged:
+            logger.info("pooling: Redis at %s takes writes again", self.where)
+            self._refusal_logged = False
 
     def failed(self, error: BaseException) -> None:
+        """A call failed: Redis is unreachable, or (an error reply) it refused the call."""
+        from redis.exceptions import ResponseError
+
+        if isinstance(error, ResponseError):  # it answered: reachable, and the reads go on
+            if not self._refusal_logged:
+                logger.warning(
+                    "pooling: Redis at %s refused a command (%s); what this replica learns "
+                    "stays buffered and is retried",
+                    self.where,
+                    error,
+                )
+            self._refusal_logged = True
+            return
         if not self._failure_logged:
             logger.warning("pooling: Redis at %s unreachable (%s); retrying", self.where, error)
         self._failure_logged = True

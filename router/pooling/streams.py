@@ -133,7 +133,7 @@ class StreamWriter:
         except redis_errors() as error:
             self._link.failed(error)
             return False
-        self._link.succeeded()
+        self._link.succeeded(wrote=True)
         with self._lock:
             for _ in batch:
                 self._buffer.popleft()

@@ -557,3 +557,46 @@ def test_a_reader_rewinds_a_stream_that_redis_lost_and_wrote_anew(redis_server: 
         return read
 
     assert len(asyncio.run(scenario())) == 1
+
+
+def test_a_redis_out_of_memory_is_a_refusal_said_once_not_an_outage(
+    redis_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis at its ``maxmemory`` (no eviction) refuses every XADD while reads go on. That
+    was logged as "unreachable" by the writer and "reachable" by the reader in turn, at
+    every retry, and ``specroute_pooling_connected`` flapped with them. Now one line says
+    Redis refused (and why), the link stays connected, the outcome stays buffered, and
+    the first write that goes through again says so."""
+    import asyncio
+
+    from router.metrics import create_metrics
+    from router.pooling.link import RedisLink
+    from router.pooling.streams import StreamReader, StreamWriter
+
+    settings = PoolingSettings(redis_url=SecretStr(redis_server.url))
+    stream = f"oom-{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> None:
+        link = RedisLink(settings, create_metrics())
+        writer = StreamWriter(link, EntrySigner(b"secret"), stream, retention=100, capacity=10)
+        reader = StreamReader(link, stream)
+        writer.append({"n": 1})
+        await link.client.config_set("maxmemory-policy", "noeviction")
+        await link.client.config_set("maxmemory", "1")
+        try:
+            for _ in range(3):
+                assert not await writer.publish_once()
+                assert await reader.read_batch(None) == []  # reads go on
+        finally:
+            await link.client.config_set("maxmemory", "0")
+        assert link.connected and writer.pending == 1
+        assert await writer.publish_once()
+        assert writer.pending == 0
+        await link.close()
+
+    with caplog.at_level(logging.INFO, logger="router.pooling"):
+        asyncio.run(scenario())
+    refused = [r.getMessage() for r in caplog.records if "refused a command" in r.getMessage()]
+    assert len(refused) == 1 and "maxmemory" in refused[0]
+    assert "unreachable" not in caplog.text
+    assert "takes writes again" in caplog.text
