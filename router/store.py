@@ -125,6 +125,13 @@ def open_database(
         damage = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
     except sqlite3.Error as error:
         db.close()
+        free = _free_bytes(path.parent)
+        if free is not None and free < FULL_DISK_BYTES:  # not damage: no room for the WAL
+            raise StateStoreError(
+                f"cannot use the state database {path}: {error}: the disk holding it has "
+                f"{free} bytes free; free some space and start again (the database is "
+                "left as it is)"
+            ) from None
         message = f"cannot use the state database {path}: {error}{LEFT_AS_IS}"
         raise StateStoreError(message) from None
     if damage != ["ok"]:
@@ -141,6 +148,20 @@ def _one_line(damage: list[str]) -> str:
     """``PRAGMA quick_check``'s first problems on one line, without its headings."""
     lines = [line.strip() for row in damage for line in row.splitlines()]
     return "; ".join([line for line in lines if line and not line.startswith("***")][:3])
+
+
+# Opening a database in WAL mode writes its shared-memory index (32 KiB) and log: with
+# less free space than this, a failure to open it is the disk's, not the file's.
+FULL_DISK_BYTES = 1 << 20
+
+
+def _free_bytes(directory: Path) -> int | None:
+    """Bytes free to this process on ``directory``'s filesystem (None: unknown)."""
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
 
 
 LEFT_AS_IS = (

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -243,6 +244,50 @@ def test_a_state_directory_that_cannot_be_used_stops_the_start_and_is_left_as_is
     assert str(state_dir) in done.stderr
     assert kept.read_bytes() == before
     assert done.stdout.rstrip().endswith(NO_ENGINE_IMPORTS), done.stdout
+
+
+class _NoRoomForTheLog:
+    """A new SQLite connection on a full disk: switching to WAL mode, which writes the
+    shared-memory index, fails as SQLite reports it there ("disk I/O error")."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.row_factory: Any = None
+
+    def execute(self, sql: str, *parameters: Any) -> sqlite3.Cursor:
+        if sql.startswith("PRAGMA journal_mode"):
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.db.execute(sql, *parameters)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def test_a_full_disk_at_start_is_named_and_not_called_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start on a full disk could not open the state database (no room for its WAL) and
+    said to move the database aside or restore it from a backup, though nothing was wrong
+    with it: following that advice loses every registration and what the policy learnt.
+    Now it names the full disk and leaves the file as it is."""
+    state_dir = tmp_path / "state"
+    store = SidecarStore(state_dir)
+    store.save_policy("thompson", 7, {"learnt": True})
+    store.close()
+    before = (state_dir / DATABASE_NAME).read_bytes()
+    connect = sqlite3.connect
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: _NoRoomForTheLog(connect(*a, **k)))
+    monkeypatch.setattr(os, "statvfs", lambda path: os.statvfs_result((4096,) * 2 + (0,) * 8))
+    with pytest.raises(StateStoreError) as refused:
+        SidecarStore(state_dir)
+    message = str(refused.value)
+    assert "disk I/O error: the disk holding it has 0 bytes free; free some space" in message
+    assert "move it aside" not in message and "backup" not in message
+    monkeypatch.undo()  # room again: the state is all there
+    assert (state_dir / DATABASE_NAME).read_bytes() == before
+    store = SidecarStore(state_dir)
+    assert store.latest_policy("thompson").state == {"learnt": True}
+    store.close()
 
 
 def test_serve_without_a_world_is_one_line_and_exit_2(tmp_path: Path) -> None:
