@@ -12,7 +12,9 @@ sidecar crashed it now and then). The child validates the drafter on held-out ca
 samples and registers it through this sidecar's admin API only if it beats both the
 cluster's current arm and its starting drafter; otherwise it is discarded, and the reason
 is logged here. A registered drafter is adopted by the policy through its similarity prior
-and the counterfactual scores of the greedy Generates that follow. One run at a time.
+and the counterfactual scores of the greedy Generates that follow. One run at a time. Once
+a run registers its drafter, the cluster's older automatic drafters past
+``keep_per_cluster`` are removed and their directories deleted (``retire``).
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ class AutoDistiller:
     contexts: Callable[[], Sequence[Any]]  # the policy's context summaries
     capture: Any  # router.capture.CaptureStore
     address: str  # this sidecar's gRPC host:port
+    # The drafters the sidecar serves (router.store.DrafterRecord), for ``retire``.
+    drafters: Callable[[], Sequence[Any]] = field(default=lambda: [])
     # Per cluster, the newest sample (CaptureStore.newest_id) when its last run began;
     # kept in the capture store too, so that a restart does not run again on the same
     # samples (and register one more drafter of them at every start).
@@ -212,6 +216,7 @@ class AutoDistiller:
         verdict = next((line for line in reversed(lines) if line.strip()), "")
         if child.returncode == 0:
             logger.info("auto-distillation of %s registered %s (%.0f s)", cluster, name, seconds)
+            await self.retire(cluster)
         else:
             logger.warning(
                 "auto-distillation of %s discarded after %.0f s: %s", cluster, seconds, verdict
@@ -227,6 +232,46 @@ class AutoDistiller:
                 # It stopped before writing a drafter (its own record): counted here.
                 self.capture.record_distillation(cluster, "failed", seconds, verdict[-500:])
         return child.returncode
+
+    async def retire(self, cluster: str) -> list[str]:
+        """Remove ``cluster``'s automatic drafters (its task, a directory of the distilled
+        root) past the newest ``keep_per_cluster``, through the admin API so that pooled
+        replicas drop them too, and delete their directories; the names removed."""
+        root = distilled_root(self.settings).resolve()
+        automatic = [
+            record
+            for record in self.drafters()
+            if tuple(record.tasks) == (cluster,)
+            and record.path
+            and Path(record.path).resolve().parent == root
+        ]
+        automatic.sort(key=lambda record: record.created_unix, reverse=True)
+        retired = []
+        for record in automatic[self.settings.auto_distill.keep_per_cluster :]:
+            await self._remove(record.name)
+            shutil.rmtree(root / record.name, ignore_errors=True)
+            retired.append(record.name)
+        if retired:
+            logger.info("auto-distillation of %s retired %s", cluster, ", ".join(retired))
+        return retired
+
+    async def _remove(self, name: str) -> None:
+        """RemoveDrafter on this sidecar (one removed meanwhile is no error)."""
+        import grpc
+
+        from router.pb import router_pb2 as pb
+        from router.pb import router_pb2_grpc
+
+        token = self.settings.admin_token
+        metadata = (("authorization", f"Bearer {token.get_secret_value()}"),) if token else ()
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            try:
+                await router_pb2_grpc.RouterStub(channel).RemoveDrafter(
+                    pb.RemoveDrafterRequest(name=name), metadata=metadata, timeout=60
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
 
     async def run(self) -> None:
         while True:
@@ -259,6 +304,10 @@ def start_auto_distiller(settings: Any, service: Any, grpc_port: int) -> asyncio
         logger.info("auto-distillation: removed runs stopped with the sidecar: %s", removed)
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     distiller = AutoDistiller(
-        settings, lambda: service.policy.describe()[2], service.capture, f"{host}:{grpc_port}"
+        settings,
+        lambda: service.policy.describe()[2],
+        service.capture,
+        f"{host}:{grpc_port}",
+        service.list_drafters,
     )
     return asyncio.create_task(distiller.run())

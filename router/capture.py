@@ -111,6 +111,11 @@ class AutoDistillSettings(BaseModel):
     nice: int = Field(default=10, ge=0, le=19)
     out_dir: Path | None = None  # None: <state_dir>/distilled; always a model root
     from_drafter: str = ""  # empty: the cluster's current model arm, else generic
+    # Automatic drafters kept per cluster: once a run registers one, the cluster's older
+    # ones past this many are removed (through the admin API) and their directories, which
+    # hold captured prompts, deleted. Without it every run that paid added a drafter for
+    # good: memory, each Route's choice, and prompts kept past capture's retention.
+    keep_per_cluster: int = Field(default=1, ge=1)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from router.components import build_components
 from router.pb import router_pb2 as pb
 from router.policy.base import ArmSummary, ContextSummary
 from router.settings import Settings
-from tests.router.conftest import ServingWorld, SidecarThread
+from tests.router.conftest import ADMIN, ServingWorld, SidecarThread
 from tests.router.test_capture import CLUSTER, _chat_prompts, _generate, misled_drafter
 
 __all__ = ["misled_drafter"]  # the fixture, shared with test_capture
@@ -346,3 +346,77 @@ def test_a_discarded_run_removes_its_drafter_unless_registration_may_have_happen
     monkeypatch.setattr(distiller, "command", command)
     assert asyncio.run(distiller.run_once()) == 1
     assert written[0].exists() == kept
+
+
+def test_a_registered_run_retires_the_clusters_older_automatic_drafters(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """Every automatic run that paid registered one more drafter and none ever went: a
+    sidecar left running kept loading drafters (memory, and a longer choice on every
+    Route) and kept their captured prompts past capture's retention. Now a cluster keeps
+    its newest ``keep_per_cluster``; the older ones are removed through the admin API and
+    their directories deleted. Other clusters' and hand-registered drafters stay."""
+    import asyncio
+    import shutil
+
+    settings = serving_world.settings(
+        tmp_path / "state",
+        bundle_drafters=False,
+        capture=CaptureSettings(enabled=True),
+        auto_distill=AutoDistillSettings(enabled=True, interval_s=3600, keep_per_cluster=2),
+    )
+    sidecar = SidecarThread(settings, build_components(settings))
+    generic = serving_world.world.drafter_dirs["generic"]
+    root = tmp_path / "state" / "distilled"
+    try:
+        names = ["math-auto-1", "chat-auto-1", "chat-auto-2", "chat-auto-3"]
+        for name in names:
+            shutil.copytree(generic, root / name)
+            cluster = name.split("-auto-")[0]
+            request = pb.RegisterDrafterRequest(
+                name=name, kind="model", path=str(root / name), tasks=[cluster]
+            )
+            sidecar.stub.RegisterDrafter(request, metadata=ADMIN)
+        by_hand = pb.RegisterDrafterRequest(
+            name="chat-by-hand", kind="model", path=str(generic), tasks=["chat"]
+        )
+        sidecar.stub.RegisterDrafter(by_hand, metadata=ADMIN)
+        distiller = AutoDistiller(
+            settings,
+            list,
+            sidecar.service.capture,
+            sidecar.running.address,
+            sidecar.service.list_drafters,
+        )
+        assert asyncio.run(distiller.retire("chat")) == ["chat-auto-1"]
+        served = {d.name for d in sidecar.stub.ListDrafters(pb.ListDraftersRequest()).drafters}
+        assert {"math-auto-1", "chat-auto-2", "chat-auto-3", "chat-by-hand"} <= served
+        assert "chat-auto-1" not in served
+        assert "chat-auto-1" not in sidecar.service.policy._policy.drafters_
+        assert sorted(p.name for p in root.iterdir()) == sorted(names[:1] + names[2:])
+        assert generic.is_dir()
+        assert asyncio.run(distiller.retire("chat")) == []  # nothing past the two kept
+    finally:
+        sidecar.stop()
+
+
+@pytest.mark.parametrize(("status", "retired"), [(0, ["math"]), (1, [])])
+def test_only_a_run_that_registered_retires_older_drafters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int, retired: list[str]
+) -> None:
+    import asyncio
+    import sys
+
+    distiller, _ = _math_distiller(tmp_path)
+    calls: list[str] = []
+
+    async def retire(cluster: str) -> list[str]:
+        calls.append(cluster)
+        return []
+
+    monkeypatch.setattr(distiller, "retire", retire)
+    monkeypatch.setattr(
+        distiller, "command", lambda *_: [sys.executable, "-c", f"raise SystemExit({status})"]
+    )
+    assert asyncio.run(distiller.run_once()) == status
+    assert calls == retired
