@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -10,6 +11,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 ROUTE_BUCKETS = (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2, 0.1, 1.0)
 ROUTE_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TOKENS_PER_S_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+# Label names of the metrics with a series per drafter (``SidecarMetrics.forget_drafter``).
+DECISION_LABELS = ("cluster", "drafter", "k")
+TOKEN_LABELS = ("cluster", "drafter")
+GUARD_LABELS = ("drafter", "to")
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,30 @@ class SidecarMetrics:
     pooling_connected: Gauge
     shared_drafters_unavailable: Gauge
 
+    def forget_drafter(self, name: str) -> None:
+        """Drop every series of drafter ``name`` (removed): each name would otherwise keep
+        its series for good, and automatic distillation makes a new name at each run."""
+        for metric, labels in (
+            (self.decisions, DECISION_LABELS),
+            (self.drafted_tokens, TOKEN_LABELS),
+            (self.accepted_tokens, TOKEN_LABELS),
+            (self.loss_guard_trips, GUARD_LABELS),
+        ):
+            _remove_series(metric, labels, "drafter", name)
+
+
+def _remove_series(metric: Counter, labels: Sequence[str], label: str, value: str) -> None:
+    """Remove ``metric``'s series whose ``label`` is ``value`` (``labels``: its label
+    names, in order)."""
+    stale = {
+        tuple(sample.labels[name] for name in labels)
+        for family in metric.collect()
+        for sample in family.samples
+        if sample.labels.get(label) == value
+    }
+    for values in stale:
+        metric.remove(*values)
+
 
 def create_metrics(registry: CollectorRegistry | None = None) -> SidecarMetrics:
     """Register the sidecar's metrics on ``registry`` (a fresh one by default)."""
@@ -67,19 +96,19 @@ def create_metrics(registry: CollectorRegistry | None = None) -> SidecarMetrics:
         decisions=Counter(
             "specroute_decisions_total",
             "Routing decisions by task cluster, drafter and draft length.",
-            ["cluster", "drafter", "k"],
+            DECISION_LABELS,
             registry=reg,
         ),
         drafted_tokens=Counter(
             "specroute_spec_decode_num_draft_tokens_total",
             "Draft tokens proposed, by task cluster and drafter.",
-            ["cluster", "drafter"],
+            TOKEN_LABELS,
             registry=reg,
         ),
         accepted_tokens=Counter(
             "specroute_spec_decode_num_accepted_tokens_total",
             "Draft tokens accepted by the target, by task cluster and drafter.",
-            ["cluster", "drafter"],
+            TOKEN_LABELS,
             registry=reg,
         ),
         generation_tokens_per_s=Histogram(
@@ -104,7 +133,7 @@ def create_metrics(registry: CollectorRegistry | None = None) -> SidecarMetrics:
             "Generations whose own drafts made the loss guard shorten them part-way "
             "(drafters/guard.py), by drafter and whether it stopped drafting (to=0) or "
             "only shortened the drafts (to=1).",
-            ["drafter", "to"],
+            GUARD_LABELS,
             registry=reg,
         ),
         prediction_tokens=Counter(

@@ -1346,10 +1346,19 @@ class RouterService:
             record = self.drafters.remove(name)
             if name not in self.drafters.names():  # a built-in namesake keeps its arms
                 self.policy.remove_drafter(name)
+                self._forget_series(name)
             if announce is not None:
                 announce(name)
         self.metrics.drafters.set(len(self.drafters.names()))
         return record
+
+    def _forget_series(self, name: str) -> None:
+        """Drop a removed drafter's metric series and their cached counters (a drafter
+        registered again under the name counts from zero, in series that are exported)."""
+        for key in list(self._decision_counters):  # a copy: Routes add keys meanwhile
+            if key[1] == name:
+                self._decision_counters.pop(key, None)
+        self.metrics.forget_drafter(name)
 
     def list_drafters(self) -> list[DrafterRecord]:
         return self.drafters.records()

@@ -1430,3 +1430,39 @@ def test_a_misspelt_policy_is_refused_without_waiting_for_the_scores(
         assert time.monotonic() - started < 5  # the wait would be 12.5 s
     finally:
         release.set()
+
+
+def _drafter_series(sidecar: SidecarThread, drafter: str) -> dict[str, float]:
+    """The sidecar's exported samples labelled ``drafter=<drafter>``: name -> sum."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(sidecar.metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    sums: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("drafter") == drafter and not sample.name.endswith("_created"):
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+    return sums
+
+
+def test_a_removed_drafters_metric_series_go_with_it(sidecar: SidecarThread, PROMPT: str) -> None:
+    """A removed drafter's series (decisions, drafted and accepted tokens) stayed exported
+    for good, one set per name: with automatic distillation's timestamped names, without
+    bound. They go now, and a drafter registered again under the name counts from zero in
+    series that are exported (its cached counter went with them)."""
+    register = pb.RegisterDrafterRequest(name="short-lived", kind="ngram")
+    forced = {"force_drafter": "short-lived", "force_draft_length": 2}
+    sidecar.stub.RegisterDrafter(register, metadata=ADMIN)
+    try:
+        generate(sidecar, text=PROMPT, max_new_tokens=8, **forced)
+        before = _drafter_series(sidecar, "short-lived")
+        assert before["specroute_decisions_total"] == 1
+        assert "specroute_spec_decode_num_draft_tokens_total" in before
+        sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="short-lived"), metadata=ADMIN)
+        assert _drafter_series(sidecar, "short-lived") == {}
+        sidecar.stub.RegisterDrafter(register, metadata=ADMIN)
+        generate(sidecar, text=PROMPT, max_new_tokens=8, **forced)
+        assert _drafter_series(sidecar, "short-lived")["specroute_decisions_total"] == 1
+    finally:
+        sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="short-lived"), metadata=ADMIN)
