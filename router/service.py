@@ -418,6 +418,10 @@ class RouterService:
             on_depth=metrics.queue_depth.set,
         )
         self._learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="counterfactual")
+        # RegisterDrafter and RemoveDrafter run one at a time (``_admin_lock``) in this
+        # thread: in the loop's default executor a burst of them, each loading a model,
+        # took every thread and held up the /metrics scrapes and policy snapshots behind.
+        self._admin = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admin")
         # Served prompts and verified outputs for distillation; None unless [capture] is on.
         self.capture = open_capture(settings.state_dir, settings.capture)
         self._capture_failures = 0  # in a row: the first is logged, the rest counted
@@ -457,6 +461,7 @@ class RouterService:
             self.prompt_reader.close()
             self.queue.shutdown()
             self._learner.shutdown(wait=True, cancel_futures=True)
+            self._admin.shutdown(wait=True, cancel_futures=True)
         finally:
             try:
                 if self.policy.started:
@@ -1306,7 +1311,7 @@ class RouterService:
     ) -> DrafterRecord:
         """Validate, persist and publish a drafter; it is eligible for the next request.
         ``announce`` (the pooled registry) is told of it in the same worker thread."""
-        return await asyncio.to_thread(self._register_drafter, spec, announce)
+        return await self._in_admin_thread(self._register_drafter, spec, announce)
 
     def _register_drafter(
         self,
@@ -1334,7 +1339,11 @@ class RouterService:
         """In a worker thread, as a registration: the pool's write lock may be held by a
         registration loading its model, and waiting for it on the event loop stalled every
         call for the length of that load. ``announce`` as for a registration."""
-        return await asyncio.to_thread(self._remove_drafter, name, announce)
+        return await self._in_admin_thread(self._remove_drafter, name, announce)
+
+    async def _in_admin_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in the admin thread (after the admin changes before it)."""
+        return await asyncio.get_running_loop().run_in_executor(self._admin, function, *args)
 
     def _remove_drafter(
         self, name: str, announce: Callable[[str], None] | None = None

@@ -1466,3 +1466,32 @@ def test_a_removed_drafters_metric_series_go_with_it(sidecar: SidecarThread, PRO
         assert _drafter_series(sidecar, "short-lived")["specroute_decisions_total"] == 1
     finally:
         sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="short-lived"), metadata=ADMIN)
+
+
+def test_admin_changes_waiting_their_turn_leave_scrapes_and_snapshots_served(
+    sidecar: SidecarThread,
+) -> None:
+    """RegisterDrafter and RemoveDrafter wait for one another (one admin change at a time)
+    and ran in the event loop's default executor: a burst of them, each loading a model,
+    took every one of its threads, and /metrics scrapes and policy snapshots waited
+    behind them. They wait in a thread of their own now. Here the turn is held while more changes
+    arrive than the default executor has threads."""
+    service = sidecar.service
+    names = [f"queued-{i}" for i in range(16)]  # the default executor: min(32, cpus + 4)
+    with service._admin_lock:
+        calls = [
+            sidecar.stub.RegisterDrafter.future(
+                pb.RegisterDrafterRequest(name=name, kind="ngram"), metadata=ADMIN, timeout=60
+            )
+            for name in names
+        ]
+        time.sleep(0.5)  # every call reaches the sidecar and waits for its turn
+        with urllib.request.urlopen(sidecar.metrics_url, timeout=10) as response:
+            assert response.status == 200
+        snapshot = asyncio.run_coroutine_threadsafe(
+            asyncio.to_thread(service.snapshot), sidecar.loop
+        )
+        snapshot.result(timeout=10)
+    assert [call.result().name for call in calls] == names
+    for name in names:
+        sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name=name), metadata=ADMIN)
