@@ -320,13 +320,13 @@ def test_routes_are_served_while_a_removal_waits_for_a_registration(
 
     monkeypatch.setattr(service.drafters, "_create", slow_create)
     waiting = threading.Event()
-    remove_drafter = service._remove_drafter
+    remove_drafter = service.remove_drafter
 
-    def entered(*args: Any, **kwargs: Any) -> Any:  # the removal, about to wait for the lock
+    async def entered(*args: Any, **kwargs: Any) -> Any:  # the removal, about to wait its turn
         waiting.set()
-        return remove_drafter(*args, **kwargs)
+        return await remove_drafter(*args, **kwargs)
 
-    monkeypatch.setattr(service, "_remove_drafter", entered)
+    monkeypatch.setattr(service, "remove_drafter", entered)
     spec = DrafterSpec(name="loading", kind="model", path=str(serving_world.spare_dir))
     registering = asyncio.run_coroutine_threadsafe(service.register_drafter(spec), sidecar.loop)
     assert loading.wait(30)
