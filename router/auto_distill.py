@@ -249,7 +249,7 @@ class AutoDistiller:
         retired = []
         for record in automatic[self.settings.auto_distill.keep_per_cluster :]:
             await self._remove(record.name)
-            shutil.rmtree(root / record.name, ignore_errors=True)
+            shutil.rmtree(Path(record.path).resolve(), ignore_errors=True)
             retired.append(record.name)
         if retired:
             logger.info("auto-distillation of %s retired %s", cluster, ", ".join(retired))

@@ -370,11 +370,11 @@ def test_a_registered_run_retires_the_clusters_older_automatic_drafters(
     root = tmp_path / "state" / "distilled"
     try:
         names = ["math-auto-1", "chat-auto-1", "chat-auto-2", "chat-auto-3"]
-        for name in names:
-            shutil.copytree(generic, root / name)
+        for name in names:  # each in a directory of another name: the path is what goes
+            shutil.copytree(generic, root / f"dir-{name}")
             cluster = name.split("-auto-")[0]
             request = pb.RegisterDrafterRequest(
-                name=name, kind="model", path=str(root / name), tasks=[cluster]
+                name=name, kind="model", path=str(root / f"dir-{name}"), tasks=[cluster]
             )
             sidecar.stub.RegisterDrafter(request, metadata=ADMIN)
         by_hand = pb.RegisterDrafterRequest(
@@ -393,7 +393,8 @@ def test_a_registered_run_retires_the_clusters_older_automatic_drafters(
         assert {"math-auto-1", "chat-auto-2", "chat-auto-3", "chat-by-hand"} <= served
         assert "chat-auto-1" not in served
         assert "chat-auto-1" not in sidecar.service.policy._policy.drafters_
-        assert sorted(p.name for p in root.iterdir()) == sorted(names[:1] + names[2:])
+        kept = sorted(f"dir-{name}" for name in names[:1] + names[2:])
+        assert sorted(p.name for p in root.iterdir()) == kept
         assert generic.is_dir()
         assert asyncio.run(distiller.retire("chat")) == []  # nothing past the two kept
     finally:
