@@ -86,6 +86,12 @@ class UnavailableError(SidecarError):
     UNAVAILABLE, which clients' retry policies retry, where INTERNAL is not."""
 
 
+class StorageLockedError(UnavailableError):
+    """Another process holds the state store's write lock (an operator's ``sqlite3``
+    shell, a backup) past SQLite's wait: nothing was saved or changed; retry once it is
+    free."""
+
+
 class RequestFailsReplicasError(GenerationFailedError):
     """A request that failed on ``max_replica_failures`` fleet replicas: it may be what
     makes them fail, so it is not sent on, and a client should not send it again as is

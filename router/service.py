@@ -53,7 +53,6 @@ from router.errors import (
     NotFoundError,
     PreconditionError,
     SidecarError,
-    StorageFullError,
 )
 from router.generation import Finished, GenerationQueue
 from router.metrics import SidecarMetrics
@@ -467,7 +466,7 @@ class RouterService:
                 if self.policy.started:
                     self.save_policy()
                     saved = True
-            except StorageFullError as error:  # stop anyway: the last saved snapshot stays
+            except SidecarError as error:  # full or locked: stop anyway, the last one stays
                 logger.error("final policy snapshot not saved: %s", error)
             except Exception:
                 logger.exception("final policy snapshot not saved")

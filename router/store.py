@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from router.errors import AlreadyExistsError, NotFoundError, StorageFullError
+from router.errors import (
+    AlreadyExistsError,
+    NotFoundError,
+    StorageFullError,
+    StorageLockedError,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS drafters (
@@ -232,16 +237,23 @@ class SidecarStore:
     @contextlib.contextmanager
     def _writing(self, what: str) -> Iterator[sqlite3.Connection]:
         """The connection under the lock, for one write that commits or changes nothing;
-        a full disk is ``StorageFullError``."""
+        a full disk is ``StorageFullError``, the database locked by another process past
+        SQLite's wait ``StorageLockedError``."""
         with self._lock:
             try:
                 yield self._db
             except sqlite3.OperationalError as error:
-                if getattr(error, "sqlite_errorname", "") != "SQLITE_FULL":
-                    raise
-                raise StorageFullError(
-                    f"the state store {self.path} is full ({error}): {what} was not saved"
-                ) from error
+                code = getattr(error, "sqlite_errorname", "")
+                if code == "SQLITE_FULL":
+                    raise StorageFullError(
+                        f"the state store {self.path} is full ({error}): {what} was not saved"
+                    ) from error
+                if code in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+                    raise StorageLockedError(
+                        f"the state store {self.path} is locked by another process ({error}):"
+                        f" {what} was not saved; retry once it is free"
+                    ) from error
+                raise
 
     # -- drafters ---------------------------------------------------------------------
     def add_drafter(self, record: DrafterRecord) -> DrafterRecord:

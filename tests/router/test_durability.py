@@ -490,6 +490,44 @@ def test_a_full_disk_refuses_admin_changes_and_changes_nothing(
         running.stop()
 
 
+def test_a_state_store_locked_by_another_process_is_unavailable_and_changes_nothing(
+    serving_world: ServingWorld,
+    components: Components,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Another process holding the state database's write lock (an operator's sqlite3
+    shell, a backup) made a registration INTERNAL ("OperationalError, the sidecar's log has
+    the traceback") and each periodic snapshot a traceback. Now the registration is
+    UNAVAILABLE (which clients retry) saying the store is locked, nothing changes, a
+    snapshot's failure is one line, and both work once the lock is gone."""
+    settings = serving_world.settings(tmp_path / "state", snapshot_interval_s=0.5)
+    running = SidecarThread(settings, components)
+    holder = sqlite3.connect(tmp_path / "state" / DATABASE_NAME, isolation_level=None)
+    register = pb.RegisterDrafterRequest(name="lookup", kind="ngram")
+    with caplog.at_level(logging.INFO, logger="router"):
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            with pytest.raises(grpc.RpcError) as refused:
+                running.stub.RegisterDrafter(register, metadata=ADMIN, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "is locked by another process" in (refused.value.details() or "")
+            listed = running.stub.ListDrafters(pb.ListDraftersRequest()).drafters
+            assert "lookup" not in {d.name for d in listed}
+            deadline = time.monotonic() + 30  # a snapshot waits SQLite's 5 s, then fails
+            while "policy snapshot failed" not in caplog.text:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            holder.execute("ROLLBACK")
+            running.stub.RegisterDrafter(register, metadata=ADMIN, timeout=60)
+        finally:
+            holder.close()
+            running.stop()
+    failed = [r for r in caplog.records if r.getMessage().startswith("policy snapshot failed")]
+    assert failed and all(r.exc_info is None for r in failed)
+    assert "locked by another process" in failed[0].getMessage()
+
+
 def test_snapshots_on_a_full_disk_are_one_line_each_counted_and_resume(
     serving_world: ServingWorld,
     components: Components,
