@@ -73,6 +73,12 @@ class StorageFullError(SidecarError):
     nothing it would have changed was changed."""
 
 
+class StorageFailedError(PreconditionError):
+    """The state store cannot be written (a disk remounted read-only after I/O errors,
+    permissions changed under it): what the call would have saved was not saved, and an
+    operator has to act before a retry can work."""
+
+
 class UnauthenticatedError(SidecarError):
     """No valid bearer token for a call that needs one."""
 

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from router.errors import (
     AlreadyExistsError,
     NotFoundError,
+    StorageFailedError,
     StorageFullError,
     StorageLockedError,
 )
@@ -155,6 +156,9 @@ def _one_line(damage: list[str]) -> str:
     return "; ".join([line for line in lines if line and not line.startswith("***")][:3])
 
 
+# SQLite's error names (extended ones start with them) for a store that cannot be written.
+UNWRITABLE = ("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN")
+
 # Opening a database in WAL mode writes its shared-memory index (32 KiB) and log: with
 # less free space than this, a failure to open it is the disk's, not the file's.
 FULL_DISK_BYTES = 1 << 20
@@ -238,7 +242,8 @@ class SidecarStore:
     def _writing(self, what: str) -> Iterator[sqlite3.Connection]:
         """The connection under the lock, for one write that commits or changes nothing;
         a full disk is ``StorageFullError``, the database locked by another process past
-        SQLite's wait ``StorageLockedError``."""
+        SQLite's wait ``StorageLockedError``, one that cannot be written at all
+        ``StorageFailedError``."""
         with self._lock:
             try:
                 yield self._db
@@ -252,6 +257,11 @@ class SidecarStore:
                     raise StorageLockedError(
                         f"the state store {self.path} is locked by another process ({error}):"
                         f" {what} was not saved; retry once it is free"
+                    ) from error
+                if code.startswith(UNWRITABLE):
+                    raise StorageFailedError(
+                        f"the state store {self.path} cannot be written ({error}): {what} "
+                        "was not saved; its disk or permissions need an operator"
                     ) from error
                 raise
 

@@ -354,12 +354,18 @@ def self_signed_tls(directory: Path, names: str = "IP:127.0.0.1, DNS:localhost")
     return RedisTlsFiles(cert_file=cert, key_file=key, ca_file=ca_cert)
 
 
-class FullDisk:
-    """A SQLite connection on a disk with no space left: every write fails with SQLite's
-    SQLITE_FULL (what it reports for ENOSPC), reads go through."""
+class FailingWrites:
+    """A SQLite connection whose every write fails with SQLite's ``errorname`` (reads go
+    through): by default a disk with no space left (SQLITE_FULL, what SQLite reports for
+    ENOSPC)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        errorname: str = "SQLITE_FULL",
+        message: str = "database or disk is full",
+    ) -> None:
+        self.db, self.errorname, self.message = db, errorname, message
 
     @property
     def in_transaction(self) -> bool:
@@ -367,8 +373,8 @@ class FullDisk:
 
     def execute(self, sql: str, *parameters: Any) -> sqlite3.Cursor:
         if sql.lstrip().upper().startswith(("INSERT", "DELETE", "UPDATE")):
-            error = sqlite3.OperationalError("database or disk is full")
-            error.sqlite_errorname = "SQLITE_FULL"
+            error = sqlite3.OperationalError(self.message)
+            error.sqlite_errorname = self.errorname
             raise error
         return self.db.execute(sql, *parameters)
 

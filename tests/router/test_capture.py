@@ -27,7 +27,7 @@ from router.launch import launch_sidecar
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
 from router.service import Components
-from tests.router.conftest import ADMIN_TOKEN, FullDisk, ServingWorld, SidecarThread
+from tests.router.conftest import ADMIN_TOKEN, FailingWrites, ServingWorld, SidecarThread
 
 CLUSTER = "chat"
 CAPTURED = 24
@@ -343,7 +343,7 @@ def test_a_full_disk_fails_no_request_and_is_logged_once(
     samples_before = {s.cluster: s.samples for s in store.stats()}["math"]
     prompts = _chat_prompts(serving_world, "math", 4)
     with caplog.at_level(logging.INFO, logger="router"):
-        store._db = FullDisk(store._db)
+        store._db = FailingWrites(store._db)
         try:
             for text in prompts[:3]:
                 assert _streamed_ids(_generate(sidecar.stub, text, "math"))

@@ -29,7 +29,7 @@ from tests.router.conftest import (
     ADMIN,
     ADMIN_TOKEN,
     COMPLETION_PROMPT,
-    FullDisk,
+    FailingWrites,
     ServingWorld,
     SidecarThread,
 )
@@ -452,18 +452,36 @@ def test_a_file_system_without_locks_is_one_clear_error(
         SidecarStore(tmp_path / "state", exclusive=True)
 
 
-def test_a_full_disk_refuses_admin_changes_and_changes_nothing(
-    serving_world: ServingWorld, components: Components, tmp_path: Path
+@pytest.mark.parametrize(
+    ("errorname", "message", "code", "said"),
+    [
+        ("SQLITE_FULL", "database or disk is full", "RESOURCE_EXHAUSTED", "is full"),
+        # A disk remounted read-only after I/O errors (ext4's errors=remount-ro):
+        ("SQLITE_READONLY", "attempt to write a readonly database", "FAILED_PRECONDITION", ""),
+        ("SQLITE_IOERR_WRITE", "disk I/O error", "FAILED_PRECONDITION", ""),
+    ],
+    ids=["full", "read-only", "io-error"],
+)
+def test_a_state_store_that_cannot_be_written_refuses_admin_changes_and_changes_nothing(
+    serving_world: ServingWorld,
+    components: Components,
+    tmp_path: Path,
+    errorname: str,
+    message: str,
+    code: str,
+    said: str,
 ) -> None:
     """With the state store's disk full (every write SQLITE_FULL), a registration or a
     policy switch was an INTERNAL error, and the switch had already happened: the sidecar
     served a policy whose predecessor it could not save. Now RESOURCE_EXHAUSTED, nothing
-    changed, and the sidecar keeps serving."""
+    changed, and the sidecar keeps serving. A store that cannot be written at all (read
+    only, I/O errors) was INTERNAL with a traceback: now FAILED_PRECONDITION naming it."""
+    said = said or "cannot be written"
     running = SidecarThread(serving_world.settings(tmp_path / "state"), components)
     try:
         stub, store = running.stub, running.service.store
         before = stub.GetPolicyState(pb.GetPolicyStateRequest(), metadata=ADMIN).policy
-        store._db = FullDisk(store._db)
+        store._db = FailingWrites(store._db, errorname, message)
         calls = {
             "RegisterDrafter": lambda: stub.RegisterDrafter(
                 pb.RegisterDrafterRequest(name="lookup", kind="ngram"), metadata=ADMIN
@@ -473,8 +491,9 @@ def test_a_full_disk_refuses_admin_changes_and_changes_nothing(
         for call in calls.values():
             with pytest.raises(grpc.RpcError) as refused:
                 call()
-            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "is full" in (refused.value.details() or "")
+            assert refused.value.code() == grpc.StatusCode[code]
+            assert said in (refused.value.details() or "")
+            assert message in (refused.value.details() or "")
         drafters = stub.ListDrafters(pb.ListDraftersRequest())
         assert "lookup" not in {d.name for d in drafters.drafters}
         assert stub.GetPolicyState(pb.GetPolicyStateRequest(), metadata=ADMIN).policy == before
@@ -483,9 +502,9 @@ def test_a_full_disk_refuses_admin_changes_and_changes_nothing(
         store._db = store._db.db  # room again
         for call in calls.values():
             call()
-        # Full again at shutdown: the final snapshot is not taken, and the sidecar stops
-        # cleanly all the same (it raised out of the stop before).
-        store._db = FullDisk(store._db)
+        # Failing again at shutdown: the final snapshot is not taken, and the sidecar
+        # stops cleanly all the same (it raised out of the stop before).
+        store._db = FailingWrites(store._db, errorname, message)
     finally:
         running.stop()
 
@@ -543,7 +562,7 @@ def test_snapshots_on_a_full_disk_are_one_line_each_counted_and_resume(
     store = running.service.store
     with caplog.at_level(logging.INFO, logger="router"):
         try:
-            store._db = FullDisk(store._db)
+            store._db = FailingWrites(store._db)
             deadline = time.monotonic() + 30
             while _snapshot_failures(running.metrics_url) < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -552,7 +571,7 @@ def test_snapshots_on_a_full_disk_are_one_line_each_counted_and_resume(
             while "policy snapshot saved again" not in caplog.text:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
-            store._db = FullDisk(store._db)  # and full at the stop
+            store._db = FailingWrites(store._db)  # and full at the stop
         finally:
             running.stop()
     failed = [r for r in caplog.records if r.getMessage().startswith("policy snapshot failed")]
