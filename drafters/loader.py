@@ -347,7 +347,7 @@ class WeightsDigestCache:
             return str(cached["digest"])
         digest = weights_digest(files)
         with self._lock:
-            entries = self._entries()
+            entries = _still_there(self._entries())
             entries[key] = {"files": [list(s) for s in stamps], "digest": digest}
             try:
                 self._write(entries)
@@ -376,6 +376,16 @@ class WeightsDigestCache:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+
+def _still_there(entries: dict[str, Any]) -> dict[str, Any]:
+    """The cache entries whose files all still exist: the others (a drafter's directory
+    deleted, as automatic distillation retires them) would stay in the file for good."""
+    return {key: entry for key, entry in entries.items() if all(map(_exists, key.split("\n")))}
+
+
+def _exists(path: str) -> bool:
+    return bool(path) and os.path.exists(path)
 
 
 def digest_weights(files: Sequence[Path], cache: WeightsDigestCache | None) -> str:

@@ -118,6 +118,26 @@ def test_a_cached_digest_stands_while_size_and_mtime_do(tmp_path: Path) -> None:
     assert not [p for p in cache.path.parent.iterdir() if p != cache.path]  # no temp left
 
 
+def test_entries_of_files_gone_are_dropped_at_the_next_write(tmp_path: Path) -> None:
+    """Every set of weights ever hashed stayed in the cache file for good; automatic
+    distillation hashes a new drafter at each run and deletes the ones it retires."""
+    import shutil
+
+    cache = WeightsDigestCache(tmp_path / "weights_digests.json")
+    paths = []
+    for name in ("kept", "retired", "next"):
+        weights = tmp_path / name / "model.safetensors"
+        weights.parent.mkdir()
+        weights.write_bytes(name.encode() * 100)
+        paths.append(weights)
+    cache.digest([paths[0]])
+    cache.digest([paths[1]])
+    shutil.rmtree(paths[1].parent)
+    cache.digest([paths[2]])
+    entries = json.loads(cache.path.read_text())["entries"]
+    assert sorted(entries) == sorted(str(p.resolve()) for p in (paths[0], paths[2]))
+
+
 def test_an_unreadable_cache_file_counts_as_empty(tmp_path: Path) -> None:
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"weights")
