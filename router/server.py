@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from grpc import aio
@@ -25,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.auto_distill import start_auto_distiller
+from router.certificates import RELOAD_INTERVAL_S, ServerCertificate
 from router.errors import ListenError, SidecarError
 from router.http_front import build_http_app
 from router.interceptors import BearerAuth, EdgeInterceptor
@@ -108,15 +108,11 @@ def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
     return [("grpc.max_receive_message_length", size), ("grpc.so_reuseport", 0)]
 
 
-def _bind(server: aio.Server, settings: Settings) -> int:
+def _bind(server: aio.Server, settings: Settings, certificate: ServerCertificate | None) -> int:
     address = f"{settings.host}:{settings.port}"
     try:
-        if settings.tls.enabled:
-            assert settings.tls.key_file is not None and settings.tls.cert_file is not None
-            credentials = grpc.ssl_server_credentials(
-                [(settings.tls.key_file.read_bytes(), settings.tls.cert_file.read_bytes())]
-            )
-            return server.add_secure_port(address, credentials)
+        if certificate is not None:
+            return server.add_secure_port(address, certificate.grpc_credentials())
         return server.add_insecure_port(address)
     except RuntimeError as error:  # grpc's "Failed to bind to address ..."
         raise ListenError(
@@ -187,6 +183,16 @@ def _metrics_app(metrics: SidecarMetrics) -> web.Application:
     return app
 
 
+async def _certificate_loop(
+    certificate: ServerCertificate, interval_s: float = RELOAD_INTERVAL_S
+) -> None:
+    """Renewed certificate files reach the HTTP and metrics ports (gRPC looks at each
+    new connection itself)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        await asyncio.to_thread(certificate.refresh)
+
+
 async def _snapshot_loop(service: RouterService, interval_s: float) -> None:
     """Save the policy every ``interval_s``. A failure is one line each time (a traceback
     only for an unforeseen one), and the first save after failures says so."""
@@ -228,7 +234,8 @@ async def start_sidecar(settings: Settings, components: Components | None = None
     """Build components (unless given), start every server, and return the running sidecar."""
     # The TLS files (every port speaks TLS when they are set) and the state store first:
     # either unusable stops the start before the models are loaded.
-    tls = settings.tls.server_context()
+    certificate = ServerCertificate.from_settings(settings.tls)
+    tls = certificate.context if certificate is not None else None
     check_ports_free(settings)
     store = SidecarStore(settings.state_dir, exclusive=True)
     metrics = create_metrics()
@@ -268,7 +275,7 @@ async def start_sidecar(settings: Settings, components: Components | None = None
     )
     running = RunningSidecar(settings, service, server, health_servicer, 0)
     try:
-        running.grpc_port = _bind(server, settings)
+        running.grpc_port = _bind(server, settings, certificate)
         await server.start()
         if settings.http_port is not None:
             runner, running.http_port = await _start_site(
@@ -299,6 +306,8 @@ async def start_sidecar(settings: Settings, components: Components | None = None
         raise
     port = running.grpc_port
     running.tasks.append(asyncio.create_task(_snapshot_loop(service, settings.snapshot_interval_s)))
+    if certificate is not None:
+        running.tasks.append(asyncio.create_task(_certificate_loop(certificate)))
     auto_distill = start_auto_distiller(settings, service, port)
     if auto_distill is not None:
         running.tasks.append(auto_distill)

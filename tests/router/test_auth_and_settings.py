@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
 import shutil
 import ssl
 import subprocess
@@ -506,6 +507,61 @@ def test_routes_over_tls_and_refuses_plaintext(
                 assert reply.status == 200
             with pytest.raises((urllib.error.URLError, ConnectionError, http.client.HTTPException)):
                 urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=30).read()
+    finally:
+        running.stop()
+
+
+def test_a_renewed_certificate_is_served_without_a_restart(
+    serving_world: ServingWorld,
+    components: Components,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The certificate and key were read once at start: a certificate manager that renewed
+    the files (cert-manager, a secret volume) left the sidecar serving the old certificate
+    until it expired and every client failed. New connections now get the files' current
+    pair on every port; a new pair that does not load is logged and the last good one
+    keeps serving."""
+    old, new = _tls_files(tmp_path / "old"), _tls_files(tmp_path / "new")
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "server.crt", live / "server.key"
+
+    def install(cert_from: Path, key_from: Path) -> None:
+        key.write_bytes(key_from.read_bytes())
+        cert.write_bytes(cert_from.read_bytes())
+
+    def routes_trusting(ca: Path) -> bool:
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+        with grpc.secure_channel(running.running.address, credentials) as channel:
+            try:
+                RouterStub(channel).Route(pb.RouteRequest(text=PROMPT), timeout=10)
+            except grpc.RpcError:
+                return False
+        return True
+
+    def https_trusting(ca: Path) -> bool:
+        trusted = ssl.create_default_context(cafile=str(ca))
+        url = f"https://127.0.0.1:{running.running.http_port}/v1/models"
+        try:
+            with urllib.request.urlopen(url, context=trusted, timeout=10) as reply:
+                return bool(reply.status == 200)
+        except urllib.error.URLError:
+            return False
+
+    install(old.cert_file, old.key_file)
+    tls = TlsSettings(cert_file=cert, key_file=key)
+    running = SidecarThread(serving_world.settings(tmp_path / "state", tls=tls), components)
+    try:
+        assert routes_trusting(old.ca_file) and https_trusting(old.ca_file)
+        install(new.cert_file, new.key_file)  # renewed: another CA signed it
+        # A new gRPC connection looks at the files (and updates the HTTP ports' context).
+        assert routes_trusting(new.ca_file) and not routes_trusting(old.ca_file)
+        assert https_trusting(new.ca_file) and not https_trusting(old.ca_file)
+        with caplog.at_level(logging.INFO, logger="router"):
+            install(old.cert_file, new.key_file)  # a pair that does not belong together
+            assert routes_trusting(new.ca_file) and https_trusting(new.ca_file)
+        assert "the previous certificate keeps serving" in caplog.text
     finally:
         running.stop()
 
