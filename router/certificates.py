@@ -5,11 +5,12 @@ certificate by replacing its files; a server that read them once at start serves
 certificate until it expires, and every client then fails. The sidecar checks the files'
 stamps (size, modification time, inode: a secret volume swaps a symlink) before each new
 gRPC connection (``grpc.dynamic_ssl_server_credentials`` asks before every handshake) and
-every ``RELOAD_INTERVAL_S`` for the HTTP fronts and the metrics port, whose TLS context is
-updated in place: connections made from then on get the new certificate, open ones keep
-theirs. A new pair that does not load (a key that does not match the certificate, a file
-caught half-written) is logged once, and the previous pair keeps serving until the files
-change again.
+every ``tls.reload_interval_s`` for the HTTP fronts and the metrics port, whose TLS context
+is updated in place, on the event loop's thread (the one that makes their connections:
+OpenSSL's context must not change while another thread copies it into a new connection).
+Connections made from then on get the new certificate, open ones keep theirs. A new pair
+that does not load (a key that does not match the certificate, a file caught half-written)
+is logged once, and the previous pair keeps serving until the files change again.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ import grpc
 from router.settings import TlsFilesError, TlsSettings
 
 logger = logging.getLogger(__name__)
-
-RELOAD_INTERVAL_S = 30.0
 
 Stamp = tuple[tuple[int, int, int], ...]
 
@@ -62,8 +61,8 @@ class ServerCertificate:
         self._pair = self._read()
         self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._load_into(self.context, self._pair)
-        self.version = 0  # pairs loaded since start
-        self._grpc_version = 0
+        self.version = 0  # good pairs read since start
+        self._grpc_version = self._context_version = 0
 
     @classmethod
     def from_settings(cls, tls: TlsSettings) -> ServerCertificate | None:
@@ -85,9 +84,9 @@ class ServerCertificate:
                 f"tls: cannot use {self.cert_file} with {self.key_file}: {error}"
             ) from None
 
-    def refresh(self) -> bool:
-        """Load the files again if they changed since the last look; whether a new pair
-        serves now (a pair that does not load is logged, and the old one stays)."""
+    def check_files(self) -> bool:
+        """Read the files again if they changed since the last look (any thread); whether
+        a new good pair was read (one that does not load is logged, the old one stays)."""
         stamp = _stamp(self.cert_file, self.key_file)
         with self._lock:
             if stamp is None or stamp == self._stamp:
@@ -95,8 +94,7 @@ class ServerCertificate:
             self._stamp = stamp
             try:
                 pair = self._read()
-                self._load_into(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), pair)  # check first
-                self._load_into(self.context, pair)
+                self._load_into(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), pair)
             except TlsFilesError as error:
                 logger.error("%s; the previous certificate keeps serving", error)
                 return False
@@ -104,6 +102,15 @@ class ServerCertificate:
             self.version += 1
         logger.info("TLS certificate reloaded from %s", self.cert_file)
         return True
+
+    def update_context(self) -> None:
+        """Put the last good pair into the HTTP ports' context if it has an older one; on
+        the event loop's thread only (module doc)."""
+        with self._lock:
+            version, pair = self.version, self._pair
+        if version != self._context_version:
+            self._load_into(self.context, pair)
+            self._context_version = version
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
         """gRPC's credentials, which ask for the current pair before each handshake."""
@@ -116,7 +123,7 @@ class ServerCertificate:
     def _grpc_configuration(self) -> grpc.ServerCertificateConfiguration | None:
         """The pair for gRPC when it changed since gRPC last took one, else None (keep)."""
         try:
-            self.refresh()
+            self.check_files()
         except Exception:  # gRPC's core calls this: never let it fail a handshake
             logger.exception("TLS certificate check failed")
         with self._lock:

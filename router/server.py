@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from router.auto_distill import start_auto_distiller
-from router.certificates import RELOAD_INTERVAL_S, ServerCertificate
+from router.certificates import ServerCertificate
 from router.errors import ListenError, SidecarError
 from router.http_front import build_http_app
 from router.interceptors import BearerAuth, EdgeInterceptor
@@ -183,14 +183,13 @@ def _metrics_app(metrics: SidecarMetrics) -> web.Application:
     return app
 
 
-async def _certificate_loop(
-    certificate: ServerCertificate, interval_s: float = RELOAD_INTERVAL_S
-) -> None:
+async def _certificate_loop(certificate: ServerCertificate, interval_s: float) -> None:
     """Renewed certificate files reach the HTTP and metrics ports (gRPC looks at each
-    new connection itself)."""
+    new connection itself); their context changes on this, the loop's, thread."""
     while True:
         await asyncio.sleep(interval_s)
-        await asyncio.to_thread(certificate.refresh)
+        await asyncio.to_thread(certificate.check_files)
+        certificate.update_context()
 
 
 async def _snapshot_loop(service: RouterService, interval_s: float) -> None:
@@ -307,7 +306,8 @@ async def start_sidecar(settings: Settings, components: Components | None = None
     port = running.grpc_port
     running.tasks.append(asyncio.create_task(_snapshot_loop(service, settings.snapshot_interval_s)))
     if certificate is not None:
-        running.tasks.append(asyncio.create_task(_certificate_loop(certificate)))
+        interval_s = settings.tls.reload_interval_s
+        running.tasks.append(asyncio.create_task(_certificate_loop(certificate, interval_s)))
     auto_distill = start_auto_distiller(settings, service, port)
     if auto_distill is not None:
         running.tasks.append(auto_distill)

@@ -145,6 +145,9 @@ class TlsSettings(BaseModel):
 
     cert_file: Path | None = None
     key_file: Path | None = None
+    # How often the HTTP and metrics ports look for renewed files (gRPC: at each new
+    # connection); router.certificates.
+    reload_interval_s: float = Field(default=30.0, gt=0)
 
     @field_validator("cert_file", "key_file")
     @classmethod

@@ -10,6 +10,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -550,17 +551,23 @@ def test_a_renewed_certificate_is_served_without_a_restart(
             return False
 
     install(old.cert_file, old.key_file)
-    tls = TlsSettings(cert_file=cert, key_file=key)
+    tls = TlsSettings(cert_file=cert, key_file=key, reload_interval_s=0.2)
     running = SidecarThread(serving_world.settings(tmp_path / "state", tls=tls), components)
     try:
         assert routes_trusting(old.ca_file) and https_trusting(old.ca_file)
         install(new.cert_file, new.key_file)  # renewed: another CA signed it
-        # A new gRPC connection looks at the files (and updates the HTTP ports' context).
+        # A new gRPC connection looks at the files; the HTTP ports every reload_interval_s.
         assert routes_trusting(new.ca_file) and not routes_trusting(old.ca_file)
-        assert https_trusting(new.ca_file) and not https_trusting(old.ca_file)
+        deadline = time.monotonic() + 30
+        while not https_trusting(new.ca_file):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert not https_trusting(old.ca_file)
         with caplog.at_level(logging.INFO, logger="router"):
             install(old.cert_file, new.key_file)  # a pair that does not belong together
-            assert routes_trusting(new.ca_file) and https_trusting(new.ca_file)
+            assert routes_trusting(new.ca_file)
+            time.sleep(0.5)  # the HTTP ports have looked at the files too
+            assert https_trusting(new.ca_file)
         assert "the previous certificate keeps serving" in caplog.text
     finally:
         running.stop()
