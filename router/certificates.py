@@ -52,7 +52,10 @@ def _load_pair(context: ssl.SSLContext, key: bytes, cert: bytes) -> None:
 
 
 class ServerCertificate:
-    """The certificate and key every port serves, and the TLS context of the HTTP ports."""
+    """The certificate and key every port serves, and the TLS context of the HTTP ports.
+    Made at start, it checks that both files read, parse and belong together
+    (``TlsFilesError`` naming them when not): gRPC reports a bad pair only as a failure to
+    bind the port."""
 
     def __init__(self, cert_file: Path, key_file: Path) -> None:
         self.cert_file, self.key_file = cert_file, key_file

@@ -200,7 +200,7 @@ async def _snapshot_loop(service: RouterService, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
         try:
             await asyncio.to_thread(service.snapshot)
-        except SidecarError as error:  # a full disk: tried again at the next interval
+        except SidecarError as error:  # full, locked, unwritable: tried again next time
             failures += 1
             logger.error("policy snapshot failed (%d in a row): %s", failures, error)
         except Exception:

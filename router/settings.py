@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import ssl
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -164,21 +163,6 @@ class TlsSettings(BaseModel):
     @property
     def enabled(self) -> bool:
         return self.cert_file is not None and self.key_file is not None
-
-    def server_context(self) -> ssl.SSLContext | None:
-        """The HTTP fronts' TLS context (None when TLS is off), which also checks that both
-        files read, parse and belong together (``ValueError`` naming them when not): gRPC
-        reports a bad pair only as a failure to bind the port."""
-        if self.cert_file is None or self.key_file is None:
-            return None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(self.cert_file, self.key_file)
-        except (OSError, ssl.SSLError) as error:
-            raise TlsFilesError(
-                f"tls: cannot use {self.cert_file} with {self.key_file}: {error}"
-            ) from None
-        return context
 
 
 class PoolingSettings(BaseModel):

@@ -11,6 +11,7 @@ import errno
 import socket
 
 from router.bundle import ModelBundle
+from router.certificates import ServerCertificate
 from router.errors import ListenError
 from router.settings import Settings
 from router.store import SidecarStore
@@ -20,7 +21,7 @@ def check_start(settings: Settings) -> None:
     """Raise what the start would stop on before loading a model: ``TlsFilesError``,
     ``ListenError``, ``StateStoreError`` (the directory is opened, locked and closed
     again), ``BundleNotFoundError`` (a world is used and there is none)."""
-    settings.tls.server_context()
+    ServerCertificate.from_settings(settings.tls)
     check_ports_free(settings)
     SidecarStore(settings.state_dir, exclusive=True).close()
     if settings.uses_world():

@@ -25,6 +25,7 @@ from text_generation import Client
 from text_generation.errors import UnknownError
 from typer.testing import CliRunner
 
+from router.certificates import ServerCertificate
 from router.channel import ClientTls
 from router.cli import build_app
 from router.errors import AlreadyExistsError, NotFoundError
@@ -589,8 +590,10 @@ def test_tls_files_that_do_not_make_a_pair_are_refused_before_serving(tmp_path: 
         (files.cert_file, ca_key),
     ):
         with pytest.raises(ValueError, match="tls: cannot use"):
-            TlsSettings(cert_file=cert, key_file=key).server_context()
-    assert TlsSettings(cert_file=files.cert_file, key_file=files.key_file).server_context()
+            ServerCertificate.from_settings(TlsSettings(cert_file=cert, key_file=key))
+    assert ServerCertificate.from_settings(
+        TlsSettings(cert_file=files.cert_file, key_file=files.key_file)
+    )
 
 
 def test_whitespace_around_a_token_is_dropped() -> None:
