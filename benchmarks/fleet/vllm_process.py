@@ -203,10 +203,19 @@ class VllmServer:
         """SIGKILL the server and its engine process (a crash, for fault tests)."""
         self._signal(signal.SIGKILL)
 
+    def pause(self) -> None:
+        """SIGSTOP the server and its engine process: a hung replica, which still accepts
+        connections (the kernel does) and answers nothing, for fault tests."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
         self._signal(signal.SIGTERM)
+        self.resume()  # a paused server acts on SIGTERM once it runs again
         try:
             self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:

@@ -9,6 +9,7 @@ per-request ``metrics`` (timings, and ``speculative_decoding`` when the server r
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ import aiohttp
 import aiohttp.http_exceptions
 
 from router.domain import Sampling
-from router.fleet.replica import Replica
+from router.fleet.replica import OpenStream, Replica, StreamCutError
 from router.structured_output import vllm_structured_outputs
 
 
@@ -241,8 +242,9 @@ async def stream_completion(
 ) -> AsyncGenerator[Delta | PromptScored | StreamEnd, None]:
     """Yield the replica's deltas, then one :class:`StreamEnd`. Raises
     :class:`ReplicaFailedError` (connection, timeout: no byte for ``replica.timeout_s``,
-    5xx but 503, 401 and 403 (the sidecar's API key, not the request), a stream without
-    its end, an ``abort`` finish), :class:`ReplicaBusyError` (503, 429) or
+    cut by a failed health check (:meth:`Replica.cut_silent_streams`), 5xx but 503, 401
+    and 403 (the sidecar's API key, not the request), a stream without its end, an
+    ``abort`` finish), :class:`ReplicaBusyError` (503, 429) or
     :class:`ReplicaRefusedError` (other 4xx, also as an error event before any token).
     A stream that breaks once its finish reason has arrived ends normally (without the
     usage chunk's metrics). ``request_id`` goes as ``X-Request-Id``, which vLLM takes as
@@ -254,9 +256,13 @@ async def stream_completion(
     metrics: dict[str, Any] = {}
     completion_tokens = 0
     url = f"{replica.spec.url}/v1/completions"
+    opened = OpenStream()
+    replica.streams.add(opened)
     try:
         headers = {**replica.headers, **({"X-Request-Id": request_id} if request_id else {})}
-        async with session.post(url, json=body, headers=headers, timeout=timeout) as response:
+        call = session.post(url, json=body, headers=headers, timeout=timeout)
+        async with await opened.until_cut(call) as response:
+            opened.response = response
             if response.status != 200:
                 message = _error_message(await response.text())
                 if response.status in (401, 403):  # the sidecar's key, not the request
@@ -271,6 +277,7 @@ async def stream_completion(
                 raise ReplicaFailedError(f"HTTP {response.status}: {message}")
             count = 0  # token ids received
             async for raw in response.content:
+                opened.last_byte = time.monotonic()
                 line = raw.strip()
                 if not line.startswith(b"data:"):
                     continue
@@ -304,6 +311,9 @@ async def stream_completion(
                     completion_tokens = int(usage.get("completion_tokens", 0))
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
         raise ReplicaFailedError(f"{type(error).__name__}: {error}", reached=False) from error
+    except StreamCutError as error:
+        # The replica hangs for every request, not for this one: not the request's failure.
+        raise ReplicaFailedError(str(error), reached=False) from error
     except (
         aiohttp.ClientError,
         aiohttp.http_exceptions.HttpProcessingError,  # a line over the read buffer
@@ -311,8 +321,12 @@ async def stream_completion(
         ConnectionError,
         ValueError,  # a chunk that is not JSON
     ) as error:
+        if finish is None and opened.cut_reason:
+            raise ReplicaFailedError(opened.cut_reason, reached=False) from error
         if finish is None:
             raise ReplicaFailedError(f"{type(error).__name__}: {error}") from error
+    finally:
+        replica.streams.discard(opened)
     if finish is None:
         raise ReplicaFailedError("the stream ended without a finish reason")
     if completion_tokens and not count:

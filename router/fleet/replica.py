@@ -14,6 +14,11 @@ wrong key, or a replica serving a model of another vocabulary (which would turn 
 ids the sidecar sends into garbage, silently) keeps the replica out with the reason. A
 server whose routes answer anything but 200 with the expected JSON (a missing route, another
 error) is taken at its word, except a 401 or 403 on ``/v1/models``, which keeps it out.
+
+A health check that fails also cuts the replica's streams that have sent nothing for as
+long as the check waited (:meth:`Replica.cut_silent_streams`): a replica that hangs
+(a stopped process, a wedged engine) still accepts connections, and its requests would
+otherwise wait ``request_timeout_s`` before going on elsewhere.
 """
 
 from __future__ import annotations
@@ -23,9 +28,9 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -41,6 +46,48 @@ TOKENIZER_PROBE = "specroute probe: Ünïcödé café, 12345 + 67 = ?\n\tdef f(x
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
+
+T = TypeVar("T")
+
+
+class StreamCutError(Exception):
+    """The replica's health check failed while this stream waited: the message says why."""
+
+
+@dataclass(eq=False)
+class OpenStream:
+    """A completion request to the replica, from when it is sent until its stream is read
+    to the end: when its last byte came, and the response once its headers have."""
+
+    last_byte: float = field(default_factory=time.monotonic)
+    response: aiohttp.ClientResponse | None = None
+    cut_reason: str = ""
+    _cut: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def until_cut(self, call: Awaitable[T]) -> T:
+        """``call``'s result, unless the stream is cut first (:class:`StreamCutError`;
+        ``call`` is cancelled): the wait for the response's headers."""
+        task = asyncio.ensure_future(call)
+        cut = asyncio.ensure_future(self._cut.wait())
+        try:
+            await asyncio.wait((task, cut), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut.cancel()
+            if not task.done():
+                task.cancel()
+                # Its outcome is not wanted; read it so that none is reported as lost.
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if not task.done():
+            raise StreamCutError(self.cut_reason)
+        return task.result()
+
+    def cut(self, reason: str) -> None:
+        """End the stream with an error: the wait for its headers raises
+        :class:`StreamCutError`, a read of its body ``aiohttp.ClientConnectionError``."""
+        self.cut_reason = reason
+        self._cut.set()
+        if self.response is not None:
+            self.response.close()
 
 
 def queue_from_metrics(text: str) -> tuple[float, float]:
@@ -74,6 +121,8 @@ class Replica:
     headers: dict[str, str] = field(default_factory=dict, repr=False)
     # TOKENIZER_PROBE's ids by the sidecar's target tokenizer (empty: not checked).
     probe_ids: tuple[int, ...] = ()
+    # Completion requests sent and not yet read to the end.
+    streams: set[OpenStream] = field(default_factory=set, repr=False)
 
     @classmethod
     def from_spec(
@@ -127,6 +176,17 @@ class Replica:
         self.failures += 1
         self.last_error = reason
 
+    def cut_silent_streams(self, silent_s: float, reason: str) -> int:
+        """Cut the streams that have sent nothing for ``silent_s`` (their requests go on on
+        another replica); how many."""
+        now = time.monotonic()
+        silent = [s for s in self.streams if not s.cut_reason and now - s.last_byte >= silent_s]
+        for stream in silent:
+            stream.cut(
+                f"{reason}, and the stream had sent nothing for {now - stream.last_byte:.1f} s"
+            )
+        return len(silent)
+
     def bring_back(self) -> None:
         if not self.healthy:
             logger.info("replica %s (%s) is serving", self.name, self.drafter)
@@ -178,7 +238,8 @@ async def probe_call(
 
 async def probe(session: aiohttp.ClientSession, replica: Replica, timeout_s: float) -> None:
     """One health check: ``GET /health`` 200 brings the replica back (an out-of-service
-    one once ``served_model_problem`` finds none), anything else takes it out."""
+    one once ``served_model_problem`` finds none), anything else takes it out and cuts
+    its streams that have sent nothing for ``timeout_s`` (the check's own wait)."""
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     try:
         async with probe_call(session, replica, "GET", "/health", timeout) as response:
@@ -192,8 +253,16 @@ async def probe(session: aiohttp.ClientSession, replica: Replica, timeout_s: flo
         problem = str(error)
     if problem is None:
         replica.bring_back()
-    else:
-        replica.take_out(problem)
+        return
+    replica.take_out(problem)
+    cut = replica.cut_silent_streams(timeout_s, f"its health check failed ({problem})")
+    if cut:
+        logger.warning(
+            "replica %s: %d request(s) that had waited %.1f s or more for it go on elsewhere",
+            replica.name,
+            cut,
+            timeout_s,
+        )
 
 
 async def served_model_problem(

@@ -156,6 +156,18 @@ class StandInReplica:
     # mid-request sends), once; /health stays 200, so the fleet brings the replica back.
     fails_once_after: int | None = None
     token_delay_s: float = 0.0  # before each streamed token
+    # The next stream hangs after this many tokens (0: before its headers), as a stopped
+    # process or a wedged engine: nothing answers, /health included, until thaw().
+    hangs_after: int | None = None
+    awake: threading.Event = field(default_factory=threading.Event)
+
+    def hang(self) -> None:
+        self.hangs_after = None
+        self.awake.clear()
+        self.awake.wait()
+
+    def thaw(self) -> None:
+        self.awake.set()
 
     @property
     def url(self) -> str:
@@ -171,6 +183,7 @@ class StandInReplica:
                 pass
 
             def do_GET(self) -> None:
+                replica.awake.wait()
                 time.sleep(replica.stalls.get(self.path, 0.0))
                 if self.path == "/v1/models" and replica.models is not None:
                     if not self._authorized():
@@ -216,6 +229,9 @@ class StandInReplica:
                     return
                 replica.prompts.append([int(t) for t in request["prompt"]])
                 replica.bodies.append(request)
+                if replica.hangs_after == 0:
+                    replica.hang()
+                    return
                 if replica.dead or replica.busy:
                     self.send_response(503 if replica.busy else 500)
                     self.send_header("Content-Type", "application/json")
@@ -236,6 +252,9 @@ class StandInReplica:
                 count = min(int(request["max_tokens"]), len(replica.reply_ids))
                 for index in range(count):
                     time.sleep(replica.token_delay_s)
+                    if index == replica.hangs_after:
+                        replica.hang()
+                        return
                     if index == replica.fails_once_after:
                         replica.fails_once_after = None
                         self._event({"error": {"message": "EngineCore encountered an issue."}})
@@ -261,6 +280,7 @@ class StandInReplica:
             def _event(self, data: dict[str, Any]) -> None:
                 self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
 
+        self.awake.set()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         if self.tls is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -270,6 +290,7 @@ class StandInReplica:
         return self
 
     def stop(self) -> None:
+        self.thaw()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
@@ -945,4 +966,70 @@ def test_every_front_names_the_replica_that_finished_a_request_after_a_failover(
             assert len(flaky.bodies) == 4 and len(plain.bodies) == 5  # each failed over once
     finally:
         flaky.stop()
+        plain.stop()
+
+
+def test_a_request_on_a_replica_that_hangs_goes_on_once_its_health_check_fails(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """A replica that hangs (a stopped process, a wedged engine) still accepts connections:
+    its requests waited request_timeout_s (120 s by default) for a byte before going on
+    elsewhere, though its failed health check took it out within seconds. The failed check
+    now cuts them, whether they wait for the stream's headers or for its next token, and
+    the replica serves again once it answers."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(serving_world.world.target_dir)
+    reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
+    texts = [tokenizer.decode([token]) for token in reply_ids]
+    hangs = StandInReplica(reply_ids, texts).start()
+    plain = StandInReplica(reply_ids, texts).start()
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(  # without the cut, the requests below would wait 600 s
+        "request_timeout_s = 600\nhealth_interval_s = 0.2\nconnect_timeout_s = 0.5\n"
+        f'[[replicas]]\nurl = "{hangs.url}"\nmodel = "target"\nspeculative = "ngram"\nk = 3\n'
+        f'[[replicas]]\nurl = "{plain.url}"\nmodel = "target"\nspeculative = "none"\n'
+    )
+    policy = {
+        "SPECROUTE_POLICY": "fixed",
+        "SPECROUTE_POLICY_CONFIG": '{"drafter": "ngram", "k": 3}',
+    }
+    request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=6)
+    try:
+        with (
+            _serve_fleet(serving_world, tmp_path, fleet_file, policy) as sidecar,
+            grpc.insecure_channel(sidecar.grpc_address) as channel,
+        ):
+            assert sidecar.metrics_url is not None
+            stub = router_pb2_grpc.RouterStub(channel)
+            # The first learnt request measures plain decoding, on the plain replica.
+            list(stub.Generate(request, timeout=60))
+            for hangs_after in (0, 2):
+                deadline = time.monotonic() + 30
+                while not _replica_up(sidecar.metrics_url, hangs, "ngram"):
+                    assert time.monotonic() < deadline, "the replica was never brought back"
+                    time.sleep(0.1)
+                hangs.hangs_after = hangs_after
+                served = len(plain.bodies)
+                chunks = list(stub.Generate(request, timeout=60))
+                first = chunks[0].decision
+                # The decision that finished it: the last chunk's after a switch.
+                last = chunks[-1].decision if chunks[-1].HasField("decision") else first
+                ids = [t.id for c in chunks for t in c.tokens]
+                # Each replica replies from its first token on: the plain one went on with
+                # the rest of the budget, from the tokens the hung one had sent.
+                assert ids == reply_ids[:hangs_after] + reply_ids[: 6 - hangs_after]
+                assert (
+                    plain.prompts[-1][len(plain.prompts[-1]) - hangs_after :]
+                    == (reply_ids[:hangs_after])
+                )
+                assert len(plain.bodies) == served + 1
+                assert (last.replica, last.drafter) == (plain.url, "none")
+                if hangs_after:  # announced when the first token came
+                    assert (first.replica, first.drafter) == (hangs.url, "ngram")
+                hangs.thaw()
+        log = (tmp_path / "sidecar.log").read_text()
+        assert log.count("go on elsewhere") == 2, log
+    finally:
+        hangs.stop()
         plain.stop()

@@ -593,3 +593,43 @@ def test_a_killed_replica_loses_no_request_and_serves_again_once_restarted(
     for _ in range(4):  # least loaded: the idle replicas take turns
         generate(fleet, "ngram", tokens=4)
     assert spare_replica.served > served
+
+
+def test_a_hung_replica_loses_no_request_and_serves_again_once_it_runs(fleet: Fleet) -> None:
+    """A stopped vLLM (SIGSTOP: the kernel still accepts connections, nothing answers) held
+    its requests until request_timeout_s (120 s here); its failed health check now cuts
+    them, and they go on elsewhere within seconds."""
+    expected = reference_ids(fleet, 48)
+    spare = fleet.servers["spare"]
+    spare_replica = fleet.replica(spare.url)
+    deadline = time.monotonic() + 60
+    while not spare_replica.healthy and time.monotonic() < deadline:  # after the test above
+        time.sleep(0.1)
+    results: list[list[int] | BaseException] = []
+
+    def one() -> None:
+        try:
+            results.append(generate(fleet, "ngram", tokens=48)[1])
+        except BaseException as error:
+            results.append(error)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 60
+    while spare_replica.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert spare_replica.in_flight > 0, "no request reached the spare replica"
+    spare.pause()
+    try:
+        for thread in threads:
+            thread.join(100)  # generate()'s deadline, 120 s, is request_timeout_s
+        assert len(results) == 8
+        assert all(result == expected for result in results), results
+        assert not spare_replica.healthy
+    finally:
+        spare.resume()
+    deadline = time.monotonic() + 60
+    while not spare_replica.healthy and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert spare_replica.healthy
