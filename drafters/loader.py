@@ -277,6 +277,50 @@ def safetensors_files(directory: str | Path) -> list[Path]:
     raise ModelLoadError(f"{path} has no *.safetensors weight files")
 
 
+# safetensors' dtype names of floating tensors (loaded in the placement's dtype); any
+# other tensor keeps its stored size.
+FLOATING_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+# safetensors' own bound on the JSON header that opens each file.
+MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def weights_bytes(files: Sequence[Path], dtype: torch.dtype) -> int:
+    """The memory the tensors of ``files`` take once loaded with floating tensors in
+    ``dtype``, read from each file's header (nothing else is read). ``ModelLoadError``
+    for a file whose header is not a safetensors one."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for path in files:
+        for name, tensor in _safetensors_header(path).items():
+            if name == "__metadata__":
+                continue
+            try:
+                start, end = tensor["data_offsets"]
+                count = 1
+                for size in tensor["shape"]:
+                    count *= int(size)
+                floating = tensor["dtype"] in FLOATING_DTYPES
+                total += count * itemsize if floating else int(end) - int(start)
+            except (KeyError, TypeError, ValueError) as error:
+                message = f"{path}: tensor {name!r} is described wrongly: {error}"
+                raise ModelLoadError(message) from None
+    return total
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            if not 0 < length <= MAX_SAFETENSORS_HEADER:
+                raise ValueError(f"a header of {length} bytes")
+            header = json.loads(file.read(length))
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{path} is not a safetensors file: {error}") from None
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path} is not a safetensors file: its header is not a table")
+    return header
+
+
 def _indexed_shards(directory: Path, index: Path) -> list[Path]:
     """The shards a sharded checkpoint's index names, each a file of ``directory`` itself:
     transformers joins the index's names onto the directory, so an absolute or ``../`` name

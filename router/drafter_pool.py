@@ -25,6 +25,7 @@ from classifiers.chat import render_chat
 from router.domain import DrafterSpec
 from router.errors import (
     AlreadyExistsError,
+    CapacityError,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
@@ -32,6 +33,7 @@ from router.errors import (
     SidecarError,
 )
 from router.policy.base import NONE_DRAFTER
+from router.settings import Limits
 from router.store import DrafterRecord, SidecarStore
 
 if TYPE_CHECKING:
@@ -72,11 +74,13 @@ class DrafterPool:
         engine: SpeculativeEngine | None,
         store: SidecarStore,
         roots: Sequence[Path],
+        limits: Limits | None = None,
     ) -> None:
         self._target = target
         self._engine = engine
         self._store = store
         self._roots = list(roots)
+        self._limits = limits or Limits()
         self._write_lock = threading.Lock()
         self._live: dict[str, LiveDrafter] = {}
         self._serials = itertools.count(1)
@@ -183,9 +187,12 @@ class DrafterPool:
         """Validate, load, probe, persist, then publish ``spec`` (blocking: call in a thread)."""
         with self._write_lock:
             self._check_name(spec.name)
+            self._check_room_for_one_more()
             kind = self._check_kind(spec.kind)
             self._check_options(kind, spec.options)
             path = self._check_path(spec.path) if _loads_weights(kind) else None
+            if path is not None:
+                self._check_memory(spec.name, path)
             drafter = self._create(kind, spec.name, path, spec.options)
             self._probe(spec.name, drafter)
             record = DrafterRecord(
@@ -239,8 +246,42 @@ class DrafterPool:
         kind = self._check_kind(record.kind)
         self._check_options(kind, record.options)
         if _loads_weights(kind):
-            self._check_path(record.path)
+            path = self._check_path(record.path)
             self._check_same_weights(record)
+            self._check_memory(record.name, path)
+
+    def _check_room_for_one_more(self) -> None:
+        registered = len(self._store.drafters())
+        bound = self._limits.max_registered_drafters
+        if registered >= bound:
+            raise CapacityError(
+                f"{registered} drafters are registered, limits.max_registered_drafters is "
+                f"{bound}: remove one first (every Route prices each drafter's arms)"
+            )
+
+    def _check_memory(self, name: str, path: Path) -> None:
+        """CapacityError when the drafter's weights at the target's precision, and
+        ``limits.drafter_memory_headroom_mib`` beside them, do not fit in the memory left
+        (``router.resources``): loading them would get the sidecar killed for memory (the
+        kernel's OOM killer, a container's limit) or fail on the device."""
+        from drafters.loader import ModelLoadError, safetensors_files, weights_bytes
+        from router.resources import GIB, memory_room
+
+        try:
+            needed = weights_bytes(safetensors_files(path), self._target.dtype)
+        except ModelLoadError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        room = memory_room(self._target.device)
+        headroom = self._limits.drafter_memory_headroom_mib
+        if room is None or needed + (headroom << 20) <= room.free_bytes:
+            return
+        dtype = str(self._target.dtype).removeprefix("torch.")
+        raise CapacityError(
+            f"drafter {name!r} needs {needed / GIB:.2f} GiB for its weights ({dtype}) and "
+            f"{headroom} MiB beside them (limits.drafter_memory_headroom_mib), but "
+            f"{room.free_bytes / GIB:.2f} GiB is free under {room.bound}: remove a drafter "
+            "or give the sidecar more memory"
+        )
 
     def _check_same_weights(self, record: DrafterRecord) -> None:
         """FAILED_PRECONDITION when a stored model drafter's weight files are no longer

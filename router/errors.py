@@ -73,6 +73,12 @@ class StorageFullError(SidecarError):
     nothing it would have changed was changed."""
 
 
+class CapacityError(SidecarError):
+    """The sidecar has no room for what the call would add (a drafter past
+    ``limits.max_registered_drafters``, or weights that do not fit in the memory left):
+    nothing was changed."""
+
+
 class StorageFailedError(PreconditionError):
     """The state store cannot be written (a disk remounted read-only after I/O errors,
     permissions changed under it): what the call would have saved was not saved, and an
@@ -138,6 +144,7 @@ ERROR_STATUSES: dict[type[SidecarError], ErrorStatus] = {
     PermissionDeniedError: ErrorStatus(grpc.StatusCode.PERMISSION_DENIED, 403, "forbidden"),
     OverloadedError: ErrorStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "overloaded"),
     StorageFullError: ErrorStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, 507, "storage_full"),
+    CapacityError: ErrorStatus(grpc.StatusCode.RESOURCE_EXHAUSTED, 507, "capacity"),
     UnauthenticatedError: ErrorStatus(grpc.StatusCode.UNAUTHENTICATED, 401, "unauthenticated"),
     GenerationFailedError: ErrorStatus(grpc.StatusCode.INTERNAL, 424, "generation"),
     UnavailableError: ErrorStatus(grpc.StatusCode.UNAVAILABLE, 503, "unavailable"),

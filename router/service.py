@@ -402,7 +402,9 @@ class RouterService:
         self.stopping = False  # set when the sidecar begins to stop (HTTP /health: 503)
         # Automatic distillation's output directory is a model root while it is on.
         self.model_roots = (*components.model_roots, *extra_model_roots(settings))
-        self.drafters = DrafterPool(components.target, components.engine, store, self.model_roots)
+        self.drafters = DrafterPool(
+            components.target, components.engine, store, self.model_roots, settings.limits
+        )
         self.policy = PolicyHolder(
             store,
             self.drafters.eligible,

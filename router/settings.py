@@ -99,6 +99,14 @@ class Limits(BaseModel):
     # 2 ms measured +0.2 of echo at concurrency 64 and -0.2 ms p50 at concurrency 1
     # (router.route_process); it costs up to this much CPU per lone call.
     prompt_reader_spin_ms: float = Field(default=0.0, ge=0.0, le=100.0)
+    # Drafters registered through the admin API (built-in ones not counted); one more is
+    # RESOURCE_EXHAUSTED. Every Route prices each drafter's arms.
+    max_registered_drafters: int = Field(default=64, ge=0)
+    # A model drafter is loaded only if its weights (at the target's precision) and this
+    # much beside them fit in the memory left: the host's available memory, each memory
+    # cgroup's limit less its use, or a CUDA device's free memory. Else its registration
+    # is RESOURCE_EXHAUSTED, and a stored one is not served at start (kept).
+    drafter_memory_headroom_mib: int = Field(default=512, ge=0)
 
 
 class LossGuardSettings(BaseModel):

@@ -11,11 +11,13 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from drafters.loader import (
+    DevicePlacement,
     ModelLoadError,
     PathOutsideRootsError,
     load_model,
     resolve_under_roots,
     safetensors_files,
+    weights_bytes,
 )
 
 # Qwen2.5-0.5B-Instruct's config fields, shrunk in size only.
@@ -288,3 +290,23 @@ def test_all_finite_tells_overflowing_sums_from_nan_and_infinity() -> None:
         broken[5] = bad
         assert not all_finite(broken)
     assert all_finite(torch.zeros(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_memory_weights_take_is_read_from_their_headers(
+    tmp_path: Path, dtype: torch.dtype, tied: bool
+) -> None:
+    """What a drafter's registration checks against the memory left: the loaded tensors'
+    bytes at the placement's precision, tied embeddings once."""
+    torch.manual_seed(0)
+    config = Qwen2Config(**{**QWEN25_FIELDS, "tie_word_embeddings": tied})
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "m", safe_serialization=True)
+    _tiny_tokenizer().save_pretrained(tmp_path / "m")
+    files = safetensors_files(tmp_path / "m")
+    loaded = load_model(tmp_path / "m", placement=DevicePlacement(torch.device("cpu"), dtype))
+    tensors = {t.data_ptr(): t for t in loaded.model.state_dict().values()}.values()
+    assert weights_bytes(files, dtype) == sum(t.numel() * t.element_size() for t in tensors)
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ModelLoadError, match="is not a safetensors file"):
+        weights_bytes(files, dtype)

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from classifiers.chat import IM_END, render_chat
 from router.pb import router_pb2 as pb
+from router.service import Components
 from tests.router.conftest import (
     ADMIN,
     COMPLETION_PROMPT,
@@ -1495,3 +1496,58 @@ def test_admin_changes_waiting_their_turn_leave_scrapes_and_snapshots_served(
     assert [call.result().name for call in calls] == names
     for name in names:
         sidecar.stub.RemoveDrafter(pb.RemoveDrafterRequest(name=name), metadata=ADMIN)
+
+
+def test_drafters_that_do_not_fit_are_refused_and_the_sidecar_serves_on(
+    serving_world: ServingWorld, components: Components, tmp_path: Path
+) -> None:
+    """Registered drafters had no bound: one whose weights did not fit in the memory left
+    got the sidecar killed for memory (the kernel's OOM killer, a container's limit) with
+    every generation in flight, and again at each start that restored it; and each one
+    more made every Route price more arms. Now RESOURCE_EXHAUSTED, nothing changed, and a
+    stored drafter that no longer fits is kept but not served."""
+    from router.settings import Limits
+
+    def sidecar(**limits: int) -> SidecarThread:
+        bounded = Limits(**{**serving_world.settings(tmp_path).limits.model_dump(), **limits})
+        return SidecarThread(serving_world.settings(tmp_path / "state", limits=bounded), components)
+
+    def register(running: SidecarThread, name: str) -> Any:
+        path = str(serving_world.spare_dir)
+        request = pb.RegisterDrafterRequest(name=name, kind="model", path=path, tasks=["code"])
+        return running.stub.RegisterDrafter(request, metadata=ADMIN, timeout=120)
+
+    def names(running: SidecarThread) -> tuple[set[str], dict[str, str]]:
+        listed = running.stub.ListDrafters(pb.ListDraftersRequest())
+        return {d.name for d in listed.drafters}, {d.name: d.error for d in listed.unavailable}
+
+    bounded = sidecar(max_registered_drafters=1)
+    try:
+        assert register(bounded, "first").name == "first"
+        served = names(bounded)
+        with pytest.raises(grpc.RpcError) as full:
+            register(bounded, "second")
+        assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "1 drafters are registered, limits.max_registered_drafters is 1" in (
+            full.value.details() or ""
+        )
+        assert names(bounded) == served
+        assert bounded.stub.Route(pb.RouteRequest(text="Hello"), timeout=30).drafter
+    finally:
+        bounded.stop()
+    # More headroom than this machine has memory: nothing fits.
+    starved = sidecar(drafter_memory_headroom_mib=1 << 40)
+    try:
+        served, unserved = names(starved)
+        assert "first" not in served and "first" in unserved
+        assert "needs" in unserved["first"] and "GiB is free under" in unserved["first"]
+        with pytest.raises(grpc.RpcError) as no_room:
+            register(starved, "second")
+        assert no_room.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        message = no_room.value.details() or ""
+        assert "drafter 'second' needs" in message and "GiB for its weights" in message
+        assert "limits.drafter_memory_headroom_mib" in message, message
+        assert names(starved) == (served, unserved)
+        assert starved.stub.Route(pb.RouteRequest(text="Hello"), timeout=30).drafter
+    finally:
+        starved.stop()
