@@ -105,7 +105,28 @@ async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
 
 def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
     size = settings.limits.max_request_bytes
-    return [("grpc.max_receive_message_length", size), ("grpc.so_reuseport", 0)]
+    kept = settings.grpc
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", _ms(kept.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(kept.keepalive_timeout_s)),
+        # Accept (and send) keepalive pings on connections without a call too.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(kept.min_client_ping_interval_s)),
+        # The server's own pings do not stop after two without data: a dead peer of an
+        # idle connection is noticed too.
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    if kept.max_connection_age_s is not None:
+        options.append(("grpc.max_connection_age_ms", _ms(kept.max_connection_age_s)))
+    if kept.max_connection_age_grace_s is not None:
+        options.append(("grpc.max_connection_age_grace_ms", _ms(kept.max_connection_age_grace_s)))
+    return options
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 def _bind(server: aio.Server, settings: Settings, certificate: ServerCertificate | None) -> int:

@@ -64,6 +64,8 @@ OTHER_ENV_NAMES = frozenset(
 
 #: The largest value gRPC's channel options take (a C int).
 MAX_C_INT = 2**31 - 1
+# gRPC takes times as C ints of milliseconds: at most about 24 days.
+MAX_OPTION_S = MAX_C_INT // 1000
 
 
 class Limits(BaseModel):
@@ -143,6 +145,29 @@ class PredictionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     draft_length: int = Field(default=16, ge=1, le=MAX_DRAFT_LENGTH)
+
+
+class GrpcSettings(BaseModel):
+    """How the gRPC port keeps its connections (HTTP/2 keepalive pings, connection age)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The server pings a connection after this long without a frame, and closes it when
+    # no answer comes within keepalive_timeout_s: a client host gone without closing
+    # (power lost, a partition) is noticed, and its calls are cancelled.
+    keepalive_time_s: float = Field(default=60.0, gt=0, le=MAX_OPTION_S)
+    keepalive_timeout_s: float = Field(default=20.0, gt=0, le=MAX_OPTION_S)
+    # Clients' keepalive pings are accepted this often, with calls in flight or none.
+    # gRPC's own default accepts one per 5 minutes, and none on a connection without a
+    # call: a client that pings more often (a grpc-go client with keepalive set, a proxy)
+    # gets GOAWAY "too_many_pings", and the calls it has in flight fail.
+    min_client_ping_interval_s: float = Field(default=5.0, gt=0, le=MAX_OPTION_S)
+    # A connection older than this is sent GOAWAY (its calls finish, within
+    # max_connection_age_grace_s), and its client connects again: behind a TCP load
+    # balancer (a Kubernetes Service) clients then spread over replicas added since.
+    # None: never.
+    max_connection_age_s: float | None = Field(default=None, gt=0, le=MAX_OPTION_S)
+    max_connection_age_grace_s: float | None = Field(default=None, gt=0, le=MAX_OPTION_S)
 
 
 class TlsSettings(BaseModel):
@@ -244,6 +269,7 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
     data_token: SecretStr | None = None  # when set, Route/Report/Generate need it too
     tls: TlsSettings = Field(default_factory=lambda: TlsSettings())
+    grpc: GrpcSettings = Field(default_factory=lambda: GrpcSettings())
     capture: CaptureSettings = Field(default_factory=lambda: CaptureSettings())
     auto_distill: AutoDistillSettings = Field(default_factory=lambda: AutoDistillSettings())
     limits: Limits = Field(default_factory=lambda: Limits())

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from classifiers.chat import IM_END, render_chat
 from router.pb import router_pb2 as pb
+from router.pb import router_pb2_grpc
 from router.service import Components
 from tests.router.conftest import (
     ADMIN,
@@ -1551,3 +1552,64 @@ def test_drafters_that_do_not_fit_are_refused_and_the_sidecar_serves_on(
         assert starved.stub.Route(pb.RouteRequest(text="Hello"), timeout=30).drafter
     finally:
         starved.stop()
+
+
+def test_clients_keepalive_pings_are_accepted_on_idle_connections(
+    serving_world: ServingWorld, components: Components, tmp_path: Path
+) -> None:
+    """gRPC's default server took keepalive pings no more often than every 5 minutes, and
+    none on a connection without a call: a client that pings (a grpc-go client with
+    keepalive set, a proxy) was sent GOAWAY "too_many_pings" after three, its connection
+    closed with any call in flight. Now one every grpc.min_client_ping_interval_s (5 s by
+    default; 1 s here, for a short test)."""
+    from router.settings import GrpcSettings
+
+    settings = serving_world.settings(
+        tmp_path / "state", grpc=GrpcSettings(min_client_ping_interval_s=0.5)
+    )
+    running = SidecarThread(settings, components)
+    pinging = [
+        ("grpc.keepalive_time_ms", 1000),
+        ("grpc.keepalive_timeout_ms", 5000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    states: list[grpc.ChannelConnectivity] = []
+    try:
+        with grpc.insecure_channel(running.running.address, options=pinging) as channel:
+            channel.subscribe(states.append, try_to_connect=True)
+            stub = router_pb2_grpc.RouterStub(channel)
+            assert stub.Route(pb.RouteRequest(text="Hello"), timeout=30).drafter
+            time.sleep(8)  # about 8 pings without a call
+            assert stub.Route(pb.RouteRequest(text="Hello"), timeout=30).drafter
+            ready = states.index(grpc.ChannelConnectivity.READY)
+            assert set(states[ready:]) == {grpc.ChannelConnectivity.READY}, states
+            channel.unsubscribe(states.append)
+    finally:
+        running.stop()
+
+
+def test_connections_past_their_age_are_closed_and_clients_connect_again(
+    serving_world: ServingWorld, components: Components, tmp_path: Path
+) -> None:
+    """grpc.max_connection_age_s: behind a TCP load balancer a client's one connection
+    kept it on one replica for good; past the age it is sent GOAWAY and connects again,
+    and its calls go on."""
+    from router.settings import GrpcSettings
+
+    aged = GrpcSettings(max_connection_age_s=1.0, max_connection_age_grace_s=30.0)
+    running = SidecarThread(serving_world.settings(tmp_path / "state", grpc=aged), components)
+    states: list[grpc.ChannelConnectivity] = []
+    try:
+        with grpc.insecure_channel(running.running.address) as channel:
+            channel.subscribe(states.append, try_to_connect=True)
+            stub = router_pb2_grpc.RouterStub(channel)
+            request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=8)
+            assert list(stub.Generate(request, timeout=60))[-1].HasField("stats")
+            time.sleep(3)
+            assert stub.Route(pb.RouteRequest(text="Hello"), timeout=30).drafter
+            ready = [i for i, state in enumerate(states) if state == grpc.ChannelConnectivity.READY]
+            assert len(ready) >= 2, states  # connected again
+            channel.unsubscribe(states.append)
+    finally:
+        running.stop()
