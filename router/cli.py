@@ -12,8 +12,11 @@ import logging
 import os
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import Annotated
 
 import typer
+
+from router.logs import LOG_FORMAT_ENV, LogFormat, configure_logging
 
 # Nothing may reach a model hub at run time; set before anything imports huggingface_hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,11 +53,16 @@ def build_app() -> typer.Typer:
     @app.callback()
     def _configure(
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+        log_format: Annotated[
+            LogFormat,
+            typer.Option(
+                "--log-format",
+                envvar=LOG_FORMAT_ENV,
+                help="text, or json: one JSON object a line, for a log collector.",
+            ),
+        ] = "text",
     ) -> None:
-        logging.basicConfig(
-            level=logging.DEBUG if verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        configure_logging(logging.DEBUG if verbose else logging.INFO, log_format)
 
     from router import serve_cli
 

@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from classifiers.api import ClassifierLoadError
+from router.logs import configure_child_logging
 from router.prompt_reader import InProcessReader, PromptsRead
 
 if TYPE_CHECKING:
@@ -538,7 +539,7 @@ def _main() -> None:
     # traceback and the sidecar, still stopping, logged it lost and restarted it. The
     # child ends when the sidecar closes its input.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING)
+    configure_child_logging(logging.WARNING)
     replies = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # stray writes to stdout (C libraries included) go to stderr, not the pipe
     sys.stdout = sys.stderr

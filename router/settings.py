@@ -58,6 +58,7 @@ OTHER_ENV_NAMES = frozenset(
         "CA_FILE",
         "TLS_SERVER_NAME",
         "VLLM_PYTHON",
+        "LOG_FORMAT",  # router.logs: every command's, read by typer
     )
 )
 

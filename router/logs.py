@@ -1,0 +1,42 @@
+"""The log lines of every ``specroute`` command and of the sidecar's child processes:
+text (the default), or one JSON object a line (``specroute --log-format json ...``, or
+``SPECROUTE_LOG_FORMAT=json``) for a log collector (Loki, Elasticsearch, Cloud Logging),
+with ``time`` (ISO 8601, UTC), ``level``, ``logger`` and ``message`` fields, and a
+traceback inside its record's ``exc_info`` rather than over many lines."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal
+
+#: Read by the sidecar's child processes, which inherit it from the command.
+LOG_FORMAT_ENV = "SPECROUTE_LOG_FORMAT"
+LogFormat = Literal["text", "json"]
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+JSON_FIELDS = "%(levelname)s %(name)s %(message)s"
+JSON_NAMES = {"levelname": "level", "name": "logger"}
+
+
+def configure_logging(level: int, log_format: LogFormat) -> None:
+    """Log to stderr at ``level`` in ``log_format``; child processes started from here on
+    log in the same format."""
+    os.environ[LOG_FORMAT_ENV] = log_format
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter(log_format))
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def configure_child_logging(level: int) -> None:
+    """A child process's logging, in the format its parent command logs in."""
+    chosen = os.environ.get(LOG_FORMAT_ENV, "text")
+    configure_logging(level, "json" if chosen == "json" else "text")
+
+
+def formatter(log_format: LogFormat) -> logging.Formatter:
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        # "time": ISO 8601 in UTC, to the microsecond.
+        return JsonFormatter(JSON_FIELDS, rename_fields=JSON_NAMES, timestamp="time")
+    return logging.Formatter(TEXT_FORMAT)

@@ -1,0 +1,62 @@
+"""``--log-format json`` / ``SPECROUTE_LOG_FORMAT=json``: one JSON object a line, from
+the sidecar and its child processes (router/logs.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import grpc
+
+from router.launch import launch_sidecar
+from router.logs import formatter
+from router.pb import router_pb2 as pb
+from router.pb import router_pb2_grpc
+from router.settings import unknown_env_lines
+from tests.router.conftest import ServingWorld
+
+FIELDS = {"time", "level", "logger", "message"}
+
+
+def test_a_traceback_is_one_json_line() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed %s", ("here",), None)
+        record.exc_info = sys.exc_info()
+    line = formatter("json").format(record)
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert set(parsed) >= FIELDS and parsed["message"] == "failed here"
+    assert parsed["level"] == "ERROR" and "ValueError: boom" in parsed["exc_info"]
+    assert parsed["time"].endswith("+00:00")  # ISO 8601, UTC
+
+
+def test_a_sidecar_started_with_json_logs_writes_only_json_lines(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """Every line it logs, from the start on, is a JSON object; the variable is not taken
+    for a misspelt setting."""
+    environment = {"SPECROUTE_LOG_FORMAT": "json"}
+    assert unknown_env_lines(environment) == []
+    log = tmp_path / "sidecar.log"
+    with (
+        launch_sidecar(
+            config_file=serving_world.toml(tmp_path / "sidecar.toml"),
+            state_dir=tmp_path / "state",
+            env=environment,
+            log_path=log,
+        ) as sidecar,
+        grpc.insecure_channel(sidecar.grpc_address) as channel,
+    ):
+        stub = router_pb2_grpc.RouterStub(channel)
+        assert stub.Route(pb.RouteRequest(text="Hello"), timeout=30).drafter
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    # The one line for scripts on stdout (the ports), as with text logs.
+    lines = [line for line in lines if not line.startswith("specroute serving {")]
+    records = [json.loads(line) for line in lines]
+    assert records and all(set(record) >= FIELDS for record in records), lines
+    loggers = {record["logger"] for record in records}
+    assert {"router.server", "router.route_process"} <= loggers, loggers
