@@ -263,6 +263,12 @@ class PolicyHolder:
                 return False
             return learn(self._policy)
 
+    def change_log(self, change: Callable[[], None]) -> None:
+        """``change()`` under the lock: the attached log's cursor, which every snapshot
+        saves, changes only under it."""
+        with self._lock:
+            change()
+
     def add_drafter(self, name: str, similarity: Mapping[str, float] | None) -> None:
         """A drafter registered at run time joins the policy with its kind's hints, as
         it would at a restart (which loads it with the others)."""

@@ -122,6 +122,11 @@ class OutcomePool:
         # Highest seq applied per writer (this replica's own included): the cursor saved
         # with every policy snapshot. Changed only under the holder's lock.
         self._applied: dict[str, int] = {}
+        # The writers of the entries read until the start's catch-up ends (then None): a
+        # writer of none of them has no entry left in the stream, and ``catch_up`` drops
+        # it from ``_applied`` (each process start is a writer of its own: kept, the
+        # cursor grew by one writer per restart of any replica, for good).
+        self._writers_read: set[str] | None = set()
         # Admitted entries whose drafter the policy does not know yet (``_apply_or_wait``).
         self._waiting: collections.deque[SharedOutcome] = collections.deque()
         self.applied = 0
@@ -250,6 +255,8 @@ class OutcomePool:
             except EntryRejected as rejected:
                 self.reject(entry_id, rejected.reason, str(rejected))
                 continue
+            if self._writers_read is not None:
+                self._writers_read.add(shared.origin.replica)
             if shared.origin.replica == self.identity:
                 continue  # learned here first
             try:
@@ -356,7 +363,24 @@ class OutcomePool:
         await asyncio.to_thread(self.handle, entries)
 
     async def catch_up(self) -> int:
-        return await self._reader.catch_up(self._handle_off_loop)
+        """Read and apply every retained entry, then forget the writers none of them
+        came from (their entries are gone from the stream: none can be read again)."""
+        read = await self._reader.catch_up(self._handle_off_loop)
+        self._holder.change_log(self._forget_writers_gone)
+        return read
+
+    def _forget_writers_gone(self) -> None:
+        """Keep in ``_applied`` only this replica and the writers read since the start
+        (under the holder's lock)."""
+        if self._writers_read is None:
+            return
+        kept = self._writers_read | {self.identity}
+        gone = [writer for writer in self._applied if writer not in kept]
+        for writer in gone:
+            del self._applied[writer]
+        self._writers_read = None
+        if gone:
+            logger.info("pooling: forgot %d writers with no entry left in the stream", len(gone))
 
     async def run_reader(self) -> None:
         await self._reader.run(self._handle_off_loop)

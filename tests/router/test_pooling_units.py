@@ -179,12 +179,13 @@ class Harness:
         loading: set[str] | None = None,
         drafters: tuple[str, ...] = ("generic", "math"),
         registrations: dict[str, str] | None = None,
+        redis_url: str = "redis://127.0.0.1:1/0",  # nothing listens
     ) -> None:
         self.store = SidecarStore(state_dir)
         self.holder = PolicyHolder(self.store, lambda: list(drafters), lambda name: None)
         self.holder.start("thompson")
         self.metrics = create_metrics()
-        link = RedisLink(PoolingSettings(redis_url="redis://127.0.0.1:1/0"), self.metrics)
+        link = RedisLink(PoolingSettings(redis_url=redis_url), self.metrics)
         self.writer = StreamWriter(link, SIGNER, "s", 100, 8)
         self.loading = loading if loading is not None else set()
         self.pool = OutcomePool(
@@ -238,6 +239,42 @@ def test_outcomes_are_logged_applied_once_and_resumed_from_the_snapshot(tmp_path
     restarted.pool.handle([entry, ("3-0", SIGNER.fields(shared("b-1", 2)))])
     assert restarted.pool.applied == 1  # b-1 seq 1 is in the snapshot already
     assert restarted.holder.version == version + 1
+
+
+def test_writers_with_no_entry_left_in_the_stream_leave_the_saved_cursor(tmp_path: Path) -> None:
+    """Every process start is a writer of its own, and the cursor every snapshot saves
+    kept the highest seq of each writer ever read: one more per restart of any replica,
+    for good. The start's catch-up now forgets those none of whose entries is retained
+    (none can be read again); the others still deduplicate."""
+    import redis
+
+    from benchmarks.replicas.redis_server import RedisServer, redis_binary
+
+    if redis_binary() is None:
+        pytest.skip("redis-server is not installed (make install installs it as root)")
+    first = Harness(tmp_path / "state", "a-1")
+    old = [("1-0", SIGNER.fields(shared("gone-1", 5))), ("2-0", SIGNER.fields(shared("b-1", 1)))]
+    first.pool.handle(old)
+    first.holder.snapshot()
+    first.store.close()
+    with RedisServer(tmp_path / "redis") as server:
+        client = redis.Redis.from_url(server.url)
+        # What the stream still holds: b-1's first entry (applied already) and later ones.
+        for writer, seq in (("b-1", 1), ("b-1", 2), ("c-1", 1)):
+            client.xadd("s", SIGNER.fields(shared(writer, seq)))
+        restarted = Harness(tmp_path / "state", "a-2", redis_url=server.url)
+        assert set(restarted.pool.cursor()["applied"]) == {"gone-1", "b-1"}
+        assert asyncio.run(restarted.pool.catch_up()) == 3
+        assert restarted.pool.applied == 2  # b-1's first entry was in the snapshot
+        assert restarted.pool.cursor()["applied"] == {"b-1": 2, "c-1": 1}
+        restarted.holder.snapshot()
+        snapshot = restarted.store.latest_policy("thompson")
+        assert snapshot is not None
+        assert snapshot.state[LOG_CURSOR_KEY]["applied"] == {"b-1": 2, "c-1": 1}
+        # Entries read from then on are deduplicated as before, and recorded writers stay.
+        restarted.pool.handle([("9-0", SIGNER.fields(shared("d-1", 1)))])
+        assert restarted.pool.cursor()["applied"] == {"b-1": 2, "c-1": 1, "d-1": 1}
+        restarted.store.close()
 
 
 def test_outcomes_of_a_drafter_not_served_yet_wait_for_its_registration(
