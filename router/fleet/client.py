@@ -243,8 +243,8 @@ async def stream_completion(
     """Yield the replica's deltas, then one :class:`StreamEnd`. Raises
     :class:`ReplicaFailedError` (connection, timeout: no byte for ``replica.timeout_s``,
     cut by a failed health check (:meth:`Replica.cut_silent_streams`), 5xx but 503, 401
-    and 403 (the sidecar's API key, not the request), a stream without its end, an
-    ``abort`` finish), :class:`ReplicaBusyError` (503, 429) or
+    and 403 (the sidecar's API key, not the request), 404 (the model is not served there),
+    a stream without its end, an ``abort`` finish), :class:`ReplicaBusyError` (503, 429) or
     :class:`ReplicaRefusedError` (other 4xx, also as an error event before any token).
     A stream that breaks once its finish reason has arrived ends normally (without the
     usage chunk's metrics). ``request_id`` goes as ``X-Request-Id``, which vLLM takes as
@@ -272,6 +272,12 @@ async def stream_completion(
                     )
                 if response.status in (429, 503):
                     raise ReplicaBusyError(f"HTTP {response.status}: {message}")
+                if response.status == 404:  # vLLM: "The model `x` does not exist."
+                    raise ReplicaFailedError(
+                        f"HTTP 404: {message}: the replica no longer serves the fleet "
+                        f"file's model {body.get('model')!r} (redeployed with another?)",
+                        reached=False,  # the replica's configuration, not the request
+                    )
                 if 400 <= response.status < 500:
                     raise ReplicaRefusedError(response.status, message)
                 raise ReplicaFailedError(f"HTTP {response.status}: {message}")

@@ -229,6 +229,14 @@ class StandInReplica:
                     return
                 replica.prompts.append([int(t) for t in request["prompt"]])
                 replica.bodies.append(request)
+                if replica.models is not None and request.get("model") not in replica.models:
+                    self.send_response(404)  # as vLLM answers
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    missing = f"The model `{request.get('model')}` does not exist."
+                    error = {"message": missing, "type": "NotFoundError", "code": 404}
+                    self.wfile.write(json.dumps({"error": error}).encode())
+                    return
                 if replica.hangs_after == 0:
                     replica.hang()
                     return
@@ -1032,4 +1040,57 @@ def test_a_request_on_a_replica_that_hangs_goes_on_once_its_health_check_fails(
         assert log.count("go on elsewhere") == 2, log
     finally:
         hangs.stop()
+        plain.stop()
+
+
+def test_a_replica_redeployed_with_another_model_is_taken_out_not_the_requests_fault(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """A replica checks out when it is brought back; one redeployed at its URL with another
+    model between two health checks (a rolling update) answered every request 404 "The
+    model ... does not exist", which the sidecar passed on as the request's own
+    INVALID_ARGUMENT while the replica stayed in service. Now it is taken out, the request
+    goes on elsewhere, and it stays out, with the reason, until it serves the model."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(serving_world.world.target_dir)
+    reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
+    texts = [tokenizer.decode([token]) for token in reply_ids]
+    moved = StandInReplica(reply_ids, texts, models=["target"]).start()
+    plain = StandInReplica(reply_ids, texts, models=["target"]).start()
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(
+        "health_interval_s = 0.2\n"
+        f'[[replicas]]\nurl = "{moved.url}"\nmodel = "target"\nspeculative = "ngram"\nk = 3\n'
+        f'[[replicas]]\nurl = "{plain.url}"\nmodel = "target"\nspeculative = "none"\n'
+    )
+    policy = {
+        "SPECROUTE_POLICY": "fixed",
+        "SPECROUTE_POLICY_CONFIG": '{"drafter": "ngram", "k": 3}',
+    }
+    request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=6)
+    try:
+        with (
+            _serve_fleet(serving_world, tmp_path, fleet_file, policy) as sidecar,
+            grpc.insecure_channel(sidecar.grpc_address) as channel,
+        ):
+            assert sidecar.metrics_url is not None
+            stub = router_pb2_grpc.RouterStub(channel)
+            list(stub.Generate(request, timeout=60))  # plain decoding measured first
+            moved.models = ["another-model"]
+            chunks = list(stub.Generate(request, timeout=60))
+            assert [t.id for c in chunks for t in c.tokens] == reply_ids[:6]
+            assert chunks[0].decision.replica == plain.url
+            assert moved.bodies[-1]["model"] == "target"  # it was asked, and refused
+            time.sleep(1.0)  # several health checks: /health answers 200 all along
+            assert not _replica_up(sidecar.metrics_url, moved, "ngram")
+            log = (tmp_path / "sidecar.log").read_text()
+            assert "no longer serves the fleet file's model 'target'" in log, log
+            moved.models = ["target"]
+            deadline = time.monotonic() + 30
+            while not _replica_up(sidecar.metrics_url, moved, "ngram"):
+                assert time.monotonic() < deadline, "the replica was never brought back"
+                time.sleep(0.1)
+    finally:
+        moved.stop()
         plain.stop()
