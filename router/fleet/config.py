@@ -138,6 +138,9 @@ class FleetSpec(BaseModel):
     # vLLM's queue (vllm:num_requests_running / _waiting on /metrics) is read this often.
     metrics_interval_s: float = Field(default=1.0, gt=0)
     connect_timeout_s: float = Field(default=2.0, gt=0)
+    # A serving replica's model and tokenizer are checked again this often, as before it
+    # is brought back: one redeployed at its URL with another checkpoint is taken out.
+    verify_interval_s: float = Field(default=60.0, gt=0)
     # A replica silent this long (no byte of its stream) has failed; per replica: timeout_s.
     request_timeout_s: float = Field(default=120.0, gt=0)
     # Requests in flight per replica (per replica: max_in_flight); a replica at its bound is

@@ -315,6 +315,22 @@ async def tokenizer_problem(
     )
 
 
+async def verify(session: aiohttp.ClientSession, replica: Replica, timeout_s: float) -> None:
+    """Check a serving replica's model and tokenizer again (``served_model_problem``): one
+    redeployed at its URL with another checkpoint between two health checks (a rolling
+    update) answers ``/health`` all along, and would be sent token ids it reads as other
+    text. A call that gets no answer is left to the health check."""
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    try:
+        problem = await served_model_problem(session, replica, timeout)
+    except ProbeCallFailed as error:
+        logger.debug("replica %s: not verified: %s", replica.name, error)
+        return
+    if problem is not None and replica.healthy:
+        logger.error("replica %s cannot serve: %s", replica.name, problem)
+        replica.take_out(problem)
+
+
 async def read_queue(session: aiohttp.ClientSession, replica: Replica, timeout_s: float) -> None:
     """vLLM's running and waiting counts from the replica's /metrics (kept on failure:
     health decides whether the replica serves)."""
@@ -329,13 +345,17 @@ async def read_queue(session: aiohttp.ClientSession, replica: Replica, timeout_s
 
 async def watch(session: aiohttp.ClientSession, replica: Replica, fleet: FleetSpec) -> None:
     """Forever: probe health every ``health_interval_s``, read the queue of a healthy
-    replica every ``metrics_interval_s``."""
+    replica every ``metrics_interval_s`` and verify it every ``verify_interval_s``."""
     next_probe = 0.0
+    next_verify = time.monotonic() + fleet.verify_interval_s  # verified when brought in
     while True:
         now = time.monotonic()
         if now >= next_probe:
             await probe(session, replica, fleet.connect_timeout_s + 1.0)
             next_probe = time.monotonic() + fleet.health_interval_s
+        if replica.healthy and now >= next_verify:
+            await verify(session, replica, fleet.connect_timeout_s + 1.0)
+            next_verify = time.monotonic() + fleet.verify_interval_s
         if replica.healthy:
             await read_queue(session, replica, fleet.connect_timeout_s + 1.0)
         await asyncio.sleep(min(fleet.metrics_interval_s, fleet.health_interval_s))

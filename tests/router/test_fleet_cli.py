@@ -1050,17 +1050,23 @@ def test_a_replica_redeployed_with_another_model_is_taken_out_not_the_requests_f
     model between two health checks (a rolling update) answered every request 404 "The
     model ... does not exist", which the sidecar passed on as the request's own
     INVALID_ARGUMENT while the replica stayed in service. Now it is taken out, the request
-    goes on elsewhere, and it stays out, with the reason, until it serves the model."""
+    goes on elsewhere, and it stays out, with the reason, until it serves the model. One
+    redeployed with another tokenizer under the same model name was sent token ids it read
+    as other text, without an error: a serving replica is now checked again every
+    verify_interval_s."""
     from transformers import AutoTokenizer
+
+    from router.fleet.replica import TOKENIZER_PROBE
 
     tokenizer = AutoTokenizer.from_pretrained(serving_world.world.target_dir)
     reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
     texts = [tokenizer.decode([token]) for token in reply_ids]
-    moved = StandInReplica(reply_ids, texts, models=["target"]).start()
+    probe_ids = list(tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"])
+    moved = StandInReplica(reply_ids, texts, models=["target"], tokens=probe_ids).start()
     plain = StandInReplica(reply_ids, texts, models=["target"]).start()
     fleet_file = tmp_path / "fleet.toml"
     fleet_file.write_text(
-        "health_interval_s = 0.2\n"
+        "health_interval_s = 0.2\nverify_interval_s = 0.3\n"
         f'[[replicas]]\nurl = "{moved.url}"\nmodel = "target"\nspeculative = "ngram"\nk = 3\n'
         f'[[replicas]]\nurl = "{plain.url}"\nmodel = "target"\nspeculative = "none"\n'
     )
@@ -1091,6 +1097,16 @@ def test_a_replica_redeployed_with_another_model_is_taken_out_not_the_requests_f
             while not _replica_up(sidecar.metrics_url, moved, "ngram"):
                 assert time.monotonic() < deadline, "the replica was never brought back"
                 time.sleep(0.1)
+            # The same model name, another tokenizer: /health and /v1/models as before.
+            moved.tokens = [t + 1 for t in probe_ids]
+            deadline = time.monotonic() + 30
+            while _replica_up(sidecar.metrics_url, moved, "ngram"):
+                assert time.monotonic() < deadline, "the replica was never checked again"
+                time.sleep(0.1)
+            chunks = list(stub.Generate(request, timeout=60))
+            assert chunks[0].decision.replica == plain.url
+            log = (tmp_path / "sidecar.log").read_text()
+            assert "its tokenizer is not the sidecar's target's" in log, log
     finally:
         moved.stop()
         plain.stop()
