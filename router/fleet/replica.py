@@ -48,6 +48,9 @@ RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 
 T = TypeVar("T")
+# A replica whose requests fail in a row is held out for its health interval, doubled at
+# each failure, at most 2**5 = 32 intervals (64 s at the default 2 s).
+HOLD_DOUBLINGS = 5
 
 
 class StreamCutError(Exception):
@@ -123,6 +126,10 @@ class Replica:
     probe_ids: tuple[int, ...] = ()
     # Completion requests sent and not yet read to the end.
     streams: set[OpenStream] = field(default_factory=set, repr=False)
+    # Times a failed request took it out since it last served one, and (time.monotonic())
+    # until when a health check that passes does not bring it back (``failed_request``).
+    failed_in_a_row: int = 0
+    held_until: float = 0.0
 
     @classmethod
     def from_spec(
@@ -175,6 +182,28 @@ class Replica:
         self.healthy = False
         self.failures += 1
         self.last_error = reason
+
+    def failed_request(self, reason: str, interval_s: float) -> None:
+        """Take it out for a request that failed on it, held out (health checks passing or
+        not) for ``interval_s`` doubled at each failure in a row, at most
+        2**``HOLD_DOUBLINGS`` intervals: a replica whose ``/health`` answers 200 while its
+        requests fail (an engine that fails every request, an API server left up) was
+        brought back at every health check, and a request failed on it each time. Only
+        the failure that takes it out counts: the others in flight then (a crash fails them
+        all) do not make the hold longer."""
+        if self.healthy:
+            self.failed_in_a_row += 1
+            doublings = min(self.failed_in_a_row - 1, HOLD_DOUBLINGS)
+            self.held_until = time.monotonic() + interval_s * 2**doublings
+        self.take_out(reason)
+
+    def served_request(self) -> None:
+        self.served += 1
+        self.failed_in_a_row = 0
+
+    @property
+    def held(self) -> bool:
+        return time.monotonic() < self.held_until
 
     def cut_silent_streams(self, silent_s: float, reason: str) -> int:
         """Cut the streams that have sent nothing for ``silent_s`` (their requests go on on
@@ -252,7 +281,8 @@ async def probe(session: aiohttp.ClientSession, replica: Replica, timeout_s: flo
     except ProbeCallFailed as error:
         problem = str(error)
     if problem is None:
-        replica.bring_back()
+        if not replica.held:
+            replica.bring_back()
         return
     replica.take_out(problem)
     cut = replica.cut_silent_streams(timeout_s, f"its health check failed ({problem})")

@@ -497,7 +497,7 @@ class FleetRouterService(RouterService):
                             self._count_decision(placed)
                             yield placed
                         yield item
-                replica.served += 1
+                replica.served_request()
                 break
             except ReplicaBusyError as error:
                 # Healthy and shedding load: not taken out, and no failure of the request.
@@ -507,7 +507,7 @@ class FleetRouterService(RouterService):
                     "request %s: replica %s is busy (%s)", routed.request_id, replica.name, error
                 )
             except ReplicaFailedError as error:
-                replica.take_out(str(error))
+                replica.failed_request(str(error), self.fleet.health_interval_s)
                 tried.add(replica.name)
                 failed_over = True
                 if error.reached:

@@ -149,6 +149,9 @@ class StandInReplica:
     bodies: list[dict[str, Any]] = field(default_factory=list)  # each completion request
     # As vLLM with --max-num-queued-reqs when full: 503 before the stream starts.
     busy: bool = False
+    # Every completion request answered 500 while /health answers 200 (an engine that
+    # fails each request behind an API server that stays up).
+    fails_requests: bool = False
     finish: str = "length"  # the last chunk's finish_reason ("abort": vLLM stopping)
     # An error event in place of the tokens, as vLLM's checks after the 200 send them.
     error_code: int | None = None
@@ -240,7 +243,7 @@ class StandInReplica:
                 if replica.hangs_after == 0:
                     replica.hang()
                     return
-                if replica.dead or replica.busy:
+                if replica.dead or replica.busy or replica.fails_requests:
                     self.send_response(503 if replica.busy else 500)
                     self.send_header("Content-Type", "application/json")
                     self.end_headers()
@@ -1109,4 +1112,60 @@ def test_a_replica_redeployed_with_another_model_is_taken_out_not_the_requests_f
             assert "its tokenizer is not the sidecar's target's" in log, log
     finally:
         moved.stop()
+        plain.stop()
+
+
+def test_a_replica_whose_requests_fail_while_its_health_check_passes_is_held_out(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """A replica whose /health answers 200 while every request fails (an engine that fails
+    each request behind an API server left up) was brought back at every health check,
+    and a request failed on it each time (then went on elsewhere, later). Each failure in
+    a row now holds it out twice as long as the one before, and one request it serves
+    ends that."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(serving_world.world.target_dir)
+    reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
+    texts = [tokenizer.decode([token]) for token in reply_ids]
+    broken = StandInReplica(reply_ids, texts, fails_requests=True).start()
+    plain = StandInReplica(reply_ids, texts).start()
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(
+        "health_interval_s = 0.1\nmetrics_interval_s = 0.1\n"
+        f'[[replicas]]\nurl = "{broken.url}"\nmodel = "target"\nspeculative = "ngram"\nk = 3\n'
+        f'[[replicas]]\nurl = "{plain.url}"\nmodel = "target"\nspeculative = "none"\n'
+    )
+    policy = {
+        "SPECROUTE_POLICY": "fixed",
+        "SPECROUTE_POLICY_CONFIG": '{"drafter": "ngram", "k": 3}',
+    }
+    request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=4)
+    try:
+        with (
+            _serve_fleet(serving_world, tmp_path, fleet_file, policy) as sidecar,
+            grpc.insecure_channel(sidecar.grpc_address) as channel,
+        ):
+            assert sidecar.metrics_url is not None
+            stub = router_pb2_grpc.RouterStub(channel)
+            list(stub.Generate(request, timeout=60))  # plain decoding measured first
+            served = 0
+            ends = time.monotonic() + 4.0  # 40 health checks
+            while time.monotonic() < ends:
+                chunks = list(stub.Generate(request, timeout=60))
+                assert [t.id for c in chunks for t in c.tokens] == reply_ids[:4]
+                served += 1
+            # Held out 0.1, 0.2, 0.4, 0.8, 1.6 s...: a handful of requests tried it, not
+            # one per health check.
+            assert served > 20 and 1 <= len(broken.bodies) <= 8, (served, len(broken.bodies))
+            broken.fails_requests = False
+            deadline = time.monotonic() + 30
+            while not _replica_up(sidecar.metrics_url, broken, "ngram"):
+                assert time.monotonic() < deadline, "the replica was never brought back"
+                time.sleep(0.1)
+            tried = len(broken.bodies)
+            chunks = list(stub.Generate(request, timeout=60))
+            assert chunks[0].decision.replica == broken.url and len(broken.bodies) == tried + 1
+    finally:
+        broken.stop()
         plain.stop()
