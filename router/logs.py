@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Literal
 
 #: Read by the sidecar's child processes, which inherit it from the command.
@@ -16,12 +17,19 @@ LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 JSON_FIELDS = "%(levelname)s %(name)s %(message)s"
 JSON_NAMES = {"levelname": "level", "name": "logger"}
+# Progress bars (tqdm, which reads TQDM_* variables) redraw at most this often where
+# stderr is not a terminal (a log file, CI, `docker logs`): every redraw is kept there,
+# about 1,400 for a default world build at tqdm's own pace.
+PROGRESS_INTERVAL_OFF_TERMINAL_S = "30"
 
 
 def configure_logging(level: int, log_format: LogFormat) -> None:
     """Log to stderr at ``level`` in ``log_format``; child processes started from here on
-    log in the same format."""
+    log in the same format. Off a terminal, progress bars redraw every
+    ``PROGRESS_INTERVAL_OFF_TERMINAL_S`` at most (unless ``TQDM_MININTERVAL`` says)."""
     os.environ[LOG_FORMAT_ENV] = log_format
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", PROGRESS_INTERVAL_OFF_TERMINAL_S)
     handler = logging.StreamHandler()
     handler.setFormatter(formatter(log_format))
     logging.basicConfig(level=level, handlers=[handler])
