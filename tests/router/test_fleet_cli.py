@@ -817,11 +817,7 @@ def test_a_request_that_kills_replicas_is_not_retried_past_two(
     to the next: it now fails after two, and the third replica keeps serving. A fourth,
     busy (503), is passed over without being taken out or counted as a failure, and when
     every replica left is busy the request is RESOURCE_EXHAUSTED, not INTERNAL."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(serving_world.world.target_dir)
-    reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
-    texts = [tokenizer.decode([token]) for token in reply_ids]
+    reply_ids, texts = _reply(serving_world)
     replicas = [StandInReplica(reply_ids, texts, dies_on_top_k=True).start() for _ in range(3)]
     busy = StandInReplica(reply_ids, texts, busy=True).start()
     replicas.append(busy)
@@ -883,6 +879,53 @@ def _replica_up(metrics_url: str, replica: StandInReplica, speculative: str) -> 
     return f"{line} 1.0" in _scrape(f"{metrics_url}/metrics")
 
 
+# The two-replica fleets below always choose the n-gram replica's configuration (their
+# first learnt request measures plain decoding, on the plain replica).
+FIXED_NGRAM = {
+    "SPECROUTE_POLICY": "fixed",
+    "SPECROUTE_POLICY_CONFIG": '{"drafter": "ngram", "k": 3}',
+}
+
+
+def _reply(serving_world: ServingWorld) -> tuple[list[int], list[str]]:
+    """REPLY's token ids by the world's tokenizer, and the text of each."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(serving_world.world.target_dir)
+    reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
+    return reply_ids, [tokenizer.decode([token]) for token in reply_ids]
+
+
+@contextlib.contextmanager
+def _serving_fixed_ngram(
+    serving_world: ServingWorld, tmp_path: Path, fleet_file: Path
+) -> Iterator[tuple[LaunchedSidecar, Any]]:
+    """``specroute serve --fleet fleet_file`` choosing the n-gram configuration, once its
+    first learnt request (plain decoding, on the plain replica) is made: it and a stub."""
+    with (
+        _serve_fleet(serving_world, tmp_path, fleet_file, FIXED_NGRAM) as sidecar,
+        grpc.insecure_channel(sidecar.grpc_address) as channel,
+    ):
+        stub = router_pb2_grpc.RouterStub(channel)
+        first = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=4)
+        list(stub.Generate(first, timeout=60))
+        yield sidecar, stub
+
+
+def _ngram_and_plain(
+    tmp_path: Path, ngram: StandInReplica, plain: StandInReplica, options: str
+) -> Path:
+    """A fleet file: the fleet's ``options`` (TOML lines), ``ngram`` serving the n-gram
+    drafter at k 3 and ``plain`` serving without speculation."""
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(
+        options
+        + f'[[replicas]]\nurl = "{ngram.url}"\nmodel = "target"\nspeculative = "ngram"\nk = 3\n'
+        + f'[[replicas]]\nurl = "{plain.url}"\nmodel = "target"\nspeculative = "none"\n'
+    )
+    return fleet_file
+
+
 def test_every_front_names_the_replica_that_finished_a_request_after_a_failover(
     serving_world: ServingWorld, tmp_path: Path
 ) -> None:
@@ -890,23 +933,11 @@ def test_every_front_names_the_replica_that_finished_a_request_after_a_failover(
     here), but the OpenAI front's specroute.replica named the one that failed (it read the
     decision first announced), the TGI front's details likewise, and gRPC's only decision
     was the first chunk's."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(serving_world.world.target_dir)
-    reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
-    texts = [tokenizer.decode([token]) for token in reply_ids]
+    reply_ids, texts = _reply(serving_world)
     flaky = StandInReplica(reply_ids, texts, fails_once_after=2).start()
     plain = StandInReplica(reply_ids, texts).start()
-    fleet_file = tmp_path / "fleet.toml"
-    fleet_file.write_text(
-        f'health_interval_s = 0.2\n[[replicas]]\nurl = "{flaky.url}"\nmodel = "target"\n'
-        f'speculative = "ngram"\nk = 3\n[[replicas]]\nurl = "{plain.url}"\n'
-        'model = "target"\nspeculative = "none"\n'
-    )
-    policy = {
-        "SPECROUTE_POLICY": "fixed",
-        "SPECROUTE_POLICY_CONFIG": '{"drafter": "ngram", "k": 3}',
-    }
+    fleet_file = _ngram_and_plain(tmp_path, flaky, plain, "health_interval_s = 0.2\n")
+    policy = FIXED_NGRAM
 
     def flaky_again(sidecar: LaunchedSidecar) -> None:
         flaky.fails_once_after = 2
@@ -988,33 +1019,16 @@ def test_a_request_on_a_replica_that_hangs_goes_on_once_its_health_check_fails(
     elsewhere, though its failed health check took it out within seconds. The failed check
     now cuts them, whether they wait for the stream's headers or for its next token, and
     the replica serves again once it answers."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(serving_world.world.target_dir)
-    reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
-    texts = [tokenizer.decode([token]) for token in reply_ids]
+    reply_ids, texts = _reply(serving_world)
     hangs = StandInReplica(reply_ids, texts).start()
     plain = StandInReplica(reply_ids, texts).start()
-    fleet_file = tmp_path / "fleet.toml"
-    fleet_file.write_text(  # without the cut, the requests below would wait 600 s
-        "request_timeout_s = 600\nhealth_interval_s = 0.2\nconnect_timeout_s = 0.5\n"
-        f'[[replicas]]\nurl = "{hangs.url}"\nmodel = "target"\nspeculative = "ngram"\nk = 3\n'
-        f'[[replicas]]\nurl = "{plain.url}"\nmodel = "target"\nspeculative = "none"\n'
-    )
-    policy = {
-        "SPECROUTE_POLICY": "fixed",
-        "SPECROUTE_POLICY_CONFIG": '{"drafter": "ngram", "k": 3}',
-    }
+    # Without the cut, the requests below would wait 600 s.
+    options = "request_timeout_s = 600\nhealth_interval_s = 0.2\nconnect_timeout_s = 0.5\n"
+    fleet_file = _ngram_and_plain(tmp_path, hangs, plain, options)
     request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=6)
     try:
-        with (
-            _serve_fleet(serving_world, tmp_path, fleet_file, policy) as sidecar,
-            grpc.insecure_channel(sidecar.grpc_address) as channel,
-        ):
+        with _serving_fixed_ngram(serving_world, tmp_path, fleet_file) as (sidecar, stub):
             assert sidecar.metrics_url is not None
-            stub = router_pb2_grpc.RouterStub(channel)
-            # The first learnt request measures plain decoding, on the plain replica.
-            list(stub.Generate(request, timeout=60))
             for hangs_after in (0, 2):
                 deadline = time.monotonic() + 30
                 while not _replica_up(sidecar.metrics_url, hangs, "ngram"):
@@ -1062,30 +1076,16 @@ def test_a_replica_redeployed_with_another_model_is_taken_out_not_the_requests_f
     from router.fleet.replica import TOKENIZER_PROBE
 
     tokenizer = AutoTokenizer.from_pretrained(serving_world.world.target_dir)
-    reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
-    texts = [tokenizer.decode([token]) for token in reply_ids]
+    reply_ids, texts = _reply(serving_world)
     probe_ids = list(tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"])
     moved = StandInReplica(reply_ids, texts, models=["target"], tokens=probe_ids).start()
     plain = StandInReplica(reply_ids, texts, models=["target"]).start()
-    fleet_file = tmp_path / "fleet.toml"
-    fleet_file.write_text(
-        "health_interval_s = 0.2\nverify_interval_s = 0.3\n"
-        f'[[replicas]]\nurl = "{moved.url}"\nmodel = "target"\nspeculative = "ngram"\nk = 3\n'
-        f'[[replicas]]\nurl = "{plain.url}"\nmodel = "target"\nspeculative = "none"\n'
-    )
-    policy = {
-        "SPECROUTE_POLICY": "fixed",
-        "SPECROUTE_POLICY_CONFIG": '{"drafter": "ngram", "k": 3}',
-    }
+    options = "health_interval_s = 0.2\nverify_interval_s = 0.3\n"
+    fleet_file = _ngram_and_plain(tmp_path, moved, plain, options)
     request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=6)
     try:
-        with (
-            _serve_fleet(serving_world, tmp_path, fleet_file, policy) as sidecar,
-            grpc.insecure_channel(sidecar.grpc_address) as channel,
-        ):
+        with _serving_fixed_ngram(serving_world, tmp_path, fleet_file) as (sidecar, stub):
             assert sidecar.metrics_url is not None
-            stub = router_pb2_grpc.RouterStub(channel)
-            list(stub.Generate(request, timeout=60))  # plain decoding measured first
             moved.models = ["another-model"]
             chunks = list(stub.Generate(request, timeout=60))
             assert [t.id for c in chunks for t in c.tokens] == reply_ids[:6]
@@ -1123,32 +1123,15 @@ def test_a_replica_whose_requests_fail_while_its_health_check_passes_is_held_out
     and a request failed on it each time (then went on elsewhere, later). Each failure in
     a row now holds it out twice as long as the one before, and one request it serves
     ends that."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(serving_world.world.target_dir)
-    reply_ids = list(tokenizer(REPLY, add_special_tokens=False)["input_ids"])
-    texts = [tokenizer.decode([token]) for token in reply_ids]
+    reply_ids, texts = _reply(serving_world)
     broken = StandInReplica(reply_ids, texts, fails_requests=True).start()
     plain = StandInReplica(reply_ids, texts).start()
-    fleet_file = tmp_path / "fleet.toml"
-    fleet_file.write_text(
-        "health_interval_s = 0.1\nmetrics_interval_s = 0.1\n"
-        f'[[replicas]]\nurl = "{broken.url}"\nmodel = "target"\nspeculative = "ngram"\nk = 3\n'
-        f'[[replicas]]\nurl = "{plain.url}"\nmodel = "target"\nspeculative = "none"\n'
-    )
-    policy = {
-        "SPECROUTE_POLICY": "fixed",
-        "SPECROUTE_POLICY_CONFIG": '{"drafter": "ngram", "k": 3}',
-    }
+    options = "health_interval_s = 0.1\nmetrics_interval_s = 0.1\n"
+    fleet_file = _ngram_and_plain(tmp_path, broken, plain, options)
     request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=4)
     try:
-        with (
-            _serve_fleet(serving_world, tmp_path, fleet_file, policy) as sidecar,
-            grpc.insecure_channel(sidecar.grpc_address) as channel,
-        ):
+        with _serving_fixed_ngram(serving_world, tmp_path, fleet_file) as (sidecar, stub):
             assert sidecar.metrics_url is not None
-            stub = router_pb2_grpc.RouterStub(channel)
-            list(stub.Generate(request, timeout=60))  # plain decoding measured first
             served = 0
             ends = time.monotonic() + 4.0  # 40 health checks
             while time.monotonic() < ends:

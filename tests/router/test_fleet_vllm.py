@@ -555,12 +555,12 @@ def counterfactual_reports(fleet: Fleet) -> float:
     return sum(float(line.split()[-1]) for line in lines if 'source="counterfactual"' in line)
 
 
-def test_a_killed_replica_loses_no_request_and_serves_again_once_restarted(
-    fleet: Fleet,
-) -> None:
-    expected = reference_ids(fleet, 48)
-    spare = fleet.servers["spare"]
-    spare_replica = fleet.replica(spare.url)
+def _ngram_requests_on(
+    fleet: Fleet, replica: Any, count: int = 8
+) -> tuple[list[threading.Thread], list[list[int] | BaseException]]:
+    """``count`` greedy 48-token requests of the n-gram configuration, each in a thread,
+    once ``replica`` has one of them in flight: the threads and their outputs (or
+    errors), which fill in as they end."""
     results: list[list[int] | BaseException] = []
 
     def one() -> None:
@@ -569,13 +569,23 @@ def test_a_killed_replica_loses_no_request_and_serves_again_once_restarted(
         except BaseException as error:
             results.append(error)
 
-    threads = [threading.Thread(target=one) for _ in range(8)]
+    threads = [threading.Thread(target=one) for _ in range(count)]
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 60
-    while spare_replica.in_flight == 0 and time.monotonic() < deadline:
+    while replica.in_flight == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert spare_replica.in_flight > 0, "no request reached the spare replica"
+    assert replica.in_flight > 0, "no request reached the replica"
+    return threads, results
+
+
+def test_a_killed_replica_loses_no_request_and_serves_again_once_restarted(
+    fleet: Fleet,
+) -> None:
+    expected = reference_ids(fleet, 48)
+    spare = fleet.servers["spare"]
+    spare_replica = fleet.replica(spare.url)
+    threads, results = _ngram_requests_on(fleet, spare_replica)
     spare.kill()
     for thread in threads:
         thread.join(180)
@@ -605,21 +615,7 @@ def test_a_hung_replica_loses_no_request_and_serves_again_once_it_runs(fleet: Fl
     deadline = time.monotonic() + 60
     while not spare_replica.healthy and time.monotonic() < deadline:  # after the test above
         time.sleep(0.1)
-    results: list[list[int] | BaseException] = []
-
-    def one() -> None:
-        try:
-            results.append(generate(fleet, "ngram", tokens=48)[1])
-        except BaseException as error:
-            results.append(error)
-
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 60
-    while spare_replica.in_flight == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert spare_replica.in_flight > 0, "no request reached the spare replica"
+    threads, results = _ngram_requests_on(fleet, spare_replica)
     spare.pause()
     try:
         for thread in threads:
