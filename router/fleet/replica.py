@@ -30,7 +30,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 
@@ -47,7 +47,6 @@ _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 
-T = TypeVar("T")
 # A replica whose requests fail in a row is held out for its health interval, doubled at
 # each failure, at most 2**5 = 32 intervals (64 s at the default 2 s).
 HOLD_DOUBLINGS = 5
@@ -67,9 +66,9 @@ class OpenStream:
     cut_reason: str = ""
     _cut: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def until_cut(self, call: Awaitable[T]) -> T:
-        """``call``'s result, unless the stream is cut first (:class:`StreamCutError`;
-        ``call`` is cancelled): the wait for the response's headers."""
+    async def until_cut(self, call: Awaitable[aiohttp.ClientResponse]) -> aiohttp.ClientResponse:
+        """``call``'s response, unless the stream is cut first (:class:`StreamCutError`;
+        ``call`` is cancelled, or its response closed): the wait for its headers."""
         task = asyncio.ensure_future(call)
         cut = asyncio.ensure_future(self._cut.wait())
         try:
@@ -82,7 +81,11 @@ class OpenStream:
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
         if not task.done():
             raise StreamCutError(self.cut_reason)
-        return task.result()
+        response = task.result()  # the call's own error, if it failed
+        if self.cut_reason:  # cut as its headers came
+            response.close()
+            raise StreamCutError(self.cut_reason)
+        return response
 
     def cut(self, reason: str) -> None:
         """End the stream with an error: the wait for its headers raises
