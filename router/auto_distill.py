@@ -110,6 +110,8 @@ class AutoDistiller:
     # samples (and register one more drafter of them at every start).
     last_run_id: dict[str, int] = field(default_factory=dict)
     runs: int = 0
+    # Whether the wait for room under limits.max_registered_drafters was logged.
+    full_logged: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         self.last_run_id = {**self.capture.auto_run_marks(), **self.last_run_id}
@@ -178,7 +180,7 @@ class AutoDistiller:
     async def run_once(self) -> int | None:
         """Distil the picked cluster, if any; the child's exit status (0: registered)."""
         cluster = self.pick()
-        if cluster is None:
+        if cluster is None or self._no_room_to_register():
             return None
         samples = self.capture.samples(cluster)
         previous = self.last_run_id.get(cluster, 0)
@@ -232,6 +234,27 @@ class AutoDistiller:
                 # It stopped before writing a drafter (its own record): counted here.
                 self.capture.record_distillation(cluster, "failed", seconds, verdict[-500:])
         return child.returncode
+
+    def _no_room_to_register(self) -> bool:
+        """Whether RegisterDrafter would refuse a run's drafter for
+        ``limits.max_registered_drafters`` (a run registers its drafter before it retires
+        the cluster's older one): minutes of training thrown away at every run. The wait
+        is logged once."""
+        registered = sum(1 for record in self.drafters() if not record.builtin)
+        bound = self.settings.limits.max_registered_drafters
+        if registered < bound:
+            self.full_logged = False
+            return False
+        if not self.full_logged:
+            logger.warning(
+                "auto-distillation waits: %d drafters are registered and "
+                "limits.max_registered_drafters is %d (a run registers its drafter before "
+                "it retires the cluster's older one); remove one or raise the limit",
+                registered,
+                bound,
+            )
+            self.full_logged = True
+        return True
 
     async def retire(self, cluster: str) -> list[str]:
         """Remove ``cluster``'s automatic drafters (its task, a directory of the distilled

@@ -162,6 +162,36 @@ def test_a_run_that_stops_before_writing_is_counted_as_failed(
     assert detail == "error: out of memory"
 
 
+def test_no_run_trains_a_drafter_that_registration_would_refuse(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With limits.max_registered_drafters reached, every run trained for minutes and then
+    had its drafter refused (RESOURCE_EXHAUSTED): it registers before it retires the
+    cluster's older one. It now waits, said once, and runs once there is room."""
+    import asyncio
+    import sys
+
+    from router.settings import Limits
+    from router.store import DrafterRecord
+
+    distiller, store = _math_distiller(tmp_path)
+    distiller.settings = distiller.settings.model_copy(
+        update={"limits": Limits(max_registered_drafters=2)}
+    )
+    registered = [DrafterRecord(name=f"d{i}", kind="ngram") for i in range(2)]
+    built_in = [DrafterRecord(name=f"b{i}", kind="ngram", builtin=True) for i in range(5)]
+    distiller.drafters = lambda: [*registered, *built_in]
+    distiller.command = lambda *args: [sys.executable, "-c", "raise SystemExit(1)"]  # type: ignore[method-assign]
+    for _ in range(3):
+        assert asyncio.run(distiller.run_once()) is None
+    assert distiller.runs == 0 and distiller.pick() == "math"  # its samples still new
+    waits = [r for r in caplog.records if "auto-distillation waits" in r.getMessage()]
+    assert len(waits) == 1
+    registered.pop()
+    assert asyncio.run(distiller.run_once()) == 1 and distiller.runs == 1
+    assert store.distillation_counts()["failed"] == 1
+
+
 def test_a_restart_does_not_distil_the_same_samples_again(tmp_path: Path) -> None:
     """The newest sample at each cluster's last run was kept in memory only: every
     restart distilled the same samples again, and each success registered one more
