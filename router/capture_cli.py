@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import time
@@ -33,6 +34,10 @@ STATE_OPTION = typer.Option("--state-dir", help="State directory (default: the s
 GENERIC_DRAFTER = "generic"
 RPC_TIMEOUT_S = 10.0
 REGISTER_TIMEOUT_S = 300.0  # the registration loads and probes the drafter
+# The kernel's OOM killer takes the process of the highest score first; 1000 is its most.
+OOM_SCORE_ADJ_FIRST = 1000
+
+logger = logging.getLogger(__name__)
 
 
 def _settings(config: Path | None, **overrides: Any) -> Any:
@@ -356,7 +361,10 @@ def lower_priority(nice: int, cpus: str) -> None:
     """``--nice`` and ``--cpus``: this process gives way to serving (before torch starts its
     threads). The sidecar's automatic distillation runs ``drafters distill`` with both, so
     the child lowers itself after exec; a ``preexec_fn`` in the forked child of the
-    multi-threaded sidecar could crash or hang before exec."""
+    multi-threaded sidecar could crash or hang before exec. A process that gives way is
+    also the one the kernel's OOM killer takes first (``oom_first``)."""
+    if nice or cpus:
+        oom_first()
     if nice:
         os.nice(nice)
     if cpus:
@@ -372,6 +380,17 @@ def lower_priority(nice: int, cpus: str) -> None:
             pass
         except (OSError, ValueError) as error:  # CPUs this machine lacks, or a negative id
             raise typer.BadParameter(f"{cpus}: {error}", param_hint="--cpus") from None
+
+
+def oom_first() -> None:
+    """Raise this process's ``oom_score_adj`` to ``OOM_SCORE_ADJ_FIRST`` (no privilege is
+    needed to raise it): a training run out of memory in the sidecar's container or
+    cgroup then ends itself, where the kernel took the larger process, the sidecar, with
+    every generation in flight. Nothing where ``/proc`` has no such file."""
+    try:
+        Path("/proc/self/oom_score_adj").write_text(f"{OOM_SCORE_ADJ_FIRST}\n")
+    except OSError as error:  # not Linux, or /proc read-only
+        logger.debug("oom_score_adj left as it is: %s", error)
 
 
 def distill_command(
