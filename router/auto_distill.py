@@ -105,6 +105,8 @@ class AutoDistiller:
     address: str  # this sidecar's gRPC host:port
     # The drafters the sidecar serves (router.store.DrafterRecord), for ``retire``.
     drafters: Callable[[], Sequence[Any]] = field(default=lambda: [])
+    # Why RegisterDrafter would refuse one more drafter now (``DrafterPool.full``), or None.
+    full: Callable[[], str | None] = field(default=lambda: None)
     # Per cluster, the newest sample (CaptureStore.newest_id) when its last run began;
     # kept in the capture store too, so that a restart does not run again on the same
     # samples (and register one more drafter of them at every start).
@@ -240,18 +242,15 @@ class AutoDistiller:
         ``limits.max_registered_drafters`` (a run registers its drafter before it retires
         the cluster's older one): minutes of training thrown away at every run. The wait
         is logged once."""
-        registered = sum(1 for record in self.drafters() if not record.builtin)
-        bound = self.settings.limits.max_registered_drafters
-        if registered < bound:
+        full = self.full()
+        if full is None:
             self.full_logged = False
             return False
         if not self.full_logged:
             logger.warning(
-                "auto-distillation waits: %d drafters are registered and "
-                "limits.max_registered_drafters is %d (a run registers its drafter before "
-                "it retires the cluster's older one); remove one or raise the limit",
-                registered,
-                bound,
+                "auto-distillation waits (a run registers its drafter before it retires "
+                "the cluster's older one): %s, or raise the limit",
+                full,
             )
             self.full_logged = True
         return True
@@ -332,5 +331,6 @@ def start_auto_distiller(settings: Any, service: Any, grpc_port: int) -> asyncio
         service.capture,
         f"{host}:{grpc_port}",
         service.list_drafters,
+        full=drafters.full,
     )
     return asyncio.create_task(distiller.run())

@@ -187,7 +187,9 @@ class DrafterPool:
         """Validate, load, probe, persist, then publish ``spec`` (blocking: call in a thread)."""
         with self._write_lock:
             self._check_name(spec.name)
-            self._check_room_for_one_more()
+            full = self.full()
+            if full is not None:
+                raise CapacityError(full)
             kind = self._check_kind(spec.kind)
             self._check_options(kind, spec.options)
             path = self._check_path(spec.path) if _loads_weights(kind) else None
@@ -250,14 +252,17 @@ class DrafterPool:
             self._check_same_weights(record)
             self._check_memory(record.name, path)
 
-    def _check_room_for_one_more(self) -> None:
+    def full(self) -> str | None:
+        """Why one more drafter cannot be registered (``limits.max_registered_drafters``
+        of them are: built-in ones are not counted, stored ones not served are), or None."""
         registered = len(self._store.drafters())
         bound = self._limits.max_registered_drafters
-        if registered >= bound:
-            raise CapacityError(
-                f"{registered} drafters are registered, limits.max_registered_drafters is "
-                f"{bound}: remove one first (every Route prices each drafter's arms)"
-            )
+        if registered < bound:
+            return None
+        return (
+            f"{registered} drafters are registered, limits.max_registered_drafters is "
+            f"{bound}: remove one first (every Route prices each drafter's arms)"
+        )
 
     def _check_memory(self, name: str, path: Path) -> None:
         """CapacityError when the drafter's weights at the target's precision, and

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from router.auto_distill import AutoDistiller, child_cores, extra_model_roots
+from router.bundle import ModelBundle
 from router.capture import AutoDistillSettings, CaptureSettings, CaptureStore
 from router.components import build_components
 from router.pb import router_pb2 as pb
@@ -166,7 +167,7 @@ def test_a_run_that_stops_before_writing_is_counted_as_failed(
 
 
 def test_no_run_trains_a_drafter_that_registration_would_refuse(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_world: ModelBundle, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With limits.max_registered_drafters reached, every run trained for minutes and then
     had its drafter refused (RESOURCE_EXHAUSTED): it registers before it retires the
@@ -174,23 +175,25 @@ def test_no_run_trains_a_drafter_that_registration_would_refuse(
     import asyncio
     import sys
 
+    from drafters.loader import default_placement, describe_target
+    from router.drafter_pool import DrafterPool
     from router.settings import Limits
-    from router.store import DrafterRecord
+    from router.store import DrafterRecord, SidecarStore
 
     distiller, store = _math_distiller(tmp_path)
-    distiller.settings = distiller.settings.model_copy(
-        update={"limits": Limits(max_registered_drafters=2)}
-    )
-    registered = [DrafterRecord(name=f"d{i}", kind="ngram") for i in range(2)]
-    built_in = [DrafterRecord(name=f"b{i}", kind="ngram", builtin=True) for i in range(5)]
-    distiller.drafters = lambda: [*registered, *built_in]
+    sidecar_store = SidecarStore(tmp_path / "sidecar")
+    for i in range(2):
+        sidecar_store.add_drafter(DrafterRecord(name=f"d{i}", kind="ngram"))
+    target = describe_target(tiny_world.target_dir, placement=default_placement("cpu"))
+    pool = DrafterPool(target, None, sidecar_store, [], Limits(max_registered_drafters=2))
+    distiller.full = pool.full
     distiller.command = lambda *args: [sys.executable, "-c", "raise SystemExit(1)"]  # type: ignore[method-assign]
     for _ in range(3):
         assert asyncio.run(distiller.run_once()) is None
     assert distiller.runs == 0 and distiller.pick() == "math"  # its samples still new
     waits = [r for r in caplog.records if "auto-distillation waits" in r.getMessage()]
     assert len(waits) == 1
-    registered.pop()
+    sidecar_store.remove_drafter("d1")
     assert asyncio.run(distiller.run_once()) == 1 and distiller.runs == 1
     assert store.distillation_counts()["failed"] == 1
 

@@ -879,6 +879,15 @@ def _replica_up(metrics_url: str, replica: StandInReplica, speculative: str) -> 
     return f"{line} 1.0" in _scrape(f"{metrics_url}/metrics")
 
 
+def _until_up(metrics_url: str, replica: StandInReplica, speculative: str, up: bool) -> None:
+    """Wait (30 s at most) until the sidecar's metrics say ``replica`` serves (``up``) or
+    is out of service."""
+    deadline = time.monotonic() + 30
+    while _replica_up(metrics_url, replica, speculative) != up:
+        assert time.monotonic() < deadline, f"the replica was never {'up' if up else 'out'}"
+        time.sleep(0.1)
+
+
 # The two-replica fleets below always choose the n-gram replica's configuration (their
 # first learnt request measures plain decoding, on the plain replica).
 FIXED_NGRAM = {
@@ -941,11 +950,8 @@ def test_every_front_names_the_replica_that_finished_a_request_after_a_failover(
 
     def flaky_again(sidecar: LaunchedSidecar) -> None:
         flaky.fails_once_after = 2
-        deadline = time.monotonic() + 30
         assert sidecar.metrics_url is not None
-        while not _replica_up(sidecar.metrics_url, flaky, "ngram"):
-            assert time.monotonic() < deadline, "the failed replica was never brought back"
-            time.sleep(0.1)
+        _until_up(sidecar.metrics_url, flaky, "ngram", up=True)
 
     try:
         with (
@@ -1030,10 +1036,7 @@ def test_a_request_on_a_replica_that_hangs_goes_on_once_its_health_check_fails(
         with _serving_fixed_ngram(serving_world, tmp_path, fleet_file) as (sidecar, stub):
             assert sidecar.metrics_url is not None
             for hangs_after in (0, 2):
-                deadline = time.monotonic() + 30
-                while not _replica_up(sidecar.metrics_url, hangs, "ngram"):
-                    assert time.monotonic() < deadline, "the replica was never brought back"
-                    time.sleep(0.1)
+                _until_up(sidecar.metrics_url, hangs, "ngram", up=True)
                 hangs.hangs_after = hangs_after
                 served = len(plain.bodies)
                 chunks = list(stub.Generate(request, timeout=60))
@@ -1096,16 +1099,10 @@ def test_a_replica_redeployed_with_another_model_is_taken_out_not_the_requests_f
             log = (tmp_path / "sidecar.log").read_text()
             assert "no longer serves the fleet file's model 'target'" in log, log
             moved.models = ["target"]
-            deadline = time.monotonic() + 30
-            while not _replica_up(sidecar.metrics_url, moved, "ngram"):
-                assert time.monotonic() < deadline, "the replica was never brought back"
-                time.sleep(0.1)
+            _until_up(sidecar.metrics_url, moved, "ngram", up=True)
             # The same model name, another tokenizer: /health and /v1/models as before.
             moved.tokens = [t + 1 for t in probe_ids]
-            deadline = time.monotonic() + 30
-            while _replica_up(sidecar.metrics_url, moved, "ngram"):
-                assert time.monotonic() < deadline, "the replica was never checked again"
-                time.sleep(0.1)
+            _until_up(sidecar.metrics_url, moved, "ngram", up=False)  # checked again
             chunks = list(stub.Generate(request, timeout=60))
             assert chunks[0].decision.replica == plain.url
             log = (tmp_path / "sidecar.log").read_text()
@@ -1142,10 +1139,7 @@ def test_a_replica_whose_requests_fail_while_its_health_check_passes_is_held_out
             # one per health check.
             assert served > 20 and 1 <= len(broken.bodies) <= 8, (served, len(broken.bodies))
             broken.fails_requests = False
-            deadline = time.monotonic() + 30
-            while not _replica_up(sidecar.metrics_url, broken, "ngram"):
-                assert time.monotonic() < deadline, "the replica was never brought back"
-                time.sleep(0.1)
+            _until_up(sidecar.metrics_url, broken, "ngram", up=True)
             tried = len(broken.bodies)
             chunks = list(stub.Generate(request, timeout=60))
             assert chunks[0].decision.replica == broken.url and len(broken.bodies) == tried + 1
