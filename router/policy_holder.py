@@ -295,6 +295,12 @@ class PolicyHolder:
             if self._log is not None:
                 self._log.drafter_not_served(name)
 
+    def hints_changed(self) -> None:
+        """The drafters' hints changed (a fleet's drafter now runs at another k): the
+        policy is given them."""
+        with self._lock:
+            self._rehint()
+
     def _rehint(self) -> None:
         """Give the policy the hints of the live drafters, merged with its configuration
         as at start (call locked)."""

@@ -153,6 +153,9 @@ class FleetSpec(BaseModel):
     api_key_env: str | None = Field(default=None, pattern=ENV_NAME)
     # https replicas are verified against this CA bundle (PEM) instead of the system's.
     tls_ca_file: FilePath | None = None
+    # The file is read again this often while the sidecar serves, and a change applied
+    # (router.fleet.reload); 0: read at start only.
+    reload_interval_s: float = Field(default=5.0, ge=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> FleetSpec:
@@ -235,15 +238,26 @@ def parse_fleet(data: dict[str, Any], source: str = "fleet file") -> FleetSpec:
 
 def load_fleet_file(path: Path) -> FleetSpec:
     """The fleet file at ``path``, validated (``FleetConfigError`` names the problem)."""
+    return fleet_from_bytes(read_fleet_file(path), Path(path))
+
+
+def read_fleet_file(path: Path) -> bytes:
+    """The content of the fleet file at ``path`` (``FleetConfigError`` if unreadable)."""
     try:
-        data = tomllib.loads(Path(path).read_text())
+        return Path(path).read_bytes()
     except OSError as error:
         raise FleetConfigError(f"fleet file {path}: {error.strerror or error}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise FleetConfigError(f"fleet file {path}: not TOML: {error}") from None
+
+
+def fleet_from_bytes(content: bytes, path: Path) -> FleetSpec:
+    """The fleet file ``path`` whose content is ``content``, validated."""
+    try:
+        data = tomllib.loads(content.decode())
     except UnicodeDecodeError as error:
         raise FleetConfigError(f"fleet file {path}: not UTF-8 text ({error.reason})") from None
-    return parse_fleet(relative_to_file(data, Path(path).parent), f"fleet file {path}")
+    except tomllib.TOMLDecodeError as error:
+        raise FleetConfigError(f"fleet file {path}: not TOML: {error}") from None
+    return parse_fleet(relative_to_file(data, path.parent), f"fleet file {path}")
 
 
 def relative_to_file(data: dict[str, Any], directory: Path) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """Prometheus view of the fleet, computed at each scrape from the replicas' live state:
-one series per replica (its URL, a fixed set) and speculative configuration."""
+one series per replica served now (its URL) and speculative configuration; and the
+count of fleet-file reloads."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from router.fleet.replica import Replica
@@ -15,15 +17,15 @@ LABELS = ["replica", "speculative"]
 class FleetCollector:
     """Health, load and counts of each replica (``specroute_fleet_replica_*``)."""
 
-    def __init__(self, replicas: Sequence[Replica]) -> None:
-        self._replicas = replicas
+    def __init__(self, replicas: Callable[[], Sequence[Replica]]) -> None:
+        self._replicas = replicas  # the replicas served now
 
     def describe(self) -> list[Metric]:
         return list(self._families())
 
     def collect(self) -> Iterator[Metric]:
         up, in_flight, queue, served, failures = self._families()
-        for replica in self._replicas:
+        for replica in self._replicas():
             labels = [replica.spec.url, replica.drafter]
             up.add_metric(labels, 1.0 if replica.healthy else 0.0)
             in_flight.add_metric(labels, replica.in_flight)
@@ -67,3 +69,18 @@ class FleetCollector:
                 labels=LABELS,
             ),
         )
+
+
+def reloads_counter(registry: CollectorRegistry) -> Counter:
+    """``specroute_fleet_reloads_total{outcome}``: changes of the fleet file applied, or
+    refused (the fleet stayed as it was)."""
+    counter = Counter(
+        "specroute_fleet_reloads",
+        "Changes of the fleet file read while serving, by outcome: applied, or refused "
+        "(logged; the fleet stayed as it was).",
+        ["outcome"],
+        registry=registry,
+    )
+    for outcome in ("applied", "refused"):
+        counter.labels(outcome=outcome)
+    return counter

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -376,19 +376,24 @@ async def read_queue(session: aiohttp.ClientSession, replica: Replica, timeout_s
         logger.debug("replica %s: /metrics unreadable: %s", replica.name, error)
 
 
-async def watch(session: aiohttp.ClientSession, replica: Replica, fleet: FleetSpec) -> None:
+async def watch(
+    session: aiohttp.ClientSession, replica: Replica, settings: Callable[[], FleetSpec]
+) -> None:
     """Forever: probe health every ``health_interval_s``, read the queue of a healthy
-    replica every ``metrics_interval_s`` and verify it every ``verify_interval_s``."""
+    replica every ``metrics_interval_s`` and verify it every ``verify_interval_s``, as
+    the fleet file ``settings()`` gives them now (it may be read again while serving)."""
     next_probe = 0.0
-    next_verify = time.monotonic() + fleet.verify_interval_s  # verified when brought in
+    next_verify = time.monotonic() + settings().verify_interval_s  # verified when brought in
     while True:
+        fleet = settings()
+        timeout_s = fleet.connect_timeout_s + 1.0
         now = time.monotonic()
         if now >= next_probe:
-            await probe(session, replica, fleet.connect_timeout_s + 1.0)
+            await probe(session, replica, timeout_s)
             next_probe = time.monotonic() + fleet.health_interval_s
         if replica.healthy and now >= next_verify:
-            await verify(session, replica, fleet.connect_timeout_s + 1.0)
+            await verify(session, replica, timeout_s)
             next_verify = time.monotonic() + fleet.verify_interval_s
         if replica.healthy:
-            await read_queue(session, replica, fleet.connect_timeout_s + 1.0)
+            await read_queue(session, replica, timeout_s)
         await asyncio.sleep(min(fleet.metrics_interval_s, fleet.health_interval_s))

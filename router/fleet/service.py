@@ -30,6 +30,8 @@ sidecar's; only where generation runs changes:
   its output, as in-process (counterfactual updates).
 - **Capture**: with ``[capture]`` on, each finished request's prompt and the replica's
   output (the target's verified output) are stored as in-process (``router.capture``).
+- **Reload**: the fleet file is read again while serving, and replicas added, removed or
+  changed without a restart (``router.fleet.reload``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -74,6 +77,7 @@ from router.fleet.learning import (
     outcome_from_replica,
     request_steps,
 )
+from router.fleet.reload import apply_settings, check_new_fleet, plan_change, watch_fleet_file
 from router.fleet.replica import TOKENIZER_PROBE, Replica, watch
 from router.policy.base import NONE_DRAFTER, DrafterHints
 from router.service import (
@@ -194,18 +198,24 @@ class FleetRouterService(RouterService):
         store: Any,
         metrics: Any,
         fleet: FleetSpec,
+        fleet_content: bytes = b"",
     ) -> None:
         super().__init__(settings, components, store, metrics)
         self.fleet = fleet
+        self._fleet_content = fleet_content  # the file's content ``fleet`` was read from
         keys = replica_api_keys(fleet, source=f"fleet file {settings.fleet_file}")
-        probe = tuple(self.tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False))
+        self._probe_ids = tuple(self.tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False))
         self.replicas = [
-            Replica.from_spec(spec, fleet, keys[spec.name], probe) for spec in fleet.replicas
+            Replica.from_spec(spec, fleet, keys[spec.name], self._probe_ids)
+            for spec in fleet.replicas
         ]
         self.model_names = [fleet.model]
         self._special_ids = frozenset(int(i) for i in self.tokenizer.all_special_ids)
         self._session: aiohttp.ClientSession | None = None
-        self._watchers: list[asyncio.Task[None]] = []
+        # Each replica's probe loop, by replica name; and the fleet file's reader.
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._reloader: asyncio.Task[None] | None = None
+        self._reloads: Any = None  # specroute_fleet_reloads_total, once started
         self.plain_token_time_s: float | None = None
         self.speculative_since_plain = 0  # learnt speculative answers since the last plain
 
@@ -237,10 +247,11 @@ class FleetRouterService(RouterService):
             limit=0, ssl=tls if tls is not None else True, keepalive_timeout=4.0
         )
         self._session = aiohttp.ClientSession(connector=connector, read_bufsize=4 * 2**20)
-        from router.fleet.metrics import FleetCollector
+        from router.fleet.metrics import FleetCollector, reloads_counter
         from router.fleet.replica import probe
 
-        self.metrics.registry.register(FleetCollector(self.replicas))
+        self.metrics.registry.register(FleetCollector(lambda: self.replicas))
+        self._reloads = reloads_counter(self.metrics.registry)
 
         await asyncio.gather(
             *(probe(self._session, r, self.fleet.connect_timeout_s + 1.0) for r in self.replicas)
@@ -249,18 +260,62 @@ class FleetRouterService(RouterService):
         if down:
             logger.warning("fleet: not serving yet (probed until they are): %s", down)
         logger.info("fleet: %s", [r.describe() for r in self.replicas])
-        self._watchers = [
-            asyncio.create_task(watch(self._session, r, self.fleet)) for r in self.replicas
-        ]
+        for replica in self.replicas:
+            self._watch(replica)
+        if self.fleet.reload_interval_s > 0 and self.settings.fleet_file is not None:
+            self._reloader = asyncio.create_task(
+                watch_fleet_file(
+                    Path(self.settings.fleet_file),
+                    self._fleet_content,
+                    lambda: self.fleet.reload_interval_s,
+                    self.reload_fleet,
+                    self._reload_refused,
+                )
+            )
+
+    def _watch(self, replica: Replica) -> None:
+        """Start probing ``replica`` (``watch``), with the fleet's settings of the moment."""
+        assert self._session is not None
+        watcher = watch(self._session, replica, lambda: self.fleet)
+        self._watchers[replica.name] = asyncio.create_task(watcher)
 
     async def aclose(self) -> None:
-        for task in self._watchers:
-            task.cancel()
-        for task in self._watchers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        tasks = [*self._watchers.values(), *([self._reloader] if self._reloader else [])]
+        await _cancelled(tasks)
         if self._session is not None:
             await self._session.close()
+
+    async def reload_fleet(self, new: FleetSpec) -> None:
+        """Serve the fleet ``new`` in place of the current one (``router.fleet.reload``);
+        ``FleetConfigError`` when it cannot be, nothing changed."""
+        source = f"fleet file {self.settings.fleet_file}"
+        keys = check_new_fleet(self.fleet, new, self.drafters.names(), source)
+        change = plan_change(self.replicas, new, keys, self._probe_ids)
+        apply_settings(change, new, keys)
+        arms = {d: new.draft_length(d) for d in new.drafters()}
+        rehint = arms != {d: self.fleet.draft_length(d) for d in self.fleet.drafters()}
+        self.fleet, self.replicas = new, change.replicas
+        removed = (self._watchers.pop(replica.name, None) for replica in change.removed)
+        await _cancelled([watcher for watcher in removed if watcher is not None])
+        for replica in change.added:
+            self._watch(replica)
+        if rehint:
+            self.policy.hints_changed()
+        if self._reloads is not None:
+            self._reloads.labels(outcome="applied").inc()
+        logger.info("%s reloaded: %s", source, change.summary())
+        for replica in change.removed:
+            if replica.in_flight:
+                logger.info(
+                    "replica %s: its %d request(s) in flight finish there",
+                    replica.name,
+                    replica.in_flight,
+                )
+
+    def _reload_refused(self, reason: str) -> None:
+        logger.error("%s; the fleet stays as it was", reason)
+        if self._reloads is not None:
+            self._reloads.labels(outcome="refused").inc()
 
     # -- decisions ---------------------------------------------------------------------
     def eligible_drafters(self) -> list[str]:
@@ -759,11 +814,12 @@ async def start_fleet_service(
 ) -> FleetRouterService:
     """The fleet-mode service, started: drafters and policy as in-process, then the fleet
     probed (``settings.fleet_file``)."""
-    from router.fleet.config import check_fleet_drafters, load_fleet_file
+    from router.fleet.config import check_fleet_drafters, fleet_from_bytes, read_fleet_file
 
     assert settings.fleet_file is not None
-    fleet = load_fleet_file(settings.fleet_file)
-    service = FleetRouterService(settings, components, store, metrics, fleet)
+    content = read_fleet_file(settings.fleet_file)
+    fleet = fleet_from_bytes(content, settings.fleet_file)
+    service = FleetRouterService(settings, components, store, metrics, fleet, content)
     try:
         await asyncio.to_thread(service.start)
         check_fleet_drafters(fleet, service.drafters.names(), str(settings.fleet_file))
@@ -772,3 +828,12 @@ async def start_fleet_service(
         await service.close_after_failed_start()
         raise
     return service
+
+
+async def _cancelled(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until they have ended."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -10,6 +10,7 @@ is the sidecar, started as ``specroute serve``; test_fleet_vllm.py runs real vLL
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -1146,3 +1147,108 @@ def test_a_replica_whose_requests_fail_while_its_health_check_passes_is_held_out
     finally:
         broken.stop()
         plain.stop()
+
+
+def _replica_lines(replica: StandInReplica, speculative: str, k: int = 0) -> str:
+    lines = (
+        f'[[replicas]]\nurl = "{replica.url}"\nmodel = "target"\nspeculative = "{speculative}"\n'
+    )
+    return lines + (f"k = {k}\n" if k else "")
+
+
+def _rewrite(fleet_file: Path, content: str) -> None:
+    """Replace the fleet file as an operator should, atomically (a new file renamed)."""
+    new = fleet_file.with_suffix(".new")
+    new.write_text(content)
+    new.replace(fleet_file)
+
+
+def _until_scraped(metrics_url: str, line: str) -> str:
+    """The sidecar's metrics once they hold ``line`` (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while line not in (text := _scrape(f"{metrics_url}/metrics")):
+        assert time.monotonic() < deadline, f"never scraped: {line}"
+        time.sleep(0.1)
+    return text
+
+
+def test_the_fleet_file_is_read_again_while_serving(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """Replicas added to the fleet file serve without a restart, a replica listed again is
+    kept as it was (its count of requests served goes on), a file the sidecar cannot
+    serve is refused in the log and the fleet stays, and a replica removed (here, moved
+    to another k) finishes the request it has in flight while new ones go to the new
+    replica. Without the reload the added replica never serves."""
+    reply_ids, texts = _reply(serving_world)
+    plain = StandInReplica(reply_ids, texts).start()
+    ngram = StandInReplica(reply_ids, texts).start()
+    longer = StandInReplica(reply_ids, texts).start()
+    options = "health_interval_s = 0.2\nreload_interval_s = 0.2\n"
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(options + _replica_lines(plain, "none"))
+    request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=6)
+    try:
+        with _serving_fixed_ngram(serving_world, tmp_path, fleet_file) as (sidecar, stub):
+            assert sidecar.metrics_url is not None
+            chunks = list(stub.Generate(request, timeout=60))
+            assert chunks[0].decision.replica == plain.url and len(plain.bodies) == 2
+
+            _rewrite(
+                fleet_file,
+                options + _replica_lines(plain, "none") + _replica_lines(ngram, "ngram", 3),
+            )
+            _until_up(sidecar.metrics_url, ngram, "ngram", up=True)
+            chunks = list(stub.Generate(request, timeout=60))
+            decision = chunks[0].decision
+            assert (decision.replica, decision.drafter, decision.draft_length) == (
+                ngram.url,
+                "ngram",
+                3,
+            )
+            series = f'{{replica="{plain.url}",speculative="none"}}'
+            served = f"specroute_fleet_replica_requests_total{series} 2.0"
+            text = _scrape(f"{sidecar.metrics_url}/metrics")
+            assert served in text and 'specroute_fleet_reloads_total{outcome="applied"} 1.0' in text
+
+            _rewrite(
+                fleet_file,
+                options
+                + _replica_lines(plain, "none")
+                + _replica_lines(ngram, "no-such-drafter", 3),
+            )
+            _until_scraped(
+                sidecar.metrics_url, 'specroute_fleet_reloads_total{outcome="refused"} 1.0'
+            )
+            chunks = list(stub.Generate(request, timeout=60))
+            assert chunks[0].decision.replica == ngram.url
+            refused = "unknown drafter 'no-such-drafter'; known: "
+            assert refused in sidecar.log_path.read_text()
+
+            ngram.token_delay_s = 0.3  # the next request is in flight for about 2 s
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                slow = pool.submit(lambda: list(stub.Generate(request, timeout=60)))
+                deadline = time.monotonic() + 10
+                while len(ngram.bodies) < 3:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+                _rewrite(
+                    fleet_file,
+                    options + _replica_lines(plain, "none") + _replica_lines(longer, "ngram", 4),
+                )
+                _until_up(sidecar.metrics_url, longer, "ngram", up=True)
+                assert not slow.done()
+                finished = slow.result()
+            assert [t.id for c in finished for t in c.tokens] == reply_ids[:6]
+            # Served there alone (no failover: it would name the replica that finished it).
+            assert finished[0].decision.replica == ngram.url and not longer.bodies
+            assert not finished[-1].HasField("decision") and len(ngram.bodies) == 3
+            chunks = list(stub.Generate(request, timeout=60))
+            decision = chunks[0].decision
+            assert (decision.replica, decision.draft_length) == (longer.url, 4)
+            text = _scrape(f"{sidecar.metrics_url}/metrics")
+            assert f'replica="{ngram.url}"' not in text
+            assert 'specroute_fleet_reloads_total{outcome="applied"} 2.0' in text
+    finally:
+        for replica in (plain, ngram, longer):
+            replica.stop()

@@ -482,7 +482,7 @@ def test_fleet_collector_exports_each_replica() -> None:
     plain.in_flight, plain.running, plain.waiting, plain.served = 2, 3.0, 1.0, 7
     ngram.take_out("GET /health failed")
     registry = CollectorRegistry()
-    registry.register(FleetCollector([plain, ngram]))
+    registry.register(FleetCollector(lambda: [plain, ngram]))
     text = generate_latest(registry).decode()
     assert 'specroute_fleet_replica_up{replica="http://a:1",speculative="none"} 1.0' in text
     assert 'specroute_fleet_replica_up{replica="http://b:2",speculative="ngram"} 0.0' in text
@@ -1041,3 +1041,128 @@ def test_the_prompts_logprobs_come_from_vllms_echo() -> None:
         "top_logprobs": [choice["logprobs"]["top_logprobs"][3]],
     }
     assert not FleetRouterService.ranks_prompt_tokens.fget(None)  # type: ignore[attr-defined]
+
+
+def _fleet(*replicas: dict[str, Any], **options: Any) -> Any:
+    return parse_fleet({**options, "replicas": [{"model": "target", **r} for r in replicas]})
+
+
+PLAIN = {"url": "http://a:1", "speculative": "none"}
+NGRAM = {"url": "http://b:2", "speculative": "ngram", "k": 3}
+
+
+def test_a_fleet_file_read_again_keeps_the_replicas_it_still_lists() -> None:
+    """A replica listed again with the same URL, drafter and k is the same object (its
+    health and counts stay), with its other settings from the new file; one listed with
+    another k is removed and a new one added; one no longer listed is removed."""
+    from router.fleet.reload import apply_settings, plan_change
+
+    before = _fleet(PLAIN, NGRAM, {"url": "http://c:3", "speculative": "ngram", "k": 3})
+    replicas = [Replica.from_spec(spec, before) for spec in before.replicas]
+    plain, ngram, gone = replicas
+    plain.bring_back()
+    plain.served = 5
+    after = _fleet(
+        {**PLAIN, "max_in_flight": 2},
+        {**NGRAM, "k": 5},
+        {"url": "http://d:4", "speculative": "none"},
+        max_in_flight=3,
+        api_key_env="PATH",  # any variable that is set
+    )
+    keys = replica_api_keys(after)
+    change = plan_change(replicas, after, keys, (1, 2))
+    apply_settings(change, after, keys)
+    assert change.replicas[0] is plain and change.kept == [plain]
+    assert (plain.healthy, plain.served, plain.max_in_flight) == (True, 5, 2)
+    assert plain.headers["Authorization"].startswith("Bearer ")
+    assert [r.name for r in change.removed] == ["http://b:2", "http://c:3"]
+    assert [r.name for r in change.added] == ["http://b:2", "http://d:4"]
+    moved = change.added[0]
+    assert moved is not ngram and moved.spec.draft_length == 5 and not moved.healthy
+    assert change.added[1].max_in_flight == 3 and change.added[1].probe_ids == (1, 2)
+    assert gone not in change.replicas
+    assert "1 kept; added http://b:2 (ngram, k=5)" in change.summary()
+
+
+@pytest.mark.parametrize(
+    ("new", "message"),
+    [
+        (_fleet({**PLAIN, "model": "other"}), "the model changed from 'target' to 'other'"),
+        (_fleet(PLAIN, {"url": "http://b:2", "speculative": "code"}), "unknown drafter 'code'"),
+        (_fleet(PLAIN, api_key_env="SPECROUTE_TEST_UNSET_KEY"), "SPECROUTE_TEST_UNSET_KEY"),
+    ],
+)
+def test_a_fleet_file_that_cannot_replace_the_served_one_is_refused(new: Any, message: str) -> None:
+    from router.fleet.reload import check_new_fleet
+
+    with pytest.raises(FleetConfigError, match=re.escape(message)):
+        check_new_fleet(_fleet(PLAIN, NGRAM), new, {"none", "ngram"}, "fleet file f.toml")
+
+
+def test_the_fleet_file_is_applied_when_its_content_changes_and_a_bad_one_refused_once(
+    tmp_path: Path,
+) -> None:
+    """The reader applies each new content once, refuses a bad one once (not at every
+    read), applies the file again once it is fixed, and stops when reload_interval_s
+    becomes 0."""
+    import asyncio
+
+    from router.fleet.reload import watch_fleet_file
+
+    path = tmp_path / "fleet.toml"
+    start = '[[replicas]]\nurl = "http://a:1"\nmodel = "target"\nspeculative = "none"\n'
+    path.write_text(start)
+    applied: list[int] = []
+    refused: list[str] = []
+    interval = {"s": 0.01}
+
+    async def apply(fleet: Any) -> None:
+        applied.append(len(fleet.replicas))
+
+    async def run() -> None:
+        reader = asyncio.create_task(
+            watch_fleet_file(path, start.encode(), lambda: interval["s"], apply, refused.append)
+        )
+        await asyncio.sleep(0.1)
+        assert applied == [] and refused == []  # the content served at start
+        path.write_text(start + start.replace("a:1", "b:2"))
+        await asyncio.sleep(0.1)
+        assert applied == [2]
+        path.write_text("[[replicas]\n")
+        await asyncio.sleep(0.1)
+        assert applied == [2] and len(refused) == 1 and "not TOML" in refused[0]
+        path.unlink()
+        await asyncio.sleep(0.1)
+        path.write_text(start)
+        await asyncio.sleep(0.1)
+        assert applied == [2, 1] and len(refused) == 1
+        interval["s"] = 0
+        await asyncio.wait_for(reader, 1)
+
+    asyncio.run(run())
+
+
+def test_a_reload_gives_the_policy_the_fleets_draft_lengths_when_they_change() -> None:
+    """The policy prices each drafter at its replicas' k (``drafter_hints``): a reload that
+    changes a k, or adds or removes a drafter, gives it the new hints; one that changes
+    other settings only does not."""
+    import asyncio
+    from types import SimpleNamespace
+
+    start = _fleet(PLAIN, NGRAM)
+    service = FleetRouterService.__new__(FleetRouterService)
+    hinted: list[int] = []
+    watched: list[str] = []
+    service.settings = SimpleNamespace(fleet_file=Path("fleet.toml"))  # type: ignore[assignment]
+    service.drafters = SimpleNamespace(names=lambda: ["none", "ngram"])  # type: ignore[assignment]
+    service.policy = SimpleNamespace(hints_changed=lambda: hinted.append(1))  # type: ignore[assignment]
+    service.fleet, service._probe_ids, service._reloads = start, (), None
+    service.replicas = [Replica.from_spec(spec, start) for spec in start.replicas]
+    service._watchers = {}
+    service._watch = lambda replica: watched.append(replica.name)  # type: ignore[method-assign]
+
+    asyncio.run(service.reload_fleet(_fleet(PLAIN, NGRAM, max_in_flight=2)))
+    assert hinted == [] and watched == [] and service.replicas[1].max_in_flight == 2
+    asyncio.run(service.reload_fleet(_fleet(PLAIN, {**NGRAM, "k": 5})))
+    assert hinted == [1] and watched == ["http://b:2"]
+    assert service.fleet.draft_length("ngram") == 5
