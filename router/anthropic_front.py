@@ -32,7 +32,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
-from router.domain import GenerateInput
+from router.domain import Caller, GenerateInput
 from router.errors import (
     GenerationFailedError,
     InvalidFieldError,
@@ -336,10 +336,12 @@ def usage_of(result: GenerationResult) -> dict[str, int]:
     return {"input_tokens": result.routed.prompt_tokens, "output_tokens": len(result.output_ids)}
 
 
-async def collect(service: RouterService, body: MessagesRequest) -> dict[str, Any]:
+async def collect(service: RouterService, body: MessagesRequest, caller: Caller) -> dict[str, Any]:
     chat = chat_request(body)
     answer = MessageObject(body, chat)
-    result = (await run_choice(service, messages_input(service, chat), chat)).result
+    result = (
+        await run_choice(service, caller.generation(messages_input(service, chat)), chat)
+    ).result
     text = result.generated_text
     if str(result.stats.finish_reason) == "stop_sequence":
         text = without_stop(text, answer.stops)
@@ -358,11 +360,11 @@ async def stream(
     (at once without tools); text that may be a stop sequence or begin a tool call is
     held until it is not; each call is a ``tool_use`` block whose input comes as one
     ``input_json_delta``. An error after the first event is an ``error`` event."""
-    from router.http_front import SSE_HEADERS, client_may_leave
+    from router.http_front import CALLER_KEY, SSE_HEADERS, client_may_leave
 
     chat = chat_request(body)
     answer = MessageObject(body, chat)
-    asked = messages_input(service, chat)
+    asked = request[CALLER_KEY].generation(messages_input(service, chat))
     items: AsyncIterator[Any]
     async with contextlib.aclosing(service.generate(asked)) as items:  # type: ignore[type-var]
         routed = await anext(items)  # errors before the first event are plain HTTP errors
@@ -496,7 +498,7 @@ async def _parsed(request: web.Request) -> MessagesRequest:
 
 
 async def messages_route(request: web.Request) -> web.StreamResponse:
-    from router.http_front import SERVICE_KEY
+    from router.http_front import CALLER_KEY, SERVICE_KEY
 
     service = request.app[SERVICE_KEY]
     try:
@@ -505,7 +507,7 @@ async def messages_route(request: web.Request) -> web.StreamResponse:
             raise InvalidFieldError("max_tokens", "is required")
         if body.stream:
             return await stream(service, request, body)
-        return web.json_response(await collect(service, body))
+        return web.json_response(await collect(service, body, request[CALLER_KEY]))
     except SidecarError as error:
         return anthropic_error(error)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from router.domain import (
@@ -18,6 +19,7 @@ from router.domain import (
     check_forced_stop_threshold,
     check_logprobs,
     check_outcome,
+    trace_context,
 )
 from router.errors import InvalidFieldError
 from router.pb import router_pb2 as pb
@@ -97,10 +99,17 @@ def route_from_pb(message: pb.RouteRequest | pb.GenerateRequest) -> RouteInput:
     )
 
 
-def generate_from_pb(message: pb.GenerateRequest) -> GenerateInput:
+def generate_from_pb(
+    message: pb.GenerateRequest, metadata: Sequence[tuple[str, str | bytes]] | None = None
+) -> GenerateInput:
+    """The request, with the W3C trace context of the call's ``metadata`` (gRPC's
+    ``traceparent`` and ``tracestate`` keys, as OpenTelemetry's gRPC instrumentation
+    sends them), which a fleet replica is sent."""
     forced_k = message.force_draft_length if message.HasField("force_draft_length") else None
     forced_stop = message.force_stop_threshold if message.HasField("force_stop_threshold") else None
+    keys = {key: value for key, value in metadata or () if isinstance(value, str)}
     return GenerateInput(
+        trace=trace_context(keys.get("traceparent"), keys.get("tracestate")),
         route=route_from_pb(message),
         force_drafter=message.force_drafter,
         force_draft_length=check_forced_draft_length(forced_k),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -122,6 +123,9 @@ class GenerateInput:
     # The text the answer is expected to repeat (OpenAI's predicted outputs), drafted
     # from before the routed drafter (in-process engine only; drafters/prediction.py).
     prediction: str | None = None
+    # The caller's W3C trace context (``traceparent``, ``tracestate``), sent on with the
+    # request to a fleet replica so that its spans join the caller's trace (``Caller``).
+    trace: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -555,6 +559,61 @@ def check_logprobs(logprobs: int | None, field_name: str) -> int | None:
 
 
 MAX_REQUEST_ID_CHARS = 128
+# A request id an HTTP caller gives (X-Request-Id) is used up to this length: the choices
+# of one request (OpenAI's n) are numbered after it (``<id>-1``...).
+MAX_CALLER_REQUEST_ID_CHARS = 120
+# W3C Trace Context: version-trace id-parent id-flags, all lower-case hex (a later version
+# may add fields after a dash). The all-zero ids are invalid.
+TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-[ -~]*)?")
+MAX_TRACESTATE_CHARS = 512
+
+
+@dataclass(frozen=True)
+class Caller:
+    """What an HTTP request's headers (or a gRPC call's metadata) say of who asked: the
+    request id to serve it under (empty: the sidecar assigns one), and the W3C trace
+    context to send on to a fleet replica (empty when absent or malformed)."""
+
+    request_id: str = ""
+    trace: tuple[tuple[str, str], ...] = ()
+
+    def generation(self, request: GenerateInput, index: int = 0) -> GenerateInput:
+        """``request`` as this caller's: its id (``<id>-<index>`` for a request's later
+        choices) and trace context."""
+        request_id = self.request_id
+        if request_id and index:
+            request_id = f"{request_id}-{index}"
+        route = replace(request.route, request_id=request_id or request.route.request_id)
+        return replace(request, route=route, trace=self.trace)
+
+
+def caller_request_id(header: str | None) -> str:
+    """A caller's ``X-Request-Id``, or "" where it is absent or unusable as a request id
+    (over MAX_CALLER_REQUEST_ID_CHARS characters, or not printable ASCII): the sidecar
+    then assigns one, as for a caller that sent none, rather than refuse the request for
+    what a proxy added."""
+    if not header or len(header) > MAX_CALLER_REQUEST_ID_CHARS:
+        return ""
+    return header if all(" " <= char <= "~" for char in header) else ""
+
+
+def trace_context(traceparent: str | None, tracestate: str | None) -> tuple[tuple[str, str], ...]:
+    """The W3C trace-context headers to send on: none when ``traceparent`` is absent or
+    malformed (tracestate means nothing without it, as the specification says); a
+    malformed tracestate is left out alone."""
+    if not traceparent:
+        return ()
+    traceparent = traceparent.strip()
+    if not TRACEPARENT.fullmatch(traceparent) or traceparent.startswith("ff-"):
+        return ()
+    _, trace_id, parent_id, _ = traceparent.split("-", 3)[:4]
+    if set(trace_id) == {"0"} or set(parent_id) == {"0"}:
+        return ()
+    headers = [("traceparent", traceparent)]
+    printable = all(" " <= char <= "~" for char in tracestate or "")
+    if tracestate and len(tracestate) <= MAX_TRACESTATE_CHARS and printable:
+        headers.append(("tracestate", tracestate))
+    return tuple(headers)
 
 
 def check_request_id(request_id: str) -> str:

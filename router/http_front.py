@@ -24,11 +24,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from router.domain import (
     MAX_STOP_SEQUENCES,
+    Caller,
     GenerateInput,
     Prompt,
     RouteInput,
     Sampling,
+    caller_request_id,
     check_logprobs,
+    trace_context,
 )
 from router.errors import (
     GenerationFailedError,
@@ -68,6 +71,10 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 TOKEN_KEY = web.AppKey("data_token", str)
+# Every request's Caller (``callers``): its X-Request-Id, or one the sidecar assigned,
+# which the response's X-Request-Id header gives back.
+CALLER_KEY = web.RequestKey("caller", Caller)
+REQUEST_ID_HEADER = "X-Request-Id"
 
 
 class TgiParameters(BaseModel):
@@ -319,10 +326,10 @@ def check_api_key(request: web.Request) -> None:
 
 
 def _generation(
-    service: RouterService, body: TgiRequest, *, streaming: bool
+    service: RouterService, body: TgiRequest, caller: Caller, *, streaming: bool
 ) -> AsyncGenerator[Any, None]:
     request = generate_input_from_tgi(body, service.limits.max_new_tokens, streaming=streaming)
-    return service.generate(request)  # type: ignore[return-value]
+    return service.generate(caller.generation(request))  # type: ignore[return-value]
 
 
 async def _first(items: AsyncIterator[Any]) -> RoutedRequest:
@@ -331,13 +338,13 @@ async def _first(items: AsyncIterator[Any]) -> RoutedRequest:
     return routed
 
 
-async def _collect(service: RouterService, body: TgiRequest) -> dict[str, Any]:
+async def _collect(service: RouterService, body: TgiRequest, caller: Caller) -> dict[str, Any]:
     """Run a whole generation; the TGI response object."""
     params = body.parameters or TgiParameters()
     tokens: list[dict[str, Any]] = []
     top_tokens: list[list[dict[str, Any]]] = []
     prefill: list[dict[str, Any]] = []
-    async with contextlib.aclosing(_generation(service, body, streaming=False)) as items:
+    async with contextlib.aclosing(_generation(service, body, caller, streaming=False)) as items:
         await _first(items)  # the decision announced; the result's is the one that finished
         result: GenerationResult | None = None
         async for item in items:
@@ -371,7 +378,8 @@ async def _sse(
     service: RouterService, request: web.Request, body: TgiRequest
 ) -> web.StreamResponse:
     """Stream one ``data:{json}`` event per token; the last carries text and details."""
-    async with contextlib.aclosing(_generation(service, body, streaming=True)) as items:
+    generation = _generation(service, body, request[CALLER_KEY], streaming=True)
+    async with contextlib.aclosing(generation) as items:
         await _first(items)  # errors before the first event become plain HTTP errors
         response = web.StreamResponse(headers=SSE_HEADERS)
         with client_may_leave(request):
@@ -464,7 +472,7 @@ async def compat_route(request: web.Request) -> web.StreamResponse:
         body = await _parse(request)
         if body.stream:
             return await _sse(service, request, body)
-        return web.json_response([await _collect(service, body)])
+        return web.json_response([await _collect(service, body, request[CALLER_KEY])])
     except SidecarError as error:
         return error_response(error)
 
@@ -474,7 +482,7 @@ async def generate_route(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE_KEY]
     try:
         body = await _parse(request)
-        return web.json_response(await _collect(service, body))
+        return web.json_response(await _collect(service, body, request[CALLER_KEY]))
     except SidecarError as error:
         return error_response(error)
 
@@ -534,6 +542,29 @@ async def health_route(request: web.Request) -> web.Response:
 
 
 @web.middleware
+async def callers(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every request's ``Caller``: the id it is served under (its X-Request-Id when usable,
+    else one the sidecar assigns; ``caller_request_id``) and its W3C trace context
+    (``traceparent``, ``tracestate``), which a fleet replica is sent."""
+    headers = request.headers
+    request_id = caller_request_id(headers.get(REQUEST_ID_HEADER))
+    request[CALLER_KEY] = Caller(
+        request_id or request.app[SERVICE_KEY].new_request_id(),
+        trace_context(headers.get("traceparent"), headers.get("tracestate")),
+    )
+    return await handler(request)  # type: ignore[no-any-return]
+
+
+async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """Each response (a stream's before its first byte, an error's too) names the id its
+    request was served under, as OpenAI's API and vLLM's do: the id in the sidecar's logs,
+    its Route decision and the fleet replica's request."""
+    caller = request.get(CALLER_KEY)
+    if caller is not None:
+        response.headers[REQUEST_ID_HEADER] = caller.request_id
+
+
+@web.middleware
 async def counted_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """Count each error response in ``specroute_errors_total`` by its gRPC code, as the
     gRPC front counts its refusals (HTTP overload, 422 and 401 were never counted, so an
@@ -568,8 +599,9 @@ def build_http_app(service: RouterService, data_token: str | None = None) -> web
     """The TGI-compatible aiohttp application, with the OpenAI-compatible routes."""
     app = web.Application(
         client_max_size=service.limits.max_request_bytes,
-        middlewares=[counted_errors, unexpected_errors],
+        middlewares=[callers, counted_errors, unexpected_errors],
     )
+    app.on_response_prepare.append(_request_id_header)
     app[SERVICE_KEY] = service
     app[TOKEN_KEY] = data_token or ""
     app.router.add_post("/", compat_route)

@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from drafters.grammar import OutputGrammar
 from router.domain import (
     MAX_STOP_SEQUENCES,
+    Caller,
     GenerateInput,
     Prompt,
     RouteInput,
@@ -849,9 +850,12 @@ def choice_count(body: OpenAIParameters) -> int:
     return count
 
 
-def choice_inputs(service: RouterService, endpoint: Endpoint, body: Any) -> list[GenerateInput]:
+def choice_inputs(
+    service: RouterService, endpoint: Endpoint, body: Any, caller: Caller
+) -> list[GenerateInput]:
     """One generation per choice: ``n`` per prompt, prompt after prompt (choice index =
-    prompt index * n + i, as vLLM numbers them). With a seed, a prompt's choice i samples
+    prompt index * n + i, as vLLM numbers them), each the ``caller``'s (the first under
+    its request id, choice i under ``<id>-<i>``). With a seed, a prompt's choice i samples
     with seed + i, so that sampled choices differ and each is the output of a lone request
     with that seed (at the same drafter and k); without one, each run draws its own."""
     count = choice_count(body)
@@ -861,7 +865,7 @@ def choice_inputs(service: RouterService, endpoint: Endpoint, body: Any) -> list
     for prompt in prompts:
         first = dataclasses.replace(asked, route=dataclasses.replace(asked.route, prompt=prompt))
         inputs.extend([first, *(_reseeded(first, i) for i in range(1, count))])
-    return inputs
+    return [caller.generation(request, index) for index, request in enumerate(inputs)]
 
 
 def _reseeded(request: GenerateInput, index: int) -> GenerateInput:
@@ -1330,9 +1334,11 @@ async def _all_at_most(width: int, jobs: Sequence[Callable[[], Awaitable[Any]]])
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _collect(service: RouterService, endpoint: Endpoint, body: Any) -> dict[str, Any]:
+async def _collect(
+    service: RouterService, endpoint: Endpoint, body: Any, caller: Caller
+) -> dict[str, Any]:
     reply = _Reply.for_body(endpoint, body)
-    requests = choice_inputs(service, endpoint, body)
+    requests = choice_inputs(service, endpoint, body, caller)
     jobs = [functools.partial(run_choice, service, r, body) for r in requests]
     finished = await _all_at_most(choice_width(service, len(requests)), jobs)
     reply.decided(finished[0].result.routed)
@@ -1460,7 +1466,9 @@ async def _stream(
 
     reply = _Reply.for_body(endpoint, body)
     include_usage = usage_asked(body)[0]
-    requests = choice_inputs(service, endpoint, body)
+    from router.http_front import CALLER_KEY
+
+    requests = choice_inputs(service, endpoint, body, request[CALLER_KEY])
     several = len(requests) > 1
     async with contextlib.aclosing(_generation(service, requests[0])) as items:
         routed = await _first(items)  # errors before the first event are plain HTTP errors
@@ -1502,14 +1510,15 @@ async def _stream(
 
 def _generation_handler(endpoint: Endpoint) -> Callable[[web.Request], Any]:
     async def handle(request: web.Request) -> web.StreamResponse:
-        from router.http_front import SERVICE_KEY
+        from router.http_front import CALLER_KEY, SERVICE_KEY
 
         service = request.app[SERVICE_KEY]
         try:
             body = await _parse(request, endpoint)
             if body.stream:
                 return await _stream(service, request, endpoint, body)
-            return web.json_response(await _collect(service, endpoint, body))
+            collected = await _collect(service, endpoint, body, request[CALLER_KEY])
+            return web.json_response(collected)
         except SidecarError as error:
             return error_response(error)
 

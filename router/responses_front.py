@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
-from router.domain import GenerateInput
+from router.domain import Caller, GenerateInput
 from router.errors import (
     GenerationFailedError,
     InvalidFieldError,
@@ -435,10 +435,10 @@ def finish_status(result: GenerationResult) -> str:
     return "completed" if str(result.stats.finish_reason) != "length" else "incomplete"
 
 
-async def collect(service: RouterService, body: ResponsesRequest) -> dict[str, Any]:
+async def collect(service: RouterService, body: ResponsesRequest, caller: Caller) -> dict[str, Any]:
     chat = chat_request(service, body)
     answer = ResponseObject(service, body, chat)
-    ran = await run_choice(service, responses_input(service, chat), chat)
+    ran = await run_choice(service, caller.generation(responses_input(service, chat)), chat)
     result, status = ran.result, finish_status(ran.result)
     if ran.scored is not None:
         answer.logprobs = chat_logprobs(ran.scored)["content"]
@@ -457,11 +457,11 @@ async def stream(
     and text that may begin a call is held until it is read. An error after the first
     event is an ``error`` event and ``response.failed``; a client that leaves part-way
     stops the generation."""
-    from router.http_front import SSE_HEADERS, client_may_leave
+    from router.http_front import CALLER_KEY, SSE_HEADERS, client_may_leave
 
     chat = chat_request(service, body)
     answer = ResponseObject(service, body, chat)
-    asked = responses_input(service, chat)
+    asked = request[CALLER_KEY].generation(responses_input(service, chat))
     items: AsyncIterator[Any]
     async with contextlib.aclosing(service.generate(asked)) as items:  # type: ignore[type-var]
         routed = await anext(items)  # errors before the first event are plain HTTP errors
@@ -609,14 +609,14 @@ async def _send_failure(
 
 
 async def responses_route(request: web.Request) -> web.StreamResponse:
-    from router.http_front import SERVICE_KEY
+    from router.http_front import CALLER_KEY, SERVICE_KEY
 
     service = request.app[SERVICE_KEY]
     try:
         body = await parsed_body(request, ResponsesRequest)
         if body.stream:
             return await stream(service, request, body)
-        return web.json_response(await collect(service, body))
+        return web.json_response(await collect(service, body, request[CALLER_KEY]))
     except SidecarError as error:
         return error_response(error)
 

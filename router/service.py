@@ -495,6 +495,10 @@ class RouterService:
         return "the sidecar is shutting down" if self.stopping else None
 
     # -- routing ----------------------------------------------------------------------
+    def new_request_id(self) -> str:
+        """An id for a request whose caller gave none: unique to this process's run."""
+        return f"{self._id_prefix}-{next(self._ids)}"
+
     def eligible_drafters(self) -> list[str]:
         """The drafters the policy may choose now (a fleet narrows them to the
         configurations that have a replica free)."""
@@ -838,7 +842,7 @@ class RouterService:
         decided (decision, policy version)."""
         bucket, context, decision, version = placement
         return RoutedRequest(
-            request_id=request.request_id or f"{self._id_prefix}-{next(self._ids)}",
+            request_id=request.request_id or self.new_request_id(),
             task_cluster=classification.cluster,
             confidence=classification.probability,
             out_of_distribution=classification.out_of_distribution,

@@ -57,7 +57,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self, request: pb.GenerateRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateChunk]:
         announced: RoutedRequest | None = None
-        async for item in self._service.generate(convert.generate_from_pb(request)):
+        asked = convert.generate_from_pb(request, context.invocation_metadata())
+        async for item in self._service.generate(asked):
             if isinstance(item, RoutedRequest):
                 announced = item
             yield convert.generation_item_to_pb(item, announced)

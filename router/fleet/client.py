@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,6 +239,7 @@ async def stream_completion(
     body: dict[str, Any],
     connect_timeout_s: float,
     request_id: str | None = None,
+    trace: Sequence[tuple[str, str]] = (),
 ) -> AsyncGenerator[Delta | PromptScored | StreamEnd, None]:
     """Yield the replica's deltas, then one :class:`StreamEnd`. Raises
     :class:`ReplicaFailedError` (connection, timeout: no byte for ``replica.timeout_s``,
@@ -248,7 +249,9 @@ async def stream_completion(
     :class:`ReplicaRefusedError` (other 4xx, also as an error event before any token).
     A stream that breaks once its finish reason has arrived ends normally (without the
     usage chunk's metrics). ``request_id`` goes as ``X-Request-Id``, which vLLM takes as
-    its own request id (``cmpl-<id>`` in its logs)."""
+    its own request id (``cmpl-<id>`` in its logs); ``trace``, the caller's W3C trace
+    context headers, go as they came, so that vLLM's spans (``--otlp-traces-endpoint``)
+    join the caller's trace."""
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=connect_timeout_s, sock_read=replica.timeout_s
     )
@@ -259,7 +262,9 @@ async def stream_completion(
     opened = OpenStream()
     replica.streams.add(opened)
     try:
-        headers = {**replica.headers, **({"X-Request-Id": request_id} if request_id else {})}
+        headers = {**replica.headers, **dict(trace)}
+        if request_id:
+            headers["X-Request-Id"] = request_id
         call = session.post(url, json=body, headers=headers, timeout=timeout)
         async with await opened.until_cut(call) as response:
             opened.response = response

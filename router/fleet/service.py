@@ -636,7 +636,7 @@ class FleetRouterService(RouterService):
         # (VLLM_DISABLE_REQUEST_ID_RANDOMIZATION, older versions) fails on duplicates.
         request_id = f"{placed.request_id}-{progress.attempts}"
         stream = replica_stream(
-            self._session, replica, body, self.fleet.connect_timeout_s, request_id
+            self._session, replica, body, self.fleet.connect_timeout_s, request_id, request.trace
         )
         try:
             async with contextlib.aclosing(stream) as events:

@@ -143,6 +143,7 @@ class StandInReplica:
     api_key: str | None = None
     authorizations: list[str | None] = field(default_factory=list)  # as /v1 received them
     request_ids: list[str | None] = field(default_factory=list)  # X-Request-Id of each POST
+    traces: list[tuple[str | None, str | None]] = field(default_factory=list)  # its trace context
     tls: RedisTlsFiles | None = None  # https with this certificate
     models: list[str] | None = None  # GET /v1/models lists these (None: 404, no such route)
     tokens: list[int] | None = None  # what POST /tokenize answers (None: 404)
@@ -229,6 +230,7 @@ class StandInReplica:
                     return
                 replica.authorizations.append(self.headers.get("Authorization"))
                 replica.request_ids.append(self.headers.get("X-Request-Id"))
+                replica.traces.append((self.headers["traceparent"], self.headers["tracestate"]))
                 if not self._authorized():
                     return
                 replica.prompts.append([int(t) for t in request["prompt"]])
@@ -534,6 +536,69 @@ def test_a_predicted_output_is_refused_in_fleet_mode(weightless_fleet: Weightles
         )
     error = bad.value.body
     assert isinstance(error, dict) and error["param"] == "prediction", error
+
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_a_callers_request_id_and_trace_context_reach_the_replica(
+    weightless_fleet: WeightlessFleet,
+) -> None:
+    """A gateway's X-Request-Id is the id a request is served under (the response's
+    X-Request-Id, which the official client reads, and the replica's, choice by choice),
+    and its W3C trace context goes on to the replica so that vLLM's spans join the
+    caller's trace; over gRPC from the call's metadata. Without X-Request-Id, or with one
+    that cannot be an id, the response names the id the sidecar assigned. A malformed
+    traceparent is not sent on."""
+    fleet = weightless_fleet
+
+    def sent() -> dict[str, tuple[str | None, str | None]]:
+        """Each request id the replicas were sent (the attempt's number after it: -1),
+        with the trace context it came with."""
+        return {
+            request_id: trace
+            for replica in (fleet.plain, fleet.generic)
+            for request_id, trace in zip(replica.request_ids, replica.traces, strict=True)
+            if request_id
+        }
+
+    openai_client = openai.OpenAI(
+        base_url=f"{fleet.sidecar.http_url}/v1", api_key="unused", max_retries=0
+    )
+    headers = {"X-Request-Id": "gateway-42", "traceparent": TRACEPARENT, "tracestate": "v=1"}
+    completion = openai_client.completions.create(
+        model="target", prompt=COMPLETION_PROMPT, max_tokens=2, n=2, extra_headers=headers
+    )
+    assert completion._request_id == "gateway-42"
+    assert completion.model_extra is not None
+    assert completion.model_extra["specroute"]["request_id"] == "gateway-42"
+    assert sent()["gateway-42-1"] == sent()["gateway-42-1-1"] == (TRACEPARENT, "v=1")
+
+    stream = openai_client.chat.completions.with_raw_response.create(
+        model="target",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        stream=True,
+        extra_headers={"X-Request-Id": "x" * 121, "traceparent": "00-not-a-trace-01"},
+    )
+    assigned = stream.headers["x-request-id"]
+    assert len(list(stream.parse())) > 1
+    assert assigned and assigned != "x" * 121 and sent()[f"{assigned}-1"] == (None, None)
+
+    request = urllib.request.Request(
+        f"{fleet.sidecar.http_url}/generate",
+        data=json.dumps(
+            {"inputs": COMPLETION_PROMPT, "parameters": {"max_new_tokens": 2}}
+        ).encode(),
+        headers={"Content-Type": "application/json", "X-Request-Id": "tgi-7"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.headers["X-Request-Id"] == "tgi-7" and "tgi-7-1" in sent()
+
+    generate = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=2)
+    metadata = (("traceparent", TRACEPARENT),)
+    chunks = list(fleet.stub.Generate(generate, timeout=60, metadata=metadata))
+    assert sent()[f"{chunks[0].decision.request_id}-1"] == (TRACEPARENT, None)
 
 
 def test_a_replica_gets_its_api_key_and_one_without_gets_none(

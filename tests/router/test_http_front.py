@@ -583,3 +583,46 @@ def test_a_special_tokens_text_is_the_token_as_tgi_gives_it(sidecar: SidecarThre
     (first, _), (last, _) = _tokens_json(chunk, texts)
     assert (first["text"], first["special"]) == ("hello", False)
     assert (last["text"], last["special"]) == ("<|im_end|>", True)
+
+
+def _answer(url: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, Any, Any]:
+    """(status, headers, JSON body) of a POST, an error's included."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json", **headers}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.headers, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, json.loads(error.read())
+
+
+def test_every_response_names_the_request_id_it_was_served_under(sidecar: SidecarThread) -> None:
+    """As OpenAI's API and vLLM: X-Request-Id on every front's answers, refusals and streams
+    included, the caller's own when it sent one; the id is the one the answer's specroute
+    details and the sidecar's logs give."""
+    url = sidecar.http_url
+    tgi = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2, "details": True}}
+    status, headers, body = _answer(f"{url}/generate", tgi, {})
+    assigned = headers["X-Request-Id"]
+    assert status == 200 and assigned and body["details"]["specroute"]["request_id"] == assigned
+    status, headers, body = _answer(f"{url}/generate", tgi, {"X-Request-Id": "lb-1"})
+    assert headers["X-Request-Id"] == body["details"]["specroute"]["request_id"] == "lb-1"
+    refused = {"inputs": PROMPT, "parameters": {"max_new_tokens": 0}}
+    status, headers, _ = _answer(f"{url}/generate", refused, {"X-Request-Id": "lb-2"})
+    assert status == 422 and headers["X-Request-Id"] == "lb-2"
+    messages = {"model": "target", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    for path in ("/v1/messages", "/v1/chat/completions"):
+        status, headers, body = _answer(f"{url}{path}", messages, {"X-Request-Id": "lb-3"})
+        assert status == 200 and headers["X-Request-Id"] == "lb-3", (path, body)
+        assert body["specroute"]["request_id"] == "lb-3"
+    streamed = {**tgi, "stream": True}
+    with urllib.request.urlopen(
+        urllib.request.Request(
+            f"{url}/generate_stream",
+            data=json.dumps(streamed).encode(),
+            headers={"Content-Type": "application/json", "X-Request-Id": "lb-4"},
+        ),
+        timeout=60,
+    ) as response:
+        assert response.headers["X-Request-Id"] == "lb-4" and response.read()
