@@ -71,6 +71,9 @@ CREATE TABLE IF NOT EXISTS distillation_runs (
 );
 """
 
+# The layout SCHEMA writes, stamped in the file (``router.store.open_database``).
+SCHEMA_VERSION = 1
+
 # What became of a distillation run (specroute_distillation_runs_total{outcome}).
 DISTILLATION_OUTCOMES = ("registered", "refused", "written", "failed")
 
@@ -161,7 +164,7 @@ class CaptureStore:
         self.path = state_dir / DATABASE_NAME
         self.settings = settings or CaptureSettings()
         self._lock = threading.Lock()
-        self._db = open_database(self.path, SCHEMA, synchronous="NORMAL")
+        self._db = open_database(self.path, SCHEMA, synchronous="NORMAL", version=SCHEMA_VERSION)
         # Deleted samples are overwritten, not only unlinked: SQLite builds differ in the
         # default, and where it is off a purge left the token ids in the file's free pages.
         self._db.execute("PRAGMA secure_delete=ON")

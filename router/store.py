@@ -49,6 +49,10 @@ CREATE TABLE IF NOT EXISTS policy_snapshots (
 """
 
 DATABASE_NAME = "sidecar.sqlite3"
+# The layout SCHEMA writes, stamped in the file (PRAGMA user_version): a file stamped with a
+# later one was written by a newer specroute and is refused, not half-read; raise it (and
+# upgrade older files in ``open_database``) whenever the layout changes.
+SCHEMA_VERSION = 1
 LOCK_NAME = "sidecar.lock"
 SNAPSHOTS_KEPT = 20
 
@@ -110,14 +114,19 @@ class StateStoreError(RuntimeError):
 
 
 def open_database(
-    path: Path, schema: str, synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    path: Path,
+    schema: str,
+    synchronous: Literal["FULL", "NORMAL"] = "FULL",
+    version: int = SCHEMA_VERSION,
 ) -> sqlite3.Connection:
     """A connection to the SQLite file at ``path`` in WAL mode, autocommit (each statement
     outside an explicit transaction commits at once), usable from any thread under the
-    caller's lock, with ``schema`` applied. In WAL mode a committed transaction survives
-    the process being killed with either ``synchronous`` level; FULL also survives a power
-    loss, at one fsync per commit. ``StateStoreError`` when the file cannot be opened as
-    a database, or its pages are damaged (``PRAGMA quick_check``; it is left as it is)."""
+    caller's lock, with ``schema`` applied and its ``version`` stamped. In WAL mode a
+    committed transaction survives the process being killed with either ``synchronous``
+    level; FULL also survives a power loss, at one fsync per commit. ``StateStoreError``
+    when the file cannot be opened as a database, its pages are damaged (``PRAGMA
+    quick_check``), or it was written by a newer specroute (a later version stamped); it
+    is left as it is."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -125,9 +134,19 @@ def open_database(
         raise StateStoreError(f"cannot open the state database {path}: {error}") from None
     try:
         db.row_factory = sqlite3.Row
+        found = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if found > version:
+            db.close()
+            raise StateStoreError(
+                f"the state database {path} was written by a newer specroute (its schema "
+                f"version is {found}; this one reads {version} and older): run that version, "
+                "or move the file aside to start afresh; it is left as it is"
+            )
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={synchronous}")
         db.executescript(schema)
+        if found < version:  # new, or written before versions were stamped
+            db.execute(f"PRAGMA user_version={int(version)}")
         damage = [str(row[0]) for row in db.execute("PRAGMA quick_check")]
     except sqlite3.Error as error:
         db.close()

@@ -228,3 +228,18 @@ def test_a_write_that_fails_leaves_no_transaction_and_says_why(
     store._db = real  # room again
     assert store.record("math", PROMPT, OUTPUT)
     assert [s.samples for s in store.stats()] == [1]
+
+
+def test_the_capture_database_is_stamped_and_a_newer_one_refused(tmp_path: Path) -> None:
+    """As the state database (test_durability.py): a capture database a later specroute
+    wrote is refused (capture on) rather than half-read."""
+    from router.capture import DATABASE_NAME, SCHEMA_VERSION
+    from router.store import StateStoreError
+
+    _store(tmp_path).close()
+    with sqlite3.connect(tmp_path / DATABASE_NAME) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(StateStoreError, match="written by a newer specroute"):
+        _store(tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -24,7 +25,13 @@ from router.launch import LaunchedSidecar, launch_sidecar
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc
 from router.service import Components
-from router.store import DATABASE_NAME, DrafterRecord, SidecarStore, StateStoreError
+from router.store import (
+    DATABASE_NAME,
+    SCHEMA_VERSION,
+    DrafterRecord,
+    SidecarStore,
+    StateStoreError,
+)
 from tests.router.conftest import (
     ADMIN,
     ADMIN_TOKEN,
@@ -218,7 +225,20 @@ def _damaged_pages(state_dir: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("damage", ["not a directory", "not a database", "damaged pages"])
+def _from_a_newer_specroute(state_dir: Path) -> Path:
+    """A state database as a later specroute would leave it: a later schema version."""
+    store = SidecarStore(state_dir)
+    store.save_policy("thompson", 1, {"learnt": True})
+    store.close()
+    path = state_dir / DATABASE_NAME
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage", ["not a directory", "not a database", "damaged pages", "a newer schema"]
+)
 def test_a_state_directory_that_cannot_be_used_stops_the_start_and_is_left_as_is(
     tmp_path: Path, damage: str
 ) -> None:
@@ -235,6 +255,8 @@ def test_a_state_directory_that_cannot_be_used_stops_the_start_and_is_left_as_is
         state_dir.mkdir()
         kept = state_dir / DATABASE_NAME
         kept.write_bytes(bytes(range(256)) * 20)  # not SQLite's header
+    elif damage == "a newer schema":
+        kept = _from_a_newer_specroute(state_dir)
     else:
         kept = _damaged_pages(state_dir)
     before = kept.read_bytes()
@@ -244,6 +266,34 @@ def test_a_state_directory_that_cannot_be_used_stops_the_start_and_is_left_as_is
     assert str(state_dir) in done.stderr
     assert kept.read_bytes() == before
     assert done.stdout.rstrip().endswith(NO_ENGINE_IMPORTS), done.stdout
+
+
+def test_the_state_database_is_stamped_with_its_schema_version(tmp_path: Path) -> None:
+    """A new database, and one written before versions were stamped (user_version 0),
+    are stamped, their rows kept; one stamped by a newer specroute is refused, untouched,
+    naming both versions (it would be half-read: a later layout's columns unknown here)."""
+    state_dir = tmp_path / "state"
+    store = SidecarStore(state_dir)
+    store.save_policy("thompson", 3, {"learnt": True})
+    store.close()
+    path = state_dir / DATABASE_NAME
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        db.execute("PRAGMA user_version=0")
+    store = SidecarStore(state_dir)
+    assert store.latest_policy("thompson").state == {"learnt": True}
+    store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    newer = _from_a_newer_specroute(tmp_path / "newer")
+    before = newer.read_bytes()
+    expected = (
+        f"written by a newer specroute (its schema version is {SCHEMA_VERSION + 1}; this "
+        f"one reads {SCHEMA_VERSION} and older)"
+    )
+    with pytest.raises(StateStoreError, match=re.escape(expected)):
+        SidecarStore(tmp_path / "newer")
+    assert newer.read_bytes() == before
 
 
 class _NoRoomForTheLog:
