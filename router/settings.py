@@ -15,6 +15,7 @@ import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -215,6 +216,10 @@ class PoolingSettings(BaseModel):
     # failed each connection later).
     tls_ca_file: FilePath | None = None
     secret: SecretStr | None = None  # the fleet's shared HMAC key
+    # redis_url is one node of a Redis Cluster (cluster mode enabled: ElastiCache's
+    # configuration endpoint, Memorystore Cluster): each stream is sent to the node that
+    # holds its slot (database 0 only, as a cluster has).
+    cluster: bool = False
     outcome_stream: str = Field(default="specroute:outcomes", min_length=1)
     registry_stream: str = Field(default="specroute:drafters", min_length=1)
     # Entries kept per stream (XADD MAXLEN ~): what a new or restarted replica replays.
@@ -239,6 +244,11 @@ class PoolingSettings(BaseModel):
         url = self.redis_url.get_secret_value()
         if self.tls_ca_file is not None and not url.startswith("rediss://"):
             raise ValueError("tls_ca_file is for a rediss:// (TLS) redis_url; this one is not")
+        if self.cluster and urlsplit(url).path.strip("/") not in ("", "0"):
+            raise ValueError(
+                "a Redis Cluster has database 0 only: give redis_url without a database, "
+                "or /0, with cluster = true"
+            )
         return self
 
 

@@ -7,6 +7,7 @@ benchmark and the pooling tests (never for production: operators run their own R
 would, so a restart keeps the retained history.
 ``tls=RedisTlsFiles(...)`` serves TLS only (``--port 0 --tls-port PORT``, clients not asked
 for certificates): ``url`` is then ``rediss://`` and ``client_options()`` trusts its CA.
+``RedisClusterServers`` runs several in cluster mode, the hash slots split among them.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ class RedisServer:
         persist: bool = False,
         password: str | None = None,
         tls: RedisTlsFiles | None = None,
+        cluster: bool = False,
     ) -> None:
         binary = redis_binary()
         if binary is None:
@@ -89,7 +91,9 @@ class RedisServer:
         self.persist = persist
         self.password = password
         self.tls = tls
+        self.cluster = cluster
         self.port = free_port()
+        self.bus_port = free_port() if cluster else 0
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -123,6 +127,10 @@ class RedisServer:
             command += ["--appendonly", "no"]
         if self.password:
             command += ["--requirepass", self.password]
+        if self.cluster:
+            command += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            # Its bus port, else port + 10000, which a free port above 55535 overflows.
+            command += ["--cluster-port", str(self.bus_port)]
         return command
 
     def start(self) -> RedisServer:
@@ -172,6 +180,68 @@ class RedisServer:
         return path.read_text(errors="replace")[-characters:] if path.is_file() else ""
 
     def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+SLOTS = 16384  # a Redis Cluster's hash slots
+
+
+class RedisClusterServers:
+    """``nodes`` redis-servers in cluster mode (no replicas), the hash slots split evenly
+    among them in order; ``url`` is the first node's (a client finds the others)."""
+
+    def __init__(self, directory: Path, nodes: int = 3) -> None:
+        self.servers = [
+            RedisServer(Path(directory) / f"node-{i}", cluster=True) for i in range(nodes)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.servers[0].url
+
+    def node_url(self, key: str, *, holding: bool) -> str:
+        """The URL of a node that holds ``key``'s slot (``holding``), or of one that does not."""
+        from redis.crc import key_slot
+
+        owner = key_slot(key.encode()) * len(self.servers) // SLOTS
+        index = owner if holding else (owner + 1) % len(self.servers)
+        return self.servers[index].url
+
+    def start(self) -> RedisClusterServers:
+        import redis
+
+        clients = [redis.Redis(port=server.port) for server in self.servers]
+        try:
+            for server in self.servers:
+                server.start()
+            count = len(self.servers)
+            for index, client in enumerate(clients):
+                first, last = index * SLOTS // count, (index + 1) * SLOTS // count - 1
+                client.execute_command("CLUSTER ADDSLOTSRANGE", first, last)
+            for server in self.servers[1:]:
+                meet = ("CLUSTER MEET", "127.0.0.1", server.port, server.bus_port)
+                clients[0].execute_command(*meet)
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not all(c.cluster("INFO")["cluster_state"] == "ok" for c in clients):
+                if time.monotonic() > deadline:
+                    raise RedisUnavailableError("the Redis cluster did not form in time")
+                time.sleep(0.05)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            for client in clients:
+                client.close()
+        return self
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> RedisClusterServers:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

@@ -32,9 +32,12 @@ def redis_errors() -> tuple[type[BaseException], ...]:
 
 
 def make_client(settings: PoolingSettings) -> Any:
-    """A ``redis.asyncio.Redis`` for ``settings.redis_url`` (rediss:// is TLS, with
-    ``tls_ca_file`` as its CA bundle when set), without client-side retries."""
+    """A ``redis.asyncio.Redis`` for ``settings.redis_url``, or a ``RedisCluster`` with
+    ``cluster`` (rediss:// is TLS, with ``tls_ca_file`` as its CA bundle when set), without
+    client-side retries. Every command the pooling sends names one stream (XADD, XREAD,
+    XINFO), so a cluster serves each from the node holding its slot."""
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
@@ -46,6 +49,8 @@ def make_client(settings: PoolingSettings) -> Any:
     }
     if urlsplit(url).scheme == "rediss" and settings.tls_ca_file is not None:
         options["ssl_ca_certs"] = str(settings.tls_ca_file)
+    if settings.cluster:
+        return RedisCluster.from_url(url, **options)
     return Redis.from_url(url, **options)
 
 
@@ -102,15 +107,22 @@ class RedisLink:
 
     def failed(self, error: BaseException) -> None:
         """A call failed: Redis is unreachable, or (an error reply) it refused the call."""
-        from redis.exceptions import ResponseError
+        from redis.exceptions import MovedError, ResponseError
 
         if isinstance(error, ResponseError):  # it answered: reachable, and the reads go on
             if not self._refusal_logged:
+                hint = ""
+                if isinstance(error, MovedError):  # "MOVED <slot> <host:port>"
+                    hint = (
+                        ": it is a node of a Redis Cluster, whose streams live on other "
+                        "nodes; set pooling.cluster = true"
+                    )
                 logger.warning(
-                    "pooling: Redis at %s refused a command (%s); what this replica learns "
+                    "pooling: Redis at %s refused a command (%s%s); what this replica learns "
                     "stays buffered and is retried",
                     self.where,
                     error,
+                    hint,
                 )
             self._refusal_logged = True
             return

@@ -29,7 +29,7 @@ from router.settings import PoolingSettings
 from tests.router.conftest import ADMIN, ADMIN_TOKEN, ServingWorld, SidecarThread, self_signed_tls
 
 if TYPE_CHECKING:
-    from benchmarks.replicas.redis_server import RedisServer
+    from benchmarks.replicas.redis_server import RedisClusterServers, RedisServer
     from router.launch import LaunchedSidecar
 
 SECRET = "fleet-secret"
@@ -37,12 +37,21 @@ TLS_PASSWORD = "tls-redis-password"
 pytestmark = pytest.mark.e2e
 
 
+def _redis_binary() -> str:
+    """The redis-server binary (the test is skipped where there is none)."""
+    from benchmarks.replicas.redis_server import redis_binary
+
+    binary = redis_binary()
+    if binary is None:
+        pytest.skip("redis-server is not installed (make install installs it as root)")
+    return binary
+
+
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from benchmarks.replicas.redis_server import RedisServer, redis_binary
+    from benchmarks.replicas.redis_server import RedisServer
 
-    if redis_binary() is None:
-        pytest.skip("redis-server is not installed (make install installs it as root)")
+    _redis_binary()
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
 
@@ -50,11 +59,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def tls_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """``redis-server`` on TLS only (``--port 0 --tls-port``), with a password."""
-    from benchmarks.replicas.redis_server import RedisServer, redis_binary, redis_tls_supported
+    from benchmarks.replicas.redis_server import RedisServer, redis_tls_supported
 
-    binary = redis_binary()
-    if binary is None:
-        pytest.skip("redis-server is not installed (make install installs it as root)")
+    binary = _redis_binary()
     if not redis_tls_supported(binary):
         pytest.skip(f"{binary} was built without TLS (tls-port is a bad directive)")
     if shutil.which("openssl") is None:
@@ -63,6 +70,16 @@ def tls_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis
     tls = self_signed_tls(directory)
     with RedisServer(directory, password=TLS_PASSWORD, tls=tls) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """Three redis-servers in cluster mode, the hash slots split among them."""
+    from benchmarks.replicas.redis_server import RedisClusterServers
+
+    _redis_binary()
+    with RedisClusterServers(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
 
 
 class Fleet:
@@ -214,6 +231,45 @@ def test_report_on_one_replica_changes_the_others_policy(fleet: Fleet) -> None:
     route_and_report(b, "code")
     wait_until(lambda: context_requests(a, "code") == 1)
     assert applied(a) == 1 and context_requests(a, "math") == 3
+
+
+def test_replicas_pool_through_a_redis_cluster(
+    serving_world: ServingWorld,
+    components: Any,
+    redis_cluster: RedisClusterServers,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Given one node of a Redis Cluster (as a managed cluster's endpoint), with
+    ``cluster = true`` the replicas pool through it, each stream sent to the node holding
+    its slot. Without it every command was answered MOVED and nothing was ever pooled,
+    logged as an unexplained refusal: the log now says what to set."""
+    fleet = Fleet(serving_world, components, redis_cluster.url, tmp_path)
+    other_node = redis_cluster.node_url(fleet.pooling.outcome_stream, holding=False)
+    on_cluster = {"redis_url": SecretStr(other_node), "cluster": True}
+    clustered = fleet.pooling.model_copy(update=on_cluster)
+    try:
+        a, b = fleet.start("a", pooling=clustered), fleet.start("b", pooling=clustered)
+        for _ in range(2):
+            route_and_report(a, "math")
+        wait_until(lambda: context_requests(b, "math") == 2 and published(a) == 2)
+        assert applied(b) == 2
+        unclustered = fleet.pooling.model_copy(update={"redis_url": SecretStr(other_node)})
+        with caplog.at_level(logging.WARNING, logger="router.pooling.link"):
+            c = fleet.start("c", pooling=unclustered)
+            route_and_report(c, "math")
+            wait_until(lambda: "node of a Redis Cluster" in caplog.text)
+        assert "set pooling.cluster = true" in caplog.text and published(c) == 0
+    finally:
+        fleet.stop()
+
+
+def test_a_cluster_with_a_database_other_than_0_is_refused() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="a Redis Cluster has database 0 only"):
+        PoolingSettings(redis_url="redis://node:6379/2", cluster=True)
+    assert PoolingSettings(redis_url="redis://node:6379", cluster=True).cluster
 
 
 def test_generate_and_counterfactuals_are_pooled(fleet: Fleet, serving_world: ServingWorld) -> None:
