@@ -395,8 +395,8 @@ class RouterService:
         # vLLM's completions add them; a chat's template spells its own.
         self._text_specials = int(self.tokenizer.num_special_tokens_to_add(pair=False))
         self.token_texts = TokenTexts(self.tokenizer)
-        # The most tokens prompt and output may have together (None: unknown).
-        self.context_tokens: int | None = components.target.context_tokens
+        # The target's configured context (None: unknown); see ``context_tokens``.
+        self._target_context: int | None = components.target.context_tokens
         # Registrations and removals, pool and policy together (worker threads).
         self._admin_lock = threading.Lock()
         self.stopping = False  # set when the sidecar begins to stop (HTTP /health: 503)
@@ -493,6 +493,12 @@ class RouterService:
         """Why a Generate could not run now, or None (the in-process engine can, until the
         sidecar stops)."""
         return "the sidecar is shutting down" if self.stopping else None
+
+    @property
+    def context_tokens(self) -> int | None:
+        """The most tokens prompt and output may have together (None: unknown): the
+        target's ``max_position_embeddings``."""
+        return self._target_context
 
     # -- routing ----------------------------------------------------------------------
     def new_request_id(self) -> str:

@@ -133,6 +133,8 @@ class Replica:
     # until when a health check that passes does not bring it back (``failed_request``).
     failed_in_a_row: int = 0
     held_until: float = 0.0
+    # vLLM's --max-model-len, from its /v1/models (None: not reported).
+    max_model_len: int | None = None
 
     @classmethod
     def from_spec(
@@ -303,7 +305,8 @@ async def served_model_problem(
 ) -> str | None:
     """Why the replica cannot serve the fleet's requests, from ``GET /v1/models`` (None:
     it can, or it has no such list to check): the API key refused, or the fleet file's
-    model not among those it serves."""
+    model not among those it serves. The model's ``max_model_len`` there (vLLM's context,
+    often set below the checkpoint's) is kept as the replica's."""
     async with probe_call(session, replica, "GET", "/v1/models", timeout) as response:
         if response.status in (401, 403):
             return (
@@ -314,9 +317,12 @@ async def served_model_problem(
     data = listed.get("data") if isinstance(listed, dict) else None
     if not isinstance(data, list):
         return None
-    served = [str(m.get("id")) for m in data if isinstance(m, dict)]
-    if replica.spec.model not in served:
-        return f"it serves {served}, not {replica.spec.model!r} (the fleet file's model)"
+    cards = {str(m.get("id")): m for m in data if isinstance(m, dict)}
+    if replica.spec.model not in cards:
+        return f"it serves {list(cards)}, not {replica.spec.model!r} (the fleet file's model)"
+    length = cards[replica.spec.model].get("max_model_len")
+    if isinstance(length, int) and not isinstance(length, bool) and length > 0:
+        replica.max_model_len = length
     return await tokenizer_problem(session, replica, timeout) if replica.probe_ids else None
 
 

@@ -481,6 +481,17 @@ class FleetRouterService(RouterService):
         return sum(replica.max_in_flight for replica in self.replicas)
 
     @property
+    def context_tokens(self) -> int | None:
+        """The smallest context of the target's and the replicas' (vLLM's max_model_len,
+        as their /v1/models reports it): a request that fits it fits whichever replica
+        serves it, failovers included; vLLM would otherwise shorten its output without a
+        word (its max_tokens cut to what the context leaves)."""
+        known = [r.max_model_len for r in self.replicas if r.max_model_len is not None]
+        if self._target_context is not None:
+            known.append(self._target_context)
+        return min(known, default=None)
+
+    @property
     def ranks_prompt_tokens(self) -> bool:
         """No: the prompt's logprobs come from vLLM's echo, whose alternatives are the
         top ones only, not each token's rank in the vocabulary."""

@@ -490,6 +490,26 @@ def test_openai_and_tgi_fronts_forward_to_the_fleet(fleet: Fleet) -> None:
     assert tgi.details.generated_tokens == TOKENS
 
 
+def test_the_context_is_the_replicas_max_model_len(fleet: Fleet) -> None:
+    """The replicas run with --max-model-len 512, below the target's configured 2048: a
+    chat without max_tokens (the rest of the context, within limits.max_new_tokens, as
+    vLLM fills it) was sent its 200 tokens on top of a prompt of over 312, and every
+    replica refused it (400, over its context). The sidecar now reads each replica's
+    max_model_len (/v1/models) and fits requests, /info and /tokenize to the smallest."""
+    assert fleet.service.context_tokens == 512
+    long_prompt = "one two three four five six seven eight nine ten " * 14
+    client = openai.OpenAI(base_url=f"{fleet.sidecar.http_url}/v1", api_key="x", max_retries=0)
+    reply = client.chat.completions.create(
+        model="target", messages=[{"role": "user", "content": long_prompt}], temperature=0
+    )
+    assert reply.usage is not None and 512 - 200 < reply.usage.prompt_tokens < 512 - 20
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens <= 512
+    with pytest.raises(openai.BadRequestError, match="the target's context is 512 tokens"):
+        client.completions.create(model="target", prompt=long_prompt, max_tokens=150)
+    with urllib.request.urlopen(f"{fleet.sidecar.http_url}/info", timeout=10) as response:
+        assert json.loads(response.read())["max_total_tokens"] == 512
+
+
 def test_the_policy_learns_from_vllm_metrics(fleet: Fleet) -> None:
     before = fleet.sidecar.stub.GetPolicyState(pb.GetPolicyStateRequest(), timeout=30)
     for drafter in ("twin", "ngram", "none"):
