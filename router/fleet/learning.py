@@ -204,6 +204,33 @@ def timed_outcome(k: int, timing: Timing, plain_token_time_s: float | None) -> O
     )
 
 
+def speculation_problem(k: int, metrics: Mapping[str, Any]) -> str | None:
+    """How a replica's answer contradicts the fleet file's configuration for it (drafting at
+    k; 0: none), from vLLM's own metrics; None where it does not. A replica started with
+    another ``num_speculative_tokens``, or with speculation where the file says none, is
+    priced by the policy as it is not; one without the per-request metrics is learnt
+    from its time per token only (module doc)."""
+    spec = metrics.get("speculative_decoding")
+    drafted = reported_steps(spec)[0] if isinstance(spec, Mapping) else []
+    most = max(drafted, default=0)
+    if k == 0 and most > 0:
+        return (
+            f"it speculates (up to {most} tokens a step) while the fleet file says "
+            "speculative = 'none'"
+        )
+    if k > 0 and most > k:
+        return (
+            f"it drafts up to {most} tokens a step while the fleet file says k = {k}: set k "
+            "to its num_speculative_tokens"
+        )
+    if k > 0 and not isinstance(spec, Mapping):
+        return (
+            "its answers carry no speculation metrics (start it with "
+            "--per-request-spec-decode-metrics detailed): learnt from its time per token only"
+        )
+    return None
+
+
 def outcome_from_replica(
     k: int,
     metrics: Mapping[str, Any],

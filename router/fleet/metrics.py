@@ -24,15 +24,16 @@ class FleetCollector:
         return list(self._families())
 
     def collect(self) -> Iterator[Metric]:
-        up, in_flight, queue, served, failures = self._families()
+        up, in_flight, queue, served, failures, mismatch = self._families()
         for replica in self._replicas():
             labels = [replica.spec.url, replica.drafter]
             up.add_metric(labels, 1.0 if replica.healthy else 0.0)
+            mismatch.add_metric(labels, 1.0 if replica.mismatch else 0.0)
             in_flight.add_metric(labels, replica.in_flight)
             queue.add_metric(labels, replica.running + replica.waiting)
             served.add_metric(labels, replica.served)
             failures.add_metric(labels, replica.failures)
-        yield from (up, in_flight, queue, served, failures)
+        yield from (up, in_flight, queue, served, failures, mismatch)
 
     @staticmethod
     def _families() -> tuple[
@@ -41,6 +42,7 @@ class FleetCollector:
         GaugeMetricFamily,
         CounterMetricFamily,
         CounterMetricFamily,
+        GaugeMetricFamily,
     ]:
         return (
             GaugeMetricFamily(
@@ -66,6 +68,12 @@ class FleetCollector:
             CounterMetricFamily(
                 "specroute_fleet_replica_failures",
                 "Times the replica was found failed (a request or a health check).",
+                labels=LABELS,
+            ),
+            GaugeMetricFamily(
+                "specroute_fleet_replica_mismatch",
+                "1 while the replica's last answer contradicted the fleet file (another k, "
+                "speculation where it says none, no speculation metrics); the log says how.",
                 labels=LABELS,
             ),
         )

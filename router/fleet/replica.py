@@ -135,6 +135,9 @@ class Replica:
     held_until: float = 0.0
     # vLLM's --max-model-len, from its /v1/models (None: not reported).
     max_model_len: int | None = None
+    # How its last answer contradicted the fleet file's configuration for it ("": it did
+    # not; ``learning.speculation_problem``).
+    mismatch: str = ""
 
     @classmethod
     def from_spec(
@@ -202,6 +205,18 @@ class Replica:
             self.held_until = time.monotonic() + interval_s * 2**doublings
         self.take_out(reason)
 
+    def answered_as(self, mismatch: str | None) -> None:
+        """Keep how its last answer contradicted the fleet file (None: it did not), logged
+        when it begins or changes, and when it ends."""
+        mismatch = mismatch or ""
+        if mismatch and mismatch != self.mismatch:
+            logger.warning(
+                "replica %s is not configured as the fleet file says: %s", self.name, mismatch
+            )
+        elif self.mismatch and not mismatch:
+            logger.info("replica %s answers as the fleet file says again", self.name)
+        self.mismatch = mismatch
+
     def served_request(self) -> None:
         self.served += 1
         self.failed_in_a_row = 0
@@ -239,6 +254,7 @@ class Replica:
             "served": self.served,
             "failures": self.failures,
             "last_error": self.last_error,
+            "mismatch": self.mismatch,
         }
 
 

@@ -76,6 +76,7 @@ from router.fleet.learning import (
     engine_request_time,
     outcome_from_replica,
     request_steps,
+    speculation_problem,
 )
 from router.fleet.reload import apply_settings, check_new_fleet, plan_change, watch_fleet_file
 from router.fleet.replica import TOKENIZER_PROBE, Replica, watch
@@ -775,22 +776,26 @@ class FleetRouterService(RouterService):
     def _learn_from_replica(
         self, result: GenerationResult, replica: Replica, progress: _Progress
     ) -> None:
-        """The policy update from the last replica's answer (``router.fleet.learning``)."""
+        """The policy update from the last replica's answer (``router.fleet.learning``).
+        Metrics that do not add up (more accepted than drafted tokens, a field that is not
+        a number: another vLLM version's meaning, a bug) are not learnt from, and the
+        answer is served as it is: they failed the request that had been generated whole
+        (INTERNAL)."""
         if progress.timing is None or progress.end is None:
             return
-        timing = progress.timing
+        timing, metrics = progress.timing, progress.end.metrics
         k = replica.spec.draft_length
         if k == 0 and timing.token_time_s is not None:
             self._observe_plain(timing.token_time_s)
         elif k > 0:
             self.speculative_since_plain += 1
-        outcome = outcome_from_replica(
-            k,
-            progress.end.metrics,
-            timing,
-            self.plain_token_time_s,
-            split_cost=self._draft_cost_unknown(replica.drafter),
-        )
+        try:
+            replica.answered_as(speculation_problem(k, metrics))
+            split_cost = self._draft_cost_unknown(replica.drafter)
+            outcome = outcome_from_replica(k, metrics, timing, self.plain_token_time_s, split_cost)
+        except (ValueError, TypeError) as error:
+            replica.answered_as(f"its speculation metrics do not add up ({error}); not learnt from")
+            return
         if outcome is None:
             logger.debug("request %s: nothing to learn yet", result.routed.request_id)
             return

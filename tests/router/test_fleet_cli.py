@@ -161,6 +161,8 @@ class StandInReplica:
     # mid-request sends), once; /health stays 200, so the fleet brings the replica back.
     fails_once_after: int | None = None
     token_delay_s: float = 0.0  # before each streamed token
+    # vLLM's per-request metrics on the usage chunk (``speculative_decoding``...).
+    metrics: dict[str, Any] | None = None
     # The next stream hangs after this many tokens (0: before its headers), as a stopped
     # process or a wedged engine: nothing answers, /health included, until thaw().
     hangs_after: int | None = None
@@ -288,7 +290,10 @@ class StandInReplica:
                             "top_logprobs": [{name: -0.5}],
                         }
                     self._event({"choices": [choice]})
-                self._event({"choices": [], "usage": {"completion_tokens": count}})
+                usage: dict[str, Any] = {"choices": [], "usage": {"completion_tokens": count}}
+                if replica.metrics is not None:
+                    usage["metrics"] = replica.metrics
+                self._event(usage)
                 self.wfile.write(b"data: [DONE]\n\n")
 
             def _event(self, data: dict[str, Any]) -> None:
@@ -1317,3 +1322,40 @@ def test_the_fleet_file_is_read_again_while_serving(
     finally:
         for replica in (plain, ngram, longer):
             replica.stop()
+
+
+def test_a_replica_that_drafts_unlike_its_fleet_file_is_named(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """A replica started with another num_speculative_tokens than the fleet file's k (here
+    5 against 3) was priced and learnt as the file says, without a word: its answers'
+    own metrics now name it (log, specroute_fleet_replica_mismatch) until it answers as
+    the file says. Metrics that do not add up are named too, and not learnt from."""
+    reply_ids, texts = _reply(serving_world)
+    spec = {"per_step_drafted": [5, 5], "per_step_accepted": [5, 2]}
+    drafting = StandInReplica(reply_ids, texts, metrics={"speculative_decoding": spec}).start()
+    plain = StandInReplica(reply_ids, texts).start()
+    fleet_file = _ngram_and_plain(tmp_path, drafting, plain, "")
+    request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=len(reply_ids))
+    gauge = f'specroute_fleet_replica_mismatch{{replica="{drafting.url}",speculative="ngram"}}'
+    try:
+        with _serving_fixed_ngram(serving_world, tmp_path, fleet_file) as (sidecar, stub):
+            assert sidecar.metrics_url is not None
+            list(stub.Generate(request, timeout=60))
+            assert f"{gauge} 1.0" in _scrape(f"{sidecar.metrics_url}/metrics")
+            assert "drafts up to 5 tokens a step while the fleet file says k = 3" in (
+                sidecar.log_path.read_text()
+            )
+            spec.update(per_step_drafted=[3, 3], per_step_accepted=[3, 2])
+            list(stub.Generate(request, timeout=60))
+            assert f"{gauge} 0.0" in _scrape(f"{sidecar.metrics_url}/metrics")
+            # Metrics that do not add up (more accepted than drafted) failed the request
+            # generated whole with INTERNAL: it is served, and not learnt from.
+            spec.update(per_step_accepted=[4, 2])
+            chunks = list(stub.Generate(request, timeout=60))
+            assert [t.id for c in chunks for t in c.tokens] == reply_ids
+            assert f"{gauge} 1.0" in _scrape(f"{sidecar.metrics_url}/metrics")
+            assert "speculation metrics do not add up" in sidecar.log_path.read_text()
+    finally:
+        drafting.stop()
+        plain.stop()

@@ -1166,3 +1166,51 @@ def test_a_reload_gives_the_policy_the_fleets_draft_lengths_when_they_change() -
     asyncio.run(service.reload_fleet(_fleet(PLAIN, {**NGRAM, "k": 5})))
     assert hinted == [1] and watched == ["http://b:2"]
     assert service.fleet.draft_length("ngram") == 5
+
+
+@pytest.mark.parametrize(
+    ("k", "metrics", "problem"),
+    [
+        (
+            3,
+            {"speculative_decoding": {"per_step_drafted": [3, 3], "per_step_accepted": [1, 3]}},
+            None,
+        ),
+        (
+            3,
+            {"speculative_decoding": {"per_step_drafted": [2, 3], "per_step_accepted": [0, 3]}},
+            None,
+        ),
+        (
+            3,
+            {"speculative_decoding": {"per_step_drafted": [5], "per_step_accepted": [2]}},
+            "drafts up to 5 tokens a step while the fleet file says k = 3",
+        ),
+        (
+            0,
+            {"speculative_decoding": {"per_step_drafted": [4], "per_step_accepted": [4]}},
+            "speculates (up to 4 tokens a step)",
+        ),
+        (0, {}, None),
+        (3, {"ttft_s": 0.1}, "carry no speculation metrics"),
+        # vLLM's totals at its basic level, rebuilt per step: 2 steps of 4 drafted.
+        (
+            3,
+            {
+                "speculative_decoding": {
+                    "num_spec_steps": 2,
+                    "num_draft_tokens": 8,
+                    "num_accepted_draft_tokens": 3,
+                }
+            },
+            "drafts up to 4 tokens a step",
+        ),
+    ],
+)
+def test_a_replica_answering_unlike_its_fleet_file_configuration_is_named(
+    k: int, metrics: dict[str, Any], problem: str | None
+) -> None:
+    from router.fleet.learning import speculation_problem
+
+    found = speculation_problem(k, metrics)
+    assert (found is None) if problem is None else (found is not None and problem in found)
