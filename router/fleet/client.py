@@ -233,6 +233,32 @@ def _error_message(text: str) -> str:
     return str(error)
 
 
+def _chunk_of(data: bytes) -> dict[str, Any]:
+    """An SSE event's JSON, checked to have vLLM's shape where the stream reads it (an
+    object; ``choices`` a list of objects; ``metrics`` and ``usage`` objects): anything
+    else (a proxy's page, another engine) is a ValueError, the replica's failure."""
+    chunk = json.loads(data)
+    if not isinstance(chunk, dict):
+        raise ValueError(f"an event that is not a JSON object: {data[:200]!r}")
+    choices = chunk.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise ValueError(f"an event whose choices are not objects: {data[:200]!r}")
+    for choice in choices:
+        for name in ("token_ids", "prompt_token_ids"):
+            if not isinstance(choice.get(name) or [], list):
+                raise ValueError(f"an event whose {name} is not a list: {data[:200]!r}")
+    for name in ("metrics", "usage"):
+        if not isinstance(chunk.get(name) or {}, dict):
+            raise ValueError(f"an event whose {name} is not an object: {data[:200]!r}")
+    return {**chunk, "choices": choices}
+
+
+def _streamed_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"a token id that is not an integer: {value!r}")
+    return value
+
+
 async def stream_completion(
     session: aiohttp.ClientSession,
     replica: Replica,
@@ -295,15 +321,15 @@ async def stream_completion(
                 data = line[5:].strip()
                 if data == b"[DONE]":
                     break
-                chunk = json.loads(data)
+                chunk = _chunk_of(data)
                 if "error" in chunk:
                     raise _event_error(data, count > 0)
-                for choice in chunk.get("choices") or ():
-                    ids = tuple(int(t) for t in choice.get("token_ids") or ())
-                    prompt = choice.get("prompt_token_ids")
+                for choice in chunk["choices"]:
+                    ids = tuple(_streamed_id(t) for t in choice.get("token_ids") or ())
+                    prompt = tuple(_streamed_id(t) for t in choice.get("prompt_token_ids") or ())
                     if prompt and body.get("echo"):
                         scored_prompt, rest = _split_echo(choice, len(prompt), body["logprobs"])
-                        yield PromptScored(tuple(int(t) for t in prompt), scored_prompt)
+                        yield PromptScored(prompt, scored_prompt)
                         choice = {**choice, "logprobs": rest}
                     ending = finish_reason_of(choice) if choice.get("finish_reason") else None
                     if ids:
@@ -316,7 +342,7 @@ async def stream_completion(
                         yield Delta(ids, str(choice.get("text") or ""), scored, ending)
                     finish = ending or finish
                 if chunk.get("metrics"):
-                    metrics = dict(chunk["metrics"])
+                    metrics = chunk["metrics"]
                 usage = chunk.get("usage")
                 if usage:
                     completion_tokens = int(usage.get("completion_tokens", 0))
@@ -330,7 +356,7 @@ async def stream_completion(
         aiohttp.http_exceptions.HttpProcessingError,  # a line over the read buffer
         TimeoutError,
         ConnectionError,
-        ValueError,  # a chunk that is not JSON
+        ValueError,  # a chunk that is not JSON, or not of vLLM's shape (``_chunk_of``)
     ) as error:
         if finish is None and opened.cut_reason:
             raise ReplicaFailedError(opened.cut_reason, reached=False) from error

@@ -887,31 +887,23 @@ def test_tokens_after_a_stop_string_in_one_chunk_are_not_output(tiny_world: Mode
     assert chunk.text.endswith(stop)
 
 
-def test_a_replica_that_sends_no_token_ids_fails_instead_of_answering_empty() -> None:
-    """A server that ignores return_token_ids (an older vLLM) streams text only: the
-    sidecar served an empty answer (finish 'length', 200) and learnt from it."""
+def _streamed(events: list[object]) -> list[object]:
+    """What ``stream_completion`` makes of a replica that streams ``events`` (each one SSE
+    data line) and ``[DONE]``."""
     import asyncio
     import json
 
     import aiohttp
     from aiohttp import web
 
-    from router.fleet.client import Delta, StreamEnd, stream_completion
+    from router.fleet.client import stream_completion
     from router.fleet.config import ReplicaSpec
 
-    def events(with_ids: bool) -> list[dict[str, object]]:
-        ids = {"token_ids": [5, 6]} if with_ids else {}
-        return [
-            {"choices": [{"text": "Hello", **ids}]},
-            {"choices": [{"text": "", "finish_reason": "length"}]},
-            {"choices": [], "usage": {"completion_tokens": 2}},
-        ]
-
-    async def run(with_ids: bool) -> list[object]:
+    async def run() -> list[object]:
         async def completions(request: web.Request) -> web.StreamResponse:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
-            for event in events(with_ids):
+            for event in events:
                 await response.write(f"data: {json.dumps(event)}\n\n".encode())
             await response.write(b"data: [DONE]\n\n")
             return response
@@ -931,11 +923,47 @@ def test_a_replica_that_sends_no_token_ids_fails_instead_of_answering_empty() ->
         finally:
             await runner.cleanup()
 
-    answered = asyncio.run(run(with_ids=True))
+    return asyncio.run(run())
+
+
+def test_a_replica_that_sends_no_token_ids_fails_instead_of_answering_empty() -> None:
+    """A server that ignores return_token_ids (an older vLLM) streams text only: the
+    sidecar served an empty answer (finish 'length', 200) and learnt from it."""
+    from router.fleet.client import Delta, StreamEnd
+
+    def events(with_ids: bool) -> list[object]:
+        ids = {"token_ids": [5, 6]} if with_ids else {}
+        return [
+            {"choices": [{"text": "Hello", **ids}]},
+            {"choices": [{"text": "", "finish_reason": "length"}]},
+            {"choices": [], "usage": {"completion_tokens": 2}},
+        ]
+
+    answered = _streamed(events(with_ids=True))
     assert isinstance(answered[0], Delta) and answered[0].token_ids == (5, 6)
     assert isinstance(answered[-1], StreamEnd) and answered[-1].completion_tokens == 2
     with pytest.raises(ReplicaFailedError, match="generated 2 tokens but sent 0 token ids"):
-        asyncio.run(run(with_ids=False))
+        _streamed(events(with_ids=False))
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        [1, 2],  # a chunk that is not an object
+        {"choices": ["Hello"]},  # a choice that is not one
+        {"choices": [{"text": "Hello", "token_ids": [5]}], "metrics": [1, 2]},
+        {"choices": [{"text": "Hello", "token_ids": [5]}], "usage": {"completion_tokens": "x"}},
+        {"choices": [{"text": "Hello", "token_ids": [None]}]},
+        {"choices": [{"text": "Hello", "token_ids": 5}]},
+        {"choices": [{"text": "Hello", "token_ids": [5], "prompt_token_ids": 7}]},
+    ],
+)
+def test_a_chunk_of_another_shape_fails_the_replica_not_the_request(odd: object) -> None:
+    """A server that answers in another shape than vLLM's (a proxy's error page in JSON,
+    another engine) failed the request with INTERNAL (a TypeError or AttributeError out
+    of the parse): it is the replica's failure, and the request goes on elsewhere."""
+    with pytest.raises(ReplicaFailedError):
+        _streamed([odd, {"choices": [{"text": "", "finish_reason": "length"}]}])
 
 
 def test_a_pinned_drafter_is_served_by_its_own_replicas_or_refused() -> None:
