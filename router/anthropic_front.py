@@ -360,7 +360,7 @@ async def stream(
     (at once without tools); text that may be a stop sequence or begin a tool call is
     held until it is not; each call is a ``tool_use`` block whose input comes as one
     ``input_json_delta``. An error after the first event is an ``error`` event."""
-    from router.http_front import CALLER_KEY, SSE_HEADERS, client_may_leave
+    from router.http_front import CALLER_KEY, SSE_HEADERS, client_may_leave, failed_in
 
     chat = chat_request(body)
     answer = MessageObject(body, chat)
@@ -380,7 +380,8 @@ async def stream(
             except ConnectionResetError:
                 raise  # the client left (client_may_leave)
             except Exception as error:
-                _, failure = anthropic_error_body(sidecar_error_of(error, "the stream"))
+                where = failed_in(request, "the stream")
+                _, failure = anthropic_error_body(sidecar_error_of(error, where))
                 await typed_sse_event(response, failure)
             await response.write_eof()
         return response

@@ -384,13 +384,18 @@ async def _sse(
         response = web.StreamResponse(headers=SSE_HEADERS)
         with client_may_leave(request):
             await response.prepare(request)
-            await _tgi_events(response, items, body, service.token_texts)
+            where = failed_in(request, "the stream")
+            await _tgi_events(response, items, body, service.token_texts, where)
             await response.write_eof()
         return response
 
 
 async def _tgi_events(
-    response: web.StreamResponse, items: AsyncIterator[Any], body: TgiRequest, texts: TokenTexts
+    response: web.StreamResponse,
+    items: AsyncIterator[Any],
+    body: TgiRequest,
+    texts: TokenTexts,
+    where: str = "the stream",
 ) -> None:
     """``_sse``'s events: each token once the next one (or the result) has arrived, so
     that the last one carries the generated text and the details; an error after the
@@ -426,7 +431,7 @@ async def _tgi_events(
     except ConnectionResetError:
         raise  # the client left (client_may_leave)
     except Exception as error:
-        failure = sidecar_error_of(error, "the stream")
+        failure = sidecar_error_of(error, where)
         await _event(
             response, {"error": str(failure), "error_type": status_of(failure).tgi_error_type}
         )
@@ -555,6 +560,13 @@ async def callers(request: web.Request, handler: Any) -> web.StreamResponse:
     return await handler(request)  # type: ignore[no-any-return]
 
 
+def failed_in(request: web.Request, what: str) -> str:
+    """``what`` (a route, "the stream") with the id its request is served under, for the
+    log line and message of a failure: the id the client has (X-Request-Id)."""
+    caller = request.get(CALLER_KEY)
+    return f"{what} (request {caller.request_id})" if caller is not None else what
+
+
 async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:
     """Each response (a stream's before its first byte, an error's too) names the id its
     request was served under, as OpenAI's API and vLLM's do: the id in the sidecar's logs,
@@ -587,7 +599,7 @@ async def unexpected_errors(request: web.Request, handler: Any) -> web.StreamRes
     except (web.HTTPException, SidecarError):
         raise
     except Exception as error:
-        failure = sidecar_error_of(error, f"{request.method} {request.path}")
+        failure = sidecar_error_of(error, failed_in(request, f"{request.method} {request.path}"))
         if request.path.startswith("/v1/"):
             from router.openai_front import error_response as openai_error_response
 

@@ -1462,7 +1462,7 @@ async def _stream(
     ``continuous_usage_stats``), then ``data: [DONE]``. An error after the first
     event is sent as an error event; a client that leaves part-way stops the generation
     (``client_may_leave``)."""
-    from router.http_front import SSE_HEADERS, client_may_leave
+    from router.http_front import SSE_HEADERS, client_may_leave, failed_in
 
     reply = _Reply.for_body(endpoint, body)
     include_usage = usage_asked(body)[0]
@@ -1501,7 +1501,7 @@ async def _stream(
             except ConnectionResetError:
                 raise  # the client left (client_may_leave)
             except Exception as error:
-                failure = sidecar_error_of(error, "the stream")
+                failure = sidecar_error_of(error, failed_in(request, "the stream"))
                 await _sse_event(response, error_body(failure)[1])
             await _sse_event(response, "[DONE]")
             await response.write_eof()

@@ -597,7 +597,8 @@ async def _send_failure(
 ) -> None:
     """An ``error`` event with the OpenAI error's code, message and param, then
     ``response.failed`` carrying the error."""
-    failure = error_body(sidecar_error_of(error, "the stream"))[1]["error"]
+    where = f"the stream (request {routed.request_id})"
+    failure = error_body(sidecar_error_of(error, where))[1]["error"]
     code = failure["code"] or failure["type"]
     await typed_sse_event(
         response,

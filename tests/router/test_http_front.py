@@ -29,9 +29,13 @@ from tests.router.conftest import (
 PROMPT = COMPLETION_PROMPT
 
 
-def post(url: str, body: dict[str, Any]) -> tuple[int, str, bytes]:
+def post(
+    url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, str, bytes]:
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
@@ -396,17 +400,45 @@ def test_an_unexpected_error_is_the_fronts_own_json_error(
 ) -> None:
     """A bug (an exception no error type covers) is a 500 in the front's JSON shape, or
     an error event in a stream that has begun, with the traceback in the log; never
-    aiohttp's plain-text 500 (which the clients cannot parse) or a cut connection."""
+    aiohttp's plain-text 500 (which the clients cannot parse) or a cut connection. The
+    message and the log line name the request's id (its X-Request-Id)."""
     monkeypatch.setattr(sidecar.service, "generate", _failing_after_the_decision(sidecar))
-    status, _, raw = post(f"{sidecar.http_url}{path}", body)
+    status, _, raw = post(f"{sidecar.http_url}{path}", body, {"X-Request-Id": "bug-report-1"})
     kind, message = error_of(raw)
     if "stream" in path or body.get("stream"):
         assert status == 200  # the error arrives as the stream's last event
     else:
         assert status == 500
     assert kind in {"incomplete_generation", "server_error"}
-    assert "failed: KeyError (the sidecar's log has the traceback)" in message
+    assert "(request bug-report-1) failed: KeyError (the sidecar's log has the traceback)" in (
+        message
+    )
+    assert "(request bug-report-1) failed unexpectedly" in caplog.text
     assert "KeyError: 'a bug'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/messages", {"model": "target", "max_tokens": 4, "stream": True}),
+        ("/v1/responses", {"model": "target", "stream": True}),
+    ],
+)
+def test_a_streams_unexpected_error_names_its_request(
+    sidecar: SidecarThread,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    body: dict[str, Any],
+) -> None:
+    """The Messages and Responses streams' error events name the request's id, as the
+    other fronts' do, and so does the log line with the traceback."""
+    monkeypatch.setattr(sidecar.service, "generate", _failing_after_the_decision(sidecar))
+    hi = [{"role": "user", "content": "Hi"}]
+    asked = {**body, "messages": hi} if "messages" in path else {**body, "input": hi}
+    status, _, raw = post(f"{sidecar.http_url}{path}", asked, {"X-Request-Id": "bug-report-2"})
+    assert status == 200 and b"(request bug-report-2) failed: KeyError" in raw, raw
+    assert "(request bug-report-2) failed unexpectedly" in caplog.text
 
 
 def test_details_seed_is_the_seed_a_sampled_run_used(sidecar: SidecarThread) -> None:
