@@ -132,6 +132,13 @@ def load_target(
     return target, SpeculativeEngine(target)
 
 
+def target_dir_of(settings: Settings) -> Path:
+    """The target's directory: ``target_dir``, else the world's target."""
+    if settings.target_dir is not None:
+        return Path(settings.target_dir).expanduser()
+    return Path(ModelBundle.load(settings.world_path()).target_dir)
+
+
 def build_components(settings: Settings) -> Components:
     """Load the target, engine, classifier and built-in drafters (blocking).
 

@@ -542,6 +542,51 @@ def classifier_reload_command(
     _print_message(_ask(address, "ReloadClassifier", request, token, timeout))
 
 
+def fleet_check_command(
+    fleet_file: Annotated[Path, typer.Argument(help="The fleet file (TOML) to check.")],
+    config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
+    probe: Annotated[
+        bool,
+        typer.Option(
+            "--probe/--no-probe",
+            help="Ask each replica what a sidecar asks before it serves (health, model, "
+            "tokenizer, max_model_len).",
+        ),
+    ] = True,
+) -> None:
+    """Check a fleet file as `serve --fleet` would at start (exit 2 if it cannot be
+    served) and, unless --no-probe, each of its replicas (exit 1 if one does not serve):
+    before a deployment, or before replacing the file a running sidecar reads again."""
+    import asyncio
+
+    from router.fleet.check import probed, unprobed
+    from router.fleet.config import FleetConfigError, check_fleet_settings
+    from router.settings import SettingsLoadError, load_settings
+
+    try:
+        settings = load_settings(config, fleet_file=fleet_file)
+        fleet = check_fleet_settings(settings)
+    except (SettingsLoadError, FleetConfigError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    assert fleet is not None
+    checks = unprobed(fleet)
+    if probe:
+        from drafters.loader import load_tokenizer
+        from router.components import target_dir_of
+        from router.fleet.replica import TOKENIZER_PROBE
+
+        tokenizer = load_tokenizer(target_dir_of(settings))
+        ids = tuple(tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False))
+        checks = asyncio.run(probed(fleet, ids, f"fleet file {fleet_file}"))
+    for check in checks:
+        typer.echo(check.line())
+    down = [check.name for check in checks if check.serving is False]
+    typer.echo(f"replicas: {len(checks)}, not serving: {len(down)}" if probe else "servable")
+    if down:
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add this package's commands to the root app and the ``bench`` group."""
     app.command("serve")(serve_command)
@@ -557,3 +602,5 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     from classifiers.cli import CLASSIFIER_HELP
 
     _group(app, "classifier", CLASSIFIER_HELP).command("reload")(classifier_reload_command)
+    fleet = _group(app, "fleet", "A vLLM fleet's file and replicas.")
+    fleet.command("check")(fleet_check_command)

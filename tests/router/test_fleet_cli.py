@@ -1359,3 +1359,57 @@ def test_a_replica_that_drafts_unlike_its_fleet_file_is_named(
     finally:
         drafting.stop()
         plain.stop()
+
+
+def test_fleet_check_says_whether_a_fleet_file_serves_before_it_is_used(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """`specroute fleet check`: a file `serve` would refuse is one line and exit 2; with
+    the replicas probed as a sidecar probes them, one that does not serve (nothing
+    listens; another model) is named with why and exit 1, one that serves with its
+    max_model_len; --no-probe checks the file alone."""
+    from transformers import AutoTokenizer
+
+    from router.fleet.replica import TOKENIZER_PROBE
+
+    tokenizer = AutoTokenizer.from_pretrained(serving_world.world.target_dir)
+    probe_ids = list(tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"])
+    reply_ids, texts = _reply(serving_world)
+    serving = StandInReplica(reply_ids, texts, models=["target"], tokens=probe_ids).start()
+    other = StandInReplica(reply_ids, texts, models=["another-model"]).start()
+    config = serving_world.toml(tmp_path / "sidecar.toml")
+
+    def check(fleet: str, *flags: str) -> subprocess.CompletedProcess[str]:
+        fleet_file = tmp_path / "fleet.toml"
+        fleet_file.write_text(fleet)
+        command = [sys.executable, "-m", "router.cli", "fleet", "check", str(fleet_file)]
+        command += ["--config", str(config), *flags]
+        env = {**os.environ, "SPECROUTE_STATE_DIR": str(tmp_path / "state")}
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+    try:
+        good = _replica_lines(serving, "ngram", 3)
+        done = check(good + _replica_lines(other, "none") + 'model = "x"\n')
+        assert done.returncode == 2 and "error: " in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+        done = check(
+            good
+            + _replica_lines(other, "none")
+            + '[[replicas]]\nurl = "http://127.0.0.1:1"\nmodel = "target"\nspeculative = "none"\n'
+        )
+        assert done.returncode == 1, done.stdout + done.stderr
+        lines = done.stdout.splitlines()
+        assert f"{serving.url}: ngram, k=3: serving" in lines
+        assert f"{other.url}: none, k=0: NOT SERVING: it serves ['another-model']" in done.stdout
+        assert "http://127.0.0.1:1: none, k=0: NOT SERVING: GET /health failed" in done.stdout
+        assert lines[-1] == "replicas: 3, not serving: 2"
+        done = check(good)
+        assert (
+            done.returncode == 0 and done.stdout.splitlines()[-1] == "replicas: 1, not serving: 0"
+        )
+        done = check(good + _replica_lines(other, "none"), "--no-probe")
+        assert done.returncode == 0 and done.stdout.splitlines()[-1] == "servable", done.stdout
+        assert not other.bodies and not other.request_ids
+    finally:
+        serving.stop()
+        other.stop()

@@ -508,6 +508,16 @@ def test_the_context_is_the_replicas_max_model_len(fleet: Fleet) -> None:
         client.completions.create(model="target", prompt=long_prompt, max_tokens=150)
     with urllib.request.urlopen(f"{fleet.sidecar.http_url}/info", timeout=10) as response:
         assert json.loads(response.read())["max_total_tokens"] == 512
+    # `specroute fleet check`'s probe finds each real replica serving, at that context.
+    import asyncio
+
+    from router.fleet.check import probed
+    from router.fleet.replica import TOKENIZER_PROBE
+
+    ids = tuple(fleet.service.tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False))
+    checks = asyncio.run(probed(fleet.service.fleet, ids))
+    assert [c.url for c in checks if not c.serving] == [fleet.dead_url]
+    assert {c.max_model_len for c in checks if c.serving} == {512}
 
 
 def test_the_policy_learns_from_vllm_metrics(fleet: Fleet) -> None:
