@@ -1099,8 +1099,10 @@ def test_a_request_on_a_replica_that_hangs_goes_on_once_its_health_check_fails(
     reply_ids, texts = _reply(serving_world)
     hangs = StandInReplica(reply_ids, texts).start()
     plain = StandInReplica(reply_ids, texts).start()
-    # Without the cut, the requests below would wait 600 s.
-    options = "request_timeout_s = 600\nhealth_interval_s = 0.2\nconnect_timeout_s = 0.5\n"
+    # Without the cut, the requests below would wait 600 s. A health check waits 3 s
+    # (connect_timeout_s + 1): at 1.5 s, the plain replica's own check timed out too
+    # under make test's load (two workers beside vLLM), and no replica served.
+    options = "request_timeout_s = 600\nhealth_interval_s = 0.2\nconnect_timeout_s = 2\n"
     fleet_file = _ngram_and_plain(tmp_path, hangs, plain, options)
     request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=6)
     try:
