@@ -1297,7 +1297,7 @@ def test_the_fleet_file_is_read_again_while_serving(
             refused = "unknown drafter 'no-such-drafter'; known: "
             assert refused in sidecar.log_path.read_text()
 
-            ngram.token_delay_s = 0.3  # the next request is in flight for about 2 s
+            ngram.token_delay_s = 1.0  # the next request is in flight for about 6 s
             with concurrent.futures.ThreadPoolExecutor(1) as pool:
                 slow = pool.submit(lambda: list(stub.Generate(request, timeout=60)))
                 deadline = time.monotonic() + 10
@@ -1308,9 +1308,11 @@ def test_the_fleet_file_is_read_again_while_serving(
                     fleet_file,
                     options + _replica_lines(plain, "none") + _replica_lines(longer, "ngram", 4),
                 )
-                _until_up(sidecar.metrics_url, longer, "ngram", up=True)
-                assert not slow.done()
+                applied = 'specroute_fleet_reloads_total{outcome="applied"} 2.0'
+                _until_scraped(sidecar.metrics_url, applied)
+                assert not slow.done()  # removed while its request was in flight
                 finished = slow.result()
+                _until_up(sidecar.metrics_url, longer, "ngram", up=True)
             assert [t.id for c in finished for t in c.tokens] == reply_ids[:6]
             # Served there alone (no failover: it would name the replica that finished it).
             assert finished[0].decision.replica == ngram.url and not longer.bodies

@@ -1147,6 +1147,14 @@ def test_the_fleet_file_is_applied_when_its_content_changes_and_a_bad_one_refuse
     async def apply(fleet: Any) -> None:
         applied.append(len(fleet.replicas))
 
+    async def until(done: Any) -> None:
+        """Wait (10 s at most: the file is read in a worker thread) until ``done()``."""
+        for _ in range(1000):
+            if done():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("not reached in time")
+
     async def run() -> None:
         reader = asyncio.create_task(
             watch_fleet_file(path, start.encode(), lambda: interval["s"], apply, refused.append)
@@ -1154,18 +1162,18 @@ def test_the_fleet_file_is_applied_when_its_content_changes_and_a_bad_one_refuse
         await asyncio.sleep(0.1)
         assert applied == [] and refused == []  # the content served at start
         path.write_text(start + start.replace("a:1", "b:2"))
-        await asyncio.sleep(0.1)
-        assert applied == [2]
+        await until(lambda: applied == [2])
         path.write_text("[[replicas]\n")
-        await asyncio.sleep(0.1)
+        await until(lambda: len(refused) == 1)
+        await asyncio.sleep(0.1)  # read again meanwhile: not refused again
         assert applied == [2] and len(refused) == 1 and "not TOML" in refused[0]
         path.unlink()
         await asyncio.sleep(0.1)
         path.write_text(start)
-        await asyncio.sleep(0.1)
-        assert applied == [2, 1] and len(refused) == 1
+        await until(lambda: applied == [2, 1])
+        assert len(refused) == 1
         interval["s"] = 0
-        await asyncio.wait_for(reader, 1)
+        await asyncio.wait_for(reader, 10)
 
     asyncio.run(run())
 
