@@ -395,7 +395,7 @@ async def _tgi_events(
     items: AsyncIterator[Any],
     body: TgiRequest,
     texts: TokenTexts,
-    where: str = "the stream",
+    where: str,
 ) -> None:
     """``_sse``'s events: each token once the next one (or the result) has arrived, so
     that the last one carries the generated text and the details; an error after the
