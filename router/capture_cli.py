@@ -240,15 +240,12 @@ def _local_target(settings: Any) -> Path | None:
     """The target's directory when it is on this host and small enough to run here in
     fp32 (soft labels), else None."""
     from drafters.loader import ModelLoadError, safetensors_files
-    from router.bundle import ModelBundle
+    from router.components import target_dir_of
 
-    if settings.target_dir is not None:
-        path: Path | None = Path(settings.target_dir).expanduser()
-    else:
-        try:
-            path = ModelBundle.load(settings.world_path()).target_dir
-        except (FileNotFoundError, ValueError, KeyError):
-            path = None
+    try:
+        path: Path | None = target_dir_of(settings)
+    except (FileNotFoundError, ValueError, KeyError):
+        path = None
     if path is None or not (path / "config.json").is_file():
         return None
     try:

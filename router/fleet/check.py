@@ -11,10 +11,9 @@ for a running sidecar's reload (``router.fleet.reload``) is known to serve first
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
-from router.fleet.config import FleetSpec, replica_api_keys, replica_tls
+from router.fleet.config import FleetSpec, ReplicaSpec, replica_api_keys, replica_tls
 from router.fleet.replica import Replica, probe
 
 
@@ -42,7 +41,7 @@ class ReplicaCheck:
 
 
 def unprobed(fleet: FleetSpec) -> list[ReplicaCheck]:
-    return [ReplicaCheck(r.name, r.url, r.speculative, r.draft_length) for r in fleet.replicas]
+    return [_row(spec) for spec in fleet.replicas]
 
 
 async def probed(
@@ -60,19 +59,19 @@ async def probed(
         replicas = [
             Replica.from_spec(spec, fleet, keys[spec.name], probe_ids) for spec in fleet.replicas
         ]
-        timeout_s = fleet.connect_timeout_s + 1.0
+        timeout_s = fleet.probe_timeout_s
         await asyncio.gather(*(probe(session, replica, timeout_s) for replica in replicas))
-    return [_checked(replica) for replica in replicas]
+    return [_row(replica.spec, replica) for replica in replicas]
 
 
-def _checked(replica: Replica) -> ReplicaCheck:
-    spec: Any = replica.spec
-    return ReplicaCheck(
-        replica.name,
-        spec.url,
-        replica.drafter,
-        spec.draft_length,
-        serving=replica.healthy,
-        problem=replica.last_error,
-        max_model_len=replica.max_model_len,
+def _row(spec: ReplicaSpec, probed: Replica | None = None) -> ReplicaCheck:
+    """A replica's line of the check: as the file gives it, and as ``probed`` found it."""
+    row = ReplicaCheck(spec.name, spec.url, spec.speculative, spec.draft_length)
+    if probed is None:
+        return row
+    return replace(
+        row,
+        serving=probed.healthy,
+        problem=probed.last_error,
+        max_model_len=probed.max_model_len,
     )

@@ -187,6 +187,11 @@ class FleetSpec(BaseModel):
     def draft_length(self, drafter: str) -> int:
         return next(r.draft_length for r in self.replicas if r.speculative == drafter)
 
+    @property
+    def probe_timeout_s(self) -> float:
+        """How long a health check (and each call of a replica's verification) waits."""
+        return self.connect_timeout_s + 1.0
+
 
 def replica_api_keys(
     fleet: FleetSpec, environ: Mapping[str, str] = os.environ, source: str = ""

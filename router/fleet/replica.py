@@ -408,7 +408,7 @@ async def watch(
     next_verify = time.monotonic() + settings().verify_interval_s  # verified when brought in
     while True:
         fleet = settings()
-        timeout_s = fleet.connect_timeout_s + 1.0
+        timeout_s = fleet.probe_timeout_s
         now = time.monotonic()
         if now >= next_probe:
             await probe(session, replica, timeout_s)

@@ -255,7 +255,7 @@ class FleetRouterService(RouterService):
         self._reloads = reloads_counter(self.metrics.registry)
 
         await asyncio.gather(
-            *(probe(self._session, r, self.fleet.connect_timeout_s + 1.0) for r in self.replicas)
+            *(probe(self._session, r, self.fleet.probe_timeout_s) for r in self.replicas)
         )
         down = [r.name for r in self.replicas if not r.healthy]
         if down:
