@@ -105,9 +105,10 @@ class StorageLockedError(UnavailableError):
 
 
 class RequestFailsReplicasError(GenerationFailedError):
-    """A request that failed on ``max_replica_failures`` fleet replicas: it may be what
-    makes them fail, so it is not sent on, and a client should not send it again as is
-    (the OpenAI front says ``x-should-retry: false``, which the official clients obey)."""
+    """A request that failed on fleet replicas it reached (``max_replica_failures`` of
+    them, or every replica left serving): it may be what makes them fail, so it is not
+    sent on, and a client should not send it again as is (the OpenAI front says
+    ``x-should-retry: false``, which the official clients obey)."""
 
 
 class InternalError(SidecarError):

@@ -862,9 +862,14 @@ class RouterService:
             drafter_serial=self.drafters.serial(decision.drafter),
         )
 
+    def _eligible_at(self, k: int | None) -> list[str]:
+        """The drafters the policy may choose for a request that forces draft length
+        ``k`` (None: not forced): any eligible one, which then drafts ``k`` tokens."""
+        return self.eligible_drafters()
+
     def _decide(self, context: Any, force_drafter: str, force_k: int | None) -> tuple[Any, int]:
         if not force_drafter:
-            decision, version = self.policy.select(context, self.eligible_drafters())
+            decision, version = self.policy.select(context, self._eligible_at(force_k))
             if force_k is None:
                 return decision, version
             force_drafter = decision.drafter if force_k > 0 else NONE_DRAFTER

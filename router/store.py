@@ -169,6 +169,21 @@ def open_database(
     return db
 
 
+def registered_names(state_dir: Path) -> list[str]:
+    """The names of the drafters registered in ``state_dir``'s database, read without
+    taking the directory's lock or writing anything (a running sidecar may hold it):
+    what a fleet file may name besides the drafters of the settings. Empty when there is
+    no database yet; ``StateStoreError`` when it cannot be read."""
+    path = state_dir / DATABASE_NAME
+    if not path.is_file():
+        return []
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            return [str(row[0]) for row in db.execute("SELECT name FROM drafters")]
+    except sqlite3.Error as error:
+        raise StateStoreError(f"cannot read the state database {path}: {error}") from None
+
+
 def _one_line(damage: list[str]) -> str:
     """``PRAGMA quick_check``'s first problems on one line, without its headings."""
     lines = [line.strip() for row in damage for line in row.splitlines()]

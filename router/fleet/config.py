@@ -163,6 +163,12 @@ class FleetSpec(BaseModel):
         duplicate = next((n for n in names if names.count(n) > 1), None)
         if duplicate is not None:
             raise ValueError(f"two replicas are named {duplicate!r}")
+        urls = [replica.url for replica in self.replicas]
+        shared = next((u for u in urls if urls.count(u) > 1), None)
+        if shared is not None:
+            # One vLLM server has one speculative configuration; two entries would count
+            # its load twice and export one series of metrics for both.
+            raise ValueError(f"two replicas have the URL {shared!r}")
         draft_lengths: dict[str, int] = {}
         for replica in self.replicas:
             known = draft_lengths.setdefault(replica.speculative, replica.draft_length)
@@ -287,16 +293,20 @@ def check_fleet_drafters(fleet: FleetSpec, known: Collection[str], source: str =
 
 def known_drafters(settings: Any) -> set[str]:
     """The drafter names a sidecar with ``settings`` serves at start, read without loading
-    a model: the bundle's (unless ``bundle_drafters`` is off), ``drafter_dirs``, ``ngram``
-    and ``none``. Empty when the bundle cannot be read (serving will say why)."""
+    a model: the bundle's (unless ``bundle_drafters`` is off), ``drafter_dirs``, ``ngram``,
+    ``none`` and those registered at run time (``RegisterDrafter``, kept in the state
+    directory, which a running sidecar may hold). Empty when the bundle or the state
+    database cannot be read (serving will say why)."""
     from router.bundle import BundleNotFoundError, ModelBundle
+    from router.store import StateStoreError, registered_names
 
     names = {NGRAM, NONE_DRAFTER, *settings.drafter_dirs}
-    if settings.uses_world() and settings.bundle_drafters:
-        try:
+    try:
+        names |= set(registered_names(Path(settings.state_dir)))
+        if settings.uses_world() and settings.bundle_drafters:
             names |= set(ModelBundle.load(settings.world_path()).drafter_dirs)
-        except (BundleNotFoundError, FileNotFoundError, ValueError):
-            return set()
+    except (BundleNotFoundError, FileNotFoundError, ValueError, StateStoreError):
+        return set()
     return names
 
 

@@ -439,7 +439,7 @@ class FleetRouterService(RouterService):
             )
         reasons = "; ".join(f"{r.name}: {r.last_error or 'not probed yet'}" for r in self.replicas)
         if failures:
-            return GenerationFailedError(
+            return RequestFailsReplicasError(
                 f"no replica of the fleet is serving ({reasons}) after the request failed on "
                 f"{'; '.join(failures)}"
             )
@@ -473,6 +473,25 @@ class FleetRouterService(RouterService):
             raise NotFoundError(
                 f"no replica of the fleet runs drafter {forced!r}; fleet: {self.fleet.drafters()}"
             )
+        k = request.force_draft_length
+        if not k or forced == NONE_DRAFTER:
+            return
+        # A replica drafts at its own k: a k no replica (of the pinned drafter) runs at
+        # cannot be served, and serving another would report and learn a k not asked for.
+        served = {d: self.fleet.draft_length(d) for d in self.fleet.drafters() if d != NONE_DRAFTER}
+        if not any(served[d] == k for d in ([forced] if forced else served)):
+            whose = f"drafter {forced!r}" if forced else "the fleet"
+            raise InvalidFieldError(
+                "force_draft_length",
+                f"{k}: no replica of {whose} drafts {k} tokens (a replica drafts at the k of "
+                f"its fleet-file entry: {served})",
+            )
+
+    def _eligible_at(self, k: int | None) -> list[str]:
+        """The drafters a ``force_draft_length`` of ``k`` leaves the policy: those whose
+        replicas draft ``k`` tokens."""
+        eligible = self.eligible_drafters()
+        return eligible if not k else [d for d in eligible if self.fleet.draft_length(d) == k]
 
     # -- generation --------------------------------------------------------------------
     @property
@@ -546,7 +565,7 @@ class FleetRouterService(RouterService):
                 routed,
                 frozenset(tried),
                 failover=failed_over,
-                pinned=bool(request.force_drafter),
+                pinned=bool(request.force_drafter or request.force_draft_length),
                 plain_only=plain,
             )
             if found is None:

@@ -628,6 +628,30 @@ def test_a_replica_gets_its_api_key_and_one_without_gets_none(
     assert REPLICA_KEY not in fleet.sidecar.log_tail(200_000)
 
 
+def test_a_forced_draft_length_is_one_a_replica_drafts_at_or_refused(
+    weightless_fleet: WeightlessFleet,
+) -> None:
+    """A replica drafts at its fleet-file k: force_draft_length picks the drafter whose
+    replicas run at it, and a k no replica (of the pinned drafter) runs at is
+    INVALID_ARGUMENT; it was served at the replica's own k without a word."""
+    fleet = weightless_fleet
+    request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=2, force_draft_length=3)
+    served = len(fleet.generic.bodies)
+    chunks = list(fleet.stub.Generate(request, timeout=60))
+    assert (chunks[0].decision.drafter, chunks[0].decision.draft_length) == ("generic", 3)
+    assert len(fleet.generic.bodies) == served + 1
+    unserved: list[dict[str, Any]] = [
+        {"force_draft_length": 5},
+        {"force_drafter": "generic", "force_draft_length": 4},
+    ]
+    for forced in unserved:
+        refused = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=2, **forced)
+        with pytest.raises(grpc.RpcError) as error:
+            list(fleet.stub.Generate(refused, timeout=60))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "force_draft_length" in str(error.value.details()), error.value.details()
+
+
 def test_a_refused_api_key_fails_the_replica_not_the_request() -> None:
     """401 and 403 say the sidecar's key is wrong, not the client's request: the replica
     failed (the request goes on to another), with a hint and without the key."""

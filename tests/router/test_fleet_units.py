@@ -119,6 +119,13 @@ def test_malformed_urls_are_refused(url: str, problem: str) -> None:
             ],
             "two replicas are named",
         ),
+        (
+            [
+                {"name": "x", "url": "http://a", "model": "m", "speculative": "none"},
+                {"name": "y", "url": "http://a/v1", "model": "m", "speculative": "ngram"},
+            ],
+            "two replicas have the URL 'http://a'",
+        ),
         ([{"url": "http://a", "model": "m", "speculative": "none", "colour": 1}], "colour"),
     ],
 )
@@ -179,6 +186,30 @@ def test_unknown_drafter_and_unreadable_files(tmp_path: Path) -> None:
     bad.write_text("[[replicas]\n")
     with pytest.raises(FleetConfigError, match="not TOML"):
         load_fleet_file(bad)
+
+
+def test_a_drafter_registered_at_run_time_may_be_named_at_start_and_by_fleet_check(
+    tmp_path: Path,
+) -> None:
+    """A fleet file naming a drafter registered with RegisterDrafter (kept in the state
+    database) passes the start-up check that `serve` and `fleet check` make, as the
+    running sidecar's reload takes it; an unknown one is still refused."""
+    from router.fleet.config import check_fleet_settings
+    from router.settings import Settings
+    from router.store import DrafterRecord, SidecarStore
+
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text('[[replicas]]\nurl = "http://a"\nmodel = "m"\nspeculative = "lookup"\n')
+    settings = Settings(state_dir=tmp_path / "state", bundle_drafters=False, fleet_file=fleet_file)
+    with pytest.raises(FleetConfigError, match="unknown drafter 'lookup'"):
+        check_fleet_settings(settings)
+    store = SidecarStore(tmp_path / "state", exclusive=True)  # held, as by a running sidecar
+    try:
+        store.add_drafter(DrafterRecord(name="lookup", kind="ngram"))
+        fleet = check_fleet_settings(settings)
+        assert fleet is not None and fleet.drafters() == ["lookup"]
+    finally:
+        store.close()
 
 
 def test_api_keys_come_from_the_variables_the_fleet_file_names() -> None:
@@ -747,6 +778,11 @@ def test_a_request_whose_replica_failed_goes_on_over_the_in_flight_bound() -> No
     after_failures = service._unavailable(failures=["a: the engine died"])
     assert isinstance(after_failures, GenerationFailedError)
     assert status_of(after_failures).grpc_code.name == "INTERNAL"
+    # ... and the official OpenAI clients, which retry a 500 twice, are told not to.
+    from router.openai_front import error_response
+
+    answer = error_response(after_failures)
+    assert answer.status == 500 and answer.headers["x-should-retry"] == "false"
 
 
 def test_a_stop_string_begun_before_a_failover_ends_the_request(
