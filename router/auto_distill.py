@@ -88,6 +88,27 @@ def clean_stopped_runs(root: Path, registered: Callable[[str], bool], capture: A
     return removed
 
 
+def unsettled_marker(out: Path) -> Path:
+    """Beside a run's output directory: its RegisterDrafter failed on the child's side
+    (refused, or its deadline passed while the sidecar may still complete it)."""
+    return out.with_name(f".{out.name}.unsettled")
+
+
+def clean_unsettled_runs(root: Path, registered: Callable[[str], bool]) -> list[str]:
+    """The output of each run whose registration failed is removed unless its drafter
+    was registered after all: it holds prompts of the captured traffic (the fine-tuning
+    sample), kept past ``retention_days`` for good otherwise; the names removed. Called
+    before each run and at start, when a registration still in progress has ended."""
+    removed = []
+    for marker in sorted(root.glob(".*.unsettled")):
+        name = marker.name[1 : -len(".unsettled")]
+        if not registered(name):
+            shutil.rmtree(root / name, ignore_errors=True)
+            removed.append(name)
+        marker.unlink(missing_ok=True)
+    return removed
+
+
 def child_cores(cores: int, available: Sequence[int]) -> set[int]:
     """The last ``cores`` of the CPUs this process may use (serving tends to start on the
     first ones); all of them when there are not more."""
@@ -103,7 +124,7 @@ class AutoDistiller:
     contexts: Callable[[], Sequence[Any]]  # the policy's context summaries
     capture: Any  # router.capture.CaptureStore
     address: str  # this sidecar's gRPC host:port
-    # The drafters the sidecar serves (router.store.DrafterRecord), for ``retire``.
+    # The drafters the sidecar serves (router.store.DrafterRecord): ``retire``, clean-up.
     drafters: Callable[[], Sequence[Any]] = field(default=lambda: [])
     # Why RegisterDrafter would refuse one more drafter now (``DrafterPool.full``), or None.
     full: Callable[[], str | None] = field(default=lambda: None)
@@ -181,6 +202,10 @@ class AutoDistiller:
 
     async def run_once(self) -> int | None:
         """Distil the picked cluster, if any; the child's exit status (0: registered)."""
+        names = {record.name for record in self.drafters()}
+        removed = clean_unsettled_runs(distilled_root(self.settings), names.__contains__)
+        if removed:
+            logger.info("auto-distillation: removed runs not registered: %s", removed)
         cluster = self.pick()
         if cluster is None or self._no_room_to_register():
             return None
@@ -230,8 +255,11 @@ class AutoDistiller:
                 # Refused, or stopped before writing: what it wrote holds prompts of the
                 # captured traffic (the fine-tuning sample), and discarded means gone, not
                 # left for `capture purge` to miss. A RegisterDrafter that failed on the
-                # client's side (its deadline) may still complete on the server: kept.
+                # client's side (its deadline) may still complete on the server: kept
+                # until the next run, or start, finds it not registered.
                 shutil.rmtree(out, ignore_errors=True)
+            elif out.exists():
+                unsettled_marker(out).touch()
             if sum(after.values()) == recorded:
                 # It stopped before writing a drafter (its own record): counted here.
                 self.capture.record_distillation(cluster, "failed", seconds, verdict[-500:])
@@ -324,6 +352,11 @@ def start_auto_distiller(settings: Any, service: Any, grpc_port: int) -> asyncio
     )
     if removed:
         logger.info("auto-distillation: removed runs stopped with the sidecar: %s", removed)
+    removed = clean_unsettled_runs(
+        distilled_root(settings), lambda name: bool(drafters.identity(name))
+    )
+    if removed:
+        logger.info("auto-distillation: removed runs not registered: %s", removed)
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     distiller = AutoDistiller(
         settings,

@@ -494,8 +494,9 @@ def distill_command(
         if scorer is None:
             unscored = (
                 f"not registered: the current arm {current} ({info.kind if info else '?'}) "
-                "drafts with the target's weights, which are not on this host: the distilled "
-                "drafter cannot be compared with it"
+                "drafts with the target's weights, which are not run here (not on this host, "
+                f"or over the {SOFT_LABEL_TARGET_MAX_BYTES >> 30} GiB run here in fp32): the "
+                "distilled drafter cannot be compared with it"
             )
             typer.echo(f"warning: {unscored}", err=True)
         else:

@@ -1470,10 +1470,13 @@ class RouterService:
         return PolicyView(name, version, [c.chosen_among(servable) for c in contexts])
 
     def snapshot(self) -> None:
-        """The periodic save (a worker thread): the policy, and the capture's retention."""
-        self.save_policy()
-        if self.capture is not None:
-            self.capture.expire()
+        """The periodic save (a worker thread): the policy, and the capture's retention,
+        which a failed save (a full disk) does not hold back: deleting frees room."""
+        try:
+            self.save_policy()
+        finally:
+            if self.capture is not None:
+                self.capture.expire()
 
     def save_policy(self) -> None:
         """Save the policy's state; a failure is counted

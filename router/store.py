@@ -261,6 +261,9 @@ class SidecarStore:
         except StateStoreError:
             self._release()
             raise
+        # A removed drafter's fine-tuning sample (prompts, a distilled drafter's captured
+        # ones) is overwritten, not only unlinked (SQLite builds differ in the default).
+        self._db.execute("PRAGMA secure_delete=ON")
 
     def close(self) -> None:
         with self._lock:
@@ -332,6 +335,8 @@ class SidecarStore:
             if row is None:
                 raise NotFoundError(f"no registered drafter named {name!r}")
             db.execute("DELETE FROM drafters WHERE name = ?", (name,))
+            # The log keeps earlier copies of the row's pages until a checkpoint empties it.
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return _record_from_row(row)
 
     def drafters(self) -> list[DrafterRecord]:

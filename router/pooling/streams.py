@@ -104,12 +104,15 @@ class StreamWriter:
         sidecar's stop waited on it for good."""
         try:
             await asyncio.wait_for(self.flush(), timeout=LAST_FLUSH_S)
+            problem = "Redis did not take them"  # flush stops at the first refusal
         except redis_errors() as error:  # wait_for's TimeoutError is an OSError
+            problem = str(error) or type(error).__name__
+        if self._buffer:
             logger.warning(
                 "pooling: %d entries of %s not published at the stop (%s)",
                 len(self._buffer),
                 self._stream,
-                error or type(error).__name__,
+                problem,
             )
 
     async def flush(self) -> None:

@@ -6,10 +6,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from router.auto_distill import AutoDistiller, child_cores, extra_model_roots
+from router.auto_distill import (
+    AutoDistiller,
+    child_cores,
+    clean_unsettled_runs,
+    extra_model_roots,
+    unsettled_marker,
+)
 from router.bundle import ModelBundle
 from router.capture import AutoDistillSettings, CaptureSettings, CaptureStore
 from router.components import build_components
@@ -360,7 +367,9 @@ def test_a_discarded_run_removes_its_drafter_unless_registration_may_have_happen
 ) -> None:
     """A refused drafter's directory holds captured prompts and goes; one whose
     RegisterDrafter failed on the client's side (its deadline, while the server may still
-    register it) was removed too, under a registration in progress."""
+    register it) was removed too, under a registration in progress. That one is kept until
+    the next run, which removes it unless it was registered after all (it stayed for good,
+    past retention_days)."""
     import asyncio
     import sys
 
@@ -382,6 +391,16 @@ def test_a_discarded_run_removes_its_drafter_unless_registration_may_have_happen
     monkeypatch.setattr(distiller, "command", command)
     assert asyncio.run(distiller.run_once()) == 1
     assert written[0].exists() == kept
+    root = written[0].parent
+    assert unsettled_marker(written[0]).exists() == kept
+    monkeypatch.setattr(distiller, "drafters", lambda: [SimpleNamespace(name="other")])
+    asyncio.run(distiller.run_once())  # not registered: the next run removes it
+    assert not written[0].exists() and not list(root.glob(".*.unsettled"))
+    registered = root / "math-auto-1"  # registered after all: kept, its marker forgotten
+    registered.mkdir()
+    unsettled_marker(registered).touch()
+    assert clean_unsettled_runs(root, lambda name: True) == []
+    assert registered.exists() and not list(root.glob(".*.unsettled"))
 
 
 def test_a_registered_run_retires_the_clusters_older_automatic_drafters(

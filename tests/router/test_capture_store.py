@@ -158,6 +158,33 @@ def test_retention_holds_without_traffic_and_with_capture_turned_off(tmp_path: P
     reader.close()
 
 
+def test_retention_holds_when_the_policy_snapshot_fails(tmp_path: Path) -> None:
+    """The periodic snapshot expired old samples only after the policy was saved: on a
+    full disk every save failed, and captured prompts stayed past retention_days."""
+    import time
+    from types import SimpleNamespace
+
+    from router.metrics import create_metrics
+    from router.service import RouterService
+
+    store = _store(tmp_path, retention_days=1.0)
+    store.record("math", PROMPT, OUTPUT, now=time.time() - 7 * 86_400.0)
+
+    def full_disk() -> None:
+        raise OSError(28, "No space left on device")
+
+    service = RouterService.__new__(RouterService)
+    service.policy = SimpleNamespace(snapshot=full_disk)  # type: ignore[assignment]
+    service.metrics = create_metrics()
+    service.capture = store
+    try:
+        with pytest.raises(OSError):
+            service.snapshot()
+        assert store.samples("math") == 0
+    finally:
+        store.close()
+
+
 def test_a_damaged_leftover_database_does_not_stop_a_sidecar_with_capture_off(
     tmp_path: Path,
 ) -> None:

@@ -313,6 +313,28 @@ class _NoRoomForTheLog:
         self.db.close()
 
 
+def test_a_removed_drafters_sample_leaves_the_state_database(tmp_path: Path) -> None:
+    """`drafters remove` deletes the fine-tuning sample a registration keeps (a distilled
+    drafter's are captured prompts): its text is in neither the database file nor its log
+    afterwards, where a plain DELETE left it in the log and in the file's free pages."""
+    from router.store import DrafterRecord, SidecarStore
+
+    marker = "a captured prompt: my account number is 8675309"
+
+    def on_disk() -> bytes:
+        return b"".join(path.read_bytes() for path in tmp_path.glob("sidecar.sqlite3*"))
+
+    store = SidecarStore(tmp_path)
+    try:
+        store.add_drafter(DrafterRecord(name="d", kind="ngram", finetune_sample=(marker,)))
+        assert marker.encode() in on_disk()
+        store.remove_drafter("d")
+        assert marker.encode() not in on_disk()
+    finally:
+        store.close()
+    assert marker.encode() not in on_disk()
+
+
 def test_a_full_disk_at_start_is_named_and_not_called_damage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -724,6 +725,50 @@ def test_a_stop_ends_the_writer_even_when_the_last_flush_times_out(
     finally:
         loop.close()
     assert writer.pending == 1  # not published, and said so
+
+
+def test_entries_a_refusing_redis_does_not_take_at_the_stop_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Redis that refuses at once (connection refused, an OOM or READONLY reply) ended
+    the last flush without a word: the entries lost to the other replicas are logged."""
+    from redis.exceptions import ResponseError
+
+    class RefusingPipeline:
+        async def __aenter__(self) -> RefusingPipeline:
+            return self
+
+        async def __aexit__(self, *exc: Any) -> None:
+            return None
+
+        def xadd(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        async def execute(self) -> None:
+            raise ResponseError("OOM command not allowed when used memory > 'maxmemory'")
+
+    class Link:
+        reconnect_max_s = 60.0
+        client = SimpleNamespace(pipeline=lambda transaction=False: RefusingPipeline())
+
+        def failed(self, error: BaseException) -> None:
+            pass
+
+    writer = StreamWriter(Link(), SIGNER, "s", 100, 10)  # type: ignore[arg-type]
+    writer.append(shared("a-1", 1))
+    writer.append(shared("a-2", 2))
+
+    async def stop() -> None:
+        task = asyncio.create_task(writer.run())
+        await asyncio.sleep(0.1)  # refused once; waiting out its back-off
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=2.0)
+
+    with caplog.at_level(logging.WARNING, logger="router.pooling.streams"):
+        asyncio.run(stop())
+    assert writer.pending == 2
+    assert "pooling: 2 entries of s not published at the stop" in caplog.text
 
 
 def test_what_was_learnt_of_a_drafter_never_lands_on_another_registered_under_its_name(
