@@ -14,6 +14,17 @@ DEFAULT_POLICIES = ("none", "generic", "static", "ucb", "thompson", "oracle")
 LEARN_POLICIES = ("none", "thompson")
 LEARN_PER_TASK = 12
 LEARN_WEIGHT = 4
+# The built-in traces' names (benchmarks.replay.builtin, kept light here), for --help.
+BUILTIN_TRACES = (
+    "uniform",
+    "chat-heavy",
+    "drift",
+    "new-drafter",
+    "learn",
+    "structured",
+    "real",
+    "single-<task>",
+)
 
 
 def _policies(text: str) -> tuple[str, ...]:
@@ -24,8 +35,7 @@ def replay_command(
     trace: str = typer.Option(
         ...,
         "--trace",
-        help="A built-in trace (uniform, chat-heavy, drift, new-drafter, learn, real, "
-        "single-<task>) or a JSONL trace file.",
+        help=f"A built-in trace ({', '.join(BUILTIN_TRACES)}) or a JSONL trace file.",
     ),
     address: str | None = typer.Option(
         None, "--address", help="host:port of a running sidecar; default: start one on the world."

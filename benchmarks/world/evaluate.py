@@ -215,27 +215,38 @@ class Acceptance:
         return self.accepted / self.steps if self.steps else 0.0
 
 
-def drafted_per_step(accepted: Sequence[int], output_length: int, k: int) -> list[int]:
-    """Tokens drafted in each replayed step: k, or fewer when the output ends sooner."""
-    drafted, position = [], 0
-    for n in accepted:
-        drafted.append(min(k, output_length - position))
-        position += n + 1
-    return drafted
+def acceptance_of_matches(
+    matches: Sequence[Sequence[bool]], k: int, max_new_tokens: int = MAX_NEW_TOKENS
+) -> Acceptance:
+    """Greedy acceptance at draft length ``k`` over outputs given as per-token matches of
+    a drafter's predictions (generated within ``max_new_tokens``), replayed as the engine
+    runs them: from the token after the prefill's, k drafts a step, fewer where the budget
+    leaves less room (``SpeculativeEngine``: k <= max_new_tokens - generated - 1), through
+    ``drafters.counterfactual.replay_greedy_drafts``, the replay of every counterfactual
+    score. Counted here apart from it (from the first token, capped at the output's end
+    plus one) the drafts were off near the end: too few before an EOS, too many at the
+    budget."""
+    from drafters.counterfactual import replay_greedy_drafts
+
+    def drafts_at(position: int, length: int) -> list[bool]:
+        return [True] * max(0, min(length, max_new_tokens - position - 1))
+
+    accepted = drafted = steps = 0
+    for output in matches:
+        drafted_here, accepted_here = replay_greedy_drafts(output, k, drafts_at)
+        accepted += sum(accepted_here)
+        drafted += sum(drafted_here)
+        steps += len(accepted_here)
+    return Acceptance(accepted, drafted, steps)
 
 
 def drafter_acceptance(model: Any, outputs: Sequence[TargetOutput], k: int) -> Acceptance:
     """Teacher-forced greedy acceptance of a drafter over the target's outputs."""
-    from drafters.counterfactual import accepted_per_step_from_matches, teacher_forced_matches
+    from drafters.counterfactual import teacher_forced_matches
 
-    accepted = drafted = steps = 0
-    for output in outputs:
-        matches = teacher_forced_matches(model, output.prompt_ids, output.output_ids)
-        per_step = accepted_per_step_from_matches(matches, k)
-        accepted += sum(per_step)
-        drafted += sum(drafted_per_step(per_step, len(matches), k))
-        steps += len(per_step)
-    return Acceptance(accepted, drafted, steps)
+    return acceptance_of_matches(
+        [teacher_forced_matches(model, o.prompt_ids, o.output_ids) for o in outputs], k
+    )
 
 
 def decode_step_seconds(model: Any, context_length: int = 96, steps: int = 40) -> float:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -672,6 +673,34 @@ async def test_every_registration_read_is_loading_until_it_is_applied() -> None:
     await link.close()
 
 
+class _WritingLink:
+    """A pooling link whose pipelines run ``execute`` (a Redis that stalls or refuses)."""
+
+    def __init__(self, execute: Callable[[], Awaitable[None]], reconnect_max_s: float) -> None:
+        self.reconnect_max_s = reconnect_max_s
+        self.client = SimpleNamespace(pipeline=lambda transaction=False: _Pipeline(execute))
+
+    def failed(self, error: BaseException) -> None:
+        pass
+
+    def succeeded(self, wrote: bool = False) -> None:
+        pass
+
+
+class _Pipeline:
+    def __init__(self, execute: Callable[[], Awaitable[None]]) -> None:
+        self.execute = execute
+
+    async def __aenter__(self) -> _Pipeline:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        return None
+
+    def xadd(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
 def test_a_stop_ends_the_writer_even_when_the_last_flush_times_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -684,30 +713,10 @@ def test_a_stop_ends_the_writer_even_when_the_last_flush_times_out(
 
     monkeypatch.setattr(streams, "LAST_FLUSH_S", 0.2, raising=False)
 
-    class StalledPipeline:
-        async def __aenter__(self) -> StalledPipeline:
-            return self
+    async def stalled() -> None:
+        await asyncio.sleep(5)  # the socket timeout of a connection nobody answers
 
-        async def __aexit__(self, *exc: Any) -> None:
-            return None
-
-        def xadd(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        async def execute(self) -> None:
-            await asyncio.sleep(5)  # the socket timeout of a connection nobody answers
-
-    class Link:
-        reconnect_max_s = 0.05
-        client = SimpleNamespace(pipeline=lambda transaction=False: StalledPipeline())
-
-        def failed(self, error: BaseException) -> None:
-            pass
-
-        def succeeded(self) -> None:
-            pass
-
-    writer = StreamWriter(Link(), SIGNER, "s", 100, 10)  # type: ignore[arg-type]
+    writer = StreamWriter(_WritingLink(stalled, 0.05), SIGNER, "s", 100, 10)  # type: ignore[arg-type]
     writer.append(shared("a-1", 1))
 
     async def stop_once() -> bool:
@@ -734,27 +743,10 @@ def test_entries_a_refusing_redis_does_not_take_at_the_stop_are_logged(
     the last flush without a word: the entries lost to the other replicas are logged."""
     from redis.exceptions import ResponseError
 
-    class RefusingPipeline:
-        async def __aenter__(self) -> RefusingPipeline:
-            return self
+    async def refused() -> None:
+        raise ResponseError("OOM command not allowed when used memory > 'maxmemory'")
 
-        async def __aexit__(self, *exc: Any) -> None:
-            return None
-
-        def xadd(self, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        async def execute(self) -> None:
-            raise ResponseError("OOM command not allowed when used memory > 'maxmemory'")
-
-    class Link:
-        reconnect_max_s = 60.0
-        client = SimpleNamespace(pipeline=lambda transaction=False: RefusingPipeline())
-
-        def failed(self, error: BaseException) -> None:
-            pass
-
-    writer = StreamWriter(Link(), SIGNER, "s", 100, 10)  # type: ignore[arg-type]
+    writer = StreamWriter(_WritingLink(refused, 60.0), SIGNER, "s", 100, 10)  # type: ignore[arg-type]
     writer.append(shared("a-1", 1))
     writer.append(shared("a-2", 2))
 

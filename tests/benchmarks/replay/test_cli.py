@@ -6,13 +6,20 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from benchmarks.replay.cli import DEFAULT_POLICIES
+from benchmarks.replay.cli import BUILTIN_TRACES, DEFAULT_POLICIES
 from benchmarks.replay.replay import POLICY_SETTINGS
 from router.cli import build_app
 
 
 def test_default_policies_are_the_known_ones_in_order() -> None:
     assert tuple(POLICY_SETTINGS) == DEFAULT_POLICIES
+
+
+def test_the_help_names_every_built_in_trace() -> None:
+    """--trace's help left out `structured`, which the builder serves."""
+    from benchmarks.replay.builtin import MIXED_TRACES
+
+    assert set(BUILTIN_TRACES) == {*MIXED_TRACES, "real", "single-<task>"}
 
 
 def test_replay_and_study_are_registered() -> None:

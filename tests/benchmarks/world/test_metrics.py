@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.world.evaluate import (
+    acceptance_of_matches,
     answer_contained,
     chrf,
-    drafted_per_step,
     exact_match,
     math_correct,
     token_f1,
@@ -46,10 +46,19 @@ def test_math_correct_compares_final_numbers() -> None:
     assert math_correct("3 + 4 = 8. The answer is 8.", "3 + 4 = 7. The answer is 7.") == 0.0
 
 
-def test_drafted_per_step_caps_at_the_remaining_output() -> None:
-    # 6 output tokens, k=4: a step accepting 4 covers 5 tokens, the last step drafts 1.
-    assert drafted_per_step([4, 0], 6, 4) == [4, 1]
-    assert drafted_per_step([0, 0, 0], 3, 4) == [3, 2, 1]
+def test_acceptance_counts_the_drafts_the_engine_makes() -> None:
+    """Replayed as the engine runs (token 0 is the prefill's, k drafts a step, fewer only
+    where max_new_tokens leaves less room): the counts were taken from token 0 and capped
+    at the output's end, too few drafts before an EOS and too many at the budget."""
+    t, f = True, False
+    # Ended by EOS: the step at token 4 drafts 4 (the drafter cannot know the end is
+    # near) and matches nothing; the last, censored by the end, is left out.
+    before_eos = acceptance_of_matches([[t, f, f, f, f, t]], 4)
+    assert (before_eos.accepted, before_eos.drafted, before_eos.steps) == (0, 16, 4)
+    # Ended by the budget (6 tokens): the second step may draft 3 (6 - 2 - 1), all kept.
+    at_budget = acceptance_of_matches([[t, f, t, t, t, t]], 4, max_new_tokens=6)
+    assert (at_budget.accepted, at_budget.drafted, at_budget.steps) == (3, 7, 2)
+    assert acceptance_of_matches([[t, t, t, t, t, t]], 4, max_new_tokens=6).drafted == 4
 
 
 def test_unevenness() -> None:
