@@ -225,7 +225,7 @@ def check_sampling(sampling: Sampling) -> Sampling:
     if sampling.top_k < 0:
         raise InvalidRequestError(f"top_k must be >= 0, got {sampling.top_k}")
     if any(not stop for stop in sampling.stop):
-        raise InvalidRequestError("stop sequences must not be empty strings")
+        raise InvalidFieldError("sampling.stop", "stop sequences must not be empty strings")
     if len(sampling.stop) > MAX_STOP_SEQUENCES:
         raise InvalidFieldError(
             "sampling.stop",
@@ -276,6 +276,10 @@ def check_sampling(sampling: Sampling) -> Sampling:
         )
     if any(not word.strip() for word in sampling.bad_words):
         raise InvalidFieldError("sampling.bad_words", "a bad word must not be empty")
+    for text in sampling.stop:
+        check_unicode(text, "a stop sequence", "sampling.stop")
+    for text in sampling.bad_words:
+        check_unicode(text, "a bad word", "sampling.bad_words")
     if sampling.seed is not None and not SEED_RANGE[0] <= sampling.seed <= SEED_RANGE[1]:
         raise InvalidFieldError(
             "sampling.seed", f"must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {sampling.seed}"
@@ -507,16 +511,20 @@ def _rendered_calls(calls: Any) -> list[str]:
     return texts
 
 
-def check_unicode(text: str, where: str) -> None:
+def check_unicode(text: str, where: str, field: str | None = None) -> None:
     """Refuse text that no UTF-8 can spell: JSON's ``\\ud800`` escapes decode to lone
-    surrogates, which the tokenizer cannot read (INVALID_ARGUMENT, not INTERNAL)."""
+    surrogates, which the tokenizer cannot read (INVALID_ARGUMENT, not INTERNAL); with
+    ``field``, the error names it."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise InvalidRequestError(
+        problem = (
             f"{where} is not valid Unicode: a lone surrogate {text[error.start]!r} at "
             f"character {error.start}"
-        ) from None
+        )
+        if field is not None:
+            raise InvalidFieldError(field, problem) from None
+        raise InvalidRequestError(problem) from None
 
 
 def check_prompt_chars(prompt: Prompt, max_chars: int, limits: Limits) -> None:

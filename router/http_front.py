@@ -283,8 +283,9 @@ async def json_body(request: web.Request) -> Any:
             f"the body is over {request.app[SERVICE_KEY].limits.max_request_bytes} bytes "
             "(limits.max_request_bytes)"
         ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"the body is not JSON: {exc}") from exc
+    except ValueError as exc:  # not JSON, not UTF-8, an integer past Python's 4,300 digits
+        reason = str(exc).split(";")[0]  # not the int-conversion hint to set a sys limit
+        raise InvalidRequestError(f"the body is not JSON this sidecar reads: {reason}") from exc
     except RecursionError:
         raise InvalidRequestError("the body nests too deeply to be read as JSON") from None
 
@@ -592,19 +593,28 @@ async def counted_errors(request: web.Request, handler: Any) -> web.StreamRespon
 @web.middleware
 async def unexpected_errors(request: web.Request, handler: Any) -> web.StreamResponse:
     """An exception no error type covers is a 500 in the front's own JSON error shape
-    (TGI's, or OpenAI's under ``/v1/``), with its traceback logged, not aiohttp's plain-text
-    500 that the clients cannot parse."""
+    (Anthropic's under ``/v1/messages``, OpenAI's elsewhere under ``/v1/`` and on the
+    tokenizer routes, else TGI's), with its traceback logged, not aiohttp's plain-text 500
+    that the clients cannot parse."""
     try:
         return await handler(request)  # type: ignore[no-any-return]
     except (web.HTTPException, SidecarError):
         raise
     except Exception as error:
         failure = sidecar_error_of(error, failed_in(request, f"{request.method} {request.path}"))
-        if request.path.startswith("/v1/"):
-            from router.openai_front import error_response as openai_error_response
+        return _front_error_response(request.path, failure)
 
-            return openai_error_response(failure)
-        return error_response(failure)
+
+def _front_error_response(path: str, failure: SidecarError) -> web.Response:
+    """``failure`` in the error shape of the front that serves ``path``."""
+    from router.anthropic_front import anthropic_error
+    from router.openai_front import error_response as openai_error_response
+
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return anthropic_error(failure)
+    if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):
+        return openai_error_response(failure)
+    return error_response(failure)
 
 
 def build_http_app(service: RouterService, data_token: str | None = None) -> web.Application:

@@ -682,6 +682,7 @@ def test_each_http_body_value_at_its_extremes(
         "min_tokens": 1,
         "logit_bias": {"5": 1.5},
         "stop_token_ids": [5],
+        "bad_words": ["zebra"],
         "ignore_eos": False,
         "include_stop_str_in_output": False,
         "n": 2,
@@ -758,6 +759,8 @@ def test_each_http_body_value_at_its_extremes(
 
 # Deeper than Python's JSON parser recurses: RecursionError, a 500 and UNKNOWN before.
 TOO_DEEP = "[" * 100_000 + "]" * 100_000
+# An integer past the 4,300 digits Python converts from text: a ValueError, a 500 before.
+TOO_LONG_AN_INTEGER = '{"model": "target", "prompt": "hi", "x": ' + "1" * 5000 + "}"
 
 
 def test_json_nested_deeper_than_the_parser_goes_is_refused(
@@ -765,8 +768,9 @@ def test_json_nested_deeper_than_the_parser_goes_is_refused(
 ) -> None:
     failed = [
         f"{route}: {why}"
-        for route in ("/generate", "/v1/completions", "/v1/chat/completions")
-        if (why := _http_failure(sidecar.http_url + route, TOO_DEEP.encode()))
+        for route in ("/generate", "/v1/completions", "/v1/chat/completions", "/v1/messages")
+        for body in (TOO_DEEP, TOO_LONG_AN_INTEGER)
+        if (why := _http_failure(sidecar.http_url + route, body.encode()))
     ]
     request = pb.SetPolicyRequest(policy="thompson", config_json=TOO_DEEP)
     failed += _failures(

@@ -372,6 +372,14 @@ def _failing_after_the_decision(sidecar: SidecarThread) -> Any:
             {"model": "target", "prompt": PROMPT},
             lambda raw: (json.loads(raw)["error"]["type"], json.loads(raw)["error"]["message"]),
         ),
+        (  # Anthropic's shape (it was OpenAI's, which Anthropic's client does not read)
+            "/v1/messages",
+            {"model": "target", "max_tokens": 4, "messages": [{"role": "user", "content": PROMPT}]},
+            lambda raw: (
+                json.loads(raw)["type"] + "/" + json.loads(raw)["error"]["type"],
+                json.loads(raw)["error"]["message"],
+            ),
+        ),
         (
             "/generate_stream",
             {"inputs": PROMPT},
@@ -409,7 +417,7 @@ def test_an_unexpected_error_is_the_fronts_own_json_error(
         assert status == 200  # the error arrives as the stream's last event
     else:
         assert status == 500
-    assert kind in {"incomplete_generation", "server_error"}
+    assert kind in {"incomplete_generation", "server_error", "error/api_error"}
     assert "(request bug-report-1) failed: KeyError (the sidecar's log has the traceback)" in (
         message
     )
