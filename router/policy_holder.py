@@ -13,8 +13,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-from router.errors import InvalidRequestError
-from router.policy.base import DrafterHints, IncompatibleStateError, PricesPlainSteps
+from router.errors import InvalidFieldError, InvalidRequestError
+from router.policy.base import (
+    NONE_DRAFTER,
+    DrafterHints,
+    IncompatibleStateError,
+    PricesPlainSteps,
+)
 from router.store import PolicySnapshot, SidecarStore
 
 logger = logging.getLogger(__name__)
@@ -116,8 +121,17 @@ class PolicyHolder:
 
     def check(self, name: str, config: Mapping[str, Any] | None = None) -> None:
         """InvalidRequestError where ``start(name, config)`` would refuse the name or the
-        configuration; nothing changes."""
-        self._made(name, config)
+        configuration, or where the configuration plays a drafter not served now (a typo
+        would turn speculation off for every request it names); nothing changes."""
+        _, policy = self._made(name, config)
+        named: set[str] = getattr(policy, "named_drafters", set)()
+        unknown = sorted(named - {*self._drafters(), NONE_DRAFTER})
+        if unknown:
+            raise InvalidFieldError(
+                "config",
+                f"names drafters this sidecar does not serve: {unknown}; served: "
+                f"{sorted(self._drafters())}",
+            )
 
     def _made(
         self, name: str, config: Mapping[str, Any] | None

@@ -44,3 +44,6 @@ class FixedPolicy(TablePolicy):
 
     def arm(self, context: Context) -> tuple[str, int]:
         return self.drafter, self.k
+
+    def named_drafters(self) -> set[str]:
+        return {self.drafter} if self.k else set()

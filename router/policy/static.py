@@ -59,6 +59,10 @@ class StaticPolicy(TablePolicy):
         cfg = StaticConfig.model_validate(dict(config or {}))
         return cls(drafters, table=cfg.table, default=cfg.default)
 
+    def named_drafters(self) -> set[str]:
+        entries = [*self.table.values(), *([self.default] if self.default else [])]
+        return {drafter for drafter, k in entries if k}
+
     def arm(self, context: Context) -> tuple[str, int]:
         """The table's arm for the context, else for its free-text context (a structured
         one's), else for its cluster, else the default."""

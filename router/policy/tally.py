@@ -108,6 +108,10 @@ class TablePolicy:
         """The (drafter, k) this policy plays in ``context`` (before eligibility)."""
         return NONE_DRAFTER, 0
 
+    def named_drafters(self) -> set[str]:
+        """The drafters the configuration plays at some k > 0 (none by default)."""
+        return set()
+
     def select(self, context: Context, eligible: Sequence[str]) -> Decision:
         """The table's arm when its drafter is known and eligible, else no speculation."""
         drafter, k = self.arm(context)

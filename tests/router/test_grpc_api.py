@@ -989,6 +989,18 @@ def test_policy_state_and_switching(sidecar: SidecarThread, PROMPT: str) -> None
     with pytest.raises(grpc.RpcError) as unknown:
         sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="nope"), metadata=ADMIN)
     assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A table naming a drafter not served (a typo) turned speculation off without a word.
+    for policy, config in (
+        ("fixed", {"drafter": "codee", "k": 4}),
+        ("static", {"table": {"chat/0": ["nope", 4]}, "default": ["generic", 3]}),
+    ):
+        with pytest.raises(grpc.RpcError) as misnamed:
+            sidecar.stub.SetPolicy(
+                pb.SetPolicyRequest(policy=policy, config_json=json.dumps(config)), metadata=ADMIN
+            )
+        assert misnamed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "config: names drafters this sidecar does not serve" in misnamed.value.details()
+    assert sidecar.stub.Route(pb.RouteRequest(text=PROMPT)).policy == "ucb"  # still served
     back = sidecar.stub.SetPolicy(pb.SetPolicyRequest(policy="thompson"), metadata=ADMIN)
     assert back.policy == "thompson" and back.version == state.version
 
