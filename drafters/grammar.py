@@ -81,6 +81,8 @@ def grammar_text(grammar: OutputGrammar) -> str:
         return str(llguidance.LLMatcher.grammar_from_lark(_lark(grammar)))
     except json.JSONDecodeError as error:
         raise GrammarError(f"{grammar.kind} is not valid JSON: {error}") from error
+    except RecursionError:
+        raise GrammarError(f"the {grammar.kind} spec nests too deeply to be read") from None
     except GrammarError:
         raise
     except ValueError as error:  # llguidance's own, e.g. GBNF that does not parse
@@ -89,11 +91,11 @@ def grammar_text(grammar: OutputGrammar) -> str:
 
 def _lark(grammar: OutputGrammar) -> str:
     if grammar.kind == "grammar":
-        from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+        from llguidance.gbnf_to_lark import any_to_lark
 
         try:
             text = any_to_lark(grammar.spec)  # GBNF converted, Lark as it is
-        except GbnfToLarkError as error:
+        except Exception as error:  # GbnfToLarkError, or a bare Exception ("No root rule")
             raise GrammarError(f"the GBNF grammar does not parse: {error}") from error
         return text if text.lstrip().startswith("%llguidance") else ALL_TOKENIZATIONS + text
     if grammar.kind == "regex":

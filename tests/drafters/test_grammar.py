@@ -191,6 +191,13 @@ def test_min_tokens_past_a_complete_output_leaves_it_as_it_is(setup: Setup) -> N
         (OutputGrammar("choice", '["a", 1]'), "non-empty list of strings"),
         (OutputGrammar("grammar", "start: missing_rule"), "missing_rule"),
         (OutputGrammar("grammar", 'root ::= "a'), "GBNF"),
+        # llguidance's GBNF reader raises a bare Exception for these (INTERNAL before).
+        (OutputGrammar("grammar", ""), "No 'root' rule found"),
+        (OutputGrammar("grammar", 'a ::= "x"'), "No 'root' rule found"),
+        (OutputGrammar("grammar", "root ::= foo"), "Rule 'foo' not found"),
+        # Deeper than the JSON parser recurses (a RecursionError before).
+        (OutputGrammar("choice", "[" * 3000 + "]" * 3000), "nests too deeply"),
+        (OutputGrammar("json", '{"a": ' * 1000 + "1" + "}" * 1000), "nests too deeply"),
     ],
     ids=[
         "regex",
@@ -201,6 +208,11 @@ def test_min_tokens_past_a_complete_output_leaves_it_as_it_is(setup: Setup) -> N
         "choice-number",
         "lark",
         "gbnf",
+        "gbnf-empty",
+        "gbnf-no-root",
+        "gbnf-undefined-rule",
+        "choice-deep",
+        "json-deep",
     ],
 )
 def test_a_grammar_that_does_not_compile_is_refused_with_the_reason(
