@@ -203,6 +203,8 @@ class PenaltyState:
             seen = torch.tensor([t in self._seen for t in columns]).unsqueeze(0)
             present = (seen | (before > 0)).to(device)
             scaled = torch.where(values > 0, values / p.repetition, values * p.repetition)
+            # A tiny penalty (1e-40) overflowed a positive logit to +inf, and the row to NaN.
+            scaled = scaled.clamp(max=torch.finfo(scaled.dtype).max)
             values = torch.where(present, scaled, values)
         if p.frequency:
             values = values - p.frequency * counts

@@ -61,8 +61,10 @@ def sampling_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tens
     if sampling.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p; keep the first.
+        # Drop a token when the tokens ranked above it already reach top_p; keep the first
+        # (a top_p below float32's smallest number, 1e-100, is 0 there and dropped it too).
         drop_sorted = (cumulative - sorted_scores.softmax(dim=-1)) >= sampling.top_p
+        drop_sorted[..., 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     if sampling.typical_p < 1.0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from drafters.penalties import Penalties
 from drafters.sampling import NonFiniteDistributionError, SamplingConfig, sampling_probs
 from drafters.verify import Verification, rejection_sample, verify
 
@@ -117,6 +118,22 @@ def test_sampling_probs_applies_temperature_top_k_and_top_p() -> None:
     assert torch.isclose(top_p[0, 0] / top_p[0, 1], full[0] / full[1])
     hot = sampling_probs(logits, SamplingConfig(do_sample=True, temperature=0.5))
     assert torch.allclose(hot, torch.softmax(logits / 0.5, dim=-1))
+
+
+def test_values_past_float32_keep_a_distribution_to_sample_from() -> None:
+    """A top_p below float32's smallest number (1e-100, as JSON can send) was 0 in the
+    comparison and dropped the top token too, and a repetition penalty of 1e-40 overflowed
+    a seen token's logit to +inf: either row was NaN, a 500 "the logits overflowed"."""
+    from drafters.penalties import PenaltyState
+
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    tiny_p = sampling_probs(logits, SamplingConfig(do_sample=True, top_p=1e-100))
+    assert tiny_p.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    state = PenaltyState(Penalties(repetition=1e-40), prompt_ids=[2], stop_ids=())
+    penalised = state.adjust(logits, torch.tensor([], dtype=torch.long))
+    assert torch.isfinite(penalised[0, 2]) and int(penalised[0].argmax()) == 2
+    probs = sampling_probs(penalised, SamplingConfig(do_sample=True))
+    assert torch.isfinite(probs).all() and probs[0, 2] == 1.0
 
 
 def test_sampling_probs_min_p_keeps_tokens_as_likely_as_a_share_of_the_top_one() -> None:
