@@ -435,14 +435,16 @@ MAX_PROMPTS = 64
 
 def _completion_prompts(body: CompletionRequest, service: RouterService) -> list[Prompt]:
     """OpenAI's prompt forms: a text, token ids (read as they are, as vLLM reads them), or
-    a list of either (several prompts, up to MAX_PROMPTS)."""
+    a list of either (several prompts, up to MAX_PROMPTS). Token ids are cut to
+    ``truncate_prompt_tokens`` here, before their count is checked, as a text is later."""
     prompt = body.prompt
+    truncate = truncate_of(body, service.limits.max_prompt_tokens)
     if isinstance(prompt, str):
         return [Prompt(text=prompt)]
     if not prompt:
         raise InvalidFieldError("prompt", "the prompt is empty")
     if all(_is_token_id(p) for p in prompt):
-        return [service.token_id_prompt(prompt)]
+        return [service.token_id_prompt(prompt, truncate)]
     if len(prompt) > MAX_PROMPTS:
         raise InvalidFieldError("prompt", f"at most {MAX_PROMPTS} prompts, got {len(prompt)}")
     prompts = []
@@ -450,7 +452,7 @@ def _completion_prompts(body: CompletionRequest, service: RouterService) -> list
         if isinstance(one, str):
             prompts.append(Prompt(text=one))
         elif isinstance(one, list) and one and all(_is_token_id(p) for p in one):
-            prompts.append(service.token_id_prompt(one))
+            prompts.append(service.token_id_prompt(one, truncate))
         else:
             raise InvalidFieldError(
                 "prompt", "must be a text, token ids, or a list of texts or of token-id lists"
@@ -462,12 +464,18 @@ def _message_text(message: ChatMessage, index: int) -> str:
     if message.content is None or isinstance(message.content, str):
         return message.content or ""
     texts = []
-    for part in message.content:
+    for number, part in enumerate(message.content):
         if part.get("type") != "text":
             raise InvalidFieldError(
                 f"messages[{index}].content", f"only text parts are served, got {part.get('type')}"
             )
-        texts.append(str(part.get("text", "")))
+        text = part.get("text")
+        if not isinstance(text, str):  # None or an object was rendered as "None" or "{...}"
+            raise InvalidFieldError(
+                f"messages[{index}].content[{number}].text",
+                f"must be a string, got {type(text).__name__}",
+            )
+        texts.append(text)
     return "\n".join(texts)  # as vLLM joins a message's text parts
 
 

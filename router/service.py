@@ -528,10 +528,13 @@ class RouterService:
             return self.prompt_ids(prompt)
         return self._ids_of(self._model_text(prompt), special=special)
 
-    def token_id_prompt(self, ids: Sequence[int]) -> Prompt:
-        """A prompt given as token ids: the ids as they are, their decoding as its text.
-        An empty list, more ids than ``limits.max_prompt_tokens`` (before anything is
-        decoded) or an id outside the tokenizer's vocabulary is refused."""
+    def token_id_prompt(self, ids: Sequence[int], truncate: int | None = None) -> Prompt:
+        """A prompt given as token ids: the ids as they are (their last ``truncate`` when
+        given, as a text prompt is cut), their decoding as its text. An empty list, more
+        ids than ``limits.max_prompt_tokens`` (before anything is decoded) or an id
+        outside the tokenizer's vocabulary is refused."""
+        if truncate is not None:
+            ids = ids[-truncate:]
         check_prompt_tokens(len(ids), self.limits)
         self.check_in_vocabulary("prompt", ids)
         return Prompt(text=self.tokenizer.decode(list(ids)), token_ids=tuple(ids))

@@ -322,6 +322,14 @@ def test_chat_fields_are_read_as_vllm_reads_them(sidecar: SidecarThread) -> None
         for content in (parts, joined)
     ]
     assert usages[0] == usages[1], usages
+    # A part whose text is not a string was rendered as "None" or "{'a': 1}" into the prompt.
+    for odd in (None, {"a": 1}, 5):
+        content = [{"type": "text", "text": odd}, {"type": "text", "text": "hi"}]
+        status, reply = post(
+            f"{sidecar.http_url}/v1/chat/completions",
+            {**asked, "messages": [{"role": "user", "content": content}]},
+        )
+        assert status == 400 and reply["error"]["param"] == "messages[0].content[0].text", reply
 
 
 def test_the_fingerprint_names_the_decision_a_seed_repeats_under(sidecar: SidecarThread) -> None:
@@ -434,6 +442,17 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(
         extra_body={"truncate_prompt_tokens": 16},
     )
     assert chat.usage is not None and chat.usage.prompt_tokens == 16
+    # A prompt sent as token ids is cut too (it was refused by its count, uncut).
+    ids = sidecar.service.prompt_ids(Prompt(text=long_prompt))
+    as_ids = client(sidecar).completions.create(
+        model="target",
+        prompt=ids,
+        max_tokens=6,
+        temperature=0,
+        extra_body={"truncate_prompt_tokens": 24},
+    )
+    assert as_ids.usage is not None and as_ids.usage.prompt_tokens == 24
+    assert as_ids.choices[0].text == expected
     for extra, param in (
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
         ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
