@@ -64,6 +64,15 @@ def _existing_capture(state_dir: Path) -> Any:
     return CaptureStore(state_dir) if (state_dir / DATABASE_NAME).is_file() else None
 
 
+def _checked_state_dir(directory: Path) -> Path:
+    """``directory``, or exit 1 naming it when it is not one: a mistyped path was read as
+    "nothing captured", status 0."""
+    if not directory.is_dir():
+        typer.echo(f"error: {directory} is not a state directory", err=True)
+        raise typer.Exit(1)
+    return directory
+
+
 def _when(unix: float) -> str:
     return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
@@ -74,10 +83,7 @@ def capture_stats_command(
     config: Annotated[Path | None, CONFIG_OPTION] = None,
 ) -> None:
     """Captured samples per cluster: count, bytes of token ids, oldest and newest."""
-    directory = _state_dir(state_dir, config)
-    if not directory.is_dir():  # a mistyped path read as "nothing captured", status 0
-        typer.echo(f"error: {directory} is not a state directory", err=True)
-        raise typer.Exit(1)
+    directory = _checked_state_dir(_state_dir(state_dir, config))
     store = _existing_capture(directory)
     stats = store.stats() if store is not None else []
     if not stats:
@@ -160,13 +166,18 @@ def clusters_command(
     from router.pb import router_pb2 as pb
     from router.serve_cli import _call, _metadata, _stub
 
+    # The configured directory may be another host's (none here: nothing captured); one
+    # given by --state-dir must exist.
+    directory = _state_dir(state_dir, config)
+    if state_dir is not None:
+        _checked_state_dir(directory)
     state = _call(
         _stub(address).GetPolicyState,
         pb.GetPolicyStateRequest(),
         timeout=timeout,
         metadata=_metadata(token),
     )
-    store = _existing_capture(_state_dir(state_dir, config))
+    store = _existing_capture(directory)
     captured = {s.cluster: s.samples for s in store.stats()} if store is not None else {}
     views = cluster_views(summaries_from_pb(state), captured)
     if as_json:

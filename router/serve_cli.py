@@ -29,6 +29,9 @@ TIMEOUT_OPTION = typer.Option(
     min=0.001,
     help="Seconds to wait for the sidecar's answer (a stuck sidecar is DEADLINE_EXCEEDED).",
 )
+# The wire's integer types (router.proto): a larger value failed in protobuf with a traceback.
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
 JSON_OPTION = typer.Option("--json", help="The reply as JSON (for scripts), not a table.")
 RAW_OPTION = typer.Option(
     "--raw", help="Send TEXT as is (already templated), not as a user message."
@@ -225,7 +228,12 @@ def route_command(
     task_hint: Annotated[str, typer.Option("--task", help="Task cluster hint.")] = "",
     max_new_tokens: Annotated[
         int,
-        typer.Option("--max-new-tokens", min=0, help="The answer's budget, if known (0: not)."),
+        typer.Option(
+            "--max-new-tokens",
+            min=0,
+            max=UINT32_MAX,
+            help="The answer's budget, if known (0: not).",
+        ),
     ] = 0,
     raw: Annotated[bool, RAW_OPTION] = False,
     token: Annotated[str | None, DATA_TOKEN_OPTION] = None,
@@ -244,11 +252,14 @@ def generate_command(
     text: Annotated[str, typer.Argument(help="Prompt: a user message (see --raw).")],
     address: Annotated[str, ADDRESS_OPTION] = DEFAULT_ADDRESS,
     max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", min=1, help="Stop after this many tokens.")
+        int,
+        typer.Option(
+            "--max-new-tokens", min=1, max=UINT32_MAX, help="Stop after this many tokens."
+        ),
     ] = 64,
     drafter: Annotated[str, typer.Option("--drafter", help="Force a drafter.")] = "",
     draft_length: Annotated[
-        int | None, typer.Option("--k", min=0, help="Force a draft length.")
+        int | None, typer.Option("--k", min=0, max=UINT32_MAX, help="Force a draft length.")
     ] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy.")] = False,
     temperature: Annotated[float, typer.Option("--temperature", help="With --sample.")] = 1.0,
@@ -257,6 +268,7 @@ def generate_command(
         typer.Option(
             "--seed",
             min=0,
+            max=UINT64_MAX,
             help="With --sample: seeds the draws (the same text for the same drafter and k).",
         ),
     ] = None,

@@ -31,6 +31,10 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         ["generate", "hi", "--logprobs", "21"],
         ["generate", "hi", "--max-new-tokens", "0"],
         ["route", "hi", "--max-new-tokens", "-1"],
+        ["generate", "hi", "--sample", "--seed", str(2**64)],  # past the wire's uint64
+        ["generate", "hi", "--k", str(2**32)],  # and uint32: both a traceback before
+        ["generate", "hi", "--max-new-tokens", str(2**32)],
+        ["route", "hi", "--max-new-tokens", str(2**32)],
     ],
 )
 def test_a_number_out_of_its_range_is_a_usage_error(args: list[str]) -> None:
@@ -288,6 +292,11 @@ def test_benchmark_typos_are_told_before_any_work(tmp_path: Path) -> None:
         (["bench", "policy", "--scenario", "bogus"], 2, "unknown scenario 'bogus'"),
         (["bench", "load", "--address", "localhost"], 2, "is not host:port"),
         (["capture", "stats", "--state-dir", str(tmp_path / "stat")], 1, "not a state directory"),
+        (
+            ["clusters", "--state-dir", str(tmp_path / "stat"), "--address", "127.0.0.1:1"],
+            1,
+            "not a state directory",
+        ),
     ):
         done = _run(*args, env={"SPECROUTE_HOME": str(tmp_path / "home")})
         said = " ".join(done.stderr.split())
