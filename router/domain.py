@@ -403,6 +403,50 @@ def _check_per_step_lists(outcome: OutcomeInput) -> None:
             raise InvalidFieldError(
                 f"accepted_per_step[{i}]", f"{n} accepted is more than the {k} drafted"
             )
+    _check_totals_beside_steps(outcome)
+
+
+def _check_totals_beside_steps(outcome: OutcomeInput) -> None:
+    """Totals sent beside per-step lists must be what the lists add up to (the lists are
+    what the policy reads; contradicting totals were taken without a word)."""
+    drafted, accepted = outcome.drafted_per_step, outcome.accepted_per_step
+    if drafted and outcome.drafted_tokens and outcome.drafted_tokens != sum(drafted):
+        raise InvalidFieldError(
+            "drafted_tokens",
+            f"is {outcome.drafted_tokens} but drafted_per_step adds up to {sum(drafted)}",
+        )
+    if outcome.accepted_tokens and outcome.accepted_tokens != sum(accepted):
+        raise InvalidFieldError(
+            "accepted_tokens",
+            f"is {outcome.accepted_tokens} but accepted_per_step adds up to {sum(accepted)}",
+        )
+    if outcome.accepted_per_position:
+        longest = max(len(outcome.accepted_per_position), max(accepted, default=0))
+        counts = tuple(sum(n > i for n in accepted) for i in range(longest))
+        given = tuple(outcome.accepted_per_position) + (0,) * (
+            longest - len(outcome.accepted_per_position)
+        )
+        if given != counts:
+            raise InvalidFieldError(
+                "accepted_per_position",
+                f"is {list(outcome.accepted_per_position)} but accepted_per_step gives "
+                f"{list(counts)}",
+            )
+
+
+def check_outcome_against_decision(outcome: OutcomeInput, k: int) -> None:
+    """Per-step accepts sent without ``drafted_per_step`` are read as drafts of the
+    routed decision's k each, so no step may accept more than k (it was refused without
+    naming the field). Drafted counts sent as lists are taken as the engine ran them."""
+    if outcome.drafted_per_step:
+        return
+    over = next(((i, n) for i, n in enumerate(outcome.accepted_per_step) if n > k), None)
+    if over is not None:
+        raise InvalidFieldError(
+            f"accepted_per_step[{over[0]}]",
+            f"{over[1]} accepted is more than the decision's draft length, {k} (send "
+            "drafted_per_step when the steps drafted other than k)",
+        )
 
 
 def _check_totals(outcome: OutcomeInput) -> None:

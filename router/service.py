@@ -35,6 +35,7 @@ from router.domain import (
     RouteInput,
     Sampling,
     check_max_new_tokens,
+    check_outcome_against_decision,
     check_prompt,
     check_prompt_chars,
     check_prompt_tokens,
@@ -888,6 +889,7 @@ class RouterService:
         """Feed a reported outcome to the policy; returns the new policy version."""
         routed = self._pending.take(outcome.request_id)
         try:
+            check_outcome_against_decision(outcome, routed.decision.k)
             policy_outcome = outcome_from_report(outcome, routed.decision.k)
         except InvalidRequestError:
             self._pending.remember(routed)  # a fixed report may follow

@@ -564,6 +564,29 @@ BAD_REPORTS: dict[str, tuple[dict[str, Any], str]] = {
         {"drafted_per_step": [2, 2], "accepted_per_step": [1, 3], **GOOD_TIMES},
         "accepted_per_step[1]",
     ),
+    # Taken beside the lists without a word (the lists are what the policy reads).
+    "per step: a drafted total the lists do not add up to": (
+        {"drafted_per_step": [2], "accepted_per_step": [1], "drafted_tokens": 5, **GOOD_TIMES},
+        "drafted_tokens",
+    ),
+    "per step: an accepted total the lists do not add up to": (
+        {"drafted_per_step": [2], "accepted_per_step": [1], "accepted_tokens": 9, **GOOD_TIMES},
+        "accepted_tokens",
+    ),
+    "per step: positions the lists do not give": (
+        {
+            "drafted_per_step": [2],
+            "accepted_per_step": [1],
+            "accepted_per_position": [5, 4, 3],
+            **GOOD_TIMES,
+        },
+        "accepted_per_position",
+    ),
+    # Read as drafts of the decision's k (at most 8 here): refused without a field before.
+    "per step: accepts alone, more than the decision drafts": (
+        {"accepted_per_step": [40], **GOOD_TIMES},
+        "accepted_per_step[0]",
+    ),
     "per step: steps that disagree with the lists": (
         {"steps": 5, "drafted_per_step": [2, 2], "accepted_per_step": [1, 2], **GOOD_TIMES},
         "steps",
