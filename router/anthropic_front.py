@@ -56,6 +56,7 @@ from router.openai_front import (
     without_stop,
 )
 from router.service import GenerationResult, RouterService, TokenChunk
+from router.tool_calls import check_function
 
 # Anthropic's error types by HTTP status (what its clients raise on).
 ERROR_TYPES = {
@@ -205,9 +206,14 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | Non
                 f"tools[{index}]",
                 "only client tools ({name, description, input_schema}) are served",
             )
-        function = {"name": tool["name"], "parameters": tool.get("input_schema") or {}}
+        if not isinstance(tool.get("input_schema"), dict):
+            raise InvalidFieldError(
+                f"tools[{index}].input_schema", "is required: the input's JSON schema, an object"
+            )
+        function = {"name": tool["name"], "parameters": tool["input_schema"]}
         if tool.get("description") is not None:
             function["description"] = tool["description"]
+        check_function(function, f"tools[{index}]")
         converted.append({"type": "function", "function": function})
     return converted
 

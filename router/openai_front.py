@@ -90,6 +90,7 @@ from router.tool_calls import (
     ForcedToolCallHoldback,
     ForcedToolChoice,
     ToolCallHoldback,
+    check_chat_tools,
     parse_tool_calls,
 )
 
@@ -549,6 +550,7 @@ def _chat_message(message: ChatMessage, index: int) -> dict[str, Any]:
 
 
 def _chat_prompts(body: ChatRequest, service: RouterService) -> list[Prompt]:
+    check_chat_tools(body.tools)
     messages = tuple(_chat_message(message, i) for i, message in enumerate(body.messages))
     continuing = bool(body.continue_final_message)
     opening = not continuing if body.add_generation_prompt is None else body.add_generation_prompt

@@ -60,6 +60,7 @@ from router.service import (
     RouterService,
     TokenChunk,
 )
+from router.tool_calls import check_function
 
 # Responses API fields not served, with the values that ask for nothing, and why.
 UNSERVED: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -226,6 +227,7 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | Non
                 f"tools[{index}].type", f"only function tools are served, got {tool.get('type')!r}"
             )
         function = {key: tool[key] for key in ("name", "description", "parameters") if key in tool}
+        check_function(function, f"tools[{index}]")
         converted.append({"type": "function", "function": function})
     return converted
 

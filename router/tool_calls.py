@@ -21,6 +21,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from router.errors import InvalidFieldError
+
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.DOTALL)
@@ -62,6 +64,39 @@ def _function_call(name: str, arguments: str) -> dict[str, Any]:
         "type": "function",
         "function": {"name": name, "arguments": arguments},
     }
+
+
+# OpenAI's rule for a function's name (a-z, A-Z, 0-9, underscores and dashes, at most 64).
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def check_function(function: Any, where: str) -> None:
+    """A function tool as OpenAI and vLLM take it (INVALID_ARGUMENT naming the field):
+    an object with a ``name`` of up to 64 letters, digits, underscores and dashes, a
+    string ``description`` and an object ``parameters`` (a JSON schema) where given. A
+    tool without them was rendered into the prompt as it was, a schema of ``5`` too."""
+    if not isinstance(function, Mapping):
+        raise InvalidFieldError(where, "must be an object with the function's name")
+    name = function.get("name")
+    if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+        raise InvalidFieldError(
+            f"{where}.name", f"must be 1 to 64 letters, digits, _ or -, got {name!r}"
+        )
+    if "description" in function and not isinstance(function["description"], str | None):
+        raise InvalidFieldError(f"{where}.description", "must be a string")
+    if "parameters" in function and not isinstance(function["parameters"], Mapping | None):
+        raise InvalidFieldError(f"{where}.parameters", "must be a JSON schema object")
+
+
+def check_chat_tools(tools: Sequence[Any] | None) -> None:
+    """Chat's ``tools``: function tools only (as vLLM serves them), each checked."""
+    for index, tool in enumerate(tools or ()):
+        if not isinstance(tool, Mapping) or tool.get("type") != "function":
+            kind = tool.get("type") if isinstance(tool, Mapping) else type(tool).__name__
+            raise InvalidFieldError(
+                f"tools[{index}].type", f"only function tools are served, got {kind!r}"
+            )
+        check_function(tool.get("function"), f"tools[{index}].function")
 
 
 class ForcedToolChoice:

@@ -207,6 +207,8 @@ def test_tool_uses_and_results_are_the_conversation(compact: SidecarThread) -> N
         ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, "thinking"),
         ({"tool_choice": {"type": "tool"}}, "tool_choice"),
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0]"),
+        ({"tools": [{"name": "f"}]}, "tools[0].input_schema"),  # taken without before
+        ({"tools": [{"name": "a b", "input_schema": {}}]}, "tools[0].name"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
             "messages[0].content[0].type",

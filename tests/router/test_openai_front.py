@@ -1514,11 +1514,28 @@ def test_tools_are_rendered_by_the_chat_template(sidecar: SidecarThread) -> None
     assert reply.choices[0].message.content == expected.choices[0].text
     # A tool that is not Unicode (a lone surrogate, JSON's "\ud800") failed in the
     # tokenizer after rendering (a 500; found by test_fuzz).
+    unicode_less = {"type": "function", "function": {"name": "f", "description": "\ud800"}}
     status, body = post(
         f"{sidecar.http_url}/v1/chat/completions",
-        {"messages": messages, "tools": [{"type": "\ud800"}], **asked},
+        {"messages": messages, "tools": [unicode_less], **asked},
     )
     assert status == 400 and body["error"]["param"] is None and "tools" in body["error"]["message"]
+    # A tool that is not a function tool, or a function without a name or with a schema
+    # that is not an object, was rendered into the prompt as it was (found by fuzzing).
+    for tool, param in (
+        ({"type": "function"}, "tools[0].function"),
+        ({"type": "code_interpreter"}, "tools[0].type"),
+        ({"type": "function", "function": {"name": ""}}, "tools[0].function.name"),
+        (
+            {"type": "function", "function": {"name": "f", "parameters": 5}},
+            "tools[0].function.parameters",
+        ),
+    ):
+        status, body = post(
+            f"{sidecar.http_url}/v1/chat/completions",
+            {"messages": messages, "tools": [tool], **asked},
+        )
+        assert status == 400 and body["error"]["param"] == param, body
     # Nor an earlier call's arguments, sent as JSON text with a "\ud800" escape: the
     # template renders them parsed (a 500 too; found by test_fuzz through /v1/messages).
     surrogate = json.loads(json.dumps(messages))

@@ -212,6 +212,7 @@ def test_text_format_holds_the_answer_to_a_schema(sidecar: SidecarThread) -> Non
         ({"previous_response_id": "resp_1"}, "previous_response_id"),
         ({"background": True}, "background"),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tools": [{"type": "function"}]}, "tools[0].name"),  # taken without a name before
         ({"tool_choice": {"type": "function"}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),  # no tools to call
         ({"max_tool_calls": 2}, "max_tool_calls"),
