@@ -48,6 +48,15 @@ class ContextLengthError(InvalidRequestError):
     trim or fall back."""
 
 
+class ContextLengthFieldError(ContextLengthError):
+    """A ContextLengthError that one named field of the request caused (an answer's
+    budget over ``max_new_tokens``): OpenAI's ``context_length_exceeded`` with a param."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
 class NotFoundError(SidecarError):
     """A named drafter or request id does not exist."""
 

@@ -62,6 +62,7 @@ from router.domain import (
 )
 from router.errors import (
     ContextLengthError,
+    ContextLengthFieldError,
     GenerationFailedError,
     InvalidFieldError,
     InvalidRequestError,
@@ -733,10 +734,17 @@ def generate_input(
         # Chat completions default to what is left of the context (as vLLM), within the
         # sidecar's limit.
         max_tokens = service.limits.max_new_tokens
+    named = getattr(body, "max_completion_tokens", None) is not None
+    field = "max_completion_tokens" if named else "max_tokens"
     if max_tokens <= 0 and not prompt_only(endpoint, body):
-        named = getattr(body, "max_completion_tokens", None) is not None
-        field = "max_completion_tokens" if named else "max_tokens"
-        raise InvalidFieldError(field, f"must be > 0 (0 only with echo), got {max_tokens}")
+        with_echo = " (0 only with echo)" if endpoint is COMPLETIONS else ""
+        raise InvalidFieldError(field, f"must be > 0{with_echo}, got {max_tokens}")
+    if max_tokens > service.limits.max_new_tokens:  # named as the client named it
+        raise ContextLengthFieldError(
+            field,
+            f"{max_tokens} is over the limit of {service.limits.max_new_tokens} "
+            "(limits.max_new_tokens)",
+        )
     route = RouteInput(
         prompt=prompt,
         max_new_tokens=max(max_tokens, 1),
@@ -963,12 +971,12 @@ def chat_input(
     API's field (``renamed``: chat's names to its own)."""
     try:
         return generate_input(service, CHAT, chat, CHAT.prompts_of(chat, service)[0])
-    except InvalidFieldError as error:
+    except (InvalidFieldError, ContextLengthFieldError) as error:
         field = renamed.get(error.field)
         if field is None:
             raise
         problem = str(error).removeprefix(f"{error.field}: ")
-        raise InvalidFieldError(field, problem) from None
+        raise type(error)(field, problem) from None
 
 
 # The names pydantic gives the members of a union in an error's location ("str",

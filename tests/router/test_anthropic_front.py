@@ -202,6 +202,7 @@ def test_tool_uses_and_results_are_the_conversation(compact: SidecarThread) -> N
     ("extra", "param"),
     [
         ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 10_000}, "max_tokens"),  # over the limit: was named max_new_tokens
         ({"extra_body": {"temperature": -1}}, "temperature"),
         ({"output_config": {"effort": "high"}}, "output_config.effort"),
         ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, "thinking"),

@@ -1224,6 +1224,13 @@ def test_over_the_limits_is_context_length_exceeded(sidecar: SidecarThread) -> N
     ):
         status, reply = post(f"{sidecar.http_url}/v1/completions", {"model": "target", **request})
         assert status == 400 and reply["error"]["code"] == "context_length_exceeded", reply
+    # The budget's refusal names the field as the client sent it (max_new_tokens before).
+    over = limits.max_new_tokens + 1
+    chat = {"model": "target", "messages": [{"role": "user", "content": PROMPT}]}
+    for field in ("max_tokens", "max_completion_tokens"):
+        status, reply = post(f"{sidecar.http_url}/v1/chat/completions", {**chat, field: over})
+        assert status == 400 and reply["error"]["param"] == field, reply
+        assert reply["error"]["code"] == "context_length_exceeded", reply
 
 
 def test_body_that_is_not_json_is_400(sidecar: SidecarThread) -> None:
