@@ -153,7 +153,9 @@ def _turn(role: str, blocks: list[Any], field: str) -> list[dict[str, Any]]:
     for index, block in enumerate(blocks):
         where = f"{field}[{index}]"
         kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text" and isinstance(block.get("text"), str):
+        if kind == "text":
+            if not isinstance(block.get("text"), str):  # "blocks are text, got 'text'" before
+                raise InvalidFieldError(f"{where}.text", "must be a string")
             texts.append(block["text"])
         elif kind == "tool_use" and role == "assistant":
             calls.append(_tool_use(block, where))

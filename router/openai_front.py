@@ -410,7 +410,8 @@ def forced_tool_choice(body: Any) -> ForcedToolChoice | None:
             )
         name = function["name"]
     if not body.tools:
-        raise InvalidFieldError("tool_choice", f"{choice!r} needs tools")
+        # Said in no API's own terms: the Messages and Responses fronts come through here.
+        raise InvalidFieldError("tool_choice", "calls a tool, but the request has no tools")
     try:
         return ForcedToolChoice(body.tools, name, extra.get("parallel_tool_calls") is not False)
     except ValueError as error:

@@ -207,6 +207,12 @@ def test_tool_uses_and_results_are_the_conversation(compact: SidecarThread) -> N
         ({"output_config": {"effort": "high"}}, "output_config.effort"),
         ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, "thinking"),
         ({"tool_choice": {"type": "tool"}}, "tool_choice"),
+        # Said in chat's terms before ("'required' needs tools"; "blocks are text, got 'text'").
+        ({"tool_choice": {"type": "any"}}, "tool_choice: calls a tool, but the request has no"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages[0].content[0].text: must be a string",
+        ),
         ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0]"),
         ({"tools": [{"name": "f"}]}, "tools[0].input_schema"),  # taken without before
         ({"tools": [{"name": "a b", "input_schema": {}}]}, "tools[0].name"),
