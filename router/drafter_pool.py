@@ -26,6 +26,7 @@ from router.domain import DrafterSpec
 from router.errors import (
     AlreadyExistsError,
     CapacityError,
+    InvalidFieldError,
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
@@ -192,6 +193,10 @@ class DrafterPool:
                 raise CapacityError(full)
             kind = self._check_kind(spec.kind)
             self._check_options(kind, spec.options)
+            if spec.path and not _loads_weights(kind):  # it was dropped without a word
+                raise InvalidFieldError(
+                    "path", f"a {kind} drafter loads no model directory: leave the path out"
+                )
             path = self._check_path(spec.path) if _loads_weights(kind) else None
             if path is not None:
                 self._check_memory(spec.name, path)

@@ -170,10 +170,14 @@ class EventApplier:
             self._client.remove_drafter(event.drafter)
             self._removed.append(entry)
             return
-        path = Path(event.path) if event.path else self._source_dir(event.source or event.drafter)
-        sample = list(event.finetune_sample) or read_finetune_sample(path)
+        from drafters import PATH_KINDS
+
         kind = event.drafter_kind
-        self._client.register_drafter(event.drafter, kind, str(path), event.tasks, sample)
+        sample, where = list(event.finetune_sample), ""  # an n-gram or self drafter: no path
+        if kind in PATH_KINDS:
+            path = event.path or str(self._source_dir(event.source or event.drafter))
+            sample, where = sample or read_finetune_sample(Path(path)), path
+        self._client.register_drafter(event.drafter, kind, where, event.tasks, sample)
         self._registered.append(event.drafter)
 
     def undo(self) -> None:

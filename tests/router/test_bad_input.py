@@ -172,6 +172,12 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "has no option 'maxn' (it reads: max_n, min_n)",
     ),
+    # Accepted and the path dropped without a word before (found by fuzzing the API).
+    "a path for a kind that loads no model": (
+        _register("ngram", lambda w: str(w.spare_dir)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "path: a ngram drafter loads no model directory",
+    ),
     "a drafter option that is not a number": (
         _register("ngram", lambda w: "", options={"max_n": "four"}),
         grpc.StatusCode.INVALID_ARGUMENT,
