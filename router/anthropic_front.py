@@ -32,7 +32,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
-from router.domain import Caller, GenerateInput
+from router.domain import Caller, GenerateInput, check_unicode
 from router.errors import (
     GenerationFailedError,
     InvalidFieldError,
@@ -108,6 +108,7 @@ class MessagesRequest(BaseModel):
 def _text_blocks(blocks: Any, field: str) -> str:
     """A content that is a text or text blocks, joined."""
     if isinstance(blocks, str):
+        check_unicode(blocks, "the text", field)
         return blocks
     if not isinstance(blocks, list):
         raise InvalidFieldError(field, "must be a text or a list of content blocks")
@@ -118,6 +119,7 @@ def _text_blocks(blocks: Any, field: str) -> str:
             raise InvalidFieldError(f"{field}[{index}].type", f"must be text, got {got!r}")
         if not isinstance(block.get("text"), str):
             raise InvalidFieldError(f"{field}[{index}].text", "must be a string")
+        check_unicode(block["text"], "the text", f"{field}[{index}].text")
         texts.append(block["text"])
     return "\n".join(texts)
 
@@ -134,6 +136,8 @@ def chat_messages(body: MessagesRequest) -> list[dict[str, Any]]:
             raise InvalidFieldError(f"{field}.role", f"must be user or assistant, got {role!r}")
         content = message.get("content")
         if isinstance(content, str):
+            # Named here: the chat's messages are numbered otherwise (a system message first).
+            check_unicode(content, "the text", f"{field}.content")
             messages.append({"role": role, "content": content})
         elif isinstance(content, list):
             messages.extend(_turn(role, content, f"{field}.content"))
@@ -156,6 +160,7 @@ def _turn(role: str, blocks: list[Any], field: str) -> list[dict[str, Any]]:
         if kind == "text":
             if not isinstance(block.get("text"), str):  # "blocks are text, got 'text'" before
                 raise InvalidFieldError(f"{where}.text", "must be a string")
+            check_unicode(block["text"], "the text", f"{where}.text")
             texts.append(block["text"])
         elif kind == "tool_use" and role == "assistant":
             calls.append(_tool_use(block, where))

@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
-from router.domain import Caller, GenerateInput
+from router.domain import Caller, GenerateInput, check_unicode
 from router.errors import (
     GenerationFailedError,
     InvalidFieldError,
@@ -129,9 +129,12 @@ def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     function call joins the assistant turn before it, or opens one, and its output is a
     tool message)."""
     messages: list[dict[str, Any]] = []
+    # Named here: the chat's messages are numbered otherwise (instructions first).
     if body.instructions:
+        check_unicode(body.instructions, "the text", "instructions")
         messages.append({"role": "system", "content": body.instructions})
     if isinstance(body.input, str):
+        check_unicode(body.input, "the text", "input")
         return [*messages, {"role": "user", "content": body.input}]
     for index, item in enumerate(body.input):
         field = f"input[{index}]"
@@ -197,6 +200,7 @@ def _input_message(item: dict[str, Any], field: str) -> dict[str, Any]:
         content = _text_of(content, part_type, f"{field}.content")
     elif not isinstance(content, str):
         raise InvalidFieldError(f"{field}.content", "must be a text or a list of parts")
+    check_unicode(content, "the text", f"{field}.content")
     return {"role": ROLE_ALIASES.get(role, role), "content": content}
 
 

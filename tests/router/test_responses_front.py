@@ -454,3 +454,41 @@ def test_input_tokens_are_counted_as_a_response_reads_them(compact: SidecarThrea
             model="target", input=QUESTION, personality="friendly"
         )
     assert refused.value.body["param"] == "personality"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "named"),
+    [
+        ("/v1/responses", {"instructions": "\ud800", "input": "Hi"}, "instructions"),
+        (
+            "/v1/responses",
+            {"instructions": "Be brief.", "input": [{"role": "user", "content": "\ud800"}]},
+            "input[0].content",
+        ),
+        (
+            "/v1/messages",
+            {"system": "\ud800", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]},
+            "system",
+        ),
+        (
+            "/v1/messages",
+            {
+                "system": "Be brief.",
+                "max_tokens": 4,
+                "messages": [{"role": "user", "content": "\ud800"}],
+            },
+            "messages[0].content",
+        ),
+    ],
+)
+def test_text_that_is_not_unicode_is_named_as_the_client_sent_it(
+    sidecar: SidecarThread, route: str, body: dict[str, Any], named: str
+) -> None:
+    """A lone surrogate (JSON's "\\ud800") in the system text or a message was named as
+    the chat it stands for numbers it: messages[0].content for the instructions, and one
+    message on for every other once a system text leads."""
+    from tests.router.test_openai_front import post
+
+    status, reply = post(f"{sidecar.http_url}{route}", {"model": "target", **body})
+    message = reply["error"]["message"]
+    assert status == 400 and message.startswith(f"{named}: the text is not valid Unicode"), reply
