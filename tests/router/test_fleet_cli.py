@@ -633,13 +633,21 @@ def test_a_forced_draft_length_is_one_a_replica_drafts_at_or_refused(
 ) -> None:
     """A replica drafts at its fleet-file k: force_draft_length picks the drafter whose
     replicas run at it, and a k no replica (of the pinned drafter) runs at is
-    INVALID_ARGUMENT; it was served at the replica's own k without a word."""
+    INVALID_ARGUMENT; it was served at the replica's own k without a word. (Alone, as
+    in-process, it fixes the k of the policy's choice, which may be no speculation.)"""
     fleet = weightless_fleet
-    request = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=2, force_draft_length=3)
+    pinned = pb.GenerateRequest(
+        text=COMPLETION_PROMPT, max_new_tokens=2, force_drafter="generic", force_draft_length=3
+    )
     served = len(fleet.generic.bodies)
-    chunks = list(fleet.stub.Generate(request, timeout=60))
+    chunks = list(fleet.stub.Generate(pinned, timeout=60))
     assert (chunks[0].decision.drafter, chunks[0].decision.draft_length) == ("generic", 3)
     assert len(fleet.generic.bodies) == served + 1
+    alone = pb.GenerateRequest(text=COMPLETION_PROMPT, max_new_tokens=2, force_draft_length=3)
+    for _ in range(4):
+        answered = list(fleet.stub.Generate(alone, timeout=60))  # the whole stream
+        decision = answered[0].decision
+        assert (decision.drafter, decision.draft_length) in {("generic", 3), ("none", 0)}
     unserved: list[dict[str, Any]] = [
         {"force_draft_length": 5},
         {"force_drafter": "generic", "force_draft_length": 4},
