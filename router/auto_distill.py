@@ -72,19 +72,27 @@ def stopped_marker(out: Path) -> Path:
     return out.with_name(f".{out.name}.stopped")
 
 
+def _clean_marked_runs(root: Path, suffix: str, registered: Callable[[str], bool]) -> list[str]:
+    """The output of each run marked ``.<name><suffix>`` in ``root`` removed unless its
+    drafter was registered after all, and the markers; the names removed."""
+    removed = []
+    for marker in sorted(root.glob(f".*{suffix}")):
+        name = marker.name[1 : -len(suffix)]
+        if not registered(name):
+            shutil.rmtree(root / name, ignore_errors=True)
+            removed.append(name)
+        marker.unlink(missing_ok=True)
+    return removed
+
+
 def clean_stopped_runs(root: Path, registered: Callable[[str], bool], capture: Any) -> list[str]:
     """At start: the output of each run stopped with the sidecar is removed unless its
     drafter was registered after all (the stopping sidecar completes a registration in
     progress), and the run counts as failed; the names removed."""
-    removed = []
-    for marker in sorted(root.glob(".*.stopped")):
-        name = marker.name[1 : -len(".stopped")]
-        if not registered(name):
-            shutil.rmtree(root / name, ignore_errors=True)
-            cluster = name.rsplit("-auto-", 1)[0]
-            capture.record_distillation(cluster, "failed", 0.0, "stopped with the sidecar")
-            removed.append(name)
-        marker.unlink(missing_ok=True)
+    removed = _clean_marked_runs(root, ".stopped", registered)
+    for name in removed:
+        cluster = name.rsplit("-auto-", 1)[0]
+        capture.record_distillation(cluster, "failed", 0.0, "stopped with the sidecar")
     return removed
 
 
@@ -99,14 +107,7 @@ def clean_unsettled_runs(root: Path, registered: Callable[[str], bool]) -> list[
     was registered after all: it holds prompts of the captured traffic (the fine-tuning
     sample), kept past ``retention_days`` for good otherwise; the names removed. Called
     before each run and at start, when a registration still in progress has ended."""
-    removed = []
-    for marker in sorted(root.glob(".*.unsettled")):
-        name = marker.name[1 : -len(".unsettled")]
-        if not registered(name):
-            shutil.rmtree(root / name, ignore_errors=True)
-            removed.append(name)
-        marker.unlink(missing_ok=True)
-    return removed
+    return _clean_marked_runs(root, ".unsettled", registered)
 
 
 def child_cores(cores: int, available: Sequence[int]) -> set[int]:
@@ -345,16 +346,14 @@ def start_auto_distiller(settings: Any, service: Any, grpc_port: int) -> asyncio
         )
         return None
     drafters = service.drafters
-    removed = clean_stopped_runs(
-        distilled_root(settings),
-        lambda name: bool(drafters.identity(name)) or drafters.unserved_record(name) is not None,
-        service.capture,
-    )
+
+    def registered(name: str) -> bool:
+        return bool(drafters.identity(name)) or drafters.unserved_record(name) is not None
+
+    removed = clean_stopped_runs(distilled_root(settings), registered, service.capture)
     if removed:
         logger.info("auto-distillation: removed runs stopped with the sidecar: %s", removed)
-    removed = clean_unsettled_runs(
-        distilled_root(settings), lambda name: bool(drafters.identity(name))
-    )
+    removed = clean_unsettled_runs(distilled_root(settings), registered)
     if removed:
         logger.info("auto-distillation: removed runs not registered: %s", removed)
     host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
