@@ -107,6 +107,17 @@ class UnavailableError(SidecarError):
     UNAVAILABLE, which clients' retry policies retry, where INTERNAL is not."""
 
 
+class CutByStopError(UnavailableError):
+    """A generation still running when the sidecar's stop had waited its grace for it:
+    ended, UNAVAILABLE, so that a client may retry it on another replica."""
+
+    def __init__(self, grace_s: float) -> None:
+        super().__init__(
+            f"the sidecar is stopping and this generation had not finished within its grace "
+            f"of {grace_s:g} s; retry it"
+        )
+
+
 class StorageLockedError(UnavailableError):
     """Another process holds the state store's write lock (an operator's ``sqlite3``
     shell, a backup) past SQLite's wait: nothing was saved or changed; retry once it is

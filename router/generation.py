@@ -5,7 +5,9 @@ generations are admitted (running or waiting); one more is refused with
 :class:`OverloadedError` (RESOURCE_EXHAUSTED / HTTP 429). A slot is released when its
 worker thread finishes, so a cancelled request frees its slot only once the engine has
 actually stopped (it polls ``should_stop`` between steps); one cancelled while it waits
-for a worker never runs and frees its slot at once.
+for a worker never runs and frees its slot at once. A stop whose grace runs out
+:meth:`~GenerationQueue.cut` s every generation admitted: each stream ends with the error
+it is given (an HTTP stream's last event says so), not cut off without a word.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class GenerationQueue:
         self._admitted = 0
         self._on_depth = on_depth
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generate")
+        # The streams being consumed, on the event loop's thread only: what ``cut`` ends.
+        self._streams: dict[threading.Event, asyncio.Queue[Any]] = {}
 
     @property
     def depth(self) -> int:
@@ -86,6 +90,15 @@ class GenerationQueue:
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
+    def cut(self, error: SidecarError) -> int:
+        """End every stream being consumed with ``error``: its job stops between steps (one
+        still waiting for a worker never runs) and its consumer raises ``error`` next.
+        Called on the event loop; returns how many streams it ended."""
+        for stop, items in self._streams.items():
+            stop.set()
+            items.put_nowait(_Failed(error))
+        return len(self._streams)
+
     async def stream(self, slot: Slot, job: Job[Any]) -> AsyncIterator[Any]:
         """Run ``job(emit, should_stop)`` in a worker and yield what it emits.
 
@@ -113,6 +126,7 @@ class GenerationQueue:
 
         waiting = self._executor.submit(run)
         slot.release_when_done(asyncio.wrap_future(waiting, loop=loop))
+        self._streams[stop] = items
         try:
             while True:
                 item = await items.get()
@@ -126,6 +140,7 @@ class GenerationQueue:
                     return
                 yield item
         finally:
+            self._streams.pop(stop, None)
             stop.set()
             # Still queued (no worker free): it never starts, and its slot is released
             # now, not after a prefill for nobody. A running job stops between steps.

@@ -448,8 +448,11 @@ def client_may_leave(request: web.Request) -> Iterator[None]:
     # A write to a closed connection (aiohttp's ClientConnectionResetError is one), or the
     # handler cancelled as the connection was lost (``handler_cancellation``).
     except (ConnectionResetError, asyncio.CancelledError) as gone:
+        # While the sidecar stops, aiohttp closes the streams it still holds as well.
+        stopping = request.app[SERVICE_KEY].stopping
+        who = "the client or the sidecar's stop" if stopping else "the client"
         logger.info(
-            "%s %s: the client closed the stream; generation stopped", request.method, request.path
+            "%s %s: %s closed the stream; generation stopped", request.method, request.path, who
         )
         if isinstance(gone, asyncio.CancelledError):
             raise

@@ -72,16 +72,10 @@ class RunningSidecar:
         learners' last scores are published (its cancellation flushes once)."""
         saved = False
         try:
-            self.service.stopping = True  # HTTP /health says 503 from now on
+            self.service.stopping = True  # no new generation is admitted from now on
             await self.health.enter_graceful_shutdown()
             await _cancel_and_wait(self.tasks)
-            # Both ports drain at once, each within the grace: the HTTP port took new
-            # generations while gRPC drained, then drained with aiohttp's own 60 s, and
-            # the stop outran Kubernetes' 30 s (its SIGKILL lost the final snapshot).
-            await asyncio.gather(
-                self.server.stop(self.settings.grace_s if grace is None else grace),
-                *(runner.cleanup() for runner in self.runners),
-            )
+            await self._drain(self.settings.grace_s if grace is None else grace)
             await self.service.aclose()
             saved = await asyncio.to_thread(self.service.close)
             if self.pooling_task is not None:
@@ -92,6 +86,28 @@ class RunningSidecar:
             logger.info("sidecar stopped; policy state saved")
         else:
             logger.warning("sidecar stopped; policy state NOT saved (the last snapshot stays)")
+
+    async def _drain(self, grace: float) -> None:
+        """Let both ports' requests in flight finish within ``grace`` seconds, then end the
+        generations still running (``cut_generations``: an HTTP stream's last event says
+        why) and wait for their handlers. Both ports drain at once: the HTTP port took new
+        generations while gRPC drained, then drained with aiohttp's own 60 s, and the stop
+        outran Kubernetes' 30 s (its SIGKILL lost the final snapshot); aiohttp alone waits
+        its timeout twice over for a stream still running, then drops it without a word."""
+        drained = asyncio.gather(
+            self.server.stop(grace), *(runner.cleanup() for runner in self.runners)
+        )
+        try:
+            await asyncio.wait_for(asyncio.shield(drained), grace)
+        except TimeoutError:
+            cut = self.service.cut_generations(grace)
+            if cut:
+                logger.warning(
+                    "stopping: %d generation(s) still running after the grace of %g s ended",
+                    cut,
+                    grace,
+                )
+            await drained
 
 
 async def _cancel_and_wait(tasks: list[asyncio.Task[None]]) -> None:
@@ -368,7 +384,7 @@ async def serve(
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, stopping.set)
+        loop.add_signal_handler(signum, _on_stop_signal, signum, stopping, settings)
     try:
         # Inside the try: a ports file that cannot be written (its directory missing)
         # failed here with the sidecar serving, and it exited without its drain or its
@@ -378,7 +394,26 @@ async def serve(
             on_ready(running)
         await stopping.wait()
     finally:
-        with contextlib.suppress(Exception):
-            for signum in STOP_SIGNALS:
-                loop.remove_signal_handler(signum)
-        await running.stop()
+        # The handlers stay through the stop: a second Ctrl-C, or a SIGHUP from the
+        # terminal closing meanwhile, killed the process mid-drain (the signal's default
+        # action), before its final snapshot.
+        stopping.set()
+        try:
+            await running.stop()
+        finally:
+            with contextlib.suppress(Exception):
+                for signum in STOP_SIGNALS:
+                    loop.remove_signal_handler(signum)
+
+
+def _on_stop_signal(signum: int, stopping: asyncio.Event, settings: Settings) -> None:
+    """A stop signal: the first starts the graceful stop, a later one is only logged (the
+    stop ends within the grace, then takes the final snapshot)."""
+    if not stopping.is_set():
+        stopping.set()
+        return
+    logger.warning(
+        "%s: already stopping (requests in flight get up to %g s, then the final snapshot)",
+        signal.Signals(signum).name,
+        settings.grace_s,
+    )

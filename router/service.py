@@ -48,6 +48,7 @@ from router.domain import (
 from router.drafter_pool import DrafterPool, under_model_roots
 from router.errors import (
     AlreadyExistsError,
+    CutByStopError,
     GenerationFailedError,
     InvalidFieldError,
     InvalidRequestError,
@@ -494,6 +495,12 @@ class RouterService:
         """Why a Generate could not run now, or None (the in-process engine can, until the
         sidecar stops)."""
         return "the sidecar is shutting down" if self.stopping else None
+
+    def cut_generations(self, grace_s: float) -> int:
+        """End every generation still admitted when a stop's grace of ``grace_s`` seconds
+        has run out: each fails with UNAVAILABLE (an HTTP stream's last event says so; a
+        client may retry it elsewhere); how many there were."""
+        return self.queue.cut(CutByStopError(grace_s))
 
     @property
     def context_tokens(self) -> int | None:

@@ -50,6 +50,7 @@ import aiohttp
 from drafters.detokenize import IncrementalDetokenizer, push_until_stop
 from router.domain import GenerateInput, Sampling
 from router.errors import (
+    CutByStopError,
     GenerationFailedError,
     InvalidFieldError,
     InvalidRequestError,
@@ -216,6 +217,7 @@ class FleetRouterService(RouterService):
         # Each replica's probe loop, by replica name; and the fleet file's reader.
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._reloader: asyncio.Task[None] | None = None
+        self._cut: CutByStopError | None = None  # set when a stop's grace ran out
         self._reloads: Any = None  # specroute_fleet_reloads_total, once started
         self.plain_token_time_s: float | None = None
         self.speculative_since_plain = 0  # learnt speculative answers since the last plain
@@ -419,6 +421,16 @@ class FleetRouterService(RouterService):
             return stopping
         return str(self._unavailable())
 
+    def cut_generations(self, grace_s: float) -> int:
+        """Cut every replica stream still open when a stop's grace has run out (vLLM aborts
+        a request whose connection closes); each of their requests fails with
+        :class:`CutByStopError`, not retried on another replica."""
+        self._cut = CutByStopError(grace_s)
+        streams = [stream for replica in self.replicas for stream in replica.streams]
+        for stream in streams:
+            stream.cut("the sidecar is stopping")
+        return len(streams)
+
     def _unavailable(
         self, busy: Sequence[str] = (), pinned: str = "", failures: Sequence[str] = ()
     ) -> Exception:
@@ -593,6 +605,8 @@ class FleetRouterService(RouterService):
                     "request %s: replica %s is busy (%s)", routed.request_id, replica.name, error
                 )
             except ReplicaFailedError as error:
+                if self._cut is not None:
+                    raise self._cut from error
                 replica.failed_request(str(error), self.fleet.health_interval_s)
                 tried.add(replica.name)
                 failed_over = True

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -124,6 +125,15 @@ def test_a_fleet_of_unreachable_replicas_starts_and_refuses_generation(
 REPLY = " Paris, the capital and largest city of France."
 REPLICA_KEY = "stand-in-key"
 REPLICA_KEY_ENV = "SPECROUTE_TEST_REPLICA_KEY"
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A stand-in replica's server: a stream its client cut (a failover, a stop) is no
+    error to print, as vLLM aborts such a request."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 @dataclass
@@ -300,7 +310,7 @@ class StandInReplica:
                 self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
 
         self.awake.set()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         if self.tls is not None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(self.tls.cert_file, self.tls.key_file)
@@ -1449,3 +1459,46 @@ def test_fleet_check_says_whether_a_fleet_file_serves_before_it_is_used(
     finally:
         serving.stop()
         other.stop()
+
+
+def test_a_stop_ends_a_stream_its_grace_did_not_see_finish_and_a_second_signal_waits(
+    serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """SIGTERM with a stream in flight, then Ctrl-C during the drain (what an operator
+    does): the second signal killed the process at once (its default action was back),
+    before the final snapshot; and a stream still running when the grace ended was held
+    for a second grace by aiohttp, then dropped without an event. Now the stream ends with
+    an error event that names the stop, and the process exits 0 with its snapshot."""
+    reply_ids, texts = _reply(serving_world)
+    slow = StandInReplica(reply_ids, texts, token_delay_s=0.5).start()  # ~5 s of reply
+    fleet_file = tmp_path / "fleet.toml"
+    fleet_file.write_text(
+        f'[[replicas]]\nurl = "{slow.url}"\nmodel = "target"\nspeculative = "none"\n'
+    )
+    try:
+        with _serve_fleet(serving_world, tmp_path, fleet_file) as sidecar:  # grace_s 1
+            client = openai.OpenAI(
+                base_url=f"{sidecar.http_url}/v1", api_key="unused", max_retries=0
+            )
+            stream = iter(
+                client.completions.create(
+                    model="target",
+                    prompt=COMPLETION_PROMPT,
+                    max_tokens=len(reply_ids),
+                    temperature=0,
+                    stream=True,
+                )
+            )
+            assert next(stream).choices[0].text == texts[0]  # in flight on the replica
+            sidecar.process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            sidecar.process.send_signal(signal.SIGINT)
+            with pytest.raises(openai.APIError, match="within its grace of 1 s"):
+                list(stream)
+            assert sidecar.process.wait(60) == 0
+        log = (tmp_path / "sidecar.log").read_text()
+        assert "SIGINT: already stopping" in log, log
+        assert "1 generation(s) still running after the grace of 1 s" in log, log
+        assert "policy state saved" in log, log
+    finally:
+        slow.stop()

@@ -138,6 +138,7 @@ def test_both_ports_drain_at_once_within_the_grace() -> None:
             aclose=lambda: asyncio.sleep(0),
             close=lambda: closed.append("snapshot"),
             store=SimpleNamespace(close=lambda: closed.append("store")),
+            cut_generations=lambda grace_s: 0,  # no generation: a handler that sleeps
         )
         service.generation_problem = lambda: RouterService.generation_problem(service)  # type: ignore[arg-type]
         app = web.Application()
