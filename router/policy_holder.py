@@ -115,6 +115,13 @@ class PolicyHolder:
                 policy, snapshot = self._restored(name, hinted, policy, snapshot)
             else:  # made outside the lock: a drafter (un)registered since is missed
                 self._sync_drafters(policy)
+                if self._policy is not None:
+                    # A switch to a policy from its priors (a reset, or a first use) is
+                    # saved as it is made: a crash before the next periodic snapshot
+                    # brought back the state it replaced. Saved before it serves, so that
+                    # a save that fails leaves the old one serving.
+                    state, read_unix = self._state_of(policy), time.time()
+                    self._store.save_policy(name, int(policy.version), state, read_unix)
             self._policy, self.name, self._config = policy, name, config
             self._rehint()
         return snapshot

@@ -152,6 +152,30 @@ def test_setting_the_serving_policy_again_keeps_what_it_learnt_since_its_last_sn
     assert latest is not None and latest.version == learnt
 
 
+def test_a_reset_is_saved_as_it_is_made(tmp_path: Path) -> None:
+    """SetPolicy with reset_state started the policy from its priors but saved only the
+    state it replaced: a crash before the next periodic snapshot restored what the
+    operator had reset. A first switch to a policy never saved is saved at once too."""
+    store = SidecarStore(tmp_path)
+    holder = PolicyHolder(store, lambda: ["generic", "math"], lambda drafter: None)
+    holder.start("thompson")
+    context, rng = Context("math", 0), np.random.default_rng(0)
+    for _ in range(5):
+        decision, _ = holder.select(context, ["generic", "math"])
+        holder.update(context, decision, geometric_outcome(rng, decision, 0.6, tokens=20))
+    holder.snapshot()
+
+    holder.start("thompson", restore=False)  # --reset
+    restarted = PolicyHolder(store, lambda: ["generic", "math"], lambda drafter: None)
+    restored = restarted.start("thompson")  # a restart before any periodic snapshot
+    assert restored is not None and restored.version == 0
+    assert restarted.state()[1] == 0
+
+    holder.start("ucb")  # never saved before
+    latest = store.latest_policy("ucb")
+    assert latest is not None and latest.version == 0
+
+
 def test_a_snapshot_read_before_a_newer_one_is_never_saved_after_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
