@@ -208,6 +208,19 @@ def build_components(settings: Settings) -> Components:
         engine=engine,
         classifiers=ClassifierHolder(classifier),
         builtin_drafters=tuple(records),
-        model_roots=tuple(roots),
+        model_roots=distinct_paths(roots),
         tasks=tasks,
     )
+
+
+def distinct_paths(paths: Sequence[Path]) -> tuple[Path, ...]:
+    """``paths`` in order, each directory once (compared resolved): the world's directory
+    is a model root of its own, and one listed in ``model_roots`` too was named twice in
+    every PERMISSION_DENIED message."""
+    seen: set[Path] = set()
+    kept = []
+    for path in paths:
+        if path.resolve() not in seen:
+            seen.add(path.resolve())
+            kept.append(path)
+    return tuple(kept)

@@ -99,6 +99,12 @@ class DrafterPool:
     def get(self, name: str) -> LiveDrafter:
         live = self._live.get(name)
         if live is None:
+            unserved = self._unserved.get(name)
+            if unserved is not None:  # ListDrafters says why: so does this
+                raise NotFoundError(
+                    f"drafter {name!r} is registered but not served at this start: "
+                    f"{unserved[1]}; served: {sorted(self._live)}"
+                )
             raise NotFoundError(f"no drafter named {name!r}; registered: {sorted(self._live)}")
         return live
 
@@ -197,7 +203,7 @@ class DrafterPool:
                 raise InvalidFieldError(
                     "path", f"a {kind} drafter loads no model directory: leave the path out"
                 )
-            path = self._check_path(spec.path) if _loads_weights(kind) else None
+            path = self._check_path(spec.path, kind) if _loads_weights(kind) else None
             if path is not None:
                 self._check_memory(spec.name, path)
             drafter = self._create(kind, spec.name, path, spec.options)
@@ -253,7 +259,7 @@ class DrafterPool:
         kind = self._check_kind(record.kind)
         self._check_options(kind, record.options)
         if _loads_weights(kind):
-            path = self._check_path(record.path)
+            path = self._check_path(record.path, kind)
             self._check_same_weights(record)
             self._check_memory(record.name, path)
 
@@ -326,11 +332,11 @@ class DrafterPool:
         except ValueError as exc:
             raise InvalidRequestError(f"options: {exc}") from exc
 
-    def _check_path(self, path: str) -> Path:
+    def _check_path(self, path: str, kind: str) -> Path:
         from drafters.loader import ModelLoadError, safetensors_files
 
         if not path:
-            raise InvalidRequestError("a model drafter needs a path")
+            raise InvalidFieldError("path", f"is needed for a {kind} drafter (its model directory)")
         resolved = under_model_roots(path, self._roots)
         try:
             safetensors_files(resolved)

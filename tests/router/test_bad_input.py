@@ -165,7 +165,20 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
     "an n-gram drafter whose min_n is above its max_n": (
         _register("ngram", lambda w: "", options={"min_n": "4", "max_n": "2"}),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "need 1 <= min_n <= max_n, got 4, 2",
+        "need 1 <= min_n <= max_n <= 64, got 4, 2",
+    ),
+    # Accepted: a lookup keyed on n-grams up to a million tokens long made every step
+    # cost more than its drafts saved (found by an operator's registration).
+    "an n-gram drafter whose max_n is unbounded": (
+        _register("ngram", lambda w: "", options={"max_n": "1000000"}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "need 1 <= min_n <= max_n <= 64, got 2, 1000000",
+    ),
+    # It was called a model drafter, the kind it is not.
+    "a copy-or-model drafter without a path": (
+        _register("copy-or-model", lambda w: ""),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "path: is needed for a copy-or-model drafter (its model directory)",
     ),
     "a drafter option its kind does not read": (
         _register("ngram", lambda w: "", options={"maxn": "4"}),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from router.components import FINETUNE_SAMPLE_FILE, read_finetune_sample
+from router.components import FINETUNE_SAMPLE_FILE, distinct_paths, read_finetune_sample
 
 
 def test_a_damaged_sample_line_is_skipped_and_named(
@@ -37,3 +37,13 @@ def test_an_unreadable_sample_gives_none(tmp_path: Path) -> None:
     (tmp_path / FINETUNE_SAMPLE_FILE).write_bytes(b"\xff\xfe not utf-8")
     assert read_finetune_sample(tmp_path) == ()
     assert read_finetune_sample(tmp_path / "absent") == ()
+
+
+def test_a_model_root_named_twice_is_kept_once(tmp_path: Path) -> None:
+    """The world's directory is a model root of its own; listed in ``model_roots`` as well
+    (another spelling of it included), every PERMISSION_DENIED message named it twice."""
+    world, other = tmp_path / "world", tmp_path / "models"
+    world.mkdir()
+    other.mkdir()
+    roots = [world, other, tmp_path / "models" / ".." / "world"]
+    assert distinct_paths(roots) == (world, other)

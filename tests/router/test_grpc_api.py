@@ -260,6 +260,24 @@ def test_stored_drafters_not_served_are_listed_unavailable_with_the_reason(
     assert "moved" not in {d.name for d in reply.drafters}
 
 
+def test_a_request_pinned_to_a_stored_drafter_not_served_is_told_why(
+    sidecar: SidecarThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It was told "no drafter named 'moved'", which ListDrafters contradicts."""
+    from router.store import DrafterRecord
+
+    kept = DrafterRecord(name="moved", kind="model", path="/models/moved")
+    why = "/models/moved is outside the configured model roots"
+    monkeypatch.setitem(sidecar.service.drafters._unserved, "moved", (kept, why))
+    request = pb.GenerateRequest(text="Hi", max_new_tokens=2, force_drafter="moved")
+    with pytest.raises(grpc.RpcError) as refused:
+        list(sidecar.stub.Generate(request))
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert refused.value.details().startswith(
+        f"drafter 'moved' is registered but not served at this start: {why}; served: "
+    )
+
+
 def test_a_registration_whose_caller_is_cancelled_still_reaches_the_policy(
     sidecar: SidecarThread, serving_world: ServingWorld, monkeypatch: pytest.MonkeyPatch
 ) -> None:
