@@ -68,7 +68,9 @@ def auto_drafter_name(cluster: str, stamp: str) -> str:
 
 
 def stopped_marker(out: Path) -> Path:
-    """Beside a run's output directory: the run was stopped with the sidecar."""
+    """Beside a run's output directory while the run is under way, and left there when
+    it was stopped with the sidecar, SIGKILL included; it holds the cluster's mark before
+    the run (``CaptureStore.mark_auto_run``), which the next start puts back."""
     return out.with_name(f".{out.name}.stopped")
 
 
@@ -88,12 +90,24 @@ def _clean_marked_runs(root: Path, suffix: str, registered: Callable[[str], bool
 def clean_stopped_runs(root: Path, registered: Callable[[str], bool], capture: Any) -> list[str]:
     """At start: the output of each run stopped with the sidecar is removed unless its
     drafter was registered after all (the stopping sidecar completes a registration in
-    progress), and the run counts as failed; the names removed."""
+    progress), the run counts as failed and its samples are due again (the cluster's
+    mark from before it, which its marker holds); the names removed."""
+    marks = {m.name[1 : -len(".stopped")]: _mark_in(m) for m in root.glob(".*.stopped")}
     removed = _clean_marked_runs(root, ".stopped", registered)
     for name in removed:
         cluster = name.rsplit("-auto-", 1)[0]
         capture.record_distillation(cluster, "failed", 0.0, "stopped with the sidecar")
+        if marks.get(name) is not None:
+            capture.mark_auto_run(cluster, marks[name])
     return removed
+
+
+def _mark_in(marker: Path) -> int | None:
+    """The mark a run's marker holds (None: an empty or unreadable one)."""
+    try:
+        return int(marker.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def unsettled_marker(out: Path) -> Path:
@@ -167,8 +181,10 @@ class AutoDistiller:
             "--cluster", cluster, "--out", str(out), "--register", name,
             "--steps", str(auto.steps), "--state-dir", str(self.settings.state_dir),
             "--address", self.address,
-            # The child lowers its own priority after exec (``lower_priority``).
+            # The child lowers its own priority after exec (``lower_priority``), and ends
+            # with this process, SIGKILL included (``exit_with_parent``).
             "--nice", str(auto.nice), "--cpus", ",".join(map(str, sorted(self.child_cpus()))),
+            "--parent-pid", str(os.getpid()),
         ]  # fmt: skip
         if self.settings.world_dir is not None:
             command += ["--world", str(self.settings.world_dir)]
@@ -213,10 +229,15 @@ class AutoDistiller:
         samples = self.capture.samples(cluster)
         previous = self.last_run_id.get(cluster, 0)
         self.last_run_id[cluster] = newest = self.capture.newest_id()
-        self.capture.mark_auto_run(cluster, newest)
         self.runs += 1
         name = auto_drafter_name(cluster, time.strftime("%Y%m%d%H%M%S", time.gmtime()))
         out = distilled_root(self.settings) / name
+        # Written before the run starts: a sidecar killed meanwhile (SIGKILL, the OOM
+        # killer) left a directory of captured prompts and its samples marked as used,
+        # which nothing cleared (``clean_stopped_runs`` at the next start now does).
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stopped_marker(out).write_text(f"{previous}\n")
+        self.capture.mark_auto_run(cluster, newest)
         logger.info("auto-distillation of %s on %d captured samples: %s", cluster, samples, out)
         before = self.capture.distillation_counts()
         recorded = sum(before.values())
@@ -239,8 +260,8 @@ class AutoDistiller:
             await asyncio.to_thread(child.wait)
             self.last_run_id[cluster] = previous
             self.capture.mark_auto_run(cluster, previous)
-            stopped_marker(out).touch()
             raise
+        stopped_marker(out).unlink(missing_ok=True)
         seconds = time.perf_counter() - started
         lines = output.decode(errors="replace").splitlines()
         verdict = next((line for line in reversed(lines) if line.strip()), "")

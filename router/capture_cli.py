@@ -7,11 +7,13 @@ settings' ``state_dir``): run them on the sidecar's host. ``clusters`` and a dis
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -36,6 +38,7 @@ RPC_TIMEOUT_S = 10.0
 REGISTER_TIMEOUT_S = 300.0  # the registration loads and probes the drafter
 # The kernel's OOM killer takes the process of the highest score first; 1000 is its most.
 OOM_SCORE_ADJ_FIRST = 1000
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +207,7 @@ class SidecarView:
 
     drafters: dict[str, Any]  # name -> DrafterInfo
     current_arm: str  # the cluster's chosen drafter (its busiest context), "" if unknown
+    taken: frozenset[str] = frozenset()  # names served, or stored and not served now
 
 
 def _sidecar_view(address: str, cluster: str, token: str | None) -> SidecarView | None:
@@ -229,7 +233,25 @@ def _sidecar_view(address: str, cluster: str, token: str | None) -> SidecarView 
     return SidecarView(
         {info.name: info for info in listed.drafters},
         busiest.chosen_drafter if busiest is not None else "",
+        frozenset(info.name for info in [*listed.drafters, *listed.unavailable]),
     )
+
+
+def _check_registrable(name: str, view: SidecarView, address: str) -> None:
+    """``--register``: a name the sidecar would refuse is told before the fine-tune, which
+    takes hours with a real model (it was told after it)."""
+    from router.drafter_pool import NAME_PATTERN
+    from router.policy.base import NONE_DRAFTER
+
+    if not NAME_PATTERN.fullmatch(name) or name == NONE_DRAFTER:
+        raise typer.BadParameter(
+            f"{name!r} is not a drafter name: 1 to 64 letters, digits and _.- starting with "
+            f"a letter or digit, not {NONE_DRAFTER!r}",
+            param_hint="--register",
+        )
+    if name in view.taken:
+        typer.echo(f"error: the sidecar at {address} has a drafter named {name!r}", err=True)
+        raise typer.Exit(1)
 
 
 def _world_generic(settings: Any) -> Path | None:
@@ -390,6 +412,23 @@ def lower_priority(nice: int, cpus: str) -> None:
             raise typer.BadParameter(f"{cpus}: {error}", param_hint="--cpus") from None
 
 
+def exit_with_parent(parent_pid: int) -> None:
+    """``--parent-pid``: this process is killed when its parent ends, SIGKILL included (the
+    sidecar's automatic distillation: a run orphaned by a killed sidecar trained on and
+    registered into the next one, racing its clean-up of that run); a parent already gone
+    ends it now. Linux's ``PR_SET_PDEATHSIG``, set after exec, as ``lower_priority`` is;
+    elsewhere only the check."""
+    if not parent_pid:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError) as error:  # not Linux
+        logger.debug("no parent-death signal: %s", error)
+    if os.getppid() != parent_pid:
+        raise typer.Exit(1)
+
+
 def oom_first() -> None:
     """Raise this process's ``oom_score_adj`` to ``OOM_SCORE_ADJ_FIRST`` (no privilege is
     needed to raise it): a training run out of memory in the sidecar's container or
@@ -432,10 +471,14 @@ def distill_command(
     cpus: Annotated[
         str, typer.Option("--cpus", help="Run only on these CPUs (comma-separated ids).")
     ] = "",
+    parent_pid: Annotated[
+        int, typer.Option("--parent-pid", help="End when this process (the parent) ends.")
+    ] = 0,
 ) -> None:
     """Fine-tune a drafter on a cluster's captured traffic, report held-out acceptance before
     and after, write it as a Hugging Face directory; --register adds it to the sidecar only
     if it beats both the cluster's current arm and the drafter it started from."""
+    exit_with_parent(parent_pid)
     lower_priority(nice, cpus)
     import torch
 
@@ -477,9 +520,11 @@ def distill_command(
     except ValueError as error:  # a fraction outside (0, 1)
         raise typer.BadParameter(str(error), param_hint="--held-out") from None
     view = _sidecar_view(address, cluster, token)
-    if view is None and register_as:
-        typer.echo(f"error: no sidecar at {address} to register with", err=True)
-        raise typer.Exit(1)
+    if register_as:
+        if view is None:
+            typer.echo(f"error: no sidecar at {address} to register with", err=True)
+            raise typer.Exit(1)
+        _check_registrable(register_as, view, address)
     start_name, start_dir = _start_drafter(source, view, settings)
     placement = DevicePlacement(torch.device("cpu"), torch.float32)
     try:

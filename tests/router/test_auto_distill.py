@@ -270,6 +270,97 @@ def test_a_run_stopped_with_the_sidecar_leaves_nothing_and_is_counted(tmp_path: 
     assert kept.exists() and store.distillation_counts()["failed"] == 1
 
 
+def test_a_run_whose_sidecar_was_killed_is_cleaned_at_the_next_start(tmp_path: Path) -> None:
+    """A sidecar killed during a run (SIGKILL, the OOM killer: no cancellation) left the
+    run's directory of captured prompts, which no clean-up removed, and the cluster's
+    samples marked as used, so never distilled again. A marker written before the run
+    holds the mark from before it: the next start removes the directory, counts the run
+    as failed and makes the samples due again."""
+    import asyncio
+    import sys
+
+    from router.auto_distill import clean_stopped_runs, stopped_marker
+
+    distiller, store = _math_distiller(tmp_path)
+    written: list[Path] = []
+
+    def writes_then_waits(cluster: str, out: Path, name: str) -> list[str]:
+        written.append(out)
+        script = (
+            "import pathlib, sys, time; out = pathlib.Path(sys.argv[1]); "
+            "out.mkdir(parents=True); (out / 'finetune_sample.jsonl').write_text('x'); "
+            "time.sleep(60)"
+        )
+        return [sys.executable, "-c", script, str(out)]
+
+    distiller.command = writes_then_waits  # type: ignore[method-assign]
+
+    async def killed_midway() -> None:
+        run = asyncio.create_task(distiller.run_once())
+        while not (written and (written[0] / "finetune_sample.jsonl").exists()):
+            await asyncio.sleep(0.05)
+        # What a SIGKILL leaves: the run under way, its samples marked as used.
+        assert stopped_marker(written[0]).read_text().strip() == "0"
+        restarted = AutoDistiller(distiller.settings, distiller.contexts, store, "127.0.0.1:1")
+        assert restarted.pick() is None
+        # The next start.
+        assert clean_stopped_runs(written[0].parent, lambda name: False, store) == [written[0].name]
+        assert not written[0].exists()
+        assert store.distillation_counts()["failed"] == 1
+        again = AutoDistiller(distiller.settings, distiller.contexts, store, "127.0.0.1:1")
+        assert again.pick() == "math"
+        run.cancel()  # ends the child
+        with pytest.raises(asyncio.CancelledError):
+            await run
+
+    asyncio.run(asyncio.wait_for(killed_midway(), 30))
+
+
+def test_a_distillation_child_ends_with_its_parent_sigkill_included(tmp_path: Path) -> None:
+    """``drafters distill --parent-pid``, as the sidecar runs it: orphaned by a killed
+    sidecar, a run trained on, then registered into the next sidecar on that port while
+    that one's start removed the run's directory."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    ready = tmp_path / "ready"
+    grandchild = (
+        "import os, pathlib, time; from router.capture_cli import exit_with_parent; "
+        f"exit_with_parent(os.getppid()); pathlib.Path({str(ready)!r}).touch(); time.sleep(60)"
+    )
+    parent = (
+        "import subprocess, sys, time; "
+        f"child = subprocess.Popen([sys.executable, '-c', {grandchild!r}]); "
+        "print(child.pid, flush=True); time.sleep(60)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    middle = subprocess.Popen(
+        [sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert middle.stdout is not None
+    child_pid = int(middle.stdout.readline())
+    deadline = time.monotonic() + 60
+    while not ready.exists():  # the child is past exit_with_parent
+        assert time.monotonic() < deadline, "the child did not start"
+        time.sleep(0.05)
+    middle.send_signal(signal.SIGKILL)
+    middle.wait()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child_pid}").exists() and "Z" not in _state(child_pid):
+        assert time.monotonic() < deadline, "the child outlived its parent"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    """The process's state letter (Z: a zombie, ended and not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 @pytest.mark.parametrize(
     ("cluster", "expected"),
     [

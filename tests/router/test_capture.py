@@ -198,6 +198,30 @@ def test_a_distilled_drafter_that_does_not_beat_the_current_arm_is_not_registere
     assert counts["refused"] >= 1
 
 
+@pytest.mark.parametrize(
+    ("name", "told"),
+    [
+        ("bad name", "'bad name' is not a drafter name"),
+        ("none", "'none' is not a drafter name"),
+        ("ngram", "has a drafter named 'ngram'"),
+    ],
+)
+def test_a_name_registration_would_refuse_is_told_before_the_fine_tune(
+    capturing: tuple, serving_world: ServingWorld, misled_drafter: Path, name: str, told: str
+) -> None:
+    """``--register`` with a name the sidecar refuses (not a name, or one it has) was
+    told after the whole fine-tune, hours with a real model, and the run written."""
+    sidecar, _ = capturing
+    out = serving_world.extra_root / "never-written"
+    result = _distill(
+        sidecar, serving_world, out, "--from", str(misled_drafter), "--steps", "1",
+        "--register", name,
+    )  # fmt: skip
+    assert result.exit_code != 0
+    assert told in " ".join(result.output.split()), result.output
+    assert "distilling" not in result.output and not out.exists()
+
+
 def test_distillation_on_captured_traffic_registers_a_drafter_that_pays(
     capturing: tuple, serving_world: ServingWorld, misled_drafter: Path
 ) -> None:
