@@ -16,13 +16,19 @@ Reading a bundle needs none of the code that builds one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+# A drafter directory's prompts of its fine-tuning data (JSON lines), for its prior.
+FINETUNE_SAMPLE_FILE = "finetune_sample.jsonl"
+FINETUNE_SAMPLE_SIZE = 64
 GENERIC_DRAFTER = "generic"
 
 
@@ -118,3 +124,45 @@ class ModelBundle:
             raise InvalidBundleError(
                 f"{root / MANIFEST} is not a bundle manifest: {error}"
             ) from None
+
+
+def read_finetune_sample(drafter_dir: Path, limit: int = FINETUNE_SAMPLE_SIZE) -> tuple[str, ...]:
+    """Texts from a drafter's ``finetune_sample.jsonl`` (strings or objects with "text" or
+    "prompt"). The sample only informs the drafter's prior: a line that is neither is
+    skipped with a warning naming it, and a file that cannot be read gives no sample."""
+    path = drafter_dir / FINETUNE_SAMPLE_FILE
+    return read_sample_file(path, limit) if path.is_file() else ()
+
+
+def read_sample_file(path: Path, limit: int = FINETUNE_SAMPLE_SIZE) -> tuple[str, ...]:
+    """Texts of a sample file as ``read_finetune_sample`` reads one (JSON lines)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        logger.warning("%s not read, no similarity prior from it: %s", path, error)
+        return ()
+    texts: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        text = _sample_text(line)
+        if text is None:
+            logger.warning("%s:%d skipped: not a JSON string or object with text", path, number)
+        elif text:
+            texts.append(text)
+        if len(texts) >= limit:
+            break
+    return tuple(texts)
+
+
+def _sample_text(line: str) -> str | None:
+    """The text of one sample line; None when the line is not a sample."""
+    try:
+        value = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return str(value.get("text") or value.get("prompt") or "")
+    return None

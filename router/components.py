@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from router.bundle import ModelBundle
+from router.bundle import ModelBundle, read_finetune_sample
 from router.policy.base import NONE_DRAFTER
 from router.service import Components
 from router.settings import Settings
@@ -21,48 +20,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NGRAM_DRAFTER = "ngram"
-FINETUNE_SAMPLE_FILE = "finetune_sample.jsonl"
-FINETUNE_SAMPLE_SIZE = 64
 WEIGHTS_DIGEST_CACHE = "weights_digests.json"  # in the state dir
-
-
-def read_finetune_sample(drafter_dir: Path, limit: int = FINETUNE_SAMPLE_SIZE) -> tuple[str, ...]:
-    """Texts from a drafter's ``finetune_sample.jsonl`` (strings or objects with "text" or
-    "prompt"). The sample only informs the drafter's prior: a line that is neither is
-    skipped with a warning naming it, and a file that cannot be read gives no sample."""
-    path = drafter_dir / FINETUNE_SAMPLE_FILE
-    if not path.is_file():
-        return ()
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        logger.warning("%s not read, no similarity prior from it: %s", path, error)
-        return ()
-    texts: list[str] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        text = _sample_text(line)
-        if text is None:
-            logger.warning("%s:%d skipped: not a JSON string or object with text", path, number)
-        elif text:
-            texts.append(text)
-        if len(texts) >= limit:
-            break
-    return tuple(texts)
-
-
-def _sample_text(line: str) -> str | None:
-    """The text of one sample line; None when the line is not a sample."""
-    try:
-        value = json.loads(line)
-    except (ValueError, RecursionError):
-        return None
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        return str(value.get("text") or value.get("prompt") or "")
-    return None
 
 
 def model_drafter_records(

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from classifiers.chat import render_chat
+from router.bundle import read_finetune_sample
 from router.domain import DrafterSpec
 from router.errors import (
     AlreadyExistsError,
@@ -213,7 +214,7 @@ class DrafterPool:
                 kind=kind,
                 path=str(path) if path else "",
                 tasks=tuple(spec.tasks),
-                finetune_sample=tuple(spec.finetune_sample),
+                finetune_sample=_sample_of(spec, path),
                 options=dict(spec.options),
             )
             record = _with_weights(record, drafter, self._target)
@@ -429,3 +430,12 @@ def under_model_roots(path: str, roots: Sequence[Path]) -> Path:
         raise PermissionDeniedError(str(exc)) from exc
     except ModelLoadError as exc:
         raise InvalidRequestError(str(exc)) from exc
+
+
+def _sample_of(spec: DrafterSpec, path: Path | None) -> tuple[str, ...]:
+    """The fine-tuning sample a registration gives its drafter's prior: the one sent, else
+    its directory's ``finetune_sample.jsonl`` (as the world's drafters and ``drafter_dirs``
+    are read; a distilled drafter writes one), else none."""
+    if spec.finetune_sample or path is None:
+        return tuple(spec.finetune_sample)
+    return read_finetune_sample(path)

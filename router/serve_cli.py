@@ -414,7 +414,14 @@ def drafters_register_command(
     ] = None,
     sample_file: Annotated[
         Path | None,
-        typer.Option("--sample", help="Fine-tuning sample (lines).", exists=True, dir_okay=False),
+        typer.Option(
+            "--sample",
+            help="Fine-tuning sample: a prompt a line, or JSON lines if named *.jsonl (as "
+            "distill writes finetune_sample.jsonl). Default: the directory's "
+            "finetune_sample.jsonl, if any.",
+            exists=True,
+            dir_okay=False,
+        ),
     ] = None,
     options: Annotated[
         list[str] | None,
@@ -434,7 +441,7 @@ def drafters_register_command(
     from router.pb import router_pb2 as pb
 
     try:
-        sample = sample_file.read_text().splitlines() if sample_file is not None else []
+        sample = _sample_lines(sample_file) if sample_file is not None else []
     except UnicodeDecodeError as error:
         raise typer.BadParameter(f"not UTF-8 text: {error}", param_hint="--sample") from None
     request = pb.RegisterDrafterRequest(
@@ -446,6 +453,18 @@ def drafters_register_command(
         options=_key_values(options or [], "--option"),
     )
     _print_message(_ask(address, "RegisterDrafter", request, token, timeout))
+
+
+def _sample_lines(path: Path) -> list[str]:
+    """``--sample``: JSON lines (strings, or objects with "text"), as a drafter directory's
+    ``finetune_sample.jsonl`` holds them, where the file is named ``*.jsonl`` (its lines
+    were sent as they were, JSON and all); else a prompt a line."""
+    from router.bundle import read_sample_file
+
+    text = path.read_text(encoding="utf-8")  # UnicodeDecodeError: told as --sample's
+    if path.suffix == ".jsonl":
+        return list(read_sample_file(path, limit=len(text.splitlines())))
+    return text.splitlines()
 
 
 def _absolute(path: str) -> str:

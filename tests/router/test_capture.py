@@ -20,9 +20,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
+from router.bundle import read_finetune_sample
 from router.capture import CaptureSettings, CaptureStore
 from router.cli import build_app
-from router.components import build_components, read_finetune_sample
+from router.components import build_components
 from router.launch import launch_sidecar
 from router.pb import router_pb2 as pb
 from router.pb import router_pb2_grpc

@@ -225,3 +225,36 @@ def test_a_missing_world_or_scale_is_one_line_and_exit_2(
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1, done.stderr
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_registered_drafters_sample_is_read_as_distillation_writes_it(
+    sidecar: SidecarThread, serving_world: ServingWorld, tmp_path: Path
+) -> None:
+    """``--sample finetune_sample.jsonl`` stored each JSON line as a prompt, braces and
+    all; and a model directory registered without ``--sample`` gave its own
+    finetune_sample.jsonl no say, where the world's drafters and ``drafter_dirs`` read it."""
+    import shutil
+
+    runner, app = CliRunner(), build_app()
+    address = ["--address", sidecar.running.address]
+    env = {"SPECROUTE_ADMIN_TOKEN": ADMIN_TOKEN}
+    directory = serving_world.extra_root / "sampled"
+    shutil.copytree(serving_world.spare_dir, directory, dirs_exist_ok=True)
+    (directory / "finetune_sample.jsonl").write_text(
+        json.dumps({"task": "math", "text": "What is 2 + 2?"}) + "\n" + json.dumps("Add 3.") + "\n"
+    )
+    sample = tmp_path / "chosen.jsonl"
+    sample.write_text(json.dumps({"task": "math", "text": "Halve 10."}) + "\n")
+    plain = tmp_path / "chosen.txt"
+    plain.write_text('{"a line": "as it is"}\n')
+    cases = [(["--sample", str(sample)], ("Halve 10.",)), ([], ("What is 2 + 2?", "Add 3."))]
+    cases.append((["--sample", str(plain)], ('{"a line": "as it is"}',)))
+    for flags, expected in cases:
+        register = ["drafters", "register", "sampled", str(directory), *address, *flags]
+        added = runner.invoke(app, register, env=env)
+        assert added.exit_code == 0, added.output
+        try:
+            record = sidecar.service.drafters.get("sampled").record
+            assert record.finetune_sample == expected
+        finally:
+            runner.invoke(app, ["drafters", "remove", "sampled", *address], env=env)

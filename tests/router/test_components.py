@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from router.components import FINETUNE_SAMPLE_FILE, distinct_paths, read_finetune_sample
+from router.bundle import FINETUNE_SAMPLE_FILE, read_finetune_sample
+from router.components import distinct_paths
 
 
 def test_a_damaged_sample_line_is_skipped_and_named(
