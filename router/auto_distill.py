@@ -41,7 +41,8 @@ DISTILLED_DIR = "distilled"  # under the state directory, unless out_dir is set
 
 
 def distilled_root(settings: Any) -> Path:
-    """Where automatic runs write their drafters (a model root while enabled)."""
+    """Where automatic runs write their drafters (a model root while enabled, and once
+    made)."""
     auto: AutoDistillSettings = settings.auto_distill
     if auto.out_dir is not None:
         return Path(auto.out_dir).expanduser()
@@ -49,10 +50,12 @@ def distilled_root(settings: Any) -> Path:
 
 
 def extra_model_roots(settings: Any) -> tuple[Path, ...]:
-    """Model roots automatic distillation adds (created), so its drafters register."""
-    if not settings.auto_distill.enabled:
-        return ()
+    """Model roots automatic distillation adds (created), so its drafters register; still
+    one once made with automatic distillation turned off: the drafters it registered there
+    were left unserved ("outside the configured model roots") at the next start."""
     root = distilled_root(settings)
+    if not settings.auto_distill.enabled:
+        return (root,) if root.is_dir() else ()
     root.mkdir(parents=True, exist_ok=True)
     return (root,)
 

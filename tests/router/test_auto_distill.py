@@ -102,6 +102,8 @@ def test_the_child_gets_the_last_cores_and_its_output_dir_is_a_model_root(tmp_pa
     on = Settings(state_dir=tmp_path, auto_distill=AutoDistillSettings(enabled=True))
     assert extra_model_roots(on) == (tmp_path / "distilled",)
     assert (tmp_path / "distilled").is_dir()
+    # Turned off again: what it registered there is still served.
+    assert extra_model_roots(off) == (tmp_path / "distilled",)
 
 
 def test_the_child_lowers_its_own_priority_after_exec(tmp_path: Path) -> None:
