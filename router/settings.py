@@ -242,6 +242,8 @@ class PoolingSettings(BaseModel):
     def _ca_only_for_tls(self) -> PoolingSettings:
         # A CA with a plain redis:// URL was ignored without a word: TLS was not on.
         url = self.redis_url.get_secret_value()
+        if self.enabled:
+            check_redis_url(url)
         if self.tls_ca_file is not None and not url.startswith("rediss://"):
             raise ValueError("tls_ca_file is for a rediss:// (TLS) redis_url; this one is not")
         if self.cluster and urlsplit(url).path.strip("/") not in ("", "0"):
@@ -250,6 +252,22 @@ class PoolingSettings(BaseModel):
                 "or /0, with cluster = true"
             )
         return self
+
+
+def check_redis_url(url: str) -> None:
+    """ValueError naming ``redis_url`` for a URL redis-py would refuse once the models had
+    loaded (exit 1, the setting unnamed), or would read as another database (a database
+    that is not a number was database 0 without a word). Its password is never told."""
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError as error:
+        raise ValueError(f"redis_url: {error}") from None
+    parts = urlsplit(url)
+    database = parts.path.strip("/") if parts.scheme != "unix" else ""
+    if database and not database.isdigit():
+        raise ValueError(f"redis_url: the database must be a number, not {database!r}")
 
 
 class Settings(BaseSettings):

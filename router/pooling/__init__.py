@@ -98,7 +98,11 @@ class Pooling:
             await asyncio.gather(*tasks)
         finally:
             for task in tasks:
-                task.cancel()
+                # One cancel each: the gather's, when this run was cancelled, reached them
+                # all, and ends as soon as one loop has; a second cancel then cut the
+                # outcome writer's last flush short, unlogged (its entries lost).
+                if not task.cancelling():
+                    task.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(*redis_errors()):

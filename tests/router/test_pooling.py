@@ -272,6 +272,44 @@ def test_a_cluster_with_a_database_other_than_0_is_refused() -> None:
     assert PoolingSettings(redis_url="redis://node:6379", cluster=True).cluster
 
 
+@pytest.mark.parametrize(
+    ("url", "told"),
+    [
+        ("redis://:hunter2@node:notaport/0", "Port could not be cast to integer"),
+        ("http://node:6379/0", "Redis URL must specify one of the following schemes"),
+        ("redis://:hunter2@node:6379/abc", "the database must be a number, not 'abc'"),
+    ],
+)
+def test_a_redis_url_redis_py_would_refuse_stops_the_start_in_one_line(
+    tmp_path: Path, url: str, told: str
+) -> None:
+    """It failed once every model had loaded, exit 1 and the setting unnamed, or (a
+    database that is not a number) served database 0 without a word."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "SPECROUTE_STATE_DIR": str(tmp_path / "state"),
+        "SPECROUTE_POOLING__ENABLED": "true",
+        "SPECROUTE_POOLING__SECRET": "s3cret",
+        "SPECROUTE_POOLING__REDIS_URL": url,
+    }
+    command = [sys.executable, "-m", "router.cli", "serve", "--port", "0"]
+    done = subprocess.run(
+        [*command, "--http-port", "-1", "--metrics-port", "-1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"invalid settings: pooling: redis_url: {told}" in done.stderr
+    assert "hunter2" not in done.stderr + done.stdout and "Traceback" not in done.stderr
+    assert PoolingSettings(redis_url=url).redis_url  # checked only with pooling enabled
+
+
 def test_generate_and_counterfactuals_are_pooled(fleet: Fleet, serving_world: ServingWorld) -> None:
     from tests.router.conftest import COMPLETION_PROMPT
 

@@ -590,6 +590,48 @@ def test_a_loop_that_fails_is_logged_and_started_again_and_the_others_go_on(
     assert caplog.text.count("the outcome reader loop failed") == 2 and "KeyError" in caplog.text
 
 
+def test_a_stop_lets_every_loop_finish_its_last_flush() -> None:
+    """A stop cancels the pooling task, whose gather ends as soon as one loop (the
+    registry writer with nothing buffered) has: the others were cancelled a second time,
+    which cut the outcome writer's last flush short, unlogged, its entries lost."""
+    from types import SimpleNamespace
+
+    from router.pooling import Pooling
+
+    done: list[str] = []
+
+    def loop(name: str, flush_s: float) -> Any:
+        async def run() -> None:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await asyncio.sleep(flush_s)  # the last flush
+                done.append(name)
+                raise
+
+        return run
+
+    async def closed() -> None:
+        pass
+
+    pooling = Pooling(
+        identity="a-1",
+        link=SimpleNamespace(reconnect_max_s=1.0, close=closed),  # type: ignore[arg-type]
+        outcomes=SimpleNamespace(run_writer=loop("ow", 0.2), run_reader=loop("or", 0.0)),  # type: ignore[arg-type]
+        registry=SimpleNamespace(run_writer=loop("rw", 0.0), run_reader=loop("rr", 0.0)),  # type: ignore[arg-type]
+    )
+
+    async def stop() -> None:
+        task = asyncio.create_task(pooling.run())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(asyncio.wait_for(stop(), 10))
+    assert sorted(done) == ["or", "ow", "rr", "rw"]
+
+
 class LoadingService:
     """What SharedRegistry reads of a sidecar: its drafters, a registration that loads
     until released, and the policy's ``drafter_not_served``."""
