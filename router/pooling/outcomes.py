@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Any
 
@@ -40,6 +41,10 @@ TIME_REWARD_POLICIES = frozenset({"ucb"})
 WAITING_MAX = 4096
 #: Drafters not served here whose dropped outcomes were warned about (once each).
 WARNED_MAX = 1024
+#: Dropped entries are logged at most once this often per reason, with how many more
+#: were dropped since: a replica with another secret logged a line per entry, each of
+#: its requests on every other replica and the whole retained stream at each start.
+REJECT_LOG_INTERVAL_S = 60.0
 
 
 def serves(policy: Any, drafter: str) -> bool:
@@ -112,6 +117,7 @@ class OutcomePool:
         # their outcomes wait; any other drafter's are dropped at once.
         self._loading = loading
         self._warned: set[str] = set()
+        self._reject_lines: dict[str, tuple[float, int]] = {}  # reason -> (last line, since)
         self._warned_other: set[str] = set()
         self._holder = holder
         self._writer = writer
@@ -344,8 +350,23 @@ class OutcomePool:
         self._metrics.pooled_rejected.labels(reason=reason).inc(count)
 
     def reject(self, entry_id: str, reason: str, detail: str) -> None:
+        """Drop an entry: counted, and logged at most once per ``REJECT_LOG_INTERVAL_S``
+        per reason (with how many were dropped for it since the last line)."""
         self._count_rejected(reason, 1)
-        logger.warning("pooling: dropped outcome entry %s (%s)", entry_id, detail)
+        now = time.monotonic()
+        last, since = self._reject_lines.get(reason, (-REJECT_LOG_INTERVAL_S, 0))
+        if now - last < REJECT_LOG_INTERVAL_S:
+            self._reject_lines[reason] = (last, since + 1)
+            return
+        self._reject_lines[reason] = (now, 0)
+        logger.warning(
+            "pooling: dropped outcome entry %s (%s)%s; counted in "
+            "specroute_pooled_entries_rejected_total{reason=%s}, logged once a minute at most",
+            entry_id,
+            detail,
+            f"; {since} more for this reason since the last line" if since else "",
+            reason,
+        )
 
     def _admit(self, origin: Origin) -> bool:
         """True the first time (replica, seq) comes: writers publish in seq order, so

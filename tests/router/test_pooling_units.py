@@ -65,6 +65,24 @@ def test_signed_entry_round_trip_and_every_refusal() -> None:
         SIGNER.verified({"payload": garbage, "sig": SIGNER.signature(garbage).encode()})
 
 
+def test_dropped_entries_are_logged_once_a_minute_per_reason_and_all_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A replica with another secret made every other replica log a line per entry: each
+    of its requests, and the whole retained stream (up to retention, 100,000) at a start."""
+    harness = Harness(tmp_path, "a-1")
+    other = EntrySigner(b"another secret")
+    forged = [(f"{i}-0", other.fields(shared("b-1", i))) for i in range(1, 51)]
+    unsigned = [("99-0", {"payload": SIGNER.fields(shared("c-1", 1))["payload"]})]
+    with caplog.at_level(logging.WARNING, logger="router.pooling.outcomes"):
+        harness.pool.handle(forged + unsigned)
+        harness.pool.handle([("100-0", other.fields(shared("b-1", 51)))])
+    lines = [r.getMessage() for r in caplog.records if "dropped outcome entry" in r.getMessage()]
+    assert len(lines) == 2, lines  # one per reason
+    assert "reason=bad_signature" in lines[0] and "reason=unsigned" in lines[1]
+    assert harness.pool.rejected == 52 and harness.pool.applied == 0
+
+
 @pytest.mark.parametrize(
     "changes",
     [
