@@ -187,8 +187,8 @@ async def start_pooling(
     logger.info("pooling through %s as replica %s", pooling.link.where, pooling.identity)
     if not await _catch_up_retrying(pooling, settings.pooling.replay_timeout_s):
         logger.warning(
-            "pooling: Redis at %s did not answer in %.1f s; serving on local state and "
-            "catching up when it returns",
+            "pooling: the shared history was not read from Redis at %s within %.1f s; "
+            "serving on local state and catching up when it can",
             pooling.link.where,
             settings.pooling.replay_timeout_s,
         )
@@ -213,7 +213,7 @@ async def _catch_up_retrying(pooling: Pooling, timeout_s: float) -> bool:
             return True
         except redis_errors() as error:  # OSError covers wait_for's own TimeoutError
             if not (isinstance(error, TimeoutError) and loop.time() >= deadline):
-                pooling.link.failed(error)
+                pooling.link.failed(error, reading=True)
         left = deadline - loop.time()
         if left <= 0:
             return False

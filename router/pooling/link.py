@@ -91,8 +91,10 @@ class RedisLink:
         # (refused, a wrong password, an unknown CA): one that never connected says why.
         self._failure_logged = False
         # Likewise the first command Redis answered with an error (out of memory under
-        # ``maxmemory``, a read-only replica, an ACL), until a write goes through.
+        # ``maxmemory``, a read-only replica, an ACL), until a write goes through; and
+        # apart, the first read refused (an ACL without reads), until a read goes through.
         self._refusal_logged = False
+        self._read_refusal_logged = False
 
     def succeeded(self, wrote: bool = False) -> None:
         """A call went through; ``wrote``: it was a write (what ends a refusal)."""
@@ -104,11 +106,28 @@ class RedisLink:
         if wrote and self._refusal_logged:
             logger.info("pooling: Redis at %s takes writes again", self.where)
             self._refusal_logged = False
+        if not wrote and self._read_refusal_logged:
+            logger.info("pooling: Redis at %s takes reads again", self.where)
+            self._read_refusal_logged = False
 
-    def failed(self, error: BaseException) -> None:
-        """A call failed: Redis is unreachable, or (an error reply) it refused the call."""
+    def failed(self, error: BaseException, reading: bool = False) -> None:
+        """A call failed: Redis is unreachable, or (an error reply) it refused the call, a
+        read (``reading``) or a write. A refused read was told as a refused write (what
+        this replica learns stays buffered) and, ended by each write that went through,
+        told again after each: one replica's ACL without reads logged 11 lines for 3
+        requests, and never that it learnt nothing from the others."""
         from redis.exceptions import MovedError, ResponseError
 
+        if isinstance(error, ResponseError) and reading and not isinstance(error, MovedError):
+            if not self._read_refusal_logged:
+                logger.warning(
+                    "pooling: Redis at %s refused a read (%s); this replica learns nothing "
+                    "from the others until it reads again",
+                    self.where,
+                    error,
+                )
+            self._read_refusal_logged = True
+            return
         if isinstance(error, ResponseError):  # it answered: reachable, and the reads go on
             if not self._refusal_logged:
                 hint = ""

@@ -219,7 +219,7 @@ class StreamReader:
                     recovering = False
                 entries = await self.read_batch(READ_BLOCK_MS)
             except redis_errors() as error:
-                self._link.failed(error)
+                self._link.failed(error, reading=True)
                 recovering = True
                 await asyncio.sleep(backoff.next_delay())
                 continue

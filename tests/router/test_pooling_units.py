@@ -440,7 +440,7 @@ def test_catching_up_gives_up_at_its_deadline_whatever_a_call_makes_of_cancellat
     class Link:
         reconnect_max_s = 0.05
 
-        def failed(self, error: BaseException) -> None:
+        def failed(self, error: BaseException, reading: bool = False) -> None:
             failures.append(error)
 
     class Refused:  # a replica whose password Redis refuses, slowly
@@ -648,6 +648,28 @@ def test_a_stop_lets_every_loop_finish_its_last_flush() -> None:
 
     asyncio.run(asyncio.wait_for(stop(), 10))
     assert sorted(done) == ["or", "ow", "rr", "rw"]
+
+
+def test_a_refused_read_is_told_apart_from_a_refused_write_once_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An ACL without reads was told as a refused write ("what this replica learns stays
+    buffered"), ended by every write that went through and told again after it: 11 lines
+    for 3 requests, and never that the replica learnt nothing from the others."""
+    from redis.exceptions import NoPermissionError
+
+    link = RedisLink(PoolingSettings(redis_url="redis://127.0.0.1:1/0"), create_metrics())
+    refused = NoPermissionError("this user has no permissions to run the 'xread' command")
+    with caplog.at_level(logging.INFO, logger="router.pooling.link"):
+        for _ in range(3):
+            link.failed(refused, reading=True)
+            link.succeeded(wrote=True)  # writes go through meanwhile
+        link.succeeded()  # a read
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("refused a read" in m for m in messages) == 1, messages
+    assert any("learns nothing from the others" in m for m in messages), messages
+    assert not any("refused a command" in m or "takes writes again" in m for m in messages)
+    assert messages[-1].endswith("takes reads again")
 
 
 class LoadingService:
