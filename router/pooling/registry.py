@@ -271,7 +271,30 @@ class SharedRegistry:
         return count
 
     async def run_reader(self) -> None:
-        await self._reader.run(self.handle)
+        await self._reader.run(self.handle, rewound=self.announce_served)
+
+    def announce_served(self) -> int:
+        """Publish again every drafter registered at run time that this replica serves: the
+        registry stream was lost (a Redis restarted without its data), and a replica
+        that starts since, or missed the entry, would never hear of them (the outcomes'
+        loss is only a loss; a registration's is a drafter never served there). Every
+        replica announces what it serves; one that serves it already does nothing."""
+        drafters = self._service.drafters
+        names = sorted(drafters.registration_times())
+        for name in names:
+            record = drafters.get(name).record
+            spec = DrafterSpec(
+                name=record.name,
+                kind=record.kind,
+                path=record.path,
+                tasks=tuple(record.tasks),
+                finetune_sample=tuple(record.finetune_sample),
+                options=dict(record.options),
+            )
+            self.registered(spec, record.identity)
+        if names:
+            logger.info("pooling: registry stream lost; announced %s again", names)
+        return len(names)
 
     async def run_writer(self) -> None:
         await self._writer.run()

@@ -207,15 +207,20 @@ class StreamReader:
         self.last_id = "0-0"
         return True
 
-    async def run(self, handle: Callable[[list[tuple[str, Mapping[Any, Any]]]], Any]) -> None:
+    async def run(
+        self,
+        handle: Callable[[list[tuple[str, Mapping[Any, Any]]]], Any],
+        rewound: Callable[[], Any] | None = None,
+    ) -> None:
         """Block for new entries and hand them on, until cancelled; reconnect with backoff
-        (and, after a failure, ``rewind_if_recreated``)."""
+        (and, after a failure, ``rewind_if_recreated``, then ``rewound`` if it did)."""
         backoff = Backoff(self._link.reconnect_max_s)
         recovering = False
         while True:
             try:
                 if recovering:
-                    await self.rewind_if_recreated()
+                    if await self.rewind_if_recreated() and rewound is not None:
+                        await _maybe_await(rewound())
                     recovering = False
                 entries = await self.read_batch(READ_BLOCK_MS)
             except redis_errors() as error:

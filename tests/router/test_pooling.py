@@ -434,6 +434,28 @@ def test_drafter_registered_on_one_replica_is_used_by_the_others(
     wait_until(lambda: not c.stub.ListDrafters(pb.ListDraftersRequest()).unavailable)
 
 
+def test_drafters_are_announced_again_when_redis_comes_back_without_its_data(
+    fleet: Fleet, serving_world: ServingWorld, redis_server: Any
+) -> None:
+    """A Redis restarted without its data lost the registry stream: replicas kept the
+    drafters they served, but one started since never heard of them and never served
+    them (the docs said a drafter registered on one is registered on all)."""
+    a, b = fleet.start("a"), fleet.start("b")
+    spec = pb.RegisterDrafterRequest(
+        name="lost-spare", kind="model", path=str(serving_world.spare_dir), tasks=["math"]
+    )
+    a.stub.RegisterDrafter(spec, metadata=ADMIN)
+    # B read the entry and loaded the drafter: A's reader, blocked on the same stream,
+    # read it (its own) as it came.
+    wait_until(lambda: "lost-spare" in names(b), timeout_s=60)
+    redis_server.restart()  # no persistence: the streams are gone
+    try:
+        c = fleet.start("c")  # after the loss
+        wait_until(lambda: "lost-spare" in names(c), timeout_s=60)
+    finally:
+        a.stub.RemoveDrafter(pb.RemoveDrafterRequest(name="lost-spare"), metadata=ADMIN)
+
+
 def test_redis_down_mid_run_buffers_and_publishes_when_it_returns(
     fleet: Fleet, redis_server: Any
 ) -> None:
