@@ -90,9 +90,10 @@ class TraceOptions:
 
 
 def max_new_tokens_for(response: str, options: TraceOptions) -> int:
-    """A per-request budget: the reference response's length in tokens, plus slack, capped."""
+    """A per-request budget: the reference response's length in tokens, plus slack, at
+    least 24, and never over the cap (``--max-new-tokens``; a cap under 24 was not one)."""
     estimate = round(len(response) / options.chars_per_token) + 16
-    return max(24, min(options.max_new_tokens_cap, estimate))
+    return min(options.max_new_tokens_cap, max(24, estimate))
 
 
 def _by_task(examples: Sequence[ExampleLike]) -> dict[str, list[ExampleLike]]:

@@ -117,6 +117,15 @@ def replay_command(
     learn = trace == "learn"
     if per_task is None:
         per_task = LEARN_PER_TASK if learn else 40
+    if learn and per_task < 2:  # its first half, which the distillation learns from, empty
+        raise typer.BadParameter(
+            "the learn trace needs at least 2: its first half is the traffic the automatic "
+            "distillation learns from (with 1 it is empty, and the replay waited for a "
+            "drafter never made)",
+            param_hint="--per-task",
+        )
+    if learn_cluster is not None and not learn:  # it was ignored without a word
+        raise typer.BadParameter("is for --trace learn only", param_hint="--learn-cluster")
     if policies is None:
         policies = ",".join(LEARN_POLICIES if learn else DEFAULT_POLICIES)
     config = ReplayConfig(

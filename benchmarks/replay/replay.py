@@ -323,14 +323,23 @@ def replay_policies(
     task_hints: bool = False,
     handlers: EventHandlers | None = None,
 ) -> dict[str, PolicyRun]:
-    """Replay the trace under every setting with the named schedule."""
+    """Replay the trace under every setting with the named schedule, then set the policy
+    the sidecar served before back (a sidecar replayed against was left serving the last
+    setting, ``none`` by default: plain decoding for everyone)."""
     check_schedule(schedule)
-    return SCHEDULES[schedule](
-        client,
-        trace,
-        settings,
-        world=world,
-        progress=progress,
-        task_hints=task_hints,
-        handlers=handlers,
-    )
+    serving = client.policy_state().policy
+    try:
+        return SCHEDULES[schedule](
+            client,
+            trace,
+            settings,
+            world=world,
+            progress=progress,
+            task_hints=task_hints,
+            handlers=handlers,
+        )
+    finally:
+        # Its state restored (switching away saved it); a configuration it was given is
+        # not readable through the API: it serves its defaults and the drafters' hints.
+        client.set_policy(serving, reset_state=False)
+        logger.info("replay: the sidecar's policy %s is served again", serving)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -135,6 +135,8 @@ def test_max_new_tokens_follows_the_reference_length_within_bounds() -> None:
     assert max_new_tokens_for("", options) == 24
     assert max_new_tokens_for("x" * 90, options) == 52
     assert max_new_tokens_for("x" * 10_000, options) == 64
+    # A cap under the floor of 24 is still a cap (--max-new-tokens 8 ran 24 tokens).
+    assert max_new_tokens_for("", replace(options, max_new_tokens_cap=8)) == 8
 
 
 def test_unknown_trace_name_lists_the_known_ones() -> None:

@@ -42,3 +42,15 @@ def test_a_bad_trace_file_fails_with_line_and_field(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert f"{trace}:2: field 'max_new_tokens'" in result.output
+
+
+def test_options_a_trace_cannot_use_are_refused_before_anything_runs(tmp_path: Path) -> None:
+    """learn at one request a task waited 15 minutes for a drafter its empty first half
+    could never make; --learn-cluster beside another trace was ignored without a word."""
+    runner, app = CliRunner(), build_app()
+    out = ["--out", str(tmp_path / "out"), "--no-progress", "--no-plots"]
+    learn = runner.invoke(app, ["replay", "--trace", "learn", "--per-task", "1", *out])
+    assert learn.exit_code == 2 and "the learn trace needs at least 2" in learn.output
+    other = runner.invoke(app, ["replay", "--trace", "uniform", "--learn-cluster", "chat", *out])
+    assert other.exit_code == 2 and "is for --trace learn only" in other.output
+    assert not (tmp_path / "out").exists()

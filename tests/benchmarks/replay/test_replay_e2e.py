@@ -140,3 +140,24 @@ def test_new_drafter_trace_withholds_then_registers_it_sequentially(
         assert all(r.drafter != removed.drafter for r in run.results)
     assert all(section["lossless"] for section in outcome.report["policies"].values())
     assert outcome.report["trace"]["event_request_indices"] == [0, len(outcome.trace.requests) // 2]
+
+
+def test_a_sidecar_replayed_against_serves_its_own_policy_again(
+    tiny_world: Any, tmp_path: Path
+) -> None:
+    """A replay through --address left the sidecar serving the last policy it replayed
+    (`none` by default: plain decoding for all its traffic)."""
+    from benchmarks.replay.client import ReplayClient
+    from benchmarks.replay.replay import PolicySetting, replay_policies
+    from benchmarks.replay.trace import parse_trace_lines
+    from router.launch import launch_sidecar
+
+    trace = parse_trace_lines(['{"id": "a", "prompt": "2 + 2 =", "max_new_tokens": 4}'], name="t")
+    with (
+        launch_sidecar(tiny_world.root, admin_token="tok", http=False, metrics=False) as sidecar,
+        ReplayClient(sidecar.grpc_address, "tok") as client,
+    ):
+        assert client.policy_state().policy == "thompson"
+        runs = replay_policies(client, trace, [PolicySetting("none", "none")], progress=False)
+        assert [r.generated_tokens for r in runs["none"].results] == [4]
+        assert client.policy_state().policy == "thompson"
