@@ -92,11 +92,14 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         tasks: Annotated[
             list[str] | None, typer.Option(help="Tasks to run (repeat or comma-separate)")
         ] = None,
-        k_max: Annotated[int, typer.Option(help="Draft lengths 1..k_max")] = 8,
-        prompts: Annotated[int, typer.Option(help="Held-out prompts per task")] = 8,
-        max_new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt")] = 64,
+        k_max: Annotated[int, typer.Option(min=1, help="Draft lengths 1..k_max")] = 8,
+        prompts: Annotated[int, typer.Option(min=1, help="Held-out prompts per task")] = 8,
+        max_new_tokens: Annotated[
+            int, typer.Option(min=1, help="Tokens generated per prompt")
+        ] = 64,
         threads: Annotated[
-            int, typer.Option(help="torch CPU threads (1 is fastest for the built-in models)")
+            int,
+            typer.Option(min=1, help="torch CPU threads (1 is fastest for the built-in models)"),
         ] = 1,
         transformers_everywhere: Annotated[
             bool,
@@ -117,6 +120,12 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
         torch.set_num_threads(threads)
         loaded = ModelBundle.load(world or default_bundle_dir())
         chosen = [t for item in tasks or [] for t in item.split(",") if t] or None
+        unknown = sorted(set(chosen or ()) - set(loaded.tasks))
+        if unknown:  # it was a traceback once the models had loaded
+            raise typer.BadParameter(
+                f"{', '.join(unknown)}: not a task of this world ({', '.join(loaded.tasks)})",
+                param_hint="--tasks",
+            )
         report = bench_engine(
             loaded,
             tasks=chosen,

@@ -17,8 +17,8 @@ TokenOption = Annotated[str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN")]
 def bench_load_command(
     address: Annotated[str, typer.Option("--address", help="Sidecar gRPC host:port.")],
     json_path: JsonOption = None,
-    requests: Annotated[int, typer.Option("--requests", "-n")] = 10_000,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c")] = 64,
+    requests: Annotated[int, typer.Option("--requests", "-n", min=1)] = 10_000,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1)] = 64,
     pid: Annotated[
         int | None, typer.Option("--pid", help="Sidecar pid (found from the port).")
     ] = None,
@@ -48,9 +48,11 @@ def bench_load_compare_command(
     address: Annotated[
         list[str], typer.Option("--address", help="Sidecar gRPC host:port (repeat: 1 or more).")
     ],
-    rounds: Annotated[int, typer.Option("--rounds")] = 6,
-    requests: Annotated[int, typer.Option("--requests", "-n", help="Calls per round.")] = 3_000,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-c")] = 64,
+    rounds: Annotated[int, typer.Option("--rounds", min=1)] = 6,
+    requests: Annotated[
+        int, typer.Option("--requests", "-n", min=1, help="Calls per round.")
+    ] = 3_000,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1)] = 64,
     json_path: JsonOption = None,
     token: TokenOption = None,
     floor: Annotated[

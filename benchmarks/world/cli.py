@@ -136,7 +136,7 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             Path | None, typer.Option("--json", help="Also write the report here.")
         ] = None,
         limit: Annotated[
-            int | None, typer.Option(help="At most this many test prompts per task.")
+            int | None, typer.Option(min=1, help="At most this many test prompts per task.")
         ] = None,
     ) -> None:
         """Evaluate a world: target quality, acceptance matrix (k=4, greedy), step times.

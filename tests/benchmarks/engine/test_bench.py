@@ -22,3 +22,40 @@ def test_acceptance_inverts_the_expected_tokens_per_step() -> None:
             assert acceptance_from_mean_length(mean_length, k) == pytest.approx(a, abs=1e-9)
     assert acceptance_from_mean_length(1.0, 4) == 0.0
     assert acceptance_from_mean_length(5.0, 4) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["bench", "engine", "--k-max", "0"], "--k-max"),
+        (["bench", "engine", "--prompts", "-1"], "--prompts"),  # it was used as a slice
+        (["bench", "engine", "--threads", "0"], "--threads"),
+        (["bench", "load", "--address", "127.0.0.1:9", "-n", "0"], "--requests"),
+        (["bench", "load", "--address", "127.0.0.1:9", "-c", "-3"], "--concurrency"),
+        (["bench", "load-compare", "--address", "127.0.0.1:9", "--rounds", "0"], "--rounds"),
+        (["world", "eval", "--limit", "0"], "--limit"),
+    ],
+)
+def test_a_count_below_one_is_refused_before_anything_runs(argv: list[str], option: str) -> None:
+    """Each ran: tracebacks after the models loaded (k 0, threads 0), a report of NaN that
+    is not JSON (0 requests), a run "at concurrency -3", a prompt count used as a slice."""
+    from typer.testing import CliRunner
+
+    from router.cli import build_app
+
+    result = CliRunner().invoke(build_app(), argv)
+    assert result.exit_code == 2, result.output
+    assert option in result.output and "Traceback" not in result.output
+
+
+def test_a_task_the_world_lacks_is_one_line(tiny_world: object) -> None:
+    from typer.testing import CliRunner
+
+    from router.cli import build_app
+
+    root = str(tiny_world.root)  # type: ignore[attr-defined]
+    result = CliRunner().invoke(
+        build_app(), ["bench", "engine", "--world", root, "--tasks", "bogus"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "bogus: not a task of this world" in " ".join(result.output.split())
