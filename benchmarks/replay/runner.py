@@ -156,6 +156,12 @@ def calibration_requests(
     for request in trace.requests:
         if request.task and len(grouped.setdefault(request.task, [])) < per_task:
             grouped[request.task].append(request)
+    if not grouped:  # it failed inside the calibration (StopIteration)
+        raise ValueError(
+            f'trace {trace.name!r}: no request has a "task", and without a world the '
+            "calibration has no prompts per task: label some requests, or pass --world DIR "
+            "to calibrate on the world's validation split"
+        )
     return grouped
 
 

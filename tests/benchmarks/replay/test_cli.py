@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from benchmarks.replay.cli import BUILTIN_TRACES, DEFAULT_POLICIES
@@ -54,3 +55,14 @@ def test_options_a_trace_cannot_use_are_refused_before_anything_runs(tmp_path: P
     other = runner.invoke(app, ["replay", "--trace", "uniform", "--learn-cluster", "chat", *out])
     assert other.exit_code == 2 and "is for --trace learn only" in other.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_trace_without_task_labels_and_no_world_says_what_calibration_needs() -> None:
+    """It failed inside the calibration with a StopIteration traceback."""
+    from benchmarks.replay.builtin import TraceOptions
+    from benchmarks.replay.runner import calibration_requests
+    from benchmarks.replay.trace import parse_trace_lines
+
+    trace = parse_trace_lines(['{"id": "a", "prompt": "hi", "max_new_tokens": 4}'], name="t")
+    with pytest.raises(ValueError, match=r'no request has a "task".*--world'):
+        calibration_requests(None, trace, TraceOptions(), 3)
