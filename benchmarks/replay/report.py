@@ -240,6 +240,7 @@ def build_report(
         "trace": {
             "name": trace.name,
             "requests": len(trace.requests),
+            "digest": trace.digest(),
             "tasks": {task: int(n) for task, n in traffic.items()},
             "events": [e.model_dump(mode="json", exclude_defaults=True) for e in trace.events],
             "event_request_indices": event_request_indices(trace),

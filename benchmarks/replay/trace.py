@@ -16,6 +16,7 @@ the answer the request expects back (OpenAI's predicted outputs), drafted from f
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -133,6 +134,12 @@ class Trace:
     @property
     def events(self) -> tuple[TraceEvent, ...]:
         return tuple(r for r in self.records if isinstance(r, TraceEvent))
+
+    def digest(self) -> str:
+        """SHA-256 of the records as JSON lines: two traces of one digest replay the same
+        requests (prompts, budgets, sampling) and events in the same order."""
+        lines = (r.model_dump_json(exclude_defaults=True) for r in self.records)
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
     def task_counts(self) -> dict[str, int]:
         """Requests per task label (unlabelled requests count under ``""``)."""

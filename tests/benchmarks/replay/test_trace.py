@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.replay.trace import (
+    Trace,
     TraceEvent,
     TraceFormatError,
     TraceRequest,
@@ -137,3 +138,19 @@ def test_a_requests_prediction_reaches_the_generate_request() -> None:
     message = generate_request(request, pin=None, no_update=False, task_hint=False)
     assert message.HasField("prediction") and message.prediction == "the file"
     assert "field 'prediction'" in _error([GOOD[0], line.replace('"the file"', "3")])
+
+
+def test_a_study_reuses_only_a_replay_of_the_same_requests(tmp_path: Path) -> None:
+    """It compared the count of requests alone: a study at another --max-new-tokens
+    reused replays of other budgets without a word."""
+    from benchmarks.replay.study import _matches
+
+    def trace(budget: int) -> Trace:
+        line = f'{{"id": "a", "task": "qa", "prompt": "hi", "max_new_tokens": {budget}}}'
+        return parse_trace_lines([line], name="t")
+
+    report = {"trace": {"digest": trace(8).digest()}, "policies": {"none": {}}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    assert _matches(tmp_path, trace(8), ["none"])
+    assert not _matches(tmp_path, trace(64), ["none"])
+    assert trace(8).digest() != trace(64).digest()
