@@ -70,7 +70,7 @@ class OnnxTaskClassifier:
             raise ClassifierLoadError(f"{directory}: classifier.json is missing") from error
         except (ValidationError, ValueError, OSError) as error:
             raise ClassifierLoadError(
-                f"{directory}: classifier.json is invalid: {error}"
+                f"{directory}: classifier.json is invalid: {_first_problem(error)}"
             ) from error
         try:
             model_bytes = (directory / MODEL_FILE).read_bytes()
@@ -272,3 +272,15 @@ def _readable(texts: Sequence[str]) -> list[str]:
     if isinstance(texts, str):
         raise TypeError("expected a sequence of texts, not one string")
     return [classifier_text(t) if isinstance(t, str) else t for t in texts]
+
+
+def _first_problem(error: Exception) -> str:
+    """One line for what is wrong: a ValidationError's first error, with the field and how
+    many more there are (pydantic's own message ran to 37 lines), else the error."""
+    if not isinstance(error, ValidationError):
+        return str(error)
+    errors = error.errors()
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"]) or "the file"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {first['msg']}{more}"
