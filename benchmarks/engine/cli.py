@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from benchmarks.outputs import writable_file
+
 
 def render_engine_report(report: dict[str, Any]) -> None:
     """Print the per-task table of ``specroute bench engine``."""
@@ -108,7 +110,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             ),
         ] = False,
         json_path: Annotated[
-            Path | None, typer.Option("--json", help="Write the report here")
+            Path | None,
+            typer.Option("--json", callback=writable_file, help="Write the report here"),
         ] = None,
     ) -> None:
         """Our engine vs plain decoding vs transformers' assisted generation, per task."""

@@ -9,8 +9,12 @@ from typing import Annotated, Any
 
 import typer
 
+from benchmarks.outputs import writable_file
+
 # Options shared by the load commands.
-JsonOption = Annotated[Path | None, typer.Option("--json", help="Write the result here.")]
+JsonOption = Annotated[
+    Path | None, typer.Option("--json", callback=writable_file, help="Write the result here.")
+]
 TokenOption = Annotated[str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN")]
 
 

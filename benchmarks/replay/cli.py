@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from benchmarks.outputs import not_a_file
+
 DEFAULT_REPORTS_DIR = Path("out")  # git-ignored
 # Kept here (not imported from replay.py) so that `specroute --help` stays light.
 DEFAULT_POLICIES = ("none", "generic", "static", "ucb", "thompson", "oracle")
@@ -47,7 +49,10 @@ def replay_command(
         f"{','.join(DEFAULT_POLICIES)}; for learn: {','.join(LEARN_POLICIES)}).",
     ),
     out: Annotated[
-        Path | None, typer.Option("--out", help="Report folder (default: out/replay-<trace>).")
+        Path | None,
+        typer.Option(
+            "--out", callback=not_a_file, help="Report folder (default: out/replay-<trace>)."
+        ),
     ] = None,
     world: Annotated[
         Path | None, typer.Option("--world", help="World directory (default: the default world).")

@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from benchmarks.outputs import writable_file
+
 # With 2 shared cores, OpenMP threads that spin while waiting slow training 5-10x under
 # load; passive waiting must be chosen before torch (libgomp) is loaded.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -133,7 +135,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             str, typer.Option(help="Which default world, when --world is not given.")
         ] = "default",
         json_path: Annotated[
-            Path | None, typer.Option("--json", help="Also write the report here.")
+            Path | None,
+            typer.Option("--json", callback=writable_file, help="Also write the report here."),
         ] = None,
         limit: Annotated[
             int | None, typer.Option(min=1, help="At most this many test prompts per task.")

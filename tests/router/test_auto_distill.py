@@ -225,20 +225,14 @@ def test_a_restart_does_not_distil_the_same_samples_again(tmp_path: Path) -> Non
     assert restarted.pick() == "math"
 
 
-def test_a_run_stopped_with_the_sidecar_leaves_nothing_and_is_counted(tmp_path: Path) -> None:
-    """Stopping the sidecar killed the run but left its directory (the fine-tuning
-    sample: prompts of the captured traffic) and recorded nothing. The next start removes
-    it and counts the run as failed, unless its drafter was registered after all (the
-    stopping sidecar completes a registration in progress); its samples are due again."""
-    import asyncio
+def _writes_then_waits(distiller: AutoDistiller) -> list[Path]:
+    """Make ``distiller``'s runs a child that writes a fine-tuning sample into its output
+    directory, then waits a minute; the directories it was given, as they are."""
     import sys
 
-    from router.auto_distill import clean_stopped_runs
-
-    distiller, store = _math_distiller(tmp_path)
     written: list[Path] = []
 
-    def writes_then_waits(cluster: str, out: Path, name: str) -> list[str]:
+    def command(cluster: str, out: Path, name: str) -> list[str]:
         written.append(out)
         script = (
             "import pathlib, sys, time; out = pathlib.Path(sys.argv[1]); "
@@ -247,7 +241,21 @@ def test_a_run_stopped_with_the_sidecar_leaves_nothing_and_is_counted(tmp_path: 
         )
         return [sys.executable, "-c", script, str(out)]
 
-    distiller.command = writes_then_waits  # type: ignore[method-assign]
+    distiller.command = command  # type: ignore[method-assign]
+    return written
+
+
+def test_a_run_stopped_with_the_sidecar_leaves_nothing_and_is_counted(tmp_path: Path) -> None:
+    """Stopping the sidecar killed the run but left its directory (the fine-tuning
+    sample: prompts of the captured traffic) and recorded nothing. The next start removes
+    it and counts the run as failed, unless its drafter was registered after all (the
+    stopping sidecar completes a registration in progress); its samples are due again."""
+    import asyncio
+
+    from router.auto_distill import clean_stopped_runs
+
+    distiller, store = _math_distiller(tmp_path)
+    written = _writes_then_waits(distiller)
 
     async def stop_midway() -> None:
         run = asyncio.create_task(distiller.run_once())
@@ -279,23 +287,11 @@ def test_a_run_whose_sidecar_was_killed_is_cleaned_at_the_next_start(tmp_path: P
     holds the mark from before it: the next start removes the directory, counts the run
     as failed and makes the samples due again."""
     import asyncio
-    import sys
 
     from router.auto_distill import clean_stopped_runs, stopped_marker
 
     distiller, store = _math_distiller(tmp_path)
-    written: list[Path] = []
-
-    def writes_then_waits(cluster: str, out: Path, name: str) -> list[str]:
-        written.append(out)
-        script = (
-            "import pathlib, sys, time; out = pathlib.Path(sys.argv[1]); "
-            "out.mkdir(parents=True); (out / 'finetune_sample.jsonl').write_text('x'); "
-            "time.sleep(60)"
-        )
-        return [sys.executable, "-c", script, str(out)]
-
-    distiller.command = writes_then_waits  # type: ignore[method-assign]
+    written = _writes_then_waits(distiller)
 
     async def killed_midway() -> None:
         run = asyncio.create_task(distiller.run_once())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from benchmarks.engine.bench import acceptance_from_mean_length, analytical_speedup
@@ -59,3 +62,32 @@ def test_a_task_the_world_lacks_is_one_line(tiny_world: object) -> None:
     )
     assert result.exit_code == 2, result.output
     assert "bogus: not a task of this world" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["world", "eval", "--json", "{dir}"],
+        ["world", "eval", "--json", "{file}/under-a-file.json"],
+        ["bench", "load", "--address", "127.0.0.1:9", "--json", "{dir}"],
+        ["bench", "engine", "--json", "{dir}"],
+        ["replay", "--trace", "uniform", "--out", "{file}"],
+    ],
+)
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(
+    argv: list[str], tmp_path: Path
+) -> None:
+    """It was found once the work was done (a replay, an evaluation: minutes to hours), as
+    a traceback, and the results were lost."""
+    from typer.testing import CliRunner
+
+    from router.cli import build_app
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    args = [a.format(dir=tmp_path, file=a_file) for a in argv]
+    result = CliRunner().invoke(build_app(), args)
+    assert result.exit_code == 2, result.output
+    told = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())
+    assert "Traceback" not in told
+    assert any(why in told for why in ("is a directory", "not a directory", "cannot make")), told
