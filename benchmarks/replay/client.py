@@ -6,6 +6,7 @@ Protobuf stops here: the rest of the replay package sees only trace records and 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +20,11 @@ from router.channel import ClientTls, sidecar_channel
 from router.pb import router_pb2, router_pb2_grpc
 
 # Long replays stream many tokens; give each call generous room.
+logger = logging.getLogger(__name__)
+
 GENERATE_TIMEOUT_S = 600.0
 ADMIN_TIMEOUT_S = 120.0
+READY_NOTICE_S = 1.0  # a sidecar not ready by then is said to be awaited
 
 
 @dataclass(frozen=True)
@@ -73,8 +77,18 @@ class ReplayClient:
         self.close()
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
-        """Block until the channel connects (raises ``grpc.FutureTimeoutError``)."""
-        grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+        """Block until the channel connects (raises ``grpc.FutureTimeoutError``); a
+        sidecar not there at once is said to be awaited (nothing was said for the whole
+        wait, a minute at an address with nothing listening)."""
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=min(READY_NOTICE_S, timeout_s))
+            return
+        except grpc.FutureTimeoutError:
+            if timeout_s <= READY_NOTICE_S:
+                raise
+        logger.info("waiting up to %.0f s for the sidecar at %s", timeout_s, self.address)
+        ready.result(timeout=timeout_s - READY_NOTICE_S)
 
     def set_policy(
         self, policy: str, config: Mapping[str, Any] | None = None, *, reset_state: bool = False

@@ -66,3 +66,22 @@ def test_a_trace_without_task_labels_and_no_world_says_what_calibration_needs() 
     trace = parse_trace_lines(['{"id": "a", "prompt": "hi", "max_new_tokens": 4}'], name="t")
     with pytest.raises(ValueError, match=r'no request has a "task".*--world'):
         calibration_requests(None, trace, TraceOptions(), 3)
+
+
+def test_a_sidecar_not_there_at_once_is_said_to_be_awaited(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A replay at an address with nothing listening said nothing for a whole minute."""
+    import logging
+
+    import grpc
+
+    from benchmarks.replay.client import ReplayClient
+
+    with (
+        caplog.at_level(logging.INFO, logger="benchmarks.replay.client"),
+        ReplayClient("127.0.0.1:9") as client,
+        pytest.raises(grpc.FutureTimeoutError),
+    ):
+        client.wait_ready(timeout_s=1.5)
+    assert "waiting up to 2 s for the sidecar at 127.0.0.1:9" in caplog.text
