@@ -141,13 +141,19 @@ def read_sample_file(path: Path, limit: int = FINETUNE_SAMPLE_SIZE) -> tuple[str
     except (OSError, UnicodeDecodeError) as error:
         logger.warning("%s not read, no similarity prior from it: %s", path, error)
         return ()
+    return sample_texts(lines, str(path), limit)
+
+
+def sample_texts(lines: Sequence[str], where: str, limit: int) -> tuple[str, ...]:
+    """The texts of sample ``lines`` (JSON strings, or objects with "text" or "prompt"), at
+    most ``limit``; a line that is neither is skipped with a warning naming ``where``."""
     texts: list[str] = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         text = _sample_text(line)
         if text is None:
-            logger.warning("%s:%d skipped: not a JSON string or object with text", path, number)
+            logger.warning("%s:%d skipped: not a JSON string or object with text", where, number)
         elif text:
             texts.append(text)
         if len(texts) >= limit:

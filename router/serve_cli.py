@@ -459,12 +459,12 @@ def _sample_lines(path: Path) -> list[str]:
     """``--sample``: JSON lines (strings, or objects with "text"), as a drafter directory's
     ``finetune_sample.jsonl`` holds them, where the file is named ``*.jsonl`` (its lines
     were sent as they were, JSON and all); else a prompt a line."""
-    from router.bundle import read_sample_file
+    from router.bundle import sample_texts
 
-    text = path.read_text(encoding="utf-8")  # UnicodeDecodeError: told as --sample's
+    lines = path.read_text(encoding="utf-8").splitlines()  # UnicodeDecodeError: --sample's
     if path.suffix == ".jsonl":
-        return list(read_sample_file(path, limit=len(text.splitlines())))
-    return text.splitlines()
+        return list(sample_texts(lines, str(path), limit=len(lines)))
+    return lines
 
 
 def _absolute(path: str) -> str:

@@ -36,9 +36,10 @@ import numpy as np
 from benchmarks.replay.calibration import measure_arms
 from benchmarks.replay.client import ArmPin, ReplayClient
 from benchmarks.replay.metrics import RequestResult, per_task_speedup, speedup
-from benchmarks.replay.replay import DrafterSource, PolicySetting, read_finetune_sample
+from benchmarks.replay.replay import DrafterSource, PolicySetting
 from benchmarks.replay.trace import Trace, TraceEvent, TraceRequest
 from router.auto_distill import DISTILLED_DIR
+from router.bundle import read_finetune_sample
 from router.capture import DATABASE_NAME
 from router.clusters import tokens_per_step
 

@@ -8,7 +8,6 @@ of the lossless check (greedy outputs of every policy must equal it token for to
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,7 @@ from benchmarks.replay.calibration import GENERIC_DRAFTER, Calibration
 from benchmarks.replay.client import DrafterEntry, ReplayClient
 from benchmarks.replay.metrics import RequestResult
 from benchmarks.replay.trace import Trace, TraceEvent, TraceRequest
+from router.bundle import read_finetune_sample
 
 logger = logging.getLogger(__name__)
 
@@ -94,19 +94,6 @@ class PolicyRun:
     seconds: float
 
 
-def read_finetune_sample(drafter_dir: Path, limit: int = 64) -> list[str]:
-    """Texts of a drafter's ``finetune_sample.jsonl`` (a JSON string or {"text": ...} a line)."""
-    path = drafter_dir / "finetune_sample.jsonl"
-    if not path.is_file():
-        return []
-    texts: list[str] = []
-    for line in path.read_text(encoding="utf-8").splitlines()[:limit]:
-        if line.strip():
-            value = json.loads(line)
-            texts.append(value if isinstance(value, str) else str(value.get("text", "")))
-    return [t for t in texts if t]
-
-
 def withheld_drafters(trace: Trace) -> tuple[str, ...]:
     """Drafters the trace removes before its first request (a sidecar can start without them)."""
     withheld: list[str] = []
@@ -176,7 +163,7 @@ class EventApplier:
         sample, where = list(event.finetune_sample), ""  # an n-gram or self drafter: no path
         if kind in PATH_KINDS:
             path = event.path or str(self._source_dir(event.source or event.drafter))
-            sample, where = sample or read_finetune_sample(Path(path)), path
+            sample, where = sample or list(read_finetune_sample(Path(path))), path
         self._client.register_drafter(event.drafter, kind, where, event.tasks, sample)
         self._registered.append(event.drafter)
 
@@ -184,7 +171,7 @@ class EventApplier:
         for name in reversed(self._registered):
             self._client.remove_drafter(name)
         for entry in reversed(self._removed):
-            sample = read_finetune_sample(Path(entry.path)) if entry.path else []
+            sample = list(read_finetune_sample(Path(entry.path))) if entry.path else []
             self._client.register_drafter(entry.name, entry.kind, entry.path, entry.tasks, sample)
         self._registered.clear()
         self._removed.clear()

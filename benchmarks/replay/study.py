@@ -28,7 +28,7 @@ from benchmarks.replay.calibration import (
     warm_up,
 )
 from benchmarks.replay.client import ReplayClient
-from benchmarks.replay.replay import PolicySetting, read_finetune_sample
+from benchmarks.replay.replay import PolicySetting
 from benchmarks.replay.report import load_runs
 from benchmarks.replay.runner import (
     ReplayConfig,
@@ -41,6 +41,7 @@ from benchmarks.replay.runner import (
 from benchmarks.replay.study_report import write_study
 from benchmarks.replay.trace import Trace
 from benchmarks.world.layout import read_examples
+from router.bundle import read_finetune_sample
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def run_study_replays(client: ReplayClient, config: StudyConfig, world: WorldLik
 def finetune_samples(world: WorldLike) -> dict[str, list[str]]:
     """Each world drafter's fine-tuning sample (drafters without one are left out)."""
     samples = {
-        name: read_finetune_sample(Path(path), limit=400)
+        name: list(read_finetune_sample(Path(path), limit=400))
         for name, path in world.drafter_dirs.items()
     }
     return {name: texts for name, texts in samples.items() if texts}

@@ -558,10 +558,8 @@ def test_a_loop_that_fails_is_logged_and_started_again_and_the_others_go_on(
     that loop starts again, while the others run on."""
     import asyncio
     import logging
-    from types import SimpleNamespace
 
     import router.pooling as pooling_module
-    from router.pooling import Pooling
 
     monkeypatch.setattr(pooling_module.Backoff, "next_delay", lambda self: 0.01)
     started: list[str] = []
@@ -580,15 +578,7 @@ def test_a_loop_that_fails_is_logged_and_started_again_and_the_others_go_on(
 
         return run
 
-    async def closed() -> None:
-        pass
-
-    pooling = Pooling(
-        identity="a-1",
-        link=SimpleNamespace(reconnect_max_s=1.0, close=closed),  # type: ignore[arg-type]
-        outcomes=SimpleNamespace(run_writer=loop("ow"), run_reader=loop("or", fails=2)),  # type: ignore[arg-type]
-        registry=SimpleNamespace(run_writer=loop("rw"), run_reader=loop("rr")),  # type: ignore[arg-type]
-    )
+    pooling = _pooling_of(loop("ow"), loop("or", fails=2), loop("rw"), loop("rr"))
 
     async def run_a_while() -> None:
         task = asyncio.create_task(pooling.run())
@@ -608,13 +598,29 @@ def test_a_loop_that_fails_is_logged_and_started_again_and_the_others_go_on(
     assert caplog.text.count("the outcome reader loop failed") == 2 and "KeyError" in caplog.text
 
 
+def _pooling_of(
+    outcome_writer: Any, outcome_reader: Any, registry_writer: Any, registry_reader: Any
+) -> Any:
+    """A ``Pooling`` whose four loops are the given coroutine functions (no Redis)."""
+    from types import SimpleNamespace
+
+    from router.pooling import Pooling
+
+    async def closed() -> None:
+        pass
+
+    return Pooling(
+        identity="a-1",
+        link=SimpleNamespace(reconnect_max_s=1.0, close=closed),  # type: ignore[arg-type]
+        outcomes=SimpleNamespace(run_writer=outcome_writer, run_reader=outcome_reader),  # type: ignore[arg-type]
+        registry=SimpleNamespace(run_writer=registry_writer, run_reader=registry_reader),  # type: ignore[arg-type]
+    )
+
+
 def test_a_stop_lets_every_loop_finish_its_last_flush() -> None:
     """A stop cancels the pooling task, whose gather ends as soon as one loop (the
     registry writer with nothing buffered) has: the others were cancelled a second time,
     which cut the outcome writer's last flush short, unlogged, its entries lost."""
-    from types import SimpleNamespace
-
-    from router.pooling import Pooling
 
     done: list[str] = []
 
@@ -629,15 +635,7 @@ def test_a_stop_lets_every_loop_finish_its_last_flush() -> None:
 
         return run
 
-    async def closed() -> None:
-        pass
-
-    pooling = Pooling(
-        identity="a-1",
-        link=SimpleNamespace(reconnect_max_s=1.0, close=closed),  # type: ignore[arg-type]
-        outcomes=SimpleNamespace(run_writer=loop("ow", 0.2), run_reader=loop("or", 0.0)),  # type: ignore[arg-type]
-        registry=SimpleNamespace(run_writer=loop("rw", 0.0), run_reader=loop("rr", 0.0)),  # type: ignore[arg-type]
-    )
+    pooling = _pooling_of(loop("ow", 0.2), loop("or", 0.0), loop("rw", 0.0), loop("rr", 0.0))
 
     async def stop() -> None:
         task = asyncio.create_task(pooling.run())
