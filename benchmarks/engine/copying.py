@@ -16,7 +16,6 @@ decoding's are counted (must be 0).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import module_parser
 from benchmarks.engine.bench import (
     NGRAM,
     PLAIN,
@@ -95,8 +95,8 @@ def summarize_task(totals: dict[Configuration, ConfigurationTotals], task: str) 
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = module_parser(__doc__)
     parser.add_argument("--world", type=Path, default=None)
     parser.add_argument("--tasks", default="")
     parser.add_argument("--prompts", type=int, default=12)
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--model-k", type=int, default=DEFAULT_MODEL_K)
     parser.add_argument("--min-match", type=int, default=DEFAULT_MIN_MATCH)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     ks = [int(k) for k in args.ks.split(",") if k]

@@ -14,7 +14,6 @@ price per token cannot describe (``docs/policy.md``, "Cost model").
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import module_parser
 from benchmarks.engine.bench import load_task_setups, machine_description, open_world, run_ours
 from drafters.stats import GenerationStats
 
@@ -80,7 +80,7 @@ def measure(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = module_parser(__doc__)
     parser.add_argument("--world", type=Path, default=None)
     parser.add_argument("--tasks", default="math,code")
     parser.add_argument("--prompts", type=int, default=6)

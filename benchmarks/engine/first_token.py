@@ -18,7 +18,6 @@ engine's speed-up of the drafter over plain decoding; fails if the outputs diffe
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import sys
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import module_parser
 from benchmarks.engine.bench import PLAIN, load_task_setups, machine_description, open_world
 from drafters.base import Drafter
 from drafters.engine import SpeculativeEngine
@@ -182,7 +182,7 @@ def report(result: Comparison) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = module_parser(__doc__)
     parser.add_argument("--before", type=Path, required=True)
     parser.add_argument("--world", type=Path, default=None)
     parser.add_argument("--tasks", default="")

@@ -16,7 +16,6 @@ why.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import module_parser
 from benchmarks.engine.bench import chat_prompt_ids, open_world
 from benchmarks.world.layout import read_examples
 from drafters.engine import SpeculativeEngine
@@ -73,7 +73,7 @@ def measure(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = module_parser(__doc__)
     parser.add_argument("--world", type=Path, default=None)
     parser.add_argument("--tasks", default="", help="comma-separated; all the world's if empty")
     parser.add_argument("--prompts", type=int, default=4)

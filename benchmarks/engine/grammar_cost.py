@@ -20,7 +20,6 @@ its tokens). Printed, each beside what it is compared with:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -35,6 +34,7 @@ import torch
 import transformers
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
+from benchmarks import module_parser
 from benchmarks.engine.logprobs_cost import QWEN25_05B
 from drafters.engine import SpeculativeEngine
 from drafters.grammar import GrammarCompiler, OutputGrammar, check_grammar
@@ -165,7 +165,7 @@ def verify_step(engine: SpeculativeEngine, tokenizer: Any, rounds: int, k: int) 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = module_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=24)
     args = parser.parse_args(argv)

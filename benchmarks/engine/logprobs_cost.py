@@ -16,7 +16,6 @@ alternately. Prints the medians and their ratios.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import time
@@ -25,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
+from benchmarks import module_parser
 from drafters.engine import prefill, scoring_prefill, token_logprobs
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def measure_prompt(dtype: torch.dtype, rounds: int, prompt_tokens: int) -> tuple
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = module_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--positions", type=int, default=5)
     parser.add_argument("--prompt-tokens", default="200,1000", help="comma-separated lengths")

@@ -20,7 +20,6 @@ lossless against the plain one). Then the same over all tasks.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import module_parser
 from benchmarks.engine.bench import chat_prompt_ids, open_world
 from benchmarks.world.layout import read_examples
 from drafters.engine import SpeculativeEngine
@@ -128,7 +128,7 @@ def _check_lossless(output: list[int], plain: list[int], case: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = module_parser(__doc__)
     parser.add_argument("--world", type=Path, default=None)
     parser.add_argument("--tasks", default="", help="comma-separated; all the world's if empty")
     parser.add_argument("--prompts", type=int, default=4)

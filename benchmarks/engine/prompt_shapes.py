@@ -32,6 +32,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks import module_parser
+
 REPEATED = 30  # lengths served again at the end (shapes already cached)
 
 
@@ -106,7 +108,7 @@ def format_results(results: Sequence[dict[str, Any]], lengths: int, layers: int)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = module_parser(__doc__)
     parser.add_argument("--lengths", type=int, default=120)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=151936)

@@ -16,7 +16,6 @@ different from plain decoding's (must be 0).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from benchmarks import module_parser
 from benchmarks.engine.bench import PLAIN, TaskSetup, load_task_setups, open_world
 from drafters.attention import cached_causal_mask
 from drafters.base import Drafter
@@ -244,8 +244,8 @@ def summarize(
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = module_parser(__doc__)
     parser.add_argument("--world", type=Path, default=None)
     parser.add_argument("--tasks", default="")
     parser.add_argument("--prompts", type=int, default=6)
@@ -255,7 +255,7 @@ def main() -> None:
         "--self-exits", default="", help="exit layers of the self drafter to add (e.g. 1,2)"
     )
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     opened = open_world(args.world)
     root, world, manifest, engine = opened.root, opened.world, opened.manifest, opened.engine

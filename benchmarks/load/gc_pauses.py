@@ -12,7 +12,6 @@ own, per generation. A pause stalls the event loop, so every call waiting on it.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
 import json
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks import module_parser
 from benchmarks.load.load_bench import route_requests
 from benchmarks.load.route_cpu import build_service, wait_ready
 from router.server import freeze_startup_heap
@@ -90,7 +90,7 @@ def format_summary(routes: int, seconds: float, summary: dict[str, dict[str, flo
 def main(argv: Sequence[str] | None = None) -> None:
     from router.bundle import default_bundle_dir
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = module_parser(__doc__)
     parser.add_argument("--world", type=Path, default=None, help="default: the built-in one")
     parser.add_argument("--routes", type=int, default=250_000)
     parser.add_argument("--json", type=Path, default=None)

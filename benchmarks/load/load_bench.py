@@ -12,7 +12,6 @@ servicer (:class:`FloorServicer`: echo plus the tokenizer and classifier work).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -29,6 +28,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from benchmarks import module_parser
 from router.coalescer import Coalescer
 from router.launch import sigterm_as_exit
 from router.pb import router_pb2 as pb
@@ -491,7 +491,7 @@ def format_result(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m benchmarks.load.load_bench echo HEX`` (or ``floor HEX --world DIR``): run the
     echo (or floor) servicer, as the bench does."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = module_parser(__doc__)
     parser.add_argument("mode", choices=["echo", "floor"])
     parser.add_argument("reply_hex")
     parser.add_argument("--world", type=Path, help="the world of the floor servicer")

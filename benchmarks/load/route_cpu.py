@@ -16,7 +16,6 @@ concurrency 1 each of these costs more (benchmarks/load/HISTORY.md).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -26,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import module_parser
 from benchmarks.load.load_bench import FloorServicer, floor_reader, route_requests
 from router.pb import router_pb2 as pb
 from router.route_process import ChildProcessReader
@@ -142,7 +142,7 @@ def build_service(world_dir: Path, state_dir: Path) -> RouterService:
 def main(argv: Sequence[str] | None = None) -> None:
     from router.bundle import default_bundle_dir
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = module_parser(__doc__)
     parser.add_argument("--world", type=Path, default=None, help="default: the built-in one")
     parser.add_argument("--batches", type=int, default=3000)
     parser.add_argument("--json", type=Path, default=None)

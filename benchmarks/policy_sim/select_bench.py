@@ -15,7 +15,6 @@ contexts (cluster x length bucket), then is timed, wall clock per call, three wa
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import module_parser
 from benchmarks.policy_sim.ground_truth import CREATIVE, TASKS, GroundTruth, random_ground_truth
 from benchmarks.policy_sim.simulate import RequestStream, simulate_outcome
 from router.policy.base import Context, Policy, length_bucket
@@ -139,7 +139,7 @@ def format_result(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = module_parser(__doc__)
     parser.add_argument("--selects", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)

@@ -11,7 +11,6 @@ its turns: how long a Route or a Generate chunk would wait. No Redis is involved
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import tempfile
@@ -20,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks import module_parser
 from router.metrics import create_metrics
 from router.policy_holder import PolicyHolder
 from router.pooling.entries import EntrySigner, Origin, SharedOutcome, outcome_payload
@@ -83,7 +83,7 @@ async def _longest_stall(pool: OutcomePool, entries: Sequence[Any], off_loop: bo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = module_parser(__doc__)
     parser.add_argument("--entries", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
