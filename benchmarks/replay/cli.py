@@ -30,7 +30,12 @@ BUILTIN_TRACES = (
 
 
 def _policies(text: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in text.split(",") if p.strip())
+    """The comma-separated policy labels; none at all is a usage error (``--policies ,``
+    replayed the baseline alone, as if asked for it)."""
+    labels = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not labels:
+        raise typer.BadParameter("names no policy", param_hint="--policies")
+    return labels
 
 
 def replay_command(

@@ -54,6 +54,8 @@ def test_options_a_trace_cannot_use_are_refused_before_anything_runs(tmp_path: P
     assert learn.exit_code == 2 and "the learn trace needs at least 2" in learn.output
     other = runner.invoke(app, ["replay", "--trace", "uniform", "--learn-cluster", "chat", *out])
     assert other.exit_code == 2 and "is for --trace learn only" in other.output
+    empty = runner.invoke(app, ["replay", "--trace", "uniform", "--policies", " , ", *out])
+    assert empty.exit_code == 2 and "names no policy" in empty.output
     assert not (tmp_path / "out").exists()
 
 
