@@ -353,6 +353,11 @@ def train_classifier(
         train, validation = split_validation(train, 0.15, seed)
     if len({p.task for p in train}) < 2:
         raise ValueError("training needs at least two tasks")
+    if not validation:  # scikit-learn's "Found array with 0 sample(s)" said nothing of it
+        raise ValueError(
+            "nothing to validate on: give some task at least 2 prompts (15% of each task's "
+            "prompts are held out, none of a task with one), or a validation set"
+        )
     pipeline, candidate_accuracy = _select(grid, train, validation, seed)
     train_texts = [p.text for p in train]
     centroids = cluster_centroids(pipeline, train_texts, [str(p.task) for p in train])

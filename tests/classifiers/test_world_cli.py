@@ -107,10 +107,16 @@ def test_cli_refuses_data_it_cannot_use_in_one_line(tmp_path: Path) -> None:
     one_task = _write_jsonl(
         tmp_path / "one.jsonl", [LabeledPrompt(f"prompt {i}", "chat") for i in range(20)]
     )
+    # One prompt a task: nothing is held out to validate on (scikit-learn's "Found array
+    # with 0 sample(s)" was the message).
+    one_each = _write_jsonl(
+        tmp_path / "two.jsonl", [LabeledPrompt("hello there", "chat"), LabeledPrompt("2+2", "math")]
+    )
     out = str(tmp_path / "model")
     cases = [
         (["train", "--data", str(empty), "--out", out], "holds no prompts"),
         (["train", "--data", str(one_task), "--out", out], "at least two tasks"),
+        (["train", "--data", str(one_each), "--out", out], "nothing to validate on"),
         (["eval", "--model", out, "--data", str(empty)], "holds no prompts"),
     ]
     trained = _write_jsonl(tmp_path / "train.jsonl", synthetic_prompts(120, seed=0))
