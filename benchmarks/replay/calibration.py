@@ -73,6 +73,9 @@ class Calibration:
     oracle: dict[str, ArmChoice] = field(default_factory=dict)
     static: dict[str, ArmChoice] = field(default_factory=dict)
     generic_k: int = 4
+    # The world directory its sidecar served (None: not recorded, a calibration saved
+    # before it was): a study reuses a saved calibration only on the same world.
+    world: str | None = None
 
     def to_json(self) -> dict[str, object]:
         def table(choices: Mapping[str, ArmChoice]) -> dict[str, object]:
@@ -92,6 +95,7 @@ class Calibration:
             "oracle": table(self.oracle),
             "static": table(self.static),
             "generic_k": self.generic_k,
+            "world": self.world,
         }
 
 
@@ -115,7 +119,28 @@ def calibration_from_json(data: Mapping[str, Any]) -> Calibration:
         oracle=table(data["oracle"]),
         static=table(data["static"]),
         generic_k=int(data["generic_k"]),
+        world=str(data["world"]) if data.get("world") is not None else None,
     )
+
+
+def stale_calibration(
+    saved: Calibration, world: str | None, drafters: Sequence[str], options: CalibrationOptions
+) -> str | None:
+    """Why ``saved`` cannot stand for a calibration of ``drafters`` on ``world`` measured
+    with ``options`` (None: it can). A study reused any calibration.json in its folder, of
+    another world or drafters too, without a word."""
+    if saved.world != world:
+        return f"it was measured on the world {saved.world or '(not recorded)'}, not {world}"
+    measured = sorted(saved.acceptance)
+    served = sorted(name for name in drafters if name != NO_DRAFTER)
+    if measured != served:
+        return f"it measured the drafters {measured}, the sidecar serves {served}"
+    if (saved.prompts_per_task, saved.probe_k) != (options.prompts_per_task, options.probe_k):
+        return (
+            f"it measured {saved.prompts_per_task} prompts a task at k={saved.probe_k}, "
+            f"this study asks for {options.prompts_per_task} at k={options.probe_k}"
+        )
+    return None
 
 
 def task_drafter(task: str, drafters: Sequence[DrafterEntry]) -> str | None:
@@ -159,8 +184,10 @@ def calibrate(
     requests_by_task: Mapping[str, Sequence[TraceRequest]],
     drafters: Sequence[DrafterEntry],
     options: CalibrationOptions = CalibrationOptions(),
+    world: str | None = None,
 ) -> Calibration:
-    """Measure forced arms per task and derive the oracle, static table and generic k."""
+    """Measure forced arms per task and derive the oracle, static table and generic k
+    (``world``: the world directory the sidecar serves, recorded)."""
     names = [d.name for d in drafters if d.name != NO_DRAFTER]
     slices = {t: list(rs)[: options.prompts_per_task] for t, rs in requests_by_task.items()}
     calibration = Calibration(
@@ -172,6 +199,7 @@ def calibrate(
         ),
         prompts_per_task=options.prompts_per_task,
         probe_k=options.probe_k,
+        world=world,
     )
     warm_up(client, next(iter(slices.values())), names, options)
 

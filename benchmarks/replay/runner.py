@@ -114,6 +114,11 @@ class WorldLike(DrafterSource, Protocol):
     def corpus_dir(self) -> Path: ...
 
 
+def world_root(world: WorldLike | None) -> str | None:
+    """How reports and calibrations name a world: its directory (None without one)."""
+    return str(world.root) if world is not None else None
+
+
 def load_world(world_dir: Path | None) -> WorldLike:
     """The world at ``world_dir``; without one, the default-scale world (built if missing)."""
     from router.bundle import ModelBundle
@@ -253,7 +258,9 @@ def replay_on_client(
         requests = calibration_requests(
             world, trace, config.trace_options, config.calibration.prompts_per_task
         )
-        calibration = calibrate(client, requests, client.list_drafters(), config.calibration)
+        calibration = calibrate(
+            client, requests, client.list_drafters(), config.calibration, world_root(world)
+        )
     if config.generic_k is not None:
         calibration.generic_k = config.generic_k
     settings = list(settings or policy_settings(config.policies, calibration))
@@ -273,7 +280,7 @@ def replay_on_client(
         runs,
         calibration,
         address=client.address,
-        world=str(world.root) if world is not None else None,
+        world=world_root(world),
     )
     report["background_load"] = load.summary()
     report["out_dir"] = str(config.out_dir)
@@ -343,7 +350,9 @@ def learn_calibration(
         requests = calibration_requests(
             world, trace, config.trace_options, config.calibration.prompts_per_task
         )
-        return calibrate(client, requests, client.list_drafters(), config.calibration)
+        return calibrate(
+            client, requests, client.list_drafters(), config.calibration, world_root(world)
+        )
 
 
 def run_learn_replay(config: ReplayConfig, world: WorldLike | None, trace: Trace) -> ReplayOutcome:

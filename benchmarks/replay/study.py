@@ -25,6 +25,7 @@ from benchmarks.replay.calibration import (
     CalibrationOptions,
     calibrate,
     calibration_from_json,
+    stale_calibration,
     warm_up,
 )
 from benchmarks.replay.client import ReplayClient
@@ -37,6 +38,7 @@ from benchmarks.replay.runner import (
     load_world,
     replay_on_client,
     sidecar,
+    world_root,
 )
 from benchmarks.replay.study_report import write_study
 from benchmarks.replay.trace import Trace
@@ -124,6 +126,22 @@ def _grouped_by_task(trace: Trace, name: str) -> Trace:
     return Trace(name=name, records=tuple(ordered))
 
 
+def _reusable_calibration(
+    client: ReplayClient, config: StudyConfig, world: WorldLike, path: Path
+) -> Calibration | None:
+    """The calibration saved at ``path`` when the study may reuse it: asked to reuse, and
+    measured on this world, of the sidecar's drafters, with the study's options."""
+    if not config.reuse or not path.is_file():
+        return None
+    saved = calibration_from_json(json.loads(path.read_text()))
+    drafters = [d.name for d in client.list_drafters()]
+    why = stale_calibration(saved, world_root(world), drafters, config.calibration)
+    if why is not None:
+        logger.warning("not reusing %s: %s; calibrating anew", path, why)
+        return None
+    return saved
+
+
 def run_study_replays(client: ReplayClient, config: StudyConfig, world: WorldLike) -> StudyRuns:
     """Calibrate once, then every replay the four questions need."""
     options = TraceOptions(seed=config.seed, max_new_tokens_cap=config.max_new_tokens_cap)
@@ -132,18 +150,22 @@ def run_study_replays(client: ReplayClient, config: StudyConfig, world: WorldLik
     uniform_report = config.out_dir / "uniform" / "report.json"
     if config.reuse and not calibration_path.is_file() and uniform_report.is_file():
         # A uniform replay run into the study's folder beforehand carries its calibration.
-        saved = json.loads(uniform_report.read_text()).get("calibration")
+        report = json.loads(uniform_report.read_text())
+        saved = report.get("calibration")
         if saved:
+            saved["world"] = saved.get("world") or report.get("world")
             calibration_path.write_text(json.dumps(saved, indent=2) + "\n")
-    if config.reuse and calibration_path.is_file():
-        calibration = calibration_from_json(json.loads(calibration_path.read_text()))
+    calibration = _reusable_calibration(client, config, world, calibration_path)
+    if calibration is not None:
         # Measured by another sidecar: this one has not served a request yet.
         warm = builtin_trace("uniform", test, replace(options, per_task=1)).requests
         warm_up(client, warm, [d.name for d in client.list_drafters()], config.calibration)
     else:
         probe = builtin_trace("uniform", test, replace(options, per_task=1))
         requests = calibration_requests(world, probe, options, config.calibration.prompts_per_task)
-        calibration = calibrate(client, requests, client.list_drafters(), config.calibration)
+        calibration = calibrate(
+            client, requests, client.list_drafters(), config.calibration, world_root(world)
+        )
         calibration_path.parent.mkdir(parents=True, exist_ok=True)
         calibration_path.write_text(json.dumps(calibration.to_json(), indent=2) + "\n")
     runs = StudyRuns(calibration)

@@ -50,35 +50,81 @@ def test_a_swept_arm_is_priced_against_plain_decoding_of_its_own_pass() -> None:
     assert (calibration.oracle["code"].drafter, calibration.oracle["code"].k) == ("code", 6)
 
 
-def test_a_study_that_reuses_a_calibration_warms_the_sidecar_up_first(
-    tiny_world: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Replays rely on the calibration having warmed the sidecar up; a study reusing a saved
-    calibration measured its first request (plain decoding) on a cold sidecar."""
+class Recorder(SlowingMachine):
+    """The slowing machine, serving the generic drafter, recording the arms it is asked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pins: list[ArmPin] = []
+
+    def list_drafters(self) -> list[DrafterEntry]:
+        return [DrafterEntry("generic", "model", "", (), True)]
+
+    def generate(self, request: TraceRequest, *, pin: ArmPin, **rest: Any) -> RequestResult:
+        self.pins.append(pin)
+        return super().generate(request, pin=pin, **rest)
+
+
+def _study_with_saved_calibration(
+    tiny_world: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, **saved_fields: Any
+) -> tuple[Recorder, Any]:
+    """A study (its replays left out) in a folder holding a calibration.json of the generic
+    drafter, 1 prompt a task at k 4, on ``tiny_world`` unless ``saved_fields`` say
+    otherwise; its client and its calibration."""
     import json
 
     from benchmarks.replay import study
     from benchmarks.replay.calibration import Calibration
 
-    class Recorder(SlowingMachine):
-        def __init__(self) -> None:
-            super().__init__()
-            self.pins: list[ArmPin] = []
-
-        def list_drafters(self) -> list[DrafterEntry]:
-            return [DrafterEntry("generic", "model", "", (), True)]
-
-        def generate(self, request: TraceRequest, *, pin: ArmPin, **rest: Any) -> RequestResult:
-            self.pins.append(pin)
-            return super().generate(request, pin=pin, **rest)
-
-    saved = Calibration(method="saved", prompts_per_task=1, probe_k=4)
-    (tmp_path / "calibration.json").write_text(json.dumps(saved.to_json()))
-    replayed: list[str] = []
-    monkeypatch.setattr(study, "_replay", lambda client, trace, *rest: replayed.append(trace.name))
+    fields: dict[str, Any] = {
+        "method": "saved",
+        "prompts_per_task": 1,
+        "probe_k": 4,
+        "acceptance": {"generic": {"code": 0.5}},
+        "world": str(tiny_world.root),
+        **saved_fields,
+    }
+    (tmp_path / "calibration.json").write_text(json.dumps(Calibration(**fields).to_json()))
+    monkeypatch.setattr(study, "_replay", lambda *args: None)
     monkeypatch.setattr(study, "rq1_settings", lambda calibration, drafters: [])
     client = Recorder()
-    config = study.StudyConfig(out_dir=tmp_path, progress=False)
-    study.run_study_replays(client, config, tiny_world)  # type: ignore[arg-type]
+    options = CalibrationOptions(prompts_per_task=1, progress=False)
+    config = study.StudyConfig(out_dir=tmp_path, progress=False, calibration=options)
+    runs = study.run_study_replays(client, config, tiny_world)  # type: ignore[arg-type]
+    return client, runs.calibration
+
+
+def test_a_study_that_reuses_a_calibration_warms_the_sidecar_up_first(
+    tiny_world: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replays rely on the calibration having warmed the sidecar up; a study reusing a saved
+    calibration measured its first request (plain decoding) on a cold sidecar."""
+    client, calibration = _study_with_saved_calibration(tiny_world, tmp_path, monkeypatch)
+    assert calibration.method == "saved"  # reused
     assert client.pins[:2] == [ArmPin("none", 0), ArmPin("generic", 4)]
-    assert replayed  # the replays came after
+
+
+@pytest.mark.parametrize(
+    ("saved", "said"),
+    [
+        ({"world": "/elsewhere/world"}, "measured on the world /elsewhere/world"),
+        ({"world": None}, "(not recorded)"),
+        ({"acceptance": {"generic": {}, "gone": {}}}, "measured the drafters ['generic', 'gone']"),
+        ({"prompts_per_task": 3}, "3 prompts a task at k=4"),
+    ],
+)
+def test_a_study_calibrates_anew_over_a_calibration_of_another_world_or_drafters(
+    tiny_world: Any,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    saved: dict[str, Any],
+    said: str,
+) -> None:
+    """Any calibration.json in the study's folder was reused: measured on another world,
+    of other drafters or prompts, its oracle and static tables stood for this one's."""
+    with caplog.at_level("WARNING", logger="benchmarks.replay.study"):
+        _, calibration = _study_with_saved_calibration(tiny_world, tmp_path, monkeypatch, **saved)
+    assert calibration.method != "saved"  # measured anew
+    assert calibration.world == str(tiny_world.root)
+    assert said in caplog.text and "calibrating anew" in caplog.text
