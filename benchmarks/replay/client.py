@@ -46,6 +46,27 @@ class DrafterEntry:
     builtin: bool
 
 
+class RequestRefusedError(grpc.RpcError):
+    """A sidecar's refusal of one trace request, named: its status stays the sidecar's,
+    its details lead with the request's id and task (a replay stopped on "the prompt has
+    1190 tokens, over the limit of 1024" without saying which of its requests)."""
+
+    def __init__(self, request: TraceRequest, error: grpc.RpcError) -> None:
+        super().__init__()
+        self._code = error.code()  # type: ignore[attr-defined]
+        task = f" (task {request.task})" if request.task else ""
+        self._details = f"trace request {request.id!r}{task}: {error.details()}"  # type: ignore[attr-defined]
+
+    def code(self) -> grpc.StatusCode:
+        return self._code  # type: ignore[no-any-return]
+
+    def details(self) -> str:
+        return self._details
+
+    def __str__(self) -> str:
+        return f"{self._code.name}: {self._details}"
+
+
 class ReplayClient:
     """Replays requests and switches policies on a running sidecar."""
 
@@ -162,12 +183,15 @@ class ReplayClient:
         decision: Any = None
         stats: Any = None
         output_ids: list[int] = []
-        for chunk in chunks:
-            if chunk.HasField("decision"):
-                decision = chunk.decision
-            output_ids.extend(token.id for token in chunk.tokens)
-            if chunk.HasField("stats"):
-                stats = chunk.stats
+        try:
+            for chunk in chunks:
+                if chunk.HasField("decision"):
+                    decision = chunk.decision
+                output_ids.extend(token.id for token in chunk.tokens)
+                if chunk.HasField("stats"):
+                    stats = chunk.stats
+        except grpc.RpcError as error:
+            raise RequestRefusedError(request, error) from error
         if decision is None or stats is None:
             raise RuntimeError(f"request {request.id}: the stream lacked its decision or stats")
         return result_from_stream(request, index, decision, stats, tuple(output_ids))

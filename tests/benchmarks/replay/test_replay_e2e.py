@@ -147,9 +147,11 @@ def test_a_sidecar_replayed_against_serves_its_own_policy_again(
 ) -> None:
     """A replay through --address left the sidecar serving the last policy it replayed
     (`none` by default: plain decoding for all its traffic)."""
-    from benchmarks.replay.client import ReplayClient
+    import grpc
+
+    from benchmarks.replay.client import ReplayClient, RequestRefusedError
     from benchmarks.replay.replay import PolicySetting, replay_policies
-    from benchmarks.replay.trace import parse_trace_lines
+    from benchmarks.replay.trace import TraceRequest, parse_trace_lines
     from router.launch import launch_sidecar
 
     trace = parse_trace_lines(['{"id": "a", "prompt": "2 + 2 =", "max_new_tokens": 4}'], name="t")
@@ -161,3 +163,10 @@ def test_a_sidecar_replayed_against_serves_its_own_policy_again(
         runs = replay_policies(client, trace, [PolicySetting("none", "none")], progress=False)
         assert [r.generated_tokens for r in runs["none"].results] == [4]
         assert client.policy_state().policy == "thompson"
+        # A request the sidecar refuses is named: the replay stopped on "the prompt has
+        # 1190 tokens, over the limit of 1024" without saying which request.
+        long = TraceRequest(id="long-1", task="qa", prompt="word " * 3000, max_new_tokens=4)
+        with pytest.raises(RequestRefusedError) as refused:
+            client.generate(long)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details().startswith("trace request 'long-1' (task qa): the prompt")
