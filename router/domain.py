@@ -163,6 +163,33 @@ class DrafterSpec:
     options: dict[str, str] = field(default_factory=dict)
 
 
+#: What a registration may carry besides its drafter. Pooled replicas share each
+#: registration as one Redis entry of at most 1 MiB (``router.pooling.entries``) and drop
+#: a larger one, or one of more tasks, as malformed: a drafter accepted here was then
+#: never registered on the other replicas.
+MAX_DRAFTER_TASKS = 256
+MAX_SAMPLE_TEXTS = 64  # as many as a drafter directory's finetune_sample.jsonl gives
+MAX_SAMPLE_JSON_BYTES = 512 * 1024
+
+
+def check_registration_lists(spec: DrafterSpec) -> None:
+    """A registration's tasks and fine-tuning sample within the bounds above
+    (INVALID_ARGUMENT naming the field otherwise)."""
+    if len(spec.tasks) > MAX_DRAFTER_TASKS:
+        raise InvalidFieldError("tasks", f"at most {MAX_DRAFTER_TASKS}, got {len(spec.tasks)}")
+    sample = spec.finetune_sample
+    if len(sample) > MAX_SAMPLE_TEXTS:
+        raise InvalidFieldError(
+            "finetune_sample", f"at most {MAX_SAMPLE_TEXTS} texts, got {len(sample)}"
+        )
+    size = len(json.dumps(list(sample)))
+    if size > MAX_SAMPLE_JSON_BYTES:
+        raise InvalidFieldError(
+            "finetune_sample",
+            f"at most {MAX_SAMPLE_JSON_BYTES // 1024} KiB in all (as JSON), got {size // 1024} KiB",
+        )
+
+
 def check_finite(name: str, value: float) -> float:
     """``value`` if it is a number; NaN and infinities are refused, naming the field."""
     if not math.isfinite(value):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from classifiers.chat import render_chat
 from router.bundle import read_finetune_sample
-from router.domain import DrafterSpec
+from router.domain import DrafterSpec, check_registration_lists
 from router.errors import (
     AlreadyExistsError,
     CapacityError,
@@ -195,6 +195,7 @@ class DrafterPool:
         """Validate, load, probe, persist, then publish ``spec`` (blocking: call in a thread)."""
         with self._write_lock:
             self._check_name(spec.name)
+            check_registration_lists(spec)
             full = self.full()
             if full is not None:
                 raise CapacityError(full)

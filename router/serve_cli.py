@@ -458,13 +458,24 @@ def drafters_register_command(
 def _sample_lines(path: Path) -> list[str]:
     """``--sample``: JSON lines (strings, or objects with "text"), as a drafter directory's
     ``finetune_sample.jsonl`` holds them, where the file is named ``*.jsonl`` (its lines
-    were sent as they were, JSON and all); else a prompt a line."""
+    were sent as they were, JSON and all); else a prompt a line. The first
+    ``MAX_SAMPLE_TEXTS`` texts, as from a drafter directory's file (the sidecar refuses
+    more), with a warning when the file holds more."""
     from router.bundle import sample_texts
+    from router.domain import MAX_SAMPLE_TEXTS
 
     lines = path.read_text(encoding="utf-8").splitlines()  # UnicodeDecodeError: --sample's
     if path.suffix == ".jsonl":
-        return list(sample_texts(lines, str(path), limit=len(lines)))
-    return lines
+        texts = list(sample_texts(lines, str(path), limit=len(lines)))
+    else:
+        texts = [line for line in lines if line.strip()]
+    if len(texts) > MAX_SAMPLE_TEXTS:
+        typer.echo(
+            f"warning: --sample: {path} holds {len(texts)} texts; the first "
+            f"{MAX_SAMPLE_TEXTS} are sent (a drafter keeps at most {MAX_SAMPLE_TEXTS})",
+            err=True,
+        )
+    return texts[:MAX_SAMPLE_TEXTS]
 
 
 def _absolute(path: str) -> str:

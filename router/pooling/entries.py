@@ -24,9 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from router.domain import MAX_DRAFTER_TASKS
+
 ENTRY_FORMAT = 1
 MAX_STEPS = 1 << 16  # per-step lists longer than any request the sidecar accepts
-MAX_SAMPLE = 1024  # fine-tuning sample lines in a registration
+# Fine-tuning sample lines in a registration: more than a replica sends
+# (``router.domain.MAX_SAMPLE_TEXTS``), so that one of an earlier version still reads.
+MAX_SAMPLE = 1024
 MAX_PAYLOAD_BYTES = 1 << 20
 
 
@@ -310,7 +314,7 @@ def registration_from_payload(payload: Mapping[str, Any]) -> SharedRegistration:
         _text(payload, "name"),
         drafter_kind=_text(payload, "drafter_kind", required=payload["kind"] == "register"),
         path=_text(payload, "path", required=False),
-        tasks=_strings(payload.get("tasks", []), "tasks", 256),
+        tasks=_strings(payload.get("tasks", []), "tasks", MAX_DRAFTER_TASKS),
         finetune_sample=_strings(payload.get("finetune_sample", []), "finetune_sample", MAX_SAMPLE),
         options=dict(options),
         registration=_text(payload, "registration", required=False),

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from router.domain import DrafterSpec
+from router.domain import MAX_SAMPLE_TEXTS, DrafterSpec
 from router.errors import AlreadyExistsError, NotFoundError, SidecarError
 from router.metrics import SidecarMetrics
 from router.pooling.entries import (
@@ -196,7 +196,9 @@ class SharedRegistry:
             kind=event.drafter_kind,
             path=event.path,
             tasks=event.tasks,
-            finetune_sample=event.finetune_sample,
+            # A replica of an earlier version sent its whole sample; this one registers
+            # at most MAX_SAMPLE_TEXTS of it.
+            finetune_sample=event.finetune_sample[:MAX_SAMPLE_TEXTS],
             options=dict(event.options or {}),
         )
         self.loading.add(event.name)  # its outcomes wait for it meanwhile (OutcomePool)

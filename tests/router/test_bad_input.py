@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +47,17 @@ def _register(
     path_of: Callable[[ServingWorld], str],
     name: str = "new",
     options: dict[str, str] | None = None,
+    tasks: Sequence[str] = (),
+    finetune_sample: Sequence[str] = (),
 ) -> Call:
     def call(sidecar: SidecarThread, world: ServingWorld) -> object:
         request = pb.RegisterDrafterRequest(
-            name=name, kind=kind, path=path_of(world), options=options or {}
+            name=name,
+            kind=kind,
+            path=path_of(world),
+            options=options or {},
+            tasks=tasks,
+            finetune_sample=finetune_sample,
         )
         return sidecar.stub.RegisterDrafter(request, metadata=ADMIN)
 
@@ -195,6 +202,23 @@ CASES: dict[str, tuple[Call, grpc.StatusCode, str]] = {
         _register("ngram", lambda w: "", options={"max_n": "four"}),
         grpc.StatusCode.INVALID_ARGUMENT,
         "option 'max_n' must be an integer, got 'four'",
+    ),
+    # Accepted, and then dropped as malformed by every pooled replica (a registration is
+    # one Redis entry of at most 1 MiB, of at most 256 tasks): never registered there.
+    "a registration of more sample texts than a drafter keeps": (
+        _register("ngram", lambda w: "", finetune_sample=["a prompt"] * 65),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "finetune_sample: at most 64 texts, got 65",
+    ),
+    "a registration whose sample is too large to share": (
+        _register("ngram", lambda w: "", finetune_sample=["x" * 20_000] * 30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "finetune_sample: at most 512 KiB in all (as JSON), got 586 KiB",
+    ),
+    "a registration of more tasks than a pooled entry carries": (
+        _register("ngram", lambda w: "", tasks=[f"t{i}" for i in range(257)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "tasks: at most 256, got 257",
     ),
     "empty conversation": (
         _route(conversation=pb.Conversation()),

@@ -249,10 +249,17 @@ def test_a_registered_drafters_sample_is_read_as_distillation_writes_it(
     plain.write_text('{"a line": "as it is"}\n')
     cases = [(["--sample", str(sample)], ("Halve 10.",)), ([], ("What is 2 + 2?", "Add 3."))]
     cases.append((["--sample", str(plain)], ('{"a line": "as it is"}',)))
+    # More than a drafter keeps: the first 64, said (the sidecar refuses more); blank lines
+    # were sent as empty prompts.
+    many = tmp_path / "many.txt"
+    many.write_text("\n\n".join(f"prompt {i}" for i in range(70)) + "\n")
+    cases.append((["--sample", str(many)], tuple(f"prompt {i}" for i in range(64))))
     for flags, expected in cases:
         register = ["drafters", "register", "sampled", str(directory), *address, *flags]
         added = runner.invoke(app, register, env=env)
         assert added.exit_code == 0, added.output
+        if flags and flags[1] == str(many):
+            assert "holds 70 texts; the first 64 are sent" in added.output
         try:
             record = sidecar.service.drafters.get("sampled").record
             assert record.finetune_sample == expected

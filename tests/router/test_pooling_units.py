@@ -189,6 +189,32 @@ def test_registration_payload_checks() -> None:
             registration_from_payload({**good, **bad})
 
 
+def test_the_largest_registration_a_sidecar_accepts_is_shared_whole() -> None:
+    """RegisterDrafter took any sample and any tasks, and every other replica dropped an
+    entry past its 1 MiB or 256 tasks as malformed: the drafter never reached them."""
+    from router.domain import (
+        MAX_DRAFTER_TASKS,
+        MAX_SAMPLE_JSON_BYTES,
+        MAX_SAMPLE_TEXTS,
+        DrafterSpec,
+        check_registration_lists,
+    )
+    from router.pooling.entries import MAX_PAYLOAD_BYTES, SharedRegistration, registration_payload
+
+    # Each character escaped as \uXXXX: the most bytes a text of this size sends.
+    text = "\u00e9" * (MAX_SAMPLE_JSON_BYTES // MAX_SAMPLE_TEXTS // 6 - 2)
+    sample = (text,) * MAX_SAMPLE_TEXTS
+    tasks = tuple(f"task-{i}" for i in range(MAX_DRAFTER_TASKS))
+    check_registration_lists(DrafterSpec("x", "ngram", tasks=tasks, finetune_sample=sample))
+    event = SharedRegistration(
+        Origin("a", 1), "register", "x", "ngram", tasks=tasks, finetune_sample=sample
+    )
+    fields = SIGNER.fields(registration_payload(event))
+    assert len(fields["payload"]) <= MAX_PAYLOAD_BYTES
+    read = registration_from_payload(SIGNER.verified(fields))
+    assert (read.tasks, read.finetune_sample) == (tasks, sample)
+
+
 class Harness:
     """A policy holder (thompson over two drafters) with an outcome log attached."""
 
