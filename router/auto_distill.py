@@ -34,6 +34,7 @@ from typing import Any
 
 from router.capture import AutoDistillSettings
 from router.clusters import cluster_views
+from router.settings import host_port
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +386,7 @@ def start_auto_distiller(settings: Any, service: Any, grpc_port: int) -> asyncio
         settings,
         lambda: service.policy.describe()[2],
         service.capture,
-        f"{host}:{grpc_port}",
+        host_port(host, grpc_port),
         service.list_drafters,
         full=drafters.full,
     )

@@ -25,6 +25,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from router.settings import host_port
+
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 600.0
@@ -184,9 +186,11 @@ def launch_sidecar(
             host = ports.get("host", "127.0.0.1")
             sidecar = LaunchedSidecar(
                 process=process,
-                grpc_address=f"{host}:{ports['grpc']}",
-                http_url=f"http://{host}:{ports['http']}" if ports.get("http") else None,
-                metrics_url=f"http://{host}:{ports['metrics']}" if ports.get("metrics") else None,
+                grpc_address=host_port(host, ports["grpc"]),
+                http_url=f"http://{host_port(host, ports['http'])}" if ports.get("http") else None,
+                metrics_url=(
+                    f"http://{host_port(host, ports['metrics'])}" if ports.get("metrics") else None
+                ),
                 state_dir=state,
                 log_path=log,
             )

@@ -33,7 +33,7 @@ from router.pb import router_pb2, router_pb2_grpc
 from router.pooling import start_pooling
 from router.service import Components, RouterService
 from router.servicer import ADMIN_METHODS, RouterServicer
-from router.settings import Settings
+from router.settings import Settings, host_port
 from router.startup import cannot_listen, check_ports_free
 from router.store import SidecarStore
 
@@ -64,7 +64,7 @@ class RunningSidecar:
 
     @property
     def address(self) -> str:
-        return f"{self.settings.host}:{self.grpc_port}"
+        return host_port(self.settings.host, self.grpc_port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new work, drain for ``grace`` seconds, then take the final snapshot; the
@@ -146,7 +146,7 @@ def _ms(seconds: float) -> int:
 
 
 def _bind(server: aio.Server, settings: Settings, certificate: ServerCertificate | None) -> int:
-    address = f"{settings.host}:{settings.port}"
+    address = host_port(settings.host, settings.port)
     try:
         if certificate is not None:
             return server.add_secure_port(address, certificate.grpc_credentials())

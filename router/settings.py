@@ -254,6 +254,12 @@ class PoolingSettings(BaseModel):
         return self
 
 
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as gRPC targets and URLs spell it: an IPv6 address in brackets
+    (``[::1]:50051``; gRPC read "::1:50051" as a misformatted name)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def check_redis_url(url: str) -> None:
     """ValueError naming ``redis_url`` for a URL redis-py would refuse once the models had
     loaded (exit 1, the setting unnamed), or would read as another database (a database
@@ -293,8 +299,9 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default_factory=lambda: specroute_home() / "state")
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)
-    http_port: int | None = Field(default=8080, ge=0, le=65535)  # None: no TGI front
-    metrics_port: int | None = Field(default=9090, ge=0, le=65535)  # None: no metrics server
+    # None (-1 in a file or the environment, as on the command line): off.
+    http_port: int | None = Field(default=8080, ge=0, le=65535)  # no HTTP fronts
+    metrics_port: int | None = Field(default=9090, ge=0, le=65535)  # no metrics server
     admin_token: SecretStr | None = None
     data_token: SecretStr | None = None  # when set, Route/Report/Generate need it too
     tls: TlsSettings = Field(default_factory=lambda: TlsSettings())
@@ -346,6 +353,25 @@ class Settings(BaseSettings):
                 "bundle's model drafters (ngram and none always serve)"
             )
         return data
+
+    @field_validator("http_port", "metrics_port", mode="before")
+    @classmethod
+    def _minus_one_is_off(cls, value: Any) -> Any:
+        # TOML has no null: only --http-port -1 could turn the fronts off, not a config
+        # file or a Kubernetes env block (refused as "greater than or equal to 0").
+        return None if value in (-1, "-1") else value
+
+    @field_validator("host")
+    @classmethod
+    def _host_unbracketed(cls, value: str) -> str:
+        # "[::1]", as a URL spells it, is the address ::1 (the port check could not resolve
+        # it); an empty host was listened on as ":50051".
+        host = value.strip()
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host:
+            raise ValueError("must be an address or name to listen on (127.0.0.1, 0.0.0.0, ::)")
+        return host
 
     @field_validator("policy")
     @classmethod

@@ -13,7 +13,7 @@ import socket
 from router.bundle import ModelBundle
 from router.certificates import ServerCertificate
 from router.errors import ListenError
-from router.settings import Settings
+from router.settings import Settings, host_port
 from router.store import SidecarStore
 
 
@@ -67,4 +67,4 @@ def cannot_listen(host: str, port: int, name: str, error: BaseException) -> str:
     number = error.errno if isinstance(error, OSError) else None
     reason = (error.strerror if isinstance(error, OSError) else None) or str(error)
     hint = LISTEN_HINTS.get(number or 0, "in use, or not an address of this host")
-    return f"cannot listen on {host}:{port} for {name}: {reason} ({hint})"
+    return f"cannot listen on {host_port(host, port)} for {name}: {reason} ({hint})"

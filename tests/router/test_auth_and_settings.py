@@ -207,6 +207,24 @@ def test_a_port_out_of_range_is_refused_before_anything_loads(option: str) -> No
     assert "65535" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_the_http_and_metrics_ports_turn_off_from_a_file_or_the_environment(
+    tmp_path: Path,
+) -> None:
+    """Only --http-port -1 turned the fronts off: TOML has no null, and -1 in a file or a
+    SPECROUTE_ variable was refused ("greater than or equal to 0")."""
+    config = tmp_path / "sidecar.toml"
+    config.write_text("http_port = -1\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "router.cli", "serve", "--config", str(config), "--print-config"],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "SPECROUTE_METRICS_PORT": "-1"},
+    )
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["http_port"] is None and printed["metrics_port"] is None
+
+
 def test_a_misspelt_limit_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     config = tmp_path / "sidecar.toml"
     config.write_text("[limits]\nmax_new_token = 99\n")  # "max_new_tokens" misspelt

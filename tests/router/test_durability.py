@@ -423,6 +423,39 @@ def test_a_port_held_by_another_process_stops_the_start_in_one_line(
     assert done.stdout.rstrip().endswith(NO_ENGINE_IMPORTS), done.stdout
 
 
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="this host has no IPv6 loopback")
+def test_a_sidecar_listens_on_an_ipv6_address(
+    serving_world: ServingWorld, components: Components, tmp_path: Path
+) -> None:
+    """host "::1" loaded every model and then failed to bind gRPC ("address lookup failed
+    for ::1:50148: Misformatted domain name"); "[::1]" failed the port check. Both serve,
+    and the address clients are given is bracketed."""
+    from router.settings import Settings
+
+    assert Settings(host="[::1]").host == "::1"
+    with pytest.raises(ValueError, match="host"):
+        Settings(host=" ")
+    settings = serving_world.settings(tmp_path / "state", host="[::1]", metrics_port=None)
+    running = SidecarThread(settings, components)
+    try:
+        assert running.running.address.startswith("[::1]:")
+        assert running.stub.Route(pb.RouteRequest(text="2 + 2 =")).task_cluster
+        health = f"http://[::1]:{running.running.http_port}/health"
+        with urllib.request.urlopen(health, timeout=30) as answer:
+            assert answer.status == 200
+    finally:
+        running.stop()
+
+
 def test_a_port_taken_during_the_start_stops_what_started(
     serving_world: ServingWorld,
     components: Components,
