@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
+from router.policy.base import MAX_DRAFT_LENGTH
+
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 ADDRESS_OPTION = typer.Option(envvar="SPECROUTE_ADDRESS", help="host:port.")
 TOKEN_OPTION = typer.Option(envvar="SPECROUTE_ADMIN_TOKEN", help="Bearer token.")
@@ -259,10 +261,13 @@ def generate_command(
     ] = 64,
     drafter: Annotated[str, typer.Option("--drafter", help="Force a drafter.")] = "",
     draft_length: Annotated[
-        int | None, typer.Option("--k", min=0, max=UINT32_MAX, help="Force a draft length.")
+        int | None,
+        typer.Option("--k", min=0, max=MAX_DRAFT_LENGTH, help="Force a draft length."),
     ] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy.")] = False,
-    temperature: Annotated[float, typer.Option("--temperature", help="With --sample.")] = 1.0,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="With --sample (1.0).")
+    ] = None,
     seed: Annotated[
         int | None,
         typer.Option(
@@ -300,10 +305,11 @@ def generate_command(
     (special tokens such as the end of turn are never printed)."""
     from router.pb import router_pb2 as pb
 
+    _check_sampling_flags(sample, temperature, seed)
     request = pb.GenerateRequest(
         **_prompt(text, raw),
         max_new_tokens=max_new_tokens,
-        sampling=pb.SamplingParams(do_sample=sample, temperature=temperature, seed=seed),
+        sampling=pb.SamplingParams(do_sample=sample, temperature=temperature or 1.0, seed=seed),
         force_drafter=drafter,
         force_draft_length=draft_length,
         logprobs=logprobs,
@@ -453,6 +459,29 @@ def drafters_register_command(
         options=_key_values(options or [], "--option"),
     )
     _print_message(_ask(address, "RegisterDrafter", request, token, timeout))
+
+
+def _check_sampling_flags(sample: bool, temperature: float | None, seed: int | None) -> None:
+    """Usage errors for sampling flags that would be ignored: ``--temperature 0`` with
+    ``--sample`` reached the sidecar as "unset" and sampled at 1.0; ``--temperature`` or
+    ``--seed`` without ``--sample`` decoded greedily without a word."""
+    if not sample:
+        given = [
+            flag
+            for flag, value in (("--temperature", temperature), ("--seed", seed))
+            if value is not None
+        ]
+        if given:
+            raise typer.BadParameter(
+                "applies with --sample only (greedy decoding draws nothing)",
+                param_hint=" and ".join(given),
+            )
+        return
+    if temperature is not None and not temperature > 0:
+        raise typer.BadParameter(
+            f"must be > 0 when sampling, got {temperature:g} (greedy: leave out --sample)",
+            param_hint="--temperature",
+        )
 
 
 def _sample_lines(path: Path) -> list[str]:

@@ -43,6 +43,24 @@ def test_a_number_out_of_its_range_is_a_usage_error(args: list[str]) -> None:
     assert "Invalid value" in result.output, result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        # 0 is "unset" on the wire: it sampled at 1.0.
+        (["--sample", "--temperature", "0"], "must be > 0 when sampling, got 0"),
+        # Greedy decoding ignored both without a word.
+        (["--temperature", "1.5"], "applies with --sample only"),
+        (["--seed", "3"], "applies with --sample only"),
+        # The sidecar refuses a draft over 32 (its status 1, after the call).
+        (["--k", "33"], "Invalid value"),
+    ],
+)
+def test_generate_refuses_sampling_flags_it_would_ignore(args: list[str], said: str) -> None:
+    result = CliRunner().invoke(build_app(), ["generate", "hi", *args, "--address", "127.0.0.1:1"])
+    assert result.exit_code == 2, result.output
+    assert said in " ".join(result.output.split()), result.output
+
+
 def test_a_misspelt_trace_is_refused_before_a_world_is_built(tmp_path: Path) -> None:
     """With no world built, a typo in --trace built one first (8-9 minutes) and only then
     said "unknown trace"."""
