@@ -17,6 +17,8 @@ from typing import Annotated, Any
 
 import typer
 
+from benchmarks.outputs import not_a_file
+
 logger = logging.getLogger(__name__)
 
 
@@ -49,7 +51,10 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
             ),
         ] = 10,
         out_dir: Annotated[
-            Path, typer.Option("--out", help="Where the replay report and plots go.")
+            Path,
+            typer.Option(
+                "--out", callback=not_a_file, help="Where the replay report and plots go."
+            ),
         ] = Path("out/demo"),
         evaluation: Annotated[
             bool | None,

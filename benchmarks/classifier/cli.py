@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from benchmarks.outputs import writable_file
 from classifiers.cli import print_evaluation
 
 
@@ -21,7 +22,9 @@ def bench_command(
             help="A built world (default: the default-scale corpus, built in memory).",
         ),
     ] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write JSON here.")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", callback=writable_file, help="Write JSON here.")
+    ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Classifier accuracy, OOD recall, discovery ARI and latency beside scikit-learn."""

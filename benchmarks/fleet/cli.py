@@ -9,9 +9,13 @@ from typing import Annotated
 
 import typer
 
+from benchmarks.outputs import writable_file
+
 
 def bench_fleet_command(
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", callback=writable_file, help="Write the result here.")
+    ] = None,
     world: Annotated[
         Path | None, typer.Option("--world", help="World directory (default: the built-in).")
     ] = None,

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from benchmarks.outputs import writable_file
+
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Add ``bench policy`` and ``bench select`` to the ``bench`` group."""
@@ -16,7 +18,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @bench.command("policy")
     def bench_policy(
         json_path: Annotated[
-            Path | None, typer.Option("--json", help="Write the results here.")
+            Path | None,
+            typer.Option("--json", callback=writable_file, help="Write the results here."),
         ] = None,
         requests: Annotated[
             int, typer.Option("--requests", min=100, help="Requests per scenario.")
@@ -60,7 +63,8 @@ def register(app: typer.Typer, bench: typer.Typer) -> None:
     @bench.command("select")
     def bench_select(
         json_path: Annotated[
-            Path | None, typer.Option("--json", help="Write the results here.")
+            Path | None,
+            typer.Option("--json", callback=writable_file, help="Write the results here."),
         ] = None,
         selects: Annotated[
             int, typer.Option("--selects", min=100, help="Timed calls of each kind.")

@@ -171,8 +171,9 @@ def replay_command(
 
 
 def study_command(
-    out: Annotated[Path, typer.Option("--out", help="Study folder.")] = DEFAULT_REPORTS_DIR
-    / "study",
+    out: Annotated[
+        Path, typer.Option("--out", callback=not_a_file, help="Study folder.")
+    ] = DEFAULT_REPORTS_DIR / "study",
     world: Annotated[
         Path | None, typer.Option("--world", help="World directory (default: the default world).")
     ] = None,

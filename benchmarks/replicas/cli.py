@@ -8,10 +8,13 @@ from typing import Annotated
 
 import typer
 
+from benchmarks.outputs import writable_file
+
 
 def replicas_command(
     json_path: Annotated[
-        Path | None, typer.Option("--json", help="Write the report (JSON) here.")
+        Path | None,
+        typer.Option("--json", callback=writable_file, help="Write the report (JSON) here."),
     ] = None,
     world: Annotated[
         Path | None, typer.Option("--world", help="World directory (default: the default world).")

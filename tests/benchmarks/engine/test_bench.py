@@ -72,6 +72,13 @@ def test_a_task_the_world_lacks_is_one_line(tiny_world: object) -> None:
         ["bench", "load", "--address", "127.0.0.1:9", "--json", "{dir}"],
         ["bench", "engine", "--json", "{dir}"],
         ["replay", "--trace", "uniform", "--out", "{file}"],
+        ["study", "--out", "{file}"],
+        ["demo", "--out", "{file}"],
+        ["bench", "policy", "--json", "{dir}"],
+        ["bench", "select", "--json", "{file}/under-a-file.json"],
+        ["bench", "classifier", "--json", "{dir}"],
+        ["bench", "fleet", "--json", "{dir}"],
+        ["bench", "replicas", "--json", "{dir}"],
     ],
 )
 def test_an_output_path_that_cannot_be_written_is_refused_before_the_work(
