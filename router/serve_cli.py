@@ -94,6 +94,17 @@ def _port(value: int | None) -> int | None:
     return None if value is not None and value < 0 else value
 
 
+def _ports_file(path: Path | None) -> Path | None:
+    """``--ports-file`` checked before anything loads: it was written once serving, so a
+    directory, or a folder that is not there, stopped a sidecar that had announced itself
+    (a traceback, or an error naming a ``.tmp`` file never given)."""
+    if path is not None and path.is_dir():
+        raise typer.BadParameter(f"{path} is a directory, not a file")
+    if path is not None and not path.parent.is_dir():
+        raise typer.BadParameter(f"{path.parent} is not a directory")
+    return path
+
+
 def serve_command(
     config: Annotated[Path | None, typer.Option("--config", help="TOML settings file.")] = None,
     world: Annotated[
@@ -122,7 +133,9 @@ def serve_command(
     ports_file: Annotated[
         Path | None,
         typer.Option(
-            "--ports-file", help="Once serving, write the ports as JSON here (for ports of 0)."
+            "--ports-file",
+            callback=_ports_file,
+            help="Once serving, write the ports as JSON here (for ports of 0).",
         ),
     ] = None,
     fleet: Annotated[
@@ -185,7 +198,7 @@ def serve_command(
         }
         typer.echo(f"specroute serving {json.dumps(ports)}")
         if ports_file is not None:
-            temporary = ports_file.with_suffix(".tmp")
+            temporary = ports_file.with_name(f"{ports_file.name}.tmp")
             temporary.write_text(json.dumps(ports) + "\n")
             temporary.replace(ports_file)
 

@@ -289,6 +289,9 @@ def test_files_that_are_not_text_and_paths_that_are_not_files_are_one_line(
         (["serve", "--config", str(tmp_path), "--print-config"], "is not a file"),
         (["serve", "--fleet", str(binary)], "not UTF-8 text"),
         (["capture", "stats", "--config", str(binary)], "is not UTF-8 text"),
+        # Written once serving: the sidecar had loaded and announced itself, then stopped.
+        (["serve", "--ports-file", str(tmp_path), "--print-config"], "is a directory, not"),
+        (["serve", "--ports-file", str(tmp_path / "no" / "p.json")], "no is not a directory"),
     ):
         done = _run(*args)
         assert done.returncode == 2 and says in done.stderr, (args, done.stderr)
