@@ -20,6 +20,28 @@ CA_FILE_ENV = "SPECROUTE_CA_FILE"
 SERVER_NAME_ENV = "SPECROUTE_TLS_SERVER_NAME"
 
 
+def checked_address(address: str) -> str:
+    """``address`` when it is ``host:port`` (an IPv6 host in brackets), else ValueError:
+    gRPC read "127.0.0.1" as port 443, port 99999 modulo 65536, "http://h:1" as a name,
+    and "" failed inside its resolver, each only once the call was made."""
+    host, _, port = address.strip().rpartition(":")
+    if "://" in address or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not host:port (a port of 1-65535, no scheme)")
+    return address.strip()
+
+
+def checked_token(token: str | None) -> str | None:
+    """A bearer token as a header carries it: surrounding whitespace dropped (a secret
+    file's newline: the sidecar strips its own too), else ValueError for characters a
+    header cannot hold (grpc failed the call as INTERNAL "Invalid metadata")."""
+    if token is None:
+        return None
+    token = token.strip()
+    if any(not 32 < ord(character) < 127 for character in token):
+        raise ValueError("the token holds characters a header cannot carry (printable ASCII)")
+    return token or None
+
+
 class ClientTlsError(ValueError):
     """The client's TLS variables cannot be used (a CA file that cannot be read, a server
     name without a CA); the message is one line."""

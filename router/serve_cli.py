@@ -19,10 +19,37 @@ import typer
 from router.policy.base import MAX_DRAFT_LENGTH
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-ADDRESS_OPTION = typer.Option(envvar="SPECROUTE_ADDRESS", help="host:port.")
-TOKEN_OPTION = typer.Option(envvar="SPECROUTE_ADMIN_TOKEN", help="Bearer token.")
+
+
+def address_option(value: str | None) -> str | None:
+    """A typer callback: ``--address`` is host:port (``router.channel.checked_address``)."""
+    from router.channel import checked_address
+
+    try:
+        return None if value is None else checked_address(value)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+def token_option(value: str | None) -> str | None:
+    """A typer callback: a bearer token a header can carry (``checked_token``)."""
+    from router.channel import checked_token
+
+    try:
+        return checked_token(value)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+ADDRESS_OPTION = typer.Option(
+    envvar="SPECROUTE_ADDRESS", callback=address_option, help="host:port."
+)
+TOKEN_OPTION = typer.Option(
+    envvar="SPECROUTE_ADMIN_TOKEN", callback=token_option, help="Bearer token."
+)
 DATA_TOKEN_OPTION = typer.Option(
     envvar=["SPECROUTE_DATA_TOKEN", "SPECROUTE_ADMIN_TOKEN"],
+    callback=token_option,
     help="Bearer token, when the sidecar has a data_token (the admin token is accepted too).",
 )
 TIMEOUT_OPTION = typer.Option(

@@ -10,16 +10,21 @@ from typing import Annotated, Any
 import typer
 
 from benchmarks.outputs import writable_file
+from router.serve_cli import address_option, token_option
 
 # Options shared by the load commands.
 JsonOption = Annotated[
     Path | None, typer.Option("--json", callback=writable_file, help="Write the result here.")
 ]
-TokenOption = Annotated[str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN")]
+TokenOption = Annotated[
+    str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN", callback=token_option)
+]
 
 
 def bench_load_command(
-    address: Annotated[str, typer.Option("--address", help="Sidecar gRPC host:port.")],
+    address: Annotated[
+        str, typer.Option("--address", callback=address_option, help="Sidecar gRPC host:port.")
+    ],
     json_path: JsonOption = None,
     requests: Annotated[int, typer.Option("--requests", "-n", min=1)] = 10_000,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1)] = 64,
@@ -30,10 +35,6 @@ def bench_load_command(
 ) -> None:
     """Load a running sidecar with Route calls; compare with an echo servicer (the ceiling)."""
     from benchmarks.load.load_bench import format_result, run_load_bench
-
-    _, _, port = address.rpartition(":")
-    if not port.isdigit():  # the pid is found from the port: an IndexError before
-        raise typer.BadParameter(f"{address!r} is not host:port", param_hint="--address")
 
     result = run_load_bench(
         address, requests=requests, concurrency=concurrency, pid=pid, token=token

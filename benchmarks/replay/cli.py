@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from benchmarks.outputs import not_a_file
+from router.serve_cli import address_option, token_option
 
 DEFAULT_REPORTS_DIR = Path("out")  # git-ignored
 # Kept here (not imported from replay.py) so that `specroute --help` stays light.
@@ -45,7 +46,10 @@ def replay_command(
         help=f"A built-in trace ({', '.join(BUILTIN_TRACES)}) or a JSONL trace file.",
     ),
     address: str | None = typer.Option(
-        None, "--address", help="host:port of a running sidecar; default: start one on the world."
+        None,
+        "--address",
+        callback=address_option,
+        help="host:port of a running sidecar; default: start one on the world.",
     ),
     policies: str | None = typer.Option(
         None,
@@ -63,7 +67,11 @@ def replay_command(
         Path | None, typer.Option("--world", help="World directory (default: the default world).")
     ] = None,
     token: str | None = typer.Option(
-        None, "--token", envvar="SPECROUTE_ADMIN_TOKEN", help="Admin bearer token (SetPolicy)."
+        None,
+        "--token",
+        envvar="SPECROUTE_ADMIN_TOKEN",
+        callback=token_option,
+        help="Admin bearer token (SetPolicy).",
     ),
     per_task: int | None = typer.Option(
         None,
@@ -178,9 +186,11 @@ def study_command(
         Path | None, typer.Option("--world", help="World directory (default: the default world).")
     ] = None,
     address: str | None = typer.Option(
-        None, "--address", help="Running sidecar (default: start one)."
+        None, "--address", callback=address_option, help="Running sidecar (default: start one)."
     ),
-    token: str | None = typer.Option(None, "--token", envvar="SPECROUTE_ADMIN_TOKEN"),
+    token: str | None = typer.Option(
+        None, "--token", envvar="SPECROUTE_ADMIN_TOKEN", callback=token_option
+    ),
     mixed_per_task: int = typer.Option(40, "--mixed-per-task", min=1),
     single_per_task: int = typer.Option(10, "--single-per-task", min=1),
     chat_heavy_per_task: int = typer.Option(10, "--chat-heavy-per-task", min=1),

@@ -61,6 +61,35 @@ def test_generate_refuses_sampling_flags_it_would_ignore(args: list[str], said: 
     assert said in " ".join(result.output.split()), result.output
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        # gRPC took these, and failed (or reached another port) only once called.
+        (["route", "hi", "--address", "127.0.0.1"], "is not host:port"),
+        (["route", "hi", "--address", "127.0.0.1:99999"], "is not host:port"),
+        (["route", "hi", "--address", ""], "is not host:port"),
+        (["drafters", "list", "--address", "http://127.0.0.1:1"], "no scheme"),
+        (["replay", "--trace", "uniform", "--address", "nowhere"], "is not host:port"),
+        (["bench", "load", "--address", ""], "is not host:port"),
+        # grpc's "Invalid metadata" (INTERNAL, status 1) with C-library lines before it.
+        (["route", "hi", "--token", "tök"], "characters a header cannot carry"),
+    ],
+)
+def test_an_address_or_token_a_call_cannot_use_is_a_usage_error(args: list[str], said: str) -> None:
+    result = CliRunner().invoke(build_app(), args)
+    assert result.exit_code == 2, result.output
+    assert said in " ".join(result.output.replace("│", " ").split()), result.output
+
+
+def test_a_token_with_a_secret_files_newline_is_sent_without_it() -> None:
+    """Kubernetes secrets end in a newline, which the sidecar strips from its own token;
+    the client sent it and grpc failed every call as INTERNAL "Invalid metadata"."""
+    from router.serve_cli import token_option
+
+    assert token_option("tok\n") == "tok"
+    assert token_option("  ") is None
+
+
 def test_a_misspelt_trace_is_refused_before_a_world_is_built(tmp_path: Path) -> None:
     """With no world built, a typo in --trace built one first (8-9 minutes) and only then
     said "unknown trace"."""
