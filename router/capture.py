@@ -16,6 +16,7 @@ while the stored ids exceed ``max_bytes``.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import sqlite3
 import threading
@@ -404,6 +405,22 @@ def open_capture(state_dir: Path, settings: CaptureSettings) -> CaptureStore | N
         settings.retention_days,
     )
     return store
+
+
+def unknown_capture_clusters(clusters: Sequence[str], labels: Sequence[str]) -> str | None:
+    """The warning for ``[capture] clusters`` the classifier does not have (their traffic
+    is never captured; a typo, "Chat" for "chat", said nothing), or None."""
+    unknown = [cluster for cluster in clusters if cluster not in labels]
+    if not unknown:
+        return None
+    guesses = {c: difflib.get_close_matches(c.lower(), labels, n=1) for c in unknown}
+    named = ", ".join(
+        f"{c!r} (did you mean {guesses[c][0]!r}?)" if guesses[c] else repr(c) for c in unknown
+    )
+    return (
+        f"capture.clusters names {named}, not a cluster of the classifier, so nothing of it "
+        f"is captured; its clusters: {', '.join(labels)}"
+    )
 
 
 def _log_expired(count: int) -> None:

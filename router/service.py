@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from classifiers.api import Classification
 from classifiers.chat import render_chat
 from router.auto_distill import extra_model_roots
-from router.capture import open_capture
+from router.capture import open_capture, unknown_capture_clusters
 from router.clusters import ClusterCollector
 from router.domain import (
     MAX_BAD_WORD_TOKENS,
@@ -427,6 +427,12 @@ class RouterService:
         self._admin = ThreadPoolExecutor(max_workers=1, thread_name_prefix="admin")
         # Served prompts and verified outputs for distillation; None unless [capture] is on.
         self.capture = open_capture(settings.state_dir, settings.capture)
+        unknown = unknown_capture_clusters(
+            settings.capture.clusters if self.capture is not None else (),
+            components.classifiers.current.labels,
+        )
+        if unknown is not None:
+            logger.warning(unknown)
         self._capture_failures = 0  # in a row: the first is logged, the rest counted
         # Counts prompts' tokens and classifies them, for Route and Generate alike.
         self.prompt_reader = prompt_reader_for(self.limits, self.tokenizer, components.classifiers)

@@ -106,6 +106,32 @@ def capturing(
     sidecar.stop()
 
 
+def test_capture_clusters_the_classifier_lacks_are_named_at_start(
+    serving_world: ServingWorld,
+    components: Components,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A typo ("Chat" for "chat") or a cluster the classifier lacks started a sidecar that
+    never captured anything of it, without a word."""
+    from router.metrics import create_metrics
+    from router.service import RouterService
+    from router.store import SidecarStore
+
+    clusters = ["Chat", "bogus", "math"]
+    settings = serving_world.settings(
+        tmp_path / "state", capture=CaptureSettings(enabled=True, clusters=clusters)
+    )
+    with caplog.at_level(logging.WARNING, logger="router.service"):
+        service = RouterService(
+            settings, components, SidecarStore(tmp_path / "state"), create_metrics()
+        )
+        service.close()
+    said = caplog.text
+    assert "capture.clusters names 'Chat' (did you mean 'chat'?), 'bogus', not a cluster" in said
+    assert "'math'" not in said.split("its clusters")[0]
+
+
 def test_nothing_is_captured_unless_enabled(
     sidecar: SidecarThread, serving_world: ServingWorld
 ) -> None:
