@@ -205,13 +205,13 @@ def serve_command(
 
     from router.bundle import BundleNotFoundError
     from router.settings import TlsFilesError
-    from router.startup import check_start
+    from router.startup import ModelDirError, check_start
 
     try:
         # What needs no model is refused within a second, before the seconds the engine's
         # imports take (a port or state directory held: main() says it, status 2).
         check_start(settings)
-    except (TlsFilesError, BundleNotFoundError) as error:
+    except (TlsFilesError, BundleNotFoundError, ModelDirError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     from router.server import RunningSidecar, serve

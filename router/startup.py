@@ -17,15 +17,35 @@ from router.settings import Settings, host_port
 from router.store import SidecarStore
 
 
+class ModelDirError(ValueError):
+    """A configured model directory that is not one (missing, or a file); the message
+    names the setting."""
+
+
 def check_start(settings: Settings) -> None:
     """Raise what the start would stop on before loading a model: ``TlsFilesError``,
     ``ListenError``, ``StateStoreError`` (the directory is opened, locked and closed
-    again), ``BundleNotFoundError`` (a world is used and there is none)."""
+    again), ``ModelDirError`` (a configured model directory is not one),
+    ``BundleNotFoundError`` (a world is used and there is none)."""
     ServerCertificate.from_settings(settings.tls)
     check_ports_free(settings)
     SidecarStore(settings.state_dir, exclusive=True).close()
+    check_model_dirs(settings)
     if settings.uses_world():
         ModelBundle.load(settings.world_path())
+
+
+def check_model_dirs(settings: Settings) -> None:
+    """``ModelDirError`` naming the first of ``target_dir``, ``classifier_dir`` and
+    ``drafter_dirs`` that is not a directory: the target's was said as a bare path after
+    the imports, a drafter's only once the target had loaded."""
+    configured = {"target_dir": settings.target_dir, "classifier_dir": settings.classifier_dir}
+    configured |= {f"drafter_dirs.{name}": path for name, path in settings.drafter_dirs.items()}
+    for name, path in configured.items():
+        if path is None or path.is_dir():
+            continue
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        raise ModelDirError(f"{name}: {path} {what} (models load from local directories)")
 
 
 def check_ports_free(settings: Settings) -> None:

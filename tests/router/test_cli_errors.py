@@ -90,6 +90,24 @@ def test_a_token_with_a_secret_files_newline_is_sent_without_it() -> None:
     assert token_option("  ") is None
 
 
+def test_a_model_directory_that_is_not_one_is_named_by_its_setting(tmp_path: Path) -> None:
+    """A bare "/nonexistent: no such directory" after the imports, status 1; a drafter's
+    only once the target had loaded."""
+    a_file = tmp_path / "weights.bin"
+    a_file.write_text("x")
+    ports = ("--port", "0", "--http-port", "-1", "--metrics-port", "-1")
+    cases = (
+        ({"SPECROUTE_TARGET_DIR": "/nonexistent"}, "target_dir: /nonexistent does not exist"),
+        ({"SPECROUTE_CLASSIFIER_DIR": str(a_file)}, "classifier_dir: "),
+        ({"SPECROUTE_DRAFTER_DIRS": f'{{"foo": "{a_file}"}}'}, "drafter_dirs.foo: "),
+    )
+    for env, said in cases:
+        state = {"SPECROUTE_STATE_DIR": str(tmp_path / "state")}
+        done = _run("serve", *ports, env={**state, **env})
+        assert done.returncode == 2 and done.stderr.startswith(f"error: {said}"), done.stderr
+        assert "Traceback" not in done.stderr
+
+
 def test_a_misspelt_trace_is_refused_before_a_world_is_built(tmp_path: Path) -> None:
     """With no world built, a typo in --trace built one first (8-9 minutes) and only then
     said "unknown trace"."""
