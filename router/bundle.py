@@ -53,9 +53,9 @@ def default_bundle_dir(scale: str = "default") -> Path:
 def read_manifest(root: Path) -> dict[str, Any] | None:
     """The manifest of a bundle directory, or None when there is none."""
     path = root / MANIFEST
-    if not path.is_file():
-        return None
     try:
+        if not path.is_file():  # a directory this user cannot search raises (EACCES)
+            return None
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         raise InvalidBundleError(f"{path} cannot be read: {error}") from None

@@ -75,3 +75,18 @@ def test_a_damaged_manifest_is_named_not_a_traceback(tmp_path: Path, text: str, 
         ModelBundle.load(tmp_path)
     assert isinstance(refused.value, BundleNotFoundError)
     assert str(tmp_path / MANIFEST) in str(refused.value)
+
+
+def test_a_world_directory_this_user_cannot_search_is_named_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A world inside a directory the user may not enter: Path.is_file raised
+    PermissionError, a traceback from `specroute serve`. (Root enters any directory, so
+    the refusal is simulated.)"""
+
+    def refused(self: Path) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "is_file", refused)
+    with pytest.raises(InvalidBundleError, match=r"cannot be read: .*Permission denied"):
+        ModelBundle.load(tmp_path)
