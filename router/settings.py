@@ -321,7 +321,10 @@ class Settings(BaseSettings):
     # The model ids the OpenAI front answers to and /v1/models lists, as vLLM's
     # --served-model-name (a client configured for vLLM keeps its model name); empty: the
     # target directory's name (in fleet mode, the replicas' model).
-    served_model_names: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
+    # SPECROUTE_SERVED_MODEL_NAMES: a JSON list, or names separated by commas.
+    served_model_names: Annotated[list[Annotated[str, Field(min_length=1)]], NoDecode] = Field(
+        default_factory=list
+    )
     policy: str = "thompson"
     policy_config: dict[str, Any] = Field(default_factory=dict)
     # The bundle's (world's) model drafters at start; false leaves them out. The n-gram and
@@ -451,6 +454,20 @@ class Settings(BaseSettings):
         if value is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", value):
             raise ValueError(f"{value!r} is not a device: cpu, cuda, cuda:N, mps or xpu")
         return value
+
+    @field_validator("served_model_names", mode="before")
+    @classmethod
+    def _names_from_text(cls, value: Any) -> Any:
+        # "qwen" was refused as 'error parsing value ... Expecting value: line 1 column 1'.
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except ValueError as error:  # a validation error naming served_model_names
+                raise ValueError(f"not a JSON list of names: {text!r} ({error})") from None
+        return [name.strip() for name in text.split(",") if name.strip()]
 
     @field_validator("model_roots", mode="before")
     @classmethod

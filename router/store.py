@@ -220,6 +220,8 @@ def lock_state_dir(state_dir: Path) -> int:
     holder's pid when another sidecar has it: two sidecars on one directory would each
     overwrite the other's policy snapshots, and the learning of one would be lost."""
     path = state_dir / LOCK_NAME
+    if state_dir.exists() and not state_dir.is_dir():  # said as "[Errno 17] File exists"
+        raise StateStoreError(f"the state directory {state_dir} is a file, not a directory")
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -21,6 +21,14 @@ TokenOption = Annotated[
 ]
 
 
+def _running_pid(pid: int | None) -> int | None:
+    """``--pid`` names a running process (its CPU is read from /proc: a FileNotFoundError
+    traceback once the load had run)."""
+    if pid is not None and not Path(f"/proc/{pid}").is_dir():
+        raise typer.BadParameter(f"no process {pid} is running")
+    return pid
+
+
 def bench_load_command(
     address: Annotated[
         str, typer.Option("--address", callback=address_option, help="Sidecar gRPC host:port.")
@@ -29,7 +37,8 @@ def bench_load_command(
     requests: Annotated[int, typer.Option("--requests", "-n", min=1)] = 10_000,
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", min=1)] = 64,
     pid: Annotated[
-        int | None, typer.Option("--pid", help="Sidecar pid (found from the port).")
+        int | None,
+        typer.Option("--pid", callback=_running_pid, help="Sidecar pid (found from the port)."),
     ] = None,
     token: TokenOption = None,
 ) -> None:

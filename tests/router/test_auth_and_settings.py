@@ -225,6 +225,24 @@ def test_the_http_and_metrics_ports_turn_off_from_a_file_or_the_environment(
     assert printed["http_port"] is None and printed["metrics_port"] is None
 
 
+def test_served_model_names_and_a_state_directory_that_is_a_file_read_as_an_operator_means(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPECROUTE_SERVED_MODEL_NAMES=qwen was refused as "Expecting value: line 1 column
+    1" (a JSON list only); a state_dir that is a file said "[Errno 17] File exists"."""
+    from router.settings import Settings
+    from router.store import SidecarStore, StateStoreError
+
+    monkeypatch.setenv("SPECROUTE_SERVED_MODEL_NAMES", "qwen, Qwen/Qwen2.5-7B-Instruct")
+    assert Settings().served_model_names == ["qwen", "Qwen/Qwen2.5-7B-Instruct"]
+    monkeypatch.setenv("SPECROUTE_SERVED_MODEL_NAMES", '["a,b"]')
+    assert Settings().served_model_names == ["a,b"]
+    a_file = tmp_path / "state"
+    a_file.write_text("")
+    with pytest.raises(StateStoreError, match="is a file, not a directory"):
+        SidecarStore(a_file, exclusive=True)
+
+
 def test_a_misspelt_limit_is_refused_with_a_clear_message(tmp_path: Path) -> None:
     config = tmp_path / "sidecar.toml"
     config.write_text("[limits]\nmax_new_token = 99\n")  # "max_new_tokens" misspelt

@@ -71,6 +71,7 @@ def test_generate_refuses_sampling_flags_it_would_ignore(args: list[str], said: 
         (["drafters", "list", "--address", "http://127.0.0.1:1"], "no scheme"),
         (["replay", "--trace", "uniform", "--address", "nowhere"], "is not host:port"),
         (["bench", "load", "--address", ""], "is not host:port"),
+        (["bench", "load", "--address", "127.0.0.1:1", "--pid", "99999999"], "no process"),
         # grpc's "Invalid metadata" (INTERNAL, status 1) with C-library lines before it.
         (["route", "hi", "--token", "tök"], "characters a header cannot carry"),
     ],
