@@ -100,30 +100,56 @@ class PolicyHolder:
         self, name: str, config: Mapping[str, Any] | None = None, *, restore: bool = True
     ) -> PolicySnapshot | None:
         """Make policy ``name`` (restoring its last snapshot unless told not to) and serve it;
-        what the drafters' kinds hint (``DrafterHints``) fills what ``config`` leaves out."""
+        what the drafters' kinds hint (``DrafterHints``) fills what ``config`` leaves out.
+
+        Under one hold of the lock the policy served until now is read, the new one
+        replaces it (restored from the state just read when the same policy is set again
+        with another configuration) and no update falls in between; the database is read
+        and written outside it. Route and Report take that lock on the event loop: a
+        database another process held (a backup, an operator's shell) stalled every call
+        for SQLite's 5 s wait. Then the outgoing state is saved, and the new policy's when
+        it starts from its priors (a reset, or a first use: a crash before the next
+        periodic snapshot brought back the state it replaced); a save that fails puts the
+        previous policy back, as it was, and raises."""
         hinted, policy = self._made(name, config)
-        # Under one hold of the lock: the policy served until now is saved (a save that
-        # fails leaves it serving, nothing changed), the new one restores the latest
-        # snapshot of its name (the state just saved, when the same policy is set again
-        # with another configuration), and replaces it; no update falls in between.
-        with self._saving, self._lock:
-            if self._policy is not None:
-                state, read_unix = self._state_of(self._policy), time.time()
-                self._store.save_policy(self.name, int(self._policy.version), state, read_unix)
-            snapshot = self._store.latest_policy(name) if restore else None
-            if snapshot is not None:
-                policy, snapshot = self._restored(name, hinted, policy, snapshot)
-            else:  # made outside the lock: a drafter (un)registered since is missed
-                self._sync_drafters(policy)
+        with self._saving:
+            same = restore and self.started and self.name == name
+            stored = self._store.latest_policy(name) if restore and not same else None
+            snapshot, cursor = None, None
+            if stored is not None:
+                policy, snapshot, cursor = self._restored(name, hinted, policy, stored)
+            with self._lock:
+                previous = (self._policy, self.name, self._config, self._restored_cursor)
+                outgoing = None
                 if self._policy is not None:
-                    # A switch to a policy from its priors (a reset, or a first use) is
-                    # saved as it is made: a crash before the next periodic snapshot
-                    # brought back the state it replaced. Saved before it serves, so that
-                    # a save that fails leaves the old one serving.
-                    state, read_unix = self._state_of(policy), time.time()
-                    self._store.save_policy(name, int(policy.version), state, read_unix)
-            self._policy, self.name, self._config = policy, name, config
-            self._rehint()
+                    outgoing = PolicySnapshot(
+                        self.name,
+                        int(self._policy.version),
+                        self._state_of(self._policy),
+                        time.time(),
+                    )
+                if same and outgoing is not None:
+                    policy, snapshot, cursor = self._restored(name, hinted, policy, outgoing)
+                self._sync_drafters(policy)  # a drafter (un)registered since it was made
+                fresh = None
+                if snapshot is None and outgoing is not None:
+                    fresh = PolicySnapshot(
+                        name, int(policy.version), self._state_of(policy), time.time()
+                    )
+                self._policy, self.name, self._config = policy, name, config
+                self._restored_cursor = cursor
+                self._rehint()
+            try:
+                for saved in (outgoing, fresh):
+                    if saved is not None:
+                        self._store.save_policy(
+                            saved.policy, saved.version, saved.state, saved.created_unix
+                        )
+            except Exception:
+                with self._lock:
+                    self._policy, self.name, self._config, self._restored_cursor = previous
+                    self._rehint()
+                raise
         return snapshot
 
     def check(self, name: str, config: Mapping[str, Any] | None = None) -> None:
@@ -153,23 +179,22 @@ class PolicyHolder:
 
     def _restored(
         self, name: str, hinted: Mapping[str, Any] | None, policy: Any, snapshot: PolicySnapshot
-    ) -> tuple[Any, PolicySnapshot | None]:
-        """``policy`` with ``snapshot`` loaded, and the snapshot; a state that does not
-        load is kept as ``<name>.unrestored`` and a new policy from its priors serves
-        instead (not one a load that failed midway left half-filled), with no snapshot."""
+    ) -> tuple[Any, PolicySnapshot | None, Mapping[str, Any] | None]:
+        """``policy`` with ``snapshot`` loaded, the snapshot and the learning log's cursor
+        it holds; a state that does not load is kept as ``<name>.unrestored`` and a new
+        policy from its priors serves instead (not one a load that failed midway left
+        half-filled), with no snapshot and no cursor."""
         state = dict(snapshot.state)
-        self._restored_cursor = state.pop(LOG_CURSOR_KEY, None)
+        cursor = state.pop(LOG_CURSOR_KEY, None)
         try:
             policy.load_state_dict(state)
             logger.info("restored policy %s at version %d", name, snapshot.version)
         except Exception as exc:  # any state that does not load: start from priors
             self._keep_unrestored(name, snapshot, exc)
-            policy, restored, self._restored_cursor = self._make(name, hinted), None, None
-        else:
-            restored = snapshot
-            self._forget_earlier_registrations(policy, snapshot.created_unix)
+            return self._make(name, hinted), None, None
+        self._forget_earlier_registrations(policy, snapshot.created_unix)
         self._sync_drafters(policy)
-        return policy, restored
+        return policy, snapshot, cursor
 
     def _forget_earlier_registrations(self, policy: Any, saved_unix: float) -> None:
         """Drop from a restored ``policy`` the arms of every live drafter registered after

@@ -399,8 +399,10 @@ class RouterService:
         self.token_texts = TokenTexts(self.tokenizer)
         # The target's configured context (None: unknown); see ``context_tokens``.
         self._target_context: int | None = components.target.context_tokens
-        # Registrations and removals, pool and policy together (worker threads).
+        # Registrations, removals and policy switches, pool and policy together (worker
+        # threads); SetPolicy calls one after another (``set_policy``).
         self._admin_lock = threading.Lock()
+        self._policy_switch = asyncio.Lock()
         self.stopping = False  # set when the sidecar begins to stop (HTTP /health: 503)
         # Automatic distillation's output directory is a model root while it is on.
         self.model_roots = (*components.model_roots, *extra_model_roots(settings))
@@ -1472,10 +1474,20 @@ class RouterService:
         and the policy switched away from, saved meanwhile, never had them."""
         # A misspelt name or configuration is told at once, not after the wait.
         await asyncio.to_thread(self.policy.check, name, config)
-        await self._learning_settled()
-        await asyncio.to_thread(self.policy.start, name, config, restore=not reset)
-        self.metrics.policy_version.set(self.policy.version)
-        return self.policy_view()
+        # One switch at a time, its reply read before the next: concurrent calls each
+        # answered with another's policy. The switch runs in the admin thread, after the
+        # registrations and removals before it, and checked again there: a drafter that a
+        # configuration plays could be removed between the check and the switch.
+        async with self._policy_switch:
+            await self._learning_settled()
+            await self._in_admin_thread(self._switch_policy, name, config, reset)
+            self.metrics.policy_version.set(self.policy.version)
+            return self.policy_view()
+
+    def _switch_policy(self, name: str, config: Mapping[str, Any], reset: bool) -> None:
+        with self._admin_lock:
+            self.policy.check(name, config)
+            self.policy.start(name, config, restore=not reset)
 
     def _contexts(self) -> list[Any]:
         return self.policy.describe()[2]

@@ -614,6 +614,66 @@ def test_a_state_store_that_cannot_be_written_refuses_admin_changes_and_changes_
         running.stop()
 
 
+def _switching_waits_for_the_store_and_serving_does_not(running: SidecarThread) -> None:
+    """SetPolicy saved the outgoing policy under the lock Route and Report take on the
+    event loop: while SQLite waited its 5 s for the lock, no call was served. Now Routes
+    are answered meanwhile, and the switch fails with the previous policy serving."""
+    import threading
+
+    before = running.stub.GetPolicyState(pb.GetPolicyStateRequest(), metadata=ADMIN).policy
+    errors: list[grpc.RpcError] = []
+
+    def switch() -> None:
+        try:
+            running.stub.SetPolicy(pb.SetPolicyRequest(policy="ucb"), metadata=ADMIN, timeout=60)
+        except grpc.RpcError as error:
+            errors.append(error)
+
+    switching = threading.Thread(target=switch)
+    switching.start()
+    served_meanwhile = 0
+    while switching.is_alive():
+        with contextlib.suppress(grpc.RpcError):  # a Route held past 1 s counts as none
+            running.stub.Route(pb.RouteRequest(text=PROMPT), timeout=1)
+            served_meanwhile += switching.is_alive()
+    switching.join()
+    assert served_meanwhile >= 20, served_meanwhile
+    assert [e.code() for e in errors] == [grpc.StatusCode.UNAVAILABLE]
+    assert "is locked by another process" in (errors[0].details() or "")
+    after = running.stub.GetPolicyState(pb.GetPolicyStateRequest(), metadata=ADMIN)
+    assert after.policy == before
+    assert running.stub.Route(pb.RouteRequest(text=PROMPT)).request_id
+
+
+def _concurrent_switches_each_answer_their_own(running: SidecarThread) -> None:
+    """SetPolicy calls were not one after another: of two at once, the first often
+    answered with the other's policy (its name, version and contexts), when the event
+    loop resumed it after the other's switch. A switch slowed down after it is made opens
+    that window every time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    holder = running.service.policy
+    made = holder.start
+
+    def slow_start(*args: Any, **kwargs: Any) -> Any:
+        started = made(*args, **kwargs)
+        time.sleep(0.2)
+        return started
+
+    def switch(policy: str) -> str:
+        request = pb.SetPolicyRequest(policy=policy)
+        return running.stub.SetPolicy(request, metadata=ADMIN, timeout=60).policy
+
+    holder.start = slow_start
+    try:
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            for _ in range(3):
+                asked = ["ucb", "none", "thompson"]
+                assert list(pool.map(switch, asked)) == asked
+    finally:
+        del holder.start  # the class's again
+
+
 def test_a_state_store_locked_by_another_process_is_unavailable_and_changes_nothing(
     serving_world: ServingWorld,
     components: Components,
@@ -642,8 +702,10 @@ def test_a_state_store_locked_by_another_process_is_unavailable_and_changes_noth
             while "policy snapshot failed" not in caplog.text:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
+            _switching_waits_for_the_store_and_serving_does_not(running)
             holder.execute("ROLLBACK")
             running.stub.RegisterDrafter(register, metadata=ADMIN, timeout=60)
+            _concurrent_switches_each_answer_their_own(running)
         finally:
             holder.close()
             running.stop()
