@@ -60,6 +60,7 @@ _HEADER = struct.Struct("<I")
 READY_TIMEOUT_S = 120.0  # the child's start-up (imports, tokenizer)
 REPLY_TIMEOUT_S = 10.0  # a batch; a child silent for longer is killed and restarted
 RESTART_AFTER_S = 5.0  # at most one start per this many seconds after a failure
+EXIT_WAIT_S = 0.1  # a dead child reaped, for its status in the log line
 
 ClassifierKey = tuple[str, str]  # (directory, the classifier's fingerprint)
 
@@ -340,7 +341,7 @@ class RouteProcess:
             self._lost(child, str(error))
             return
         if not data:
-            self._lost(child, f"it exited with {child.process.poll()}")
+            self._lost(child, f"it exited with {_exit_status(child.process)}")
             return
         child.buffer += data
         for message in child.take_messages():
@@ -548,3 +549,13 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+def _exit_status(process: subprocess.Popen[bytes]) -> int | str:
+    """The status of a child whose output just closed: its pipe closes as it dies, a
+    moment before it can be reaped (``poll()`` said None for half of the kills). Waited
+    for briefly, on the event loop: only a child's death comes here."""
+    try:
+        return process.wait(timeout=EXIT_WAIT_S)
+    except subprocess.TimeoutExpired:
+        return "no status yet (its output closed)"

@@ -6,6 +6,7 @@ killed."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -329,8 +330,11 @@ def test_a_reloaded_classifier_reaches_the_child(
 
 
 def test_routing_goes_on_when_the_child_is_killed_and_the_child_comes_back(
-    sidecar_with_child: SidecarThread, serving_world: ServingWorld
+    sidecar_with_child: SidecarThread,
+    serving_world: ServingWorld,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.ERROR, logger="router.route_process")
     process = sidecar_with_child.service.prompt_reader.process
     text = serving_world.prompts["qa"]
     expected = _route(sidecar_with_child, text).task_cluster
@@ -348,6 +352,9 @@ def test_routing_goes_on_when_the_child_is_killed_and_the_child_comes_back(
 
     assert decisions and all(d.task_cluster == expected for d in decisions)  # no call failed
     assert process.starts >= 2 and process.batches > before  # the new child serves
+    # Its status, not None: the pipe closes a moment before the child can be reaped.
+    lost = [r.getMessage() for r in caplog.records if "lost" in r.getMessage()]
+    assert lost and f"it exited with {-signal.SIGKILL}" in lost[0], lost
 
 
 def test_a_child_that_stops_answering_is_killed_and_replaced(components: Components) -> None:
