@@ -1336,6 +1336,8 @@ class RouterService:
             except Exception:
                 logger.exception("counterfactual scoring failed for %s", name)
                 continue
+            if self.drafters.serial(name) != live.serial:
+                continue  # removed, maybe registered again, while scored: not its score
             self.policy.update_counterfactual(routed.context, name, accepted, k, drafted)
             self.metrics.reports.labels(source="counterfactual").inc()
 

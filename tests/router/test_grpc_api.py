@@ -1643,3 +1643,37 @@ def test_connections_past_their_age_are_closed_and_clients_connect_again(
             channel.unsubscribe(states.append)
     finally:
         running.stop()
+
+
+def test_a_score_of_a_drafter_registered_again_while_scored_is_dropped(
+    sidecar: SidecarThread, PROMPT: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drafter removed and registered again under its name while the learner scored it
+    (up to counterfactual_budget_s) had the old registration's score put on the new one's
+    arms: the Report and Generate paths check the registration, this one did not."""
+    import drafters
+    from router.domain import DrafterSpec
+
+    service = sidecar.service
+    service._register_drafter(DrafterSpec("swap", "ngram"))
+    scored = drafters.score_counterfactual_drafts
+    swapped: list[str] = []
+
+    def score_and_swap(drafter: Any, *args: Any) -> Any:
+        result = scored(drafter, *args)
+        if drafter.name == "swap" and not swapped:  # registered again meanwhile
+            service._remove_drafter("swap")
+            service._register_drafter(DrafterSpec("swap", "ngram", options={"min_n": "1"}))
+            swapped.append("swap")
+        return result
+
+    monkeypatch.setattr(drafters, "score_counterfactual_drafts", score_and_swap)
+    try:
+        _, policy = _thompson_after_one_generate(
+            sidecar, text=PROMPT, max_new_tokens=30, task_hint="math", force_drafter="math"
+        )
+        assert swapped, "swap was not scored"
+        assert not [c for c, arms in policy.copies_.items() if "swap" in arms]
+        assert [c for c, arms in policy.copies_.items() if "ngram" in arms]  # others were
+    finally:
+        service._remove_drafter("swap")
