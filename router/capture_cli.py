@@ -68,11 +68,11 @@ def _existing_capture(state_dir: Path) -> Any:
 
 
 def _checked_state_dir(directory: Path) -> Path:
-    """``directory``, or exit 1 naming it when it is not one: a mistyped path was read as
-    "nothing captured", status 0."""
+    """``directory``, or exit 2 (a usage error, as for every setting that cannot be used)
+    naming it when it is not one: a mistyped path was read as "nothing captured", status 0."""
     if not directory.is_dir():
         typer.echo(f"error: {directory} is not a state directory", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(2)
     return directory
 
 

@@ -206,8 +206,11 @@ def parse_trace_lines(lines: Iterable[str], *, name: str, source: str = "<trace>
 
 def read_trace(path: Path) -> Trace:
     """Read a JSONL trace file; its name is the file's stem."""
-    with path.open(encoding="utf-8") as handle:
-        return parse_trace_lines(handle, name=path.stem, source=str(path))
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return parse_trace_lines(handle, name=path.stem, source=str(path))
+    except UnicodeDecodeError as error:  # the codec's message named no file
+        raise TraceFormatError(f"{path} is not UTF-8 text ({error.reason})") from None
 
 
 def trace_lines(trace: Trace) -> Iterator[str]:

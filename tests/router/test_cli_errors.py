@@ -354,18 +354,22 @@ def test_benchmark_typos_are_told_before_any_work(tmp_path: Path) -> None:
     captured" with status 0."""
     trace = tmp_path / "trace.jsonl"
     trace.write_text('{"text": "hello", "task": "chat"}\n')
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xc1\xff not text\n")
     replay = ["replay", "--trace", str(trace), "--address", "127.0.0.1:1"]
     for args, status, says in (
         ([*replay, "--policies", "none,tompson"], 2, "unknown policies ['tompson']"),
         ([*replay, "--schedule", "bogus"], 2, "unknown schedule 'bogus'"),
         (["bench", "policy", "--scenario", "bogus"], 2, "unknown scenario 'bogus'"),
         (["bench", "load", "--address", "localhost"], 2, "is not host:port"),
-        (["capture", "stats", "--state-dir", str(tmp_path / "stat")], 1, "not a state directory"),
+        (["capture", "stats", "--state-dir", str(tmp_path / "stat")], 2, "not a state directory"),
         (
             ["clusters", "--state-dir", str(tmp_path / "stat"), "--address", "127.0.0.1:1"],
-            1,
+            2,
             "not a state directory",
         ),
+        # The decode error alone, the file not named.
+        ([*replay[:2], str(binary), *replay[3:]], 2, "binary.jsonl is not UTF-8 text"),
     ):
         done = _run(*args, env={"SPECROUTE_HOME": str(tmp_path / "home")})
         said = " ".join(done.stderr.split())
