@@ -8,6 +8,7 @@ the seconds torch and transformers take to import; ``start_sidecar`` checks them
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 
 from router.bundle import ModelBundle
@@ -15,6 +16,8 @@ from router.certificates import ServerCertificate
 from router.errors import ListenError
 from router.settings import Settings, host_port
 from router.store import SidecarStore
+
+logger = logging.getLogger(__name__)
 
 
 class ModelDirError(ValueError):
@@ -46,6 +49,13 @@ def check_model_dirs(settings: Settings) -> None:
             continue
         what = "is a file, not a directory" if path.exists() else "does not exist"
         raise ModelDirError(f"{name}: {path} {what} (models load from local directories)")
+    for root in settings.model_roots:  # a volume mounted later may make it one: said only
+        if not root.expanduser().is_dir():
+            logger.warning(
+                "model_roots: %s is not a directory: no drafter under it can be registered "
+                "while it is not",
+                root,
+            )
 
 
 def check_ports_free(settings: Settings) -> None:

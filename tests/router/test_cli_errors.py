@@ -109,6 +109,25 @@ def test_a_model_directory_that_is_not_one_is_named_by_its_setting(tmp_path: Pat
         assert "Traceback" not in done.stderr
 
 
+def test_a_model_root_that_is_not_a_directory_is_said_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Accepted without a word; each registration under it was then refused."""
+    from router.settings import Settings
+    from router.startup import check_model_dirs
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    settings = Settings(model_roots=[tmp_path, a_file, tmp_path / "nowhere"])
+    with caplog.at_level("WARNING", logger="router.startup"):
+        check_model_dirs(settings)
+    said = [r.getMessage() for r in caplog.records]
+    assert [m.split(" is not")[0] for m in said] == [
+        f"model_roots: {a_file}",
+        f"model_roots: {tmp_path / 'nowhere'}",
+    ]
+
+
 def test_a_misspelt_trace_is_refused_before_a_world_is_built(tmp_path: Path) -> None:
     """With no world built, a typo in --trace built one first (8-9 minutes) and only then
     said "unknown trace"."""
