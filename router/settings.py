@@ -254,6 +254,21 @@ class PoolingSettings(BaseModel):
         return self
 
 
+def list_from_text(value: Any, separator: str, items: str) -> Any:
+    """A list setting given as text (an environment variable): a JSON list, or ``items``
+    separated by ``separator``; any other value as it is. Text that opens a JSON list and
+    is not one is a validation error naming the setting."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"not a JSON list of {items}: {text!r} ({error})") from None
+    return [part.strip() for part in text.split(separator) if part.strip()]
+
+
 def host_port(host: str, port: int) -> str:
     """``host:port`` as gRPC targets and URLs spell it: an IPv6 address in brackets
     (``[::1]:50051``; gRPC read "::1:50051" as a misformatted name)."""
@@ -459,28 +474,12 @@ class Settings(BaseSettings):
     @classmethod
     def _names_from_text(cls, value: Any) -> Any:
         # "qwen" was refused as 'error parsing value ... Expecting value: line 1 column 1'.
-        if not isinstance(value, str):
-            return value
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                return json.loads(text)
-            except ValueError as error:  # a validation error naming served_model_names
-                raise ValueError(f"not a JSON list of names: {text!r} ({error})") from None
-        return [name.strip() for name in text.split(",") if name.strip()]
+        return list_from_text(value, ",", "names")
 
     @field_validator("model_roots", mode="before")
     @classmethod
     def _roots_from_text(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                return json.loads(text)
-            except ValueError as error:  # a validation error naming model_roots
-                raise ValueError(f"not a JSON list of paths: {text!r} ({error})") from None
-        return [part for part in text.split(os.pathsep) if part]
+        return list_from_text(value, os.pathsep, "paths")
 
     @classmethod
     def settings_customise_sources(
