@@ -10,15 +10,14 @@ from typing import Annotated, Any
 import typer
 
 from benchmarks.outputs import writable_file
-from router.serve_cli import address_option, token_option
+from router.serve_cli import DATA_TOKEN_OPTION, address_option
 
 # Options shared by the load commands.
 JsonOption = Annotated[
     Path | None, typer.Option("--json", callback=writable_file, help="Write the result here.")
 ]
-TokenOption = Annotated[
-    str | None, typer.Option(envvar="SPECROUTE_DATA_TOKEN", callback=token_option)
-]
+# As every other data command: the data token, else the admin token (accepted too).
+TokenOption = Annotated[str | None, DATA_TOKEN_OPTION]
 
 
 def _running_pid(pid: int | None) -> int | None:

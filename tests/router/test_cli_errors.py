@@ -82,6 +82,19 @@ def test_an_address_or_token_a_call_cannot_use_is_a_usage_error(args: list[str],
     assert said in " ".join(result.output.replace("│", " ").split()), result.output
 
 
+def test_bench_load_reads_the_admin_token_as_the_other_data_commands_do() -> None:
+    """It read SPECROUTE_DATA_TOKEN only: against a sidecar with an admin token alone, the
+    token every other command found was not sent. (A token a header cannot carry shows
+    which variables were read.)"""
+    result = CliRunner().invoke(
+        build_app(),
+        ["bench", "load", "--address", "127.0.0.1:1"],
+        env={"SPECROUTE_ADMIN_TOKEN": "tök", "SPECROUTE_DATA_TOKEN": None},
+    )
+    assert result.exit_code == 2, result.output
+    assert "characters a header cannot carry" in " ".join(result.output.split())
+
+
 def test_a_token_with_a_secret_files_newline_is_sent_without_it() -> None:
     """Kubernetes secrets end in a newline, which the sidecar strips from its own token;
     the client sent it and grpc failed every call as INTERNAL "Invalid metadata"."""
