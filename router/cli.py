@@ -8,6 +8,7 @@ adding a command never means editing this file, and the runtime never names the 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable
@@ -68,7 +69,31 @@ def build_app() -> typer.Typer:
 
     for register in [serve_cli.register, *plugin_registrars()]:
         register(app, bench)
+    unwrap_command_help(app)
     return app
+
+
+def unwrap_command_help(app: typer.Typer) -> None:
+    """Every command's help (its docstring) with each paragraph's source line breaks
+    joined: Typer's rich help printed them as they were, so the command lists broke
+    sentences mid-line ("HTTP fronts, Prometheus" / "metrics; with --fleet")."""
+    for info in app.registered_commands:
+        text = info.help or inspect.getdoc(info.callback)
+        if text:
+            info.help = unwrapped(text)
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            unwrap_command_help(group.typer_instance)
+
+
+def unwrapped(text: str) -> str:
+    """``text`` with the lines of each paragraph joined; a paragraph with an indented line
+    (a usage example) is kept as it is."""
+    paragraphs = text.split("\n\n")
+    return "\n\n".join(
+        p if any(line.startswith(" ") for line in p.splitlines()) else " ".join(p.split())
+        for p in paragraphs
+    )
 
 
 def main() -> None:

@@ -95,6 +95,14 @@ def test_bench_load_reads_the_admin_token_as_the_other_data_commands_do() -> Non
     assert "characters a header cannot carry" in " ".join(result.output.split())
 
 
+def test_command_lists_do_not_break_sentences_where_the_source_does() -> None:
+    """Typer's help printed a docstring's source line breaks: "HTTP fronts, Prometheus" /
+    "metrics; with --fleet ..." in `specroute --help`, at any terminal width."""
+    shown = CliRunner().invoke(build_app(), ["--help"], env={"COLUMNS": "250"}).output
+    (serve,) = [line for line in shown.splitlines() if line.startswith("│ serve ")]
+    assert "Prometheus metrics; with --fleet" in serve, shown
+
+
 def test_a_token_with_a_secret_files_newline_is_sent_without_it() -> None:
     """Kubernetes secrets end in a newline, which the sidecar strips from its own token;
     the client sent it and grpc failed every call as INTERNAL "Invalid metadata"."""
