@@ -66,9 +66,12 @@ def client_tls(environ: Mapping[str, str] = os.environ) -> ClientTls | None:
             raise ClientTlsError(f"{SERVER_NAME_ENV} is set but {CA_FILE_ENV} is not")
         return None
     try:
-        return ClientTls(Path(ca_file).read_bytes(), server_name)
+        roots = Path(ca_file).read_bytes()
     except OSError as error:
         raise ClientTlsError(f"{CA_FILE_ENV}: {error}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in roots:  # grpc failed each call's handshake
+        raise ClientTlsError(f"{CA_FILE_ENV}: {ca_file} holds no PEM certificate")
+    return ClientTls(roots, server_name)
 
 
 def sidecar_channel(

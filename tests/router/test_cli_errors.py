@@ -103,6 +103,20 @@ def test_command_lists_do_not_break_sentences_where_the_source_does() -> None:
     assert "Prometheus metrics; with --fleet" in serve, shown
 
 
+def test_a_ca_file_that_holds_no_certificate_is_a_usage_error(tmp_path: Path) -> None:
+    """It was read as roots, and each call failed its handshake with the TLS library's
+    log lines before grpc's UNAVAILABLE."""
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    result = CliRunner().invoke(
+        build_app(),
+        ["drafters", "list", "--address", "127.0.0.1:1"],
+        env={"SPECROUTE_CA_FILE": str(not_pem)},
+    )
+    assert result.exit_code == 2, result.output
+    assert f"SPECROUTE_CA_FILE: {not_pem} holds no PEM certificate" in result.output
+
+
 def test_a_token_with_a_secret_files_newline_is_sent_without_it() -> None:
     """Kubernetes secrets end in a newline, which the sidecar strips from its own token;
     the client sent it and grpc failed every call as INTERNAL "Invalid metadata"."""
