@@ -99,6 +99,8 @@ class ModelBundle:
         """Open a built bundle (raises ``BundleNotFoundError`` if ``root`` holds none)."""
         root = Path(root).expanduser().resolve()
         manifest = read_manifest(root)
+        if manifest is None and root.is_file():  # "no world at" it, build one: not the fix
+            raise BundleNotFoundError(f"{root} is a file, not a world directory")
         if manifest is None:
             raise BundleNotFoundError(
                 f"no world at {root} (no {MANIFEST}); build one with `specroute world build`"

@@ -90,3 +90,11 @@ def test_a_world_directory_this_user_cannot_search_is_named_not_a_traceback(
     monkeypatch.setattr(Path, "is_file", refused)
     with pytest.raises(InvalidBundleError, match=r"cannot be read: .*Permission denied"):
         ModelBundle.load(tmp_path)
+
+
+def test_a_file_given_as_a_world_says_so(tmp_path: Path) -> None:
+    """It said "no world at <file>; build one with `specroute world build`"."""
+    a_file = tmp_path / "world.tar"
+    a_file.write_text("")
+    with pytest.raises(BundleNotFoundError, match="is a file, not a world directory"):
+        ModelBundle.load(a_file)
