@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -110,7 +110,12 @@ def build_components(settings: Settings) -> Components:
     """
     from classifiers import ClassifierHolder, OnnxTaskClassifier
     from drafters import TokenizerMismatchError
-    from drafters.loader import WeightsDigestCache, default_placement, load_tokenizer
+    from drafters.loader import (
+        WeightsDigestCache,
+        default_placement,
+        load_tokenizer,
+        safetensors_files,
+    )
 
     bundle_dirs: dict[str, Path] = {}
     roots = [Path(r).expanduser() for r in settings.model_roots]
@@ -130,7 +135,13 @@ def build_components(settings: Settings) -> Components:
             classifier_dir = ensure_world_classifier(world.root, world.corpus_dir, settings.seed)
     assert target_dir is not None and classifier_dir is not None
     configured = {name: Path(d).expanduser() for name, d in settings.drafter_dirs.items()}
-    target_tokenizer = load_tokenizer(target_dir)
+    # Every configured directory's files before any weights load, each named by its
+    # setting: a drafter's missing config.json was found after the target had loaded.
+    if settings.fleet_file is None:  # a fleet's target directory holds no weights
+        named_setting("target_dir", safetensors_files, target_dir)
+    for name, directory in configured.items():
+        named_setting(f"drafter_dirs.{name}", safetensors_files, directory)
+    target_tokenizer = named_setting("target_dir", load_tokenizer, target_dir)
     # A configured drafter that does not fit stops the start; a bundle drafter (a bundle
     # used with your own target_dir may hold drafters for another vocabulary) is left out.
     refused = tokenizer_misfits(configured, target_tokenizer, Path(target_dir))
@@ -169,6 +180,16 @@ def build_components(settings: Settings) -> Components:
         model_roots=distinct_paths(roots),
         tasks=tasks,
     )
+
+
+def named_setting(setting: str, load: Callable[..., Any], *args: Any) -> Any:
+    """``load(*args)``; a ``ModelLoadError`` it raises names ``setting`` first."""
+    from drafters.loader import ModelLoadError
+
+    try:
+        return load(*args)
+    except ModelLoadError as error:
+        raise ModelLoadError(f"{setting}: {error}") from None
 
 
 def distinct_paths(paths: Sequence[Path]) -> tuple[Path, ...]:

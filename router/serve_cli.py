@@ -231,6 +231,7 @@ def serve_command(
 
     from classifiers import ClassifierLoadError
     from drafters import TokenizerMismatchError
+    from drafters.loader import ModelLoadError
     from router.errors import SidecarError
 
     settings_wrong = (
@@ -238,13 +239,15 @@ def serve_command(
         BundleNotFoundError,
         ClassifierLoadError,
         TlsFilesError,
+        ModelLoadError,  # a configured directory that holds no loadable model
     )
     try:
         asyncio.run(serve(settings, on_ready=announce))
     except settings_wrong as error:
         # A configured drafter for another vocabulary, no bundle where the settings point,
-        # TLS files that do not make a pair: the settings are wrong, like a typo (status 2,
-        # as for every command).
+        # TLS files that do not make a pair, a model directory without a model: the
+        # settings are wrong, like a typo (status 2, as for every command; a supervisor
+        # does not restart on it).
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2) from None
     except (FileNotFoundError, ValueError, SidecarError) as error:

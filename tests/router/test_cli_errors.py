@@ -3,9 +3,11 @@ traceback, and never minutes of work before the refusal."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -142,6 +144,30 @@ def test_a_model_directory_that_is_not_one_is_named_by_its_setting(tmp_path: Pat
         done = _run("serve", *ports, env={**state, **env})
         assert done.returncode == 2 and done.stderr.startswith(f"error: {said}"), done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_a_drafter_directory_without_a_model_stops_the_start_before_the_target_loads(
+    serving_world: Any, tmp_path: Path
+) -> None:
+    """A drafter_dirs entry without config.json, or with pickle weights only, was found
+    once the target's weights had loaded (minutes for a 7B), named by its path alone, with
+    status 1 (a supervisor restarts on it)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"")
+    world = str(serving_world.world.root)  # its classifier trained already
+    env = {"SPECROUTE_WORLD_DIR": world, "SPECROUTE_STATE_DIR": str(tmp_path / "s")}
+    ports = ("--port", "0", "--http-port", "-1", "--metrics-port", "-1")
+    for directory, said in ((empty, "has no config.json"), (pickled, "has only pickle weights")):
+        drafters = {"SPECROUTE_DRAFTER_DIRS": json.dumps({"mine": str(directory)})}
+        done = _run("serve", *ports, env={**env, **drafters})
+        assert done.returncode == 2, done.stderr
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: drafter_dirs.mine: ") and said in last, done.stderr
+        assert "loaded " not in done.stderr  # before any weights
 
 
 def test_a_model_root_that_is_not_a_directory_is_said_at_start(
