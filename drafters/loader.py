@@ -259,6 +259,11 @@ def safetensors_files(directory: str | Path) -> list[Path]:
     path = Path(directory)
     if not path.is_dir():
         raise ModelLoadError(f"model directory {path} does not exist or is not a directory")
+    if not (path / "config.json").is_file() and (path / "snapshots").is_dir():
+        raise ModelLoadError(  # the folder `huggingface-cli download` names
+            f"{path} is a Hugging Face cache folder: point at one of its snapshots "
+            f"({path / 'snapshots'}/<revision>)"
+        )
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
     index = path / SAFE_WEIGHTS_INDEX_NAME

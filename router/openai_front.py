@@ -603,7 +603,17 @@ def served_model_names(service: RouterService) -> list[str]:
     names = getattr(service, "model_names", None)
     if names:
         return list(names)
-    return [Path(str(service.components.target.path)).name]
+    return [model_id_of(Path(str(service.components.target.path)))]
+
+
+def model_id_of(target_dir: Path) -> str:
+    """The id a target directory is served as: its name; in a Hugging Face cache
+    (``models--Org--Name/snapshots/<revision>``) the repository's, ``Org/Name`` (the
+    revision's hash was the id clients had to send)."""
+    repository = target_dir.parent.parent.name
+    if target_dir.parent.name == "snapshots" and repository.startswith("models--"):
+        return repository.removeprefix("models--").replace("--", "/")
+    return target_dir.name
 
 
 def truncate_of(body: OpenAIParameters, max_prompt_tokens: int) -> int | None:

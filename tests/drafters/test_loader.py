@@ -88,6 +88,14 @@ def test_refuses_pickle_only_weights(tmp_path: Path) -> None:
         load_model(tmp_path / "pickled")
 
 
+def test_a_hugging_face_cache_folder_points_at_its_snapshots(tmp_path: Path) -> None:
+    """It said the folder had no tokenizer files, and to copy them there."""
+    cache = tmp_path / "models--Own--Qwen2.5-0.5B-Instruct"
+    (cache / "snapshots" / "8f1f").mkdir(parents=True)
+    with pytest.raises(ModelLoadError, match="is a Hugging Face cache folder: point at"):
+        safetensors_files(cache)
+
+
 def test_refuses_missing_and_non_model_directories(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist"):
         safetensors_files(tmp_path / "absent")

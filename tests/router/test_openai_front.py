@@ -86,6 +86,17 @@ def test_served_model_names_are_the_ids_clients_use(
         named.stop()
 
 
+def test_a_target_in_a_hugging_face_cache_is_served_as_its_repository() -> None:
+    """`huggingface-cli download` leaves models--Org--Name/snapshots/<revision>: the
+    revision's hash was the model id /v1/models and /info gave, and clients had to send."""
+    from router.openai_front import model_id_of
+
+    cache = Path("/hub/models--Own--Qwen2.5-0.5B-Instruct/snapshots/8f1f1a3c6e0c")
+    assert model_id_of(cache) == "Own/Qwen2.5-0.5B-Instruct"
+    assert model_id_of(Path("/models/qwen2.5-7b")) == "qwen2.5-7b"
+    assert model_id_of(Path("/data/snapshots/v1")) == "v1"  # not a cache
+
+
 def test_an_empty_served_model_name_is_refused(serving_world: ServingWorld, tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="served_model_names"):
         serving_world.settings(tmp_path / "state", served_model_names=[""])
