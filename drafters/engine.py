@@ -227,6 +227,32 @@ def stop_token_ids(target: LoadedModel) -> frozenset[int]:
     return frozenset(ids)
 
 
+#: Fields of a checkpoint's generation_config.json that change what is generated beside
+#: its EOS ids (transformers' ``generate`` applies them; the engine does not).
+SAMPLING_DEFAULTS = (
+    "do_sample",
+    "temperature",
+    "top_p",
+    "top_k",
+    "typical_p",
+    "min_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+)
+
+
+def unapplied_generation_defaults(target: LoadedModel) -> dict[str, Any]:
+    """What the target's generation config sets, apart from transformers' defaults, of
+    ``SAMPLING_DEFAULTS``: a request decodes as it asks (greedy unless it samples), so
+    these are not applied (a Qwen2.5 Instruct checkpoint's repetition_penalty 1.1 made
+    transformers' ``generate`` differ from the sidecar's greedy output)."""
+    config = getattr(target.model, "generation_config", None)
+    if config is None:
+        return {}
+    changed = config.to_diff_dict()
+    return {name: changed[name] for name in SAMPLING_DEFAULTS if name in changed}
+
+
 @dataclass(frozen=True)
 class _Request:
     prompt_ids: list[int]

@@ -14,7 +14,7 @@ from router.settings import Settings
 from router.store import DrafterRecord
 
 if TYPE_CHECKING:
-    from drafters.engine import SpeculativeEngine
+    from drafters.engine import SpeculativeEngine, unapplied_generation_defaults
     from drafters.loader import DevicePlacement, TargetInfo, WeightsDigestCache
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,15 @@ def load_target(
     from drafters.engine import SpeculativeEngine
 
     target = load_model(target_dir, placement=placement, digest_cache=digest_cache)
+    unapplied = unapplied_generation_defaults(target)
+    if unapplied:
+        logger.warning(
+            "the target's generation_config.json sets %s: not applied (only its EOS ids "
+            "are); each request decodes as it asks, greedy unless it samples, so greedy "
+            "output is transformers' generate(do_sample=False) with these left at their "
+            "defaults; send them per request to use them",
+            ", ".join(f"{name}={value}" for name, value in unapplied.items()),
+        )
     return target, SpeculativeEngine(target)
 
 

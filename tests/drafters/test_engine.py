@@ -837,3 +837,33 @@ def test_a_drafter_whose_forward_overflows_ends_its_draft_instead_of_failing_the
         assert run.stats.drafted == 0 and run.stats.generated_tokens == len(tokens)
         alone = engine.generate([5, 9, 17, 33], plain, 0, max_new_tokens=12, sampling=sampling)
         assert tokens == alone.collect()
+
+
+def test_a_checkpoints_sampling_defaults_are_named_as_not_applied() -> None:
+    """A Qwen2.5 Instruct generation_config.json (repetition_penalty 1.1, sampling at
+    0.7) made transformers' generate differ from the sidecar's greedy output, which
+    applies its EOS ids only; the start now names what it does not apply."""
+    from types import SimpleNamespace
+
+    from transformers import GenerationConfig
+
+    from drafters.engine import unapplied_generation_defaults
+
+    instruct = GenerationConfig(
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
+        repetition_penalty=1.05,
+        eos_token_id=[151645, 151643],
+    )
+    target = SimpleNamespace(model=SimpleNamespace(generation_config=instruct))
+    assert unapplied_generation_defaults(target) == {  # type: ignore[arg-type]
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 20,
+        "repetition_penalty": 1.05,
+    }
+    plain = SimpleNamespace(model=SimpleNamespace(generation_config=GenerationConfig()))
+    assert unapplied_generation_defaults(plain) == {}  # type: ignore[arg-type]
