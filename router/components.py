@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from router.bundle import ModelBundle, read_finetune_sample
+from router.bundle import GENERIC_DRAFTER, ModelBundle, read_finetune_sample
 from router.policy.base import NONE_DRAFTER
 from router.service import Components
 from router.settings import Settings
 from router.store import DrafterRecord
 
 if TYPE_CHECKING:
-    from drafters.engine import SpeculativeEngine, unapplied_generation_defaults
+    from drafters.engine import SpeculativeEngine
     from drafters.loader import DevicePlacement, TargetInfo, WeightsDigestCache
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,23 @@ def model_drafter_records(
         )
         for name, directory in drafter_dirs.items()
     ]
+
+
+def cluster_name_warnings(names: Iterable[str], tasks: Sequence[str]) -> list[str]:
+    """A line for each configured drafter named after no cluster (nor ``generic``): it is
+    tried in every cluster, as a generic drafter is, which a typo ("coder" for "code")
+    made so without a word."""
+    lines = []
+    for name in names:
+        if name in tasks or name == GENERIC_DRAFTER:
+            continue
+        close = difflib.get_close_matches(name, tasks, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        lines.append(
+            f"drafter_dirs.{name} is named after no cluster{hint}: it drafts for every "
+            f"cluster, as {GENERIC_DRAFTER!r} does; clusters: {', '.join(tasks)}"
+        )
+    return lines
 
 
 def model_free_records() -> list[DrafterRecord]:
@@ -84,7 +102,7 @@ def load_target(
 
     if fleet:
         return describe_target(target_dir, placement=placement, digest_cache=digest_cache), None
-    from drafters.engine import SpeculativeEngine
+    from drafters.engine import SpeculativeEngine, unapplied_generation_defaults
 
     target = load_model(target_dir, placement=placement, digest_cache=digest_cache)
     unapplied = unapplied_generation_defaults(target)
@@ -172,6 +190,8 @@ def build_components(settings: Settings) -> Components:
     classifier = OnnxTaskClassifier.load(classifier_dir)
     tasks = tasks or tuple(classifier.labels)
     records = model_drafter_records(drafter_dirs, tasks) + model_free_records()
+    for line in cluster_name_warnings(configured, tasks):
+        logger.warning(line)
     logger.info(
         "target %s (%s on %s%s), classifier %s, drafters %s",
         target.path,

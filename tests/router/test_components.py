@@ -48,3 +48,13 @@ def test_a_model_root_named_twice_is_kept_once(tmp_path: Path) -> None:
     other.mkdir()
     roots = [world, other, tmp_path / "models" / ".." / "world"]
     assert distinct_paths(roots) == (world, other)
+
+
+def test_a_configured_drafter_named_after_no_cluster_is_said() -> None:
+    """A typo ("coder" for "code") served the drafter for every cluster without a word."""
+    from router.components import cluster_name_warnings
+
+    tasks = ["chat", "code", "math"]
+    (line,) = cluster_name_warnings(["coder", "code", "generic"], tasks)
+    assert line.startswith("drafter_dirs.coder is named after no cluster (did you mean 'code'?)")
+    assert cluster_name_warnings(["qwen-0.5b"], tasks)[0].count("did you mean") == 0
