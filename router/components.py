@@ -104,6 +104,9 @@ def load_target(
         return describe_target(target_dir, placement=placement, digest_cache=digest_cache), None
     from drafters.engine import SpeculativeEngine, unapplied_generation_defaults
 
+    logger.info(
+        "loading the target from %s (%s on %s)", target_dir, placement.dtype, placement.device
+    )
     target = load_model(target_dir, placement=placement, digest_cache=digest_cache)
     unapplied = unapplied_generation_defaults(target)
     if unapplied:

@@ -26,8 +26,12 @@ PROGRESS_INTERVAL_OFF_TERMINAL_S = "30"
 def configure_logging(level: int, log_format: LogFormat) -> None:
     """Log to stderr at ``level`` in ``log_format``; child processes started from here on
     log in the same format. Off a terminal, progress bars redraw every
-    ``PROGRESS_INTERVAL_OFF_TERMINAL_S`` at most (unless ``TQDM_MININTERVAL`` says)."""
+    ``PROGRESS_INTERVAL_OFF_TERMINAL_S`` at most (unless ``TQDM_MININTERVAL`` says); with
+    JSON logs there are none (before transformers is imported: it reads this once)."""
     os.environ[LOG_FORMAT_ENV] = log_format
+    if log_format == "json":  # a progress bar's lines broke the stream of JSON objects
+        os.environ.setdefault("TQDM_DISABLE", "1")  # ours
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' shards
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_MININTERVAL", PROGRESS_INTERVAL_OFF_TERMINAL_S)
     handler = logging.StreamHandler()

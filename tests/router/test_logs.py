@@ -88,3 +88,26 @@ def test_progress_bars_redraw_seldom_off_a_terminal() -> None:
 
     assert mininterval() == 30.0
     assert mininterval(TQDM_MININTERVAL="2") == 2.0
+
+
+def test_json_logs_carry_no_progress_bars() -> None:
+    """A sharded checkpoint's "Loading checkpoint shards" bar (transformers') and our own
+    bars wrote lines that are not JSON into the stream of JSON objects."""
+    import os
+    import subprocess
+
+    script = (
+        "import logging; from router.logs import configure_logging; "
+        "configure_logging(logging.INFO, 'json'); from tqdm import tqdm; "
+        "from transformers.utils import logging as hf; "
+        "print(tqdm(total=1).disable, hf.is_progress_bar_enabled())"
+    )
+    environment = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment
+    )
+    assert done.stdout.split() == ["True", "False"], done.stderr
