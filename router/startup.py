@@ -11,7 +11,7 @@ import errno
 import logging
 import socket
 
-from router.bundle import ModelBundle
+from router.bundle import BundleNotFoundError, ModelBundle
 from router.certificates import ServerCertificate
 from router.errors import ListenError
 from router.settings import Settings, host_port
@@ -35,7 +35,16 @@ def check_start(settings: Settings) -> None:
     SidecarStore(settings.state_dir, exclusive=True).close()
     check_model_dirs(settings)
     if settings.uses_world():
-        ModelBundle.load(settings.world_path())
+        try:
+            ModelBundle.load(settings.world_path())
+        except BundleNotFoundError as error:
+            if settings.target_dir is None or settings.world_dir is not None:
+                raise
+            # Your own target_dir alone: a bundle is still read for its classifier.
+            raise BundleNotFoundError(
+                f"{error}; or, serving your own target_dir, set classifier_dir too (without "
+                "it the bundle's classifier and model drafters are used)"
+            ) from None
 
 
 def check_model_dirs(settings: Settings) -> None:

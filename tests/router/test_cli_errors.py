@@ -128,6 +128,22 @@ def test_a_token_with_a_secret_files_newline_is_sent_without_it() -> None:
     assert token_option("  ") is None
 
 
+def test_your_own_target_without_a_classifier_and_no_world_says_to_set_classifier_dir(
+    tmp_path: Path,
+) -> None:
+    """It said to build the world (8-11 minutes), not that classifier_dir was missing."""
+    target = tmp_path / "target"
+    target.mkdir()
+    env = {
+        "SPECROUTE_HOME": str(tmp_path / "home"),
+        "SPECROUTE_TARGET_DIR": str(target),
+        "SPECROUTE_STATE_DIR": str(tmp_path / "state"),
+    }
+    done = _run("serve", "--port", "0", "--http-port", "-1", "--metrics-port", "-1", env=env)
+    assert done.returncode == 2, done.stderr
+    assert "serving your own target_dir, set classifier_dir too" in done.stderr, done.stderr
+
+
 def test_a_model_directory_that_is_not_one_is_named_by_its_setting(tmp_path: Path) -> None:
     """A bare "/nonexistent: no such directory" after the imports, status 1; a drafter's
     only once the target had loaded."""
