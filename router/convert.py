@@ -186,14 +186,7 @@ def _refuse_non_finite(literal: str) -> float:
 
 
 def drafter_spec_from_pb(message: pb.RegisterDrafterRequest) -> DrafterSpec:
-    return DrafterSpec(
-        name=message.name,
-        kind=message.kind,
-        path=message.path,
-        tasks=tuple(message.tasks),
-        finetune_sample=tuple(message.finetune_sample),
-        options=dict(message.options),
-    )
+    return DrafterSpec.of(message)
 
 
 def _finite(value: float) -> float:

@@ -11,8 +11,9 @@ import json
 import math
 import re
 import secrets
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from drafters.grammar import GrammarError, OutputGrammar, check_grammar
 from router.errors import ContextLengthError, InvalidFieldError, InvalidRequestError
@@ -151,6 +152,24 @@ class OutcomeInput:
     draft_further_time_s: float = 0.0
 
 
+class DrafterFields(Protocol):
+    """What a registration is made of, as a RegisterDrafter message and a stored
+    ``DrafterRecord`` both hold it."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def tasks(self) -> Iterable[str]: ...
+    @property
+    def finetune_sample(self) -> Iterable[str]: ...
+    @property
+    def options(self) -> Mapping[str, str]: ...
+
+
 @dataclass(frozen=True)
 class DrafterSpec:
     """A drafter an operator asks to register."""
@@ -161,6 +180,18 @@ class DrafterSpec:
     tasks: tuple[str, ...] = ()
     finetune_sample: tuple[str, ...] = ()
     options: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, source: DrafterFields) -> DrafterSpec:
+        """The spec ``source`` (a RegisterDrafter message, a stored record) describes."""
+        return cls(
+            name=source.name,
+            kind=source.kind,
+            path=source.path,
+            tasks=tuple(source.tasks),
+            finetune_sample=tuple(source.finetune_sample),
+            options=dict(source.options),
+        )
 
 
 #: What a registration may carry besides its drafter. Pooled replicas share each

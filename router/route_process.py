@@ -547,10 +547,6 @@ def _main() -> None:
     child_main(os.fdopen(0, "rb", buffering=0), replies)
 
 
-if __name__ == "__main__":
-    _main()
-
-
 def _exit_status(process: subprocess.Popen[bytes]) -> int | str:
     """The status of a child whose output just closed: its pipe closes as it dies, a
     moment before it can be reaped (``poll()`` said None for half of the kills). Waited
@@ -559,3 +555,7 @@ def _exit_status(process: subprocess.Popen[bytes]) -> int | str:
         return process.wait(timeout=EXIT_WAIT_S)
     except subprocess.TimeoutExpired:
         return "no status yet (its output closed)"
+
+
+if __name__ == "__main__":
+    _main()

@@ -285,15 +285,7 @@ class SharedRegistry:
         names = sorted(drafters.registration_times())
         for name in names:
             record = drafters.get(name).record
-            spec = DrafterSpec(
-                name=record.name,
-                kind=record.kind,
-                path=record.path,
-                tasks=tuple(record.tasks),
-                finetune_sample=tuple(record.finetune_sample),
-                options=dict(record.options),
-            )
-            self.registered(spec, record.identity)
+            self.registered(DrafterSpec.of(record), record.identity)
         if names:
             logger.info("pooling: registry stream lost; announced %s again", names)
         return len(names)
